@@ -1,0 +1,106 @@
+"""Forward speed of the diagonal layers against the FFT floor, and peak memory, from one run.
+
+The floor of any FFT-convolution layer is a bare rfft + irfft round trip of its input along time
+in a contiguous (B, H, L) layout. Every layer is timed at the same shapes in the same process and
+reported as a multiple of that floor. Peak memory is measured in a fresh subprocess per layer as
+the rise of the resident set's high-water mark (ru_maxrss) during one forward, over the input size.
+
+    python benchmarks/bench_layers.py            # full table (about a minute)
+    python benchmarks/bench_layers.py --quick    # one shape, fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+import lrnnx_zoo
+
+
+def timeit(fn, repeats: int) -> float:
+    """Median wall time of fn() in ms after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+def floor_ms(B: int, L: int, H: int, repeats: int) -> float:
+    u = torch.randn(B, H, L)
+    return timeit(lambda: torch.fft.irfft(torch.fft.rfft(u), n=L), repeats)
+
+
+LAYERS = [("s4d", {"backend": "auto"}), ("lru", {"backend": "fft"}), ("lru", {"backend": "scan"})]
+
+
+def layer_times(name: str, kw: dict, B: int, L: int, H: int, N: int, repeats: int) -> tuple:
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer(name, H, d_state=N, **kw)
+    x = torch.randn(B, L, H)
+    with torch.no_grad():
+        fwd = timeit(lambda: layer(x), repeats)
+    xg = x.clone().requires_grad_(True)
+
+    def fwd_bwd():
+        layer.zero_grad(set_to_none=True)
+        layer(xg).sum().backward()
+    return fwd, timeit(fwd_bwd, max(3, repeats // 2))
+
+
+def peak_memory_child(name: str, kw: dict, B: int, L: int, H: int, N: int) -> None:
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer(name, H, d_state=N, **kw)
+    x = torch.randn(B, L, H)
+    with torch.no_grad():
+        layer(x[:, :64])  # load code paths, compile nothing later
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        y = layer(x)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mb": (after - before) / 1024, "input_mb": x.numel() * 4 / 2 ** 20,
+                      "ok": bool(torch.isfinite(y).all())}))
+
+
+def peak_memory(name: str, kw: dict, B: int, L: int, H: int, N: int) -> dict:
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import bench_layers as b; "
+            f"b.peak_memory_child({name!r}, {kw!r}, {B}, {L}, {H}, {N})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    repeats = 5 if args.quick else 15
+    shapes = [(8, 1024)] if args.quick else [(8, 1024), (4, 4096)]
+    H, N = 128, 64
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; H={H}, N={N}, float32, CPU\n")
+    print(f"{'shape':<14} {'layer':<12} {'fwd ms':>8} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8}")
+    for B, L in shapes:
+        fl = floor_ms(B, L, H, repeats)
+        print(f"{f'B={B} L={L}':<14} {'rfft+irfft':<12} {fl:>8.2f} {1.0:>8.2f}")
+        for name, kw in LAYERS:
+            f, fb = layer_times(name, kw, B, L, H, N, repeats)
+            label = f"{name}/{kw['backend']}"
+            print(f"{'':<14} {label:<12} {f:>8.2f} {f / fl:>8.2f} {fb:>11.2f} {fb / fl:>8.2f}")
+    print("\npeak memory of one forward at B=1, L=65536, H=64, N=64 (rise of max RSS):")
+    for name, kw in LAYERS:
+        m = peak_memory(name, kw, 1, 65536, 64, 64)
+        print(f"  {name}/{kw['backend']:<6} {m['peak_mb']:8.1f} MB = {m['peak_mb'] / m['input_mb']:5.1f} x input "
+              f"({m['input_mb']:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()

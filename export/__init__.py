@@ -1,0 +1,1 @@
+"""Export of trained models to recurrent step graphs (ONNX Runtime, TorchScript, torch.export)."""

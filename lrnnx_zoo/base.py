@@ -1,0 +1,132 @@
+"""Base classes every layer in the zoo derives from.
+
+``LRNN`` fixes the sequence interface, x: (B, L, H) -> y: (B, L, H), and the choice of
+discretization. ``LTI_LRNN`` adds what time-invariant layers share: a kernel for convolution
+mode, and a recurrent mode driven by the layer's *step form* (see :mod:`lrnnx_zoo.step_forms`),
+so streaming inference and export run the same discretised system.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, Dict, Literal, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .discretization import METHODS, get_discretization
+
+Discretization = Optional[Literal["zoh", "bilinear", "dirac", "async", "no_discretization"]]
+
+
+class LRNN(nn.Module):
+    """Abstract linear recurrent layer on (B, L, H) sequences.
+
+    Args:
+        discretization: one of ``zoh``, ``bilinear``, ``dirac``, ``async``,
+            ``no_discretization``, or None for layers that discretize internally.
+
+    Attributes:
+        discretize_fn: ``fn(A, B, dt) -> (A_bar, B_bar)`` for diagonal A, or None.
+    """
+
+    #: True when y[:, t] depends on x[:, t+1:] (then the layer cannot stream).
+    bidirectional: bool = False
+    #: Structure of A that ``discretize_fn`` is chosen for; dense-A layers override it.
+    a_structure: str = "diagonal"
+
+    def __init__(self, discretization: Discretization) -> None:
+        super().__init__()
+        if discretization is not None and discretization not in METHODS:
+            raise ValueError(
+                f"unknown discretization {discretization!r}; expected one of {', '.join(METHODS)} or None")
+        self.discretization = discretization
+        self.discretize_fn = get_discretization(discretization, self.a_structure)
+
+    @abstractmethod
+    def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        """x: (B, L, H) -> y: (B, L, H). ``lengths``: (B,) valid lengths of a padded batch."""
+        raise NotImplementedError
+
+    # -- input checking shared by every layer -------------------------------------------------
+    def check_input(self, x: Tensor, lengths: Optional[Tensor] = None) -> None:
+        """Raise a ValueError that says what was expected if x is not (B, L, d_model)."""
+        d = getattr(self, "d_model", None)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__} expects a torch.Tensor of shape (B, L, {d}), got {type(x).__name__}")
+        if x.dim() != 3 or (d is not None and x.shape[-1] != d):
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (batch, length, d_model={d}), "
+                f"got {tuple(x.shape)}")
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths)
+            if lengths.shape != (x.shape[0],):
+                raise ValueError(f"lengths must have shape (batch,)=({x.shape[0]},), got {tuple(lengths.shape)}")
+            if bool((lengths < 0).any()) or bool((lengths > x.shape[1]).any()):
+                raise ValueError(f"lengths must lie in [0, {x.shape[1]}], got {lengths.tolist()}")
+
+
+def mask_padding(y: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """Zero y[b, t] for t >= lengths[b]; y: (B, L, ...). Causal layers need nothing more:
+    outputs before a sequence's end never see its padding."""
+    if lengths is None:
+        return y
+    t = torch.arange(y.shape[1], device=y.device)
+    keep = t[None, :] < torch.as_tensor(lengths, device=y.device)[:, None]
+    return y * keep.reshape(keep.shape + (1,) * (y.dim() - 2)).to(y.dtype)
+
+
+class LTI_LRNN(LRNN):
+    """Abstract linear time-invariant layer: x_k = A x_{k-1} + B u_k,  y_k = Re(C x_k) + D u_k.
+
+    Subclasses implement :meth:`discretize`, :meth:`compute_kernel` and :meth:`step_form`;
+    the recurrent interface (:meth:`allocate_inference_cache`, :meth:`step`) is derived from
+    the step form, so convolution mode and step mode are two evaluations of one system.
+    """
+
+    def __init__(self, discretization: Discretization) -> None:
+        if discretization == "async":
+            raise ValueError(
+                "async discretization needs a time-varying (LTV) layer: a time-invariant layer has one "
+                "kernel for the whole sequence. Use 'zoh', 'bilinear', 'dirac' or 'no_discretization'.")
+        super().__init__(discretization)
+
+    @abstractmethod
+    def discretize(self) -> Tuple[Tensor, Any, Tensor]:
+        """Return the discrete (A_bar, B_bar, C) of the layer."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def compute_kernel(self, *args: Any, **kwargs: Any) -> Any:
+        """Return what convolution mode needs for a length-L sequence (family specific)."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def step_form(self) -> nn.Module:
+        """Return the discretised system as a real-valued step module (see step_forms.StepForm)."""
+        raise NotImplementedError
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1,
+                                 dtype: Optional[torch.dtype] = None, **kwargs: Any) -> Dict[str, Any]:
+        """Cache for :meth:`step`: the precomputed step form and a zero state (B, state_size).
+
+        ``max_seqlen`` is unused (an LTI system has one set of matrices for every step).
+        """
+        form = self.step_form()
+        ref = next(iter(self.parameters()), torch.empty(0))
+        dtype = dtype or torch.get_default_dtype()
+        form = form.to(device=ref.device, dtype=dtype)
+        state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
+        return {"step_form": form, "lrnn_state": state}
+
+    def step(self, x: Tensor, inference_cache: Dict[str, Any], **kwargs: Any) -> Tuple[Tensor, Dict[str, Any]]:
+        """One recurrent step.  x: (B, H) -> y: (B, H); the cache's state is advanced."""
+        d = getattr(self, "d_model", None)
+        state = inference_cache["lrnn_state"]
+        if x.dim() != 2 or x.shape[0] != state.shape[0] or (d is not None and x.shape[1] != d):
+            raise ValueError(
+                f"{type(self).__name__}.step expects x of shape (batch={state.shape[0]}, d_model={d}), "
+                f"got {tuple(x.shape)}")
+        y, inference_cache["lrnn_state"] = inference_cache["step_form"](x, state)
+        return y, inference_cache

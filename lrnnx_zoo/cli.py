@@ -1,0 +1,66 @@
+"""Command line: ``lrnnx-zoo plugins | layers | backends`` (more subcommands register below)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Dict, List, Optional
+
+COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from .registry import list_plugins
+    failed = 0
+    for p in list_plugins():
+        origin = "built-in" if p.builtin else (p.distribution or "registered in code")
+        status = "ok" if p.ok else "FAILED"
+        print(f"{p.name:<12} {status:<7} {origin} {p.version or ''}  ({p.module})")
+        if p.layers:
+            print(f"    layers:       {', '.join(p.layers)}")
+        if p.initializers:
+            print(f"    initializers: {', '.join(p.initializers)}")
+        if p.backends:
+            print(f"    backends:     {', '.join(p.backends)}")
+        if p.error:
+            failed += 1
+            print("    error:        " + p.error.strip().splitlines()[0])
+    return 1 if failed and args.strict else 0
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from .registry import get_registry, list_initializers
+    reg = get_registry()
+    for name in sorted(reg._layers):
+        owners = ", ".join(e.plugin for e in reg._layers[name])
+        inits = [i.split(".", 1)[1] for i in list_initializers(name)]
+        print(f"{name:<10} from {owners}" + (f"   initializers: {', '.join(inits)}" if inits else ""))
+    return 0
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    from .registry import list_backends
+    for b in list_backends(args.kind):
+        print(b)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lrnnx-zoo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plugins", help="installed plugins, what each registered, and failures")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load")
+    sub.add_parser("layers", help="registered layers and who registered them")
+    p = sub.add_parser("backends", help="registered kernel backends")
+    p.add_argument("kind", nargs="?", default=None)
+    COMMANDS.update(plugins=_cmd_plugins, layers=_cmd_layers, backends=_cmd_backends)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""FFT convolution, the evaluation of an LTI layer on a whole sequence (convolution mode).
+
+A causal convolution y_t = sum_{j<=t} K_j u_{t-j} of a length-L signal with a length-Lk kernel
+equals a circular convolution of length n >= L + Lk - 1, computed as irfft(rfft(u) * rfft(K))
+(S4 paper, sec. 3.3). We pad to the smallest 5-smooth n above that bound, never further, and use
+real transforms whenever the signal is real.
+
+``fft_conv`` generalises this to an einsum written in the frequency domain
+(Lee et al., "Optimised SSM convolutions", arXiv:2409.03377): the operands that carry the time
+axis are transformed, the rest are contracted as they are, in an order chosen by opt_einsum.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import opt_einsum
+import torch
+from torch import Tensor
+
+
+@functools.lru_cache(maxsize=None)
+def fast_fft_size(target: int) -> int:
+    """Smallest n >= target whose only prime factors are 2, 3 and 5 (fast for pocketfft/MKL)."""
+    n = max(1, target)
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+def causal_conv(u: Tensor, K: Tensor, dim: int = -1) -> Tensor:
+    """Causal convolution along ``dim``: y_t = sum_{j<=t} K_j u_{t-j}, truncated to u's length.
+
+    Args:
+        u: (..., L, ...) signal, real or complex, with time on ``dim``.
+        K: kernel with time on the same ``dim`` (length Lk <= L is typical), broadcastable to u.
+    Returns:
+        y with u's shape (broadcast with K's batch dims).
+    """
+    L, Lk = u.shape[dim], K.shape[dim]
+    n = fast_fft_size(L + Lk - 1)
+    if u.is_complex() or K.is_complex():
+        y = torch.fft.ifft(torch.fft.fft(u, n=n, dim=dim) * torch.fft.fft(K, n=n, dim=dim), n=n, dim=dim)
+    else:
+        y = torch.fft.irfft(torch.fft.rfft(u, n=n, dim=dim) * torch.fft.rfft(K, n=n, dim=dim), n=n, dim=dim)
+    return y.narrow(dim, 0, L)
+
+
+def kernel_spectrum(K: Tensor, L: int, dim: int = -1) -> Tensor:
+    """rfft of a real kernel at the transform size ``causal_conv`` uses for a length-L input."""
+    n = fast_fft_size(L + K.shape[dim] - 1)
+    return torch.fft.rfft(K, n=n, dim=dim)
+
+
+def fft_conv(equation: str, input: Tensor, *args: Tensor) -> Tensor:
+    """Causal FFT convolution expressed as an einsum over the frequency domain.
+
+    The time letter is the second subscript of ``input`` (input: (B, L, ...)). Each operand whose
+    subscripts contain it is Fourier-transformed along that axis (kernels of length <= L);
+    the others (projection matrices) are contracted untouched. The output is transformed back
+    and truncated to L steps.
+
+    Example:
+        ``fft_conv("blh,lhk->blk", x, K)``  with a full kernel K: (L, H, H);
+        ``fft_conv("blh,ln,nh,kn->blk", x, K, B, C)`` for a diagonal SSM (complex result).
+
+    Args:
+        equation: einsum equation with explicit output (``->``).
+        input: (B, L, ...) signal.
+        *args: kernels (with the time letter) and matrices.
+    Returns:
+        Tensor of the output's subscripts, time length L (complex if any operand is complex).
+    """
+    if "->" not in equation:
+        raise ValueError(f"fft_conv needs an explicit output, e.g. 'blh,lhk->blk'; got {equation!r}")
+    lhs, out = equation.replace(" ", "").split("->")
+    subs = lhs.split(",")
+    operands = (input,) + args
+    if len(subs) != len(operands):
+        raise ValueError(f"equation {equation!r} names {len(subs)} operands, got {len(operands)} tensors")
+    for s, t in zip(subs, operands):
+        if len(s) != t.dim():
+            raise ValueError(f"operand {s!r} in {equation!r} has {len(s)} axes, tensor has shape {tuple(t.shape)}")
+    if len(subs[0]) < 2:
+        raise ValueError("input must be (B, L, ...): its second subscript is the time axis")
+    t = subs[0][1]
+    if t not in out:
+        raise ValueError(f"output {out!r} must keep the time axis {t!r}")
+    L = input.shape[1]
+    timed = [i for i, s in enumerate(subs) if t in s]
+    Lk = max(operands[i].shape[subs[i].index(t)] for i in timed)
+    n = fast_fft_size(L + Lk - 1)
+    real = not any(operands[i].is_complex() for i in range(len(operands)))
+    fwd = functools.partial(torch.fft.rfft if real else torch.fft.fft, n=n)
+    spectra = [fwd(op, dim=s.index(t)) if t in s else op for s, op in zip(subs, operands)]
+    if not real:
+        ctype = torch.promote_types(torch.complex64, input.dtype)
+        spectra = [x if x.is_complex() else x.to(ctype) for x in spectra]
+    y = opt_einsum.contract(equation, *spectra, backend="torch", optimize="optimal")
+    inv = torch.fft.irfft if real else torch.fft.ifft
+    return inv(y, n=n, dim=out.index(t)).narrow(out.index(t), 0, L)
+
+
+def opt_ssm_forward(x: Tensor, K: Tensor, B_: Tensor, C: Tensor) -> Tensor:
+    """Convolution mode of a multi-input multi-output SSM with diagonal state matrix.
+
+    y_t = Re( C sum_{j<=t} diag(K_j) B_ x_{t-j} ),  the form of the LRU (Orvieto et al. 2023, eq. 6).
+
+    Args:
+        x: (B, L, H) real input.
+        K: (L, N) powers Lambda^l of the diagonal (complex), or a full kernel (L, H_out, H) real.
+        B_: (N, H) normalised input matrix (ignored for a full kernel).
+        C: (H_out, N) output matrix (ignored for a full kernel).
+    Returns:
+        y: (B, L, H_out) real.
+
+    The order is chosen by cost: projecting to the N modes first costs one (B L, H)x(H, 2N) real
+    matmul plus N complex transforms, while expanding the full kernel C diag(K_l) B costs
+    L H_out H N and H_out x H transforms; the cheaper one runs.
+    """
+    if K.dim() == 3:
+        return fft_conv("blh,lkh->blk", x, K)
+    Bsz, L, H = x.shape
+    N = K.shape[-1]
+    H_out = C.shape[0]
+    project_first = Bsz * L * (H + H_out) * N * 2 + Bsz * N * L <= L * H_out * H * N + Bsz * H_out * L
+    if not project_first:
+        full = torch.einsum("kn,ln,nh->lkh", C, K, B_)
+        return fft_conv("blh,lkh->blk", x, full.real if not x.is_complex() else full).real
+    # Interleaved [Re, Im] rows make the real matmul's output a complex (B, L, N) view, no copy.
+    Bpair = torch.stack([B_.real, B_.imag], 1).reshape(2 * N, H).to(x.dtype)
+    z = torch.view_as_complex((x @ Bpair.T).view(Bsz, L, N, 2))
+    w = causal_conv(z, K.to(z.dtype), dim=-2)
+    Cpair = torch.stack([C.real, -C.imag], -1).reshape(H_out, 2 * N).to(x.dtype)  # Re(Cw) = Cr wr - Ci wi
+    return torch.view_as_real(w).reshape(Bsz, L, 2 * N) @ Cpair.T
+
+
+def __getattr__(name: str) -> Any:
+    # FFTConvS4 lives in the fftconv plugin; it is importable from here, as in the seed API.
+    if name == "FFTConvS4":
+        from lrnnx_zoo.plugins.fftconv import FFTConvS4
+        return FFTConvS4
+    raise AttributeError(name)

@@ -1,0 +1,140 @@
+"""Discretization of continuous-time linear systems  x'(t) = A x(t) + B u(t).
+
+Every method maps (A, B, dt) to (A_bar, B_bar) such that  x_k = A_bar x_{k-1} + B_bar u_k.
+Diagonal systems take A as a (complex) tensor of eigenvalues; dense systems take A as (..., N, N).
+
+- ``zoh`` (zero-order hold, S4D paper eq. 4):   A_bar = exp(dt A),   B_bar = A^{-1} (exp(dt A) - I) B
+- ``bilinear`` (Tustin, S4 paper eq. 3):        A_bar = (I - dt/2 A)^{-1} (I + dt/2 A),
+                                                 B_bar = (I - dt/2 A)^{-1} dt B
+- ``dirac`` (input as an impulse at each sample): A_bar = exp(dt A),   B_bar = B
+- ``async`` (event-driven, per-step dt_k; LTV only): A_bar_k = exp(dt_k A), B_bar_k = dt_k B
+- ``no_discretization`` (the parameters are already discrete, as in LRU): A_bar = A, B_bar = B
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+METHODS = ("zoh", "bilinear", "dirac", "async", "no_discretization")
+
+DiscretizeFn = Callable[[Tensor, Optional[Tensor], Tensor], "tuple[Tensor, Optional[Tensor]]"]
+
+
+def _scale(B: Optional[Tensor], factor: Tensor) -> Optional[Tensor]:
+    return None if B is None else factor * B
+
+
+def zoh_diag(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """Zero-order hold for diagonal A.  A: (..., N) complex, B: (..., N) or None, dt broadcastable."""
+    dtA = dt * A
+    A_bar = torch.exp(dtA)
+    # (exp(dtA) - 1) / A, written with expm1 so that eigenvalues near 0 keep their precision.
+    return A_bar, _scale(B, torch.expm1(dtA) / A)
+
+
+def bilinear_diag(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """Bilinear transform for diagonal A.  A: (..., N), B: (..., N) or None."""
+    denom = 1.0 - 0.5 * dt * A
+    return (1.0 + 0.5 * dt * A) / denom, _scale(B, dt / denom)
+
+
+def dirac_diag(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """Impulse-input discretization for diagonal A: the state jumps by B u_k at each sample."""
+    return torch.exp(dt * A), B
+
+
+def async_diag(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """Event-driven discretization with a per-step dt_k (arXiv:2404.18508): dt: (..., L, 1)."""
+    return torch.exp(dt * A), _scale(B, dt)
+
+
+def identity(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """Parameters that are already discrete (LRU) pass through unchanged."""
+    return A, B
+
+
+def _dt_matrix(dt, A: Tensor) -> Tensor:
+    """dt of shape (...) as (..., 1, 1), so it scales whole matrices."""
+    dt = torch.as_tensor(dt, dtype=A.real.dtype, device=A.device)
+    return dt.reshape(dt.shape + (1, 1))
+
+
+def zoh_dense(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """Zero-order hold for dense A: (..., N, N), B: (..., N) or (..., N, M), dt: (...,).
+
+    Uses the block-matrix exponential  exp([[A, B], [0, 0]] dt) = [[A_bar, B_bar], [0, I]]
+    (Van Loan 1978), which stays exact when A is singular.
+    """
+    N = A.shape[-1]
+    vec = B is not None and B.dim() == A.dim() - 1
+    Bm = None if B is None else (B.unsqueeze(-1) if vec else B)
+    M = 0 if Bm is None else Bm.shape[-1]
+    dt = _dt_matrix(dt, A)
+    block = A.new_zeros(torch.broadcast_shapes(A.shape[:-2], dt.shape[:-2]) + (N + M, N + M))
+    block[..., :N, :N] = A * dt
+    if Bm is not None:
+        block[..., :N, N:] = Bm * dt
+    E = torch.linalg.matrix_exp(block)
+    A_bar = E[..., :N, :N]
+    if Bm is None:
+        return A_bar, None
+    B_bar = E[..., :N, N:]
+    return A_bar, (B_bar.squeeze(-1) if vec else B_bar)
+
+
+def bilinear_dense(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """Bilinear transform for dense A: (..., N, N), B: (..., N) or None, dt: (...,)."""
+    N = A.shape[-1]
+    eye = torch.eye(N, dtype=A.dtype, device=A.device)
+    dt = _dt_matrix(dt, A)
+    left = eye - 0.5 * dt * A
+    A_bar = torch.linalg.solve(left, eye + 0.5 * dt * A)
+    if B is None:
+        return A_bar, None
+    vec = B.dim() == A.dim() - 1
+    rhs = (B.unsqueeze(-1) if vec else B) * dt
+    B_bar = torch.linalg.solve(left, rhs)
+    return A_bar, (B_bar.squeeze(-1) if vec else B_bar)
+
+
+def dirac_dense(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    return torch.linalg.matrix_exp(A * _dt_matrix(dt, A)), B
+
+
+def async_dense(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    A_bar, _ = dirac_dense(A, None, dt)
+    dt = torch.as_tensor(dt, dtype=A.dtype, device=A.device)
+    return A_bar, None if B is None else B * dt.reshape(dt.shape + (1,) * (B.dim() - dt.dim()))
+
+
+_DIAGONAL = {"zoh": zoh_diag, "bilinear": bilinear_diag, "dirac": dirac_diag,
+             "async": async_diag, "no_discretization": identity}
+_DENSE = {"zoh": zoh_dense, "bilinear": bilinear_dense, "dirac": dirac_dense,
+          "async": async_dense, "no_discretization": identity}
+
+
+def get_discretization(method: Optional[str], structure: str = "diagonal") -> Optional[DiscretizeFn]:
+    """Return the discretization function ``fn(A, B, dt) -> (A_bar, B_bar)``.
+
+    ``method`` is one of :data:`METHODS` or None (the layer discretizes itself);
+    ``structure`` is ``"diagonal"`` (A holds eigenvalues) or ``"dense"`` (A is a matrix).
+    """
+    if method is None:
+        return None
+    table = {"diagonal": _DIAGONAL, "dense": _DENSE}.get(structure)
+    if table is None:
+        raise ValueError(f"structure must be 'diagonal' or 'dense', got {structure!r}")
+    if method not in table:
+        raise ValueError(f"unknown discretization {method!r}; expected one of {', '.join(METHODS)} or None")
+    return table[method]
+
+
+def discretize(method: str, A: Tensor, B: Optional[Tensor], dt: Tensor,
+               structure: str = "diagonal") -> tuple[Tensor, Optional[Tensor]]:
+    """Discretize (A, B) with step ``dt`` by ``method``; see the module docstring for the formulas."""
+    fn = get_discretization(method, structure)
+    assert fn is not None
+    return fn(A, B, dt)

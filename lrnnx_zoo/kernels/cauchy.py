@@ -1,0 +1,297 @@
+"""Cauchy kernels: ``out[..., l] = sum_n v[..., n] / (z[l] - w[..., n])``.
+
+S4 evaluates its generating function through a Cauchy matrix-vector product at L nodes z
+([S4] Gu, Goel, Ré 2022, Sec. 3.3, eqs. (5)-(6) and Lemma C.3). Since the diagonal part of a real
+state matrix comes in conjugate pairs, S4 keeps only one of each pair and adds the conjugate
+term back analytically; :func:`cauchy_conj_torch` / :func:`cauchy_conj_keops` do that with one
+complex division per (n, l) instead of two:
+
+    v/(z-w) + conj(v)/(z-conj(w)) = (a z - b) / ((z - w)(z - conj(w))),
+    a = 2 Re(v),  b = 2 Re(v conj(w)).                                              (*)
+
+Backends:
+
+* ``torch``: evaluated in blocks of the L axis so that at most ~64 MB of (batch, N, block)
+  intermediates exist at a time; custom autograd functions compute the gradients block by block
+  as well (they are themselves Cauchy-type sums), so training memory is bounded too.
+* ``keops``: a pykeops ``Genred`` sum over n that never materialises the (N, L) matrix;
+  gradients come from keops' symbolic differentiation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .keops_support import keops_available, quiet_keops, require_keops
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BLOCK_BYTES",
+    "KEOPS_AUTO_THRESHOLD",
+    "cauchy_torch",
+    "cauchy_conj_torch",
+    "cauchy_conj_keops",
+    "cauchy_conj",
+]
+
+BACKENDS = ("auto", "torch", "keops")
+#: Budget for one materialised (batch, N, block) complex intermediate in the torch backends.
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+#: "auto" switches to keops when batch * N * L reaches this many terms (and keops works).
+#: Measured on a 2-core CPU (benchmarks/bench_cauchy.py): see the comment in cauchy_conj.
+KEOPS_AUTO_THRESHOLD = 2**24
+
+
+def _complex_dtype(*ts: Tensor) -> torch.dtype:
+    dt = ts[0].dtype
+    for t in ts[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    if dt.is_complex:
+        return dt
+    return torch.complex128 if dt == torch.float64 else torch.complex64
+
+
+def _prepare(v: Tensor, z: Tensor, w: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor, tuple]:
+    """Broadcast v, w to a common (..., N), flatten batch dims to (Bt, N); z to (L,)."""
+    if z.dim() != 1:
+        raise ValueError(f"{name}: z must be 1-D (L,), got shape {tuple(z.shape)}")
+    if v.dim() < 1 or w.dim() < 1:
+        raise ValueError(f"{name}: v and w must have a trailing state dim N")
+    cdt = _complex_dtype(v, z, w)
+    v, w = torch.broadcast_tensors(v.to(cdt), w.to(cdt))
+    batch = tuple(v.shape[:-1])
+    N = v.shape[-1]
+    return v.reshape(-1, N), z.to(cdt), w.reshape(-1, N), batch
+
+
+def _block_len(rows: int, N: int, L: int, itemsize: int, chunk_size: Optional[int]) -> int:
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        return min(L, chunk_size)
+    return max(1, min(L, DEFAULT_BLOCK_BYTES // max(1, rows * N * itemsize)))
+
+
+def _spans(L: int, block: int):
+    for s in range(0, L, block):
+        yield s, min(L, s + block)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch backend
+# ---------------------------------------------------------------------------------------------
+
+
+class _Cauchy(torch.autograd.Function):
+    """out[b, l] = sum_n v[b, n] r[b, n, l],  r = 1 / (z[l] - w[b, n]).  Holomorphic in v, w, z.
+
+    PyTorch's complex vjp for holomorphic f is ``grad_in = grad_out * conj(f')``, so
+    grad_v = sum_l g conj(r), grad_w = conj(v) sum_l g conj(r)^2, grad_z = -g conj(sum_n v r^2).
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor, z: Tensor, w: Tensor, block: int) -> Tensor:
+        ctx.save_for_backward(v, z, w)
+        ctx.block = block
+        out = v.new_empty(v.shape[0], z.shape[0])
+        for s, e in _spans(z.shape[0], block):
+            r = (z[s:e] - w[:, :, None]).reciprocal_()
+            out[:, s:e] = (v[:, None, :] @ r)[:, 0]
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        v, z, w = ctx.saved_tensors
+        need_v, need_z, need_w, _ = ctx.needs_input_grad
+        gv = torch.zeros_like(v) if need_v else None
+        gw = torch.zeros_like(w) if need_w else None
+        gz_parts = []
+        for s, e in _spans(z.shape[0], ctx.block):
+            rc = (z[s:e] - w[:, :, None]).reciprocal().conj()
+            gs = g[:, s:e, None]
+            if need_v:
+                gv = gv + (rc @ gs)[..., 0]
+            if need_w:
+                gw = gw + ((rc * rc) @ gs)[..., 0]
+            if need_z:
+                gz_parts.append(-(g[:, s:e] * (v.conj()[:, None, :] @ (rc * rc))[:, 0]).sum(0))
+        if need_w:
+            gw = gw * v.conj()
+        gz = torch.cat(gz_parts) if need_z else None
+        return gv, gz, gw, None
+
+
+class _CauchyConj(torch.autograd.Function):
+    """out[b, l] = sum_n (a z_l - b) q,  q = 1 / ((z_l - w)(z_l - conj w))   -- identity (*).
+
+    a, b are real (Bt, N); w complex (Bt, N); z complex (L,). With D = z^2 - c z + d,
+    c = 2 Re w, d = |w|^2, the partials are ds/da = z q, ds/db = -q, ds/dc = (a z - b) z q^2,
+    ds/dd = -(a z - b) q^2; for real inputs grad = Re(sum_l conj(g) ds/dx), and for w
+    grad_w = 2 grad_c + 2 w grad_d (chain rule through c, d). z enters holomorphically:
+    ds/dz = sum_n a q - (2 a z^2 - (a c + 2 b) z + b c) q^2.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, w: Tensor, z: Tensor, block: int) -> Tensor:
+        ctx.save_for_backward(a, b, w, z)
+        ctx.block = block
+        ab = torch.stack([a, b], dim=1).to(w.dtype)  # (Bt, 2, N): one batched matmul per block
+        out = w.new_empty(w.shape[0], z.shape[0])
+        wc = w.conj()
+        for s, e in _spans(z.shape[0], block):
+            zb = z[s:e]
+            q = ((zb - w[:, :, None]) * (zb - wc[:, :, None])).reciprocal_()
+            sa, sb = (ab @ q).unbind(1)
+            out[:, s:e] = zb * sa - sb
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        a, b, w, z = ctx.saved_tensors
+        need_a, need_b, need_w, need_z, _ = ctx.needs_input_grad
+        cdt = w.dtype
+        wc = w.conj()
+        c = 2 * w.real
+        # Accumulate sum_l conj(g) z^k q and sum_l conj(g) z^k q^2 (k = 0..2) per (b, n).
+        acc_q = torch.zeros(w.shape[0], w.shape[1], 2, dtype=cdt, device=w.device)
+        acc_q2 = torch.zeros(w.shape[0], w.shape[1], 3, dtype=cdt, device=w.device)
+        gz_parts = []
+        if need_z:
+            coef = torch.stack([2 * a, a * c + 2 * b, b * c], dim=1).to(cdt)  # (Bt, 3, N)
+            a_c = a.to(cdt)[:, None, :]
+        for s, e in _spans(z.shape[0], ctx.block):
+            zb = z[s:e]
+            q = ((zb - w[:, :, None]) * (zb - wc[:, :, None])).reciprocal()
+            q2 = q * q
+            gc = g[:, s:e].conj()
+            if need_a or need_b:
+                acc_q = acc_q + q @ torch.stack([gc * zb, gc], dim=-1)
+            if need_w:
+                acc_q2 = acc_q2 + q2 @ torch.stack([gc * zb * zb, gc * zb, gc], dim=-1)
+            if need_z:
+                t0 = (a_c @ q)[:, 0]
+                t2, t1, t00 = (coef @ q2).unbind(1)
+                dsdz = t0 - (t2 * zb * zb - t1 * zb + t00)
+                gz_parts.append((g[:, s:e] * dsdz.conj()).sum(0))
+        ga = acc_q[..., 0].real if need_a else None
+        gb = -acc_q[..., 1].real if need_b else None
+        gw = None
+        if need_w:
+            s_z2, s_z1, s_z0 = acc_q2.unbind(-1)
+            g_c = (a * s_z2.real - b * s_z1.real)
+            g_d = -(a * s_z1.real - b * s_z0.real)
+            gw = (2 * g_c + 2 * w * g_d).to(cdt)
+        gz = torch.cat(gz_parts) if need_z else None
+        return ga, gb, gw, gz, None
+
+
+def cauchy_torch(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int] = None) -> Tensor:
+    """Cauchy sum ``out[..., l] = sum_n v[..., n] / (z[l] - w[..., n])`` in PyTorch.
+
+    Args:
+        v: (..., N) complex (real is promoted).
+        z: (L,) complex nodes, shared by all batch entries.
+        w: (..., N) complex poles; batch dims broadcast with v's.
+        chunk_size: number of z nodes per block; default keeps each (batch, N, block)
+            intermediate under ``DEFAULT_BLOCK_BYTES`` (64 MB).
+
+    Returns:
+        (..., L) in the promoted complex dtype (complex64 for float32 inputs). Differentiable
+        (also twice) w.r.t. v, z and w; the backward pass is blocked like the forward.
+    """
+    v2, z2, w2, batch = _prepare(v, z, w, "cauchy_torch")
+    block = _block_len(v2.shape[0], v2.shape[1], z2.shape[0], v2.element_size(), chunk_size)
+    out = _Cauchy.apply(v2, z2, w2, block)
+    return out.reshape(*batch, z2.shape[0])
+
+
+def cauchy_conj_torch(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int] = None) -> Tensor:
+    """Conjugate-pair Cauchy sum in PyTorch.
+
+    ``out[..., l] = sum_n v_n/(z_l - w_n) + conj(v_n)/(z_l - conj(w_n))``, evaluated through the
+    identity (*) in the module docstring (one complex division per term instead of two).
+    Shapes and arguments as in :func:`cauchy_torch`: v, w (..., N), z (L,) -> (..., L).
+    """
+    v2, z2, w2, batch = _prepare(v, z, w, "cauchy_conj_torch")
+    block = _block_len(v2.shape[0], v2.shape[1], z2.shape[0], v2.element_size(), chunk_size)
+    a = 2 * v2.real
+    b = 2 * (v2 * w2.conj()).real
+    out = _CauchyConj.apply(a, b, w2, z2, block)
+    return out.reshape(*batch, z2.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# keops backend
+# ---------------------------------------------------------------------------------------------
+
+_KEOPS_CONJ = None
+
+
+def _keops_conj_reduction():
+    global _KEOPS_CONJ
+    if _KEOPS_CONJ is None:
+        with quiet_keops():
+            from pykeops.torch import Genred
+
+            # Identity (*): real a, b per pole; complex numbers are (re, im) pairs of dim 2.
+            _KEOPS_CONJ = Genred(
+                "ComplexDivide(ComplexRealScal(a, z) - Real2Complex(b),"
+                " ComplexMult(z - w, z - Conj(w)))",
+                ["a = Vj(1)", "b = Vj(1)", "w = Vj(2)", "z = Vi(2)"],
+                reduction_op="Sum",
+                axis=1,
+            )
+    return _KEOPS_CONJ
+
+
+def cauchy_conj_keops(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
+    """Same as :func:`cauchy_conj_torch`, as a pykeops ``Genred`` sum over n (CPU or CUDA).
+
+    v, w (..., N) are broadcast and their batch dims flattened into keops' batch axis; z (L,) is
+    shared. Never materialises the (N, L) matrix. Differentiable w.r.t. v, w and z through keops'
+    symbolic gradients. Raises RuntimeError (with a fix) if pykeops is not usable.
+    """
+    require_keops('cauchy_conj(backend="keops")')
+    v2, z2, w2, batch = _prepare(v, z, w, "cauchy_conj_keops")
+    rows, L = v2.shape[0], z2.shape[0]
+    a = (2 * v2.real).contiguous()[..., None]
+    b = (2 * (v2 * w2.conj()).real).contiguous()[..., None]
+    wr = torch.view_as_real(w2.contiguous())
+    zr = torch.view_as_real(z2.contiguous())[None]  # (1, L, 2): keops broadcasts batch dims
+    red = _keops_conj_reduction()
+    backend = "GPU" if v2.is_cuda else "CPU"
+    with quiet_keops():
+        out = red(a, b, wr, zr, backend=backend)  # (rows, L, 2)
+    return torch.view_as_complex(out.contiguous()).reshape(*batch, L)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+def _problem_size(v: Tensor, z: Tensor, w: Tensor) -> int:
+    batch = torch.broadcast_shapes(v.shape[:-1], w.shape[:-1])
+    return math.prod(batch) * v.shape[-1] * z.shape[-1]
+
+
+def cauchy_conj(v: Tensor, z: Tensor, w: Tensor, backend: str = "auto") -> Tensor:
+    """Conjugate-pair Cauchy sum ``sum_n v/(z-w) + conj(v)/(z-conj(w))``: (..., N) x (L,) -> (..., L).
+
+    Args:
+        backend: ``"torch"``, ``"keops"`` (RuntimeError explaining the fix if pykeops is not
+            usable) or ``"auto"``: keops when it is usable and ``batch * N * L`` is at least
+            :data:`KEOPS_AUTO_THRESHOLD`, torch otherwise (keops' launch overhead dominates
+            small problems).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown cauchy backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    if backend == "keops":
+        return cauchy_conj_keops(v, z, w)
+    if backend == "auto" and _problem_size(v, z, w) >= KEOPS_AUTO_THRESHOLD and keops_available():
+        return cauchy_conj_keops(v, z, w)
+    return cauchy_conj_torch(v, z, w)

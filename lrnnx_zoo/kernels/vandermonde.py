@@ -1,0 +1,280 @@
+"""Vandermonde kernels for diagonal state-space models.
+
+A diagonal SSM with discrete eigenvalues ``lam_n = exp(log_lam_n)`` has the convolution kernel
+(S4D paper, Gu et al. 2022, eq. 5 / Vandermonde form; LRU paper, Orvieto et al. 2023, eq. 3)
+
+    K[l] = sum_n v_n * lam_n^l = sum_n v_n * exp(l * log_lam_n),      l = 0 .. L-1,
+
+i.e. ``K = v @ V(lam)`` with ``V`` the (N, L) Vandermonde matrix, where ``v_n = C_n * B_bar_n``
+folds the input/output projections into one vector. The state stores only one eigenvalue of each
+complex-conjugate pair, so the real kernel is ``K = 2 * Re(sum_n ...)`` (``conj=True``).
+
+Two backends:
+
+- :func:`vandermonde_torch` never forms the (N, L) matrix. It writes ``l = j*T + t``
+  (``0 <= t < T``, ``J = ceil(L / T)`` blocks), so that
+
+      K[j*T + t] = sum_n (v_n lam_n^{jT}) * lam_n^t = (W @ P)[j, t],
+
+  one batched real matmul of ``W: (J, 2N)`` by ``P: (2N, T)``. That is ``O(N (J + T))``
+  transcendentals instead of ``O(N L)``, and the matmul runs at BLAS speed. The exponents of
+  both factors are formed in float64 with the phase reduced mod 2*pi, so a float32 result is
+  accurate to ~1e-7 relative even at L = 65536 with |lam| = 1 (a plain float32 ``exp(l*log_lam)``
+  loses ~L * 6e-8 radians of phase: ~1e-4 relative at L = 65536).
+- :func:`vandermonde_keops` evaluates the sum lazily with a pykeops ``Genred`` reduction.
+
+:func:`vandermonde` dispatches between them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .keops_support import keops_available, quiet_keops, require_keops
+
+__all__ = ["vandermonde", "vandermonde_torch", "vandermonde_keops", "BACKENDS", "default_block_size"]
+
+BACKENDS = ("auto", "torch", "keops")
+
+# Cap on the largest factor block (..., N, T) of one call, in bytes: the brief's 64 MB budget.
+_BLOCK_BYTES = 64 * 2**20
+
+# "auto" picks keops when batch * N * L is at least this many terms on that device type; None
+# means never. Measured on a 2-core Xeon CPU (benchmarks/bench_kernels.py): the torch path is
+# 10-60x faster than keops at every size tried (H=128, N=32, L=1024 up to H=64, N=32, L=65536),
+# because the two-level factorisation turns the O(N L) exps into a matmul, while keops evaluates
+# one exp/cos/sin per (n, l) term. GPU has not been measured, so it also defaults to torch.
+_KEOPS_MIN_TERMS: dict[str, Optional[int]] = {"cpu": None, "cuda": None}
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+def _re_im(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(real part, imaginary part) of a real or complex tensor."""
+    if x.is_complex():
+        return x.real, x.imag
+    return x, torch.zeros_like(x)
+
+
+def _check(v: Tensor, log_lam: Tensor, L: int, fn: str) -> torch.Size:
+    """Validate inputs; return the broadcast batch shape of v and log_lam."""
+    if not isinstance(v, Tensor) or not isinstance(log_lam, Tensor):
+        raise TypeError(f"{fn}: v and log_lam must be tensors, got {type(v).__name__} and "
+                        f"{type(log_lam).__name__}")
+    if isinstance(L, bool) or not isinstance(L, int) or L < 0:
+        raise ValueError(f"{fn}: L must be a non-negative int, got {L!r}")
+    if v.dim() == 0 or log_lam.dim() == 0:
+        raise ValueError(f"{fn}: expected v and log_lam of shape (..., N), got {tuple(v.shape)} "
+                         f"and {tuple(log_lam.shape)}")
+    if v.shape[-1] != log_lam.shape[-1]:
+        raise ValueError(f"{fn}: v and log_lam must share the last (state) dimension N; got "
+                         f"v {tuple(v.shape)} and log_lam {tuple(log_lam.shape)}")
+    try:
+        return torch.broadcast_shapes(v.shape[:-1], log_lam.shape[:-1])
+    except RuntimeError:
+        raise ValueError(f"{fn}: batch dims of v {tuple(v.shape)} and log_lam "
+                         f"{tuple(log_lam.shape)} do not broadcast") from None
+
+
+def _real_dtype(v: Tensor, log_lam: Tensor) -> torch.dtype:
+    """Real dtype of the result: float64 if either input is double precision, else float32."""
+    dt = torch.promote_types(v.real.dtype if v.is_complex() else v.dtype,
+                             log_lam.real.dtype if log_lam.is_complex() else log_lam.dtype)
+    return dt if dt in (torch.float32, torch.float64) else torch.float32
+
+
+def default_block_size(L: int, rows: int = 1, N: int = 1, itemsize: int = 8) -> int:
+    """Inner block length T of the two-level factorisation ``l = j*T + t``.
+
+    T ~ sqrt(L) (power of two) balances the O(N (J + T)) transcendentals of the two factors; the
+    matmul costs the same for any T. Measured best on CPU: T=64 for L<=4096, T=256 for L=65536.
+    Clamped so that the (rows, 2N, T) factor stays under the 64 MB block budget.
+    """
+    T = 1 << max(4, math.ceil(math.log2(max(L, 1)) / 2))
+    cap = max(1, _BLOCK_BYTES // max(1, rows * 2 * N * itemsize))
+    return max(1, min(T, cap, max(L, 1)))
+
+
+def _powers_re_im(re: Tensor, im: Tensor, steps: Tensor, out_dtype: torch.dtype
+                  ) -> tuple[Tensor, Tensor]:
+    """Re and Im of exp(steps * (re + i im)), returned in out_dtype.
+
+    re, im: (..., N) float64 and steps: (S,) float64 -> two (..., N, S) tensors. The exponent is
+    formed in float64 and its phase reduced mod 2*pi before the cast: a float32 product
+    ``steps * im`` of ~1e5 rad would already be off by ~1e-2 rad. exp/cos/sin then run in
+    out_dtype (cheaper; the reduced arguments are small, so they lose nothing).
+    """
+    phase = im.unsqueeze(-1) * steps
+    if out_dtype != torch.float64:
+        phase = torch.remainder(phase, 2 * math.pi)
+    phase = phase.to(out_dtype)
+    mag = torch.exp((re.unsqueeze(-1) * steps).to(out_dtype))
+    return mag * torch.cos(phase), mag * torch.sin(phase)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch backend
+# ----------------------------------------------------------------------------------------------
+
+def vandermonde_torch(v: Tensor, log_lam: Tensor, L: int, conj: bool = True,
+                      chunk_size: Optional[int] = None) -> Tensor:
+    """Vandermonde kernel ``K[..., l] = sum_n v[..., n] * exp(l * log_lam[..., n])`` in pure torch.
+
+    Args:
+        v: (..., N) complex (or real) coefficients, e.g. ``C * B_bar``.
+        log_lam: (..., N) complex log of the discrete eigenvalues (``dt * A`` for ZOH); the batch
+            dims of ``v`` and ``log_lam`` broadcast.
+        L: kernel length.
+        conj: if True return the real kernel ``2 * Re(K)`` (each stored mode stands for a
+            conjugate pair); otherwise the complex ``K``.
+        chunk_size: inner block length T of the factorisation ``l = j*T + t`` (see module doc);
+            default ~sqrt(L), clamped so the (..., N, T) factor block stays under 64 MB.
+
+    Returns:
+        (broadcast batch..., L): real (float32/float64) if ``conj`` else complex.
+
+    Differentiable w.r.t. ``v`` and ``log_lam`` by autograd; memory O(batch * (L + N sqrt(L))).
+    """
+    batch = _check(v, log_lam, L, "vandermonde_torch")
+    N = v.shape[-1]
+    rdt = _real_dtype(v, log_lam)
+    device = v.device
+    if L == 0 or N == 0:
+        shape = (*batch, L)
+        out = torch.zeros(shape, dtype=rdt, device=device)
+        return out if conj else torch.complex(out, torch.zeros_like(out))
+    rows = max(1, math.prod(log_lam.shape[:-1]))
+    if chunk_size is None:
+        T = default_block_size(L, rows, N, torch.finfo(rdt).bits // 8)
+    else:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"vandermonde_torch: chunk_size must be a positive int, got {chunk_size!r}")
+        T = min(chunk_size, L)
+    J = -(-L // T)
+
+    re, im = _re_im(log_lam)
+    re, im = re.to(torch.float64), im.to(torch.float64)
+    t = torch.arange(T, dtype=torch.float64, device=device)
+    jT = torch.arange(J, dtype=torch.float64, device=device) * T
+    # P[..., n, t] = lam_n^t and Q[..., n, j] = lam_n^{jT}, both exact to rounding in rdt.
+    Pr, Pi = _powers_re_im(re, im, t, rdt)
+    Qr, Qi = _powers_re_im(re, im, jT, rdt)
+    vr, vi = _re_im(v)
+    vr, vi = vr.to(rdt).unsqueeze(-1), vi.to(rdt).unsqueeze(-1)
+    # W = v * lam^{jT}: (..., N, J) complex product, kept as real/imag parts.
+    Wr = vr * Qr - vi * Qi
+    Wi = vr * Qi + vi * Qr
+    B = torch.cat([Pr, Pi], dim=-2)                      # (..., 2N, T)
+    if conj:
+        # Re(W^T P) = Wr^T Pr - Wi^T Pi: one real matmul over the stacked 2N axis; the factor 2
+        # of the conjugate pair is folded into the small factor.
+        A = torch.cat([Wr, -Wi], dim=-2).mul(2.0).transpose(-1, -2)   # (..., J, 2N)
+        K = torch.matmul(A, B)                                         # (..., J, T)
+        return K.reshape(*K.shape[:-2], J * T)[..., :L]
+    # Complex: [Wr, Wi] @ [[Pr, Pi], [-Pi, Pr]] = [Re, Im] in one matmul with a 2T-wide output.
+    A = torch.cat([Wr, Wi], dim=-2).transpose(-1, -2)                 # (..., J, 2N)
+    B2 = torch.cat([B, torch.cat([-Pi, Pr], dim=-2)], dim=-1)         # (..., 2N, 2T)
+    K = torch.matmul(A, B2)                                           # (..., J, 2T)
+    K = torch.complex(K[..., :T], K[..., T:])
+    return K.reshape(*K.shape[:-2], J * T)[..., :L]
+
+
+# ----------------------------------------------------------------------------------------------
+# keops backend
+# ----------------------------------------------------------------------------------------------
+
+_KEOPS_CACHE: dict[bool, object] = {}
+
+
+def _keops_reduction(conj: bool):
+    """The Genred object (built once per output kind; pykeops caches the compiled binary)."""
+    red = _KEOPS_CACHE.get(conj)
+    if red is None:
+        from pykeops.torch import Genred
+
+        # Real form of v * exp(l * (a + ib)): exp(l a) (vr cos(lb) - vi sin(lb)) [+ i (...)].
+        re_part = "Exp(l * a) * (vr * Cos(l * b) - vi * Sin(l * b))"
+        im_part = "Exp(l * a) * (vr * Sin(l * b) + vi * Cos(l * b))"
+        formula = re_part if conj else f"Concat({re_part}, {im_part})"
+        aliases = ["l = Vi(1)", "a = Vj(1)", "b = Vj(1)", "vr = Vj(1)", "vi = Vj(1)"]
+        with quiet_keops():
+            red = Genred(formula, aliases, reduction_op="Sum", axis=1)
+        _KEOPS_CACHE[conj] = red
+    return red
+
+
+def vandermonde_keops(v: Tensor, log_lam: Tensor, L: int, conj: bool = True) -> Tensor:
+    """Same as :func:`vandermonde_torch`, evaluated lazily by a pykeops ``Genred`` reduction.
+
+    The reduction runs over n with the output indexed by l, on the real form
+    ``exp(l Re) (Re v cos(l Im) - Im v sin(l Im))``; batch dims are flattened into keops batch
+    dims. It computes in float64 whatever the input precision: in float32 the phase ``l * Im``
+    rounds to ~L * 6e-8 rad (1e-4 relative error at L = 65536), and on CPU float64 costs the same.
+    Differentiable through pykeops' autograd. Raises RuntimeError if pykeops is unusable.
+
+    Shapes: v, log_lam (..., N) -> (..., L), real if ``conj`` else complex.
+    """
+    batch = _check(v, log_lam, L, "vandermonde_keops")
+    require_keops('vandermonde(backend="keops")')
+    N = v.shape[-1]
+    rdt = _real_dtype(v, log_lam)
+    device = v.device
+    if L == 0 or N == 0:
+        out = torch.zeros((*batch, L), dtype=rdt, device=device)
+        return out if conj else torch.complex(out, torch.zeros_like(out))
+    f64 = torch.float64
+    a, b = _re_im(log_lam)
+    vr, vi = _re_im(v)
+    # keops batch mode wants equal batch shapes: (B, N, 1) per j-variable, (1, L, 1) for l.
+    flat = [x.to(f64).expand(*batch, N).reshape(-1, N, 1).contiguous() for x in (a, b, vr, vi)]
+    ell = torch.arange(L, dtype=f64, device=device).view(1, L, 1)
+    red = _keops_reduction(conj)
+    with quiet_keops():
+        out = red(ell, *flat, backend="GPU" if device.type == "cuda" else "CPU")
+    if conj:
+        return (2.0 * out.reshape(*batch, L)).to(rdt)
+    out = out.reshape(*batch, L, 2)
+    return torch.complex(out[..., 0].to(rdt), out[..., 1].to(rdt))
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------
+
+def _auto_uses_keops(v: Tensor, log_lam: Tensor, L: int) -> bool:
+    threshold = _KEOPS_MIN_TERMS.get(v.device.type)
+    if threshold is None:
+        return False
+    batch = torch.broadcast_shapes(v.shape[:-1], log_lam.shape[:-1])
+    return math.prod(batch) * v.shape[-1] * L >= threshold and keops_available()
+
+
+def vandermonde(v: Tensor, log_lam: Tensor, L: int, conj: bool = True, backend: str = "auto") -> Tensor:
+    """Vandermonde kernel ``K[..., l] = sum_n v_n exp(l log_lam_n)`` (S4D paper eq. 5).
+
+    Args:
+        v, log_lam: (..., N) complex, broadcastable batch dims.
+        L: kernel length.
+        conj: return ``2 * Re(K)`` (real) instead of the complex ``K``.
+        backend: ``"torch"``, ``"keops"`` (RuntimeError with a fix if pykeops is unusable) or
+            ``"auto"``: keops only when it is usable and faster for this device and size (on CPU
+            it never is: see ``_KEOPS_MIN_TERMS``), else torch.
+
+    Returns:
+        (..., L) real if ``conj`` else complex.
+    """
+    if backend == "torch":
+        return vandermonde_torch(v, log_lam, L, conj)
+    if backend == "keops":
+        return vandermonde_keops(v, log_lam, L, conj)
+    if backend == "auto":
+        if _auto_uses_keops(v, log_lam, L):
+            return vandermonde_keops(v, log_lam, L, conj)
+        return vandermonde_torch(v, log_lam, L, conj)
+    raise ValueError(f"vandermonde: unknown backend {backend!r}; valid backends are {BACKENDS}")

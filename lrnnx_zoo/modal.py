@@ -1,0 +1,93 @@
+"""Multi-input multi-output SSMs with a diagonal state matrix (modal form), on whole sequences.
+
+    x_t = diag(lam) x_{t-1} + B u_t,     y_t = Re(C x_t)          (LRU paper, eq. 1 and 6)
+
+with lam: (N,) complex, B: (N, H) complex, C: (H_out, N) complex. Two evaluations of the same
+recurrence, registered as kernel backends of kind "modal":
+
+- ``fft``: causal convolution of the projected input B u with the powers lam^l (FFT, O(L log L));
+- ``scan``: the recurrence unrolled by a parallel (log-depth) scan, O(L log L) work, exact for
+  |lam| near 1 over any length, and the one to use when an initial state is given.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .convolution import opt_ssm_forward
+from .scan import diagonal_scan
+
+
+def powers(log_lam: Tensor, L: int) -> Tensor:
+    """lam^l for l = 0..L-1 as exp(l log lam), accurate to float precision at every l.
+    log_lam: (N,) complex -> (L, N) complex."""
+    t = torch.arange(L, device=log_lam.device, dtype=log_lam.real.dtype)
+    return torch.exp(t[:, None] * log_lam)
+
+
+def _pair_rows(M: Tensor, dtype: torch.dtype) -> Tensor:
+    """(N, H) complex -> (2N, H) real with rows [Re m_0, Im m_0, Re m_1, ...] (complex-view order)."""
+    return torch.stack([M.real, M.imag], 1).reshape(2 * M.shape[0], M.shape[1]).to(dtype)
+
+
+def project_in(u: Tensor, B: Tensor) -> Tensor:
+    """B u for real u: (Bsz, L, H) and complex B: (N, H) -> (Bsz, L, N) complex, one real matmul."""
+    Bsz, L, _ = u.shape
+    return torch.view_as_complex((u @ _pair_rows(B, u.dtype).T).view(Bsz, L, B.shape[0], 2))
+
+
+def project_out(x: Tensor, C: Tensor) -> Tensor:
+    """Re(C x) for complex x: (Bsz, L, N) and C: (H_out, N) -> (Bsz, L, H_out) real, one real matmul."""
+    Bsz, L, N = x.shape
+    Cpair = torch.stack([C.real, -C.imag], -1).reshape(C.shape[0], 2 * N).to(x.real.dtype)
+    return torch.view_as_real(x).reshape(Bsz, L, 2 * N) @ Cpair.T
+
+
+def modal_fft(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
+              initial_state: Optional[Tensor] = None) -> Tensor:
+    """Convolution mode.  u: (Bsz, L, H), log_lam: (N,), B: (N, H), C: (H_out, N) -> (Bsz, L, H_out).
+
+    An initial state x_{-1} adds lam^{t+1} x_{-1} to every state, i.e. Re(C diag(lam^{t+1}) x_{-1}).
+    """
+    L = u.shape[1]
+    K = powers(log_lam, L + (initial_state is not None))
+    y = opt_ssm_forward(u, K[:L], B, C)
+    if initial_state is not None:
+        y = y + project_out(K[1:].unsqueeze(0) * initial_state.unsqueeze(1), C)
+    return y
+
+
+def modal_scan(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
+               initial_state: Optional[Tensor] = None) -> Tensor:
+    """Scan mode, same signature as :func:`modal_fft`."""
+    x = diagonal_scan(torch.exp(log_lam), project_in(u, B), initial_state)
+    return project_out(x, C)
+
+
+def modal_states(u: Tensor, log_lam: Tensor, B: Tensor, initial_state: Optional[Tensor] = None) -> Tensor:
+    """All states x_t: (Bsz, L, N) complex (for state passing: the last one is the next state)."""
+    return diagonal_scan(torch.exp(log_lam), project_in(u, B), initial_state)
+
+
+def final_state(u: Tensor, log_lam: Tensor, B: Tensor, initial_state: Optional[Tensor] = None) -> Tensor:
+    """x_{L-1} = sum_j lam^{L-1-j} B u_j (+ lam^L x_{-1}) without materialising every state.
+    u: (Bsz, L, H) -> (Bsz, N) complex."""
+    L = u.shape[1]
+    K = powers(log_lam, L + 1)
+    x = torch.einsum("bln,ln->bn", project_in(u, B), K[:L].flip(0))
+    if initial_state is not None:
+        x = x + K[L] * initial_state
+    return x
+
+
+def modal_auto(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
+               initial_state: Optional[Tensor] = None) -> Tensor:
+    """The faster of fft and scan for the shape (see benchmarks/bench_layers.py)."""
+    return modal_fft(u, log_lam, B, C, initial_state)
+
+
+__all__ = ["powers", "project_in", "project_out", "modal_fft", "modal_scan", "modal_states",
+           "final_state", "modal_auto"]

@@ -1,0 +1,200 @@
+"""The backbone: encoder -> n residual blocks around any registered layer -> pooling -> decoder.
+
+    h_0 = W_enc u + b_enc
+    h_{i+1} = h_i + Dropout(Post(Act(Layer_i(Norm_i(h_i)))))       (pre-norm residual block)
+    y = W_dec Pool(Norm_f(h_n)) + b_dec
+
+Post is a linear map, a GLU (linear to 2H, then a * sigmoid(b)) or nothing. Every part is
+per-time-step except the layers, so the model streams with one state per layer (``step``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .registry import create_layer
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
+NORMS = ("layer", "batch", "none")
+POSTS = ("glu", "linear", "none")
+POOLINGS = (None, "mean", "last")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a :class:`SequenceModel`; serialises to JSON.
+
+    Args:
+        layer: registered layer name (see ``lrnnx_zoo.list_layers()``).
+        d_input, d_output: widths of the input features and of the decoder's output.
+        d_model: width inside the blocks; n_layers: number of blocks.
+        layer_kwargs: extra arguments of the layer (``d_state``, ``init``, ...).
+        norm: "layer", "batch" or "none"; activation: key of ACTIVATIONS; post: "glu", "linear", "none".
+        dropout: inside blocks; pooling: None (sequence to sequence), "mean" or "last".
+    """
+
+    layer: str
+    d_input: int
+    d_output: int
+    d_model: int = 64
+    n_layers: int = 4
+    layer_kwargs: Dict[str, Any] = field(default_factory=dict)
+    norm: str = "layer"
+    activation: str = "gelu"
+    post: str = "glu"
+    dropout: float = 0.0
+    pooling: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        checks = [("norm", self.norm, NORMS), ("activation", self.activation, tuple(ACTIVATIONS)),
+                  ("post", self.post, POSTS), ("pooling", self.pooling, POOLINGS)]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {value!r}")
+        for name in ("d_input", "d_output", "d_model", "n_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {v!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; expected a subset of {sorted(names)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+class GLU(nn.Module):
+    """Linear H -> 2H followed by a * sigmoid(b) (Dauphin et al. 2017)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d, 2 * d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.glu(self.linear(x), dim=-1)
+
+
+def _norm(kind: str, d: int) -> nn.Module:
+    return {"layer": lambda: nn.LayerNorm(d), "batch": lambda: _BatchNormLast(d), "none": nn.Identity}[kind]()
+
+
+class _BatchNormLast(nn.BatchNorm1d):
+    """BatchNorm over the feature axis of (..., H) inputs; in eval mode an affine map per step."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            return super().forward(x)
+        shape = x.shape
+        return super().forward(x.reshape(-1, shape[-1])).reshape(shape)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block around one sequence layer (module docstring)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = _norm(cfg.norm, cfg.d_model)
+        self.layer = create_layer(cfg.layer, cfg.d_model, **cfg.layer_kwargs)
+        self.activation = ACTIVATIONS[cfg.activation]()
+        self.post = {"glu": lambda: GLU(cfg.d_model), "linear": lambda: nn.Linear(cfg.d_model, cfg.d_model),
+                     "none": nn.Identity}[cfg.post]()
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def mix(self, z: Tensor) -> Tensor:
+        """The per-step part after the layer: activation, post map, dropout."""
+        return self.dropout(self.post(self.activation(z)))
+
+    def forward(self, h: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+        return h + self.mix(self.layer(self.norm(h), lengths=lengths))
+
+
+class SequenceModel(nn.Module):
+    """Sequence model on any registered layer.
+
+    forward: x (B, L, d_input) -> (B, L, d_output), or (B, d_output) with pooling.
+    step:    x_t (B, d_input) -> y_t (B, d_output); with mean pooling y_t is the decoder of the
+             running mean, so the last step's output equals forward's pooled output.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if isinstance(config, dict):
+            config = ModelConfig.from_dict(config)
+        self.config = config
+        self.encoder = nn.Linear(config.d_input, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = _norm(config.norm, config.d_model)
+        self.decoder = nn.Linear(config.d_model, config.d_output)
+
+    @property
+    def bidirectional(self) -> bool:
+        return any(getattr(b.layer, "bidirectional", False) for b in self.blocks)
+
+    def forward(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+        cfg = self.config
+        if x.dim() != 3 or x.shape[-1] != cfg.d_input:
+            raise ValueError(f"SequenceModel expects x of shape (batch, length, d_input={cfg.d_input}), "
+                             f"got {tuple(x.shape)}")
+        h = self.encoder(x)
+        for block in self.blocks:
+            h = block(h, lengths)
+        h = self.norm(h)
+        if cfg.pooling == "mean":
+            if lengths is None:
+                h = h.mean(1)
+            else:
+                lengths = torch.as_tensor(lengths, device=h.device)
+                mask = (torch.arange(h.shape[1], device=h.device)[None] < lengths[:, None]).to(h.dtype)
+                h = (h * mask.unsqueeze(-1)).sum(1) / lengths.clamp_min(1).unsqueeze(-1).to(h.dtype)
+        elif cfg.pooling == "last":
+            if lengths is None:
+                h = h[:, -1]
+            else:
+                idx = (torch.as_tensor(lengths, device=h.device) - 1).clamp_min(0)
+                h = h[torch.arange(h.shape[0], device=h.device), idx]
+        return self.decoder(h)
+
+    # -- streaming ---------------------------------------------------------------------------
+    def allocate_inference_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
+        """Per-layer caches plus the pooling state (running sum and step count)."""
+        if self.bidirectional:
+            raise ValueError("a bidirectional model sees the future and cannot run step by step")
+        caches = [b.layer.allocate_inference_cache(batch_size, dtype=dtype) for b in self.blocks]
+        ref = self.encoder.weight
+        return {"layers": caches, "pool_sum": ref.new_zeros(batch_size, self.config.d_model), "t": 0}
+
+    def step(self, x: Tensor, cache: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
+        """One time step: x (B, d_input) -> y (B, d_output)."""
+        if x.dim() != 2 or x.shape[-1] != self.config.d_input:
+            raise ValueError(f"SequenceModel.step expects x of shape (batch, d_input={self.config.d_input}), "
+                             f"got {tuple(x.shape)}")
+        h = self.encoder(x)
+        for block, layer_cache in zip(self.blocks, cache["layers"]):
+            z, _ = block.layer.step(block.norm(h), layer_cache)
+            h = h + block.mix(z)
+        h = self.norm(h)
+        cache["t"] += 1
+        if self.config.pooling == "mean":
+            cache["pool_sum"] = cache["pool_sum"] + h
+            h = cache["pool_sum"] / cache["t"]
+        return self.decoder(h), cache
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

@@ -1,0 +1,341 @@
+"""The registry of layers, initializers and kernel backends, filled by plugins.
+
+Plugins are discovered through the entry point group ``lrnnx_zoo``. pluggy's own
+``load_setuptools_entrypoints`` stops at the first plugin that fails to import and does not notice
+two plugins claiming one name, so we load entry points one at a time, call each plugin's hooks
+separately, and keep a record of what each registered and what went wrong. A failing plugin
+registers nothing (all or nothing) and never stops the others.
+
+Set ``LRNNX_ZOO_DISABLE_PLUGIN_AUTOLOAD=1`` to load only the built-in families.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import traceback
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import pluggy
+
+from . import hookspecs
+
+ENTRY_POINT_GROUP = "lrnnx_zoo"
+DISABLE_AUTOLOAD_ENV = "LRNNX_ZOO_DISABLE_PLUGIN_AUTOLOAD"
+BUILTIN_DISTRIBUTION = "lrnnx-zoo"
+# Used only when the package runs from a source tree without its dist-info (not pip-installed).
+_BUILTIN_FALLBACK = {"lru": "lrnnx_zoo.plugins.lru", "s4d": "lrnnx_zoo.plugins.s4d",
+                     "s4": "lrnnx_zoo.plugins.s4", "fftconv": "lrnnx_zoo.plugins.fftconv"}
+_HOOKS = ("lrnnx_zoo_register_layers", "lrnnx_zoo_register_initializers",
+          "lrnnx_zoo_register_kernel_backends")
+
+
+class RegistryError(LookupError):
+    """A name that is unknown or ambiguous in the registry."""
+
+
+class PluginError(RuntimeError):
+    """A plugin failed to load or registered something invalid."""
+
+
+@dataclass
+class PluginInfo:
+    """What one plugin is and what it registered (``list_plugins`` returns these)."""
+
+    name: str
+    module: str
+    distribution: Optional[str] = None
+    version: Optional[str] = None
+    builtin: bool = False
+    layers: List[str] = field(default_factory=list)
+    initializers: List[str] = field(default_factory=list)
+    backends: List[str] = field(default_factory=list)
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class _Entry:
+    value: Any
+    plugin: str
+
+
+class Registry:
+    """Name tables filled by plugins. Plugins call ``add_*`` inside their hooks."""
+
+    def __init__(self) -> None:
+        self._layers: Dict[str, List[_Entry]] = {}
+        self._initializers: Dict[Tuple[str, str], List[_Entry]] = {}
+        self._backends: Dict[Tuple[str, str], List[_Entry]] = {}
+        self.plugins: Dict[str, PluginInfo] = {}
+        self._current: Optional[PluginInfo] = None
+
+    # -- called by plugins -------------------------------------------------------------------
+    def add_layer(self, name: str, cls: type) -> None:
+        """Register layer class ``cls`` under ``name`` (built with ``cls(d_model=..., **kwargs)``)."""
+        if not isinstance(cls, type) or not callable(getattr(cls, "forward", None)):
+            raise PluginError(f"add_layer({name!r}, ...) needs an nn.Module subclass, got {cls!r}")
+        self._add(self._layers, name, cls, "layers", name)
+
+    def add_initializer(self, layer: str, name: str, fn: Callable[..., Any]) -> None:
+        """Register initializer ``name`` for ``layer`` (its signature is the layer's to define)."""
+        self._add(self._initializers, (layer, name), fn, "initializers", f"{layer}.{name}")
+
+    def add_backend(self, kind: str, name: str, fn: Callable[..., Any]) -> None:
+        """Register kernel backend ``name`` of ``kind`` ("vandermonde", "cauchy", "conv", ...)."""
+        self._add(self._backends, (kind, name), fn, "backends", f"{kind}.{name}")
+
+    def _add(self, table: Dict, key: Any, value: Any, what: str, label: str) -> None:
+        if not callable(value):
+            raise PluginError(f"{label}: expected a callable, got {value!r}")
+        plugin = self._current.name if self._current else "<direct>"
+        table.setdefault(key, []).append(_Entry(value, plugin))
+        if self._current is not None:
+            getattr(self._current, what).append(label)
+
+    # -- lookups -------------------------------------------------------------------------------
+    def get_layer(self, name: str) -> type:
+        return self._lookup(self._layers, name, "layer", sorted(self._layers))
+
+    def get_initializer(self, layer: str, name: str) -> Callable[..., Any]:
+        known = sorted(n for (l, n) in self._initializers if l == layer)
+        return self._lookup(self._initializers, (layer, name), f"initializer for {layer!r}", known, name)
+
+    def get_backend(self, kind: str, name: str = "auto") -> Callable[..., Any]:
+        """The backend ``name`` of ``kind``; "auto" is the plugin's own chooser when it registered
+        one, else "torch" (always present)."""
+        if name == "auto" and (kind, "auto") not in self._backends and (kind, "torch") in self._backends:
+            name = "torch"
+        known = sorted(n for (k, n) in self._backends if k == kind)
+        if not known:
+            raise RegistryError(f"no backends of kind {kind!r}; kinds available: "
+                                f"{', '.join(sorted({k for k, _ in self._backends})) or 'none'}")
+        return self._lookup(self._backends, (kind, name), f"{kind} backend", known, name)
+
+    def _lookup(self, table: Dict, key: Any, what: str, known: List[str], label: Any = None) -> Any:
+        label = key if label is None else label
+        plugin, _, bare = label.rpartition(":") if isinstance(label, str) else ("", "", label)
+        if plugin:  # "plugin:name" picks one of several plugins that registered the same name
+            key = bare if isinstance(key, str) else key[:-1] + (bare,)
+        entries = table.get(key, [])
+        if plugin:
+            entries = [e for e in entries if e.plugin == plugin]
+        if not entries:
+            failed = [p.name for p in self.plugins.values() if p.error]
+            hint = f" Plugins that failed to load: {', '.join(failed)} (see `lrnnx-zoo plugins`)." if failed else ""
+            raise RegistryError(f"unknown {what} {label!r}; available: {', '.join(known) or 'none'}.{hint}")
+        if len(entries) > 1:
+            owners = [e.plugin for e in entries]
+            raise RegistryError(
+                f"{what} {label!r} is registered by several plugins: {', '.join(owners)}. Uninstall all but one, "
+                f"or ask for it as '<plugin>:{bare}', e.g. '{owners[0]}:{bare}'.")
+        return entries[0].value
+
+    def names(self, table: str, **filters: Optional[str]) -> List[str]:
+        if table == "layers":
+            return sorted(self._layers)
+        if table == "initializers":
+            layer = filters.get("layer")
+            return sorted(f"{l}.{n}" for (l, n) in self._initializers if layer in (None, l))
+        kind = filters.get("kind")
+        return sorted(f"{k}.{n}" for (k, n) in self._backends if kind in (None, k))
+
+    # -- loading -----------------------------------------------------------------------------
+    def load_plugin(self, plugin: Any, info: PluginInfo, pm: pluggy.PluginManager) -> None:
+        """Register one plugin object and run its hooks; on failure undo all it registered."""
+        self.plugins[info.name] = info
+        try:
+            pm.register(plugin, name=info.name)
+        except Exception as exc:  # pluggy validates hook names and signatures here
+            info.error = f"{type(exc).__name__}: {exc}"
+            return
+        self._current = info
+        try:
+            for hook in _HOOKS:
+                for impl in getattr(pm.hook, hook).get_hookimpls():
+                    if impl.plugin_name == info.name:
+                        impl.function(self)
+        except Exception as exc:
+            info.error = f"{type(exc).__name__} in a hook: {exc}\n{traceback.format_exc(limit=-3)}"
+            self._forget(info.name)
+        finally:
+            self._current = None
+        self.mark_duplicates()
+
+    def _forget(self, plugin: str) -> None:
+        for table in (self._layers, self._initializers, self._backends):
+            for key in list(table):
+                table[key] = [e for e in table[key] if e.plugin != plugin]
+                if not table[key]:
+                    del table[key]
+        info = self.plugins[plugin]
+        info.layers, info.initializers, info.backends = [], [], []
+
+    def mark_duplicates(self) -> None:
+        """Note on every plugin involved in a name clash which names clash and with whom."""
+        clashes: Dict[str, List[str]] = {}
+        for what, table in (("layer", self._layers), ("initializer", self._initializers),
+                            ("backend", self._backends)):
+            for key, entries in table.items():
+                owners = [e.plugin for e in entries]
+                if len(owners) < 2:
+                    continue
+                label = key if isinstance(key, str) else ".".join(key)
+                for o in owners:
+                    others = ", ".join(x for x in owners if x != o)
+                    clashes.setdefault(o, []).append(f"{what} {label!r} is also registered by {others}")
+        for name, items in clashes.items():
+            info = self.plugins.get(name)
+            if info is not None and (info.error is None or info.error.startswith("duplicate")):
+                info.error = "duplicate names: " + "; ".join(items) + \
+                             ". Uninstall one of the plugins or use '<plugin>:<name>'."
+
+
+def _discover(registry: Registry, pm: pluggy.PluginManager) -> None:
+    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes")
+    seen = set()
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        dist = getattr(ep, "dist", None)
+        dist_name = getattr(dist, "name", None) if dist else None
+        builtin = (dist_name or "").replace("_", "-").lower() == BUILTIN_DISTRIBUTION
+        if ep.name in seen or (not builtin and not autoload):
+            continue
+        seen.add(ep.name)
+        info = PluginInfo(ep.name, ep.value, dist_name, getattr(dist, "version", None) if dist else None, builtin)
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            registry.plugins[ep.name] = info
+            info.error = f"could not import {ep.value!r} from {dist_name or 'an unknown distribution'}: " \
+                         f"{type(exc).__name__}: {exc}"
+            continue
+        registry.load_plugin(plugin, info, pm)
+    for name, module in _BUILTIN_FALLBACK.items():
+        if name in seen:
+            continue
+        try:
+            plugin = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:  # that family is not part of this build
+                continue
+            raise
+        from . import __version__
+        info = PluginInfo(name, module, BUILTIN_DISTRIBUTION, __version__, True)
+        registry.load_plugin(plugin, info, pm)
+
+
+_lock = threading.RLock()
+_registry: Optional[Registry] = None
+_pm: Optional[pluggy.PluginManager] = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, loading plugins on first use."""
+    global _registry, _pm
+    with _lock:
+        if _registry is None:
+            pm = pluggy.PluginManager(hookspecs.PROJECT)
+            pm.add_hookspecs(hookspecs)
+            reg = Registry()
+            _discover(reg, pm)
+            _registry, _pm = reg, pm
+        return _registry
+
+
+def reload_plugins() -> Registry:
+    """Forget everything and discover plugins again (after installing one at run time)."""
+    global _registry
+    with _lock:
+        _registry = None
+        importlib.invalidate_caches()
+        return get_registry()
+
+
+def register_plugin(plugin: Any, name: Optional[str] = None) -> PluginInfo:
+    """Register a plugin object or module directly, without an entry point (for scripts and tests).
+
+    Raises PluginError if it fails; the registry is left as it was.
+    """
+    reg = get_registry()
+    assert _pm is not None
+    name = name or getattr(plugin, "__name__", type(plugin).__name__)
+    if name in reg.plugins:
+        raise PluginError(f"a plugin named {name!r} is already registered; pick another name")
+    info = PluginInfo(name, getattr(plugin, "__name__", repr(plugin)))
+    reg.load_plugin(plugin, info, _pm)
+    if info.error and not info.error.startswith("duplicate"):
+        del reg.plugins[name]
+        if _pm.is_registered(plugin):
+            _pm.unregister(plugin)
+        raise PluginError(f"plugin {name!r} failed: {info.error}")
+    return info
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin and everything it registered."""
+    reg = get_registry()
+    assert _pm is not None
+    if name not in reg.plugins:
+        raise RegistryError(f"no plugin named {name!r}; loaded: {', '.join(sorted(reg.plugins))}")
+    reg._forget(name)
+    del reg.plugins[name]
+    plugin = _pm.get_plugin(name)
+    if plugin is not None:
+        _pm.unregister(plugin)
+
+
+# -- public helpers ----------------------------------------------------------------------------
+def list_layers() -> List[str]:
+    """Names of all registered layers."""
+    return get_registry().names("layers")
+
+
+def list_initializers(layer: Optional[str] = None) -> List[str]:
+    """Registered initializers as "layer.name", optionally for one layer."""
+    return get_registry().names("initializers", layer=layer)
+
+
+def list_backends(kind: Optional[str] = None) -> List[str]:
+    """Registered kernel backends as "kind.name", optionally of one kind."""
+    return get_registry().names("backends", kind=kind)
+
+
+def list_plugins() -> List[PluginInfo]:
+    """Every discovered plugin with its version, what it registered, and its error if it failed."""
+    return sorted(get_registry().plugins.values(), key=lambda p: (not p.builtin, p.name))
+
+
+def get_layer_class(name: str) -> type:
+    return get_registry().get_layer(name)
+
+
+def get_initializer(layer: str, name: str) -> Callable[..., Any]:
+    return get_registry().get_initializer(layer, name)
+
+
+def get_backend(kind: str, name: str = "auto") -> Callable[..., Any]:
+    return get_registry().get_backend(kind, name)
+
+
+def create_layer(name: str, d_model: int, **kwargs: Any) -> Any:
+    """Build the registered layer ``name``: ``cls(d_model=d_model, **kwargs)`` (d_state etc. in kwargs).
+
+    Every registered layer maps (B, L, d_model) to (B, L, d_model) and has ``step``,
+    ``allocate_inference_cache`` and ``step_form``.
+    """
+    cls = get_layer_class(name)
+    try:
+        return cls(d_model=d_model, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"create_layer({name!r}, ...): {exc}. {cls.__name__} takes {_signature(cls)}") from exc
+
+
+def _signature(cls: type) -> str:
+    import inspect
+    return str(inspect.signature(cls.__init__))

@@ -1,0 +1,237 @@
+"""Scans for diagonal linear recurrences.
+
+The state recurrence of a diagonal SSM / LRU layer (LRU paper, Orvieto et al. 2023, eq. 1; S4D
+paper, Gu et al. 2022, eq. 4 after discretization) is, per state channel n,
+
+    s_t = lam * s_{t-1} + x_t,      t = 0 .. L-1,      s_{-1} = initial_state (default 0),
+
+whose solution is ``s_t = lam^{t+1} s_{-1} + sum_{k<=t} lam^{t-k} x_k``.
+
+:func:`diagonal_scan` evaluates it with a two-level chunked scan. Time is cut into C chunks of T
+steps; (1) the recurrence runs inside every chunk at once (T vectorised steps, each over all
+B*C*N chunk states, in place); (2) the chunk end states are scanned with lam^T (recursively, so
+the depth is O(T log_T L)); (3) every chunk adds ``lam^{t+1} * carry_{c-1}`` in one broadcast
+multiply-add. Powers of lam are formed in float64 by cumulative product and cast once.
+
+Why this and not Hillis-Steele doubling or an FFT convolution: measured on a 2-core CPU with
+complex64 (benchmarks/bench_kernels.py), forward at (B=8, L=1024, N=64) / (B=4, L=4096, N=64):
+chunked 1.3 / 2.6 ms, Hillis-Steele 3.1 / 15 ms, FFT convolution 4.6 / 80 ms, Python loop
+5.1 / 22 ms. The chunked scan makes ~3 memory passes; doubling makes log2(L) of them.
+
+The backward pass is a custom autograd Function and is itself a reverse scan (no log L stack of
+intermediates is kept, only the output):
+
+    g'_t = sum_{k>=t} conj(lam)^{k-t} g_k        (= grad of x_t)
+    grad lam = sum_t g'_t * conj(s_{t-1}),       grad s_{-1} = conj(lam) * g'_0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["diagonal_scan", "sequential_scan", "default_chunk_size"]
+
+
+def default_chunk_size(L: int) -> int:
+    """Chunk length T for a sequence of length L: ~sqrt(L) as a power of two, in [16, 64].
+
+    T balances the T in-chunk steps against the L/T carries (handled recursively); past 64 the
+    per-step slices get too strided to gain. Measured best: T=32 at L=1024, T=64 at L>=4096.
+    """
+    return 1 << min(6, max(4, round(math.log2(max(L, 1)) / 2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+def _prepare(lam: Tensor, x: Tensor, initial_state: Optional[Tensor], fn: str
+             ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Check shapes, promote to one dtype; return lam as (1 or B, N), x, initial_state as (B, N)."""
+    for name, t in (("lam", lam), ("x", x), ("initial_state", initial_state)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{fn}: expected x of shape (B, L, N), got {tuple(x.shape)}")
+    B, L, N = x.shape
+    if lam.dim() == 1:
+        lam = lam.unsqueeze(0)
+    if lam.dim() != 2 or lam.shape[-1] != N or lam.shape[0] not in (1, B):
+        raise ValueError(f"{fn}: expected lam of shape (N,) or (B, N) = ({N},) or ({B}, {N}) "
+                         f"for x of shape {tuple(x.shape)}, got {tuple(lam.shape)}")
+    dtype = torch.promote_types(lam.dtype, x.dtype)
+    if initial_state is not None:
+        if initial_state.dim() > 2 or initial_state.shape[-1:] != (N,) or (
+                initial_state.dim() == 2 and initial_state.shape[0] not in (1, B)):
+            raise ValueError(f"{fn}: expected initial_state of shape (B, N) = ({B}, {N}), got "
+                             f"{tuple(initial_state.shape)}")
+        dtype = torch.promote_types(dtype, initial_state.dtype)
+    if not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(f"{fn}: expected floating or complex tensors, got lam {lam.dtype}, "
+                        f"x {x.dtype}")
+    # Casts (and the broadcast of initial_state) happen outside the autograd Function, so autograd
+    # itself maps gradients back to real inputs and smaller shapes.
+    lam, x = lam.to(dtype), x.to(dtype)
+    if initial_state is not None:
+        initial_state = initial_state.to(dtype).expand(B, N)
+    return lam, x, initial_state
+
+
+# ----------------------------------------------------------------------------------------------
+# reference
+# ----------------------------------------------------------------------------------------------
+
+def sequential_scan(lam: Tensor, x: Tensor, initial_state: Optional[Tensor] = None) -> Tensor:
+    """Plain loop over time: ``s_t = lam * s_{t-1} + x_t``, ``s_{-1} = initial_state`` (or 0).
+
+    lam: (N,) or (B, N); x: (B, L, N); initial_state: (B, N) -> states (B, L, N). Reference
+    implementation (O(L) Python steps, differentiable by plain autograd).
+    """
+    lam, x, s = _prepare(lam, x, initial_state, "sequential_scan")
+    B, L, N = x.shape
+    if s is None:
+        s = x.new_zeros(B, N)
+    states = []
+    for t in range(L):
+        s = lam * s + x[:, t]
+        states.append(s)
+    return torch.stack(states, 1) if states else x.new_zeros(B, 0, N)
+
+
+# ----------------------------------------------------------------------------------------------
+# chunked scan (in place, no autograd)
+# ----------------------------------------------------------------------------------------------
+
+def _hi(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype.is_complex else torch.float64
+
+
+def _powers(lam_hi: Tensor, T: int) -> Tensor:
+    """lam^k for k = 0..T by cumulative product in double precision: (Bl, N) -> (T+1, Bl, N)."""
+    steps = torch.cat([torch.ones_like(lam_hi).unsqueeze(0), lam_hi.expand(T, *lam_hi.shape)])
+    return torch.cumprod(steps, 0)
+
+
+def _scan_(s: Tensor, lam_hi: Tensor, reverse: bool, T: int) -> None:
+    """Scan s in place along dim 1: s holds x on entry and the states on exit.
+
+    s: (B, L, N) contiguous; lam_hi: (Bl, N) in double precision (only cast down for the steps,
+    so the powers used by the carries are not built from a rounded lam).
+    """
+    B, L, N = s.shape
+    lam = lam_hi.to(s.dtype)
+    if L <= T:
+        steps = range(L - 2, -1, -1) if reverse else range(1, L)
+        for t in steps:
+            s[:, t].addcmul_(lam, s[:, t + 1 if reverse else t - 1])
+        return
+    C = -(-L // T)
+    if L % T:
+        # Only recursion levels get here (the entry point pads); zeros at the end change nothing.
+        buf = s.new_zeros(B, C * T, N)
+        buf[:, :L] = s
+        _scan_(buf, lam_hi, reverse, T)
+        s.copy_(buf[:, :L])
+        return
+    v = s.view(B, C, T, N)
+    lam_c = lam.unsqueeze(1)                                   # (Bl, 1, N) against (B, C, N)
+    # (1) every chunk at once, T steps.
+    steps = range(T - 2, -1, -1) if reverse else range(1, T)
+    for t in steps:
+        v[:, :, t].addcmul_(lam_c, v[:, :, t + 1 if reverse else t - 1])
+    # (2) chunk carries: the end state of each chunk, scanned with lam^T.
+    pw = _powers(lam_hi, T)                                    # (T+1, Bl, N) double
+    carry = v[:, :, 0 if reverse else T - 1].contiguous()      # (B, C, N)
+    _scan_(carry, pw[T], reverse, T)
+    # (3) fix-up: add the carry entering each chunk, propagated t+1 (or T-t) steps in.
+    k = torch.arange(T, 0, -1) if reverse else torch.arange(1, T + 1)
+    prop = pw[k.to(pw.device)].to(s.dtype).permute(1, 0, 2).unsqueeze(1)   # (Bl, 1, T, N)
+    if reverse:
+        v[:, :-1].addcmul_(prop, carry[:, 1:].unsqueeze(2))
+    else:
+        v[:, 1:].addcmul_(prop, carry[:, :-1].unsqueeze(2))
+
+
+def _scan_impl(lam: Tensor, x: Tensor, s0: Optional[Tensor], reverse: bool, T: int) -> Tensor:
+    """Out-of-place chunked scan; lam (Bl, N), x (B, L, N), s0 (B, N) or None, one dtype."""
+    B, L, N = x.shape
+    if L == 0:
+        return x.new_zeros(B, 0, N)
+    Lp = L if L <= T else -(-L // T) * T
+    buf = x.new_zeros(B, Lp, N) if Lp != L else x.clone(memory_format=torch.contiguous_format)
+    if Lp != L:
+        buf[:, :L] = x
+    if s0 is not None:
+        # s0 only enters through the first step: fold lam * s0 into x_0 (x_{L-1} when reversed).
+        buf[:, L - 1 if reverse else 0].addcmul_(lam, s0)
+    _scan_(buf, lam.to(_hi(lam.dtype)), reverse, T)
+    return buf if Lp == L else buf[:, :L]
+
+
+class _DiagonalScan(torch.autograd.Function):
+    """Chunked scan whose backward is the reverse scan with conj(lam) (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, lam: Tensor, x: Tensor, s0: Optional[Tensor], reverse: bool, T: int) -> Tensor:
+        out = _scan_impl(lam, x, s0, reverse, T)
+        ctx.save_for_backward(lam, s0, out)
+        ctx.reverse, ctx.T = reverse, T
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        lam, s0, out = ctx.saved_tensors
+        rev = ctx.reverse
+        need_lam, need_x, need_s0 = ctx.needs_input_grad[:3]
+        # Gradient w.r.t. each x_t: the adjoint recurrence runs the other way with conj(lam).
+        # Applied through the Function again so that double backward works too.
+        gx = _DiagonalScan.apply(lam.conj(), g, None, not rev, ctx.T)
+        L = g.shape[1]
+        first = L - 1 if rev else 0                  # the step where s0 enters
+        grad_lam = grad_s0 = None
+        if need_lam and L > 0:
+            # sum_t g'_t conj(s_{t-1}); vecdot conjugates its first argument.
+            if rev:
+                grad_lam = torch.linalg.vecdot(out[:, 1:], gx[:, :-1], dim=1)
+            else:
+                grad_lam = torch.linalg.vecdot(out[:, :-1], gx[:, 1:], dim=1)
+            if s0 is not None:
+                grad_lam = grad_lam + s0.conj() * gx[:, first]
+            if lam.shape[0] == 1:
+                grad_lam = grad_lam.sum(0, keepdim=True)
+        elif need_lam:
+            grad_lam = torch.zeros_like(lam)
+        if need_s0 and s0 is not None:
+            grad_s0 = lam.conj() * gx[:, first] if L > 0 else torch.zeros_like(s0)
+        return grad_lam, (gx if need_x else None), grad_s0, None, None
+
+
+def diagonal_scan(lam: Tensor, x: Tensor, initial_state: Optional[Tensor] = None, *,
+                  reverse: bool = False, chunk_size: Optional[int] = None) -> Tensor:
+    """All states of ``s_t = lam * s_{t-1} + x_t`` (LRU paper eq. 1), ``s_{-1} = initial_state``.
+
+    Args:
+        lam: (N,) or (B, N) diagonal transition (real or complex; |lam| <= 1 for stability).
+        x: (B, L, N) inputs (already projected, e.g. ``B_bar u_t``), real or complex.
+        initial_state: (B, N) state before t=0, default zeros.
+        reverse: run backwards in time, ``s_t = lam * s_{t+1} + x_t`` with ``s_L = initial_state``.
+        chunk_size: chunk length T of the two-level scan (default :func:`default_chunk_size`);
+            results do not depend on it beyond rounding.
+
+    Returns:
+        (B, L, N) states, dtype promoted from the inputs.
+
+    Differentiable w.r.t. lam, x and initial_state by a custom backward (a reverse scan).
+    """
+    lam, x, s0 = _prepare(lam, x, initial_state, "diagonal_scan")
+    if chunk_size is None:
+        T = default_chunk_size(x.shape[1])
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 2:
+        raise ValueError(f"diagonal_scan: chunk_size must be an int >= 2, got {chunk_size!r}")
+    else:
+        T = chunk_size
+    return _DiagonalScan.apply(lam, x, s0, bool(reverse), T)

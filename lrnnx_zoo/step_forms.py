@@ -1,0 +1,186 @@
+"""Step forms: a layer's discretised system as a small real-valued module.
+
+A step form is an ``nn.Module`` with an int attribute ``state_size`` (and ``d_input``,
+``d_output``) whose ``forward(u, s) -> (y, s_next)`` takes u: (B, d_input) and s: (B, state_size)
+and returns y: (B, d_output), s_next: (B, state_size). Every matrix is precomputed (the layers
+discretise in float64, then cast) and only real tensors and plain ops appear, because ONNX has no
+complex dtype. A complex state z = a + ib is carried as the real pair [a, b]:
+
+    a' = Re(lam) a - Im(lam) b + Re(B u),   b' = Im(lam) a + Re(lam) b + Im(B u),
+    y  = Re(C z') + D u = Re(C) a' - Im(C) b' + D u.
+
+This is the one implementation of recurrent inference: ``LTI_LRNN.step`` runs it eagerly and
+the export pipeline traces it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+class StepForm(nn.Module):
+    """Base class: declares the sizes export relies on."""
+
+    state_size: int
+    d_input: int
+    d_output: int
+
+    def extra_repr(self) -> str:
+        return f"d_input={self.d_input}, d_output={self.d_output}, state_size={self.state_size}"
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t.detach().to(torch.get_default_dtype()).contiguous()
+
+
+class DiagonalStepForm(StepForm):
+    """x' = lam * x + B u,  y = Re(C x') + D u  with a diagonal (complex) lam shared by all inputs.
+
+    Args:
+        lam: (M,) complex discrete eigenvalues.
+        B: (M, H_in) complex discrete input matrix.
+        C: (H_out, M) complex output matrix (fold any conjugate-pair factor 2 into it).
+        D: (H_out,) skip connection (H_in == H_out) or (H_out, H_in), or None.
+    State layout: [Re x (M), Im x (M)], so state_size = 2M.
+    """
+
+    def __init__(self, lam: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None) -> None:
+        super().__init__()
+        M = lam.shape[-1]
+        if lam.dim() != 1 or B.shape[0] != M or C.shape[-1] != M:
+            raise ValueError(f"DiagonalStepForm expects lam (M,), B (M, H_in), C (H_out, M); got "
+                             f"{tuple(lam.shape)}, {tuple(B.shape)}, {tuple(C.shape)}")
+        self.state_size, self.d_input, self.d_output = 2 * M, B.shape[1], C.shape[0]
+        self.M = M
+        self.register_buffer("lam_re", _f32(lam.real))
+        self.register_buffer("lam_im", _f32(lam.imag))
+        # One real matmul each way: [Re B; Im B] maps u to both halves, [Re C, -Im C] reads them.
+        self.register_buffer("B_pair", _f32(torch.cat([B.real, B.imag], 0).T))   # (H_in, 2M)
+        self.register_buffer("C_pair", _f32(torch.cat([C.real, -C.imag], 1).T))  # (2M, H_out)
+        self.D_diag = D is not None and D.dim() == 1
+        self.register_buffer("D", None if D is None else _f32(D if self.D_diag else D.T))
+
+    def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        M = self.M
+        bu = u @ self.B_pair
+        a, b = s[:, :M], s[:, M:]
+        a_next = self.lam_re * a - self.lam_im * b + bu[:, :M]
+        b_next = self.lam_im * a + self.lam_re * b + bu[:, M:]
+        s_next = torch.cat([a_next, b_next], dim=1)
+        y = s_next @ self.C_pair
+        if self.D is not None:
+            y = y + (u * self.D if self.D_diag else u @ self.D)
+        return y, s_next
+
+
+class ChannelDiagonalStepForm(StepForm):
+    """Per-channel (single-input) diagonal systems, one per input channel h (S4D, S4 diagonal mode):
+
+        x'[h, n] = lam[h, n] x[h, n] + B[h, n] u[h],   y[c, h] = Re(sum_n C[c, h, n] x'[h, n]) + D[c, h] u[h].
+
+    Args:
+        lam, B: (H, N) complex.  C: (Ch, H, N) complex.  D: (Ch, H) or None.
+    Output is flattened channel-major: y: (batch, Ch * H). State: [Re x (H*N), Im x (H*N)].
+    """
+
+    def __init__(self, lam: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None) -> None:
+        super().__init__()
+        H, N = lam.shape
+        if B.shape != (H, N) or C.dim() != 3 or C.shape[1:] != (H, N):
+            raise ValueError(f"ChannelDiagonalStepForm expects lam, B (H, N) and C (Ch, H, N); got "
+                             f"{tuple(lam.shape)}, {tuple(B.shape)}, {tuple(C.shape)}")
+        self.H, self.N, self.channels = H, N, C.shape[0]
+        self.state_size, self.d_input, self.d_output = 2 * H * N, H, self.channels * H
+        self.register_buffer("lam_re", _f32(lam.real))
+        self.register_buffer("lam_im", _f32(lam.imag))
+        self.register_buffer("B_re", _f32(B.real))
+        self.register_buffer("B_im", _f32(B.imag))
+        self.register_buffer("C_pair", _f32(torch.cat([C.real, -C.imag], -1)))  # (Ch, H, 2N)
+        self.register_buffer("D", None if D is None else _f32(D))
+
+    def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        H, N = self.H, self.N
+        a = s[:, : H * N].reshape(-1, H, N)
+        b = s[:, H * N:].reshape(-1, H, N)
+        uh = u.unsqueeze(-1)
+        a_next = self.lam_re * a - self.lam_im * b + self.B_re * uh
+        b_next = self.lam_im * a + self.lam_re * b + self.B_im * uh
+        pair = torch.cat([a_next, b_next], dim=-1)                      # (batch, H, 2N)
+        y = (pair.unsqueeze(1) * self.C_pair).sum(-1)                   # (batch, Ch, H)
+        if self.D is not None:
+            y = y + self.D * u.unsqueeze(1)
+        s_next = torch.cat([a_next.reshape(-1, H * N), b_next.reshape(-1, H * N)], dim=1)
+        return y.reshape(-1, self.d_output), s_next
+
+
+class ChannelDenseStepForm(StepForm):
+    """Per-channel dense systems: x'[h] = A[h] x[h] + B[h] u[h],  y[c, h] = Re(C[c, h] x'[h]) + D[c, h] u[h].
+
+    Args:
+        A: (H, N, N) real or complex.  B: (H, N).  C: (Ch, H, N).  D: (Ch, H) or None.
+    A complex system is carried with the real block matrix [[Re A, -Im A], [Im A, Re A]].
+    State: (batch, H * n) with n = N (real A) or 2N (complex A), channel by channel.
+    """
+
+    def __init__(self, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None) -> None:
+        super().__init__()
+        H, N, _ = A.shape
+        if B.shape != (H, N) or C.dim() != 3 or C.shape[1:] != (H, N):
+            raise ValueError(f"ChannelDenseStepForm expects A (H, N, N), B (H, N), C (Ch, H, N); got "
+                             f"{tuple(A.shape)}, {tuple(B.shape)}, {tuple(C.shape)}")
+        if A.is_complex() or B.is_complex() or C.is_complex():
+            A, B, C = A.to(torch.complex128), B.to(torch.complex128), C.to(torch.complex128)
+            A = torch.cat([torch.cat([A.real, -A.imag], -1), torch.cat([A.imag, A.real], -1)], -2)
+            B = torch.cat([B.real, B.imag], -1)
+            C = torch.cat([C.real, -C.imag], -1)
+        self.H, self.n, self.channels = H, A.shape[-1], C.shape[0]
+        self.state_size, self.d_input, self.d_output = H * self.n, H, self.channels * H
+        self.register_buffer("A", _f32(A))          # (H, n, n)
+        self.register_buffer("B", _f32(B))          # (H, n)
+        self.register_buffer("C", _f32(C))          # (Ch, H, n)
+        self.register_buffer("D", None if D is None else _f32(D))
+
+    def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        x = s.reshape(-1, self.H, self.n, 1)
+        x_next = (self.A @ x).squeeze(-1) + self.B * u.unsqueeze(-1)   # (batch, H, n)
+        y = (x_next.unsqueeze(1) * self.C).sum(-1)                      # (batch, Ch, H)
+        if self.D is not None:
+            y = y + self.D * u.unsqueeze(1)
+        return y.reshape(-1, self.d_output), x_next.reshape(-1, self.state_size)
+
+
+class SequentialStepForm(StepForm):
+    """Chain stateless maps and step forms: used to wrap a layer's pre/post processing around
+    its core system while keeping one packed state.
+
+    Args:
+        parts: modules applied in order; those that are StepForms consume a slice of the state.
+    """
+
+    def __init__(self, *parts: nn.Module) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.offsets = []
+        off = 0
+        for p in parts:
+            size = int(getattr(p, "state_size", 0)) if isinstance(p, StepForm) else 0
+            self.offsets.append((off, size))
+            off += size
+        self.state_size = off
+        first = next((p for p in parts if hasattr(p, "d_input")), None)
+        last = next((p for p in reversed(parts) if hasattr(p, "d_output")), None)
+        self.d_input = getattr(first, "d_input", 0)
+        self.d_output = getattr(last, "d_output", 0)
+
+    def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        states = []
+        for p, (off, size) in zip(self.parts, self.offsets):
+            if isinstance(p, StepForm):
+                u, s_p = p(u, s[:, off:off + size])
+                states.append(s_p)
+            else:
+                u = p(u)
+        return u, (torch.cat(states, dim=1) if states else s)

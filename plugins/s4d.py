@@ -1,0 +1,164 @@
+"""S4D: the diagonal state-space layer (Gu, Gupta, Goel, Ré 2022, "On the Parameterization and
+Initialization of Diagonal State Space Models", arXiv:2206.11893).
+
+Each of the H channels is a single-input system with N/2 complex modes standing for N real states
+(conjugate-pair halving). After discretization (zoh, eq. 4; or bilinear) the convolution kernel is
+the Vandermonde product  (eq. 5)
+
+    K[h, l] = 2 Re( sum_n C[h, n] B_bar[h, n] A_bar[h, n]^l ),      y = K * u + D u.
+
+Initialisations (sec. 4): lin (S4D-Lin), inv (S4D-Inv), legs (S4D-LegS, from the HiPPO-LegS
+normal part), real (S4D-Real) and random.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from lrnnx_zoo import hookimpl
+from lrnnx_zoo.base import LTI_LRNN, mask_padding
+from lrnnx_zoo.convolution import causal_conv
+from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vandermonde_torch
+from lrnnx_zoo.registry import get_backend, get_initializer
+from lrnnx_zoo.step_forms import ChannelDiagonalStepForm
+
+
+# -- initializers: fn(H, N_half) -> (A (H, N_half) complex128, B (H, N_half) complex128) ----------
+def _n(H: int, M: int) -> Tensor:
+    return torch.arange(M, dtype=torch.float64).expand(H, M)
+
+
+def init_lin(H: int, M: int) -> Tuple[Tensor, Tensor]:
+    """S4D-Lin: A_n = -1/2 + i pi n (eq. 8)."""
+    return torch.complex(torch.full((H, M), -0.5, dtype=torch.float64), math.pi * _n(H, M)), \
+        torch.ones(H, M, dtype=torch.complex128)
+
+
+def init_inv(H: int, M: int) -> Tuple[Tensor, Tensor]:
+    """S4D-Inv: A_n = -1/2 + i (N/pi) (N/(2n+1) - 1), N = 2M real states (eq. 7)."""
+    N = 2 * M
+    imag = N / math.pi * (N / (2 * _n(H, M) + 1) - 1)
+    return torch.complex(torch.full((H, M), -0.5, dtype=torch.float64), imag), \
+        torch.ones(H, M, dtype=torch.complex128)
+
+
+def init_legs(H: int, M: int) -> Tuple[Tensor, Tensor]:
+    """S4D-LegS: the eigenvalues of the normal part of HiPPO-LegS and B in its eigenbasis (sec. 4.1)."""
+    from lrnnx_zoo.hippo import nplr
+    w, _, B, _ = nplr("legs", 2 * M, dtype=torch.double)
+    return w.to(torch.complex128).expand(H, M).clone(), B.to(torch.complex128).expand(H, M).clone()
+
+
+def init_real(H: int, M: int) -> Tuple[Tensor, Tensor]:
+    """S4D-Real: A_n = -(n + 1), real eigenvalues."""
+    return torch.complex(-(_n(H, M) + 1), torch.zeros(H, M, dtype=torch.float64)), \
+        torch.ones(H, M, dtype=torch.complex128)
+
+
+def init_random(H: int, M: int) -> Tuple[Tensor, Tensor]:
+    """Random: Re A = -exp(N(0, 1)) (stable), Im A = pi N(0, 1)."""
+    return torch.complex(-torch.exp(torch.randn(H, M, dtype=torch.float64)),
+                         math.pi * torch.randn(H, M, dtype=torch.float64)), \
+        torch.ones(H, M, dtype=torch.complex128)
+
+
+class S4D(LTI_LRNN):
+    """Diagonal SSM layer on (B, L, H) sequences.
+
+    Args:
+        d_model: H channels.
+        d_state: N real states per channel (N/2 complex modes).
+        init: registered S4D initializer: lin, inv, legs, real, random.
+        discretization: "zoh" or "bilinear".
+        dt_min, dt_max: range of the learnable step, log-uniform at initialisation.
+        backend: Vandermonde backend "torch", "keops" or "auto".
+        real_transform: how Re A is kept negative: "exp" (A_re = -exp(p)) or "relu".
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64, init: str = "legs", discretization: str = "zoh",
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, backend: str = "auto") -> None:
+        if discretization not in ("zoh", "bilinear"):
+            raise ValueError(f"S4D supports discretization 'zoh' or 'bilinear', got {discretization!r}")
+        super().__init__(discretization)
+        if d_state < 2 or d_state % 2:
+            raise ValueError(f"S4D d_state counts real states in conjugate pairs: an even number >= 2, got {d_state}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"S4D needs 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        self.d_model, self.d_state, self.init, self.backend = d_model, d_state, init, backend
+        get_backend("vandermonde", backend)
+        H, M = d_model, d_state // 2
+        A, B = get_initializer("s4d", init)(H, M)
+        log_dt = torch.rand(H, dtype=torch.float64) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        self.log_dt = nn.Parameter(log_dt.float())
+        self.A_real_log = nn.Parameter(torch.log(-A.real).float())
+        self.A_imag = nn.Parameter(A.imag.float())
+        self.B = nn.Parameter(torch.view_as_real(B).float())
+        # C ~ CN(0, 1): each part N(0, 1/2).
+        self.C = nn.Parameter(torch.randn(H, M, 2) * math.sqrt(0.5))
+        self.D = nn.Parameter(torch.randn(H))
+
+    def continuous(self, dtype: torch.dtype = torch.complex64) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(A, B, C): (H, N/2) complex, and dt: (H, 1) real."""
+        real = self.A_real_log.dtype if dtype == torch.complex64 else torch.float64
+        A = torch.complex(-torch.exp(self.A_real_log.to(real)), self.A_imag.to(real))
+        B = torch.view_as_complex(self.B.to(real))
+        C = torch.view_as_complex(self.C.to(real))
+        return A, B, C, torch.exp(self.log_dt.to(real)).unsqueeze(-1)
+
+    def discretize(self, dtype: torch.dtype = torch.complex64) -> Tuple[Tensor, Tensor, Tensor]:
+        """(A_bar, B_bar, C): (H, N/2) complex each."""
+        A, B, C, dt = self.continuous(dtype)
+        A_bar, B_bar = self.discretize_fn(A, B, dt)
+        return A_bar, B_bar, C
+
+    def log_A_bar(self, A_bar: Tensor) -> Tensor:
+        if self.discretization == "zoh":  # exact, and avoids the branch cut of log
+            A, _, _, dt = self.continuous(A_bar.dtype)
+            return dt * A
+        return torch.log(A_bar)
+
+    def compute_kernel(self, L: int) -> Tensor:
+        """The length-L kernel K: (H, L) real (eq. 5)."""
+        A_bar, B_bar, C = self.discretize()
+        return get_backend("vandermonde", self.backend)(C * B_bar, self.log_A_bar(A_bar), L)
+
+    def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        """x: (B, L, H) -> y: (B, L, H)."""
+        self.check_input(x, lengths)
+        K = self.compute_kernel(x.shape[1])
+        y = causal_conv(x.transpose(1, 2), K).transpose(1, 2) + self.D * x
+        return mask_padding(y, lengths)
+
+    @torch.no_grad()
+    def step_form(self) -> ChannelDiagonalStepForm:
+        A_bar, B_bar, C = self.discretize(torch.complex128)
+        # The factor 2 restores the conjugate halves of the state.
+        return ChannelDiagonalStepForm(A_bar, B_bar, 2 * C.unsqueeze(0), self.D.double().unsqueeze(0))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_state={self.d_state}, init={self.init!r}, "
+                f"discretization={self.discretization!r}, backend={self.backend!r}")
+
+
+@hookimpl
+def lrnnx_zoo_register_layers(registry) -> None:
+    registry.add_layer("s4d", S4D)
+
+
+@hookimpl
+def lrnnx_zoo_register_initializers(registry) -> None:
+    for name, fn in (("lin", init_lin), ("inv", init_inv), ("legs", init_legs),
+                     ("real", init_real), ("random", init_random)):
+        registry.add_initializer("s4d", name, fn)
+
+
+@hookimpl
+def lrnnx_zoo_register_kernel_backends(registry) -> None:
+    registry.add_backend("vandermonde", "torch", vandermonde_torch)
+    registry.add_backend("vandermonde", "keops", vandermonde_keops)
+    registry.add_backend("vandermonde", "auto", vandermonde)

@@ -1,0 +1,95 @@
+"""Build throwaway distributions (a module plus a dist-info with entry_points.txt) on sys.path,
+so plugin discovery runs through importlib.metadata exactly as for a pip-installed package."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+from typing import Dict
+
+# A complete third-party family: a diagonal layer with its own step form (no lrnnx_zoo family code).
+GOOD_PLUGIN = '''
+import torch
+from torch import nn
+import lrnnx_zoo
+from lrnnx_zoo.base import LTI_LRNN, mask_padding
+from lrnnx_zoo.step_forms import StepForm
+
+
+class EmaStep(StepForm):
+    """x' = a * x + (1 - a) * u,  y = x' (one real state per channel)."""
+    def __init__(self, a):
+        super().__init__()
+        self.register_buffer("a", a.detach().float().clone())
+        self.state_size = self.d_input = self.d_output = a.shape[0]
+    def forward(self, u, s):
+        s = self.a * s + (1 - self.a) * u
+        return s, s
+
+
+class EMA(LTI_LRNN):
+    """Exponential moving average per channel with a learnable decay."""
+    def __init__(self, d_model, d_state=1, decay=0.9):
+        super().__init__("no_discretization")
+        self.d_model = d_model
+        self.logit = nn.Parameter(torch.full((d_model,), float(torch.logit(torch.tensor(decay)))))
+    def discretize(self):
+        a = torch.sigmoid(self.logit)
+        return a, 1 - a, torch.ones_like(a)
+    def compute_kernel(self, L):
+        a, b, _ = self.discretize()
+        return b * a ** torch.arange(L, dtype=a.dtype)[:, None]          # (L, H)
+    def forward(self, x, integration_timesteps=None, lengths=None):
+        self.check_input(x, lengths)
+        K = self.compute_kernel(x.shape[1]).T
+        y = lrnnx_zoo.convolution.causal_conv(x.transpose(1, 2), K).transpose(1, 2)
+        return mask_padding(y, lengths)
+    def step_form(self):
+        return EmaStep(torch.sigmoid(self.logit))
+
+
+@lrnnx_zoo.hookimpl
+def lrnnx_zoo_register_layers(registry):
+    registry.add_layer("{layer_name}", EMA)
+
+
+@lrnnx_zoo.hookimpl
+def lrnnx_zoo_register_initializers(registry):
+    registry.add_initializer("{layer_name}", "flat", lambda H: torch.zeros(H))
+'''
+
+BROKEN_IMPORT = "raise ImportError('this plugin needs a library that is not installed')\n"
+
+RAISING_HOOK = '''
+import lrnnx_zoo
+
+class Half:
+    pass
+
+@lrnnx_zoo.hookimpl
+def lrnnx_zoo_register_layers(registry):
+    registry.add_layer("half_registered", type("Half", (__import__("torch").nn.Module,), {"forward": lambda s, x: x}))
+    raise RuntimeError("boom while registering")
+'''
+
+
+def make_distribution(root: Path, dist: str, modules: Dict[str, str], entry_points: Dict[str, str],
+                      version: str = "0.1.0") -> Path:
+    """Write modules and ``{dist}-{version}.dist-info`` under root; returns root."""
+    root.mkdir(parents=True, exist_ok=True)
+    for mod, src in modules.items():
+        (root / f"{mod}.py").write_text(textwrap.dedent(src))
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    eps = "[lrnnx_zoo]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(eps)
+    return root
+
+
+def activate(root: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(root))
+    for name in list(sys.modules):
+        if name.startswith("tp_"):
+            del sys.modules[name]

@@ -1,0 +1,139 @@
+"""Discretization and FFT convolution against closed forms and direct sums (float64, so the
+tolerances reflect the formulas, not rounding: 1e-10 unless stated)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lrnnx_zoo import LRNN, LTI_LRNN
+from lrnnx_zoo.convolution import causal_conv, fast_fft_size, fft_conv, opt_ssm_forward
+from lrnnx_zoo.discretization import METHODS, discretize, get_discretization
+
+D64 = torch.float64
+
+
+def direct_causal_conv(u, K):
+    """y_t = sum_{j<=t} K_j u_{t-j} along the last axis, by loops."""
+    L = u.shape[-1]
+    y = torch.zeros(torch.broadcast_shapes(u.shape, K.shape[:-1] + (L,)), dtype=torch.promote_types(u.dtype, K.dtype))
+    for t in range(L):
+        for j in range(min(t + 1, K.shape[-1])):
+            y[..., t] += K[..., j] * u[..., t - j]
+    return y
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "dense"])
+def test_discretizations_match_closed_forms_on_scalars(structure):
+    a, b, dt = -0.7, 1.3, 0.05
+    A = torch.tensor([a], dtype=D64)
+    B = torch.tensor([b], dtype=D64)
+    if structure == "dense":
+        A, B = A.reshape(1, 1), B.reshape(1)
+    expect = {
+        "zoh": (math.exp(dt * a), (math.exp(dt * a) - 1) / a * b),
+        "bilinear": ((1 + dt * a / 2) / (1 - dt * a / 2), dt * b / (1 - dt * a / 2)),
+        "dirac": (math.exp(dt * a), b),
+        "no_discretization": (a, b),
+    }
+    for method, (ea, eb) in expect.items():
+        dA, dB = discretize(method, A, B, torch.tensor(dt, dtype=D64), structure)
+        assert dA.flatten().item() == pytest.approx(ea, rel=1e-12), method
+        assert dB.flatten().item() == pytest.approx(eb, rel=1e-12), method
+
+
+def test_dense_zoh_matches_diagonalised_zoh():
+    torch.manual_seed(0)
+    lam = torch.complex(-torch.rand(4, dtype=D64), torch.randn(4, dtype=D64))
+    V = torch.linalg.qr(torch.randn(4, 4, dtype=torch.complex128))[0]
+    A = V @ torch.diag(lam) @ V.conj().T
+    B = torch.randn(4, dtype=torch.complex128)
+    dt = torch.tensor(0.1, dtype=D64)
+    for method in ("zoh", "bilinear"):
+        dA, dB = discretize(method, A, B, dt, "dense")
+        dl, db = discretize(method, lam, V.conj().T @ B, dt, "diagonal")
+        torch.testing.assert_close(dA, V @ torch.diag(dl) @ V.conj().T, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(dB, V @ db, rtol=1e-10, atol=1e-10)
+
+
+def test_zoh_near_zero_eigenvalue_keeps_precision():
+    A = torch.tensor([-1e-9], dtype=torch.float32)
+    _, dB = discretize("zoh", A, torch.ones(1), torch.tensor(0.1))
+    assert dB.item() == pytest.approx(0.1, rel=1e-5)  # expm1 avoids cancellation (naive gives 0 or 0.149)
+
+
+def test_async_refused_for_lti_and_unknown_names():
+    class T(LTI_LRNN):
+        def discretize(self): ...
+        def compute_kernel(self): ...
+        def step_form(self): ...
+        def forward(self, x, integration_timesteps=None, lengths=None): ...
+    with pytest.raises(ValueError, match="async discretization needs a time-varying"):
+        T("async")
+    with pytest.raises(ValueError, match="unknown discretization 'foh'; expected one of zoh, bilinear"):
+        T("foh")
+    assert T("zoh").discretize_fn is get_discretization("zoh")
+    assert T(None).discretize_fn is None
+    assert set(METHODS) == {"zoh", "bilinear", "dirac", "async", "no_discretization"}
+    assert issubclass(LTI_LRNN, LRNN)
+
+
+def test_fast_fft_size():
+    assert fast_fft_size(2047) == 2048 and fast_fft_size(2001) == 2025 and fast_fft_size(7) == 8
+    for n in (1, 97, 1000, 4095):
+        m = fast_fft_size(n)
+        assert m >= n and all(p in (2, 3, 5) for p in _prime_factors(m))
+
+
+def _prime_factors(n):
+    out, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    return out or [2]
+
+
+@pytest.mark.parametrize("L,Lk", [(37, 37), (64, 10), (100, 100)])
+def test_causal_conv_matches_direct_sum(L, Lk):
+    torch.manual_seed(0)
+    u, K = torch.randn(2, 3, L, dtype=D64), torch.randn(3, Lk, dtype=D64)
+    torch.testing.assert_close(causal_conv(u, K), direct_causal_conv(u, K), rtol=1e-10, atol=1e-10)
+    uc = torch.randn(2, 3, L, dtype=torch.complex128)
+    torch.testing.assert_close(causal_conv(uc, K), direct_causal_conv(uc, K), rtol=1e-10, atol=1e-10)
+    # along another axis
+    torch.testing.assert_close(causal_conv(u.transpose(1, 2), K.T, dim=-2).transpose(1, 2),
+                               direct_causal_conv(u, K), rtol=1e-10, atol=1e-10)
+
+
+def test_fft_conv_full_kernel_and_diagonal_ssm():
+    torch.manual_seed(0)
+    B, L, H, N = 2, 20, 3, 4
+    x = torch.randn(B, L, H, dtype=D64)
+    Kf = torch.randn(L, H, H, dtype=D64)                      # (L, H_out, H_in)
+    ref = direct_causal_conv(x.permute(0, 2, 1)[:, None], Kf.permute(1, 2, 0)[None]).sum(2).permute(0, 2, 1)
+    torch.testing.assert_close(fft_conv("blh,lkh->blk", x, Kf), ref, rtol=1e-10, atol=1e-10)
+    lam = torch.complex(torch.rand(N, dtype=D64) * 0.9, torch.rand(N, dtype=D64))
+    Bm = torch.randn(N, H, dtype=torch.complex128)
+    C = torch.randn(H, N, dtype=torch.complex128)
+    K = lam[None] ** torch.arange(L, dtype=D64)[:, None]      # (L, N)
+    # recurrence reference
+    s = torch.zeros(B, N, dtype=torch.complex128)
+    ys = []
+    for t in range(L):
+        s = lam * s + x[:, t].to(torch.complex128) @ Bm.T
+        ys.append((s @ C.T).real)
+    ref = torch.stack(ys, 1)
+    torch.testing.assert_close(fft_conv("blh,ln,nh,kn->blk", x, K, Bm, C).real, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(opt_ssm_forward(x, K, Bm, C), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_fft_conv_errors():
+    x = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match="explicit output"):
+        fft_conv("blh,lh", x, torch.randn(5, 3))
+    with pytest.raises(ValueError, match="has 2 axes, tensor has shape"):
+        fft_conv("blh,lh->blh", x, torch.randn(5, 3, 1))

@@ -1,0 +1,134 @@
+"""LRU and S4D against plain-loop recurrences written here from their discretised matrices, in
+every backend. Tolerance 1e-4 relative to max|y| in float32 over L=1024 (see test_layer_contract)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lrnnx_zoo
+from lrnnx_zoo.kernels.keops_support import keops_available
+
+L = 1024
+needs_keops = pytest.mark.skipif(not keops_available(), reason="pykeops cannot compile on this machine")
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def loop_lru(layer, x):
+    """x_k = lam x_{k-1} + gamma B u_k;  y_k = Re(C x_k) + D u_k  (complex128 loop)."""
+    lam, B, C = (t.detach().to(torch.complex128) for t in layer.discretize())
+    s = torch.zeros(x.shape[0], lam.shape[0], dtype=torch.complex128)
+    ys = []
+    for t in range(x.shape[1]):
+        u = x[:, t].double()
+        s = lam * s + u.to(torch.complex128) @ B.T
+        ys.append((s @ C.T).real + layer.D.double() * u)
+    return torch.stack(ys, 1)
+
+
+def loop_s4d(layer, x):
+    """Per channel: x_k = A_bar x_{k-1} + B_bar u_k;  y_k = 2 Re(C x_k) + D u_k."""
+    A, B, C = (t.detach() for t in layer.discretize(torch.complex128))
+    s = torch.zeros(x.shape[0], *A.shape, dtype=torch.complex128)
+    ys = []
+    for t in range(x.shape[1]):
+        u = x[:, t].double()
+        s = A * s + B * u[..., None]
+        ys.append(2 * (C * s).sum(-1).real + layer.D.double() * u)
+    return torch.stack(ys, 1)
+
+
+@pytest.mark.parametrize("backend", ["fft", "scan", "auto"])
+def test_lru_all_modes_match_loop(backend):
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("lru", 16, d_state=12, r_min=0.9, r_max=0.999, backend=backend)
+    x = torch.randn(2, L, 16)
+    with torch.no_grad():
+        ref = loop_lru(layer, x)
+        assert rel_err(layer(x).double(), ref) < 1e-4
+        cache = layer.allocate_inference_cache(2)
+        steps = torch.stack([layer.step(x[:, t], cache)[0] for t in range(L)], 1)
+    assert rel_err(steps.double(), ref) < 1e-4
+
+
+def test_lru_initialisation_ring_and_normalisation():
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("lru", 8, d_state=4000, r_min=0.4, r_max=0.9, max_phase=math.pi / 4)
+    lam = torch.exp(layer.log_lambda().detach())
+    r = lam.abs()
+    assert r.min() >= 0.4 - 1e-6 and r.max() <= 0.9 + 1e-6
+    # uniform on the ring in area: |lam|^2 uniform on [r_min^2, r_max^2], so its mean is the midpoint
+    assert abs(float((r ** 2).mean()) - (0.4 ** 2 + 0.9 ** 2) / 2) < 0.01
+    phase = lam.angle()
+    assert phase.min() >= 0 and phase.max() <= math.pi / 4 + 1e-6
+    torch.testing.assert_close(torch.exp(layer.gamma_log.detach()), torch.sqrt(1 - r ** 2), rtol=1e-4, atol=1e-5)
+
+
+def test_lru_initial_state_fft_equals_scan():
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 6)
+    s0 = torch.randn(2, 5, dtype=torch.complex64)
+    outs = []
+    for backend in ("fft", "scan"):
+        torch.manual_seed(1)
+        layer = lrnnx_zoo.create_layer("lru", 6, d_state=5, backend=backend)
+        outs.append(layer(x, initial_state=s0))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    # running [x1; x2] equals x1 then x2 from x1's final state
+    layer = lrnnx_zoo.create_layer("lru", 6, d_state=5)
+    y = layer(x)
+    s = layer.final_state(x[:, :20])
+    y2 = layer(x[:, 20:], initial_state=s)
+    torch.testing.assert_close(y2, y[:, 20:], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["lin", "inv", "legs", "real", "random"])
+@pytest.mark.parametrize("discretization", ["zoh", "bilinear"])
+def test_s4d_inits_and_discretizations_match_loop(init, discretization):
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("s4d", 8, d_state=16, init=init, discretization=discretization, backend="torch")
+    x = torch.randn(2, L, 8)
+    with torch.no_grad():
+        ref = loop_s4d(layer, x)
+        assert rel_err(layer(x).double(), ref) < 1e-4
+        cache = layer.allocate_inference_cache(2)
+        steps = torch.stack([layer.step(x[:, t], cache)[0] for t in range(L)], 1)
+    assert rel_err(steps.double(), ref) < 1e-4
+
+
+@needs_keops
+def test_s4d_keops_backend_matches_torch():
+    torch.manual_seed(0)
+    a = lrnnx_zoo.create_layer("s4d", 8, d_state=16, backend="keops")
+    b = lrnnx_zoo.create_layer("s4d", 8, d_state=16, backend="torch")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 512, 8)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
+
+
+def test_s4d_closed_form_inits():
+    A, B = lrnnx_zoo.get_initializer("s4d", "lin")(2, 4)
+    torch.testing.assert_close(A[0], torch.complex(torch.full((4,), -0.5, dtype=torch.float64),
+                                                   math.pi * torch.arange(4, dtype=torch.float64)))
+    A, _ = lrnnx_zoo.get_initializer("s4d", "inv")(1, 4)
+    n = torch.arange(4, dtype=torch.float64)
+    torch.testing.assert_close(A[0].imag, 8 / math.pi * (8 / (2 * n + 1) - 1))
+    A, _ = lrnnx_zoo.get_initializer("s4d", "legs")(1, 8)
+    assert (A.real < 0).all()
+    A, _ = lrnnx_zoo.get_initializer("s4d", "real")(1, 3)
+    torch.testing.assert_close(A[0].real, -torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+
+
+def test_s4d_dt_range_and_errors():
+    layer = lrnnx_zoo.create_layer("s4d", 500, d_state=4, dt_min=1e-3, dt_max=1e-1)
+    dt = torch.exp(layer.log_dt)
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 1e-1 * 1.001
+    with pytest.raises(ValueError, match="even number"):
+        lrnnx_zoo.create_layer("s4d", 4, d_state=5)
+    with pytest.raises(ValueError, match="'zoh' or 'bilinear'"):
+        lrnnx_zoo.create_layer("s4d", 4, d_state=4, discretization="dirac")

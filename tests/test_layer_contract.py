@@ -1,0 +1,118 @@
+"""The contract every registered layer keeps, whoever registered it (timm-style: one test
+parametrised over the registry, so a new layer is checked the moment it registers).
+
+Tolerances: float32 comparisons between modes use 1e-4 relative to max|y| over L=1024: the modes
+round differently (FFT vs recurrence) and the error of a float32 FFT of length 2L grows like
+eps * log(L) * ||K||_1, about 1e-6..1e-5 here; 1e-4 leaves room without hiding a wrong formula,
+which shows up as O(1) errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lrnnx_zoo
+from lrnnx_zoo.step_forms import StepForm
+
+LAYERS = lrnnx_zoo.list_layers()
+H, N = 16, 8
+
+
+def make(name: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return lrnnx_zoo.create_layer(name, H, d_state=N, **kw).eval()
+
+
+def run_steps(layer, x: torch.Tensor) -> torch.Tensor:
+    cache = layer.allocate_inference_cache(x.shape[0])
+    ys = []
+    for t in range(x.shape[1]):
+        y, cache = layer.step(x[:, t], cache)
+        ys.append(y)
+    return torch.stack(ys, 1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def test_builtin_families_registered():
+    assert {"lru", "s4d"} <= set(LAYERS)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_shapes_and_interface(name):
+    layer = make(name)
+    y = layer(torch.randn(3, 50, H))
+    assert isinstance(y, torch.Tensor) and y.shape == (3, 50, H) and y.dtype == torch.float32
+    form = layer.step_form()
+    assert isinstance(form.state_size, int) and form.state_size > 0
+    s = torch.zeros(3, form.state_size)
+    y_t, s_next = form(torch.randn(3, H), s)
+    assert y_t.shape == (3, H) and s_next.shape == s.shape
+    for t in list(form.buffers()):
+        assert not t.is_complex(), "step forms carry real tensors only (ONNX has no complex dtype)"
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_convolution_matches_step_mode_L1024(name):
+    layer = make(name)
+    x = torch.randn(2, 1024, H)
+    with torch.no_grad():
+        y_conv = layer(x)
+        y_step = run_steps(layer, x)
+    assert rel_err(y_step, y_conv) < 1e-4
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_causal(name):
+    layer = make(name)
+    x = torch.randn(2, 64, H)
+    x2 = x.clone()
+    x2[:, 40] += 10.0
+    with torch.no_grad():
+        y, y2 = layer(x), layer(x2)
+    torch.testing.assert_close(y[:, :40], y2[:, :40], rtol=0, atol=1e-5)
+    assert (y[:, 40:] - y2[:, 40:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_lengths_padded_batch_equals_alone(name):
+    layer = make(name)
+    lengths = torch.tensor([30, 64, 7])
+    x = torch.randn(3, 64, H)
+    with torch.no_grad():
+        y = layer(x, lengths=lengths)
+        for b, n in enumerate(lengths.tolist()):
+            alone = layer(x[b:b + 1, :n])
+            torch.testing.assert_close(y[b, :n], alone[0], rtol=1e-5, atol=1e-5)
+            assert torch.all(y[b, n:] == 0)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_gradcheck_float64(name):
+    layer = lrnnx_zoo.create_layer(name, 3, d_state=4).double()
+    x = torch.randn(1, 6, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: layer(x), (x,), eps=1e-6, atol=1e-6)
+    params = [p for p in layer.parameters()]
+    out = layer(x).square().sum()
+    grads = torch.autograd.grad(out, params, allow_unused=True)
+    assert all(g is not None for g in grads), "every parameter receives a gradient"
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_wrong_input_shapes(name):
+    layer = make(name)
+    with pytest.raises(ValueError, match=r"\(batch, length, d_model=16\)"):
+        layer(torch.randn(2, 10, H + 1))
+    with pytest.raises(ValueError, match="d_model"):
+        layer(torch.randn(10, H))
+    cache = layer.allocate_inference_cache(2)
+    with pytest.raises(ValueError, match=r"\(batch=2, d_model=16\)"):
+        layer.step(torch.randn(3, H), cache)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_step_form_is_a_stepform(name):
+    assert isinstance(make(name).step_form(), StepForm)

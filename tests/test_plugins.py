@@ -1,0 +1,124 @@
+"""Plugin discovery through real distributions on sys.path (dist-info + entry_points.txt)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lrnnx_zoo
+from lrnnx_zoo.registry import DISABLE_AUTOLOAD_ENV, RegistryError
+from plugin_fixtures import BROKEN_IMPORT, GOOD_PLUGIN, RAISING_HOOK, activate, make_distribution
+
+
+@pytest.fixture
+def third_party(tmp_path, monkeypatch):
+    """Four third-party distributions: a good one, one whose import fails, one whose hook raises,
+    and one that registers a name the good one also registers."""
+    root = tmp_path / "site"
+    make_distribution(root, "tp-good", {"tp_good": GOOD_PLUGIN.replace("{layer_name}", "ema")}, {"ema": "tp_good"})
+    make_distribution(root, "tp-broken", {"tp_broken": BROKEN_IMPORT}, {"broken": "tp_broken"})
+    make_distribution(root, "tp-raising", {"tp_raising": RAISING_HOOK}, {"raising": "tp_raising"})
+    make_distribution(root, "tp-clash", {"tp_clash": GOOD_PLUGIN.replace("{layer_name}", "ema")}, {"clash": "tp_clash"})
+    activate(root, monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    lrnnx_zoo.reload_plugins()
+    yield root
+    monkeypatch.undo()
+    lrnnx_zoo.reload_plugins()
+
+
+def _plugin(name):
+    return {p.name: p for p in lrnnx_zoo.list_plugins()}[name]
+
+
+def test_builtins_come_from_entry_points():
+    lrnnx_zoo.reload_plugins()
+    infos = {p.name: p for p in lrnnx_zoo.list_plugins()}
+    for name in ("lru", "s4d"):
+        assert infos[name].builtin and infos[name].ok and infos[name].distribution == "lrnnx-zoo"
+        assert name in infos[name].layers
+
+
+def test_broken_plugins_do_not_stop_the_rest(third_party):
+    # Every built-in still loads.
+    assert {"lru", "s4d"} <= set(lrnnx_zoo.list_layers())
+    broken = _plugin("broken")
+    assert not broken.ok and "tp-broken" in broken.error and "not installed" in broken.error
+    raising = _plugin("raising")
+    assert not raising.ok and "boom while registering" in raising.error
+    # all or nothing: what the raising hook registered before failing is gone
+    assert "half_registered" not in lrnnx_zoo.list_layers()
+
+
+def test_duplicate_names_name_both_plugins(third_party):
+    with pytest.raises(RegistryError) as err:
+        lrnnx_zoo.create_layer("ema", 4)
+    msg = str(err.value)
+    assert "registered by several plugins: clash, ema" in msg and "Uninstall" in msg
+    assert not _plugin("clash").ok and "also registered by" in _plugin("clash").error
+    # The qualified name picks one.
+    layer = lrnnx_zoo.create_layer("ema:ema", 4)
+    assert layer(torch.randn(2, 10, 4)).shape == (2, 10, 4)
+
+
+def test_third_party_layer_created_by_name(tmp_path, monkeypatch):
+    root = make_distribution(tmp_path / "site", "tp-good", {"tp_good": GOOD_PLUGIN.replace("{layer_name}", "ema")},
+                             {"ema": "tp_good"}, version="1.2.3")
+    activate(root, monkeypatch)
+    lrnnx_zoo.reload_plugins()
+    try:
+        info = _plugin("ema")
+        assert info.ok and info.distribution == "tp-good" and info.version == "1.2.3" and not info.builtin
+        assert info.layers == ["ema"] and info.initializers == ["ema.flat"]
+        layer = lrnnx_zoo.create_layer("ema", 5)
+        x = torch.randn(2, 33, 5)
+        cache = layer.allocate_inference_cache(2)
+        steps = torch.stack([layer.step(x[:, t], cache)[0] for t in range(33)], 1)
+        torch.testing.assert_close(steps, layer(x), rtol=1e-5, atol=1e-5)
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+
+
+def test_autoload_can_be_turned_off(third_party, monkeypatch):
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    lrnnx_zoo.reload_plugins()
+    names = {p.name for p in lrnnx_zoo.list_plugins()}
+    assert {"lru", "s4d"} <= names and not names & {"ema", "broken", "raising", "clash"}
+
+
+def test_unknown_names_list_what_exists():
+    with pytest.raises(RegistryError, match=r"unknown layer 'lstm'; available: .*lru.*s4d"):
+        lrnnx_zoo.create_layer("lstm", 8)
+    with pytest.raises(RegistryError, match=r"unknown initializer for 's4d' 'nope'; available: .*legs.*lin"):
+        lrnnx_zoo.create_layer("s4d", 8, d_state=4, init="nope")
+    with pytest.raises(RegistryError, match=r"unknown vandermonde backend 'cuda'; available: .*keops.*torch"):
+        lrnnx_zoo.create_layer("s4d", 8, d_state=4, backend="cuda")
+    with pytest.raises(TypeError, match="takes"):
+        lrnnx_zoo.create_layer("lru", 8, bogus=1)
+
+
+def test_register_plugin_in_code_and_unregister():
+    import types
+    src = GOOD_PLUGIN.replace("{layer_name}", "ema_inline")
+    mod = types.ModuleType("inline_plugin")
+    exec(compile(src, "inline_plugin", "exec"), mod.__dict__)
+    lrnnx_zoo.register_plugin(mod, "inline")
+    try:
+        assert "ema_inline" in lrnnx_zoo.list_layers()
+    finally:
+        lrnnx_zoo.unregister_plugin("inline")
+    assert "ema_inline" not in lrnnx_zoo.list_layers()
+
+
+def test_cli_lists_plugins_and_failures(third_party):
+    env_path = str(third_party)
+    out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "plugins"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": env_path}, check=True).stdout
+    assert "lru" in out and "s4d" in out and "FAILED" in out and "broken" in out
+    out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "layers"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "lru" in out and "from lru" in out
