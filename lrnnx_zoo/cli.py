@@ -1,4 +1,8 @@
-"""Command line: ``lrnnx-zoo plugins | layers | backends`` (more subcommands register below)."""
+"""Command line: ``lrnnx-zoo plugins | layers | backends | ...``.
+
+Each group of subcommands lives next to the code it drives, in a module with
+``add_commands(sub, commands)``; this file only lists those modules (see SUBCOMMAND_MODULES).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,11 @@ import argparse
 import sys
 from typing import Callable, Dict, List, Optional
 
+import importlib
+
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {}
+# Modules adding subcommands: add_commands(subparsers, COMMANDS). Missing ones are skipped.
+SUBCOMMAND_MODULES = ("lrnnx_zoo.hub_cli", "lrnnx_zoo.training_cli", "lrnnx_zoo.export.cli")
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -54,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backends", help="registered kernel backends")
     p.add_argument("kind", nargs="?", default=None)
     COMMANDS.update(plugins=_cmd_plugins, layers=_cmd_layers, backends=_cmd_backends)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.add_commands(sub, COMMANDS)
     return parser
 
 

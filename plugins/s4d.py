@@ -23,7 +23,9 @@ from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import LTI_LRNN, mask_padding
 from lrnnx_zoo.convolution import causal_conv
 from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vandermonde_torch
+from lrnnx_zoo.discretization import get_discretization
 from lrnnx_zoo.registry import get_backend, get_initializer
+from lrnnx_zoo.ssm_kernel import SSMKernel
 from lrnnx_zoo.step_forms import ChannelDiagonalStepForm
 
 
@@ -66,30 +68,29 @@ def init_random(H: int, M: int) -> Tuple[Tensor, Tensor]:
         torch.ones(H, M, dtype=torch.complex128)
 
 
-class S4D(LTI_LRNN):
-    """Diagonal SSM layer on (B, L, H) sequences.
+class S4DKernel(SSMKernel):
+    """Parameters and kernel of H diagonal systems with ``channels`` outputs each (eq. 5).
 
     Args:
-        d_model: H channels.
-        d_state: N real states per channel (N/2 complex modes).
-        init: registered S4D initializer: lin, inv, legs, real, random.
-        discretization: "zoh" or "bilinear".
-        dt_min, dt_max: range of the learnable step, log-uniform at initialisation.
-        backend: Vandermonde backend "torch", "keops" or "auto".
-        real_transform: how Re A is kept negative: "exp" (A_re = -exp(p)) or "relu".
+        d_model: H.  d_state: N real states (N/2 complex modes).  channels: C outputs per channel.
+        init, discretization, dt_min, dt_max, backend: as for :class:`S4D`.
+    State for state passing: (B, H, N/2) complex, the previous step's x.
     """
 
-    def __init__(self, d_model: int, d_state: int = 64, init: str = "legs", discretization: str = "zoh",
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, backend: str = "auto") -> None:
+    def __init__(self, d_model: int, d_state: int = 64, channels: int = 1, init: str = "legs",
+                 discretization: str = "zoh", dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 backend: str = "auto") -> None:
+        super().__init__()
         if discretization not in ("zoh", "bilinear"):
             raise ValueError(f"S4D supports discretization 'zoh' or 'bilinear', got {discretization!r}")
-        super().__init__(discretization)
         if d_state < 2 or d_state % 2:
             raise ValueError(f"S4D d_state counts real states in conjugate pairs: an even number >= 2, got {d_state}")
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"S4D needs 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
-        self.d_model, self.d_state, self.init, self.backend = d_model, d_state, init, backend
-        get_backend("vandermonde", backend)
+        self.d_model, self.d_state, self.channels = d_model, d_state, channels
+        self.init, self.backend, self.discretization = init, backend, discretization
+        self.discretize_fn = get_discretization(discretization)
+        get_backend("vandermonde", backend)  # unknown names fail here, listing the valid ones
         H, M = d_model, d_state // 2
         A, B = get_initializer("s4d", init)(H, M)
         log_dt = torch.rand(H, dtype=torch.float64) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
@@ -98,33 +99,84 @@ class S4D(LTI_LRNN):
         self.A_imag = nn.Parameter(A.imag.float())
         self.B = nn.Parameter(torch.view_as_real(B).float())
         # C ~ CN(0, 1): each part N(0, 1/2).
-        self.C = nn.Parameter(torch.randn(H, M, 2) * math.sqrt(0.5))
-        self.D = nn.Parameter(torch.randn(H))
+        self.C = nn.Parameter(torch.randn(channels, H, M, 2) * math.sqrt(0.5))
 
     def continuous(self, dtype: torch.dtype = torch.complex64) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(A, B, C): (H, N/2) complex, and dt: (H, 1) real."""
-        real = self.A_real_log.dtype if dtype == torch.complex64 else torch.float64
+        """A, B: (H, N/2) complex;  C: (C, H, N/2) complex;  dt: (H, 1) real."""
+        real = torch.float64 if dtype == torch.complex128 else self.A_real_log.dtype
         A = torch.complex(-torch.exp(self.A_real_log.to(real)), self.A_imag.to(real))
         B = torch.view_as_complex(self.B.to(real))
         C = torch.view_as_complex(self.C.to(real))
         return A, B, C, torch.exp(self.log_dt.to(real)).unsqueeze(-1)
 
-    def discretize(self, dtype: torch.dtype = torch.complex64) -> Tuple[Tensor, Tensor, Tensor]:
-        """(A_bar, B_bar, C): (H, N/2) complex each."""
+    def discretize(self, rate: float = 1.0, dtype: torch.dtype = torch.complex64) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(A_bar, B_bar): (H, N/2), C: (C, H, N/2), and log A_bar: (H, N/2), at sampling rate ``rate``."""
         A, B, C, dt = self.continuous(dtype)
+        dt = dt / rate
         A_bar, B_bar = self.discretize_fn(A, B, dt)
-        return A_bar, B_bar, C
+        # zoh: log A_bar = dt A exactly, without the branch cut of log
+        log_A_bar = dt * A if self.discretization == "zoh" else torch.log(A_bar)
+        return A_bar, B_bar, C, log_A_bar
 
-    def log_A_bar(self, A_bar: Tensor) -> Tensor:
-        if self.discretization == "zoh":  # exact, and avoids the branch cut of log
-            A, _, _, dt = self.continuous(A_bar.dtype)
-            return dt * A
-        return torch.log(A_bar)
+    def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        A_bar, B_bar, C, log_A = self.discretize(rate)
+        vdm = get_backend("vandermonde", self.backend)
+        K = vdm(C * B_bar, log_A.expand_as(C), L)
+        if state is None:
+            return K, None
+        # zero-input response from x_{-1} = state: y_l = 2 Re(sum_n C A_bar^{l+1} x_{-1})
+        v = C.unsqueeze(0) * (A_bar * state).unsqueeze(1)                       # (B, C, H, N/2)
+        return K, vdm(v, log_A.expand_as(v), L)
 
-    def compute_kernel(self, L: int) -> Tensor:
+    def default_state(self, *batch_shape: int) -> Tensor:
+        return torch.zeros(*batch_shape, self.d_model, self.d_state // 2, dtype=torch.complex64,
+                           device=self.log_dt.device)
+
+    def forward_state(self, u: Tensor, state: Tensor) -> Tensor:
+        """x_{L-1} = A_bar^L x_{-1} + sum_j A_bar^{L-1-j} B_bar u_j.   u: (B, H, L), state: (B, H, N/2)."""
+        A_bar, B_bar, _, log_A = self.discretize()
+        L = u.shape[-1]
+        t = torch.arange(L - 1, -1, -1, device=u.device, dtype=log_A.real.dtype)
+        powers = torch.exp(log_A.unsqueeze(-1) * t)                               # (H, N/2, L)
+        x = torch.einsum("bhl,hnl->bhn", u.to(powers.dtype), powers) * B_bar
+        return x + torch.exp(log_A * L) * state
+
+    @torch.no_grad()
+    def step_form(self, D: Optional[Tensor] = None) -> ChannelDiagonalStepForm:
+        A_bar, B_bar, C, _ = self.discretize(dtype=torch.complex128)
+        # The factor 2 restores the conjugate halves of the state.
+        return ChannelDiagonalStepForm(A_bar, B_bar, 2 * C, None if D is None else D.double())
+
+
+class S4D(LTI_LRNN):
+    """Diagonal SSM layer on (B, L, H) sequences:  y = K * u + D u  (one output per channel).
+
+    Args:
+        d_model: H channels.
+        d_state: N real states per channel (N/2 complex modes).
+        init: registered S4D initializer: lin, inv, legs, real, random.
+        discretization: "zoh" or "bilinear".
+        dt_min, dt_max: range of the learnable step, log-uniform at initialisation.
+        backend: Vandermonde backend "torch", "keops" or "auto".
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64, init: str = "legs", discretization: str = "zoh",
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, backend: str = "auto") -> None:
+        if discretization not in ("zoh", "bilinear"):
+            raise ValueError(f"S4D supports discretization 'zoh' or 'bilinear', got {discretization!r}")
+        super().__init__(discretization)
+        self.d_model, self.d_state = d_model, d_state
+        self.kernel = S4DKernel(d_model, d_state, 1, init, discretization, dt_min, dt_max, backend)
+        self.D = nn.Parameter(torch.randn(d_model))
+
+    def discretize(self, dtype: torch.dtype = torch.complex64) -> Tuple[Tensor, Tensor, Tensor]:
+        """(A_bar, B_bar): (H, N/2) complex, C: (H, N/2) complex."""
+        A_bar, B_bar, C, _ = self.kernel.discretize(dtype=dtype)
+        return A_bar, B_bar, C[0]
+
+    def compute_kernel(self, L: int, rate: float = 1.0) -> Tensor:
         """The length-L kernel K: (H, L) real (eq. 5)."""
-        A_bar, B_bar, C = self.discretize()
-        return get_backend("vandermonde", self.backend)(C * B_bar, self.log_A_bar(A_bar), L)
+        return self.kernel(L, rate)[0][0]
 
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
@@ -134,15 +186,11 @@ class S4D(LTI_LRNN):
         y = causal_conv(x.transpose(1, 2), K).transpose(1, 2) + self.D * x
         return mask_padding(y, lengths)
 
-    @torch.no_grad()
     def step_form(self) -> ChannelDiagonalStepForm:
-        A_bar, B_bar, C = self.discretize(torch.complex128)
-        # The factor 2 restores the conjugate halves of the state.
-        return ChannelDiagonalStepForm(A_bar, B_bar, 2 * C.unsqueeze(0), self.D.double().unsqueeze(0))
+        return self.kernel.step_form(self.D.unsqueeze(0))
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, d_state={self.d_state}, init={self.init!r}, "
-                f"discretization={self.discretization!r}, backend={self.backend!r}")
+        return f"d_model={self.d_model}, d_state={self.d_state}, discretization={self.discretization!r}"
 
 
 @hookimpl
@@ -162,3 +210,4 @@ def lrnnx_zoo_register_kernel_backends(registry) -> None:
     registry.add_backend("vandermonde", "torch", vandermonde_torch)
     registry.add_backend("vandermonde", "keops", vandermonde_keops)
     registry.add_backend("vandermonde", "auto", vandermonde)
+    registry.add_backend("ssm_kernel", "s4d", S4DKernel)

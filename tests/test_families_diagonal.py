@@ -126,7 +126,7 @@ def test_s4d_closed_form_inits():
 
 def test_s4d_dt_range_and_errors():
     layer = lrnnx_zoo.create_layer("s4d", 500, d_state=4, dt_min=1e-3, dt_max=1e-1)
-    dt = torch.exp(layer.log_dt)
+    dt = torch.exp(layer.kernel.log_dt)
     assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 1e-1 * 1.001
     with pytest.raises(ValueError, match="even number"):
         lrnnx_zoo.create_layer("s4d", 4, d_state=5)
