@@ -152,6 +152,13 @@ class ChannelDenseStepForm(StepForm):
         return y.reshape(-1, self.d_output), x_next.reshape(-1, self.state_size)
 
 
+def _width(part: nn.Module, *names: str) -> int:
+    for name in names:
+        if hasattr(part, name):
+            return int(getattr(part, name))
+    raise ValueError(f"cannot tell the width of {type(part).__name__}: give it a {names[0]!r} attribute")
+
+
 class SequentialStepForm(StepForm):
     """Chain stateless maps and step forms: used to wrap a layer's pre/post processing around
     its core system while keeping one packed state.
@@ -170,10 +177,8 @@ class SequentialStepForm(StepForm):
             self.offsets.append((off, size))
             off += size
         self.state_size = off
-        first = next((p for p in parts if hasattr(p, "d_input")), None)
-        last = next((p for p in reversed(parts) if hasattr(p, "d_output")), None)
-        self.d_input = getattr(first, "d_input", 0)
-        self.d_output = getattr(last, "d_output", 0)
+        self.d_input = _width(parts[0], "d_input", "in_features")
+        self.d_output = _width(parts[-1], "d_output", "out_features")
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
         states = []

@@ -21,7 +21,8 @@ from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import LTI_LRNN, mask_padding
 from lrnnx_zoo.modal import final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, get_initializer
-from lrnnx_zoo.step_forms import DiagonalStepForm
+from lrnnx_zoo.ssm_kernel import SSMKernel
+from lrnnx_zoo.step_forms import ChannelDiagonalStepForm, DiagonalStepForm
 
 
 def ring_init(d_state: int, r_min: float = 0.0, r_max: float = 1.0, max_phase: float = 2 * math.pi,
@@ -113,6 +114,89 @@ class LRU(LTI_LRNN):
         return f"d_model={self.d_model}, d_state={self.d_state}, backend={self.backend!r}"
 
 
+class LRUKernel(SSMKernel):
+    """H single-input LRUs, one per channel, with ``channels`` outputs each, as an SSM kernel.
+
+        x_k[h] = diag(lam[h]) x_{k-1}[h] + gamma[h] * B[h] u_k[h],     y_k[c, h] = Re(C[c, h] . x_k[h])
+
+    with lam = exp(-exp(nu_log) + i exp(theta_log)), ring initialisation and gamma = sqrt(1 - |lam|^2)
+    at init (learnable, as in :class:`LRU`). The kernel is the Vandermonde product
+    K[c, h, l] = Re(sum_n C[c, h, n] gamma[h, n] B[h, n] lam[h, n]^l).
+
+    Args:
+        d_model: H.  d_state: N complex modes per channel (no conjugate halving: y = Re(C x)).
+        channels: C outputs per channel.  r_min, r_max, max_phase, init: as for :class:`LRU`.
+        backend: Vandermonde backend "torch", "keops" or "auto".
+    The parameters are already discrete: there is no dt, so only ``rate=1`` is accepted.
+    State for state passing: (B, H, N) complex, the previous step's x.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64, channels: int = 1, r_min: float = 0.0,
+                 r_max: float = 1.0, max_phase: float = 2 * math.pi, init: str = "ring",
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if not (0.0 <= r_min < r_max <= 1.0):
+            raise ValueError(f"LRUKernel needs 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
+        if d_state < 1 or channels < 1:
+            raise ValueError(f"LRUKernel needs d_state >= 1 and channels >= 1, got {d_state} and {channels}")
+        self.d_model, self.d_state, self.channels, self.backend = d_model, d_state, channels, backend
+        get_backend("vandermonde", backend)  # unknown names fail here, listing the valid ones
+        H, N = d_model, d_state
+        # One ring draw of H*N eigenvalues: each channel gets its own N.
+        nu_log, theta_log = get_initializer("lru", init)(H * N, r_min, r_max, max_phase)
+        self.nu_log = nn.Parameter(nu_log.reshape(H, N))
+        self.theta_log = nn.Parameter(theta_log.reshape(H, N))
+        # Single input per system: B ~ CN(0, 1) keeps E|B u|^2 = |u|^2 before gamma.
+        self.B = nn.Parameter(torch.randn(H, N, 2) * math.sqrt(0.5))
+        self.C = nn.Parameter(torch.randn(channels, H, N, 2) * math.sqrt(0.5 / N))
+        lam_abs = torch.exp(-torch.exp(self.nu_log.detach()))
+        self.gamma_log = nn.Parameter(torch.log(torch.sqrt(1 - lam_abs ** 2).clamp_min(1e-6)))
+
+    @staticmethod
+    def _check_rate(rate: float) -> None:
+        if rate != 1.0:
+            raise ValueError(f"LRUKernel is parameterised in discrete time (no dt), so it has one sampling "
+                             f"rate: expected rate=1.0, got rate={rate}. Use a kernel with a dt (e.g. 's4d') "
+                             f"to change the rate.")
+
+    def discretize(self, dtype: torch.dtype = torch.complex64) -> Tuple[Tensor, Tensor, Tensor]:
+        """log lam: (H, N), gamma * B: (H, N), C: (C, H, N), all complex (of ``dtype``'s precision)."""
+        real = torch.float64 if dtype == torch.complex128 else self.nu_log.dtype
+        log_lam = torch.complex(-torch.exp(self.nu_log.to(real)), torch.exp(self.theta_log.to(real)))
+        B = torch.view_as_complex(self.B.to(real)) * torch.exp(self.gamma_log.to(real))
+        return log_lam, B, torch.view_as_complex(self.C.to(real))
+
+    def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        self._check_rate(rate)
+        log_lam, B, C = self.discretize()
+        vdm = get_backend("vandermonde", self.backend)
+        # vdm returns 2 Re(sum v lam^l) (conjugate-pair convention); the LRU reads Re(C x): halve v.
+        K = vdm(0.5 * C * B, log_lam.expand_as(C), L)
+        if state is None:
+            return K, None
+        # zero-input response from x_{-1} = state: y_l = Re(sum_n C lam^{l+1} x_{-1})
+        v = 0.5 * C.unsqueeze(0) * (torch.exp(log_lam) * state).unsqueeze(1)     # (B, C, H, N)
+        return K, vdm(v, log_lam.expand_as(v), L)
+
+    def default_state(self, *batch_shape: int) -> Tensor:
+        return torch.zeros(*batch_shape, self.d_model, self.d_state, dtype=torch.complex64,
+                           device=self.nu_log.device)
+
+    def forward_state(self, u: Tensor, state: Tensor) -> Tensor:
+        """x_{L-1} = lam^L x_{-1} + sum_j lam^{L-1-j} gamma B u_j.   u: (B, H, L), state: (B, H, N)."""
+        log_lam, B, _ = self.discretize()
+        H, N = log_lam.shape
+        L = u.shape[-1]
+        P = powers(log_lam.reshape(-1), L + 1).reshape(L + 1, H, N)                 # lam^l, l <= L
+        x = torch.einsum("bhl,lhn->bhn", u.to(P.dtype), P[:L].flip(0)) * B
+        return x + P[L] * state
+
+    @torch.no_grad()
+    def step_form(self, D: Optional[Tensor] = None) -> ChannelDiagonalStepForm:
+        log_lam, B, C = self.discretize(torch.complex128)
+        return ChannelDiagonalStepForm(torch.exp(log_lam), B, C, None if D is None else D.double())
+
+
 @hookimpl
 def lrnnx_zoo_register_layers(registry) -> None:
     registry.add_layer("lru", LRU)
@@ -128,3 +212,4 @@ def lrnnx_zoo_register_kernel_backends(registry) -> None:
     registry.add_backend("modal", "fft", modal_fft)
     registry.add_backend("modal", "scan", modal_scan)
     registry.add_backend("modal", "auto", modal_auto)
+    registry.add_backend("ssm_kernel", "lru", LRUKernel)

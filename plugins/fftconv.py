@@ -1,0 +1,343 @@
+"""FFTConv: any registered SSM kernel as a (long) convolution, with channels, bidirectionality and
+state passing (the convolution block of S4, Gu et al. 2022, "Efficiently Modeling Long Sequences
+with Structured State Spaces", arXiv:2111.00396, sec. 3.3 and appendix).
+
+For each input channel h and output channel c, with K = kernel(L): (C, H, L) and skip D: (C, H),
+
+    y[c, h, t] = sum_{j <= t} K[c, h, t - j] u[h, j] + D[c, h] u[h, t]                (causal)
+               (+ sum_{j >= t} K[C + c, h, j - t] u[h, j]                            (bidirectional))
+               (+ K_state[c, h, t]   when a state x_{-1} is given: its zero-input response).
+
+The kernel is any backend of kind "ssm_kernel" (see :mod:`lrnnx_zoo.ssm_kernel`): "s4d", "lru",
+and "s4" when that plugin is installed. Two classes:
+
+- :class:`FFTConvS4`: the seed-compatible block; (B, H, L) in, (B, C*H, L) out when ``transposed``.
+- :class:`FFTConvLayer`: the uniform registered layer "fftconv", (B, L, H) -> (B, L, H).
+
+Output layout: the (C, H) output channels are flattened channel-major, index c*H + h (as the
+kernels' step forms emit them), so ``y.view(B, C, H, L)`` recovers the seed's (B, C, H, L);
+``swap_channels=True`` flattens H-major instead, index h*C + c.
+
+State formats: ``default_state`` and ``forward(x, state)`` use the kernel's own state
+(*batch, H, S), complex for the diagonal kernels (x_{-1}, the state after the previous sample).
+The step form carries the same state as one real vector (batch, state_size); :meth:`FFTConvS4.step`
+accepts either and returns the next state in the format it was given (see :func:`pack_state`).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrnnx_zoo import hookimpl
+from lrnnx_zoo.base import LTI_LRNN, mask_padding
+from lrnnx_zoo.convolution import causal_conv
+from lrnnx_zoo.registry import get_backend
+from lrnnx_zoo.ssm_kernel import SSMKernel
+from lrnnx_zoo.step_forms import (ChannelDenseStepForm, ChannelDiagonalStepForm, SequentialStepForm,
+                                  StepForm)
+
+__all__ = ["FFTConvS4", "FFTConvLayer", "pack_state", "unpack_state", "flip_within_lengths"]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def flip_within_lengths(u: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+    """Reverse time (last axis) of u: (B, ..., L), each sequence b within its first lengths[b] steps.
+
+    Padding positions t >= lengths[b] stay where they are, so a causal pass over the flipped
+    sequence reads the valid samples first and the padding only after them. It is an involution.
+    """
+    if lengths is None:
+        return u.flip(-1)
+    L = u.shape[-1]
+    t = torch.arange(L, device=u.device)
+    n = torch.as_tensor(lengths, device=u.device).reshape(-1, 1)
+    idx = torch.where(t < n, n - 1 - t, t)                                   # (B, L)
+    idx = idx.reshape(idx.shape[0], *([1] * (u.dim() - 2)), L).expand_as(u)
+    return u.gather(-1, idx)
+
+
+def pack_state(form: StepForm, state: Tensor, kernel: Optional[SSMKernel] = None) -> Tensor:
+    """The kernel's state (B, H, S) as the step form's real state (B, state_size).
+
+    - :class:`ChannelDiagonalStepForm`: [Re x (H*S), Im x (H*S)], x: (B, H, S) complex;
+    - :class:`ChannelDenseStepForm`: channel by channel, [Re x[h], Im x[h]] for a complex state
+      (n = 2S per channel) or x[h] for a real one (n = S).
+    A kernel with another layout provides ``pack_state(state)`` / ``unpack_state(s)`` itself.
+    """
+    if kernel is not None and hasattr(kernel, "pack_state"):
+        return kernel.pack_state(state)
+    form = form.form if isinstance(form, _SkipStepForm) else form
+    B = state.shape[0]
+    if isinstance(form, ChannelDiagonalStepForm):
+        return torch.cat([state.real.reshape(B, -1), state.imag.reshape(B, -1)], 1).to(form.lam_re.dtype)
+    if isinstance(form, ChannelDenseStepForm):
+        if state.is_complex():
+            return torch.cat([state.real, state.imag], -1).reshape(B, -1).to(form.A.dtype)
+        return state.reshape(B, -1).to(form.A.dtype)
+    raise TypeError(f"cannot map a kernel state of shape {tuple(state.shape)} onto a {type(form).__name__}: "
+                    f"pass the step form's real state of shape (batch, {form.state_size}) instead, or give "
+                    f"the kernel pack_state/unpack_state methods")
+
+
+def unpack_state(form: StepForm, s: Tensor, like: Tensor, kernel: Optional[SSMKernel] = None) -> Tensor:
+    """Inverse of :func:`pack_state`: s: (B, state_size) -> a state shaped and typed like ``like``."""
+    if kernel is not None and hasattr(kernel, "unpack_state"):
+        return kernel.unpack_state(s)
+    form = form.form if isinstance(form, _SkipStepForm) else form
+    B = s.shape[0]
+    if isinstance(form, ChannelDiagonalStepForm):
+        half = s.shape[1] // 2
+        return torch.complex(s[:, :half], s[:, half:]).reshape(like.shape).to(like.dtype)
+    if isinstance(form, ChannelDenseStepForm):
+        if like.is_complex():
+            x = s.reshape(B, form.H, 2, -1)
+            return torch.complex(x[:, :, 0], x[:, :, 1]).reshape(like.shape).to(like.dtype)
+        return s.reshape(like.shape).to(like.dtype)
+    raise TypeError(f"cannot map a {type(form).__name__} state back to the kernel's layout")
+
+
+class _SkipStepForm(StepForm):
+    """Adds the skip term D[c, h] u[h] to a kernel step form that has no D of its own."""
+
+    def __init__(self, form: StepForm, D: Tensor) -> None:
+        super().__init__()
+        self.form = form
+        self.state_size, self.d_input, self.d_output = form.state_size, form.d_input, form.d_output
+        self.register_buffer("D", D.detach().to(torch.get_default_dtype()).clone())   # (C, H)
+
+    def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        y, s_next = self.form(u, s)
+        return y + (self.D * u.unsqueeze(1)).reshape(u.shape[0], -1), s_next
+
+
+# -- the seed-compatible block -----------------------------------------------------------------
+class FFTConvS4(nn.Module):
+    """FFT convolution with the kernel of a registered SSM (seed API of lrnnx / S4's FFTConv).
+
+    Args:
+        d_model: H input channels.
+        l_max: kernel length. None: a global kernel as long as each input. An int: a kernel of
+            that length; shorter than the input it is a finite-window convolution (steps and state
+            passing then no longer agree with it past l_max, so state passing refuses it).
+        channels: C outputs per input channel; the output has C*H channels.
+        swap_channels: flatten the (C, H) output H-major (h*C + c) instead of channel-major (c*H + h).
+        transposed: x is (B, H, L) (True) or (B, L, H) (False); y follows the same convention.
+        dropout: dropout on the output (training only).  tie_dropout: one mask per (batch, channel),
+            shared by every time step.  drop_kernel: dropout on the kernel entries (training only).
+        kernel_type: name of a registered ("ssm_kernel", name) backend; default "s4d".
+        param_config: dict of kernel constructor arguments (d_state, init, dt_min, ...).
+        kernel: alias of ``kernel_type`` (seed compatibility).
+        bidirectional: the kernel gets 2*C channels; the second C run over the reversed sequence
+            and are added to the first C, so y[t] sees the whole input (non-causal; no streaming).
+        **kernel_args: more kernel constructor arguments (override ``param_config``).
+
+    Shapes: x (B, H, L) -> y (B, C*H, L) if transposed, else (B, L, H) -> (B, L, C*H).
+    """
+
+    def __init__(self, d_model: int, l_max: Optional[int] = None, channels: int = 1,
+                 swap_channels: bool = False, transposed: bool = True, dropout: float = 0.0,
+                 tie_dropout: bool = False, drop_kernel: float = 0.0, kernel_type: Optional[str] = None,
+                 param_config: Optional[Dict[str, Any]] = None, kernel: Optional[str] = None,
+                 bidirectional: bool = False, **kernel_args: Any) -> None:
+        super().__init__()
+        if kernel_type is not None and kernel is not None and kernel_type != kernel:
+            raise ValueError(f"kernel_type={kernel_type!r} and kernel={kernel!r} disagree; `kernel` is an alias "
+                             f"of `kernel_type`: give one of them")
+        if channels < 1 or (l_max is not None and l_max < 1):
+            raise ValueError(f"FFTConvS4 needs channels >= 1 and l_max None or >= 1, got channels={channels}, "
+                             f"l_max={l_max}")
+        for name, p in (("dropout", dropout), ("drop_kernel", drop_kernel)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {p}")
+        self.d_model, self.H, self.L, self.channels = d_model, d_model, l_max, channels
+        self.swap_channels, self.transposed, self.bidirectional = swap_channels, transposed, bidirectional
+        self.dropout, self.tie_dropout, self.drop_kernel = dropout, tie_dropout, drop_kernel
+        self.kernel_type = kernel_type or kernel or "s4d"
+        cls = get_backend("ssm_kernel", self.kernel_type)   # unknown names list the registered kernels
+        args = {**(param_config or {}), **kernel_args}
+        try:
+            self.kernel: SSMKernel = cls(d_model, channels=channels * (2 if bidirectional else 1), **args)
+        except TypeError as exc:
+            raise TypeError(f"kernel {self.kernel_type!r} ({cls.__name__}) rejected the arguments "
+                            f"{sorted(args)}: {exc}. It takes {inspect.signature(cls.__init__)}") from exc
+        self.D = nn.Parameter(torch.randn(channels, d_model))
+        self._step: Optional[StepForm] = None
+
+    @property
+    def d_output(self) -> int:
+        return self.channels * self.d_model
+
+    # -- convolution mode --------------------------------------------------------------------
+    def forward(self, x: Tensor, state: Optional[Tensor] = None, rate: float = 1.0,
+                lengths: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """x: (B, H, L) if transposed else (B, L, H) -> (y, next_state).
+
+        y: (B, C*H, L) / (B, L, C*H) (see the module docstring for the channel order).
+        state: (B, H, S) kernel state x_{-1} (``default_state``), or None. next_state: the state
+        after the last sample (``kernel.forward_state``), or None when ``state`` is None.
+        rate: relative sampling rate of x (the kernel uses dt / rate); state passing needs rate 1.
+        lengths: (B,) valid lengths; only the reverse direction of a bidirectional block uses them
+            (each sequence is reversed within its length), causal outputs never see the padding.
+        """
+        u = self._to_bhl(x)
+        B, H, L = u.shape
+        if state is not None:
+            self._check_streamable("state passing")
+            if rate != 1.0:
+                raise ValueError(f"state passing runs the system at rate 1 (forward_state has no rate); "
+                                 f"got rate={rate}. Pass state=None to evaluate at another rate")
+            if self.L is not None and self.L < L:
+                raise ValueError(f"state passing needs the kernel to cover the input: l_max={self.L} < L={L}. "
+                                 f"Use l_max=None, or chunks of at most l_max samples")
+        Lk = L if self.L is None else min(self.L, L)
+        K, K_state = self.kernel(L=Lk, rate=rate, state=state)                 # (C', H, Lk)
+        if self.training and self.drop_kernel > 0:
+            K = F.dropout(K, self.drop_kernel, training=True)
+        C = self.channels
+        y = causal_conv(u.unsqueeze(1), K[:C])                                # (B, C, H, L)
+        if self.bidirectional:
+            u_rev = flip_within_lengths(u, lengths).unsqueeze(1)
+            y = y + flip_within_lengths(causal_conv(u_rev, K[C:]), lengths)
+        y = y + self.D.unsqueeze(-1) * u.unsqueeze(1)
+        if K_state is not None:
+            y = y + K_state
+        y = self._flatten(y)                                                  # (B, C*H, L)
+        if self.training and self.dropout > 0:
+            shape = y.shape[:2] + (1,) if self.tie_dropout else y.shape
+            keep = torch.rand(shape, device=y.device) >= self.dropout
+            y = y * keep.to(y.dtype) / (1 - self.dropout)
+        next_state = None if state is None else self.kernel.forward_state(u, state)
+        return (y if self.transposed else y.transpose(1, 2)), next_state
+
+    def _to_bhl(self, x: Tensor) -> Tensor:
+        ok = isinstance(x, Tensor) and x.dim() == 3 and x.shape[1 if self.transposed else 2] == self.d_model
+        if not ok:
+            want = f"(batch, d_model={self.d_model}, length)" if self.transposed else \
+                f"(batch, length, d_model={self.d_model})"
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"FFTConvS4(transposed={self.transposed}) expects x of shape {want}, got {got}")
+        return x if self.transposed else x.transpose(1, 2)
+
+    def _flatten(self, y: Tensor) -> Tensor:
+        """(B, C, H, ...) -> (B, C*H, ...) channel-major, or H-major with swap_channels."""
+        if self.swap_channels:
+            y = y.transpose(1, 2)
+        return y.reshape(y.shape[0], self.d_output, *y.shape[3:])
+
+    def _check_streamable(self, what: str) -> None:
+        if self.bidirectional:
+            raise ValueError(f"{what} is impossible for a bidirectional FFTConvS4: its output at t depends on "
+                             f"the future inputs. Use bidirectional=False to stream")
+
+    # -- recurrent mode ----------------------------------------------------------------------
+    def default_state(self, *batch_shape: int, device: Optional[torch.device] = None) -> Tensor:
+        """Zero kernel state (*batch_shape, H, S) for ``forward(x, state)`` and ``step``."""
+        self._check_streamable("state passing")
+        s = self.kernel.default_state(*batch_shape)
+        return s if device is None else s.to(device)
+
+    def step_form(self) -> StepForm:
+        """The discretised system with the skip D, (B, H) -> (B, C*H) channel-major (no swap)."""
+        self._check_streamable("step mode")
+        form = self.kernel.step_form
+        if "D" in inspect.signature(form).parameters:
+            return form(D=self.D)
+        return _SkipStepForm(form(), self.D)
+
+    @torch.no_grad()
+    def setup_step(self) -> None:
+        """Precompute the step form from the current parameters (call again after they change)."""
+        self._step = self.step_form()
+
+    def step(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        """One time step (no dropout).  x: (B, H) -> y: (B, C*H) (channel order as in forward).
+
+        state: the kernel state (B, H, S) (``default_state``, or a next_state of ``forward``),
+        or the step form's packed real state (B, state_size); the next state comes back in the
+        same format. Runs ``setup_step`` on first use.
+        """
+        self._check_streamable("step mode")
+        if self._step is None:
+            self.setup_step()
+        form = self._step
+        if x.dim() != 2 or x.shape[1] != self.d_model:
+            raise ValueError(f"FFTConvS4.step expects x of shape (batch, d_model={self.d_model}), got {tuple(x.shape)}")
+        packed = state.dim() == 2 and not state.is_complex()
+        s = state if packed else pack_state(form, state, self.kernel)
+        if s.shape != (x.shape[0], form.state_size):
+            raise ValueError(f"FFTConvS4.step expects a state of shape (batch={x.shape[0]}, {form.state_size}) or "
+                             f"the kernel's (batch, H, S); got {tuple(state.shape)}")
+        y, s_next = form(x, s)
+        if self.swap_channels:
+            y = y.reshape(-1, self.channels, self.d_model).transpose(1, 2).reshape(-1, self.d_output)
+        return y, (s_next if packed else unpack_state(form, s_next, state, self.kernel))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, l_max={self.L}, channels={self.channels}, kernel={self.kernel_type!r}, "
+                f"transposed={self.transposed}, bidirectional={self.bidirectional}")
+
+
+# -- the uniform registered layer --------------------------------------------------------------
+class FFTConvLayer(LTI_LRNN):
+    """The registered layer "fftconv": (B, L, H) -> (B, L, H).
+
+    y = W flatten_c(FFTConvS4(x)) + b when channels > 1 or bidirectional (a Linear C*H -> H mixing
+    the channels), else the FFTConvS4 output itself.
+
+    Args:
+        d_model: H.  d_state: the kernel's d_state.  kernel_type: registered "ssm_kernel" name.
+        channels: C.  bidirectional: non-causal (cannot stream).  l_max: kernel length (None: global).
+        **kernel_args: more kernel constructor arguments (init, dt_min, backend, r_max, ...).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64, kernel_type: str = "s4d", channels: int = 1,
+                 bidirectional: bool = False, l_max: Optional[int] = None, **kernel_args: Any) -> None:
+        super().__init__(None)
+        self.d_model, self.d_state, self.bidirectional = d_model, d_state, bidirectional
+        self.conv = FFTConvS4(d_model, l_max=l_max, channels=channels, transposed=False, kernel_type=kernel_type,
+                              bidirectional=bidirectional, param_config={"d_state": d_state, **kernel_args})
+        self.mix = nn.Linear(channels * d_model, d_model) if channels > 1 or bidirectional else None
+
+    def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        """x: (B, L, H) -> y: (B, L, H); lengths: (B,) valid lengths (padding outputs are zero)."""
+        self.check_input(x, lengths)
+        y, _ = self.conv(x, lengths=lengths)
+        if self.mix is not None:
+            y = self.mix(y)
+        return mask_padding(y, lengths)
+
+    def discretize(self) -> Any:
+        """The kernel's discrete system (its own ``discretize``; family-specific tuple)."""
+        fn = getattr(self.conv.kernel, "discretize", None)
+        if fn is None:
+            raise NotImplementedError(f"kernel {self.conv.kernel_type!r} exposes no discretize()")
+        return fn()
+
+    def compute_kernel(self, L: int, rate: float = 1.0) -> Tensor:
+        """K: (C, H, L), or (2C, H, L) for a bidirectional layer (second half: reverse direction)."""
+        return self.conv.kernel(L=L, rate=rate)[0]
+
+    def step_form(self) -> StepForm:
+        """SequentialStepForm(kernel step form with D, copy of the channel-mixing Linear)."""
+        if self.bidirectional:
+            raise ValueError("a bidirectional fftconv layer cannot stream or be exported as a step graph: "
+                             "its output at t depends on later inputs. Build it with bidirectional=False")
+        core = self.conv.step_form()
+        if self.mix is None:
+            return core
+        return SequentialStepForm(core, copy.deepcopy(self.mix).requires_grad_(False))
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, d_state={self.d_state}, mix={self.mix is not None}"
+
+
+@hookimpl
+def lrnnx_zoo_register_layers(registry) -> None:
+    registry.add_layer("fftconv", FFTConvLayer)

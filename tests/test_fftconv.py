@@ -1,0 +1,323 @@
+"""FFTConvS4 / the "fftconv" layer over every registered SSM kernel, and the LRU kernel.
+
+Tolerances: float32 throughout. Comparisons between evaluation modes (FFT convolution vs step
+recurrence vs state passing) use 1e-4 relative to max|y|: a float32 FFT of length ~2L rounds to
+about eps * log2(L) * ||K||_1 (1e-6..1e-5 at L = 1024), the recurrence accumulates ~L eps |lam|^l;
+a wrong formula errs at O(1). Direct time-domain convolutions vs the FFT path use 1e-5 relative
+(short kernels, same float32 operands). Identities of one code path (layout, transposition) are
+compared at 1e-6 (only summation order may differ).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lrnnx_zoo
+from lrnnx_zoo.plugins.fftconv import FFTConvLayer, FFTConvS4, flip_within_lengths, pack_state
+from lrnnx_zoo.plugins.lru import LRU, LRUKernel
+
+KERNELS = sorted(n.split(".", 1)[1] for n in lrnnx_zoo.list_backends("ssm_kernel"))
+H, N, B = 4, 8, 2
+
+
+def make(kernel_type: str, seed: int = 0, **kw) -> FFTConvS4:
+    torch.manual_seed(seed)
+    return FFTConvS4(H, kernel_type=kernel_type, d_state=N, **kw).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def direct_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Time-domain causal convolution, no FFT.  u: (B, H, L), K: (C, H, Lk) -> (B, C, H, L)."""
+    Lk, L = K.shape[-1], u.shape[-1]
+    pad = F.pad(u, (Lk - 1, 0))
+    ys = [F.conv1d(pad, K[c].flip(-1).unsqueeze(1), groups=u.shape[1]) for c in range(K.shape[0])]
+    return torch.stack(ys, 1)[..., :L]
+
+
+def test_kernels_registered():
+    assert {"s4d", "lru"} <= set(KERNELS)
+    assert "fftconv" in lrnnx_zoo.list_layers()
+
+
+def test_seed_import_path():
+    from lrnnx_zoo.convolution import FFTConvS4 as Seed
+    assert Seed is FFTConvS4
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_conv_matches_step_L1024(kind):
+    m = make(kind, channels=2)
+    x = torch.randn(B, H, 1024)
+    with torch.no_grad():
+        y, _ = m(x)                                            # (B, C*H, L)
+        m.setup_step()
+        state = m.default_state(B)
+        ys = []
+        for t in range(x.shape[-1]):
+            y_t, state = m.step(x[..., t], state)
+            ys.append(y_t)
+    assert y.shape == (B, 2 * H, 1024)
+    assert rel_err(torch.stack(ys, -1), y) < 1e-4
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_state_passing_and_step_agree(kind):
+    m = make(kind, channels=2)
+    x0, x1, x2 = torch.randn(B, H, 50), torch.randn(B, H, 300), torch.randn(B, H, 200)
+    with torch.no_grad():
+        _, s0 = m(x0, state=m.default_state(B))               # a non-zero starting state
+        y_all, s_all = m(torch.cat([x1, x2], -1), state=s0)
+        y1, s1 = m(x1, state=s0)
+        y2, s2 = m(x2, state=s1)
+        # step mode continues from the state forward() handed back, in either state format
+        ys, s = [], s1
+        for t in range(x2.shape[-1]):
+            y_t, s = m.step(x2[..., t], s)
+            ys.append(y_t)
+        ys_packed = []
+        sp = pack_state(m.step_form(), s1, m.kernel)
+        for t in range(x2.shape[-1]):
+            y_t, sp = m.step(x2[..., t], sp)
+            ys_packed.append(y_t)
+    assert rel_err(torch.cat([y1, y2], -1), y_all) < 1e-4
+    assert rel_err(torch.view_as_real(s2) if s2.is_complex() else s2,
+                   torch.view_as_real(s_all) if s_all.is_complex() else s_all) < 1e-4
+    assert rel_err(torch.stack(ys, -1), y2) < 1e-4
+    assert rel_err(torch.stack(ys_packed, -1), y2) < 1e-4
+    assert sp.dim() == 2 and not sp.is_complex() and s.shape == s1.shape
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_rate(kind):
+    m = make(kind)
+    x = torch.randn(B, H, 128)
+    if not hasattr(m.kernel, "log_dt"):
+        with pytest.raises(ValueError, match="rate"):
+            m(x, rate=0.5)
+        return
+    m2 = copy.deepcopy(m)
+    with torch.no_grad():
+        m2.kernel.log_dt += math.log(2.0)                     # dt doubled
+        K_half = m.kernel(128, rate=0.5)[0]
+        K_dt2 = m2.kernel(128)[0]
+        y_half, y_dt2 = m(x, rate=0.5)[0], m2(x)[0]
+    # same float32 formulas on dt/0.5 vs exp(log_dt + log 2): rounding only
+    assert rel_err(K_half, K_dt2) < 1e-5 and rel_err(y_half, y_dt2) < 1e-5
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_channels_ordering_and_swap(kind):
+    C = 3
+    m = make(kind, channels=C)
+    ms = make(kind, channels=C, swap_channels=True)
+    ms.load_state_dict(m.state_dict())
+    x = torch.randn(B, H, 64)
+    with torch.no_grad():
+        y, ys = m(x)[0], ms(x)[0]
+        K = m.kernel(64)[0]
+        by_hand = direct_conv(x, K) + m.D[..., None] * x.unsqueeze(1)       # (B, C, H, L)
+    assert y.shape == ys.shape == (B, C * H, 64) and m.d_output == C * H
+    assert rel_err(y.view(B, C, H, 64), by_hand) < 1e-5                      # index c*H + h
+    torch.testing.assert_close(ys.view(B, H, C, 64).transpose(1, 2), y.view(B, C, H, 64), rtol=0, atol=0)
+    with torch.no_grad():                                                    # step keeps the same order
+        y_t, _ = ms.step(x[..., 0], ms.default_state(B))
+    assert rel_err(y_t, ys[..., 0]) < 1e-5
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_transposed_equals_not_transposed(kind):
+    m = make(kind, channels=2)
+    mt = make(kind, channels=2, transposed=False)
+    mt.load_state_dict(m.state_dict())
+    x = torch.randn(B, H, 100)
+    with torch.no_grad():
+        y = m(x)[0]
+        yt = mt(x.transpose(1, 2))[0]
+    assert yt.shape == (B, 100, 2 * H)
+    torch.testing.assert_close(yt.transpose(1, 2), y, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_l_max_shorter_than_input_is_finite_window(kind):
+    m = make(kind, l_max=40, channels=2)
+    x = torch.randn(B, H, 300)
+    with torch.no_grad():
+        y = m(x)[0]
+        K = m.kernel(40)[0]                                                 # (C, H, 40)
+        by_hand = direct_conv(x, K) + m.D[..., None] * x.unsqueeze(1)
+        y_short = m(x[..., :25])[0]                                          # shorter input: truncated kernel
+    assert rel_err(y.view(B, 2, H, 300), by_hand) < 1e-5
+    assert rel_err(y_short, y[..., :25]) < 1e-5
+    with pytest.raises(ValueError, match="l_max"):
+        m(x, state=m.default_state(B))
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_bidirectional(kind):
+    C, L = 2, 80
+    m = make(kind, channels=C, bidirectional=True)
+    assert m.bidirectional and m.kernel.channels == 2 * C and m.d_output == C * H
+    x = torch.randn(B, H, L)
+    x2 = x.clone()
+    x2[..., 50] += 10.0
+    with torch.no_grad():
+        y, y2 = m(x)[0], m(x2)[0]
+        K = m.kernel(L)[0]
+        causal = direct_conv(x, K[:C])
+        backward = direct_conv(x.flip(-1), K[C:]).flip(-1)                   # y[t] += sum_{j>=t} K1[j-t] x[j]
+        by_hand = causal + backward + m.D[..., None] * x.unsqueeze(1)
+    assert (y[..., :50] - y2[..., :50]).abs().max() > 1e-3, "output before t=50 must see the future"
+    assert rel_err(y.view(B, C, H, L), by_hand) < 1e-5
+    with pytest.raises(ValueError, match="bidirectional"):
+        m(x, state=torch.zeros(B, H, N // 2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="bidirectional"):
+        m.setup_step()
+    with pytest.raises(ValueError, match="bidirectional"):
+        m.step(x[..., 0], torch.zeros(B, 1))
+
+
+def test_bidirectional_layer_respects_lengths():
+    torch.manual_seed(0)
+    layer = FFTConvLayer(H, d_state=N, bidirectional=True).eval()
+    lengths = torch.tensor([30, 64])
+    x = torch.randn(2, 64, H)
+    with torch.no_grad():
+        y = layer(x, lengths=lengths)
+        for b, n in enumerate(lengths.tolist()):
+            alone = layer(x[b:b + 1, :n])
+            torch.testing.assert_close(y[b, :n], alone[0], rtol=1e-5, atol=1e-5)
+            assert torch.all(y[b, n:] == 0)
+    with pytest.raises(ValueError, match="bidirectional"):
+        layer.step_form()
+    u = torch.arange(10.0).view(1, 1, 10).repeat(2, 1, 1)
+    f = flip_within_lengths(u, torch.tensor([4, 10]))
+    assert f[0, 0].tolist() == [3, 2, 1, 0, 4, 5, 6, 7, 8, 9] and f[1, 0].tolist() == list(range(9, -1, -1))
+
+
+def test_kernel_dropout_only_in_training():
+    m = make("s4d", drop_kernel=0.5)
+    ref = make("s4d")
+    x = torch.randn(B, H, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x)[0], ref(x)[0], rtol=0, atol=0)
+        m.train()
+        a, b = m(x)[0], m(x)[0]
+    assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_output_dropout_tied_along_time(tie):
+    m = make("s4d", channels=2, dropout=0.5, tie_dropout=tie)
+    x = torch.randn(4, H, 64)
+    with torch.no_grad():
+        y_eval = m(x)[0]
+        torch.testing.assert_close(m(x)[0], y_eval, rtol=0, atol=0)       # eval: deterministic, no mask
+        m.train()
+        y = m(x)[0]
+    ratio = y / y_eval                                                     # the mask / (1 - p): 0 or 2
+    kept = ratio > 1.0
+    torch.testing.assert_close(ratio[kept], torch.full_like(ratio[kept], 2.0), rtol=1e-5, atol=1e-5)
+    assert ratio[~kept].abs().max() < 1e-6
+    constant_in_time = (kept == kept[..., :1]).all()
+    assert bool(constant_in_time) == tie
+
+
+def test_kernel_name_errors():
+    with pytest.raises(lrnnx_zoo.RegistryError, match="s4d"):
+        FFTConvS4(H, kernel_type="nope")
+    with pytest.raises(ValueError, match="alias"):
+        FFTConvS4(H, kernel_type="s4d", kernel="lru")
+    assert FFTConvS4(H, kernel="lru", d_state=4).kernel_type == "lru"
+    with pytest.raises(TypeError, match="S4DKernel"):
+        FFTConvS4(H, kernel_type="s4d", not_an_arg=1)
+    with pytest.raises(ValueError, match=r"\(batch, d_model=4, length\)"):
+        FFTConvS4(H, d_state=4)(torch.randn(2, 10, H + 1))
+
+
+def test_lru_kernel_matches_lru_layer():
+    torch.manual_seed(0)
+    lru = LRU(1, d_state=6)
+    k = LRUKernel(1, d_state=6)
+    with torch.no_grad():
+        k.nu_log.copy_(lru.nu_log[None])
+        k.theta_log.copy_(lru.theta_log[None])
+        k.gamma_log.copy_(lru.gamma_log[None])
+        k.B.copy_(torch.stack([lru.B_re[:, 0], lru.B_im[:, 0]], -1)[None])
+        k.C.copy_(torch.stack([lru.C_re[0], lru.C_im[0]], -1)[None, None])
+        x = torch.randn(2, 200, 1)
+        K = k(200)[0]                                                        # (1, 1, 200)
+        y_kernel = direct_conv(x.transpose(1, 2), K)[:, 0].transpose(1, 2) + lru.D * x
+        y_lru = lru(x)
+    assert rel_err(y_kernel, y_lru) < 1e-5
+
+
+def test_lru_kernel_matches_loop_recurrence():
+    torch.manual_seed(1)
+    k = LRUKernel(3, d_state=5, channels=2, r_min=0.5, r_max=0.99)
+    log_lam, Bn, Cm = (t.detach().to(torch.complex128) for t in k.discretize(torch.complex128))
+    lam = torch.exp(log_lam)
+    x0 = torch.randn(2, 3, 5, dtype=torch.complex128)
+    L = 60
+    # impulse response and zero-input response by running x_l = lam x_{l-1} (+ B at l = 0)
+    K_loop, Ks_loop, x, xs = [], [], Bn, x0
+    for _ in range(L):
+        xs = lam * xs
+        K_loop.append((Cm * x).sum(-1).real)
+        Ks_loop.append((Cm.unsqueeze(0) * xs.unsqueeze(1)).sum(-1).real)
+        x = lam * x
+    with torch.no_grad():
+        K, Ks = k(L, state=x0.to(torch.complex64))
+        u = torch.randn(2, 3, L)
+        s = k.forward_state(u, x0.to(torch.complex64))
+    s_loop = x0
+    for t in range(L):
+        s_loop = lam * s_loop + Bn * u[..., t].double().unsqueeze(-1)
+    assert rel_err(K.double(), torch.stack(K_loop, -1)) < 1e-5
+    assert rel_err(Ks.double(), torch.stack(Ks_loop, -1)) < 1e-5
+    assert rel_err(torch.view_as_real(s).double(), torch.view_as_real(s_loop)) < 1e-5
+    with pytest.raises(ValueError, match="rate=1.0"):
+        k(10, rate=2.0)
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_layer_with_channels_conv_matches_step(kind):
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("fftconv", H, d_state=N, kernel_type=kind, channels=3).eval()
+    form = layer.step_form()
+    assert form.d_input == H and form.d_output == H
+    assert all(not t.is_complex() for t in form.buffers())
+    x = torch.randn(B, 256, H)
+    with torch.no_grad():
+        y = layer(x)
+        cache = layer.allocate_inference_cache(B)
+        ys = []
+        for t in range(x.shape[1]):
+            y_t, cache = layer.step(x[:, t], cache)
+            ys.append(y_t)
+    assert y.shape == (B, 256, H)
+    assert rel_err(torch.stack(ys, 1), y) < 1e-4
+
+
+def test_kernel_step_form_without_D_gets_the_skip_added():
+    # A third-party kernel's step_form() may take no D: FFTConvS4 wraps it and adds D u itself.
+    m = make("lru", channels=2)
+    x = torch.randn(B, H, 30)
+    with torch.no_grad():
+        y = m(x)[0]
+        plain = m.kernel.step_form
+        m.kernel.step_form = lambda: plain()                                # hides the D parameter
+        m.setup_step()
+        s, ys = m.default_state(B), []
+        for t in range(x.shape[-1]):
+            y_t, s = m.step(x[..., t], s)
+            ys.append(y_t)
+    assert type(m._step).__name__ == "_SkipStepForm"
+    assert rel_err(torch.stack(ys, -1), y) < 1e-4
