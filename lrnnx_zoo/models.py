@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .hub import HubMixin
 from .registry import create_layer
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
@@ -124,7 +125,7 @@ class Block(nn.Module):
         return h + self.mix(self.layer(self.norm(h), lengths=lengths))
 
 
-class SequenceModel(nn.Module):
+class SequenceModel(HubMixin, nn.Module):
     """Sequence model on any registered layer.
 
     forward: x (B, L, d_input) -> (B, L, d_output), or (B, d_output) with pooling.

@@ -1,0 +1,426 @@
+"""Checkpoints in Hugging Face Hub format: save, load, push, and the models shipped with the package.
+
+A checkpoint is a folder (or a Hub repo) holding exactly:
+
+- ``config.json``: format version, library version, layer family, the plugin that provides it,
+  the :class:`~lrnnx_zoo.models.ModelConfig`, and provenance (task, dataset, metrics, command);
+- ``model.safetensors``: the ``state_dict``; pickled weights are never loaded;
+- ``README.md``: the model card (see :mod:`lrnnx_zoo.hub_card`).
+
+huggingface_hub does the transport (``snapshot_download`` with its cache, revisions and offline
+mode; ``HfApi.create_repo``/``upload_folder``) and the card metadata. We do not use its
+``ModelHubMixin``: it writes ``__init__`` kwargs as the config, makes a generic card, knows nothing
+of shipped checkpoints, and loads with ``strict=False``, which silently keeps random weights for
+any key the file lacks. Here loading is strict and every refusal says what to do.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import uuid
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+
+from . import __version__
+from .registry import DISABLE_AUTOLOAD_ENV, get_registry
+
+if TYPE_CHECKING:  # models.py imports this module for HubMixin
+    from .models import SequenceModel
+
+FORMAT_VERSION = 1
+LIBRARY = "lrnnx-zoo"
+CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
+CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found, read, or trusted; the message says what to do."""
+
+
+# -- shipped checkpoints -----------------------------------------------------------------------
+def checkpoints_root() -> Optional[Path]:
+    """Folder of the installed ``lrnnx_zoo.checkpoints`` package (None if it is not installed)."""
+    try:
+        return Path(str(resources.files("lrnnx_zoo.checkpoints")))
+    except ModuleNotFoundError:
+        return None
+
+
+def shipped_checkpoints() -> Dict[str, Path]:
+    root = checkpoints_root()
+    if root is None or not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / CONFIG_NAME).is_file()}
+
+
+def list_models(pattern: Optional[str] = None) -> List[str]:
+    """Names of the checkpoints shipped with the package, filtered by an fnmatch ``pattern``
+    (e.g. ``"digits-*"``, ``"*s4d*"``); pass a name to :func:`from_pretrained`."""
+    names = list(shipped_checkpoints())
+    return [n for n in names if pattern is None or fnmatch.fnmatchcase(n, pattern)]
+
+
+# -- resolving a name to a folder --------------------------------------------------------------
+def resolve_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, cache_dir: Optional[PathLike] = None,
+                       local_files_only: bool = False, token: Optional[Union[str, bool]] = None
+                       ) -> Tuple[Path, Dict[str, Any]]:
+    """Find a checkpoint folder: a local folder, else a shipped model, else a Hub repo (downloaded).
+
+    Returns (folder, source) where source records where it came from (and the resolved commit).
+    """
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(_pickle_message(str(path)))
+        raise CheckpointError(f"from_pretrained expects a checkpoint folder ({', '.join(CHECKPOINT_FILES)}), "
+                              f"got the file {path}; pass its folder {path.parent} instead")
+    shipped = shipped_checkpoints()
+    local = path.is_dir() or text in shipped
+    if local and revision is not None:
+        raise CheckpointError(f"revision={revision!r} applies to Hub repos, but {text!r} is a local or shipped "
+                              "checkpoint; drop revision or pass a Hub repo id")
+    if path.is_dir():
+        return path, {"type": "local", "path": str(path.resolve())}
+    if text in shipped:
+        return shipped[text], {"type": "shipped", "name": text, "path": str(shipped[text])}
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(text)
+    except Exception:
+        raise CheckpointError(f"no checkpoint {text!r}: it is not an existing folder, not a shipped model "
+                              f"({', '.join(shipped) or 'none installed'}), and not a valid Hub repo id "
+                              "('namespace/name'); check the path") from None
+    return _download(text, revision, cache_dir, local_files_only, token, list(shipped))
+
+
+def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike], local_files_only: bool,
+              token: Optional[Union[str, bool]], shipped: List[str]) -> Tuple[Path, Dict[str, Any]]:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
+                                        local_files_only=local_files_only, allow_patterns=list(CHECKPOINT_FILES),
+                                        library_name=LIBRARY, library_version=__version__))
+    except RepositoryNotFoundError as exc:
+        raise CheckpointError(
+            f"no checkpoint {repo_id!r}: not a local folder, not a shipped model ({', '.join(shipped) or 'none'}), "
+            f"and the Hub at {constants.ENDPOINT} has no such repo (if it is private or gated, pass token=)") from exc
+    except RevisionNotFoundError as exc:
+        raise CheckpointError(f"Hub repo {repo_id!r} has no revision {revision!r}; pass a branch, tag or "
+                              "commit id that exists (revision=None for main)") from exc
+    except LocalEntryNotFoundError as exc:
+        where = f"{repo_id!r} at revision {revision or 'main'} is not in the Hub cache"
+        if local_files_only or constants.HF_HUB_OFFLINE:
+            why = "local_files_only=True" if local_files_only else "offline mode (HF_HUB_OFFLINE)"
+            raise CheckpointError(f"{where} and {why} forbids downloading it; download it once online, or pass "
+                                  "cache_dir= where it is cached") from exc
+        raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({', '.join(shipped) or 'none'}), "
+                              f"and the Hub at {constants.ENDPOINT} could not be reached ({exc.__cause__ or exc}); "
+                              "check the name, or your connection / HF_ENDPOINT") from exc
+    commit = folder.name if len(folder.name) == 40 else None
+    source = {"type": "hub", "repo_id": repo_id, "revision": revision or "main", "commit": commit,
+              "path": str(folder)}
+    if not all((folder / f).is_file() for f in (CONFIG_NAME, WEIGHTS_NAME)):
+        files = _remote_files(repo_id, commit or revision, token) if not (
+            local_files_only or constants.HF_HUB_OFFLINE) else None
+        _check_present(f"Hub repo {repo_id!r} at {commit or revision or 'main'}",
+                       files if files is not None else _listing(folder))
+    return folder, source
+
+
+def _remote_files(repo_id: str, revision: Optional[str], token: Any) -> Optional[List[str]]:
+    from huggingface_hub import HfApi
+    try:
+        return HfApi(token=token).list_repo_files(repo_id, revision=revision)
+    except Exception:  # only used to word an error; the cached listing is the fallback
+        return None
+
+
+def _listing(folder: Path) -> List[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def _pickle_message(file: str, where: str = "") -> str:
+    return (f"refusing to load {file}{where}: pickled weights ({Path(file).suffix}) can run arbitrary code when "
+            "loaded. lrnnx-zoo loads only model.safetensors. If you trust the file, convert it once: "
+            "`sd = torch.load(PATH, weights_only=True); safetensors.torch.save_file(sd, 'model.safetensors')`, "
+            "or rebuild the model and call model.save_pretrained(DIR)")
+
+
+def _check_present(where: str, files: List[str]) -> None:
+    """Raise if config.json or model.safetensors is missing from ``files``, naming what is there."""
+    listed = ", ".join(files) or "nothing"
+    if CONFIG_NAME not in files:
+        raise CheckpointError(f"{where} has no {CONFIG_NAME}, so it is not an lrnnx-zoo checkpoint; it holds: "
+                              f"{listed}. Save checkpoints with model.save_pretrained(DIR)")
+    if WEIGHTS_NAME not in files:
+        pickles = [f for f in files if Path(f).suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise CheckpointError(_pickle_message(pickles[0], f" in {where}") + f"; it holds: {listed}")
+        raise CheckpointError(f"{where} has no {WEIGHTS_NAME}; it holds: {listed}")
+
+
+# -- loading -----------------------------------------------------------------------------------
+def read_config(folder: Path) -> Dict[str, Any]:
+    """Parse and check ``folder/config.json`` (presence, JSON, library, format version)."""
+    _check_present(str(folder), _listing(folder))
+    path = folder / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); re-save or re-download the checkpoint") from exc
+    if not isinstance(config, dict) or config.get("library") != LIBRARY:
+        got = config.get("library") if isinstance(config, dict) else type(config).__name__
+        raise CheckpointError(f"{path} is not an lrnnx-zoo config (library={got!r}, expected {LIBRARY!r})")
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: format_version must be an int, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {version} (written by lrnnx-zoo {config.get('library_version')}); this "
+            f"lrnnx-zoo {__version__} reads format_version <= {FORMAT_VERSION}. Upgrade: pip install -U lrnnx-zoo")
+    if not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{path} has no 'model' section (the ModelConfig); re-save the checkpoint")
+    return config
+
+
+def _layer_name(config: Dict[str, Any], path: Path) -> str:
+    """The registered layer to build, after checking an installed plugin provides the family."""
+    layer = config["model"].get("layer", "")
+    family = config.get("family") or layer.rpartition(":")[2]
+    plugin = config.get("plugin") or {}
+    reg = get_registry()
+    owners = [e.plugin for e in reg._layers.get(family, [])]
+    if not owners:
+        name, dist = plugin.get("name"), plugin.get("distribution")
+        msg = (f"{path} needs the layer family {family!r} from plugin {name!r} "
+               f"(distribution {dist or 'not recorded'} {plugin.get('version') or ''}), but no installed plugin "
+               f"provides it (layers available: {', '.join(sorted(reg._layers)) or 'none'}).")
+        info = reg.plugins.get(name) if name else None
+        if info is not None and info.error:
+            msg += f" Plugin {name!r} is installed but failed to load: {info.error.strip().splitlines()[0]}" \
+                   " (see `lrnnx-zoo plugins`)."
+        elif dist:
+            msg += f" Install it: pip install {dist}, then restart Python or call lrnnx_zoo.reload_plugins()."
+        else:
+            msg += " Install the package that provides that plugin, or register it with lrnnx_zoo.register_plugin."
+        if os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() in ("1", "true", "yes"):
+            msg += f" Note: {DISABLE_AUTOLOAD_ENV} is set, so third-party plugins are not loaded."
+        raise CheckpointError(msg)
+    if ":" not in layer and len(owners) > 1 and plugin.get("name") in owners:
+        return f"{plugin['name']}:{family}"  # several plugins claim the name: take the recorded one
+    return layer
+
+
+def _read_weights(path: Path) -> Dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({exc}); re-save it with "
+                              "model.save_pretrained, or if it came from the Hub delete its cached copy "
+                              "(see `hf cache --help`) and load it again") from exc
+
+
+def _check_state(expected: Dict[str, Any], found: Dict[str, Any], path: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{k}: file {tuple(found[k].shape)} vs config {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(found)) if tuple(found[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"missing keys {missing}"] if missing else []
+        parts += [f"unexpected keys {unexpected}"] if unexpected else []
+        parts += [f"shapes that disagree with config.json: {'; '.join(shapes)}"] if shapes else []
+        raise CheckpointError(f"{path} does not match the model its config.json describes: " + "; ".join(parts)
+                              + ". The weights and the config come from different models; re-save them together "
+                              "with model.save_pretrained(DIR)")
+
+
+def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "SequenceModel":
+    """Build the model a checkpoint folder describes and load its weights strictly (eval mode)."""
+    from .models import ModelConfig, SequenceModel
+
+    config = read_config(folder)
+    layer = _layer_name(config, folder / CONFIG_NAME)
+    try:
+        model_config = ModelConfig.from_dict({**config["model"], "layer": layer})
+        model = SequenceModel(model_config)
+    except (TypeError, ValueError, LookupError) as exc:
+        raise CheckpointError(f"cannot build the model described by {folder / CONFIG_NAME}: {exc}") from exc
+    tensors = _read_weights(folder / WEIGHTS_NAME)
+    _check_state(model.state_dict(), tensors, folder / WEIGHTS_NAME)
+    model.load_state_dict(tensors, strict=True)
+    model.eval()
+    model.checkpoint_info = {**config, "source": source or {"type": "local", "path": str(folder.resolve())}}
+    return model
+
+
+def from_pretrained(name_or_path: PathLike, revision: Optional[str] = None, cache_dir: Optional[PathLike] = None,
+                    local_files_only: bool = False, token: Optional[Union[str, bool]] = None) -> "SequenceModel":
+    """Load a :class:`~lrnnx_zoo.models.SequenceModel` from a folder, a shipped name or a Hub repo id.
+
+    Looked up in that order; Hub repos download through huggingface_hub (its cache, ``revision``,
+    ``local_files_only``, ``token``, ``HF_HUB_OFFLINE``). The model is returned in eval mode with
+    ``model.checkpoint_info`` = the parsed config.json plus ``"source"`` (path, or repo id and commit).
+    """
+    folder, source = resolve_checkpoint(name_or_path, revision, cache_dir, local_files_only, token)
+    return load_checkpoint(folder, source)
+
+
+# -- saving ------------------------------------------------------------------------------------
+def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any = None,
+                      metrics: Optional[Dict[str, Any]] = None, command: Optional[str] = None,
+                      notes: Optional[str] = None) -> Dict[str, Any]:
+    """The config.json dict for ``model`` (a SequenceModel) with the given provenance."""
+    layer = model.config.layer
+    prefix, _, family = layer.rpartition(":")
+    reg = get_registry()
+    owners = [e.plugin for e in reg._layers.get(family, []) if not prefix or e.plugin == prefix]
+    name = owners[0] if owners else (prefix or None)
+    info = reg.plugins.get(name) if name else None
+    return {"format_version": FORMAT_VERSION, "library": LIBRARY, "library_version": __version__,
+            "family": family,
+            "plugin": {"name": name, "distribution": info.distribution if info else None,
+                       "version": info.version if info else None},
+            "model": model.config.to_dict(), "task": task, "dataset": dataset, "metrics": metrics,
+            "command": command, "notes": notes}
+
+
+def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, Any], name: str) -> None:
+    """Write the three files into ``folder`` (a fresh temporary folder) and flush them to disk."""
+    import safetensors.torch
+    from .hub_card import build_card
+
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    # clone: safetensors refuses tensors that share storage, and the file must not alias live params
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(tensors, str(folder / WEIGHTS_NAME),
+                                metadata={"format": "pt", "library": LIBRARY, "family": config["family"]})
+    card = build_card(config, name, sum(p.numel() for p in model.parameters()))
+    card.save(folder / CARD_NAME)
+    for f in CHECKPOINT_FILES:
+        with open(folder / f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link (or copy) files of ``old`` that are not checkpoint files into ``new``, so saving over
+    a folder never deletes a user's other files there, and ``old`` stays intact until the swap."""
+    for entry in old.iterdir():
+        if entry.name in CHECKPOINT_FILES:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(new / entry.name))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def save_checkpoint(model: "SequenceModel", save_directory: PathLike, *, name: Optional[str] = None,
+                    **meta: Any) -> Path:
+    """Atomically write ``model`` as a checkpoint folder (see :meth:`HubMixin.save_pretrained`)."""
+    target = Path(save_directory).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"save_directory {target} is a file; pass a folder (it is created if missing)")
+    if Path.cwd().absolute().is_relative_to(target) and target.exists():
+        raise CheckpointError(f"cannot save over {target}: it holds the current working directory, and saving "
+                              "swaps the folder; save to a subfolder instead")
+    config = checkpoint_config(model, **meta)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp, old = target.with_name(f".{target.name}.tmp-{tag}"), target.with_name(f".{target.name}.old-{tag}")
+    tmp.mkdir()
+    try:
+        _write_checkpoint(model, tmp, config, name or target.name)
+        if target.exists():
+            _carry_over(target, tmp)
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None, private: bool = False,
+                      commit_message: Optional[str] = None, revision: Optional[str] = None) -> Any:
+    """Create ``repo_id`` if needed (and branch ``revision``) and upload the checkpoint files in one commit."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)  # endpoint: HF_ENDPOINT
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision not in (None, "main"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    message = commit_message or f"Upload lrnnx-zoo {__version__} checkpoint"
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=list(CHECKPOINT_FILES),
+                             commit_message=message, revision=revision)
+
+
+class HubMixin:
+    """save_pretrained / push_to_hub / from_pretrained for :class:`~lrnnx_zoo.models.SequenceModel`."""
+
+    def save_pretrained(self, save_directory: PathLike, *, task: Any = None, dataset: Any = None,
+                        metrics: Optional[Dict[str, Any]] = None, command: Optional[str] = None,
+                        notes: Optional[str] = None, push_to_hub: bool = False,
+                        repo_id: Optional[str] = None) -> Any:
+        """Write config.json, model.safetensors and README.md into ``save_directory``.
+
+        Atomic: the files are written into a temporary sibling folder that replaces the old one only
+        once complete, so an interrupted save leaves any previous checkpoint there intact. Other
+        files already in the folder are kept. ``task`` (str or dict), ``dataset`` (dict: name,
+        source, split), ``metrics`` (name -> number), ``command`` (reproduces the model) and
+        ``notes`` go into config.json and the card. With ``push_to_hub=True`` the folder is then
+        uploaded to ``repo_id`` (default: the folder name) and the commit info is returned;
+        otherwise the folder's path.
+        """
+        meta = dict(task=task, dataset=dataset, metrics=metrics, command=command, notes=notes)
+        folder = save_checkpoint(self, save_directory, name=repo_id, **meta)
+        if not push_to_hub:
+            return folder
+        return upload_checkpoint(folder, repo_id or folder.name)
+
+    def push_to_hub(self, repo_id: str, *, token: Optional[str] = None, private: bool = False,
+                    commit_message: Optional[str] = None, revision: Optional[str] = None) -> Any:
+        """Upload this model to the Hub repo ``repo_id`` (created if needed); returns the CommitInfo.
+
+        Task, dataset, metrics and command come from ``self.checkpoint_info`` (set by
+        from_pretrained); to publish new ones use ``save_pretrained(DIR, ..., push_to_hub=True)``.
+        """
+        import tempfile
+        info = getattr(self, "checkpoint_info", None) or {}
+        meta = {k: info.get(k) for k in ("task", "dataset", "metrics", "command", "notes")}
+        with tempfile.TemporaryDirectory(prefix="lrnnx-zoo-push-") as tmp:
+            folder = save_checkpoint(self, Path(tmp) / "checkpoint", name=repo_id, **meta)
+            return upload_checkpoint(folder, repo_id, token=token, private=private,
+                                     commit_message=commit_message, revision=revision)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: PathLike, revision: Optional[str] = None,
+                        cache_dir: Optional[PathLike] = None, local_files_only: bool = False,
+                        token: Optional[Union[str, bool]] = None) -> "SequenceModel":
+        """Same as :func:`lrnnx_zoo.from_pretrained`."""
+        return from_pretrained(name_or_path, revision, cache_dir, local_files_only, token)

@@ -1,0 +1,128 @@
+"""The model card (README.md) of a checkpoint: Hub metadata up front, then what a reader needs.
+
+The YAML front matter is built with huggingface_hub's ``ModelCardData`` / ``EvalResult`` so the
+Hub indexes it (library, tags, datasets, a ``model-index`` with the metrics); the body is ours:
+task, data and split, metrics, the command that made it, how to load it and how to export it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+TAGS = ("state-space-model", "linear-recurrence", "lrnnx-zoo")
+
+
+def task_name(task: Any) -> Optional[str]:
+    """A task given as a string or as a dict with "name"/"type" -> its name (None if not given)."""
+    if task is None or isinstance(task, str):
+        return task
+    if isinstance(task, dict):
+        return task.get("name") or task.get("type")
+    return str(task)
+
+
+def dataset_name(dataset: Any) -> Optional[str]:
+    if dataset is None or isinstance(dataset, str):
+        return dataset
+    return dataset.get("name") if isinstance(dataset, dict) else str(dataset)
+
+
+def scalar_metrics(metrics: Optional[Dict[str, Any]]) -> Dict[str, float]:
+    """The numeric entries of a metrics dict, in their order (the card lists only these)."""
+    out: Dict[str, float] = {}
+    for key, value in (metrics or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
+def headline_metric(metrics: Optional[Dict[str, Any]]) -> Optional[str]:
+    """The metric to show in one line: the first test metric, else the first numeric one."""
+    numeric = scalar_metrics(metrics)
+    if not numeric:
+        return None
+    key = next((k for k in numeric if k.startswith("test")), next(iter(numeric)))
+    return f"{key}={numeric[key]:.4g}"
+
+
+def build_card(config: Dict[str, Any], name: str, n_parameters: Optional[int] = None) -> Any:
+    """A ``huggingface_hub.ModelCard`` for the checkpoint described by ``config`` (config.json's dict).
+
+    ``name`` is what users pass to ``from_pretrained``: a shipped model name or a Hub repo id.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    family = config["family"]
+    task, data = task_name(config.get("task")), dataset_name(config.get("dataset"))
+    metrics = scalar_metrics(config.get("metrics"))
+    evals = None
+    if metrics and task and data:  # model-index needs all three
+        evals = [EvalResult(task_type=task, dataset_type=data, dataset_name=data, metric_type=k,
+                            metric_value=v, dataset_split="test" if k.startswith("test") else None)
+                 for k, v in metrics.items()]
+    card_data = ModelCardData(
+        library_name="lrnnx-zoo", tags=[family, *TAGS] + ([task] if task else []),
+        datasets=[data] if data else None, metrics=list(metrics) or None,
+        model_name=name if evals else None, eval_results=evals)
+    body = "\n".join(_body(config, name, n_parameters))
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+def _body(cfg: Dict[str, Any], name: str, n_parameters: Optional[int]) -> List[str]:
+    model, plugin = cfg["model"], cfg.get("plugin") or {}
+    size = f", {n_parameters:,} parameters" if n_parameters is not None else ""
+    origin = plugin.get("distribution") or "registered in code"
+    lines = [f"# {name}", "",
+             f"A sequence model on the `{cfg['family']}` layer: {model['n_layers']} residual blocks of width "
+             f"{model['d_model']}{size}, made with lrnnx-zoo {cfg.get('library_version')}. The layer comes "
+             f"from the plugin `{plugin.get('name')}` ({origin} {plugin.get('version') or ''}).".replace(" )", ")"),
+             "", "## Task", ""]
+    shape_out = ("one output of width {d} per sequence ({p} pooling)".format(d=model["d_output"], p=model["pooling"])
+                 if model.get("pooling") else f"one output of width {model['d_output']} per time step")
+    lines += [f"{task_name(cfg.get('task')) or 'Not recorded.'}", "",
+              f"Input: sequences of shape (batch, length, {model['d_input']}); output: {shape_out}.", ""]
+    lines += ["## Data and split", ""] + _describe(cfg.get("dataset")) + [""]
+    lines += ["## Metrics", ""]
+    metrics = cfg.get("metrics") or {}
+    if metrics:
+        lines += ["| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    else:
+        lines.append("Not recorded.")
+    lines += ["", "## How it was made", ""]
+    command = cfg.get("command")
+    lines += ["Reproduce it with:", "", "```bash", command, "```"] if command else ["The command was not recorded."]
+    if cfg.get("notes"):
+        lines += ["", "## Notes", "", str(cfg["notes"])]
+    lines += ["", "## How to load it", "", "```python", "import lrnnx_zoo", "",
+              f'model = lrnnx_zoo.from_pretrained("{name}")  # eval mode, weights checked strictly',
+              "```", "", "## Export", "",
+              "A recurrent step graph (x_t, state) -> (y_t, state') for ONNX Runtime:", "",
+              "```bash", f"lrnnx-zoo export {name} --format onnx --out DIR", "```", "",
+              "## Configuration", "", "```json", json.dumps(model, indent=2, sort_keys=True), "```", ""]
+    return lines
+
+
+def _describe(dataset: Any) -> List[str]:
+    if not dataset:
+        return ["Not recorded."]
+    if not isinstance(dataset, dict):
+        return [str(dataset)]
+    lines = []
+    for key, value in dataset.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} = {v}" for k, v in value.items())
+        lines.append(f"- {key}: {value}")
+    return lines
+
+
+def card_metrics(readme: Path) -> Dict[str, Any]:
+    """The metrics recorded in a model card's ``model-index`` (empty if none or no card)."""
+    from huggingface_hub import ModelCard
+
+    if not readme.is_file():
+        return {}
+    card = ModelCard.load(readme, ignore_metadata_errors=True)
+    return {r.metric_type: r.metric_value for r in (card.data.eval_results or [])}
