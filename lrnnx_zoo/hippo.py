@@ -18,7 +18,7 @@ Conventions used throughout this module:
   ``M = A + P^T P`` is normal; for every supported measure ``M = c I + S`` with ``S`` real
   skew-symmetric and ``c`` a real scalar ([S4] Theorem 1).
 * ``nplr`` diagonalises ``M`` unitarily and keeps one eigenvalue of each conjugate pair
-  ([S4] Sec. 3.3 / Appendix C.1). With the half-size factors ``w: (N/2,)``, ``P: (rank, N/2)``,
+  ([S4] Sec. 3.2-3.3). With the half-size factors ``w: (N/2,)``, ``P: (rank, N/2)``,
   ``B: (N/2,)``, ``V: (N, N/2)``, re-expand with conjugates::
 
       V_full = cat([V, V.conj()], -1)          # (N, N), unitary
@@ -92,20 +92,20 @@ def transition(measure: str, N: int, **measure_args) -> tuple[Tensor, Tensor]:
 
     Measures:
 
-    * ``legs`` (scaled Legendre, [HiPPO] eq. 2 / Theorem 2, [S4] eq. 2)::
+    * ``legs`` (scaled Legendre, [HiPPO] Theorem 2, [S4] eq. 2)::
 
           A_nk = -sqrt(2n+1) sqrt(2k+1)  (n > k),   -(n+1)  (n = k),   0  (n < k)
           B_n  = sqrt(2n+1)
 
-    * ``legt`` (translated Legendre on a sliding window; [HiPPO] Appendix D.1, LMU form)::
+    * ``legt`` (translated Legendre on a sliding window; [HiPPO] Theorem 1, LMU form)::
 
           A_nk = -1/2 sqrt(2n+1) sqrt(2k+1) * (1 if n >= k else (-1)^(n-k))
           B_n  =  1/2 sqrt(2n+1)
 
-      This is the LMU matrix with window theta = 2 after the similarity transform
-      ``diag((-1)^n sqrt(2n+1))`` that symmetrises its magnitude (the S4 normalisation, which
-      halves the theta = 1 matrices so that dt has the same meaning as for ``legs``).
-    * ``lagt`` (Laguerre, exponentially decaying measure ``beta exp(-beta y)``, [HiPPO] D.2)::
+      This is ``T A_LMU T^{-1}``, ``T B_LMU`` with ``T = diag((-1)^n / sqrt(2n+1))`` for the LMU
+      matrices (Voelker et al. 2019) with window theta = 2, i.e. the theta = 1 matrices halved:
+      the normalisation used by the S4 reference implementation.
+    * ``lagt`` (Laguerre, exponentially decaying measure ``beta exp(-beta y)``, [HiPPO] Theorem 1)::
 
           A = -beta * tril(ones(N, N)),   B = beta * ones(N)
 
@@ -120,8 +120,9 @@ def transition(measure: str, N: int, **measure_args) -> tuple[Tensor, Tensor]:
 
           A_nk = (-gamma [n = k] - [n > k]) h_k / h_n,   B_n = binom(n+alpha, n) / h_n
 
-      derived from ``d/dy L_n^(alpha) = -sum_{k<n} L_k^(alpha)`` and ``L_n^(alpha)(0) = binom(n+alpha, n)``.
-    * ``fourier`` (FouT, [HTTYH] Sec. 4; window [t-1, t], basis ``1, sqrt2 cos(2 pi m y),
+      derived from ``d/dy L_n^(alpha) = -sum_{k<n} L_k^(alpha)`` and
+      ``L_n^(alpha)(0) = binom(n+alpha, n)`` (any constant input gain is left to C).
+    * ``fourier`` (FouT in [HTTYH]; window [t-1, t], basis ``1, sqrt2 cos(2 pi m y),
       sqrt2 sin(2 pi m y)`` laid out as ``[c_0, cos_1, sin_1, cos_2, sin_2, ...]`` truncated to N)::
 
           A = S - B B^T,   S[cos_m, sin_m] = -2 pi m,   S[sin_m, cos_m] = 2 pi m
@@ -297,7 +298,7 @@ def _skew_eig_half(S: Tensor) -> tuple[Tensor, Tensor]:
 def nplr(measure: str, N: int, rank: int = 1, dtype: torch.dtype = torch.float,
          diagonalize_precision: bool = True,
          **measure_args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Normal-plus-low-rank factors of a HiPPO matrix, halved over conjugate pairs ([S4] Sec. 3.3).
+    """Normal-plus-low-rank factors of a HiPPO matrix, halved over conjugate pairs ([S4] Sec. 3.2).
 
     With ``M = A + P^T P = c I + S`` (``P`` from :func:`rank_correction`, ``S`` skew), ``S`` is
     unitarily diagonalised; since A is real the spectrum is closed under conjugation and only

@@ -1,19 +1,20 @@
 """Cauchy kernels: ``out[..., l] = sum_n v[..., n] / (z[l] - w[..., n])``.
 
-S4 evaluates its generating function through a Cauchy matrix-vector product at L nodes z
-([S4] Gu, Goel, Ré 2022, Sec. 3.3, eqs. (5)-(6) and Lemma C.3). Since the diagonal part of a real
-state matrix comes in conjugate pairs, S4 keeps only one of each pair and adds the conjugate
-term back analytically; :func:`cauchy_conj_torch` / :func:`cauchy_conj_keops` do that with one
-complex division per (n, l) instead of two:
+S4 evaluates the generating function of its convolution kernel ([S4] Gu, Goel, Ré 2022,
+eq. (5)) through a Cauchy matrix-vector product at L nodes z ([S4] Sec. 3.3, Appendix C.3).
+Since the diagonal part of a real state matrix comes in conjugate pairs, S4 keeps only one of
+each pair and adds the conjugate term back analytically; :func:`cauchy_conj_torch` and
+:func:`cauchy_conj_keops` do that with one complex division per (n, l) instead of two:
 
     v/(z-w) + conj(v)/(z-conj(w)) = (a z - b) / ((z - w)(z - conj(w))),
     a = 2 Re(v),  b = 2 Re(v conj(w)).                                              (*)
 
 Backends:
 
-* ``torch``: evaluated in blocks of the L axis so that at most ~64 MB of (batch, N, block)
-  intermediates exist at a time; custom autograd functions compute the gradients block by block
-  as well (they are themselves Cauchy-type sums), so training memory is bounded too.
+* ``torch``: evaluated in blocks of the L axis so that each (batch, N, block) intermediate stays
+  under ``DEFAULT_BLOCK_BYTES`` (4 MB: cache-sized blocks measured ~2x faster than 64 MB ones
+  on CPU); custom autograd functions compute the gradients block by block as well (they are
+  themselves Cauchy-type sums), so training memory is bounded too.
 * ``keops``: a pykeops ``Genred`` sum over n that never materialises the (N, L) matrix;
   gradients come from keops' symbolic differentiation.
 """
@@ -40,10 +41,12 @@ __all__ = [
 
 BACKENDS = ("auto", "torch", "keops")
 #: Budget for one materialised (batch, N, block) complex intermediate in the torch backends.
-DEFAULT_BLOCK_BYTES = 64 * 2**20
-#: "auto" switches to keops when batch * N * L reaches this many terms (and keops works).
-#: Measured on a 2-core CPU (benchmarks/bench_cauchy.py): see the comment in cauchy_conj.
-KEOPS_AUTO_THRESHOLD = 2**24
+DEFAULT_BLOCK_BYTES = 4 * 2**20
+#: "auto" switches to keops when batch * N * L reaches this many terms (and keops works). On a
+#: 2-core CPU (one thread) keops was 0.7x-1.3x torch's time below ~2^19 terms and 10-20% faster
+#: above it (forward and backward), using O(output) memory; 2^22 also keeps toy problems clear
+#: of keops' few-second first-use compilation.
+KEOPS_AUTO_THRESHOLD = 2**22
 
 
 def _complex_dtype(*ts: Tensor) -> torch.dtype:
@@ -98,9 +101,14 @@ class _Cauchy(torch.autograd.Function):
         ctx.save_for_backward(v, z, w)
         ctx.block = block
         out = v.new_empty(v.shape[0], z.shape[0])
+        vrow, wcol = v[:, None, :], w[:, :, None]
+        buf = None
         for s, e in _spans(z.shape[0], block):
-            r = (z[s:e] - w[:, :, None]).reciprocal_()
-            out[:, s:e] = (v[:, None, :] @ r)[:, 0]
+            # Reusing one block buffer avoids a fresh multi-MB allocation (and page faults) per block.
+            if buf is None or buf.shape[-1] != e - s:
+                buf = v.new_empty(v.shape[0], v.shape[1], e - s)
+            torch.sub(z[s:e], wcol, out=buf).reciprocal_()
+            out[:, s:e] = torch.bmm(vrow, buf)[:, 0]
         return out
 
     @staticmethod
@@ -141,11 +149,17 @@ class _CauchyConj(torch.autograd.Function):
         ctx.block = block
         ab = torch.stack([a, b], dim=1).to(w.dtype)  # (Bt, 2, N): one batched matmul per block
         out = w.new_empty(w.shape[0], z.shape[0])
-        wc = w.conj()
+        wcol, wccol = w[:, :, None], w.conj()[:, :, None]
+        q = tmp = None
         for s, e in _spans(z.shape[0], block):
+            if q is None or q.shape[-1] != e - s:  # reuse block buffers, see _Cauchy.forward
+                q = w.new_empty(w.shape[0], w.shape[1], e - s)
+                tmp = torch.empty_like(q)
             zb = z[s:e]
-            q = ((zb - w[:, :, None]) * (zb - wc[:, :, None])).reciprocal_()
-            sa, sb = (ab @ q).unbind(1)
+            torch.sub(zb, wcol, out=q)
+            torch.sub(zb, wccol, out=tmp)
+            q.mul_(tmp).reciprocal_()
+            sa, sb = torch.bmm(ab, q).unbind(1)
             out[:, s:e] = zb * sa - sb
         return out
 
@@ -197,7 +211,7 @@ def cauchy_torch(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int] = No
         z: (L,) complex nodes, shared by all batch entries.
         w: (..., N) complex poles; batch dims broadcast with v's.
         chunk_size: number of z nodes per block; default keeps each (batch, N, block)
-            intermediate under ``DEFAULT_BLOCK_BYTES`` (64 MB).
+            intermediate under ``DEFAULT_BLOCK_BYTES`` (4 MB).
 
     Returns:
         (..., L) in the promoted complex dtype (complex64 for float32 inputs). Differentiable
@@ -237,11 +251,11 @@ def _keops_conj_reduction():
         with quiet_keops():
             from pykeops.torch import Genred
 
-            # Identity (*): real a, b per pole; complex numbers are (re, im) pairs of dim 2.
+            # Identity (*); complex numbers are (re, im) pairs of dim 2. a and b are real but are
+            # passed as complex: keops 2.3 cannot differentiate ComplexRealScal/Real2Complex.
             _KEOPS_CONJ = Genred(
-                "ComplexDivide(ComplexRealScal(a, z) - Real2Complex(b),"
-                " ComplexMult(z - w, z - Conj(w)))",
-                ["a = Vj(1)", "b = Vj(1)", "w = Vj(2)", "z = Vi(2)"],
+                "ComplexDivide(ComplexMult(a, z) - b, ComplexMult(z - w, z - Conj(w)))",
+                ["a = Vj(2)", "b = Vj(2)", "w = Vj(2)", "z = Vi(2)"],
                 reduction_op="Sum",
                 axis=1,
             )
@@ -258,8 +272,9 @@ def cauchy_conj_keops(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
     require_keops('cauchy_conj(backend="keops")')
     v2, z2, w2, batch = _prepare(v, z, w, "cauchy_conj_keops")
     rows, L = v2.shape[0], z2.shape[0]
-    a = (2 * v2.real).contiguous()[..., None]
-    b = (2 * (v2 * w2.conj()).real).contiguous()[..., None]
+    zero = torch.zeros_like(v2.real)
+    a = torch.stack([2 * v2.real, zero], dim=-1)  # (rows, N, 2) = 2 Re(v) + 0i
+    b = torch.stack([2 * (v2 * w2.conj()).real, zero], dim=-1)
     wr = torch.view_as_real(w2.contiguous())
     zr = torch.view_as_real(z2.contiguous())[None]  # (1, L, 2): keops broadcasts batch dims
     red = _keops_conj_reduction()

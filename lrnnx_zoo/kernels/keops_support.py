@@ -101,9 +101,11 @@ def _probe() -> tuple[bool, Optional[str]]:
         got = torch.view_as_complex(out.reshape(3, 2).contiguous())
         ref = (v[None, :] / (z[:, None] - w[None, :])).sum(-1)
         if not torch.allclose(got, ref, rtol=1e-4, atol=1e-5):
-            return False, f"pykeops test kernel returned wrong values ({got.tolist()} vs {ref.tolist()})"
+            return False, (f"pykeops test kernel returned wrong values "
+                           f"({got.tolist()} vs {ref.tolist()})")
         return True, None
-    except BaseException as exc:  # noqa: BLE001 - compiler failures surface as anything, even SystemExit
+    # A failing build can surface as any exception, even SystemExit from a subprocess wrapper.
+    except BaseException as exc:  # noqa: BLE001
         if isinstance(exc, KeyboardInterrupt):
             raise
         msg = str(exc).strip().splitlines()
