@@ -1,0 +1,116 @@
+"""Step-graph runtimes side by side, per registered family (a benchmark, not a timed test).
+
+Model: 4 blocks, d_model=128, d_state=64, d_input=d_output=16, sequence to sequence.
+Columns:
+- per-step latency at batch 1 (median of single steps): ONNX Runtime step graph through
+  OnnxStreamer, the model's eager ``SequenceModel.step``, the traced TorchScript step, the
+  torch.export (.pt2) step; ratios eager/ONNX and TorchScript/ONNX;
+- tokens/s at batch 64 (ONNX step graph, and eager step);
+- a 4096-step sequence at batch 1: streamed through the ONNX step graph vs the model's
+  convolution-mode forward of the whole sequence.
+Torch runs single-threaded like ONNX Runtime (one stream of tiny steps; see validate.one_torch_thread).
+
+    python benchmarks/bench_export.py [--steps 500] [--families lru s4d] [--compare-exporters]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+import lrnnx_zoo
+from lrnnx_zoo.export import OnnxStreamer, to_onnx, to_torch_export, to_torchscript
+from lrnnx_zoo.export.latency import onnx_latency, time_steps, torch_latency
+from lrnnx_zoo.export.torchscript_export import load_torch_export, load_torchscript
+
+
+def build(layer: str) -> lrnnx_zoo.SequenceModel:
+    torch.manual_seed(0)
+    cfg = lrnnx_zoo.ModelConfig(layer=layer, d_input=16, d_output=16, d_model=128, n_layers=4,
+                                layer_kwargs={"d_state": 64}, pooling=None)
+    return lrnnx_zoo.SequenceModel(cfg).eval()
+
+
+@torch.no_grad()
+def eager_latency(model: lrnnx_zoo.SequenceModel, batch: int, steps: int) -> float:
+    cache = model.allocate_inference_cache(batch)
+    x = torch.randn(batch, model.config.d_input)
+    return time_steps(lambda: model.step(x, cache), steps)["median_us"]
+
+
+def bench_family(layer: str, tmp: Path, steps: int, compare: bool) -> Dict[str, float]:
+    model = build(layer)
+    r = {}
+    onnx_res = to_onnx(model, tmp / f"{layer}.onnx")
+    ts_res = to_torchscript(model, tmp / f"{layer}.ts")
+    pt2_res = to_torch_export(model, tmp / f"{layer}.pt2")
+    r["nodes"] = onnx_res.graph["nodes"]
+    r["kib"] = onnx_res.graph["bytes"] / 1024
+    r["err"] = max(res.validation.max_abs_error for res in (onnx_res, ts_res, pt2_res))
+    r["onnx_us"] = onnx_latency(onnx_res.path, 1, steps)["median_us"]
+    r["eager_us"] = eager_latency(model, 1, steps)
+    r["ts_us"] = torch_latency(load_torchscript(ts_res.path), 16, ts_res.state_size, 1, steps)["median_us"]
+    r["pt2_us"] = torch_latency(load_torch_export(pt2_res.path), 16, pt2_res.state_size, 1, steps)["median_us"]
+    r["onnx_tok_s_b64"] = 64e6 / onnx_latency(onnx_res.path, 64, max(steps // 5, 50))["median_us"]
+    r["eager_tok_s_b64"] = 64e6 / eager_latency(model, 64, max(steps // 5, 50))
+    x = torch.randn(1, 4096, 16)
+    streamer = OnnxStreamer(onnx_res.path)
+    stream_s, conv_s = [], []
+    for _ in range(3):
+        streamer.reset(1)
+        t0 = time.perf_counter()
+        streamer.run(x)
+        stream_s.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            model(x)
+            conv_s.append(time.perf_counter() - t0)
+    r["stream4096_ms"] = 1e3 * min(stream_s)
+    r["conv4096_ms"] = 1e3 * min(conv_s)
+    if compare:
+        legacy = to_onnx(model, tmp / f"{layer}-legacy.onnx", exporter="legacy")
+        r["legacy_nodes"] = legacy.graph["nodes"]
+        r["legacy_us"] = onnx_latency(legacy.path, 1, steps)["median_us"]
+    return r
+
+
+def main(argv: List[str] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--families", nargs="*", default=None, help="default: every registered layer")
+    p.add_argument("--compare-exporters", action="store_true", help="also time the legacy torch.onnx exporter's graph")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    families = args.families or lrnnx_zoo.list_layers()
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for layer in families:
+            rows[layer] = bench_family(layer, Path(tmp), args.steps, args.compare_exporters)
+    print(f"\nper-step latency at batch 1 (median of {args.steps} steps, us), 4 x d_model=128, d_state=64; "
+          f"torch {torch.__version__}, 1 thread")
+    head = (f"{'family':<10}{'nodes':>6}{'KiB':>7}{'max err':>9}{'ONNX':>8}{'eager':>8}{'TS':>8}{'pt2':>8}"
+            f"{'eager/ONNX':>11}{'TS/ONNX':>8}{'ONNX tok/s b64':>15}{'eager tok/s b64':>16}"
+            f"{'4096 stream ms':>15}{'4096 conv ms':>13}")
+    print(head)
+    for layer, r in rows.items():
+        print(f"{layer:<10}{r['nodes']:>6}{r['kib']:>7.0f}{r['err']:>9.1e}{r['onnx_us']:>8.1f}{r['eager_us']:>8.1f}"
+              f"{r['ts_us']:>8.1f}{r['pt2_us']:>8.1f}{r['eager_us'] / r['onnx_us']:>10.1f}x"
+              f"{r['ts_us'] / r['onnx_us']:>7.1f}x{r['onnx_tok_s_b64']:>15,.0f}{r['eager_tok_s_b64']:>16,.0f}"
+              f"{r['stream4096_ms']:>15.1f}{r['conv4096_ms']:>13.1f}")
+    if args.compare_exporters:
+        print("\nexporter comparison (ONNX nodes, us/step at batch 1):")
+        for layer, r in rows.items():
+            print(f"  {layer:<10} dynamo {r['nodes']} nodes {r['onnx_us']:.1f} us | legacy "
+                  f"{r['legacy_nodes']} nodes {r['legacy_us']:.1f} us")
+    worst = min(r["eager_us"] / r["onnx_us"] for r in rows.values())
+    print(f"\ntarget ONNX >= 10x faster than eager step at batch 1: worst ratio {worst:.1f}x "
+          f"-> {'met' if worst >= 10 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

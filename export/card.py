@@ -1,0 +1,82 @@
+"""The README.md card of an export folder: what it is, how it was made, how to run it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List
+
+_TAGS = {"onnx": ["onnx"], "torchscript": ["torchscript"], "torch-export": ["torch-export"]}
+
+
+def _front_matter(config: Dict[str, Any]) -> str:
+    tags = ["lrnnx-zoo", "state-space-model", "streaming", "step-graph", config["family"]] + _TAGS[config["format"]]
+    lines = ["---", "library_name: lrnnx-zoo", "tags:"] + [f"- {t}" for t in tags]
+    src = config.get("source_checkpoint") or {}
+    if isinstance(src, dict) and src.get("repo_id"):
+        lines.append(f"base_model: {src['repo_id']}")
+    return "\n".join(lines + ["---", ""])
+
+
+def _run_section(config: Dict[str, Any]) -> List[str]:
+    fmt, d_in = config["format"], config["d_input"]
+    if fmt == "onnx":
+        return [
+            "## Run it", "",
+            "With lrnnx-zoo's streamer (one thread, IOBinding, no per-step allocation):", "",
+            "```python", "import numpy as np", "from lrnnx_zoo.export import OnnxStreamer", "",
+            'streamer = OnnxStreamer("model.onnx")', "streamer.reset(batch=1)",
+            f"y_t = streamer.step(np.zeros((1, {d_in}), np.float32))   # (1, {config['d_output']}); state kept inside",
+            f"y = streamer.run(np.zeros((1, 100, {d_in}), np.float32)) # a chunk of 100 steps, continuing", "```", "",
+            "With plain onnxruntime:", "",
+            "```python", "import numpy as np, onnxruntime as ort", "",
+            'sess = ort.InferenceSession("model.onnx")',
+            "meta = sess.get_modelmeta().custom_metadata_map",
+            'state = np.zeros((1, int(meta["lrnnx_zoo.state_size"])), np.float32)  # zeros = initial state',
+            f"xs = np.random.randn(50, 1, {d_in}).astype(np.float32)               # 50 steps, batch 1",
+            "for x_t in xs:",
+            '    y_t, state = sess.run(["y", "state_out"], {"x": x_t, "state": state})', "```", ""]
+    loader = ('torch.export.load("model.pt2").module()' if fmt == "torch-export"
+              else 'torch.jit.load("model.ts")  # TorchScript is deprecated upstream; prefer model.pt2')
+    return ["## Run it", "", "```python", "import torch", "", f"step = {loader}",
+            f"state = torch.zeros(1, {config['state_size']})          # zeros = initial state",
+            f"for x_t in torch.randn(50, 1, {d_in}):                  # 50 steps, batch 1",
+            "    y_t, state = step(x_t, state)", "```", ""]
+
+
+def build_card(config: Dict[str, Any]) -> str:
+    """Markdown with YAML front matter for an export folder's config (see folder._config)."""
+    fmt, v, lat, q = config["format"], config.get("validation"), config.get("latency"), config.get("quantization")
+    pooling = config.get("pooling")
+    out = [_front_matter(config), f"# {config['family']} step graph ({fmt})", "",
+           f"A recurrent step graph exported by lrnnx-zoo {config['library_version']} from `{config['source']}`: "
+           f"one call advances every layer by one time step,",
+           "", f"    (x [batch, {config['d_input']}], state [batch, {config['state_size']}]) -> "
+               f"(y [batch, {config['d_output']}], state_out [batch, {config['state_size']}])", "",
+           "Start from a zero state and feed `state_out` back as `state`. "
+           + ("Outputs are per step (sequence to sequence)." if pooling is None else
+              f"The model is {pooling}-pooled: each step's output is the model's output on the sequence so far"
+              + (" (the running mean lives in the state)." if pooling == "mean" else ".")), ""]
+    if config.get("task") or config.get("metrics"):
+        out += [f"Task: {config.get('task')}. Checkpoint metrics: `{json.dumps(config.get('metrics'))}`.", ""]
+    out += ["## How it was made", "",
+            "```python", "from lrnnx_zoo.export import export_folder", "",
+            f"export_folder({config['source']!r}, 'out', format={fmt!r}"
+            + (", quantize='int8'" if q else "") + ")", "```", ""]
+    if v:
+        out += [f"Validated before writing: streamed {v['length']} steps (batch {v['batch']}, {v['sequence']} "
+                f"sequence) from a zero state and compared with the PyTorch model ({v['compared']}): max abs "
+                f"error **{v['max_abs_error']:.2e}** (tolerance {v['tolerance']:.0e}).", ""]
+    if q:
+        out += [f"int8 dynamic quantisation: max abs output error {q['max_abs_error']:.3e} (tolerance "
+                f"{q['tolerance']:.3e}, {q['relative_tolerance']:.0%} of the largest output)."
+                + (f" {q['metric']}: float {q['accuracy_float']:.4f}, int8 {q['accuracy_int8']:.4f} "
+                   f"({q['accuracy_change']:+.4f})." if q.get("accuracy_float") is not None else ""), ""]
+    if lat:
+        out += [f"Per-step latency at batch {lat['batch']}: median {lat['median_us']:.1f} us "
+                f"({lat['runtime']}, {lat['threads']} thread, {lat['steps']} steps; machine-dependent).", ""]
+    out += _run_section(config)
+    out += ["## State layout", "", "| part | offset | size |", "|---|---|---|"]
+    out += [f"| {name} | {off} | {size} |" for name, off, size in config["state_layout"]]
+    out += ["", "Files: the graph, `step_form.safetensors` (the step module's weights), `config.json` "
+                "(sizes, layout, validation, latency, source).", ""]
+    return "\n".join(out)

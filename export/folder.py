@@ -1,0 +1,146 @@
+"""A deployable export folder (Hub repo layout) and its upload.
+
+``export_folder(src, out_dir, format=...)`` writes:
+
+- the graph: ``model.onnx`` | ``model.ts`` | ``model.pt2`` (validated before it is written);
+- ``step_form.safetensors``: the step module's weights (state_dict), for re-building or auditing;
+- ``config.json``: source checkpoint, format, state layout and sizes, opset, validation report,
+  latency;
+- ``README.md``: a card saying how it was made and how to run it.
+
+``push_to_hub="namespace/name"`` then uploads those files in one commit with ``HfApi``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+import lrnnx_zoo
+
+from .card import build_card
+from .latency import DEFAULT_STEPS, onnx_latency, torch_latency
+from .onnx_export import DEFAULT_OPSET, to_onnx
+from .provenance import Source, family_of, load_source, source_of
+from .result import ExportResult
+from .step_graph import build_step_module
+from .torchscript_export import load_torch_export, load_torchscript, to_torch_export, to_torchscript
+
+GRAPH_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "torch-export": "model.pt2"}
+FORMATS = tuple(GRAPH_FILES)
+WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = "step_form.safetensors", "config.json", "README.md"
+
+
+@dataclasses.dataclass
+class FolderExport:
+    """What :func:`export_folder` wrote (and pushed).
+
+    Attributes:
+        folder: the output folder; files: the files written there.
+        result: the exporter's :class:`ExportResult` (validation, quantization, graph stats).
+        latency: per-step latency of the written artifact (median over ``latency_steps``).
+        config: the config.json contents; commit: the Hub commit info when pushed.
+    """
+
+    folder: Path
+    files: List[str]
+    result: ExportResult
+    latency: Optional[Dict[str, Any]]
+    config: Dict[str, Any]
+    commit: Any = None
+
+
+def _measure(fmt: str, path: Path, result: ExportResult, steps: int) -> Dict[str, Any]:
+    if fmt == "onnx":
+        return onnx_latency(path, batch=1, steps=steps)
+    loaded = load_torchscript(path) if fmt == "torchscript" else load_torch_export(path)
+    return torch_latency(loaded, result.d_input, result.state_size, batch=1, steps=steps, runtime=fmt)
+
+
+def _config(model: torch.nn.Module, info: Dict[str, Any], fmt: str, result: ExportResult, opset: Optional[int],
+            batch: Optional[int], quantize: Optional[str], latency: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    return {
+        "library": "lrnnx-zoo", "library_version": lrnnx_zoo.__version__, "kind": "step-graph",
+        "format": fmt, "file": GRAPH_FILES[fmt], "weights": WEIGHTS_FILE,
+        "source": source_of(info), "source_checkpoint": info.get("source"),
+        "family": family_of(model, info), "model": model.config.to_dict(),
+        "task": info.get("task"), "dataset": info.get("dataset"), "metrics": info.get("metrics"),
+        "inputs": {"x": ["batch", result.d_input], "state": ["batch", result.state_size]},
+        "outputs": {"y": ["batch", result.d_output], "state_out": ["batch", result.state_size]},
+        "state_size": result.state_size, "d_input": result.d_input, "d_output": result.d_output,
+        "state_layout": result.state_layout, "pooling": model.config.pooling,
+        "opset": opset if fmt == "onnx" else None, "batch": batch or "dynamic",
+        "quantization": result.quantization if quantize else None,
+        "validation": result.validation.to_dict() if result.validation is not None else None,
+        "latency": latency, "graph": result.graph,
+    }
+
+
+def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", quantize: Optional[str] = None,
+                  push_to_hub: Optional[str] = None, batch: Optional[int] = None, opset: Optional[int] = None,
+                  validation_input: Optional[torch.Tensor] = None, latency_steps: int = DEFAULT_STEPS,
+                  token: Optional[Union[str, bool]] = None, private: bool = False,
+                  revision: Optional[str] = None) -> FolderExport:
+    """Export ``src`` (model, folder, shipped name or Hub id) into ``out_dir`` and optionally push it.
+
+    Args:
+        format: "onnx", "torchscript" or "torch-export".
+        quantize: "int8" (ONNX only) or None.
+        push_to_hub: Hub repo id to upload the folder to (created if missing).
+        batch: fixed batch size (ONNX / torch-export); None for dynamic.
+        opset: ONNX opset (default 20, see onnx_export.DEFAULT_OPSET).
+        validation_input: (B, L, d_input) sequence for validation (default: random normal, 2 x 256).
+        latency_steps: steps timed at batch 1 for config.json (0 skips the measurement).
+        token, private: for the upload; revision: of a Hub source checkpoint.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if quantize is not None and format != "onnx":
+        raise ValueError(f"quantize={quantize!r} applies to ONNX graphs only; use format='onnx' "
+                         f"(got format={format!r})")
+    if batch is not None and format == "torchscript":
+        raise ValueError("a traced TorchScript step accepts any batch; drop batch= or use format='onnx'/'torch-export'")
+    model, info = load_source(src, revision=revision, token=token)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    graph_path = out / GRAPH_FILES[format]
+    if format == "onnx":
+        opset = opset or DEFAULT_OPSET
+        result = to_onnx(model, graph_path, opset=opset, batch=batch, quantize=quantize,
+                         validation_input=validation_input)
+    elif format == "torchscript":
+        result = to_torchscript(model, graph_path, validation_input=validation_input)
+    else:
+        result = to_torch_export(model, graph_path, batch=batch, validation_input=validation_input)
+    latency = _measure(format, graph_path, result, latency_steps) if latency_steps > 0 else None
+
+    import safetensors.torch
+    step = build_step_module(model)
+    tensors = {k: v.detach().contiguous().clone() for k, v in step.state_dict().items()}
+    safetensors.torch.save_file(tensors, str(out / WEIGHTS_FILE),
+                                metadata={k: v for k, v in result.metadata.items()})
+    config = _config(model, info, format, result, opset, batch, quantize, latency)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (out / CARD_FILE).write_text(build_card(config), encoding="utf-8")
+    files = [GRAPH_FILES[format], WEIGHTS_FILE, CONFIG_FILE, CARD_FILE]
+    commit = upload_folder(out, push_to_hub, files, token=token, private=private) if push_to_hub else None
+    return FolderExport(folder=out, files=files, result=result, latency=latency, config=config, commit=commit)
+
+
+def upload_folder(folder: Path, repo_id: str, files: List[str], token: Optional[Union[str, bool]] = None,
+                  private: bool = False) -> Any:
+    """Create ``repo_id`` if needed and upload ``files`` of ``folder`` in one commit; returns the CommitInfo."""
+    from huggingface_hub import HfApi
+
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"cannot upload {folder}: missing {missing}; run export_folder first")
+    api = HfApi(token=token)  # endpoint from HF_ENDPOINT
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=os.fspath(folder), allow_patterns=files,
+                             commit_message=f"Upload lrnnx-zoo {lrnnx_zoo.__version__} step graph")

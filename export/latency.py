@@ -1,0 +1,59 @@
+"""Per-step latency of a step graph: median over many single steps, after a warm-up."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Union
+
+import numpy as np
+import torch
+
+from .runtime import OnnxStreamer
+from .validate import one_torch_thread
+
+DEFAULT_STEPS = 500
+WARMUP_STEPS = 50
+
+
+def time_steps(step: Callable[[], Any], steps: int = DEFAULT_STEPS, warmup: int = WARMUP_STEPS) -> Dict[str, float]:
+    """Time ``steps`` calls of ``step()`` one by one; returns median / p10 / p90 in microseconds."""
+    for _ in range(warmup):
+        step()
+    times = np.empty(steps)
+    clock = time.perf_counter
+    for i in range(steps):
+        t0 = clock()
+        step()
+        times[i] = clock() - t0
+    us = times * 1e6
+    return {"median_us": float(np.median(us)), "p10_us": float(np.percentile(us, 10)),
+            "p90_us": float(np.percentile(us, 90)), "steps": steps}
+
+
+def onnx_latency(path: Union[str, Path], batch: Optional[int] = 1, steps: int = DEFAULT_STEPS,
+                 intra_op_threads: int = 1) -> Dict[str, Any]:
+    """Per-step latency of an ONNX step graph through :class:`OnnxStreamer` (random inputs)."""
+    streamer = OnnxStreamer(path, intra_op_threads=intra_op_threads)
+    batch = streamer.fixed_batch or batch or 1
+    streamer.reset(batch)
+    x = np.random.default_rng(0).standard_normal((batch, streamer.d_input)).astype(np.float32)
+    out = time_steps(lambda: streamer.step(x), steps)
+    out.update(runtime="onnxruntime (OnnxStreamer, IOBinding)", batch=batch, threads=intra_op_threads)
+    return out
+
+
+@torch.no_grad()
+def torch_latency(module: Callable[[torch.Tensor, torch.Tensor], Any], d_input: int, state_size: int,
+                  batch: int = 1, steps: int = DEFAULT_STEPS, runtime: str = "torch") -> Dict[str, Any]:
+    """Per-step latency of a torch callable (x_t, state) -> (y_t, state'), single-threaded."""
+    x = torch.randn(batch, d_input, generator=torch.Generator().manual_seed(0))
+    holder = [torch.zeros(batch, state_size)]
+
+    def one() -> None:
+        _, holder[0] = module(x, holder[0])
+
+    with one_torch_thread():
+        out = time_steps(one, steps)
+    out.update(runtime=runtime, batch=batch, threads=1)
+    return out

@@ -1,0 +1,82 @@
+"""Where an export comes from: resolve the source model and describe it for graph metadata.
+
+Every exporter accepts a SequenceModel or anything ``lrnnx_zoo.from_pretrained`` loads (a local
+checkpoint folder, a shipped checkpoint name, a Hub repo id), and records in the artifact which
+checkpoint it was made from, in the keys DESIGN.md fixes (``lrnnx_zoo.*``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional, Tuple, Union
+
+from torch import nn
+
+import lrnnx_zoo
+
+from .step_graph import StepModule
+
+Source = Union[nn.Module, str, os.PathLike]
+META_PREFIX = "lrnnx_zoo."
+
+
+def load_source(model_or_checkpoint: Source, revision: Optional[str] = None,
+                token: Optional[Union[str, bool]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Return (model, checkpoint_info) for a model or a checkpoint reference.
+
+    A model passed in is used as is (never switched to eval mode here: the step module is built
+    from an eval-mode copy, and validation restores the model's mode).
+
+    ``checkpoint_info`` is the loaded checkpoint's config (family, task, dataset, metrics, source),
+    or ``{}`` for an in-memory model that did not come from a checkpoint.
+    """
+    if isinstance(model_or_checkpoint, nn.Module):
+        model = model_or_checkpoint
+    elif isinstance(model_or_checkpoint, (str, os.PathLike)):
+        model = lrnnx_zoo.from_pretrained(model_or_checkpoint, revision=revision, token=token)
+    else:
+        raise TypeError(f"expected a SequenceModel, a checkpoint folder, a shipped checkpoint name or a Hub "
+                        f"repo id; got {type(model_or_checkpoint).__name__}")
+    return model, dict(getattr(model, "checkpoint_info", None) or {})
+
+
+def family_of(model: nn.Module, info: Dict[str, Any]) -> str:
+    """The layer family's registered name, for the record only (export never branches on it)."""
+    layer = getattr(getattr(model, "config", None), "layer", "") or ""
+    return str(info.get("family") or layer.rpartition(":")[2] or type(model).__name__)
+
+
+def source_of(info: Dict[str, Any]) -> str:
+    """A one-line description of the checkpoint: its repo id and commit, or path."""
+    src = info.get("source")
+    if not src:
+        return "in-memory model (not loaded from a checkpoint)"
+    if isinstance(src, dict):
+        if src.get("repo_id"):
+            rev = src.get("commit") or src.get("revision")
+            return f"hf://{src['repo_id']}" + (f"@{rev}" if rev else "")
+        if src.get("name"):
+            return f"shipped:{src['name']}"
+        if src.get("path"):
+            return str(src["path"])
+        return json.dumps(src, sort_keys=True)
+    return str(src)
+
+
+def graph_metadata(step: StepModule, model: nn.Module, info: Dict[str, Any],
+                   extra: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+    """The ``lrnnx_zoo.*`` key/value strings stored in every exported artifact."""
+    meta = {
+        "state_size": step.state_size,
+        "state_layout": json.dumps(step.state_layout),
+        "d_input": step.d_input,
+        "d_output": step.d_output,
+        "family": family_of(model, info),
+        "version": lrnnx_zoo.__version__,
+        "source": source_of(info),
+        "pooling": step.pooling or "none",
+        "model_config": json.dumps(model.config.to_dict(), sort_keys=True),
+    }
+    meta.update(extra or {})
+    return {META_PREFIX + k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}

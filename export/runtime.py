@@ -1,0 +1,175 @@
+"""Stream a step graph through ONNX Runtime with no per-step allocation.
+
+A step graph is tiny (tens of nodes, microseconds of arithmetic), so per-step overhead decides
+its speed: thread hand-offs, spinning worker threads, and allocating the input and output tensors
+on every call. :class:`OnnxStreamer` runs one thread without spinning and binds numpy buffers
+once: x and y are fixed buffers, and the state ping-pongs between two buffers through two
+pre-built IOBindings (step k reads buffer k % 2 and writes the other), so a step is one copy in,
+one ``run_with_iobinding``, one copy out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+ArrayLike = Any  # numpy array or torch tensor
+
+#: Names fixed by the step-graph contract (DESIGN.md, "Step graphs").
+INPUT_NAMES = ("x", "state")
+OUTPUT_NAMES = ("y", "state_out")
+META_PREFIX = "lrnnx_zoo."
+
+
+def session_options(intra_op_threads: int = 1) -> "Any":
+    """ONNX Runtime options for tiny per-step graphs: few threads, no spinning, all graph optimisations."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = intra_op_threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # A spinning pool burns a core between steps and slows neighbours; steps are too short to gain.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return so
+
+
+def _to_numpy(x: ArrayLike, what: str) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{what} must hold floats (float32 is used), got dtype {x.dtype}")
+    return x
+
+
+class OnnxStreamer:
+    """Run an exported step graph one time step at a time, keeping the state between calls.
+
+    Args:
+        path: the .onnx file (with ``lrnnx_zoo.*`` metadata, see DESIGN.md).
+        intra_op_threads: ONNX Runtime intra-op threads; 1 is fastest for one stream of steps.
+        providers: ONNX Runtime execution providers (default CPU).
+
+    Attributes:
+        state_size, d_input, d_output: read from the graph's metadata.
+        state_layout: ``[[name, offset, size], ...]``.
+        batch: current batch size (set by :meth:`reset`).
+        fixed_batch: the graph's batch size if it was exported with a fixed one, else None.
+    """
+
+    def __init__(self, path: Union[str, Path], intra_op_threads: int = 1,
+                 providers: Optional[Sequence[str]] = None) -> None:
+        import onnxruntime as ort
+
+        self.path = str(path)
+        self.session = ort.InferenceSession(self.path, session_options(intra_op_threads),
+                                            providers=list(providers or ["CPUExecutionProvider"]))
+        self.metadata: Dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.state_size = self._meta_int("state_size")
+        self.d_input = self._meta_int("d_input")
+        self.d_output = self._meta_int("d_output")
+        self.state_layout: List[List[Any]] = json.loads(self.metadata.get(META_PREFIX + "state_layout", "[]"))
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if set(INPUT_NAMES) - set(inputs) or set(OUTPUT_NAMES) - outputs:
+            raise ValueError(f"{self.path} is not a step graph: expected inputs {INPUT_NAMES} and outputs "
+                             f"{OUTPUT_NAMES}, found inputs {sorted(inputs)} and outputs {sorted(outputs)}")
+        dim0 = inputs["x"].shape[0]
+        self.fixed_batch: Optional[int] = dim0 if isinstance(dim0, int) else None
+        self.reset(self.fixed_batch or 1)
+
+    def _meta_int(self, key: str) -> int:
+        value = self.metadata.get(META_PREFIX + key)
+        if value is None:
+            raise ValueError(f"{self.path} lacks metadata {META_PREFIX + key}; re-export it with "
+                             f"lrnnx_zoo.export.to_onnx (found keys: {sorted(self.metadata)})")
+        return int(value)
+
+    # -- state ---------------------------------------------------------------------------------
+    def reset(self, batch: int = 1) -> None:
+        """Start new streams: zero state for ``batch`` sequences, and (re)bind the buffers."""
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        if self.fixed_batch is not None and batch != self.fixed_batch:
+            raise ValueError(f"this graph was exported for batch={self.fixed_batch}, got reset(batch={batch}); "
+                             f"re-export without a fixed batch (to_onnx(..., batch=None)) to vary it")
+        import onnxruntime as ort
+
+        self.batch = batch
+        self.steps = 0
+        self._x = np.zeros((batch, self.d_input), np.float32)
+        self._y = np.zeros((batch, self.d_output), np.float32)
+        self._s = [np.zeros((batch, self.state_size), np.float32) for _ in range(2)]
+        ov = ort.OrtValue.ortvalue_from_numpy   # wraps the numpy memory, no copy
+        self._values = [ov(self._x), ov(self._y), ov(self._s[0]), ov(self._s[1])]
+        x_v, y_v, s0, s1 = self._values
+        self._bindings = []
+        for src, dst in ((s0, s1), (s1, s0)):
+            b = self.session.io_binding()
+            b.bind_ortvalue_input("x", x_v)
+            b.bind_ortvalue_input("state", src)
+            b.bind_ortvalue_output("y", y_v)
+            b.bind_ortvalue_output("state_out", dst)
+            self._bindings.append(b)
+        self._cur = 0  # index of the buffer holding the current state
+
+    @property
+    def state(self) -> np.ndarray:
+        """A copy of the current packed state, (batch, state_size)."""
+        return self._s[self._cur].copy()
+
+    @state.setter
+    def state(self, value: ArrayLike) -> None:
+        value = _to_numpy(value, "state")
+        expected = (self.batch, self.state_size)
+        if value.shape != expected:
+            raise ValueError(f"state must have shape (batch, state_size)={expected}, got {value.shape}; "
+                             f"call reset(batch=...) first to change the batch")
+        np.copyto(self._s[self._cur], value, casting="same_kind")
+
+    # -- stepping ------------------------------------------------------------------------------
+    def _check_x(self, x: np.ndarray) -> None:
+        if x.shape != self._x.shape:
+            raise ValueError(f"x_t must have shape (batch={self.batch}, d_input={self.d_input}), got "
+                             f"{x.shape}" + ("" if x.ndim != 2 or x.shape[1] != self.d_input
+                                             else f"; call reset(batch={x.shape[0]}) to change the batch"))
+
+    def _advance(self) -> None:
+        self.session.run_with_iobinding(self._bindings[self._cur])
+        self._cur ^= 1
+        self.steps += 1
+
+    def step(self, x_t: ArrayLike) -> np.ndarray:
+        """One time step: x_t (batch, d_input), numpy or torch -> y_t (batch, d_output) numpy float32."""
+        x_t = _to_numpy(x_t, "x_t")
+        self._check_x(x_t)
+        np.copyto(self._x, x_t, casting="same_kind")
+        self._advance()
+        return self._y.copy()
+
+    def run(self, x: ArrayLike) -> np.ndarray:
+        """Stream a chunk: x (batch, L, d_input) -> y (batch, L, d_output), continuing from the
+        current state. A fresh streamer (no steps since reset) adopts x's batch size."""
+        x = _to_numpy(x, "x")
+        if x.ndim != 3 or x.shape[2] != self.d_input:
+            raise ValueError(f"x must have shape (batch, length, d_input={self.d_input}), got {x.shape}")
+        if x.shape[0] != self.batch and self.steps == 0:
+            self.reset(x.shape[0])
+        self._check_x(x[:, 0] if x.shape[1] else np.zeros((x.shape[0], self.d_input), np.float32))
+        out = np.empty((self.batch, x.shape[1], self.d_output), np.float32)
+        for t in range(x.shape[1]):
+            np.copyto(self._x, x[:, t], casting="same_kind")
+            self._advance()
+            out[:, t] = self._y
+        return out
+
+    def __repr__(self) -> str:
+        return (f"OnnxStreamer({self.path!r}, d_input={self.d_input}, d_output={self.d_output}, "
+                f"state_size={self.state_size}, batch={self.batch})")

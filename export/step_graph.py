@@ -1,0 +1,160 @@
+"""The recurrent step graph of a causal :class:`~lrnnx_zoo.models.SequenceModel`.
+
+``build_step_module(model)`` returns one real-valued ``nn.Module``
+
+    forward(x_t: (B, d_input), state: (B, state_size)) -> (y_t: (B, d_output), state': (B, state_size))
+
+that repeats ``SequenceModel.step``: encoder, then per block ``h + mix(form(norm(h)))`` where
+``form`` is the layer's own ``step_form()``, the final norm, the pooling, the decoder. All states
+live in one packed tensor (block order, then the pooling state), so an exported graph has exactly
+two inputs and two outputs whatever the depth. Nothing here knows about any layer family: a layer
+takes part only through ``step_form()`` and its ``bidirectional`` flag.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from lrnnx_zoo.models import SequenceModel
+
+#: Poolings a step graph can reproduce causally (None = sequence to sequence).
+CAUSAL_POOLINGS = (None, "mean", "last")
+
+
+class ExportError(ValueError):
+    """A model that cannot become a step graph; the message says why and what to do."""
+
+
+class StepModule(nn.Module):
+    """(x_t, state) -> (y_t, state') for a whole SequenceModel; see the module docstring.
+
+    Attributes:
+        state_size: width of the packed state; zeros is the initial state.
+        d_input, d_output: widths of x_t and y_t.
+        state_layout: ``[[name, offset, size], ...]`` in packing order.
+        pooling: the source model's pooling (None, "mean" or "last").
+    """
+
+    def __init__(self, encoder: nn.Module, blocks: List[nn.Module], forms: List[nn.Module],
+                 norm: nn.Module, decoder: nn.Module, pooling: Optional[str], d_input: int,
+                 d_model: int, d_output: int) -> None:
+        super().__init__()
+        self.encoder, self.norm, self.decoder = encoder, norm, decoder
+        self.blocks = nn.ModuleList(blocks)   # each keeps its norm and mix(); the layer is removed
+        self.forms = nn.ModuleList(forms)
+        self.pooling = pooling
+        self.d_input, self.d_model, self.d_output = d_input, d_model, d_output
+        layout, offset = [], 0
+        # Plain Python ints, so tracing bakes the slices in as constants.
+        self.slices: List[Tuple[int, int]] = []
+        for i, form in enumerate(forms):
+            size = int(form.state_size)
+            layout.append([f"blocks.{i}.layer", offset, size])
+            self.slices.append((offset, size))
+            offset += size
+        self.pool_offset = offset
+        if pooling == "mean":
+            # Running sum of the normalised features and the step count (a float, so the graph
+            # needs no Python int and a streaming runtime keeps it with the rest of the state).
+            layout += [["pool.sum", offset, d_model], ["pool.count", offset + d_model, 1]]
+            offset += d_model + 1
+        self.state_size = offset
+        self.state_layout = layout
+
+    def forward(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        h = self.encoder(x)
+        new_states = []
+        for block, form, (off, size) in zip(self.blocks, self.forms, self.slices):
+            z, s = form(block.norm(h), state[:, off:off + size])
+            new_states.append(s)
+            h = h + block.mix(z)
+        h = self.norm(h)
+        if self.pooling == "mean":
+            p = self.pool_offset
+            total = state[:, p:p + self.d_model] + h
+            count = state[:, p + self.d_model:p + self.d_model + 1] + 1.0
+            new_states += [total, count]
+            h = total / count
+        y = self.decoder(h)
+        return y, torch.cat(new_states, dim=1)
+
+    def zero_state(self, batch: int = 1) -> Tensor:
+        """The initial state, (batch, state_size) zeros."""
+        ref = self.encoder.weight if hasattr(self.encoder, "weight") else next(self.parameters())
+        return torch.zeros(batch, self.state_size, dtype=ref.dtype, device=ref.device)
+
+    def extra_repr(self) -> str:
+        return (f"d_input={self.d_input}, d_output={self.d_output}, state_size={self.state_size}, "
+                f"pooling={self.pooling!r}")
+
+
+def _layer_step_form(layer: nn.Module, index: int, d_model: int) -> nn.Module:
+    """Ask a layer for its step form, turning every way of not having one into an ExportError."""
+    name = type(layer).__name__
+    if getattr(layer, "bidirectional", False):
+        raise ExportError(
+            f"blocks.{index}.layer ({name}) is bidirectional: its output at step t depends on later "
+            f"inputs, so it cannot run step by step. Export a model built with bidirectional=False.")
+    fn = getattr(layer, "step_form", None)
+    if not callable(fn):
+        raise ExportError(
+            f"blocks.{index}.layer ({name}) has no step_form(); step_form() is required to export a "
+            f"step graph. Implement {name}.step_form() returning a StepForm (see lrnnx_zoo.step_forms).")
+    try:
+        form = fn()
+    except NotImplementedError as exc:
+        raise ExportError(
+            f"blocks.{index}.layer ({name}).step_form() is not implemented; step_form() is required "
+            f"to export a step graph. Implement it (see lrnnx_zoo.step_forms).") from exc
+    size = getattr(form, "state_size", None)
+    if not isinstance(form, nn.Module) or not isinstance(size, int) or size < 0:
+        raise ExportError(
+            f"blocks.{index}.layer ({name}).step_form() must return an nn.Module with an int "
+            f"state_size >= 0; got {type(form).__name__} with state_size={size!r}")
+    for attr in ("d_input", "d_output"):
+        width = getattr(form, attr, d_model)
+        if width != d_model:
+            raise ExportError(
+                f"blocks.{index}.layer ({name}).step_form() has {attr}={width}, but the block "
+                f"width is d_model={d_model}; the step form must map (B, {d_model}) -> (B, {d_model}).")
+    return form
+
+
+@torch.no_grad()
+def build_step_module(model: SequenceModel) -> StepModule:
+    """Build the float32 step module of a causal SequenceModel (eval mode; dropout is identity).
+
+    Args:
+        model: the source model; it is copied, never changed.
+    Returns:
+        a :class:`StepModule` in eval mode on the CPU.
+    Raises:
+        ExportError: a bidirectional layer, a layer without ``step_form()``, or a pooling that is
+            not causal.
+    """
+    config = getattr(model, "config", None)
+    needed = ("encoder", "blocks", "norm", "decoder", "config")
+    missing = [a for a in needed if not hasattr(model, a)]
+    if missing:
+        raise ExportError(f"expected a SequenceModel (with {', '.join(needed)}); got "
+                          f"{type(model).__name__} without {', '.join(missing)}")
+    pooling = config.pooling
+    if pooling not in CAUSAL_POOLINGS:
+        raise ExportError(f"pooling {pooling!r} is not causal; a step graph supports pooling in "
+                          f"{CAUSAL_POOLINGS}. Re-train or rebuild the model with one of them.")
+    model = copy.deepcopy(model).float().cpu().eval()
+    forms, blocks = [], []
+    for i, block in enumerate(model.blocks):
+        form = _layer_step_form(block.layer, i, config.d_model)
+        forms.append(form.float().eval())
+        # Keep the block for its norm and mix() (which may be overridden); the layer's weights
+        # are folded into the step form, so drop it to keep them out of the graph's state_dict.
+        del block.layer
+        blocks.append(block)
+    step = StepModule(model.encoder, blocks, forms, model.norm, model.decoder, pooling,
+                      config.d_input, config.d_model, config.d_output)
+    return step.eval()

@@ -1,0 +1,135 @@
+"""Export the step module for libtorch / PyTorch runtimes: TorchScript (.ts) and torch.export (.pt2).
+
+TorchScript is deprecated upstream (since torch 2.11 every ``torch.jit`` call warns): it is
+offered for libtorch deployments that still need it, and its warnings are recorded in the result
+rather than printed. ``torch.export`` (an ExportedProgram saved with ``torch.export.save``) is the
+supported path. Both artifacts have the step-graph signature ``(x_t, state) -> (y_t, state')``,
+carry the ``lrnnx_zoo.*`` metadata as an extra file ``lrnnx_zoo.json``, and are validated by
+loading the *saved file* back and streaming it from a zero state before being moved into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .onnx_export import _quiet, sample_inputs
+from .provenance import Source, graph_metadata, load_source
+from .result import ExportResult
+from .step_graph import StepModule, build_step_module
+from .validate import FLOAT32_TOLERANCE, default_sequence, torch_stream, validate_stream
+
+METADATA_FILE = "lrnnx_zoo.json"
+#: Trace at a batch no validation sequence uses by default, so a batch baked into the trace shows.
+TRACE_BATCH = 3
+
+
+def _temp(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+
+
+def load_torchscript(path: Union[str, Path]) -> torch.jit.ScriptModule:
+    """Load a TorchScript step module (its upstream deprecation warning silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu")
+
+
+def load_torch_export(path: Union[str, Path]) -> torch.nn.Module:
+    """Load a .pt2 step program as a callable module (x_t, state) -> (y_t, state')."""
+    return torch.export.load(str(path)).module()
+
+
+def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
+    """The ``lrnnx_zoo.*`` metadata stored in a .ts or .pt2 artifact."""
+    files = {METADATA_FILE: ""}
+    if str(path).endswith(".pt2"):
+        torch.export.load(str(path), extra_files=files)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    return json.loads(files[METADATA_FILE])
+
+
+def _finish(step: StepModule, model: torch.nn.Module, tmp: Path, path: Path, fmt: str, loader: Any,
+            metadata: Dict[str, str], validate: bool, x: Optional[Tensor], tolerance: float,
+            record: List[str]) -> ExportResult:
+    try:
+        report = None
+        if validate:
+            loaded = loader(tmp)
+            report = validate_stream(torch_stream(loaded, step.state_size), model, x, tolerance, fmt)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return ExportResult(path=str(path), format=fmt, metadata=metadata, state_size=step.state_size,
+                        d_input=step.d_input, d_output=step.d_output, state_layout=step.state_layout,
+                        validation=report, graph={"bytes": os.path.getsize(path)}, warnings=record)
+
+
+def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate: bool = True,
+                   validation_input: Optional[Tensor] = None, tolerance: float = FLOAT32_TOLERANCE,
+                   revision: Optional[str] = None, token: Optional[Union[str, bool]] = None) -> ExportResult:
+    """Trace the step module with ``torch.jit.trace`` and save it (.ts), validated before it is written.
+
+    TorchScript is deprecated upstream (torch >= 2.11 warns on every ``torch.jit`` call); the
+    warnings are recorded in ``result.warnings``. Prefer :func:`to_torch_export`. The traced
+    module works for any batch size (the step has no batch-dependent branch; the trace is made
+    at batch 3 and validated at the validation input's batch).
+
+    Args: as :func:`~lrnnx_zoo.export.to_onnx` (no opset / quantize / fixed batch).
+    """
+    model, info = load_source(model_or_checkpoint, revision=revision, token=token)
+    step = build_step_module(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = graph_metadata(step, model, info, {"format": "torchscript", "batch": "dynamic"})
+    record: List[str] = []
+    tmp = _temp(path)
+    with _quiet(record), torch.no_grad():
+        traced = torch.jit.trace(step, sample_inputs(step, TRACE_BATCH), check_trace=False)
+        torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+    return _finish(step, model, tmp, path, "torchscript", load_torchscript, metadata, validate,
+                   validation_input, tolerance, record)
+
+
+def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: Optional[int] = None,
+                    validate: bool = True, validation_input: Optional[Tensor] = None,
+                    tolerance: float = FLOAT32_TOLERANCE, revision: Optional[str] = None,
+                    token: Optional[Union[str, bool]] = None) -> ExportResult:
+    """Export the step module with ``torch.export.export`` and save it (.pt2), validated before it is written.
+
+    The batch dimension is dynamic unless ``batch`` is given. Load it with
+    ``torch.export.load(path).module()`` (or :func:`load_torch_export`).
+
+    Args: as :func:`~lrnnx_zoo.export.to_onnx` (no opset / quantize).
+    """
+    model, info = load_source(model_or_checkpoint, revision=revision, token=token)
+    step = build_step_module(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = graph_metadata(step, model, info, {"format": "torch-export", "batch": str(batch or "dynamic")})
+    x = validation_input
+    if batch is not None and x is None:
+        x = default_sequence(step.d_input, batch=batch)
+    record: List[str] = []
+    tmp = _temp(path)
+    dims = None
+    if batch is None:
+        b = torch.export.Dim("batch")
+        dims = ({0: b}, {0: b})
+    with _quiet(record), torch.no_grad():
+        program = torch.export.export(step, sample_inputs(step, batch or TRACE_BATCH), dynamic_shapes=dims)
+        torch.export.save(program, str(tmp), extra_files={METADATA_FILE: json.dumps(metadata)})
+    return _finish(step, model, tmp, path, "torch-export", load_torch_export, metadata, validate,
+                   x, tolerance, record)

@@ -1,0 +1,185 @@
+"""Check an exported step graph against the PyTorch model it came from.
+
+An exporter hands over a *stream function*: x (B, L, d_input) -> y (B, L, d_output), the
+per-step outputs of its runtime driven from a zero state. That is compared with the model's own
+(convolution-mode) forward:
+
+- sequence to sequence: every step's output against ``model(x)[:, t]``;
+- pooled ("mean" / "last"): step t's output is the model's output on the prefix x[:, :t+1], so
+  the final step is compared with ``model(x)`` and a few prefixes with ``model(x[:, :t+1])``.
+
+Default validation sequence: standard normal, batch 2, length 256, seed 0 (``default_sequence``);
+pass your own (e.g. a checkpoint's evaluation data) for a check on the data the model will see.
+The default tolerance is 1e-4 absolute: float32 step and FFT-convolution evaluations of the same
+system agree to ~1e-6..1e-5 on such models (measured), so 1e-4 catches any real mistake (a wrong
+state slice or a missing term is off by O(1e-2) or more) without flagging rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+DEFAULT_LENGTH = 256
+DEFAULT_BATCH = 2
+DEFAULT_SEED = 0
+#: Absolute tolerance for float32 graphs (see module docstring).
+FLOAT32_TOLERANCE = 1e-4
+
+StreamFn = Callable[[np.ndarray], np.ndarray]
+
+
+class ValidationError(AssertionError):
+    """An exported graph disagrees with its model beyond the tolerance; carries the report."""
+
+    def __init__(self, report: "ValidationReport") -> None:
+        super().__init__(
+            f"{report.runtime} step graph disagrees with the PyTorch model: max abs error "
+            f"{report.max_abs_error:.3e} > tolerance {report.tolerance:.1e} ({report.compared}; "
+            f"batch {report.batch}, length {report.length}; per check: "
+            f"{json.dumps({k: float(f'{v:.3e}') for k, v in report.errors.items()})}). "
+            f"Not written. If the model is correct, the layer's step_form() and its forward disagree.")
+        self.report = report
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    """What was compared and how far apart it was.
+
+    Attributes:
+        runtime: which runtime produced the streamed outputs ("onnxruntime", "torchscript", ...).
+        max_abs_error: largest |streamed - forward| over all checks.
+        tolerance: the bound it was held to.
+        errors: max abs error per check ("all steps", "final step", "prefix 64", ...).
+        batch, length: of the validation sequence; sequence: "default" or "user".
+        compared: a sentence saying what was compared.
+    """
+
+    runtime: str
+    max_abs_error: float
+    tolerance: float
+    errors: Dict[str, float]
+    batch: int
+    length: int
+    sequence: str
+    compared: str
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.max_abs_error <= self.tolerance)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["passed"] = self.passed
+        return d
+
+    def __str__(self) -> str:
+        status = "PASSED" if self.passed else "FAILED"
+        checks = ", ".join(f"{k}: {v:.2e}" for k, v in self.errors.items())
+        return (f"validation {status} ({self.runtime}): max abs error {self.max_abs_error:.2e} "
+                f"<= {self.tolerance:.0e}? {self.passed}; {self.compared}; batch {self.batch}, length "
+                f"{self.length} ({self.sequence} sequence); {checks}")
+
+
+def default_sequence(d_input: int, length: int = DEFAULT_LENGTH, batch: int = DEFAULT_BATCH,
+                     seed: int = DEFAULT_SEED) -> Tensor:
+    """The default held-out validation input: standard normal (batch, length, d_input) float32."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, length, d_input, generator=g, dtype=torch.float32)
+
+
+def prefix_lengths(length: int) -> List[int]:
+    """Prefix lengths checked for pooled models (the full length is checked separately)."""
+    return sorted({n for n in (1, length // 4, length // 2) if 0 < n < length})
+
+
+@torch.no_grad()
+def validate_stream(stream: StreamFn, model: nn.Module, x: Optional[Tensor] = None,
+                    tolerance: float = FLOAT32_TOLERANCE, runtime: str = "runtime",
+                    raise_on_failure: bool = True) -> ValidationReport:
+    """Compare a runtime's streamed outputs with ``model``'s forward.
+
+    Args:
+        stream: x (B, L, d_input) float32 numpy -> per-step y (B, L, d_output), from a zero state.
+        model: the source SequenceModel (its ``config.pooling`` decides what is compared).
+        x: validation input (B, L, d_input); default ``default_sequence(d_input)``.
+        tolerance: max abs error allowed.
+        runtime: name used in the report.
+        raise_on_failure: raise :class:`ValidationError` when the error exceeds the tolerance.
+    Returns:
+        the :class:`ValidationReport`.
+    """
+    cfg = model.config
+    sequence = "user" if x is not None else "default"
+    if x is None:
+        x = default_sequence(cfg.d_input)
+    x = torch.as_tensor(x, dtype=torch.float32).cpu()
+    if x.dim() != 3 or x.shape[-1] != cfg.d_input or x.shape[1] < 1:
+        raise ValueError(f"validation input must have shape (batch, length >= 1, d_input={cfg.d_input}), "
+                         f"got {tuple(x.shape)}")
+    ref = next(iter(model.parameters()), torch.empty(0))
+
+    def forward(xs: Tensor) -> np.ndarray:  # on the model's own device and dtype
+        return model(xs.to(ref.device, ref.dtype)).double().cpu().numpy()
+
+    was_training = model.training
+    model.eval()
+    try:
+        streamed = np.asarray(stream(x.numpy()), dtype=np.float64)
+        B, L = x.shape[:2]
+        expected_shape = (B, L, cfg.d_output)
+        if streamed.shape != expected_shape:
+            raise ValueError(f"{runtime} streamed outputs of shape {streamed.shape}, expected {expected_shape}")
+        if not np.isfinite(streamed).all():
+            errors = {"non-finite outputs": float("inf")}
+        elif cfg.pooling is None:
+            errors = {"all steps": float(np.abs(streamed - forward(x)).max())}
+        else:
+            errors = {"final step": float(np.abs(streamed[:, -1] - forward(x)).max())}
+            for n in prefix_lengths(L):
+                errors[f"prefix {n}"] = float(np.abs(streamed[:, n - 1] - forward(x[:, :n])).max())
+    finally:
+        model.train(was_training)
+    compared = ("per-step outputs vs model(x)" if cfg.pooling is None else
+                f"{cfg.pooling}-pooled outputs: final step vs model(x), prefixes vs model(x[:, :n])")
+    report = ValidationReport(runtime=runtime, max_abs_error=max(errors.values()), tolerance=tolerance,
+                              errors=errors, batch=int(B), length=int(L), sequence=sequence, compared=compared)
+    if raise_on_failure and not report.passed:
+        raise ValidationError(report)
+    return report
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch single-threaded: a step is microseconds of work, and handing it to a thread pool
+    costs more than it saves (on a loaded machine, ~50x more: measured 17 ms vs 0.35 ms per step)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def torch_stream(step_module: Callable[[Tensor, Tensor], Any], state_size: int) -> StreamFn:
+    """A stream function over any callable (x_t, state) -> (y_t, state') of torch tensors
+    (a StepModule, a loaded TorchScript module, a torch.export program's module)."""
+
+    @torch.no_grad()
+    def stream(x: np.ndarray) -> np.ndarray:
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        state = torch.zeros(xt.shape[0], state_size)
+        ys = []
+        with one_torch_thread():
+            for t in range(xt.shape[1]):
+                y, state = step_module(xt[:, t], state)
+                ys.append(y)
+        return torch.stack(ys, 1).numpy()
+
+    return stream

@@ -1,0 +1,386 @@
+"""Step-graph export: every registered layer to ONNX / TorchScript / torch.export, validated.
+
+Tolerances: float32 graphs are held to 1e-4 absolute against the model's convolution-mode forward
+(step and FFT evaluations of these small models agree to ~1e-6; a wrong state slice or a missing
+term is off by >= 1e-3, see test_validation_catches_a_wrong_step_form). int8 graphs are held to
+5% of the largest float output (quantize.INT8_RELATIVE_TOLERANCE explains why).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import lrnnx_zoo
+from lrnnx_zoo.export import (ExportError, OnnxStreamer, ValidationError, build_step_module, export_folder,
+                              to_onnx, to_torch_export, to_torchscript)
+from lrnnx_zoo.export.step_graph import StepModule
+from lrnnx_zoo.export.torchscript_export import load_torch_export, load_torchscript, read_metadata
+from lrnnx_zoo.export.validate import validate_stream
+from lrnnx_zoo.step_forms import StepForm
+from plugin_fixtures import GOOD_PLUGIN, activate, make_distribution
+
+TOL = 1e-4  # float32 graph vs PyTorch forward (module docstring)
+EXPORT_DIR = Path(lrnnx_zoo.export.__file__).parent
+META_KEYS = ("state_size", "state_layout", "d_input", "d_output", "family", "version", "source")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Per-step work is tiny; a thread pool on a shared 2-core machine only adds hand-off cost.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_model(layer: str, pooling=None, seed: int = 0, **kw) -> lrnnx_zoo.SequenceModel:
+    torch.manual_seed(seed)
+    cfg = lrnnx_zoo.ModelConfig(layer=layer, d_input=3, d_output=4, d_model=8, n_layers=2,
+                                layer_kwargs={"d_state": 4}, pooling=pooling, **kw)
+    return lrnnx_zoo.SequenceModel(cfg).eval()
+
+
+def reference(model, x):
+    with torch.no_grad():
+        return model(torch.as_tensor(x)).numpy()
+
+
+# -- every registered family, three formats ---------------------------------------------------
+@pytest.fixture(scope="module", params=lrnnx_zoo.list_layers())
+def family(request, tmp_path_factory):
+    """One small seq2seq model per registered layer, exported once to each format."""
+    layer = request.param
+    out = tmp_path_factory.mktemp(f"export-{layer.replace(':', '_')}")
+    model = small_model(layer)
+    results = {"onnx": to_onnx(model, out / "m.onnx"), "torchscript": to_torchscript(model, out / "m.ts"),
+               "torch-export": to_torch_export(model, out / "m.pt2")}
+    return layer, model, results
+
+
+def test_every_family_exports_and_validates(family):
+    layer, model, results = family
+    for fmt, res in results.items():
+        assert res.validation is not None and res.validation.passed, (layer, fmt, res.validation)
+        assert res.validation.max_abs_error < TOL
+        assert res.validation.errors.keys() == {"all steps"}  # seq2seq: every step compared
+        assert Path(res.path).is_file()
+        assert res.metadata["lrnnx_zoo.family"] == layer.rpartition(":")[2]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_batch_1_and_8_in_every_runtime(family, batch):
+    _, model, results = family
+    x = torch.randn(batch, 40, 3, generator=torch.Generator().manual_seed(batch))
+    ref = reference(model, x)
+    streamer = OnnxStreamer(results["onnx"].path)
+    streamer.reset(batch)
+    assert np.abs(streamer.run(x) - ref).max() < TOL
+    for fmt, load in (("torchscript", load_torchscript), ("torch-export", load_torch_export)):
+        step = load(results[fmt].path)
+        state = torch.zeros(batch, results[fmt].state_size)
+        ys = []
+        with torch.no_grad():
+            for t in range(x.shape[1]):
+                y, state = step(x[:, t], state)
+                ys.append(y)
+        assert np.abs(torch.stack(ys, 1).numpy() - ref).max() < TOL, fmt
+
+
+def test_4096_steps_do_not_drift(family):
+    _, model, results = family
+    x = torch.randn(1, 4096, 3, generator=torch.Generator().manual_seed(1))
+    streamer = OnnxStreamer(results["onnx"].path)
+    y = np.concatenate([streamer.run(x[:, :2048]), streamer.run(x[:, 2048:])], 1)  # state kept between calls
+    err = np.abs(y - reference(model, x))
+    assert err.max() < TOL, f"max error {err.max():.2e}, last 256 steps {err[:, -256:].max():.2e}"
+
+
+def test_metadata_and_layout(family):
+    _, model, results = family
+    proto = onnx.load(results["onnx"].path)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    for key in META_KEYS:
+        assert f"lrnnx_zoo.{key}" in meta, key
+    size = int(meta["lrnnx_zoo.state_size"])
+    layout = json.loads(meta["lrnnx_zoo.state_layout"])
+    assert [name for name, _, _ in layout] == [f"blocks.{i}.layer" for i in range(model.config.n_layers)]
+    offset = 0
+    for _, off, n in layout:  # contiguous, in block order, covering the whole state
+        assert off == offset and n > 0
+        offset += n
+    assert offset == size
+    assert (int(meta["lrnnx_zoo.d_input"]), int(meta["lrnnx_zoo.d_output"])) == (3, 4)
+    assert meta["lrnnx_zoo.version"] == lrnnx_zoo.__version__
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(proto.graph.input) + list(proto.graph.output)}
+    assert shapes == {"x": ["batch", 3], "state": ["batch", size], "y": ["batch", 4], "state_out": ["batch", size]}
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    for fmt in ("torchscript", "torch-export"):
+        assert read_metadata(results[fmt].path)["lrnnx_zoo.state_layout"] == meta["lrnnx_zoo.state_layout"]
+
+
+# -- pooling -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_pooled_models_stream_prefix_outputs(tmp_path, pooling):
+    model = small_model(lrnnx_zoo.list_layers()[0], pooling=pooling)
+    res = to_onnx(model, tmp_path / "m.onnx")
+    assert res.validation.passed and set(res.validation.errors) == {"final step", "prefix 1", "prefix 64",
+                                                                    "prefix 128"}
+    x = torch.randn(2, 30, 3, generator=torch.Generator().manual_seed(3))
+    streamer = OnnxStreamer(res.path)
+    y = streamer.run(x)
+    for n in (1, 7, 30):  # step n-1 equals the model's output on the prefix of length n
+        assert np.abs(y[:, n - 1] - reference(model, x[:, :n])).max() < TOL
+    layout = {name: (off, size) for name, off, size in res.state_layout}
+    if pooling == "mean":
+        off, size = layout["pool.count"]
+        assert size == 1 and np.allclose(streamer.state[:, off], 30.0)  # the step count lives in the state
+        assert layout["pool.sum"][1] == model.config.d_model
+    else:
+        assert "pool.sum" not in layout
+
+
+def test_fixed_batch_graph(tmp_path):
+    res = to_onnx(small_model(lrnnx_zoo.list_layers()[0]), tmp_path / "m.onnx", batch=8)
+    assert [d.dim_value for d in onnx.load(res.path).graph.input[0].type.tensor_type.shape.dim] == [8, 3]
+    streamer = OnnxStreamer(res.path)
+    assert streamer.batch == 8 and streamer.step(np.zeros((8, 3))).shape == (8, 4)
+    with pytest.raises(ValueError, match="exported for batch=8"):
+        streamer.reset(1)
+
+
+# -- third-party plugin ----------------------------------------------------------------------------
+@pytest.fixture
+def third_party_ema(tmp_path, monkeypatch):
+    source = GOOD_PLUGIN.replace("{layer_name}", "tp_ema")
+    root = make_distribution(tmp_path / "site", "tp-export", {"tp_export": source}, {"tp_export": "tp_export"})
+    activate(root, monkeypatch)
+    lrnnx_zoo.reload_plugins()
+    yield "tp_ema"
+    monkeypatch.undo()
+    lrnnx_zoo.reload_plugins()
+
+
+def test_third_party_plugin_exports_unchanged(third_party_ema, tmp_path):
+    model = small_model(third_party_ema, pooling="mean")
+    for fn, name in ((to_onnx, "m.onnx"), (to_torchscript, "m.ts"), (to_torch_export, "m.pt2")):
+        res = fn(model, tmp_path / name)
+        assert res.validation.passed and res.validation.max_abs_error < TOL
+        assert res.metadata["lrnnx_zoo.family"] == "tp_ema"
+
+
+def test_export_code_names_no_family():
+    """export/ must reach layers only through step_form(): no plugin imports, no family names."""
+    families = {n.rpartition(":")[2] for n in lrnnx_zoo.list_layers()} | {"lru", "s4d", "s4", "fftconv", "s4nd"}
+    pattern = re.compile(r"\b(" + "|".join(sorted(families)) + r")\b|lrnnx_zoo\.plugins|from \.\.plugins",
+                         re.IGNORECASE)
+    for path in EXPORT_DIR.glob("*.py"):
+        hits = [ln for ln in path.read_text().splitlines() if pattern.search(ln)]
+        assert not hits, f"{path.name} mentions a family or plugin: {hits}"
+
+
+# -- errors --------------------------------------------------------------------------------------
+class _Echo(lrnnx_zoo.LRNN):
+    def __init__(self, d_model, d_state=None):
+        super().__init__(None)
+        self.d_model = d_model
+        self.w = nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x, integration_timesteps=None, lengths=None):
+        return x * self.w
+
+
+class _Bidirectional(_Echo):
+    bidirectional = True
+
+    def forward(self, x, integration_timesteps=None, lengths=None):
+        return x + x.flip(1)
+
+    def step_form(self):
+        raise AssertionError("never asked: a bidirectional layer is refused first")
+
+
+class _NotImplementedStep(_Echo):
+    def step_form(self):
+        raise NotImplementedError
+
+
+class _TestLayers:
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_layers(self, registry):
+        registry.add_layer("test_bidi", _Bidirectional)
+        registry.add_layer("test_nostep", _Echo)
+        registry.add_layer("test_notimpl", _NotImplementedStep)
+
+
+@pytest.fixture
+def test_layers():
+    lrnnx_zoo.register_plugin(_TestLayers(), name="export_test_layers")
+    yield
+    lrnnx_zoo.unregister_plugin("export_test_layers")
+
+
+def test_bidirectional_is_refused(test_layers, tmp_path):
+    with pytest.raises(ExportError, match=r"blocks\.0\.layer \(_Bidirectional\) is bidirectional"):
+        to_onnx(small_model("test_bidi"), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("layer, cls", [("test_nostep", "_Echo"), ("test_notimpl", "_NotImplementedStep")])
+def test_layer_without_step_form_is_refused(test_layers, layer, cls):
+    with pytest.raises(ExportError, match=rf"\({cls}\).*step_form\(\) is required"):
+        build_step_module(small_model(layer))
+
+
+def test_non_causal_pooling_is_refused():
+    model = small_model(lrnnx_zoo.list_layers()[0])
+    model.config.pooling = "max"  # not a ModelConfig choice; a hand-edited config could say it
+    with pytest.raises(ExportError, match="not causal"):
+        build_step_module(model)
+
+
+class _Perturbed(StepForm):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.state_size, self.d_input, self.d_output = inner.state_size, inner.d_input, inner.d_output
+
+    def forward(self, u, s):
+        y, s = self.inner(u, s)
+        return y + 1e-3, s
+
+
+def test_validation_catches_a_wrong_step_form(tmp_path):
+    model = small_model(lrnnx_zoo.list_layers()[0])
+    layer = model.blocks[1].layer
+    good = layer.step_form()
+    layer.step_form = lambda: _Perturbed(good)  # an output off by 1e-3 (10x the tolerance)
+    with pytest.raises(ValidationError, match=r"max abs error [0-9.e-]+ > tolerance 1\.0e-04") as err:
+        to_onnx(model, tmp_path / "m.onnx")
+    assert err.value.report.max_abs_error > TOL
+    assert list(tmp_path.iterdir()) == []  # nothing written, temporary files removed
+
+
+def test_streamer_rejects_wrong_sizes(family):
+    streamer = OnnxStreamer(family[2]["onnx"].path)
+    streamer.reset(2)
+    with pytest.raises(ValueError, match=r"x_t must have shape \(batch=2, d_input=3\), got \(2, 5\)"):
+        streamer.step(np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match=r"got \(4, 3\); call reset\(batch=4\)"):
+        streamer.step(np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"state must have shape \(batch, state_size\)=\(2, \d+\), got \(2, 7\)"):
+        streamer.state = np.zeros((2, 7), np.float32)
+    with pytest.raises(ValueError, match=r"d_input=3\), got \(2, 10, 2\)"):
+        streamer.run(np.zeros((2, 10, 2), np.float32))
+    y = streamer.step(torch.zeros(2, 3))  # torch in, numpy out
+    assert isinstance(y, np.ndarray) and y.shape == (2, 4) and y.dtype == np.float32
+
+
+def test_streamer_state_round_trip(family):
+    """Saving and restoring the state resumes the stream exactly (state kept between calls)."""
+    streamer = OnnxStreamer(family[2]["onnx"].path)
+    x = np.random.default_rng(0).standard_normal((1, 20, 3)).astype(np.float32)
+    streamer.run(x[:, :10])
+    saved = streamer.state
+    a = streamer.run(x[:, 10:])
+    streamer.state = saved
+    assert np.array_equal(streamer.run(x[:, 10:]), a)
+
+
+# -- int8, checkpoints, folders, Hub, CLI ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    """A small mean-pooled classifier saved as a checkpoint that records the digits split."""
+    model = small_model(lrnnx_zoo.list_layers()[0], pooling="mean")
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(**{**model.config.to_dict(), "d_input": 1,
+                                                            "d_output": 10})).eval()
+    folder = tmp_path_factory.mktemp("ckpt") / "digits-small"
+    model.save_pretrained(folder, task="sequence-classification", metrics={"test_accuracy": 0.1},
+                          dataset={"name": "digits", "split": {"seed": 0, "n_train": 1437, "n_test": 360}})
+    return folder
+
+
+def test_int8_reports_accuracy_change(digits_checkpoint, tmp_path):
+    res = to_onnx(digits_checkpoint, tmp_path / "q.onnx", quantize="int8")
+    q = res.quantization
+    assert isinstance(q["accuracy_change"], float) and -1.0 <= q["accuracy_change"] <= 1.0
+    assert q["accuracy_change"] == pytest.approx(q["accuracy_int8"] - q["accuracy_float"])
+    assert 0 < q["max_abs_error"] <= q["tolerance"]  # quantised, so not exact, but within 5%
+    assert res.graph["ops"].get("MatMulInteger", 0) > 0
+    meta = OnnxStreamer(res.path).metadata
+    assert meta["lrnnx_zoo.quantization"] == "int8" and meta["lrnnx_zoo.source"] == str(digits_checkpoint.resolve())
+
+
+def test_int8_without_eval_split_reports_output_error(family, tmp_path):
+    res = to_onnx(family[1], tmp_path / "q.onnx", quantize="int8")
+    assert res.quantization["accuracy_change"] is None
+    assert np.isfinite(res.quantization["max_abs_error"]) and res.quantization["max_abs_error"] > 0
+
+
+def test_folder_and_push_to_local_hub(digits_checkpoint, tmp_path, local_hub):
+    """Hub id in (from_pretrained through the local Hub), export folder out and pushed back."""
+    lrnnx_zoo.from_pretrained(digits_checkpoint).push_to_hub("me/digits-small")
+    done = export_folder("me/digits-small", tmp_path / "out", format="onnx", push_to_hub="me/digits-small-onnx",
+                         latency_steps=50)
+    assert done.result.metadata["lrnnx_zoo.source"] == f"hf://me/digits-small@{local_hub.resolve('me/digits-small')}"
+    files = set(local_hub.list_files("me/digits-small-onnx"))
+    assert {"model.onnx", "step_form.safetensors", "config.json", "README.md"} <= files
+    config = json.loads(local_hub.read_file("me/digits-small-onnx", "config.json"))
+    assert config["format"] == "onnx" and config["validation"]["passed"] and config["latency"]["median_us"] > 0
+    assert config["state_layout"] == done.result.state_layout and config["opset"] == 20
+    assert config["source_checkpoint"]["repo_id"] == "me/digits-small" and config["dataset"]["name"] == "digits"
+    assert local_hub.read_file("me/digits-small-onnx", "model.onnx") == (tmp_path / "out" / "model.onnx").read_bytes()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "OnnxStreamer" in card and "sess.run" in card and "base_model: me/digits-small" in card
+    from safetensors.torch import load_file
+    step = build_step_module(lrnnx_zoo.from_pretrained(digits_checkpoint))
+    weights = load_file(str(tmp_path / "out" / "step_form.safetensors"))
+    assert weights.keys() == step.state_dict().keys()
+
+
+def test_cli_export_prints_report_and_latency(digits_checkpoint, tmp_path, capsys):
+    from lrnnx_zoo.cli import main
+    rc = main(["export", str(digits_checkpoint), "--format", "torch-export", "--out", str(tmp_path / "o"),
+               "--latency-steps", "20"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "validation PASSED" in out and re.search(r"per-step latency: median [0-9.]+ us", out)
+    assert (tmp_path / "o" / "model.pt2").is_file()
+    ts = export_folder(digits_checkpoint, tmp_path / "ts", format="torchscript", latency_steps=10)
+    assert ts.files[0] == "model.ts" and ts.config["latency"]["runtime"] == "torchscript"
+    assert "torch.jit.load" in (tmp_path / "ts" / "README.md").read_text()
+    rc = main(["export", str(digits_checkpoint), "--format", "torchscript", "--out", str(tmp_path / "t"),
+               "--quantize", "int8"])
+    assert rc == 2 and "ONNX graphs only" in capsys.readouterr().err
+
+
+def test_step_module_is_plain_module(family):
+    """The step module itself (what every exporter traces) matches the model step for step."""
+    _, model, _ = family
+    model.train()
+    step = build_step_module(model)
+    assert model.training and model.blocks[0].layer is not None  # the source model is left as it was
+    model.eval()
+    assert isinstance(step, StepModule) and not step.training
+    assert not any(isinstance(m, type(model.blocks[0].layer)) for m in step.modules())  # layers folded away
+    x = torch.randn(2, 16, 3, generator=torch.Generator().manual_seed(5))
+    report = validate_stream(lambda a: _eager(step, a), model, x)
+    assert report.max_abs_error < TOL
+
+
+def _eager(step, x):
+    s = step.zero_state(x.shape[0])
+    ys = []
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            y, s = step(torch.from_numpy(x[:, t]), s)
+            ys.append(y)
+    return torch.stack(ys, 1).numpy()
