@@ -3,7 +3,7 @@
 The floor of any FFT-convolution layer is a bare rfft + irfft round trip of its input along time
 in a contiguous (B, H, L) layout. Every layer is timed at the same shapes in the same process and
 reported as a multiple of that floor. Peak memory is measured in a fresh subprocess per layer as
-the rise of the resident set's high-water mark (ru_maxrss) during one forward, over the input size.
+the rise of the resident set's high-water mark (VmHWM, reset first) during one forward, over the input size.
 
     python benchmarks/bench_layers.py            # full table (about a minute)
     python benchmarks/bench_layers.py --quick    # one shape, fewer repeats
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -58,18 +57,28 @@ def layer_times(name: str, kw: dict, B: int, L: int, H: int, N: int, repeats: in
     return fwd, timeit(fwd_bwd, max(3, repeats // 2))
 
 
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def peak_memory_child(name: str, kw: dict, B: int, L: int, H: int, N: int) -> None:
     torch.manual_seed(0)
     layer = lrnnx_zoo.create_layer(name, H, d_state=N, **kw)
     x = torch.randn(B, L, H)
     with torch.no_grad():
-        layer(x[:, :64])  # load code paths, compile nothing later
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        layer(x[:, :64])  # load code paths and compile kernels before measuring
+    # Reset the high-water mark (Linux: writing 5 to clear_refs), so only the forward counts.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_mb("VmRSS")
     with torch.no_grad():
         y = layer(x)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": (after - before) / 1024, "input_mb": x.numel() * 4 / 2 ** 20,
-                      "ok": bool(torch.isfinite(y).all())}))
+    peak = _rss_mb("VmHWM") - before
+    print(json.dumps({"peak_mb": peak, "input_mb": x.numel() * 4 / 2 ** 20, "ok": bool(torch.isfinite(y).all())}))
 
 
 def peak_memory(name: str, kw: dict, B: int, L: int, H: int, N: int) -> dict:
@@ -95,7 +104,7 @@ def main() -> None:
             f, fb = layer_times(name, kw, B, L, H, N, repeats)
             label = f"{name}/{kw['backend']}"
             print(f"{'':<14} {label:<12} {f:>8.2f} {f / fl:>8.2f} {fb:>11.2f} {fb / fl:>8.2f}")
-    print("\npeak memory of one forward at B=1, L=65536, H=64, N=64 (rise of max RSS):")
+    print("\npeak memory of one forward at B=1, L=65536, H=64, N=64 (rise of peak RSS over the resident set before):")
     for name, kw in LAYERS:
         m = peak_memory(name, kw, 1, 65536, 64, 64)
         print(f"  {name}/{kw['backend']:<6} {m['peak_mb']:8.1f} MB = {m['peak_mb'] / m['input_mb']:5.1f} x input "

@@ -45,11 +45,19 @@ def causal_conv(u: Tensor, K: Tensor, dim: int = -1) -> Tensor:
     """
     L, Lk = u.shape[dim], K.shape[dim]
     n = fast_fft_size(L + Lk - 1)
-    if u.is_complex() or K.is_complex():
-        y = torch.fft.ifft(torch.fft.fft(u, n=n, dim=dim) * torch.fft.fft(K, n=n, dim=dim), n=n, dim=dim)
-    else:
-        y = torch.fft.irfft(torch.fft.rfft(u, n=n, dim=dim) * torch.fft.rfft(K, n=n, dim=dim), n=n, dim=dim)
-    return y.narrow(dim, 0, L)
+    cplx = u.is_complex() or K.is_complex()
+    k_grad = K.requires_grad
+    fwd, inv = (torch.fft.fft, torch.fft.ifft) if cplx else (torch.fft.rfft, torch.fft.irfft)
+    # The kernel's spectrum first: a caller that passes K without keeping a reference frees K here.
+    Kf = fwd(K, n=n, dim=dim)
+    del K
+    U = fwd(u, n=n, dim=dim)
+    if torch.is_grad_enabled() and (u.requires_grad or k_grad):
+        U = U * Kf
+    else:  # inference: reuse the input's spectrum, one transform-sized buffer fewer at the peak
+        U = U.mul_(Kf) if U.shape == torch.broadcast_shapes(U.shape, Kf.shape) else U * Kf
+    del Kf
+    return inv(U, n=n, dim=dim).narrow(dim, 0, L)
 
 
 def kernel_spectrum(K: Tensor, L: int, dim: int = -1) -> Tensor:

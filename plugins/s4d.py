@@ -182,9 +182,14 @@ class S4D(LTI_LRNN):
                 lengths: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, H) -> y: (B, L, H)."""
         self.check_input(x, lengths)
-        K = self.compute_kernel(x.shape[1])
-        y = causal_conv(x.transpose(1, 2), K).transpose(1, 2) + self.D * x
+        y = causal_conv(x.transpose(1, 2), self.kernel_with_skip(x.shape[1])).transpose(1, 2)
         return mask_padding(y, lengths)
+
+    def kernel_with_skip(self, L: int) -> Tensor:
+        """K with D added to tap 0: (H, L). D u is the kernel's first tap, so folding it in saves
+        a pass over the input and a buffer of its size."""
+        K = self.compute_kernel(L)
+        return torch.cat([K[:, :1] + self.D.unsqueeze(-1), K[:, 1:]], dim=-1)
 
     def step_form(self) -> ChannelDiagonalStepForm:
         return self.kernel.step_form(self.D.unsqueeze(0))
