@@ -1,0 +1,70 @@
+"""``lrnnx-zoo train RECIPE --out DIR [--seed N] [--epochs N] [--no-progress]`` and ``lrnnx-zoo recipes``.
+
+Also runnable as a module, which is how torchrun launches it:
+``python -m torch.distributed.run --nproc_per_node=2 -m lrnnx_zoo.training_cli train RECIPE --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Dict, List, Optional
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from .recipes import RECIPES, list_recipes
+    for name in list_recipes():
+        r = RECIPES[name]
+        m, o = r.model, r.optim
+        print(f"{name:<24} {r.description}")
+        print(f"{'':<24} layer={m['layer']} d_model={m.get('d_model')} n_layers={m.get('n_layers')} "
+              f"data={r.data.name} epochs={o.epochs} batch={o.batch_size} lr={o.lr}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .recipes import UnknownRecipeError, get_recipe, override
+    try:
+        recipe = get_recipe(args.recipe)
+    except UnknownRecipeError as exc:
+        print(f"lrnnx-zoo train: {exc}", file=sys.stderr)
+        return 2
+    recipe = override(recipe, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
+                      max_steps=args.max_steps)
+    from .training import train
+    _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress)
+    import os
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(metrics, sort_keys=True))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:
+    """Register ``train`` and ``recipes`` on the ``lrnnx-zoo`` parser."""
+    p = sub.add_parser("train", help="train a named recipe and write a checkpoint",
+                       description="Train a recipe (see `lrnnx-zoo recipes`). Under torchrun the global batch "
+                                   "is split evenly across processes.")
+    p.add_argument("recipe", help="recipe name, e.g. digits-s4d")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write the checkpoint (config.json, model.safetensors, README.md) here")
+    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="override the global batch size")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary line")
+    sub.add_parser("recipes", help="list the training recipes")
+    commands.update(train=_cmd_train, recipes=_cmd_recipes)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="lrnnx-zoo")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands: Dict[str, Callable[[argparse.Namespace], int]] = {}
+    add_commands(sub, commands)
+    args = parser.parse_args(argv)
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
