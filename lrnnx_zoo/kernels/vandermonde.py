@@ -1,7 +1,9 @@
 """Vandermonde kernels for diagonal state-space models.
 
 A diagonal SSM with discrete eigenvalues ``lam_n = exp(log_lam_n)`` has the convolution kernel
-(S4D paper, Gu et al. 2022, eq. 5 / Vandermonde form; LRU paper, Orvieto et al. 2023, eq. 3)
+``K = (B_bar * C) @ V_L(lam)``, a Vandermonde matrix-vector product (Gu et al. 2022, "On the
+Parameterization and Initialization of Diagonal State Space Models"; the same kernel unrolls the
+LRU recurrence of Orvieto et al. 2023):
 
     K[l] = sum_n v_n * lam_n^l = sum_n v_n * exp(l * log_lam_n),      l = 0 .. L-1,
 
@@ -40,12 +42,13 @@ __all__ = ["vandermonde", "vandermonde_torch", "vandermonde_keops", "BACKENDS", 
 
 BACKENDS = ("auto", "torch", "keops")
 
-# Cap on the largest factor block (..., N, T) of one call, in bytes: the brief's 64 MB budget.
+# Cap on the largest factor block (..., N, T) of one call, in bytes (64 MB).
 _BLOCK_BYTES = 64 * 2**20
 
 # "auto" picks keops when batch * N * L is at least this many terms on that device type; None
 # means never. Measured on a 2-core Xeon CPU (benchmarks/bench_kernels.py): the torch path is
-# 10-60x faster than keops at every size tried (H=128, N=32, L=1024 up to H=64, N=32, L=65536),
+# 40-60x faster than keops at every size tried, forward 1.3 vs 54 ms (H=128, N=32, L=1024),
+# 4.8 vs 222 ms (L=4096), 30 vs 1697 ms (H=64, L=65536), and ~8x at tiny sizes (H=1, N=4, L=16),
 # because the two-level factorisation turns the O(N L) exps into a matmul, while keops evaluates
 # one exp/cos/sin per (n, l) term. GPU has not been measured, so it also defaults to torch.
 _KEOPS_MIN_TERMS: dict[str, Optional[int]] = {"cpu": None, "cuda": None}
@@ -93,7 +96,8 @@ def default_block_size(L: int, rows: int = 1, N: int = 1, itemsize: int = 8) -> 
     """Inner block length T of the two-level factorisation ``l = j*T + t``.
 
     T ~ sqrt(L) (power of two) balances the O(N (J + T)) transcendentals of the two factors; the
-    matmul costs the same for any T. Measured best on CPU: T=64 for L<=4096, T=256 for L=65536.
+    matmul costs the same for any T. Measured best on CPU: T=32 at L=1024, 64 at 4096, 256 at
+    L=65536.
     Clamped so that the (rows, 2N, T) factor stays under the 64 MB block budget.
     """
     T = 1 << max(4, math.ceil(math.log2(max(L, 1)) / 2))
@@ -170,18 +174,16 @@ def vandermonde_torch(v: Tensor, log_lam: Tensor, L: int, conj: bool = True,
     # W = v * lam^{jT}: (..., N, J) complex product, kept as real/imag parts.
     Wr = vr * Qr - vi * Qi
     Wi = vr * Qi + vi * Qr
-    B = torch.cat([Pr, Pi], dim=-2)                      # (..., 2N, T)
+    # Re(W P) = Wr Pr - Wi Pi = [Wr, -Wi] @ [Pr; Pi]: one real matmul over the stacked 2N axis.
+    A = torch.cat([Wr, -Wi], dim=-2).transpose(-1, -2)                # (..., J, 2N)
+    B = torch.cat([Pr, Pi], dim=-2)                                   # (..., 2N, T)
     if conj:
-        # Re(W^T P) = Wr^T Pr - Wi^T Pi: one real matmul over the stacked 2N axis; the factor 2
-        # of the conjugate pair is folded into the small factor.
-        A = torch.cat([Wr, -Wi], dim=-2).mul(2.0).transpose(-1, -2)   # (..., J, 2N)
-        K = torch.matmul(A, B)                                         # (..., J, T)
-        return K.reshape(*K.shape[:-2], J * T)[..., :L]
-    # Complex: [Wr, Wi] @ [[Pr, Pi], [-Pi, Pr]] = [Re, Im] in one matmul with a 2T-wide output.
-    A = torch.cat([Wr, Wi], dim=-2).transpose(-1, -2)                 # (..., J, 2N)
-    B2 = torch.cat([B, torch.cat([-Pi, Pr], dim=-2)], dim=-1)         # (..., 2N, 2T)
-    K = torch.matmul(A, B2)                                           # (..., J, 2T)
-    K = torch.complex(K[..., :T], K[..., T:])
+        # The conjugate pair's factor 2 goes on the small factor, not the output.
+        K = torch.matmul(2.0 * A, B)                                  # (..., J, T)
+    else:
+        # Im(W P) = Wr Pi + Wi Pr = [Wr, -Wi] @ [Pi; -Pr]: both parts from one 2T-wide matmul.
+        K = torch.matmul(A, torch.cat([B, torch.cat([Pi, -Pr], dim=-2)], dim=-1))
+        K = torch.complex(K[..., :T], K[..., T:])                     # (..., J, T)
     return K.reshape(*K.shape[:-2], J * T)[..., :L]
 
 
@@ -198,13 +200,15 @@ def _keops_reduction(conj: bool):
     if red is None:
         from pykeops.torch import Genred
 
-        # Real form of v * exp(l * (a + ib)): exp(l a) (vr cos(lb) - vi sin(lb)) [+ i (...)].
-        re_part = "Exp(l * a) * (vr * Cos(l * b) - vi * Sin(l * b))"
-        im_part = "Exp(l * a) * (vr * Sin(l * b) + vi * Cos(l * b))"
+        # Real form of v * exp(l * (a + ib)): exp(l a) (vr cos(lb) - vi sin(lb)) [+ i (...)], with
+        # p = (a, b, vr, vi) packed into one 4-vector so that the backward pass is a single extra
+        # formula (gradient w.r.t. p) instead of four to compile.
+        a, b, vr, vi = (f"Elem(p, {k})" for k in range(4))
+        re_part = f"Exp(l * {a}) * ({vr} * Cos(l * {b}) - {vi} * Sin(l * {b}))"
+        im_part = f"Exp(l * {a}) * ({vr} * Sin(l * {b}) + {vi} * Cos(l * {b}))"
         formula = re_part if conj else f"Concat({re_part}, {im_part})"
-        aliases = ["l = Vi(1)", "a = Vj(1)", "b = Vj(1)", "vr = Vj(1)", "vi = Vj(1)"]
         with quiet_keops():
-            red = Genred(formula, aliases, reduction_op="Sum", axis=1)
+            red = Genred(formula, ["l = Vi(1)", "p = Vj(4)"], reduction_op="Sum", axis=1)
         _KEOPS_CACHE[conj] = red
     return red
 
@@ -231,12 +235,13 @@ def vandermonde_keops(v: Tensor, log_lam: Tensor, L: int, conj: bool = True) -> 
     f64 = torch.float64
     a, b = _re_im(log_lam)
     vr, vi = _re_im(v)
-    # keops batch mode wants equal batch shapes: (B, N, 1) per j-variable, (1, L, 1) for l.
-    flat = [x.to(f64).expand(*batch, N).reshape(-1, N, 1).contiguous() for x in (a, b, vr, vi)]
+    # keops batch mode wants equal batch shapes: (B, N, 4) for p, (1, L, 1) for l.
+    p = torch.stack([x.to(f64).expand(*batch, N) for x in (a, b, vr, vi)], dim=-1)
+    p = p.reshape(-1, N, 4)
     ell = torch.arange(L, dtype=f64, device=device).view(1, L, 1)
     red = _keops_reduction(conj)
     with quiet_keops():
-        out = red(ell, *flat, backend="GPU" if device.type == "cuda" else "CPU")
+        out = red(ell, p, backend="GPU" if device.type == "cuda" else "CPU")
     if conj:
         return (2.0 * out.reshape(*batch, L)).to(rdt)
     out = out.reshape(*batch, L, 2)
@@ -256,7 +261,7 @@ def _auto_uses_keops(v: Tensor, log_lam: Tensor, L: int) -> bool:
 
 
 def vandermonde(v: Tensor, log_lam: Tensor, L: int, conj: bool = True, backend: str = "auto") -> Tensor:
-    """Vandermonde kernel ``K[..., l] = sum_n v_n exp(l log_lam_n)`` (S4D paper eq. 5).
+    """Vandermonde kernel ``K[..., l] = sum_n v_n exp(l log_lam_n)`` (S4D Vandermonde kernel).
 
     Args:
         v, log_lam: (..., N) complex, broadcastable batch dims.

@@ -1,0 +1,198 @@
+"""Tests for lrnnx_zoo.scan: s_t = lam * s_{t-1} + x_t (LRU recurrence)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lrnnx_zoo.scan import diagonal_scan, sequential_scan
+
+C128 = torch.complex128
+
+
+def rand_lam(*shape: int, gen: torch.Generator, r_min: float = 0.5, r_max: float = 1.0,
+             dtype=C128) -> torch.Tensor:
+    """Complex eigenvalues with r_min <= |lam| <= r_max and any phase."""
+    r = r_min + (r_max - r_min) * torch.rand(*shape, generator=gen, dtype=torch.float64)
+    theta = math.pi * (2 * torch.rand(*shape, generator=gen, dtype=torch.float64) - 1)
+    return torch.polar(r, theta).to(dtype)
+
+
+def closed_form(lam: torch.Tensor, x: torch.Tensor, s0: torch.Tensor | None) -> torch.Tensor:
+    """s_t = lam^{t+1} s0 + sum_{k<=t} lam^{t-k} x_k, with an explicit (L, L) matrix per mode."""
+    L = x.shape[1]
+    t = torch.arange(L)
+    d = (t[:, None] - t[None, :]).clamp(min=0).to(torch.float64)
+    M = torch.where(t[:, None] >= t[None, :], torch.ones((), dtype=x.dtype), torch.zeros((), dtype=x.dtype))
+    P = M.unsqueeze(-1) * lam ** d.unsqueeze(-1)                   # (L, L, N)
+    out = torch.einsum("tkn,bkn->btn", P, x)
+    if s0 is not None:
+        out = out + lam ** (t.to(torch.float64) + 1).unsqueeze(-1) * s0.unsqueeze(1)
+    return out
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(7)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward values
+# ----------------------------------------------------------------------------------------------
+
+def test_sequential_matches_closed_form(gen):
+    lam = rand_lam(4, gen=gen)
+    x = torch.randn(2, 30, 4, dtype=C128, generator=gen)
+    s0 = torch.randn(2, 4, dtype=C128, generator=gen)
+    torch.testing.assert_close(sequential_scan(lam, x, s0), closed_form(lam, x, s0))
+
+
+@pytest.mark.parametrize("L", [1, 2, 15, 16, 17, 100, 1000])
+@pytest.mark.parametrize("chunk", [None, 2, 3, 16])
+@pytest.mark.parametrize("per_batch_lam", [False, True])
+def test_matches_sequential_float64(gen, L, chunk, per_batch_lam):
+    B, N = 3, 5
+    lam = rand_lam(B if per_batch_lam else 1, N, gen=gen)
+    lam = lam if per_batch_lam else lam[0]
+    x = torch.randn(B, L, N, dtype=C128, generator=gen)
+    s0 = torch.randn(B, N, dtype=C128, generator=gen)
+    for init in (None, s0):
+        got = diagonal_scan(lam, x, init, chunk_size=chunk)
+        assert got.shape == (B, L, N)
+        torch.testing.assert_close(got, sequential_scan(lam, x, init), rtol=1e-10, atol=1e-10)
+
+
+def test_reverse_is_flipped_forward(gen):
+    lam = rand_lam(4, gen=gen)
+    x = torch.randn(2, 77, 4, dtype=C128, generator=gen)
+    s0 = torch.randn(2, 4, dtype=C128, generator=gen)
+    got = diagonal_scan(lam, x, s0, reverse=True, chunk_size=4)
+    torch.testing.assert_close(got, sequential_scan(lam, x.flip(1), s0).flip(1))
+
+
+def test_float32_long_sequence_near_unit_circle(gen):
+    # |lam| = 0.999 keeps ~1/(1-|lam|) = 1000 terms alive in every state, so float32 rounding
+    # accumulates over ~1000 multiply-adds: ~sqrt(1000) * 6e-8 ~ 2e-6 typical. 1e-5 relative to
+    # the largest state leaves margin for that, while any algorithmic slip (a wrong power of lam,
+    # a dropped carry) shows up at O(1e-3) or more.
+    B, L, N = 2, 4096, 16
+    lam = rand_lam(N, gen=gen, r_min=0.999, r_max=0.999, dtype=torch.complex64)
+    x = torch.randn(B, L, N, dtype=torch.complex64, generator=gen)
+    s0 = torch.randn(B, N, dtype=torch.complex64, generator=gen)
+    ref = sequential_scan(lam.to(C128), x.to(C128), s0.to(C128))
+    got = diagonal_scan(lam, x, s0)
+    assert got.dtype == torch.complex64
+    assert ((got.to(C128) - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    loop32 = sequential_scan(lam, x, s0)
+    assert ((got - loop32).abs().max() / loop32.abs().max()).item() < 1e-5
+
+
+def test_state_passing_splits_a_sequence(gen):
+    # Scanning [x1, x2] equals scanning x1, then x2 from x1's last state.
+    lam = rand_lam(6, gen=gen)
+    x = torch.randn(2, 90, 6, dtype=C128, generator=gen)
+    full = diagonal_scan(lam, x)
+    first = diagonal_scan(lam, x[:, :40])
+    second = diagonal_scan(lam, x[:, 40:], first[:, -1])
+    torch.testing.assert_close(torch.cat([first, second], 1), full)
+
+
+def test_initial_state_broadcast_and_zero(gen):
+    lam = rand_lam(3, gen=gen)
+    x = torch.randn(4, 20, 3, dtype=C128, generator=gen)
+    s0 = torch.randn(3, dtype=C128, generator=gen)
+    torch.testing.assert_close(diagonal_scan(lam, x, s0), sequential_scan(lam, x, s0.expand(4, 3)))
+    torch.testing.assert_close(diagonal_scan(lam, x, torch.zeros(4, 3, dtype=C128)),
+                               diagonal_scan(lam, x))
+
+
+def test_real_and_mixed_dtypes(gen):
+    lam = torch.rand(4, generator=gen, dtype=torch.float64) * 2 - 1     # incl. negative lam
+    x = torch.randn(2, 50, 4, generator=gen, dtype=torch.float64)
+    got = diagonal_scan(lam, x, chunk_size=4)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, sequential_scan(lam, x))
+    xc = torch.randn(2, 50, 4, generator=gen, dtype=C128)
+    torch.testing.assert_close(diagonal_scan(lam, xc, chunk_size=4), sequential_scan(lam, xc))
+    # lam = 0 (no memory) and lam = 1 (running sum) are exact edge cases.
+    torch.testing.assert_close(diagonal_scan(torch.zeros(4, dtype=torch.float64), x), x)
+    torch.testing.assert_close(diagonal_scan(torch.ones(4, dtype=torch.float64), x), x.cumsum(1))
+
+
+def test_empty_sequence():
+    x = torch.zeros(2, 0, 3, dtype=torch.complex64)
+    assert diagonal_scan(torch.ones(3, dtype=torch.complex64), x).shape == (2, 0, 3)
+    assert sequential_scan(torch.ones(3, dtype=torch.complex64), x).shape == (2, 0, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("per_batch_lam", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("chunk", [2, 3, None])
+def test_gradcheck_complex(gen, per_batch_lam, reverse, chunk):
+    lam = (rand_lam(2, 3, gen=gen) if per_batch_lam else rand_lam(3, gen=gen)).requires_grad_()
+    x = torch.randn(2, 9, 3, dtype=C128, generator=gen, requires_grad=True)
+    s0 = torch.randn(2, 3, dtype=C128, generator=gen, requires_grad=True)
+    fn = lambda a, b, c: diagonal_scan(a, b, c, reverse=reverse, chunk_size=chunk)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (lam, x, s0))
+
+
+def test_gradgradcheck(gen):
+    lam = rand_lam(3, gen=gen).requires_grad_()
+    x = torch.randn(2, 7, 3, dtype=C128, generator=gen, requires_grad=True)
+    s0 = torch.randn(2, 3, dtype=C128, generator=gen, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b, c: diagonal_scan(a, b, c, chunk_size=2),
+                                        (lam, x, s0))
+
+
+def test_gradcheck_real_and_mixed(gen):
+    lam = (torch.rand(3, generator=gen, dtype=torch.float64) * 2 - 1).requires_grad_()
+    x = torch.randn(2, 9, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    xc = torch.randn(2, 9, 3, generator=gen, dtype=C128, requires_grad=True)
+    lamc = rand_lam(3, gen=gen).requires_grad_()
+    s0 = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: diagonal_scan(a, b, c, chunk_size=2), (lam, x, s0))
+    assert torch.autograd.gradcheck(lambda a, b: diagonal_scan(a, b, chunk_size=2), (lam, xc))
+    assert torch.autograd.gradcheck(lambda a, b: diagonal_scan(a, b, chunk_size=2), (lamc, x))
+
+
+def test_backward_matches_autograd_through_loop(gen):
+    lam = rand_lam(4, gen=gen, r_min=0.9)
+    x = torch.randn(3, 200, 4, dtype=C128, generator=gen)
+    s0 = torch.randn(3, 4, dtype=C128, generator=gen)
+    g = torch.randn(3, 200, 4, dtype=C128, generator=gen)
+    grads = []
+    for fn in (diagonal_scan, sequential_scan):
+        inputs = [t.clone().requires_grad_() for t in (lam, x, s0)]
+        fn(*inputs).backward(g)
+        grads.append([t.grad for t in inputs])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+# ----------------------------------------------------------------------------------------------
+
+def test_shape_errors_name_expected_and_given():
+    x = torch.zeros(2, 10, 4, dtype=torch.complex64)
+    lam = torch.ones(4, dtype=torch.complex64)
+    with pytest.raises(ValueError, match=r"expected x of shape \(B, L, N\), got \(10, 4\)"):
+        diagonal_scan(lam, x[0])
+    with pytest.raises(ValueError, match=r"expected lam of shape \(N,\) or \(B, N\) = \(4,\) or "
+                                         r"\(2, 4\).*got \(5,\)"):
+        diagonal_scan(torch.ones(5), x)
+    with pytest.raises(ValueError, match=r"got \(3, 4\)"):
+        diagonal_scan(torch.ones(3, 4), x)
+    with pytest.raises(ValueError, match=r"expected initial_state of shape \(B, N\) = \(2, 4\), "
+                                         r"got \(2, 5\)"):
+        diagonal_scan(lam, x, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="chunk_size"):
+        diagonal_scan(lam, x, chunk_size=1)
+    with pytest.raises(TypeError, match="floating or complex"):
+        diagonal_scan(torch.ones(4, dtype=torch.int64), torch.ones(2, 3, 4, dtype=torch.int64))
