@@ -1,65 +1,106 @@
-"""The main job: one small model per registered family, trained for a few seconds on the digits
-(64-step pixel sequences), then convolution mode vs step mode compared on the test split."""
+"""The main job: a shipped checkpoint from load to edge.
+
+1. load it (``from_pretrained``) and evaluate it on the split its config records;
+2. export it to an ONNX step graph (validated against the PyTorch model before it is written);
+3. stream the whole evaluation set through ONNX Runtime one step at a time from a zero state;
+4. print the parity between the streamed and the PyTorch outputs, both scores, and the
+   per-step latency at batch 1 against the PyTorch model's own eager step.
+"""
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from . import ModelConfig, SequenceModel, list_layers
-from .data import Split, load_digits_sequences
+from . import from_pretrained, list_models
+from .training import checkpoint_data, evaluate, score
+
+DEFAULT = "forecast-sunspots-s4d"
 
 
-def train_briefly(model: SequenceModel, x: torch.Tensor, y: torch.Tensor, seconds: float,
-                  batch_size: int = 64, lr: float = 3e-3) -> int:
-    """Adam on cross-entropy for a wall-clock budget; returns the number of steps taken."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for idx in torch.randperm(len(y), generator=g).split(batch_size):
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            if time.perf_counter() - start >= seconds:
-                break
-    model.eval()
-    return steps
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
-@torch.no_grad()
-def step_mode_outputs(model: SequenceModel, x: torch.Tensor) -> torch.Tensor:
-    cache = model.allocate_inference_cache(x.shape[0])
-    y = None
-    for t in range(x.shape[1]):
-        y, cache = model.step(x[:, t], cache)
-    return y
+def _median_us(fn, steps: int) -> float:
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e6 * float(np.median(times))
+
+
+def run(name: str, out_dir: Path, steps: int) -> int:
+    from .export import OnnxStreamer, to_onnx
+
+    print(f"== {name}")
+    model = from_pretrained(name)
+    info = model.checkpoint_info
+    data = checkpoint_data(info)
+    print(f"loaded: {info['family']} model, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"task {info['task']}, data {info['dataset']['name']}")
+    print(f"model card : {_fmt(info['metrics'])}")
+    t = time.perf_counter()
+    pytorch = evaluate(model, data)
+    print(f"evaluated  : {_fmt(pytorch)}  ({len(data.x_test)} test sequences, {time.perf_counter() - t:.1f} s)")
+
+    t = time.perf_counter()
+    result = to_onnx(model, out_dir / f"{name}.onnx")
+    print(f"exported   : {result.path} ({Path(result.path).stat().st_size / 1024:.0f} KiB, "
+          f"state_size={result.state_size}, {time.perf_counter() - t:.1f} s)")
+    print(f"validated  : {result.validation}")
+
+    streamer = OnnxStreamer(result.path)
+    x = data.x_test.numpy()
+    t = time.perf_counter()
+    streamed = torch.from_numpy(streamer.run(x))
+    n_steps = x.shape[0] * x.shape[1]
+    print(f"streamed   : {x.shape[0]} sequences x {x.shape[1]} steps through ONNX Runtime "
+          f"({time.perf_counter() - t:.1f} s)")
+    if data.task == "sequence-classification":
+        streamed = streamed[:, -1]   # the last step's output is the whole sequence's logits
+    with torch.no_grad():
+        reference = model(data.x_test)
+    parity = (streamed - reference).abs().max().item()
+    onnx_scores = score(streamed, data)
+    print(f"parity     : max |ONNX stream - PyTorch forward| = {parity:.2e} over {n_steps} steps")
+    print(f"ONNX score : {_fmt(onnx_scores)}")
+
+    streamer.reset(1)
+    x1 = x[:1, 0]
+    onnx_us = _median_us(lambda: streamer.step(x1), steps)
+    cache = model.allocate_inference_cache(1)
+    xt = torch.from_numpy(x1)
+    torch.set_num_threads(1)   # one stream of tiny steps; ONNX Runtime runs on one thread too
+    with torch.no_grad():
+        eager_us = _median_us(lambda: model.step(xt, cache), steps)
+    print(f"latency    : {onnx_us:.1f} us/step ONNX Runtime vs {eager_us:.1f} us/step eager PyTorch "
+          f"at batch 1 ({eager_us / onnx_us:.1f}x)")
+    ok = parity < 1e-4
+    print("result     : " + ("OK" if ok else "PARITY FAILED") + "\n")
+    return 0 if ok else 1
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seconds", type=float, default=8.0, help="training budget per family")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoints", nargs="*", default=[DEFAULT],
+                    help=f"shipped names, folders or Hub ids (default {DEFAULT}; 'all' for every shipped one)")
+    ap.add_argument("--out", type=Path, default=None, help="where to write the .onnx files (default: a temp dir)")
+    ap.add_argument("--steps", type=int, default=2000, help="steps timed for the latency figure")
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    x_tr, y_tr, x_te, y_te = load_digits_sequences(Split(seed=0, n_test=360))
-    print(f"digits: {len(y_tr)} train / {len(y_te)} test sequences of 64 steps; {args.seconds:.0f} s of training each\n")
-    print(f"{'layer':<8} {'params':>8} {'steps':>6} {'test acc':>9} {'conv vs step max|diff|':>24}")
-    for name in list_layers():
-        cfg = ModelConfig(layer=name, d_input=1, d_output=10, d_model=32, n_layers=2,
-                          layer_kwargs={"d_state": 32}, pooling="mean")
-        model = SequenceModel(cfg)
-        steps = train_briefly(model, x_tr, y_tr, args.seconds)
-        with torch.no_grad():
-            logits = model(x_te)
-        acc = (logits.argmax(-1) == y_te).float().mean().item()
-        diff = (step_mode_outputs(model, x_te) - logits).abs().max().item()
-        print(f"{name:<8} {model.num_parameters():>8} {steps:>6} {acc:>9.1%} {diff:>24.2e}")
-    return 0
+    names = list_models() if args.checkpoints == ["all"] else args.checkpoints
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        return max(run(name, out, args.steps) for name in names)
 
 
 if __name__ == "__main__":

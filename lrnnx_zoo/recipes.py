@@ -32,6 +32,14 @@ class DataSpec:
         if self.name not in DATASETS:
             raise ValueError(f"DataSpec.name must be one of {DATASETS}, got {self.name!r}")
 
+    @property
+    def task(self) -> str:
+        return "sequence-classification" if self.name == "digits" else "time-series-forecasting"
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Recorded in checkpoints as dataset["spec"], so evaluation can rebuild the exact split."""
+        return {"name": self.name, "params": dict(self.params)}
+
 
 @dataclass(frozen=True)
 class OptimSpec:
@@ -79,7 +87,9 @@ class Recipe:
 
     @property
     def task(self) -> str:
-        return "sequence-classification" if self.data.name == "digits" else "time-series-forecasting"
+        return self.data.task
+
+
 
 
 def _digits(layer: str, layer_kwargs: Dict[str, Any], **optim: Any) -> Dict[str, Any]:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .data import augment_digit_shifts
 from .models import ModelConfig, SequenceModel
-from .recipes import Recipe, get_recipe
+from .recipes import DataSpec, Recipe, get_recipe
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -51,9 +51,14 @@ class TaskData:
 
 def load_task_data(recipe: Recipe) -> TaskData:
     """Load the data a recipe names, with its split recorded for the model card."""
+    return load_data(recipe.data)
+
+
+def load_data(spec: DataSpec) -> TaskData:
+    """Load a data set by its spec; the card records the spec so the split can be rebuilt."""
     from . import data as D
-    params = dict(recipe.data.params)
-    if recipe.data.name == "digits":
+    params = dict(spec.params)
+    if spec.name == "digits":
         augment = params.pop("augment", None)
         if augment not in (None, "shift"):
             raise ValueError(f"digits augment must be None or 'shift', got {augment!r}")
@@ -61,16 +66,16 @@ def load_task_data(recipe: Recipe) -> TaskData:
         x_tr, y_tr, x_te, y_te = D.load_digits_sequences(split)
         card = {"name": "digits", "source": "scikit-learn bundled (UCI optical recognition of handwritten digits)",
                 "split": {"seed": split.seed, "n_train": len(y_tr), "n_test": len(y_te)},
-                "format": "8x8 images read row-major as 64-step sequences, pixels / 16"}
+                "format": "8x8 images read row-major as 64-step sequences, pixels / 16", "spec": spec.to_dict()}
         if augment:
             card["augmentation"] = "random shifts of +-1 pixel per axis (training only)"
-        return TaskData(recipe.task, x_tr, y_tr, x_te, y_te, None, card, augment)
+        return TaskData(spec.task, x_tr, y_tr, x_te, y_te, None, card, augment)
     split_keys = {"n_train", "n_val"}
     split = D.TimeSplit(**{k: v for k, v in params.items() if k in split_keys})
-    fd = D.load_forecast_series(recipe.data.name, split=split,
+    fd = D.load_forecast_series(spec.name, split=split,
                                 **{k: v for k, v in params.items() if k not in split_keys})
-    return TaskData(recipe.task, fd.x_train, fd.y_train, fd.x_test, fd.y_test, fd.mask_test, dict(fd.info),
-                    target=fd.target)
+    return TaskData(spec.task, fd.x_train, fd.y_train, fd.x_test, fd.y_test, fd.mask_test,
+                    {**fd.info, "spec": spec.to_dict()}, target=fd.target)
 
 
 # -- distributed -----------------------------------------------------------------------------------
@@ -169,16 +174,24 @@ def batch_loss(model: nn.Module, task: str, x: Tensor, y: Tensor) -> Tensor:
 # -- evaluation ------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: SequenceModel, data: TaskData, batch_size: int = 256) -> Dict[str, float]:
-    """Test metrics.  Classification: test_accuracy, test_loss.  Forecasting (normalised units,
-    scored positions only): test_mse, test_mae and the naive last-value forecast's naive_test_mse,
-    naive_test_mae."""
-    from .data import forecast_errors, to_level
+    """Test metrics of ``model`` on ``data`` (see :func:`score`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     outs = [model(data.x_test[i:i + batch_size].to(device)).cpu() for i in range(0, len(data.x_test), batch_size)]
     model.train(was_training)
-    out = torch.cat(outs)
+    return score(torch.cat(outs), data)
+
+
+def score(out: Tensor, data: TaskData) -> Dict[str, float]:
+    """Metrics of test outputs, however they were computed (PyTorch forward, a streamed graph).
+
+    Classification (out: (n, classes)): test_accuracy, test_loss. Forecasting (out: (n, L, 1),
+    normalised units, scored positions only): test_mse, test_mae and the naive last-value
+    forecast's naive_test_mse, naive_test_mae.
+    """
+    from .data import forecast_errors, to_level
+    out = torch.as_tensor(out)
     if data.task == "sequence-classification":
         return {"test_accuracy": (out.argmax(-1) == data.y_test).float().mean().item(),
                 "test_loss": nn.functional.cross_entropy(out, data.y_test).item()}
@@ -187,6 +200,15 @@ def evaluate(model: SequenceModel, data: TaskData, batch_size: int = 256) -> Dic
     naive = forecast_errors(data.x_test, true, data.mask_test)
     return {"test_mse": model_err["mse"], "test_mae": model_err["mae"],
             "naive_test_mse": naive["mse"], "naive_test_mae": naive["mae"]}
+
+
+def checkpoint_data(info: Dict[str, Any]) -> TaskData:
+    """Rebuild the evaluation split a checkpoint records (``checkpoint_info["dataset"]["spec"]``)."""
+    spec = (info.get("dataset") or {}).get("spec")
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError("this checkpoint records no data spec (dataset.spec) to rebuild its evaluation split from; "
+                         "checkpoints written by `lrnnx-zoo train` have one")
+    return load_data(DataSpec(spec["name"], spec.get("params", {})))
 
 
 # -- the loop --------------------------------------------------------------------------------------

@@ -1,0 +1,58 @@
+"""Every shipped checkpoint reaches the metric its model card states, recomputed here on the
+split its config records, and its ONNX step graph streams to the same score.
+
+Tolerances: the card's metric was computed by the same evaluation code at training time; float32
+differences since then (e.g. a re-ordered FFT) may flip a prediction that sat on a decision
+boundary, so accuracy may differ by one test sample (1/360) and forecast errors by 1% relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lrnnx_zoo
+from lrnnx_zoo.training import checkpoint_data, evaluate, score
+
+MODELS = lrnnx_zoo.list_models()
+
+
+def test_there_is_a_checkpoint_of_every_builtin_family_and_a_streaming_forecaster():
+    families = {lrnnx_zoo.from_pretrained(m).checkpoint_info["family"] for m in MODELS}
+    assert {"lru", "s4d"} <= families
+    assert any(lrnnx_zoo.from_pretrained(m).config.pooling is None for m in MODELS)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_card_metric_recomputed_on_the_stated_split(name):
+    model = lrnnx_zoo.from_pretrained(name)
+    info = model.checkpoint_info
+    data = checkpoint_data(info)
+    got = evaluate(model, data)
+    card = info["metrics"]
+    if data.task == "sequence-classification":
+        assert len(data.y_test) == info["dataset"]["split"]["n_test"]
+        assert abs(got["test_accuracy"] - card["test_accuracy"]) <= 1 / len(data.y_test) + 1e-6
+        assert got["test_accuracy"] >= 0.95
+    else:
+        assert got["test_mse"] == pytest.approx(card["test_mse"], rel=0.01)
+        assert got["naive_test_mse"] == pytest.approx(card["naive_test_mse"], rel=1e-6)
+        assert got["test_mse"] < 0.9 * got["naive_test_mse"], "clearly better than the last-value forecast"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_step_graph_scores_like_pytorch(name, tmp_path):
+    from lrnnx_zoo.export import OnnxStreamer, to_onnx
+    model = lrnnx_zoo.from_pretrained(name)
+    data = checkpoint_data(model.checkpoint_info)
+    result = to_onnx(name, tmp_path / "model.onnx")
+    assert result.validation.max_abs_error < 1e-4
+    streamed = torch.from_numpy(OnnxStreamer(result.path).run(data.x_test.numpy()))
+    if data.task == "sequence-classification":
+        streamed = streamed[:, -1]          # the last step carries the whole sequence's logits
+    with torch.no_grad():
+        reference = model(data.x_test)
+    assert (streamed - reference).abs().max().item() < 1e-4
+    ours, theirs = score(streamed, data), evaluate(model, data)
+    for key in ours:
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-4)
