@@ -1,0 +1,127 @@
+"""The NPLR system as a dense real matrix, for everything Algorithm 1 does not cover.
+
+Conventions (one channel; M = N/2; the ``lrnnx_zoo.hippo`` conjugate-pair halving):
+the full complex state is ``x_full = [x, conj x]`` with ``x`` in C^M, and
+
+    A_full = diag([w, conj w]) - P_full^T conj(P_full),     P_full = [P, conj P]   (rank r),
+    B_full = [B, conj B],   y = C_full^T x_full = 2 Re(C . x).
+
+Because P_full mixes x and conj x, x' = A x is real-linear, not complex-linear, in x:
+
+    (A x) = w * x - sum_r P_r * 2 Re(conj(P_r) . x).
+
+In the real coordinates  r = [Re x, Im x]  (N reals) this is the real matrix
+
+    A_r = [[diag Re w, -diag Im w], [diag Im w, diag Re w]] - 2 sum_r p_r p_r^T,   p_r = [Re P_r, Im P_r],
+    b_r = [Re B, Im B],    c_r = [2 Re C, -2 Im C]   (y = c_r . r),
+
+an orthogonal change of basis (times sqrt 2) of the original HiPPO matrices. Dense work (A_bar^L
+for C~, zoh, state passing, step modes) is done here in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from lrnnx_zoo import hippo
+from lrnnx_zoo.discretization import zoh_dense
+
+__all__ = ["to_real", "from_real", "output_row", "output_from_row", "real_matrix", "discretize",
+           "two_level_kernel", "advance_state"]
+
+
+def to_real(x: Tensor) -> Tensor:
+    """(..., M) complex -> (..., 2M) real  [Re x, Im x]."""
+    return torch.cat([x.real, x.imag], dim=-1)
+
+
+def from_real(r: Tensor) -> Tensor:
+    """(..., 2M) real -> (..., M) complex."""
+    M = r.shape[-1] // 2
+    return torch.complex(r[..., :M], r[..., M:])
+
+
+def output_row(C: Tensor) -> Tensor:
+    """C: (..., M) complex -> c_r: (..., 2M) real with  c_r . to_real(x) = 2 Re(C . x)."""
+    return 2 * torch.cat([C.real, -C.imag], dim=-1)
+
+
+def output_from_row(c: Tensor) -> Tensor:
+    """Inverse of :func:`output_row`."""
+    M = c.shape[-1] // 2
+    return torch.complex(c[..., :M], -c[..., M:]) / 2
+
+
+def real_matrix(w: Tensor, P: Tensor) -> Tensor:
+    """A_r: (H, N, N) real from w: (H, M) and P: (r, H, M) complex (module docstring)."""
+    H, M = w.shape
+    A = w.real.new_zeros(H, 2 * M, 2 * M)
+    idx = torch.arange(M, device=w.device)
+    A[:, idx, idx] = w.real
+    A[:, idx + M, idx + M] = w.real
+    A[:, idx, idx + M] = -w.imag
+    A[:, idx + M, idx] = w.imag
+    p = to_real(P).transpose(0, 1)                      # (H, r, N)
+    return A - 2 * p.transpose(-1, -2) @ p
+
+
+def discretize(A: Tensor, b: Tensor, dt: Tensor, method: str) -> Tuple[Tensor, Tensor]:
+    """A_bar: (H, N, N), b_bar: (H, N) from A: (H, N, N), b: (H, N), dt: (H,).
+
+    bilinear: [S4] eq. 3;  zoh: exp(dt A) and A^{-1}(exp(dt A) - I) b by the Van Loan block exponential.
+    """
+    if method == "bilinear":
+        A_bar, b_bar = hippo.bilinear(dt, A, b)
+    elif method == "zoh":
+        A_bar, b_bar = zoh_dense(A, b, dt)
+    else:
+        raise ValueError(f"discretization must be 'bilinear' or 'zoh', got {method!r}")
+    return A_bar, b_bar
+
+
+def _block_sizes(L: int) -> Tuple[int, int]:
+    T = 1 << max(0, math.ceil(math.log2(max(L, 1)) / 2))
+    return T, -(-L // T)
+
+
+def two_level_kernel(A: Tensor, b: Tensor, c: Tensor, L: int) -> Tensor:
+    """K[..., l] = c^T A^l b for l < L, in O(N^2 sqrt L + N L) work per channel.
+
+    Writing l = jT + t (T ~ sqrt L):  K[jT + t] = ((A^T)^{jT} c) . (A^t b): two Krylov blocks of
+    ~sqrt L vectors and one (J, N) x (N, T) product; no (N, L) tensor is formed.
+
+    Args:
+        A: (H, N, N).  b: (..., H, N) (e.g. (H, N) or (B, H, N)).  c: (C, H, N).
+    Returns:
+        (..., C, H, L) with b's leading dims first.
+    """
+    T, J = _block_sizes(L)
+    cols, AT = hippo.krylov(T, A, b, return_power=True)          # (..., H, N, T), (H, N, N)
+    rows = hippo.krylov(J, AT.transpose(-1, -2), c)               # (C, H, N, J)
+    K = torch.einsum("chnj,...hnt->...chjt", rows, cols)
+    return K.reshape(*K.shape[:-2], J * T)[..., :L]
+
+
+def advance_state(A: Tensor, b: Tensor, u: Tensor, x: Tensor) -> Tensor:
+    """x_{L-1} = A^L x_{-1} + sum_j A^{L-1-j} b u_j   (state passing, exact).
+
+    With m = L-1-j = aT + t the sum is a Horner scheme in A^T over ~sqrt L blocks:
+    sum_a A^{aT} y_a,  y_a = sum_t (A^t b) u_{L-1-aT-t}.
+
+    Args:
+        A: (H, N, N), b: (H, N), u: (B, H, L) real, x: (B, H, N) real.   Returns (B, H, N).
+    """
+    L = u.shape[-1]
+    T, J = _block_sizes(L)
+    cols, AT = hippo.krylov(T, A, b, return_power=True)          # (H, N, T)
+    rev = torch.nn.functional.pad(u.flip(-1), (0, J * T - L))     # zeros = inputs before u_0
+    y = torch.einsum("hnt,bhjt->bhjn", cols, rev.reshape(*u.shape[:-1], J, T))
+    acc = y[:, :, J - 1]
+    for a in range(J - 2, -1, -1):
+        acc = (AT @ acc.unsqueeze(-1)).squeeze(-1) + y[:, :, a]
+    AL = hippo.power(L, A)
+    return acc + (AL @ x.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,109 @@
+"""S4 Algorithm 1: the bilinear NPLR kernel from its truncated generating function.
+
+For one channel with  A = Lambda - P Q^*  (Q = conj P, conjugate-pair halving as in
+:mod:`plugins.s4.dense`) and the bilinear discretisation ([S4] eq. 3), the kernel
+K_l = C^T A_bar^l B_bar (l < L) has the truncated generating function (Algorithm 1, step 1)
+
+    K^(z) = sum_{l<L} K_l z^l = C~^T (I - A_bar z)^{-1} B_bar  at z^L = 1,   C~ = (I - A_bar^L)^T C.
+
+Inserting the bilinear A_bar, B_bar:
+
+    K^(z) = 2/(1+z) C~^T (g(z) - A)^{-1} B,    g(z) = 2/dt (1-z)/(1+z),
+
+and Woodbury (step 3) reduces the resolvent of Lambda - P Q^* to Cauchy sums over Lambda
+(step 2):  k_ab = sum_n a_n b_n / (g - lambda_n)  for a in {C~, Q}, b in {B, P}:
+
+    K^(z) = 2/(1+z) [k00 - k01 (I + k11)^{-1} k10].
+
+Evaluated at the roots of unity z_k = exp(-2 pi i k/L), K^ is the DFT of K, so K = irfft (step 4);
+K is real, so only the L/2+1 non-redundant nodes are computed. Two rewrites keep the Cauchy nodes
+shared by all channels and finite:
+
+* g(z_k) = (2/dt) zeta_k with zeta_k = i tan(pi k/L); hence 1/(g - lambda) = (dt/2)/(zeta - lambda dt/2):
+  the Cauchy sums use nodes zeta_k and poles lambda dt/2, and 2/(1+z) k = dt/(1+z) S.
+* z = -1 (k = L/2, even L) is the pole of g; there K^(-1) = (dt/2) C~^T B directly
+  (the resolvent factor ((1-z) - dt/2 (1+z) A)^{-1} becomes I/2).
+
+State passing uses the same sums: the zero-input response from x_{-1}, y_l = C^T A_bar^{l+1} x_{-1},
+has generating function 2/(1+z) C~^T (g - A)^{-1} s with s = x/dt + A x/2, i.e. B replaced by s.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["bilinear_kernel", "apply_A"]
+
+Cauchy = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def apply_A(w: Tensor, P: Tensor, x: Tensor) -> Tensor:
+    """A x in the halved basis:  w x - sum_r P_r 2 Re(conj(P_r) . x).   w: (H, M), P: (r, H, M), x: (..., H, M)."""
+    rho = 2 * (P.conj() * x.unsqueeze(-3)).sum(-1).real          # (..., r, H)
+    return w * x - (rho.unsqueeze(-1) * P).sum(-3)
+
+
+def _nodes(L: int, real_dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """zeta_k = i tan(pi k/L) and 1/(1+z_k) for k < ceil(L/2), formed in float64."""
+    k = torch.arange((L + 1) // 2, dtype=torch.float64, device=device)
+    theta = math.pi * k / L
+    zeta = torch.complex(torch.zeros_like(theta), torch.tan(theta))
+    # 1 + exp(-2i theta) = 2 cos(theta) exp(-i theta)
+    inv_1pz = torch.polar(0.5 / torch.cos(theta), theta)
+    cdt = torch.complex128 if real_dtype == torch.float64 else torch.complex64
+    return zeta.to(cdt), inv_1pz.to(cdt)
+
+
+def bilinear_kernel(w: Tensor, P: Tensor, B: Tensor, Ct: Tensor, dt: Tensor, L: int, cauchy: Cauchy,
+                    state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """Algorithm 1 for H channels.
+
+    Args:
+        w: (H, M) eigenvalues of the normal part.  P: (r, H, M).  B: (H, M).
+        Ct: (C, H, M) C~ for length L (step 1).  dt: (H,) real step.  L: kernel length.
+        cauchy: a ``("cauchy", name)`` backend, ``fn(v (..., M), z (K,), w (..., M)) -> (..., K)``.
+        state: (Bs, H, M) x_{-1}, or None.
+    Returns:
+        K: (C, H, L) real;  K_state: (Bs, C, H, L) real or None.
+    """
+    C, r = Ct.shape[0], P.shape[0]
+    # Channel-major layout (H first) keeps the Cauchy output and the irfft input contiguous.
+    half = (dt / 2)[:, None, None]                                # (H, 1, 1)
+    right = [B.unsqueeze(0), P]
+    if state is not None:
+        s = state.to(w.dtype) / dt.unsqueeze(-1) + apply_A(w, P, state.to(w.dtype)) / 2   # (Bs, H, M)
+        right.append(s)
+    left = torch.cat([Ct, P.conj()], dim=0).transpose(0, 1)       # (H, C + r, M)
+    right_t = torch.cat(right, dim=0).transpose(0, 1)             # (H, 1 + r + Bs, M)
+    v = left.unsqueeze(2) * right_t.unsqueeze(1)                  # (H, C + r, 1 + r + Bs, M)
+    zeta, inv_1pz = _nodes(L, dt.dtype, dt.device)
+    S = cauchy(v, zeta, (w * half.squeeze(-1)).unsqueeze(1).unsqueeze(1))   # (H, C + r, 1 + r + Bs, K)
+
+    S_c, S_q = S[:, :C], S[:, C:]                                 # rows C~ / rows Q
+    S01, S11 = S_c[:, :, 1:1 + r], S_q[:, :, 1:1 + r]             # (H, C, r, K), (H, r, r, K)
+    if state is None:                                             # the B (and s) columns
+        lhs, rhs = S_c[:, :, :1], S_q[:, :, :1]                   # C~^T R B: (H, C, 1, K);  Q^T R B
+    else:
+        cols = [0] + list(range(1 + r, S.shape[2]))
+        lhs, rhs = S_c[:, :, cols], S_q[:, :, cols]               # C~^T R [B, s]: (H, C, 1+Bs, K);  Q^T R [B, s]
+    h = half.to(S.dtype)                                          # R = (dt/2) S, so k = h S
+    if r == 1:
+        corr = S01[:, :, :1] * (h * rhs[:, 0] / (1 + h * S11[:, 0, :1])).unsqueeze(1)
+    else:
+        eye = torch.eye(r, dtype=S.dtype, device=S.device)
+        hh = h.unsqueeze(-1)                                      # (H, 1, 1, 1)
+        Mw = eye + hh * S11.permute(0, 3, 1, 2)                   # (H, K, r, r): I + k11 (rows Q, cols P)
+        X = torch.linalg.solve(Mw, hh * rhs.permute(0, 3, 1, 2))  # (H, K, r, 1 + Bs)
+        corr = torch.einsum("hcsk,hksj->hcjk", S01, X)
+    Khat = (lhs - corr) * (dt.unsqueeze(-1) * inv_1pz)[:, None, None]      # dt/(1+z) [...]: (H, C, 1+Bs, K)
+    if L % 2 == 0:                                                # Nyquist node z = -1
+        num = torch.cat(right[:1] + right[2:], dim=0).transpose(0, 1)      # (H, 1 + Bs, M): [B, s]
+        nyq = dt[:, None, None] * (left[:, :C].unsqueeze(2) * num.unsqueeze(1)).sum(-1).real   # (H, C, 1 + Bs)
+        Khat = torch.cat([Khat, nyq.to(Khat.dtype).unsqueeze(-1)], dim=-1)
+    K = torch.fft.irfft(Khat, n=L, dim=-1)                        # (H, C, 1 + Bs, L)
+    K_state = K[:, :, 1:].permute(2, 1, 0, 3) if state is not None else None
+    return K[:, :, 0].transpose(0, 1).contiguous(), K_state

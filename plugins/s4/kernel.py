@@ -1,0 +1,349 @@
+"""SSKernelNPLR and HippoSSKernel: the S4 convolution kernel of H normal-plus-low-rank systems.
+
+Parameters per channel h (conjugate-pair halving, M = N/2; see :mod:`plugins.s4.dense`):
+w (M,) eigenvalues of the normal part, P (r, M) low-rank term, B (M,), C (C, M), dt. They are stored
+as real views (``view_as_real``) because optimisers and safetensors want real tensors.
+
+``C`` holds C~ = (I - A_bar^L)^T C for the internal length L (buffer ``L``), not C itself: the
+kernel of length L is then Algorithm 1 without any matrix power ([S4] Algorithm 1, step 1; the
+paper learns C~ directly). ``L = 0`` means "no length yet": ``C`` is the plain C and the first
+forward converts it. ``double_length`` maps C~_L to C~_2L = (I + A_bar^L)^T C~_L, so the kernel
+(of the same underlying C) stays exact while growing.
+
+``rate`` is the relative sampling rate: the system (A, B, C, dt) is evaluated with dt / rate,
+exactly. At rate 1 the stored C~ is used as is (the fast path); at another rate C is recovered
+from C~ and C~ rebuilt for (dt / rate, L) in float64, so a kernel at rate 0.5 equals the kernel
+of the same system with dt doubled (the seed reinterprets the stored C~ at the rescaled length,
+which is exact only for zoh). Without L the kernel has round(internal L * rate) samples (the same
+duration).
+
+Discretisations: ``bilinear`` (default) runs Algorithm 1 (Cauchy + Woodbury + irfft). ``zoh``
+has no NPLR form (exp(dt A) is dense), and diagonalising A is not an option (the eigenvectors of
+HiPPO matrices are exponentially ill-conditioned, and LagT's A is a single Jordan block), so zoh
+builds exp(dt A) densely in float64 and sums C^T A_bar^l B_bar with the two-level Krylov scheme of
+:func:`plugins.s4.dense.two_level_kernel`: O(H N^2 sqrt L + H N L), exact to float64 rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from lrnnx_zoo import hippo
+from lrnnx_zoo.registry import get_backend
+from lrnnx_zoo.ssm_kernel import SSMKernel
+
+from . import dense
+from .generating import bilinear_kernel
+from .modes import StepModes
+
+__all__ = ["SSKernelNPLR", "HippoSSKernel", "S4Kernel", "optimizer_param_groups"]
+
+#: Largest real part allowed for w (the normal part's eigenvalues), keeping the system stable.
+W_REAL_MAX = -1e-4
+
+
+def _as_real(t: Tensor) -> Tensor:
+    """complex (...) -> float32 (..., 2); use .double() on the module for float64 parameters."""
+    return torch.view_as_real(t.to(torch.complex64)).clone()
+
+
+def _identity_minus_power(A: Tensor, L: int) -> Tensor:
+    """I - A^L  (A: (H, N, N) float64)."""
+    return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) - hippo.power(L, A)
+
+
+def _solve_tilde(c_tilde: Tensor, A: Tensor, L: int) -> Tensor:
+    """c with c^T (I - A^L) = c~^T.   c_tilde: (C, H, N), A: (H, N, N)."""
+    F = _identity_minus_power(A, L).transpose(-1, -2)
+    return torch.linalg.solve(F, c_tilde.unsqueeze(-1)).squeeze(-1)
+
+
+class SSKernelNPLR(StepModes, SSMKernel):
+    """The kernel K_l = C^T A_bar^l B_bar of H NPLR systems with C output channels each.
+
+    Args:
+        L: internal length (C~ is for this length); None or 0: set by the first forward.
+        w: (S, M) or (M,) complex, S dividing H (channel h uses row h % S).
+        P: (r, S, M) or (r, M) complex.   B: (S, M) or (M,) complex.   C: (C, H, M) complex (plain C).
+        log_dt: (H,) real.
+        trainable: which of "dt", "A" (w), "P", "B" are parameters (others are buffers): None or
+            True = all, False = none, or a dict (missing keys: False, as in the seed).
+        lr, wd: learning rate / weight decay recorded for those parameters (``register``); a float
+            or a dict keyed like ``trainable``. wd defaults to 0.0 (no decay on SSM parameters).
+        discretization: "bilinear" or "zoh".
+        backend: name of a registered ("cauchy", name) backend: "auto", "torch", "keops".
+    """
+
+    _kernel_cache: Optional[Tuple[Any, Tensor]] = None      # (key, K) of the last inference call
+    #: Reuse the last kernel in inference (no autograd) while L, rate and all parameters are unchanged.
+    cache_inference_kernel: bool = True
+
+    def __init__(self, L: Optional[int], w: Tensor, P: Tensor, B: Tensor, C: Tensor, log_dt: Tensor,
+                 trainable: Union[None, bool, Dict[str, bool]] = None, lr: Union[None, float, Dict[str, float]] = None,
+                 wd: Union[None, float, Dict[str, float]] = 0.0, discretization: str = "bilinear",
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if discretization not in ("bilinear", "zoh"):
+            raise ValueError(f"SSKernelNPLR discretization must be 'bilinear' or 'zoh', got {discretization!r}")
+        get_backend("cauchy", backend)  # unknown names fail here, listing the valid ones
+        w, P, B = (w.unsqueeze(0) if w.dim() == 1 else w), (P.unsqueeze(1) if P.dim() == 2 else P), \
+            (B.unsqueeze(0) if B.dim() == 1 else B)
+        Ch, H, M = C.shape
+        S = w.shape[0]
+        if P.shape[1:] != (S, M) or B.shape != (S, M) or w.shape != (S, M) or log_dt.shape != (H,) or H % S:
+            raise ValueError(
+                f"SSKernelNPLR expects w (S, M), P (r, S, M), B (S, M), C (C, H, M), log_dt (H,) with S dividing "
+                f"H; got w {tuple(w.shape)}, P {tuple(P.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}, "
+                f"log_dt {tuple(log_dt.shape)}")
+        self.d_model, self.d_state, self.channels, self.rank = H, 2 * M, Ch, P.shape[0]
+        self.discretization, self.backend = discretization, backend
+        train = self._per_key(trainable, True if trainable is None else bool(trainable), bool)
+        lrs, wds = self._per_key(lr, lr, None), self._per_key(wd, wd, None)
+        self.C = nn.Parameter(_as_real(C))
+        self.register("log_dt", log_dt.float(), train["dt"], lrs["dt"], wds["dt"])
+        self.register("w", _as_real(w), train["A"], lrs["A"], wds["A"])
+        self.register("P", _as_real(P), train["P"], lrs["P"], wds["P"])
+        self.register("B", _as_real(B), train["B"], lrs["B"], wds["B"])
+        self.register_buffer("L", torch.tensor(0, dtype=torch.long))
+        if L:
+            self._init_C_tilde(int(L))
+
+    @staticmethod
+    def _per_key(value: Any, default: Any, cast: Any) -> Dict[str, Any]:
+        keys = ("dt", "A", "P", "B")
+        if isinstance(value, dict):
+            unknown = set(value) - set(keys)
+            if unknown:
+                raise ValueError(f"keys must be among {keys}, got {sorted(unknown)}")
+            fill = False if cast is bool else None
+            return {k: value.get(k, fill) for k in keys}
+        return {k: default for k in keys}
+
+    def register(self, name: str, tensor: Tensor, trainable: bool = False, lr: Optional[float] = None,
+                 wd: Optional[float] = None) -> None:
+        """Register ``tensor`` as a parameter (trainable) or buffer; record lr / wd for the optimizer.
+
+        The record is a dict ``_optim = {"lr": ..., "weight_decay": ...}`` on the parameter, read by
+        :func:`optimizer_param_groups`. Buffers get no record (nothing to optimise).
+        """
+        if trainable:
+            self.register_parameter(name, nn.Parameter(tensor))
+        else:
+            self.register_buffer(name, tensor)
+        optim = {k: v for k, v in (("lr", lr), ("weight_decay", wd)) if trainable and v is not None}
+        if optim:
+            setattr(getattr(self, name), "_optim", optim)
+
+    # -- parameters ------------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        """Internal length L of C~ (0: C holds the plain C)."""
+        return int(self.L)
+
+    def continuous(self, double: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Effective (w (H, M), P (r, H, M), B (H, M), C (C, H, M), dt (H,)); complex128/float64 if ``double``.
+
+        w's real part is clamped to <= W_REAL_MAX (stability); rows are repeated from S to H.
+        ``C`` is the stored tensor: C~ for ``length`` (or the plain C while length is 0).
+        """
+        real = torch.float64 if double else self.log_dt.dtype
+        cx = lambda t: torch.view_as_complex(t.to(real).contiguous())          # noqa: E731
+        w, P, B = cx(self.w), cx(self.P), cx(self.B)
+        w = torch.complex(w.real.clamp(max=W_REAL_MAX), w.imag)
+        rep = self.d_model // w.shape[0]
+        if rep > 1:
+            w, P, B = w.repeat(rep, 1), P.repeat(1, rep, 1), B.repeat(rep, 1)
+        return w, P, B, cx(self.C), torch.exp(self.log_dt.to(real))
+
+    def dense_system(self, rate: float = 1.0) -> Tuple[Tensor, Tensor]:
+        """Discretised (A_bar (H, N, N), b_bar (H, N)) in real coordinates, float64, step dt / rate."""
+        w, P, B, _, dt = self.continuous(double=True)
+        return dense.discretize(dense.real_matrix(w, P), dense.to_real(B), dt / rate, self.discretization)
+
+    def output_matrix(self) -> Tensor:
+        """The plain C (C, H, M) complex128 that C~ stands for: (I - A_bar^L)^T C = C~ (differentiable)."""
+        C = self.continuous(double=True)[3]
+        if self.length == 0:
+            return C
+        A_bar, _ = self.dense_system()
+        return dense.output_from_row(_solve_tilde(dense.output_row(C), A_bar, self.length))
+
+    @torch.no_grad()
+    def _transform_C(self, factor: Tensor) -> None:
+        """C <- C with c_r^T replaced by c_r^T factor  (factor: (H, N, N) float64)."""
+        c = dense.output_row(self.continuous(double=True)[3])
+        c = (c.unsqueeze(-2) @ factor).squeeze(-2)
+        self.C.copy_(torch.view_as_real(dense.output_from_row(c)).to(self.C.dtype))
+
+    @torch.no_grad()
+    def _init_C_tilde(self, L: int) -> None:
+        """C~ = (I - A_bar^L)^T C  (Algorithm 1, step 1) from the plain C."""
+        if self.length:
+            raise RuntimeError(f"C already holds C~ for L={self.length}; use double_length() to extend it")
+        A_bar, _ = self.dense_system()
+        self._transform_C(_identity_minus_power(A_bar, L))
+        self.L.fill_(L)
+
+    @torch.no_grad()
+    def double_length(self) -> None:
+        """L -> 2L with C~ <- (I + A_bar^L)^T C~, since I - A^{2L} = (I - A^L)(I + A^L): the kernel stays exact."""
+        if self.length == 0:
+            raise RuntimeError("double_length needs an internal length: pass L at construction or call "
+                               "forward(L=...) first")
+        A_bar, _ = self.dense_system()
+        self._transform_C(2 * torch.eye(A_bar.shape[-1], dtype=A_bar.dtype, device=A_bar.device)
+                          - _identity_minus_power(A_bar, self.length))     # I + A^L
+        self.L.fill_(2 * self.length)
+
+    # -- convolution mode --------------------------------------------------------------------------
+    def forward(self, L: Optional[int] = None, rate: float = 1.0, state: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+        """K: (C, H, L) real and, given ``state`` (B, H, M) complex (x_{-1}), K_state: (B, C, H, L).
+
+        Also accepts the seed's argument order ``forward(state=None, rate=1.0, L=None)`` positionally.
+        L defaults to the internal length at this rate. At rate 1 a longer L doubles the internal
+        length (C~ updated in place, kernel unchanged) and a shorter one truncates the internal-length
+        kernel; at another rate the kernel is computed for exactly L (module docstring).
+        Without autograd (inference) the last K is reused while L, rate and every parameter's
+        content are unchanged: the kernel costs H N L / 4 Cauchy terms whatever the batch size.
+        """
+        if isinstance(L, Tensor) or (L is None and isinstance(state, int)):
+            L, state = state, L
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, got {rate}")
+        if L is None:
+            if self.length == 0:
+                raise ValueError("SSKernelNPLR has no internal length yet: call it with L=<kernel length>")
+            L = round(self.length * rate)
+        if state is not None and (state.dim() != 3 or state.shape[1:] != (self.d_model, self.d_state // 2)):
+            raise ValueError(f"state must be (batch, H={self.d_model}, N/2={self.d_state // 2}) complex "
+                             f"(default_state), "
+                             f"got {tuple(state.shape)}")
+        if rate == 1.0:                           # C~ must cover L (same for zoh, so C means one thing)
+            if self.length == 0:
+                self._init_C_tilde(L)
+            while self.length < L:
+                self.double_length()
+        cache = self.cache_inference_kernel and state is None and \
+            not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        if cache:
+            key = (L, rate, self._fingerprint())
+            if self._kernel_cache is not None and self._kernel_cache[0] == key:
+                return self._kernel_cache[1].clone(), None
+        K, K_state = self._kernel(L, rate, state)
+        if cache:
+            object.__setattr__(self, "_kernel_cache", (key, K.detach().clone()))
+        return K, K_state
+
+    def _fingerprint(self) -> Tuple[Any, ...]:
+        """Content hash of every parameter and buffer (with dtype and device): inference reuses a
+        kernel only for exactly the same numbers, however they were changed (even via ``.data``)."""
+        h = hashlib.blake2b(digest_size=16)
+        for name, t in list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False)):
+            h.update(name.encode())
+            h.update(t.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return (h.hexdigest(), str(self.log_dt.dtype), str(self.log_dt.device), self.discretization, self.backend)
+
+    def _kernel(self, L: int, rate: float, state: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        if self.discretization == "zoh":
+            return self._zoh(L, rate, state)
+        w, P, B, Ct, dt = self.continuous()
+        Ld = self.length
+        if rate != 1.0:                           # exact at dt / rate: C~ for (dt / rate, L) from the plain C
+            A_r, _ = self.dense_system(rate)
+            c = dense.output_row(self.output_matrix())
+            Ct = dense.output_from_row((c.unsqueeze(-2) @ _identity_minus_power(A_r, L)).squeeze(-2)).to(w.dtype)
+            Ld = L
+        K, K_state = bilinear_kernel(w, P, B, Ct, dt / rate, Ld, get_backend("cauchy", self.backend), state)
+        return K[..., :L], (None if K_state is None else K_state[..., :L])
+
+    def _zoh(self, L: int, rate: float, state: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Dense float64 zoh kernel (module docstring)."""
+        A_bar, b_bar = self.dense_system(rate)
+        c = dense.output_row(self.output_matrix())
+        dtype = self.log_dt.dtype
+        K = dense.two_level_kernel(A_bar, b_bar, c, L).to(dtype)
+        if state is None:
+            return K, None
+        x = (A_bar @ dense.to_real(state.to(torch.complex128)).unsqueeze(-1)).squeeze(-1)   # A_bar x_{-1}
+        return K, dense.two_level_kernel(A_bar, x, c, L).to(dtype)
+
+    def forward_state(self, u: Tensor, state: Tensor) -> Tensor:
+        """The state x_{L-1} after u: (B, H, L) from x_{-1} = state (B, H, N/2), exactly (dense float64)."""
+        A_bar, b_bar = self.dense_system()
+        x = dense.advance_state(A_bar, b_bar, u.double(), dense.to_real(state.to(torch.complex128)))
+        return dense.from_real(x).to(state.dtype if state.is_complex() else torch.complex64)
+
+    def extra_repr(self) -> str:
+        return (f"H={self.d_model}, N={self.d_state}, channels={self.channels}, rank={self.rank}, "
+                f"L={self.length}, discretization={self.discretization!r}, backend={self.backend!r}")
+
+
+class HippoSSKernel(SSKernelNPLR):
+    """SSKernelNPLR initialised from a HiPPO measure (w, P, B from ``hippo.nplr``; C ~ CN(0, 1);
+    dt log-uniform in [dt_min, dt_max]).
+
+    Args:
+        H: channels.  N: state size (even).  L: internal length (None: first forward).
+        measure: legs, legt (rank >= 2), fourier, lagt, tlagt, glagt (alpha = 0).
+        rank: low-rank size.  channels: outputs per channel.  n_ssm: distinct (w, P, B) copies (default H).
+        trainable, lr, wd, discretization, backend: as for :class:`SSKernelNPLR`.
+        mode: "nplr" (the only one; diagonal kernels are the S4D family).
+        measure_args: extra arguments of the measure (e.g. beta for lagt).
+    """
+
+    def __init__(self, H: int, N: int = 64, L: Optional[int] = None, measure: str = "legs", rank: int = 1,
+                 channels: int = 1, dt_min: float = 0.001, dt_max: float = 0.1,
+                 trainable: Union[None, bool, Dict[str, bool]] = None, lr: Union[None, float, Dict[str, float]] = None,
+                 mode: str = "nplr", measure_args: Optional[Dict[str, Any]] = None, n_ssm: Optional[int] = None,
+                 wd: Union[None, float, Dict[str, float]] = 0.0, discretization: str = "bilinear",
+                 backend: str = "auto") -> None:
+        if mode != "nplr":
+            raise ValueError(f"HippoSSKernel supports mode='nplr' only, got {mode!r}; for diagonal kernels use the "
+                             f"S4D family (create_layer('s4d', ...) or kernel_type='s4d')")
+        if N < 2 or N % 2:
+            raise ValueError(f"N counts real states in conjugate pairs: an even number >= 2, got {N}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        n_ssm = H if n_ssm is None else n_ssm
+        if n_ssm < 1 or H % n_ssm:
+            raise ValueError(f"n_ssm must divide H={H}, got {n_ssm}")
+        w, P, B, _ = hippo.nplr(measure, N, rank=rank, dtype=torch.float64, **(measure_args or {}))
+        log_dt = torch.rand(H, dtype=torch.float64) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        C = torch.randn(channels, H, N // 2, dtype=torch.complex64)     # each part N(0, 1/2)
+        super().__init__(L, w.expand(n_ssm, -1), P.unsqueeze(1).expand(-1, n_ssm, -1), B.expand(n_ssm, -1), C,
+                         log_dt, trainable=trainable, lr=lr, wd=wd, discretization=discretization, backend=backend)
+        self.measure = measure
+
+
+class S4Kernel(HippoSSKernel):
+    """HippoSSKernel under the ``SSMKernel`` constructor convention ``cls(d_model, d_state, channels=1, **kw)``;
+    registered as the ("ssm_kernel", "s4") backend (e.g. for ``FFTConvS4(kernel_type="s4")``)."""
+
+    def __init__(self, d_model: int, d_state: int = 64, channels: int = 1, **kwargs: Any) -> None:
+        super().__init__(d_model, N=d_state, channels=channels, **kwargs)
+
+
+def optimizer_param_groups(model: nn.Module, base_lr: float, base_wd: float = 0.0) -> List[Dict[str, Any]]:
+    """Optimizer parameter groups honouring the ``_optim`` records left by ``register``.
+
+    Parameters without a record go to one group with ``base_lr`` / ``base_wd``; the others are
+    grouped by their (lr, weight_decay), a missing entry falling back to the base value.
+    Frozen parameters (requires_grad False) are left out. Pass the result to any torch optimizer.
+    """
+    groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
+    seen = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        rec = getattr(p, "_optim", {})
+        key = (rec.get("lr", base_lr), rec.get("weight_decay", base_wd))
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+

@@ -1,0 +1,210 @@
+"""The S4 layer: seed-style ``S4`` (transposed, returns (y, state)) and the registered uniform layer.
+
+Both compute  y = K * u + D u  with K from :class:`~plugins.s4.kernel.HippoSSKernel` by FFT
+convolution ([S4] Sec. 3.3); ``S4`` adds the standalone layer's activation, dropout and output
+linear (C*H -> H channel mixing), while :class:`S4Layer` is the plain SSM the backbone wraps.
+
+Bidirectional: the kernel gets 2C channels; the second C act anti-causally,
+y_t += sum_j K1_j u_{t+1+j} (the seed's construction: K1 reversed at the end of one circular
+convolution, so both directions cost one FFT pair).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrnnx_zoo.base import LTI_LRNN, mask_padding
+from lrnnx_zoo.convolution import fast_fft_size
+from lrnnx_zoo.step_forms import StepForm
+
+from . import dense
+from .kernel import HippoSSKernel
+from .nn import Activation, DropoutNd, LinearActivation
+
+__all__ = ["S4", "S4Layer", "ssm_conv"]
+
+
+def ssm_conv(u: Tensor, k: Tensor, bidirectional: bool = False, D: Optional[Tensor] = None) -> Tensor:
+    """y = K * u (+ D u):  u (B, H, L), k (C, H, Lk) (2C if bidirectional), D (C, H) -> (B, C, H, L).
+
+    Causal part y_t = sum_{j<=t} K0_j u_{t-j}; the anti-causal part (bidirectional) adds
+    sum_j K1_j u_{t+1+j}, placing K1 reversed at the end of an n >= L + Lk circular convolution.
+    D joins the kernel's lag 0 (one FFT pair computes K * u + D u), and the spectra are multiplied
+    in place: at these sizes a fresh (B, C, H, n) buffer costs as much as the product.
+    """
+    L, Lk = u.shape[-1], k.shape[-1]
+    if bidirectional:
+        k0, k1 = k.chunk(2, dim=0)
+        n = fast_fft_size(L + Lk)
+        k = F.pad(k0, (0, n - Lk)) + F.pad(k1.flip(-1), (n - Lk, 0))
+    else:
+        n = fast_fft_size(L + Lk - 1)
+    if D is not None:
+        k = torch.cat([k[..., :1] + D.unsqueeze(-1), k[..., 1:]], dim=-1)
+    spec = torch.fft.rfft(u.unsqueeze(1), n=n)
+    spec = spec * torch.fft.rfft(k, n=n) if spec.shape[1] != k.shape[0] or torch.is_grad_enabled() \
+        else spec.mul_(torch.fft.rfft(k, n=n))
+    return torch.fft.irfft(spec, n=n)[..., :L]
+
+
+class S4(nn.Module):
+    """Standalone-S4 layer (seed signature).
+
+    Args:
+        d_model: H.  d_state: N.  l_max: kernel length (None: the input's length).
+        channels: C SSM outputs per channel, mixed back to H by the output linear.
+        bidirectional: add an anti-causal kernel (no streaming).
+        activation: after the SSM (default gelu).  postact: activation of the output linear
+            (e.g. "glu").  dropout / tie_dropout: dropout after the activation, one mask per
+            (batch, channel) if tied.  transposed: u is (B, H, L) (True) or (B, L, H).
+        initializer, weight_norm: of the output linear.
+        **kernel_args: :class:`HippoSSKernel` arguments (measure, rank, dt_min, dt_max,
+            trainable, lr, wd, discretization, backend, measure_args, n_ssm).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64, l_max: Optional[int] = None, channels: int = 1,
+                 bidirectional: bool = False, activation: Optional[str] = "gelu", postact: Optional[str] = None,
+                 dropout: float = 0.0, transposed: bool = True, tie_dropout: bool = False,
+                 initializer: Optional[str] = None, weight_norm: bool = False, **kernel_args: Any) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        self.h, self.n, self.L, self.channels = d_model, d_state, l_max, channels
+        self.bidirectional, self.transposed = bidirectional, transposed
+        self.D = nn.Parameter(torch.randn(channels, d_model))
+        self.kernel = HippoSSKernel(d_model, N=d_state, L=l_max, channels=channels * (2 if bidirectional else 1),
+                                    **kernel_args)
+        self.activation = Activation(activation)
+        if dropout > 0:
+            self.dropout: nn.Module = DropoutNd(dropout) if tie_dropout else nn.Dropout(dropout)
+        else:
+            self.dropout = nn.Identity()
+        self.output_linear = LinearActivation(d_model * channels, d_model, transposed=transposed,
+                                              initializer=initializer, activation=postact, activate=True,
+                                              weight_norm=weight_norm)
+
+    @property
+    def d_output(self) -> int:
+        return self.h
+
+    @property
+    def d_state(self) -> int:
+        return self.n
+
+    @property
+    def state_to_tensor(self) -> Callable[[Tensor], Tensor]:
+        """Maps a state (..., H, S) to a flat (..., H*S) tensor."""
+        return lambda state: state.reshape(*state.shape[:-2], -1)
+
+    def forward(self, u: Tensor, rate: float = 1.0, state: Optional[Tensor] = None, **kwargs: Any
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+        """u: (B, H, L) if transposed else (B, L, H) -> (y of the same layout, next_state).
+
+        next_state is the state after u (B, H, N/2) when ``state`` is given, else None.
+        """
+        axis = 1 if self.transposed else 2
+        if not isinstance(u, Tensor) or u.dim() != 3 or u.shape[axis] != self.h:
+            want = f"(batch, d_model={self.h}, length)" if self.transposed else f"(batch, length, d_model={self.h})"
+            got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+            raise ValueError(f"S4(transposed={self.transposed}) expects u of shape {want}, got {got}")
+        if state is not None and self.bidirectional:
+            raise ValueError("state passing needs a causal layer; this S4 is bidirectional "
+                             "(bidirectional=False to stream)")
+        if not self.transposed:
+            u = u.transpose(-1, -2)
+        B, H, L = u.shape
+        Lk = L if self.L is None else min(L, round(self.L * rate))
+        k, k_state = self.kernel(L=Lk, rate=rate, state=state)
+        y = ssm_conv(u, k, self.bidirectional, self.D)                         # (B, C, H, L)
+        next_state = None
+        if state is not None:
+            y = y + k_state
+            next_state = self.kernel.forward_state(u, state)
+        y = self.dropout(self.activation(y.reshape(B, self.channels * H, L)))
+        if not self.transposed:
+            y = y.transpose(-1, -2)
+        return self.output_linear(y), next_state
+
+    # -- recurrent mode ------------------------------------------------------------------------
+    def setup_step(self, mode: str = "dense", tol: Optional[float] = None) -> None:
+        """Precompute the kernel's step mode ("dense", "linear" or "diagonal") from the current parameters."""
+        if self.bidirectional:
+            raise ValueError("a bidirectional S4 cannot step: its output depends on future inputs")
+        self.kernel.setup_step(mode, tol)
+
+    def step(self, u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        """u: (B, H), state from :meth:`default_state` -> (y (B, H), next_state). Call setup_step first."""
+        y, next_state = self.kernel.step(u, state)                  # (B, C, H)
+        y = (y + self.D * u.unsqueeze(1)).reshape(u.shape[0], -1)
+        y = self.activation(y)
+        y = self.output_linear(y.unsqueeze(-1)).squeeze(-1) if self.transposed else self.output_linear(y)
+        return y, next_state
+
+    def default_state(self, *batch_shape: int) -> Tensor:
+        return self.kernel.default_state(*batch_shape)
+
+
+class S4Layer(LTI_LRNN):
+    """S4 (NPLR HiPPO kernel) as a registered layer: (B, L, H) -> (B, L, H),  y = K * u + D u.
+
+    Args:
+        d_model: H.  d_state: N (even).  measure, rank, measure_args: HiPPO initialisation.
+        discretization: "bilinear" (Algorithm 1) or "zoh" (dense float64 kernel).
+        dt_min, dt_max: initial step range.  l_max: internal kernel length (None: set by the first input).
+        bidirectional: add an anti-causal kernel (no step mode).  backend: ("cauchy", name) backend.
+        trainable, lr, wd, n_ssm: see :class:`~plugins.s4.kernel.SSKernelNPLR`.
+    ``step_form()`` picks the diagonal form when its predicted float32 error is below 1e-5, else the
+    exact O(N) linear (DPLR) form (bilinear) or the dense form (zoh).
+    """
+
+    a_structure = "dense"
+
+    def __init__(self, d_model: int, d_state: int = 64, measure: str = "legs", rank: int = 1,
+                 discretization: str = "bilinear", dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 l_max: Optional[int] = None, bidirectional: bool = False, backend: str = "auto",
+                 trainable: Any = None, lr: Any = None, wd: Any = 0.0, measure_args: Optional[Dict[str, Any]] = None,
+                 n_ssm: Optional[int] = None) -> None:
+        if discretization not in ("bilinear", "zoh"):
+            raise ValueError(f"S4 supports discretization 'bilinear' or 'zoh', got {discretization!r}")
+        super().__init__(discretization)
+        self.d_model, self.d_state, self.bidirectional = d_model, d_state, bidirectional
+        self.kernel = HippoSSKernel(d_model, N=d_state, L=l_max, measure=measure, rank=rank,
+                                    channels=2 if bidirectional else 1, dt_min=dt_min, dt_max=dt_max,
+                                    trainable=trainable, lr=lr, wd=wd, measure_args=measure_args, n_ssm=n_ssm,
+                                    discretization=discretization, backend=backend)
+        self.D = nn.Parameter(torch.randn(d_model))
+
+    def discretize(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """(A_bar (H, N, N), B_bar (H, N), C (C, H, N)) in real coordinates, float64 (see plugins.s4.dense)."""
+        A_bar, b_bar = self.kernel.dense_system()
+        return A_bar, b_bar, dense.output_row(self.kernel.output_matrix())
+
+    def compute_kernel(self, L: int, rate: float = 1.0) -> Tensor:
+        """K: (C, H, L) real (C = 2 if bidirectional: causal, anti-causal)."""
+        return self.kernel(L=L, rate=rate)[0]
+
+    def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        """x: (B, L, H) -> y: (B, L, H); padding beyond ``lengths`` is zeroed (and ignored)."""
+        self.check_input(x, lengths)
+        if integration_timesteps is not None:
+            raise ValueError("S4 is time-invariant: integration_timesteps are not supported; resample the input or "
+                             "use rate=dt_ratio in compute_kernel")
+        if self.bidirectional and lengths is not None:
+            x = mask_padding(x, lengths)           # the anti-causal part must not see the padding
+        u = x.transpose(1, 2)
+        y = ssm_conv(u, self.compute_kernel(u.shape[-1]), self.bidirectional, self.D.unsqueeze(0))[:, 0]
+        return mask_padding(y.transpose(1, 2), lengths)
+
+    def step_form(self) -> StepForm:
+        if self.bidirectional:
+            raise ValueError("a bidirectional S4 layer cannot stream (its output depends on future inputs); "
+                             "build it with bidirectional=False to export or step it")
+        return self.kernel.step_form("auto", D=self.D.unsqueeze(0))
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, d_state={self.d_state}, bidirectional={self.bidirectional}"

@@ -1,0 +1,117 @@
+"""Recurrent (step) modes of an NPLR kernel: building the real step forms and stepping with them.
+
+A mixin for :class:`~plugins.s4.kernel.SSKernelNPLR`, which provides ``dense_system()``,
+``output_matrix()``, ``continuous()``, ``discretization``, ``d_model``, ``d_state``, ``channels``.
+All modes run the system at rate 1 with the plain C (recovered from C~ in float64).
+
+States:
+- the kernel state (``default_state``) is x in the NPLR basis, (B, H, N/2) complex: what state
+  passing (``forward(state=...)``, ``forward_state``) and the dense / linear step modes use;
+- the diagonal step mode keeps z = V^{-1} [Re x, Im x] in the eigenbasis of A_bar, (B, H, N) complex.
+``pack_state`` / ``unpack_state`` map the kernel state to and from the real (B, state_size) state
+of the step form built last by ``step_form`` (the hook FFTConvS4 uses).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from lrnnx_zoo.step_forms import StepForm
+
+from . import dense
+from .step import DiagonalAccuracyError, dense_form, diagonal_form, linear_form
+
+__all__ = ["StepModes", "STEP_MODES"]
+
+STEP_MODES = ("dense", "linear", "diagonal")
+
+
+class StepModes:
+    """Step modes "dense", "linear" (bilinear DPLR step) and "diagonal" (see plugins.s4.step)."""
+
+    _step_mode: Optional[str] = None
+    _stepper: Optional[StepForm] = None  # kept out of the module tree: not in state_dict, not moved by .to()
+    _basis: Optional[Tensor] = None      # eigenvectors V (H, N, N) of the last diagonal form built
+
+    @torch.no_grad()
+    def step_form(self, mode: str = "auto", D: Optional[Tensor] = None, tol: Optional[float] = None) -> StepForm:
+        """The discretised system (rate 1) as a real StepForm (B, H) -> (B, C*H), with optional skip D (C, H).
+
+        mode: "dense" (ChannelDenseStepForm), "linear" (ChannelDPLRStepForm; bilinear only),
+        "diagonal" (ChannelDiagonalStepForm; refused when its predicted float32 error exceeds
+        ``tol``, default 1e-4), or "auto": diagonal when that prediction is below ``tol`` (default
+        5e-5; the prediction overestimates the measured error 2-10x), else linear (bilinear) or dense (zoh).
+        """
+        if mode not in STEP_MODES + ("auto",):
+            raise ValueError(f"step mode must be one of {STEP_MODES + ('auto',)}, got {mode!r}")
+        if mode == "linear" and self.discretization != "bilinear":
+            raise ValueError("the linear (DPLR) step is the bilinear step; with zoh use mode='dense' or 'diagonal'")
+        C = self.output_matrix()
+        self._basis = None
+        if mode == "linear":
+            w, P, B, _, dt = self.continuous(double=True)
+            return linear_form(w, P, B, C, dt, D)
+        A_bar, b_bar = self.dense_system()
+        c = dense.output_row(C)
+        if mode == "dense":
+            return dense_form(A_bar, b_bar, c, D)
+        try:
+            limit = (1e-4 if mode == "diagonal" else 5e-5) if tol is None else tol
+            form, _, V = diagonal_form(A_bar, b_bar, c, D, tol=limit)
+        except DiagonalAccuracyError:
+            if mode == "diagonal":
+                raise
+            return self.step_form("linear" if self.discretization == "bilinear" else "dense", D)
+        self._basis = V
+        return form
+
+    def setup_step(self, mode: str = "dense", tol: Optional[float] = None) -> None:
+        """Freeze the current parameters into the step form of ``mode`` for :meth:`step`
+        (call again after the parameters change or a device move). "diagonal" changes the state layout of
+        :meth:`default_state` / :meth:`step` to eigen-coordinates (B, H, N)."""
+        form = self.step_form(mode, tol=tol)
+        object.__setattr__(self, "_stepper", form)
+        self._step_mode = mode
+
+    def default_state(self, *batch_shape: int) -> Tensor:
+        """Zero state (*batch_shape, H, N/2) complex64 (NPLR basis, x_{-1}); after
+        ``setup_step("diagonal")``: (*batch_shape, H, N) eigen-coordinates."""
+        n = self.d_state if self._step_mode == "diagonal" else self.d_state // 2
+        return torch.zeros(*batch_shape, self.d_model, n, dtype=torch.complex64, device=self.log_dt.device)
+
+    def step(self, u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        """One step with the form of :meth:`setup_step`.  u: (B, H), state like :meth:`default_state`
+        -> y: (B, C, H) (no skip term), next state in the same layout."""
+        if self._stepper is None:
+            raise RuntimeError("call setup_step(mode) before step(); modes: " + ", ".join(STEP_MODES))
+        Bsz = u.shape[0]
+        if self._step_mode == "diagonal":
+            s = torch.cat([state.real.reshape(Bsz, -1), state.imag.reshape(Bsz, -1)], dim=1)
+            y, s = self._stepper(u, s.to(u.dtype))
+            half = s.shape[1] // 2
+            nxt = torch.complex(s[:, :half], s[:, half:]).reshape(state.shape)
+        else:
+            y, s = self._stepper(u, dense.to_real(state).reshape(Bsz, -1).to(u.dtype))
+            nxt = dense.from_real(s.reshape(Bsz, self.d_model, self.d_state))
+        return y.reshape(Bsz, self.channels, self.d_model), nxt
+
+    def pack_state(self, state: Tensor) -> Tensor:
+        """Kernel state (B, H, N/2) -> real state (B, state_size) of the step form built last."""
+        Bsz = state.shape[0]
+        r = dense.to_real(state)                                              # (B, H, N)
+        if self._basis is None:                                               # dense / linear: [h][Re x, Im x]
+            return r.reshape(Bsz, -1).to(torch.get_default_dtype())
+        z = torch.linalg.solve(self._basis, r.to(self._basis.dtype).unsqueeze(-1)).squeeze(-1)   # V^{-1} r
+        return torch.cat([z.real.reshape(Bsz, -1), z.imag.reshape(Bsz, -1)], 1).to(torch.get_default_dtype())
+
+    def unpack_state(self, s: Tensor) -> Tensor:
+        """Inverse of :meth:`pack_state`: (B, state_size) -> (B, H, N/2) complex64."""
+        Bsz, H, N = s.shape[0], self.d_model, self.d_state
+        if self._basis is None:
+            return dense.from_real(s.reshape(Bsz, H, N)).to(torch.complex64)
+        z = torch.complex(s[:, :H * N], s[:, H * N:]).reshape(Bsz, H, N).to(self._basis.dtype)
+        r = (self._basis @ z.unsqueeze(-1)).squeeze(-1).real
+        return dense.from_real(r).to(torch.complex64)

@@ -1,0 +1,365 @@
+"""S4 (NPLR HiPPO kernel): kernel vs explicit powers of the dense discretised A, step modes vs
+convolution, state passing, rate, double_length, optimizer records, seed-style layer, backends.
+
+Tolerances (float32 kernels and layers, float64 references):
+- kernel vs hippo.krylov on the dense discretised A, 1e-4 relative to max|K| at L=1024: the
+  float32 Cauchy/Woodbury evaluation reaches 1e-7..5e-6 (Fourier, with eigenvalues near the unit
+  circle, is the worst); a wrong term (C~, Woodbury, node) errs at O(1).
+- dense / linear step modes vs convolution mode, 1e-5 relative to max|y| at L=1024: both float32
+  paths sit ~1e-6 from the float64 truth here; diagonal 1e-4 (its float32 state rounding is
+  amplified by the cancellation among modes, predicted and checked by the builder).
+- identities of one float64-prepared computation (rate, double_length, state passing): 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import lrnnx_zoo
+from lrnnx_zoo import hippo
+from lrnnx_zoo.convolution import causal_conv
+from lrnnx_zoo.discretization import zoh_dense
+from lrnnx_zoo.kernels import keops_support
+from lrnnx_zoo.kernels.cauchy import cauchy_conj_torch
+from lrnnx_zoo.plugins import s4 as s4_plugin
+from lrnnx_zoo.plugins.s4 import (S4, Activation, ChannelDPLRStepForm, DiagonalAccuracyError, HippoSSKernel,
+                                  LinearActivation, SSKernelNPLR, TransposedLinear, get_initializer,
+                                  optimizer_param_groups)
+from lrnnx_zoo.plugins.s4 import cauchy_shared
+from lrnnx_zoo.step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm
+
+L = 1024
+MEASURES = [("legs", 1), ("legt", 2), ("fourier", 1), ("lagt", 1), ("tlagt", 1), ("glagt", 1)]
+needs_keops = pytest.mark.skipif(not keops_support.keops_available(),
+                                 reason=f"pykeops unusable here: {keops_support.keops_unavailable_reason()}")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = (torch.view_as_real(t.detach()) if t.is_complex() else t.detach() for t in (a, b))
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300))
+
+
+def reference_kernel(k: SSKernelNPLR, C_plain: torch.Tensor, length: int, rate: float = 1.0) -> torch.Tensor:
+    """C^T A_bar^l B_bar by explicit powers (hippo.krylov) of the dense discretised A, in the full
+    conjugate-pair basis of hippo.nplr:  A = diag([w, conj w]) - P_full^T conj(P_full)."""
+    with torch.no_grad():
+        w, P, B, _, dt = k.continuous(double=True)
+        full = lambda x: torch.cat([x, x.conj()], -1)                           # noqa: E731
+        Pf = full(P)
+        A = torch.diag_embed(full(w)) - torch.einsum("rhi,rhj->hij", Pf, Pf.conj())
+        if k.discretization == "bilinear":
+            A_bar, B_bar = hippo.bilinear(dt / rate, A, full(B))
+        else:
+            A_bar, B_bar = zoh_dense(A, full(B), dt / rate)
+        return hippo.krylov(length, A_bar, B_bar, full(C_plain)).real
+
+
+def make_kernel(seed: int = 0, **kw) -> HippoSSKernel:
+    torch.manual_seed(seed)
+    return HippoSSKernel(kw.pop("H", 4), **{"N": 64, **kw})
+
+
+# -- kernel ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("disc,backend", [("bilinear", "torch"), pytest.param("bilinear", "keops", marks=needs_keops),
+                                          ("zoh", "torch")])
+@pytest.mark.parametrize("measure,rank", MEASURES)
+def test_kernel_matches_dense_powers(measure, rank, disc, backend):
+    k = make_kernel(measure=measure, rank=rank, discretization=disc, backend=backend)
+    C_plain = k.continuous(double=True)[3].clone()          # before the first forward C is the plain C
+    with torch.no_grad():
+        K = k(L=L)[0]
+    assert k.length == L and K.shape == (1, 4, L) and K.dtype == torch.float32
+    err = rel_err(K, reference_kernel(k, C_plain, L))
+    print(f"kernel {measure}/{disc}/{backend}: rel err {err:.1e}")
+    assert err < 1e-4
+
+
+def test_rate_half_equals_dt_doubled():
+    for disc in ("bilinear", "zoh"):
+        k = make_kernel(discretization=disc)
+        k2 = copy.deepcopy(k)                                # plain C (no internal length yet) in both
+        with torch.no_grad():
+            k2.log_dt += math.log(2.0)
+            K_half, K_dt2 = k(L=512, rate=0.5)[0], k2(L=512)[0]
+            k3 = make_kernel(discretization=disc, L=L)       # C~ stored: rate stays exact for the plain C
+            C_plain = k3.output_matrix()
+            K3 = k3(L=512, rate=0.5)[0]
+        assert rel_err(K_half, K_dt2) < 1e-5
+        assert rel_err(K3, reference_kernel(k3, C_plain, 512, rate=0.5)) < 1e-4
+        assert k3(rate=0.5)[0].shape[-1] == round(k3.length * 0.5)   # default length: same duration
+
+
+def test_double_length_keeps_kernel_exact():
+    k = make_kernel(L=256)
+    C_plain = k.output_matrix()
+    with torch.no_grad():
+        K1 = k(L=256)[0]
+        k.double_length()
+        assert k.length == 512
+        K2 = k(L=512)[0]
+        K4 = k(L=1000)[0]                                    # doubles again on demand
+    assert k.length == 1024
+    assert rel_err(K2[..., :256], K1) < 1e-5 and rel_err(K4[..., :512], K2) < 1e-5
+    assert rel_err(K4, reference_kernel(k, C_plain, 1000)) < 1e-4
+    assert rel_err(k.output_matrix(), C_plain) < 1e-5
+
+
+def test_inference_reuses_kernel_only_for_identical_parameters():
+    k = make_kernel(H=2, N=8)
+    with torch.no_grad():
+        K1 = k(L=64)[0]
+        K1_again = k(L=64)[0]
+        assert torch.equal(K1_again, K1)
+        K1_again.zero_()                                     # a copy: the cached kernel is unharmed
+        assert torch.equal(k(L=64)[0], K1)
+        k.B.data.mul_(2)                                     # no version bump; the content hash sees it
+        K2 = k(L=64)[0]
+    assert rel_err(K2, 2 * K1) < 1e-6                        # K is linear in B
+    K_grad = k(L=64)[0]                                      # autograd on: recomputed, with a graph
+    assert K_grad.requires_grad and rel_err(K_grad, K2) < 1e-6
+
+
+def test_seed_argument_order_and_shapes():
+    k = make_kernel(H=3, N=8, channels=2)
+    s = k.default_state(5)
+    assert s.shape == (5, 3, 4) and s.dtype == torch.complex64
+    with torch.no_grad():
+        K, K_state = k(s, 1.0, 100)                          # seed: forward(state, rate, L)
+        K2, _ = k(L=100, state=s)
+    assert K.shape == (2, 3, 100) and K_state.shape == (5, 2, 3, 100) and torch.equal(K, K2)
+    assert K_state.abs().max() == 0
+
+
+# -- state passing -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("disc", ["bilinear", "zoh"])
+def test_state_passing_chunks_equal_one_call(disc):
+    torch.manual_seed(0)
+    layer = S4(6, d_state=16, discretization=disc).eval()
+    x0, x1, x2 = torch.randn(2, 6, 40), torch.randn(2, 6, 300), torch.randn(2, 6, 200)
+    with torch.no_grad():
+        _, s0 = layer(x0, state=layer.default_state(2))     # a non-zero start
+        y_all, s_all = layer(torch.cat([x1, x2], -1), state=s0)
+        y1, s1 = layer(x1, state=s0)
+        y2, s2 = layer(x2, state=s1)
+    assert rel_err(torch.cat([y1, y2], -1), y_all) < 1e-5
+    assert rel_err(torch.view_as_real(s2), torch.view_as_real(s_all)) < 1e-5
+    assert layer(x1)[1] is None
+
+
+# -- step modes ----------------------------------------------------------------------------------
+
+def run_steps(kernel, u: torch.Tensor) -> torch.Tensor:
+    s = kernel.default_state(u.shape[0])
+    ys = []
+    for t in range(u.shape[-1]):
+        y, s = kernel.step(u[..., t], s)
+        ys.append(y)
+    return torch.stack(ys, -1)                               # (B, C, H, L)
+
+
+@pytest.mark.parametrize("mode,measure,tol", [("dense", "legs", 1e-5), ("linear", "legs", 1e-5),
+                                              ("diagonal", "fourier", 1e-4)])
+def test_step_mode_matches_convolution_L1024(mode, measure, tol):
+    # Diagonal on Fourier: HiPPO LegS/LegT/LagT eigenbases are too ill-conditioned (see next test).
+    k = make_kernel(H=8, measure=measure, channels=2)
+    u = torch.randn(2, 8, L)
+    with torch.no_grad():
+        y_conv = causal_conv(u.unsqueeze(1), k(L=L)[0])
+        k.setup_step(mode)
+        y_step = run_steps(k, u)
+    err = rel_err(y_step, y_conv)
+    print(f"step mode {mode} ({measure}, N=64): rel err vs convolution {err:.1e}")
+    assert err < tol
+
+
+def test_diagonal_mode_refuses_ill_conditioned_legs():
+    k = make_kernel(H=2, L=L)
+    with pytest.raises(DiagonalAccuracyError, match="mode='linear'"):
+        k.setup_step("diagonal")
+    k.setup_step("diagonal", tol=math.inf)                  # built anyway: it is indeed useless
+    u = torch.randn(1, 2, 256)
+    with torch.no_grad():
+        err = rel_err(run_steps(k, u), causal_conv(u.unsqueeze(1), k(L=256)[0]))
+    print(f"diagonal mode on LegS N=64 (forced): rel err {err:.1e}")
+    assert err > 1e-2
+    assert isinstance(k.step_form("auto"), ChannelDPLRStepForm)
+    assert isinstance(make_kernel(H=2, N=16, measure="fourier").step_form("auto"), ChannelDiagonalStepForm)
+    assert isinstance(make_kernel(H=2, discretization="zoh").step_form("auto"), ChannelDenseStepForm)
+
+
+def test_step_forms_are_real_and_exportable():
+    k = make_kernel(H=3, N=8, channels=2)
+    D = torch.randn(2, 3)
+    for mode in ("dense", "linear", "auto"):
+        form = k.step_form(mode, D=D)
+        assert all(not b.is_complex() for b in form.buffers())
+        y, s = form(torch.randn(5, 3), torch.zeros(5, form.state_size))
+        assert y.shape == (5, 6) and s.shape == (5, form.state_size)
+    with pytest.raises(ValueError, match="bilinear"):
+        make_kernel(N=8, discretization="zoh").step_form("linear")
+    with pytest.raises(ValueError, match="step mode must be one of"):
+        k.step_form("fast")
+
+
+def test_pack_state_round_trip_and_fftconv_kernel():
+    k = make_kernel(H=2, N=8, measure="fourier")
+    x = torch.randn(3, 2, 4, dtype=torch.complex64)
+    for mode in ("linear", "diagonal", "dense"):
+        k.step_form(mode)
+        assert rel_err(torch.view_as_real(k.unpack_state(k.pack_state(x))), torch.view_as_real(x)) < 1e-6
+    conv = lrnnx_zoo.convolution.FFTConvS4(4, kernel_type="s4", d_state=8, measure="legs")
+    assert isinstance(conv.kernel, HippoSSKernel) and conv(torch.randn(1, 4, 32))[0].shape == (1, 4, 32)
+
+
+# -- optimizer records ---------------------------------------------------------------------------
+
+def test_register_lr_wd_and_param_groups():
+    layer = S4(4, d_state=8, lr=1e-3)
+    k = layer.kernel
+    for name in ("log_dt", "w", "P", "B"):
+        assert getattr(k, name)._optim == {"lr": 1e-3, "weight_decay": 0.0}
+    assert not hasattr(k.C, "_optim")
+    groups = optimizer_param_groups(layer, base_lr=1e-2, base_wd=0.1)
+    by_lr = {g["lr"]: g for g in groups}
+    assert set(by_lr) == {1e-2, 1e-3} and by_lr[1e-3]["weight_decay"] == 0.0 and by_lr[1e-2]["weight_decay"] == 0.1
+    assert len(by_lr[1e-3]["params"]) == 4
+    assert sum(len(g["params"]) for g in groups) == len(list(layer.parameters()))
+    opt = torch.optim.AdamW(groups)
+    layer(torch.randn(2, 4, 16))[0].square().mean().backward()
+    opt.step()
+
+    frozen = HippoSSKernel(4, N=8, trainable={"dt": True})
+    assert "log_dt" in dict(frozen.named_parameters()) and "w" in dict(frozen.named_buffers())
+    frozen.register("extra", torch.zeros(3), trainable=True, lr=0.5, wd=None)
+    assert frozen.extra._optim == {"lr": 0.5}
+    frozen.register("fixed", torch.zeros(3), trainable=False, lr=0.5)
+    assert "fixed" in dict(frozen.named_buffers()) and not hasattr(frozen.fixed, "_optim")
+
+
+# -- seed-style S4 layer ---------------------------------------------------------------------------
+
+def test_s4_seed_signature_transposed_channels_glu():
+    torch.manual_seed(0)
+    layer = S4(8, d_state=16, channels=3, postact="glu", dropout=0.1, tie_dropout=True).eval()
+    assert layer.d_output == 8 and layer.d_state == 16 and layer.kernel.channels == 3
+    assert isinstance(layer.output_linear[0], TransposedLinear) and layer.output_linear[0].weight.shape == (16, 24)
+    u = torch.randn(2, 8, 100)
+    y, state = layer(u)
+    assert y.shape == (2, 8, 100) and state is None
+    flat = S4(8, d_state=16, channels=3, postact="glu", transposed=False).eval()
+    flat.load_state_dict(layer.state_dict())
+    y_t, _ = flat(u.transpose(1, 2))
+    torch.testing.assert_close(y_t.transpose(1, 2), y, rtol=1e-5, atol=1e-5)
+    assert layer.state_to_tensor(layer.default_state(2)).shape == (2, 8 * 8)
+    # streaming through the whole layer (activation, GLU, output linear) equals forward
+    layer.setup_step("linear")
+    s, ys = layer.default_state(2), []
+    with torch.no_grad():
+        for t in range(100):
+            y_step, s = layer.step(u[..., t], s)
+            ys.append(y_step)
+    assert rel_err(torch.stack(ys, -1), y) < 1e-4
+
+
+def test_s4_bidirectional_is_causal_plus_anticausal():
+    torch.manual_seed(0)
+    layer = S4(3, d_state=8, bidirectional=True, activation=None).eval()
+    assert layer.bidirectional and layer.kernel.channels == 2
+    u = torch.randn(1, 3, 40)
+    with torch.no_grad():
+        k = layer.kernel(L=40)[0]
+        t = torch.arange(40)
+        lag = t[:, None] - t[None, :]                                  # y_t from u_s: lag = t - s
+        Kc = torch.where(lag >= 0, k[0][:, lag.clamp(min=0)], torch.zeros(()))   # causal K0_{t-s}
+        Ka = torch.where(lag < 0, k[1][:, (-lag - 1).clamp(min=0)], torch.zeros(()))   # K1_{s-t-1}
+        direct = torch.einsum("hts,bhs->bht", Kc + Ka, u) + layer.D[0][:, None] * u
+        y_ssm = torch.einsum("oh,bhl->bol", layer.output_linear.weight, direct) + layer.output_linear.bias[:, None]
+        assert rel_err(layer(u)[0], y_ssm) < 1e-5
+    with pytest.raises(ValueError, match="bidirectional"):
+        layer.setup_step()
+
+
+def test_activation_initializer_linear_helpers():
+    assert isinstance(Activation(None), torch.nn.Identity) and isinstance(Activation("glu", dim=-2), torch.nn.GLU)
+    with pytest.raises(ValueError, match="valid"):
+        Activation("swoosh")
+    w = torch.empty(4, 4)
+    get_initializer("zero")(w)
+    assert w.abs().sum() == 0
+    with pytest.raises(ValueError, match="uniform"):
+        get_initializer("orthogonal")
+    lin = LinearActivation(4, 3, transposed=True, activation="glu", activate=True)
+    assert lin(torch.randn(2, 4, 7)).shape == (2, 3, 7)
+
+
+# -- registered layer ------------------------------------------------------------------------------
+
+def test_registered_layer_bidirectional_lengths():
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("s4", 4, d_state=8, bidirectional=True).eval()
+    assert layer.bidirectional
+    x, lengths = torch.randn(2, 30, 4), torch.tensor([30, 12])
+    with torch.no_grad():
+        y = layer(x, lengths=lengths)
+        alone = layer(x[1:, :12])
+    torch.testing.assert_close(y[1, :12], alone[0], rtol=1e-5, atol=1e-5)
+    assert torch.all(y[1, 12:] == 0)
+    with pytest.raises(ValueError, match="cannot stream"):
+        layer.step_form()
+
+
+# -- backends ---------------------------------------------------------------------------------------
+
+def test_shared_cauchy_matches_generic_with_gradients():
+    torch.manual_seed(0)
+    v = torch.randn(2, 3, 4, dtype=torch.complex128, requires_grad=True)     # 3 numerators share each pole row
+    w = torch.complex(-torch.rand(2, 1, 4) - 0.1, torch.randn(2, 1, 4)).to(torch.complex128).requires_grad_()
+    z = torch.complex(torch.zeros(5), torch.tan(torch.linspace(0, 1.4, 5))).to(torch.complex128)
+    torch.testing.assert_close(cauchy_shared.cauchy_conj_shared(v, z, w, chunk_size=2), cauchy_conj_torch(v, z, w),
+                               rtol=1e-12, atol=1e-12)
+    # blocks are checkpointed: the gradient is recomputed block by block
+    assert torch.autograd.gradcheck(lambda v, w: cauchy_shared.cauchy_conj_shared(v, z, w, chunk_size=2), (v, w))
+
+
+def test_disable_keops_env(monkeypatch):
+    monkeypatch.setenv(keops_support.DISABLE_ENV_VAR, "1")
+    monkeypatch.setitem(cauchy_shared.KEOPS_MIN_TERMS, "cpu", 0)          # auto would pick keops at any size
+
+    def boom(*args):
+        raise AssertionError("auto used keops although it is disabled")
+    monkeypatch.setattr(cauchy_shared, "cauchy_conj_keops", boom)
+    k = make_kernel(N=8, backend="auto")
+    k_torch = make_kernel(N=8, backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(k(L=64)[0], k_torch(L=64)[0])
+    k_keops = make_kernel(N=8, backend="keops")
+    with pytest.raises(RuntimeError, match=keops_support.DISABLE_ENV_VAR):
+        k_keops(L=64)
+    assert {"cauchy.torch", "cauchy.keops", "cauchy.auto", "ssm_kernel.s4"} <= set(lrnnx_zoo.list_backends())
+    assert s4_plugin.S4Layer is lrnnx_zoo.registry.get_layer_class("s4")
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="legt.*rank >= 2"):
+        HippoSSKernel(2, N=8, measure="legt")
+    with pytest.raises(ValueError, match="even number"):
+        HippoSSKernel(2, N=7)
+    with pytest.raises(ValueError, match="S4D"):
+        HippoSSKernel(2, N=8, mode="diag")
+    with pytest.raises(lrnnx_zoo.RegistryError, match="available"):
+        HippoSSKernel(2, N=8, backend="cuda")
+    k = make_kernel(H=2, N=8)
+    with pytest.raises(ValueError, match=r"\(batch, H=2, N/2=4\)"):
+        k(L=10, state=torch.zeros(1, 2, 8, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="no internal length"):
+        k()
+    with pytest.raises(RuntimeError, match="setup_step"):
+        k.step(torch.zeros(1, 2), k.default_state(1))
+    with pytest.raises(ValueError, match=r"\(batch, d_model=2, length\)"):
+        S4(2, d_state=8)(torch.zeros(1, 5, 3))
