@@ -29,7 +29,7 @@ from lrnnx_zoo.plugins import s4 as s4_plugin
 from lrnnx_zoo.plugins.s4 import (S4, Activation, ChannelDPLRStepForm, DiagonalAccuracyError, HippoSSKernel,
                                   LinearActivation, SSKernelNPLR, TransposedLinear, get_initializer,
                                   optimizer_param_groups)
-from lrnnx_zoo.plugins.s4 import cauchy_shared
+from lrnnx_zoo.kernels import cauchy_shared
 from lrnnx_zoo.step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm
 
 L = 1024

@@ -8,15 +8,15 @@ Algorithm 1. Seed-compatible names: ``S4``, ``SSKernelNPLR``, ``HippoSSKernel``,
 
 Modules: ``kernel`` (parameters, C~, rate, state passing, step modes), ``generating``
 (Algorithm 1), ``dense`` (real-coordinate dense system, zoh, exact state advance), ``step``
-(step forms), ``cauchy_shared`` (shared-pole Cauchy), ``layer``, ``nn``.
+(step forms), ``layer``, ``nn``; the shared-pole Cauchy sums live in lrnnx_zoo.kernels.cauchy_shared.
 """
 
 from __future__ import annotations
 
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.kernels.cauchy import cauchy_conj_keops
+from lrnnx_zoo.kernels.cauchy_shared import cauchy_conj_auto, cauchy_conj_shared
 
-from .cauchy_shared import cauchy_conj_auto, cauchy_conj_shared
 from .kernel import HippoSSKernel, S4Kernel, SSKernelNPLR, optimizer_param_groups
 from .layer import S4, S4Layer
 from .nn import Activation, DropoutNd, LinearActivation, TransposedLinear, get_initializer

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from lrnnx_zoo.kernels.cauchy import cauchy_conj_keops, cauchy_conj_torch
-from lrnnx_zoo.kernels.keops_support import keops_available
+from .cauchy import _complex_dtype, cauchy_conj_keops, cauchy_conj_torch
+from .keops_support import keops_available
 
 __all__ = ["cauchy_conj_shared", "cauchy_conj_auto", "KEOPS_MIN_TERMS"]
 
@@ -35,15 +35,6 @@ _BLOCK_BYTES = 8 * 2**20
 #: "auto" picks keops when distinct-pole-rows * numerators * N * L reaches this on that device;
 #: None: never. CPU: the shared torch path beat keops at every size in benchmarks/bench_s4.py.
 KEOPS_MIN_TERMS: Dict[str, Optional[int]] = {"cpu": None, "cuda": 0}
-
-
-def _complex_dtype(*ts: Tensor) -> torch.dtype:
-    dt = ts[0].dtype
-    for t in ts[1:]:
-        dt = torch.promote_types(dt, t.dtype)
-    if dt.is_complex:
-        return dt
-    return torch.complex128 if dt == torch.float64 else torch.complex64
 
 
 def _block(ab: Tensor, c: Tensor, d: Tensor, z: Tensor, out: Optional[Tensor] = None) -> Tensor:
