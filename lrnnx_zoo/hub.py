@@ -307,6 +307,11 @@ def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, An
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(tensors, str(folder / WEIGHTS_NAME),
                                 metadata={"format": "pt", "library": LIBRARY, "family": config["family"]})
+    # safetensors writes through a private temp file (mode 0600); give the weights the same
+    # permissions as the other files, i.e. what the user's umask grants.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder / WEIGHTS_NAME, 0o666 & ~umask)
     card = build_card(config, name, sum(p.numel() for p in model.parameters()))
     card.save(folder / CARD_NAME)
     for f in CHECKPOINT_FILES:

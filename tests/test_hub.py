@@ -313,3 +313,9 @@ def test_every_shipped_checkpoint_loads_strictly(name):
     assert info["metrics"], f"shipped checkpoint {name} records no metrics"
     x = torch.zeros(1, 8, model.config.d_input)
     assert torch.isfinite(model(x)).all()
+
+
+def test_saved_weights_are_as_readable_as_the_other_files(tmp_path):
+    folder = tiny("lru").save_pretrained(tmp_path / "ckpt", **META)
+    modes = {f: (Path(folder) / f).stat().st_mode & 0o777 for f in ("config.json", "model.safetensors", "README.md")}
+    assert len(set(modes.values())) == 1, modes
