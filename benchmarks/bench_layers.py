@@ -21,11 +21,13 @@ import time
 import torch
 
 import lrnnx_zoo
+from lrnnx_zoo.runtime import tune_allocator
 
 
 def timeit(fn, repeats: int) -> float:
-    """Median wall time of fn() in ms after one warm-up call."""
-    fn()
+    """Median wall time of fn() in ms after three warm-up calls."""
+    for _ in range(3):
+        fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -40,7 +42,8 @@ def floor_ms(B: int, L: int, H: int, repeats: int) -> float:
     return timeit(lambda: torch.fft.irfft(torch.fft.rfft(u), n=L), repeats)
 
 
-LAYERS = [("s4d", {"backend": "auto"}), ("lru", {"backend": "fft"}), ("lru", {"backend": "scan"})]
+LAYERS = [("s4d", {"backend": "auto"}), ("lru", {"backend": "fft"}), ("lru", {"backend": "scan"}),
+          ("s4", {"backend": "auto"})]
 
 
 def layer_times(name: str, kw: dict, B: int, L: int, H: int, N: int, repeats: int) -> tuple:
@@ -66,6 +69,7 @@ def _rss_mb(field: str) -> float:
 
 
 def peak_memory_child(name: str, kw: dict, B: int, L: int, H: int, N: int) -> None:
+    # default allocator here: a tuned one keeps freed memory, which would hide the true peak
     torch.manual_seed(0)
     layer = lrnnx_zoo.create_layer(name, H, d_state=N, **kw)
     x = torch.randn(B, L, H)
@@ -91,18 +95,23 @@ def peak_memory(name: str, kw: dict, B: int, L: int, H: int, N: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="do not call lrnnx_zoo.runtime.tune_allocator (measure page-fault costs too)")
     args = ap.parse_args()
+    tuned = False if args.default_allocator else tune_allocator()
     repeats = 5 if args.quick else 15
     shapes = [(8, 1024)] if args.quick else [(8, 1024), (4, 4096)]
     H, N = 128, 64
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; H={H}, N={N}, float32, CPU\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; H={H}, N={N}, float32, CPU; "
+          f"allocator {'tuned (lrnnx_zoo.runtime.tune_allocator)' if tuned else 'default'}\n")
     print(f"{'shape':<14} {'layer':<12} {'fwd ms':>8} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8}")
     for B, L in shapes:
-        fl = floor_ms(B, L, H, repeats)
+        rows = [(f"{name}/{kw['backend']}",) + layer_times(name, kw, B, L, H, N, repeats) for name, kw in LAYERS]
+        # the floor is timed after the layers too, and the lower figure kept: a floor inflated by
+        # a cold start would flatter every ratio
+        fl = min(floor_ms(B, L, H, repeats), floor_ms(B, L, H, repeats))
         print(f"{f'B={B} L={L}':<14} {'rfft+irfft':<12} {fl:>8.2f} {1.0:>8.2f}")
-        for name, kw in LAYERS:
-            f, fb = layer_times(name, kw, B, L, H, N, repeats)
-            label = f"{name}/{kw['backend']}"
+        for label, f, fb in rows:
             print(f"{'':<14} {label:<12} {f:>8.2f} {f / fl:>8.2f} {fb:>11.2f} {fb / fl:>8.2f}")
     print("\npeak memory of one forward at B=1, L=65536, H=64, N=64 (rise of peak RSS over the resident set before):")
     for name, kw in LAYERS:

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .runtime import tune_allocator
+    tune_allocator()
     args = build_parser().parse_args(argv)
     return COMMANDS[args.command](args)
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import from_pretrained, list_models
+from .runtime import tune_allocator
 from .training import checkpoint_data, evaluate, score
 
 DEFAULT = "forecast-sunspots-s4d"
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="where to write the .onnx files (default: a temp dir)")
     ap.add_argument("--steps", type=int, default=2000, help="steps timed for the latency figure")
     args = ap.parse_args(argv)
+    tune_allocator()
     names = list_models() if args.checkpoints == ["all"] else args.checkpoints
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
