@@ -1,0 +1,72 @@
+"""Core step forms against the complex recurrence they encode (float64 reference; the forms are
+float32, so 1e-5 relative: a handful of float32 roundings per step over 50 steps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lrnnx_zoo.step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm, DiagonalStepForm
+
+C128 = torch.complex128
+
+
+def rand_c(*shape):
+    return torch.randn(*shape, dtype=C128)
+
+
+def run(form, u):
+    s = torch.zeros(u.shape[0], form.state_size)
+    ys = []
+    for t in range(u.shape[1]):
+        y, s = form(u[:, t].float(), s)
+        ys.append(y)
+    return torch.stack(ys, 1).double()
+
+
+def close(a, b, rel=1e-5):
+    assert float((a - b).abs().max() / b.abs().max()) < rel
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("D_kind", ["diag", "full", None])
+def test_diagonal_form_fused_and_elementwise(fuse, D_kind):
+    torch.manual_seed(0)
+    M, H = 6, 4
+    lam = 0.95 * torch.exp(1j * torch.rand(M, dtype=torch.float64) * 3)
+    B, C = rand_c(M, H), rand_c(H, M)
+    D = {"diag": torch.randn(H, dtype=torch.float64), "full": torch.randn(H, H, dtype=torch.float64), None: None}[D_kind]
+    form = DiagonalStepForm(lam, B, C, D, fuse=fuse)
+    assert form.fused is fuse and form.state_size == 2 * M
+    u = torch.randn(3, 50, H, dtype=torch.float64)
+    x = torch.zeros(3, M, dtype=C128)
+    ref = []
+    for t in range(50):
+        x = lam * x + u[:, t].to(C128) @ B.T
+        y = (x @ C.T).real
+        if D is not None:
+            y = y + (u[:, t] * D if D.dim() == 1 else u[:, t] @ D.T)
+        ref.append(y)
+    close(run(form, u), torch.stack(ref, 1))
+
+
+def test_fusing_is_the_default_only_for_small_states():
+    assert DiagonalStepForm(torch.ones(8, dtype=C128), rand_c(8, 4), rand_c(4, 8)).fused
+    assert not DiagonalStepForm(torch.ones(1024, dtype=C128), rand_c(1024, 16), rand_c(16, 1024)).fused
+
+
+def test_channel_forms_match_per_channel_recurrences():
+    torch.manual_seed(1)
+    H, N, Ch = 3, 4, 2
+    lam = 0.9 * torch.exp(1j * torch.rand(H, N, dtype=torch.float64))
+    B, C, D = rand_c(H, N), rand_c(Ch, H, N), torch.randn(Ch, H, dtype=torch.float64)
+    u = torch.randn(2, 40, H, dtype=torch.float64)
+    x = torch.zeros(2, H, N, dtype=C128)
+    ref = []
+    for t in range(40):
+        x = lam * x + B * u[:, t, :, None]
+        ref.append(((C.unsqueeze(0) * x.unsqueeze(1)).sum(-1).real + D * u[:, t].unsqueeze(1)).reshape(2, -1))
+    ref = torch.stack(ref, 1)
+    close(run(ChannelDiagonalStepForm(lam, B, C, D), u), ref)
+    A = torch.diag_embed(lam)                               # the same systems as dense matrices
+    close(run(ChannelDenseStepForm(A, B, C, D), u), ref)
