@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import LTI_LRNN, mask_padding
-from lrnnx_zoo.convolution import causal_conv, swap_time_and_channels
+from lrnnx_zoo.convolution import causal_conv, conv_size, swap_time_and_channels
 from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vandermonde_torch
 from lrnnx_zoo.discretization import get_discretization
 from lrnnx_zoo.registry import get_backend, get_initializer
@@ -182,8 +182,9 @@ class S4D(LTI_LRNN):
                 lengths: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, H) -> y: (B, L, H)."""
         self.check_input(x, lengths)
-        u = swap_time_and_channels(x)                                       # (B, H, L)
-        y = causal_conv(u, self.kernel_with_skip(x.shape[1])).transpose(1, 2)
+        L = x.shape[1]
+        u = swap_time_and_channels(x, pad_to=conv_size(L, L))               # (B, H, n), zero after L
+        y = causal_conv(u, self.kernel_with_skip(L), length=L).transpose(1, 2)
         return mask_padding(y, lengths)
 
     def kernel_with_skip(self, L: int) -> Tensor:

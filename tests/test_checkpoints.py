@@ -56,3 +56,15 @@ def test_onnx_step_graph_scores_like_pytorch(name, tmp_path):
     ours, theirs = score(streamed, data), evaluate(model, data)
     for key in ours:
         assert ours[key] == pytest.approx(theirs[key], abs=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "torch-export"])
+@pytest.mark.parametrize("name", MODELS)
+def test_torchscript_and_torch_export_of_every_checkpoint_validate(name, fmt, tmp_path):
+    import warnings
+    from lrnnx_zoo.export import to_torch_export, to_torchscript
+    exporter = {"torchscript": to_torchscript, "torch-export": to_torch_export}[fmt]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # torch.jit warns since torch 2.11
+        result = exporter(name, tmp_path / f"step.{fmt}")
+    assert result.validation.max_abs_error < 1e-4     # checked by streaming the saved artifact

@@ -137,3 +137,16 @@ def test_fft_conv_errors():
         fft_conv("blh,lh", x, torch.randn(5, 3))
     with pytest.raises(ValueError, match="has 2 axes, tensor has shape"):
         fft_conv("blh,lh->blh", x, torch.randn(5, 3, 1))
+
+
+@pytest.mark.parametrize("shape,pad", [((2, 300, 7), 0), ((3, 129, 130), 512), ((1, 5, 3), 8)])
+def test_swap_time_and_channels_pads_and_differentiates(shape, pad):
+    from lrnnx_zoo.convolution import swap_time_and_channels
+    x = torch.randn(*shape, dtype=D64, requires_grad=True)
+    y = swap_time_and_channels(x, pad_to=pad)
+    L = shape[1]
+    assert y.shape == (shape[0], shape[2], max(L, pad)) and y.is_contiguous()
+    assert torch.equal(y[..., :L], x.transpose(1, 2)) and not y[..., L:].any()
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    assert torch.equal(x.grad, g[..., :L].transpose(1, 2))
