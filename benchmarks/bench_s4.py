@@ -168,7 +168,7 @@ def main() -> None:
             continue
         rt = r["floor"]
         rows.append((f"floor: rfft+irfft, length L (B={B}, H=128, L={L})", {"time_ms": rt}, "1.00x (baseline)"))
-        rows.append((f"  rfft+irfft at the causal size 2L", {"time_ms": r["roundtrip"]},
+        rows.append(("  rfft+irfft at the causal size 2L", {"time_ms": r["roundtrip"]},
                      f"{r['roundtrip'] / rt:.2f}x"))
         rows.append((f"  S4 kernel generation (H=128, N=64, L={L})", {"time_ms": r["kernel"]},
                      f"{r['kernel'] / rt:.2f}x"))

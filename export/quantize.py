@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
-import numpy as np
 import onnx
+import torch
 
 from .runtime import OnnxStreamer
 
@@ -49,34 +49,24 @@ def quantize_int8(float_path: Path, out_path: Path, metadata: Dict[str, str]) ->
     onnx.save_model(proto, str(out_path), save_as_external_data=False)
 
 
-def _digits_test_set(dataset: Dict[str, Any]):
-    from lrnnx_zoo.data import Split, load_digits_sequences
-    split = dataset.get("split") or {}
-    kw = {k: split[k] for k in ("seed", "n_test") if k in split}
-    _, _, x_test, y_test = load_digits_sequences(Split(**kw))
-    return x_test.numpy(), y_test.numpy()
-
-
-#: Evaluation splits we can rebuild from a checkpoint's ``dataset`` record, by data set name.
-EVAL_SPLITS: Dict[str, Callable[[Dict[str, Any]], Any]] = {"digits": _digits_test_set}
-
-
-def streamed_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    """Accuracy of the final streamed step's argmax over a labelled set, x (N, L, d_input)."""
-    streamer = OnnxStreamer(path)
-    if streamer.fixed_batch is not None:
-        raise ValueError("accuracy evaluation needs a graph with a dynamic batch")
-    logits = streamer.run(x)[:, -1]
-    return float((logits.argmax(-1) == y).mean())
-
-
 def accuracy_change(info: Dict[str, Any], float_path: Path, int8_path: Path) -> Optional[Dict[str, Any]]:
-    """Test accuracy of the float and int8 streamed graphs on the checkpoint's evaluation split,
-    or None when the checkpoint records no split we can rebuild."""
-    dataset = info.get("dataset")
-    if not isinstance(dataset, dict) or dataset.get("name") not in EVAL_SPLITS:
+    """The checkpoint's headline test metric (accuracy, or MSE for forecasters) for the float and
+    the int8 streamed graphs, on the split its config records; None when it records none."""
+    from lrnnx_zoo.training import checkpoint_data, score
+    try:
+        data = checkpoint_data(info)
+    except ValueError:
         return None
-    x, y = EVAL_SPLITS[dataset["name"]](dataset)
-    acc_f, acc_q = streamed_accuracy(float_path, x, y), streamed_accuracy(int8_path, x, y)
-    return {"metric": f"{dataset['name']} test accuracy (streamed, n={len(y)})", "accuracy_float": acc_f,
-            "accuracy_int8": acc_q, "accuracy_change": acc_q - acc_f}
+    classify = data.task == "sequence-classification"
+    key = "test_accuracy" if classify else "test_mse"
+
+    def streamed(path: Path) -> float:
+        streamer = OnnxStreamer(path)
+        if streamer.fixed_batch is not None:
+            raise ValueError("metric evaluation needs a graph with a dynamic batch")
+        out = torch.from_numpy(streamer.run(data.x_test.numpy()))
+        return score(out[:, -1] if classify else out, data)[key]   # the last step carries the logits
+
+    f, q = streamed(float_path), streamed(int8_path)
+    return {"metric": f"{info['dataset'].get('name', 'test')} {key} (streamed, n={len(data.x_test)})",
+            "accuracy_float": f, "accuracy_int8": q, "accuracy_change": q - f}

@@ -204,7 +204,11 @@ def score(out: Tensor, data: TaskData) -> Dict[str, float]:
 
 def checkpoint_data(info: Dict[str, Any]) -> TaskData:
     """Rebuild the evaluation split a checkpoint records (``checkpoint_info["dataset"]["spec"]``)."""
-    spec = (info.get("dataset") or {}).get("spec")
+    dataset = info.get("dataset") or {}
+    spec = dataset.get("spec")
+    split = dataset.get("split") or {}
+    if spec is None and dataset.get("name") == "digits" and {"seed", "n_test"} <= set(split):
+        spec = {"name": "digits", "params": {"seed": split["seed"], "n_test": split["n_test"]}}  # older records
     if not isinstance(spec, dict) or "name" not in spec:
         raise ValueError("this checkpoint records no data spec (dataset.spec) to rebuild its evaluation split from; "
                          "checkpoints written by `lrnnx-zoo train` have one")

@@ -271,7 +271,7 @@ def cauchy_conj_keops(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
     """
     require_keops('cauchy_conj(backend="keops")')
     v2, z2, w2, batch = _prepare(v, z, w, "cauchy_conj_keops")
-    rows, L = v2.shape[0], z2.shape[0]
+    L = z2.shape[0]
     zero = torch.zeros_like(v2.real)
     a = torch.stack([2 * v2.real, zero], dim=-1)  # (rows, N, 2) = 2 Re(v) + 0i
     b = torch.stack([2 * (v2 * w2.conj()).real, zero], dim=-1)
