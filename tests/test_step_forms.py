@@ -70,3 +70,25 @@ def test_channel_forms_match_per_channel_recurrences():
     close(run(ChannelDiagonalStepForm(lam, B, C, D), u), ref)
     A = torch.diag_embed(lam)                               # the same systems as dense matrices
     close(run(ChannelDenseStepForm(A, B, C, D), u), ref)
+
+
+def test_dplr_form_matches_its_complex_recurrence():
+    from lrnnx_zoo.step_forms import ChannelDPLRStepForm
+    torch.manual_seed(2)
+    H, M, r, Ch = 2, 5, 2, 1
+    d0, d1, b = 0.5 * rand_c(H, M), 0.5 * rand_c(H, M), rand_c(H, M)
+    U0, G0, U1, G1 = (0.2 * rand_c(H, r, M) for _ in range(4))
+    C, D = rand_c(Ch, H, M), torch.randn(Ch, H, dtype=torch.float64)
+    u = torch.randn(3, 30, H, dtype=torch.float64)
+
+    def low_rank(z, G, U):  # sum_r U_r Re(G_r . z)
+        rho = (G * z.unsqueeze(-2)).sum(-1).real                            # (batch, H, r)
+        return (rho.unsqueeze(-1) * U).sum(-2)
+
+    z = torch.zeros(3, H, M, dtype=C128)
+    ref = []
+    for t in range(30):
+        v = d0 * z - low_rank(z, G0, U0) + b * u[:, t, :, None]
+        z = d1 * v - low_rank(v, G1, U1)
+        ref.append(((C.unsqueeze(0) * z.unsqueeze(1)).sum(-1).real + D * u[:, t].unsqueeze(1)).reshape(3, -1))
+    close(run(ChannelDPLRStepForm(d0, U0, G0, b, d1, U1, G1, C, D), u), torch.stack(ref, 1))

@@ -5,7 +5,7 @@ real :class:`~lrnnx_zoo.step_forms.StepForm` modules (ONNX has no complex dtype)
 
 * dense:    ``ChannelDenseStepForm`` on the real coordinates r = [Re x, Im x] of
             :mod:`plugins.s4.dense`: r' = A_bar_r r + b_bar_r u, O(N^2) per step.
-* linear:   :class:`ChannelDPLRStepForm`, the bilinear step in NPLR form ([S4] Sec. 3.3,
+* linear:   ``ChannelDPLRStepForm`` (core step_forms), the bilinear step in NPLR form ([S4] Sec. 3.3,
             Theorem 2): x' = A1 (A0 x + 2 B u) with A0 = 2/dt + A and A1 = (2/dt - A)^{-1} by
             Woodbury, O(N r) per step. Bilinear only (exp(dt A) has no NPLR form).
 * diagonal: ``ChannelDiagonalStepForm`` in the eigenbasis of the *discretised* dense A_bar_r
@@ -26,80 +26,11 @@ import torch
 from torch import Tensor
 
 from lrnnx_zoo.kernels.vandermonde import vandermonde_torch
-from lrnnx_zoo.step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm, StepForm
+from lrnnx_zoo.step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm, ChannelDPLRStepForm
 
 from . import dense
 
 __all__ = ["ChannelDPLRStepForm", "dense_form", "linear_form", "diagonal_form", "DiagonalAccuracyError"]
-
-
-def _f32(t: Tensor) -> Tensor:
-    return t.detach().to(torch.get_default_dtype()).contiguous()
-
-
-class ChannelDPLRStepForm(StepForm):
-    """Per-channel bilinear step of a diagonal-plus-low-rank system on a conjugate-halved state.
-
-    For each channel h, with the complex state z in C^M carried as [Re z, Im z]:
-
-        v  = d0 * z - sum_r U0_r Re(G0_r . z) + b u          (A0 z + b u)
-        z' = d1 * v - sum_r U1_r Re(G1_r . v)                (A1 v)
-        y  = Re(c . z') + D u
-
-    The maps z -> d z - U Re(G z) are real-linear, which is what a rank-r term on a
-    conjugate-pair-halved state looks like. Cost O(M r) per channel and step.
-
-    Args:
-        d0, d1, b: (H, M) complex.  U0, G0, U1, G1: (H, r, M) complex.  C: (Ch, H, M) complex
-        (fold conjugate-pair factors into it).  D: (Ch, H) or None.
-    State (batch, H*2M): per channel [Re z (M), Im z (M)]. Output (batch, Ch*H) channel-major.
-    """
-
-    def __init__(self, d0: Tensor, U0: Tensor, G0: Tensor, b: Tensor, d1: Tensor, U1: Tensor, G1: Tensor,
-                 C: Tensor, D: Optional[Tensor] = None) -> None:
-        super().__init__()
-        H, M = d0.shape
-        r = U0.shape[1]
-        shapes_ok = (d1.shape == b.shape == (H, M) and U0.shape == G0.shape == U1.shape == G1.shape == (H, r, M)
-                     and C.dim() == 3 and C.shape[1:] == (H, M))
-        if not shapes_ok:
-            raise ValueError("ChannelDPLRStepForm expects d0, d1, b (H, M); U0, G0, U1, G1 (H, r, M); "
-                             "C (Ch, H, M); got "
-                             f"{[tuple(t.shape) for t in (d0, U0, G0, b, d1, U1, G1, C)]}")
-        self.H, self.M, self.channels = H, M, C.shape[0]
-        self.state_size, self.d_input, self.d_output = 2 * H * M, H, self.channels * H
-        for name, t in (("d0", d0), ("b", b), ("d1", d1)):
-            self.register_buffer(name + "_re", _f32(t.real))
-            self.register_buffer(name + "_im", _f32(t.imag))
-        # Re(G z) = [Re G, -Im G] . [Re z, Im z];  U rho adds rho [Re U, Im U]
-        for name, t in (("G0", G0), ("G1", G1)):
-            self.register_buffer(name, _f32(torch.cat([t.real, -t.imag], -1)))       # (H, r, 2M)
-        for name, t in (("U0", U0), ("U1", U1)):
-            self.register_buffer(name, _f32(torch.cat([t.real, t.imag], -1)))        # (H, r, 2M)
-        self.register_buffer("C", _f32(torch.cat([C.real, -C.imag], -1)))            # (Ch, H, 2M)
-        self.register_buffer("D", None if D is None else _f32(D))
-
-    @staticmethod
-    def _diag(re: Tensor, im: Tensor, pair: Tensor, M: int) -> Tensor:
-        a, b = pair[..., :M], pair[..., M:]
-        return torch.cat([re * a - im * b, im * a + re * b], dim=-1)
-
-    @staticmethod
-    def _low_rank(pair: Tensor, G: Tensor, U: Tensor) -> Tensor:
-        rho = (pair.unsqueeze(-2) * G).sum(-1)                                        # (batch, H, r)
-        return (rho.unsqueeze(-1) * U).sum(-2)                                        # (batch, H, 2M)
-
-    def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
-        M = self.M
-        z = s.reshape(-1, self.H, 2 * M)
-        uh = u.unsqueeze(-1)
-        v = self._diag(self.d0_re, self.d0_im, z, M) - self._low_rank(z, self.G0, self.U0) \
-            + torch.cat([self.b_re * uh, self.b_im * uh], dim=-1)
-        z_next = self._diag(self.d1_re, self.d1_im, v, M) - self._low_rank(v, self.G1, self.U1)
-        y = (z_next.unsqueeze(1) * self.C).sum(-1)                                    # (batch, Ch, H)
-        if self.D is not None:
-            y = y + self.D * u.unsqueeze(1)
-        return y.reshape(-1, self.d_output), z_next.reshape(-1, self.state_size)
 
 
 # ---------------------------------------------------------------------------------------------
