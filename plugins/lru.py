@@ -168,15 +168,19 @@ class LRUKernel(SSMKernel):
 
     def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         self._check_rate(rate)
-        log_lam, B, C = self.discretize()
         vdm = get_backend("vandermonde", self.backend)
-        # vdm returns 2 Re(sum v lam^l) (conjugate-pair convention); the LRU reads Re(C x): halve v.
-        K = vdm(0.5 * C * B, log_lam.expand_as(C), L)
         if state is None:
-            return K, None
+            return self.cached_kernel((L, self.backend), lambda: self._kernel(L, vdm)), None
+        log_lam, B, C = self.discretize()
+        K = self._kernel(L, vdm)
         # zero-input response from x_{-1} = state: y_l = Re(sum_n C lam^{l+1} x_{-1})
         v = 0.5 * C.unsqueeze(0) * (torch.exp(log_lam) * state).unsqueeze(1)     # (B, C, H, N)
         return K, vdm(v, log_lam.expand_as(v), L)
+
+    def _kernel(self, L: int, vdm) -> Tensor:
+        log_lam, B, C = self.discretize()
+        # vdm returns 2 Re(sum v lam^l) (conjugate-pair convention); the LRU reads Re(C x): halve v.
+        return vdm(0.5 * C * B, log_lam.expand_as(C), L)
 
     def default_state(self, *batch_shape: int) -> Tensor:
         return torch.zeros(*batch_shape, self.d_model, self.d_state, dtype=torch.complex64,

@@ -119,14 +119,18 @@ class S4DKernel(SSMKernel):
         return A_bar, B_bar, C, log_A_bar
 
     def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        A_bar, B_bar, C, log_A = self.discretize(rate)
         vdm = get_backend("vandermonde", self.backend)
-        K = vdm(C * B_bar, log_A.expand_as(C), L)
         if state is None:
-            return K, None
+            return self.cached_kernel((L, rate, self.backend), lambda: self._kernel(L, rate, vdm)), None
+        A_bar, B_bar, C, log_A = self.discretize(rate)
+        K = vdm(C * B_bar, log_A.expand_as(C), L)
         # zero-input response from x_{-1} = state: y_l = 2 Re(sum_n C A_bar^{l+1} x_{-1})
         v = C.unsqueeze(0) * (A_bar * state).unsqueeze(1)                       # (B, C, H, N/2)
         return K, vdm(v, log_A.expand_as(v), L)
+
+    def _kernel(self, L: int, rate: float, vdm) -> Tensor:
+        A_bar, B_bar, C, log_A = self.discretize(rate)
+        return vdm(C * B_bar, log_A.expand_as(C), L)
 
     def default_state(self, *batch_shape: int) -> Tensor:
         return torch.zeros(*batch_shape, self.d_model, self.d_state // 2, dtype=torch.complex64,

@@ -26,7 +26,6 @@ builds exp(dt A) densely in float64 and sums C^T A_bar^l B_bar with the two-leve
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -78,10 +77,6 @@ class SSKernelNPLR(StepModes, SSMKernel):
         discretization: "bilinear" or "zoh".
         backend: name of a registered ("cauchy", name) backend: "auto", "torch", "keops".
     """
-
-    _kernel_cache: Optional[Tuple[Any, Tensor]] = None      # (key, K) of the last inference call
-    #: Reuse the last kernel in inference (no autograd) while L, rate and all parameters are unchanged.
-    cache_inference_kernel: bool = True
 
     def __init__(self, L: Optional[int], w: Tensor, P: Tensor, B: Tensor, C: Tensor, log_dt: Tensor,
                  trainable: Union[None, bool, Dict[str, bool]] = None, lr: Union[None, float, Dict[str, float]] = None,
@@ -229,25 +224,10 @@ class SSKernelNPLR(StepModes, SSMKernel):
                 self._init_C_tilde(L)
             while self.length < L:
                 self.double_length()
-        cache = self.cache_inference_kernel and state is None and \
-            not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
-        if cache:
-            key = (L, rate, self._fingerprint())
-            if self._kernel_cache is not None and self._kernel_cache[0] == key:
-                return self._kernel_cache[1].clone(), None
-        K, K_state = self._kernel(L, rate, state)
-        if cache:
-            object.__setattr__(self, "_kernel_cache", (key, K.detach().clone()))
-        return K, K_state
-
-    def _fingerprint(self) -> Tuple[Any, ...]:
-        """Content hash of every parameter and buffer (with dtype and device): inference reuses a
-        kernel only for exactly the same numbers, however they were changed (even via ``.data``)."""
-        h = hashlib.blake2b(digest_size=16)
-        for name, t in list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False)):
-            h.update(name.encode())
-            h.update(t.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return (h.hexdigest(), str(self.log_dt.dtype), str(self.log_dt.device), self.discretization, self.backend)
+        if state is not None:
+            return self._kernel(L, rate, state)
+        key = (L, rate, self.discretization, self.backend)
+        return self.cached_kernel(key, lambda: self._kernel(L, rate, None)[0]), None
 
     def _kernel(self, L: int, rate: float, state: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         if self.discretization == "zoh":
