@@ -55,10 +55,12 @@ class SSMKernel(nn.Module):
             return compute()
         full_key = key + (self.fingerprint(),)
         hit = self.__dict__.get("_kernel_cache")
-        if hit is not None and hit[0] == full_key:
-            return hit[1].clone()
+        # The cached tensor is handed out as is (a copy would cost a kernel's worth of memory at
+        # the peak); its version counter tells if a caller has since changed it in place.
+        if hit is not None and hit[0] == full_key and hit[1]._version == hit[2]:
+            return hit[1]
         K = compute()
-        self.__dict__["_kernel_cache"] = (full_key, K.detach().clone())
+        self.__dict__["_kernel_cache"] = (full_key, K, K._version)
         return K
 
     def fingerprint(self) -> Tuple[str, ...]:

@@ -112,10 +112,10 @@ def test_double_length_keeps_kernel_exact():
 def test_inference_reuses_kernel_only_for_identical_parameters():
     k = make_kernel(H=2, N=8)
     with torch.no_grad():
-        K1 = k(L=64)[0]
+        K1 = k(L=64)[0].clone()
         K1_again = k(L=64)[0]
         assert torch.equal(K1_again, K1)
-        K1_again.zero_()                                     # a copy: the cached kernel is unharmed
+        K1_again.zero_()                                     # an in-place edit is seen: recomputed
         assert torch.equal(k(L=64)[0], K1)
         k.B.data.mul_(2)                                     # no version bump; the content hash sees it
         K2 = k(L=64)[0]
