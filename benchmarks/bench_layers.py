@@ -68,10 +68,14 @@ def _rss_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_child(name: str, kw: dict, B: int, L: int, H: int, N: int) -> None:
+def peak_memory_child(name: str, kw: dict, B: int, L: int, H: int, N: int, cache: bool = True) -> None:
     # default allocator here: a tuned one keeps freed memory, which would hide the true peak
+    from lrnnx_zoo.ssm_kernel import SSMKernel
     torch.manual_seed(0)
     layer = lrnnx_zoo.create_layer(name, H, d_state=N, **kw)
+    for m in layer.modules():
+        if isinstance(m, SSMKernel):
+            m.cache_inference_kernel = cache
     x = torch.randn(B, L, H)
     with torch.no_grad():
         layer(x[:, :64])  # load code paths and compile kernels before measuring
@@ -85,9 +89,9 @@ def peak_memory_child(name: str, kw: dict, B: int, L: int, H: int, N: int) -> No
     print(json.dumps({"peak_mb": peak, "input_mb": x.numel() * 4 / 2 ** 20, "ok": bool(torch.isfinite(y).all())}))
 
 
-def peak_memory(name: str, kw: dict, B: int, L: int, H: int, N: int) -> dict:
+def peak_memory(name: str, kw: dict, B: int, L: int, H: int, N: int, cache: bool = True) -> dict:
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import bench_layers as b; "
-            f"b.peak_memory_child({name!r}, {kw!r}, {B}, {L}, {H}, {N})")
+            f"b.peak_memory_child({name!r}, {kw!r}, {B}, {L}, {H}, {N}, {cache})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -115,9 +119,11 @@ def main() -> None:
             print(f"{'':<14} {label:<12} {f:>8.2f} {f / fl:>8.2f} {fb:>11.2f} {fb / fl:>8.2f}")
     print("\npeak memory of one forward at B=1, L=65536, H=64, N=64 (rise of peak RSS over the resident set before):")
     for name, kw in LAYERS:
-        m = peak_memory(name, kw, 1, 65536, 64, 64)
-        print(f"  {name}/{kw['backend']:<6} {m['peak_mb']:8.1f} MB = {m['peak_mb'] / m['input_mb']:5.1f} x input "
-              f"({m['input_mb']:.0f} MB)")
+        for cache in ((True, False) if name in ("s4d", "s4") else (True,)):
+            m = peak_memory(name, kw, 1, 65536, 64, 64, cache)
+            label = f"{name}/{kw['backend']}" + ("" if cache else ", no kernel cache")
+            print(f"  {label:<28} {m['peak_mb']:8.1f} MB = {m['peak_mb'] / m['input_mb']:5.1f} x input "
+                  f"({m['input_mb']:.0f} MB)")
 
 
 if __name__ == "__main__":
