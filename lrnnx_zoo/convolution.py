@@ -57,17 +57,52 @@ def causal_conv(u: Tensor, K: Tensor, dim: int = -1, length: Optional[int] = Non
         raise ValueError(f"u is padded to {u.shape[dim]} steps, beyond the transform size {n} for L={L}, Lk={Lk}")
     cplx = u.is_complex() or K.is_complex()
     k_grad = K.requires_grad
+    if not cplx and torch.is_grad_enabled() and (u.requires_grad or k_grad):
+        return _RealCausalConv.apply(u, K, n, L, dim)
     fwd, inv = (torch.fft.fft, torch.fft.ifft) if cplx else (torch.fft.rfft, torch.fft.irfft)
     # The kernel's spectrum first: a caller that passes K without keeping a reference frees K here.
     Kf = fwd(K, n=n, dim=dim)
     del K
     U = fwd(u, n=n, dim=dim)
-    if torch.is_grad_enabled() and (u.requires_grad or k_grad):
+    if torch.is_grad_enabled() and (u.requires_grad or k_grad):  # complex signals under autograd
         U = U * Kf
     else:  # inference: reuse the input's spectrum, one transform-sized buffer fewer at the peak
         U = U.mul_(Kf) if U.shape == torch.broadcast_shapes(U.shape, Kf.shape) else U * Kf
     del Kf
     return inv(U, n=n, dim=dim).narrow(dim, 0, L)
+
+
+class _RealCausalConv(torch.autograd.Function):
+    """Real causal convolution with a backward made of real transforms only.
+
+    The gradients are causal correlations, computed on the same zero-padded circle of size n:
+        dL/du_s = sum_t g_t K_{t-s} = irfft(rfft(g) * conj(rfft(K)))[s],
+        dL/dK_j = sum_t g_t u_{t-j} = irfft(rfft(g) * conj(rfft(u)))[j],
+    exact because n >= L + Lk - 1 keeps the wrapped-around terms on zero padding. Autograd's own
+    backward of rfft goes through full complex transforms of a zero-filled spectrum, which made
+    an S4D forward+backward 2x slower (benchmarks/bench_layers.py).
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, K: Tensor, n: int, L: int, dim: int) -> Tensor:  # type: ignore[override]
+        Uf, Kf = torch.fft.rfft(u, n=n, dim=dim), torch.fft.rfft(K, n=n, dim=dim)
+        ctx.save_for_backward(Uf if K.requires_grad else None, Kf if u.requires_grad else None)
+        ctx.meta = (n, dim, u.shape, K.shape)
+        return torch.fft.irfft(Uf * Kf, n=n, dim=dim).narrow(dim, 0, L)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        Uf, Kf = ctx.saved_tensors
+        n, dim, u_shape, K_shape = ctx.meta
+        G = torch.fft.rfft(g, n=n, dim=dim)
+        grad_u = grad_K = None
+        if Kf is not None:
+            grad_u = torch.fft.irfft(G * Kf.conj(), n=n, dim=dim).narrow(dim, 0, u_shape[dim])
+            grad_u = grad_u.sum_to_size(u_shape)
+        if Uf is not None:
+            grad_K = torch.fft.irfft(G * Uf.conj(), n=n, dim=dim).narrow(dim, 0, K_shape[dim])
+            grad_K = grad_K.sum_to_size(K_shape)
+        return grad_u, grad_K, None, None, None
 
 
 _TILE = 128

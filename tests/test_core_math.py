@@ -150,3 +150,21 @@ def test_swap_time_and_channels_pads_and_differentiates(shape, pad):
     g = torch.randn_like(y)
     (y * g).sum().backward()
     assert torch.equal(x.grad, g[..., :L].transpose(1, 2))
+
+
+@pytest.mark.parametrize("u_shape,K_shape,dim", [((2, 3, 37), (3, 37), -1), ((2, 3, 50), (1, 3, 20), -1),
+                                                  ((2, 41, 3), (41, 3), -2)])
+def test_real_causal_conv_gradients(u_shape, K_shape, dim):
+    # float64 gradcheck of the hand-written backward (real transforms only), broadcasting included
+    u = torch.randn(*u_shape, dtype=D64, requires_grad=True)
+    K = torch.randn(*K_shape, dtype=D64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u, K: causal_conv(u, K, dim=dim), (u, K))
+
+
+def test_real_causal_conv_gradient_of_a_padded_signal():
+    from lrnnx_zoo.convolution import conv_size, swap_time_and_channels
+    x = torch.randn(2, 30, 3, dtype=D64, requires_grad=True)
+    K = torch.randn(3, 30, dtype=D64, requires_grad=True)
+    f = lambda x, K: causal_conv(swap_time_and_channels(x, pad_to=conv_size(30, 30)), K, length=30)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, K))
+    torch.testing.assert_close(f(x, K), causal_conv(x.transpose(1, 2), K), rtol=1e-10, atol=1e-10)
