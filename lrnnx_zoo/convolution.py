@@ -55,10 +55,20 @@ def causal_conv(u: Tensor, K: Tensor, dim: int = -1, length: Optional[int] = Non
     n = conv_size(L, Lk)
     if u.shape[dim] > n:
         raise ValueError(f"u is padded to {u.shape[dim]} steps, beyond the transform size {n} for L={L}, Lk={Lk}")
+    return circular_conv(u, K, n, L, dim)
+
+
+def circular_conv(u: Tensor, K: Tensor, n: int, length: int, dim: int = -1) -> Tensor:
+    """Circular convolution of size n along ``dim``, truncated to ``length`` steps.
+
+    With n >= L + Lk - 1 it is the causal convolution (:func:`causal_conv`); callers that place
+    an anti-causal kernel at the end of the circle (bidirectional layers) pick their own n.
+    Real signals under autograd get a backward of real transforms only (``_RealCausalConv``).
+    """
     cplx = u.is_complex() or K.is_complex()
     k_grad = K.requires_grad
     if not cplx and torch.is_grad_enabled() and (u.requires_grad or k_grad):
-        return _RealCausalConv.apply(u, K, n, L, dim)
+        return _RealCausalConv.apply(u, K, n, length, dim)
     fwd, inv = (torch.fft.fft, torch.fft.ifft) if cplx else (torch.fft.rfft, torch.fft.irfft)
     # The kernel's spectrum first: a caller that passes K without keeping a reference frees K here.
     Kf = fwd(K, n=n, dim=dim)
@@ -69,16 +79,16 @@ def causal_conv(u: Tensor, K: Tensor, dim: int = -1, length: Optional[int] = Non
     else:  # inference: reuse the input's spectrum, one transform-sized buffer fewer at the peak
         U = U.mul_(Kf) if U.shape == torch.broadcast_shapes(U.shape, Kf.shape) else U * Kf
     del Kf
-    return inv(U, n=n, dim=dim).narrow(dim, 0, L)
+    return inv(U, n=n, dim=dim).narrow(dim, 0, length)
 
 
 class _RealCausalConv(torch.autograd.Function):
-    """Real causal convolution with a backward made of real transforms only.
+    """Real circular convolution of size n with a backward made of real transforms only.
 
-    The gradients are causal correlations, computed on the same zero-padded circle of size n:
-        dL/du_s = sum_t g_t K_{t-s} = irfft(rfft(g) * conj(rfft(K)))[s],
-        dL/dK_j = sum_t g_t u_{t-j} = irfft(rfft(g) * conj(rfft(u)))[j],
-    exact because n >= L + Lk - 1 keeps the wrapped-around terms on zero padding. Autograd's own
+    The gradients are circular correlations on the same circle:
+        dL/du_s = sum_t g_t K_{(t-s) mod n} = irfft(rfft(g) * conj(rfft(K)))[s],
+        dL/dK_j = sum_t g_t u_{(t-j) mod n} = irfft(rfft(g) * conj(rfft(u)))[j],
+    (for a causal size n >= L + Lk - 1 the wrapped terms fall on zero padding). Autograd's own
     backward of rfft goes through full complex transforms of a zero-filled spectrum, which made
     an S4D forward+backward 2x slower (benchmarks/bench_layers.py).
     """

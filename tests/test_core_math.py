@@ -168,3 +168,13 @@ def test_real_causal_conv_gradient_of_a_padded_signal():
     f = lambda x, K: causal_conv(swap_time_and_channels(x, pad_to=conv_size(30, 30)), K, length=30)  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, K))
     torch.testing.assert_close(f(x, K), causal_conv(x.transpose(1, 2), K), rtol=1e-10, atol=1e-10)
+
+
+def test_circular_conv_gradients_when_the_kernel_wraps():
+    from lrnnx_zoo.convolution import circular_conv
+    u = torch.randn(2, 3, 10, dtype=D64, requires_grad=True)
+    K = torch.randn(3, 12, dtype=D64, requires_grad=True)   # fills the circle: anti-causal taps wrap
+    assert torch.autograd.gradcheck(lambda u, K: circular_conv(u, K, 12, 10), (u, K))
+    idx = (torch.arange(10)[:, None] - torch.arange(10)[None, :]) % 12           # y_t = sum_s K_{(t-s) mod n} u_s
+    ref = torch.einsum("hts,bhs->bht", K[:, idx], u)
+    torch.testing.assert_close(circular_conv(u, K, 12, 10), ref, rtol=1e-10, atol=1e-10)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo.base import LTI_LRNN, mask_padding
-from lrnnx_zoo.convolution import fast_fft_size
+from lrnnx_zoo.convolution import circular_conv, fast_fft_size
 from lrnnx_zoo.step_forms import StepForm
 
 from . import dense
@@ -33,8 +33,8 @@ def ssm_conv(u: Tensor, k: Tensor, bidirectional: bool = False, D: Optional[Tens
 
     Causal part y_t = sum_{j<=t} K0_j u_{t-j}; the anti-causal part (bidirectional) adds
     sum_j K1_j u_{t+1+j}, placing K1 reversed at the end of an n >= L + Lk circular convolution.
-    D joins the kernel's lag 0 (one FFT pair computes K * u + D u), and the spectra are multiplied
-    in place: at these sizes a fresh (B, C, H, n) buffer costs as much as the product.
+    D joins the kernel's lag 0 (one FFT pair computes K * u + D u); the transforms are the core's
+    :func:`~lrnnx_zoo.convolution.circular_conv`.
     """
     L, Lk = u.shape[-1], k.shape[-1]
     if bidirectional:
@@ -45,10 +45,7 @@ def ssm_conv(u: Tensor, k: Tensor, bidirectional: bool = False, D: Optional[Tens
         n = fast_fft_size(L + Lk - 1)
     if D is not None:
         k = torch.cat([k[..., :1] + D.unsqueeze(-1), k[..., 1:]], dim=-1)
-    spec = torch.fft.rfft(u.unsqueeze(1), n=n)
-    spec = spec * torch.fft.rfft(k, n=n) if spec.shape[1] != k.shape[0] or torch.is_grad_enabled() \
-        else spec.mul_(torch.fft.rfft(k, n=n))
-    return torch.fft.irfft(spec, n=n)[..., :L]
+    return circular_conv(u.unsqueeze(1), k, n, L)
 
 
 class S4(nn.Module):
