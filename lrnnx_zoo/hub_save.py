@@ -1,0 +1,178 @@
+"""Saving checkpoints in Hub format, atomically, and pushing them to the Hub.
+
+The loading half (resolving names, strict reads, shipped checkpoints) is :mod:`lrnnx_zoo.hub`;
+this module adds what writes: ``checkpoint_config``, ``save_checkpoint`` (a temporary sibling
+folder swapped in only when complete), ``upload_checkpoint`` and the :class:`HubMixin` that gives
+:class:`~lrnnx_zoo.models.SequenceModel` its ``save_pretrained`` / ``push_to_hub`` /
+``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
+
+from . import __version__
+from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
+                  CheckpointError, PathLike, from_pretrained)
+from .registry import get_registry
+
+if TYPE_CHECKING:  # models.py imports this module for HubMixin
+    from .models import SequenceModel
+
+
+# -- saving ------------------------------------------------------------------------------------
+def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any = None,
+                      metrics: Optional[Dict[str, Any]] = None, command: Optional[str] = None,
+                      notes: Optional[str] = None) -> Dict[str, Any]:
+    """The config.json dict for ``model`` (a SequenceModel) with the given provenance."""
+    layer = model.config.layer
+    prefix, _, family = layer.rpartition(":")
+    reg = get_registry()
+    owners = [e.plugin for e in reg._layers.get(family, []) if not prefix or e.plugin == prefix]
+    name = owners[0] if owners else (prefix or None)
+    info = reg.plugins.get(name) if name else None
+    return {"format_version": FORMAT_VERSION, "library": LIBRARY, "library_version": __version__,
+            "family": family,
+            "plugin": {"name": name, "distribution": info.distribution if info else None,
+                       "version": info.version if info else None},
+            "model": model.config.to_dict(), "task": task, "dataset": dataset, "metrics": metrics,
+            "command": command, "notes": notes}
+
+
+def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, Any], name: str) -> None:
+    """Write the three files into ``folder`` (a fresh temporary folder) and flush them to disk."""
+    import safetensors.torch
+    from .hub_card import build_card
+
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    # clone: safetensors refuses tensors that share storage, and the file must not alias live params
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(tensors, str(folder / WEIGHTS_NAME),
+                                metadata={"format": "pt", "library": LIBRARY, "family": config["family"]})
+    # safetensors writes through a private temp file (mode 0600); give the weights the same
+    # permissions as the other files, i.e. what the user's umask grants.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder / WEIGHTS_NAME, 0o666 & ~umask)
+    card = build_card(config, name, sum(p.numel() for p in model.parameters()))
+    card.save(folder / CARD_NAME)
+    for f in CHECKPOINT_FILES:
+        with open(folder / f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link (or copy) files of ``old`` that are not checkpoint files into ``new``, so saving over
+    a folder never deletes a user's other files there, and ``old`` stays intact until the swap."""
+    for entry in old.iterdir():
+        if entry.name in CHECKPOINT_FILES:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(new / entry.name))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def save_checkpoint(model: "SequenceModel", save_directory: PathLike, *, name: Optional[str] = None,
+                    **meta: Any) -> Path:
+    """Atomically write ``model`` as a checkpoint folder (see :meth:`HubMixin.save_pretrained`)."""
+    target = Path(save_directory).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"save_directory {target} is a file; pass a folder (it is created if missing)")
+    if Path.cwd().absolute().is_relative_to(target) and target.exists():
+        raise CheckpointError(f"cannot save over {target}: it holds the current working directory, and saving "
+                              "swaps the folder; save to a subfolder instead")
+    config = checkpoint_config(model, **meta)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp, old = target.with_name(f".{target.name}.tmp-{tag}"), target.with_name(f".{target.name}.old-{tag}")
+    tmp.mkdir()
+    try:
+        _write_checkpoint(model, tmp, config, name or target.name)
+        if target.exists():
+            _carry_over(target, tmp)
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None, private: bool = False,
+                      commit_message: Optional[str] = None, revision: Optional[str] = None) -> Any:
+    """Create ``repo_id`` if needed (and branch ``revision``) and upload the checkpoint files in one commit."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)  # endpoint: HF_ENDPOINT
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision not in (None, "main"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    message = commit_message or f"Upload lrnnx-zoo {__version__} checkpoint"
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=list(CHECKPOINT_FILES),
+                             commit_message=message, revision=revision)
+
+
+class HubMixin:
+    """save_pretrained / push_to_hub / from_pretrained for :class:`~lrnnx_zoo.models.SequenceModel`."""
+
+    def save_pretrained(self, save_directory: PathLike, *, task: Any = None, dataset: Any = None,
+                        metrics: Optional[Dict[str, Any]] = None, command: Optional[str] = None,
+                        notes: Optional[str] = None, push_to_hub: bool = False,
+                        repo_id: Optional[str] = None) -> Any:
+        """Write config.json, model.safetensors and README.md into ``save_directory``.
+
+        Atomic: the files are written into a temporary sibling folder that replaces the old one only
+        once complete, so an interrupted save leaves any previous checkpoint there intact. Other
+        files already in the folder are kept. ``task`` (str or dict), ``dataset`` (dict: name,
+        source, split), ``metrics`` (name -> number), ``command`` (reproduces the model) and
+        ``notes`` go into config.json and the card. With ``push_to_hub=True`` the folder is then
+        uploaded to ``repo_id`` (default: the folder name) and the commit info is returned;
+        otherwise the folder's path.
+        """
+        meta = dict(task=task, dataset=dataset, metrics=metrics, command=command, notes=notes)
+        folder = save_checkpoint(self, save_directory, name=repo_id, **meta)
+        if not push_to_hub:
+            return folder
+        return upload_checkpoint(folder, repo_id or folder.name)
+
+    def push_to_hub(self, repo_id: str, *, token: Optional[str] = None, private: bool = False,
+                    commit_message: Optional[str] = None, revision: Optional[str] = None) -> Any:
+        """Upload this model to the Hub repo ``repo_id`` (created if needed); returns the CommitInfo.
+
+        Task, dataset, metrics and command come from ``self.checkpoint_info`` (set by
+        from_pretrained); to publish new ones use ``save_pretrained(DIR, ..., push_to_hub=True)``.
+        """
+        import tempfile
+        info = getattr(self, "checkpoint_info", None) or {}
+        meta = {k: info.get(k) for k in ("task", "dataset", "metrics", "command", "notes")}
+        with tempfile.TemporaryDirectory(prefix="lrnnx-zoo-push-") as tmp:
+            folder = save_checkpoint(self, Path(tmp) / "checkpoint", name=repo_id, **meta)
+            return upload_checkpoint(folder, repo_id, token=token, private=private,
+                                     commit_message=commit_message, revision=revision)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: PathLike, revision: Optional[str] = None,
+                        cache_dir: Optional[PathLike] = None, local_files_only: bool = False,
+                        token: Optional[Union[str, bool]] = None) -> "SequenceModel":
+        """Same as :func:`lrnnx_zoo.from_pretrained`."""
+        return from_pretrained(name_or_path, revision, cache_dir, local_files_only, token)
