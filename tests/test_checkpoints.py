@@ -68,3 +68,11 @@ def test_torchscript_and_torch_export_of_every_checkpoint_validate(name, fmt, tm
         warnings.simplefilter("ignore", DeprecationWarning)   # torch.jit warns since torch 2.11
         result = exporter(name, tmp_path / f"step.{fmt}")
     assert result.validation.max_abs_error < 1e-4     # checked by streaming the saved artifact
+
+
+def test_main_job_runs_end_to_end(capsys):
+    # README's first command: load, evaluate, export, stream through ONNX Runtime, parity, latency
+    from lrnnx_zoo.demo import main
+    assert main(["forecast-sunspots-s4d", "--steps", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "parity" in out and "us/step ONNX Runtime" in out and "result     : OK" in out
