@@ -67,11 +67,6 @@ def modal_scan(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
     return project_out(x, C)
 
 
-def modal_states(u: Tensor, log_lam: Tensor, B: Tensor, initial_state: Optional[Tensor] = None) -> Tensor:
-    """All states x_t: (Bsz, L, N) complex (for state passing: the last one is the next state)."""
-    return diagonal_scan(torch.exp(log_lam), project_in(u, B), initial_state)
-
-
 def final_state(u: Tensor, log_lam: Tensor, B: Tensor, initial_state: Optional[Tensor] = None) -> Tensor:
     """x_{L-1} = sum_j lam^{L-1-j} B u_j (+ lam^L x_{-1}) without materialising every state.
     u: (Bsz, L, H) -> (Bsz, N) complex."""
@@ -91,5 +86,5 @@ def modal_auto(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
     return modal_scan(u, log_lam, B, C, initial_state)
 
 
-__all__ = ["powers", "project_in", "project_out", "modal_fft", "modal_scan", "modal_states",
+__all__ = ["powers", "project_in", "project_out", "modal_fft", "modal_scan",
            "final_state", "modal_auto"]

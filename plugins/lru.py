@@ -170,15 +170,14 @@ class LRUKernel(SSMKernel):
         self._check_rate(rate)
         vdm = get_backend("vandermonde", self.backend)
         if state is None:
-            return self.cached_kernel((L, self.backend), lambda: self._kernel(L, vdm)), None
+            return self.cached_kernel((L, self.backend), lambda: self._kernel(vdm, L, *self.discretize())), None
         log_lam, B, C = self.discretize()
-        K = self._kernel(L, vdm)
         # zero-input response from x_{-1} = state: y_l = Re(sum_n C lam^{l+1} x_{-1})
         v = 0.5 * C.unsqueeze(0) * (torch.exp(log_lam) * state).unsqueeze(1)     # (B, C, H, N)
-        return K, vdm(v, log_lam.expand_as(v), L)
+        return self._kernel(vdm, L, log_lam, B, C), vdm(v, log_lam.expand_as(v), L)
 
-    def _kernel(self, L: int, vdm) -> Tensor:
-        log_lam, B, C = self.discretize()
+    @staticmethod
+    def _kernel(vdm, L: int, log_lam: Tensor, B: Tensor, C: Tensor) -> Tensor:
         # vdm returns 2 Re(sum v lam^l) (conjugate-pair convention); the LRU reads Re(C x): halve v.
         return vdm(0.5 * C * B, log_lam.expand_as(C), L)
 

@@ -68,6 +68,11 @@ def init_random(H: int, M: int) -> Tuple[Tensor, Tensor]:
         torch.ones(H, M, dtype=torch.complex128)
 
 
+def _kernel(vdm, L: int, A_bar: Tensor, B_bar: Tensor, C: Tensor, log_A: Tensor) -> Tensor:
+    """K = 2 Re(sum_n C B_bar A_bar^l): (C, H, L) through the Vandermonde backend ``vdm`` (eq. 5)."""
+    return vdm(C * B_bar, log_A.expand_as(C), L)
+
+
 class S4DKernel(SSMKernel):
     """Parameters and kernel of H diagonal systems with ``channels`` outputs each (eq. 5).
 
@@ -121,16 +126,11 @@ class S4DKernel(SSMKernel):
     def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         vdm = get_backend("vandermonde", self.backend)
         if state is None:
-            return self.cached_kernel((L, rate, self.backend), lambda: self._kernel(L, rate, vdm)), None
+            return self.cached_kernel((L, rate, self.backend), lambda: _kernel(vdm, L, *self.discretize(rate))), None
         A_bar, B_bar, C, log_A = self.discretize(rate)
-        K = vdm(C * B_bar, log_A.expand_as(C), L)
         # zero-input response from x_{-1} = state: y_l = 2 Re(sum_n C A_bar^{l+1} x_{-1})
         v = C.unsqueeze(0) * (A_bar * state).unsqueeze(1)                       # (B, C, H, N/2)
-        return K, vdm(v, log_A.expand_as(v), L)
-
-    def _kernel(self, L: int, rate: float, vdm) -> Tensor:
-        A_bar, B_bar, C, log_A = self.discretize(rate)
-        return vdm(C * B_bar, log_A.expand_as(C), L)
+        return _kernel(vdm, L, A_bar, B_bar, C, log_A), vdm(v, log_A.expand_as(v), L)
 
     def default_state(self, *batch_shape: int) -> Tensor:
         return torch.zeros(*batch_shape, self.d_model, self.d_state // 2, dtype=torch.complex64,
@@ -166,8 +166,6 @@ class S4D(LTI_LRNN):
 
     def __init__(self, d_model: int, d_state: int = 64, init: str = "legs", discretization: str = "zoh",
                  dt_min: float = 1e-3, dt_max: float = 1e-1, backend: str = "auto") -> None:
-        if discretization not in ("zoh", "bilinear"):
-            raise ValueError(f"S4D supports discretization 'zoh' or 'bilinear', got {discretization!r}")
         super().__init__(discretization)
         self.d_model, self.d_state = d_model, d_state
         self.kernel = S4DKernel(d_model, d_state, 1, init, discretization, dt_min, dt_max, backend)
