@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import from_pretrained, list_models
@@ -28,19 +27,10 @@ def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
-def _median_us(fn, steps: int) -> float:
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e6 * float(np.median(times))
-
-
 def run(name: str, out_dir: Path, steps: int) -> int:
     from .export import OnnxStreamer, to_onnx
+    from .export.latency import time_steps
+    from .export.validate import one_torch_thread
 
     print(f"== {name}")
     model = from_pretrained(name)
@@ -77,12 +67,11 @@ def run(name: str, out_dir: Path, steps: int) -> int:
 
     streamer.reset(1)
     x1 = x[:1, 0]
-    onnx_us = _median_us(lambda: streamer.step(x1), steps)
+    onnx_us = time_steps(lambda: streamer.step(x1), steps)["median_us"]
     cache = model.allocate_inference_cache(1)
     xt = torch.from_numpy(x1)
-    torch.set_num_threads(1)   # one stream of tiny steps; ONNX Runtime runs on one thread too
-    with torch.no_grad():
-        eager_us = _median_us(lambda: model.step(xt, cache), steps)
+    with torch.no_grad(), one_torch_thread():   # one stream of tiny steps, as ONNX Runtime runs it
+        eager_us = time_steps(lambda: model.step(xt, cache), steps)["median_us"]
     print(f"latency    : {onnx_us:.1f} us/step ONNX Runtime vs {eager_us:.1f} us/step eager PyTorch "
           f"at batch 1 ({eager_us / onnx_us:.1f}x)")
     ok = parity < 1e-4
