@@ -77,9 +77,20 @@ def test_causal(name):
     assert (y[:, 40:] - y2[:, 40:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name", LAYERS)
-def test_lengths_padded_batch_equals_alone(name):
-    layer = make(name)
+def _accepts(name: str, arg: str) -> bool:
+    import inspect
+    from lrnnx_zoo.registry import get_layer_class
+    return arg in inspect.signature(get_layer_class(name).__init__).parameters
+
+
+# Bidirectional variants too, wherever a layer offers one: their reverse pass must start at each
+# sequence's own end, which only a padded batch shows.
+LENGTH_CASES = [(n, {}) for n in LAYERS] + [(n, {"bidirectional": True}) for n in LAYERS if _accepts(n, "bidirectional")]
+
+
+@pytest.mark.parametrize("name,kw", LENGTH_CASES)
+def test_lengths_padded_batch_equals_alone(name, kw):
+    layer = make(name, **kw)
     lengths = torch.tensor([30, 64, 7])
     x = torch.randn(3, 64, H)
     with torch.no_grad():
