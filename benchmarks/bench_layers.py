@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Callable, Dict, List
 
 import torch
 
@@ -24,40 +25,46 @@ import lrnnx_zoo
 from lrnnx_zoo.runtime import tune_allocator
 
 
-def timeit(fn, repeats: int) -> float:
-    """Median wall time of fn() in ms after three warm-up calls."""
-    for _ in range(3):
+def interleaved_ms(fns: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, float]:
+    """Median wall time (ms) of each fn, timed in rounds that call every fn once in turn (after
+    two warm-up calls each), so drift in a shared machine's speed moves all figures together."""
+    for fn in fns.values():
         fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
-
-
-def floor_ms(B: int, L: int, H: int, repeats: int) -> float:
-    u = torch.randn(B, H, L)
-    return timeit(lambda: torch.fft.irfft(torch.fft.rfft(u), n=L), repeats)
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 LAYERS = [("s4d", {"backend": "auto"}), ("lru", {"backend": "fft"}), ("lru", {"backend": "scan"}),
           ("s4", {"backend": "auto"})]
 
 
-def layer_times(name: str, kw: dict, B: int, L: int, H: int, N: int, repeats: int) -> tuple:
-    torch.manual_seed(0)
-    layer = lrnnx_zoo.create_layer(name, H, d_state=N, **kw)
+def shape_times(B: int, L: int, H: int, N: int, rounds: int) -> Dict[str, float]:
+    """ms per call: "floor" (rfft+irfft of (B, H, L)), and "<layer> fwd" (inference, no autograd)
+    and "<layer> fwd+bwd" for every entry of LAYERS, all from one interleaved run."""
+    u = torch.randn(B, H, L)
+    fns: Dict[str, Callable[[], object]] = {"floor": lambda: torch.fft.irfft(torch.fft.rfft(u), n=L)}
     x = torch.randn(B, L, H)
-    with torch.no_grad():
-        fwd = timeit(lambda: layer(x), repeats)
     xg = x.clone().requires_grad_(True)
+    for name, kw in LAYERS:
+        torch.manual_seed(0)
+        layer = lrnnx_zoo.create_layer(name, H, d_state=N, **kw)
+        label = f"{name}/{kw['backend']}"
 
-    def fwd_bwd():
-        layer.zero_grad(set_to_none=True)
-        layer(xg).sum().backward()
-    return fwd, timeit(fwd_bwd, max(3, repeats // 2))
+        def fwd(layer=layer):
+            with torch.no_grad():
+                return layer(x)
+
+        def fwd_bwd(layer=layer):
+            layer.zero_grad(set_to_none=True)
+            layer(xg).sum().backward()
+        fns[f"{label} fwd"], fns[f"{label} fwd+bwd"] = fwd, fwd_bwd
+    return interleaved_ms(fns, rounds)
 
 
 def _rss_mb(field: str) -> float:
@@ -103,19 +110,20 @@ def main() -> None:
                     help="do not call lrnnx_zoo.runtime.tune_allocator (measure page-fault costs too)")
     args = ap.parse_args()
     tuned = False if args.default_allocator else tune_allocator()
-    repeats = 5 if args.quick else 15
+    rounds = 5 if args.quick else 15
     shapes = [(8, 1024)] if args.quick else [(8, 1024), (4, 4096)]
     H, N = 128, 64
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; H={H}, N={N}, float32, CPU; "
-          f"allocator {'tuned (lrnnx_zoo.runtime.tune_allocator)' if tuned else 'default'}\n")
+          f"allocator {'tuned (lrnnx_zoo.runtime.tune_allocator)' if tuned else 'default'}; "
+          f"medians of {rounds} interleaved rounds\n")
     print(f"{'shape':<14} {'layer':<12} {'fwd ms':>8} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8}")
     for B, L in shapes:
-        rows = [(f"{name}/{kw['backend']}",) + layer_times(name, kw, B, L, H, N, repeats) for name, kw in LAYERS]
-        # the floor is timed after the layers too, and the lower figure kept: a floor inflated by
-        # a cold start would flatter every ratio
-        fl = min(floor_ms(B, L, H, repeats), floor_ms(B, L, H, repeats))
+        t = shape_times(B, L, H, N, rounds)
+        fl = t["floor"]
         print(f"{f'B={B} L={L}':<14} {'rfft+irfft':<12} {fl:>8.2f} {1.0:>8.2f}")
-        for label, f, fb in rows:
+        for name, kw in LAYERS:
+            label = f"{name}/{kw['backend']}"
+            f, fb = t[f"{label} fwd"], t[f"{label} fwd+bwd"]
             print(f"{'':<14} {label:<12} {f:>8.2f} {f / fl:>8.2f} {fb:>11.2f} {fb / fl:>8.2f}")
     print("\npeak memory of one forward at B=1, L=65536, H=64, N=64 (rise of peak RSS over the resident set before):")
     for name, kw in LAYERS:

@@ -67,6 +67,13 @@ class LRNN(nn.Module):
                 raise ValueError(f"lengths must lie in [0, {x.shape[1]}], got {lengths.tolist()}")
 
 
+def needs_autograd(module: nn.Module, *inputs: Tensor) -> bool:
+    """Whether a forward must build a graph: grad mode on and an input or parameter requiring it.
+    Layers take inference-only fast paths (e.g. blocked_channel_conv) when it is False."""
+    return torch.is_grad_enabled() and (any(t.requires_grad for t in inputs)
+                                        or any(p.requires_grad for p in module.parameters()))
+
+
 def mask_padding(y: Tensor, lengths: Optional[Tensor]) -> Tensor:
     """Zero y[b, t] for t >= lengths[b]; y: (B, L, ...). Causal layers need nothing more:
     outputs before a sequence's end never see its padding."""

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, mask_padding
-from lrnnx_zoo.convolution import causal_conv
+from lrnnx_zoo.base import LTI_LRNN, mask_padding, needs_autograd
+from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel
 from lrnnx_zoo.step_forms import (ChannelDenseStepForm, ChannelDiagonalStepForm, SequentialStepForm,
@@ -196,6 +196,8 @@ class FFTConvS4(nn.Module):
                 raise ValueError(f"state passing needs the kernel to cover the input: l_max={self.L} < L={L}. "
                                  f"Use l_max=None, or chunks of at most l_max samples")
         Lk = L if self.L is None else min(self.L, L)
+        if self._inference_conv(x, state, lengths):
+            return self._blocked_forward(x, L, Lk, rate), None
         K, K_state = self.kernel(L=Lk, rate=rate, state=state)                 # (C', H, Lk)
         if self.training and self.drop_kernel > 0:
             K = F.dropout(K, self.drop_kernel, training=True)
@@ -214,6 +216,31 @@ class FFTConvS4(nn.Module):
             y = y * keep.to(y.dtype) / (1 - self.dropout)
         next_state = None if state is None else self.kernel.forward_state(u, state)
         return (y if self.transposed else y.transpose(1, 2)), next_state
+
+    def _inference_conv(self, x: Tensor, state: Optional[Tensor], lengths: Optional[Tensor]) -> bool:
+        """Whether forward can take the blocked inference convolution: no graph, no state, no
+        dropout, and no per-sequence flipping (a bidirectional block given lengths)."""
+        dropping = self.training and (self.drop_kernel > 0 or self.dropout > 0)
+        return (state is None and not dropping and isinstance(self.kernel, SSMKernel) and not needs_autograd(self, x)
+                and not (self.bidirectional and lengths is not None))
+
+    def _blocked_forward(self, x: Tensor, L: int, Lk: int, rate: float) -> Tensor:
+        """Inference forward through :func:`~lrnnx_zoo.convolution.blocked_channel_conv`.
+
+        The reverse direction sum_{j>=t} K1_{j-t} u_j is the kernel r_m = K1_{(-m) mod n} on the
+        same circle (n >= L + Lk - 1 keeps it off the causal lags), whose spectrum is conj(rfft(K1)).
+        """
+        n = conv_size(L, Lk)
+        Kf = self.kernel.spectrum(Lk, n, rate)                              # (C', H, n//2+1)
+        C = self.channels
+        if self.bidirectional:
+            Kf = Kf[:C] + Kf[C:].conj()
+        y = blocked_channel_conv(x, Kf, n, time_dim=2 if self.transposed else 1, skip=self.D)
+        if self.transposed:                                                 # (B, C, H, L)
+            return self._flatten(y)
+        # (B, L, C, H): channel-major flattening is a view; swap_channels wants H-major
+        y = y.transpose(2, 3) if self.swap_channels else y
+        return y.reshape(y.shape[0], L, self.d_output)
 
     def _to_bhl(self, x: Tensor) -> Tensor:
         ok = isinstance(x, Tensor) and x.dim() == 3 and x.shape[1 if self.transposed else 2] == self.d_model

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, mask_padding
-from lrnnx_zoo.convolution import causal_conv, conv_size, swap_time_and_channels
+from lrnnx_zoo.base import LTI_LRNN, mask_padding, needs_autograd
+from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, swap_time_and_channels
 from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vandermonde_torch
 from lrnnx_zoo.discretization import get_discretization
 from lrnnx_zoo.registry import get_backend, get_initializer
@@ -185,7 +185,11 @@ class S4D(LTI_LRNN):
         """x: (B, L, H) -> y: (B, L, H)."""
         self.check_input(x, lengths)
         L = x.shape[1]
-        u = swap_time_and_channels(x, pad_to=conv_size(L, L))               # (B, H, n), zero after L
+        n = conv_size(L, L)
+        if not needs_autograd(self, x):
+            y = blocked_channel_conv(x, self.kernel.spectrum(L, n), n, skip=self.D.unsqueeze(0))[:, :, 0]
+            return mask_padding(y, lengths)
+        u = swap_time_and_channels(x, pad_to=n)                             # (B, H, n), zero after L
         y = causal_conv(u, self.kernel_with_skip(L), length=L).transpose(1, 2)
         return mask_padding(y, lengths)
 

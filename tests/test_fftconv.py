@@ -214,10 +214,12 @@ def test_output_dropout_tied_along_time(tie):
         torch.testing.assert_close(m(x)[0], y_eval, rtol=0, atol=0)       # eval: deterministic, no mask
         m.train()
         y = m(x)[0]
-    ratio = y / y_eval                                                     # the mask / (1 - p): 0 or 2
-    kept = ratio > 1.0
-    torch.testing.assert_close(ratio[kept], torch.full_like(ratio[kept], 2.0), rtol=1e-5, atol=1e-5)
-    assert ratio[~kept].abs().max() < 1e-6
+    # y = mask / (1 - p) * y_eval with the mask 0 or 1. Eval runs the blocked inference
+    # convolution, training the autograd one: same sums, different rounding, so 1e-5 of max|y|.
+    kept = y != 0
+    scale = y_eval.abs().max().item()
+    torch.testing.assert_close(y[kept], 2 * y_eval[kept], rtol=0, atol=1e-5 * scale)
+    assert 0.3 < kept.float().mean() < 0.7
     constant_in_time = (kept == kept[..., :1]).all()
     assert bool(constant_in_time) == tie
 

@@ -11,21 +11,22 @@ convolution, so both directions cost one FFT pair).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx_zoo.base import LTI_LRNN, mask_padding
-from lrnnx_zoo.convolution import circular_conv, fast_fft_size
+from lrnnx_zoo.base import LTI_LRNN, mask_padding, needs_autograd
+from lrnnx_zoo.convolution import blocked_channel_conv, circular_conv, fast_fft_size
 from lrnnx_zoo.step_forms import StepForm
 
 from . import dense
 from .kernel import HippoSSKernel
 from .nn import Activation, DropoutNd, LinearActivation
 
-__all__ = ["S4", "S4Layer", "ssm_conv"]
+__all__ = ["S4", "S4Layer", "ssm_conv", "ssm_spectrum"]
 
 
 def ssm_conv(u: Tensor, k: Tensor, bidirectional: bool = False, D: Optional[Tensor] = None) -> Tensor:
@@ -46,6 +47,24 @@ def ssm_conv(u: Tensor, k: Tensor, bidirectional: bool = False, D: Optional[Tens
     if D is not None:
         k = torch.cat([k[..., :1] + D.unsqueeze(-1), k[..., 1:]], dim=-1)
     return circular_conv(u.unsqueeze(1), k, n, L)
+
+
+def ssm_spectrum(kernel: nn.Module, L: int, Lk: int, rate: float = 1.0, bidirectional: bool = False
+                 ) -> Tuple[Tensor, int]:
+    """The spectrum :func:`ssm_conv` multiplies by, for inference: (Kf (C, H, n // 2 + 1), n).
+
+    The kernel's own spectrum is cached (``SSMKernel.spectrum``). The anti-causal half, K1
+    reversed and ending at the circle's last sample, r_m = K1_{(-1-m) mod n}, has the spectrum
+    e^{2 pi i f / n} conj(rfft(K1)_f), so no time-domain kernel is rebuilt.
+    """
+    n = fast_fft_size(L + Lk) if bidirectional else fast_fft_size(L + Lk - 1)
+    Kf = kernel.spectrum(Lk, n, rate)
+    if not bidirectional:
+        return Kf, n
+    k0, k1 = Kf.chunk(2, dim=0)
+    f = torch.arange(n // 2 + 1, device=Kf.device, dtype=torch.float64)
+    shift = torch.polar(torch.ones_like(f), 2 * math.pi * f / n).to(Kf.dtype)
+    return k0 + shift * k1.conj(), n
 
 
 class S4(nn.Module):
@@ -111,10 +130,16 @@ class S4(nn.Module):
         if state is not None and self.bidirectional:
             raise ValueError("state passing needs a causal layer; this S4 is bidirectional "
                              "(bidirectional=False to stream)")
+        L = u.shape[-1 if self.transposed else 1]
+        Lk = L if self.L is None else min(L, round(self.L * rate))
+        if state is None and not needs_autograd(self, u) and self._elementwise_after_conv():
+            Kf, n = ssm_spectrum(self.kernel, L, Lk, rate, self.bidirectional)
+            y = blocked_channel_conv(u, Kf, n, time_dim=2 if self.transposed else 1, skip=self.D)
+            y = y.reshape(u.shape[0], -1, L) if self.transposed else y.reshape(u.shape[0], L, -1)
+            return self.output_linear(self.dropout(self.activation(y))), None
         if not self.transposed:
             u = u.transpose(-1, -2)
         B, H, L = u.shape
-        Lk = L if self.L is None else min(L, round(self.L * rate))
         k, k_state = self.kernel(L=Lk, rate=rate, state=state)
         y = ssm_conv(u, k, self.bidirectional, self.D)                         # (B, C, H, L)
         next_state = None
@@ -125,6 +150,11 @@ class S4(nn.Module):
         if not self.transposed:
             y = y.transpose(-1, -2)
         return self.output_linear(y), next_state
+
+    def _elementwise_after_conv(self) -> bool:
+        """The activation and dropout act elementwise (so on any layout): not a GLU, no tied
+        dropout mask in training."""
+        return not isinstance(self.activation, nn.GLU) and (not self.training or isinstance(self.dropout, nn.Identity))
 
     # -- recurrent mode ------------------------------------------------------------------------
     def setup_step(self, mode: str = "dense", tol: Optional[float] = None) -> None:
@@ -193,6 +223,10 @@ class S4Layer(LTI_LRNN):
                              "use rate=dt_ratio in compute_kernel")
         if self.bidirectional and lengths is not None:
             x = mask_padding(x, lengths)           # the anti-causal part must not see the padding
+        if not needs_autograd(self, x):
+            Kf, n = ssm_spectrum(self.kernel, x.shape[1], x.shape[1], 1.0, self.bidirectional)
+            y = blocked_channel_conv(x, Kf, n, skip=self.D.unsqueeze(0))[:, :, 0]
+            return mask_padding(y, lengths)
         u = x.transpose(1, 2)
         y = ssm_conv(u, self.compute_kernel(u.shape[-1]), self.bidirectional, self.D.unsqueeze(0))[:, 0]
         return mask_padding(y.transpose(1, 2), lengths)

@@ -1,0 +1,124 @@
+"""The blocked inference convolution (``blocked_channel_conv``) against the autograd path and a
+time-domain sum, and every layer's inference forward (which takes it) against its training forward.
+
+Tolerance: 2e-6 of max|y| in float32. Both paths sum the same products through transforms of
+the same size; only rounding differs (D folded into the spectrum vs added in time, blocked vs
+whole-tensor FFT batches). The time-domain reference is float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lrnnx_zoo
+from lrnnx_zoo.convolution import blocked_channel_conv, channel_block_size, conv_size
+from lrnnx_zoo.plugins.fftconv import FFTConvS4
+from lrnnx_zoo.plugins.s4.layer import S4
+
+TOL = 2e-6
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def direct(u: torch.Tensor, K: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Float64 sum_{j<=t} K[c, h, j] u[h, t-j] + D[c, h] u[h, t].  u: (B, H, L), K: (C, H, Lk) -> (B, C, H, L)."""
+    u, K = u.double(), K.double()
+    Lk = K.shape[-1]
+    pad = F.pad(u, (Lk - 1, 0)).unfold(-1, Lk, 1)                        # (B, H, L, Lk): u[t-Lk+1 .. t]
+    return torch.einsum("bhlj,chj->bchl", pad, K.flip(-1)) + D.double()[None, :, :, None] * u[:, None]
+
+
+@pytest.mark.parametrize("time_dim", [1, 2])
+@pytest.mark.parametrize("C,H,block", [(1, 40, None), (2, 40, 16), (3, 7, 16), (1, 33, 1)])
+def test_blocked_conv_matches_the_time_domain_sum(time_dim, C, H, block):
+    torch.manual_seed(0)
+    B, L, Lk = 3, 50, 37
+    u = torch.randn(B, H, L)
+    K, D = torch.randn(C, H, Lk) / Lk, torch.randn(C, H)
+    n = conv_size(L, Lk)
+    x = u.transpose(1, 2).contiguous() if time_dim == 1 else u
+    y = blocked_channel_conv(x, torch.fft.rfft(K, n=n), n, time_dim=time_dim, skip=D, block=block)
+    ref = direct(u, K, D)
+    if time_dim == 1:
+        ref = ref.permute(0, 3, 1, 2)                                     # (B, L, C, H)
+    assert y.shape == ref.shape and rel_err(y, ref) < TOL
+
+
+def test_block_size_is_whole_cache_lines_and_bounded():
+    assert channel_block_size(8, 2048) == 16
+    assert channel_block_size(1, 1024) == 256
+    assert channel_block_size(1, 1 << 20) == 16                            # never below one cache line
+    assert all(channel_block_size(r, n) % 16 == 0 for r in (1, 3, 8, 64) for n in (64, 2048, 65536))
+
+
+def test_blocked_conv_errors_say_what_was_expected():
+    u = torch.randn(2, 10, 4)
+    with pytest.raises(ValueError, match=r"Kf must be \(C, H=4, n // 2 \+ 1=11\)"):
+        blocked_channel_conv(u, torch.zeros(1, 4, 5, dtype=torch.complex64), 20)
+    with pytest.raises(ValueError, match=r"skip must be \(C=1, H=4\)"):
+        blocked_channel_conv(u, torch.zeros(1, 4, 11, dtype=torch.complex64), 20, skip=torch.zeros(4))
+    with pytest.raises(RuntimeError, match="no backward"):
+        blocked_channel_conv(u.requires_grad_(), torch.zeros(1, 4, 11, dtype=torch.complex64), 20)
+
+
+def _both_paths(module, *args, **kw):
+    """(inference output under no_grad, autograd output) of module(*args)."""
+    with torch.no_grad():
+        fast = module(*args, **kw)
+    slow = module(*args, **kw)
+    first = (lambda r: r[0] if isinstance(r, tuple) else r)
+    return first(fast), first(slow).detach()
+
+
+@pytest.mark.parametrize("name,bidirectional", [("s4d", False), ("s4", False), ("s4", True),
+                                                ("fftconv", False), ("fftconv", True)])
+def test_registered_layers_inference_equals_training_forward(name, bidirectional):
+    torch.manual_seed(0)
+    kw = {"bidirectional": True} if bidirectional else {}
+    layer = lrnnx_zoo.create_layer(name, 24, d_state=16, **kw).eval()
+    x = torch.randn(3, 300, 24)
+    fast, slow = _both_paths(layer, x)
+    assert rel_err(fast, slow) < TOL
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("swap", [False, True])
+def test_fftconv_inference_equals_training_forward(transposed, bidirectional, swap):
+    torch.manual_seed(0)
+    m = FFTConvS4(20, kernel_type="s4d", d_state=8, channels=3, transposed=transposed,
+                  bidirectional=bidirectional, swap_channels=swap, l_max=90).eval()
+    x = torch.randn(2, 20, 130) if transposed else torch.randn(2, 130, 20)
+    fast, slow = _both_paths(m, x)
+    assert fast.shape == slow.shape and rel_err(fast, slow) < TOL
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_s4_block_inference_equals_training_forward(transposed, bidirectional):
+    torch.manual_seed(0)
+    m = S4(16, d_state=16, channels=2, bidirectional=bidirectional, transposed=transposed, postact="glu").eval()
+    x = torch.randn(2, 16, 200) if transposed else torch.randn(2, 200, 16)
+    fast, slow = _both_paths(m, x)
+    assert fast.shape == slow.shape and rel_err(fast, slow) < TOL
+    fast, slow = _both_paths(m, x, rate=0.5)
+    assert rel_err(fast, slow) < TOL
+
+
+def test_kernel_and_spectrum_share_the_cache():
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("s4d", 8, d_state=8).eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 64, 8))
+        Kf = layer.kernel.spectrum(64, conv_size(64, 64))
+        assert layer.kernel.spectrum(64, conv_size(64, 64)) is Kf             # hit
+        K, _ = layer.kernel(64)
+        assert layer.kernel.spectrum(64, conv_size(64, 64)) is Kf             # the kernel did not evict it
+        assert layer.kernel(64)[0] is K
+        torch.testing.assert_close(Kf, torch.fft.rfft(K, n=conv_size(64, 64)), rtol=0, atol=0)
+        layer.kernel.log_dt.data += 0.1                                      # new parameters: recomputed
+        assert not torch.equal(layer.kernel.spectrum(64, conv_size(64, 64)), Kf)
