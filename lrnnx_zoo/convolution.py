@@ -139,7 +139,7 @@ def blocked_channel_conv(u: Tensor, Kf: Tensor, n: int, time_dim: int = 1, skip:
         Kf: (C, H, n // 2 + 1) complex kernel spectra at transform size n; n >= L + Lk - 1 gives
             the causal convolution (:func:`conv_size`).
         skip: (C, H) or None: adds skip[c, h] * u[h] (so a cached Kf stays the kernel's own).
-        block: channels per block (default :func:`channel_block_size`).
+        block: channels per block (default :func:`channel_block_size` on CPU, all H elsewhere).
     Returns:
         y: (B, L, C, H) if time_dim == 1, (B, C, H, L) if time_dim == 2.
     No autograd: training goes through :func:`causal_conv`.
@@ -156,7 +156,9 @@ def blocked_channel_conv(u: Tensor, Kf: Tensor, n: int, time_dim: int = 1, skip:
         raise ValueError(f"Kf must be (C, H={H}, n // 2 + 1={F}) for n={n} >= L={L}; got {tuple(Kf.shape)}")
     if skip is not None and skip.shape != (C, H):
         raise ValueError(f"skip must be (C={C}, H={H}), got {tuple(skip.shape)}")
-    hb = min(block or channel_block_size(B * C, n), H)
+    if block is None:   # caches are the CPU's concern; an accelerator wants few, large launches
+        block = channel_block_size(B * C, n) if u.device.type == "cpu" else H
+    hb = min(block, H)
     y = u.new_empty((B, L, C, H) if time_dim == 1 else (B, C, H, L))
     buf = u.new_zeros(B, hb, n)                                                # zeros after L stay
     # (Transforms into preallocated out= buffers, or a channel-leading block layout, measured
