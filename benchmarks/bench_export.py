@@ -2,7 +2,8 @@
 
 Model: 4 blocks, d_model=128, d_state=64, d_input=d_output=16, sequence to sequence.
 Columns:
-- per-step latency at batch 1 (median of single steps): ONNX Runtime step graph through
+- per-step latency at batch 1 (median of single steps, the four runtimes timed in interleaved
+  rounds so that the machine's drift moves them alike): ONNX Runtime step graph through
   OnnxStreamer, the model's eager ``SequenceModel.step``, the traced TorchScript step, the
   torch.export (.pt2) step; ratios eager/ONNX and TorchScript/ONNX;
 - tokens/s at batch 64 (ONNX step graph, and eager step);
@@ -21,11 +22,13 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+import numpy as np
 import torch
 
 import lrnnx_zoo
 from lrnnx_zoo.export import OnnxStreamer, to_onnx, to_torch_export, to_torchscript
-from lrnnx_zoo.export.latency import onnx_latency, time_steps, torch_latency
+from lrnnx_zoo.export.latency import interleaved_steps, onnx_latency, time_steps
+from lrnnx_zoo.export.validate import one_torch_thread
 from lrnnx_zoo.export.torchscript_export import load_torch_export, load_torchscript
 
 
@@ -43,6 +46,28 @@ def eager_latency(model: lrnnx_zoo.SequenceModel, batch: int, steps: int) -> flo
     return time_steps(lambda: model.step(x, cache), steps)["median_us"]
 
 
+@torch.no_grad()
+def batch1_latencies(model, onnx_res, ts_res, pt2_res, steps: int) -> Dict[str, float]:
+    """us per step at batch 1 of the ONNX graph, eager ``model.step``, TorchScript and .pt2, timed
+    in interleaved rounds (export.latency.interleaved_steps), torch on one thread."""
+    streamer = OnnxStreamer(onnx_res.path)
+    streamer.reset(1)
+    x_np = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
+    x = torch.from_numpy(x_np)
+    cache = model.allocate_inference_cache(1)
+    ts, pt2 = load_torchscript(ts_res.path), load_torch_export(pt2_res.path)
+    states = {"ts": torch.zeros(1, ts_res.state_size), "pt2": torch.zeros(1, pt2_res.state_size)}
+
+    def graph_step(name, module):
+        def one():
+            _, states[name] = module(x, states[name])
+        return one
+    with one_torch_thread():
+        t = interleaved_steps({"onnx_us": lambda: streamer.step(x_np), "eager_us": lambda: model.step(x, cache),
+                               "ts_us": graph_step("ts", ts), "pt2_us": graph_step("pt2", pt2)}, steps)
+    return t
+
+
 def bench_family(layer: str, tmp: Path, steps: int, compare: bool) -> Dict[str, float]:
     model = build(layer)
     r = {}
@@ -52,10 +77,7 @@ def bench_family(layer: str, tmp: Path, steps: int, compare: bool) -> Dict[str, 
     r["nodes"] = onnx_res.graph["nodes"]
     r["kib"] = onnx_res.graph["bytes"] / 1024
     r["err"] = max(res.validation.max_abs_error for res in (onnx_res, ts_res, pt2_res))
-    r["onnx_us"] = onnx_latency(onnx_res.path, 1, steps)["median_us"]
-    r["eager_us"] = eager_latency(model, 1, steps)
-    r["ts_us"] = torch_latency(load_torchscript(ts_res.path), 16, ts_res.state_size, 1, steps)["median_us"]
-    r["pt2_us"] = torch_latency(load_torch_export(pt2_res.path), 16, pt2_res.state_size, 1, steps)["median_us"]
+    r.update(batch1_latencies(model, onnx_res, ts_res, pt2_res, steps))
     r["onnx_tok_s_b64"] = 64e6 / onnx_latency(onnx_res.path, 64, max(steps // 5, 50))["median_us"]
     r["eager_tok_s_b64"] = 64e6 / eager_latency(model, 64, max(steps // 5, 50))
     x = torch.randn(1, 4096, 16)
@@ -91,7 +113,8 @@ def main(argv: List[str] = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for layer in families:
             rows[layer] = bench_family(layer, Path(tmp), args.steps, args.compare_exporters)
-    print(f"\nper-step latency at batch 1 (median of {args.steps} steps, us), 4 x d_model=128, d_state=64; "
+    print(f"\nper-step latency at batch 1 (median of {args.steps} steps in 10 interleaved rounds, us), "
+          f"4 x d_model=128, d_state=64; "
           f"torch {torch.__version__}, 1 thread")
     head = (f"{'family':<10}{'nodes':>6}{'KiB':>7}{'max err':>9}{'ONNX':>8}{'eager':>8}{'TS':>8}{'pt2':>8}"
             f"{'eager/ONNX':>11}{'TS/ONNX':>8}{'ONNX tok/s b64':>15}{'eager tok/s b64':>16}"

@@ -31,6 +31,26 @@ def time_steps(step: Callable[[], Any], steps: int = DEFAULT_STEPS, warmup: int 
             "p90_us": float(np.percentile(us, 90)), "steps": steps}
 
 
+def interleaved_steps(steps_by_name: Dict[str, Callable[[], Any]], steps: int = DEFAULT_STEPS,
+                      rounds: int = 10, warmup: int = WARMUP_STEPS) -> Dict[str, float]:
+    """Median single-step time (us) of each callable, timed in ``rounds`` turns of steps/rounds
+    steps each, so that a shared machine's drift in speed moves every figure alike (ratios
+    between runtimes are then from the same moments)."""
+    for step in steps_by_name.values():
+        for _ in range(warmup):
+            step()
+    per_round = max(1, steps // rounds)
+    times: Dict[str, list] = {k: [] for k in steps_by_name}
+    clock = time.perf_counter
+    for _ in range(rounds):
+        for name, step in steps_by_name.items():
+            for _ in range(per_round):
+                t0 = clock()
+                step()
+                times[name].append(clock() - t0)
+    return {k: float(np.median(v)) * 1e6 for k, v in times.items()}
+
+
 def onnx_latency(path: Union[str, Path], batch: Optional[int] = 1, steps: int = DEFAULT_STEPS,
                  intra_op_threads: int = 1) -> Dict[str, Any]:
     """Per-step latency of an ONNX step graph through :class:`OnnxStreamer` (random inputs)."""

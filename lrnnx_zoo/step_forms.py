@@ -255,7 +255,8 @@ class ChannelDPLRStepForm(StepForm):
         low = (rho.reshape(-1, H, k, 1, 1) * self.U).sum(2)               # (batch, H, 2, M)
         z_next = z * self.d_re + z.flip(2) * self.d_im - low + uh * self.b
         y = yz - (rho.unsqueeze(-2) * self.E).sum(-1) + self.D * u.unsqueeze(-1)   # (batch, H, Ch)
-        return y.transpose(1, 2).reshape(-1, self.d_output), z_next.reshape(-1, self.state_size)
+        y = y.reshape(-1, self.d_output) if self.channels == 1 else y.transpose(1, 2).reshape(-1, self.d_output)
+        return y, z_next.reshape(-1, self.state_size)
 
 
 def _width(part: nn.Module, *names: str) -> int:
