@@ -12,8 +12,8 @@ numerators are contracted with it in one batched matmul:
 which is the conjugate-pair identity (*) of :mod:`lrnnx_zoo.kernels.cauchy`. Measured on the
 2-core CPU at H=128, N/2=32, 4 numerators: 5x faster than the broadcasting torch backend.
 
-The nodes are processed in blocks; with autograd each block is checkpointed, so the backward
-pass recomputes q block by block and memory stays O(block), as in the generic backend.
+The nodes are processed in blocks; under autograd each block's backward (``_SharedBlock``)
+rebuilds its q from the poles, so memory stays O(block), as in the generic backend.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Dict, Optional
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from .cauchy import _complex_dtype, cauchy_conj_keops, cauchy_conj_torch
 from .keops_support import keops_available
@@ -37,14 +36,60 @@ _BLOCK_BYTES = 8 * 2**20
 KEOPS_MIN_TERMS: Dict[str, Optional[int]] = {"cpu": None, "cuda": 0}
 
 
+def _pole_factor(c: Tensor, d: Tensor, z: Tensor) -> Tensor:
+    """q = 1 / ((z - w)(z - conj w)) = 1 / (z^2 - 2Re(w) z + |w|^2):  c = 2 Re w, d = |w|^2
+    (P, N, 1) (real values), z (l,) complex -> (P, N, l), built in one buffer."""
+    return (d + z * z).addcmul_(c, z, value=-1).reciprocal_()
+
+
 def _block(ab: Tensor, c: Tensor, d: Tensor, z: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """One node block.  ab: (P, 2J, N) complex (real values),  c, d: (P, N, 1) real,  z: (l,) complex
+    """One node block.  ab: (P, 2J, N),  c, d: (P, N, 1) real values, complex-typed,  z: (l,) complex
     -> (P, J, l), written into ``out`` if given."""
-    # (z - w)(z - conj w) = z^2 - 2Re(w) z + |w|^2  (c = 2 Re w, d = |w|^2), in one buffer
-    q = (d + z * z).addcmul_(c, z, value=-1).reciprocal_()     # (P, N, l)
-    s = ab @ q                                                 # (P, 2J, l)
+    s = ab @ _pole_factor(c, d, z)                             # (P, 2J, l)
     J = ab.shape[1] // 2
     return torch.sub(z * s[:, :J], s[:, J:], out=out)
+
+
+class _SharedBlock(torch.autograd.Function):
+    """:func:`_block` with a hand-written backward that rebuilds q from the inputs (so nothing of
+    the node block's size is saved) and differentiates it in three passes instead of autograd's
+    chain of seven (addcmul, reciprocal, products, broadcast sums): S4's kernel backward was 4x
+    its forward. With out = z (a q) - (b q) and D = z^2 - c z + d:
+
+        ds  = [conj(z) g; -g],   d[a; b] = ds q^H,   dq = [a; b]^H ds,
+        dD  = -dq conj(q)^2,     dc = -sum_z dD conj(z),   dd = sum_z dD,
+    with conj(q) rebuilt from conj(z) and both sums as one matmul with [conj(z), 1].
+    The backward is made of differentiable ops, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, ab: Tensor, c: Tensor, d: Tensor, z: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(ab, c, d, z)
+        return _block(ab, c, d, z)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        ab, c, d, z = ctx.saved_tensors
+        if ctx.needs_input_grad[3]:
+            raise RuntimeError("cauchy_conj_shared: gradients with respect to the nodes z are not implemented")
+        fresh = not torch.is_grad_enabled()      # in place unless building a double-backward graph
+        zc = z.conj()
+        # conj(q) built directly from conj(z) (c, d have real values): no conjugate copies for the matmuls
+        qc = _pole_factor(c, d, zc) if fresh else 1 / (d + zc * zc - c * zc)    # (P, N, l)
+        ds = torch.cat([g * zc, -g], dim=1)                                      # (P, 2J, l)
+        grad_ab = grad_c = grad_d = None
+        if ctx.needs_input_grad[0]:
+            grad_ab = ds @ qc.transpose(1, 2)                                   # (P, 2J, N)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # dq = ab^H ds per node before anything is summed over the nodes: its two halves
+            # (z a and b) nearly cancel near the poles, and summing over l first made the float32
+            # log_dt gradient 4x less accurate (2.2e-4 vs 5.5e-5 of float64 at H=128, L=4096).
+            # A lazily conjugated operand took bmm 4x longer: materialise it.
+            dq = ab.transpose(1, 2).conj().resolve_conj().contiguous() @ ds     # (P, N, l)
+            E = dq.mul_(qc.mul_(qc)) if fresh else dq * qc * qc                 # -dD = dq conj(q)^2
+            sums = E @ torch.stack([zc, torch.ones_like(zc)], -1)               # (P, N, 2): both sums, one pass
+            grad_c, grad_d = sums[..., :1], -sums[..., 1:]                      # complex-typed like c, d
+        return grad_ab, grad_c, grad_d, None
 
 
 def _shared_axes(v_shape: torch.Size, w_shape: torch.Size) -> tuple[torch.Size, list[int]]:
@@ -79,15 +124,16 @@ def cauchy_conj_shared(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int
     v = v.reshape(P, J, N)
     w = w.reshape(P, J, N)[:, :1] if J else w.reshape(P, 1, N)
     ab = torch.cat([2 * v.real, 2 * (v * w.conj()).real], dim=1).to(cdt)        # (P, 2J, N)
-    c = (2 * w.real).transpose(1, 2)                                            # (P, N, 1)
-    d = (w.real.square() + w.imag.square()).transpose(1, 2)
+    # c, d are real, carried complex-typed: a real + complex broadcast took 3x longer than
+    # complex + complex to build the (P, N, l) pole block
+    c = (2 * w.real).transpose(1, 2).to(cdt)                                    # (P, N, 1)
+    d = (w.real.square() + w.imag.square()).transpose(1, 2).to(cdt)
     z = z.to(cdt)
     if chunk_size is None:
         chunk_size = max(1, _BLOCK_BYTES // max(1, P * N * z.element_size()))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (ab, c, d, z))
-    if grad:   # in-place ops in _block touch its own temporaries only, so checkpointing stays valid
-        parts = [checkpoint(_block, ab, c, d, z[s:s + chunk_size], use_reentrant=False)
-                 for s in range(0, L, chunk_size)]
+    if grad:   # the backward rebuilds each block's poles, so memory stays O(block)
+        parts = [_SharedBlock.apply(ab, c, d, z[s:s + chunk_size]) for s in range(0, L, chunk_size)]
         out = torch.cat(parts, dim=-1) if parts else ab.new_zeros(P, J, 0)
     else:      # one output buffer: blocks written in place (a list of parts fragments the heap)
         out = torch.empty(P, J, L, dtype=cdt, device=v.device)
