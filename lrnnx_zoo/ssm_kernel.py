@@ -99,18 +99,26 @@ class SSMKernel(nn.Module):
     def _tensors(self) -> list:
         return list(self.named_parameters()) + list(self.named_buffers())
 
-    def _snapshot(self) -> list:
-        """Copies of every parameter and buffer (kilobytes: the kernel they generate is larger)."""
-        return [(name, t.detach().clone()) for name, t in self._tensors()]
+    def _settings(self) -> Tuple[Tuple[str, Any], ...]:
+        """Plain public attributes (discretization, backend, ...): a change to any of them
+        invalidates the cache like a change of parameters."""
+        return tuple(sorted((k, v) for k, v in vars(self).items() if not k.startswith("_") and k != "training"
+                            and isinstance(v, (str, int, float, bool, type(None)))))
 
-    def _same_contents(self, snapshot: list) -> bool:
-        """Every parameter and buffer equal to the snapshot's, with the same dtype and device.
-        A comparison runs at memory speed: hashing the contents cost 140 us per call for an
-        S4D kernel with H=128, N=64 (3% of its forward at B=8, L=1024)."""
+    def _snapshot(self) -> Tuple[Tuple[Tuple[str, Any], ...], list]:
+        """The settings and copies of every parameter and buffer (kilobytes: the kernel they
+        generate is larger)."""
+        return self._settings(), [(name, t.detach().clone()) for name, t in self._tensors()]
+
+    def _same_contents(self, snapshot: Tuple[Tuple[Tuple[str, Any], ...], list]) -> bool:
+        """Settings equal and every parameter and buffer equal to the snapshot's, with the same
+        dtype and device. A comparison runs at memory speed: hashing the contents cost 140 us
+        per call for an S4D kernel with H=128, N=64 (3% of its forward at B=8, L=1024)."""
+        settings, tensors = snapshot
         now = self._tensors()
-        return len(now) == len(snapshot) and all(
+        return settings == self._settings() and len(now) == len(tensors) and all(
             n0 == n1 and t0.dtype == t1.dtype and t0.device == t1.device and torch.equal(t0.detach(), t1)
-            for (n0, t0), (n1, t1) in zip(now, snapshot))
+            for (n0, t0), (n1, t1) in zip(now, tensors))
 
     @abstractmethod
     def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:

@@ -122,3 +122,16 @@ def test_kernel_and_spectrum_share_the_cache():
         torch.testing.assert_close(Kf, torch.fft.rfft(K, n=conv_size(64, 64)), rtol=0, atol=0)
         layer.kernel.log_dt.data += 0.1                                      # new parameters: recomputed
         assert not torch.equal(layer.kernel.spectrum(64, conv_size(64, 64)), Kf)
+
+
+def test_changed_settings_invalidate_the_cached_spectrum():
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("s4", 8, d_state=16, discretization="bilinear").eval()
+    x = torch.randn(2, 64, 8)
+    with torch.no_grad():
+        y_bilinear = layer(x)
+        layer.kernel.discretization = "zoh"                  # a setting, not a parameter
+        y_zoh = layer(x)
+        layer.kernel.cache_inference_kernel = False
+        torch.testing.assert_close(layer(x), y_zoh, rtol=0, atol=1e-6)
+    assert not torch.allclose(y_bilinear, y_zoh, atol=1e-4)
