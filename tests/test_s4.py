@@ -385,3 +385,26 @@ def test_kernel_gradients_in_float32_match_float64():
     for name, ref in g64.items():
         err = float((g32[name] - ref).abs().max() / ref.abs().max())
         assert err < 1e-4, f"{name}: float32 gradient off by {err:.1e} of its scale"
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_glu_after_the_ssm_halves_channels_not_time(transposed):
+    # activation="glu" used to halve the sequence (GLU on the time axis of (B, C*H, L))
+    torch.manual_seed(0)
+    m = S4(8, d_state=8, channels=2, activation="glu", transposed=transposed).eval()
+    x = torch.randn(2, 8, 32) if transposed else torch.randn(2, 32, 8)
+    with torch.no_grad():
+        y, _ = m(x)
+    assert y.shape == x.shape
+    m.setup_step("linear")
+    state = m.default_state(2)
+    u = x if transposed else x.transpose(1, 2)
+    with torch.no_grad():
+        ys = []
+        for t in range(32):
+            y_t, state = m.step(u[..., t], state)
+            ys.append(y_t)
+    y_step = torch.stack(ys, -1)
+    torch.testing.assert_close(y_step, y if transposed else y.transpose(1, 2), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="must be even"):
+        S4(3, d_state=8, channels=1, activation="glu")

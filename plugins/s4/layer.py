@@ -74,7 +74,7 @@ class S4(nn.Module):
         d_model: H.  d_state: N.  l_max: kernel length (None: the input's length).
         channels: C SSM outputs per channel, mixed back to H by the output linear.
         bidirectional: add an anti-causal kernel (no streaming).
-        activation: after the SSM (default gelu).  postact: activation of the output linear
+        activation: after the SSM (default gelu; "glu" halves the C*H outputs).  postact: activation of the output linear
             (e.g. "glu").  dropout / tie_dropout: dropout after the activation, one mask per
             (batch, channel) if tied.  transposed: u is (B, H, L) (True) or (B, L, H).
         initializer, weight_norm: of the output linear.
@@ -94,12 +94,17 @@ class S4(nn.Module):
         self.D = nn.Parameter(torch.randn(channels, d_model))
         self.kernel = HippoSSKernel(d_model, N=d_state, L=l_max, channels=channels * (2 if bidirectional else 1),
                                     **kernel_args)
-        self.activation = Activation(activation)
+        if activation == "glu" and (channels * d_model) % 2:
+            raise ValueError(f"activation='glu' halves the C*H={channels * d_model} SSM outputs, which must be even")
+        # On the channel axis of (B, C*H, L) (forward) and (B, C*H) (step): a GLU here halves the
+        # SSM's outputs, never time.
+        self.activation = Activation(activation, dim=1)
         if dropout > 0:
             self.dropout: nn.Module = DropoutNd(dropout) if tie_dropout else nn.Dropout(dropout)
         else:
             self.dropout = nn.Identity()
-        self.output_linear = LinearActivation(d_model * channels, d_model, transposed=transposed,
+        d_ssm = d_model * channels // (2 if activation == "glu" else 1)
+        self.output_linear = LinearActivation(d_ssm, d_model, transposed=transposed,
                                               initializer=initializer, activation=postact, activate=True,
                                               weight_norm=weight_norm)
 
