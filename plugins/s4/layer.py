@@ -74,9 +74,10 @@ class S4(nn.Module):
         d_model: H.  d_state: N.  l_max: kernel length (None: the input's length).
         channels: C SSM outputs per channel, mixed back to H by the output linear.
         bidirectional: add an anti-causal kernel (no streaming).
-        activation: after the SSM (default gelu; "glu" halves the C*H outputs).  postact:
-            activation of the output linear (e.g. "glu").  dropout / tie_dropout: dropout after the activation, one mask per
-            (batch, channel) if tied.  transposed: u is (B, H, L) (True) or (B, L, H).
+        activation: after the SSM (default gelu; "glu" halves the C*H outputs).
+        postact: activation of the output linear (e.g. "glu").
+        dropout / tie_dropout: dropout after the activation, one mask per (batch, channel) if tied.
+        transposed: u is (B, H, L) (True) or (B, L, H).
         initializer, weight_norm: of the output linear.
         **kernel_args: :class:`HippoSSKernel` arguments (measure, rank, dt_min, dt_max,
             trainable, lr, wd, discretization, backend, measure_args, n_ssm).
