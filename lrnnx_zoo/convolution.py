@@ -170,8 +170,9 @@ def blocked_channel_conv(u: Tensor, Kf: Tensor, n: int, time_dim: int = 1, skip:
     if block is None:   # caches are the CPU's concern; an accelerator wants few, large launches
         block = channel_block_size(B * C, n) if u.device.type == "cpu" else H
     hb = min(block, H)
-    y = u.new_empty((B, L, C, H) if time_dim == 1 else (B, C, H, L))
-    buf = u.new_zeros(B, hb, n)                                                # zeros after L stay
+    dtype = torch.promote_types(u.dtype, Kf.real.dtype)      # a float32 u with a float64 Kf: float64
+    y = u.new_empty((B, L, C, H) if time_dim == 1 else (B, C, H, L), dtype=dtype)
+    buf = u.new_zeros(B, hb, n, dtype=dtype)                                   # zeros after L stay
     # (Transforms into preallocated out= buffers, or a channel-leading block layout, measured
     # 10-25% slower at (8, 1024, 128).)
     for h0 in range(0, H, hb):

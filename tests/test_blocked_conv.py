@@ -135,3 +135,14 @@ def test_changed_settings_invalidate_the_cached_spectrum():
         layer.kernel.cache_inference_kernel = False
         torch.testing.assert_close(layer(x), y_zoh, rtol=0, atol=1e-6)
     assert not torch.allclose(y_bilinear, y_zoh, atol=1e-4)
+
+
+def test_mixed_precision_promotes_to_the_wider_type():
+    # a float32 input into a float64 layer is computed (and returned) in float64: the same as
+    # feeding it the input converted, to 1e-12 (the transforms' float64 rounding)
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("s4d", 20, d_state=16).double().eval()
+    x = torch.randn(2, 100, 20)
+    fast, reference = _both_paths(layer, x)[0], _both_paths(layer, x.double())[1]
+    assert fast.dtype == torch.float64
+    assert rel_err(fast, reference) < 1e-12
