@@ -65,6 +65,8 @@ def circular_conv(u: Tensor, K: Tensor, n: int, length: int, dim: int = -1) -> T
     an anti-causal kernel at the end of the circle (bidirectional layers) pick their own n.
     Real signals under autograd get a backward of real transforms only (``_RealCausalConv``).
     """
+    if u.numel() == 0:   # an empty batch: FFT libraries refuse zero-sized transforms
+        return _empty_conv(u, K, length, dim)
     cplx = u.is_complex() or K.is_complex()
     k_grad = K.requires_grad
     if not cplx and torch.is_grad_enabled() and (u.requires_grad or k_grad):
@@ -80,6 +82,18 @@ def circular_conv(u: Tensor, K: Tensor, n: int, length: int, dim: int = -1) -> T
         U = U.mul_(Kf) if U.shape == torch.broadcast_shapes(U.shape, Kf.shape) else U * Kf
     del Kf
     return inv(U, n=n, dim=dim).narrow(dim, 0, length)
+
+
+def _empty_conv(u: Tensor, K: Tensor, length: int, dim: int) -> Tensor:
+    """The (empty) result of convolving an empty batch, still attached to K's graph (zero grads)."""
+    u_shape, K_shape = list(u.shape), list(K.shape)
+    u_shape[dim] = K_shape[dim] = 1                       # time lengths differ (padding, kernel length)
+    shape = list(torch.broadcast_shapes(u_shape, K_shape))
+    shape[dim] = length
+    y = torch.zeros(shape, dtype=torch.promote_types(u.dtype, K.dtype), device=u.device)
+    if torch.is_grad_enabled() and (u.requires_grad or K.requires_grad):
+        y = y + 0 * (K.sum() + u.sum())
+    return y
 
 
 class _RealCausalConv(torch.autograd.Function):
@@ -172,6 +186,8 @@ def blocked_channel_conv(u: Tensor, Kf: Tensor, n: int, time_dim: int = 1, skip:
     hb = min(block, H)
     dtype = torch.promote_types(u.dtype, Kf.real.dtype)      # a float32 u with a float64 Kf: float64
     y = u.new_empty((B, L, C, H) if time_dim == 1 else (B, C, H, L), dtype=dtype)
+    if y.numel() == 0:
+        return y
     buf = u.new_zeros(B, hb, n, dtype=dtype)                                   # zeros after L stay
     # (Transforms into preallocated out= buffers, or a channel-leading block layout, measured
     # 10-25% slower at (8, 1024, 128).)

@@ -56,6 +56,18 @@ def test_shapes_and_interface(name):
 
 
 @pytest.mark.parametrize("name", LAYERS)
+def test_empty_batch_gives_an_empty_output(name):
+    layer = make(name)
+    x = torch.randn(0, 10, H)
+    with torch.no_grad():
+        assert layer(x).shape == (0, 10, H)
+    y = layer(x.requires_grad_())
+    assert y.shape == (0, 10, H)
+    y.sum().backward()                                   # the graph holds (with zero gradients)
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("name", LAYERS)
 def test_convolution_matches_step_mode_L1024(name):
     layer = make(name)
     x = torch.randn(2, 1024, H)
