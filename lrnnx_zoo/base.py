@@ -59,6 +59,9 @@ class LRNN(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (batch, length, d_model={d}), "
                 f"got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} expects a floating-point input (e.g. torch.float32), "
+                            f"got {x.dtype}")
         if lengths is not None:
             lengths = torch.as_tensor(lengths)
             if lengths.shape != (x.shape[0],):

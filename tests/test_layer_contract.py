@@ -56,15 +56,22 @@ def test_shapes_and_interface(name):
 
 
 @pytest.mark.parametrize("name", LAYERS)
-def test_empty_batch_gives_an_empty_output(name):
+@pytest.mark.parametrize("shape", [(0, 10, H), (2, 0, H)], ids=["empty batch", "empty sequence"])
+def test_empty_input_gives_an_empty_output(name, shape):
     layer = make(name)
-    x = torch.randn(0, 10, H)
+    x = torch.randn(*shape)
     with torch.no_grad():
-        assert layer(x).shape == (0, 10, H)
+        assert layer(x).shape == shape
     y = layer(x.requires_grad_())
-    assert y.shape == (0, 10, H)
+    assert y.shape == shape
     y.sum().backward()                                   # the graph holds (with zero gradients)
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_integer_input_is_refused_clearly(name):
+    with pytest.raises(TypeError, match="floating-point input.*torch.int64"):
+        make(name)(torch.ones(2, 5, H, dtype=torch.long))
 
 
 @pytest.mark.parametrize("name", LAYERS)

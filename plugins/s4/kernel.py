@@ -219,6 +219,9 @@ class SSKernelNPLR(StepModes, SSMKernel):
             raise ValueError(f"state must be (batch, H={self.d_model}, N/2={self.d_state // 2}) complex "
                              f"(default_state), "
                              f"got {tuple(state.shape)}")
+        if L == 0:                                # an empty kernel (an empty input's): no transform to run
+            K = self.C.new_zeros(self.channels, self.d_model, 0)
+            return K, (None if state is None else K.new_zeros(state.shape[0], *K.shape))
         if rate == 1.0:                           # C~ must cover L (same for zoh, so C means one thing)
             if self.length == 0:
                 self._init_C_tilde(L)
