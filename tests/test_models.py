@@ -73,6 +73,10 @@ def test_wrong_shapes_are_explained():
     cache = model.allocate_inference_cache(2)
     with pytest.raises(ValueError, match=r"\(batch, d_input=3\)"):
         model.step(torch.randn(2, 10, 3), cache)
+    with pytest.raises(TypeError, match="floating-point input.*torch.int64"):
+        model(torch.ones(2, 10, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="floating-point input.*torch.int64"):
+        model.step(torch.ones(2, 3, dtype=torch.long), cache)
 
 
 def test_model_trains():
