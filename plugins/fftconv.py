@@ -254,6 +254,8 @@ class FFTConvS4(nn.Module):
                 f"(batch, length, d_model={self.d_model})"
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"FFTConvS4(transposed={self.transposed}) expects x of shape {want}, got {got}")
+        if not x.is_floating_point():
+            raise TypeError(f"FFTConvS4 expects a floating-point input (e.g. torch.float32), got {x.dtype}")
         return x if self.transposed else x.transpose(1, 2)
 
     def _flatten(self, y: Tensor) -> Tensor:

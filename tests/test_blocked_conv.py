@@ -146,3 +146,9 @@ def test_mixed_precision_promotes_to_the_wider_type():
     fast, reference = _both_paths(layer, x)[0], _both_paths(layer, x.double())[1]
     assert fast.dtype == torch.float64
     assert rel_err(fast, reference) < 1e-12
+
+
+def test_seed_blocks_refuse_integer_inputs():
+    for block in (FFTConvS4(8, d_state=8), S4(8, d_state=8)):
+        with pytest.raises(TypeError, match="floating-point input.*torch.int64"):
+            block(torch.ones(2, 8, 9, dtype=torch.long))

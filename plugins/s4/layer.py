@@ -133,6 +133,8 @@ class S4(nn.Module):
             want = f"(batch, d_model={self.h}, length)" if self.transposed else f"(batch, length, d_model={self.h})"
             got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
             raise ValueError(f"S4(transposed={self.transposed}) expects u of shape {want}, got {got}")
+        if not u.is_floating_point():
+            raise TypeError(f"S4 expects a floating-point input (e.g. torch.float32), got {u.dtype}")
         if state is not None and self.bidirectional:
             raise ValueError("state passing needs a causal layer; this S4 is bidirectional "
                              "(bidirectional=False to stream)")
