@@ -59,15 +59,20 @@ class LRNN(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (batch, length, d_model={d}), "
                 f"got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{type(self).__name__} expects a floating-point input (e.g. torch.float32), "
-                            f"got {x.dtype}")
+        check_floating(x, type(self).__name__)
         if lengths is not None:
             lengths = torch.as_tensor(lengths)
             if lengths.shape != (x.shape[0],):
                 raise ValueError(f"lengths must have shape (batch,)=({x.shape[0]},), got {tuple(lengths.shape)}")
             if bool((lengths < 0).any()) or bool((lengths > x.shape[1]).any()):
                 raise ValueError(f"lengths must lie in [0, {x.shape[1]}], got {lengths.tolist()}")
+
+
+def check_floating(x: Tensor, who: str) -> None:
+    """Raise a TypeError naming ``who`` if x is not floating point (the layers are real-valued;
+    integers would otherwise be cast silently by some paths and fail deep inside others)."""
+    if not x.is_floating_point():
+        raise TypeError(f"{who} expects a floating-point input (e.g. torch.float32), got {x.dtype}")
 
 
 def needs_autograd(module: nn.Module, *inputs: Tensor) -> bool:

@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .base import check_floating
 from .hub_save import HubMixin
 from .registry import create_layer
 
@@ -125,11 +126,6 @@ class Block(nn.Module):
         return h + self.mix(self.layer(self.norm(h), lengths=lengths))
 
 
-def _check_floating(x: Tensor, who: str) -> None:
-    if not x.is_floating_point():
-        raise TypeError(f"{who} expects a floating-point input (e.g. torch.float32), got {x.dtype}")
-
-
 class SequenceModel(HubMixin, nn.Module):
     """Sequence model on any registered layer.
 
@@ -157,7 +153,7 @@ class SequenceModel(HubMixin, nn.Module):
         if x.dim() != 3 or x.shape[-1] != cfg.d_input:
             raise ValueError(f"SequenceModel expects x of shape (batch, length, d_input={cfg.d_input}), "
                              f"got {tuple(x.shape)}")
-        _check_floating(x, "SequenceModel")
+        check_floating(x, "SequenceModel")
         h = self.encoder(x)
         for block in self.blocks:
             h = block(h, lengths)
@@ -191,7 +187,7 @@ class SequenceModel(HubMixin, nn.Module):
         if x.dim() != 2 or x.shape[-1] != self.config.d_input:
             raise ValueError(f"SequenceModel.step expects x of shape (batch, d_input={self.config.d_input}), "
                              f"got {tuple(x.shape)}")
-        _check_floating(x, "SequenceModel.step")
+        check_floating(x, "SequenceModel.step")
         h = self.encoder(x)
         for block, layer_cache in zip(self.blocks, cache["layers"]):
             z, _ = block.layer.step(block.norm(h), layer_cache)

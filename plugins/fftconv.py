@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, mask_padding, needs_autograd
+from lrnnx_zoo.base import LTI_LRNN, check_floating, mask_padding, needs_autograd
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel
@@ -254,8 +254,7 @@ class FFTConvS4(nn.Module):
                 f"(batch, length, d_model={self.d_model})"
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"FFTConvS4(transposed={self.transposed}) expects x of shape {want}, got {got}")
-        if not x.is_floating_point():
-            raise TypeError(f"FFTConvS4 expects a floating-point input (e.g. torch.float32), got {x.dtype}")
+        check_floating(x, "FFTConvS4")
         return x if self.transposed else x.transpose(1, 2)
 
     def _flatten(self, y: Tensor) -> Tensor:

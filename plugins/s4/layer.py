@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx_zoo.base import LTI_LRNN, mask_padding, needs_autograd
+from lrnnx_zoo.base import LTI_LRNN, check_floating, mask_padding, needs_autograd
 from lrnnx_zoo.convolution import blocked_channel_conv, circular_conv, fast_fft_size
 from lrnnx_zoo.step_forms import StepForm
 
@@ -133,8 +133,7 @@ class S4(nn.Module):
             want = f"(batch, d_model={self.h}, length)" if self.transposed else f"(batch, length, d_model={self.h})"
             got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
             raise ValueError(f"S4(transposed={self.transposed}) expects u of shape {want}, got {got}")
-        if not u.is_floating_point():
-            raise TypeError(f"S4 expects a floating-point input (e.g. torch.float32), got {u.dtype}")
+        check_floating(u, "S4")
         if state is not None and self.bidirectional:
             raise ValueError("state passing needs a causal layer; this S4 is bidirectional "
                              "(bidirectional=False to stream)")
