@@ -13,6 +13,7 @@ axis are transformed, the rest are contracted as they are, in an order chosen by
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional
 
 import opt_einsum
@@ -138,6 +139,17 @@ def _sum_spectrum_to(X: Tensor, shape: torch.Size, dim: int) -> Tensor:
     target = list(shape)
     target[dim] = X.shape[dim]
     return X.sum_to_size(target)
+
+
+def reversed_spectrum(Kf: Tensor, n: int, delay: int = 0) -> Tensor:
+    """Spectrum of the time-reversed kernel r_m = K_{(-m-delay) mod n} on a size-n circle, from
+    Kf = rfft(K, n): e^{2 pi i f delay / n} conj(Kf_f). Convolving with r gives the anti-causal
+    sum y_t = sum_j K_j u_{t+j+delay} (a bidirectional layer's reverse direction); n >= L + Lk - 1
+    (+ delay) keeps its lags off the causal ones. Kf: (..., n // 2 + 1) complex."""
+    if delay == 0:
+        return Kf.conj()
+    f = torch.arange(Kf.shape[-1], device=Kf.device, dtype=torch.float64)
+    return torch.polar(torch.ones_like(f), 2 * math.pi * delay * f / n).to(Kf.dtype) * Kf.conj()
 
 
 def channel_block_size(rows: int, n: int, budget: int = 1 << 18) -> int:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import LTI_LRNN, check_floating, mask_padding, needs_autograd
-from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size
+from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, reversed_spectrum
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel
 from lrnnx_zoo.step_forms import (ChannelDenseStepForm, ChannelDiagonalStepForm, SequentialStepForm,
@@ -232,14 +232,14 @@ class FFTConvS4(nn.Module):
     def _blocked_forward(self, x: Tensor, L: int, Lk: int, rate: float) -> Tensor:
         """Inference forward through :func:`~lrnnx_zoo.convolution.blocked_channel_conv`.
 
-        The reverse direction sum_{j>=t} K1_{j-t} u_j is the kernel r_m = K1_{(-m) mod n} on the
-        same circle (n >= L + Lk - 1 keeps it off the causal lags), whose spectrum is conj(rfft(K1)).
+        The reverse direction sum_{j>=t} K1_{j-t} u_j is K1 reversed on the same circle
+        (:func:`~lrnnx_zoo.convolution.reversed_spectrum`, no delay).
         """
         n = conv_size(L, Lk)
         Kf = self.kernel.spectrum(Lk, n, rate)                              # (C', H, n//2+1)
         C = self.channels
         if self.bidirectional:
-            Kf = Kf[:C] + Kf[C:].conj()
+            Kf = Kf[:C] + reversed_spectrum(Kf[C:], n)
         y = blocked_channel_conv(x, Kf, n, time_dim=2 if self.transposed else 1, skip=self.D)
         if self.transposed:                                                 # (B, C, H, L)
             return self._flatten(y)

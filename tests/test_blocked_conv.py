@@ -152,3 +152,19 @@ def test_seed_blocks_refuse_integer_inputs():
     for block in (FFTConvS4(8, d_state=8), S4(8, d_state=8)):
         with pytest.raises(TypeError, match="floating-point input.*torch.int64"):
             block(torch.ones(2, 8, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("delay", [0, 1])
+def test_reversed_spectrum_is_the_anticausal_kernel(delay):
+    # y_t = sum_j K_j u_{t+j+delay}, float64 time-domain sum vs the circular convolution
+    from lrnnx_zoo.convolution import reversed_spectrum
+    torch.manual_seed(0)
+    L, Lk = 40, 25
+    n = conv_size(L, Lk) + delay
+    u, K = torch.randn(3, L, dtype=torch.float64), torch.randn(Lk, dtype=torch.float64)
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * reversed_spectrum(torch.fft.rfft(K, n=n), n, delay), n=n)[:, :L]
+    ref = torch.zeros(3, L, dtype=torch.float64)
+    for t in range(L):
+        for j in range(min(Lk, L - t - delay)):
+            ref[:, t] += K[j] * u[:, t + j + delay]
+    assert rel_err(y, ref) < 1e-12

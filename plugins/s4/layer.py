@@ -11,7 +11,6 @@ convolution, so both directions cost one FFT pair).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo.base import LTI_LRNN, check_floating, mask_padding, needs_autograd
-from lrnnx_zoo.convolution import blocked_channel_conv, circular_conv, fast_fft_size
+from lrnnx_zoo.convolution import blocked_channel_conv, circular_conv, fast_fft_size, reversed_spectrum
 from lrnnx_zoo.step_forms import StepForm
 
 from . import dense
@@ -53,18 +52,16 @@ def ssm_spectrum(kernel: nn.Module, L: int, Lk: int, rate: float = 1.0, bidirect
                  ) -> Tuple[Tensor, int]:
     """The spectrum :func:`ssm_conv` multiplies by, for inference: (Kf (C, H, n // 2 + 1), n).
 
-    The kernel's own spectrum is cached (``SSMKernel.spectrum``). The anti-causal half, K1
-    reversed and ending at the circle's last sample, r_m = K1_{(-1-m) mod n}, has the spectrum
-    e^{2 pi i f / n} conj(rfft(K1)_f), so no time-domain kernel is rebuilt.
+    The kernel's own spectrum is cached (``SSMKernel.spectrum``). The anti-causal half is K1
+    reversed and ending at the circle's last sample (:func:`~lrnnx_zoo.convolution.reversed_spectrum`
+    with delay 1), so no time-domain kernel is rebuilt.
     """
     n = fast_fft_size(L + Lk) if bidirectional else fast_fft_size(L + Lk - 1)
     Kf = kernel.spectrum(Lk, n, rate)
     if not bidirectional:
         return Kf, n
     k0, k1 = Kf.chunk(2, dim=0)
-    f = torch.arange(n // 2 + 1, device=Kf.device, dtype=torch.float64)
-    shift = torch.polar(torch.ones_like(f), 2 * math.pi * f / n).to(Kf.dtype)
-    return k0 + shift * k1.conj(), n
+    return k0 + reversed_spectrum(k1, n, delay=1), n
 
 
 class S4(nn.Module):
