@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .base import needs_autograd
 from .step_forms import StepForm
 
 
@@ -44,14 +45,14 @@ class SSMKernel(nn.Module):
 
     def cached_kernel(self, key: Tuple[Any, ...], compute: Callable[[], Tensor]) -> Tensor:
         """``compute()``, or its earlier result when called again in inference with the same key
-        (e.g. (L, rate)) and the same parameter contents. Under autograd it always computes.
+        (e.g. (L, rate)), the same parameter contents and the same settings (:meth:`_settings`:
+        discretization, backend, ... need not be in the key). Under autograd it always computes.
 
         Generating a kernel costs H*N*L work whatever the batch, as much as several FFT round
         trips of the input (benchmarks/bench_layers.py), and evaluation calls repeat it unchanged.
         The last two results are kept: a kernel and its spectrum (:meth:`spectrum`).
         """
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        if grad or not self.cache_inference_kernel:
+        if needs_autograd(self) or not self.cache_inference_kernel:
             return compute()
         cache = self.__dict__.get("_kernel_cache")
         if cache is None or not self._same_contents(cache[0]):

@@ -170,7 +170,7 @@ class LRUKernel(SSMKernel):
         self._check_rate(rate)
         vdm = get_backend("vandermonde", self.backend)
         if state is None:
-            return self.cached_kernel((L, self.backend), lambda: self._kernel(vdm, L, *self.discretize())), None
+            return self.cached_kernel((L,), lambda: self._kernel(vdm, L, *self.discretize())), None
         log_lam, B, C = self.discretize()
         # zero-input response from x_{-1} = state: y_l = Re(sum_n C lam^{l+1} x_{-1})
         v = 0.5 * C.unsqueeze(0) * (torch.exp(log_lam) * state).unsqueeze(1)     # (B, C, H, N)

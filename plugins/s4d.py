@@ -126,7 +126,7 @@ class S4DKernel(SSMKernel):
     def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         vdm = get_backend("vandermonde", self.backend)
         if state is None:
-            return self.cached_kernel((L, rate, self.backend), lambda: _kernel(vdm, L, *self.discretize(rate))), None
+            return self.cached_kernel((L, rate), lambda: _kernel(vdm, L, *self.discretize(rate))), None
         A_bar, B_bar, C, log_A = self.discretize(rate)
         # zero-input response from x_{-1} = state: y_l = 2 Re(sum_n C A_bar^{l+1} x_{-1})
         v = C.unsqueeze(0) * (A_bar * state).unsqueeze(1)                       # (B, C, H, N/2)

@@ -229,8 +229,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
                 self.double_length()
         if state is not None:
             return self._kernel(L, rate, state)
-        key = (L, rate, self.discretization, self.backend)
-        return self.cached_kernel(key, lambda: self._kernel(L, rate, None)[0]), None
+        return self.cached_kernel((L, rate), lambda: self._kernel(L, rate, None)[0]), None
 
     def _kernel(self, L: int, rate: float, state: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         if self.discretization == "zoh":
