@@ -16,28 +16,19 @@ import json
 import os
 import subprocess
 import sys
-import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 
 import lrnnx_zoo
+from lrnnx_zoo.export.latency import interleaved_steps
 from lrnnx_zoo.runtime import tune_allocator
 
 
 def interleaved_ms(fns: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, float]:
-    """Median wall time (ms) of each fn, timed in rounds that call every fn once in turn (after
-    two warm-up calls each), so drift in a shared machine's speed moves all figures together."""
-    for fn in fns.values():
-        fn()
-        fn()
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
+    """Median wall time (ms) of each fn over ``rounds`` rounds that call every fn once in turn,
+    after two warm-up calls each (export.latency.interleaved_steps, the step benchmark's timer)."""
+    return {k: us / 1e3 for k, us in interleaved_steps(fns, steps=rounds, rounds=rounds, warmup=2).items()}
 
 
 LAYERS = [("s4d", {"backend": "auto"}), ("lru", {"backend": "fft"}), ("lru", {"backend": "scan"}),
