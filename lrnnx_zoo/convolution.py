@@ -259,12 +259,6 @@ def swap_time_and_channels(x: Tensor, pad_to: int = 0) -> Tensor:
     return _SwapLastTwo.apply(x, pad_to)
 
 
-def kernel_spectrum(K: Tensor, L: int, dim: int = -1) -> Tensor:
-    """rfft of a real kernel at the transform size ``causal_conv`` uses for a length-L input."""
-    n = fast_fft_size(L + K.shape[dim] - 1)
-    return torch.fft.rfft(K, n=n, dim=dim)
-
-
 def fft_conv(equation: str, input: Tensor, *args: Tensor) -> Tensor:
     """Causal FFT convolution expressed as an einsum over the frequency domain.
 
