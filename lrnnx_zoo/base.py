@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .discretization import METHODS, get_discretization
+from .step_forms import step_form_dtype
 
 Discretization = Optional[Literal["zoh", "bilinear", "dirac", "async", "no_discretization"]]
 
@@ -62,17 +63,39 @@ class LRNN(nn.Module):
         check_floating(x, type(self).__name__)
         if lengths is not None:
             lengths = torch.as_tensor(lengths)
+            if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+                raise TypeError(f"lengths must hold integers (e.g. torch.long), got {lengths.dtype}")
             if lengths.shape != (x.shape[0],):
                 raise ValueError(f"lengths must have shape (batch,)=({x.shape[0]},), got {tuple(lengths.shape)}")
             if bool((lengths < 0).any()) or bool((lengths > x.shape[1]).any()):
                 raise ValueError(f"lengths must lie in [0, {x.shape[1]}], got {lengths.tolist()}")
 
+    def prepare_input(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+        """:meth:`check_input`, then x with zeros past each sequence's length. A causal layer's
+        valid outputs cannot depend on the padding in exact arithmetic, but an FFT spreads every
+        sample's rounding error (and any NaN or inf) over all outputs, so padding of 1e6 moved
+        valid outputs by 1e-2 relative before this."""
+        self.check_input(x, lengths)
+        return mask_padding(x, lengths)
+
 
 def check_floating(x: Tensor, who: str) -> None:
     """Raise a TypeError naming ``who`` if x is not floating point (the layers are real-valued;
-    integers would otherwise be cast silently by some paths and fail deep inside others)."""
+    integers would otherwise be cast silently by some paths and fail deep inside others), or is
+    half precision on the CPU, which has neither half-precision FFTs nor complex32 arithmetic."""
     if not x.is_floating_point():
         raise TypeError(f"{who} expects a floating-point input (e.g. torch.float32), got {x.dtype}")
+    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
+        raise TypeError(f"{who} on the CPU computes in float32 or float64, got {x.dtype}: "
+                        f"convert the input (x.float()), or run on a GPU for half precision")
+
+
+def check_sizes(who: str, **sizes: Any) -> None:
+    """Raise a ValueError naming ``who`` unless every size is an int >= 1 (d_model=0 would build
+    an empty layer, a float or negative size would fail inside torch with no word of which)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{who} needs {name} to be an integer >= 1, got {value!r}")
 
 
 def needs_autograd(module: nn.Module, *inputs: Tensor) -> bool:
@@ -82,14 +105,16 @@ def needs_autograd(module: nn.Module, *inputs: Tensor) -> bool:
                                         or any(p.requires_grad for p in module.parameters()))
 
 
-def mask_padding(y: Tensor, lengths: Optional[Tensor]) -> Tensor:
-    """Zero y[b, t] for t >= lengths[b]; y: (B, L, ...). Causal layers need nothing more:
-    outputs before a sequence's end never see its padding."""
+def mask_padding(y: Tensor, lengths: Optional[Tensor], time_dim: int = 1) -> Tensor:
+    """Zero y[b, t] for t >= lengths[b]; y: (B, L, ...) (time_dim 1) or (B, H, L) (time_dim 2).
+    A select, not a product, so a NaN or inf in the padding does not survive."""
     if lengths is None:
         return y
-    t = torch.arange(y.shape[1], device=y.device)
-    keep = t[None, :] < torch.as_tensor(lengths, device=y.device)[:, None]
-    return y * keep.reshape(keep.shape + (1,) * (y.dim() - 2)).to(y.dtype)
+    t = torch.arange(y.shape[time_dim], device=y.device)
+    keep = t[None, :] < torch.as_tensor(lengths, device=y.device)[:, None]             # (B, L)
+    if time_dim == 2:
+        keep = keep.unsqueeze(1)
+    return torch.where(keep.reshape(keep.shape + (1,) * (y.dim() - keep.dim())), y, 0.0)
 
 
 class LTI_LRNN(LRNN):
@@ -127,10 +152,13 @@ class LTI_LRNN(LRNN):
         """Cache for :meth:`step`: the precomputed step form and a zero state (B, state_size).
 
         ``max_seqlen`` is unused (an LTI system has one set of matrices for every step).
+        ``dtype``: of the form and the state; default the parameters' (a float64 layer steps in
+        float64, its form rounded from the float64 discretisation once).
         """
-        form = self.step_form()
         ref = next(iter(self.parameters()), torch.empty(0))
-        dtype = dtype or torch.get_default_dtype()
+        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.get_default_dtype())
+        with step_form_dtype(dtype):
+            form = self.step_form()
         form = form.to(device=ref.device, dtype=dtype)
         state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
         return {"step_form": form, "lrnn_state": state}

@@ -29,6 +29,13 @@ from .base import needs_autograd
 from .step_forms import StepForm
 
 
+def _version(t: Tensor) -> Optional[int]:
+    """t's version counter (bumped by in-place changes). Tensors made under torch.inference_mode()
+    have none; None then stands for "unchanged", as only code inside inference mode, where the
+    cache's own callers run, can change them in place."""
+    return None if t.is_inference() else t._version
+
+
 class SSMKernel(nn.Module):
     """Abstract per-channel SSM kernel. Constructor convention: ``cls(d_model, d_state, channels=1, **kw)``.
 
@@ -62,14 +69,14 @@ class SSMKernel(nn.Module):
         # A cached tensor is handed out as is (a copy would cost a kernel's worth of memory at
         # the peak); its version counter tells if a caller has since changed it in place.
         hit = entries.get(key)
-        if hit is not None and hit[0]._version == hit[1]:
+        if hit is not None and _version(hit[0]) == hit[1]:
             entries[key] = entries.pop(key)                 # most recently used last
             return hit[0]
         entries.pop(key, None)
         K = compute()
         while len(entries) >= 2:
             entries.pop(next(iter(entries)))
-        entries[key] = (K, K._version)
+        entries[key] = (K, _version(K))
         return K
 
     def spectrum(self, L: int, n: int, rate: float = 1.0) -> Tensor:
@@ -96,6 +103,12 @@ class SSMKernel(nn.Module):
         if cache is not None:
             for key in [k for k, (t, _) in cache[1].items() if t is T]:
                 del cache[1][key]
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """complex128 for a float64 kernel, else complex64: the dtype of :meth:`default_state`."""
+        real = next((t.dtype for _, t in self._tensors() if t.is_floating_point()), torch.get_default_dtype())
+        return torch.complex128 if real == torch.float64 else torch.complex64
 
     def _tensors(self) -> list:
         return list(self.named_parameters()) + list(self.named_buffers())

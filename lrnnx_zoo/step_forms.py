@@ -15,7 +15,9 @@ the export pipeline traces it.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -32,8 +34,28 @@ class StepForm(nn.Module):
         return f"d_input={self.d_input}, d_output={self.d_output}, state_size={self.state_size}"
 
 
-def _f32(t: Tensor) -> Tensor:
-    return t.detach().to(torch.get_default_dtype()).contiguous()
+_BUILD_DTYPE: ContextVar[Optional[torch.dtype]] = ContextVar("lrnnx_zoo_step_form_dtype", default=None)
+
+
+@contextmanager
+def step_form_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """Step forms built inside store their matrices in ``dtype`` (default: torch's default dtype).
+
+    The matrices are computed in float64 and rounded once on storage, so a float64 layer's step
+    form must be built in float64 rather than built in float32 and converted (which would keep
+    float32 rounding): ``LTI_LRNN.allocate_inference_cache`` and the blocks' ``setup_step`` build
+    theirs in the parameters' dtype.
+    """
+    token = _BUILD_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _BUILD_DTYPE.reset(token)
+
+
+def stored(t: Tensor) -> Tensor:
+    """t as a step form stores it: detached, contiguous, in the build dtype (:func:`step_form_dtype`)."""
+    return t.detach().to(_BUILD_DTYPE.get() or torch.get_default_dtype()).contiguous()
 
 
 #: DiagonalStepForm fuses below this many matrix entries. Measured per step in ONNX Runtime at
@@ -85,13 +107,13 @@ class DiagonalStepForm(StepForm):
             lr, li = torch.diag(lam.real), torch.diag(lam.imag)
             P = torch.cat([torch.cat([lr, li], 1), torch.cat([-li, lr], 1)], 0)  # s @ P = lam * s
             W = torch.cat([torch.cat([P, P @ R], 1), torch.cat([Q, Q @ R + S], 1)], 0)
-            self.register_buffer("W", _f32(W))                                   # (2M + H_in, 2M + H_out)
+            self.register_buffer("W", stored(W))                                   # (2M + H_in, 2M + H_out)
             return
-        self.register_buffer("lam_re", _f32(torch.stack([lam.real, lam.real])))   # (2, M)
-        self.register_buffer("lam_im", _f32(torch.stack([-lam.imag, lam.imag])))  # (2, M)
-        self.register_buffer("B_pair", _f32(Q))
-        self.register_buffer("C_pair", _f32(R))
-        self.register_buffer("D", None if D is None else _f32(S))
+        self.register_buffer("lam_re", stored(torch.stack([lam.real, lam.real])))   # (2, M)
+        self.register_buffer("lam_im", stored(torch.stack([-lam.imag, lam.imag])))  # (2, M)
+        self.register_buffer("B_pair", stored(Q))
+        self.register_buffer("C_pair", stored(R))
+        self.register_buffer("D", None if D is None else stored(S))
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
         if self.fused:
@@ -128,11 +150,11 @@ class ChannelDiagonalStepForm(StepForm):
                              f"{tuple(lam.shape)}, {tuple(B.shape)}, {tuple(C.shape)}")
         self.H, self.N, self.channels = H, N, C.shape[0]
         self.state_size, self.d_input, self.d_output = 2 * H * N, H, self.channels * H
-        self.register_buffer("lam_re", _f32(torch.stack([lam.real, lam.real])))   # (2, H, N)
-        self.register_buffer("lam_im", _f32(torch.stack([-lam.imag, lam.imag])))  # (2, H, N)
-        self.register_buffer("B_pair", _f32(torch.stack([B.real, B.imag])))       # (2, H, N)
-        self.register_buffer("C_pair", _f32(torch.stack([C.real, -C.imag], 1)))   # (Ch, 2, H, N)
-        self.register_buffer("D", None if D is None else _f32(D))
+        self.register_buffer("lam_re", stored(torch.stack([lam.real, lam.real])))   # (2, H, N)
+        self.register_buffer("lam_im", stored(torch.stack([-lam.imag, lam.imag])))  # (2, H, N)
+        self.register_buffer("B_pair", stored(torch.stack([B.real, B.imag])))       # (2, H, N)
+        self.register_buffer("C_pair", stored(torch.stack([C.real, -C.imag], 1)))   # (Ch, 2, H, N)
+        self.register_buffer("D", None if D is None else stored(D))
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
         x = s.reshape(-1, 2, self.H, self.N)
@@ -165,10 +187,10 @@ class ChannelDenseStepForm(StepForm):
             C = torch.cat([C.real, -C.imag], -1)
         self.H, self.n, self.channels = H, A.shape[-1], C.shape[0]
         self.state_size, self.d_input, self.d_output = H * self.n, H, self.channels * H
-        self.register_buffer("A", _f32(A))          # (H, n, n)
-        self.register_buffer("B", _f32(B))          # (H, n)
-        self.register_buffer("C", _f32(C))          # (Ch, H, n)
-        self.register_buffer("D", None if D is None else _f32(D))
+        self.register_buffer("A", stored(A))          # (H, n, n)
+        self.register_buffer("B", stored(B))          # (H, n)
+        self.register_buffer("C", stored(C))          # (Ch, H, n)
+        self.register_buffer("D", None if D is None else stored(D))
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
         x = s.reshape(-1, self.H, self.n, 1)
@@ -236,14 +258,14 @@ class ChannelDPLRStepForm(StepForm):
         Du = torch.einsum("chm,hm->ch", C, b_mix).real + (0 if D is None else D.double())
         # Re(X . z) = [Re X, -Im X] . [Re z, Im z]: the readouts as one (H, 2r + Ch, 2M) block.
         readout = torch.cat([G_mix, Cd.transpose(0, 1)], 1)
-        self.register_buffer("readout", _f32(torch.cat([readout.real, -readout.imag], -1)))
+        self.register_buffer("readout", stored(torch.cat([readout.real, -readout.imag], -1)))
         # d * z on [Re z; Im z]: z * [Re d; Re d] + flip(z) * [-Im d; Im d] (see ChannelDiagonalStepForm)
-        self.register_buffer("d_re", _f32(torch.stack([d.real, d.real], 1)))      # (H, 2, M)
-        self.register_buffer("d_im", _f32(torch.stack([-d.imag, d.imag], 1)))     # (H, 2, M)
-        self.register_buffer("U", _f32(torch.stack([U_mix.real, U_mix.imag], 2)))  # (H, 2r, 2, M)
-        self.register_buffer("b", _f32(torch.stack([b_mix.real, b_mix.imag], 1)))  # (H, 2, M)
-        self.register_buffer("E", _f32(E.transpose(0, 1)))                          # (H, Ch, 2r)
-        self.register_buffer("D", _f32(Du.T))                                        # (H, Ch)
+        self.register_buffer("d_re", stored(torch.stack([d.real, d.real], 1)))      # (H, 2, M)
+        self.register_buffer("d_im", stored(torch.stack([-d.imag, d.imag], 1)))     # (H, 2, M)
+        self.register_buffer("U", stored(torch.stack([U_mix.real, U_mix.imag], 2)))  # (H, 2r, 2, M)
+        self.register_buffer("b", stored(torch.stack([b_mix.real, b_mix.imag], 1)))  # (H, 2, M)
+        self.register_buffer("E", stored(E.transpose(0, 1)))                          # (H, Ch, 2r)
+        self.register_buffer("D", stored(Du.T))                                        # (H, Ch)
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
         H, M, k = self.H, self.M, self.rank

@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, check_floating, mask_padding, needs_autograd
+from lrnnx_zoo.base import LTI_LRNN, check_floating, check_sizes, mask_padding, needs_autograd
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, reversed_spectrum
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel
 from lrnnx_zoo.step_forms import (ChannelDenseStepForm, ChannelDiagonalStepForm, SequentialStepForm,
-                                  StepForm)
+                                  StepForm, step_form_dtype, stored)
 
 __all__ = ["FFTConvS4", "FFTConvLayer", "pack_state", "unpack_state", "flip_within_lengths"]
 
@@ -114,7 +114,7 @@ class _SkipStepForm(StepForm):
         super().__init__()
         self.form = form
         self.state_size, self.d_input, self.d_output = form.state_size, form.d_input, form.d_output
-        self.register_buffer("D", D.detach().to(torch.get_default_dtype()).clone())   # (C, H)
+        self.register_buffer("D", stored(D).clone())   # (C, H)
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
         y, s_next = self.form(u, s)
@@ -154,9 +154,9 @@ class FFTConvS4(nn.Module):
         if kernel_type is not None and kernel is not None and kernel_type != kernel:
             raise ValueError(f"kernel_type={kernel_type!r} and kernel={kernel!r} disagree; `kernel` is an alias "
                              f"of `kernel_type`: give one of them")
-        if channels < 1 or (l_max is not None and l_max < 1):
-            raise ValueError(f"FFTConvS4 needs channels >= 1 and l_max None or >= 1, got channels={channels}, "
-                             f"l_max={l_max}")
+        check_sizes("FFTConvS4", d_model=d_model, channels=channels)
+        if l_max is not None:
+            check_sizes("FFTConvS4", l_max=l_max)
         for name, p in (("dropout", dropout), ("drop_kernel", drop_kernel)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {p}")
@@ -188,8 +188,10 @@ class FFTConvS4(nn.Module):
         after the last sample (``kernel.forward_state``), or None when ``state`` is None.
         rate: relative sampling rate of x (the kernel uses dt / rate); state passing needs rate 1.
         lengths: (B,) valid lengths; only the reverse direction of a bidirectional block uses them
-            (each sequence is reversed within its length), causal outputs never see the padding.
+            (each sequence is reversed within its length); x past them is read as zeros.
         """
+        if lengths is not None:
+            x = mask_padding(x, lengths, time_dim=2 if self.transposed else 1)
         u = self._to_bhl(x)
         B, H, L = u.shape
         if state is not None:
@@ -285,8 +287,10 @@ class FFTConvS4(nn.Module):
 
     @torch.no_grad()
     def setup_step(self) -> None:
-        """Precompute the step form from the current parameters (call again after they change)."""
-        self._step = self.step_form()
+        """Precompute the step form from the current parameters (call again after they change),
+        in their dtype."""
+        with step_form_dtype(self.D.dtype):
+            self._step = self.step_form()
 
     def step(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         """One time step (no dropout).  x: (B, H) -> y: (B, C*H) (channel order as in forward).
@@ -332,6 +336,7 @@ class FFTConvLayer(LTI_LRNN):
     def __init__(self, d_model: int, d_state: int = 64, kernel_type: str = "s4d", channels: int = 1,
                  bidirectional: bool = False, l_max: Optional[int] = None, **kernel_args: Any) -> None:
         super().__init__(None)
+        check_sizes("fftconv", d_model=d_model, d_state=d_state, channels=channels)
         self.d_model, self.d_state, self.bidirectional = d_model, d_state, bidirectional
         self.conv = FFTConvS4(d_model, l_max=l_max, channels=channels, transposed=False, kernel_type=kernel_type,
                               bidirectional=bidirectional, param_config={"d_state": d_state, **kernel_args})
@@ -340,7 +345,7 @@ class FFTConvLayer(LTI_LRNN):
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, H) -> y: (B, L, H); lengths: (B,) valid lengths (padding outputs are zero)."""
-        self.check_input(x, lengths)
+        x = self.prepare_input(x, lengths)
         y, _ = self.conv(x, lengths=lengths)
         if self.mix is not None:
             y = self.mix(y)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, mask_padding
+from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding
 from lrnnx_zoo.modal import final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, get_initializer
 from lrnnx_zoo.ssm_kernel import SSMKernel
@@ -55,6 +55,9 @@ class LRU(LTI_LRNN):
     def __init__(self, d_model: int, d_state: int = 64, r_min: float = 0.0, r_max: float = 1.0,
                  max_phase: float = 2 * math.pi, init: str = "ring", backend: str = "auto") -> None:
         super().__init__("no_discretization")
+        check_sizes("LRU", d_model=d_model, d_state=d_state)
+        if max_phase <= 0:
+            raise ValueError(f"LRU needs max_phase > 0 (eigenvalue phases are drawn from [0, max_phase]), got {max_phase}")
         if not (0.0 <= r_min < r_max <= 1.0):
             raise ValueError(f"LRU needs 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
         self.d_model, self.d_state = d_model, d_state
@@ -92,7 +95,7 @@ class LRU(LTI_LRNN):
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None, initial_state: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, H) -> y: (B, L, H). ``initial_state``: (B, N) complex, or None for zeros."""
-        self.check_input(x, lengths)
+        x = self.prepare_input(x, lengths)
         _, B, C = self.discretize()
         run = get_backend("modal", self.backend)
         y = run(x, self.log_lambda(), B, C, initial_state) + self.D * x
@@ -135,10 +138,11 @@ class LRUKernel(SSMKernel):
                  r_max: float = 1.0, max_phase: float = 2 * math.pi, init: str = "ring",
                  backend: str = "auto") -> None:
         super().__init__()
+        check_sizes("LRUKernel", d_model=d_model, d_state=d_state, channels=channels)
+        if max_phase <= 0:
+            raise ValueError(f"LRUKernel needs max_phase > 0, got {max_phase}")
         if not (0.0 <= r_min < r_max <= 1.0):
             raise ValueError(f"LRUKernel needs 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
-        if d_state < 1 or channels < 1:
-            raise ValueError(f"LRUKernel needs d_state >= 1 and channels >= 1, got {d_state} and {channels}")
         self.d_model, self.d_state, self.channels, self.backend = d_model, d_state, channels, backend
         get_backend("vandermonde", backend)  # unknown names fail here, listing the valid ones
         H, N = d_model, d_state
@@ -182,7 +186,7 @@ class LRUKernel(SSMKernel):
         return vdm(0.5 * C * B, log_lam.expand_as(C), L)
 
     def default_state(self, *batch_shape: int) -> Tensor:
-        return torch.zeros(*batch_shape, self.d_model, self.d_state, dtype=torch.complex64,
+        return torch.zeros(*batch_shape, self.d_model, self.d_state, dtype=self.state_dtype,
                            device=self.nu_log.device)
 
     def forward_state(self, u: Tensor, state: Tensor) -> Tensor:

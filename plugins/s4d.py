@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, mask_padding, needs_autograd
+from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding, needs_autograd
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, swap_time_and_channels
 from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vandermonde_torch
 from lrnnx_zoo.discretization import get_discretization
@@ -86,6 +86,7 @@ class S4DKernel(SSMKernel):
                  discretization: str = "zoh", dt_min: float = 1e-3, dt_max: float = 1e-1,
                  backend: str = "auto") -> None:
         super().__init__()
+        check_sizes("S4DKernel", d_model=d_model, d_state=d_state, channels=channels)
         if discretization not in ("zoh", "bilinear"):
             raise ValueError(f"S4D supports discretization 'zoh' or 'bilinear', got {discretization!r}")
         if d_state < 2 or d_state % 2:
@@ -133,7 +134,7 @@ class S4DKernel(SSMKernel):
         return _kernel(vdm, L, A_bar, B_bar, C, log_A), vdm(v, log_A.expand_as(v), L)
 
     def default_state(self, *batch_shape: int) -> Tensor:
-        return torch.zeros(*batch_shape, self.d_model, self.d_state // 2, dtype=torch.complex64,
+        return torch.zeros(*batch_shape, self.d_model, self.d_state // 2, dtype=self.state_dtype,
                            device=self.log_dt.device)
 
     def forward_state(self, u: Tensor, state: Tensor) -> Tensor:
@@ -166,6 +167,9 @@ class S4D(LTI_LRNN):
 
     def __init__(self, d_model: int, d_state: int = 64, init: str = "legs", discretization: str = "zoh",
                  dt_min: float = 1e-3, dt_max: float = 1e-1, backend: str = "auto") -> None:
+        check_sizes("S4D", d_model=d_model, d_state=d_state)
+        if discretization not in ("zoh", "bilinear"):
+            raise ValueError(f"S4D supports discretization 'zoh' or 'bilinear', got {discretization!r}")
         super().__init__(discretization)
         self.d_model, self.d_state = d_model, d_state
         self.kernel = S4DKernel(d_model, d_state, 1, init, discretization, dt_min, dt_max, backend)
@@ -183,7 +187,7 @@ class S4D(LTI_LRNN):
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, H) -> y: (B, L, H)."""
-        self.check_input(x, lengths)
+        x = self.prepare_input(x, lengths)
         L = x.shape[1]
         n = conv_size(L, L)
         if not needs_autograd(self, x):

@@ -146,3 +146,67 @@ def test_wrong_input_shapes(name):
 @pytest.mark.parametrize("name", LAYERS)
 def test_step_form_is_a_stepform(name):
     assert isinstance(make(name).step_form(), StepForm)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_float64_layer_steps_in_float64(name):
+    # A float64 layer's step form is built from the float64 discretisation in float64 (not
+    # built in float32 and converted) and the cache defaults to the parameters' dtype: step and
+    # convolution then agree to ~1e-13 relative (FFT rounding eps * log L), where float32 forms
+    # would leave ~1e-6.
+    layer = make(name).double()
+    x = torch.randn(2, 256, H, dtype=torch.float64)
+    with torch.no_grad():
+        y_conv = layer(x)
+        y_step = run_steps(layer, x)
+    assert y_step.dtype == torch.float64
+    assert rel_err(y_step, y_conv) < 1e-10
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_inference_mode_equals_no_grad(name):
+    # torch.inference_mode() tensors have no version counter (the kernel cache reads it).
+    layer = make(name)
+    x = torch.randn(2, 40, H)
+    with torch.no_grad():
+        y = layer(x)
+    with torch.inference_mode():
+        y_inf, y_inf2 = layer(x), layer(x)                  # the second call hits the kernel cache
+    torch.testing.assert_close(y_inf, y, rtol=0, atol=0)
+    torch.testing.assert_close(y_inf2, y, rtol=0, atol=0)
+    with torch.no_grad():                                   # and outside it again
+        torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,kw", LENGTH_CASES)
+def test_padding_content_never_reaches_valid_outputs(name, kw):
+    # An FFT spreads rounding (and NaN/inf) over the whole sequence, so the padding is zeroed
+    # before the convolution: huge or NaN padding gives the outputs of zero padding, to float
+    # rounding (1e-6 of max|y|), and padded outputs are exactly zero.
+    layer = make(name, **kw)
+    lengths = torch.tensor([9, 32])
+    x = torch.randn(2, 32, H)
+    x[0, 9:] = 0.0
+    with torch.no_grad():
+        y0 = layer(x, lengths=lengths)
+        for fill in (1e6, float("nan"), float("inf")):
+            xp = x.clone()
+            xp[0, 9:] = fill
+            y = layer(xp, lengths=lengths)
+            assert torch.all(y[0, 9:] == 0)
+            assert rel_err(y[:, :9], y0[:, :9]) < 1e-6 and rel_err(y[1], y0[1]) < 1e-6
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_bad_lengths_and_sizes_are_refused_clearly(name):
+    layer = make(name)
+    x = torch.randn(2, 10, H)
+    for bad in (torch.tensor([5.0, 7.5]), torch.tensor([True, False])):
+        with pytest.raises(TypeError, match="lengths must hold integers"):
+            layer(x, lengths=bad)
+    with pytest.raises(TypeError, match="float32 or float64, got torch.float16"):
+        layer(x.half())
+    for kw in ({"d_model": 0}, {"d_model": -3}, {"d_state": 2.0}, {"d_state": 0}):
+        args = {"d_model": H, "d_state": N, **kw}
+        with pytest.raises(ValueError, match=f"{next(iter(kw))}"):
+            lrnnx_zoo.create_layer(name, args.pop("d_model"), **args)

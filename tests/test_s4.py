@@ -408,3 +408,28 @@ def test_glu_after_the_ssm_halves_channels_not_time(transposed):
     torch.testing.assert_close(y_step, y if transposed else y.transpose(1, 2), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="must be even"):
         S4(3, d_state=8, channels=1, activation="glu")
+
+
+def test_s4_block_edge_inputs_and_float64_step():
+    m = S4(3, d_state=8, transposed=True).eval()
+    with torch.no_grad():                               # inference path: explicit reshapes
+        assert m(torch.randn(2, 3, 0))[0].shape == (2, 3, 0)
+        assert m(torch.randn(0, 3, 10))[0].shape == (0, 3, 10)
+    assert m(torch.randn(2, 3, 0, requires_grad=True))[0].shape == (2, 3, 0)
+    with pytest.raises(TypeError, match="float32 parameters and got a torch.float64 input"):
+        m(torch.randn(2, 3, 10, dtype=torch.float64))
+    # a float64 block steps in float64 (its step form built in float64): step == forward to ~1e-13
+    m = m.double()
+    x = torch.randn(2, 3, 200, dtype=torch.float64)
+    with torch.no_grad():
+        y, _ = m(x)
+        for mode in ("dense", "linear"):
+            m.setup_step(mode)
+            s = m.default_state(2)
+            assert s.dtype == torch.complex128
+            ys = []
+            for t in range(x.shape[-1]):
+                y_t, s = m.step(x[..., t], s)
+                ys.append(y_t)
+            err = (torch.stack(ys, -1) - y).abs().max() / y.abs().max()
+            assert err < 1e-10, (mode, float(err))

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hippo
+from lrnnx_zoo.base import check_sizes
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel
 
@@ -288,7 +289,10 @@ class HippoSSKernel(SSKernelNPLR):
         if mode != "nplr":
             raise ValueError(f"HippoSSKernel supports mode='nplr' only, got {mode!r}; for diagonal kernels use the "
                              f"S4D family (create_layer('s4d', ...) or kernel_type='s4d')")
-        if N < 2 or N % 2:
+        check_sizes("HippoSSKernel", H=H, N=N, channels=channels)
+        if L is not None:
+            check_sizes("HippoSSKernel", L=L)
+        if N % 2:
             raise ValueError(f"N counts real states in conjugate pairs: an even number >= 2, got {N}")
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx_zoo.base import LTI_LRNN, check_floating, mask_padding, needs_autograd
+from lrnnx_zoo.base import LTI_LRNN, check_floating, check_sizes, mask_padding, needs_autograd
 from lrnnx_zoo.convolution import blocked_channel_conv, circular_conv, fast_fft_size, reversed_spectrum
 from lrnnx_zoo.step_forms import StepForm
 
@@ -85,8 +85,9 @@ class S4(nn.Module):
                  dropout: float = 0.0, transposed: bool = True, tie_dropout: bool = False,
                  initializer: Optional[str] = None, weight_norm: bool = False, **kernel_args: Any) -> None:
         super().__init__()
-        if channels < 1:
-            raise ValueError(f"channels must be >= 1, got {channels}")
+        check_sizes("S4", d_model=d_model, d_state=d_state, channels=channels)
+        if l_max is not None:
+            check_sizes("S4", l_max=l_max)
         self.h, self.n, self.L, self.channels = d_model, d_state, l_max, channels
         self.bidirectional, self.transposed = bidirectional, transposed
         self.D = nn.Parameter(torch.randn(channels, d_model))
@@ -131,6 +132,9 @@ class S4(nn.Module):
             got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
             raise ValueError(f"S4(transposed={self.transposed}) expects u of shape {want}, got {got}")
         check_floating(u, "S4")
+        if u.dtype != self.D.dtype:     # its linear layers, like nn.Linear, take their own dtype only
+            raise TypeError(f"S4 has {self.D.dtype} parameters and got a {u.dtype} input: convert one to the "
+                            f"other (u.to({self.D.dtype}) or module.to({u.dtype}))")
         if state is not None and self.bidirectional:
             raise ValueError("state passing needs a causal layer; this S4 is bidirectional "
                              "(bidirectional=False to stream)")
@@ -139,7 +143,8 @@ class S4(nn.Module):
         if state is None and not needs_autograd(self, u) and self._elementwise_after_conv():
             Kf, n = ssm_spectrum(self.kernel, L, Lk, rate, self.bidirectional)
             y = blocked_channel_conv(u, Kf, n, time_dim=2 if self.transposed else 1, skip=self.D)
-            y = y.reshape(u.shape[0], -1, L) if self.transposed else y.reshape(u.shape[0], L, -1)
+            CH = self.channels * self.h
+            y = y.reshape(u.shape[0], CH, L) if self.transposed else y.reshape(u.shape[0], L, CH)
             return self.output_linear(self.dropout(self.activation(y))), None
         if not self.transposed:
             u = u.transpose(-1, -2)
@@ -199,6 +204,9 @@ class S4Layer(LTI_LRNN):
                  l_max: Optional[int] = None, bidirectional: bool = False, backend: str = "auto",
                  trainable: Any = None, lr: Any = None, wd: Any = 0.0, measure_args: Optional[Dict[str, Any]] = None,
                  n_ssm: Optional[int] = None) -> None:
+        check_sizes("S4Layer", d_model=d_model, d_state=d_state)
+        if l_max is not None:
+            check_sizes("S4Layer", l_max=l_max)
         if discretization not in ("bilinear", "zoh"):
             raise ValueError(f"S4 supports discretization 'bilinear' or 'zoh', got {discretization!r}")
         super().__init__(discretization)
@@ -221,12 +229,10 @@ class S4Layer(LTI_LRNN):
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, H) -> y: (B, L, H); padding beyond ``lengths`` is zeroed (and ignored)."""
-        self.check_input(x, lengths)
+        x = self.prepare_input(x, lengths)
         if integration_timesteps is not None:
             raise ValueError("S4 is time-invariant: integration_timesteps are not supported; resample the input or "
                              "use rate=dt_ratio in compute_kernel")
-        if self.bidirectional and lengths is not None:
-            x = mask_padding(x, lengths)           # the anti-causal part must not see the padding
         if not needs_autograd(self, x):
             Kf, n = ssm_spectrum(self.kernel, x.shape[1], x.shape[1], 1.0, self.bidirectional)
             y = blocked_channel_conv(x, Kf, n, skip=self.D.unsqueeze(0))[:, :, 0]

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from lrnnx_zoo.step_forms import StepForm
+from lrnnx_zoo.step_forms import StepForm, step_form_dtype
 
 from . import dense
 from .step import DiagonalAccuracyError, dense_form, diagonal_form, linear_form
@@ -72,15 +72,16 @@ class StepModes:
         """Freeze the current parameters into the step form of ``mode`` for :meth:`step`
         (call again after the parameters change or a device move). "diagonal" changes the state layout of
         :meth:`default_state` / :meth:`step` to eigen-coordinates (B, H, N)."""
-        form = self.step_form(mode, tol=tol)
+        with step_form_dtype(self._real_dtype):
+            form = self.step_form(mode, tol=tol)
         object.__setattr__(self, "_stepper", form)
         self._step_mode = mode
 
     def default_state(self, *batch_shape: int) -> Tensor:
-        """Zero state (*batch_shape, H, N/2) complex64 (NPLR basis, x_{-1}); after
+        """Zero state (*batch_shape, H, N/2) complex (NPLR basis, x_{-1}); after
         ``setup_step("diagonal")``: (*batch_shape, H, N) eigen-coordinates."""
         n = self.d_state if self._step_mode == "diagonal" else self.d_state // 2
-        return torch.zeros(*batch_shape, self.d_model, n, dtype=torch.complex64, device=self.log_dt.device)
+        return torch.zeros(*batch_shape, self.d_model, n, dtype=self.state_dtype, device=self.log_dt.device)
 
     def step(self, u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         """One step with the form of :meth:`setup_step`.  u: (B, H), state like :meth:`default_state`
@@ -103,15 +104,19 @@ class StepModes:
         Bsz = state.shape[0]
         r = dense.to_real(state)                                              # (B, H, N)
         if self._basis is None:                                               # dense / linear: [h][Re x, Im x]
-            return r.reshape(Bsz, -1).to(torch.get_default_dtype())
+            return r.reshape(Bsz, -1).to(self._real_dtype)
         z = torch.linalg.solve(self._basis, r.to(self._basis.dtype).unsqueeze(-1)).squeeze(-1)   # V^{-1} r
-        return torch.cat([z.real.reshape(Bsz, -1), z.imag.reshape(Bsz, -1)], 1).to(torch.get_default_dtype())
+        return torch.cat([z.real.reshape(Bsz, -1), z.imag.reshape(Bsz, -1)], 1).to(self._real_dtype)
 
     def unpack_state(self, s: Tensor) -> Tensor:
-        """Inverse of :meth:`pack_state`: (B, state_size) -> (B, H, N/2) complex64."""
+        """Inverse of :meth:`pack_state`: (B, state_size) -> (B, H, N/2) (:attr:`state_dtype`)."""
         Bsz, H, N = s.shape[0], self.d_model, self.d_state
         if self._basis is None:
-            return dense.from_real(s.reshape(Bsz, H, N)).to(torch.complex64)
+            return dense.from_real(s.reshape(Bsz, H, N)).to(self.state_dtype)
         z = torch.complex(s[:, :H * N], s[:, H * N:]).reshape(Bsz, H, N).to(self._basis.dtype)
         r = (self._basis @ z.unsqueeze(-1)).squeeze(-1).real
-        return dense.from_real(r).to(torch.complex64)
+        return dense.from_real(r).to(self.state_dtype)
+
+    @property
+    def _real_dtype(self) -> torch.dtype:
+        return torch.float64 if self.state_dtype == torch.complex128 else torch.float32

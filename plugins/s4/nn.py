@@ -78,13 +78,13 @@ class TransposedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # bmm against the broadcast weight: matmul(2-D, 3-D) would copy x to (B*L, d_in) and back
-        x3 = x.reshape(-1, *x.shape[-2:])
+        x3 = x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])      # explicit sizes: L or B may be 0
         W = self.weight.expand(x3.shape[0], -1, -1)
         if self.bias is None:
             y = torch.bmm(W, x3)
         else:                                   # bias folded into the GEMM: one pass over the output
             y = torch.baddbmm(self.bias[:, None].expand(x3.shape[0], -1, x3.shape[-1]), W, x3)
-        return y.reshape(*x.shape[:-2], -1, x.shape[-1])
+        return y.reshape(*x.shape[:-2], self.weight.shape[0], x.shape[-1])
 
 
 def LinearActivation(d_input: int, d_output: int, bias: bool = True, zero_bias_init: bool = False,
