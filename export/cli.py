@@ -49,7 +49,7 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the folder to this Hub repo")
     p.add_argument("--batch", type=int, default=None, help="fix the batch size (default: dynamic)")
     p.add_argument("--opset", type=int, default=None,
-                   help="ONNX opset (default 20; 17-19 for runtimes older than onnxruntime 1.17)")
+                   help="ONNX opset in [11, 25] (default 20; 11-19 for runtimes older than onnxruntime 1.17)")
     p.add_argument("--revision", default=None, help="revision of a Hub source checkpoint")
-    p.add_argument("--latency-steps", type=int, default=500, help="steps timed at batch 1 (0: skip)")
+    p.add_argument("--latency-steps", type=int, default=500, help="steps timed at batch 1, or at the fixed --batch (0: skip)")
     commands["export"] = _cmd_export

@@ -25,7 +25,7 @@ import lrnnx_zoo
 
 from .card import build_card
 from .latency import DEFAULT_STEPS, onnx_latency, torch_latency
-from .onnx_export import DEFAULT_OPSET, to_onnx
+from .onnx_export import to_onnx
 from .provenance import Source, family_of, load_source, source_of
 from .result import ExportResult
 from .step_graph import build_step_module
@@ -55,11 +55,12 @@ class FolderExport:
     commit: Any = None
 
 
-def _measure(fmt: str, path: Path, result: ExportResult, steps: int) -> Dict[str, Any]:
+def _measure(fmt: str, path: Path, result: ExportResult, steps: int, batch: Optional[int]) -> Dict[str, Any]:
+    """Per-step latency at batch 1, or at the batch a graph is fixed to."""
     if fmt == "onnx":
-        return onnx_latency(path, batch=1, steps=steps)
+        return onnx_latency(path, batch=batch or 1, steps=steps)
     loaded = load_torchscript(path) if fmt == "torchscript" else load_torch_export(path)
-    return torch_latency(loaded, result.d_input, result.state_size, batch=1, steps=steps, runtime=fmt)
+    return torch_latency(loaded, result.d_input, result.state_size, batch=batch or 1, steps=steps, runtime=fmt)
 
 
 def _config(model: torch.nn.Module, info: Dict[str, Any], fmt: str, result: ExportResult, opset: Optional[int],
@@ -95,7 +96,7 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         batch: fixed batch size (ONNX / torch-export); None for dynamic.
         opset: ONNX opset (default 20, see onnx_export.DEFAULT_OPSET).
         validation_input: (B, L, d_input) sequence for validation (default: random normal, 2 x 256).
-        latency_steps: steps timed at batch 1 for config.json (0 skips the measurement).
+        latency_steps: steps timed at batch 1 (or the fixed batch) for config.json (0 skips the measurement).
         token, private: for the upload; revision: of a Hub source checkpoint.
     """
     if format not in FORMATS:
@@ -110,14 +111,14 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
     out.mkdir(parents=True, exist_ok=True)
     graph_path = out / GRAPH_FILES[format]
     if format == "onnx":
-        opset = opset or DEFAULT_OPSET
         result = to_onnx(model, graph_path, opset=opset, batch=batch, quantize=quantize,
                          validation_input=validation_input)
+        opset = result.graph["opset"]
     elif format == "torchscript":
         result = to_torchscript(model, graph_path, validation_input=validation_input)
     else:
         result = to_torch_export(model, graph_path, batch=batch, validation_input=validation_input)
-    latency = _measure(format, graph_path, result, latency_steps) if latency_steps > 0 else None
+    latency = _measure(format, graph_path, result, latency_steps, batch) if latency_steps > 0 else None
 
     import safetensors.torch
     step = build_step_module(model)

@@ -67,8 +67,8 @@ def onnx_latency(path: Union[str, Path], batch: Optional[int] = 1, steps: int = 
 def torch_latency(module: Callable[[torch.Tensor, torch.Tensor], Any], d_input: int, state_size: int,
                   batch: int = 1, steps: int = DEFAULT_STEPS, runtime: str = "torch") -> Dict[str, Any]:
     """Per-step latency of a torch callable (x_t, state) -> (y_t, state'), single-threaded."""
-    x = torch.randn(batch, d_input, generator=torch.Generator().manual_seed(0))
-    holder = [torch.zeros(batch, state_size)]
+    x = torch.randn(batch, d_input, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    holder = [torch.zeros(batch, state_size, dtype=torch.float32)]
 
     def one() -> None:
         _, holder[0] = module(x, holder[0])

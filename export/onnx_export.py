@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import operator
 import os
 import uuid
 import warnings
@@ -37,9 +38,46 @@ from .step_graph import StepModule, build_step_module
 from .validate import DEFAULT_BATCH, FLOAT32_TOLERANCE, default_sequence, validate_stream
 
 # 20 has a single Gelu op (18 spells it as Erf/Mul/Add): ~15 fewer nodes and ~10% less time per
-# step for 4 blocks (measured). Needs onnxruntime >= 1.17; pass opset=17..19 for older runtimes.
+# step for 4 blocks (measured). Needs onnxruntime >= 1.17; pass an older opset for older runtimes.
 DEFAULT_OPSET = 20
+#: Opsets the pinned exporters and onnxruntime were verified with, end to end: the dynamo exporter
+#: writes 18..25 (at 26+ its Gelu fails onnx.checker); below 18 it silently writes 18, so those go
+#: through the TorchScript-based exporter, which needs 11 for Flip and stops at 23.
+MIN_OPSET, MAX_OPSET, MIN_DYNAMO_OPSET, MAX_LEGACY_OPSET = 11, 25, 18, 23
 EXPORTERS = ("dynamo", "legacy")
+
+
+def check_batch(batch: Any) -> Optional[int]:
+    """None (dynamic) or a positive int (numpy ints too), else a ValueError that says so."""
+    if batch is None:
+        return None
+    try:
+        value = operator.index(batch)
+    except TypeError:
+        value = None
+    if value is None or isinstance(batch, bool) or value < 1:
+        raise ValueError(f"batch must be None (dynamic) or a positive int, got {batch!r}")
+    return value
+
+
+def resolve_opset(opset: Optional[int], exporter: str, record: List[str]) -> Tuple[int, str]:
+    """(opset, exporter) to use: the default opset for None; an opset the dynamo exporter cannot
+    write (below 18) goes to the TorchScript-based one, with a note in ``record``."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if opset is None:
+        return DEFAULT_OPSET, exporter
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be an int in [{MIN_OPSET}, {MAX_OPSET}] (verified with this onnx and "
+                         f"onnxruntime; default {DEFAULT_OPSET}), got {opset!r}")
+    if exporter == "dynamo" and opset < MIN_DYNAMO_OPSET:
+        record.append(f"note: opset {opset} < {MIN_DYNAMO_OPSET}: written by the TorchScript-based exporter "
+                      f"(the dynamo exporter starts at opset {MIN_DYNAMO_OPSET})")
+        return opset, "legacy"
+    if exporter == "legacy" and opset > MAX_LEGACY_OPSET:
+        raise ValueError(f"the legacy exporter writes opsets up to {MAX_LEGACY_OPSET}, got {opset}; "
+                         f"use exporter='dynamo' for opsets {MIN_DYNAMO_OPSET}..{MAX_OPSET}")
+    return opset, exporter
 
 
 @contextlib.contextmanager
@@ -62,7 +100,9 @@ def _quiet(record: List[str]) -> Iterator[None]:
 def sample_inputs(step: StepModule, batch: int) -> Tuple[Tensor, Tensor]:
     """Example (x_t, state) for tracing; non-zero so no branch can be specialised on zeros."""
     g = torch.Generator().manual_seed(0)
-    return torch.randn(batch, step.d_input, generator=g), torch.randn(batch, step.state_size, generator=g)
+    f32 = torch.float32                                  # whatever torch's default dtype is
+    return (torch.randn(batch, step.d_input, generator=g, dtype=f32),
+            torch.randn(batch, step.state_size, generator=g, dtype=f32))
 
 
 def export_graph(step: StepModule, opset: int = DEFAULT_OPSET, batch: Optional[int] = None,
@@ -145,14 +185,15 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
     Args:
         model_or_checkpoint: a SequenceModel, a checkpoint folder, a shipped name or a Hub repo id.
         path: the .onnx file to write (one self-contained file).
-        opset: ONNX opset (default 20, see onnx_export.DEFAULT_OPSET).
+        opset: ONNX opset in [11, 25] (default 20, see onnx_export.DEFAULT_OPSET); below 18 the
+            TorchScript-based exporter writes it.
         batch: fix the batch size; None (default) leaves it dynamic.
         quantize: None or "int8" (dynamic int8 quantisation of MatMul/Gemm weights).
         validate: stream the graph and compare with the model's forward before writing.
         validation_input: (B, L, d_input) sequence for validation; default a random normal
             (2, 256, d_input) sequence (see :mod:`~lrnnx_zoo.export.validate`).
         tolerance: max abs error for the float32 graph (int8 graphs: see :mod:`~lrnnx_zoo.export.quantize`).
-        exporter: "dynamo" (default) or "legacy" (TorchScript-based torch.onnx exporter).
+        exporter: "dynamo" (default) or "legacy" (TorchScript-based torch.onnx exporter, opsets 11..23).
         revision, token: passed to ``from_pretrained`` for Hub repo ids.
     Returns:
         an :class:`~lrnnx_zoo.export.result.ExportResult`; ``quantization`` holds the int8 report.
@@ -160,14 +201,13 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
         ExportError (a model that cannot stream), ValidationError (the graph disagrees with the model).
     """
     check_mode(quantize)
-    if batch is not None and (not isinstance(batch, int) or batch < 1):
-        raise ValueError(f"batch must be None (dynamic) or a positive int, got {batch!r}")
+    batch = check_batch(batch)
+    record: List[str] = []
+    opset, exporter = resolve_opset(opset, exporter, record)
     model, info = load_source(model_or_checkpoint, revision=revision, token=token)
     step = build_step_module(model)
-    opset = opset or DEFAULT_OPSET
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record: List[str] = []
     extra: Dict[str, Any] = {"format": "onnx", "opset": str(opset), "batch": str(batch or "dynamic"),
                              "quantization": quantize or "none"}
     metadata = graph_metadata(step, model, info, extra)

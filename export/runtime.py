@@ -11,6 +11,7 @@ one ``run_with_iobinding``, one copy out.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -69,8 +70,15 @@ class OnnxStreamer:
         import onnxruntime as ort
 
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, session_options(intra_op_threads),
-                                            providers=list(providers or ["CPUExecutionProvider"]))
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"no ONNX step graph at {self.path!r} (expected a .onnx file written by "
+                                    f"lrnnx_zoo.export.to_onnx or `lrnnx-zoo export`)")
+        try:
+            self.session = ort.InferenceSession(self.path, session_options(intra_op_threads),
+                                                providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as exc:      # onnxruntime's InvalidProtobuf / Fail: name the file and the likely cause
+            raise ValueError(f"{self.path} is not a loadable ONNX model (empty, truncated or not ONNX?): "
+                             f"{str(exc).splitlines()[0]}") from exc
         self.metadata: Dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.state_size = self._meta_int("state_size")
         self.d_input = self._meta_int("d_input")

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo.models import SequenceModel
+from lrnnx_zoo.step_forms import step_form_dtype
 
 #: Poolings a step graph can reproduce causally (None = sequence to sequence).
 CAUSAL_POOLINGS = (None, "mean", "last")
@@ -110,6 +111,8 @@ def _layer_step_form(layer: nn.Module, index: int, d_model: int) -> nn.Module:
         raise ExportError(
             f"blocks.{index}.layer ({name}).step_form() is not implemented; step_form() is required "
             f"to export a step graph. Implement it (see lrnnx_zoo.step_forms).") from exc
+    except ValueError as exc:           # a layer saying why it cannot stream as configured
+        raise ExportError(f"blocks.{index}.layer ({name}) cannot run step by step: {exc}") from exc
     size = getattr(form, "state_size", None)
     if not isinstance(form, nn.Module) or not isinstance(size, int) or size < 0:
         raise ExportError(
@@ -149,7 +152,8 @@ def build_step_module(model: SequenceModel) -> StepModule:
     model = copy.deepcopy(model).float().cpu().eval()
     forms, blocks = [], []
     for i, block in enumerate(model.blocks):
-        form = _layer_step_form(block.layer, i, config.d_model)
+        with step_form_dtype(torch.float32):
+            form = _layer_step_form(block.layer, i, config.d_model)
         forms.append(form.float().eval())
         # Keep the block for its norm and mix() (which may be overridden); the layer's weights
         # are folded into the step form, so drop it to keep them out of the graph's state_dict.

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import Tensor
 
-from .onnx_export import _quiet, sample_inputs
+from .onnx_export import _quiet, check_batch, sample_inputs
 from .provenance import Source, graph_metadata, load_source
 from .result import ExportResult
 from .step_graph import StepModule, build_step_module
@@ -31,8 +31,9 @@ METADATA_FILE = "lrnnx_zoo.json"
 TRACE_BATCH = 3
 
 
-def _temp(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+def _temp(path: Path, suffix: Optional[str] = None) -> Path:
+    """A hidden temporary sibling of path (torch.export.load wants the .pt2 suffix on it)."""
+    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{suffix or path.suffix}")
 
 
 def load_torchscript(path: Union[str, Path]) -> torch.jit.ScriptModule:
@@ -114,6 +115,10 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
 
     Args: as :func:`~lrnnx_zoo.export.to_onnx` (no opset / quantize).
     """
+    batch = check_batch(batch)
+    if batch is not None and validation_input is not None and validation_input.shape[0] != batch:
+        raise ValueError(f"the program is exported for batch={batch}, but the validation input has batch "
+                         f"{validation_input.shape[0]}; pass a validation input with {batch} sequences")
     model, info = load_source(model_or_checkpoint, revision=revision, token=token)
     step = build_step_module(model)
     path = Path(path)
@@ -123,7 +128,7 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
     if batch is not None and x is None:
         x = default_sequence(step.d_input, batch=batch)
     record: List[str] = []
-    tmp = _temp(path)
+    tmp = _temp(path, ".pt2")
     dims = None
     if batch is None:
         b = torch.export.Dim("batch")

@@ -367,6 +367,11 @@ class FFTConvLayer(LTI_LRNN):
         if self.bidirectional:
             raise ValueError("a bidirectional fftconv layer cannot stream or be exported as a step graph: "
                              "its output at t depends on later inputs. Build it with bidirectional=False")
+        if self.conv.L is not None:
+            raise ValueError(f"an fftconv layer with l_max={self.conv.L} cannot stream: its forward convolves with "
+                             f"the kernel cut to {self.conv.L} taps, which a recurrence does not do (its impulse "
+                             f"response never ends), so steps beyond {self.conv.L} would disagree. "
+                             f"Build it with l_max=None to stream or export")
         core = self.conv.step_form()
         if self.mix is None:
             return core

@@ -43,8 +43,8 @@ def one_thread():
 
 def small_model(layer: str, pooling=None, seed: int = 0, **kw) -> lrnnx_zoo.SequenceModel:
     torch.manual_seed(seed)
-    cfg = lrnnx_zoo.ModelConfig(layer=layer, d_input=3, d_output=4, d_model=8, n_layers=2,
-                                layer_kwargs={"d_state": 4}, pooling=pooling, **kw)
+    kw.setdefault("layer_kwargs", {"d_state": 4})
+    cfg = lrnnx_zoo.ModelConfig(layer=layer, d_input=3, d_output=4, d_model=8, n_layers=2, pooling=pooling, **kw)
     return lrnnx_zoo.SequenceModel(cfg).eval()
 
 
@@ -384,3 +384,75 @@ def _eager(step, x):
             y, s = step(torch.from_numpy(x[:, t]), s)
             ys.append(y)
     return torch.stack(ys, 1).numpy()
+
+
+# -- found by a bug bash: what a user runs into at the edges ----------------------------------------
+def test_truncated_kernel_is_refused_not_exported_wrong():
+    # An fftconv layer with l_max convolves with a kernel cut to l_max taps; a recurrence cannot.
+    model = small_model("fftconv", layer_kwargs={"d_state": 4, "l_max": 16})
+    with pytest.raises(ExportError, match="l_max=16 cannot stream"):
+        build_step_module(model)
+
+
+def test_int8_keeps_step_forms_float_and_fixed_batch_reports_metric(tmp_path):
+    # A fused LRU step form holds its transition matrix in a MatMul: int8 must not touch it
+    # (quantising it cost digits-lru 1.1 accuracy points). Fixed-batch graphs stream the
+    # evaluation split b sequences at a time.
+    res = to_onnx("digits-lru", tmp_path / "q.onnx", quantize="int8", batch=4)
+    q = res.quantization
+    assert q["accuracy_change"] > -0.005 and q["max_abs_error"] <= q["tolerance"]
+    proto = onnx.load(res.path)
+    forms = {i.name for i in proto.graph.initializer if i.name.startswith("forms.")}
+    readers = [n for n in proto.graph.node if forms.intersection(n.input)]
+    assert readers and not any("Integer" in n.op_type for n in readers)
+    assert res.graph["ops"].get("MatMulInteger", 0) > 0          # the backbone is quantised
+
+
+def test_opsets_are_honoured_or_refused(tmp_path):
+    model = small_model("s4d")
+    res = to_onnx(model, tmp_path / "o17.onnx", opset=17)      # below dynamo's 18: legacy exporter
+    assert res.graph["opset"] == 17 and OnnxStreamer(res.path).metadata["lrnnx_zoo.opset"] == "17"
+    assert any("opset 17" in w for w in res.warnings)
+    for bad in (0, 5, 26, 100, 2.0):
+        with pytest.raises(ValueError, match=r"opset must be an int in \[11, 25\]"):
+            to_onnx(model, tmp_path / "bad.onnx", opset=bad)
+
+
+def test_torch_export_batch_arguments_and_fixed_batch_folder(tmp_path):
+    model = small_model("lru")
+    for bad in (0, -2, True):
+        with pytest.raises(ValueError, match="batch must be None"):
+            to_torch_export(model, tmp_path / "b.pt2", batch=bad)
+    with pytest.raises(ValueError, match="batch=4, but the validation input has batch 2"):
+        to_torch_export(model, tmp_path / "b.pt2", batch=4, validation_input=torch.randn(2, 20, 3))
+    assert to_onnx(model, tmp_path / "n.onnx", batch=np.int64(3)).metadata["lrnnx_zoo.batch"] == "3"
+    done = export_folder(model, tmp_path / "pt2", format="torch-export", batch=3, latency_steps=5)
+    assert done.latency["batch"] == 3 and (tmp_path / "pt2" / "config.json").exists()
+
+
+def test_export_under_float64_default_dtype(tmp_path):
+    model = small_model("s4d")
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for fn, name in ((to_onnx, "d.onnx"), (to_torchscript, "d.ts"), (to_torch_export, "d.pt2")):
+            assert fn(model, tmp_path / name).validation.passed
+    finally:
+        torch.set_default_dtype(before)
+
+
+def test_validation_reference_is_the_float64_forward(tmp_path):
+    # S4 on the Fourier measure: the float32 forward is the imprecise side (here 6.9e-4 from the
+    # float64 forward, where the step graph is within 1e-6), so it must not fail the export.
+    model = small_model("s4", seed=1, layer_kwargs={"d_state": 4, "measure": "fourier"})
+    v = to_onnx(model, tmp_path / "f.onnx").validation
+    assert v.passed and "float64" in v.compared
+    assert v.max_abs_error < 1e-5 and v.forward_float32_error > 1e-4
+
+
+def test_streamer_names_missing_and_broken_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no ONNX step graph"):
+        OnnxStreamer(tmp_path / "missing.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a loadable ONNX model"):
+        OnnxStreamer(tmp_path / "empty.onnx")
