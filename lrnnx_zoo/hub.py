@@ -17,12 +17,14 @@ any key the file lacks. Here loading is strict and every refusal says what to do
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
+import math
 import os
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import __version__
 from .registry import DISABLE_AUTOLOAD_ENV, get_registry
@@ -34,6 +36,7 @@ FORMAT_VERSION = 1
 LIBRARY = "lrnnx-zoo"
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+EXPORT_KIND = "step-graph"  # config.json "kind" of a folder written by `lrnnx-zoo export`
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 PathLike = Union[str, os.PathLike]
@@ -87,6 +90,8 @@ def resolve_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, c
         raise CheckpointError(f"revision={revision!r} applies to Hub repos, but {text!r} is a local or shipped "
                               "checkpoint; drop revision or pass a Hub repo id")
     if path.is_dir():
+        if text in shipped and path.resolve() != shipped[text].resolve():
+            _check_not_shadowing(path, text, shipped[text])
         return path, {"type": "local", "path": str(path.resolve())}
     if text in shipped:
         return shipped[text], {"type": "shipped", "name": text, "path": str(shipped[text])}
@@ -100,6 +105,56 @@ def resolve_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, c
     return _download(text, revision, cache_dir, local_files_only, token, list(shipped))
 
 
+# -- bounded Hub requests ----------------------------------------------------------------------
+DEFAULT_HUB_TIMEOUT = 10.0
+TIMEOUT_ENV_VARS = ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")
+
+
+def hub_timeout() -> float:
+    """Seconds one Hub request may wait for the server: the first positive number among the env vars
+    HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT (read now, so a changed environment counts), else 10."""
+    for name in TIMEOUT_ENV_VARS:
+        try:
+            seconds = float(os.environ.get(name, ""))
+        except ValueError:
+            continue
+        if math.isfinite(seconds) and seconds > 0:
+            return seconds
+    return DEFAULT_HUB_TIMEOUT
+
+
+def _timeout_filler(seconds: float) -> Callable[[Any], None]:
+    """An httpx request hook giving every timeout the request left unset (None) ``seconds``."""
+    def fill(request: Any) -> None:
+        limits = dict(request.extensions.get("timeout") or {})
+        phases = ("connect", "read", "write", "pool")
+        if any(limits.get(k) is None for k in phases):
+            request.extensions["timeout"] = {k: seconds if limits.get(k) is None else limits[k] for k in phases}
+    return fill
+
+
+@contextlib.contextmanager
+def bounded_hub_requests() -> Iterator[float]:
+    """While inside, no huggingface_hub request waits forever.
+
+    huggingface_hub 2.x sends some requests (``repo_info`` inside ``snapshot_download``, tree
+    listings) with ``timeout=None``, so a server that accepts the connection and never answers
+    hangs the caller. A request hook on its shared session fills in :func:`hub_timeout` for every
+    unset timeout; explicit timeouts are kept, and the hook is removed on exit.
+    """
+    from huggingface_hub.utils import get_session
+
+    seconds = hub_timeout()
+    hooks = get_session().event_hooks["request"]
+    hook = _timeout_filler(seconds)
+    hooks.append(hook)
+    try:
+        yield seconds
+    finally:
+        if hook in hooks:
+            hooks.remove(hook)
+
+
 def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike], local_files_only: bool,
               token: Optional[Union[str, bool]], shipped: List[str]) -> Tuple[Path, Dict[str, Any]]:
     from huggingface_hub import constants, snapshot_download
@@ -107,9 +162,11 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
                                         RevisionNotFoundError)
 
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
-                                        local_files_only=local_files_only, allow_patterns=list(CHECKPOINT_FILES),
-                                        library_name=LIBRARY, library_version=__version__))
+        with bounded_hub_requests() as seconds:
+            folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
+                                            local_files_only=local_files_only, allow_patterns=list(CHECKPOINT_FILES),
+                                            library_name=LIBRARY, library_version=__version__,
+                                            etag_timeout=seconds))
     except RepositoryNotFoundError as exc:
         raise CheckpointError(
             f"no checkpoint {repo_id!r}: not a local folder, not a shipped model ({', '.join(shipped) or 'none'}), "
@@ -124,7 +181,8 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
             raise CheckpointError(f"{where} and {why} forbids downloading it; download it once online, or pass "
                                   "cache_dir= where it is cached") from exc
         raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({', '.join(shipped) or 'none'}), "
-                              f"and the Hub at {constants.ENDPOINT} could not be reached ({exc.__cause__ or exc}); "
+                              f"and the Hub at {constants.ENDPOINT} could not be reached ({exc.__cause__ or exc}; "
+                              f"each request waits at most {hub_timeout():g} s, set by HF_HUB_ETAG_TIMEOUT); "
                               "check the name, or your connection / HF_ENDPOINT") from exc
     commit = folder.name if len(folder.name) == 40 else None
     source = {"type": "hub", "repo_id": repo_id, "revision": revision or "main", "commit": commit,
@@ -137,10 +195,23 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
     return folder, source
 
 
+def _check_not_shadowing(path: Path, name: str, shipped: Path) -> None:
+    """A local folder named like a shipped model wins the lookup; if it is no checkpoint, say so and
+    say how to reach the shipped one instead of reporting what the folder lacks."""
+    try:
+        read_config(path)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{name!r} names both the folder {path.resolve()} and a shipped model; the local folder shadows "
+            f"the shipped one and is not a loadable checkpoint: {exc}. To load the shipped model, pass its "
+            f"path: from_pretrained({str(shipped)!r}), or run from another directory") from exc
+
+
 def _remote_files(repo_id: str, revision: Optional[str], token: Any) -> Optional[List[str]]:
     from huggingface_hub import HfApi
     try:
-        return HfApi(token=token).list_repo_files(repo_id, revision=revision)
+        with bounded_hub_requests():
+            return HfApi(token=token).list_repo_files(repo_id, revision=revision)
     except Exception:  # only used to word an error; the cached listing is the fallback
         return None
 
@@ -171,26 +242,53 @@ def _check_present(where: str, files: List[str]) -> None:
 
 # -- loading -----------------------------------------------------------------------------------
 def read_config(folder: Path) -> Dict[str, Any]:
-    """Parse and check ``folder/config.json`` (presence, JSON, library, format version)."""
-    _check_present(str(folder), _listing(folder))
+    """Parse and check ``folder/config.json`` (presence, JSON, library, format version, kind)."""
+    files = _listing(folder)
+    if CONFIG_NAME not in files:
+        _check_present(str(folder), files)  # raises, naming what the folder holds
+    config = _parse_config(folder / CONFIG_NAME)
     path = folder / CONFIG_NAME
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); re-save or re-download the checkpoint") from exc
+    if isinstance(config, dict) and config.get("kind") == EXPORT_KIND:
+        raise CheckpointError(
+            f"{folder} is an export folder (a {config.get('format') or 'step'} graph written by `lrnnx-zoo export`, "
+            f"kind={EXPORT_KIND!r}), not a checkpoint: it has no {WEIGHTS_NAME} to build a SequenceModel from. Run it "
+            f"with lrnnx_zoo.export (e.g. OnnxStreamer), or load the checkpoint it came from "
+            f"({config.get('source') or 'see its config.json'})")
+    _check_present(str(folder), files)
     if not isinstance(config, dict) or config.get("library") != LIBRARY:
         got = config.get("library") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(f"{path} is not an lrnnx-zoo config (library={got!r}, expected {LIBRARY!r})")
     version = config.get("format_version")
-    if not isinstance(version, int):
-        raise CheckpointError(f"{path}: format_version must be an int, got {version!r}")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: format_version must be a positive int, got {version!r}")
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format_version {version} (written by lrnnx-zoo {config.get('library_version')}); this "
             f"lrnnx-zoo {__version__} reads format_version <= {FORMAT_VERSION}. Upgrade: pip install -U lrnnx-zoo")
     if not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{path} has no 'model' section (the ModelConfig); re-save the checkpoint")
+    for key, expected, allowed in (("family", "a str", (str,)), ("plugin", "a dict (name, distribution, version)",
+                                                                   (dict,))):
+        value = config.get(key)
+        if value is not None and not isinstance(value, allowed):
+            raise CheckpointError(f"{path}: '{key}' must be {expected}, got {value!r} "
+                                  f"({type(value).__name__}); re-save the checkpoint")
+    layer = config["model"].get("layer")
+    if layer is not None and not isinstance(layer, str):
+        raise CheckpointError(f"{path}: model.layer must be a str (a registered layer name), got {layer!r} "
+                              f"({type(layer).__name__}); re-save the checkpoint")
     return config
+
+
+def _parse_config(path: Path) -> Any:
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, expected a JSON file; re-save or re-download the checkpoint")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); re-save or re-download the checkpoint") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc}); check it is a readable JSON file") from exc
 
 
 def _layer_name(config: Dict[str, Any], path: Path) -> str:
@@ -209,6 +307,10 @@ def _layer_name(config: Dict[str, Any], path: Path) -> str:
         if info is not None and info.error:
             msg += f" Plugin {name!r} is installed but failed to load: {info.error.strip().splitlines()[0]}" \
                    " (see `lrnnx-zoo plugins`)."
+        elif dist == LIBRARY:  # already installed: installing again changes nothing, a newer release may
+            msg += (f" The config says {LIBRARY} {plugin.get('version') or ''} provides it and this is {LIBRARY} "
+                    f"{__version__}: upgrade it (pip install -U {LIBRARY}) and restart Python; if this is the "
+                    "newest release, the config names a family lrnnx-zoo does not ship.").replace("  ", " ")
         elif dist:
             msg += f" Install it: pip install {dist}, then restart Python or call lrnnx_zoo.reload_plugins()."
         else:
@@ -246,6 +348,31 @@ def _check_state(expected: Dict[str, Any], found: Dict[str, Any], path: Path) ->
                               "with model.save_pretrained(DIR)")
 
 
+def _dtype_kind(tensor: Any) -> str:
+    if tensor.is_complex():
+        return "complex"
+    return "floating" if tensor.is_floating_point() else "integer or bool"
+
+
+def _check_dtypes(expected: Dict[str, Any], found: Dict[str, Any], path: Path) -> None:
+    """Refuse tensors whose kind of dtype differs from the model's: copying int or bool weights into
+    float parameters would run with wrong values. Any float width goes into a float parameter."""
+    wrong = [f"{k}: file {found[k].dtype} vs model {expected[k].dtype}" for k in sorted(expected)
+             if _dtype_kind(found[k]) != _dtype_kind(expected[k])]
+    if wrong:
+        raise CheckpointError(f"{path} stores tensors of a dtype the model cannot take: {'; '.join(wrong)}. "
+                              "Floating parameters need floating weights (float16, bfloat16, float32 or float64); "
+                              "re-save the model with model.save_pretrained(DIR)")
+
+
+def _weights_dtype(tensors: Dict[str, Any]) -> Optional[Any]:
+    """float64 when every floating tensor of the file is float64 (a model saved in double precision),
+    else None: the model stays float32 and half-precision weights are cast up."""
+    import torch
+    floating = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    return torch.float64 if floating == {torch.float64} else None
+
+
 def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "SequenceModel":
     """Build the model a checkpoint folder describes and load its weights strictly (eval mode)."""
     from .models import ModelConfig, SequenceModel
@@ -259,6 +386,10 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
         raise CheckpointError(f"cannot build the model described by {folder / CONFIG_NAME}: {exc}") from exc
     tensors = _read_weights(folder / WEIGHTS_NAME)
     _check_state(model.state_dict(), tensors, folder / WEIGHTS_NAME)
+    _check_dtypes(model.state_dict(), tensors, folder / WEIGHTS_NAME)
+    dtype = _weights_dtype(tensors)
+    if dtype is not None:
+        model = model.to(dtype)
     model.load_state_dict(tensors, strict=True)
     model.eval()
     model.checkpoint_info = {**config, "source": source or {"type": "local", "path": str(folder.resolve())}}

@@ -10,8 +10,10 @@ folder swapped in only when complete), ``upload_checkpoint`` and the :class:`Hub
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Union
@@ -26,10 +28,38 @@ if TYPE_CHECKING:  # models.py imports this module for HubMixin
 
 
 # -- saving ------------------------------------------------------------------------------------
+def json_ready(value: Any, where: str) -> Any:
+    """``value`` with numpy scalars and one-element tensors/arrays turned into Python numbers, and
+    non-finite floats into None (strict JSON has no NaN/Infinity), so config.json stays standard JSON;
+    anything else JSON cannot hold is a TypeError naming ``where`` (e.g. ``metrics['acc']``)."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if _holds_one_number(value):
+        return json_ready(value.item(), where)
+    raise TypeError(f"{where} must be JSON data (str, number, bool, None, list, dict, or a one-element "
+                    f"tensor/array), got {value!r} ({type(value).__name__})")
+
+
+def _holds_one_number(value: Any) -> bool:
+    """numpy scalars and arrays (a ``size`` attribute) or torch tensors (a ``numel()`` method) of one element."""
+    numel = getattr(value, "numel", None)
+    count = numel() if callable(numel) else getattr(value, "size", None)
+    return count == 1 and callable(getattr(value, "item", None))
+
+
 def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any = None,
                       metrics: Optional[Dict[str, Any]] = None, command: Optional[str] = None,
                       notes: Optional[str] = None) -> Dict[str, Any]:
     """The config.json dict for ``model`` (a SequenceModel) with the given provenance."""
+    if command is not None and not isinstance(command, str):  # the card shows it as a shell line
+        raise TypeError(f"command must be a str (the shell command that made the model), got {command!r} "
+                        f"({type(command).__name__})")
     layer = model.config.layer
     prefix, _, family = layer.rpartition(":")
     reg = get_registry()
@@ -40,8 +70,9 @@ def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any 
             "family": family,
             "plugin": {"name": name, "distribution": info.distribution if info else None,
                        "version": info.version if info else None},
-            "model": model.config.to_dict(), "task": task, "dataset": dataset, "metrics": metrics,
-            "command": command, "notes": notes}
+            "model": model.config.to_dict(), "task": json_ready(task, "task"),
+            "dataset": json_ready(dataset, "dataset"), "metrics": json_ready(metrics, "metrics"),
+            "command": json_ready(command, "command"), "notes": json_ready(notes, "notes")}
 
 
 def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, Any], name: str) -> None:
@@ -49,7 +80,7 @@ def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, An
     import safetensors.torch
     from .hub_card import build_card
 
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     # clone: safetensors refuses tensors that share storage, and the file must not alias live params
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(tensors, str(folder / WEIGHTS_NAME),
@@ -85,24 +116,55 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
+def check_save_target(save_directory: PathLike) -> Path:
+    """The folder a save into ``save_directory`` writes (a symlink's target), after checking it can be
+    written: not a file, and both it (if it exists) and its parent (where the temporary sibling goes)
+    writable. Raises CheckpointError or PermissionError naming the folder the caller gave."""
+    given = Path(save_directory).expanduser().absolute()
+    target = given.resolve() if given.is_symlink() else given  # save through the link, keep the link
+    shown = str(given) if target == given else f"{given} (a link to {target})"
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"save_directory {shown} is a file; pass a folder (it is created if missing)")
+    if Path.cwd().absolute().is_relative_to(target) and target.exists():
+        raise CheckpointError(f"cannot save over {shown}: it holds the current working directory, and saving "
+                              "swaps the folder; save to a subfolder instead")
+    if target.exists() and not os.access(target, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot save into {shown}: the folder is not writable by this user "
+                              f"(mode {stat.filemode(target.stat().st_mode)}); make it writable or save elsewhere")
+    ancestor = _nearest_existing(target.parent)
+    if not ancestor.is_dir():
+        raise CheckpointError(f"cannot save into {shown}: {ancestor} is a file, expected a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        what = "its parent folder" if ancestor == target.parent else "the nearest existing folder above it"
+        raise PermissionError(f"cannot save into {shown}: {what} {ancestor} is not writable by this user, and "
+                              "saving writes a temporary sibling folder there first; make it writable or save "
+                              "elsewhere")
+    return target
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def save_checkpoint(model: "SequenceModel", save_directory: PathLike, *, name: Optional[str] = None,
                     **meta: Any) -> Path:
-    """Atomically write ``model`` as a checkpoint folder (see :meth:`HubMixin.save_pretrained`)."""
-    target = Path(save_directory).expanduser().absolute()
-    if target.exists() and not target.is_dir():
-        raise CheckpointError(f"save_directory {target} is a file; pass a folder (it is created if missing)")
-    if Path.cwd().absolute().is_relative_to(target) and target.exists():
-        raise CheckpointError(f"cannot save over {target}: it holds the current working directory, and saving "
-                              "swaps the folder; save to a subfolder instead")
+    """Atomically write ``model`` as a checkpoint folder (see :meth:`HubMixin.save_pretrained`).
+
+    A symlinked ``save_directory`` is saved into its target (the link stays); saving over an existing
+    folder keeps its permission bits."""
+    target = check_save_target(save_directory)
     config = checkpoint_config(model, **meta)
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp, old = target.with_name(f".{target.name}.tmp-{tag}"), target.with_name(f".{target.name}.old-{tag}")
     tmp.mkdir()
     try:
-        _write_checkpoint(model, tmp, config, name or target.name)
+        _write_checkpoint(model, tmp, config, name or Path(save_directory).expanduser().name or target.name)
         if target.exists():
             _carry_over(target, tmp)
+            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))  # e.g. a private 0700 folder stays private
             os.rename(target, old)
             try:
                 os.rename(tmp, target)
@@ -124,7 +186,8 @@ def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)  # endpoint: HF_ENDPOINT
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    # "name" without a namespace is created under the token's user: upload where it was created
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision not in (None, "main"):
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     message = commit_message or f"Upload lrnnx-zoo {__version__} checkpoint"

@@ -26,6 +26,10 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tan
 NORMS = ("layer", "batch", "none")
 POSTS = ("glu", "linear", "none")
 POOLINGS = (None, "mean", "last")
+# Refuse configs describing more parameters than this before allocating anything: a typo such as
+# d_model=10**9 would otherwise exhaust memory instead of raising.
+MAX_PARAMETERS = 10**9
+SIZE_KWARGS = ("d_state", "channels", "l_max")  # integer sizes most layers take; l_max may be None
 
 
 @dataclass
@@ -54,17 +58,47 @@ class ModelConfig:
     pooling: Optional[str] = None
 
     def __post_init__(self) -> None:
+        self._check_types()
         checks = [("norm", self.norm, NORMS), ("activation", self.activation, tuple(ACTIVATIONS)),
                   ("post", self.post, POSTS), ("pooling", self.pooling, POOLINGS)]
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {value!r}")
         for name in ("d_input", "d_output", "d_model", "n_layers"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {v!r}")
+            _check_size(f"ModelConfig.{name}", getattr(self, name))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}")
+        for key in SIZE_KWARGS:
+            value = self.layer_kwargs.get(key)
+            if value is not None or (key != "l_max" and key in self.layer_kwargs):
+                _check_size(f"ModelConfig.layer_kwargs[{key!r}]", value)
+        self._check_budget()
+
+    def _check_types(self) -> None:
+        """JSON configs can hold anything: name the field, the expected type and the value given."""
+        for name, expected, ok in (("layer", "a str (a registered layer name)", isinstance(self.layer, str)),
+                                   ("layer_kwargs", "a dict of layer arguments", isinstance(self.layer_kwargs, dict)),
+                                   ("dropout", "a float", _is_real(self.dropout))):
+            if not ok:
+                value = getattr(self, name)
+                raise TypeError(f"ModelConfig.{name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+    def parameter_estimate(self) -> int:
+        """A rough upper estimate of the parameter count (block maps, layer state, kernel taps)."""
+        kw = self.layer_kwargs
+        state = kw.get("d_state") or 64
+        channels = kw.get("channels") or 1
+        taps = kw.get("l_max") or 0
+        per_block = self.d_model * (4 * self.d_model + 4 * channels * state + channels * taps)
+        return self.n_layers * per_block + self.d_model * (self.d_input + self.d_output + 4)
+
+    def _check_budget(self) -> None:
+        estimate = self.parameter_estimate()
+        if estimate > MAX_PARAMETERS:
+            sizes = ", ".join(f"{k}={getattr(self, k)}" for k in ("d_input", "d_output", "d_model", "n_layers"))
+            sizes += "".join(f", {k}={self.layer_kwargs[k]}" for k in SIZE_KWARGS if self.layer_kwargs.get(k))
+            raise ValueError(f"ModelConfig sizes ({sizes}) describe about {estimate:.2g} parameters, more than "
+                             f"the {MAX_PARAMETERS:.0e} lrnnx-zoo builds; check these sizes")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -75,10 +109,26 @@ class ModelConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown ModelConfig keys {unknown}; expected a subset of {sorted(names)}")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ValueError(f"ModelConfig keys {missing} are missing; required: {required}")
         return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_size(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class GLU(nn.Module):

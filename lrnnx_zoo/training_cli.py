@@ -12,6 +12,17 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (so --epochs 0 or --batch-size 0 is a usage error, not a crash)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from .recipes import RECIPES, list_recipes
     for name in list_recipes():
@@ -30,6 +41,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except UnknownRecipeError as exc:
         print(f"lrnnx-zoo train: {exc}", file=sys.stderr)
         return 2
+    from .hub import CheckpointError
+    from .hub_save import check_save_target
+    try:  # before training: a run that cannot save its checkpoint is wasted
+        check_save_target(args.out)
+    except (CheckpointError, PermissionError) as exc:
+        print(f"lrnnx-zoo train: --out {args.out}: {exc}", file=sys.stderr)
+        return 2
     recipe = override(recipe, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                       max_steps=args.max_steps)
     from .training import train
@@ -46,11 +64,11 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
                        description="Train a recipe (see `lrnnx-zoo recipes`). Under torchrun the global batch "
                                    "is split evenly across processes.")
     p.add_argument("recipe", help="recipe name, e.g. digits-s4d")
-    p.add_argument("--out", default=None, metavar="DIR",
+    p.add_argument("--out", required=True, metavar="DIR",
                    help="write the checkpoint (config.json, model.safetensors, README.md) here")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
-    p.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="override the global batch size")
+    p.add_argument("--epochs", type=positive_int, default=None, help="override the recipe's number of epochs")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="override the global batch size")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary line")
     sub.add_parser("recipes", help="list the training recipes")
