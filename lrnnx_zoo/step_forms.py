@@ -58,9 +58,10 @@ def stored(t: Tensor) -> Tensor:
     return t.detach().to(_BUILD_DTYPE.get() or torch.get_default_dtype()).contiguous()
 
 
-#: DiagonalStepForm fuses below this many matrix entries. Measured per step in ONNX Runtime at
-#: batch 1, 4 LRU blocks: d_model=32, N=32: 23 us fused vs 33 us elementwise; 64/64: 29 vs 35 us;
-#: 128/64 (65,536 entries): 58 vs 57 us, where reading the 256 KiB matrix starts to cost more.
+#: DiagonalStepForm fuses up to this many matrix entries. Measured per step in ONNX Runtime, 4 LRU
+#: blocks, fused vs elementwise (interleaved): d_model=32, N=32: 23 vs 33 us; 64/64: 29 vs 35 us;
+#: 128/64 (65,536 entries, 256 KiB): 52.6 vs 61.5 us at batch 1 (6% slower at batch 64);
+#: 160/96 (123,904): 70.0 vs 74.5 us at batch 1 but 14% slower at batch 64; 96/128: slower at both.
 FUSE_LIMIT = 1 << 16
 
 
@@ -72,7 +73,7 @@ class DiagonalStepForm(StepForm):
         B: (M, H_in) complex discrete input matrix.
         C: (H_out, M) complex output matrix (fold any conjugate-pair factor 2 into it).
         D: (H_out,) skip connection (H_in == H_out) or (H_out, H_in), or None.
-        fuse: one matmul per step (below); default when the matrix has fewer than FUSE_LIMIT entries.
+        fuse: one matmul per step (below); default when the matrix has at most FUSE_LIMIT entries.
     State layout: [Re x (M), Im x (M)], so state_size = 2M.
 
     In row-vector form s' = s P + u Q and y = s' R + u S, so one matrix gives both outputs:
@@ -102,7 +103,7 @@ class DiagonalStepForm(StepForm):
             S = torch.zeros(self.d_input, self.d_output, dtype=torch.float64)
         else:
             S = torch.diag(D.double()) if D.dim() == 1 else D.double().T
-        self.fused = (2 * M + self.d_input) * (2 * M + self.d_output) < FUSE_LIMIT if fuse is None else fuse
+        self.fused = (2 * M + self.d_input) * (2 * M + self.d_output) <= FUSE_LIMIT if fuse is None else fuse
         if self.fused:
             lr, li = torch.diag(lam.real), torch.diag(lam.imag)
             P = torch.cat([torch.cat([lr, li], 1), torch.cat([-li, lr], 1)], 0)  # s @ P = lam * s
