@@ -180,14 +180,21 @@ def save_checkpoint(model: "SequenceModel", save_directory: PathLike, *, name: O
     return target
 
 
+def create_repo(repo_id: str, *, token: Optional[str] = None, private: bool = False) -> str:
+    """Create ``repo_id`` on the Hub if needed; returns its full id ("name" without a namespace is
+    created under the token's user, and that is where files must go and what the card must name)."""
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id  # endpoint: HF_ENDPOINT
+
+
 def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None, private: bool = False,
                       commit_message: Optional[str] = None, revision: Optional[str] = None) -> Any:
     """Create ``repo_id`` if needed (and branch ``revision``) and upload the checkpoint files in one commit."""
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token)  # endpoint: HF_ENDPOINT
-    # "name" without a namespace is created under the token's user: upload where it was created
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    api = HfApi(token=token)
+    repo_id = create_repo(repo_id, token=token, private=private)
     if revision not in (None, "main"):
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     message = commit_message or f"Upload lrnnx-zoo {__version__} checkpoint"
@@ -213,10 +220,12 @@ class HubMixin:
         otherwise the folder's path.
         """
         meta = dict(task=task, dataset=dataset, metrics=metrics, command=command, notes=notes)
+        if push_to_hub:     # the card names the repo the files land in
+            repo_id = create_repo(repo_id or Path(save_directory).expanduser().absolute().name)
         folder = save_checkpoint(self, save_directory, name=repo_id, **meta)
         if not push_to_hub:
             return folder
-        return upload_checkpoint(folder, repo_id or folder.name)
+        return upload_checkpoint(folder, repo_id)
 
     def push_to_hub(self, repo_id: str, *, token: Optional[str] = None, private: bool = False,
                     commit_message: Optional[str] = None, revision: Optional[str] = None) -> Any:
@@ -228,6 +237,7 @@ class HubMixin:
         import tempfile
         info = getattr(self, "checkpoint_info", None) or {}
         meta = {k: info.get(k) for k in ("task", "dataset", "metrics", "command", "notes")}
+        repo_id = create_repo(repo_id, token=token, private=private)   # its full id, for the card
         with tempfile.TemporaryDirectory(prefix="lrnnx-zoo-push-") as tmp:
             folder = save_checkpoint(self, Path(tmp) / "checkpoint", name=repo_id, **meta)
             return upload_checkpoint(folder, repo_id, token=token, private=private,

@@ -496,8 +496,12 @@ def test_push_without_namespace_uploads_to_the_created_repo(local_hub, tmp_path)
     model.save_pretrained(tmp_path / "my-model", push_to_hub=True, **META)
     assert "model.safetensors" in local_hub.list_files("local-user/my-model")
     assert_same_outputs(model, from_pretrained("local-user/my-model"))
+    assert 'from_pretrained("local-user/my-model")' in (tmp_path / "my-model" / "README.md").read_text()
     commit = model.push_to_hub("bare")
     assert commit.oid == local_hub.resolve("local-user/bare")
+    from huggingface_hub import hf_hub_download
+    card = Path(hf_hub_download("local-user/bare", "README.md", cache_dir=tmp_path / "cache")).read_text()
+    assert 'from_pretrained("local-user/bare")' in card       # the card names where the files are
 
 
 @pytest.mark.parametrize("section, key, value, message", [
