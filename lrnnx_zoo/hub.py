@@ -77,7 +77,13 @@ def resolve_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, c
 
     Returns (folder, source) where source records where it came from (and the resolved commit).
     """
+    if isinstance(name_or_path, bytes) or not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"from_pretrained expects a shipped name, a folder path or a Hub repo id (str or "
+                        f"os.PathLike), got {name_or_path!r} ({type(name_or_path).__name__})")
     text = os.fspath(name_or_path)
+    if not str(text).strip():       # Path("") is the working directory: never what an empty name meant
+        raise CheckpointError("from_pretrained got an empty name; pass a shipped name (lrnnx-zoo models), "
+                              "a checkpoint folder or a Hub repo id")
     path = Path(text).expanduser()
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:

@@ -604,3 +604,11 @@ def test_cli_train_checks_out_before_training(tmp_path, capsys, monkeypatch):
     assert f"save_directory {a_file} is a file" in capsys.readouterr().err
     assert cli_main(["train", "digits-tiny", "--out", str(a_file / "sub")]) == 2
     assert f"{a_file} is a file, expected a folder" in capsys.readouterr().err
+
+
+def test_from_pretrained_refuses_empty_and_non_path_names():
+    with pytest.raises(CheckpointError, match="empty name"):
+        from_pretrained("")
+    for bad in (None, b"digits-lru", 3):
+        with pytest.raises(TypeError, match="expects a shipped name, a folder path or a Hub repo id"):
+            from_pretrained(bad)
