@@ -39,7 +39,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .kernels.cauchy import cauchy_conj  # noqa: F401  (seed API: the S4 helpers' Cauchy kernel lives here too)
+
 __all__ = [
+    "cauchy_conj",
     "MEASURES",
     "NPLR_MEASURES",
     "transition",

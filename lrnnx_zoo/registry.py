@@ -33,6 +33,28 @@ _HOOKS = ("lrnnx_zoo_register_layers", "lrnnx_zoo_register_initializers",
           "lrnnx_zoo_register_kernel_backends")
 
 
+#: What a plugin may raise without taking the process down: any error, and SystemExit (a plugin
+#: calling sys.exit() at import, e.g. "needs CUDA"); KeyboardInterrupt still stops everything.
+PLUGIN_FAILURES = (Exception, SystemExit)
+
+
+def _hook_mistake(plugin: Any) -> Optional[str]:
+    """A plugin's hook that pluggy would ignore without a word: a hookimpl-decorated function whose
+    name is not a hook (a typo), or a hook-named function without the decorator."""
+    project = hookspecs.PROJECT
+    for attr in dir(plugin):
+        fn = getattr(plugin, attr, None)
+        if not callable(fn) or not attr.startswith(project + "_"):
+            continue
+        decorated = hasattr(fn, project + "_impl")
+        if decorated and attr not in _HOOKS:
+            return (f"{attr} is marked @{project}.hookimpl but is not a hook; hooks: {', '.join(_HOOKS)} "
+                    f"(a typo?)")
+        if attr in _HOOKS and not decorated:
+            return f"{attr} is missing its @{project}.hookimpl decorator, so it would never be called"
+    return None
+
+
 class RegistryError(LookupError):
     """A name that is unknown or ambiguous in the registry."""
 
@@ -94,6 +116,10 @@ class Registry:
     def _add(self, table: Dict, key: Any, value: Any, what: str, label: str) -> None:
         if not callable(value):
             raise PluginError(f"{label}: expected a callable, got {value!r}")
+        for part in (key,) if isinstance(key, str) else key:
+            if not isinstance(part, str) or not part or ":" in part:
+                raise PluginError(f"{what} names must be non-empty strings without ':' (reserved for "
+                                  f"'<plugin>:<name>' lookups), got {part!r} in {label!r}")
         plugin = self._current.name if self._current else "<direct>"
         table.setdefault(key, []).append(_Entry(value, plugin))
         if self._current is not None:
@@ -129,6 +155,8 @@ class Registry:
         if not entries:
             failed = [p.name for p in self.plugins.values() if p.error]
             hint = f" Plugins that failed to load: {', '.join(failed)} (see `lrnnx-zoo plugins`)." if failed else ""
+            if not _autoload():
+                hint += f" Third-party plugins are not loaded: {DISABLE_AUTOLOAD_ENV} is set."
             raise RegistryError(f"unknown {what} {label!r}; available: {', '.join(known) or 'none'}.{hint}")
         if len(entries) > 1:
             owners = [e.plugin for e in entries]
@@ -152,8 +180,13 @@ class Registry:
         self.plugins[info.name] = info
         try:
             pm.register(plugin, name=info.name)
-        except Exception as exc:  # pluggy validates hook names and signatures here
+        except PLUGIN_FAILURES as exc:  # pluggy validates hook names and signatures here
             info.error = f"{type(exc).__name__}: {exc}"
+            return
+        mistake = _hook_mistake(plugin)
+        if mistake:
+            info.error = mistake
+            pm.unregister(plugin)
             return
         self._current = info
         try:
@@ -161,7 +194,7 @@ class Registry:
                 for impl in getattr(pm.hook, hook).get_hookimpls():
                     if impl.plugin_name == info.name:
                         impl.function(self)
-        except Exception as exc:
+        except PLUGIN_FAILURES as exc:
             info.error = f"{type(exc).__name__} in a hook: {exc}\n{traceback.format_exc(limit=-3)}"
             self._forget(info.name)
         finally:
@@ -178,7 +211,11 @@ class Registry:
         info.layers, info.initializers, info.backends = [], [], []
 
     def mark_duplicates(self) -> None:
-        """Note on every plugin involved in a name clash which names clash and with whom."""
+        """Note on every plugin involved in a name clash which names clash and with whom; clashes
+        that are gone (a plugin was unregistered) are cleared."""
+        for info in self.plugins.values():
+            if info.error is not None and info.error.startswith("duplicate"):
+                info.error = None
         clashes: Dict[str, List[str]] = {}
         for what, table in (("layer", self._layers), ("initializer", self._initializers),
                             ("backend", self._backends)):
@@ -197,20 +234,39 @@ class Registry:
                              ". Uninstall one of the plugins or use '<plugin>:<name>'."
 
 
+def _autoload() -> bool:
+    return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes")
+
+
 def _discover(registry: Registry, pm: pluggy.PluginManager) -> None:
-    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes")
-    seen = set()
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+    autoload = _autoload()
+    seen: Dict[str, str] = {}           # entry point (= plugin) name -> the distribution that has it
+
+    def is_builtin(ep: Any) -> bool:
+        dist = getattr(ep, "dist", None)
+        return (getattr(dist, "name", None) or "").replace("_", "-").lower() == BUILTIN_DISTRIBUTION
+
+    # Built-in families first, so a third-party entry point with a built-in's name cannot hide it.
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (not is_builtin(e), e.name)):
         dist = getattr(ep, "dist", None)
         dist_name = getattr(dist, "name", None) if dist else None
-        builtin = (dist_name or "").replace("_", "-").lower() == BUILTIN_DISTRIBUTION
-        if ep.name in seen or (not builtin and not autoload):
+        builtin = is_builtin(ep)
+        if not builtin and not autoload:
             continue
-        seen.add(ep.name)
         info = PluginInfo(ep.name, ep.value, dist_name, getattr(dist, "version", None) if dist else None, builtin)
+        if ep.name in seen:
+            if seen[ep.name] == dist_name:          # the same distribution seen twice on sys.path
+                continue
+            info.name = f"{dist_name}:{ep.name}"
+            registry.plugins[info.name] = info
+            info.error = (f"entry point name {ep.name!r} of {dist_name or 'an unknown distribution'} is already "
+                          f"taken by {seen[ep.name]}; plugin names must be unique: rename the entry point in "
+                          f"[project.entry-points.{ENTRY_POINT_GROUP}] of {dist_name or 'that distribution'}")
+            continue
+        seen[ep.name] = dist_name or "?"
         try:
             plugin = ep.load()
-        except Exception as exc:
+        except PLUGIN_FAILURES as exc:
             registry.plugins[ep.name] = info
             info.error = f"could not import {ep.value!r} from {dist_name or 'an unknown distribution'}: " \
                          f"{type(exc).__name__}: {exc}"
@@ -288,6 +344,7 @@ def unregister_plugin(name: str) -> None:
     plugin = _pm.get_plugin(name)
     if plugin is not None:
         _pm.unregister(plugin)
+    reg.mark_duplicates()       # a clash this plugin was part of is over
 
 
 # -- public helpers ----------------------------------------------------------------------------

@@ -88,6 +88,8 @@ def test_autoload_can_be_turned_off(third_party, monkeypatch):
     lrnnx_zoo.reload_plugins()
     names = {p.name for p in lrnnx_zoo.list_plugins()}
     assert {"lru", "s4d"} <= names and not names & {"ema", "broken", "raising", "clash"}
+    with pytest.raises(RegistryError, match=f"not loaded: {DISABLE_AUTOLOAD_ENV} is set"):
+        lrnnx_zoo.create_layer("ema", 4)
 
 
 def test_unknown_names_list_what_exists():
@@ -122,3 +124,75 @@ def test_cli_lists_plugins_and_failures(third_party):
     out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "layers"], capture_output=True, text=True,
                          check=True).stdout
     assert "lru" in out and "from lru" in out
+
+
+# -- found by a bug bash -------------------------------------------------------------------------
+def test_entry_point_named_like_a_builtin_cannot_hide_it(tmp_path, monkeypatch):
+    # Before: the first entry point of a name won and the other was dropped without a word.
+    root = tmp_path / "site"
+    make_distribution(root, "tp-shadow", {"tp_shadow": GOOD_PLUGIN.replace("{layer_name}", "shadow_layer")},
+                      {"s4d": "tp_shadow"})
+    make_distribution(root, "tp-one", {"tp_one": GOOD_PLUGIN.replace("{layer_name}", "one_layer")}, {"twin": "tp_one"})
+    make_distribution(root, "tp-two", {"tp_two": GOOD_PLUGIN.replace("{layer_name}", "two_layer")}, {"twin": "tp_two"})
+    activate(root, monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    try:
+        lrnnx_zoo.reload_plugins()
+        assert {"s4d", "lru"} <= set(lrnnx_zoo.list_layers()) and _plugin("s4d").builtin and _plugin("s4d").ok
+        shadow = _plugin("tp-shadow:s4d")
+        assert not shadow.ok and "already taken by lrnnx-zoo" in shadow.error and "rename the entry point" in shadow.error
+        losers = [p for p in lrnnx_zoo.list_plugins() if p.name.endswith(":twin")]
+        assert len(losers) == 1 and "already taken by" in losers[0].error
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+
+
+def test_plugin_calling_sys_exit_does_not_stop_the_process(tmp_path, monkeypatch):
+    root = tmp_path / "site"
+    make_distribution(root, "tp-exit", {"tp_exit": "import sys\nsys.exit('needs CUDA')\n"}, {"exiting": "tp_exit"})
+    activate(root, monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    try:
+        lrnnx_zoo.reload_plugins()
+        assert "s4d" in lrnnx_zoo.list_layers()
+        assert "needs CUDA" in _plugin("exiting").error
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+
+
+def test_hook_mistakes_names_and_stale_clashes(tmp_path):
+    import types
+    from lrnnx_zoo.registry import PluginError
+
+    typo = types.ModuleType("typo_plugin")
+    typo.lrnnx_zoo_register_layer = lrnnx_zoo.hookimpl(lambda registry: None)       # missing "s"
+    with pytest.raises(PluginError, match="lrnnx_zoo_register_layer is marked .* not a hook"):
+        lrnnx_zoo.register_plugin(typo)
+    bare = types.ModuleType("bare_plugin")
+    bare.lrnnx_zoo_register_layers = lambda registry: None                          # no decorator
+    with pytest.raises(PluginError, match="missing its @lrnnx_zoo.hookimpl decorator"):
+        lrnnx_zoo.register_plugin(bare)
+    colon = types.ModuleType("colon_plugin")
+    colon.lrnnx_zoo_register_layers = lrnnx_zoo.hookimpl(
+        lambda registry: registry.add_layer("my:layer", torch.nn.Identity))
+    with pytest.raises(PluginError, match="without ':'"):
+        lrnnx_zoo.register_plugin(colon)
+    # a clash with a built-in name marks both; unregistering the intruder clears it
+    intruder = types.ModuleType("intruder")
+    intruder.lrnnx_zoo_register_kernel_backends = lrnnx_zoo.hookimpl(
+        lambda registry: registry.add_backend("vandermonde", "torch", lambda *a: None))
+    lrnnx_zoo.register_plugin(intruder)
+    try:
+        assert not _plugin("s4d").ok
+    finally:
+        lrnnx_zoo.unregister_plugin("intruder")
+    assert _plugin("s4d").ok
+    assert "s4d" in lrnnx_zoo.list_layers()
+
+
+def test_seed_names_for_the_s4_helpers():
+    from lrnnx_zoo.hippo import cauchy_conj
+    from lrnnx_zoo.plugins.s4 import cauchy_conj as cauchy_conj_s4, krylov, power
+    assert cauchy_conj is cauchy_conj_s4 and callable(krylov) and callable(power)

@@ -14,6 +14,7 @@ Modules: ``kernel`` (parameters, C~, rate, state passing, step modes), ``generat
 from __future__ import annotations
 
 from lrnnx_zoo import hookimpl
+from lrnnx_zoo.hippo import cauchy_conj, krylov, power  # seed names, re-exported
 from lrnnx_zoo.kernels.cauchy import cauchy_conj_keops
 from lrnnx_zoo.kernels.cauchy_shared import cauchy_conj_auto, cauchy_conj_shared
 
@@ -24,7 +25,7 @@ from .step import ChannelDPLRStepForm, DiagonalAccuracyError
 
 __all__ = ["S4", "S4Layer", "SSKernelNPLR", "HippoSSKernel", "S4Kernel", "optimizer_param_groups",
            "ChannelDPLRStepForm", "DiagonalAccuracyError", "LinearActivation", "TransposedLinear", "Activation",
-           "DropoutNd", "get_initializer"]
+           "DropoutNd", "get_initializer", "cauchy_conj", "krylov", "power"]
 
 
 @hookimpl
