@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import check_floating
+from .base import check_floating, mask_padding
 from .hub_save import HubMixin
 from .registry import create_layer
 
@@ -147,13 +147,27 @@ def _norm(kind: str, d: int) -> nn.Module:
 
 
 class _BatchNormLast(nn.BatchNorm1d):
-    """BatchNorm over the feature axis of (..., H) inputs; in eval mode an affine map per step."""
+    """BatchNorm over the feature axis of (..., H) inputs; in eval mode an affine map per step.
 
-    def forward(self, x: Tensor) -> Tensor:
+    Given ``lengths`` in training, the batch statistics come from the valid steps only (padding
+    moved them: logits changed by 1.2 between padding of 0 and 5) and padded steps come out zero.
+    """
+
+    def forward(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         if x.dim() == 2:
             return super().forward(x)
+        if lengths is not None and self.training and x.dim() == 3:
+            valid = torch.arange(x.shape[1], device=x.device)[None] < torch.as_tensor(lengths, device=x.device)[:, None]
+            out = x.new_zeros(x.shape)
+            out[valid] = super().forward(x[valid])
+            return out
         shape = x.shape
         return super().forward(x.reshape(-1, shape[-1])).reshape(shape)
+
+
+def _normalize(norm: nn.Module, h: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """norm(h), telling a batch norm which steps are padding."""
+    return norm(h, lengths) if isinstance(norm, _BatchNormLast) else norm(h)
 
 
 class Block(nn.Module):
@@ -173,7 +187,7 @@ class Block(nn.Module):
         return self.dropout(self.post(self.activation(z)))
 
     def forward(self, h: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
-        return h + self.mix(self.layer(self.norm(h), lengths=lengths))
+        return h + self.mix(self.layer(_normalize(self.norm, h, lengths), lengths=lengths))
 
 
 class SequenceModel(HubMixin, nn.Module):
@@ -203,18 +217,20 @@ class SequenceModel(HubMixin, nn.Module):
         if x.dim() != 3 or x.shape[-1] != cfg.d_input:
             raise ValueError(f"SequenceModel expects x of shape (batch, length, d_input={cfg.d_input}), "
                              f"got {tuple(x.shape)}")
-        check_floating(x, "SequenceModel")
-        h = self.encoder(x)
+        self._check_input_dtype(x, "SequenceModel")
+        # Padding is zeroed at the door (the layers zero theirs too), so a NaN there reaches nothing.
+        h = mask_padding(self.encoder(x), lengths)
         for block in self.blocks:
             h = block(h, lengths)
-        h = self.norm(h)
+        h = _normalize(self.norm, h, lengths)
+        if cfg.pooling is None:
+            return mask_padding(self.decoder(h), lengths)        # zeros after each length, like a layer
         if cfg.pooling == "mean":
             if lengths is None:
                 h = h.mean(1)
             else:
                 lengths = torch.as_tensor(lengths, device=h.device)
-                mask = (torch.arange(h.shape[1], device=h.device)[None] < lengths[:, None]).to(h.dtype)
-                h = (h * mask.unsqueeze(-1)).sum(1) / lengths.clamp_min(1).unsqueeze(-1).to(h.dtype)
+                h = mask_padding(h, lengths).sum(1) / lengths.clamp_min(1).unsqueeze(-1).to(h.dtype)
         elif cfg.pooling == "last":
             if lengths is None:
                 h = h[:, -1]
@@ -225,19 +241,34 @@ class SequenceModel(HubMixin, nn.Module):
 
     # -- streaming ---------------------------------------------------------------------------
     def allocate_inference_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
-        """Per-layer caches plus the pooling state (running sum and step count)."""
+        """Per-layer caches plus the pooling state (running sum and step count).
+
+        The layers' step forms are computed from the parameters now: after the parameters change
+        (an optimiser step, load_state_dict), allocate a new cache. ``dtype``: the model's own
+        (convert the model with ``.double()`` to step in float64).
+        """
         if self.bidirectional:
             raise ValueError("a bidirectional model sees the future and cannot run step by step")
-        caches = [b.layer.allocate_inference_cache(batch_size, dtype=dtype) for b in self.blocks]
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         ref = self.encoder.weight
-        return {"layers": caches, "pool_sum": ref.new_zeros(batch_size, self.config.d_model), "t": 0}
+        if dtype is not None and dtype != ref.dtype:
+            raise TypeError(f"this model holds {ref.dtype} parameters; a {dtype} cache would mix precisions. "
+                            f"Convert the model instead (model.to({dtype}))")
+        caches = [b.layer.allocate_inference_cache(batch_size, dtype=ref.dtype) for b in self.blocks]
+        return {"layers": caches, "pool_sum": ref.new_zeros(batch_size, self.config.d_model), "t": 0,
+                "model": id(self)}
 
     def step(self, x: Tensor, cache: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
-        """One time step: x (B, d_input) -> y (B, d_output)."""
+        """One time step: x (B, d_input) -> y (B, d_output). ``cache``: from this model's
+        :meth:`allocate_inference_cache` (made after its last parameter change)."""
         if x.dim() != 2 or x.shape[-1] != self.config.d_input:
             raise ValueError(f"SequenceModel.step expects x of shape (batch, d_input={self.config.d_input}), "
                              f"got {tuple(x.shape)}")
-        check_floating(x, "SequenceModel.step")
+        self._check_input_dtype(x, "SequenceModel.step")
+        if not isinstance(cache, dict) or cache.get("model") != id(self) or len(cache["layers"]) != len(self.blocks):
+            raise ValueError("SequenceModel.step needs a cache from this model's allocate_inference_cache(batch_size); "
+                             "this one was made by another model (or altered)")
         h = self.encoder(x)
         for block, layer_cache in zip(self.blocks, cache["layers"]):
             z, _ = block.layer.step(block.norm(h), layer_cache)
@@ -248,6 +279,13 @@ class SequenceModel(HubMixin, nn.Module):
             cache["pool_sum"] = cache["pool_sum"] + h
             h = cache["pool_sum"] / cache["t"]
         return self.decoder(h), cache
+
+    def _check_input_dtype(self, x: Tensor, who: str) -> None:
+        check_floating(x, who)
+        if x.dtype != self.encoder.weight.dtype:     # nn.Linear would fail with "mat1 and mat2 ..."
+            raise TypeError(f"{who}: the model holds {self.encoder.weight.dtype} parameters, got a {x.dtype} "
+                            f"input; convert one to the other (x.to({self.encoder.weight.dtype}) or "
+                            f"model.to({x.dtype}))")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

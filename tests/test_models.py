@@ -91,3 +91,50 @@ def test_model_trains():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+# -- found by a bug bash -------------------------------------------------------------------------
+@pytest.mark.parametrize("layer", lrnnx_zoo.list_layers())
+@pytest.mark.parametrize("pooling", [None, "mean", "last"])
+def test_nan_padding_never_reaches_valid_outputs(layer, pooling):
+    model = model_for(layer, pooling=pooling)
+    x = torch.randn(2, 20, 3)
+    x[0, 10:] = 0.0
+    lengths = torch.tensor([10, 20])
+    with torch.no_grad():
+        y0 = model(x, lengths=lengths)
+        x[0, 10:] = float("nan")
+        y = model(x, lengths=lengths)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
+    if pooling is None:
+        assert torch.all(y[0, 10:] == 0)             # zeros after each length, like a single layer
+
+
+def test_batch_norm_statistics_ignore_padding_in_training():
+    x = torch.randn(3, 16, 3)
+    lengths = torch.tensor([16, 9, 4])
+    outs = []
+    for fill in (0.0, 5.0):
+        xp = x.clone()
+        for b, n in enumerate(lengths.tolist()):
+            xp[b, n:] = fill
+        m = model_for("s4d", norm="batch").train()       # fresh running statistics each time
+        outs.append(m(xp, lengths=lengths))
+    mask = torch.arange(16)[None] < lengths[:, None]
+    torch.testing.assert_close(outs[0][mask], outs[1][mask], rtol=1e-5, atol=1e-5)
+
+
+def test_step_cache_and_dtype_mismatches_are_explained():
+    a, b = model_for("lru"), model_for("lru", n_layers=1)
+    with pytest.raises(ValueError, match="cache from this model's allocate_inference_cache"):
+        a.step(torch.randn(2, 3), b.allocate_inference_cache(2))
+    with pytest.raises(TypeError, match="float32 parameters; a torch.float64 cache"):
+        a.allocate_inference_cache(2, dtype=torch.float64)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            a.allocate_inference_cache(bad)
+    with pytest.raises(TypeError, match="holds torch.float32 parameters, got a torch.float64 input"):
+        a(torch.randn(2, 5, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="holds torch.float32 parameters, got a torch.float64 input"):
+        a.step(torch.randn(2, 3, dtype=torch.float64), a.allocate_inference_cache(2))
