@@ -7,11 +7,46 @@ them with :func:`list_recipes` / ``lrnnx-zoo recipes``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 DATASETS = ("digits", "sunspots")
+SEED_MAX = 2**32 - 1  # seeds are ints in [0, SEED_MAX]: the engine derives other seeds from them
+
+
+def _describe(value: Any) -> str:
+    """``value`` as an error message shows it: its repr and type."""
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_int(name: str, value: Any, minimum: int, maximum: Optional[int] = None) -> int:
+    """``value`` if it is an int (not a bool) in [minimum, maximum]; else TypeError/ValueError naming ``name``."""
+    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int {bounds}, got {_describe(value)}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an int {bounds}, got {value}")
+    return int(value)
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """A seed: an int in [0, SEED_MAX]."""
+    return check_int(name, value, 0, SEED_MAX)
+
+
+def check_real(name: str, value: Any, *, positive: bool) -> float:
+    """``value`` if it is a finite real number (not a bool), > 0 when ``positive`` else >= 0."""
+    expected = "a finite number " + ("> 0" if positive else ">= 0")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {_describe(value)}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -62,11 +97,15 @@ class OptimSpec:
     grad_clip: Optional[float] = 1.0
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or (self.ssm_lr is not None and self.ssm_lr <= 0):
-            raise ValueError(f"learning rates must be positive, got lr={self.lr}, ssm_lr={self.ssm_lr}")
-        if self.epochs < 1 or self.batch_size < 1 or self.warmup_steps < 0:
-            raise ValueError(f"need epochs >= 1, batch_size >= 1, warmup_steps >= 0; got epochs={self.epochs}, "
-                             f"batch_size={self.batch_size}, warmup_steps={self.warmup_steps}")
+        check_real("OptimSpec.lr", self.lr, positive=True)
+        if self.ssm_lr is not None:
+            check_real("OptimSpec.ssm_lr (or None)", self.ssm_lr, positive=True)
+        check_real("OptimSpec.weight_decay", self.weight_decay, positive=False)
+        check_int("OptimSpec.epochs", self.epochs, 1)
+        check_int("OptimSpec.batch_size", self.batch_size, 1)
+        check_int("OptimSpec.warmup_steps", self.warmup_steps, 0)
+        if self.grad_clip is not None:
+            check_real("OptimSpec.grad_clip (or None)", self.grad_clip, positive=True)
 
 
 @dataclass(frozen=True)
@@ -85,11 +124,18 @@ class Recipe:
     seed: int = 0
     max_steps: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        check_seed(self.seed, "Recipe.seed")
+        if self.max_steps is not None:
+            check_int("Recipe.max_steps (or None)", self.max_steps, 1)
+        for name, expected_type in (("model", Mapping), ("data", DataSpec), ("optim", OptimSpec)):
+            value = getattr(self, name)
+            if not isinstance(value, expected_type):
+                raise TypeError(f"Recipe.{name} must be a {expected_type.__name__}, got {_describe(value)}")
+
     @property
     def task(self) -> str:
         return self.data.task
-
-
 
 
 def _digits(layer: str, layer_kwargs: Dict[str, Any], **optim: Any) -> Dict[str, Any]:
@@ -144,9 +190,12 @@ def list_recipes() -> List[str]:
 
 
 def get_recipe(name: str) -> Recipe:
-    """The recipe called ``name``; an unknown name is an error that lists the known ones."""
+    """A private copy of the recipe called ``name`` (a deep copy: changing its dicts, or those of a model
+    trained from it, leaves the registry alone); an unknown name is an error that lists the known ones."""
+    if not isinstance(name, str):
+        raise TypeError(f"a recipe name must be a str, got {_describe(name)}")
     try:
-        return RECIPES[name]
+        return copy.deepcopy(RECIPES[name])
     except KeyError:
         raise UnknownRecipeError(f"unknown recipe {name!r}; available recipes: {', '.join(list_recipes())}. "
                                  f"Run `lrnnx-zoo recipes` to see what each one trains.") from None

@@ -17,6 +17,8 @@ distribution.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 import os
 import sys
@@ -29,7 +31,15 @@ from torch import Tensor, nn
 
 from .data import augment_digit_shifts
 from .models import ModelConfig, SequenceModel
-from .recipes import DataSpec, Recipe, get_recipe
+from .recipes import DataSpec, OptimSpec, Recipe, check_seed, get_recipe
+
+
+class TrainingSetupError(ValueError):
+    """A run that cannot train as asked, found before training starts (the CLI reports it as a usage error)."""
+
+
+class MissingDependencyError(ImportError):
+    """An optional package the run needs is not installed; the message says what to install."""
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -123,6 +133,37 @@ def global_batches(n: int, batch_size: int, epoch: int, seed: int) -> Iterator[T
         yield perm[start:start + batch_size]
 
 
+def check_device(device: Any) -> Optional[str]:
+    """``device`` as a string if this torch can train on it (None: pick CUDA when available); a bad
+    name is a TrainingSetupError, a CUDA device on a CPU-only torch too."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be None, a str such as 'cpu' or 'cuda:0', or a torch.device; "
+                        f"got {device!r} ({type(device).__name__})")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise TrainingSetupError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cpu":
+        return str(dev)
+    if dev.type != "cuda":
+        raise TrainingSetupError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    _check_cuda_index(dev, device)
+    return str(dev)
+
+
+def _check_cuda_index(dev: torch.device, given: Any) -> None:
+    if not torch.cuda.is_available():
+        why = "is built without CUDA" if torch.version.cuda is None else "sees no CUDA GPU"
+        raise TrainingSetupError(f"device {str(given)!r} asked for a GPU, but this torch ({torch.__version__}) {why}; "
+                                 "use device='cpu' or None")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise TrainingSetupError(f"device {str(given)!r}: expected an index in [0, {count - 1}] "
+                                 f"({count} GPU{'s' if count > 1 else ''} visible)")
+
+
 def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:
     """This rank's contiguous, equal share [rank * B/N, (rank + 1) * B/N) of a global batch of B."""
     if batch_size % world_size:
@@ -133,6 +174,32 @@ def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:
 
 
 # -- optimisation ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepPlan:
+    """How many optimiser steps a run takes: ``total`` of the ``full`` that its epochs hold."""
+
+    steps_per_epoch: int
+    full: int
+    total: int
+
+    @property
+    def cut_short(self) -> bool:
+        """Whether max_steps ends the run before its epochs do."""
+        return self.total < self.full
+
+
+def plan_steps(n_train: int, optim: OptimSpec, max_steps: Optional[int]) -> StepPlan:
+    """The step plan of a run, or a TrainingSetupError if it would take no optimiser step."""
+    if optim.batch_size > n_train:
+        raise TrainingSetupError(f"batch_size {optim.batch_size} exceeds the {n_train} training examples: "
+                                 f"no full batch, so no optimiser step; expected a batch_size <= {n_train}")
+    if max_steps is not None and max_steps < 1:
+        raise TrainingSetupError(f"max_steps must be None or a positive int, got {max_steps!r}")
+    steps_per_epoch = n_train // optim.batch_size
+    full = steps_per_epoch * optim.epochs
+    return StepPlan(steps_per_epoch, full, full if max_steps is None else min(full, max_steps))
+
+
 def param_groups(model: SequenceModel, lr: float, weight_decay: float, ssm_lr: Optional[float]) -> List[Dict[str, Any]]:
     """AdamW groups: decayed matrices; undecayed biases/norms; the sequence layers' own parameters
     at ``ssm_lr`` without decay.  A parameter's ``_optim`` record ({"lr", "weight_decay"}, the S4
@@ -252,21 +319,25 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
     seed overrides the recipe's seed.  With ``out_dir`` rank 0 writes the checkpoint there with
     ``model.save_pretrained`` (config, safetensors weights, model card with metrics and the
     command that reproduces it; ``command`` overrides the one derived from the recipe).
+
+    Checked before training starts: a wrong type is a TypeError; an unusable device, or a run that
+    would take no optimiser step (batch_size above the training set size), a :class:`TrainingSetupError`
+    (a ValueError); a missing optional package for the data a :class:`MissingDependencyError`.
     """
-    if isinstance(recipe, str):
-        recipe = get_recipe(recipe)
+    recipe = _as_recipe(recipe)
     if seed is not None:
-        import dataclasses
-        recipe = dataclasses.replace(recipe, seed=seed)
-    if out_dir is not None and not hasattr(SequenceModel, "save_pretrained"):
-        raise RuntimeError("SequenceModel.save_pretrained is not available (lrnnx_zoo.hub not installed); "
-                           "train without out_dir or install a complete lrnnx-zoo")
+        recipe = dataclasses.replace(recipe, seed=check_seed(seed))
+    device = check_device(device)
+    _check_out_dir(out_dir)
+    data = _load_training_data(recipe)
+    plan = plan_steps(len(data.x_train), recipe.optim, recipe.max_steps)
     dist_info = setup_distributed(device)
     try:
         with _deterministic():
-            model, metrics, seconds, data_card = _run(recipe, dist_info, progress)
+            model, metrics, seconds, steps = _run(recipe, data, plan, dist_info, progress)
         if out_dir is not None and dist_info.is_main:
-            _save(model, recipe, out_dir, data_card, metrics, seconds, command, dist_info.world_size)
+            notes = training_notes(recipe, plan, steps, seconds, dist_info.world_size, _device_name(model))
+            _save(model, recipe, out_dir, data.card, metrics, notes, command)
         if dist_info.world_size > 1:
             torch.distributed.barrier()  # nobody exits (and tears down the group) before rank 0 has saved
     finally:
@@ -275,12 +346,52 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
     return model, metrics
 
 
-def _run(recipe: Recipe, di: DistInfo, progress: bool) -> Tuple[SequenceModel, Dict[str, float], float, Dict[str, Any]]:
-    """The loop itself: returns (model, test metrics, training seconds, dataset card)."""
-    data = load_task_data(recipe)
+def _as_recipe(recipe: Any) -> Recipe:
+    """A private copy of ``recipe`` (a Recipe or a registered name): the run never shares its dicts."""
+    if isinstance(recipe, str):
+        return get_recipe(recipe)
+    if isinstance(recipe, Recipe):
+        return copy.deepcopy(recipe)
+    raise TypeError(f"train expects a Recipe or a recipe name (str), got {recipe!r} ({type(recipe).__name__})")
+
+
+def _check_out_dir(out_dir: Any) -> None:
+    if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be None or a folder path (str or os.PathLike), "
+                        f"got {out_dir!r} ({type(out_dir).__name__})")
+    if out_dir is not None and not hasattr(SequenceModel, "save_pretrained"):
+        raise RuntimeError("SequenceModel.save_pretrained is not available (lrnnx_zoo.hub not installed); "
+                           "train without out_dir or install a complete lrnnx-zoo")
+
+
+def _load_training_data(recipe: Recipe) -> TaskData:
+    """The recipe's data; a missing third-party package becomes a MissingDependencyError."""
+    try:
+        return load_task_data(recipe)
+    except ImportError as exc:
+        missing = _missing_module(exc)
+        if missing is None:
+            raise
+        hint = str(exc) if "pip install" in str(exc) else f"{exc}; install it with: pip install {missing}"
+        raise MissingDependencyError(hint) from exc
+
+
+def _missing_module(exc: Optional[BaseException]) -> Optional[str]:
+    """The top-level name of the third-party module whose absence caused ``exc``, if one did."""
+    while exc is not None:
+        name = getattr(exc, "name", None)
+        if isinstance(exc, ModuleNotFoundError) and name and not name.startswith("lrnnx_zoo"):
+            return name.split(".")[0]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo,
+         progress: bool) -> Tuple[SequenceModel, Dict[str, float], float, int]:
+    """The loop itself: returns (model, test metrics, training seconds, optimiser steps taken)."""
     opt_spec = recipe.optim
     torch.manual_seed(recipe.seed)  # initial weights and dropout masks
-    model = SequenceModel(ModelConfig(**recipe.model)).to(di.device)
+    model = SequenceModel(ModelConfig(**copy.deepcopy(dict(recipe.model)))).to(di.device)
     net: nn.Module = model
     if di.rank > 0:  # distinct dropout masks per rank; rank 0 keeps the single-process stream
         torch.manual_seed(recipe.seed + 1_000_003 * di.rank)
@@ -289,11 +400,7 @@ def _run(recipe: Recipe, di: DistInfo, progress: bool) -> Tuple[SequenceModel, D
         net = DistributedDataParallel(model, device_ids=[di.device.index] if di.device.type == "cuda" else None)
     mine = rank_slice(opt_spec.batch_size, di.rank, di.world_size)
     optimizer = torch.optim.AdamW(param_groups(model, opt_spec.lr, opt_spec.weight_decay, opt_spec.ssm_lr))
-    n = len(data.x_train)
-    steps_per_epoch = n // opt_spec.batch_size
-    total = steps_per_epoch * opt_spec.epochs
-    if recipe.max_steps is not None:
-        total = min(total, recipe.max_steps)
+    n, total = len(data.x_train), plan.total
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(opt_spec.warmup_steps, total))
     aug_gen = torch.Generator().manual_seed(recipe.seed + 1)
     show = progress and di.is_main and sys.stderr.isatty()
@@ -329,21 +436,41 @@ def _run(recipe: Recipe, di: DistInfo, progress: bool) -> Tuple[SequenceModel, D
     if di.is_main and progress:
         print(f"{recipe.name}: {step} steps in {seconds:.0f} s; " +
               ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), file=sys.stderr)
-    return model, metrics, seconds, data.card
+    return model, metrics, seconds, step
 
 
-def _save(model: SequenceModel, recipe: Recipe, out_dir: str, data_card: Dict[str, Any], metrics: Dict[str, float],
-          seconds: float, command: Optional[str], world_size: int) -> None:
+def _plural(n: int, singular: str, plural: Optional[str] = None) -> str:
+    """``n`` and the noun that agrees with it: 1 epoch, 2 epochs."""
+    return f"{n} {singular if n == 1 else (plural or singular + 's')}"
+
+
+def schedule_note(optim: OptimSpec, plan: StepPlan, steps: int) -> str:
+    """How long the run was and how its learning rate moved, saying so when max_steps cut it short."""
+    warmup = f"{_plural(optim.warmup_steps, 'warmup step')} then cosine decay"
+    epochs = _plural(optim.epochs, "epoch")
+    if plan.cut_short:
+        return (f"{warmup} to zero at step {plan.total}, cut short by max_steps: {steps} of the {plan.full} "
+                f"optimiser steps that {epochs} ({plan.steps_per_epoch} per epoch) would take")
+    return f"{warmup}, {epochs} ({_plural(steps, 'optimiser step')})"
+
+
+def training_notes(recipe: Recipe, plan: StepPlan, steps: int, seconds: float, world_size: int,
+                   device_name: str) -> str:
+    """The model card's notes: the recipe, its optimiser and schedule, and where it ran."""
     o = recipe.optim
     notes = (f"Recipe {recipe.name!r}: {recipe.description}. AdamW lr={o.lr} (sequence-layer parameters "
              f"{o.ssm_lr if o.ssm_lr is not None else o.lr}, no decay), weight decay {o.weight_decay}, "
-             f"{o.warmup_steps} warmup steps then cosine decay, {o.epochs} epochs, global batch {o.batch_size}, "
+             f"{schedule_note(o, plan, steps)}, global batch {o.batch_size}, "
              f"grad clip {o.grad_clip}, seed {recipe.seed}; {seconds:.0f} s of training on "
-             f"{world_size} process{'es' if world_size > 1 else ''}, torch {torch.__version__}, "
-             f"{_device_name(model)}.")
+             f"{_plural(world_size, 'process', 'processes')}, torch {torch.__version__}, {device_name}.")
     if recipe.task == "time-series-forecasting":
         notes += (" Forecast metrics are over the test targets in normalised units z (multiply an MSE by "
                   "std^2 for the series' own units); naive_* is the last-value forecast on the same targets.")
+    return notes
+
+
+def _save(model: SequenceModel, recipe: Recipe, out_dir: str, data_card: Dict[str, Any], metrics: Dict[str, float],
+          notes: str, command: Optional[str]) -> None:
     model.save_pretrained(out_dir, task=recipe.task, dataset=data_card, metrics=metrics,
                           command=command or reproduce_command(recipe, out_dir), notes=notes)
 

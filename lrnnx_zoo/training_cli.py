@@ -23,6 +23,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an int in [0, SEED_MAX] (a huge one is a usage error, not an overflow)."""
+    from .recipes import SEED_MAX
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {SEED_MAX}], got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {SEED_MAX}], got {value}")
+    return value
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from .recipes import RECIPES, list_recipes
     for name in list_recipes():
@@ -50,8 +62,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     recipe = override(recipe, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                       max_steps=args.max_steps)
-    from .training import train
-    _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress)
+    from .training import MissingDependencyError, TrainingSetupError, train
+    try:
+        _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress)
+    except (TrainingSetupError, MissingDependencyError) as exc:  # found before training started
+        print(f"lrnnx-zoo train: {exc}", file=sys.stderr)
+        return 2
     import os
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics, sort_keys=True))
@@ -66,10 +82,10 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
     p.add_argument("recipe", help="recipe name, e.g. digits-s4d")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="write the checkpoint (config.json, model.safetensors, README.md) here")
-    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument("--seed", type=seed_int, default=None, help="override the recipe's seed")
     p.add_argument("--epochs", type=positive_int, default=None, help="override the recipe's number of epochs")
     p.add_argument("--batch-size", type=positive_int, default=None, help="override the global batch size")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimiser steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary line")
     sub.add_parser("recipes", help="list the training recipes")
     commands.update(train=_cmd_train, recipes=_cmd_recipes)

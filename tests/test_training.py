@@ -13,8 +13,9 @@ import torch
 
 from lrnnx_zoo import cli
 from lrnnx_zoo.data import TimeSplit, forecast_errors, load_forecast_series, read_series
-from lrnnx_zoo.recipes import UnknownRecipeError, get_recipe, list_recipes, override
-from lrnnx_zoo.training import global_batches, rank_slice, train
+from lrnnx_zoo.recipes import OptimSpec, UnknownRecipeError, get_recipe, list_recipes, override
+from lrnnx_zoo.training import (MissingDependencyError, StepPlan, TrainingSetupError, global_batches, rank_slice,
+                                schedule_note, train)
 
 pytest.importorskip("sklearn")  # the digits ship with scikit-learn
 
@@ -142,3 +143,104 @@ def test_recipes_command_and_overrides(capsys):
     assert get_recipe("digits-s4d").optim.epochs != 2  # recipes are frozen; override copies
     with pytest.raises(dataclasses.FrozenInstanceError):
         get_recipe("digits-s4d").seed = 5
+
+
+# -- bad runs and arguments are refused before training ------------------------------------------
+
+TINY_1 = dataclasses.replace(get_recipe(TINY), max_steps=1)  # one optimiser step
+
+
+def _no_training(monkeypatch) -> None:
+    import lrnnx_zoo.training as training
+    monkeypatch.setattr(training, "_run", lambda *a, **k: pytest.fail("training started"))
+
+
+def test_a_run_without_optimiser_steps_is_refused_before_training(monkeypatch, tmp_path, capsys):
+    _no_training(monkeypatch)
+    with pytest.raises(ValueError, match="batch_size 5000 exceeds the 1437 training examples"):
+        train(override(get_recipe(TINY), batch_size=5000), progress=False)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"max_steps .*must be an int >= 1, got {bad}"):
+            override(get_recipe(TINY), max_steps=bad)
+    out = tmp_path / "never"
+    assert cli.main(["train", TINY, "--out", str(out), "--batch-size", "5000"]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size 5000 exceeds the 1437 training examples" in err and "Traceback" not in err
+    assert not out.exists()
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["train", TINY, "--out", str(out), "--max-steps", bad])
+        assert exit_info.value.code == 2
+        assert f"--max-steps: expected a positive integer, got {bad}" in capsys.readouterr().err
+
+
+def test_registry_recipes_cannot_be_changed_through_copies_or_trained_models():
+    get_recipe(TINY).data.params["n_test"] = 10
+    get_recipe(TINY).model["layer_kwargs"]["d_state"] = 999
+    model, _ = train(TINY_1, progress=False)
+    model.config.layer_kwargs["d_state"] = 999
+    assert get_recipe(TINY).data.params == {"seed": 0, "n_test": 360}
+    assert get_recipe(TINY).model["layer_kwargs"] == {"d_state": 8}
+    assert TINY_1.model["layer_kwargs"] == {"d_state": 8}  # a caller's own recipe is not shared either
+
+
+@pytest.mark.parametrize("field, value, error, message", [
+    ("grad_clip", -1.0, ValueError, "OptimSpec.grad_clip (or None) must be a finite number > 0, got -1.0"),
+    ("grad_clip", 0.0, ValueError, "OptimSpec.grad_clip (or None) must be a finite number > 0, got 0.0"),
+    ("lr", float("nan"), ValueError, "OptimSpec.lr must be a finite number > 0, got nan"),
+    ("lr", float("inf"), ValueError, "OptimSpec.lr must be a finite number > 0, got inf"),
+    ("lr", 0.0, ValueError, "OptimSpec.lr must be a finite number > 0, got 0.0"),
+    ("lr", "1e-3", TypeError, "OptimSpec.lr must be a finite number > 0, got '1e-3' (str)"),
+    ("ssm_lr", -1e-3, ValueError, "OptimSpec.ssm_lr (or None) must be a finite number > 0, got -0.001"),
+    ("weight_decay", -1.0, ValueError, "OptimSpec.weight_decay must be a finite number >= 0, got -1.0"),
+    ("epochs", 1.5, TypeError, "OptimSpec.epochs must be an int >= 1, got 1.5 (float)"),
+    ("epochs", True, TypeError, "OptimSpec.epochs must be an int >= 1, got True (bool)"),
+    ("batch_size", True, TypeError, "OptimSpec.batch_size must be an int >= 1, got True (bool)"),
+    ("warmup_steps", -1, ValueError, "OptimSpec.warmup_steps must be an int >= 0, got -1"),
+])
+def test_optim_spec_refuses_values_that_break_training(field, value, error, message):
+    with pytest.raises(error) as err:
+        OptimSpec(**{field: value})
+    assert str(err.value) == message
+    assert OptimSpec(lr=1, weight_decay=0, ssm_lr=None, grad_clip=None).lr == 1  # ints and None are fine
+
+
+def test_train_refuses_bad_arguments_clearly(monkeypatch):
+    _no_training(monkeypatch)
+    for bad in (123, None):
+        with pytest.raises(TypeError, match=f"train expects a Recipe or a recipe name \\(str\\), got {bad}"):
+            train(bad, progress=False)
+    for bad, error in (("3", TypeError), (1.5, TypeError), (True, TypeError), (-1, ValueError), (2**70, ValueError)):
+        with pytest.raises(error, match=r"seed must be an int in \[0, 4294967295\], got"):
+            train(TINY_1, seed=bad, progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda' asked for a GPU, but this torch .* use device='cpu'"):
+        train(TINY_1, device="cuda", progress=False)
+    for bad in ("bogus", "meta"):
+        with pytest.raises(ValueError, match=f"device must be 'cpu', 'cuda' or 'cuda:N', got '{bad}'"):
+            train(TINY_1, device=bad, progress=False)
+
+
+def test_cli_reports_a_huge_seed_and_a_missing_optional_dependency_in_one_line(monkeypatch, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", TINY, "--out", str(tmp_path / "x"), "--seed", "99999999999999999999"])
+    assert exit_info.value.code == 2
+    assert "--seed: expected an integer in [0, 4294967295], got 99999999999999999999" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if scikit-learn were not installed
+    with pytest.raises(MissingDependencyError, match="pip install"):
+        train(TINY_1, progress=False)
+    assert cli.main(["train", TINY, "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == "lrnnx-zoo train: the digits data set ships with scikit-learn: pip install 'lrnnx-zoo[data]'\n"
+
+
+def test_card_notes_say_when_max_steps_cut_the_run_short(tmp_path):
+    pytest.importorskip("safetensors")
+    import json
+    train(dataclasses.replace(TINY_1, max_steps=2), out_dir=str(tmp_path / "ckpt"), progress=False)
+    notes = json.loads((tmp_path / "ckpt" / "config.json").read_text())["notes"]
+    assert "cut short by max_steps: 2 of the 44 optimiser steps that 1 epoch (44 per epoch) would take" in notes
+    assert "1 epochs" not in notes and "2 warmup steps" in notes
+    full = schedule_note(OptimSpec(epochs=3, warmup_steps=1), StepPlan(10, 30, 30), 30)
+    assert full == "1 warmup step then cosine decay, 3 epochs (30 optimiser steps)"
+    assert TrainingSetupError.__mro__[1] is ValueError
