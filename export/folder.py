@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 import lrnnx_zoo
+from lrnnx_zoo.hub_save import write_safetensors
 
 from .card import build_card
 from .latency import DEFAULT_STEPS, onnx_latency, torch_latency
@@ -120,11 +121,9 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         result = to_torch_export(model, graph_path, batch=batch, validation_input=validation_input)
     latency = _measure(format, graph_path, result, latency_steps, batch) if latency_steps > 0 else None
 
-    import safetensors.torch
     step = build_step_module(model)
     tensors = {k: v.detach().contiguous().clone() for k, v in step.state_dict().items()}
-    safetensors.torch.save_file(tensors, str(out / WEIGHTS_FILE),
-                                metadata={k: v for k, v in result.metadata.items()})
+    write_safetensors(tensors, out / WEIGHTS_FILE, dict(result.metadata))
     config = _config(model, info, format, result, opset, batch, quantize, latency)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (out / CARD_FILE).write_text(build_card(config), encoding="utf-8")

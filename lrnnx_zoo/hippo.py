@@ -442,15 +442,15 @@ def krylov(L: int, A: Tensor, b: Tensor, c: Optional[Tensor] = None,
         A: (..., N, N).
         b: (..., N).
         c: optional (..., N); batch dims broadcast with those of A and b.
-        return_power: also return ``A^L`` (the same matrix as ``power(L, A)``, i.e. the map
-            from the state before the first step to the state after L steps).
+        return_power: also return ``A^{L-1}``, the highest power in the sequence (the seed API's
+            meaning; ``power(L, A)`` gives ``A^L``). L must then be >= 1.
 
     Returns:
         ``K: (..., N, L)`` with ``K[..., l] = A^l b``; with ``c``: ``(..., L)`` with entries
-        ``c^T A^l b`` (no conjugation); plus ``A^L: (..., N, N)`` if ``return_power``.
+        ``c^T A^l b`` (no conjugation); plus ``A^{L-1}: (..., N, N)`` if ``return_power``.
     """
-    if L < 0:
-        raise ValueError(f"L must be non-negative, got {L}")
+    if L < 0 or (return_power and L < 1):
+        raise ValueError(f"L must be >= {1 if return_power else 0}, got {L}")
     K = b[..., None]
     cur = A
     while K.shape[-1] < L:
@@ -460,5 +460,5 @@ def krylov(L: int, A: Tensor, b: Tensor, c: Optional[Tensor] = None,
     K = K[..., :L]
     out = K if c is None else (c[..., None, :] @ K)[..., 0, :]
     if return_power:
-        return out, power(L, A)
+        return out, power(L - 1, A)
     return out

@@ -53,6 +53,17 @@ def _holds_one_number(value: Any) -> bool:
     return count == 1 and callable(getattr(value, "item", None))
 
 
+def write_safetensors(tensors: Dict[str, Any], path: Path, metadata: Dict[str, str]) -> None:
+    """safetensors.torch.save_file, then the permissions the user's umask grants (as for the other
+    files written beside it): safetensors writes through a private temp file, so mode 0600."""
+    import safetensors.torch
+
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any = None,
                       metrics: Optional[Dict[str, Any]] = None, command: Optional[str] = None,
                       notes: Optional[str] = None) -> Dict[str, Any]:
@@ -77,19 +88,13 @@ def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any 
 
 def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, Any], name: str) -> None:
     """Write the three files into ``folder`` (a fresh temporary folder) and flush them to disk."""
-    import safetensors.torch
     from .hub_card import build_card
 
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     # clone: safetensors refuses tensors that share storage, and the file must not alias live params
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    safetensors.torch.save_file(tensors, str(folder / WEIGHTS_NAME),
-                                metadata={"format": "pt", "library": LIBRARY, "family": config["family"]})
-    # safetensors writes through a private temp file (mode 0600); give the weights the same
-    # permissions as the other files, i.e. what the user's umask grants.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder / WEIGHTS_NAME, 0o666 & ~umask)
+    write_safetensors(tensors, folder / WEIGHTS_NAME,
+                      {"format": "pt", "library": LIBRARY, "family": config["family"]})
     card = build_card(config, name, sum(p.numel() for p in model.parameters()))
     card.save(folder / CARD_NAME)
     for f in CHECKPOINT_FILES:

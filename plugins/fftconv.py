@@ -290,7 +290,10 @@ class FFTConvS4(nn.Module):
         """Precompute the step form from the current parameters (call again after they change),
         in their dtype."""
         with step_form_dtype(self.D.dtype):
-            self._step = self.step_form()
+            form = self.step_form()
+        # Kept out of the module tree: a validation-time setup_step must not add keys to the
+        # state_dict (strict loading failed both ways); call it again after a device move.
+        object.__setattr__(self, "_step", form)
 
     def step(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         """One time step (no dropout).  x: (B, H) -> y: (B, C*H) (channel order as in forward).

@@ -333,6 +333,9 @@ def test_folder_and_push_to_local_hub(digits_checkpoint, tmp_path, local_hub):
     assert done.result.metadata["lrnnx_zoo.source"] == f"hf://me/digits-small@{local_hub.resolve('me/digits-small')}"
     files = set(local_hub.list_files("me/digits-small-onnx"))
     assert {"model.onnx", "step_form.safetensors", "config.json", "README.md"} <= files
+    modes = {f: (tmp_path / "out" / f).stat().st_mode & 0o777
+             for f in ("model.onnx", "step_form.safetensors", "config.json", "README.md")}
+    assert len(set(modes.values())) == 1, modes          # safetensors' private 0600 is not kept
     config = json.loads(local_hub.read_file("me/digits-small-onnx", "config.json"))
     assert config["format"] == "onnx" and config["validation"]["passed"] and config["latency"]["median_us"] > 0
     assert config["state_layout"] == done.result.state_layout and config["opset"] == 20

@@ -315,3 +315,15 @@ def test_kernel_step_form_without_D_gets_the_skip_added():
             ys.append(y_t)
     assert type(m._step).__name__ == "_SkipStepForm"
     assert rel_err(torch.stack(ys, -1), y) < 1e-4
+
+
+def test_setup_step_leaves_the_state_dict_alone():
+    from lrnnx_zoo.plugins.fftconv import FFTConvS4
+    torch.manual_seed(0)
+    m = FFTConvS4(4, channels=2, d_state=4)
+    keys = set(m.state_dict())
+    m.setup_step()
+    y, _ = m.step(torch.randn(3, 4), m.default_state(3))
+    assert set(m.state_dict()) == keys and y.shape == (3, 8)
+    FFTConvS4(4, channels=2, d_state=4).load_state_dict(m.state_dict())     # strict, both ways
+    m.load_state_dict(FFTConvS4(4, channels=2, d_state=4).state_dict())

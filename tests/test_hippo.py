@@ -249,7 +249,8 @@ def test_krylov_matches_powers(L):
     y, AL = hippo.krylov(L, A, b, c=c, return_power=True)
     assert y.shape == (3, 2, L)
     torch.testing.assert_close(y, torch.einsum("xbn,bnl->xbl", c, ref), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(AL, torch.linalg.matrix_power(A, L), rtol=1e-10, atol=1e-12)
+    # A^{L-1}, the highest power in the sequence (seed API meaning); power(L, A) is A^L
+    torch.testing.assert_close(AL, torch.linalg.matrix_power(A, L - 1), rtol=1e-10, atol=1e-12)
 
 
 def test_hippo_does_not_import_pykeops():

@@ -100,7 +100,8 @@ def two_level_kernel(A: Tensor, b: Tensor, c: Tensor, L: int) -> Tensor:
         (..., C, H, L) with b's leading dims first.
     """
     T, J = _block_sizes(L)
-    cols, AT = hippo.krylov(T, A, b, return_power=True)          # (..., H, N, T), (H, N, N)
+    cols = hippo.krylov(T, A, b)                                  # (..., H, N, T)
+    AT = hippo.power(T, A)                                        # (H, N, N)
     rows = hippo.krylov(J, AT.transpose(-1, -2), c)               # (C, H, N, J)
     K = torch.einsum("chnj,...hnt->...chjt", rows, cols)
     return K.reshape(*K.shape[:-2], J * T)[..., :L]
@@ -117,7 +118,7 @@ def advance_state(A: Tensor, b: Tensor, u: Tensor, x: Tensor) -> Tensor:
     """
     L = u.shape[-1]
     T, J = _block_sizes(L)
-    cols, AT = hippo.krylov(T, A, b, return_power=True)          # (H, N, T)
+    cols, AT = hippo.krylov(T, A, b), hippo.power(T, A)           # (H, N, T), (H, N, N)
     rev = torch.nn.functional.pad(u.flip(-1), (0, J * T - L))     # zeros = inputs before u_0
     y = torch.einsum("hnt,bhjt->bhjn", cols, rev.reshape(*u.shape[:-1], J, T))
     acc = y[:, :, J - 1]
