@@ -70,7 +70,8 @@ class SSMKernel(nn.Module):
         # the peak); its version counter tells if a caller has since changed it in place.
         hit = entries.get(key)
         if hit is not None and _version(hit[0]) == hit[1]:
-            entries[key] = entries.pop(key)                 # most recently used last
+            entries.pop(key, None)                          # most recently used last; the default
+            entries[key] = hit                              # keeps a concurrent caller from a KeyError
             return hit[0]
         entries.pop(key, None)
         K = compute()
