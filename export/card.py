@@ -17,29 +17,49 @@ def _front_matter(config: Dict[str, Any]) -> str:
     return "\n".join(lines + ["---", ""])
 
 
+def _batch(config: Dict[str, Any]) -> int:
+    """The batch the card's snippets use: the graph's fixed batch, else 1."""
+    return config["batch"] if isinstance(config.get("batch"), int) else 1
+
+
+def _made_with(config: Dict[str, Any]) -> str:
+    """The export_folder call that remakes this folder: its first argument is something
+    from_pretrained loads (a shipped name, a Hub repo id at its commit, a folder path)."""
+    src = config.get("source_checkpoint") or {}
+    args = [repr(src.get("name") or src.get("repo_id") or src.get("path") or "<your checkpoint>"), "'out'",
+            f"format={config['format']!r}"]
+    if src.get("repo_id") and (src.get("commit") or src.get("revision")):
+        args.append(f"revision={(src.get('commit') or src.get('revision'))!r}")
+    if isinstance(config.get("batch"), int):
+        args.append(f"batch={config['batch']}")
+    if config.get("quantization"):
+        args.append("quantize='int8'")
+    return f"export_folder({', '.join(args)})"
+
+
 def _run_section(config: Dict[str, Any]) -> List[str]:
-    fmt, d_in = config["format"], config["d_input"]
+    fmt, d_in, b = config["format"], config["d_input"], _batch(config)
     if fmt == "onnx":
         return [
             "## Run it", "",
             "With lrnnx-zoo's streamer (one thread, IOBinding, no per-step allocation):", "",
             "```python", "import numpy as np", "from lrnnx_zoo.export import OnnxStreamer", "",
-            'streamer = OnnxStreamer("model.onnx")', "streamer.reset(batch=1)",
-            f"y_t = streamer.step(np.zeros((1, {d_in}), np.float32))   # (1, {config['d_output']}); state kept inside",
-            f"y = streamer.run(np.zeros((1, 100, {d_in}), np.float32)) # a chunk of 100 steps, continuing", "```", "",
+            'streamer = OnnxStreamer("model.onnx")', f"streamer.reset(batch={b})",
+            f"y_t = streamer.step(np.zeros(({b}, {d_in}), np.float32))   # ({b}, {config['d_output']}); state kept inside",
+            f"y = streamer.run(np.zeros(({b}, 100, {d_in}), np.float32)) # a chunk of 100 steps, continuing", "```", "",
             "With plain onnxruntime:", "",
             "```python", "import numpy as np, onnxruntime as ort", "",
             'sess = ort.InferenceSession("model.onnx")',
             "meta = sess.get_modelmeta().custom_metadata_map",
-            'state = np.zeros((1, int(meta["lrnnx_zoo.state_size"])), np.float32)  # zeros = initial state',
-            f"xs = np.random.randn(50, 1, {d_in}).astype(np.float32)               # 50 steps, batch 1",
+            f'state = np.zeros(({b}, int(meta["lrnnx_zoo.state_size"])), np.float32)  # zeros = initial state',
+            f"xs = np.random.randn(50, {b}, {d_in}).astype(np.float32)               # 50 steps, batch {b}",
             "for x_t in xs:",
             '    y_t, state = sess.run(["y", "state_out"], {"x": x_t, "state": state})', "```", ""]
     loader = ('torch.export.load("model.pt2").module()' if fmt == "torch-export"
               else 'torch.jit.load("model.ts")  # TorchScript is deprecated upstream; prefer model.pt2')
     return ["## Run it", "", "```python", "import torch", "", f"step = {loader}",
-            f"state = torch.zeros(1, {config['state_size']})          # zeros = initial state",
-            f"for x_t in torch.randn(50, 1, {d_in}):                  # 50 steps, batch 1",
+            f"state = torch.zeros({b}, {config['state_size']})          # zeros = initial state",
+            f"for x_t in torch.randn(50, {b}, {d_in}):                  # 50 steps, batch {b}",
             "    y_t, state = step(x_t, state)", "```", ""]
 
 
@@ -47,21 +67,21 @@ def build_card(config: Dict[str, Any]) -> str:
     """Markdown with YAML front matter for an export folder's config (see folder._config)."""
     fmt, v, lat, q = config["format"], config.get("validation"), config.get("latency"), config.get("quantization")
     pooling = config.get("pooling")
+    bdim = config["batch"] if isinstance(config.get("batch"), int) else "batch"
     out = [_front_matter(config), f"# {config['family']} step graph ({fmt})", "",
            f"A recurrent step graph exported by lrnnx-zoo {config['library_version']} from `{config['source']}`: "
            f"one call advances every layer by one time step,",
-           "", f"    (x [batch, {config['d_input']}], state [batch, {config['state_size']}]) -> "
-               f"(y [batch, {config['d_output']}], state_out [batch, {config['state_size']}])", "",
+           "", f"    (x [{bdim}, {config['d_input']}], state [{bdim}, {config['state_size']}]) -> "
+               f"(y [{bdim}, {config['d_output']}], state_out [{bdim}, {config['state_size']}])", "",
            "Start from a zero state and feed `state_out` back as `state`. "
            + ("Outputs are per step (sequence to sequence)." if pooling is None else
               f"The model is {pooling}-pooled: each step's output is the model's output on the sequence so far"
-              + (" (the running mean lives in the state)." if pooling == "mean" else ".")), ""]
+              + (" (the running sum and step count live in the state)." if pooling == "mean" else ".")), ""]
     if config.get("task") or config.get("metrics"):
         out += [f"Task: {config.get('task')}. Checkpoint metrics: `{json.dumps(config.get('metrics'))}`.", ""]
     out += ["## How it was made", "",
             "```python", "from lrnnx_zoo.export import export_folder", "",
-            f"export_folder({config['source']!r}, 'out', format={fmt!r}"
-            + (", quantize='int8'" if q else "") + ")", "```", ""]
+            _made_with(config), "```", ""]
     if v:
         out += [f"Validated before writing: streamed {v['length']} steps (batch {v['batch']}, {v['sequence']} "
                 f"sequence) from a zero state and compared with the PyTorch model ({v['compared']}): max abs "

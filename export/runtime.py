@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -63,6 +64,10 @@ class OnnxStreamer:
         state_layout: ``[[name, offset, size], ...]``.
         batch: current batch size (set by :meth:`reset`).
         fixed_batch: the graph's batch size if it was exported with a fixed one, else None.
+
+    One streamer is one set of streams with one state: calls from several threads are serialised
+    (a lock; without it concurrent steps lost updates), so give each thread its own streamer to
+    run streams in parallel (they can share a file).
     """
 
     def __init__(self, path: Union[str, Path], intra_op_threads: int = 1,
@@ -70,6 +75,8 @@ class OnnxStreamer:
         import onnxruntime as ort
 
         self.path = str(path)
+        self._lock = threading.RLock()
+        self._fresh = True          # nothing has set or advanced the state since reset
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"no ONNX step graph at {self.path!r} (expected a .onnx file written by "
                                     f"lrnnx_zoo.export.to_onnx or `lrnnx-zoo export`)")
@@ -108,10 +115,15 @@ class OnnxStreamer:
         if self.fixed_batch is not None and batch != self.fixed_batch:
             raise ValueError(f"this graph was exported for batch={self.fixed_batch}, got reset(batch={batch}); "
                              f"re-export without a fixed batch (to_onnx(..., batch=None)) to vary it")
+        with self._lock:
+            self._bind(batch)
+
+    def _bind(self, batch: int) -> None:
         import onnxruntime as ort
 
         self.batch = batch
         self.steps = 0
+        self._fresh = True
         self._x = np.zeros((batch, self.d_input), np.float32)
         self._y = np.zeros((batch, self.d_output), np.float32)
         self._s = [np.zeros((batch, self.state_size), np.float32) for _ in range(2)]
@@ -140,7 +152,9 @@ class OnnxStreamer:
         if value.shape != expected:
             raise ValueError(f"state must have shape (batch, state_size)={expected}, got {value.shape}; "
                              f"call reset(batch=...) first to change the batch")
-        np.copyto(self._s[self._cur], value, casting="same_kind")
+        with self._lock:
+            np.copyto(self._s[self._cur], value, casting="same_kind")
+            self._fresh = False     # run() must now continue this state, not adopt a new batch
 
     # -- stepping ------------------------------------------------------------------------------
     def _check_x(self, x: np.ndarray) -> None:
@@ -153,30 +167,33 @@ class OnnxStreamer:
         self.session.run_with_iobinding(self._bindings[self._cur])
         self._cur ^= 1
         self.steps += 1
+        self._fresh = False
 
     def step(self, x_t: ArrayLike) -> np.ndarray:
         """One time step: x_t (batch, d_input), numpy or torch -> y_t (batch, d_output) numpy float32."""
         x_t = _to_numpy(x_t, "x_t")
-        self._check_x(x_t)
-        np.copyto(self._x, x_t, casting="same_kind")
-        self._advance()
-        return self._y.copy()
+        with self._lock:
+            self._check_x(x_t)
+            np.copyto(self._x, x_t, casting="same_kind")
+            self._advance()
+            return self._y.copy()
 
     def run(self, x: ArrayLike) -> np.ndarray:
         """Stream a chunk: x (batch, L, d_input) -> y (batch, L, d_output), continuing from the
-        current state. A fresh streamer (no steps since reset) adopts x's batch size."""
+        current state. A fresh streamer (no steps and no state set since reset) adopts x's batch size."""
         x = _to_numpy(x, "x")
         if x.ndim != 3 or x.shape[2] != self.d_input:
             raise ValueError(f"x must have shape (batch, length, d_input={self.d_input}), got {x.shape}")
-        if x.shape[0] != self.batch and self.steps == 0:
-            self.reset(x.shape[0])
-        self._check_x(x[:, 0] if x.shape[1] else np.zeros((x.shape[0], self.d_input), np.float32))
-        out = np.empty((self.batch, x.shape[1], self.d_output), np.float32)
-        for t in range(x.shape[1]):
-            np.copyto(self._x, x[:, t], casting="same_kind")
-            self._advance()
-            out[:, t] = self._y
-        return out
+        with self._lock:
+            if x.shape[0] != self.batch and self._fresh:
+                self.reset(x.shape[0])
+            self._check_x(x[:, 0] if x.shape[1] else np.zeros((x.shape[0], self.d_input), np.float32))
+            out = np.empty((self.batch, x.shape[1], self.d_output), np.float32)
+            for t in range(x.shape[1]):
+                np.copyto(self._x, x[:, t], casting="same_kind")
+                self._advance()
+                out[:, t] = self._y
+            return out
 
     def __repr__(self) -> str:
         return (f"OnnxStreamer({self.path!r}, d_input={self.d_input}, d_output={self.d_output}, "

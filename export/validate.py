@@ -108,6 +108,14 @@ def default_sequence(d_input: int, length: int = DEFAULT_LENGTH, batch: int = DE
     return torch.randn(batch, length, d_input, generator=g, dtype=torch.float32)
 
 
+def _is_default(x: Any, d_input: int) -> bool:
+    """Whether x is the default sequence (at some batch and length), e.g. one an exporter made
+    for a fixed batch: the report then says "default", not "user"."""
+    x = torch.as_tensor(x)
+    return (x.dim() == 3 and x.shape[-1] == d_input and x.dtype == torch.float32
+            and torch.equal(x, default_sequence(d_input, x.shape[1], x.shape[0])))
+
+
 def prefix_lengths(length: int) -> List[int]:
     """Prefix lengths checked for pooled models (the full length is checked separately)."""
     return sorted({n for n in (1, length // 4, length // 2) if 0 < n < length})
@@ -130,7 +138,7 @@ def validate_stream(stream: StreamFn, model: nn.Module, x: Optional[Tensor] = No
         the :class:`ValidationReport`.
     """
     cfg = model.config
-    sequence = "user" if x is not None else "default"
+    sequence = "user" if x is not None and not _is_default(x, cfg.d_input) else "default"
     if x is None:
         x = default_sequence(cfg.d_input)
     x = torch.as_tensor(x, dtype=torch.float32).cpu()

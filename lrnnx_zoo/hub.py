@@ -63,9 +63,12 @@ def shipped_checkpoints() -> Dict[str, Path]:
 
 
 def list_models(pattern: Optional[str] = None) -> List[str]:
-    """Names of the checkpoints shipped with the package, filtered by an fnmatch ``pattern``
-    (e.g. ``"digits-*"``, ``"*s4d*"``); pass a name to :func:`from_pretrained`."""
+    """Names of the checkpoints shipped with the package, filtered by ``pattern``: an fnmatch
+    wildcard (``"digits-*"``), or without wildcards a substring (``"s4d"``); pass a name to
+    :func:`from_pretrained`."""
     names = list(shipped_checkpoints())
+    if pattern is not None and not any(c in pattern for c in "*?["):
+        pattern = f"*{pattern}*"
     return [n for n in names if pattern is None or fnmatch.fnmatchcase(n, pattern)]
 
 
@@ -255,11 +258,15 @@ def read_config(folder: Path) -> Dict[str, Any]:
     config = _parse_config(folder / CONFIG_NAME)
     path = folder / CONFIG_NAME
     if isinstance(config, dict) and config.get("kind") == EXPORT_KIND:
+        src = config.get("source_checkpoint") if isinstance(config.get("source_checkpoint"), dict) else {}
+        origin = src.get("name") or src.get("repo_id") or src.get("path") or config.get("source")
+        if isinstance(origin, str) and origin.startswith("shipped:"):
+            origin = origin[len("shipped:"):]
         raise CheckpointError(
-            f"{folder} is an export folder (a {config.get('format') or 'step'} graph written by `lrnnx-zoo export`, "
+            f"{folder} is an export folder ({config.get('format') or 'a'} step graph written by `lrnnx-zoo export`, "
             f"kind={EXPORT_KIND!r}), not a checkpoint: it has no {WEIGHTS_NAME} to build a SequenceModel from. Run it "
-            f"with lrnnx_zoo.export (e.g. OnnxStreamer), or load the checkpoint it came from "
-            f"({config.get('source') or 'see its config.json'})")
+            f"with lrnnx_zoo.export (e.g. OnnxStreamer), or load the checkpoint it came from"
+            + (f": from_pretrained({origin!r})" if origin else " (see its config.json)"))
     _check_present(str(folder), files)
     if not isinstance(config, dict) or config.get("library") != LIBRARY:
         got = config.get("library") if isinstance(config, dict) else type(config).__name__

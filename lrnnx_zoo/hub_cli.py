@@ -57,7 +57,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:
     """Add ``models`` and ``info`` to the ``lrnnx-zoo`` parser (see lrnnx_zoo.cli)."""
     p = sub.add_parser("models", help="checkpoints shipped with the package: name, family, task, headline metric")
-    p.add_argument("pattern", nargs="?", default=None, help="fnmatch wildcard, e.g. 'digits-*'")
+    p.add_argument("pattern", nargs="?", default=None, help="fnmatch wildcard ('digits-*') or, without wildcards, a substring ('s4d')")
     p = sub.add_parser("info", help="config and card metrics of a checkpoint (folder, shipped name or Hub repo id)")
     p.add_argument("name", metavar="NAME_OR_PATH")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit id")

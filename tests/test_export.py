@@ -459,3 +459,39 @@ def test_streamer_names_missing_and_broken_files(tmp_path):
     (tmp_path / "empty.onnx").write_bytes(b"")
     with pytest.raises(ValueError, match="not a loadable ONNX model"):
         OnnxStreamer(tmp_path / "empty.onnx")
+
+
+def test_streamer_is_safe_across_threads_and_keeps_a_restored_state(family):
+    # Concurrent steps lost updates (shared buffers); a state set before run() was thrown away
+    # when run() adopted another batch.
+    import threading
+    path = family[2]["onnx"].path
+    s = OnnxStreamer(path)
+    s.reset(1)
+    x = np.ones((1, 3), np.float32)
+    ref = OnnxStreamer(path)
+    ref.reset(1)
+    for _ in range(400):
+        ref.step(x)
+    threads = [threading.Thread(target=lambda: [s.step(x) for _ in range(200)]) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert s.steps == 400 and np.array_equal(s.state, ref.state)
+    r = OnnxStreamer(path)
+    r.reset(2)
+    r.state = np.ones((2, r.state_size), np.float32)
+    with pytest.raises(ValueError, match="batch=2"):
+        r.run(np.zeros((1, 5, 3), np.float32))
+
+
+def test_export_card_snippets_are_runnable(tmp_path):
+    # The card's "how it was made" line names something from_pretrained loads; a fixed-batch
+    # folder's snippets use its batch.
+    done = export_folder("forecast-sunspots-s4d", tmp_path / "card", format="onnx", batch=2, latency_steps=0)
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert "export_folder('forecast-sunspots-s4d', 'out', format='onnx', batch=2)" in card
+    assert "streamer.reset(batch=2)" in card and "(x [2, " in card
+    assert done.result.validation.sequence == "default"
+    import re as _re
+    snippet = _re.search(r"With lrnnx-zoo's streamer.*?```python\n(.*?)```", card, _re.S).group(1)
+    exec(snippet.replace('"model.onnx"', repr(str(tmp_path / "card" / "model.onnx"))), {})
