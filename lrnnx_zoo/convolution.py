@@ -175,7 +175,9 @@ def blocked_channel_conv(u: Tensor, Kf: Tensor, n: int, time_dim: int = 1, skip:
         u: (B, L, H) if time_dim == 1, (B, H, L) if time_dim == 2; real.
         Kf: (C, H, n // 2 + 1) complex kernel spectra at transform size n; n >= L + Lk - 1 gives
             the causal convolution (:func:`conv_size`).
-        skip: (C, H) or None: adds skip[c, h] * u[h] (so a cached Kf stays the kernel's own).
+        skip: (C, H) or None: adds skip[c, h] * u[h], as skip added to each block's spectrum
+            (D u is D delta * u, and delta's spectrum is 1): no pass over the output, and a
+            cached Kf stays the kernel's own.
         block: channels per block (default :func:`channel_block_size` on CPU, all H elsewhere).
     Returns:
         y: (B, L, C, H) if time_dim == 1, (B, C, H, L) if time_dim == 2.
@@ -208,10 +210,9 @@ def blocked_channel_conv(u: Tensor, Kf: Tensor, n: int, time_dim: int = 1, skip:
         b = buf[:, :h1 - h0]
         b[..., :L].copy_(u[:, :, h0:h1].transpose(1, 2) if time_dim == 1 else u[:, h0:h1])
         U = torch.fft.rfft(b, n=n)                                           # (B, hb, F)
-        Y = U.mul_(Kf[0, h0:h1]).unsqueeze(1) if C == 1 else U.unsqueeze(1) * Kf[:, h0:h1]
+        K = Kf[:, h0:h1] if skip is None else Kf[:, h0:h1] + skip[:, h0:h1, None]   # 1/B of U's size
+        Y = U.mul_(K[0]).unsqueeze(1) if C == 1 else U.unsqueeze(1) * K
         out = torch.fft.irfft(Y, n=n)[..., :L]                               # (B, C, hb, L)
-        if skip is not None:                        # + D u while the block's input is in cache
-            out.addcmul_(b[:, None, :, :L], skip[:, h0:h1, None])
         if time_dim == 1:
             y[..., h0:h1].copy_(out.permute(0, 3, 1, 2))
         else:
