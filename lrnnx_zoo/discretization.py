@@ -31,8 +31,11 @@ def zoh_diag(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Option
     """Zero-order hold for diagonal A.  A: (..., N) complex, B: (..., N) or None, dt broadcastable."""
     dtA = dt * A
     A_bar = torch.exp(dtA)
-    # (exp(dtA) - 1) / A, written with expm1 so that eigenvalues near 0 keep their precision.
-    return A_bar, _scale(B, torch.expm1(dtA) / A)
+    # (exp(dtA) - 1) / A, written with expm1 so that eigenvalues near 0 keep their precision;
+    # at exactly 0 its limit dt (a safe denominator keeps NaN out of the unused branch's gradient).
+    zero = A == 0
+    ratio = torch.expm1(dtA) / torch.where(zero, torch.ones_like(A), A)
+    return A_bar, _scale(B, torch.where(zero, dt * torch.ones_like(dtA), ratio))
 
 
 def bilinear_diag(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:

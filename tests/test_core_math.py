@@ -62,6 +62,13 @@ def test_zoh_near_zero_eigenvalue_keeps_precision():
     A = torch.tensor([-1e-9], dtype=torch.float32)
     _, dB = discretize("zoh", A, torch.ones(1), torch.tensor(0.1))
     assert dB.item() == pytest.approx(0.1, rel=1e-5)  # expm1 avoids cancellation (naive gives 0 or 0.149)
+    # exactly 0: the limit dt (it was 0/0 = NaN), complex too, with finite gradients
+    A = torch.tensor([0.0, -0.5], dtype=torch.float64, requires_grad=True)
+    _, dB = discretize("zoh", A, torch.ones(2, dtype=torch.float64), torch.tensor(0.1, dtype=torch.float64))
+    assert dB[0].item() == 0.1 and torch.isfinite(torch.autograd.grad(dB.sum(), A)[0]).all()
+    _, dBc = discretize("zoh", torch.zeros(1, dtype=torch.complex64), torch.ones(1, dtype=torch.complex64),
+                        torch.tensor(0.1))
+    assert dBc.item() == pytest.approx(0.1)
 
 
 def test_async_refused_for_lti_and_unknown_names():
