@@ -68,11 +68,6 @@ def init_random(H: int, M: int) -> Tuple[Tensor, Tensor]:
         torch.ones(H, M, dtype=torch.complex128)
 
 
-def _kernel(vdm, L: int, A_bar: Tensor, B_bar: Tensor, C: Tensor, log_A: Tensor) -> Tensor:
-    """K = 2 Re(sum_n C B_bar A_bar^l): (C, H, L) through the Vandermonde backend ``vdm`` (eq. 5)."""
-    return vdm(C * B_bar, log_A.expand_as(C), L)
-
-
 class S4DKernel(SSMKernel):
     """Parameters and kernel of H diagonal systems with ``channels`` outputs each (eq. 5).
 
@@ -127,11 +122,21 @@ class S4DKernel(SSMKernel):
     def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         vdm = get_backend("vandermonde", self.backend)
         if state is None:
-            return self.cached_kernel((L, rate), lambda: _kernel(vdm, L, *self.discretize(rate))), None
+            return self.cached_kernel((L, rate), lambda: self._kernel(vdm, L, rate)), None
         A_bar, B_bar, C, log_A = self.discretize(rate)
         # zero-input response from x_{-1} = state: y_l = 2 Re(sum_n C A_bar^{l+1} x_{-1})
         v = C.unsqueeze(0) * (A_bar * state).unsqueeze(1)                       # (B, C, H, N/2)
-        return _kernel(vdm, L, A_bar, B_bar, C, log_A), vdm(v, log_A.expand_as(v), L)
+        return self._kernel(vdm, L, rate), vdm(v, log_A.expand_as(v), L)
+
+    def _kernel(self, vdm, L: int, rate: float) -> Tensor:
+        """K = 2 Re(sum_n C B_bar A_bar^l): (C, H, L) through the Vandermonde backend ``vdm`` (eq. 5),
+        with the exponents dt A formed in float64 (exact phases: rounding dt A to
+        float32 moved a float32 model's kernel by 7e-6 relative at L=4096, against 3e-8) and the
+        coefficients, so the Vandermonde product, in the parameters' precision."""
+        A_bar, B_bar, C, log_A = self.discretize(rate, dtype=torch.complex128)
+        real = self.log_dt.dtype
+        cx = torch.complex128 if real == torch.float64 else torch.complex64
+        return vdm((C * B_bar).to(cx), log_A.expand_as(C), L).to(real)
 
     def default_state(self, *batch_shape: int) -> Tensor:
         return torch.zeros(*batch_shape, self.d_model, self.d_state // 2, dtype=self.state_dtype,
