@@ -433,3 +433,26 @@ def test_s4_block_edge_inputs_and_float64_step():
                 ys.append(y_t)
             err = (torch.stack(ys, -1) - y).abs().max() / y.abs().max()
             assert err < 1e-10, (mode, float(err))
+
+
+def test_auto_step_mode_records_the_form_it_chose():
+    # "auto" picked the diagonal form at tiny N but kept the dense state layout: step() crashed.
+    torch.manual_seed(0)
+    m = S4(4, d_state=2, transposed=True).eval()
+    x = torch.randn(2, 4, 50)
+    with torch.no_grad():
+        y, _ = m(x)
+        m.setup_step("auto")
+        s = m.default_state(2)
+        ys = []
+        for t in range(x.shape[-1]):
+            y_t, s = m.step(x[..., t], s)
+            ys.append(y_t)
+    assert float((torch.stack(ys, -1) - y).abs().max() / y.abs().max()) < 1e-5
+
+
+def test_state_passing_longer_than_l_max_is_refused_and_glu_initializer_works():
+    m = S4(4, d_state=8, l_max=64, transposed=True)
+    with pytest.raises(ValueError, match="l_max=64 < L=100"):
+        m(torch.randn(2, 4, 100), state=m.default_state(2))
+    S4(4, d_state=8, postact="glu", initializer="xavier")      # "glu" had no known gain

@@ -135,6 +135,10 @@ class S4(nn.Module):
         if u.dtype != self.D.dtype:     # its linear layers, like nn.Linear, take their own dtype only
             raise TypeError(f"S4 has {self.D.dtype} parameters and got a {u.dtype} input: convert one to the "
                             f"other (u.to({self.D.dtype}) or module.to({u.dtype}))")
+        if state is not None and self.L is not None and u.shape[-1 if self.transposed else 1] > round(self.L * rate):
+            raise ValueError(f"state passing needs the kernel to cover the input: l_max={self.L} < "
+                             f"L={u.shape[-1 if self.transposed else 1]}; use l_max=None, or chunks of at most "
+                             f"l_max samples (the chunks then follow the untruncated system)")
         if state is not None and self.bidirectional:
             raise ValueError("state passing needs a causal layer; this S4 is bidirectional "
                              "(bidirectional=False to stream)")

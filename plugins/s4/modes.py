@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from lrnnx_zoo.step_forms import StepForm, step_form_dtype
+from lrnnx_zoo.step_forms import ChannelDPLRStepForm, StepForm, step_form_dtype
 
 from . import dense
 from .step import DiagonalAccuracyError, dense_form, diagonal_form, linear_form
@@ -70,11 +70,14 @@ class StepModes:
 
     def setup_step(self, mode: str = "dense", tol: Optional[float] = None) -> None:
         """Freeze the current parameters into the step form of ``mode`` for :meth:`step`
-        (call again after the parameters change or a device move). "diagonal" changes the state layout of
+        (call again after the parameters change, a device move or a dtype change). "diagonal" changes the state layout of
         :meth:`default_state` / :meth:`step` to eigen-coordinates (B, H, N)."""
         with step_form_dtype(self._real_dtype):
             form = self.step_form(mode, tol=tol)
         object.__setattr__(self, "_stepper", form)
+        if mode == "auto":      # the state layout follows the form "auto" chose, not the request
+            mode = "diagonal" if self._basis is not None else (
+                "linear" if isinstance(form, ChannelDPLRStepForm) else "dense")
         self._step_mode = mode
 
     def default_state(self, *batch_shape: int) -> Tensor:

@@ -38,7 +38,7 @@ def get_initializer(name: str, activation: Optional[str] = None) -> Callable[[Te
     uniform / normal are Kaiming (He) initialisations; gelu / swish / silu use ReLU's gain
     (they are close to it), identity-like activations the linear gain.
     """
-    if activation in _IDENTITY + ("modrelu",):
+    if activation in _IDENTITY + ("modrelu", "glu"):     # a GLU's value half is linear
         nonlinearity = "linear"
     elif activation in ("relu", "tanh", "sigmoid"):
         nonlinearity = activation
