@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List
 
+from lrnnx_zoo.hub import loadable_source
+
 _TAGS = {"onnx": ["onnx"], "torchscript": ["torchscript"], "torch-export": ["torch-export"]}
 
 
@@ -26,8 +28,7 @@ def _made_with(config: Dict[str, Any]) -> str:
     """The export_folder call that remakes this folder: its first argument is something
     from_pretrained loads (a shipped name, a Hub repo id at its commit, a folder path)."""
     src = config.get("source_checkpoint") or {}
-    args = [repr(src.get("name") or src.get("repo_id") or src.get("path") or "<your checkpoint>"), "'out'",
-            f"format={config['format']!r}"]
+    args = [repr(loadable_source(src) or "<your checkpoint>"), "'out'", f"format={config['format']!r}"]
     if src.get("repo_id") and (src.get("commit") or src.get("revision")):
         args.append(f"revision={(src.get('commit') or src.get('revision'))!r}")
     if isinstance(config.get("batch"), int):

@@ -219,7 +219,7 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
         report = validate_stream(onnx_stream(tmp_float), model, x, tolerance, "onnxruntime") if validate else None
         final, qreport = tmp_float, None
         if quantize == "int8":
-            quantize_int8(tmp_float, tmp_q, metadata)
+            quantize_int8(tmp_float, tmp_q, metadata, proto)
             onnx.checker.check_model(str(tmp_q), full_check=True)
             qreport = _int8_report(model, info, tmp_float, tmp_q, x, validate)
             final = tmp_q

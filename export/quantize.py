@@ -38,8 +38,10 @@ def check_mode(quantize: Optional[str]) -> None:
         raise ValueError(f"quantize must be None or one of {QUANTIZATION_MODES}, got {quantize!r}")
 
 
-def quantize_int8(float_path: Path, out_path: Path, metadata: Dict[str, str]) -> None:
-    """Write the dynamically int8-quantised graph of ``float_path`` to ``out_path`` with ``metadata``."""
+def quantize_int8(float_path: Path, out_path: Path, metadata: Dict[str, str],
+                  proto: Optional[onnx.ModelProto] = None) -> None:
+    """Write the dynamically int8-quantised graph of ``float_path`` to ``out_path`` with ``metadata``.
+    ``proto``: the graph already in memory (spares reading it back to find the step-form nodes)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
@@ -47,7 +49,7 @@ def quantize_int8(float_path: Path, out_path: Path, metadata: Dict[str, str]) ->
     root.setLevel(logging.ERROR)  # quantize_dynamic logs advice on pre-processing via the root logger
     try:
         quantize_dynamic(str(float_path), str(out_path), weight_type=QuantType.QInt8,
-                         nodes_to_exclude=step_form_nodes(onnx.load(str(float_path))))
+                         nodes_to_exclude=step_form_nodes(proto or onnx.load(str(float_path))))
     finally:
         root.setLevel(level)
     proto = onnx.load(str(out_path))

@@ -105,13 +105,17 @@ def needs_autograd(module: nn.Module, *inputs: Tensor) -> bool:
                                         or any(p.requires_grad for p in module.parameters()))
 
 
+def valid_steps(lengths: Tensor, L: int, device: torch.device) -> Tensor:
+    """(B, L) bool: True at t < lengths[b], the steps of a padded batch that are not padding."""
+    return torch.arange(L, device=device)[None, :] < torch.as_tensor(lengths, device=device)[:, None]
+
+
 def mask_padding(y: Tensor, lengths: Optional[Tensor], time_dim: int = 1) -> Tensor:
     """Zero y[b, t] for t >= lengths[b]; y: (B, L, ...) (time_dim 1) or (B, H, L) (time_dim 2).
     A select, not a product, so a NaN or inf in the padding does not survive."""
     if lengths is None:
         return y
-    t = torch.arange(y.shape[time_dim], device=y.device)
-    keep = t[None, :] < torch.as_tensor(lengths, device=y.device)[:, None]             # (B, L)
+    keep = valid_steps(lengths, y.shape[time_dim], y.device)                          # (B, L)
     if time_dim == 2:
         keep = keep.unsqueeze(1)
     return torch.where(keep.reshape(keep.shape + (1,) * (y.dim() - keep.dim())), y, 0.0)

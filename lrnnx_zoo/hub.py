@@ -204,6 +204,21 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
     return folder, source
 
 
+def loadable_source(source: Any) -> Optional[str]:
+    """What to pass to from_pretrained to load a recorded source again: the ``source`` dict that
+    :func:`resolve_checkpoint` returns (shipped name, Hub repo id, folder path), or its one-line
+    description ("shipped:NAME", "hf://REPO@REV", a path); None for an in-memory model."""
+    if isinstance(source, dict):
+        return source.get("name") or source.get("repo_id") or source.get("path")
+    if not isinstance(source, str) or source.startswith("in-memory"):
+        return None
+    if source.startswith("shipped:"):
+        return source[len("shipped:"):]
+    if source.startswith("hf://"):
+        return source[len("hf://"):].split("@")[0]
+    return source
+
+
 def _check_not_shadowing(path: Path, name: str, shipped: Path) -> None:
     """A local folder named like a shipped model wins the lookup; if it is no checkpoint, say so and
     say how to reach the shipped one instead of reporting what the folder lacks."""
@@ -258,10 +273,7 @@ def read_config(folder: Path) -> Dict[str, Any]:
     config = _parse_config(folder / CONFIG_NAME)
     path = folder / CONFIG_NAME
     if isinstance(config, dict) and config.get("kind") == EXPORT_KIND:
-        src = config.get("source_checkpoint") if isinstance(config.get("source_checkpoint"), dict) else {}
-        origin = src.get("name") or src.get("repo_id") or src.get("path") or config.get("source")
-        if isinstance(origin, str) and origin.startswith("shipped:"):
-            origin = origin[len("shipped:"):]
+        origin = loadable_source(config.get("source_checkpoint") or config.get("source"))
         raise CheckpointError(
             f"{folder} is an export folder ({config.get('format') or 'a'} step graph written by `lrnnx-zoo export`, "
             f"kind={EXPORT_KIND!r}), not a checkpoint: it has no {WEIGHTS_NAME} to build a SequenceModel from. Run it "

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import check_floating, mask_padding
+from .base import check_floating, mask_padding, valid_steps
 from .hub_save import HubMixin
 from .registry import create_layer
 
@@ -157,7 +157,7 @@ class _BatchNormLast(nn.BatchNorm1d):
         if x.dim() == 2:
             return super().forward(x)
         if lengths is not None and self.training and x.dim() == 3:
-            valid = torch.arange(x.shape[1], device=x.device)[None] < torch.as_tensor(lengths, device=x.device)[:, None]
+            valid = valid_steps(lengths, x.shape[1], x.device)
             out = x.new_zeros(x.shape)
             out[valid] = super().forward(x[valid])
             return out

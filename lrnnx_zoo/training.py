@@ -193,8 +193,6 @@ def plan_steps(n_train: int, optim: OptimSpec, max_steps: Optional[int]) -> Step
     if optim.batch_size > n_train:
         raise TrainingSetupError(f"batch_size {optim.batch_size} exceeds the {n_train} training examples: "
                                  f"no full batch, so no optimiser step; expected a batch_size <= {n_train}")
-    if max_steps is not None and max_steps < 1:
-        raise TrainingSetupError(f"max_steps must be None or a positive int, got {max_steps!r}")
     steps_per_epoch = n_train // optim.batch_size
     full = steps_per_epoch * optim.epochs
     return StepPlan(steps_per_epoch, full, full if max_steps is None else min(full, max_steps))
@@ -391,7 +389,7 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo,
     """The loop itself: returns (model, test metrics, training seconds, optimiser steps taken)."""
     opt_spec = recipe.optim
     torch.manual_seed(recipe.seed)  # initial weights and dropout masks
-    model = SequenceModel(ModelConfig(**copy.deepcopy(dict(recipe.model)))).to(di.device)
+    model = SequenceModel(ModelConfig(**recipe.model)).to(di.device)     # recipe: train's private copy
     net: nn.Module = model
     if di.rank > 0:  # distinct dropout masks per rank; rank 0 keeps the single-process stream
         torch.manual_seed(recipe.seed + 1_000_003 * di.rank)

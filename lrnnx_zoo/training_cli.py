@@ -12,27 +12,26 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (so --epochs 0 or --batch-size 0 is a usage error, not a crash)."""
+def _int_in(text: str, minimum: int, maximum: Optional[int], expected: str) -> int:
+    """``text`` as an int in [minimum, maximum], else argparse's usage error (exit 2, no traceback)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (so --epochs 0 or --batch-size 0 is a usage error, not a crash)."""
+    return _int_in(text, 1, None, "a positive integer")
 
 
 def seed_int(text: str) -> int:
     """argparse type: a seed, an int in [0, SEED_MAX] (a huge one is a usage error, not an overflow)."""
     from .recipes import SEED_MAX
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, {SEED_MAX}], got {text!r}") from None
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, {SEED_MAX}], got {value}")
-    return value
+    return _int_in(text, 0, SEED_MAX, f"an integer in [0, {SEED_MAX}]")
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:

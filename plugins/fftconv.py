@@ -339,7 +339,7 @@ class FFTConvLayer(LTI_LRNN):
     def __init__(self, d_model: int, d_state: int = 64, kernel_type: str = "s4d", channels: int = 1,
                  bidirectional: bool = False, l_max: Optional[int] = None, **kernel_args: Any) -> None:
         super().__init__(None)
-        check_sizes("fftconv", d_model=d_model, d_state=d_state, channels=channels)
+        check_sizes("fftconv", d_state=d_state)     # FFTConvS4 checks d_model and channels
         self.d_model, self.d_state, self.bidirectional = d_model, d_state, bidirectional
         self.conv = FFTConvS4(d_model, l_max=l_max, channels=channels, transposed=False, kernel_type=kernel_type,
                               bidirectional=bidirectional, param_config={"d_state": d_state, **kernel_args})
@@ -348,8 +348,8 @@ class FFTConvLayer(LTI_LRNN):
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, H) -> y: (B, L, H); lengths: (B,) valid lengths (padding outputs are zero)."""
-        x = self.prepare_input(x, lengths)
-        y, _ = self.conv(x, lengths=lengths)
+        self.check_input(x, lengths)
+        y, _ = self.conv(x, lengths=lengths)        # FFTConvS4 zeroes x past the lengths itself
         if self.mix is not None:
             y = self.mix(y)
         return mask_padding(y, lengths)
