@@ -74,14 +74,21 @@ def test_integer_input_is_refused_clearly(name):
         make(name)(torch.ones(2, 5, H, dtype=torch.long))
 
 
+# float32 over L=1024 to 1e-4 (module docstring). float64 over L=256 to 1e-10: a float64 layer's
+# step form is built from the float64 discretisation in float64 (not built in float32 and
+# converted) and the cache defaults to the parameters' dtype, so the modes agree to ~1e-13 (FFT
+# rounding eps * log L), where float32 forms would leave ~1e-6.
+@pytest.mark.parametrize("dtype, L, tol", [(torch.float32, 1024, 1e-4), (torch.float64, 256, 1e-10)],
+                         ids=["float32-L1024", "float64-L256"])
 @pytest.mark.parametrize("name", LAYERS)
-def test_convolution_matches_step_mode_L1024(name):
-    layer = make(name)
-    x = torch.randn(2, 1024, H)
+def test_convolution_matches_step_mode(name, dtype, L, tol):
+    layer = make(name).to(dtype)
+    x = torch.randn(2, L, H, dtype=dtype)
     with torch.no_grad():
         y_conv = layer(x)
         y_step = run_steps(layer, x)
-    assert rel_err(y_step, y_conv) < 1e-4
+    assert y_step.dtype == dtype
+    assert rel_err(y_step, y_conv) < tol
 
 
 @pytest.mark.parametrize("name", LAYERS)
@@ -146,21 +153,6 @@ def test_wrong_input_shapes(name):
 @pytest.mark.parametrize("name", LAYERS)
 def test_step_form_is_a_stepform(name):
     assert isinstance(make(name).step_form(), StepForm)
-
-
-@pytest.mark.parametrize("name", LAYERS)
-def test_float64_layer_steps_in_float64(name):
-    # A float64 layer's step form is built from the float64 discretisation in float64 (not
-    # built in float32 and converted) and the cache defaults to the parameters' dtype: step and
-    # convolution then agree to ~1e-13 relative (FFT rounding eps * log L), where float32 forms
-    # would leave ~1e-6.
-    layer = make(name).double()
-    x = torch.randn(2, 256, H, dtype=torch.float64)
-    with torch.no_grad():
-        y_conv = layer(x)
-        y_step = run_steps(layer, x)
-    assert y_step.dtype == torch.float64
-    assert rel_err(y_step, y_conv) < 1e-10
 
 
 @pytest.mark.parametrize("name", LAYERS)
