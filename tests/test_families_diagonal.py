@@ -147,3 +147,40 @@ def test_s4d_float32_kernel_has_exact_exponents():
     K64 = copy.deepcopy(layer).double().compute_kernel(4096).detach()
     assert K32.dtype == torch.float32
     assert float((K32.double() - K64).abs().max() / K64.abs().max()) < 1e-6
+
+
+def _float32_vs_float64(module):
+    import copy
+    return module, copy.deepcopy(module).double()
+
+
+def test_lru_float32_sequence_modes_have_exact_exponents():
+    # lam^l formed from float32 log lam moved long-memory (r >= 0.9) LRUs at L=4096: fft mode by
+    # 2.3e-5 and final_state by 1.3e-4 relative; with the exponents in float64: 2.3e-7 and 5.7e-7.
+    torch.manual_seed(0)
+    x = torch.randn(2, 4096, 64)
+    for backend, tol in (("fft", 1e-6), ("scan", 5e-6)):
+        m32, m64 = _float32_vs_float64(lrnnx_zoo.create_layer("lru", 64, d_state=64, r_min=0.9, backend=backend))
+        with torch.no_grad():
+            assert rel_err(m32(x).double(), m64(x.double())) < tol, backend
+            s64 = m64.final_state(x.double())
+            assert rel_err(m32.final_state(x).to(torch.complex128), s64) < 2e-6, backend
+
+
+@pytest.mark.parametrize("kernel", ["s4d", "lru"])
+def test_kernel_state_passing_float32_has_exact_exponents(kernel):
+    # forward_state (the state handed to the next chunk) was 1.2e-4 (S4D) / 1.9e-4 (LRU) from its
+    # float64 value at L=4096 with slow modes; now ~3e-7. The LRU kernel itself: 3e-6 -> 3e-7.
+    from lrnnx_zoo.plugins.lru import LRUKernel
+    from lrnnx_zoo.plugins.s4d import S4DKernel
+    torch.manual_seed(0)
+    k = S4DKernel(64, 64, dt_min=1e-3, dt_max=1e-2) if kernel == "s4d" else LRUKernel(64, 64, r_min=0.9)
+    k32, k64 = _float32_vs_float64(k)
+    u = torch.randn(2, 64, 4096)
+    state = torch.randn_like(k32.default_state(2))
+    with torch.no_grad():
+        got = k32.forward_state(u, state)
+        want = k64.forward_state(u.double(), state.to(torch.complex128))
+        assert got.dtype == torch.complex64
+        assert rel_err(got.to(torch.complex128), want) < 2e-6
+        assert rel_err(k32(4096)[0].double(), k64(4096)[0]) < 1e-6
