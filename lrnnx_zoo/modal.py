@@ -96,6 +96,18 @@ def final_state(u: Tensor, log_lam: Tensor, B: Tensor, initial_state: Optional[T
     return x
 
 
+def channel_final_state(u: Tensor, log_lam: Tensor, B: Tensor, state: Tensor) -> Tensor:
+    """The same for H single-input systems, one per channel (S4D's and LRUKernel's state passing):
+    x_{L-1}[h] = lam[h]^L x_{-1}[h] + sum_j lam[h]^{L-1-j} B[h] u_j[h].
+    u: (Bsz, H, L) real, log_lam, B: (H, M) complex (log_lam best in complex128, see :func:`powers`),
+    state: (Bsz, H, M) complex -> (Bsz, H, M) complex of state's dtype."""
+    H, M = log_lam.shape
+    L = u.shape[-1]
+    P = powers(log_lam.reshape(-1), L + 1, state.dtype).reshape(L + 1, H, M)          # lam^l, l <= L
+    x = torch.einsum("bhl,lhn->bhn", u.to(P.dtype), P[:L].flip(0)) * B.to(P.dtype)
+    return x + P[L] * state
+
+
 def modal_auto(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
                initial_state: Optional[Tensor] = None) -> Tensor:
     """The faster mode on CPU: the chunked scan. Measured with benchmarks/bench_layers.py at
@@ -105,4 +117,4 @@ def modal_auto(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
 
 
 __all__ = ["powers", "working_complex", "project_in", "project_out", "modal_fft", "modal_scan",
-           "final_state", "modal_auto"]
+           "final_state", "channel_final_state", "modal_auto"]

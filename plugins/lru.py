@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding
-from lrnnx_zoo.modal import final_state, modal_auto, modal_fft, modal_scan, powers
+from lrnnx_zoo.modal import channel_final_state, final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, get_initializer
 from lrnnx_zoo.ssm_kernel import SSMKernel
 from lrnnx_zoo.step_forms import ChannelDiagonalStepForm, DiagonalStepForm
@@ -202,11 +202,7 @@ class LRUKernel(SSMKernel):
     def forward_state(self, u: Tensor, state: Tensor) -> Tensor:
         """x_{L-1} = lam^L x_{-1} + sum_j lam^{L-1-j} gamma B u_j.   u: (B, H, L), state: (B, H, N)."""
         log_lam, B, _ = self.discretize(torch.complex128)
-        H, N = log_lam.shape
-        L = u.shape[-1]
-        P = powers(log_lam.reshape(-1), L + 1, self.state_dtype).reshape(L + 1, H, N)   # lam^l, l <= L
-        x = torch.einsum("bhl,lhn->bhn", u.to(P.dtype), P[:L].flip(0)) * B.to(P.dtype)
-        return x + P[L] * state
+        return channel_final_state(u, log_lam, B, state.to(self.state_dtype))
 
     @torch.no_grad()
     def step_form(self, D: Optional[Tensor] = None) -> ChannelDiagonalStepForm:

@@ -23,7 +23,7 @@ from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding, needs_autograd
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, swap_time_and_channels
 from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vandermonde_torch
-from lrnnx_zoo.modal import powers
+from lrnnx_zoo.modal import channel_final_state
 from lrnnx_zoo.discretization import get_discretization
 from lrnnx_zoo.registry import get_backend, get_initializer
 from lrnnx_zoo.ssm_kernel import SSMKernel
@@ -146,12 +146,8 @@ class S4DKernel(SSMKernel):
 
     def forward_state(self, u: Tensor, state: Tensor) -> Tensor:
         """x_{L-1} = A_bar^L x_{-1} + sum_j A_bar^{L-1-j} B_bar u_j.   u: (B, H, L), state: (B, H, N/2)."""
-        A_bar, B_bar, _, log_A = self.discretize(dtype=torch.complex128)
-        H, M = log_A.shape
-        L = u.shape[-1]
-        P = powers(log_A.reshape(-1), L + 1, self.state_dtype).reshape(L + 1, H, M)   # A_bar^l, l <= L
-        x = torch.einsum("bhl,lhn->bhn", u.to(P.dtype), P[:L].flip(0)) * B_bar.to(P.dtype)
-        return x + P[L] * state
+        _, B_bar, _, log_A = self.discretize(dtype=torch.complex128)
+        return channel_final_state(u, log_A, B_bar, state.to(self.state_dtype))
 
     @torch.no_grad()
     def step_form(self, D: Optional[Tensor] = None) -> ChannelDiagonalStepForm:
