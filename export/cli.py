@@ -36,12 +36,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """\
+Export a causal model (checkpoint folder, shipped name or Hub repo id) as a recurrent step graph
+(x_t, state) -> (y_t, state'). The folder --out receives the graph (model.onnx, model.ts or
+model.pt2), step_form.safetensors, config.json and a README.md card. The graph is streamed and
+compared with the PyTorch model before anything is written; then the validation report and the
+per-step latency (median over --latency-steps single steps at batch 1) are printed."""
+
+
 def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:
     """Add ``export`` to the ``lrnnx-zoo`` parser (see lrnnx_zoo.cli)."""
     from .folder import FORMATS
 
     p = sub.add_parser("export", help="export a causal model as a validated recurrent step graph",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="checkpoint folder, shipped model name, or Hub repo id")
     p.add_argument("--format", choices=FORMATS, default="onnx")
     p.add_argument("--out", required=True, help="output folder (created if missing)")

@@ -121,6 +121,16 @@ def mask_padding(y: Tensor, lengths: Optional[Tensor], time_dim: int = 1) -> Ten
     return torch.where(keep.reshape(keep.shape + (1,) * (y.dim() - keep.dim())), y, 0.0)
 
 
+def _reference_tensor(module: nn.Module) -> Tensor:
+    """The tensor whose device and dtype a module's recurrent state follows: its first floating
+    (or complex) parameter, else its first such buffer (a layer with fixed, non-trained
+    coefficients keeps them in buffers), else an empty float tensor on the CPU."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point() or t.is_complex():
+            return t
+    return torch.empty(0)
+
+
 class LTI_LRNN(LRNN):
     """Abstract linear time-invariant layer: x_k = A x_{k-1} + B u_k,  y_k = Re(C x_k) + D u_k.
 
@@ -156,11 +166,12 @@ class LTI_LRNN(LRNN):
         """Cache for :meth:`step`: the precomputed step form and a zero state (B, state_size).
 
         ``max_seqlen`` is unused (an LTI system has one set of matrices for every step).
-        ``dtype``: of the form and the state; default the parameters' (a float64 layer steps in
-        float64, its form rounded from the float64 discretisation once).
+        ``dtype``: of the form and the state; default the parameters' (or, for a layer without
+        parameters, its buffers'): a float64 layer steps in float64, its form rounded from the
+        float64 discretisation once. The device is theirs too.
         """
-        ref = next(iter(self.parameters()), torch.empty(0))
-        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.get_default_dtype())
+        ref = _reference_tensor(self)
+        dtype = dtype or ref.real.dtype          # a complex coefficient's real counterpart
         with step_form_dtype(dtype):
             form = self.step_form()
         form = form.to(device=ref.device, dtype=dtype)

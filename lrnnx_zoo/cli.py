@@ -7,10 +7,16 @@ Each group of subcommands lives next to the code it drives, in a module with
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Dict, List, Optional
 
 import importlib
+
+#: What ``lrnnx-zoo --help`` says (the module docstring above is for people reading this file).
+DESCRIPTION = ("Linear RNN and state-space layers (LRU, S4, S4D, FFTConv) as plugins: see what is installed, "
+               "inspect and train checkpoints, export them as streaming step graphs. "
+               "`lrnnx-zoo COMMAND --help` lists a command's options.")
 
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {}
 # Modules adding subcommands: add_commands(subparsers, COMMANDS). Missing ones are skipped.
@@ -60,7 +66,7 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lrnnx-zoo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lrnnx-zoo", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plugins", help="installed plugins, what each registered, and failures")
     p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load")
@@ -83,7 +89,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .runtime import tune_allocator
     tune_allocator()
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # The reader went away (`lrnnx-zoo info NAME | head`): stop quietly, as other tools do.
+        # stdout is pointed at /dev/null because Python's flush at exit would raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -34,5 +34,15 @@ def lrnnx_zoo_register_initializers(registry: "Registry") -> None:
 
 @hookspec
 def lrnnx_zoo_register_kernel_backends(registry: "Registry") -> None:
-    """Register kernel backends: ``registry.add_backend(kind, name, fn)`` (kind e.g. "cauchy",
-    "vandermonde", "conv")."""
+    """Register kernel backends: ``registry.add_backend(kind, name, fn)``. The kinds the built-in
+    layers look up, by the name given as their ``backend=`` argument:
+
+    - ``"vandermonde"`` (s4d, fftconv's s4d/lru kernels): ``fn(v, log_lam, L, conj=True)``,
+      v and log_lam (..., N) complex -> ``sum_n v_n exp(l log_lam_n)``: (..., L), ``2 Re`` if conj;
+    - ``"cauchy"`` (s4, fftconv's s4 kernel): ``fn(v, z, w)``, v, w (..., N), z (L,) ->
+      ``sum_n v_n / (z - w_n) + conj(v_n) / (z - conj(w_n))``: (..., L) complex;
+    - ``"modal"`` (lru): ``fn(u, log_lam, B, C, initial_state=None)``, u (B, L, H), log_lam (N,),
+      B (N, H), C (H_out, N) -> Re(C x_t): (B, L, H_out);
+    - ``"ssm_kernel"``: an :class:`~lrnnx_zoo.ssm_kernel.SSMKernel` subclass, used by
+      ``FFTConvS4(kernel_type=name)`` and the ``fftconv`` layer.
+    """

@@ -110,7 +110,8 @@ class Registry:
         self._add(self._initializers, (layer, name), fn, "initializers", f"{layer}.{name}")
 
     def add_backend(self, kind: str, name: str, fn: Callable[..., Any]) -> None:
-        """Register kernel backend ``name`` of ``kind`` ("vandermonde", "cauchy", "conv", ...)."""
+        """Register kernel backend ``name`` of ``kind`` ("vandermonde", "cauchy", "modal" or
+        "ssm_kernel": the signatures are in :func:`lrnnx_zoo.hookspecs.lrnnx_zoo_register_kernel_backends`)."""
         self._add(self._backends, (kind, name), fn, "backends", f"{kind}.{name}")
 
     def _add(self, table: Dict, key: Any, value: Any, what: str, label: str) -> None:

@@ -135,7 +135,8 @@ class ChannelDiagonalStepForm(StepForm):
         x'[h, n] = lam[h, n] x[h, n] + B[h, n] u[h],   y[c, h] = Re(sum_n C[c, h, n] x'[h, n]) + D[c, h] u[h].
 
     Args:
-        lam, B: (H, N) complex.  C: (Ch, H, N) complex.  D: (Ch, H) or None.
+        lam, B: (H, N) complex, or real (a real system, e.g. a decay; its imaginary parts are zero).
+        C: (Ch, H, N) complex or real.  D: (Ch, H) or None.
     Output is flattened channel-major: y: (batch, Ch * H). State: [Re x (H*N), Im x (H*N)].
 
     With the state viewed as s = [a; b]: (batch, 2, H, N), the complex product is
@@ -149,6 +150,7 @@ class ChannelDiagonalStepForm(StepForm):
         if B.shape != (H, N) or C.dim() != 3 or C.shape[1:] != (H, N):
             raise ValueError(f"ChannelDiagonalStepForm expects lam, B (H, N) and C (Ch, H, N); got "
                              f"{tuple(lam.shape)}, {tuple(B.shape)}, {tuple(C.shape)}")
+        lam, B, C = (t.to(torch.complex128) for t in (lam, B, C))   # real ones too (.imag needs complex)
         self.H, self.N, self.channels = H, N, C.shape[0]
         self.state_size, self.d_input, self.d_output = 2 * H * N, H, self.channels * H
         self.register_buffer("lam_re", stored(torch.stack([lam.real, lam.real])))   # (2, H, N)

@@ -72,6 +72,20 @@ def test_channel_forms_match_per_channel_recurrences():
     close(run(ChannelDenseStepForm(A, B, C, D), u), ref)
 
 
+def test_channel_diagonal_form_takes_a_real_system():
+    # Real lam, B, C (an exponential moving average) raised "imag is not implemented for tensors
+    # with non-complex dtypes"; DiagonalStepForm and ChannelDenseStepForm already took them.
+    H, a = 3, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)
+    form = ChannelDiagonalStepForm(a[:, None], (1 - a)[:, None], torch.ones(1, H, 1, dtype=torch.float64))
+    assert form.state_size == 2 * H and not any(t.is_complex() for t in form.buffers())
+    u = torch.randn(2, 30, H, dtype=torch.float64)
+    x, ref = torch.zeros(2, H, dtype=torch.float64), []
+    for t in range(30):
+        x = a * x + (1 - a) * u[:, t]
+        ref.append(x)
+    close(run(form, u), torch.stack(ref, 1))
+
+
 def test_dplr_form_matches_its_complex_recurrence():
     from lrnnx_zoo.step_forms import ChannelDPLRStepForm
     torch.manual_seed(2)
