@@ -14,6 +14,7 @@ from typing import Callable, Dict
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from lrnnx_zoo.hub import CheckpointError
+    from lrnnx_zoo.hub_save import HubPublishError
     from .folder import export_folder
     from .step_graph import ExportError
     from .validate import ValidationError
@@ -22,7 +23,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         done = export_folder(args.src, args.out, format=args.format, quantize=args.quantize,
                              push_to_hub=args.push_to_hub, batch=args.batch, opset=args.opset,
                              latency_steps=args.latency_steps, revision=args.revision)
-    except (ExportError, ValidationError, CheckpointError, ValueError) as exc:
+    except (ExportError, ValidationError, CheckpointError, HubPublishError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(done.result.summary())

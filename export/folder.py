@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 import lrnnx_zoo
-from lrnnx_zoo.hub_save import write_safetensors
+from lrnnx_zoo.hub_save import publishing, write_safetensors
 
 from .card import build_card
 from .latency import DEFAULT_STEPS, onnx_latency, torch_latency
@@ -141,6 +141,8 @@ def upload_folder(folder: Path, repo_id: str, files: List[str], token: Optional[
     if missing:
         raise FileNotFoundError(f"cannot upload {folder}: missing {missing}; run export_folder first")
     api = HfApi(token=token)  # endpoint from HF_ENDPOINT
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    return api.upload_folder(repo_id=repo_id, folder_path=os.fspath(folder), allow_patterns=files,
-                             commit_message=f"Upload lrnnx-zoo {lrnnx_zoo.__version__} step graph")
+    with publishing("upload to", repo_id, f"the export is complete in {folder}; push it again with "
+                    f"huggingface_hub's upload_folder or `hf upload {repo_id} {folder}`"):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=os.fspath(folder), allow_patterns=files,
+                                 commit_message=f"Upload lrnnx-zoo {lrnnx_zoo.__version__} step graph")

@@ -13,6 +13,7 @@ from .registry import (PluginError, PluginInfo, RegistryError, create_layer, get
                        register_plugin, reload_plugins, unregister_plugin)
 from .models import ModelConfig, SequenceModel
 from .hub import CheckpointError, from_pretrained, list_models
+from .hub_save import HubPublishError
 from . import convolution, discretization, step_forms
 
 __all__ = [
@@ -20,5 +21,5 @@ __all__ = [
     "PluginError", "PluginInfo", "RegistryError", "create_layer", "get_backend", "get_initializer",
     "list_backends", "list_initializers", "list_layers", "list_plugins", "register_plugin",
     "reload_plugins", "unregister_plugin", "convolution", "discretization", "step_forms",
-    "CheckpointError", "from_pretrained", "list_models",
+    "CheckpointError", "HubPublishError", "from_pretrained", "list_models",
 ]

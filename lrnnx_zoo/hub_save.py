@@ -9,6 +9,7 @@ folder swapped in only when complete), ``upload_checkpoint`` and the :class:`Hub
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,11 +17,11 @@ import shutil
 import stat
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Union
 
 from . import __version__
 from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
-                  CheckpointError, PathLike, from_pretrained)
+                  CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout)
 from .registry import get_registry
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
@@ -185,26 +186,62 @@ def save_checkpoint(model: "SequenceModel", save_directory: PathLike, *, name: O
     return target
 
 
-def create_repo(repo_id: str, *, token: Optional[str] = None, private: bool = False) -> str:
+class HubPublishError(RuntimeError):
+    """Creating a Hub repo or uploading to it failed; the message says why and what was kept."""
+
+
+@contextlib.contextmanager
+def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") -> Iterator[None]:
+    """Run Hub writes with bounded request timeouts, and turn their failures into one
+    :class:`HubPublishError` that names the action, the repo, the endpoint, the cause and its fix
+    (huggingface_hub raises bare transport errors, e.g. ``ConnectError: Connection refused``).
+    ``kept`` says what the user still has (a saved folder, an export)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError
+
+    where = f"{action} {repo_id!r} on the Hub at {constants.ENDPOINT}"
+    try:
+        with bounded_hub_requests():
+            yield
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        fix = ("log in (`hf auth login`) or pass token= with write access to that namespace"
+               if status in (401, 403) else "see the Hub's answer above")
+        raise HubPublishError(f"could not {where}: HTTP {status}: {reason}; {fix}. {kept[:1].upper() + kept[1:]}.") from exc
+    except HTTPError as exc:  # transport: refused, unresolvable host, timed out
+        raise HubPublishError(
+            f"could not {where}: the Hub could not be reached ({type(exc).__name__}: {exc}; each request waits "
+            f"at most {hub_timeout():g} s, set by HF_HUB_ETAG_TIMEOUT); check your connection, or HF_ENDPOINT. "
+            f"{kept[:1].upper() + kept[1:]}.") from exc
+
+
+def create_repo(repo_id: str, *, token: Optional[str] = None, private: bool = False,
+                kept: str = "nothing was uploaded") -> str:
     """Create ``repo_id`` on the Hub if needed; returns its full id ("name" without a namespace is
     created under the token's user, and that is where files must go and what the card must name)."""
     from huggingface_hub import HfApi
 
-    return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id  # endpoint: HF_ENDPOINT
+    with publishing("create", repo_id, kept):
+        return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id  # endpoint: HF_ENDPOINT
 
 
 def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None, private: bool = False,
-                      commit_message: Optional[str] = None, revision: Optional[str] = None) -> Any:
-    """Create ``repo_id`` if needed (and branch ``revision``) and upload the checkpoint files in one commit."""
+                      commit_message: Optional[str] = None, revision: Optional[str] = None,
+                      kept: Optional[str] = None) -> Any:
+    """Create ``repo_id`` if needed (and branch ``revision``) and upload the checkpoint files in one commit.
+    A failure is a :class:`HubPublishError` ending with ``kept`` (default: where the files are)."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    repo_id = create_repo(repo_id, token=token, private=private)
-    if revision not in (None, "main"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    kept = kept or f"the checkpoint files are in {folder}"
+    repo_id = create_repo(repo_id, token=token, private=private, kept=kept)
     message = commit_message or f"Upload lrnnx-zoo {__version__} checkpoint"
-    return api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=list(CHECKPOINT_FILES),
-                             commit_message=message, revision=revision)
+    with publishing("upload to", repo_id, kept):
+        if revision not in (None, "main"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=list(CHECKPOINT_FILES),
+                                 commit_message=message, revision=revision)
 
 
 class HubMixin:
@@ -225,11 +262,15 @@ class HubMixin:
         otherwise the folder's path.
         """
         meta = dict(task=task, dataset=dataset, metrics=metrics, command=command, notes=notes)
-        if push_to_hub:     # the card names the repo the files land in
-            repo_id = create_repo(repo_id or Path(save_directory).expanduser().absolute().name)
-        folder = save_checkpoint(self, save_directory, name=repo_id, **meta)
         if not push_to_hub:
-            return folder
+            return save_checkpoint(self, save_directory, name=repo_id, **meta)
+        repo_id = repo_id or Path(save_directory).expanduser().absolute().name
+        try:                # the card names the repo the files land in: its full id, from the Hub
+            repo_id = create_repo(repo_id, kept=f"the checkpoint was saved to {Path(save_directory).absolute()}")
+        except HubPublishError:
+            save_checkpoint(self, save_directory, name=repo_id, **meta)     # the local half still happens
+            raise
+        folder = save_checkpoint(self, save_directory, name=repo_id, **meta)
         return upload_checkpoint(folder, repo_id)
 
     def push_to_hub(self, repo_id: str, *, token: Optional[str] = None, private: bool = False,
@@ -242,11 +283,12 @@ class HubMixin:
         import tempfile
         info = getattr(self, "checkpoint_info", None) or {}
         meta = {k: info.get(k) for k in ("task", "dataset", "metrics", "command", "notes")}
-        repo_id = create_repo(repo_id, token=token, private=private)   # its full id, for the card
+        kept = "the model in memory is unchanged (save_pretrained(DIR) keeps a local copy)"
+        repo_id = create_repo(repo_id, token=token, private=private, kept=kept)   # its full id, for the card
         with tempfile.TemporaryDirectory(prefix="lrnnx-zoo-push-") as tmp:
             folder = save_checkpoint(self, Path(tmp) / "checkpoint", name=repo_id, **meta)
             return upload_checkpoint(folder, repo_id, token=token, private=private,
-                                     commit_message=commit_message, revision=revision)
+                                     commit_message=commit_message, revision=revision, kept=kept)
 
     @classmethod
     def from_pretrained(cls, name_or_path: PathLike, revision: Optional[str] = None,

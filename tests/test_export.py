@@ -495,3 +495,21 @@ def test_export_card_snippets_are_runnable(tmp_path):
     import re as _re
     snippet = _re.search(r"With lrnnx-zoo's streamer.*?```python\n(.*?)```", card, _re.S).group(1)
     exec(snippet.replace('"model.onnx"', repr(str(tmp_path / "card" / "model.onnx"))), {})
+
+
+def test_failed_push_keeps_the_export_and_says_so(digits_checkpoint, tmp_path, monkeypatch, capsys):
+    from hub_server import configure_client
+    from lrnnx_zoo.cli import main as cli_main
+    from lrnnx_zoo.hub_save import HubPublishError
+    import socket
+    with socket.socket() as s:          # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    configure_client(monkeypatch, endpoint, tmp_path / "hf-home")
+    out = tmp_path / "out"
+    with pytest.raises(HubPublishError, match=r"could not upload to 'me/x'.*could not be reached.*export is complete in"):
+        export_folder(str(digits_checkpoint), out, format="onnx", push_to_hub="me/x", latency_steps=5)
+    assert OnnxStreamer(out / "model.onnx").run(np.zeros((1, 3, 1), np.float32)).shape[:2] == (1, 3)
+    code = cli_main(["export", str(digits_checkpoint), "--format", "onnx", "--out", str(tmp_path / "cli"),
+                        "--push-to-hub", "me/x", "--latency-steps", "5"])
+    assert code == 2 and "could not upload to 'me/x'" in capsys.readouterr().err

@@ -612,3 +612,34 @@ def test_from_pretrained_refuses_empty_and_non_path_names():
     for bad in (None, b"digits-lru", 3):
         with pytest.raises(TypeError, match="expects a shipped name, a folder path or a Hub repo id"):
             from_pretrained(bad)
+
+
+def _refused_endpoint() -> str:
+    """A local URL with nothing listening: connections are refused at once."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_publishing_without_a_hub_says_why_and_keeps_the_local_half(monkeypatch, tmp_path):
+    # huggingface_hub raised a bare "ConnectError: [Errno 111] Connection refused" from push_to_hub,
+    # and save_pretrained(push_to_hub=True) saved nothing locally.
+    from hub_server import configure_client
+    from lrnnx_zoo.hub_save import HubPublishError
+    configure_client(monkeypatch, _refused_endpoint(), tmp_path / "hf-home")
+    model = tiny("s4d")
+    with pytest.raises(HubPublishError, match=r"could not create 'acme/x' on the Hub at http://127\.0\.0\.1:\d+: "
+                                              r"the Hub could not be reached \(ConnectError.*model in memory is unchanged"):
+        model.push_to_hub("acme/x")
+    with pytest.raises(HubPublishError, match="The checkpoint was saved to .*kept"):
+        model.save_pretrained(tmp_path / "kept", push_to_hub=True, repo_id="acme/x", **META)
+    assert_same_outputs(model, from_pretrained(tmp_path / "kept"))
+    assert from_pretrained(tmp_path / "kept").checkpoint_info["metrics"] == META["metrics"]
+
+
+def test_publishing_with_a_rejected_token_says_how_to_log_in(local_hub):
+    from lrnnx_zoo.hub_save import HubPublishError
+    local_hub.required_token = "the-right-one"
+    with pytest.raises(HubPublishError, match=r"could not create 'acme/x'.*HTTP 401.*log in .*token="):
+        tiny("s4d").push_to_hub("acme/x", token="a-wrong-one")
