@@ -21,18 +21,29 @@ import torch
 from torch import Tensor
 
 
-@functools.lru_cache(maxsize=None)
 def fast_fft_size(target: int) -> int:
     """Smallest n >= target whose only prime factors are 2, 3 and 5 (fast for pocketfft/MKL)."""
-    n = max(1, target)
-    while True:
-        m = n
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
+    if torch.compiler.is_compiling():     # traced once per shape; dynamo warns on lru_cache calls
+        return _smallest_5_smooth(target)
+    return _smallest_5_smooth_cached(target)
+
+
+def _smallest_5_smooth(target: int) -> int:
+    """Tries every 3^b 5^c below the next power of two with the smallest power of two that lifts it
+    to ``target``: ~log3 * log5 candidates (a few microseconds; the eager path caches it anyway)."""
+    n = max(1, int(target))
+    best = 1 << (n - 1).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            best = min(best, p35 << (-(-n // p35) - 1).bit_length())
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+_smallest_5_smooth_cached = functools.lru_cache(maxsize=4096)(_smallest_5_smooth)
 
 
 def conv_size(L: int, Lk: int) -> int:

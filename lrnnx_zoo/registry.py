@@ -295,6 +295,9 @@ _pm: Optional[pluggy.PluginManager] = None
 def get_registry() -> Registry:
     """The process-wide registry, loading plugins on first use."""
     global _registry, _pm
+    ready = _registry
+    if ready is not None:   # no lock once loaded: layers look up backends in forward (and dynamo
+        return ready        # cannot trace a lock, so torch.compile broke the graph there)
     with _lock:
         if _registry is None:
             pm = pluggy.PluginManager(hookspecs.PROJECT)

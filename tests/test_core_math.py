@@ -92,6 +92,13 @@ def test_fast_fft_size():
     for n in (1, 97, 1000, 4095):
         m = fast_fft_size(n)
         assert m >= n and all(p in (2, 3, 5) for p in _prime_factors(m))
+    smooth = [m for m in range(1, 17000) if all(p in (2, 3, 5) for p in _prime_factors(m))]
+    nxt = iter(smooth)
+    m = next(nxt)
+    for n in range(0, 16385):                  # the smallest such size, against a scan of all of them
+        while m < n:
+            m = next(nxt)
+        assert fast_fft_size(n) == m, n
 
 
 def _prime_factors(n):

@@ -138,3 +138,23 @@ def test_step_cache_and_dtype_mismatches_are_explained():
         a(torch.randn(2, 5, 3, dtype=torch.float64))
     with pytest.raises(TypeError, match="holds torch.float32 parameters, got a torch.float64 input"):
         a.step(torch.randn(2, 3, dtype=torch.float64), a.allocate_inference_cache(2))
+
+
+@pytest.mark.parametrize("layer", ["fftconv", "lru", "s4", "s4d"])
+def test_torch_compile_traces_whole_model_without_graph_breaks(layer):
+    # fullgraph=True fails on any graph break: the S4 kernel's length buffer read with int(), and
+    # the registry's lock taken at each backend lookup, used to break the graph. aot_eager runs
+    # dynamo and AOT autograd without inductor's C++ compile (minutes on a 2-core machine).
+    torch.manual_seed(0)
+    model = SequenceModel(ModelConfig(layer=layer, d_input=3, d_output=2, d_model=8, n_layers=1,
+                                      layer_kwargs={"d_state": 4}, pooling="mean"))
+    x = torch.randn(2, 32, 3)
+    model(x).sum().backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch._dynamo.reset()
+    y = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, model(x), rtol=1e-6, atol=1e-6)   # aot_eager runs the same ATen ops
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[n], rtol=1e-5, atol=1e-6, msg=n)

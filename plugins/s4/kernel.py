@@ -106,6 +106,9 @@ class SSKernelNPLR(StepModes, SSMKernel):
         self.register("P", _as_real(P), train["P"], lrs["P"], wds["P"])
         self.register("B", _as_real(B), train["B"], lrs["B"], wds["B"])
         self.register_buffer("L", torch.tensor(0, dtype=torch.long))
+        # A Python copy of the buffer: reading the tensor is a graph break under torch.compile.
+        self._length = 0
+        self.register_load_state_dict_post_hook(lambda module, _: module._sync_length())
         if L:
             self._init_C_tilde(int(L))
 
@@ -139,7 +142,14 @@ class SSKernelNPLR(StepModes, SSMKernel):
     @property
     def length(self) -> int:
         """Internal length L of C~ (0: C holds the plain C)."""
-        return int(self.L)
+        return self._length
+
+    def _sync_length(self) -> None:
+        self._length = int(self.L)
+
+    def _set_length(self, L: int) -> None:
+        self.L.fill_(L)
+        self._length = L
 
     def continuous(self, double: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Effective (w (H, M), P (r, H, M), B (H, M), C (C, H, M), dt (H,)); complex128/float64 if ``double``.
@@ -183,7 +193,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
             raise RuntimeError(f"C already holds C~ for L={self.length}; use double_length() to extend it")
         A_bar, _ = self.dense_system()
         self._transform_C(_identity_minus_power(A_bar, L))
-        self.L.fill_(L)
+        self._set_length(L)
 
     @torch.no_grad()
     def double_length(self) -> None:
@@ -194,7 +204,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         A_bar, _ = self.dense_system()
         self._transform_C(2 * torch.eye(A_bar.shape[-1], dtype=A_bar.dtype, device=A_bar.device)
                           - _identity_minus_power(A_bar, self.length))     # I + A^L
-        self.L.fill_(2 * self.length)
+        self._set_length(2 * self.length)
 
     # -- convolution mode --------------------------------------------------------------------------
     def forward(self, L: Optional[int] = None, rate: float = 1.0, state: Optional[Tensor] = None
