@@ -59,8 +59,8 @@ class SSMKernel(nn.Module):
         trips of the input (benchmarks/bench_layers.py), and evaluation calls repeat it unchanged.
         The last two results are kept: a kernel and its spectrum (:meth:`spectrum`).
         """
-        if needs_autograd(self) or not self.cache_inference_kernel:
-            return compute()
+        if needs_autograd(self) or not self.cache_inference_kernel or torch.compiler.is_compiling():
+            return compute()      # a compiled graph cannot hold state across calls: it recomputes
         cache = self.__dict__.get("_kernel_cache")
         if cache is None or not self._same_contents(cache[0]):
             cache = (self._snapshot(), {})

@@ -158,3 +158,9 @@ def test_torch_compile_traces_whole_model_without_graph_breaks(layer):
     torch.testing.assert_close(y, model(x), rtol=1e-6, atol=1e-6)   # aot_eager runs the same ATen ops
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager[n], rtol=1e-5, atol=1e-6, msg=n)
+    # inference: the kernel cache (a data-dependent comparison) is skipped while compiling
+    model.eval()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager", fullgraph=True)(x), model(x),
+                                   rtol=1e-6, atol=1e-6)
