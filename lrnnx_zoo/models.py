@@ -283,6 +283,14 @@ class SequenceModel(HubMixin, nn.Module):
         if not isinstance(cache, dict) or cache.get("model") != id(self) or len(cache["layers"]) != len(self.blocks):
             raise ValueError("SequenceModel.step needs a cache from this model's allocate_inference_cache(batch_size); "
                              "this one was made by another model (or altered)")
+        ref = self.encoder.weight
+        made = cache["pool_sum"]
+        if (made.dtype, made.device) != (ref.dtype, ref.device):
+            # Its step forms hold the old dtype's matrices: float32 ones silently rounded a float64
+            # model's steps, and an LRU failed inside matmul ("expected m1 and m2 to have the same dtype").
+            raise ValueError(f"SequenceModel.step got a cache made for {made.dtype} on {made.device}, but the model "
+                             f"now holds {ref.dtype} on {ref.device} (converted or moved since); call "
+                             f"allocate_inference_cache(batch_size) again after .to() / .double() / .float()")
         h = self.encoder(x)
         for block, layer_cache in zip(self.blocks, cache["layers"]):
             z, _ = block.layer.step(block.norm(h), layer_cache)

@@ -159,3 +159,17 @@ def test_step_refuses_training_mode_batch_norm_and_keeps_running_statistics():
     dropping = model_for("lru", dropout=0.5, n_layers=1, d_model=8).train()
     with torch.no_grad():
         assert stream(dropping, x).shape == (2, 12, 5)
+
+
+@pytest.mark.parametrize("layer", ["lru", "s4d"])
+def test_step_refuses_a_cache_of_another_dtype(layer):
+    # A cache made before model.double() holds float32 step forms: an S4D model silently stepped
+    # in float32 matrices, an LRU failed inside matmul ("expected m1 and m2 to have the same dtype").
+    model = model_for(layer, n_layers=1, d_model=8, layer_kwargs={"d_state": 4})
+    cache = model.allocate_inference_cache(2)
+    model.double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"cache made for torch.float32 .* call allocate_inference_cache"):
+        model.step(x, cache)
+    y, _ = model.step(x, model.allocate_inference_cache(2))
+    assert y.dtype == torch.float64
