@@ -145,30 +145,28 @@ def validate_stream(stream: StreamFn, model: nn.Module, x: Optional[Tensor] = No
     if x.dim() != 3 or x.shape[-1] != cfg.d_input or x.shape[1] < 1:
         raise ValueError(f"validation input must have shape (batch, length >= 1, d_input={cfg.d_input}), "
                          f"got {tuple(x.shape)}")
-    was_training = model.training
-    model.eval()
-    try:
-        exact = float64_copy(model)
-        streamed = np.asarray(stream(x.numpy()), dtype=np.float64)
-        B, L = x.shape[:2]
-        expected_shape = (B, L, cfg.d_output)
-        if streamed.shape != expected_shape:
-            raise ValueError(f"{runtime} streamed outputs of shape {streamed.shape}, expected {expected_shape}")
-        # (output of the stream, the input whose forward it should equal) per check
-        if cfg.pooling is None:
-            checks = {"all steps": (streamed, x)}
-        else:
-            checks = {"final step": (streamed[:, -1], x)}
-            checks.update({f"prefix {n}": (streamed[:, n - 1], x[:, :n]) for n in prefix_lengths(L)})
-        reference = exact or model
-        errors, own = {}, 0.0
-        for name, (out, xs) in checks.items():
-            want = _forward(reference, xs)
-            errors[name] = float(np.abs(out - want).max()) if np.isfinite(out).all() else float("inf")
-            if exact is not None:
-                own = max(own, float(np.abs(_forward(model, xs) - want).max()))
-    finally:
-        model.train(was_training)
+    # The forwards run on copies: exporting must leave the model as it was (a layer's forward may
+    # update its own buffers, e.g. a kernel that extends a stored length-dependent matrix in place).
+    own_model = runnable_copy(model)
+    exact = float64_copy(model)
+    streamed = np.asarray(stream(x.numpy()), dtype=np.float64)
+    B, L = x.shape[:2]
+    expected_shape = (B, L, cfg.d_output)
+    if streamed.shape != expected_shape:
+        raise ValueError(f"{runtime} streamed outputs of shape {streamed.shape}, expected {expected_shape}")
+    # (output of the stream, the input whose forward it should equal) per check
+    if cfg.pooling is None:
+        checks = {"all steps": (streamed, x)}
+    else:
+        checks = {"final step": (streamed[:, -1], x)}
+        checks.update({f"prefix {n}": (streamed[:, n - 1], x[:, :n]) for n in prefix_lengths(L)})
+    reference = exact or own_model
+    errors, own = {}, 0.0
+    for name, (out, xs) in checks.items():
+        want = _forward(reference, xs)
+        errors[name] = float(np.abs(out - want).max()) if np.isfinite(out).all() else float("inf")
+        if exact is not None:
+            own = max(own, float(np.abs(_forward(own_model, xs) - want).max()))
     against = "model(x) in float64" if exact is not None else "model(x)"
     compared = (f"per-step outputs vs {against}" if cfg.pooling is None else
                 f"{cfg.pooling}-pooled outputs: final step vs {against}, prefixes on x[:, :n]")
@@ -184,6 +182,21 @@ def _forward(model: nn.Module, xs: Tensor) -> np.ndarray:
     """model(xs) on the model's own device and dtype, as float64 numpy."""
     ref = next(iter(model.parameters()), torch.empty(0))
     return model(xs.to(ref.device, ref.dtype)).double().cpu().numpy()
+
+
+#: Dtypes the CPU layers do not compute in (no half-precision FFT or complex32 on the CPU).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def runnable_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of model whose forward runs: the model itself on its device and in its
+    dtype, except that a half-precision (float16 / bfloat16) model on the CPU is converted to
+    float32, the precision its step graph computes in (the CPU layers refuse half precision)."""
+    copied = copy.deepcopy(model).eval()
+    ref = next(iter(copied.parameters()), None)
+    if ref is not None and ref.dtype in HALF_DTYPES and ref.device.type == "cpu":
+        copied = copied.float()
+    return copied
 
 
 def float64_copy(model: nn.Module) -> Optional[nn.Module]:

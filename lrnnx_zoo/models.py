@@ -261,14 +261,36 @@ class SequenceModel(HubMixin, nn.Module):
 
     def step(self, x: Tensor, cache: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
         """One time step: x (B, d_input) -> y (B, d_output). ``cache``: from this model's
-        :meth:`allocate_inference_cache` (made after its last parameter change)."""
+        :meth:`allocate_inference_cache` (made after its last parameter change).
+
+        Modes: in eval mode every part is a per-step map and the steps reproduce :meth:`forward`.
+        In training mode dropout draws a fresh mask per step (as forward draws one per element);
+        a model with ``norm="batch"`` refuses to step in training mode, because batch norm there
+        normalises with the statistics of the whole (batch, length) input, which no single step
+        sees (a step would use one step's batch statistics and overwrite the running ones).
+        """
         if x.dim() != 2 or x.shape[-1] != self.config.d_input:
             raise ValueError(f"SequenceModel.step expects x of shape (batch, d_input={self.config.d_input}), "
                              f"got {tuple(x.shape)}")
         self._check_input_dtype(x, "SequenceModel.step")
+        training_norms = [name for name, m in self.named_modules() if isinstance(m, _BatchNormLast) and m.training]
+        if training_norms:
+            raise RuntimeError(
+                f"SequenceModel.step cannot run batch norm in training mode ({', '.join(training_norms[:3])}"
+                f"{', ...' if len(training_norms) > 3 else ''}): training-mode batch norm normalises with the "
+                f"statistics of the whole (batch, length) input, which one step does not see, and would "
+                f"overwrite the running statistics. Call model.eval() to step with the running statistics")
         if not isinstance(cache, dict) or cache.get("model") != id(self) or len(cache["layers"]) != len(self.blocks):
             raise ValueError("SequenceModel.step needs a cache from this model's allocate_inference_cache(batch_size); "
                              "this one was made by another model (or altered)")
+        ref = self.encoder.weight
+        made = cache["pool_sum"]
+        if (made.dtype, made.device) != (ref.dtype, ref.device):
+            # Its step forms hold the old dtype's matrices: float32 ones silently rounded a float64
+            # model's steps, and an LRU failed inside matmul ("expected m1 and m2 to have the same dtype").
+            raise ValueError(f"SequenceModel.step got a cache made for {made.dtype} on {made.device}, but the model "
+                             f"now holds {ref.dtype} on {ref.device} (converted or moved since); call "
+                             f"allocate_inference_cache(batch_size) again after .to() / .double() / .float()")
         h = self.encoder(x)
         for block, layer_cache in zip(self.blocks, cache["layers"]):
             z, _ = block.layer.step(block.norm(h), layer_cache)

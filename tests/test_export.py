@@ -513,3 +513,27 @@ def test_failed_push_keeps_the_export_and_says_so(digits_checkpoint, tmp_path, m
     code = cli_main(["export", str(digits_checkpoint), "--format", "onnx", "--out", str(tmp_path / "cli"),
                         "--push-to-hub", "me/x", "--latency-steps", "5"])
     assert code == 2 and "could not upload to 'me/x'" in capsys.readouterr().err
+
+
+def test_export_leaves_the_model_unchanged(tmp_path):
+    # Validation ran the model's own forward at length 256, and an S4 kernel extends its stored C~
+    # and internal length in place: exporting changed the state_dict (kernel.C, kernel.L 16 -> 256).
+    model = small_model("s4").train()
+    with torch.no_grad():
+        model.eval()(torch.randn(1, 16, 3))          # internal length 16
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    to_torchscript(model, tmp_path / "s.ts", validation_input=torch.randn(2, 40, 3))
+    assert model.training
+    assert [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_exports_as_float32(dtype, tmp_path):
+    # A model kept in half precision (e.g. trained on a GPU) exports on the CPU: its graph is float32.
+    # Validation ran the half model's own CPU forward, which the layers refuse, and the export
+    # failed with "convert the input (x.float())" although the user passed no input.
+    model = small_model("lru").to(dtype)
+    report = to_torchscript(model, tmp_path / "h.ts", validation_input=torch.randn(2, 24, 3)).validation
+    assert report.passed and report.forward_float32_error is not None
+    assert next(model.parameters()).dtype == dtype

@@ -164,3 +164,38 @@ def test_torch_compile_traces_whole_model_without_graph_breaks(layer):
     with torch.inference_mode():
         torch.testing.assert_close(torch.compile(model, backend="aot_eager", fullgraph=True)(x), model(x),
                                    rtol=1e-6, atol=1e-6)
+
+
+def test_step_refuses_training_mode_batch_norm_and_keeps_running_statistics():
+    # Training-mode batch norm normalises with whole-(batch, length) statistics: a step would use one
+    # step's batch statistics instead (and overwrite the running ones; at batch 1 torch raised
+    # "Expected more than 1 value per channel"). Eval mode steps reproduce forward.
+    model = model_for("s4d", norm="batch", n_layers=1, d_model=8).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for batch in (1, 3):
+        cache = model.allocate_inference_cache(batch)
+        with pytest.raises(RuntimeError, match=r"batch norm in training mode .*model\.eval\(\)"):
+            model.step(torch.randn(batch, 3), cache)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model.eval()
+    x = torch.randn(2, 12, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(stream(model, x), model(x), rtol=1e-4, atol=1e-5)
+    # dropout alone still steps in training mode (a fresh mask per step, as forward per element)
+    dropping = model_for("lru", dropout=0.5, n_layers=1, d_model=8).train()
+    with torch.no_grad():
+        assert stream(dropping, x).shape == (2, 12, 5)
+
+
+@pytest.mark.parametrize("layer", ["lru", "s4d"])
+def test_step_refuses_a_cache_of_another_dtype(layer):
+    # A cache made before model.double() holds float32 step forms: an S4D model silently stepped
+    # in float32 matrices, an LRU failed inside matmul ("expected m1 and m2 to have the same dtype").
+    model = model_for(layer, n_layers=1, d_model=8, layer_kwargs={"d_state": 4})
+    cache = model.allocate_inference_cache(2)
+    model.double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"cache made for torch.float32 .* call allocate_inference_cache"):
+        model.step(x, cache)
+    y, _ = model.step(x, model.allocate_inference_cache(2))
+    assert y.dtype == torch.float64
