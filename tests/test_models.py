@@ -199,3 +199,18 @@ def test_step_refuses_a_cache_of_another_dtype(layer):
         model.step(x, cache)
     y, _ = model.step(x, model.allocate_inference_cache(2))
     assert y.dtype == torch.float64
+
+
+@pytest.mark.parametrize("layer", lrnnx_zoo.list_layers())
+def test_whole_model_pickles(layer):
+    # torch.save(model) pickles the module: a lambda hook on the S4 kernel once made that fail.
+    import io
+    torch.manual_seed(0)
+    model = SequenceModel(ModelConfig(layer=layer, d_input=2, d_output=2, d_model=8, n_layers=1,
+                                      layer_kwargs={"d_state": 4}, pooling=None))
+    x = torch.randn(1, 40, 2)
+    y = model(x)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x), y, rtol=0, atol=0)

@@ -108,7 +108,6 @@ class SSKernelNPLR(StepModes, SSMKernel):
         self.register_buffer("L", torch.tensor(0, dtype=torch.long))
         # A Python copy of the buffer: reading the tensor is a graph break under torch.compile.
         self._length = 0
-        self.register_load_state_dict_post_hook(lambda module, _: module._sync_length())
         if L:
             self._init_C_tilde(int(L))
 
@@ -144,8 +143,9 @@ class SSKernelNPLR(StepModes, SSMKernel):
         """Internal length L of C~ (0: C holds the plain C)."""
         return self._length
 
-    def _sync_length(self) -> None:
-        self._length = int(self.L)
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._length = int(self.L)        # the buffer was just loaded: keep the Python copy in step
 
     def _set_length(self, L: int) -> None:
         self.L.fill_(L)
