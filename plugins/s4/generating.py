@@ -31,14 +31,22 @@ has generating function 2/(1+z) C~^T (g - A)^{-1} s with s = x/dt + A x/2, i.e. 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["bilinear_kernel", "apply_A"]
+__all__ = ["bilinear_kernel", "apply_A", "REFINE_AMPLIFICATION"]
 
 Cauchy = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+#: Where the Woodbury correction k01 (I + k11)^{-1} k10 is this many times larger than the kernel
+#: sample it leaves, float32 loses ~log10 of it in digits (measured: a channel's relative error is
+#: at most ~1e-7 times this amplification), and those channels are recomputed in float64. Poles on
+#: the imaginary axis (the Fourier measure) amplify by up to ~3e4 and moved float32 kernels by up
+#: to 1e-3 per channel (2.1e-4 of the whole kernel at N=4, L=64); LegS stays below ~90 at any
+#: length and never pays; LegT channels reach ~2e3 at N=64 and the worst of them are refined.
+REFINE_AMPLIFICATION = 200.0
 
 
 def apply_A(w: Tensor, P: Tensor, x: Tensor) -> Tensor:
@@ -59,7 +67,8 @@ def _nodes(L: int, real_dtype: torch.dtype, device: torch.device) -> Tuple[Tenso
 
 
 def bilinear_kernel(w: Tensor, P: Tensor, B: Tensor, Ct: Tensor, dt: Tensor, L: int, cauchy: Cauchy,
-                    state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+                    state: Optional[Tensor] = None, exact: Optional[Sequence[Tensor]] = None
+                    ) -> Tuple[Tensor, Optional[Tensor]]:
     """Algorithm 1 for H channels.
 
     Args:
@@ -67,6 +76,10 @@ def bilinear_kernel(w: Tensor, P: Tensor, B: Tensor, Ct: Tensor, dt: Tensor, L: 
         Ct: (C, H, M) C~ for length L (step 1).  dt: (H,) real step.  L: kernel length.
         cauchy: a ``("cauchy", name)`` backend, ``fn(v (..., M), z (K,), w (..., M)) -> (..., K)``.
         state: (Bs, H, M) x_{-1}, or None.
+        exact: (w, P, B, Ct, dt) formed in float64 from the same parameters, for the channels a
+            float32 evaluation cannot resolve (:data:`REFINE_AMPLIFICATION`); None: the float32
+            inputs cast up (then dt's float32 rounding, which moves poles sitting 1e-7 from a node
+            by as much as their distance, stays in).
     Returns:
         K: (C, H, L) real;  K_state: (Bs, C, H, L) real or None.
     """
@@ -99,11 +112,32 @@ def bilinear_kernel(w: Tensor, P: Tensor, B: Tensor, Ct: Tensor, dt: Tensor, L: 
         Mw = eye + hh * S11.permute(0, 3, 1, 2)                   # (H, K, r, r): I + k11 (rows Q, cols P)
         X = torch.linalg.solve(Mw, hh * rhs.permute(0, 3, 1, 2))  # (H, K, r, 1 + Bs)
         corr = torch.einsum("hcsk,hksj->hcjk", S01, X)
-    Khat = (lhs - corr) * (dt.unsqueeze(-1) * inv_1pz)[:, None, None]      # dt/(1+z) [...]: (H, C, 1+Bs, K)
+    resolvent = lhs - corr
+    redo = _ill_conditioned(corr, resolvent)
+    Khat = resolvent * (dt.unsqueeze(-1) * inv_1pz)[:, None, None]        # dt/(1+z) [...]: (H, C, 1+Bs, K)
     if L % 2 == 0:                                                # Nyquist node z = -1
         num = torch.cat(right[:1] + right[2:], dim=0).transpose(0, 1)      # (H, 1 + Bs, M): [B, s]
         nyq = dt[:, None, None] * (left[:, :C].unsqueeze(2) * num.unsqueeze(1)).sum(-1).real   # (H, C, 1 + Bs)
         Khat = torch.cat([Khat, nyq.to(Khat.dtype).unsqueeze(-1)], dim=-1)
     K = torch.fft.irfft(Khat, n=L, dim=-1)                        # (H, C, 1 + Bs, L)
+    if redo is not None:                                          # float64 for the channels float32 cannot resolve
+        c128 = torch.complex128
+        w64, P64, B64, Ct64, dt64 = exact if exact is not None else (w, P, B, Ct, dt)
+        K64, K64_state = bilinear_kernel(w64[redo].to(c128), P64[:, redo].to(c128), B64[redo].to(c128),
+                                         Ct64[:, redo].to(c128), dt64[redo].double(), L, cauchy,
+                                         None if state is None else state[:, redo].to(c128))
+        parts = [K64.transpose(0, 1).unsqueeze(2)] + ([] if state is None else [K64_state.permute(2, 1, 0, 3)])
+        K = K.index_copy(0, redo, torch.cat(parts, dim=2).to(K.dtype))     # back in K's (H, C, 1 + Bs, L) layout
     K_state = K[:, :, 1:].permute(2, 1, 0, 3) if state is not None else None
     return K[:, :, 0].transpose(0, 1).contiguous(), K_state
+
+
+def _ill_conditioned(corr: Tensor, resolvent: Tensor) -> Optional[Tensor]:
+    """Indices of the channels whose float32 Woodbury step cancels more than REFINE_AMPLIFICATION
+    allows (max over nodes of |correction| / max |result|), or None. corr, resolvent: (H, ...)."""
+    if corr.dtype != torch.complex64 or corr.numel() == 0:
+        return None
+    with torch.no_grad():
+        amp = corr.abs().flatten(1).amax(1) / resolvent.abs().flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
+        redo = (amp > REFINE_AMPLIFICATION).nonzero().flatten()
+    return redo if redo.numel() else None

@@ -246,13 +246,16 @@ class SSKernelNPLR(StepModes, SSMKernel):
         if self.discretization == "zoh":
             return self._zoh(L, rate, state)
         w, P, B, Ct, dt = self.continuous()
+        exact = list(self.continuous(double=True))   # float64 inputs for channels float32 cannot resolve
         Ld = self.length
         if rate != 1.0:                           # exact at dt / rate: C~ for (dt / rate, L) from the plain C
             A_r, _ = self.dense_system(rate)
             c = dense.output_row(self.output_matrix())
-            Ct = dense.output_from_row((c.unsqueeze(-2) @ _identity_minus_power(A_r, L)).squeeze(-2)).to(w.dtype)
+            exact[3] = dense.output_from_row((c.unsqueeze(-2) @ _identity_minus_power(A_r, L)).squeeze(-2))
+            Ct = exact[3].to(w.dtype)
             Ld = L
-        K, K_state = bilinear_kernel(w, P, B, Ct, dt / rate, Ld, get_backend("cauchy", self.backend), state)
+        exact[4] = exact[4] / rate
+        K, K_state = bilinear_kernel(w, P, B, Ct, dt / rate, Ld, get_backend("cauchy", self.backend), state, exact)
         return K[..., :L], (None if K_state is None else K_state[..., :L])
 
     def _zoh(self, L: int, rate: float, state: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
