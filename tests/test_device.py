@@ -29,6 +29,7 @@ from lrnnx_zoo.models import ModelConfig
 from lrnnx_zoo.plugins.fftconv import FFTConvS4
 from lrnnx_zoo.plugins.s4 import S4
 from lrnnx_zoo.ssm_kernel import SSMKernel
+from lrnnx_zoo.step_forms import DiagonalStepForm
 
 META = torch.device("meta")
 LAYERS = lrnnx_zoo.list_layers()
@@ -190,3 +191,17 @@ def test_kernel_cache_does_not_hand_out_another_devices_kernel():
         assert not layer.kernel._same_contents(snapshot)
         layer.kernel.cache_inference_kernel = False          # (its later lookups use torch.equal)
         assert layer(meta(B, L, H)).device == META
+
+
+# -- regressions -----------------------------------------------------------------------------------
+
+def test_diagonal_step_form_without_skip_on_the_inputs_device():
+    """DiagonalStepForm(D=None) built its zero skip matrix on the CPU: on CUDA inputs the fused
+    matrix (Q R + S) failed with a device mismatch."""
+    M, Hin, Hout = 3, 2, 5
+    lam = torch.empty(M, dtype=torch.complex128, device=META)
+    form = DiagonalStepForm(lam, torch.empty(M, Hin, dtype=torch.complex128, device=META),
+                            torch.empty(Hout, M, dtype=torch.complex128, device=META))
+    assert all(b.device == META for b in form.buffers())
+    y, s = form(meta(B, Hin), meta(B, 2 * M))
+    assert y.shape == (B, Hout) and s.shape == (B, 2 * M)
