@@ -25,6 +25,7 @@ import torch
 
 import lrnnx_zoo
 from lrnnx_zoo import SequenceModel
+from lrnnx_zoo.kernels import cauchy, cauchy_shared, keops_support, vandermonde
 from lrnnx_zoo.models import ModelConfig
 from lrnnx_zoo.plugins.fftconv import FFTConvS4
 from lrnnx_zoo.plugins.s4 import S4
@@ -205,3 +206,58 @@ def test_diagonal_step_form_without_skip_on_the_inputs_device():
     assert all(b.device == META for b in form.buffers())
     y, s = form(meta(B, Hin), meta(B, 2 * M))
     assert y.shape == (B, Hout) and s.shape == (B, 2 * M)
+
+
+@pytest.fixture
+def keops_cpu_only(monkeypatch):
+    """A pykeops that builds CPU kernels but no GPU ones (no CUDA libraries), "auto" told to pick
+    keops at any size on the accelerator ("meta" here), and the keops entry points booby-trapped."""
+    probed = []
+
+    def probe(device_type="cpu"):
+        probed.append(device_type)
+        return (True, None) if device_type == "cpu" else (False, "CUDA libraries not found")
+
+    monkeypatch.delenv(keops_support.DISABLE_ENV_VAR, raising=False)
+    monkeypatch.setattr(keops_support, "_probe", probe)
+    keops_support.reset_keops_cache()
+    monkeypatch.setitem(cauchy_shared.KEOPS_MIN_TERMS, "meta", 0)
+    monkeypatch.setitem(vandermonde._KEOPS_MIN_TERMS, "meta", 0)
+    monkeypatch.setattr(cauchy, "KEOPS_AUTO_THRESHOLD", 0)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("auto chose keops on a device where it cannot run")
+    for mod, name in ((cauchy_shared, "cauchy_conj_keops"), (cauchy, "cauchy_conj_keops"),
+                      (vandermonde, "vandermonde_keops")):
+        monkeypatch.setattr(mod, name, boom)
+    yield probed
+    keops_support.reset_keops_cache()
+
+
+def test_auto_backends_ask_keops_about_the_tensors_device(keops_cpu_only):
+    """"auto" took the CPU probe's verdict for every device: on a GPU it picked keops (the S4
+    Cauchy kernel at any size) although pykeops could build CPU kernels only, and failed."""
+    v = torch.empty(3, 6, dtype=torch.complex64, device=META)
+    w = torch.empty(3, 6, dtype=torch.complex64, device=META)
+    z = torch.empty(5, dtype=torch.complex64, device=META)
+    assert cauchy_shared.cauchy_conj_auto(v, z, w).shape == (3, 5)
+    assert cauchy.cauchy_conj(v, z, w).shape == (3, 5)
+    assert vandermonde.vandermonde(v, w, 7).shape == (3, 7)
+    assert "meta" in keops_cpu_only and keops_support.keops_available() is True
+    assert keops_support.keops_available(META) is False
+
+
+def test_keops_availability_is_per_device_type(keops_cpu_only):
+    assert keops_support.keops_available("cpu") is True
+    assert keops_support.keops_available("cuda:0") is False
+    assert keops_support.keops_unavailable_reason(torch.device("cuda", 1)) == "CUDA libraries not found"
+    assert keops_support.keops_unavailable_reason() is None
+    assert keops_cpu_only.count("cuda") == 1                                  # cached per type
+    with pytest.raises(RuntimeError, match="not usable here on cuda: CUDA libraries not found.*torch"):
+        keops_support.require_keops("test feature", "cuda")
+    keops_support.require_keops("test feature")                              # the CPU is fine
+
+
+def test_keops_probe_refuses_devices_keops_cannot_run_on():
+    ok, reason = keops_support._probe("meta")
+    assert not ok and "cpu and cuda only" in reason
