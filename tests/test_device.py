@@ -261,3 +261,38 @@ def test_keops_availability_is_per_device_type(keops_cpu_only):
 def test_keops_probe_refuses_devices_keops_cannot_run_on():
     ok, reason = keops_support._probe("meta")
     assert not ok and "cpu and cuda only" in reason
+
+
+@with_s4_auto("kernel_type", [("s4d",), ("lru",), ("s4",)])
+def test_fftconv_step_form_follows_device_move_and_cast(kernel_type, s4_auto):
+    """FFTConvS4 keeps its step form out of the module tree; after a step on the CPU, .to(device)
+    left it there and the next step failed with a device mismatch (model.cuda() after a CPU check),
+    and .double() left float32 matrices under float64 steps."""
+    torch.manual_seed(0)
+    conv = FFTConvS4(H, kernel_type=kernel_type, param_config={"d_state": N})
+    x = torch.randn(B, H)
+    conv.step(x, conv.default_state(B))
+    y64, _ = conv.double().step(x.double(), conv.default_state(B))
+    assert y64.dtype == torch.float64 and all(b.dtype == torch.float64 for b in conv._step.buffers())
+    conv.float()
+    y, _ = conv.step(x, conv.default_state(B))
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    conv = on_meta(conv)
+    y, s = conv.step(meta(B, H), conv.default_state(B))
+    assert y.device == META and s.device == META
+
+
+@pytest.mark.parametrize("mode", ["dense", "linear", "diagonal"])
+def test_s4_step_form_follows_device_move(mode):
+    """S4.setup_step's form (and the diagonal mode's eigenbasis) stayed on the CPU after .to()."""
+    torch.manual_seed(0)
+    s4 = S4(H, d_state=N)
+    s4.setup_step(mode, tol=math.inf)
+    s4.step(torch.randn(B, H), s4.default_state(B))
+    s4 = on_meta(s4)
+    y, state = s4.step(meta(B, H), s4.default_state(B))
+    assert y.device == META and state.device == META
+    if mode == "diagonal":
+        assert s4.kernel._basis.device == META
+        x_kernel = torch.zeros(B, H, N // 2, dtype=torch.complex64, device=META)     # NPLR-basis state
+        assert s4.kernel.unpack_state(s4.kernel.pack_state(x_kernel)).device == META
