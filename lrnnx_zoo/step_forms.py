@@ -100,7 +100,7 @@ class DiagonalStepForm(StepForm):
         Q = torch.cat([B.real, B.imag], 0).T                                      # (H_in, 2M)
         R = torch.cat([C.real, -C.imag], 1).T                                     # (2M, H_out)
         if D is None:
-            S = torch.zeros(self.d_input, self.d_output, dtype=torch.float64)
+            S = torch.zeros(self.d_input, self.d_output, dtype=torch.float64, device=B.device)
         else:
             S = torch.diag(D.double()) if D.dim() == 1 else D.double().T
         self.fused = (2 * M + self.d_input) * (2 * M + self.d_output) <= FUSE_LIMIT if fuse is None else fuse

@@ -292,8 +292,16 @@ class FFTConvS4(nn.Module):
         with step_form_dtype(self.D.dtype):
             form = self.step_form()
         # Kept out of the module tree: a validation-time setup_step must not add keys to the
-        # state_dict (strict loading failed both ways); call it again after a device move.
+        # state_dict (strict loading failed both ways); a device move or cast drops it (_apply).
         object.__setattr__(self, "_step", form)
+
+    def _apply(self, fn, recurse=True):
+        # .to(device), .cuda(), .double(), ... move and cast the parameters; the step form, kept
+        # out of the module tree, would keep the old device and dtype (a device-mismatch error at
+        # the next step after model.cuda()). Forget it: step() rebuilds it from the parameters.
+        out = super()._apply(fn, recurse)
+        object.__setattr__(self, "_step", None)
+        return out
 
     def step(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         """One time step (no dropout).  x: (B, H) -> y: (B, C*H) (channel order as in forward).

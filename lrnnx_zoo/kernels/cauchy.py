@@ -269,7 +269,7 @@ def cauchy_conj_keops(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
     shared. Never materialises the (N, L) matrix. Differentiable w.r.t. v, w and z through keops'
     symbolic gradients. Raises RuntimeError (with a fix) if pykeops is not usable.
     """
-    require_keops('cauchy_conj(backend="keops")')
+    require_keops('cauchy_conj(backend="keops")', v.device)
     v2, z2, w2, batch = _prepare(v, z, w, "cauchy_conj_keops")
     L = z2.shape[0]
     zero = torch.zeros_like(v2.real)
@@ -307,6 +307,6 @@ def cauchy_conj(v: Tensor, z: Tensor, w: Tensor, backend: str = "auto") -> Tenso
         raise ValueError(f"unknown cauchy backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     if backend == "keops":
         return cauchy_conj_keops(v, z, w)
-    if backend == "auto" and _problem_size(v, z, w) >= KEOPS_AUTO_THRESHOLD and keops_available():
+    if backend == "auto" and _problem_size(v, z, w) >= KEOPS_AUTO_THRESHOLD and keops_available(v.device):
         return cauchy_conj_keops(v, z, w)
     return cauchy_conj_torch(v, z, w)

@@ -150,6 +150,6 @@ def cauchy_conj_auto(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
     threshold = KEOPS_MIN_TERMS.get(v.device.type)
     if threshold is not None:
         batch = torch.broadcast_shapes(v.shape[:-1], w.shape[:-1])
-        if math.prod(batch) * v.shape[-1] * z.shape[-1] >= threshold and keops_available():
+        if math.prod(batch) * v.shape[-1] * z.shape[-1] >= threshold and keops_available(v.device):
             return cauchy_conj_keops(v, z, w)
     return cauchy_conj_shared(v, z, w)

@@ -4,8 +4,10 @@ pykeops JIT-compiles every formula with the system C++ compiler the first time i
 "importable" is not the same as "usable": a missing compiler or broken cache only shows up when a
 kernel is built. :func:`keops_available` therefore compiles and runs one tiny complex reduction
 (the same kind of formula the Cauchy/Vandermonde kernels use) and caches the verdict for the
-process. Nothing here imports pykeops at module import time, so ``import lrnnx_zoo`` never pays
-for (or prints) the pykeops start-up.
+process, per device type: a pykeops that builds CPU kernels may still lack the CUDA libraries
+for GPU kernels ("CUDA libraries not found ... Switching to CPU only"), so "cuda" is probed on
+the GPU itself. Nothing here imports pykeops at module import time, so ``import lrnnx_zoo``
+never pays for (or prints) the pykeops start-up.
 
 Set ``LRNNX_ZOO_DISABLE_KEOPS=1`` to force the pure-torch code paths.
 """
@@ -15,7 +17,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Dict, Iterator, Optional, Union
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DISABLE_ENV_VAR",
@@ -28,9 +33,19 @@ __all__ = [
 
 DISABLE_ENV_VAR = "LRNNX_ZOO_DISABLE_KEOPS"
 
-# None until the probe has run; then True/False for the rest of the process.
-_AVAILABLE: Optional[bool] = None
-_REASON: Optional[str] = None
+# Per device type ("cpu", "cuda"): absent until that probe has run; then True/False for the rest
+# of the process.
+_AVAILABLE: Dict[str, bool] = {}
+_REASON: Dict[str, Optional[str]] = {}
+#: The device types pykeops computes on (its "CPU" and "GPU" backends).
+KEOPS_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _device_type(device: Union[str, "torch.device", None]) -> str:
+    """"cpu", "cuda", ... from a torch.device, a device string ("cuda:1") or None (the CPU)."""
+    if device is None:
+        return "cpu"
+    return str(getattr(device, "type", device)).split(":")[0]
 
 
 def _disabled_by_env() -> bool:
@@ -70,8 +85,11 @@ def quiet_keops() -> Iterator[None]:
             os.close(devnull)
 
 
-def _probe() -> tuple[bool, Optional[str]]:
-    """Build and run ``sum_j v_j / (z_i - w_j)`` on 3 x 4 complex points; compare with torch."""
+def _probe(device_type: str = "cpu") -> tuple[bool, Optional[str]]:
+    """Build and run ``sum_j v_j / (z_i - w_j)`` on 3 x 4 complex points on ``device_type`` (its
+    keops backend: "CPU" or "GPU"); compare with torch."""
+    if device_type not in KEOPS_DEVICE_TYPES:
+        return False, f"pykeops computes on {' and '.join(KEOPS_DEVICE_TYPES)} only, not on {device_type!r}"
     try:
         import torch
 
@@ -90,11 +108,12 @@ def _probe() -> tuple[bool, Optional[str]]:
                     reduction_op="Sum",
                     axis=1,
                 )
-                v = torch.tensor([1.0 + 0.5j, -0.25 + 1.0j, 0.5 - 0.5j, 2.0 + 0.0j])
-                w = torch.tensor([-0.5 + 1.0j, -0.5 - 1.0j, -1.0 + 0.25j, -2.0 + 0.0j])
-                z = torch.tensor([0.0 + 1.0j, 1.0 + 0.0j, 0.5 - 2.0j])
+                dev = torch.device(device_type)
+                v = torch.tensor([1.0 + 0.5j, -0.25 + 1.0j, 0.5 - 0.5j, 2.0 + 0.0j], device=dev)
+                w = torch.tensor([-0.5 + 1.0j, -0.5 - 1.0j, -1.0 + 0.25j, -2.0 + 0.0j], device=dev)
+                z = torch.tensor([0.0 + 1.0j, 1.0 + 0.0j, 0.5 - 2.0j], device=dev)
                 out = fn(torch.view_as_real(v), torch.view_as_real(z), torch.view_as_real(w),
-                         backend="CPU")
+                         backend="GPU" if device_type == "cuda" else "CPU")
             finally:
                 if was_verbose is not None and hasattr(pykeops, "set_verbose"):
                     pykeops.set_verbose(was_verbose)
@@ -113,40 +132,44 @@ def _probe() -> tuple[bool, Optional[str]]:
         return False, f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
-def keops_available() -> bool:
-    """True if pykeops can compile and run a complex Genred kernel on this machine.
+def keops_available(device: Union[str, "torch.device", None] = "cpu") -> bool:
+    """True if pykeops can compile and run a complex Genred kernel on ``device``'s type (default
+    the CPU; pass the tensors' device, e.g. ``v.device``, to ask about the GPU).
 
-    The first call may take several seconds (one kernel compilation); the verdict is cached.
-    Returns False, without importing pykeops, when ``LRNNX_ZOO_DISABLE_KEOPS=1``. Never raises.
+    The first call per device type may take several seconds (one kernel compilation); the
+    verdict is cached. Returns False, without importing pykeops, when ``LRNNX_ZOO_DISABLE_KEOPS=1``.
+    Never raises.
     """
-    global _AVAILABLE, _REASON
     if _disabled_by_env():
         # Not cached: the env var is a live switch, so unsetting it re-enables the probe.
         return False
-    if _AVAILABLE is None:
-        _AVAILABLE, _REASON = _probe()
-    return _AVAILABLE
+    kind = _device_type(device)
+    if kind not in _AVAILABLE:
+        _AVAILABLE[kind], _REASON[kind] = _probe(kind)
+    return _AVAILABLE[kind]
 
 
-def keops_unavailable_reason() -> Optional[str]:
-    """Why :func:`keops_available` is False (runs the probe if needed); None when it is True."""
+def keops_unavailable_reason(device: Union[str, "torch.device", None] = "cpu") -> Optional[str]:
+    """Why :func:`keops_available` is False for ``device`` (runs the probe if needed); None when it is True."""
     if _disabled_by_env():
         return f"disabled by the environment variable {DISABLE_ENV_VAR}=1"
-    if keops_available():
+    if keops_available(device):
         return None
-    return _REASON or "unknown reason"
+    return _REASON.get(_device_type(device)) or "unknown reason"
 
 
-def require_keops(what: str) -> None:
-    """Raise ``RuntimeError`` unless pykeops is usable.
+def require_keops(what: str, device: Union[str, "torch.device", None] = "cpu") -> None:
+    """Raise ``RuntimeError`` unless pykeops is usable on ``device``'s type.
 
     Args:
         what: the feature that needs keops, e.g. ``'cauchy_conj(backend="keops")'``.
+        device: where the feature's tensors are (default the CPU).
     """
-    if keops_available():
+    if keops_available(device):
         return
+    where = "" if _device_type(device) == "cpu" else f" on {_device_type(device)}"
     raise RuntimeError(
-        f"{what} requires pykeops, but it is not usable here: {keops_unavailable_reason()}. "
+        f"{what} requires pykeops, but it is not usable here{where}: {keops_unavailable_reason(device)}. "
         "Fix: install pykeops (`pip install pykeops`) and a working C++ compiler (g++ or clang, "
         f"plus Python headers), unset {DISABLE_ENV_VAR}, or pass backend=\"torch\" to use the "
         "pure-PyTorch implementation."
@@ -154,7 +177,6 @@ def require_keops(what: str) -> None:
 
 
 def reset_keops_cache() -> None:
-    """Forget the cached probe result (for tests that toggle the environment)."""
-    global _AVAILABLE, _REASON
-    _AVAILABLE = None
-    _REASON = None
+    """Forget the cached probe results (for tests that toggle the environment)."""
+    _AVAILABLE.clear()
+    _REASON.clear()

@@ -227,7 +227,7 @@ def vandermonde_keops(v: Tensor, log_lam: Tensor, L: int, conj: bool = True) -> 
     Shapes: v, log_lam (..., N) -> (..., L), real if ``conj`` else complex.
     """
     batch = _check(v, log_lam, L, "vandermonde_keops")
-    require_keops('vandermonde(backend="keops")')
+    require_keops('vandermonde(backend="keops")', v.device)
     N = v.shape[-1]
     rdt = _real_dtype(v, log_lam)
     device = v.device
@@ -259,7 +259,7 @@ def _auto_uses_keops(v: Tensor, log_lam: Tensor, L: int) -> bool:
     if threshold is None:
         return False
     batch = torch.broadcast_shapes(v.shape[:-1], log_lam.shape[:-1])
-    return math.prod(batch) * v.shape[-1] * L >= threshold and keops_available()
+    return math.prod(batch) * v.shape[-1] * L >= threshold and keops_available(v.device)
 
 
 def vandermonde(v: Tensor, log_lam: Tensor, L: int, conj: bool = True, backend: str = "auto") -> Tensor:

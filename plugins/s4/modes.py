@@ -68,10 +68,24 @@ class StepModes:
         self._basis = V
         return form
 
+    def _apply(self, fn, recurse=True):
+        """Module._apply (behind .to(), .cuda(), .double(), ...), also taking the step form
+        and eigenbasis, kept out of the module tree, to the parameters' new device: left behind,
+        the next step() after model.cuda() failed with a device mismatch. Their dtype stays (run
+        setup_step again after a dtype change, to build them in the new precision)."""
+        out = super()._apply(fn, recurse)
+        device = self.log_dt.device
+        if self._stepper is not None:
+            self._stepper.to(device)
+        if self._basis is not None:
+            object.__setattr__(self, "_basis", self._basis.to(device))
+        return out
+
     def setup_step(self, mode: str = "dense", tol: Optional[float] = None) -> None:
         """Freeze the current parameters into the step form of ``mode`` for :meth:`step`
-        (call again after the parameters change, a device move or a dtype change). "diagonal" changes the state layout of
-        :meth:`default_state` / :meth:`step` to eigen-coordinates (B, H, N)."""
+        (call again after the parameters change or a dtype change; a device move takes it along).
+        "diagonal" changes the state layout of :meth:`default_state` / :meth:`step` to
+        eigen-coordinates (B, H, N)."""
         with step_form_dtype(self._real_dtype):
             form = self.step_form(mode, tol=tol)
         object.__setattr__(self, "_stepper", form)
