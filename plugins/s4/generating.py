@@ -134,8 +134,12 @@ def bilinear_kernel(w: Tensor, P: Tensor, B: Tensor, Ct: Tensor, dt: Tensor, L: 
 
 def _ill_conditioned(corr: Tensor, resolvent: Tensor) -> Optional[Tensor]:
     """Indices of the channels whose float32 Woodbury step cancels more than REFINE_AMPLIFICATION
-    allows (max over nodes of |correction| / max |result|), or None. corr, resolvent: (H, ...)."""
-    if corr.dtype != torch.complex64 or corr.numel() == 0:
+    allows (max over nodes of |correction| / max |result|), or None. corr, resolvent: (H, ...).
+
+    The choice depends on the values, so it is skipped where values are not known: while
+    torch.compile traces (a compiled S4 kernel stays float32 throughout) and on the meta device."""
+    if corr.dtype != torch.complex64 or corr.numel() == 0 or corr.device.type == "meta" \
+            or torch.compiler.is_compiling():
         return None
     with torch.no_grad():
         amp = corr.abs().flatten(1).amax(1) / resolvent.abs().flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
