@@ -477,13 +477,13 @@ def test_ill_conditioned_kernels_are_refined_in_float64(N, L, monkeypatch):
     for (name, p), p64 in zip(k.named_parameters(), k64.parameters()):
         if p.grad is not None:
             assert rel_err(p.grad, p64.grad) < 1e-4, name
-    # the refinement is what does it, and a well-conditioned (LegS) kernel never takes it
-    monkeypatch.setattr(generating, "REFINE_AMPLIFICATION", float("inf"))
-    unrefined = make_kernel(H=4, N=N, L=L, measure="fourier")(L=L)[0]
-    assert rel_err(unrefined, K64) > 10 * rel_err(K, K64)
+    # the refinement is what does it (refine_ill_conditioned = False turns it off), and a
+    # well-conditioned (LegS) kernel never takes it
+    unrefined = make_kernel(H=4, N=N, L=L, measure="fourier")
+    unrefined.refine_ill_conditioned = False
+    assert rel_err(unrefined(L=L)[0], K64) > 10 * rel_err(K, K64)
     calls = []
     real_kernel = generating.bilinear_kernel
-    monkeypatch.setattr(generating, "REFINE_AMPLIFICATION", 1e3)
     monkeypatch.setattr(generating, "bilinear_kernel", lambda *a, **kw: calls.append(a[0].dtype) or real_kernel(*a, **kw))
     make_kernel(H=4, N=N, L=L, measure="legs")(L=L)
     assert torch.complex128 not in calls

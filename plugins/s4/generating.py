@@ -67,8 +67,8 @@ def _nodes(L: int, real_dtype: torch.dtype, device: torch.device) -> Tuple[Tenso
 
 
 def bilinear_kernel(w: Tensor, P: Tensor, B: Tensor, Ct: Tensor, dt: Tensor, L: int, cauchy: Cauchy,
-                    state: Optional[Tensor] = None, exact: Optional[Sequence[Tensor]] = None
-                    ) -> Tuple[Tensor, Optional[Tensor]]:
+                    state: Optional[Tensor] = None, exact: Optional[Sequence[Tensor]] = None,
+                    refine: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """Algorithm 1 for H channels.
 
     Args:
@@ -80,6 +80,7 @@ def bilinear_kernel(w: Tensor, P: Tensor, B: Tensor, Ct: Tensor, dt: Tensor, L: 
             float32 evaluation cannot resolve (:data:`REFINE_AMPLIFICATION`); None: the float32
             inputs cast up (then dt's float32 rounding, which moves poles sitting 1e-7 from a node
             by as much as their distance, stays in).
+        refine: False keeps every channel in the inputs' precision.
     Returns:
         K: (C, H, L) real;  K_state: (Bs, C, H, L) real or None.
     """
@@ -113,7 +114,7 @@ def bilinear_kernel(w: Tensor, P: Tensor, B: Tensor, Ct: Tensor, dt: Tensor, L: 
         X = torch.linalg.solve(Mw, hh * rhs.permute(0, 3, 1, 2))  # (H, K, r, 1 + Bs)
         corr = torch.einsum("hcsk,hksj->hcjk", S01, X)
     resolvent = lhs - corr
-    redo = _ill_conditioned(corr, resolvent)
+    redo = _ill_conditioned(corr, resolvent) if refine else None
     Khat = resolvent * (dt.unsqueeze(-1) * inv_1pz)[:, None, None]        # dt/(1+z) [...]: (H, C, 1+Bs, K)
     if L % 2 == 0:                                                # Nyquist node z = -1
         num = torch.cat(right[:1] + right[2:], dim=0).transpose(0, 1)      # (H, 1 + Bs, M): [B, s]
