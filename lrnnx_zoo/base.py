@@ -75,8 +75,22 @@ class LRNN(nn.Module):
         valid outputs cannot depend on the padding in exact arithmetic, but an FFT spreads every
         sample's rounding error (and any NaN or inf) over all outputs, so padding of 1e6 moved
         valid outputs by 1e-2 relative before this."""
+        x = float32_under_autocast(x)
         self.check_input(x, lengths)
         return mask_padding(x, lengths)
+
+
+def float32_under_autocast(x: Tensor) -> Tensor:
+    """x in float32 if it is half precision inside a ``torch.autocast`` region, else x unchanged.
+
+    Under autocast a layer receives the previous nn.Linear's bfloat16/float16 output. Its SSM
+    computes in float32, as autocast itself does for FFTs: there are no half-precision FFTs on the
+    CPU, bfloat16 FFTs nowhere, float16 cuFFT takes power-of-two lengths only, and a kernel with
+    |lambda| near 1 in half precision loses its tail. The output is float32; the next nn.Linear
+    casts back. Outside autocast a half input is the caller's choice and is checked as given."""
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return x.float()
+    return x
 
 
 def check_floating(x: Tensor, who: str) -> None:
@@ -86,8 +100,9 @@ def check_floating(x: Tensor, who: str) -> None:
     if not x.is_floating_point():
         raise TypeError(f"{who} expects a floating-point input (e.g. torch.float32), got {x.dtype}")
     if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
-        raise TypeError(f"{who} on the CPU computes in float32 or float64, got {x.dtype}: "
-                        f"convert the input (x.float()), or run on a GPU for half precision")
+        raise TypeError(f"{who} on the CPU computes in float32 or float64, got {x.dtype}: convert the "
+                        f"input (x.float()), or run under torch.autocast('cpu', dtype={x.dtype}), where the "
+                        f"layers take half-precision activations and compute in float32")
 
 
 def check_sizes(who: str, **sizes: Any) -> None:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, check_floating, check_sizes, mask_padding, needs_autograd
+from lrnnx_zoo.base import LTI_LRNN, check_floating, check_sizes, float32_under_autocast, mask_padding, needs_autograd
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, reversed_spectrum
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel
@@ -256,6 +256,7 @@ class FFTConvS4(nn.Module):
                 f"(batch, length, d_model={self.d_model})"
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"FFTConvS4(transposed={self.transposed}) expects x of shape {want}, got {got}")
+        x = float32_under_autocast(x)
         check_floating(x, "FFTConvS4")
         return x if self.transposed else x.transpose(1, 2)
 
@@ -356,6 +357,7 @@ class FFTConvLayer(LTI_LRNN):
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, H) -> y: (B, L, H); lengths: (B,) valid lengths (padding outputs are zero)."""
+        x = float32_under_autocast(x)
         self.check_input(x, lengths)
         y, _ = self.conv(x, lengths=lengths)        # FFTConvS4 zeroes x past the lengths itself
         if self.mix is not None:

@@ -214,3 +214,24 @@ def test_whole_model_pickles(layer):
     torch.save(model, buf)
     buf.seek(0)
     torch.testing.assert_close(torch.load(buf, weights_only=False)(x), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layer", lrnnx_zoo.list_layers())
+def test_cpu_autocast_bfloat16_trains(layer):
+    # Under torch.autocast the layers receive nn.Linear's bfloat16 output; they refused it ("on
+    # the CPU computes in float32 or float64"). They now compute in float32, as autocast does for
+    # FFTs. Tolerance: bfloat16 keeps 8 bits (4e-3 relative per rounding), two blocks deep.
+    torch.manual_seed(0)
+    model = SequenceModel(ModelConfig(layer=layer, d_input=3, d_output=2, d_model=16, n_layers=2,
+                                      layer_kwargs={"d_state": 8}, pooling="mean"))
+    x = torch.randn(2, 64, 3)
+    ref = model(x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+        z = model.blocks[0].layer(torch.randn(2, 64, 16).bfloat16())
+    assert z.dtype == torch.float32
+    assert float((y.detach().float() - ref).abs().max() / ref.abs().max()) < 2e-2
+    y.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    with pytest.raises(TypeError, match=r"torch.autocast\('cpu'"):
+        model.blocks[0].layer(torch.randn(2, 64, 16).bfloat16())      # outside autocast: refused, with the way out
