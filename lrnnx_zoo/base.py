@@ -93,16 +93,19 @@ def float32_under_autocast(x: Tensor) -> Tensor:
     return x
 
 
-def check_floating(x: Tensor, who: str) -> None:
+def check_floating(x: Tensor, who: str, autocast_hint: bool = True) -> None:
     """Raise a TypeError naming ``who`` if x is not floating point (the layers are real-valued;
     integers would otherwise be cast silently by some paths and fail deep inside others), or is
-    half precision on the CPU, which has neither half-precision FFTs nor complex32 arithmetic."""
+    half precision on the CPU, which has neither half-precision FFTs nor complex32 arithmetic.
+    ``autocast_hint``: the message offers torch.autocast as the way out (only where ``who``
+    accepts half-precision input under autocast: forward, not step)."""
     if not x.is_floating_point():
         raise TypeError(f"{who} expects a floating-point input (e.g. torch.float32), got {x.dtype}")
     if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
+        way_out = (f", or run under torch.autocast('cpu', dtype={x.dtype}), where the layers take "
+                   f"half-precision activations and compute in float32") if autocast_hint else ""
         raise TypeError(f"{who} on the CPU computes in float32 or float64, got {x.dtype}: convert the "
-                        f"input (x.float()), or run under torch.autocast('cpu', dtype={x.dtype}), where the "
-                        f"layers take half-precision activations and compute in float32")
+                        f"input (x.float()){way_out}")
 
 
 def check_sizes(who: str, **sizes: Any) -> None:
