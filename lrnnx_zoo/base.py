@@ -83,9 +83,10 @@ class LRNN(nn.Module):
 def float32_under_autocast(x: Tensor) -> Tensor:
     """x in float32 if it is half precision inside a ``torch.autocast`` region, else x unchanged.
 
-    Under autocast a layer receives the previous nn.Linear's bfloat16/float16 output. Its SSM
-    computes in float32, as autocast itself does for FFTs: there are no half-precision FFTs on the
-    CPU, bfloat16 FFTs nowhere, float16 cuFFT takes power-of-two lengths only, and a kernel with
+    Under autocast a layer receives the previous nn.Linear's bfloat16/float16 output. Its kernel,
+    convolution and recurrence compute in float32, as autocast itself does for FFTs (real matrix
+    products, e.g. the LRU's projections B u and Re(C x), still run in autocast's dtype): there
+    are no half-precision FFTs on the CPU, bfloat16 FFTs nowhere, float16 cuFFT takes power-of-two lengths only, and a kernel with
     |lambda| near 1 in half precision loses its tail. The output is float32; the next nn.Linear
     casts back. Outside autocast a half input is the caller's choice and is checked as given."""
     if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
