@@ -83,9 +83,10 @@ class LRNN(nn.Module):
 def float32_under_autocast(x: Tensor) -> Tensor:
     """x in float32 if it is half precision inside a ``torch.autocast`` region, else x unchanged.
 
-    Under autocast a layer receives the previous nn.Linear's bfloat16/float16 output. Its SSM
-    computes in float32, as autocast itself does for FFTs: there are no half-precision FFTs on the
-    CPU, bfloat16 FFTs nowhere, float16 cuFFT takes power-of-two lengths only, and a kernel with
+    Under autocast a layer receives the previous nn.Linear's bfloat16/float16 output. Its kernel,
+    convolution and recurrence compute in float32, as autocast itself does for FFTs (real matrix
+    products, e.g. the LRU's projections B u and Re(C x), still run in autocast's dtype): there
+    are no half-precision FFTs on the CPU, bfloat16 FFTs nowhere, float16 cuFFT takes power-of-two lengths only, and a kernel with
     |lambda| near 1 in half precision loses its tail. The output is float32; the next nn.Linear
     casts back. Outside autocast a half input is the caller's choice and is checked as given."""
     if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
@@ -93,16 +94,19 @@ def float32_under_autocast(x: Tensor) -> Tensor:
     return x
 
 
-def check_floating(x: Tensor, who: str) -> None:
+def check_floating(x: Tensor, who: str, autocast_hint: bool = True) -> None:
     """Raise a TypeError naming ``who`` if x is not floating point (the layers are real-valued;
     integers would otherwise be cast silently by some paths and fail deep inside others), or is
-    half precision on the CPU, which has neither half-precision FFTs nor complex32 arithmetic."""
+    half precision on the CPU, which has neither half-precision FFTs nor complex32 arithmetic.
+    ``autocast_hint``: the message offers torch.autocast as the way out (only where ``who``
+    accepts half-precision input under autocast: forward, not step)."""
     if not x.is_floating_point():
         raise TypeError(f"{who} expects a floating-point input (e.g. torch.float32), got {x.dtype}")
     if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
+        way_out = (f", or run under torch.autocast('cpu', dtype={x.dtype}), where the layers take "
+                   f"half-precision activations and compute in float32") if autocast_hint else ""
         raise TypeError(f"{who} on the CPU computes in float32 or float64, got {x.dtype}: convert the "
-                        f"input (x.float()), or run under torch.autocast('cpu', dtype={x.dtype}), where the "
-                        f"layers take half-precision activations and compute in float32")
+                        f"input (x.float()){way_out}")
 
 
 def check_sizes(who: str, **sizes: Any) -> None:

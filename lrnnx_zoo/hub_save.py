@@ -264,9 +264,10 @@ class HubMixin:
         meta = dict(task=task, dataset=dataset, metrics=metrics, command=command, notes=notes)
         if not push_to_hub:
             return save_checkpoint(self, save_directory, name=repo_id, **meta)
-        repo_id = repo_id or Path(save_directory).expanduser().absolute().name
+        local = Path(save_directory).expanduser().absolute()
+        repo_id = repo_id or local.name
         try:                # the card names the repo the files land in: its full id, from the Hub
-            repo_id = create_repo(repo_id, kept=f"the checkpoint was saved to {Path(save_directory).absolute()}")
+            repo_id = create_repo(repo_id, kept=f"the checkpoint was saved to {local}")
         except HubPublishError:
             save_checkpoint(self, save_directory, name=repo_id, **meta)     # the local half still happens
             raise

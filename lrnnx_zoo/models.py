@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import check_floating, mask_padding, valid_steps
+from .base import check_floating, float32_under_autocast, mask_padding, valid_steps
 from .hub_save import HubMixin
 from .registry import create_layer
 
@@ -217,6 +217,8 @@ class SequenceModel(HubMixin, nn.Module):
         if x.dim() != 3 or x.shape[-1] != cfg.d_input:
             raise ValueError(f"SequenceModel expects x of shape (batch, length, d_input={cfg.d_input}), "
                              f"got {tuple(x.shape)}")
+        if x.dtype != self.encoder.weight.dtype:
+            x = float32_under_autocast(x)   # under autocast a half input is fine: the encoder casts it
         self._check_input_dtype(x, "SequenceModel")
         # Padding is zeroed at the door (the layers zero theirs too), so a NaN there reaches nothing.
         h = mask_padding(self.encoder(x), lengths)
@@ -272,7 +274,7 @@ class SequenceModel(HubMixin, nn.Module):
         if x.dim() != 2 or x.shape[-1] != self.config.d_input:
             raise ValueError(f"SequenceModel.step expects x of shape (batch, d_input={self.config.d_input}), "
                              f"got {tuple(x.shape)}")
-        self._check_input_dtype(x, "SequenceModel.step")
+        self._check_input_dtype(x, "SequenceModel.step", autocast_hint=False)
         training_norms = [name for name, m in self.named_modules() if isinstance(m, _BatchNormLast) and m.training]
         if training_norms:
             raise RuntimeError(
@@ -302,8 +304,8 @@ class SequenceModel(HubMixin, nn.Module):
             h = cache["pool_sum"] / cache["t"]
         return self.decoder(h), cache
 
-    def _check_input_dtype(self, x: Tensor, who: str) -> None:
-        check_floating(x, who)
+    def _check_input_dtype(self, x: Tensor, who: str, autocast_hint: bool = True) -> None:
+        check_floating(x, who, autocast_hint)
         if x.dtype != self.encoder.weight.dtype:     # nn.Linear would fail with "mat1 and mat2 ..."
             raise TypeError(f"{who}: the model holds {self.encoder.weight.dtype} parameters, got a {x.dtype} "
                             f"input; convert one to the other (x.to({self.encoder.weight.dtype}) or "

@@ -9,10 +9,10 @@ device-type branch runs, and nothing is computed (the tests are fast).
 A few ops have no meta kernel because their result is data: ``Tensor.item()`` (int(), float(),
 bool() of a tensor), ``torch.equal`` and boolean-mask indexing. Where our code uses them, the
 tests step around them (``on_meta``, the ``s4_auto`` fixture) instead of skipping: the kernel
-cache compares parameters with torch.equal (switched off), S4 reads its internal length with
-int() of a buffer (kept on the CPU here, a Python-int read either way), and S4's step mode "auto"
-predicts the diagonal form's float32 error with float() (replaced by a fixed verdict, each arm
-tested). Padded batches pass ``lengths`` on the CPU (validating them needs their values).
+cache compares parameters with torch.equal (switched off), and S4's step mode "auto" predicts the
+diagonal form's float32 error with float() (replaced by a fixed verdict, each arm tested). S4's
+internal length is a Python int beside its buffer, so it needs no help. Padded batches pass
+``lengths`` on the CPU (validating them needs their values).
 """
 
 from __future__ import annotations
@@ -46,9 +46,6 @@ def on_meta(module: torch.nn.Module) -> torch.nn.Module:
     for sub in module.modules():
         if isinstance(sub, SSMKernel):
             sub.cache_inference_kernel = False                 # torch.equal
-        length = sub._buffers.get("L")
-        if isinstance(length, torch.Tensor) and length.dtype == torch.long and length.dim() == 0:
-            sub._buffers["L"] = torch.zeros((), dtype=torch.long)   # int(self.L)
     return module
 
 
@@ -296,3 +293,14 @@ def test_s4_step_form_follows_device_move(mode):
         assert s4.kernel._basis.device == META
         x_kernel = torch.zeros(B, H, N // 2, dtype=torch.complex64, device=META)     # NPLR-basis state
         assert s4.kernel.unpack_state(s4.kernel.pack_state(x_kernel)).device == META
+
+
+def test_s4_kernel_with_an_internal_length_on_meta():
+    """S4's internal length is read from its Python copy, not with int() of the buffer: a kernel
+    whose C holds C~ moves to meta as it is, and a longer L doubles it there, copy and buffer together."""
+    from lrnnx_zoo.plugins.s4.kernel import HippoSSKernel
+    torch.manual_seed(0)
+    kernel = on_meta(HippoSSKernel(H, N=N, L=4))
+    assert kernel.length == 4 and kernel.L.device == META
+    K, _ = kernel(L=2 * L)
+    assert K.shape == (1, H, 2 * L) and K.device == META and kernel.length == 2 * L

@@ -643,3 +643,17 @@ def test_publishing_with_a_rejected_token_says_how_to_log_in(local_hub):
     local_hub.required_token = "the-right-one"
     with pytest.raises(HubPublishError, match=r"could not create 'acme/x'.*HTTP 401.*log in .*token="):
         tiny("s4d").push_to_hub("acme/x", token="a-wrong-one")
+
+
+def test_failed_push_names_the_folder_it_saved_to(monkeypatch, tmp_path):
+    # save_pretrained("~/kept", push_to_hub=True) wrote to $HOME/kept, and the error said the
+    # checkpoint was saved to <cwd>/~/kept.
+    from hub_server import configure_client
+    from lrnnx_zoo.hub_save import HubPublishError
+    configure_client(monkeypatch, _refused_endpoint(), tmp_path / "hf-home")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HubPublishError) as err:
+        tiny("s4d").save_pretrained("~/kept", push_to_hub=True, repo_id="acme/x", **META)
+    assert f"The checkpoint was saved to {tmp_path / 'home' / 'kept'}." in str(err.value)
+    assert (tmp_path / "home" / "kept" / "model.safetensors").is_file()

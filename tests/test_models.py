@@ -235,3 +235,20 @@ def test_cpu_autocast_bfloat16_trains(layer):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
     with pytest.raises(TypeError, match=r"torch.autocast\('cpu'"):
         model.blocks[0].layer(torch.randn(2, 64, 16).bfloat16())      # outside autocast: refused, with the way out
+
+
+def test_half_input_under_autocast_is_what_the_refusal_promises():
+    # Outside autocast a bfloat16 input is refused with "or run under torch.autocast('cpu', ...)";
+    # a SequenceModel refused it there too (its own dtype check ran before the layers' autocast
+    # handling). Under autocast the encoder casts its input anyway: bfloat16 in gives what float32 in gives.
+    torch.manual_seed(0)
+    model = model_for("s4d", n_layers=1, d_model=8).eval()
+    x = torch.randn(2, 16, 3).bfloat16()
+    with pytest.raises(TypeError, match=r"run under torch.autocast\('cpu', dtype=torch.bfloat16\)") as refused:
+        model(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(x), model(x.float()), rtol=0, atol=0)
+    # step takes no half input under autocast, so its refusal does not offer autocast
+    with pytest.raises(TypeError, match=r"convert the input \(x.float\(\)\)$"):
+        model.step(x[:, 0], model.allocate_inference_cache(2))
+    assert "autocast" in str(refused.value)

@@ -33,7 +33,7 @@ class StepModes:
     """Step modes "dense", "linear" (bilinear DPLR step) and "diagonal" (see plugins.s4.step)."""
 
     _step_mode: Optional[str] = None
-    _stepper: Optional[StepForm] = None  # kept out of the module tree: not in state_dict, not moved by .to()
+    _stepper: Optional[StepForm] = None  # kept out of the module tree (not in state_dict); _apply moves it
     _basis: Optional[Tensor] = None      # eigenvectors V (H, N, N) of the last diagonal form built
 
     @torch.no_grad()
