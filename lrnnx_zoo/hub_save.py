@@ -207,7 +207,7 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
         status = getattr(getattr(exc, "response", None), "status_code", None)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         fix = ("log in (`hf auth login`) or pass token= with write access to that namespace"
-               if status in (401, 403) else "see the Hub's answer above")
+               if status in (401, 403) else "the Hub's message says why")
         raise HubPublishError(f"could not {where}: HTTP {status}: {reason}; {fix}. {kept[:1].upper() + kept[1:]}.") from exc
     except HTTPError as exc:  # transport: refused, unresolvable host, timed out
         raise HubPublishError(

@@ -487,3 +487,30 @@ def test_ill_conditioned_kernels_are_refined_in_float64(N, L, monkeypatch):
     monkeypatch.setattr(generating, "bilinear_kernel", lambda *a, **kw: calls.append(a[0].dtype) or real_kernel(*a, **kw))
     make_kernel(H=4, N=N, L=L, measure="legs")(L=L)
     assert torch.complex128 not in calls
+
+
+def test_internal_length_follows_the_buffer_everywhere():
+    # The S4 kernel reads its length through a Python copy where reading the buffer would stall
+    # or break tracing; these are the paths that could leave the two apart.
+    import pickle
+    from torch.func import functional_call
+    a, b = make_kernel(H=4, N=8, L=64), make_kernel(seed=1, H=4, N=8, L=32)
+    with torch.no_grad():   # functional_call swaps in b's buffers, L included: b's kernel, exactly
+        torch.testing.assert_close(functional_call(a, dict(b.state_dict()), (), {"L": 32})[0], b(L=32)[0],
+                                   rtol=0, atol=0)
+    old = pickle.loads(pickle.dumps(a))
+    del old.__dict__["_length"]                     # a whole-module pickle from before the Python copy
+    assert pickle.loads(pickle.dumps(old)).to("meta")._length == 64
+    meta = make_kernel(H=4, N=8, L=64).to("meta")
+    meta.load_state_dict(a.to("meta").state_dict())  # a load without values leaves the length alone
+    assert meta._length == 64
+
+
+def test_step_after_a_dtype_change_says_to_set_up_again():
+    m = S4(8, d_state=8)
+    m.setup_step("dense")
+    m.double()
+    with pytest.raises(RuntimeError, match=r"built in torch.float32 .* call setup_step\('dense'\) again"):
+        m.step(torch.randn(2, 8, dtype=torch.float64), m.default_state(2))
+    m.setup_step("dense")
+    m.step(torch.randn(2, 8, dtype=torch.float64), m.default_state(2))

@@ -145,12 +145,25 @@ class SSKernelNPLR(StepModes, SSMKernel):
     # -- parameters ------------------------------------------------------------------------------
     @property
     def length(self) -> int:
-        """Internal length L of C~ (0: C holds the plain C)."""
+        """Internal length L of C~ (0: C holds the plain C).
+
+        The buffer ``L`` is the truth, and on the CPU it is read directly (a microsecond; this
+        also sees a buffer swapped in by torch.func.functional_call). While torch.compile traces,
+        and off the CPU, where reading a tensor stalls the device, the Python copy kept in step
+        with it (:meth:`_set_length`, loading, unpickling) is used instead."""
+        if self.L.device.type == "cpu" and not torch.compiler.is_compiling():
+            return int(self.L)
         return self._length
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._length = int(self.L)        # the buffer was just loaded: keep the Python copy in step
+        if self.L.device.type != "meta":          # a meta load carries no values
+            self._length = int(self.L)            # the buffer was just loaded: keep the Python copy in step
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_length" not in self.__dict__:        # a whole-module pickle from before the Python copy existed
+            self._length = int(self.L) if self.L.device.type != "meta" else 0
 
     def _set_length(self, L: int) -> None:
         self.L.fill_(L)

@@ -105,6 +105,10 @@ class StepModes:
         -> y: (B, C, H) (no skip term), next state in the same layout."""
         if self._stepper is None:
             raise RuntimeError("call setup_step(mode) before step(); modes: " + ", ".join(STEP_MODES))
+        built = next(self._stepper.buffers()).dtype
+        if built != self._real_dtype:
+            raise RuntimeError(f"the step form was built in {built} and the kernel now holds {self._real_dtype} "
+                               f"parameters: call setup_step({self._step_mode!r}) again after a dtype change")
         Bsz = u.shape[0]
         if self._step_mode == "diagonal":
             s = torch.cat([state.real.reshape(Bsz, -1), state.imag.reshape(Bsz, -1)], dim=1)
