@@ -40,13 +40,15 @@ __all__ = ["bilinear_kernel", "apply_A", "REFINE_AMPLIFICATION"]
 
 Cauchy = Callable[[Tensor, Tensor, Tensor], Tensor]
 
-#: Where the Woodbury correction k01 (I + k11)^{-1} k10 is this many times larger than the kernel
-#: sample it leaves, float32 loses ~log10 of it in digits (measured: a channel's relative error is
-#: at most ~1e-7 times this amplification), and those channels are recomputed in float64. Poles on
-#: the imaginary axis (the Fourier measure) amplify by up to ~3e4 and moved float32 kernels by up
-#: to 1e-3 per channel (2.1e-4 of the whole kernel at N=4, L=64); LegS stays below ~90 at any
-#: length and never pays; LegT channels reach ~2e3 at N=64 and the worst of them are refined.
-REFINE_AMPLIFICATION = 200.0
+#: Where the Woodbury correction k01 (I + k11)^{-1} k10 at a node is this many times larger than
+#: the channel's largest kernel sample, float32 loses ~log10 of it in digits (measured: a channel's
+#: relative error is at most ~1e-7 times this amplification), and that (channel, node) entry is
+#: recomputed in float64. Poles on the imaginary axis (the Fourier measure) amplify by up to ~3e4 at
+#: the nodes next to each pole and moved float32 kernels by up to 1e-3 per channel (2.1e-4 of the
+#: whole kernel at N=4, L=64). Gradients are more sensitive than values (squared denominators), so
+#: the bar is low: at 200 Fourier's w gradient stayed 7e-4 and LegS's log_dt gradient 8e-4 off at
+#: H=32, N=64, L=4096; at 20 they are 2.5e-5 and 5.5e-5, refining 0.4% and 0.01% of the nodes.
+REFINE_AMPLIFICATION = 20.0
 
 
 def apply_A(w: Tensor, P: Tensor, x: Tensor) -> Tensor:
@@ -76,66 +78,95 @@ def bilinear_kernel(w: Tensor, P: Tensor, B: Tensor, Ct: Tensor, dt: Tensor, L: 
         Ct: (C, H, M) C~ for length L (step 1).  dt: (H,) real step.  L: kernel length.
         cauchy: a ``("cauchy", name)`` backend, ``fn(v (..., M), z (K,), w (..., M)) -> (..., K)``.
         state: (Bs, H, M) x_{-1}, or None.
-        exact: (w, P, B, Ct, dt) formed in float64 from the same parameters, for the channels a
+        exact: (w, P, B, Ct, dt) formed in float64 from the same parameters, for the nodes a
             float32 evaluation cannot resolve (:data:`REFINE_AMPLIFICATION`); None: the float32
             inputs cast up (then dt's float32 rounding, which moves poles sitting 1e-7 from a node
             by as much as their distance, stays in).
-        refine: False keeps every channel in the inputs' precision.
+        refine: False keeps every node in the inputs' precision.
     Returns:
         K: (C, H, L) real;  K_state: (Bs, C, H, L) real or None.
     """
     C, r = Ct.shape[0], P.shape[0]
     # Channel-major layout (H first) keeps the Cauchy output and the irfft input contiguous.
     half = (dt / 2)[:, None, None]                                # (H, 1, 1)
-    right = [B.unsqueeze(0), P]
-    if state is not None:
-        s = state.to(w.dtype) / dt.unsqueeze(-1) + apply_A(w, P, state.to(w.dtype)) / 2   # (Bs, H, M)
-        right.append(s)
-    left = torch.cat([Ct, P.conj()], dim=0).transpose(0, 1)       # (H, C + r, M)
-    right_t = torch.cat(right, dim=0).transpose(0, 1)             # (H, 1 + r + Bs, M)
+    left, right_t, num = _numerators(w, P, B, Ct, dt, state)
     v = left.unsqueeze(2) * right_t.unsqueeze(1)                  # (H, C + r, 1 + r + Bs, M)
     zeta, inv_1pz = _nodes(L, dt.dtype, dt.device)
     S = cauchy(v, zeta, (w * half.squeeze(-1)).unsqueeze(1).unsqueeze(1))   # (H, C + r, 1 + r + Bs, K)
-
-    S_c, S_q = S[:, :C], S[:, C:]                                 # rows C~ / rows Q
-    S01, S11 = S_c[:, :, 1:1 + r], S_q[:, :, 1:1 + r]             # (H, C, r, K), (H, r, r, K)
-    if state is None:                                             # the B (and s) columns
-        lhs, rhs = S_c[:, :, :1], S_q[:, :, :1]                   # C~^T R B: (H, C, 1, K);  Q^T R B
-    else:
-        cols = [0] + list(range(1 + r, S.shape[2]))
-        lhs, rhs = S_c[:, :, cols], S_q[:, :, cols]               # C~^T R [B, s]: (H, C, 1+Bs, K);  Q^T R [B, s]
-    h = half.to(S.dtype)                                          # R = (dt/2) S, so k = h S
-    if r == 1:
-        corr = S01[:, :, :1] * (h * rhs[:, 0] / (1 + h * S11[:, 0, :1])).unsqueeze(1)
-    else:
-        eye = torch.eye(r, dtype=S.dtype, device=S.device)
-        hh = h.unsqueeze(-1)                                      # (H, 1, 1, 1)
-        Mw = eye + hh * S11.permute(0, 3, 1, 2)                   # (H, K, r, r): I + k11 (rows Q, cols P)
-        X = torch.linalg.solve(Mw, hh * rhs.permute(0, 3, 1, 2))  # (H, K, r, 1 + Bs)
-        corr = torch.einsum("hcsk,hksj->hcjk", S01, X)
-    resolvent = lhs - corr
-    redo = _ill_conditioned(corr, resolvent) if refine else None
+    lhs, corr = _woodbury(S, C, r, half)
+    resolvent = lhs - corr                                        # (k00 - k01 (I + k11)^{-1} k10) / h
+    if refine:
+        resolvent = _refine_nodes(resolvent, corr, exact if exact is not None else (w, P, B, Ct, dt), state, L)
     Khat = resolvent * (dt.unsqueeze(-1) * inv_1pz)[:, None, None]        # dt/(1+z) [...]: (H, C, 1+Bs, K)
     if L % 2 == 0:                                                # Nyquist node z = -1
-        num = torch.cat(right[:1] + right[2:], dim=0).transpose(0, 1)      # (H, 1 + Bs, M): [B, s]
         nyq = dt[:, None, None] * (left[:, :C].unsqueeze(2) * num.unsqueeze(1)).sum(-1).real   # (H, C, 1 + Bs)
         Khat = torch.cat([Khat, nyq.to(Khat.dtype).unsqueeze(-1)], dim=-1)
     K = torch.fft.irfft(Khat, n=L, dim=-1)                        # (H, C, 1 + Bs, L)
-    if redo is not None:                                          # float64 for the channels float32 cannot resolve
-        c128 = torch.complex128
-        w64, P64, B64, Ct64, dt64 = exact if exact is not None else (w, P, B, Ct, dt)
-        K64, K64_state = bilinear_kernel(w64[redo].to(c128), P64[:, redo].to(c128), B64[redo].to(c128),
-                                         Ct64[:, redo].to(c128), dt64[redo].double(), L, cauchy,
-                                         None if state is None else state[:, redo].to(c128))
-        parts = [K64.transpose(0, 1).unsqueeze(2)] + ([] if state is None else [K64_state.permute(2, 1, 0, 3)])
-        K = K.index_copy(0, redo, torch.cat(parts, dim=2).to(K.dtype))     # back in K's (H, C, 1 + Bs, L) layout
     K_state = K[:, :, 1:].permute(2, 1, 0, 3) if state is not None else None
     return K[:, :, 0].transpose(0, 1).contiguous(), K_state
 
 
-def _ill_conditioned(corr: Tensor, resolvent: Tensor) -> Optional[Tensor]:
-    """Indices of the channels whose float32 Woodbury step cancels more than REFINE_AMPLIFICATION
-    allows (max over nodes of |correction| / max |result|), or None. corr, resolvent: (H, ...).
+def _numerators(w: Tensor, P: Tensor, B: Tensor, Ct: Tensor, dt: Tensor, state: Optional[Tensor]
+                ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Rows [C~; Q] (H, C + r, M), columns [B; P; s] (H, 1 + r + Bs, M) of the Cauchy numerators,
+    and [B; s] (H, 1 + Bs, M) for the Nyquist node. With a state x_{-1}: s = x/dt + A x/2."""
+    right = [B.unsqueeze(0), P]
+    if state is not None:
+        x = state.to(w.dtype)
+        right.append(x / dt.unsqueeze(-1) + apply_A(w, P, x) / 2)  # (Bs, H, M)
+    left = torch.cat([Ct, P.conj()], dim=0).transpose(0, 1)
+    right_t = torch.cat(right, dim=0).transpose(0, 1)
+    return left, right_t, torch.cat(right[:1] + right[2:], dim=0).transpose(0, 1)
+
+
+def _woodbury(S: Tensor, C: int, r: int, half: Tensor) -> Tuple[Tensor, Tensor]:
+    """From the Cauchy sums S (X, C + r, 1 + r + Bs, K) of rows [C~; Q] and columns [B; P; s]:
+    lhs = C~^T R [B, s] / h and the Woodbury correction corr = S01 (I + h S11)^{-1} h S10, both
+    (X, C, 1 + Bs, K), with R = h S, h = dt/2 (``half``: (X, 1, 1) real)."""
+    S_c, S_q = S[:, :C], S[:, C:]                                 # rows C~ / rows Q
+    S01, S11 = S_c[:, :, 1:1 + r], S_q[:, :, 1:1 + r]             # (X, C, r, K), (X, r, r, K)
+    cols = [0] + list(range(1 + r, S.shape[2]))                   # the B (and s) columns
+    lhs, rhs = S_c[:, :, cols], S_q[:, :, cols]                   # C~^T R [B, s] / h;  Q^T R [B, s] / h
+    h = half.to(S.dtype)
+    if r == 1:
+        return lhs, S01[:, :, :1] * (h * rhs[:, 0] / (1 + h * S11[:, 0, :1])).unsqueeze(1)
+    eye = torch.eye(r, dtype=S.dtype, device=S.device)
+    hh = h.unsqueeze(-1)                                          # (X, 1, 1, 1)
+    Mw = eye + hh * S11.permute(0, 3, 1, 2)                       # (X, K, r, r): I + k11 (rows Q, cols P)
+    X = torch.linalg.solve(Mw, hh * rhs.permute(0, 3, 1, 2))      # (X, K, r, 1 + Bs)
+    return lhs, torch.einsum("hcsk,hksj->hcjk", S01, X)
+
+
+def _refine_nodes(resolvent: Tensor, corr: Tensor, exact: Sequence[Tensor], state: Optional[Tensor],
+                  L: int) -> Tensor:
+    """``resolvent`` (H, C, 1 + Bs, K) with its ill-conditioned (channel, node) entries
+    (:func:`_ill_conditioned`) recomputed in float64 from ``exact`` = (w, P, B, Ct, dt): the
+    Cauchy sums of those entries directly (a few nodes per channel: poles sit near a handful of
+    nodes each), then the same Woodbury step. Differentiable, like the rest."""
+    pairs = _ill_conditioned(corr, resolvent)
+    if pairs is None:
+        return resolvent
+    hi, ki = pairs
+    hs, at = torch.unique(hi, return_inverse=True)       # the channels involved, and each pair's among them
+    c128 = torch.complex128
+    w, P, B, Ct, dt = exact
+    w, P, B, Ct, dt = w[hs].to(c128), P[:, hs].to(c128), B[hs].to(c128), Ct[:, hs].to(c128), dt[hs].double()
+    left, right_t, _ = _numerators(w, P, B, Ct, dt, None if state is None else state[:, hs].to(c128))
+    v = left[at].unsqueeze(2) * right_t[at].unsqueeze(1)                   # (n, C + r, 1 + r + Bs, M)
+    z = _nodes(L, torch.float64, dt.device)[0][ki][:, None, None, None]    # (n, 1, 1, 1)
+    lam = (w * (dt / 2)[:, None])[at][:, None, None, :]                    # (n, 1, 1, M) poles
+    S = (v / (z - lam) + v.conj() / (z - lam.conj())).sum(-1, keepdim=True)  # (n, C + r, 1 + r + Bs, 1)
+    lhs, corr64 = _woodbury(S, Ct.shape[0], P.shape[0], (dt / 2)[at][:, None, None])
+    out = resolvent.clone()
+    out[hi, :, :, ki] = (lhs - corr64)[..., 0].to(out.dtype)
+    return out
+
+
+def _ill_conditioned(corr: Tensor, resolvent: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """(channel, node) indices where the float32 Woodbury correction exceeds REFINE_AMPLIFICATION
+    times the largest result of its output and column (so its rounding would show in the kernel),
+    or None.
+    corr, resolvent: (H, C, 1 + Bs, K).
 
     The choice depends on the values, so it is skipped where values are not known: while
     torch.compile traces (a compiled S4 kernel stays float32 throughout) and on the meta device."""
@@ -143,6 +174,11 @@ def _ill_conditioned(corr: Tensor, resolvent: Tensor) -> Optional[Tensor]:
             or torch.compiler.is_compiling():
         return None
     with torch.no_grad():
-        amp = corr.abs().flatten(1).amax(1) / resolvent.abs().flatten(1).amax(1).clamp_min(torch.finfo(torch.float32).tiny)
-        redo = (amp > REFINE_AMPLIFICATION).nonzero().flatten()
-    return redo if redo.numel() else None
+        # per output (c) and column (B, each state): a state's column is 1/dt larger than B's and
+        # would hide B's ill-conditioned nodes behind its own scale
+        # magnitudes as max(|re|, |im|) (within sqrt 2 of |z|, without complex abs's hypot: 1.4 vs 2.4 ms here)
+        scale = torch.view_as_real(resolvent).abs().amax(dim=(-2, -1)).unsqueeze(-1)          # (H, C, 1+Bs, 1)
+        big = torch.view_as_real(corr).abs().amax(-1)                                         # (H, C, 1+Bs, K)
+        bad = (big > REFINE_AMPLIFICATION * scale.clamp_min(torch.finfo(torch.float32).tiny)).flatten(1, 2).any(1)
+        hi, ki = bad.nonzero(as_tuple=True)                                                   # bad: (H, K)
+    return (hi, ki) if hi.numel() else None

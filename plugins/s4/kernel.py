@@ -79,9 +79,11 @@ class SSKernelNPLR(StepModes, SSMKernel):
         backend: name of a registered ("cauchy", name) backend: "auto", "torch", "keops".
     """
 
-    #: Recompute in float64 the channels whose float32 Woodbury step cancels (generating.REFINE_AMPLIFICATION):
-    #: Fourier-measure kernels go from ~1e-4 to ~1e-6 relative error, at 4.9x their generation time
-    #: (35 -> 172 ms at H=256, N=64, L=4096); set False on an instance to keep float32 throughout.
+    #: Recompute in float64 the (channel, node) entries whose float32 Woodbury step cancels
+    #: (generating.REFINE_AMPLIFICATION): Fourier-measure kernels go from ~1e-4 to ~2e-6 relative
+    #: error, and float32 gradients from up to 8e-4 to ~5e-5 (log_dt); the check and the refinement
+    #: take 2.7 ms (LegS) / 5.2 ms (Fourier) of a 31 / 36 ms generation at H=256, N=64, L=4096
+    #: (2-3.5% of its forward+backward); set False on an instance to keep float32 throughout.
     refine_ill_conditioned: bool = True
 
     def __init__(self, L: Optional[int], w: Tensor, P: Tensor, B: Tensor, C: Tensor, log_dt: Tensor,
@@ -264,7 +266,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         if self.discretization == "zoh":
             return self._zoh(L, rate, state)
         w, P, B, Ct, dt = self.continuous()
-        exact = list(self.continuous(double=True))   # float64 inputs for channels float32 cannot resolve
+        exact = list(self.continuous(double=True))   # float64 inputs for nodes float32 cannot resolve
         Ld = self.length
         if rate != 1.0:                           # exact at dt / rate: C~ for (dt / rate, L) from the plain C
             A_r, _ = self.dense_system(rate)
