@@ -69,7 +69,7 @@ def _nodes(L: int, real_dtype: torch.dtype, device: torch.device) -> Tuple[Tenso
 
 
 def bilinear_kernel(w: Tensor, P: Tensor, B: Tensor, Ct: Tensor, dt: Tensor, L: int, cauchy: Cauchy,
-                    state: Optional[Tensor] = None, exact: Optional[Sequence[Tensor]] = None,
+                    state: Optional[Tensor] = None, exact: Optional[Callable[[], Sequence[Tensor]]] = None,
                     refine: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """Algorithm 1 for H channels.
 
@@ -78,10 +78,10 @@ def bilinear_kernel(w: Tensor, P: Tensor, B: Tensor, Ct: Tensor, dt: Tensor, L: 
         Ct: (C, H, M) C~ for length L (step 1).  dt: (H,) real step.  L: kernel length.
         cauchy: a ``("cauchy", name)`` backend, ``fn(v (..., M), z (K,), w (..., M)) -> (..., K)``.
         state: (Bs, H, M) x_{-1}, or None.
-        exact: (w, P, B, Ct, dt) formed in float64 from the same parameters, for the nodes a
-            float32 evaluation cannot resolve (:data:`REFINE_AMPLIFICATION`); None: the float32
-            inputs cast up (then dt's float32 rounding, which moves poles sitting 1e-7 from a node
-            by as much as their distance, stays in).
+        exact: returns (w, P, B, Ct, dt) formed in float64 from the same parameters, for the
+            nodes a float32 evaluation cannot resolve (:data:`REFINE_AMPLIFICATION`); called only
+            when there are some. None: the float32 inputs cast up (then dt's float32 rounding,
+            which moves poles sitting 1e-7 from a node by as much as their distance, stays in).
         refine: False keeps every node in the inputs' precision.
     Returns:
         K: (C, H, L) real;  K_state: (Bs, C, H, L) real or None.
@@ -96,7 +96,7 @@ def bilinear_kernel(w: Tensor, P: Tensor, B: Tensor, Ct: Tensor, dt: Tensor, L: 
     lhs, corr = _woodbury(S, C, r, half)
     resolvent = lhs - corr                                        # (k00 - k01 (I + k11)^{-1} k10) / h
     if refine:
-        resolvent = _refine_nodes(resolvent, corr, exact if exact is not None else (w, P, B, Ct, dt), state, L)
+        resolvent = _refine_nodes(resolvent, corr, exact or (lambda: (w, P, B, Ct, dt)), state, L)
     Khat = resolvent * (dt.unsqueeze(-1) * inv_1pz)[:, None, None]        # dt/(1+z) [...]: (H, C, 1+Bs, K)
     if L % 2 == 0:                                                # Nyquist node z = -1
         nyq = dt[:, None, None] * (left[:, :C].unsqueeze(2) * num.unsqueeze(1)).sum(-1).real   # (H, C, 1 + Bs)
@@ -137,10 +137,10 @@ def _woodbury(S: Tensor, C: int, r: int, half: Tensor) -> Tuple[Tensor, Tensor]:
     return lhs, torch.einsum("hcsk,hksj->hcjk", S01, X)
 
 
-def _refine_nodes(resolvent: Tensor, corr: Tensor, exact: Sequence[Tensor], state: Optional[Tensor],
+def _refine_nodes(resolvent: Tensor, corr: Tensor, exact: Callable[[], Sequence[Tensor]], state: Optional[Tensor],
                   L: int) -> Tensor:
     """``resolvent`` (H, C, 1 + Bs, K) with its ill-conditioned (channel, node) entries
-    (:func:`_ill_conditioned`) recomputed in float64 from ``exact`` = (w, P, B, Ct, dt): the
+    (:func:`_ill_conditioned`) recomputed in float64 from ``exact()`` = (w, P, B, Ct, dt): the
     Cauchy sums of those entries directly (a few nodes per channel: poles sit near a handful of
     nodes each), then the same Woodbury step. Differentiable, like the rest."""
     pairs = _ill_conditioned(corr, resolvent)
@@ -149,7 +149,7 @@ def _refine_nodes(resolvent: Tensor, corr: Tensor, exact: Sequence[Tensor], stat
     hi, ki = pairs
     hs, at = torch.unique(hi, return_inverse=True)       # the channels involved, and each pair's among them
     c128 = torch.complex128
-    w, P, B, Ct, dt = exact
+    w, P, B, Ct, dt = exact()
     w, P, B, Ct, dt = w[hs].to(c128), P[:, hs].to(c128), B[hs].to(c128), Ct[:, hs].to(c128), dt[hs].double()
     left, right_t, _ = _numerators(w, P, B, Ct, dt, None if state is None else state[:, hs].to(c128))
     v = left[at].unsqueeze(2) * right_t[at].unsqueeze(1)                   # (n, C + r, 1 + r + Bs, M)

@@ -266,15 +266,16 @@ class SSKernelNPLR(StepModes, SSMKernel):
         if self.discretization == "zoh":
             return self._zoh(L, rate, state)
         w, P, B, Ct, dt = self.continuous()
-        exact = list(self.continuous(double=True))   # float64 inputs for nodes float32 cannot resolve
-        Ld = self.length
+        Ld, Ct64 = self.length, None
         if rate != 1.0:                           # exact at dt / rate: C~ for (dt / rate, L) from the plain C
             A_r, _ = self.dense_system(rate)
             c = dense.output_row(self.output_matrix())
-            exact[3] = dense.output_from_row((c.unsqueeze(-2) @ _identity_minus_power(A_r, L)).squeeze(-2))
-            Ct = exact[3].to(w.dtype)
-            Ld = L
-        exact[4] = exact[4] / rate
+            Ct64 = dense.output_from_row((c.unsqueeze(-2) @ _identity_minus_power(A_r, L)).squeeze(-2))
+            Ct, Ld = Ct64.to(w.dtype), L
+
+        def exact() -> Tuple[Tensor, ...]:        # float64 inputs, formed only if some node needs them
+            w64, P64, B64, C64, dt64 = self.continuous(double=True)
+            return w64, P64, B64, C64 if Ct64 is None else Ct64, dt64 / rate
         K, K_state = bilinear_kernel(w, P, B, Ct, dt / rate, Ld, get_backend("cauchy", self.backend), state, exact,
                                      refine=self.refine_ill_conditioned)
         return K[..., :L], (None if K_state is None else K_state[..., :L])
