@@ -12,7 +12,7 @@ recurrence, registered as kernel backends of kind "modal":
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -31,11 +31,6 @@ def powers(log_lam: Tensor, L: int, dtype: Optional[torch.dtype] = None) -> Tens
     Pass log_lam in complex128 (formed from the parameters in float64) for the full benefit."""
     t = torch.arange(L, device=log_lam.device, dtype=torch.float64)
     return torch.exp(t[:, None] * log_lam.to(torch.complex128)).to(dtype or log_lam.dtype)
-
-
-def working_complex(u: Tensor) -> torch.dtype:
-    """The complex dtype of the same precision as real u."""
-    return torch.complex128 if u.dtype == torch.float64 else torch.complex64
 
 
 def _pair_rows(M: Tensor, dtype: torch.dtype) -> Tensor:
@@ -64,7 +59,7 @@ def modal_fft(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
     An initial state x_{-1} adds lam^{t+1} x_{-1} to every state, i.e. Re(C diag(lam^{t+1}) x_{-1}).
     """
     L = u.shape[1]
-    cx = working_complex(u)
+    cx = u.dtype.to_complex()
     B, C = B.to(cx), C.to(cx)
     initial_state = None if initial_state is None else initial_state.to(cx)
     K = powers(log_lam, L + (initial_state is not None), cx)
@@ -77,10 +72,10 @@ def modal_fft(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
 def modal_scan(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
                initial_state: Optional[Tensor] = None) -> Tensor:
     """Scan mode, same signature as :func:`modal_fft`."""
-    cx = working_complex(u)
+    cx = u.dtype.to_complex()
     if initial_state is not None:
         initial_state = initial_state.to(cx)
-    x = diagonal_scan(torch.exp(log_lam).to(cx), project_in(u, B.to(cx)), initial_state)
+    x = diagonal_scan(torch.exp(log_lam).to(cx), project_in(u, B), initial_state)
     return project_out(x, C)
 
 
@@ -88,9 +83,9 @@ def final_state(u: Tensor, log_lam: Tensor, B: Tensor, initial_state: Optional[T
     """x_{L-1} = sum_j lam^{L-1-j} B u_j (+ lam^L x_{-1}) without materialising every state.
     u: (Bsz, L, H) -> (Bsz, N) complex."""
     L = u.shape[1]
-    cx = working_complex(u)
+    cx = u.dtype.to_complex()
     K = powers(log_lam, L + 1, cx)
-    x = torch.einsum("bln,ln->bn", project_in(u, B.to(cx)), K[:L].flip(0))
+    x = torch.einsum("bln,ln->bn", project_in(u, B), K[:L].flip(0))
     if initial_state is not None:
         x = x + K[L] * initial_state.to(cx)
     return x
@@ -108,6 +103,24 @@ def channel_final_state(u: Tensor, log_lam: Tensor, B: Tensor, state: Tensor) ->
     return x + P[L] * state
 
 
+def channel_kernel(vdm: Callable[..., Tensor], v: Tensor, lam: Tensor, log_lam: Tensor, L: int,
+                   dtype: torch.dtype, C: Optional[Tensor] = None, state: Optional[Tensor] = None
+                   ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Kernel of H single-input diagonal systems through the Vandermonde backend ``vdm``
+    (2 Re(sum_n v lam^l), conjugate-pair convention), and given ``state`` x_{-1}, its zero-input
+    response 2 Re(sum_n C lam^{l+1} x_{-1}) (S4D's and LRUKernel's kernels).
+
+    v, C: (Ch, H, M), lam, log_lam: (H, M), complex128 (exponents formed in float64, see
+    :func:`powers`); state: (Bs, H, M). The Vandermonde products run in ``dtype`` (complex), the
+    results are its real counterpart: K (Ch, H, L) and K_state (Bs, Ch, H, L) or None."""
+    real = dtype.to_real()
+    K = vdm(v.to(dtype), log_lam.expand_as(v), L).to(real)
+    if state is None:
+        return K, None
+    vs = (C.unsqueeze(0) * (lam * state).unsqueeze(1)).to(dtype)                 # (Bs, Ch, H, M)
+    return K, vdm(vs, log_lam.expand_as(vs), L).to(real)
+
+
 def modal_auto(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
                initial_state: Optional[Tensor] = None) -> Tensor:
     """The faster mode on CPU: the chunked scan. Measured with benchmarks/bench_layers.py at
@@ -116,5 +129,5 @@ def modal_auto(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
     return modal_scan(u, log_lam, B, C, initial_state)
 
 
-__all__ = ["powers", "working_complex", "project_in", "project_out", "modal_fft", "modal_scan",
+__all__ = ["powers", "channel_kernel", "project_in", "project_out", "modal_fft", "modal_scan",
            "final_state", "channel_final_state", "modal_auto"]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding
-from lrnnx_zoo.modal import channel_final_state, final_state, modal_auto, modal_fft, modal_scan, powers
+from lrnnx_zoo.modal import channel_final_state, channel_kernel, final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, get_initializer
 from lrnnx_zoo.ssm_kernel import SSMKernel
 from lrnnx_zoo.step_forms import ChannelDiagonalStepForm, DiagonalStepForm
@@ -92,9 +92,10 @@ class LRU(LTI_LRNN):
                        B_complex: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Powers lam^l, l < L: (L, N), and the normalised input matrix gamma * B: (N, H)."""
         _, B_norm, _ = self.discretize()
+        B_out = B_norm if B_complex is None else B_complex
         if Lambda is None:
-            return powers(self.log_lambda(torch.complex128), L, B_norm.dtype), (B_norm if B_complex is None else B_complex)
-        return powers(torch.log(Lambda), L), B_norm if B_complex is None else B_complex
+            return powers(self.log_lambda(torch.complex128), L, B_norm.dtype), B_out
+        return powers(torch.log(Lambda), L), B_out
 
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None, initial_state: Optional[Tensor] = None) -> Tensor:
@@ -187,13 +188,8 @@ class LRUKernel(SSMKernel):
         (a float32 log lam moved the float32 kernel by 3e-6 relative at L=4096, against 2e-7) and
         the Vandermonde product runs in the parameters' precision."""
         log_lam, B, C = self.discretize(torch.complex128)
-        cx, real = self.state_dtype, self.nu_log.dtype
-        # vdm returns 2 Re(sum v lam^l) (conjugate-pair convention); the LRU reads Re(C x): halve v.
-        K = vdm((0.5 * C * B).to(cx), log_lam.expand_as(C), L).to(real)
-        if state is None:
-            return K, None
-        v = (0.5 * C.unsqueeze(0) * (torch.exp(log_lam) * state).unsqueeze(1)).to(cx)   # (B, C, H, N)
-        return K, vdm(v, log_lam.expand_as(v), L).to(real)
+        # vdm returns 2 Re(sum v lam^l) (conjugate-pair convention); the LRU reads Re(C x): halve C.
+        return channel_kernel(vdm, 0.5 * C * B, torch.exp(log_lam), log_lam, L, self.state_dtype, 0.5 * C, state)
 
     def default_state(self, *batch_shape: int) -> Tensor:
         return torch.zeros(*batch_shape, self.d_model, self.d_state, dtype=self.state_dtype,

@@ -23,7 +23,7 @@ from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding, needs_autograd
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, swap_time_and_channels
 from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vandermonde_torch
-from lrnnx_zoo.modal import channel_final_state
+from lrnnx_zoo.modal import channel_final_state, channel_kernel
 from lrnnx_zoo.discretization import get_discretization
 from lrnnx_zoo.registry import get_backend, get_initializer
 from lrnnx_zoo.ssm_kernel import SSMKernel
@@ -133,12 +133,7 @@ class S4DKernel(SSMKernel):
         kernel by 9e-6 relative at L=4096, against 2e-7) and the coefficients, so the Vandermonde
         product, in the parameters' precision."""
         A_bar, B_bar, C, log_A = self.discretize(rate, dtype=torch.complex128)
-        cx, real = self.state_dtype, self.log_dt.dtype
-        K = vdm((C * B_bar).to(cx), log_A.expand_as(C), L).to(real)
-        if state is None:
-            return K, None
-        v = (C.unsqueeze(0) * (A_bar * state).unsqueeze(1)).to(cx)              # (B, C, H, N/2)
-        return K, vdm(v, log_A.expand_as(v), L).to(real)
+        return channel_kernel(vdm, C * B_bar, A_bar, log_A, L, self.state_dtype, C, state)
 
     def default_state(self, *batch_shape: int) -> Tensor:
         return torch.zeros(*batch_shape, self.d_model, self.d_state // 2, dtype=self.state_dtype,
