@@ -59,7 +59,7 @@ def modal_fft(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
     An initial state x_{-1} adds lam^{t+1} x_{-1} to every state, i.e. Re(C diag(lam^{t+1}) x_{-1}).
     """
     L = u.shape[1]
-    cx = u.dtype.to_complex()
+    cx = torch.promote_types(u.dtype, torch.complex64)
     B, C = B.to(cx), C.to(cx)
     initial_state = None if initial_state is None else initial_state.to(cx)
     K = powers(log_lam, L + (initial_state is not None), cx)
@@ -72,7 +72,7 @@ def modal_fft(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
 def modal_scan(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
                initial_state: Optional[Tensor] = None) -> Tensor:
     """Scan mode, same signature as :func:`modal_fft`."""
-    cx = u.dtype.to_complex()
+    cx = torch.promote_types(u.dtype, torch.complex64)
     if initial_state is not None:
         initial_state = initial_state.to(cx)
     x = diagonal_scan(torch.exp(log_lam).to(cx), project_in(u, B), initial_state)
@@ -83,7 +83,7 @@ def final_state(u: Tensor, log_lam: Tensor, B: Tensor, initial_state: Optional[T
     """x_{L-1} = sum_j lam^{L-1-j} B u_j (+ lam^L x_{-1}) without materialising every state.
     u: (Bsz, L, H) -> (Bsz, N) complex."""
     L = u.shape[1]
-    cx = u.dtype.to_complex()
+    cx = torch.promote_types(u.dtype, torch.complex64)
     K = powers(log_lam, L + 1, cx)
     x = torch.einsum("bln,ln->bn", project_in(u, B), K[:L].flip(0))
     if initial_state is not None:
@@ -104,16 +104,16 @@ def channel_final_state(u: Tensor, log_lam: Tensor, B: Tensor, state: Tensor) ->
 
 
 def channel_kernel(vdm: Callable[..., Tensor], v: Tensor, lam: Tensor, log_lam: Tensor, L: int,
-                   dtype: torch.dtype, C: Optional[Tensor] = None, state: Optional[Tensor] = None
+                   real: torch.dtype, C: Optional[Tensor] = None, state: Optional[Tensor] = None
                    ) -> Tuple[Tensor, Optional[Tensor]]:
     """Kernel of H single-input diagonal systems through the Vandermonde backend ``vdm``
     (2 Re(sum_n v lam^l), conjugate-pair convention), and given ``state`` x_{-1}, its zero-input
     response 2 Re(sum_n C lam^{l+1} x_{-1}) (S4D's and LRUKernel's kernels).
 
     v, C: (Ch, H, M), lam, log_lam: (H, M), complex128 (exponents formed in float64, see
-    :func:`powers`); state: (Bs, H, M). The Vandermonde products run in ``dtype`` (complex), the
-    results are its real counterpart: K (Ch, H, L) and K_state (Bs, Ch, H, L) or None."""
-    real = dtype.to_real()
+    :func:`powers`); state: (Bs, H, M). The Vandermonde products run in the complex dtype of
+    ``real``'s precision, the results are ``real``: K (Ch, H, L) and K_state (Bs, Ch, H, L) or None."""
+    dtype = torch.promote_types(real, torch.complex64)      # (dtype.to_complex() stops torch.compile)
     K = vdm(v.to(dtype), log_lam.expand_as(v), L).to(real)
     if state is None:
         return K, None

@@ -189,7 +189,7 @@ class LRUKernel(SSMKernel):
         the Vandermonde product runs in the parameters' precision."""
         log_lam, B, C = self.discretize(torch.complex128)
         # vdm returns 2 Re(sum v lam^l) (conjugate-pair convention); the LRU reads Re(C x): halve C.
-        return channel_kernel(vdm, 0.5 * C * B, torch.exp(log_lam), log_lam, L, self.state_dtype, 0.5 * C, state)
+        return channel_kernel(vdm, 0.5 * C * B, torch.exp(log_lam), log_lam, L, self.nu_log.dtype, 0.5 * C, state)
 
     def default_state(self, *batch_shape: int) -> Tensor:
         return torch.zeros(*batch_shape, self.d_model, self.d_state, dtype=self.state_dtype,

@@ -133,7 +133,7 @@ class S4DKernel(SSMKernel):
         kernel by 9e-6 relative at L=4096, against 2e-7) and the coefficients, so the Vandermonde
         product, in the parameters' precision."""
         A_bar, B_bar, C, log_A = self.discretize(rate, dtype=torch.complex128)
-        return channel_kernel(vdm, C * B_bar, A_bar, log_A, L, self.state_dtype, C, state)
+        return channel_kernel(vdm, C * B_bar, A_bar, log_A, L, self.log_dt.dtype, C, state)
 
     def default_state(self, *batch_shape: int) -> Tensor:
         return torch.zeros(*batch_shape, self.d_model, self.d_state // 2, dtype=self.state_dtype,
