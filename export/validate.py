@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lrnnx_zoo.base import HALF_DTYPES, reference_tensor
+
 DEFAULT_LENGTH = 256
 DEFAULT_BATCH = 2
 DEFAULT_SEED = 0
@@ -181,12 +183,8 @@ def validate_stream(stream: StreamFn, model: nn.Module, x: Optional[Tensor] = No
 
 def _forward(model: nn.Module, xs: Tensor) -> np.ndarray:
     """model(xs) on the model's own device and dtype, as float64 numpy."""
-    ref = next(iter(model.parameters()), torch.empty(0))
+    ref = reference_tensor(model)
     return model(xs.to(ref.device, ref.dtype)).double().cpu().numpy()
-
-
-#: Dtypes the CPU layers do not compute in (no half-precision FFT or complex32 on the CPU).
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def runnable_copy(model: nn.Module) -> nn.Module:
@@ -194,8 +192,8 @@ def runnable_copy(model: nn.Module) -> nn.Module:
     dtype, except that a half-precision (float16 / bfloat16) model on the CPU is converted to
     float32, the precision its step graph computes in (the CPU layers refuse half precision)."""
     copied = copy.deepcopy(model).eval()
-    ref = next(iter(copied.parameters()), None)
-    if ref is not None and ref.dtype in HALF_DTYPES and ref.device.type == "cpu":
+    ref = reference_tensor(copied)
+    if ref.dtype in HALF_DTYPES and ref.device.type == "cpu":
         copied = copied.float()
     return copied
 

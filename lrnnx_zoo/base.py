@@ -80,6 +80,10 @@ class LRNN(nn.Module):
         return mask_padding(x, lengths)
 
 
+#: Half precision: no FFT of it on the CPU (bfloat16 on no device), no complex32 arithmetic.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def float32_under_autocast(x: Tensor) -> Tensor:
     """x in float32 if it is half precision inside a ``torch.autocast`` region, else x unchanged.
 
@@ -89,7 +93,7 @@ def float32_under_autocast(x: Tensor) -> Tensor:
     are no half-precision FFTs on the CPU, bfloat16 FFTs nowhere, float16 cuFFT takes power-of-two lengths only, and a kernel with
     |lambda| near 1 in half precision loses its tail. The output is float32; the next nn.Linear
     casts back. Outside autocast a half input is the caller's choice and is checked as given."""
-    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+    if x.dtype in HALF_DTYPES and torch.is_autocast_enabled(x.device.type):
         return x.float()
     return x
 
@@ -102,7 +106,7 @@ def check_floating(x: Tensor, who: str, autocast_hint: bool = True) -> None:
     accepts half-precision input under autocast: forward, not step)."""
     if not x.is_floating_point():
         raise TypeError(f"{who} expects a floating-point input (e.g. torch.float32), got {x.dtype}")
-    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
+    if x.dtype in HALF_DTYPES and x.device.type == "cpu":
         way_out = (f", or run under torch.autocast('cpu', dtype={x.dtype}), where the layers take "
                    f"half-precision activations and compute in float32") if autocast_hint else ""
         raise TypeError(f"{who} on the CPU computes in float32 or float64, got {x.dtype}: convert the "
@@ -140,7 +144,7 @@ def mask_padding(y: Tensor, lengths: Optional[Tensor], time_dim: int = 1) -> Ten
     return torch.where(keep.reshape(keep.shape + (1,) * (y.dim() - keep.dim())), y, 0.0)
 
 
-def _reference_tensor(module: nn.Module) -> Tensor:
+def reference_tensor(module: nn.Module) -> Tensor:
     """The tensor whose device and dtype a module's recurrent state follows: its first floating
     (or complex) parameter, else its first such buffer (a layer with fixed, non-trained
     coefficients keeps them in buffers), else an empty float tensor on the CPU."""
@@ -189,7 +193,7 @@ class LTI_LRNN(LRNN):
         parameters, its buffers'): a float64 layer steps in float64, its form rounded from the
         float64 discretisation once. The device is theirs too.
         """
-        ref = _reference_tensor(self)
+        ref = reference_tensor(self)
         dtype = dtype or ref.real.dtype          # a complex coefficient's real counterpart
         with step_form_dtype(dtype):
             form = self.step_form()
