@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from lrnnx_zoo.hub import loadable_source
 
@@ -19,9 +19,9 @@ def _front_matter(config: Dict[str, Any]) -> str:
     return "\n".join(lines + ["---", ""])
 
 
-def _batch(config: Dict[str, Any]) -> int:
-    """The batch the card's snippets use: the graph's fixed batch, else 1."""
-    return config["batch"] if isinstance(config.get("batch"), int) else 1
+def _fixed_batch(config: Dict[str, Any]) -> Optional[int]:
+    """The graph's fixed batch size, or None for a dynamic batch (config records "dynamic")."""
+    return config["batch"] if isinstance(config.get("batch"), int) else None
 
 
 def _made_with(config: Dict[str, Any]) -> str:
@@ -31,15 +31,15 @@ def _made_with(config: Dict[str, Any]) -> str:
     args = [repr(loadable_source(src) or "<your checkpoint>"), "'out'", f"format={config['format']!r}"]
     if src.get("repo_id") and (src.get("commit") or src.get("revision")):
         args.append(f"revision={(src.get('commit') or src.get('revision'))!r}")
-    if isinstance(config.get("batch"), int):
-        args.append(f"batch={config['batch']}")
+    if _fixed_batch(config):
+        args.append(f"batch={_fixed_batch(config)}")
     if config.get("quantization"):
         args.append("quantize='int8'")
     return f"export_folder({', '.join(args)})"
 
 
 def _run_section(config: Dict[str, Any]) -> List[str]:
-    fmt, d_in, b = config["format"], config["d_input"], _batch(config)
+    fmt, d_in, b = config["format"], config["d_input"], _fixed_batch(config) or 1   # the snippets' batch
     if fmt == "onnx":
         return [
             "## Run it", "",
@@ -68,7 +68,7 @@ def build_card(config: Dict[str, Any]) -> str:
     """Markdown with YAML front matter for an export folder's config (see folder._config)."""
     fmt, v, lat, q = config["format"], config.get("validation"), config.get("latency"), config.get("quantization")
     pooling = config.get("pooling")
-    bdim = config["batch"] if isinstance(config.get("batch"), int) else "batch"
+    bdim = _fixed_batch(config) or "batch"
     out = [_front_matter(config), f"# {config['family']} step graph ({fmt})", "",
            f"A recurrent step graph exported by lrnnx-zoo {config['library_version']} from `{config['source']}`: "
            f"one call advances every layer by one time step,",
