@@ -82,8 +82,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
     #: Recompute in float64 the (channel, node) entries whose float32 Woodbury step cancels
     #: (generating.REFINE_AMPLIFICATION): Fourier-measure kernels go from ~1e-4 to ~2e-6 relative
     #: error, and float32 gradients from up to 8e-4 to ~5e-5 (log_dt); the check and the refinement
-    #: take 2.7 ms (LegS) / 5.2 ms (Fourier) of a 31 / 36 ms generation at H=256, N=64, L=4096
-    #: (2-3.5% of its forward+backward); set False on an instance to keep float32 throughout.
+    #: add 1.7 ms (LegS) / 6.5 ms (Fourier) to a 34.6 / 34.1 ms generation at H=256, N=64, L=4096
+    #: (2-4% of its forward+backward); set False on an instance to keep float32 throughout.
     refine_ill_conditioned: bool = True
 
     def __init__(self, L: Optional[int], w: Tensor, P: Tensor, B: Tensor, C: Tensor, log_dt: Tensor,
