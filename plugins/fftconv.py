@@ -65,8 +65,8 @@ def flip_within_lengths(u: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
 def pack_state(form: StepForm, state: Tensor, kernel: Optional[SSMKernel] = None) -> Tensor:
     """The kernel's state (B, H, S) as the step form's real state (B, state_size).
 
-    - :class:`ChannelDiagonalStepForm`: [Re x (H*S), Im x (H*S)], x: (B, H, S) complex (or real,
-      for a real diagonal system: zero imaginary parts);
+    - :class:`ChannelDiagonalStepForm`: its :meth:`~ChannelDiagonalStepForm.pack` of x: (B, H, S)
+      complex (or real, for a real diagonal system: zero imaginary parts);
     - :class:`ChannelDenseStepForm`: channel by channel, [Re x[h], Im x[h]] for a complex state
       (n = 2S per channel) or x[h] for a real one (n = S).
     A kernel with another layout provides ``pack_state(state)`` / ``unpack_state(s)`` itself.
@@ -76,9 +76,7 @@ def pack_state(form: StepForm, state: Tensor, kernel: Optional[SSMKernel] = None
     form = form.form if isinstance(form, _SkipStepForm) else form
     B = state.shape[0]
     if isinstance(form, ChannelDiagonalStepForm):
-        if not state.is_complex():      # a real diagonal system: a state with zero imaginary parts
-            return torch.cat([state.reshape(B, -1), torch.zeros_like(state).reshape(B, -1)], 1).to(form.lam_re.dtype)
-        return torch.cat([state.real.reshape(B, -1), state.imag.reshape(B, -1)], 1).to(form.lam_re.dtype)
+        return form.pack(state).to(form.lam_re.dtype)
     if isinstance(form, ChannelDenseStepForm):
         if state.is_complex():
             return torch.cat([state.real, state.imag], -1).reshape(B, -1).to(form.A.dtype)
@@ -95,10 +93,8 @@ def unpack_state(form: StepForm, s: Tensor, like: Tensor, kernel: Optional[SSMKe
     form = form.form if isinstance(form, _SkipStepForm) else form
     B = s.shape[0]
     if isinstance(form, ChannelDiagonalStepForm):
-        half = s.shape[1] // 2
-        if not like.is_complex():       # real system: the imaginary half stays zero
-            return s[:, :half].reshape(like.shape).to(like.dtype)
-        return torch.complex(s[:, :half], s[:, half:]).reshape(like.shape).to(like.dtype)
+        x = form.unpack(s, form.H)
+        return (x if like.is_complex() else x.real).reshape(like.shape).to(like.dtype)  # real: Im stays 0
     if isinstance(form, ChannelDenseStepForm):
         if like.is_complex():
             x = s.reshape(B, form.H, 2, -1)

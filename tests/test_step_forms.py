@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrnnx_zoo.step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm, DiagonalStepForm
+from lrnnx_zoo.step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm, DiagonalStepForm, step_form_dtype
 
 C128 = torch.complex128
 
@@ -70,6 +70,26 @@ def test_channel_forms_match_per_channel_recurrences():
     close(run(ChannelDiagonalStepForm(lam, B, C, D), u), ref)
     A = torch.diag_embed(lam)                               # the same systems as dense matrices
     close(run(ChannelDenseStepForm(A, B, C, D), u), ref)
+
+
+def test_channel_diagonal_pack_is_the_state_layout():
+    # pack/unpack are what FFTConv's and S4's state passing rely on: a packed complex state x,
+    # stepped once, must unpack to lam x + B u, and pack/unpack must be inverse.
+    torch.manual_seed(3)
+    H, N, Bsz = 3, 5, 2
+    lam, B, C = 0.9 * torch.exp(1j * torch.rand(H, N, dtype=torch.float64)), rand_c(H, N), rand_c(1, H, N)
+    with step_form_dtype(torch.float64):
+        form = ChannelDiagonalStepForm(lam, B, C)
+    x, u = rand_c(Bsz, H, N), torch.randn(Bsz, H, dtype=torch.float64)
+    s = ChannelDiagonalStepForm.pack(x)
+    assert s.shape == (Bsz, form.state_size)
+    assert torch.equal(ChannelDiagonalStepForm.unpack(s, H), x)
+    y, s_next = form(u, s)
+    x_next = lam * x + B * u[..., None]
+    torch.testing.assert_close(ChannelDiagonalStepForm.unpack(s_next, H), x_next, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, (C[0] * x_next).sum(-1).real, rtol=1e-12, atol=1e-12)
+    real = torch.randn(Bsz, H, N, dtype=torch.float64)             # a real system's state: Im = 0
+    assert torch.equal(ChannelDiagonalStepForm.unpack(ChannelDiagonalStepForm.pack(real), H).real, real)
 
 
 def test_channel_diagonal_form_takes_a_real_system():

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from lrnnx_zoo.step_forms import ChannelDPLRStepForm, StepForm, step_form_dtype
+from lrnnx_zoo.step_forms import ChannelDiagonalStepForm, ChannelDPLRStepForm, StepForm, step_form_dtype
 
 from . import dense
 from .step import DiagonalAccuracyError, dense_form, diagonal_form, linear_form
@@ -111,10 +111,8 @@ class StepModes:
                                f"parameters: call setup_step({self._step_mode!r}) again after a dtype change")
         Bsz = u.shape[0]
         if self._step_mode == "diagonal":
-            s = torch.cat([state.real.reshape(Bsz, -1), state.imag.reshape(Bsz, -1)], dim=1)
-            y, s = self._stepper(u, s.to(u.dtype))
-            half = s.shape[1] // 2
-            nxt = torch.complex(s[:, :half], s[:, half:]).reshape(state.shape)
+            y, s = self._stepper(u, ChannelDiagonalStepForm.pack(state).to(u.dtype))
+            nxt = ChannelDiagonalStepForm.unpack(s, self.d_model).reshape(state.shape)
         else:
             y, s = self._stepper(u, dense.to_real(state).reshape(Bsz, -1).to(u.dtype))
             nxt = dense.from_real(s.reshape(Bsz, self.d_model, self.d_state))
@@ -127,14 +125,14 @@ class StepModes:
         if self._basis is None:                                               # dense / linear: [h][Re x, Im x]
             return r.reshape(Bsz, -1).to(self._real_dtype)
         z = torch.linalg.solve(self._basis, r.to(self._basis.dtype).unsqueeze(-1)).squeeze(-1)   # V^{-1} r
-        return torch.cat([z.real.reshape(Bsz, -1), z.imag.reshape(Bsz, -1)], 1).to(self._real_dtype)
+        return ChannelDiagonalStepForm.pack(z).to(self._real_dtype)
 
     def unpack_state(self, s: Tensor) -> Tensor:
         """Inverse of :meth:`pack_state`: (B, state_size) -> (B, H, N/2) (:attr:`state_dtype`)."""
         Bsz, H, N = s.shape[0], self.d_model, self.d_state
         if self._basis is None:
             return dense.from_real(s.reshape(Bsz, H, N)).to(self.state_dtype)
-        z = torch.complex(s[:, :H * N], s[:, H * N:]).reshape(Bsz, H, N).to(self._basis.dtype)
+        z = ChannelDiagonalStepForm.unpack(s, H).to(self._basis.dtype)
         r = (self._basis @ z.unsqueeze(-1)).squeeze(-1).real
         return dense.from_real(r).to(self.state_dtype)
 
