@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from lrnnx_zoo.step_forms import ChannelDiagonalStepForm, ChannelDPLRStepForm, StepForm, step_form_dtype
+from lrnnx_zoo.step_forms import StepForm, pack_modes, step_form_dtype, unpack_modes
 
 from . import dense
 from .step import DiagonalAccuracyError, dense_form, diagonal_form, linear_form
@@ -35,6 +35,7 @@ class StepModes:
     _step_mode: Optional[str] = None
     _stepper: Optional[StepForm] = None  # kept out of the module tree (not in state_dict); _apply moves it
     _basis: Optional[Tensor] = None      # eigenvectors V (H, N, N) of the last diagonal form built
+    _built: Optional[str] = None         # the mode of the last form built (its state layout)
 
     @torch.no_grad()
     def step_form(self, mode: str = "auto", D: Optional[Tensor] = None, tol: Optional[float] = None) -> StepForm:
@@ -50,13 +51,15 @@ class StepModes:
         if mode == "linear" and self.discretization != "bilinear":
             raise ValueError("the linear (DPLR) step is the bilinear step; with zoh use mode='dense' or 'diagonal'")
         C = self.output_matrix()
-        self._basis = None
+        self._basis, self._built = None, None
         if mode == "linear":
             w, P, B, _, dt = self.continuous(double=True)
+            self._built = "linear"
             return linear_form(w, P, B, C, dt, D)
         A_bar, b_bar = self.dense_system()
         c = dense.output_row(C)
         if mode == "dense":
+            self._built = "dense"
             return dense_form(A_bar, b_bar, c, D)
         try:
             limit = (1e-4 if mode == "diagonal" else 5e-5) if tol is None else tol
@@ -65,7 +68,7 @@ class StepModes:
             if mode == "diagonal":
                 raise
             return self.step_form("linear" if self.discretization == "bilinear" else "dense", D)
-        self._basis = V
+        self._basis, self._built = V, "diagonal"
         return form
 
     def _apply(self, fn, recurse=True):
@@ -89,10 +92,7 @@ class StepModes:
         with step_form_dtype(self._real_dtype):
             form = self.step_form(mode, tol=tol)
         object.__setattr__(self, "_stepper", form)
-        if mode == "auto":      # the state layout follows the form "auto" chose, not the request
-            mode = "diagonal" if self._basis is not None else (
-                "linear" if isinstance(form, ChannelDPLRStepForm) else "dense")
-        self._step_mode = mode
+        self._step_mode = self._built     # with "auto", the state layout follows the form chosen
 
     def default_state(self, *batch_shape: int) -> Tensor:
         """Zero state (*batch_shape, H, N/2) complex (NPLR basis, x_{-1}); after
@@ -110,29 +110,33 @@ class StepModes:
             raise RuntimeError(f"the step form was built in {built} and the kernel now holds {self._real_dtype} "
                                f"parameters: call setup_step({self._step_mode!r}) again after a dtype change")
         Bsz = u.shape[0]
-        if self._step_mode == "diagonal":
-            y, s = self._stepper(u, ChannelDiagonalStepForm.pack(state).to(u.dtype))
-            nxt = ChannelDiagonalStepForm.unpack(s, self.d_model).reshape(state.shape)
-        else:
+        if self._step_mode == "dense":
             y, s = self._stepper(u, dense.to_real(state).reshape(Bsz, -1).to(u.dtype))
             nxt = dense.from_real(s.reshape(Bsz, self.d_model, self.d_state))
+        else:                   # linear: x, diagonal: eigen-coordinates, both in the modal layout
+            y, s = self._stepper(u, pack_modes(state).to(u.dtype))
+            nxt = unpack_modes(s, self.d_model).reshape(state.shape)
         return y.reshape(Bsz, self.channels, self.d_model), nxt
 
     def pack_state(self, state: Tensor) -> Tensor:
         """Kernel state (B, H, N/2) -> real state (B, state_size) of the step form built last."""
         Bsz = state.shape[0]
+        if self._built == "linear":                                           # [Re x; Im x], channels last
+            return pack_modes(state).to(self._real_dtype)
         r = dense.to_real(state)                                              # (B, H, N)
-        if self._basis is None:                                               # dense / linear: [h][Re x, Im x]
+        if self._basis is None:                                               # dense: [h][Re x, Im x]
             return r.reshape(Bsz, -1).to(self._real_dtype)
         z = torch.linalg.solve(self._basis, r.to(self._basis.dtype).unsqueeze(-1)).squeeze(-1)   # V^{-1} r
-        return ChannelDiagonalStepForm.pack(z).to(self._real_dtype)
+        return pack_modes(z).to(self._real_dtype)
 
     def unpack_state(self, s: Tensor) -> Tensor:
         """Inverse of :meth:`pack_state`: (B, state_size) -> (B, H, N/2) (:attr:`state_dtype`)."""
         Bsz, H, N = s.shape[0], self.d_model, self.d_state
+        if self._built == "linear":
+            return unpack_modes(s, H).to(self.state_dtype)
         if self._basis is None:
             return dense.from_real(s.reshape(Bsz, H, N)).to(self.state_dtype)
-        z = ChannelDiagonalStepForm.unpack(s, H).to(self._basis.dtype)
+        z = unpack_modes(s, H).to(self._basis.dtype)
         r = (self._basis @ z.unsqueeze(-1)).squeeze(-1).real
         return dense.from_real(r).to(self.state_dtype)
 
