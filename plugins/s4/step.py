@@ -13,8 +13,9 @@ real :class:`~lrnnx_zoo.step_forms.StepForm` modules (ONNX has no complex dtype)
             HiPPO matrices is exponentially ill-conditioned (LegS: cond(V) ~ 1e15 at N=64), so the
             builder predicts the float32 error and refuses above a tolerance.
 
-State layouts (per batch row): dense and linear ``[h][Re x_h (M), Im x_h (M)]`` (H*N floats);
-diagonal ``[Re z (H*N), Im z (H*N)]`` with z = V^{-1} r the eigen-coordinates.
+State layouts (per batch row): dense ``[h][Re x_h (M), Im x_h (M)]`` (H*N floats); linear and
+diagonal the channels-last modal layout of ``step_forms.pack_modes``, of x (linear) or of
+z = V^{-1} r, the eigen-coordinates (diagonal).
 """
 
 from __future__ import annotations
