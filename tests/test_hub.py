@@ -580,7 +580,7 @@ def test_metrics_of_numpy_tensors_and_non_finite_values_are_plain_json(tmp_path)
 def test_cli_backends_unknown_kind_lists_known_kinds(capsys):
     assert cli_main(["backends", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "unknown kind 'nope'" in err and "cauchy" in err and "vandermonde" in err
+    assert "unknown backend kind 'nope'" in err and "cauchy" in err and "vandermonde" in err
 
 
 @pytest.mark.parametrize("argv, message", [
