@@ -187,7 +187,9 @@ class OnnxStreamer:
         with self._lock:
             if x.shape[0] != self.batch and self._fresh:
                 self.reset(x.shape[0])
-            self._check_x(x[:, 0] if x.shape[1] else np.zeros((x.shape[0], self.d_input), np.float32))
+            if x.shape[0] != self.batch:    # mid-stream: the state holds self.batch sequences
+                raise ValueError(f"x must have shape (batch={self.batch}, length, d_input={self.d_input}), "
+                                 f"got {x.shape}; call reset(batch={x.shape[0]}) to change the batch")
             out = np.empty((self.batch, x.shape[1], self.d_output), np.float32)
             for t in range(x.shape[1]):
                 np.copyto(self._x, x[:, t], casting="same_kind")

@@ -53,12 +53,11 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
-    from .registry import list_backends
-    backends = list_backends(args.kind)
-    if args.kind is not None and not backends:
-        kinds = sorted({b.split(".", 1)[0] for b in list_backends()})
-        print(f"lrnnx-zoo backends: unknown kind {args.kind!r}; known kinds: {', '.join(kinds) or 'none'}",
-              file=sys.stderr)
+    from .registry import RegistryError, list_backends
+    try:
+        backends = list_backends(args.kind)
+    except RegistryError as exc:
+        print(f"lrnnx-zoo backends: {exc}", file=sys.stderr)
         return 2
     for b in backends:
         print(b)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from . import from_pretrained, list_models
 from .runtime import tune_allocator
 from .training import checkpoint_data, evaluate, score
+from .training_cli import positive_int
 
 DEFAULT = "forecast-sunspots-s4d"
 
@@ -84,14 +86,25 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoints", nargs="*", default=[DEFAULT],
                     help=f"shipped names, folders or Hub ids (default {DEFAULT}; 'all' for every shipped one)")
     ap.add_argument("--out", type=Path, default=None, help="where to write the .onnx files (default: a temp dir)")
-    ap.add_argument("--steps", type=int, default=2000, help="steps timed for the latency figure")
+    ap.add_argument("--steps", type=positive_int, default=2000, help="steps timed for the latency figure")
     args = ap.parse_args(argv)
     tune_allocator()
     names = list_models() if args.checkpoints == ["all"] else args.checkpoints
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        return max(run(name, out, args.steps) for name in names)
+        return max(_run_or_report(name, out, args.steps) for name in names)
+
+
+def _run_or_report(name: str, out_dir: Path, steps: int) -> int:
+    """run(), with the user's mistakes (an unknown name, a checkpoint with no recorded data split,
+    a model that cannot stream) reported in one line: CheckpointError and ExportError are
+    ValueErrors, as is checkpoint_data's refusal. The other checkpoints still run."""
+    try:
+        return run(name, out_dir, steps)
+    except ValueError as exc:
+        print(f"error: {name}: {exc}\n", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

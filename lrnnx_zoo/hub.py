@@ -184,7 +184,8 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
         raise CheckpointError(f"Hub repo {repo_id!r} has no revision {revision!r}; pass a branch, tag or "
                               "commit id that exists (revision=None for main)") from exc
     except LocalEntryNotFoundError as exc:
-        where = f"{repo_id!r} at revision {revision or 'main'} is not in the Hub cache"
+        where = (f"{repo_id!r} is not a local folder or a shipped model ({', '.join(shipped) or 'none'}), and at "
+                 f"revision {revision or 'main'} is not in the Hub cache")   # it may be a typo, not a Hub id
         if local_files_only or constants.HF_HUB_OFFLINE:
             why = "local_files_only=True" if local_files_only else "offline mode (HF_HUB_OFFLINE)"
             raise CheckpointError(f"{where} and {why} forbids downloading it; download it once online, or pass "

@@ -167,13 +167,22 @@ class Registry:
         return entries[0].value
 
     def names(self, table: str, **filters: Optional[str]) -> List[str]:
+        """Registered names of ``table``; a filter naming no registered layer / backend kind is
+        refused (a typo would otherwise read as "nothing registered")."""
         if table == "layers":
             return sorted(self._layers)
         if table == "initializers":
             layer = filters.get("layer")
-            return sorted(f"{l}.{n}" for (l, n) in self._initializers if layer in (None, l))
+            found = sorted(f"{l}.{n}" for (l, n) in self._initializers if layer in (None, l))
+            if layer is not None and not found and layer not in self._layers:
+                raise RegistryError(f"unknown layer {layer!r}; available: {', '.join(sorted(self._layers)) or 'none'}")
+            return found
         kind = filters.get("kind")
-        return sorted(f"{k}.{n}" for (k, n) in self._backends if kind in (None, k))
+        found = sorted(f"{k}.{n}" for (k, n) in self._backends if kind in (None, k))
+        if kind is not None and not found:
+            kinds = sorted({k for k, _ in self._backends})
+            raise RegistryError(f"unknown backend kind {kind!r}; available: {', '.join(kinds) or 'none'}")
+        return found
 
     # -- loading -----------------------------------------------------------------------------
     def load_plugin(self, plugin: Any, info: PluginInfo, pm: pluggy.PluginManager) -> None:
@@ -358,12 +367,12 @@ def list_layers() -> List[str]:
 
 
 def list_initializers(layer: Optional[str] = None) -> List[str]:
-    """Registered initializers as "layer.name", optionally for one layer."""
+    """Registered initializers as "layer.name", optionally for one layer (RegistryError if unknown)."""
     return get_registry().names("initializers", layer=layer)
 
 
 def list_backends(kind: Optional[str] = None) -> List[str]:
-    """Registered kernel backends as "kind.name", optionally of one kind."""
+    """Registered kernel backends as "kind.name", optionally of one kind (RegistryError if unknown)."""
     return get_registry().names("backends", kind=kind)
 
 

@@ -168,6 +168,7 @@ class S4D(LTI_LRNN):
         if discretization not in ("zoh", "bilinear"):
             raise ValueError(f"S4D supports discretization 'zoh' or 'bilinear', got {discretization!r}")
         super().__init__(discretization)
+        check_sizes("S4D", d_model=d_model, d_state=d_state)   # name the layer, not its S4DKernel
         self.d_model, self.d_state = d_model, d_state
         self.kernel = S4DKernel(d_model, d_state, 1, init, discretization, dt_min, dt_max, backend)
         self.D = nn.Parameter(torch.randn(d_model))

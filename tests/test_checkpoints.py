@@ -76,3 +76,20 @@ def test_main_job_runs_end_to_end(capsys):
     assert main(["forecast-sunspots-s4d", "--steps", "50"]) == 0
     out = capsys.readouterr().out
     assert "parity" in out and "us/step ONNX Runtime" in out and "result     : OK" in out
+
+
+def test_main_job_reports_a_users_mistake_without_a_traceback(tmp_path, capsys):
+    # A mistyped path, or a checkpoint of the user's own that records no evaluation split, used to
+    # end the demo in a traceback; it is an error line naming the checkpoint, and the others still run.
+    from lrnnx_zoo import ModelConfig, SequenceModel
+    from lrnnx_zoo.demo import main
+    SequenceModel(ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=4, n_layers=1,
+                              layer_kwargs={"d_state": 2})).save_pretrained(tmp_path / "mine")
+    missing = str(tmp_path / "no-such-folder")
+    assert main([missing, str(tmp_path / "mine")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {missing}: no checkpoint" in err
+    assert "records no data spec" in err
+    with pytest.raises(SystemExit):
+        main(["--steps", "0"])           # the latency median of zero steps is undefined
+    assert "--steps: expected a positive integer, got 0" in capsys.readouterr().err

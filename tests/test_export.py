@@ -489,6 +489,17 @@ def test_streamer_is_safe_across_threads_and_keeps_a_restored_state(family):
         r.run(np.zeros((1, 5, 3), np.float32))
 
 
+
+def test_streamer_run_describes_the_chunk_it_was_given(tmp_path):
+    # run() with another batch mid-stream described its first step instead: "x_t must have shape
+    # (batch=1, d_input=3), got (2, 3)" for a (2, 5, 3) chunk.
+    s = OnnxStreamer(to_onnx(small_model("s4d"), tmp_path / "m.onnx").path)
+    s.reset(1)
+    s.step(np.zeros((1, 3), np.float32))
+    with pytest.raises(ValueError, match=r"x must have shape \(batch=1, length, d_input=3\), got \(2, 5, 3\); "
+                                         r"call reset\(batch=2\)"):
+        s.run(np.zeros((2, 5, 3), np.float32))
+
 def test_export_card_snippets_are_runnable(tmp_path):
     # The card's "how it was made" line names something from_pretrained loads; a fixed-batch
     # folder's snippets use its batch.

@@ -135,6 +135,9 @@ def test_s4d_dt_range_and_errors():
         lrnnx_zoo.create_layer("s4d", 4, d_state=5)
     with pytest.raises(ValueError, match="'zoh' or 'bilinear'"):
         lrnnx_zoo.create_layer("s4d", 4, d_state=4, discretization="dirac")
+    # A bad size is reported by the layer the user built, not by its internal S4DKernel.
+    with pytest.raises(ValueError, match=r"^S4D needs d_model to be an integer >= 1, got 0"):
+        lrnnx_zoo.create_layer("s4d", 0)
 
 
 def test_s4d_float32_kernel_has_exact_exponents():

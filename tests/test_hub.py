@@ -99,6 +99,15 @@ def _files(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
+
+def test_offline_miss_of_a_mistyped_name_lists_the_shipped_models(tmp_path):
+    # Offline, a typo of a shipped name only said it was not in the Hub cache, as if it were a
+    # Hub repo the user had forgotten to download.
+    with pytest.raises(CheckpointError, match=r"'digits-s4dd' is not a local folder or a shipped model "
+                                              r"\(digits-fftconv, .*digits-s4d.*\), and at revision main is not in "
+                                              r"the Hub cache and local_files_only=True forbids"):
+        from_pretrained("digits-s4dd", local_files_only=True, cache_dir=tmp_path)
+
 def test_hub_download_revisions_offline_and_cache(local_hub, tmp_path):
     v1, v2 = tiny("s4d", seed=1), tiny("s4d", seed=2)
     old = local_hub.commit("acme/tiny-s4d", _files(v1.save_pretrained(tmp_path / "v1")), message="v1")
@@ -580,7 +589,7 @@ def test_metrics_of_numpy_tensors_and_non_finite_values_are_plain_json(tmp_path)
 def test_cli_backends_unknown_kind_lists_known_kinds(capsys):
     assert cli_main(["backends", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "unknown kind 'nope'" in err and "cauchy" in err and "vandermonde" in err
+    assert "unknown backend kind 'nope'" in err and "cauchy" in err and "vandermonde" in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -103,6 +103,17 @@ def test_unknown_names_list_what_exists():
         lrnnx_zoo.create_layer("lru", 8, bogus=1)
 
 
+
+def test_listing_filters_refuse_unknown_names():
+    # A typo in the filter used to return [] silently, as if the layer had no initializers.
+    with pytest.raises(RegistryError, match=r"unknown layer 's4dd'; available: .*lru.*s4d"):
+        lrnnx_zoo.list_initializers("s4dd")
+    with pytest.raises(RegistryError, match=r"unknown backend kind 'vandermond'; available: .*cauchy.*vandermonde"):
+        lrnnx_zoo.list_backends("vandermond")
+    assert lrnnx_zoo.list_initializers("fftconv") == []          # registered, with no initializers
+    assert "s4d.legs" in lrnnx_zoo.list_initializers("s4d")
+    assert lrnnx_zoo.list_backends("cauchy") == ["cauchy.auto", "cauchy.keops", "cauchy.torch"]
+
 def test_register_plugin_in_code_and_unregister():
     import types
     src = GOOD_PLUGIN.replace("{layer_name}", "ema_inline")
