@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load")
     sub.add_parser("layers", help="registered layers and who registered them")
     p = sub.add_parser("backends", help="registered kernel backends")
-    p.add_argument("kind", nargs="?", default=None)
+    p.add_argument("kind", nargs="?", default=None,
+                   help="list only backends of this kind (the built-in kinds: vandermonde, cauchy, modal, ssm_kernel)")
     COMMANDS.update(plugins=_cmd_plugins, layers=_cmd_layers, backends=_cmd_backends)
     for name in SUBCOMMAND_MODULES:
         try:
