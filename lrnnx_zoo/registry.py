@@ -153,6 +153,10 @@ class Registry:
         entries = table.get(key, [])
         if plugin:
             entries = [e for e in entries if e.plugin == plugin]
+        if not entries and plugin and table.get(key):   # the name exists, under another plugin's name
+            owners = [e.plugin for e in table[key]]
+            raise RegistryError(f"{what} {bare!r} is registered by {', '.join(owners)}, not by a plugin named "
+                                f"{plugin!r}; ask for '{owners[0]}:{bare}' (or {bare!r} while one plugin has it)")
         if not entries:
             failed = [p.name for p in self.plugins.values() if p.error]
             hint = f" Plugins that failed to load: {', '.join(failed)} (see `lrnnx-zoo plugins`)." if failed else ""

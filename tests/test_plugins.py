@@ -101,7 +101,10 @@ def test_unknown_names_list_what_exists():
         lrnnx_zoo.create_layer("s4d", 8, d_state=4, backend="cuda")
     with pytest.raises(TypeError, match="takes"):
         lrnnx_zoo.create_layer("lru", 8, bogus=1)
-
+    # a plugin prefix that is not the registering plugin's name: say whose it is
+    with pytest.raises(RegistryError, match=r"'lru' is registered by lru, not by a plugin named 'ema'; ask for 'lru:lru'"):
+        lrnnx_zoo.create_layer("ema:lru", 8)
+    assert isinstance(lrnnx_zoo.create_layer("lru:lru", 8, d_state=4), torch.nn.Module)
 
 
 def test_listing_filters_refuse_unknown_names():
@@ -113,6 +116,7 @@ def test_listing_filters_refuse_unknown_names():
     assert lrnnx_zoo.list_initializers("fftconv") == []          # registered, with no initializers
     assert "s4d.legs" in lrnnx_zoo.list_initializers("s4d")
     assert lrnnx_zoo.list_backends("cauchy") == ["cauchy.auto", "cauchy.keops", "cauchy.torch"]
+
 
 def test_register_plugin_in_code_and_unregister():
     import types
