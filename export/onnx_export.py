@@ -30,6 +30,7 @@ import onnx
 import torch
 from torch import Tensor
 
+from .paths import output_location
 from .provenance import Source, graph_metadata, load_source
 from .quantize import INT8_RELATIVE_TOLERANCE, accuracy_change, check_mode, quantize_int8
 from .result import ExportResult
@@ -204,32 +205,31 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
     batch = check_batch(batch)
     record: List[str] = []
     opset, exporter = resolve_opset(opset, exporter, record)
-    model, info = load_source(model_or_checkpoint, revision=revision, token=token)
-    step = build_step_module(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    extra: Dict[str, Any] = {"format": "onnx", "opset": str(opset), "batch": str(batch or "dynamic"),
-                             "quantization": quantize or "none"}
-    metadata = graph_metadata(step, model, info, extra)
-    proto = export_graph(step, opset, batch, exporter, record)
-    x = _validation_input(step, validation_input, batch)
-    tmp_float, tmp_q = _temp_path(path, "float"), _temp_path(path, "int8")
-    try:
-        write_onnx(proto, tmp_float, {**metadata, "lrnnx_zoo.quantization": "none"})
-        report = validate_stream(onnx_stream(tmp_float), model, x, tolerance, "onnxruntime") if validate else None
-        final, qreport = tmp_float, None
-        if quantize == "int8":
-            quantize_int8(tmp_float, tmp_q, metadata, proto)
-            onnx.checker.check_model(str(tmp_q), full_check=True)
-            qreport = _int8_report(model, info, tmp_float, tmp_q, x, validate)
-            final = tmp_q
-        stats = graph_stats(onnx.load(str(final)), final)
-        stats.update(exporter=exporter, float_nodes=len(proto.graph.node))
-        os.replace(final, path)
-    finally:
-        for tmp in (tmp_float, tmp_q):
-            if tmp.exists():
-                tmp.unlink()
+    with output_location(path, "path") as path:
+        model, info = load_source(model_or_checkpoint, revision=revision, token=token)
+        step = build_step_module(model)
+        extra: Dict[str, Any] = {"format": "onnx", "opset": str(opset), "batch": str(batch or "dynamic"),
+                                 "quantization": quantize or "none"}
+        metadata = graph_metadata(step, model, info, extra)
+        proto = export_graph(step, opset, batch, exporter, record)
+        x = _validation_input(step, validation_input, batch)
+        tmp_float, tmp_q = _temp_path(path, "float"), _temp_path(path, "int8")
+        try:
+            write_onnx(proto, tmp_float, {**metadata, "lrnnx_zoo.quantization": "none"})
+            report = validate_stream(onnx_stream(tmp_float), model, x, tolerance, "onnxruntime") if validate else None
+            final, qreport = tmp_float, None
+            if quantize == "int8":
+                quantize_int8(tmp_float, tmp_q, metadata, proto)
+                onnx.checker.check_model(str(tmp_q), full_check=True)
+                qreport = _int8_report(model, info, tmp_float, tmp_q, x, validate)
+                final = tmp_q
+            stats = graph_stats(onnx.load(str(final)), final)
+            stats.update(exporter=exporter, float_nodes=len(proto.graph.node))
+            os.replace(final, path)
+        finally:
+            for tmp in (tmp_float, tmp_q):
+                if tmp.exists():
+                    tmp.unlink()
     return ExportResult(path=str(path), format="onnx", metadata=metadata, state_size=step.state_size,
                         d_input=step.d_input, d_output=step.d_output, state_layout=step.state_layout,
                         validation=report, quantization=qreport, graph=stats, warnings=record)
