@@ -91,3 +91,49 @@ def test_cli_export_into_a_file_is_an_error_not_a_traceback(tmp_path, capsys):
     assert "afile is a file" in capsys.readouterr().err
     assert main(["export", str(ckpt), "--out", str(ckpt), "--latency-steps", "0"]) == 2
     assert "holds an lrnnx-zoo checkpoint" in capsys.readouterr().err
+
+
+# -- layers: step, allocate_inference_cache, forward ------------------------------------------------
+@pytest.fixture(params=lrnnx_zoo.list_layers())
+def layer(request):
+    torch.manual_seed(0)
+    kw = {"d_state": 4} if request.param != "fftconv" else {}
+    return lrnnx_zoo.create_layer(request.param, 8, **kw).eval()
+
+
+def test_step_needs_the_layers_cache(layer):
+    name = type(layer).__name__
+    for cache in ({}, None, {"lrnn_state": torch.zeros(2, 4)}):
+        with pytest.raises(ValueError, match=rf"{name}.step needs the cache that {name}.allocate_inference_cache"):
+            layer.step(torch.randn(2, 8), cache)
+
+
+def test_step_checks_the_input_type_and_dtype(layer):
+    name = type(layer).__name__
+    cache = layer.allocate_inference_cache(2)
+    with pytest.raises(TypeError, match=rf"{name}.step expects a torch.Tensor of shape \(batch=2, d_model=8\), got list"):
+        layer.step([[0.0] * 8] * 2, cache)
+    with pytest.raises(TypeError, match=r"expects a floating-point input .* got torch.int64"):
+        layer.step(torch.ones(2, 8, dtype=torch.long), cache)       # was cast silently by some step forms
+    with pytest.raises(TypeError, match=r"cache holds torch.float32 state on cpu, got x of torch.float64"):
+        layer.step(torch.randn(2, 8, dtype=torch.float64), cache)   # LRU: matmul error; others: promoted
+    cache64 = layer.allocate_inference_cache(2, dtype=torch.float64)
+    assert layer.step(torch.randn(2, 8, dtype=torch.float64), cache64)[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, "2", 2.0, True])
+def test_allocate_inference_cache_checks_batch_size(layer, batch_size):
+    with pytest.raises(ValueError, match=rf"allocate_inference_cache needs batch_size to be an integer >= 1, "
+                                         rf"got {batch_size!r}"):
+        layer.allocate_inference_cache(batch_size)
+
+
+def test_allocate_inference_cache_checks_dtype(layer):
+    with pytest.raises(TypeError, match=r"needs dtype to be a floating torch.dtype .* got torch.int64"):
+        layer.allocate_inference_cache(2, dtype=torch.long)
+
+
+def test_layer_forward_names_a_non_tensor_input(layer):
+    with pytest.raises(TypeError, match=r"expects a torch.Tensor of shape \(B, L, 8\), got list"):
+        layer(torch.randn(2, 5, 8).tolist())                        # was AttributeError: no attribute 'dtype'
+
