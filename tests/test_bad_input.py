@@ -137,3 +137,28 @@ def test_layer_forward_names_a_non_tensor_input(layer):
     with pytest.raises(TypeError, match=r"expects a torch.Tensor of shape \(B, L, 8\), got list"):
         layer(torch.randn(2, 5, 8).tolist())                        # was AttributeError: no attribute 'dtype'
 
+
+# -- SequenceModel ---------------------------------------------------------------------------------
+def test_sequence_model_names_a_non_tensor_input():
+    model = small_model()
+    with pytest.raises(TypeError, match=r"SequenceModel expects a torch.Tensor .* got ndarray"):
+        model(torch.randn(2, 5, 3).numpy())
+    with pytest.raises(TypeError, match=r"SequenceModel.step expects a torch.Tensor .* got list"):
+        model.step([[0.0] * 3] * 2, model.allocate_inference_cache(2))
+
+
+def test_sequence_model_checks_lengths_before_using_them():
+    with pytest.raises(ValueError, match=r"lengths must have shape \(batch,\)=\(2,\), got \(3,\)"):
+        small_model()(torch.randn(2, 5, 3), lengths=torch.tensor([1, 2, 3]))   # was a broadcast RuntimeError
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_pooled_model_refuses_empty_sequences(pooling):
+    model = small_model(pooling=pooling)
+    with pytest.raises(ValueError, match=rf"pooling='{pooling}' needs at least one valid step per sequence, "
+                                         r"got x of length 0"):
+        model(torch.randn(2, 0, 3))               # last: IndexError; mean: NaN logits
+    with pytest.raises(ValueError, match=r"got x of length 5 and lengths \[0, 2\]"):
+        model(torch.randn(2, 5, 3), lengths=torch.tensor([0, 2]))    # the decoder's bias, or step 0's output
+    assert model(torch.randn(0, 5, 3)).shape == (0, 2)               # an empty batch is fine
+    assert small_model()(torch.randn(2, 0, 3)).shape == (2, 0, 2)    # and so is L=0 without pooling
