@@ -162,3 +162,20 @@ def test_pooled_model_refuses_empty_sequences(pooling):
         model(torch.randn(2, 5, 3), lengths=torch.tensor([0, 2]))    # the decoder's bias, or step 0's output
     assert model(torch.randn(0, 5, 3)).shape == (0, 2)               # an empty batch is fine
     assert small_model()(torch.randn(2, 0, 3)).shape == (2, 0, 2)    # and so is L=0 without pooling
+
+
+# -- export validation and the ONNX streamer ---------------------------------------------------------
+@pytest.mark.parametrize("tolerance", [-1.0, float("nan"), float("inf"), "1e-4"])
+def test_validation_tolerance_is_checked(tmp_path, tolerance):
+    with pytest.raises(ValueError, match=r"tolerance must be a finite number >= 0"):
+        to_torchscript(small_model(), tmp_path / "m.ts", tolerance=tolerance)   # was "graph disagrees"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_validation_input_is_named(tmp_path):
+    x = torch.randn(2, 5, 3)
+    x[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"validation input holds 1 NaN or infinite values"):
+        to_torchscript(small_model(), tmp_path / "m.ts", validation_input=x)
+    assert list(tmp_path.iterdir()) == []
+
