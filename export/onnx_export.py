@@ -34,7 +34,7 @@ from .paths import output_location
 from .provenance import Source, graph_metadata, load_source
 from .quantize import INT8_RELATIVE_TOLERANCE, accuracy_change, check_mode, quantize_int8
 from .result import ExportResult
-from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer
+from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch
 from .step_graph import StepModule, build_step_module
 from .validate import DEFAULT_BATCH, FLOAT32_TOLERANCE, default_sequence, validate_stream
 
@@ -46,19 +46,6 @@ DEFAULT_OPSET = 20
 #: through the TorchScript-based exporter, which needs 11 for Flip and stops at 23.
 MIN_OPSET, MAX_OPSET, MIN_DYNAMO_OPSET, MAX_LEGACY_OPSET = 11, 25, 18, 23
 EXPORTERS = ("dynamo", "legacy")
-
-
-def check_batch(batch: Any) -> Optional[int]:
-    """None (dynamic) or a positive int (numpy ints too), else a ValueError that says so."""
-    if batch is None:
-        return None
-    try:
-        value = operator.index(batch)
-    except TypeError:
-        value = None
-    if value is None or isinstance(batch, bool) or value < 1:
-        raise ValueError(f"batch must be None (dynamic) or a positive int, got {batch!r}")
-    return value
 
 
 def resolve_opset(opset: Optional[int], exporter: str, record: List[str]) -> Tuple[int, str]:

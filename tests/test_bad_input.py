@@ -179,3 +179,53 @@ def test_non_finite_validation_input_is_named(tmp_path):
         to_torchscript(small_model(), tmp_path / "m.ts", validation_input=x)
     assert list(tmp_path.iterdir()) == []
 
+
+@pytest.fixture(scope="module")
+def onnx_graph(tmp_path_factory):
+    path = tmp_path_factory.mktemp("graph") / "m.onnx"
+    to_onnx(small_model(), path, exporter="legacy")
+    return path
+
+
+def with_metadata(src, dst, key, value):
+    import onnx
+    proto = onnx.load(str(src))
+    for prop in proto.metadata_props:
+        if prop.key == f"lrnnx_zoo.{key}":
+            prop.value = value
+    onnx.save(proto, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("state_size", "abc", r"metadata lrnnx_zoo.state_size must be an int >= 0, got 'abc'"),
+    ("state_size", "7", r"metadata lrnnx_zoo.state_size=7 disagrees with the graph's input 'state' of width \d+"),
+    ("d_input", "5", r"metadata lrnnx_zoo.d_input=5 disagrees with the graph's input 'x' of width 3"),
+    ("state_layout", "{oops", r"metadata lrnnx_zoo.state_layout must be JSON \[\[name, offset, size\], \.\.\.\]"),
+])
+def test_streamer_names_broken_metadata(onnx_graph, tmp_path, key, value, message):
+    from lrnnx_zoo.export import OnnxStreamer
+    with pytest.raises(ValueError, match=message):
+        OnnxStreamer(with_metadata(onnx_graph, tmp_path / "bad.onnx", key, value))
+
+
+@pytest.mark.parametrize("batch", [True, 0, 2.0, None])
+def test_streamer_reset_refuses_a_bad_batch_and_stays_usable(onnx_graph, batch):
+    import numpy as np
+    from lrnnx_zoo.export import OnnxStreamer
+    streamer = OnnxStreamer(onnx_graph)
+    with pytest.raises(ValueError, match=rf"batch must be a positive int, got {batch!r}"):
+        streamer.reset(batch)           # reset(True) left the streamer half-rebound: every later call failed
+    assert streamer.batch == 1 and streamer.run(np.zeros((1, 4, 3), np.float32)).shape == (1, 4, 2)
+    streamer.reset(np.int64(2))
+    assert streamer.batch == 2
+
+
+def test_streamer_takes_bfloat16_tensors(onnx_graph):
+    from lrnnx_zoo.export import OnnxStreamer
+    streamer = OnnxStreamer(onnx_graph)
+    x = torch.randn(1, 3)
+    y = streamer.step(x.bfloat16())     # was TypeError: Got unsupported ScalarType BFloat16
+    streamer.reset(1)
+    assert y.shape == (1, 2) and abs(y - streamer.step(x.bfloat16().float())).max() == 0
+
