@@ -229,3 +229,11 @@ def test_streamer_takes_bfloat16_tensors(onnx_graph):
     streamer.reset(1)
     assert y.shape == (1, 2) and abs(y - streamer.step(x.bfloat16().float())).max() == 0
 
+
+# -- checkpoints -------------------------------------------------------------------------------------
+def test_weights_path_that_is_a_folder_is_named(tmp_path):
+    small_model().save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    (tmp_path / "ckpt" / "model.safetensors").mkdir()
+    with pytest.raises(lrnnx_zoo.CheckpointError, match=r"model.safetensors is a folder, expected a safetensors file"):
+        lrnnx_zoo.from_pretrained(tmp_path / "ckpt")
