@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import operator
 import os
 import uuid
 import warnings
