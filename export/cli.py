@@ -23,7 +23,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         done = export_folder(args.src, args.out, format=args.format, quantize=args.quantize,
                              push_to_hub=args.push_to_hub, batch=args.batch, opset=args.opset,
                              latency_steps=args.latency_steps, revision=args.revision)
-    except (ExportError, ValidationError, CheckpointError, HubPublishError, ValueError) as exc:
+    # OSError: an --out that is a file, or a folder holding files the export would overwrite
+    except (ExportError, ValidationError, CheckpointError, HubPublishError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(done.result.summary())

@@ -22,11 +22,13 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 import lrnnx_zoo
+from lrnnx_zoo.hub import EXPORT_KIND, WEIGHTS_NAME
 from lrnnx_zoo.hub_save import publishing, write_safetensors
 
 from .card import build_card
 from .latency import DEFAULT_STEPS, onnx_latency, torch_latency
 from .onnx_export import to_onnx
+from .paths import output_location
 from .provenance import Source, family_of, load_source, source_of
 from .result import ExportResult
 from .step_graph import build_step_module
@@ -67,7 +69,7 @@ def _measure(fmt: str, path: Path, result: ExportResult, steps: int, batch: Opti
 def _config(model: torch.nn.Module, info: Dict[str, Any], fmt: str, result: ExportResult, opset: Optional[int],
             batch: Optional[int], quantize: Optional[str], latency: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     return {
-        "library": "lrnnx-zoo", "library_version": lrnnx_zoo.__version__, "kind": "step-graph",
+        "library": "lrnnx-zoo", "library_version": lrnnx_zoo.__version__, "kind": EXPORT_KIND,
         "format": fmt, "file": GRAPH_FILES[fmt], "weights": WEIGHTS_FILE,
         "source": source_of(info), "source_checkpoint": info.get("source"),
         "family": family_of(model, info), "model": model.config.to_dict(),
@@ -105,31 +107,57 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
     if quantize is not None and format != "onnx":
         raise ValueError(f"quantize={quantize!r} applies to ONNX graphs only; use format='onnx' "
                          f"(got format={format!r})")
+    if isinstance(latency_steps, bool) or not isinstance(latency_steps, int) or latency_steps < 0:
+        raise ValueError(f"latency_steps must be an int >= 0 (0 skips the measurement), got {latency_steps!r}")
     if batch is not None and format == "torchscript":
         raise ValueError("a traced TorchScript step accepts any batch; drop batch= or use format='onnx'/'torch-export'")
-    model, info = load_source(src, revision=revision, token=token)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    graph_path = out / GRAPH_FILES[format]
-    if format == "onnx":
-        result = to_onnx(model, graph_path, opset=opset, batch=batch, quantize=quantize,
-                         validation_input=validation_input)
-        opset = result.graph["opset"]
-    elif format == "torchscript":
-        result = to_torchscript(model, graph_path, validation_input=validation_input)
-    else:
-        result = to_torch_export(model, graph_path, batch=batch, validation_input=validation_input)
-    latency = _measure(format, graph_path, result, latency_steps, batch) if latency_steps > 0 else None
+    _check_not_overwriting(Path(out_dir), format)
+    with output_location(out_dir, "out_dir", folder=True) as out:
+        model, info = load_source(src, revision=revision, token=token)
+        graph_path = out / GRAPH_FILES[format]
+        if format == "onnx":
+            result = to_onnx(model, graph_path, opset=opset, batch=batch, quantize=quantize,
+                             validation_input=validation_input)
+            opset = result.graph["opset"]
+        elif format == "torchscript":
+            result = to_torchscript(model, graph_path, validation_input=validation_input)
+        else:
+            result = to_torch_export(model, graph_path, batch=batch, validation_input=validation_input)
+        latency = _measure(format, graph_path, result, latency_steps, batch) if latency_steps > 0 else None
 
-    step = build_step_module(model)
-    tensors = {k: v.detach().contiguous().clone() for k, v in step.state_dict().items()}
-    write_safetensors(tensors, out / WEIGHTS_FILE, dict(result.metadata))
-    config = _config(model, info, format, result, opset, batch, quantize, latency)
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (out / CARD_FILE).write_text(build_card(config), encoding="utf-8")
-    files = [GRAPH_FILES[format], WEIGHTS_FILE, CONFIG_FILE, CARD_FILE]
-    commit = upload_folder(out, push_to_hub, files, token=token, private=private) if push_to_hub else None
-    return FolderExport(folder=out, files=files, result=result, latency=latency, config=config, commit=commit)
+        step = build_step_module(model)
+        tensors = {k: v.detach().contiguous().clone() for k, v in step.state_dict().items()}
+        write_safetensors(tensors, out / WEIGHTS_FILE, dict(result.metadata))
+        config = _config(model, info, format, result, opset, batch, quantize, latency)
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (out / CARD_FILE).write_text(build_card(config), encoding="utf-8")
+        files = [GRAPH_FILES[format], WEIGHTS_FILE, CONFIG_FILE, CARD_FILE]
+        commit = upload_folder(out, push_to_hub, files, token=token, private=private) if push_to_hub else None
+        return FolderExport(folder=out, files=files, result=result, latency=latency, config=config, commit=commit)
+
+
+def _check_not_overwriting(out: Path, fmt: str) -> None:
+    """Refuse an ``out`` whose config.json / README.md / graph / weights would be overwritten but do
+    not come from an earlier export: exporting into a checkpoint folder replaced its config.json and
+    card, and the checkpoint no longer loaded. Re-exporting over an export folder is fine."""
+    if not out.is_dir():
+        return
+    ours = [GRAPH_FILES[fmt], WEIGHTS_FILE, CONFIG_FILE, CARD_FILE]
+    clashing = [f for f in ours if (out / f).exists()]
+    if not clashing or _is_export_config(out / CONFIG_FILE):
+        return
+    what = ("an lrnnx-zoo checkpoint" if (out / WEIGHTS_NAME).is_file()
+            else "files that `lrnnx-zoo export` did not write")
+    raise FileExistsError(f"out_dir {out} holds {what}; exporting there would overwrite {', '.join(clashing)}. "
+                          f"Export into another folder, e.g. {out / 'export'}")
+
+
+def _is_export_config(path: Path) -> bool:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("kind") == EXPORT_KIND
 
 
 def upload_folder(folder: Path, repo_id: str, files: List[str], token: Optional[Union[str, bool]] = None,

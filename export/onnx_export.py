@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import operator
 import os
 import uuid
 import warnings
@@ -30,10 +29,11 @@ import onnx
 import torch
 from torch import Tensor
 
+from .paths import output_location
 from .provenance import Source, graph_metadata, load_source
 from .quantize import INT8_RELATIVE_TOLERANCE, accuracy_change, check_mode, quantize_int8
 from .result import ExportResult
-from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer
+from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch
 from .step_graph import StepModule, build_step_module
 from .validate import DEFAULT_BATCH, FLOAT32_TOLERANCE, default_sequence, validate_stream
 
@@ -45,19 +45,6 @@ DEFAULT_OPSET = 20
 #: through the TorchScript-based exporter, which needs 11 for Flip and stops at 23.
 MIN_OPSET, MAX_OPSET, MIN_DYNAMO_OPSET, MAX_LEGACY_OPSET = 11, 25, 18, 23
 EXPORTERS = ("dynamo", "legacy")
-
-
-def check_batch(batch: Any) -> Optional[int]:
-    """None (dynamic) or a positive int (numpy ints too), else a ValueError that says so."""
-    if batch is None:
-        return None
-    try:
-        value = operator.index(batch)
-    except TypeError:
-        value = None
-    if value is None or isinstance(batch, bool) or value < 1:
-        raise ValueError(f"batch must be None (dynamic) or a positive int, got {batch!r}")
-    return value
 
 
 def resolve_opset(opset: Optional[int], exporter: str, record: List[str]) -> Tuple[int, str]:
@@ -204,32 +191,31 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
     batch = check_batch(batch)
     record: List[str] = []
     opset, exporter = resolve_opset(opset, exporter, record)
-    model, info = load_source(model_or_checkpoint, revision=revision, token=token)
-    step = build_step_module(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    extra: Dict[str, Any] = {"format": "onnx", "opset": str(opset), "batch": str(batch or "dynamic"),
-                             "quantization": quantize or "none"}
-    metadata = graph_metadata(step, model, info, extra)
-    proto = export_graph(step, opset, batch, exporter, record)
-    x = _validation_input(step, validation_input, batch)
-    tmp_float, tmp_q = _temp_path(path, "float"), _temp_path(path, "int8")
-    try:
-        write_onnx(proto, tmp_float, {**metadata, "lrnnx_zoo.quantization": "none"})
-        report = validate_stream(onnx_stream(tmp_float), model, x, tolerance, "onnxruntime") if validate else None
-        final, qreport = tmp_float, None
-        if quantize == "int8":
-            quantize_int8(tmp_float, tmp_q, metadata, proto)
-            onnx.checker.check_model(str(tmp_q), full_check=True)
-            qreport = _int8_report(model, info, tmp_float, tmp_q, x, validate)
-            final = tmp_q
-        stats = graph_stats(onnx.load(str(final)), final)
-        stats.update(exporter=exporter, float_nodes=len(proto.graph.node))
-        os.replace(final, path)
-    finally:
-        for tmp in (tmp_float, tmp_q):
-            if tmp.exists():
-                tmp.unlink()
+    with output_location(path, "path") as path:
+        model, info = load_source(model_or_checkpoint, revision=revision, token=token)
+        step = build_step_module(model)
+        extra: Dict[str, Any] = {"format": "onnx", "opset": str(opset), "batch": str(batch or "dynamic"),
+                                 "quantization": quantize or "none"}
+        metadata = graph_metadata(step, model, info, extra)
+        proto = export_graph(step, opset, batch, exporter, record)
+        x = _validation_input(step, validation_input, batch)
+        tmp_float, tmp_q = _temp_path(path, "float"), _temp_path(path, "int8")
+        try:
+            write_onnx(proto, tmp_float, {**metadata, "lrnnx_zoo.quantization": "none"})
+            report = validate_stream(onnx_stream(tmp_float), model, x, tolerance, "onnxruntime") if validate else None
+            final, qreport = tmp_float, None
+            if quantize == "int8":
+                quantize_int8(tmp_float, tmp_q, metadata, proto)
+                onnx.checker.check_model(str(tmp_q), full_check=True)
+                qreport = _int8_report(model, info, tmp_float, tmp_q, x, validate)
+                final = tmp_q
+            stats = graph_stats(onnx.load(str(final)), final)
+            stats.update(exporter=exporter, float_nodes=len(proto.graph.node))
+            os.replace(final, path)
+        finally:
+            for tmp in (tmp_float, tmp_q):
+                if tmp.exists():
+                    tmp.unlink()
     return ExportResult(path=str(path), format="onnx", metadata=metadata, state_size=step.state_size,
                         d_input=step.d_input, d_output=step.d_output, state_layout=step.state_layout,
                         validation=report, quantization=qreport, graph=stats, warnings=record)

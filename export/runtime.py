@@ -11,6 +11,7 @@ one ``run_with_iobinding``, one copy out.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import threading
 from pathlib import Path
@@ -41,9 +42,26 @@ def session_options(intra_op_threads: int = 1) -> "Any":
     return so
 
 
+def check_batch(batch: Any, dynamic: bool = True) -> Optional[int]:
+    """None (a dynamic batch, where ``dynamic``) or a positive int (numpy ints too), else a
+    ValueError that says so."""
+    if batch is None and dynamic:
+        return None
+    try:
+        value = operator.index(batch)
+    except TypeError:
+        value = None
+    if value is None or isinstance(batch, bool) or value < 1:
+        raise ValueError(f"batch must be {'None (dynamic) or ' if dynamic else ''}a positive int, got {batch!r}")
+    return value
+
+
 def _to_numpy(x: ArrayLike, what: str) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, without importing torch here
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":   # numpy has no bfloat16: .numpy() raised "unsupported ScalarType"
+            x = x.float()
+        x = x.numpy()
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
@@ -90,12 +108,23 @@ class OnnxStreamer:
         self.state_size = self._meta_int("state_size")
         self.d_input = self._meta_int("d_input")
         self.d_output = self._meta_int("d_output")
-        self.state_layout: List[List[Any]] = json.loads(self.metadata.get(META_PREFIX + "state_layout", "[]"))
+        layout = self.metadata.get(META_PREFIX + "state_layout", "[]")
+        try:
+            self.state_layout: List[List[Any]] = json.loads(layout)
+        except ValueError as exc:
+            raise ValueError(f"{self.path}: metadata {META_PREFIX}state_layout must be JSON "
+                             f"[[name, offset, size], ...], got {layout[:80]!r}; re-export it") from exc
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
         if set(INPUT_NAMES) - set(inputs) or set(OUTPUT_NAMES) - outputs:
             raise ValueError(f"{self.path} is not a step graph: expected inputs {INPUT_NAMES} and outputs "
                              f"{OUTPUT_NAMES}, found inputs {sorted(inputs)} and outputs {sorted(outputs)}")
+        # Metadata that disagrees with the graph failed at the first step, inside ONNX Runtime.
+        for name, key, size in (("x", "d_input", self.d_input), ("state", "state_size", self.state_size)):
+            width = inputs[name].shape[1] if len(inputs[name].shape) == 2 else None
+            if isinstance(width, int) and width != size:
+                raise ValueError(f"{self.path}: metadata {META_PREFIX}{key}={size} disagrees with the graph's "
+                                 f"input {name!r} of width {width}; re-export it")
         dim0 = inputs["x"].shape[0]
         self.fixed_batch: Optional[int] = dim0 if isinstance(dim0, int) else None
         self.reset(self.fixed_batch or 1)
@@ -105,13 +134,16 @@ class OnnxStreamer:
         if value is None:
             raise ValueError(f"{self.path} lacks metadata {META_PREFIX + key}; re-export it with "
                              f"lrnnx_zoo.export.to_onnx (found keys: {sorted(self.metadata)})")
+        if not value.strip().isdigit():
+            raise ValueError(f"{self.path}: metadata {META_PREFIX + key} must be an int >= 0, got {value!r}; "
+                             f"re-export it with lrnnx_zoo.export.to_onnx")
         return int(value)
 
     # -- state ---------------------------------------------------------------------------------
     def reset(self, batch: int = 1) -> None:
         """Start new streams: zero state for ``batch`` sequences, and (re)bind the buffers."""
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        # reset(True) passed an isinstance check and left the streamer half-rebound and unusable
+        batch = check_batch(batch, dynamic=False)
         if self.fixed_batch is not None and batch != self.fixed_batch:
             raise ValueError(f"this graph was exported for batch={self.fixed_batch}, got reset(batch={batch}); "
                              f"re-export without a fixed batch (to_onnx(..., batch=None)) to vary it")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .onnx_export import _quiet, check_batch, sample_inputs
+from .paths import output_location
 from .provenance import Source, graph_metadata, load_source
 from .result import ExportResult
 from .step_graph import StepModule, build_step_module
@@ -90,18 +91,17 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
 
     Args: as :func:`~lrnnx_zoo.export.to_onnx` (no opset / quantize / fixed batch).
     """
-    model, info = load_source(model_or_checkpoint, revision=revision, token=token)
-    step = build_step_module(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = graph_metadata(step, model, info, {"format": "torchscript", "batch": "dynamic"})
-    record: List[str] = []
-    tmp = _temp(path)
-    with _quiet(record), torch.no_grad():
-        traced = torch.jit.trace(step, sample_inputs(step, TRACE_BATCH), check_trace=False)
-        torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
-    return _finish(step, model, tmp, path, "torchscript", load_torchscript, metadata, validate,
-                   validation_input, tolerance, record)
+    with output_location(path, "path") as path:
+        model, info = load_source(model_or_checkpoint, revision=revision, token=token)
+        step = build_step_module(model)
+        metadata = graph_metadata(step, model, info, {"format": "torchscript", "batch": "dynamic"})
+        record: List[str] = []
+        tmp = _temp(path)
+        with _quiet(record), torch.no_grad():
+            traced = torch.jit.trace(step, sample_inputs(step, TRACE_BATCH), check_trace=False)
+            torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+        return _finish(step, model, tmp, path, "torchscript", load_torchscript, metadata, validate,
+                       validation_input, tolerance, record)
 
 
 def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: Optional[int] = None,
@@ -119,22 +119,21 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
     if batch is not None and validation_input is not None and validation_input.shape[0] != batch:
         raise ValueError(f"the program is exported for batch={batch}, but the validation input has batch "
                          f"{validation_input.shape[0]}; pass a validation input with {batch} sequences")
-    model, info = load_source(model_or_checkpoint, revision=revision, token=token)
-    step = build_step_module(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = graph_metadata(step, model, info, {"format": "torch-export", "batch": str(batch or "dynamic")})
-    x = validation_input
-    if batch is not None and x is None:
-        x = default_sequence(step.d_input, batch=batch)
-    record: List[str] = []
-    tmp = _temp(path, ".pt2")
-    dims = None
-    if batch is None:
-        b = torch.export.Dim("batch")
-        dims = ({0: b}, {0: b})
-    with _quiet(record), torch.no_grad():
-        program = torch.export.export(step, sample_inputs(step, batch or TRACE_BATCH), dynamic_shapes=dims)
-        torch.export.save(program, str(tmp), extra_files={METADATA_FILE: json.dumps(metadata)})
-    return _finish(step, model, tmp, path, "torch-export", load_torch_export, metadata, validate,
-                   x, tolerance, record)
+    with output_location(path, "path") as path:
+        model, info = load_source(model_or_checkpoint, revision=revision, token=token)
+        step = build_step_module(model)
+        metadata = graph_metadata(step, model, info, {"format": "torch-export", "batch": str(batch or "dynamic")})
+        x = validation_input
+        if batch is not None and x is None:
+            x = default_sequence(step.d_input, batch=batch)
+        record: List[str] = []
+        tmp = _temp(path, ".pt2")
+        dims = None
+        if batch is None:
+            b = torch.export.Dim("batch")
+            dims = ({0: b}, {0: b})
+        with _quiet(record), torch.no_grad():
+            program = torch.export.export(step, sample_inputs(step, batch or TRACE_BATCH), dynamic_shapes=dims)
+            torch.export.save(program, str(tmp), extra_files={METADATA_FILE: json.dumps(metadata)})
+        return _finish(step, model, tmp, path, "torch-export", load_torch_export, metadata, validate,
+                       x, tolerance, record)

@@ -141,6 +141,9 @@ def validate_stream(stream: StreamFn, model: nn.Module, x: Optional[Tensor] = No
         the :class:`ValidationReport`.
     """
     cfg = model.config
+    # A negative or NaN tolerance failed every graph as "disagrees with the PyTorch model".
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < float("inf"):
+        raise ValueError(f"tolerance must be a finite number >= 0 (max abs error allowed), got {tolerance!r}")
     sequence = "user" if x is not None and not _is_default(x, cfg.d_input) else "default"
     if x is None:
         x = default_sequence(cfg.d_input)
@@ -148,6 +151,9 @@ def validate_stream(stream: StreamFn, model: nn.Module, x: Optional[Tensor] = No
     if x.dim() != 3 or x.shape[-1] != cfg.d_input or x.shape[1] < 1:
         raise ValueError(f"validation input must have shape (batch, length >= 1, d_input={cfg.d_input}), "
                          f"got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):  # else reported as the graph disagreeing (error inf)
+        raise ValueError(f"validation input holds {int((~torch.isfinite(x)).sum())} NaN or infinite values; "
+                         "pass finite data")
     # The forwards run on copies: exporting must leave the model as it was (a layer's forward may
     # update its own buffers, e.g. a kernel that extends a stored length-dependent matrix in place).
     own_model = runnable_copy(model)

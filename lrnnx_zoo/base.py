@@ -61,14 +61,7 @@ class LRNN(nn.Module):
                 f"{type(self).__name__} expects input of shape (batch, length, d_model={d}), "
                 f"got {tuple(x.shape)}")
         check_floating(x, type(self).__name__)
-        if lengths is not None:
-            lengths = torch.as_tensor(lengths)
-            if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
-                raise TypeError(f"lengths must hold integers (e.g. torch.long), got {lengths.dtype}")
-            if lengths.shape != (x.shape[0],):
-                raise ValueError(f"lengths must have shape (batch,)=({x.shape[0]},), got {tuple(lengths.shape)}")
-            if bool((lengths < 0).any()) or bool((lengths > x.shape[1]).any()):
-                raise ValueError(f"lengths must lie in [0, {x.shape[1]}], got {lengths.tolist()}")
+        check_lengths(lengths, x.shape[0], x.shape[1])
 
     def prepare_input(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         """:meth:`check_input`, then x with zeros past each sequence's length. A causal layer's
@@ -92,8 +85,9 @@ def float32_under_autocast(x: Tensor) -> Tensor:
     products, e.g. the LRU's projections B u and Re(C x), still run in autocast's dtype): there
     are no half-precision FFTs on the CPU, bfloat16 FFTs nowhere, float16 cuFFT takes power-of-two lengths only, and a kernel with
     |lambda| near 1 in half precision loses its tail. The output is float32; the next nn.Linear
-    casts back. Outside autocast a half input is the caller's choice and is checked as given."""
-    if x.dtype in HALF_DTYPES and torch.is_autocast_enabled(x.device.type):
+    casts back. Outside autocast a half input is the caller's choice and is checked as given.
+    Anything but a tensor is returned as given, for the caller's check to name it."""
+    if isinstance(x, Tensor) and x.dtype in HALF_DTYPES and torch.is_autocast_enabled(x.device.type):
         return x.float()
     return x
 
@@ -111,6 +105,20 @@ def check_floating(x: Tensor, who: str, autocast_hint: bool = True) -> None:
                    f"half-precision activations and compute in float32") if autocast_hint else ""
         raise TypeError(f"{who} on the CPU computes in float32 or float64, got {x.dtype}: convert the "
                         f"input (x.float()){way_out}")
+
+
+def check_lengths(lengths: Optional[Tensor], batch: int, length: int) -> None:
+    """Raise unless ``lengths`` is None or holds ``batch`` integers in [0, length] (the valid
+    lengths of a padded (batch, length, ...) input)."""
+    if lengths is None:
+        return
+    lengths = torch.as_tensor(lengths)
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must hold integers (e.g. torch.long), got {lengths.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have shape (batch,)=({batch},), got {tuple(lengths.shape)}")
+    if bool((lengths < 0).any()) or bool((lengths > length).any()):
+        raise ValueError(f"lengths must lie in [0, {length}], got {lengths.tolist()}")
 
 
 def check_sizes(who: str, **sizes: Any) -> None:
@@ -193,6 +201,11 @@ class LTI_LRNN(LRNN):
         parameters, its buffers'): a float64 layer steps in float64, its form rounded from the
         float64 discretisation once. The device is theirs too.
         """
+        who = f"{type(self).__name__}.allocate_inference_cache"
+        check_sizes(who, batch_size=batch_size)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"{who} needs dtype to be a floating torch.dtype (e.g. torch.float32) or None, "
+                            f"got {dtype!r}")
         ref = reference_tensor(self)
         dtype = dtype or ref.real.dtype          # a complex coefficient's real counterpart
         with step_form_dtype(dtype):
@@ -204,10 +217,23 @@ class LTI_LRNN(LRNN):
     def step(self, x: Tensor, inference_cache: Dict[str, Any], **kwargs: Any) -> Tuple[Tensor, Dict[str, Any]]:
         """One recurrent step.  x: (B, H) -> y: (B, H); the cache's state is advanced."""
         d = getattr(self, "d_model", None)
+        who = f"{type(self).__name__}.step"
+        if not isinstance(inference_cache, dict) or not {"step_form", "lrnn_state"} <= set(inference_cache):
+            got = sorted(inference_cache) if isinstance(inference_cache, dict) else type(inference_cache).__name__
+            raise ValueError(f"{who} needs the cache that {type(self).__name__}.allocate_inference_cache(batch_size) "
+                             f"returns (keys 'step_form', 'lrnn_state'), got {got}")
         state = inference_cache["lrnn_state"]
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{who} expects a torch.Tensor of shape (batch={state.shape[0]}, d_model={d}), "
+                            f"got {type(x).__name__}")
         if x.dim() != 2 or x.shape[0] != state.shape[0] or (d is not None and x.shape[1] != d):
-            raise ValueError(
-                f"{type(self).__name__}.step expects x of shape (batch={state.shape[0]}, d_model={d}), "
-                f"got {tuple(x.shape)}")
+            raise ValueError(f"{who} expects x of shape (batch={state.shape[0]}, d_model={d}), got {tuple(x.shape)}")
+        # An int input was cast silently by some step forms, a float64 one on a float32 cache
+        # failed inside the LRU's matmul and was silently promoted by the others.
+        check_floating(x, who, autocast_hint=False)
+        if (x.dtype, x.device) != (state.dtype, state.device):
+            raise TypeError(f"{who}: the cache holds {state.dtype} state on {state.device}, got x of {x.dtype} on "
+                            f"{x.device}; convert x (x.to({state.dtype})) or allocate the cache with "
+                            f"allocate_inference_cache(batch_size, dtype={x.dtype}) on x's device")
         y, inference_cache["lrnn_state"] = inference_cache["step_form"](x, state)
         return y, inference_cache

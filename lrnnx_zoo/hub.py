@@ -352,6 +352,9 @@ def _layer_name(config: Dict[str, Any], path: Path) -> str:
 def _read_weights(path: Path) -> Dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+    if path.is_dir():  # else reported as "truncated or corrupt (No such device (os error 19))"
+        raise CheckpointError(f"{path} is a folder, expected a safetensors file; re-save or re-download the "
+                              "checkpoint")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

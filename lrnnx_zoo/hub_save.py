@@ -137,7 +137,7 @@ def check_save_target(save_directory: PathLike) -> Path:
     if target.exists() and not os.access(target, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot save into {shown}: the folder is not writable by this user "
                               f"(mode {stat.filemode(target.stat().st_mode)}); make it writable or save elsewhere")
-    ancestor = _nearest_existing(target.parent)
+    ancestor = nearest_existing(target.parent)
     if not ancestor.is_dir():
         raise CheckpointError(f"cannot save into {shown}: {ancestor} is a file, expected a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
@@ -148,7 +148,8 @@ def check_save_target(save_directory: PathLike) -> Path:
     return target
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """path, or its nearest ancestor that exists."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path

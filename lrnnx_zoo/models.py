@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import check_floating, float32_under_autocast, mask_padding, valid_steps
+from .base import check_floating, check_lengths, float32_under_autocast, mask_padding, valid_steps
 from .hub_save import HubMixin
 from .registry import create_layer
 
@@ -214,12 +214,24 @@ class SequenceModel(HubMixin, nn.Module):
 
     def forward(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         cfg = self.config
+        if not isinstance(x, Tensor):
+            raise TypeError(f"SequenceModel expects a torch.Tensor of shape (batch, length, d_input={cfg.d_input}), "
+                            f"got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != cfg.d_input:
             raise ValueError(f"SequenceModel expects x of shape (batch, length, d_input={cfg.d_input}), "
                              f"got {tuple(x.shape)}")
         if x.dtype != self.encoder.weight.dtype:
             x = float32_under_autocast(x)   # under autocast a half input is fine: the encoder casts it
         self._check_input_dtype(x, "SequenceModel")
+        # Checked here, not only in the layers: masking the encoder's output with a wrong number of
+        # lengths failed first, in a broadcast ("The size of tensor a (3) must match ...").
+        check_lengths(lengths, x.shape[0], x.shape[1])
+        steps = torch.as_tensor(lengths) if lengths is not None else torch.tensor([x.shape[1]])
+        if cfg.pooling is not None and x.shape[0] and bool((steps == 0).any()):
+            # An empty sequence has no mean or last step: "last" raised an IndexError, "mean" returned
+            # NaN (length 0) or the decoder's bias (a length of 0).
+            raise ValueError(f"pooling={cfg.pooling!r} needs at least one valid step per sequence, got x of "
+                             f"length {x.shape[1]}" + ("" if lengths is None else f" and lengths {steps.tolist()}"))
         # Padding is zeroed at the door (the layers zero theirs too), so a NaN there reaches nothing.
         h = mask_padding(self.encoder(x), lengths)
         for block in self.blocks:
@@ -271,6 +283,9 @@ class SequenceModel(HubMixin, nn.Module):
         normalises with the statistics of the whole (batch, length) input, which no single step
         sees (a step would use one step's batch statistics and overwrite the running ones).
         """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"SequenceModel.step expects a torch.Tensor of shape (batch, d_input="
+                            f"{self.config.d_input}), got {type(x).__name__}")
         if x.dim() != 2 or x.shape[-1] != self.config.d_input:
             raise ValueError(f"SequenceModel.step expects x of shape (batch, d_input={self.config.d_input}), "
                              f"got {tuple(x.shape)}")

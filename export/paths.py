@@ -1,0 +1,47 @@
+"""Where an export is written: checked before any work, and left as it was when the export fails.
+
+Exporting takes seconds (tracing, validation), so a path that cannot be written is refused first,
+with the path named, instead of failing at the final move with a bare OSError ("Is a directory").
+Folders the export had to create are removed again if it fails, so a refused or failed export
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator, List, Union
+
+from lrnnx_zoo.hub_save import nearest_existing
+
+
+@contextlib.contextmanager
+def output_location(path: Union[str, Path], what: str, folder: bool = False) -> Iterator[Path]:
+    """Check ``path`` (a file, or a folder with ``folder=True``), create its missing folders, yield
+    it as a Path, and on an exception remove the folders created here (those still empty).
+
+    ``what`` names the argument in messages (e.g. "path", "out_dir").
+    Raises IsADirectoryError / NotADirectoryError naming the path and what was expected.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} {path} is a file; expected a folder (it is created if missing)")
+    if not folder and path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder; expected a file path, e.g. {path / 'model.onnx'}")
+    ancestor = nearest_existing(path if folder else path.parent)
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"cannot write {what} {path}: {ancestor} is a file, expected a folder")
+    created: List[Path] = []
+    missing = path if folder else path.parent
+    while missing != ancestor:
+        created.append(missing)
+        missing = missing.parent
+    for f in reversed(created):
+        f.mkdir()
+    try:
+        yield path
+    except BaseException:
+        for f in created:                       # innermost first; a folder with files stays
+            with contextlib.suppress(OSError):
+                f.rmdir()
+        raise

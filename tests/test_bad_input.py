@@ -1,0 +1,239 @@
+"""Bad input gets a clear error that says what was expected and what was given, and loses nothing.
+
+Each test here was a defect found by feeding the public API adversarial input: the exception type,
+the message, and the files left on disk (nothing valid overwritten, nothing partial left behind).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lrnnx_zoo
+from lrnnx_zoo.export import export_folder, to_onnx, to_torchscript
+
+
+def small_model(layer: str = "s4d", pooling=None) -> lrnnx_zoo.SequenceModel:
+    torch.manual_seed(0)
+    cfg = lrnnx_zoo.ModelConfig(layer=layer, d_input=3, d_output=2, d_model=8, n_layers=1,
+                                layer_kwargs={"d_state": 4}, pooling=pooling)
+    return lrnnx_zoo.SequenceModel(cfg).eval()
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# -- export output locations ---------------------------------------------------------------------
+def test_export_folder_refuses_to_overwrite_a_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    small_model().save_pretrained(ckpt)
+    before = snapshot(ckpt)
+    with pytest.raises(FileExistsError, match=r"holds an lrnnx-zoo checkpoint.*config\.json, README\.md"):
+        export_folder(ckpt, ckpt, format="torchscript", latency_steps=0)
+    assert snapshot(ckpt) == before
+    lrnnx_zoo.from_pretrained(ckpt)          # still a loadable checkpoint
+
+
+def test_export_folder_overwrites_an_earlier_export(tmp_path):
+    out = tmp_path / "out"
+    export_folder(small_model(), out, format="torchscript", latency_steps=0)
+    export_folder(small_model(), out, format="torchscript", latency_steps=0)   # re-export is fine
+
+
+def test_export_folder_refuses_foreign_files(tmp_path):
+    (tmp_path / "README.md").write_text("my project\n")
+    with pytest.raises(FileExistsError, match="did not write; exporting there would overwrite README.md"):
+        export_folder(small_model(), tmp_path, format="torchscript", latency_steps=0)
+    assert (tmp_path / "README.md").read_text() == "my project\n"
+
+
+def test_export_paths_that_are_files_or_folders_are_named(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"out_dir .*afile is a file; expected a folder"):
+        export_folder(small_model(), afile, latency_steps=0)
+    with pytest.raises(NotADirectoryError, match=r"afile is a file, expected a folder"):
+        export_folder(small_model(), afile / "sub", latency_steps=0)
+    with pytest.raises(NotADirectoryError, match=r"afile is a file, expected a folder"):
+        to_torchscript(small_model(), afile / "m.ts")
+    with pytest.raises(IsADirectoryError, match=r"is a folder; expected a file path"):
+        to_torchscript(small_model(), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_failed_export_leaves_no_folders_behind(tmp_path):
+    bidirectional = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(
+        layer="s4", d_input=3, d_output=2, d_model=8, n_layers=1,
+        layer_kwargs={"d_state": 4, "bidirectional": True}))
+    with pytest.raises(lrnnx_zoo.export.ExportError):
+        export_folder(bidirectional, tmp_path / "a" / "b", latency_steps=0)
+    with pytest.raises(ValueError, match="batch must be None"):
+        to_onnx(small_model(), tmp_path / "c" / "m.onnx", batch=-1)
+    with pytest.raises(lrnnx_zoo.export.ExportError):
+        to_torchscript(bidirectional, tmp_path / "d" / "m.ts")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("steps", [-5, "5", 2.5, True])
+def test_export_folder_latency_steps_is_checked(tmp_path, steps):
+    with pytest.raises(ValueError, match=r"latency_steps must be an int >= 0"):
+        export_folder(small_model(), tmp_path / "out", latency_steps=steps)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_export_into_a_file_is_an_error_not_a_traceback(tmp_path, capsys):
+    from lrnnx_zoo.cli import main
+    ckpt = tmp_path / "ckpt"
+    small_model().save_pretrained(ckpt)
+    (tmp_path / "afile").write_text("x")
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "afile"), "--latency-steps", "0"]) == 2
+    assert "afile is a file" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--out", str(ckpt), "--latency-steps", "0"]) == 2
+    assert "holds an lrnnx-zoo checkpoint" in capsys.readouterr().err
+
+
+# -- layers: step, allocate_inference_cache, forward ------------------------------------------------
+@pytest.fixture(params=lrnnx_zoo.list_layers())
+def layer(request):
+    torch.manual_seed(0)
+    kw = {"d_state": 4} if request.param != "fftconv" else {}
+    return lrnnx_zoo.create_layer(request.param, 8, **kw).eval()
+
+
+def test_step_needs_the_layers_cache(layer):
+    name = type(layer).__name__
+    for cache in ({}, None, {"lrnn_state": torch.zeros(2, 4)}):
+        with pytest.raises(ValueError, match=rf"{name}.step needs the cache that {name}.allocate_inference_cache"):
+            layer.step(torch.randn(2, 8), cache)
+
+
+def test_step_checks_the_input_type_and_dtype(layer):
+    name = type(layer).__name__
+    cache = layer.allocate_inference_cache(2)
+    with pytest.raises(TypeError, match=rf"{name}.step expects a torch.Tensor of shape \(batch=2, d_model=8\), got list"):
+        layer.step([[0.0] * 8] * 2, cache)
+    with pytest.raises(TypeError, match=r"expects a floating-point input .* got torch.int64"):
+        layer.step(torch.ones(2, 8, dtype=torch.long), cache)       # was cast silently by some step forms
+    with pytest.raises(TypeError, match=r"cache holds torch.float32 state on cpu, got x of torch.float64"):
+        layer.step(torch.randn(2, 8, dtype=torch.float64), cache)   # LRU: matmul error; others: promoted
+    cache64 = layer.allocate_inference_cache(2, dtype=torch.float64)
+    assert layer.step(torch.randn(2, 8, dtype=torch.float64), cache64)[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, "2", 2.0, True])
+def test_allocate_inference_cache_checks_batch_size(layer, batch_size):
+    with pytest.raises(ValueError, match=rf"allocate_inference_cache needs batch_size to be an integer >= 1, "
+                                         rf"got {batch_size!r}"):
+        layer.allocate_inference_cache(batch_size)
+
+
+def test_allocate_inference_cache_checks_dtype(layer):
+    with pytest.raises(TypeError, match=r"needs dtype to be a floating torch.dtype .* got torch.int64"):
+        layer.allocate_inference_cache(2, dtype=torch.long)
+
+
+def test_layer_forward_names_a_non_tensor_input(layer):
+    with pytest.raises(TypeError, match=r"expects a torch.Tensor of shape \(B, L, 8\), got list"):
+        layer(torch.randn(2, 5, 8).tolist())                        # was AttributeError: no attribute 'dtype'
+
+
+# -- SequenceModel ---------------------------------------------------------------------------------
+def test_sequence_model_names_a_non_tensor_input():
+    model = small_model()
+    with pytest.raises(TypeError, match=r"SequenceModel expects a torch.Tensor .* got ndarray"):
+        model(torch.randn(2, 5, 3).numpy())
+    with pytest.raises(TypeError, match=r"SequenceModel.step expects a torch.Tensor .* got list"):
+        model.step([[0.0] * 3] * 2, model.allocate_inference_cache(2))
+
+
+def test_sequence_model_checks_lengths_before_using_them():
+    with pytest.raises(ValueError, match=r"lengths must have shape \(batch,\)=\(2,\), got \(3,\)"):
+        small_model()(torch.randn(2, 5, 3), lengths=torch.tensor([1, 2, 3]))   # was a broadcast RuntimeError
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_pooled_model_refuses_empty_sequences(pooling):
+    model = small_model(pooling=pooling)
+    with pytest.raises(ValueError, match=rf"pooling='{pooling}' needs at least one valid step per sequence, "
+                                         r"got x of length 0"):
+        model(torch.randn(2, 0, 3))               # last: IndexError; mean: NaN logits
+    with pytest.raises(ValueError, match=r"got x of length 5 and lengths \[0, 2\]"):
+        model(torch.randn(2, 5, 3), lengths=torch.tensor([0, 2]))    # the decoder's bias, or step 0's output
+    assert model(torch.randn(0, 5, 3)).shape == (0, 2)               # an empty batch is fine
+    assert small_model()(torch.randn(2, 0, 3)).shape == (2, 0, 2)    # and so is L=0 without pooling
+
+
+# -- export validation and the ONNX streamer ---------------------------------------------------------
+@pytest.mark.parametrize("tolerance", [-1.0, float("nan"), float("inf"), "1e-4"])
+def test_validation_tolerance_is_checked(tmp_path, tolerance):
+    with pytest.raises(ValueError, match=r"tolerance must be a finite number >= 0"):
+        to_torchscript(small_model(), tmp_path / "m.ts", tolerance=tolerance)   # was "graph disagrees"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_validation_input_is_named(tmp_path):
+    x = torch.randn(2, 5, 3)
+    x[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"validation input holds 1 NaN or infinite values"):
+        to_torchscript(small_model(), tmp_path / "m.ts", validation_input=x)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def onnx_graph(tmp_path_factory):
+    path = tmp_path_factory.mktemp("graph") / "m.onnx"
+    to_onnx(small_model(), path, exporter="legacy")
+    return path
+
+
+def with_metadata(src, dst, key, value):
+    import onnx
+    proto = onnx.load(str(src))
+    for prop in proto.metadata_props:
+        if prop.key == f"lrnnx_zoo.{key}":
+            prop.value = value
+    onnx.save(proto, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("state_size", "abc", r"metadata lrnnx_zoo.state_size must be an int >= 0, got 'abc'"),
+    ("state_size", "7", r"metadata lrnnx_zoo.state_size=7 disagrees with the graph's input 'state' of width \d+"),
+    ("d_input", "5", r"metadata lrnnx_zoo.d_input=5 disagrees with the graph's input 'x' of width 3"),
+    ("state_layout", "{oops", r"metadata lrnnx_zoo.state_layout must be JSON \[\[name, offset, size\], \.\.\.\]"),
+])
+def test_streamer_names_broken_metadata(onnx_graph, tmp_path, key, value, message):
+    from lrnnx_zoo.export import OnnxStreamer
+    with pytest.raises(ValueError, match=message):
+        OnnxStreamer(with_metadata(onnx_graph, tmp_path / "bad.onnx", key, value))
+
+
+@pytest.mark.parametrize("batch", [True, 0, 2.0, None])
+def test_streamer_reset_refuses_a_bad_batch_and_stays_usable(onnx_graph, batch):
+    import numpy as np
+    from lrnnx_zoo.export import OnnxStreamer
+    streamer = OnnxStreamer(onnx_graph)
+    with pytest.raises(ValueError, match=rf"batch must be a positive int, got {batch!r}"):
+        streamer.reset(batch)           # reset(True) left the streamer half-rebound: every later call failed
+    assert streamer.batch == 1 and streamer.run(np.zeros((1, 4, 3), np.float32)).shape == (1, 4, 2)
+    streamer.reset(np.int64(2))
+    assert streamer.batch == 2
+
+
+def test_streamer_takes_bfloat16_tensors(onnx_graph):
+    from lrnnx_zoo.export import OnnxStreamer
+    streamer = OnnxStreamer(onnx_graph)
+    x = torch.randn(1, 3)
+    y = streamer.step(x.bfloat16())     # was TypeError: Got unsupported ScalarType BFloat16
+    streamer.reset(1)
+    assert y.shape == (1, 2) and abs(y - streamer.step(x.bfloat16().float())).max() == 0
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+def test_weights_path_that_is_a_folder_is_named(tmp_path):
+    small_model().save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    (tmp_path / "ckpt" / "model.safetensors").mkdir()
+    with pytest.raises(lrnnx_zoo.CheckpointError, match=r"model.safetensors is a folder, expected a safetensors file"):
+        lrnnx_zoo.from_pretrained(tmp_path / "ckpt")
