@@ -217,23 +217,26 @@ class LTI_LRNN(LRNN):
     def step(self, x: Tensor, inference_cache: Dict[str, Any], **kwargs: Any) -> Tuple[Tensor, Dict[str, Any]]:
         """One recurrent step.  x: (B, H) -> y: (B, H); the cache's state is advanced."""
         d = getattr(self, "d_model", None)
-        who = f"{type(self).__name__}.step"
-        if not isinstance(inference_cache, dict) or not {"step_form", "lrnn_state"} <= set(inference_cache):
+        try:                                # the checks stay off the per-step path unless one fails
+            state, form = inference_cache["lrnn_state"], inference_cache["step_form"]
+        except (KeyError, TypeError, IndexError):
             got = sorted(inference_cache) if isinstance(inference_cache, dict) else type(inference_cache).__name__
-            raise ValueError(f"{who} needs the cache that {type(self).__name__}.allocate_inference_cache(batch_size) "
-                             f"returns (keys 'step_form', 'lrnn_state'), got {got}")
-        state = inference_cache["lrnn_state"]
+            raise ValueError(f"{type(self).__name__}.step needs the cache that {type(self).__name__}."
+                             f"allocate_inference_cache(batch_size) returns (keys 'step_form', 'lrnn_state'), "
+                             f"got {got}") from None
         if not isinstance(x, Tensor):
-            raise TypeError(f"{who} expects a torch.Tensor of shape (batch={state.shape[0]}, d_model={d}), "
-                            f"got {type(x).__name__}")
+            raise TypeError(f"{type(self).__name__}.step expects a torch.Tensor of shape (batch={state.shape[0]}, "
+                            f"d_model={d}), got {type(x).__name__}")
         if x.dim() != 2 or x.shape[0] != state.shape[0] or (d is not None and x.shape[1] != d):
-            raise ValueError(f"{who} expects x of shape (batch={state.shape[0]}, d_model={d}), got {tuple(x.shape)}")
-        # An int input was cast silently by some step forms, a float64 one on a float32 cache
-        # failed inside the LRU's matmul and was silently promoted by the others.
-        check_floating(x, who, autocast_hint=False)
-        if (x.dtype, x.device) != (state.dtype, state.device):
+            raise ValueError(f"{type(self).__name__}.step expects x of shape (batch={state.shape[0]}, d_model={d}), "
+                             f"got {tuple(x.shape)}")
+        if x.dtype != state.dtype or x.device != state.device:
+            # An int input was cast silently by some step forms, a float64 one on a float32 cache
+            # failed inside the LRU's matmul and was silently promoted by the others.
+            who = f"{type(self).__name__}.step"
+            check_floating(x, who, autocast_hint=False)
             raise TypeError(f"{who}: the cache holds {state.dtype} state on {state.device}, got x of {x.dtype} on "
                             f"{x.device}; convert x (x.to({state.dtype})) or allocate the cache with "
                             f"allocate_inference_cache(batch_size, dtype={x.dtype}) on x's device")
-        y, inference_cache["lrnn_state"] = inference_cache["step_form"](x, state)
+        y, inference_cache["lrnn_state"] = form(x, state)
         return y, inference_cache
