@@ -303,6 +303,12 @@ def read_config(folder: Path) -> Dict[str, Any]:
     if layer is not None and not isinstance(layer, str):
         raise CheckpointError(f"{path}: model.layer must be a str (a registered layer name), got {layer!r} "
                               f"({type(layer).__name__}); re-save the checkpoint")
+    family = config.get("family")
+    if family is not None and layer is not None and family != layer.rpartition(":")[2]:
+        # save_pretrained writes the layer's name as the family; which of the two is the model?
+        raise CheckpointError(f"{path}: 'family' is {family!r} but model.layer is {layer!r}; they must name the "
+                              "same layer (family is the layer's name without a 'plugin:' prefix). Fix "
+                              "config.json or re-save the checkpoint")
     return config
 
 
@@ -394,6 +400,15 @@ def _check_dtypes(expected: Dict[str, Any], found: Dict[str, Any], path: Path) -
                               "re-save the model with model.save_pretrained(DIR)")
 
 
+def _check_no_nan(found: Dict[str, Any], path: Path) -> None:
+    """Refuse NaN weights (a diverged run, or a file damaged in a way its format cannot see): the model
+    would load and then answer NaN to everything. Infinities pass: a layer may keep a -inf mask."""
+    bad = [k for k in sorted(found) if found[k].is_floating_point() and bool(found[k].isnan().any())]
+    if bad:
+        raise CheckpointError(f"{path} holds NaN weights in {', '.join(bad)}; the run that saved them diverged or "
+                              "the file is damaged. Re-save the model from a good state with model.save_pretrained(DIR)")
+
+
 def _weights_dtype(tensors: Dict[str, Any]) -> Optional[Any]:
     """float64 when every floating tensor of the file is float64 (a model saved in double precision),
     else None: the model stays float32 and half-precision weights are cast up."""
@@ -416,6 +431,7 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
     tensors = _read_weights(folder / WEIGHTS_NAME)
     _check_state(model.state_dict(), tensors, folder / WEIGHTS_NAME)
     _check_dtypes(model.state_dict(), tensors, folder / WEIGHTS_NAME)
+    _check_no_nan(tensors, folder / WEIGHTS_NAME)
     dtype = _weights_dtype(tensors)
     if dtype is not None:
         model = model.to(dtype)

@@ -237,3 +237,28 @@ def test_weights_path_that_is_a_folder_is_named(tmp_path):
     (tmp_path / "ckpt" / "model.safetensors").mkdir()
     with pytest.raises(lrnnx_zoo.CheckpointError, match=r"model.safetensors is a folder, expected a safetensors file"):
         lrnnx_zoo.from_pretrained(tmp_path / "ckpt")
+
+
+def test_nan_weights_are_refused_and_infinities_kept(tmp_path):
+    from safetensors.torch import load_file, save_file
+    small_model().save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "model.safetensors"
+    good = load_file(str(path))
+    bad = dict(good, **{"encoder.weight": good["encoder.weight"].clone().fill_(float("nan"))})
+    save_file(bad, str(path))
+    with pytest.raises(lrnnx_zoo.CheckpointError, match=r"holds NaN weights in encoder.weight"):
+        lrnnx_zoo.from_pretrained(tmp_path / "ckpt")
+    save_file(dict(good, **{"encoder.bias": torch.full_like(good["encoder.bias"], -float("inf"))}), str(path))
+    assert torch.isinf(lrnnx_zoo.from_pretrained(tmp_path / "ckpt").encoder.bias).all()   # loads as saved
+
+
+def test_config_family_that_contradicts_the_layer_is_refused(tmp_path):
+    import json
+    small_model("s4d").save_pretrained(tmp_path / "ckpt")
+    cfg_path = tmp_path / "ckpt" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["family"] == "s4d"
+    cfg["family"] = "lru"                       # loaded as an S4D before, without a word
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(lrnnx_zoo.CheckpointError, match=r"'family' is 'lru' but model.layer is 's4d'"):
+        lrnnx_zoo.from_pretrained(tmp_path / "ckpt")
