@@ -6,10 +6,11 @@ Columns:
   rounds so that the machine's drift moves them alike): ONNX Runtime step graph through
   OnnxStreamer, the model's eager ``SequenceModel.step``, the traced TorchScript step, the
   torch.export (.pt2) step; ratios eager/ONNX and TorchScript/ONNX;
-- tokens/s at batch 64 (ONNX step graph, and eager step);
+- tokens/s at batch 64 (ONNX step graph, and eager step; interleaved, both on one thread);
 - a 4096-step sequence at batch 1: streamed through the ONNX step graph vs the model's
   convolution-mode forward of the whole sequence.
-Torch runs single-threaded like ONNX Runtime (one stream of tiny steps; see validate.one_torch_thread).
+Torch runs single-threaded like ONNX Runtime (one stream of tiny steps; see validate.one_torch_thread),
+at batch 64 too, so that both columns are one core's throughput.
 
     python benchmarks/bench_export.py [--steps 500] [--families lru s4d] [--compare-exporters]
 """
@@ -27,7 +28,7 @@ import torch
 
 import lrnnx_zoo
 from lrnnx_zoo.export import OnnxStreamer, to_onnx, to_torch_export, to_torchscript
-from lrnnx_zoo.export.latency import interleaved_steps, onnx_latency, time_steps
+from lrnnx_zoo.export.latency import interleaved_steps, onnx_latency
 from lrnnx_zoo.export.validate import one_torch_thread
 from lrnnx_zoo.export.torchscript_export import load_torch_export, load_torchscript
 
@@ -37,13 +38,6 @@ def build(layer: str) -> lrnnx_zoo.SequenceModel:
     cfg = lrnnx_zoo.ModelConfig(layer=layer, d_input=16, d_output=16, d_model=128, n_layers=4,
                                 layer_kwargs={"d_state": 64}, pooling=None)
     return lrnnx_zoo.SequenceModel(cfg).eval()
-
-
-@torch.no_grad()
-def eager_latency(model: lrnnx_zoo.SequenceModel, batch: int, steps: int) -> float:
-    cache = model.allocate_inference_cache(batch)
-    x = torch.randn(batch, model.config.d_input)
-    return time_steps(lambda: model.step(x, cache), steps)["median_us"]
 
 
 @torch.no_grad()
@@ -68,6 +62,20 @@ def batch1_latencies(model, onnx_res, ts_res, pt2_res, steps: int) -> Dict[str, 
     return t
 
 
+@torch.no_grad()
+def batch64_throughput(model, onnx_res, steps: int) -> Dict[str, float]:
+    """Tokens/s at batch 64 of the ONNX graph and the eager ``model.step``, interleaved, both on one
+    thread (torch used both cores here before, ONNX Runtime one)."""
+    streamer = OnnxStreamer(onnx_res.path)
+    streamer.reset(64)
+    x_np = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    x, cache = torch.from_numpy(x_np), model.allocate_inference_cache(64)
+    with one_torch_thread():
+        t = interleaved_steps({"onnx": lambda: streamer.step(x_np), "eager": lambda: model.step(x, cache)},
+                              steps, rounds=5, warmup=10)
+    return {"onnx_tok_s_b64": 64e6 / t["onnx"], "eager_tok_s_b64": 64e6 / t["eager"]}
+
+
 def bench_family(layer: str, tmp: Path, steps: int, compare: bool) -> Dict[str, float]:
     model = build(layer)
     r = {}
@@ -78,8 +86,7 @@ def bench_family(layer: str, tmp: Path, steps: int, compare: bool) -> Dict[str, 
     r["kib"] = onnx_res.graph["bytes"] / 1024
     r["err"] = max(res.validation.max_abs_error for res in (onnx_res, ts_res, pt2_res))
     r.update(batch1_latencies(model, onnx_res, ts_res, pt2_res, steps))
-    r["onnx_tok_s_b64"] = 64e6 / onnx_latency(onnx_res.path, 64, max(steps // 5, 50))["median_us"]
-    r["eager_tok_s_b64"] = 64e6 / eager_latency(model, 64, max(steps // 5, 50))
+    r.update(batch64_throughput(model, onnx_res, max(steps // 5, 50)))
     x = torch.randn(1, 4096, 16)
     streamer = OnnxStreamer(onnx_res.path)
     stream_s, conv_s = [], []
