@@ -10,12 +10,13 @@ loading the *saved file* back and streaming it from a zero state before being mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -32,9 +33,15 @@ METADATA_FILE = "lrnnx_zoo.json"
 TRACE_BATCH = 3
 
 
-def _temp(path: Path, suffix: Optional[str] = None) -> Path:
-    """A hidden temporary sibling of path (torch.export.load wants the .pt2 suffix on it)."""
-    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{suffix or path.suffix}")
+@contextlib.contextmanager
+def _temp(path: Path, suffix: Optional[str] = None) -> Iterator[Path]:
+    """A hidden temporary sibling of path (torch.export.load wants the .pt2 suffix on it), removed on
+    exit unless it was moved into place: a save or validation that fails leaves nothing behind."""
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{suffix or path.suffix}")
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_torchscript(path: Union[str, Path]) -> torch.jit.ScriptModule:
@@ -65,15 +72,11 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
 def _finish(step: StepModule, model: torch.nn.Module, tmp: Path, path: Path, fmt: str, loader: Any,
             metadata: Dict[str, str], validate: bool, x: Optional[Tensor], tolerance: float,
             record: List[str]) -> ExportResult:
-    try:
-        report = None
-        if validate:
-            loaded = loader(tmp)
-            report = validate_stream(torch_stream(loaded, step.state_size), model, x, tolerance, fmt)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    report = None
+    if validate:
+        loaded = loader(tmp)
+        report = validate_stream(torch_stream(loaded, step.state_size), model, x, tolerance, fmt)
+    os.replace(tmp, path)
     return ExportResult(path=str(path), format=fmt, metadata=metadata, state_size=step.state_size,
                         d_input=step.d_input, d_output=step.d_output, state_layout=step.state_layout,
                         validation=report, graph={"bytes": os.path.getsize(path)}, warnings=record)
@@ -96,12 +99,12 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
         step = build_step_module(model)
         metadata = graph_metadata(step, model, info, {"format": "torchscript", "batch": "dynamic"})
         record: List[str] = []
-        tmp = _temp(path)
-        with _quiet(record), torch.no_grad():
-            traced = torch.jit.trace(step, sample_inputs(step, TRACE_BATCH), check_trace=False)
-            torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
-        return _finish(step, model, tmp, path, "torchscript", load_torchscript, metadata, validate,
-                       validation_input, tolerance, record)
+        with _temp(path) as tmp:
+            with _quiet(record), torch.no_grad():
+                traced = torch.jit.trace(step, sample_inputs(step, TRACE_BATCH), check_trace=False)
+                torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+                return _finish(step, model, tmp, path, "torchscript", load_torchscript, metadata, validate,
+                           validation_input, tolerance, record)
 
 
 def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: Optional[int] = None,
@@ -127,13 +130,13 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
         if batch is not None and x is None:
             x = default_sequence(step.d_input, batch=batch)
         record: List[str] = []
-        tmp = _temp(path, ".pt2")
         dims = None
         if batch is None:
             b = torch.export.Dim("batch")
             dims = ({0: b}, {0: b})
-        with _quiet(record), torch.no_grad():
-            program = torch.export.export(step, sample_inputs(step, batch or TRACE_BATCH), dynamic_shapes=dims)
-            torch.export.save(program, str(tmp), extra_files={METADATA_FILE: json.dumps(metadata)})
-        return _finish(step, model, tmp, path, "torch-export", load_torch_export, metadata, validate,
-                       x, tolerance, record)
+        with _temp(path, ".pt2") as tmp:
+            with _quiet(record), torch.no_grad():
+                program = torch.export.export(step, sample_inputs(step, batch or TRACE_BATCH), dynamic_shapes=dims)
+                torch.export.save(program, str(tmp), extra_files={METADATA_FILE: json.dumps(metadata)})
+            return _finish(step, model, tmp, path, "torch-export", load_torch_export, metadata, validate,
+                           x, tolerance, record)

@@ -262,3 +262,20 @@ def test_config_family_that_contradicts_the_layer_is_refused(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(lrnnx_zoo.CheckpointError, match=r"'family' is 'lru' but model.layer is 's4d'"):
         lrnnx_zoo.from_pretrained(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "torch-export"])
+def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch, fmt):
+    # The hidden temporary was removed only after validation: a save that failed half-way left it.
+    from lrnnx_zoo.export import to_torch_export
+
+    def half_written(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+    target = "torch.jit.save" if fmt == "torchscript" else "torch.export.save"
+    monkeypatch.setattr(target, half_written)
+    export = to_torchscript if fmt == "torchscript" else to_torch_export
+    with pytest.raises(OSError, match="disk full"):
+        export(small_model(), tmp_path / "step.graph")
+    assert list(tmp_path.iterdir()) == []
