@@ -23,12 +23,13 @@ import torch
 
 import lrnnx_zoo
 from lrnnx_zoo.hub import EXPORT_KIND, WEIGHTS_NAME
-from lrnnx_zoo.hub_save import publishing, write_safetensors
+from lrnnx_zoo.folder_swap import replaced_folder
+from lrnnx_zoo.hub_save import check_save_target, publishing, write_safetensors
 
 from .card import build_card
 from .latency import DEFAULT_STEPS, onnx_latency, torch_latency
 from .onnx_export import to_onnx
-from .paths import output_location
+from .paths import check_output
 from .provenance import Source, family_of, load_source, source_of
 from .result import ExportResult
 from .step_graph import build_step_module
@@ -111,10 +112,16 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         raise ValueError(f"latency_steps must be an int >= 0 (0 skips the measurement), got {latency_steps!r}")
     if batch is not None and format == "torchscript":
         raise ValueError("a traced TorchScript step accepts any batch; drop batch= or use format='onnx'/'torch-export'")
-    _check_not_overwriting(Path(out_dir), format)
-    with output_location(out_dir, "out_dir", folder=True) as out:
-        model, info = load_source(src, revision=revision, token=token)
-        graph_path = out / GRAPH_FILES[format]
+    out = Path(out_dir)
+    check_output(out, "out_dir", folder=True)
+    replaced = _check_not_overwriting(out, format)
+    target = check_save_target(out, "out_dir")
+    files = [GRAPH_FILES[format], WEIGHTS_FILE, CONFIG_FILE, CARD_FILE]
+    model, info = load_source(src, revision=revision, token=token)
+    # written into a hidden sibling and swapped in whole: a failed or interrupted export leaves the
+    # folder as it was, and an earlier export's graph in another format does not outlive its config
+    with replaced_folder(target, keep=lambda entry: entry not in files and entry != replaced) as staging:
+        graph_path = staging / GRAPH_FILES[format]
         if format == "onnx":
             result = to_onnx(model, graph_path, opset=opset, batch=batch, quantize=quantize,
                              validation_input=validation_input)
@@ -127,42 +134,51 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
 
         step = build_step_module(model)
         tensors = {k: v.detach().contiguous().clone() for k, v in step.state_dict().items()}
-        write_safetensors(tensors, out / WEIGHTS_FILE, dict(result.metadata))
+        write_safetensors(tensors, staging / WEIGHTS_FILE, dict(result.metadata))
         config = _config(model, info, format, result, opset, batch, quantize, latency)
-        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (out / CARD_FILE).write_text(build_card(config), encoding="utf-8")
-        files = [GRAPH_FILES[format], WEIGHTS_FILE, CONFIG_FILE, CARD_FILE]
-        commit = upload_folder(out, push_to_hub, files, token=token, private=private) if push_to_hub else None
-        return FolderExport(folder=out, files=files, result=result, latency=latency, config=config, commit=commit)
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (staging / CARD_FILE).write_text(build_card(config), encoding="utf-8")
+        for name in files:
+            with open(staging / name, "rb") as fh:
+                os.fsync(fh.fileno())
+    commit = upload_folder(out, push_to_hub, files, token=token, private=private) if push_to_hub else None
+    return FolderExport(folder=out, files=files, result=result, latency=latency, config=config, commit=commit)
 
 
-def _check_not_overwriting(out: Path, fmt: str) -> None:
+def _check_not_overwriting(out: Path, fmt: str) -> Optional[str]:
     """Refuse an ``out`` whose config.json / README.md / graph / weights would be overwritten but do
     not come from an earlier export: exporting into a checkpoint folder replaced its config.json and
-    card, and the checkpoint no longer loaded. Re-exporting over an export folder is fine."""
+    card, and the checkpoint no longer loaded. Re-exporting over an export folder is fine; returns
+    the graph file that earlier export's config names (replaced too, whatever its format)."""
     if not out.is_dir():
-        return
+        return None
+    earlier = _export_config(out / CONFIG_FILE)
+    if earlier is not None:
+        graph = earlier.get("file")
+        return graph if graph in GRAPH_FILES.values() else None
     ours = [GRAPH_FILES[fmt], WEIGHTS_FILE, CONFIG_FILE, CARD_FILE]
     clashing = [f for f in ours if (out / f).exists()]
-    if not clashing or _is_export_config(out / CONFIG_FILE):
-        return
+    if not clashing:
+        return None
     what = ("an lrnnx-zoo checkpoint" if (out / WEIGHTS_NAME).is_file()
             else "files that `lrnnx-zoo export` did not write")
     raise FileExistsError(f"out_dir {out} holds {what}; exporting there would overwrite {', '.join(clashing)}. "
                           f"Export into another folder, e.g. {out / 'export'}")
 
 
-def _is_export_config(path: Path) -> bool:
+def _export_config(path: Path) -> Optional[Dict[str, Any]]:
+    """The config.json of an earlier export at ``path``, or None (missing, unreadable, not an export's)."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("kind") == EXPORT_KIND
+        return None
+    return config if isinstance(config, dict) and config.get("kind") == EXPORT_KIND else None
 
 
 def upload_folder(folder: Path, repo_id: str, files: List[str], token: Optional[Union[str, bool]] = None,
                   private: bool = False) -> Any:
-    """Create ``repo_id`` if needed and upload ``files`` of ``folder`` in one commit; returns the CommitInfo."""
+    """Create ``repo_id`` if needed and upload ``files`` of ``folder`` in one commit, deleting the
+    repo's graph files of other formats in the same commit; returns the CommitInfo."""
     from huggingface_hub import HfApi
 
     missing = [f for f in files if not (folder / f).is_file()]
@@ -172,5 +188,8 @@ def upload_folder(folder: Path, repo_id: str, files: List[str], token: Optional[
     with publishing("upload to", repo_id, f"the export is complete in {folder}; push it again with "
                     f"huggingface_hub's upload_folder or `hf upload {repo_id} {folder}`"):
         api.create_repo(repo_id, private=private, exist_ok=True)
+        # a graph of another format from an earlier push would no longer match config.json
+        stale = [g for g in GRAPH_FILES.values() if g not in files]
         return api.upload_folder(repo_id=repo_id, folder_path=os.fspath(folder), allow_patterns=files,
+                                 delete_patterns=stale,
                                  commit_message=f"Upload lrnnx-zoo {lrnnx_zoo.__version__} step graph")

@@ -15,6 +15,20 @@ from typing import Iterator, List, Union
 from lrnnx_zoo.hub_save import nearest_existing
 
 
+def check_output(path: Path, what: str, folder: bool = False) -> None:
+    """Refuse a ``path`` that cannot become the file (or, ``folder=True``, the folder) asked for.
+
+    Raises IsADirectoryError / NotADirectoryError naming ``what`` (the argument), the path and what
+    was expected."""
+    if folder and path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} {path} is a file; expected a folder (it is created if missing)")
+    if not folder and path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder; expected a file path, e.g. {path / 'model.onnx'}")
+    ancestor = nearest_existing(path if folder else path.parent)
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"cannot write {what} {path}: {ancestor} is a file, expected a folder")
+
+
 @contextlib.contextmanager
 def output_location(path: Union[str, Path], what: str, folder: bool = False) -> Iterator[Path]:
     """Check ``path`` (a file, or a folder with ``folder=True``), create its missing folders, yield
@@ -24,13 +38,8 @@ def output_location(path: Union[str, Path], what: str, folder: bool = False) -> 
     Raises IsADirectoryError / NotADirectoryError naming the path and what was expected.
     """
     path = Path(path)
-    if folder and path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{what} {path} is a file; expected a folder (it is created if missing)")
-    if not folder and path.is_dir():
-        raise IsADirectoryError(f"{what} {path} is a folder; expected a file path, e.g. {path / 'model.onnx'}")
+    check_output(path, what, folder)
     ancestor = nearest_existing(path if folder else path.parent)
-    if not ancestor.is_dir():
-        raise NotADirectoryError(f"cannot write {what} {path}: {ancestor} is a file, expected a folder")
     created: List[Path] = []
     missing = path if folder else path.parent
     while missing != ancestor:

@@ -13,15 +13,14 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import stat
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Union
 
 from . import __version__
 from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
                   CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout)
+from .folder_swap import replaced_folder
 from .registry import get_registry
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
@@ -103,37 +102,19 @@ def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, An
             os.fsync(fh.fileno())
 
 
-def _carry_over(old: Path, new: Path) -> None:
-    """Hard-link (or copy) files of ``old`` that are not checkpoint files into ``new``, so saving over
-    a folder never deletes a user's other files there, and ``old`` stays intact until the swap."""
-    for entry in old.iterdir():
-        if entry.name in CHECKPOINT_FILES:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(str(entry), str(new / entry.name))
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst, follow_symlinks=False)
-    except OSError:
-        shutil.copy2(src, dst, follow_symlinks=False)
-
-
-def check_save_target(save_directory: PathLike) -> Path:
+def check_save_target(save_directory: PathLike, what: str = "save_directory") -> Path:
     """The folder a save into ``save_directory`` writes (a symlink's target), after checking it can be
     written: not a file, and both it (if it exists) and its parent (where the temporary sibling goes)
-    writable. Raises CheckpointError or PermissionError naming the folder the caller gave."""
+    writable. Raises CheckpointError or PermissionError naming the folder the caller gave (as the
+    argument ``what``)."""
     given = Path(save_directory).expanduser().absolute()
     target = given.resolve() if given.is_symlink() else given  # save through the link, keep the link
     shown = str(given) if target == given else f"{given} (a link to {target})"
     if target.exists() and not target.is_dir():
-        raise CheckpointError(f"save_directory {shown} is a file; pass a folder (it is created if missing)")
+        raise CheckpointError(f"{what} {shown} is a file; pass a folder (it is created if missing)")
     if Path.cwd().absolute().is_relative_to(target) and target.exists():
         raise CheckpointError(f"cannot save over {shown}: it holds the current working directory, and saving "
-                              "swaps the folder; save to a subfolder instead")
+                              "swaps the folder; write to a subfolder instead")
     if target.exists() and not os.access(target, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot save into {shown}: the folder is not writable by this user "
                               f"(mode {stat.filemode(target.stat().st_mode)}); make it writable or save elsewhere")
@@ -141,8 +122,8 @@ def check_save_target(save_directory: PathLike) -> Path:
     if not ancestor.is_dir():
         raise CheckpointError(f"cannot save into {shown}: {ancestor} is a file, expected a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        what = "its parent folder" if ancestor == target.parent else "the nearest existing folder above it"
-        raise PermissionError(f"cannot save into {shown}: {what} {ancestor} is not writable by this user, and "
+        where = "its parent folder" if ancestor == target.parent else "the nearest existing folder above it"
+        raise PermissionError(f"cannot save into {shown}: {where} {ancestor} is not writable by this user, and "
                               "saving writes a temporary sibling folder there first; make it writable or save "
                               "elsewhere")
     return target
@@ -163,27 +144,8 @@ def save_checkpoint(model: "SequenceModel", save_directory: PathLike, *, name: O
     folder keeps its permission bits."""
     target = check_save_target(save_directory)
     config = checkpoint_config(model, **meta)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp, old = target.with_name(f".{target.name}.tmp-{tag}"), target.with_name(f".{target.name}.old-{tag}")
-    tmp.mkdir()
-    try:
+    with replaced_folder(target, keep=lambda entry: entry not in CHECKPOINT_FILES) as tmp:
         _write_checkpoint(model, tmp, config, name or Path(save_directory).expanduser().name or target.name)
-        if target.exists():
-            _carry_over(target, tmp)
-            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))  # e.g. a private 0700 folder stays private
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

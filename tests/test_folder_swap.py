@@ -1,0 +1,121 @@
+"""Folders of files that belong together (checkpoints, exports) are replaced whole or not at all.
+
+``lrnnx_zoo.folder_swap.replaced_folder`` writes a hidden sibling and exchanges it with the target;
+these tests check both the exchange (Linux renameat2) and the two-rename fallback, and what
+``export_folder`` keeps and drops when it writes over an earlier export.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lrnnx_zoo
+from lrnnx_zoo import folder_swap
+from lrnnx_zoo.export import export_folder
+from lrnnx_zoo.folder_swap import exchange_paths, replaced_folder
+
+
+def small_model(seed: int = 0) -> lrnnx_zoo.SequenceModel:
+    torch.manual_seed(seed)
+    cfg = lrnnx_zoo.ModelConfig(layer="s4d", d_input=3, d_output=2, d_model=8, n_layers=1,
+                                layer_kwargs={"d_state": 4})
+    return lrnnx_zoo.SequenceModel(cfg).eval()
+
+
+def listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(params=["exchange", "two renames"])
+def swap_mode(request, monkeypatch):
+    if request.param == "two renames":
+        monkeypatch.setattr(folder_swap, "_RENAMEAT2", None)
+    return request.param
+
+
+def test_exchange_paths_swaps_or_changes_nothing(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "f").write_text("A")
+    (b / "f").write_text("B")
+    swapped = exchange_paths(a, b)
+    assert ((a / "f").read_text(), (b / "f").read_text()) == (("B", "A") if swapped else ("A", "B"))
+    with pytest.raises(OSError):
+        if not exchange_paths(a, tmp_path / "missing"):     # no exchange here: nothing to test
+            raise OSError("no renameat2")
+
+
+def test_replaced_folder_swaps_in_and_keeps_what_keep_accepts(tmp_path, swap_mode):
+    target = tmp_path / "t"
+    target.mkdir(mode=0o700)
+    for name in ("ours.txt", "stale.bin", "mine.txt"):
+        (target / name).write_text("old " + name)
+    with replaced_folder(target, keep=lambda name: name != "stale.bin") as staging:
+        assert staging.parent == tmp_path and staging.name.startswith(".t.tmp-")
+        (staging / "ours.txt").write_text("new")
+        assert (target / "ours.txt").read_text() == "old ours.txt"   # nothing visible until the swap
+    assert listing(target) == ["mine.txt", "ours.txt"]
+    assert (target / "ours.txt").read_text() == "new" and (target / "mine.txt").read_text() == "old mine.txt"
+    assert (target.stat().st_mode & 0o777) == 0o700
+    assert listing(tmp_path) == ["t"]                               # no temporary or old folders left
+
+
+def test_replaced_folder_failure_changes_nothing(tmp_path, swap_mode):
+    target = tmp_path / "t"
+    target.mkdir()
+    (target / "a").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with replaced_folder(target, keep=lambda name: True) as staging:
+            (staging / "a").write_text("half")
+            raise RuntimeError("boom")
+    assert listing(target) == ["a"] and (target / "a").read_text() == "old"
+    assert listing(tmp_path) == ["t"]
+
+    fresh = tmp_path / "x" / "y" / "z"                             # missing parents are removed again
+    with pytest.raises(KeyboardInterrupt):
+        with replaced_folder(fresh, keep=lambda name: True):
+            raise KeyboardInterrupt
+    assert listing(tmp_path) == ["t"]
+
+
+def test_reexport_in_another_format_drops_the_earlier_graph(tmp_path):
+    out = tmp_path / "out"
+    export_folder(small_model(), out, format="torchscript", latency_steps=0)
+    (out / "notes.txt").write_text("mine")
+    done = export_folder(small_model(), out, format="onnx", latency_steps=0)
+    # model.ts no longer matched config.json (which now describes model.onnx): it is gone
+    assert listing(out) == ["README.md", "config.json", "model.onnx", "notes.txt", "step_form.safetensors"]
+    assert json.loads((out / "config.json").read_text())["file"] == "model.onnx" == done.files[0]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert listing(tmp_path) == ["out"]
+
+
+def test_failed_reexport_leaves_the_earlier_export_whole(tmp_path, monkeypatch):
+    from lrnnx_zoo.export import folder as export_folder_module
+
+    out = tmp_path / "out"
+    export_folder(small_model(), out, format="onnx", latency_steps=0)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    # the graph is already written (validated) when the weights fail: the old folder must stay whole
+    monkeypatch.setattr(export_folder_module, "write_safetensors", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_folder(small_model(seed=1), out, format="onnx", latency_steps=0)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert listing(tmp_path) == ["out"]
+
+
+def test_pushing_another_format_removes_the_earlier_graph_from_the_repo(tmp_path, local_hub):
+    export_folder(small_model(), tmp_path / "ts", format="torchscript", latency_steps=0, push_to_hub="me/graph")
+    (tmp_path / "user.txt").write_text("x")
+    from huggingface_hub import HfApi
+    HfApi().upload_file(path_or_fileobj=str(tmp_path / "user.txt"), path_in_repo="user.txt", repo_id="me/graph")
+    export_folder(small_model(), tmp_path / "onnx", format="onnx", latency_steps=0, push_to_hub="me/graph")
+    files = set(local_hub.list_files("me/graph"))
+    assert "model.ts" not in files and {"model.onnx", "config.json", "user.txt"} <= files
