@@ -15,6 +15,7 @@ import importlib
 import os
 import threading
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -340,13 +341,19 @@ def register_plugin(plugin: Any, name: Optional[str] = None) -> PluginInfo:
     name = name or getattr(plugin, "__name__", type(plugin).__name__)
     if name in reg.plugins:
         raise PluginError(f"a plugin named {name!r} is already registered; pick another name")
-    info = PluginInfo(name, getattr(plugin, "__name__", repr(plugin)))
+    where = getattr(plugin, "__name__", None) or f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+    info = PluginInfo(name, where)
     reg.load_plugin(plugin, info, _pm)
     if info.error and not info.error.startswith("duplicate"):
         del reg.plugins[name]
         if _pm.is_registered(plugin):
             _pm.unregister(plugin)
         raise PluginError(f"plugin {name!r} failed: {info.error}")
+    if info.error:
+        # kept, as for installed plugins, but the bare name is now ambiguous for every caller in
+        # this process: the one who registered it hears it here, not at the next create_layer
+        warnings.warn(f"plugin {name!r} registered, with {info.error[len('duplicate names: '):]}",
+                      stacklevel=2)
     return info
 
 

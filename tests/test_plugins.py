@@ -198,13 +198,29 @@ def test_hook_mistakes_names_and_stale_clashes(tmp_path):
     intruder = types.ModuleType("intruder")
     intruder.lrnnx_zoo_register_kernel_backends = lrnnx_zoo.hookimpl(
         lambda registry: registry.add_backend("vandermonde", "torch", lambda *a: None))
-    lrnnx_zoo.register_plugin(intruder)
+    with pytest.warns(UserWarning, match=r"plugin 'intruder' registered, with backend 'vandermonde.torch' is "
+                                         r"also registered by s4d.*'<plugin>:<name>'"):
+        lrnnx_zoo.register_plugin(intruder)
     try:
         assert not _plugin("s4d").ok
     finally:
         lrnnx_zoo.unregister_plugin("intruder")
     assert _plugin("s4d").ok
     assert "s4d" in lrnnx_zoo.list_layers()
+
+
+def test_plugin_object_is_named_by_its_class():
+    class Inline:
+        @lrnnx_zoo.hookimpl
+        def lrnnx_zoo_register_layers(self, registry):
+            registry.add_layer("inline_identity", torch.nn.Identity)
+
+    info = lrnnx_zoo.register_plugin(Inline())
+    try:
+        assert info.name == "Inline" and info.module.endswith("test_plugin_object_is_named_by_its_class.<locals>.Inline")
+        assert "inline_identity" in lrnnx_zoo.list_layers()
+    finally:
+        lrnnx_zoo.unregister_plugin("Inline")
 
 
 def test_seed_names_for_the_s4_helpers():
