@@ -170,6 +170,22 @@ def test_lru_float32_sequence_modes_have_exact_exponents():
             assert rel_err(m32.final_state(x).to(torch.complex128), s64) < 2e-6, backend
 
 
+@pytest.mark.parametrize("backend", ["scan", "fft"])
+def test_lru_float32_near_unit_circle_long_sequence(backend):
+    # r in [0.999, 0.99999] keeps up to ~1e5 steps of memory. The scan used to round lam to
+    # complex64 (off by ~6e-8, so lam^k by ~k * 6e-8) before forming its powers: 2.0e-5 from the
+    # float64 output here (1.1e-5 - 2.0e-5 over seeds 0-3); lam now stays complex128 in the scan:
+    # 3.6e-7 (3.5e-7 - 4.6e-7), i.e. float32 rounding of the projections and the in-chunk steps.
+    # 2e-6 sits 4x above that and 5x below the rounded-lam error. fft mode (each lam^l rounded
+    # once from complex128) must meet the same bound.
+    torch.manual_seed(0)
+    m32, m64 = _float32_vs_float64(lrnnx_zoo.create_layer("lru", 8, d_state=8, r_min=0.999, r_max=0.99999,
+                                                          backend=backend))
+    x = torch.randn(1, 16384, 8)
+    with torch.no_grad():
+        assert rel_err(m32(x).double(), m64(x.double())) < 2e-6
+
+
 @pytest.mark.parametrize("kernel", ["s4d", "lru"])
 def test_kernel_state_passing_float32_has_exact_exponents(kernel):
     # forward_state (the state handed to the next chunk) was 1.2e-4 (S4D) / 1.9e-4 (LRU) from its
