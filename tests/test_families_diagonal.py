@@ -69,6 +69,22 @@ def test_lru_initialisation_ring_and_normalisation():
     torch.testing.assert_close(torch.exp(layer.gamma_log.detach()), torch.sqrt(1 - r ** 2), rtol=1e-4, atol=1e-5)
 
 
+def test_lru_normalisation_near_unit_circle_matches_closed_form():
+    # gamma = sqrt(1 - |lam|^2) with |lam| = exp(-exp(nu_log)), in float64 from the stored float32
+    # nu_log (1 - |lam|^2 ~ 2e-5 at r = 0.99999: float64 keeps it to ~1e-11). 1 - |lam|^2 formed in
+    # float32 cancelled: gamma_log was up to 1.5e-3 off; now up to 4.4e-8, under float32's half
+    # ulp at |log gamma| ~ 5.4 (2.4e-7). 5e-7 allows one ulp.
+    from lrnnx_zoo.plugins.lru import LRUKernel
+    torch.manual_seed(0)
+    r = 0.99999
+    for module in (lrnnx_zoo.create_layer("lru", 4, d_state=256, r_min=r - 1e-6, r_max=r),
+                   LRUKernel(4, 64, r_min=r - 1e-6, r_max=r)):
+        nu_log = module.nu_log.detach().double()
+        want = torch.log(torch.sqrt(1 - torch.exp(-torch.exp(nu_log)) ** 2))
+        assert module.gamma_log.dtype == torch.float32
+        assert float((module.gamma_log.detach().double() - want).abs().max()) < 5e-7, type(module).__name__
+
+
 def test_lru_initial_state_fft_equals_scan():
     torch.manual_seed(0)
     x = torch.randn(2, 50, 6)
