@@ -12,7 +12,9 @@ whose solution is ``s_t = lam^{t+1} s_{-1} + sum_{k<=t} lam^{t-k} x_k``.
 steps; (1) the recurrence runs inside every chunk at once (T vectorised steps, each over all
 B*C*N chunk states, in place); (2) the chunk end states are scanned with lam^T (recursively, so
 the depth is O(T log_T L)); (3) every chunk adds ``lam^{t+1} * carry_{c-1}`` in one broadcast
-multiply-add. Powers of lam are formed in float64 by cumulative product and cast once.
+multiply-add. Powers of lam are formed in float64 by cumulative product and cast once; they are
+powers of lam as handed to the Function, so ``lam_dtype=torch.complex128`` keeps a complex128 lam
+(with complex64 states) from being rounded first, which matters within ~1e-5 of the unit circle.
 
 Why this and not Hillis-Steele doubling or an FFT convolution: measured on a 2-core CPU with
 complex64 (benchmarks/bench_kernels.py), forward at (B=8, L=1024, N=64) / (B=4, L=4096, N=64):
@@ -51,9 +53,13 @@ def default_chunk_size(L: int) -> int:
 # validation
 # ----------------------------------------------------------------------------------------------
 
-def _prepare(lam: Tensor, x: Tensor, initial_state: Optional[Tensor], fn: str
-             ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Check shapes, promote to one dtype; return lam as (1 or B, N), x, initial_state as (B, N)."""
+def _prepare(lam: Tensor, x: Tensor, initial_state: Optional[Tensor], fn: str,
+             lam_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Check shapes and dtypes; return lam as (1 or B, N), x as (B, L, N), initial_state as (B, N).
+
+    Without ``lam_dtype`` all three are promoted to one dtype. With it, x and initial_state are
+    promoted among themselves (made complex if lam is) and lam is cast to ``lam_dtype``'s precision
+    (never below x's), so a complex128 lam no longer drags a complex64 x up with it."""
     for name, t in (("lam", lam), ("x", x), ("initial_state", initial_state)):
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
@@ -66,19 +72,29 @@ def _prepare(lam: Tensor, x: Tensor, initial_state: Optional[Tensor], fn: str
     if lam.dim() != 2 or lam.shape[-1] != N or lam.shape[0] not in (1, B):
         raise ValueError(f"{fn}: expected lam of shape (N,) or (B, N) = ({N},) or ({B}, {N}) "
                          f"for x of shape {tuple(x.shape)}, got {given}")
-    dtype = torch.promote_types(lam.dtype, x.dtype)
+    dtype = x.dtype if lam_dtype is not None else torch.promote_types(lam.dtype, x.dtype)
     if initial_state is not None:
         if initial_state.dim() > 2 or initial_state.shape[-1:] != (N,) or (
                 initial_state.dim() == 2 and initial_state.shape[0] not in (1, B)):
             raise ValueError(f"{fn}: expected initial_state of shape (B, N) = ({B}, {N}), got "
                              f"{tuple(initial_state.shape)}")
         dtype = torch.promote_types(dtype, initial_state.dtype)
-    if not (dtype.is_floating_point or dtype.is_complex):
-        raise TypeError(f"{fn}: expected floating or complex tensors, got lam {lam.dtype}, "
-                        f"x {x.dtype}")
+    lam_t = torch.promote_types(lam.dtype, dtype)
+    if lam_dtype is not None:
+        if not isinstance(lam_dtype, torch.dtype) or not (lam_dtype.is_floating_point or lam_dtype.is_complex):
+            raise TypeError(f"{fn}: lam_dtype must be a floating or complex torch.dtype, got {lam_dtype!r}")
+        lam_t = torch.promote_types(lam_dtype, dtype)
+        if lam.dtype.is_complex:
+            lam_t = torch.promote_types(lam_t, torch.complex64)   # lam_dtype's precision, lam's kind
+        if lam_t.is_complex:
+            dtype = torch.promote_types(dtype, torch.complex64)   # x's precision, lam's kind
+    for t in (dtype, lam_t):
+        if not (t.is_floating_point or t.is_complex):
+            raise TypeError(f"{fn}: expected floating or complex tensors, got lam {lam.dtype}, "
+                            f"x {x.dtype}")
     # Casts (and the broadcast of initial_state) happen outside the autograd Function, so autograd
-    # itself maps gradients back to real inputs and smaller shapes.
-    lam, x = lam.to(dtype), x.to(dtype)
+    # itself maps gradients back to real inputs, lower precisions and smaller shapes.
+    lam, x = lam.to(lam_t), x.to(dtype)
     if initial_state is not None:
         initial_state = initial_state.to(dtype).expand(B, N)
     return lam, x, initial_state
@@ -160,7 +176,8 @@ def _scan_(s: Tensor, lam_hi: Tensor, reverse: bool, T: int) -> None:
 
 
 def _scan_impl(lam: Tensor, x: Tensor, s0: Optional[Tensor], reverse: bool, T: int) -> Tensor:
-    """Out-of-place chunked scan; lam (Bl, N), x (B, L, N), s0 (B, N) or None, one dtype."""
+    """Out-of-place chunked scan; lam (Bl, N), x (B, L, N), s0 (B, N) or None -> (B, L, N) of x's
+    dtype. x and s0 share one dtype; lam may be of higher precision (see ``lam_dtype``)."""
     B, L, N = x.shape
     if L == 0:
         return x.new_zeros(B, 0, N)
@@ -170,7 +187,7 @@ def _scan_impl(lam: Tensor, x: Tensor, s0: Optional[Tensor], reverse: bool, T: i
         buf[:, :L] = x
     if s0 is not None:
         # s0 only enters through the first step: fold lam * s0 into x_0 (x_{L-1} when reversed).
-        buf[:, L - 1 if reverse else 0].addcmul_(lam, s0)
+        buf[:, L - 1 if reverse else 0].add_((lam * s0).to(buf.dtype))
     _scan_(buf, lam.to(_hi(lam.dtype)), reverse, T)
     return buf if Lp == L else buf[:, :L]
 
@@ -206,15 +223,17 @@ class _DiagonalScan(torch.autograd.Function):
                 grad_lam = grad_lam + s0.conj() * gx[:, first]
             if lam.shape[0] == 1:
                 grad_lam = grad_lam.sum(0, keepdim=True)
+            grad_lam = grad_lam.to(lam.dtype)        # lam may be held in higher precision than x
         elif need_lam:
             grad_lam = torch.zeros_like(lam)
         if need_s0 and s0 is not None:
-            grad_s0 = lam.conj() * gx[:, first] if L > 0 else torch.zeros_like(s0)
+            grad_s0 = (lam.conj() * gx[:, first]).to(s0.dtype) if L > 0 else torch.zeros_like(s0)
         return grad_lam, (gx if need_x else None), grad_s0, None, None
 
 
 def diagonal_scan(lam: Tensor, x: Tensor, initial_state: Optional[Tensor] = None, *,
-                  reverse: bool = False, chunk_size: Optional[int] = None) -> Tensor:
+                  reverse: bool = False, chunk_size: Optional[int] = None,
+                  lam_dtype: Optional[torch.dtype] = None) -> Tensor:
     """All states of ``s_t = lam * s_{t-1} + x_t`` (LRU recurrence), ``s_{-1} = initial_state``.
 
     Args:
@@ -224,13 +243,22 @@ def diagonal_scan(lam: Tensor, x: Tensor, initial_state: Optional[Tensor] = None
         reverse: run backwards in time, ``s_t = lam * s_{t+1} + x_t`` with ``s_L = initial_state``.
         chunk_size: chunk length T of the two-level scan (default :func:`default_chunk_size`);
             results do not depend on it beyond rounding.
+        lam_dtype: precision in which lam and its powers lam^k (the carries between chunks) are
+            handled, e.g. ``torch.complex128`` (or ``torch.float64``: a complex lam stays complex);
+            never below x's. Default None: lam is promoted with x to one dtype. When given, x,
+            initial_state and the result keep their own precision (made complex if lam is), and
+            only the in-chunk steps (at most T) use lam rounded to x's. Pass lam computed in that
+            precision, not cast up from a rounded value: near |lam| = 1 the rounding of a
+            complex64 lam (~6e-8) grows in its powers, lam'^k = lam^k (1 + k * 6e-8); see
+            :func:`lrnnx_zoo.modal.modal_scan` for the measured effect.
 
     Returns:
-        (B, L, N) states, dtype promoted from the inputs.
+        (B, L, N) states, dtype promoted from the inputs (from x and initial_state only, with
+        lam's kind, when ``lam_dtype`` is given).
 
     Differentiable w.r.t. lam, x and initial_state by a custom backward (a reverse scan).
     """
-    lam, x, s0 = _prepare(lam, x, initial_state, "diagonal_scan")
+    lam, x, s0 = _prepare(lam, x, initial_state, "diagonal_scan", lam_dtype)
     if chunk_size is None:
         T = default_chunk_size(x.shape[1])
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 2:

@@ -69,6 +69,22 @@ def test_lru_initialisation_ring_and_normalisation():
     torch.testing.assert_close(torch.exp(layer.gamma_log.detach()), torch.sqrt(1 - r ** 2), rtol=1e-4, atol=1e-5)
 
 
+def test_lru_normalisation_near_unit_circle_matches_closed_form():
+    # gamma = sqrt(1 - |lam|^2) with |lam| = exp(-exp(nu_log)), in float64 from the stored float32
+    # nu_log (1 - |lam|^2 ~ 2e-5 at r = 0.99999: float64 keeps it to ~1e-11). 1 - |lam|^2 formed in
+    # float32 cancelled: gamma_log was up to 1.5e-3 off; now up to 4.4e-8, under float32's half
+    # ulp at |log gamma| ~ 5.4 (2.4e-7). 5e-7 allows one ulp.
+    from lrnnx_zoo.plugins.lru import LRUKernel
+    torch.manual_seed(0)
+    r = 0.99999
+    for module in (lrnnx_zoo.create_layer("lru", 4, d_state=256, r_min=r - 1e-6, r_max=r),
+                   LRUKernel(4, 64, r_min=r - 1e-6, r_max=r)):
+        nu_log = module.nu_log.detach().double()
+        want = torch.log(torch.sqrt(1 - torch.exp(-torch.exp(nu_log)) ** 2))
+        assert module.gamma_log.dtype == torch.float32
+        assert float((module.gamma_log.detach().double() - want).abs().max()) < 5e-7, type(module).__name__
+
+
 def test_lru_initial_state_fft_equals_scan():
     torch.manual_seed(0)
     x = torch.randn(2, 50, 6)
@@ -168,6 +184,22 @@ def test_lru_float32_sequence_modes_have_exact_exponents():
             assert rel_err(m32(x).double(), m64(x.double())) < tol, backend
             s64 = m64.final_state(x.double())
             assert rel_err(m32.final_state(x).to(torch.complex128), s64) < 2e-6, backend
+
+
+@pytest.mark.parametrize("backend", ["scan", "fft"])
+def test_lru_float32_near_unit_circle_long_sequence(backend):
+    # r in [0.999, 0.99999] keeps up to ~1e5 steps of memory. The scan used to round lam to
+    # complex64 (off by ~6e-8, so lam^k by ~k * 6e-8) before forming its powers: 2.0e-5 from the
+    # float64 output here (1.1e-5 - 2.0e-5 over seeds 0-3); lam now stays complex128 in the scan:
+    # 3.6e-7 (3.5e-7 - 4.6e-7), i.e. float32 rounding of the projections and the in-chunk steps.
+    # 2e-6 sits 4x above that and 5x below the rounded-lam error. fft mode (each lam^l rounded
+    # once from complex128) must meet the same bound.
+    torch.manual_seed(0)
+    m32, m64 = _float32_vs_float64(lrnnx_zoo.create_layer("lru", 8, d_state=8, r_min=0.999, r_max=0.99999,
+                                                          backend=backend))
+    x = torch.randn(1, 16384, 8)
+    with torch.no_grad():
+        assert rel_err(m32(x).double(), m64(x.double())) < 2e-6
 
 
 @pytest.mark.parametrize("kernel", ["s4d", "lru"])

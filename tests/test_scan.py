@@ -89,6 +89,42 @@ def test_float32_long_sequence_near_unit_circle(gen):
     assert ((got - loop32).abs().max() / loop32.abs().max()).item() < 1e-5
 
 
+def test_lam_dtype_complex128_lam_with_complex64_states(gen):
+    # |lam| = 0.99999: a complex64 lam is off by up to ~6e-8, so lam^k by ~k * 6e-8 (1e-3 at
+    # k = 16384); the states were 1.5e-4 / 2.1e-4 (forward / reverse) of max|s| from complex128.
+    # With lam_dtype=complex128 the powers are exact; what is left, 1.4e-6 / 1.6e-6, comes from the
+    # steps within chunks (lam rounded to complex64 for at most T = 64 steps, at each of the few
+    # recursion levels, ~64 * 3e-8) and complex64 adds. 3e-6 leaves 2x. x and the result stay complex64.
+    B, L, N = 2, 16384, 8
+    lam = rand_lam(N, gen=gen, r_min=0.99999, r_max=0.99999)                      # complex128
+    x = torch.randn(B, L, N, dtype=torch.complex64, generator=gen)
+    s0 = torch.randn(B, N, dtype=torch.complex64, generator=gen)
+    for reverse in (False, True):
+        ref = diagonal_scan(lam, x.to(C128), s0.to(C128), reverse=reverse)
+        got = diagonal_scan(lam, x, s0, reverse=reverse, lam_dtype=C128)
+        assert got.dtype == torch.complex64
+        assert ((got.to(C128) - ref).abs().max() / ref.abs().max()).item() < 3e-6, reverse
+
+
+def test_lam_dtype_promotion_rules(gen):
+    lam = rand_lam(4, gen=gen)
+    x32 = torch.randn(2, 20, 4, generator=gen)
+    # lam's kind, x's precision: a complex lam makes a float32 x complex64, not complex128.
+    assert diagonal_scan(lam, x32, lam_dtype=C128).dtype == torch.complex64
+    assert diagonal_scan(lam, x32).dtype == C128                  # default: one promoted dtype
+    # A real lam_dtype names the precision; a complex lam stays complex.
+    want = diagonal_scan(lam, x32.to(C128))
+    torch.testing.assert_close(diagonal_scan(lam, x32, lam_dtype=torch.float64).to(C128), want,
+                               rtol=1e-6, atol=1e-6)
+    # Real lam and x stay real; lam_dtype never lowers lam below x's precision.
+    lam_r = torch.rand(4, generator=gen, dtype=torch.float64)
+    assert diagonal_scan(lam_r, x32, lam_dtype=torch.float64).dtype == torch.float32
+    x64 = x32.double()
+    torch.testing.assert_close(diagonal_scan(lam_r, x64, lam_dtype=torch.float32), sequential_scan(lam_r, x64))
+    with pytest.raises(TypeError, match="lam_dtype"):
+        diagonal_scan(lam, x32, lam_dtype=torch.int64)
+
+
 def test_state_passing_splits_a_sequence(gen):
     # Scanning [x1, x2] equals scanning x1, then x2 from x1's last state.
     lam = rand_lam(6, gen=gen)
@@ -161,6 +197,38 @@ def test_gradcheck_real_and_mixed(gen):
     assert torch.autograd.gradcheck(lambda a, b: diagonal_scan(a, b, chunk_size=2), (lamc, x))
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradcheck_lam_dtype(gen, reverse):
+    # gradcheck needs double inputs: lam_dtype's path (lam cast apart from x, its gradient cast
+    # back) in complex128 throughout, then with real x (made complex by lam's kind).
+    lam = rand_lam(3, gen=gen).requires_grad_()
+    x = torch.randn(2, 9, 3, dtype=C128, generator=gen, requires_grad=True)
+    xr = torch.randn(2, 9, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    s0 = torch.randn(2, 3, dtype=C128, generator=gen, requires_grad=True)
+    fn = lambda a, b, c=None: diagonal_scan(a, b, c, reverse=reverse, chunk_size=2,  # noqa: E731
+                                            lam_dtype=C128)
+    assert torch.autograd.gradcheck(fn, (lam, x, s0))
+    assert torch.autograd.gradcheck(fn, (lam, xr))
+    assert torch.autograd.gradgradcheck(fn, (lam, x, s0))
+
+
+def test_lam_dtype_mixed_precision_gradients(gen):
+    # complex64 x and s0 with a complex128 lam: every gradient has its input's dtype and matches
+    # the all-complex128 gradients to float32 rounding (|lam| <= 0.999: ~1000-term sums).
+    lam = rand_lam(4, gen=gen, r_min=0.99, r_max=0.999)
+    x = torch.randn(2, 3000, 4, dtype=torch.complex64, generator=gen)
+    s0 = torch.randn(2, 4, dtype=torch.complex64, generator=gen)
+    g = torch.randn(2, 3000, 4, dtype=torch.complex64, generator=gen)
+    grads = []
+    for cast in (lambda t: t, lambda t: t.to(C128)):
+        inputs = [lam.clone().requires_grad_()] + [cast(t).detach().requires_grad_() for t in (x, s0)]
+        diagonal_scan(*inputs, lam_dtype=C128).backward(cast(g))
+        grads.append([t.grad for t in inputs])
+    for got, want in zip(*grads):
+        assert got.dtype == (C128 if got.shape == lam.shape else torch.complex64)
+        assert ((got.to(C128) - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
 def test_backward_matches_autograd_through_loop(gen):
     lam = rand_lam(4, gen=gen, r_min=0.9)
     x = torch.randn(3, 200, 4, dtype=C128, generator=gen)
@@ -196,3 +264,5 @@ def test_shape_errors_name_expected_and_given():
         diagonal_scan(lam, x, chunk_size=1)
     with pytest.raises(TypeError, match="floating or complex"):
         diagonal_scan(torch.ones(4, dtype=torch.int64), torch.ones(2, 3, 4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="floating or complex"):
+        diagonal_scan(torch.ones(4), torch.ones(2, 3, 4, dtype=torch.int64), lam_dtype=torch.float64)
