@@ -237,15 +237,77 @@ def batch_loss(model: nn.Module, task: str, x: Tensor, y: Tensor) -> Tensor:
 
 
 # -- evaluation ------------------------------------------------------------------------------------
+@dataclass
+class MetricSums:
+    """Running sums of a task's test metrics, kept in float64 (Python floats) so that adding many
+    batches does not drift the way float32 sums do; :meth:`result` turns them into means.
+
+    Classification counts examples, correct predictions and the summed cross-entropy; forecasting
+    counts the scored positions and sums the squared / absolute errors of the model and of the naive
+    last-value forecast, all in normalised units.
+    """
+
+    task: str
+    target: str = "next"
+    count: int = 0
+    correct: int = 0
+    loss: float = 0.0
+    sq: float = 0.0
+    abs: float = 0.0
+    naive_sq: float = 0.0
+    naive_abs: float = 0.0
+
+    def add(self, out: Tensor, x: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> None:
+        """Add one batch: model outputs ``out`` for inputs ``x`` with targets ``y`` (and, for
+        forecasting, ``mask`` (n, L) bool marking the scored positions; None scores all)."""
+        from .data import to_level
+        out = torch.as_tensor(out).detach().to("cpu", torch.float64)
+        if self.task == "sequence-classification":
+            y = y.to("cpu")
+            self.count += len(y)
+            self.correct += int((out.argmax(-1) == y).sum())
+            self.loss += nn.functional.cross_entropy(out, y, reduction="sum").item()
+            return
+        x, y = x.to("cpu", torch.float64), y.to("cpu", torch.float64)
+        true = to_level(x, y, self.target)
+        err = (to_level(x, out, self.target) - true).squeeze(-1)
+        naive = (x - true).squeeze(-1)           # the last value as the forecast of the next one
+        if mask is not None:
+            err, naive = err[mask], naive[mask]
+        self.count += err.numel()
+        self.sq += err.pow(2).sum().item()
+        self.abs += err.abs().sum().item()
+        self.naive_sq += naive.pow(2).sum().item()
+        self.naive_abs += naive.abs().sum().item()
+
+    def result(self) -> Dict[str, float]:
+        """The metrics (see :func:`score`); NaN when nothing was scored."""
+        def mean(total: float) -> float:
+            return total / self.count if self.count else float("nan")
+        if self.task == "sequence-classification":
+            return {"test_accuracy": mean(self.correct), "test_loss": mean(self.loss)}
+        return {"test_mse": mean(self.sq), "test_mae": mean(self.abs),
+                "naive_test_mse": mean(self.naive_sq), "naive_test_mae": mean(self.naive_abs)}
+
+
 @torch.no_grad()
 def evaluate(model: SequenceModel, data: TaskData, batch_size: int = 256) -> Dict[str, float]:
-    """Test metrics of ``model`` on ``data`` (see :func:`score`)."""
+    """Test metrics of ``model`` on ``data`` (see :func:`score`), summed batch by batch in float64.
+
+    The model runs in eval mode and is put back in the mode it was in, also when a batch fails.
+    """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    outs = [model(data.x_test[i:i + batch_size].to(device)).cpu() for i in range(0, len(data.x_test), batch_size)]
-    model.train(was_training)
-    return score(torch.cat(outs), data)
+    try:
+        device = next(model.parameters()).device
+        sums = MetricSums(data.task, data.target)
+        for i in range(0, len(data.x_test), batch_size):
+            x = data.x_test[i:i + batch_size]
+            mask = None if data.mask_test is None else data.mask_test[i:i + batch_size]
+            sums.add(model(x.to(device)), x, data.y_test[i:i + batch_size], mask)
+        return sums.result()
+    finally:
+        model.train(was_training)
 
 
 def score(out: Tensor, data: TaskData) -> Dict[str, float]:
@@ -253,18 +315,11 @@ def score(out: Tensor, data: TaskData) -> Dict[str, float]:
 
     Classification (out: (n, classes)): test_accuracy, test_loss. Forecasting (out: (n, L, 1),
     normalised units, scored positions only): test_mse, test_mae and the naive last-value
-    forecast's naive_test_mse, naive_test_mae.
+    forecast's naive_test_mse, naive_test_mae.  Computed in float64 (see :class:`MetricSums`).
     """
-    from .data import forecast_errors, to_level
-    out = torch.as_tensor(out)
-    if data.task == "sequence-classification":
-        return {"test_accuracy": (out.argmax(-1) == data.y_test).float().mean().item(),
-                "test_loss": nn.functional.cross_entropy(out, data.y_test).item()}
-    true = to_level(data.x_test, data.y_test, data.target)
-    model_err = forecast_errors(to_level(data.x_test, out, data.target), true, data.mask_test)
-    naive = forecast_errors(data.x_test, true, data.mask_test)
-    return {"test_mse": model_err["mse"], "test_mae": model_err["mae"],
-            "naive_test_mse": naive["mse"], "naive_test_mae": naive["mae"]}
+    sums = MetricSums(data.task, data.target)
+    sums.add(out, data.x_test, data.y_test, data.mask_test)
+    return sums.result()
 
 
 def checkpoint_data(info: Dict[str, Any]) -> TaskData:

@@ -244,3 +244,69 @@ def test_card_notes_say_when_max_steps_cut_the_run_short(tmp_path):
     full = schedule_note(OptimSpec(epochs=3, warmup_steps=1), StepPlan(10, 30, 30), 30)
     assert full == "1 warmup step then cosine decay, 3 epochs (30 optimiser steps)"
     assert TrainingSetupError.__mro__[1] is ValueError
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+
+class _Lookup(torch.nn.Module):
+    """A stand-in model: example i (x[i, 0, 0] == i) gets the fixed output table[i]."""
+
+    def __init__(self, table: torch.Tensor, fail: bool = False) -> None:
+        super().__init__()
+        self.table, self.fail = table, fail
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # evaluate reads the device from a parameter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail:
+            raise RuntimeError("forward failed")
+        return self.table[x[:, 0, 0].long()]
+
+
+def _task_data(task: str, x: torch.Tensor, y: torch.Tensor, mask=None):
+    from lrnnx_zoo.training import TaskData
+    return TaskData(task, x, y, x, y, mask, card={})
+
+
+def test_evaluate_sums_in_float64_over_many_batches():
+    from lrnnx_zoo.training import evaluate, score
+    n = 20_000
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(n, 10, generator=gen) * 30).float()     # large logits: float32 log-softmax rounds
+    y = torch.randint(0, 10, (n,), generator=gen)
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1)
+    data = _task_data("sequence-classification", x, y)
+    l64 = logits.double()
+    exact_loss = (l64.logsumexp(-1) - l64.gather(1, y[:, None])[:, 0]).mean().item()
+    exact_acc = (logits.argmax(-1) == y).sum().item() / n
+    for metrics in (evaluate(_Lookup(logits), data, batch_size=7), score(logits, data)):
+        # float32 sums (and a float32 log-softmax) are off by ~1e-7 relative here
+        assert metrics["test_loss"] == pytest.approx(exact_loss, rel=1e-12, abs=0)
+        assert metrics["test_accuracy"] == exact_acc
+
+    out = (torch.randn(50, 40, 1, generator=gen) * 1e3).float()
+    xs = torch.randn(50, 40, 1, generator=gen).float() + 1e3
+    ys = torch.randn(50, 40, 1, generator=gen).float()
+    mask = torch.rand(50, 40, generator=gen) > 0.3
+    xs[:, 0, 0] = torch.arange(50, dtype=torch.float32)           # the lookup index
+    forecast = _task_data("time-series-forecasting", xs, ys, mask)
+    forecast.target = "delta"
+    true = xs.double() + ys.double()
+    err = ((xs.double() + out.double()) - true)[..., 0][mask]
+    metrics = evaluate(_Lookup(out), forecast, batch_size=3)
+    assert metrics["test_mse"] == pytest.approx(err.pow(2).mean().item(), rel=1e-12, abs=0)
+    assert metrics["test_mae"] == pytest.approx(err.abs().mean().item(), rel=1e-12, abs=0)
+    assert metrics["naive_test_mse"] == pytest.approx(ys.double()[..., 0][mask].pow(2).mean().item(), rel=1e-12)
+
+
+def test_evaluate_restores_the_models_mode_also_when_it_fails():
+    from lrnnx_zoo.training import evaluate
+    logits = torch.randn(4, 3)
+    data = _task_data("sequence-classification", torch.arange(4.0).view(4, 1, 1), torch.tensor([0, 1, 2, 0]))
+    for training in (True, False):
+        model = _Lookup(logits).train(training)
+        evaluate(model, data)
+        assert model.training is training
+        model.fail = True
+        with pytest.raises(RuntimeError, match="forward failed"):
+            evaluate(model, data)
+        assert model.training is training     # was left in eval mode
