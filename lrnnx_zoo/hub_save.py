@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Union
 
 from . import __version__
-from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
+from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
                   CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout)
 from .registry import get_registry
 
@@ -122,18 +122,26 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
-def check_save_target(save_directory: PathLike) -> Path:
+def check_save_target(save_directory: PathLike, what: str = "save_directory") -> Path:
     """The folder a save into ``save_directory`` writes (a symlink's target), after checking it can be
-    written: not a file, and both it (if it exists) and its parent (where the temporary sibling goes)
-    writable. Raises CheckpointError or PermissionError naming the folder the caller gave."""
+    written: not a file, not a folder whose config.json belongs to something else (an export folder,
+    another library's model: saving would replace it and its README.md), and both it (if it exists)
+    and its parent (where the temporary sibling goes) writable. Saving over an lrnnx-zoo checkpoint is
+    fine: it is replaced atomically. Raises CheckpointError or PermissionError naming the folder the
+    caller gave, as the argument ``what`` (e.g. "out_dir", "--out")."""
     given = Path(save_directory).expanduser().absolute()
     target = given.resolve() if given.is_symlink() else given  # save through the link, keep the link
     shown = str(given) if target == given else f"{given} (a link to {target})"
     if target.exists() and not target.is_dir():
-        raise CheckpointError(f"save_directory {shown} is a file; pass a folder (it is created if missing)")
+        raise CheckpointError(f"{what} {shown} is a file; pass a folder (it is created if missing)")
     if Path.cwd().absolute().is_relative_to(target) and target.exists():
         raise CheckpointError(f"cannot save over {shown}: it holds the current working directory, and saving "
                               "swaps the folder; save to a subfolder instead")
+    foreign = _foreign_config(target / CONFIG_NAME)
+    if foreign:
+        raise CheckpointError(f"{what} {shown} holds {foreign}; saving a checkpoint there would overwrite its {CONFIG_NAME} "
+                              f"and {CARD_NAME}. Expected a new folder or an lrnnx-zoo checkpoint folder; save "
+                              f"into another folder, e.g. {given / 'checkpoint'}")
     if target.exists() and not os.access(target, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot save into {shown}: the folder is not writable by this user "
                               f"(mode {stat.filemode(target.stat().st_mode)}); make it writable or save elsewhere")
@@ -141,11 +149,31 @@ def check_save_target(save_directory: PathLike) -> Path:
     if not ancestor.is_dir():
         raise CheckpointError(f"cannot save into {shown}: {ancestor} is a file, expected a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        what = "its parent folder" if ancestor == target.parent else "the nearest existing folder above it"
-        raise PermissionError(f"cannot save into {shown}: {what} {ancestor} is not writable by this user, and "
+        where = "its parent folder" if ancestor == target.parent else "the nearest existing folder above it"
+        raise PermissionError(f"cannot save into {shown}: {where} {ancestor} is not writable by this user, and "
                               "saving writes a temporary sibling folder there first; make it writable or save "
                               "elsewhere")
     return target
+
+
+def _foreign_config(path: Path) -> Optional[str]:
+    """What ``path`` (a config.json) belongs to, if a save must not overwrite it: an export folder
+    (the mirror of export refusing to overwrite a checkpoint) or another library's model; None for
+    none, an lrnnx-zoo checkpoint's, or one that is not readable JSON (a damaged checkpoint, which a
+    save repairs)."""
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    if config.get("kind") == EXPORT_KIND:
+        return "an export (a step graph written by `lrnnx-zoo export`)"
+    if config.get("library") != LIBRARY:
+        return f"another model's {CONFIG_NAME} (library {config.get('library')!r}, not {LIBRARY!r})"
+    return None
 
 
 def nearest_existing(path: Path) -> Path:

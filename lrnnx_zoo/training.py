@@ -373,9 +373,11 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
     ``model.save_pretrained`` (config, safetensors weights, model card with metrics and the
     command that reproduces it; ``command`` overrides the one derived from the recipe).
 
-    Checked before training starts: a wrong type is a TypeError; an unusable device, or a run that
-    would take no optimiser step (batch_size above the training set size), a :class:`TrainingSetupError`
-    (a ValueError); a missing optional package for the data a :class:`MissingDependencyError`.
+    Checked before training starts: a wrong type is a TypeError; an unusable device, an ``out_dir``
+    the checkpoint could not be saved into (a file, an export folder, no write permission; an existing
+    checkpoint folder is replaced, as by ``save_pretrained``), or a run that would take no optimiser
+    step (batch_size above the training set size), a :class:`TrainingSetupError` (a ValueError); a
+    missing optional package for the data a :class:`MissingDependencyError`.
     """
     recipe = _as_recipe(recipe)
     if seed is not None:
@@ -409,12 +411,24 @@ def _as_recipe(recipe: Any) -> Recipe:
 
 
 def _check_out_dir(out_dir: Any) -> None:
-    if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
+    """Refuse an ``out_dir`` the checkpoint could not be saved into, before any training: a run that
+    cannot save is lost.  Same rules as ``save_pretrained`` (:func:`lrnnx_zoo.hub_save.check_save_target`):
+    a new folder or an lrnnx-zoo checkpoint folder (replaced atomically) is fine; a file, an export
+    folder, another library's model folder or an unwritable place is a TrainingSetupError."""
+    if out_dir is None:
+        return
+    if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be None or a folder path (str or os.PathLike), "
                         f"got {out_dir!r} ({type(out_dir).__name__})")
-    if out_dir is not None and not hasattr(SequenceModel, "save_pretrained"):
+    if not hasattr(SequenceModel, "save_pretrained"):
         raise RuntimeError("SequenceModel.save_pretrained is not available (lrnnx_zoo.hub not installed); "
                            "train without out_dir or install a complete lrnnx-zoo")
+    from .hub import CheckpointError
+    from .hub_save import check_save_target
+    try:
+        check_save_target(out_dir, what="out_dir")
+    except (CheckpointError, PermissionError) as exc:
+        raise TrainingSetupError(str(exc)) from exc
 
 
 def _load_training_data(recipe: Recipe) -> TaskData:

@@ -456,6 +456,29 @@ def test_save_over_a_folder_keeps_its_mode(tmp_path):
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
 
 
+
+def test_save_refuses_to_overwrite_an_export_or_another_librarys_folder(tmp_path):
+    # The mirror of export refusing a checkpoint folder: saving into an export folder replaced its
+    # config.json and README.md, and the export no longer described its graph.
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"kind": "step-graph", "format": "onnx"}))
+    (export / "model.onnx").write_bytes(b"graph")
+    with pytest.raises(CheckpointError, match=f"save_directory {export} holds an export \\(a step graph written "
+                                              "by `lrnnx-zoo export`\\); saving a checkpoint there would overwrite"):
+        tiny("s4d").save_pretrained(export)
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"library": "transformers"}))
+    with pytest.raises(CheckpointError, match="another model's config.json \\(library 'transformers', not "
+                                              "'lrnnx-zoo'\\).*save into another folder, e.g. "):
+        tiny("s4d").save_pretrained(other)
+    assert json.loads((export / "config.json").read_text())["kind"] == "step-graph"
+    damaged = tiny("s4d").save_pretrained(tmp_path / "damaged")
+    (damaged / "config.json").write_text("{not json")       # a damaged checkpoint may be re-saved
+    tiny("s4d").save_pretrained(damaged)
+    assert from_pretrained(damaged).checkpoint_info["family"] == "s4d"
+
 _READ_ONLY_SAVES = """
 import os, sys, torch
 from pathlib import Path

@@ -310,3 +310,40 @@ def test_evaluate_restores_the_models_mode_also_when_it_fails():
         with pytest.raises(RuntimeError, match="forward failed"):
             evaluate(model, data)
         assert model.training is training     # was left in eval mode
+
+
+# -- out_dir is checked before training ----------------------------------------------------------
+
+def test_an_unusable_out_dir_is_refused_before_training(monkeypatch, tmp_path):
+    import json
+    _no_training(monkeypatch)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(TrainingSetupError, match=f"out_dir {a_file} is a file; pass a folder"):
+        train(TINY_1, out_dir=str(a_file), progress=False)
+    with pytest.raises(TrainingSetupError, match=f"cannot save into {a_file / 'sub'}: {a_file} is a file, "
+                                                 "expected a folder"):
+        train(TINY_1, out_dir=a_file / "sub", progress=False)
+    export = tmp_path / "exported"                      # what `lrnnx-zoo export` leaves
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"kind": "step-graph", "format": "onnx"}))
+    with pytest.raises(TrainingSetupError, match=f"out_dir {export} holds an export .* would overwrite its "
+                                                 "config.json and README.md"):
+        train(TINY_1, out_dir=export, progress=False)
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(TrainingSetupError, match="holds another model's config.json \\(library None"):
+        train(TINY_1, out_dir=other, progress=False)
+    assert json.loads((export / "config.json").read_text())["kind"] == "step-graph"
+
+
+def test_train_saves_over_an_existing_checkpoint_as_save_pretrained_does(tmp_path):
+    pytest.importorskip("safetensors")
+    out = tmp_path / "ckpt"
+    train(TINY_1, out_dir=out, progress=False)
+    (out / "notes.txt").write_text("mine")
+    model, _ = train(TINY_1, out_dir=out, seed=1, progress=False)
+    from lrnnx_zoo import from_pretrained
+    assert torch.equal(from_pretrained(out).encoder.weight, model.encoder.weight)
+    assert (out / "notes.txt").read_text() == "mine"
