@@ -273,6 +273,10 @@ def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None
                                  commit_message=message, revision=revision)
 
 
+#: config.json's provenance fields, which save_pretrained / push_to_hub write into the card.
+PROVENANCE_KEYS = ("task", "dataset", "metrics", "command", "notes")
+
+
 class HubMixin:
     """save_pretrained / push_to_hub / from_pretrained for :class:`~lrnnx_zoo.models.SequenceModel`."""
 
@@ -289,8 +293,12 @@ class HubMixin:
         ``notes`` go into config.json and the card. With ``push_to_hub=True`` the folder is then
         uploaded to ``repo_id`` (default: the folder name) and the commit info is returned;
         otherwise the folder's path.
+
+        A field left None comes from ``self.checkpoint_info`` (set by from_pretrained and by
+        ``lrnnx_zoo.training.train``), so re-saving a trained or loaded model keeps its card; pass
+        an empty value (``metrics={}``, ``command=""``) to leave one out.
         """
-        meta = dict(task=task, dataset=dataset, metrics=metrics, command=command, notes=notes)
+        meta = self._provenance(task=task, dataset=dataset, metrics=metrics, command=command, notes=notes)
         if not push_to_hub:
             return save_checkpoint(self, save_directory, name=repo_id, **meta)
         local = Path(save_directory).expanduser().absolute()
@@ -307,18 +315,24 @@ class HubMixin:
                     commit_message: Optional[str] = None, revision: Optional[str] = None) -> Any:
         """Upload this model to the Hub repo ``repo_id`` (created if needed); returns the CommitInfo.
 
-        Task, dataset, metrics and command come from ``self.checkpoint_info`` (set by
-        from_pretrained); to publish new ones use ``save_pretrained(DIR, ..., push_to_hub=True)``.
+        Task, dataset, metrics, command and notes come from ``self.checkpoint_info`` (set by
+        from_pretrained and by ``lrnnx_zoo.training.train``); to publish new ones use
+        ``save_pretrained(DIR, ..., push_to_hub=True)``.
         """
         import tempfile
-        info = getattr(self, "checkpoint_info", None) or {}
-        meta = {k: info.get(k) for k in ("task", "dataset", "metrics", "command", "notes")}
+        meta = self._provenance()
         kept = "the model in memory is unchanged (save_pretrained(DIR) keeps a local copy)"
         repo_id = create_repo(repo_id, token=token, private=private, kept=kept)   # its full id, for the card
         with tempfile.TemporaryDirectory(prefix="lrnnx-zoo-push-") as tmp:
             folder = save_checkpoint(self, Path(tmp) / "checkpoint", name=repo_id, **meta)
             return upload_checkpoint(folder, repo_id, token=token, private=private,
                                      commit_message=commit_message, revision=revision, kept=kept)
+
+    def _provenance(self, **given: Any) -> Dict[str, Any]:
+        """The card's fields (PROVENANCE_KEYS): those ``given`` as not None, the others from
+        ``self.checkpoint_info`` (None where it has none)."""
+        info = getattr(self, "checkpoint_info", None) or {}
+        return {k: given[k] if given.get(k) is not None else info.get(k) for k in PROVENANCE_KEYS}
 
     @classmethod
     def from_pretrained(cls, name_or_path: PathLike, revision: Optional[str] = None,

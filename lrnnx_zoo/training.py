@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -371,7 +372,9 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
 
     seed overrides the recipe's seed.  With ``out_dir`` rank 0 writes the checkpoint there with
     ``model.save_pretrained`` (config, safetensors weights, model card with metrics and the
-    command that reproduces it; ``command`` overrides the one derived from the recipe).
+    command that reproduces it; ``command`` overrides the one derived from the recipe).  The model
+    carries the same record as ``model.checkpoint_info`` (as a loaded one does), so a later
+    ``save_pretrained(DIR)`` or ``push_to_hub(REPO)`` writes the complete card too.
 
     Checked before training starts: a wrong type is a TypeError; an unusable device, an ``out_dir``
     the checkpoint could not be saved into (a file, an export folder, no write permission; an existing
@@ -390,9 +393,12 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
     try:
         with _deterministic():
             model, metrics, seconds, steps = _run(recipe, data, plan, dist_info, progress)
+        notes = training_notes(recipe, plan, steps, seconds, dist_info.world_size, _device_name(model))
+        meta = dict(task=recipe.task, dataset=data.card, metrics=metrics, notes=notes,
+                    command=command or reproduce_command(recipe, "DIR" if out_dir is None else str(out_dir)))
         if out_dir is not None and dist_info.is_main:
-            notes = training_notes(recipe, plan, steps, seconds, dist_info.world_size, _device_name(model))
-            _save(model, recipe, out_dir, data.card, metrics, notes, command)
+            model.save_pretrained(out_dir, **meta)
+        model.checkpoint_info = _checkpoint_info(model, recipe, out_dir, meta)
         if dist_info.world_size > 1:
             torch.distributed.barrier()  # nobody exits (and tears down the group) before rank 0 has saved
     finally:
@@ -536,10 +542,15 @@ def training_notes(recipe: Recipe, plan: StepPlan, steps: int, seconds: float, w
     return notes
 
 
-def _save(model: SequenceModel, recipe: Recipe, out_dir: str, data_card: Dict[str, Any], metrics: Dict[str, float],
-          notes: str, command: Optional[str]) -> None:
-    model.save_pretrained(out_dir, task=recipe.task, dataset=data_card, metrics=metrics,
-                          command=command or reproduce_command(recipe, out_dir), notes=notes)
+def _checkpoint_info(model: SequenceModel, recipe: Recipe, out_dir: Optional[str],
+                     meta: Dict[str, Any]) -> Dict[str, Any]:
+    """What ``from_pretrained`` attaches to a loaded model (config.json's dict plus "source"), for a
+    freshly trained one: ``save_pretrained`` / ``push_to_hub`` / export read their card from it."""
+    from .hub_save import checkpoint_config
+    source: Dict[str, Any] = {"type": "trained", "recipe": recipe.name}
+    if out_dir is not None:   # where rank 0 saved it: what from_pretrained(out_dir) would record
+        source = {"type": "local", "path": str(Path(out_dir).expanduser().resolve())}
+    return {**checkpoint_config(model, **meta), "source": source}
 
 
 def _device_name(model: nn.Module) -> str:

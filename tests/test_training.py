@@ -347,3 +347,41 @@ def test_train_saves_over_an_existing_checkpoint_as_save_pretrained_does(tmp_pat
     from lrnnx_zoo import from_pretrained
     assert torch.equal(from_pretrained(out).encoder.weight, model.encoder.weight)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+# -- a trained model carries its provenance --------------------------------------------------------
+
+def test_a_trained_model_carries_checkpoint_info_and_saves_a_complete_card(tmp_path):
+    pytest.importorskip("safetensors")
+    import json
+    from lrnnx_zoo import from_pretrained
+    model, metrics = train(TINY_1, progress=False)
+    info = model.checkpoint_info
+    assert info["metrics"] == metrics and info["task"] == "sequence-classification"
+    assert info["dataset"]["name"] == "digits" and info["dataset"]["spec"]["params"]["n_test"] == 360
+    assert info["command"].startswith("lrnnx-zoo train digits-tiny --out DIR --seed 0")
+    assert "Recipe 'digits-tiny'" in info["notes"] and info["family"] == "s4d"
+    assert info["source"] == {"type": "trained", "recipe": "digits-tiny"}
+    # save_pretrained right after training writes the card from it (it was empty: "Not recorded.")
+    folder = model.save_pretrained(tmp_path / "later")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["metrics"] == metrics and config["notes"] == info["notes"]
+    card = (folder / "README.md").read_text()
+    assert "| test_accuracy |" in card and "lrnnx-zoo train digits-tiny" in card and "Not recorded" not in card
+    # an explicit value still wins, and an empty one leaves the field out
+    bare = model.save_pretrained(tmp_path / "bare", metrics={}, command="x")
+    config = json.loads((bare / "config.json").read_text())
+    assert config["metrics"] == {} and config["command"] == "x" and config["task"] == "sequence-classification"
+
+    saved, _ = train(TINY_1, out_dir=tmp_path / "ckpt", progress=False)
+    assert saved.checkpoint_info == from_pretrained(tmp_path / "ckpt").checkpoint_info
+
+
+@pytest.mark.filterwarnings("ignore:Use .content=:DeprecationWarning")  # huggingface_hub's upload, as in test_hub
+def test_push_to_hub_right_after_training_publishes_the_metrics(local_hub):
+    model, metrics = train(TINY_1, progress=False)
+    model.push_to_hub("acme/trained")
+    card = local_hub.read_file("acme/trained", "README.md").decode()
+    assert "| test_accuracy |" in card and "lrnnx-zoo train digits-tiny" in card
+    from lrnnx_zoo import from_pretrained
+    assert from_pretrained("acme/trained").checkpoint_info["metrics"] == metrics
