@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .data import augment_digit_shifts
 from .models import ModelConfig, SequenceModel
+from .optim import optim_records
 from .recipes import DataSpec, OptimSpec, Recipe, check_seed, get_recipe
 
 
@@ -201,10 +202,11 @@ def plan_steps(n_train: int, optim: OptimSpec, max_steps: Optional[int]) -> Step
 
 def param_groups(model: SequenceModel, lr: float, weight_decay: float, ssm_lr: Optional[float]) -> List[Dict[str, Any]]:
     """AdamW groups: decayed matrices; undecayed biases/norms; the sequence layers' own parameters
-    at ``ssm_lr`` without decay.  A parameter's ``_optim`` record ({"lr", "weight_decay"}, the S4
-    ``register`` convention) overrides those defaults for that parameter."""
+    at ``ssm_lr`` without decay.  A parameter's record ({"lr", "weight_decay"}, the S4 ``register``
+    convention, see :mod:`lrnnx_zoo.optim`) overrides those defaults for that parameter."""
     layer_params = {id(p) for b in model.blocks for p in b.layer.parameters()}
     layer_lr = ssm_lr if ssm_lr is not None else lr
+    records = optim_records(model)
     groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
     for p in model.parameters():
         if not p.requires_grad:
@@ -213,7 +215,7 @@ def param_groups(model: SequenceModel, lr: float, weight_decay: float, ssm_lr: O
             key = (layer_lr, 0.0)
         else:
             key = (lr, weight_decay if p.dim() >= 2 else 0.0)
-        record = getattr(p, "_optim", {})
+        record = records.get(id(p), {})
         key = (record.get("lr", key[0]), record.get("weight_decay", key[1]))
         groups.setdefault(key, []).append(p)
     return [{"params": ps, "lr": g_lr, "weight_decay": g_wd} for (g_lr, g_wd), ps in groups.items()]
