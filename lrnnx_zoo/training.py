@@ -21,6 +21,8 @@ import copy
 import dataclasses
 import math
 import os
+import pprint
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 from .data import augment_digit_shifts
 from .models import ModelConfig, SequenceModel
 from .optim import optim_records
-from .recipes import DataSpec, OptimSpec, Recipe, check_seed, get_recipe
+from .recipes import DataSpec, OptimSpec, Recipe, check_seed, get_recipe, override
 
 
 class TrainingSetupError(ValueError):
@@ -352,19 +354,57 @@ def _deterministic() -> Iterator[None]:
 
 
 def reproduce_command(recipe: Recipe, out_dir: str) -> str:
-    """The CLI line that reproduces a run of ``recipe`` (the registered recipe plus overrides)."""
-    cmd = f"lrnnx-zoo train {recipe.name} --out {out_dir} --seed {recipe.seed}"
+    """A shell command that reproduces a run of ``recipe``, writing to ``out_dir``.
+
+    The ``lrnnx-zoo train`` line when it is exact: the registered recipe of that name, changed only
+    in what the CLI has flags for (seed, epochs, batch size, max steps), is this recipe (the
+    description aside, which does not change the run).  Otherwise (a recipe of another name, another
+    learning rate, model or data, or a max_steps the CLI cannot lift) a Python snippet that rebuilds
+    the recipe field by field and trains it.
+    """
+    cli = _cli_command(recipe, out_dir)
+    return cli if cli is not None else _python_command(recipe, out_dir)
+
+
+def _cli_command(recipe: Recipe, out_dir: str) -> Optional[str]:
+    """The ``lrnnx-zoo train`` line that reproduces ``recipe``, or None when the CLI cannot express it."""
     try:
         base = get_recipe(recipe.name)
-    except KeyError:
-        return cmd
+    except KeyError:                    # UnknownRecipeError: not a registered name
+        return None
+    made = override(base, seed=recipe.seed, epochs=recipe.optim.epochs, batch_size=recipe.optim.batch_size,
+                    max_steps=recipe.max_steps)   # max_steps None keeps the registered one: no flag lifts it
+    if dataclasses.replace(made, description=recipe.description) != recipe:
+        return None
+    cmd = f"lrnnx-zoo train {shlex.quote(recipe.name)} --out {shlex.quote(out_dir)} --seed {recipe.seed}"
     if recipe.optim.epochs != base.optim.epochs:
         cmd += f" --epochs {recipe.optim.epochs}"
     if recipe.optim.batch_size != base.optim.batch_size:
         cmd += f" --batch-size {recipe.optim.batch_size}"
-    if recipe.max_steps != base.max_steps and recipe.max_steps is not None:
+    if recipe.max_steps != base.max_steps:
         cmd += f" --max-steps {recipe.max_steps}"
     return cmd
+
+
+def _python_command(recipe: Recipe, out_dir: str) -> str:
+    """A ``python - <<'EOF'`` heredoc (no shell quoting needed) that rebuilds ``recipe`` from its repr
+    and trains it; if the repr does not rebuild an equal recipe (a value that is no Python literal),
+    a comment saying so instead of a command that would train something else."""
+    from . import recipes as R
+    text = pprint.pformat(recipe, width=100, sort_dicts=False)
+    try:
+        names = {"__builtins__": {}, "Recipe": R.Recipe, "DataSpec": R.DataSpec, "OptimSpec": R.OptimSpec}
+        exact = eval(text, names) == recipe
+    except Exception:                   # any failure to rebuild means: not reproducible this way
+        exact = False
+    if not exact:
+        return (f"# not reproducible from a command: recipe {recipe.name!r} holds values that are not "
+                f"Python literals; it was: {recipe!r}")
+    code = ("from lrnnx_zoo.recipes import DataSpec, OptimSpec, Recipe\n"
+            "from lrnnx_zoo.training import train\n\n"
+            "recipe = " + text.replace("\n", "\n" + " " * len("recipe = ")) + "\n"
+            f"train(recipe, out_dir={str(out_dir)!r})\n")
+    return f"python - <<'EOF'\n{code}EOF"
 
 
 def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[int] = None,

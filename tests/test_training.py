@@ -385,3 +385,47 @@ def test_push_to_hub_right_after_training_publishes_the_metrics(local_hub):
     assert "| test_accuracy |" in card and "lrnnx-zoo train digits-tiny" in card
     from lrnnx_zoo import from_pretrained
     assert from_pretrained("acme/trained").checkpoint_info["metrics"] == metrics
+
+
+# -- the command that reproduces a run -------------------------------------------------------------
+
+def _run_snippet(command: str, monkeypatch) -> tuple:
+    """Run the Python of a ``python - <<'EOF'`` command with train() stubbed; returns its arguments."""
+    import lrnnx_zoo.training as training
+    head, _, rest = command.partition("\n")
+    assert head == "python - <<'EOF'" and rest.endswith("\nEOF")
+    calls = []
+    monkeypatch.setattr(training, "train", lambda *a, **k: calls.append((a, k)))
+    exec(rest[:-len("EOF")], {})
+    (args, kwargs), = calls
+    return args, kwargs
+
+
+def test_reproduce_command_is_the_cli_line_only_when_the_cli_can_express_the_recipe(monkeypatch):
+    from lrnnx_zoo.training import reproduce_command
+    tiny = get_recipe(TINY)
+    assert reproduce_command(tiny, "out") == "lrnnx-zoo train digits-tiny --out out --seed 0"
+    assert (reproduce_command(override(tiny, seed=3, epochs=2, batch_size=16, max_steps=20), "my dir") ==
+            "lrnnx-zoo train digits-tiny --out 'my dir' --seed 3 --epochs 2 --batch-size 16 --max-steps 20")
+    assert reproduce_command(dataclasses.replace(tiny, description="renamed"), "out").startswith("lrnnx-zoo train")
+    # Recipes the CLI flags cannot express: the CLI line printed before trained the registered recipe.
+    custom = [dataclasses.replace(tiny, optim=dataclasses.replace(tiny.optim, lr=0.05)),     # no --lr flag
+              dataclasses.replace(tiny, max_steps=None),                                  # cannot lift max_steps
+              dataclasses.replace(tiny, name="my-recipe"),                                # not registered
+              dataclasses.replace(tiny, model={**tiny.model, "d_model": 16})]
+    for recipe in custom:
+        command = reproduce_command(recipe, "out")
+        assert not command.startswith("lrnnx-zoo train"), command
+        args, kwargs = _run_snippet(command, monkeypatch)
+        assert args == (recipe,) and kwargs == {"out_dir": "out"}
+
+
+def test_card_of_a_custom_recipe_reproduces_it(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    import json
+    recipe = dataclasses.replace(TINY_1, name="my-tiny", optim=dataclasses.replace(TINY_1.optim, lr=0.02))
+    train(recipe, out_dir=tmp_path / "ckpt", progress=False)
+    command = json.loads((tmp_path / "ckpt" / "config.json").read_text())["command"]
+    assert command in (tmp_path / "ckpt" / "README.md").read_text()
+    args, kwargs = _run_snippet(command, monkeypatch)
+    assert args == (recipe,) and kwargs == {"out_dir": str(tmp_path / "ckpt")}
