@@ -25,6 +25,7 @@ import pprint
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -44,6 +45,11 @@ class TrainingSetupError(ValueError):
 
 class MissingDependencyError(ImportError):
     """An optional package the run needs is not installed; the message says what to install."""
+
+
+class EpochsNotReachedWarning(UserWarning):
+    """max_steps ends a run before its last epoch starts, so part of ``epochs`` (e.g. a ``--epochs``
+    given on the command line) has no effect on it."""
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -200,6 +206,21 @@ def plan_steps(n_train: int, optim: OptimSpec, max_steps: Optional[int]) -> Step
     steps_per_epoch = n_train // optim.batch_size
     full = steps_per_epoch * optim.epochs
     return StepPlan(steps_per_epoch, full, full if max_steps is None else min(full, max_steps))
+
+
+def unreached_epochs(optim: OptimSpec, plan: StepPlan, max_steps: Optional[int]) -> Optional[str]:
+    """Why some of ``optim.epochs`` never run (max_steps ends the run before they start), or None.
+
+    E.g. a recipe with max_steps=8 ignores ``--epochs 3``: the run is the same 8 steps either way.
+    """
+    reached = -(-plan.total // plan.steps_per_epoch)          # epochs that take at least one step
+    if reached >= optim.epochs:
+        return None
+    never = f"epoch {optim.epochs}" if reached + 1 == optim.epochs else f"epochs {reached + 1} to {optim.epochs}"
+    return (f"epochs={optim.epochs} asks for {plan.full} optimiser steps ({plan.steps_per_epoch} per epoch), but "
+            f"max_steps={max_steps} ends the run after {plan.total}, in epoch {reached}: {never} never run. "
+            f"Raise max_steps to {plan.full} (--max-steps {plan.full}) to train every epoch, or ask for "
+            f"{_plural(reached, 'epoch')}")
 
 
 def param_groups(model: SequenceModel, lr: float, weight_decay: float, ssm_lr: Optional[float]) -> List[Dict[str, Any]]:
@@ -432,6 +453,9 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
     data = _load_training_data(recipe)
     plan = plan_steps(len(data.x_train), recipe.optim, recipe.max_steps)
     dist_info = setup_distributed(device)
+    unreached = unreached_epochs(recipe.optim, plan, recipe.max_steps)
+    if unreached and dist_info.is_main:               # once, not once per rank
+        warnings.warn(unreached, EpochsNotReachedWarning, stacklevel=2)
     try:
         with _deterministic():
             model, metrics, seconds, steps = _run(recipe, data, plan, dist_info, progress)

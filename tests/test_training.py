@@ -429,3 +429,29 @@ def test_card_of_a_custom_recipe_reproduces_it(tmp_path, monkeypatch):
     assert command in (tmp_path / "ckpt" / "README.md").read_text()
     args, kwargs = _run_snippet(command, monkeypatch)
     assert args == (recipe,) and kwargs == {"out_dir": str(tmp_path / "ckpt")}
+
+
+# -- epochs that max_steps never reaches ---------------------------------------------------------
+
+def test_epochs_that_max_steps_never_reaches_are_warned_about(monkeypatch, tmp_path, capsys):
+    # digits-tiny stops after max_steps=8 (of 44 per epoch): `--epochs 3` changed nothing, silently.
+    import warnings
+    from lrnnx_zoo.training import EpochsNotReachedWarning
+    _no_training(monkeypatch)
+    expected = ("epochs=3 asks for 132 optimiser steps (44 per epoch), but max_steps=8 ends the run after 8, "
+                "in epoch 1: epochs 2 to 3 never run. Raise max_steps to 132 (--max-steps 132) to train every "
+                "epoch, or ask for 1 epoch")
+    with pytest.warns(EpochsNotReachedWarning) as record, pytest.raises(pytest.fail.Exception):
+        train(override(get_recipe(TINY), epochs=3), progress=False)
+    assert [str(w.message) for w in record] == [expected]
+    with pytest.warns(EpochsNotReachedWarning, match="epochs=2 .* in epoch 1: epoch 2 never run"), \
+            pytest.raises(pytest.fail.Exception):
+        train(override(get_recipe(TINY), epochs=2), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EpochsNotReachedWarning)     # the recipe as registered: 1 epoch, cut short
+        for recipe in (get_recipe(TINY), override(get_recipe(TINY), epochs=2, max_steps=45)):
+            with pytest.raises(pytest.fail.Exception):
+                train(recipe, progress=False)
+    with pytest.raises(pytest.fail.Exception):
+        cli.main(["train", TINY, "--out", str(tmp_path / "out"), "--epochs", "3", "--no-progress"])
+    assert capsys.readouterr().err == f"lrnnx-zoo train: warning: {expected}\n"
