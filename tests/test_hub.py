@@ -94,6 +94,33 @@ def test_config_json_and_model_card_layout(tmp_path):
         assert text in card.text, text
 
 
+
+def test_card_metric_table_says_which_split_each_metric_comes_from(tmp_path):
+    from huggingface_hub import ModelCard
+    from lrnnx_zoo.hub_card import metric_split
+
+    folder = tiny("s4d").save_pretrained(tmp_path / "digits", **META)
+    card = ModelCard.load(folder / "README.md")
+    assert "| metric | value | split |" in card.text and "| test_accuracy | 0.9700 | test (360 examples) |" in card.text
+    assert {r.metric_type: r.dataset_split for r in card.data.eval_results} == {"test_accuracy": "test",
+                                                                                "test_loss": "test"}
+    sunspots = {"name": "sunspots", "split": {"train": {"indices": [0, 9], "dates": ["1749-01", "1749-10"]},
+                                              "val": {"indices": [10, 19], "dates": ["1749-11", "1750-08"]},
+                                              "test": {"indices": [20, 29], "dates": ["1750-09", "1751-06"]}}}
+    metrics = {"test_mse": 0.2, "naive_test_mse": 0.25, "val_mse": 0.3, "train_loss": 0.1, "flops": 1e6}
+    folder = tiny("s4d").save_pretrained(tmp_path / "sunspots", task="time-series-forecasting", dataset=sunspots,
+                                         metrics=metrics)
+    card = ModelCard.load(folder / "README.md")
+    for row in ("| test_mse | 0.2000 | test (1750-09 to 1751-06) |",
+                "| naive_test_mse | 0.2500 | test (1750-09 to 1751-06) |",   # was not seen as a test metric
+                "| val_mse | 0.3000 | validation (1749-11 to 1750-08) |",
+                "| train_loss | 0.1000 | train (1749-01 to 1749-10) |", "| flops | 1000000.0000 | not recorded |"):
+        assert row in card.text, row
+    assert {r.metric_type: r.dataset_split for r in card.data.eval_results} == {
+        "test_mse": "test", "naive_test_mse": "test", "val_mse": "validation", "train_loss": "train", "flops": None}
+    assert [metric_split(n) for n in ("validation-accuracy", "dev_f1", "latest_loss", "train_test_gap")] == [
+        "validation", "validation", None, None]
+
 # -- the Hub, through the real huggingface_hub client against LocalHub -------------------------
 def _files(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in folder.iterdir()}
