@@ -584,13 +584,21 @@ def _plural(n: int, singular: str, plural: Optional[str] = None) -> str:
 
 
 def schedule_note(optim: OptimSpec, plan: StepPlan, steps: int) -> str:
-    """How long the run was and how its learning rate moved, saying so when max_steps cut it short."""
-    warmup = f"{_plural(optim.warmup_steps, 'warmup step')} then cosine decay"
+    """How long the run was and how its learning rate moved (see :func:`warmup_cosine`), saying so
+    when max_steps cut it short and when the warmup outlasted the run (no cosine decay at all)."""
+    warmup = optim.warmup_steps
+    if warmup >= plan.total:            # every step was a warmup step: the rate only ever rose
+        peak = plan.total / (warmup + 1)   # the factor of the last step, (total - 1 + 1) / (warmup + 1)
+        lr = (f"{_plural(warmup, 'warmup step')} that outlast the run's {_plural(plan.total, 'optimiser step')}: "
+              f"the rate rose linearly to {peak:.1%} of lr and never decayed (no cosine phase)")
+    else:
+        lead = "cosine decay (no warmup)" if warmup == 0 else f"{_plural(warmup, 'warmup step')} then cosine decay"
+        lr = f"{lead} to zero at step {plan.total}" if plan.cut_short else lead
     epochs = _plural(optim.epochs, "epoch")
     if plan.cut_short:
-        return (f"{warmup} to zero at step {plan.total}, cut short by max_steps: {steps} of the {plan.full} "
+        return (f"{lr}, cut short by max_steps: {steps} of the {plan.full} "
                 f"optimiser steps that {epochs} ({plan.steps_per_epoch} per epoch) would take")
-    return f"{warmup}, {epochs} ({_plural(steps, 'optimiser step')})"
+    return f"{lr}, {epochs} ({_plural(steps, 'optimiser step')})"
 
 
 def training_notes(recipe: Recipe, plan: StepPlan, steps: int, seconds: float, world_size: int,

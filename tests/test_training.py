@@ -455,3 +455,20 @@ def test_epochs_that_max_steps_never_reaches_are_warned_about(monkeypatch, tmp_p
     with pytest.raises(pytest.fail.Exception):
         cli.main(["train", TINY, "--out", str(tmp_path / "out"), "--epochs", "3", "--no-progress"])
     assert capsys.readouterr().err == f"lrnnx-zoo train: warning: {expected}\n"
+
+
+def test_card_notes_say_when_the_warmup_outlasts_the_run():
+    # warmup_steps >= the steps taken: the rate never reached lr and never decayed, yet the card
+    # said "100 warmup steps then cosine decay".
+    note = schedule_note(OptimSpec(epochs=1, warmup_steps=100), StepPlan(44, 44, 8), 8)
+    assert note == ("100 warmup steps that outlast the run's 8 optimiser steps: the rate rose linearly to 7.9% of "
+                    "lr and never decayed (no cosine phase), cut short by max_steps: 8 of the 44 optimiser steps "
+                    "that 1 epoch (44 per epoch) would take")
+    note = schedule_note(OptimSpec(epochs=3, warmup_steps=30), StepPlan(10, 30, 30), 30)
+    assert note.startswith("30 warmup steps that outlast the run's 30 optimiser steps") and note.endswith(
+        "(no cosine phase), 3 epochs (30 optimiser steps)") and "then cosine" not in note
+    assert (schedule_note(OptimSpec(epochs=3, warmup_steps=29), StepPlan(10, 30, 30), 30) ==
+            "29 warmup steps then cosine decay, 3 epochs (30 optimiser steps)")
+    assert (schedule_note(OptimSpec(epochs=3, warmup_steps=0), StepPlan(10, 30, 20), 20) ==
+            "cosine decay (no warmup) to zero at step 20, cut short by max_steps: 20 of the 30 optimiser steps "
+            "that 3 epochs (10 per epoch) would take")
