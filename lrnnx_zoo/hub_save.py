@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Union
 
 from . import __version__
 from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
-                  CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout)
+                  CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout, loadable_source,
+                  weights_digest)
 from .registry import get_registry
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
@@ -275,6 +276,31 @@ def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None
 
 #: config.json's provenance fields, which save_pretrained / push_to_hub write into the card.
 PROVENANCE_KEYS = ("task", "dataset", "metrics", "command", "notes")
+#: Those that describe the run that made the weights: stale once the weights change.
+RUN_KEYS = ("metrics", "command", "notes")
+
+
+def stale_note(info: Dict[str, Any], dropped: Any) -> str:
+    """The card's note that ``dropped`` fields of ``info`` (checkpoint_info) were left out because
+    the weights changed since it was recorded; names the origin and the metrics it had."""
+    source = info.get("source")
+    if isinstance(source, dict) and source.get("type") == "trained":
+        origin = f"recipe {source.get('recipe')!r} trained them"
+    else:
+        where = loadable_source(source)
+        origin = f"they were loaded from {where}" if where else "they were recorded"
+    metrics = info.get("metrics")
+    fields = []
+    for key in dropped:
+        if key == "metrics" and isinstance(metrics, dict) and metrics:   # say what they were
+            key += " (" + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in metrics.items()) + ")"
+        fields.append(key)
+    listed = fields[0] if len(fields) == 1 else ", ".join(fields[:-1]) + " and " + fields[-1]
+    verb = "describes" if len(fields) == 1 and dropped[0] == "command" else "describe"
+    return (f"These weights changed (e.g. fine-tuning) after {origin}, so that run's {listed} no longer "
+            f"{verb} them and {'was' if verb == 'describes' else 'were'} left out; the task and dataset above "
+            "are that run's. Pass metrics= (and command=, notes=) to save_pretrained to record this model's own.")
 
 
 class HubMixin:
@@ -316,8 +342,9 @@ class HubMixin:
         """Upload this model to the Hub repo ``repo_id`` (created if needed); returns the CommitInfo.
 
         Task, dataset, metrics, command and notes come from ``self.checkpoint_info`` (set by
-        from_pretrained and by ``lrnnx_zoo.training.train``); to publish new ones use
-        ``save_pretrained(DIR, ..., push_to_hub=True)``.
+        from_pretrained and by ``lrnnx_zoo.training.train``), except metrics, command and notes
+        once the weights changed since (fine-tuning): those are left out and the card says so. To
+        publish new ones use ``save_pretrained(DIR, ..., push_to_hub=True)``.
         """
         import tempfile
         meta = self._provenance()
@@ -330,9 +357,29 @@ class HubMixin:
 
     def _provenance(self, **given: Any) -> Dict[str, Any]:
         """The card's fields (PROVENANCE_KEYS): those ``given`` as not None, the others from
-        ``self.checkpoint_info`` (None where it has none)."""
+        ``self.checkpoint_info`` (None where it has none).
+
+        If the weights changed since checkpoint_info was recorded (its ``weights_digest``: e.g. the
+        loaded model was fine-tuned), what describes that run (metrics, command, notes) is left
+        out unless given, and the notes say so; task and dataset are kept."""
         info = getattr(self, "checkpoint_info", None) or {}
-        return {k: given[k] if given.get(k) is not None else info.get(k) for k in PROVENANCE_KEYS}
+        recorded = info.get("weights_digest")
+        changed = recorded is not None and recorded != weights_digest(self)
+        meta, dropped = {}, []
+        for key in PROVENANCE_KEYS:
+            if given.get(key) is not None:
+                meta[key] = given[key]
+            elif changed and key in RUN_KEYS:
+                meta[key] = None
+                if info.get(key):
+                    dropped.append(key)
+            else:
+                meta[key] = info.get(key)
+        if dropped:
+            notes = str(meta["notes"] or "").rstrip()
+            meta["notes"] = (notes + ("" if not notes or notes.endswith((".", "!", "?")) else ".") + " "
+                             + stale_note(info, dropped)).lstrip()
+        return meta
 
     @classmethod
     def from_pretrained(cls, name_or_path: PathLike, revision: Optional[str] = None,

@@ -620,11 +620,12 @@ def _checkpoint_info(model: SequenceModel, recipe: Recipe, out_dir: Optional[str
                      meta: Dict[str, Any]) -> Dict[str, Any]:
     """What ``from_pretrained`` attaches to a loaded model (config.json's dict plus "source"), for a
     freshly trained one: ``save_pretrained`` / ``push_to_hub`` / export read their card from it."""
+    from .hub import weights_digest
     from .hub_save import checkpoint_config
     source: Dict[str, Any] = {"type": "trained", "recipe": recipe.name}
     if out_dir is not None:   # where rank 0 saved it: what from_pretrained(out_dir) would record
         source = {"type": "local", "path": str(Path(out_dir).expanduser().resolve())}
-    return {**checkpoint_config(model, **meta), "source": source}
+    return {**checkpoint_config(model, **meta), "source": source, "weights_digest": weights_digest(model)}
 
 
 def _device_name(model: nn.Module) -> str:

@@ -187,6 +187,38 @@ def test_push_to_hub_then_download(local_hub, tmp_path):
     assert_same_outputs(model, dev)
 
 
+
+def test_a_changed_model_does_not_republish_its_checkpoints_metrics(local_hub, tmp_path):
+    # push_to_hub after fine-tuning a loaded checkpoint published the old checkpoint's metrics and
+    # command as this model's.
+    folder = tiny("s4d").save_pretrained(tmp_path / "ckpt", notes="trained 3 epochs", **META)
+    model = from_pretrained(folder)
+    model.double().float()                                    # casts that lose nothing change nothing
+    same = json.loads((model.save_pretrained(tmp_path / "same") / "config.json").read_text())
+    assert same["metrics"] == META["metrics"] and same["command"] == META["command"]
+
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 5, 3)).square().mean().backward()
+    opt.step()                                                 # one fine-tuning step
+    model.push_to_hub("acme/tuned")
+    tuned = from_pretrained("acme/tuned").checkpoint_info
+    assert tuned["metrics"] is None and tuned["command"] is None
+    assert (tuned["task"], tuned["dataset"]) == (META["task"], DIGITS)
+    assert tuned["notes"] == (
+        f"These weights changed (e.g. fine-tuning) after they were loaded from {folder.resolve()}, so that run's "
+        "metrics (test_accuracy=0.97, test_loss=0.12), command and notes no longer describe them and were left out; "
+        "the task and dataset above are that run's. Pass metrics= (and command=, notes=) to save_pretrained to "
+        "record this model's own.")
+    card = local_hub.read_file("acme/tuned", "README.md").decode()
+    assert "| test_accuracy |" not in card and META["command"] not in card and "were left out" in card
+    # what is given is used as given
+    mine = model.save_pretrained(tmp_path / "mine", metrics={"test_accuracy": 0.5}, notes="tuned 1 step")
+    config = json.loads((mine / "config.json").read_text())
+    assert config["metrics"] == {"test_accuracy": 0.5} and config["command"] is None
+    assert config["notes"].startswith("tuned 1 step. These weights changed")
+    assert "run's command no longer describes them and was left out" in config["notes"]
+
 # -- refusals ----------------------------------------------------------------------------------
 @pytest.fixture
 def saved(tmp_path) -> Path:
