@@ -7,11 +7,14 @@ alone does not survive ``copy.deepcopy`` (``nn.Parameter.__deepcopy__`` copies t
 attributes), so :func:`set_optim_record` also keeps the record on the owning module, keyed by the
 parameter's name, where deepcopy, pickling and ``load_state_dict(assign=True)`` keep it; readers go
 through :func:`optim_records`, which looks at both.
+
+:func:`grouped_parameters` is the one implementation of "parameter groups honouring the records",
+behind both ``lrnnx_zoo.training.param_groups`` and the S4 plugin's ``optimizer_param_groups``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -58,3 +61,23 @@ def optim_records(model: nn.Module) -> Dict[int, Dict[str, Any]]:
             if record and id(param) not in found:
                 found[id(param)] = dict(record)
     return found
+
+
+def grouped_parameters(model: nn.Module, default: Callable[[nn.Parameter], Tuple[float, float]]
+                       ) -> List[Dict[str, Any]]:
+    """Optimiser parameter groups of ``model``'s trainable parameters (each shared one once).
+
+    ``default(p)`` gives a parameter's (lr, weight_decay); its record (:func:`optim_records`)
+    overrides either.  Parameters with the same pair share a group, in order of first appearance;
+    frozen ones (requires_grad False) are left out.  Pass the result to any torch optimiser.
+    """
+    records = optim_records(model)
+    groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        lr, weight_decay = default(param)
+        record = records.get(id(param), {})
+        key = (record.get("lr", lr), record.get("weight_decay", weight_decay))
+        groups.setdefault(key, []).append(param)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]

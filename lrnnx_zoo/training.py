@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .data import augment_digit_shifts
 from .models import ModelConfig, SequenceModel
-from .optim import optim_records
+from .optim import grouped_parameters
 from .recipes import DataSpec, OptimSpec, Recipe, check_seed, get_recipe, override
 
 
@@ -229,19 +229,12 @@ def param_groups(model: SequenceModel, lr: float, weight_decay: float, ssm_lr: O
     convention, see :mod:`lrnnx_zoo.optim`) overrides those defaults for that parameter."""
     layer_params = {id(p) for b in model.blocks for p in b.layer.parameters()}
     layer_lr = ssm_lr if ssm_lr is not None else lr
-    records = optim_records(model)
-    groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
+
+    def default(p: nn.Parameter) -> Tuple[float, float]:
         if id(p) in layer_params:
-            key = (layer_lr, 0.0)
-        else:
-            key = (lr, weight_decay if p.dim() >= 2 else 0.0)
-        record = records.get(id(p), {})
-        key = (record.get("lr", key[0]), record.get("weight_decay", key[1]))
-        groups.setdefault(key, []).append(p)
-    return [{"params": ps, "lr": g_lr, "weight_decay": g_wd} for (g_lr, g_wd), ps in groups.items()]
+            return layer_lr, 0.0
+        return lr, weight_decay if p.dim() >= 2 else 0.0
+    return grouped_parameters(model, default)
 
 
 def warmup_cosine(warmup: int, total: int):

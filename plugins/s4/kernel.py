@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from lrnnx_zoo import hippo
 from lrnnx_zoo.base import check_sizes
-from lrnnx_zoo.optim import optim_records, set_optim_record
+from lrnnx_zoo.optim import grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel
 
@@ -352,21 +352,11 @@ class S4Kernel(HippoSSKernel):
 
 
 def optimizer_param_groups(model: nn.Module, base_lr: float, base_wd: float = 0.0) -> List[Dict[str, Any]]:
-    """Optimizer parameter groups honouring the ``_optim`` records left by ``register``.
+    """Optimizer parameter groups honouring the records left by ``register``.
 
     Parameters without a record go to one group with ``base_lr`` / ``base_wd``; the others are
     grouped by their (lr, weight_decay), a missing entry falling back to the base value.
     Frozen parameters (requires_grad False) are left out. Pass the result to any torch optimizer.
+    (:func:`lrnnx_zoo.optim.grouped_parameters` with one default for every parameter.)
     """
-    groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
-    seen = set()
-    records = optim_records(model)
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        rec = records.get(id(p), {})
-        key = (rec.get("lr", base_lr), rec.get("weight_decay", base_wd))
-        groups.setdefault(key, []).append(p)
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
-
+    return grouped_parameters(model, lambda p: (base_lr, base_wd))
