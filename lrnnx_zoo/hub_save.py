@@ -140,9 +140,9 @@ def check_save_target(save_directory: PathLike, what: str = "save_directory") ->
                               "swaps the folder; save to a subfolder instead")
     foreign = _foreign_config(target / CONFIG_NAME)
     if foreign:
-        raise CheckpointError(f"{what} {shown} holds {foreign}; saving a checkpoint there would overwrite its {CONFIG_NAME} "
-                              f"and {CARD_NAME}. Expected a new folder or an lrnnx-zoo checkpoint folder; save "
-                              f"into another folder, e.g. {given / 'checkpoint'}")
+        raise CheckpointError(f"{what} {shown} holds {foreign}; saving a checkpoint there would overwrite its "
+                              f"{CONFIG_NAME} and {CARD_NAME}. Expected a new folder or an lrnnx-zoo checkpoint "
+                              f"folder; save into another folder, e.g. {given / 'checkpoint'}")
     if target.exists() and not os.access(target, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot save into {shown}: the folder is not writable by this user "
                               f"(mode {stat.filemode(target.stat().st_mode)}); make it writable or save elsewhere")

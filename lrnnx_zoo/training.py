@@ -436,7 +436,8 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
     the checkpoint could not be saved into (a file, an export folder, no write permission; an existing
     checkpoint folder is replaced, as by ``save_pretrained``), or a run that would take no optimiser
     step (batch_size above the training set size), a :class:`TrainingSetupError` (a ValueError); a
-    missing optional package for the data a :class:`MissingDependencyError`.
+    missing optional package for the data a :class:`MissingDependencyError`.  When max_steps ends the
+    run before its last epoch starts, an :class:`EpochsNotReachedWarning` says so (rank 0, before training).
     """
     recipe = _as_recipe(recipe)
     if seed is not None:
