@@ -115,7 +115,7 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
     out = Path(out_dir)
     check_output(out, "out_dir", folder=True)
     replaced = _check_not_overwriting(out, format)
-    target = check_save_target(out, "out_dir")
+    target = check_save_target(out, "out_dir", refuse_foreign=False)    # _check_not_overwriting decided
     files = [GRAPH_FILES[format], WEIGHTS_FILE, CONFIG_FILE, CARD_FILE]
     model, info = load_source(src, revision=revision, token=token)
     # written into a hidden sibling and swapped in whole: a failed or interrupted export leaves the

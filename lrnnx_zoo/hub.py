@@ -417,6 +417,23 @@ def _weights_dtype(tensors: Dict[str, Any]) -> Optional[Any]:
     return torch.float64 if floating == {torch.float64} else None
 
 
+def weights_digest(model: Any) -> str:
+    """A fingerprint of ``model``'s state_dict (names, shapes, values), kept in ``checkpoint_info`` so a
+    later save can tell whether the weights changed since (fine-tuning): then the checkpoint's metrics
+    no longer describe them.  Floating tensors are hashed as float64, so a cast that loses nothing
+    (``model.double()``, moving devices) keeps the digest; any changed value changes it."""
+    import hashlib
+    import torch
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu")
+        if t.is_floating_point():
+            t = t.to(torch.float64)
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "SequenceModel":
     """Build the model a checkpoint folder describes and load its weights strictly (eval mode)."""
     from .models import ModelConfig, SequenceModel
@@ -437,7 +454,8 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
         model = model.to(dtype)
     model.load_state_dict(tensors, strict=True)
     model.eval()
-    model.checkpoint_info = {**config, "source": source or {"type": "local", "path": str(folder.resolve())}}
+    model.checkpoint_info = {**config, "source": source or {"type": "local", "path": str(folder.resolve())},
+                             "weights_digest": weights_digest(model)}
     return model
 
 
@@ -447,7 +465,8 @@ def from_pretrained(name_or_path: PathLike, revision: Optional[str] = None, cach
 
     Looked up in that order; Hub repos download through huggingface_hub (its cache, ``revision``,
     ``local_files_only``, ``token``, ``HF_HUB_OFFLINE``). The model is returned in eval mode with
-    ``model.checkpoint_info`` = the parsed config.json plus ``"source"`` (path, or repo id and commit).
+    ``model.checkpoint_info`` = the parsed config.json plus ``"source"`` (path, or repo id and commit)
+    and ``"weights_digest"`` (:func:`weights_digest` of the loaded weights).
     """
     folder, source = resolve_checkpoint(name_or_path, revision, cache_dir, local_files_only, token)
     return load_checkpoint(folder, source)

@@ -8,6 +8,7 @@ task, data and split, metrics, the command that made it, how to load it and how 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -38,6 +39,36 @@ def scalar_metrics(metrics: Optional[Dict[str, Any]]) -> Dict[str, float]:
     return out
 
 
+#: Words of a metric's name that say its split ("naive_test_mse" -> test, "val_loss" -> validation).
+SPLIT_WORDS = {"test": "test", "val": "validation", "valid": "validation", "validation": "validation",
+               "dev": "validation", "train": "train", "training": "train"}
+#: The keys a dataset's "split" record may use for each split (lrnnx_zoo.data writes "val").
+SPLIT_KEYS = {"test": ("test",), "validation": ("val", "validation", "valid"), "train": ("train",)}
+
+
+def metric_split(name: str) -> Optional[str]:
+    """The split ("train", "validation", "test") a metric was measured on, as its name says it
+    (test_accuracy, naive_test_mse, val_loss, train_loss); None when the name says none, or several."""
+    found = {SPLIT_WORDS[w] for w in re.split(r"[^a-z0-9]+", name.lower()) if w in SPLIT_WORDS}
+    return found.pop() if len(found) == 1 else None
+
+
+def split_detail(split: str, dataset: Any) -> str:
+    """``split`` with what the dataset record says of it: "test (360 examples)" from a count
+    (``n_test``), "test (1980-01 to 2009-06)" from a period, else just the split's name."""
+    record = dataset.get("split") if isinstance(dataset, dict) else None
+    if not isinstance(record, dict):
+        return split
+    for key in SPLIT_KEYS[split]:
+        count, part = record.get(f"n_{key}"), record.get(key)
+        if isinstance(count, int) and not isinstance(count, bool):
+            return f"{split} ({count} examples)"
+        dates = part.get("dates") if isinstance(part, dict) else None
+        if isinstance(dates, list) and len(dates) == 2:
+            return f"{split} ({dates[0]} to {dates[1]})"
+    return split
+
+
 def headline_metric(metrics: Optional[Dict[str, Any]]) -> Optional[str]:
     """The metric to show in one line: the first test metric, else the first numeric one."""
     numeric = scalar_metrics(metrics)
@@ -60,8 +91,7 @@ def build_card(config: Dict[str, Any], name: str, n_parameters: Optional[int] = 
     evals = None
     if metrics and task and data:  # model-index needs all three
         evals = [EvalResult(task_type=task, dataset_type=data, dataset_name=data, metric_type=k,
-                            metric_value=v, dataset_split="test" if k.startswith("test") else None)
-                 for k, v in metrics.items()]
+                            metric_value=v, dataset_split=metric_split(k)) for k, v in metrics.items()]
     card_data = ModelCardData(
         library_name="lrnnx-zoo", tags=[family, *TAGS] + ([task] if task else []),
         datasets=[data] if data else None, metrics=list(metrics) or None,
@@ -87,8 +117,11 @@ def _body(cfg: Dict[str, Any], name: str, n_parameters: Optional[int]) -> List[s
     lines += ["## Metrics", ""]
     metrics = cfg.get("metrics") or {}
     if metrics:
-        lines += ["| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+        lines += ["| metric | value | split |", "| --- | --- | --- |"]
+        for k, v in metrics.items():
+            split = metric_split(k)
+            where = split_detail(split, cfg.get("dataset")) if split else "not recorded"
+            lines.append(f"| {k} | {v:.4f} | {where} |" if isinstance(v, float) else f"| {k} | {v} | {where} |")
     else:
         lines.append("Not recorded.")
     lines += ["", "## How it was made", ""]

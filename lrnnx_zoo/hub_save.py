@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Union
 
 from . import __version__
-from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
-                  CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout)
 from .folder_swap import replaced_folder
+from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
+                  CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout, loadable_source,
+                  weights_digest)
 from .registry import get_registry
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
@@ -102,11 +103,14 @@ def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, An
             os.fsync(fh.fileno())
 
 
-def check_save_target(save_directory: PathLike, what: str = "save_directory") -> Path:
+def check_save_target(save_directory: PathLike, what: str = "save_directory", refuse_foreign: bool = True) -> Path:
     """The folder a save into ``save_directory`` writes (a symlink's target), after checking it can be
     written: not a file, and both it (if it exists) and its parent (where the temporary sibling goes)
-    writable. Raises CheckpointError or PermissionError naming the folder the caller gave (as the
-    argument ``what``)."""
+    writable; with ``refuse_foreign`` (checkpoints) also not a folder whose config.json belongs to
+    something else (an export folder, another library's model: saving would replace it and its
+    README.md). Saving over an lrnnx-zoo checkpoint is fine: it is replaced atomically. Raises
+    CheckpointError or PermissionError naming the folder the caller gave, as the argument ``what``
+    (e.g. "out_dir", "--out")."""
     given = Path(save_directory).expanduser().absolute()
     target = given.resolve() if given.is_symlink() else given  # save through the link, keep the link
     shown = str(given) if target == given else f"{given} (a link to {target})"
@@ -115,6 +119,11 @@ def check_save_target(save_directory: PathLike, what: str = "save_directory") ->
     if Path.cwd().absolute().is_relative_to(target) and target.exists():
         raise CheckpointError(f"cannot save over {shown}: it holds the current working directory, and saving "
                               "swaps the folder; write to a subfolder instead")
+    foreign = _foreign_config(target / CONFIG_NAME) if refuse_foreign else None
+    if foreign:
+        raise CheckpointError(f"{what} {shown} holds {foreign}; saving a checkpoint there would overwrite its "
+                              f"{CONFIG_NAME} and {CARD_NAME}. Expected a new folder or an lrnnx-zoo checkpoint "
+                              f"folder; save into another folder, e.g. {given / 'checkpoint'}")
     if target.exists() and not os.access(target, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot save into {shown}: the folder is not writable by this user "
                               f"(mode {stat.filemode(target.stat().st_mode)}); make it writable or save elsewhere")
@@ -127,6 +136,26 @@ def check_save_target(save_directory: PathLike, what: str = "save_directory") ->
                               "saving writes a temporary sibling folder there first; make it writable or save "
                               "elsewhere")
     return target
+
+
+def _foreign_config(path: Path) -> Optional[str]:
+    """What ``path`` (a config.json) belongs to, if a save must not overwrite it: an export folder
+    (the mirror of export refusing to overwrite a checkpoint) or another library's model; None for
+    none, an lrnnx-zoo checkpoint's, or one that is not readable JSON (a damaged checkpoint, which a
+    save repairs)."""
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    if config.get("kind") == EXPORT_KIND:
+        return "an export (a step graph written by `lrnnx-zoo export`)"
+    if config.get("library") != LIBRARY:
+        return f"another model's {CONFIG_NAME} (library {config.get('library')!r}, not {LIBRARY!r})"
+    return None
 
 
 def nearest_existing(path: Path) -> Path:
@@ -207,6 +236,35 @@ def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None
                                  commit_message=message, revision=revision)
 
 
+#: config.json's provenance fields, which save_pretrained / push_to_hub write into the card.
+PROVENANCE_KEYS = ("task", "dataset", "metrics", "command", "notes")
+#: Those that describe the run that made the weights: stale once the weights change.
+RUN_KEYS = ("metrics", "command", "notes")
+
+
+def stale_note(info: Dict[str, Any], dropped: Any) -> str:
+    """The card's note that ``dropped`` fields of ``info`` (checkpoint_info) were left out because
+    the weights changed since it was recorded; names the origin and the metrics it had."""
+    source = info.get("source")
+    if isinstance(source, dict) and source.get("type") == "trained":
+        origin = f"recipe {source.get('recipe')!r} trained them"
+    else:
+        where = loadable_source(source)
+        origin = f"they were loaded from {where}" if where else "they were recorded"
+    metrics = info.get("metrics")
+    fields = []
+    for key in dropped:
+        if key == "metrics" and isinstance(metrics, dict) and metrics:   # say what they were
+            key += " (" + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in metrics.items()) + ")"
+        fields.append(key)
+    listed = fields[0] if len(fields) == 1 else ", ".join(fields[:-1]) + " and " + fields[-1]
+    verb = "describes" if len(fields) == 1 and dropped[0] == "command" else "describe"
+    return (f"These weights changed (e.g. fine-tuning) after {origin}, so that run's {listed} no longer "
+            f"{verb} them and {'was' if verb == 'describes' else 'were'} left out; the task and dataset above "
+            "are that run's. Pass metrics= (and command=, notes=) to save_pretrained to record this model's own.")
+
+
 class HubMixin:
     """save_pretrained / push_to_hub / from_pretrained for :class:`~lrnnx_zoo.models.SequenceModel`."""
 
@@ -223,8 +281,12 @@ class HubMixin:
         ``notes`` go into config.json and the card. With ``push_to_hub=True`` the folder is then
         uploaded to ``repo_id`` (default: the folder name) and the commit info is returned;
         otherwise the folder's path.
+
+        A field left None comes from ``self.checkpoint_info`` (set by from_pretrained and by
+        ``lrnnx_zoo.training.train``), so re-saving a trained or loaded model keeps its card; pass
+        an empty value (``metrics={}``, ``command=""``) to leave one out.
         """
-        meta = dict(task=task, dataset=dataset, metrics=metrics, command=command, notes=notes)
+        meta = self._provenance(task=task, dataset=dataset, metrics=metrics, command=command, notes=notes)
         if not push_to_hub:
             return save_checkpoint(self, save_directory, name=repo_id, **meta)
         local = Path(save_directory).expanduser().absolute()
@@ -241,18 +303,45 @@ class HubMixin:
                     commit_message: Optional[str] = None, revision: Optional[str] = None) -> Any:
         """Upload this model to the Hub repo ``repo_id`` (created if needed); returns the CommitInfo.
 
-        Task, dataset, metrics and command come from ``self.checkpoint_info`` (set by
-        from_pretrained); to publish new ones use ``save_pretrained(DIR, ..., push_to_hub=True)``.
+        Task, dataset, metrics, command and notes come from ``self.checkpoint_info`` (set by
+        from_pretrained and by ``lrnnx_zoo.training.train``), except metrics, command and notes
+        once the weights changed since (fine-tuning): those are left out and the card says so. To
+        publish new ones use ``save_pretrained(DIR, ..., push_to_hub=True)``.
         """
         import tempfile
-        info = getattr(self, "checkpoint_info", None) or {}
-        meta = {k: info.get(k) for k in ("task", "dataset", "metrics", "command", "notes")}
+        meta = self._provenance()
         kept = "the model in memory is unchanged (save_pretrained(DIR) keeps a local copy)"
         repo_id = create_repo(repo_id, token=token, private=private, kept=kept)   # its full id, for the card
         with tempfile.TemporaryDirectory(prefix="lrnnx-zoo-push-") as tmp:
             folder = save_checkpoint(self, Path(tmp) / "checkpoint", name=repo_id, **meta)
             return upload_checkpoint(folder, repo_id, token=token, private=private,
                                      commit_message=commit_message, revision=revision, kept=kept)
+
+    def _provenance(self, **given: Any) -> Dict[str, Any]:
+        """The card's fields (PROVENANCE_KEYS): those ``given`` as not None, the others from
+        ``self.checkpoint_info`` (None where it has none).
+
+        If the weights changed since checkpoint_info was recorded (its ``weights_digest``: e.g. the
+        loaded model was fine-tuned), what describes that run (metrics, command, notes) is left
+        out unless given, and the notes say so; task and dataset are kept."""
+        info = getattr(self, "checkpoint_info", None) or {}
+        recorded = info.get("weights_digest")
+        changed = recorded is not None and recorded != weights_digest(self)
+        meta, dropped = {}, []
+        for key in PROVENANCE_KEYS:
+            if given.get(key) is not None:
+                meta[key] = given[key]
+            elif changed and key in RUN_KEYS:
+                meta[key] = None
+                if info.get(key):
+                    dropped.append(key)
+            else:
+                meta[key] = info.get(key)
+        if dropped:
+            notes = str(meta["notes"] or "").rstrip()
+            meta["notes"] = (notes + ("" if not notes or notes.endswith((".", "!", "?")) else ".") + " "
+                             + stale_note(info, dropped)).lstrip()
+        return meta
 
     @classmethod
     def from_pretrained(cls, name_or_path: PathLike, revision: Optional[str] = None,

@@ -21,9 +21,13 @@ import copy
 import dataclasses
 import math
 import os
+import pprint
+import shlex
 import sys
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -31,7 +35,8 @@ from torch import Tensor, nn
 
 from .data import augment_digit_shifts
 from .models import ModelConfig, SequenceModel
-from .recipes import DataSpec, OptimSpec, Recipe, check_seed, get_recipe
+from .optim import grouped_parameters
+from .recipes import DataSpec, OptimSpec, Recipe, check_seed, get_recipe, override
 
 
 class TrainingSetupError(ValueError):
@@ -40,6 +45,11 @@ class TrainingSetupError(ValueError):
 
 class MissingDependencyError(ImportError):
     """An optional package the run needs is not installed; the message says what to install."""
+
+
+class EpochsNotReachedWarning(UserWarning):
+    """max_steps ends a run before its last epoch starts, so part of ``epochs`` (e.g. a ``--epochs``
+    given on the command line) has no effect on it."""
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -198,24 +208,33 @@ def plan_steps(n_train: int, optim: OptimSpec, max_steps: Optional[int]) -> Step
     return StepPlan(steps_per_epoch, full, full if max_steps is None else min(full, max_steps))
 
 
+def unreached_epochs(optim: OptimSpec, plan: StepPlan, max_steps: Optional[int]) -> Optional[str]:
+    """Why some of ``optim.epochs`` never run (max_steps ends the run before they start), or None.
+
+    E.g. a recipe with max_steps=8 ignores ``--epochs 3``: the run is the same 8 steps either way.
+    """
+    reached = -(-plan.total // plan.steps_per_epoch)          # epochs that take at least one step
+    if reached >= optim.epochs:
+        return None
+    never = f"epoch {optim.epochs}" if reached + 1 == optim.epochs else f"epochs {reached + 1} to {optim.epochs}"
+    return (f"epochs={optim.epochs} asks for {plan.full} optimiser steps ({plan.steps_per_epoch} per epoch), but "
+            f"max_steps={max_steps} ends the run after {plan.total}, in epoch {reached}: {never} never run. "
+            f"Raise max_steps to {plan.full} (--max-steps {plan.full}) to train every epoch, or ask for "
+            f"{_plural(reached, 'epoch')}")
+
+
 def param_groups(model: SequenceModel, lr: float, weight_decay: float, ssm_lr: Optional[float]) -> List[Dict[str, Any]]:
     """AdamW groups: decayed matrices; undecayed biases/norms; the sequence layers' own parameters
-    at ``ssm_lr`` without decay.  A parameter's ``_optim`` record ({"lr", "weight_decay"}, the S4
-    ``register`` convention) overrides those defaults for that parameter."""
+    at ``ssm_lr`` without decay.  A parameter's record ({"lr", "weight_decay"}, the S4 ``register``
+    convention, see :mod:`lrnnx_zoo.optim`) overrides those defaults for that parameter."""
     layer_params = {id(p) for b in model.blocks for p in b.layer.parameters()}
     layer_lr = ssm_lr if ssm_lr is not None else lr
-    groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
+
+    def default(p: nn.Parameter) -> Tuple[float, float]:
         if id(p) in layer_params:
-            key = (layer_lr, 0.0)
-        else:
-            key = (lr, weight_decay if p.dim() >= 2 else 0.0)
-        record = getattr(p, "_optim", {})
-        key = (record.get("lr", key[0]), record.get("weight_decay", key[1]))
-        groups.setdefault(key, []).append(p)
-    return [{"params": ps, "lr": g_lr, "weight_decay": g_wd} for (g_lr, g_wd), ps in groups.items()]
+            return layer_lr, 0.0
+        return lr, weight_decay if p.dim() >= 2 else 0.0
+    return grouped_parameters(model, default)
 
 
 def warmup_cosine(warmup: int, total: int):
@@ -237,15 +256,77 @@ def batch_loss(model: nn.Module, task: str, x: Tensor, y: Tensor) -> Tensor:
 
 
 # -- evaluation ------------------------------------------------------------------------------------
+@dataclass
+class MetricSums:
+    """Running sums of a task's test metrics, kept in float64 (Python floats) so that adding many
+    batches does not drift the way float32 sums do; :meth:`result` turns them into means.
+
+    Classification counts examples, correct predictions and the summed cross-entropy; forecasting
+    counts the scored positions and sums the squared / absolute errors of the model and of the naive
+    last-value forecast, all in normalised units.
+    """
+
+    task: str
+    target: str = "next"
+    count: int = 0
+    correct: int = 0
+    loss: float = 0.0
+    sq: float = 0.0
+    abs: float = 0.0
+    naive_sq: float = 0.0
+    naive_abs: float = 0.0
+
+    def add(self, out: Tensor, x: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> None:
+        """Add one batch: model outputs ``out`` for inputs ``x`` with targets ``y`` (and, for
+        forecasting, ``mask`` (n, L) bool marking the scored positions; None scores all)."""
+        from .data import to_level
+        out = torch.as_tensor(out).detach().to("cpu", torch.float64)
+        if self.task == "sequence-classification":
+            y = y.to("cpu")
+            self.count += len(y)
+            self.correct += int((out.argmax(-1) == y).sum())
+            self.loss += nn.functional.cross_entropy(out, y, reduction="sum").item()
+            return
+        x, y = x.to("cpu", torch.float64), y.to("cpu", torch.float64)
+        true = to_level(x, y, self.target)
+        err = (to_level(x, out, self.target) - true).squeeze(-1)
+        naive = (x - true).squeeze(-1)           # the last value as the forecast of the next one
+        if mask is not None:
+            err, naive = err[mask], naive[mask]
+        self.count += err.numel()
+        self.sq += err.pow(2).sum().item()
+        self.abs += err.abs().sum().item()
+        self.naive_sq += naive.pow(2).sum().item()
+        self.naive_abs += naive.abs().sum().item()
+
+    def result(self) -> Dict[str, float]:
+        """The metrics (see :func:`score`); NaN when nothing was scored."""
+        def mean(total: float) -> float:
+            return total / self.count if self.count else float("nan")
+        if self.task == "sequence-classification":
+            return {"test_accuracy": mean(self.correct), "test_loss": mean(self.loss)}
+        return {"test_mse": mean(self.sq), "test_mae": mean(self.abs),
+                "naive_test_mse": mean(self.naive_sq), "naive_test_mae": mean(self.naive_abs)}
+
+
 @torch.no_grad()
 def evaluate(model: SequenceModel, data: TaskData, batch_size: int = 256) -> Dict[str, float]:
-    """Test metrics of ``model`` on ``data`` (see :func:`score`)."""
+    """Test metrics of ``model`` on ``data`` (see :func:`score`), summed batch by batch in float64.
+
+    The model runs in eval mode and is put back in the mode it was in, also when a batch fails.
+    """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    outs = [model(data.x_test[i:i + batch_size].to(device)).cpu() for i in range(0, len(data.x_test), batch_size)]
-    model.train(was_training)
-    return score(torch.cat(outs), data)
+    try:
+        device = next(model.parameters()).device
+        sums = MetricSums(data.task, data.target)
+        for i in range(0, len(data.x_test), batch_size):
+            x = data.x_test[i:i + batch_size]
+            mask = None if data.mask_test is None else data.mask_test[i:i + batch_size]
+            sums.add(model(x.to(device)), x, data.y_test[i:i + batch_size], mask)
+        return sums.result()
+    finally:
+        model.train(was_training)
 
 
 def score(out: Tensor, data: TaskData) -> Dict[str, float]:
@@ -253,18 +334,11 @@ def score(out: Tensor, data: TaskData) -> Dict[str, float]:
 
     Classification (out: (n, classes)): test_accuracy, test_loss. Forecasting (out: (n, L, 1),
     normalised units, scored positions only): test_mse, test_mae and the naive last-value
-    forecast's naive_test_mse, naive_test_mae.
+    forecast's naive_test_mse, naive_test_mae.  Computed in float64 (see :class:`MetricSums`).
     """
-    from .data import forecast_errors, to_level
-    out = torch.as_tensor(out)
-    if data.task == "sequence-classification":
-        return {"test_accuracy": (out.argmax(-1) == data.y_test).float().mean().item(),
-                "test_loss": nn.functional.cross_entropy(out, data.y_test).item()}
-    true = to_level(data.x_test, data.y_test, data.target)
-    model_err = forecast_errors(to_level(data.x_test, out, data.target), true, data.mask_test)
-    naive = forecast_errors(data.x_test, true, data.mask_test)
-    return {"test_mse": model_err["mse"], "test_mae": model_err["mae"],
-            "naive_test_mse": naive["mse"], "naive_test_mae": naive["mae"]}
+    sums = MetricSums(data.task, data.target)
+    sums.add(out, data.x_test, data.y_test, data.mask_test)
+    return sums.result()
 
 
 def checkpoint_data(info: Dict[str, Any]) -> TaskData:
@@ -294,19 +368,57 @@ def _deterministic() -> Iterator[None]:
 
 
 def reproduce_command(recipe: Recipe, out_dir: str) -> str:
-    """The CLI line that reproduces a run of ``recipe`` (the registered recipe plus overrides)."""
-    cmd = f"lrnnx-zoo train {recipe.name} --out {out_dir} --seed {recipe.seed}"
+    """A shell command that reproduces a run of ``recipe``, writing to ``out_dir``.
+
+    The ``lrnnx-zoo train`` line when it is exact: the registered recipe of that name, changed only
+    in what the CLI has flags for (seed, epochs, batch size, max steps), is this recipe (the
+    description aside, which does not change the run).  Otherwise (a recipe of another name, another
+    learning rate, model or data, or a max_steps the CLI cannot lift) a Python snippet that rebuilds
+    the recipe field by field and trains it.
+    """
+    cli = _cli_command(recipe, out_dir)
+    return cli if cli is not None else _python_command(recipe, out_dir)
+
+
+def _cli_command(recipe: Recipe, out_dir: str) -> Optional[str]:
+    """The ``lrnnx-zoo train`` line that reproduces ``recipe``, or None when the CLI cannot express it."""
     try:
         base = get_recipe(recipe.name)
-    except KeyError:
-        return cmd
+    except KeyError:                    # UnknownRecipeError: not a registered name
+        return None
+    made = override(base, seed=recipe.seed, epochs=recipe.optim.epochs, batch_size=recipe.optim.batch_size,
+                    max_steps=recipe.max_steps)   # max_steps None keeps the registered one: no flag lifts it
+    if dataclasses.replace(made, description=recipe.description) != recipe:
+        return None
+    cmd = f"lrnnx-zoo train {shlex.quote(recipe.name)} --out {shlex.quote(out_dir)} --seed {recipe.seed}"
     if recipe.optim.epochs != base.optim.epochs:
         cmd += f" --epochs {recipe.optim.epochs}"
     if recipe.optim.batch_size != base.optim.batch_size:
         cmd += f" --batch-size {recipe.optim.batch_size}"
-    if recipe.max_steps != base.max_steps and recipe.max_steps is not None:
+    if recipe.max_steps != base.max_steps:
         cmd += f" --max-steps {recipe.max_steps}"
     return cmd
+
+
+def _python_command(recipe: Recipe, out_dir: str) -> str:
+    """A ``python - <<'EOF'`` heredoc (no shell quoting needed) that rebuilds ``recipe`` from its repr
+    and trains it; if the repr does not rebuild an equal recipe (a value that is no Python literal),
+    a comment saying so instead of a command that would train something else."""
+    from . import recipes as R
+    text = pprint.pformat(recipe, width=100, sort_dicts=False)
+    try:
+        names = {"__builtins__": {}, "Recipe": R.Recipe, "DataSpec": R.DataSpec, "OptimSpec": R.OptimSpec}
+        exact = eval(text, names) == recipe
+    except Exception:                   # any failure to rebuild means: not reproducible this way
+        exact = False
+    if not exact:
+        return (f"# not reproducible from a command: recipe {recipe.name!r} holds values that are not "
+                f"Python literals; it was: {recipe!r}")
+    code = ("from lrnnx_zoo.recipes import DataSpec, OptimSpec, Recipe\n"
+            "from lrnnx_zoo.training import train\n\n"
+            "recipe = " + text.replace("\n", "\n" + " " * len("recipe = ")) + "\n"
+            f"train(recipe, out_dir={str(out_dir)!r})\n")
+    return f"python - <<'EOF'\n{code}EOF"
 
 
 def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[int] = None,
@@ -316,11 +428,16 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
 
     seed overrides the recipe's seed.  With ``out_dir`` rank 0 writes the checkpoint there with
     ``model.save_pretrained`` (config, safetensors weights, model card with metrics and the
-    command that reproduces it; ``command`` overrides the one derived from the recipe).
+    command that reproduces it; ``command`` overrides the one derived from the recipe).  The model
+    carries the same record as ``model.checkpoint_info`` (as a loaded one does), so a later
+    ``save_pretrained(DIR)`` or ``push_to_hub(REPO)`` writes the complete card too.
 
-    Checked before training starts: a wrong type is a TypeError; an unusable device, or a run that
-    would take no optimiser step (batch_size above the training set size), a :class:`TrainingSetupError`
-    (a ValueError); a missing optional package for the data a :class:`MissingDependencyError`.
+    Checked before training starts: a wrong type is a TypeError; an unusable device, an ``out_dir``
+    the checkpoint could not be saved into (a file, an export folder, no write permission; an existing
+    checkpoint folder is replaced, as by ``save_pretrained``), or a run that would take no optimiser
+    step (batch_size above the training set size), a :class:`TrainingSetupError` (a ValueError); a
+    missing optional package for the data a :class:`MissingDependencyError`.  When max_steps ends the
+    run before its last epoch starts, an :class:`EpochsNotReachedWarning` says so (rank 0, before training).
     """
     recipe = _as_recipe(recipe)
     if seed is not None:
@@ -330,12 +447,18 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
     data = _load_training_data(recipe)
     plan = plan_steps(len(data.x_train), recipe.optim, recipe.max_steps)
     dist_info = setup_distributed(device)
+    unreached = unreached_epochs(recipe.optim, plan, recipe.max_steps)
+    if unreached and dist_info.is_main:               # once, not once per rank
+        warnings.warn(unreached, EpochsNotReachedWarning, stacklevel=2)
     try:
         with _deterministic():
             model, metrics, seconds, steps = _run(recipe, data, plan, dist_info, progress)
+        notes = training_notes(recipe, plan, steps, seconds, dist_info.world_size, _device_name(model))
+        meta = dict(task=recipe.task, dataset=data.card, metrics=metrics, notes=notes,
+                    command=command or reproduce_command(recipe, "DIR" if out_dir is None else str(out_dir)))
         if out_dir is not None and dist_info.is_main:
-            notes = training_notes(recipe, plan, steps, seconds, dist_info.world_size, _device_name(model))
-            _save(model, recipe, out_dir, data.card, metrics, notes, command)
+            model.save_pretrained(out_dir, **meta)
+        model.checkpoint_info = _checkpoint_info(model, recipe, out_dir, meta)
         if dist_info.world_size > 1:
             torch.distributed.barrier()  # nobody exits (and tears down the group) before rank 0 has saved
     finally:
@@ -354,12 +477,24 @@ def _as_recipe(recipe: Any) -> Recipe:
 
 
 def _check_out_dir(out_dir: Any) -> None:
-    if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
+    """Refuse an ``out_dir`` the checkpoint could not be saved into, before any training: a run that
+    cannot save is lost.  Same rules as ``save_pretrained`` (:func:`lrnnx_zoo.hub_save.check_save_target`):
+    a new folder or an lrnnx-zoo checkpoint folder (replaced atomically) is fine; a file, an export
+    folder, another library's model folder or an unwritable place is a TrainingSetupError."""
+    if out_dir is None:
+        return
+    if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be None or a folder path (str or os.PathLike), "
                         f"got {out_dir!r} ({type(out_dir).__name__})")
-    if out_dir is not None and not hasattr(SequenceModel, "save_pretrained"):
+    if not hasattr(SequenceModel, "save_pretrained"):
         raise RuntimeError("SequenceModel.save_pretrained is not available (lrnnx_zoo.hub not installed); "
                            "train without out_dir or install a complete lrnnx-zoo")
+    from .hub import CheckpointError
+    from .hub_save import check_save_target
+    try:
+        check_save_target(out_dir, what="out_dir")
+    except (CheckpointError, PermissionError) as exc:
+        raise TrainingSetupError(str(exc)) from exc
 
 
 def _load_training_data(recipe: Recipe) -> TaskData:
@@ -443,13 +578,21 @@ def _plural(n: int, singular: str, plural: Optional[str] = None) -> str:
 
 
 def schedule_note(optim: OptimSpec, plan: StepPlan, steps: int) -> str:
-    """How long the run was and how its learning rate moved, saying so when max_steps cut it short."""
-    warmup = f"{_plural(optim.warmup_steps, 'warmup step')} then cosine decay"
+    """How long the run was and how its learning rate moved (see :func:`warmup_cosine`), saying so
+    when max_steps cut it short and when the warmup outlasted the run (no cosine decay at all)."""
+    warmup = optim.warmup_steps
+    if warmup >= plan.total:            # every step was a warmup step: the rate only ever rose
+        peak = plan.total / (warmup + 1)   # the factor of the last step, (total - 1 + 1) / (warmup + 1)
+        lr = (f"{_plural(warmup, 'warmup step')} that outlast the run's {_plural(plan.total, 'optimiser step')}: "
+              f"the rate rose linearly to {peak:.1%} of lr and never decayed (no cosine phase)")
+    else:
+        lead = "cosine decay (no warmup)" if warmup == 0 else f"{_plural(warmup, 'warmup step')} then cosine decay"
+        lr = f"{lead} to zero at step {plan.total}" if plan.cut_short else lead
     epochs = _plural(optim.epochs, "epoch")
     if plan.cut_short:
-        return (f"{warmup} to zero at step {plan.total}, cut short by max_steps: {steps} of the {plan.full} "
+        return (f"{lr}, cut short by max_steps: {steps} of the {plan.full} "
                 f"optimiser steps that {epochs} ({plan.steps_per_epoch} per epoch) would take")
-    return f"{warmup}, {epochs} ({_plural(steps, 'optimiser step')})"
+    return f"{lr}, {epochs} ({_plural(steps, 'optimiser step')})"
 
 
 def training_notes(recipe: Recipe, plan: StepPlan, steps: int, seconds: float, world_size: int,
@@ -467,10 +610,16 @@ def training_notes(recipe: Recipe, plan: StepPlan, steps: int, seconds: float, w
     return notes
 
 
-def _save(model: SequenceModel, recipe: Recipe, out_dir: str, data_card: Dict[str, Any], metrics: Dict[str, float],
-          notes: str, command: Optional[str]) -> None:
-    model.save_pretrained(out_dir, task=recipe.task, dataset=data_card, metrics=metrics,
-                          command=command or reproduce_command(recipe, out_dir), notes=notes)
+def _checkpoint_info(model: SequenceModel, recipe: Recipe, out_dir: Optional[str],
+                     meta: Dict[str, Any]) -> Dict[str, Any]:
+    """What ``from_pretrained`` attaches to a loaded model (config.json's dict plus "source"), for a
+    freshly trained one: ``save_pretrained`` / ``push_to_hub`` / export read their card from it."""
+    from .hub import weights_digest
+    from .hub_save import checkpoint_config
+    source: Dict[str, Any] = {"type": "trained", "recipe": recipe.name}
+    if out_dir is not None:   # where rank 0 saved it: what from_pretrained(out_dir) would record
+        source = {"type": "local", "path": str(Path(out_dir).expanduser().resolve())}
+    return {**checkpoint_config(model, **meta), "source": source, "weights_digest": weights_digest(model)}
 
 
 def _device_name(model: nn.Module) -> str:

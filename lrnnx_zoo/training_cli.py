@@ -7,9 +7,11 @@ Also runnable as a module, which is how torchrun launches it:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from typing import Callable, Dict, List, Optional
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Type
 
 
 def _int_in(text: str, minimum: int, maximum: Optional[int], expected: str) -> int:
@@ -55,15 +57,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .hub import CheckpointError
     from .hub_save import check_save_target
     try:  # before training: a run that cannot save its checkpoint is wasted
-        check_save_target(args.out)
+        check_save_target(args.out, "--out")
     except (CheckpointError, PermissionError) as exc:
-        print(f"lrnnx-zoo train: --out {args.out}: {exc}", file=sys.stderr)
+        print(f"lrnnx-zoo train: {exc}", file=sys.stderr)
         return 2
     recipe = override(recipe, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                       max_steps=args.max_steps)
-    from .training import MissingDependencyError, TrainingSetupError, train
+    from .training import EpochsNotReachedWarning, MissingDependencyError, TrainingSetupError, train
     try:
-        _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress)
+        with _warnings_as_lines(EpochsNotReachedWarning):
+            _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress)
     except (TrainingSetupError, MissingDependencyError) as exc:  # found before training started
         print(f"lrnnx-zoo train: {exc}", file=sys.stderr)
         return 2
@@ -71,6 +74,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics, sort_keys=True))
     return 0
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(category: Type[Warning]) -> Iterator[None]:
+    """Show warnings of ``category`` as one ``lrnnx-zoo train: warning: ...`` line each (not Python's
+    file:line form), every time; other warnings as usual."""
+    with warnings.catch_warnings():                       # restores showwarning and the filters
+        warnings.simplefilter("always", category)
+        show = warnings.showwarning
+
+        def show_line(message: Any, cat: Type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(cat, category):
+                print(f"lrnnx-zoo train: warning: {message}", file=sys.stderr)
+            else:
+                show(message, cat, *args, **kwargs)
+        warnings.showwarning = show_line
+        yield
 
 
 def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:
@@ -82,7 +102,8 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
     p.add_argument("--out", required=True, metavar="DIR",
                    help="write the checkpoint (config.json, model.safetensors, README.md) here")
     p.add_argument("--seed", type=seed_int, default=None, help="override the recipe's seed")
-    p.add_argument("--epochs", type=positive_int, default=None, help="override the recipe's number of epochs")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="override the recipe's number of epochs (a warning says when max_steps stops the run first)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="override the global batch size")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimiser steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary line")

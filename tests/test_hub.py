@@ -94,6 +94,33 @@ def test_config_json_and_model_card_layout(tmp_path):
         assert text in card.text, text
 
 
+
+def test_card_metric_table_says_which_split_each_metric_comes_from(tmp_path):
+    from huggingface_hub import ModelCard
+    from lrnnx_zoo.hub_card import metric_split
+
+    folder = tiny("s4d").save_pretrained(tmp_path / "digits", **META)
+    card = ModelCard.load(folder / "README.md")
+    assert "| metric | value | split |" in card.text and "| test_accuracy | 0.9700 | test (360 examples) |" in card.text
+    assert {r.metric_type: r.dataset_split for r in card.data.eval_results} == {"test_accuracy": "test",
+                                                                                "test_loss": "test"}
+    sunspots = {"name": "sunspots", "split": {"train": {"indices": [0, 9], "dates": ["1749-01", "1749-10"]},
+                                              "val": {"indices": [10, 19], "dates": ["1749-11", "1750-08"]},
+                                              "test": {"indices": [20, 29], "dates": ["1750-09", "1751-06"]}}}
+    metrics = {"test_mse": 0.2, "naive_test_mse": 0.25, "val_mse": 0.3, "train_loss": 0.1, "flops": 1e6}
+    folder = tiny("s4d").save_pretrained(tmp_path / "sunspots", task="time-series-forecasting", dataset=sunspots,
+                                         metrics=metrics)
+    card = ModelCard.load(folder / "README.md")
+    for row in ("| test_mse | 0.2000 | test (1750-09 to 1751-06) |",
+                "| naive_test_mse | 0.2500 | test (1750-09 to 1751-06) |",   # was not seen as a test metric
+                "| val_mse | 0.3000 | validation (1749-11 to 1750-08) |",
+                "| train_loss | 0.1000 | train (1749-01 to 1749-10) |", "| flops | 1000000.0000 | not recorded |"):
+        assert row in card.text, row
+    assert {r.metric_type: r.dataset_split for r in card.data.eval_results} == {
+        "test_mse": "test", "naive_test_mse": "test", "val_mse": "validation", "train_loss": "train", "flops": None}
+    assert [metric_split(n) for n in ("validation-accuracy", "dev_f1", "latest_loss", "train_test_gap")] == [
+        "validation", "validation", None, None]
+
 # -- the Hub, through the real huggingface_hub client against LocalHub -------------------------
 def _files(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in folder.iterdir()}
@@ -159,6 +186,38 @@ def test_push_to_hub_then_download(local_hub, tmp_path):
     assert dev.checkpoint_info["metrics"] == META["metrics"]
     assert_same_outputs(model, dev)
 
+
+
+def test_a_changed_model_does_not_republish_its_checkpoints_metrics(local_hub, tmp_path):
+    # push_to_hub after fine-tuning a loaded checkpoint published the old checkpoint's metrics and
+    # command as this model's.
+    folder = tiny("s4d").save_pretrained(tmp_path / "ckpt", notes="trained 3 epochs", **META)
+    model = from_pretrained(folder)
+    model.double().float()                                    # casts that lose nothing change nothing
+    same = json.loads((model.save_pretrained(tmp_path / "same") / "config.json").read_text())
+    assert same["metrics"] == META["metrics"] and same["command"] == META["command"]
+
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 5, 3)).square().mean().backward()
+    opt.step()                                                 # one fine-tuning step
+    model.push_to_hub("acme/tuned")
+    tuned = from_pretrained("acme/tuned").checkpoint_info
+    assert tuned["metrics"] is None and tuned["command"] is None
+    assert (tuned["task"], tuned["dataset"]) == (META["task"], DIGITS)
+    assert tuned["notes"] == (
+        f"These weights changed (e.g. fine-tuning) after they were loaded from {folder.resolve()}, so that run's "
+        "metrics (test_accuracy=0.97, test_loss=0.12), command and notes no longer describe them and were left out; "
+        "the task and dataset above are that run's. Pass metrics= (and command=, notes=) to save_pretrained to "
+        "record this model's own.")
+    card = local_hub.read_file("acme/tuned", "README.md").decode()
+    assert "| test_accuracy |" not in card and META["command"] not in card and "were left out" in card
+    # what is given is used as given
+    mine = model.save_pretrained(tmp_path / "mine", metrics={"test_accuracy": 0.5}, notes="tuned 1 step")
+    config = json.loads((mine / "config.json").read_text())
+    assert config["metrics"] == {"test_accuracy": 0.5} and config["command"] is None
+    assert config["notes"].startswith("tuned 1 step. These weights changed")
+    assert "run's command no longer describes them and was left out" in config["notes"]
 
 # -- refusals ----------------------------------------------------------------------------------
 @pytest.fixture
@@ -456,6 +515,29 @@ def test_save_over_a_folder_keeps_its_mode(tmp_path):
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
 
 
+
+def test_save_refuses_to_overwrite_an_export_or_another_librarys_folder(tmp_path):
+    # The mirror of export refusing a checkpoint folder: saving into an export folder replaced its
+    # config.json and README.md, and the export no longer described its graph.
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"kind": "step-graph", "format": "onnx"}))
+    (export / "model.onnx").write_bytes(b"graph")
+    with pytest.raises(CheckpointError, match=f"save_directory {export} holds an export \\(a step graph written "
+                                              "by `lrnnx-zoo export`\\); saving a checkpoint there would overwrite"):
+        tiny("s4d").save_pretrained(export)
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"library": "transformers"}))
+    with pytest.raises(CheckpointError, match="another model's config.json \\(library 'transformers', not "
+                                              "'lrnnx-zoo'\\).*save into another folder, e.g. "):
+        tiny("s4d").save_pretrained(other)
+    assert json.loads((export / "config.json").read_text())["kind"] == "step-graph"
+    damaged = tiny("s4d").save_pretrained(tmp_path / "damaged")
+    (damaged / "config.json").write_text("{not json")       # a damaged checkpoint may be re-saved
+    tiny("s4d").save_pretrained(damaged)
+    assert from_pretrained(damaged).checkpoint_info["family"] == "s4d"
+
 _READ_ONLY_SAVES = """
 import os, sys, torch
 from pathlib import Path
@@ -610,7 +692,7 @@ def test_cli_train_checks_out_before_training(tmp_path, capsys, monkeypatch):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     assert cli_main(["train", "digits-tiny", "--out", str(a_file)]) == 2
-    assert f"save_directory {a_file} is a file" in capsys.readouterr().err
+    assert f"lrnnx-zoo train: --out {a_file} is a file" in capsys.readouterr().err
     assert cli_main(["train", "digits-tiny", "--out", str(a_file / "sub")]) == 2
     assert f"{a_file} is a file, expected a folder" in capsys.readouterr().err
 

@@ -242,6 +242,68 @@ def test_register_lr_wd_and_param_groups():
     assert "fixed" in dict(frozen.named_buffers()) and not hasattr(frozen.fixed, "_optim")
 
 
+
+def _named_groups(model: torch.nn.Module, groups: list) -> list:
+    """Param groups with each parameter replaced by its name, comparable across copies of a model."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [{**g, "params": [names[id(p)] for p in g["params"]]} for g in groups]
+
+
+def test_lr_wd_records_survive_deepcopy():
+    # nn.Parameter.__deepcopy__ copies the data, not the _optim attribute: a deepcopied S4 model
+    # (an EMA copy, a copy to fine-tune) fell back to the base lr / wd for its SSM parameters.
+    import copy
+    from lrnnx_zoo import ModelConfig, SequenceModel
+    from lrnnx_zoo.training import param_groups
+    layer = S4(4, d_state=8, lr={"dt": 1e-3, "A": 2e-3}, wd={"B": 0.5})
+    twin = copy.deepcopy(layer)
+    original = _named_groups(layer, optimizer_param_groups(layer, base_lr=1e-2, base_wd=0.1))
+    assert _named_groups(twin, optimizer_param_groups(twin, base_lr=1e-2, base_wd=0.1)) == original
+    assert {g["lr"] for g in original} == {1e-2, 1e-3, 2e-3}
+
+    model = SequenceModel(ModelConfig(layer="s4", d_input=1, d_output=2, d_model=4, n_layers=2,
+                                      layer_kwargs={"d_state": 8, "lr": 5e-4, "wd": 0.0}))
+    groups = _named_groups(model, param_groups(model, lr=3e-3, weight_decay=0.05, ssm_lr=1e-3))
+    assert any(g["lr"] == 5e-4 for g in groups)
+    twin = copy.deepcopy(model)
+    assert _named_groups(twin, param_groups(twin, lr=3e-3, weight_decay=0.05, ssm_lr=1e-3)) == groups
+    import io
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert _named_groups(loaded, param_groups(loaded, lr=3e-3, weight_decay=0.05, ssm_lr=1e-3)) == groups
+
+
+def test_optim_records_refuse_unknown_keys_and_non_parameters():
+    from lrnnx_zoo.optim import set_optim_record
+    k = HippoSSKernel(4, N=8, trainable={"dt": True})
+    with pytest.raises(ValueError, match=r"holds only \('lr', 'weight_decay'\), got the keys \['wd'\]"):
+        set_optim_record(k, "log_dt", {"wd": 0.1})
+    with pytest.raises(ValueError, match="has no parameter 'w' .*register it as a parameter first"):
+        set_optim_record(k, "w", {"lr": 0.1})           # a buffer here: nothing to optimise
+
+
+def test_one_grouping_implementation_behind_both_param_group_functions():
+    from lrnnx_zoo import ModelConfig, SequenceModel
+    from lrnnx_zoo.optim import grouped_parameters, set_optim_record
+    from lrnnx_zoo.training import param_groups
+    model = SequenceModel(ModelConfig(layer="s4", d_input=1, d_output=2, d_model=4, n_layers=1,
+                                      layer_kwargs={"d_state": 8, "lr": 5e-4}))
+    model.decoder.bias.requires_grad_(False)                     # frozen: in no group
+    set_optim_record(model.decoder, "weight", {"weight_decay": 0.3})
+    expected = _named_groups(model, grouped_parameters(model, lambda p: (1e-2, 0.1)))
+    assert _named_groups(model, optimizer_param_groups(model, base_lr=1e-2, base_wd=0.1)) == expected
+    names = [n for g in expected for n in g["params"]]
+    assert "decoder.bias" not in names and len(names) == len(set(names))
+    assert {g["lr"]: g["weight_decay"] for g in expected if "decoder.weight" in g["params"]} == {1e-2: 0.3}
+    layer = {n for n, _ in model.blocks[0].layer.named_parameters(prefix="blocks.0.layer")}
+    by_name = {n: (g["lr"], g["weight_decay"]) for g in _named_groups(model, param_groups(model, 3e-3, 0.05, 1e-3))
+               for n in g["params"]}
+    assert by_name["blocks.0.layer.kernel.w"] == (5e-4, 0.0) and by_name["blocks.0.layer.kernel.C"] == (1e-3, 0.0)
+    assert by_name["decoder.weight"] == (3e-3, 0.3) and by_name["encoder.bias"] == (3e-3, 0.0)
+    assert by_name["encoder.weight"] == (3e-3, 0.05) and layer <= set(by_name)
+
 # -- seed-style S4 layer ---------------------------------------------------------------------------
 
 def test_s4_seed_signature_transposed_channels_glu():

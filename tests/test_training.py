@@ -244,3 +244,231 @@ def test_card_notes_say_when_max_steps_cut_the_run_short(tmp_path):
     full = schedule_note(OptimSpec(epochs=3, warmup_steps=1), StepPlan(10, 30, 30), 30)
     assert full == "1 warmup step then cosine decay, 3 epochs (30 optimiser steps)"
     assert TrainingSetupError.__mro__[1] is ValueError
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+
+class _Lookup(torch.nn.Module):
+    """A stand-in model: example i (x[i, 0, 0] == i) gets the fixed output table[i]."""
+
+    def __init__(self, table: torch.Tensor, fail: bool = False) -> None:
+        super().__init__()
+        self.table, self.fail = table, fail
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # evaluate reads the device from a parameter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail:
+            raise RuntimeError("forward failed")
+        return self.table[x[:, 0, 0].long()]
+
+
+def _task_data(task: str, x: torch.Tensor, y: torch.Tensor, mask=None):
+    from lrnnx_zoo.training import TaskData
+    return TaskData(task, x, y, x, y, mask, card={})
+
+
+def test_evaluate_sums_in_float64_over_many_batches():
+    from lrnnx_zoo.training import evaluate, score
+    n = 20_000
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(n, 10, generator=gen) * 30).float()     # large logits: float32 log-softmax rounds
+    y = torch.randint(0, 10, (n,), generator=gen)
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1)
+    data = _task_data("sequence-classification", x, y)
+    l64 = logits.double()
+    exact_loss = (l64.logsumexp(-1) - l64.gather(1, y[:, None])[:, 0]).mean().item()
+    exact_acc = (logits.argmax(-1) == y).sum().item() / n
+    for metrics in (evaluate(_Lookup(logits), data, batch_size=7), score(logits, data)):
+        # float32 sums (and a float32 log-softmax) are off by ~1e-7 relative here
+        assert metrics["test_loss"] == pytest.approx(exact_loss, rel=1e-12, abs=0)
+        assert metrics["test_accuracy"] == exact_acc
+
+    out = (torch.randn(50, 40, 1, generator=gen) * 1e3).float()
+    xs = torch.randn(50, 40, 1, generator=gen).float() + 1e3
+    ys = torch.randn(50, 40, 1, generator=gen).float()
+    mask = torch.rand(50, 40, generator=gen) > 0.3
+    xs[:, 0, 0] = torch.arange(50, dtype=torch.float32)           # the lookup index
+    forecast = _task_data("time-series-forecasting", xs, ys, mask)
+    forecast.target = "delta"
+    true = xs.double() + ys.double()
+    err = ((xs.double() + out.double()) - true)[..., 0][mask]
+    metrics = evaluate(_Lookup(out), forecast, batch_size=3)
+    assert metrics["test_mse"] == pytest.approx(err.pow(2).mean().item(), rel=1e-12, abs=0)
+    assert metrics["test_mae"] == pytest.approx(err.abs().mean().item(), rel=1e-12, abs=0)
+    assert metrics["naive_test_mse"] == pytest.approx(ys.double()[..., 0][mask].pow(2).mean().item(), rel=1e-12)
+
+
+def test_evaluate_restores_the_models_mode_also_when_it_fails():
+    from lrnnx_zoo.training import evaluate
+    logits = torch.randn(4, 3)
+    data = _task_data("sequence-classification", torch.arange(4.0).view(4, 1, 1), torch.tensor([0, 1, 2, 0]))
+    for training in (True, False):
+        model = _Lookup(logits).train(training)
+        evaluate(model, data)
+        assert model.training is training
+        model.fail = True
+        with pytest.raises(RuntimeError, match="forward failed"):
+            evaluate(model, data)
+        assert model.training is training     # was left in eval mode
+
+
+# -- out_dir is checked before training ----------------------------------------------------------
+
+def test_an_unusable_out_dir_is_refused_before_training(monkeypatch, tmp_path):
+    import json
+    _no_training(monkeypatch)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(TrainingSetupError, match=f"out_dir {a_file} is a file; pass a folder"):
+        train(TINY_1, out_dir=str(a_file), progress=False)
+    with pytest.raises(TrainingSetupError, match=f"cannot save into {a_file / 'sub'}: {a_file} is a file, "
+                                                 "expected a folder"):
+        train(TINY_1, out_dir=a_file / "sub", progress=False)
+    export = tmp_path / "exported"                      # what `lrnnx-zoo export` leaves
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"kind": "step-graph", "format": "onnx"}))
+    with pytest.raises(TrainingSetupError, match=f"out_dir {export} holds an export .* would overwrite its "
+                                                 "config.json and README.md"):
+        train(TINY_1, out_dir=export, progress=False)
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(TrainingSetupError, match="holds another model's config.json \\(library None"):
+        train(TINY_1, out_dir=other, progress=False)
+    assert json.loads((export / "config.json").read_text())["kind"] == "step-graph"
+
+
+def test_train_saves_over_an_existing_checkpoint_as_save_pretrained_does(tmp_path):
+    pytest.importorskip("safetensors")
+    out = tmp_path / "ckpt"
+    train(TINY_1, out_dir=out, progress=False)
+    (out / "notes.txt").write_text("mine")
+    model, _ = train(TINY_1, out_dir=out, seed=1, progress=False)
+    from lrnnx_zoo import from_pretrained
+    assert torch.equal(from_pretrained(out).encoder.weight, model.encoder.weight)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+# -- a trained model carries its provenance --------------------------------------------------------
+
+def test_a_trained_model_carries_checkpoint_info_and_saves_a_complete_card(tmp_path):
+    pytest.importorskip("safetensors")
+    import json
+    from lrnnx_zoo import from_pretrained
+    model, metrics = train(TINY_1, progress=False)
+    info = model.checkpoint_info
+    assert info["metrics"] == metrics and info["task"] == "sequence-classification"
+    assert info["dataset"]["name"] == "digits" and info["dataset"]["spec"]["params"]["n_test"] == 360
+    assert info["command"].startswith("lrnnx-zoo train digits-tiny --out DIR --seed 0")
+    assert "Recipe 'digits-tiny'" in info["notes"] and info["family"] == "s4d"
+    assert info["source"] == {"type": "trained", "recipe": "digits-tiny"}
+    # save_pretrained right after training writes the card from it (it was empty: "Not recorded.")
+    folder = model.save_pretrained(tmp_path / "later")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["metrics"] == metrics and config["notes"] == info["notes"]
+    card = (folder / "README.md").read_text()
+    assert "| test_accuracy |" in card and "lrnnx-zoo train digits-tiny" in card and "Not recorded" not in card
+    # an explicit value still wins, and an empty one leaves the field out
+    bare = model.save_pretrained(tmp_path / "bare", metrics={}, command="x")
+    config = json.loads((bare / "config.json").read_text())
+    assert config["metrics"] == {} and config["command"] == "x" and config["task"] == "sequence-classification"
+
+    saved, _ = train(TINY_1, out_dir=tmp_path / "ckpt", progress=False)
+    assert saved.checkpoint_info == from_pretrained(tmp_path / "ckpt").checkpoint_info
+
+
+@pytest.mark.filterwarnings("ignore:Use .content=:DeprecationWarning")  # huggingface_hub's upload, as in test_hub
+def test_push_to_hub_right_after_training_publishes_the_metrics(local_hub):
+    model, metrics = train(TINY_1, progress=False)
+    model.push_to_hub("acme/trained")
+    card = local_hub.read_file("acme/trained", "README.md").decode()
+    assert "| test_accuracy |" in card and "lrnnx-zoo train digits-tiny" in card
+    from lrnnx_zoo import from_pretrained
+    assert from_pretrained("acme/trained").checkpoint_info["metrics"] == metrics
+
+
+# -- the command that reproduces a run -------------------------------------------------------------
+
+def _run_snippet(command: str, monkeypatch) -> tuple:
+    """Run the Python of a ``python - <<'EOF'`` command with train() stubbed; returns its arguments."""
+    import lrnnx_zoo.training as training
+    head, _, rest = command.partition("\n")
+    assert head == "python - <<'EOF'" and rest.endswith("\nEOF")
+    calls = []
+    monkeypatch.setattr(training, "train", lambda *a, **k: calls.append((a, k)))
+    exec(rest[:-len("EOF")], {})
+    (args, kwargs), = calls
+    return args, kwargs
+
+
+def test_reproduce_command_is_the_cli_line_only_when_the_cli_can_express_the_recipe(monkeypatch):
+    from lrnnx_zoo.training import reproduce_command
+    tiny = get_recipe(TINY)
+    assert reproduce_command(tiny, "out") == "lrnnx-zoo train digits-tiny --out out --seed 0"
+    assert (reproduce_command(override(tiny, seed=3, epochs=2, batch_size=16, max_steps=20), "my dir") ==
+            "lrnnx-zoo train digits-tiny --out 'my dir' --seed 3 --epochs 2 --batch-size 16 --max-steps 20")
+    assert reproduce_command(dataclasses.replace(tiny, description="renamed"), "out").startswith("lrnnx-zoo train")
+    # Recipes the CLI flags cannot express: the CLI line printed before trained the registered recipe.
+    custom = [dataclasses.replace(tiny, optim=dataclasses.replace(tiny.optim, lr=0.05)),     # no --lr flag
+              dataclasses.replace(tiny, max_steps=None),                                  # cannot lift max_steps
+              dataclasses.replace(tiny, name="my-recipe"),                                # not registered
+              dataclasses.replace(tiny, model={**tiny.model, "d_model": 16})]
+    for recipe in custom:
+        command = reproduce_command(recipe, "out")
+        assert not command.startswith("lrnnx-zoo train"), command
+        args, kwargs = _run_snippet(command, monkeypatch)
+        assert args == (recipe,) and kwargs == {"out_dir": "out"}
+
+
+def test_card_of_a_custom_recipe_reproduces_it(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    import json
+    recipe = dataclasses.replace(TINY_1, name="my-tiny", optim=dataclasses.replace(TINY_1.optim, lr=0.02))
+    train(recipe, out_dir=tmp_path / "ckpt", progress=False)
+    command = json.loads((tmp_path / "ckpt" / "config.json").read_text())["command"]
+    assert command in (tmp_path / "ckpt" / "README.md").read_text()
+    args, kwargs = _run_snippet(command, monkeypatch)
+    assert args == (recipe,) and kwargs == {"out_dir": str(tmp_path / "ckpt")}
+
+
+# -- epochs that max_steps never reaches ---------------------------------------------------------
+
+def test_epochs_that_max_steps_never_reaches_are_warned_about(monkeypatch, tmp_path, capsys):
+    # digits-tiny stops after max_steps=8 (of 44 per epoch): `--epochs 3` changed nothing, silently.
+    import warnings
+    from lrnnx_zoo.training import EpochsNotReachedWarning
+    _no_training(monkeypatch)
+    expected = ("epochs=3 asks for 132 optimiser steps (44 per epoch), but max_steps=8 ends the run after 8, "
+                "in epoch 1: epochs 2 to 3 never run. Raise max_steps to 132 (--max-steps 132) to train every "
+                "epoch, or ask for 1 epoch")
+    with pytest.warns(EpochsNotReachedWarning) as record, pytest.raises(pytest.fail.Exception):
+        train(override(get_recipe(TINY), epochs=3), progress=False)
+    assert [str(w.message) for w in record] == [expected]
+    with pytest.warns(EpochsNotReachedWarning, match="epochs=2 .* in epoch 1: epoch 2 never run"), \
+            pytest.raises(pytest.fail.Exception):
+        train(override(get_recipe(TINY), epochs=2), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EpochsNotReachedWarning)     # the recipe as registered: 1 epoch, cut short
+        for recipe in (get_recipe(TINY), override(get_recipe(TINY), epochs=2, max_steps=45)):
+            with pytest.raises(pytest.fail.Exception):
+                train(recipe, progress=False)
+    with pytest.raises(pytest.fail.Exception):
+        cli.main(["train", TINY, "--out", str(tmp_path / "out"), "--epochs", "3", "--no-progress"])
+    assert capsys.readouterr().err == f"lrnnx-zoo train: warning: {expected}\n"
+
+
+def test_card_notes_say_when_the_warmup_outlasts_the_run():
+    # warmup_steps >= the steps taken: the rate never reached lr and never decayed, yet the card
+    # said "100 warmup steps then cosine decay".
+    note = schedule_note(OptimSpec(epochs=1, warmup_steps=100), StepPlan(44, 44, 8), 8)
+    assert note == ("100 warmup steps that outlast the run's 8 optimiser steps: the rate rose linearly to 7.9% of "
+                    "lr and never decayed (no cosine phase), cut short by max_steps: 8 of the 44 optimiser steps "
+                    "that 1 epoch (44 per epoch) would take")
+    note = schedule_note(OptimSpec(epochs=3, warmup_steps=30), StepPlan(10, 30, 30), 30)
+    assert note.startswith("30 warmup steps that outlast the run's 30 optimiser steps") and note.endswith(
+        "(no cosine phase), 3 epochs (30 optimiser steps)") and "then cosine" not in note
+    assert (schedule_note(OptimSpec(epochs=3, warmup_steps=29), StepPlan(10, 30, 30), 30) ==
+            "29 warmup steps then cosine decay, 3 epochs (30 optimiser steps)")
+    assert (schedule_note(OptimSpec(epochs=3, warmup_steps=0), StepPlan(10, 30, 20), 20) ==
+            "cosine decay (no warmup) to zero at step 20, cut short by max_steps: 20 of the 30 optimiser steps "
+            "that 3 epochs (10 per epoch) would take")

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from lrnnx_zoo import hippo
 from lrnnx_zoo.base import check_sizes
+from lrnnx_zoo.optim import grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel
 
@@ -133,7 +134,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
                  wd: Optional[float] = None) -> None:
         """Register ``tensor`` as a parameter (trainable) or buffer; record lr / wd for the optimizer.
 
-        The record is a dict ``_optim = {"lr": ..., "weight_decay": ...}`` on the parameter, read by
+        The record is a dict ``{"lr": ..., "weight_decay": ...}``, kept as the parameter's ``_optim``
+        and on this module (see :mod:`lrnnx_zoo.optim`: a deepcopy keeps only the latter), read by
         :func:`optimizer_param_groups`. Buffers get no record (nothing to optimise).
         """
         if trainable:
@@ -141,8 +143,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         else:
             self.register_buffer(name, tensor)
         optim = {k: v for k, v in (("lr", lr), ("weight_decay", wd)) if trainable and v is not None}
-        if optim:
-            setattr(getattr(self, name), "_optim", optim)
+        set_optim_record(self, name, optim)
 
     # -- parameters ------------------------------------------------------------------------------
     @property
@@ -351,20 +352,11 @@ class S4Kernel(HippoSSKernel):
 
 
 def optimizer_param_groups(model: nn.Module, base_lr: float, base_wd: float = 0.0) -> List[Dict[str, Any]]:
-    """Optimizer parameter groups honouring the ``_optim`` records left by ``register``.
+    """Optimizer parameter groups honouring the records left by ``register``.
 
     Parameters without a record go to one group with ``base_lr`` / ``base_wd``; the others are
     grouped by their (lr, weight_decay), a missing entry falling back to the base value.
     Frozen parameters (requires_grad False) are left out. Pass the result to any torch optimizer.
+    (:func:`lrnnx_zoo.optim.grouped_parameters` with one default for every parameter.)
     """
-    groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
-    seen = set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        rec = getattr(p, "_optim", {})
-        key = (rec.get("lr", base_lr), rec.get("weight_decay", base_wd))
-        groups.setdefault(key, []).append(p)
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
-
+    return grouped_parameters(model, lambda p: (base_lr, base_wd))
