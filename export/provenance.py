@@ -14,6 +14,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 from torch import nn
 
 import lrnnx_zoo
+from lrnnx_zoo.hub import weights_digest
+from lrnnx_zoo.hub_save import RUN_KEYS
 
 from .step_graph import StepModule
 
@@ -29,7 +31,9 @@ def load_source(model_or_checkpoint: Source, revision: Optional[str] = None,
     from an eval-mode copy, and validation restores the model's mode).
 
     ``checkpoint_info`` is the loaded checkpoint's config (family, task, dataset, metrics, source),
-    or ``{}`` for an in-memory model that did not come from a checkpoint.
+    or ``{}`` for an in-memory model that did not come from a checkpoint. If the weights changed
+    since it was recorded (fine-tuning), its metrics, command and notes are left out and
+    ``"weights_changed"`` is True.
     """
     if isinstance(model_or_checkpoint, nn.Module):
         model = model_or_checkpoint
@@ -38,7 +42,13 @@ def load_source(model_or_checkpoint: Source, revision: Optional[str] = None,
     else:
         raise TypeError(f"expected a SequenceModel, a checkpoint folder, a shipped checkpoint name or a Hub "
                         f"repo id; got {type(model_or_checkpoint).__name__}")
-    return model, dict(getattr(model, "checkpoint_info", None) or {})
+    info = dict(getattr(model, "checkpoint_info", None) or {})
+    recorded = info.get("weights_digest")
+    if recorded is not None and recorded != weights_digest(model):
+        # fine-tuned since it was loaded or trained: that run's metrics no longer describe these weights
+        info = {k: v for k, v in info.items() if k not in RUN_KEYS}
+        info["weights_changed"] = True
+    return model, info
 
 
 def family_of(model: nn.Module, info: Dict[str, Any]) -> str:
@@ -52,6 +62,8 @@ def source_of(info: Dict[str, Any]) -> str:
     src = info.get("source")
     if not src:
         return "in-memory model (not loaded from a checkpoint)"
+    if info.get("weights_changed"):
+        return source_of({"source": src}) + " (weights changed since)"
     if isinstance(src, dict):
         if src.get("repo_id"):
             rev = src.get("commit") or src.get("revision")

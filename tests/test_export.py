@@ -308,6 +308,18 @@ def digits_checkpoint(tmp_path_factory):
     return folder
 
 
+def test_export_of_a_fine_tuned_model_leaves_out_the_checkpoints_metrics(digits_checkpoint, tmp_path):
+    model = lrnnx_zoo.from_pretrained(digits_checkpoint)
+    same = export_folder(model, tmp_path / "same", format="torchscript", latency_steps=0)
+    assert same.config["metrics"] == {"test_accuracy": 0.1}
+    with torch.no_grad():
+        model.decoder.weight.add_(0.01)                 # a stand-in for fine-tuning
+    done = export_folder(model, tmp_path / "tuned", format="torchscript", latency_steps=0)
+    assert done.config["metrics"] is None and done.config["dataset"]["name"] == "digits"
+    assert done.config["source"].endswith("(weights changed since)")
+    assert "test_accuracy" not in (tmp_path / "tuned" / "README.md").read_text()
+
+
 def test_int8_reports_accuracy_change(digits_checkpoint, tmp_path):
     res = to_onnx(digits_checkpoint, tmp_path / "q.onnx", quantize="int8")
     q = res.quantization
