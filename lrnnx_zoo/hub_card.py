@@ -145,8 +145,9 @@ def _describe(dataset: Any) -> List[str]:
         return [str(dataset)]
     lines = []
     for key, value in dataset.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k} = {v}" for k, v in value.items())
+        if isinstance(value, dict):   # deeper records (e.g. the spec that rebuilds the split) as JSON
+            value = ", ".join(f"{k} = {json.dumps(v) if isinstance(v, (dict, list)) else v}"
+                              for k, v in value.items())
         lines.append(f"- {key}: {value}")
     return lines
 

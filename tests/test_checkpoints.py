@@ -24,6 +24,18 @@ def test_there_is_a_checkpoint_of_every_builtin_family_and_a_streaming_forecaste
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_shipped_card_is_what_save_pretrained_writes_for_its_config(name):
+    # a card edited by hand, or left behind when the card format changed, would disagree with its config
+    import json
+    from lrnnx_zoo.hub import resolve_checkpoint
+    from lrnnx_zoo.hub_card import build_card
+    folder, _ = resolve_checkpoint(name)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    n_parameters = sum(p.numel() for p in lrnnx_zoo.from_pretrained(name).parameters())
+    assert (folder / "README.md").read_text(encoding="utf-8") == str(build_card(config, name, n_parameters))
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_card_metric_recomputed_on_the_stated_split(name):
     model = lrnnx_zoo.from_pretrained(name)
     info = model.checkpoint_info
