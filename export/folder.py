@@ -112,7 +112,7 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         raise ValueError(f"latency_steps must be an int >= 0 (0 skips the measurement), got {latency_steps!r}")
     if batch is not None and format == "torchscript":
         raise ValueError("a traced TorchScript step accepts any batch; drop batch= or use format='onnx'/'torch-export'")
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()   # what check_save_target writes to: check that folder, not "./~/..."
     check_output(out, "out_dir", folder=True)
     replaced = _check_not_overwriting(out, format)
     target = check_save_target(out, "out_dir", refuse_foreign=False)    # _check_not_overwriting decided

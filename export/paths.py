@@ -37,7 +37,7 @@ def output_location(path: Union[str, Path], what: str, folder: bool = False) -> 
     ``what`` names the argument in messages (e.g. "path", "out_dir").
     Raises IsADirectoryError / NotADirectoryError naming the path and what was expected.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     check_output(path, what, folder)
     ancestor = nearest_existing(path if folder else path.parent)
     created: List[Path] = []

@@ -119,3 +119,28 @@ def test_pushing_another_format_removes_the_earlier_graph_from_the_repo(tmp_path
     export_folder(small_model(), tmp_path / "onnx", format="onnx", latency_steps=0, push_to_hub="me/graph")
     files = set(local_hub.list_files("me/graph"))
     assert "model.ts" not in files and {"model.onnx", "config.json", "user.txt"} <= files
+
+
+def test_export_folder_expands_the_home_folder_and_never_overwrites_a_checkpoint_there(tmp_path, monkeypatch):
+    # export_folder(src, "~/ck") checked ./~/ck (missing, so nothing to protect) but wrote $HOME/ck:
+    # a checkpoint there lost its config.json and card and no longer loaded
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    small_model().save_pretrained("~/ck")
+    with pytest.raises(FileExistsError, match="lrnnx-zoo checkpoint"):
+        export_folder(small_model(), "~/ck", format="torchscript", latency_steps=0)
+    lrnnx_zoo.from_pretrained(str(home / "ck"))                       # still a checkpoint
+    done = export_folder(small_model(), "~/exp", format="torchscript", latency_steps=0)
+    assert done.folder == home / "exp" and listing(home / "exp") == sorted(done.files)
+    assert listing(tmp_path) == ["home"]                              # no literal "~" folder
+
+
+def test_single_file_export_expands_the_home_folder(tmp_path, monkeypatch):
+    from lrnnx_zoo.export import to_torchscript
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    to_torchscript(small_model(), "~/graphs/model.ts")
+    assert (tmp_path / "home" / "graphs" / "model.ts").is_file() and not (tmp_path / "~").exists()
