@@ -185,11 +185,29 @@ def upload_folder(folder: Path, repo_id: str, files: List[str], token: Optional[
     if missing:
         raise FileNotFoundError(f"cannot upload {folder}: missing {missing}; run export_folder first")
     api = HfApi(token=token)  # endpoint from HF_ENDPOINT
-    with publishing("upload to", repo_id, f"the export is complete in {folder}; push it again with "
-                    f"huggingface_hub's upload_folder or `hf upload {repo_id} {folder}`"):
-        api.create_repo(repo_id, private=private, exist_ok=True)
+    kept = f"the export is complete in {folder}"
+    with publishing("upload to", repo_id, f"{kept}; push it again with huggingface_hub's upload_folder or "
+                    f"`hf upload {repo_id} {folder}`"):
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        _check_repo_not_overwriting(api, repo_id, kept)
         # a graph of another format from an earlier push would no longer match config.json
         stale = [g for g in GRAPH_FILES.values() if g not in files]
         return api.upload_folder(repo_id=repo_id, folder_path=os.fspath(folder), allow_patterns=files,
                                  delete_patterns=stale,
                                  commit_message=f"Upload lrnnx-zoo {lrnnx_zoo.__version__} step graph")
+
+
+def _check_repo_not_overwriting(api: Any, repo_id: str, kept: str) -> None:
+    """Refuse to push into a repo whose config.json is not an earlier export's (an lrnnx-zoo checkpoint,
+    another library's model): the upload replaced its config.json and README.md, and the checkpoint
+    in it no longer loaded. The Hub mirror of :func:`_check_not_overwriting`."""
+    from lrnnx_zoo.hub_save import HubPublishError
+
+    if CONFIG_FILE not in api.list_repo_files(repo_id):
+        return
+    config = _export_config(Path(api.hf_hub_download(repo_id, CONFIG_FILE)))
+    if config is None:
+        raise HubPublishError(f"refusing to upload to {repo_id!r}: its {CONFIG_FILE} does not come from "
+                              f"`lrnnx-zoo export` (an lrnnx-zoo checkpoint, or another model), and the export's "
+                              f"{CONFIG_FILE} and {CARD_FILE} would replace it. Push to another repo, e.g. "
+                              f"{repo_id + '-export'!r}. {kept[:1].upper() + kept[1:]}.")

@@ -144,3 +144,17 @@ def test_single_file_export_expands_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     to_torchscript(small_model(), "~/graphs/model.ts")
     assert (tmp_path / "home" / "graphs" / "model.ts").is_file() and not (tmp_path / "~").exists()
+
+
+def test_pushing_an_export_into_a_checkpoint_repo_is_refused(tmp_path, local_hub):
+    # export_folder(..., push_to_hub=REPO) into the checkpoint's own repo replaced its config.json and
+    # card: the repo held an export's config.json beside model.safetensors and no longer loaded
+    from lrnnx_zoo.hub_save import HubPublishError
+
+    small_model().save_pretrained(tmp_path / "ck", push_to_hub=True, repo_id="me/model")
+    before = set(local_hub.list_files("me/model"))
+    with pytest.raises(HubPublishError, match=r"refusing to upload to 'me/model'.*export is complete in"):
+        export_folder("me/model", tmp_path / "exp", format="torchscript", latency_steps=0, push_to_hub="me/model")
+    assert set(local_hub.list_files("me/model")) == before
+    lrnnx_zoo.from_pretrained("me/model")
+    assert (tmp_path / "exp" / "model.ts").is_file()                  # the local export is kept
