@@ -98,7 +98,8 @@ def replaced_folder(target: Path, keep: Callable[[str], bool]) -> Iterator[Path]
 
     Args:
         target: the folder to create or replace (its missing parents are created, and removed
-            again if the block fails).
+            again if the block fails). A symlink is followed: the folder it points to is replaced
+            and the link stays.
         keep: called with the name of each entry of an existing ``target``; entries it accepts,
             and that the block did not write itself, are carried into the new folder (a user's
             own files there are never lost). Entries it rejects are dropped with the old folder.
@@ -106,7 +107,9 @@ def replaced_folder(target: Path, keep: Callable[[str], bool]) -> Iterator[Path]
     The new folder takes the old one's permission bits (a private 0700 folder stays private).
     On an exception nothing at ``target`` changes and the temporary folder is removed.
     """
-    target = Path(target)
+    # the folder itself: a symlinked target is written through (swapping the link would replace it by
+    # a folder and leave the link behind as a hidden sibling), and "~", "." or ".." name real folders
+    target = Path(os.path.realpath(Path(target).expanduser()))
     created: List[Path] = []
     parent = target.parent
     while not parent.exists() and parent != parent.parent:

@@ -158,3 +158,26 @@ def test_pushing_an_export_into_a_checkpoint_repo_is_refused(tmp_path, local_hub
     assert set(local_hub.list_files("me/model")) == before
     lrnnx_zoo.from_pretrained("me/model")
     assert (tmp_path / "exp" / "model.ts").is_file()                  # the local export is kept
+
+
+def test_replaced_folder_writes_through_a_symlink_and_keeps_it(tmp_path, swap_mode, monkeypatch):
+    # the link itself was swapped: it became a real folder, the folder it named kept the old files,
+    # and the link was left behind as the hidden sibling .link.tmp-XXXXXXXX (rmtree refuses links)
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "mine.txt").write_text("mine")
+    (tmp_path / "link").symlink_to("real")
+    monkeypatch.chdir(tmp_path)
+    with replaced_folder("link", keep=lambda name: True) as staging:     # relative, as users pass it
+        (staging / "new.txt").write_text("new")
+    assert (tmp_path / "link").is_symlink() and listing(real) == ["mine.txt", "new.txt"]
+    assert listing(tmp_path) == ["link", "real"]
+
+
+def test_replaced_folder_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with replaced_folder("~/out", keep=lambda name: True) as staging:
+        (staging / "a").write_text("a")
+    assert listing(tmp_path) == ["home"] and listing(tmp_path / "home" / "out") == ["a"]
+
