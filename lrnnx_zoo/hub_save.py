@@ -116,7 +116,7 @@ def check_save_target(save_directory: PathLike, what: str = "save_directory", re
     shown = str(given) if target == given else f"{given} (a link to {target})"
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{what} {shown} is a file; pass a folder (it is created if missing)")
-    if Path.cwd().absolute().is_relative_to(target) and target.exists():
+    if target.exists() and Path.cwd().resolve().is_relative_to(target.resolve()):   # also via ".." or a link
         raise CheckpointError(f"cannot save over {shown}: it holds the current working directory, and saving "
                               "swaps the folder; write to a subfolder instead")
     foreign = _foreign_config(target / CONFIG_NAME) if refuse_foreign else None

@@ -181,3 +181,17 @@ def test_replaced_folder_expands_the_home_folder(tmp_path, monkeypatch):
         (staging / "a").write_text("a")
     assert listing(tmp_path) == ["home"] and listing(tmp_path / "home" / "out") == ["a"]
 
+
+@pytest.mark.parametrize("spelling", [".", "..", "../../ck", "LINK"])
+def test_saving_over_the_folder_holding_the_working_directory_is_refused(tmp_path, monkeypatch, spelling):
+    # the check compared paths as spelled: "../../ck" or a symlink to ck passed it, the folder was
+    # swapped, and the process was left in a deleted working directory
+    from lrnnx_zoo.hub import CheckpointError
+
+    (tmp_path / "ck" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to("ck")
+    monkeypatch.chdir(tmp_path / "ck" / "sub")
+    given = str(tmp_path / "link") if spelling == "LINK" else spelling
+    with pytest.raises(CheckpointError, match="current working directory"):
+        small_model().save_pretrained(given)
+    assert listing(tmp_path / "ck") == ["sub"] and listing(tmp_path) == ["ck", "link"]
