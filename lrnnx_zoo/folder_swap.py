@@ -77,19 +77,35 @@ def _carry_over(old: Path, new: Path, keep: Callable[[str], bool]) -> None:
             _link_or_copy(str(entry), str(new / entry.name))
 
 
-def _swap_in(tmp: Path, target: Path, tag: str) -> None:
-    """Put ``tmp`` at ``target``; the old ``target`` ends up at ``tmp`` (exchange) or is removed."""
+def _swap_in(tmp: Path, target: Path, old: Path) -> None:
+    """Put ``tmp`` at ``target``. The old ``target`` ends up at ``tmp`` (exchange) or at ``old`` (two
+    renames); :func:`_clean_up` then removes it, or puts it back if the second rename never happened."""
     if exchange_paths(tmp, target):
-        shutil.rmtree(tmp, ignore_errors=True)
         return
-    old = target.with_name(f".{target.name}.old-{tag}")
     os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    os.rename(tmp, target)
+
+
+def _clean_up(target: Path, tmp: Path, old: Path) -> None:
+    """Put an old folder that was only moved aside back at ``target``, and remove the hidden siblings.
+
+    An interrupt (Ctrl-C) can come between any two lines, also here: the clean-up then runs once
+    more before the KeyboardInterrupt goes on, so no hidden folder is left behind."""
+    interrupted: Optional[BaseException] = None
+    for _ in range(2):
+        try:
+            if os.path.lexists(old) and not os.path.lexists(target):
+                os.rename(old, target)
+            for leftover in (tmp, old):
+                if os.path.islink(leftover):
+                    os.unlink(leftover)
+                elif os.path.lexists(leftover):
+                    shutil.rmtree(leftover, ignore_errors=True)
+            break
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
 
 
 @contextlib.contextmanager
@@ -119,21 +135,21 @@ def replaced_folder(target: Path, keep: Callable[[str], bool]) -> Iterator[Path]
         folder.mkdir()
     tag = uuid.uuid4().hex[:8]
     tmp = target.with_name(f".{target.name}.tmp-{tag}")
+    old = target.with_name(f".{target.name}.old-{tag}")        # the two-rename fallback's
     try:
         tmp.mkdir()
         yield tmp
         if target.exists():
             _carry_over(target, tmp, keep)
             os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
-            _swap_in(tmp, target, tag)
+            _swap_in(tmp, target, old)
         else:
             os.rename(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _clean_up(target, tmp, old)
         for folder in created:                   # innermost first; one that holds files stays
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _clean_up(target, tmp, old)

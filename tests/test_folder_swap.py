@@ -195,3 +195,61 @@ def test_saving_over_the_folder_holding_the_working_directory_is_refused(tmp_pat
     with pytest.raises(CheckpointError, match="current working directory"):
         small_model().save_pretrained(given)
     assert listing(tmp_path / "ck") == ["sub"] and listing(tmp_path) == ["ck", "link"]
+
+
+def _interrupt_after(monkeypatch, owner, name, *, first_do_it, when=lambda *args: True):
+    """Make ``owner.name`` raise KeyboardInterrupt (once, when ``when(*args)``), after doing its work
+    if ``first_do_it``: an interrupt arriving just before or just after that call."""
+    real = getattr(owner, name)
+    fired = []
+
+    def interrupted(*args, **kwargs):
+        if fired or not when(*args):
+            return real(*args, **kwargs)
+        fired.append(name)
+        if first_do_it:
+            real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(owner, name, interrupted)
+    return fired
+
+
+INTERRUPTS = {  # point -> (swap mode, what to patch, do the call first?, which call)
+    "while carrying over the user's files": ("exchange", (folder_swap, "_link_or_copy"), False, None),
+    "before the exchange": ("exchange", (folder_swap, "exchange_paths"), False, None),
+    "after the exchange": ("exchange", (folder_swap, "exchange_paths"), True, None),
+    "removing the old folder (exchange)": ("exchange", (folder_swap.shutil, "rmtree"), False, None),
+    "after moving the old folder aside": ("two renames", (folder_swap.os, "rename"), True,
+                                          lambda src, dst: ".old-" in str(dst)),
+    "after moving the new folder in": ("two renames", (folder_swap.os, "rename"), True,
+                                       lambda src, dst: ".tmp-" in str(src)),
+    "removing the old folder (two renames)": ("two renames", (folder_swap.shutil, "rmtree"), False, None),
+}
+
+
+@pytest.mark.parametrize("point", list(INTERRUPTS))
+def test_an_interrupt_anywhere_leaves_one_whole_folder_and_no_hidden_sibling(tmp_path, monkeypatch, point):
+    # with two renames, an interrupt after the first left the path empty (the old folder stayed at
+    # the hidden .t.old-*, the new one was deleted), and one while removing the old folder left it
+    # there as .t.old-*
+    mode, (owner, name), first_do_it, when = INTERRUPTS[point]
+    if mode == "two renames":
+        monkeypatch.setattr(folder_swap, "_RENAMEAT2", None)
+    elif folder_swap._RENAMEAT2 is None:
+        pytest.skip("no renameat2 here")
+    target = tmp_path / "t"
+    target.mkdir()
+    (target / "ours.txt").write_text("old")
+    (target / "mine.txt").write_text("mine")
+    fired = _interrupt_after(monkeypatch, owner, name, first_do_it=first_do_it, when=when or (lambda *a: True))
+    try:
+        with replaced_folder(target, keep=lambda entry: entry != "ours.txt") as staging:
+            (staging / "ours.txt").write_text("new")
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert fired, "the interrupt was never injected"
+    assert listing(tmp_path) == ["t"]
+    assert listing(target) == ["mine.txt", "ours.txt"] and (target / "mine.txt").read_text() == "mine"
+    assert (target / "ours.txt").read_text() in ("old", "new")
