@@ -77,6 +77,20 @@ def _carry_over(old: Path, new: Path, keep: Callable[[str], bool]) -> None:
             _link_or_copy(str(entry), str(new / entry.name))
 
 
+def _created(tmp: Path, target: Path) -> bool:
+    """Rename ``tmp`` to a missing ``target``; False if ``target`` exists, also when another process
+    (a second save to the same new folder) created it after we looked: then it is replaced as usual."""
+    if target.exists():
+        return False
+    try:
+        os.rename(tmp, target)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    return True
+
+
 def _swap_in(tmp: Path, target: Path, old: Path) -> None:
     """Put ``tmp`` at ``target``. The old ``target`` ends up at ``tmp`` (exchange) or at ``old`` (two
     renames); :func:`_clean_up` then removes it, or puts it back if the second rename never happened."""
@@ -139,12 +153,10 @@ def replaced_folder(target: Path, keep: Callable[[str], bool]) -> Iterator[Path]
     try:
         tmp.mkdir()
         yield tmp
-        if target.exists():
+        if not _created(tmp, target):
             _carry_over(target, tmp, keep)
             os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
             _swap_in(tmp, target, old)
-        else:
-            os.rename(tmp, target)
     except BaseException:
         _clean_up(target, tmp, old)
         for folder in created:                   # innermost first; one that holds files stays

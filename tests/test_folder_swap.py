@@ -253,3 +253,27 @@ def test_an_interrupt_anywhere_leaves_one_whole_folder_and_no_hidden_sibling(tmp
     assert listing(tmp_path) == ["t"]
     assert listing(target) == ["mine.txt", "ours.txt"] and (target / "mine.txt").read_text() == "mine"
     assert (target / "ours.txt").read_text() in ("old", "new")
+
+
+def test_a_save_that_creates_the_folder_second_replaces_the_first(tmp_path, swap_mode, monkeypatch):
+    # two processes saving to the same new folder (every DDP rank calling save_pretrained): the one
+    # whose rename came second failed with "OSError: [Errno 39] Directory not empty" and lost its save
+    target = tmp_path / "t"
+    real_rename = folder_swap.os.rename
+
+    landed = []
+
+    def other_save_lands_first(src, dst):
+        if str(dst) == str(target) and not landed:                  # after we looked, before we rename
+            landed.append(dst)
+            target.mkdir()
+            (target / "ours.txt").write_text("first")
+            (target / "mine.txt").write_text("mine")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(folder_swap.os, "rename", other_save_lands_first)
+    with replaced_folder(target, keep=lambda entry: entry != "ours.txt") as staging:
+        (staging / "ours.txt").write_text("second")
+    monkeypatch.undo()
+    assert listing(target) == ["mine.txt", "ours.txt"] and (target / "ours.txt").read_text() == "second"
+    assert listing(tmp_path) == ["t"]
