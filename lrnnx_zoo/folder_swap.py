@@ -9,7 +9,8 @@ folder that the caller keeps are hard-linked in, and the two folders are exchang
 On Linux the exchange is one ``renameat2(RENAME_EXCHANGE)`` call: at every instant the path holds
 either the complete old folder or the complete new one. Elsewhere (or on a file system without
 it) two renames are used, with the old folder renamed back if the second fails; between them the
-path is briefly absent.
+path is briefly absent. A mount point, or a folder whose parent is read-only, cannot be swapped:
+its files are replaced one by one instead (see :func:`replaced_folder`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ __all__ = ["replaced_folder", "exchange_paths"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+#: rename() of a folder fails with these when the folder cannot be moved: a mount point (EBUSY), or
+#: a sibling on another mount (EXDEV: the parent's file system, a bind mount of the same one)
+_UNMOVABLE = (errno.EBUSY, errno.EXDEV)
+#: mkdir() of the sibling fails with these when the parent is read-only or not the user's
+_UNWRITABLE_PARENT = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _renameat2() -> Optional[Callable[..., int]]:
@@ -91,13 +97,56 @@ def _created(tmp: Path, target: Path) -> bool:
     return True
 
 
-def _swap_in(tmp: Path, target: Path, old: Path) -> None:
+def _swap_in(tmp: Path, target: Path, old: Path) -> bool:
     """Put ``tmp`` at ``target``. The old ``target`` ends up at ``tmp`` (exchange) or at ``old`` (two
-    renames); :func:`_clean_up` then removes it, or puts it back if the second rename never happened."""
-    if exchange_paths(tmp, target):
-        return
-    os.rename(target, old)
+    renames); :func:`_clean_up` then removes it, or puts it back if the second rename never happened.
+
+    False, having changed nothing, when ``target`` cannot be renamed: a mount point (EBUSY), or a
+    bind mount the sibling is not on (EXDEV)."""
+    try:
+        if exchange_paths(tmp, target):
+            return True
+        os.rename(target, old)
+    except OSError as exc:
+        if exc.errno in _UNMOVABLE:
+            return False
+        raise
     os.rename(tmp, target)
+    return True
+
+
+def _update_in_place(staging: Path, written: List[str], target: Path, keep: Callable[[str], bool], tag: str) -> None:
+    """Move the ``written`` entries of ``staging`` into ``target`` one by one (each rename atomic; a
+    copy first where ``staging`` is on another file system), then remove the entries of ``target``
+    that ``keep`` rejects and that were not written. For a folder that cannot be swapped whole."""
+    for name in written:
+        src, dst = staging / name, target / name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        try:
+            os.replace(src, dst)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            part = target / f".{name}.tmp-{tag}"
+            try:
+                if src.is_dir():
+                    shutil.copytree(src, part, symlinks=True)
+                else:
+                    shutil.copy2(src, part, follow_symlinks=False)
+                os.replace(part, dst)
+            finally:
+                if part.is_dir() and not part.is_symlink():
+                    shutil.rmtree(part, ignore_errors=True)
+                elif os.path.lexists(part):
+                    part.unlink()
+    for entry in list(target.iterdir()):
+        if entry.name in written or entry == staging or keep(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _clean_up(target: Path, tmp: Path, old: Path) -> None:
@@ -136,6 +185,12 @@ def replaced_folder(target: Path, keep: Callable[[str], bool]) -> Iterator[Path]
 
     The new folder takes the old one's permission bits (a private 0700 folder stays private).
     On an exception nothing at ``target`` changes and the temporary folder is removed.
+
+    A folder that cannot be swapped (a mount point, such as a container's output volume) or whose
+    parent cannot take a sibling (read-only, or not the user's) is updated in place instead: the
+    block writes into a hidden folder inside it, then each file replaces its old version with one
+    rename. Each file is then whole at every instant, but the folder as a whole is not: a crash
+    between two renames leaves some files new and some old.
     """
     # the folder itself: a symlinked target is written through (swapping the link would replace it by
     # a folder and leave the link behind as a hidden sibling), and "~", "." or ".." name real folders
@@ -150,13 +205,25 @@ def replaced_folder(target: Path, keep: Callable[[str], bool]) -> Iterator[Path]
     tag = uuid.uuid4().hex[:8]
     tmp = target.with_name(f".{target.name}.tmp-{tag}")
     old = target.with_name(f".{target.name}.old-{tag}")        # the two-rename fallback's
+    in_place = False
     try:
-        tmp.mkdir()
+        try:
+            tmp.mkdir()
+        except OSError as exc:
+            if exc.errno not in _UNWRITABLE_PARENT or not target.is_dir():
+                raise
+            # e.g. a writable volume under a read-only root: stage inside the folder itself
+            tmp, in_place = target / tmp.name, True
+            tmp.mkdir()
         yield tmp
-        if not _created(tmp, target):
+        written = sorted(os.listdir(tmp))
+        if in_place:
+            _update_in_place(tmp, written, target, keep, tag)
+        elif not _created(tmp, target):
             _carry_over(target, tmp, keep)
             os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
-            _swap_in(tmp, target, old)
+            if not _swap_in(tmp, target, old):       # a mount point: its files are replaced instead
+                _update_in_place(tmp, written, target, keep, tag)
     except BaseException:
         _clean_up(target, tmp, old)
         for folder in created:                   # innermost first; one that holds files stays

@@ -105,8 +105,8 @@ def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, An
 
 def check_save_target(save_directory: PathLike, what: str = "save_directory", refuse_foreign: bool = True) -> Path:
     """The folder a save into ``save_directory`` writes (a symlink's target), after checking it can be
-    written: not a file, and both it (if it exists) and its parent (where the temporary sibling goes)
-    writable; with ``refuse_foreign`` (checkpoints) also not a folder whose config.json belongs to
+    written: not a file, and writable if it exists, else its parent writable (an existing folder
+    under a read-only parent is updated in place, see :func:`lrnnx_zoo.folder_swap.replaced_folder`); with ``refuse_foreign`` (checkpoints) also not a folder whose config.json belongs to
     something else (an export folder, another library's model: saving would replace it and its
     README.md). Saving over an lrnnx-zoo checkpoint is fine: it is replaced atomically. Raises
     CheckpointError or PermissionError naming the folder the caller gave, as the argument ``what``
@@ -130,11 +130,10 @@ def check_save_target(save_directory: PathLike, what: str = "save_directory", re
     ancestor = nearest_existing(target.parent)
     if not ancestor.is_dir():
         raise CheckpointError(f"cannot save into {shown}: {ancestor} is a file, expected a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
+    if not os.access(ancestor, os.W_OK | os.X_OK) and not target.is_dir():   # an existing folder is updated in place
         where = "its parent folder" if ancestor == target.parent else "the nearest existing folder above it"
-        raise PermissionError(f"cannot save into {shown}: {where} {ancestor} is not writable by this user, and "
-                              "saving writes a temporary sibling folder there first; make it writable or save "
-                              "elsewhere")
+        raise PermissionError(f"cannot save into {shown}: {where} {ancestor} is not writable by this user, so "
+                              "the folder cannot be created there; make it writable or save elsewhere")
     return target
 
 

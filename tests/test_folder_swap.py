@@ -7,7 +7,9 @@ these tests check both the exchange (Linux renameat2) and the two-rename fallbac
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import pytest
 import torch
@@ -277,3 +279,105 @@ def test_a_save_that_creates_the_folder_second_replaces_the_first(tmp_path, swap
     monkeypatch.undo()
     assert listing(target) == ["mine.txt", "ours.txt"] and (target / "ours.txt").read_text() == "second"
     assert listing(tmp_path) == ["t"]
+
+
+@pytest.fixture(params=["EBUSY", "EXDEV"])
+def unmovable(request, tmp_path, monkeypatch, swap_mode):
+    """The folder tmp_path/"t" as a mount point: renaming it fails as the kernel fails it (EBUSY for
+    a mount point; EXDEV also when the sibling is on another mount, where files must be copied in)."""
+    target = tmp_path / "t"
+    code = getattr(errno, request.param)
+    real_rename, real_replace = folder_swap.os.rename, folder_swap.os.replace
+
+    def refuse(path):
+        if str(path) == str(target):
+            raise OSError(code, os.strerror(code), str(path))
+
+    def rename(src, dst):
+        refuse(src), refuse(dst)
+        return real_rename(src, dst)
+
+    def replace(src, dst):
+        if request.param == "EXDEV" and str(src).startswith(str(tmp_path / ".t.tmp-")) and \
+                os.path.dirname(dst) == str(target):
+            raise OSError(code, os.strerror(code), str(src))          # the sibling is on the parent's mount
+        return real_replace(src, dst)
+
+    def exchange(a, b):
+        refuse(a), refuse(b)
+
+    monkeypatch.setattr(folder_swap.os, "rename", rename)
+    monkeypatch.setattr(folder_swap.os, "replace", replace)
+    monkeypatch.setattr(folder_swap, "exchange_paths", exchange)
+    return target
+
+
+def test_saving_into_a_mount_point_replaces_its_files(unmovable, tmp_path):
+    # a folder that is a mount point (a container's output volume) cannot be renamed: every save and
+    # export into it failed with "OSError: [Errno 16] Device or resource busy"
+    target = unmovable
+    target.mkdir()
+    (target / "mine.txt").write_text("mine")
+    small_model(seed=0).save_pretrained(target, metrics={"acc": 0.5})
+    small_model(seed=1).save_pretrained(target, metrics={"acc": 0.75})
+    loaded = lrnnx_zoo.from_pretrained(target)
+    assert loaded.checkpoint_info["metrics"] == {"acc": 0.75}
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), small_model(seed=1).state_dict().values()))
+    assert listing(target) == ["README.md", "config.json", "mine.txt", "model.safetensors"]
+    assert listing(tmp_path) == ["t"]
+
+    out = target / "export"
+    out.mkdir()
+    export_folder(small_model(), out, format="torchscript", latency_steps=0)
+    export_folder(small_model(), out, format="onnx", latency_steps=0)    # nested: swapped as usual
+    assert listing(out) == ["README.md", "config.json", "model.onnx", "step_form.safetensors"]
+
+
+def test_reexport_into_a_mount_point_drops_the_earlier_graph(unmovable, tmp_path):
+    out = unmovable
+    out.mkdir()
+    export_folder(small_model(), out, format="torchscript", latency_steps=0)
+    (out / "notes.txt").write_text("mine")
+    export_folder(small_model(), out, format="onnx", latency_steps=0)
+    assert listing(out) == ["README.md", "config.json", "model.onnx", "notes.txt", "step_form.safetensors"]
+    assert listing(tmp_path) == ["t"]
+
+
+def _as_normal_user(cmd):
+    """``cmd`` run so that file permissions apply (root overrides them): via setpriv when root."""
+    import shutil as sh
+    if os.geteuid() != 0:
+        return cmd
+    if sh.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permissions cannot be enforced")
+    caps = "-dac_override,-dac_read_search,-fowner"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", *cmd]
+
+
+_SAVE_TWICE = """
+import sys, torch, lrnnx_zoo
+torch.manual_seed(0)
+cfg = lrnnx_zoo.ModelConfig(layer="s4d", d_input=3, d_output=2, d_model=8, n_layers=1, layer_kwargs={"d_state": 4})
+for acc in (0.5, 0.75):
+    lrnnx_zoo.SequenceModel(cfg).save_pretrained(sys.argv[1], metrics={"acc": acc})
+print(lrnnx_zoo.from_pretrained(sys.argv[1]).checkpoint_info["metrics"])
+"""
+
+
+def test_saving_into_a_writable_folder_under_a_read_only_parent(tmp_path):
+    # a writable volume under a read-only root (a container with readOnlyRootFilesystem): the save was
+    # refused because the hidden sibling could not be made in the parent
+    import subprocess
+    import sys
+    vol = tmp_path / "ro" / "vol"
+    vol.mkdir(parents=True)
+    (vol / "mine.txt").write_text("mine")
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        run = subprocess.run(_as_normal_user([sys.executable, "-c", _SAVE_TWICE, str(vol)]),
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+    assert run.returncode == 0 and "{'acc': 0.75}" in run.stdout, run.stderr
+    assert listing(vol) == ["README.md", "config.json", "mine.txt", "model.safetensors"]
+    assert listing(tmp_path / "ro") == ["vol"]
