@@ -149,6 +149,20 @@ def _update_in_place(staging: Path, written: List[str], target: Path, keep: Call
             entry.unlink()
 
 
+def _rmtree(path: Path) -> None:
+    """Remove the folder ``path``, also one holding read-only folders (a user's own, carried over):
+    they are made writable first, as their entries cannot be removed otherwise. Never raises."""
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path):
+        return
+    for root, dirs, _ in os.walk(path):          # top-down: a folder is opened after it is made readable
+        for name in [os.curdir] + dirs if root == os.fspath(path) else dirs:
+            folder = os.path.join(root, name)
+            with contextlib.suppress(OSError):   # folders only: files may be hard links to kept ones
+                os.chmod(folder, stat.S_IMODE(os.lstat(folder).st_mode) | stat.S_IRWXU)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _clean_up(target: Path, tmp: Path, old: Path) -> None:
     """Put an old folder that was only moved aside back at ``target``, and remove the hidden siblings.
 
@@ -163,7 +177,7 @@ def _clean_up(target: Path, tmp: Path, old: Path) -> None:
                 if os.path.islink(leftover):
                     os.unlink(leftover)
                 elif os.path.lexists(leftover):
-                    shutil.rmtree(leftover, ignore_errors=True)
+                    _rmtree(leftover)
             break
         except KeyboardInterrupt as exc:
             interrupted = exc

@@ -381,3 +381,36 @@ def test_saving_into_a_writable_folder_under_a_read_only_parent(tmp_path):
     assert run.returncode == 0 and "{'acc': 0.75}" in run.stdout, run.stderr
     assert listing(vol) == ["README.md", "config.json", "mine.txt", "model.safetensors"]
     assert listing(tmp_path / "ro") == ["vol"]
+
+
+_SAVE_OVER_A_READ_ONLY_SUBFOLDER = """
+import os, sys, torch, lrnnx_zoo
+torch.manual_seed(0)
+cfg = lrnnx_zoo.ModelConfig(layer="s4d", d_input=3, d_output=2, d_model=8, n_layers=1, layer_kwargs={"d_state": 4})
+model = lrnnx_zoo.SequenceModel(cfg)
+model.save_pretrained(sys.argv[1])
+model.save_pretrained(sys.argv[1])
+print("saved")
+"""
+
+
+def test_a_read_only_subfolder_of_the_user_leaves_no_hidden_sibling(tmp_path):
+    # the old folder's read-only data/ could not be emptied: each save left a .ck.tmp-* holding it
+    import subprocess
+    import sys
+    ck = tmp_path / "ck"
+    (ck / "data" / "deep").mkdir(parents=True)
+    (ck / "data" / "deep" / "raw.csv").write_text("1,2\n")
+    os.chmod(ck / "data" / "deep", 0o555)
+    os.chmod(ck / "data", 0o555)
+    try:
+        run = subprocess.run(_as_normal_user([sys.executable, "-c", _SAVE_OVER_A_READ_ONLY_SUBFOLDER, str(ck)]),
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and "saved" in run.stdout, run.stderr
+        assert listing(tmp_path) == ["ck"]
+        assert (ck / "data" / "deep" / "raw.csv").read_text() == "1,2\n"
+        assert (ck / "data").stat().st_mode & 0o777 == 0o555
+    finally:
+        for root, dirs, _ in os.walk(tmp_path):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o755)
