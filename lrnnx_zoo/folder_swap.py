@@ -83,6 +83,16 @@ def _carry_over(old: Path, new: Path, keep: Callable[[str], bool]) -> None:
             _link_or_copy(str(entry), str(new / entry.name))
 
 
+def _copy_access(old: Path, new: Path) -> None:
+    """Give ``new`` the permission bits of ``old``, and its group (a folder shared with a team) and,
+    for root, its owner: best effort, as a user may not be a member of that group."""
+    st = old.stat()
+    if hasattr(os, "chown"):
+        with contextlib.suppress(OSError):       # before chmod: chown may clear the setgid bit
+            os.chown(new, st.st_uid if os.geteuid() == 0 else -1, st.st_gid)
+    os.chmod(new, stat.S_IMODE(st.st_mode))
+
+
 def _created(tmp: Path, target: Path) -> bool:
     """Rename ``tmp`` to a missing ``target``; False if ``target`` exists, also when another process
     (a second save to the same new folder) created it after we looked: then it is replaced as usual."""
@@ -197,7 +207,8 @@ def replaced_folder(target: Path, keep: Callable[[str], bool]) -> Iterator[Path]
             and that the block did not write itself, are carried into the new folder (a user's
             own files there are never lost). Entries it rejects are dropped with the old folder.
 
-    The new folder takes the old one's permission bits (a private 0700 folder stays private).
+    The new folder takes the old one's permission bits (a private 0700 folder stays private) and
+    group (and owner, when saving as root), so a folder shared with others stays shared.
     On an exception nothing at ``target`` changes and the temporary folder is removed.
 
     A folder that cannot be swapped (a mount point, such as a container's output volume) or whose
@@ -235,7 +246,7 @@ def replaced_folder(target: Path, keep: Callable[[str], bool]) -> Iterator[Path]
             _update_in_place(tmp, written, target, keep, tag)
         elif not _created(tmp, target):
             _carry_over(target, tmp, keep)
-            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+            _copy_access(target, tmp)
             if not _swap_in(tmp, target, old):       # a mount point: its files are replaced instead
                 _update_in_place(tmp, written, target, keep, tag)
     except BaseException:

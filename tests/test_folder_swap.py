@@ -414,3 +414,16 @@ def test_a_read_only_subfolder_of_the_user_leaves_no_hidden_sibling(tmp_path):
         for root, dirs, _ in os.walk(tmp_path):
             for d in dirs:
                 os.chmod(os.path.join(root, d), 0o755)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another user needs root")
+def test_a_replaced_folder_keeps_its_owner_and_group(tmp_path, swap_mode):
+    # root saving into a user's (or a team's) folder made it root:root, so they could no longer write in it
+    target = tmp_path / "t"
+    target.mkdir(mode=0o2775)
+    os.chown(target, 1234, 5678)
+    os.chmod(target, 0o2775)
+    with replaced_folder(target, keep=lambda name: True) as staging:
+        (staging / "a").write_text("a")
+    st = target.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1234, 5678, 0o2775)
