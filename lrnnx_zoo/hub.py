@@ -417,21 +417,79 @@ def _weights_dtype(tensors: Dict[str, Any]) -> Optional[Any]:
     return torch.float64 if floating == {torch.float64} else None
 
 
+#: Bytes per piece hashed on its own (in parallel): the digest then takes a fraction of a load.
+DIGEST_CHUNK = 4 << 20
+
+
+def _digest_form(tensor: Any) -> Tuple[str, Any]:
+    """``tensor`` on the CPU, contiguous, in the form its digest hashes, and that form's name: floating
+    values as float32 when float32 holds every one exactly (so float16, bfloat16, and float64 after a
+    lossless ``.double()``, hash like the float32 original), else float64; complex as (real, imag)
+    pairs of those; integers as int64 (a file's int32 loaded into an int64 buffer is the same value)."""
+    import torch
+    t = tensor.detach().to("cpu").resolve_conj().resolve_neg()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.is_floating_point() and t.dtype != torch.float32:
+        narrow = t.to(torch.float32)
+        wide = narrow.to(t.dtype)
+        if t.dtype == torch.float64 and not bool(((wide == t) | (wide.isnan() & t.isnan())).all()):
+            return "float64", t.contiguous()
+        t = narrow
+    elif not t.is_floating_point() and t.dtype not in (torch.bool, torch.uint64, torch.int64):
+        t = t.to(torch.int64)
+    return str(t.dtype).replace("torch.", ""), t.contiguous()
+
+
+def _sha256(data: Any) -> bytes:
+    import hashlib
+    return hashlib.sha256(data).digest()
+
+
+def state_digest(state: Dict[str, Any]) -> str:
+    """The digest of a state dict (name -> tensor), as :func:`weights_digest` computes it: names in
+    sorted order, each tensor's shape and values in :func:`_digest_form`; hashed with SHA-256 in
+    pieces of :data:`DIGEST_CHUNK` bytes on several threads (hashlib releases the GIL)."""
+    import hashlib
+    import torch
+    header, pieces = hashlib.sha256(), []
+    for name in sorted(state):
+        kind, t = _digest_form(state[name])
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        header.update(f"{name}:{tuple(t.shape)}:{kind}:{len(data)};".encode())
+        pieces += [data[i:i + DIGEST_CHUNK] for i in range(0, len(data), DIGEST_CHUNK)]
+    workers = min(len(pieces), os.cpu_count() or 1, 8)
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(workers, thread_name_prefix="lrnnx-zoo-digest") as pool:
+            hashed = list(pool.map(_sha256, pieces))
+    else:
+        hashed = [_sha256(piece) for piece in pieces]
+    header.update(b"".join(hashed))
+    return header.hexdigest()[:32]
+
+
+def _substitutes(model: Any) -> Dict[str, Any]:
+    """{state name: tensor} that modules ask to be hashed instead of their state (``digest_substitutes``)."""
+    found: Dict[str, Any] = {}
+    for prefix, module in model.named_modules():
+        substitutes = getattr(module, "digest_substitutes", None)
+        if callable(substitutes):
+            found.update({f"{prefix}.{key}" if prefix else key: value for key, value in substitutes().items()})
+    return found
+
+
 def weights_digest(model: Any) -> str:
     """A fingerprint of ``model``'s state_dict (names, shapes, values), kept in ``checkpoint_info`` so a
     later save can tell whether the weights changed since (fine-tuning): then the checkpoint's metrics
-    no longer describe them.  Floating tensors are hashed as float64, so a cast that loses nothing
-    (``model.double()``, moving devices) keeps the digest; any changed value changes it."""
-    import hashlib
-    import torch
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().to("cpu")
-        if t.is_floating_point():
-            t = t.to(torch.float64)
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    no longer describe them.  Values are hashed as float32 where that holds them exactly, else as
+    float64 (:func:`_digest_form`), so a cast that loses nothing (``model.double()``, moving devices)
+    keeps the digest; any changed value changes it.
+
+    A module may define ``digest_substitutes()`` -> {its own state name: tensor} to be hashed instead
+    (S4's kernel: C and L as they were before it extended its length, which keeps the system).
+    """
+    return state_digest({**model.state_dict(), **_substitutes(model)})
 
 
 def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "SequenceModel":
