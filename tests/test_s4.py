@@ -596,3 +596,27 @@ def test_layer_gradients_in_float32_match_float64_at_L4096():
         return max(rel_err(p.grad, q.grad) for p, q in zip(m.parameters(), l64.parameters()) if q.grad is not None)
     refined, unrefined = worst_grad_error(True), worst_grad_error(False)
     assert refined < 1e-4 and unrefined > 2 * refined, (refined, unrefined)
+
+
+@pytest.mark.parametrize("name", ["digits-s4", "digits-fftconv"])
+def test_running_a_checkpoint_on_longer_sequences_keeps_its_metrics(name, tmp_path):
+    # A sequence longer than the kernel's internal length doubles it in place (C~ and L change, the
+    # system does not): the weights digest changed, so save_pretrained and export dropped the
+    # checkpoint's metrics, command and notes as if the model had been fine-tuned.
+    from lrnnx_zoo.export.provenance import load_source
+
+    model = lrnnx_zoo.from_pretrained(name)
+    metrics = model.checkpoint_info["metrics"]
+    kernel = next(m for m in model.modules() if isinstance(m, SSKernelNPLR))
+    length = kernel.length
+    with torch.no_grad():
+        model(torch.randn(1, 9 * length, model.config.d_input))     # three doublings
+    assert kernel.length == 16 * length
+    config = lrnnx_zoo.from_pretrained(model.save_pretrained(tmp_path / "longer")).checkpoint_info
+    assert config["metrics"] == metrics and "changed" not in (config["notes"] or "")
+    assert load_source(model)[1]["metrics"] == metrics
+
+    with torch.no_grad():
+        kernel.C.mul_(1.01)                                             # then a change of C: seen
+    assert lrnnx_zoo.from_pretrained(model.save_pretrained(tmp_path / "tuned")).checkpoint_info["metrics"] is None
+    assert "weights_changed" in load_source(model)[1]

@@ -160,6 +160,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
+        self.__dict__.pop("_length_origin", None)  # new weights: no length change to account for
         if self.L.device.type != "meta":          # a meta load carries no values
             self._length = int(self.L)            # the buffer was just loaded: keep the Python copy in step
 
@@ -212,9 +213,11 @@ class SSKernelNPLR(StepModes, SSMKernel):
         """C~ = (I - A_bar^L)^T C  (Algorithm 1, step 1) from the plain C."""
         if self.length:
             raise RuntimeError(f"C already holds C~ for L={self.length}; use double_length() to extend it")
+        first = self._length_origin_before_change()
         A_bar, _ = self.dense_system()
         self._transform_C(_identity_minus_power(A_bar, L))
         self._set_length(L)
+        self._length_origin = (*first, self.C.detach().clone(), self.length)
 
     @torch.no_grad()
     def double_length(self) -> None:
@@ -222,10 +225,39 @@ class SSKernelNPLR(StepModes, SSMKernel):
         if self.length == 0:
             raise RuntimeError("double_length needs an internal length: pass L at construction or call "
                                "forward(L=...) first")
+        first = self._length_origin_before_change()
         A_bar, _ = self.dense_system()
         self._transform_C(2 * torch.eye(A_bar.shape[-1], dtype=A_bar.dtype, device=A_bar.device)
                           - _identity_minus_power(A_bar, self.length))     # I + A^L
         self._set_length(2 * self.length)
+        self._length_origin = (*first, self.C.detach().clone(), self.length)
+
+    # -- weights digest ----------------------------------------------------------------------------
+    def _length_origin_before_change(self) -> Tuple[Tensor, int]:
+        """(C, L) to remember before a length change: a change of length keeps the system (C~
+        re-expressed for the new length), so :meth:`digest_substitutes` hands the weights digest this
+        pair while C and L are still what the change left. Successive changes keep the first pair."""
+        origin = self.__dict__.get("_length_origin")
+        if origin is not None and self._untouched_since(origin):
+            return origin[0], origin[1]
+        return self.C.detach().clone(), self.length
+
+    def _untouched_since(self, origin: Tuple[Tensor, int, Tensor, int]) -> bool:
+        C_after, L_after = origin[2], origin[3]
+        if self.C.is_meta or C_after.is_meta:      # no values to compare
+            return False
+        return (self.length == L_after and self.C.shape == C_after.shape and
+                torch.equal(self.C.detach().to(C_after.device, torch.float64), C_after.to(torch.float64)))
+
+    def digest_substitutes(self) -> Dict[str, Tensor]:
+        """{"C", "L"} as they were before this kernel extended its length (running on a longer sequence
+        than it had seen), if C and L have not changed since; else nothing. See
+        :func:`lrnnx_zoo.hub.weights_digest`: a loaded checkpoint that only ran on longer sequences
+        still has its weights, and keeps its metrics when saved or exported."""
+        origin = self.__dict__.get("_length_origin")
+        if origin is None or not self._untouched_since(origin):
+            return {}
+        return {"C": origin[0], "L": torch.tensor(origin[1], dtype=torch.long)}
 
     # -- convolution mode --------------------------------------------------------------------------
     def forward(self, L: Optional[int] = None, rate: float = 1.0, state: Optional[Tensor] = None
