@@ -341,6 +341,9 @@ def register_plugin(plugin: Any, name: Optional[str] = None) -> PluginInfo:
     name = name or getattr(plugin, "__name__", type(plugin).__name__)
     if name in reg.plugins:
         raise PluginError(f"a plugin named {name!r} is already registered; pick another name")
+    if _pm.is_registered(plugin):   # pluggy refuses it too, and the clean-up below unregistered the first
+        raise PluginError(f"this plugin object is already registered as {_pm.get_name(plugin)!r}; unregister "
+                          "that first (lrnnx_zoo.unregister_plugin) to register it under another name")
     where = getattr(plugin, "__name__", None) or f"{type(plugin).__module__}.{type(plugin).__qualname__}"
     info = PluginInfo(name, where)
     reg.load_plugin(plugin, info, _pm)

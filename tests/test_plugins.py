@@ -227,3 +227,25 @@ def test_seed_names_for_the_s4_helpers():
     from lrnnx_zoo.hippo import cauchy_conj
     from lrnnx_zoo.plugins.s4 import cauchy_conj as cauchy_conj_s4, krylov, power
     assert cauchy_conj is cauchy_conj_s4 and callable(krylov) and callable(power)
+
+
+def test_one_plugin_object_registered_twice_is_refused_and_stays_registered():
+    # the second register_plugin failed with pluggy's "already registered under a different name: B"
+    # (B being the new name), and its clean-up unregistered the first registration from pluggy: a
+    # third name was then accepted, and the object's layers were registered twice over, clashing
+    class Twice:
+        @lrnnx_zoo.hookimpl
+        def lrnnx_zoo_register_layers(self, registry):
+            registry.add_layer("twice_identity", torch.nn.Identity)
+
+    plugin = Twice()
+    lrnnx_zoo.register_plugin(plugin, "first")
+    try:
+        for other in ("second", "third"):
+            with pytest.raises(lrnnx_zoo.PluginError, match="already registered as 'first'"):
+                lrnnx_zoo.register_plugin(plugin, other)
+        assert _plugin("first").ok and lrnnx_zoo.registry.get_layer_class("twice_identity") is torch.nn.Identity
+    finally:
+        lrnnx_zoo.unregister_plugin("first")
+    lrnnx_zoo.register_plugin(plugin, "again")                    # free again once unregistered
+    lrnnx_zoo.unregister_plugin("again")
