@@ -93,6 +93,22 @@ def _copy_access(old: Path, new: Path) -> None:
     os.chmod(new, stat.S_IMODE(st.st_mode))
 
 
+def _sync_dir(path: Path) -> None:
+    """Flush ``path``'s entries to disk: a rename survives a power cut only once its folder is
+    flushed (the files' own fsync does not cover their names). Best effort: some file systems and
+    platforms cannot open or flush a folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _created(tmp: Path, target: Path) -> bool:
     """Rename ``tmp`` to a missing ``target``; False if ``target`` exists, also when another process
     (a second save to the same new folder) created it after we looked: then it is replaced as usual."""
@@ -244,11 +260,19 @@ def replaced_folder(target: Path, keep: Callable[[str], bool]) -> Iterator[Path]
         written = sorted(os.listdir(tmp))
         if in_place:
             _update_in_place(tmp, written, target, keep, tag)
+            _sync_dir(target)
         elif not _created(tmp, target):
             _carry_over(target, tmp, keep)
             _copy_access(target, tmp)
-            if not _swap_in(tmp, target, old):       # a mount point: its files are replaced instead
+            _sync_dir(tmp)                           # the new folder's names before it goes live
+            if _swap_in(tmp, target, old):
+                _sync_dir(target.parent)
+            else:                                    # a mount point: its files are replaced instead
                 _update_in_place(tmp, written, target, keep, tag)
+                _sync_dir(target)
+        else:
+            _sync_dir(target)
+            _sync_dir(target.parent)
     except BaseException:
         _clean_up(target, tmp, old)
         for folder in created:                   # innermost first; one that holds files stays

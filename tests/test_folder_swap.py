@@ -427,3 +427,29 @@ def test_a_replaced_folder_keeps_its_owner_and_group(tmp_path, swap_mode):
         (staging / "a").write_text("a")
     st = target.stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1234, 5678, 0o2775)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd's folder through /proc")
+def test_the_swap_is_flushed_to_disk_after_the_rename(tmp_path, swap_mode, monkeypatch):
+    # a rename survives a power cut only once its folder is flushed; the files' own fsync does not
+    # cover their names. Record which folders are flushed and what the target held at that moment.
+    target = tmp_path / "t"
+    target.mkdir()
+    (target / "f").write_text("old")
+    flushed = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.isdir(path):
+            flushed.append((path, (target / "f").read_text() if (target / "f").exists() else None))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with replaced_folder(target, keep=lambda name: True) as staging:
+        (staging / "f").write_text("new")
+    assert (str(tmp_path), "new") in flushed          # the parent, after the swap
+    fresh = tmp_path / "fresh"
+    with replaced_folder(fresh, keep=lambda name: True) as staging:
+        (staging / "g").write_text("x")
+    assert [p for p, _ in flushed].count(str(tmp_path)) == 2     # a new folder's creation too
