@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 import lrnnx_zoo
-from lrnnx_zoo.hub import EXPORT_KIND, WEIGHTS_NAME
+from lrnnx_zoo.hub import EXPORT_KIND, WEIGHTS_NAME, peek_config
 from lrnnx_zoo.folder_swap import replaced_folder
 from lrnnx_zoo.hub_save import check_save_target, publishing, write_safetensors
 
@@ -168,11 +168,8 @@ def _check_not_overwriting(out: Path, fmt: str) -> Optional[str]:
 
 def _export_config(path: Path) -> Optional[Dict[str, Any]]:
     """The config.json of an earlier export at ``path``, or None (missing, unreadable, not an export's)."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return config if isinstance(config, dict) and config.get("kind") == EXPORT_KIND else None
+    config = peek_config(path)
+    return config if config is not None and config.get("kind") == EXPORT_KIND else None
 
 
 def upload_folder(folder: Path, repo_id: str, files: List[str], token: Optional[Union[str, bool]] = None,

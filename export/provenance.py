@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 from torch import nn
 
 import lrnnx_zoo
-from lrnnx_zoo.hub import weights_digest
+from lrnnx_zoo.hub import weights_changed
 from lrnnx_zoo.hub_save import RUN_KEYS
 
 from .step_graph import StepModule
@@ -35,16 +35,15 @@ def load_source(model_or_checkpoint: Source, revision: Optional[str] = None,
     since it was recorded (fine-tuning), its metrics, command and notes are left out and
     ``"weights_changed"`` is True.
     """
-    if isinstance(model_or_checkpoint, nn.Module):
-        model = model_or_checkpoint
-    elif isinstance(model_or_checkpoint, (str, os.PathLike)):
+    if isinstance(model_or_checkpoint, (str, os.PathLike)):   # just loaded: its weights are the checkpoint's
         model = lrnnx_zoo.from_pretrained(model_or_checkpoint, revision=revision, token=token)
-    else:
+        return model, dict(model.checkpoint_info)
+    if not isinstance(model_or_checkpoint, nn.Module):
         raise TypeError(f"expected a SequenceModel, a checkpoint folder, a shipped checkpoint name or a Hub "
                         f"repo id; got {type(model_or_checkpoint).__name__}")
+    model = model_or_checkpoint
     info = dict(getattr(model, "checkpoint_info", None) or {})
-    recorded = info.get("weights_digest")
-    if recorded is not None and recorded != weights_digest(model):
+    if weights_changed(model, info):
         # fine-tuned since it was loaded or trained: that run's metrics no longer describe these weights
         info = {k: v for k, v in info.items() if k not in RUN_KEYS}
         info["weights_changed"] = True

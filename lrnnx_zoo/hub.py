@@ -312,6 +312,17 @@ def read_config(folder: Path) -> Dict[str, Any]:
     return config
 
 
+def peek_config(path: Path) -> Optional[Dict[str, Any]]:
+    """``path`` (a config.json) as a dict, or None when it is missing, unreadable or not a JSON
+    object: for deciding what a folder holds before writing over it, where :func:`read_config`'s
+    errors would be the wrong answer."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def _parse_config(path: Path) -> Any:
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, expected a JSON file; re-save or re-download the checkpoint")
@@ -490,6 +501,14 @@ def weights_digest(model: Any) -> str:
     (S4's kernel: C and L as they were before it extended its length, which keeps the system).
     """
     return state_digest({**model.state_dict(), **_substitutes(model)})
+
+
+def weights_changed(model: Any, info: Dict[str, Any]) -> bool:
+    """Whether ``model``'s weights differ from those ``info`` (its ``checkpoint_info``) was recorded
+    for, e.g. after fine-tuning: then that run's metrics, command and notes no longer describe them.
+    False when ``info`` records no digest (a model that never came from a checkpoint or a run)."""
+    recorded = info.get("weights_digest")
+    return recorded is not None and recorded != weights_digest(model)
 
 
 def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "SequenceModel":

@@ -21,7 +21,7 @@ from . import __version__
 from .folder_swap import replaced_folder
 from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
                   CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout, loadable_source,
-                  weights_digest)
+                  peek_config, weights_changed)
 from .registry import get_registry
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
@@ -142,13 +142,8 @@ def _foreign_config(path: Path) -> Optional[str]:
     (the mirror of export refusing to overwrite a checkpoint) or another library's model; None for
     none, an lrnnx-zoo checkpoint's, or one that is not readable JSON (a damaged checkpoint, which a
     save repairs)."""
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    if not isinstance(config, dict):
+    config = peek_config(path)
+    if config is None:
         return None
     if config.get("kind") == EXPORT_KIND:
         return "an export (a step graph written by `lrnnx-zoo export`)"
@@ -324,8 +319,7 @@ class HubMixin:
         loaded model was fine-tuned), what describes that run (metrics, command, notes) is left
         out unless given, and the notes say so; task and dataset are kept."""
         info = getattr(self, "checkpoint_info", None) or {}
-        recorded = info.get("weights_digest")
-        changed = recorded is not None and recorded != weights_digest(self)
+        changed = weights_changed(self, info)
         meta, dropped = {}, []
         for key in PROVENANCE_KEYS:
             if given.get(key) is not None:

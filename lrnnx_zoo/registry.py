@@ -355,7 +355,7 @@ def register_plugin(plugin: Any, name: Optional[str] = None) -> PluginInfo:
     if info.error:
         # kept, as for installed plugins, but the bare name is now ambiguous for every caller in
         # this process: the one who registered it hears it here, not at the next create_layer
-        warnings.warn(f"plugin {name!r} registered, with {info.error[len('duplicate names: '):]}",
+        warnings.warn(f"plugin {name!r} registered, with {info.error.removeprefix('duplicate names: ')}",
                       stacklevel=2)
     return info
 
