@@ -109,6 +109,19 @@ def _sync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _sync_files(folder: Path) -> None:
+    """Flush every file the block wrote into ``folder`` (and the names of its subfolders' entries)
+    before any of them goes live, so callers need not fsync what they write."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if root != os.fspath(folder):
+            _sync_dir(Path(root))
+
+
 def _created(tmp: Path, target: Path) -> bool:
     """Rename ``tmp`` to a missing ``target``; False if ``target`` exists, also when another process
     (a second save to the same new folder) created it after we looked: then it is replaced as usual."""
@@ -225,7 +238,8 @@ def replaced_folder(target: Path, keep: Callable[[str], bool]) -> Iterator[Path]
 
     The new folder takes the old one's permission bits (a private 0700 folder stays private) and
     group (and owner, when saving as root), so a folder shared with others stays shared.
-    On an exception nothing at ``target`` changes and the temporary folder is removed.
+    On an exception nothing at ``target`` changes and the temporary folder is removed. What the
+    block wrote is flushed to disk before it goes live, and the folder's new names after.
 
     A folder that cannot be swapped (a mount point, such as a container's output volume) or whose
     parent cannot take a sibling (read-only, or not the user's) is updated in place instead: the
@@ -258,6 +272,7 @@ def replaced_folder(target: Path, keep: Callable[[str], bool]) -> Iterator[Path]
             tmp.mkdir()
         yield tmp
         written = sorted(os.listdir(tmp))
+        _sync_files(tmp)
         if in_place:
             _update_in_place(tmp, written, target, keep, tag)
             _sync_dir(target)

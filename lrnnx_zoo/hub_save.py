@@ -88,7 +88,7 @@ def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any 
 
 
 def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, Any], name: str) -> None:
-    """Write the three files into ``folder`` (a fresh temporary folder) and flush them to disk."""
+    """Write the three files into ``folder`` (a fresh temporary folder; replaced_folder flushes them)."""
     from .hub_card import build_card
 
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -98,9 +98,6 @@ def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, An
                       {"format": "pt", "library": LIBRARY, "family": config["family"]})
     card = build_card(config, name, sum(p.numel() for p in model.parameters()))
     card.save(folder / CARD_NAME)
-    for f in CHECKPOINT_FILES:
-        with open(folder / f, "rb") as fh:
-            os.fsync(fh.fileno())
 
 
 def check_save_target(save_directory: PathLike, what: str = "save_directory", refuse_foreign: bool = True) -> Path:
