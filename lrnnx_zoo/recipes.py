@@ -80,10 +80,11 @@ class DataSpec:
 class OptimSpec:
     """AdamW with a linear warmup then cosine decay to zero, stepped once per optimiser step.
 
-    ssm_lr: learning rate of the sequence layers' own parameters (A, B, C, dt, ...), which get no
-        weight decay; None means ``lr``.  (S4-style models train better with a smaller, undecayed
-        rate on the state-space parameters.)  Weight decay applies to matrices outside the layers
-        only, never to biases or norms.
+    ssm_lr: learning rate of the sequence layers' state-space parameters (A, B, C, D, dt, ...),
+        which get no weight decay; None means ``lr``.  (S4-style models train better with a
+        smaller, undecayed rate on them.)  ``torch.nn`` modules inside a layer (FFTConv's channel
+        mix) train like the rest of the network.  Weight decay applies to matrices, never to
+        biases or norms.
     batch_size: the global batch, split evenly across ranks under torchrun.
     grad_clip: max global gradient norm, or None.
     """

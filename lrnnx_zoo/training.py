@@ -224,10 +224,15 @@ def unreached_epochs(optim: OptimSpec, plan: StepPlan, max_steps: Optional[int])
 
 
 def param_groups(model: SequenceModel, lr: float, weight_decay: float, ssm_lr: Optional[float]) -> List[Dict[str, Any]]:
-    """AdamW groups: decayed matrices; undecayed biases/norms; the sequence layers' own parameters
-    at ``ssm_lr`` without decay.  A parameter's record ({"lr", "weight_decay"}, the S4 ``register``
-    convention, see :mod:`lrnnx_zoo.optim`) overrides those defaults for that parameter."""
-    layer_params = {id(p) for b in model.blocks for p in b.layer.parameters()}
+    """AdamW groups: decayed matrices; undecayed biases/norms; the sequence layers' state-space
+    parameters at ``ssm_lr`` without decay.  A parameter's record ({"lr", "weight_decay"}, the S4
+    ``register`` convention, see :mod:`lrnnx_zoo.optim`) overrides those defaults for that parameter.
+
+    A layer's state-space parameters are those its own classes hold (A, B, C, D, dt, ...); the ones
+    held by ``torch.nn`` building blocks inside it (e.g. FFTConv's channel-mixing ``nn.Linear``), or
+    by a module class marked ``trains_like_network = True`` (S4's ``TransposedLinear``), train like
+    the rest of the network."""
+    layer_params = {id(p) for b in model.blocks for p in ssm_parameters(b.layer)}
     layer_lr = ssm_lr if ssm_lr is not None else lr
 
     def default(p: nn.Parameter) -> Tuple[float, float]:
@@ -235,6 +240,20 @@ def param_groups(model: SequenceModel, lr: float, weight_decay: float, ssm_lr: O
             return layer_lr, 0.0
         return lr, weight_decay if p.dim() >= 2 else 0.0
     return grouped_parameters(model, default)
+
+
+def ssm_parameters(layer: nn.Module) -> List[nn.Parameter]:
+    """The parameters of ``layer`` held by its own (non-``torch.nn``) modules: what ``ssm_lr`` and
+    the no-decay rule of :func:`param_groups` apply to."""
+    return [p for module in layer.modules() if not _is_torch_building_block(module)
+            for p in module.parameters(recurse=False)]
+
+
+def _is_torch_building_block(module: nn.Module) -> bool:
+    """An ``nn.Linear``, norm, convolution, ... (or a subclass of one, not any ``nn.Module``), or a
+    module whose class says it is one with ``trains_like_network = True``."""
+    return getattr(module, "trains_like_network", False) or any(
+        cls is not nn.Module and cls.__module__.startswith("torch.nn.") for cls in type(module).__mro__)
 
 
 def warmup_cosine(warmup: int, total: int):
@@ -599,7 +618,7 @@ def training_notes(recipe: Recipe, plan: StepPlan, steps: int, seconds: float, w
                    device_name: str) -> str:
     """The model card's notes: the recipe, its optimiser and schedule, and where it ran."""
     o = recipe.optim
-    notes = (f"Recipe {recipe.name!r}: {recipe.description}. AdamW lr={o.lr} (sequence-layer parameters "
+    notes = (f"Recipe {recipe.name!r}: {recipe.description}. AdamW lr={o.lr} (state-space parameters "
              f"{o.ssm_lr if o.ssm_lr is not None else o.lr}, no decay), weight decay {o.weight_decay}, "
              f"{schedule_note(o, plan, steps)}, global batch {o.batch_size}, "
              f"grad clip {o.grad_clip}, seed {recipe.seed}; {seconds:.0f} s of training on "

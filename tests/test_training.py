@@ -472,3 +472,24 @@ def test_card_notes_say_when_the_warmup_outlasts_the_run():
     assert (schedule_note(OptimSpec(epochs=3, warmup_steps=0), StepPlan(10, 30, 20), 20) ==
             "cosine decay (no warmup) to zero at step 20, cut short by max_steps: 20 of the 30 optimiser steps "
             "that 3 epochs (10 per epoch) would take")
+
+
+def test_ssm_lr_applies_to_state_space_parameters_not_to_dense_layers_inside_a_layer():
+    # FFTConv mixes its channels with an nn.Linear: it gave that matrix ssm_lr and no weight decay,
+    # as if it were part of the state-space system (the digits-fftconv recipe trained it so).
+    from lrnnx_zoo import ModelConfig, SequenceModel
+    from lrnnx_zoo.plugins.s4.nn import TransposedLinear
+    from lrnnx_zoo.training import param_groups, ssm_parameters
+    model = SequenceModel(ModelConfig(layer="fftconv", d_input=1, d_output=2, d_model=8, n_layers=1,
+                                      layer_kwargs={"d_state": 8, "channels": 2}))
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_name = {names[id(p)]: (g["lr"], g["weight_decay"])
+               for g in param_groups(model, lr=3e-3, weight_decay=0.05, ssm_lr=1e-3) for p in g["params"]}
+    layer = "blocks.0.layer."
+    assert by_name[layer + "mix.weight"] == (3e-3, 0.05) and by_name[layer + "mix.bias"] == (3e-3, 0.0)
+    assert by_name[layer + "conv.kernel.log_dt"] == (1e-3, 0.0) and by_name[layer + "conv.D"] == (1e-3, 0.0)
+    assert by_name["encoder.weight"] == (3e-3, 0.05) and len(by_name) == len(list(model.parameters()))
+    # S4's own dense block is marked as one; a plain nn.Module subclass is not a torch building block
+    wrapper = torch.nn.Module()
+    wrapper.proj, wrapper.a = TransposedLinear(4, 4), torch.nn.Parameter(torch.ones(3))
+    assert [p.shape for p in ssm_parameters(wrapper)] == [(3,)]

@@ -66,6 +66,8 @@ class TransposedLinear(nn.Module):
     parameters have nn.Linear's shapes, so transposed and untransposed layers share state dicts.
     """
 
+    trains_like_network = True      # lr and weight decay of a dense layer, not ssm_lr (training.param_groups)
+
     def __init__(self, d_input: int, d_output: int, bias: bool = True) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_output, d_input))
