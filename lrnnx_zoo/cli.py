@@ -15,12 +15,12 @@ import importlib
 
 #: What ``lrnnx-zoo --help`` says (the module docstring above is for people reading this file).
 DESCRIPTION = ("Linear RNN and state-space layers (LRU, S4, S4D, FFTConv) as plugins: see what is installed, "
-               "inspect and train checkpoints, export them as streaming step graphs. "
+               "inspect, train and evaluate checkpoints, export them as streaming step graphs. "
                "`lrnnx-zoo COMMAND --help` lists a command's options.")
 
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {}
 # Modules adding subcommands: add_commands(subparsers, COMMANDS). Missing ones are skipped.
-SUBCOMMAND_MODULES = ("lrnnx_zoo.hub_cli", "lrnnx_zoo.training_cli", "lrnnx_zoo.export.cli")
+SUBCOMMAND_MODULES = ("lrnnx_zoo.hub_cli", "lrnnx_zoo.training_cli", "lrnnx_zoo.evaluate_cli", "lrnnx_zoo.export.cli")
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:

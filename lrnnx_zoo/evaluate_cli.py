@@ -1,0 +1,91 @@
+"""CLI: ``lrnnx-zoo evaluate SRC``: re-measure a checkpoint's test metrics on the split its config
+records, beside the metrics its config and card claim.
+
+It answers "does this checkpoint (downloaded, copied, converted) still do what its card says?".
+``--check`` turns a mismatch into exit status 1, for scripts and CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .training_cli import positive_int
+
+#: ``--check`` accepts |measured - recorded| <= ATOL + RTOL * |recorded|: float32 sums over a few
+#: hundred sequences move in the 5th-6th digit between thread counts and CPUs, far below one
+#: example's weight in an accuracy over a few hundred (1/360 = 2.8e-3).
+RTOL, ATOL = 1e-3, 1e-4
+
+
+def compare_metrics(recorded: Dict[str, Any], measured: Dict[str, float], rtol: float = RTOL,
+                    atol: float = ATOL) -> List[Tuple[str, Optional[float], float, bool]]:
+    """Rows (metric, recorded or None, measured, within tolerance) for every measured metric; a
+    metric the checkpoint does not record counts as matching (nothing to contradict)."""
+    rows = []
+    for key, value in measured.items():
+        claim = recorded.get(key)
+        if not isinstance(claim, (int, float)) or isinstance(claim, bool):
+            rows.append((key, None, value, True))
+            continue
+        ok = math.isfinite(value) and abs(value - claim) <= atol + rtol * abs(claim)
+        rows.append((key, float(claim), value, ok))
+    return rows
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .hub import CheckpointError, from_pretrained
+    from .training import TrainingSetupError, check_device, checkpoint_data, evaluate
+    try:
+        device = check_device(args.device)
+        model = from_pretrained(args.src, revision=args.revision, local_files_only=args.local_files_only)
+        info = model.checkpoint_info
+        data = checkpoint_data(info)
+    except (CheckpointError, TrainingSetupError, ValueError) as exc:
+        print(f"lrnnx-zoo evaluate: {exc}", file=sys.stderr)
+        return 2
+    if device is not None:
+        model.to(device)
+    t = time.perf_counter()
+    measured = evaluate(model, data, batch_size=args.batch_size)
+    seconds = time.perf_counter() - t
+    rows = compare_metrics(info.get("metrics") or {}, measured)
+    mismatched = [key for key, _, _, ok in rows if not ok]
+    if args.json:
+        print(json.dumps({"source": info.get("source"), "n_test": len(data.x_test), "seconds": seconds,
+                          "metrics": {k: {"recorded": c, "measured": m, "match": ok} for k, c, m, ok in rows}},
+                         indent=2))
+    else:
+        print(f"{args.src}: {len(data.x_test)} test sequences of {data.x_test.shape[1]} steps "
+              f"({info['dataset'].get('name')}), {seconds:.1f} s")
+        width = max(len(k) for k, *_ in rows)
+        print(f"  {'metric':<{width}}  {'recorded':>10}  {'measured':>10}  difference")
+        for key, claim, value, ok in rows:
+            shown = "-" if claim is None else f"{claim:.6g}"
+            diff = "" if claim is None else f"{value - claim:+.2e}" + ("" if ok else "  MISMATCH")
+            print(f"  {key:<{width}}  {shown:>10}  {value:>10.6g}  {diff}")
+        if mismatched:
+            print(f"{len(mismatched)} metric(s) differ from the record by more than {ATOL:g} + {RTOL:g} x |recorded|: "
+                  f"{', '.join(mismatched)}", file=sys.stderr)
+    return 1 if mismatched and args.check else 0
+
+
+def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:
+    """Register ``evaluate`` on the ``lrnnx-zoo`` parser (see lrnnx_zoo.cli)."""
+    p = sub.add_parser("evaluate", help="re-measure a checkpoint's test metrics beside the ones it records",
+                       description="Load a checkpoint (folder, shipped name or Hub repo id), rebuild the test split "
+                                   "its config.json records, evaluate it and print each metric beside the "
+                                   "recorded one.")
+    p.add_argument("src", metavar="NAME_OR_PATH")
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit id")
+    p.add_argument("--local-files-only", action="store_true", help="use the Hub cache only, never download")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="sequences per forward (default 256)")
+    p.add_argument("--device", default=None, help="torch device to evaluate on, e.g. cuda (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--check", action="store_true",
+                   help=f"exit 1 if a metric differs from the record by more than {ATOL:g} + {RTOL:g} x |recorded|")
+    commands.update(evaluate=_cmd_evaluate)
