@@ -177,6 +177,23 @@ class LTI_LRNN(LRNN):
                 "kernel for the whole sequence. Use 'zoh', 'bilinear', 'dirac' or 'no_discretization'.")
         super().__init__(discretization)
 
+    def prepare_input(self, x: Tensor, lengths: Optional[Tensor] = None,
+                      integration_timesteps: Optional[Tensor] = None) -> Tensor:
+        """:meth:`LRNN.prepare_input`, refusing ``integration_timesteps`` (:meth:`check_timesteps`)."""
+        x = super().prepare_input(x, lengths)
+        self.check_timesteps(integration_timesteps)
+        return x
+
+    def check_timesteps(self, integration_timesteps: Optional[Tensor]) -> None:
+        """Raise unless ``integration_timesteps`` is None: a time-invariant layer has one step for
+        the whole sequence (its kernel), so per-step timesteps cannot be honoured; ignoring them
+        gave the outputs of a uniform grid without a word."""
+        if integration_timesteps is not None:
+            got = (f"a tensor of shape {tuple(integration_timesteps.shape)}" if isinstance(integration_timesteps, Tensor)
+                   else type(integration_timesteps).__name__)
+            raise ValueError(f"{type(self).__name__} is time-invariant (one step size for every sample): expected "
+                             f"integration_timesteps=None, got {got}. Resample the input to a uniform grid")
+
     @abstractmethod
     def discretize(self) -> Tuple[Tensor, Any, Tensor]:
         """Return the discrete (A_bar, B_bar, C) of the layer."""

@@ -355,6 +355,7 @@ class FFTConvLayer(LTI_LRNN):
         """x: (B, L, H) -> y: (B, L, H); lengths: (B,) valid lengths (padding outputs are zero)."""
         x = float32_under_autocast(x)
         self.check_input(x, lengths)
+        self.check_timesteps(integration_timesteps)
         y, _ = self.conv(x, lengths=lengths)        # FFTConvS4 zeroes x past the lengths itself
         if self.mix is not None:
             y = self.mix(y)

@@ -108,7 +108,7 @@ class LRU(LTI_LRNN):
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None, initial_state: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, H) -> y: (B, L, H). ``initial_state``: (B, N) complex, or None for zeros."""
-        x = self.prepare_input(x, lengths)
+        x = self.prepare_input(x, lengths, integration_timesteps)
         _, B, C = self.discretize()
         run = get_backend("modal", self.backend)
         y = run(x, self.log_lambda(torch.complex128), B, C, initial_state) + self.D * x

@@ -185,7 +185,7 @@ class S4D(LTI_LRNN):
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, H) -> y: (B, L, H)."""
-        x = self.prepare_input(x, lengths)
+        x = self.prepare_input(x, lengths, integration_timesteps)
         L = x.shape[1]
         n = conv_size(L, L)
         if not needs_autograd(self, x):

@@ -205,3 +205,16 @@ def test_bad_lengths_and_sizes_are_refused_clearly(name):
         args = {"d_model": H, "d_state": N, **kw}
         with pytest.raises(ValueError, match=f"{next(iter(kw))}"):
             lrnnx_zoo.create_layer(name, args.pop("d_model"), **args)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_time_invariant_layers_refuse_integration_timesteps(name):
+    # A time-invariant layer has one step size for the whole sequence: LRU, S4D and fftconv
+    # ignored integration_timesteps without a word (the outputs of a uniform grid); S4 refused them.
+    layer = make(name)
+    if not isinstance(layer, lrnnx_zoo.LTI_LRNN):
+        pytest.skip("a time-varying layer may take integration_timesteps")
+    x = torch.randn(2, 10, H)
+    with pytest.raises(ValueError, match=r"expected integration_timesteps=None, got a tensor of shape \(2, 10\)"):
+        layer(x, integration_timesteps=torch.ones(2, 10))
+    layer(x, integration_timesteps=None)

@@ -234,10 +234,7 @@ class S4Layer(LTI_LRNN):
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, H) -> y: (B, L, H); padding beyond ``lengths`` is zeroed (and ignored)."""
-        x = self.prepare_input(x, lengths)
-        if integration_timesteps is not None:
-            raise ValueError("S4 is time-invariant: integration_timesteps are not supported; resample the input or "
-                             "use rate=dt_ratio in compute_kernel")
+        x = self.prepare_input(x, lengths, integration_timesteps)
         if not needs_autograd(self, x):
             Kf, n = ssm_spectrum(self.kernel, x.shape[1], x.shape[1], 1.0, self.bidirectional)
             y = blocked_channel_conv(x, Kf, n, skip=self.D.unsqueeze(0))[:, :, 0]
