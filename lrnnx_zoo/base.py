@@ -241,6 +241,13 @@ class LTI_LRNN(LRNN):
             raise ValueError(f"{type(self).__name__}.step needs the cache that {type(self).__name__}."
                              f"allocate_inference_cache(batch_size) returns (keys 'step_form', 'lrnn_state'), "
                              f"got {got}") from None
+        if not isinstance(state, Tensor) or state.dim() != 2 or state.shape[1] != form.state_size:
+            # A state of the wrong size failed inside the step form ("mat1 and mat2 shapes cannot be
+            # multiplied", "shape '[-1, 2, 4, 6]' is invalid").
+            got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+            raise ValueError(f"{type(self).__name__}.step: the cache's 'lrnn_state' must have shape (batch, "
+                             f"state_size={form.state_size}), as allocate_inference_cache(batch_size) makes it; "
+                             f"got {got}")
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__}.step expects a torch.Tensor of shape (batch={state.shape[0]}, "
                             f"d_model={d}), got {type(x).__name__}")

@@ -6,6 +6,8 @@ the message, and the files left on disk (nothing valid overwritten, nothing part
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -119,6 +121,19 @@ def test_step_checks_the_input_type_and_dtype(layer):
         layer.step(torch.randn(2, 8, dtype=torch.float64), cache)   # LRU: matmul error; others: promoted
     cache64 = layer.allocate_inference_cache(2, dtype=torch.float64)
     assert layer.step(torch.randn(2, 8, dtype=torch.float64), cache64)[0].dtype == torch.float64
+
+
+def test_step_checks_the_caches_state_shape(layer):
+    # A cache whose state was replaced by one of the wrong size failed inside the step form
+    # ("mat1 and mat2 shapes cannot be multiplied", "shape '[-1, 2, 4, 8]' is invalid").
+    name = type(layer).__name__
+    cache = layer.allocate_inference_cache(2)
+    size = cache["lrnn_state"].shape[1]
+    for bad in (torch.zeros(2, size + 1), torch.zeros(2 * size), torch.zeros(2, 1, size)):
+        cache["lrnn_state"] = bad
+        with pytest.raises(ValueError, match=rf"{name}.step: the cache's 'lrnn_state' must have shape "
+                                             rf"\(batch, state_size={size}\).*got {re.escape(str(tuple(bad.shape)))}"):
+            layer.step(torch.randn(2, 8), cache)
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, "2", 2.0, True])
