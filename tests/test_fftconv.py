@@ -113,6 +113,21 @@ def test_rate(kind):
     assert rel_err(K_half, K_dt2) < 1e-5 and rel_err(y_half, y_dt2) < 1e-5
 
 
+@pytest.mark.parametrize("rate", [0.0, -0.5, math.nan, math.inf])
+@pytest.mark.parametrize("kind", KERNELS)
+def test_rate_must_be_finite_and_positive(kind, rate):
+    # The kernel uses dt / rate: the s4d kernel gave NaN/inf outputs at rate 0 and a growing
+    # (unstable) kernel at a negative rate without a word; the s4 kernel refused rate <= 0 only.
+    m = make(kind)
+    x = torch.randn(B, H, 32)
+    match = "finite number > 0" if hasattr(m.kernel, "log_dt") else "expected rate=1.0"
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=match):
+            m(x, rate=rate)
+    with pytest.raises(ValueError, match=match):
+        m.kernel(32, rate=rate)
+
+
 @pytest.mark.parametrize("kind", KERNELS)
 def test_channels_ordering_and_swap(kind):
     C = 3

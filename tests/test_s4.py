@@ -427,6 +427,11 @@ def test_clear_errors():
         k.step(torch.zeros(1, 2), k.default_state(1))
     with pytest.raises(ValueError, match=r"\(batch, d_model=2, length\)"):
         S4(2, d_state=8)(torch.zeros(1, 5, 3))
+    for rate in (0.0, -1.0, math.nan, math.inf):     # nan failed in round() ("cannot convert float NaN")
+        with pytest.raises(ValueError, match=rf"S4 needs rate.*finite number > 0, got {rate}"):
+            S4(2, d_state=8, l_max=16)(torch.zeros(1, 2, 5), rate=rate)
+        with pytest.raises(ValueError, match=rf"SSKernelNPLR needs rate.*got {rate}"):
+            k(L=10, rate=rate)                          # inf gave a NaN kernel
 
 
 def test_kernel_gradients_in_float32_match_float64():

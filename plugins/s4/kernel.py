@@ -36,7 +36,7 @@ from lrnnx_zoo import hippo
 from lrnnx_zoo.base import check_sizes
 from lrnnx_zoo.optim import grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
-from lrnnx_zoo.ssm_kernel import SSMKernel
+from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate
 
 from . import dense
 from .generating import bilinear_kernel
@@ -273,8 +273,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         """
         if isinstance(L, Tensor) or (L is None and isinstance(state, int)):
             L, state = state, L
-        if rate <= 0:
-            raise ValueError(f"rate must be positive, got {rate}")
+        check_rate(rate, "SSKernelNPLR")
         if L is None:
             if self.length == 0:
                 raise ValueError("SSKernelNPLR has no internal length yet: call it with L=<kernel length>")

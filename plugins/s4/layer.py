@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lrnnx_zoo.base import LTI_LRNN, check_floating, check_sizes, float32_under_autocast, mask_padding, needs_autograd
 from lrnnx_zoo.convolution import blocked_channel_conv, circular_conv, fast_fft_size, reversed_spectrum
+from lrnnx_zoo.ssm_kernel import check_rate
 from lrnnx_zoo.step_forms import StepForm
 
 from . import dense
@@ -133,6 +134,7 @@ class S4(nn.Module):
             raise ValueError(f"S4(transposed={self.transposed}) expects u of shape {want}, got {got}")
         u = float32_under_autocast(u)
         check_floating(u, "S4")
+        check_rate(rate, "S4")
         if u.dtype != self.D.dtype:     # its linear layers, like nn.Linear, take their own dtype only
             raise TypeError(f"S4 has {self.D.dtype} parameters and got a {u.dtype} input: convert one to the "
                             f"other (u.to({self.D.dtype}) or module.to({u.dtype}))")
