@@ -60,6 +60,7 @@ class LRNN(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (batch, length, d_model={d}), "
                 f"got {tuple(x.shape)}")
+        check_parameter_dtype(self, type(self).__name__)
         check_floating(x, type(self).__name__)
         check_lengths(lengths, x.shape[0], x.shape[1])
 
@@ -105,6 +106,18 @@ def check_floating(x: Tensor, who: str, autocast_hint: bool = True) -> None:
                    f"half-precision activations and compute in float32") if autocast_hint else ""
         raise TypeError(f"{who} on the CPU computes in float32 or float64, got {x.dtype}: convert the "
                         f"input (x.float()){way_out}")
+
+
+def check_parameter_dtype(module: nn.Module, who: str) -> None:
+    """Raise a TypeError naming ``who`` if the module holds half-precision parameters on the CPU
+    (``.half()``, ``.bfloat16()``): its kernels and recurrences would need half-precision FFTs or
+    complex32 arithmetic, and failed deep inside ("Unsupported dtype BFloat16", "exp_vml_cpu not
+    implemented for 'ComplexHalf'"). Under torch.autocast, too, parameters stay float32."""
+    ref = reference_tensor(module)
+    if ref.dtype in HALF_DTYPES and ref.device.type == "cpu":
+        raise TypeError(f"{who} on the CPU computes in float32 or float64, but holds {ref.dtype} parameters: "
+                        f"convert it (.float()); for half-precision activations keep float32 parameters and run "
+                        f"under torch.autocast('cpu', dtype={ref.dtype})")
 
 
 def check_lengths(lengths: Optional[Tensor], batch: int, length: int) -> None:

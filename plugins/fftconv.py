@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, check_floating, check_sizes, float32_under_autocast, mask_padding, needs_autograd
+from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_parameter_dtype, check_sizes, float32_under_autocast,
+                            mask_padding, needs_autograd)
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, reversed_spectrum
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel
@@ -253,6 +254,7 @@ class FFTConvS4(nn.Module):
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"FFTConvS4(transposed={self.transposed}) expects x of shape {want}, got {got}")
         x = float32_under_autocast(x)
+        check_parameter_dtype(self, "FFTConvS4")
         check_floating(x, "FFTConvS4")
         return x if self.transposed else x.transpose(1, 2)
 
