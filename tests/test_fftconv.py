@@ -209,6 +209,27 @@ def test_bidirectional_layer_refuses_to_stream_and_flips_within_lengths():
     assert f[0, 0].tolist() == [3, 2, 1, 0, 4, 5, 6, 7, 8, 9] and f[1, 0].tolist() == list(range(9, -1, -1))
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_fftconv_block_checks_lengths(bidirectional):
+    # FFTConvS4 used lengths unchecked: a float or too large one failed in gather ("Expected dtype
+    # int32/int64 for index", "index 20 is out of bounds") or was taken as given, a wrong count
+    # failed in a broadcast.
+    m = make("s4d", bidirectional=bidirectional)
+    x = torch.randn(B, H, 20)
+    for bad, error, message in ((torch.tensor([3.5, 20.0]), TypeError, "lengths must hold integers"),
+                                (torch.tensor([True, False]), TypeError, "lengths must hold integers"),
+                                (torch.tensor([21, 20]), ValueError, r"lengths must lie in \[0, 20\]"),
+                                (torch.tensor([-1, 20]), ValueError, r"lengths must lie in \[0, 20\]"),
+                                (torch.tensor([3, 4, 5]), ValueError, r"lengths must have shape \(batch,\)=\(2,\)")):
+        with pytest.raises(error, match=message):
+            m(x, lengths=bad)
+    with torch.no_grad():                               # valid lengths, as a list too
+        torch.testing.assert_close(m(x, lengths=[5, 20])[0], m(x, lengths=torch.tensor([5, 20]))[0])
+    if not bidirectional:
+        with pytest.raises(ValueError, match="state passing needs sequences of one length"):
+            m(x, state=m.default_state(B), lengths=torch.tensor([5, 20]))
+
+
 def test_kernel_dropout_only_in_training():
     m = make("s4d", drop_kernel=0.5)
     ref = make("s4d")
