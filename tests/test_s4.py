@@ -347,6 +347,36 @@ def test_s4_bidirectional_is_causal_plus_anticausal():
         layer.setup_step()
 
 
+@pytest.mark.parametrize("transposed", [True, False])
+def test_s4_lengths_read_the_padding_as_zeros(transposed):
+    # S4's **kwargs swallowed lengths: a bidirectional S4's reverse direction read the padding
+    # (1e2 of it moved valid outputs by ~50). Tolerance as for the registered layers' padding test.
+    torch.manual_seed(0)
+    layer = S4(4, d_state=8, bidirectional=True, transposed=transposed).eval()
+    x, lengths = torch.randn(2, 4, 30), torch.tensor([30, 12])
+    x[1, :, 12:] = 1e2
+    as_given = (lambda t: t) if transposed else (lambda t: t.transpose(1, 2))
+    with torch.no_grad():
+        y = as_given(layer(as_given(x), lengths=lengths)[0])
+        alone = as_given(layer(as_given(x[1:, :, :12]))[0])
+    torch.testing.assert_close(y[1, :, :12], alone[0], rtol=1e-5, atol=1e-5)
+    for bad, error in ((torch.tensor([30.0, 12.0]), TypeError), (torch.tensor([31, 12]), ValueError)):
+        with pytest.raises(error, match="lengths must"):
+            layer(as_given(x), lengths=bad)
+
+
+def test_s4_state_passing_refuses_another_rate_and_lengths():
+    # forward_state runs at rate 1 while the state's kernel ran at dt / rate: chunks at rate 0.5
+    # were 0.2 off one call, without a word (FFTConvS4 refused it already).
+    torch.manual_seed(0)
+    layer = S4(4, d_state=8).eval()
+    u, state = torch.randn(2, 4, 20), layer.default_state(2)
+    with pytest.raises(ValueError, match="state passing runs the system at rate 1.*got rate=0.5"):
+        layer(u, rate=0.5, state=state)
+    with pytest.raises(ValueError, match="state passing needs sequences of one length"):
+        layer(u, state=state, lengths=torch.tensor([20, 10]))
+
+
 def test_activation_initializer_linear_helpers():
     assert isinstance(Activation(None), torch.nn.Identity) and isinstance(Activation("glu", dim=-2), torch.nn.GLU)
     with pytest.raises(ValueError, match="valid"):
