@@ -377,6 +377,28 @@ def test_s4_state_passing_refuses_another_rate_and_lengths():
         layer(u, state=state, lengths=torch.tensor([20, 10]))
 
 
+@pytest.mark.parametrize("mode", ["dense", "linear", "diagonal"])
+def test_s4_step_checks_its_input_and_state(mode):
+    # These failed inside the step form: "shape '[1, 6, 8]' is invalid", "The size of tensor a (6)
+    # must match ...", "expected scalar type Float but found Double".
+    torch.manual_seed(0)
+    layer = S4(6, d_state=4).eval()
+    layer.setup_step(mode, tol=math.inf if mode == "diagonal" else None)
+    state = layer.default_state(2)
+    n = state.shape[-1]
+    shapes = rf"expects u of shape \(batch, H=6\) and a state of shape \(batch, 6, {n}\)"
+    for u, s in ((torch.randn(1, 6), state), (torch.randn(2, 5), state), (torch.randn(2, 6, 1), state),
+                 (torch.randn(2, 6), state[..., :-1])):
+        with pytest.raises(ValueError, match=shapes):
+            layer.step(u, s)
+    with pytest.raises(TypeError, match=r"step form holds torch.float32, got u of torch.float64"):
+        layer.step(torch.randn(2, 6, dtype=torch.float64), state)
+    with pytest.raises(TypeError, match=r"floating-point input .* got torch.int64"):
+        layer.step(torch.ones(2, 6, dtype=torch.long), state)
+    y, next_state = layer.step(torch.randn(2, 6), state)
+    assert y.shape == (2, 6) and next_state.shape == state.shape
+
+
 def test_activation_initializer_linear_helpers():
     assert isinstance(Activation(None), torch.nn.Identity) and isinstance(Activation("glu", dim=-2), torch.nn.GLU)
     with pytest.raises(ValueError, match="valid"):
