@@ -320,6 +320,11 @@ class FFTConvS4(nn.Module):
         form = self._step
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"FFTConvS4.step expects x of shape (batch, d_model={self.d_model}), got {tuple(x.shape)}")
+        if x.dtype != self.D.dtype:
+            # An integer x was cast silently, a float64 x on a float32 form promoted to float32 precision.
+            check_floating(x, "FFTConvS4.step", autocast_hint=False)
+            raise TypeError(f"FFTConvS4.step: its step form holds {self.D.dtype}, as its parameters, got x of "
+                            f"{x.dtype}; convert x (x.to({self.D.dtype})) or the module (.to({x.dtype}))")
         packed = state.dim() == 2 and not state.is_complex()
         s = state if packed else pack_state(form, state, self.kernel)
         if s.shape != (x.shape[0], form.state_size):

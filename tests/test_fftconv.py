@@ -230,6 +230,18 @@ def test_fftconv_block_checks_lengths(bidirectional):
             m(x, state=m.default_state(B), lengths=torch.tensor([5, 20]))
 
 
+def test_fftconv_block_step_checks_the_input_dtype():
+    # An integer x was cast silently and a float64 x stepped with the float32 form (promoted).
+    m = make("s4d")
+    state = m.default_state(B)
+    with pytest.raises(TypeError, match=r"floating-point input .* got torch.int64"):
+        m.step(torch.ones(B, H, dtype=torch.long), state)
+    with pytest.raises(TypeError, match=r"step form holds torch.float32, as its parameters, got x of torch.float64"):
+        m.step(torch.randn(B, H, dtype=torch.float64), state)
+    m.double()                                            # the form is rebuilt in float64
+    assert m.step(torch.randn(B, H, dtype=torch.float64), m.default_state(B))[0].dtype == torch.float64
+
+
 def test_kernel_dropout_only_in_training():
     m = make("s4d", drop_kernel=0.5)
     ref = make("s4d")
