@@ -204,6 +204,11 @@ class FFTConvS4(nn.Module):
             if self.L is not None and self.L < L:
                 raise ValueError(f"state passing needs the kernel to cover the input: l_max={self.L} < L={L}. "
                                  f"Use l_max=None, or chunks of at most l_max samples")
+            expected = (B, *self.kernel.default_state(0).shape[1:])
+            if not isinstance(state, Tensor) or state.shape != expected:   # else a broadcast error in the kernel
+                got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+                raise ValueError(f"FFTConvS4 expects a state of shape (batch, H, S) = {expected}, as "
+                                 f"default_state({B}) makes it, got {got}")
         Lk = L if self.L is None else min(self.L, L)
         if self._inference_conv(x, state, lengths):
             return self._blocked_forward(x, L, Lk, rate), None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -228,6 +229,18 @@ def test_fftconv_block_checks_lengths(bidirectional):
     if not bidirectional:
         with pytest.raises(ValueError, match="state passing needs sequences of one length"):
             m(x, state=m.default_state(B), lengths=torch.tensor([5, 20]))
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_state_passing_checks_the_state_shape(kind):
+    # A state of the wrong batch or size failed in a broadcast inside the s4d and lru kernels.
+    m = make(kind)
+    x, good = torch.randn(B, H, 20), m.default_state(B)
+    for bad in (m.default_state(B + 1), good[..., :-1], good[0]):
+        with pytest.raises(ValueError, match=rf"FFTConvS4 expects a state of shape \(batch, H, S\) = "
+                                             rf"\({B}, {H}, {good.shape[-1]}\).*got {re.escape(str(tuple(bad.shape)))}"):
+            m(x, state=bad)
+    assert m(x, state=good)[1].shape == good.shape
 
 
 def test_fftconv_block_step_checks_the_input_dtype():

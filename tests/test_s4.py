@@ -375,6 +375,8 @@ def test_s4_state_passing_refuses_another_rate_and_lengths():
         layer(u, rate=0.5, state=state)
     with pytest.raises(ValueError, match="state passing needs sequences of one length"):
         layer(u, state=state, lengths=torch.tensor([20, 10]))
+    with pytest.raises(ValueError, match=r"S4 expects a state of shape \(batch=2, H, N/2\).*got \(3, 4, 4\)"):
+        layer(u, state=layer.default_state(3))           # failed in a broadcast
 
 
 @pytest.mark.parametrize("mode", ["dense", "linear", "diagonal"])

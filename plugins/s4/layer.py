@@ -149,6 +149,11 @@ class S4(nn.Module):
         if state is not None and self.bidirectional:
             raise ValueError("state passing needs a causal layer; this S4 is bidirectional "
                              "(bidirectional=False to stream)")
+        if state is not None and (not isinstance(state, Tensor) or state.dim() == 0 or state.shape[0] != u.shape[0]):
+            # the kernel checks the rest of its shape; a wrong batch failed in a broadcast
+            got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+            raise ValueError(f"S4 expects a state of shape (batch={u.shape[0]}, H, N/2) (default_state(batch)), "
+                             f"got {got}")
         if state is not None and rate != 1.0:
             # the kernel's response to the state ran at dt / rate, the next state at dt (off by 0.2 at rate 0.5)
             raise ValueError(f"state passing runs the system at rate 1 (forward_state has no rate); got rate={rate}. "
