@@ -375,7 +375,10 @@ class FFTConvLayer(LTI_LRNN):
         self.check_timesteps(integration_timesteps)
         y, _ = self.conv(x, lengths=lengths)        # FFTConvS4 zeroes x past the lengths itself
         if self.mix is not None:
-            y = self.mix(y)
+            # in the wider of y's and the weights' dtypes, as the convolution (a float64 input to a
+            # float32 layer failed here with "mat1 and mat2 must have the same dtype")
+            w, b = self.mix.weight, self.mix.bias
+            y = self.mix(y) if y.dtype == w.dtype else F.linear(y, w.to(y.dtype), b.to(y.dtype))
         return mask_padding(y, lengths)
 
     def discretize(self) -> Any:
