@@ -162,6 +162,17 @@ def test_sequence_model_names_a_non_tensor_input():
         model.step([[0.0] * 3] * 2, model.allocate_inference_cache(2))
 
 
+def test_sequence_model_step_names_its_own_batch_and_width():
+    # A batch other than the cache's was refused by the first layer, naming its (batch, d_model=..)
+    # and a tensor the caller never passed: "S4D.step expects x of shape (batch=2, d_model=8), got (3, 8)".
+    model = small_model()
+    cache = model.allocate_inference_cache(2)
+    with pytest.raises(ValueError, match=r"SequenceModel.step expects x of shape \(batch=2, d_input=3\), the batch "
+                                         r"size of its cache, got \(3, 3\); call allocate_inference_cache\(3\)"):
+        model.step(torch.randn(3, 3), cache)
+    assert model.step(torch.randn(2, 3), cache)[0].shape[0] == 2
+
+
 def test_sequence_model_checks_lengths_before_using_them():
     with pytest.raises(ValueError, match=r"lengths must have shape \(batch,\)=\(2,\), got \(3,\)"):
         small_model()(torch.randn(2, 5, 3), lengths=torch.tensor([1, 2, 3]))   # was a broadcast RuntimeError
