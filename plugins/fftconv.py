@@ -312,6 +312,12 @@ class FFTConvS4(nn.Module):
         object.__setattr__(self, "_step", None)
         return out
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # New weights: a step form built (by setup_step or a first step) from the old ones kept
+        # stepping with them, silently (off by O(1) after load_state_dict). step() rebuilds it.
+        super()._load_from_state_dict(*args, **kwargs)
+        object.__setattr__(self, "_step", None)
+
     def step(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         """One time step (no dropout).  x: (B, H) -> y: (B, C*H) (channel order as in forward).
 

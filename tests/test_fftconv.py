@@ -243,6 +243,19 @@ def test_state_passing_checks_the_state_shape(kind):
     assert m(x, state=good)[1].shape == good.shape
 
 
+@pytest.mark.parametrize("kind", KERNELS)
+def test_step_after_load_state_dict_uses_the_new_weights(kind):
+    # The step form built by a first step (or setup_step) outlived load_state_dict: the block
+    # stepped on with the old weights (outputs off by O(1)), silently.
+    m, other = make(kind), make(kind, seed=1)
+    x = torch.randn(B, H)
+    with torch.no_grad():
+        m.step(x, m.default_state(B))
+        m.load_state_dict(other.state_dict())
+        torch.testing.assert_close(m.step(x, m.default_state(B))[0], other.step(x, other.default_state(B))[0],
+                                   rtol=0, atol=0)                       # the same form from the same weights
+
+
 def test_fftconv_block_step_checks_the_input_dtype():
     # An integer x was cast silently and a float64 x stepped with the float32 form (promoted).
     m = make("s4d")

@@ -161,6 +161,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self.__dict__.pop("_length_origin", None)  # new weights: no length change to account for
+        # and no step form of the old ones: step() stepped on with them silently; now it asks for setup_step
+        object.__setattr__(self, "_stepper", None)
         if self.L.device.type != "meta":          # a meta load carries no values
             self._length = int(self.L)            # the buffer was just loaded: keep the Python copy in step
 

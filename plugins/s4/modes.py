@@ -105,7 +105,8 @@ class StepModes:
         """One step with the form of :meth:`setup_step`.  u: (B, H), state like :meth:`default_state`
         -> y: (B, C, H) (no skip term), next state in the same layout."""
         if self._stepper is None:
-            raise RuntimeError("call setup_step(mode) before step(); modes: " + ", ".join(STEP_MODES))
+            raise RuntimeError("call setup_step(mode) before step(), and again after loading weights "
+                               "(load_state_dict); modes: " + ", ".join(STEP_MODES))
         built = next(self._stepper.buffers()).dtype
         if built != self._real_dtype:
             raise RuntimeError(f"the step form was built in {built} and the kernel now holds {self._real_dtype} "
