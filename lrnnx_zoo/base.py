@@ -60,6 +60,7 @@ class LRNN(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (batch, length, d_model={d}), "
                 f"got {tuple(x.shape)}")
+        check_parameter_dtype(self, type(self).__name__)
         check_floating(x, type(self).__name__)
         check_lengths(lengths, x.shape[0], x.shape[1])
 
@@ -105,6 +106,18 @@ def check_floating(x: Tensor, who: str, autocast_hint: bool = True) -> None:
                    f"half-precision activations and compute in float32") if autocast_hint else ""
         raise TypeError(f"{who} on the CPU computes in float32 or float64, got {x.dtype}: convert the "
                         f"input (x.float()){way_out}")
+
+
+def check_parameter_dtype(module: nn.Module, who: str) -> None:
+    """Raise a TypeError naming ``who`` if the module holds half-precision parameters on the CPU
+    (``.half()``, ``.bfloat16()``): its kernels and recurrences would need half-precision FFTs or
+    complex32 arithmetic, and failed deep inside ("Unsupported dtype BFloat16", "exp_vml_cpu not
+    implemented for 'ComplexHalf'"). Under torch.autocast, too, parameters stay float32."""
+    ref = reference_tensor(module)
+    if ref.dtype in HALF_DTYPES and ref.device.type == "cpu":
+        raise TypeError(f"{who} on the CPU computes in float32 or float64, but holds {ref.dtype} parameters: "
+                        f"convert it (.float()); for half-precision activations keep float32 parameters and run "
+                        f"under torch.autocast('cpu', dtype={ref.dtype})")
 
 
 def check_lengths(lengths: Optional[Tensor], batch: int, length: int) -> None:
@@ -177,6 +190,23 @@ class LTI_LRNN(LRNN):
                 "kernel for the whole sequence. Use 'zoh', 'bilinear', 'dirac' or 'no_discretization'.")
         super().__init__(discretization)
 
+    def prepare_input(self, x: Tensor, lengths: Optional[Tensor] = None,
+                      integration_timesteps: Optional[Tensor] = None) -> Tensor:
+        """:meth:`LRNN.prepare_input`, refusing ``integration_timesteps`` (:meth:`check_timesteps`)."""
+        x = super().prepare_input(x, lengths)
+        self.check_timesteps(integration_timesteps)
+        return x
+
+    def check_timesteps(self, integration_timesteps: Optional[Tensor]) -> None:
+        """Raise unless ``integration_timesteps`` is None: a time-invariant layer has one step for
+        the whole sequence (its kernel), so per-step timesteps cannot be honoured; ignoring them
+        gave the outputs of a uniform grid without a word."""
+        if integration_timesteps is not None:
+            got = (f"a tensor of shape {tuple(integration_timesteps.shape)}" if isinstance(integration_timesteps, Tensor)
+                   else type(integration_timesteps).__name__)
+            raise ValueError(f"{type(self).__name__} is time-invariant (one step size for every sample): expected "
+                             f"integration_timesteps=None, got {got}. Resample the input to a uniform grid")
+
     @abstractmethod
     def discretize(self) -> Tuple[Tensor, Any, Tensor]:
         """Return the discrete (A_bar, B_bar, C) of the layer."""
@@ -224,6 +254,13 @@ class LTI_LRNN(LRNN):
             raise ValueError(f"{type(self).__name__}.step needs the cache that {type(self).__name__}."
                              f"allocate_inference_cache(batch_size) returns (keys 'step_form', 'lrnn_state'), "
                              f"got {got}") from None
+        if not isinstance(state, Tensor) or state.dim() != 2 or state.shape[1] != form.state_size:
+            # A state of the wrong size failed inside the step form ("mat1 and mat2 shapes cannot be
+            # multiplied", "shape '[-1, 2, 4, 6]' is invalid").
+            got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+            raise ValueError(f"{type(self).__name__}.step: the cache's 'lrnn_state' must have shape (batch, "
+                             f"state_size={form.state_size}), as allocate_inference_cache(batch_size) makes it; "
+                             f"got {got}")
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__}.step expects a torch.Tensor of shape (batch={state.shape[0]}, "
                             f"d_model={d}), got {type(x).__name__}")

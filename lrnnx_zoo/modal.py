@@ -65,7 +65,7 @@ def modal_fft(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
     K = powers(log_lam, L + (initial_state is not None), cx)
     y = opt_ssm_forward(u, K[:L], B, C)
     if initial_state is not None:
-        y = y + project_out(K[1:].unsqueeze(0) * initial_state.unsqueeze(1), C)
+        y = y + project_out(K[1:] * initial_state.reshape(-1, 1, K.shape[-1]), C)   # (N,) or (Bsz, N)
     return y
 
 

@@ -308,6 +308,10 @@ class SequenceModel(HubMixin, nn.Module):
             raise ValueError(f"SequenceModel.step got a cache made for {made.dtype} on {made.device}, but the model "
                              f"now holds {ref.dtype} on {ref.device} (converted or moved since); call "
                              f"allocate_inference_cache(batch_size) again after .to() / .double() / .float()")
+        if x.shape[0] != made.shape[0]:     # else the first layer named its own (batch, d_model) input
+            raise ValueError(f"SequenceModel.step expects x of shape (batch={made.shape[0]}, d_input="
+                             f"{self.config.d_input}), the batch size of its cache, got {tuple(x.shape)}; call "
+                             f"allocate_inference_cache({x.shape[0]}) for another batch size")
         h = self.encoder(x)
         for block, layer_cache in zip(self.blocks, cache["layers"]):
             z, _ = block.layer.step(block.norm(h), layer_cache)

@@ -19,6 +19,7 @@ any of them by name: ``registry.add_backend("ssm_kernel", "s4d", S4DKernel)``.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from typing import Any, Callable, Optional, Tuple
 
@@ -27,6 +28,18 @@ from torch import Tensor, nn
 
 from .base import needs_autograd
 from .step_forms import StepForm
+
+
+def check_rate(rate: Any, who: str) -> None:
+    """Raise a ValueError naming ``who`` unless ``rate`` is a finite number > 0. The kernel uses
+    dt / rate: rate 0 gave inf or NaN kernels, a negative rate a growing (unstable) one, silently."""
+    try:
+        ok = not isinstance(rate, bool) and math.isfinite(rate) and rate > 0
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{who} needs rate, the input's relative sampling rate (the kernel uses dt / rate), to be "
+                         f"a finite number > 0, got {rate!r}")
 
 
 def _version(t: Tensor) -> Optional[int]:

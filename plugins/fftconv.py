@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, check_floating, check_sizes, float32_under_autocast, mask_padding, needs_autograd
+from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_lengths, check_parameter_dtype, check_sizes,
+                            float32_under_autocast, mask_padding, needs_autograd)
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, reversed_spectrum
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel
@@ -186,10 +187,15 @@ class FFTConvS4(nn.Module):
         lengths: (B,) valid lengths; only the reverse direction of a bidirectional block uses them
             (each sequence is reversed within its length); x past them is read as zeros.
         """
-        if lengths is not None:
-            x = mask_padding(x, lengths, time_dim=2 if self.transposed else 1)
         u = self._to_bhl(x)
         B, H, L = u.shape
+        if lengths is not None:
+            if state is not None:
+                raise ValueError("state passing needs sequences of one length: with lengths, the next state would be "
+                                 "the state after the whole padded input, not after each sequence's last sample")
+            check_lengths(lengths, B, L)      # a float or too large one failed in gather, or was taken as given
+            u = mask_padding(u, lengths, time_dim=2)
+            x = u if self.transposed else u.transpose(1, 2)
         if state is not None:
             self._check_streamable("state passing")
             if rate != 1.0:
@@ -198,6 +204,11 @@ class FFTConvS4(nn.Module):
             if self.L is not None and self.L < L:
                 raise ValueError(f"state passing needs the kernel to cover the input: l_max={self.L} < L={L}. "
                                  f"Use l_max=None, or chunks of at most l_max samples")
+            expected = (B, *self.kernel.default_state(0).shape[1:])
+            if not isinstance(state, Tensor) or state.shape != expected:   # else a broadcast error in the kernel
+                got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+                raise ValueError(f"FFTConvS4 expects a state of shape (batch, H, S) = {expected}, as "
+                                 f"default_state({B}) makes it, got {got}")
         Lk = L if self.L is None else min(self.L, L)
         if self._inference_conv(x, state, lengths):
             return self._blocked_forward(x, L, Lk, rate), None
@@ -253,6 +264,7 @@ class FFTConvS4(nn.Module):
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"FFTConvS4(transposed={self.transposed}) expects x of shape {want}, got {got}")
         x = float32_under_autocast(x)
+        check_parameter_dtype(self, "FFTConvS4")
         check_floating(x, "FFTConvS4")
         return x if self.transposed else x.transpose(1, 2)
 
@@ -300,6 +312,12 @@ class FFTConvS4(nn.Module):
         object.__setattr__(self, "_step", None)
         return out
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # New weights: a step form built (by setup_step or a first step) from the old ones kept
+        # stepping with them, silently (off by O(1) after load_state_dict). step() rebuilds it.
+        super()._load_from_state_dict(*args, **kwargs)
+        object.__setattr__(self, "_step", None)
+
     def step(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         """One time step (no dropout).  x: (B, H) -> y: (B, C*H) (channel order as in forward).
 
@@ -313,6 +331,11 @@ class FFTConvS4(nn.Module):
         form = self._step
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"FFTConvS4.step expects x of shape (batch, d_model={self.d_model}), got {tuple(x.shape)}")
+        if x.dtype != self.D.dtype:
+            # An integer x was cast silently, a float64 x on a float32 form promoted to float32 precision.
+            check_floating(x, "FFTConvS4.step", autocast_hint=False)
+            raise TypeError(f"FFTConvS4.step: its step form holds {self.D.dtype}, as its parameters, got x of "
+                            f"{x.dtype}; convert x (x.to({self.D.dtype})) or the module (.to({x.dtype}))")
         packed = state.dim() == 2 and not state.is_complex()
         s = state if packed else pack_state(form, state, self.kernel)
         if s.shape != (x.shape[0], form.state_size):
@@ -355,9 +378,13 @@ class FFTConvLayer(LTI_LRNN):
         """x: (B, L, H) -> y: (B, L, H); lengths: (B,) valid lengths (padding outputs are zero)."""
         x = float32_under_autocast(x)
         self.check_input(x, lengths)
+        self.check_timesteps(integration_timesteps)
         y, _ = self.conv(x, lengths=lengths)        # FFTConvS4 zeroes x past the lengths itself
         if self.mix is not None:
-            y = self.mix(y)
+            # in the wider of y's and the weights' dtypes, as the convolution (a float64 input to a
+            # float32 layer failed here with "mat1 and mat2 must have the same dtype")
+            w, b = self.mix.weight, self.mix.bias
+            y = self.mix(y) if y.dtype == w.dtype else F.linear(y, w.to(y.dtype), b.to(y.dtype))
         return mask_padding(y, lengths)
 
     def discretize(self) -> Any:

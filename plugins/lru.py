@@ -107,8 +107,10 @@ class LRU(LTI_LRNN):
 
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None, initial_state: Optional[Tensor] = None) -> Tensor:
-        """x: (B, L, H) -> y: (B, L, H). ``initial_state``: (B, N) complex, or None for zeros."""
-        x = self.prepare_input(x, lengths)
+        """x: (B, L, H) -> y: (B, L, H). ``initial_state``: (B, N) complex ((N,): one for the whole
+        batch), or None for zeros."""
+        x = self.prepare_input(x, lengths, integration_timesteps)
+        self._check_initial_state(initial_state, x.shape[0])
         _, B, C = self.discretize()
         run = get_backend("modal", self.backend)
         y = run(x, self.log_lambda(torch.complex128), B, C, initial_state) + self.D * x
@@ -116,8 +118,20 @@ class LRU(LTI_LRNN):
 
     def final_state(self, x: Tensor, initial_state: Optional[Tensor] = None) -> Tensor:
         """The state after the last step of x: (B, L, H) -> (B, N) complex."""
+        self.check_input(x)
+        self._check_initial_state(initial_state, x.shape[0])
         _, B, _ = self.discretize()
         return final_state(x, self.log_lambda(torch.complex128), B, initial_state)
+
+    def _check_initial_state(self, initial_state: Optional[Tensor], batch: int) -> None:
+        """Raise unless initial_state is None, (batch, N) or (N,): the fft backend failed in a
+        broadcast on other shapes, and read an (N,) state as (N, 1) (wrong outputs when L == N)."""
+        N = self.d_state
+        if initial_state is not None and (not isinstance(initial_state, Tensor)
+                                          or tuple(initial_state.shape) not in ((batch, N), (N,))):
+            got = tuple(initial_state.shape) if isinstance(initial_state, Tensor) else type(initial_state).__name__
+            raise ValueError(f"LRU expects initial_state of shape (batch={batch}, d_state={N}), or ({N},) for the whole "
+                             f"batch, got {got}")
 
     @torch.no_grad()
     def step_form(self) -> DiagonalStepForm:

@@ -26,7 +26,7 @@ from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vander
 from lrnnx_zoo.modal import channel_final_state, channel_kernel
 from lrnnx_zoo.discretization import get_discretization
 from lrnnx_zoo.registry import get_backend, get_initializer
-from lrnnx_zoo.ssm_kernel import SSMKernel
+from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate
 from lrnnx_zoo.step_forms import ChannelDiagonalStepForm
 
 
@@ -121,6 +121,7 @@ class S4DKernel(SSMKernel):
         return A_bar, B_bar, C, log_A_bar
 
     def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        check_rate(rate, "S4DKernel")
         vdm = get_backend("vandermonde", self.backend)
         if state is None:
             return self.cached_kernel((L, rate), lambda: self._kernel(vdm, L, rate)[0]), None
@@ -185,7 +186,7 @@ class S4D(LTI_LRNN):
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, H) -> y: (B, L, H)."""
-        x = self.prepare_input(x, lengths)
+        x = self.prepare_input(x, lengths, integration_timesteps)
         L = x.shape[1]
         n = conv_size(L, L)
         if not needs_autograd(self, x):

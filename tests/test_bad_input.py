@@ -6,6 +6,8 @@ the message, and the files left on disk (nothing valid overwritten, nothing part
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -121,6 +123,19 @@ def test_step_checks_the_input_type_and_dtype(layer):
     assert layer.step(torch.randn(2, 8, dtype=torch.float64), cache64)[0].dtype == torch.float64
 
 
+def test_step_checks_the_caches_state_shape(layer):
+    # A cache whose state was replaced by one of the wrong size failed inside the step form
+    # ("mat1 and mat2 shapes cannot be multiplied", "shape '[-1, 2, 4, 8]' is invalid").
+    name = type(layer).__name__
+    cache = layer.allocate_inference_cache(2)
+    size = cache["lrnn_state"].shape[1]
+    for bad in (torch.zeros(2, size + 1), torch.zeros(2 * size), torch.zeros(2, 1, size)):
+        cache["lrnn_state"] = bad
+        with pytest.raises(ValueError, match=rf"{name}.step: the cache's 'lrnn_state' must have shape "
+                                             rf"\(batch, state_size={size}\).*got {re.escape(str(tuple(bad.shape)))}"):
+            layer.step(torch.randn(2, 8), cache)
+
+
 @pytest.mark.parametrize("batch_size", [0, -1, "2", 2.0, True])
 def test_allocate_inference_cache_checks_batch_size(layer, batch_size):
     with pytest.raises(ValueError, match=rf"allocate_inference_cache needs batch_size to be an integer >= 1, "
@@ -145,6 +160,17 @@ def test_sequence_model_names_a_non_tensor_input():
         model(torch.randn(2, 5, 3).numpy())
     with pytest.raises(TypeError, match=r"SequenceModel.step expects a torch.Tensor .* got list"):
         model.step([[0.0] * 3] * 2, model.allocate_inference_cache(2))
+
+
+def test_sequence_model_step_names_its_own_batch_and_width():
+    # A batch other than the cache's was refused by the first layer, naming its (batch, d_model=..)
+    # and a tensor the caller never passed: "S4D.step expects x of shape (batch=2, d_model=8), got (3, 8)".
+    model = small_model()
+    cache = model.allocate_inference_cache(2)
+    with pytest.raises(ValueError, match=r"SequenceModel.step expects x of shape \(batch=2, d_input=3\), the batch "
+                                         r"size of its cache, got \(3, 3\); call allocate_inference_cache\(3\)"):
+        model.step(torch.randn(3, 3), cache)
+    assert model.step(torch.randn(2, 3), cache)[0].shape[0] == 2
 
 
 def test_sequence_model_checks_lengths_before_using_them():

@@ -8,6 +8,8 @@ whole-tensor FFT batches). The time-domain reference is float64.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,6 +148,22 @@ def test_mixed_precision_promotes_to_the_wider_type():
     fast, reference = _both_paths(layer, x)[0], _both_paths(layer, x.double())[1]
     assert fast.dtype == torch.float64
     assert rel_err(fast, reference) < 1e-12
+
+
+@pytest.mark.parametrize("kw", [{"channels": 2}, {"bidirectional": True}], ids=["channels", "bidirectional"])
+def test_mixed_precision_through_the_fftconv_channel_mixing(kw):
+    # The Linear mixing fftconv's channels failed on a float64 input to a float32 layer ("mat1 and
+    # mat2 must have the same dtype"). Promoted like the convolution: the float64 layer holding the
+    # same values agrees to the float32 kernel's rounding (~1e-7; 1e-5 leaves room).
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("fftconv", 8, d_state=8, **kw).eval()
+    wide = copy.deepcopy(layer).double()
+    x = torch.randn(2, 50, 8, dtype=torch.float64)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            y = layer(x)
+        assert y.dtype == torch.float64
+        assert rel_err(y.detach(), wide(x).detach()) < 1e-5
 
 
 def test_seed_blocks_refuse_integer_inputs():

@@ -103,6 +103,30 @@ def test_lru_initial_state_fft_equals_scan():
     torch.testing.assert_close(y2, y[:, 20:], rtol=1e-4, atol=1e-5)
 
 
+def test_lru_initial_state_for_the_whole_batch_and_bad_shapes():
+    # The fft backend read an (N,) initial state as (N, 1): wrong outputs when L == N (1.5 off the
+    # scan's), a broadcast error otherwise; other shapes failed in a broadcast there too.
+    # Tolerance as in test_lru_initial_state_fft_equals_scan.
+    torch.manual_seed(0)
+    x, s0 = torch.randn(2, 5, 6), torch.randn(5, dtype=torch.complex64)       # L == N == 5
+    layers = {}
+    for backend in ("fft", "scan"):
+        torch.manual_seed(1)
+        layers[backend] = lrnnx_zoo.create_layer("lru", 6, d_state=5, backend=backend)
+    with torch.no_grad():
+        for layer in layers.values():
+            torch.testing.assert_close(layer(x, initial_state=s0), layer(x, initial_state=s0.expand(2, 5)),
+                                       rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layers["fft"](x, initial_state=s0), layers["scan"](x, initial_state=s0),
+                                   rtol=1e-4, atol=1e-5)
+    for layer in layers.values():
+        for bad in (torch.zeros(3, 5, dtype=torch.complex64), torch.zeros(2, 4, dtype=torch.complex64)):
+            with pytest.raises(ValueError, match=r"LRU expects initial_state of shape \(batch=2, d_state=5\)"):
+                layer(x, initial_state=bad)
+        with pytest.raises(ValueError, match=r"LRU expects input of shape \(batch, length, d_model=6\)"):
+            layer.final_state(x[0])                     # was "not enough values to unpack"
+
+
 @pytest.mark.parametrize("init", ["lin", "inv", "legs", "real", "random"])
 @pytest.mark.parametrize("discretization", ["zoh", "bilinear"])
 def test_s4d_inits_and_discretizations_match_loop(init, discretization):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -113,6 +114,21 @@ def test_rate(kind):
     assert rel_err(K_half, K_dt2) < 1e-5 and rel_err(y_half, y_dt2) < 1e-5
 
 
+@pytest.mark.parametrize("rate", [0.0, -0.5, math.nan, math.inf])
+@pytest.mark.parametrize("kind", KERNELS)
+def test_rate_must_be_finite_and_positive(kind, rate):
+    # The kernel uses dt / rate: the s4d kernel gave NaN/inf outputs at rate 0 and a growing
+    # (unstable) kernel at a negative rate without a word; the s4 kernel refused rate <= 0 only.
+    m = make(kind)
+    x = torch.randn(B, H, 32)
+    match = "finite number > 0" if hasattr(m.kernel, "log_dt") else "expected rate=1.0"
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=match):
+            m(x, rate=rate)
+    with pytest.raises(ValueError, match=match):
+        m.kernel(32, rate=rate)
+
+
 @pytest.mark.parametrize("kind", KERNELS)
 def test_channels_ordering_and_swap(kind):
     C = 3
@@ -192,6 +208,64 @@ def test_bidirectional_layer_refuses_to_stream_and_flips_within_lengths():
     u = torch.arange(10.0).view(1, 1, 10).repeat(2, 1, 1)
     f = flip_within_lengths(u, torch.tensor([4, 10]))
     assert f[0, 0].tolist() == [3, 2, 1, 0, 4, 5, 6, 7, 8, 9] and f[1, 0].tolist() == list(range(9, -1, -1))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_fftconv_block_checks_lengths(bidirectional):
+    # FFTConvS4 used lengths unchecked: a float or too large one failed in gather ("Expected dtype
+    # int32/int64 for index", "index 20 is out of bounds") or was taken as given, a wrong count
+    # failed in a broadcast.
+    m = make("s4d", bidirectional=bidirectional)
+    x = torch.randn(B, H, 20)
+    for bad, error, message in ((torch.tensor([3.5, 20.0]), TypeError, "lengths must hold integers"),
+                                (torch.tensor([True, False]), TypeError, "lengths must hold integers"),
+                                (torch.tensor([21, 20]), ValueError, r"lengths must lie in \[0, 20\]"),
+                                (torch.tensor([-1, 20]), ValueError, r"lengths must lie in \[0, 20\]"),
+                                (torch.tensor([3, 4, 5]), ValueError, r"lengths must have shape \(batch,\)=\(2,\)")):
+        with pytest.raises(error, match=message):
+            m(x, lengths=bad)
+    with torch.no_grad():                               # valid lengths, as a list too
+        torch.testing.assert_close(m(x, lengths=[5, 20])[0], m(x, lengths=torch.tensor([5, 20]))[0])
+    if not bidirectional:
+        with pytest.raises(ValueError, match="state passing needs sequences of one length"):
+            m(x, state=m.default_state(B), lengths=torch.tensor([5, 20]))
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_state_passing_checks_the_state_shape(kind):
+    # A state of the wrong batch or size failed in a broadcast inside the s4d and lru kernels.
+    m = make(kind)
+    x, good = torch.randn(B, H, 20), m.default_state(B)
+    for bad in (m.default_state(B + 1), good[..., :-1], good[0]):
+        with pytest.raises(ValueError, match=rf"FFTConvS4 expects a state of shape \(batch, H, S\) = "
+                                             rf"\({B}, {H}, {good.shape[-1]}\).*got {re.escape(str(tuple(bad.shape)))}"):
+            m(x, state=bad)
+    assert m(x, state=good)[1].shape == good.shape
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_step_after_load_state_dict_uses_the_new_weights(kind):
+    # The step form built by a first step (or setup_step) outlived load_state_dict: the block
+    # stepped on with the old weights (outputs off by O(1)), silently.
+    m, other = make(kind), make(kind, seed=1)
+    x = torch.randn(B, H)
+    with torch.no_grad():
+        m.step(x, m.default_state(B))
+        m.load_state_dict(other.state_dict())
+        torch.testing.assert_close(m.step(x, m.default_state(B))[0], other.step(x, other.default_state(B))[0],
+                                   rtol=0, atol=0)                       # the same form from the same weights
+
+
+def test_fftconv_block_step_checks_the_input_dtype():
+    # An integer x was cast silently and a float64 x stepped with the float32 form (promoted).
+    m = make("s4d")
+    state = m.default_state(B)
+    with pytest.raises(TypeError, match=r"floating-point input .* got torch.int64"):
+        m.step(torch.ones(B, H, dtype=torch.long), state)
+    with pytest.raises(TypeError, match=r"step form holds torch.float32, as its parameters, got x of torch.float64"):
+        m.step(torch.randn(B, H, dtype=torch.float64), state)
+    m.double()                                            # the form is rebuilt in float64
+    assert m.step(torch.randn(B, H, dtype=torch.float64), m.default_state(B))[0].dtype == torch.float64
 
 
 def test_kernel_dropout_only_in_training():

@@ -205,3 +205,37 @@ def test_bad_lengths_and_sizes_are_refused_clearly(name):
         args = {"d_model": H, "d_state": N, **kw}
         with pytest.raises(ValueError, match=f"{next(iter(kw))}"):
             lrnnx_zoo.create_layer(name, args.pop("d_model"), **args)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_time_invariant_layers_refuse_integration_timesteps(name):
+    # A time-invariant layer has one step size for the whole sequence: LRU, S4D and fftconv
+    # ignored integration_timesteps without a word (the outputs of a uniform grid); S4 refused them.
+    layer = make(name)
+    if not isinstance(layer, lrnnx_zoo.LTI_LRNN):
+        pytest.skip("a time-varying layer may take integration_timesteps")
+    x = torch.randn(2, 10, H)
+    with pytest.raises(ValueError, match=r"expected integration_timesteps=None, got a tensor of shape \(2, 10\)"):
+        layer(x, integration_timesteps=torch.ones(2, 10))
+    layer(x, integration_timesteps=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", LAYERS)
+def test_half_precision_parameters_are_refused_clearly_on_the_cpu(name, dtype):
+    # layer.half() / .bfloat16() failed deep inside ("Unsupported dtype BFloat16", "exp_vml_cpu not
+    # implemented for 'ComplexHalf'"), with a float32 input and, for the LRU, under autocast too.
+    layer = make(name).to(dtype)
+    x = torch.randn(2, 10, H)
+    with pytest.raises(TypeError, match=rf"computes in float32 or float64, but holds {dtype} parameters"):
+        layer(x)
+    with torch.autocast("cpu", dtype=dtype), pytest.raises(TypeError, match=rf"holds {dtype} parameters"):
+        layer(x.to(dtype))
+    layer.float()(x)                                   # the way out the message gives
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fftconv_block_refuses_half_precision_parameters_on_the_cpu(dtype):
+    from lrnnx_zoo.plugins.fftconv import FFTConvS4
+    with pytest.raises(TypeError, match=rf"FFTConvS4 on the CPU computes in float32 or float64, but holds {dtype}"):
+        FFTConvS4(H, d_state=N).to(dtype)(torch.randn(2, H, 10))

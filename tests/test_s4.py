@@ -347,6 +347,75 @@ def test_s4_bidirectional_is_causal_plus_anticausal():
         layer.setup_step()
 
 
+@pytest.mark.parametrize("transposed", [True, False])
+def test_s4_lengths_read_the_padding_as_zeros(transposed):
+    # S4's **kwargs swallowed lengths: a bidirectional S4's reverse direction read the padding
+    # (1e2 of it moved valid outputs by ~50). Tolerance as for the registered layers' padding test.
+    torch.manual_seed(0)
+    layer = S4(4, d_state=8, bidirectional=True, transposed=transposed).eval()
+    x, lengths = torch.randn(2, 4, 30), torch.tensor([30, 12])
+    x[1, :, 12:] = 1e2
+    as_given = (lambda t: t) if transposed else (lambda t: t.transpose(1, 2))
+    with torch.no_grad():
+        y = as_given(layer(as_given(x), lengths=lengths)[0])
+        alone = as_given(layer(as_given(x[1:, :, :12]))[0])
+    torch.testing.assert_close(y[1, :, :12], alone[0], rtol=1e-5, atol=1e-5)
+    for bad, error in ((torch.tensor([30.0, 12.0]), TypeError), (torch.tensor([31, 12]), ValueError)):
+        with pytest.raises(error, match="lengths must"):
+            layer(as_given(x), lengths=bad)
+
+
+def test_s4_state_passing_refuses_another_rate_and_lengths():
+    # forward_state runs at rate 1 while the state's kernel ran at dt / rate: chunks at rate 0.5
+    # were 0.2 off one call, without a word (FFTConvS4 refused it already).
+    torch.manual_seed(0)
+    layer = S4(4, d_state=8).eval()
+    u, state = torch.randn(2, 4, 20), layer.default_state(2)
+    with pytest.raises(ValueError, match="state passing runs the system at rate 1.*got rate=0.5"):
+        layer(u, rate=0.5, state=state)
+    with pytest.raises(ValueError, match="state passing needs sequences of one length"):
+        layer(u, state=state, lengths=torch.tensor([20, 10]))
+    with pytest.raises(ValueError, match=r"S4 expects a state of shape \(batch=2, H, N/2\).*got \(3, 4, 4\)"):
+        layer(u, state=layer.default_state(3))           # failed in a broadcast
+
+
+@pytest.mark.parametrize("mode", ["dense", "linear", "diagonal"])
+def test_s4_step_checks_its_input_and_state(mode):
+    # These failed inside the step form: "shape '[1, 6, 8]' is invalid", "The size of tensor a (6)
+    # must match ...", "expected scalar type Float but found Double".
+    torch.manual_seed(0)
+    layer = S4(6, d_state=4).eval()
+    layer.setup_step(mode, tol=math.inf if mode == "diagonal" else None)
+    state = layer.default_state(2)
+    n = state.shape[-1]
+    shapes = rf"expects u of shape \(batch, H=6\) and a state of shape \(batch, 6, {n}\)"
+    for u, s in ((torch.randn(1, 6), state), (torch.randn(2, 5), state), (torch.randn(2, 6, 1), state),
+                 (torch.randn(2, 6), state[..., :-1])):
+        with pytest.raises(ValueError, match=shapes):
+            layer.step(u, s)
+    with pytest.raises(TypeError, match=r"step form holds torch.float32, got u of torch.float64"):
+        layer.step(torch.randn(2, 6, dtype=torch.float64), state)
+    with pytest.raises(TypeError, match=r"floating-point input .* got torch.int64"):
+        layer.step(torch.ones(2, 6, dtype=torch.long), state)
+    y, next_state = layer.step(torch.randn(2, 6), state)
+    assert y.shape == (2, 6) and next_state.shape == state.shape
+
+
+def test_s4_step_after_load_state_dict_asks_for_setup_step():
+    # setup_step's form of the old weights outlived load_state_dict: S4 stepped on with them (0.04 off).
+    torch.manual_seed(0)
+    layer, other = S4(4, d_state=8).eval(), S4(4, d_state=8).eval()
+    layer.setup_step()
+    layer.load_state_dict(other.state_dict())
+    u, state = torch.randn(2, 4), layer.default_state(2)
+    with pytest.raises(RuntimeError, match=r"call setup_step\(mode\) before step\(\), and again after loading"):
+        layer.step(u, state)
+    layer.setup_step()
+    other.setup_step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.step(u, state)[0], other.step(u, state)[0], rtol=0, atol=0)
+
+
 def test_activation_initializer_linear_helpers():
     assert isinstance(Activation(None), torch.nn.Identity) and isinstance(Activation("glu", dim=-2), torch.nn.GLU)
     with pytest.raises(ValueError, match="valid"):
@@ -427,6 +496,11 @@ def test_clear_errors():
         k.step(torch.zeros(1, 2), k.default_state(1))
     with pytest.raises(ValueError, match=r"\(batch, d_model=2, length\)"):
         S4(2, d_state=8)(torch.zeros(1, 5, 3))
+    for rate in (0.0, -1.0, math.nan, math.inf):     # nan failed in round() ("cannot convert float NaN")
+        with pytest.raises(ValueError, match=rf"S4 needs rate.*finite number > 0, got {rate}"):
+            S4(2, d_state=8, l_max=16)(torch.zeros(1, 2, 5), rate=rate)
+        with pytest.raises(ValueError, match=rf"SSKernelNPLR needs rate.*got {rate}"):
+            k(L=10, rate=rate)                          # inf gave a NaN kernel
 
 
 def test_kernel_gradients_in_float32_match_float64():

@@ -36,7 +36,7 @@ from lrnnx_zoo import hippo
 from lrnnx_zoo.base import check_sizes
 from lrnnx_zoo.optim import grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
-from lrnnx_zoo.ssm_kernel import SSMKernel
+from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate
 
 from . import dense
 from .generating import bilinear_kernel
@@ -161,6 +161,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self.__dict__.pop("_length_origin", None)  # new weights: no length change to account for
+        # and no step form of the old ones: step() stepped on with them silently; now it asks for setup_step
+        object.__setattr__(self, "_stepper", None)
         if self.L.device.type != "meta":          # a meta load carries no values
             self._length = int(self.L)            # the buffer was just loaded: keep the Python copy in step
 
@@ -273,8 +275,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         """
         if isinstance(L, Tensor) or (L is None and isinstance(state, int)):
             L, state = state, L
-        if rate <= 0:
-            raise ValueError(f"rate must be positive, got {rate}")
+        check_rate(rate, "SSKernelNPLR")
         if L is None:
             if self.length == 0:
                 raise ValueError("SSKernelNPLR has no internal length yet: call it with L=<kernel length>")

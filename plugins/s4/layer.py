@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx_zoo.base import LTI_LRNN, check_floating, check_sizes, float32_under_autocast, mask_padding, needs_autograd
+from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_lengths, check_sizes, float32_under_autocast, mask_padding,
+                            needs_autograd)
 from lrnnx_zoo.convolution import blocked_channel_conv, circular_conv, fast_fft_size, reversed_spectrum
+from lrnnx_zoo.ssm_kernel import check_rate
 from lrnnx_zoo.step_forms import StepForm
 
 from . import dense
@@ -120,11 +122,14 @@ class S4(nn.Module):
         """Maps a state (..., H, S) to a flat (..., H*S) tensor."""
         return lambda state: state.reshape(*state.shape[:-2], -1)
 
-    def forward(self, u: Tensor, rate: float = 1.0, state: Optional[Tensor] = None, **kwargs: Any
-                ) -> Tuple[Tensor, Optional[Tensor]]:
+    def forward(self, u: Tensor, rate: float = 1.0, state: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None, **kwargs: Any) -> Tuple[Tensor, Optional[Tensor]]:
         """u: (B, H, L) if transposed else (B, L, H) -> (y of the same layout, next_state).
 
         next_state is the state after u (B, H, N/2) when ``state`` is given, else None.
+        lengths: (B,) valid lengths of a padded batch, or None; u past them is read as zeros, so a
+        bidirectional layer's reverse direction starts at each sequence's own end (as FFTConvS4).
+        Other keyword arguments are accepted and ignored, as by the seed.
         """
         axis = 1 if self.transposed else 2
         if not isinstance(u, Tensor) or u.dim() != 3 or u.shape[axis] != self.h:
@@ -133,6 +138,7 @@ class S4(nn.Module):
             raise ValueError(f"S4(transposed={self.transposed}) expects u of shape {want}, got {got}")
         u = float32_under_autocast(u)
         check_floating(u, "S4")
+        check_rate(rate, "S4")
         if u.dtype != self.D.dtype:     # its linear layers, like nn.Linear, take their own dtype only
             raise TypeError(f"S4 has {self.D.dtype} parameters and got a {u.dtype} input: convert one to the "
                             f"other (u.to({self.D.dtype}) or module.to({u.dtype}))")
@@ -143,7 +149,22 @@ class S4(nn.Module):
         if state is not None and self.bidirectional:
             raise ValueError("state passing needs a causal layer; this S4 is bidirectional "
                              "(bidirectional=False to stream)")
+        if state is not None and (not isinstance(state, Tensor) or state.dim() == 0 or state.shape[0] != u.shape[0]):
+            # the kernel checks the rest of its shape; a wrong batch failed in a broadcast
+            got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+            raise ValueError(f"S4 expects a state of shape (batch={u.shape[0]}, H, N/2) (default_state(batch)), "
+                             f"got {got}")
+        if state is not None and rate != 1.0:
+            # the kernel's response to the state ran at dt / rate, the next state at dt (off by 0.2 at rate 0.5)
+            raise ValueError(f"state passing runs the system at rate 1 (forward_state has no rate); got rate={rate}. "
+                             f"Pass state=None to evaluate at another rate")
         L = u.shape[-1 if self.transposed else 1]
+        if lengths is not None:
+            if state is not None:
+                raise ValueError("state passing needs sequences of one length: with lengths, the next state would be "
+                                 "the state after the whole padded input, not after each sequence's last sample")
+            check_lengths(lengths, u.shape[0], L)
+            u = mask_padding(u, lengths, time_dim=2 if self.transposed else 1)
         Lk = L if self.L is None else min(L, round(self.L * rate))
         if state is None and not needs_autograd(self, u) and self._elementwise_after_conv():
             Kf, n = ssm_spectrum(self.kernel, L, Lk, rate, self.bidirectional)
@@ -234,10 +255,7 @@ class S4Layer(LTI_LRNN):
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, H) -> y: (B, L, H); padding beyond ``lengths`` is zeroed (and ignored)."""
-        x = self.prepare_input(x, lengths)
-        if integration_timesteps is not None:
-            raise ValueError("S4 is time-invariant: integration_timesteps are not supported; resample the input or "
-                             "use rate=dt_ratio in compute_kernel")
+        x = self.prepare_input(x, lengths, integration_timesteps)
         if not needs_autograd(self, x):
             Kf, n = ssm_spectrum(self.kernel, x.shape[1], x.shape[1], 1.0, self.bidirectional)
             y = blocked_channel_conv(x, Kf, n, skip=self.D.unsqueeze(0))[:, :, 0]

@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from lrnnx_zoo.base import check_floating
 from lrnnx_zoo.step_forms import StepForm, pack_modes, step_form_dtype, unpack_modes
 
 from . import dense
@@ -104,11 +105,24 @@ class StepModes:
         """One step with the form of :meth:`setup_step`.  u: (B, H), state like :meth:`default_state`
         -> y: (B, C, H) (no skip term), next state in the same layout."""
         if self._stepper is None:
-            raise RuntimeError("call setup_step(mode) before step(); modes: " + ", ".join(STEP_MODES))
+            raise RuntimeError("call setup_step(mode) before step(), and again after loading weights "
+                               "(load_state_dict); modes: " + ", ".join(STEP_MODES))
         built = next(self._stepper.buffers()).dtype
         if built != self._real_dtype:
             raise RuntimeError(f"the step form was built in {built} and the kernel now holds {self._real_dtype} "
                                f"parameters: call setup_step({self._step_mode!r}) again after a dtype change")
+        who = f"{type(self).__name__}.step"
+        H, n = self.d_model, (self.d_state if self._step_mode == "diagonal" else self.d_state // 2)
+        if (not isinstance(u, Tensor) or u.dim() != 2 or u.shape[1] != H or not isinstance(state, Tensor)
+                or state.shape != (u.shape[0], H, n)):
+            # These failed inside the step form (reshape, broadcast and matmul errors).
+            shape = lambda t: tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__     # noqa: E731
+            raise ValueError(f"{who} expects u of shape (batch, H={H}) and a state of shape (batch, {H}, {n}) "
+                             f"(default_state(batch)), got u {shape(u)} and state {shape(state)}")
+        if u.dtype != built:
+            check_floating(u, who, autocast_hint=False)
+            raise TypeError(f"{who}: the step form holds {built}, got u of {u.dtype}; convert u (u.to({built})) "
+                            f"or the module (.to({u.dtype})) and call setup_step again")
         Bsz = u.shape[0]
         if self._step_mode == "dense":
             y, s = self._stepper(u, dense.to_real(state).reshape(Bsz, -1).to(u.dtype))
