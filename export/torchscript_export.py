@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 import torch
 from torch import Tensor
 
-from .onnx_export import _quiet, check_batch, sample_inputs
+from .onnx_export import TRACE_BATCH, _quiet, check_batch, sample_inputs
 from .paths import output_location
 from .provenance import Source, graph_metadata, load_source
 from .result import ExportResult
@@ -29,8 +29,6 @@ from .step_graph import StepModule, build_step_module
 from .validate import FLOAT32_TOLERANCE, default_sequence, torch_stream, validate_stream
 
 METADATA_FILE = "lrnnx_zoo.json"
-#: Trace at a batch no validation sequence uses by default, so a batch baked into the trace shows.
-TRACE_BATCH = 3
 
 
 @contextlib.contextmanager

@@ -565,3 +565,31 @@ def test_half_precision_model_exports_as_float32(dtype, tmp_path):
     report = to_torchscript(model, tmp_path / "h.ts", validation_input=torch.randn(2, 24, 3)).validation
     assert report.passed and report.forward_float32_error is not None
     assert next(model.parameters()).dtype == dtype
+
+
+# -- found by an export audit ------------------------------------------------------------------------
+class _BakedBatch(StepForm):
+    """A step form that uses its batch size as a Python int: a trace bakes that number in."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.state_size, self.d_input, self.d_output = inner.state_size, inner.d_input, inner.d_output
+
+    def forward(self, u, s):
+        y, s = self.inner(u, s)
+        return y.reshape(int(u.shape[0]), -1), s
+
+
+@pytest.mark.parametrize("opset", [17, 20])     # the TorchScript-based and the dynamo exporter
+def test_dynamic_batch_graph_with_a_baked_batch_is_not_written(tmp_path, opset):
+    # The ONNX graph was traced at batch 2, the validation batch: with batch=None the dynamo exporter
+    # wrote a graph fixed to batch 2 (OnnxStreamer: "exported for batch=2" at reset(1)), and the
+    # TorchScript-based one a graph whose y failed at any other batch; both passed validation.
+    model = small_model("s4d")
+    layer = model.blocks[1].layer
+    good = layer.step_form()
+    layer.step_form = lambda: _BakedBatch(good)
+    with pytest.raises((ExportError, ValidationError), match=r"batch"):
+        to_onnx(model, tmp_path / "m.onnx", opset=opset)
+    assert list(tmp_path.iterdir()) == []
