@@ -593,3 +593,12 @@ def test_dynamic_batch_graph_with_a_baked_batch_is_not_written(tmp_path, opset):
     with pytest.raises((ExportError, ValidationError), match=r"batch"):
         to_onnx(model, tmp_path / "m.onnx", opset=opset)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_folder_result_names_the_written_graph(tmp_path):
+    # result.path named the hidden staging folder the export was written in before the swap, which
+    # no longer exists: OnnxStreamer(done.result.path) failed and the CLI printed that path.
+    done = export_folder(small_model("lru"), tmp_path / "out", format="onnx", latency_steps=0)
+    assert done.result.path == str(tmp_path / "out" / "model.onnx")
+    assert OnnxStreamer(done.result.path).d_input == 3
+    assert done.result.summary().startswith(f"onnx step graph: {tmp_path / 'out' / 'model.onnx'}")
