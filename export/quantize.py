@@ -74,9 +74,13 @@ def stream_all(streamer: OnnxStreamer, x: np.ndarray) -> np.ndarray:
 
 
 def step_form_nodes(proto: onnx.ModelProto) -> List[str]:
-    """Names of the nodes that read a step form's tensors (initializers named ``forms.<i>.*``)."""
+    """Names of the nodes that read a step form's tensors (initializers named ``forms.<i>.*``).
+
+    quantize_dynamic rewrites a Gemm as a MatMul named ``<gemm>_MatMul`` before it looks at the
+    names to exclude, so a Gemm is excluded under that name too (a step form's nn.Linear was quantised)."""
     forms = {i.name for i in proto.graph.initializer if i.name.startswith(STEP_FORM_PREFIX)}
-    return [n.name for n in proto.graph.node if forms.intersection(n.input)]
+    readers = [n for n in proto.graph.node if forms.intersection(n.input)]
+    return [n.name for n in readers] + [n.name + "_MatMul" for n in readers if n.op_type == "Gemm"]
 
 
 def accuracy_change(info: Dict[str, Any], float_path: Path, int8_path: Path) -> Optional[Dict[str, Any]]:

@@ -602,3 +602,17 @@ def test_export_folder_result_names_the_written_graph(tmp_path):
     assert done.result.path == str(tmp_path / "out" / "model.onnx")
     assert OnnxStreamer(done.result.path).d_input == 3
     assert done.result.summary().startswith(f"onnx step graph: {tmp_path / 'out' / 'model.onnx'}")
+
+
+@pytest.mark.parametrize("opset", [17, 20])
+def test_int8_leaves_a_linear_inside_a_step_form_float(tmp_path, opset):
+    # onnxruntime's quantize_dynamic rewrites a Gemm as a MatMul named "<gemm>_MatMul" before it
+    # applies nodes_to_exclude, so a step form's nn.Linear (fftconv's channel mix) was quantised
+    # although its Gemm was excluded by name.
+    model = small_model("fftconv", layer_kwargs={"d_state": 4, "channels": 2})
+    res = to_onnx(model, tmp_path / "q.onnx", quantize="int8", opset=opset)
+    proto = onnx.load(res.path)
+    quantized_forms = [i.name for i in proto.graph.initializer
+                       if i.name.startswith("forms.") and i.name.endswith("_quantized")]
+    assert quantized_forms == []
+    assert res.graph["ops"].get("MatMulInteger", 0) == 4          # encoder, 2 block post maps, decoder
