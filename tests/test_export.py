@@ -616,3 +616,13 @@ def test_int8_leaves_a_linear_inside_a_step_form_float(tmp_path, opset):
                        if i.name.startswith("forms.") and i.name.endswith("_quantized")]
     assert quantized_forms == []
     assert res.graph["ops"].get("MatMulInteger", 0) == 4          # encoder, 2 block post maps, decoder
+
+
+def test_float64_model_reports_no_float32_forward(tmp_path):
+    # A float64 model's own forward is the float64 reference: the report said "the model's float32
+    # forward is 0.00e+00 from float64", about a float32 forward that was never run.
+    model = small_model("s4d").double()
+    report = to_onnx(model, tmp_path / "d.onnx", validation_input=torch.randn(2, 30, 3)).validation
+    assert report.passed and report.max_abs_error > 0
+    assert report.forward_float32_error is None and "float32 forward" not in str(report)
+    assert next(model.parameters()).dtype == torch.float64
