@@ -637,3 +637,15 @@ def test_reset_without_a_batch_restarts_a_fixed_batch_graph(tmp_path):
     assert s.batch == 4 and s.steps == 0 and not s.state.any()
     with pytest.raises(ValueError, match=r"exported for batch=4, got reset\(batch=1\)"):
         s.reset(1)
+
+
+def test_int8_card_says_the_validation_error_is_the_float_graphs(digits_checkpoint, tmp_path):
+    # The card of an int8 folder said "Validated before writing: ... max abs error 1.6e-06" of the
+    # file it ships, whose error is that of int8 (~1e-2); the figure is the float32 graph's.
+    done = export_folder(digits_checkpoint, tmp_path / "q", quantize="int8", latency_steps=0)
+    card = (tmp_path / "q" / "README.md").read_text()
+    v = done.result.validation
+    line = next(ln for ln in card.splitlines() if f"{v.max_abs_error:.2e}" in ln)
+    assert "float32 graph" in line and "before int8 quantisation" in line
+    float_card = export_folder(digits_checkpoint, tmp_path / "f", latency_steps=0)
+    assert "before int8" not in (tmp_path / "f" / "README.md").read_text() and float_card.result.quantization is None
