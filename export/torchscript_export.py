@@ -15,6 +15,7 @@ import json
 import os
 import uuid
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
@@ -55,10 +56,16 @@ def load_torch_export(path: Union[str, Path]) -> torch.nn.Module:
     return torch.export.load(str(path)).module()
 
 
+def _is_torchscript(path: Union[str, Path]) -> bool:
+    """Whether the archive at path is TorchScript (it has a constants.pkl; a torch.export program does not)."""
+    with zipfile.ZipFile(path) as archive:
+        return any(name.rpartition("/")[2] == "constants.pkl" for name in archive.namelist())
+
+
 def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
-    """The ``lrnnx_zoo.*`` metadata stored in a .ts or .pt2 artifact."""
+    """The ``lrnnx_zoo.*`` metadata stored in a .ts or .pt2 artifact (whatever its file name)."""
     files = {METADATA_FILE: ""}
-    if str(path).endswith(".pt2"):
+    if not _is_torchscript(path):
         torch.export.load(str(path), extra_files=files)
     else:
         with warnings.catch_warnings():

@@ -649,3 +649,12 @@ def test_int8_card_says_the_validation_error_is_the_float_graphs(digits_checkpoi
     assert "float32 graph" in line and "before int8 quantisation" in line
     float_card = export_folder(digits_checkpoint, tmp_path / "f", latency_steps=0)
     assert "before int8" not in (tmp_path / "f" / "README.md").read_text() and float_card.result.quantization is None
+
+
+def test_read_metadata_does_not_go_by_the_file_name(tmp_path):
+    # read_metadata chose its loader by the .pt2 suffix: a program to_torch_export wrote to another
+    # name failed in torch.jit.load ("failed locating file constants.pkl ... checkpoint corrupted").
+    model = small_model("lru")
+    for fn, name, fmt in ((to_torch_export, "step.pt", "torch-export"), (to_torchscript, "step.pt2", "torchscript")):
+        res = fn(model, tmp_path / name)
+        assert read_metadata(res.path)["lrnnx_zoo.format"] == fmt
