@@ -69,14 +69,15 @@ def _measure(fmt: str, path: Path, result: ExportResult, steps: int, batch: Opti
 
 def _config(model: torch.nn.Module, info: Dict[str, Any], fmt: str, result: ExportResult, opset: Optional[int],
             batch: Optional[int], quantize: Optional[str], latency: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    b = batch or "batch"       # the graph's first dimension: fixed, or named "batch"
     return {
         "library": "lrnnx-zoo", "library_version": lrnnx_zoo.__version__, "kind": EXPORT_KIND,
         "format": fmt, "file": GRAPH_FILES[fmt], "weights": WEIGHTS_FILE,
         "source": source_of(info), "source_checkpoint": info.get("source"),
         "family": family_of(model, info), "model": model.config.to_dict(),
         "task": info.get("task"), "dataset": info.get("dataset"), "metrics": info.get("metrics"),
-        "inputs": {"x": ["batch", result.d_input], "state": ["batch", result.state_size]},
-        "outputs": {"y": ["batch", result.d_output], "state_out": ["batch", result.state_size]},
+        "inputs": {"x": [b, result.d_input], "state": [b, result.state_size]},
+        "outputs": {"y": [b, result.d_output], "state_out": [b, result.state_size]},
         "state_size": result.state_size, "d_input": result.d_input, "d_output": result.d_output,
         "state_layout": result.state_layout, "pooling": model.config.pooling,
         "opset": opset if fmt == "onnx" else None, "batch": batch or "dynamic",

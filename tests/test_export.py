@@ -658,3 +658,12 @@ def test_read_metadata_does_not_go_by_the_file_name(tmp_path):
     for fn, name, fmt in ((to_torch_export, "step.pt", "torch-export"), (to_torchscript, "step.pt2", "torchscript")):
         res = fn(model, tmp_path / name)
         assert read_metadata(res.path)["lrnnx_zoo.format"] == fmt
+
+
+def test_fixed_batch_folder_config_records_the_graphs_shapes(tmp_path):
+    # config.json listed x as ["batch", d_input] for a graph fixed to batch 3 (the graph's x is [3, 3]).
+    done = export_folder(small_model("lru"), tmp_path / "f", batch=3, latency_steps=0)
+    graph = onnx.load(str(tmp_path / "f" / "model.onnx")).graph
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(graph.input) + list(graph.output)}
+    assert {**done.config["inputs"], **done.config["outputs"]} == shapes
