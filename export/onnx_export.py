@@ -34,7 +34,7 @@ from .provenance import Source, graph_metadata, load_source
 from .quantize import INT8_RELATIVE_TOLERANCE, accuracy_change, check_mode, quantize_int8
 from .result import ExportResult
 from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch
-from .step_graph import ExportError, StepModule, build_step_module
+from .step_graph import ExportError, StepModule, build_step_module, no_autocast
 from .validate import FLOAT32_TOLERANCE, default_sequence, validate_stream
 
 # 20 has a single Gelu op (18 spells it as Erf/Mul/Add): ~15 fewer nodes and ~10% less time per
@@ -211,7 +211,7 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
     batch = check_batch(batch)
     record: List[str] = []
     opset, exporter = resolve_opset(opset, exporter, record)
-    with output_location(path, "path") as path:
+    with output_location(path, "path") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
         step = build_step_module(model)
         extra: Dict[str, Any] = {"format": "onnx", "opset": str(opset), "batch": str(batch or "dynamic"),

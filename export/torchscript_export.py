@@ -26,7 +26,7 @@ from .onnx_export import TRACE_BATCH, _quiet, check_batch, sample_inputs
 from .paths import output_location
 from .provenance import Source, graph_metadata, load_source
 from .result import ExportResult
-from .step_graph import StepModule, build_step_module
+from .step_graph import StepModule, build_step_module, no_autocast
 from .validate import FLOAT32_TOLERANCE, default_sequence, torch_stream, validate_stream
 
 METADATA_FILE = "lrnnx_zoo.json"
@@ -99,7 +99,7 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
 
     Args: as :func:`~lrnnx_zoo.export.to_onnx` (no opset / quantize / fixed batch).
     """
-    with output_location(path, "path") as path:
+    with output_location(path, "path") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
         step = build_step_module(model)
         metadata = graph_metadata(step, model, info, {"format": "torchscript", "batch": "dynamic"})
@@ -127,7 +127,7 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
     if batch is not None and validation_input is not None and validation_input.shape[0] != batch:
         raise ValueError(f"the program is exported for batch={batch}, but the validation input has batch "
                          f"{validation_input.shape[0]}; pass a validation input with {batch} sequences")
-    with output_location(path, "path") as path:
+    with output_location(path, "path") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
         step = build_step_module(model)
         metadata = graph_metadata(step, model, info, {"format": "torch-export", "batch": str(batch or "dynamic")})

@@ -667,3 +667,18 @@ def test_fixed_batch_folder_config_records_the_graphs_shapes(tmp_path):
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in list(graph.input) + list(graph.output)}
     assert {**done.config["inputs"], **done.config["outputs"]} == shapes
+
+
+def test_export_inside_an_autocast_region_is_float32(tmp_path):
+    # Traced inside torch.autocast (a bfloat16 inference script, a training loop), the graph computed
+    # in bfloat16: ONNX failed in shape inference ("Scale has inconsistent type"), TorchScript and
+    # torch.export in validation ("Got unsupported ScalarType BFloat16").
+    model = small_model("lru")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        results = [to_onnx(model, tmp_path / "a.onnx"), to_torchscript(model, tmp_path / "a.ts"),
+                   to_torch_export(model, tmp_path / "a.pt2")]
+        assert torch.is_autocast_enabled("cpu")            # the caller's region is left as it was
+    for res in results:
+        assert res.validation.max_abs_error < TOL and res.validation.forward_float32_error < TOL, res.format
+    y, _ = load_torch_export(tmp_path / "a.pt2")(torch.zeros(1, 3), torch.zeros(1, results[2].state_size))
+    assert y.dtype == torch.float32
