@@ -104,7 +104,7 @@ def accuracy_change(info: Dict[str, Any], float_path: Path, int8_path: Path) -> 
         return score(out[:, -1] if classify else out, data)[key]   # the last step carries the logits
 
     # int8 activations get one scale per tensor, shared by the sequences streamed together: streamed
-    # as one batch, each sequence's int8 output depended on all the others (digits-lru: 98.33% vs
+    # as one batch, each sequence's int8 output depended on all the others (a shipped classifier: 98.33% vs
     # 98.61% one by one). So the int8 graph streams them one at a time (a fixed batch b at a time).
     int8 = OnnxStreamer(int8_path)
     f, q = streamed(OnnxStreamer(float_path)), streamed(int8, batch=1)
