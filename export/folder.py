@@ -99,16 +99,17 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         quantize: "int8" (ONNX only) or None.
         push_to_hub: Hub repo id to upload the folder to (created if missing).
         batch: fixed batch size (ONNX / torch-export); None for dynamic.
-        opset: ONNX opset (default 20, see onnx_export.DEFAULT_OPSET).
+        opset: ONNX opset (ONNX only; default 20, see onnx_export.DEFAULT_OPSET).
         validation_input: (B, L, d_input) sequence for validation (default: random normal, 2 x 256).
         latency_steps: steps timed at batch 1 (or the fixed batch) for config.json (0 skips the measurement).
         token, private: for the upload; revision: of a Hub source checkpoint.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if quantize is not None and format != "onnx":
-        raise ValueError(f"quantize={quantize!r} applies to ONNX graphs only; use format='onnx' "
-                         f"(got format={format!r})")
+    for name, value in (("quantize", quantize), ("opset", opset)):
+        if value is not None and format != "onnx":
+            raise ValueError(f"{name}={value!r} applies to ONNX graphs only; use format='onnx' "
+                             f"(got format={format!r})")
     if isinstance(latency_steps, bool) or not isinstance(latency_steps, int) or latency_steps < 0:
         raise ValueError(f"latency_steps must be an int >= 0 (0 skips the measurement), got {latency_steps!r}")
     if batch is not None and format == "torchscript":

@@ -700,3 +700,11 @@ def test_int8_accuracy_is_that_of_one_stream(tmp_path):
     expected = score(torch.from_numpy(np.stack(alone)), data)["test_accuracy"]
     assert res.quantization["accuracy_int8"] == expected
     assert "one sequence at a time" in res.quantization["metric"]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "torch-export"])
+def test_opset_for_a_torch_format_is_refused(tmp_path, fmt):
+    # quantize= and batch= that a format cannot honour are refused; opset= was silently dropped.
+    with pytest.raises(ValueError, match=rf"opset=17 applies to ONNX graphs only; use format='onnx' \(got format='{fmt}'\)"):
+        export_folder(small_model("lru"), tmp_path / "o", format=fmt, opset=17, latency_steps=0)
+    assert not (tmp_path / "o").exists()
