@@ -140,11 +140,10 @@ class OnnxStreamer:
         return int(value)
 
     # -- state ---------------------------------------------------------------------------------
-    def reset(self, batch: Optional[int] = None) -> None:
-        """Start new streams: zero state for ``batch`` sequences (default: the graph's fixed batch,
-        else 1), and (re)bind the buffers."""
+    def reset(self, batch: int = 1) -> None:
+        """Start new streams: zero state for ``batch`` sequences, and (re)bind the buffers."""
         # reset(True) passed an isinstance check and left the streamer half-rebound and unusable
-        batch = check_batch(self.fixed_batch or 1 if batch is None else batch, dynamic=False)
+        batch = check_batch(batch, dynamic=False)
         if self.fixed_batch is not None and batch != self.fixed_batch:
             raise ValueError(f"this graph was exported for batch={self.fixed_batch}, got reset(batch={batch}); "
                              f"re-export without a fixed batch (to_onnx(..., batch=None)) to vary it")

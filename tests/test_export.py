@@ -628,17 +628,6 @@ def test_float64_model_reports_no_float32_forward(tmp_path):
     assert next(model.parameters()).dtype == torch.float64
 
 
-def test_reset_without_a_batch_restarts_a_fixed_batch_graph(tmp_path):
-    # reset() meant reset(batch=1), which a graph exported for batch=4 refuses: restarting its streams
-    # failed with "exported for batch=4, got reset(batch=1)" although no batch was given.
-    s = OnnxStreamer(to_onnx(small_model("lru"), tmp_path / "m.onnx", batch=4).path)
-    s.run(np.ones((4, 5, 3), np.float32))
-    s.reset()
-    assert s.batch == 4 and s.steps == 0 and not s.state.any()
-    with pytest.raises(ValueError, match=r"exported for batch=4, got reset\(batch=1\)"):
-        s.reset(1)
-
-
 def test_int8_card_says_the_validation_error_is_the_float_graphs(digits_checkpoint, tmp_path):
     # The card of an int8 folder said "Validated before writing: ... max abs error 1.6e-06" of the
     # file it ships, whose error is that of int8 (~1e-2); the figure is the float32 graph's.
