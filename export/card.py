@@ -84,7 +84,8 @@ def build_card(config: Dict[str, Any]) -> str:
             "```python", "from lrnnx_zoo.export import export_folder", "",
             _made_with(config), "```", ""]
     if v:
-        out += [f"Validated before writing: streamed {v['length']} steps (batch {v['batch']}, {v['sequence']} "
+        what = "The float32 graph was validated before int8 quantisation" if q else "Validated before writing"
+        out += [f"{what}: streamed {v['length']} steps (batch {v['batch']}, {v['sequence']} "
                 f"sequence) from a zero state and compared with the PyTorch model ({v['compared']}): max abs "
                 f"error **{v['max_abs_error']:.2e}** (tolerance {v['tolerance']:.0e}).", ""]
     if q:

@@ -69,14 +69,15 @@ def _measure(fmt: str, path: Path, result: ExportResult, steps: int, batch: Opti
 
 def _config(model: torch.nn.Module, info: Dict[str, Any], fmt: str, result: ExportResult, opset: Optional[int],
             batch: Optional[int], quantize: Optional[str], latency: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    b = batch or "batch"       # the graph's first dimension: fixed, or named "batch"
     return {
         "library": "lrnnx-zoo", "library_version": lrnnx_zoo.__version__, "kind": EXPORT_KIND,
         "format": fmt, "file": GRAPH_FILES[fmt], "weights": WEIGHTS_FILE,
         "source": source_of(info), "source_checkpoint": info.get("source"),
         "family": family_of(model, info), "model": model.config.to_dict(),
         "task": info.get("task"), "dataset": info.get("dataset"), "metrics": info.get("metrics"),
-        "inputs": {"x": ["batch", result.d_input], "state": ["batch", result.state_size]},
-        "outputs": {"y": ["batch", result.d_output], "state_out": ["batch", result.state_size]},
+        "inputs": {"x": [b, result.d_input], "state": [b, result.state_size]},
+        "outputs": {"y": [b, result.d_output], "state_out": [b, result.state_size]},
         "state_size": result.state_size, "d_input": result.d_input, "d_output": result.d_output,
         "state_layout": result.state_layout, "pooling": model.config.pooling,
         "opset": opset if fmt == "onnx" else None, "batch": batch or "dynamic",
@@ -98,16 +99,17 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         quantize: "int8" (ONNX only) or None.
         push_to_hub: Hub repo id to upload the folder to (created if missing).
         batch: fixed batch size (ONNX / torch-export); None for dynamic.
-        opset: ONNX opset (default 20, see onnx_export.DEFAULT_OPSET).
+        opset: ONNX opset (ONNX only; default 20, see onnx_export.DEFAULT_OPSET).
         validation_input: (B, L, d_input) sequence for validation (default: random normal, 2 x 256).
         latency_steps: steps timed at batch 1 (or the fixed batch) for config.json (0 skips the measurement).
         token, private: for the upload; revision: of a Hub source checkpoint.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if quantize is not None and format != "onnx":
-        raise ValueError(f"quantize={quantize!r} applies to ONNX graphs only; use format='onnx' "
-                         f"(got format={format!r})")
+    for name, value in (("quantize", quantize), ("opset", opset)):
+        if value is not None and format != "onnx":
+            raise ValueError(f"{name}={value!r} applies to ONNX graphs only; use format='onnx' "
+                             f"(got format={format!r})")
     if isinstance(latency_steps, bool) or not isinstance(latency_steps, int) or latency_steps < 0:
         raise ValueError(f"latency_steps must be an int >= 0 (0 skips the measurement), got {latency_steps!r}")
     if batch is not None and format == "torchscript":
@@ -138,6 +140,7 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         config = _config(model, info, format, result, opset, batch, quantize, latency)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (staging / CARD_FILE).write_text(build_card(config), encoding="utf-8")
+    result = dataclasses.replace(result, path=str(out / GRAPH_FILES[format]))   # not the staging copy
     commit = upload_folder(out, push_to_hub, files, token=token, private=private) if push_to_hub else None
     return FolderExport(folder=out, files=files, result=result, latency=latency, config=config, commit=commit)
 

@@ -34,8 +34,8 @@ from .provenance import Source, graph_metadata, load_source
 from .quantize import INT8_RELATIVE_TOLERANCE, accuracy_change, check_mode, quantize_int8
 from .result import ExportResult
 from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch
-from .step_graph import StepModule, build_step_module
-from .validate import DEFAULT_BATCH, FLOAT32_TOLERANCE, default_sequence, validate_stream
+from .step_graph import ExportError, StepModule, build_step_module, no_autocast
+from .validate import FLOAT32_TOLERANCE, default_sequence, validate_stream
 
 # 20 has a single Gelu op (18 spells it as Erf/Mul/Add): ~15 fewer nodes and ~10% less time per
 # step for 4 blocks (measured). Needs onnxruntime >= 1.17; pass an older opset for older runtimes.
@@ -45,6 +45,9 @@ DEFAULT_OPSET = 20
 #: through the TorchScript-based exporter, which needs 11 for Flip and stops at 23.
 MIN_OPSET, MAX_OPSET, MIN_DYNAMO_OPSET, MAX_LEGACY_OPSET = 11, 25, 18, 23
 EXPORTERS = ("dynamo", "legacy")
+#: Batch a dynamic-batch step module is traced at: not 0 or 1 (torch.export specialises those) and
+#: not the default validation batch (2), so a batch size baked into the trace fails validation.
+TRACE_BATCH = 3
 
 
 def resolve_opset(opset: Optional[int], exporter: str, record: List[str]) -> Tuple[int, str]:
@@ -97,8 +100,7 @@ def export_graph(step: StepModule, opset: int = DEFAULT_OPSET, batch: Optional[i
     """The ONNX graph of a step module (no metadata yet); dynamic batch unless ``batch`` is given."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    # Trace with batch 2 for a dynamic batch: torch.export specialises sizes 0 and 1.
-    args = sample_inputs(step, batch or DEFAULT_BATCH)
+    args = sample_inputs(step, batch or TRACE_BATCH)
     record = record if record is not None else []
     names = dict(input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), opset_version=opset)
     with _quiet(record), torch.no_grad():
@@ -116,6 +118,17 @@ def export_graph(step: StepModule, opset: int = DEFAULT_OPSET, batch: Optional[i
             buf = io.BytesIO()
             torch.onnx.export(step, args, buf, dynamo=False, dynamic_axes=axes, do_constant_folding=True, **names)
             proto = onnx.load_from_string(buf.getvalue())
+    if batch is None:
+        # A step form that uses its batch size as a number makes the dynamo exporter fall back to a
+        # graph fixed to the traced batch, with no error.
+        fixed = [v.name for v in list(proto.graph.input) + list(proto.graph.output)
+                 if v.type.tensor_type.shape.dim[0].dim_value]
+        if fixed:
+            raise ExportError(
+                f"a dynamic batch was asked for (batch=None), but the exported graph fixes the batch of "
+                f"{fixed} to {TRACE_BATCH}, the batch it was traced at: the step module uses its batch size "
+                f"as a constant (e.g. int(x.shape[0]) in a step form). Make it batch-agnostic, or export "
+                f"a fixed batch (batch=N)")
     return proto
 
 
@@ -142,7 +155,14 @@ def onnx_stream(path: Union[str, Path]):
 
     def stream(x: np.ndarray) -> np.ndarray:
         streamer.reset(x.shape[0])
-        return streamer.run(x)
+        try:
+            return streamer.run(x)
+        except RuntimeError as exc:         # ONNX Runtime failing inside the graph
+            raise ExportError(
+                f"the exported graph fails in ONNX Runtime on the validation input of shape {x.shape}: "
+                f"{str(exc).splitlines()[0]} ... Not written. A graph that runs only at the batch it was "
+                f"traced at ({TRACE_BATCH} for a dynamic batch) uses its batch size as a constant (e.g. "
+                f"int(x.shape[0]) in a step form)") from exc
 
     return stream
 
@@ -191,7 +211,7 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
     batch = check_batch(batch)
     record: List[str] = []
     opset, exporter = resolve_opset(opset, exporter, record)
-    with output_location(path, "path") as path:
+    with output_location(path, "path") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
         step = build_step_module(model)
         extra: Dict[str, Any] = {"format": "onnx", "opset": str(opset), "batch": str(batch or "dynamic"),

@@ -17,7 +17,8 @@ class ExportResult:
         format: "onnx", "torchscript" or "torch-export".
         metadata: the ``lrnnx_zoo.*`` strings stored in the artifact.
         state_size, d_input, d_output, state_layout: the step contract (see DESIGN.md).
-        validation: the float32 check of the written artifact (None if validate=False).
+        validation: the float32 check of the written artifact (None if validate=False); for an
+            int8 graph, of the float32 graph it was quantised from (its own check: ``quantization``).
         quantization: for int8 ONNX graphs: tolerance, output error, and the accuracy change on
             the checkpoint's evaluation split when it has one.
         graph: size in bytes, node count and per-op counts (ONNX), opset, exporter.

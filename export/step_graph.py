@@ -13,8 +13,9 @@ takes part only through ``step_form()`` and its ``bidirectional`` flag.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,22 @@ CAUSAL_POOLINGS = (None, "mean", "last")
 
 class ExportError(ValueError):
     """A model that cannot become a step graph; the message says why and what to do."""
+
+
+#: Device types whose autocast regions :func:`no_autocast` leaves (the graph is traced on the CPU,
+#: the validation forward runs on the model's device).
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+@contextlib.contextmanager
+def no_autocast() -> Iterator[None]:
+    """Leave any ``torch.autocast`` region of the caller while exporting: traced inside one, the
+    step graph computed in half precision, and validation ran the model's forward in it."""
+    with contextlib.ExitStack() as stack:
+        for device in AUTOCAST_DEVICES:
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 class StepModule(nn.Module):

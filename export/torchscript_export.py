@@ -15,22 +15,21 @@ import json
 import os
 import uuid
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
 import torch
 from torch import Tensor
 
-from .onnx_export import _quiet, check_batch, sample_inputs
+from .onnx_export import TRACE_BATCH, _quiet, check_batch, sample_inputs
 from .paths import output_location
 from .provenance import Source, graph_metadata, load_source
 from .result import ExportResult
-from .step_graph import StepModule, build_step_module
+from .step_graph import StepModule, build_step_module, no_autocast
 from .validate import FLOAT32_TOLERANCE, default_sequence, torch_stream, validate_stream
 
 METADATA_FILE = "lrnnx_zoo.json"
-#: Trace at a batch no validation sequence uses by default, so a batch baked into the trace shows.
-TRACE_BATCH = 3
 
 
 @contextlib.contextmanager
@@ -57,10 +56,16 @@ def load_torch_export(path: Union[str, Path]) -> torch.nn.Module:
     return torch.export.load(str(path)).module()
 
 
+def _is_torchscript(path: Union[str, Path]) -> bool:
+    """Whether the archive at path is TorchScript (it has a constants.pkl; a torch.export program does not)."""
+    with zipfile.ZipFile(path) as archive:
+        return any(name.rpartition("/")[2] == "constants.pkl" for name in archive.namelist())
+
+
 def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
-    """The ``lrnnx_zoo.*`` metadata stored in a .ts or .pt2 artifact."""
+    """The ``lrnnx_zoo.*`` metadata stored in a .ts or .pt2 artifact (whatever its file name)."""
     files = {METADATA_FILE: ""}
-    if str(path).endswith(".pt2"):
+    if not _is_torchscript(path):
         torch.export.load(str(path), extra_files=files)
     else:
         with warnings.catch_warnings():
@@ -94,7 +99,7 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
 
     Args: as :func:`~lrnnx_zoo.export.to_onnx` (no opset / quantize / fixed batch).
     """
-    with output_location(path, "path") as path:
+    with output_location(path, "path") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
         step = build_step_module(model)
         metadata = graph_metadata(step, model, info, {"format": "torchscript", "batch": "dynamic"})
@@ -122,7 +127,7 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
     if batch is not None and validation_input is not None and validation_input.shape[0] != batch:
         raise ValueError(f"the program is exported for batch={batch}, but the validation input has batch "
                          f"{validation_input.shape[0]}; pass a validation input with {batch} sequences")
-    with output_location(path, "path") as path:
+    with output_location(path, "path") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
         step = build_step_module(model)
         metadata = graph_metadata(step, model, info, {"format": "torch-export", "batch": str(batch or "dynamic")})

@@ -157,7 +157,8 @@ def validate_stream(stream: StreamFn, model: nn.Module, x: Optional[Tensor] = No
     # The forwards run on copies: exporting must leave the model as it was (a layer's forward may
     # update its own buffers, e.g. a kernel that extends a stored length-dependent matrix in place).
     own_model = runnable_copy(model)
-    exact = float64_copy(model)
+    # A float64 model's own forward is the reference: there is no float32 forward to report on.
+    exact = float64_copy(model) if reference_tensor(own_model).dtype != torch.float64 else None
     streamed = np.asarray(stream(x.numpy()), dtype=np.float64)
     B, L = x.shape[:2]
     expected_shape = (B, L, cfg.d_output)
@@ -176,7 +177,7 @@ def validate_stream(stream: StreamFn, model: nn.Module, x: Optional[Tensor] = No
         errors[name] = float(np.abs(out - want).max()) if np.isfinite(out).all() else float("inf")
         if exact is not None:
             own = max(own, float(np.abs(_forward(own_model, xs) - want).max()))
-    against = "model(x) in float64" if exact is not None else "model(x)"
+    against = "model(x) in float64" if reference_tensor(reference).dtype == torch.float64 else "model(x)"
     compared = (f"per-step outputs vs {against}" if cfg.pooling is None else
                 f"{cfg.pooling}-pooled outputs: final step vs {against}, prefixes on x[:, :n]")
     report = ValidationReport(runtime=runtime, max_abs_error=max(errors.values()), tolerance=tolerance,

@@ -565,3 +565,135 @@ def test_half_precision_model_exports_as_float32(dtype, tmp_path):
     report = to_torchscript(model, tmp_path / "h.ts", validation_input=torch.randn(2, 24, 3)).validation
     assert report.passed and report.forward_float32_error is not None
     assert next(model.parameters()).dtype == dtype
+
+
+# -- found by an export audit ------------------------------------------------------------------------
+class _BakedBatch(StepForm):
+    """A step form that uses its batch size as a Python int: a trace bakes that number in."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.state_size, self.d_input, self.d_output = inner.state_size, inner.d_input, inner.d_output
+
+    def forward(self, u, s):
+        y, s = self.inner(u, s)
+        return y.reshape(int(u.shape[0]), -1), s
+
+
+@pytest.mark.parametrize("opset", [17, 20])     # the TorchScript-based and the dynamo exporter
+def test_dynamic_batch_graph_with_a_baked_batch_is_not_written(tmp_path, opset):
+    # The ONNX graph was traced at batch 2, the validation batch: with batch=None the dynamo exporter
+    # wrote a graph fixed to batch 2 (OnnxStreamer: "exported for batch=2" at reset(1)), and the
+    # TorchScript-based one a graph whose y failed at any other batch; both passed validation.
+    model = small_model("s4d")
+    layer = model.blocks[1].layer
+    good = layer.step_form()
+    layer.step_form = lambda: _BakedBatch(good)
+    with pytest.raises((ExportError, ValidationError), match=r"batch"):
+        to_onnx(model, tmp_path / "m.onnx", opset=opset)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_folder_result_names_the_written_graph(tmp_path):
+    # result.path named the hidden staging folder the export was written in before the swap, which
+    # no longer exists: OnnxStreamer(done.result.path) failed and the CLI printed that path.
+    done = export_folder(small_model("lru"), tmp_path / "out", format="onnx", latency_steps=0)
+    assert done.result.path == str(tmp_path / "out" / "model.onnx")
+    assert OnnxStreamer(done.result.path).d_input == 3
+    assert done.result.summary().startswith(f"onnx step graph: {tmp_path / 'out' / 'model.onnx'}")
+
+
+@pytest.mark.parametrize("opset", [17, 20])
+def test_int8_leaves_a_linear_inside_a_step_form_float(tmp_path, opset):
+    # onnxruntime's quantize_dynamic rewrites a Gemm as a MatMul named "<gemm>_MatMul" before it
+    # applies nodes_to_exclude, so a step form's nn.Linear (fftconv's channel mix) was quantised
+    # although its Gemm was excluded by name.
+    model = small_model("fftconv", layer_kwargs={"d_state": 4, "channels": 2})
+    res = to_onnx(model, tmp_path / "q.onnx", quantize="int8", opset=opset)
+    proto = onnx.load(res.path)
+    quantized_forms = [i.name for i in proto.graph.initializer
+                       if i.name.startswith("forms.") and i.name.endswith("_quantized")]
+    assert quantized_forms == []
+    assert res.graph["ops"].get("MatMulInteger", 0) == 4          # encoder, 2 block post maps, decoder
+
+
+def test_float64_model_reports_no_float32_forward(tmp_path):
+    # A float64 model's own forward is the float64 reference: the report said "the model's float32
+    # forward is 0.00e+00 from float64", about a float32 forward that was never run.
+    model = small_model("s4d").double()
+    report = to_onnx(model, tmp_path / "d.onnx", validation_input=torch.randn(2, 30, 3)).validation
+    assert report.passed and report.max_abs_error > 0
+    assert report.forward_float32_error is None and "float32 forward" not in str(report)
+    assert next(model.parameters()).dtype == torch.float64
+
+
+def test_int8_card_says_the_validation_error_is_the_float_graphs(digits_checkpoint, tmp_path):
+    # The card of an int8 folder said "Validated before writing: ... max abs error 1.6e-06" of the
+    # file it ships, whose error is that of int8 (~1e-2); the figure is the float32 graph's.
+    done = export_folder(digits_checkpoint, tmp_path / "q", quantize="int8", latency_steps=0)
+    card = (tmp_path / "q" / "README.md").read_text()
+    v = done.result.validation
+    line = next(ln for ln in card.splitlines() if f"{v.max_abs_error:.2e}" in ln)
+    assert "float32 graph" in line and "before int8 quantisation" in line
+    float_card = export_folder(digits_checkpoint, tmp_path / "f", latency_steps=0)
+    assert "before int8" not in (tmp_path / "f" / "README.md").read_text() and float_card.result.quantization is None
+
+
+def test_read_metadata_does_not_go_by_the_file_name(tmp_path):
+    # read_metadata chose its loader by the .pt2 suffix: a program to_torch_export wrote to another
+    # name failed in torch.jit.load ("failed locating file constants.pkl ... checkpoint corrupted").
+    model = small_model("lru")
+    for fn, name, fmt in ((to_torch_export, "step.pt", "torch-export"), (to_torchscript, "step.pt2", "torchscript")):
+        res = fn(model, tmp_path / name)
+        assert read_metadata(res.path)["lrnnx_zoo.format"] == fmt
+
+
+def test_fixed_batch_folder_config_records_the_graphs_shapes(tmp_path):
+    # config.json listed x as ["batch", d_input] for a graph fixed to batch 3 (the graph's x is [3, 3]).
+    done = export_folder(small_model("lru"), tmp_path / "f", batch=3, latency_steps=0)
+    graph = onnx.load(str(tmp_path / "f" / "model.onnx")).graph
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(graph.input) + list(graph.output)}
+    assert {**done.config["inputs"], **done.config["outputs"]} == shapes
+
+
+def test_export_inside_an_autocast_region_is_float32(tmp_path):
+    # Traced inside torch.autocast (a bfloat16 inference script, a training loop), the graph computed
+    # in bfloat16: ONNX failed in shape inference ("Scale has inconsistent type"), TorchScript and
+    # torch.export in validation ("Got unsupported ScalarType BFloat16").
+    model = small_model("lru")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        results = [to_onnx(model, tmp_path / "a.onnx"), to_torchscript(model, tmp_path / "a.ts"),
+                   to_torch_export(model, tmp_path / "a.pt2")]
+        assert torch.is_autocast_enabled("cpu")            # the caller's region is left as it was
+    for res in results:
+        assert res.validation.max_abs_error < TOL and res.validation.forward_float32_error < TOL, res.format
+    y, _ = load_torch_export(tmp_path / "a.pt2")(torch.zeros(1, 3), torch.zeros(1, results[2].state_size))
+    assert y.dtype == torch.float32
+
+
+def test_int8_accuracy_is_that_of_one_stream(tmp_path):
+    # Dynamic int8 quantises activations with one scale per tensor, i.e. across every sequence
+    # streamed together: the report streamed the whole split as one batch of 360, so each sequence's
+    # int8 output depended on the other 359 (digits-lru: 98.33% reported, 98.61% streamed alone, as a
+    # single-stream edge device runs it).
+    from lrnnx_zoo.training import checkpoint_data, score
+    res = to_onnx("digits-lru", tmp_path / "q.onnx", quantize="int8")
+    data = checkpoint_data(lrnnx_zoo.from_pretrained("digits-lru").checkpoint_info)
+    s = OnnxStreamer(res.path)
+    alone = []
+    for x in data.x_test.numpy():
+        s.reset(1)
+        alone.append(s.run(x[None])[0, -1])
+    expected = score(torch.from_numpy(np.stack(alone)), data)["test_accuracy"]
+    assert res.quantization["accuracy_int8"] == expected
+    assert "one sequence at a time" in res.quantization["metric"]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "torch-export"])
+def test_opset_for_a_torch_format_is_refused(tmp_path, fmt):
+    # quantize= and batch= that a format cannot honour are refused; opset= was silently dropped.
+    with pytest.raises(ValueError, match=rf"opset=17 applies to ONNX graphs only; use format='onnx' \(got format='{fmt}'\)"):
+        export_folder(small_model("lru"), tmp_path / "o", format=fmt, opset=17, latency_steps=0)
+    assert not (tmp_path / "o").exists()
