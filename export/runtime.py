@@ -69,6 +69,10 @@ def _to_numpy(x: ArrayLike, what: str) -> np.ndarray:
     return x
 
 
+#: ``reset()``'s batch when none is given: the graph's fixed batch, else 1 (None itself is refused).
+_GRAPH_BATCH: Any = object()
+
+
 class OnnxStreamer:
     """Run an exported step graph one time step at a time, keeping the state between calls.
 
@@ -127,7 +131,7 @@ class OnnxStreamer:
                                  f"input {name!r} of width {width}; re-export it")
         dim0 = inputs["x"].shape[0]
         self.fixed_batch: Optional[int] = dim0 if isinstance(dim0, int) else None
-        self.reset(self.fixed_batch or 1)
+        self.reset()
 
     def _meta_int(self, key: str) -> int:
         value = self.metadata.get(META_PREFIX + key)
@@ -140,8 +144,11 @@ class OnnxStreamer:
         return int(value)
 
     # -- state ---------------------------------------------------------------------------------
-    def reset(self, batch: int = 1) -> None:
-        """Start new streams: zero state for ``batch`` sequences, and (re)bind the buffers."""
+    def reset(self, batch: int = _GRAPH_BATCH) -> None:
+        """Start new streams: zero state for ``batch`` sequences, and (re)bind the buffers.  Without
+        ``batch``: the batch a fixed-batch graph was exported for, else 1."""
+        if batch is _GRAPH_BATCH:
+            batch = self.fixed_batch if self.fixed_batch is not None else 1
         # reset(True) passed an isinstance check and left the streamer half-rebound and unusable
         batch = check_batch(batch, dynamic=False)
         if self.fixed_batch is not None and batch != self.fixed_batch:

@@ -155,6 +155,9 @@ def test_fixed_batch_graph(tmp_path):
     assert streamer.batch == 8 and streamer.step(np.zeros((8, 3))).shape == (8, 4)
     with pytest.raises(ValueError, match="exported for batch=8"):
         streamer.reset(1)
+    streamer.step(np.ones((8, 3)))
+    streamer.reset()                  # no batch: the graph's own (it meant 1, which this graph refuses)
+    assert streamer.batch == 8 and streamer.steps == 0 and not streamer.state.any()
 
 
 # -- third-party plugin ----------------------------------------------------------------------------
