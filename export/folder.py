@@ -138,6 +138,7 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         config = _config(model, info, format, result, opset, batch, quantize, latency)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (staging / CARD_FILE).write_text(build_card(config), encoding="utf-8")
+    result = dataclasses.replace(result, path=str(out / GRAPH_FILES[format]))   # was the staging folder's
     commit = upload_folder(out, push_to_hub, files, token=token, private=private) if push_to_hub else None
     return FolderExport(folder=out, files=files, result=result, latency=latency, config=config, commit=commit)
 

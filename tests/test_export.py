@@ -369,7 +369,10 @@ def test_cli_export_prints_report_and_latency(digits_checkpoint, tmp_path, capsy
     assert rc == 0, out
     assert "validation PASSED" in out and re.search(r"per-step latency: median [0-9.]+ us", out)
     assert (tmp_path / "o" / "model.pt2").is_file()
+    # the graph's path as written, not the hidden folder it was staged in (gone after the swap)
+    assert f"torch-export step graph: {tmp_path / 'o' / 'model.pt2'}\n" in out, out
     ts = export_folder(digits_checkpoint, tmp_path / "ts", format="torchscript", latency_steps=10)
+    assert ts.result.path == str(tmp_path / "ts" / "model.ts")
     assert ts.files[0] == "model.ts" and ts.config["latency"]["runtime"] == "torchscript"
     assert "torch.jit.load" in (tmp_path / "ts" / "README.md").read_text()
     rc = main(["export", str(digits_checkpoint), "--format", "torchscript", "--out", str(tmp_path / "t"),
