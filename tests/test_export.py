@@ -546,6 +546,15 @@ def test_failed_push_keeps_the_export_and_says_so(digits_checkpoint, tmp_path, m
     assert code == 2 and "could not upload to 'me/x'" in capsys.readouterr().err
 
 
+def test_an_invalid_push_to_hub_repo_id_is_refused_before_exporting(digits_checkpoint, tmp_path, capsys):
+    from lrnnx_zoo.cli import main as cli_main
+    with pytest.raises(ValueError, match=r"push_to_hub must be a Hub repo id.*got 'bad repo id'"):
+        export_folder(digits_checkpoint, tmp_path / "o", push_to_hub="bad repo id")
+    assert cli_main(["export", str(digits_checkpoint), "--out", str(tmp_path / "o"), "--push-to-hub", ""]) == 2
+    assert "got ''" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_export_leaves_the_model_unchanged(tmp_path):
     # Validation ran the model's own forward at length 256, and an S4 kernel extends its stored C~
     # and internal length in place: exporting changed the state_dict (kernel.C, kernel.L 16 -> 256).
