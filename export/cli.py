@@ -2,7 +2,7 @@
 [--push-to-hub REPO] [--batch N] [--opset N]``.
 
 Writes an export folder (see :mod:`lrnnx_zoo.export.folder`), then prints the validation report
-and the per-step latency (median over ``--latency-steps`` single steps at batch 1).
+and the per-step latency (median over ``--latency-steps`` single steps at batch 1, or at the fixed ``--batch``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ Export a causal model (checkpoint folder, shipped name or Hub repo id) as a recu
 (x_t, state) -> (y_t, state'). The folder --out receives the graph (model.onnx, model.ts or
 model.pt2), step_form.safetensors, config.json and a README.md card. The graph is streamed and
 compared with the PyTorch model before anything is written; then the validation report and the
-per-step latency (median over --latency-steps single steps at batch 1) are printed."""
+per-step latency (median over --latency-steps single steps at batch 1, or at the fixed --batch)
+are printed."""
 
 
 def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:
@@ -53,7 +54,7 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
     p = sub.add_parser("export", help="export a causal model as a validated recurrent step graph",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="checkpoint folder, shipped model name, or Hub repo id")
-    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="graph format (default: onnx)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 dynamic quantisation (onnx only)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the folder to this Hub repo")

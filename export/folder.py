@@ -24,7 +24,7 @@ import torch
 import lrnnx_zoo
 from lrnnx_zoo.hub import EXPORT_KIND, WEIGHTS_NAME, peek_config
 from lrnnx_zoo.folder_swap import replaced_folder
-from lrnnx_zoo.hub_save import check_save_target, publishing, write_safetensors
+from lrnnx_zoo.hub_save import check_repo_id, check_save_target, publishing, write_safetensors
 
 from .card import build_card
 from .latency import DEFAULT_STEPS, onnx_latency, torch_latency
@@ -112,6 +112,8 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
                              f"(got format={format!r})")
     if isinstance(latency_steps, bool) or not isinstance(latency_steps, int) or latency_steps < 0:
         raise ValueError(f"latency_steps must be an int >= 0 (0 skips the measurement), got {latency_steps!r}")
+    if push_to_hub is not None:
+        check_repo_id(push_to_hub, "push_to_hub")
     if batch is not None and format == "torchscript":
         raise ValueError("a traced TorchScript step accepts any batch; drop batch= or use format='onnx'/'torch-export'")
     out = Path(out_dir).expanduser()   # what check_save_target writes to: check that folder, not "./~/..."

@@ -51,7 +51,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if device is not None:
         model.to(device)
     t = time.perf_counter()
-    measured = evaluate(model, data, batch_size=args.batch_size)
+    try:
+        measured = evaluate(model, data, batch_size=args.batch_size)
+    except ValueError as exc:       # a recorded split the model cannot take (the model's own check says so)
+        print(f"lrnnx-zoo evaluate: the test split {args.src} records does not fit its model: {exc}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - t
     rows = compare_metrics(info.get("metrics") or {}, measured)
     mismatched = [key for key, _, _, ok in rows if not ok]

@@ -199,6 +199,17 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
             f"{kept[:1].upper() + kept[1:]}.") from exc
 
 
+def check_repo_id(repo_id: Any, what: str = "repo_id") -> None:
+    """Raise a ValueError naming ``what`` unless ``repo_id`` can name a Hub repo: checked before a
+    save or an export, not after it, when the upload would fail."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ValueError(f"{what} must be a Hub repo id, 'name' or 'namespace/name' (letters, digits, '-', '_' "
+                         f"and '.'), got {repo_id!r}") from None
+
+
 def create_repo(repo_id: str, *, token: Optional[str] = None, private: bool = False,
                 kept: str = "nothing was uploaded") -> str:
     """Create ``repo_id`` on the Hub if needed; returns its full id ("name" without a namespace is
@@ -281,6 +292,7 @@ class HubMixin:
         if not push_to_hub:
             return save_checkpoint(self, save_directory, name=repo_id, **meta)
         local = Path(save_directory).expanduser().absolute()
+        check_repo_id(repo_id or local.name, "repo_id" if repo_id else "repo_id (the folder's name, as none was given)")
         repo_id = repo_id or local.name
         try:                # the card names the repo the files land in: its full id, from the Hub
             repo_id = create_repo(repo_id, kept=f"the checkpoint was saved to {local}")

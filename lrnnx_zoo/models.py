@@ -226,12 +226,14 @@ class SequenceModel(HubMixin, nn.Module):
         # Checked here, not only in the layers: masking the encoder's output with a wrong number of
         # lengths failed first, in a broadcast ("The size of tensor a (3) must match ...").
         check_lengths(lengths, x.shape[0], x.shape[1])
-        steps = torch.as_tensor(lengths) if lengths is not None else torch.tensor([x.shape[1]])
-        if cfg.pooling is not None and x.shape[0] and bool((steps == 0).any()):
+        # Without lengths, a Python test on the shape: a tensor's .item() broke torch.compile's graph.
+        empty = x.shape[1] == 0 if lengths is None else bool((torch.as_tensor(lengths) == 0).any())
+        if cfg.pooling is not None and x.shape[0] and empty:
             # An empty sequence has no mean or last step: "last" raised an IndexError, "mean" returned
             # NaN (length 0) or the decoder's bias (a length of 0).
             raise ValueError(f"pooling={cfg.pooling!r} needs at least one valid step per sequence, got x of "
-                             f"length {x.shape[1]}" + ("" if lengths is None else f" and lengths {steps.tolist()}"))
+                             f"length {x.shape[1]}" + ("" if lengths is None
+                                                       else f" and lengths {torch.as_tensor(lengths).tolist()}"))
         # Padding is zeroed at the door (the layers zero theirs too), so a NaN there reaches nothing.
         h = mask_padding(self.encoder(x), lengths)
         for block in self.blocks:

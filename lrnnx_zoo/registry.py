@@ -56,6 +56,14 @@ def _hook_mistake(plugin: Any) -> Optional[str]:
     return None
 
 
+def _way_out(info: "PluginInfo") -> str:
+    """What a user can do about an installed third-party plugin that failed (appended to its error)."""
+    if info.builtin or not info.distribution:
+        return ""
+    return (f" -- to fix it, update or reinstall {info.distribution}, or uninstall it (pip uninstall "
+            f"{info.distribution}); {DISABLE_AUTOLOAD_ENV}=1 loads only the built-in families")
+
+
 class RegistryError(LookupError):
     """A name that is unknown or ambiguous in the registry."""
 
@@ -196,11 +204,11 @@ class Registry:
         try:
             pm.register(plugin, name=info.name)
         except PLUGIN_FAILURES as exc:  # pluggy validates hook names and signatures here
-            info.error = f"{type(exc).__name__}: {exc}"
+            info.error = f"{type(exc).__name__}: {exc}{_way_out(info)}"
             return
         mistake = _hook_mistake(plugin)
         if mistake:
-            info.error = mistake
+            info.error = mistake + _way_out(info)
             pm.unregister(plugin)
             return
         self._current = info
@@ -210,7 +218,7 @@ class Registry:
                     if impl.plugin_name == info.name:
                         impl.function(self)
         except PLUGIN_FAILURES as exc:
-            info.error = f"{type(exc).__name__} in a hook: {exc}\n{traceback.format_exc(limit=-3)}"
+            info.error = f"{type(exc).__name__} in a hook: {exc}{_way_out(info)}\n{traceback.format_exc(limit=-3)}"
             self._forget(info.name)
         finally:
             self._current = None
@@ -284,7 +292,7 @@ def _discover(registry: Registry, pm: pluggy.PluginManager) -> None:
         except PLUGIN_FAILURES as exc:
             registry.plugins[ep.name] = info
             info.error = f"could not import {ep.value!r} from {dist_name or 'an unknown distribution'}: " \
-                         f"{type(exc).__name__}: {exc}"
+                         f"{type(exc).__name__}: {exc}{_way_out(info)}"
             continue
         registry.load_plugin(plugin, info, pm)
     for name, module in _BUILTIN_FALLBACK.items():

@@ -302,11 +302,17 @@ class MetricSums:
         out = torch.as_tensor(out).detach().to("cpu", torch.float64)
         if self.task == "sequence-classification":
             y = y.to("cpu")
+            if out.dim() != 2 or len(out) != len(y) or (len(y) and int(y.max()) >= out.shape[1]):
+                raise ValueError(f"classification needs one row of class scores per sequence, ({len(y)}, classes >= "
+                                 f"{int(y.max()) + 1 if len(y) else 1}) (a model with pooling), got {tuple(out.shape)}")
             self.count += len(y)
             self.correct += int((out.argmax(-1) == y).sum())
             self.loss += nn.functional.cross_entropy(out, y, reduction="sum").item()
             return
         x, y = x.to("cpu", torch.float64), y.to("cpu", torch.float64)
+        if out.shape != y.shape:
+            raise ValueError(f"forecasting needs one output per input step, {tuple(y.shape)} (a model without "
+                             f"pooling, d_output={y.shape[-1]}), got {tuple(out.shape)}")
         true = to_level(x, y, self.target)
         err = (to_level(x, out, self.target) - true).squeeze(-1)
         naive = (x - true).squeeze(-1)           # the last value as the forecast of the next one
@@ -362,7 +368,8 @@ def score(out: Tensor, data: TaskData) -> Dict[str, float]:
 
 def checkpoint_data(info: Dict[str, Any]) -> TaskData:
     """Rebuild the evaluation split a checkpoint records (``checkpoint_info["dataset"]["spec"]``)."""
-    dataset = info.get("dataset") or {}
+    dataset = info.get("dataset")
+    dataset = dataset if isinstance(dataset, dict) else {}      # save_pretrained(dataset="name") records a str
     spec = dataset.get("spec")
     split = dataset.get("split") or {}
     if spec is None and dataset.get("name") == "digits" and {"seed", "n_test"} <= set(split):

@@ -70,6 +70,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (TrainingSetupError, MissingDependencyError) as exc:  # found before training started
         print(f"lrnnx-zoo train: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:      # e.g. the save after training: a full disk, an --out the checks let through
+        print(f"lrnnx-zoo train: {exc} (--out {args.out}: nothing was saved)", file=sys.stderr)
+        return 1
     import os
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics, sort_keys=True))

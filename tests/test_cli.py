@@ -23,3 +23,11 @@ def test_a_closed_pipe_ends_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 1
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_export_help_says_where_latency_is_measured_and_the_default_format():
+    # It said "at batch 1" only, but a graph fixed to --batch N is timed at batch N.
+    export = build_parser()._subparsers._group_actions[0].choices["export"]
+    text = " ".join(export.format_help().split())
+    assert "single steps at batch 1, or at the fixed --batch" in text
+    assert "graph format (default: onnx)" in text

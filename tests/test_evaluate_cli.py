@@ -49,6 +49,31 @@ def test_a_checkpoint_without_a_recorded_split_is_refused_with_the_reason(tmp_pa
     assert exited.value.code == 2 and "expected a positive integer, got 0" in capsys.readouterr().err
 
 
+def test_a_dataset_recorded_as_a_name_or_not_fitting_the_model_is_reported_in_one_line(tmp_path, capsys):
+    # save_pretrained(dataset="mnist") records a plain name: evaluate (and export --quantize int8)
+    # failed with AttributeError: 'str' object has no attribute 'get'. A recorded split the model
+    # cannot take (d_input 3 for 1-channel digits) ended in the forward's ValueError traceback.
+    import lrnnx_zoo
+    from lrnnx_zoo.training import checkpoint_data
+    with pytest.raises(ValueError, match="records no data spec"):
+        checkpoint_data({"dataset": "mnist"})
+    cfg = dict(layer="s4d", d_output=10, d_model=8, n_layers=1, layer_kwargs={"d_state": 4}, pooling="mean")
+    lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(d_input=1, **cfg)).save_pretrained(tmp_path / "named", dataset="mnist")
+    assert cli_main(["evaluate", str(tmp_path / "named")]) == 2
+    assert "records no data spec" in capsys.readouterr().err
+    digits = {"name": "digits", "split": {"seed": 0, "n_train": 1437, "n_test": 360}}
+    lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(d_input=3, **cfg)).save_pretrained(tmp_path / "wide", dataset=digits)
+    assert cli_main(["evaluate", str(tmp_path / "wide")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lrnnx-zoo evaluate: ") and err.count("\n") == 1 and "d_input=3), got (" in err
+    for name, changed in (("narrow", dict(d_output=5)), ("unpooled", dict(pooling=None))):   # outputs that do not fit
+        lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(d_input=1, **{**cfg, **changed})).save_pretrained(
+            tmp_path / name, dataset=digits)
+        assert cli_main(["evaluate", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "one row of class scores per sequence, (256, classes >= 10)" in err, err
+
+
 def test_compare_metrics_tolerance_and_unrecorded_metrics():
     rows = compare_metrics({"a": 0.5, "b": 1.0, "flag": True},
                            {"a": 0.5004, "b": 1.0012, "c": 3.0, "flag": 1.0, "nan": float("nan")})

@@ -372,7 +372,10 @@ def test_cli_export_prints_report_and_latency(digits_checkpoint, tmp_path, capsy
     assert rc == 0, out
     assert "validation PASSED" in out and re.search(r"per-step latency: median [0-9.]+ us", out)
     assert (tmp_path / "o" / "model.pt2").is_file()
+    # the graph's path as written, not the hidden folder it was staged in (gone after the swap)
+    assert f"torch-export step graph: {tmp_path / 'o' / 'model.pt2'}\n" in out, out
     ts = export_folder(digits_checkpoint, tmp_path / "ts", format="torchscript", latency_steps=10)
+    assert ts.result.path == str(tmp_path / "ts" / "model.ts")
     assert ts.files[0] == "model.ts" and ts.config["latency"]["runtime"] == "torchscript"
     assert "torch.jit.load" in (tmp_path / "ts" / "README.md").read_text()
     rc = main(["export", str(digits_checkpoint), "--format", "torchscript", "--out", str(tmp_path / "t"),
@@ -544,6 +547,15 @@ def test_failed_push_keeps_the_export_and_says_so(digits_checkpoint, tmp_path, m
     code = cli_main(["export", str(digits_checkpoint), "--format", "onnx", "--out", str(tmp_path / "cli"),
                         "--push-to-hub", "me/x", "--latency-steps", "5"])
     assert code == 2 and "could not upload to 'me/x'" in capsys.readouterr().err
+
+
+def test_an_invalid_push_to_hub_repo_id_is_refused_before_exporting(digits_checkpoint, tmp_path, capsys):
+    from lrnnx_zoo.cli import main as cli_main
+    with pytest.raises(ValueError, match=r"push_to_hub must be a Hub repo id.*got 'bad repo id'"):
+        export_folder(digits_checkpoint, tmp_path / "o", push_to_hub="bad repo id")
+    assert cli_main(["export", str(digits_checkpoint), "--out", str(tmp_path / "o"), "--push-to-hub", ""]) == 2
+    assert "got ''" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_export_leaves_the_model_unchanged(tmp_path):

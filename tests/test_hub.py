@@ -771,6 +771,18 @@ def test_publishing_without_a_hub_says_why_and_keeps_the_local_half(monkeypatch,
     assert from_pretrained(tmp_path / "kept").checkpoint_info["metrics"] == META["metrics"]
 
 
+def test_an_invalid_repo_id_is_refused_before_anything_is_written(tmp_path):
+    # save_pretrained("my model", push_to_hub=True) raised huggingface_hub's HFValidationError from
+    # create_repo and wrote nothing, though README says a failed publish still writes DIR; the
+    # export CLI ran the whole export first and then failed without saying what was kept.
+    with pytest.raises(ValueError, match=r"repo_id \(the folder's name, as none was given\) must be a Hub repo id, "
+                                         r"'name' or 'namespace/name'.*got 'my model'"):
+        tiny("s4d").save_pretrained(tmp_path / "my model", push_to_hub=True, **META)
+    with pytest.raises(ValueError, match=r"repo_id must be a Hub repo id.*got 'a/b/c'"):
+        tiny("s4d").save_pretrained(tmp_path / "ok", push_to_hub=True, repo_id="a/b/c", **META)
+    assert not (tmp_path / "my model").exists() and not (tmp_path / "ok").exists()
+
+
 def test_publishing_with_a_rejected_token_says_how_to_log_in(local_hub):
     from lrnnx_zoo.hub_save import HubPublishError
     local_hub.required_token = "the-right-one"

@@ -166,6 +166,17 @@ def test_torch_compile_traces_whole_model_without_graph_breaks(layer):
                                    rtol=1e-6, atol=1e-6)
 
 
+def test_plain_torch_compile_of_a_pooled_model_has_no_graph_break():
+    # Without fullgraph=True (plain torch.compile(model), as in benchmarks/bench_compile.py) dynamo
+    # broke the graph at the empty-sequence check, bool((steps == 0).any()) on a tensor built from
+    # x.shape[1], and printed a Tensor.item() warning; fullgraph=True happened to trace it.
+    torch._dynamo.reset()
+    model = SequenceModel(ModelConfig(layer="s4d", d_input=3, d_output=2, d_model=8, n_layers=1,
+                                      layer_kwargs={"d_state": 4}, pooling="mean"))
+    explained = torch._dynamo.explain(model)(torch.randn(2, 32, 3))
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_step_refuses_training_mode_batch_norm_and_keeps_running_statistics():
     # Training-mode batch norm normalises with whole-(batch, length) statistics: a step would use one
     # step's batch statistics instead (and overwrite the running ones; at batch 1 torch raised

@@ -49,6 +49,10 @@ def test_broken_plugins_do_not_stop_the_rest(third_party):
     assert not broken.ok and "tp-broken" in broken.error and "not installed" in broken.error
     raising = _plugin("raising")
     assert not raising.ok and "boom while registering" in raising.error
+    # ... each with the fix, on the first line (the one `lrnnx-zoo plugins` prints)
+    for info in (broken, raising):
+        first = info.error.splitlines()[0]
+        assert f"pip uninstall {info.distribution}" in first and DISABLE_AUTOLOAD_ENV in first, first
     # all or nothing: what the raising hook registered before failing is gone
     assert "half_registered" not in lrnnx_zoo.list_layers()
 
@@ -136,6 +140,7 @@ def test_cli_lists_plugins_and_failures(third_party):
     out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "plugins"], capture_output=True, text=True,
                          env={**__import__("os").environ, "PYTHONPATH": env_path}, check=True).stdout
     assert "lru" in out and "s4d" in out and "FAILED" in out and "broken" in out
+    assert "pip uninstall tp-broken" in out and "pip uninstall tp-raising" in out
     out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "layers"], capture_output=True, text=True,
                          check=True).stdout
     assert "lru" in out and "from lru" in out

@@ -234,6 +234,22 @@ def test_cli_reports_a_huge_seed_and_a_missing_optional_dependency_in_one_line(m
     assert err == "lrnnx-zoo train: the digits data set ships with scikit-learn: pip install 'lrnnx-zoo[data]'\n"
 
 
+def test_cli_reports_a_failed_save_in_one_line(monkeypatch, tmp_path, capsys):
+    # A save that fails after training (a full disk; --out under /proc passed the checks) ended
+    # `lrnnx-zoo train` with a traceback.
+    import errno
+    import lrnnx_zoo.hub_save as hub_save
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(hub_save, "_write_checkpoint", full_disk)
+    out = tmp_path / "ckpt"
+    assert cli.main(["train", TINY, "--out", str(out), "--max-steps", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lrnnx-zoo train: ") and "No space left on device" in err and "nothing was saved" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
 def test_card_notes_say_when_max_steps_cut_the_run_short(tmp_path):
     pytest.importorskip("safetensors")
     import json

@@ -1,0 +1,76 @@
+"""README.md's usage and export snippets run as written, and its `lrnnx-zoo` command lines parse.
+
+(The plugin guide's module is checked verbatim in test_example_plugin, the demo in test_checkpoints.)
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lrnnx_zoo
+from lrnnx_zoo.cli import build_parser
+from lrnnx_zoo.registry import DISABLE_AUTOLOAD_ENV
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def code_blocks(section: str, lang: str) -> list:
+    """The ```lang blocks of the README section headed ``## {section}``."""
+    text = README.split(f"\n## {section}", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
+
+
+@pytest.fixture
+def builtins_only(monkeypatch):
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    lrnnx_zoo.reload_plugins()
+    yield
+    monkeypatch.undo()
+    lrnnx_zoo.reload_plugins()
+
+
+def test_usage_snippet_runs(builtins_only):
+    (code,) = code_blocks("Usage", "python")
+    names = {}
+    exec(code, names)
+    claimed = re.search(r"list_layers\(\)\s*# (\[.*\])", code).group(1)
+    assert lrnnx_zoo.list_layers() == ast.literal_eval(claimed)
+    assert names["y"].shape == (8, 1024, 128) and names["y_t"].shape == (8, 128)
+    assert names["logits"].shape == (4, 10)
+
+
+def test_export_snippet_runs(tmp_path, monkeypatch):
+    (code,) = code_blocks("Export", "python")
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    names = {"x_t": rng.standard_normal((1, 1), np.float32), "x": rng.standard_normal((1, 20, 1), np.float32)}
+    exec(code, names)
+    assert names["result"].validation.passed and (tmp_path / "digits-lru.onnx").is_file()
+    assert names["y_t"].shape == (1, 10) and names["y_t"].dtype == np.float32
+    assert names["y"].shape == (1, 20, 10) and names["y"].dtype == np.float32
+
+
+# Values for the README's placeholders, so that every command line it shows can be parsed.
+PLACEHOLDERS = {"KIND": "cauchy", "PATTERN": "s4d", "NAME": "digits-lru", "RECIPE": "digits-tiny", "DIR": "out",
+                "N": "0", "SRC": "digits-lru", "F": "onnx", "...": ""}
+
+
+def test_command_lines_parse():
+    commands = re.findall(r"`(lrnnx-zoo [^`]*)`", README)
+    commands += [line for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+                 for line in block.splitlines() if line.startswith("lrnnx-zoo ")]
+    commands = [c for c in commands if c != "lrnnx-zoo train"]          # a mention, not a command line
+    assert len(commands) >= 10
+    parser = build_parser()
+    for command in commands:
+        words = [PLACEHOLDERS.get(w, w) for w in shlex.split(command.replace("[", "").replace("]", ""))[1:]]
+        try:
+            parser.parse_args([w for w in words if w])
+        except SystemExit:
+            pytest.fail(f"README's command does not parse: {command}")
