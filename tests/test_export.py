@@ -583,13 +583,8 @@ def test_half_precision_model_exports_as_float32(dtype, tmp_path):
 
 
 # -- found by an export audit ------------------------------------------------------------------------
-class _BakedBatch(StepForm):
+class _BakedBatch(_Perturbed):
     """A step form that uses its batch size as a Python int: a trace bakes that number in."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.state_size, self.d_input, self.d_output = inner.state_size, inner.d_input, inner.d_output
 
     def forward(self, u, s):
         y, s = self.inner(u, s)
