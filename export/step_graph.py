@@ -76,9 +76,11 @@ class StepModule(nn.Module):
             offset += size
         self.pool_offset = offset
         if pooling == "mean":
-            # Running sum of the normalised features and the step count (a float, so the graph
+            # Running mean of the normalised features and the step count (a float, so the graph
             # needs no Python int and a streaming runtime keeps it with the rest of the state).
-            layout += [["pool.sum", offset, d_model], ["pool.count", offset + d_model, 1]]
+            # A mean, not a sum: past 2**24 steps a float32 count stops growing, and a sum divided
+            # by it would grow without bound, while the mean's update only stops shrinking.
+            layout += [["pool.mean", offset, d_model], ["pool.count", offset + d_model, 1]]
             offset += d_model + 1
         self.state_size = offset
         self.state_layout = layout
@@ -93,10 +95,10 @@ class StepModule(nn.Module):
         h = self.norm(h)
         if self.pooling == "mean":
             p = self.pool_offset
-            total = state[:, p:p + self.d_model] + h
+            mean = state[:, p:p + self.d_model]
             count = state[:, p + self.d_model:p + self.d_model + 1] + 1.0
-            new_states += [total, count]
-            h = total / count
+            h = mean + (h - mean) / count
+            new_states += [h, count]
         y = self.decoder(h)
         return y, torch.cat(new_states, dim=1)
 

@@ -272,7 +272,7 @@ class SequenceModel(HubMixin, nn.Module):
             raise TypeError(f"this model holds {ref.dtype} parameters; a {dtype} cache would mix precisions. "
                             f"Convert the model instead (model.to({dtype}))")
         caches = [b.layer.allocate_inference_cache(batch_size, dtype=ref.dtype) for b in self.blocks]
-        return {"layers": caches, "pool_sum": ref.new_zeros(batch_size, self.config.d_model), "t": 0,
+        return {"layers": caches, "pool_mean": ref.new_zeros(batch_size, self.config.d_model), "t": 0,
                 "model": id(self)}
 
     def step(self, x: Tensor, cache: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
@@ -303,7 +303,7 @@ class SequenceModel(HubMixin, nn.Module):
             raise ValueError("SequenceModel.step needs a cache from this model's allocate_inference_cache(batch_size); "
                              "this one was made by another model (or altered)")
         ref = self.encoder.weight
-        made = cache["pool_sum"]
+        made = cache["pool_mean"]
         if (made.dtype, made.device) != (ref.dtype, ref.device):
             # Its step forms hold the old dtype's matrices: float32 ones silently rounded a float64
             # model's steps, and an LRU failed inside matmul ("expected m1 and m2 to have the same dtype").
@@ -321,8 +321,8 @@ class SequenceModel(HubMixin, nn.Module):
         h = self.norm(h)
         cache["t"] += 1
         if self.config.pooling == "mean":
-            cache["pool_sum"] = cache["pool_sum"] + h
-            h = cache["pool_sum"] / cache["t"]
+            # a running mean, as the exported step graph keeps it (see export.step_graph)
+            h = cache["pool_mean"] = cache["pool_mean"] + (h - cache["pool_mean"]) / cache["t"]
         return self.decoder(h), cache
 
     def _check_input_dtype(self, x: Tensor, who: str, autocast_hint: bool = True) -> None:

@@ -143,9 +143,12 @@ def test_pooled_models_stream_prefix_outputs(tmp_path, pooling):
     if pooling == "mean":
         off, size = layout["pool.count"]
         assert size == 1 and np.allclose(streamer.state[:, off], 30.0)  # the step count lives in the state
-        assert layout["pool.sum"][1] == model.config.d_model
+        assert layout["pool.mean"][1] == model.config.d_model
+        # the state holds the mean so far (the contract), which the last step decodes
+        mean = torch.from_numpy(streamer.state[:, layout["pool.mean"][0]:off])
+        torch.testing.assert_close(model.decoder(mean).detach().numpy(), y[:, -1], rtol=0, atol=1e-6)
     else:
-        assert "pool.sum" not in layout
+        assert "pool.mean" not in layout
 
 
 def test_fixed_batch_graph(tmp_path):
