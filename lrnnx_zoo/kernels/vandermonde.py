@@ -112,16 +112,115 @@ def _powers_re_im(re: Tensor, im: Tensor, steps: Tensor, out_dtype: torch.dtype
     """Re and Im of exp(steps * (re + i im)), returned in out_dtype.
 
     re, im: (..., N) float64 and steps: (S,) float64 -> two (..., N, S) tensors. The exponent is
-    formed in float64 and its phase reduced mod 2*pi before the cast: a float32 product
-    ``steps * im`` of ~1e5 rad would already be off by ~1e-2 rad. exp/cos/sin then run in
-    out_dtype (cheaper; the reduced arguments are small, so they lose nothing).
+    formed in float64 and its phase reduced to [-pi, pi] before the cast: a float32 product
+    ``steps * im`` of ~1e5 rad would already be off by ~1e-2 rad. The reduction subtracts the
+    nearest multiple of 2 pi (exact to ~1e-11 rad at 1e5 rad; float64 ``remainder`` was the
+    kernel's costliest op). exp/cos/sin then run in out_dtype (cheaper; the reduced arguments are
+    small, so they lose nothing).
     """
     phase = im.unsqueeze(-1) * steps
     if out_dtype != torch.float64:
-        phase = torch.remainder(phase, 2 * math.pi)
+        phase = phase - torch.round(phase * (1 / (2 * math.pi))) * (2 * math.pi)
     phase = phase.to(out_dtype)
     mag = torch.exp((re.unsqueeze(-1) * steps).to(out_dtype))
     return mag * torch.cos(phase), mag * torch.sin(phase)
+
+
+def _factors(log_lam: Tensor, T: int, J: int, rdt: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Re/Im of P[..., n, t] = lam_n^t (t < T) and Q[..., n, j] = lam_n^{jT} (j < J), in rdt."""
+    re, im = _re_im(log_lam)
+    re, im = re.to(torch.float64), im.to(torch.float64)
+    t = torch.arange(T, dtype=torch.float64, device=log_lam.device)
+    Pr, Pi = _powers_re_im(re, im, t, rdt)
+    Qr, Qi = _powers_re_im(re, im, torch.arange(J, dtype=torch.float64, device=log_lam.device) * T, rdt)
+    return Pr, Pi, Qr, Qi
+
+
+def _kernel_from_factors(v: Tensor, factors: tuple[Tensor, Tensor, Tensor, Tensor], L: int, conj: bool,
+                         rdt: torch.dtype) -> Tensor:
+    """K[..., jT + t] = sum_n (v_n Q_nj) P_nt (times 2, real part, if ``conj``): one real matmul."""
+    Pr, Pi, Qr, Qi = factors
+    T, J = Pr.shape[-1], Qr.shape[-1]
+    vr, vi = _re_im(v)
+    scale = 2.0 if conj else 1.0   # the conjugate pair's factor 2, on the smallest tensor
+    vr, vi = (scale * vr.to(rdt)).unsqueeze(-1), (scale * vi.to(rdt)).unsqueeze(-1)
+    # W = v * lam^{jT}: (..., N, J) complex product, kept as real/imag parts.
+    Wr = vr * Qr - vi * Qi
+    Wi = vr * Qi + vi * Qr
+    # Re(W P) = Wr Pr - Wi Pi = [Wr, -Wi] @ [Pr; Pi]: one real matmul over the stacked 2N axis.
+    A = torch.cat([Wr, -Wi], dim=-2).transpose(-1, -2)                # (..., J, 2N)
+    B = torch.cat([Pr, Pi], dim=-2)                                   # (..., 2N, T)
+    if conj:
+        K = torch.matmul(A, B)                                        # (..., J, T)
+    else:
+        # Im(W P) = Wr Pi + Wi Pr = [Wr, -Wi] @ [Pi; -Pr]: both parts from one 2T-wide matmul.
+        K = torch.matmul(A, torch.cat([B, torch.cat([Pi, -Pr], dim=-2)], dim=-1))
+        K = torch.complex(K[..., :T], K[..., T:])                     # (..., J, T)
+    return K.reshape(*K.shape[:-2], J * T)[..., :L]
+
+
+class _Vandermonde(torch.autograd.Function):
+    """The factorised Vandermonde product with a backward of the same shape (one matmul).
+
+    With H_l = 2 dL/dK_l (``conj``, real K) or conj(dL/dK_l) (complex K), z_n = lam_n:
+        S_n = sum_l H_l z_n^l,   S'_n = sum_l l H_l z_n^l,
+        dL/dv_n = conj(S_n),     dL/dlog_lam_n = conj(v_n S'_n)      (torch's conjugate convention),
+    and with l = jT + t both sums come from R = [H; t H] P^T (one matmul), then
+    S = sum_j Q_j R_j and S' = sum_j Q_j (jT R_j + R'_j). Autograd through the factorisation made
+    ~20 elementwise passes over the (..., N, T) and (..., N, J) factors, several in float64, and two
+    matmuls. A backward that itself needs a graph (create_graph, double backward) recomputes
+    the product differentiably instead.
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor, log_lam: Tensor, L: int, conj: bool, T: int, rdt: torch.dtype  # type: ignore[override]
+                ) -> Tensor:
+        factors = _factors(log_lam, T, -(-L // T), rdt)
+        ctx.save_for_backward(v, log_lam, *factors)
+        ctx.meta = (L, conj, T, rdt)
+        return _kernel_from_factors(v, factors, L, conj, rdt)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        v, log_lam, Pr, Pi, Qr, Qi = ctx.saved_tensors
+        L, conj, T, rdt = ctx.meta
+        needs = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():        # create_graph: differentiate the plain computation
+            with torch.enable_grad():
+                K = _kernel_from_factors(v, _factors(log_lam, T, Qr.shape[-1], rdt), L, conj, rdt)
+                wrt = [x for x, need in zip((v, log_lam), needs) if need]
+                grads = iter(torch.autograd.grad(K, wrt, g, create_graph=True))
+            return tuple(next(grads) if need else None for need in needs) + (None,) * 4
+        N, J = Pr.shape[-2], Qr.shape[-1]
+        t = torch.arange(T, dtype=rdt, device=g.device)
+        # H as (..., J, T) rows; the rows of [H; t H] give R and R' in one matmul against P^T.
+        if conj:
+            H = torch.nn.functional.pad(2.0 * g.to(rdt), (0, J * T - L)).unflatten(-1, (J, T))
+            R = torch.matmul(torch.cat([H, H * t], dim=-2), torch.cat([Pr, Pi], dim=-2).transpose(-1, -2))
+        else:                              # complex H: [Hr, Hi] against [[Pr, Pi], [-Pi, Pr]]^T
+            H = torch.nn.functional.pad(g.conj().resolve_conj(), (0, J * T - L)).unflatten(-1, (J, T))
+            H = torch.cat([H.real, H.imag], dim=-1)                                     # (..., J, 2T)
+            t2 = torch.cat([t, t])
+            P = torch.cat([torch.cat([Pr, -Pi], dim=-1), torch.cat([Pi, Pr], dim=-1)], dim=-2)  # (..., 2N, 2T)
+            R = torch.matmul(torch.cat([H, H * t2], dim=-2), P.transpose(-1, -2))
+        # R: (..., 2J, 2N) = [Re | Im] of (R_j; R'_j) per mode n
+        Rr, Ri = R[..., :N].transpose(-1, -2), R[..., N:].transpose(-1, -2)             # (..., N, 2J)
+        jT = torch.arange(J, dtype=rdt, device=g.device) * T
+        Ar, Ai = Rr[..., :J], Ri[..., :J]                               # R_j
+        Br, Bi = Rr[..., J:] + jT * Ar, Ri[..., J:] + jT * Ai           # R'_j + jT R_j
+        grad_v = grad_log = None
+        if needs[0]:
+            Sr, Si = (Qr * Ar - Qi * Ai).sum(-1), (Qr * Ai + Qi * Ar).sum(-1)
+            grad_v = torch.complex(Sr, -Si) if v.is_complex() else Sr
+            grad_v = grad_v.sum_to_size(v.shape).to(v.dtype)
+        if needs[1]:
+            S2r, S2i = (Qr * Br - Qi * Bi).sum(-1), (Qr * Bi + Qi * Br).sum(-1)
+            vr, vi = _re_im(v)
+            vr, vi = vr.to(rdt), vi.to(rdt)
+            gr, gi = vr * S2r - vi * S2i, -(vr * S2i + vi * S2r)      # conj(v S')
+            grad_log = torch.complex(gr, gi) if log_lam.is_complex() else gr
+            grad_log = grad_log.sum_to_size(log_lam.shape).to(log_lam.dtype)
+        return grad_v, grad_log, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +244,8 @@ def vandermonde_torch(v: Tensor, log_lam: Tensor, L: int, conj: bool = True,
     Returns:
         (broadcast batch..., L): real (float32/float64) if ``conj`` else complex.
 
-    Differentiable w.r.t. ``v`` and ``log_lam`` by autograd; memory O(batch * (L + N sqrt(L))).
+    Differentiable w.r.t. ``v`` and ``log_lam`` through a hand-written backward
+    (:class:`_Vandermonde`; double backward too); memory O(batch * (L + N sqrt(L))).
     """
     batch = _check(v, log_lam, L, "vandermonde_torch")
     N = v.shape[-1]
@@ -162,31 +262,7 @@ def vandermonde_torch(v: Tensor, log_lam: Tensor, L: int, conj: bool = True,
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"vandermonde_torch: chunk_size must be a positive int, got {chunk_size!r}")
         T = min(chunk_size, L)
-    J = -(-L // T)
-
-    re, im = _re_im(log_lam)
-    re, im = re.to(torch.float64), im.to(torch.float64)
-    t = torch.arange(T, dtype=torch.float64, device=device)
-    jT = torch.arange(J, dtype=torch.float64, device=device) * T
-    # P[..., n, t] = lam_n^t and Q[..., n, j] = lam_n^{jT}, both exact to rounding in rdt.
-    Pr, Pi = _powers_re_im(re, im, t, rdt)
-    Qr, Qi = _powers_re_im(re, im, jT, rdt)
-    vr, vi = _re_im(v)
-    vr, vi = vr.to(rdt).unsqueeze(-1), vi.to(rdt).unsqueeze(-1)
-    # W = v * lam^{jT}: (..., N, J) complex product, kept as real/imag parts.
-    Wr = vr * Qr - vi * Qi
-    Wi = vr * Qi + vi * Qr
-    # Re(W P) = Wr Pr - Wi Pi = [Wr, -Wi] @ [Pr; Pi]: one real matmul over the stacked 2N axis.
-    A = torch.cat([Wr, -Wi], dim=-2).transpose(-1, -2)                # (..., J, 2N)
-    B = torch.cat([Pr, Pi], dim=-2)                                   # (..., 2N, T)
-    if conj:
-        # The conjugate pair's factor 2 goes on the small factor, not the output.
-        K = torch.matmul(2.0 * A, B)                                  # (..., J, T)
-    else:
-        # Im(W P) = Wr Pi + Wi Pr = [Wr, -Wi] @ [Pi; -Pr]: both parts from one 2T-wide matmul.
-        K = torch.matmul(A, torch.cat([B, torch.cat([Pi, -Pr], dim=-2)], dim=-1))
-        K = torch.complex(K[..., :T], K[..., T:])                     # (..., J, T)
-    return K.reshape(*K.shape[:-2], J * T)[..., :L]
+    return _Vandermonde.apply(v, log_lam, L, conj, T, rdt)
 
 
 # ----------------------------------------------------------------------------------------------
