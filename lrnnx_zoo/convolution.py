@@ -122,25 +122,36 @@ class _RealCausalConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, K: Tensor, n: int, L: int, dim: int) -> Tensor:  # type: ignore[override]
         Uf, Kf = torch.fft.rfft(u, n=n, dim=dim), torch.fft.rfft(K, n=n, dim=dim)
-        ctx.save_for_backward(Uf if K.requires_grad else None, Kf if u.requires_grad else None)
+        Y = Uf * Kf
+        # The backward multiplies by conj(Uf) and conj(Kf): conjugated here in place, once the
+        # product is made (a lazily conjugated operand made torch copy it at every use).
+        ctx.save_for_backward(Uf.conj_physical_() if K.requires_grad else None,
+                              Kf.conj_physical_() if u.requires_grad else None)
         ctx.meta = (n, dim, u.shape, K.shape)
-        return torch.fft.irfft(Uf * Kf, n=n, dim=dim).narrow(dim, 0, L)
+        return torch.fft.irfft(Y, n=n, dim=dim).narrow(dim, 0, L)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        Uf, Kf = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # The saved spectra are not connected to u and K, so a graph of this backward would
+            # give wrong second derivatives; keeping u alive to connect them would double what a
+            # training step holds per layer.
+            raise RuntimeError("the FFT convolution of lrnnx-zoo's layers has no second derivative: "
+                               "backward(create_graph=True) / autograd.grad(..., create_graph=True) through it "
+                               "is not supported (first-order training is)")
+        Ufc, Kfc = ctx.saved_tensors
         n, dim, u_shape, K_shape = ctx.meta
         G = torch.fft.rfft(g, n=n, dim=dim)
         grad_u = grad_K = None
         # Broadcast dims (the batch, for a shared kernel) are summed in the frequency domain,
         # before the inverse transform: B times fewer transforms for dL/dK (3.4 -> 1.8 ms at
         # (8, 128, 2048)).
-        if Kf is not None:
-            grad_u = torch.fft.irfft(_sum_spectrum_to(G * Kf.conj(), u_shape, dim), n=n, dim=dim)
-            grad_u = grad_u.narrow(dim, 0, u_shape[dim])
-        if Uf is not None:
-            grad_K = torch.fft.irfft(_sum_spectrum_to(G * Uf.conj(), K_shape, dim), n=n, dim=dim)
+        if Ufc is not None:
+            grad_K = torch.fft.irfft(_sum_spectrum_to(G * Ufc, K_shape, dim), n=n, dim=dim)
             grad_K = grad_K.narrow(dim, 0, K_shape[dim])
+        if Kfc is not None:        # G (the output's broadcast shape) is not needed after this: in place
+            grad_u = torch.fft.irfft(_sum_spectrum_to(G.mul_(Kfc), u_shape, dim), n=n, dim=dim)
+            grad_u = grad_u.narrow(dim, 0, u_shape[dim])
         return grad_u, grad_K, None, None, None
 
 

@@ -175,6 +175,24 @@ def test_real_causal_conv_gradients(u_shape, K_shape, dim):
     assert torch.autograd.gradcheck(lambda u, K: causal_conv(u, K, dim=dim), (u, K))
 
 
+@pytest.mark.parametrize("frozen", ["u", "K"])
+def test_real_causal_conv_gradient_of_one_input(frozen):
+    # each spectrum is kept (conjugated in place) only for the other input's gradient
+    u = torch.randn(2, 3, 37, dtype=D64, requires_grad=frozen != "u")
+    K = torch.randn(3, 37, dtype=D64, requires_grad=frozen != "K")
+    assert torch.autograd.gradcheck(lambda u, K: causal_conv(u, K), (u, K))
+
+
+def test_real_causal_conv_refuses_second_derivatives_instead_of_giving_wrong_ones():
+    # Its backward reads spectra saved without a graph: with create_graph=True the second
+    # derivatives came out wrong (gradgradcheck: Jacobian mismatch), silently.
+    u = torch.randn(2, 3, 7, dtype=D64, requires_grad=True)
+    K = torch.randn(3, 7, dtype=D64, requires_grad=True)
+    y = causal_conv(u, K)
+    with pytest.raises(RuntimeError, match="no second derivative.*create_graph=True"):
+        torch.autograd.grad(y.square().sum(), (u, K), create_graph=True)
+
+
 def test_real_causal_conv_gradient_of_a_padded_signal():
     from lrnnx_zoo.convolution import conv_size, swap_time_and_channels
     x = torch.randn(2, 30, 3, dtype=D64, requires_grad=True)
