@@ -9,7 +9,7 @@ so streaming inference and export run the same discretised system.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, Dict, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -165,6 +165,27 @@ def mask_padding(y: Tensor, lengths: Optional[Tensor], time_dim: int = 1) -> Ten
     return torch.where(keep.reshape(keep.shape + (1,) * (y.dim() - keep.dim())), y, 0.0)
 
 
+def version_of(t: Tensor) -> Optional[int]:
+    """``t``'s version counter (bumped by every in-place change: optimiser steps, load_state_dict,
+    in-place edits under no_grad); None for an inference tensor, which has none and cannot be
+    changed in place outside inference mode."""
+    return None if t.is_inference() else t._version
+
+
+def weights_and_versions(module: nn.Module) -> Tuple[Tuple[Tensor, ...], List[Optional[int]]]:
+    """The module's parameters and buffers, and their versions now (:func:`versions`)."""
+    tensors = tuple(module.parameters()) + tuple(module.buffers())
+    return tensors, versions(tensors)
+
+
+def versions(tensors: Sequence[Tensor]) -> List[Optional[int]]:
+    """:func:`version_of` of each tensor (a per-step check: 1 us for a layer's six parameters)."""
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:                  # an inference tensor among them
+        return [version_of(t) for t in tensors]
+
+
 def reference_tensor(module: nn.Module) -> Tensor:
     """The tensor whose device and dtype a module's recurrent state follows: its first floating
     (or complex) parameter, else its first such buffer (a layer with fixed, non-trained
@@ -242,7 +263,7 @@ class LTI_LRNN(LRNN):
             form = self.step_form()
         form = form.to(device=ref.device, dtype=dtype)
         state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
-        return {"step_form": form, "lrnn_state": state}
+        return {"step_form": form, "lrnn_state": state, "weights": weights_and_versions(self)}
 
     def step(self, x: Tensor, inference_cache: Dict[str, Any], **kwargs: Any) -> Tuple[Tensor, Dict[str, Any]]:
         """One recurrent step.  x: (B, H) -> y: (B, H); the cache's state is advanced."""
@@ -275,5 +296,29 @@ class LTI_LRNN(LRNN):
             raise TypeError(f"{who}: the cache holds {state.dtype} state on {state.device}, got x of {x.dtype} on "
                             f"{x.device}; convert x (x.to({state.dtype})) or allocate the cache with "
                             f"allocate_inference_cache(batch_size, dtype={x.dtype}) on x's device")
+        weights = inference_cache.get("weights")
+        if weights is not None and versions(weights[0]) != weights[1]:
+            form = self._check_form_current(inference_cache, form)
         y, inference_cache["lrnn_state"] = form(x, state)
         return y, inference_cache
+
+    @torch.no_grad()
+    def _check_form_current(self, cache: Dict[str, Any], form: nn.Module) -> nn.Module:
+        """The weights were changed in place since ``cache`` was made. Trained, loaded or edited
+        weights made its step form stale, and it stepped on with the old ones, silently: that is
+        an error (not rebuilt under the running state: some forms, S4's diagonal one, keep it in
+        coordinates that move with the weights). A change the system does not see (S4 storing
+        its C for a longer kernel) rebuilds the form to within rounding: the cache carries on."""
+        with step_form_dtype(cache["lrnn_state"].dtype):
+            fresh = self.step_form().to(device=cache["lrnn_state"].device, dtype=cache["lrnn_state"].dtype)
+        old, new = form.state_dict(), fresh.state_dict()
+        same = type(fresh) is type(form) and old.keys() == new.keys() and all(
+            old[k].shape == new[k].shape and bool((old[k] - new[k]).abs().max() <= 1e-6 * new[k].abs().max())
+            for k in new if new[k].numel())
+        if not same:
+            raise RuntimeError(f"{type(self).__name__}.step: the layer's weights changed since this cache was made "
+                               f"(an optimiser step, load_state_dict or an in-place edit), so its step form is "
+                               f"stale; make a new cache with allocate_inference_cache(batch_size) (for a "
+                               f"SequenceModel: model.allocate_inference_cache) and restart the stream")
+        cache["step_form"], cache["weights"] = fresh, weights_and_versions(self)
+        return fresh

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import needs_autograd
+from .base import needs_autograd, version_of as _version
 from .step_forms import StepForm
 
 
@@ -40,13 +40,6 @@ def check_rate(rate: Any, who: str) -> None:
     if not ok:
         raise ValueError(f"{who} needs rate, the input's relative sampling rate (the kernel uses dt / rate), to be "
                          f"a finite number > 0, got {rate!r}")
-
-
-def _version(t: Tensor) -> Optional[int]:
-    """t's version counter (bumped by in-place changes). Tensors made under torch.inference_mode()
-    have none; None then stands for "unchanged", as only code inside inference mode, where the
-    cache's own callers run, can change them in place."""
-    return None if t.is_inference() else t._version
 
 
 class SSMKernel(nn.Module):

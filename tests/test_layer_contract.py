@@ -239,3 +239,43 @@ def test_fftconv_block_refuses_half_precision_parameters_on_the_cpu(dtype):
     from lrnnx_zoo.plugins.fftconv import FFTConvS4
     with pytest.raises(TypeError, match=rf"FFTConvS4 on the CPU computes in float32 or float64, but holds {dtype}"):
         FFTConvS4(H, d_state=N).to(dtype)(torch.randn(2, H, 10))
+
+
+@pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "in-place edit"])
+@pytest.mark.parametrize("name", LAYERS)
+def test_step_refuses_a_cache_made_before_the_weights_changed(name, change):
+    # Training while streaming, or loading weights into a streaming layer: the cache's step form
+    # kept the old weights and stepped on with them, silently.
+    layer = make(name)
+    x = torch.randn(2, 8, H)
+    cache = layer.allocate_inference_cache(2)
+    with torch.no_grad():
+        layer.step(x[:, 0], cache)
+    if change == "optimizer step":
+        opt = torch.optim.AdamW(layer.parameters(), lr=0.05)
+        layer(x).square().sum().backward()
+        opt.step()
+    elif change == "load_state_dict":
+        layer.load_state_dict(lrnnx_zoo.create_layer(name, H, d_state=N).state_dict())   # other weights
+    else:
+        with torch.no_grad():
+            next(layer.parameters()).mul_(0.5)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="weights changed since this cache was made.*"
+                                                               "allocate_inference_cache"):
+        layer.step(x[:, 1], cache)
+    with torch.no_grad():         # a new cache steps with the new weights: the convolution's outputs
+        torch.testing.assert_close(run_steps(layer, x), layer(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_step_carries_on_when_a_longer_forward_only_restores_the_weights(name):
+    # S4 keeps C~ = C (I - A^L) for its kernel length and rewrites it in place for a longer input:
+    # the version counters move, the system does not, and the stream must not be refused.
+    layer = make(name)
+    x = torch.randn(1, 40, H)
+    with torch.no_grad():
+        cache = layer.allocate_inference_cache(1)
+        first = torch.stack([layer.step(x[:, t], cache)[0] for t in range(20)], 1)
+        layer(torch.randn(1, 300, H))
+        rest = torch.stack([layer.step(x[:, t], cache)[0] for t in range(20, 40)], 1)
+        torch.testing.assert_close(torch.cat([first, rest], 1), layer(x), rtol=1e-4, atol=1e-5)
