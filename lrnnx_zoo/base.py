@@ -9,13 +9,13 @@ so streaming inference and export run the same discretised system.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .discretization import METHODS, get_discretization
-from .step_forms import step_form_dtype
+from .step_forms import same_form, step_form_dtype
 
 Discretization = Optional[Literal["zoh", "bilinear", "dirac", "async", "no_discretization"]]
 
@@ -186,6 +186,23 @@ def versions(tensors: Sequence[Tensor]) -> List[Optional[int]]:
         return [version_of(t) for t in tensors]
 
 
+@torch.no_grad()
+def current_form(form: nn.Module, build: Callable[[], nn.Module], stale: str) -> nn.Module:
+    """The step form to go on with once the weights ``form`` was built from changed in place
+    since: trained, loaded or edited weights made it stale, and it stepped on with the
+    old ones, silently, so that raises RuntimeError(``stale``) (not rebuilt under a running
+    state: some forms, S4's diagonal one, keep it in coordinates that move with the weights). A
+    change the system does not see (S4 rewriting its C~ for a longer kernel) rebuilds ``build()``
+    equal to rounding (:func:`~lrnnx_zoo.step_forms.same_form`), which is returned."""
+    try:
+        fresh = build()
+    except Exception as exc:              # e.g. S4's diagonal form of the new weights too inaccurate
+        raise RuntimeError(stale) from exc
+    if not same_form(fresh, form):
+        raise RuntimeError(stale)
+    return fresh
+
+
 def reference_tensor(module: nn.Module) -> Tensor:
     """The tensor whose device and dtype a module's recurrent state follows: its first floating
     (or complex) parameter, else its first such buffer (a layer with fixed, non-trained
@@ -298,27 +315,14 @@ class LTI_LRNN(LRNN):
                             f"allocate_inference_cache(batch_size, dtype={x.dtype}) on x's device")
         weights = inference_cache.get("weights")
         if weights is not None and versions(weights[0]) != weights[1]:
-            form = self._check_form_current(inference_cache, form)
+            with step_form_dtype(state.dtype):
+                form = inference_cache["step_form"] = current_form(
+                    form, lambda: self.step_form().to(device=state.device, dtype=state.dtype),
+                    f"{type(self).__name__}.step: the layer's weights changed since this cache was made (an optimiser "
+                    f"step, load_state_dict or an in-place edit), so its step form is stale; make a new cache with "
+                    f"allocate_inference_cache(batch_size) (for a SequenceModel: model.allocate_inference_cache) "
+                    f"and restart the stream")
+            inference_cache["weights"] = weights_and_versions(self)
         y, inference_cache["lrnn_state"] = form(x, state)
         return y, inference_cache
 
-    @torch.no_grad()
-    def _check_form_current(self, cache: Dict[str, Any], form: nn.Module) -> nn.Module:
-        """The weights were changed in place since ``cache`` was made. Trained, loaded or edited
-        weights made its step form stale, and it stepped on with the old ones, silently: that is
-        an error (not rebuilt under the running state: some forms, S4's diagonal one, keep it in
-        coordinates that move with the weights). A change the system does not see (S4 storing
-        its C for a longer kernel) rebuilds the form to within rounding: the cache carries on."""
-        with step_form_dtype(cache["lrnn_state"].dtype):
-            fresh = self.step_form().to(device=cache["lrnn_state"].device, dtype=cache["lrnn_state"].dtype)
-        old, new = form.state_dict(), fresh.state_dict()
-        same = type(fresh) is type(form) and old.keys() == new.keys() and all(
-            old[k].shape == new[k].shape and bool((old[k] - new[k]).abs().max() <= 1e-6 * new[k].abs().max())
-            for k in new if new[k].numel())
-        if not same:
-            raise RuntimeError(f"{type(self).__name__}.step: the layer's weights changed since this cache was made "
-                               f"(an optimiser step, load_state_dict or an in-place edit), so its step form is "
-                               f"stale; make a new cache with allocate_inference_cache(batch_size) (for a "
-                               f"SequenceModel: model.allocate_inference_cache) and restart the stream")
-        cache["step_form"], cache["weights"] = fresh, weights_and_versions(self)
-        return fresh

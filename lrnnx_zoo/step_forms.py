@@ -53,6 +53,17 @@ def step_form_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
         _BUILD_DTYPE.reset(token)
 
 
+def same_form(a: nn.Module, b: nn.Module, rtol: float = 1e-6) -> bool:
+    """Whether two step forms are one system to within ``rtol`` of each tensor's largest entry
+    (same class, same tensors and shapes): a form rebuilt after a change the system does not see
+    (rounding) is, one from trained or other weights is not."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return type(a) is type(b) and sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and (not sb[k].numel() or
+                                        bool((sa[k] - sb[k]).abs().max() <= rtol * sb[k].abs().max()))
+        for k in sb)
+
+
 def stored(t: Tensor) -> Tensor:
     """t as a step form stores it: detached, contiguous, in the build dtype (:func:`step_form_dtype`)."""
     return t.detach().to(_BUILD_DTYPE.get() or torch.get_default_dtype()).contiguous()

@@ -256,6 +256,29 @@ def test_step_after_load_state_dict_uses_the_new_weights(kind):
                                    rtol=0, atol=0)                       # the same form from the same weights
 
 
+@pytest.mark.parametrize("kind", KERNELS)
+def test_step_after_an_optimizer_step_asks_for_setup_step(kind):
+    # The step form built by setup_step (or a first step) stepped on with the old weights after
+    # training, silently; a change to rounding (S4's C~ for a longer kernel) carries on.
+    m = make(kind)
+    x = torch.randn(B, H)
+    with torch.no_grad():
+        m.step(x, m.default_state(B))
+        m(torch.randn(B, H, 200))                         # longer than before: no change to the system
+        m.step(x, m.default_state(B))
+    torch.optim.SGD(m.parameters(), lr=0.1).zero_grad()
+    m(torch.randn(B, H, 16))[0].square().sum().backward()
+    torch.optim.SGD(m.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"weights changed since setup_step\(\).*call setup_step\(\) again"):
+            m.step(x, m.default_state(B))
+        m.setup_step()
+        twin = copy.deepcopy(m)
+        twin.setup_step()
+        torch.testing.assert_close(m.step(x, m.default_state(B))[0], twin.step(x, twin.default_state(B))[0],
+                                   rtol=0, atol=0)
+
+
 def test_fftconv_block_step_checks_the_input_dtype():
     # An integer x was cast silently and a float64 x stepped with the float32 form (promoted).
     m = make("s4d")

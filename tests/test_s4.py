@@ -416,6 +416,26 @@ def test_s4_step_after_load_state_dict_asks_for_setup_step():
         torch.testing.assert_close(layer.step(u, state)[0], other.step(u, state)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["dense", "linear", "diagonal"])
+def test_s4_step_after_an_optimizer_step_asks_for_setup_step_again(mode):
+    # setup_step's form stepped on with the old weights after training, silently.
+    torch.manual_seed(0)
+    layer = S4(4, d_state=8).eval()
+    again = {"tol": math.inf} if mode == "diagonal" else {}      # LegS N=8: eigenbasis cond ~1e5
+    layer.setup_step(mode, **again)
+    u, state = torch.randn(2, 4), layer.default_state(2)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(2, 4, 16))[0].square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=rf"weights changed since setup_step\(\).*setup_step\('{mode}'\)"):
+            layer.step(u, state)
+        layer.setup_step(mode, **again)
+        twin = copy.deepcopy(layer)
+        twin.setup_step(mode, **again)
+        torch.testing.assert_close(layer.step(u, state)[0], twin.step(u, state)[0], rtol=0, atol=0)
+
+
 def test_activation_initializer_linear_helpers():
     assert isinstance(Activation(None), torch.nn.Identity) and isinstance(Activation("glu", dim=-2), torch.nn.GLU)
     with pytest.raises(ValueError, match="valid"):

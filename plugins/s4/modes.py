@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from lrnnx_zoo.base import check_floating
+from lrnnx_zoo.base import check_floating, current_form, versions, weights_and_versions
 from lrnnx_zoo.step_forms import StepForm, pack_modes, step_form_dtype, unpack_modes
 
 from . import dense
@@ -93,6 +93,7 @@ class StepModes:
         with step_form_dtype(self._real_dtype):
             form = self.step_form(mode, tol=tol)
         object.__setattr__(self, "_stepper", form)
+        object.__setattr__(self, "_stepper_setup", (self._built, tol, weights_and_versions(self)))
         self._step_mode = self._built     # with "auto", the state layout follows the form chosen
 
     def default_state(self, *batch_shape: int) -> Tensor:
@@ -107,6 +108,15 @@ class StepModes:
         if self._stepper is None:
             raise RuntimeError("call setup_step(mode) before step(), and again after loading weights "
                                "(load_state_dict); modes: " + ", ".join(STEP_MODES))
+        mode, tol, (weights, at) = self._stepper_setup
+        if versions(weights) != at:
+            with step_form_dtype(self._real_dtype):
+                form = current_form(self._stepper, lambda: self.step_form(mode, tol=tol),
+                                    f"{type(self).__name__}.step: its weights changed since setup_step() (an optimiser "
+                                    f"step or an in-place edit), so the step form is stale; call setup_step({mode!r}) "
+                                    f"again and restart from default_state(batch)")
+            object.__setattr__(self, "_stepper", form)
+            object.__setattr__(self, "_stepper_setup", (mode, tol, weights_and_versions(self)))
         built = next(self._stepper.buffers()).dtype
         if built != self._real_dtype:
             raise RuntimeError(f"the step form was built in {built} and the kernel now holds {self._real_dtype} "
