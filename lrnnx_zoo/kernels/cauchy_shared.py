@@ -58,7 +58,7 @@ class _SharedBlock(torch.autograd.Function):
 
         ds  = [conj(z) g; -g],   d[a; b] = ds q^H,   dq = [a; b]^H ds,
         dD  = -dq conj(q)^2,     dc = -sum_z dD conj(z),   dd = sum_z dD,
-    with conj(q) rebuilt from conj(z) and both sums as one matmul with [conj(z), 1].
+    with conj(q) rebuilt from conj(z).
     The backward is made of differentiable ops, so double backward works.
     """
 
@@ -87,8 +87,10 @@ class _SharedBlock(torch.autograd.Function):
             # A lazily conjugated operand took bmm 4x longer: materialise it.
             dq = ab.transpose(1, 2).conj().resolve_conj().contiguous() @ ds     # (P, N, l)
             E = dq.mul_(qc.mul_(qc)) if fresh else dq * qc * qc                 # -dD = dq conj(q)^2
-            sums = E @ torch.stack([zc, torch.ones_like(zc)], -1)               # (P, N, 2): both sums, one pass
-            grad_c, grad_d = sums[..., :1], -sums[..., 1:]                      # complex-typed like c, d
+            # Two reductions, not one matmul by [conj(z), 1]: MKL's complex GEMM with two columns
+            # took 3.4x as long (1.87 vs 0.55 ms for a (4096, 256) block, one thread).
+            grad_d = -E.sum(-1, keepdim=True)                                   # complex-typed like c, d
+            grad_c = (E.mul_(zc) if fresh else E * zc).sum(-1, keepdim=True)
         return grad_ab, grad_c, grad_d, None
 
 
