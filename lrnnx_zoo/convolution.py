@@ -361,7 +361,9 @@ def opt_ssm_forward(x: Tensor, K: Tensor, B_: Tensor, C: Tensor) -> Tensor:
     project_first = Bsz * L * (H + H_out) * N * 2 + Bsz * N * L <= L * H_out * H * N + Bsz * H_out * L
     if not project_first:
         full = torch.einsum("kn,ln,nh->lkh", C, K, B_)
-        return fft_conv("blh,lkh->blk", x, full.real if not x.is_complex() else full).real
+        # in x's precision, as the projection below: a complex128 kernel against a float32 x failed in einsum
+        full = full.to(x.dtype) if x.is_complex() else full.real.to(x.dtype)
+        return fft_conv("blh,lkh->blk", x, full).real
     # Interleaved [Re, Im] rows make the real matmul's output a complex (B, L, N) view, no copy.
     Bpair = torch.stack([B_.real, B_.imag], 1).reshape(2 * N, H).to(x.dtype)
     z = torch.view_as_complex((x @ Bpair.T).view(Bsz, L, N, 2))

@@ -213,6 +213,12 @@ class ChannelDenseStepForm(StepForm):
         A: (H, N, N) real or complex.  B: (H, N).  C: (Ch, H, N).  D: (Ch, H) or None.
     A complex system is carried with the real block matrix [[Re A, -Im A], [Im A, Re A]].
     State: (batch, H * n) with n = N (real A) or 2N (complex A), channel by channel.
+
+    The step runs as x' = x + (A - I) x + B u with A - I formed before rounding (buffer ``dA``):
+    a slow system (small dt, A near I) keeps the digits of A - I that a rounded A loses. Storing
+    A made float32 steps of S4 LegS/Fourier (N=64) at dt = 1e-5 drift from the float64 kernel by
+    1.3e-4 / 1.4e-4 of max|y| after 16384 steps (error growing ~L); with A - I it is 2.7e-6 /
+    3.5e-6. Speed: the same at S4 sizes, +7% (23 -> 24.6 us) for 8 channels of one state each.
     """
 
     def __init__(self, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None) -> None:
@@ -228,14 +234,14 @@ class ChannelDenseStepForm(StepForm):
             C = torch.cat([C.real, -C.imag], -1)
         self.H, self.n, self.channels = H, A.shape[-1], C.shape[0]
         self.state_size, self.d_input, self.d_output = H * self.n, H, self.channels * H
-        self.register_buffer("A", stored(A))          # (H, n, n)
+        self.register_buffer("dA", stored(A - torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)))  # (H, n, n)
         self.register_buffer("B", stored(B))          # (H, n)
         self.register_buffer("C", stored(C))          # (Ch, H, n)
         self.register_buffer("D", None if D is None else stored(D))
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
         x = s.reshape(-1, self.H, self.n, 1)
-        x_next = (self.A @ x).squeeze(-1) + self.B * u.unsqueeze(-1)   # (batch, H, n)
+        x_next = torch.addcmul(x.squeeze(-1), self.B, u.unsqueeze(-1)) + (self.dA @ x).squeeze(-1)   # (batch, H, n)
         y = (x_next.unsqueeze(1) * self.C).sum(-1)                      # (batch, Ch, H)
         if self.D is not None:
             y = y + self.D * u.unsqueeze(1)

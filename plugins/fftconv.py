@@ -81,8 +81,8 @@ def pack_state(form: StepForm, state: Tensor, kernel: Optional[SSMKernel] = None
         return form.pack(state).to(form.lam_re.dtype)
     if isinstance(form, ChannelDenseStepForm):
         if state.is_complex():
-            return torch.cat([state.real, state.imag], -1).reshape(B, -1).to(form.A.dtype)
-        return state.reshape(B, -1).to(form.A.dtype)
+            return torch.cat([state.real, state.imag], -1).reshape(B, -1).to(form.B.dtype)
+        return state.reshape(B, -1).to(form.B.dtype)
     raise TypeError(f"cannot map a kernel state of shape {tuple(state.shape)} onto a {type(form).__name__}: "
                     f"pass the step form's real state of shape (batch, {form.state_size}) instead, or give "
                     f"the kernel pack_state/unpack_state methods")

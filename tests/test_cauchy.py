@@ -198,6 +198,29 @@ def test_keops_gradients_match_torch(keops):
         assert _rel(gk, gt) < 1e-10
 
 
+def test_keops_float32_gradients_near_the_imaginary_axis(keops):
+    # S4's Cauchy sums for the Fourier measure at its default dt (1e-3..1e-1): poles dt*w/2 with
+    # Re w = -1e-4 (the clamp) sit ~1e-6 from the nodes i tan(pi k / L). keops differentiated the
+    # single division by D = (z - w)(z - conj w) through 1/|D|^4, which underflows in float32
+    # there (|D| ~ 1e-11): every gradient was NaN. Against float64 the float32 gradients are
+    # ~2e-7 off; 1e-5 leaves room for the cancellation near the poles.
+    H, N, L, dt = 4, 16, 512, 1e-2
+    w = torch.complex(torch.full((H, N), -1e-4), 2 * torch.pi * torch.arange(N).float().expand(H, N)) * (dt / 2)
+    v = torch.complex(torch.randn(H, N, generator=torch.Generator().manual_seed(0)),
+                      torch.randn(H, N, generator=torch.Generator().manual_seed(1)))
+    k = torch.arange(L // 2, dtype=torch.float64)
+    z = torch.complex(torch.zeros_like(k), torch.tan(torch.pi * k / L))
+    g = torch.complex(torch.cos(k), torch.sin(3 * k))
+    grads = []
+    for fn, cdt in ((cauchy_conj_keops, torch.complex64), (cauchy_conj_torch, torch.complex128)):
+        leaves = [v.to(cdt).requires_grad_(), w.to(cdt).requires_grad_()]
+        out = fn(leaves[0], z.to(cdt), leaves[1])
+        grads.append(torch.autograd.grad((out * g.to(cdt).conj()).real.sum(), leaves))
+    for g32, g64 in zip(*grads):
+        assert torch.isfinite(torch.view_as_real(g32)).all()
+        assert _rel(g32.to(torch.complex128), g64) < 1e-5
+
+
 def test_keops_gradcheck(keops):
     v, z, w = _problem(batch=(2,), N=3, L=5)
     leaves = [x.clone().requires_grad_() for x in (v, z, w)]

@@ -145,6 +145,24 @@ def test_fft_conv_full_kernel_and_diagonal_ssm():
     torch.testing.assert_close(opt_ssm_forward(x, K, Bm, C), ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("B,H,N", [(1, 16, 2), (2, 3, 4)])   # the project-first / the full-kernel branch
+def test_opt_ssm_forward_float32_input_with_complex128_system(B, H, N):
+    # Both evaluation orders compute in the input's precision. The full-kernel one (chosen by cost
+    # for small H or large N) crashed in einsum on a complex64 input spectrum against a complex128
+    # kernel, while the project-first one cast the system down: which one ran depended on the sizes.
+    torch.manual_seed(0)
+    L = 10
+    x = torch.randn(B, L, H)
+    lam = torch.complex(torch.rand(N, dtype=D64) * 0.9, torch.rand(N, dtype=D64))
+    Bm, C = torch.randn(N, H, dtype=torch.complex128), torch.randn(H, N, dtype=torch.complex128)
+    K = lam[None] ** torch.arange(L, dtype=D64)[:, None]
+    ref = opt_ssm_forward(x.double(), K, Bm, C)
+    y = opt_ssm_forward(x, K, Bm, C)
+    assert y.dtype == torch.float32
+    # float32 rounding of the system and the transforms: ~1e-7 relative, 1e-5 with margin
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
 def test_fft_conv_errors():
     x = torch.randn(2, 5, 3)
     with pytest.raises(ValueError, match="explicit output"):

@@ -126,3 +126,25 @@ def test_dplr_form_matches_its_complex_recurrence():
         z = d1 * v - low_rank(v, G1, U1)
         ref.append(((C.unsqueeze(0) * z.unsqueeze(1)).sum(-1).real + D * u[:, t].unsqueeze(1)).reshape(3, -1))
     close(run(ChannelDPLRStepForm(d0, U0, G0, b, d1, U1, G1, C, D), u), torch.stack(ref, 1))
+
+
+def test_channel_dense_form_keeps_a_slow_system_accurate():
+    # zoh LegS (N=8) at dt = 1e-5 .. 1e-4: A_bar is I + O(1e-4). Rounding A_bar itself to float32
+    # perturbs A_bar - I by up to 6e-8 / 1e-5 relative, an error that grows ~L: 9e-6 - 2.9e-5 of
+    # max|y| after 4096 steps (3 seeds). The form keeps A_bar - I (exact to float32 rounding), and
+    # its rounding errors grow ~sqrt(L): 1.1e-6 - 1.6e-6. 4e-6 lies between the two.
+    from lrnnx_zoo import hippo
+    from lrnnx_zoo.discretization import zoh_dense
+    g = torch.Generator().manual_seed(0)
+    A, B = hippo.transition("legs", 8)
+    dt = torch.tensor([1e-5, 3e-5, 1e-4], dtype=torch.float64)
+    A_bar, B_bar = zoh_dense(A.expand(3, 8, 8), B.expand(3, 8), dt)
+    C = torch.randn(1, 3, 8, dtype=torch.float64, generator=g)
+    u = torch.randn(2, 4096, 3, dtype=torch.float64, generator=g)
+    x, ref = torch.zeros(2, 3, 8, dtype=torch.float64), []
+    for t in range(u.shape[1]):
+        x = (A_bar @ x.unsqueeze(-1)).squeeze(-1) + B_bar * u[:, t, :, None]
+        ref.append((x * C).sum(-1))
+    with step_form_dtype(torch.float32):
+        form = ChannelDenseStepForm(A_bar, B_bar, C)
+    close(run(form, u), torch.stack(ref, 1), rel=4e-6)

@@ -242,24 +242,35 @@ def cauchy_conj_torch(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int]
 # keops backend
 # ---------------------------------------------------------------------------------------------
 
-_KEOPS_CONJ = None
+#: The Genred objects, built once each: for a forward pass alone, and for one that autograd will
+#: differentiate (pykeops caches the compiled binaries).
+_KEOPS_CONJ: dict = {}
 
 
-def _keops_conj_reduction():
-    global _KEOPS_CONJ
-    if _KEOPS_CONJ is None:
+def _keops_conj_reduction(differentiable: bool = False):
+    red = _KEOPS_CONJ.get(differentiable)
+    if red is None:
         with quiet_keops():
             from pykeops.torch import Genred
 
             # Identity (*); complex numbers are (re, im) pairs of dim 2. a and b are real but are
             # passed as complex: keops 2.3 cannot differentiate ComplexRealScal/Real2Complex.
-            _KEOPS_CONJ = Genred(
-                "ComplexDivide(ComplexMult(a, z) - b, ComplexMult(z - w, z - Conj(w)))",
+            # keops differentiates x / y through 1 / |y|^4: with y = D = (z - w)(z - conj w) that
+            # underflowed in float32 once |z - w| < ~2e-5 (NaN gradients for S4's Fourier poles
+            # at dt <= 0.1, and for every measure at dt = 1e-5). Under autograd we divide by the
+            # two factors in turn instead (1 / |z - w|^4 stays normal down to |z - w| ~ 3e-10);
+            # that costs 14% more forward time and 20% more forward+backward on CPU, so a
+            # forward pass alone keeps the single division.
+            formula = ("ComplexDivide(ComplexDivide(ComplexMult(a, z) - b, z - w), z - Conj(w))" if differentiable
+                       else "ComplexDivide(ComplexMult(a, z) - b, ComplexMult(z - w, z - Conj(w)))")
+            red = Genred(
+                formula,
                 ["a = Vj(2)", "b = Vj(2)", "w = Vj(2)", "z = Vi(2)"],
                 reduction_op="Sum",
                 axis=1,
             )
-    return _KEOPS_CONJ
+        _KEOPS_CONJ[differentiable] = red
+    return red
 
 
 def cauchy_conj_keops(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
@@ -277,7 +288,7 @@ def cauchy_conj_keops(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
     b = torch.stack([2 * (v2 * w2.conj()).real, zero], dim=-1)
     wr = torch.view_as_real(w2.contiguous())
     zr = torch.view_as_real(z2.contiguous())[None]  # (1, L, 2): keops broadcasts batch dims
-    red = _keops_conj_reduction()
+    red = _keops_conj_reduction(torch.is_grad_enabled() and (v.requires_grad or z.requires_grad or w.requires_grad))
     backend = "GPU" if v2.is_cuda else "CPU"
     with quiet_keops():
         out = red(a, b, wr, zr, backend=backend)  # (rows, L, 2)
