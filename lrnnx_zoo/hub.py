@@ -22,6 +22,7 @@ import fnmatch
 import json
 import math
 import os
+import stat
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -84,6 +85,11 @@ def resolve_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, c
         raise TypeError(f"from_pretrained expects a shipped name, a folder path or a Hub repo id (str or "
                         f"os.PathLike), got {name_or_path!r} ({type(name_or_path).__name__})")
     text = os.fspath(name_or_path)
+    if revision is not None and not isinstance(revision, str):
+        raise TypeError(f"revision must be a str (a branch, tag or commit id) or None for main, got {revision!r} "
+                        f"({type(revision).__name__})")
+    if revision is not None and not revision.strip():
+        raise CheckpointError(f"revision={revision!r} is empty; pass a branch, tag or commit id, or None for main")
     if not str(text).strip():       # Path("") is the working directory: never what an empty name meant
         raise CheckpointError("from_pretrained got an empty name; pass a shipped name (lrnnx-zoo models), "
                               "a checkpoint folder or a Hub repo id")
@@ -300,7 +306,7 @@ def read_config(folder: Path) -> Dict[str, Any]:
             raise CheckpointError(f"{path}: '{key}' must be {expected}, got {value!r} "
                                   f"({type(value).__name__}); re-save the checkpoint")
     layer = config["model"].get("layer")
-    if layer is not None and not isinstance(layer, str):
+    if not isinstance(layer, str):
         raise CheckpointError(f"{path}: model.layer must be a str (a registered layer name), got {layer!r} "
                               f"({type(layer).__name__}); re-save the checkpoint")
     family = config.get("family")
@@ -323,12 +329,28 @@ def peek_config(path: Path) -> Optional[Dict[str, Any]]:
     return config if isinstance(config, dict) else None
 
 
+def _check_regular_file(path: Path, expected: str) -> None:
+    """Refuse anything but a regular file (links followed) before opening it: a folder, a broken link,
+    and a FIFO or device, which open() waits on (safetensors even holding the GIL) or reads forever."""
+    if path.is_file():
+        return
+    if path.is_symlink() and not path.exists():
+        given = f"a link to {os.readlink(path)}, which does not exist"
+    elif path.is_dir():
+        given = "a folder"
+    else:
+        given = "not a regular file (" + ("a FIFO" if stat.S_ISFIFO(path.stat().st_mode) else "a device or socket") + ")"
+    raise CheckpointError(f"{path} is {given}, expected {expected}; re-save or re-download the checkpoint")
+
+
 def _parse_config(path: Path) -> Any:
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, expected a JSON file; re-save or re-download the checkpoint")
+    _check_regular_file(path, "a JSON file")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError as exc:
+        raise CheckpointError(f"{path} is not valid JSON for a config (nested too deeply to parse); re-save or "
+                              "re-download the checkpoint") from exc
+    except (UnicodeDecodeError, ValueError) as exc:     # ValueError: also an integer of over 4300 digits
         raise CheckpointError(f"{path} is not valid JSON ({exc}); re-save or re-download the checkpoint") from exc
     except OSError as exc:
         raise CheckpointError(f"{path} cannot be read ({exc}); check it is a readable JSON file") from exc
@@ -369,9 +391,7 @@ def _layer_name(config: Dict[str, Any], path: Path) -> str:
 def _read_weights(path: Path) -> Dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    if path.is_dir():  # else reported as "truncated or corrupt (No such device (os error 19))"
-        raise CheckpointError(f"{path} is a folder, expected a safetensors file; re-save or re-download the "
-                              "checkpoint")
+    _check_regular_file(path, "a safetensors file")  # a folder was "truncated or corrupt (No such device ...)"
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
