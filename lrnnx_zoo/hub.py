@@ -173,7 +173,7 @@ def bounded_hub_requests() -> Iterator[float]:
 def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike], local_files_only: bool,
               token: Optional[Union[str, bool]], shipped: List[str]) -> Tuple[Path, Dict[str, Any]]:
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (LocalEntryNotFoundError, RepositoryNotFoundError,
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
     try:
@@ -196,19 +196,53 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
             why = "local_files_only=True" if local_files_only else "offline mode (HF_HUB_OFFLINE)"
             raise CheckpointError(f"{where} and {why} forbids downloading it; download it once online, or pass "
                                   "cache_dir= where it is cached") from exc
+        if _http_status(exc.__cause__) is not None:     # reached, and it said no (500, 403, ...)
+            known = ", ".join(shipped) or "none"
+            raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({known}), and "
+                                  f"{_refusal(exc.__cause__, repo_id)}") from exc
         raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({', '.join(shipped) or 'none'}), "
                               f"and the Hub at {constants.ENDPOINT} could not be reached ({exc.__cause__ or exc}; "
                               f"each request waits at most {hub_timeout():g} s, set by HF_HUB_ETAG_TIMEOUT); "
                               "check the name, or your connection / HF_ENDPOINT") from exc
+    except HfHubHTTPError as exc:   # huggingface_hub re-raises a 401 as it came
+        raise CheckpointError(f"could not download {repo_id!r}: {_refusal(exc, repo_id)}") from exc
+    except OSError as exc:          # the cache cannot be written: a file in its place, no permission
+        cache = cache_dir or constants.HF_HUB_CACHE
+        raise CheckpointError(f"cannot use the Hub cache at {cache} to download {repo_id!r} ({exc}); pass "
+                              "cache_dir= a writable folder, or set HF_HUB_CACHE") from exc
     commit = folder.name if len(folder.name) == 40 else None
     source = {"type": "hub", "repo_id": repo_id, "revision": revision or "main", "commit": commit,
               "path": str(folder)}
     if not all((folder / f).is_file() for f in (CONFIG_NAME, WEIGHTS_NAME)):
-        files = _remote_files(repo_id, commit or revision, token) if not (
-            local_files_only or constants.HF_HUB_OFFLINE) else None
+        if local_files_only or constants.HF_HUB_OFFLINE:
+            # a snapshot folder from an earlier download of single files: the repo may well hold the rest
+            cached = _listing(folder)
+            missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if f not in cached]
+            why = "local_files_only=True" if local_files_only else "offline mode (HF_HUB_OFFLINE)"
+            raise CheckpointError(
+                f"the Hub cache holds, of {repo_id!r} at {commit or revision or 'main'}, only "
+                f"{', '.join(cached) or 'nothing'}: {' and '.join(missing)} was not downloaded, and {why} forbids "
+                "downloading it; load it once online to complete the cache")
+        files = _remote_files(repo_id, commit or revision, token)
         _check_present(f"Hub repo {repo_id!r} at {commit or revision or 'main'}",
                        files if files is not None else _listing(folder))
     return folder, source
+
+
+def _http_status(exc: Any) -> Optional[int]:
+    return getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def _refusal(exc: Any, repo_id: str) -> str:
+    """What the Hub answered (an HfHubHTTPError), worded for an error message, with the fix."""
+    from huggingface_hub import constants
+    status = _http_status(exc)
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if status in (401, 403):
+        return (f"the Hub at {constants.ENDPOINT} refused access to {repo_id!r} (HTTP {status}: {reason}); if it "
+                "is private or gated, pass token= with read access (or log in: `hf auth login`)")
+    return (f"the Hub at {constants.ENDPOINT} answered HTTP {status} ({reason}); try again later, or check "
+            "HF_ENDPOINT")
 
 
 def loadable_source(source: Any) -> Optional[str]:

@@ -872,7 +872,7 @@ def test_an_incomplete_cached_snapshot_is_not_called_an_incomplete_repo(local_hu
     from huggingface_hub import hf_hub_download
     local_hub.commit("acme/part", _files(tiny("s4d").save_pretrained(tmp_path / "a")))
     hf_hub_download("acme/part", "config.json")
-    with pytest.raises(CheckpointError, match=r"the Hub cache holds .*'acme/part' .* only config.json: "
+    with pytest.raises(CheckpointError, match=r"the Hub cache holds, of 'acme/part' at \w+, only config.json: "
                                               r"model.safetensors was not downloaded.*local_files_only=True forbids"):
         from_pretrained("acme/part", local_files_only=True)
     with local_hub.offline():
@@ -915,17 +915,16 @@ def _status_server(status: int):
     return server
 
 
-@pytest.mark.parametrize("status", [500, 503, 403])
-def test_a_hub_that_answers_an_error_status_is_not_called_unreachable(monkeypatch, tmp_path, status):
+@pytest.mark.parametrize("status, answer", [(500, "answered HTTP 500 "), (503, "answered HTTP 503 "),
+                                            (403, r"refused access to 'acme/x' \(HTTP 403.*pass token=")])
+def test_a_hub_that_answers_an_error_status_is_not_called_unreachable(monkeypatch, tmp_path, status, answer):
     from hub_server import configure_client
     server = _status_server(status)
     try:
         configure_client(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}", tmp_path / "hf-home")
-        with pytest.raises(CheckpointError, match=rf"the Hub at http://127\.0\.0\.1:\d+ answered HTTP {status} ") as err:
+        with pytest.raises(CheckpointError, match=rf"the Hub at http://127\.0\.0\.1:\d+ {answer}") as err:
             from_pretrained("acme/x")
         assert "could not be reached" not in str(err.value)
-        if status == 403:
-            assert "token=" in str(err.value)
     finally:
         server.shutdown()
         server.server_close()
