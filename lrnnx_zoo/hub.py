@@ -356,9 +356,11 @@ def peek_config(path: Path) -> Optional[Dict[str, Any]]:
     """``path`` (a config.json) as a dict, or None when it is missing, unreadable or not a JSON
     object: for deciding what a folder holds before writing over it, where :func:`read_config`'s
     errors would be the wrong answer."""
+    if not Path(path).is_file():     # a FIFO would be waited on, /dev/zero read forever
+        return None
     try:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     return config if isinstance(config, dict) else None
 

@@ -936,3 +936,26 @@ def test_a_cache_dir_that_is_a_file_is_named(local_hub, tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(CheckpointError, match=r"cannot use the Hub cache .*a-file.*pass cache_dir= a writable folder"):
         from_pretrained("acme/cached", cache_dir=tmp_path / "a-file")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "nested"])
+def test_saving_over_a_config_json_that_cannot_be_read_replaces_it(tmp_path, kind):
+    # save_pretrained peeks at the config.json already there (is it an export, another library's?):
+    # a FIFO hung the save, a deeply nested one raised RecursionError
+    import os
+    import subprocess
+    import sys
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    if kind == "fifo":
+        os.mkfifo(folder / "config.json")
+    else:
+        (folder / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    code = ("import sys, lrnnx_zoo; lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer='s4d', d_input=3, "
+            "d_output=2, d_model=4, n_layers=1)).save_pretrained(sys.argv[1])")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"save_pretrained waited on the {kind} config.json")
+    assert done.returncode == 0, done.stderr
+    assert from_pretrained(folder).config.d_model == 4
