@@ -22,6 +22,7 @@ import fnmatch
 import json
 import math
 import os
+import stat
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -84,6 +85,11 @@ def resolve_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, c
         raise TypeError(f"from_pretrained expects a shipped name, a folder path or a Hub repo id (str or "
                         f"os.PathLike), got {name_or_path!r} ({type(name_or_path).__name__})")
     text = os.fspath(name_or_path)
+    if revision is not None and not isinstance(revision, str):
+        raise TypeError(f"revision must be a str (a branch, tag or commit id) or None for main, got {revision!r} "
+                        f"({type(revision).__name__})")
+    if revision is not None and not revision.strip():
+        raise CheckpointError(f"revision={revision!r} is empty; pass a branch, tag or commit id, or None for main")
     if not str(text).strip():       # Path("") is the working directory: never what an empty name meant
         raise CheckpointError("from_pretrained got an empty name; pass a shipped name (lrnnx-zoo models), "
                               "a checkpoint folder or a Hub repo id")
@@ -167,7 +173,7 @@ def bounded_hub_requests() -> Iterator[float]:
 def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike], local_files_only: bool,
               token: Optional[Union[str, bool]], shipped: List[str]) -> Tuple[Path, Dict[str, Any]]:
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (LocalEntryNotFoundError, RepositoryNotFoundError,
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
     try:
@@ -190,19 +196,53 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
             why = "local_files_only=True" if local_files_only else "offline mode (HF_HUB_OFFLINE)"
             raise CheckpointError(f"{where} and {why} forbids downloading it; download it once online, or pass "
                                   "cache_dir= where it is cached") from exc
+        if _http_status(exc.__cause__) is not None:     # reached, and it said no (500, 403, ...)
+            known = ", ".join(shipped) or "none"
+            raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({known}), and "
+                                  f"{_refusal(exc.__cause__, repo_id)}") from exc
         raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({', '.join(shipped) or 'none'}), "
                               f"and the Hub at {constants.ENDPOINT} could not be reached ({exc.__cause__ or exc}; "
                               f"each request waits at most {hub_timeout():g} s, set by HF_HUB_ETAG_TIMEOUT); "
                               "check the name, or your connection / HF_ENDPOINT") from exc
+    except HfHubHTTPError as exc:   # huggingface_hub re-raises a 401 as it came
+        raise CheckpointError(f"could not download {repo_id!r}: {_refusal(exc, repo_id)}") from exc
+    except OSError as exc:          # the cache cannot be written: a file in its place, no permission
+        cache = cache_dir or constants.HF_HUB_CACHE
+        raise CheckpointError(f"cannot use the Hub cache at {cache} to download {repo_id!r} ({exc}); pass "
+                              "cache_dir= a writable folder, or set HF_HUB_CACHE") from exc
     commit = folder.name if len(folder.name) == 40 else None
     source = {"type": "hub", "repo_id": repo_id, "revision": revision or "main", "commit": commit,
               "path": str(folder)}
     if not all((folder / f).is_file() for f in (CONFIG_NAME, WEIGHTS_NAME)):
-        files = _remote_files(repo_id, commit or revision, token) if not (
-            local_files_only or constants.HF_HUB_OFFLINE) else None
+        if local_files_only or constants.HF_HUB_OFFLINE:
+            # a snapshot folder from an earlier download of single files: the repo may well hold the rest
+            cached = _listing(folder)
+            missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if f not in cached]
+            why = "local_files_only=True" if local_files_only else "offline mode (HF_HUB_OFFLINE)"
+            raise CheckpointError(
+                f"the Hub cache holds, of {repo_id!r} at {commit or revision or 'main'}, only "
+                f"{', '.join(cached) or 'nothing'}: {' and '.join(missing)} was not downloaded, and {why} forbids "
+                "downloading it; load it once online to complete the cache")
+        files = _remote_files(repo_id, commit or revision, token)
         _check_present(f"Hub repo {repo_id!r} at {commit or revision or 'main'}",
                        files if files is not None else _listing(folder))
     return folder, source
+
+
+def _http_status(exc: Any) -> Optional[int]:
+    return getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def _refusal(exc: Any, repo_id: str) -> str:
+    """What the Hub answered (an HfHubHTTPError), worded for an error message, with the fix."""
+    from huggingface_hub import constants
+    status = _http_status(exc)
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if status in (401, 403):
+        return (f"the Hub at {constants.ENDPOINT} refused access to {repo_id!r} (HTTP {status}: {reason}); if it "
+                "is private or gated, pass token= with read access (or log in: `hf auth login`)")
+    return (f"the Hub at {constants.ENDPOINT} answered HTTP {status} ({reason}); try again later, or check "
+            "HF_ENDPOINT")
 
 
 def loadable_source(source: Any) -> Optional[str]:
@@ -300,7 +340,7 @@ def read_config(folder: Path) -> Dict[str, Any]:
             raise CheckpointError(f"{path}: '{key}' must be {expected}, got {value!r} "
                                   f"({type(value).__name__}); re-save the checkpoint")
     layer = config["model"].get("layer")
-    if layer is not None and not isinstance(layer, str):
+    if not isinstance(layer, str):
         raise CheckpointError(f"{path}: model.layer must be a str (a registered layer name), got {layer!r} "
                               f"({type(layer).__name__}); re-save the checkpoint")
     family = config.get("family")
@@ -316,19 +356,37 @@ def peek_config(path: Path) -> Optional[Dict[str, Any]]:
     """``path`` (a config.json) as a dict, or None when it is missing, unreadable or not a JSON
     object: for deciding what a folder holds before writing over it, where :func:`read_config`'s
     errors would be the wrong answer."""
+    if not Path(path).is_file():     # a FIFO would be waited on, /dev/zero read forever
+        return None
     try:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     return config if isinstance(config, dict) else None
 
 
+def _check_regular_file(path: Path, expected: str) -> None:
+    """Refuse anything but a regular file (links followed) before opening it: a folder, a broken link,
+    and a FIFO or device, which open() waits on (safetensors even holding the GIL) or reads forever."""
+    if path.is_file():
+        return
+    if path.is_symlink() and not path.exists():
+        given = f"a link to {os.readlink(path)}, which does not exist"
+    elif path.is_dir():
+        given = "a folder"
+    else:
+        given = "not a regular file (" + ("a FIFO" if stat.S_ISFIFO(path.stat().st_mode) else "a device or socket") + ")"
+    raise CheckpointError(f"{path} is {given}, expected {expected}; re-save or re-download the checkpoint")
+
+
 def _parse_config(path: Path) -> Any:
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, expected a JSON file; re-save or re-download the checkpoint")
+    _check_regular_file(path, "a JSON file")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError as exc:
+        raise CheckpointError(f"{path} is not valid JSON for a config (nested too deeply to parse); re-save or "
+                              "re-download the checkpoint") from exc
+    except (UnicodeDecodeError, ValueError) as exc:     # ValueError: also an integer of over 4300 digits
         raise CheckpointError(f"{path} is not valid JSON ({exc}); re-save or re-download the checkpoint") from exc
     except OSError as exc:
         raise CheckpointError(f"{path} cannot be read ({exc}); check it is a readable JSON file") from exc
@@ -369,9 +427,7 @@ def _layer_name(config: Dict[str, Any], path: Path) -> str:
 def _read_weights(path: Path) -> Dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    if path.is_dir():  # else reported as "truncated or corrupt (No such device (os error 19))"
-        raise CheckpointError(f"{path} is a folder, expected a safetensors file; re-save or re-download the "
-                              "checkpoint")
+    _check_regular_file(path, "a safetensors file")  # a folder was "truncated or corrupt (No such device ...)"
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

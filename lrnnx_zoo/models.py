@@ -29,7 +29,7 @@ POOLINGS = (None, "mean", "last")
 # Refuse configs describing more parameters than this before allocating anything: a typo such as
 # d_model=10**9 would otherwise exhaust memory instead of raising.
 MAX_PARAMETERS = 10**9
-SIZE_KWARGS = ("d_state", "channels", "l_max")  # integer sizes most layers take; l_max may be None
+SIZE_KWARGS = ("d_state", "channels", "l_max", "rank")  # integer sizes layers take; l_max may be None
 
 
 @dataclass
@@ -89,7 +89,8 @@ class ModelConfig:
         state = kw.get("d_state") or 64
         channels = kw.get("channels") or 1
         taps = kw.get("l_max") or 0
-        per_block = self.d_model * (4 * self.d_model + 4 * channels * state + channels * taps)
+        rank = kw.get("rank") or 0      # S4's low-rank correction P: (rank, d_model, d_state / 2) complex
+        per_block = self.d_model * (4 * self.d_model + (4 * channels + rank) * state + channels * taps)
         return self.n_layers * per_block + self.d_model * (self.d_input + self.d_output + 4)
 
     def _check_budget(self) -> None:

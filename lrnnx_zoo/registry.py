@@ -34,9 +34,11 @@ _HOOKS = ("lrnnx_zoo_register_layers", "lrnnx_zoo_register_initializers",
           "lrnnx_zoo_register_kernel_backends")
 
 
-#: What a plugin may raise without taking the process down: any error, and SystemExit (a plugin
-#: calling sys.exit() at import, e.g. "needs CUDA"); KeyboardInterrupt still stops everything.
-PLUGIN_FAILURES = (Exception, SystemExit)
+#: What a plugin may raise without taking the process down: anything, SystemExit (a plugin calling
+#: sys.exit() at import, e.g. "needs CUDA") and other BaseExceptions (asyncio.CancelledError, pytest's
+#: skip() at import) included -- except KeyboardInterrupt, which is re-raised (the user asked to stop,
+#: and a plugin hanging at import must stay interruptible) after undoing what the plugin registered.
+PLUGIN_FAILURES = BaseException
 
 
 def _hook_mistake(plugin: Any) -> Optional[str]:
@@ -53,6 +55,9 @@ def _hook_mistake(plugin: Any) -> Optional[str]:
                     f"(a typo?)")
         if attr in _HOOKS and not decorated:
             return f"{attr} is missing its @{project}.hookimpl decorator, so it would never be called"
+    if not any(hasattr(getattr(plugin, hook, None), project + "_impl") for hook in _HOOKS):
+        return (f"implements none of the hooks ({', '.join(_HOOKS)}): expected a module or object with "
+                f"@{project}.hookimpl functions, got {plugin!r} ({type(plugin).__name__}); check the entry point")
     return None
 
 
@@ -110,7 +115,8 @@ class Registry:
     # -- called by plugins -------------------------------------------------------------------
     def add_layer(self, name: str, cls: type) -> None:
         """Register layer class ``cls`` under ``name`` (built with ``cls(d_model=..., **kwargs)``)."""
-        if not isinstance(cls, type) or not callable(getattr(cls, "forward", None)):
+        from torch import nn
+        if not isinstance(cls, type) or not issubclass(cls, nn.Module):
             raise PluginError(f"add_layer({name!r}, ...) needs an nn.Module subclass, got {cls!r}")
         self._add(self._layers, name, cls, "layers", name)
 
@@ -203,13 +209,17 @@ class Registry:
         self.plugins[info.name] = info
         try:
             pm.register(plugin, name=info.name)
+        except KeyboardInterrupt:
+            del self.plugins[info.name]
+            raise
         except PLUGIN_FAILURES as exc:  # pluggy validates hook names and signatures here
             info.error = f"{type(exc).__name__}: {exc}{_way_out(info)}"
             return
         mistake = _hook_mistake(plugin)
         if mistake:
             info.error = mistake + _way_out(info)
-            pm.unregister(plugin)
+            if pm.is_registered(plugin):    # pluggy ignores a None plugin
+                pm.unregister(plugin)
             return
         self._current = info
         try:
@@ -217,6 +227,11 @@ class Registry:
                 for impl in getattr(pm.hook, hook).get_hookimpls():
                     if impl.plugin_name == info.name:
                         impl.function(self)
+        except KeyboardInterrupt:           # stop as asked, with the registry as it was before this plugin
+            self._forget(info.name)
+            del self.plugins[info.name]
+            pm.unregister(plugin)
+            raise
         except PLUGIN_FAILURES as exc:
             info.error = f"{type(exc).__name__} in a hook: {exc}{_way_out(info)}\n{traceback.format_exc(limit=-3)}"
             self._forget(info.name)
@@ -289,6 +304,8 @@ def _discover(registry: Registry, pm: pluggy.PluginManager) -> None:
         seen[ep.name] = dist_name or "?"
         try:
             plugin = ep.load()
+        except KeyboardInterrupt:
+            raise
         except PLUGIN_FAILURES as exc:
             registry.plugins[ep.name] = info
             info.error = f"could not import {ep.value!r} from {dist_name or 'an unknown distribution'}: " \

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -802,3 +803,159 @@ def test_failed_push_names_the_folder_it_saved_to(monkeypatch, tmp_path):
         tiny("s4d").save_pretrained("~/kept", push_to_hub=True, repo_id="acme/x", **META)
     assert f"The checkpoint was saved to {tmp_path / 'home' / 'kept'}." in str(err.value)
     assert (tmp_path / "home" / "kept" / "model.safetensors").is_file()
+
+
+# -- hub audit: files that are not what they claim, Hub answers, revisions -----------------------
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_fifo_in_place_of_a_checkpoint_file_is_refused_not_waited_on(saved, name):
+    # open() of a FIFO blocks until a writer comes: for model.safetensors inside safetensors, holding
+    # the GIL, so that not even Ctrl-C stops it (hence a child process here); a link to /dev/zero as
+    # config.json was read until memory ran out.
+    import os
+    import subprocess
+    import sys
+    os.unlink(saved / name)
+    os.mkfifo(saved / name)
+    code = "import sys, lrnnx_zoo; lrnnx_zoo.from_pretrained(sys.argv[1])"
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(saved)], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"from_pretrained waited on the FIFO {name}")
+    assert re.search(rf"CheckpointError: .*{name} is not a regular file .*expected a", done.stderr), done.stderr
+
+
+def test_a_broken_link_as_weights_is_called_missing_not_corrupt(saved, tmp_path):
+    weights = saved / "model.safetensors"
+    weights.unlink()
+    weights.symlink_to(tmp_path / "gone.safetensors")
+    with pytest.raises(CheckpointError, match=r"model.safetensors is a link to .*gone.safetensors, which does not "
+                                              r"exist") as err:
+        from_pretrained(saved)
+    assert "corrupt" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, what", [
+    ('{"library": "lrnnx-zoo", "format_version": 1, "model": {"d_model": ' + "9" * 5000 + "}}", "digits"),
+    ('{"a": ' * 100_000 + "1" + "}" * 100_000, "nested"),
+])
+def test_config_json_with_a_huge_number_or_deep_nesting_is_a_checkpoint_error(saved, text, what):
+    # json.loads raised a bare ValueError (integer string conversion limit) or RecursionError
+    (saved / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=rf"config.json is not valid JSON .*{what}"):
+        from_pretrained(saved)
+
+
+def test_a_config_without_model_layer_says_it_is_missing(saved):
+    # with 'family' set it said "unknown layer ''; available: ..."
+    cfg = json.loads((saved / "config.json").read_text())
+    del cfg["model"]["layer"]
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model.layer must be a str \(a registered layer name\), got None"):
+        from_pretrained(saved)
+
+
+@pytest.mark.parametrize("revision, error, message", [
+    (5, TypeError, r"revision must be a str .*got 5 \(int\)"),
+    ("", CheckpointError, r"revision='' is empty"),
+    (" ", CheckpointError, r"revision=' ' is empty"),
+])
+def test_a_revision_that_is_not_a_name_is_refused(revision, error, message):
+    # revision=5 raised huggingface_hub's "expected string or bytes-like object", revision="" an
+    # IsADirectoryError on the cache's refs/ folder
+    with pytest.raises(error, match=message):
+        from_pretrained("acme/anything", revision=revision)
+
+
+def test_an_incomplete_cached_snapshot_is_not_called_an_incomplete_repo(local_hub, tmp_path):
+    # Offline, a cache holding only config.json (hf_hub_download of that one file) was reported as
+    # "Hub repo 'acme/part' ... has no model.safetensors", blaming a repo that has it.
+    from huggingface_hub import hf_hub_download
+    local_hub.commit("acme/part", _files(tiny("s4d").save_pretrained(tmp_path / "a")))
+    hf_hub_download("acme/part", "config.json")
+    with pytest.raises(CheckpointError, match=r"the Hub cache holds, of 'acme/part' at \w+, only config.json: "
+                                              r"model.safetensors was not downloaded.*local_files_only=True forbids"):
+        from_pretrained("acme/part", local_files_only=True)
+    with local_hub.offline():
+        with pytest.raises(CheckpointError, match=r"model.safetensors was not downloaded.*offline mode"):
+            from_pretrained("acme/part")
+    assert from_pretrained("acme/part").checkpoint_info["family"] == "s4d"     # online it completes the cache
+
+
+def test_a_private_repo_without_the_right_token_is_a_checkpoint_error(local_hub, tmp_path):
+    # the Hub's 401 escaped as huggingface_hub's HfHubHTTPError
+    local_hub.commit("acme/private", _files(tiny("s4d").save_pretrained(tmp_path / "a")))
+    local_hub.required_token = "the-right-one"
+    for token in (None, "a-wrong-one"):
+        with pytest.raises(CheckpointError, match=r"the Hub at http://127\.0\.0\.1:\d+ refused access to "
+                                                  r"'acme/private' \(HTTP 401.*pass token="):
+            from_pretrained("acme/private", token=token)
+    assert from_pretrained("acme/private", token="the-right-one").checkpoint_info["family"] == "s4d"
+
+
+def _status_server(status: int):
+    """A local Hub endpoint that answers every request with HTTP ``status``."""
+    import http.server
+    import threading
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b'{"error": "the server says no"}'
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        do_HEAD = do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("status, answer", [(500, "answered HTTP 500 "), (503, "answered HTTP 503 "),
+                                            (403, r"refused access to 'acme/x' \(HTTP 403.*pass token=")])
+def test_a_hub_that_answers_an_error_status_is_not_called_unreachable(monkeypatch, tmp_path, status, answer):
+    from hub_server import configure_client
+    server = _status_server(status)
+    try:
+        configure_client(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}", tmp_path / "hf-home")
+        with pytest.raises(CheckpointError, match=rf"the Hub at http://127\.0\.0\.1:\d+ {answer}") as err:
+            from_pretrained("acme/x")
+        assert "could not be reached" not in str(err.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_cache_dir_that_is_a_file_is_named(local_hub, tmp_path):
+    # NotADirectoryError from inside huggingface_hub
+    local_hub.commit("acme/cached", _files(tiny("s4d").save_pretrained(tmp_path / "a")))
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(CheckpointError, match=r"cannot use the Hub cache .*a-file.*pass cache_dir= a writable folder"):
+        from_pretrained("acme/cached", cache_dir=tmp_path / "a-file")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "nested"])
+def test_saving_over_a_config_json_that_cannot_be_read_replaces_it(tmp_path, kind):
+    # save_pretrained peeks at the config.json already there (is it an export, another library's?):
+    # a FIFO hung the save, a deeply nested one raised RecursionError
+    import os
+    import subprocess
+    import sys
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    if kind == "fifo":
+        os.mkfifo(folder / "config.json")
+    else:
+        (folder / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    code = ("import sys, lrnnx_zoo; lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer='s4d', d_input=3, "
+            "d_output=2, d_model=4, n_layers=1)).save_pretrained(sys.argv[1])")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"save_pretrained waited on the {kind} config.json")
+    assert done.returncode == 0, done.stderr
+    assert from_pretrained(folder).config.d_model == 4

@@ -263,3 +263,12 @@ def test_half_input_under_autocast_is_what_the_refusal_promises():
     with pytest.raises(TypeError, match=r"convert the input \(x.float\(\)\)$"):
         model.step(x[:, 0], model.allocate_inference_cache(2))
     assert "autocast" in str(refused.value)
+
+
+@pytest.mark.parametrize("rank, error", [(10**8, ValueError), (0, ValueError), ("2", TypeError)])
+def test_s4_rank_is_checked_before_anything_is_allocated(rank, error):
+    # rank is a size like d_state: 10**8 went past the parameter budget and tried to allocate 6.4 GB
+    # (a config.json saying so failed with a RuntimeError from the allocator, or took the machine's memory)
+    message = r"rank=100000000.* parameters, more than" if rank == 10**8 else r"layer_kwargs\['rank'\] must be a positive int"
+    with pytest.raises(error, match=message):
+        ModelConfig(layer="s4", d_input=3, d_output=2, d_model=8, n_layers=1, layer_kwargs={"d_state": 4, "rank": rank})

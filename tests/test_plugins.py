@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -254,3 +255,79 @@ def test_one_plugin_object_registered_twice_is_refused_and_stays_registered():
         lrnnx_zoo.unregister_plugin("first")
     lrnnx_zoo.register_plugin(plugin, "again")                    # free again once unregistered
     lrnnx_zoo.unregister_plugin("again")
+
+
+# -- plugins that misbehave in other ways --------------------------------------------------------
+class _Stop(BaseException):
+    """Not an Exception: like asyncio.CancelledError, or pytest's skip() called at import."""
+
+
+def _module(name, **hooks):
+    import types
+    module = types.ModuleType(name)
+    for hook, fn in hooks.items():
+        setattr(module, hook, lrnnx_zoo.hookimpl(fn))
+    return module
+
+
+def test_a_layer_class_that_is_no_module_is_refused():
+    # accepted for having a forward: the model then held a layer whose weights were in no state_dict
+    class NotAModule:
+        def __init__(self, d_model, **kwargs):
+            pass
+
+        def forward(self, x):
+            return x
+
+    plugin = _module("not_a_module", lrnnx_zoo_register_layers=lambda registry: registry.add_layer("nam", NotAModule))
+    with pytest.raises(lrnnx_zoo.PluginError, match=r"add_layer\('nam', ...\) needs an nn.Module subclass, got "
+                                                     r".*NotAModule"):
+        lrnnx_zoo.register_plugin(plugin)
+    assert "nam" not in lrnnx_zoo.list_layers()
+
+
+def test_a_hook_raising_a_base_exception_fails_that_plugin_only():
+    def stop(registry):
+        registry.add_layer("stopped_half", torch.nn.Identity)
+        raise _Stop("cancelled")
+
+    with pytest.raises(lrnnx_zoo.PluginError, match=r"plugin 'stopper' failed: _Stop in a hook: cancelled"):
+        lrnnx_zoo.register_plugin(_module("stopper", lrnnx_zoo_register_layers=stop))
+    assert "stopped_half" not in lrnnx_zoo.list_layers() and "stopper" not in {p.name for p in lrnnx_zoo.list_plugins()}
+
+
+def test_ctrl_c_inside_a_hook_stops_and_leaves_the_registry_as_it_was():
+    # KeyboardInterrupt propagates (the user asked to stop; a plugin hanging in its hook must stay
+    # interruptible), but what the hook registered before it was undone, and the name is free again
+    def interrupted(registry):
+        registry.add_layer("interrupted_half", torch.nn.Identity)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lrnnx_zoo.register_plugin(_module("interrupted", lrnnx_zoo_register_layers=interrupted))
+    assert "interrupted_half" not in lrnnx_zoo.list_layers()
+    assert "interrupted" not in {p.name for p in lrnnx_zoo.list_plugins()}
+    fixed = _module("interrupted", lrnnx_zoo_register_layers=lambda registry: registry.add_layer("fixed", torch.nn.Identity))
+    lrnnx_zoo.register_plugin(fixed)
+    lrnnx_zoo.unregister_plugin("interrupted")
+
+
+def test_entry_points_that_raise_base_exceptions_or_name_no_plugin(tmp_path, monkeypatch):
+    root = tmp_path / "site"
+    make_distribution(root, "tp-stop", {"tp_stop": "raise BaseException('stopped at import')\n"}, {"stop": "tp_stop"})
+    make_distribution(root, "tp-const", {"tp_const": "LIMIT = 3\n"}, {"const": "tp_const:LIMIT"})
+    make_distribution(root, "tp-none", {"tp_none": "PLUGIN = None\n"}, {"nothing": "tp_none:PLUGIN"})
+    make_distribution(root, "tp-attr", {"tp_attr": "x = 1\n"}, {"attr": "tp_attr:missing"})
+    activate(root, monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    try:
+        lrnnx_zoo.reload_plugins()                        # raised BaseException: nothing loaded at all
+        assert {"lru", "s4d"} <= set(lrnnx_zoo.list_layers())
+        assert "BaseException: stopped at import" in _plugin("stop").error
+        assert "AttributeError: module 'tp_attr' has no attribute 'missing'" in _plugin("attr").error
+        for name, given in (("const", "3"), ("nothing", "None")):       # were listed as ok, registering nothing
+            error = _plugin(name).error or ""
+            assert re.search(rf"implements none of the hooks .*got {given}", error), error
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
