@@ -8,6 +8,7 @@ so streaming inference and export run the same discretised system.
 
 from __future__ import annotations
 
+import itertools
 from abc import abstractmethod
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
@@ -186,31 +187,39 @@ def versions(tensors: Sequence[Tensor]) -> List[Optional[int]]:
         return [version_of(t) for t in tensors]
 
 
-@torch.no_grad()
-def current_form(form: nn.Module, build: Callable[[], nn.Module], stale: str) -> nn.Module:
-    """The step form to go on with once the weights ``form`` was built from changed in place
-    since: trained, loaded or edited weights made it stale, and it stepped on with the
-    old ones, silently, so that raises RuntimeError(``stale``) (not rebuilt under a running
-    state: some forms, S4's diagonal one, keep it in coordinates that move with the weights). A
-    change the system does not see (S4 rewriting its C~ for a longer kernel) rebuilds ``build()``
-    equal to rounding (:func:`~lrnnx_zoo.step_forms.same_form`), which is returned."""
+def current_form(module: nn.Module, form: nn.Module, weights: Tuple[Tuple[Tensor, ...], List[Optional[int]]],
+                 build: Callable[[], nn.Module], dtype: torch.dtype, stale: Callable[[], str]
+                 ) -> Tuple[nn.Module, Tuple[Tuple[Tensor, ...], List[Optional[int]]]]:
+    """The step form to go on with, and the weights' versions it stands for (``weights``, as
+    :func:`weights_and_versions` gave them when ``form`` was built from ``module``).
+
+    Unchanged weights: ``form`` and ``weights`` as given (one version read per tensor). Weights
+    changed in place since (trained, loaded, edited) made ``form`` stale, and it stepped on with the
+    old ones, silently: that raises RuntimeError(``stale()``; a callable, so that no message is
+    formatted at every step), not rebuilt under a running state (some
+    forms, S4's diagonal one, keep it in coordinates that move with the weights). A change the
+    system does not see (S4 rewriting its C~ for a longer kernel) rebuilds ``build()`` (in
+    ``dtype``, :func:`~lrnnx_zoo.step_forms.step_form_dtype`) equal to rounding (:func:`~lrnnx_zoo.step_forms.same_form`), which is returned with the new versions.
+    """
+    if versions(weights[0]) == weights[1]:
+        return form, weights
     try:
-        fresh = build()
+        with torch.no_grad(), step_form_dtype(dtype):     # not a decorator: 2 us at every step
+            fresh = build()
     except Exception as exc:              # e.g. S4's diagonal form of the new weights too inaccurate
-        raise RuntimeError(stale) from exc
+        raise RuntimeError(stale()) from exc
     if not same_form(fresh, form):
-        raise RuntimeError(stale)
-    return fresh
+        raise RuntimeError(stale())
+    return fresh, weights_and_versions(module)
 
 
 def reference_tensor(module: nn.Module) -> Tensor:
     """The tensor whose device and dtype a module's recurrent state follows: its first floating
     (or complex) parameter, else its first such buffer (a layer with fixed, non-trained
     coefficients keeps them in buffers), else an empty float tensor on the CPU."""
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.is_floating_point() or t.is_complex():
-            return t
-    return torch.empty(0)
+    tensors = itertools.chain(module.parameters(), module.buffers())   # every forward asks: no lists
+    found = next((t for t in tensors if t.is_floating_point() or t.is_complex()), None)
+    return torch.empty(0) if found is None else found
 
 
 class LTI_LRNN(LRNN):
@@ -313,16 +322,15 @@ class LTI_LRNN(LRNN):
             raise TypeError(f"{who}: the cache holds {state.dtype} state on {state.device}, got x of {x.dtype} on "
                             f"{x.device}; convert x (x.to({state.dtype})) or allocate the cache with "
                             f"allocate_inference_cache(batch_size, dtype={x.dtype}) on x's device")
-        weights = inference_cache.get("weights")
-        if weights is not None and versions(weights[0]) != weights[1]:
-            with step_form_dtype(state.dtype):
-                form = inference_cache["step_form"] = current_form(
-                    form, lambda: self.step_form().to(device=state.device, dtype=state.dtype),
-                    f"{type(self).__name__}.step: the layer's weights changed since this cache was made (an optimiser "
-                    f"step, load_state_dict or an in-place edit), so its step form is stale; make a new cache with "
-                    f"allocate_inference_cache(batch_size) (for a SequenceModel: model.allocate_inference_cache) "
-                    f"and restart the stream")
-            inference_cache["weights"] = weights_and_versions(self)
+        if "weights" in inference_cache:
+            form, inference_cache["weights"] = current_form(
+                self, form, inference_cache["weights"],
+                lambda: self.step_form().to(device=state.device, dtype=state.dtype), state.dtype,
+                lambda: f"{type(self).__name__}.step: the layer's weights changed since this cache was made (an optimiser "
+                f"step, load_state_dict or an in-place edit), so its step form is stale; make a new cache with "
+                f"allocate_inference_cache(batch_size) (for a SequenceModel: model.allocate_inference_cache) "
+                f"and restart the stream")
+            inference_cache["step_form"] = form
         y, inference_cache["lrnn_state"] = form(x, state)
         return y, inference_cache
 

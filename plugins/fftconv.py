@@ -36,8 +36,7 @@ from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_lengths, check_parameter_dtype, check_sizes,
-                            current_form, float32_under_autocast, mask_padding, needs_autograd, versions,
-                            weights_and_versions)
+                            current_form, float32_under_autocast, mask_padding, needs_autograd, weights_and_versions)
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, reversed_spectrum
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel
@@ -330,14 +329,14 @@ class FFTConvS4(nn.Module):
         self._check_streamable("step mode")
         if self._step is None:
             self.setup_step()
-        elif versions(self._step_weights[0]) != self._step_weights[1]:
-            with step_form_dtype(self.D.dtype):
-                form = current_form(self._step, self.step_form,
-                                    "FFTConvS4.step: its weights changed since setup_step() (an optimiser step or an "
-                                    "in-place edit), so its step form is stale; call setup_step() again and restart "
-                                    "the stream from default_state(batch)")
+        else:
+            form, weights = current_form(
+                self, self._step, self._step_weights, self.step_form, self.D.dtype,
+                lambda: "FFTConvS4.step: its weights changed since setup_step() (an optimiser step or an in-place "
+                "edit), so its step form is stale; call setup_step() again and restart the stream from "
+                "default_state(batch)")
             object.__setattr__(self, "_step", form)
-            object.__setattr__(self, "_step_weights", weights_and_versions(self))
+            object.__setattr__(self, "_step_weights", weights)
         form = self._step
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"FFTConvS4.step expects x of shape (batch, d_model={self.d_model}), got {tuple(x.shape)}")

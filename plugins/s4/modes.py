@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from lrnnx_zoo.base import check_floating, current_form, versions, weights_and_versions
+from lrnnx_zoo.base import check_floating, current_form, weights_and_versions
 from lrnnx_zoo.step_forms import StepForm, pack_modes, step_form_dtype, unpack_modes
 
 from . import dense
@@ -108,15 +108,14 @@ class StepModes:
         if self._stepper is None:
             raise RuntimeError("call setup_step(mode) before step(), and again after loading weights "
                                "(load_state_dict); modes: " + ", ".join(STEP_MODES))
-        mode, tol, (weights, at) = self._stepper_setup
-        if versions(weights) != at:
-            with step_form_dtype(self._real_dtype):
-                form = current_form(self._stepper, lambda: self.step_form(mode, tol=tol),
-                                    f"{type(self).__name__}.step: its weights changed since setup_step() (an optimiser "
-                                    f"step or an in-place edit), so the step form is stale; call setup_step({mode!r}) "
-                                    f"again and restart from default_state(batch)")
-            object.__setattr__(self, "_stepper", form)
-            object.__setattr__(self, "_stepper_setup", (mode, tol, weights_and_versions(self)))
+        mode, tol, weights = self._stepper_setup
+        form, weights = current_form(
+            self, self._stepper, weights, lambda: self.step_form(mode, tol=tol), self._real_dtype,
+            lambda: f"{type(self).__name__}.step: its weights changed since setup_step() (an optimiser step or an "
+            f"in-place edit), so the step form is stale; call setup_step({mode!r}) again and restart from "
+            f"default_state(batch)")
+        object.__setattr__(self, "_stepper", form)
+        object.__setattr__(self, "_stepper_setup", (mode, tol, weights))
         built = next(self._stepper.buffers()).dtype
         if built != self._real_dtype:
             raise RuntimeError(f"the step form was built in {built} and the kernel now holds {self._real_dtype} "
