@@ -166,6 +166,21 @@ def mask_padding(y: Tensor, lengths: Optional[Tensor], time_dim: int = 1) -> Ten
     return torch.where(keep.reshape(keep.shape + (1,) * (y.dim() - keep.dim())), y, 0.0)
 
 
+def mask_lengths_of_one_stream(u: Tensor, lengths: Optional[Tensor], state: Optional[Tensor],
+                               time_dim: int) -> Tensor:
+    """``u`` with the padding past ``lengths`` zeroed (checked by :func:`check_lengths`), for layers
+    that also pass a state on: with lengths, the next state would be the state after the whole
+    padded input, not after each sequence's last sample, so lengths and a state together are
+    refused."""
+    if lengths is None:
+        return u
+    if state is not None:
+        raise ValueError("state passing needs sequences of one length: with lengths, the next state would be "
+                         "the state after the whole padded input, not after each sequence's last sample")
+    check_lengths(lengths, u.shape[0], u.shape[time_dim])
+    return mask_padding(u, lengths, time_dim=time_dim)
+
+
 def version_of(t: Tensor) -> Optional[int]:
     """``t``'s version counter (bumped by every in-place change: optimiser steps, load_state_dict,
     in-place edits under no_grad); None for an inference tensor, which has none and cannot be

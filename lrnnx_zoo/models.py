@@ -228,13 +228,13 @@ class SequenceModel(HubMixin, nn.Module):
         # lengths failed first, in a broadcast ("The size of tensor a (3) must match ...").
         check_lengths(lengths, x.shape[0], x.shape[1])
         # Without lengths, a Python test on the shape: a tensor's .item() broke torch.compile's graph.
-        empty = x.shape[1] == 0 if lengths is None else bool((torch.as_tensor(lengths) == 0).any())
+        steps = None if lengths is None else torch.as_tensor(lengths)
+        empty = x.shape[1] == 0 if steps is None else bool((steps == 0).any())
         if cfg.pooling is not None and x.shape[0] and empty:
             # An empty sequence has no mean or last step: "last" raised an IndexError, "mean" returned
             # NaN (length 0) or the decoder's bias (a length of 0).
             raise ValueError(f"pooling={cfg.pooling!r} needs at least one valid step per sequence, got x of "
-                             f"length {x.shape[1]}" + ("" if lengths is None
-                                                       else f" and lengths {torch.as_tensor(lengths).tolist()}"))
+                             f"length {x.shape[1]}" + ("" if steps is None else f" and lengths {steps.tolist()}"))
         # Padding is zeroed at the door (the layers zero theirs too), so a NaN there reaches nothing.
         h = mask_padding(self.encoder(x), lengths)
         for block in self.blocks:

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_lengths, check_parameter_dtype, check_sizes,
-                            current_form, float32_under_autocast, mask_padding, needs_autograd, weights_and_versions)
+from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_parameter_dtype, check_sizes, current_form,
+                            float32_under_autocast, mask_lengths_of_one_stream, mask_padding, needs_autograd, weights_and_versions)
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, reversed_spectrum
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel
@@ -189,12 +189,8 @@ class FFTConvS4(nn.Module):
         """
         u = self._to_bhl(x)
         B, H, L = u.shape
-        if lengths is not None:
-            if state is not None:
-                raise ValueError("state passing needs sequences of one length: with lengths, the next state would be "
-                                 "the state after the whole padded input, not after each sequence's last sample")
-            check_lengths(lengths, B, L)      # a float or too large one failed in gather, or was taken as given
-            u = mask_padding(u, lengths, time_dim=2)
+        if lengths is not None:               # a float or too large one failed in gather, or was taken as given
+            u = mask_lengths_of_one_stream(u, lengths, state, time_dim=2)
             x = u if self.transposed else u.transpose(1, 2)
         if state is not None:
             self._check_streamable("state passing")

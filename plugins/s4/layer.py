@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_lengths, check_sizes, float32_under_autocast, mask_padding,
-                            needs_autograd)
+from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_sizes, float32_under_autocast, mask_lengths_of_one_stream,
+                            mask_padding, needs_autograd)
 from lrnnx_zoo.convolution import blocked_channel_conv, circular_conv, fast_fft_size, reversed_spectrum
 from lrnnx_zoo.ssm_kernel import check_rate
 from lrnnx_zoo.step_forms import StepForm
@@ -159,12 +159,7 @@ class S4(nn.Module):
             raise ValueError(f"state passing runs the system at rate 1 (forward_state has no rate); got rate={rate}. "
                              f"Pass state=None to evaluate at another rate")
         L = u.shape[-1 if self.transposed else 1]
-        if lengths is not None:
-            if state is not None:
-                raise ValueError("state passing needs sequences of one length: with lengths, the next state would be "
-                                 "the state after the whole padded input, not after each sequence's last sample")
-            check_lengths(lengths, u.shape[0], L)
-            u = mask_padding(u, lengths, time_dim=2 if self.transposed else 1)
+        u = mask_lengths_of_one_stream(u, lengths, state, time_dim=2 if self.transposed else 1)
         Lk = L if self.L is None else min(L, round(self.L * rate))
         if state is None and not needs_autograd(self, u) and self._elementwise_after_conv():
             Kf, n = ssm_spectrum(self.kernel, L, Lk, rate, self.bidirectional)
