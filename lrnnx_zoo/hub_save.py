@@ -234,8 +234,24 @@ def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None
     with publishing("upload to", repo_id, kept):
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        _check_repo_holds_no_other_model(api, repo_id, revision, kept)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=list(CHECKPOINT_FILES),
                                  commit_message=message, revision=revision)
+
+
+def _check_repo_holds_no_other_model(api: Any, repo_id: str, revision: Optional[str], kept: str) -> None:
+    """Refuse to upload a checkpoint over a repo (at ``revision``) whose config.json is an export's or
+    another library's: the upload replaced its config.json and card and left its other files (a step
+    graph, another model's weights) beside them. The Hub mirror of :func:`check_save_target`."""
+    if CONFIG_NAME not in api.list_repo_files(repo_id, revision=revision):
+        return
+    foreign = _foreign_config(Path(api.hf_hub_download(repo_id, CONFIG_NAME, revision=revision)))
+    if foreign:
+        where = repo_id if revision in (None, "main") else f"{repo_id}@{revision}"
+        raise HubPublishError(f"refusing to upload a checkpoint to {where!r}: it holds {foreign}, and the "
+                              f"checkpoint's {CONFIG_NAME} and {CARD_NAME} would replace it. Expected a new repo "
+                              f"or an lrnnx-zoo checkpoint's; push to another repo, e.g. {repo_id + '-checkpoint'!r}. "
+                              f"{kept[:1].upper() + kept[1:]}.")
 
 
 #: config.json's provenance fields, which save_pretrained / push_to_hub write into the card.

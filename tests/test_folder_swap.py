@@ -162,6 +162,33 @@ def test_pushing_an_export_into_a_checkpoint_repo_is_refused(tmp_path, local_hub
     assert (tmp_path / "exp" / "model.ts").is_file()                  # the local export is kept
 
 
+def test_pushing_a_checkpoint_into_an_export_or_foreign_repo_is_refused(tmp_path, local_hub):
+    # the mirror of the test above: push_to_hub into an export's repo replaced its config.json and card
+    # and left model.onnx beside the checkpoint (the repo was neither a working export nor only a
+    # checkpoint); a repo of another library's model lost its config.json the same way
+    from huggingface_hub import HfApi
+    from lrnnx_zoo.hub_save import HubPublishError
+
+    model = small_model()
+    export_folder(model, tmp_path / "exp", format="onnx", latency_steps=0, push_to_hub="me/exp")
+    HfApi().create_repo("me/other")
+    HfApi().upload_file(path_or_fileobj=b'{"model_type": "bert"}', path_in_repo="config.json", repo_id="me/other")
+    for repo, holds in (("me/exp", "an export"), ("me/other", "another model's config.json")):
+        before = {f: local_hub.read_file(repo, f) for f in local_hub.list_files(repo)}
+        with pytest.raises(HubPublishError, match=rf"refusing to upload a checkpoint to '{repo}': it holds "
+                                                  rf"{holds}.*model in memory is unchanged"):
+            model.push_to_hub(repo)
+        with pytest.raises(HubPublishError, match=r"holds .*checkpoint files are in"):
+            model.save_pretrained(tmp_path / repo.replace("/", "-"), push_to_hub=True, repo_id=repo)
+        with pytest.raises(HubPublishError, match=rf"to '{repo}@dev'"):        # a new branch starts as main
+            model.push_to_hub(repo, revision="dev")
+        assert {f: local_hub.read_file(repo, f) for f in local_hub.list_files(repo)} == before
+        assert lrnnx_zoo.from_pretrained(tmp_path / repo.replace("/", "-")) is not None   # the local half
+    model.push_to_hub("me/model")                       # a checkpoint's own repo takes a new checkpoint
+    model.push_to_hub("me/model")
+    lrnnx_zoo.from_pretrained("me/model")
+
+
 def test_replaced_folder_writes_through_a_symlink_and_keeps_it(tmp_path, swap_mode, monkeypatch):
     # the link itself was swapped: it became a real folder, the folder it named kept the old files,
     # and the link was left behind as the hidden sibling .link.tmp-XXXXXXXX (rmtree refuses links)
