@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo.models import SequenceModel
-from lrnnx_zoo.step_forms import step_form_dtype
+from lrnnx_zoo.step_forms import same_form, step_form_dtype
 
 #: Poolings a step graph can reproduce causally (None = sequence to sequence).
 CAUSAL_POOLINGS = (None, "mean", "last")
@@ -181,3 +181,41 @@ def build_step_module(model: SequenceModel) -> StepModule:
     step = StepModule(model.encoder, blocks, forms, model.norm, model.decoder, pooling,
                       config.d_input, config.d_model, config.d_output)
     return step.eval()
+
+
+@torch.no_grad()
+def state_from_cache(model: SequenceModel, cache: Dict[str, Any]) -> Tensor:
+    """The step graph's packed state (B, state_size), float32, of a stream the model ran in torch:
+    ``cache`` from ``model.prefill(x)`` (or ``allocate_inference_cache`` and ``step``). Layers'
+    states in block order, then the running mean and step count of mean pooling (the layout of
+    :class:`StepModule`). Read a prompt in one convolution-mode pass and go on in ONNX Runtime::
+
+        y, cache = model.prefill(prompt)
+        streamer.reset(prompt.shape[0]); streamer.state = state_from_cache(model, cache)
+
+    Each layer's cached step form is checked against the one the graph is built from (same form
+    to float32 rounding), so a state is never read in another layout.
+    """
+    if not isinstance(cache, dict) or cache.get("model") != id(model):
+        raise ExportError("expected a cache of this model (model.prefill(x) or model.allocate_inference_cache(batch)), "
+                          "got " + ("one made by another model" if isinstance(cache, dict) else type(cache).__name__))
+    parts = []
+    for i, (block, layer_cache) in enumerate(zip(model.blocks, cache["layers"])):
+        name = type(block.layer).__name__
+        if not isinstance(layer_cache, dict) or "lrnn_state" not in layer_cache or "step_form" not in layer_cache:
+            got = sorted(layer_cache) if isinstance(layer_cache, dict) else type(layer_cache).__name__
+            raise ExportError(f"blocks.{i}.layer ({name}) keeps its stream in a cache without 'lrnn_state' and "
+                              f"'step_form' (got {got}), so its state cannot be placed in a step graph's state")
+        with step_form_dtype(torch.float32):
+            form = _layer_step_form(block.layer, i, model.config.d_model)
+        if not same_form(form.to(layer_cache["lrnn_state"].device), layer_cache["step_form"]):
+            raise ExportError(f"blocks.{i}.layer ({name}): the cache's step form is not the one a step graph of the "
+                              f"model's current weights holds (weights changed since, or another step form was "
+                              f"chosen); prefill again")
+        parts.append(layer_cache["lrnn_state"])
+    if model.config.pooling == "mean":
+        mean = cache["pool_mean"]
+        count = cache["t"]
+        count = count if isinstance(count, Tensor) else mean.new_full((mean.shape[0], 1), float(count))
+        parts += [mean, count.to(mean.dtype)]
+    return torch.cat(parts, 1).float().cpu() if parts else torch.zeros(cache["pool_mean"].shape[0], 0)

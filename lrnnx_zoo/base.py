@@ -166,6 +166,22 @@ def mask_padding(y: Tensor, lengths: Optional[Tensor], time_dim: int = 1) -> Ten
     return torch.where(keep.reshape(keep.shape + (1,) * (y.dim() - keep.dim())), y, 0.0)
 
 
+def right_aligned(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """x: (B, L, ...) with each sequence's first ``lengths[b]`` steps moved to the end and zeros
+    before them. A linear time-invariant system started from a zero state stays there under zero
+    input, so its state after the last step of the right-aligned input is its state after step
+    ``lengths[b]`` of the padded one: one pass gives every sequence's own final state."""
+    if lengths is None:
+        return x
+    L = x.shape[1]
+    t = torch.arange(L, device=x.device)
+    shift = (L - torch.as_tensor(lengths, device=x.device)).unsqueeze(1)        # (B, 1)
+    index = (t - shift) % L                                                     # step t takes x[t - shift]
+    taken = x.gather(1, index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(x.shape))
+    keep = (t >= shift).reshape(shift.shape[0], L, *(1,) * (x.dim() - 2))
+    return torch.where(keep, taken, 0.0)
+
+
 def mask_lengths_of_one_stream(u: Tensor, lengths: Optional[Tensor], state: Optional[Tensor],
                                time_dim: int) -> Tensor:
     """``u`` with the padding past ``lengths`` zeroed (checked by :func:`check_lengths`), for layers
@@ -305,6 +321,39 @@ class LTI_LRNN(LRNN):
         form = form.to(device=ref.device, dtype=dtype)
         state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
         return {"step_form": form, "lrnn_state": state, "weights": weights_and_versions(self)}
+
+    def prefill(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Any]]:
+        """Read a prompt in convolution mode and return the cache a stream continues from.
+
+        x: (B, L, H) -> (y, cache): y = ``forward(x, lengths=lengths)`` (B, L, H), and the cache of
+        :meth:`allocate_inference_cache` (B) holding the state after each sequence's last valid step
+        (step L, or ``lengths[b]``), so that :meth:`step` goes on as if it had stepped through x.
+        The state costs one pass over x (:meth:`final_step_state`), not L steps.
+        """
+        y = self(x, lengths=lengths)
+        cache = self.allocate_inference_cache(x.shape[0])
+        state = cache["lrnn_state"]
+        u = mask_padding(float32_under_autocast(x), lengths).to(state.dtype)     # forward checked x
+        final = self.final_step_state(u, None if lengths is None else torch.as_tensor(lengths, device=u.device),
+                                      cache["step_form"])
+        if final.shape != state.shape:
+            raise RuntimeError(f"{type(self).__name__}.final_step_state returned shape {tuple(final.shape)}, expected the "
+                               f"step form's state (batch, state_size) = {tuple(state.shape)}")
+        cache["lrnn_state"] = final.to(state.dtype)
+        return y, cache
+
+    def final_step_state(self, u: Tensor, lengths: Optional[Tensor], form: nn.Module) -> Tensor:
+        """The state of ``form`` (this layer's step form, just built) after u: (B, L, H) from a zero
+        state, at step ``lengths[b]`` of each sequence (L when None): (B, state_size).
+
+        This default steps ``form`` through u, so it holds for any step form; the families
+        override it with their kernel's state passing (one pass over u instead of L steps)."""
+        s = u.new_zeros(u.shape[0], form.state_size)
+        final = s
+        for t in range(u.shape[1]):
+            _, s = form(u[:, t], s)
+            final = s if lengths is None else torch.where((lengths == t + 1).unsqueeze(1), s, final)
+        return final
 
     def step(self, x: Tensor, inference_cache: Dict[str, Any], **kwargs: Any) -> Tuple[Tensor, Dict[str, Any]]:
         """One recurrent step.  x: (B, H) -> y: (B, H); the cache's state is advanced."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -190,6 +190,28 @@ class Block(nn.Module):
     def forward(self, h: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         return h + self.mix(self.layer(_normalize(self.norm, h, lengths), lengths=lengths))
 
+    def prefill(self, h: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Any]]:
+        """:meth:`forward`, and the layer's cache after h (:func:`prefill_layer`)."""
+        z, cache = prefill_layer(self.layer, _normalize(self.norm, h, lengths), lengths)
+        return h + self.mix(z), cache
+
+
+def prefill_layer(layer: nn.Module, x: Tensor, lengths: Optional[Tensor]) -> Tuple[Tensor, Dict[str, Any]]:
+    """``layer.prefill(x, lengths)`` (every LTI layer has it: one convolution-mode pass and its state
+    at the end); for a layer without it, its forward and a cache stepped through x (sequences of
+    one length only: a stepped cache holds the state after the whole padded input)."""
+    if hasattr(layer, "prefill"):
+        return layer.prefill(x, lengths=lengths)
+    if lengths is not None and bool((torch.as_tensor(lengths) != x.shape[1]).any()):
+        raise ValueError(f"{type(layer).__name__} has no prefill(x, lengths), so its state is found by stepping "
+                         f"through x, which needs sequences of one length; got lengths {torch.as_tensor(lengths).tolist()} "
+                         f"for length {x.shape[1]}. Prefill each length separately")
+    y = layer(x, lengths=lengths)
+    cache = layer.allocate_inference_cache(x.shape[0])
+    for t in range(x.shape[1]):
+        layer.step(x[:, t], cache)
+    return y, cache
+
 
 class SequenceModel(HubMixin, nn.Module):
     """Sequence model on any registered layer.
@@ -214,6 +236,32 @@ class SequenceModel(HubMixin, nn.Module):
         return any(getattr(b.layer, "bidirectional", False) for b in self.blocks)
 
     def forward(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+        x = self._check_sequence(x, lengths)
+        return self._readout(self._features(x, lengths), lengths)
+
+    def prefill(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Any]]:
+        """Read a prompt in convolution mode and return the cache that :meth:`step` continues from.
+
+        x: (B, L, d_input) -> (y, cache): y = ``forward(x, lengths)``, and the cache of
+        :meth:`allocate_inference_cache` (B) after each sequence's last valid step (L, or
+        ``lengths[b]``): every layer's state (:meth:`~lrnnx_zoo.base.LTI_LRNN.prefill`, one pass
+        over x, not L steps) and the running mean of mean pooling. Steps from it continue the
+        sequences as if they had been stepped through; to continue in ONNX Runtime, pack it with
+        ``lrnnx_zoo.export.state_from_cache``. Eval mode, as for :meth:`step`.
+        """
+        x = self._check_sequence(x, lengths)
+        cache = self.allocate_inference_cache(x.shape[0])
+        h = self._features(x, lengths, cache["layers"])
+        if lengths is None:       # the step count: one for all, or each sequence's (B, 1)
+            cache["t"] = h.shape[1]
+        else:
+            cache["t"] = torch.as_tensor(lengths, device=h.device).unsqueeze(-1).to(h.dtype)
+        if h.shape[1]:
+            cache["pool_mean"] = self._pooled(h, lengths, "mean")
+        return self._readout(h, lengths), cache
+
+    def _check_sequence(self, x: Tensor, lengths: Optional[Tensor]) -> Tensor:
+        """x checked (and a half input under autocast made float32) for forward and prefill."""
         cfg = self.config
         if not isinstance(x, Tensor):
             raise TypeError(f"SequenceModel expects a torch.Tensor of shape (batch, length, d_input={cfg.d_input}), "
@@ -235,26 +283,38 @@ class SequenceModel(HubMixin, nn.Module):
             # NaN (length 0) or the decoder's bias (a length of 0).
             raise ValueError(f"pooling={cfg.pooling!r} needs at least one valid step per sequence, got x of "
                              f"length {x.shape[1]}" + ("" if steps is None else f" and lengths {steps.tolist()}"))
+        return x
+
+    def _features(self, x: Tensor, lengths: Optional[Tensor], caches: Optional[List[Dict[str, Any]]] = None) -> Tensor:
+        """The normalised features before pooling, (B, L, d_model); given ``caches`` (one per block),
+        each block prefills and leaves its layer's cache there."""
         # Padding is zeroed at the door (the layers zero theirs too), so a NaN there reaches nothing.
         h = mask_padding(self.encoder(x), lengths)
-        for block in self.blocks:
-            h = block(h, lengths)
-        h = _normalize(self.norm, h, lengths)
-        if cfg.pooling is None:
+        for i, block in enumerate(self.blocks):
+            if caches is None:
+                h = block(h, lengths)
+            else:
+                h, caches[i] = block.prefill(h, lengths)
+        return _normalize(self.norm, h, lengths)
+
+    def _readout(self, h: Tensor, lengths: Optional[Tensor]) -> Tensor:
+        """Pooling and decoder: h (B, L, d_model) -> (B, L, d_output), or (B, d_output) pooled."""
+        if self.config.pooling is None:
             return mask_padding(self.decoder(h), lengths)        # zeros after each length, like a layer
-        if cfg.pooling == "mean":
+        return self.decoder(self._pooled(h, lengths, self.config.pooling))
+
+    @staticmethod
+    def _pooled(h: Tensor, lengths: Optional[Tensor], pooling: str) -> Tensor:
+        """h (B, L, d_model) -> (B, d_model): the mean over, or the last of, each sequence's valid steps."""
+        if pooling == "mean":
             if lengths is None:
-                h = h.mean(1)
-            else:
-                lengths = torch.as_tensor(lengths, device=h.device)
-                h = mask_padding(h, lengths).sum(1) / lengths.clamp_min(1).unsqueeze(-1).to(h.dtype)
-        elif cfg.pooling == "last":
-            if lengths is None:
-                h = h[:, -1]
-            else:
-                idx = (torch.as_tensor(lengths, device=h.device) - 1).clamp_min(0)
-                h = h[torch.arange(h.shape[0], device=h.device), idx]
-        return self.decoder(h)
+                return h.mean(1)
+            lengths = torch.as_tensor(lengths, device=h.device)
+            return mask_padding(h, lengths).sum(1) / lengths.clamp_min(1).unsqueeze(-1).to(h.dtype)
+        if lengths is None:
+            return h[:, -1]
+        idx = (torch.as_tensor(lengths, device=h.device) - 1).clamp_min(0)
+        return h[torch.arange(h.shape[0], device=h.device), idx]
 
     # -- streaming ---------------------------------------------------------------------------
     def allocate_inference_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import needs_autograd, version_of as _version
+from .base import needs_autograd, right_aligned, version_of as _version
 from .step_forms import StepForm
 
 
@@ -40,6 +40,14 @@ def check_rate(rate: Any, who: str) -> None:
     if not ok:
         raise ValueError(f"{who} needs rate, the input's relative sampling rate (the kernel uses dt / rate), to be "
                          f"a finite number > 0, got {rate!r}")
+
+
+def final_kernel_state(kernel: "SSMKernel", u: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+    """The kernel's state (B, H, S) after u: (B, L, H) from its zero state, at step ``lengths[b]``
+    of each sequence (L when None): ``forward_state`` of the right-aligned input
+    (:func:`~lrnnx_zoo.base.right_aligned`). What a layer's ``final_step_state`` packs (prefill)."""
+    u = right_aligned(u, lengths).transpose(1, 2)
+    return kernel.forward_state(u, kernel.default_state(u.shape[0]).to(u.device))
 
 
 class SSMKernel(nn.Module):

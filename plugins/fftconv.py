@@ -39,7 +39,7 @@ from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_parameter_dtype, che
                             float32_under_autocast, mask_lengths_of_one_stream, mask_padding, needs_autograd, weights_and_versions)
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, reversed_spectrum
 from lrnnx_zoo.registry import get_backend
-from lrnnx_zoo.ssm_kernel import SSMKernel
+from lrnnx_zoo.ssm_kernel import SSMKernel, final_kernel_state
 from lrnnx_zoo.step_forms import (ChannelDenseStepForm, ChannelDiagonalStepForm, SequentialStepForm,
                                   StepForm, step_form_dtype, stored)
 
@@ -417,6 +417,12 @@ class FFTConvLayer(LTI_LRNN):
         if self.mix is None:
             return core
         return SequentialStepForm(core, copy.deepcopy(self.mix).requires_grad_(False))
+
+    def final_step_state(self, u: Tensor, lengths: Optional[Tensor], form: nn.Module) -> Tensor:
+        """The kernel's state passing (one pass over u), packed for the kernel's step form (the
+        first part of ``form`` when a channel mix follows it)."""
+        core = form.parts[0] if isinstance(form, SequentialStepForm) else form
+        return pack_state(core, final_kernel_state(self.conv.kernel, u, lengths), self.conv.kernel)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_state={self.d_state}, mix={self.mix is not None}"

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding
+from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding, right_aligned
 from lrnnx_zoo.modal import channel_final_state, channel_kernel, final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, get_initializer
 from lrnnx_zoo.ssm_kernel import SSMKernel
@@ -132,6 +132,11 @@ class LRU(LTI_LRNN):
             got = tuple(initial_state.shape) if isinstance(initial_state, Tensor) else type(initial_state).__name__
             raise ValueError(f"LRU expects initial_state of shape (batch={batch}, d_state={N}), or ({N},) for the whole "
                              f"batch, got {got}")
+
+    def final_step_state(self, u: Tensor, lengths: Optional[Tensor], form: nn.Module) -> Tensor:
+        """:meth:`final_state` at each sequence's last valid step, as the step form's [Re x, Im x]."""
+        x = self.final_state(right_aligned(u, lengths))
+        return torch.cat([x.real, x.imag], -1)
 
     @torch.no_grad()
     def step_form(self) -> DiagonalStepForm:

@@ -1,0 +1,223 @@
+"""prefill: read a prompt in convolution mode, then stream on from its state.
+
+The reference is always the slow path it replaces: each sequence stepped alone through its own
+valid steps. Tolerance 1e-5 (absolute, outputs of order 1): the FFT convolution and the recurrence
+round differently, ~1e-7..1e-6 at these sizes in float32; a wrong state (off by a step, another
+layout, the padding read) is off by O(0.1). Float64 layers are held to 1e-10.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lrnnx_zoo
+from lrnnx_zoo.base import LTI_LRNN, right_aligned
+from lrnnx_zoo.export import ExportError, OnnxStreamer, state_from_cache, to_onnx
+from lrnnx_zoo.step_forms import StepForm
+
+H, N = 8, 8
+TOL = 1e-5
+VARIANTS = [("lru", {}), ("s4d", {}), ("s4d", {"discretization": "bilinear"}), ("s4", {}),
+            ("s4", {"discretization": "zoh"}), ("s4", {"measure": "fourier", "rank": 2}), ("fftconv", {}),
+            ("fftconv", {"channels": 2}), ("fftconv", {"kernel_type": "s4"}), ("fftconv", {"kernel_type": "lru"})]
+IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw in VARIANTS]
+
+
+def layer_of(name: str, dtype: torch.dtype = torch.float32, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    return lrnnx_zoo.create_layer(name, H, d_state=N, **kw).to(dtype).eval()
+
+
+def stepped_alone(layer: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each sequence's state after stepping through its own lengths[b] samples, (B, state_size)."""
+    states = []
+    for b in range(x.shape[0]):
+        cache = layer.allocate_inference_cache(1)
+        for t in range(int(lengths[b])):
+            layer.step(x[b:b + 1, t], cache)
+        states.append(cache["lrnn_state"])
+    return torch.cat(states)
+
+
+def test_right_aligned_moves_each_sequence_to_the_end():
+    x = torch.arange(1.0, 13.0).reshape(3, 4, 1)
+    got = right_aligned(x, torch.tensor([4, 2, 0]))[..., 0]
+    assert got.tolist() == [[1, 2, 3, 4], [0, 0, 5, 6], [0, 0, 0, 0]]
+    assert right_aligned(x, None) is x
+
+
+@pytest.mark.parametrize("name,kw", VARIANTS, ids=IDS)
+@torch.no_grad()
+def test_layer_prefill_is_the_state_of_stepping_through(name, kw):
+    layer = layer_of(name, **kw)
+    x = torch.randn(3, 40, H)
+    lengths = torch.tensor([25, 9, 1])
+    y, cache = layer.prefill(x[:, :25], lengths)
+    assert torch.equal(y, layer(x[:, :25], lengths=lengths))
+    want = stepped_alone(layer, x, lengths)
+    assert (cache["lrnn_state"] - want).abs().max() < TOL
+    # the families' closed form and the generic default (stepping the form) are one state
+    generic = LTI_LRNN.final_step_state(layer, x[:, :25], lengths, cache["step_form"])
+    assert (generic - cache["lrnn_state"]).abs().max() < TOL
+    # and the stream goes on: steps after a whole-length prefill continue forward's outputs
+    full = layer(x)
+    _, cache = layer.prefill(x[:, :25])
+    ys = torch.stack([layer.step(x[:, t], cache)[0] for t in range(25, 40)], 1)
+    assert (ys - full[:, 25:]).abs().max() < TOL
+
+
+@pytest.mark.parametrize("name,kw", [VARIANTS[1], VARIANTS[3], VARIANTS[0]], ids=["s4d", "s4", "lru"])
+@torch.no_grad()
+def test_float64_prefill_is_exact(name, kw):
+    layer = layer_of(name, torch.float64, **kw)
+    x = torch.randn(2, 30, H, dtype=torch.float64)
+    lengths = torch.tensor([30, 17])
+    _, cache = layer.prefill(x, lengths)
+    assert cache["lrnn_state"].dtype == torch.float64
+    assert (cache["lrnn_state"] - stepped_alone(layer, x, lengths)).abs().max() < 1e-10
+
+
+@torch.no_grad()
+def test_empty_prompt_gives_the_zero_state():
+    layer = layer_of("s4d")
+    y, cache = layer.prefill(torch.randn(2, 0, H))
+    assert y.shape == (2, 0, H) and not cache["lrnn_state"].any()
+
+
+def model_of(layer: str, pooling, **kw) -> lrnnx_zoo.SequenceModel:
+    torch.manual_seed(1)
+    cfg = lrnnx_zoo.ModelConfig(layer=layer, d_input=3, d_output=2, d_model=H, n_layers=2,
+                                layer_kwargs={"d_state": N, **kw}, pooling=pooling)
+    return lrnnx_zoo.SequenceModel(cfg).eval()
+
+
+@pytest.mark.parametrize("pooling", [None, "mean", "last"])
+@pytest.mark.parametrize("layer", ["lru", "s4d", "s4", "fftconv"])
+@torch.no_grad()
+def test_model_prefill_then_step_continues_each_sequence(layer, pooling):
+    model = model_of(layer, pooling)
+    x = torch.randn(3, 45, 3)
+    lengths = torch.tensor([30, 12, 1])
+    y, cache = model.prefill(x[:, :30], lengths)
+    assert torch.equal(y, model(x[:, :30], lengths))
+    cont = torch.stack([model.step(x[:, t], cache)[0] for t in range(30, 45)], 1)
+    for b in range(3):
+        # the sequence it continues: its own valid prompt, then the steps fed after the prefill
+        whole = model(torch.cat([x[b:b + 1, :lengths[b]], x[b:b + 1, 30:]], 1))[0]
+        got, want = (cont[b], whole[lengths[b]:]) if pooling is None else (cont[b, -1], whole)
+        assert (got - want).abs().max() < TOL, b
+
+
+@pytest.mark.parametrize("layer,pooling", [("s4", "mean"), ("lru", None)])
+@torch.no_grad()
+def test_prefill_in_torch_then_stream_in_onnx_runtime(layer, pooling, tmp_path):
+    model = model_of(layer, pooling)
+    x = torch.randn(2, 40, 3)
+    to_onnx(model, tmp_path / "m.onnx", validate=False, exporter="legacy")   # this test is its validation
+    _, cache = model.prefill(x[:, :25])
+    streamer = OnnxStreamer(tmp_path / "m.onnx")
+    streamer.reset(2)
+    streamer.state = state_from_cache(model, cache).numpy()
+    out = streamer.run(x[:, 25:].numpy())
+    want = model(x)
+    if pooling is None:
+        assert np.abs(out - want[:, 25:].numpy()).max() < TOL
+    else:
+        assert np.abs(out[:, -1] - want.numpy()).max() < TOL
+
+
+@torch.no_grad()
+def test_state_from_cache_refuses_a_cache_it_cannot_place():
+    model = model_of("s4d", "mean")
+    _, cache = model.prefill(torch.randn(2, 10, 3))
+    with pytest.raises(ExportError, match="made by another model"):
+        state_from_cache(model_of("s4d", "mean"), cache)
+    with pytest.raises(ExportError, match="got list"):
+        state_from_cache(model, [])
+    model.blocks[1].layer.kernel.log_dt.add_(0.5)        # weights changed: the cache's form is stale
+    with pytest.raises(ExportError, match=r"blocks\.1\.layer \(S4D\): the cache's step form is not the one"):
+        state_from_cache(model, cache)
+
+
+class _Gain(nn.Module):
+    """A third-party layer that is not an LTI_LRNN and has no prefill: y = w * x, with a step cache."""
+
+    def __init__(self, d_model, d_state=1):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, d_model))
+
+    def forward(self, x, integration_timesteps=None, lengths=None):
+        return x * self.w
+
+    def allocate_inference_cache(self, batch_size, **kw):
+        return {"steps": 0}
+
+    def step(self, x, cache):
+        cache["steps"] += 1
+        return x * self.w, cache
+
+
+class _Ema(LTI_LRNN):
+    """An LTI layer with a step form and no final_step_state of its own: the default steps it."""
+
+    def __init__(self, d_model, d_state=1):
+        super().__init__("no_discretization")
+        self.d_model = d_model
+        self.a = nn.Parameter(torch.linspace(0.5, 0.95, d_model))
+
+    def discretize(self):
+        return self.a, 1 - self.a, torch.ones_like(self.a)
+
+    def compute_kernel(self, L):
+        return (1 - self.a) * self.a ** torch.arange(L, dtype=self.a.dtype)[:, None]   # (L, H)
+
+    def forward(self, x, integration_timesteps=None, lengths=None):
+        x = self.prepare_input(x, lengths)
+        K = self.compute_kernel(x.shape[1])
+        y = torch.stack([(K[:t + 1].flip(0) * x[:, :t + 1]).sum(1) for t in range(x.shape[1])], 1)
+        return y
+
+    def step_form(self):
+        return _EmaStep(self.a.detach())
+
+
+class _EmaStep(StepForm):
+    def __init__(self, a):
+        super().__init__()
+        self.register_buffer("a", a.clone())
+        self.state_size = self.d_input = self.d_output = a.shape[0]
+
+    def forward(self, u, s):
+        s = self.a * s + (1 - self.a) * u
+        return s, s
+
+
+class _ThirdParty:
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_layers(self, registry):
+        registry.add_layer("prefill_gain", _Gain)
+        registry.add_layer("prefill_ema", _Ema)
+
+
+@pytest.fixture
+def third_party():
+    lrnnx_zoo.register_plugin(_ThirdParty(), name="prefill_third_party")
+    yield
+    lrnnx_zoo.unregister_plugin("prefill_third_party")
+
+
+@torch.no_grad()
+def test_third_party_layers_prefill_without_code_of_their_own(third_party):
+    x = torch.randn(2, 20, 3)
+    ema = model_of("prefill_ema", None)
+    _, cache = ema.prefill(x[:, :12], torch.tensor([12, 5]))
+    cont = torch.stack([ema.step(x[:, t], cache)[0] for t in range(12, 20)], 1)
+    assert (cont[1] - ema(torch.cat([x[1:, :5], x[1:, 12:]], 1))[0, 5:]).abs().max() < TOL
+    gain = model_of("prefill_gain", "mean")
+    _, cache = gain.prefill(x[:, :12])                  # no prefill: stepped through
+    assert [c["steps"] for c in cache["layers"]] == [12, 12]
+    with pytest.raises(ValueError, match=r"_Gain has no prefill\(x, lengths\).*lengths \[12, 5\]"):
+        gain.prefill(x[:, :12], torch.tensor([12, 5]))
