@@ -8,7 +8,8 @@ Columns:
   torch.export (.pt2) step; ratios eager/ONNX and TorchScript/ONNX;
 - tokens/s at batch 64 (ONNX step graph, and eager step; interleaved, both on one thread);
 - a 4096-step sequence at batch 1: streamed through the ONNX step graph vs the model's
-  convolution-mode forward of the whole sequence.
+  convolution-mode forward of the whole sequence, and vs ``model.prefill`` (the forward and the
+  state after it, to stream on from).
 Torch runs single-threaded like ONNX Runtime (one stream of tiny steps; see validate.one_torch_thread),
 at batch 64 too, so that both columns are one core's throughput.
 
@@ -89,7 +90,7 @@ def bench_family(layer: str, tmp: Path, steps: int, compare: bool) -> Dict[str, 
     r.update(batch64_throughput(model, onnx_res, max(steps // 5, 50)))
     x = torch.randn(1, 4096, 16)
     streamer = OnnxStreamer(onnx_res.path)
-    stream_s, conv_s = [], []
+    stream_s, conv_s, prefill_s = [], [], []
     for _ in range(3):
         streamer.reset(1)
         t0 = time.perf_counter()
@@ -99,8 +100,12 @@ def bench_family(layer: str, tmp: Path, steps: int, compare: bool) -> Dict[str, 
             t0 = time.perf_counter()
             model(x)
             conv_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            model.prefill(x)             # forward and the state after it, to stream on from
+            prefill_s.append(time.perf_counter() - t0)
     r["stream4096_ms"] = 1e3 * min(stream_s)
     r["conv4096_ms"] = 1e3 * min(conv_s)
+    r["prefill4096_ms"] = 1e3 * min(prefill_s)
     if compare:
         legacy = to_onnx(model, tmp / f"{layer}-legacy.onnx", exporter="legacy")
         r["legacy_nodes"] = legacy.graph["nodes"]
@@ -125,13 +130,13 @@ def main(argv: List[str] = None) -> None:
           f"torch {torch.__version__}, 1 thread")
     head = (f"{'family':<10}{'nodes':>6}{'KiB':>7}{'max err':>9}{'ONNX':>8}{'eager':>8}{'TS':>8}{'pt2':>8}"
             f"{'eager/ONNX':>11}{'TS/ONNX':>8}{'ONNX tok/s b64':>15}{'eager tok/s b64':>16}"
-            f"{'4096 stream ms':>15}{'4096 conv ms':>13}")
+            f"{'4096 stream ms':>15}{'4096 conv ms':>13}{'4096 prefill ms':>16}")
     print(head)
     for layer, r in rows.items():
         print(f"{layer:<10}{r['nodes']:>6}{r['kib']:>7.0f}{r['err']:>9.1e}{r['onnx_us']:>8.1f}{r['eager_us']:>8.1f}"
               f"{r['ts_us']:>8.1f}{r['pt2_us']:>8.1f}{r['eager_us'] / r['onnx_us']:>10.1f}x"
               f"{r['ts_us'] / r['onnx_us']:>7.1f}x{r['onnx_tok_s_b64']:>15,.0f}{r['eager_tok_s_b64']:>16,.0f}"
-              f"{r['stream4096_ms']:>15.1f}{r['conv4096_ms']:>13.1f}")
+              f"{r['stream4096_ms']:>15.1f}{r['conv4096_ms']:>13.1f}{r['prefill4096_ms']:>16.1f}")
     if args.compare_exporters:
         print("\nexporter comparison (ONNX nodes, us/step at batch 1):")
         for layer, r in rows.items():

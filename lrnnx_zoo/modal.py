@@ -12,6 +12,7 @@ recurrence, registered as kernel backends of kind "modal":
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -30,7 +31,14 @@ def powers(log_lam: Tensor, L: int, dtype: Optional[torch.dtype] = None) -> Tens
     float32 LRU's fft-mode output by 2.3e-5 and its final state by 1.3e-4 relative at L = 4096.
     Pass log_lam in complex128 (formed from the parameters in float64) for the full benefit."""
     t = torch.arange(L, device=log_lam.device, dtype=torch.float64)
-    return torch.exp(t[:, None] * log_lam.to(torch.complex128)).to(dtype or log_lam.dtype)
+    return cexp(t[:, None] * log_lam.to(torch.complex128)).to(dtype or log_lam.dtype)
+
+
+def cexp(z: Tensor) -> Tensor:
+    """exp(z) for complex z as exp(Re z) (cos Im z + i sin Im z): torch's complex exp is not
+    vectorised on the CPU, and this is 2x (complex128) to 6x (complex64) faster, to rounding."""
+    magnitude = torch.exp(z.real)
+    return torch.complex(magnitude * torch.cos(z.imag), magnitude * torch.sin(z.imag))
 
 
 def _pair_rows(M: Tensor, dtype: torch.dtype) -> Tensor:
@@ -88,15 +96,34 @@ def modal_scan(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
     return project_out(x, C)
 
 
+def block_powers(log_lam: Tensor, L: int, dtype: torch.dtype) -> Tuple[int, Tensor, Tensor]:
+    """The powers a decayed sum sum_j lam^{L-1-j} v_j needs, in two levels: with L <= n c,
+
+        sum_j lam^{L-1-j} v_j = sum_k lam^{c (n-1-k)} S_k,   S_k = sum_{i<c} lam^{c-1-i} v_{kc+i}
+
+    (v zero-padded in front to n c, which adds nothing), so c + n powers per mode (c ~ sqrt L),
+    not L: they are complex128 exponentials (as in :func:`powers`, for their accuracy), and all L
+    of them took 1.4 s per S4D layer at H=128, N=64, L=4096 here, 30x its convolution forward.
+    log_lam: (..., M) -> (c, inner (c, ..., M) = lam^{c-1-i}, outer (n, ..., M) = lam^{c(n-1-k)})."""
+    c = max(1, math.isqrt(L))
+    n = -(-L // c)
+    flat = log_lam.to(torch.complex128).reshape(-1)
+    inner = powers(flat, c, dtype).flip(0).reshape(c, *log_lam.shape)
+    outer = powers(c * flat, n, dtype).flip(0).reshape(n, *log_lam.shape)
+    return c, inner, outer
+
+
 def final_state(u: Tensor, log_lam: Tensor, B: Tensor, initial_state: Optional[Tensor] = None) -> Tensor:
     """x_{L-1} = sum_j lam^{L-1-j} B u_j (+ lam^L x_{-1}) without materialising every state.
-    u: (Bsz, L, H) -> (Bsz, N) complex."""
-    L = u.shape[1]
+    u: (Bsz, L, H) -> (Bsz, N) complex (:func:`block_powers`)."""
+    Bsz, L = u.shape[:2]
     cx = torch.promote_types(u.dtype, torch.complex64)
-    K = powers(log_lam, L + 1, cx)
-    x = torch.einsum("bln,ln->bn", project_in(u, B), K[:L].flip(0))
+    c, inner, outer = block_powers(log_lam, L, cx)
+    v = torch.nn.functional.pad(project_in(u, B), (0, 0, outer.shape[0] * c - L, 0))    # (Bsz, n c, N)
+    x = (v.reshape(Bsz, -1, c, v.shape[-1]) * inner).sum(2)                            # S_k: (Bsz, n, N)
+    x = (x * outer).sum(1)
     if initial_state is not None:
-        x = x + K[L] * initial_state.to(cx)
+        x = x + cexp(L * log_lam.to(torch.complex128)).to(cx) * initial_state.to(cx)
     return x
 
 
@@ -104,12 +131,20 @@ def channel_final_state(u: Tensor, log_lam: Tensor, B: Tensor, state: Tensor) ->
     """The same for H single-input systems, one per channel (S4D's and LRUKernel's state passing):
     x_{L-1}[h] = lam[h]^L x_{-1}[h] + sum_j lam[h]^{L-1-j} B[h] u_j[h].
     u: (Bsz, H, L) real, log_lam, B: (H, M) complex (log_lam best in complex128, see :func:`powers`),
-    state: (Bsz, H, M) complex -> (Bsz, H, M) complex of state's dtype."""
+    state: (Bsz, H, M) complex -> (Bsz, H, M) complex of state's dtype. The block sums S_k
+    (:func:`block_powers`) are one real batched matmul of u's blocks with the inner powers."""
     H, M = log_lam.shape
-    L = u.shape[-1]
-    P = powers(log_lam.reshape(-1), L + 1, state.dtype).reshape(L + 1, H, M)          # lam^l, l <= L
-    x = torch.einsum("bhl,lhn->bhn", u.to(P.dtype), P[:L].flip(0)) * B.to(P.dtype)
-    return x + P[L] * state
+    Bsz, L = u.shape[0], u.shape[-1]
+    cx = state.dtype
+    c, inner, outer = block_powers(log_lam, L, cx)
+    n = outer.shape[0]
+    blocks = torch.nn.functional.pad(u, (n * c - L, 0)).reshape(Bsz, H, n, c)
+    real = torch.view_as_real(inner).permute(1, 0, 2, 3).reshape(H, c, 2 * M)        # (H, c, 2M)
+    S = blocks.to(real.dtype).permute(1, 0, 2, 3).reshape(H, Bsz * n, c) @ real      # (H, Bsz n, 2M)
+    S = torch.view_as_complex(S.reshape(H, Bsz, n, M, 2).contiguous())               # (H, Bsz, n, M)
+    x = (S * outer.permute(1, 0, 2).unsqueeze(1)).sum(2).transpose(0, 1)             # (Bsz, H, M)
+    last = cexp(L * log_lam.to(torch.complex128)).to(cx)                             # lam^L
+    return x * B.to(cx) + last * state
 
 
 def channel_kernel(vdm: Callable[..., Tensor], v: Tensor, lam: Tensor, log_lam: Tensor, L: int,

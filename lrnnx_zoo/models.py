@@ -250,7 +250,7 @@ class SequenceModel(HubMixin, nn.Module):
         ``lrnnx_zoo.export.state_from_cache``. Eval mode, as for :meth:`step`.
         """
         x = self._check_sequence(x, lengths)
-        cache = self.allocate_inference_cache(x.shape[0])
+        cache = self._model_cache(x.shape[0], layers=[None] * len(self.blocks))     # the layers' come from prefill
         h = self._features(x, lengths, cache["layers"])
         if lengths is None:       # the step count: one for all, or each sequence's (B, 1)
             cache["t"] = h.shape[1]
@@ -324,17 +324,22 @@ class SequenceModel(HubMixin, nn.Module):
         (an optimiser step, load_state_dict), allocate a new cache. ``dtype``: the model's own
         (convert the model with ``.double()`` to step in float64).
         """
-        if self.bidirectional:
-            raise ValueError("a bidirectional model sees the future and cannot run step by step")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         ref = self.encoder.weight
         if dtype is not None and dtype != ref.dtype:
             raise TypeError(f"this model holds {ref.dtype} parameters; a {dtype} cache would mix precisions. "
                             f"Convert the model instead (model.to({dtype}))")
-        caches = [b.layer.allocate_inference_cache(batch_size, dtype=ref.dtype) for b in self.blocks]
-        return {"layers": caches, "pool_mean": ref.new_zeros(batch_size, self.config.d_model), "t": 0,
-                "model": id(self)}
+        cache = self._model_cache(batch_size, [])
+        cache["layers"] = [b.layer.allocate_inference_cache(batch_size, dtype=ref.dtype) for b in self.blocks]
+        return cache
+
+    def _model_cache(self, batch_size: int, layers: List[Any]) -> Dict[str, Any]:
+        """The cache of :meth:`step` around the layers' caches: the pooling state and the step count."""
+        if self.bidirectional:
+            raise ValueError("a bidirectional model sees the future and cannot run step by step")
+        return {"layers": layers, "pool_mean": self.encoder.weight.new_zeros(batch_size, self.config.d_model),
+                "t": 0, "model": id(self)}
 
     def step(self, x: Tensor, cache: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
         """One time step: x (B, d_input) -> y (B, d_output). ``cache``: from this model's
