@@ -51,26 +51,28 @@ class StepModes:
             raise ValueError(f"step mode must be one of {STEP_MODES + ('auto',)}, got {mode!r}")
         if mode == "linear" and self.discretization != "bilinear":
             raise ValueError("the linear (DPLR) step is the bilinear step; with zoh use mode='dense' or 'diagonal'")
-        C = self.output_matrix()
+        C = self.output_matrix()      # a solve with I - A_bar^L: computed once, also when "auto" falls back
         self._basis, self._built = None, None
+        A_bar = b_bar = None
+        if mode in ("auto", "diagonal"):
+            A_bar, b_bar = self.dense_system()
+            try:
+                limit = (1e-4 if mode == "diagonal" else 5e-5) if tol is None else tol
+                form, _, V = diagonal_form(A_bar, b_bar, dense.output_row(C), D, tol=limit)
+                self._basis, self._built = V, "diagonal"
+                return form
+            except DiagonalAccuracyError:
+                if mode == "diagonal":
+                    raise
+            mode = "linear" if self.discretization == "bilinear" else "dense"
         if mode == "linear":
             w, P, B, _, dt = self.continuous(double=True)
             self._built = "linear"
             return linear_form(w, P, B, C, dt, D)
-        A_bar, b_bar = self.dense_system()
-        c = dense.output_row(C)
-        if mode == "dense":
-            self._built = "dense"
-            return dense_form(A_bar, b_bar, c, D)
-        try:
-            limit = (1e-4 if mode == "diagonal" else 5e-5) if tol is None else tol
-            form, _, V = diagonal_form(A_bar, b_bar, c, D, tol=limit)
-        except DiagonalAccuracyError:
-            if mode == "diagonal":
-                raise
-            return self.step_form("linear" if self.discretization == "bilinear" else "dense", D)
-        self._basis, self._built = V, "diagonal"
-        return form
+        if A_bar is None:
+            A_bar, b_bar = self.dense_system()
+        self._built = "dense"
+        return dense_form(A_bar, b_bar, dense.output_row(C), D)
 
     def _apply(self, fn, recurse=True):
         """Module._apply (behind .to(), .cuda(), .double(), ...), also taking the step form
