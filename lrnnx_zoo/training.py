@@ -47,6 +47,12 @@ class MissingDependencyError(ImportError):
     """An optional package the run needs is not installed; the message says what to install."""
 
 
+class TrainingDivergedError(RuntimeError):
+    """The gradients became NaN or infinite: the run stops before the optimiser step that would write
+    them into every weight (AdamW spreads a NaN gradient to its parameter, which no later step undoes),
+    and no checkpoint is written."""
+
+
 class EpochsNotReachedWarning(UserWarning):
     """max_steps ends a run before its last epoch starts, so part of ``epochs`` (e.g. a ``--epochs``
     given on the command line) has no effect on it."""
@@ -464,6 +470,8 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
     step (batch_size above the training set size), a :class:`TrainingSetupError` (a ValueError); a
     missing optional package for the data a :class:`MissingDependencyError`.  When max_steps ends the
     run before its last epoch starts, an :class:`EpochsNotReachedWarning` says so (rank 0, before training).
+    Gradients that turn NaN or infinite (a learning rate too high) stop the run with a
+    :class:`TrainingDivergedError` that names the step; nothing is saved.
     """
     recipe = _as_recipe(recipe)
     if seed is not None:
@@ -580,8 +588,11 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo,
             loss = batch_loss(net, data.task, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if opt_spec.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), opt_spec.grad_clip)
+            # After DDP's all-reduce the gradients, so their norm and this check, agree on every rank.
+            norm = nn.utils.clip_grad_norm_(model.parameters(), opt_spec.grad_clip or math.inf)
+            if not torch.isfinite(norm):
+                raise TrainingDivergedError(diverged_message(recipe, plan, step, epoch, float(norm), loss.item(),
+                                                             schedule.get_last_lr()))
             optimizer.step()
             schedule.step()
             step += 1
@@ -596,6 +607,19 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo,
         print(f"{recipe.name}: {step} steps in {seconds:.0f} s; " +
               ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), file=sys.stderr)
     return model, metrics, seconds, step
+
+
+def diverged_message(recipe: Recipe, plan: StepPlan, step: int, epoch: int, norm: float, loss: float,
+                     rates: List[float]) -> str:
+    """Why a run stopped at 0-based ``step`` (in 0-based ``epoch``) with a non-finite gradient norm,
+    and what to change; ``rates``: the learning rates of that step, one per parameter group."""
+    o = recipe.optim
+    return (f"training diverged at optimiser step {step + 1} of {plan.total} (epoch {epoch + 1}): the gradient norm "
+            f"is {norm} (batch loss {loss:.4g}); stopped before that step would write it into the weights, "
+            f"nothing was saved. This step's learning rate{'s were' if len(set(rates)) > 1 else ' was'} "
+            f"{', '.join(f'{r:.3g}' for r in sorted(set(rates)))} "
+            f"(lr={o.lr}, ssm_lr={o.ssm_lr}, {o.warmup_steps} warmup steps, grad_clip={o.grad_clip}): "
+            f"lower lr / ssm_lr or lengthen the warmup")
 
 
 def _plural(n: int, singular: str, plural: Optional[str] = None) -> str:

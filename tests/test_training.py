@@ -509,3 +509,29 @@ def test_ssm_lr_applies_to_state_space_parameters_not_to_dense_layers_inside_a_l
     wrapper = torch.nn.Module()
     wrapper.proj, wrapper.a = TransposedLinear(4, 4), torch.nn.Parameter(torch.ones(3))
     assert [p.shape for p in ssm_parameters(wrapper)] == [(3,)]
+
+
+def test_a_run_whose_gradients_turn_nan_stops_at_that_step_and_saves_nothing(monkeypatch, tmp_path, capsys):
+    # lr=1e6 overflows the weights in the first step, and the second step's gradients are NaN. The
+    # run went on (grad clipping does not stop a NaN), wrote NaN into every weight and saved that
+    # checkpoint with test_loss nan; `lrnnx-zoo train` exited 0.
+    from lrnnx_zoo import recipes
+    from lrnnx_zoo.training import TrainingDivergedError
+    tiny = get_recipe(TINY)
+    wild = dataclasses.replace(tiny, name="digits-tiny-wild", optim=dataclasses.replace(tiny.optim, lr=1e6))
+    out = tmp_path / "ckpt"
+    with pytest.raises(TrainingDivergedError) as err:
+        train(wild, out_dir=str(out), progress=False)
+    message = str(err.value)
+    assert message.startswith("training diverged at optimiser step 2 of 8 (epoch 1): the gradient norm is nan")
+    assert "nothing was saved" in message and message.endswith("grad_clip=1.0): lower lr / ssm_lr or lengthen the warmup")
+    assert not out.exists()
+    monkeypatch.setitem(recipes.RECIPES, wild.name, wild)
+    assert cli.main(["train", wild.name, "--out", str(out), "--no-progress"]) == 1
+    err_text = capsys.readouterr().err
+    assert err_text.startswith("lrnnx-zoo train: training diverged at optimiser step 2") and err_text.count("\n") == 1
+    assert not out.exists()
+    # clipping does not stop a NaN: without it the run stops at the same step
+    unclipped = dataclasses.replace(wild, optim=dataclasses.replace(wild.optim, grad_clip=None))
+    with pytest.raises(TrainingDivergedError, match=r"^training diverged at optimiser step 2 of 8 .*grad_clip=None\)"):
+        train(unclipped, progress=False)
