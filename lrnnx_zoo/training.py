@@ -485,6 +485,7 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
     if unreached and dist_info.is_main:               # once, not once per rank
         warnings.warn(unreached, EpochsNotReachedWarning, stacklevel=2)
     try:
+        _check_shares(recipe.optim, dist_info)
         with _deterministic():
             model, metrics, seconds, steps = _run(recipe, data, plan, dist_info, progress)
         notes = training_notes(recipe, plan, steps, seconds, dist_info.world_size, _device_name(model))
@@ -529,6 +530,15 @@ def _check_out_dir(out_dir: Any) -> None:
         check_save_target(out_dir, what="out_dir")
     except (CheckpointError, PermissionError) as exc:
         raise TrainingSetupError(str(exc)) from exc
+
+
+def _check_shares(optim: OptimSpec, di: DistInfo) -> None:
+    """Refuse a global batch that the processes cannot share equally, before any training (it was a
+    ValueError traceback from every rank once the model was built)."""
+    try:
+        rank_slice(optim.batch_size, di.rank, di.world_size)
+    except ValueError as exc:
+        raise TrainingSetupError(str(exc)) from None
 
 
 def _load_training_data(recipe: Recipe) -> TaskData:

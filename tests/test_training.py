@@ -535,3 +535,19 @@ def test_a_run_whose_gradients_turn_nan_stops_at_that_step_and_saves_nothing(mon
     unclipped = dataclasses.replace(wild, optim=dataclasses.replace(wild.optim, grad_clip=None))
     with pytest.raises(TrainingDivergedError, match=r"^training diverged at optimiser step 2 of 8 .*grad_clip=None\)"):
         train(unclipped, progress=False)
+
+
+def test_a_global_batch_that_processes_cannot_share_is_a_usage_error(monkeypatch, tmp_path, capsys):
+    # Under torchrun with 3 processes, digits-tiny's batch of 32 raised a ValueError traceback from
+    # every rank after the model was built; `lrnnx-zoo train` did not report it as a usage error.
+    import lrnnx_zoo.training as training
+    _no_training(monkeypatch)
+    monkeypatch.setattr(training, "setup_distributed", lambda device=None: training.DistInfo(rank=0, world_size=3))
+    with pytest.raises(TrainingSetupError, match=r"global batch size \(32\) must be divisible by the number of "
+                                                 r"processes \(3\); pick --batch-size as a multiple of 3"):
+        train(TINY, progress=False)
+    out = tmp_path / "never"
+    assert cli.main(["train", TINY, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lrnnx-zoo train: the global batch size (32)") and err.count("\n") == 1
+    assert not out.exists()
