@@ -491,15 +491,31 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
         notes = training_notes(recipe, plan, steps, seconds, dist_info.world_size, _device_name(model))
         meta = dict(task=recipe.task, dataset=data.card, metrics=metrics, notes=notes,
                     command=command or reproduce_command(recipe, "DIR" if out_dir is None else str(out_dir)))
-        if out_dir is not None and dist_info.is_main:
-            model.save_pretrained(out_dir, **meta)
+        _save(model, out_dir, meta, dist_info)
         model.checkpoint_info = _checkpoint_info(model, recipe, out_dir, meta)
-        if dist_info.world_size > 1:
-            torch.distributed.barrier()  # nobody exits (and tears down the group) before rank 0 has saved
     finally:
         if dist_info.owns_group:
             torch.distributed.destroy_process_group()
     return model, metrics
+
+
+def _save(model: SequenceModel, out_dir: Optional[str], meta: Dict[str, Any], di: DistInfo) -> None:
+    """Rank 0 saves the checkpoint (if ``out_dir``); with several processes, no rank returns before
+    it has, and when its save fails every rank raises (the others an OSError quoting rank 0's error;
+    they failed with gloo's "Connection closed by peer" when rank 0 left, or waited on nccl)."""
+    failure: Optional[BaseException] = None
+    if out_dir is not None and di.is_main:
+        try:
+            model.save_pretrained(out_dir, **meta)
+        except Exception as exc:          # told to the other ranks, then raised here as it was
+            failure = exc
+    if di.world_size > 1:
+        told = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+        torch.distributed.broadcast_object_list(told, src=0)     # also the barrier before anyone exits
+        if told[0] is not None and failure is None:
+            raise OSError(f"rank 0 could not save the checkpoint ({told[0]})")
+    if failure is not None:
+        raise failure
 
 
 def _as_recipe(recipe: Any) -> Recipe:

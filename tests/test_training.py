@@ -72,6 +72,32 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert _max_diff(single, init) > 1e-2
 
 
+def test_under_torchrun_a_failed_save_on_rank_0_is_reported_by_every_rank(tmp_path):
+    # Rank 0's save failed (a full disk); rank 1 waited at a barrier and died of gloo's "Connection
+    # closed by peer" traceback when rank 0 left (with nccl it would wait for its timeout).
+    script = tmp_path / "full_disk.py"
+    script.write_text(
+        "import errno, sys\n"
+        "import lrnnx_zoo.hub_save as hub_save\n"
+        "def full_disk(*args, **kwargs):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "hub_save._write_checkpoint = full_disk\n"
+        "from lrnnx_zoo import training_cli\n"
+        f"sys.exit(training_cli.main(['train', {TINY!r}, '--out', {str(tmp_path / 'out')!r}, '--max-steps', '1', "
+        "'--no-progress']))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path))
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("lrnnx-zoo train: ")]
+    assert sorted(lines) == sorted([
+        f"lrnnx-zoo train: [Errno 28] No space left on device (--out {tmp_path / 'out'}: nothing was saved)",
+        "lrnnx-zoo train: rank 0 could not save the checkpoint (OSError: [Errno 28] No space left on device) "
+        f"(--out {tmp_path / 'out'}: nothing was saved)"]), proc.stderr[-3000:]
+    assert "[rank1]: Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
 def test_global_batches_drop_the_partial_batch_and_ranks_split_evenly():
     batches = list(global_batches(10, 4, epoch=0, seed=0))
     assert [len(b) for b in batches] == [4, 4]  # the last 2 examples of this epoch are dropped
