@@ -231,6 +231,25 @@ def test_optim_spec_refuses_values_that_break_training(field, value, error, mess
     assert OptimSpec(lr=1, weight_decay=0, ssm_lr=None, grad_clip=None).lr == 1  # ints and None are fine
 
 
+@pytest.mark.parametrize("name, params, error, message", [
+    ("digits", {"seed": 0, "ntest": 100}, ValueError,
+     "DataSpec('digits') params ['ntest'] are not known; expected keys among ('seed', 'n_test', 'augment')"),
+    ("sunspots", {"windw": 64}, ValueError, "DataSpec('sunspots') params ['windw'] are not known; expected keys among "
+                                            "('n_train', 'n_val', 'window', 'warmup', 'train_stride', 'target')"),
+    ("sunspots", {"window": 64.5}, TypeError, "DataSpec('sunspots') params['window'] must be an int >= 1, got 64.5 (float)"),
+    ("sunspots", {"warmup": -1}, ValueError, "DataSpec('sunspots') params['warmup'] must be an int >= 0, got -1"),
+    ("digits", {"seed": -1}, ValueError, "DataSpec('digits') params['seed'] must be an int in [0, 4294967295], got -1"),
+    ("digits", [("seed", 0)], TypeError, "DataSpec.params must be a dict, got [('seed', 0)] (list)"),
+])
+def test_data_spec_names_a_parameter_it_does_not_take(name, params, error, message):
+    # These reached the loaders: "Split.__init__() got an unexpected keyword argument 'ntest'",
+    # "'float' object cannot be interpreted as an integer", and a seed of -1 trained and was recorded.
+    from lrnnx_zoo.recipes import DataSpec
+    with pytest.raises(error) as err:
+        DataSpec(name, params)
+    assert str(err.value) == message
+
+
 def test_train_refuses_bad_arguments_clearly(monkeypatch):
     _no_training(monkeypatch)
     for bad in (123, None):
