@@ -3,6 +3,7 @@ distributed under ``torchrun``, writing a Hub-format checkpoint when given a dir
 
 Determinism: the seed fixes the initial weights (``torch.manual_seed``), the per-epoch shuffle
 and the augmentation (their own ``torch.Generator``s), and deterministic algorithms are requested.
+The global generators are forked for the run, so the caller's random stream is left as it was.
 
 Distributed (``torchrun --nproc_per_node=N``; WORLD_SIZE/RANK/LOCAL_RANK set): every rank draws
 the same global batch of ``batch_size`` examples and takes its contiguous 1/N slice, so each rank's
@@ -399,6 +400,14 @@ def _deterministic() -> Iterator[None]:
         torch.use_deterministic_algorithms(before, warn_only=warn_before)
 
 
+def _private_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """Fork torch's global generators (CPU, and ``device``'s if CUDA) for the run, which seeds them
+    (weights, dropout): the caller's stream goes on where it was.  It restarted from the run's seed,
+    so a random search drawing its next learning rate after each train() drew the same one each time."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
 def reproduce_command(recipe: Recipe, out_dir: str) -> str:
     """A shell command that reproduces a run of ``recipe``, writing to ``out_dir``.
 
@@ -486,7 +495,7 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
         warnings.warn(unreached, EpochsNotReachedWarning, stacklevel=2)
     try:
         _check_shares(recipe.optim, dist_info)
-        with _deterministic():
+        with _deterministic(), _private_rng(dist_info.device):
             model, metrics, seconds, steps = _run(recipe, data, plan, dist_info, progress)
         notes = training_notes(recipe, plan, steps, seconds, dist_info.world_size, _device_name(model))
         meta = dict(task=recipe.task, dataset=data.card, metrics=metrics, notes=notes,
