@@ -45,7 +45,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         model = from_pretrained(args.src, revision=args.revision, local_files_only=args.local_files_only)
         info = model.checkpoint_info
         data = checkpoint_data(info)
-    except (CheckpointError, TrainingSetupError, ValueError) as exc:
+    except (CheckpointError, TrainingSetupError, ValueError, TypeError) as exc:   # TypeError: a recorded spec's value
         print(f"lrnnx-zoo evaluate: {exc}", file=sys.stderr)
         return 2
     if device is not None:

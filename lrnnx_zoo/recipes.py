@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 DATASETS = ("digits", "sunspots")
+#: The params each data set takes (see :class:`DataSpec`); the int ones with their least value.
+DATA_PARAMS = {"digits": ("seed", "n_test", "augment"),
+               "sunspots": ("n_train", "n_val", "window", "warmup", "train_stride", "target")}
+INT_DATA_PARAMS = {"seed": 0, "n_test": 1, "n_train": 1, "n_val": 1, "window": 1, "warmup": 0, "train_stride": 1}
 SEED_MAX = 2**32 - 1  # seeds are ints in [0, SEED_MAX]: the engine derives other seeds from them
 
 
@@ -66,6 +70,21 @@ class DataSpec:
     def __post_init__(self) -> None:
         if self.name not in DATASETS:
             raise ValueError(f"DataSpec.name must be one of {DATASETS}, got {self.name!r}")
+        self._check_params()
+
+    def _check_params(self) -> None:
+        """Name the key and what it takes: a misspelt key was "Split.__init__() got an unexpected
+        keyword argument", a str size "'<' not supported between instances of 'int' and 'str'"."""
+        if not isinstance(self.params, Mapping):
+            raise TypeError(f"DataSpec.params must be a dict, got {_describe(self.params)}")
+        allowed = DATA_PARAMS[self.name]
+        unknown = sorted(map(str, set(self.params) - set(allowed)))
+        if unknown:
+            raise ValueError(f"DataSpec({self.name!r}) params {unknown} are not known; expected keys among {allowed}")
+        for key, value in self.params.items():
+            if key in INT_DATA_PARAMS:
+                check_int(f"DataSpec({self.name!r}) params[{key!r}]", value, INT_DATA_PARAMS[key],
+                          SEED_MAX if key == "seed" else None)
 
     @property
     def task(self) -> str:

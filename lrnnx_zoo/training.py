@@ -3,6 +3,7 @@ distributed under ``torchrun``, writing a Hub-format checkpoint when given a dir
 
 Determinism: the seed fixes the initial weights (``torch.manual_seed``), the per-epoch shuffle
 and the augmentation (their own ``torch.Generator``s), and deterministic algorithms are requested.
+The global generators are forked for the run, so the caller's random stream is left as it was.
 
 Distributed (``torchrun --nproc_per_node=N``; WORLD_SIZE/RANK/LOCAL_RANK set): every rank draws
 the same global batch of ``batch_size`` examples and takes its contiguous 1/N slice, so each rank's
@@ -45,6 +46,12 @@ class TrainingSetupError(ValueError):
 
 class MissingDependencyError(ImportError):
     """An optional package the run needs is not installed; the message says what to install."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The gradients became NaN or infinite: the run stops before the optimiser step that would write
+    them into every weight (AdamW spreads a NaN gradient to its parameter, which no later step undoes),
+    and no checkpoint is written."""
 
 
 class EpochsNotReachedWarning(UserWarning):
@@ -393,6 +400,14 @@ def _deterministic() -> Iterator[None]:
         torch.use_deterministic_algorithms(before, warn_only=warn_before)
 
 
+def _private_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """Fork torch's global generators (CPU, and ``device``'s if CUDA) for the run, which seeds them
+    (weights, dropout): the caller's stream goes on where it was.  It restarted from the run's seed,
+    so a random search drawing its next learning rate after each train() drew the same one each time."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
 def reproduce_command(recipe: Recipe, out_dir: str) -> str:
     """A shell command that reproduces a run of ``recipe``, writing to ``out_dir``.
 
@@ -464,6 +479,8 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
     step (batch_size above the training set size), a :class:`TrainingSetupError` (a ValueError); a
     missing optional package for the data a :class:`MissingDependencyError`.  When max_steps ends the
     run before its last epoch starts, an :class:`EpochsNotReachedWarning` says so (rank 0, before training).
+    Gradients that turn NaN or infinite (a learning rate too high) stop the run with a
+    :class:`TrainingDivergedError` that names the step; nothing is saved.
     """
     recipe = _as_recipe(recipe)
     if seed is not None:
@@ -477,20 +494,37 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
     if unreached and dist_info.is_main:               # once, not once per rank
         warnings.warn(unreached, EpochsNotReachedWarning, stacklevel=2)
     try:
-        with _deterministic():
+        _check_shares(recipe.optim, dist_info)
+        with _deterministic(), _private_rng(dist_info.device):
             model, metrics, seconds, steps = _run(recipe, data, plan, dist_info, progress)
         notes = training_notes(recipe, plan, steps, seconds, dist_info.world_size, _device_name(model))
         meta = dict(task=recipe.task, dataset=data.card, metrics=metrics, notes=notes,
                     command=command or reproduce_command(recipe, "DIR" if out_dir is None else str(out_dir)))
-        if out_dir is not None and dist_info.is_main:
-            model.save_pretrained(out_dir, **meta)
+        _save(model, out_dir, meta, dist_info)
         model.checkpoint_info = _checkpoint_info(model, recipe, out_dir, meta)
-        if dist_info.world_size > 1:
-            torch.distributed.barrier()  # nobody exits (and tears down the group) before rank 0 has saved
     finally:
         if dist_info.owns_group:
             torch.distributed.destroy_process_group()
     return model, metrics
+
+
+def _save(model: SequenceModel, out_dir: Optional[str], meta: Dict[str, Any], di: DistInfo) -> None:
+    """Rank 0 saves the checkpoint (if ``out_dir``); with several processes, no rank returns before
+    it has, and when its save fails every rank raises (the others an OSError quoting rank 0's error;
+    they failed with gloo's "Connection closed by peer" when rank 0 left, or waited on nccl)."""
+    failure: Optional[BaseException] = None
+    if out_dir is not None and di.is_main:
+        try:
+            model.save_pretrained(out_dir, **meta)
+        except Exception as exc:          # told to the other ranks, then raised here as it was
+            failure = exc
+    if di.world_size > 1:
+        told = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+        torch.distributed.broadcast_object_list(told, src=0)     # also the barrier before anyone exits
+        if told[0] is not None and failure is None:
+            raise OSError(f"rank 0 could not save the checkpoint ({told[0]})")
+    if failure is not None:
+        raise failure
 
 
 def _as_recipe(recipe: Any) -> Recipe:
@@ -521,6 +555,15 @@ def _check_out_dir(out_dir: Any) -> None:
         check_save_target(out_dir, what="out_dir")
     except (CheckpointError, PermissionError) as exc:
         raise TrainingSetupError(str(exc)) from exc
+
+
+def _check_shares(optim: OptimSpec, di: DistInfo) -> None:
+    """Refuse a global batch that the processes cannot share equally, before any training (it was a
+    ValueError traceback from every rank once the model was built)."""
+    try:
+        rank_slice(optim.batch_size, di.rank, di.world_size)
+    except ValueError as exc:
+        raise TrainingSetupError(str(exc)) from None
 
 
 def _load_training_data(recipe: Recipe) -> TaskData:
@@ -580,8 +623,11 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo,
             loss = batch_loss(net, data.task, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if opt_spec.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), opt_spec.grad_clip)
+            # After DDP's all-reduce the gradients, so their norm and this check, agree on every rank.
+            norm = nn.utils.clip_grad_norm_(model.parameters(), opt_spec.grad_clip or math.inf)
+            if not torch.isfinite(norm):
+                raise TrainingDivergedError(diverged_message(recipe, plan, step, epoch, float(norm), loss.item(),
+                                                             schedule.get_last_lr()))
             optimizer.step()
             schedule.step()
             step += 1
@@ -596,6 +642,19 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo,
         print(f"{recipe.name}: {step} steps in {seconds:.0f} s; " +
               ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), file=sys.stderr)
     return model, metrics, seconds, step
+
+
+def diverged_message(recipe: Recipe, plan: StepPlan, step: int, epoch: int, norm: float, loss: float,
+                     rates: List[float]) -> str:
+    """Why a run stopped at 0-based ``step`` (in 0-based ``epoch``) with a non-finite gradient norm,
+    and what to change; ``rates``: the learning rates of that step, one per parameter group."""
+    o = recipe.optim
+    return (f"training diverged at optimiser step {step + 1} of {plan.total} (epoch {epoch + 1}): the gradient norm "
+            f"is {norm} (batch loss {loss:.4g}); stopped before that step would write it into the weights, "
+            f"nothing was saved. This step's learning rate{'s were' if len(set(rates)) > 1 else ' was'} "
+            f"{', '.join(f'{r:.3g}' for r in sorted(set(rates)))} "
+            f"(lr={o.lr}, ssm_lr={o.ssm_lr}, {o.warmup_steps} warmup steps, grad_clip={o.grad_clip}): "
+            f"lower lr / ssm_lr or lengthen the warmup")
 
 
 def _plural(n: int, singular: str, plural: Optional[str] = None) -> str:

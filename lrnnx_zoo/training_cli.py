@@ -63,13 +63,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     recipe = override(recipe, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                       max_steps=args.max_steps)
-    from .training import EpochsNotReachedWarning, MissingDependencyError, TrainingSetupError, train
+    from .training import (EpochsNotReachedWarning, MissingDependencyError, TrainingDivergedError,
+                           TrainingSetupError, train)
     try:
         with _warnings_as_lines(EpochsNotReachedWarning):
             _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress)
     except (TrainingSetupError, MissingDependencyError) as exc:  # found before training started
         print(f"lrnnx-zoo train: {exc}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as exc:   # the message names the step and what to change
+        print(f"lrnnx-zoo train: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:      # e.g. the save after training: a full disk, an --out the checks let through
         print(f"lrnnx-zoo train: {exc} (--out {args.out}: nothing was saved)", file=sys.stderr)
         return 1

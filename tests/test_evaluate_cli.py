@@ -80,3 +80,21 @@ def test_compare_metrics_tolerance_and_unrecorded_metrics():
     assert [(k, ok) for k, _, _, ok in rows] == [("a", True), ("b", False), ("c", True), ("flag", True),
                                                  ("nan", True)]
     assert compare_metrics({"a": 0.5}, {"a": float("nan")})[0][3] is False
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"seed": 0, "n_tset": 360}, "DataSpec('digits') params ['n_tset'] are not known; expected keys among "
+                                 "('seed', 'n_test', 'augment')"),
+    ({"seed": 0, "n_test": "360"}, "DataSpec('digits') params['n_test'] must be an int >= 1, got '360' (str)"),
+])
+def test_a_damaged_recorded_data_spec_is_reported_in_one_line(tmp_path, capsys, params, message):
+    # A misspelt or string-valued split parameter in config.json ended `lrnnx-zoo evaluate` with a
+    # TypeError traceback from inside the data loader (Split.__init__() got an unexpected keyword
+    # argument / '<' not supported between instances of 'int' and 'str').
+    folder = tmp_path / "ckpt"
+    shutil.copytree(shipped_checkpoints()["digits-s4d"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["dataset"]["spec"]["params"] = params
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    assert cli_main(["evaluate", str(folder)]) == 2
+    assert capsys.readouterr().err == f"lrnnx-zoo evaluate: {message}\n"

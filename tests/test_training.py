@@ -72,6 +72,32 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert _max_diff(single, init) > 1e-2
 
 
+def test_under_torchrun_a_failed_save_on_rank_0_is_reported_by_every_rank(tmp_path):
+    # Rank 0's save failed (a full disk); rank 1 waited at a barrier and died of gloo's "Connection
+    # closed by peer" traceback when rank 0 left (with nccl it would wait for its timeout).
+    script = tmp_path / "full_disk.py"
+    script.write_text(
+        "import errno, sys\n"
+        "import lrnnx_zoo.hub_save as hub_save\n"
+        "def full_disk(*args, **kwargs):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "hub_save._write_checkpoint = full_disk\n"
+        "from lrnnx_zoo import training_cli\n"
+        f"sys.exit(training_cli.main(['train', {TINY!r}, '--out', {str(tmp_path / 'out')!r}, '--max-steps', '1', "
+        "'--no-progress']))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path))
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("lrnnx-zoo train: ")]
+    assert sorted(lines) == sorted([
+        f"lrnnx-zoo train: [Errno 28] No space left on device (--out {tmp_path / 'out'}: nothing was saved)",
+        "lrnnx-zoo train: rank 0 could not save the checkpoint (OSError: [Errno 28] No space left on device) "
+        f"(--out {tmp_path / 'out'}: nothing was saved)"]), proc.stderr[-3000:]
+    assert "[rank1]: Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
 def test_global_batches_drop_the_partial_batch_and_ranks_split_evenly():
     batches = list(global_batches(10, 4, epoch=0, seed=0))
     assert [len(b) for b in batches] == [4, 4]  # the last 2 examples of this epoch are dropped
@@ -203,6 +229,25 @@ def test_optim_spec_refuses_values_that_break_training(field, value, error, mess
         OptimSpec(**{field: value})
     assert str(err.value) == message
     assert OptimSpec(lr=1, weight_decay=0, ssm_lr=None, grad_clip=None).lr == 1  # ints and None are fine
+
+
+@pytest.mark.parametrize("name, params, error, message", [
+    ("digits", {"seed": 0, "ntest": 100}, ValueError,
+     "DataSpec('digits') params ['ntest'] are not known; expected keys among ('seed', 'n_test', 'augment')"),
+    ("sunspots", {"windw": 64}, ValueError, "DataSpec('sunspots') params ['windw'] are not known; expected keys among "
+                                            "('n_train', 'n_val', 'window', 'warmup', 'train_stride', 'target')"),
+    ("sunspots", {"window": 64.5}, TypeError, "DataSpec('sunspots') params['window'] must be an int >= 1, got 64.5 (float)"),
+    ("sunspots", {"warmup": -1}, ValueError, "DataSpec('sunspots') params['warmup'] must be an int >= 0, got -1"),
+    ("digits", {"seed": -1}, ValueError, "DataSpec('digits') params['seed'] must be an int in [0, 4294967295], got -1"),
+    ("digits", [("seed", 0)], TypeError, "DataSpec.params must be a dict, got [('seed', 0)] (list)"),
+])
+def test_data_spec_names_a_parameter_it_does_not_take(name, params, error, message):
+    # These reached the loaders: "Split.__init__() got an unexpected keyword argument 'ntest'",
+    # "'float' object cannot be interpreted as an integer", and a seed of -1 trained and was recorded.
+    from lrnnx_zoo.recipes import DataSpec
+    with pytest.raises(error) as err:
+        DataSpec(name, params)
+    assert str(err.value) == message
 
 
 def test_train_refuses_bad_arguments_clearly(monkeypatch):
@@ -509,3 +554,58 @@ def test_ssm_lr_applies_to_state_space_parameters_not_to_dense_layers_inside_a_l
     wrapper = torch.nn.Module()
     wrapper.proj, wrapper.a = TransposedLinear(4, 4), torch.nn.Parameter(torch.ones(3))
     assert [p.shape for p in ssm_parameters(wrapper)] == [(3,)]
+
+
+def test_a_run_whose_gradients_turn_nan_stops_at_that_step_and_saves_nothing(monkeypatch, tmp_path, capsys):
+    # lr=1e6 overflows the weights in the first step, and the second step's gradients are NaN. The
+    # run went on (grad clipping does not stop a NaN), wrote NaN into every weight and saved that
+    # checkpoint with test_loss nan; `lrnnx-zoo train` exited 0.
+    from lrnnx_zoo import recipes
+    from lrnnx_zoo.training import TrainingDivergedError
+    tiny = get_recipe(TINY)
+    wild = dataclasses.replace(tiny, name="digits-tiny-wild", optim=dataclasses.replace(tiny.optim, lr=1e6))
+    out = tmp_path / "ckpt"
+    with pytest.raises(TrainingDivergedError) as err:
+        train(wild, out_dir=str(out), progress=False)
+    message = str(err.value)
+    assert message.startswith("training diverged at optimiser step 2 of 8 (epoch 1): the gradient norm is nan")
+    assert "nothing was saved" in message and message.endswith("grad_clip=1.0): lower lr / ssm_lr or lengthen the warmup")
+    assert not out.exists()
+    monkeypatch.setitem(recipes.RECIPES, wild.name, wild)
+    assert cli.main(["train", wild.name, "--out", str(out), "--no-progress"]) == 1
+    err_text = capsys.readouterr().err
+    assert err_text.startswith("lrnnx-zoo train: training diverged at optimiser step 2") and err_text.count("\n") == 1
+    assert not out.exists()
+    # clipping does not stop a NaN: without it the run stops at the same step
+    unclipped = dataclasses.replace(wild, optim=dataclasses.replace(wild.optim, grad_clip=None))
+    with pytest.raises(TrainingDivergedError, match=r"^training diverged at optimiser step 2 of 8 .*grad_clip=None\)"):
+        train(unclipped, progress=False)
+
+
+def test_a_global_batch_that_processes_cannot_share_is_a_usage_error(monkeypatch, tmp_path, capsys):
+    # Under torchrun with 3 processes, digits-tiny's batch of 32 raised a ValueError traceback from
+    # every rank after the model was built; `lrnnx-zoo train` did not report it as a usage error.
+    import lrnnx_zoo.training as training
+    _no_training(monkeypatch)
+    monkeypatch.setattr(training, "setup_distributed", lambda device=None: training.DistInfo(rank=0, world_size=3))
+    with pytest.raises(TrainingSetupError, match=r"global batch size \(32\) must be divisible by the number of "
+                                                 r"processes \(3\); pick --batch-size as a multiple of 3"):
+        train(TINY, progress=False)
+    out = tmp_path / "never"
+    assert cli.main(["train", TINY, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lrnnx-zoo train: the global batch size (32)") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_train_leaves_the_callers_random_stream_where_it_was():
+    # train() seeded torch's global generator and left it there: a random search drawing its next
+    # learning rate after each run drew the same one every time (3.9e-4, then 2.7e-4, 2.7e-4, ...).
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    draws = []
+    for _ in range(2):
+        draws.append(torch.rand(2))
+        train(TINY_1, progress=False)
+    assert torch.equal(torch.cat(draws), expected)
