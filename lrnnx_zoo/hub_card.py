@@ -105,7 +105,8 @@ def _body(cfg: Dict[str, Any], name: str, n_parameters: Optional[int]) -> List[s
     size = f", {n_parameters:,} parameters" if n_parameters is not None else ""
     origin = plugin.get("distribution") or "registered in code"
     lines = [f"# {name}", "",
-             f"A sequence model on the `{cfg['family']}` layer: {model['n_layers']} residual blocks of width "
+             f"A sequence model on the `{cfg['family']}` layer: {model['n_layers']} residual "
+             f"block{'' if model['n_layers'] == 1 else 's'} of width "
              f"{model['d_model']}{size}, made with lrnnx-zoo {cfg.get('library_version')}. The layer comes "
              f"from the plugin `{plugin.get('name')}` ({origin} {plugin.get('version') or ''}).".replace(" )", ")"),
              "", "## Task", ""]

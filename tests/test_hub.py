@@ -959,3 +959,10 @@ def test_saving_over_a_config_json_that_cannot_be_read_replaces_it(tmp_path, kin
         pytest.fail(f"save_pretrained waited on the {kind} config.json")
     assert done.returncode == 0, done.stderr
     assert from_pretrained(folder).config.d_model == 4
+
+
+@pytest.mark.parametrize("n_layers,words", [(1, "1 residual block of width"), (3, "3 residual blocks of width")])
+def test_card_counts_its_blocks_in_good_english(tmp_path, n_layers, words):
+    # a one-block model's card read "1 residual blocks"
+    folder = tiny("lru", n_layers=n_layers).save_pretrained(tmp_path / "ck")
+    assert words in (folder / "README.md").read_text()
