@@ -710,3 +710,23 @@ def test_opset_for_a_torch_format_is_refused(tmp_path, fmt):
     with pytest.raises(ValueError, match=rf"opset=17 applies to ONNX graphs only; use format='onnx' \(got format='{fmt}'\)"):
         export_folder(small_model("lru"), tmp_path / "o", format=fmt, opset=17, latency_steps=0)
     assert not (tmp_path / "o").exists()
+
+
+def test_int8_output_error_is_that_of_one_stream(tmp_path):
+    # The int8 output error was measured with the validation batch streamed together, so it depended
+    # on the sequences beside each one (digits-lru: 0.0786 together, 0.0683 streamed alone on the
+    # final step). It is now measured as deployed, one sequence at a time, like the accuracy.
+    # Exact equality: the same graph, the same inputs, the same reference.
+    from lrnnx_zoo.export.validate import float64_copy
+    model = small_model("lru", pooling="mean")
+    x = torch.randn(3, 40, 3, generator=torch.Generator().manual_seed(0))
+    x[1] *= 20.0                              # a loud neighbour widens a shared activation range
+    res = to_onnx(model, tmp_path / "q.onnx", quantize="int8", validation_input=x)
+    s = OnnxStreamer(res.path)
+    alone = []
+    for seq in x.numpy():
+        s.reset(1)
+        alone.append(s.run(seq[None])[0, -1])
+    with torch.no_grad():
+        want = float64_copy(model)(x.double()).numpy()
+    assert res.quantization["validation"]["errors"]["final step"] == float(np.abs(np.stack(alone) - want).max())
