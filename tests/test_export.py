@@ -730,3 +730,23 @@ def test_int8_output_error_is_that_of_one_stream(tmp_path):
     with torch.no_grad():
         want = float64_copy(model)(x.double()).numpy()
     assert res.quantization["validation"]["errors"]["final step"] == float(np.abs(np.stack(alone) - want).max())
+
+
+def test_streamer_batch_errors_give_advice_that_works(tmp_path):
+    # A fixed-batch graph told the user to "call reset(batch=5)", which it then refused; run() on it
+    # blamed "reset(batch=5)", a call the user never made; an empty batch got "batch must be a
+    # positive int, got 0" from run() and "call reset(batch=0)" from step().
+    model = small_model("s4d")
+    fixed = OnnxStreamer(to_onnx(model, tmp_path / "f.onnx", batch=2).path)
+    advice = r"this graph is exported for batch=2; re-export it without a fixed batch \(to_onnx\(\.\.\., batch=None\)\)"
+    with pytest.raises(ValueError, match=r"x must have shape \(batch=2, length, d_input=3\), got \(5, 4, 3\); " + advice):
+        fixed.run(np.zeros((5, 4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"got \(5, 3\); " + advice):
+        fixed.step(np.zeros((5, 3), np.float32))
+    with pytest.raises(ValueError, match=r"got \(5, \d+\); " + advice):
+        fixed.state = np.zeros((5, fixed.state_size), np.float32)
+    dynamic = OnnxStreamer(to_onnx(model, tmp_path / "d.onnx").path)
+    for call, x in ((dynamic.run, np.zeros((0, 4, 3), np.float32)), (dynamic.step, np.zeros((0, 3), np.float32))):
+        with pytest.raises(ValueError, match=r"got \(0, (4, )?3\); it holds no sequences \(batch 0\); pass at least one"):
+            call(x)
+    assert dynamic.batch == 1 and dynamic.run(np.zeros((3, 2, 3), np.float32)).shape == (3, 2, 4)  # still usable
