@@ -29,7 +29,7 @@ from lrnnx_zoo.hub_save import check_repo_id, check_save_target, publishing, wri
 from .card import build_card
 from .latency import DEFAULT_STEPS, onnx_latency, torch_latency
 from .onnx_export import to_onnx
-from .paths import check_output
+from .paths import as_path, check_output
 from .provenance import Source, family_of, load_source, source_of
 from .result import ExportResult
 from .step_graph import build_step_module
@@ -116,7 +116,7 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         check_repo_id(push_to_hub, "push_to_hub")
     if batch is not None and format == "torchscript":
         raise ValueError("a traced TorchScript step accepts any batch; drop batch= or use format='onnx'/'torch-export'")
-    out = Path(out_dir).expanduser()   # what check_save_target writes to: check that folder, not "./~/..."
+    out = as_path(out_dir, "out_dir")   # what check_save_target writes to: check that folder, not "./~/..."
     check_output(out, "out_dir", folder=True)
     replaced = _check_not_overwriting(out, format)
     target = check_save_target(out, "out_dir", refuse_foreign=False)    # _check_not_overwriting decided

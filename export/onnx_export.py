@@ -35,7 +35,7 @@ from .quantize import INT8_RELATIVE_TOLERANCE, accuracy_change, check_mode, quan
 from .result import ExportResult
 from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch
 from .step_graph import ExportError, StepModule, build_step_module, no_autocast
-from .validate import FLOAT32_TOLERANCE, default_sequence, validate_stream
+from .validate import FLOAT32_TOLERANCE, check_validation_input, default_sequence, validate_stream
 
 # 20 has a single Gelu op (18 spells it as Erf/Mul/Add): ~15 fewer nodes and ~10% less time per
 # step for 4 blocks (measured). Needs onnxruntime >= 1.17; pass an older opset for older runtimes.
@@ -167,17 +167,6 @@ def onnx_stream(path: Union[str, Path], batch: Optional[int] = None):
     return stream
 
 
-def _validation_input(step: StepModule, x: Optional[Tensor], batch: Optional[int]) -> Optional[Tensor]:
-    if batch is None:
-        return x
-    if x is None:
-        return default_sequence(step.d_input, batch=batch)
-    if x.shape[0] != batch:
-        raise ValueError(f"the graph is exported for batch={batch}, but the validation input has batch "
-                         f"{x.shape[0]}; pass a validation input with {batch} sequences")
-    return x
-
-
 def _temp_path(path: Path, tag: str) -> Path:
     return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}.tmp")
 
@@ -217,8 +206,8 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
         extra: Dict[str, Any] = {"format": "onnx", "opset": str(opset), "batch": str(batch or "dynamic"),
                                  "quantization": quantize or "none"}
         metadata = graph_metadata(step, model, info, extra)
+        x = check_validation_input(validation_input, step.d_input, batch)    # before the seconds of tracing
         proto = export_graph(step, opset, batch, exporter, record)
-        x = _validation_input(step, validation_input, batch)
         tmp_float, tmp_q = _temp_path(path, "float"), _temp_path(path, "int8")
         try:
             write_onnx(proto, tmp_float, {**metadata, "lrnnx_zoo.quantization": "none"})

@@ -750,3 +750,34 @@ def test_streamer_batch_errors_give_advice_that_works(tmp_path):
         with pytest.raises(ValueError, match=r"got \(0, (4, )?3\); it holds no sequences \(batch 0\); pass at least one"):
             call(x)
     assert dynamic.batch == 1 and dynamic.run(np.zeros((3, 2, 3), np.float32)).shape == (3, 2, 4)  # still usable
+
+
+def test_export_arguments_are_checked_and_named_before_tracing(tmp_path, monkeypatch):
+    # A validation input of batch 0 was refused as "batch must be a positive int, got 0" (a batch
+    # nobody passed), a 2-D one for a fixed-batch torch.export program as having "batch 10", and a
+    # wrong d_input only after the seconds of tracing; path=None gave Python's "expected str, bytes
+    # or os.PathLike object, not NoneType" without naming the argument.
+    from lrnnx_zoo.export import onnx_export, torchscript_export
+
+    def traced(*args, **kwargs):
+        raise AssertionError("traced before the validation input was checked")
+
+    monkeypatch.setattr(onnx_export, "export_graph", traced)
+    monkeypatch.setattr(torch.export, "export", traced)
+    monkeypatch.setattr(torch.jit, "trace", traced)
+    model = small_model("lru")
+    shape = r"validation input must have shape \(batch >= 1, length >= 1, d_input=3\), got "
+    for bad in (torch.zeros(0, 5, 3), torch.zeros(2, 0, 3), torch.zeros(2, 5, 4), torch.zeros(10, 3)):
+        got = re.escape(str(tuple(bad.shape)))
+        for export, kw in ((to_onnx, {}), (to_onnx, {"batch": 2}), (torchscript_export.to_torch_export, {"batch": 2}),
+                           (to_torchscript, {})):
+            with pytest.raises(ValueError, match=shape + got):
+                export(model, tmp_path / "m.bin", validation_input=bad, **kw)
+    with pytest.raises(ValueError, match=r"fixed to batch=2, but the validation input has batch 3"):
+        to_onnx(model, tmp_path / "m.onnx", batch=2, validation_input=torch.zeros(3, 5, 3))
+    for export in (to_onnx, to_torchscript, to_torch_export):
+        with pytest.raises(TypeError, match=r"path must be a str or os.PathLike, got None \(NoneType\)"):
+            export(model, None)
+    with pytest.raises(TypeError, match=r"out_dir must be a str or os.PathLike, got 5 \(int\)"):
+        export_folder(model, 5)
+    assert list(tmp_path.iterdir()) == []
