@@ -781,3 +781,13 @@ def test_export_arguments_are_checked_and_named_before_tracing(tmp_path, monkeyp
     with pytest.raises(TypeError, match=r"out_dir must be a str or os.PathLike, got 5 \(int\)"):
         export_folder(model, 5)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mean_pooled_card_describes_the_state_it_ships(tmp_path):
+    # The card said "the running sum and step count live in the state"; the state holds the running
+    # mean (pool.mean: a sum divided by a float32 count stops being right past 2**24 steps).
+    export_folder(small_model("s4d", pooling="mean"), tmp_path / "f", latency_steps=0)
+    card = (tmp_path / "f" / "README.md").read_text()
+    assert "running sum" not in card and "running mean and the step count" in card
+    names = [name for name, _, _ in json.loads((tmp_path / "f" / "config.json").read_text())["state_layout"]]
+    assert names[-2:] == ["pool.mean", "pool.count"] and all(f"`{n}`" in card for n in names[-2:])
