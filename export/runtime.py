@@ -182,7 +182,8 @@ class OnnxStreamer:
     @property
     def state(self) -> np.ndarray:
         """A copy of the current packed state, (batch, state_size)."""
-        return self._s[self._cur].copy()
+        with self._lock:    # not a chunk's half-written buffer while another thread runs it
+            return self._s[self._cur].copy()
 
     @state.setter
     def state(self, value: ArrayLike) -> None:

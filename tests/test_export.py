@@ -791,3 +791,39 @@ def test_mean_pooled_card_describes_the_state_it_ships(tmp_path):
     assert "running sum" not in card and "running mean and the step count" in card
     names = [name for name, _, _ in json.loads((tmp_path / "f" / "config.json").read_text())["state_layout"]]
     assert names[-2:] == ["pool.mean", "pool.count"] and all(f"`{n}`" in card for n in names[-2:])
+
+
+def test_streamer_state_read_waits_for_a_running_chunk(tmp_path):
+    # Reading .state was not serialised with run() in another thread: it returned a state from the
+    # middle of the chunk (or a buffer ONNX Runtime was writing), though calls are documented as
+    # serialised. The graph's run is paused after the first step of a 2-step chunk to read then.
+    import threading
+    path = to_onnx(small_model("lru"), tmp_path / "m.onnx").path
+    x = np.random.default_rng(0).standard_normal((1, 2, 3)).astype(np.float32)
+    ref = OnnxStreamer(path)
+    ref.run(x)
+    s = OnnxStreamer(path)
+    real, stepped, release = s.session, threading.Event(), threading.Event()
+
+    class Paused:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def run_with_iobinding(self, binding):
+            real.run_with_iobinding(binding)
+            stepped.set()
+            release.wait(10)
+
+    s.session = Paused()
+    runner = threading.Thread(target=s.run, args=(x,))
+    runner.start()
+    assert stepped.wait(10)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(s.state))
+    reader.start()
+    reader.join(0.5)
+    early = list(got)
+    release.set()
+    runner.join(10)
+    reader.join(10)
+    assert early == [] and np.array_equal(got[0], ref.state)
