@@ -827,3 +827,26 @@ def test_streamer_state_read_waits_for_a_running_chunk(tmp_path):
     runner.join(10)
     reader.join(10)
     assert early == [] and np.array_equal(got[0], ref.state)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "{file}"], r"--out \S+ is a file; expected a folder"),
+    (["--out", "{file}/sub"], r"cannot write --out \S+/sub: \S+ is a file"),
+    (["--out", "{ckpt}"], r"--out \S+ holds an lrnnx-zoo checkpoint; exporting there would overwrite"),
+    (["--out", "{new}", "--format", "torchscript", "--quantize", "int8"],
+     r"--quantize int8 applies to ONNX graphs only; use --format onnx \(got --format torchscript\)"),
+    (["--out", "{new}", "--format", "torchscript", "--batch", "2"], r"drop --batch or use --format onnx"),
+    (["--out", "{new}", "--batch", "0"], r"--batch must be a positive int, got 0"),
+    (["--out", "{new}", "--latency-steps", "-1"], r"--latency-steps must be an int >= 0"),
+])
+def test_cli_export_errors_name_the_flags(digits_checkpoint, tmp_path, capsys, args, message):
+    # The CLI printed export_folder's argument names: "out_dir X is a file" for --out X, "use
+    # format='onnx'" for --format, "latency_steps must be ..." for --latency-steps; --batch 0 failed
+    # only after loading the model, inside the export.
+    from lrnnx_zoo.cli import main as cli_main
+    (tmp_path / "f").write_text("x")
+    paths = {"file": tmp_path / "f", "ckpt": digits_checkpoint, "new": tmp_path / "new"}
+    assert cli_main(["export", str(digits_checkpoint)] + [a.format(**paths) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^error: .*" + message, err), err
+    assert "out_dir" not in err and "format=" not in err and not (tmp_path / "new").exists()
