@@ -15,11 +15,15 @@ from typing import Callable, Dict
 def _cmd_export(args: argparse.Namespace) -> int:
     from lrnnx_zoo.hub import CheckpointError
     from lrnnx_zoo.hub_save import HubPublishError
-    from .folder import export_folder
+    from .folder import check_arguments, check_destination, export_folder
     from .step_graph import ExportError
     from .validate import ValidationError
 
     try:
+        # checked here first so that messages name the flags (--out), not export_folder's arguments
+        out = check_arguments(args.out, args.format, args.quantize, args.opset, args.batch, args.latency_steps,
+                              args.push_to_hub, cli=True)
+        check_destination(out, args.format, "--out")
         done = export_folder(args.src, args.out, format=args.format, quantize=args.quantize,
                              push_to_hub=args.push_to_hub, batch=args.batch, opset=args.opset,
                              latency_steps=args.latency_steps, revision=args.revision)

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -29,9 +29,10 @@ from lrnnx_zoo.hub_save import check_repo_id, check_save_target, publishing, wri
 from .card import build_card
 from .latency import DEFAULT_STEPS, onnx_latency, torch_latency
 from .onnx_export import to_onnx
-from .paths import check_output
+from .paths import as_path, check_output
 from .provenance import Source, family_of, load_source, source_of
 from .result import ExportResult
+from .runtime import check_batch
 from .step_graph import build_step_module
 from .torchscript_export import load_torch_export, load_torchscript, to_torch_export, to_torchscript
 
@@ -104,22 +105,8 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         latency_steps: steps timed at batch 1 (or the fixed batch) for config.json (0 skips the measurement).
         token, private: for the upload; revision: of a Hub source checkpoint.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    for name, value in (("quantize", quantize), ("opset", opset)):
-        if value is not None and format != "onnx":
-            raise ValueError(f"{name}={value!r} applies to ONNX graphs only; use format='onnx' "
-                             f"(got format={format!r})")
-    if isinstance(latency_steps, bool) or not isinstance(latency_steps, int) or latency_steps < 0:
-        raise ValueError(f"latency_steps must be an int >= 0 (0 skips the measurement), got {latency_steps!r}")
-    if push_to_hub is not None:
-        check_repo_id(push_to_hub, "push_to_hub")
-    if batch is not None and format == "torchscript":
-        raise ValueError("a traced TorchScript step accepts any batch; drop batch= or use format='onnx'/'torch-export'")
-    out = Path(out_dir).expanduser()   # what check_save_target writes to: check that folder, not "./~/..."
-    check_output(out, "out_dir", folder=True)
-    replaced = _check_not_overwriting(out, format)
-    target = check_save_target(out, "out_dir", refuse_foreign=False)    # _check_not_overwriting decided
+    out = check_arguments(out_dir, format, quantize, opset, batch, latency_steps, push_to_hub)
+    replaced, target = check_destination(out, format)
     files = [GRAPH_FILES[format], WEIGHTS_FILE, CONFIG_FILE, CARD_FILE]
     model, info = load_source(src, revision=revision, token=token)
     # written into a hidden sibling and swapped in whole: a failed or interrupted export leaves the
@@ -147,7 +134,54 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
     return FolderExport(folder=out, files=files, result=result, latency=latency, config=config, commit=commit)
 
 
-def _check_not_overwriting(out: Path, fmt: str) -> Optional[str]:
+#: How the CLI (`lrnnx-zoo export`) spells export_folder's arguments, for its error messages.
+CLI_FLAGS = {"out_dir": "--out", "format": "--format", "quantize": "--quantize", "opset": "--opset",
+             "batch": "--batch", "latency_steps": "--latency-steps", "push_to_hub": "--push-to-hub"}
+
+
+def check_arguments(out_dir: Any, format: str, quantize: Optional[str] = None, opset: Optional[int] = None,
+                    batch: Optional[int] = None, latency_steps: int = DEFAULT_STEPS,
+                    push_to_hub: Optional[str] = None, cli: bool = False) -> Path:
+    """Refuse arguments :func:`export_folder` cannot honour before any work, naming them as the
+    caller wrote them: Python keywords (``format='onnx'``), or with ``cli=True`` the CLI's flags
+    (``--format onnx``; it printed "out_dir ... is a file" for ``--out``). Returns out_dir as a Path."""
+    def name(key: str) -> str:
+        return CLI_FLAGS[key] if cli else key
+
+    def given(key: str, value: Any) -> str:
+        return f"{CLI_FLAGS[key]} {value}" if cli else f"{key}={value!r}"
+
+    if format not in FORMATS:
+        raise ValueError(f"{name('format')} must be one of {FORMATS}, got {format!r}")
+    for key, value in (("quantize", quantize), ("opset", opset)):
+        if value is not None and format != "onnx":
+            raise ValueError(f"{given(key, value)} applies to ONNX graphs only; use {given('format', 'onnx')} "
+                             f"(got {given('format', format)})")
+    if isinstance(latency_steps, bool) or not isinstance(latency_steps, int) or latency_steps < 0:
+        raise ValueError(f"{name('latency_steps')} must be an int >= 0 (0 skips the measurement), got {latency_steps!r}")
+    if push_to_hub is not None:
+        check_repo_id(push_to_hub, name("push_to_hub"))
+    try:
+        check_batch(batch)
+    except ValueError:
+        raise ValueError(f"{name('batch')} must be a positive int{'' if cli else ' or None (dynamic)'}, "
+                         f"got {batch!r}") from None
+    if batch is not None and format == "torchscript":
+        raise ValueError(f"a traced TorchScript step accepts any batch; drop {name('batch')} or use "
+                         f"{given('format', 'onnx')} / {given('format', 'torch-export')}")
+    out = as_path(out_dir, name("out_dir"))   # what check_save_target writes to: check that folder, not "./~/..."
+    check_output(out, name("out_dir"), folder=True)
+    return out
+
+
+def check_destination(out: Path, fmt: str, what: str = "out_dir") -> Tuple[Optional[str], Path]:
+    """(the earlier export's graph file that the export replaces, the folder it writes): ``out`` must
+    be new, empty of our file names, or an earlier export, and writable. ``what`` names the argument."""
+    replaced = _check_not_overwriting(out, fmt, what)
+    return replaced, check_save_target(out, what, refuse_foreign=False)    # _check_not_overwriting decided
+
+
+def _check_not_overwriting(out: Path, fmt: str, what: str = "out_dir") -> Optional[str]:
     """Refuse an ``out`` whose config.json / README.md / graph / weights would be overwritten but do
     not come from an earlier export: exporting into a checkpoint folder replaced its config.json and
     card, and the checkpoint no longer loaded. Re-exporting over an export folder is fine; returns
@@ -162,9 +196,9 @@ def _check_not_overwriting(out: Path, fmt: str) -> Optional[str]:
     clashing = [f for f in ours if (out / f).exists()]
     if not clashing:
         return None
-    what = ("an lrnnx-zoo checkpoint" if (out / WEIGHTS_NAME).is_file()
-            else "files that `lrnnx-zoo export` did not write")
-    raise FileExistsError(f"out_dir {out} holds {what}; exporting there would overwrite {', '.join(clashing)}. "
+    holds = ("an lrnnx-zoo checkpoint" if (out / WEIGHTS_NAME).is_file()
+             else "files that `lrnnx-zoo export` did not write")
+    raise FileExistsError(f"{what} {out} holds {holds}; exporting there would overwrite {', '.join(clashing)}. "
                           f"Export into another folder, e.g. {out / 'export'}")
 
 

@@ -31,11 +31,11 @@ from torch import Tensor
 
 from .paths import output_location
 from .provenance import Source, graph_metadata, load_source
-from .quantize import INT8_RELATIVE_TOLERANCE, accuracy_change, check_mode, quantize_int8
+from .quantize import INT8_RELATIVE_TOLERANCE, accuracy_change, check_mode, quantize_int8, stream_all
 from .result import ExportResult
 from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch
 from .step_graph import ExportError, StepModule, build_step_module, no_autocast
-from .validate import FLOAT32_TOLERANCE, default_sequence, validate_stream
+from .validate import FLOAT32_TOLERANCE, check_validation_input, default_sequence, validate_stream
 
 # 20 has a single Gelu op (18 spells it as Erf/Mul/Add): ~15 fewer nodes and ~10% less time per
 # step for 4 blocks (measured). Needs onnxruntime >= 1.17; pass an older opset for older runtimes.
@@ -149,14 +149,14 @@ def write_onnx(proto: onnx.ModelProto, path: Union[str, Path], metadata: Dict[st
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def onnx_stream(path: Union[str, Path]):
-    """Stream function for validation: a fresh OnnxStreamer run from a zero state."""
+def onnx_stream(path: Union[str, Path], batch: Optional[int] = None):
+    """Stream function for validation: a fresh OnnxStreamer run from a zero state, ``batch``
+    sequences at a time (default: all at once; a fixed-batch graph takes its own batch)."""
     streamer = OnnxStreamer(path)
 
     def stream(x: np.ndarray) -> np.ndarray:
-        streamer.reset(x.shape[0])
         try:
-            return streamer.run(x)
+            return stream_all(streamer, x, batch)
         except RuntimeError as exc:         # ONNX Runtime failing inside the graph
             raise ExportError(
                 f"the exported graph fails in ONNX Runtime on the validation input of shape {x.shape}: "
@@ -165,17 +165,6 @@ def onnx_stream(path: Union[str, Path]):
                 f"int(x.shape[0]) in a step form)") from exc
 
     return stream
-
-
-def _validation_input(step: StepModule, x: Optional[Tensor], batch: Optional[int]) -> Optional[Tensor]:
-    if batch is None:
-        return x
-    if x is None:
-        return default_sequence(step.d_input, batch=batch)
-    if x.shape[0] != batch:
-        raise ValueError(f"the graph is exported for batch={batch}, but the validation input has batch "
-                         f"{x.shape[0]}; pass a validation input with {batch} sequences")
-    return x
 
 
 def _temp_path(path: Path, tag: str) -> Path:
@@ -217,8 +206,8 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
         extra: Dict[str, Any] = {"format": "onnx", "opset": str(opset), "batch": str(batch or "dynamic"),
                                  "quantization": quantize or "none"}
         metadata = graph_metadata(step, model, info, extra)
+        x = check_validation_input(validation_input, step.d_input, batch)    # before the seconds of tracing
         proto = export_graph(step, opset, batch, exporter, record)
-        x = _validation_input(step, validation_input, batch)
         tmp_float, tmp_q = _temp_path(path, "float"), _temp_path(path, "int8")
         try:
             write_onnx(proto, tmp_float, {**metadata, "lrnnx_zoo.quantization": "none"})
@@ -249,7 +238,9 @@ def _int8_report(model: torch.nn.Module, info: Dict[str, Any], float_path: Path,
     xs = np.asarray(torch.as_tensor(x, dtype=torch.float32))
     scale = float(np.abs(onnx_stream(float_path)(xs)).max())
     tolerance = INT8_RELATIVE_TOLERANCE * scale
-    report = validate_stream(onnx_stream(int8_path), model, x, tolerance, "onnxruntime-int8",
+    # One sequence at a time, as for the accuracy (see quantize.py): streamed as one batch, each
+    # sequence's int8 error depended on the sequences beside it.
+    report = validate_stream(onnx_stream(int8_path, batch=1), model, x, tolerance, "onnxruntime-int8",
                              raise_on_failure=validate)
     out: Dict[str, Any] = {"mode": "int8 dynamic (onnxruntime.quantization.quantize_dynamic, QInt8 weights)",
                            "max_abs_error": report.max_abs_error, "tolerance": tolerance,

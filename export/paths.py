@@ -9,10 +9,19 @@ leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
-from typing import Iterator, List, Union
+from typing import Any, Iterator, List, Union
 
 from lrnnx_zoo.hub_save import nearest_existing
+
+
+def as_path(value: Any, what: str) -> Path:
+    """``value`` (a str or os.PathLike) as a Path with ``~`` expanded; a TypeError naming ``what``
+    (the argument) otherwise: Path(None) said only "expected str, bytes or os.PathLike object"."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a str or os.PathLike, got {value!r} ({type(value).__name__})")
+    return Path(value).expanduser()
 
 
 def check_output(path: Path, what: str, folder: bool = False) -> None:
@@ -37,7 +46,7 @@ def output_location(path: Union[str, Path], what: str, folder: bool = False) -> 
     ``what`` names the argument in messages (e.g. "path", "out_dir").
     Raises IsADirectoryError / NotADirectoryError naming the path and what was expected.
     """
-    path = Path(path).expanduser()
+    path = as_path(path, what)
     check_output(path, what, folder)
     ancestor = nearest_existing(path if folder else path.parent)
     created: List[Path] = []

@@ -9,8 +9,8 @@ within 1e-3 of the unit circle: quantising one shipped classifier's that way cos
 accuracy and a 2.2 output error, where keeping the forms float32 cost nothing measurable.
 
 Dynamic quantisation scales each activation tensor by its range over the whole batch, so a
-sequence's int8 output depends on the sequences streamed beside it: the accuracy report streams the
-evaluation split one sequence at a time (a fixed-batch graph: its batch at a time), as deployed.
+sequence's int8 output depends on the sequences streamed beside it: the output error and the
+accuracy are measured one sequence at a time (a fixed-batch graph: its batch at a time), as deployed.
 
 Tolerance for int8 graphs (``INT8_RELATIVE_TOLERANCE``): 5% of the largest float output. Each
 quantised product carries ~0.4% relative rounding (1/255 of the input range, 1/254 of the weight

@@ -182,25 +182,36 @@ class OnnxStreamer:
     @property
     def state(self) -> np.ndarray:
         """A copy of the current packed state, (batch, state_size)."""
-        return self._s[self._cur].copy()
+        with self._lock:    # not a chunk's half-written buffer while another thread runs it
+            return self._s[self._cur].copy()
 
     @state.setter
     def state(self, value: ArrayLike) -> None:
         value = _to_numpy(value, "state")
         expected = (self.batch, self.state_size)
         if value.shape != expected:
-            raise ValueError(f"state must have shape (batch, state_size)={expected}, got {value.shape}; "
-                             f"call reset(batch=...) first to change the batch")
+            hint = (self._batch_advice(value.shape[0], "first ") if value.ndim == 2 and value.shape[1] == self.state_size
+                    else "a packed state of every layer, see state_layout")
+            raise ValueError(f"state must have shape (batch, state_size)={expected}, got {value.shape}; {hint}")
         with self._lock:
             np.copyto(self._s[self._cur], value, casting="same_kind")
             self._fresh = False     # run() must now continue this state, not adopt a new batch
 
     # -- stepping ------------------------------------------------------------------------------
+    def _batch_advice(self, batch: int, when: str = "") -> str:
+        """What to do about input for ``batch`` sequences when the streamer holds ``self.batch``."""
+        if batch < 1:
+            return f"it holds no sequences (batch {batch}); pass at least one"
+        if self.fixed_batch is not None:   # reset(batch) would be refused
+            return (f"this graph is exported for batch={self.fixed_batch}; re-export it without a fixed batch "
+                    f"(to_onnx(..., batch=None)) to stream {batch}")
+        return f"call reset(batch={batch}) {when}to change the batch"
+
     def _check_x(self, x: np.ndarray) -> None:
         if x.shape != self._x.shape:
             raise ValueError(f"x_t must have shape (batch={self.batch}, d_input={self.d_input}), got "
                              f"{x.shape}" + ("" if x.ndim != 2 or x.shape[1] != self.d_input
-                                             else f"; call reset(batch={x.shape[0]}) to change the batch"))
+                                             else f"; {self._batch_advice(x.shape[0])}"))
 
     def _advance(self) -> None:
         self.session.run_with_iobinding(self._bindings[self._cur])
@@ -224,11 +235,11 @@ class OnnxStreamer:
         if x.ndim != 3 or x.shape[2] != self.d_input:
             raise ValueError(f"x must have shape (batch, length, d_input={self.d_input}), got {x.shape}")
         with self._lock:
-            if x.shape[0] != self.batch and self._fresh:
+            if x.shape[0] != self.batch and self._fresh and x.shape[0] >= 1 and self.fixed_batch is None:
                 self.reset(x.shape[0])
             if x.shape[0] != self.batch:    # mid-stream: the state holds self.batch sequences
                 raise ValueError(f"x must have shape (batch={self.batch}, length, d_input={self.d_input}), "
-                                 f"got {x.shape}; call reset(batch={x.shape[0]}) to change the batch")
+                                 f"got {x.shape}; {self._batch_advice(x.shape[0])}")
             out = np.empty((self.batch, x.shape[1], self.d_output), np.float32)
             for t in range(x.shape[1]):
                 np.copyto(self._x, x[:, t], casting="same_kind")

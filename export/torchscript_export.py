@@ -27,7 +27,7 @@ from .paths import output_location
 from .provenance import Source, graph_metadata, load_source
 from .result import ExportResult
 from .step_graph import StepModule, build_step_module, no_autocast
-from .validate import FLOAT32_TOLERANCE, default_sequence, torch_stream, validate_stream
+from .validate import FLOAT32_TOLERANCE, check_validation_input, torch_stream, validate_stream
 
 METADATA_FILE = "lrnnx_zoo.json"
 
@@ -103,13 +103,14 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
         step = build_step_module(model)
         metadata = graph_metadata(step, model, info, {"format": "torchscript", "batch": "dynamic"})
+        x = check_validation_input(validation_input, step.d_input)
         record: List[str] = []
         with _temp(path) as tmp:
             with _quiet(record), torch.no_grad():
                 traced = torch.jit.trace(step, sample_inputs(step, TRACE_BATCH), check_trace=False)
                 torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
                 return _finish(step, model, tmp, path, "torchscript", load_torchscript, metadata, validate,
-                           validation_input, tolerance, record)
+                               x, tolerance, record)
 
 
 def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: Optional[int] = None,
@@ -124,16 +125,11 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
     Args: as :func:`~lrnnx_zoo.export.to_onnx` (no opset / quantize).
     """
     batch = check_batch(batch)
-    if batch is not None and validation_input is not None and validation_input.shape[0] != batch:
-        raise ValueError(f"the program is exported for batch={batch}, but the validation input has batch "
-                         f"{validation_input.shape[0]}; pass a validation input with {batch} sequences")
     with output_location(path, "path") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
         step = build_step_module(model)
         metadata = graph_metadata(step, model, info, {"format": "torch-export", "batch": str(batch or "dynamic")})
-        x = validation_input
-        if batch is not None and x is None:
-            x = default_sequence(step.d_input, batch=batch)
+        x = check_validation_input(validation_input, step.d_input, batch)   # before the seconds of tracing
         record: List[str] = []
         dims = None
         if batch is None:

@@ -111,6 +111,33 @@ def default_sequence(d_input: int, length: int = DEFAULT_LENGTH, batch: int = DE
     return torch.randn(batch, length, d_input, generator=g, dtype=torch.float32)
 
 
+def check_validation_input(x: Any, d_input: int, batch: Optional[int] = None) -> Optional[Tensor]:
+    """A validation input as a float32 CPU tensor, checked before anything is traced.
+
+    Args:
+        x: (B, L, d_input) with B >= 1 and L >= 1, finite (tensor, array or nested lists); or None.
+        d_input: the model's input width.
+        batch: the batch an export is fixed to, or None (dynamic).
+    Returns:
+        x as float32; for None: None, or the default sequence at ``batch`` when one is fixed.
+    Raises:
+        ValueError naming the shape (or the count of non-finite values) given and what was expected.
+    """
+    if x is None:
+        return None if batch is None else default_sequence(d_input, batch=batch)
+    x = torch.as_tensor(x, dtype=torch.float32).cpu()
+    if x.dim() != 3 or x.shape[-1] != d_input or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"validation input must have shape (batch >= 1, length >= 1, d_input={d_input}), "
+                         f"got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):  # else reported as the graph disagreeing (error inf)
+        raise ValueError(f"validation input holds {int((~torch.isfinite(x)).sum())} NaN or infinite values; "
+                         "pass finite data")
+    if batch is not None and x.shape[0] != batch:
+        raise ValueError(f"this export is fixed to batch={batch}, but the validation input has batch "
+                         f"{x.shape[0]}; pass a validation input with {batch} sequences")
+    return x
+
+
 def _is_default(x: Any, d_input: int) -> bool:
     """Whether x is the default sequence (at some batch and length), e.g. one an exporter made
     for a fixed batch: the report then says "default", not "user"."""
@@ -145,15 +172,7 @@ def validate_stream(stream: StreamFn, model: nn.Module, x: Optional[Tensor] = No
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < float("inf"):
         raise ValueError(f"tolerance must be a finite number >= 0 (max abs error allowed), got {tolerance!r}")
     sequence = "user" if x is not None and not _is_default(x, cfg.d_input) else "default"
-    if x is None:
-        x = default_sequence(cfg.d_input)
-    x = torch.as_tensor(x, dtype=torch.float32).cpu()
-    if x.dim() != 3 or x.shape[-1] != cfg.d_input or x.shape[1] < 1:
-        raise ValueError(f"validation input must have shape (batch, length >= 1, d_input={cfg.d_input}), "
-                         f"got {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):  # else reported as the graph disagreeing (error inf)
-        raise ValueError(f"validation input holds {int((~torch.isfinite(x)).sum())} NaN or infinite values; "
-                         "pass finite data")
+    x = default_sequence(cfg.d_input) if x is None else check_validation_input(x, cfg.d_input)
     # The forwards run on copies: exporting must leave the model as it was (a layer's forward may
     # update its own buffers, e.g. a kernel that extends a stored length-dependent matrix in place).
     own_model = runnable_copy(model)

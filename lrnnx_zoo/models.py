@@ -318,7 +318,7 @@ class SequenceModel(HubMixin, nn.Module):
 
     # -- streaming ---------------------------------------------------------------------------
     def allocate_inference_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
-        """Per-layer caches plus the pooling state (running sum and step count).
+        """Per-layer caches plus the pooling state (running mean and step count).
 
         The layers' step forms are computed from the parameters now: after the parameters change
         (an optimiser step, load_state_dict), allocate a new cache. ``dtype``: the model's own
