@@ -714,3 +714,18 @@ def test_running_a_checkpoint_on_longer_sequences_keeps_its_metrics(name, tmp_pa
         kernel.C.mul_(1.01)                                             # then a change of C: seen
     assert lrnnx_zoo.from_pretrained(model.save_pretrained(tmp_path / "tuned")).checkpoint_info["metrics"] is None
     assert "weights_changed" in load_source(model)[1]
+
+
+@pytest.mark.parametrize("discretization", ["bilinear", "zoh"])
+def test_a_long_first_forward_extends_the_length_in_one_transform(discretization):
+    # forward(L) far beyond the internal length doubled it one discretisation at a time (64 -> 4096:
+    # six float64 discretisations and powers per layer); now one transform, equal to the doublings
+    torch.manual_seed(0)
+    k = HippoSSKernel(4, N=8, L=16, discretization=discretization).double()
+    stepwise = copy.deepcopy(k)
+    K = k(L=200)[0]                                     # 16 -> 256 in one go
+    for _ in range(4):
+        stepwise.double_length()
+    assert k.length == stepwise.length == 256
+    assert torch.allclose(k.C, stepwise.C, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(K, stepwise(L=200)[0], rtol=1e-10, atol=1e-12)
