@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -117,9 +117,7 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
     if batch is not None and format == "torchscript":
         raise ValueError("a traced TorchScript step accepts any batch; drop batch= or use format='onnx'/'torch-export'")
     out = Path(out_dir).expanduser()   # what check_save_target writes to: check that folder, not "./~/..."
-    check_output(out, "out_dir", folder=True)
-    replaced = _check_not_overwriting(out, format)
-    target = check_save_target(out, "out_dir", refuse_foreign=False)    # _check_not_overwriting decided
+    target, replaced = check_out_dir(out, format)
     files = [GRAPH_FILES[format], WEIGHTS_FILE, CONFIG_FILE, CARD_FILE]
     model, info = load_source(src, revision=revision, token=token)
     # written into a hidden sibling and swapped in whole: a failed or interrupted export leaves the
@@ -147,7 +145,17 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
     return FolderExport(folder=out, files=files, result=result, latency=latency, config=config, commit=commit)
 
 
-def _check_not_overwriting(out: Path, fmt: str) -> Optional[str]:
+def check_out_dir(out: Path, fmt: str, what: str = "out_dir") -> Tuple[Path, Optional[str]]:
+    """Check that an export in format ``fmt`` can be written into the folder ``out`` (before anything
+    is loaded). Returns (the folder to write: ``out``, or its target if ``out`` is a link; the graph
+    file of an earlier export there that this one replaces, or None). Raises OSError or
+    CheckpointError naming ``what``, the argument (the CLI passes "--out")."""
+    check_output(out, what, folder=True)
+    replaced = _check_not_overwriting(out, fmt, what)
+    return check_save_target(out, what, refuse_foreign=False), replaced   # _check_not_overwriting decided
+
+
+def _check_not_overwriting(out: Path, fmt: str, what: str) -> Optional[str]:
     """Refuse an ``out`` whose config.json / README.md / graph / weights would be overwritten but do
     not come from an earlier export: exporting into a checkpoint folder replaced its config.json and
     card, and the checkpoint no longer loaded. Re-exporting over an export folder is fine; returns
@@ -162,9 +170,9 @@ def _check_not_overwriting(out: Path, fmt: str) -> Optional[str]:
     clashing = [f for f in ours if (out / f).exists()]
     if not clashing:
         return None
-    what = ("an lrnnx-zoo checkpoint" if (out / WEIGHTS_NAME).is_file()
-            else "files that `lrnnx-zoo export` did not write")
-    raise FileExistsError(f"out_dir {out} holds {what}; exporting there would overwrite {', '.join(clashing)}. "
+    holds = ("an lrnnx-zoo checkpoint" if (out / WEIGHTS_NAME).is_file()
+             else "files that `lrnnx-zoo export` did not write")
+    raise FileExistsError(f"{what} {out} holds {holds}; exporting there would overwrite {', '.join(clashing)}. "
                           f"Export into another folder, e.g. {out / 'export'}")
 
 

@@ -25,6 +25,13 @@ def _int_in(text: str, minimum: int, maximum: Optional[int], expected: str) -> i
     return value
 
 
+def int_type(minimum: int, maximum: Optional[int] = None, expected: Optional[str] = None) -> Callable[[str], int]:
+    """An argparse type: an int in [minimum, maximum] (no maximum: >= minimum), ``expected`` saying so."""
+    expected = expected or (f"an integer in [{minimum}, {maximum}]" if maximum is not None
+                            else f"an integer >= {minimum}")
+    return lambda text: _int_in(text, minimum, maximum, expected)
+
+
 def positive_int(text: str) -> int:
     """argparse type: an int >= 1 (so --epochs 0 or --batch-size 0 is a usage error, not a crash)."""
     return _int_in(text, 1, None, "a positive integer")
