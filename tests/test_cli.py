@@ -98,3 +98,16 @@ def test_revision_of_a_shipped_or_local_checkpoint_names_the_flag(command, tmp_p
         assert err.count("\n") == 1 and err.startswith(f"lrnnx-zoo {command}: "), err
         assert f"--revision applies to Hub repos, but '{src}' is a {kind} checkpoint; drop --revision" in err, err
         assert not PYTHON_NAMES.search(err), err
+
+
+def test_demo_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    # `bash scripts/demo.sh --out FILE` ended in a FileExistsError traceback from Path.mkdir.
+    from lrnnx_zoo import demo
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main(["--out", str(out), "digits-lru"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err, err
+        assert f"error: cannot write --out {out}" in err or f"error: --out {out} is a file" in err, err
