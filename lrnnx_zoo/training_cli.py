@@ -70,10 +70,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     recipe = override(recipe, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                       max_steps=args.max_steps)
-    from .training import EpochsNotReachedWarning, MissingDependencyError, TrainingSetupError, train
+    from .training import (BatchExceedsDataError, EpochsNotReachedWarning, MissingDependencyError,
+                           TrainingSetupError, train)
     try:
         with _warnings_as_lines(EpochsNotReachedWarning):
             _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress)
+    except BatchExceedsDataError as exc:
+        name = "--batch-size" if args.batch_size is not None else "batch size"   # the recipe's own
+        print(f"lrnnx-zoo train: {exc.message(name)}", file=sys.stderr)
+        return 2
     except (TrainingSetupError, MissingDependencyError) as exc:  # found before training started
         print(f"lrnnx-zoo train: {exc}", file=sys.stderr)
         return 2

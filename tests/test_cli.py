@@ -111,3 +111,13 @@ def test_demo_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and "Traceback" not in err, err
         assert f"error: cannot write --out {out}" in err or f"error: --out {out} is a file" in err, err
+
+
+def test_train_batch_larger_than_the_data_names_the_flag(tmp_path, capsys, monkeypatch):
+    # It said "batch_size 5000 exceeds the 1437 training examples ...; expected a batch_size <= 1437".
+    import lrnnx_zoo.training as training
+    monkeypatch.setattr(training, "_run", lambda *a, **k: pytest.fail("training started"))
+    assert main(["train", "digits-tiny", "--out", str(tmp_path / "out"), "--batch-size", "5000"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("lrnnx-zoo train: --batch-size 5000 exceeds the 1437 training examples: no full batch, "
+                   "so no optimiser step; expected a --batch-size <= 1437\n"), err
