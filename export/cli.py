@@ -11,25 +11,37 @@ import argparse
 import sys
 from typing import Callable, Dict
 
+from lrnnx_zoo.training_cli import int_type, positive_int
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that do not go together, a bad --push-to-hub, --revision or --out, before the
+    model is loaded, in the flags' words (export_folder's own messages name its Python arguments:
+    batch=, out_dir, ...). Raises ValueError or OSError."""
+    from lrnnx_zoo.hub_cli import check_revision_flag
+    from .folder import check_arguments, check_destination
+
+    out = check_arguments(args.out, args.format, args.quantize, args.opset, args.batch, args.latency_steps,
+                          args.push_to_hub, cli=True)
+    check_revision_flag(args.src, args.revision)
+    check_destination(out, args.format, "--out")
+
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from lrnnx_zoo.hub import CheckpointError
     from lrnnx_zoo.hub_save import HubPublishError
-    from .folder import check_arguments, check_destination, export_folder
+    from .folder import export_folder
     from .step_graph import ExportError
     from .validate import ValidationError
 
     try:
-        # checked here first so that messages name the flags (--out), not export_folder's arguments
-        out = check_arguments(args.out, args.format, args.quantize, args.opset, args.batch, args.latency_steps,
-                              args.push_to_hub, cli=True)
-        check_destination(out, args.format, "--out")
+        check_flags(args)
         done = export_folder(args.src, args.out, format=args.format, quantize=args.quantize,
                              push_to_hub=args.push_to_hub, batch=args.batch, opset=args.opset,
                              latency_steps=args.latency_steps, revision=args.revision)
     # OSError: an --out that is a file, or a folder holding files the export would overwrite
     except (ExportError, ValidationError, CheckpointError, HubPublishError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"lrnnx-zoo export: {exc}", file=sys.stderr)
         return 2
     print(done.result.summary())
     lat = done.latency
@@ -54,17 +66,22 @@ are printed."""
 def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:
     """Add ``export`` to the ``lrnnx-zoo`` parser (see lrnnx_zoo.cli)."""
     from .folder import FORMATS
+    from .latency import DEFAULT_STEPS
+    from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
     p = sub.add_parser("export", help="export a causal model as a validated recurrent step graph",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="checkpoint folder, shipped model name, or Hub repo id")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="graph format (default: onnx)")
-    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 dynamic quantisation (onnx only)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the folder to this Hub repo")
-    p.add_argument("--batch", type=int, default=None, help="fix the batch size (default: dynamic)")
-    p.add_argument("--opset", type=int, default=None,
-                   help="ONNX opset in [11, 25] (default 20; 11-19 for runtimes older than onnxruntime 1.17)")
+    p.add_argument("--batch", type=positive_int, default=None, help="fix the batch size (default: dynamic)")
+    p.add_argument("--opset", type=int_type(MIN_OPSET, MAX_OPSET), default=None,
+                   help=f"ONNX opset in [{MIN_OPSET}, {MAX_OPSET}] (default {DEFAULT_OPSET}; 11-19 for runtimes "
+                        "older than onnxruntime 1.17)")
     p.add_argument("--revision", default=None, help="revision of a Hub source checkpoint")
-    p.add_argument("--latency-steps", type=int, default=500, help="steps timed at batch 1, or at the fixed --batch (0: skip)")
+    p.add_argument("--latency-steps", type=int_type(0, None, "an integer >= 0 (0 skips the measurement)"),
+                   default=DEFAULT_STEPS, metavar="N",
+                   help=f"steps timed at batch 1, or at the fixed --batch (default {DEFAULT_STEPS}; 0: skip)")
     commands["export"] = _cmd_export

@@ -155,8 +155,8 @@ def check_arguments(out_dir: Any, format: str, quantize: Optional[str] = None, o
         raise ValueError(f"{name('format')} must be one of {FORMATS}, got {format!r}")
     for key, value in (("quantize", quantize), ("opset", opset)):
         if value is not None and format != "onnx":
-            raise ValueError(f"{given(key, value)} applies to ONNX graphs only; use {given('format', 'onnx')} "
-                             f"(got {given('format', format)})")
+            raise ValueError(f"{given(key, value)} applies to ONNX graphs only; drop {name(key)} or use "
+                             f"{given('format', 'onnx')} (got {given('format', format)})")
     if isinstance(latency_steps, bool) or not isinstance(latency_steps, int) or latency_steps < 0:
         raise ValueError(f"{name('latency_steps')} must be an int >= 0 (0 skips the measurement), got {latency_steps!r}")
     if push_to_hub is not None:

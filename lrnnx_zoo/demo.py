@@ -88,6 +88,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="where to write the .onnx files (default: a temp dir)")
     ap.add_argument("--steps", type=positive_int, default=2000, help="steps timed for the latency figure")
     args = ap.parse_args(argv)
+    if args.out is not None:                  # a file there was a FileExistsError traceback from mkdir
+        from .export.paths import check_output
+        args.out = args.out.expanduser()
+        try:
+            check_output(args.out, "--out", folder=True)
+        except OSError as exc:
+            ap.error(str(exc))
     tune_allocator()
     names = list_models() if args.checkpoints == ["all"] else args.checkpoints
     with tempfile.TemporaryDirectory() as tmp:

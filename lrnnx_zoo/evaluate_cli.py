@@ -39,8 +39,10 @@ def compare_metrics(recorded: Dict[str, Any], measured: Dict[str, float], rtol: 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .hub import CheckpointError, from_pretrained
+    from .hub_cli import check_revision_flag
     from .training import TrainingSetupError, check_device, checkpoint_data, evaluate
     try:
+        check_revision_flag(args.src, args.revision)
         device = check_device(args.device)
         model = from_pretrained(args.src, revision=args.revision, local_files_only=args.local_files_only)
         info = model.checkpoint_info

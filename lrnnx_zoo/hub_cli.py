@@ -5,10 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Dict
+from pathlib import Path
+from typing import Callable, Dict, Optional
 
 from .hub import CARD_NAME, CheckpointError, list_models, read_config, resolve_checkpoint, shipped_checkpoints
 from .hub_card import card_metrics, headline_metric, task_name
+
+
+def check_revision_flag(src: str, revision: Optional[str]) -> None:
+    """Refuse ``--revision`` where from_pretrained would (empty, or with a folder or shipped name),
+    in the command line's words: its own message names the Python argument, revision=."""
+    if revision is None:
+        return
+    if not revision.strip():
+        raise ValueError("--revision is empty; pass a branch, tag or commit id, or leave it out for main")
+    if Path(src).expanduser().is_dir() or src in shipped_checkpoints():
+        kind = "local" if Path(src).expanduser().is_dir() else "shipped"
+        raise ValueError(f"--revision applies to Hub repos, but {src!r} is a {kind} checkpoint; "
+                         "drop --revision or pass a Hub repo id")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -34,11 +48,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     try:
+        check_revision_flag(args.name, args.revision)
         folder, source = resolve_checkpoint(args.name, revision=args.revision,
                                             local_files_only=args.local_files_only)
         config = read_config(folder)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ValueError as exc:                     # CheckpointError is one
+        print(f"lrnnx-zoo info: {exc}", file=sys.stderr)
         return 2
     config["source"] = source
     metrics = card_metrics(folder / CARD_NAME)

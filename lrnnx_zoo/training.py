@@ -44,6 +44,19 @@ class TrainingSetupError(ValueError):
     """A run that cannot train as asked, found before training starts (the CLI reports it as a usage error)."""
 
 
+class BatchExceedsDataError(TrainingSetupError):
+    """A global batch larger than the training set: no full batch, so no optimiser step."""
+
+    def __init__(self, batch_size: int, n_train: int) -> None:
+        self.batch_size, self.n_train = batch_size, n_train
+        super().__init__(self.message("batch_size"))
+
+    def message(self, name: str) -> str:
+        """The message, with the batch size called ``name`` (the CLI says --batch-size)."""
+        return (f"{name} {self.batch_size} exceeds the {self.n_train} training examples: no full batch, "
+                f"so no optimiser step; expected a {name} <= {self.n_train}")
+
+
 class MissingDependencyError(ImportError):
     """An optional package the run needs is not installed; the message says what to install."""
 
@@ -208,8 +221,7 @@ class StepPlan:
 def plan_steps(n_train: int, optim: OptimSpec, max_steps: Optional[int]) -> StepPlan:
     """The step plan of a run, or a TrainingSetupError if it would take no optimiser step."""
     if optim.batch_size > n_train:
-        raise TrainingSetupError(f"batch_size {optim.batch_size} exceeds the {n_train} training examples: "
-                                 f"no full batch, so no optimiser step; expected a batch_size <= {n_train}")
+        raise BatchExceedsDataError(optim.batch_size, n_train)
     steps_per_epoch = n_train // optim.batch_size
     full = steps_per_epoch * optim.epochs
     return StepPlan(steps_per_epoch, full, full if max_steps is None else min(full, max_steps))

@@ -25,6 +25,13 @@ def _int_in(text: str, minimum: int, maximum: Optional[int], expected: str) -> i
     return value
 
 
+def int_type(minimum: int, maximum: Optional[int] = None, expected: Optional[str] = None) -> Callable[[str], int]:
+    """An argparse type: an int in [minimum, maximum] (no maximum: >= minimum), ``expected`` saying so."""
+    expected = expected or (f"an integer in [{minimum}, {maximum}]" if maximum is not None
+                            else f"an integer >= {minimum}")
+    return lambda text: _int_in(text, minimum, maximum, expected)
+
+
 def positive_int(text: str) -> int:
     """argparse type: an int >= 1 (so --epochs 0 or --batch-size 0 is a usage error, not a crash)."""
     return _int_in(text, 1, None, "a positive integer")
@@ -63,11 +70,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     recipe = override(recipe, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                       max_steps=args.max_steps)
-    from .training import (EpochsNotReachedWarning, MissingDependencyError, TrainingDivergedError,
-                           TrainingSetupError, train)
+    from .training import (BatchExceedsDataError, EpochsNotReachedWarning, MissingDependencyError,
+                           TrainingDivergedError, TrainingSetupError, train)
     try:
         with _warnings_as_lines(EpochsNotReachedWarning):
             _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress)
+    except BatchExceedsDataError as exc:
+        name = "--batch-size" if args.batch_size is not None else "batch size"   # the recipe's own
+        print(f"lrnnx-zoo train: {exc.message(name)}", file=sys.stderr)
+        return 2
     except (TrainingSetupError, MissingDependencyError) as exc:  # found before training started
         print(f"lrnnx-zoo train: {exc}", file=sys.stderr)
         return 2

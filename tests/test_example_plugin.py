@@ -9,7 +9,9 @@ another "ema" plugin cannot interfere; discovery through entry points is tested 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -103,3 +105,20 @@ def test_readme_shows_this_example():
     assert python and python[0] == MODULE.read_text(), "README's plugin module differs from lrnnx_ema.py"
     toml = [code for lang, code in blocks if lang == "toml"]
     assert toml and toml[0] in (EXAMPLE / "pyproject.toml").read_text()
+
+
+def test_example_passes_the_contract_suite_the_guide_promises():
+    # The guide says tests/test_layer_contract.py runs over a plugin built like this one; the example
+    # failed it: forward() took integration_timesteps and ignored them (prepare_input was not given
+    # them, so a time-invariant layer's refusal never ran). The suite is run over the example,
+    # registered in code with autoloading off, in its own process (its layers are listed at import).
+    script = (f"import importlib.util, os, sys, pytest, lrnnx_zoo\n"
+              f"spec = importlib.util.spec_from_file_location('lrnnx_ema_example', {str(MODULE)!r})\n"
+              f"module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+              f"lrnnx_zoo.register_plugin(module, name='ema')\n"
+              f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'ema',\n"
+              f"                      {str(ROOT / 'tests' / 'test_layer_contract.py')!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, DISABLE_AUTOLOAD_ENV: "1"}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert re.search(r"\b[1-9]\d* passed", proc.stdout), proc.stdout[-500:]

@@ -256,7 +256,10 @@ def test_step_refuses_a_cache_made_before_the_weights_changed(name, change):
         layer(x).square().sum().backward()
         opt.step()
     elif change == "load_state_dict":
-        layer.load_state_dict(lrnnx_zoo.create_layer(name, H, d_state=N).state_dict())   # other weights
+        other = lrnnx_zoo.create_layer(name, H, d_state=N)   # other weights, also for a deterministic init
+        with torch.no_grad():
+            next(other.parameters()).mul_(0.5)
+        layer.load_state_dict(other.state_dict())
     else:
         with torch.no_grad():
             next(layer.parameters()).mul_(0.5)

@@ -74,3 +74,19 @@ def test_command_lines_parse():
             parser.parse_args([w for w in words if w])
         except SystemExit:
             pytest.fail(f"README's command does not parse: {command}")
+
+
+def test_every_package_in_the_source_tree_is_declared():
+    # lrnnx_zoo/datasets has an __init__.py but was missing from [tool.setuptools] packages, so the
+    # README's first command (scripts/demo.sh installing the package) printed ~50 lines of
+    # setuptools' "Package 'lrnnx_zoo.datasets' is absent from the `packages` configuration".
+    tomllib = pytest.importorskip("tomllib")             # Python >= 3.11
+    root = Path(__file__).resolve().parents[1]
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for package, folder in setup["package-dir"].items():
+        for init in (root / folder).rglob("__init__.py"):
+            sub = init.parent.relative_to(root / folder).parts
+            if "__pycache__" not in sub:
+                found.add(".".join((package, *sub)))
+    assert found - set(setup["packages"]) == set()

@@ -191,7 +191,7 @@ def test_a_run_without_optimiser_steps_is_refused_before_training(monkeypatch, t
     out = tmp_path / "never"
     assert cli.main(["train", TINY, "--out", str(out), "--batch-size", "5000"]) == 2
     err = capsys.readouterr().err
-    assert "batch_size 5000 exceeds the 1437 training examples" in err and "Traceback" not in err
+    assert "--batch-size 5000 exceeds the 1437 training examples" in err and "Traceback" not in err
     assert not out.exists()
     for bad in ("0", "-3"):
         with pytest.raises(SystemExit) as exit_info:

@@ -52,7 +52,8 @@ class EMA(LTI_LRNN):
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, H) -> y: (B, L, H); ``lengths`` (B,): valid steps of a padded batch."""
-        x = self.prepare_input(x, lengths)           # shape/dtype checks, zeros past each length
+        # shape/dtype checks, zeros past each length; integration_timesteps refused (one fixed step)
+        x = self.prepare_input(x, lengths, integration_timesteps)
         y = causal_conv(x, self.compute_kernel(x.shape[1]), dim=-2)   # time is dim -2 of both
         return mask_padding(y, lengths)              # zeros after each length
 
