@@ -22,7 +22,7 @@ def check_flags(args: argparse.Namespace) -> None:
     from .folder import check_arguments, check_destination
 
     out = check_arguments(args.out, args.format, args.quantize, args.opset, args.batch, args.latency_steps,
-                          args.push_to_hub, cli=True)
+                          args.push_to_hub, cli=True, validation_length=args.validation_length)
     check_revision_flag(args.src, args.revision)
     check_destination(out, args.format, "--out")
 
@@ -38,7 +38,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         check_flags(args)
         done = export_folder(args.src, args.out, format=args.format, quantize=args.quantize,
                              push_to_hub=args.push_to_hub, batch=args.batch, opset=args.opset,
-                             latency_steps=args.latency_steps, revision=args.revision)
+                             latency_steps=args.latency_steps, revision=args.revision,
+                             validation_length=args.validation_length)
     # OSError: an --out that is a file, or a folder holding files the export would overwrite
     except (ExportError, ValidationError, CheckpointError, HubPublishError, ValueError, OSError) as exc:
         print(f"lrnnx-zoo export: {exc}", file=sys.stderr)
@@ -65,7 +66,7 @@ are printed."""
 
 def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:
     """Add ``export`` to the ``lrnnx-zoo`` parser (see lrnnx_zoo.cli)."""
-    from .folder import FORMATS
+    from .folder import FOLDER_VALIDATION_LENGTH, FORMATS
     from .latency import DEFAULT_STEPS
     from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
@@ -84,4 +85,7 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
     p.add_argument("--latency-steps", type=int_type(0, None, "an integer >= 0 (0 skips the measurement)"),
                    default=DEFAULT_STEPS, metavar="N",
                    help=f"steps timed at batch 1, or at the fixed --batch (default {DEFAULT_STEPS}; 0: skip)")
+    p.add_argument("--validation-length", type=positive_int, default=FOLDER_VALIDATION_LENGTH, metavar="STEPS",
+                   help=f"steps the graph is streamed to validate it against the PyTorch model (default "
+                        f"{FOLDER_VALIDATION_LENGTH}: float32 rounding in the state grows with the stream)")
     commands["export"] = _cmd_export

@@ -35,6 +35,13 @@ from .result import ExportResult
 from .runtime import check_batch
 from .step_graph import build_step_module
 from .torchscript_export import load_torch_export, load_torchscript, to_torch_export, to_torchscript
+from .validate import DEFAULT_BATCH, default_sequence
+
+#: Steps an export folder's graph is validated over by default: the length at which the issue asks
+#: for no drift beyond tolerance. The float32 state's rounding error grows with the stream (about as
+#: sqrt(steps)): digits-s4d's graph is 9.6e-6 from the float64 model after 256 steps, 6.6e-5 after
+#: 4096, so the 256 steps of to_onnx's default would under-state what a deployment streams.
+FOLDER_VALIDATION_LENGTH = 4096
 
 GRAPH_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "torch-export": "model.pt2"}
 FORMATS = tuple(GRAPH_FILES)
@@ -92,7 +99,7 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
                   push_to_hub: Optional[str] = None, batch: Optional[int] = None, opset: Optional[int] = None,
                   validation_input: Optional[torch.Tensor] = None, latency_steps: int = DEFAULT_STEPS,
                   token: Optional[Union[str, bool]] = None, private: bool = False,
-                  revision: Optional[str] = None) -> FolderExport:
+                  revision: Optional[str] = None, validation_length: int = FOLDER_VALIDATION_LENGTH) -> FolderExport:
     """Export ``src`` (model, folder, shipped name or Hub id) into ``out_dir`` and optionally push it.
 
     Args:
@@ -101,14 +108,21 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         push_to_hub: Hub repo id to upload the folder to (created if missing).
         batch: fixed batch size (ONNX / torch-export); None for dynamic.
         opset: ONNX opset (ONNX only; default 20, see onnx_export.DEFAULT_OPSET).
-        validation_input: (B, L, d_input) sequence for validation (default: random normal, 2 x 256).
+        validation_input: (B, L, d_input) sequence for validation (default: random normal, 2 (or the
+            fixed batch) x ``validation_length``).
+        validation_length: steps of the default validation sequence (default 4096,
+            :data:`FOLDER_VALIDATION_LENGTH`); ignored when ``validation_input`` is given.
         latency_steps: steps timed at batch 1 (or the fixed batch) for config.json (0 skips the measurement).
         token, private: for the upload; revision: of a Hub source checkpoint.
     """
-    out = check_arguments(out_dir, format, quantize, opset, batch, latency_steps, push_to_hub)
+    out = check_arguments(out_dir, format, quantize, opset, batch, latency_steps, push_to_hub,
+                          validation_length=validation_length)
     replaced, target = check_destination(out, format)
     files = [GRAPH_FILES[format], WEIGHTS_FILE, CONFIG_FILE, CARD_FILE]
     model, info = load_source(src, revision=revision, token=token)
+    if validation_input is None:
+        validation_input = default_sequence(model.config.d_input, length=validation_length,
+                                            batch=batch or DEFAULT_BATCH)
     # written into a hidden sibling and swapped in whole: a failed or interrupted export leaves the
     # folder as it was, and an earlier export's graph in another format does not outlive its config
     with replaced_folder(target, keep=lambda entry: entry not in files and entry != replaced) as staging:
@@ -136,12 +150,14 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
 
 #: How the CLI (`lrnnx-zoo export`) spells export_folder's arguments, for its error messages.
 CLI_FLAGS = {"out_dir": "--out", "format": "--format", "quantize": "--quantize", "opset": "--opset",
-             "batch": "--batch", "latency_steps": "--latency-steps", "push_to_hub": "--push-to-hub"}
+             "batch": "--batch", "latency_steps": "--latency-steps", "push_to_hub": "--push-to-hub",
+             "validation_length": "--validation-length"}
 
 
 def check_arguments(out_dir: Any, format: str, quantize: Optional[str] = None, opset: Optional[int] = None,
                     batch: Optional[int] = None, latency_steps: int = DEFAULT_STEPS,
-                    push_to_hub: Optional[str] = None, cli: bool = False) -> Path:
+                    push_to_hub: Optional[str] = None, cli: bool = False,
+                    validation_length: int = FOLDER_VALIDATION_LENGTH) -> Path:
     """Refuse arguments :func:`export_folder` cannot honour before any work, naming them as the
     caller wrote them: Python keywords (``format='onnx'``), or with ``cli=True`` the CLI's flags
     (``--format onnx``; it printed "out_dir ... is a file" for ``--out``). Returns out_dir as a Path."""
@@ -159,6 +175,9 @@ def check_arguments(out_dir: Any, format: str, quantize: Optional[str] = None, o
                              f"{given('format', 'onnx')} (got {given('format', format)})")
     if isinstance(latency_steps, bool) or not isinstance(latency_steps, int) or latency_steps < 0:
         raise ValueError(f"{name('latency_steps')} must be an int >= 0 (0 skips the measurement), got {latency_steps!r}")
+    if isinstance(validation_length, bool) or not isinstance(validation_length, int) or validation_length < 1:
+        raise ValueError(f"{name('validation_length')} must be an int >= 1 (steps streamed to validate the graph), "
+                         f"got {validation_length!r}")
     if push_to_hub is not None:
         check_repo_id(push_to_hub, name("push_to_hub"))
     try:

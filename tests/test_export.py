@@ -356,6 +356,7 @@ def test_folder_and_push_to_local_hub(digits_checkpoint, tmp_path, local_hub):
     assert len(set(modes.values())) == 1, modes          # safetensors' private 0600 is not kept
     config = json.loads(local_hub.read_file("me/digits-small-onnx", "config.json"))
     assert config["format"] == "onnx" and config["validation"]["passed"] and config["latency"]["median_us"] > 0
+    assert config["validation"]["length"] == 4096        # what a folder ships is checked over a long stream
     assert config["state_layout"] == done.result.state_layout and config["opset"] == 20
     assert config["source_checkpoint"]["repo_id"] == "me/digits-small" and config["dataset"]["name"] == "digits"
     assert local_hub.read_file("me/digits-small-onnx", "model.onnx") == (tmp_path / "out" / "model.onnx").read_bytes()
@@ -370,9 +371,10 @@ def test_folder_and_push_to_local_hub(digits_checkpoint, tmp_path, local_hub):
 def test_cli_export_prints_report_and_latency(digits_checkpoint, tmp_path, capsys):
     from lrnnx_zoo.cli import main
     rc = main(["export", str(digits_checkpoint), "--format", "torch-export", "--out", str(tmp_path / "o"),
-               "--latency-steps", "20"])
+               "--latency-steps", "20", "--validation-length", "300"])
     out = capsys.readouterr().out
     assert rc == 0, out
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["validation"]["length"] == 300
     assert "validation PASSED" in out and re.search(r"per-step latency: median [0-9.]+ us", out)
     assert (tmp_path / "o" / "model.pt2").is_file()
     # the graph's path as written, not the hidden folder it was staged in (gone after the swap)
@@ -838,6 +840,7 @@ def test_streamer_state_read_waits_for_a_running_chunk(tmp_path):
     (["--out", "{new}", "--format", "torchscript", "--batch", "2"], r"drop --batch or use --format onnx"),
     (["--out", "{new}", "--batch", "0"], r"argument --batch: expected a positive integer, got 0"),
     (["--out", "{new}", "--latency-steps", "-1"], r"argument --latency-steps: expected an integer >= 0"),
+    (["--out", "{new}", "--validation-length", "0"], r"argument --validation-length: expected a positive integer"),
 ])
 def test_cli_export_errors_name_the_flags(digits_checkpoint, tmp_path, capsys, args, message):
     # The CLI printed export_folder's argument names: "out_dir X is a file" for --out X, "use
@@ -854,3 +857,10 @@ def test_cli_export_errors_name_the_flags(digits_checkpoint, tmp_path, capsys, a
     err = capsys.readouterr().err
     assert re.search(r"^lrnnx-zoo export: .*" + message, err, flags=re.M), err
     assert "out_dir" not in err and "format=" not in err and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("value", [0, 2.5, True])
+def test_export_folder_refuses_a_validation_length_it_cannot_stream(tmp_path, value):
+    with pytest.raises(ValueError, match=r"validation_length must be an int >= 1 \(steps streamed"):
+        export_folder(small_model("lru"), tmp_path / "o", format="torchscript", validation_length=value, latency_steps=0)
+    assert not (tmp_path / "o").exists()
