@@ -99,6 +99,9 @@ def build_card(config: Dict[str, Any]) -> str:
     out += _run_section(config)
     out += ["## State layout", "", "| part | offset | size |", "|---|---|---|"]
     out += [f"| {name} | {off} | {size} |" for name, off, size in config["state_layout"]]
-    out += ["", "Files: the graph, `step_form.safetensors` (the step module's weights), `config.json` "
-                "(sizes, layout, validation, latency, source).", ""]
+    out += ["", "Files: the graph, `step_form.safetensors` (the step module's weights by name, for auditing or "
+                "porting to another runtime; in PyTorch, run a `.ts`/`.pt2` export, or rebuild the step with "
+                "`lrnnx_zoo.export.build_step_module(lrnnx_zoo.from_pretrained(<source>))`, since some layers "
+                "choose their step form from their weights), `config.json` (sizes, layout, validation, latency, "
+                "source).", ""]
     return "\n".join(out)

@@ -3,7 +3,9 @@
 ``export_folder(src, out_dir, format=...)`` writes:
 
 - the graph: ``model.onnx`` | ``model.ts`` | ``model.pt2`` (validated before it is written);
-- ``step_form.safetensors``: the step module's weights (state_dict), for re-building or auditing;
+- ``step_form.safetensors``: the step module's weights (state_dict), for auditing or porting to another
+  runtime (not a torch loader's input: S4 picks its step form from its weights, so a module built from
+  the config alone may hold other tensors; rebuild from the source checkpoint instead);
 - ``config.json``: source checkpoint, format, state layout and sizes, opset, validation report,
   latency;
 - ``README.md``: a card saying how it was made and how to run it.
