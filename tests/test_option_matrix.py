@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import lrnnx_zoo
@@ -238,9 +239,9 @@ def kernel_kwargs(kind: str, backend: Optional[str], which: int) -> Dict[str, An
 
 FFT_OPTIONS = dict(kind=KINDS, channels=(1, 2, 3), bidirectional=(False, True), transposed=(True, False),
                    swap=(False, True), L=(1, 2, 7, 13, 64), l_max=(None, 5, 40), batch=(1, 2), rate=(1.0, 0.5, 2.0),
-                   lengths=(False, True), grad=(False, True), H=(1, 3), d_state=(2, 4),
-                   dtype=(torch.float32, torch.float64), backend=(None, "torch", "keops"), kernel_options=(0, 1, 2, 3))
-FFT_COMBOS = [c for c in option_sample(FFT_OPTIONS, 90, 0) if not (c["kind"] == "lru" and c["rate"] != 1.0)]
+                   lengths=(False, True), grad=(False, True), H=(1, 3), d_state=(1, 2, 3, 4),
+                   dtype=(torch.float32, torch.float64), backend=(None, "torch", "keops"), kernel_options=tuple(range(11)))
+FFT_COMBOS = [c for c in option_sample(FFT_OPTIONS, 100, 0) if not (c["kind"] == "lru" and c["rate"] != 1.0)]
 
 
 @pytest.mark.parametrize("c", FFT_COMBOS, ids=ids(FFT_COMBOS))
@@ -250,6 +251,10 @@ def test_fftconv_block_matches_the_loop(c):
     sequence's length (bidirectional), finite window (l_max < L), sampling rate, channel order."""
     torch.manual_seed(0)
     kind, C, L, Bs, H = c["kind"], c["channels"], c["L"], c["batch"], c["H"]
+    if c["d_state"] % 2 and kind != "lru":            # N real states in conjugate pairs
+        with pytest.raises(ValueError, match=f"an even number >= 2, got {c['d_state']}"):
+            FFTConvS4(H, kernel_type=kind, d_state=c["d_state"])
+        return
     m = FFTConvS4(H, l_max=c["l_max"], channels=C, swap_channels=c["swap"], transposed=c["transposed"],
                   kernel_type=kind, bidirectional=c["bidirectional"], d_state=c["d_state"],
                   **kernel_kwargs(kind, c["backend"], c["kernel_options"])).eval().to(c["dtype"])
@@ -402,3 +407,254 @@ def test_s4_block_state_passing_at_another_rate_names_the_rate():
         m(torch.randn(1, 2, 8), rate=0.5, state=m.default_state(1))
     with pytest.raises(ValueError, match=r"l_max=10 < L=11"):
         m(torch.randn(1, 2, 11), state=m.default_state(1))
+
+
+S4_STEP_OPTIONS = dict(channels=(1, 2, 3), H=(1, 3), d_state=(2, 4, 6), chunks=((7,), (1, 1, 5), (3, 0, 4), (13, 1)),
+                       l_max=(None, 16), batch=(1, 2), dtype=(torch.float32, torch.float64),
+                       discretization=("bilinear", "zoh"), backend=("torch", "keops"), mode=("dense", "linear", "diagonal"))
+S4_STEP_COMBOS = option_sample(S4_STEP_OPTIONS, 16, 3)
+
+
+@pytest.mark.parametrize("c", S4_STEP_COMBOS, ids=ids(S4_STEP_COMBOS))
+def test_s4_block_state_passing_and_step_modes_match_the_loop(c):
+    """Chunked state passing from a non-zero state, and each step mode from zero, against the
+    loop; a mode that cannot serve the system (linear with zoh, an inaccurate diagonal) refuses."""
+    torch.manual_seed(0)
+    Bs, H, dtype = c["batch"], c["H"], c["dtype"]
+    if c["backend"] == "keops" and not HAS_KEOPS:
+        pytest.skip("pykeops unusable here")
+    m = S4(H, d_state=c["d_state"], l_max=c["l_max"], channels=c["channels"], activation=None,
+           discretization=c["discretization"], backend=c["backend"]).eval().to(dtype)
+    linear = copy.deepcopy(m.output_linear).double()
+    system, D = s4_system(m.kernel), m.D.detach()
+    u = torch.randn(Bs, H, sum(c["chunks"]), dtype=dtype)
+    with torch.no_grad():
+        s = m(torch.randn(Bs, H, 3, dtype=dtype), state=m.default_state(Bs))[1]
+        y_ref, h_ref = run(system, u, full_s4_state(s), D=D)
+        ys, t0 = [], 0
+        for n in c["chunks"]:
+            y, s = m(u[..., t0:t0 + n], state=s)
+            ys.append(y)
+            t0 += n
+        assert rel_err(torch.cat(ys, -1), linear(y_ref.flatten(1, 2))) < tolerance("s4", dtype)
+        assert rel_err(full_s4_state(s), h_ref) < tolerance("s4", dtype)
+
+        try:
+            m.setup_step(c["mode"])
+        except ValueError as exc:                 # DiagonalAccuracyError is a ValueError
+            assert (c["mode"] == "linear" and c["discretization"] == "zoh" and "bilinear" in str(exc)) or \
+                (c["mode"] == "diagonal" and "ill-conditioned" in str(exc))
+            return
+        st, ys = m.default_state(Bs), []
+        for t in range(u.shape[-1]):
+            y, st = m.step(u[..., t], st)
+            ys.append(y)
+    # the diagonal form rounds its (ill-conditioned) eigenbasis: the builder accepts up to 1e-4
+    tol = 1e-4 if c["mode"] == "diagonal" and dtype == torch.float32 else tolerance("s4", dtype)
+    assert rel_err(torch.stack(ys, -1), linear(run(system, u, D=D)[0].flatten(1, 2))) < tol
+
+
+# -- the registered layers ---------------------------------------------------------------------
+def steps_of(layer: torch.nn.Module, x: Tensor) -> Tensor:
+    """The layer stepped over x (Bs, L, H) from a zero cache in x's dtype -> (Bs, L, H)."""
+    cache = layer.allocate_inference_cache(x.shape[0], dtype=x.dtype)
+    ys = []
+    for t in range(x.shape[1]):
+        y, cache = layer.step(x[:, t], cache)
+        ys.append(y)
+    return torch.stack(ys, 1) if ys else x.new_zeros(x.shape)
+
+
+S4_LAYER_OPTIONS = dict(measure=(("legs", 1), ("legt", 2), ("fourier", 1), ("lagt", 1), ("tlagt", 1), ("glagt", 1),
+                                 ("legs", 2)),
+                        discretization=("bilinear", "zoh"), backend=("torch", "keops", "auto"), bidirectional=(False, True),
+                        H=(1, 2, 4), d_state=(2, 4, 6), L=(1, 2, 7, 13, 40), batch=(1, 2),
+                        dtype=(torch.float32, torch.float64), grad=(False, True), n_ssm=(None, 1), l_max=(None, 8),
+                        lengths=(False, True))
+S4_LAYER_COMBOS = option_sample(S4_LAYER_OPTIONS, 24, 4)
+
+
+@pytest.mark.parametrize("c", S4_LAYER_COMBOS, ids=ids(S4_LAYER_COMBOS))
+def test_s4_layer_matches_the_loop(c):
+    """The registered "s4" layer, forward (both paths) and step (the auto step form), against the
+    loop; bidirectional: the strictly anti-causal second kernel; padding outputs zero."""
+    torch.manual_seed(0)
+    L, Bs, H, dtype = c["L"], c["batch"], c["H"], c["dtype"]
+    if c["backend"] == "keops" and not HAS_KEOPS:
+        pytest.skip("pykeops unusable here")
+    measure, rank = c["measure"]
+    m = S4Layer(H, d_state=c["d_state"], measure=measure, rank=rank, discretization=c["discretization"],
+                backend=c["backend"], bidirectional=c["bidirectional"], n_ssm=c["n_ssm"], l_max=c["l_max"]).to(dtype)
+    x = torch.randn(Bs, L, H, dtype=dtype)
+    lengths = torch.tensor([max(L - b, 0) for b in range(Bs)]) if c["lengths"] else None
+    with torch.set_grad_enabled(c["grad"]):
+        y = m(x.clone().requires_grad_(c["grad"]), lengths=lengths).detach()
+    system, uu = s4_system(m.kernel), masked(x.transpose(1, 2), lengths)
+    ref = run(system, uu, D=m.D[None])[0][:, 0]
+    if c["bidirectional"]:                        # + sum_j K1[j] u[t + 1 + j]: padding reads as zeros
+        ref = ref + F.pad(run(system, uu.flip(-1))[0][:, 1].flip(-1)[..., 1:], (0, 1))
+    ref = masked(ref, lengths).transpose(1, 2)
+    assert rel_err(y, ref) < tolerance("s4", dtype)
+    if not c["bidirectional"] and lengths is None:
+        with torch.no_grad():
+            assert rel_err(steps_of(m, x), ref) < tolerance("s4", dtype)
+
+
+S4D_LAYER_OPTIONS = dict(init=("lin", "inv", "legs", "real", "random"), discretization=("zoh", "bilinear"),
+                         backend=("torch", "keops", "auto"), H=(1, 3), d_state=(2, 4, 6), L=(1, 2, 7, 13, 64),
+                         batch=(1, 2), dtype=(torch.float32, torch.float64), grad=(False, True), lengths=(False, True))
+S4D_LAYER_COMBOS = option_sample(S4D_LAYER_OPTIONS, 16, 5)
+
+
+@pytest.mark.parametrize("c", S4D_LAYER_COMBOS, ids=ids(S4D_LAYER_COMBOS))
+def test_s4d_layer_matches_the_loop(c):
+    torch.manual_seed(0)
+    L, Bs, H, dtype = c["L"], c["batch"], c["H"], c["dtype"]
+    if c["backend"] == "keops" and not HAS_KEOPS:
+        pytest.skip("pykeops unusable here")
+    m = S4D(H, d_state=c["d_state"], init=c["init"], discretization=c["discretization"], backend=c["backend"]).to(dtype)
+    x = torch.randn(Bs, L, H, dtype=dtype)
+    lengths = torch.tensor([max(L - b, 0) for b in range(Bs)]) if c["lengths"] else None
+    with torch.set_grad_enabled(c["grad"]):
+        y = m(x.clone().requires_grad_(c["grad"]), lengths=lengths).detach()
+    system = s4d_system(m.kernel)
+    ref = run(system, masked(x.transpose(1, 2), lengths), D=m.D[None])[0][:, 0]
+    assert rel_err(y, masked(ref, lengths).transpose(1, 2)) < tolerance("s4d", dtype)
+    with torch.no_grad():
+        assert rel_err(steps_of(m, x), run(system, x.transpose(1, 2), D=m.D[None])[0][:, 0].transpose(1, 2)) \
+            < tolerance("s4d", dtype)
+
+
+def lru_layer_run(m: LRU, x: Tensor, h0: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The LRU's own loop: lam = exp(-exp(nu_log) + i exp(theta_log)), h_t = lam h_{t-1} + gamma B u_t,
+    y_t = Re(C h_t) + D u_t.   x: (Bs, L, H) -> (y (Bs, L, H) float64, h_{L-1} (Bs, N) complex128)."""
+    p = {n: t.detach().double() for n, t in m.named_parameters()}
+    lam = torch.exp(torch.complex(-torch.exp(p["nu_log"]), torch.exp(p["theta_log"])))
+    B = torch.complex(p["B_re"], p["B_im"]) * torch.exp(p["gamma_log"])[:, None]
+    C = torch.complex(p["C_re"], p["C_im"])
+    u = x.detach().double()
+    h = torch.zeros(u.shape[0], lam.shape[0], dtype=torch.complex128)
+    h = h if h0 is None else h + h0.to(torch.complex128)
+    ys = []
+    for t in range(u.shape[1]):
+        h = lam * h + u[:, t].to(torch.complex128) @ B.T
+        ys.append((h @ C.T).real + p["D"] * u[:, t])
+    return (torch.stack(ys, 1) if ys else u.clone()), h
+
+
+LRU_OPTIONS = dict(backend=("fft", "scan", "auto"), H=(1, 3), d_state=(1, 2, 5), L=(0, 1, 2, 7, 13, 64), batch=(1, 2),
+                   dtype=(torch.float32, torch.float64), initial_state=(None, "batch", "shared"),
+                   lengths=(False, True), grad=(False, True))
+LRU_COMBOS = option_sample(LRU_OPTIONS, 16, 6)
+
+
+@pytest.mark.parametrize("c", LRU_COMBOS, ids=ids(LRU_COMBOS))
+def test_lru_layer_matches_the_loop(c):
+    torch.manual_seed(0)
+    L, Bs, N, dtype = c["L"], c["batch"], c["d_state"], c["dtype"]
+    m = LRU(c["H"], d_state=N, backend=c["backend"], r_min=0.4, r_max=0.95).to(dtype)
+    x = torch.randn(Bs, L, c["H"], dtype=dtype)
+    cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    h0 = {None: None, "batch": torch.randn(Bs, N, dtype=cdtype), "shared": torch.randn(N, dtype=cdtype)}[c["initial_state"]]
+    lengths = torch.tensor([max(L - b, 0) for b in range(Bs)]) if c["lengths"] else None
+    with torch.set_grad_enabled(c["grad"]):
+        y = m(x.clone().requires_grad_(c["grad"]), lengths=lengths, initial_state=h0).detach()
+    xm = masked(x.transpose(1, 2), lengths).transpose(1, 2)
+    ref, h = lru_layer_run(m, xm, h0)
+    assert rel_err(y, masked(ref.transpose(1, 2), lengths).transpose(1, 2)) < tolerance("lru", dtype)
+    ref, h = lru_layer_run(m, x, h0)
+    assert rel_err(m.final_state(x, initial_state=h0), h) < tolerance("lru", dtype)
+    if h0 is None:
+        with torch.no_grad():
+            assert rel_err(steps_of(m, x), ref) < tolerance("lru", dtype)
+
+
+FFT_LAYER_OPTIONS = dict(kind=KINDS, channels=(1, 2, 3), bidirectional=(False, True), H=(1, 3), d_state=(2, 4),
+                         L=(1, 7, 13), batch=(1, 2), lengths=(False, True), dtype=(torch.float32, torch.float64))
+FFT_LAYER_COMBOS = option_sample(FFT_LAYER_OPTIONS, 12, 7)
+
+
+@pytest.mark.parametrize("c", FFT_LAYER_COMBOS, ids=ids(FFT_LAYER_COMBOS))
+def test_fftconv_layer_matches_the_loop(c):
+    """The registered "fftconv" layer: the block's channels mixed by its Linear, padding zeroed,
+    and (causal) its step."""
+    torch.manual_seed(0)
+    kind, C, L, Bs, H, dtype = c["kind"], c["channels"], c["L"], c["batch"], c["H"], c["dtype"]
+    m = FFTConvLayer(H, d_state=c["d_state"], kernel_type=kind, channels=C, bidirectional=c["bidirectional"]).to(dtype)
+    x = torch.randn(Bs, L, H, dtype=dtype)
+    lengths = torch.tensor([max(L - b, 0) for b in range(Bs)]) if c["lengths"] else None
+    with torch.no_grad():
+        y = m(x, lengths=lengths)
+    uu = masked(x.transpose(1, 2), lengths)
+    K = impulse_response(system_of(m.conv.kernel), L)
+    ref = direct_conv(uu, K[:C]) + m.conv.D.detach().double()[None, :, :, None] * uu.unsqueeze(1)
+    if c["bidirectional"]:
+        ref = ref + flip_valid(direct_conv(flip_valid(uu, lengths), K[C:]), lengths)
+    ref = ref.flatten(1, 2).transpose(1, 2)                                 # (Bs, L, C*H)
+    if m.mix is not None:
+        ref = ref @ m.mix.weight.detach().double().T + m.mix.bias.detach().double()
+    assert rel_err(y, masked(ref.transpose(1, 2), lengths).transpose(1, 2)) < tolerance(kind, dtype)
+    if not c["bidirectional"] and lengths is None:
+        with torch.no_grad():
+            assert rel_err(steps_of(m, x), ref) < tolerance(kind, dtype)
+
+
+# -- gradients ---------------------------------------------------------------------------------
+GRAD_OPTIONS = dict(kind=KINDS, backend=("torch", "keops"), channels=(1, 2), mode=("bidirectional", "state", "rate"),
+                    L=(1, 2, 5), kernel_options=(0, 1, 2))
+GRAD_COMBOS = [c for c in option_sample(GRAD_OPTIONS, 10, 8) if not (c["kind"] == "lru" and c["mode"] == "rate")]
+
+
+def gradcheck(f, inputs: Tuple[Tensor, ...]) -> None:
+    """torch.autograd.gradcheck in float64; fast mode (one random direction) unless the full
+    matrix runs. eps 1e-6 against tolerances 1e-5: the central difference errs by ~eps^2 |f'''|
+    plus ~1e-16 / eps rounding."""
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=not FULL)
+
+
+@pytest.mark.parametrize("c", GRAD_COMBOS, ids=ids(GRAD_COMBOS))
+def test_fftconv_block_gradients_in_float64(c):
+    """d(y, next state) / d(x, state, every parameter) of FFTConvS4, through the kernel backend,
+    the bidirectional flip, the zero-input response of a state and forward_state, or a rate."""
+    torch.manual_seed(0)
+    kind = c["kind"]
+    m = FFTConvS4(2, channels=c["channels"], kernel_type=kind, bidirectional=c["mode"] == "bidirectional",
+                  d_state=4 if kind == "s4" else 2, **kernel_kwargs(kind, c["backend"], c["kernel_options"])).double()
+    with torch.no_grad():
+        m(torch.randn(1, 2, c["L"], dtype=torch.float64))            # S4: C~ for this length, once
+    names = [n for n, _ in m.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in m.parameters())
+    x = torch.randn(2, 2, c["L"], dtype=torch.float64, requires_grad=True)
+    state = torch.randn_like(m.default_state(2)).requires_grad_(True) if c["mode"] == "state" else None
+    rate = 0.5 if c["mode"] == "rate" else 1.0
+
+    def f(x: Tensor, *ps: Tensor) -> Tuple[Tensor, ...]:
+        y, s = torch.func.functional_call(m, dict(zip(names, ps)), (x,), dict(state=state, rate=rate))
+        return y if s is None else (y, torch.view_as_real(s))
+    gradcheck(f, (x, *params))
+    if state is not None:
+        gradcheck(lambda s: torch.view_as_real(m(x.detach(), state=s)[1]), (state,))
+
+
+@pytest.mark.parametrize("backend", ["fft", "scan"])
+def test_lru_layer_gradients_with_an_initial_state_in_float64(backend):
+    torch.manual_seed(0)
+    m = LRU(2, d_state=3, backend=backend).double()
+    names = [n for n, _ in m.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in m.parameters())
+    x = torch.randn(2, 5, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 3, dtype=torch.complex128, requires_grad=True)
+    gradcheck(lambda x, h0, *ps: torch.func.functional_call(m, dict(zip(names, ps)), (x,), dict(initial_state=h0)),
+              (x, h0, *params))
+
+
+@pytest.mark.parametrize("discretization", ["bilinear", "zoh"])
+def test_s4_layer_gradients_in_float64(discretization):
+    torch.manual_seed(0)
+    m = S4Layer(2, d_state=4, measure="legt", rank=2, discretization=discretization, bidirectional=True).double()
+    with torch.no_grad():
+        m(torch.randn(1, 7, 2, dtype=torch.float64))
+    names = [n for n, _ in m.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in m.parameters())
+    x = torch.randn(2, 7, 2, dtype=torch.float64, requires_grad=True)
+    gradcheck(lambda x, *ps: torch.func.functional_call(m, dict(zip(names, ps)), (x,)), (x, *params))
