@@ -658,3 +658,26 @@ def test_s4_layer_gradients_in_float64(discretization):
     params = tuple(p.detach().clone().requires_grad_(True) for p in m.parameters())
     x = torch.randn(2, 7, 2, dtype=torch.float64, requires_grad=True)
     gradcheck(lambda x, *ps: torch.func.functional_call(m, dict(zip(names, ps)), (x,)), (x, *params))
+
+
+@pytest.mark.parametrize("discretization", ["bilinear", "zoh"])
+def test_s4_diagonal_step_mode_is_judged_in_the_precision_it_steps_in(discretization):
+    # setup_step("diagonal") of a float64 S4 (LegS, N=6) was refused as "off by ~3.5e-04 relative":
+    # the error was predicted for float32 storage, while the float64 form is 1e-14 from the loop.
+    torch.manual_seed(0)
+    m = S4(3, d_state=6, activation=None, discretization=discretization).double()
+    u = torch.randn(2, 3, 40, dtype=torch.float64)
+    ref = m.output_linear(run(s4_system(m.kernel), u, D=m.D)[0].flatten(1, 2))
+    with torch.no_grad():
+        m.setup_step("diagonal")
+        st, ys = m.default_state(2), []
+        for t in range(u.shape[-1]):
+            y, st = m.step(u[..., t], st)
+            ys.append(y)
+        assert rel_err(torch.stack(ys, -1), ref) < 1e-11
+        m.float()
+        with pytest.raises(ValueError, match=r"off by ~.* relative in torch.float32"):   # rightly, in float32
+            m.setup_step("diagonal")
+        for dtype in (torch.float32, torch.float64):      # auto judges in float32 for both: the exact form
+            m.to(dtype).setup_step("auto")
+            assert m.kernel._step_mode == ("linear" if discretization == "bilinear" else "dense")

@@ -67,20 +67,22 @@ def linear_form(w: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, D: Optio
 
 
 class DiagonalAccuracyError(ValueError):
-    """The diagonal form of this system cannot reach the requested float32 accuracy."""
+    """The diagonal form of this system cannot reach the requested accuracy in its storage precision."""
 
 
 def diagonal_form(A_bar: Tensor, b_bar: Tensor, c: Tensor, D: Optional[Tensor] = None, tol: float = 1e-4,
-                  check_length: int = 1024) -> Tuple[ChannelDiagonalStepForm, float, Tensor]:
+                  check_length: int = 1024, precision: torch.dtype = torch.float32
+                  ) -> Tuple[ChannelDiagonalStepForm, float, Tensor]:
     """Diagonal form from the eigendecomposition of the discretised A_bar_r (float64).
 
     A_bar = V diag(lam) V^{-1};  z = V^{-1} r;  b' = V^{-1} b_bar,  c' = c V, so y = Re(c' . z').
     Returns (form, predicted error, V (H, N, N)).
 
-    The predicted relative error (returned) is the larger of
-    (i) the kernel error of the float32-rounded (lam, b', c') over ``check_length`` steps against
-        the exact dense kernel, and (ii) the rounding of the float32 state, amplified by the
-        cancellation among the modes: eps32 * sum_n |c'_n b'_n| sum_l |lam_n|^(2l) / ||K||_2 per channel.
+    The predicted relative error (returned) of the form stored in ``precision`` (float32 or
+    float64) is the larger of
+    (i) the kernel error of the rounded (lam, b', c') over ``check_length`` steps against the exact
+        dense kernel, and (ii) the rounding of the state, amplified by the cancellation among the
+        modes: eps * sum_n |c'_n b'_n| sum_l |lam_n|^(2l) / ||K||_2 per channel.
     Both depend only on the eigenvalues and residues c'_n b'_n, which every diagonal realisation
     shares. Calibrated on LegS/LegT/LagT/Fourier systems at L=1024: (ii) bounds the measured step
     error within a factor 2-10.
@@ -94,10 +96,10 @@ def diagonal_form(A_bar: Tensor, b_bar: Tensor, c: Tensor, D: Optional[Tensor] =
     form = ChannelDiagonalStepForm(lam, b_d, c_d, None if D is None else D.double())
     if math.isinf(tol):
         return form, float("nan"), V
-    err = diagonal_error(A_bar, b_bar, c, lam, b_d, c_d, check_length)
+    err = diagonal_error(A_bar, b_bar, c, lam, b_d, c_d, check_length, precision)
     if err > tol:
         raise DiagonalAccuracyError(
-            f"the diagonal step mode would be off by ~{err:.1e} relative (tolerance {tol:.0e}): the eigenvectors "
+            f"the diagonal step mode would be off by ~{err:.1e} relative in {precision} (tolerance {tol:.0e}): the eigenvectors "
             f"of the discretised A are ill-conditioned (cond {float(torch.linalg.cond(V).max()):.1e}), as for "
             f"HiPPO LegS/LegT/LagT matrices beyond N~8, whose modes cancel by many orders of magnitude. Use "
             f"mode='linear' (exact, O(N) per step) or mode='dense', or pass tol=math.inf to build it anyway")
@@ -105,10 +107,12 @@ def diagonal_form(A_bar: Tensor, b_bar: Tensor, c: Tensor, D: Optional[Tensor] =
 
 
 @torch.no_grad()
-def diagonal_error(A_bar: Tensor, b_bar: Tensor, c: Tensor, lam: Tensor, b_d: Tensor, c_d: Tensor, L: int) -> float:
-    """Predicted relative float32 error of a diagonal form (see :func:`diagonal_form`)."""
+def diagonal_error(A_bar: Tensor, b_bar: Tensor, c: Tensor, lam: Tensor, b_d: Tensor, c_d: Tensor, L: int,
+                   precision: torch.dtype = torch.float32) -> float:
+    """Predicted relative error of a diagonal form stored in ``precision`` (see :func:`diagonal_form`)."""
     ref = dense.two_level_kernel(A_bar, b_bar, c, L)                              # (Ch, H, L) float64
-    r32 = lambda t: t.to(torch.complex64).to(torch.complex128)                   # noqa: E731 - rounding as stored
+    cdtype = torch.complex128 if precision == torch.float64 else torch.complex64
+    r32 = lambda t: t.to(cdtype).to(torch.complex128)                            # noqa: E731 - rounding as stored
     lam32, v32 = r32(lam), r32(c_d) * r32(b_d)
     K = vandermonde_torch(v32, torch.log(lam32).expand_as(v32), L, conj=False).real
     scale = ref.abs().amax().clamp_min(1e-300)
@@ -117,5 +121,5 @@ def diagonal_error(A_bar: Tensor, b_bar: Tensor, c: Tensor, lam: Tensor, b_d: Te
     steps = torch.where(mag2 < 1, (1 - mag2 ** L) / (1 - mag2).clamp_min(1e-300), torch.full_like(mag2, float(L)))
     norm = ref.square().sum(-1).sqrt()                                            # (Ch, H)
     norm = norm.clamp_min(1e-3 * float(norm.max()) + 1e-300)
-    state_err = float((torch.finfo(torch.float32).eps * ((c_d * b_d).abs() * steps).sum(-1) / norm).amax())
+    state_err = float((torch.finfo(precision).eps * ((c_d * b_d).abs() * steps).sum(-1) / norm).amax())
     return max(kernel_err, state_err)
