@@ -17,7 +17,7 @@ against the loop: 1e-9 (the same sums in another order; the zoh Van Loan exponen
 C~ <-> C solve lose a few digits to conditioning). Gradients: torch.autograd.gradcheck in float64.
 
 Each test runs a fixed seeded sample of its option product that takes every value of every option
-(:func:`option_sample`); LRNNX_ZOO_FULL_MATRIX=1 runs the whole product (minutes to hours).
+(:func:`option_sample`); LRNNX_ZOO_FULL_MATRIX=1 runs the whole product (~10^6 combinations for FFTConvS4: hours).
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def tolerance(kind: str, dtype: torch.dtype) -> float:
 
 # -- the option matrix -----------------------------------------------------------------------
 # The whole product is large (FFTConvS4 alone: ~10^5 combinations) and was run in full while
-# auditing (LRNNX_ZOO_FULL_MATRIX=1 runs it again; minutes to hours). By default each test runs a
+# auditing (LRNNX_ZOO_FULL_MATRIX=1 runs it again; hours). By default each test runs a
 # fixed, seeded sample that still takes every value of every option, listed in its parametrisation.
 FULL = bool(os.environ.get("LRNNX_ZOO_FULL_MATRIX"))
 
