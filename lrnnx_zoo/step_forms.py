@@ -64,9 +64,14 @@ def same_form(a: nn.Module, b: nn.Module, rtol: float = 1e-6) -> bool:
         for k in sb)
 
 
+def build_dtype() -> torch.dtype:
+    """The dtype step forms built now store their matrices in (:func:`step_form_dtype`)."""
+    return _BUILD_DTYPE.get() or torch.get_default_dtype()
+
+
 def stored(t: Tensor) -> Tensor:
     """t as a step form stores it: detached, contiguous, in the build dtype (:func:`step_form_dtype`)."""
-    return t.detach().to(_BUILD_DTYPE.get() or torch.get_default_dtype()).contiguous()
+    return t.detach().to(build_dtype()).contiguous()
 
 
 #: DiagonalStepForm fuses up to this many matrix entries. Measured per step in ONNX Runtime, 4 LRU

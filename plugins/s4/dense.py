@@ -117,6 +117,8 @@ def advance_state(A: Tensor, b: Tensor, u: Tensor, x: Tensor) -> Tensor:
         A: (H, N, N), b: (H, N), u: (B, H, L) real, x: (B, H, N) real.   Returns (B, H, N).
     """
     L = u.shape[-1]
+    if L == 0:                      # an empty chunk leaves the state as it is (and has no block to start from)
+        return x
     T, J = _block_sizes(L)
     cols, AT = hippo.krylov(T, A, b), hippo.power(T, A)           # (H, N, T), (H, N, N)
     rev = torch.nn.functional.pad(u.flip(-1), (0, J * T - L))     # zeros = inputs before u_0

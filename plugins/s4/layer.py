@@ -142,7 +142,11 @@ class S4(nn.Module):
         if u.dtype != self.D.dtype:     # its linear layers, like nn.Linear, take their own dtype only
             raise TypeError(f"S4 has {self.D.dtype} parameters and got a {u.dtype} input: convert one to the "
                             f"other (u.to({self.D.dtype}) or module.to({u.dtype}))")
-        if state is not None and self.L is not None and u.shape[-1 if self.transposed else 1] > round(self.L * rate):
+        if state is not None and rate != 1.0:
+            # the kernel's response to the state ran at dt / rate, the next state at dt (off by 0.2 at rate 0.5)
+            raise ValueError(f"state passing runs the system at rate 1 (forward_state has no rate); got rate={rate}. "
+                             f"Pass state=None to evaluate at another rate")
+        if state is not None and self.L is not None and u.shape[-1 if self.transposed else 1] > self.L:
             raise ValueError(f"state passing needs the kernel to cover the input: l_max={self.L} < "
                              f"L={u.shape[-1 if self.transposed else 1]}; use l_max=None, or chunks of at most "
                              f"l_max samples (the chunks then follow the untruncated system)")
@@ -154,13 +158,11 @@ class S4(nn.Module):
             got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
             raise ValueError(f"S4 expects a state of shape (batch={u.shape[0]}, H, N/2) (default_state(batch)), "
                              f"got {got}")
-        if state is not None and rate != 1.0:
-            # the kernel's response to the state ran at dt / rate, the next state at dt (off by 0.2 at rate 0.5)
-            raise ValueError(f"state passing runs the system at rate 1 (forward_state has no rate); got rate={rate}. "
-                             f"Pass state=None to evaluate at another rate")
         L = u.shape[-1 if self.transposed else 1]
         u = mask_lengths_of_one_stream(u, lengths, state, time_dim=2 if self.transposed else 1)
-        Lk = L if self.L is None else min(L, round(self.L * rate))
+        # l_max samples at rate 1 span round(l_max * rate) at this rate; at least the lag-0 tap (an
+        # empty kernel left the transform shorter than the input: l_max=1, rate=0.3 failed in the convolution)
+        Lk = L if self.L is None else min(L, max(1, round(self.L * rate)))
         if state is None and not needs_autograd(self, u) and self._elementwise_after_conv():
             Kf, n = ssm_spectrum(self.kernel, L, Lk, rate, self.bidirectional)
             y = blocked_channel_conv(u, Kf, n, time_dim=2 if self.transposed else 1, skip=self.D)

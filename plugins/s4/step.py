@@ -67,7 +67,7 @@ def linear_form(w: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, D: Optio
 
 
 class DiagonalAccuracyError(ValueError):
-    """The diagonal form of this system cannot reach the requested float32 accuracy.
+    """The diagonal form of this system cannot reach the requested accuracy in its storage precision.
 
     Raised with the predicted error, the tolerance and the eigenvectors V, the message (which
     names V's condition number) is written when shown: "auto" mode catches it and builds another
@@ -75,30 +75,33 @@ class DiagonalAccuracyError(ValueError):
     form's build) for a message nobody read."""
 
     def __init__(self, message: Optional[str] = None, *, error: float = math.nan, tol: float = math.nan,
-                 V: Optional[Tensor] = None) -> None:
+                 V: Optional[Tensor] = None, precision: torch.dtype = torch.float32) -> None:
         super().__init__(message)
-        self.error, self.tol, self.V = error, tol, V
+        self.error, self.tol, self.V, self.precision = error, tol, V, precision
 
     def __str__(self) -> str:
         if self.V is None:
             return super().__str__()
-        return (f"the diagonal step mode would be off by ~{self.error:.1e} relative (tolerance {self.tol:.0e}): the "
+        return (f"the diagonal step mode would be off by ~{self.error:.1e} relative in {self.precision} (tolerance "
+                f"{self.tol:.0e}): the "
                 f"eigenvectors of the discretised A are ill-conditioned (cond {float(torch.linalg.cond(self.V).max()):.1e}), "
                 f"as for HiPPO LegS/LegT/LagT matrices beyond N~8, whose modes cancel by many orders of magnitude. "
                 f"Use mode='linear' (exact, O(N) per step) or mode='dense', or pass tol=math.inf to build it anyway")
 
 
 def diagonal_form(A_bar: Tensor, b_bar: Tensor, c: Tensor, D: Optional[Tensor] = None, tol: float = 1e-4,
-                  check_length: int = 1024) -> Tuple[ChannelDiagonalStepForm, float, Tensor]:
+                  check_length: int = 1024, precision: torch.dtype = torch.float32
+                  ) -> Tuple[ChannelDiagonalStepForm, float, Tensor]:
     """Diagonal form from the eigendecomposition of the discretised A_bar_r (float64).
 
     A_bar = V diag(lam) V^{-1};  z = V^{-1} r;  b' = V^{-1} b_bar,  c' = c V, so y = Re(c' . z').
     Returns (form, predicted error, V (H, N, N)).
 
-    The predicted relative error (returned) is the larger of
-    (i) the kernel error of the float32-rounded (lam, b', c') over ``check_length`` steps against
-        the exact dense kernel, and (ii) the rounding of the float32 state, amplified by the
-        cancellation among the modes: eps32 * sum_n |c'_n b'_n| sum_l |lam_n|^(2l) / ||K||_2 per channel.
+    The predicted relative error (returned) of the form stored in ``precision`` (float32 or
+    float64) is the larger of
+    (i) the kernel error of the rounded (lam, b', c') over ``check_length`` steps against the exact
+        dense kernel, and (ii) the rounding of the state, amplified by the cancellation among the
+        modes: eps * sum_n |c'_n b'_n| sum_l |lam_n|^(2l) / ||K||_2 per channel.
     Both depend only on the eigenvalues and residues c'_n b'_n, which every diagonal realisation
     shares. Calibrated on LegS/LegT/LagT/Fourier systems at L=1024: (ii) bounds the measured step
     error within a factor 2-10.
@@ -110,24 +113,26 @@ def diagonal_form(A_bar: Tensor, b_bar: Tensor, c: Tensor, D: Optional[Tensor] =
         # One channel first: the prediction is the worst channel's, so one that fails decides, and
         # HiPPO systems (LegS, N=64) fail in every channel: "auto" then spends 1/H of the
         # eigendecompositions (0.3 s per layer at H=128) before it builds the linear form.
-        diagonal_form(A_bar[:1], b_bar[:1], c[:, :1], None, tol, check_length)
+        diagonal_form(A_bar[:1], b_bar[:1], c[:, :1], None, tol, check_length, precision)
     lam, V = torch.linalg.eig(A_bar)                                          # (H, N), (H, N, N)
     b_d = torch.linalg.solve(V, b_bar.to(V.dtype).unsqueeze(-1)).squeeze(-1)   # (H, N)
     c_d = (c.to(V.dtype).unsqueeze(-2) @ V).squeeze(-2)                        # (Ch, H, N)
     form = ChannelDiagonalStepForm(lam, b_d, c_d, None if D is None else D.double())
     if math.isinf(tol):
         return form, float("nan"), V
-    err = diagonal_error(A_bar, b_bar, c, lam, b_d, c_d, check_length)
+    err = diagonal_error(A_bar, b_bar, c, lam, b_d, c_d, check_length, precision)
     if err > tol:
-        raise DiagonalAccuracyError(error=err, tol=tol, V=V)
+        raise DiagonalAccuracyError(error=err, tol=tol, V=V, precision=precision)
     return form, err, V
 
 
 @torch.no_grad()
-def diagonal_error(A_bar: Tensor, b_bar: Tensor, c: Tensor, lam: Tensor, b_d: Tensor, c_d: Tensor, L: int) -> float:
-    """Predicted relative float32 error of a diagonal form (see :func:`diagonal_form`)."""
+def diagonal_error(A_bar: Tensor, b_bar: Tensor, c: Tensor, lam: Tensor, b_d: Tensor, c_d: Tensor, L: int,
+                   precision: torch.dtype = torch.float32) -> float:
+    """Predicted relative error of a diagonal form stored in ``precision`` (see :func:`diagonal_form`)."""
     ref = dense.two_level_kernel(A_bar, b_bar, c, L)                              # (Ch, H, L) float64
-    r32 = lambda t: t.to(torch.complex64).to(torch.complex128)                   # noqa: E731 - rounding as stored
+    cdtype = torch.complex128 if precision == torch.float64 else torch.complex64
+    r32 = lambda t: t.to(cdtype).to(torch.complex128)                            # noqa: E731 - rounding as stored
     lam32, v32 = r32(lam), r32(c_d) * r32(b_d)
     K = vandermonde_torch(v32, torch.log(lam32).expand_as(v32), L, conj=False).real
     scale = ref.abs().amax().clamp_min(1e-300)
@@ -136,5 +141,5 @@ def diagonal_error(A_bar: Tensor, b_bar: Tensor, c: Tensor, lam: Tensor, b_d: Te
     steps = torch.where(mag2 < 1, (1 - mag2 ** L) / (1 - mag2).clamp_min(1e-300), torch.full_like(mag2, float(L)))
     norm = ref.square().sum(-1).sqrt()                                            # (Ch, H)
     norm = norm.clamp_min(1e-3 * float(norm.max()) + 1e-300)
-    state_err = float((torch.finfo(torch.float32).eps * ((c_d * b_d).abs() * steps).sum(-1) / norm).amax())
+    state_err = float((torch.finfo(precision).eps * ((c_d * b_d).abs() * steps).sum(-1) / norm).amax())
     return max(kernel_err, state_err)
