@@ -4,8 +4,8 @@
 
 - the graph: ``model.onnx`` | ``model.ts`` | ``model.pt2`` (validated before it is written);
 - ``step_form.safetensors``: the step module's weights (state_dict), for auditing or porting to another
-  runtime (not a torch loader's input: S4 picks its step form from its weights, so a module built from
-  the config alone may hold other tensors; rebuild from the source checkpoint instead);
+  runtime (not a torch loader's input: some layers pick their step form from their weights, so a module
+  built from the config alone may hold other tensors; rebuild from the source checkpoint instead);
 - ``config.json``: source checkpoint, format, state layout and sizes, opset, validation report,
   latency;
 - ``README.md``: a card saying how it was made and how to run it.
@@ -41,8 +41,8 @@ from .validate import DEFAULT_BATCH, default_sequence
 
 #: Steps an export folder's graph is validated over by default: the length at which the issue asks
 #: for no drift beyond tolerance. The float32 state's rounding error grows with the stream (about as
-#: sqrt(steps)): digits-s4d's graph is 9.6e-6 from the float64 model after 256 steps, 6.6e-5 after
-#: 4096, so the 256 steps of to_onnx's default would under-state what a deployment streams.
+#: sqrt(steps)): a shipped digits classifier's graph is 9.6e-6 from the float64 model after 256 steps,
+#: 6.6e-5 after 4096, so the 256 steps of to_onnx's default would under-state what a deployment streams.
 FOLDER_VALIDATION_LENGTH = 4096
 
 GRAPH_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "torch-export": "model.pt2"}
