@@ -270,3 +270,57 @@ def test_a_resumed_fine_tuning_run_keeps_its_initial_weights_and_refuses_others(
     model, _ = train(tune, out_dir=str(out), resume=True, progress=False)   # no init_from: the snapshot's
     assert _same_weights(_weights(model), _weights(expected))
     assert "Fine-tuned: started from the weights of" in model.checkpoint_info["notes"]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=str(script.parent),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_under_torchrun_rank_0_writes_the_snapshots_and_every_rank_resumes_from_one(tmp_path):
+    # Two gloo processes with dropout: each rank draws its own masks, so the resumed run ends on the
+    # uninterrupted run's weights only if every rank got back its own generator, optimiser and step.
+    from safetensors.torch import load_file
+    log = tmp_path / "writes.log"
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import dataclasses, os, sys\n"
+        "from lrnnx_zoo import recipes, training_cli, training_state\n"
+        "tiny = recipes.get_recipe('digits-tiny')\n"
+        f"recipes.RECIPES['digits-tiny-resume'] = dataclasses.replace(tiny, name='digits-tiny-resume', "
+        f"model={RECIPE.model!r}, data=recipes.DataSpec('digits', {RECIPE.data.params!r}), "
+        f"optim=dataclasses.replace(tiny.optim, batch_size=64, epochs=3), max_steps=None)\n"
+        "real = training_state.write_snapshot\n"
+        "def write(*args, **kwargs):\n"
+        f"    with open({str(log)!r}, 'a') as fh:\n"
+        "        fh.write(os.environ['RANK'] + '\\n')\n"
+        "    return real(*args, **kwargs)\n"
+        "training_state.write_snapshot = write\n"
+        "sys.exit(training_cli.main(sys.argv[1:]))\n")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    proc = _torchrun(script, "train", "digits-tiny-resume", "--out", str(whole), "--checkpoint-every", "5",
+                     "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert log.read_text().split() == ["0", "0", "0"] and _steps(whole) == [10, 15]
+    record = json.loads((TS.snapshot_folder(TS.snapshot_root(whole), 10) / TS.STATE_NAME).read_text())
+    assert record["world_size"] == 2
+    assert load_file(str(TS.snapshot_folder(TS.snapshot_root(whole), 10) / TS.TENSORS_NAME)).keys() >= {
+        "rng.cpu.0", "rng.cpu.1", "rng.augment"}
+
+    at_10 = TS.snapshot_folder(TS.snapshot_root(whole), 10)
+    proc = _torchrun(script, "train", "digits-tiny-resume", "--out", str(resumed), "--resume", str(at_10),
+                     "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning" not in proc.stderr
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert log.read_text().split() == ["0"] * 4 and _steps(resumed) == [15]      # snapshots every 5, as before
