@@ -85,12 +85,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"lrnnx-zoo train: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:      # e.g. the save after training: a full disk, an --out the checks let through
-        print(f"lrnnx-zoo train: {exc} (--out {args.out}: nothing was saved)", file=sys.stderr)
+        print(f"lrnnx-zoo train: {exc} (--out {args.out}: {_kept(args.out)})", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # Ctrl-C: say what is left rather than show a traceback
+        print(f"lrnnx-zoo train: interrupted (--out {args.out}: {_kept(args.out)})", file=sys.stderr)
+        return 130
     import os
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics, sort_keys=True))
     return 0
+
+
+def _kept(out: str) -> str:
+    """What a stopped run left in ``out``: its newest training snapshot (and how to go on), or nothing."""
+    from .training_state import list_snapshots, snapshot_root
+    held = list_snapshots(snapshot_root(out))
+    if not held:
+        return "nothing was saved"
+    return f"the newest training snapshot is {held[-1][1]}; add --resume to the same command to continue from it"
 
 
 @contextlib.contextmanager

@@ -162,6 +162,9 @@ def read_snapshot(folder: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     import safetensors.torch
 
     state_file, tensors_file = folder / STATE_NAME, folder / TENSORS_NAME
+    if not folder.is_dir():
+        raise SnapshotError(f"there is no snapshot at {folder}: expected a folder step-NNNNNNNN holding "
+                            f"{STATE_NAME} and {TENSORS_NAME}")
     for path in (state_file, tensors_file):
         if not path.is_file():
             raise SnapshotError(f"the snapshot {folder} is damaged: {path.name} is missing")

@@ -16,7 +16,7 @@ import torch
 from lrnnx_zoo import cli, from_pretrained, training
 from lrnnx_zoo import training_state as TS
 from lrnnx_zoo.recipes import DataSpec, get_recipe, override
-from lrnnx_zoo.training import TrainingSetupError, train
+from lrnnx_zoo.training import ResumeNotExactWarning, TrainingSetupError, train
 from lrnnx_zoo.training_state import SnapshotError
 
 pytest.importorskip("sklearn")  # the digits ship with scikit-learn
@@ -324,3 +324,22 @@ def test_under_torchrun_rank_0_writes_the_snapshots_and_every_rank_resumes_from_
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert log.read_text().split() == ["0"] * 4 and _steps(resumed) == [15]      # snapshots every 5, as before
+
+    # On one process the run goes on, with a warning that it is no longer the same run bit for bit.
+    with pytest.warns(ResumeNotExactWarning, match=r"written by 2 processes on cpu, this run has 1 process on cpu: "
+                                                   r"it goes on, but matches the uninterrupted run only to float"):
+        train(RECIPE, out_dir=str(tmp_path / "single"), resume=str(at_10), progress=False)
+
+
+def test_the_command_line_says_where_an_interrupted_run_can_go_on_from(tmp_path, monkeypatch, capsys):
+    # Ctrl-C showed a KeyboardInterrupt traceback and left the user to find the snapshot.
+    out = tmp_path / "run"
+    _interrupt_at(monkeypatch, 6)
+    assert cli.main(["train", "digits-tiny", "--out", str(out), "--checkpoint-every", "2", "--no-progress"]) == 130
+    snapshot = TS.snapshot_folder(TS.snapshot_root(out), 4)
+    assert capsys.readouterr().err == (f"lrnnx-zoo train: interrupted (--out {out}: the newest training snapshot is "
+                                       f"{snapshot}; add --resume to the same command to continue from it)\n")
+    monkeypatch.undo()
+    _interrupt_at(monkeypatch, 1)
+    assert cli.main(["train", "digits-tiny", "--out", str(tmp_path / "none"), "--no-progress"]) == 130
+    assert capsys.readouterr().err.endswith(f"(--out {tmp_path / 'none'}: nothing was saved)\n")
