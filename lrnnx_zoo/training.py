@@ -537,7 +537,8 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
     try:
         _check_shares(recipe.optim, dist_info)
         start = TS.starting_point(recipe, plan, out_dir, resume, init, dist_info)
-        every = every if every is not None else start.record.get("checkpoint_every")   # resumed: as it was
+        if every is None and out_dir is not None:      # resumed: snapshots as the run took them before
+            every = start.record.get("checkpoint_every")
         saver = None if every is None else TS.Saver(every, out_dir, start.run, start.init_record, dist_info)
         with _deterministic(), _private_rng(dist_info.device):
             model, metrics, seconds, steps = _run(recipe, data, plan, dist_info, progress, start, saver)
