@@ -395,7 +395,7 @@ class RunStart:
 
 
 def starting_point(recipe: Recipe, plan: StepPlan, out_dir: Optional[str], resume: Any,
-                    init: Optional[Tuple[Dict[str, Tensor], Dict[str, Any]]], di: DistInfo) -> RunStart:
+                   init: Optional[Tuple[Dict[str, Tensor], Dict[str, Any]]], di: DistInfo) -> RunStart:
     """The run's start; with ``resume`` the snapshot rank 0 picks and checks, read by every rank."""
     run = run_record(recipe, plan.steps_per_epoch, plan.total)
     weights, init_record = init if init is not None else (None, None)
@@ -407,14 +407,14 @@ def starting_point(recipe: Recipe, plan: StepPlan, out_dir: Optional[str], resum
         tensors, record = load(folder)
         check_same_run(folder, record.get("run", {}), run)
         return folder, tensors, record
-    folder, tensors, record = _pickedon_rank_0(pick, di)
+    folder, tensors, record = picked_on_rank_0(pick, di)
     init_record = same_init(folder, record.get("init_from"), init_record)
     warn_if_not_exact(folder, record, di)
     return RunStart(run, None, init_record, folder, tensors, record)
 
 
-def _pickedon_rank_0(pick: Callable[[], Tuple[Path, Dict[str, Tensor], Dict[str, Any]]],
-                      di: DistInfo) -> Tuple[Path, Dict[str, Tensor], Dict[str, Any]]:
+def picked_on_rank_0(pick: Callable[[], Tuple[Path, Dict[str, Tensor], Dict[str, Any]]],
+                     di: DistInfo) -> Tuple[Path, Dict[str, Tensor], Dict[str, Any]]:
     """Rank 0 picks the snapshot; the others read the one it names (and check it is the same file:
     every process must see the same out_dir) or raise its error."""
     if di.world_size == 1:
@@ -439,13 +439,13 @@ def _pickedon_rank_0(pick: Callable[[], Tuple[Path, Dict[str, Tensor], Dict[str,
     tensors, record = read_snapshot(folder)
     if record["sha256"] != digest:
         raise SnapshotError(f"rank {di.rank} reads another snapshot at {folder} than rank 0 (sha256 "
-                               f"{record['sha256'][:16]}..., not {digest[:16]}...): every process must see the "
-                               "same out_dir, e.g. on a shared file system")
+                            f"{record['sha256'][:16]}..., not {digest[:16]}...): every process must see the "
+                            "same out_dir, e.g. on a shared file system")
     return folder, tensors, record
 
 
 def same_init(folder: Path, recorded: Optional[Dict[str, Any]],
-               given: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+              given: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """The initial weights' record of a resumed run: the snapshot's; an ``init_from`` given to the resumed
     run must name the same weights (by digest: a path may be spelt another way)."""
     if given is None:
@@ -462,13 +462,14 @@ def same_init(folder: Path, recorded: Optional[Dict[str, Any]],
 
 
 def warn_if_not_exact(folder: Path, record: Dict[str, Any], di: DistInfo) -> None:
+    """Warn (rank 0) when a snapshot is resumed on another number of processes or another device."""
     was = (record.get("world_size"), record.get("device"))
     if was != (di.world_size, di.device.type) and di.is_main:
         warnings.warn(f"the snapshot {folder} was written by {_plural(was[0] or 0, 'process', 'processes')} on "
                       f"{was[1]}, this run has {_plural(di.world_size, 'process', 'processes')} on {di.device.type}: "
                       "it goes on, but matches the uninterrupted run only to float rounding (and dropout masks "
                       "differ); resume as the run started for the same weights bit for bit",
-                      ResumeNotExactWarning, stacklevel=3)
+                      ResumeNotExactWarning, stacklevel=4)   # train()'s caller
 
 
 @dataclass
@@ -511,7 +512,7 @@ def gathered(state: Tensor, di: DistInfo) -> List[Tensor]:
 
 
 def restore(start: RunStart, optimizer: torch.optim.Optimizer, schedule: Any, aug_gen: torch.Generator,
-             di: DistInfo, seed: int) -> None:
+            di: DistInfo, seed: int) -> None:
     """Put the optimiser, schedule and generators back as the snapshot has them (the weights are loaded
     before DistributedDataParallel copies rank 0's to the others).  A rank the snapshot has no generator
     state for (more processes than wrote it) draws from a seed of its rank and the step."""
