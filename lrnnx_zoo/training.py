@@ -13,6 +13,11 @@ an epoch is dropped (always, also with one process) so every step has a full glo
 Only rank 0 prints and writes the checkpoint.  The equivalence is exact (to rounding) for
 recipes without dropout; with dropout each rank draws its own masks, so runs agree only in
 distribution.
+
+Long runs: ``checkpoint_every`` writes training snapshots beside the checkpoint (rank 0, into
+``out_dir/training_state``, see :mod:`lrnnx_zoo.training_state`), ``resume`` continues an
+interrupted run from one (the same weights and metrics as the uninterrupted run, bit for bit), and
+``init_from`` starts from a checkpoint's weights (fine-tuning).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import math
 import os
 import pprint
@@ -29,7 +35,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +44,9 @@ from .data import augment_digit_shifts
 from .models import ModelConfig, SequenceModel
 from .optim import grouped_parameters
 from .recipes import DataSpec, OptimSpec, Recipe, check_seed, get_recipe, override
+
+if TYPE_CHECKING:  # training_state imports this module
+    from .training_state import RunStart, Saver
 
 
 class TrainingSetupError(ValueError):
@@ -70,6 +79,11 @@ class TrainingDivergedError(RuntimeError):
 class EpochsNotReachedWarning(UserWarning):
     """max_steps ends a run before its last epoch starts, so part of ``epochs`` (e.g. a ``--epochs``
     given on the command line) has no effect on it."""
+
+
+class ResumeNotExactWarning(UserWarning):
+    """A run resumed on another number of processes or another device than its snapshot was written
+    on: it goes on, but matches the uninterrupted run only to float rounding (dropout masks differ)."""
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -420,8 +434,9 @@ def _private_rng(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.random.fork_rng(devices=devices)
 
 
-def reproduce_command(recipe: Recipe, out_dir: str) -> str:
-    """A shell command that reproduces a run of ``recipe``, writing to ``out_dir``.
+def reproduce_command(recipe: Recipe, out_dir: str, init_from: Optional[str] = None) -> str:
+    """A shell command that reproduces a run of ``recipe``, writing to ``out_dir`` (starting from the
+    checkpoint ``init_from``, if given).
 
     The ``lrnnx-zoo train`` line when it is exact: the registered recipe of that name, changed only
     in what the CLI has flags for (seed, epochs, batch size, max steps), is this recipe (the
@@ -429,11 +444,11 @@ def reproduce_command(recipe: Recipe, out_dir: str) -> str:
     learning rate, model or data, or a max_steps the CLI cannot lift) a Python snippet that rebuilds
     the recipe field by field and trains it.
     """
-    cli = _cli_command(recipe, out_dir)
-    return cli if cli is not None else _python_command(recipe, out_dir)
+    cli = _cli_command(recipe, out_dir, init_from)
+    return cli if cli is not None else _python_command(recipe, out_dir, init_from)
 
 
-def _cli_command(recipe: Recipe, out_dir: str) -> Optional[str]:
+def _cli_command(recipe: Recipe, out_dir: str, init_from: Optional[str] = None) -> Optional[str]:
     """The ``lrnnx-zoo train`` line that reproduces ``recipe``, or None when the CLI cannot express it."""
     try:
         base = get_recipe(recipe.name)
@@ -450,10 +465,12 @@ def _cli_command(recipe: Recipe, out_dir: str) -> Optional[str]:
         cmd += f" --batch-size {recipe.optim.batch_size}"
     if recipe.max_steps != base.max_steps:
         cmd += f" --max-steps {recipe.max_steps}"
+    if init_from is not None:
+        cmd += f" --init-from {shlex.quote(init_from)}"
     return cmd
 
 
-def _python_command(recipe: Recipe, out_dir: str) -> str:
+def _python_command(recipe: Recipe, out_dir: str, init_from: Optional[str] = None) -> str:
     """A ``python - <<'EOF'`` heredoc (no shell quoting needed) that rebuilds ``recipe`` from its repr
     and trains it; if the repr does not rebuild an equal recipe (a value that is no Python literal),
     a comment saying so instead of a command that would train something else."""
@@ -470,13 +487,16 @@ def _python_command(recipe: Recipe, out_dir: str) -> str:
     code = ("from lrnnx_zoo.recipes import DataSpec, OptimSpec, Recipe\n"
             "from lrnnx_zoo.training import train\n\n"
             "recipe = " + text.replace("\n", "\n" + " " * len("recipe = ")) + "\n"
-            f"train(recipe, out_dir={str(out_dir)!r})\n")
+            f"train(recipe, out_dir={str(out_dir)!r}"
+            + ("" if init_from is None else f", init_from={init_from!r}") + ")\n")
     return f"python - <<'EOF'\n{code}EOF"
 
 
 def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[int] = None,
           progress: bool = True, device: Optional[str] = None,
-          command: Optional[str] = None) -> Tuple[SequenceModel, Dict[str, float]]:
+          command: Optional[str] = None, *, checkpoint_every: Union[int, str, None] = None,
+          resume: Union[bool, str, os.PathLike] = False,
+          init_from: Optional[Union[str, os.PathLike]] = None) -> Tuple[SequenceModel, Dict[str, float]]:
     """Train ``recipe`` (a :class:`Recipe` or its name) and return (model in eval mode, test metrics).
 
     seed overrides the recipe's seed.  With ``out_dir`` rank 0 writes the checkpoint there with
@@ -493,12 +513,33 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
     run before its last epoch starts, an :class:`EpochsNotReachedWarning` says so (rank 0, before training).
     Gradients that turn NaN or infinite (a learning rate too high) stop the run with a
     :class:`TrainingDivergedError` that names the step; nothing is saved.
+
+    Snapshots and resuming (see :mod:`lrnnx_zoo.training_state`): ``checkpoint_every=N`` makes rank 0
+    write a training snapshot (weights, optimiser, schedule, random generators, step) every N optimiser
+    steps, ``checkpoint_every="epoch"`` at the end of every epoch, into ``out_dir/training_state``
+    (the newest two are kept).  ``resume=True`` continues the run (and its snapshots, every
+    ``checkpoint_every`` steps as before unless given anew) from the newest snapshot in
+    ``out_dir``, ``resume=PATH`` from a snapshot folder (or the newest in a ``training_state`` folder
+    or run folder); every rank resumes from the one rank 0 picked, and the result is the weights and
+    metrics of the uninterrupted run, bit for bit.  A snapshot of another recipe, seed, number of
+    epochs, ... or another ``init_from`` is refused naming the differences, a damaged one naming the
+    older intact snapshot if one is left (:class:`~lrnnx_zoo.training_state.SnapshotError`, a
+    TrainingSetupError).  A fresh run into an ``out_dir`` that holds snapshots is refused: resume it,
+    or remove ``out_dir/training_state``.
+
+    ``init_from`` (a checkpoint folder, shipped name or Hub id, as ``from_pretrained`` takes) starts
+    from those weights instead of random ones (fine-tuning); its model must be the recipe's (dropout
+    aside), else a TrainingSetupError names what differs.  The card's notes and command record it.
     """
     recipe = _as_recipe(recipe)
     if seed is not None:
         recipe = dataclasses.replace(recipe, seed=check_seed(seed))
     device = check_device(device)
     _check_out_dir(out_dir)
+    from . import training_state as TS
+    every = TS.check_checkpoint_every(checkpoint_every, out_dir)
+    TS.check_resume(resume, out_dir)
+    init = TS.initial_weights(init_from, recipe)
     data = _load_training_data(recipe)
     plan = plan_steps(len(data.x_train), recipe.optim, recipe.max_steps)
     dist_info = setup_distributed(device)
@@ -507,11 +548,17 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
         warnings.warn(unreached, EpochsNotReachedWarning, stacklevel=2)
     try:
         _check_shares(recipe.optim, dist_info)
+        start = TS.starting_point(recipe, plan, out_dir, resume, init, dist_info)
+        if every is None and out_dir is not None:      # resumed: snapshots as the run took them before
+            every = start.record.get("checkpoint_every")
+        saver = None if every is None else TS.Saver(every, out_dir, start.run, start.init_record, dist_info)
         with _deterministic(), _private_rng(dist_info.device):
-            model, metrics, seconds, steps = _run(recipe, data, plan, dist_info, progress)
+            model, metrics, seconds, steps = _run(recipe, data, plan, dist_info, progress, start, saver)
         notes = training_notes(recipe, plan, steps, seconds, dist_info.world_size, _device_name(model))
+        notes += start.notes()
+        source = start.init_record["source"] if start.init_record else None
         meta = dict(task=recipe.task, dataset=data.card, metrics=metrics, notes=notes,
-                    command=command or reproduce_command(recipe, "DIR" if out_dir is None else str(out_dir)))
+                    command=command or reproduce_command(recipe, "DIR" if out_dir is None else str(out_dir), source))
         _save(model, out_dir, meta, dist_info)
         model.checkpoint_info = _checkpoint_info(model, recipe, out_dir, meta)
     finally:
@@ -521,20 +568,28 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
 
 
 def _save(model: SequenceModel, out_dir: Optional[str], meta: Dict[str, Any], di: DistInfo) -> None:
-    """Rank 0 saves the checkpoint (if ``out_dir``); with several processes, no rank returns before
-    it has, and when its save fails every rank raises (the others an OSError quoting rank 0's error;
-    they failed with gloo's "Connection closed by peer" when rank 0 left, or waited on nccl)."""
-    failure: Optional[BaseException] = None
-    if out_dir is not None and di.is_main:
-        try:
+    """Rank 0 saves the checkpoint (if ``out_dir``); see :func:`on_rank_0`."""
+    def save() -> None:
+        if out_dir is not None:
             model.save_pretrained(out_dir, **meta)
+    on_rank_0(save, di, "save the checkpoint")
+
+
+def on_rank_0(action: Callable[[], None], di: DistInfo, what: str) -> None:
+    """Run ``action`` (a write) on rank 0 only; with several processes, no rank goes on before it has,
+    and when it fails every rank raises (the others an OSError "rank 0 could not {what} (...)"; they
+    failed with gloo's "Connection closed by peer" when rank 0 left, or waited on nccl)."""
+    failure: Optional[BaseException] = None
+    if di.is_main:
+        try:
+            action()
         except Exception as exc:          # told to the other ranks, then raised here as it was
             failure = exc
     if di.world_size > 1:
         told = [None if failure is None else f"{type(failure).__name__}: {failure}"]
-        torch.distributed.broadcast_object_list(told, src=0)     # also the barrier before anyone exits
+        torch.distributed.broadcast_object_list(told, src=0)     # also the barrier before anyone goes on
         if told[0] is not None and failure is None:
-            raise OSError(f"rank 0 could not save the checkpoint ({told[0]})")
+            raise OSError(f"rank 0 could not {what} ({told[0]})")
     if failure is not None:
         raise failure
 
@@ -600,12 +655,20 @@ def _missing_module(exc: Optional[BaseException]) -> Optional[str]:
     return None
 
 
-def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo,
-         progress: bool) -> Tuple[SequenceModel, Dict[str, float], float, int]:
-    """The loop itself: returns (model, test metrics, training seconds, optimiser steps taken)."""
+def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo, progress: bool,
+         start: Optional["RunStart"] = None,
+         saver: Optional["Saver"] = None) -> Tuple[SequenceModel, Dict[str, float], float, int]:
+    """The loop itself: returns (model, test metrics, training seconds, optimiser steps taken), from
+    ``start`` (random weights by default) and writing snapshots with ``saver``."""
+    from .training_state import RunStart, model_state, restore
     opt_spec = recipe.optim
+    start = start or RunStart(run={})
     torch.manual_seed(recipe.seed)  # initial weights and dropout masks
     model = SequenceModel(ModelConfig(**recipe.model)).to(di.device)     # recipe: train's private copy
+    if start.snapshot is not None:
+        model.load_state_dict(model_state(start.tensors))
+    elif start.weights is not None:
+        model.load_state_dict(start.weights)
     net: nn.Module = model
     if di.rank > 0:  # distinct dropout masks per rank; rank 0 keeps the single-process stream
         torch.manual_seed(recipe.seed + 1_000_003 * di.rank)
@@ -617,15 +680,20 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo,
     n, total = len(data.x_train), plan.total
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(opt_spec.warmup_steps, total))
     aug_gen = torch.Generator().manual_seed(recipe.seed + 1)
+    if start.snapshot is not None:
+        restore(start, optimizer, schedule, aug_gen, di, recipe.seed)
+    step, before = start.step, float(start.record.get("seconds", 0.0))
     show = progress and di.is_main and sys.stderr.isatty()
     from tqdm.auto import tqdm
-    bar = tqdm(total=total, desc=recipe.name, disable=not show, dynamic_ncols=True)
-    step, start = 0, time.perf_counter()
+    bar = tqdm(total=total, initial=step, desc=recipe.name, disable=not show, dynamic_ncols=True)
+    began = time.perf_counter()
     model.train()
-    for epoch in range(opt_spec.epochs):
+    first_epoch, done_in_it = divmod(step, plan.steps_per_epoch)   # a resumed run skips the batches it took
+    for epoch in range(first_epoch, opt_spec.epochs):
         if step >= total:
             break
-        for idx in global_batches(n, opt_spec.batch_size, epoch, recipe.seed):
+        batches = global_batches(n, opt_spec.batch_size, epoch, recipe.seed)
+        for idx in itertools.islice(batches, done_in_it if epoch == first_epoch else 0, None):
             if step >= total:
                 break
             x, y = data.x_train[idx], data.y_train[idx]
@@ -646,8 +714,11 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo,
             bar.update(1)
             if step % 10 == 0:
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
+            if saver is not None and saver.due(step, plan):
+                saver.write(step, plan, model, optimizer, schedule, aug_gen,
+                            before + time.perf_counter() - began, start.resumed_at)
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = before + time.perf_counter() - began
     model.eval()
     metrics = evaluate(model, data)
     if di.is_main and progress:

@@ -1,4 +1,5 @@
-"""``lrnnx-zoo train RECIPE --out DIR [--seed N] [--epochs N] [--no-progress]`` and ``lrnnx-zoo recipes``.
+"""``lrnnx-zoo train RECIPE --out DIR [--seed N] [--epochs N] [--checkpoint-every N|epoch] [--resume [PATH]]
+[--init-from SRC] [--no-progress]`` and ``lrnnx-zoo recipes``.
 
 Also runnable as a module, which is how torchrun launches it:
 ``python -m torch.distributed.run --nproc_per_node=2 -m lrnnx_zoo.training_cli train RECIPE --out DIR``.
@@ -11,7 +12,7 @@ import contextlib
 import json
 import sys
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Type
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 
 def _int_in(text: str, minimum: int, maximum: Optional[int], expected: str) -> int:
@@ -43,6 +44,13 @@ def seed_int(text: str) -> int:
     return _int_in(text, 0, SEED_MAX, f"an integer in [0, {SEED_MAX}]")
 
 
+def checkpoint_every(text: str) -> Any:
+    """argparse type: "epoch", or a positive int (optimiser steps between training snapshots)."""
+    if text == "epoch":
+        return text
+    return _int_in(text, 1, None, "a positive integer (optimiser steps) or 'epoch'")
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from .recipes import RECIPES, list_recipes
     for name in list_recipes():
@@ -71,10 +79,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     recipe = override(recipe, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                       max_steps=args.max_steps)
     from .training import (BatchExceedsDataError, EpochsNotReachedWarning, MissingDependencyError,
-                           TrainingDivergedError, TrainingSetupError, train)
+                           ResumeNotExactWarning, TrainingDivergedError, TrainingSetupError, train)
     try:
-        with _warnings_as_lines(EpochsNotReachedWarning):
-            _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress)
+        with _warnings_as_lines((EpochsNotReachedWarning, ResumeNotExactWarning)):
+            _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress,
+                               checkpoint_every=args.checkpoint_every, resume=args.resume or False,
+                               init_from=args.init_from)
     except BatchExceedsDataError as exc:
         name = "--batch-size" if args.batch_size is not None else "batch size"   # the recipe's own
         print(f"lrnnx-zoo train: {exc.message(name)}", file=sys.stderr)
@@ -86,20 +96,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"lrnnx-zoo train: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:      # e.g. the save after training: a full disk, an --out the checks let through
-        print(f"lrnnx-zoo train: {exc} (--out {args.out}: nothing was saved)", file=sys.stderr)
+        print(f"lrnnx-zoo train: {exc} (--out {args.out}: {_kept(args.out)})", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # Ctrl-C: say what is left rather than show a traceback
+        print(f"lrnnx-zoo train: interrupted (--out {args.out}: {_kept(args.out)})", file=sys.stderr)
+        return 130
     import os
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics, sort_keys=True))
     return 0
 
 
+def _kept(out: str) -> str:
+    """What a stopped run left in ``out``: its newest training snapshot (and how to go on), or nothing."""
+    from .training_state import list_snapshots, snapshot_root
+    held = list_snapshots(snapshot_root(out))
+    if not held:
+        return "nothing was saved"
+    return f"the newest training snapshot is {held[-1][1]}; add --resume to the same command to continue from it"
+
+
 @contextlib.contextmanager
-def _warnings_as_lines(category: Type[Warning]) -> Iterator[None]:
+def _warnings_as_lines(category: Union[Type[Warning], Tuple[Type[Warning], ...]]) -> Iterator[None]:
     """Show warnings of ``category`` as one ``lrnnx-zoo train: warning: ...`` line each (not Python's
     file:line form), every time; other warnings as usual."""
     with warnings.catch_warnings():                       # restores showwarning and the filters
-        warnings.simplefilter("always", category)
+        for cat in category if isinstance(category, tuple) else (category,):
+            warnings.simplefilter("always", cat)
         show = warnings.showwarning
 
         def show_line(message: Any, cat: Type[Warning], *args: Any, **kwargs: Any) -> None:
@@ -124,6 +147,15 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
                    help="override the recipe's number of epochs (a warning says when max_steps stops the run first)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="override the global batch size")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimiser steps")
+    p.add_argument("--checkpoint-every", type=checkpoint_every, default=None, metavar="N|epoch",
+                   help="write a training snapshot (weights, optimiser, schedule, random state) every N optimiser "
+                        "steps, or at each epoch's end, into DIR/training_state (the newest two are kept)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="continue the interrupted run from the newest snapshot in DIR/training_state (or from "
+                        "PATH: a snapshot folder); the result is that of the uninterrupted run, bit for bit")
+    p.add_argument("--init-from", default=None, metavar="SRC",
+                   help="start from the weights of this checkpoint (folder, shipped name or Hub repo id) "
+                        "instead of random ones; its model must be the recipe's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary line")
     sub.add_parser("recipes", help="list the training recipes")
     commands.update(train=_cmd_train, recipes=_cmd_recipes)

@@ -1,0 +1,529 @@
+"""Training-state snapshots: what ``train(..., checkpoint_every=...)`` writes and ``resume=`` reads.
+
+A snapshot is everything a run needs to go on exactly where it stopped: the model weights, the
+AdamW state, the LR schedule, the random generators (torch's global CPU one of every rank, CUDA's
+when training on a GPU, the augmentation generator) and the step counter; the per-epoch shuffle is
+a function of (seed, epoch), so the step says where in which epoch the run was.  Resumed, a run
+gives the weights and metrics of the run that was never interrupted, bit for bit.
+
+Layout, beside the checkpoint in the run's ``out_dir`` (``from_pretrained``, ``evaluate`` and
+``export`` read only config.json / model.safetensors / README.md, and ``push_to_hub`` uploads only
+those)::
+
+    out_dir/training_state/step-00000120/state.safetensors   named tensors (no pickle)
+                                        /state.json          counters, optimiser groups, schedule,
+                                                             the run it belongs to, the tensors' sha256
+
+Each snapshot folder is written as a hidden sibling and renamed into place when complete
+(:func:`lrnnx_zoo.folder_swap.replaced_folder`), so a kill during a save leaves the previous
+snapshots as they were; the newest :data:`KEEP` are kept.
+
+The second half is what :func:`lrnnx_zoo.training.train` does around these files: checking its
+``checkpoint_every`` / ``resume`` / ``init_from`` arguments, picking the snapshot (rank 0, for every
+rank), :class:`Saver` writing them, :func:`restore` putting a run back as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import __version__
+from .folder_swap import replaced_folder
+from .hub_save import write_safetensors
+from .models import ModelConfig, SequenceModel
+from .recipes import Recipe
+from .training import (DistInfo, ResumeNotExactWarning, StepPlan, TrainingSetupError, _plural,
+                       on_rank_0)
+
+SNAPSHOT_DIR = "training_state"
+TENSORS_NAME = "state.safetensors"
+STATE_NAME = "state.json"
+FORMAT = "lrnnx-zoo-training-state"
+FORMAT_VERSION = 1
+KEEP = 2  # snapshots kept: the newest, and one to fall back on should the newest be damaged
+_NAME = re.compile(r"step-(\d+)")
+#: CLI flags that set a recipe field, for telling a user how to make a resumed run match its snapshot
+_FLAGS = {"seed": "--seed", "optim.epochs": "--epochs", "optim.batch_size": "--batch-size",
+          "max_steps": "--max-steps"}
+
+
+class SnapshotError(TrainingSetupError):
+    """A training snapshot that cannot be resumed: missing, damaged, or written by another run."""
+
+
+# -- where snapshots live ----------------------------------------------------------------------
+def snapshot_root(out_dir: Union[str, Path]) -> Path:
+    """The folder holding a run's snapshots: ``out_dir/training_state``."""
+    return Path(out_dir).expanduser() / SNAPSHOT_DIR
+
+
+def list_snapshots(root: Path) -> List[Tuple[int, Path]]:
+    """(step, folder) of every snapshot under ``root``, oldest first (hidden half-written ones skipped)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def snapshot_folder(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+# -- packing a run's state into named tensors + JSON --------------------------------------------
+def pack(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, aug_gen: torch.Generator,
+         cpu_states: List[Tensor], cuda_states: Optional[List[Tensor]]) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """(tensors, JSON record) of a run's state.  Optimiser state dicts nest {param index: {name: value}};
+    they are flattened to tensors ``optimizer.state.{index}.{name}`` and JSON for non-tensor values.
+    ``cpu_states`` / ``cuda_states``: torch's global generator states, one per rank (uint8 tensors)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    plain: Dict[str, Dict[str, Any]] = {}
+    for index, values in opt["state"].items():
+        for name, value in values.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.state.{index}.{name}"] = value
+            else:
+                plain.setdefault(str(index), {})[name] = value
+    tensors["rng.augment"] = aug_gen.get_state()
+    for rank, state in enumerate(cpu_states):
+        tensors[f"rng.cpu.{rank}"] = state
+    for rank, state in enumerate(cuda_states or []):
+        tensors[f"rng.cuda.{rank}"] = state
+    # safetensors refuses tensors sharing storage; the file must not alias live parameters either
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    record = {"optimizer": {"param_groups": opt["param_groups"], "state": plain},
+              "schedule": schedule.state_dict(), "world_size": len(cpu_states)}
+    return tensors, record
+
+
+def model_state(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def optimizer_state(tensors: Dict[str, Tensor], record: Dict[str, Any]) -> Dict[str, Any]:
+    """The optimiser state dict :func:`pack` flattened, rebuilt for ``optimizer.load_state_dict``."""
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer.state."):
+            index, name = key[len("optimizer.state."):].split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+    for index, values in record["optimizer"]["state"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": record["optimizer"]["param_groups"]}
+
+
+def rng_state(tensors: Dict[str, Tensor], kind: str, rank: int) -> Optional[Tensor]:
+    """The saved global generator state of ``kind`` ("cpu" or "cuda") for ``rank``, if saved."""
+    return tensors.get(f"rng.{kind}.{rank}")
+
+
+# -- writing ------------------------------------------------------------------------------------
+def write_snapshot(root: Path, step: int, tensors: Dict[str, Tensor], record: Dict[str, Any]) -> Path:
+    """Write snapshot ``step`` under ``root`` atomically, then drop all but the newest :data:`KEEP`."""
+    folder = snapshot_folder(root, step)
+    with replaced_folder(folder, keep=lambda entry: False) as tmp:
+        write_safetensors(tensors, tmp / TENSORS_NAME, {"format": FORMAT})
+        record = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
+                  "torch_version": torch.__version__, "step": step, **record,
+                  "sha256": _sha256(tmp / TENSORS_NAME)}
+        (tmp / STATE_NAME).write_text(json.dumps(record, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    prune(root, KEEP)
+    return folder
+
+
+def prune(root: Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` snapshots, and half-written hidden folders a kill left.
+    A snapshot is renamed to a hidden name before it is removed, so a kill halfway through never
+    leaves a partial folder under a snapshot's name."""
+    for _, folder in list_snapshots(root)[:-keep]:
+        doomed = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+        folder.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    for leftover in root.glob(".step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- reading ------------------------------------------------------------------------------------
+def read_snapshot(folder: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """(tensors, record) of the snapshot in ``folder``; a SnapshotError saying what is wrong with a
+    damaged one (a missing or truncated file, unreadable JSON, tensors whose sha256 differs)."""
+    import safetensors.torch
+
+    state_file, tensors_file = folder / STATE_NAME, folder / TENSORS_NAME
+    if not folder.is_dir():
+        raise SnapshotError(f"there is no snapshot at {folder}: expected a folder step-NNNNNNNN holding "
+                            f"{STATE_NAME} and {TENSORS_NAME}")
+    for path in (state_file, tensors_file):
+        if not path.is_file():
+            raise SnapshotError(f"the snapshot {folder} is damaged: {path.name} is missing")
+    try:
+        record = json.loads(state_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SnapshotError(f"the snapshot {folder} is damaged: {STATE_NAME} is not readable JSON ({exc})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise SnapshotError(f"{folder} is not an lrnnx-zoo training snapshot: its {STATE_NAME} has no "
+                            f"\"format\": {FORMAT!r}")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise SnapshotError(f"the snapshot {folder} has format version {record.get('format_version')!r}; this "
+                            f"lrnnx-zoo {__version__} reads version {FORMAT_VERSION}: resume it with the lrnnx-zoo "
+                            f"{record.get('library_version')} that wrote it")
+    digest = _sha256(tensors_file)
+    if digest != record.get("sha256"):
+        raise SnapshotError(f"the snapshot {folder} is damaged: {TENSORS_NAME} has sha256 {digest[:16]}..., "
+                            f"{STATE_NAME} records {str(record.get('sha256'))[:16]}... (truncated or changed "
+                            "after it was written)")
+    try:
+        tensors = safetensors.torch.load_file(str(tensors_file))
+    except Exception as exc:        # safetensors raises its own error types for a bad header
+        raise SnapshotError(f"the snapshot {folder} is damaged: {TENSORS_NAME} cannot be read ({exc})") from None
+    return tensors, record
+
+
+def locate(resume: Union[bool, str, Path], out_dir: Optional[Union[str, Path]]) -> Path:
+    """The snapshot folder ``resume`` names: True is the newest in ``out_dir``; a path is a snapshot
+    folder, a ``training_state`` folder or a run's ``out_dir`` (their newest)."""
+    if resume is True:
+        given, root = "out_dir", snapshot_root(out_dir)          # type: ignore[arg-type]
+    else:
+        path = Path(resume).expanduser()                           # type: ignore[arg-type]
+        if (path / STATE_NAME).is_file() or _NAME.fullmatch(path.name):
+            return path
+        given, root = f"resume={str(resume)!r}", path / SNAPSHOT_DIR if (path / SNAPSHOT_DIR).is_dir() else path
+    found = list_snapshots(root)
+    if not found:
+        raise SnapshotError(f"no training snapshot to resume from in {root} ({given}): expected folders "
+                            f"step-NNNNNNNN written by a run with checkpoint_every (--checkpoint-every); "
+                            "start the run without resume (--resume), or pass the folder that holds them")
+    return found[-1][1]
+
+
+def load(folder: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """:func:`read_snapshot`, and for a damaged snapshot an error that names the newest older one
+    that is intact, if there is one, and how to resume from it."""
+    try:
+        return read_snapshot(folder)
+    except SnapshotError as exc:
+        older = [p for step, p in reversed(list_snapshots(folder.parent)) if p.name < folder.name]
+        for candidate in older:
+            try:
+                read_snapshot(candidate)
+            except SnapshotError:
+                continue
+            raise SnapshotError(f"{exc}. The older snapshot {candidate} is intact: resume from it with "
+                                f"resume={str(candidate)!r} (--resume {candidate})") from None
+        raise SnapshotError(f"{exc}; no older intact snapshot is left beside it: start the run again "
+                            "without resume") from None
+
+
+# -- which run a snapshot belongs to -------------------------------------------------------------
+def run_record(recipe: Recipe, steps_per_epoch: int, total: int) -> Dict[str, Any]:
+    """What a snapshot must share with the run resuming it: the recipe (its description aside) with
+    its seed, and the step plan (which the data's size decides too).  JSON-normalised, so a recipe
+    compares equal to its own record read back."""
+    fields = dataclasses.asdict(recipe)
+    fields.pop("description")
+    return json.loads(json.dumps({"recipe": fields, "steps_per_epoch": steps_per_epoch, "total_steps": total},
+                                 default=repr))
+
+
+def check_same_run(folder: Path, recorded: Dict[str, Any], current: Dict[str, Any]) -> None:
+    """Refuse a snapshot from another recipe, seed or configuration, naming each difference (the
+    recipe's fields; the step plan only when the recipes agree, as it follows from them)."""
+    differ = _differences(recorded.get("recipe", {}), current["recipe"])
+    if not differ:
+        differ = _differences({k: v for k, v in recorded.items() if k != "recipe"},
+                              {k: v for k, v in current.items() if k != "recipe"})
+    if not differ:
+        return
+    shown = "; ".join(f"{k} is {was!r} there, {now!r} in this run" for k, was, now in differ)
+    flags = [f"{_FLAGS[k]} {was}" for k, was, _ in differ if k in _FLAGS and was is not None]
+    fix = f"pass {' '.join(flags)} " if len(flags) == len(differ) else "resume with the same recipe and settings "
+    raise SnapshotError(f"the snapshot {folder} belongs to another run: {shown}. A resumed run must be the run "
+                        f"that was interrupted: {fix}to continue it, or train into another out_dir to start anew")
+
+
+def _differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """(dotted key, recorded value, current value) for each leaf that differs; "(absent)" for a missing one."""
+    was, now = flatten(recorded), flatten(current)
+    return [(k, was.get(k, "(absent)"), now.get(k, "(absent)")) for k in sorted(set(was) | set(now))
+            if was.get(k, "(absent)") != now.get(k, "(absent)")]
+
+
+def flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
+    """{"a.b": leaf} for nested dicts {"a": {"b": leaf}} (an empty dict is a leaf)."""
+    if isinstance(value, dict):
+        out: Dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}{key}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: value}
+
+
+# -- the run around the files: where it starts, when it writes, fine-tuning --------------------------
+def check_checkpoint_every(value: Any, out_dir: Any) -> Union[int, str, None]:
+    """``checkpoint_every`` if usable: None, a positive int (optimiser steps) or "epoch"; it needs an
+    ``out_dir`` to write the snapshots into."""
+    if value is None:
+        return None
+    if value != "epoch":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"checkpoint_every must be None, a positive int (optimiser steps) or 'epoch', "
+                            f"got {value!r} ({type(value).__name__})")
+        if value < 1:
+            raise ValueError(f"checkpoint_every must be a positive number of optimiser steps or 'epoch', got {value}")
+    if out_dir is None:
+        raise TrainingSetupError("checkpoint_every writes training snapshots into out_dir/training_state, but "
+                                 "no out_dir was given; pass out_dir (--out)")
+    return value
+
+
+def check_resume(resume: Any, out_dir: Any) -> None:
+    """A usable ``resume``; and a fresh run must not write into a folder holding another run's snapshots
+    (a later resume would continue that run, and the checkpoint would sit beside snapshots it is not of)."""
+    if resume is False or resume is None:
+        held = list_snapshots(snapshot_root(out_dir)) if out_dir is not None else []
+        if held:
+            root = snapshot_root(out_dir)
+            raise TrainingSetupError(f"out_dir {out_dir} holds training snapshots of an earlier run (the newest at "
+                                     f"step {held[-1][0]}, in {root}): pass resume=True (--resume) to continue "
+                                     f"that run, or remove {root} to start anew")
+        return
+    if resume is True:
+        if out_dir is None:
+            raise TrainingSetupError("resume=True continues from the newest snapshot in out_dir, but no out_dir "
+                                     "was given; pass out_dir (--out), or resume=PATH of a snapshot")
+        return
+    if isinstance(resume, bytes) or not isinstance(resume, (str, os.PathLike)):
+        raise TypeError(f"resume must be a bool or the path of a snapshot (or of the folder holding them), "
+                        f"got {resume!r} ({type(resume).__name__})")
+
+
+def initial_weights(init_from: Any, recipe: Recipe) -> Optional[Tuple[Dict[str, Tensor], Dict[str, Any]]]:
+    """(state dict, record of where it came from) of ``init_from``'s checkpoint, after checking its
+    model is the recipe's (dropout aside, which is the recipe's to choose); None without init_from."""
+    if init_from is None:
+        return None
+    if isinstance(init_from, bytes) or not isinstance(init_from, (str, os.PathLike)):
+        raise TypeError(f"init_from must be a checkpoint folder, shipped name or Hub repo id (str or os.PathLike), "
+                        f"got {init_from!r} ({type(init_from).__name__})")
+    from .hub import CheckpointError, from_pretrained, loadable_source
+    try:
+        with torch.random.fork_rng(devices=[]):          # building the model draws; the caller's stream stays
+            source = from_pretrained(init_from)
+    except CheckpointError as exc:
+        raise TrainingSetupError(f"init_from={os.fspath(init_from)!r}: {exc}") from exc
+    check_same_model(os.fspath(init_from), source.config, recipe)
+    info = source.checkpoint_info
+    where = info["source"]
+    record = {"source": loadable_source(where) or os.fspath(init_from), "commit": where.get("commit"),
+              "weights_digest": info["weights_digest"]}
+    return source.state_dict(), record
+
+
+def check_same_model(given: str, config: ModelConfig, recipe: Recipe) -> None:
+    """Refuse initial weights of another model than the recipe's, naming each field that differs."""
+
+    def architecture(c: ModelConfig) -> Dict[str, Any]:
+        fields = c.to_dict()
+        fields.pop("dropout")
+        fields["layer"] = fields["layer"].rpartition(":")[2]      # "plugin:family" names the family too
+        return flatten(fields)
+    want, got = architecture(ModelConfig(**recipe.model)), architecture(config)
+    differ = [k for k in sorted(set(want) | set(got)) if want.get(k, "(absent)") != got.get(k, "(absent)")]
+    if differ:
+        shown = "; ".join(f"{k} is {got.get(k, '(absent)')!r} there, {want.get(k, '(absent)')!r} in the recipe"
+                          for k in differ)
+        raise TrainingSetupError(f"init_from={given!r} holds another model than recipe {recipe.name!r} trains: "
+                                 f"{shown}. Expected a checkpoint of the recipe's model (its dropout may differ): "
+                                 "start from a checkpoint trained with this recipe, or use a recipe with that model")
+
+
+@dataclass
+class RunStart:
+    """Where a run starts: random weights, ``init_from``'s weights, or a snapshot (and its tensors)."""
+
+    run: Dict[str, Any]                              # what a snapshot of this run records (training_state.run_record)
+    weights: Optional[Dict[str, Tensor]] = None      # init_from's state dict, for a fresh run
+    init_record: Optional[Dict[str, Any]] = None     # init_from's source and weights digest
+    snapshot: Optional[Path] = None
+    tensors: Dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    record: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return int(self.record.get("step", 0))
+
+    @property
+    def resumed_at(self) -> List[int]:
+        """The steps this run was resumed at, this time included."""
+        return list(self.record.get("resumed_at") or []) + ([self.step] if self.snapshot is not None else [])
+
+    def notes(self) -> str:
+        """What the card's notes add: the initial weights, the steps the run was resumed at."""
+        text = ""
+        if self.init_record:
+            init = self.init_record
+            at = f" at commit {init['commit']}" if init.get("commit") else ""
+            text += (f" Fine-tuned: started from the weights of {init['source']}{at} (weights digest "
+                     f"{init['weights_digest'][:16]}), not from random ones.")
+        if self.resumed_at:
+            steps = ", ".join(map(str, self.resumed_at))
+            text += f" Interrupted and resumed from its training snapshot{'s' if len(self.resumed_at) > 1 else ''} " \
+                    f"at step {steps}."
+        return text
+
+
+def starting_point(recipe: Recipe, plan: StepPlan, out_dir: Optional[str], resume: Any,
+                   init: Optional[Tuple[Dict[str, Tensor], Dict[str, Any]]], di: DistInfo) -> RunStart:
+    """The run's start; with ``resume`` the snapshot rank 0 picks and checks, read by every rank."""
+    run = run_record(recipe, plan.steps_per_epoch, plan.total)
+    weights, init_record = init if init is not None else (None, None)
+    if not resume:
+        return RunStart(run, weights, init_record)
+
+    def pick() -> Tuple[Path, Dict[str, Tensor], Dict[str, Any]]:
+        folder = locate(resume, out_dir)
+        tensors, record = load(folder)
+        check_same_run(folder, record.get("run", {}), run)
+        return folder, tensors, record
+    folder, tensors, record = picked_on_rank_0(pick, di)
+    init_record = same_init(folder, record.get("init_from"), init_record)
+    warn_if_not_exact(folder, record, di)
+    return RunStart(run, None, init_record, folder, tensors, record)
+
+
+def picked_on_rank_0(pick: Callable[[], Tuple[Path, Dict[str, Tensor], Dict[str, Any]]],
+                     di: DistInfo) -> Tuple[Path, Dict[str, Tensor], Dict[str, Any]]:
+    """Rank 0 picks the snapshot; the others read the one it names (and check it is the same file:
+    every process must see the same out_dir) or raise its error."""
+    if di.world_size == 1:
+        return pick()
+    picked, failure = None, None
+    if di.is_main:
+        try:
+            picked = pick()
+        except Exception as exc:          # told to the other ranks, then raised here as it was
+            failure = exc
+    told = [None if picked is None else (str(picked[0]), picked[2]["sha256"]),
+            None if failure is None else (isinstance(failure, TrainingSetupError), str(failure))]
+    torch.distributed.broadcast_object_list(told, src=0)
+    if failure is not None:
+        raise failure
+    if told[1] is not None:
+        setup_error, message = told[1]
+        raise SnapshotError(message) if setup_error else OSError(f"rank 0 could not read the snapshot ({message})")
+    if picked is not None:
+        return picked
+    folder, digest = Path(told[0][0]), told[0][1]
+    tensors, record = read_snapshot(folder)
+    if record["sha256"] != digest:
+        raise SnapshotError(f"rank {di.rank} reads another snapshot at {folder} than rank 0 (sha256 "
+                            f"{record['sha256'][:16]}..., not {digest[:16]}...): every process must see the "
+                            "same out_dir, e.g. on a shared file system")
+    return folder, tensors, record
+
+
+def same_init(folder: Path, recorded: Optional[Dict[str, Any]],
+              given: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The initial weights' record of a resumed run: the snapshot's; an ``init_from`` given to the resumed
+    run must name the same weights (by digest: a path may be spelt another way)."""
+    if given is None:
+        return recorded                  # the run goes on as it started, and its card says so
+    if recorded is None:
+        raise SnapshotError(f"the snapshot {folder} belongs to a run that started from random weights, but "
+                            f"init_from={given['source']!r} was given: drop init_from (--init-from) to continue it")
+    if recorded.get("weights_digest") != given["weights_digest"]:
+        raise SnapshotError(f"the snapshot {folder} belongs to a run that started from {recorded.get('source')!r} "
+                            f"(weights digest {str(recorded.get('weights_digest'))[:16]}), but init_from="
+                            f"{given['source']!r} holds other weights ({given['weights_digest'][:16]}): drop "
+                            "init_from (--init-from) to continue the run as it started")
+    return recorded
+
+
+def warn_if_not_exact(folder: Path, record: Dict[str, Any], di: DistInfo) -> None:
+    """Warn (rank 0) when a snapshot is resumed on another number of processes or another device."""
+    was = (record.get("world_size"), record.get("device"))
+    if was != (di.world_size, di.device.type) and di.is_main:
+        warnings.warn(f"the snapshot {folder} was written by {_plural(was[0] or 0, 'process', 'processes')} on "
+                      f"{was[1]}, this run has {_plural(di.world_size, 'process', 'processes')} on {di.device.type}: "
+                      "it goes on, but matches the uninterrupted run only to float rounding (and dropout masks "
+                      "differ); resume as the run started for the same weights bit for bit",
+                      ResumeNotExactWarning, stacklevel=4)   # train()'s caller
+
+
+@dataclass
+class Saver:
+    """Writes the snapshots of one run: every ``every`` optimiser steps, or at each epoch's end."""
+
+    every: Union[int, str]
+    out_dir: str
+    run: Dict[str, Any]
+    init_record: Optional[Dict[str, Any]]
+    di: DistInfo
+
+    def due(self, step: int, plan: StepPlan) -> bool:
+        return step % (plan.steps_per_epoch if self.every == "epoch" else int(self.every)) == 0
+
+    def write(self, step: int, plan: StepPlan, model: SequenceModel, optimizer: torch.optim.Optimizer,
+              schedule: Any, aug_gen: torch.Generator, seconds: float, resumed_at: List[int]) -> None:
+        """Rank 0 writes snapshot ``step``, with every rank's global generator states."""
+        di = self.di
+        cpu = gathered(torch.get_rng_state(), di)
+        cuda = gathered(torch.cuda.get_rng_state(di.device), di) if di.device.type == "cuda" else None
+
+        def write() -> None:
+            tensors, record = pack(model, optimizer, schedule, aug_gen, cpu, cuda)
+            record.update(epoch=step // plan.steps_per_epoch, batch_in_epoch=step % plan.steps_per_epoch,
+                          total_steps=plan.total, run=self.run, init_from=self.init_record,
+                          device=di.device.type, seconds=seconds, resumed_at=resumed_at,
+                          checkpoint_every=self.every)
+            write_snapshot(snapshot_root(self.out_dir), step, tensors, record)
+        on_rank_0(write, di, "write the training snapshot")
+
+
+def gathered(state: Tensor, di: DistInfo) -> List[Tensor]:
+    """Every rank's ``state`` (on each rank; rank 0 writes them), in rank order."""
+    if di.world_size == 1:
+        return [state]
+    states: List[Any] = [None] * di.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def restore(start: RunStart, optimizer: torch.optim.Optimizer, schedule: Any, aug_gen: torch.Generator,
+            di: DistInfo, seed: int) -> None:
+    """Put the optimiser, schedule and generators back as the snapshot has them (the weights are loaded
+    before DistributedDataParallel copies rank 0's to the others).  A rank the snapshot has no generator
+    state for (more processes than wrote it) draws from a seed of its rank and the step."""
+    optimizer.load_state_dict(optimizer_state(start.tensors, start.record))
+    schedule.load_state_dict(start.record["schedule"])
+    aug_gen.set_state(start.tensors["rng.augment"])
+    cpu = rng_state(start.tensors, "cpu", di.rank)
+    if cpu is not None:
+        torch.set_rng_state(cpu)
+    else:
+        torch.manual_seed(seed + 1_000_003 * di.rank + start.step)
+    cuda = rng_state(start.tensors, "cuda", di.rank) if di.device.type == "cuda" else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, di.device)

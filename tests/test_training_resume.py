@@ -1,0 +1,346 @@
+"""Training snapshots, resuming an interrupted run, fine-tuning from a checkpoint (``init_from``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lrnnx_zoo import cli, from_pretrained, training
+from lrnnx_zoo import training_state as TS
+from lrnnx_zoo.recipes import DataSpec, get_recipe, override
+from lrnnx_zoo.training import ResumeNotExactWarning, TrainingSetupError, train
+from lrnnx_zoo.training_state import SnapshotError
+
+pytest.importorskip("sklearn")  # the digits ship with scikit-learn
+pytest.importorskip("safetensors")
+
+# digits-tiny with dropout and shift augmentation, so that the global generator and the augmentation
+# generator both matter, and with 5 steps per epoch (320 training digits, batches of 64) over 3
+# epochs, so that runs stop and resume inside an epoch: 15 optimiser steps of a one-block S4D of width 8.
+_TINY = get_recipe("digits-tiny")
+RECIPE = dataclasses.replace(
+    _TINY, name="digits-tiny-resume", model={**_TINY.model, "dropout": 0.1},
+    data=DataSpec("digits", {"seed": 0, "n_test": 1477, "augment": "shift"}),
+    optim=dataclasses.replace(_TINY.optim, batch_size=64, epochs=3), max_steps=None)
+
+
+def _weights(model: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    """Bit for bit: same process, same threads, deterministic algorithms, so no tolerance."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _steps(out: Path) -> list:
+    return [step for step, _ in TS.list_snapshots(TS.snapshot_root(out))]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    """(weights, metrics) of RECIPE trained in one go, without snapshots."""
+    model, metrics = train(RECIPE, progress=False)
+    return _weights(model), metrics
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, uninterrupted):
+    """A finished run of RECIPE that wrote snapshots every 5 steps (so at 10 and 15: two are kept)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    model, metrics = train(RECIPE, out_dir=str(out), progress=False, checkpoint_every=5)
+    # Taking snapshots (reading generator states, packing the optimiser) does not change the run.
+    assert _same_weights(_weights(model), uninterrupted[0]) and metrics == uninterrupted[1]
+    return out
+
+
+def _interrupt_at(monkeypatch, batch: int) -> None:
+    """Make the batch_loss call number ``batch`` raise KeyboardInterrupt (Ctrl-C during that step)."""
+    real, calls = training.batch_loss, [0]
+
+    def loss(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == batch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(training, "batch_loss", loss)
+
+
+def test_an_interrupted_run_resumed_twice_ends_as_the_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch,
+                                                                                     uninterrupted):
+    # Before: only the final checkpoint was written, so a run interrupted at step 7 of 15 was lost.
+    out = tmp_path / "run"
+    _interrupt_at(monkeypatch, 8)                      # during step 8: steps 3 and 6 are snapshotted
+    with pytest.raises(KeyboardInterrupt):
+        train(RECIPE, out_dir=str(out), progress=False, checkpoint_every=3)
+    monkeypatch.undo()
+    assert _steps(out) == [3, 6] and not (out / "config.json").exists()
+    record = json.loads((TS.snapshot_folder(TS.snapshot_root(out), 6) / TS.STATE_NAME).read_text())
+    assert (record["step"], record["epoch"], record["batch_in_epoch"]) == (6, 1, 1)
+
+    _interrupt_at(monkeypatch, 5)                      # resumed at 6, interrupted again in step 11
+    with pytest.raises(KeyboardInterrupt):
+        train(RECIPE, out_dir=str(out), progress=False, checkpoint_every=3, resume=True)
+    monkeypatch.undo()
+    assert _steps(out) == [6, 9]                       # the newest two are kept
+
+    model, metrics = train(RECIPE, out_dir=str(out), progress=False, checkpoint_every=3, resume=True)
+    weights, expected_metrics = uninterrupted
+    assert _same_weights(_weights(model), weights) and metrics == expected_metrics
+    assert model.checkpoint_info["notes"].endswith("Interrupted and resumed from its training snapshots at step 6, 9.")
+    loaded = from_pretrained(str(out))                 # the checkpoint folder ignores training_state/
+    assert _same_weights(_weights(loaded), weights) and loaded.checkpoint_info["metrics"] == metrics
+    assert _steps(out) == [12, 15]
+
+
+def test_snapshots_beside_the_checkpoint_leave_loading_and_evaluation_alone(finished, capsys):
+    assert _steps(finished) == [10, 15]
+    assert sorted(p.name for p in finished.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                          "training_state"]
+    assert cli.main(["evaluate", str(finished), "--check"]) == 0, capsys.readouterr()
+    record = json.loads((TS.snapshot_folder(TS.snapshot_root(finished), 15) / TS.STATE_NAME).read_text())
+    assert record["run"]["recipe"]["seed"] == 0 and record["world_size"] == 1 and "optimizer" in record
+
+
+def test_a_snapshot_of_another_run_is_refused_naming_what_differs(finished, tmp_path, capsys):
+    other = tmp_path / "other"
+    with pytest.raises(SnapshotError, match=r"belongs to another run: seed is 0 there, 1 in this run\. .*"
+                                            r"pass --seed 0 to continue it"):
+        train(RECIPE, out_dir=str(other), seed=1, resume=str(finished), progress=False)
+    longer = override(RECIPE, epochs=4)
+    with pytest.raises(SnapshotError, match=r"optim\.epochs is 3 there, 4 in this run\. .*pass --epochs 3"):
+        train(longer, out_dir=str(other), resume=str(finished), progress=False)
+    wider = dataclasses.replace(RECIPE, model={**RECIPE.model, "d_model": 16})
+    with pytest.raises(SnapshotError, match=r"model\.d_model is 8 there, 16 in this run\. .*same recipe"):
+        train(wider, out_dir=str(other), resume=str(finished), progress=False)
+    assert not other.exists()
+    # The command line says it in one line, as a usage error.
+    assert cli.main(["train", "digits-tiny", "--out", str(other), "--resume", str(finished), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lrnnx-zoo train: the snapshot {finished / 'training_state'}") and err.count("\n") == 1
+
+
+def test_a_damaged_snapshot_is_an_error_that_names_the_older_intact_one(finished, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    root = TS.snapshot_root(out)
+    newest, older = TS.snapshot_folder(root, 15), TS.snapshot_folder(root, 10)
+    data = (newest / TS.TENSORS_NAME).read_bytes()
+    (newest / TS.TENSORS_NAME).write_bytes(data[:len(data) // 2])     # truncated, e.g. a disk that filled up
+    with pytest.raises(SnapshotError, match=rf"the snapshot {newest} is damaged: state\.safetensors has sha256 .*"
+                                            rf"The older snapshot {older} is intact: resume from it with "
+                                            rf"resume='{older}' \(--resume {older}\)"):
+        train(RECIPE, out_dir=str(out), resume=True, progress=False)
+    # ... and resuming from it as told finishes the run as if nothing had happened (also without an
+    # out_dir: then nothing is written, though the run took snapshots before).
+    model, metrics = train(RECIPE, resume=str(older), progress=False)
+    assert _same_weights(_weights(model), uninterrupted[0]) and metrics == uninterrupted[1]
+
+    shutil.rmtree(older)
+    (newest / TS.STATE_NAME).write_text('{"format": "lrnnx-zoo-training-sta')
+    with pytest.raises(SnapshotError, match=r"state\.json is not readable JSON .*no older intact snapshot"):
+        train(RECIPE, out_dir=str(out), resume=True, progress=False)
+
+
+def test_a_kill_while_a_snapshot_is_written_leaves_the_previous_ones_to_resume_from(tmp_path, capsys):
+    # A real SIGKILL (no clean-up runs) in the middle of writing the third snapshot's tensors
+    # (digits-tiny: 8 steps, a snapshot every 2).
+    out = tmp_path / "run"
+    script = tmp_path / "killed.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from lrnnx_zoo import cli, training_state\n"
+        "real, calls = training_state.write_safetensors, []\n"
+        "def write(tensors, path, metadata):\n"
+        "    real(tensors, path, metadata)\n"
+        "    calls.append(path)\n"
+        "    if len(calls) == 3:\n"
+        "        path.write_bytes(path.read_bytes()[:1000])\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "training_state.write_safetensors = write\n"
+        f"sys.exit(cli.main(['train', 'digits-tiny', '--out', {str(out)!r}, '--checkpoint-every', '2', "
+        "'--no-progress']))\n")
+    threads = str(torch.get_num_threads())  # as here: the thread count decides float summation order
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": threads})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert _steps(out) == [2, 4]
+    assert [p.name for p in TS.snapshot_root(out).iterdir() if p.name.startswith(".step-00000006.tmp-")]
+
+    assert cli.main(["train", "digits-tiny", "--out", str(out), "--resume", "--no-progress"]) == 0
+    resumed = from_pretrained(str(out))
+    expected, _ = train("digits-tiny", progress=False)
+    assert _same_weights(_weights(resumed), _weights(expected))
+    assert "Interrupted and resumed from its training snapshot at step 4." in resumed.checkpoint_info["notes"]
+    # The resumed run snapshots every 2 steps as the killed one did, and removed what the kill left.
+    assert sorted(p.name for p in TS.snapshot_root(out).iterdir()) == ["step-00000006", "step-00000008"]
+
+
+def test_snapshot_and_resume_arguments_are_checked_before_training(finished, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(training, "_run", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(TrainingSetupError, match=r"checkpoint_every writes training snapshots into "
+                                                 r"out_dir/training_state, but no out_dir was given"):
+        train(RECIPE, checkpoint_every=5)
+    with pytest.raises(TypeError, match=r"checkpoint_every must be None, a positive int .* got 2\.5"):
+        train(RECIPE, out_dir=str(tmp_path / "a"), checkpoint_every=2.5)
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive number of optimiser steps or 'epoch'"):
+        train(RECIPE, out_dir=str(tmp_path / "a"), checkpoint_every=0)
+    with pytest.raises(TrainingSetupError, match="resume=True continues from the newest snapshot in out_dir, but no"):
+        train(RECIPE, resume=True)
+    with pytest.raises(SnapshotError, match=r"no training snapshot to resume from in .*a/training_state \(out_dir\)"):
+        train(RECIPE, out_dir=str(tmp_path / "a"), resume=True)
+    # A fresh run into a folder with another run's snapshots: a later resume would continue that one.
+    with pytest.raises(TrainingSetupError, match=r"holds training snapshots of an earlier run \(the newest at step "
+                                                 r"15, .*\): pass resume=True \(--resume\) to continue"):
+        train(RECIPE, out_dir=str(finished))
+    for bad, shown in (("0", "0"), ("often", "'often'")):
+        with pytest.raises(SystemExit):
+            cli.main(["train", "digits-tiny", "--out", str(tmp_path / "b"), "--checkpoint-every", bad])
+        assert f"expected a positive integer (optimiser steps) or 'epoch', got {shown}" in capsys.readouterr().err
+
+
+def test_checkpoint_every_epoch_snapshots_at_each_epochs_end(tmp_path):
+    out = tmp_path / "run"
+    train(RECIPE, out_dir=str(out), progress=False, checkpoint_every="epoch")
+    assert _steps(out) == [10, 15]                     # 5 steps per epoch; the newest two are kept
+
+
+def test_init_from_starts_from_a_checkpoints_weights_and_the_card_says_so(finished, tmp_path, monkeypatch):
+    start = from_pretrained(str(finished))
+    seen = []
+    real = training.batch_loss
+
+    def first_loss(net, *args):
+        if not seen:
+            seen.append(_weights(net))
+        return real(net, *args)
+    monkeypatch.setattr(training, "batch_loss", first_loss)
+    tune = dataclasses.replace(RECIPE, seed=3, model={**RECIPE.model, "dropout": 0.0})   # dropout may differ
+    model, _ = train(tune, out_dir=str(tmp_path / "tuned"), progress=False, init_from=str(finished))
+    monkeypatch.undo()
+    assert _same_weights(seen[0], _weights(start))
+    info = model.checkpoint_info
+    assert (f"Fine-tuned: started from the weights of {finished} (weights digest "
+            f"{start.checkpoint_info['weights_digest'][:16]}), not from random ones.") in info["notes"]
+    assert f"train(recipe, out_dir={str(tmp_path / 'tuned')!r}, init_from={str(finished)!r})" in info["command"]
+    card = (tmp_path / "tuned" / "README.md").read_text()
+    assert "Fine-tuned: started from the weights of" in card
+
+    shipped = training.reproduce_command(get_recipe("digits-tiny"), "out", init_from="digits-tiny-base")
+    assert shipped.endswith("--seed 0 --init-from digits-tiny-base")
+
+
+def test_init_from_another_model_or_nothing_loadable_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(training, "_run", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(TrainingSetupError, match=r"init_from='digits-s4d' holds another model than recipe "
+                                                 r"'digits-tiny' trains: d_model is 64 there, 8 in the recipe; .*"
+                                                 r"n_layers is 4 there, 1 in the recipe"):
+        train("digits-tiny", init_from="digits-s4d")
+    with pytest.raises(TrainingSetupError, match=r"init_from='.*nowhere': no checkpoint"):
+        train("digits-tiny", init_from=str(tmp_path / "nowhere"))
+    with pytest.raises(TypeError, match="init_from must be a checkpoint folder"):
+        train("digits-tiny", init_from=3)
+    assert cli.main(["train", "digits-tiny", "--out", str(tmp_path / "o"), "--init-from", "digits-lru"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lrnnx-zoo train: init_from='digits-lru' holds another model") and err.count("\n") == 1
+
+
+def test_a_resumed_fine_tuning_run_keeps_its_initial_weights_and_refuses_others(finished, tmp_path, monkeypatch):
+    tune = dataclasses.replace(RECIPE, seed=3)
+    expected, _ = train(tune, progress=False, init_from=str(finished))
+    out = tmp_path / "tuned"
+    _interrupt_at(monkeypatch, 9)
+    with pytest.raises(KeyboardInterrupt):
+        train(tune, out_dir=str(out), progress=False, init_from=str(finished), checkpoint_every=4)
+    monkeypatch.undo()
+    other = tmp_path / "other"
+    expected.save_pretrained(other)
+    with pytest.raises(SnapshotError, match=rf"belongs to a run that started from '{finished}' \(weights digest "
+                                            rf"\w+\), but init_from='{other}' holds other weights"):
+        train(tune, out_dir=str(out), resume=True, init_from=str(other), progress=False)
+    with pytest.raises(SnapshotError, match="started from random weights, but init_from="):
+        train(RECIPE, out_dir=str(tmp_path / "x"), resume=str(finished), init_from=str(finished), progress=False)
+    model, _ = train(tune, out_dir=str(out), resume=True, progress=False)   # no init_from: the snapshot's
+    assert _same_weights(_weights(model), _weights(expected))
+    assert "Fine-tuned: started from the weights of" in model.checkpoint_info["notes"]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=str(script.parent),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_under_torchrun_rank_0_writes_the_snapshots_and_every_rank_resumes_from_one(tmp_path):
+    # Two gloo processes with dropout: each rank draws its own masks, so the resumed run ends on the
+    # uninterrupted run's weights only if every rank got back its own generator, optimiser and step.
+    from safetensors.torch import load_file
+    log = tmp_path / "writes.log"
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import dataclasses, os, sys\n"
+        "from lrnnx_zoo import recipes, training_cli, training_state\n"
+        "tiny = recipes.get_recipe('digits-tiny')\n"
+        f"recipes.RECIPES['digits-tiny-resume'] = dataclasses.replace(tiny, name='digits-tiny-resume', "
+        f"model={RECIPE.model!r}, data=recipes.DataSpec('digits', {RECIPE.data.params!r}), "
+        f"optim=dataclasses.replace(tiny.optim, batch_size=64, epochs=3), max_steps=None)\n"
+        "real = training_state.write_snapshot\n"
+        "def write(*args, **kwargs):\n"
+        f"    with open({str(log)!r}, 'a') as fh:\n"
+        "        fh.write(os.environ['RANK'] + '\\n')\n"
+        "    return real(*args, **kwargs)\n"
+        "training_state.write_snapshot = write\n"
+        "sys.exit(training_cli.main(sys.argv[1:]))\n")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    proc = _torchrun(script, "train", "digits-tiny-resume", "--out", str(whole), "--checkpoint-every", "5",
+                     "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert log.read_text().split() == ["0", "0", "0"] and _steps(whole) == [10, 15]
+    record = json.loads((TS.snapshot_folder(TS.snapshot_root(whole), 10) / TS.STATE_NAME).read_text())
+    assert record["world_size"] == 2
+    assert load_file(str(TS.snapshot_folder(TS.snapshot_root(whole), 10) / TS.TENSORS_NAME)).keys() >= {
+        "rng.cpu.0", "rng.cpu.1", "rng.augment"}
+
+    at_10 = TS.snapshot_folder(TS.snapshot_root(whole), 10)
+    proc = _torchrun(script, "train", "digits-tiny-resume", "--out", str(resumed), "--resume", str(at_10),
+                     "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning" not in proc.stderr
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert log.read_text().split() == ["0"] * 4 and _steps(resumed) == [15]      # snapshots every 5, as before
+
+    # On one process the run goes on, with a warning that it is no longer the same run bit for bit.
+    with pytest.warns(ResumeNotExactWarning, match=r"written by 2 processes on cpu, this run has 1 process on cpu: "
+                                                   r"it goes on, but matches the uninterrupted run only to float"):
+        train(RECIPE, out_dir=str(tmp_path / "single"), resume=str(at_10), progress=False)
+
+
+def test_the_command_line_says_where_an_interrupted_run_can_go_on_from(tmp_path, monkeypatch, capsys):
+    # Ctrl-C showed a KeyboardInterrupt traceback and left the user to find the snapshot.
+    out = tmp_path / "run"
+    _interrupt_at(monkeypatch, 6)
+    assert cli.main(["train", "digits-tiny", "--out", str(out), "--checkpoint-every", "2", "--no-progress"]) == 130
+    snapshot = TS.snapshot_folder(TS.snapshot_root(out), 4)
+    assert capsys.readouterr().err == (f"lrnnx-zoo train: interrupted (--out {out}: the newest training snapshot is "
+                                       f"{snapshot}; add --resume to the same command to continue from it)\n")
+    monkeypatch.undo()
+    _interrupt_at(monkeypatch, 1)
+    assert cli.main(["train", "digits-tiny", "--out", str(tmp_path / "none"), "--no-progress"]) == 130
+    assert capsys.readouterr().err.endswith(f"(--out {tmp_path / 'none'}: nothing was saved)\n")
