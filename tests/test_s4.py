@@ -729,3 +729,20 @@ def test_a_long_first_forward_extends_the_length_in_one_transform(discretization
     assert k.length == stepwise.length == 256
     assert torch.allclose(k.C, stepwise.C, rtol=1e-10, atol=1e-12)
     assert torch.allclose(K, stepwise(L=200)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_a_graph_built_before_the_internal_length_grew_refuses_its_backward():
+    # m(x8) + m(x40): the second forward rewrote C~ in place for a longer internal length, and the
+    # first graph's gradients (for the old parameterisation) were applied to the new one silently:
+    # C's gradient 72% off, log_dt's 25%. Now the backward says so; the usual orders still train.
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("s4", 4, d_state=8, l_max=8).double()
+    x8, x40 = torch.randn(2, 8, 4, dtype=torch.float64), torch.randn(2, 40, 4, dtype=torch.float64)
+    loss = layer(x8).sum() + layer(x40).sum()
+    with pytest.raises(RuntimeError, match=r"C~ was rewritten between this forward and its backward.*Run the "
+                                           r"longest sequence first"):
+        loss.backward()
+    layer.zero_grad()
+    (layer(x40).sum() + layer(x8).sum()).backward()          # longest first: one parameterisation
+    layer(x8).sum().backward()                               # a graph per step: nothing pending to go stale
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)

@@ -53,6 +53,31 @@ def _as_real(t: Tensor) -> Tensor:
     return torch.view_as_real(t.to(torch.complex64)).clone()
 
 
+class _LengthGuard(torch.autograd.Function):
+    """Identity on the stored C~ that keeps it for the backward, so that autograd checks its version
+    there: a forward on a longer sequence rewrites C~ in place for the new internal length (the kernel
+    stays the same), and a graph built before that gave gradients for the old parameterisation applied
+    to the new one (``m(x8) + m(x40)``: C's gradient 72% off, log_dt's 25%), silently. It is now an
+    error that says what happened and what to do."""
+
+    @staticmethod
+    def forward(ctx, C: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(C)
+        return C.view_as(C)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        try:
+            ctx.saved_tensors
+        except RuntimeError as exc:       # the version check: C~ changed since this graph was built
+            raise RuntimeError(
+                "S4 kernel: its stored C~ was rewritten between this forward and its backward (a forward on a "
+                "longer sequence than the kernel's internal length extends it, or double_length()), so this "
+                "graph's gradients belong to the old parameterisation. Run the longest sequence first, or set "
+                "the length before training (kernel(L=max_length), or l_max=max_length)") from exc
+        return grad
+
+
 def _identity_minus_power(A: Tensor, L: int) -> Tensor:
     """I - A^L  (A: (H, N, N) float64)."""
     return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) - hippo.power(L, A)
@@ -188,7 +213,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
         rep = self.d_model // w.shape[0]
         if rep > 1:
             w, P, B = w.repeat(rep, 1), P.repeat(1, rep, 1), B.repeat(rep, 1)
-        return w, P, B, cx(self.C), torch.exp(self.log_dt.to(real))
+        C = _LengthGuard.apply(self.C) if self.C.requires_grad and torch.is_grad_enabled() else self.C
+        return w, P, B, cx(C), torch.exp(self.log_dt.to(real))
 
     def dense_system(self, rate: float = 1.0) -> Tuple[Tensor, Tensor]:
         """Discretised (A_bar (H, N, N), b_bar (H, N)) in real coordinates, float64, step dt / rate."""
