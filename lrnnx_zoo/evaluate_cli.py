@@ -43,7 +43,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .training import TrainingSetupError, check_device, checkpoint_data, evaluate
     try:
         check_revision_flag(args.src, args.revision)
-        device = check_device(args.device)
+        device = check_device(args.device, cli=True)
         model = from_pretrained(args.src, revision=args.revision, local_files_only=args.local_files_only)
         info = model.checkpoint_info
         data = checkpoint_data(info)

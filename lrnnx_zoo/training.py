@@ -177,9 +177,10 @@ def global_batches(n: int, batch_size: int, epoch: int, seed: int) -> Iterator[T
         yield perm[start:start + batch_size]
 
 
-def check_device(device: Any) -> Optional[str]:
+def check_device(device: Any, cli: bool = False) -> Optional[str]:
     """``device`` as a string if this torch can train on it (None: pick CUDA when available); a bad
-    name is a TrainingSetupError, a CUDA device on a CPU-only torch too."""
+    name is a TrainingSetupError, a CUDA device on a CPU-only torch too. ``cli``: the advice names
+    the ``--device`` flag (it said "use device='cpu' or None" on the command line)."""
     if device is None:
         return None
     if not isinstance(device, (str, torch.device)):
@@ -193,15 +194,16 @@ def check_device(device: Any) -> Optional[str]:
         return str(dev)
     if dev.type != "cuda":
         raise TrainingSetupError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    _check_cuda_index(dev, device)
+    _check_cuda_index(dev, device, cli)
     return str(dev)
 
 
-def _check_cuda_index(dev: torch.device, given: Any) -> None:
+def _check_cuda_index(dev: torch.device, given: Any, cli: bool = False) -> None:
     if not torch.cuda.is_available():
         why = "is built without CUDA" if torch.version.cuda is None else "sees no CUDA GPU"
+        advice = "use --device cpu, or leave --device out" if cli else "use device='cpu' or None"
         raise TrainingSetupError(f"device {str(given)!r} asked for a GPU, but this torch ({torch.__version__}) {why}; "
-                                 "use device='cpu' or None")
+                                 f"{advice}")
     count = torch.cuda.device_count()
     if dev.index is not None and dev.index >= count:
         raise TrainingSetupError(f"device {str(given)!r}: expected an index in [0, {count - 1}] "

@@ -98,3 +98,12 @@ def test_a_damaged_recorded_data_spec_is_reported_in_one_line(tmp_path, capsys, 
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     assert cli_main(["evaluate", str(folder)]) == 2
     assert capsys.readouterr().err == f"lrnnx-zoo evaluate: {message}\n"
+
+
+def test_a_gpu_on_a_cpu_only_torch_is_refused_in_the_flags_words(capsys, monkeypatch):
+    # the advice read "use device='cpu' or None", Python's words, on the command line
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli_main(["evaluate", "digits-lru", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "use --device cpu, or leave --device out" in err and "device='cpu'" not in err, err
