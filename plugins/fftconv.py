@@ -70,10 +70,10 @@ def pack_state(form: StepForm, state: Tensor, kernel: Optional[SSMKernel] = None
       complex (or real, for a real diagonal system: zero imaginary parts);
     - :class:`ChannelDenseStepForm`: channel by channel, [Re x[h], Im x[h]] for a complex state
       (n = 2S per channel) or x[h] for a real one (n = S).
-    A kernel with another layout provides ``pack_state(state)`` / ``unpack_state(s)`` itself.
+    A kernel with another layout provides ``pack_state(state, form)`` / ``unpack_state(s, form)`` itself.
     """
     if kernel is not None and hasattr(kernel, "pack_state"):
-        return kernel.pack_state(state)
+        return kernel.pack_state(state, form)
     form = form.form if isinstance(form, _SkipStepForm) else form
     B = state.shape[0]
     if isinstance(form, ChannelDiagonalStepForm):
@@ -90,7 +90,7 @@ def pack_state(form: StepForm, state: Tensor, kernel: Optional[SSMKernel] = None
 def unpack_state(form: StepForm, s: Tensor, like: Tensor, kernel: Optional[SSMKernel] = None) -> Tensor:
     """Inverse of :func:`pack_state`: s: (B, state_size) -> a state shaped and typed like ``like``."""
     if kernel is not None and hasattr(kernel, "unpack_state"):
-        return kernel.unpack_state(s)
+        return kernel.unpack_state(s, form)
     form = form.form if isinstance(form, _SkipStepForm) else form
     B = s.shape[0]
     if isinstance(form, ChannelDiagonalStepForm):

@@ -424,3 +424,21 @@ def test_setup_step_leaves_the_state_dict_alone():
     assert set(m.state_dict()) == keys and y.shape == (3, 8)
     FFTConvS4(4, channels=2, d_state=4).load_state_dict(m.state_dict())     # strict, both ways
     m.load_state_dict(FFTConvS4(4, channels=2, d_state=4).state_dict())
+
+
+@torch.no_grad()
+def test_s4_kernel_states_pack_for_the_form_they_are_stepped_with():
+    # FFTConvS4(kernel_type="s4") packed kernel states with the layout of whichever step form its
+    # kernel built last: a kernel.step_form("dense") call mid-stream (same state size as the linear
+    # form in use) made the next steps read the state in the wrong layout, 0.29 off, silently.
+    torch.manual_seed(0)
+    m = FFTConvS4(3, kernel_type="s4", transposed=False, param_config={"d_state": 8}).eval()
+    x = torch.randn(2, 30, 3)
+    y, _ = m(x)
+    state, ys = m.default_state(2), []
+    for t in range(30):
+        if t == 10:
+            m.kernel.step_form("dense")
+        y_t, state = m.step(x[:, t], state)
+        ys.append(y_t)
+    assert (torch.stack(ys, 1) - y).abs().max() < 1e-5

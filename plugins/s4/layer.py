@@ -268,9 +268,9 @@ class S4Layer(LTI_LRNN):
         return self.kernel.step_form("auto", D=self.D.unsqueeze(0))
 
     def final_step_state(self, u: Tensor, lengths: Optional[Tensor], form: nn.Module) -> Tensor:
-        """The kernel's state passing (dense, float64), in the layout of the form step_form() built
-        last (``kernel.pack_state``: dense, DPLR or eigen-coordinates)."""
-        return self.kernel.pack_state(final_kernel_state(self.kernel, u, lengths))
+        """The kernel's state passing (dense, float64), in ``form``'s layout (``kernel.pack_state``:
+        dense, DPLR or eigen-coordinates)."""
+        return self.kernel.pack_state(final_kernel_state(self.kernel, u, lengths), form)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_state={self.d_state}, bidirectional={self.bidirectional}"

@@ -64,20 +64,26 @@ class StepModes:
                 # the dtype, so a float64 layer keeps the exact linear / dense form where float32 would not do.
                 precision = build_dtype() if mode == "diagonal" else torch.float32
                 form, _, V = diagonal_form(A_bar, b_bar, dense.output_row(C), D, tol=limit, precision=precision)
-                self._basis, self._built = V, "diagonal"
-                return form
+                return self._built_form(form, "diagonal", V)
             except DiagonalAccuracyError:
                 if mode == "diagonal":
                     raise
             mode = "linear" if self.discretization == "bilinear" else "dense"
         if mode == "linear":
             w, P, B, _, dt = self.continuous(double=True)
-            self._built = "linear"
-            return linear_form(w, P, B, C, dt, D)
+            return self._built_form(linear_form(w, P, B, C, dt, D), "linear")
         if A_bar is None:
             A_bar, b_bar = self.dense_system()
-        self._built = "dense"
-        return dense_form(A_bar, b_bar, dense.output_row(C), D)
+        return self._built_form(dense_form(A_bar, b_bar, dense.output_row(C), D), "dense")
+
+    def _built_form(self, form: StepForm, built: str, basis: Optional[Tensor] = None) -> StepForm:
+        """Remember the state layout of the form just built, on the kernel (the last built: setup_step
+        and :meth:`step` use it) and on the form itself, so that :meth:`pack_state` given the form
+        packs for that form even after another one was built (FFTConvS4 and the S4 layer keep theirs;
+        a user's kernel.step_form('dense') in between made them pack in the dense layout)."""
+        self._basis, self._built = basis, built
+        object.__setattr__(form, "_nplr_layout", (built, basis))
+        return form
 
     def _apply(self, fn, recurse=True):
         """Module._apply (behind .to(), .cuda(), .double(), ...), also taking the step form
@@ -148,26 +154,33 @@ class StepModes:
             nxt = unpack_modes(s, self.d_model).reshape(state.shape)
         return y.reshape(Bsz, self.channels, self.d_model), nxt
 
-    def pack_state(self, state: Tensor) -> Tensor:
-        """Kernel state (B, H, N/2) -> real state (B, state_size) of the step form built last."""
+    def _layout(self, form: Optional[StepForm], device: torch.device) -> Tuple[Optional[str], Optional[Tensor]]:
+        """(mode, eigenbasis) of ``form`` (as :meth:`_built_form` tagged it), else of the form built last."""
+        built, basis = getattr(form, "_nplr_layout", None) or (self._built, self._basis)
+        return built, (None if basis is None else basis.to(device))
+
+    def pack_state(self, state: Tensor, form: Optional[StepForm] = None) -> Tensor:
+        """Kernel state (B, H, N/2) -> real state (B, state_size) of ``form`` (default: the form built last)."""
         Bsz = state.shape[0]
-        if self._built == "linear":                                           # [Re x; Im x], channels last
+        built, basis = self._layout(form, state.device)
+        if built == "linear":                                                 # [Re x; Im x], channels last
             return pack_modes(state).to(self._real_dtype)
         r = dense.to_real(state)                                              # (B, H, N)
-        if self._basis is None:                                               # dense: [h][Re x, Im x]
+        if basis is None:                                                     # dense: [h][Re x, Im x]
             return r.reshape(Bsz, -1).to(self._real_dtype)
-        z = torch.linalg.solve(self._basis, r.to(self._basis.dtype).unsqueeze(-1)).squeeze(-1)   # V^{-1} r
+        z = torch.linalg.solve(basis, r.to(basis.dtype).unsqueeze(-1)).squeeze(-1)   # V^{-1} r
         return pack_modes(z).to(self._real_dtype)
 
-    def unpack_state(self, s: Tensor) -> Tensor:
+    def unpack_state(self, s: Tensor, form: Optional[StepForm] = None) -> Tensor:
         """Inverse of :meth:`pack_state`: (B, state_size) -> (B, H, N/2) (:attr:`state_dtype`)."""
         Bsz, H, N = s.shape[0], self.d_model, self.d_state
-        if self._built == "linear":
+        built, basis = self._layout(form, s.device)
+        if built == "linear":
             return unpack_modes(s, H).to(self.state_dtype)
-        if self._basis is None:
+        if basis is None:
             return dense.from_real(s.reshape(Bsz, H, N)).to(self.state_dtype)
-        z = unpack_modes(s, H).to(self._basis.dtype)
-        r = (self._basis @ z.unsqueeze(-1)).squeeze(-1).real
+        z = unpack_modes(s, H).to(basis.dtype)
+        r = (basis @ z.unsqueeze(-1)).squeeze(-1).real
         return dense.from_real(r).to(self.state_dtype)
 
     @property
