@@ -256,9 +256,10 @@ class SequenceModel(HubMixin, nn.Module):
             cache["t"] = h.shape[1]
         else:
             cache["t"] = torch.as_tensor(lengths, device=h.device).unsqueeze(-1).to(h.dtype)
-        if h.shape[1]:
-            cache["pool_mean"] = self._pooled(h, lengths, "mean")
-        return self._readout(h, lengths), cache
+        if self.config.pooling != "mean":     # the running mean only feeds mean pooling's steps
+            return self._readout(h, lengths), cache
+        cache["pool_mean"] = self._pooled(h, lengths, "mean")    # _check_sequence refused empty sequences
+        return self.decoder(cache["pool_mean"]), cache
 
     def _check_sequence(self, x: Tensor, lengths: Optional[Tensor]) -> Tensor:
         """x checked (and a half input under autocast made float32) for forward and prefill."""
