@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import needs_autograd, right_aligned, version_of as _version
-from .step_forms import StepForm
+from .step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm, StepForm
 
 
 def check_rate(rate: Any, who: str) -> None:
@@ -48,6 +48,51 @@ def final_kernel_state(kernel: "SSMKernel", u: Tensor, lengths: Optional[Tensor]
     (:func:`~lrnnx_zoo.base.right_aligned`). What a layer's ``final_step_state`` packs (prefill)."""
     u = right_aligned(u, lengths).transpose(1, 2)
     return kernel.forward_state(u, kernel.default_state(u.shape[0]).to(u.device))
+
+
+def kernel_final_step_state(kernel: "SSMKernel", form: nn.Module, u: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """:func:`final_kernel_state` packed into ``form``'s state (B, state_size) (:func:`pack_kernel_state`):
+    the ``final_step_state`` (prefill) of a layer whose step form is its kernel's."""
+    return pack_kernel_state(form, final_kernel_state(kernel, u, lengths), kernel)
+
+
+def pack_kernel_state(form: nn.Module, state: Tensor, kernel: Optional["SSMKernel"] = None) -> Tensor:
+    """A kernel's state (B, H, S) as its step form's real state (B, state_size).
+
+    - :class:`~lrnnx_zoo.step_forms.ChannelDiagonalStepForm`: its ``pack`` of x: (B, H, S) complex
+      (or real, for a real diagonal system: zero imaginary parts);
+    - :class:`~lrnnx_zoo.step_forms.ChannelDenseStepForm`: channel by channel, [Re x[h], Im x[h]]
+      for a complex state (n = 2S per channel) or x[h] for a real one (n = S).
+    A kernel with another layout provides ``pack_state(state, form)`` / ``unpack_state(s, form)`` itself.
+    """
+    if kernel is not None and hasattr(kernel, "pack_state"):
+        return kernel.pack_state(state, form)
+    B = state.shape[0]
+    if isinstance(form, ChannelDiagonalStepForm):
+        return form.pack(state).to(form.lam_re.dtype)
+    if isinstance(form, ChannelDenseStepForm):
+        if state.is_complex():
+            return torch.cat([state.real, state.imag], -1).reshape(B, -1).to(form.B.dtype)
+        return state.reshape(B, -1).to(form.B.dtype)
+    raise TypeError(f"cannot map a kernel state of shape {tuple(state.shape)} onto a {type(form).__name__}: "
+                    f"pass the step form's real state of shape (batch, {form.state_size}) instead, or give "
+                    f"the kernel pack_state/unpack_state methods")
+
+
+def unpack_kernel_state(form: nn.Module, s: Tensor, like: Tensor, kernel: Optional["SSMKernel"] = None) -> Tensor:
+    """Inverse of :func:`pack_kernel_state`: s: (B, state_size) -> a state shaped and typed like ``like``."""
+    if kernel is not None and hasattr(kernel, "unpack_state"):
+        return kernel.unpack_state(s, form)
+    B = s.shape[0]
+    if isinstance(form, ChannelDiagonalStepForm):
+        x = form.unpack(s, form.H)
+        return (x if like.is_complex() else x.real).reshape(like.shape).to(like.dtype)  # real: Im stays 0
+    if isinstance(form, ChannelDenseStepForm):
+        if like.is_complex():
+            x = s.reshape(B, form.H, 2, -1)
+            return torch.complex(x[:, :, 0], x[:, :, 1]).reshape(like.shape).to(like.dtype)
+        return s.reshape(like.shape).to(like.dtype)
+    raise TypeError(f"cannot map a {type(form).__name__} state back to the kernel's layout")
 
 
 class SSMKernel(nn.Module):

@@ -39,9 +39,9 @@ from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_parameter_dtype, che
                             float32_under_autocast, mask_lengths_of_one_stream, mask_padding, needs_autograd, weights_and_versions)
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, reversed_spectrum
 from lrnnx_zoo.registry import get_backend
-from lrnnx_zoo.ssm_kernel import SSMKernel, final_kernel_state
-from lrnnx_zoo.step_forms import (ChannelDenseStepForm, ChannelDiagonalStepForm, SequentialStepForm,
-                                  StepForm, step_form_dtype, stored)
+from lrnnx_zoo.ssm_kernel import (SSMKernel, kernel_final_step_state, pack_kernel_state,
+                                  unpack_kernel_state)
+from lrnnx_zoo.step_forms import SequentialStepForm, StepForm, step_form_dtype, stored
 
 __all__ = ["FFTConvS4", "FFTConvLayer", "pack_state", "unpack_state", "flip_within_lengths"]
 
@@ -64,44 +64,18 @@ def flip_within_lengths(u: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
 
 
 def pack_state(form: StepForm, state: Tensor, kernel: Optional[SSMKernel] = None) -> Tensor:
-    """The kernel's state (B, H, S) as the step form's real state (B, state_size).
-
-    - :class:`ChannelDiagonalStepForm`: its :meth:`~ChannelDiagonalStepForm.pack` of x: (B, H, S)
-      complex (or real, for a real diagonal system: zero imaginary parts);
-    - :class:`ChannelDenseStepForm`: channel by channel, [Re x[h], Im x[h]] for a complex state
-      (n = 2S per channel) or x[h] for a real one (n = S).
-    A kernel with another layout provides ``pack_state(state, form)`` / ``unpack_state(s, form)`` itself.
-    """
-    if kernel is not None and hasattr(kernel, "pack_state"):
-        return kernel.pack_state(state, form)
-    form = form.form if isinstance(form, _SkipStepForm) else form
-    B = state.shape[0]
-    if isinstance(form, ChannelDiagonalStepForm):
-        return form.pack(state).to(form.lam_re.dtype)
-    if isinstance(form, ChannelDenseStepForm):
-        if state.is_complex():
-            return torch.cat([state.real, state.imag], -1).reshape(B, -1).to(form.B.dtype)
-        return state.reshape(B, -1).to(form.B.dtype)
-    raise TypeError(f"cannot map a kernel state of shape {tuple(state.shape)} onto a {type(form).__name__}: "
-                    f"pass the step form's real state of shape (batch, {form.state_size}) instead, or give "
-                    f"the kernel pack_state/unpack_state methods")
+    """The kernel's state (B, H, S) as the step form's real state (B, state_size)
+    (:func:`~lrnnx_zoo.ssm_kernel.pack_kernel_state`, through the skip term this block may add)."""
+    return pack_kernel_state(_without_skip(form), state, kernel)
 
 
 def unpack_state(form: StepForm, s: Tensor, like: Tensor, kernel: Optional[SSMKernel] = None) -> Tensor:
     """Inverse of :func:`pack_state`: s: (B, state_size) -> a state shaped and typed like ``like``."""
-    if kernel is not None and hasattr(kernel, "unpack_state"):
-        return kernel.unpack_state(s, form)
-    form = form.form if isinstance(form, _SkipStepForm) else form
-    B = s.shape[0]
-    if isinstance(form, ChannelDiagonalStepForm):
-        x = form.unpack(s, form.H)
-        return (x if like.is_complex() else x.real).reshape(like.shape).to(like.dtype)  # real: Im stays 0
-    if isinstance(form, ChannelDenseStepForm):
-        if like.is_complex():
-            x = s.reshape(B, form.H, 2, -1)
-            return torch.complex(x[:, :, 0], x[:, :, 1]).reshape(like.shape).to(like.dtype)
-        return s.reshape(like.shape).to(like.dtype)
-    raise TypeError(f"cannot map a {type(form).__name__} state back to the kernel's layout")
+    return unpack_kernel_state(_without_skip(form), s, like, kernel)
+
+
+def _without_skip(form: StepForm) -> StepForm:
+    return form.form if isinstance(form, _SkipStepForm) else form
 
 
 class _SkipStepForm(StepForm):
@@ -422,7 +396,7 @@ class FFTConvLayer(LTI_LRNN):
         """The kernel's state passing (one pass over u), packed for the kernel's step form (the
         first part of ``form`` when a channel mix follows it)."""
         core = form.parts[0] if isinstance(form, SequentialStepForm) else form
-        return pack_state(core, final_kernel_state(self.conv.kernel, u, lengths), self.conv.kernel)
+        return kernel_final_step_state(self.conv.kernel, _without_skip(core), u, lengths)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_state={self.d_state}, mix={self.mix is not None}"

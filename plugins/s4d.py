@@ -26,8 +26,8 @@ from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vander
 from lrnnx_zoo.modal import channel_final_state, channel_kernel
 from lrnnx_zoo.discretization import get_discretization
 from lrnnx_zoo.registry import get_backend, get_initializer
-from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, final_kernel_state
-from lrnnx_zoo.step_forms import ChannelDiagonalStepForm, pack_modes
+from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, kernel_final_step_state
+from lrnnx_zoo.step_forms import ChannelDiagonalStepForm
 
 
 # -- initializers: fn(H, N_half) -> (A (H, N_half) complex128, B (H, N_half) complex128) ----------
@@ -206,8 +206,8 @@ class S4D(LTI_LRNN):
         return self.kernel.step_form(self.D.unsqueeze(0))
 
     def final_step_state(self, u: Tensor, lengths: Optional[Tensor], form: nn.Module) -> Tensor:
-        """The kernel's state passing (one pass over u), in the step form's layout (:func:`pack_modes`)."""
-        return pack_modes(final_kernel_state(self.kernel, u, lengths))
+        """The kernel's state passing (one pass over u), in the step form's layout."""
+        return kernel_final_step_state(self.kernel, form, u, lengths)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_state={self.d_state}, discretization={self.discretization!r}"

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_sizes, float32_under_autocast, mask_lengths_of_one_stream,
                             mask_padding, needs_autograd)
 from lrnnx_zoo.convolution import blocked_channel_conv, circular_conv, fast_fft_size, reversed_spectrum
-from lrnnx_zoo.ssm_kernel import check_rate, final_kernel_state
+from lrnnx_zoo.ssm_kernel import check_rate, kernel_final_step_state
 from lrnnx_zoo.step_forms import StepForm
 
 from . import dense
@@ -270,7 +270,7 @@ class S4Layer(LTI_LRNN):
     def final_step_state(self, u: Tensor, lengths: Optional[Tensor], form: nn.Module) -> Tensor:
         """The kernel's state passing (dense, float64), in ``form``'s layout (``kernel.pack_state``:
         dense, DPLR or eigen-coordinates)."""
-        return self.kernel.pack_state(final_kernel_state(self.kernel, u, lengths), form)
+        return kernel_final_step_state(self.kernel, form, u, lengths)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_state={self.d_state}, bidirectional={self.bidirectional}"
