@@ -255,13 +255,11 @@ def _check_repo_not_overwriting(api: Any, repo_id: str, kept: str) -> None:
     """Refuse to push into a repo whose config.json is not an earlier export's (an lrnnx-zoo checkpoint,
     another library's model): the upload replaced its config.json and README.md, and the checkpoint
     in it no longer loaded. The Hub mirror of :func:`_check_not_overwriting`."""
-    from lrnnx_zoo.hub_save import HubPublishError
+    from lrnnx_zoo.hub_save import HubPublishError, kept_sentence, repo_config_file
 
-    if CONFIG_FILE not in api.list_repo_files(repo_id):
-        return
-    config = _export_config(Path(api.hf_hub_download(repo_id, CONFIG_FILE)))
-    if config is None:
+    local = repo_config_file(api, repo_id)
+    if local is not None and _export_config(local) is None:
         raise HubPublishError(f"refusing to upload to {repo_id!r}: its {CONFIG_FILE} does not come from "
                               f"`lrnnx-zoo export` (an lrnnx-zoo checkpoint, or another model), and the export's "
                               f"{CONFIG_FILE} and {CARD_FILE} would replace it. Push to another repo, e.g. "
-                              f"{repo_id + '-export'!r}. {kept[:1].upper() + kept[1:]}.")
+                              f"{repo_id + '-export'!r}. {kept_sentence(kept)}")

@@ -191,12 +191,12 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         fix = ("log in (`hf auth login`) or pass token= with write access to that namespace"
                if status in (401, 403) else "the Hub's message says why")
-        raise HubPublishError(f"could not {where}: HTTP {status}: {reason}; {fix}. {kept[:1].upper() + kept[1:]}.") from exc
+        raise HubPublishError(f"could not {where}: HTTP {status}: {reason}; {fix}. {kept_sentence(kept)}") from exc
     except HTTPError as exc:  # transport: refused, unresolvable host, timed out
         raise HubPublishError(
             f"could not {where}: the Hub could not be reached ({type(exc).__name__}: {exc}; each request waits "
             f"at most {hub_timeout():g} s, set by HF_HUB_ETAG_TIMEOUT); check your connection, or HF_ENDPOINT. "
-            f"{kept[:1].upper() + kept[1:]}.") from exc
+            f"{kept_sentence(kept)}") from exc
 
 
 def check_repo_id(repo_id: Any, what: str = "repo_id") -> None:
@@ -239,19 +239,31 @@ def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None
                                  commit_message=message, revision=revision)
 
 
+def repo_config_file(api: Any, repo_id: str, revision: Optional[str] = None) -> Optional[Path]:
+    """The local copy of ``repo_id``'s config.json (at ``revision``), or None when it has none: what
+    a push checks before it replaces a repo's config.json and card."""
+    if CONFIG_NAME not in api.list_repo_files(repo_id, revision=revision):
+        return None
+    return Path(api.hf_hub_download(repo_id, CONFIG_NAME, revision=revision))
+
+
+def kept_sentence(kept: str) -> str:
+    """``kept`` (what the user still has) as the closing sentence of an error message."""
+    return f"{kept[:1].upper() + kept[1:]}."
+
+
 def _check_repo_holds_no_other_model(api: Any, repo_id: str, revision: Optional[str], kept: str) -> None:
     """Refuse to upload a checkpoint over a repo (at ``revision``) whose config.json is an export's or
     another library's: the upload replaced its config.json and card and left its other files (a step
     graph, another model's weights) beside them. The Hub mirror of :func:`check_save_target`."""
-    if CONFIG_NAME not in api.list_repo_files(repo_id, revision=revision):
-        return
-    foreign = _foreign_config(Path(api.hf_hub_download(repo_id, CONFIG_NAME, revision=revision)))
+    config = repo_config_file(api, repo_id, revision)
+    foreign = None if config is None else _foreign_config(config)
     if foreign:
         where = repo_id if revision in (None, "main") else f"{repo_id}@{revision}"
         raise HubPublishError(f"refusing to upload a checkpoint to {where!r}: it holds {foreign}, and the "
                               f"checkpoint's {CONFIG_NAME} and {CARD_NAME} would replace it. Expected a new repo "
                               f"or an lrnnx-zoo checkpoint's; push to another repo, e.g. {repo_id + '-checkpoint'!r}. "
-                              f"{kept[:1].upper() + kept[1:]}.")
+                              f"{kept_sentence(kept)}")
 
 
 #: config.json's provenance fields, which save_pretrained / push_to_hub write into the card.
