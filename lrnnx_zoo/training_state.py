@@ -188,13 +188,14 @@ def read_snapshot(folder: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
         raise SnapshotError(f"the snapshot {folder} has format version {record.get('format_version')!r}; this "
                             f"lrnnx-zoo {__version__} reads version {FORMAT_VERSION}: resume it with the lrnnx-zoo "
                             f"{record.get('library_version')} that wrote it")
-    digest = _sha256(tensors_file)
+    data = tensors_file.read_bytes()        # hashed and parsed from one read
+    digest = hashlib.sha256(data).hexdigest()
     if digest != record.get("sha256"):
         raise SnapshotError(f"the snapshot {folder} is damaged: {TENSORS_NAME} has sha256 {digest[:16]}..., "
                             f"{STATE_NAME} records {str(record.get('sha256'))[:16]}... (truncated or changed "
                             "after it was written)")
     try:
-        tensors = safetensors.torch.load_file(str(tensors_file))
+        tensors = safetensors.torch.load(data)
     except Exception as exc:        # safetensors raises its own error types for a bad header
         raise SnapshotError(f"the snapshot {folder} is damaged: {TENSORS_NAME} cannot be read ({exc})") from None
     return tensors, record
