@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Any, Dict, List, Optional
 
 from lrnnx_zoo.hub import loadable_source
+
+from .onnx_export import DEFAULT_OPSET
 
 _TAGS = {"onnx": ["onnx"], "torchscript": ["torchscript"], "torch-export": ["torch-export"]}
 
@@ -24,18 +27,31 @@ def _fixed_batch(config: Dict[str, Any]) -> Optional[int]:
     return config["batch"] if isinstance(config.get("batch"), int) else None
 
 
-def _made_with(config: Dict[str, Any]) -> str:
-    """The export_folder call that remakes this folder: its first argument is something
-    from_pretrained loads (a shipped name, a Hub repo id at its commit, a folder path)."""
+def _made_with(config: Dict[str, Any]) -> List[str]:
+    """The command and the export_folder call that remake this folder (from a folder named
+    ``out``): the source is something from_pretrained loads (a shipped name, a Hub repo id at its
+    commit, a folder path), and every setting that differs from the defaults is spelled out."""
+    from .folder import FOLDER_VALIDATION_LENGTH     # folder imports this module
+
     src = config.get("source_checkpoint") or {}
-    args = [repr(loadable_source(src) or "<your checkpoint>"), "'out'", f"format={config['format']!r}"]
-    if src.get("repo_id") and (src.get("commit") or src.get("revision")):
-        args.append(f"revision={(src.get('commit') or src.get('revision'))!r}")
-    if _fixed_batch(config):
-        args.append(f"batch={_fixed_batch(config)}")
-    if config.get("quantization"):
-        args.append("quantize='int8'")
-    return f"export_folder({', '.join(args)})"
+    loadable = loadable_source(src)
+    revision = (src.get("commit") or src.get("revision")) if src.get("repo_id") else None
+    opset = config.get("opset") if config["format"] == "onnx" and config.get("opset") != DEFAULT_OPSET else None
+    length = (config.get("validation") or {}).get("length")
+    length = length if length not in (None, FOLDER_VALIDATION_LENGTH) else None
+    settings = [("revision", revision), ("batch", _fixed_batch(config)), ("opset", opset),
+                ("quantize", "int8" if config.get("quantization") else None), ("validation_length", length)]
+    settings = [(k, v) for k, v in settings if v is not None]
+    call = [repr(loadable or "<your checkpoint>"), "'out'", f"format={config['format']!r}"]
+    call += [f"{k}={v!r}" for k, v in settings]
+    python = ["```python", "from lrnnx_zoo.export import export_folder", "",
+              f"export_folder({', '.join(call)})", "```", ""]
+    if loadable is None:      # an in-memory model: only Python can pass it
+        return python
+    flags = [f"--format {config['format']}", "--out out"]
+    flags += [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in settings]
+    return ["```bash", f"lrnnx-zoo export {shlex.quote(loadable)} {' '.join(flags)}", "```", "",
+            "or in Python:", ""] + python
 
 
 def _run_section(config: Dict[str, Any]) -> List[str]:
@@ -80,9 +96,7 @@ def build_card(config: Dict[str, Any]) -> str:
               + (" (the running mean and the step count live in the state: `pool.mean`, `pool.count`)." if pooling == "mean" else ".")), ""]
     if config.get("task") or config.get("metrics"):
         out += [f"Task: {config.get('task')}. Checkpoint metrics: `{json.dumps(config.get('metrics'))}`.", ""]
-    out += ["## How it was made", "",
-            "```python", "from lrnnx_zoo.export import export_folder", "",
-            _made_with(config), "```", ""]
+    out += ["## How it was made", ""] + _made_with(config)
     if v:
         what = "The float32 graph was validated before int8 quantisation" if q else "Validated before writing"
         out += [f"{what}: streamed {v['length']} steps (batch {v['batch']}, {v['sequence']} "

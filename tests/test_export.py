@@ -529,11 +529,46 @@ def test_export_card_snippets_are_runnable(tmp_path):
     done = export_folder("forecast-sunspots-s4d", tmp_path / "card", format="onnx", batch=2, latency_steps=0)
     card = (tmp_path / "card" / "README.md").read_text()
     assert "export_folder('forecast-sunspots-s4d', 'out', format='onnx', batch=2)" in card
+    assert "lrnnx-zoo export forecast-sunspots-s4d --format onnx --out out --batch 2\n" in card
     assert "streamer.reset(batch=2)" in card and "(x [2, " in card
     assert done.result.validation.sequence == "default"
     import re as _re
     snippet = _re.search(r"With lrnnx-zoo's streamer.*?```python\n(.*?)```", card, _re.S).group(1)
     exec(snippet.replace('"model.onnx"', repr(str(tmp_path / "card" / "model.onnx"))), {})
+
+
+def test_export_card_remakes_its_folder(tmp_path, monkeypatch):
+    # The card recorded only an export_folder call, and without opset or validation_length: a
+    # folder made by `lrnnx-zoo export ... --opset 17` said how to remake a different one. Its
+    # command and its call, run as written, make folders with the same settings.
+    import shlex
+    from lrnnx_zoo.cli import main
+    export_folder("forecast-sunspots-s4d", tmp_path / "first", format="onnx", batch=2, opset=17,
+                  validation_length=64, latency_steps=0)
+    card = (tmp_path / "first" / "README.md").read_text()
+    command = re.search(r"```bash\n(lrnnx-zoo export .*)\n```", card).group(1)
+    call = re.search(r"(export_folder\(.*\))\n```", card).group(1)
+    assert "--opset 17" in command and "--validation-length 64" in command and "opset=17" in call
+    monkeypatch.chdir(tmp_path / "first")
+    assert main(shlex.split(command)[1:] + ["--latency-steps", "0"]) == 0
+    monkeypatch.chdir(tmp_path)
+    eval(call[:-1] + ", latency_steps=0)", {"export_folder": export_folder})
+
+    def settings(folder: Path) -> dict:
+        c = json.loads((folder / "config.json").read_text())
+        return {k: c[k] for k in ("format", "batch", "opset", "quantization", "source")} | {
+            "length": c["validation"]["length"]}
+    first = settings(tmp_path / "first")
+    assert first["opset"] == 17 and first["length"] == 64 and first["batch"] == 2
+    assert settings(tmp_path / "first" / "out") == first and settings(tmp_path / "out") == first
+
+
+def test_export_card_of_an_in_memory_model_gives_the_call_only(tmp_path):
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="lru", d_input=2, d_output=2, d_model=8,
+                                                          n_layers=1, layer_kwargs={"d_state": 4}))
+    export_folder(model, tmp_path / "m", format="torchscript", latency_steps=0)
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "export_folder('<your checkpoint>', 'out', format='torchscript')" in card and "```bash" not in card
 
 
 def test_failed_push_keeps_the_export_and_says_so(digits_checkpoint, tmp_path, monkeypatch, capsys):
