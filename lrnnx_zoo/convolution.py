@@ -51,6 +51,14 @@ def conv_size(L: int, Lk: int) -> int:
     return fast_fft_size(L + Lk - 1)
 
 
+def kernel_taps(L: int, l_max: Optional[int], rate: float = 1.0) -> int:
+    """Taps of a layer's kernel on an L-step input sampled at ``rate``: all L for a global kernel
+    (l_max None); else the taps that span l_max steps' duration at rate 1, round(l_max * rate)
+    (the kernel runs at dt / rate, so at rate 0.5 each step covers twice the time), at least the
+    lag-0 tap and at most L. S4 and FFTConvS4 share it, so one kernel means one window in both."""
+    return L if l_max is None else min(L, max(1, round(l_max * rate)))
+
+
 def causal_conv(u: Tensor, K: Tensor, dim: int = -1, length: Optional[int] = None) -> Tensor:
     """Causal convolution along ``dim``: y_t = sum_{j<=t} K_j u_{t-j}, truncated to the signal.
 

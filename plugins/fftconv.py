@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_parameter_dtype, check_sizes, current_form,
                             float32_under_autocast, mask_lengths_of_one_stream, mask_padding, needs_autograd, weights_and_versions)
-from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, reversed_spectrum
+from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, kernel_taps, reversed_spectrum
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import (SSMKernel, kernel_final_step_state, pack_kernel_state,
                                   unpack_kernel_state)
@@ -99,7 +99,8 @@ class FFTConvS4(nn.Module):
     Args:
         d_model: H input channels.
         l_max: kernel length. None: a global kernel as long as each input. An int: a kernel of
-            that length; shorter than the input it is a finite-window convolution (steps and state
+            that length at rate 1, of the same duration at other rates (round(l_max * rate) taps, as
+            S4's); shorter than the input it is a finite-window convolution (steps and state
             passing then no longer agree with it past l_max, so state passing refuses it).
         channels: C outputs per input channel; the output has C*H channels.
         swap_channels: flatten the (C, H) output H-major (h*C + c) instead of channel-major (c*H + h).
@@ -179,7 +180,7 @@ class FFTConvS4(nn.Module):
                 got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
                 raise ValueError(f"FFTConvS4 expects a state of shape (batch, H, S) = {expected}, as "
                                  f"default_state({B}) makes it, got {got}")
-        Lk = L if self.L is None else min(self.L, L)
+        Lk = kernel_taps(L, self.L, rate)
         if self._inference_conv(x, state, lengths):
             return self._blocked_forward(x, L, Lk, rate), None
         K, K_state = self.kernel(L=Lk, rate=rate, state=state)                 # (C', H, Lk)

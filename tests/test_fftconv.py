@@ -114,6 +114,25 @@ def test_rate(kind):
     assert rel_err(K_half, K_dt2) < 1e-5 and rel_err(y_half, y_dt2) < 1e-5
 
 
+@pytest.mark.parametrize("rate", [0.5, 2.0])
+def test_finite_window_spans_the_same_duration_at_every_rate(rate):
+    # l_max is a duration, as in S4: at rate 0.5 (each step covers twice the time) a 64-tap window
+    # at rate 1 has 32 taps. FFTConvS4 kept 64 taps at every rate, so one kernel in the two blocks
+    # gave different windows. The impulse response is the rate's kernel up to the window, then 0
+    # (float32 rounding of one convolution: 1e-5 of the kernel's largest entry).
+    m = make("s4d", l_max=64)
+    L, taps = 150, round(64 * rate)                                  # 32 or 128 taps
+    x = torch.zeros(1, H, L)
+    x[:, :, 0] = 1.0
+    with torch.no_grad():
+        y = m(x, rate=rate)[0][0]                                     # (H, L)
+        K = m.kernel(L, rate=rate)[0][0]                              # (H, L)
+    expected = torch.cat([K[:, :taps], torch.zeros(H, L - taps)], 1)
+    expected[:, 0] += m.D[0].detach()
+    assert rel_err(y, expected) < 1e-5
+    assert y[:, taps:].abs().max() < 1e-5 * K.abs().max()
+
+
 @pytest.mark.parametrize("rate", [0.0, -0.5, math.nan, math.inf])
 @pytest.mark.parametrize("kind", KERNELS)
 def test_rate_must_be_finite_and_positive(kind, rate):

@@ -268,7 +268,9 @@ def test_fftconv_block_matches_the_loop(c):
     y = y.reshape(Bs, H, C, L).transpose(1, 2) if c["swap"] else y.reshape(Bs, C, H, L)
 
     uu = masked(u, lengths)
-    K = impulse_response(system_of(m.kernel, c["rate"]), L if c["l_max"] is None else min(c["l_max"], L))
+    # a finite window spans l_max steps' duration at rate 1: round(l_max * rate) taps (as S4's, below)
+    taps = L if c["l_max"] is None else min(L, max(1, round(c["l_max"] * c["rate"])))
+    K = impulse_response(system_of(m.kernel, c["rate"]), taps)
     ref = direct_conv(uu, K[:C]) + m.D.detach().double()[None, :, :, None] * uu.unsqueeze(1)
     if c["bidirectional"]:                        # y[t] += sum_{j >= t} K1[j - t] u[j], within each length
         ref = ref + flip_valid(direct_conv(flip_valid(uu, lengths), K[C:]), lengths)
