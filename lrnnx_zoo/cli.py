@@ -15,7 +15,7 @@ import importlib
 
 #: What ``lrnnx-zoo --help`` says (the module docstring above is for people reading this file).
 DESCRIPTION = ("Linear RNN and state-space layers (LRU, S4, S4D, FFTConv) as plugins: see what is installed, "
-               "inspect, train and evaluate checkpoints, export them as streaming step graphs. "
+               "inspect, train, evaluate and publish checkpoints, export them as streaming step graphs. "
                "`lrnnx-zoo COMMAND --help` lists a command's options.")
 
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {}

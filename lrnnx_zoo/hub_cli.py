@@ -1,4 +1,4 @@
-"""CLI: ``lrnnx-zoo models [PATTERN]`` and ``lrnnx-zoo info NAME_OR_PATH`` (checkpoints, not weights)."""
+"""CLI: ``lrnnx-zoo models [PATTERN]``, ``lrnnx-zoo info NAME_OR_PATH`` and ``lrnnx-zoo push SRC REPO``."""
 
 from __future__ import annotations
 
@@ -69,8 +69,39 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    """Publish a checkpoint (what `lrnnx-zoo train --out DIR` wrote, or anything from_pretrained
+    loads) as model.push_to_hub does: loaded first, so a damaged folder is refused before any upload."""
+    from .hub import from_pretrained
+    from .hub_save import HubPublishError, check_repo_id
+
+    try:
+        check_repo_id(args.repo, "REPO")
+        check_revision_flag(args.src, args.revision)
+        if args.branch is not None and not args.branch.strip():
+            raise ValueError("--branch is empty; pass a branch name, or leave it out for main")
+        model = from_pretrained(args.src, revision=args.revision)
+        commit = model.push_to_hub(args.repo, private=args.private, commit_message=args.message,
+                                   revision=args.branch)
+    except (ValueError, HubPublishError) as exc:                 # CheckpointError is a ValueError
+        print(f"lrnnx-zoo push: {exc}", file=sys.stderr)
+        return 2
+    where = args.repo if args.branch in (None, "main") else f"{args.repo}@{args.branch}"
+    print(f"pushed {args.src} to {where}: {getattr(commit, 'commit_url', commit)}")
+    return 0
+
+
+PUSH_DESCRIPTION = """\
+Upload a checkpoint to a Hugging Face Hub model repo (created if missing): config.json,
+model.safetensors and a README.md card naming the repo, with the task, data, metrics and the
+command recorded in config.json. SRC is loaded first (a damaged or foreign folder is refused
+before anything is uploaded); a repo holding an export or another library's model is refused.
+The token is huggingface_hub's (`hf auth login`, or HF_TOKEN). Export folders are
+published with `lrnnx-zoo export SRC --out DIR --push-to-hub REPO`."""
+
+
 def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:
-    """Add ``models`` and ``info`` to the ``lrnnx-zoo`` parser (see lrnnx_zoo.cli)."""
+    """Add ``models``, ``info`` and ``push`` to the ``lrnnx-zoo`` parser (see lrnnx_zoo.cli)."""
     p = sub.add_parser("models", help="checkpoints shipped with the package: name, family, task, headline metric")
     p.add_argument("pattern", nargs="?", default=None, help="fnmatch wildcard ('digits-*') or, without wildcards, a substring ('s4d')")
     p = sub.add_parser("info", help="config and card metrics of a checkpoint (folder, shipped name or Hub repo id)")
@@ -78,4 +109,12 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit id")
     p.add_argument("--local-files-only", action="store_true", help="use the Hub cache only, never download")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    commands.update(models=_cmd_models, info=_cmd_info)
+    p = sub.add_parser("push", help="upload a checkpoint to a Hugging Face Hub repo",
+                       description=PUSH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="checkpoint folder (e.g. train --out DIR), shipped name or Hub repo id")
+    p.add_argument("repo", metavar="REPO", help="Hub repo id to upload to, e.g. org/my-model")
+    p.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")
+    p.add_argument("--branch", default=None, help="upload to this branch (created if missing; default: main)")
+    p.add_argument("--message", default=None, help="commit message")
+    p.add_argument("--revision", default=None, help="revision of a Hub SRC")
+    commands.update(models=_cmd_models, info=_cmd_info, push=_cmd_push)

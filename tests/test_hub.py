@@ -966,3 +966,34 @@ def test_card_counts_its_blocks_in_good_english(tmp_path, n_layers, words):
     # a one-block model's card read "1 residual blocks"
     folder = tiny("lru", n_layers=n_layers).save_pretrained(tmp_path / "ck")
     assert words in (folder / "README.md").read_text()
+
+
+def test_cli_push_publishes_a_trained_folder(local_hub, tmp_path, capsys):
+    # `lrnnx-zoo train --out DIR` wrote a checkpoint the CLI could not publish (Python only):
+    # `lrnnx-zoo push DIR REPO` uploads it with its card fields, to main or a branch.
+    model = tiny("lru", pooling="last")
+    folder = model.save_pretrained(tmp_path / "run", **META)
+    assert cli_main(["push", str(folder), "acme/from-cli", "--message", "first"]) == 0
+    assert "pushed" in capsys.readouterr().out
+    loaded = from_pretrained("acme/from-cli")
+    assert_same_outputs(model, loaded)
+    assert loaded.checkpoint_info["metrics"] == META["metrics"]
+    assert 'from_pretrained("acme/from-cli")' in local_hub.read_file("acme/from-cli", "README.md").decode()
+    assert cli_main(["push", str(folder), "acme/from-cli", "--branch", "dev"]) == 0
+    assert_same_outputs(model, from_pretrained("acme/from-cli", revision="dev"))
+
+
+def test_cli_push_refuses_before_uploading(local_hub, tmp_path, capsys):
+    folder = tiny("s4d").save_pretrained(tmp_path / "ckpt")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-40])                        # truncated
+    local_hub.clear_requests()
+    assert cli_main(["push", str(folder), "acme/broken"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lrnnx-zoo push: ") and "model.safetensors" in err
+    assert cli_main(["push", str(tmp_path / "ckpt"), "not a repo"]) == 2
+    assert "REPO must be a Hub repo id" in capsys.readouterr().err
+    assert cli_main(["push", str(tmp_path / "nowhere"), "acme/x"]) == 2
+    assert cli_main(["push", str(folder), "acme/x", "--revision", "v1"]) == 2
+    assert "--revision applies to Hub repos" in capsys.readouterr().err
+    assert [r for r in local_hub.requests if r.method != "GET"] == []        # nothing created or uploaded
