@@ -331,3 +331,42 @@ def test_entry_points_that_raise_base_exceptions_or_name_no_plugin(tmp_path, mon
     finally:
         monkeypatch.undo()
         lrnnx_zoo.reload_plugins()
+
+
+# -- a third-party author's journey (plugin audit) -----------------------------------------------
+def _starts(line, cells):
+    """The offset in ``line`` of each cell, searched left to right."""
+    starts, pos = [], 0
+    for cell in cells:
+        pos = line.index(cell, pos)
+        starts.append(pos)
+        pos += len(cell)
+    return starts
+
+
+def test_cli_plugins_listing_is_a_table_of_aligned_columns(tmp_path, monkeypatch):
+    # The distribution column was not padded, so the version and module columns wandered with it
+    # ("built-in 0.1.0  (...)" against "lrnnx-realdiag 0.1.0  (...)"), and a plugin name over 12
+    # characters pushed that row's status out of line.
+    root = tmp_path / "site"
+    make_distribution(root, "tp-a-rather-long-distribution", {"tp_long": GOOD_PLUGIN.replace("{layer_name}", "lng")},
+                      {"a_rather_long_plugin_name": "tp_long"}, version="10.20.30")
+    make_distribution(root, "tp-broken", {"tp_broken": BROKEN_IMPORT}, {"broken": "tp_broken"})
+    activate(root, monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    try:
+        lrnnx_zoo.reload_plugins()
+        plugins = lrnnx_zoo.list_plugins()
+        out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "plugins"], capture_output=True, text=True,
+                             env={**__import__("os").environ, "PYTHONPATH": str(root)}, check=True).stdout
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+    rows = [line for line in out.splitlines() if line and not line.startswith(" ")]
+    starts = []
+    for p in plugins:
+        line = next(r for r in rows if r.split()[0] == p.name)
+        origin = "built-in" if p.builtin else p.distribution
+        starts.append(_starts(line, [p.name, "ok" if p.ok else "FAILED", origin, p.version, p.module]))
+    for column in zip(*starts):
+        assert len(set(column)) == 1, out
