@@ -51,12 +51,17 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from .registry import get_registry, list_initializers
+    from .registry import get_registry
     reg = get_registry()
+    rows = [("LAYER", "FROM", "INITIALIZERS")]
     for name in sorted(reg._layers):
-        owners = ", ".join(e.plugin for e in reg._layers[name])
-        inits = [i.split(".", 1)[1] for i in list_initializers(name)]
-        print(f"{name:<10} from {owners}" + (f"   initializers: {', '.join(inits)}" if inits else ""))
+        owners = [e.plugin for e in reg._layers[name]]
+        # an initializer another plugin added is named with it: a checkpoint using it needs that plugin
+        inits = [init if e.plugin in owners else f"{init} ({e.plugin})"
+                 for (layer, init), entries in sorted(reg._initializers.items()) if layer == name for e in entries]
+        rows.append((name, ", ".join(owners), ", ".join(inits) or "-"))
+    for line in aligned(rows):
+        print(line)
     return 0
 
 

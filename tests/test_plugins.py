@@ -144,7 +144,7 @@ def test_cli_lists_plugins_and_failures(third_party):
     assert "pip uninstall tp-broken" in out and "pip uninstall tp-raising" in out
     out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "layers"], capture_output=True, text=True,
                          check=True).stdout
-    assert "lru" in out and "from lru" in out
+    assert re.search(r"^lru +lru +ring$", out, re.M), out       # layer, the plugin it is from, initializers
 
 
 # -- found by a bug bash -------------------------------------------------------------------------
@@ -368,5 +368,36 @@ def test_cli_plugins_listing_is_a_table_of_aligned_columns(tmp_path, monkeypatch
         line = next(r for r in rows if r.split()[0] == p.name)
         origin = "built-in" if p.builtin else p.distribution
         starts.append(_starts(line, [p.name, "ok" if p.ok else "FAILED", origin, p.version, p.module]))
+    for column in zip(*starts):
+        assert len(set(column)) == 1, out
+
+
+EXTRA_S4D_INIT = '''
+import lrnnx_zoo
+from lrnnx_zoo.plugins.s4d import init_lin
+
+
+@lrnnx_zoo.hookimpl
+def lrnnx_zoo_register_initializers(registry):
+    registry.add_initializer("s4d", "slowlin", init_lin)
+'''
+
+
+def test_cli_layers_listing_aligns_and_names_who_added_an_initializer(tmp_path, monkeypatch):
+    # "s4d from s4d initializers: inv, legs, lin, random, real, slowlin": nothing said slowlin came
+    # from a third-party plugin (a checkpoint using it needs that plugin), and the initializers
+    # column moved with the owner's name and with layer names over 10 characters.
+    root = tmp_path / "site"
+    make_distribution(root, "tp-long", {"tp_long": GOOD_PLUGIN.replace("{layer_name}", "a_long_layer_name")},
+                      {"longowner": "tp_long"})
+    make_distribution(root, "tp-init", {"tp_init": EXTRA_S4D_INIT}, {"extra_inits": "tp_init"})
+    activate(root, monkeypatch)
+    out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "layers"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)}, check=True).stdout
+    rows = {line.split()[0]: line for line in out.splitlines()}
+    assert "slowlin (extra_inits)" in rows["s4d"] and "lin," in rows["s4d"], out
+    cells = {"s4d": ["s4d", "s4d", "inv"], "lru": ["lru", "lru", "ring"],
+             "a_long_layer_name": ["a_long_layer_name", "longowner", "flat"]}
+    starts = [_starts(rows[name], c) for name, c in cells.items()]
     for column in zip(*starts):
         assert len(set(column)) == 1, out
