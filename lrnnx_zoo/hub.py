@@ -23,12 +23,13 @@ import json
 import math
 import os
 import stat
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import __version__
-from .registry import DISABLE_AUTOLOAD_ENV, get_registry
+from .registry import DISABLE_AUTOLOAD_ENV, PluginVersionWarning, get_registry, plugin_change
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
     from .models import SequenceModel
@@ -573,6 +574,9 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
 
     config = read_config(folder)
     layer = _layer_name(config, folder / CONFIG_NAME)
+    change = plugin_change(config.get("plugin") or {}, layer)
+    if change:
+        warnings.warn(f"{folder} {change}", PluginVersionWarning, stacklevel=3)
     try:
         model_config = ModelConfig.from_dict({**config["model"], "layer": layer})
         model = SequenceModel(model_config)

@@ -77,6 +77,11 @@ class PluginError(RuntimeError):
     """A plugin failed to load or registered something invalid."""
 
 
+class PluginVersionWarning(UserWarning):
+    """A checkpoint was saved with another distribution or version of a third-party plugin than the
+    one installed now: the same weights may mean something else to it."""
+
+
 @dataclass
 class PluginInfo:
     """What one plugin is and what it registered (``list_plugins`` returns these)."""
@@ -397,6 +402,31 @@ def unregister_plugin(name: str) -> None:
     if plugin is not None:
         _pm.unregister(plugin)
     reg.mark_duplicates()       # a clash this plugin was part of is over
+
+
+def plugin_change(record: Dict[str, Any], layer: str) -> Optional[str]:
+    """How the plugin that now provides ``layer`` differs from ``record``, the {name, distribution,
+    version} a checkpoint was saved with; None when it is the same release, when nothing was
+    recorded, and for the built-in families (their checkpoints are versioned by format_version)."""
+    reg = get_registry()
+    prefix, _, family = layer.rpartition(":")
+    owners = [e.plugin for e in reg._layers.get(family, []) if not prefix or e.plugin == prefix]
+    info = reg.plugins.get(owners[0]) if len(owners) == 1 else None   # else the lookup itself explains
+    dist, version = record.get("distribution"), record.get("version")
+    if info is None or not dist or (dist == BUILTIN_DISTRIBUTION and info.builtin):
+        return None
+    saved = f"{dist} {version or ''}".rstrip()
+    now = f"{info.distribution} {info.version or ''}".rstrip() if info.distribution else "code (register_plugin)"
+    as_saved = f"pip install {dist}=={version}" if version else f"pip install {dist}"
+    if (info.name, info.distribution) != (record.get("name"), dist):
+        return (f"was saved with layer {family!r} from plugin {record.get('name')!r} ({saved}), and it is now built "
+                f"by plugin {info.name!r} from {now}: the same weights may mean something else to it. To load it "
+                f"as saved: {as_saved}; or check the model and re-save it (model.save_pretrained) to record {now}")
+    if info.version != version:
+        return (f"was saved with plugin {info.name!r} from {saved}, and {now} is installed: if that release changed "
+                f"layer {family!r}, the same weights give other outputs. To load it as saved: {as_saved}; or check "
+                f"the model and re-save it (model.save_pretrained) to record {info.version}")
+    return None
 
 
 # -- public helpers ----------------------------------------------------------------------------

@@ -401,3 +401,59 @@ def test_cli_layers_listing_aligns_and_names_who_added_an_initializer(tmp_path, 
     starts = [_starts(rows[name], c) for name, c in cells.items()]
     for column in zip(*starts):
         assert len(set(column)) == 1, out
+
+
+def _save_ema_model(folder):
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="ema", d_input=1, d_output=2, d_model=4, n_layers=1))
+    model.save_pretrained(folder)
+    return model
+
+
+def test_loading_with_another_version_of_the_plugin_warns(tmp_path, monkeypatch):
+    # config.json records the plugin's distribution and version, but a checkpoint saved with
+    # tp-good 1.0.0 loaded under tp-good 2.0.0 without a word: a new release that changed the
+    # layer's parametrisation gives other outputs from the same weights.
+    from lrnnx_zoo.registry import PluginVersionWarning
+    good = GOOD_PLUGIN.replace("{layer_name}", "ema")
+    activate(make_distribution(tmp_path / "v1", "tp-good", {"tp_good": good}, {"ema": "tp_good"}, "1.0.0"), monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    try:
+        lrnnx_zoo.reload_plugins()
+        _save_ema_model(tmp_path / "ck")
+        with __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("error", PluginVersionWarning)
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")                   # the same version: silent
+        activate(make_distribution(tmp_path / "v2", "tp-good", {"tp_good": good}, {"ema": "tp_good"}, "2.0.0"),
+                 monkeypatch)
+        lrnnx_zoo.reload_plugins()
+        assert _plugin("ema").version == "2.0.0"
+        with pytest.warns(PluginVersionWarning) as record:
+            model = lrnnx_zoo.from_pretrained(tmp_path / "ck")
+        msg = str(record[0].message)
+        assert "tp-good 1.0.0" in msg and "tp-good 2.0.0 is installed" in msg, msg
+        assert "pip install tp-good==1.0.0" in msg and "save_pretrained" in msg, msg
+        assert model(torch.randn(1, 5, 1)).shape == (1, 5, 2)            # a warning, not a refusal
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+
+
+def test_loading_a_layer_now_provided_by_another_plugin_warns(tmp_path, monkeypatch):
+    from lrnnx_zoo.registry import PluginVersionWarning
+    good = GOOD_PLUGIN.replace("{layer_name}", "ema")
+    activate(make_distribution(tmp_path / "v1", "tp-good", {"tp_good": good}, {"ema": "tp_good"}, "1.0.0"), monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    try:
+        lrnnx_zoo.reload_plugins()
+        _save_ema_model(tmp_path / "ck")
+        monkeypatch.undo()                                      # tp-good uninstalled, a fork installed
+        activate(make_distribution(tmp_path / "fork", "tp-fork", {"tp_fork": good}, {"ema_fork": "tp_fork"}),
+                 monkeypatch)
+        monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+        lrnnx_zoo.reload_plugins()
+        with pytest.warns(PluginVersionWarning, match=r"from plugin 'ema' \(tp-good 1.0.0\), and it is now built by "
+                                                      r"plugin 'ema_fork' from tp-fork 0.1.0.*pip install tp-good==1.0.0"):
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
