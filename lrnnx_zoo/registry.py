@@ -412,6 +412,11 @@ def plugin_change(record: Dict[str, Any], layer: str) -> Optional[str]:
     prefix, _, family = layer.rpartition(":")
     owners = [e.plugin for e in reg._layers.get(family, []) if not prefix or e.plugin == prefix]
     info = reg.plugins.get(owners[0]) if len(owners) == 1 else None   # else the lookup itself explains
+    return _release_change(record, info, f"layer {family!r}")
+
+
+def _release_change(record: Dict[str, Any], info: Optional[PluginInfo], what: str) -> Optional[str]:
+    """How ``info``, the plugin now providing ``what``, differs from the recorded one (see plugin_change)."""
     dist, version = record.get("distribution"), record.get("version")
     if info is None or not dist or (dist == BUILTIN_DISTRIBUTION and info.builtin):
         return None
@@ -419,14 +424,82 @@ def plugin_change(record: Dict[str, Any], layer: str) -> Optional[str]:
     now = f"{info.distribution} {info.version or ''}".rstrip() if info.distribution else "code (register_plugin)"
     as_saved = f"pip install {dist}=={version}" if version else f"pip install {dist}"
     if (info.name, info.distribution) != (record.get("name"), dist):
-        return (f"was saved with layer {family!r} from plugin {record.get('name')!r} ({saved}), and it is now built "
+        return (f"was saved with {what} from plugin {record.get('name')!r} ({saved}), and it is now built "
                 f"by plugin {info.name!r} from {now}: the same weights may mean something else to it. To load it "
                 f"as saved: {as_saved}; or check the model and re-save it (model.save_pretrained) to record {now}")
     if info.version != version:
         return (f"was saved with plugin {info.name!r} from {saved}, and {now} is installed: if that release changed "
-                f"layer {family!r}, the same weights give other outputs. To load it as saved: {as_saved}; or check "
+                f"{what}, the same weights give other outputs. To load it as saved: {as_saved}; or check "
                 f"the model and re-save it (model.save_pretrained) to record {info.version}")
     return None
+
+
+def _strings(value: Any) -> List[str]:
+    """The str values in ``value`` (a layer's keyword arguments), nested dicts and lists included."""
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return [text for item in items for text in _strings(item)]
+
+
+def extra_plugins(layer: str, layer_kwargs: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The third-party plugins, other than the one providing ``layer``, whose initializers (of that
+    layer) or kernel backends a string in ``layer_kwargs`` names (``init="slowlin"``,
+    ``backend="other:fast"``), as a checkpoint records them: [{name, distribution, version,
+    names: ["s4d.slowlin", ...]}]. Building the layer needs them, so loading it does too."""
+    reg = get_registry()
+    prefix, _, family = layer.rpartition(":")
+    own = {e.plugin for e in reg._layers.get(family, []) if not prefix or e.plugin == prefix}
+    kinds = sorted({k for k, _ in reg._backends})
+    found: Dict[str, set] = {}
+    for text in _strings(layer_kwargs):
+        plugin, _, bare = text.rpartition(":")
+        keys = [(reg._initializers, (family, bare))] + [(reg._backends, (kind, bare)) for kind in kinds]
+        for table, key in keys:
+            for entry in table.get(key, []):
+                info = reg.plugins.get(entry.plugin)
+                if info is not None and not info.builtin and entry.plugin not in own and plugin in ("", entry.plugin):
+                    found.setdefault(entry.plugin, set()).add(".".join(key))
+    return [{"name": name, "distribution": reg.plugins[name].distribution, "version": reg.plugins[name].version,
+             "names": sorted(names)} for name, names in sorted(found.items())]
+
+
+def _records(value: Any) -> List[Dict[str, Any]]:
+    """The well-formed entries of a checkpoint's ``extra_plugins`` (a hand-edited one is not refused)."""
+    return [r for r in value if isinstance(r, dict) and isinstance(r.get("name"), str)] \
+        if isinstance(value, list) else []
+
+
+def extra_plugin_changes(records: Any) -> List[str]:
+    """:func:`plugin_change` for the ``extra_plugins`` a checkpoint records (those that are loaded)."""
+    reg = get_registry()
+    changes = (_release_change(r, reg.plugins.get(r["name"]), ", ".join(map(str, r.get("names") or [])))
+               for r in _records(records))
+    return [c for c in changes if c]
+
+
+def missing_extra_plugins(records: Any) -> str:
+    """For a model that could not be built: which of the ``extra_plugins`` a checkpoint records are
+    not loaded, and what to do about each ("" when all are)."""
+    reg = get_registry()
+    hints = []
+    for r in _records(records):
+        info = reg.plugins.get(r["name"])
+        if info is not None and info.ok:
+            continue
+        dist, version = r.get("distribution"), r.get("version")
+        saved = f" ({dist} {version or ''})".replace(" )", ")") if dist else ""
+        hint = f" It was saved with {', '.join(map(str, r.get('names') or []))} from plugin {r['name']!r}{saved}"
+        if info is not None:
+            hint += f", which is installed but failed to load: {info.error.strip().splitlines()[0]} (see `lrnnx-zoo plugins`)."
+        elif dist:
+            hint += f", which is not installed: pip install {dist}, then restart Python or call lrnnx_zoo.reload_plugins()."
+        else:
+            hint += ", which is not loaded: install the package that provides it, or register it with lrnnx_zoo.register_plugin."
+        hints.append(hint)
+    if hints and not _autoload():
+        hints.append(f" Note: {DISABLE_AUTOLOAD_ENV} is set, so third-party plugins are not loaded.")
+    return "".join(hints)
 
 
 # -- public helpers ----------------------------------------------------------------------------

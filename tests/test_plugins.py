@@ -457,3 +457,56 @@ def test_loading_a_layer_now_provided_by_another_plugin_warns(tmp_path, monkeypa
     finally:
         monkeypatch.undo()
         lrnnx_zoo.reload_plugins()
+
+
+EXTRAS_FOR_S4D = '''
+import lrnnx_zoo
+from lrnnx_zoo.kernels.vandermonde import vandermonde_torch
+from lrnnx_zoo.plugins.s4d import init_lin
+
+
+@lrnnx_zoo.hookimpl
+def lrnnx_zoo_register_initializers(registry):
+    registry.add_initializer("s4d", "slowlin", init_lin)
+
+
+@lrnnx_zoo.hookimpl
+def lrnnx_zoo_register_kernel_backends(registry):
+    registry.add_backend("vandermonde", "chunked", vandermonde_torch)
+'''
+
+
+def test_a_checkpoint_names_the_plugin_of_a_third_party_initializer_or_backend(tmp_path, monkeypatch):
+    # An s4d model built with init="slowlin", backend="chunked" from a third-party plugin recorded only
+    # plugin s4d (lrnnx-zoo); without the plugin, loading said "unknown vandermonde backend 'chunked';
+    # available: auto, keops, torch" and nothing about what to install.
+    from lrnnx_zoo.registry import PluginVersionWarning
+    activate(make_distribution(tmp_path / "site", "tp-extras", {"tp_extras": EXTRAS_FOR_S4D}, {"extras": "tp_extras"},
+                               "1.0.0"), monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    config = lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=2, d_model=4, n_layers=1,
+                                   layer_kwargs={"d_state": 4, "init": "slowlin", "backend": "extras:chunked"})
+    try:
+        lrnnx_zoo.reload_plugins()
+        lrnnx_zoo.SequenceModel(config).save_pretrained(tmp_path / "ck")
+        saved = __import__("json").loads((tmp_path / "ck" / "config.json").read_text())
+        assert saved["extra_plugins"] == [{"name": "extras", "distribution": "tp-extras", "version": "1.0.0",
+                                           "names": ["s4d.slowlin", "vandermonde.chunked"]}]
+        lrnnx_zoo.SequenceModel(__import__("dataclasses").replace(config, layer_kwargs={"d_state": 4})).save_pretrained(tmp_path / "plain")
+        assert "extra_plugins" not in (tmp_path / "plain" / "config.json").read_text()   # as before
+        monkeypatch.undo()                                                 # pip uninstall tp-extras
+        lrnnx_zoo.reload_plugins()
+        with pytest.raises(lrnnx_zoo.CheckpointError) as err:
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+        msg = str(err.value)
+        assert re.search(r"unknown (initializer for 's4d' 'slowlin'|vandermonde backend 'extras:chunked')", msg), msg
+        assert "s4d.slowlin, vandermonde.chunked from plugin 'extras' (tp-extras 1.0.0)" in msg, msg
+        assert "pip install tp-extras" in msg, msg
+        activate(make_distribution(tmp_path / "v2", "tp-extras", {"tp_extras": EXTRAS_FOR_S4D},
+                                   {"extras": "tp_extras"}, "2.0.0"), monkeypatch)
+        lrnnx_zoo.reload_plugins()
+        with pytest.warns(PluginVersionWarning, match=r"tp-extras 1.0.0, and tp-extras 2.0.0 is installed"):
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
