@@ -61,12 +61,24 @@ def _hook_mistake(plugin: Any) -> Optional[str]:
     return None
 
 
-def _way_out(info: "PluginInfo") -> str:
+def _way_out(info: "PluginInfo", exc: Optional[BaseException] = None) -> str:
     """What a user can do about an installed third-party plugin that failed (appended to its error)."""
     if info.builtin or not info.distribution:
         return ""
-    return (f" -- to fix it, update or reinstall {info.distribution}, or uninstall it (pip uninstall "
-            f"{info.distribution}); {DISABLE_AUTOLOAD_ENV}=1 loads only the built-in families")
+    dist = info.distribution
+    missing = _missing_dependency(info, exc)
+    fix = (f"{dist} needs the module {missing!r}, which is not installed: install it (the package that provides "
+           f"it, or the extra of {dist} that brings it)" if missing else f"to fix it, update or reinstall {dist}")
+    return (f" -- {fix}, or uninstall {'it' if not missing else dist} (pip uninstall {dist}); "
+            f"{DISABLE_AUTOLOAD_ENV}=1 loads only the built-in families")
+
+
+def _missing_dependency(info: "PluginInfo", exc: Optional[BaseException]) -> Optional[str]:
+    """The module a plugin imports that is not installed (an optional dependency, say), or None when
+    ``exc`` is no ModuleNotFoundError or the missing module is the plugin's own (a broken install)."""
+    missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    own = info.module.partition(":")[0].partition(".")[0]
+    return missing if missing and missing.partition(".")[0] != own else None
 
 
 class RegistryError(LookupError):
@@ -238,7 +250,7 @@ class Registry:
             pm.unregister(plugin)
             raise
         except PLUGIN_FAILURES as exc:
-            info.error = f"{type(exc).__name__} in a hook: {exc}{_way_out(info)}\n{traceback.format_exc(limit=-3)}"
+            info.error = f"{type(exc).__name__} in a hook: {exc}{_way_out(info, exc)}\n{traceback.format_exc(limit=-3)}"
             self._forget(info.name)
         finally:
             self._current = None
@@ -314,7 +326,7 @@ def _discover(registry: Registry, pm: pluggy.PluginManager) -> None:
         except PLUGIN_FAILURES as exc:
             registry.plugins[ep.name] = info
             info.error = f"could not import {ep.value!r} from {dist_name or 'an unknown distribution'}: " \
-                         f"{type(exc).__name__}: {exc}{_way_out(info)}"
+                         f"{type(exc).__name__}: {exc}{_way_out(info, exc)}"
             continue
         registry.load_plugin(plugin, info, pm)
     for name, module in _BUILTIN_FALLBACK.items():

@@ -510,3 +510,26 @@ def test_a_checkpoint_names_the_plugin_of_a_third_party_initializer_or_backend(t
     finally:
         monkeypatch.undo()
         lrnnx_zoo.reload_plugins()
+
+
+def test_a_plugin_missing_an_optional_dependency_says_which_module_to_install(tmp_path, monkeypatch):
+    # The error said "No module named 'tp_fast_scan' -- to fix it, update or reinstall tp-needs, or
+    # uninstall it": reinstalling does not bring an optional dependency, so the way out offered
+    # first did not work; the module to install is the fix.
+    root = tmp_path / "site"
+    make_distribution(root, "tp-needs", {"tp_needs": "import lrnnx_zoo\nimport tp_fast_scan.kernels\n"},
+                      {"needs": "tp_needs"})
+    make_distribution(root, "tp-good", {"tp_good": GOOD_PLUGIN.replace("{layer_name}", "ema")}, {"ema": "tp_good"})
+    make_distribution(root, "tp-gone", {}, {"gone": "tp_gone_module"})       # its own module is missing
+    activate(root, monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    try:
+        lrnnx_zoo.reload_plugins()
+        first = _plugin("needs").error.splitlines()[0]
+        assert "tp-needs needs the module 'tp_fast_scan', which is not installed: install it" in first, first
+        assert "pip uninstall tp-needs" in first and DISABLE_AUTOLOAD_ENV in first, first
+        assert "reinstall tp-gone" in _plugin("gone").error          # a broken install: reinstalling is the fix
+        assert _plugin("ema").ok and "ema" in lrnnx_zoo.list_layers()   # the others load
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
