@@ -492,6 +492,8 @@ def test_a_checkpoint_names_the_plugin_of_a_third_party_initializer_or_backend(t
         saved = __import__("json").loads((tmp_path / "ck" / "config.json").read_text())
         assert saved["extra_plugins"] == [{"name": "extras", "distribution": "tp-extras", "version": "1.0.0",
                                            "names": ["s4d.slowlin", "vandermonde.chunked"]}]
+        card = (tmp_path / "ck" / "README.md").read_text()
+        assert "It uses `s4d.slowlin`, `vandermonde.chunked` from the plugin `extras` (tp-extras 1.0.0)" in card
         lrnnx_zoo.SequenceModel(__import__("dataclasses").replace(config, layer_kwargs={"d_state": 4})).save_pretrained(tmp_path / "plain")
         assert "extra_plugins" not in (tmp_path / "plain" / "config.json").read_text()   # as before
         monkeypatch.undo()                                                 # pip uninstall tp-extras
