@@ -68,9 +68,9 @@ def _way_out(info: "PluginInfo", exc: Optional[BaseException] = None) -> str:
     dist = info.distribution
     missing = _missing_dependency(info, exc)
     fix = (f"{dist} needs the module {missing!r}, which is not installed: install it (the package that provides "
-           f"it, or the extra of {dist} that brings it)" if missing else f"to fix it, update or reinstall {dist}")
-    return (f" -- {fix}, or uninstall {'it' if not missing else dist} (pip uninstall {dist}); "
-            f"{DISABLE_AUTOLOAD_ENV}=1 loads only the built-in families")
+           f"it, or the extra of {dist} that brings it), or uninstall {dist}" if missing
+           else f"to fix it, update or reinstall {dist}, or uninstall it")   # reinstalling brings no optional one
+    return f" -- {fix} (pip uninstall {dist}); {DISABLE_AUTOLOAD_ENV}=1 loads only the built-in families"
 
 
 def _missing_dependency(info: "PluginInfo", exc: Optional[BaseException]) -> Optional[str]:
