@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import importlib
 
@@ -23,13 +23,22 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {}
 SUBCOMMAND_MODULES = ("lrnnx_zoo.hub_cli", "lrnnx_zoo.training_cli", "lrnnx_zoo.evaluate_cli", "lrnnx_zoo.export.cli")
 
 
+def aligned(rows: Sequence[Sequence[str]]) -> List[str]:
+    """Rows of cells as lines of left-aligned columns, each as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from .registry import list_plugins
-    failed = 0
-    for p in list_plugins():
-        origin = "built-in" if p.builtin else (p.distribution or "registered in code")
-        status = "ok" if p.ok else "FAILED"
-        print(f"{p.name:<12} {status:<7} {origin} {p.version or ''}  ({p.module})")
+    plugins = list_plugins()
+    rows = [("PLUGIN", "STATUS", "DISTRIBUTION", "VERSION", "MODULE")] + [
+        (p.name, "ok" if p.ok else "FAILED", "built-in" if p.builtin else (p.distribution or "registered in code"),
+         p.version or "-", p.module) for p in plugins]
+    lines = aligned(rows)
+    print(lines[0])
+    for p, line in zip(plugins, lines[1:]):
+        print(line)
         if p.layers:
             print(f"    layers:       {', '.join(p.layers)}")
         if p.initializers:
@@ -37,18 +46,22 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         if p.backends:
             print(f"    backends:     {', '.join(p.backends)}")
         if p.error:
-            failed += 1
             print("    error:        " + p.error.strip().splitlines()[0])
-    return 1 if failed and args.strict else 0
+    return 1 if args.strict and any(p.error for p in plugins) else 0
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from .registry import get_registry, list_initializers
+    from .registry import get_registry
     reg = get_registry()
+    rows = [("LAYER", "FROM", "INITIALIZERS")]
     for name in sorted(reg._layers):
-        owners = ", ".join(e.plugin for e in reg._layers[name])
-        inits = [i.split(".", 1)[1] for i in list_initializers(name)]
-        print(f"{name:<10} from {owners}" + (f"   initializers: {', '.join(inits)}" if inits else ""))
+        owners = [e.plugin for e in reg._layers[name]]
+        # an initializer another plugin added is named with it: a checkpoint using it needs that plugin
+        inits = [init if e.plugin in owners else f"{init} ({e.plugin})"
+                 for (layer, init), entries in sorted(reg._initializers.items()) if layer == name for e in entries]
+        rows.append((name, ", ".join(owners), ", ".join(inits) or "-"))
+    for line in aligned(rows):
+        print(line)
     return 0
 
 

@@ -23,12 +23,14 @@ import json
 import math
 import os
 import stat
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import __version__
-from .registry import DISABLE_AUTOLOAD_ENV, get_registry
+from .registry import (DISABLE_AUTOLOAD_ENV, PluginVersionWarning, extra_plugin_changes, get_registry,
+                       missing_extra_plugins, plugin_change)
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
     from .models import SequenceModel
@@ -573,11 +575,16 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
 
     config = read_config(folder)
     layer = _layer_name(config, folder / CONFIG_NAME)
+    extras = config.get("extra_plugins")     # third-party initializers / backends its layer_kwargs name
+    for change in [plugin_change(config.get("plugin") or {}, layer)] + extra_plugin_changes(extras):
+        if change:
+            warnings.warn(f"{folder} {change}", PluginVersionWarning, stacklevel=3)
     try:
         model_config = ModelConfig.from_dict({**config["model"], "layer": layer})
         model = SequenceModel(model_config)
     except (TypeError, ValueError, LookupError) as exc:
-        raise CheckpointError(f"cannot build the model described by {folder / CONFIG_NAME}: {exc}") from exc
+        raise CheckpointError(f"cannot build the model described by {folder / CONFIG_NAME}: {exc}"
+                              f"{missing_extra_plugins(extras)}") from exc
     tensors = _read_weights(folder / WEIGHTS_NAME)
     _check_state(model.state_dict(), tensors, folder / WEIGHTS_NAME)
     _check_dtypes(model.state_dict(), tensors, folder / WEIGHTS_NAME)

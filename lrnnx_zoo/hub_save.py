@@ -22,7 +22,7 @@ from .folder_swap import replaced_folder
 from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
                   CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout, loadable_source,
                   peek_config, weights_changed)
-from .registry import get_registry
+from .registry import extra_plugins, get_registry
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
     from .models import SequenceModel
@@ -78,10 +78,12 @@ def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any 
     owners = [e.plugin for e in reg._layers.get(family, []) if not prefix or e.plugin == prefix]
     name = owners[0] if owners else (prefix or None)
     info = reg.plugins.get(name) if name else None
+    extras = extra_plugins(layer, model.config.layer_kwargs)   # loading needs them too; the key only when used
     return {"format_version": FORMAT_VERSION, "library": LIBRARY, "library_version": __version__,
             "family": family,
             "plugin": {"name": name, "distribution": info.distribution if info else None,
                        "version": info.version if info else None},
+            **({"extra_plugins": extras} if extras else {}),
             "model": model.config.to_dict(), "task": json_ready(task, "task"),
             "dataset": json_ready(dataset, "dataset"), "metrics": json_ready(metrics, "metrics"),
             "command": json_ready(command, "command"), "notes": json_ready(notes, "notes")}

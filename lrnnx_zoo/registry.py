@@ -61,12 +61,24 @@ def _hook_mistake(plugin: Any) -> Optional[str]:
     return None
 
 
-def _way_out(info: "PluginInfo") -> str:
+def _way_out(info: "PluginInfo", exc: Optional[BaseException] = None) -> str:
     """What a user can do about an installed third-party plugin that failed (appended to its error)."""
     if info.builtin or not info.distribution:
         return ""
-    return (f" -- to fix it, update or reinstall {info.distribution}, or uninstall it (pip uninstall "
-            f"{info.distribution}); {DISABLE_AUTOLOAD_ENV}=1 loads only the built-in families")
+    dist = info.distribution
+    missing = _missing_dependency(info, exc)
+    fix = (f"{dist} needs the module {missing!r}, which is not installed: install it (the package that provides "
+           f"it, or the extra of {dist} that brings it), or uninstall {dist}" if missing
+           else f"to fix it, update or reinstall {dist}, or uninstall it")   # reinstalling brings no optional one
+    return f" -- {fix} (pip uninstall {dist}); {DISABLE_AUTOLOAD_ENV}=1 loads only the built-in families"
+
+
+def _missing_dependency(info: "PluginInfo", exc: Optional[BaseException]) -> Optional[str]:
+    """The module a plugin imports that is not installed (an optional dependency, say), or None when
+    ``exc`` is no ModuleNotFoundError or the missing module is the plugin's own (a broken install)."""
+    missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    own = info.module.partition(":")[0].partition(".")[0]
+    return missing if missing and missing.partition(".")[0] != own else None
 
 
 class RegistryError(LookupError):
@@ -75,6 +87,11 @@ class RegistryError(LookupError):
 
 class PluginError(RuntimeError):
     """A plugin failed to load or registered something invalid."""
+
+
+class PluginVersionWarning(UserWarning):
+    """A checkpoint was saved with another distribution or version of a third-party plugin than the
+    one installed now: the same weights may mean something else to it."""
 
 
 @dataclass
@@ -233,7 +250,7 @@ class Registry:
             pm.unregister(plugin)
             raise
         except PLUGIN_FAILURES as exc:
-            info.error = f"{type(exc).__name__} in a hook: {exc}{_way_out(info)}\n{traceback.format_exc(limit=-3)}"
+            info.error = f"{type(exc).__name__} in a hook: {exc}{_way_out(info, exc)}\n{traceback.format_exc(limit=-3)}"
             self._forget(info.name)
         finally:
             self._current = None
@@ -309,7 +326,7 @@ def _discover(registry: Registry, pm: pluggy.PluginManager) -> None:
         except PLUGIN_FAILURES as exc:
             registry.plugins[ep.name] = info
             info.error = f"could not import {ep.value!r} from {dist_name or 'an unknown distribution'}: " \
-                         f"{type(exc).__name__}: {exc}{_way_out(info)}"
+                         f"{type(exc).__name__}: {exc}{_way_out(info, exc)}"
             continue
         registry.load_plugin(plugin, info, pm)
     for name, module in _BUILTIN_FALLBACK.items():
@@ -397,6 +414,104 @@ def unregister_plugin(name: str) -> None:
     if plugin is not None:
         _pm.unregister(plugin)
     reg.mark_duplicates()       # a clash this plugin was part of is over
+
+
+def plugin_change(record: Dict[str, Any], layer: str) -> Optional[str]:
+    """How the plugin that now provides ``layer`` differs from ``record``, the {name, distribution,
+    version} a checkpoint was saved with; None when it is the same release, when nothing was
+    recorded, and for the built-in families (their checkpoints are versioned by format_version)."""
+    reg = get_registry()
+    prefix, _, family = layer.rpartition(":")
+    owners = [e.plugin for e in reg._layers.get(family, []) if not prefix or e.plugin == prefix]
+    info = reg.plugins.get(owners[0]) if len(owners) == 1 else None   # else the lookup itself explains
+    return _release_change(record, info, f"layer {family!r}")
+
+
+def _release_change(record: Dict[str, Any], info: Optional[PluginInfo], what: str) -> Optional[str]:
+    """How ``info``, the plugin now providing ``what``, differs from the recorded one (see plugin_change)."""
+    dist, version = record.get("distribution"), record.get("version")
+    if info is None or not dist or (dist == BUILTIN_DISTRIBUTION and info.builtin):
+        return None
+    saved = f"{dist} {version or ''}".rstrip()
+    now = f"{info.distribution} {info.version or ''}".rstrip() if info.distribution else "code (register_plugin)"
+    as_saved = f"pip install {dist}=={version}" if version else f"pip install {dist}"
+    if (info.name, info.distribution) != (record.get("name"), dist):
+        return (f"was saved with {what} from plugin {record.get('name')!r} ({saved}), and it is now built "
+                f"by plugin {info.name!r} from {now}: the same weights may mean something else to it. To load it "
+                f"as saved: {as_saved}; or check the model and re-save it (model.save_pretrained) to record {now}")
+    if info.version != version:
+        return (f"was saved with plugin {info.name!r} from {saved}, and {now} is installed: if that release changed "
+                f"{what}, the same weights give other outputs. To load it as saved: {as_saved}; or check "
+                f"the model and re-save it (model.save_pretrained) to record {info.version}")
+    return None
+
+
+def _strings(value: Any) -> List[str]:
+    """The str values in ``value`` (a layer's keyword arguments), nested dicts and lists included."""
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return [text for item in items for text in _strings(item)]
+
+
+def extra_plugins(layer: str, layer_kwargs: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The third-party plugins, other than the one providing ``layer``, whose initializers (of that
+    layer) or kernel backends a string in ``layer_kwargs`` names (``init="slowlin"``,
+    ``backend="other:fast"``), as a checkpoint records them: [{name, distribution, version,
+    names: ["s4d.slowlin", ...]}]. Building the layer needs them, so loading it does too."""
+    reg = get_registry()
+    prefix, _, family = layer.rpartition(":")
+    own = {e.plugin for e in reg._layers.get(family, []) if not prefix or e.plugin == prefix}
+    kinds = sorted({k for k, _ in reg._backends})
+    found: Dict[str, set] = {}
+    for text in _strings(layer_kwargs):
+        plugin, _, bare = text.rpartition(":")
+        keys = [(reg._initializers, (family, bare))] + [(reg._backends, (kind, bare)) for kind in kinds]
+        for table, key in keys:
+            for entry in table.get(key, []):
+                info = reg.plugins.get(entry.plugin)
+                if info is not None and not info.builtin and entry.plugin not in own and plugin in ("", entry.plugin):
+                    found.setdefault(entry.plugin, set()).add(".".join(key))
+    return [{"name": name, "distribution": reg.plugins[name].distribution, "version": reg.plugins[name].version,
+             "names": sorted(names)} for name, names in sorted(found.items())]
+
+
+def _records(value: Any) -> List[Dict[str, Any]]:
+    """The well-formed entries of a checkpoint's ``extra_plugins`` (a hand-edited one is not refused)."""
+    return [r for r in value if isinstance(r, dict) and isinstance(r.get("name"), str)] \
+        if isinstance(value, list) else []
+
+
+def extra_plugin_changes(records: Any) -> List[str]:
+    """:func:`plugin_change` for the ``extra_plugins`` a checkpoint records (those that are loaded)."""
+    reg = get_registry()
+    changes = (_release_change(r, reg.plugins.get(r["name"]), ", ".join(map(str, r.get("names") or [])))
+               for r in _records(records))
+    return [c for c in changes if c]
+
+
+def missing_extra_plugins(records: Any) -> str:
+    """For a model that could not be built: which of the ``extra_plugins`` a checkpoint records are
+    not loaded, and what to do about each ("" when all are)."""
+    reg = get_registry()
+    hints = []
+    for r in _records(records):
+        info = reg.plugins.get(r["name"])
+        if info is not None and info.ok:
+            continue
+        dist, version = r.get("distribution"), r.get("version")
+        saved = f" ({dist} {version or ''})".replace(" )", ")") if dist else ""
+        hint = f" It was saved with {', '.join(map(str, r.get('names') or []))} from plugin {r['name']!r}{saved}"
+        if info is not None:
+            hint += f", which is installed but failed to load: {info.error.strip().splitlines()[0]} (see `lrnnx-zoo plugins`)."
+        elif dist:
+            hint += f", which is not installed: pip install {dist}, then restart Python or call lrnnx_zoo.reload_plugins()."
+        else:
+            hint += ", which is not loaded: install the package that provides it, or register it with lrnnx_zoo.register_plugin."
+        hints.append(hint)
+    if hints and not _autoload():
+        hints.append(f" Note: {DISABLE_AUTOLOAD_ENV} is set, so third-party plugins are not loaded.")
+    return "".join(hints)
 
 
 # -- public helpers ----------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def test_cli_lists_plugins_and_failures(third_party):
     assert "pip uninstall tp-broken" in out and "pip uninstall tp-raising" in out
     out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "layers"], capture_output=True, text=True,
                          check=True).stdout
-    assert "lru" in out and "from lru" in out
+    assert re.search(r"^lru +lru +ring$", out, re.M), out       # layer, the plugin it is from, initializers
 
 
 # -- found by a bug bash -------------------------------------------------------------------------
@@ -328,6 +328,210 @@ def test_entry_points_that_raise_base_exceptions_or_name_no_plugin(tmp_path, mon
         for name, given in (("const", "3"), ("nothing", "None")):       # were listed as ok, registering nothing
             error = _plugin(name).error or ""
             assert re.search(rf"implements none of the hooks .*got {given}", error), error
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+
+
+# -- a third-party author's journey (plugin audit) -----------------------------------------------
+def _starts(line, cells):
+    """The offset in ``line`` of each cell, searched left to right."""
+    starts, pos = [], 0
+    for cell in cells:
+        pos = line.index(cell, pos)
+        starts.append(pos)
+        pos += len(cell)
+    return starts
+
+
+def test_cli_plugins_listing_is_a_table_of_aligned_columns(tmp_path, monkeypatch):
+    # The distribution column was not padded, so the version and module columns wandered with it
+    # ("built-in 0.1.0  (...)" against "lrnnx-realdiag 0.1.0  (...)"), and a plugin name over 12
+    # characters pushed that row's status out of line.
+    root = tmp_path / "site"
+    make_distribution(root, "tp-a-rather-long-distribution", {"tp_long": GOOD_PLUGIN.replace("{layer_name}", "lng")},
+                      {"a_rather_long_plugin_name": "tp_long"}, version="10.20.30")
+    make_distribution(root, "tp-broken", {"tp_broken": BROKEN_IMPORT}, {"broken": "tp_broken"})
+    activate(root, monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    try:
+        lrnnx_zoo.reload_plugins()
+        plugins = lrnnx_zoo.list_plugins()
+        out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "plugins"], capture_output=True, text=True,
+                             env={**__import__("os").environ, "PYTHONPATH": str(root)}, check=True).stdout
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+    rows = [line for line in out.splitlines() if line and not line.startswith(" ")]
+    starts = []
+    for p in plugins:
+        line = next(r for r in rows if r.split()[0] == p.name)
+        origin = "built-in" if p.builtin else p.distribution
+        starts.append(_starts(line, [p.name, "ok" if p.ok else "FAILED", origin, p.version, p.module]))
+    for column in zip(*starts):
+        assert len(set(column)) == 1, out
+
+
+EXTRA_S4D_INIT = '''
+import lrnnx_zoo
+from lrnnx_zoo.plugins.s4d import init_lin
+
+
+@lrnnx_zoo.hookimpl
+def lrnnx_zoo_register_initializers(registry):
+    registry.add_initializer("s4d", "slowlin", init_lin)
+'''
+
+
+def test_cli_layers_listing_aligns_and_names_who_added_an_initializer(tmp_path, monkeypatch):
+    # "s4d from s4d initializers: inv, legs, lin, random, real, slowlin": nothing said slowlin came
+    # from a third-party plugin (a checkpoint using it needs that plugin), and the initializers
+    # column moved with the owner's name and with layer names over 10 characters.
+    root = tmp_path / "site"
+    make_distribution(root, "tp-long", {"tp_long": GOOD_PLUGIN.replace("{layer_name}", "a_long_layer_name")},
+                      {"longowner": "tp_long"})
+    make_distribution(root, "tp-init", {"tp_init": EXTRA_S4D_INIT}, {"extra_inits": "tp_init"})
+    activate(root, monkeypatch)
+    out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "layers"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)}, check=True).stdout
+    rows = {line.split()[0]: line for line in out.splitlines()}
+    assert "slowlin (extra_inits)" in rows["s4d"] and "lin," in rows["s4d"], out
+    cells = {"s4d": ["s4d", "s4d", "inv"], "lru": ["lru", "lru", "ring"],
+             "a_long_layer_name": ["a_long_layer_name", "longowner", "flat"]}
+    starts = [_starts(rows[name], c) for name, c in cells.items()]
+    for column in zip(*starts):
+        assert len(set(column)) == 1, out
+
+
+def _save_ema_model(folder):
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="ema", d_input=1, d_output=2, d_model=4, n_layers=1))
+    model.save_pretrained(folder)
+    return model
+
+
+def test_loading_with_another_version_of_the_plugin_warns(tmp_path, monkeypatch):
+    # config.json records the plugin's distribution and version, but a checkpoint saved with
+    # tp-good 1.0.0 loaded under tp-good 2.0.0 without a word: a new release that changed the
+    # layer's parametrisation gives other outputs from the same weights.
+    from lrnnx_zoo.registry import PluginVersionWarning
+    good = GOOD_PLUGIN.replace("{layer_name}", "ema")
+    activate(make_distribution(tmp_path / "v1", "tp-good", {"tp_good": good}, {"ema": "tp_good"}, "1.0.0"), monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    try:
+        lrnnx_zoo.reload_plugins()
+        _save_ema_model(tmp_path / "ck")
+        with __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("error", PluginVersionWarning)
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")                   # the same version: silent
+        activate(make_distribution(tmp_path / "v2", "tp-good", {"tp_good": good}, {"ema": "tp_good"}, "2.0.0"),
+                 monkeypatch)
+        lrnnx_zoo.reload_plugins()
+        assert _plugin("ema").version == "2.0.0"
+        with pytest.warns(PluginVersionWarning) as record:
+            model = lrnnx_zoo.from_pretrained(tmp_path / "ck")
+        msg = str(record[0].message)
+        assert "tp-good 1.0.0" in msg and "tp-good 2.0.0 is installed" in msg, msg
+        assert "pip install tp-good==1.0.0" in msg and "save_pretrained" in msg, msg
+        assert model(torch.randn(1, 5, 1)).shape == (1, 5, 2)            # a warning, not a refusal
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+
+
+def test_loading_a_layer_now_provided_by_another_plugin_warns(tmp_path, monkeypatch):
+    from lrnnx_zoo.registry import PluginVersionWarning
+    good = GOOD_PLUGIN.replace("{layer_name}", "ema")
+    activate(make_distribution(tmp_path / "v1", "tp-good", {"tp_good": good}, {"ema": "tp_good"}, "1.0.0"), monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    try:
+        lrnnx_zoo.reload_plugins()
+        _save_ema_model(tmp_path / "ck")
+        monkeypatch.undo()                                      # tp-good uninstalled, a fork installed
+        activate(make_distribution(tmp_path / "fork", "tp-fork", {"tp_fork": good}, {"ema_fork": "tp_fork"}),
+                 monkeypatch)
+        monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+        lrnnx_zoo.reload_plugins()
+        with pytest.warns(PluginVersionWarning, match=r"from plugin 'ema' \(tp-good 1.0.0\), and it is now built by "
+                                                      r"plugin 'ema_fork' from tp-fork 0.1.0.*pip install tp-good==1.0.0"):
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+
+
+EXTRAS_FOR_S4D = '''
+import lrnnx_zoo
+from lrnnx_zoo.kernels.vandermonde import vandermonde_torch
+from lrnnx_zoo.plugins.s4d import init_lin
+
+
+@lrnnx_zoo.hookimpl
+def lrnnx_zoo_register_initializers(registry):
+    registry.add_initializer("s4d", "slowlin", init_lin)
+
+
+@lrnnx_zoo.hookimpl
+def lrnnx_zoo_register_kernel_backends(registry):
+    registry.add_backend("vandermonde", "chunked", vandermonde_torch)
+'''
+
+
+def test_a_checkpoint_names_the_plugin_of_a_third_party_initializer_or_backend(tmp_path, monkeypatch):
+    # An s4d model built with init="slowlin", backend="chunked" from a third-party plugin recorded only
+    # plugin s4d (lrnnx-zoo); without the plugin, loading said "unknown vandermonde backend 'chunked';
+    # available: auto, keops, torch" and nothing about what to install.
+    from lrnnx_zoo.registry import PluginVersionWarning
+    activate(make_distribution(tmp_path / "site", "tp-extras", {"tp_extras": EXTRAS_FOR_S4D}, {"extras": "tp_extras"},
+                               "1.0.0"), monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    config = lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=2, d_model=4, n_layers=1,
+                                   layer_kwargs={"d_state": 4, "init": "slowlin", "backend": "extras:chunked"})
+    try:
+        lrnnx_zoo.reload_plugins()
+        lrnnx_zoo.SequenceModel(config).save_pretrained(tmp_path / "ck")
+        saved = __import__("json").loads((tmp_path / "ck" / "config.json").read_text())
+        assert saved["extra_plugins"] == [{"name": "extras", "distribution": "tp-extras", "version": "1.0.0",
+                                           "names": ["s4d.slowlin", "vandermonde.chunked"]}]
+        card = (tmp_path / "ck" / "README.md").read_text()
+        assert "It uses `s4d.slowlin`, `vandermonde.chunked` from the plugin `extras` (tp-extras 1.0.0)" in card
+        lrnnx_zoo.SequenceModel(__import__("dataclasses").replace(config, layer_kwargs={"d_state": 4})).save_pretrained(tmp_path / "plain")
+        assert "extra_plugins" not in (tmp_path / "plain" / "config.json").read_text()   # as before
+        monkeypatch.undo()                                                 # pip uninstall tp-extras
+        lrnnx_zoo.reload_plugins()
+        with pytest.raises(lrnnx_zoo.CheckpointError) as err:
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+        msg = str(err.value)
+        assert re.search(r"unknown (initializer for 's4d' 'slowlin'|vandermonde backend 'extras:chunked')", msg), msg
+        assert "s4d.slowlin, vandermonde.chunked from plugin 'extras' (tp-extras 1.0.0)" in msg, msg
+        assert "pip install tp-extras" in msg, msg
+        activate(make_distribution(tmp_path / "v2", "tp-extras", {"tp_extras": EXTRAS_FOR_S4D},
+                                   {"extras": "tp_extras"}, "2.0.0"), monkeypatch)
+        lrnnx_zoo.reload_plugins()
+        with pytest.warns(PluginVersionWarning, match=r"tp-extras 1.0.0, and tp-extras 2.0.0 is installed"):
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+
+
+def test_a_plugin_missing_an_optional_dependency_says_which_module_to_install(tmp_path, monkeypatch):
+    # The error said "No module named 'tp_fast_scan' -- to fix it, update or reinstall tp-needs, or
+    # uninstall it": reinstalling does not bring an optional dependency, so the way out offered
+    # first did not work; the module to install is the fix.
+    root = tmp_path / "site"
+    make_distribution(root, "tp-needs", {"tp_needs": "import lrnnx_zoo\nimport tp_fast_scan.kernels\n"},
+                      {"needs": "tp_needs"})
+    make_distribution(root, "tp-good", {"tp_good": GOOD_PLUGIN.replace("{layer_name}", "ema")}, {"ema": "tp_good"})
+    make_distribution(root, "tp-gone", {}, {"gone": "tp_gone_module"})       # its own module is missing
+    activate(root, monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    try:
+        lrnnx_zoo.reload_plugins()
+        first = _plugin("needs").error.splitlines()[0]
+        assert "tp-needs needs the module 'tp_fast_scan', which is not installed: install it" in first, first
+        assert "pip uninstall tp-needs" in first and DISABLE_AUTOLOAD_ENV in first, first
+        assert "reinstall tp-gone" in _plugin("gone").error          # a broken install: reinstalling is the fix
+        assert _plugin("ema").ok and "ema" in lrnnx_zoo.list_layers()   # the others load
     finally:
         monkeypatch.undo()
         lrnnx_zoo.reload_plugins()
