@@ -40,9 +40,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
             continue
         rows.append((name, cfg.get("family") or "?", task_name(cfg.get("task")) or "-",
                      headline_metric(cfg.get("metrics")) or "-"))
-    width = [max(len(r[i]) for r in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, width)) + "  " + row[3])
+    from .cli import aligned                     # cli imports this module's add_commands
+    for line in aligned(rows):
+        print(line)
     return 0
 
 
