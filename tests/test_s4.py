@@ -152,6 +152,18 @@ def test_state_passing_chunks_equal_one_call(disc):
     assert layer(x1)[1] is None
 
 
+@pytest.mark.parametrize("measure,rank", MEASURES[:4])
+def test_bilinear_nplr_is_the_dense_bilinear_discretization(measure, rank):
+    # Woodbury on the normal-plus-low-rank structure against a dense solve of the same system, both
+    # float64: they agree to rounding (~1e-15); a wrong sign or factor in a term is off by O(1).
+    k = make_kernel(H=6, measure=measure, rank=rank)
+    with torch.no_grad():
+        w, P, B, _, dt = k.continuous(double=True)
+        A_bar, b_bar = s4_plugin.dense.bilinear_nplr(w, P, B, dt / 0.7)
+        A_ref, b_ref = hippo.bilinear(dt / 0.7, s4_plugin.dense.real_matrix(w, P), s4_plugin.dense.to_real(B))
+    assert rel_err(A_bar, A_ref) < 1e-12 and rel_err(b_bar, b_ref) < 1e-12
+
+
 # -- step modes ----------------------------------------------------------------------------------
 
 def run_steps(kernel, u: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,8 @@ from torch import Tensor
 from lrnnx_zoo import hippo
 from lrnnx_zoo.discretization import zoh_dense
 
-__all__ = ["to_real", "from_real", "output_row", "output_from_row", "real_matrix", "discretize",
+__all__ = ["to_real", "from_real", "output_row", "output_from_row", "complex_scaling", "real_matrix",
+           "bilinear_nplr", "discretize",
            "two_level_kernel", "advance_state"]
 
 
@@ -56,17 +57,46 @@ def output_from_row(c: Tensor) -> Tensor:
     return torch.complex(c[..., :M], -c[..., M:]) / 2
 
 
+def complex_scaling(d: Tensor) -> Tensor:
+    """(H, N, N) real matrix of the complex multiplication x -> d * x on r = [Re x, Im x]; d: (H, M)
+    complex. Its transpose is the multiplication by conj(d)."""
+    H, M = d.shape
+    A = d.real.new_zeros(H, 2 * M, 2 * M)
+    idx = torch.arange(M, device=d.device)
+    A[:, idx, idx] = d.real
+    A[:, idx + M, idx + M] = d.real
+    A[:, idx, idx + M] = -d.imag
+    A[:, idx + M, idx] = d.imag
+    return A
+
+
 def real_matrix(w: Tensor, P: Tensor) -> Tensor:
     """A_r: (H, N, N) real from w: (H, M) and P: (r, H, M) complex (module docstring)."""
-    H, M = w.shape
-    A = w.real.new_zeros(H, 2 * M, 2 * M)
-    idx = torch.arange(M, device=w.device)
-    A[:, idx, idx] = w.real
-    A[:, idx + M, idx + M] = w.real
-    A[:, idx, idx + M] = -w.imag
-    A[:, idx + M, idx] = w.imag
     p = to_real(P).transpose(0, 1)                      # (H, r, N)
-    return A - 2 * p.transpose(-1, -2) @ p
+    return complex_scaling(w) - 2 * p.transpose(-1, -2) @ p
+
+
+def bilinear_nplr(w: Tensor, P: Tensor, B: Tensor, dt: Tensor) -> Tuple[Tensor, Tensor]:
+    """The bilinear (A_bar (H, N, N), b_bar (H, N)) of A_r = real_matrix(w, P), b_r = to_real(B),
+    step dt (H,), without a dense solve: what ``discretize(real_matrix(w, P), to_real(B), dt,
+    "bilinear")`` gives, to float64 rounding, in O(N^2 r) per channel instead of O(N^3).
+
+    I - h A_r = S + 2h p^T p (h = dt/2) with S = I - h Lambda_r the multiplication by 1 - h w, so
+    Woodbury: (I - h A_r)^{-1} = S^{-1} - S^{-1} U G^{-1} V,  U = 2h S^{-1} p^T,  V = p S^{-1},
+    G = I_r + V 2h p^T (r x r); then A_bar = 2 (I - h A_r)^{-1} - I and b_bar = (I - h A_r)^{-1} dt b_r.
+    (A dense batched solve took 20 ms per S4 layer at H=128, N=64, and prefill ran it three times.)
+    w: (H, M), P: (r, H, M), B: (H, M) complex; dt: (H,) real."""
+    h = (dt / 2).unsqueeze(-1)                                        # (H, 1)
+    d = 1 / (1 - h * w)                                               # S^{-1} as a complex factor
+    Ph = P.transpose(0, 1)                                            # (H, r, M)
+    U = 2 * h.unsqueeze(-1) * to_real(d.unsqueeze(-2) * Ph)           # (H, r, N): rows of S^{-1} 2h p^T
+    V = to_real(d.conj().unsqueeze(-2) * Ph)                          # (H, r, N): rows of p S^{-1}
+    G = torch.eye(P.shape[0], dtype=dt.dtype, device=dt.device) \
+        + V @ to_real(Ph).transpose(-1, -2) * 2 * h.unsqueeze(-1)    # (H, r, r)
+    GV = torch.linalg.solve(G, V)                                     # (H, r, N)
+    inv = complex_scaling(d) - U.transpose(-1, -2) @ GV               # (I - h A_r)^{-1}
+    A_bar = 2 * inv - torch.eye(inv.shape[-1], dtype=inv.dtype, device=inv.device)
+    return A_bar, dt.unsqueeze(-1) * (inv @ to_real(B).unsqueeze(-1)).squeeze(-1)
 
 
 def discretize(A: Tensor, b: Tensor, dt: Tensor, method: str) -> Tuple[Tensor, Tensor]:

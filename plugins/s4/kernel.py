@@ -219,6 +219,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
     def dense_system(self, rate: float = 1.0) -> Tuple[Tensor, Tensor]:
         """Discretised (A_bar (H, N, N), b_bar (H, N)) in real coordinates, float64, step dt / rate."""
         w, P, B, _, dt = self.continuous(double=True)
+        if self.discretization == "bilinear":
+            return dense.bilinear_nplr(w, P, B, dt / rate)
         return dense.discretize(dense.real_matrix(w, P), dense.to_real(B), dt / rate, self.discretization)
 
     def output_matrix(self) -> Tensor:
