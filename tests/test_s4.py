@@ -164,6 +164,24 @@ def test_bilinear_nplr_is_the_dense_bilinear_discretization(measure, rank):
     assert rel_err(A_bar, A_ref) < 1e-12 and rel_err(b_bar, b_ref) < 1e-12
 
 
+@pytest.mark.parametrize("L", [1, 2, 7, 64, 1000])
+@pytest.mark.parametrize("from_rest", [True, False])
+def test_advance_state_is_the_stepped_recurrence(L, from_rest):
+    # float64 throughout: the blocked Horner scheme and the plain recurrence round differently,
+    # ~1e-13 relative here; a block off by one step (a power of A too many) is off by ~1e-2.
+    k = make_kernel(H=5, N=16)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        A_bar, b_bar = k.dense_system()
+        u = torch.randn(3, 5, L, dtype=torch.float64)
+        x = torch.zeros(3, 5, 16, dtype=torch.float64) if from_rest else torch.randn(3, 5, 16, dtype=torch.float64)
+        want = x
+        for t in range(L):
+            want = (A_bar @ want.unsqueeze(-1)).squeeze(-1) + b_bar * u[..., t:t + 1]
+        got = s4_plugin.dense.advance_state(A_bar, b_bar, u, x)
+    assert rel_err(got, want) < 1e-10
+
+
 # -- step modes ----------------------------------------------------------------------------------
 
 def run_steps(kernel, u: torch.Tensor) -> torch.Tensor:
