@@ -182,6 +182,24 @@ def test_advance_state_is_the_stepped_recurrence(L, from_rest):
     assert rel_err(got, want) < 1e-10
 
 
+def test_output_matrix_is_cached_for_the_same_parameters_only():
+    k = make_kernel(H=3, N=16, L=128)
+    with torch.no_grad():
+        C1 = k.output_matrix()
+        assert k.output_matrix() is C1                      # a hit: no second A_bar^L
+        k.log_dt.data += 0.3                                 # new weights: recomputed
+        C2 = k.output_matrix()
+        k.cache_inference_kernel = False
+        C2_fresh = k.output_matrix()
+        k.cache_inference_kernel = True
+        k(L=512)                                             # C~ re-expressed for a longer length: same plain C
+        C3 = k.output_matrix()
+    assert C2 is not C1 and rel_err(C2, C1) > 1e-3 and torch.equal(C2, C2_fresh)
+    assert C3 is not C2 and rel_err(C3, C2) < 1e-5
+    C_grad = k.output_matrix()                               # under autograd: computed, with a graph
+    assert C_grad.requires_grad and rel_err(C_grad, C3) < 1e-12
+
+
 # -- step modes ----------------------------------------------------------------------------------
 
 def run_steps(kernel, u: torch.Tensor) -> torch.Tensor:
