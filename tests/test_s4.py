@@ -164,6 +164,19 @@ def test_bilinear_nplr_is_the_dense_bilinear_discretization(measure, rank):
     assert rel_err(A_bar, A_ref) < 1e-12 and rel_err(b_bar, b_ref) < 1e-12
 
 
+@pytest.mark.parametrize("L,T", [(0, 1), (1, 1), (5, 8), (64, 8), (100, 16), (1000, 32)])
+def test_squaring_chain_is_the_power_and_the_krylov_block(L, T):
+    # One chain of squares against hippo.power / hippo.krylov, each squaring anew, float64: equal to
+    # rounding (~1e-15 relative); a square used once too often or too few is off by O(dt) or more.
+    k = make_kernel(H=3, N=16)
+    with torch.no_grad():
+        A_bar, b_bar = k.dense_system()
+        power_t, rows, AT_t = s4_plugin.dense.squaring_chain(A_bar.transpose(-1, -2).contiguous(), b_bar, L, T)
+    assert rel_err(power_t.transpose(-1, -2), hippo.power(L, A_bar)) < 1e-12
+    assert rel_err(rows.transpose(-1, -2), hippo.krylov(T, A_bar, b_bar)) < 1e-12
+    assert rel_err(AT_t.transpose(-1, -2), hippo.power(T, A_bar)) < 1e-12
+
+
 @pytest.mark.parametrize("L", [1, 2, 7, 64, 1000])
 @pytest.mark.parametrize("from_rest", [True, False])
 def test_advance_state_is_the_stepped_recurrence(L, from_rest):

@@ -22,7 +22,7 @@ for C~, zoh, state passing, step modes) is done here in float64.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,7 +32,8 @@ from lrnnx_zoo.discretization import zoh_dense
 
 __all__ = ["to_real", "from_real", "output_row", "output_from_row", "complex_scaling", "real_matrix",
            "bilinear_nplr", "discretize",
-           "two_level_kernel", "krylov_doubling", "advance_state"]
+           "two_level_kernel", "block_sizes", "squaring_chain", "krylov_doubling",
+           "advance_state"]
 
 
 def to_real(x: Tensor) -> Tensor:
@@ -113,7 +114,8 @@ def discretize(A: Tensor, b: Tensor, dt: Tensor, method: str) -> Tuple[Tensor, T
     return A_bar, b_bar
 
 
-def _block_sizes(L: int) -> Tuple[int, int]:
+def block_sizes(L: int) -> Tuple[int, int]:
+    """(T, J): the two-level split of L steps into J blocks of T (a power of two, ~sqrt L)."""
     T = 1 << max(0, math.ceil(math.log2(max(L, 1)) / 2))
     return T, -(-L // T)
 
@@ -129,27 +131,45 @@ def two_level_kernel(A: Tensor, b: Tensor, c: Tensor, L: int) -> Tensor:
     Returns:
         (..., C, H, L) with b's leading dims first.
     """
-    T, J = _block_sizes(L)
+    T, J = block_sizes(L)
     cols, ATt = krylov_doubling(T, A.transpose(-1, -2).contiguous(), b)    # (..., H, T, N), (A^T)^T
     rows = hippo.krylov(J, ATt, c)                                # (C, H, N, J)
     K = torch.einsum("chnj,...htn->...chjt", rows, cols)
     return K.reshape(*K.shape[:-2], J * T)[..., :L]
 
 
-def krylov_doubling(T: int, At: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
-    """Given At = A transposed (..., N, N) and T a power of two: the Krylov block as rows,
-    K[..., t, :] = A^t b (..., T, N), and (A^T) transposed. The block doubles with each square of
-    A, and one more square is A^T: log2(T) N x N products for both (hippo.krylov and hippo.power
-    squared A anew each, 2 log2(T) - 1 in all). Rows, because a batched (k, N) x (N, N) product runs
+def squaring_chain(At: Tensor, b: Tensor, L: int, T: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """One chain of squares of A serving a power and a Krylov block, given At = A transposed (..., N, N)
+    and T a power of two: ((A^L) transposed, rows K[..., t, :] = A^t b (..., T, N), (A^T) transposed).
+
+    A^L multiplies the squares of L's binary digits, the block doubles with each square below T, and
+    the square at T is A^T: log2(max(L, T)) N x N products for all three (hippo.power and hippo.krylov
+    square A anew each). Transposed, so that the Krylov block grows by (k, N) x (N, N) products,
     2-4x faster than (N, N) x (N, k) for the few columns k of the first doublings (H=128, N=64)."""
-    K, square = b.unsqueeze(-2), At
-    while K.shape[-2] < T:
-        K = torch.cat([K, K @ square], dim=-2)                    # rows (A^{s + 2^i} b)^T
-        square = square @ square                                  # (A^{2^i})^T squared = (A^{2^{i+1}})^T
-    return K, square
+    K, square, power, AT, i = b.unsqueeze(-2), At, None, None, 0
+    while True:
+        if (L >> i) & 1:
+            power = square if power is None else power @ square    # transposes of commuting powers
+        if (1 << i) < T:
+            K = torch.cat([K, K @ square], dim=-2)                # rows (A^{s + 2^i} b)^T
+        elif (1 << i) == T:
+            AT = square
+        if AT is not None and L >> (i + 1) == 0:
+            break
+        square, i = square @ square, i + 1                        # (A^{2^i})^T squared = (A^{2^{i+1}})^T
+    if power is None:
+        power = torch.eye(At.shape[-1], dtype=At.dtype, device=At.device).expand_as(At)
+    return power, K, AT
 
 
-def advance_state(A: Tensor, b: Tensor, u: Tensor, x: Tensor) -> Tensor:
+def krylov_doubling(T: int, At: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """Rows [A^t b]_{t<T} (..., T, N) and (A^T) transposed, given At = A transposed and T a power of
+    two (:func:`squaring_chain` without a power)."""
+    return squaring_chain(At, b, 0, T)[1:]
+
+
+def advance_state(A: Tensor, b: Tensor, u: Tensor, x: Tensor, block: Optional[Tuple[Tensor, Tensor]] = None
+                  ) -> Tensor:
     """x_{L-1} = A^L x_{-1} + sum_j A^{L-1-j} b u_j   (state passing, exact).
 
     With m = L-1-j = aT + t the sum is a Horner scheme in A^T over ~sqrt L blocks:
@@ -157,12 +177,15 @@ def advance_state(A: Tensor, b: Tensor, u: Tensor, x: Tensor) -> Tensor:
 
     Args:
         A: (H, N, N), b: (H, N), u: (B, H, L) real, x: (B, H, N) real.   Returns (B, H, N).
+        block: the Krylov rows and (A^T) transposed of :func:`krylov_doubling` for some T, if already
+            computed (:func:`squaring_chain`); by default those of T = block_sizes(L).
     """
     L = u.shape[-1]
     if L == 0:                      # an empty chunk leaves the state as it is (and has no block to start from)
         return x
-    T, J = _block_sizes(L)
-    rows, ATt = krylov_doubling(T, A.transpose(-1, -2).contiguous(), b)    # (H, T, N), (A^T)^T
+    rows, ATt = block or krylov_doubling(block_sizes(L)[0], A.transpose(-1, -2).contiguous(), b)  # (H, T, N)
+    T = rows.shape[-2]
+    J = -(-L // T)
     rev = torch.nn.functional.pad(u.flip(-1), (0, J * T - L))     # zeros = inputs before u_0
     y = torch.einsum("htn,bhjt->jhbn", rows, rev.reshape(*u.shape[:-1], J, T))   # (J, H, B, N)
     # Horner on row vectors, acc <- acc (A^T)^T + y_a: a batched (1, N) x (N, N) product is ~4x
