@@ -116,7 +116,7 @@ class SSMKernel(nn.Module):
 
         Generating a kernel costs H*N*L work whatever the batch, as much as several FFT round
         trips of the input (benchmarks/bench_layers.py), and evaluation calls repeat it unchanged.
-        The last two results are kept: a kernel and its spectrum (:meth:`spectrum`).
+        The last two results are kept: a kernel and its spectrum (:meth:`spectrum`), or S4's output matrix.
         """
         if needs_autograd(self) or not self.cache_inference_kernel or torch.compiler.is_compiling():
             return compute()      # a compiled graph cannot hold state across calls: it recomputes

@@ -87,6 +87,32 @@ def test_empty_prompt_gives_the_zero_state():
     assert y.shape == (2, 0, H) and not cache["lrnn_state"].any()
 
 
+@pytest.mark.parametrize("kw", [{}, {"discretization": "zoh"}, {"l_max": 64}, {"measure": "legt", "rank": 2}],
+                         ids=["legs", "zoh", "l_max=64", "legt-rank2"])
+@torch.no_grad()
+def test_s4_prefill_builds_its_dense_system_once_and_squares_once(kw, monkeypatch):
+    # The step form's A_bar^L (for the plain C) and the state passing's Krylov block come from one
+    # chain of squares, and A_bar from one discretisation: a prefill used to build A_bar three times
+    # and square it in two chains (hippo.power, then the state's own), ~1.6x the dense work.
+    from lrnnx_zoo import hippo
+    from lrnnx_zoo.plugins.s4 import dense
+    layer = layer_of("s4", **kw)
+    x = torch.randn(3, 25, H)
+    lengths = torch.tensor([25, 9, 1])
+    layer(x)                                                 # the kernel's length is set before counting
+    calls = {"system": 0, "power": 0}
+    for module, name, key in [(dense, "bilinear_nplr", "system"), (dense, "discretize", "system"),
+                              (hippo, "power", "power")]:
+        def counted(*a, _f=getattr(module, name), _k=key, **k):
+            calls[_k] += 1
+            return _f(*a, **k)
+        monkeypatch.setattr(module, name, counted)
+    _, cache = layer.prefill(x, lengths)
+    assert calls == {"system": 1, "power": 0}
+    assert (cache["lrnn_state"] - stepped_alone(layer, x, lengths)).abs().max() < TOL
+    assert "_dense_memo" not in layer.kernel.__dict__       # nothing kept past the prefill
+
+
 def model_of(layer: str, pooling, **kw) -> lrnnx_zoo.SequenceModel:
     torch.manual_seed(1)
     cfg = lrnnx_zoo.ModelConfig(layer=layer, d_input=3, d_output=2, d_model=H, n_layers=2,

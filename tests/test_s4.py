@@ -152,6 +152,67 @@ def test_state_passing_chunks_equal_one_call(disc):
     assert layer(x1)[1] is None
 
 
+@pytest.mark.parametrize("measure,rank", MEASURES[:4])
+def test_bilinear_nplr_is_the_dense_bilinear_discretization(measure, rank):
+    # Woodbury on the normal-plus-low-rank structure against a dense solve of the same system, both
+    # float64: they agree to rounding (~1e-15); a wrong sign or factor in a term is off by O(1).
+    k = make_kernel(H=6, measure=measure, rank=rank)
+    with torch.no_grad():
+        w, P, B, _, dt = k.continuous(double=True)
+        A_bar, b_bar = s4_plugin.dense.bilinear_nplr(w, P, B, dt / 0.7)
+        A_ref, b_ref = hippo.bilinear(dt / 0.7, s4_plugin.dense.real_matrix(w, P), s4_plugin.dense.to_real(B))
+    assert rel_err(A_bar, A_ref) < 1e-12 and rel_err(b_bar, b_ref) < 1e-12
+
+
+@pytest.mark.parametrize("L,T", [(0, 1), (1, 1), (5, 8), (64, 8), (100, 16), (1000, 32)])
+def test_squaring_chain_is_the_power_and_the_krylov_block(L, T):
+    # One chain of squares against hippo.power / hippo.krylov, each squaring anew, float64: equal to
+    # rounding (~1e-15 relative); a square used once too often or too few is off by O(dt) or more.
+    k = make_kernel(H=3, N=16)
+    with torch.no_grad():
+        A_bar, b_bar = k.dense_system()
+        power_t, rows, AT_t = s4_plugin.dense.squaring_chain(A_bar.transpose(-1, -2).contiguous(), b_bar, L, T)
+    assert rel_err(power_t.transpose(-1, -2), hippo.power(L, A_bar)) < 1e-12
+    assert rel_err(rows.transpose(-1, -2), hippo.krylov(T, A_bar, b_bar)) < 1e-12
+    assert rel_err(AT_t.transpose(-1, -2), hippo.power(T, A_bar)) < 1e-12
+
+
+@pytest.mark.parametrize("L", [1, 2, 7, 64, 1000])
+@pytest.mark.parametrize("from_rest", [True, False])
+def test_advance_state_is_the_stepped_recurrence(L, from_rest):
+    # float64 throughout: the blocked Horner scheme and the plain recurrence round differently,
+    # ~1e-13 relative here; a block off by one step (a power of A too many) is off by ~1e-2.
+    k = make_kernel(H=5, N=16)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        A_bar, b_bar = k.dense_system()
+        u = torch.randn(3, 5, L, dtype=torch.float64)
+        x = torch.zeros(3, 5, 16, dtype=torch.float64) if from_rest else torch.randn(3, 5, 16, dtype=torch.float64)
+        want = x
+        for t in range(L):
+            want = (A_bar @ want.unsqueeze(-1)).squeeze(-1) + b_bar * u[..., t:t + 1]
+        got = s4_plugin.dense.advance_state(A_bar, b_bar, u, x)
+    assert rel_err(got, want) < 1e-10
+
+
+def test_output_matrix_is_cached_for_the_same_parameters_only():
+    k = make_kernel(H=3, N=16, L=128)
+    with torch.no_grad():
+        C1 = k.output_matrix()
+        assert k.output_matrix() is C1                      # a hit: no second A_bar^L
+        k.log_dt.data += 0.3                                 # new weights: recomputed
+        C2 = k.output_matrix()
+        k.cache_inference_kernel = False
+        C2_fresh = k.output_matrix()
+        k.cache_inference_kernel = True
+        k(L=512)                                             # C~ re-expressed for a longer length: same plain C
+        C3 = k.output_matrix()
+    assert C2 is not C1 and rel_err(C2, C1) > 1e-3 and torch.equal(C2, C2_fresh)
+    assert C3 is not C2 and rel_err(C3, C2) < 1e-5
+    C_grad = k.output_matrix()                               # under autograd: computed, with a graph
+    assert C_grad.requires_grad and rel_err(C_grad, C3) < 1e-12
+
+
 # -- step modes ----------------------------------------------------------------------------------
 
 def run_steps(kernel, u: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@ builds exp(dt A) densely in float64 and sums C^T A_bar^l B_bar with the two-leve
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -83,9 +84,12 @@ def _identity_minus_power(A: Tensor, L: int) -> Tensor:
     return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) - hippo.power(L, A)
 
 
-def _solve_tilde(c_tilde: Tensor, A: Tensor, L: int) -> Tensor:
-    """c with c^T (I - A^L) = c~^T.   c_tilde: (C, H, N), A: (H, N, N)."""
-    F = _identity_minus_power(A, L).transpose(-1, -2)
+def _solve_tilde(c_tilde: Tensor, A: Tensor, L: int, power_t: Optional[Tensor] = None) -> Tensor:
+    """c with c^T (I - A^L) = c~^T.   c_tilde: (C, H, N), A: (H, N, N); power_t: (A^L)^T if known."""
+    if power_t is None:
+        F = _identity_minus_power(A, L).transpose(-1, -2)
+    else:
+        F = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) - power_t
     return torch.linalg.solve(F, c_tilde.unsqueeze(-1)).squeeze(-1)
 
 
@@ -217,17 +221,58 @@ class SSKernelNPLR(StepModes, SSMKernel):
         return w, P, B, cx(C), torch.exp(self.log_dt.to(real))
 
     def dense_system(self, rate: float = 1.0) -> Tuple[Tensor, Tensor]:
-        """Discretised (A_bar (H, N, N), b_bar (H, N)) in real coordinates, float64, step dt / rate."""
+        """Discretised (A_bar (H, N, N), b_bar (H, N)) in real coordinates, float64, step dt / rate
+        (computed once per rate within :meth:`sharing_dense_work`)."""
+        memo = self.__dict__.get("_dense_memo")
+        if memo is None:
+            return self._dense_system(rate)
+        if ("system", rate) not in memo:
+            memo[("system", rate)] = self._dense_system(rate)
+        return memo[("system", rate)]
+
+    def _dense_system(self, rate: float) -> Tuple[Tensor, Tensor]:
         w, P, B, _, dt = self.continuous(double=True)
+        if self.discretization == "bilinear":
+            return dense.bilinear_nplr(w, P, B, dt / rate)
         return dense.discretize(dense.real_matrix(w, P), dense.to_real(B), dt / rate, self.discretization)
 
     def output_matrix(self) -> Tensor:
-        """The plain C (C, H, M) complex128 that C~ stands for: (I - A_bar^L)^T C = C~ (differentiable)."""
+        """The plain C (C, H, M) complex128 that C~ stands for: (I - A_bar^L)^T C = C~ (differentiable).
+
+        In inference it is cached like the kernel (:meth:`~lrnnx_zoo.ssm_kernel.SSMKernel.cached_kernel`,
+        for the same parameters and length): A_bar^L costs log2(L) dense float64 squarings (33 ms per
+        layer at H=128, N=64, L=4096), and every step form built (each prefill, each
+        allocate_inference_cache) needs it."""
         C = self.continuous(double=True)[3]
         if self.length == 0:
             return C
-        A_bar, _ = self.dense_system()
-        return dense.output_from_row(_solve_tilde(dense.output_row(C), A_bar, self.length))
+
+        def compute() -> Tensor:
+            A_bar, b_bar = self.dense_system()
+            memo, power_t = self.__dict__.get("_dense_memo"), None
+            if memo is not None:         # a prefill: one chain of squares for A_bar^L and the state's Krylov block
+                power_t, rows, AT_t = dense.squaring_chain(A_bar.transpose(-1, -2).contiguous(), b_bar,
+                                                           self.length, memo["T"])
+                memo["block"] = (rows, AT_t)
+            return dense.output_from_row(_solve_tilde(dense.output_row(C), A_bar, self.length, power_t))
+        return self.cached_kernel(("output_matrix",), compute)
+
+    @contextmanager
+    def sharing_dense_work(self, L: int) -> Iterator[None]:
+        """Within: the dense float64 work of a step form and a state passing over L steps is shared
+        (a prefill: :meth:`S4Layer.prefill`): :meth:`dense_system` runs once, and the squares of A_bar
+        that :meth:`output_matrix` needs for A_bar^length (when not cached) also give the Krylov block
+        that :meth:`forward_state` of an input of length L needs (log2(T) = 6 of 18 N x N products at
+        L = 4096). The parameters must not change within (their results are reused); nested: the outer
+        one holds."""
+        if "_dense_memo" in self.__dict__:
+            yield
+            return
+        self.__dict__["_dense_memo"] = {"T": dense.block_sizes(max(L, 1))[0]}
+        try:
+            yield
+        finally:
+            self.__dict__.pop("_dense_memo", None)
 
     @torch.no_grad()
     def _transform_C(self, factor: Tensor) -> None:
@@ -371,7 +416,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
     def forward_state(self, u: Tensor, state: Tensor) -> Tensor:
         """The state x_{L-1} after u: (B, H, L) from x_{-1} = state (B, H, N/2), exactly (dense float64)."""
         A_bar, b_bar = self.dense_system()
-        x = dense.advance_state(A_bar, b_bar, u.double(), dense.to_real(state.to(torch.complex128)))
+        block = (self.__dict__.get("_dense_memo") or {}).get("block")
+        x = dense.advance_state(A_bar, b_bar, u.double(), dense.to_real(state.to(torch.complex128)), block)
         return dense.from_real(x).to(state.dtype if state.is_complex() else torch.complex64)
 
     def extra_repr(self) -> str:
