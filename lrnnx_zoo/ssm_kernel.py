@@ -19,9 +19,10 @@ any of them by name: ``registry.add_backend("ssm_kernel", "s4d", S4DKernel)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import abstractmethod
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, ContextManager, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +109,12 @@ class SSMKernel(nn.Module):
     #: Reuse the last kernel in inference (no autograd) while its key and every parameter and
     #: buffer are unchanged (checked by content, so edits through ``.data`` are seen too).
     cache_inference_kernel: bool = True
+
+    def sharing_dense_work(self, L: int) -> ContextManager[None]:
+        """A scope in which the kernel may reuse work between its step form and a state passing of
+        L steps, as a prefill needs both (S4 overrides it: one discretisation and one chain of
+        squares of its dense A_bar); the parameters must not change within. Default: nothing shared."""
+        return contextlib.nullcontext()
 
     def cached_kernel(self, key: Tuple[Any, ...], compute: Callable[[], Tensor]) -> Tensor:
         """``compute()``, or its earlier result when called again in inference with the same key

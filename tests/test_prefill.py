@@ -87,16 +87,19 @@ def test_empty_prompt_gives_the_zero_state():
     assert y.shape == (2, 0, H) and not cache["lrnn_state"].any()
 
 
-@pytest.mark.parametrize("kw", [{}, {"discretization": "zoh"}, {"l_max": 64}, {"measure": "legt", "rank": 2}],
-                         ids=["legs", "zoh", "l_max=64", "legt-rank2"])
+@pytest.mark.parametrize("name,kw", [("s4", {}), ("s4", {"discretization": "zoh"}), ("s4", {"l_max": 64}),
+                                     ("s4", {"measure": "legt", "rank": 2}), ("fftconv", {"kernel_type": "s4"})],
+                         ids=["legs", "zoh", "l_max=64", "legt-rank2", "fftconv-s4"])
 @torch.no_grad()
-def test_s4_prefill_builds_its_dense_system_once_and_squares_once(kw, monkeypatch):
+def test_s4_prefill_builds_its_dense_system_once_and_squares_once(name, kw, monkeypatch):
     # The step form's A_bar^L (for the plain C) and the state passing's Krylov block come from one
     # chain of squares, and A_bar from one discretisation: a prefill used to build A_bar three times
     # and square it in two chains (hippo.power, then the state's own), ~1.6x the dense work.
     from lrnnx_zoo import hippo
     from lrnnx_zoo.plugins.s4 import dense
-    layer = layer_of("s4", **kw)
+    # (an fftconv layer around the s4 kernel built A_bar three times and squared twice too)
+    layer = layer_of(name, **kw)
+    kernel = layer.conv.kernel if name == "fftconv" else layer.kernel
     x = torch.randn(3, 25, H)
     lengths = torch.tensor([25, 9, 1])
     layer(x)                                                 # the kernel's length is set before counting
@@ -110,7 +113,7 @@ def test_s4_prefill_builds_its_dense_system_once_and_squares_once(kw, monkeypatc
     _, cache = layer.prefill(x, lengths)
     assert calls == {"system": 1, "power": 0}
     assert (cache["lrnn_state"] - stepped_alone(layer, x, lengths)).abs().max() < TOL
-    assert "_dense_memo" not in layer.kernel.__dict__       # nothing kept past the prefill
+    assert "_dense_memo" not in kernel.__dict__             # nothing kept past the prefill
 
 
 def model_of(layer: str, pooling, **kw) -> lrnnx_zoo.SequenceModel:

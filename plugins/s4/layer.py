@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_sizes, float32_under_autocast, mask_lengths_of_one_stream,
                             mask_padding, needs_autograd)
-from lrnnx_zoo.convolution import blocked_channel_conv, circular_conv, fast_fft_size, reversed_spectrum
+from lrnnx_zoo.convolution import (blocked_channel_conv, circular_conv, fast_fft_size, kernel_taps,
+                                   reversed_spectrum)
 from lrnnx_zoo.ssm_kernel import check_rate, kernel_final_step_state
 from lrnnx_zoo.step_forms import StepForm
 
@@ -160,9 +161,9 @@ class S4(nn.Module):
                              f"got {got}")
         L = u.shape[-1 if self.transposed else 1]
         u = mask_lengths_of_one_stream(u, lengths, state, time_dim=2 if self.transposed else 1)
-        # l_max samples at rate 1 span round(l_max * rate) at this rate; at least the lag-0 tap (an
-        # empty kernel left the transform shorter than the input: l_max=1, rate=0.3 failed in the convolution)
-        Lk = L if self.L is None else min(L, max(1, round(self.L * rate)))
+        # at least the lag-0 tap (an empty kernel left the transform shorter than the input: l_max=1,
+        # rate=0.3 failed in the convolution)
+        Lk = kernel_taps(L, self.L, rate)
         if state is None and not needs_autograd(self, u) and self._elementwise_after_conv():
             Kf, n = ssm_spectrum(self.kernel, L, Lk, rate, self.bidirectional)
             y = blocked_channel_conv(u, Kf, n, time_dim=2 if self.transposed else 1, skip=self.D)
