@@ -1,0 +1,95 @@
+"""The benchmark scripts run from a checkout, measure what they say and print what the README quotes.
+
+Each script runs in its quickest mode in a subprocess, as a user runs it (``python benchmarks/X.py``),
+with keops disabled (its first compilation alone takes tens of seconds, and each script falls back to
+the torch paths without it). Nothing here checks a timing: only that the runs finish, that the options
+reach what they set, and that the tables have the README's rows and columns.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Dict, List
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str, env: Dict[str, str] = None) -> str:
+    """stdout of ``python benchmarks/<name> <args>``; fails the test with its stderr if it fails."""
+    env = {**os.environ, "LRNNX_ZOO_DISABLE_KEOPS": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, f"{name} {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def load(name: str) -> ModuleType:
+    """Import benchmarks/<name>.py as a module (the folder is no package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table(out: str, header: str, name_width: int) -> Dict[str, List[str]]:
+    """The rows after the line starting with ``header``: first ``name_width`` characters (the row's
+    name) -> the remaining whitespace-separated cells, up to the first blank line."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header)) + 1
+    rows = {}
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        rows[line[:name_width].strip()] = line[name_width:].split()
+    return rows
+
+
+# -- bench_s4.py ----------------------------------------------------------------------------------
+
+# One more thread than torch's default (one per core), so that the default cannot pass for it.
+THREADS = (os.cpu_count() or 1) + 1
+
+
+@pytest.fixture(scope="module")
+def s4_rows() -> Dict[str, List[str]]:
+    return table(run_script("bench_s4.py", "--smoke", "--threads", str(THREADS)), "case", 48)
+
+
+def test_bench_s4_smoke_prints_the_readme_rows_at_the_sizes_it_ran(s4_rows):
+    # --quick ran the training step at L=2048 under a row labelled L=4096 (the label was fixed text)
+    sizes = load("bench_s4").SIZES["smoke"]
+    H, N, lengths = sizes["kernel"]
+    assert [f"kernel H={H} N={N} L={L} [torch]" for L, _ in lengths] == list(s4_rows)[:len(lengths)]
+    H, N, [(B, L)] = sizes["forward"]
+    for name in (f"floor: rfft+irfft, length L (B={B}, H={H}, L={L})", "rfft+irfft at the causal size 2L",
+                 f"S4 kernel generation (H={H}, N={N}, L={L})", "S4: kernel + conv + D + GELU + linear"):
+        assert name in s4_rows, (name, list(s4_rows))
+    B, L, H, N = sizes["train"]
+    train = s4_rows[f"fwd+bwd S4 B={B} H={H} N={N} L={L} [torch]"]
+    assert float(train[1]) > 0 and float(train[2]) > 0            # time ms, peak MB
+
+
+def test_bench_s4_runs_every_case_on_the_threads_asked_for(s4_rows):
+    # --threads was accepted (and listed by --help) but never passed to the cases' subprocesses: they
+    # ran on torch's default whatever it said
+    assert {cells[0] for cells in s4_rows.values()} == {str(THREADS)}
+
+
+def test_bench_s4_help_lists_only_the_options_a_user_sets():
+    # --case, --backend, --H, --N, --L, --B and --repeats were listed without a word and did nothing:
+    # they are the parent's instructions to one case's subprocess
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "bench_s4.py"), "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for hidden in ("--case", "--backend", "--H", "--repeats"):
+        assert hidden not in out
+    for shown in ("--quick", "--smoke", "--threads"):
+        assert shown in out
