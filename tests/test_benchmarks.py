@@ -113,3 +113,14 @@ def test_bench_s4_kernel_time_leaves_out_the_first_calls_one_off_costs(monkeypat
     monkeypatch.setattr(s4, "HippoSSKernel", FirstCallSlow)
     r = load("bench_s4").case_kernel("torch", H=4, N=4, L=64, repeats=1)
     assert FirstCallSlow.calls == 2 and r["time_ms"] < 250, r
+
+
+# -- bench_cauchy.py ------------------------------------------------------------------------------
+
+def test_bench_cauchy_prints_the_torch_figures_without_keops():
+    # without keops (no C++ compiler) the row was dropped, torch's figures with it: the table was empty
+    out = run_script("bench_cauchy.py", "--H", "4", "--N", "4", "--L", "64", "--repeats", "1")
+    rows = {mode: cells for mode, cells in table(out, "mode", 8).items() if mode in ("fwd", "fwd+bwd")}
+    assert set(rows) == {"fwd"}, out
+    for torch_s, keops_s, ratio, torch_mib, keops_mib in rows.values():
+        assert float(torch_s) > 0 and float(torch_mib) >= 0 and keops_s == ratio == keops_mib == "-"
