@@ -124,3 +124,33 @@ def test_bench_cauchy_prints_the_torch_figures_without_keops():
     assert set(rows) == {"fwd"}, out
     for torch_s, keops_s, ratio, torch_mib, keops_mib in rows.values():
         assert float(torch_s) > 0 and float(torch_mib) >= 0 and keops_s == ratio == keops_mib == "-"
+
+
+# -- bench_compile.py -----------------------------------------------------------------------------
+
+def test_bench_compile_checks_the_graph_it_times_and_compiles_it_once():
+    # The agreement was taken under no_grad: dynamo compiled a second, inference graph for it (its
+    # compile time in no column) and the eager side ran the inference path, not the timed one.
+    graphs = []
+
+    def backend(gm, example_inputs):           # run each captured graph as traced, noting grad mode
+        graphs.append(torch.is_grad_enabled())
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        r = load("bench_compile").bench_family("lru", B=2, L=32, rounds=1, backend=backend)
+    finally:
+        torch._dynamo.reset()
+    assert graphs == [True]
+    assert r["agree"] < 1e-5                    # the same float32 ops, eager and captured
+
+
+def test_bench_compile_smoke_prints_the_readme_columns():
+    out = run_script("bench_compile.py", "--backend", "eager", "--families", "lru", "--B", "2", "--L", "32",
+                     "--rounds", "1")
+    assert "torch.compile backend eager" in out
+    rows = table(out, "family", 9)
+    compile_s, eager_ms, compiled_ms, speed_up, diff = rows["lru"]
+    assert float(speed_up[:-1]) == pytest.approx(float(eager_ms) / float(compiled_ms), rel=0.02)
+    assert float(diff) < 1e-5
