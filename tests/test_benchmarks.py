@@ -25,7 +25,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 def run_script(name: str, *args: str, env: Dict[str, str] = None) -> str:
     """stdout of ``python benchmarks/<name> <args>``; fails the test with its stderr if it fails."""
-    env = {**os.environ, "LRNNX_ZOO_DISABLE_KEOPS": "1", **(env or {})}
+    # one thread: the tests run beside others, and two threads on a busy 2-core machine ran 10x slower
+    env = {**os.environ, "LRNNX_ZOO_DISABLE_KEOPS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, f"{name} {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
@@ -154,3 +155,33 @@ def test_bench_compile_smoke_prints_the_readme_columns():
     compile_s, eager_ms, compiled_ms, speed_up, diff = rows["lru"]
     assert float(speed_up[:-1]) == pytest.approx(float(eager_ms) / float(compiled_ms), rel=0.02)
     assert float(diff) < 1e-5
+
+
+# -- bench_layers.py ------------------------------------------------------------------------------
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def readme_table(title: str) -> List[List[str]]:
+    """The cells of the README table that follows the paragraph starting with ``**{title}**``."""
+    text = README.split(f"**{title}**", 1)[1]
+    lines = [line for line in text.split("\n\n| ", 1)[1].split("\n\n", 1)[0].splitlines()]
+    return [[cell.strip() for cell in ("| " + line if i == 0 else line).strip("|").split("|")]
+            for i, line in enumerate(lines) if not line.startswith("|---")]
+
+
+def test_bench_layers_smoke_prints_the_readme_table_rows():
+    # The README's rows (s4d, lru (scan, default), lru (fft), s4) were printed as s4d/auto, lru/fft,
+    # lru/scan and s4/auto, in another order
+    header, *readme_rows = readme_table("Layers against the FFT floor")
+    assert header == ["shape", "layer", "forward ms", "× floor", "fwd+bwd ms", "× floor"]
+    out = run_script("bench_layers.py", "--smoke")
+    assert "shape          layer                  fwd ms  x floor  fwd+bwd ms  x floor" in out
+    lines = out.split("x floor\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    layers = [line[15:35].strip() for line in lines]       # shape (14) and layer (20) columns, then numbers
+    assert layers == [row[1] for row in readme_rows[:len(layers)]]
+    (floor, _), *timed = [line[35:].split() for line in lines]
+    for fwd, x_floor, fwd_bwd, x_floor_bwd in timed:   # the ratios are of the floor printed above them
+        assert float(x_floor) == pytest.approx(float(fwd) / float(floor), rel=0.02, abs=0.01)
+        assert float(x_floor_bwd) == pytest.approx(float(fwd_bwd) / float(floor), rel=0.02, abs=0.01)
+    assert "peak memory of one forward at B=1, L=16384, H=16, N=8" in out
