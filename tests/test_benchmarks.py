@@ -185,3 +185,27 @@ def test_bench_layers_smoke_prints_the_readme_table_rows():
         assert float(x_floor) == pytest.approx(float(fwd) / float(floor), rel=0.02, abs=0.01)
         assert float(x_floor_bwd) == pytest.approx(float(fwd_bwd) / float(floor), rel=0.02, abs=0.01)
     assert "peak memory of one forward at B=1, L=16384, H=16, N=8" in out
+
+
+# -- bench_export.py ------------------------------------------------------------------------------
+
+def test_bench_export_smoke_prints_the_readme_columns():
+    header = readme_table("Step graphs")[0]
+    assert header[:7] == ["family", "ONNX nodes", "ONNX Runtime", "eager `SequenceModel.step`", "TorchScript",
+                          "torch.export", "eager / ONNX"]
+    out = run_script("bench_export.py", "--smoke", "--steps", "10", "--families", "s4d")
+    assert "median of 10 steps in 10 interleaved rounds" in out and "1 x d_model=16, d_state=8" in out
+    head, row = out.split("per-step latency", 1)[1].splitlines()[1:3]
+    assert head.split() == ["family", "nodes", "KiB", "max", "err", "ONNX", "eager", "TS", "pt2", "eager/ONNX",
+                            "TS/ONNX", "ONNX", "tok/s", "b64", "eager", "tok/s", "b64", "256", "stream", "ms", "256",
+                            "conv", "ms", "256", "prefill", "ms"]
+    family, nodes, _, err, onnx_us, eager_us, _, _, ratio, *_ = row.split()
+    assert family == "s4d" and int(nodes) > 0 and float(err) < 1e-4
+    assert float(ratio[:-1]) == pytest.approx(float(eager_us) / float(onnx_us), abs=0.06)   # 1 decimal printed
+
+
+def test_bench_export_refuses_fewer_steps_than_rounds():
+    # --steps 5 timed 10 steps (one per round) under a header saying "median of 5 steps"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_export.py"), "--steps", "5"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--steps must be at least 10" in proc.stderr and "got 5" in proc.stderr
