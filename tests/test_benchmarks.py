@@ -209,3 +209,22 @@ def test_bench_export_refuses_fewer_steps_than_rounds():
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_export.py"), "--steps", "5"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--steps must be at least 10" in proc.stderr and "got 5" in proc.stderr
+
+
+# -- bench_kernels.py and precision_lru_scan.py ---------------------------------------------------
+
+def test_bench_kernels_smoke_prints_both_tables():
+    out = run_script("bench_kernels.py", "--smoke", "--no-keops", "--repeats", "1")
+    (vandermonde,) = [line for line in out.splitlines() if line.startswith("   8   4    256 |")]
+    assert float(vandermonde.split("|")[1].split()[0]) > 0                    # the torch column
+    scan = [line for line in out.splitlines() if line.startswith("  1   256   8")]
+    assert [line.split("|")[0].split()[-1] for line in scan] == ["fwd", "fwd+bwd"]
+
+
+def test_precision_lru_scan_smoke_shows_the_complex128_scan_closer_to_float64():
+    out = run_script("precision_lru_scan.py", "--seeds", "1", "--rounds", "1")
+    line = next(line for line in out.splitlines() if line.strip().startswith("seed 0:"))
+    rounded, kept = (float(word) for word in line.split() if "e-" in word)
+    # README: 2.0e-5 - 2.6e-5 with lam rounded to complex64, under 1e-6 kept in complex128
+    assert kept < 1e-6 < 1e-5 < rounded
+    assert "ratio complex128 / complex64" in out
