@@ -54,6 +54,14 @@ def table(out: str, header: str, name_width: int) -> Dict[str, List[str]]:
     return rows
 
 
+def ratio_of(ratio: str, num: str, den: str) -> bool:
+    """Whether the printed ``ratio`` is num / den, all three rounded to two decimals as printed."""
+    half = 0.005                                       # the rounding of each printed figure
+    low = (float(num) - half) / (float(den) + half) - half
+    high = (float(num) + half) / max(float(den) - half, 1e-9) + half
+    return low <= float(ratio) <= high
+
+
 # -- bench_s4.py ----------------------------------------------------------------------------------
 
 # One more thread than torch's default (one per core), so that the default cannot pass for it.
@@ -124,7 +132,7 @@ def test_bench_cauchy_prints_the_torch_figures_without_keops():
     rows = {mode: cells for mode, cells in table(out, "mode", 8).items() if mode in ("fwd", "fwd+bwd")}
     assert set(rows) == {"fwd"}, out
     for torch_s, keops_s, ratio, torch_mib, keops_mib in rows.values():
-        assert float(torch_s) > 0 and float(torch_mib) >= 0 and keops_s == ratio == keops_mib == "-"
+        assert float(torch_s) >= 0 and float(torch_mib) >= 0 and keops_s == ratio == keops_mib == "-"
 
 
 # -- bench_compile.py -----------------------------------------------------------------------------
@@ -153,7 +161,7 @@ def test_bench_compile_smoke_prints_the_readme_columns():
     assert "torch.compile backend eager" in out
     rows = table(out, "family", 9)
     compile_s, eager_ms, compiled_ms, speed_up, diff = rows["lru"]
-    assert float(speed_up[:-1]) == pytest.approx(float(eager_ms) / float(compiled_ms), rel=0.02)
+    assert ratio_of(speed_up[:-1], eager_ms, compiled_ms)
     assert float(diff) < 1e-5
 
 
@@ -182,9 +190,9 @@ def test_bench_layers_smoke_prints_the_readme_table_rows():
     assert layers == [row[1] for row in readme_rows[:len(layers)]]
     (floor, _), *timed = [line[35:].split() for line in lines]
     for fwd, x_floor, fwd_bwd, x_floor_bwd in timed:   # the ratios are of the floor printed above them
-        assert float(x_floor) == pytest.approx(float(fwd) / float(floor), rel=0.02, abs=0.01)
-        assert float(x_floor_bwd) == pytest.approx(float(fwd_bwd) / float(floor), rel=0.02, abs=0.01)
-    assert "peak memory of one forward at B=1, L=16384, H=16, N=8" in out
+        assert ratio_of(x_floor, fwd, floor) and ratio_of(x_floor_bwd, fwd_bwd, floor)
+    memory = out.split("peak memory of one forward at B=1, L=16384, H=16, N=8", 1)[1]
+    assert "lru (scan, default)" in memory and "x input" in memory
 
 
 # -- bench_export.py ------------------------------------------------------------------------------
