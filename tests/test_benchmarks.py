@@ -21,12 +21,13 @@ import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 
 
-def run_script(name: str, *args: str, env: Dict[str, str] = None) -> str:
+def run_script(name: str, *args: str) -> str:
     """stdout of ``python benchmarks/<name> <args>``; fails the test with its stderr if it fails."""
     # one thread: the tests run beside others, and two threads on a busy 2-core machine ran 10x slower
-    env = {**os.environ, "LRNNX_ZOO_DISABLE_KEOPS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {**os.environ, "LRNNX_ZOO_DISABLE_KEOPS": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, f"{name} {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
@@ -35,7 +36,7 @@ def run_script(name: str, *args: str, env: Dict[str, str] = None) -> str:
 
 def load(name: str) -> ModuleType:
     """Import benchmarks/<name>.py as a module (the folder is no package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -54,6 +55,14 @@ def table(out: str, header: str, name_width: int) -> Dict[str, List[str]]:
     return rows
 
 
+def readme_table(title: str) -> List[List[str]]:
+    """The cells of the README table that follows the paragraph starting with ``**{title}**``."""
+    text = README.split(f"**{title}**", 1)[1]
+    lines = text.split("\n\n| ", 1)[1].split("\n\n", 1)[0].splitlines()
+    return [[cell.strip() for cell in ("| " + line if i == 0 else line).strip("|").split("|")]
+            for i, line in enumerate(lines) if not line.startswith("|---")]
+
+
 def ratio_of(ratio: str, num: str, den: str) -> bool:
     """Whether the printed ``ratio`` is num / den, all three rounded to two decimals as printed."""
     half = 0.005                                       # the rounding of each printed figure
@@ -64,8 +73,8 @@ def ratio_of(ratio: str, num: str, den: str) -> bool:
 
 # -- bench_s4.py ----------------------------------------------------------------------------------
 
-# One more thread than torch's default (one per core), so that the default cannot pass for it.
-THREADS = (os.cpu_count() or 1) + 1
+# Not run_script's OMP_NUM_THREADS=1, so that the cases' default cannot pass for it.
+THREADS = 2
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +93,7 @@ def test_bench_s4_smoke_prints_the_readme_rows_at_the_sizes_it_ran(s4_rows):
         assert name in s4_rows, (name, list(s4_rows))
     B, L, H, N = sizes["train"]
     train = s4_rows[f"fwd+bwd S4 B={B} H={H} N={N} L={L} [torch]"]
-    assert float(train[1]) > 0 and float(train[2]) > 0            # time ms, peak MB
+    assert float(train[1]) >= 0 and float(train[2]) > 0           # time ms, peak MB
 
 
 def test_bench_s4_runs_every_case_on_the_threads_asked_for(s4_rows):
@@ -106,7 +115,8 @@ def test_bench_s4_help_lists_only_the_options_a_user_sets():
 
 def test_bench_s4_kernel_time_leaves_out_the_first_calls_one_off_costs(monkeypatch):
     # L=65536 runs one repeat, and that repeat was the process's first kernel: keops' compilation or
-    # module load and torch's lazy set-up (0.39 s against 0.015 s per call at L=1024) were its figure.
+    # module load and torch's lazy set-up (0.39 s against 0.015 s per call at H=256, L=1024) were its
+    # figure.
     # Here the first call of a real kernel pays 0.5 s more; the reported time must not contain it.
     import lrnnx_zoo.plugins.s4 as s4
 
@@ -167,17 +177,6 @@ def test_bench_compile_smoke_prints_the_readme_columns():
 
 # -- bench_layers.py ------------------------------------------------------------------------------
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-
-
-def readme_table(title: str) -> List[List[str]]:
-    """The cells of the README table that follows the paragraph starting with ``**{title}**``."""
-    text = README.split(f"**{title}**", 1)[1]
-    lines = [line for line in text.split("\n\n| ", 1)[1].split("\n\n", 1)[0].splitlines()]
-    return [[cell.strip() for cell in ("| " + line if i == 0 else line).strip("|").split("|")]
-            for i, line in enumerate(lines) if not line.startswith("|---")]
-
-
 def test_bench_layers_smoke_prints_the_readme_table_rows():
     # The README's rows (s4d, lru (scan, default), lru (fft), s4) were printed as s4d/auto, lru/fft,
     # lru/scan and s4/auto, in another order
@@ -224,7 +223,7 @@ def test_bench_export_refuses_fewer_steps_than_rounds():
 def test_bench_kernels_smoke_prints_both_tables():
     out = run_script("bench_kernels.py", "--smoke", "--no-keops", "--repeats", "1")
     (vandermonde,) = [line for line in out.splitlines() if line.startswith("   8   4    256 |")]
-    assert float(vandermonde.split("|")[1].split()[0]) > 0                    # the torch column
+    assert float(vandermonde.split("|")[1].split()[0]) >= 0                   # the torch column, not "-"
     scan = [line for line in out.splitlines() if line.startswith("  1   256   8")]
     assert [line.split("|")[0].split()[-1] for line in scan] == ["fwd", "fwd+bwd"]
 
