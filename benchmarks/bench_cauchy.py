@@ -69,14 +69,24 @@ def worker(backend: str, H: int, N: int, L: int, repeats: int, backward: bool, d
             "memory": "cuda allocator" if device == "cuda" else "max RSS delta"}
 
 
+def row(mode: str, t: dict, k: dict) -> str:
+    """One table row from the torch and keops workers' results; a backend that failed (keops without
+    a compiler) shows "-" and the other its figures."""
+    def cell(r: dict, key: str, width: int, digits: int) -> str:
+        return f"{'-':>{width}}" if "error" in r else f"{r[key]:{width}.{digits}f}"
+    ratio = "-" if "error" in t or "error" in k else f"{t['time_s'] / k['time_s']:.2f}"
+    return (f"{mode:8s} {cell(t, 'time_s', 9, 3)} {cell(k, 'time_s', 9, 3)} {ratio:>6s}   "
+            f"{cell(t, 'peak_mib', 10, 1)} {cell(k, 'peak_mib', 10, 1)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--H", type=int, default=256)
-    ap.add_argument("--N", type=int, default=32)
-    ap.add_argument("--L", type=int, default=16384)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--H", type=int, default=256, help="independent systems (default 256)")
+    ap.add_argument("--N", type=int, default=32, help="poles per system, one per conjugate pair (default 32)")
+    ap.add_argument("--L", type=int, default=16384, help="evaluation nodes (default 16384)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls; the best is reported (default 3)")
     ap.add_argument("--backward", action="store_true", help="also time forward + backward")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch and keops' OpenMP (default: library defaults)")
     ap.add_argument("--worker", choices=["torch", "keops"], help=argparse.SUPPRESS)
@@ -112,14 +122,10 @@ def main() -> None:
             line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")]
             res[backend] = (json.loads(line[-1][7:]) if line else
                             {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]})
-        t, k = res["torch"], res["keops"]
         for name, r in res.items():
             if "error" in r:
                 print(f"  {name}: {r['error']}")
-        if "error" in t or "error" in k:
-            continue
-        print(f"{mode:8s} {t['time_s']:9.3f} {k['time_s']:9.3f} {t['time_s'] / k['time_s']:6.2f}   "
-              f"{t['peak_mib']:10.1f} {k['peak_mib']:10.1f}")
+        print(row(mode, res["torch"], res["keops"]))
     print("t/k > 1: keops faster. Memory: peak RSS (or CUDA allocator) above the pre-run level.")
 
 

@@ -14,6 +14,7 @@ Torch runs single-threaded like ONNX Runtime (one stream of tiny steps; see vali
 at batch 64 too, so that both columns are one core's throughput.
 
     python benchmarks/bench_export.py [--steps 500] [--families lru s4d] [--compare-exporters]
+    python benchmarks/bench_export.py --smoke     # a 1-block, d_model=16 model: checks that it runs
 """
 
 from __future__ import annotations
@@ -34,10 +35,15 @@ from lrnnx_zoo.export.validate import one_torch_thread
 from lrnnx_zoo.export.torchscript_export import load_torch_export, load_torchscript
 
 
-def build(layer: str) -> lrnnx_zoo.SequenceModel:
+# The model and the whole sequence of each mode; full: the README's table.
+SIZES = {"full": {"n_layers": 4, "d_model": 128, "d_state": 64, "length": 4096},
+         "smoke": {"n_layers": 1, "d_model": 16, "d_state": 8, "length": 256}}
+
+
+def build(layer: str, n_layers: int = 4, d_model: int = 128, d_state: int = 64) -> lrnnx_zoo.SequenceModel:
     torch.manual_seed(0)
-    cfg = lrnnx_zoo.ModelConfig(layer=layer, d_input=16, d_output=16, d_model=128, n_layers=4,
-                                layer_kwargs={"d_state": 64}, pooling=None)
+    cfg = lrnnx_zoo.ModelConfig(layer=layer, d_input=16, d_output=16, d_model=d_model, n_layers=n_layers,
+                                layer_kwargs={"d_state": d_state}, pooling=None)
     return lrnnx_zoo.SequenceModel(cfg).eval()
 
 
@@ -77,8 +83,9 @@ def batch64_throughput(model, onnx_res, steps: int) -> Dict[str, float]:
     return {"onnx_tok_s_b64": 64e6 / t["onnx"], "eager_tok_s_b64": 64e6 / t["eager"]}
 
 
-def bench_family(layer: str, tmp: Path, steps: int, compare: bool) -> Dict[str, float]:
-    model = build(layer)
+def bench_family(layer: str, tmp: Path, steps: int, compare: bool, sizes: Dict[str, int] = SIZES["full"]
+                 ) -> Dict[str, float]:
+    model = build(layer, sizes["n_layers"], sizes["d_model"], sizes["d_state"])
     r = {}
     onnx_res = to_onnx(model, tmp / f"{layer}.onnx")
     ts_res = to_torchscript(model, tmp / f"{layer}.ts")
@@ -88,7 +95,7 @@ def bench_family(layer: str, tmp: Path, steps: int, compare: bool) -> Dict[str, 
     r["err"] = max(res.validation.max_abs_error for res in (onnx_res, ts_res, pt2_res))
     r.update(batch1_latencies(model, onnx_res, ts_res, pt2_res, steps))
     r.update(batch64_throughput(model, onnx_res, max(steps // 5, 50)))
-    x = torch.randn(1, 4096, 16)
+    x = torch.randn(1, sizes["length"], 16)
     streamer = OnnxStreamer(onnx_res.path)
     stream_s, conv_s, prefill_s = [], [], []
     for _ in range(3):
@@ -103,9 +110,9 @@ def bench_family(layer: str, tmp: Path, steps: int, compare: bool) -> Dict[str, 
             t0 = time.perf_counter()
             model.prefill(x)             # forward and the state after it, to stream on from
             prefill_s.append(time.perf_counter() - t0)
-    r["stream4096_ms"] = 1e3 * min(stream_s)
-    r["conv4096_ms"] = 1e3 * min(conv_s)
-    r["prefill4096_ms"] = 1e3 * min(prefill_s)
+    r["stream_ms"] = 1e3 * min(stream_s)
+    r["conv_ms"] = 1e3 * min(conv_s)
+    r["prefill_ms"] = 1e3 * min(prefill_s)
     if compare:
         legacy = to_onnx(model, tmp / f"{layer}-legacy.onnx", exporter="legacy")
         r["legacy_nodes"] = legacy.graph["nodes"]
@@ -115,28 +122,35 @@ def bench_family(layer: str, tmp: Path, steps: int, compare: bool) -> Dict[str, 
 
 def main(argv: List[str] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=500,
+                   help="batch-1 steps timed per runtime, in 10 interleaved rounds (default 500, at least 10)")
     p.add_argument("--families", nargs="*", default=None, help="default: every registered layer")
     p.add_argument("--compare-exporters", action="store_true", help="also time the legacy torch.onnx exporter's graph")
+    p.add_argument("--smoke", action="store_true", help="a 1-block, d_model=16, d_state=8 model and a 256-step "
+                                                        "sequence: checks that it runs")
     args = p.parse_args(argv)
+    if args.steps < 10:       # fewer than one step per round still timed one per round, 10 in all
+        p.error(f"--steps must be at least 10 (one per interleaved round), got {args.steps}")
+    sizes = SIZES["smoke" if args.smoke else "full"]
     torch.set_num_threads(1)
     families = args.families or lrnnx_zoo.list_layers()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for layer in families:
-            rows[layer] = bench_family(layer, Path(tmp), args.steps, args.compare_exporters)
-    print(f"\nper-step latency at batch 1 (median of {args.steps} steps in 10 interleaved rounds, us), "
-          f"4 x d_model=128, d_state=64; "
+            rows[layer] = bench_family(layer, Path(tmp), args.steps, args.compare_exporters, sizes)
+    n = sizes["length"]
+    print(f"\nper-step latency at batch 1 (median of {args.steps // 10 * 10} steps in 10 interleaved rounds, us), "
+          f"{sizes['n_layers']} x d_model={sizes['d_model']}, d_state={sizes['d_state']}; "
           f"torch {torch.__version__}, 1 thread")
     head = (f"{'family':<10}{'nodes':>6}{'KiB':>7}{'max err':>9}{'ONNX':>8}{'eager':>8}{'TS':>8}{'pt2':>8}"
             f"{'eager/ONNX':>11}{'TS/ONNX':>8}{'ONNX tok/s b64':>15}{'eager tok/s b64':>16}"
-            f"{'4096 stream ms':>15}{'4096 conv ms':>13}{'4096 prefill ms':>16}")
+            f"{f'{n} stream ms':>15}{f'{n} conv ms':>13}{f'{n} prefill ms':>16}")
     print(head)
     for layer, r in rows.items():
         print(f"{layer:<10}{r['nodes']:>6}{r['kib']:>7.0f}{r['err']:>9.1e}{r['onnx_us']:>8.1f}{r['eager_us']:>8.1f}"
               f"{r['ts_us']:>8.1f}{r['pt2_us']:>8.1f}{r['eager_us'] / r['onnx_us']:>10.1f}x"
               f"{r['ts_us'] / r['onnx_us']:>7.1f}x{r['onnx_tok_s_b64']:>15,.0f}{r['eager_tok_s_b64']:>16,.0f}"
-              f"{r['stream4096_ms']:>15.1f}{r['conv4096_ms']:>13.1f}{r['prefill4096_ms']:>16.1f}")
+              f"{r['stream_ms']:>15.1f}{r['conv_ms']:>13.1f}{r['prefill_ms']:>16.1f}")
     if args.compare_exporters:
         print("\nexporter comparison (ONNX nodes, us/step at batch 1):")
         for layer, r in rows.items():

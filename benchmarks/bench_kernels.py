@@ -7,7 +7,7 @@
    Python loop (``sequential_scan``) vs Hillis-Steele doubling through autograd, forward and
    forward+backward.
 
-Run:  PYTHONPATH=. python benchmarks/bench_kernels.py [--repeats 5] [--no-keops]
+Run:  python benchmarks/bench_kernels.py [--repeats 5] [--no-keops] [--smoke]
 Times are the minimum over repeats (the least noisy statistic on a shared machine), in ms.
 """
 
@@ -52,12 +52,18 @@ def ratio(a: Optional[float], b: Optional[float]) -> str:
 
 # ----------------------------------------------------------------------------------------------
 
-def bench_vandermonde(repeats: int, use_keops: bool) -> None:
+# Sizes of each mode: Vandermonde (H, N, L) and scan (B, L, N) problems.
+SIZES = {"full": {"vandermonde": [(128, 32, 1024), (128, 32, 4096), (64, 32, 65536)],
+                  "scan": [(8, 1024, 64), (4, 4096, 64)]},
+         "smoke": {"vandermonde": [(8, 4, 256)], "scan": [(1, 256, 8)]}}
+
+
+def bench_vandermonde(repeats: int, use_keops: bool, sizes=SIZES["full"]["vandermonde"]) -> None:
     print("Vandermonde kernel, conj=True, float32 (ms; ratio = keops / torch)")
     print(f"{'H':>4} {'N':>3} {'L':>6} | {'torch':>7} {'keops':>7} {'ratio':>6} | "
           f"{'torch f+b':>9} {'keops f+b':>9} {'ratio':>6} | {'rfft floor':>10}")
     gen = torch.Generator().manual_seed(0)
-    for H, N, L in [(128, 32, 1024), (128, 32, 4096), (64, 32, 65536)]:
+    for H, N, L in sizes:
         log_lam = torch.complex(-0.5 * torch.rand(H, N, generator=gen) * 1e-2,
                                 math.pi * torch.rand(H, N, generator=gen))
         v = torch.randn(H, N, dtype=torch.complex64, generator=gen)
@@ -101,13 +107,13 @@ def hillis_steele(lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def bench_scan(repeats: int) -> None:
+def bench_scan(repeats: int, sizes=SIZES["full"]["scan"]) -> None:
     print("\nDiagonal scan, complex64, |lam| in [0.9, 0.999] (ms; ratio = other / diagonal_scan)")
     methods = [("diagonal_scan", diagonal_scan), ("fft conv", fft_states),
                ("hillis-steele", hillis_steele), ("python loop", sequential_scan)]
     print(f"{'B':>3} {'L':>5} {'N':>3} {'pass':>9} | " + " ".join(f"{m:>15}" for m, _ in methods))
     gen = torch.Generator().manual_seed(0)
-    for B, L, N in [(8, 1024, 64), (4, 4096, 64)]:
+    for B, L, N in sizes:
         lam = torch.polar(0.999 - 0.099 * torch.rand(N, generator=gen),
                           math.pi * torch.rand(N, generator=gen)).to(torch.complex64)
         x = torch.randn(B, L, N, dtype=torch.complex64, generator=gen)
@@ -126,9 +132,11 @@ def bench_scan(repeats: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls; the minimum is reported (default 5)")
     ap.add_argument("--no-keops", action="store_true", help="skip the pykeops columns")
+    ap.add_argument("--smoke", action="store_true", help="one tiny problem each: checks that it runs")
     args = ap.parse_args()
+    sizes = SIZES["smoke" if args.smoke else "full"]
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     use_keops = not args.no_keops and keops_available()
@@ -138,8 +146,8 @@ def main() -> None:
         pykeops.set_verbose(False)   # keep the table free of its (one-off) compile log
     if not args.no_keops and not use_keops:
         print(f"keops unavailable: {keops_unavailable_reason()}")
-    bench_vandermonde(args.repeats, use_keops)
-    bench_scan(args.repeats)
+    bench_vandermonde(args.repeats, use_keops, sizes["vandermonde"])
+    bench_scan(args.repeats, sizes["scan"])
 
 
 if __name__ == "__main__":

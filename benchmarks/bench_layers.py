@@ -7,6 +7,7 @@ the rise of the resident set's high-water mark (VmHWM, reset first) during one f
 
     python benchmarks/bench_layers.py            # full table (about a minute)
     python benchmarks/bench_layers.py --quick    # one shape, fewer repeats
+    python benchmarks/bench_layers.py --smoke    # tiny sizes: checks that it runs
 """
 
 from __future__ import annotations
@@ -31,21 +32,33 @@ def interleaved_ms(fns: Dict[str, Callable[[], object]], rounds: int) -> Dict[st
     return {k: us / 1e3 for k, us in interleaved_steps(fns, steps=rounds, rounds=rounds, warmup=2).items()}
 
 
-LAYERS = [("s4d", {"backend": "auto"}), ("lru", {"backend": "fft"}), ("lru", {"backend": "scan"}),
-          ("s4", {"backend": "auto"})]
+# (label as in the README's table, registered name, keyword arguments)
+LAYERS = [("s4d", "s4d", {"backend": "auto"}), ("lru (scan, default)", "lru", {"backend": "scan"}),
+          ("lru (fft)", "lru", {"backend": "fft"}), ("s4", "s4", {"backend": "auto"})]
+
+# Sizes of each mode: the timed shapes (B, L), H, N, rounds, and the peak-memory forward's
+# (B, L, H, N) with the labels of the layers it covers (each a subprocess). Full: the README's table.
+ALL = tuple(label for label, _, _ in LAYERS)
+SIZES = {
+    "full": {"shapes": [(8, 1024), (4, 4096)], "H": 128, "N": 64, "rounds": 15,
+             "memory": (1, 65536, 64, 64), "memory_layers": ALL},
+    "quick": {"shapes": [(8, 1024)], "H": 128, "N": 64, "rounds": 5,
+              "memory": (1, 65536, 64, 64), "memory_layers": ALL},
+    "smoke": {"shapes": [(2, 256)], "H": 16, "N": 8, "rounds": 2,
+              "memory": (1, 16384, 16, 8), "memory_layers": ("lru (scan, default)",)},
+}
 
 
 def shape_times(B: int, L: int, H: int, N: int, rounds: int) -> Dict[str, float]:
-    """ms per call: "floor" (rfft+irfft of (B, H, L)), and "<layer> fwd" (inference, no autograd)
-    and "<layer> fwd+bwd" for every entry of LAYERS, all from one interleaved run."""
+    """ms per call: "floor" (rfft+irfft of (B, H, L)), and "<label> fwd" (inference, no autograd)
+    and "<label> fwd+bwd" for every entry of LAYERS, all from one interleaved run."""
     u = torch.randn(B, H, L)
     fns: Dict[str, Callable[[], object]] = {"floor": lambda: torch.fft.irfft(torch.fft.rfft(u), n=L)}
     x = torch.randn(B, L, H)
     xg = x.clone().requires_grad_(True)
-    for name, kw in LAYERS:
+    for label, name, kw in LAYERS:
         torch.manual_seed(0)
         layer = lrnnx_zoo.create_layer(name, H, d_state=N, **kw)
-        label = f"{name}/{kw['backend']}"
 
         def fwd(layer=layer):
             with torch.no_grad():
@@ -96,32 +109,34 @@ def peak_memory(name: str, kw: dict, B: int, L: int, H: int, N: int, cache: bool
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
+    modes = ap.add_mutually_exclusive_group()
+    modes.add_argument("--quick", action="store_true", help="one shape (B=8, L=1024), 5 rounds; memory as in full")
+    modes.add_argument("--smoke", action="store_true", help="tiny sizes, one layer's memory: checks that it runs")
     ap.add_argument("--default-allocator", action="store_true",
                     help="do not call lrnnx_zoo.runtime.tune_allocator (measure page-fault costs too)")
     args = ap.parse_args()
     tuned = False if args.default_allocator else tune_allocator()
-    rounds = 5 if args.quick else 15
-    shapes = [(8, 1024)] if args.quick else [(8, 1024), (4, 4096)]
-    H, N = 128, 64
+    sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    rounds, H, N = sizes["rounds"], sizes["H"], sizes["N"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; H={H}, N={N}, float32, CPU; "
           f"allocator {'tuned (lrnnx_zoo.runtime.tune_allocator)' if tuned else 'default'}; "
           f"medians of {rounds} interleaved rounds\n")
-    print(f"{'shape':<14} {'layer':<12} {'fwd ms':>8} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8}")
-    for B, L in shapes:
+    print(f"{'shape':<14} {'layer':<20} {'fwd ms':>8} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8}")
+    for B, L in sizes["shapes"]:
         t = shape_times(B, L, H, N, rounds)
         fl = t["floor"]
-        print(f"{f'B={B} L={L}':<14} {'rfft+irfft':<12} {fl:>8.2f} {1.0:>8.2f}")
-        for name, kw in LAYERS:
-            label = f"{name}/{kw['backend']}"
+        print(f"{f'B={B} L={L}':<14} {'rfft+irfft floor':<20} {fl:>8.2f} {1.0:>8.2f}")
+        for label, _, _ in LAYERS:
             f, fb = t[f"{label} fwd"], t[f"{label} fwd+bwd"]
-            print(f"{'':<14} {label:<12} {f:>8.2f} {f / fl:>8.2f} {fb:>11.2f} {fb / fl:>8.2f}")
-    print("\npeak memory of one forward at B=1, L=65536, H=64, N=64 (rise of peak RSS over the resident set before):")
-    for name, kw in LAYERS:
+            print(f"{'':<14} {label:<20} {f:>8.2f} {f / fl:>8.2f} {fb:>11.2f} {fb / fl:>8.2f}")
+    B, L, H, N = sizes["memory"]
+    print(f"\npeak memory of one forward at B={B}, L={L}, H={H}, N={N} "
+          f"(rise of peak RSS over the resident set before):")
+    for label, name, kw in (layer for layer in LAYERS if layer[0] in sizes["memory_layers"]):
         for cache in ((True, False) if name in ("s4d", "s4") else (True,)):
-            m = peak_memory(name, kw, 1, 65536, 64, 64, cache)
-            label = f"{name}/{kw['backend']}" + ("" if cache else ", no kernel cache")
-            print(f"  {label:<28} {m['peak_mb']:8.1f} MB = {m['peak_mb'] / m['input_mb']:5.1f} x input "
+            m = peak_memory(name, kw, B, L, H, N, cache)
+            row = label + ("" if cache else ", no kernel cache")
+            print(f"  {row:<36} {m['peak_mb']:8.1f} MB = {m['peak_mb'] / m['input_mb']:5.1f} x input "
                   f"({m['input_mb']:.0f} MB)")
 
 
