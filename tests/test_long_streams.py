@@ -56,3 +56,45 @@ def test_eager_layer_steps_keep_no_autograd_history():
     for _ in range(3):
         y, cache = layer.step(torch.randn(2, 8, requires_grad=True), cache)
     assert y.requires_grad and cache["lrnn_state"].grad_fn is None
+
+
+# -- the ONNX streamer ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    """A small seq2seq S4D model and its step graph."""
+    model = small_model("s4d")
+    path = tmp_path_factory.mktemp("long-streams") / "m.onnx"
+    to_onnx(model, path)
+    return model, str(path)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")     # numpy's, for the 1e39 refused here
+def test_a_non_finite_sample_is_refused_before_it_reaches_the_state(graph):
+    """One NaN sample used to turn every later output NaN, silently, until reset(): the state
+    carried it on. Now the sample is refused and the state stays as it was."""
+    s, clean = OnnxStreamer(graph[1]), OnnxStreamer(graph[1])
+    x = np.random.default_rng(0).standard_normal((1, 30, 3)).astype(np.float32)
+    s.run(x[:, :10])
+    clean.run(x[:, :10])
+    before = s.state
+    bad = x[:, 10].copy()
+    bad[0, 1] = np.nan
+    with pytest.raises(ValueError, match=r"x_t holds 1 NaN or infinite value\(s\) as float32, the first at "
+                                         r"index \(0, 1\); not stepped, the state is as it was"):
+        s.step(bad)
+    with pytest.raises(ValueError, match=r"x_t holds 3 NaN or infinite"):
+        s.step(torch.full((1, 3), float("-inf")))
+    with pytest.raises(ValueError, match=r"x_t holds 1 NaN or infinite"):     # float64, inf as float32
+        s.step(np.array([[0.0, 1e39, 0.0]]))
+    chunk = x[:, 10:].copy()
+    chunk[0, 5, 2] = np.inf
+    with pytest.raises(ValueError, match=r"x holds 1 NaN or infinite value\(s\) as float32, the first at index "
+                                         r"\(0, 5, 2\) \(sequence, step, feature\); nothing was streamed"):
+        s.run(chunk)
+    assert s.steps == 10 and np.array_equal(s.state, before)
+    assert np.array_equal(s.run(x[:, 10:]), clean.run(x[:, 10:]))     # as if it had never seen them
+    poisoned = s.state
+    poisoned[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"state holds 1 NaN or infinite value\(s\) as float32.*; not set"):
+        s.state = poisoned
+    assert np.isfinite(s.state).all()
