@@ -211,14 +211,15 @@ class OnnxStreamer:
     @state.setter
     def state(self, value: ArrayLike) -> None:
         value = _to_numpy(value, "state")
-        expected = (self.batch, self.state_size)
-        if value.shape != expected:
-            hint = (self._batch_advice(value.shape[0], "first ") if value.ndim == 2 and value.shape[1] == self.state_size
-                    else "a packed state of every layer, see state_layout")
-            raise ValueError(f"state must have shape (batch, state_size)={expected}, got {value.shape}; {hint}")
         if not _fits_float32(value):
             raise ValueError(f"state holds {_non_finite(value)}; not set: {_POISON}")
-        with self._lock:
+        with self._lock:        # checked against the batch it is copied into (a reset may come between)
+            expected = (self.batch, self.state_size)
+            if value.shape != expected:
+                hint = (self._batch_advice(value.shape[0], "first ")
+                        if value.ndim == 2 and value.shape[1] == self.state_size
+                        else "a packed state of every layer, see state_layout")
+                raise ValueError(f"state must have shape (batch, state_size)={expected}, got {value.shape}; {hint}")
             np.copyto(self._s[self._cur], value, casting="same_kind")
             self._fresh = False     # run() must now continue this state, not adopt a new batch
 

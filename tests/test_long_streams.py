@@ -98,3 +98,27 @@ def test_a_non_finite_sample_is_refused_before_it_reaches_the_state(graph):
     with pytest.raises(ValueError, match=r"state holds 1 NaN or infinite value\(s\) as float32.*; not set"):
         s.state = poisoned
     assert np.isfinite(s.state).all()
+
+
+def test_setting_the_state_while_another_thread_resets_names_the_batch(graph):
+    """The setter checked the shape against the batch before taking the lock. A reset(batch) from
+    another thread in between made the copy fail with numpy's "could not broadcast input array
+    from shape (3, 3072) into shape (2, 3072)" (seen with three threads stepping, resetting and
+    setting), or, for a state of one sequence, copied it into every sequence silently (numpy
+    broadcasts). The check now runs under the lock, against the batch the copy goes into."""
+    s = OnnxStreamer(graph[1])
+    errors = []
+
+    def set_state():
+        try:
+            s.state = np.zeros((1, s.state_size), np.float32)      # right for batch 1
+        except ValueError as exc:
+            errors.append(str(exc))
+
+    with s._lock:                               # hold the streamer as a long run() would
+        setter = threading.Thread(target=set_state)
+        setter.start()
+        time.sleep(0.3)                         # the setter converts, checks and waits for the lock
+        s.reset(2)
+    setter.join()
+    assert len(errors) == 1 and "state must have shape (batch, state_size)=(2, " in errors[0], errors
