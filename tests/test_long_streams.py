@@ -122,3 +122,41 @@ def test_setting_the_state_while_another_thread_resets_names_the_batch(graph):
         s.reset(2)
     setter.join()
     assert len(errors) == 1 and "state must have shape (batch, state_size)=(2, " in errors[0], errors
+
+
+# -- mean pooling far into a stream ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mean_graph(tmp_path_factory):
+    model = small_model("s4d", pooling="mean")
+    path = tmp_path_factory.mktemp("long-mean") / "m.onnx"
+    return model, to_onnx(model, path)
+
+
+@pytest.mark.parametrize("count", [1e6, 1e7])
+def test_the_running_mean_keeps_its_digits_far_into_a_stream(mean_graph, count):
+    """A mean-pooled graph's running mean, continued from step ``count`` (set through the state,
+    as after hours of streaming), against the float64 mean of the same features. The update
+    (h - mean) / count falls below the mean's last bit as the count grows: plain float32 rounding
+    was 1.4e-4 off after 3e6 streamed steps and 1.2e-3 after 1e7 (simulated); continued for 2000
+    steps here it ended 6.5e-6 (from 1e6) and 8.3e-6 (from 1e7) off, now 8.5e-8 and 6.9e-8.
+    Tolerance 1e-6: the mean is O(1), so a few float32 roundings of it (6e-8 each) and the
+    features' own error (~1e-6, weighted by 2000 / count) stay far below it."""
+    model, res = mean_graph
+    layout = {name: (off, size) for name, off, size in res.state_layout}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2000, 3, generator=g)
+    mean0 = torch.randn(1, model.config.d_model, generator=g, dtype=torch.float64)
+    state = np.zeros((1, res.state_size), np.float32)
+    off, size = layout["pool.mean"]
+    state[:, off:off + size] = mean0.float().numpy()
+    state[:, layout["pool.count"][0]] = count
+    s = OnnxStreamer(res.path)
+    s.state = state
+    s.run(x)
+    with torch.no_grad():          # the float64 features of the same steps (layers from a zero state)
+        h = model.double()._features(x.double(), None)[0]
+        model.float()
+    mean0 = mean0.float().double()   # the mean the state started from, as float32 holds it
+    want = (count * mean0[0] + h.sum(0)) / (count + x.shape[1])
+    got = s.state[0, off:off + size]
+    assert np.abs(got - want.numpy()).max() < 1e-6
