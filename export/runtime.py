@@ -11,6 +11,7 @@ one ``run_with_iobinding``, one copy out.
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
 import threading
@@ -67,6 +68,28 @@ def _to_numpy(x: ArrayLike, what: str) -> np.ndarray:
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{what} must hold floats (float32 is used), got dtype {x.dtype}")
     return x
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _fits_float32(x: np.ndarray) -> bool:
+    """Whether every value of x is finite once cast to float32, without copying x (a NaN fails
+    both comparisons; a float64 beyond float32's range would become inf)."""
+    return not x.size or bool(-_FLOAT32_MAX <= x.min() and x.max() <= _FLOAT32_MAX)
+
+
+def _non_finite(x: np.ndarray) -> str:
+    """Where x holds values that are NaN or infinite as float32 (the error path only)."""
+    with np.errstate(over="ignore"):
+        bad = np.argwhere(~np.isfinite(x.astype(np.float32)))
+    if not len(bad):      # finite values whose sum overflowed float32 (step's check)
+        return "values too large for float32 arithmetic (their sum overflows)"
+    return f"{len(bad)} NaN or infinite value(s) as float32, the first at index {tuple(bad[0].tolist())}"
+
+
+#: One NaN or inf in the state reaches every later output, until reset(): refused inputs say so.
+_POISON = "a NaN or inf in the state would reach every later output of its sequence until reset()"
 
 
 #: ``reset()``'s batch when none is given: the graph's fixed batch, else 1 (None itself is refused).
@@ -188,12 +211,15 @@ class OnnxStreamer:
     @state.setter
     def state(self, value: ArrayLike) -> None:
         value = _to_numpy(value, "state")
-        expected = (self.batch, self.state_size)
-        if value.shape != expected:
-            hint = (self._batch_advice(value.shape[0], "first ") if value.ndim == 2 and value.shape[1] == self.state_size
-                    else "a packed state of every layer, see state_layout")
-            raise ValueError(f"state must have shape (batch, state_size)={expected}, got {value.shape}; {hint}")
-        with self._lock:
+        if not _fits_float32(value):
+            raise ValueError(f"state holds {_non_finite(value)}; not set: {_POISON}")
+        with self._lock:        # checked against the batch it is copied into (a reset may come between)
+            expected = (self.batch, self.state_size)
+            if value.shape != expected:
+                hint = (self._batch_advice(value.shape[0], "first ")
+                        if value.ndim == 2 and value.shape[1] == self.state_size
+                        else "a packed state of every layer, see state_layout")
+                raise ValueError(f"state must have shape (batch, state_size)={expected}, got {value.shape}; {hint}")
             np.copyto(self._s[self._cur], value, casting="same_kind")
             self._fresh = False     # run() must now continue this state, not adopt a new batch
 
@@ -220,20 +246,31 @@ class OnnxStreamer:
         self._fresh = False
 
     def step(self, x_t: ArrayLike) -> np.ndarray:
-        """One time step: x_t (batch, d_input), numpy or torch -> y_t (batch, d_output) numpy float32."""
+        """One time step: x_t (batch, d_input), numpy or torch -> y_t (batch, d_output) numpy float32.
+
+        A NaN or infinite x_t is refused (ValueError) before the step, so the state stays as it was
+        (stepped, it would turn every later output of its sequence NaN): skip or fill in the sample."""
         x_t = _to_numpy(x_t, "x_t")
         with self._lock:
             self._check_x(x_t)
             np.copyto(self._x, x_t, casting="same_kind")
+            # one reduction on the float32 copy (a float64 beyond float32's range is inf by now)
+            if not math.isfinite(self._x.sum()):
+                raise ValueError(f"x_t holds {_non_finite(self._x)}; not stepped, the state is as it was "
+                                 f"(skip or fill in this sample): {_POISON}")
             self._advance()
             return self._y.copy()
 
     def run(self, x: ArrayLike) -> np.ndarray:
         """Stream a chunk: x (batch, L, d_input) -> y (batch, L, d_output), continuing from the
-        current state. A fresh streamer (no steps and no state set since reset) adopts x's batch size."""
+        current state. A fresh streamer (no steps and no state set since reset) adopts x's batch size.
+        A chunk holding NaN or inf is refused whole, before any step (see :meth:`step`)."""
         x = _to_numpy(x, "x")
         if x.ndim != 3 or x.shape[2] != self.d_input:
             raise ValueError(f"x must have shape (batch, length, d_input={self.d_input}), got {x.shape}")
+        if not _fits_float32(x):
+            raise ValueError(f"x holds {_non_finite(x)} (sequence, step, feature); nothing was streamed and the "
+                             f"state is as it was (fill them in, or stream the steps before them): {_POISON}")
         with self._lock:
             if x.shape[0] != self.batch and self._fresh and x.shape[0] >= 1 and self.fixed_batch is None:
                 self.reset(x.shape[0])

@@ -351,6 +351,8 @@ class SequenceModel(HubMixin, nn.Module):
         a model with ``norm="batch"`` refuses to step in training mode, because batch norm there
         normalises with the statistics of the whole (batch, length) input, which no single step
         sees (a step would use one step's batch statistics and overwrite the running ones).
+        The cache holds values without autograd history, so a stream runs in constant memory
+        with or without ``torch.no_grad()``.
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"SequenceModel.step expects a torch.Tensor of shape (batch, d_input="
@@ -388,8 +390,10 @@ class SequenceModel(HubMixin, nn.Module):
         h = self.norm(h)
         cache["t"] += 1
         if self.config.pooling == "mean":
-            # a running mean, as the exported step graph keeps it (see export.step_graph)
-            h = cache["pool_mean"] = cache["pool_mean"] + (h - cache["pool_mean"]) / cache["t"]
+            # a running mean, as the exported step graph keeps it (see export.step_graph); the cache
+            # keeps its value only, as the layers keep their states (LTI_LRNN.step)
+            h = cache["pool_mean"] + (h - cache["pool_mean"]) / cache["t"]
+            cache["pool_mean"] = h.detach() if h.requires_grad else h
         return self.decoder(h), cache
 
     def _check_input_dtype(self, x: Tensor, who: str, autocast_hint: bool = True) -> None:
