@@ -187,6 +187,8 @@ class OnnxStreamer:
         self.steps = 0
         self._fresh = True
         self._x = np.zeros((batch, self.d_input), np.float32)
+        # step()'s finiteness check: x . ones is x's sum in one BLAS call (0.35 us at batch 1, x.sum() 1 us)
+        self._x_flat, self._ones = self._x.reshape(-1), np.ones(self._x.size, np.float32)
         self._y = np.zeros((batch, self.d_output), np.float32)
         self._s = [np.zeros((batch, self.state_size), np.float32) for _ in range(2)]
         ov = ort.OrtValue.ortvalue_from_numpy   # wraps the numpy memory, no copy
@@ -255,7 +257,7 @@ class OnnxStreamer:
             self._check_x(x_t)
             np.copyto(self._x, x_t, casting="same_kind")
             # one reduction on the float32 copy (a float64 beyond float32's range is inf by now)
-            if not math.isfinite(self._x.sum()):
+            if not math.isfinite(self._x_flat.dot(self._ones)):
                 raise ValueError(f"x_t holds {_non_finite(self._x)}; not stepped, the state is as it was "
                                  f"(skip or fill in this sample): {_POISON}")
             self._advance()
