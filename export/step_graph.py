@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from lrnnx_zoo.models import SequenceModel
+from lrnnx_zoo.models import SequenceModel, running_mean_step
 from lrnnx_zoo.step_forms import same_form, step_form_dtype
 
 #: Poolings a step graph can reproduce causally (None = sequence to sequence).
@@ -76,11 +76,9 @@ class StepModule(nn.Module):
             offset += size
         self.pool_offset = offset
         if pooling == "mean":
-            # Running mean of the normalised features and the step count (a float, so the graph
-            # needs no Python int and a streaming runtime keeps it with the rest of the state).
-            # A mean, not a sum: past 2**24 steps a float32 count stops growing, and a sum divided
-            # by it would grow without bound, while the mean's update only stops shrinking.
-            # pool.carry holds what rounding cut off the mean's last update (see forward).
+            # Running mean of the normalised features with its rounding carry, and the step count
+            # (a float, so the graph needs no Python int and a streaming runtime keeps it with the
+            # rest of the state); see models.running_mean_step.
             layout += [["pool.carry", offset, d_model], ["pool.mean", offset + d_model, d_model],
                        ["pool.count", offset + 2 * d_model, 1]]
             offset += 2 * d_model + 1
@@ -99,13 +97,9 @@ class StepModule(nn.Module):
             p, d = self.pool_offset, self.d_model
             carry, mean = state[:, p:p + d], state[:, p + d:p + 2 * d]
             count = state[:, p + 2 * d:p + 2 * d + 1] + 1.0
-            # The update (h - mean) / count shrinks below the mean's last bit as the count grows:
-            # plain float32 rounding put a mean-pooled graph 1.4e-4 off its float64 mean after 3e6
-            # steps and 1.2e-3 after 1e7. Fast2Sum keeps the part rounding cut off in carry and
-            # adds it to the next update (1e-7 at 1e7 steps), for three ops on (batch, d_model).
-            update = (h - mean) / count + carry
-            h = mean + update
-            new_states += [update - (h - mean), h, count]
+            # compensated (Fast2Sum): three ops on (batch, d_model) keep the mean's digits over 1e7 steps
+            h, carry = running_mean_step(mean, carry, h, count)
+            new_states += [carry, h, count]
         y = self.decoder(h)
         return y, torch.cat(new_states, dim=1)
 
@@ -194,7 +188,7 @@ def build_step_module(model: SequenceModel) -> StepModule:
 def state_from_cache(model: SequenceModel, cache: Dict[str, Any]) -> Tensor:
     """The step graph's packed state (B, state_size), float32, of a stream the model ran in torch:
     ``cache`` from ``model.prefill(x)`` (or ``allocate_inference_cache`` and ``step``). Layers'
-    states in block order, then mean pooling's rounding carry (zero), running mean and step count
+    states in block order, then mean pooling's rounding carry, running mean and step count
     (the layout of :class:`StepModule`). Read a prompt in one convolution-mode pass and go on in ONNX Runtime::
 
         y, cache = model.prefill(prompt)
@@ -224,5 +218,5 @@ def state_from_cache(model: SequenceModel, cache: Dict[str, Any]) -> Tensor:
         mean = cache["pool_mean"]
         count = cache["t"]
         count = count if isinstance(count, Tensor) else mean.new_full((mean.shape[0], 1), float(count))
-        parts += [torch.zeros_like(mean), mean, count.to(mean.dtype)]
+        parts += [cache.get("pool_carry", torch.zeros_like(mean)), mean, count.to(mean.dtype)]
     return torch.cat(parts, 1).float().cpu() if parts else torch.zeros(cache["pool_mean"].shape[0], 0)

@@ -196,6 +196,22 @@ class Block(nn.Module):
         return h + self.mix(z), cache
 
 
+def running_mean_step(mean: Tensor, carry: Tensor, h: Tensor, count: Any) -> Tuple[Tensor, Tensor]:
+    """One update of mean pooling's running mean over a stream: the mean of the first ``count``
+    steps from that of the first count - 1 and step ``count``'s h, all (B, d) (count: a number or
+    (B, 1)). Returns (mean', carry').
+
+    mean' = mean + (h - mean) / count, summed by Fast2Sum: ``carry`` holds what rounding cut off
+    the previous update and is added to this one, since (h - mean) / count falls below the mean's
+    last bit as the count grows (float32 rounding put the mean 1.4e-4 off its float64 value after
+    3e6 steps, 1.2e-3 after 1e7; with the carry 1e-7). A mean, not a sum divided by the count: past
+    2**24 steps a float32 count stops growing, and only the update stops shrinking. The exported
+    step graph and SequenceModel.step both run this."""
+    update = (h - mean) / count + carry
+    new = mean + update
+    return new, update - (new - mean)
+
+
 def prefill_layer(layer: nn.Module, x: Tensor, lengths: Optional[Tensor]) -> Tuple[Tensor, Dict[str, Any]]:
     """``layer.prefill(x, lengths)`` (every LTI layer has it: one convolution-mode pass and its state
     at the end); for a layer without it, its forward and a cache stepped through x (sequences of
@@ -339,8 +355,8 @@ class SequenceModel(HubMixin, nn.Module):
         """The cache of :meth:`step` around the layers' caches: the pooling state and the step count."""
         if self.bidirectional:
             raise ValueError("a bidirectional model sees the future and cannot run step by step")
-        return {"layers": layers, "pool_mean": self.encoder.weight.new_zeros(batch_size, self.config.d_model),
-                "t": 0, "model": id(self)}
+        zeros = self.encoder.weight.new_zeros(batch_size, self.config.d_model)
+        return {"layers": layers, "pool_mean": zeros, "pool_carry": zeros.clone(), "t": 0, "model": id(self)}
 
     def step(self, x: Tensor, cache: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
         """One time step: x (B, d_input) -> y (B, d_output). ``cache``: from this model's
@@ -390,10 +406,10 @@ class SequenceModel(HubMixin, nn.Module):
         h = self.norm(h)
         cache["t"] += 1
         if self.config.pooling == "mean":
-            # a running mean, as the exported step graph keeps it (see export.step_graph); the cache
-            # keeps its value only, as the layers keep their states (LTI_LRNN.step)
-            h = cache["pool_mean"] + (h - cache["pool_mean"]) / cache["t"]
-            cache["pool_mean"] = h.detach() if h.requires_grad else h
+            # the running mean as the exported step graph keeps it; the cache keeps values only, as
+            # the layers keep their states (LTI_LRNN.step)
+            h, carry = running_mean_step(cache["pool_mean"], cache["pool_carry"], h, cache["t"])
+            cache["pool_mean"], cache["pool_carry"] = h.detach(), carry.detach()
         return self.decoder(h), cache
 
     def _check_input_dtype(self, x: Tensor, who: str, autocast_hint: bool = True) -> None:

@@ -160,3 +160,23 @@ def test_the_running_mean_keeps_its_digits_far_into_a_stream(mean_graph, count):
     want = (count * mean0[0] + h.sum(0)) / (count + x.shape[1])
     got = s.state[0, off:off + size]
     assert np.abs(got - want.numpy()).max() < 1e-6
+
+
+@pytest.mark.parametrize("count", [1e6, 1e7])
+def test_eager_steps_keep_the_running_means_digits_as_the_graph_does(mean_graph, count):
+    # SequenceModel.step kept the plain float32 update after the graph got its carry, so a stream
+    # in torch lost the digits the graph kept (6.5e-6 / 8.3e-6 off here, as the graph was); both
+    # now run models.running_mean_step. Same start, features and tolerance as the graph's test.
+    model, _ = mean_graph
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2000, 3, generator=g)
+    mean0 = torch.randn(1, model.config.d_model, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        cache = model.allocate_inference_cache(1)
+        cache["pool_mean"], cache["t"] = mean0.float(), int(count)
+        for t in range(x.shape[1]):
+            model.step(x[:, t], cache)
+        h = model.double()._features(x.double(), None)[0]
+        model.float()
+    want = (count * mean0.float().double()[0] + h.sum(0)) / (count + x.shape[1])
+    assert (cache["pool_mean"][0].double() - want).abs().max() < 1e-6
