@@ -116,6 +116,32 @@ def test_s4_prefill_builds_its_dense_system_once_and_squares_once(name, kw, monk
     assert "_dense_memo" not in kernel.__dict__             # nothing kept past the prefill
 
 
+@pytest.mark.parametrize("name,kw", [("s4", {}), ("s4", {"discretization": "zoh"}), ("fftconv", {"kernel_type": "s4"})],
+                         ids=["bilinear", "zoh", "fftconv-s4"])
+def test_s4_prefill_under_autograd_keeps_the_states_gradient(name, kw, monkeypatch):
+    # The shared dense work was reused whatever the grad mode: A_bar and the Krylov block built without
+    # a graph (by the step form, under no_grad) fed the state passing, so a prefill under autograd
+    # (the README streams without no_grad) gave a state with no gradient to the kernel's parameters
+    # (bilinear always, zoh after a forward under autograd), silently. Under autograd the work is
+    # not shared: the state's gradient is that of the unshared computation.
+    import contextlib
+    layer = layer_of(name, **kw)
+    kernel = layer.conv.kernel if name == "fftconv" else layer.kernel
+    x = torch.randn(3, 25, H, requires_grad=True)
+    lengths = torch.tensor([25, 9, 1])
+    layer(x)                                           # under autograd: sets the length, caches nothing
+
+    def gradients() -> list:
+        state = layer.prefill(x, lengths)[1]["lrnn_state"]
+        assert state.requires_grad
+        return torch.autograd.grad(state.pow(2).sum(), [kernel.log_dt, x])
+
+    shared = gradients()
+    monkeypatch.setattr(kernel, "sharing_dense_work", lambda L: contextlib.nullcontext())
+    for got, want in zip(shared, gradients()):
+        assert want.abs().max() > 0 and (got - want).abs().max() < 1e-5 * want.abs().max()
+
+
 def model_of(layer: str, pooling, **kw) -> lrnnx_zoo.SequenceModel:
     torch.manual_seed(1)
     cfg = lrnnx_zoo.ModelConfig(layer=layer, d_input=3, d_output=2, d_model=H, n_layers=2,

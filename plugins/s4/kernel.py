@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hippo
-from lrnnx_zoo.base import check_sizes
+from lrnnx_zoo.base import check_sizes, needs_autograd
 from lrnnx_zoo.optim import grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate
@@ -223,7 +223,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
     def dense_system(self, rate: float = 1.0) -> Tuple[Tensor, Tensor]:
         """Discretised (A_bar (H, N, N), b_bar (H, N)) in real coordinates, float64, step dt / rate
         (computed once per rate within :meth:`sharing_dense_work`)."""
-        memo = self.__dict__.get("_dense_memo")
+        memo = self._shared_work()
         if memo is None:
             return self._dense_system(rate)
         if ("system", rate) not in memo:
@@ -249,13 +249,20 @@ class SSKernelNPLR(StepModes, SSMKernel):
 
         def compute() -> Tensor:
             A_bar, b_bar = self.dense_system()
-            memo, power_t = self.__dict__.get("_dense_memo"), None
+            memo, power_t = self._shared_work(), None
             if memo is not None:         # a prefill: one chain of squares for A_bar^L and the state's Krylov block
                 power_t, rows, AT_t = dense.squaring_chain(A_bar.transpose(-1, -2).contiguous(), b_bar,
                                                            self.length, memo["T"])
                 memo["block"] = (rows, AT_t)
             return dense.output_from_row(_solve_tilde(dense.output_row(C), A_bar, self.length, power_t))
         return self.cached_kernel(("output_matrix",), compute)
+
+    def _shared_work(self) -> Optional[Dict[Any, Any]]:
+        """The results :meth:`sharing_dense_work` shares, or None: outside it, and under autograd,
+        where each use computes anew, as the kernel cache does (a result built without a graph, e.g.
+        by the step form under no_grad, cut the state passing's gradient to the parameters)."""
+        memo = self.__dict__.get("_dense_memo")
+        return None if memo is None or needs_autograd(self) else memo
 
     @contextmanager
     def sharing_dense_work(self, L: int) -> Iterator[None]:
@@ -264,7 +271,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         that :meth:`output_matrix` needs for A_bar^length (when not cached) also give the Krylov block
         that :meth:`forward_state` of an input of length L needs (log2(T) = 6 of 18 N x N products at
         L = 4096). The parameters must not change within (their results are reused); nested: the outer
-        one holds."""
+        one holds. Only work without autograd is shared (a prefill under autograd computes as outside)."""
         if "_dense_memo" in self.__dict__:
             yield
             return
@@ -416,7 +423,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
     def forward_state(self, u: Tensor, state: Tensor) -> Tensor:
         """The state x_{L-1} after u: (B, H, L) from x_{-1} = state (B, H, N/2), exactly (dense float64)."""
         A_bar, b_bar = self.dense_system()
-        block = (self.__dict__.get("_dense_memo") or {}).get("block")
+        block = (self._shared_work() or {}).get("block")
         x = dense.advance_state(A_bar, b_bar, u.double(), dense.to_real(state.to(torch.complex128)), block)
         return dense.from_real(x).to(state.dtype if state.is_complex() else torch.complex64)
 
