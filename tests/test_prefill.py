@@ -113,7 +113,7 @@ def test_s4_prefill_builds_its_dense_system_once_and_squares_once(name, kw, monk
     _, cache = layer.prefill(x, lengths)
     assert calls == {"system": 1, "power": 0}
     assert (cache["lrnn_state"] - stepped_alone(layer, x, lengths)).abs().max() < TOL
-    assert "_dense_memo" not in kernel.__dict__             # nothing kept past the prefill
+    assert not kernel.__dict__.get("_dense_memo")          # nothing kept past the prefill
 
 
 @pytest.mark.parametrize("name,kw", [("s4", {}), ("s4", {"discretization": "zoh"}), ("fftconv", {"kernel_type": "s4"})],
@@ -140,6 +140,48 @@ def test_s4_prefill_under_autograd_keeps_the_states_gradient(name, kw, monkeypat
     monkeypatch.setattr(kernel, "sharing_dense_work", lambda L: contextlib.nullcontext())
     for got, want in zip(shared, gradients()):
         assert want.abs().max() > 0 and (got - want).abs().max() < 1e-5 * want.abs().max()
+
+
+@torch.no_grad()
+def test_s4_prefills_in_two_threads_share_nothing(monkeypatch):
+    # The shared work lived on the kernel for every thread: a prefill beside another thread's (here
+    # a one-sample prompt's, still running) took that one's Krylov block, T = 1 instead of its own
+    # T = 8 at L = 64, and ran its state passing as 64 Horner steps instead of 8 (at H=64, N=64,
+    # L=2048: 2048 instead of 32 products, 4x the prefill's time). Each thread now shares its own.
+    import threading
+    from lrnnx_zoo.plugins.s4 import dense
+    layer = layer_of("s4")
+    x = torch.randn(2, 64, H)
+    layer(x)
+    blocks = {}
+    advance = dense.advance_state
+
+    def recorded(A, b, u, x0, block=None):
+        blocks[threading.current_thread().name] = None if block is None else block[0].shape[-2]
+        return advance(A, b, u, x0, block)
+
+    monkeypatch.setattr(dense, "advance_state", recorded)
+    entered, release = threading.Event(), threading.Event()
+
+    def other_prefill():                           # inside another prefill's scope, as far as its step form
+        with torch.no_grad(), layer.kernel.sharing_dense_work(1):
+            layer.kernel.__dict__.pop("_kernel_cache", None)    # so that its output matrix squares A_bar
+            layer.kernel.output_matrix()
+            entered.set()
+            release.wait(10)
+
+    other = threading.Thread(target=other_prefill)
+    other.start()
+    try:
+        assert entered.wait(10)
+        _, cache = layer.prefill(x)
+    finally:
+        release.set()
+        other.join()
+    assert blocks[threading.current_thread().name] in (None, dense.block_sizes(64)[0])
+    _, alone = layer.prefill(x)
+    assert (cache["lrnn_state"] - alone["lrnn_state"]).abs().max() < TOL
+    assert not layer.kernel.__dict__.get("_dense_memo")   # nothing kept past the prefills
 
 
 def model_of(layer: str, pooling, **kw) -> lrnnx_zoo.SequenceModel:

@@ -27,6 +27,7 @@ builds exp(dt A) densely in float64 and sums C^T A_bar^l B_bar with the two-leve
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -258,10 +259,10 @@ class SSKernelNPLR(StepModes, SSMKernel):
         return self.cached_kernel(("output_matrix",), compute)
 
     def _shared_work(self) -> Optional[Dict[Any, Any]]:
-        """The results :meth:`sharing_dense_work` shares, or None: outside it, and under autograd,
-        where each use computes anew, as the kernel cache does (a result built without a graph, e.g.
-        by the step form under no_grad, cut the state passing's gradient to the parameters)."""
-        memo = self.__dict__.get("_dense_memo")
+        """The results this thread's :meth:`sharing_dense_work` shares, or None: outside it, and under
+        autograd, where each use computes anew, as the kernel cache does (a result built without a
+        graph, e.g. by the step form under no_grad, cut the state passing's gradient to the parameters)."""
+        memo = self.__dict__.get("_dense_memo", {}).get(threading.get_ident())
         return None if memo is None or needs_autograd(self) else memo
 
     @contextmanager
@@ -271,15 +272,18 @@ class SSKernelNPLR(StepModes, SSMKernel):
         that :meth:`output_matrix` needs for A_bar^length (when not cached) also give the Krylov block
         that :meth:`forward_state` of an input of length L needs (log2(T) = 6 of 18 N x N products at
         L = 4096). The parameters must not change within (their results are reused); nested: the outer
-        one holds. Only work without autograd is shared (a prefill under autograd computes as outside)."""
-        if "_dense_memo" in self.__dict__:
+        one holds. Only work without autograd is shared (a prefill under autograd computes as outside),
+        and each thread has its own scope (another thread's prefill of another length has another block)."""
+        memos = self.__dict__.setdefault("_dense_memo", {})          # thread id -> that thread's results
+        me = threading.get_ident()
+        if me in memos:
             yield
             return
-        self.__dict__["_dense_memo"] = {"T": dense.block_sizes(max(L, 1))[0]}
+        memos[me] = {"T": dense.block_sizes(max(L, 1))[0]}
         try:
             yield
         finally:
-            self.__dict__.pop("_dense_memo", None)
+            memos.pop(me, None)
 
     @torch.no_grad()
     def _transform_C(self, factor: Tensor) -> None:
