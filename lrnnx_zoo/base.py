@@ -402,6 +402,6 @@ class LTI_LRNN(LRNN):
         y, state = form(x, state)
         # Values only: a state with autograd history chained each step's graph to the next, so a
         # stream stepped outside no_grad() grew without bound (46 KB a step for a 3-block S4D).
-        inference_cache["lrnn_state"] = state.detach() if state.requires_grad else state
+        inference_cache["lrnn_state"] = state.detach() if isinstance(state, Tensor) and state.requires_grad else state
         return y, inference_cache
 

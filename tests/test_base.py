@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -64,3 +65,24 @@ def test_default_dtype_without_any_tensor():
 
     cache = Empty().allocate_inference_cache(1)
     assert cache["lrnn_state"].dtype == torch.get_default_dtype()
+
+
+def test_a_step_form_returning_no_tensor_state_gets_the_caches_message():
+    # Detaching the stepped state (so a stream keeps no autograd history) read state.requires_grad
+    # of whatever a third-party step form returned: a list failed with AttributeError instead of
+    # the next step's "'lrnn_state' must have shape (batch, state_size=...)".
+    class ListState(torch.nn.Module):
+        state_size, d_input, d_output = 3, 3, 3
+
+        def forward(self, u: Tensor, s: Tensor):
+            return u, [s]
+
+    class Odd(FixedDecay):
+        def step_form(self) -> torch.nn.Module:
+            return ListState()
+
+    layer = Odd(3)
+    cache = layer.allocate_inference_cache(1)
+    layer.step(torch.zeros(1, 3), cache)
+    with pytest.raises(ValueError, match=r"'lrnn_state' must have shape \(batch, state_size=3\)"):
+        layer.step(torch.zeros(1, 3), cache)
