@@ -367,8 +367,10 @@ class SequenceModel(HubMixin, nn.Module):
         a model with ``norm="batch"`` refuses to step in training mode, because batch norm there
         normalises with the statistics of the whole (batch, length) input, which no single step
         sees (a step would use one step's batch statistics and overwrite the running ones).
-        The cache holds values without autograd history, so a stream runs in constant memory
-        with or without ``torch.no_grad()``.
+        The cache holds values without autograd history (an LTI_LRNN's state and the pooling
+        state; a layer with its own ``step`` keeps what its cache holds), so a stream runs in
+        constant memory with or without ``torch.no_grad()``, and gradients do not flow back across
+        steps (train with :meth:`forward`).
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"SequenceModel.step expects a torch.Tensor of shape (batch, d_input="
