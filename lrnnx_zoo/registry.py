@@ -456,9 +456,10 @@ def _strings(value: Any) -> List[str]:
 
 def extra_plugins(layer: str, layer_kwargs: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The third-party plugins, other than the one providing ``layer``, whose initializers (of that
-    layer) or kernel backends a string in ``layer_kwargs`` names (``init="slowlin"``,
-    ``backend="other:fast"``), as a checkpoint records them: [{name, distribution, version,
-    names: ["s4d.slowlin", ...]}]. Building the layer needs them, so loading it does too."""
+    layer, or of the family whose kernel it builds) or kernel backends a string in ``layer_kwargs``
+    names (``init="slowlin"``, ``backend="other:fast"``), as a checkpoint records them: [{name,
+    distribution, version, names: ["s4d.slowlin", ...]}]. Building the layer needs them, so loading
+    it does too."""
     reg = get_registry()
     prefix, _, family = layer.rpartition(":")
     own = {e.plugin for e in reg._layers.get(family, []) if not prefix or e.plugin == prefix}
@@ -466,7 +467,8 @@ def extra_plugins(layer: str, layer_kwargs: Dict[str, Any]) -> List[Dict[str, An
     found: Dict[str, set] = {}
     for text in _strings(layer_kwargs):
         plugin, _, bare = text.rpartition(":")
-        keys = [(reg._initializers, (family, bare))] + [(reg._backends, (kind, bare)) for kind in kinds]
+        keys = [(reg._initializers, key) for key in _initializer_keys(reg, family, bare)]
+        keys += [(reg._backends, (kind, bare)) for kind in kinds]
         for table, key in keys:
             for entry in table.get(key, []):
                 info = reg.plugins.get(entry.plugin)
@@ -474,6 +476,16 @@ def extra_plugins(layer: str, layer_kwargs: Dict[str, Any]) -> List[Dict[str, An
                     found.setdefault(entry.plugin, set()).add(".".join(key))
     return [{"name": name, "distribution": reg.plugins[name].distribution, "version": reg.plugins[name].version,
              "names": sorted(names)} for name, names in sorted(found.items())]
+
+
+def _initializer_keys(reg: Registry, family: str, name: str) -> List[Tuple[str, str]]:
+    """The initializer table keys ``name`` may mean in a ``family`` layer's keyword arguments: its
+    own (family, name) when registered, else (layer, name) of any layer, since a layer may build
+    another family's kernel, which takes that family's initializers (fftconv's default s4d kernel
+    with ``init="slowlin"`` calls get_initializer("s4d", "slowlin"))."""
+    if (family, name) in reg._initializers:
+        return [(family, name)]
+    return [key for key in list(reg._initializers) if key[1] == name]   # list(): one snapshot of the keys
 
 
 def _records(value: Any) -> List[Dict[str, Any]]:

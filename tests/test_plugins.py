@@ -535,3 +535,28 @@ def test_a_plugin_missing_an_optional_dependency_says_which_module_to_install(tm
     finally:
         monkeypatch.undo()
         lrnnx_zoo.reload_plugins()
+
+
+def test_a_checkpoint_names_the_plugin_of_an_initializer_its_kernel_takes(tmp_path, monkeypatch):
+    # fftconv builds an s4d kernel, which takes s4d's initializers: a model built with a third-party
+    # init="slowlin" recorded no extra_plugins (only fftconv's own table was searched), and without
+    # the plugin loading said "unknown initializer for 's4d' 'slowlin'" and nothing about what to install.
+    activate(make_distribution(tmp_path / "site", "tp-extras", {"tp_extras": EXTRAS_FOR_S4D}, {"extras": "tp_extras"},
+                               "1.0.0"), monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    config = lrnnx_zoo.ModelConfig(layer="fftconv", d_input=1, d_output=2, d_model=4, n_layers=1,
+                                   layer_kwargs={"d_state": 4, "init": "slowlin"})
+    try:
+        lrnnx_zoo.reload_plugins()
+        lrnnx_zoo.SequenceModel(config).save_pretrained(tmp_path / "ck")
+        saved = __import__("json").loads((tmp_path / "ck" / "config.json").read_text())
+        assert saved.get("extra_plugins") == [{"name": "extras", "distribution": "tp-extras", "version": "1.0.0",
+                                               "names": ["s4d.slowlin"]}], saved
+        monkeypatch.undo()                                                 # pip uninstall tp-extras
+        lrnnx_zoo.reload_plugins()
+        with pytest.raises(lrnnx_zoo.CheckpointError, match=r"s4d.slowlin from plugin 'extras' \(tp-extras 1.0.0\), "
+                                                            r"which is not installed: pip install tp-extras"):
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
