@@ -234,17 +234,25 @@ def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None
     repo_id = create_repo(repo_id, token=token, private=private, kept=kept)
     message = commit_message or f"Upload lrnnx-zoo {__version__} checkpoint"
     with publishing("upload to", repo_id, kept):
+        _check_repo_holds_no_other_model(api, repo_id, revision, kept)    # before a new branch is made
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        _check_repo_holds_no_other_model(api, repo_id, revision, kept)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=list(CHECKPOINT_FILES),
                                  commit_message=message, revision=revision)
 
 
 def repo_config_file(api: Any, repo_id: str, revision: Optional[str] = None) -> Optional[Path]:
-    """The local copy of ``repo_id``'s config.json (at ``revision``), or None when it has none: what
-    a push checks before it replaces a repo's config.json and card."""
-    if CONFIG_NAME not in api.list_repo_files(repo_id, revision=revision):
+    """The local copy of ``repo_id``'s config.json (at ``revision``; a branch not made yet starts
+    from main, so main's), or None when it has none: what a push checks before it replaces a repo's
+    config.json and card."""
+    from huggingface_hub.errors import RevisionNotFoundError
+    try:
+        files = api.list_repo_files(repo_id, revision=revision)
+    except RevisionNotFoundError:
+        if revision in (None, "main"):
+            raise
+        return repo_config_file(api, repo_id, None)     # create_branch will start it from main
+    if CONFIG_NAME not in files:
         return None
     return Path(api.hf_hub_download(repo_id, CONFIG_NAME, revision=revision))
 
