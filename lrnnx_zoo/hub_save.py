@@ -276,6 +276,20 @@ def _check_repo_holds_no_other_model(api: Any, repo_id: str, revision: Optional[
                               f"{kept_sentence(kept)}")
 
 
+def push_checkpoint(model: "SequenceModel", repo_id: str, *, token: Optional[str] = None, private: bool = False,
+                    commit_message: Optional[str] = None, revision: Optional[str] = None,
+                    kept: str = "the model in memory is unchanged (save_pretrained(DIR) keeps a local copy)") -> Any:
+    """:meth:`HubMixin.push_to_hub`, with ``kept`` (what the user still has when it fails) given by
+    the caller: `lrnnx-zoo push` has no model in memory to speak of, but the checkpoint it loaded."""
+    import tempfile
+    meta = model._provenance()
+    repo_id = create_repo(repo_id, token=token, private=private, kept=kept)   # its full id, for the card
+    with tempfile.TemporaryDirectory(prefix="lrnnx-zoo-push-") as tmp:
+        folder = save_checkpoint(model, Path(tmp) / "checkpoint", name=repo_id, **meta)
+        return upload_checkpoint(folder, repo_id, token=token, private=private,
+                                 commit_message=commit_message, revision=revision, kept=kept)
+
+
 #: config.json's provenance fields, which save_pretrained / push_to_hub write into the card.
 PROVENANCE_KEYS = ("task", "dataset", "metrics", "command", "notes")
 #: Those that describe the run that made the weights: stale once the weights change.
@@ -349,14 +363,8 @@ class HubMixin:
         once the weights changed since (fine-tuning): those are left out and the card says so. To
         publish new ones use ``save_pretrained(DIR, ..., push_to_hub=True)``.
         """
-        import tempfile
-        meta = self._provenance()
-        kept = "the model in memory is unchanged (save_pretrained(DIR) keeps a local copy)"
-        repo_id = create_repo(repo_id, token=token, private=private, kept=kept)   # its full id, for the card
-        with tempfile.TemporaryDirectory(prefix="lrnnx-zoo-push-") as tmp:
-            folder = save_checkpoint(self, Path(tmp) / "checkpoint", name=repo_id, **meta)
-            return upload_checkpoint(folder, repo_id, token=token, private=private,
-                                     commit_message=commit_message, revision=revision, kept=kept)
+        return push_checkpoint(self, repo_id, token=token, private=private, commit_message=commit_message,
+                               revision=revision)
 
     def _provenance(self, **given: Any) -> Dict[str, Any]:
         """The card's fields (PROVENANCE_KEYS): those ``given`` as not None, the others from

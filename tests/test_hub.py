@@ -1019,3 +1019,15 @@ def test_a_refused_push_to_a_new_branch_leaves_no_branch_behind(local_hub):
         model.push_to_hub("acme/mixed", revision="bert")
     model.push_to_hub("acme/mixed", revision="dev")
     assert_same_outputs(model, from_pretrained("acme/mixed", revision="dev"))
+
+
+def test_cli_push_that_fails_says_the_source_is_unchanged(local_hub, tmp_path, capsys):
+    # A refused or failed `lrnnx-zoo push` ended "The model in memory is unchanged (save_pretrained(DIR)
+    # keeps a local copy).": push_to_hub's words, about a model the command-line user never had.
+    from huggingface_hub import HfApi
+    folder = tiny("lru").save_pretrained(tmp_path / "run")
+    HfApi().create_repo("acme/other")
+    HfApi().upload_file(path_or_fileobj=b'{"model_type": "bert"}', path_in_repo="config.json", repo_id="acme/other")
+    assert cli_main(["push", str(folder), "acme/other"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to upload" in err and f"{folder} is unchanged." in err and "in memory" not in err, err
