@@ -22,7 +22,7 @@ from .folder_swap import replaced_folder
 from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
                   CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout, loadable_source,
                   peek_config, weights_changed)
-from .registry import extra_plugins, get_registry
+from .registry import extra_plugins, get_registry, layer_owners
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
     from .models import SequenceModel
@@ -74,10 +74,9 @@ def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any 
                         f"({type(command).__name__})")
     layer = model.config.layer
     prefix, _, family = layer.rpartition(":")
-    reg = get_registry()
-    owners = [e.plugin for e in reg._layers.get(family, []) if not prefix or e.plugin == prefix]
+    owners = layer_owners(layer)
     name = owners[0] if owners else (prefix or None)
-    info = reg.plugins.get(name) if name else None
+    info = get_registry().plugins.get(name) if name else None
     extras = extra_plugins(layer, model.config.layer_kwargs)   # loading needs them too; the key only when used
     return {"format_version": FORMAT_VERSION, "library": LIBRARY, "library_version": __version__,
             "family": family,

@@ -416,15 +416,20 @@ def unregister_plugin(name: str) -> None:
     reg.mark_duplicates()       # a clash this plugin was part of is over
 
 
+def layer_owners(layer: str) -> List[str]:
+    """The plugins that register the layer ``layer`` names ("family" or "plugin:family"): one when
+    the name is unambiguous, none when no loaded plugin has it."""
+    prefix, _, family = layer.rpartition(":")
+    return [e.plugin for e in get_registry()._layers.get(family, []) if not prefix or e.plugin == prefix]
+
+
 def plugin_change(record: Dict[str, Any], layer: str) -> Optional[str]:
     """How the plugin that now provides ``layer`` differs from ``record``, the {name, distribution,
     version} a checkpoint was saved with; None when it is the same release, when nothing was
     recorded, and for the built-in families (their checkpoints are versioned by format_version)."""
-    reg = get_registry()
-    prefix, _, family = layer.rpartition(":")
-    owners = [e.plugin for e in reg._layers.get(family, []) if not prefix or e.plugin == prefix]
-    info = reg.plugins.get(owners[0]) if len(owners) == 1 else None   # else the lookup itself explains
-    return _release_change(record, info, f"layer {family!r}")
+    owners = layer_owners(layer)
+    info = get_registry().plugins.get(owners[0]) if len(owners) == 1 else None   # else the lookup itself explains
+    return _release_change(record, info, f"layer {layer.rpartition(':')[2]!r}")
 
 
 def _release_change(record: Dict[str, Any], info: Optional[PluginInfo], what: str) -> Optional[str]:
@@ -461,8 +466,7 @@ def extra_plugins(layer: str, layer_kwargs: Dict[str, Any]) -> List[Dict[str, An
     distribution, version, names: ["s4d.slowlin", ...]}]. Building the layer needs them, so loading
     it does too."""
     reg = get_registry()
-    prefix, _, family = layer.rpartition(":")
-    own = {e.plugin for e in reg._layers.get(family, []) if not prefix or e.plugin == prefix}
+    family, own = layer.rpartition(":")[2], set(layer_owners(layer))
     kinds = sorted({k for k, _ in reg._backends})
     found: Dict[str, set] = {}
     for text in _strings(layer_kwargs):
