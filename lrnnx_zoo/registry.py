@@ -498,10 +498,21 @@ def _records(value: Any) -> List[Dict[str, Any]]:
         if isinstance(value, list) else []
 
 
+def _extra_provider(reg: Registry, record: Dict[str, Any]) -> Optional[PluginInfo]:
+    """The loaded plugin that now provides an ``extra_plugins`` entry's names: the recorded plugin
+    when it is loaded, else the one plugin registering them (a fork, or lrnnx-zoo itself), else None."""
+    info = reg.plugins.get(record["name"])
+    if info is not None:
+        return info
+    keys = [tuple(str(label).split(".", 1)) for label in record.get("names") or []]   # "s4d.slowlin"
+    owners = {e.plugin for key in keys for table in (reg._initializers, reg._backends) for e in table.get(key, [])}
+    return reg.plugins.get(owners.pop()) if len(owners) == 1 else None
+
+
 def extra_plugin_changes(records: Any) -> List[str]:
-    """:func:`plugin_change` for the ``extra_plugins`` a checkpoint records (those that are loaded)."""
+    """:func:`plugin_change` for the ``extra_plugins`` a checkpoint records (those now provided)."""
     reg = get_registry()
-    changes = (_release_change(r, reg.plugins.get(r["name"]), ", ".join(map(str, r.get("names") or [])))
+    changes = (_release_change(r, _extra_provider(reg, r), ", ".join(map(str, r.get("names") or [])))
                for r in _records(records))
     return [c for c in changes if c]
 

@@ -560,3 +560,30 @@ def test_a_checkpoint_names_the_plugin_of_an_initializer_its_kernel_takes(tmp_pa
     finally:
         monkeypatch.undo()
         lrnnx_zoo.reload_plugins()
+
+
+def test_loading_with_an_extra_now_from_another_plugin_warns(tmp_path, monkeypatch):
+    # The layer's plugin was compared with whoever provides the layer now (a fork warns), but an
+    # extra plugin only with a plugin of its recorded name: tp-extras uninstalled and a fork
+    # registering the same initializer and backend under another name loaded without a word.
+    from lrnnx_zoo.registry import PluginVersionWarning
+    activate(make_distribution(tmp_path / "site", "tp-extras", {"tp_extras": EXTRAS_FOR_S4D}, {"extras": "tp_extras"},
+                               "1.0.0"), monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    config = lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=2, d_model=4, n_layers=1,
+                                   layer_kwargs={"d_state": 4, "init": "slowlin", "backend": "chunked"})
+    try:
+        lrnnx_zoo.reload_plugins()
+        lrnnx_zoo.SequenceModel(config).save_pretrained(tmp_path / "ck")
+        monkeypatch.undo()                                      # tp-extras uninstalled, a fork installed
+        activate(make_distribution(tmp_path / "fork", "tp-fork", {"tp_fork": EXTRAS_FOR_S4D}, {"extras_fork": "tp_fork"}),
+                 monkeypatch)
+        monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+        lrnnx_zoo.reload_plugins()
+        with pytest.warns(PluginVersionWarning, match=r"s4d.slowlin, vandermonde.chunked from plugin 'extras' "
+                                                      r"\(tp-extras 1.0.0\), and it is now built by plugin 'extras_fork' "
+                                                      r"from tp-fork 0.1.0.*pip install tp-extras==1.0.0"):
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
