@@ -529,7 +529,9 @@ def missing_extra_plugins(records: Any) -> str:
         dist, version = r.get("distribution"), r.get("version")
         saved = f" ({dist} {version or ''})".replace(" )", ")") if dist else ""
         hint = f" It was saved with {', '.join(map(str, r.get('names') or []))} from plugin {r['name']!r}{saved}"
-        if info is not None:
+        if info is not None and info.error.startswith("duplicate"):   # loaded; the name is ambiguous
+            hint += f", which is loaded, but {info.error.removeprefix('duplicate names: ').strip().splitlines()[0]}"
+        elif info is not None:
             hint += f", which is installed but failed to load: {info.error.strip().splitlines()[0]} (see `lrnnx-zoo plugins`)."
         elif dist:
             hint += f", which is not installed: pip install {dist}, then restart Python or call lrnnx_zoo.reload_plugins()."

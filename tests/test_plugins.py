@@ -587,3 +587,35 @@ def test_loading_with_an_extra_now_from_another_plugin_warns(tmp_path, monkeypat
     finally:
         monkeypatch.undo()
         lrnnx_zoo.reload_plugins()
+
+
+def _s4d_slowlin_plugin(name):
+    """A module registering the initializer s4d.slowlin, as plugin ``name`` would."""
+    from lrnnx_zoo.plugins.s4d import init_lin
+    module = __import__("types").ModuleType(name)
+
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_initializers(registry):
+        registry.add_initializer("s4d", "slowlin", init_lin)
+    module.lrnnx_zoo_register_initializers = lrnnx_zoo_register_initializers
+    return module
+
+
+def test_a_clashing_extra_plugin_is_not_said_to_have_failed_to_load(tmp_path):
+    # The recorded plugin was loaded, but another one now registers the same initializer: the
+    # error said "which is installed but failed to load: duplicate names: ...", which it had not.
+    config = lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=4, n_layers=1,
+                                   layer_kwargs={"d_state": 4, "init": "slowlin"})
+    lrnnx_zoo.register_plugin(_s4d_slowlin_plugin("tp_slowlin"), "extras")
+    try:
+        lrnnx_zoo.SequenceModel(config).save_pretrained(tmp_path / "ck")
+        with pytest.warns(UserWarning, match="also registered by extras"):
+            lrnnx_zoo.register_plugin(_s4d_slowlin_plugin("tp_other"), "clash")
+        with pytest.raises(lrnnx_zoo.CheckpointError) as err:
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+    finally:
+        for name in {"extras", "clash"} & {p.name for p in lrnnx_zoo.list_plugins()}:
+            lrnnx_zoo.unregister_plugin(name)
+    msg = str(err.value)
+    assert "from plugin 'extras', which is loaded, but initializer 's4d.slowlin' is also registered by clash" in msg
+    assert "failed to load" not in msg, msg
