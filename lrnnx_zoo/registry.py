@@ -493,9 +493,16 @@ def _initializer_keys(reg: Registry, family: str, name: str) -> List[Tuple[str, 
 
 
 def _records(value: Any) -> List[Dict[str, Any]]:
-    """The well-formed entries of a checkpoint's ``extra_plugins`` (a hand-edited one is not refused)."""
-    return [r for r in value if isinstance(r, dict) and isinstance(r.get("name"), str)] \
+    """The entries of a checkpoint's ``extra_plugins`` that name a plugin, each with ``names`` as a
+    list of str (a hand-edited one is not refused: names that are no list count as none)."""
+    entries = [r for r in value if isinstance(r, dict) and isinstance(r.get("name"), str)] \
         if isinstance(value, list) else []
+    return [{**r, "names": [str(n) for n in r["names"]] if isinstance(r.get("names"), list) else []} for r in entries]
+
+
+def _used(record: Dict[str, Any]) -> str:
+    """What a checkpoint used of an extra plugin, for a message ("s4d.slowlin, vandermonde.chunked")."""
+    return ", ".join(record["names"]) or "initializers or backends"
 
 
 def _extra_provider(reg: Registry, record: Dict[str, Any]) -> Optional[PluginInfo]:
@@ -504,7 +511,7 @@ def _extra_provider(reg: Registry, record: Dict[str, Any]) -> Optional[PluginInf
     info = reg.plugins.get(record["name"])
     if info is not None:
         return info
-    keys = [tuple(str(label).split(".", 1)) for label in record.get("names") or []]   # "s4d.slowlin"
+    keys = [tuple(label.split(".", 1)) for label in record["names"]]   # "s4d.slowlin"
     owners = {e.plugin for key in keys for table in (reg._initializers, reg._backends) for e in table.get(key, [])}
     return reg.plugins.get(owners.pop()) if len(owners) == 1 else None
 
@@ -512,7 +519,7 @@ def _extra_provider(reg: Registry, record: Dict[str, Any]) -> Optional[PluginInf
 def extra_plugin_changes(records: Any) -> List[str]:
     """:func:`plugin_change` for the ``extra_plugins`` a checkpoint records (those now provided)."""
     reg = get_registry()
-    changes = (_release_change(r, _extra_provider(reg, r), ", ".join(map(str, r.get("names") or [])))
+    changes = (_release_change(r, _extra_provider(reg, r), _used(r))
                for r in _records(records))
     return [c for c in changes if c]
 
@@ -528,7 +535,7 @@ def missing_extra_plugins(records: Any) -> str:
             continue
         dist, version = r.get("distribution"), r.get("version")
         saved = f" ({dist} {version or ''})".replace(" )", ")") if dist else ""
-        hint = f" It was saved with {', '.join(map(str, r.get('names') or []))} from plugin {r['name']!r}{saved}"
+        hint = f" It was saved with {_used(r)} from plugin {r['name']!r}{saved}"
         if info is not None and info.error.startswith("duplicate"):   # loaded; the name is ambiguous
             hint += f", which is loaded, but {info.error.removeprefix('duplicate names: ').strip().splitlines()[0]}"
         elif info is not None:

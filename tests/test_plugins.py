@@ -619,3 +619,25 @@ def test_a_clashing_extra_plugin_is_not_said_to_have_failed_to_load(tmp_path):
     msg = str(err.value)
     assert "from plugin 'extras', which is loaded, but initializer 's4d.slowlin' is also registered by clash" in msg
     assert "failed to load" not in msg, msg
+
+
+@pytest.mark.parametrize("names", [5, "s4d.slowlin", {"s4d": "slowlin"}])
+def test_a_hand_edited_extra_plugins_entry_is_not_refused(tmp_path, names):
+    # extra_plugins entries are read leniently, but '"names": 5' made from_pretrained raise
+    # "TypeError: 'int' object is not iterable" (and a str was listed letter by letter).
+    config = lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=4, n_layers=1,
+                                   layer_kwargs={"d_state": 4, "init": "slowlin"})
+    lrnnx_zoo.register_plugin(_s4d_slowlin_plugin("tp_slowlin"), "extras")
+    try:
+        folder = lrnnx_zoo.SequenceModel(config).save_pretrained(tmp_path / "ck")
+    finally:
+        lrnnx_zoo.unregister_plugin("extras")
+    saved = __import__("json").loads((folder / "config.json").read_text())
+    saved["extra_plugins"][0]["names"] = names
+    (folder / "config.json").write_text(__import__("json").dumps(saved))
+    with pytest.raises(lrnnx_zoo.CheckpointError) as err:             # the plugin is gone: a hint, not a crash
+        lrnnx_zoo.from_pretrained(folder)
+    assert "It was saved with initializers or backends from plugin 'extras', which is not loaded" in str(err.value)
+    saved["model"]["layer_kwargs"]["init"] = "lin"                   # buildable: it loads
+    (folder / "config.json").write_text(__import__("json").dumps(saved))
+    assert lrnnx_zoo.from_pretrained(folder) is not None
