@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 from lrnnx_zoo.hub import loadable_source
 
 from .onnx_export import DEFAULT_OPSET
+from .provenance import source_of
 
 _TAGS = {"onnx": ["onnx"], "torchscript": ["torchscript"], "torch-export": ["torch-export"]}
 
@@ -30,12 +31,14 @@ def _fixed_batch(config: Dict[str, Any]) -> Optional[int]:
 def _made_with(config: Dict[str, Any]) -> List[str]:
     """The command and the export_folder call that remake this folder (from a folder named
     ``out``): the source is something from_pretrained loads (a shipped name, a Hub repo id at its
-    commit, a folder path), and every setting that differs from the defaults is spelled out."""
+    commit, a folder path), and every setting that differs from the defaults is spelled out. A
+    model not loaded as is (in memory, or fine-tuned since) gets the call only, with a placeholder."""
     from .folder import FOLDER_VALIDATION_LENGTH     # folder imports this module
 
     src = config.get("source_checkpoint") or {}
-    loadable = loadable_source(src)
-    revision = (src.get("commit") or src.get("revision")) if src.get("repo_id") else None
+    # weights changed since src was loaded (fine-tuned; "source" says so): loading src again makes another model
+    loadable = loadable_source(src) if config.get("source") == source_of({"source": src}) else None
+    revision = (src.get("commit") or src.get("revision")) if loadable and src.get("repo_id") else None
     opset = config.get("opset") if config["format"] == "onnx" and config.get("opset") != DEFAULT_OPSET else None
     length = (config.get("validation") or {}).get("length")
     length = length if length not in (None, FOLDER_VALIDATION_LENGTH) else None
@@ -46,7 +49,7 @@ def _made_with(config: Dict[str, Any]) -> List[str]:
     call += [f"{k}={v!r}" for k, v in settings]
     python = ["```python", "from lrnnx_zoo.export import export_folder", "",
               f"export_folder({', '.join(call)})", "```", ""]
-    if loadable is None:      # an in-memory model: only Python can pass it
+    if loadable is None:      # an in-memory (or fine-tuned) model: only Python can pass it
         return python
     flags = [f"--format {config['format']}", "--out out"]
     flags += [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in settings]

@@ -73,7 +73,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
     """Publish a checkpoint (what `lrnnx-zoo train --out DIR` wrote, or anything from_pretrained
     loads) as model.push_to_hub does: loaded first, so a damaged folder is refused before any upload."""
     from .hub import from_pretrained
-    from .hub_save import HubPublishError, check_repo_id
+    from .hub_save import HubPublishError, check_repo_id, push_checkpoint
 
     try:
         check_repo_id(args.repo, "REPO")
@@ -81,8 +81,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
         if args.branch is not None and not args.branch.strip():
             raise ValueError("--branch is empty; pass a branch name, or leave it out for main")
         model = from_pretrained(args.src, revision=args.revision)
-        commit = model.push_to_hub(args.repo, private=args.private, commit_message=args.message,
-                                   revision=args.branch)
+        commit = push_checkpoint(model, args.repo, private=args.private, commit_message=args.message,
+                                 revision=args.branch, kept=f"{args.src} is unchanged")
     except (ValueError, HubPublishError) as exc:                 # CheckpointError is a ValueError
         print(f"lrnnx-zoo push: {exc}", file=sys.stderr)
         return 2

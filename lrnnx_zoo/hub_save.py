@@ -22,7 +22,7 @@ from .folder_swap import replaced_folder
 from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
                   CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout, loadable_source,
                   peek_config, weights_changed)
-from .registry import extra_plugins, get_registry
+from .registry import extra_plugins, get_registry, layer_owners
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
     from .models import SequenceModel
@@ -74,10 +74,9 @@ def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any 
                         f"({type(command).__name__})")
     layer = model.config.layer
     prefix, _, family = layer.rpartition(":")
-    reg = get_registry()
-    owners = [e.plugin for e in reg._layers.get(family, []) if not prefix or e.plugin == prefix]
+    owners = layer_owners(layer)
     name = owners[0] if owners else (prefix or None)
-    info = reg.plugins.get(name) if name else None
+    info = get_registry().plugins.get(name) if name else None
     extras = extra_plugins(layer, model.config.layer_kwargs)   # loading needs them too; the key only when used
     return {"format_version": FORMAT_VERSION, "library": LIBRARY, "library_version": __version__,
             "family": family,
@@ -234,17 +233,25 @@ def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None
     repo_id = create_repo(repo_id, token=token, private=private, kept=kept)
     message = commit_message or f"Upload lrnnx-zoo {__version__} checkpoint"
     with publishing("upload to", repo_id, kept):
+        _check_repo_holds_no_other_model(api, repo_id, revision, kept)    # before a new branch is made
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        _check_repo_holds_no_other_model(api, repo_id, revision, kept)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=list(CHECKPOINT_FILES),
                                  commit_message=message, revision=revision)
 
 
 def repo_config_file(api: Any, repo_id: str, revision: Optional[str] = None) -> Optional[Path]:
-    """The local copy of ``repo_id``'s config.json (at ``revision``), or None when it has none: what
-    a push checks before it replaces a repo's config.json and card."""
-    if CONFIG_NAME not in api.list_repo_files(repo_id, revision=revision):
+    """The local copy of ``repo_id``'s config.json (at ``revision``; a branch not made yet starts
+    from main, so main's), or None when it has none: what a push checks before it replaces a repo's
+    config.json and card."""
+    from huggingface_hub.errors import RevisionNotFoundError
+    try:
+        files = api.list_repo_files(repo_id, revision=revision)
+    except RevisionNotFoundError:
+        if revision in (None, "main"):
+            raise
+        return repo_config_file(api, repo_id, None)     # create_branch will start it from main
+    if CONFIG_NAME not in files:
         return None
     return Path(api.hf_hub_download(repo_id, CONFIG_NAME, revision=revision))
 
@@ -266,6 +273,20 @@ def _check_repo_holds_no_other_model(api: Any, repo_id: str, revision: Optional[
                               f"checkpoint's {CONFIG_NAME} and {CARD_NAME} would replace it. Expected a new repo "
                               f"or an lrnnx-zoo checkpoint's; push to another repo, e.g. {repo_id + '-checkpoint'!r}. "
                               f"{kept_sentence(kept)}")
+
+
+def push_checkpoint(model: "SequenceModel", repo_id: str, *, token: Optional[str] = None, private: bool = False,
+                    commit_message: Optional[str] = None, revision: Optional[str] = None,
+                    kept: str = "the model in memory is unchanged (save_pretrained(DIR) keeps a local copy)") -> Any:
+    """:meth:`HubMixin.push_to_hub`, with ``kept`` (what the user still has when it fails) given by
+    the caller: `lrnnx-zoo push` has no model in memory to speak of, but the checkpoint it loaded."""
+    import tempfile
+    meta = model._provenance()
+    repo_id = create_repo(repo_id, token=token, private=private, kept=kept)   # its full id, for the card
+    with tempfile.TemporaryDirectory(prefix="lrnnx-zoo-push-") as tmp:
+        folder = save_checkpoint(model, Path(tmp) / "checkpoint", name=repo_id, **meta)
+        return upload_checkpoint(folder, repo_id, token=token, private=private,
+                                 commit_message=commit_message, revision=revision, kept=kept)
 
 
 #: config.json's provenance fields, which save_pretrained / push_to_hub write into the card.
@@ -341,14 +362,8 @@ class HubMixin:
         once the weights changed since (fine-tuning): those are left out and the card says so. To
         publish new ones use ``save_pretrained(DIR, ..., push_to_hub=True)``.
         """
-        import tempfile
-        meta = self._provenance()
-        kept = "the model in memory is unchanged (save_pretrained(DIR) keeps a local copy)"
-        repo_id = create_repo(repo_id, token=token, private=private, kept=kept)   # its full id, for the card
-        with tempfile.TemporaryDirectory(prefix="lrnnx-zoo-push-") as tmp:
-            folder = save_checkpoint(self, Path(tmp) / "checkpoint", name=repo_id, **meta)
-            return upload_checkpoint(folder, repo_id, token=token, private=private,
-                                     commit_message=commit_message, revision=revision, kept=kept)
+        return push_checkpoint(self, repo_id, token=token, private=private, commit_message=commit_message,
+                               revision=revision)
 
     def _provenance(self, **given: Any) -> Dict[str, Any]:
         """The card's fields (PROVENANCE_KEYS): those ``given`` as not None, the others from

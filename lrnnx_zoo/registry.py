@@ -416,15 +416,20 @@ def unregister_plugin(name: str) -> None:
     reg.mark_duplicates()       # a clash this plugin was part of is over
 
 
+def layer_owners(layer: str) -> List[str]:
+    """The plugins that register the layer ``layer`` names ("family" or "plugin:family"): one when
+    the name is unambiguous, none when no loaded plugin has it."""
+    prefix, _, family = layer.rpartition(":")
+    return [e.plugin for e in get_registry()._layers.get(family, []) if not prefix or e.plugin == prefix]
+
+
 def plugin_change(record: Dict[str, Any], layer: str) -> Optional[str]:
     """How the plugin that now provides ``layer`` differs from ``record``, the {name, distribution,
     version} a checkpoint was saved with; None when it is the same release, when nothing was
     recorded, and for the built-in families (their checkpoints are versioned by format_version)."""
-    reg = get_registry()
-    prefix, _, family = layer.rpartition(":")
-    owners = [e.plugin for e in reg._layers.get(family, []) if not prefix or e.plugin == prefix]
-    info = reg.plugins.get(owners[0]) if len(owners) == 1 else None   # else the lookup itself explains
-    return _release_change(record, info, f"layer {family!r}")
+    owners = layer_owners(layer)
+    info = get_registry().plugins.get(owners[0]) if len(owners) == 1 else None   # else the lookup itself explains
+    return _release_change(record, info, f"layer {layer.rpartition(':')[2]!r}")
 
 
 def _release_change(record: Dict[str, Any], info: Optional[PluginInfo], what: str) -> Optional[str]:
@@ -456,17 +461,18 @@ def _strings(value: Any) -> List[str]:
 
 def extra_plugins(layer: str, layer_kwargs: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The third-party plugins, other than the one providing ``layer``, whose initializers (of that
-    layer) or kernel backends a string in ``layer_kwargs`` names (``init="slowlin"``,
-    ``backend="other:fast"``), as a checkpoint records them: [{name, distribution, version,
-    names: ["s4d.slowlin", ...]}]. Building the layer needs them, so loading it does too."""
+    layer, or of the family whose kernel it builds) or kernel backends a string in ``layer_kwargs``
+    names (``init="slowlin"``, ``backend="other:fast"``), as a checkpoint records them: [{name,
+    distribution, version, names: ["s4d.slowlin", ...]}]. Building the layer needs them, so loading
+    it does too."""
     reg = get_registry()
-    prefix, _, family = layer.rpartition(":")
-    own = {e.plugin for e in reg._layers.get(family, []) if not prefix or e.plugin == prefix}
+    family, own = layer.rpartition(":")[2], set(layer_owners(layer))
     kinds = sorted({k for k, _ in reg._backends})
     found: Dict[str, set] = {}
     for text in _strings(layer_kwargs):
         plugin, _, bare = text.rpartition(":")
-        keys = [(reg._initializers, (family, bare))] + [(reg._backends, (kind, bare)) for kind in kinds]
+        keys = [(reg._initializers, key) for key in _initializer_keys(reg, family, bare)]
+        keys += [(reg._backends, (kind, bare)) for kind in kinds]
         for table, key in keys:
             for entry in table.get(key, []):
                 info = reg.plugins.get(entry.plugin)
@@ -476,16 +482,44 @@ def extra_plugins(layer: str, layer_kwargs: Dict[str, Any]) -> List[Dict[str, An
              "names": sorted(names)} for name, names in sorted(found.items())]
 
 
+def _initializer_keys(reg: Registry, family: str, name: str) -> List[Tuple[str, str]]:
+    """The initializer table keys ``name`` may mean in a ``family`` layer's keyword arguments: its
+    own (family, name) when registered, else (layer, name) of any layer, since a layer may build
+    another family's kernel, which takes that family's initializers (fftconv's default s4d kernel
+    with ``init="slowlin"`` calls get_initializer("s4d", "slowlin"))."""
+    if (family, name) in reg._initializers:
+        return [(family, name)]
+    return [key for key in list(reg._initializers) if key[1] == name]   # list(): one snapshot of the keys
+
+
 def _records(value: Any) -> List[Dict[str, Any]]:
-    """The well-formed entries of a checkpoint's ``extra_plugins`` (a hand-edited one is not refused)."""
-    return [r for r in value if isinstance(r, dict) and isinstance(r.get("name"), str)] \
+    """The entries of a checkpoint's ``extra_plugins`` that name a plugin, each with ``names`` as a
+    list of str (a hand-edited one is not refused: names that are no list count as none)."""
+    entries = [r for r in value if isinstance(r, dict) and isinstance(r.get("name"), str)] \
         if isinstance(value, list) else []
+    return [{**r, "names": [str(n) for n in r["names"]] if isinstance(r.get("names"), list) else []} for r in entries]
+
+
+def _used(record: Dict[str, Any]) -> str:
+    """What a checkpoint used of an extra plugin, for a message ("s4d.slowlin, vandermonde.chunked")."""
+    return ", ".join(record["names"]) or "initializers or backends"
+
+
+def _extra_provider(reg: Registry, record: Dict[str, Any]) -> Optional[PluginInfo]:
+    """The loaded plugin that now provides an ``extra_plugins`` entry's names: the recorded plugin
+    when it is loaded, else the one plugin registering them (a fork, or lrnnx-zoo itself), else None."""
+    info = reg.plugins.get(record["name"])
+    if info is not None:
+        return info
+    keys = [tuple(label.split(".", 1)) for label in record["names"]]   # "s4d.slowlin"
+    owners = {e.plugin for key in keys for table in (reg._initializers, reg._backends) for e in table.get(key, [])}
+    return reg.plugins.get(owners.pop()) if len(owners) == 1 else None
 
 
 def extra_plugin_changes(records: Any) -> List[str]:
-    """:func:`plugin_change` for the ``extra_plugins`` a checkpoint records (those that are loaded)."""
+    """:func:`plugin_change` for the ``extra_plugins`` a checkpoint records (those now provided)."""
     reg = get_registry()
-    changes = (_release_change(r, reg.plugins.get(r["name"]), ", ".join(map(str, r.get("names") or [])))
+    changes = (_release_change(r, _extra_provider(reg, r), _used(r))
                for r in _records(records))
     return [c for c in changes if c]
 
@@ -501,8 +535,10 @@ def missing_extra_plugins(records: Any) -> str:
             continue
         dist, version = r.get("distribution"), r.get("version")
         saved = f" ({dist} {version or ''})".replace(" )", ")") if dist else ""
-        hint = f" It was saved with {', '.join(map(str, r.get('names') or []))} from plugin {r['name']!r}{saved}"
-        if info is not None:
+        hint = f" It was saved with {_used(r)} from plugin {r['name']!r}{saved}"
+        if info is not None and info.error.startswith("duplicate"):   # loaded; the name is ambiguous
+            hint += f", which is loaded, but {info.error.removeprefix('duplicate names: ').strip().splitlines()[0]}"
+        elif info is not None:
             hint += f", which is installed but failed to load: {info.error.strip().splitlines()[0]} (see `lrnnx-zoo plugins`)."
         elif dist:
             hint += f", which is not installed: pip install {dist}, then restart Python or call lrnnx_zoo.reload_plugins()."

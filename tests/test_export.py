@@ -571,6 +571,26 @@ def test_export_card_of_an_in_memory_model_gives_the_call_only(tmp_path):
     assert "export_folder('<your checkpoint>', 'out', format='torchscript')" in card and "```bash" not in card
 
 
+def test_export_card_of_a_fine_tuned_model_does_not_name_its_source_as_the_way_to_remake_it(local_hub, tmp_path):
+    # A model loaded from the Hub and fine-tuned since: the card said it was made by
+    # `lrnnx-zoo export REPO --revision SHA`, which exports the weights before fine-tuning.
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="lru", d_input=2, d_output=2, d_model=8,
+                                                          n_layers=1, layer_kwargs={"d_state": 4}))
+    model.push_to_hub("acme/ft")
+    loaded = lrnnx_zoo.from_pretrained("acme/ft")
+    sha = loaded.checkpoint_info["source"]["commit"]
+    export_folder(loaded, tmp_path / "as-loaded", format="torchscript", latency_steps=0, validation_length=16)
+    card = (tmp_path / "as-loaded" / "README.md").read_text()
+    assert f"lrnnx-zoo export acme/ft --format torchscript --out out --revision {sha} " in card  # as loaded: remade
+    with torch.no_grad():
+        next(loaded.parameters()).add_(0.01)                               # fine-tuning
+    export_folder(loaded, tmp_path / "tuned", format="torchscript", latency_steps=0, validation_length=16)
+    card = (tmp_path / "tuned" / "README.md").read_text()
+    assert "(weights changed since)" in card
+    assert "```bash" not in card and "acme/ft'" not in card and "revision=" not in card, card
+    assert "export_folder('<your checkpoint>', 'out', format='torchscript', validation_length=16)" in card
+
+
 def test_failed_push_keeps_the_export_and_says_so(digits_checkpoint, tmp_path, monkeypatch, capsys):
     from hub_server import configure_client
     from lrnnx_zoo.cli import main as cli_main

@@ -997,3 +997,37 @@ def test_cli_push_refuses_before_uploading(local_hub, tmp_path, capsys):
     assert cli_main(["push", str(folder), "acme/x", "--revision", "v1"]) == 2
     assert "--revision applies to Hub repos" in capsys.readouterr().err
     assert [r for r in local_hub.requests if r.method != "GET"] == []        # nothing created or uploaded
+
+
+def test_a_refused_push_to_a_new_branch_leaves_no_branch_behind(local_hub):
+    # The check for a repo holding another model ran after create_branch: a push to 'dev' of a repo
+    # of another library's model was refused, but left the new branch 'dev' on that repo.
+    from huggingface_hub import HfApi
+    from lrnnx_zoo.hub_save import HubPublishError
+    model = tiny("lru")
+    HfApi().create_repo("acme/other")
+    HfApi().upload_file(path_or_fileobj=b'{"model_type": "bert"}', path_in_repo="config.json", repo_id="acme/other")
+    with pytest.raises(HubPublishError, match=r"refusing to upload a checkpoint to 'acme/other@dev'"):
+        model.push_to_hub("acme/other", revision="dev")
+    assert set(local_hub.branches("acme/other")) == {"main"}
+    # an existing branch is checked as it is, a new one as main (where it starts)
+    model.push_to_hub("acme/mixed")
+    HfApi().create_branch("acme/mixed", branch="bert")
+    HfApi().upload_file(path_or_fileobj=b'{"model_type": "bert"}', path_in_repo="config.json",
+                        repo_id="acme/mixed", revision="bert")
+    with pytest.raises(HubPublishError, match=r"to 'acme/mixed@bert'"):
+        model.push_to_hub("acme/mixed", revision="bert")
+    model.push_to_hub("acme/mixed", revision="dev")
+    assert_same_outputs(model, from_pretrained("acme/mixed", revision="dev"))
+
+
+def test_cli_push_that_fails_says_the_source_is_unchanged(local_hub, tmp_path, capsys):
+    # A refused or failed `lrnnx-zoo push` ended "The model in memory is unchanged (save_pretrained(DIR)
+    # keeps a local copy).": push_to_hub's words, about a model the command-line user never had.
+    from huggingface_hub import HfApi
+    folder = tiny("lru").save_pretrained(tmp_path / "run")
+    HfApi().create_repo("acme/other")
+    HfApi().upload_file(path_or_fileobj=b'{"model_type": "bert"}', path_in_repo="config.json", repo_id="acme/other")
+    assert cli_main(["push", str(folder), "acme/other"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to upload" in err and f"{folder} is unchanged." in err and "in memory" not in err, err

@@ -535,3 +535,109 @@ def test_a_plugin_missing_an_optional_dependency_says_which_module_to_install(tm
     finally:
         monkeypatch.undo()
         lrnnx_zoo.reload_plugins()
+
+
+def test_a_checkpoint_names_the_plugin_of_an_initializer_its_kernel_takes(tmp_path, monkeypatch):
+    # fftconv builds an s4d kernel, which takes s4d's initializers: a model built with a third-party
+    # init="slowlin" recorded no extra_plugins (only fftconv's own table was searched), and without
+    # the plugin loading said "unknown initializer for 's4d' 'slowlin'" and nothing about what to install.
+    activate(make_distribution(tmp_path / "site", "tp-extras", {"tp_extras": EXTRAS_FOR_S4D}, {"extras": "tp_extras"},
+                               "1.0.0"), monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    config = lrnnx_zoo.ModelConfig(layer="fftconv", d_input=1, d_output=2, d_model=4, n_layers=1,
+                                   layer_kwargs={"d_state": 4, "init": "slowlin"})
+    try:
+        lrnnx_zoo.reload_plugins()
+        lrnnx_zoo.SequenceModel(config).save_pretrained(tmp_path / "ck")
+        saved = __import__("json").loads((tmp_path / "ck" / "config.json").read_text())
+        assert saved.get("extra_plugins") == [{"name": "extras", "distribution": "tp-extras", "version": "1.0.0",
+                                               "names": ["s4d.slowlin"]}], saved
+        monkeypatch.undo()                                                 # pip uninstall tp-extras
+        lrnnx_zoo.reload_plugins()
+        with pytest.raises(lrnnx_zoo.CheckpointError, match=r"s4d.slowlin from plugin 'extras' \(tp-extras 1.0.0\), "
+                                                            r"which is not installed: pip install tp-extras"):
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+
+
+def test_loading_with_an_extra_now_from_another_plugin_warns(tmp_path, monkeypatch):
+    # The layer's plugin was compared with whoever provides the layer now (a fork warns), but an
+    # extra plugin only with a plugin of its recorded name: tp-extras uninstalled and a fork
+    # registering the same initializer and backend under another name loaded without a word.
+    from lrnnx_zoo.registry import PluginVersionWarning
+    activate(make_distribution(tmp_path / "site", "tp-extras", {"tp_extras": EXTRAS_FOR_S4D}, {"extras": "tp_extras"},
+                               "1.0.0"), monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    config = lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=2, d_model=4, n_layers=1,
+                                   layer_kwargs={"d_state": 4, "init": "slowlin", "backend": "chunked"})
+    try:
+        lrnnx_zoo.reload_plugins()
+        lrnnx_zoo.SequenceModel(config).save_pretrained(tmp_path / "ck")
+        monkeypatch.undo()                                      # tp-extras uninstalled, a fork installed
+        activate(make_distribution(tmp_path / "fork", "tp-fork", {"tp_fork": EXTRAS_FOR_S4D}, {"extras_fork": "tp_fork"}),
+                 monkeypatch)
+        monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+        lrnnx_zoo.reload_plugins()
+        with pytest.warns(PluginVersionWarning, match=r"s4d.slowlin, vandermonde.chunked from plugin 'extras' "
+                                                      r"\(tp-extras 1.0.0\), and it is now built by plugin 'extras_fork' "
+                                                      r"from tp-fork 0.1.0.*pip install tp-extras==1.0.0"):
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+
+
+def _s4d_slowlin_plugin(name):
+    """A module registering the initializer s4d.slowlin, as plugin ``name`` would."""
+    from lrnnx_zoo.plugins.s4d import init_lin
+    module = __import__("types").ModuleType(name)
+
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_initializers(registry):
+        registry.add_initializer("s4d", "slowlin", init_lin)
+    module.lrnnx_zoo_register_initializers = lrnnx_zoo_register_initializers
+    return module
+
+
+def test_a_clashing_extra_plugin_is_not_said_to_have_failed_to_load(tmp_path):
+    # The recorded plugin was loaded, but another one now registers the same initializer: the
+    # error said "which is installed but failed to load: duplicate names: ...", which it had not.
+    config = lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=4, n_layers=1,
+                                   layer_kwargs={"d_state": 4, "init": "slowlin"})
+    lrnnx_zoo.register_plugin(_s4d_slowlin_plugin("tp_slowlin"), "extras")
+    try:
+        lrnnx_zoo.SequenceModel(config).save_pretrained(tmp_path / "ck")
+        with pytest.warns(UserWarning, match="also registered by extras"):
+            lrnnx_zoo.register_plugin(_s4d_slowlin_plugin("tp_other"), "clash")
+        with pytest.raises(lrnnx_zoo.CheckpointError) as err:
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+    finally:
+        for name in {"extras", "clash"} & {p.name for p in lrnnx_zoo.list_plugins()}:
+            lrnnx_zoo.unregister_plugin(name)
+    msg = str(err.value)
+    assert "from plugin 'extras', which is loaded, but initializer 's4d.slowlin' is also registered by clash" in msg
+    assert "failed to load" not in msg, msg
+
+
+@pytest.mark.parametrize("names", [5, "s4d.slowlin", {"s4d": "slowlin"}])
+def test_a_hand_edited_extra_plugins_entry_is_not_refused(tmp_path, names):
+    # extra_plugins entries are read leniently, but '"names": 5' made from_pretrained raise
+    # "TypeError: 'int' object is not iterable" (and a str was listed letter by letter).
+    config = lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=4, n_layers=1,
+                                   layer_kwargs={"d_state": 4, "init": "slowlin"})
+    lrnnx_zoo.register_plugin(_s4d_slowlin_plugin("tp_slowlin"), "extras")
+    try:
+        folder = lrnnx_zoo.SequenceModel(config).save_pretrained(tmp_path / "ck")
+    finally:
+        lrnnx_zoo.unregister_plugin("extras")
+    saved = __import__("json").loads((folder / "config.json").read_text())
+    saved["extra_plugins"][0]["names"] = names
+    (folder / "config.json").write_text(__import__("json").dumps(saved))
+    with pytest.raises(lrnnx_zoo.CheckpointError) as err:             # the plugin is gone: a hint, not a crash
+        lrnnx_zoo.from_pretrained(folder)
+    assert "It was saved with initializers or backends from plugin 'extras', which is not loaded" in str(err.value)
+    saved["model"]["layer_kwargs"]["init"] = "lin"                   # buildable: it loads
+    (folder / "config.json").write_text(__import__("json").dumps(saved))
+    assert lrnnx_zoo.from_pretrained(folder) is not None
