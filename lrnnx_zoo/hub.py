@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import __version__
-from .registry import (DISABLE_AUTOLOAD_ENV, PluginVersionWarning, extra_plugin_changes, get_registry,
-                       missing_extra_plugins, plugin_change)
+from .registry import (PluginVersionWarning, autoload_note, extra_plugin_changes, get_registry,
+                       missing_extra_plugins, plugin_change, unloaded_plugin_remedy)
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
     from .models import SequenceModel
@@ -407,20 +407,14 @@ def _layer_name(config: Dict[str, Any], path: Path) -> str:
                f"(distribution {dist or 'not recorded'} {plugin.get('version') or ''}), but no installed plugin "
                f"provides it (layers available: {', '.join(sorted(reg._layers)) or 'none'}).")
         info = reg.plugins.get(name) if name else None
-        if info is not None and info.error:
-            msg += f" Plugin {name!r} is installed but failed to load: {info.error.strip().splitlines()[0]}" \
-                   " (see `lrnnx-zoo plugins`)."
-        elif dist == LIBRARY:  # already installed: installing again changes nothing, a newer release may
+        if dist == LIBRARY and not (info is not None and info.error):
+            # already installed: installing again changes nothing, a newer release may
             msg += (f" The config says {LIBRARY} {plugin.get('version') or ''} provides it and this is {LIBRARY} "
                     f"{__version__}: upgrade it (pip install -U {LIBRARY}) and restart Python; if this is the "
                     "newest release, the config names a family lrnnx-zoo does not ship.").replace("  ", " ")
-        elif dist:
-            msg += f" Install it: pip install {dist}, then restart Python or call lrnnx_zoo.reload_plugins()."
         else:
-            msg += " Install the package that provides that plugin, or register it with lrnnx_zoo.register_plugin."
-        if os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() in ("1", "true", "yes"):
-            msg += f" Note: {DISABLE_AUTOLOAD_ENV} is set, so third-party plugins are not loaded."
-        raise CheckpointError(msg)
+            msg += f" {f'Plugin {name!r}' if name else 'Its plugin (not recorded)'}, {unloaded_plugin_remedy(info, dist)}"
+        raise CheckpointError(msg + autoload_note())
     if ":" not in layer and len(owners) > 1 and plugin.get("name") in owners:
         return f"{plugin['name']}:{family}"  # several plugins claim the name: take the recorded one
     return layer

@@ -524,6 +524,25 @@ def extra_plugin_changes(records: Any) -> List[str]:
     return [c for c in changes if c]
 
 
+def unloaded_plugin_remedy(info: Optional["PluginInfo"], distribution: Optional[str]) -> str:
+    """What to do about a plugin a checkpoint needs that is not cleanly loaded (``info``: its
+    registry entry, None when absent; ``distribution``: as the checkpoint records it), as a clause
+    to follow the plugin's name: "which is loaded, but ...", "which is installed but failed to
+    load: ...", "which is not installed: pip install DIST ...", "which is not loaded: ..."."""
+    if info is not None and (info.error or "").startswith("duplicate"):    # loaded; the name is ambiguous
+        return f"which is loaded, but {info.error.removeprefix('duplicate names: ').strip().splitlines()[0]}"
+    if info is not None and info.error:
+        return f"which is installed but failed to load: {info.error.strip().splitlines()[0]} (see `lrnnx-zoo plugins`)."
+    if distribution:
+        return f"which is not installed: pip install {distribution}, then restart Python or call lrnnx_zoo.reload_plugins()."
+    return "which is not loaded: install the package that provides it, or register it with lrnnx_zoo.register_plugin."
+
+
+def autoload_note() -> str:
+    """The sentence that explains missing third-party plugins when autoloading is switched off ("" else)."""
+    return "" if _autoload() else f" Note: {DISABLE_AUTOLOAD_ENV} is set, so third-party plugins are not loaded."
+
+
 def missing_extra_plugins(records: Any) -> str:
     """For a model that could not be built: which of the ``extra_plugins`` a checkpoint records are
     not loaded, and what to do about each ("" when all are)."""
@@ -535,19 +554,9 @@ def missing_extra_plugins(records: Any) -> str:
             continue
         dist, version = r.get("distribution"), r.get("version")
         saved = f" ({dist} {version or ''})".replace(" )", ")") if dist else ""
-        hint = f" It was saved with {_used(r)} from plugin {r['name']!r}{saved}"
-        if info is not None and info.error.startswith("duplicate"):   # loaded; the name is ambiguous
-            hint += f", which is loaded, but {info.error.removeprefix('duplicate names: ').strip().splitlines()[0]}"
-        elif info is not None:
-            hint += f", which is installed but failed to load: {info.error.strip().splitlines()[0]} (see `lrnnx-zoo plugins`)."
-        elif dist:
-            hint += f", which is not installed: pip install {dist}, then restart Python or call lrnnx_zoo.reload_plugins()."
-        else:
-            hint += ", which is not loaded: install the package that provides it, or register it with lrnnx_zoo.register_plugin."
-        hints.append(hint)
-    if hints and not _autoload():
-        hints.append(f" Note: {DISABLE_AUTOLOAD_ENV} is set, so third-party plugins are not loaded.")
-    return "".join(hints)
+        hints.append(f" It was saved with {_used(r)} from plugin {r['name']!r}{saved}, "
+                     f"{unloaded_plugin_remedy(info, dist)}")
+    return "".join(hints) + (autoload_note() if hints else "")
 
 
 # -- public helpers ----------------------------------------------------------------------------

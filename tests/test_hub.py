@@ -325,7 +325,16 @@ def test_unknown_family_names_plugin_and_fix(saved, monkeypatch):
         from_pretrained(saved)
     # an installed plugin of that name that failed to import is reported as such
     monkeypatch.setitem(get_registry().plugins, "s5", PluginInfo("s5", "s5_mod", error="ImportError: no module x"))
-    with pytest.raises(CheckpointError, match=r"Plugin 's5' is installed but failed to load: ImportError: no module x"):
+    with pytest.raises(CheckpointError, match=r"Plugin 's5', which is installed but failed to load: ImportError: "
+                                              r"no module x \(see `lrnnx-zoo plugins`\)\.$"):
+        from_pretrained(saved)
+    # loaded, but another plugin registers the same family: said so, not "failed to load"
+    monkeypatch.setitem(get_registry().plugins, "s5", PluginInfo("s5", "s5_mod", error="duplicate names: layer 's5' "
+                                                                 "is also registered by s5fork"))
+    with pytest.raises(CheckpointError, match=r"Plugin 's5', which is loaded, but layer 's5' is also registered by s5fork"):
+        from_pretrained(saved)
+    monkeypatch.setenv("LRNNX_ZOO_DISABLE_PLUGIN_AUTOLOAD", "1")
+    with pytest.raises(CheckpointError, match=r"Note: LRNNX_ZOO_DISABLE_PLUGIN_AUTOLOAD is set"):
         from_pretrained(saved)
 
 
