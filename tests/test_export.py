@@ -32,13 +32,7 @@ EXPORT_DIR = Path(lrnnx_zoo.export.__file__).parent
 META_KEYS = ("state_size", "state_layout", "d_input", "d_output", "family", "version", "source")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Per-step work is tiny; a thread pool on a shared 2-core machine only adds hand-off cost.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_model(layer: str, pooling=None, seed: int = 0, **kw) -> lrnnx_zoo.SequenceModel:

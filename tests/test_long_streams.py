@@ -17,12 +17,7 @@ import lrnnx_zoo
 from lrnnx_zoo.export import OnnxStreamer, to_onnx
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_model(layer: str = "s4d", pooling=None, seed: int = 0) -> lrnnx_zoo.SequenceModel:
