@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import threading
 import traceback
 import warnings
@@ -432,6 +433,11 @@ def plugin_change(record: Dict[str, Any], layer: str) -> Optional[str]:
     return _release_change(record, info, f"layer {layer.rpartition(':')[2]!r}")
 
 
+def _canonical(distribution: Optional[str]) -> Optional[str]:
+    """A distribution name as pip compares them (PEP 503): 'TP_Good' and 'tp-good' are one project."""
+    return None if distribution is None else re.sub(r"[-_.]+", "-", distribution).lower()
+
+
 def _release_change(record: Dict[str, Any], info: Optional[PluginInfo], what: str) -> Optional[str]:
     """How ``info``, the plugin now providing ``what``, differs from the recorded one (see plugin_change)."""
     dist, version = record.get("distribution"), record.get("version")
@@ -440,10 +446,12 @@ def _release_change(record: Dict[str, Any], info: Optional[PluginInfo], what: st
     saved = f"{dist} {version or ''}".rstrip()
     now = f"{info.distribution} {info.version or ''}".rstrip() if info.distribution else "code (register_plugin)"
     as_saved = f"pip install {dist}=={version}" if version else f"pip install {dist}"
-    if (info.name, info.distribution) != (record.get("name"), dist):
+    if (info.name, _canonical(info.distribution)) != (record.get("name"), _canonical(dist)):
+        record_now = now if info.distribution else "the plugin registered in code"
         return (f"was saved with {what} from plugin {record.get('name')!r} ({saved}), and it is now built "
                 f"by plugin {info.name!r} from {now}: the same weights may mean something else to it. To load it "
-                f"as saved: {as_saved}; or check the model and re-save it (model.save_pretrained) to record {now}")
+                f"as saved: {as_saved}; or check the model and re-save it (model.save_pretrained) to record "
+                f"{record_now}")
     if info.version != version:
         return (f"was saved with plugin {info.name!r} from {saved}, and {now} is installed: if that release changed "
                 f"{what}, the same weights give other outputs. To load it as saved: {as_saved}; or check "

@@ -438,6 +438,30 @@ def test_loading_with_another_version_of_the_plugin_warns(tmp_path, monkeypatch)
         lrnnx_zoo.reload_plugins()
 
 
+def test_a_distribution_name_spelled_another_way_is_the_same_release(tmp_path, monkeypatch):
+    # pip reads 'TP_Good' and 'tp-good' as one project (PEP 503), but the recorded distribution was
+    # compared as written: the same release re-spelled warned that another plugin now builds the layer.
+    from lrnnx_zoo.registry import PluginVersionWarning
+    good = GOOD_PLUGIN.replace("{layer_name}", "ema")
+    activate(make_distribution(tmp_path / "v1", "tp-good", {"tp_good": good}, {"ema": "tp_good"}, "1.0.0"), monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    try:
+        lrnnx_zoo.reload_plugins()
+        _save_ema_model(tmp_path / "ck")
+        monkeypatch.undo()
+        activate(make_distribution(tmp_path / "v1b", "TP_Good", {"tp_good": good}, {"ema": "tp_good"}, "1.0.0"),
+                 monkeypatch)
+        monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+        lrnnx_zoo.reload_plugins()
+        assert _plugin("ema").distribution == "TP_Good"
+        with __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("error", PluginVersionWarning)
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+
+
 def test_loading_a_layer_now_provided_by_another_plugin_warns(tmp_path, monkeypatch):
     from lrnnx_zoo.registry import PluginVersionWarning
     good = GOOD_PLUGIN.replace("{layer_name}", "ema")
