@@ -23,6 +23,7 @@ import json
 import math
 import os
 import stat
+import sys
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -563,6 +564,16 @@ def weights_changed(model: Any, info: Dict[str, Any]) -> bool:
     return recorded is not None and recorded != weights_digest(model)
 
 
+def _outside_package() -> int:
+    """The ``stacklevel`` of the first caller outside lrnnx_zoo, for warnings.warn called by this
+    module's caller: a warning then points at the user's line, whichever of our entry points
+    (lrnnx_zoo.from_pretrained, SequenceModel.from_pretrained, export, evaluate) led here."""
+    frame, level = sys._getframe(2), 2          # 2: the caller of the function that warns
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "lrnnx_zoo":
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "SequenceModel":
     """Build the model a checkpoint folder describes and load its weights strictly (eval mode)."""
     from .models import ModelConfig, SequenceModel
@@ -570,9 +581,10 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
     config = read_config(folder)
     layer = _layer_name(config, folder / CONFIG_NAME)
     extras = config.get("extra_plugins")     # third-party initializers / backends its layer_kwargs name
+    where = loadable_source(source) or str(folder)      # a Hub id, not its cache snapshot's path
     for change in [plugin_change(config.get("plugin") or {}, layer)] + extra_plugin_changes(extras):
         if change:
-            warnings.warn(f"{folder} {change}", PluginVersionWarning, stacklevel=3)
+            warnings.warn(f"{where} {change}", PluginVersionWarning, stacklevel=_outside_package())
     try:
         model_config = ModelConfig.from_dict({**config["model"], "layer": layer})
         model = SequenceModel(model_config)

@@ -431,6 +431,10 @@ def test_loading_with_another_version_of_the_plugin_warns(tmp_path, monkeypatch)
             model = lrnnx_zoo.from_pretrained(tmp_path / "ck")
         msg = str(record[0].message)
         assert "tp-good 1.0.0" in msg and "tp-good 2.0.0 is installed" in msg, msg
+        assert record[0].filename == __file__                           # the caller's line, not ours
+        with pytest.warns(PluginVersionWarning) as record:              # through the classmethod too
+            lrnnx_zoo.SequenceModel.from_pretrained(tmp_path / "ck")
+        assert record[0].filename == __file__ and str(record[0].message).startswith(str(tmp_path / "ck"))
         assert "pip install tp-good==1.0.0" in msg and "save_pretrained" in msg, msg
         assert model(torch.randn(1, 5, 1)).shape == (1, 5, 2)            # a warning, not a refusal
     finally:
