@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
 import subprocess
 import sys
+import types
+import warnings
 
 import pytest
 import torch
 
 import lrnnx_zoo
-from lrnnx_zoo.registry import DISABLE_AUTOLOAD_ENV, RegistryError
+from lrnnx_zoo.registry import DISABLE_AUTOLOAD_ENV, PluginVersionWarning, RegistryError
 from plugin_fixtures import BROKEN_IMPORT, GOOD_PLUGIN, RAISING_HOOK, activate, make_distribution
 
 
@@ -139,7 +144,7 @@ def test_register_plugin_in_code_and_unregister():
 def test_cli_lists_plugins_and_failures(third_party):
     env_path = str(third_party)
     out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "plugins"], capture_output=True, text=True,
-                         env={**__import__("os").environ, "PYTHONPATH": env_path}, check=True).stdout
+                         env={**os.environ, "PYTHONPATH": env_path}, check=True).stdout
     assert "lru" in out and "s4d" in out and "FAILED" in out and "broken" in out
     assert "pip uninstall tp-broken" in out and "pip uninstall tp-raising" in out
     out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "layers"], capture_output=True, text=True,
@@ -352,16 +357,10 @@ def test_cli_plugins_listing_is_a_table_of_aligned_columns(tmp_path, monkeypatch
     make_distribution(root, "tp-a-rather-long-distribution", {"tp_long": GOOD_PLUGIN.replace("{layer_name}", "lng")},
                       {"a_rather_long_plugin_name": "tp_long"}, version="10.20.30")
     make_distribution(root, "tp-broken", {"tp_broken": BROKEN_IMPORT}, {"broken": "tp_broken"})
-    activate(root, monkeypatch)
-    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
-    try:
-        lrnnx_zoo.reload_plugins()
+    with installed(root, monkeypatch):
         plugins = lrnnx_zoo.list_plugins()
         out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "plugins"], capture_output=True, text=True,
-                             env={**__import__("os").environ, "PYTHONPATH": str(root)}, check=True).stdout
-    finally:
-        monkeypatch.undo()
-        lrnnx_zoo.reload_plugins()
+                             env={**os.environ, "PYTHONPATH": str(root)}, check=True).stdout
     rows = [line for line in out.splitlines() if line and not line.startswith(" ")]
     starts = []
     for p in plugins:
@@ -370,121 +369,6 @@ def test_cli_plugins_listing_is_a_table_of_aligned_columns(tmp_path, monkeypatch
         starts.append(_starts(line, [p.name, "ok" if p.ok else "FAILED", origin, p.version, p.module]))
     for column in zip(*starts):
         assert len(set(column)) == 1, out
-
-
-EXTRA_S4D_INIT = '''
-import lrnnx_zoo
-from lrnnx_zoo.plugins.s4d import init_lin
-
-
-@lrnnx_zoo.hookimpl
-def lrnnx_zoo_register_initializers(registry):
-    registry.add_initializer("s4d", "slowlin", init_lin)
-'''
-
-
-def test_cli_layers_listing_aligns_and_names_who_added_an_initializer(tmp_path, monkeypatch):
-    # "s4d from s4d initializers: inv, legs, lin, random, real, slowlin": nothing said slowlin came
-    # from a third-party plugin (a checkpoint using it needs that plugin), and the initializers
-    # column moved with the owner's name and with layer names over 10 characters.
-    root = tmp_path / "site"
-    make_distribution(root, "tp-long", {"tp_long": GOOD_PLUGIN.replace("{layer_name}", "a_long_layer_name")},
-                      {"longowner": "tp_long"})
-    make_distribution(root, "tp-init", {"tp_init": EXTRA_S4D_INIT}, {"extra_inits": "tp_init"})
-    activate(root, monkeypatch)
-    out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "layers"], capture_output=True, text=True,
-                         env={**__import__("os").environ, "PYTHONPATH": str(root)}, check=True).stdout
-    rows = {line.split()[0]: line for line in out.splitlines()}
-    assert "slowlin (extra_inits)" in rows["s4d"] and "lin," in rows["s4d"], out
-    cells = {"s4d": ["s4d", "s4d", "inv"], "lru": ["lru", "lru", "ring"],
-             "a_long_layer_name": ["a_long_layer_name", "longowner", "flat"]}
-    starts = [_starts(rows[name], c) for name, c in cells.items()]
-    for column in zip(*starts):
-        assert len(set(column)) == 1, out
-
-
-def _save_ema_model(folder):
-    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="ema", d_input=1, d_output=2, d_model=4, n_layers=1))
-    model.save_pretrained(folder)
-    return model
-
-
-def test_loading_with_another_version_of_the_plugin_warns(tmp_path, monkeypatch):
-    # config.json records the plugin's distribution and version, but a checkpoint saved with
-    # tp-good 1.0.0 loaded under tp-good 2.0.0 without a word: a new release that changed the
-    # layer's parametrisation gives other outputs from the same weights.
-    from lrnnx_zoo.registry import PluginVersionWarning
-    good = GOOD_PLUGIN.replace("{layer_name}", "ema")
-    activate(make_distribution(tmp_path / "v1", "tp-good", {"tp_good": good}, {"ema": "tp_good"}, "1.0.0"), monkeypatch)
-    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
-    try:
-        lrnnx_zoo.reload_plugins()
-        _save_ema_model(tmp_path / "ck")
-        with __import__("warnings").catch_warnings():
-            __import__("warnings").simplefilter("error", PluginVersionWarning)
-            lrnnx_zoo.from_pretrained(tmp_path / "ck")                   # the same version: silent
-        activate(make_distribution(tmp_path / "v2", "tp-good", {"tp_good": good}, {"ema": "tp_good"}, "2.0.0"),
-                 monkeypatch)
-        lrnnx_zoo.reload_plugins()
-        assert _plugin("ema").version == "2.0.0"
-        with pytest.warns(PluginVersionWarning) as record:
-            model = lrnnx_zoo.from_pretrained(tmp_path / "ck")
-        msg = str(record[0].message)
-        assert "tp-good 1.0.0" in msg and "tp-good 2.0.0 is installed" in msg, msg
-        assert record[0].filename == __file__                           # the caller's line, not ours
-        with pytest.warns(PluginVersionWarning) as record:              # through the classmethod too
-            lrnnx_zoo.SequenceModel.from_pretrained(tmp_path / "ck")
-        assert record[0].filename == __file__ and str(record[0].message).startswith(str(tmp_path / "ck"))
-        assert "pip install tp-good==1.0.0" in msg and "save_pretrained" in msg, msg
-        assert model(torch.randn(1, 5, 1)).shape == (1, 5, 2)            # a warning, not a refusal
-    finally:
-        monkeypatch.undo()
-        lrnnx_zoo.reload_plugins()
-
-
-def test_a_distribution_name_spelled_another_way_is_the_same_release(tmp_path, monkeypatch):
-    # pip reads 'TP_Good' and 'tp-good' as one project (PEP 503), but the recorded distribution was
-    # compared as written: the same release re-spelled warned that another plugin now builds the layer.
-    from lrnnx_zoo.registry import PluginVersionWarning
-    good = GOOD_PLUGIN.replace("{layer_name}", "ema")
-    activate(make_distribution(tmp_path / "v1", "tp-good", {"tp_good": good}, {"ema": "tp_good"}, "1.0.0"), monkeypatch)
-    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
-    try:
-        lrnnx_zoo.reload_plugins()
-        _save_ema_model(tmp_path / "ck")
-        monkeypatch.undo()
-        activate(make_distribution(tmp_path / "v1b", "TP_Good", {"tp_good": good}, {"ema": "tp_good"}, "1.0.0"),
-                 monkeypatch)
-        monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
-        lrnnx_zoo.reload_plugins()
-        assert _plugin("ema").distribution == "TP_Good"
-        with __import__("warnings").catch_warnings():
-            __import__("warnings").simplefilter("error", PluginVersionWarning)
-            lrnnx_zoo.from_pretrained(tmp_path / "ck")
-    finally:
-        monkeypatch.undo()
-        lrnnx_zoo.reload_plugins()
-
-
-def test_loading_a_layer_now_provided_by_another_plugin_warns(tmp_path, monkeypatch):
-    from lrnnx_zoo.registry import PluginVersionWarning
-    good = GOOD_PLUGIN.replace("{layer_name}", "ema")
-    activate(make_distribution(tmp_path / "v1", "tp-good", {"tp_good": good}, {"ema": "tp_good"}, "1.0.0"), monkeypatch)
-    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
-    try:
-        lrnnx_zoo.reload_plugins()
-        _save_ema_model(tmp_path / "ck")
-        monkeypatch.undo()                                      # tp-good uninstalled, a fork installed
-        activate(make_distribution(tmp_path / "fork", "tp-fork", {"tp_fork": good}, {"ema_fork": "tp_fork"}),
-                 monkeypatch)
-        monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
-        lrnnx_zoo.reload_plugins()
-        with pytest.warns(PluginVersionWarning, match=r"from plugin 'ema' \(tp-good 1.0.0\), and it is now built by "
-                                                      r"plugin 'ema_fork' from tp-fork 0.1.0.*pip install tp-good==1.0.0"):
-            lrnnx_zoo.from_pretrained(tmp_path / "ck")
-    finally:
-        monkeypatch.undo()
-        lrnnx_zoo.reload_plugins()
 
 
 EXTRAS_FOR_S4D = '''
@@ -504,42 +388,142 @@ def lrnnx_zoo_register_kernel_backends(registry):
 '''
 
 
+@contextlib.contextmanager
+def installed(root, monkeypatch):
+    """The distributions under ``root`` installed (on sys.path, autoloaded) while inside, gone after."""
+    activate(root, monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    lrnnx_zoo.reload_plugins()
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+
+
+def reinstall(monkeypatch, root=None):
+    """Inside :func:`installed`: swap the installed distributions for those under ``root`` (None:
+    uninstall them), as pip would between two runs."""
+    monkeypatch.undo()
+    if root is not None:
+        activate(root, monkeypatch)
+        monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    lrnnx_zoo.reload_plugins()
+
+
+def _ema_dist(where, dist="tp-good", plugin="ema", version="1.0.0"):
+    """A distribution whose plugin ``plugin`` registers the layer 'ema' (GOOD_PLUGIN)."""
+    module = dist.lower().replace("-", "_")
+    return make_distribution(where, dist, {module: GOOD_PLUGIN.replace("{layer_name}", "ema")}, {plugin: module}, version)
+
+
+def _extras_dist(where, dist="tp-extras", plugin="extras", version="1.0.0"):
+    """A distribution whose plugin ``plugin`` adds s4d's initializer 'slowlin' and the Vandermonde backend 'chunked'."""
+    module = dist.replace("-", "_")
+    return make_distribution(where, dist, {module: EXTRAS_FOR_S4D}, {plugin: module}, version)
+
+
+def test_cli_layers_listing_aligns_and_names_who_added_an_initializer(tmp_path, monkeypatch):
+    # "s4d from s4d initializers: inv, legs, lin, random, real, slowlin": nothing said slowlin came
+    # from a third-party plugin (a checkpoint using it needs that plugin), and the initializers
+    # column moved with the owner's name and with layer names over 10 characters.
+    root = tmp_path / "site"
+    make_distribution(root, "tp-long", {"tp_long": GOOD_PLUGIN.replace("{layer_name}", "a_long_layer_name")},
+                      {"longowner": "tp_long"})
+    make_distribution(root, "tp-init", {"tp_init": EXTRAS_FOR_S4D}, {"extra_inits": "tp_init"})
+    activate(root, monkeypatch)
+    out = subprocess.run([sys.executable, "-m", "lrnnx_zoo.cli", "layers"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root)}, check=True).stdout
+    rows = {line.split()[0]: line for line in out.splitlines()}
+    assert "slowlin (extra_inits)" in rows["s4d"] and "lin," in rows["s4d"], out
+    cells = {"s4d": ["s4d", "s4d", "inv"], "lru": ["lru", "lru", "ring"],
+             "a_long_layer_name": ["a_long_layer_name", "longowner", "flat"]}
+    starts = [_starts(rows[name], c) for name, c in cells.items()]
+    for column in zip(*starts):
+        assert len(set(column)) == 1, out
+
+
+def _small_config(layer, d_output=2, **layer_kwargs):
+    """A one-block model config of ``layer`` with d_state 4 and ``layer_kwargs`` (init=, backend=, ...)."""
+    return lrnnx_zoo.ModelConfig(layer=layer, d_input=1, d_output=d_output, d_model=4, n_layers=1,
+                                 layer_kwargs={"d_state": 4, **layer_kwargs})
+
+
+def _save_ema_model(folder):
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="ema", d_input=1, d_output=2, d_model=4, n_layers=1))
+    model.save_pretrained(folder)
+    return model
+
+
+def test_loading_with_another_version_of_the_plugin_warns(tmp_path, monkeypatch):
+    # config.json records the plugin's distribution and version, but a checkpoint saved with
+    # tp-good 1.0.0 loaded under tp-good 2.0.0 without a word: a new release that changed the
+    # layer's parametrisation gives other outputs from the same weights.
+    with installed(_ema_dist(tmp_path / "v1"), monkeypatch):
+        _save_ema_model(tmp_path / "ck")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PluginVersionWarning)
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")                   # the same version: silent
+        reinstall(monkeypatch, _ema_dist(tmp_path / "v2", version="2.0.0"))
+        assert _plugin("ema").version == "2.0.0"
+        with pytest.warns(PluginVersionWarning) as record:
+            model = lrnnx_zoo.from_pretrained(tmp_path / "ck")
+        msg = str(record[0].message)
+        assert "tp-good 1.0.0" in msg and "tp-good 2.0.0 is installed" in msg, msg
+        assert record[0].filename == __file__                           # the caller's line, not ours
+        with pytest.warns(PluginVersionWarning) as record:              # through the classmethod too
+            lrnnx_zoo.SequenceModel.from_pretrained(tmp_path / "ck")
+        assert record[0].filename == __file__ and str(record[0].message).startswith(str(tmp_path / "ck"))
+        assert "pip install tp-good==1.0.0" in msg and "save_pretrained" in msg, msg
+        assert model(torch.randn(1, 5, 1)).shape == (1, 5, 2)            # a warning, not a refusal
+
+
+def test_a_distribution_name_spelled_another_way_is_the_same_release(tmp_path, monkeypatch):
+    # pip reads 'TP_Good' and 'tp-good' as one project (PEP 503), but the recorded distribution was
+    # compared as written: the same release re-spelled warned that another plugin now builds the layer.
+    with installed(_ema_dist(tmp_path / "v1"), monkeypatch):
+        _save_ema_model(tmp_path / "ck")
+        reinstall(monkeypatch, _ema_dist(tmp_path / "v1b", "TP_Good"))
+        assert _plugin("ema").distribution == "TP_Good"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PluginVersionWarning)
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+
+
+def test_loading_a_layer_now_provided_by_another_plugin_warns(tmp_path, monkeypatch):
+    with installed(_ema_dist(tmp_path / "v1"), monkeypatch):
+        _save_ema_model(tmp_path / "ck")
+        # tp-good uninstalled, a fork installed
+        reinstall(monkeypatch, _ema_dist(tmp_path / "fork", "tp-fork", "ema_fork", "0.1.0"))
+        with pytest.warns(PluginVersionWarning, match=r"from plugin 'ema' \(tp-good 1.0.0\), and it is now built by "
+                                                      r"plugin 'ema_fork' from tp-fork 0.1.0.*pip install tp-good==1.0.0"):
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+
+
 def test_a_checkpoint_names_the_plugin_of_a_third_party_initializer_or_backend(tmp_path, monkeypatch):
     # An s4d model built with init="slowlin", backend="chunked" from a third-party plugin recorded only
     # plugin s4d (lrnnx-zoo); without the plugin, loading said "unknown vandermonde backend 'chunked';
     # available: auto, keops, torch" and nothing about what to install.
-    from lrnnx_zoo.registry import PluginVersionWarning
-    activate(make_distribution(tmp_path / "site", "tp-extras", {"tp_extras": EXTRAS_FOR_S4D}, {"extras": "tp_extras"},
-                               "1.0.0"), monkeypatch)
-    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
-    config = lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=2, d_model=4, n_layers=1,
-                                   layer_kwargs={"d_state": 4, "init": "slowlin", "backend": "extras:chunked"})
-    try:
-        lrnnx_zoo.reload_plugins()
+    config = _small_config("s4d", init="slowlin", backend="extras:chunked")
+    with installed(_extras_dist(tmp_path / "site"), monkeypatch):
         lrnnx_zoo.SequenceModel(config).save_pretrained(tmp_path / "ck")
-        saved = __import__("json").loads((tmp_path / "ck" / "config.json").read_text())
+        saved = json.loads((tmp_path / "ck" / "config.json").read_text())
         assert saved["extra_plugins"] == [{"name": "extras", "distribution": "tp-extras", "version": "1.0.0",
                                            "names": ["s4d.slowlin", "vandermonde.chunked"]}]
         card = (tmp_path / "ck" / "README.md").read_text()
         assert "It uses `s4d.slowlin`, `vandermonde.chunked` from the plugin `extras` (tp-extras 1.0.0)" in card
-        lrnnx_zoo.SequenceModel(__import__("dataclasses").replace(config, layer_kwargs={"d_state": 4})).save_pretrained(tmp_path / "plain")
+        lrnnx_zoo.SequenceModel(_small_config("s4d")).save_pretrained(tmp_path / "plain")
         assert "extra_plugins" not in (tmp_path / "plain" / "config.json").read_text()   # as before
-        monkeypatch.undo()                                                 # pip uninstall tp-extras
-        lrnnx_zoo.reload_plugins()
+        reinstall(monkeypatch)                                  # pip uninstall tp-extras
         with pytest.raises(lrnnx_zoo.CheckpointError) as err:
             lrnnx_zoo.from_pretrained(tmp_path / "ck")
         msg = str(err.value)
         assert re.search(r"unknown (initializer for 's4d' 'slowlin'|vandermonde backend 'extras:chunked')", msg), msg
         assert "s4d.slowlin, vandermonde.chunked from plugin 'extras' (tp-extras 1.0.0)" in msg, msg
         assert "pip install tp-extras" in msg, msg
-        activate(make_distribution(tmp_path / "v2", "tp-extras", {"tp_extras": EXTRAS_FOR_S4D},
-                                   {"extras": "tp_extras"}, "2.0.0"), monkeypatch)
-        lrnnx_zoo.reload_plugins()
+        reinstall(monkeypatch, _extras_dist(tmp_path / "v2", version="2.0.0"))
         with pytest.warns(PluginVersionWarning, match=r"tp-extras 1.0.0, and tp-extras 2.0.0 is installed"):
             lrnnx_zoo.from_pretrained(tmp_path / "ck")
-    finally:
-        monkeypatch.undo()
-        lrnnx_zoo.reload_plugins()
 
 
 def test_a_plugin_missing_an_optional_dependency_says_which_module_to_install(tmp_path, monkeypatch):
@@ -549,78 +533,51 @@ def test_a_plugin_missing_an_optional_dependency_says_which_module_to_install(tm
     root = tmp_path / "site"
     make_distribution(root, "tp-needs", {"tp_needs": "import lrnnx_zoo\nimport tp_fast_scan.kernels\n"},
                       {"needs": "tp_needs"})
-    make_distribution(root, "tp-good", {"tp_good": GOOD_PLUGIN.replace("{layer_name}", "ema")}, {"ema": "tp_good"})
+    _ema_dist(root)
     make_distribution(root, "tp-gone", {}, {"gone": "tp_gone_module"})       # its own module is missing
-    activate(root, monkeypatch)
-    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
-    try:
-        lrnnx_zoo.reload_plugins()
+    with installed(root, monkeypatch):
         first = _plugin("needs").error.splitlines()[0]
         assert "tp-needs needs the module 'tp_fast_scan', which is not installed: install it" in first, first
         assert "pip uninstall tp-needs" in first and DISABLE_AUTOLOAD_ENV in first, first
         assert "reinstall tp-gone" in _plugin("gone").error          # a broken install: reinstalling is the fix
         assert _plugin("ema").ok and "ema" in lrnnx_zoo.list_layers()   # the others load
-    finally:
-        monkeypatch.undo()
-        lrnnx_zoo.reload_plugins()
 
 
 def test_a_checkpoint_names_the_plugin_of_an_initializer_its_kernel_takes(tmp_path, monkeypatch):
     # fftconv builds an s4d kernel, which takes s4d's initializers: a model built with a third-party
     # init="slowlin" recorded no extra_plugins (only fftconv's own table was searched), and without
     # the plugin loading said "unknown initializer for 's4d' 'slowlin'" and nothing about what to install.
-    activate(make_distribution(tmp_path / "site", "tp-extras", {"tp_extras": EXTRAS_FOR_S4D}, {"extras": "tp_extras"},
-                               "1.0.0"), monkeypatch)
-    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
-    config = lrnnx_zoo.ModelConfig(layer="fftconv", d_input=1, d_output=2, d_model=4, n_layers=1,
-                                   layer_kwargs={"d_state": 4, "init": "slowlin"})
-    try:
-        lrnnx_zoo.reload_plugins()
+    config = _small_config("fftconv", init="slowlin")
+    with installed(_extras_dist(tmp_path / "site"), monkeypatch):
         lrnnx_zoo.SequenceModel(config).save_pretrained(tmp_path / "ck")
-        saved = __import__("json").loads((tmp_path / "ck" / "config.json").read_text())
+        saved = json.loads((tmp_path / "ck" / "config.json").read_text())
         assert saved.get("extra_plugins") == [{"name": "extras", "distribution": "tp-extras", "version": "1.0.0",
                                                "names": ["s4d.slowlin"]}], saved
-        monkeypatch.undo()                                                 # pip uninstall tp-extras
-        lrnnx_zoo.reload_plugins()
+        reinstall(monkeypatch)                                  # pip uninstall tp-extras
         with pytest.raises(lrnnx_zoo.CheckpointError, match=r"s4d.slowlin from plugin 'extras' \(tp-extras 1.0.0\), "
                                                             r"which is not installed: pip install tp-extras"):
             lrnnx_zoo.from_pretrained(tmp_path / "ck")
-    finally:
-        monkeypatch.undo()
-        lrnnx_zoo.reload_plugins()
 
 
 def test_loading_with_an_extra_now_from_another_plugin_warns(tmp_path, monkeypatch):
     # The layer's plugin was compared with whoever provides the layer now (a fork warns), but an
     # extra plugin only with a plugin of its recorded name: tp-extras uninstalled and a fork
     # registering the same initializer and backend under another name loaded without a word.
-    from lrnnx_zoo.registry import PluginVersionWarning
-    activate(make_distribution(tmp_path / "site", "tp-extras", {"tp_extras": EXTRAS_FOR_S4D}, {"extras": "tp_extras"},
-                               "1.0.0"), monkeypatch)
-    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
-    config = lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=2, d_model=4, n_layers=1,
-                                   layer_kwargs={"d_state": 4, "init": "slowlin", "backend": "chunked"})
-    try:
-        lrnnx_zoo.reload_plugins()
+    config = _small_config("s4d", init="slowlin", backend="chunked")
+    with installed(_extras_dist(tmp_path / "site"), monkeypatch):
         lrnnx_zoo.SequenceModel(config).save_pretrained(tmp_path / "ck")
-        monkeypatch.undo()                                      # tp-extras uninstalled, a fork installed
-        activate(make_distribution(tmp_path / "fork", "tp-fork", {"tp_fork": EXTRAS_FOR_S4D}, {"extras_fork": "tp_fork"}),
-                 monkeypatch)
-        monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
-        lrnnx_zoo.reload_plugins()
+        # tp-extras uninstalled, a fork installed
+        reinstall(monkeypatch, _extras_dist(tmp_path / "fork", "tp-fork", "extras_fork", "0.1.0"))
         with pytest.warns(PluginVersionWarning, match=r"s4d.slowlin, vandermonde.chunked from plugin 'extras' "
                                                       r"\(tp-extras 1.0.0\), and it is now built by plugin 'extras_fork' "
                                                       r"from tp-fork 0.1.0.*pip install tp-extras==1.0.0"):
             lrnnx_zoo.from_pretrained(tmp_path / "ck")
-    finally:
-        monkeypatch.undo()
-        lrnnx_zoo.reload_plugins()
 
 
 def _s4d_slowlin_plugin(name):
     """A module registering the initializer s4d.slowlin, as plugin ``name`` would."""
     from lrnnx_zoo.plugins.s4d import init_lin
-    module = __import__("types").ModuleType(name)
+    module = types.ModuleType(name)
 
     @lrnnx_zoo.hookimpl
     def lrnnx_zoo_register_initializers(registry):
@@ -632,8 +589,7 @@ def _s4d_slowlin_plugin(name):
 def test_a_clashing_extra_plugin_is_not_said_to_have_failed_to_load(tmp_path):
     # The recorded plugin was loaded, but another one now registers the same initializer: the
     # error said "which is installed but failed to load: duplicate names: ...", which it had not.
-    config = lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=4, n_layers=1,
-                                   layer_kwargs={"d_state": 4, "init": "slowlin"})
+    config = _small_config("s4d", init="slowlin", d_output=1)
     lrnnx_zoo.register_plugin(_s4d_slowlin_plugin("tp_slowlin"), "extras")
     try:
         lrnnx_zoo.SequenceModel(config).save_pretrained(tmp_path / "ck")
@@ -653,19 +609,18 @@ def test_a_clashing_extra_plugin_is_not_said_to_have_failed_to_load(tmp_path):
 def test_a_hand_edited_extra_plugins_entry_is_not_refused(tmp_path, names):
     # extra_plugins entries are read leniently, but '"names": 5' made from_pretrained raise
     # "TypeError: 'int' object is not iterable" (and a str was listed letter by letter).
-    config = lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=4, n_layers=1,
-                                   layer_kwargs={"d_state": 4, "init": "slowlin"})
+    config = _small_config("s4d", init="slowlin", d_output=1)
     lrnnx_zoo.register_plugin(_s4d_slowlin_plugin("tp_slowlin"), "extras")
     try:
         folder = lrnnx_zoo.SequenceModel(config).save_pretrained(tmp_path / "ck")
     finally:
         lrnnx_zoo.unregister_plugin("extras")
-    saved = __import__("json").loads((folder / "config.json").read_text())
+    saved = json.loads((folder / "config.json").read_text())
     saved["extra_plugins"][0]["names"] = names
-    (folder / "config.json").write_text(__import__("json").dumps(saved))
+    (folder / "config.json").write_text(json.dumps(saved))
     with pytest.raises(lrnnx_zoo.CheckpointError) as err:             # the plugin is gone: a hint, not a crash
         lrnnx_zoo.from_pretrained(folder)
     assert "It was saved with initializers or backends from plugin 'extras', which is not loaded" in str(err.value)
     saved["model"]["layer_kwargs"]["init"] = "lin"                   # buildable: it loads
-    (folder / "config.json").write_text(__import__("json").dumps(saved))
+    (folder / "config.json").write_text(json.dumps(saved))
     assert lrnnx_zoo.from_pretrained(folder) is not None
