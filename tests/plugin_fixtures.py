@@ -3,10 +3,14 @@ so plugin discovery runs through importlib.metadata exactly as for a pip-install
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import textwrap
+import types
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Iterator
+
+import lrnnx_zoo
 
 # A complete third-party family: a diagonal layer with its own step form (no lrnnx_zoo family code).
 GOOD_PLUGIN = '''
@@ -93,3 +97,21 @@ def activate(root: Path, monkeypatch) -> None:
     for name in list(sys.modules):
         if name.startswith("tp_"):
             del sys.modules[name]
+
+
+@contextlib.contextmanager
+def layers_registered(plugin: str, **layers: type) -> Iterator[None]:
+    """Inside: the layer classes ``layers`` (name -> class) registered in code as plugin ``plugin``
+    (lrnnx_zoo.register_plugin), as a third-party package would register them; unregistered after."""
+    module = types.SimpleNamespace()
+
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_layers(registry):
+        for name, cls in layers.items():
+            registry.add_layer(name, cls)
+    module.lrnnx_zoo_register_layers = lrnnx_zoo_register_layers
+    lrnnx_zoo.register_plugin(module, name=plugin)
+    try:
+        yield
+    finally:
+        lrnnx_zoo.unregister_plugin(plugin)

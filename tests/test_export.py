@@ -25,7 +25,7 @@ from lrnnx_zoo.export.step_graph import StepModule
 from lrnnx_zoo.export.torchscript_export import load_torch_export, load_torchscript, read_metadata
 from lrnnx_zoo.export.validate import validate_stream
 from lrnnx_zoo.step_forms import StepForm
-from plugin_fixtures import GOOD_PLUGIN, activate, make_distribution
+from plugin_fixtures import GOOD_PLUGIN, activate, layers_registered, make_distribution
 
 TOL = 1e-4  # float32 graph vs PyTorch forward (module docstring)
 EXPORT_DIR = Path(lrnnx_zoo.export.__file__).parent
@@ -213,19 +213,11 @@ class _NotImplementedStep(_Echo):
         raise NotImplementedError
 
 
-class _TestLayers:
-    @lrnnx_zoo.hookimpl
-    def lrnnx_zoo_register_layers(self, registry):
-        registry.add_layer("test_bidi", _Bidirectional)
-        registry.add_layer("test_nostep", _Echo)
-        registry.add_layer("test_notimpl", _NotImplementedStep)
-
-
 @pytest.fixture
 def test_layers():
-    lrnnx_zoo.register_plugin(_TestLayers(), name="export_test_layers")
-    yield
-    lrnnx_zoo.unregister_plugin("export_test_layers")
+    with layers_registered("export_test_layers", test_bidi=_Bidirectional, test_nostep=_Echo,
+                           test_notimpl=_NotImplementedStep):
+        yield
 
 
 def test_bidirectional_is_refused(test_layers, tmp_path):

@@ -17,6 +17,7 @@ import lrnnx_zoo
 from lrnnx_zoo.base import LTI_LRNN, right_aligned
 from lrnnx_zoo.export import ExportError, OnnxStreamer, state_from_cache, to_onnx
 from lrnnx_zoo.step_forms import StepForm
+from plugin_fixtures import layers_registered
 
 H, N = 8, 8
 TOL = 1e-5
@@ -292,18 +293,10 @@ class _EmaStep(StepForm):
         return s, s
 
 
-class _ThirdParty:
-    @lrnnx_zoo.hookimpl
-    def lrnnx_zoo_register_layers(self, registry):
-        registry.add_layer("prefill_gain", _Gain)
-        registry.add_layer("prefill_ema", _Ema)
-
-
 @pytest.fixture
 def third_party():
-    lrnnx_zoo.register_plugin(_ThirdParty(), name="prefill_third_party")
-    yield
-    lrnnx_zoo.unregister_plugin("prefill_third_party")
+    with layers_registered("prefill_third_party", prefill_gain=_Gain, prefill_ema=_Ema):
+        yield
 
 
 @torch.no_grad()
