@@ -8,9 +8,10 @@ so streaming inference and export run the same discretised system.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from abc import abstractmethod
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -330,17 +331,25 @@ class LTI_LRNN(LRNN):
         (step L, or ``lengths[b]``), so that :meth:`step` goes on as if it had stepped through x.
         The state costs one pass over x (:meth:`final_step_state`), not L steps.
         """
-        y = self(x, lengths=lengths)
-        cache = self.allocate_inference_cache(x.shape[0])
-        state = cache["lrnn_state"]
-        u = mask_padding(float32_under_autocast(x), lengths).to(state.dtype)     # forward checked x
-        final = self.final_step_state(u, None if lengths is None else torch.as_tensor(lengths, device=u.device),
-                                      cache["step_form"])
+        L = x.shape[1] if isinstance(x, Tensor) and x.dim() == 3 else 1          # forward says what it expects
+        with self.prefill_scope(L):
+            y = self(x, lengths=lengths)
+            cache = self.allocate_inference_cache(x.shape[0])
+            state = cache["lrnn_state"]
+            u = mask_padding(float32_under_autocast(x), lengths).to(state.dtype)
+            final = self.final_step_state(u, None if lengths is None else torch.as_tensor(lengths, device=u.device),
+                                          cache["step_form"])
         if final.shape != state.shape:
             raise RuntimeError(f"{type(self).__name__}.final_step_state returned shape {tuple(final.shape)}, expected the "
                                f"step form's state (batch, state_size) = {tuple(state.shape)}")
         cache["lrnn_state"] = final.to(state.dtype)
         return y, cache
+
+    def prefill_scope(self, L: int) -> ContextManager[Any]:
+        """The scope :meth:`prefill` runs its forward, step form and state passing over L steps in: a
+        layer whose parts share costly work opens its kernel's (S4: one discretisation and one chain of
+        squares of its dense A_bar, ``SSMKernel.sharing_dense_work``). Default: nothing shared."""
+        return contextlib.nullcontext()
 
     def final_step_state(self, u: Tensor, lengths: Optional[Tensor], form: nn.Module) -> Tensor:
         """The state of ``form`` (this layer's step form, just built) after u: (B, L, H) from a zero

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, ContextManager, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -394,15 +394,11 @@ class FFTConvLayer(LTI_LRNN):
             return core
         return SequentialStepForm(core, copy.deepcopy(self.mix).requires_grad_(False))
 
-    def prefill(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Any]]:
-        """:meth:`~lrnnx_zoo.base.LTI_LRNN.prefill` within the kernel's
-        :meth:`~lrnnx_zoo.ssm_kernel.SSMKernel.sharing_dense_work` (its step form and its state
-        passing need the same dense work: S4's A_bar and its squares)."""
-        if not isinstance(x, Tensor) or x.dim() != 3:       # the base's checks say what was expected
-            return super().prefill(x, lengths)
+    def prefill_scope(self, L: int) -> ContextManager[Any]:
+        """The kernel's :meth:`~lrnnx_zoo.ssm_kernel.SSMKernel.sharing_dense_work` (S4's A_bar and its
+        squares serve the step form and the state passing)."""
         share = getattr(self.conv.kernel, "sharing_dense_work", None)   # a third-party kernel may lack it
-        with (share(x.shape[1]) if share is not None else contextlib.nullcontext()):
-            return super().prefill(x, lengths)
+        return share(L) if share is not None else contextlib.nullcontext()
 
     def final_step_state(self, u: Tensor, lengths: Optional[Tensor], form: nn.Module) -> Tensor:
         """The kernel's state passing (one pass over u), packed for the kernel's step form (the

@@ -268,7 +268,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
     @contextmanager
     def sharing_dense_work(self, L: int) -> Iterator[None]:
         """Within: the dense float64 work of a step form and a state passing over L steps is shared
-        (a prefill: :meth:`S4Layer.prefill`): :meth:`dense_system` runs once, and the squares of A_bar
+        (a prefill: :meth:`LTI_LRNN.prefill` through the layer's ``prefill_scope``): :meth:`dense_system` runs once, and the squares of A_bar
         that :meth:`output_matrix` needs for A_bar^length (when not cached) also give the Krylov block
         that :meth:`forward_state` of an input of length L needs (log2(T) = 6 of 18 N x N products at
         L = 4096). The parameters must not change within (their results are reused); nested: the outer

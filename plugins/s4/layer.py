@@ -11,7 +11,7 @@ convolution, so both directions cost one FFT pair).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -268,13 +268,10 @@ class S4Layer(LTI_LRNN):
                              "build it with bidirectional=False to export or step it")
         return self.kernel.step_form("auto", D=self.D.unsqueeze(0))
 
-    def prefill(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Any]]:
-        """:meth:`~lrnnx_zoo.base.LTI_LRNN.prefill`, with the dense work of the step form and of the
-        state passing shared (:meth:`~plugins.s4.kernel.SSKernelNPLR.sharing_dense_work`)."""
-        if not isinstance(x, Tensor) or x.dim() != 3:       # the base's checks say what was expected
-            return super().prefill(x, lengths)
-        with self.kernel.sharing_dense_work(x.shape[1]):
-            return super().prefill(x, lengths)
+    def prefill_scope(self, L: int) -> ContextManager[Any]:
+        """The step form and the state passing share their dense work
+        (:meth:`~plugins.s4.kernel.SSKernelNPLR.sharing_dense_work`)."""
+        return self.kernel.sharing_dense_work(L)
 
     def final_step_state(self, u: Tensor, lengths: Optional[Tensor], form: nn.Module) -> Tensor:
         """The kernel's state passing (dense, float64), in ``form``'s layout (``kernel.pack_state``:
