@@ -218,5 +218,5 @@ def state_from_cache(model: SequenceModel, cache: Dict[str, Any]) -> Tensor:
         mean = cache["pool_mean"]
         count = cache["t"]
         count = count if isinstance(count, Tensor) else mean.new_full((mean.shape[0], 1), float(count))
-        parts += [cache.get("pool_carry", torch.zeros_like(mean)), mean, count.to(mean.dtype)]
+        parts += [cache["pool_carry"], mean, count.to(mean.dtype)]
     return torch.cat(parts, 1).float().cpu() if parts else torch.zeros(cache["pool_mean"].shape[0], 0)

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import __version__
-from .registry import (PluginVersionWarning, autoload_note, extra_plugin_changes, get_registry,
-                       missing_extra_plugins, plugin_change, unloaded_plugin_remedy)
+from .registry import (PluginVersionWarning, autoload_note, extra_plugin_changes, get_registry, layer_owners,
+                       missing_extra_plugins, plugin_change, release_of, unloaded_plugin_remedy)
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
     from .models import SequenceModel
@@ -401,11 +401,11 @@ def _layer_name(config: Dict[str, Any], path: Path) -> str:
     family = config.get("family") or layer.rpartition(":")[2]
     plugin = config.get("plugin") or {}
     reg = get_registry()
-    owners = [e.plugin for e in reg._layers.get(family, [])]
+    owners = layer_owners(family)
     if not owners:
         name, dist = plugin.get("name"), plugin.get("distribution")
         msg = (f"{path} needs the layer family {family!r} from plugin {name!r} "
-               f"(distribution {dist or 'not recorded'} {plugin.get('version') or ''}), but no installed plugin "
+               f"(distribution {release_of(plugin, 'not recorded')}), but no installed plugin "
                f"provides it (layers available: {', '.join(sorted(reg._layers)) or 'none'}).")
         info = reg.plugins.get(name) if name else None
         if dist == LIBRARY and not (info is not None and info.error):

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .registry import release_of
+
 TAGS = ("state-space-model", "linear-recurrence", "lrnnx-zoo")
 
 
@@ -103,16 +105,14 @@ def build_card(config: Dict[str, Any], name: str, n_parameters: Optional[int] = 
 def _body(cfg: Dict[str, Any], name: str, n_parameters: Optional[int]) -> List[str]:
     model, plugin = cfg["model"], cfg.get("plugin") or {}
     size = f", {n_parameters:,} parameters" if n_parameters is not None else ""
-    origin = plugin.get("distribution") or "registered in code"
     lines = [f"# {name}", "",
              f"A sequence model on the `{cfg['family']}` layer: {model['n_layers']} residual "
              f"block{'' if model['n_layers'] == 1 else 's'} of width "
              f"{model['d_model']}{size}, made with lrnnx-zoo {cfg.get('library_version')}. The layer comes "
-             f"from the plugin `{plugin.get('name')}` ({origin} {plugin.get('version') or ''}).".replace(" )", ")")]
+             f"from the plugin `{plugin.get('name')}` ({release_of(plugin)})."]
     for extra in cfg.get("extra_plugins") or []:   # loading needs these too (registry.extra_plugins)
         used = ", ".join(f"`{n}`" for n in extra.get("names") or [])
-        where = f"{extra.get('distribution') or 'registered in code'} {extra.get('version') or ''}".rstrip()
-        lines[-1] += f" It uses {used} from the plugin `{extra.get('name')}` ({where}), which loading needs too."
+        lines[-1] += f" It uses {used} from the plugin `{extra.get('name')}` ({release_of(extra)}), which loading needs too."
     lines += ["", "## Task", ""]
     shape_out = ("one output of width {d} per sequence ({p} pooling)".format(d=model["d_output"], p=model["pooling"])
                  if model.get("pooling") else f"one output of width {model['d_output']} per time step")

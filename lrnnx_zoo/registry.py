@@ -438,13 +438,20 @@ def _canonical(distribution: Optional[str]) -> Optional[str]:
     return None if distribution is None else re.sub(r"[-_.]+", "-", distribution).lower()
 
 
+def release_of(record: Dict[str, Any], unrecorded: str = "registered in code") -> str:
+    """A plugin's release as "distribution version" ("tp-good 1.0.0"; just the distribution when no
+    version is recorded, ``unrecorded`` in its place when no distribution is: a plugin registered in
+    code), from a checkpoint's record or a PluginInfo's fields."""
+    return f"{record.get('distribution') or unrecorded} {record.get('version') or ''}".rstrip()
+
+
 def _release_change(record: Dict[str, Any], info: Optional[PluginInfo], what: str) -> Optional[str]:
     """How ``info``, the plugin now providing ``what``, differs from the recorded one (see plugin_change)."""
     dist, version = record.get("distribution"), record.get("version")
     if info is None or not dist or (dist == BUILTIN_DISTRIBUTION and info.builtin):
         return None
-    saved = f"{dist} {version or ''}".rstrip()
-    now = f"{info.distribution} {info.version or ''}".rstrip() if info.distribution else "code (register_plugin)"
+    saved = release_of(record)
+    now = release_of({"distribution": info.distribution, "version": info.version}, "code (register_plugin)")
     as_saved = f"pip install {dist}=={version}" if version else f"pip install {dist}"
     if (info.name, _canonical(info.distribution)) != (record.get("name"), _canonical(dist)):
         record_now = now if info.distribution else "the plugin registered in code"
@@ -560,10 +567,9 @@ def missing_extra_plugins(records: Any) -> str:
         info = reg.plugins.get(r["name"])
         if info is not None and info.ok:
             continue
-        dist, version = r.get("distribution"), r.get("version")
-        saved = f" ({dist} {version or ''})".replace(" )", ")") if dist else ""
+        saved = f" ({release_of(r)})" if r.get("distribution") else ""
         hints.append(f" It was saved with {_used(r)} from plugin {r['name']!r}{saved}, "
-                     f"{unloaded_plugin_remedy(info, dist)}")
+                     f"{unloaded_plugin_remedy(info, r.get('distribution'))}")
     return "".join(hints) + (autoload_note() if hints else "")
 
 
