@@ -19,8 +19,9 @@ def check_revision_flag(src: str, revision: Optional[str]) -> None:
         return
     if not revision.strip():
         raise ValueError("--revision is empty; pass a branch, tag or commit id, or leave it out for main")
-    if Path(src).expanduser().is_dir() or src in shipped_checkpoints():
-        kind = "local" if Path(src).expanduser().is_dir() else "shipped"
+    local = Path(src).expanduser().is_dir()
+    if local or src in shipped_checkpoints():
+        kind = "local" if local else "shipped"
         raise ValueError(f"--revision applies to Hub repos, but {src!r} is a {kind} checkpoint; "
                          "drop --revision or pass a Hub repo id")
 
