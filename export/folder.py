@@ -41,7 +41,7 @@ from .validate import DEFAULT_BATCH, default_sequence
 
 #: Steps an export folder's graph is validated over by default: the length at which the issue asks
 #: for no drift beyond tolerance. The float32 state's rounding error grows with the stream until the
-#: slowest mode's memory 1/(1-|lam|) is filled, then levels off: digits-s4d's graph is 5.3e-6 from
+#: slowest mode's memory 1/(1-|lam|) is filled, then levels off: a shipped digits classifier's graph is 5.3e-6 from
 #: the float64 model after 256 steps, 4.1e-5 after 4096 and 5.4e-5 after 262,144
 #: (README, step-mode error over long streams), so the 256 steps of to_onnx's default would under-state it.
 FOLDER_VALIDATION_LENGTH = 4096
