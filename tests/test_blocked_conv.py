@@ -50,6 +50,21 @@ def test_blocked_conv_matches_the_time_domain_sum(time_dim, C, H, block):
     assert y.shape == ref.shape and rel_err(y, ref) < TOL
 
 
+def test_blocked_conv_copies_in_tiles_and_groups_agree_with_the_sum():
+    """Sequences longer than one gather tile (a partial last tile) and blocks whose channels are
+    scattered in groups, a partial last group and block among them."""
+    from lrnnx_zoo import convolution
+
+    torch.manual_seed(1)
+    B, C, H, Lk = 2, 2, 43, 24
+    L = 2 * convolution._GATHER_TILE + 37
+    u = torch.randn(B, H, L)
+    K, D = torch.randn(C, H, Lk) / Lk, torch.randn(C, H)
+    n = conv_size(L, Lk)
+    y = blocked_channel_conv(u.transpose(1, 2).contiguous(), torch.fft.rfft(K, n=n), n, skip=D, block=16)
+    assert rel_err(y, direct(u, K, D).permute(0, 3, 1, 2)) < TOL
+
+
 def test_block_size_is_whole_cache_lines_and_bounded():
     assert channel_block_size(8, 2048) == 16
     assert channel_block_size(1, 1024) == 256
