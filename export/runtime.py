@@ -255,7 +255,11 @@ class OnnxStreamer:
         x_t = _to_numpy(x_t, "x_t")
         with self._lock:
             self._check_x(x_t)
-            np.copyto(self._x, x_t, casting="same_kind")
+            if x_t.dtype == np.float32:
+                np.copyto(self._x, x_t)
+            else:   # a float64 beyond float32's range becomes inf, refused below, without numpy's warning
+                with np.errstate(over="ignore"):
+                    np.copyto(self._x, x_t, casting="same_kind")
             # one reduction on the float32 copy (a float64 beyond float32's range is inf by now)
             if not math.isfinite(self._x_flat.dot(self._ones)):
                 raise ValueError(f"x_t holds {_non_finite(self._x)}; not stepped, the state is as it was "
