@@ -366,7 +366,11 @@ def get_registry() -> Registry:
 
 
 def reload_plugins() -> Registry:
-    """Forget everything and discover plugins again (after installing one at run time)."""
+    """Forget everything and discover plugins again (after installing one at run time).
+
+    A plugin module this process has already imported is registered as it was imported: Python
+    does not import it again, so a plugin's changed or upgraded code takes effect in a new process
+    (or after ``importlib.reload`` of its module, before this call)."""
     global _registry
     with _lock:
         _registry = None
