@@ -374,16 +374,18 @@ def evaluate(model: SequenceModel, data: TaskData, batch_size: int = 256) -> Dic
     """Test metrics of ``model`` on ``data`` (see :func:`score`), summed batch by batch in float64.
 
     The model runs in eval mode and is put back in the mode it was in, also when a batch fails.
+    The (float32) inputs are given to it in its own dtype: a float64 model (trained in float64, or
+    ``.double()``) is evaluated in float64 (it raised a dtype TypeError, also in ``lrnnx-zoo evaluate``).
     """
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
+        ref = next(model.parameters())
         sums = MetricSums(data.task, data.target)
         for i in range(0, len(data.x_test), batch_size):
             x = data.x_test[i:i + batch_size]
             mask = None if data.mask_test is None else data.mask_test[i:i + batch_size]
-            sums.add(model(x.to(device)), x, data.y_test[i:i + batch_size], mask)
+            sums.add(model(x.to(ref.device, ref.dtype)), x, data.y_test[i:i + batch_size], mask)
         return sums.result()
     finally:
         model.train(was_training)
