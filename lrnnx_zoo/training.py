@@ -258,16 +258,20 @@ def unreached_epochs(optim: OptimSpec, plan: StepPlan, max_steps: Optional[int])
             f"{_plural(reached, 'epoch')}")
 
 
-def param_groups(model: SequenceModel, lr: float, weight_decay: float, ssm_lr: Optional[float]) -> List[Dict[str, Any]]:
+def param_groups(model: nn.Module, lr: float, weight_decay: float, ssm_lr: Optional[float]) -> List[Dict[str, Any]]:
     """AdamW groups: decayed matrices; undecayed biases/norms; the sequence layers' state-space
     parameters at ``ssm_lr`` without decay.  A parameter's record ({"lr", "weight_decay"}, the S4
     ``register`` convention, see :mod:`lrnnx_zoo.optim`) overrides those defaults for that parameter.
 
+    ``model``: a :class:`SequenceModel`, a module holding one or more (your own network around it),
+    or a bare layer (``create_layer``).  Its sequence layers are each block's layer and every
+    :class:`~lrnnx_zoo.base.LRNN` in it (any module without them raised AttributeError: no 'blocks').
     A layer's state-space parameters are those its own classes hold (A, B, C, D, dt, ...); the ones
     held by ``torch.nn`` building blocks inside it (e.g. FFTConv's channel-mixing ``nn.Linear``), or
     by a module class marked ``trains_like_network = True`` (S4's ``TransposedLinear``), train like
-    the rest of the network."""
-    layer_params = {id(p) for b in model.blocks for p in ssm_parameters(b.layer)}
+    the rest of the network.  Pass the result to the optimiser: ``torch.optim.AdamW(param_groups(...))``
+    (every group sets its own lr and weight_decay, so the optimiser's own arguments do not apply)."""
+    layer_params = {id(p) for layer in sequence_layers(model) for p in ssm_parameters(layer)}
     layer_lr = ssm_lr if ssm_lr is not None else lr
 
     def default(p: nn.Parameter) -> Tuple[float, float]:
@@ -275,6 +279,14 @@ def param_groups(model: SequenceModel, lr: float, weight_decay: float, ssm_lr: O
             return layer_lr, 0.0
         return lr, weight_decay if p.dim() >= 2 else 0.0
     return grouped_parameters(model, default)
+
+
+def sequence_layers(model: nn.Module) -> List[nn.Module]:
+    """The sequence layers in ``model`` (itself included): each block's ``layer`` (any registered
+    layer) and every :class:`~lrnnx_zoo.base.LRNN`."""
+    from .base import LRNN
+    from .models import Block
+    return [m.layer if isinstance(m, Block) else m for m in model.modules() if isinstance(m, (Block, LRNN))]
 
 
 def ssm_parameters(layer: nn.Module) -> List[nn.Parameter]:

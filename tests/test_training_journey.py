@@ -34,3 +34,29 @@ def test_a_float64_model_is_evaluated_in_float64(tmp_path, capsys):
     trained.double().save_pretrained(tmp_path / "f64")      # a lossless cast keeps the recorded metrics
     assert cli.main(["evaluate", str(tmp_path / "f64"), "--check"]) == 0
     assert "MISMATCH" not in capsys.readouterr().out
+
+
+# -- optimiser groups ------------------------------------------------------------------------------
+def _by_name(model: torch.nn.Module, groups: list) -> dict:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("family,kwargs", [("lru", {"d_state": 8}), ("s4", {"d_state": 8, "lr": 5e-4})])
+def test_param_groups_of_a_network_around_a_sequence_model_or_of_a_bare_layer(family, kwargs):
+    # A token model wraps a SequenceModel behind an embedding; param_groups raised
+    # "AttributeError: 'Module' object has no attribute 'blocks'", and for a bare layer too.
+    from lrnnx_zoo import create_layer
+    from lrnnx_zoo.training import param_groups
+    torch.manual_seed(0)
+    body = SequenceModel(ModelConfig(layer=family, d_input=4, d_output=3, d_model=8, n_layers=2,
+                                     layer_kwargs=kwargs, pooling="mean"))
+    net = torch.nn.Module()
+    net.embed, net.body = torch.nn.Embedding(10, 4), body
+    alone = _by_name(body, param_groups(body, 3e-3, 0.05, 1e-3))
+    wrapped = _by_name(net, param_groups(net, 3e-3, 0.05, 1e-3))
+    assert wrapped == {"embed.weight": (3e-3, 0.05), **{f"body.{n}": v for n, v in alone.items()}}
+    layer = create_layer(family, 8, **kwargs)
+    assert _by_name(layer, param_groups(layer, 3e-3, 0.05, 1e-3)) == {
+        n[len("blocks.0.layer."):]: v for n, v in alone.items() if n.startswith("blocks.0.layer.")}
+    assert all(wd == 0.0 for _, wd in _by_name(layer, param_groups(layer, 3e-3, 0.05, 1e-3)).values())
