@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import lrnnx_zoo
 from lrnnx_zoo import ModelConfig, SequenceModel, cli
 from lrnnx_zoo.training import TaskData, evaluate, score, train
 
@@ -32,6 +33,10 @@ def test_a_float64_model_is_evaluated_in_float64(tmp_path, capsys):
 
     trained, metrics = train(TINY, progress=False)
     trained.double().save_pretrained(tmp_path / "f64")      # a lossless cast keeps the recorded metrics
+    loaded = lrnnx_zoo.from_pretrained(tmp_path / "f64")
+    assert loaded.encoder.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert torch.equal(loaded(x.double()), trained(x.double()))
     assert cli.main(["evaluate", str(tmp_path / "f64"), "--check"]) == 0
     assert "MISMATCH" not in capsys.readouterr().out
 
@@ -60,3 +65,24 @@ def test_param_groups_of_a_network_around_a_sequence_model_or_of_a_bare_layer(fa
     assert _by_name(layer, param_groups(layer, 3e-3, 0.05, 1e-3)) == {
         n[len("blocks.0.layer."):]: v for n, v in alone.items() if n.startswith("blocks.0.layer.")}
     assert all(wd == 0.0 for _, wd in _by_name(layer, param_groups(layer, 3e-3, 0.05, 1e-3)).values())
+
+
+def test_the_readmes_training_snippet_runs_with_the_groups_it_describes(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Training your own model", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    names: dict = {}
+    exec(compile(code, "README.md", "exec"), names)
+    model, optimizer = names["model"], names["optimizer"]
+    by_name = _by_name(model, optimizer.param_groups)
+    kernel = "blocks.0.layer.kernel."
+    assert all(by_name[kernel + k] == (5e-4, 0.0) for k in ("w", "P", "B", "log_dt"))
+    assert by_name[kernel + "C"] == (1e-3, 0.0) and by_name["blocks.0.layer.D"] == (1e-3, 0.0)
+    assert by_name["encoder.weight"] == (3e-3, 0.05) and by_name["encoder.bias"] == (3e-3, 0.0)
+    loaded = lrnnx_zoo.from_pretrained(tmp_path / "my-model")
+    x, lengths = names["x"], names["lengths"]
+    with torch.no_grad():
+        assert torch.equal(loaded(x, lengths), model.eval()(x, lengths))
