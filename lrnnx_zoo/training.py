@@ -552,6 +552,7 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
         recipe = dataclasses.replace(recipe, seed=check_seed(seed))
     device = check_device(device)
     _check_out_dir(out_dir)
+    _check_model_saves(recipe, out_dir)
     from . import training_state as TS
     every = TS.check_checkpoint_every(checkpoint_every, out_dir)
     TS.check_resume(resume, out_dir)
@@ -638,6 +639,19 @@ def _check_out_dir(out_dir: Any) -> None:
         check_save_target(out_dir, what="out_dir")
     except (CheckpointError, PermissionError) as exc:
         raise TrainingSetupError(str(exc)) from exc
+
+
+def _check_model_saves(recipe: Recipe, out_dir: Any) -> None:
+    """With ``out_dir``, refuse before training a recipe model whose config.json cannot be written (a
+    value JSON cannot hold, e.g. an object in layer_kwargs): the save after training failed on it."""
+    if out_dir is None:
+        return
+    from .hub_save import model_config_json
+    try:
+        model_config_json(ModelConfig(**recipe.model))
+    except (TypeError, ValueError) as exc:
+        raise TrainingSetupError(f"recipe {recipe.name!r}: its model's config.json could not be written into "
+                                 f"out_dir after training: {exc}") from exc
 
 
 def _check_shares(optim: OptimSpec, di: DistInfo) -> None:

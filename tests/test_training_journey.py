@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -86,3 +88,35 @@ def test_the_readmes_training_snippet_runs_with_the_groups_it_describes(tmp_path
     x, lengths = names["x"], names["lengths"]
     with torch.no_grad():
         assert torch.equal(loaded(x, lengths), model.eval()(x, lengths))
+
+
+# -- saving ----------------------------------------------------------------------------------------
+def test_numpy_and_tensor_scalars_in_layer_kwargs_save_and_a_value_json_cannot_hold_is_refused_before_training(
+        tmp_path, monkeypatch):
+    # A sweep's np.float32(0.99) in layer_kwargs built and trained, then save_pretrained (and
+    # train(out_dir=...) after its training) failed: "Object of type float32 is not JSON serializable".
+    import numpy as np
+    from lrnnx_zoo import training
+    from lrnnx_zoo.recipes import get_recipe
+    from lrnnx_zoo.training import TrainingSetupError
+    config = ModelConfig(layer="lru", d_input=1, d_output=3, d_model=8, n_layers=1, pooling="mean",
+                         layer_kwargs={"d_state": 8, "r_max": np.float32(0.99), "r_min": torch.tensor(0.5)})
+    assert config.layer_kwargs == {"d_state": 8, "r_max": float(np.float32(0.99)), "r_min": 0.5}
+    assert all(type(v) in (int, float) for v in config.layer_kwargs.values())
+    torch.manual_seed(0)
+    model = SequenceModel(config).eval()
+    x = torch.randn(2, 12, 1)
+    with torch.no_grad():
+        assert torch.equal(lrnnx_zoo.from_pretrained(model.save_pretrained(tmp_path / "np"))(x), model(x))
+
+    model.config.layer_kwargs["r_max"] = float("nan")      # json.dumps: "Out of range float values ..."
+    with pytest.raises(ValueError, match=r"ModelConfig\['layer_kwargs'\]\['r_max'\] must be a finite number"):
+        model.save_pretrained(tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
+
+    monkeypatch.setattr(training, "_run", lambda *a, **k: pytest.fail("training started"))
+    tiny = get_recipe(TINY)
+    recipe = dataclasses.replace(tiny, model={**tiny.model, "layer_kwargs": {"d_state": 8, "mode": object()}})
+    with pytest.raises(TrainingSetupError, match=r"config\.json could not be written into out_dir after training: "
+                                                 r"ModelConfig\['layer_kwargs'\]\['mode'\] must be JSON data"):
+        train(recipe, out_dir=tmp_path / "run", progress=False)
