@@ -265,7 +265,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, ssm_lr: Optio
 
     ``model``: a :class:`SequenceModel`, a module holding one or more (your own network around it),
     or a bare layer (``create_layer``).  Its sequence layers are each block's layer and every
-    :class:`~lrnnx_zoo.base.LRNN` in it (any module without them raised AttributeError: no 'blocks').
+    :class:`~lrnnx_zoo.base.LRNN` in it (it read ``model.blocks``: anything else raised AttributeError).
     A layer's state-space parameters are those its own classes hold (A, B, C, D, dt, ...); the ones
     held by ``torch.nn`` building blocks inside it (e.g. FFTConv's channel-mixing ``nn.Linear``), or
     by a module class marked ``trains_like_network = True`` (S4's ``TransposedLinear``), train like

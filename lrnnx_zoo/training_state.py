@@ -482,7 +482,8 @@ def warn_if_not_exact(folder: Path, record: Dict[str, Any], di: DistInfo) -> Non
 
 
 def _setup(setup: Dict[str, Any], differ: List[str]) -> str:
-    """"2 processes on cpu", with the thread count and torch version where ``differ`` names them."""
+    """The setup as a warning names it, e.g. "2 processes on cpu", with the thread count and the torch
+    version where ``differ`` names them."""
     text = f"{_plural(setup['processes'] or 0, 'process', 'processes')} on {setup['device']}"
     if "threads" in differ:
         text += f" with {_plural(setup['threads'], 'thread')} each"
