@@ -29,20 +29,23 @@ if TYPE_CHECKING:  # models.py imports this module for HubMixin
 
 
 # -- saving ------------------------------------------------------------------------------------
-def json_ready(value: Any, where: str) -> Any:
+def json_ready(value: Any, where: str, finite: bool = False) -> Any:
     """``value`` with numpy scalars and one-element tensors/arrays turned into Python numbers, and
     non-finite floats into None (strict JSON has no NaN/Infinity), so config.json stays standard JSON;
-    anything else JSON cannot hold is a TypeError naming ``where`` (e.g. ``metrics['acc']``)."""
+    anything else JSON cannot hold is a TypeError naming ``where`` (e.g. ``metrics['acc']``).
+    ``finite``: a non-finite float is a ValueError instead (a model config's value, which None would change)."""
     if isinstance(value, dict):
-        return {str(k): json_ready(v, f"{where}[{k!r}]") for k, v in value.items()}
+        return {str(k): json_ready(v, f"{where}[{k!r}]", finite) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_ready(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [json_ready(v, f"{where}[{i}]", finite) for i, v in enumerate(value)]
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):
+        if finite and not math.isfinite(value):
+            raise ValueError(f"{where} must be a finite number to be saved in JSON, got {value!r}")
         return value if math.isfinite(value) else None
     if _holds_one_number(value):
-        return json_ready(value.item(), where)
+        return json_ready(value.item(), where, finite)
     raise TypeError(f"{where} must be JSON data (str, number, bool, None, list, dict, or a one-element "
                     f"tensor/array), got {value!r} ({type(value).__name__})")
 
@@ -83,9 +86,16 @@ def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any 
             "plugin": {"name": name, "distribution": info.distribution if info else None,
                        "version": info.version if info else None},
             **({"extra_plugins": extras} if extras else {}),
-            "model": model.config.to_dict(), "task": json_ready(task, "task"),
+            "model": model_config_json(model.config), "task": json_ready(task, "task"),
             "dataset": json_ready(dataset, "dataset"), "metrics": json_ready(metrics, "metrics"),
             "command": json_ready(command, "command"), "notes": json_ready(notes, "notes")}
+
+
+def model_config_json(config: Any) -> Dict[str, Any]:
+    """``config`` (a ModelConfig) as the dict config.json holds; a value JSON cannot hold (an object,
+    NaN) is a TypeError / ValueError naming its field. It was json.dumps' "Object of type Tensor is not
+    JSON serializable", naming nothing, and under ``train(out_dir=...)`` only after the training."""
+    return json_ready(config.to_dict(), "ModelConfig", finite=True)
 
 
 def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, Any], name: str) -> None:

@@ -59,6 +59,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
+        # numpy and 0-d tensor scalars (a sweep's np.float32(0.99)) as Python numbers: the config saves
+        # as JSON, and a fresh model gets the values a loaded one gets
+        self.layer_kwargs = _python_scalars(self.layer_kwargs)
         checks = [("norm", self.norm, NORMS), ("activation", self.activation, tuple(ACTIVATIONS)),
                   ("post", self.post, POSTS), ("pooling", self.pooling, POOLINGS)]
         for name, value, allowed in checks:
@@ -119,6 +122,20 @@ class ModelConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _python_scalars(value: Any) -> Any:
+    """``value`` with numpy scalars and 0-d arrays / tensors (also inside dicts, lists and tuples) as
+    Python numbers; anything else as it is."""
+    if isinstance(value, dict):
+        return {k: _python_scalars(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_python_scalars(v) for v in value)
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):   # np.float32(1), tensor(1.)
+        return value.item()
+    return value
 
 
 def _is_real(value: Any) -> bool:

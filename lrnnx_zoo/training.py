@@ -258,16 +258,20 @@ def unreached_epochs(optim: OptimSpec, plan: StepPlan, max_steps: Optional[int])
             f"{_plural(reached, 'epoch')}")
 
 
-def param_groups(model: SequenceModel, lr: float, weight_decay: float, ssm_lr: Optional[float]) -> List[Dict[str, Any]]:
+def param_groups(model: nn.Module, lr: float, weight_decay: float, ssm_lr: Optional[float]) -> List[Dict[str, Any]]:
     """AdamW groups: decayed matrices; undecayed biases/norms; the sequence layers' state-space
     parameters at ``ssm_lr`` without decay.  A parameter's record ({"lr", "weight_decay"}, the S4
     ``register`` convention, see :mod:`lrnnx_zoo.optim`) overrides those defaults for that parameter.
 
+    ``model``: a :class:`SequenceModel`, a module holding one or more (your own network around it),
+    or a bare layer (``create_layer``).  Its sequence layers are each block's layer and every
+    :class:`~lrnnx_zoo.base.LRNN` in it (it read ``model.blocks``: anything else raised AttributeError).
     A layer's state-space parameters are those its own classes hold (A, B, C, D, dt, ...); the ones
     held by ``torch.nn`` building blocks inside it (e.g. FFTConv's channel-mixing ``nn.Linear``), or
     by a module class marked ``trains_like_network = True`` (S4's ``TransposedLinear``), train like
-    the rest of the network."""
-    layer_params = {id(p) for b in model.blocks for p in ssm_parameters(b.layer)}
+    the rest of the network.  Pass the result to the optimiser: ``torch.optim.AdamW(param_groups(...))``
+    (every group sets its own lr and weight_decay, so the optimiser's own arguments do not apply)."""
+    layer_params = {id(p) for layer in sequence_layers(model) for p in ssm_parameters(layer)}
     layer_lr = ssm_lr if ssm_lr is not None else lr
 
     def default(p: nn.Parameter) -> Tuple[float, float]:
@@ -275,6 +279,14 @@ def param_groups(model: SequenceModel, lr: float, weight_decay: float, ssm_lr: O
             return layer_lr, 0.0
         return lr, weight_decay if p.dim() >= 2 else 0.0
     return grouped_parameters(model, default)
+
+
+def sequence_layers(model: nn.Module) -> List[nn.Module]:
+    """The sequence layers in ``model`` (itself included): each block's ``layer`` (any registered
+    layer) and every :class:`~lrnnx_zoo.base.LRNN`."""
+    from .base import LRNN
+    from .models import Block
+    return [m.layer if isinstance(m, Block) else m for m in model.modules() if isinstance(m, (Block, LRNN))]
 
 
 def ssm_parameters(layer: nn.Module) -> List[nn.Parameter]:
@@ -374,16 +386,18 @@ def evaluate(model: SequenceModel, data: TaskData, batch_size: int = 256) -> Dic
     """Test metrics of ``model`` on ``data`` (see :func:`score`), summed batch by batch in float64.
 
     The model runs in eval mode and is put back in the mode it was in, also when a batch fails.
+    The (float32) inputs are given to it in its own dtype: a float64 model (trained in float64, or
+    ``.double()``) is evaluated in float64 (it raised a dtype TypeError, also in ``lrnnx-zoo evaluate``).
     """
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
+        ref = next(model.parameters())
         sums = MetricSums(data.task, data.target)
         for i in range(0, len(data.x_test), batch_size):
             x = data.x_test[i:i + batch_size]
             mask = None if data.mask_test is None else data.mask_test[i:i + batch_size]
-            sums.add(model(x.to(device)), x, data.y_test[i:i + batch_size], mask)
+            sums.add(model(x.to(ref.device, ref.dtype)), x, data.y_test[i:i + batch_size], mask)
         return sums.result()
     finally:
         model.train(was_training)
@@ -538,6 +552,7 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
         recipe = dataclasses.replace(recipe, seed=check_seed(seed))
     device = check_device(device)
     _check_out_dir(out_dir)
+    _check_model_saves(recipe, out_dir)
     from . import training_state as TS
     every = TS.check_checkpoint_every(checkpoint_every, out_dir)
     TS.check_resume(resume, out_dir)
@@ -624,6 +639,19 @@ def _check_out_dir(out_dir: Any) -> None:
         check_save_target(out_dir, what="out_dir")
     except (CheckpointError, PermissionError) as exc:
         raise TrainingSetupError(str(exc)) from exc
+
+
+def _check_model_saves(recipe: Recipe, out_dir: Any) -> None:
+    """With ``out_dir``, refuse before training a recipe model whose config.json cannot be written (a
+    value JSON cannot hold, e.g. an object in layer_kwargs): the save after training failed on it."""
+    if out_dir is None:
+        return
+    from .hub_save import model_config_json
+    try:
+        model_config_json(ModelConfig(**recipe.model))
+    except (TypeError, ValueError) as exc:
+        raise TrainingSetupError(f"recipe {recipe.name!r}: its model's config.json could not be written into "
+                                 f"out_dir after training: {exc}") from exc
 
 
 def _check_shares(optim: OptimSpec, di: DistInfo) -> None:

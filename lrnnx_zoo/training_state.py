@@ -463,14 +463,31 @@ def same_init(folder: Path, recorded: Optional[Dict[str, Any]],
 
 
 def warn_if_not_exact(folder: Path, record: Dict[str, Any], di: DistInfo) -> None:
-    """Warn (rank 0) when a snapshot is resumed on another number of processes or another device."""
-    was = (record.get("world_size"), record.get("device"))
-    if was != (di.world_size, di.device.type) and di.is_main:
-        warnings.warn(f"the snapshot {folder} was written by {_plural(was[0] or 0, 'process', 'processes')} on "
-                      f"{was[1]}, this run has {_plural(di.world_size, 'process', 'processes')} on {di.device.type}: "
+    """Warn (rank 0) when a snapshot is resumed on another setup than it was written on: another number
+    of processes, device or torch, or on the CPU another number of torch threads (it decides the order
+    of float sums: digits-tiny on 1 and 2 threads ends on other weights).  A snapshot that records no
+    thread count (written before it was recorded) is not checked for it."""
+    if not di.is_main:
+        return
+    was = {"processes": record.get("world_size"), "device": record.get("device"),
+           "threads": record.get("threads"), "torch": record.get("torch_version")}
+    now = {"processes": di.world_size, "device": di.device.type,
+           "threads": torch.get_num_threads() if di.device.type == "cpu" else None, "torch": torch.__version__}
+    differ = [k for k in was if was[k] != now[k] and (k in ("processes", "device") or None not in (was[k], now[k]))]
+    if differ:
+        warnings.warn(f"the snapshot {folder} was written by {_setup(was, differ)}, this run has {_setup(now, differ)}: "
                       "it goes on, but matches the uninterrupted run only to float rounding (and dropout masks "
                       "differ); resume as the run started for the same weights bit for bit",
                       ResumeNotExactWarning, stacklevel=4)   # train()'s caller
+
+
+def _setup(setup: Dict[str, Any], differ: List[str]) -> str:
+    """The setup as a warning names it, e.g. "2 processes on cpu", with the thread count and the torch
+    version where ``differ`` names them."""
+    text = f"{_plural(setup['processes'] or 0, 'process', 'processes')} on {setup['device']}"
+    if "threads" in differ:
+        text += f" with {_plural(setup['threads'], 'thread')} each"
+    return text + (f", torch {setup['torch']}" if "torch" in differ else "")
 
 
 @dataclass
@@ -497,7 +514,8 @@ class Saver:
             tensors, record = pack(model, optimizer, schedule, aug_gen, cpu, cuda)
             record.update(epoch=step // plan.steps_per_epoch, batch_in_epoch=step % plan.steps_per_epoch,
                           total_steps=plan.total, run=self.run, init_from=self.init_record,
-                          device=di.device.type, seconds=seconds, resumed_at=resumed_at,
+                          device=di.device.type, threads=torch.get_num_threads(), seconds=seconds,
+                          resumed_at=resumed_at,
                           checkpoint_every=self.every)
             write_snapshot(snapshot_root(self.out_dir), step, tensors, record)
         on_rank_0(write, di, "write the training snapshot")
