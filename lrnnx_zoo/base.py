@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from abc import abstractmethod
-from typing import Any, Callable, ContextManager, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -236,13 +236,38 @@ def current_form(module: nn.Module, form: nn.Module, weights: Tuple[Tuple[Tensor
     if versions(weights[0]) == weights[1]:
         return form, weights
     try:
-        with torch.no_grad(), step_form_dtype(dtype):     # not a decorator: 2 us at every step
+        with lasting_tensors(), step_form_dtype(dtype):   # not a decorator: 2 us at every step
             fresh = build()
     except Exception as exc:              # e.g. S4's diagonal form of the new weights too inaccurate
         raise RuntimeError(stale()) from exc
     if not same_form(fresh, form):
         raise RuntimeError(stale())
     return fresh, weights_and_versions(module)
+
+
+@contextlib.contextmanager
+def lasting_tensors() -> Iterator[None]:
+    """A no_grad scope whose new tensors are ordinary ones even inside ``torch.inference_mode()``,
+    for what a cache keeps beyond the call that makes it (step forms, states). Inference tensors
+    cannot be saved for backward: a cache made under inference_mode (the usual way to prefill a
+    prompt) failed at its next step outside it with an input requiring grad ("Inference tensors
+    cannot be saved for backward"), as any SequenceModel's step has. Outside inference mode: no_grad."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.no_grad():   # inference_mode(False) turns grad on
+            yield
+    else:
+        with torch.no_grad():
+            yield
+
+
+def ordinary_tensor(t: Any) -> Any:
+    """t, or a copy of it if t is an inference tensor (made under ``torch.inference_mode()``) and
+    inference mode is off now: a state passed back to a layer is a value, but autograd cannot save an
+    inference tensor, so state passing under autograd from a state that an inference-mode forward
+    returned failed ("Inference tensors cannot be saved for backward"). Anything else: as given."""
+    if isinstance(t, Tensor) and t.is_inference() and not torch.is_inference_mode_enabled():
+        return t.clone()
+    return t
 
 
 def reference_tensor(module: nn.Module) -> Tensor:
@@ -317,10 +342,9 @@ class LTI_LRNN(LRNN):
                             f"got {dtype!r}")
         ref = reference_tensor(self)
         dtype = dtype or ref.real.dtype          # a complex coefficient's real counterpart
-        with step_form_dtype(dtype):
-            form = self.step_form()
-        form = form.to(device=ref.device, dtype=dtype)
-        state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
+        with lasting_tensors(), step_form_dtype(dtype):
+            form = self.step_form().to(device=ref.device, dtype=dtype)
+            state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
         return {"step_form": form, "lrnn_state": state, "weights": weights_and_versions(self)}
 
     def prefill(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Any]]:

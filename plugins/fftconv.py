@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_parameter_dtype, check_sizes, current_form,
-                            float32_under_autocast, mask_lengths_of_one_stream, mask_padding, needs_autograd, weights_and_versions)
+                            float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
+                            needs_autograd, ordinary_tensor, weights_and_versions)
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, kernel_taps, reversed_spectrum
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import (SSMKernel, kernel_final_step_state, pack_kernel_state,
@@ -170,6 +171,7 @@ class FFTConvS4(nn.Module):
             x = u if self.transposed else u.transpose(1, 2)
         if state is not None:
             self._check_streamable("state passing")
+            state = ordinary_tensor(state)
             if rate != 1.0:
                 raise ValueError(f"state passing runs the system at rate 1 (forward_state has no rate); "
                                  f"got rate={rate}. Pass state=None to evaluate at another rate")
@@ -266,11 +268,10 @@ class FFTConvS4(nn.Module):
             return form(D=self.D)
         return _SkipStepForm(form(), self.D)
 
-    @torch.no_grad()
     def setup_step(self) -> None:
         """Precompute the step form from the current parameters (call again after they change),
-        in their dtype."""
-        with step_form_dtype(self.D.dtype):
+        in their dtype (of ordinary tensors, also under inference_mode: :func:`~lrnnx_zoo.base.lasting_tensors`)."""
+        with lasting_tensors(), step_form_dtype(self.D.dtype):
             form = self.step_form()
         # Kept out of the module tree: a validation-time setup_step must not add keys to the
         # state_dict (strict loading failed both ways); a device move or cast drops it (_apply).

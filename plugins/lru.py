@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding, right_aligned
+from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding, ordinary_tensor, right_aligned
 from lrnnx_zoo.modal import channel_final_state, channel_kernel, final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, get_initializer
 from lrnnx_zoo.ssm_kernel import SSMKernel
@@ -111,6 +111,7 @@ class LRU(LTI_LRNN):
         batch), or None for zeros."""
         x = self.prepare_input(x, lengths, integration_timesteps)
         self._check_initial_state(initial_state, x.shape[0])
+        initial_state = ordinary_tensor(initial_state)
         _, B, C = self.discretize()
         run = get_backend("modal", self.backend)
         y = run(x, self.log_lambda(torch.complex128), B, C, initial_state) + self.D * x
@@ -120,6 +121,7 @@ class LRU(LTI_LRNN):
         """The state after the last step of x: (B, L, H) -> (B, N) complex."""
         self.check_input(x)
         self._check_initial_state(initial_state, x.shape[0])
+        initial_state = ordinary_tensor(initial_state)
         _, B, _ = self.discretize()
         return final_state(x, self.log_lambda(torch.complex128), B, initial_state)
 

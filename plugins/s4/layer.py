@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_sizes, float32_under_autocast, mask_lengths_of_one_stream,
-                            mask_padding, needs_autograd)
+                            mask_padding, needs_autograd, ordinary_tensor)
 from lrnnx_zoo.convolution import (blocked_channel_conv, circular_conv, fast_fft_size, kernel_taps,
                                    reversed_spectrum)
 from lrnnx_zoo.ssm_kernel import check_rate, kernel_final_step_state
@@ -161,6 +161,7 @@ class S4(nn.Module):
                              f"got {got}")
         L = u.shape[-1 if self.transposed else 1]
         u = mask_lengths_of_one_stream(u, lengths, state, time_dim=2 if self.transposed else 1)
+        state = ordinary_tensor(state)
         # at least the lag-0 tap (an empty kernel left the transform shorter than the input: l_max=1,
         # rate=0.3 failed in the convolution)
         Lk = kernel_taps(L, self.L, rate)

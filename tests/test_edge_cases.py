@@ -1,0 +1,126 @@
+"""Edge cases a user's inputs and habits reach: inference_mode caches used later under autograd,
+odd rates, empty batches in every mode, and the like (the edge-case audit). Each test names the
+failure it was written for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lrnnx_zoo
+from lrnnx_zoo import ModelConfig, SequenceModel
+
+LAYERS = lrnnx_zoo.list_layers()
+H, N = 6, 4
+
+
+def make(name: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return lrnnx_zoo.create_layer(name, H, d_state=N, **kw).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+# -- caches made under torch.inference_mode() -----------------------------------------------------
+# A cache outlives the call that made it. Made under inference_mode its step form held inference
+# tensors, which autograd cannot save: the next step outside inference_mode with an input that
+# requires grad (any model's step: the encoder's parameters require grad) failed with "Inference
+# tensors cannot be saved for backward".
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("made_by", ["allocate_inference_cache", "prefill"])
+def test_layer_cache_made_in_inference_mode_steps_under_autograd(name, made_by):
+    layer = make(name)
+    x = torch.randn(2, 12, H)
+    with torch.inference_mode():
+        cache = layer.allocate_inference_cache(2) if made_by == "allocate_inference_cache" else layer.prefill(x)[1]
+    with torch.no_grad():
+        expected = make(name)
+        ref = expected.allocate_inference_cache(2) if made_by == "allocate_inference_cache" else expected.prefill(x)[1]
+        y_ref, _ = expected.step(x[:, 0], ref)
+    u = x[:, 0].clone().requires_grad_()
+    y, cache = layer.step(u, cache)
+    y.sum().backward()                                      # the graph of this one step holds
+    assert u.grad is not None and u.grad.shape == u.shape
+    torch.testing.assert_close(y.detach(), y_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_model_prefilled_in_inference_mode_streams_without_a_context_manager(layer):
+    torch.manual_seed(0)
+    model = SequenceModel(ModelConfig(d_input=3, d_output=2, d_model=8, n_layers=2, layer=layer,
+                                      layer_kwargs={"d_state": 4})).eval()
+    x = torch.randn(2, 10, 3)
+    with torch.inference_mode():
+        _, cache = model.prefill(x[:, :9])
+    y, cache = model.step(x[:, 9], cache)                   # grad mode on, as by default
+    with torch.no_grad():
+        full = model(x)
+    assert rel_err(y.detach(), full[:, 9]) < 1e-5          # float32 step vs convolution (rounding only)
+
+
+def _fftconv_block(kernel_type: str):
+    from lrnnx_zoo.plugins.fftconv import FFTConvS4
+    torch.manual_seed(0)
+    return FFTConvS4(H, kernel_type=kernel_type, d_state=N).eval()
+
+
+def _s4_block():
+    from lrnnx_zoo.plugins.s4 import S4
+    torch.manual_seed(0)
+    return S4(H, d_state=N, l_max=16).eval()
+
+
+@pytest.mark.parametrize("kernel_type", ["s4d", "lru", "s4"])
+def test_fftconv_block_stepped_first_in_inference_mode_steps_under_autograd(kernel_type):
+    block = _fftconv_block(kernel_type)
+    with torch.inference_mode():                            # the first step builds the step form
+        _, s = block.step(torch.randn(2, H), block.default_state(2))
+    u = torch.randn(2, H, requires_grad=True)
+    y, _ = block.step(u, s)
+    y.sum().backward()
+    assert u.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["dense", "linear", "diagonal"])
+def test_s4_block_set_up_in_inference_mode_steps_under_autograd(mode):
+    block = _s4_block()
+    with torch.inference_mode():
+        block.setup_step(mode)
+    u = torch.randn(2, H, requires_grad=True)
+    y, _ = block.step(u, block.default_state(2))
+    y.sum().backward()
+    assert u.grad is not None
+
+
+# A state returned by an inference-mode forward, passed back under autograd (evaluate, then go on
+# training from where the evaluation stopped): its values are what matter; it failed with
+# "Inference tensors cannot be saved for backward".
+@pytest.mark.parametrize("block", ["fftconv-s4d", "fftconv-lru", "fftconv-s4", "s4"])
+def test_state_from_an_inference_mode_forward_passes_under_autograd(block):
+    m = _s4_block() if block == "s4" else _fftconv_block(block.split("-")[1])
+    x = torch.randn(2, H, 20)
+    with torch.inference_mode():
+        _, s = m(x[..., :10], state=m.default_state(2))
+    with torch.no_grad():
+        _, s_ref = m(x[..., :10], state=m.default_state(2))
+        y_ref, _ = m(x[..., 10:], state=s_ref)
+    u = x[..., 10:].clone().requires_grad_()
+    y, _ = m(u, state=s)
+    y.sum().backward()
+    assert u.grad is not None
+    torch.testing.assert_close(y.detach(), y_ref, rtol=1e-6, atol=1e-6)   # same computation, other grad mode
+
+
+@pytest.mark.parametrize("backend", ["fft", "scan"])
+def test_lru_initial_state_from_inference_mode_passes_under_autograd(backend):
+    layer = make("lru", backend=backend)
+    x = torch.randn(2, 10, H)
+    with torch.inference_mode():
+        s = layer.final_state(x)
+    u = x.clone().requires_grad_()
+    layer(u, initial_state=s).sum().backward()
+    layer.final_state(u, initial_state=s).abs().sum().backward()
+    assert u.grad is not None
