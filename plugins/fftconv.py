@@ -41,7 +41,7 @@ from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_parameter_dtype, che
                             needs_autograd, ordinary_tensor, weights_and_versions)
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, kernel_taps, reversed_spectrum
 from lrnnx_zoo.registry import get_backend
-from lrnnx_zoo.ssm_kernel import (SSMKernel, kernel_final_step_state, pack_kernel_state,
+from lrnnx_zoo.ssm_kernel import (SSMKernel, check_rate, kernel_final_step_state, pack_kernel_state,
                                   unpack_kernel_state)
 from lrnnx_zoo.step_forms import SequentialStepForm, StepForm, step_form_dtype, stored
 
@@ -165,6 +165,8 @@ class FFTConvS4(nn.Module):
             (each sequence is reversed within its length); x past them is read as zeros.
         """
         u = self._to_bhl(x)
+        if self.L is not None:          # l_max * rate is rounded below: nan, inf and tensors failed there
+            rate = check_rate(rate, "FFTConvS4")       # (without a window the kernel checks it, in its terms)
         B, H, L = u.shape
         if lengths is not None:               # a float or too large one failed in gather, or was taken as given
             u = mask_lengths_of_one_stream(u, lengths, state, time_dim=2)

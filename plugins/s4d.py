@@ -121,7 +121,7 @@ class S4DKernel(SSMKernel):
         return A_bar, B_bar, C, log_A_bar
 
     def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        check_rate(rate, "S4DKernel")
+        rate = check_rate(rate, "S4DKernel")
         vdm = get_backend("vandermonde", self.backend)
         if state is None:
             return self.cached_kernel((L, rate), lambda: self._kernel(vdm, L, rate)[0]), None

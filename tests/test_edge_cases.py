@@ -124,3 +124,34 @@ def test_lru_initial_state_from_inference_mode_passes_under_autograd(backend):
     layer(u, initial_state=s).sum().backward()
     layer.final_state(u, initial_state=s).abs().sum().backward()
     assert u.grad is not None
+
+
+# -- rate ----------------------------------------------------------------------------------------
+# With l_max set, FFTConvS4 rounded l_max * rate before any check: rate=nan gave "cannot convert
+# float NaN to integer", rate=inf an OverflowError, and a 0-dim tensor rate (which works without
+# l_max) "type Tensor doesn't define __round__", for FFTConvS4 and S4 alike.
+
+def _block_with_window(which: str):
+    from lrnnx_zoo.plugins.fftconv import FFTConvS4
+    from lrnnx_zoo.plugins.s4 import S4
+    torch.manual_seed(0)
+    if which == "s4":
+        return S4(H, d_state=N, l_max=8).eval()
+    return FFTConvS4(H, l_max=8, kernel_type=which.split("-")[1], d_state=N).eval()
+
+
+@pytest.mark.parametrize("which", ["fftconv-s4d", "fftconv-s4", "s4"])
+@pytest.mark.parametrize("rate", [float("nan"), float("inf"), 0.0, -1.0, "2"])
+def test_bad_rate_is_named_with_a_window(which, rate):
+    with pytest.raises(ValueError, match=r"needs rate, .* to be a finite number > 0, got"):
+        _block_with_window(which)(torch.randn(2, H, 20), rate=rate)
+
+
+@pytest.mark.parametrize("which", ["fftconv-s4d", "fftconv-s4", "s4"])
+def test_tensor_rate_equals_the_float_rate(which):
+    block = _block_with_window(which)
+    x = torch.randn(2, H, 20)
+    with torch.no_grad():
+        y_float, _ = block(x, rate=0.5)
+        y_tensor, _ = block(x, rate=torch.tensor(0.5))
+    torch.testing.assert_close(y_tensor, y_float, rtol=0, atol=0)        # one computation

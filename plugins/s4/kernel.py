@@ -374,7 +374,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         """
         if isinstance(L, Tensor) or (L is None and isinstance(state, int)):
             L, state = state, L
-        check_rate(rate, "SSKernelNPLR")
+        rate = check_rate(rate, "SSKernelNPLR")
         if L is None:
             if self.length == 0:
                 raise ValueError("SSKernelNPLR has no internal length yet: call it with L=<kernel length>")

@@ -139,7 +139,7 @@ class S4(nn.Module):
             raise ValueError(f"S4(transposed={self.transposed}) expects u of shape {want}, got {got}")
         u = float32_under_autocast(u)
         check_floating(u, "S4")
-        check_rate(rate, "S4")
+        rate = check_rate(rate, "S4")
         if u.dtype != self.D.dtype:     # its linear layers, like nn.Linear, take their own dtype only
             raise TypeError(f"S4 has {self.D.dtype} parameters and got a {u.dtype} input: convert one to the "
                             f"other (u.to({self.D.dtype}) or module.to({u.dtype}))")
