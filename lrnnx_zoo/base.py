@@ -136,6 +136,15 @@ def check_lengths(lengths: Optional[Tensor], batch: int, length: int) -> None:
         raise ValueError(f"lengths must lie in [0, {length}], got {lengths.tolist()}")
 
 
+def check_stream_batch(x: Tensor, who: str) -> None:
+    """Raise a ValueError naming ``who`` if x: (B, L, ...) holds no sequence. A prefill's cache is
+    the state of B streams, and a cache of none is refused (allocate_inference_cache(0)); an empty
+    batch reached that refusal, which named a call the user had not made."""
+    if x.shape[0] == 0:
+        raise ValueError(f"{who} needs at least one sequence to continue streaming from, got x of shape "
+                         f"{tuple(x.shape)}; forward(x) takes an empty batch, a stream cache does not")
+
+
 def check_sizes(who: str, **sizes: Any) -> None:
     """Raise a ValueError naming ``who`` unless every size is an int >= 1 (d_model=0 would build
     an empty layer, a float or negative size would fail inside torch with no word of which)."""
@@ -358,6 +367,7 @@ class LTI_LRNN(LRNN):
         L = x.shape[1] if isinstance(x, Tensor) and x.dim() == 3 else 1          # forward says what it expects
         with self.prefill_scope(L):
             y = self(x, lengths=lengths)
+            check_stream_batch(x, f"{type(self).__name__}.prefill")
             cache = self.allocate_inference_cache(x.shape[0])
             state = cache["lrnn_state"]
             u = mask_padding(float32_under_autocast(x), lengths).to(state.dtype)

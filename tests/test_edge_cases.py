@@ -155,3 +155,26 @@ def test_tensor_rate_equals_the_float_rate(which):
         y_float, _ = block(x, rate=0.5)
         y_tensor, _ = block(x, rate=torch.tensor(0.5))
     torch.testing.assert_close(y_tensor, y_float, rtol=0, atol=0)        # one computation
+
+
+# -- empty batches ---------------------------------------------------------------------------------
+# forward takes an empty batch; a prefill of one reached allocate_inference_cache(0), whose refusal
+# ("allocate_inference_cache needs batch_size to be an integer >= 1, got 0") named a call the user
+# had not made. It is refused by prefill, in its own name, for every family and the model.
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_prefill_of_an_empty_batch_is_refused_in_its_own_name(name):
+    layer = make(name)
+    assert layer(torch.randn(0, 5, H)).shape == (0, 5, H)
+    with pytest.raises(ValueError, match=rf"{type(layer).__name__}.prefill needs at least one sequence .* "
+                                         rf"got x of shape \(0, 5, {H}\)"):
+        layer.prefill(torch.randn(0, 5, H))
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_model_prefill_of_an_empty_batch_is_refused_in_its_own_name(layer):
+    torch.manual_seed(0)
+    model = SequenceModel(ModelConfig(d_input=3, d_output=2, d_model=8, n_layers=1, layer=layer,
+                                      layer_kwargs={"d_state": 4})).eval()
+    with pytest.raises(ValueError, match=r"SequenceModel.prefill needs at least one sequence .* got x of shape \(0, 5, 3\)"):
+        model.prefill(torch.randn(0, 5, 3))
