@@ -299,7 +299,8 @@ class FFTConvS4(nn.Module):
 
         state: the kernel state (B, H, S) (``default_state``, or a next_state of ``forward``),
         or the step form's packed real state (B, state_size); the next state comes back in the
-        same format. Runs ``setup_step`` on first use.
+        same format (a real (B, H, S) state of a kernel whose state is complex is read as complex,
+        and its next state is complex). Runs ``setup_step`` on first use.
         """
         self._check_streamable("step mode")
         if self._step is None:
@@ -321,6 +322,12 @@ class FFTConvS4(nn.Module):
             raise TypeError(f"FFTConvS4.step: its step form holds {self.D.dtype}, as its parameters, got x of "
                             f"{x.dtype}; convert x (x.to({self.D.dtype})) or the module (.to({x.dtype}))")
         packed = state.dim() == 2 and not state.is_complex()
+        if not packed and not state.is_complex():
+            # A real (B, H, S) state (torch.zeros(B, H, S)) of a kernel whose state is complex: its next
+            # state has imaginary parts, which unpacking into the real dtype given dropped (steps from
+            # torch.zeros were 51% off with the s4d kernel, 27% with lru; the s4 kernel failed on it).
+            like = self.kernel.default_state(0)
+            state = state.to(like.dtype) if like.is_complex() else state
         s = state if packed else pack_state(form, state, self.kernel)
         if s.shape != (x.shape[0], form.state_size):
             raise ValueError(f"FFTConvS4.step expects a state of shape (batch={x.shape[0]}, {form.state_size}) or "

@@ -178,3 +178,38 @@ def test_model_prefill_of_an_empty_batch_is_refused_in_its_own_name(layer):
                                       layer_kwargs={"d_state": 4})).eval()
     with pytest.raises(ValueError, match=r"SequenceModel.prefill needs at least one sequence .* got x of shape \(0, 5, 3\)"):
         model.prefill(torch.randn(0, 5, 3))
+
+
+# -- a real zero state where the kernel's state is complex -----------------------------------------
+# torch.zeros(B, H, S) is the zero state a user writes without default_state. FFTConvS4.step took it
+# as its "format" and returned the next state real: the imaginary parts were dropped at every step,
+# and the outputs were 51% (s4d kernel) / 27% (lru kernel) off the convolution; the s4 kernel, and
+# S4.step, failed on it ("imag is not implemented for tensors with non-complex dtypes"). State
+# passing (forward(x, state)) already read it as complex.
+
+@pytest.mark.parametrize("kernel_type", ["s4d", "lru", "s4"])
+def test_fftconv_block_steps_from_a_real_zero_state(kernel_type):
+    block = _fftconv_block(kernel_type)
+    x = torch.randn(2, H, 30)
+    with torch.no_grad():
+        y, _ = block(x)
+        s = torch.zeros(block.default_state(2).shape)
+        ys = []
+        for t in range(30):
+            y_t, s = block.step(x[..., t], s)
+            ys.append(y_t)
+    assert s.is_complex()
+    assert rel_err(torch.stack(ys, -1), y) < 1e-5          # float32 steps vs convolution over 30 steps
+
+
+@pytest.mark.parametrize("mode", ["dense", "linear", "diagonal"])
+def test_s4_block_steps_from_a_real_zero_state(mode):
+    block = _s4_block()
+    block.setup_step(mode)
+    u = torch.randn(2, H)
+    zero = block.default_state(2)
+    with torch.no_grad():
+        y_ref, s_ref = block.step(u, zero)
+        y, s = block.step(u, torch.zeros(zero.shape))
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)     # the same zeros, as complex
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)

@@ -141,6 +141,8 @@ class StepModes:
             shape = lambda t: tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__     # noqa: E731
             raise ValueError(f"{who} expects u of shape (batch, H={H}) and a state of shape (batch, {H}, {n}) "
                              f"(default_state(batch)), got u {shape(u)} and state {shape(state)}")
+        if not state.is_complex():      # e.g. torch.zeros(B, H, n): to_real below failed on it ("imag is not
+            state = state.to(self.state_dtype)                     # implemented for ... non-complex dtypes")
         if u.dtype != built:
             check_floating(u, who, autocast_hint=False)
             raise TypeError(f"{who}: the step form holds {built}, got u of {u.dtype}; convert u (u.to({built})) "
