@@ -213,3 +213,23 @@ def test_s4_block_steps_from_a_real_zero_state(mode):
         y, s = block.step(u, torch.zeros(zero.shape))
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)     # the same zeros, as complex
     torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+
+
+# -- odd d_state -----------------------------------------------------------------------------------
+# S4D's refusal named the layer and d_state; S4's said "N counts real states ..." whoever was built
+# with d_state (the registered layer, the seed block, FFTConvS4 with the s4 kernel).
+
+@pytest.mark.parametrize("build, who", [
+    (lambda: lrnnx_zoo.create_layer("s4", H, d_state=3), "S4Layer d_state"),
+    (lambda: lrnnx_zoo.create_layer("s4d", H, d_state=3), "S4D d_state"),
+    (lambda: lrnnx_zoo.create_layer("fftconv", H, d_state=3, kernel_type="s4"), "S4Kernel d_state"),
+    (lambda: _s4_seed(d_state=3), "S4 d_state"),
+], ids=["s4", "s4d", "fftconv-s4", "S4"])
+def test_odd_d_state_is_refused_in_the_callers_terms(build, who):
+    with pytest.raises(ValueError, match=rf"^{who} counts real states in conjugate pairs: an even number >= 2, got 3$"):
+        build()
+
+
+def _s4_seed(**kw):
+    from lrnnx_zoo.plugins.s4 import S4
+    return S4(H, **kw)

@@ -80,6 +80,14 @@ class _LengthGuard(torch.autograd.Function):
         return grad
 
 
+def check_state_pairs(who: str, name: str, N: int) -> None:
+    """Raise a ValueError naming ``who`` and its argument ``name`` unless N, the real states of a
+    conjugate-pair-halved system, is even (the kernel said "N counts ..." whoever was built with
+    d_state: the S4 layer, the S4 block, FFTConvS4 with the s4 kernel)."""
+    if N % 2:
+        raise ValueError(f"{who} {name} counts real states in conjugate pairs: an even number >= 2, got {N}")
+
+
 def _identity_minus_power(A: Tensor, L: int) -> Tensor:
     """I - A^L  (A: (H, N, N) float64)."""
     return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) - hippo.power(L, A)
@@ -461,8 +469,7 @@ class HippoSSKernel(SSKernelNPLR):
         check_sizes("HippoSSKernel", H=H, N=N, channels=channels)
         if L is not None:
             check_sizes("HippoSSKernel", L=L)
-        if N % 2:
-            raise ValueError(f"N counts real states in conjugate pairs: an even number >= 2, got {N}")
+        check_state_pairs(type(self).__name__, "d_state" if isinstance(self, S4Kernel) else "N", N)
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         n_ssm = H if n_ssm is None else n_ssm

@@ -25,7 +25,7 @@ from lrnnx_zoo.ssm_kernel import check_rate, kernel_final_step_state
 from lrnnx_zoo.step_forms import StepForm
 
 from . import dense
-from .kernel import HippoSSKernel
+from .kernel import HippoSSKernel, check_state_pairs
 from .nn import Activation, DropoutNd, LinearActivation
 
 __all__ = ["S4", "S4Layer", "ssm_conv", "ssm_spectrum"]
@@ -89,6 +89,7 @@ class S4(nn.Module):
                  initializer: Optional[str] = None, weight_norm: bool = False, **kernel_args: Any) -> None:
         super().__init__()
         check_sizes("S4", d_model=d_model, d_state=d_state, channels=channels)
+        check_state_pairs("S4", "d_state", d_state)
         if l_max is not None:
             check_sizes("S4", l_max=l_max)
         self.h, self.n, self.L, self.channels = d_model, d_state, l_max, channels
@@ -230,6 +231,7 @@ class S4Layer(LTI_LRNN):
                  trainable: Any = None, lr: Any = None, wd: Any = 0.0, measure_args: Optional[Dict[str, Any]] = None,
                  n_ssm: Optional[int] = None) -> None:
         check_sizes("S4Layer", d_model=d_model, d_state=d_state)
+        check_state_pairs("S4Layer", "d_state", d_state)
         if l_max is not None:
             check_sizes("S4Layer", l_max=l_max)
         if discretization not in ("bilinear", "zoh"):
