@@ -233,3 +233,35 @@ def test_odd_d_state_is_refused_in_the_callers_terms(build, who):
 def _s4_seed(**kw):
     from lrnnx_zoo.plugins.s4 import S4
     return S4(H, **kw)
+
+
+# -- deferred initialisation on the meta device ------------------------------------------------------
+# Building under torch.device("meta") and loading real weights with assign=True spares a model's
+# random initialisation; the HiPPO-based families (S4, S4D's default LegS init, fftconv with
+# either) failed to build there: "Tensor.item() cannot be called on meta tensors" (the NPLR
+# eigendecomposition reads values).
+
+@pytest.mark.parametrize("name, kw", [("lru", {}), ("s4d", {}), ("s4", {}), ("s4", {"l_max": 16}),
+                                      ("fftconv", {}), ("fftconv", {"kernel_type": "s4"})],
+                         ids=["lru", "s4d", "s4", "s4-l_max", "fftconv", "fftconv-s4"])
+def test_layer_builds_on_meta_and_takes_real_weights(name, kw):
+    with torch.device("meta"):
+        layer = lrnnx_zoo.create_layer(name, H, d_state=N, **kw)
+    assert {t.device.type for t in [*layer.parameters(), *layer.buffers()]} == {"meta"}
+    ref = make(name, **kw)
+    layer.load_state_dict(ref.state_dict(), assign=True)
+    x = torch.randn(2, 9, H)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), ref(x), rtol=0, atol=0)    # the same weights
+
+
+def test_model_builds_on_meta_and_takes_real_weights():
+    cfg = ModelConfig(d_input=3, d_output=2, d_model=8, n_layers=2, layer="s4", layer_kwargs={"d_state": 4})
+    with torch.device("meta"):
+        model = SequenceModel(cfg)
+    torch.manual_seed(0)
+    ref = SequenceModel(cfg).eval()
+    model.load_state_dict(ref.state_dict(), assign=True)
+    x = torch.randn(2, 9, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), ref(x), rtol=0, atol=0)
