@@ -95,6 +95,17 @@ def float32_under_autocast(x: Tensor) -> Tensor:
     return x
 
 
+def parameter_dtype() -> torch.dtype:
+    """The real dtype a layer makes its parameters in: :func:`torch.get_default_dtype`, as nn.Linear
+    does, when it is float32 or float64; else float32 (the layers compute in float32 or float64).
+    Casts to float32 in the families' constructors left a model built after
+    ``torch.set_default_dtype(torch.float64)`` with float32 and float64 parameters mixed: its LRU
+    steps refused float64 inputs (the cache followed the float32 ones), and its kernels ran with
+    float32-rounded A and dt (step and convolution 5e-8 apart instead of 1e-13)."""
+    dtype = torch.get_default_dtype()
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def check_floating(x: Tensor, who: str, autocast_hint: bool = True) -> None:
     """Raise a TypeError naming ``who`` if x is not floating point (the layers are real-valued;
     integers would otherwise be cast silently by some paths and fail deep inside others), or is

@@ -265,3 +265,30 @@ def test_model_builds_on_meta_and_takes_real_weights():
     x = torch.randn(2, 9, 3)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), ref(x), rtol=0, atol=0)
+
+
+# -- torch.set_default_dtype(torch.float64) ------------------------------------------------------------
+# The families cast some parameters to float32 in their constructors, so a layer built under a
+# float64 default held float32 and float64 parameters mixed: the LRU's cache followed its float32
+# eigenvalues and refused the float64 inputs the default makes, and every other family ran its
+# kernel with float32-rounded A and dt (steps and convolution 5e-8 apart, not 1e-13).
+
+@pytest.fixture
+def float64_default():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_built_under_a_float64_default_is_float64_throughout(name, float64_default):
+    layer = make(name)
+    assert {p.dtype for p in layer.parameters()} == {torch.float64}
+    x = torch.randn(2, 64, H)                                  # float64, as the default makes it
+    with torch.no_grad():
+        y = layer(x)
+        cache = layer.allocate_inference_cache(2)
+        ys = torch.stack([layer.step(x[:, t], cache)[0] for t in range(64)], 1)
+    assert y.dtype == ys.dtype == torch.float64
+    assert rel_err(ys, y) < 1e-10                             # float64 modes agree to ~1e-13 (contract test)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hippo
-from lrnnx_zoo.base import check_sizes, needs_autograd
+from lrnnx_zoo.base import check_sizes, needs_autograd, parameter_dtype
 from lrnnx_zoo.optim import grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate
@@ -51,8 +51,9 @@ W_REAL_MAX = -1e-4
 
 
 def _as_real(t: Tensor) -> Tensor:
-    """complex (...) -> float32 (..., 2); use .double() on the module for float64 parameters."""
-    return torch.view_as_real(t.to(torch.complex64)).clone()
+    """complex (...) -> real (..., 2) of :func:`~lrnnx_zoo.base.parameter_dtype` (float32 unless the
+    default dtype is float64); .double() on the module makes float64 parameters too."""
+    return torch.view_as_real(t.to(torch.promote_types(parameter_dtype(), torch.complex64))).clone()
 
 
 class _LengthGuard(torch.autograd.Function):
@@ -147,7 +148,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         train = self._per_key(trainable, True if trainable is None else bool(trainable), bool)
         lrs, wds = self._per_key(lr, lr, None), self._per_key(wd, wd, None)
         self.C = nn.Parameter(_as_real(C))
-        self.register("log_dt", log_dt.float(), train["dt"], lrs["dt"], wds["dt"])
+        self.register("log_dt", log_dt.to(parameter_dtype()), train["dt"], lrs["dt"], wds["dt"])
         self.register("w", _as_real(w), train["A"], lrs["A"], wds["A"])
         self.register("P", _as_real(P), train["P"], lrs["P"], wds["P"])
         self.register("B", _as_real(B), train["B"], lrs["B"], wds["B"])
