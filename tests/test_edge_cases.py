@@ -1,6 +1,7 @@
-"""Edge cases a user's inputs and habits reach: inference_mode caches used later under autograd,
-odd rates, empty batches in every mode, and the like (the edge-case audit). Each test names the
-failure it was written for."""
+"""Edge cases a user's inputs and habits reach (the edge-case audit): caches and states made under
+inference_mode used later under autograd, NaN, infinite and tensor rates, empty batches in prefill,
+real zero states, odd d_state, deferred initialisation on the meta device, a float64 default dtype.
+Each group names the failure it was written for."""
 
 from __future__ import annotations
 
@@ -61,16 +62,20 @@ def test_model_prefilled_in_inference_mode_streams_without_a_context_manager(lay
     assert rel_err(y.detach(), full[:, 9]) < 1e-5          # float32 step vs convolution (rounding only)
 
 
-def _fftconv_block(kernel_type: str):
+def _fftconv_block(kernel_type: str, **kw):
     from lrnnx_zoo.plugins.fftconv import FFTConvS4
     torch.manual_seed(0)
-    return FFTConvS4(H, kernel_type=kernel_type, d_state=N).eval()
+    return FFTConvS4(H, kernel_type=kernel_type, d_state=N, **kw).eval()
+
+
+def _s4_seed(**kw):
+    from lrnnx_zoo.plugins.s4 import S4
+    torch.manual_seed(0)
+    return S4(H, **kw)
 
 
 def _s4_block():
-    from lrnnx_zoo.plugins.s4 import S4
-    torch.manual_seed(0)
-    return S4(H, d_state=N, l_max=16).eval()
+    return _s4_seed(d_state=N, l_max=16).eval()
 
 
 @pytest.mark.parametrize("kernel_type", ["s4d", "lru", "s4"])
@@ -132,12 +137,9 @@ def test_lru_initial_state_from_inference_mode_passes_under_autograd(backend):
 # l_max) "type Tensor doesn't define __round__", for FFTConvS4 and S4 alike.
 
 def _block_with_window(which: str):
-    from lrnnx_zoo.plugins.fftconv import FFTConvS4
-    from lrnnx_zoo.plugins.s4 import S4
-    torch.manual_seed(0)
     if which == "s4":
-        return S4(H, d_state=N, l_max=8).eval()
-    return FFTConvS4(H, l_max=8, kernel_type=which.split("-")[1], d_state=N).eval()
+        return _s4_seed(d_state=N, l_max=8).eval()
+    return _fftconv_block(which.split("-")[1], l_max=8)
 
 
 @pytest.mark.parametrize("which", ["fftconv-s4d", "fftconv-s4", "s4"])
@@ -228,11 +230,6 @@ def test_s4_block_steps_from_a_real_zero_state(mode):
 def test_odd_d_state_is_refused_in_the_callers_terms(build, who):
     with pytest.raises(ValueError, match=rf"^{who} counts real states in conjugate pairs: an even number >= 2, got 3$"):
         build()
-
-
-def _s4_seed(**kw):
-    from lrnnx_zoo.plugins.s4 import S4
-    return S4(H, **kw)
 
 
 # -- deferred initialisation on the meta device ------------------------------------------------------
