@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from abc import abstractmethod
-from typing import Any, Callable, ContextManager, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -95,6 +95,17 @@ def float32_under_autocast(x: Tensor) -> Tensor:
     return x
 
 
+def parameter_dtype() -> torch.dtype:
+    """The real dtype a layer makes its parameters in: :func:`torch.get_default_dtype`, as nn.Linear
+    does, when it is float32 or float64; else float32 (the layers compute in float32 or float64).
+    Casts to float32 in the families' constructors left a model built after
+    ``torch.set_default_dtype(torch.float64)`` with float32 and float64 parameters mixed: its LRU
+    steps refused float64 inputs (the cache followed the float32 ones), and its kernels ran with
+    float32-rounded A and dt (step and convolution 5e-8 apart instead of 1e-13)."""
+    dtype = torch.get_default_dtype()
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def check_floating(x: Tensor, who: str, autocast_hint: bool = True) -> None:
     """Raise a TypeError naming ``who`` if x is not floating point (the layers are real-valued;
     integers would otherwise be cast silently by some paths and fail deep inside others), or is
@@ -134,6 +145,15 @@ def check_lengths(lengths: Optional[Tensor], batch: int, length: int) -> None:
         raise ValueError(f"lengths must have shape (batch,)=({batch},), got {tuple(lengths.shape)}")
     if bool((lengths < 0).any()) or bool((lengths > length).any()):
         raise ValueError(f"lengths must lie in [0, {length}], got {lengths.tolist()}")
+
+
+def check_stream_batch(x: Tensor, who: str) -> None:
+    """Raise a ValueError naming ``who`` if x: (B, L, ...) holds no sequence. A prefill's cache is
+    the state of B streams, and a cache of none is refused (allocate_inference_cache(0)); an empty
+    batch reached that refusal, which named a call the user had not made."""
+    if x.shape[0] == 0:
+        raise ValueError(f"{who} needs at least one sequence to continue streaming from, got x of shape "
+                         f"{tuple(x.shape)}; forward(x) takes an empty batch, a stream cache does not")
 
 
 def check_sizes(who: str, **sizes: Any) -> None:
@@ -236,13 +256,38 @@ def current_form(module: nn.Module, form: nn.Module, weights: Tuple[Tuple[Tensor
     if versions(weights[0]) == weights[1]:
         return form, weights
     try:
-        with torch.no_grad(), step_form_dtype(dtype):     # not a decorator: 2 us at every step
+        with lasting_tensors(), step_form_dtype(dtype):   # not a decorator: 2 us at every step
             fresh = build()
     except Exception as exc:              # e.g. S4's diagonal form of the new weights too inaccurate
         raise RuntimeError(stale()) from exc
     if not same_form(fresh, form):
         raise RuntimeError(stale())
     return fresh, weights_and_versions(module)
+
+
+@contextlib.contextmanager
+def lasting_tensors() -> Iterator[None]:
+    """A no_grad scope whose new tensors are ordinary ones even inside ``torch.inference_mode()``,
+    for what a cache keeps beyond the call that makes it (step forms, states). Inference tensors
+    cannot be saved for backward: a cache made under inference_mode (the usual way to prefill a
+    prompt) failed at its next step outside it with an input requiring grad ("Inference tensors
+    cannot be saved for backward"), as any SequenceModel's step has. Outside inference mode: no_grad."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.no_grad():   # inference_mode(False) turns grad on
+            yield
+    else:
+        with torch.no_grad():
+            yield
+
+
+def ordinary_tensor(t: Any) -> Any:
+    """t, or a copy of it if t is an inference tensor (made under ``torch.inference_mode()``) and
+    inference mode is off now: a state passed back to a layer is a value, but autograd cannot save an
+    inference tensor, so state passing under autograd from a state that an inference-mode forward
+    returned failed ("Inference tensors cannot be saved for backward"). Anything else: as given."""
+    if isinstance(t, Tensor) and t.is_inference() and not torch.is_inference_mode_enabled():
+        return t.clone()
+    return t
 
 
 def reference_tensor(module: nn.Module) -> Tensor:
@@ -317,10 +362,9 @@ class LTI_LRNN(LRNN):
                             f"got {dtype!r}")
         ref = reference_tensor(self)
         dtype = dtype or ref.real.dtype          # a complex coefficient's real counterpart
-        with step_form_dtype(dtype):
-            form = self.step_form()
-        form = form.to(device=ref.device, dtype=dtype)
-        state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
+        with lasting_tensors(), step_form_dtype(dtype):
+            form = self.step_form().to(device=ref.device, dtype=dtype)
+            state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
         return {"step_form": form, "lrnn_state": state, "weights": weights_and_versions(self)}
 
     def prefill(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Any]]:
@@ -334,6 +378,7 @@ class LTI_LRNN(LRNN):
         L = x.shape[1] if isinstance(x, Tensor) and x.dim() == 3 else 1          # forward says what it expects
         with self.prefill_scope(L):
             y = self(x, lengths=lengths)
+            check_stream_batch(x, f"{type(self).__name__}.prefill")
             cache = self.allocate_inference_cache(x.shape[0])
             state = cache["lrnn_state"]
             u = mask_padding(float32_under_autocast(x), lengths).to(state.dtype)

@@ -327,7 +327,21 @@ def nplr(measure: str, N: int, rank: int = 1, dtype: torch.dtype = torch.float,
 
     Raises:
         ValueError: odd N, or a measure without NPLR structure (random, diagonal).
+
+    Computed on the CPU and returned on the default device (:func:`torch.get_default_device`): the
+    eigendecomposition's checks and conjugate pairing read values, which a model built under
+    ``torch.device("meta")`` (deferred initialisation, then ``load_state_dict(..., assign=True)``)
+    does not have ("Tensor.item() cannot be called on meta tensors" for S4 and S4D-LegS).
     """
+    with torch.device("cpu"):
+        w, P, B, V = _nplr(measure, N, rank, dtype, diagonalize_precision, **measure_args)
+    device = torch.get_default_device()
+    return w.to(device), P.to(device), B.to(device), V.to(device)
+
+
+def _nplr(measure: str, N: int, rank: int, dtype: torch.dtype, diagonalize_precision: bool,
+          **measure_args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`nplr` on the default device (the caller's choice)."""
     if N % 2:
         raise ValueError(f"nplr keeps one of each conjugate pair and needs an even N, got {N}")
     _check_measure(measure, measure_args)

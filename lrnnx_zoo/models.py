@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import check_floating, check_lengths, float32_under_autocast, mask_padding, valid_steps
+from .base import check_floating, check_lengths, check_stream_batch, float32_under_autocast, mask_padding, valid_steps
 from .hub_save import HubMixin
 from .registry import create_layer
 
@@ -283,6 +283,7 @@ class SequenceModel(HubMixin, nn.Module):
         ``lrnnx_zoo.export.state_from_cache``. Eval mode, as for :meth:`step`.
         """
         x = self._check_sequence(x, lengths)
+        check_stream_batch(x, "SequenceModel.prefill")
         cache = self._model_cache(x.shape[0], layers=[None] * len(self.blocks))     # the layers' come from prefill
         h = self._features(x, lengths, cache["layers"])
         if lengths is None:       # the step count: one for all, or each sequence's (B, 1)

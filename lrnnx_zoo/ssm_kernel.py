@@ -31,16 +31,19 @@ from .base import needs_autograd, right_aligned, version_of as _version
 from .step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm, StepForm
 
 
-def check_rate(rate: Any, who: str) -> None:
-    """Raise a ValueError naming ``who`` unless ``rate`` is a finite number > 0. The kernel uses
-    dt / rate: rate 0 gave inf or NaN kernels, a negative rate a growing (unstable) one, silently."""
+def check_rate(rate: Any, who: str) -> float:
+    """``rate`` as a float; a ValueError naming ``who`` unless it is a finite number > 0. The kernel
+    uses dt / rate: rate 0 gave inf or NaN kernels, a negative rate a growing (unstable) one, silently.
+    A 0-dim tensor is taken as its value (a window's tap count rounds l_max * rate, which a tensor
+    refused, and a kernel cache keyed on a tensor never hit)."""
     try:
         ok = not isinstance(rate, bool) and math.isfinite(rate) and rate > 0
-    except TypeError:
+    except (TypeError, ValueError, RuntimeError):     # not a number; a tensor of several values
         ok = False
     if not ok:
         raise ValueError(f"{who} needs rate, the input's relative sampling rate (the kernel uses dt / rate), to be "
                          f"a finite number > 0, got {rate!r}")
+    return float(rate)
 
 
 def final_kernel_state(kernel: "SSMKernel", u: Tensor, lengths: Optional[Tensor] = None) -> Tensor:

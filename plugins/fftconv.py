@@ -37,10 +37,11 @@ from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_parameter_dtype, check_sizes, current_form,
-                            float32_under_autocast, mask_lengths_of_one_stream, mask_padding, needs_autograd, weights_and_versions)
+                            float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
+                            needs_autograd, ordinary_tensor, weights_and_versions)
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, kernel_taps, reversed_spectrum
 from lrnnx_zoo.registry import get_backend
-from lrnnx_zoo.ssm_kernel import (SSMKernel, kernel_final_step_state, pack_kernel_state,
+from lrnnx_zoo.ssm_kernel import (SSMKernel, check_rate, kernel_final_step_state, pack_kernel_state,
                                   unpack_kernel_state)
 from lrnnx_zoo.step_forms import SequentialStepForm, StepForm, step_form_dtype, stored
 
@@ -164,12 +165,15 @@ class FFTConvS4(nn.Module):
             (each sequence is reversed within its length); x past them is read as zeros.
         """
         u = self._to_bhl(x)
+        if self.L is not None:          # l_max * rate is rounded below: nan, inf and tensors failed there
+            rate = check_rate(rate, "FFTConvS4")       # (without a window the kernel checks it, in its terms)
         B, H, L = u.shape
         if lengths is not None:               # a float or too large one failed in gather, or was taken as given
             u = mask_lengths_of_one_stream(u, lengths, state, time_dim=2)
             x = u if self.transposed else u.transpose(1, 2)
         if state is not None:
             self._check_streamable("state passing")
+            state = ordinary_tensor(state)
             if rate != 1.0:
                 raise ValueError(f"state passing runs the system at rate 1 (forward_state has no rate); "
                                  f"got rate={rate}. Pass state=None to evaluate at another rate")
@@ -266,11 +270,10 @@ class FFTConvS4(nn.Module):
             return form(D=self.D)
         return _SkipStepForm(form(), self.D)
 
-    @torch.no_grad()
     def setup_step(self) -> None:
         """Precompute the step form from the current parameters (call again after they change),
-        in their dtype."""
-        with step_form_dtype(self.D.dtype):
+        in their dtype (of ordinary tensors, also under inference_mode: :func:`~lrnnx_zoo.base.lasting_tensors`)."""
+        with lasting_tensors(), step_form_dtype(self.D.dtype):
             form = self.step_form()
         # Kept out of the module tree: a validation-time setup_step must not add keys to the
         # state_dict (strict loading failed both ways); a device move or cast drops it (_apply).
@@ -296,7 +299,8 @@ class FFTConvS4(nn.Module):
 
         state: the kernel state (B, H, S) (``default_state``, or a next_state of ``forward``),
         or the step form's packed real state (B, state_size); the next state comes back in the
-        same format. Runs ``setup_step`` on first use.
+        same format (a real (B, H, S) state of a kernel whose state is complex is read as complex,
+        and its next state is complex). Runs ``setup_step`` on first use.
         """
         self._check_streamable("step mode")
         if self._step is None:
@@ -318,6 +322,12 @@ class FFTConvS4(nn.Module):
             raise TypeError(f"FFTConvS4.step: its step form holds {self.D.dtype}, as its parameters, got x of "
                             f"{x.dtype}; convert x (x.to({self.D.dtype})) or the module (.to({x.dtype}))")
         packed = state.dim() == 2 and not state.is_complex()
+        if not packed and not state.is_complex():
+            # A real (B, H, S) state (torch.zeros(B, H, S)) of a kernel whose state is complex: its next
+            # state has imaginary parts, which unpacking into the real dtype given dropped (steps from
+            # torch.zeros were 51% off with the s4d kernel, 27% with lru; the s4 kernel failed on it).
+            like = self.kernel.default_state(0)
+            state = state.to(like.dtype) if like.is_complex() else state
         s = state if packed else pack_state(form, state, self.kernel)
         if s.shape != (x.shape[0], form.state_size):
             raise ValueError(f"FFTConvS4.step expects a state of shape (batch={x.shape[0]}, {form.state_size}) or "

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding, right_aligned
+from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding, ordinary_tensor, parameter_dtype, right_aligned
 from lrnnx_zoo.modal import channel_final_state, channel_kernel, final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, get_initializer
 from lrnnx_zoo.ssm_kernel import SSMKernel
@@ -29,7 +29,8 @@ def ring_init(d_state: int, r_min: float = 0.0, r_max: float = 1.0, max_phase: f
               generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
     """Eigenvalues uniform on the ring r_min <= |lam| <= r_max, phase in [0, max_phase] (Lemma 3.2).
 
-    Returns (nu_log, theta_log): (N,) each, with lam = exp(-exp(nu_log) + i exp(theta_log)).
+    Returns (nu_log, theta_log): (N,) each (:func:`~lrnnx_zoo.base.parameter_dtype`), with
+    lam = exp(-exp(nu_log) + i exp(theta_log)).
     """
     u1 = torch.rand(d_state, generator=generator, dtype=torch.float64)
     u2 = torch.rand(d_state, generator=generator, dtype=torch.float64)
@@ -37,7 +38,7 @@ def ring_init(d_state: int, r_min: float = 0.0, r_max: float = 1.0, max_phase: f
     r2 = (u1 * (r_max ** 2 - r_min ** 2) + r_min ** 2).clamp(1e-12, 1 - 1e-7)
     nu = -0.5 * torch.log(r2)
     theta = (max_phase * u2).clamp_min(1e-12)
-    return torch.log(nu).float(), torch.log(theta).float()
+    return torch.log(nu).to(parameter_dtype()), torch.log(theta).to(parameter_dtype())
 
 
 def gamma_log_init(nu_log: Tensor) -> Tensor:
@@ -111,6 +112,7 @@ class LRU(LTI_LRNN):
         batch), or None for zeros."""
         x = self.prepare_input(x, lengths, integration_timesteps)
         self._check_initial_state(initial_state, x.shape[0])
+        initial_state = ordinary_tensor(initial_state)
         _, B, C = self.discretize()
         run = get_backend("modal", self.backend)
         y = run(x, self.log_lambda(torch.complex128), B, C, initial_state) + self.D * x
@@ -120,6 +122,7 @@ class LRU(LTI_LRNN):
         """The state after the last step of x: (B, L, H) -> (B, N) complex."""
         self.check_input(x)
         self._check_initial_state(initial_state, x.shape[0])
+        initial_state = ordinary_tensor(initial_state)
         _, B, _ = self.discretize()
         return final_state(x, self.log_lambda(torch.complex128), B, initial_state)
 

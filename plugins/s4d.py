@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding, needs_autograd
+from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding, needs_autograd, parameter_dtype
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, swap_time_and_channels
 from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vandermonde_torch
 from lrnnx_zoo.modal import channel_final_state, channel_kernel
@@ -96,10 +96,11 @@ class S4DKernel(SSMKernel):
         H, M = d_model, d_state // 2
         A, B = get_initializer("s4d", init)(H, M)
         log_dt = torch.rand(H, dtype=torch.float64) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        self.log_dt = nn.Parameter(log_dt.float())
-        self.A_real_log = nn.Parameter(torch.log(-A.real).float())
-        self.A_imag = nn.Parameter(A.imag.float())
-        self.B = nn.Parameter(torch.view_as_real(B).float())
+        real = parameter_dtype()
+        self.log_dt = nn.Parameter(log_dt.to(real))
+        self.A_real_log = nn.Parameter(torch.log(-A.real).to(real))
+        self.A_imag = nn.Parameter(A.imag.to(real))
+        self.B = nn.Parameter(torch.view_as_real(B).to(real))
         # C ~ CN(0, 1): each part N(0, 1/2).
         self.C = nn.Parameter(torch.randn(channels, H, M, 2) * math.sqrt(0.5))
 
@@ -121,7 +122,7 @@ class S4DKernel(SSMKernel):
         return A_bar, B_bar, C, log_A_bar
 
     def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        check_rate(rate, "S4DKernel")
+        rate = check_rate(rate, "S4DKernel")
         vdm = get_backend("vandermonde", self.backend)
         if state is None:
             return self.cached_kernel((L, rate), lambda: self._kernel(vdm, L, rate)[0]), None

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hippo
-from lrnnx_zoo.base import check_sizes, needs_autograd
+from lrnnx_zoo.base import check_sizes, needs_autograd, parameter_dtype
 from lrnnx_zoo.optim import grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate
@@ -51,8 +51,9 @@ W_REAL_MAX = -1e-4
 
 
 def _as_real(t: Tensor) -> Tensor:
-    """complex (...) -> float32 (..., 2); use .double() on the module for float64 parameters."""
-    return torch.view_as_real(t.to(torch.complex64)).clone()
+    """complex (...) -> real (..., 2) of :func:`~lrnnx_zoo.base.parameter_dtype` (float32 unless the
+    default dtype is float64); .double() on the module makes float64 parameters too."""
+    return torch.view_as_real(t.to(torch.promote_types(parameter_dtype(), torch.complex64))).clone()
 
 
 class _LengthGuard(torch.autograd.Function):
@@ -78,6 +79,14 @@ class _LengthGuard(torch.autograd.Function):
                 "graph's gradients belong to the old parameterisation. Run the longest sequence first, or set "
                 "the length before training (kernel(L=max_length), or l_max=max_length)") from exc
         return grad
+
+
+def check_state_pairs(who: str, name: str, N: int) -> None:
+    """Raise a ValueError naming ``who`` and its argument ``name`` unless N, the real states of a
+    conjugate-pair-halved system, is even (the kernel said "N counts ..." whoever was built with
+    d_state: the S4 layer, the S4 block, FFTConvS4 with the s4 kernel)."""
+    if N % 2:
+        raise ValueError(f"{who} {name} counts real states in conjugate pairs: an even number >= 2, got {N}")
 
 
 def _identity_minus_power(A: Tensor, L: int) -> Tensor:
@@ -139,7 +148,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         train = self._per_key(trainable, True if trainable is None else bool(trainable), bool)
         lrs, wds = self._per_key(lr, lr, None), self._per_key(wd, wd, None)
         self.C = nn.Parameter(_as_real(C))
-        self.register("log_dt", log_dt.float(), train["dt"], lrs["dt"], wds["dt"])
+        self.register("log_dt", log_dt.to(parameter_dtype()), train["dt"], lrs["dt"], wds["dt"])
         self.register("w", _as_real(w), train["A"], lrs["A"], wds["A"])
         self.register("P", _as_real(P), train["P"], lrs["P"], wds["P"])
         self.register("B", _as_real(B), train["B"], lrs["B"], wds["B"])
@@ -374,7 +383,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         """
         if isinstance(L, Tensor) or (L is None and isinstance(state, int)):
             L, state = state, L
-        check_rate(rate, "SSKernelNPLR")
+        rate = check_rate(rate, "SSKernelNPLR")
         if L is None:
             if self.length == 0:
                 raise ValueError("SSKernelNPLR has no internal length yet: call it with L=<kernel length>")
@@ -461,8 +470,7 @@ class HippoSSKernel(SSKernelNPLR):
         check_sizes("HippoSSKernel", H=H, N=N, channels=channels)
         if L is not None:
             check_sizes("HippoSSKernel", L=L)
-        if N % 2:
-            raise ValueError(f"N counts real states in conjugate pairs: an even number >= 2, got {N}")
+        check_state_pairs(type(self).__name__, "d_state" if isinstance(self, S4Kernel) else "N", N)
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         n_ssm = H if n_ssm is None else n_ssm

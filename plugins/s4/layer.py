@@ -18,14 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_sizes, float32_under_autocast, mask_lengths_of_one_stream,
-                            mask_padding, needs_autograd)
+                            mask_padding, needs_autograd, ordinary_tensor)
 from lrnnx_zoo.convolution import (blocked_channel_conv, circular_conv, fast_fft_size, kernel_taps,
                                    reversed_spectrum)
 from lrnnx_zoo.ssm_kernel import check_rate, kernel_final_step_state
 from lrnnx_zoo.step_forms import StepForm
 
 from . import dense
-from .kernel import HippoSSKernel
+from .kernel import HippoSSKernel, check_state_pairs
 from .nn import Activation, DropoutNd, LinearActivation
 
 __all__ = ["S4", "S4Layer", "ssm_conv", "ssm_spectrum"]
@@ -89,6 +89,7 @@ class S4(nn.Module):
                  initializer: Optional[str] = None, weight_norm: bool = False, **kernel_args: Any) -> None:
         super().__init__()
         check_sizes("S4", d_model=d_model, d_state=d_state, channels=channels)
+        check_state_pairs("S4", "d_state", d_state)
         if l_max is not None:
             check_sizes("S4", l_max=l_max)
         self.h, self.n, self.L, self.channels = d_model, d_state, l_max, channels
@@ -139,7 +140,7 @@ class S4(nn.Module):
             raise ValueError(f"S4(transposed={self.transposed}) expects u of shape {want}, got {got}")
         u = float32_under_autocast(u)
         check_floating(u, "S4")
-        check_rate(rate, "S4")
+        rate = check_rate(rate, "S4")
         if u.dtype != self.D.dtype:     # its linear layers, like nn.Linear, take their own dtype only
             raise TypeError(f"S4 has {self.D.dtype} parameters and got a {u.dtype} input: convert one to the "
                             f"other (u.to({self.D.dtype}) or module.to({u.dtype}))")
@@ -161,6 +162,7 @@ class S4(nn.Module):
                              f"got {got}")
         L = u.shape[-1 if self.transposed else 1]
         u = mask_lengths_of_one_stream(u, lengths, state, time_dim=2 if self.transposed else 1)
+        state = ordinary_tensor(state)
         # at least the lag-0 tap (an empty kernel left the transform shorter than the input: l_max=1,
         # rate=0.3 failed in the convolution)
         Lk = kernel_taps(L, self.L, rate)
@@ -229,6 +231,7 @@ class S4Layer(LTI_LRNN):
                  trainable: Any = None, lr: Any = None, wd: Any = 0.0, measure_args: Optional[Dict[str, Any]] = None,
                  n_ssm: Optional[int] = None) -> None:
         check_sizes("S4Layer", d_model=d_model, d_state=d_state)
+        check_state_pairs("S4Layer", "d_state", d_state)
         if l_max is not None:
             check_sizes("S4Layer", l_max=l_max)
         if discretization not in ("bilinear", "zoh"):

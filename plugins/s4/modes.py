@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from lrnnx_zoo.base import check_floating, current_form, weights_and_versions
+from lrnnx_zoo.base import check_floating, current_form, lasting_tensors, weights_and_versions
 from lrnnx_zoo.step_forms import StepForm, build_dtype, pack_modes, step_form_dtype, unpack_modes
 
 from . import dense
@@ -103,7 +103,7 @@ class StepModes:
         (call again after the parameters change or a dtype change; a device move takes it along).
         "diagonal" changes the state layout of :meth:`default_state` / :meth:`step` to
         eigen-coordinates (B, H, N)."""
-        with step_form_dtype(self._real_dtype):
+        with lasting_tensors(), step_form_dtype(self._real_dtype):   # kept: no inference tensors
             form = self.step_form(mode, tol=tol)
         object.__setattr__(self, "_stepper", form)
         object.__setattr__(self, "_stepper_setup", (self._built, tol, weights_and_versions(self)))
@@ -141,6 +141,8 @@ class StepModes:
             shape = lambda t: tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__     # noqa: E731
             raise ValueError(f"{who} expects u of shape (batch, H={H}) and a state of shape (batch, {H}, {n}) "
                              f"(default_state(batch)), got u {shape(u)} and state {shape(state)}")
+        if not state.is_complex():      # e.g. torch.zeros(B, H, n): to_real below failed on it ("imag is not
+            state = state.to(self.state_dtype)                     # implemented for ... non-complex dtypes")
         if u.dtype != built:
             check_floating(u, who, autocast_hint=False)
             raise TypeError(f"{who}: the step form holds {built}, got u of {u.dtype}; convert u (u.to({built})) "
