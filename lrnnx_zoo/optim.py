@@ -63,13 +63,14 @@ def optim_records(model: nn.Module) -> Dict[int, Dict[str, Any]]:
     return found
 
 
-def grouped_parameters(model: nn.Module, default: Callable[[nn.Parameter], Tuple[float, float]]
+def grouped_parameters(model: nn.Module, default: Callable[[nn.Parameter], Tuple[float, Optional[float]]]
                        ) -> List[Dict[str, Any]]:
     """Optimiser parameter groups of ``model``'s trainable parameters (each shared one once).
 
     ``default(p)`` gives a parameter's (lr, weight_decay); its record (:func:`optim_records`)
     overrides either.  Parameters with the same pair share a group, in order of first appearance;
-    frozen ones (requires_grad False) are left out.  Pass the result to any torch optimiser.
+    frozen ones (requires_grad False) are left out.  Pass the result to any torch optimiser.  A
+    weight_decay of None leaves the key out of its group, so the optimiser's own argument applies.
     """
     records = optim_records(model)
     groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
@@ -80,4 +81,4 @@ def grouped_parameters(model: nn.Module, default: Callable[[nn.Parameter], Tuple
         record = records.get(id(param), {})
         key = (record.get("lr", lr), record.get("weight_decay", weight_decay))
         groups.setdefault(key, []).append(param)
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    return [{"params": ps, "lr": lr, **({} if wd is None else {"weight_decay": wd})} for (lr, wd), ps in groups.items()]

@@ -303,6 +303,18 @@ def test_register_lr_wd_and_param_groups():
     assert "fixed" in dict(frozen.named_buffers()) and not hasattr(frozen.fixed, "_optim")
 
 
+def test_param_groups_leave_weight_decay_to_the_optimizer_unless_given():
+    """Without base_wd, the optimizer's own weight_decay reaches the parameters that record none
+    (a default of 0.0 set every group's decay: AdamW(..., weight_decay=0.05) decayed nothing);
+    the registered state-space parameters keep their recorded 0.0."""
+    layer = S4(4, d_state=8, lr=1e-3)
+    opt = torch.optim.AdamW(optimizer_param_groups(layer, base_lr=1e-2), weight_decay=0.05)
+    by_lr = {g["lr"]: g for g in opt.param_groups}
+    assert set(by_lr) == {1e-2, 1e-3}
+    assert by_lr[1e-2]["weight_decay"] == 0.05 and by_lr[1e-3]["weight_decay"] == 0.0
+    given = {g["lr"]: g["weight_decay"] for g in optimizer_param_groups(layer, base_lr=1e-2, base_wd=0.0)}
+    assert given == {1e-2: 0.0, 1e-3: 0.0}
+
 
 def _named_groups(model: torch.nn.Module, groups: list) -> list:
     """Param groups with each parameter replaced by its name, comparable across copies of a model."""

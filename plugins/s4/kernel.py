@@ -492,11 +492,14 @@ class S4Kernel(HippoSSKernel):
         super().__init__(d_model, N=d_state, channels=channels, **kwargs)
 
 
-def optimizer_param_groups(model: nn.Module, base_lr: float, base_wd: float = 0.0) -> List[Dict[str, Any]]:
+def optimizer_param_groups(model: nn.Module, base_lr: float, base_wd: Optional[float] = None) -> List[Dict[str, Any]]:
     """Optimizer parameter groups honouring the records left by ``register``.
 
     Parameters without a record go to one group with ``base_lr`` / ``base_wd``; the others are
-    grouped by their (lr, weight_decay), a missing entry falling back to the base value.
+    grouped by their (lr, weight_decay), a missing entry falling back to the base value. With
+    ``base_wd`` None (the default) groups without a recorded weight decay take the optimizer's own
+    (``AdamW(optimizer_param_groups(m, 1e-3), weight_decay=0.05)`` decays them by 0.05; a default of
+    0.0 here set every group's decay and silently overrode the optimizer's argument).
     Frozen parameters (requires_grad False) are left out. Pass the result to any torch optimizer.
     (:func:`lrnnx_zoo.optim.grouped_parameters` with one default for every parameter.)
     """
