@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+import onnx
 import pluggy
 import pytest
+import torch
 
 import lrnnx_zoo
 from lrnnx_zoo.registry import DISABLE_AUTOLOAD_ENV
@@ -40,3 +43,42 @@ def test_an_entry_point_naming_none_is_reported_without_registering_none(tmp_pat
     finally:
         monkeypatch.undo()
         lrnnx_zoo.reload_plugins()
+
+
+def _rewrite_gemms_as_old_onnxruntime_did(model: onnx.ModelProto) -> None:
+    """What onnxruntime's quantize_dynamic before 1.32 did first: each Gemm with transB=1 reads its
+    weight transposed in place, under the same name, and the Gemm drops transB."""
+    weights = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        trans_b = [a for a in node.attribute if a.name == "transB" and a.i == 1]
+        if node.op_type == "Gemm" and trans_b and node.input[1] in weights:
+            w = weights[node.input[1]]
+            w.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(onnx.numpy_helper.to_array(w).T), w.name))
+            trans_b[0].i = 0
+
+
+def test_int8_quantizer_gets_a_graph_whose_gemm_weights_may_be_rewritten_in_place(tmp_path, monkeypatch):
+    # int8 export failed with every onnxruntime from 1.18 (the floor) to 1.31: "[ShapeInferenceError]
+    # Inferred shape and existing shape differ in dimension 0: (1) vs (64)", because the graph kept the
+    # exporter's value_info of each weight, which the quantizer's in-place transpose made stale.
+    from onnxruntime import quantization
+    from lrnnx_zoo.export import to_onnx
+
+    given = []
+    real = quantization.quantize_dynamic
+
+    def spy(model_input, *args, **kwargs):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model_input if isinstance(model_input, onnx.ModelProto) else onnx.load(str(model_input)))
+        given.append(copy)
+        return real(model_input, *args, **kwargs)
+
+    monkeypatch.setattr(quantization, "quantize_dynamic", spy)
+    torch.manual_seed(0)
+    cfg = lrnnx_zoo.ModelConfig(layer="s4d", d_input=3, d_output=4, d_model=8, n_layers=1,
+                                layer_kwargs={"d_state": 4})
+    to_onnx(lrnnx_zoo.SequenceModel(cfg).eval(), tmp_path / "q.onnx", quantize="int8")
+    model = given[0]
+    assert any(n.op_type == "Gemm" for n in model.graph.node)      # else the check below checks nothing
+    _rewrite_gemms_as_old_onnxruntime_did(model)
+    onnx.shape_inference.infer_shapes(model, strict_mode=True)
