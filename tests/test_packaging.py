@@ -4,6 +4,7 @@ dependencies that pyproject.toml admits (each fix here was found running the sui
 from __future__ import annotations
 
 import re
+import sys
 
 import numpy as np
 import onnx
@@ -82,3 +83,32 @@ def test_int8_quantizer_gets_a_graph_whose_gemm_weights_may_be_rewritten_in_plac
     assert any(n.op_type == "Gemm" for n in model.graph.node)      # else the check below checks nothing
     _rewrite_gemms_as_old_onnxruntime_did(model)
     onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
+# -- a plain install, without the [data] extra ---------------------------------------------------
+@pytest.fixture
+def no_sklearn(monkeypatch):
+    """scikit-learn not installed, as after a plain `pip install lrnnx-zoo` (it is the [data] extra)."""
+    monkeypatch.setitem(sys.modules, "sklearn", None)     # a None entry makes its import raise ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+
+
+def test_evaluating_the_digits_without_scikit_learn_says_what_to_install(no_sklearn, capsys):
+    # It printed a 30-line traceback ending in the ImportError (the install hint was in its last line).
+    from lrnnx_zoo.cli import main as cli_main
+    assert cli_main(["evaluate", "digits-s4d"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lrnnx-zoo evaluate: ") and "pip install 'lrnnx-zoo[data]'" in err
+    assert "Traceback" not in err
+
+
+def test_int8_export_of_the_digits_without_scikit_learn_says_what_to_install(no_sklearn, tmp_path, capsys):
+    # The int8 report measures the accuracy change on the checkpoint's test split, which the digits
+    # data needs scikit-learn for: after the whole export the command ended in a traceback.
+    from lrnnx_zoo.cli import main as cli_main
+    argv = ["export", "digits-s4d", "--format", "onnx", "--quantize", "int8", "--out", str(tmp_path / "q"),
+            "--latency-steps", "0"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lrnnx-zoo export: ") and "pip install 'lrnnx-zoo[data]'" in err
+    assert not (tmp_path / "q").exists()
