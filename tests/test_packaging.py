@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
+from typing import Dict, List
 
 import numpy as np
 import onnx
@@ -15,6 +17,59 @@ import torch
 import lrnnx_zoo
 from lrnnx_zoo.registry import DISABLE_AUTOLOAD_ENV
 from plugin_fixtures import activate, make_distribution
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- what the wheel holds ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def setuptools_config() -> Dict:
+    tomllib = pytest.importorskip("tomllib")        # Python 3.11+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+
+
+def _folder(package: str, package_dir: Dict[str, str]) -> Path:
+    """The source folder of a dotted package name under [tool.setuptools] package-dir."""
+    parts = package.split(".")
+    for i in range(len(parts), 0, -1):
+        mapped = package_dir.get(".".join(parts[:i]))
+        if mapped is not None:
+            return ROOT / mapped / Path(*parts[i:])
+    return ROOT / Path(*parts)
+
+
+def _files(folder: Path) -> List[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+
+
+def test_every_package_folder_is_listed(setuptools_config):
+    # An editable install imports any folder; a wheel holds only the listed packages, and the CLI
+    # skips a subcommand whose module is missing, so a forgotten one vanished without an error.
+    packages, package_dir = setuptools_config["packages"], setuptools_config["package-dir"]
+    for package in packages:
+        folder = _folder(package, package_dir)
+        assert (folder / "__init__.py").is_file(), f"{package} is listed but {folder} has no __init__.py"
+        for init in folder.rglob("__init__.py"):
+            name = ".".join([package, *init.parent.relative_to(folder).parts])
+            assert name in packages, f"{init.parent} is a package but [tool.setuptools] packages lacks {name!r}"
+
+
+def test_every_data_file_matches_its_package_data_globs(setuptools_config):
+    # Files that are not Python reach the wheel only through [tool.setuptools.package-data].
+    packages, package_dir = setuptools_config["packages"], setuptools_config["package-dir"]
+    globs = setuptools_config.get("package-data", {})
+    folders = {package: _folder(package, package_dir) for package in packages}
+    for package, folder in folders.items():
+        inner = [f for p, f in folders.items() if p.startswith(package + ".")]   # their files are their own
+        data = {f for f in _files(folder) if f.suffix not in (".py", ".pyc")
+                and not any(f.is_relative_to(sub) for sub in inner)}
+        shipped = {f for pattern in globs.get(package, []) for f in folder.glob(pattern)}
+        missing = sorted(str(f.relative_to(ROOT)) for f in data - shipped)
+        assert not missing, f"not in the wheel (no package-data glob of {package!r} matches): {missing}"
+    names = set(lrnnx_zoo.list_models())
+    assert names and all((_folder("lrnnx_zoo.checkpoints", package_dir) / n / "model.safetensors").is_file()
+                         for n in names)
 
 
 # -- the oldest dependency releases the floors admit ---------------------------------------------
