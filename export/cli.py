@@ -30,6 +30,7 @@ def check_flags(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from lrnnx_zoo.hub import CheckpointError
     from lrnnx_zoo.hub_save import HubPublishError
+    from lrnnx_zoo.training import MissingDependencyError     # int8 accuracy needs the checkpoint's data
     from .folder import export_folder
     from .step_graph import ExportError
     from .validate import ValidationError
@@ -41,7 +42,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                              latency_steps=args.latency_steps, revision=args.revision,
                              validation_length=args.validation_length)
     # OSError: an --out that is a file, or a folder holding files the export would overwrite
-    except (ExportError, ValidationError, CheckpointError, HubPublishError, ValueError, OSError) as exc:
+    except (ExportError, ValidationError, CheckpointError, HubPublishError, MissingDependencyError, ValueError,
+            OSError) as exc:
         print(f"lrnnx-zoo export: {exc}", file=sys.stderr)
         return 2
     print(done.result.summary())

@@ -51,15 +51,32 @@ def quantize_int8(float_path: Path, out_path: Path, metadata: Dict[str, str],
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs advice on pre-processing via the root logger
+    proto = proto or onnx.load(str(float_path))
     try:
-        quantize_dynamic(str(float_path), str(out_path), weight_type=QuantType.QInt8,
-                         nodes_to_exclude=step_form_nodes(proto or onnx.load(str(float_path))))
+        quantize_dynamic(without_weight_shapes(proto), str(out_path), weight_type=QuantType.QInt8,
+                         nodes_to_exclude=step_form_nodes(proto))
     finally:
         root.setLevel(level)
     proto = onnx.load(str(out_path))
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata)
     onnx.save_model(proto, str(out_path), save_as_external_data=False)
+
+
+def without_weight_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` with no value_info entry for an initializer (each carries its own shape).
+
+    The dynamo exporter records every weight's shape in value_info too. onnxruntime's quantizer
+    before 1.32 transposes a Gemm's weight in place when it rewrites the Gemm as a MatMul, and its
+    shape inference then failed on the stale record ("Inferred shape and existing shape differ in
+    dimension 0: (1) vs (64)"): int8 export failed with every onnxruntime from 1.18 to 1.31."""
+    weights = {t.name for t in proto.graph.initializer}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    kept = [v for v in copy.graph.value_info if v.name not in weights]
+    del copy.graph.value_info[:]
+    copy.graph.value_info.extend(kept)
+    return copy
 
 
 def stream_all(streamer: OnnxStreamer, x: np.ndarray, batch: Optional[int] = None) -> np.ndarray:

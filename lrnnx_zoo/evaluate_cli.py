@@ -40,14 +40,15 @@ def compare_metrics(recorded: Dict[str, Any], measured: Dict[str, float], rtol: 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .hub import CheckpointError, from_pretrained
     from .hub_cli import check_revision_flag
-    from .training import TrainingSetupError, check_device, checkpoint_data, evaluate
+    from .training import MissingDependencyError, TrainingSetupError, check_device, checkpoint_data, evaluate
     try:
         check_revision_flag(args.src, args.revision)
         device = check_device(args.device, cli=True)
         model = from_pretrained(args.src, revision=args.revision, local_files_only=args.local_files_only)
         info = model.checkpoint_info
         data = checkpoint_data(info)
-    except (CheckpointError, TrainingSetupError, ValueError, TypeError) as exc:   # TypeError: a recorded spec's value
+    except (CheckpointError, TrainingSetupError, MissingDependencyError, ValueError,
+            TypeError) as exc:   # TypeError: a recorded spec's value
         print(f"lrnnx-zoo evaluate: {exc}", file=sys.stderr)
         return 2
     if device is not None:

@@ -226,7 +226,8 @@ class Registry:
         """Register one plugin object and run its hooks; on failure undo all it registered."""
         self.plugins[info.name] = info
         try:
-            pm.register(plugin, name=info.name)
+            if plugin is not None:  # pluggy < 1.7 takes register(None, name) as blocking that name
+                pm.register(plugin, name=info.name)
         except KeyboardInterrupt:
             del self.plugins[info.name]
             raise
@@ -236,7 +237,7 @@ class Registry:
         mistake = _hook_mistake(plugin)
         if mistake:
             info.error = mistake + _way_out(info)
-            if pm.is_registered(plugin):    # pluggy ignores a None plugin
+            if plugin is not None and pm.is_registered(plugin):    # unregister(None) fails an assertion
                 pm.unregister(plugin)
             return
         self._current = info

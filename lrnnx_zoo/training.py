@@ -426,7 +426,11 @@ def checkpoint_data(info: Dict[str, Any]) -> TaskData:
     if not isinstance(spec, dict) or "name" not in spec:
         raise ValueError("this checkpoint records no data spec (dataset.spec) to rebuild its evaluation split from; "
                          "checkpoints written by `lrnnx-zoo train` have one")
-    return load_data(DataSpec(spec["name"], spec.get("params", {})))
+    try:
+        return load_data(DataSpec(spec["name"], spec.get("params", {})))
+    except ImportError as exc:      # e.g. the digits need scikit-learn, an extra a plain install lacks
+        _raise_missing_dependency(exc)
+        raise
 
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -668,9 +672,15 @@ def _load_training_data(recipe: Recipe) -> TaskData:
     try:
         return load_task_data(recipe)
     except ImportError as exc:
-        missing = _missing_module(exc)
-        if missing is None:
-            raise
+        _raise_missing_dependency(exc)
+        raise
+
+
+def _raise_missing_dependency(exc: ImportError) -> None:
+    """Raise a MissingDependencyError saying what to install if a third-party package's absence
+    caused ``exc``; return otherwise (a broken import of our own is re-raised as it was)."""
+    missing = _missing_module(exc)
+    if missing is not None:
         hint = str(exc) if "pip install" in str(exc) else f"{exc}; install it with: pip install {missing}"
         raise MissingDependencyError(hint) from exc
 

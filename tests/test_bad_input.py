@@ -269,7 +269,8 @@ def test_nan_weights_are_refused_and_infinities_kept(tmp_path):
     from safetensors.torch import load_file, save_file
     small_model().save_pretrained(tmp_path / "ckpt")
     path = tmp_path / "ckpt" / "model.safetensors"
-    good = load_file(str(path))
+    # copies: safetensors 0.4's tensors map the file, which save_file below rewrites in place
+    good = {k: v.clone() for k, v in load_file(str(path)).items()}
     bad = dict(good, **{"encoder.weight": good["encoder.weight"].clone().fill_(float("nan"))})
     save_file(bad, str(path))
     with pytest.raises(lrnnx_zoo.CheckpointError, match=r"holds NaN weights in encoder.weight"):
