@@ -88,6 +88,25 @@ def _non_finite(x: np.ndarray) -> str:
     return f"{len(bad)} NaN or infinite value(s) as float32, the first at index {tuple(bad[0].tolist())}"
 
 
+def _unloadable(path: str, ort_version: str, exc: Exception) -> str:
+    """Why onnxruntime could not load ``path``: a file that is not ONNX at all (empty, truncated),
+    or an ONNX model newer than this onnxruntime (a graph exported at opset 22+ failed on
+    onnxruntime 1.18 with "not a loadable ONNX model (empty, truncated ...)", which it was not)."""
+    import onnx
+
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:
+        model = None
+    if model is None or not model.opset_import or not model.HasField("graph"):   # b"" parses as an empty model
+        return f"{path} is not a loadable ONNX model (empty, truncated or not ONNX?): {first}"
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None)
+    return (f"onnxruntime {ort_version} cannot load {path}, an ONNX model of opset {opset} and IR version "
+            f"{model.ir_version}: a newer onnxruntime, or a graph exported at a lower opset "
+            f"(to_onnx(..., opset=N), `lrnnx-zoo export --opset N`), may load it. onnxruntime said: {first}")
+
+
 #: One NaN or inf in the state reaches every later output, until reset(): refused inputs say so.
 _POISON = "a NaN or inf in the state would reach every later output of its sequence until reset()"
 
@@ -129,8 +148,7 @@ class OnnxStreamer:
             self.session = ort.InferenceSession(self.path, session_options(intra_op_threads),
                                                 providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as exc:      # onnxruntime's InvalidProtobuf / Fail: name the file and the likely cause
-            raise ValueError(f"{self.path} is not a loadable ONNX model (empty, truncated or not ONNX?): "
-                             f"{str(exc).splitlines()[0]}") from exc
+            raise ValueError(_unloadable(self.path, ort.__version__, exc)) from exc
         self.metadata: Dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.state_size = self._meta_int("state_size")
         self.d_input = self._meta_int("d_input")

@@ -473,6 +473,15 @@ def test_streamer_names_missing_and_broken_files(tmp_path):
     (tmp_path / "empty.onnx").write_bytes(b"")
     with pytest.raises(ValueError, match="not a loadable ONNX model"):
         OnnxStreamer(tmp_path / "empty.onnx")
+    # an ONNX model newer than this onnxruntime (opset 22+ on onnxruntime 1.18) is not called truncated
+    from onnx import TensorProto, helper
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", io[:1], io[1:])
+    (tmp_path / "new.onnx").write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 99)])
+                                        .SerializeToString())
+    with pytest.raises(ValueError, match=r"onnxruntime \S+ cannot load .*new.onnx, an ONNX model of opset 99 "
+                                         r"and IR version \d+: a newer onnxruntime, or a graph exported at a lower opset"):
+        OnnxStreamer(tmp_path / "new.onnx")
 
 
 def test_streamer_is_safe_across_threads_and_keeps_a_restored_state(family):
