@@ -130,24 +130,37 @@ class SSMKernel(nn.Module):
         """
         if needs_autograd(self) or not self.cache_inference_kernel or torch.compiler.is_compiling():
             return compute()      # a compiled graph cannot hold state across calls: it recomputes
+        # Thread safety (one model serving several threads): the cache is an immutable pair
+        # (snapshot, entries), entries a tuple of (key, tensor, version), read once per call and
+        # replaced whole by one attribute assignment. A shared dict here was evicted by two threads
+        # at once (KeyError) and iterated while another changed it (RuntimeError); a lost update
+        # now only costs a recomputation.
         cache = self.__dict__.get("_kernel_cache")
         if cache is None or not self._same_contents(cache[0]):
-            cache = (self._snapshot(), {})
+            cache = (self._snapshot(), ())
             self.__dict__["_kernel_cache"] = cache
-        entries = cache[1]
         # A cached tensor is handed out as is (a copy would cost a kernel's worth of memory at
         # the peak); its version counter tells if a caller has since changed it in place.
-        hit = entries.get(key)
-        if hit is not None and _version(hit[0]) == hit[1]:
-            entries.pop(key, None)                          # most recently used last; the default
-            entries[key] = hit                              # keeps a concurrent caller from a KeyError
-            return hit[0]
-        entries.pop(key, None)
+        for k, K, version in cache[1]:
+            if k == key and _version(K) == version:
+                self._publish(cache, key, (key, K, version))           # most recently used last
+                return K
         K = compute()
-        while len(entries) >= 2:
-            entries.pop(next(iter(entries)))
-        entries[key] = (K, _version(K))
+        self._publish(cache, key, (key, K, _version(K)))
         return K
+
+    def _publish(self, cache: Tuple[Any, Tuple[Any, ...]], key: Tuple[Any, ...],
+                 entry: Optional[Tuple[Any, Tensor, Optional[int]]]) -> None:
+        """Replace ``key``'s entry of the cache now published (``entry`` last; None: drop it), keeping
+        the two most recent, if that cache is still for ``cache``'s snapshot (else the parameters
+        changed meanwhile, and the newer cache stays)."""
+        now = self.__dict__.get("_kernel_cache")
+        if now is None or now[0] is not cache[0]:
+            return
+        kept = tuple(e for e in now[1] if e[0] != key)
+        if entry is not None:
+            kept = kept[-1:] + (entry,)
+        self.__dict__["_kernel_cache"] = (now[0], kept)
 
     def spectrum(self, L: int, n: int, rate: float = 1.0) -> Tensor:
         """rfft of the length-L kernel at transform size n: (C, H, n // 2 + 1) complex, cached
@@ -171,8 +184,8 @@ class SSMKernel(nn.Module):
         """Drop cache entries holding T (a kernel superseded by its spectrum)."""
         cache = self.__dict__.get("_kernel_cache")
         if cache is not None:
-            for key in [k for k, (t, _) in cache[1].items() if t is T]:
-                del cache[1][key]
+            for key in [k for k, t, _ in cache[1] if t is T]:
+                self._publish(cache, key, None)
 
     @property
     def state_dtype(self) -> torch.dtype:
