@@ -26,10 +26,11 @@ builds exp(dt A) densely in float64 and sums C^T A_bar^l B_bar with the two-leve
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, ContextManager, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +80,23 @@ class _LengthGuard(torch.autograd.Function):
                 "graph's gradients belong to the old parameterisation. Run the longest sequence first, or set "
                 "the length before training (kernel(L=max_length), or l_max=max_length)") from exc
         return grad
+
+
+class _LengthLock:
+    """A re-entrant lock held while a kernel's C~ and internal length are changed or read together.
+    A copy or unpickling of its kernel gets a new one (a lock itself cannot be copied)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
+
+    def __reduce__(self) -> Tuple[Any, Tuple[()]]:
+        return _LengthLock, ()
 
 
 def check_state_pairs(who: str, name: str, N: int) -> None:
@@ -155,6 +173,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         self.register_buffer("L", torch.tensor(0, dtype=torch.long))
         # A Python copy of the buffer: reading the tensor is a graph break under torch.compile.
         self._length = 0
+        self._length_lock = _LengthLock()
         if L:
             self._init_C_tilde(int(L))
 
@@ -209,6 +228,17 @@ class SSKernelNPLR(StepModes, SSMKernel):
         super().__setstate__(state)
         if "_length" not in self.__dict__:        # a whole-module pickle from before the Python copy existed
             self._length = int(self.L) if self.L.device.type != "meta" else 0
+        if "_length_lock" not in self.__dict__:   # ... or from before the lock
+            self._length_lock = _LengthLock()
+
+    def _consistent(self) -> ContextManager[None]:
+        """Held while C~ and the internal length change or are read together. One kernel serves
+        several threads (a threaded server): a thread generating a kernel while another extended the
+        length (a longer input) read the new C~ with the old length, 5-800% off, or both extended it
+        at once (a TypeError). Kernel generation on a cache miss and length changes of one kernel take
+        turns; a cache hit takes no lock (a cached kernel is the same whatever the internal length).
+        Not under torch.compile (dynamo cannot trace a lock; a compiled graph is one thread's)."""
+        return contextlib.nullcontext() if torch.compiler.is_compiling() else self._length_lock
 
     def _set_length(self, L: int) -> None:
         self.L.fill_(L)
@@ -253,11 +283,17 @@ class SSKernelNPLR(StepModes, SSMKernel):
         for the same parameters and length): A_bar^L costs log2(L) dense float64 squarings (33 ms per
         layer at H=128, N=64, L=4096), and every step form built (each prefill, each
         allocate_inference_cache) needs it."""
-        C = self.continuous(double=True)[3]
         if self.length == 0:
-            return C
+            with self._consistent():              # not while another thread sets the length
+                if self.length == 0:
+                    return self.continuous(double=True)[3]
 
         def compute() -> Tensor:
+            with self._consistent():
+                return locked()
+
+        def locked() -> Tensor:
+            C = self.continuous(double=True)[3]       # C~ and its length from one moment
             A_bar, b_bar = self.dense_system()
             memo, power_t = self._shared_work(), None
             if memo is not None:         # a prefill: one chain of squares for A_bar^L and the state's Krylov block
@@ -304,6 +340,10 @@ class SSKernelNPLR(StepModes, SSMKernel):
     @torch.no_grad()
     def _init_C_tilde(self, L: int) -> None:
         """C~ = (I - A_bar^L)^T C  (Algorithm 1, step 1) from the plain C."""
+        with self._consistent():
+            self._init_C_tilde_locked(L)
+
+    def _init_C_tilde_locked(self, L: int) -> None:
         if self.length:
             raise RuntimeError(f"C already holds C~ for L={self.length}; use double_length() to extend it")
         first = self._length_origin_before_change()
@@ -314,7 +354,14 @@ class SSKernelNPLR(StepModes, SSMKernel):
 
     @torch.no_grad()
     def double_length(self) -> None:
-        """L -> 2L with C~ <- (I + A_bar^L)^T C~, since I - A^{2L} = (I - A^L)(I + A^L): the kernel stays exact."""
+        """L -> 2L with C~ <- (I + A_bar^L)^T C~, since I - A^{2L} = (I - A^L)(I + A^L): the kernel stays exact.
+
+        Not under a concurrent training forward or backward of this kernel (its C~ changes in place;
+        inference from other threads is safe)."""
+        with self._consistent():
+            self._double_length_locked()
+
+    def _double_length_locked(self) -> None:
         if self.length == 0:
             raise RuntimeError("double_length needs an internal length: pass L at construction or call "
                                "forward(L=...) first")
@@ -326,10 +373,27 @@ class SSKernelNPLR(StepModes, SSMKernel):
         self._length_origin = (*first, self.C.detach().clone(), self.length)
 
     @torch.no_grad()
+    def _cover(self, L: int) -> None:
+        """Make the internal length cover L (rate 1): set it, or double it, if it falls short. The
+        check is repeated under the lock: another thread may have extended it meanwhile."""
+        if 0 < self.length >= L:
+            return
+        with self._consistent():
+            if self.length == 0:
+                self._init_C_tilde(L)
+            if self.length < L:
+                self._extend_length(L)
+
+    @torch.no_grad()
     def _extend_length(self, L: int) -> None:
         """Double the internal length until it covers L, in one transform of C~: the doublings'
         factors I + A^{2^i L0} are powers of one A_bar, built by squaring, so A_bar is discretised
         once, not once per doubling (64 -> 4096 took six float64 discretisations per layer)."""
+        with self._consistent():
+            if self.length < L:
+                self._extend_length_locked(L)
+
+    def _extend_length_locked(self, L: int) -> None:
         first = self._length_origin_before_change()
         A_bar, _ = self.dense_system()
         eye = torch.eye(A_bar.shape[-1], dtype=A_bar.dtype, device=A_bar.device)
@@ -396,15 +460,16 @@ class SSKernelNPLR(StepModes, SSMKernel):
             K = self.C.new_zeros(self.channels, self.d_model, 0)
             return K, (None if state is None else K.new_zeros(state.shape[0], *K.shape))
         if rate == 1.0:                           # C~ must cover L (same for zoh, so C means one thing)
-            if self.length == 0:
-                self._init_C_tilde(L)
-            if self.length < L:
-                self._extend_length(L)
+            self._cover(L)
         if state is not None:
             return self._kernel(L, rate, state)
         return self.cached_kernel((L, rate), lambda: self._kernel(L, rate, None)[0]), None
 
     def _kernel(self, L: int, rate: float, state: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        with self._consistent():                  # C~ and its length from one moment
+            return self._kernel_locked(L, rate, state)
+
+    def _kernel_locked(self, L: int, rate: float, state: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         if self.discretization == "zoh":
             return self._zoh(L, rate, state)
         w, P, B, Ct, dt = self.continuous()
