@@ -199,7 +199,9 @@ class SSMKernel(nn.Module):
     def _settings(self) -> Tuple[Tuple[str, Any], ...]:
         """Plain public attributes (discretization, backend, ...): a change to any of them
         invalidates the cache like a change of parameters."""
-        return tuple(sorted((k, v) for k, v in vars(self).items() if not k.startswith("_") and k != "training"
+        # A copy: iterating the live __dict__ failed when another thread added an attribute meanwhile
+        # (S4's first length change; "dictionary changed size during iteration").
+        return tuple(sorted((k, v) for k, v in vars(self).copy().items() if not k.startswith("_") and k != "training"
                             and isinstance(v, (str, int, float, bool, type(None)))))
 
     def _snapshot(self) -> Tuple[Tuple[Tuple[str, Any], ...], list]:

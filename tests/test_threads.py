@@ -117,15 +117,14 @@ def test_s4_length_extension_while_other_threads_generate():
     kernels may be generated from a C~ of another length, which differs by the rounding of C~'s
     float32 transform: the tolerance is 1e-3 of the largest entry (measured: ~1e-5), a race is O(1)."""
     torch.manual_seed(0)
-    fresh = lrnnx_zoo.get_backend("ssm_kernel", "s4")(16, 16, L=32).eval()
+    fresh = lrnnx_zoo.get_backend("ssm_kernel", "s4")(64, 16, L=64).eval()
     settled = copy.deepcopy(fresh)
-    cases = [64, 100, 256, 512, 1024, 2048]
+    cases = [40, 48, 56, 64, 2048]    # the threads starting short generate while another one extends
     with torch.no_grad():
         settled(L=max(cases))
         refs = [settled(L=L)[0].clone() for L in cases]
     problems = []
-    for trial in range(3):                                   # each trial starts from the short length
+    for trial in range(8):            # each trial starts from the short length: the race is in round 1
         k = copy.deepcopy(fresh)
-        with torch.no_grad():
-            problems += hammer(lambda L: k(L=L)[0], cases, refs, rtol=1e-3)
+        problems += hammer(lambda L: k(L=L)[0], cases, refs, rtol=1e-3, rounds=2)
     assert not problems[:3]
