@@ -373,13 +373,16 @@ class LTI_LRNN(LRNN):
         x: (B, L, H) -> (y, cache): y = ``forward(x, lengths=lengths)`` (B, L, H), and the cache of
         :meth:`allocate_inference_cache` (B) holding the state after each sequence's last valid step
         (step L, or ``lengths[b]``), so that :meth:`step` goes on as if it had stepped through x.
-        The state costs one pass over x (:meth:`final_step_state`), not L steps.
+        The state costs one pass over x (:meth:`final_step_state`), not L steps. The cache is in y's
+        precision (float64 for a float64 x, as forward promotes it), and steps take x of that dtype.
         """
         L = x.shape[1] if isinstance(x, Tensor) and x.dim() == 3 else 1          # forward says what it expects
         with self.prefill_scope(L):
             y = self(x, lengths=lengths)
             check_stream_batch(x, f"{type(self).__name__}.prefill")
-            cache = self.allocate_inference_cache(x.shape[0])
+            # in the precision forward computed in: a float64 prompt to a float32 layer gives a float64
+            # y and cache, so that the stream goes on with float64 steps (a float32 cache refused them)
+            cache = self.allocate_inference_cache(x.shape[0], dtype=y.dtype if y.dtype == torch.float64 else None)
             state = cache["lrnn_state"]
             u = mask_padding(float32_under_autocast(x), lengths).to(state.dtype)
             final = self.final_step_state(u, None if lengths is None else torch.as_tensor(lengths, device=u.device),

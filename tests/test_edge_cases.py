@@ -173,6 +173,21 @@ def test_layer_prefill_of_an_empty_batch_is_refused_in_its_own_name(name):
         layer.prefill(torch.randn(0, 5, H))
 
 
+@pytest.mark.parametrize("name", LAYERS)
+@torch.no_grad()
+def test_a_float64_prompt_to_a_float32_layer_streams_on_in_float64(name):
+    """forward promotes a float64 x (float64 y); prefill's cache was float32, so the stream's next
+    float64 step was refused. Now the steps go on from the prompt in float64. Tolerance 1e-6 of
+    max|y|: the convolution runs the float32 parameters' kernel, the steps their float64 step form."""
+    layer = make(name)
+    x = torch.randn(2, 20, H, dtype=torch.float64)
+    y, cache = layer.prefill(x[:, :12])
+    steps = torch.stack([layer.step(x[:, t], cache)[0] for t in range(12, 20)], 1)
+    ref = layer(x)
+    assert y.dtype == steps.dtype == torch.float64
+    assert rel_err(torch.cat([y, steps], 1), ref) < 1e-6
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_model_prefill_of_an_empty_batch_is_refused_in_its_own_name(layer):
     torch.manual_seed(0)
