@@ -58,7 +58,8 @@ def test_export_snippet_runs(tmp_path, monkeypatch):
 
 # Values for the README's placeholders, so that every command line it shows can be parsed.
 PLACEHOLDERS = {"KIND": "cauchy", "PATTERN": "s4d", "NAME": "digits-lru", "RECIPE": "digits-tiny", "DIR": "out",
-                "N": "0", "SRC": "digits-lru", "F": "onnx", "...": ""}
+                "N": "0", "SRC": "digits-lru", "F": "onnx", "REPO": "org/name",
+                "...": ""}
 
 
 def test_command_lines_parse():
