@@ -67,8 +67,11 @@ def test_zoo_snippet_runs_against_a_local_hub(local_hub, tmp_path, monkeypatch):
     shipped.push_to_hub("org/name")
     local_hub.tag("org/name", "v1.0")                              # and its Hub revision
     # The card fields are placeholders (...): give each a value of the kind save_pretrained takes.
-    code = code.replace("task=..., dataset=..., metrics=...",
-                        'task="sequence-classification", dataset="digits", metrics={"test_accuracy": 0.9}')
+    fields = "task=..., dataset=..., metrics=..."
+    assert fields in code
+    code = code.replace(fields,
+                        'task="sequence-classification", dataset={"name": "digits"}, '
+                        'metrics={"test_accuracy": 0.9}')
     exec(compile(code, "README.md", "exec"), {"lrnnx_zoo": lrnnx_zoo})
     assert lrnnx_zoo.from_pretrained("my-model").config == shipped.config
     assert "model.safetensors" in local_hub.list_files("org/my-model")
