@@ -86,6 +86,7 @@ class StepModule(nn.Module):
         self.state_layout = layout
 
     def forward(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        """One step: x (B, d_input), state (B, state_size) -> y (B, d_output), state' (B, state_size)."""
         h = self.encoder(x)
         new_states = []
         for block, form, (off, size) in zip(self.blocks, self.forms, self.slices):

@@ -269,6 +269,11 @@ class SequenceModel(HubMixin, nn.Module):
         return any(getattr(b.layer, "bidirectional", False) for b in self.blocks)
 
     def forward(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+        """x: (B, L, d_input) -> (B, L, d_output), or (B, d_output) with pooling.
+
+        ``lengths``: (B,) valid steps of a padded batch; each sequence gets its own outputs, zeros
+        after its length (unpooled), or the mean / last of its valid steps (pooled).
+        """
         x = self._check_sequence(x, lengths)
         return self._readout(self._features(x, lengths), lengths)
 

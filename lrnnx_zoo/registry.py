@@ -604,10 +604,14 @@ def get_layer_class(name: str) -> type:
 
 
 def get_initializer(layer: str, name: str) -> Callable[..., Any]:
+    """The initializer ``name`` registered for ``layer`` (RegistryError listing the known ones if
+    none); "<plugin>:<name>" picks one that two plugins registered."""
     return get_registry().get_initializer(layer, name)
 
 
 def get_backend(kind: str, name: str = "auto") -> Callable[..., Any]:
+    """The kernel backend ``name`` of ``kind`` ("vandermonde", "cauchy", "modal", "ssm_kernel", ...);
+    "auto" is the plugin's own chooser when it registered one, else "torch"."""
     return get_registry().get_backend(kind, name)
 
 

@@ -1,6 +1,7 @@
-"""README.md's usage and export snippets run as written, and its `lrnnx-zoo` command lines parse.
+"""README.md's usage, zoo and export snippets run as written, and its `lrnnx-zoo` command lines parse.
 
-(The plugin guide's module is checked verbatim in test_example_plugin, the demo in test_checkpoints.)
+(The plugin guide's module is checked verbatim in test_example_plugin, the training snippet in
+test_training_journey, the demo in test_checkpoints.)
 """
 
 from __future__ import annotations
@@ -56,9 +57,30 @@ def test_export_snippet_runs(tmp_path, monkeypatch):
     assert names["y"].shape == (1, 20, 10) and names["y"].dtype == np.float32
 
 
+def test_zoo_snippet_runs_against_a_local_hub(local_hub, tmp_path, monkeypatch):
+    # Its five lines had no test: a renamed argument (revision=, task=, dataset=, metrics=) or
+    # method would have left a README that fails at the first line a user copies.
+    (code,) = code_blocks("The zoo: checkpoints, loading, training", "python")
+    monkeypatch.chdir(tmp_path)
+    shipped = lrnnx_zoo.from_pretrained("digits-lru")
+    shipped.save_pretrained("path/to/folder")                      # the snippet's local folder
+    shipped.push_to_hub("org/name")
+    local_hub.tag("org/name", "v1.0")                              # and its Hub revision
+    # The card fields are placeholders (...): give each a value of the kind save_pretrained takes.
+    fields = "task=..., dataset=..., metrics=..."
+    assert fields in code
+    code = code.replace(fields,
+                        'task="sequence-classification", dataset={"name": "digits"}, '
+                        'metrics={"test_accuracy": 0.9}')
+    exec(compile(code, "README.md", "exec"), {"lrnnx_zoo": lrnnx_zoo})
+    assert lrnnx_zoo.from_pretrained("my-model").config == shipped.config
+    assert "model.safetensors" in local_hub.list_files("org/my-model")
+
+
 # Values for the README's placeholders, so that every command line it shows can be parsed.
 PLACEHOLDERS = {"KIND": "cauchy", "PATTERN": "s4d", "NAME": "digits-lru", "RECIPE": "digits-tiny", "DIR": "out",
-                "N": "0", "SRC": "digits-lru", "F": "onnx", "...": ""}
+                "N": "0", "SRC": "digits-lru", "F": "onnx", "REPO": "org/name",
+                "...": ""}
 
 
 def test_command_lines_parse():
