@@ -72,8 +72,11 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
     from .latency import DEFAULT_STEPS
     from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
-    p = sub.add_parser("export", help="export a causal model as a validated recurrent step graph",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from lrnnx_zoo.cli import add_command
+    p = add_command(sub, "export", "export a causal model as a validated recurrent step graph",
+                    ["digits-s4d --out digits-onnx", "digits-s4d --out digits-int8 --quantize int8",
+                     "runs/digits --format torchscript --out digits-ts"],
+                    description=DESCRIPTION)
     p.add_argument("src", help="checkpoint folder, shipped model name, or Hub repo id")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="graph format (default: onnx)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
