@@ -41,9 +41,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
                              push_to_hub=args.push_to_hub, batch=args.batch, opset=args.opset,
                              latency_steps=args.latency_steps, revision=args.revision,
                              validation_length=args.validation_length)
+    except ValidationError as exc:   # the flags were fine, the graph is wrong: a failure, as evaluate --check's
+        print(f"lrnnx-zoo export: {exc}", file=sys.stderr)
+        return 1
     # OSError: an --out that is a file, or a folder holding files the export would overwrite
-    except (ExportError, ValidationError, CheckpointError, HubPublishError, MissingDependencyError, ValueError,
-            OSError) as exc:
+    except (ExportError, CheckpointError, HubPublishError, MissingDependencyError, ValueError, OSError) as exc:
         print(f"lrnnx-zoo export: {exc}", file=sys.stderr)
         return 2
     print(done.result.summary())

@@ -98,3 +98,19 @@ def test_failed_push_shows_a_relative_source_path_as_typed(local_hub, tmp_path, 
     assert main(["push", "t1", "acme/other"]) == 2
     err = capsys.readouterr().err
     assert "refusing to upload" in err and "T1" not in err and " t1 is unchanged." in err, err
+
+
+def test_export_whose_graph_fails_validation_exits_1_not_2(tmp_path, monkeypatch, capsys):
+    # A graph that did not reproduce the model exited 2, the status of a usage error (a bad flag),
+    # though nothing in the command line was wrong; evaluate --check and a diverged train exit 1.
+    import lrnnx_zoo.export.folder as folder
+    from lrnnx_zoo.export.validate import ValidationError, ValidationReport
+    report = ValidationReport(runtime="onnxruntime", max_abs_error=3.1e-2, tolerance=1e-4, errors={"final step": 3.1e-2},
+                              batch=2, length=64, sequence="default", compared="outputs")
+
+    def fails(*args, **kwargs):
+        raise ValidationError(report)
+    monkeypatch.setattr(folder, "export_folder", fails)
+    assert main(["export", "digits-lru", "--out", str(tmp_path / "out"), "--latency-steps", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lrnnx-zoo export: onnxruntime step graph disagrees") and err.count("\n") == 1, err
