@@ -76,8 +76,8 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
 
     from lrnnx_zoo.cli import add_command
     p = add_command(sub, "export", "export a causal model as a validated recurrent step graph",
-                    ["digits-s4d --out digits-onnx", "digits-s4d --out digits-int8 --quantize int8",
-                     "runs/digits --format torchscript --out digits-ts"],
+                    ["runs/digits --out digits-onnx", "runs/digits --out digits-int8 --quantize int8",
+                     "org/my-model --format torchscript --out my-model-ts"],
                     description=DESCRIPTION)
     p.add_argument("src", help="checkpoint folder, shipped model name, or Hub repo id")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="graph format (default: onnx)")

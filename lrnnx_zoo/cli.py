@@ -29,7 +29,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, summary: str, exampl
     with ``description`` (default: the summary) and ends with ``examples`` (argument strings)."""
     text = description or summary[:1].upper() + summary[1:] + "."
     if "\n" not in text:                         # one paragraph: wrap it; a preformatted one stays as written
-        text = textwrap.fill(text, 96)
+        text = textwrap.fill(text, 78)   # argparse's width in a pipe or 80-column terminal
     heading = "example:" if len(examples) == 1 else "examples:"
     epilog = heading + "".join(f"\n  lrnnx-zoo {name} {example}".rstrip() for example in examples)
     return sub.add_parser(name, help=summary, description=text, epilog=epilog,
