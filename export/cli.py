@@ -41,9 +41,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
                              push_to_hub=args.push_to_hub, batch=args.batch, opset=args.opset,
                              latency_steps=args.latency_steps, revision=args.revision,
                              validation_length=args.validation_length)
+    except ValidationError as exc:   # the flags were fine, the graph is wrong: a failure, as evaluate --check's
+        print(f"lrnnx-zoo export: {exc}", file=sys.stderr)
+        return 1
     # OSError: an --out that is a file, or a folder holding files the export would overwrite
-    except (ExportError, ValidationError, CheckpointError, HubPublishError, MissingDependencyError, ValueError,
-            OSError) as exc:
+    except (ExportError, CheckpointError, HubPublishError, MissingDependencyError, ValueError, OSError) as exc:
         print(f"lrnnx-zoo export: {exc}", file=sys.stderr)
         return 2
     print(done.result.summary())
@@ -72,8 +74,11 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
     from .latency import DEFAULT_STEPS
     from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
-    p = sub.add_parser("export", help="export a causal model as a validated recurrent step graph",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from lrnnx_zoo.cli import add_command
+    p = add_command(sub, "export", "export a causal model as a validated recurrent step graph",
+                    ["runs/digits --out digits-onnx", "runs/digits --out digits-int8 --quantize int8",
+                     "org/my-model --format torchscript --out my-model-ts"],
+                    description=DESCRIPTION)
     p.add_argument("src", help="checkpoint folder, shipped model name, or Hub repo id")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="graph format (default: onnx)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")

@@ -7,11 +7,11 @@ Each group of subcommands lives next to the code it drives, in a module with
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+import textwrap
 from typing import Callable, Dict, List, Optional, Sequence
-
-import importlib
 
 #: What ``lrnnx-zoo --help`` says (the module docstring above is for people reading this file).
 DESCRIPTION = ("Linear RNN and state-space layers (LRU, S4, S4D, FFTConv) as plugins: see what is installed, "
@@ -21,6 +21,19 @@ DESCRIPTION = ("Linear RNN and state-space layers (LRU, S4, S4D, FFTConv) as plu
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {}
 # Modules adding subcommands: add_commands(subparsers, COMMANDS). Missing ones are skipped.
 SUBCOMMAND_MODULES = ("lrnnx_zoo.hub_cli", "lrnnx_zoo.training_cli", "lrnnx_zoo.evaluate_cli", "lrnnx_zoo.export.cli")
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, summary: str, examples: Sequence[str],
+                description: Optional[str] = None) -> argparse.ArgumentParser:
+    """Add subcommand ``name``: ``summary`` is its line in ``lrnnx-zoo --help``; its own --help opens
+    with ``description`` (default: the summary) and ends with ``examples`` (argument strings)."""
+    text = description or summary[:1].upper() + summary[1:] + "."
+    if "\n" not in text:                         # one paragraph: wrap it; a preformatted one stays as written
+        text = textwrap.fill(text, 78)   # argparse's width in a pipe or 80-column terminal
+    heading = "example:" if len(examples) == 1 else "examples:"
+    epilog = heading + "".join(f"\n  lrnnx-zoo {name} {example}".rstrip() for example in examples)
+    return sub.add_parser(name, help=summary, description=text, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def aligned(rows: Sequence[Sequence[str]]) -> List[str]:
@@ -78,12 +91,14 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     parser = argparse.ArgumentParser(prog="lrnnx-zoo", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("plugins", help="installed plugins, what each registered, and failures")
+    p = add_command(sub, "plugins", "installed plugins, what each registered, and failures", ["", "--strict"])
     p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load")
-    sub.add_parser("layers", help="registered layers and who registered them")
-    p = sub.add_parser("backends", help="registered kernel backends")
+    add_command(sub, "layers", "registered layers and who registered them", [""])
+    p = add_command(sub, "backends", "registered kernel backends", ["", "cauchy"])
     p.add_argument("kind", nargs="?", default=None,
                    help="list only backends of this kind (the built-in kinds: vandermonde, cauchy, modal, ssm_kernel)")
     COMMANDS.update(plugins=_cmd_plugins, layers=_cmd_layers, backends=_cmd_backends)
@@ -104,6 +119,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line and the shell's status for SIGINT (128 + 2) rather than a traceback
+        print(f"lrnnx-zoo {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader went away (`lrnnx-zoo info NAME | head`): stop quietly, as other tools do.
         # stdout is pointed at /dev/null because Python's flush at exit would raise again.

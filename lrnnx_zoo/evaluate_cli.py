@@ -83,11 +83,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:
     """Register ``evaluate`` on the ``lrnnx-zoo`` parser (see lrnnx_zoo.cli)."""
-    p = sub.add_parser("evaluate", help="re-measure a checkpoint's test metrics beside the ones it records",
-                       description="Load a checkpoint (folder, shipped name or Hub repo id), rebuild the test split "
-                                   "its config.json records, evaluate it and print each metric beside the "
-                                   "recorded one.")
-    p.add_argument("src", metavar="NAME_OR_PATH")
+    from .cli import add_command
+    p = add_command(sub, "evaluate", "re-measure a checkpoint's test metrics beside the ones it records",
+                    ["digits-s4d", "runs/digits --check --json"],
+                    description="Load a checkpoint (folder, shipped name or Hub repo id), rebuild the test split "
+                                "its config.json records, evaluate it and print each metric beside the "
+                                "recorded one.")
+    p.add_argument("src", metavar="NAME_OR_PATH", help="checkpoint folder, shipped name or Hub repo id")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit id")
     p.add_argument("--local-files-only", action="store_true", help="use the Hub cache only, never download")
     p.add_argument("--batch-size", type=positive_int, default=256, help="sequences per forward (default 256)")

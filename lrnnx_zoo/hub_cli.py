@@ -82,8 +82,9 @@ def _cmd_push(args: argparse.Namespace) -> int:
         if args.branch is not None and not args.branch.strip():
             raise ValueError("--branch is empty; pass a branch name, or leave it out for main")
         model = from_pretrained(args.src, revision=args.revision)
+        # kept opens a sentence, whose capital letter would rename a relative SRC ("t1" -> "T1")
         commit = push_checkpoint(model, args.repo, private=args.private, commit_message=args.message,
-                                 revision=args.branch, kept=f"{args.src} is unchanged")
+                                 revision=args.branch, kept=f"the checkpoint {args.src} is unchanged")
     except (ValueError, HubPublishError) as exc:                 # CheckpointError is a ValueError
         print(f"lrnnx-zoo push: {exc}", file=sys.stderr)
         return 2
@@ -103,15 +104,19 @@ published with `lrnnx-zoo export SRC --out DIR --push-to-hub REPO`."""
 
 def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:
     """Add ``models``, ``info`` and ``push`` to the ``lrnnx-zoo`` parser (see lrnnx_zoo.cli)."""
-    p = sub.add_parser("models", help="checkpoints shipped with the package: name, family, task, headline metric")
+    from .cli import add_command                 # cli imports this module's add_commands
+    p = add_command(sub, "models", "checkpoints shipped with the package: name, family, task, headline metric",
+                    ["", "'digits-*'", "s4d"])
     p.add_argument("pattern", nargs="?", default=None, help="fnmatch wildcard ('digits-*') or, without wildcards, a substring ('s4d')")
-    p = sub.add_parser("info", help="config and card metrics of a checkpoint (folder, shipped name or Hub repo id)")
-    p.add_argument("name", metavar="NAME_OR_PATH")
+    p = add_command(sub, "info", "config and card metrics of a checkpoint (folder, shipped name or Hub repo id)",
+                    ["digits-s4d", "runs/digits --json", "org/my-model --revision v1"])
+    p.add_argument("name", metavar="NAME_OR_PATH", help="checkpoint folder, shipped name or Hub repo id")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit id")
     p.add_argument("--local-files-only", action="store_true", help="use the Hub cache only, never download")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p = sub.add_parser("push", help="upload a checkpoint to a Hugging Face Hub repo",
-                       description=PUSH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "push", "upload a checkpoint to a Hugging Face Hub repo",
+                    ["runs/digits org/my-digits --private", "runs/digits org/my-digits --branch dev"],
+                    description=PUSH_DESCRIPTION)
     p.add_argument("src", metavar="SRC", help="checkpoint folder (e.g. train --out DIR), shipped name or Hub repo id")
     p.add_argument("repo", metavar="REPO", help="Hub repo id to upload to, e.g. org/my-model")
     p.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")

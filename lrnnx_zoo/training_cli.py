@@ -136,9 +136,12 @@ def _warnings_as_lines(category: Union[Type[Warning], Tuple[Type[Warning], ...]]
 
 def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:
     """Register ``train`` and ``recipes`` on the ``lrnnx-zoo`` parser."""
-    p = sub.add_parser("train", help="train a named recipe and write a checkpoint",
-                       description="Train a recipe (see `lrnnx-zoo recipes`). Under torchrun the global batch "
-                                   "is split evenly across processes.")
+    from .cli import add_command
+    p = add_command(sub, "train", "train a named recipe and write a checkpoint",
+                    ["digits-s4d --out runs/digits", "digits-s4d --out runs/digits --epochs 5 --checkpoint-every epoch",
+                     "digits-s4d --out runs/digits --checkpoint-every epoch --resume"],
+                    description="Train a recipe (see `lrnnx-zoo recipes`). Under torchrun the global batch "
+                                "is split evenly across processes.")
     p.add_argument("recipe", help="recipe name, e.g. digits-s4d")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="write the checkpoint (config.json, model.safetensors, README.md) here")
@@ -157,7 +160,7 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
                    help="start from the weights of this checkpoint (folder, shipped name or Hub repo id) "
                         "instead of random ones; its model must be the recipe's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary line")
-    sub.add_parser("recipes", help="list the training recipes")
+    add_command(sub, "recipes", "list the training recipes", [""])
     commands.update(train=_cmd_train, recipes=_cmd_recipes)
 
 

@@ -1,0 +1,7 @@
+"""``python -m lrnnx_zoo``: the ``lrnnx-zoo`` command line, run by a given interpreter."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
