@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, Iterator
 
 import lrnnx_zoo
+from lrnnx_zoo.registry import DISABLE_AUTOLOAD_ENV
 
 # A complete third-party family: a diagonal layer with its own step form (no lrnnx_zoo family code).
 GOOD_PLUGIN = '''
@@ -97,6 +98,29 @@ def activate(root: Path, monkeypatch) -> None:
     for name in list(sys.modules):
         if name.startswith("tp_"):
             del sys.modules[name]
+
+
+@contextlib.contextmanager
+def installed(root, monkeypatch):
+    """The distributions under ``root`` installed (on sys.path, autoloaded) while inside, gone after."""
+    activate(root, monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    lrnnx_zoo.reload_plugins()
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+
+
+def reinstall(monkeypatch, root=None):
+    """Inside :func:`installed`: swap the installed distributions for those under ``root`` (None:
+    uninstall them), as pip would between two runs."""
+    monkeypatch.undo()
+    if root is not None:
+        activate(root, monkeypatch)
+        monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    lrnnx_zoo.reload_plugins()
 
 
 @contextlib.contextmanager

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import lrnnx_zoo
-from lrnnx_zoo.registry import DISABLE_AUTOLOAD_ENV
-from plugin_fixtures import activate, make_distribution
+from plugin_fixtures import installed, make_distribution
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,17 +87,11 @@ def test_an_entry_point_naming_none_is_reported_without_registering_none(tmp_pat
     monkeypatch.setattr(pluggy.PluginManager, "register", register)
     root = tmp_path / "site"
     make_distribution(root, "tp-none", {"tp_none": "PLUGIN = None\n"}, {"nothing": "tp_none:PLUGIN"})
-    activate(root, monkeypatch)
-    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
-    try:
-        lrnnx_zoo.reload_plugins()
+    with installed(root, monkeypatch):
         assert {"lru", "s4d"} <= set(lrnnx_zoo.list_layers())
         error = {p.name: p for p in lrnnx_zoo.list_plugins()}["nothing"].error or ""
         assert re.search(r"implements none of the hooks .*got None", error), error
         assert [name for name, plugin in registered if plugin is None] == []
-    finally:
-        monkeypatch.undo()
-        lrnnx_zoo.reload_plugins()
 
 
 def _rewrite_gemms_as_old_onnxruntime_did(model: onnx.ModelProto) -> None:

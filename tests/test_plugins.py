@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -16,7 +15,8 @@ import torch
 
 import lrnnx_zoo
 from lrnnx_zoo.registry import DISABLE_AUTOLOAD_ENV, PluginVersionWarning, RegistryError
-from plugin_fixtures import BROKEN_IMPORT, GOOD_PLUGIN, RAISING_HOOK, activate, make_distribution
+from plugin_fixtures import (BROKEN_IMPORT, GOOD_PLUGIN, RAISING_HOOK, activate, installed, make_distribution,
+                             reinstall)
 
 
 @pytest.fixture
@@ -386,29 +386,6 @@ def lrnnx_zoo_register_initializers(registry):
 def lrnnx_zoo_register_kernel_backends(registry):
     registry.add_backend("vandermonde", "chunked", vandermonde_torch)
 '''
-
-
-@contextlib.contextmanager
-def installed(root, monkeypatch):
-    """The distributions under ``root`` installed (on sys.path, autoloaded) while inside, gone after."""
-    activate(root, monkeypatch)
-    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
-    lrnnx_zoo.reload_plugins()
-    try:
-        yield
-    finally:
-        monkeypatch.undo()
-        lrnnx_zoo.reload_plugins()
-
-
-def reinstall(monkeypatch, root=None):
-    """Inside :func:`installed`: swap the installed distributions for those under ``root`` (None:
-    uninstall them), as pip would between two runs."""
-    monkeypatch.undo()
-    if root is not None:
-        activate(root, monkeypatch)
-        monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
-    lrnnx_zoo.reload_plugins()
 
 
 def _ema_dist(where, dist="tp-good", plugin="ema", version="1.0.0"):
