@@ -141,9 +141,10 @@ class SSMKernel(nn.Module):
             self.__dict__["_kernel_cache"] = cache
         # A cached tensor is handed out as is (a copy would cost a kernel's worth of memory at
         # the peak); its version counter tells if a caller has since changed it in place.
-        for k, K, version in cache[1]:
+        for i, (k, K, version) in enumerate(cache[1]):
             if k == key and _version(K) == version:
-                self._publish(cache, key, (key, K, version))           # most recently used last
+                if i != len(cache[1]) - 1:      # most recently used last (a repeated call republishes nothing)
+                    self._publish(cache, key, (key, K, version))
                 return K
         K = compute()
         self._publish(cache, key, (key, K, _version(K)))
