@@ -380,9 +380,9 @@ class SSKernelNPLR(StepModes, SSMKernel):
             return
         with self._consistent():
             if self.length == 0:
-                self._init_C_tilde(L)
+                self._init_C_tilde_locked(L)
             if self.length < L:
-                self._extend_length(L)
+                self._extend_length_locked(L)
 
     @torch.no_grad()
     def _extend_length(self, L: int) -> None:
