@@ -22,6 +22,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import stat
 import sys
 import warnings
@@ -421,30 +422,69 @@ def _layer_name(config: Dict[str, Any], path: Path) -> str:
     return layer
 
 
+def _unreadable(path: Path, exc: BaseException) -> str:
+    return (f"{path} is truncated or corrupt and cannot be read ({exc}); re-save it with model.save_pretrained, "
+            "or if it came from the Hub delete its cached copy (see `hf cache --help`) and load it again")
+
+
+def _read_header(path: Path) -> Dict[str, Tuple[int, ...]]:
+    """{name: shape} of the tensors in a safetensors file, from its header alone (no tensor data is
+    read), once safetensors has checked the header (offsets, sizes, cover of the file)."""
+    from safetensors import SafetensorError, safe_open
+    _check_regular_file(path, "a safetensors file")  # a folder was "truncated or corrupt (No such device ...)"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(_unreadable(path, exc)) from exc
+
+
 def _read_weights(path: Path) -> Dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    _check_regular_file(path, "a safetensors file")  # a folder was "truncated or corrupt (No such device ...)"
+    _check_regular_file(path, "a safetensors file")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({exc}); re-save it with "
-                              "model.save_pretrained, or if it came from the Hub delete its cached copy "
-                              "(see `hf cache --help`) and load it again") from exc
+        raise CheckpointError(_unreadable(path, exc)) from exc
 
 
-def _check_state(expected: Dict[str, Any], found: Dict[str, Any], path: Path) -> None:
+def _mismatch(path: Path, parts: List[str]) -> str:
+    return (f"{path} does not match the model its config.json describes: " + "; ".join(parts)
+            + ". The weights and the config come from different models; re-save them together with "
+            "model.save_pretrained(DIR)")
+
+
+def _check_backbone(config: Any, shapes: Dict[str, Tuple[int, ...]], path: Path) -> None:
+    """Compare the backbone sizes of ``config`` (a ModelConfig) with the weights file's header
+    (``shapes``) before building: a model of a wrong d_model or n_layers was built in full (1.9 GB and
+    5 s for d_model=7800, 50 s for 400 S4D blocks) and only then refused. Blocks are only counted
+    when the file holds some (a block of parameterless modules has no state)."""
+    wrong = [f"{k}: file {shapes[k]} vs config {v}" for k, v in config.backbone_shapes().items()
+             if k in shapes and shapes[k] != v]
+    parts = [f"shapes that disagree with config.json ({config.sizes()}): {'; '.join(wrong)}"] if wrong else []
+    blocks = {int(m.group(1)) for m in map(_BLOCK_KEY.match, shapes) if m}
+    if blocks and blocks != set(range(config.n_layers)):
+        parts.append(f"config.json gives n_layers={config.n_layers}, but the file holds {len(blocks)} blocks "
+                     f"(numbered {min(blocks)} to {max(blocks)})")
+    if parts:
+        raise CheckpointError(_mismatch(path, parts))
+
+
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
+
+
+def _check_state(expected: Dict[str, Any], found: Dict[str, Tuple[int, ...]], path: Path) -> None:
+    """Compare the model's state (``expected``) with the file's {name: shape} (``found``)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    shapes = [f"{k}: file {tuple(found[k].shape)} vs config {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(found)) if tuple(found[k].shape) != tuple(expected[k].shape)]
+    shapes = [f"{k}: file {found[k]} vs config {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(found)) if found[k] != tuple(expected[k].shape)]
     if missing or unexpected or shapes:
         parts = [f"missing keys {missing}"] if missing else []
         parts += [f"unexpected keys {unexpected}"] if unexpected else []
         parts += [f"shapes that disagree with config.json: {'; '.join(shapes)}"] if shapes else []
-        raise CheckpointError(f"{path} does not match the model its config.json describes: " + "; ".join(parts)
-                              + ". The weights and the config come from different models; re-save them together "
-                              "with model.save_pretrained(DIR)")
+        raise CheckpointError(_mismatch(path, parts))
 
 
 def _dtype_kind(tensor: Any) -> str:
@@ -587,12 +627,20 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
             warnings.warn(f"{where} {change}", PluginVersionWarning, stacklevel=_outside_package())
     try:
         model_config = ModelConfig.from_dict({**config["model"], "layer": layer})
-        model = SequenceModel(model_config)
     except (TypeError, ValueError, LookupError) as exc:
         raise CheckpointError(f"cannot build the model described by {folder / CONFIG_NAME}: {exc}"
                               f"{missing_extra_plugins(extras)}") from exc
+    shapes = _read_header(folder / WEIGHTS_NAME)     # the file's shapes, read before anything is allocated
+    _check_backbone(model_config, shapes, folder / WEIGHTS_NAME)
+    try:
+        model = SequenceModel(model_config)
+    except (TypeError, ValueError, LookupError, RuntimeError, MemoryError) as exc:
+        # RuntimeError: the allocator's, for sizes within the parameter budget whose initialisation is
+        # not (S4D's HiPPO matrix is d_state x d_state)
+        raise CheckpointError(f"cannot build the model described by {folder / CONFIG_NAME} ({model_config.sizes()}): "
+                              f"{exc}{missing_extra_plugins(extras)}") from exc
+    _check_state(model.state_dict(), shapes, folder / WEIGHTS_NAME)
     tensors = _read_weights(folder / WEIGHTS_NAME)
-    _check_state(model.state_dict(), tensors, folder / WEIGHTS_NAME)
     _check_dtypes(model.state_dict(), tensors, folder / WEIGHTS_NAME)
     _check_no_nan(tensors, folder / WEIGHTS_NAME)
     dtype = _weights_dtype(tensors)
