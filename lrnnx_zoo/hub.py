@@ -291,7 +291,11 @@ def _listing(folder: Path) -> List[str]:
 
 def _pickle_message(file: str, where: str = "") -> str:
     return (f"refusing to load {file}{where}: pickled weights ({Path(file).suffix}) can run arbitrary code when "
-            "loaded. lrnnx-zoo loads only model.safetensors. If you trust the file, convert it once: "
+            "loaded. " + _conversion_advice())
+
+
+def _conversion_advice() -> str:
+    return ("lrnnx-zoo loads only model.safetensors. If you trust the file, convert it once: "
             "`sd = torch.load(PATH, weights_only=True); safetensors.torch.save_file(sd, 'model.safetensors')`, "
             "or rebuild the model and call model.save_pretrained(DIR)")
 
@@ -337,9 +341,13 @@ def read_config(folder: Path) -> Dict[str, Any]:
             f"lrnnx-zoo {__version__} reads format_version <= {FORMAT_VERSION}. Upgrade: pip install -U lrnnx-zoo")
     if not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{path} has no 'model' section (the ModelConfig); re-save the checkpoint")
-    for key, expected, allowed in (("family", "a str", (str,)), ("plugin", "a dict (name, distribution, version)",
-                                                                   (dict,))):
-        value = config.get(key)
+    plugin = config.get("plugin")
+    fields = [("family", "a str", str), ("plugin", "a dict (name, distribution, version)", dict)]
+    fields += [(f"plugin.{k}", "a str or null", str) for k in ("name", "distribution", "version")
+               if isinstance(plugin, dict)]      # the registry matches them as text
+    for key, expected, allowed in fields:
+        section, _, field = key.rpartition(".")
+        value = (config[section] if section else config).get(field)
         if value is not None and not isinstance(value, allowed):
             raise CheckpointError(f"{path}: '{key}' must be {expected}, got {value!r} "
                                   f"({type(value).__name__}); re-save the checkpoint")
@@ -383,10 +391,36 @@ def _check_regular_file(path: Path, expected: str) -> None:
     raise CheckpointError(f"{path} is {given}, expected {expected}; re-save or re-download the checkpoint")
 
 
+#: config.json is a few kB (with long notes, some hundred): a larger one is not read into memory.
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def _unique_keys(path: Path) -> Callable[[List[Tuple[str, Any]]], Dict[str, Any]]:
+    """A json object_pairs_hook refusing a key given twice: json keeps the last, other readers
+    (the Hub's, an editor's) may show the first, so which one the model was saved with is unknown."""
+    def build(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+        found: Dict[str, Any] = {}
+        for key, value in pairs:
+            if key in found:
+                raise CheckpointError(f"{path} repeats the key {key!r} in one object, so which value counts "
+                                      "depends on the reader; keep one of them, or re-save the checkpoint")
+            found[key] = value
+        return found
+    return build
+
+
 def _parse_config(path: Path) -> Any:
     _check_regular_file(path, "a JSON file")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path} is {size / 1e6:.0f} MB, expected a config of at most "
+                              f"{MAX_CONFIG_BYTES / 1e6:.0f} MB (a few kB when saved by lrnnx-zoo); it is not read. "
+                              "Re-save or re-download the checkpoint")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a BOM, as editors on Windows write, is no reason to refuse a config
+        return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys(path))
+    except CheckpointError:     # a ValueError, from _unique_keys
+        raise
     except RecursionError as exc:
         raise CheckpointError(f"{path} is not valid JSON for a config (nested too deeply to parse); re-save or "
                               "re-download the checkpoint") from exc
@@ -423,6 +457,20 @@ def _layer_name(config: Dict[str, Any], path: Path) -> str:
 
 
 def _unreadable(path: Path, exc: BaseException) -> str:
+    """Why the safetensors file ``path`` could not be read (``exc``, safetensors' error), and what to do:
+    a file that is something else (torch.save's output, a Git LFS pointer) is named as such."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        head = b""
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":   # torch.save: a zip archive, or a bare pickle
+        return (f"{path} is not a safetensors file but pickled weights (torch.save), which can run arbitrary "
+                "code when loaded; it is not loaded. " + _conversion_advice())
+    if head.startswith(b"version https://git-lfs"):
+        return (f"{path} is a Git LFS pointer ({path.stat().st_size} bytes), not the weights: the repo was cloned "
+                "without Git LFS. Run `git lfs install && git lfs pull` in its folder, or load the Hub repo id "
+                "instead of the clone")
     return (f"{path} is truncated or corrupt and cannot be read ({exc}); re-save it with model.save_pretrained, "
             "or if it came from the Hub delete its cached copy (see `hf cache --help`) and load it again")
 

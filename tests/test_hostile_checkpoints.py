@@ -107,3 +107,74 @@ def test_a_config_too_big_to_build_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"cannot build the model described by .*config.json \(.*"
                                               r"d_state=900000\)"):
         from_pretrained(folder)
+
+
+# -- Q2/Q4: a weights file that is something else -----------------------------------------------
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy-pickle"])
+def test_pickled_weights_named_model_safetensors_are_named_as_such_and_not_unpickled(saved, zipped, monkeypatch):
+    # torch.save's output renamed to model.safetensors was "truncated or corrupt (header too large)"
+    # and the advice was to re-download it
+    path = saved / "model.safetensors"
+    torch.save(SequenceModel(ModelConfig("lru", 3, 2, d_model=8, n_layers=2, layer_kwargs={"d_state": 4})).state_dict(),
+               path, _use_new_zipfile_serialization=zipped)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called on a user file"))
+    with pytest.raises(CheckpointError, match=r"model.safetensors is not a safetensors file but pickled weights "
+                                              r"\(torch.save\).*torch.load\(PATH, weights_only=True\)"):
+        from_pretrained(saved)
+
+
+def test_a_git_lfs_pointer_in_place_of_the_weights_says_to_fetch_them(saved):
+    # a repo cloned without git-lfs holds 130-byte pointer files: "truncated or corrupt (header too large)"
+    (saved / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:"
+                                             + "ab" * 32 + "\nsize 123456\n")
+    with pytest.raises(CheckpointError, match=r"model.safetensors is a Git LFS pointer .*not the weights.*"
+                                              r"git lfs pull") as err:
+        from_pretrained(saved)
+    assert "corrupt" not in str(err.value)
+
+
+# -- Q3: config.json that is odd ----------------------------------------------------------------
+def test_a_config_json_with_a_byte_order_mark_loads(saved):
+    # editors on Windows save UTF-8 with a BOM: "not valid JSON (Unexpected UTF-8 BOM ...)"
+    path = saved / "config.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert from_pretrained(saved).config.d_model == 8
+
+
+@pytest.mark.parametrize("where", ["top", "model"])
+def test_duplicate_keys_in_config_json_are_refused(saved, where):
+    # json keeps the last of two "layer" (or "d_model") entries, another reader the first: the
+    # config loaded as whichever Python picked, silently
+    path = saved / "config.json"
+    text = path.read_text()
+    if where == "model":
+        text = text.replace('"d_model": 8,', '"d_model": 16, "d_model": 8,')
+        key = "d_model"
+    else:
+        text = text.replace('"format_version": 1,', '"format_version": 1, "format_version": 1,')
+        key = "format_version"
+    assert text != path.read_text()
+    path.write_text(text)
+    with pytest.raises(CheckpointError, match=rf"config.json repeats the key '{key}'"):
+        from_pretrained(saved)
+
+
+@pytest.mark.parametrize("field, value", [("name", 5), ("distribution", ["lrnnx-zoo"]), ("version", {"v": 1})])
+def test_a_plugin_record_of_the_wrong_types_is_a_checkpoint_error(saved, field, value):
+    # "expected string or bytes-like object, got 'list'" (a TypeError) from deep in the registry
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["plugin"][field] = value
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"config.json: 'plugin.{field}' must be a str or null, got "):
+        from_pretrained(saved)
+
+
+def test_a_huge_config_json_is_refused_without_reading_it(saved):
+    # a config.json of 256 MiB (valid JSON padded with spaces) was read whole before parsing: peak RSS
+    # grew by 209 MiB, and a larger one (a hostile Hub repo's) could exhaust memory
+    path = saved / "config.json"
+    with open(path, "ab") as f:
+        f.write(b" " * (256 << 20))
+    out, grew = _load_in_child(saved)
+    assert "CheckpointError:" in out and "config.json is 268" in out and "MB" in out, out
+    assert grew < 100, f"peak RSS grew by {grew} MiB"
