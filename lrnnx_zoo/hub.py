@@ -351,6 +351,12 @@ def read_config(folder: Path) -> Dict[str, Any]:
         if value is not None and not isinstance(value, allowed):
             raise CheckpointError(f"{path}: '{key}' must be {expected}, got {value!r} "
                                   f"({type(value).__name__}); re-save the checkpoint")
+    bad = _non_finite(config["model"], "model")
+    if bad is not None:
+        where, value = bad
+        raise CheckpointError(f"{path}: {where} is {json.dumps(value)}, expected a finite number (NaN and Infinity are not "
+                              "JSON, and save_pretrained never writes them; a NaN lr or wd would make the first "
+                              "training step's weights NaN); fix config.json or re-save the checkpoint")
     layer = config["model"].get("layer")
     if not isinstance(layer, str):
         raise CheckpointError(f"{path}: model.layer must be a str (a registered layer name), got {layer!r} "
@@ -362,6 +368,18 @@ def read_config(folder: Path) -> Dict[str, Any]:
                               "same layer (family is the layer's name without a 'plugin:' prefix). Fix "
                               "config.json or re-save the checkpoint")
     return config
+
+
+def _non_finite(value: Any, where: str) -> Optional[Tuple[str, float]]:
+    """(dotted path, value) of the first NaN or infinity in ``value`` (JSON data), None if there is none."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]")
+        if found is not None:
+            return found
+    return None
 
 
 def peek_config(path: Path) -> Optional[Dict[str, Any]]:

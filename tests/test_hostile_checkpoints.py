@@ -178,3 +178,25 @@ def test_a_huge_config_json_is_refused_without_reading_it(saved):
     out, grew = _load_in_child(saved)
     assert "CheckpointError:" in out and "config.json is 268" in out and "MB" in out, out
     assert grew < 100, f"peak RSS grew by {grew} MiB"
+
+
+@pytest.mark.parametrize("key, literal", [("lr", "NaN"), ("dt_max", "Infinity"), ("wd", "-Infinity")])
+def test_non_finite_numbers_in_the_model_config_are_refused(tmp_path, key, literal):
+    # NaN / Infinity are no JSON, and save_pretrained never writes them, but json reads them: an S4
+    # checkpoint with "lr": NaN loaded, its first fine-tuning step made the SSM parameters NaN, and
+    # the loaded model could not be saved again ("must be a finite number to be saved in JSON")
+    folder = _save(tmp_path / "s4", layer="s4")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model"]["layer_kwargs"][key] = 0.5
+    (folder / "config.json").write_text(json.dumps(cfg).replace(f'"{key}": 0.5', f'"{key}": {literal}'))
+    with pytest.raises(CheckpointError, match=rf"config.json: model.layer_kwargs.{key} is {literal}"
+                                              r".*a finite number"):
+        from_pretrained(folder)
+
+
+def test_non_finite_metrics_do_not_stop_a_load(saved):
+    # metrics are provenance: a NaN loss another tool wrote there says nothing about the weights
+    text = (saved / "config.json").read_text().replace('"metrics": null', '"metrics": {"test_loss": NaN}')
+    assert "NaN" in text
+    (saved / "config.json").write_text(text)
+    assert from_pretrained(saved).checkpoint_info["metrics"]["test_loss"] != 0
