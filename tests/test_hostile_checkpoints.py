@@ -200,3 +200,13 @@ def test_non_finite_metrics_do_not_stop_a_load(saved):
     assert "NaN" in text
     (saved / "config.json").write_text(text)
     assert from_pretrained(saved).checkpoint_info["metrics"]["test_loss"] != 0
+
+
+def test_a_mismatch_in_every_block_is_summarised_not_listed_in_full(tmp_path):
+    # d_state differing in a 40-block LRU listed 280 shapes (14 800 characters) in one message
+    folder = _save(tmp_path / "deep", n_layers=40, d_model=4)
+    _edit_model(folder, layer_kwargs={"d_state": 6})
+    with pytest.raises(CheckpointError, match=r"blocks.0.layer.B_im: file \(4, 4\) vs config \(6, 4\);.* and 272 "
+                                              r"more") as err:
+        from_pretrained(folder)
+    assert len(str(err.value)) < 2000, len(str(err.value))
