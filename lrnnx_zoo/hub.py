@@ -354,9 +354,9 @@ def read_config(folder: Path) -> Dict[str, Any]:
     bad = _non_finite(config["model"], "model")
     if bad is not None:
         where, value = bad
-        raise CheckpointError(f"{path}: {where} is {json.dumps(value)}, expected a finite number (NaN and Infinity are not "
-                              "JSON, and save_pretrained never writes them; a NaN lr or wd would make the first "
-                              "training step's weights NaN); fix config.json or re-save the checkpoint")
+        raise CheckpointError(f"{path}: {where} is {json.dumps(value)}, expected a finite number (NaN and "
+                              "Infinity are not JSON, and save_pretrained never writes them; a NaN lr or wd would "
+                              "make the first training step's weights NaN); fix config.json or re-save the checkpoint")
     layer = config["model"].get("layer")
     if not isinstance(layer, str):
         raise CheckpointError(f"{path}: model.layer must be a str (a registered layer name), got {layer!r} "
@@ -521,6 +521,9 @@ def _mismatch(path: Path, parts: List[str]) -> str:
             "model.save_pretrained(DIR)")
 
 
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")      # a SequenceModel block's state names
+
+
 def _check_backbone(config: Any, shapes: Dict[str, Tuple[int, ...]], path: Path) -> None:
     """Compare the backbone sizes of ``config`` (a ModelConfig) with the weights file's header
     (``shapes``) before building: a model of a wrong d_model or n_layers was built in full (1.9 GB and
@@ -535,9 +538,6 @@ def _check_backbone(config: Any, shapes: Dict[str, Tuple[int, ...]], path: Path)
                      f"(numbered {min(blocks)} to {max(blocks)})")
     if parts:
         raise CheckpointError(_mismatch(path, parts))
-
-
-_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 
 
 def _check_state(expected: Dict[str, Any], found: Dict[str, Tuple[int, ...]], path: Path) -> None:
@@ -711,8 +711,8 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
     except (TypeError, ValueError, LookupError, RuntimeError, MemoryError) as exc:
         # RuntimeError: the allocator's, for sizes within the parameter budget whose initialisation is
         # not (S4D's HiPPO matrix is d_state x d_state)
-        raise CheckpointError(f"cannot build the model described by {folder / CONFIG_NAME} ({model_config.sizes()}): "
-                              f"{exc}{missing_extra_plugins(extras)}") from exc
+        raise CheckpointError(f"cannot build the model described by {folder / CONFIG_NAME} "
+                              f"({model_config.sizes()}): {exc}{missing_extra_plugins(extras)}") from exc
     _check_state(model.state_dict(), shapes, folder / WEIGHTS_NAME)
     tensors = _read_weights(folder / WEIGHTS_NAME)
     _check_dtypes(model.state_dict(), tensors, folder / WEIGHTS_NAME)
