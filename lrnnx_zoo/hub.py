@@ -22,6 +22,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import stat
 import sys
 import warnings
@@ -290,7 +291,11 @@ def _listing(folder: Path) -> List[str]:
 
 def _pickle_message(file: str, where: str = "") -> str:
     return (f"refusing to load {file}{where}: pickled weights ({Path(file).suffix}) can run arbitrary code when "
-            "loaded. lrnnx-zoo loads only model.safetensors. If you trust the file, convert it once: "
+            "loaded. " + _conversion_advice())
+
+
+def _conversion_advice() -> str:
+    return ("lrnnx-zoo loads only model.safetensors. If you trust the file, convert it once: "
             "`sd = torch.load(PATH, weights_only=True); safetensors.torch.save_file(sd, 'model.safetensors')`, "
             "or rebuild the model and call model.save_pretrained(DIR)")
 
@@ -336,12 +341,22 @@ def read_config(folder: Path) -> Dict[str, Any]:
             f"lrnnx-zoo {__version__} reads format_version <= {FORMAT_VERSION}. Upgrade: pip install -U lrnnx-zoo")
     if not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{path} has no 'model' section (the ModelConfig); re-save the checkpoint")
-    for key, expected, allowed in (("family", "a str", (str,)), ("plugin", "a dict (name, distribution, version)",
-                                                                   (dict,))):
-        value = config.get(key)
+    plugin = config.get("plugin")
+    fields = [("family", "a str", str), ("plugin", "a dict (name, distribution, version)", dict)]
+    fields += [(f"plugin.{k}", "a str or null", str) for k in ("name", "distribution", "version")
+               if isinstance(plugin, dict)]      # the registry matches them as text
+    for key, expected, allowed in fields:
+        section, _, field = key.rpartition(".")
+        value = (config[section] if section else config).get(field)
         if value is not None and not isinstance(value, allowed):
             raise CheckpointError(f"{path}: '{key}' must be {expected}, got {value!r} "
                                   f"({type(value).__name__}); re-save the checkpoint")
+    bad = _non_finite(config["model"], "model")
+    if bad is not None:
+        where, value = bad
+        raise CheckpointError(f"{path}: {where} is {json.dumps(value)}, expected a finite number (NaN and "
+                              "Infinity are not JSON, and save_pretrained never writes them; a NaN lr or wd would "
+                              "make the first training step's weights NaN); fix config.json or re-save the checkpoint")
     layer = config["model"].get("layer")
     if not isinstance(layer, str):
         raise CheckpointError(f"{path}: model.layer must be a str (a registered layer name), got {layer!r} "
@@ -353,6 +368,18 @@ def read_config(folder: Path) -> Dict[str, Any]:
                               "same layer (family is the layer's name without a 'plugin:' prefix). Fix "
                               "config.json or re-save the checkpoint")
     return config
+
+
+def _non_finite(value: Any, where: str) -> Optional[Tuple[str, float]]:
+    """(dotted path, value) of the first NaN or infinity in ``value`` (JSON data), None if there is none."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]")
+        if found is not None:
+            return found
+    return None
 
 
 def peek_config(path: Path) -> Optional[Dict[str, Any]]:
@@ -382,10 +409,36 @@ def _check_regular_file(path: Path, expected: str) -> None:
     raise CheckpointError(f"{path} is {given}, expected {expected}; re-save or re-download the checkpoint")
 
 
+#: config.json is a few kB (with long notes, some hundred): a larger one is not read into memory.
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def _unique_keys(path: Path) -> Callable[[List[Tuple[str, Any]]], Dict[str, Any]]:
+    """A json object_pairs_hook refusing a key given twice: json keeps the last, other readers
+    (the Hub's, an editor's) may show the first, so which one the model was saved with is unknown."""
+    def build(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+        found: Dict[str, Any] = {}
+        for key, value in pairs:
+            if key in found:
+                raise CheckpointError(f"{path} repeats the key {key!r} in one object, so which value counts "
+                                      "depends on the reader; keep one of them, or re-save the checkpoint")
+            found[key] = value
+        return found
+    return build
+
+
 def _parse_config(path: Path) -> Any:
     _check_regular_file(path, "a JSON file")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path} is {size / 1e6:.0f} MB, expected a config of at most "
+                              f"{MAX_CONFIG_BYTES / 1e6:.0f} MB (a few kB when saved by lrnnx-zoo); it is not read. "
+                              "Re-save or re-download the checkpoint")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a BOM, as editors on Windows write, is no reason to refuse a config
+        return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys(path))
+    except CheckpointError:     # a ValueError, from _unique_keys
+        raise
     except RecursionError as exc:
         raise CheckpointError(f"{path} is not valid JSON for a config (nested too deeply to parse); re-save or "
                               "re-download the checkpoint") from exc
@@ -421,30 +474,91 @@ def _layer_name(config: Dict[str, Any], path: Path) -> str:
     return layer
 
 
+def _unreadable(path: Path, exc: BaseException) -> str:
+    """Why the safetensors file ``path`` could not be read (``exc``, safetensors' error), and what to do:
+    a file that is something else (torch.save's output, a Git LFS pointer) is named as such."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        head = b""
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":   # torch.save: a zip archive, or a bare pickle
+        return (f"{path} is not a safetensors file but pickled weights (torch.save), which can run arbitrary "
+                "code when loaded; it is not loaded. " + _conversion_advice())
+    if head.startswith(b"version https://git-lfs"):
+        return (f"{path} is a Git LFS pointer ({path.stat().st_size} bytes), not the weights: the repo was cloned "
+                "without Git LFS. Run `git lfs install && git lfs pull` in its folder, or load the Hub repo id "
+                "instead of the clone")
+    return (f"{path} is truncated or corrupt and cannot be read ({exc}); re-save it with model.save_pretrained, "
+            "or if it came from the Hub delete its cached copy (see `hf cache --help`) and load it again")
+
+
+def _read_header(path: Path) -> Dict[str, Tuple[int, ...]]:
+    """{name: shape} of the tensors in a safetensors file, from its header alone (no tensor data is
+    read), once safetensors has checked the header (offsets, sizes, cover of the file)."""
+    from safetensors import SafetensorError, safe_open
+    _check_regular_file(path, "a safetensors file")  # a folder was "truncated or corrupt (No such device ...)"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(_unreadable(path, exc)) from exc
+
+
 def _read_weights(path: Path) -> Dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    _check_regular_file(path, "a safetensors file")  # a folder was "truncated or corrupt (No such device ...)"
+    _check_regular_file(path, "a safetensors file")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({exc}); re-save it with "
-                              "model.save_pretrained, or if it came from the Hub delete its cached copy "
-                              "(see `hf cache --help`) and load it again") from exc
+        raise CheckpointError(_unreadable(path, exc)) from exc
 
 
-def _check_state(expected: Dict[str, Any], found: Dict[str, Any], path: Path) -> None:
+def _mismatch(path: Path, parts: List[str]) -> str:
+    return (f"{path} does not match the model its config.json describes: " + "; ".join(parts)
+            + ". The weights and the config come from different models; re-save them together with "
+            "model.save_pretrained(DIR)")
+
+
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")      # a SequenceModel block's state names
+
+
+def _check_backbone(config: Any, shapes: Dict[str, Tuple[int, ...]], path: Path) -> None:
+    """Compare the backbone sizes of ``config`` (a ModelConfig) with the weights file's header
+    (``shapes``) before building: a model of a wrong d_model or n_layers was built in full (1.9 GB and
+    5 s for d_model=7800, 50 s for 400 S4D blocks) and only then refused. Blocks are only counted
+    when the file holds some (a block of parameterless modules has no state)."""
+    wrong = [f"{k}: file {shapes[k]} vs config {v}" for k, v in config.backbone_shapes().items()
+             if k in shapes and shapes[k] != v]
+    parts = [f"shapes that disagree with config.json ({config.sizes()}): {'; '.join(wrong)}"] if wrong else []
+    blocks = {int(m.group(1)) for m in map(_BLOCK_KEY.match, shapes) if m}
+    if blocks and blocks != set(range(config.n_layers)):
+        parts.append(f"config.json gives n_layers={config.n_layers}, but the file holds {len(blocks)} blocks "
+                     f"(numbered {min(blocks)} to {max(blocks)})")
+    if parts:
+        raise CheckpointError(_mismatch(path, parts))
+
+
+def _check_state(expected: Dict[str, Any], found: Dict[str, Tuple[int, ...]], path: Path) -> None:
+    """Compare the model's state (``expected``) with the file's {name: shape} (``found``)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    shapes = [f"{k}: file {tuple(found[k].shape)} vs config {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(found)) if tuple(found[k].shape) != tuple(expected[k].shape)]
+    shapes = [f"{k}: file {found[k]} vs config {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(found)) if found[k] != tuple(expected[k].shape)]
     if missing or unexpected or shapes:
-        parts = [f"missing keys {missing}"] if missing else []
-        parts += [f"unexpected keys {unexpected}"] if unexpected else []
-        parts += [f"shapes that disagree with config.json: {'; '.join(shapes)}"] if shapes else []
-        raise CheckpointError(f"{path} does not match the model its config.json describes: " + "; ".join(parts)
-                              + ". The weights and the config come from different models; re-save them together "
-                              "with model.save_pretrained(DIR)")
+        parts = [f"missing keys {_few(missing)}"] if missing else []
+        parts += [f"unexpected keys {_few(unexpected)}"] if unexpected else []
+        parts += [f"shapes that disagree with config.json: {_few(shapes, '; ')}"] if shapes else []
+        raise CheckpointError(_mismatch(path, parts))
+
+
+def _few(items: List[str], sep: Optional[str] = None, limit: int = 8) -> str:
+    """The first ``limit`` of ``items`` and how many more: a size that differs in every block gave
+    one line per tensor of every block (14 800 characters for 40 LRU blocks). Without ``sep`` a list."""
+    shown = items[:limit]
+    text = sep.join(shown) if sep is not None else str(shown)
+    return text + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _dtype_kind(tensor: Any) -> str:
@@ -587,12 +701,20 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
             warnings.warn(f"{where} {change}", PluginVersionWarning, stacklevel=_outside_package())
     try:
         model_config = ModelConfig.from_dict({**config["model"], "layer": layer})
-        model = SequenceModel(model_config)
     except (TypeError, ValueError, LookupError) as exc:
         raise CheckpointError(f"cannot build the model described by {folder / CONFIG_NAME}: {exc}"
                               f"{missing_extra_plugins(extras)}") from exc
+    shapes = _read_header(folder / WEIGHTS_NAME)     # the file's shapes, read before anything is allocated
+    _check_backbone(model_config, shapes, folder / WEIGHTS_NAME)
+    try:
+        model = SequenceModel(model_config)
+    except (TypeError, ValueError, LookupError, RuntimeError, MemoryError) as exc:
+        # RuntimeError: the allocator's, for sizes within the parameter budget whose initialisation is
+        # not (S4D's HiPPO matrix is d_state x d_state)
+        raise CheckpointError(f"cannot build the model described by {folder / CONFIG_NAME} "
+                              f"({model_config.sizes()}): {exc}{missing_extra_plugins(extras)}") from exc
+    _check_state(model.state_dict(), shapes, folder / WEIGHTS_NAME)
     tensors = _read_weights(folder / WEIGHTS_NAME)
-    _check_state(model.state_dict(), tensors, folder / WEIGHTS_NAME)
     _check_dtypes(model.state_dict(), tensors, folder / WEIGHTS_NAME)
     _check_no_nan(tensors, folder / WEIGHTS_NAME)
     dtype = _weights_dtype(tensors)

@@ -96,13 +96,22 @@ class ModelConfig:
         per_block = self.d_model * (4 * self.d_model + (4 * channels + rank) * state + channels * taps)
         return self.n_layers * per_block + self.d_model * (self.d_input + self.d_output + 4)
 
+    def sizes(self) -> str:
+        """The sizes that set what building costs, for messages: "d_input=1, ..., d_state=64"."""
+        sizes = ", ".join(f"{k}={getattr(self, k)}" for k in ("d_input", "d_output", "d_model", "n_layers"))
+        return sizes + "".join(f", {k}={self.layer_kwargs[k]}" for k in SIZE_KWARGS if self.layer_kwargs.get(k))
+
+    def backbone_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """{state name: shape} of the encoder and decoder, known without building the model:
+        encoder.weight (d_model, d_input), encoder.bias (d_model,), and the decoder's likewise."""
+        return {"encoder.weight": (self.d_model, self.d_input), "encoder.bias": (self.d_model,),
+                "decoder.weight": (self.d_output, self.d_model), "decoder.bias": (self.d_output,)}
+
     def _check_budget(self) -> None:
         estimate = self.parameter_estimate()
         if estimate > MAX_PARAMETERS:
-            sizes = ", ".join(f"{k}={getattr(self, k)}" for k in ("d_input", "d_output", "d_model", "n_layers"))
-            sizes += "".join(f", {k}={self.layer_kwargs[k]}" for k in SIZE_KWARGS if self.layer_kwargs.get(k))
-            raise ValueError(f"ModelConfig sizes ({sizes}) describe about {estimate:.2g} parameters, more than "
-                             f"the {MAX_PARAMETERS:.0e} lrnnx-zoo builds; check these sizes")
+            raise ValueError(f"ModelConfig sizes ({self.sizes()}) describe about {estimate:.2g} parameters, more "
+                             f"than the {MAX_PARAMETERS:.0e} lrnnx-zoo builds; check these sizes")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

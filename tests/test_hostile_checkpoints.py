@@ -1,0 +1,212 @@
+"""Checkpoints that are corrupt, hostile or just odd: what loading reads, allocates and says.
+
+Each refusal is a CheckpointError naming the file and what is wrong; none may allocate what the
+config asks for before the weights file has been checked against it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lrnnx_zoo import CheckpointError, ModelConfig, SequenceModel, from_pretrained
+
+
+def _save(folder: Path, layer: str = "lru", **kw) -> Path:
+    torch.manual_seed(0)
+    cfg = dict(layer=layer, d_input=3, d_output=2, d_model=8, n_layers=2, layer_kwargs={"d_state": 4})
+    return SequenceModel(ModelConfig(**{**cfg, **kw})).save_pretrained(folder)
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    return _save(tmp_path / "ckpt")
+
+
+def _edit_model(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model"].update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _header(path: Path) -> tuple:
+    """(header dict, tensor bytes) of a safetensors file."""
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def _write(path: Path, header: dict, data: bytes, size: int = 0) -> None:
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+        if size:
+            f.truncate(8 + len(raw) + size)     # sparse: cheap on disk, costly only when read
+
+
+_PEAK = """
+import resource, sys
+import lrnnx_zoo
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    lrnnx_zoo.from_pretrained(sys.argv[1])
+    print("loaded")
+except lrnnx_zoo.CheckpointError as exc:
+    print("CheckpointError:", exc)
+print("grew", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def _load_in_child(folder: Path) -> tuple:
+    """Load ``folder`` in a fresh process with 4 GiB of address space at most (a regression then
+    fails there instead of swapping the test machine): (its output, MiB its peak RSS grew by)."""
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+    done = subprocess.run([sys.executable, "-c", limit + _PEAK, str(folder)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout, int(done.stdout.rsplit("grew", 1)[1])
+
+
+# -- Q1: sizes in config.json that the weights file cannot match --------------------------------
+def test_a_config_wider_than_its_weights_is_refused_before_the_model_is_built(saved):
+    # d_model=7800 is within the parameter budget: the model (2 GB for an LRU) was built, and only
+    # then compared with the 8-wide weights (peak RSS +1.9 GB, 5 s)
+    _edit_model(saved, d_model=7800)
+    out, grew = _load_in_child(saved)
+    assert "CheckpointError:" in out and "d_model=7800" in out and "encoder.weight: file (8, 3)" in out, out
+    assert grew < 200, f"peak RSS grew by {grew} MiB before refusing"  # the header and the config only
+
+
+def test_more_layers_than_the_weights_hold_are_refused_before_building_them(saved):
+    # n_layers=400: 400 blocks were built (50 s for S4D), then refused with a 30 000-character list
+    # of every missing key
+    _edit_model(saved, n_layers=400)
+    with pytest.raises(CheckpointError, match=r"n_layers=400, but the file holds 2 blocks") as err:
+        from_pretrained(saved)
+    assert len(str(err.value)) < 1000
+
+
+def test_a_wrong_input_or_output_width_is_named_by_its_field(saved):
+    _edit_model(saved, d_input=5, d_output=9)
+    with pytest.raises(CheckpointError, match=r"d_input=5.*encoder.weight: file \(8, 3\) vs config \(8, 5\).*"
+                                              r"decoder.weight: file \(2, 8\) vs config \(9, 8\)"):
+        from_pretrained(saved)
+
+
+def test_a_config_too_big_to_build_is_a_checkpoint_error(tmp_path):
+    # S4D's HiPPO initialisation needs a d_state x d_state matrix (6.5e12 bytes here) although the
+    # parameters fit the budget: the allocator's RuntimeError came out of from_pretrained raw
+    folder = _save(tmp_path / "s4d", layer="s4d")
+    _edit_model(folder, layer_kwargs={"d_state": 900_000})
+    with pytest.raises(CheckpointError, match=r"cannot build the model described by .*config.json \(.*"
+                                              r"d_state=900000\)"):
+        from_pretrained(folder)
+
+
+# -- Q2/Q4: a weights file that is something else -----------------------------------------------
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy-pickle"])
+def test_pickled_weights_named_model_safetensors_are_named_as_such_and_not_unpickled(saved, zipped, monkeypatch):
+    # torch.save's output renamed to model.safetensors was "truncated or corrupt (header too large)"
+    # and the advice was to re-download it
+    path = saved / "model.safetensors"
+    torch.save(SequenceModel(ModelConfig("lru", 3, 2, d_model=8, n_layers=2, layer_kwargs={"d_state": 4})).state_dict(),
+               path, _use_new_zipfile_serialization=zipped)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called on a user file"))
+    with pytest.raises(CheckpointError, match=r"model.safetensors is not a safetensors file but pickled weights "
+                                              r"\(torch.save\).*torch.load\(PATH, weights_only=True\)"):
+        from_pretrained(saved)
+
+
+def test_a_git_lfs_pointer_in_place_of_the_weights_says_to_fetch_them(saved):
+    # a repo cloned without git-lfs holds 130-byte pointer files: "truncated or corrupt (header too large)"
+    (saved / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:"
+                                             + "ab" * 32 + "\nsize 123456\n")
+    with pytest.raises(CheckpointError, match=r"model.safetensors is a Git LFS pointer .*not the weights.*"
+                                              r"git lfs pull") as err:
+        from_pretrained(saved)
+    assert "corrupt" not in str(err.value)
+
+
+# -- Q3: config.json that is odd ----------------------------------------------------------------
+def test_a_config_json_with_a_byte_order_mark_loads(saved):
+    # editors on Windows save UTF-8 with a BOM: "not valid JSON (Unexpected UTF-8 BOM ...)"
+    path = saved / "config.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert from_pretrained(saved).config.d_model == 8
+
+
+@pytest.mark.parametrize("where", ["top", "model"])
+def test_duplicate_keys_in_config_json_are_refused(saved, where):
+    # json keeps the last of two "layer" (or "d_model") entries, another reader the first: the
+    # config loaded as whichever Python picked, silently
+    path = saved / "config.json"
+    text = path.read_text()
+    if where == "model":
+        text = text.replace('"d_model": 8,', '"d_model": 16, "d_model": 8,')
+        key = "d_model"
+    else:
+        text = text.replace('"format_version": 1,', '"format_version": 1, "format_version": 1,')
+        key = "format_version"
+    assert text != path.read_text()
+    path.write_text(text)
+    with pytest.raises(CheckpointError, match=rf"config.json repeats the key '{key}'"):
+        from_pretrained(saved)
+
+
+@pytest.mark.parametrize("field, value", [("name", 5), ("distribution", ["lrnnx-zoo"]), ("version", {"v": 1})])
+def test_a_plugin_record_of_the_wrong_types_is_a_checkpoint_error(saved, field, value):
+    # "expected string or bytes-like object, got 'list'" (a TypeError) from deep in the registry
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["plugin"][field] = value
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"config.json: 'plugin.{field}' must be a str or null, got "):
+        from_pretrained(saved)
+
+
+def test_a_huge_config_json_is_refused_without_reading_it(saved):
+    # a config.json of 256 MiB (valid JSON padded with spaces) was read whole before parsing: peak RSS
+    # grew by 209 MiB, and a larger one (a hostile Hub repo's) could exhaust memory
+    path = saved / "config.json"
+    with open(path, "ab") as f:
+        f.write(b" " * (256 << 20))
+    out, grew = _load_in_child(saved)
+    assert "CheckpointError:" in out and "config.json is 268" in out and "MB" in out, out
+    assert grew < 100, f"peak RSS grew by {grew} MiB"
+
+
+@pytest.mark.parametrize("key, literal", [("lr", "NaN"), ("dt_max", "Infinity"), ("wd", "-Infinity")])
+def test_non_finite_numbers_in_the_model_config_are_refused(tmp_path, key, literal):
+    # NaN / Infinity are no JSON, and save_pretrained never writes them, but json reads them: an S4
+    # checkpoint with "lr": NaN loaded, its first fine-tuning step made the SSM parameters NaN, and
+    # the loaded model could not be saved again ("must be a finite number to be saved in JSON")
+    folder = _save(tmp_path / "s4", layer="s4")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model"]["layer_kwargs"][key] = 0.5
+    (folder / "config.json").write_text(json.dumps(cfg).replace(f'"{key}": 0.5', f'"{key}": {literal}'))
+    with pytest.raises(CheckpointError, match=rf"config.json: model.layer_kwargs.{key} is {literal}"
+                                              r".*a finite number"):
+        from_pretrained(folder)
+
+
+def test_non_finite_metrics_do_not_stop_a_load(saved):
+    # metrics are provenance: a NaN loss another tool wrote there says nothing about the weights
+    text = (saved / "config.json").read_text().replace('"metrics": null', '"metrics": {"test_loss": NaN}')
+    assert "NaN" in text
+    (saved / "config.json").write_text(text)
+    assert from_pretrained(saved).checkpoint_info["metrics"]["test_loss"] != 0
+
+
+def test_a_mismatch_in_every_block_is_summarised_not_listed_in_full(tmp_path):
+    # d_state differing in a 40-block LRU listed 280 shapes (14 800 characters) in one message
+    folder = _save(tmp_path / "deep", n_layers=40, d_model=4)
+    _edit_model(folder, layer_kwargs={"d_state": 6})
+    with pytest.raises(CheckpointError, match=r"blocks.0.layer.B_im: file \(4, 4\) vs config \(6, 4\);.* and 272 "
+                                              r"more") as err:
+        from_pretrained(folder)
+    assert len(str(err.value)) < 2000, len(str(err.value))
