@@ -18,7 +18,9 @@ any key the file lacks. Here loading is strict and every refusal says what to do
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fnmatch
+import itertools
 import json
 import math
 import os
@@ -118,9 +120,43 @@ def resolve_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, c
         validate_repo_id(text)
     except Exception:
         raise CheckpointError(f"no checkpoint {text!r}: it is not an existing folder, not a shipped model "
-                              f"({', '.join(shipped) or 'none installed'}), and not a valid Hub repo id "
-                              "('namespace/name'); check the path") from None
+                              f"({_known(text, shipped)}), and not a valid Hub repo id ('namespace/name'); "
+                              "check the path") from None
+    if "/" not in text:
+        # huggingface_hub accepts "name" as a repo id, but on the Hub only a few legacy models of other
+        # libraries live without a namespace: every repo created there (push_to_hub("name") too) is
+        # "user/name". Asking the Hub would cost a round trip, or a timeout offline, for the same answer.
+        raise CheckpointError(f"no checkpoint {text!r}: it is not an existing folder, not a shipped model "
+                              f"({_known(text, shipped)}), and not a Hub repo id (those are 'namespace/name')")
     return _download(text, revision, cache_dir, local_files_only, token, list(shipped))
+
+
+def close_names(name: str, shipped: List[str]) -> List[str]:
+    """Shipped names, and checkpoint folders beside where ``name`` points, that look like a mistyped
+    ``name``, best first: those containing it, then the close spellings (the best and any nearly as close)."""
+    path = Path(name).expanduser()
+    try:
+        beside = [e for e in itertools.islice(path.parent.iterdir(), 1000) if (e / CONFIG_NAME).is_file()]
+    except (OSError, ValueError):                          # no such folder, or not a path at all
+        beside = []
+    # what is shown (a folder as typed, with the OS's separators) -> (what is compared, with what);
+    # shipped names have no folder part, so "org/name" or "runs/name" is no typo of one
+    candidates = {n: (n.lower(), name.lower()) for n in shipped if path.name == name}
+    candidates.update({str(path.parent / e.name): (e.name.lower(), path.name.lower()) for e in beside})
+    containing = [shown for shown, (key, typed) in candidates.items() if len(typed) >= 3 and typed in key]
+    scores = {shown: difflib.SequenceMatcher(None, typed, key).ratio() for shown, (key, typed) in candidates.items()}
+    best = max(scores.values(), default=0.0)
+    close = sorted((s for s in scores if scores[s] >= max(0.8, best - 0.05)), key=lambda s: -scores[s])
+    return list(dict.fromkeys(containing + close))
+
+
+def _known(name: str, shipped: List[str]) -> str:
+    """What an error about ``name`` says of the shipped models: the ones (and checkpoint folders)
+    it may have meant, else all of them."""
+    close = close_names(name, list(shipped))
+    if close:
+        return f"did you mean {'one of ' if len(close) > 1 else ''}{', '.join(map(repr, close))}?"
+    return ", ".join(shipped) or "none installed"
 
 
 # -- bounded Hub requests ----------------------------------------------------------------------
@@ -187,23 +223,22 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
                                             etag_timeout=seconds))
     except RepositoryNotFoundError as exc:
         raise CheckpointError(
-            f"no checkpoint {repo_id!r}: not a local folder, not a shipped model ({', '.join(shipped) or 'none'}), "
+            f"no checkpoint {repo_id!r}: not a local folder, not a shipped model ({_known(repo_id, shipped)}), "
             f"and the Hub at {constants.ENDPOINT} has no such repo (if it is private or gated, pass token=)") from exc
     except RevisionNotFoundError as exc:
         raise CheckpointError(f"Hub repo {repo_id!r} has no revision {revision!r}; pass a branch, tag or "
                               "commit id that exists (revision=None for main)") from exc
     except LocalEntryNotFoundError as exc:
-        where = (f"{repo_id!r} is not a local folder or a shipped model ({', '.join(shipped) or 'none'}), and at "
+        where = (f"{repo_id!r} is not a local folder or a shipped model ({_known(repo_id, shipped)}), and at "
                  f"revision {revision or 'main'} is not in the Hub cache")   # it may be a typo, not a Hub id
         if local_files_only or constants.HF_HUB_OFFLINE:
             why = "local_files_only=True" if local_files_only else "offline mode (HF_HUB_OFFLINE)"
             raise CheckpointError(f"{where} and {why} forbids downloading it; download it once online, or pass "
                                   "cache_dir= where it is cached") from exc
         if _http_status(exc.__cause__) is not None:     # reached, and it said no (500, 403, ...)
-            known = ", ".join(shipped) or "none"
-            raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({known}), and "
+            raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({_known(repo_id, shipped)}), and "
                                   f"{_refusal(exc.__cause__, repo_id)}") from exc
-        raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({', '.join(shipped) or 'none'}), "
+        raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({_known(repo_id, shipped)}), "
                               f"and the Hub at {constants.ENDPOINT} could not be reached ({exc.__cause__ or exc}; "
                               f"each request waits at most {hub_timeout():g} s, set by HF_HUB_ETAG_TIMEOUT); "
                               "check the name, or your connection / HF_ENDPOINT") from exc
