@@ -19,6 +19,10 @@ DESCRIPTION = ("Linear RNN and state-space layers (LRU, S4, S4D, FFTConv) as plu
                "`lrnnx-zoo COMMAND --help` lists a command's options.")
 
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {}
+#: The flags that give the library's arguments, for its messages while a command runs (lrnnx_zoo.wording):
+#: a refusal deep inside train or from_pretrained then says --init-from, not init_from=.
+FLAGS = {"out_dir": "--out", "init_from": "--init-from", "resume": "--resume", "checkpoint_every": "--checkpoint-every",
+         "local_files_only": "--local-files-only", "revision": "--revision"}
 # Modules adding subcommands: add_commands(subparsers, COMMANDS). Missing ones are skipped.
 SUBCOMMAND_MODULES = ("lrnnx_zoo.hub_cli", "lrnnx_zoo.training_cli", "lrnnx_zoo.evaluate_cli", "lrnnx_zoo.export.cli")
 
@@ -116,9 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     from .runtime import tune_allocator
     tune_allocator()
+    from .wording import command_line
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with command_line(FLAGS):
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         # Ctrl-C: one line and the shell's status for SIGINT (128 + 2) rather than a traceback
         print(f"lrnnx-zoo {args.command}: interrupted", file=sys.stderr)

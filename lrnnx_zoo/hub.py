@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import __version__
+from .wording import given, in_command_line
 from .registry import (PluginVersionWarning, autoload_note, extra_plugin_changes, get_registry, layer_owners,
                        missing_extra_plugins, plugin_change, release_of, unloaded_plugin_remedy)
 
@@ -224,17 +225,21 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
     except RepositoryNotFoundError as exc:
         raise CheckpointError(
             f"no checkpoint {repo_id!r}: not a local folder, not a shipped model ({_known(repo_id, shipped)}), "
-            f"and the Hub at {constants.ENDPOINT} has no such repo (if it is private or gated, pass token=)") from exc
+            f"and the Hub at {constants.ENDPOINT} has no such repo (if it is private or gated, {_token_advice()})"
+        ) from exc
     except RevisionNotFoundError as exc:
-        raise CheckpointError(f"Hub repo {repo_id!r} has no revision {revision!r}; pass a branch, tag or "
-                              "commit id that exists (revision=None for main)") from exc
+        main = "leave --revision out for main" if in_command_line() else "revision=None for main"
+        raise CheckpointError(f"Hub repo {repo_id!r} has no revision {revision or 'main'!r}; pass a branch, tag or "
+                              f"commit id that exists ({main})") from exc
     except LocalEntryNotFoundError as exc:
         where = (f"{repo_id!r} is not a local folder or a shipped model ({_known(repo_id, shipped)}), and at "
                  f"revision {revision or 'main'} is not in the Hub cache")   # it may be a typo, not a Hub id
         if local_files_only or constants.HF_HUB_OFFLINE:
-            why = "local_files_only=True" if local_files_only else "offline mode (HF_HUB_OFFLINE)"
-            raise CheckpointError(f"{where} and {why} forbids downloading it; download it once online, or pass "
-                                  "cache_dir= where it is cached") from exc
+            why = given("local_files_only", True) if local_files_only else "offline mode (HF_HUB_OFFLINE)"
+            cache = ("set HF_HUB_CACHE to the cache that holds it" if in_command_line()
+                     else "pass cache_dir= where it is cached")
+            raise CheckpointError(f"{where} and {why} forbids downloading it; download it once online, or "
+                                  f"{cache}") from exc
         if _http_status(exc.__cause__) is not None:     # reached, and it said no (500, 403, ...)
             raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({_known(repo_id, shipped)}), and "
                                   f"{_refusal(exc.__cause__, repo_id)}") from exc
@@ -246,8 +251,9 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
         raise CheckpointError(f"could not download {repo_id!r}: {_refusal(exc, repo_id)}") from exc
     except OSError as exc:          # the cache cannot be written: a file in its place, no permission
         cache = cache_dir or constants.HF_HUB_CACHE
-        raise CheckpointError(f"cannot use the Hub cache at {cache} to download {repo_id!r} ({exc}); pass "
-                              "cache_dir= a writable folder, or set HF_HUB_CACHE") from exc
+        fix = "set HF_HUB_CACHE to a writable folder" if in_command_line() else ("pass cache_dir= a writable "
+                                                                                  "folder, or set HF_HUB_CACHE")
+        raise CheckpointError(f"cannot use the Hub cache at {cache} to download {repo_id!r} ({exc}); {fix}") from exc
     commit = folder.name if len(folder.name) == 40 else None
     source = {"type": "hub", "repo_id": repo_id, "revision": revision or "main", "commit": commit,
               "path": str(folder)}
@@ -256,7 +262,7 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
             # a snapshot folder from an earlier download of single files: the repo may well hold the rest
             cached = _listing(folder)
             missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if f not in cached]
-            why = "local_files_only=True" if local_files_only else "offline mode (HF_HUB_OFFLINE)"
+            why = given("local_files_only", True) if local_files_only else "offline mode (HF_HUB_OFFLINE)"
             raise CheckpointError(
                 f"the Hub cache holds, of {repo_id!r} at {commit or revision or 'main'}, only "
                 f"{', '.join(cached) or 'nothing'}: {' and '.join(missing)} was not downloaded, and {why} forbids "
@@ -278,9 +284,16 @@ def _refusal(exc: Any, repo_id: str) -> str:
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if status in (401, 403):
         return (f"the Hub at {constants.ENDPOINT} refused access to {repo_id!r} (HTTP {status}: {reason}); if it "
-                "is private or gated, pass token= with read access (or log in: `hf auth login`)")
+                f"is private or gated, {_token_advice()}")
     return (f"the Hub at {constants.ENDPOINT} answered HTTP {status} ({reason}); try again later, or check "
             "HF_ENDPOINT")
+
+
+def _token_advice() -> str:
+    """How to give the Hub a token with read access, in the caller's words (the CLI has no token flag)."""
+    if in_command_line():
+        return "log in with `hf auth login` (or set HF_TOKEN) with read access"
+    return "pass token= with read access (or log in: `hf auth login`)"
 
 
 def loadable_source(source: Any) -> Optional[str]:

@@ -4,8 +4,10 @@ command line's errors about them, in its own words."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +74,74 @@ def test_a_hub_id_is_not_taken_for_a_typo_of_a_shipped_name(local_hub):
     with pytest.raises(CheckpointError, match=r"no checkpoint 'org/digits-s4dd'.*has no such repo") as err:
         from_pretrained("org/digits-s4dd")
     assert "did you mean" not in str(err.value)
+
+
+# -- errors raised deep inside train / from_pretrained name the flags typed -------------------------
+# Python names those messages use outside the command line.
+PYTHON_NAMES = re.compile(r"\b(init_from|resume=|out_dir|checkpoint_every|local_files_only|cache_dir|token=|revision=)")
+
+
+def train_error(argv, capsys) -> str:
+    err = one_error_line(["train", "digits-tiny", "--no-progress", *argv], capsys)
+    assert err.startswith("lrnnx-zoo train: ") and not PYTHON_NAMES.search(err), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def snapshotted(tmp_path_factory) -> Path:
+    """A finished 2-step digits-tiny run that kept a training snapshot after each step."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert main(["train", "digits-tiny", "--out", str(out), "--max-steps", "2", "--checkpoint-every", "1",
+                 "--no-progress"]) == 0
+    return out
+
+
+def test_train_errors_about_init_from_and_resume_name_the_flags(snapshotted, tmp_path, capsys, monkeypatch):
+    # They said "init_from='digits-s4dd': ...", "(resume='/x')", "written by a run with checkpoint_every
+    # (--checkpoint-every)", "out_dir X holds training snapshots ...: pass resume=True (--resume)".
+    import lrnnx_zoo.training as training
+    import lrnnx_zoo.training_state as TS
+    capsys.readouterr()
+    run = copy_run(snapshotted, tmp_path / "run")
+    monkeypatch.setattr(training, "_run", lambda *a, **k: pytest.fail("training started"))
+    err = train_error(["--out", str(tmp_path / "o"), "--init-from", "digits-s4dd"], capsys)
+    assert "--init-from digits-s4dd: no checkpoint 'digits-s4dd'" in err and "did you mean 'digits-s4d'?" in err
+    nowhere = tmp_path / "nowhere"
+    err = train_error(["--out", str(tmp_path / "o"), "--resume", str(nowhere)], capsys)
+    assert f"({'--resume'} {nowhere}): expected folders step-NNNNNNNN written by a run with --checkpoint-every; " \
+           "start the run without --resume" in err, err
+    err = train_error(["--out", str(run)], capsys)
+    assert f"--out {run} holds training snapshots of an earlier run" in err and "pass --resume to continue" in err
+    err = train_error(["--out", str(run), "--max-steps", "2", "--resume", "--init-from", str(snapshotted)], capsys)
+    assert f"started from random weights, but --init-from {snapshotted} was given: drop --init-from" in err, err
+    root = TS.snapshot_root(run)
+    newest, older = TS.snapshot_folder(root, 2), TS.snapshot_folder(root, 1)
+    (newest / TS.TENSORS_NAME).write_bytes(b"damaged")
+    err = train_error(["--out", str(run), "--max-steps", "2", "--resume"], capsys)
+    assert err.endswith(f"resume from it with --resume {older}\n"), err
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    return to
+
+
+def test_hub_errors_in_the_cli_name_flags_and_environment_variables(local_hub, tmp_path, capsys):
+    # They told the CLI user to "pass cache_dir=" or "pass token=", which the CLI has no flags for.
+    from test_hub import _files, tiny
+    local_hub.commit("acme/tiny", _files(tiny("s4d").save_pretrained(tmp_path / "a")))
+    local_hub.create_repo("acme/secret", private=True)
+    def one_error_line(argv, capsys) -> str:
+        err = globals()["one_error_line"](argv, capsys)
+        assert not PYTHON_NAMES.search(err), err
+        return err
+    err = one_error_line(["info", "acme/never-downloaded", "--local-files-only"], capsys)
+    assert "--local-files-only forbids downloading it; download it once online, or set HF_HUB_CACHE" in err, err
+    err = one_error_line(["info", "acme/secret"], capsys)
+    assert "if it is private or gated, log in with `hf auth login` (or set HF_TOKEN)" in err, err
+    err = one_error_line(["evaluate", "acme/tiny", "--revision", "nope"], capsys)
+    assert "has no revision 'nope'; pass a branch, tag or commit id that exists (leave --revision out " \
+           "for main)" in err, err
+    # from Python, the same refusals name the arguments
+    with pytest.raises(CheckpointError, match=r"local_files_only=True forbids .* pass cache_dir="):
+        from_pretrained("acme/never-downloaded", local_files_only=True)
