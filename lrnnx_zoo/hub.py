@@ -373,8 +373,8 @@ def read_config(folder: Path) -> Dict[str, Any]:
             + (f": from_pretrained({origin!r})" if origin else " (see its config.json)"))
     _check_present(str(folder), files)
     if not isinstance(config, dict) or config.get("library") != LIBRARY:
-        got = config.get("library") if isinstance(config, dict) else type(config).__name__
-        raise CheckpointError(f"{path} is not an lrnnx-zoo config (library={got!r}, expected {LIBRARY!r})")
+        raise CheckpointError(f"{path} is not an lrnnx-zoo config ({library_field(config)}, expected "
+                              f"{LIBRARY!r})")
     version = config.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CheckpointError(f"{path}: format_version must be a positive int, got {version!r}")
@@ -401,6 +401,14 @@ def read_config(folder: Path) -> Dict[str, Any]:
                               "same layer (family is the layer's name without a 'plugin:' prefix). Fix "
                               "config.json or re-save the checkpoint")
     return config
+
+
+def library_field(config: Any) -> str:
+    """What a config.json says of its library, for an error: "library='transformers'", "no 'library'
+    field" (a None would read as if it named one), or what the file holds instead of an object."""
+    if not isinstance(config, dict):
+        return f"a JSON {type(config).__name__}, not an object"
+    return f"library={config['library']!r}" if config.get("library") is not None else "no 'library' field"
 
 
 def peek_config(path: Path) -> Optional[Dict[str, Any]]:
@@ -452,8 +460,9 @@ def _layer_name(config: Dict[str, Any], path: Path) -> str:
     owners = layer_owners(family)
     if not owners:
         name, dist = plugin.get("name"), plugin.get("distribution")
-        msg = (f"{path} needs the layer family {family!r} from plugin {name!r} "
-               f"(distribution {release_of(plugin, 'not recorded')}), but no installed plugin "
+        source = (f"plugin {name!r} (distribution {release_of(plugin, 'not recorded')})" if name
+                  else "a plugin it does not record")
+        msg = (f"{path} needs the layer family {family!r} from {source}, but no installed plugin "
                f"provides it (layers available: {', '.join(sorted(reg._layers)) or 'none'}).")
         info = reg.plugins.get(name) if name else None
         if dist == LIBRARY and not (info is not None and info.error):

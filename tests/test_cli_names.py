@@ -3,6 +3,7 @@ command line's errors about them, in its own words."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,10 +18,12 @@ from lrnnx_zoo.hub import shipped_checkpoints
 
 
 def one_error_line(argv, capsys) -> str:
-    """What `lrnnx-zoo ARGV` prints on stderr, after checking it exits 2 with one line and no stdout."""
+    """What `lrnnx-zoo ARGV` prints on stderr, after checking it exits 2 with one line, no stdout and no
+    None standing for something a file does not record."""
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert not re.search(r"\bNone\b", captured.err), captured.err
     return captured.err
 
 
@@ -145,3 +148,36 @@ def test_hub_errors_in_the_cli_name_flags_and_environment_variables(local_hub, t
     # from Python, the same refusals name the arguments
     with pytest.raises(CheckpointError, match=r"local_files_only=True forbids .* pass cache_dir="):
         from_pretrained("acme/never-downloaded", local_files_only=True)
+
+
+# -- a field a config does not record is not printed as None -----------------------------------------
+def edited_copy(src: Path, to: Path, edit) -> Path:
+    """A copy of the checkpoint folder ``src`` whose config.json ``edit`` (a function of the dict) changed."""
+    shutil.copytree(src, to)
+    config = json.loads((to / "config.json").read_text())
+    edit(config)
+    (to / "config.json").write_text(json.dumps(config))
+    return to
+
+
+def test_missing_config_fields_are_said_to_be_missing_not_none(snapshotted, tmp_path, capsys):
+    # `lrnnx-zoo push` said "is not an lrnnx-zoo config (library=None, ...)" and "needs the layer family
+    # 'x' from plugin None"; `train --out` into a foreign model's folder "(library None, not ...)";
+    # evaluate "360 test sequences of 64 steps (None)".
+    digits = shipped_checkpoints()["digits-lru"]
+    no_library = edited_copy(digits, tmp_path / "no-library", lambda c: c.pop("library"))
+    err = one_error_line(["push", str(no_library), "org/x"], capsys)
+    assert "is not an lrnnx-zoo config (no 'library' field, expected 'lrnnx-zoo')" in err, err
+    no_plugin = edited_copy(digits, tmp_path / "no-plugin",
+                            lambda c: (c.pop("plugin"), c.update(family="gone"), c["model"].update(layer="gone")))
+    err = one_error_line(["push", str(no_plugin), "org/x"], capsys)
+    assert "needs the layer family 'gone' from a plugin it does not record, but" in err, err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"model_type": "gpt2"}')
+    err = one_error_line(["train", "digits-tiny", "--out", str(foreign)], capsys)
+    assert "holds another model's config.json (no 'library' field, not 'lrnnx-zoo')" in err, err
+    unnamed = edited_copy(snapshotted, tmp_path / "unnamed", lambda c: c["dataset"].pop("name"))
+    assert main(["evaluate", str(unnamed)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"{unnamed}: 360 test sequences of 64 steps, ") and "None" not in first, first

@@ -580,7 +580,7 @@ def test_save_refuses_to_overwrite_an_export_or_another_librarys_folder(tmp_path
     other = tmp_path / "bert"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"library": "transformers"}))
-    with pytest.raises(CheckpointError, match="another model's config.json \\(library 'transformers', not "
+    with pytest.raises(CheckpointError, match="another model's config.json \\(library='transformers', not "
                                               "'lrnnx-zoo'\\).*save into another folder, e.g. "):
         tiny("s4d").save_pretrained(other)
     assert json.loads((export / "config.json").read_text())["kind"] == "step-graph"
