@@ -140,12 +140,13 @@ def close_names(name: str, shipped: List[str]) -> List[str]:
         beside = [e for e in itertools.islice(path.parent.iterdir(), 1000) if (e / CONFIG_NAME).is_file()]
     except (OSError, ValueError):                          # no such folder, or not a path at all
         beside = []
-    # what is shown (a folder as typed, with the OS's separators) -> (what is compared, with what);
-    # shipped names have no folder part, so "org/name" or "runs/name" is no typo of one
-    candidates = {n: (n.lower(), name.lower()) for n in shipped if path.name == name}
-    candidates.update({str(path.parent / e.name): (e.name.lower(), path.name.lower()) for e in beside})
-    containing = [shown for shown, (key, typed) in candidates.items() if len(typed) >= 3 and typed in key]
-    scores = {shown: difflib.SequenceMatcher(None, typed, key).ratio() for shown, (key, typed) in candidates.items()}
+    typed = path.name.lower()
+    # what is shown (a folder as typed, with the OS's separators) -> what is compared; shipped names
+    # have no folder part, so "org/name" or "runs/name" is no typo of one ("name/" may be)
+    candidates = {n: n.lower() for n in shipped if len(path.parts) == 1}
+    candidates.update({str(path.parent / e.name): e.name.lower() for e in beside})
+    containing = [shown for shown, key in candidates.items() if len(typed) >= 3 and typed in key]
+    scores = {shown: difflib.SequenceMatcher(None, typed, key).ratio() for shown, key in candidates.items()}
     best = max(scores.values(), default=0.0)
     close = sorted((s for s in scores if scores[s] >= max(0.8, best - 0.05)), key=lambda s: -scores[s])
     return list(dict.fromkeys(containing + close))

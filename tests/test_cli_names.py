@@ -45,6 +45,8 @@ def test_several_close_names_are_all_offered_and_none_when_nothing_is_close(loca
     with pytest.raises(CheckpointError, match=r"did you mean one of 'digits-fftconv', 'digits-lru', 'digits-s4', "
                                               r"'digits-s4d'\?"):
         from_pretrained("digits")
+    with pytest.raises(CheckpointError, match=r"no checkpoint 'digits-s4d/'.*did you mean 'digits-s4d'\?"):
+        from_pretrained("digits-s4d/")               # as a shell completes a folder name
     with pytest.raises(CheckpointError) as err:
         from_pretrained("zzz-unrelated")
     assert "did you mean" not in str(err.value) and ", ".join(shipped_checkpoints()) in str(err.value)
