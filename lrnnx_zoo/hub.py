@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import __version__
-from .wording import given, in_command_line
 from .registry import (PluginVersionWarning, autoload_note, extra_plugin_changes, get_registry, layer_owners,
                        missing_extra_plugins, plugin_change, release_of, unloaded_plugin_remedy)
+from .wording import given, in_command_line
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
     from .models import SequenceModel
@@ -242,8 +242,8 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
             raise CheckpointError(f"{where} and {why} forbids downloading it; download it once online, or "
                                   f"{cache}") from exc
         if _http_status(exc.__cause__) is not None:     # reached, and it said no (500, 403, ...)
-            raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({_known(repo_id, shipped)}), and "
-                                  f"{_refusal(exc.__cause__, repo_id)}") from exc
+            raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model "
+                                  f"({_known(repo_id, shipped)}), and {_refusal(exc.__cause__, repo_id)}") from exc
         raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({_known(repo_id, shipped)}), "
                               f"and the Hub at {constants.ENDPOINT} could not be reached ({exc.__cause__ or exc}; "
                               f"each request waits at most {hub_timeout():g} s, set by HF_HUB_ETAG_TIMEOUT); "

@@ -358,7 +358,8 @@ def check_same_model(given: str, config: ModelConfig, recipe: Recipe) -> None:
     if differ:
         shown = "; ".join(f"{k} is {got.get(k, '(absent)')!r} there, {want.get(k, '(absent)')!r} in the recipe"
                           for k in differ)
-        raise TrainingSetupError(f"{wording.given('init_from', given)} holds another model than recipe {recipe.name!r} trains: "
+        raise TrainingSetupError(f"{wording.given('init_from', given)} holds another model than recipe "
+                                 f"{recipe.name!r} trains: "
                                  f"{shown}. Expected a checkpoint of the recipe's model (its dropout may differ): "
                                  "start from a checkpoint trained with this recipe, or use a recipe with that model")
 

@@ -58,9 +58,8 @@ def test_layers_and_backends_json_have_the_rows_of_the_table(capsys):
 
 
 def test_plugins_json_reports_a_failed_plugin_and_keeps_the_strict_status(tmp_path, monkeypatch, capsys):
-    root = make_distribution(tmp_path / "site", "tp-json", {"tp_json_good": GOOD_PLUGIN.replace("{layer_name}", "ema_j"),
-                                                            "tp_json_bad": BROKEN_IMPORT},
-                             {"good": "tp_json_good", "bad": "tp_json_bad"})
+    modules = {"tp_json_good": GOOD_PLUGIN.replace("{layer_name}", "ema_j"), "tp_json_bad": BROKEN_IMPORT}
+    root = make_distribution(tmp_path / "site", "tp-json", modules, {"good": "tp_json_good", "bad": "tp_json_bad"})
     with installed(root, monkeypatch):
         plugins, table = listing(["plugins"], capsys)
         strict, _ = listing(["plugins", "--strict"], capsys, status=1)
