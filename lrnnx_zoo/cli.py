@@ -7,11 +7,13 @@ Each group of subcommands lives next to the code it drives, in a module with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
 import os
 import sys
 import textwrap
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 #: What ``lrnnx-zoo --help`` says (the module docstring above is for people reading this file).
 DESCRIPTION = ("Linear RNN and state-space layers (LRU, S4, S4D, FFTConv) as plugins: see what is installed, "
@@ -19,6 +21,10 @@ DESCRIPTION = ("Linear RNN and state-space layers (LRU, S4, S4D, FFTConv) as plu
                "`lrnnx-zoo COMMAND --help` lists a command's options.")
 
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {}
+#: The flags that give the library's arguments, for its messages while a command runs (lrnnx_zoo.wording):
+#: a refusal deep inside train or from_pretrained then says --init-from, not init_from=.
+FLAGS = {"out_dir": "--out", "init_from": "--init-from", "resume": "--resume", "checkpoint_every": "--checkpoint-every",
+         "local_files_only": "--local-files-only", "revision": "--revision"}
 # Modules adding subcommands: add_commands(subparsers, COMMANDS). Missing ones are skipped.
 SUBCOMMAND_MODULES = ("lrnnx_zoo.hub_cli", "lrnnx_zoo.training_cli", "lrnnx_zoo.evaluate_cli", "lrnnx_zoo.export.cli")
 
@@ -42,9 +48,23 @@ def aligned(rows: Sequence[Sequence[str]]) -> List[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
 
 
+def add_json_flag(parser: argparse.ArgumentParser, what: str = "a JSON list of objects") -> None:
+    """``--json``: print ``what`` on stdout instead of the table, for scripts (see :func:`print_json`)."""
+    parser.add_argument("--json", action="store_true", help=f"print {what} instead of the table")
+
+
+def print_json(value: Any) -> None:
+    """One JSON document on stdout and nothing else there (notes go to stderr)."""
+    print(json.dumps(value, indent=2))
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from .registry import list_plugins
     plugins = list_plugins()
+    status = 1 if args.strict and any(p.error for p in plugins) else 0
+    if args.json:
+        print_json([{**dataclasses.asdict(p), "ok": p.ok} for p in plugins])
+        return status
     rows = [("PLUGIN", "STATUS", "DISTRIBUTION", "VERSION", "MODULE")] + [
         (p.name, "ok" if p.ok else "FAILED", "built-in" if p.builtin else (p.distribution or "registered in code"),
          p.version or "-", p.module) for p in plugins]
@@ -60,31 +80,47 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             print(f"    backends:     {', '.join(p.backends)}")
         if p.error:
             print("    error:        " + p.error.strip().splitlines()[0])
-    return 1 if args.strict and any(p.error for p in plugins) else 0
+    return status
+
+
+def layer_entries() -> List[Dict[str, Any]]:
+    """Each registered layer: its name, the plugins registering it, and its initializers with theirs."""
+    from .registry import get_registry
+    reg = get_registry()
+    return [{"name": name, "plugins": [e.plugin for e in reg._layers[name]],
+             "initializers": [{"name": init, "plugin": e.plugin} for (layer, init), entries
+                              in sorted(reg._initializers.items()) if layer == name for e in entries]}
+            for name in sorted(reg._layers)]
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from .registry import get_registry
-    reg = get_registry()
+    entries = layer_entries()
+    if args.json:
+        print_json(entries)
+        return 0
     rows = [("LAYER", "FROM", "INITIALIZERS")]
-    for name in sorted(reg._layers):
-        owners = [e.plugin for e in reg._layers[name]]
+    for entry in entries:
         # an initializer another plugin added is named with it: a checkpoint using it needs that plugin
-        inits = [init if e.plugin in owners else f"{init} ({e.plugin})"
-                 for (layer, init), entries in sorted(reg._initializers.items()) if layer == name for e in entries]
-        rows.append((name, ", ".join(owners), ", ".join(inits) or "-"))
+        inits = [i["name"] if i["plugin"] in entry["plugins"] else f"{i['name']} ({i['plugin']})"
+                 for i in entry["initializers"]]
+        rows.append((entry["name"], ", ".join(entry["plugins"]), ", ".join(inits) or "-"))
     for line in aligned(rows):
         print(line)
     return 0
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
-    from .registry import RegistryError, list_backends
+    from .registry import RegistryError, get_registry, list_backends
     try:
         backends = list_backends(args.kind)
     except RegistryError as exc:
         print(f"lrnnx-zoo backends: {exc}", file=sys.stderr)
         return 2
+    if args.json:
+        table = get_registry()._backends
+        print_json([{"kind": kind, "name": name, "plugins": [e.plugin for e in table[(kind, name)]]}
+                    for kind, name in (b.split(".", 1) for b in backends)])
+        return 0
     for b in backends:
         print(b)
     return 0
@@ -95,12 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrnnx-zoo", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = add_command(sub, "plugins", "installed plugins, what each registered, and failures", ["", "--strict"])
+    p = add_command(sub, "plugins", "installed plugins, what each registered, and failures", ["", "--strict --json"])
     p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load")
-    add_command(sub, "layers", "registered layers and who registered them", [""])
-    p = add_command(sub, "backends", "registered kernel backends", ["", "cauchy"])
+    add_json_flag(p)
+    add_json_flag(add_command(sub, "layers", "registered layers and who registered them", ["", "--json"]))
+    p = add_command(sub, "backends", "registered kernel backends", ["", "cauchy", "--json"])
     p.add_argument("kind", nargs="?", default=None,
                    help="list only backends of this kind (the built-in kinds: vandermonde, cauchy, modal, ssm_kernel)")
+    add_json_flag(p)
     COMMANDS.update(plugins=_cmd_plugins, layers=_cmd_layers, backends=_cmd_backends)
     for name in SUBCOMMAND_MODULES:
         try:
@@ -116,9 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     from .runtime import tune_allocator
     tune_allocator()
+    from .wording import command_line
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with command_line(FLAGS):
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         # Ctrl-C: one line and the shell's status for SIGINT (128 + 2) rather than a traceback
         print(f"lrnnx-zoo {args.command}: interrupted", file=sys.stderr)

@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from .hub_card import dataset_name
 from .training_cli import positive_int
 
 #: ``--check`` accepts |measured - recorded| <= ATOL + RTOL * |recorded|: float32 sums over a few
@@ -67,8 +68,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                           "metrics": {k: {"recorded": c, "measured": m, "match": ok} for k, c, m, ok in rows}},
                          indent=2))
     else:
-        print(f"{args.src}: {len(data.x_test)} test sequences of {data.x_test.shape[1]} steps "
-              f"({info['dataset'].get('name')}), {seconds:.1f} s")
+        name = dataset_name(info.get("dataset"))        # None would print as "(None)"
+        print(f"{args.src}: {len(data.x_test)} test sequences of {data.x_test.shape[1]} steps"
+              f"{f' ({name})' if name else ''}, {seconds:.1f} s")
         width = max(len(k) for k, *_ in rows)
         print(f"  {'metric':<{width}}  {'recorded':>10}  {'measured':>10}  difference")
         for key, claim, value, ok in rows:

@@ -18,7 +18,9 @@ any key the file lacks. Here loading is strict and every refusal says what to do
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fnmatch
+import itertools
 import json
 import math
 import os
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional,
 from . import __version__
 from .registry import (PluginVersionWarning, autoload_note, extra_plugin_changes, get_registry, layer_owners,
                        missing_extra_plugins, plugin_change, release_of, unloaded_plugin_remedy)
+from .wording import given, in_command_line
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
     from .models import SequenceModel
@@ -119,9 +122,44 @@ def resolve_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, c
         validate_repo_id(text)
     except Exception:
         raise CheckpointError(f"no checkpoint {text!r}: it is not an existing folder, not a shipped model "
-                              f"({', '.join(shipped) or 'none installed'}), and not a valid Hub repo id "
-                              "('namespace/name'); check the path") from None
+                              f"({_known(text, shipped)}), and not a valid Hub repo id ('namespace/name'); "
+                              "check the path") from None
+    if "/" not in text:
+        # huggingface_hub accepts "name" as a repo id, but on the Hub only a few legacy models of other
+        # libraries live without a namespace: every repo created there (push_to_hub("name") too) is
+        # "user/name". Asking the Hub would cost a round trip, or a timeout offline, for the same answer.
+        raise CheckpointError(f"no checkpoint {text!r}: it is not an existing folder, not a shipped model "
+                              f"({_known(text, shipped)}), and not a Hub repo id (those are 'namespace/name')")
     return _download(text, revision, cache_dir, local_files_only, token, list(shipped))
+
+
+def close_names(name: str, shipped: List[str]) -> List[str]:
+    """Shipped names, and checkpoint folders beside where ``name`` points, that look like a mistyped
+    ``name``, best first: those containing it, then the close spellings (the best and any nearly as close)."""
+    path = Path(name).expanduser()
+    try:
+        beside = [e for e in itertools.islice(path.parent.iterdir(), 1000) if (e / CONFIG_NAME).is_file()]
+    except (OSError, ValueError):                          # no such folder, or not a path at all
+        beside = []
+    typed = path.name.lower()
+    # what is shown (a folder as typed, with the OS's separators) -> what is compared; shipped names
+    # have no folder part, so "org/name" or "runs/name" is no typo of one ("name/" may be)
+    candidates = {n: n.lower() for n in shipped if len(path.parts) == 1}
+    candidates.update({str(path.parent / e.name): e.name.lower() for e in beside})
+    containing = [shown for shown, key in candidates.items() if len(typed) >= 3 and typed in key]
+    scores = {shown: difflib.SequenceMatcher(None, typed, key).ratio() for shown, key in candidates.items()}
+    best = max(scores.values(), default=0.0)
+    close = sorted((s for s in scores if scores[s] >= max(0.8, best - 0.05)), key=lambda s: -scores[s])
+    return list(dict.fromkeys(containing + close))
+
+
+def _known(name: str, shipped: List[str]) -> str:
+    """What an error about ``name`` says of the shipped models: the ones (and checkpoint folders)
+    it may have meant, else all of them."""
+    close = close_names(name, list(shipped))
+    if close:
+        return f"did you mean {'one of ' if len(close) > 1 else ''}{', '.join(map(repr, close))}?"
+    return ", ".join(shipped) or "none installed"
 
 
 # -- bounded Hub requests ----------------------------------------------------------------------
@@ -188,23 +226,26 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
                                             etag_timeout=seconds))
     except RepositoryNotFoundError as exc:
         raise CheckpointError(
-            f"no checkpoint {repo_id!r}: not a local folder, not a shipped model ({', '.join(shipped) or 'none'}), "
-            f"and the Hub at {constants.ENDPOINT} has no such repo (if it is private or gated, pass token=)") from exc
+            f"no checkpoint {repo_id!r}: not a local folder, not a shipped model ({_known(repo_id, shipped)}), "
+            f"and the Hub at {constants.ENDPOINT} has no such repo (if it is private or gated, {_token_advice()})"
+        ) from exc
     except RevisionNotFoundError as exc:
-        raise CheckpointError(f"Hub repo {repo_id!r} has no revision {revision!r}; pass a branch, tag or "
-                              "commit id that exists (revision=None for main)") from exc
+        main = "leave --revision out for main" if in_command_line() else "revision=None for main"
+        raise CheckpointError(f"Hub repo {repo_id!r} has no revision {revision or 'main'!r}; pass a branch, tag or "
+                              f"commit id that exists ({main})") from exc
     except LocalEntryNotFoundError as exc:
-        where = (f"{repo_id!r} is not a local folder or a shipped model ({', '.join(shipped) or 'none'}), and at "
+        where = (f"{repo_id!r} is not a local folder or a shipped model ({_known(repo_id, shipped)}), and at "
                  f"revision {revision or 'main'} is not in the Hub cache")   # it may be a typo, not a Hub id
         if local_files_only or constants.HF_HUB_OFFLINE:
-            why = "local_files_only=True" if local_files_only else "offline mode (HF_HUB_OFFLINE)"
-            raise CheckpointError(f"{where} and {why} forbids downloading it; download it once online, or pass "
-                                  "cache_dir= where it is cached") from exc
+            why = given("local_files_only", True) if local_files_only else "offline mode (HF_HUB_OFFLINE)"
+            cache = ("set HF_HUB_CACHE to the cache that holds it" if in_command_line()
+                     else "pass cache_dir= where it is cached")
+            raise CheckpointError(f"{where} and {why} forbids downloading it; download it once online, or "
+                                  f"{cache}") from exc
         if _http_status(exc.__cause__) is not None:     # reached, and it said no (500, 403, ...)
-            known = ", ".join(shipped) or "none"
-            raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({known}), and "
-                                  f"{_refusal(exc.__cause__, repo_id)}") from exc
-        raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({', '.join(shipped) or 'none'}), "
+            raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model "
+                                  f"({_known(repo_id, shipped)}), and {_refusal(exc.__cause__, repo_id)}") from exc
+        raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({_known(repo_id, shipped)}), "
                               f"and the Hub at {constants.ENDPOINT} could not be reached ({exc.__cause__ or exc}; "
                               f"each request waits at most {hub_timeout():g} s, set by HF_HUB_ETAG_TIMEOUT); "
                               "check the name, or your connection / HF_ENDPOINT") from exc
@@ -212,8 +253,9 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
         raise CheckpointError(f"could not download {repo_id!r}: {_refusal(exc, repo_id)}") from exc
     except OSError as exc:          # the cache cannot be written: a file in its place, no permission
         cache = cache_dir or constants.HF_HUB_CACHE
-        raise CheckpointError(f"cannot use the Hub cache at {cache} to download {repo_id!r} ({exc}); pass "
-                              "cache_dir= a writable folder, or set HF_HUB_CACHE") from exc
+        fix = "set HF_HUB_CACHE to a writable folder" if in_command_line() else ("pass cache_dir= a writable "
+                                                                                  "folder, or set HF_HUB_CACHE")
+        raise CheckpointError(f"cannot use the Hub cache at {cache} to download {repo_id!r} ({exc}); {fix}") from exc
     commit = folder.name if len(folder.name) == 40 else None
     source = {"type": "hub", "repo_id": repo_id, "revision": revision or "main", "commit": commit,
               "path": str(folder)}
@@ -222,7 +264,7 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
             # a snapshot folder from an earlier download of single files: the repo may well hold the rest
             cached = _listing(folder)
             missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if f not in cached]
-            why = "local_files_only=True" if local_files_only else "offline mode (HF_HUB_OFFLINE)"
+            why = given("local_files_only", True) if local_files_only else "offline mode (HF_HUB_OFFLINE)"
             raise CheckpointError(
                 f"the Hub cache holds, of {repo_id!r} at {commit or revision or 'main'}, only "
                 f"{', '.join(cached) or 'nothing'}: {' and '.join(missing)} was not downloaded, and {why} forbids "
@@ -244,9 +286,16 @@ def _refusal(exc: Any, repo_id: str) -> str:
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if status in (401, 403):
         return (f"the Hub at {constants.ENDPOINT} refused access to {repo_id!r} (HTTP {status}: {reason}); if it "
-                "is private or gated, pass token= with read access (or log in: `hf auth login`)")
+                f"is private or gated, {_token_advice()}")
     return (f"the Hub at {constants.ENDPOINT} answered HTTP {status} ({reason}); try again later, or check "
             "HF_ENDPOINT")
+
+
+def _token_advice() -> str:
+    """How to give the Hub a token with read access, in the caller's words (the CLI has no token flag)."""
+    if in_command_line():
+        return "log in with `hf auth login` (or set HF_TOKEN) with read access"
+    return "pass token= with read access (or log in: `hf auth login`)"
 
 
 def loadable_source(source: Any) -> Optional[str]:
@@ -330,8 +379,8 @@ def read_config(folder: Path) -> Dict[str, Any]:
             + (f": from_pretrained({origin!r})" if origin else " (see its config.json)"))
     _check_present(str(folder), files)
     if not isinstance(config, dict) or config.get("library") != LIBRARY:
-        got = config.get("library") if isinstance(config, dict) else type(config).__name__
-        raise CheckpointError(f"{path} is not an lrnnx-zoo config (library={got!r}, expected {LIBRARY!r})")
+        raise CheckpointError(f"{path} is not an lrnnx-zoo config ({library_field(config)}, expected "
+                              f"{LIBRARY!r})")
     version = config.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CheckpointError(f"{path}: format_version must be a positive int, got {version!r}")
@@ -380,6 +429,14 @@ def _non_finite(value: Any, where: str) -> Optional[Tuple[str, float]]:
         if found is not None:
             return found
     return None
+
+
+def library_field(config: Any) -> str:
+    """What a config.json says of its library, for an error: "library='transformers'", "no 'library'
+    field" (a None would read as if it named one), or what the file holds instead of an object."""
+    if not isinstance(config, dict):
+        return f"a JSON {type(config).__name__}, not an object"
+    return f"library={config['library']!r}" if config.get("library") is not None else "no 'library' field"
 
 
 def peek_config(path: Path) -> Optional[Dict[str, Any]]:
@@ -457,8 +514,9 @@ def _layer_name(config: Dict[str, Any], path: Path) -> str:
     owners = layer_owners(family)
     if not owners:
         name, dist = plugin.get("name"), plugin.get("distribution")
-        msg = (f"{path} needs the layer family {family!r} from plugin {name!r} "
-               f"(distribution {release_of(plugin, 'not recorded')}), but no installed plugin "
+        source = (f"plugin {name!r} (distribution {release_of(plugin, 'not recorded')})" if name
+                  else "a plugin it does not record")
+        msg = (f"{path} needs the layer family {family!r} from {source}, but no installed plugin "
                f"provides it (layers available: {', '.join(sorted(reg._layers)) or 'none'}).")
         info = reg.plugins.get(name) if name else None
         if dist == LIBRARY and not (info is not None and info.error):

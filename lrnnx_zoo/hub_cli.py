@@ -6,10 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .hub import CARD_NAME, CheckpointError, list_models, read_config, resolve_checkpoint, shipped_checkpoints
-from .hub_card import card_metrics, headline_metric, task_name
+from .hub_card import card_metrics, headline_metric, scalar_metrics, task_name
 
 
 def check_revision_flag(src: str, revision: Optional[str]) -> None:
@@ -26,22 +26,32 @@ def check_revision_flag(src: str, revision: Optional[str]) -> None:
                          "drop --revision or pass a Hub repo id")
 
 
-def _cmd_models(args: argparse.Namespace) -> int:
-    names = list_models(args.pattern)
-    if not names:
-        print("no shipped checkpoints" + (f" match {args.pattern!r}" if args.pattern else ""), file=sys.stderr)
-        return 0
-    shipped = shipped_checkpoints()
-    rows = []
-    for name in names:
+def model_entries(pattern: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Each shipped checkpoint matching ``pattern``: name, folder, family, task and metrics (None or
+    {} where its config records none), or name, folder and the error that makes it unreadable."""
+    shipped, entries = shipped_checkpoints(), []
+    for name in list_models(pattern):
         try:
             cfg = read_config(shipped[name])
         except CheckpointError as exc:
-            rows.append((name, "?", "?", f"unreadable: {exc}"))
+            entries.append({"name": name, "path": str(shipped[name]), "error": str(exc)})
             continue
-        rows.append((name, cfg.get("family") or "?", task_name(cfg.get("task")) or "-",
-                     headline_metric(cfg.get("metrics")) or "-"))
-    from .cli import aligned                     # cli imports this module's add_commands
+        entries.append({"name": name, "path": str(shipped[name]), "family": cfg.get("family"),
+                        "task": task_name(cfg.get("task")), "metrics": scalar_metrics(cfg.get("metrics"))})
+    return entries
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .cli import aligned, print_json         # cli imports this module's add_commands
+    entries = model_entries(args.pattern)
+    if args.json:
+        print_json(entries)
+        return 0
+    if not entries:
+        print("no shipped checkpoints" + (f" match {args.pattern!r}" if args.pattern else ""), file=sys.stderr)
+        return 0
+    rows = [(e["name"], "?", "?", f"unreadable: {e['error']}") if "error" in e else
+            (e["name"], e["family"] or "?", e["task"] or "-", headline_metric(e["metrics"]) or "-") for e in entries]
     for line in aligned(rows):
         print(line)
     return 0
@@ -104,10 +114,11 @@ published with `lrnnx-zoo export SRC --out DIR --push-to-hub REPO`."""
 
 def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:
     """Add ``models``, ``info`` and ``push`` to the ``lrnnx-zoo`` parser (see lrnnx_zoo.cli)."""
-    from .cli import add_command                 # cli imports this module's add_commands
+    from .cli import add_command, add_json_flag  # cli imports this module's add_commands
     p = add_command(sub, "models", "checkpoints shipped with the package: name, family, task, headline metric",
-                    ["", "'digits-*'", "s4d"])
+                    ["", "'digits-*'", "s4d --json"])
     p.add_argument("pattern", nargs="?", default=None, help="fnmatch wildcard ('digits-*') or, without wildcards, a substring ('s4d')")
+    add_json_flag(p)
     p = add_command(sub, "info", "config and card metrics of a checkpoint (folder, shipped name or Hub repo id)",
                     ["digits-s4d", "runs/digits --json", "org/my-model --revision v1"])
     p.add_argument("name", metavar="NAME_OR_PATH", help="checkpoint folder, shipped name or Hub repo id")

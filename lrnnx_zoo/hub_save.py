@@ -21,7 +21,7 @@ from . import __version__
 from .folder_swap import replaced_folder
 from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
                   CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout, loadable_source,
-                  peek_config, weights_changed)
+                  library_field, peek_config, weights_changed)
 from .registry import extra_plugins, get_registry, layer_owners
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
@@ -156,7 +156,7 @@ def _foreign_config(path: Path) -> Optional[str]:
     if config.get("kind") == EXPORT_KIND:
         return "an export (a step graph written by `lrnnx-zoo export`)"
     if config.get("library") != LIBRARY:
-        return f"another model's {CONFIG_NAME} (library {config.get('library')!r}, not {LIBRARY!r})"
+        return f"another model's {CONFIG_NAME} ({library_field(config)}, not {LIBRARY!r})"
     return None
 
 

@@ -170,7 +170,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     commands: Dict[str, Callable[[argparse.Namespace], int]] = {}
     add_commands(sub, commands)
     args = parser.parse_args(argv)
-    return commands[args.command](args)
+    from .cli import FLAGS
+    from .wording import command_line
+    with command_line(FLAGS):          # messages in the flags' words, as under `lrnnx-zoo train`
+        return commands[args.command](args)
 
 
 if __name__ == "__main__":

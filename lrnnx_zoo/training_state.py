@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import __version__
+from . import __version__, wording
 from .folder_swap import replaced_folder
 from .hub_save import write_safetensors
 from .models import ModelConfig, SequenceModel
@@ -205,17 +205,18 @@ def locate(resume: Union[bool, str, Path], out_dir: Optional[Union[str, Path]]) 
     """The snapshot folder ``resume`` names: True is the newest in ``out_dir``; a path is a snapshot
     folder, a ``training_state`` folder or a run's ``out_dir`` (their newest)."""
     if resume is True:
-        given, root = "out_dir", snapshot_root(out_dir)          # type: ignore[arg-type]
+        given, root = wording.name("out_dir"), snapshot_root(out_dir)          # type: ignore[arg-type]
     else:
         path = Path(resume).expanduser()                           # type: ignore[arg-type]
         if (path / STATE_NAME).is_file() or _NAME.fullmatch(path.name):
             return path
-        given, root = f"resume={str(resume)!r}", path / SNAPSHOT_DIR if (path / SNAPSHOT_DIR).is_dir() else path
+        given = wording.given("resume", str(resume))
+        root = path / SNAPSHOT_DIR if (path / SNAPSHOT_DIR).is_dir() else path
     found = list_snapshots(root)
     if not found:
         raise SnapshotError(f"no training snapshot to resume from in {root} ({given}): expected folders "
-                            f"step-NNNNNNNN written by a run with checkpoint_every (--checkpoint-every); "
-                            "start the run without resume (--resume), or pass the folder that holds them")
+                            f"step-NNNNNNNN written by a run with {wording.name('checkpoint_every')}; start the run "
+                            f"without {wording.name('resume')}, or pass the folder that holds them")
     return found[-1][1]
 
 
@@ -232,9 +233,9 @@ def load(folder: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
             except SnapshotError:
                 continue
             raise SnapshotError(f"{exc}. The older snapshot {candidate} is intact: resume from it with "
-                                f"resume={str(candidate)!r} (--resume {candidate})") from None
+                                f"{wording.given('resume', str(candidate))}") from None
         raise SnapshotError(f"{exc}; no older intact snapshot is left beside it: start the run again "
-                            "without resume") from None
+                            f"without {wording.name('resume')}") from None
 
 
 # -- which run a snapshot belongs to -------------------------------------------------------------
@@ -261,7 +262,8 @@ def check_same_run(folder: Path, recorded: Dict[str, Any], current: Dict[str, An
     flags = [f"{_FLAGS[k]} {was}" for k, was, _ in differ if k in _FLAGS and was is not None]
     fix = f"pass {' '.join(flags)} " if len(flags) == len(differ) else "resume with the same recipe and settings "
     raise SnapshotError(f"the snapshot {folder} belongs to another run: {shown}. A resumed run must be the run "
-                        f"that was interrupted: {fix}to continue it, or train into another out_dir to start anew")
+                        f"that was interrupted: {fix}to continue it, or train into another {wording.name('out_dir')} "
+                        "to start anew")
 
 
 def _differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
@@ -306,9 +308,10 @@ def check_resume(resume: Any, out_dir: Any) -> None:
         held = list_snapshots(snapshot_root(out_dir)) if out_dir is not None else []
         if held:
             root = snapshot_root(out_dir)
-            raise TrainingSetupError(f"out_dir {out_dir} holds training snapshots of an earlier run (the newest at "
-                                     f"step {held[-1][0]}, in {root}): pass resume=True (--resume) to continue "
-                                     f"that run, or remove {root} to start anew")
+            raise TrainingSetupError(f"{wording.name('out_dir')} {out_dir} holds training snapshots of an earlier "
+                                     f"run (the newest at step {held[-1][0]}, in {root}): pass "
+                                     f"{wording.given('resume', True)} to continue that run, or remove {root} to "
+                                     "start anew")
         return
     if resume is True:
         if out_dir is None:
@@ -333,7 +336,7 @@ def initial_weights(init_from: Any, recipe: Recipe) -> Optional[Tuple[Dict[str, 
         with torch.random.fork_rng(devices=[]):          # building the model draws; the caller's stream stays
             source = from_pretrained(init_from)
     except CheckpointError as exc:
-        raise TrainingSetupError(f"init_from={os.fspath(init_from)!r}: {exc}") from exc
+        raise TrainingSetupError(f"{wording.given('init_from', os.fspath(init_from))}: {exc}") from exc
     check_same_model(os.fspath(init_from), source.config, recipe)
     info = source.checkpoint_info
     where = info["source"]
@@ -355,7 +358,8 @@ def check_same_model(given: str, config: ModelConfig, recipe: Recipe) -> None:
     if differ:
         shown = "; ".join(f"{k} is {got.get(k, '(absent)')!r} there, {want.get(k, '(absent)')!r} in the recipe"
                           for k in differ)
-        raise TrainingSetupError(f"init_from={given!r} holds another model than recipe {recipe.name!r} trains: "
+        raise TrainingSetupError(f"{wording.given('init_from', given)} holds another model than recipe "
+                                 f"{recipe.name!r} trains: "
                                  f"{shown}. Expected a checkpoint of the recipe's model (its dropout may differ): "
                                  "start from a checkpoint trained with this recipe, or use a recipe with that model")
 
@@ -453,12 +457,14 @@ def same_init(folder: Path, recorded: Optional[Dict[str, Any]],
         return recorded                  # the run goes on as it started, and its card says so
     if recorded is None:
         raise SnapshotError(f"the snapshot {folder} belongs to a run that started from random weights, but "
-                            f"init_from={given['source']!r} was given: drop init_from (--init-from) to continue it")
+                            f"{wording.given('init_from', given['source'])} was given: drop "
+                            f"{wording.name('init_from')} to continue it")
     if recorded.get("weights_digest") != given["weights_digest"]:
         raise SnapshotError(f"the snapshot {folder} belongs to a run that started from {recorded.get('source')!r} "
-                            f"(weights digest {str(recorded.get('weights_digest'))[:16]}), but init_from="
-                            f"{given['source']!r} holds other weights ({given['weights_digest'][:16]}): drop "
-                            "init_from (--init-from) to continue the run as it started")
+                            f"(weights digest {str(recorded.get('weights_digest'))[:16]}), but "
+                            f"{wording.given('init_from', given['source'])} holds other weights "
+                            f"({given['weights_digest'][:16]}): drop {wording.name('init_from')} to continue the "
+                            "run as it started")
     return recorded
 
 

@@ -395,7 +395,7 @@ def test_an_unusable_out_dir_is_refused_before_training(monkeypatch, tmp_path):
     other = tmp_path / "other-model"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(TrainingSetupError, match="holds another model's config.json \\(library None"):
+    with pytest.raises(TrainingSetupError, match="holds another model's config.json \\(no 'library' field"):
         train(TINY_1, out_dir=other, progress=False)
     assert json.loads((export / "config.json").read_text())["kind"] == "step-graph"
 

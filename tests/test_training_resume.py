@@ -137,7 +137,7 @@ def test_a_damaged_snapshot_is_an_error_that_names_the_older_intact_one(finished
     (newest / TS.TENSORS_NAME).write_bytes(data[:len(data) // 2])     # truncated, e.g. a disk that filled up
     with pytest.raises(SnapshotError, match=rf"the snapshot {newest} is damaged: state\.safetensors has sha256 .*"
                                             rf"The older snapshot {older} is intact: resume from it with "
-                                            rf"resume='{older}' \(--resume {older}\)"):
+                                            rf"resume='{older}'$"):
         train(RECIPE, out_dir=str(out), resume=True, progress=False)
     # ... and resuming from it as told finishes the run as if nothing had happened (also without an
     # out_dir: then nothing is written, though the run took snapshots before).
@@ -225,7 +225,7 @@ def test_snapshot_and_resume_arguments_are_checked_before_training(finished, tmp
         train(RECIPE, out_dir=str(tmp_path / "a"), resume=True)
     # A fresh run into a folder with another run's snapshots: a later resume would continue that one.
     with pytest.raises(TrainingSetupError, match=r"holds training snapshots of an earlier run \(the newest at step "
-                                                 r"15, .*\): pass resume=True \(--resume\) to continue"):
+                                                 r"15, .*\): pass resume=True to continue"):
         train(RECIPE, out_dir=str(finished))
     for bad, shown in (("0", "0"), ("often", "'often'")):
         with pytest.raises(SystemExit):
@@ -276,7 +276,7 @@ def test_init_from_another_model_or_nothing_loadable_is_refused_before_training(
         train("digits-tiny", init_from=3)
     assert cli.main(["train", "digits-tiny", "--out", str(tmp_path / "o"), "--init-from", "digits-lru"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("lrnnx-zoo train: init_from='digits-lru' holds another model") and err.count("\n") == 1
+    assert err.startswith("lrnnx-zoo train: --init-from digits-lru holds another model") and err.count("\n") == 1
 
 
 def test_a_resumed_fine_tuning_run_keeps_its_initial_weights_and_refuses_others(finished, tmp_path, monkeypatch):
