@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 
 from lrnnx_zoo.hub import loadable_source
 
-from .onnx_export import DEFAULT_OPSET
+from .onnx_export import DEFAULT_OPSET, onnxruntime_needed
 from .provenance import source_of
 
 _TAGS = {"onnx": ["onnx"], "torchscript": ["torchscript"], "torch-export": ["torch-export"]}
@@ -60,8 +60,11 @@ def _made_with(config: Dict[str, Any]) -> List[str]:
 def _run_section(config: Dict[str, Any]) -> List[str]:
     fmt, d_in, b = config["format"], config["d_input"], _fixed_batch(config) or 1   # the snippets' batch
     if fmt == "onnx":
+        graph = config.get("graph") or {}
         return [
             "## Run it", "",
+            f"Needs onnxruntime >= {onnxruntime_needed(config['opset'])} (opset {config['opset']}, IR version "
+            f"{graph.get('ir_version')}); for an older one, export again with a lower `--opset`.", "",
             "With lrnnx-zoo's streamer (one thread, IOBinding, no per-step allocation):", "",
             "```python", "import numpy as np", "from lrnnx_zoo.export import OnnxStreamer", "",
             'streamer = OnnxStreamer("model.onnx")', f"streamer.reset(batch={b})",

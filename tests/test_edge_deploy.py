@@ -65,3 +65,20 @@ def test_graph_holds_no_exporter_debug_records(tmp_path, opset):
     assert not any(n.metadata_props for n in proto.graph.node)
     assert not proto.graph.metadata_props
     assert result.graph["bytes"] < 100_000
+
+
+@pytest.mark.parametrize("opset, ir", [(None, 9), (18, 8)])
+def test_graph_ir_version_is_the_lowest_its_opset_needs(tmp_path, opset, ir):
+    # The dynamo exporter stamped IR version 10 on every graph, and onnxruntime refuses an IR it
+    # does not know: 1.17.3 (which implements opset 20) failed on the default export with
+    # "Unsupported model IR version: 10, max supported IR version: 9", and 1.15-1.17 on an
+    # `--opset 18` export made for older runtimes. Opset 20 needs IR 9, opset 18 IR 8.
+    path = tmp_path / "m.onnx"
+    for quantize in (None, "int8"):
+        result = to_onnx("forecast-sunspots-s4d", path, opset=opset, quantize=quantize)
+        assert onnx.load(str(path)).ir_version == ir == result.graph["ir_version"]
+
+
+def test_card_says_which_onnxruntime_it_needs(sunspots_onnx):
+    card = (sunspots_onnx / "README.md").read_text()
+    assert "Needs onnxruntime >= 1.17 (opset 20, IR version 9)" in card
