@@ -10,6 +10,7 @@ to float32 rounding of a different thread schedule (1e-6 absolute on outputs of 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,8 +20,10 @@ from typing import Dict
 import numpy as np
 import onnx
 import pytest
+import torch
 
-from lrnnx_zoo.export import export_folder, to_onnx
+import lrnnx_zoo
+from lrnnx_zoo.export import OnnxStreamer, export_folder, to_onnx
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -29,13 +32,14 @@ _DEVICE_PRELUDE = 'import sys\nsys.modules["torch"] = None\nsys.modules["lrnnx_z
 FAST = dict(latency_steps=0, validation_length=256)   # the folder's contents, not its validation, are tested
 
 
-def on_device(folder: Path, code: str, out: Path) -> Dict[str, np.ndarray]:
-    """Run ``code`` in ``folder`` as the device would (no torch, no lrnnx_zoo); the names it binds
-    that hold numpy arrays or numbers come back."""
-    script = _DEVICE_PRELUDE + textwrap.dedent(code) + textwrap.dedent(f"""
+def on_device(folder: Path, code: str, out: Path, torch: bool = False) -> Dict[str, np.ndarray]:
+    """Run ``code`` in ``folder`` as the device would (no lrnnx_zoo; no torch unless ``torch``); the
+    names it binds that hold numbers, numpy arrays or torch tensors come back as numpy arrays."""
+    prelude = _DEVICE_PRELUDE.replace('sys.modules["torch"] = None\n', "") if torch else _DEVICE_PRELUDE
+    script = prelude + textwrap.dedent(code) + textwrap.dedent(f"""
         import numpy as _np
-        _np.savez({str(out)!r}, **{{k: _np.asarray(v) for k, v in dict(globals()).items()
-                                   if not k.startswith("_") and isinstance(v, (_np.ndarray, float, int))}})
+        _np.savez({str(out)!r}, **{{k: _np.asarray(v) for k, v in dict(globals()).items() if not k.startswith("_")
+                                   and (isinstance(v, (_np.ndarray, float, int)) or type(v).__name__ == "Tensor")}})
         """)
     done = subprocess.run([sys.executable, "-c", script], cwd=folder, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"the device run failed:\n{done.stderr[-3000:]}"
@@ -48,6 +52,25 @@ def sunspots_onnx(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("edge") / "sunspots"
     export_folder("forecast-sunspots-s4d", out, format="onnx", **FAST)
     return out
+
+
+def card_snippet(folder: Path, imports: str) -> str:
+    """The card's Python block that imports ``imports`` and not lrnnx_zoo: the device's snippet."""
+    blocks = re.findall(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S)
+    found = [b for b in blocks if imports in b and "from lrnnx_zoo" not in b and "import lrnnx_zoo" not in b]
+    assert len(found) == 1, f"expected one snippet importing {imports!r} without lrnnx_zoo, found {len(found)}"
+    return found[0]
+
+
+def model_forecast(values: np.ndarray) -> np.ndarray:
+    """forecast-sunspots-s4d's next-value forecast after raw ``values`` (L, batch, 1), in the series'
+    units, from the PyTorch model: z-scored inputs, a z_{t+1} - z_t output (its checkpoint record)."""
+    model = lrnnx_zoo.from_pretrained("forecast-sunspots-s4d")
+    norm = model.checkpoint_info["dataset"]["normalisation"]
+    z = torch.from_numpy((values - norm["mean"]) / norm["std"]).float().transpose(0, 1)   # (batch, L, 1)
+    with torch.no_grad():
+        y = model(z)
+    return ((z[:, -1] + y[:, -1]) * norm["std"] + norm["mean"]).numpy()
 
 
 # -- what the graph file holds ----------------------------------------------------------------
@@ -82,3 +105,39 @@ def test_graph_ir_version_is_the_lowest_its_opset_needs(tmp_path, opset, ir):
 def test_card_says_which_onnxruntime_it_needs(sunspots_onnx):
     card = (sunspots_onnx / "README.md").read_text()
     assert "Needs onnxruntime >= 1.17 (opset 20, IR version 9)" in card
+
+
+# -- the card's snippets, run where lrnnx_zoo is not ---------------------------------------------
+def test_card_snippet_turns_raw_values_into_the_models_forecast_on_the_device(sunspots_onnx, tmp_path):
+    # The forecaster was trained on z = (value - mean) / std and outputs z_{t+1} - z_t, but neither
+    # the card nor the graph said so: a device user following the card fed raw sunspot numbers
+    # (mean 47) and read y as the forecast. Now the graph's metadata holds the data set's record,
+    # and the card's numpy + onnxruntime snippet z-scores raw values and undoes it on the output.
+    found = on_device(sunspots_onnx, card_snippet(sunspots_onnx, "onnxruntime as ort"), tmp_path / "out.npz")
+    assert "forecast" in found, "the card's snippet computes no forecast in the series' units"
+    values = found["values"]
+    assert values.shape == (50, 1, 1) and 10 < np.abs(values).mean()     # raw sunspot numbers, not z-scores
+    # the same graph through OnnxStreamer on the same z-scores: same outputs and state (module docstring)
+    norm = lrnnx_zoo.from_pretrained("forecast-sunspots-s4d").checkpoint_info["dataset"]["normalisation"]
+    streamer = OnnxStreamer(sunspots_onnx / "model.onnx")
+    z = ((values - norm["mean"]) / norm["std"]).astype(np.float32).transpose(1, 0, 2)
+    y = streamer.run(z)
+    np.testing.assert_allclose(found["y_t"], y[:, -1], atol=1e-6)
+    np.testing.assert_allclose(found["state"], streamer.state, atol=1e-6)
+    # and the PyTorch model's forecast: the float32 graph is within 1e-4 of it in z units (its
+    # validation tolerance), std times that in the series' units
+    np.testing.assert_allclose(found["forecast"], model_forecast(values), atol=1e-4 * norm["std"])
+
+
+def test_card_snippet_of_a_classifier_gives_the_class_on_the_device(tmp_path):
+    folder = tmp_path / "digits"
+    export_folder("digits-lru", folder, format="onnx", **FAST)
+    meta = OnnxStreamer(folder / "model.onnx").metadata
+    assert json.loads(meta["lrnnx_zoo.dataset"])["format"].endswith("pixels / 16")
+    assert meta["lrnnx_zoo.task"] == "sequence-classification"
+    found = on_device(folder, card_snippet(folder, "onnxruntime as ort"), tmp_path / "out.npz")
+    assert "label" in found, "the card's snippet does not say how to read the class"
+    streamer = OnnxStreamer(folder / "model.onnx")
+    logits = streamer.run(found["xs"].transpose(1, 0, 2))[:, -1]
+    np.testing.assert_allclose(found["y_t"], logits, atol=1e-6)
+    assert found["label"].tolist() == logits.argmax(-1).tolist()
