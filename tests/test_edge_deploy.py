@@ -34,12 +34,12 @@ FAST = dict(latency_steps=0, validation_length=256)   # the folder's contents, n
 
 def on_device(folder: Path, code: str, out: Path, torch: bool = False) -> Dict[str, np.ndarray]:
     """Run ``code`` in ``folder`` as the device would (no lrnnx_zoo; no torch unless ``torch``); the
-    names it binds that hold numbers, numpy arrays or torch tensors come back as numpy arrays."""
+    names it binds that hold numbers, strings, numpy arrays or torch tensors come back as numpy arrays."""
     prelude = _DEVICE_PRELUDE.replace('sys.modules["torch"] = None\n', "") if torch else _DEVICE_PRELUDE
     script = prelude + textwrap.dedent(code) + textwrap.dedent(f"""
         import numpy as _np
         _np.savez({str(out)!r}, **{{k: _np.asarray(v) for k, v in dict(globals()).items() if not k.startswith("_")
-                                   and (isinstance(v, (_np.ndarray, float, int)) or type(v).__name__ == "Tensor")}})
+                                   and (isinstance(v, (_np.ndarray, float, int, str)) or type(v).__name__ == "Tensor")}})
         """)
     done = subprocess.run([sys.executable, "-c", script], cwd=folder, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"the device run failed:\n{done.stderr[-3000:]}"
@@ -169,3 +169,46 @@ def test_torch_graph_streams_without_building_an_autograd_graph(tmp_path, fmt):
     for x_t in torch.randn(3, 2, 1):
         y_t, state = step(x_t, state)
     assert state.grad_fn is None and not state.requires_grad and not y_t.requires_grad
+
+
+def test_int8_graph_on_the_device_scores_what_its_card_reports(tmp_path):
+    # numpy + onnxruntime only, one test sequence at a time from a zero state as the card's
+    # snippet streams them: the int8 graph's accuracy is the one config.json and the card report
+    # (dynamic quantisation is deterministic for a given input, so exactly equal).
+    from lrnnx_zoo.training import checkpoint_data
+    folder = tmp_path / "int8"
+    done = export_folder("digits-s4d", folder, format="onnx", quantize="int8", **FAST)
+    data = checkpoint_data(dict(lrnnx_zoo.from_pretrained("digits-s4d").checkpoint_info))
+    np.savez(tmp_path / "test.npz", x=data.x_test.numpy(), y=data.y_test.numpy())
+    found = on_device(folder, f"""
+        import numpy as np, onnxruntime as ort
+        test = np.load({str(tmp_path / "test.npz")!r})
+        sess = ort.InferenceSession("model.onnx")
+        size = int(sess.get_modelmeta().custom_metadata_map["lrnnx_zoo.state_size"])
+        correct = 0
+        for x, label in zip(test["x"], test["y"]):
+            state = np.zeros((1, size), np.float32)
+            for x_t in x[:, None]:
+                y_t, state = sess.run(["y", "state_out"], {{"x": x_t, "state": state}})
+            correct += int(y_t.argmax() == label)
+        accuracy = correct / len(test["y"])
+        """, tmp_path / "out.npz")
+    reported = done.config["quantization"]["accuracy_int8"]
+    assert float(found["accuracy"]) == reported
+    assert f"int8 {reported:.4f}" in (folder / "README.md").read_text()
+
+
+def test_folder_documents_the_graphs_real_inputs_and_outputs(sunspots_onnx, tmp_path):
+    # What config.json and the card say the graph takes is what onnxruntime reports on the device.
+    config = json.loads((sunspots_onnx / "config.json").read_text())
+    found = on_device(sunspots_onnx, """
+        import json, onnxruntime as ort
+        sess = ort.InferenceSession("model.onnx")
+        real = json.dumps({v.name: [v.shape, v.type] for v in sess.get_inputs() + sess.get_outputs()})
+        """, tmp_path / "out.npz")
+    real = json.loads(str(found["real"]))
+    documented = {**config["inputs"], **config["outputs"]}
+    assert {k: v[0] for k, v in real.items()} == documented
+    assert {v[1] for v in real.values()} == {"tensor(float)"}
+    card = (sunspots_onnx / "README.md").read_text()
+    assert "(x [batch, 1], state [batch, 3072]) -> (y [batch, 1], state_out [batch, 3072])" in card
