@@ -6,9 +6,10 @@ import json
 import shlex
 from typing import Any, Dict, List, Optional
 
+from lrnnx_zoo.data import FORECAST_TARGETS
 from lrnnx_zoo.hub import loadable_source
 
-from .onnx_export import DEFAULT_OPSET
+from .onnx_export import DEFAULT_OPSET, onnxruntime_needed
 from .provenance import source_of
 
 _TAGS = {"onnx": ["onnx"], "torchscript": ["torchscript"], "torch-export": ["torch-export"]}
@@ -57,30 +58,102 @@ def _made_with(config: Dict[str, Any]) -> List[str]:
             "or in Python:", ""] + python
 
 
+def _normalisation(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The z-scoring the model's inputs had in training (the dataset record's mean and std), or None."""
+    norm = (config.get("dataset") or {}).get("normalisation")
+    numbers = isinstance(norm, dict) and all(isinstance(norm.get(k), (int, float)) for k in ("mean", "std"))
+    return norm if numbers else None
+
+
+def _forecast_target(config: Dict[str, Any]) -> Optional[str]:
+    """What a z-scored forecaster's output holds: "next" (z_{t+1}) or "delta" (z_{t+1} - z_t, the
+    forecast is input + output), from its data spec (lrnnx_zoo.data.load_forecast_series); else None."""
+    if config.get("task") != "time-series-forecasting" or _normalisation(config) is None:
+        return None
+    params = ((config.get("dataset") or {}).get("spec") or {}).get("params") or {}
+    target = params.get("target", "next")
+    return target if target in FORECAST_TARGETS else None
+
+
+def _data_section(config: Dict[str, Any]) -> List[str]:
+    """How the training data fed the model and what its outputs mean: a device must prepare its
+    inputs the same way (a forecaster streamed raw values instead of z-scores was far off)."""
+    data, task = config.get("dataset") or {}, config.get("task")
+    norm, target = _normalisation(config), _forecast_target(config)
+    lines = []
+    if data.get("format"):
+        lines.append(f"- inputs: {data['format']}")
+    if norm:
+        lines.append(f"- inputs are normalised: `x = (value - mean) / std` with mean = {norm['mean']!r}, "
+                     f"std = {norm['std']!r} (fitted on {norm.get('fitted_on', 'the training data')})")
+    if target:
+        lines.append("- output: z_{t+1} - z_t; the forecast of the next value is `(x + y) * std + mean`"
+                     if target == "delta" else "- output: z_{t+1}; the forecast of the next value is `y * std + mean`")
+    elif data.get("target"):
+        lines.append(f"- output: {data['target']}")
+    if task == "sequence-classification":
+        lines.append(f"- output: {config['d_output']} class logits; a sequence's class is the argmax of `y` at "
+                     f"its last step")
+    if not lines:
+        return []
+    return (["## Inputs and outputs", "", f"As in training (data set `{data.get('name')}`):", ""] + lines +
+            ["", "The graph's metadata holds the data set's record (`lrnnx_zoo.dataset`, JSON) and the task "
+                 "(`lrnnx_zoo.task`), and so does `config.json`.", ""])
+
+
+def _stream_lines(config: Dict[str, Any], lib: str, call: str) -> List[str]:
+    """A plain loop over 50 steps from a zero state, in numpy (``lib="np"``) or torch: z-scores its
+    inputs and ends with the forecast in the series' units where the model was trained that way,
+    and with the class for a classifier. ``meta``: the graph's lrnnx_zoo.* metadata, already read."""
+    b, d_in = _fixed_batch(config) or 1, config["d_input"]
+    norm, target = _normalisation(config), _forecast_target(config)
+    zeros = (f'np.zeros(({b}, int(meta["lrnnx_zoo.state_size"])), np.float32)' if lib == "np"
+             else f'torch.zeros({b}, int(meta["lrnnx_zoo.state_size"]))')
+    randn = f"np.random.randn(50, {b}, {d_in})" if lib == "np" else f"torch.randn(50, {b}, {d_in})"
+    f32 = ".astype(np.float32)" if lib == "np" else ".float()"
+    lines = [f"state = {zeros}  # zeros = initial state"]
+    if norm is None:
+        lines += [f"xs = {randn}{f32}  # your inputs: 50 steps, batch {b}", "for x_t in xs:", f"    {call}"]
+    else:
+        lines = ['norm = json.loads(meta["lrnnx_zoo.dataset"])["normalisation"]  # the training data\'s mean, std'] + lines
+        lines += [f'values = norm["mean"] + norm["std"] * {randn}  # your series: 50 steps, batch {b}',
+                  "for v_t in values:",
+                  f'    x_t = ((v_t - norm["mean"]) / norm["std"]){f32}  # normalised as in training', f"    {call}"]
+    if target:
+        level = "x_t + y_t" if target == "delta" else "y_t"
+        lines.append(f'forecast = ({level}) * norm["std"] + norm["mean"]  # the next value, in the series\' units')
+    if config.get("task") == "sequence-classification":
+        lines.append("label = y_t.argmax(-1)  # each sequence's class (from the logits so far)")
+    return lines
+
+
 def _run_section(config: Dict[str, Any]) -> List[str]:
     fmt, d_in, b = config["format"], config["d_input"], _fixed_batch(config) or 1   # the snippets' batch
+    imports = "import json, " if _normalisation(config) else "import "
     if fmt == "onnx":
-        return [
+        graph = config.get("graph") or {}
+        return ([
             "## Run it", "",
+            f"Needs onnxruntime >= {onnxruntime_needed(config['opset'])} (opset {config['opset']}, IR version "
+            f"{graph.get('ir_version')}); for an older one, export again with a lower `--opset`.", "",
             "With lrnnx-zoo's streamer (one thread, IOBinding, no per-step allocation):", "",
             "```python", "import numpy as np", "from lrnnx_zoo.export import OnnxStreamer", "",
             'streamer = OnnxStreamer("model.onnx")', f"streamer.reset(batch={b})",
             f"y_t = streamer.step(np.zeros(({b}, {d_in}), np.float32))   # ({b}, {config['d_output']}); state kept inside",
             f"y = streamer.run(np.zeros(({b}, 100, {d_in}), np.float32)) # a chunk of 100 steps, continuing", "```", "",
-            "With plain onnxruntime:", "",
-            "```python", "import numpy as np, onnxruntime as ort", "",
+            "With numpy and onnxruntime only (no torch, no lrnnx-zoo):", "",
+            "```python", f"{imports}numpy as np, onnxruntime as ort", "",
             'sess = ort.InferenceSession("model.onnx")',
-            "meta = sess.get_modelmeta().custom_metadata_map",
-            f'state = np.zeros(({b}, int(meta["lrnnx_zoo.state_size"])), np.float32)  # zeros = initial state',
-            f"xs = np.random.randn(50, {b}, {d_in}).astype(np.float32)               # 50 steps, batch {b}",
-            "for x_t in xs:",
-            '    y_t, state = sess.run(["y", "state_out"], {"x": x_t, "state": state})', "```", ""]
-    loader = ('torch.export.load("model.pt2").module()' if fmt == "torch-export"
-              else 'torch.jit.load("model.ts")  # TorchScript is deprecated upstream; prefer model.pt2')
-    return ["## Run it", "", "```python", "import torch", "", f"step = {loader}",
-            f"state = torch.zeros({b}, {config['state_size']})          # zeros = initial state",
-            f"for x_t in torch.randn(50, {b}, {d_in}):                  # 50 steps, batch {b}",
-            "    y_t, state = step(x_t, state)", "```", ""]
+            "meta = sess.get_modelmeta().custom_metadata_map  # lrnnx_zoo.* keys, strings"]
+            + _stream_lines(config, "np", 'y_t, state = sess.run(["y", "state_out"], {"x": x_t, "state": state})')
+            + ["```", ""])
+    loader = ('torch.export.load("model.pt2", extra_files=files).module()' if fmt == "torch-export"
+              else 'torch.jit.load("model.ts", _extra_files=files)  # TorchScript is deprecated upstream; '
+                   'prefer model.pt2')
+    return (["## Run it", "", "With torch only (no lrnnx-zoo):", "", "```python", "import json, torch", "",
+             'files = {"lrnnx_zoo.json": ""}  # filled in by the loader', f"step = {loader}",
+             'meta = json.loads(files["lrnnx_zoo.json"])  # lrnnx_zoo.* keys, strings']
+            + _stream_lines(config, "torch", "y_t, state = step(x_t, state)") + ["```", ""])
 
 
 def build_card(config: Dict[str, Any]) -> str:
@@ -114,7 +187,7 @@ def build_card(config: Dict[str, Any]) -> str:
     if lat:
         out += [f"Per-step latency at batch {lat['batch']}: median {lat['median_us']:.1f} us "
                 f"({lat['runtime']}, {lat['threads']} thread, {lat['steps']} steps; machine-dependent).", ""]
-    out += _run_section(config)
+    out += _data_section(config) + _run_section(config)
     out += ["## State layout", "", "| part | offset | size |", "|---|---|---|"]
     out += [f"| {name} | {off} | {size} |" for name, off, size in config["state_layout"]]
     out += ["", "Files: the graph, `step_form.safetensors` (the step module's weights by name, for auditing or "

@@ -87,7 +87,7 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
     p.add_argument("--batch", type=positive_int, default=None, help="fix the batch size (default: dynamic)")
     p.add_argument("--opset", type=int_type(MIN_OPSET, MAX_OPSET), default=None,
                    help=f"ONNX opset in [{MIN_OPSET}, {MAX_OPSET}] (default {DEFAULT_OPSET}; 11-19 for runtimes "
-                        "older than onnxruntime 1.17)")
+                        "older than onnxruntime 1.17, 11-18 before 1.16)")
     p.add_argument("--revision", default=None, help="revision of a Hub source checkpoint")
     p.add_argument("--latency-steps", type=int_type(0, None, "an integer >= 0 (0 skips the measurement)"),
                    default=DEFAULT_STEPS, metavar="N",

@@ -40,6 +40,11 @@ from .validate import FLOAT32_TOLERANCE, check_validation_input, default_sequenc
 # 20 has a single Gelu op (18 spells it as Erf/Mul/Add): ~15 fewer nodes and ~10% less time per
 # step for 4 blocks (measured). Needs onnxruntime >= 1.17; pass an older opset for older runtimes.
 DEFAULT_OPSET = 20
+#: The oldest onnxruntime that loads and runs the shipped checkpoints' graphs at each opset (written
+#: at the lowest IR version the opset allows), measured with onnxruntime 1.15.1 to 1.32.0; opsets
+#: below 19 ran on all of them. 1.15 is the oldest with wheels for this Python (3.11).
+ONNXRUNTIME_FOR_OPSET = {19: "1.16", 20: "1.17", 21: "1.18", 22: "1.21", 23: "1.23", 24: "1.24", 25: "1.24"}
+OLDEST_ONNXRUNTIME_TESTED = "1.15"
 #: Opsets the pinned exporters and onnxruntime were verified with, end to end: the dynamo exporter
 #: writes 18..25 (at 26+ its Gelu fails onnx.checker); below 18 it silently writes 18, so those go
 #: through the TorchScript-based exporter, which needs 11 for Flip and stops at 23.
@@ -129,7 +134,34 @@ def export_graph(step: StepModule, opset: int = DEFAULT_OPSET, batch: Optional[i
                 f"{fixed} to {TRACE_BATCH}, the batch it was traced at: the step module uses its batch size "
                 f"as a constant (e.g. int(x.shape[0]) in a step form). Make it batch-agnostic, or export "
                 f"a fixed batch (batch=N)")
+    strip_debug_records(proto)
+    proto.ir_version = min(proto.ir_version, lowest_ir_version(proto))
     return proto
+
+
+def lowest_ir_version(proto: onnx.ModelProto) -> int:
+    """The lowest ONNX IR version that holds the graph's opsets. The dynamo exporter stamps its own
+    onnx's IR version (10) whatever the opset, and onnxruntime refuses an IR newer than it knows:
+    1.17 failed on an opset-20 graph ("Unsupported model IR version: 10, max supported IR version:
+    9"), though it implements opset 20, and so did 1.15-1.17 at opset 18."""
+    return onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+
+
+def onnxruntime_needed(opset: int) -> str:
+    """The oldest onnxruntime known to run a graph of ``opset`` in [MIN_OPSET, MAX_OPSET] (see
+    ONNXRUNTIME_FOR_OPSET; below 19, the oldest one tested)."""
+    return ONNXRUNTIME_FOR_OPSET.get(opset, OLDEST_ONNXRUNTIME_TESTED)
+
+
+def strip_debug_records(proto: onnx.ModelProto) -> None:
+    """Drop the dynamo exporter's debugging records (in place): every node's stack trace, FX node
+    and module path, and the ExportedProgram's signature. They named the exporting machine's
+    source paths on every device the graph went to, and were 41% of a shipped forecaster's file."""
+    graph = proto.graph
+    del graph.metadata_props[:]
+    for entries in (graph.node, graph.input, graph.output, graph.value_info, graph.initializer):
+        for entry in entries:
+            del entry.metadata_props[:]
 
 
 def graph_stats(proto: onnx.ModelProto, path: Union[str, Path]) -> Dict[str, Any]:
@@ -138,6 +170,7 @@ def graph_stats(proto: onnx.ModelProto, path: Union[str, Path]) -> Dict[str, Any
     return {"bytes": os.path.getsize(path), "nodes": len(proto.graph.node),
             "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
             "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+            "ir_version": proto.ir_version,
             "initializers": len(proto.graph.initializer)}
 
 

@@ -89,5 +89,8 @@ def graph_metadata(step: StepModule, model: nn.Module, info: Dict[str, Any],
         "pooling": step.pooling or "none",
         "model_config": json.dumps(model.config.to_dict(), sort_keys=True),
     }
+    # what a device needs to prepare inputs without lrnnx_zoo (a forecaster's z-scoring, a classifier's
+    # pixel scale): the checkpoint's data set record and task, where it has them
+    meta.update({k: info[k] for k in ("task", "dataset") if info.get(k)})
     meta.update(extra or {})
     return {META_PREFIX + k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
