@@ -348,7 +348,8 @@ class LTI_LRNN(LRNN):
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1,
                                  dtype: Optional[torch.dtype] = None, **kwargs: Any) -> Dict[str, Any]:
-        """Cache for :meth:`step`: the precomputed step form and a zero state (B, state_size).
+        """Cache for :meth:`step`: the precomputed step form, a zero state (B, state_size) and the
+        form's dtype (a state put in of another dtype steps in it and comes back in its own).
 
         ``max_seqlen`` is unused (an LTI system has one set of matrices for every step).
         ``dtype``: of the form and the state; default the parameters' (or, for a layer without
