@@ -307,8 +307,8 @@ class SequenceModel(HubMixin, nn.Module):
         h = self._features(x, lengths, cache["layers"])
         if lengths is None:       # the step count: one for all, or each sequence's (B, 1)
             cache["t"] = h.shape[1]
-        else:                     # integers: a float32 count stopped growing at 2**24 steps
-            cache["t"] = torch.as_tensor(lengths, device=h.device).unsqueeze(-1).long()
+        else:                     # integers (a float32 count stopped growing at 2**24 steps), a copy:
+            cache["t"] = torch.as_tensor(lengths, device=h.device).unsqueeze(-1).to(torch.long, copy=True)
         if self.config.pooling != "mean":     # the running mean only feeds mean pooling's steps
             return self._readout(h, lengths), cache
         cache["pool_mean"] = self._pooled(h, lengths, "mean")    # _check_sequence refused empty sequences
@@ -443,7 +443,7 @@ class SequenceModel(HubMixin, nn.Module):
             z, _ = block.layer.step(block.norm(h), layer_cache)
             h = h + block.mix(z)
         h = self.norm(h)
-        cache["t"] += 1
+        cache["t"] = cache["t"] + 1      # not in place: the count may be a view of the caller's lengths
         if self.config.pooling == "mean":
             # the running mean as the exported step graph keeps it; the cache keeps values only, as
             # the layers keep their states (LTI_LRNN.step)

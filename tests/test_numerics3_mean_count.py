@@ -119,3 +119,15 @@ def test_eager_count_of_a_prefill_with_lengths_grows_past_2_to_the_24():
     step = build_step_module(model)
     layout = {name: (off, size) for name, off, size in step.state_layout}
     assert exact_count(state.numpy(), layout).tolist() == [START + STEPS, START - 1 + STEPS]
+
+
+def test_prefill_and_steps_leave_the_callers_lengths_alone():
+    # an integer count kept as a view of the lengths given to prefill was incremented in place by
+    # every step (the caller's lengths grew with the stream)
+    model = small_model()
+    x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(5))
+    lengths = torch.tensor([4, 3])
+    with torch.no_grad():
+        _, cache = model.prefill(x, lengths=lengths)
+        model.step(x[:, 0], cache)
+    assert lengths.tolist() == [4, 3]
