@@ -170,7 +170,7 @@ def build_card(config: Dict[str, Any]) -> str:
            + ("Outputs are per step (sequence to sequence)." if pooling is None else
               f"The model is {pooling}-pooled: each step's output is the model's output on the sequence so far"
               + (" (the running mean and the step count live in the state: `pool.mean`, `pool.count`, and "
-                 "`pool.carry` holds what rounding cut off the mean's last update)." if pooling == "mean" else ".")), ""]
+                 "`pool.carry` and `pool.count_carry` hold what rounding cut off their last updates)." if pooling == "mean" else ".")), ""]
     if config.get("task") or config.get("metrics"):
         out += [f"Task: {config.get('task')}. Checkpoint metrics: `{json.dumps(config.get('metrics'))}`.", ""]
     out += ["## How it was made", ""] + _made_with(config)

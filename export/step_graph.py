@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from lrnnx_zoo.models import SequenceModel, running_mean_step
+from lrnnx_zoo.models import SequenceModel, running_count_step, running_mean_step
 from lrnnx_zoo.step_forms import same_form, step_form_dtype
 
 #: Poolings a step graph can reproduce causally (None = sequence to sequence).
@@ -76,12 +76,12 @@ class StepModule(nn.Module):
             offset += size
         self.pool_offset = offset
         if pooling == "mean":
-            # Running mean of the normalised features with its rounding carry, and the step count
-            # (a float, so the graph needs no Python int and a streaming runtime keeps it with the
-            # rest of the state); see models.running_mean_step.
-            layout += [["pool.carry", offset, d_model], ["pool.mean", offset + d_model, d_model],
-                       ["pool.count", offset + 2 * d_model, 1]]
-            offset += 2 * d_model + 1
+            # Running mean of the normalised features and the step count (a float, so the graph needs
+            # no Python int and a streaming runtime keeps it with the rest of the state), after their
+            # rounding carries; see models.running_mean_step and running_count_step.
+            layout += [["pool.carry", offset, d_model], ["pool.count_carry", offset + d_model, 1],
+                       ["pool.mean", offset + d_model + 1, d_model], ["pool.count", offset + 2 * d_model + 1, 1]]
+            offset += 2 * d_model + 2
         self.state_size = offset
         self.state_layout = layout
 
@@ -96,11 +96,13 @@ class StepModule(nn.Module):
         h = self.norm(h)
         if self.pooling == "mean":
             p, d = self.pool_offset, self.d_model
-            carry, mean = state[:, p:p + d], state[:, p + d:p + 2 * d]
-            count = state[:, p + 2 * d:p + 2 * d + 1] + 1.0
-            # compensated (Fast2Sum): three ops on (batch, d_model) keep the mean's digits over 1e7 steps
+            carry, count_carry = state[:, p:p + d], state[:, p + d:p + d + 1]
+            mean, count = state[:, p + d + 1:p + 2 * d + 1], state[:, p + 2 * d + 1:p + 2 * d + 2]
+            # compensated (Fast2Sum): three ops on (batch, d_model) keep the mean's digits over 1e7 steps,
+            # three on (batch, 1) the count exact past 2**24
+            count, count_carry = running_count_step(count, count_carry)
             h, carry = running_mean_step(mean, carry, h, count)
-            new_states += [carry, h, count]
+            new_states += [carry, count_carry, h, count]
         y = self.decoder(h)
         return y, torch.cat(new_states, dim=1)
 
@@ -189,7 +191,7 @@ def build_step_module(model: SequenceModel) -> StepModule:
 def state_from_cache(model: SequenceModel, cache: Dict[str, Any]) -> Tensor:
     """The step graph's packed state (B, state_size), float32, of a stream the model ran in torch:
     ``cache`` from ``model.prefill(x)`` (or ``allocate_inference_cache`` and ``step``). Layers'
-    states in block order, then mean pooling's rounding carry, running mean and step count
+    states in block order, then mean pooling's rounding carries, running mean and step count
     (the layout of :class:`StepModule`). Read a prompt in one convolution-mode pass and go on in ONNX Runtime::
 
         y, cache = model.prefill(prompt)
@@ -217,7 +219,8 @@ def state_from_cache(model: SequenceModel, cache: Dict[str, Any]) -> Tensor:
         parts.append(layer_cache["lrnn_state"])
     if model.config.pooling == "mean":
         mean = cache["pool_mean"]
-        count = cache["t"]
-        count = count if isinstance(count, Tensor) else mean.new_full((mean.shape[0], 1), float(count))
-        parts += [cache["pool_carry"], mean, count.to(mean.dtype)]
+        count = torch.as_tensor(cache["t"], device=mean.device).long().expand(mean.shape[0], 1)
+        high = count.float()                                  # the count as the float32 state holds it,
+        parts += [cache["pool_carry"], (count - high.long()).to(mean.dtype),     # and what that rounds off
+                  mean, high.to(mean.dtype)]
     return torch.cat(parts, 1).float().cpu() if parts else torch.zeros(cache["pool_mean"].shape[0], 0)

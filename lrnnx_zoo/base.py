@@ -348,7 +348,8 @@ class LTI_LRNN(LRNN):
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1,
                                  dtype: Optional[torch.dtype] = None, **kwargs: Any) -> Dict[str, Any]:
-        """Cache for :meth:`step`: the precomputed step form and a zero state (B, state_size).
+        """Cache for :meth:`step`: the precomputed step form, a zero state (B, state_size) and the
+        form's dtype (a state put in of another dtype steps in it and comes back in its own).
 
         ``max_seqlen`` is unused (an LTI system has one set of matrices for every step).
         ``dtype``: of the form and the state; default the parameters' (or, for a layer without
@@ -365,7 +366,7 @@ class LTI_LRNN(LRNN):
         with lasting_tensors(), step_form_dtype(dtype):
             form = self.step_form().to(device=ref.device, dtype=dtype)
             state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
-        return {"step_form": form, "lrnn_state": state, "weights": weights_and_versions(self)}
+        return {"step_form": form, "lrnn_state": state, "weights": weights_and_versions(self), "dtype": dtype}
 
     def prefill(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Any]]:
         """Read a prompt in convolution mode and return the cache a stream continues from.
@@ -447,16 +448,24 @@ class LTI_LRNN(LRNN):
             raise TypeError(f"{who}: the cache holds {state.dtype} state on {state.device}, got x of {x.dtype} on "
                             f"{x.device}; convert x (x.to({state.dtype})) or allocate the cache with "
                             f"allocate_inference_cache(batch_size, dtype={x.dtype}) on x's device")
+        dtype = inference_cache.get("dtype", state.dtype)     # the step form's
         if "weights" in inference_cache:
             form, inference_cache["weights"] = current_form(
                 self, form, inference_cache["weights"],
-                lambda: self.step_form().to(device=state.device, dtype=state.dtype), state.dtype,
+                lambda: self.step_form().to(device=state.device, dtype=dtype), dtype,
                 lambda: f"{type(self).__name__}.step: the layer's weights changed since this cache was made (an optimiser "
                 f"step, load_state_dict or an in-place edit), so its step form is stale; make a new cache with "
                 f"allocate_inference_cache(batch_size) (for a SequenceModel: model.allocate_inference_cache) "
                 f"and restart the stream")
             inference_cache["step_form"] = form
-        y, state = form(x, state)
+        if state.dtype != dtype:
+            # A state put in the cache in another dtype: stepped in the form's precision and handed back in
+            # its own (passed_state_dtype), as every kernel does. The LRU's matmul failed on it ("expected
+            # m1 and m2 to have the same dtype"), S4's dense form too, the diagonal forms promoted it.
+            y, next_state = form(x.to(dtype), state.to(dtype))
+            y, state = y.to(x.dtype), next_state.to(state.dtype)
+        else:
+            y, state = form(x, state)
         # Values only: a state with autograd history chained each step's graph to the next, so a
         # stream stepped outside no_grad() grew without bound (46 KB a step for a 3-block S4D).
         inference_cache["lrnn_state"] = state.detach() if isinstance(state, Tensor) and state.requires_grad else state

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .convolution import opt_ssm_forward
 from .scan import diagonal_scan
+from .ssm_kernel import passed_state_dtype
 
 
 def powers(log_lam: Tensor, L: int, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -119,16 +120,20 @@ def block_powers(log_lam: Tensor, L: int, dtype: torch.dtype) -> Tuple[int, Tens
 
 def final_state(u: Tensor, log_lam: Tensor, B: Tensor, initial_state: Optional[Tensor] = None) -> Tensor:
     """x_{L-1} = sum_j lam^{L-1-j} B u_j (+ lam^L x_{-1}) without materialising every state.
-    u: (Bsz, L, H) -> (Bsz, N) complex (:func:`block_powers`)."""
+    u: (Bsz, L, H) -> (Bsz, N) complex (:func:`block_powers`) of u's precision, or given x_{-1}, of
+    its dtype made complex (:func:`~lrnnx_zoo.ssm_kernel.passed_state_dtype`: a state comes back in
+    the dtype it was passed in; a complex128 one came back complex64 from a float32 LRU)."""
     Bsz, L = u.shape[:2]
     cx = torch.promote_types(u.dtype, torch.complex64)
     c, inner, outer = block_powers(log_lam, L, cx)
     v = torch.nn.functional.pad(project_in(u, B), (0, 0, outer.shape[0] * c - L, 0))    # (Bsz, n c, N)
     x = (v.reshape(Bsz, -1, c, v.shape[-1]) * inner).sum(2)                            # S_k: (Bsz, n, N)
     x = (x * outer).sum(1)
-    if initial_state is not None:
-        x = x + cexp(L * log_lam.to(torch.complex128)).to(cx) * initial_state.to(cx)
-    return x
+    if initial_state is None:
+        return x
+    out = passed_state_dtype(initial_state)
+    wide = torch.promote_types(cx, out)
+    return (x.to(wide) + cexp(L * log_lam.to(torch.complex128)).to(wide) * initial_state.to(wide)).to(out)
 
 
 def channel_final_state(u: Tensor, log_lam: Tensor, B: Tensor, state: Tensor) -> Tensor:

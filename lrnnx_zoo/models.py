@@ -230,12 +230,26 @@ def running_mean_step(mean: Tensor, carry: Tensor, h: Tensor, count: Any) -> Tup
     mean' = mean + (h - mean) / count, summed by Fast2Sum: ``carry`` holds what rounding cut off
     the previous update and is added to this one, since (h - mean) / count falls below the mean's
     last bit as the count grows (float32 rounding put the mean 1.4e-4 off its float64 value after
-    3e6 steps, 1.2e-3 after 1e7; with the carry 1e-7). A mean, not a sum divided by the count: past
-    2**24 steps a float32 count stops growing, and only the update stops shrinking. The exported
+    3e6 steps, 1.2e-3 after 1e7; with the carry 1e-7). A mean, not a sum divided by the count, so
+    that a count rounded to float32 (past 2**24) only weights the update by 1 +- 6e-8. The exported
     step graph and SequenceModel.step both run this."""
     update = (h - mean) / count + carry
     new = mean + update
     return new, update - (new - mean)
+
+
+def running_count_step(count: Tensor, carry: Tensor) -> Tuple[Tensor, Tensor]:
+    """The step count of a float32 stream state advanced by one, exactly: the count is
+    ``count + carry``, both (B, 1) floats; returns (count', carry'), count' the count rounded to the
+    state's precision (what :func:`running_mean_step` divides by) and carry' what rounding cut off.
+
+    Fast2Sum again: a float32 count alone stops growing at 2**24 (count + 1 rounds back to it), 17
+    minutes of 16 kHz audio, after which the running mean became an exponential average over the
+    last ~1.7e7 steps. With the carry the count stays exact to 2**48 steps; below 2**24 the carry is
+    0 and count' is count + 1, as before."""
+    step = 1.0 + carry
+    new = count + step
+    return new, step - (new - count)
 
 
 def prefill_layer(layer: nn.Module, x: Tensor, lengths: Optional[Tensor]) -> Tuple[Tensor, Dict[str, Any]]:
@@ -302,8 +316,8 @@ class SequenceModel(HubMixin, nn.Module):
         h = self._features(x, lengths, cache["layers"])
         if lengths is None:       # the step count: one for all, or each sequence's (B, 1)
             cache["t"] = h.shape[1]
-        else:
-            cache["t"] = torch.as_tensor(lengths, device=h.device).unsqueeze(-1).to(h.dtype)
+        else:                     # integers (a float32 count stopped growing at 2**24 steps), a copy:
+            cache["t"] = torch.as_tensor(lengths, device=h.device).unsqueeze(-1).to(torch.long, copy=True)
         if self.config.pooling != "mean":     # the running mean only feeds mean pooling's steps
             return self._readout(h, lengths), cache
         cache["pool_mean"] = self._pooled(h, lengths, "mean")    # _check_sequence refused empty sequences
@@ -438,7 +452,7 @@ class SequenceModel(HubMixin, nn.Module):
             z, _ = block.layer.step(block.norm(h), layer_cache)
             h = h + block.mix(z)
         h = self.norm(h)
-        cache["t"] += 1
+        cache["t"] = cache["t"] + 1      # not in place: the count may be a view of the caller's lengths
         if self.config.pooling == "mean":
             # the running mean as the exported step graph keeps it; the cache keeps values only, as
             # the layers keep their states (LTI_LRNN.step)

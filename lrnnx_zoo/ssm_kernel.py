@@ -46,6 +46,16 @@ def check_rate(rate: Any, who: str) -> float:
     return float(rate)
 
 
+def passed_state_dtype(state: Tensor) -> torch.dtype:
+    """The dtype a kernel's next state comes back in, given the state it was passed: that state's,
+    made complex (a real (B, H, S) state of a kernel whose state is complex is read as complex of
+    its precision). The rule of every state-passing path (``forward(state=...)``, ``forward_state``,
+    ``step``) whatever the kernel's own precision, which the arithmetic uses: the families
+    disagreed (a complex128 state to a float32 s4d kernel came back complex64 from forward and
+    complex128 from step, from the s4 kernel the other way round)."""
+    return torch.promote_types(state.dtype, torch.complex64)
+
+
 def final_kernel_state(kernel: "SSMKernel", u: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
     """The kernel's state (B, H, S) after u: (B, L, H) from its zero state, at step ``lengths[b]``
     of each sequence (L when None): ``forward_state`` of the right-aligned input
@@ -86,7 +96,7 @@ def pack_kernel_state(form: nn.Module, state: Tensor, kernel: Optional["SSMKerne
 def unpack_kernel_state(form: nn.Module, s: Tensor, like: Tensor, kernel: Optional["SSMKernel"] = None) -> Tensor:
     """Inverse of :func:`pack_kernel_state`: s: (B, state_size) -> a state shaped and typed like ``like``."""
     if kernel is not None and hasattr(kernel, "unpack_state"):
-        return kernel.unpack_state(s, form)
+        return kernel.unpack_state(s, form).to(like.dtype)      # a kernel's unpack gives its own dtype
     B = s.shape[0]
     if isinstance(form, ChannelDiagonalStepForm):
         x = form.unpack(s, form.H)

@@ -42,7 +42,7 @@ from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_parameter_dtype, che
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, kernel_taps, reversed_spectrum
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import (SSMKernel, check_rate, kernel_final_step_state, pack_kernel_state,
-                                  unpack_kernel_state)
+                                  passed_state_dtype, unpack_kernel_state)
 from lrnnx_zoo.step_forms import SequentialStepForm, StepForm, step_form_dtype, stored
 
 __all__ = ["FFTConvS4", "FFTConvLayer", "pack_state", "unpack_state", "flip_within_lengths"]
@@ -299,8 +299,9 @@ class FFTConvS4(nn.Module):
 
         state: the kernel state (B, H, S) (``default_state``, or a next_state of ``forward``),
         or the step form's packed real state (B, state_size); the next state comes back in the
-        same format (a real (B, H, S) state of a kernel whose state is complex is read as complex,
-        and its next state is complex). Runs ``setup_step`` on first use.
+        same format and dtype (a real (B, H, S) state of a kernel whose state is complex is read as
+        complex of its precision, and its next state is complex). The step runs in the parameters'
+        precision whatever the state's. Runs ``setup_step`` on first use.
         """
         self._check_streamable("step mode")
         if self._step is None:
@@ -322,20 +323,21 @@ class FFTConvS4(nn.Module):
             raise TypeError(f"FFTConvS4.step: its step form holds {self.D.dtype}, as its parameters, got x of "
                             f"{x.dtype}; convert x (x.to({self.D.dtype})) or the module (.to({x.dtype}))")
         packed = state.dim() == 2 and not state.is_complex()
-        if not packed and not state.is_complex():
+        if not packed and not state.is_complex() and self.kernel.default_state(0).is_complex():
             # A real (B, H, S) state (torch.zeros(B, H, S)) of a kernel whose state is complex: its next
             # state has imaginary parts, which unpacking into the real dtype given dropped (steps from
             # torch.zeros were 51% off with the s4d kernel, 27% with lru; the s4 kernel failed on it).
-            like = self.kernel.default_state(0)
-            state = state.to(like.dtype) if like.is_complex() else state
-        s = state if packed else pack_state(form, state, self.kernel)
+            state = state.to(passed_state_dtype(state))
+        # In the form's precision, the next state in the given one's dtype (passed_state_dtype): a packed
+        # float64 state promoted the diagonal forms' arithmetic and failed in the dense form's matmul
+        s = state.to(self.D.dtype) if packed else pack_state(form, state, self.kernel)
         if s.shape != (x.shape[0], form.state_size):
             raise ValueError(f"FFTConvS4.step expects a state of shape (batch={x.shape[0]}, {form.state_size}) or "
                              f"the kernel's (batch, H, S); got {tuple(state.shape)}")
         y, s_next = form(x, s)
         if self.swap_channels:
             y = y.reshape(-1, self.channels, self.d_model).transpose(1, 2).reshape(-1, self.d_output)
-        return y, (s_next if packed else unpack_state(form, s_next, state, self.kernel))
+        return y, (s_next.to(state.dtype) if packed else unpack_state(form, s_next, state, self.kernel))
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, l_max={self.L}, channels={self.channels}, kernel={self.kernel_type!r}, "

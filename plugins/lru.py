@@ -21,7 +21,7 @@ from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding, ordinary_tensor, parameter_dtype, right_aligned
 from lrnnx_zoo.modal import channel_final_state, channel_kernel, final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, get_initializer
-from lrnnx_zoo.ssm_kernel import SSMKernel
+from lrnnx_zoo.ssm_kernel import SSMKernel, passed_state_dtype
 from lrnnx_zoo.step_forms import ChannelDiagonalStepForm, DiagonalStepForm
 
 
@@ -225,9 +225,12 @@ class LRUKernel(SSMKernel):
                            device=self.nu_log.device)
 
     def forward_state(self, u: Tensor, state: Tensor) -> Tensor:
-        """x_{L-1} = lam^L x_{-1} + sum_j lam^{L-1-j} gamma B u_j.   u: (B, H, L), state: (B, H, N)."""
+        """x_{L-1} = lam^L x_{-1} + sum_j lam^{L-1-j} gamma B u_j.   u: (B, H, L), state: (B, H, N)
+        -> (B, H, N) in :func:`~lrnnx_zoo.ssm_kernel.passed_state_dtype` (computed in the wider of its
+        precision and the kernel's)."""
         log_lam, B, _ = self.discretize(torch.complex128)
-        return channel_final_state(u, log_lam, B, state.to(self.state_dtype))
+        out = passed_state_dtype(state)
+        return channel_final_state(u, log_lam, B, state.to(torch.promote_types(out, self.state_dtype))).to(out)
 
     @torch.no_grad()
     def step_form(self, D: Optional[Tensor] = None) -> ChannelDiagonalStepForm:

@@ -26,7 +26,7 @@ from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vander
 from lrnnx_zoo.modal import channel_final_state, channel_kernel
 from lrnnx_zoo.discretization import get_discretization
 from lrnnx_zoo.registry import get_backend, get_initializer
-from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, kernel_final_step_state
+from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, kernel_final_step_state, passed_state_dtype
 from lrnnx_zoo.step_forms import ChannelDiagonalStepForm
 
 
@@ -142,9 +142,12 @@ class S4DKernel(SSMKernel):
                            device=self.log_dt.device)
 
     def forward_state(self, u: Tensor, state: Tensor) -> Tensor:
-        """x_{L-1} = A_bar^L x_{-1} + sum_j A_bar^{L-1-j} B_bar u_j.   u: (B, H, L), state: (B, H, N/2)."""
+        """x_{L-1} = A_bar^L x_{-1} + sum_j A_bar^{L-1-j} B_bar u_j.   u: (B, H, L), state: (B, H, N/2)
+        -> (B, H, N/2) in :func:`~lrnnx_zoo.ssm_kernel.passed_state_dtype` (computed in the wider of its
+        precision and the kernel's)."""
         _, B_bar, _, log_A = self.discretize(dtype=torch.complex128)
-        return channel_final_state(u, log_A, B_bar, state.to(self.state_dtype))
+        out = passed_state_dtype(state)
+        return channel_final_state(u, log_A, B_bar, state.to(torch.promote_types(out, self.state_dtype))).to(out)
 
     @torch.no_grad()
     def step_form(self, D: Optional[Tensor] = None) -> ChannelDiagonalStepForm:

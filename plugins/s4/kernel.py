@@ -39,7 +39,7 @@ from lrnnx_zoo import hippo
 from lrnnx_zoo.base import check_sizes, needs_autograd, parameter_dtype
 from lrnnx_zoo.optim import grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
-from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate
+from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, passed_state_dtype
 
 from . import dense
 from .generating import bilinear_kernel
@@ -499,11 +499,12 @@ class SSKernelNPLR(StepModes, SSMKernel):
         return K, dense.two_level_kernel(A_bar, x, c, L).to(dtype)
 
     def forward_state(self, u: Tensor, state: Tensor) -> Tensor:
-        """The state x_{L-1} after u: (B, H, L) from x_{-1} = state (B, H, N/2), exactly (dense float64)."""
+        """The state x_{L-1} after u: (B, H, L) from x_{-1} = state (B, H, N/2), exactly (dense float64),
+        in :func:`~lrnnx_zoo.ssm_kernel.passed_state_dtype` (a real float64 state gave complex64)."""
         A_bar, b_bar = self.dense_system()
         block = (self._shared_work() or {}).get("block")
         x = dense.advance_state(A_bar, b_bar, u.double(), dense.to_real(state.to(torch.complex128)), block)
-        return dense.from_real(x).to(state.dtype if state.is_complex() else torch.complex64)
+        return dense.from_real(x).to(passed_state_dtype(state))
 
     def extra_repr(self) -> str:
         return (f"H={self.d_model}, N={self.d_state}, channels={self.channels}, rank={self.rank}, "

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lrnnx_zoo.base import check_floating, current_form, lasting_tensors, weights_and_versions
+from lrnnx_zoo.ssm_kernel import passed_state_dtype
 from lrnnx_zoo.step_forms import StepForm, build_dtype, pack_modes, step_form_dtype, unpack_modes
 
 from . import dense
@@ -117,7 +118,8 @@ class StepModes:
 
     def step(self, u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         """One step with the form of :meth:`setup_step`.  u: (B, H), state like :meth:`default_state`
-        -> y: (B, C, H) (no skip term), next state in the same layout."""
+        -> y: (B, C, H) (no skip term), next state in the same layout and dtype
+        (:func:`~lrnnx_zoo.ssm_kernel.passed_state_dtype`; the step runs in the form's precision)."""
         if self._stepper is None:
             raise RuntimeError("call setup_step(mode) before step(), and again after loading weights "
                                "(load_state_dict); modes: " + ", ".join(STEP_MODES))
@@ -141,8 +143,9 @@ class StepModes:
             shape = lambda t: tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__     # noqa: E731
             raise ValueError(f"{who} expects u of shape (batch, H={H}) and a state of shape (batch, {H}, {n}) "
                              f"(default_state(batch)), got u {shape(u)} and state {shape(state)}")
-        if not state.is_complex():      # e.g. torch.zeros(B, H, n): to_real below failed on it ("imag is not
-            state = state.to(self.state_dtype)                     # implemented for ... non-complex dtypes")
+        # e.g. torch.zeros(B, H, n): to_real below failed on it ("imag is not implemented for ... non-complex
+        # dtypes"). The next state comes back in its dtype (complex), as from every kernel (passed_state_dtype)
+        state = state.to(passed_state_dtype(state))
         if u.dtype != built:
             check_floating(u, who, autocast_hint=False)
             raise TypeError(f"{who}: the step form holds {built}, got u of {u.dtype}; convert u (u.to({built})) "
@@ -154,7 +157,7 @@ class StepModes:
         else:                   # linear: x, diagonal: eigen-coordinates, both in the modal layout
             y, s = self._stepper(u, pack_modes(state).to(u.dtype))
             nxt = unpack_modes(s, self.d_model).reshape(state.shape)
-        return y.reshape(Bsz, self.channels, self.d_model), nxt
+        return y.reshape(Bsz, self.channels, self.d_model), nxt.to(state.dtype)
 
     def _layout(self, form: Optional[StepForm], device: torch.device) -> Tuple[Optional[str], Optional[Tensor]]:
         """(mode, eigenbasis) of ``form`` (as :meth:`_built_form` tagged it), else of the form built last."""
