@@ -74,6 +74,26 @@ def stored(t: Tensor) -> Tensor:
     return t.detach().to(build_dtype()).contiguous()
 
 
+def stored_split(t: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """t (float64) stored as hi + lo, two numbers of the build dtype: hi = stored(t), lo = stored(t - hi),
+    lo None when the build dtype is float64 (nothing is cut off). For a pole lam: rounded once to
+    float32 it is off by ~6e-8, which a mode of memory 1 / (1 - |lam|) multiplies into a fixed
+    output error over a long stream; hi + lo keeps it to ~1e-15."""
+    hi = stored(t)
+    return hi, (None if hi.dtype == torch.float64 else stored(t - hi.double()))
+
+
+def rotate(z: Tensor, re: Tensor, im: Tensor, re_lo: Optional[Tensor], im_lo: Optional[Tensor],
+           rest: Tensor) -> Tensor:
+    """lam * z + rest on the packed [Re z; Im z] (..., 2, M, H), lam as rows [Re lam; Re lam] and
+    [-Im lam; Im lam] (+ their lo parts, see :func:`stored_split`): the complex product is a swap
+    of the halves. The small terms are summed first, into ``rest``, so that they are not rounded away."""
+    flipped = z.flip(-3)
+    if re_lo is not None:
+        rest = rest + (z * re_lo + flipped * im_lo)
+    return z * re + flipped * im + rest
+
+
 #: DiagonalStepForm fuses up to this many matrix entries. Measured per step in ONNX Runtime, 4 LRU
 #: blocks, fused vs elementwise (interleaved): d_model=32, N=32: 23 vs 33 us; 64/64: 29 vs 35 us;
 #: 128/64 (65,536 entries, 256 KiB): 52.6 vs 61.5 us at batch 1 (6% slower at batch 64);
@@ -173,10 +193,10 @@ class ChannelDiagonalStepForm(StepForm):
     channel last (:func:`pack_modes` / :func:`unpack_modes` convert from and to x: (batch, H, N)). The complex
     product is s' = s * [Re lam; Re lam] + flip(s) * [-Im lam; Im lam] + u [Re B; Im B]: six passes
     over the state, the fewest elementwise ops we found for ONNX Runtime and eager torch alike.
-    Stored in float32, lam is kept as two numbers, lam_hi + lam_lo (lam_lo the rounding lam_hi cut
-    off), and their products are added smallest first: four more passes, but a pole rounded once
-    is off by ~6e-8, which a mode of memory 1 / (1 - |lam|) multiplies into a fixed output error
-    (digits-s4d's blocks after 4096 steps: 1.0e-5 - 1.5e-5 of max|y|, 0.8e-6 - 1.1e-6 split).
+    Stored in float32, lam is kept as two numbers, hi + lo (:func:`stored_split`, :func:`rotate`):
+    four more passes, but a pole rounded once is off by ~6e-8, which a mode of memory
+    1 / (1 - |lam|) multiplies into a fixed output error (digits-s4d's blocks after 4096 steps:
+    1.0e-5 - 1.5e-5 of max|y|, 0.8e-6 - 1.1e-6 split; ONNX Runtime step at batch 1 +24%).
     Channels last make the input's broadcast over modes and the output's sum over them run along
     contiguous rows of H: with channels first (rows of N) the graph of the benchmark's 4-block S4D
     made 1.2x fewer steps per second at batch 64 in ONNX Runtime and 1.1x eager, the same at batch 1.
@@ -195,15 +215,10 @@ class ChannelDiagonalStepForm(StepForm):
         def modes_first(t: Tensor) -> Tensor:                        # (..., H, N) -> (..., N, H)
             return t.transpose(-1, -2)
 
-        lam_re = modes_first(torch.stack([lam.real, lam.real]))                                  # (2, N, H)
-        lam_im = modes_first(torch.stack([-lam.imag, lam.imag]))                                 # (2, N, H)
-        self.register_buffer("lam_re", stored(lam_re))
-        self.register_buffer("lam_im", stored(lam_im))
-        # lam = hi + lo, both stored: lam rounded to float32 alone shifts each pole by ~6e-8, a fixed
-        # error that a mode of memory 1 / (1 - |lam|) amplifies that many times over a long stream
-        split = build_dtype() != torch.float64
-        self.register_buffer("lam_re_lo", stored(lam_re - self.lam_re.double()) if split else None)
-        self.register_buffer("lam_im_lo", stored(lam_im - self.lam_im.double()) if split else None)
+        for name, rows in (("lam_re", torch.stack([lam.real, lam.real])), ("lam_im", torch.stack([-lam.imag, lam.imag]))):
+            hi, lo = stored_split(modes_first(rows))                                          # (2, N, H)
+            self.register_buffer(name, hi)
+            self.register_buffer(name + "_lo", lo)
         self.register_buffer("B_pair", stored(modes_first(torch.stack([B.real, B.imag]))))       # (2, N, H)
         self.register_buffer("C_pair", stored(modes_first(torch.stack([C.real, -C.imag], 1))))   # (Ch, 2, N, H)
         self.register_buffer("D", None if D is None else stored(D))
@@ -212,11 +227,8 @@ class ChannelDiagonalStepForm(StepForm):
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
         x = s.reshape(-1, 2, self.N, self.H)
-        flipped = x.flip(1)
-        drive = u.reshape(-1, 1, 1, self.H) * self.B_pair
-        if self.lam_re_lo is not None:         # the small terms first: their sum is exact enough
-            drive = drive + (x * self.lam_re_lo + flipped * self.lam_im_lo)
-        x = x * self.lam_re + flipped * self.lam_im + drive
+        x = rotate(x, self.lam_re, self.lam_im, self.lam_re_lo, self.lam_im_lo,
+                   u.reshape(-1, 1, 1, self.H) * self.B_pair)
         if self.channels == 1:    # no channel axis: 3 graph nodes fewer per block (100 -> 88 for the
             y = (x * self.C_pair[0]).sum((1, 2))          # benchmark's 4-block S4D, 120 -> 115 us/step)
             return (y if self.D is None else y + self.D[0] * u), x.reshape(-1, self.state_size)
@@ -288,7 +300,9 @@ class ChannelDPLRStepForm(StepForm):
 
     with c_sr = Re(G1_s . U0_r). The readouts G~ and C d share one pass over the state, and y
     needs no pass over z': 17 state-sized passes per step instead of 30 for the two factors
-    applied in turn (ONNX Runtime and eager alike). Cost O(M r) per channel and step.
+    applied in turn (ONNX Runtime and eager alike), and four more for d kept as hi + lo in float32
+    (:func:`stored_split`; digits-s4's blocks after 4096 steps of biased noise: 1.4e-6 - 8.7e-6 of
+    max|y| from float64 with d rounded once, 0.4e-6 - 1.3e-6 split). Cost O(M r) per channel and step.
 
     Args:
         d0, d1, b: (H, M) complex.  U0, G0, U1, G1: (H, r, M) complex.  C: (Ch, H, M) complex
@@ -337,8 +351,10 @@ class ChannelDPLRStepForm(StepForm):
 
         self.register_buffer("readout", stored(readout.permute(1, 2, 0)))                 # (2r + Ch, 2M, H)
         # d * z on [Re z; Im z]: z * [Re d; Re d] + flip(z) * [-Im d; Im d] (see ChannelDiagonalStepForm)
-        self.register_buffer("d_re", stored(rows(d.real, d.real)))                        # (2, M, H)
-        self.register_buffer("d_im", stored(rows(-d.imag, d.imag)))                       # (2, M, H)
+        for name, (top, bottom) in (("d_re", (d.real, d.real)), ("d_im", (-d.imag, d.imag))):
+            hi, lo = stored_split(rows(top, bottom))                                      # (2, M, H)
+            self.register_buffer(name, hi)
+            self.register_buffer(name + "_lo", lo)
         U_k = U_mix.transpose(0, 1)                                                       # (2r, H, M)
         self.register_buffer("U", stored(rows(U_k.real, U_k.imag)))                       # (2r, 2, M, H)
         self.register_buffer("b", stored(rows(b_mix.real, b_mix.imag)))                   # (2, M, H)
@@ -352,7 +368,7 @@ class ChannelDPLRStepForm(StepForm):
         rho, yz = q[:, :k], q[:, k:]
         z = z.reshape(-1, 2, M, H)
         low = (rho.reshape(-1, k, 1, 1, H) * self.U).sum(1)               # (batch, 2, M, H)
-        z_next = z * self.d_re + z.flip(1) * self.d_im - low + u.reshape(-1, 1, 1, H) * self.b
+        z_next = rotate(z, self.d_re, self.d_im, self.d_re_lo, self.d_im_lo, u.reshape(-1, 1, 1, H) * self.b - low)
         y = yz - (rho.unsqueeze(1) * self.E).sum(2) + self.D * u.unsqueeze(1)    # (batch, Ch, H)
         return y.reshape(-1, self.d_output), z_next.reshape(-1, self.state_size)
 
