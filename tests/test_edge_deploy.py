@@ -87,7 +87,9 @@ def test_graph_holds_no_exporter_debug_records(tmp_path, opset):
     proto = onnx.load(str(path))
     assert not any(n.metadata_props for n in proto.graph.node)
     assert not proto.graph.metadata_props
-    assert result.graph["bytes"] < 100_000
+    # what is not weights: ~13 kB of nodes and names (the debug records added ~60 kB)
+    weights = sum(onnx.numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
+    assert result.graph["bytes"] - weights < 20_000
 
 
 @pytest.mark.parametrize("opset, ir", [(None, 9), (18, 8)])
