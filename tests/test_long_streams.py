@@ -129,7 +129,8 @@ def mean_graph(tmp_path_factory):
     return model, to_onnx(model, path)
 
 
-@pytest.mark.parametrize("count", [1e6, 1e7])
+# 2**24 - 5: the stream crosses 2**24, where a float32 count alone stops growing
+@pytest.mark.parametrize("count", [1e6, 1e7, 2**24 - 5])
 def test_the_running_mean_keeps_its_digits_far_into_a_stream(mean_graph, count):
     """A mean-pooled graph's running mean, continued from step ``count`` (set through the state,
     as after hours of streaming), against the float64 mean of the same features. The update

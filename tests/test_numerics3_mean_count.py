@@ -83,27 +83,6 @@ def test_the_count_carry_stays_zero_below_2_to_the_24(graph):
     assert (streamer.state[:, layout["pool.count_carry"][0]] == 0).all()
 
 
-def test_the_mean_stays_a_mean_past_2_to_the_24(graph):
-    """The running mean continued from step START against the float64 mean of the same features.
-    Tolerance 1e-6 as in test_long_streams: the mean is O(1); a few float32 roundings of it (6e-8
-    each) and the features' own error (~1e-6, weighted by STEPS / START) stay far below it."""
-    model, res, layout = graph
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, STEPS, 3, generator=g)
-    mean0 = torch.randn(1, model.config.d_model, generator=g).double()
-    state = np.zeros((1, res.state_size), np.float32)
-    off, size = layout["pool.mean"]
-    state[:, off:off + size] = mean0.float().numpy()
-    state[:, layout["pool.count"][0]] = START
-    streamer = OnnxStreamer(res.path)
-    streamer.state = state
-    streamer.run(x)
-    with torch.no_grad():
-        h = model.double()._features(x.double(), None)[0]
-        model.float()
-    want = (START * mean0[0] + h.sum(0)) / (START + STEPS)
-    assert np.abs(streamer.state[0, off:off + size] - want.numpy()).max() < 1e-6
-
 
 def test_eager_count_of_a_prefill_with_lengths_grows_past_2_to_the_24():
     # prefill(x, lengths) kept each sequence's count as a float32 tensor, which stopped at 2**24; the
