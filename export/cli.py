@@ -19,10 +19,12 @@ def check_flags(args: argparse.Namespace) -> None:
     model is loaded, in the flags' words (export_folder's own messages name its Python arguments:
     batch=, out_dir, ...). Raises ValueError or OSError."""
     from lrnnx_zoo.hub_cli import check_revision_flag
-    from .folder import check_arguments, check_destination
+    from lrnnx_zoo.wording import command_line
+    from .folder import CLI_FLAGS, check_arguments, check_destination
 
-    out = check_arguments(args.out, args.format, args.quantize, args.opset, args.batch, args.latency_steps,
-                          args.push_to_hub, cli=True, validation_length=args.validation_length)
+    with command_line(CLI_FLAGS):
+        out = check_arguments(args.out, args.format, args.quantize, args.opset, args.batch, args.latency_steps,
+                              args.push_to_hub, validation_length=args.validation_length)
     check_revision_flag(args.src, args.revision)
     check_destination(out, args.format, "--out")
 

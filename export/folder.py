@@ -27,6 +27,7 @@ import lrnnx_zoo
 from lrnnx_zoo.hub import EXPORT_KIND, WEIGHTS_NAME, peek_config
 from lrnnx_zoo.folder_swap import replaced_folder
 from lrnnx_zoo.hub_save import check_repo_id, check_save_target, publishing, write_safetensors
+from lrnnx_zoo.wording import given, in_command_line, name
 
 from .card import build_card
 from .latency import DEFAULT_STEPS, onnx_latency, torch_latency
@@ -159,17 +160,12 @@ CLI_FLAGS = {"out_dir": "--out", "format": "--format", "quantize": "--quantize",
 
 def check_arguments(out_dir: Any, format: str, quantize: Optional[str] = None, opset: Optional[int] = None,
                     batch: Optional[int] = None, latency_steps: int = DEFAULT_STEPS,
-                    push_to_hub: Optional[str] = None, cli: bool = False,
+                    push_to_hub: Optional[str] = None,
                     validation_length: int = FOLDER_VALIDATION_LENGTH) -> Path:
     """Refuse arguments :func:`export_folder` cannot honour before any work, naming them as the
-    caller wrote them: Python keywords (``format='onnx'``), or with ``cli=True`` the CLI's flags
-    (``--format onnx``; it printed "out_dir ... is a file" for ``--out``). Returns out_dir as a Path."""
-    def name(key: str) -> str:
-        return CLI_FLAGS[key] if cli else key
-
-    def given(key: str, value: Any) -> str:
-        return f"{CLI_FLAGS[key]} {value}" if cli else f"{key}={value!r}"
-
+    caller wrote them: Python keywords (``format='onnx'``), or inside
+    ``lrnnx_zoo.wording.command_line(CLI_FLAGS)`` the CLI's flags (``--format onnx``; it printed
+    "out_dir ... is a file" for ``--out``). Returns out_dir as a Path."""
     if format not in FORMATS:
         raise ValueError(f"{name('format')} must be one of {FORMATS}, got {format!r}")
     for key, value in (("quantize", quantize), ("opset", opset)):
@@ -186,7 +182,7 @@ def check_arguments(out_dir: Any, format: str, quantize: Optional[str] = None, o
     try:
         check_batch(batch)
     except ValueError:
-        raise ValueError(f"{name('batch')} must be a positive int{'' if cli else ' or None (dynamic)'}, "
+        raise ValueError(f"{name('batch')} must be a positive int{'' if in_command_line() else ' or None (dynamic)'}, "
                          f"got {batch!r}") from None
     if batch is not None and format == "torchscript":
         raise ValueError(f"a traced TorchScript step accepts any batch; drop {name('batch')} or use "
