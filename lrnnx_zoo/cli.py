@@ -24,7 +24,8 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {}
 #: The flags that give the library's arguments, for its messages while a command runs (lrnnx_zoo.wording):
 #: a refusal deep inside train or from_pretrained then says --init-from, not init_from=.
 FLAGS = {"out_dir": "--out", "init_from": "--init-from", "resume": "--resume", "checkpoint_every": "--checkpoint-every",
-         "local_files_only": "--local-files-only", "revision": "--revision"}
+         "local_files_only": "--local-files-only", "revision": "--revision", "epochs": "--epochs",
+         "max_steps": "--max-steps"}
 # Modules adding subcommands: add_commands(subparsers, COMMANDS). Missing ones are skipped.
 SUBCOMMAND_MODULES = ("lrnnx_zoo.hub_cli", "lrnnx_zoo.training_cli", "lrnnx_zoo.evaluate_cli", "lrnnx_zoo.export.cli")
 

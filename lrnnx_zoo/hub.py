@@ -376,7 +376,8 @@ def read_config(folder: Path) -> Dict[str, Any]:
             f"{folder} is an export folder ({config.get('format') or 'a'} step graph written by `lrnnx-zoo export`, "
             f"kind={EXPORT_KIND!r}), not a checkpoint: it has no {WEIGHTS_NAME} to build a SequenceModel from. Run it "
             f"with lrnnx_zoo.export (e.g. OnnxStreamer), or load the checkpoint it came from"
-            + (f": from_pretrained({origin!r})" if origin else " (see its config.json)"))
+            + ((f": {origin}" if in_command_line() else f": from_pretrained({origin!r})") if origin
+               else " (see its config.json)"))
     _check_present(str(folder), files)
     if not isinstance(config, dict) or config.get("library") != LIBRARY:
         raise CheckpointError(f"{path} is not an lrnnx-zoo config ({library_field(config)}, expected "

@@ -44,6 +44,7 @@ from .data import augment_digit_shifts
 from .models import ModelConfig, SequenceModel
 from .optim import grouped_parameters
 from .recipes import DataSpec, OptimSpec, Recipe, check_seed, get_recipe, override
+from .wording import given, name
 
 if TYPE_CHECKING:  # training_state imports this module
     from .training_state import RunStart, Saver
@@ -252,10 +253,11 @@ def unreached_epochs(optim: OptimSpec, plan: StepPlan, max_steps: Optional[int])
     if reached >= optim.epochs:
         return None
     never = f"epoch {optim.epochs}" if reached + 1 == optim.epochs else f"epochs {reached + 1} to {optim.epochs}"
-    return (f"epochs={optim.epochs} asks for {plan.full} optimiser steps ({plan.steps_per_epoch} per epoch), but "
-            f"max_steps={max_steps} ends the run after {plan.total}, in epoch {reached}: {never} never run. "
-            f"Raise max_steps to {plan.full} (--max-steps {plan.full}) to train every epoch, or ask for "
-            f"{_plural(reached, 'epoch')}")
+    # in the caller's words: Python keywords, or the flags under `lrnnx-zoo train` (lrnnx_zoo.wording)
+    return (f"{given('epochs', optim.epochs)} asks for {plan.full} optimiser steps ({plan.steps_per_epoch} per "
+            f"epoch), but {given('max_steps', max_steps)} ends the run after {plan.total}, in epoch {reached}: "
+            f"{never} never run. Raise {name('max_steps')} to {plan.full} to train every epoch, or ask for "
+            f"{_plural(reached, 'epoch')} ({given('epochs', reached)})")
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, ssm_lr: Optional[float]) -> List[Dict[str, Any]]:

@@ -1039,3 +1039,11 @@ def test_cli_push_that_fails_says_the_source_is_unchanged(local_hub, tmp_path, c
     assert cli_main(["push", str(folder), "acme/other"]) == 2
     err = capsys.readouterr().err
     assert "refusing to upload" in err and f"{folder} is unchanged." in err and "in memory" not in err, err
+
+
+def test_export_folder_given_to_a_command_names_its_checkpoint_not_python(tmp_path, capsys):
+    # `lrnnx-zoo info EXPORT_DIR` told a shell user to call from_pretrained('digits-lru')
+    from lrnnx_zoo.cli import main as cli_main
+    assert cli_main(["evaluate", str(_fake_export(tmp_path / "exported"))]) != 0
+    err = capsys.readouterr().err
+    assert "is an export folder" in err and "digits-lru" in err and "from_pretrained" not in err

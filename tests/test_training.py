@@ -501,8 +501,8 @@ def test_epochs_that_max_steps_never_reaches_are_warned_about(monkeypatch, tmp_p
     from lrnnx_zoo.training import EpochsNotReachedWarning
     _no_training(monkeypatch)
     expected = ("epochs=3 asks for 132 optimiser steps (44 per epoch), but max_steps=8 ends the run after 8, "
-                "in epoch 1: epochs 2 to 3 never run. Raise max_steps to 132 (--max-steps 132) to train every "
-                "epoch, or ask for 1 epoch")
+                "in epoch 1: epochs 2 to 3 never run. Raise max_steps to 132 to train every "
+                "epoch, or ask for 1 epoch (epochs=1)")
     with pytest.warns(EpochsNotReachedWarning) as record, pytest.raises(pytest.fail.Exception):
         train(override(get_recipe(TINY), epochs=3), progress=False)
     assert [str(w.message) for w in record] == [expected]
@@ -516,7 +516,11 @@ def test_epochs_that_max_steps_never_reaches_are_warned_about(monkeypatch, tmp_p
                 train(recipe, progress=False)
     with pytest.raises(pytest.fail.Exception):
         cli.main(["train", TINY, "--out", str(tmp_path / "out"), "--epochs", "3", "--no-progress"])
-    assert capsys.readouterr().err == f"lrnnx-zoo train: warning: {expected}\n"
+    # the command's warning speaks in its flags
+    flagged = ("--epochs 3 asks for 132 optimiser steps (44 per epoch), but --max-steps 8 ends the run after 8, "
+               "in epoch 1: epochs 2 to 3 never run. Raise --max-steps to 132 to train every epoch, or ask for "
+               "1 epoch (--epochs 1)")
+    assert capsys.readouterr().err == f"lrnnx-zoo train: warning: {flagged}\n"
 
 
 def test_card_notes_say_when_the_warmup_outlasts_the_run():
