@@ -178,3 +178,29 @@ def test_trained_slow_modes_keep_their_poles_over_a_long_stream(name, form_type)
                 y, s = exact(u[:, t], s)
                 ys.append(y)
             close(run(form, u), torch.stack(ys, 1), rel=3e-6)
+
+
+def test_split_poles_false_builds_the_forms_with_poles_rounded_once(tmp_path):
+    # The opt-out of the hi + lo poles, for throughput: no lo buffers, four elementwise nodes fewer
+    # per block in the exported graph, and the same system to float32 rounding.
+    import lrnnx_zoo
+    from lrnnx_zoo.export import to_onnx
+    from lrnnx_zoo.step_forms import split_poles
+
+    torch.manual_seed(0)
+    lam, B, C = 0.9 * torch.exp(1j * torch.rand(4, 8, dtype=torch.float64)), rand_c(4, 8), rand_c(1, 4, 8)
+    with split_poles(False):
+        rounded = ChannelDiagonalStepForm(lam, B, C)
+    split = ChannelDiagonalStepForm(lam, B, C)
+    assert rounded.lam_re_lo is None and split.lam_re_lo is not None
+    u = torch.randn(1, 50, 4, dtype=torch.float64)
+    close(run(rounded, u), run(split, u))
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=2, d_output=2, d_model=8,
+                                                          n_layers=2, layer_kwargs={"d_state": 8})).eval()
+    with split_poles(False):
+        fast = to_onnx(model, tmp_path / "fast.onnx")
+    precise = to_onnx(model, tmp_path / "precise.onnx")
+    assert precise.graph["nodes"] - fast.graph["nodes"] == 4 * 2
+    with pytest.raises(TypeError, match="True or False"):
+        with split_poles("no"):
+            pass
