@@ -110,10 +110,11 @@ def stored_split(t: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
 
 def rotate(z: Tensor, re: Tensor, im: Tensor, re_lo: Optional[Tensor], im_lo: Optional[Tensor],
            rest: Tensor) -> Tensor:
-    """lam * z + rest on the packed [Re z; Im z] (..., 2, M, H), lam as rows [Re lam; Re lam] and
-    [-Im lam; Im lam] (+ their lo parts, see :func:`stored_split`): the complex product is a swap
-    of the halves. The small terms are summed first, into ``rest``, so that they are not rounded away."""
-    flipped = z.flip(-3)
+    """lam * z + rest on the packed [Re z; Im z] z: (batch, 2, ...) (the halves on dim 1), lam as rows
+    [Re lam; Re lam] and [-Im lam; Im lam] (+ their lo parts, see :func:`stored_split`): the complex
+    product is a swap of the halves. The small terms are summed first, into ``rest``, so that they
+    are not rounded away."""
+    flipped = z.flip(1)
     if re_lo is not None:
         rest = rest + (z * re_lo + flipped * im_lo)
     return z * re + flipped * im + rest
@@ -145,6 +146,12 @@ class DiagonalStepForm(StepForm):
     widths of edge models (2M + H of a few hundred) one matmul costs less than the dozen
     elementwise ops it replaces, in ONNX Runtime and eager torch alike, since there per-op
     overhead, not arithmetic, dominates.
+
+    Unfused, lam is kept as hi + lo (:func:`stored_split`): an LRU block with r in [0.999, 0.99999]
+    (d_model=32, N=32) streams 16,384 steps of biased noise within 5.8e-7 of max|y| from its
+    float64 form instead of 1.4e-5. Fused, the matmul's own roundings of the state (its sum over
+    2M + H terms) dominate: a lo correction on top only took that case from 1.5e-5 to 1.2e-5, so
+    the fused form keeps one float32 lam inside W.
     """
 
     def __init__(self, lam: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -171,8 +178,10 @@ class DiagonalStepForm(StepForm):
             W = torch.cat([torch.cat([P, P @ R], 1), torch.cat([Q, Q @ R + S], 1)], 0)
             self.register_buffer("W", stored(W))                                   # (2M + H_in, 2M + H_out)
             return
-        self.register_buffer("lam_re", stored(torch.stack([lam.real, lam.real])))   # (2, M)
-        self.register_buffer("lam_im", stored(torch.stack([-lam.imag, lam.imag])))  # (2, M)
+        for name, rows in (("lam_re", torch.stack([lam.real, lam.real])), ("lam_im", torch.stack([-lam.imag, lam.imag]))):
+            hi, lo = stored_split(rows)                                            # (2, M)
+            self.register_buffer(name, hi)
+            self.register_buffer(name + "_lo", lo)
         self.register_buffer("B_pair", stored(Q))
         self.register_buffer("C_pair", stored(R))
         self.register_buffer("D", None if D is None else stored(S))
@@ -182,7 +191,8 @@ class DiagonalStepForm(StepForm):
             z = torch.cat([s, u], dim=1) @ self.W
             return z[:, self.state_size:], z[:, :self.state_size]
         x = s.reshape(-1, 2, self.M)                 # [Re x; Im x]: the complex product is a swap
-        x = x * self.lam_re + x.flip(1) * self.lam_im + (u @ self.B_pair).reshape(-1, 2, self.M)
+        x = rotate(x, self.lam_re, self.lam_im, self.lam_re_lo, self.lam_im_lo,
+                   (u @ self.B_pair).reshape(-1, 2, self.M))
         s_next = x.reshape(-1, self.state_size)
         y = s_next @ self.C_pair
         if self.D is not None:
