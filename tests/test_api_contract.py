@@ -1,0 +1,118 @@
+"""The public API against its contract (DESIGN.md, seeds/): names, signatures, argument checks, reprs.
+
+Each argument test here was a defect: a wrong-typed constructor argument was read for its truth
+(bidirectional="no" built a non-causal layer) or failed deep in a comparison or in torch, with
+no word of which argument was wrong.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import lrnnx_zoo
+from lrnnx_zoo.convolution import FFTConvS4
+from lrnnx_zoo.plugins.fftconv import FFTConvLayer
+from lrnnx_zoo.plugins.lru import LRU, LRUKernel
+from lrnnx_zoo.plugins.s4 import S4, HippoSSKernel, S4Layer
+from lrnnx_zoo.plugins.s4d import S4D, S4DKernel
+
+#: (constructor, its minimal arguments) for every public layer / kernel class built with d_model.
+CONSTRUCTORS = {
+    "LRU": (LRU, {"d_model": 4, "d_state": 4}),
+    "LRUKernel": (LRUKernel, {"d_model": 4, "d_state": 4}),
+    "S4D": (S4D, {"d_model": 4, "d_state": 4}),
+    "S4DKernel": (S4DKernel, {"d_model": 4, "d_state": 4}),
+    "S4Layer": (S4Layer, {"d_model": 4, "d_state": 4}),
+    "S4": (S4, {"d_model": 4, "d_state": 4}),
+    "HippoSSKernel": (HippoSSKernel, {"H": 4, "N": 4}),
+    "FFTConvS4": (FFTConvS4, {"d_model": 4}),
+    "FFTConvLayer": (FFTConvLayer, {"d_model": 4, "d_state": 4}),
+}
+
+#: (class, flag) for every bool argument of a public constructor.
+FLAGS = [("S4", "bidirectional"), ("S4", "transposed"), ("S4", "tie_dropout"), ("S4", "weight_norm"),
+         ("S4Layer", "bidirectional"), ("FFTConvS4", "bidirectional"), ("FFTConvS4", "transposed"),
+         ("FFTConvS4", "tie_dropout"), ("FFTConvS4", "swap_channels"), ("FFTConvLayer", "bidirectional")]
+
+
+#: the name a class's messages use, where it is not the class name
+WHO = {"FFTConvLayer": "fftconv"}
+
+
+def build(name: str, **overrides):
+    cls, args = CONSTRUCTORS[name]
+    return cls(**{**args, **overrides})
+
+
+@pytest.mark.parametrize("name, flag", FLAGS)
+@pytest.mark.parametrize("value", ["no", "False", 1, None])
+def test_bool_arguments_refuse_other_types(name, flag, value):
+    want = (f"{WHO.get(name, name)} needs {flag} to be a bool (True or False), got {value!r} ({type(value).__name__}); "
+            f"pass {flag}=True or {flag}=False")
+    with pytest.raises(TypeError, match="^" + re.escape(want)):
+        build(name, **{flag: value})
+
+
+@pytest.mark.parametrize("name, flag", FLAGS)
+def test_bool_arguments_take_bools(name, flag):
+    build(name, **{flag: True})
+
+
+#: (class, argument) for every real-valued argument of a public constructor.
+REALS = [("LRU", "r_min"), ("LRU", "r_max"), ("LRU", "max_phase"),
+         ("LRUKernel", "r_min"), ("LRUKernel", "r_max"), ("LRUKernel", "max_phase"),
+         ("S4D", "dt_min"), ("S4D", "dt_max"), ("S4DKernel", "dt_min"), ("S4DKernel", "dt_max"),
+         ("S4Layer", "dt_min"), ("S4Layer", "dt_max"), ("HippoSSKernel", "dt_min"), ("HippoSSKernel", "dt_max"),
+         ("S4", "dropout"), ("FFTConvS4", "dropout"), ("FFTConvS4", "drop_kernel")]
+
+
+@pytest.mark.parametrize("name, arg", REALS)
+@pytest.mark.parametrize("value", ["0.1", True, None])
+def test_real_arguments_refuse_other_types(name, arg, value):
+    with pytest.raises(TypeError, match=rf"^{name} needs {arg} to be a real number, got "):
+        build(name, **{arg: value})
+
+
+@pytest.mark.parametrize("name, arg", [r for r in REALS if r[1] in ("max_phase", "dt_max")])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_real_arguments_refuse_non_finite_values(name, arg, value):
+    # max_phase or dt_max = inf was accepted and every output was NaN
+    with pytest.raises(ValueError, match=rf"^{name} needs {arg} to be a finite number, got {value!r}"):
+        build(name, **{arg: value})
+
+
+@pytest.mark.parametrize("name", ["S4", "FFTConvS4"])
+@pytest.mark.parametrize("value", [-0.1, 1.0, 2])
+def test_dropout_outside_0_1_is_refused(name, value):
+    # S4 took dropout=-0.1 silently and named no argument for dropout=2 (torch's nn.Dropout message)
+    with pytest.raises(ValueError, match=rf"^{name} needs dropout to lie in \[0, 1\) \(a drop probability\), "
+                                         rf"got {value!r}"):
+        build(name, dropout=value)
+
+
+@pytest.mark.parametrize("name", ["S4", "S4Layer", "HippoSSKernel"])
+@pytest.mark.parametrize("value", [1.5, 2.0, True, "1"])
+def test_rank_must_be_an_int(name, value):
+    # rank=1.5 failed inside torch.zeros ("zeros() takes 1 positional argument but 2 were given")
+    with pytest.raises((TypeError, ValueError), match=rf"needs rank to be an int"):
+        build(name, rank=value)
+
+
+@pytest.mark.parametrize("name", ["lru", "s4d", "s4", "fftconv"])
+def test_create_layer_passes_the_argument_error_through(name):
+    kw = {"dt_max": "0.1"} if name != "lru" else {"max_phase": "x"}
+    with pytest.raises(TypeError, match=r"needs (dt_max|max_phase) to be a real number, got '(0\.1|x)' \(str\)"):
+        lrnnx_zoo.create_layer(name, 4, d_state=4, **kw)
+
+
+@pytest.mark.parametrize("fn, arg", [("transition", "N"), ("rank_correction", "rank"), ("nplr", "rank")])
+@pytest.mark.parametrize("value", [2.0, "2", True])
+def test_hippo_sizes_must_be_ints(fn, arg, value):
+    # transition("legs", 64.0) was taken; a float rank failed inside torch.zeros
+    from lrnnx_zoo import hippo
+    args = {"N": 4, arg: value}
+    with pytest.raises(TypeError, match=rf"^{arg} must be an int, got {re.escape(repr(value))}"):
+        getattr(hippo, fn)("legs", **args)
