@@ -222,7 +222,11 @@ class LRUKernel(SSMKernel):
         # vdm returns 2 Re(sum v lam^l) (conjugate-pair convention); the LRU reads Re(C x): halve C.
         return channel_kernel(vdm, 0.5 * C * B, torch.exp(log_lam), log_lam, L, self.nu_log.dtype, 0.5 * C, state)
 
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, d_state={self.d_state}, channels={self.channels}, backend={self.backend!r}"
+
     def default_state(self, *batch_shape: int) -> Tensor:
+        """The zero state x_{-1}: (*batch_shape, H, N) complex."""
         return torch.zeros(*batch_shape, self.d_model, self.d_state, dtype=self.state_dtype,
                            device=self.nu_log.device)
 

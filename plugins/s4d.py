@@ -138,7 +138,12 @@ class S4DKernel(SSMKernel):
         A_bar, B_bar, C, log_A = self.discretize(rate, dtype=torch.complex128)
         return channel_kernel(vdm, C * B_bar, A_bar, log_A, L, self.log_dt.dtype, C, state)
 
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_state={self.d_state}, channels={self.channels}, init={self.init!r}, "
+                f"discretization={self.discretization!r}, backend={self.backend!r}")
+
     def default_state(self, *batch_shape: int) -> Tensor:
+        """The zero state x_{-1}: (*batch_shape, H, N/2) complex."""
         return torch.zeros(*batch_shape, self.d_model, self.d_state // 2, dtype=self.state_dtype,
                            device=self.log_dt.device)
 

@@ -116,3 +116,27 @@ def test_hippo_sizes_must_be_ints(fn, arg, value):
     args = {"N": 4, arg: value}
     with pytest.raises(TypeError, match=rf"^{arg} must be an int, got {re.escape(repr(value))}"):
         getattr(hippo, fn)("legs", **args)
+
+
+#: what each class's repr must show (its main sizes): S4, S4DKernel, LRUKernel and
+#: TransposedLinear printed as bare "S4DKernel()" or listed only their children.
+REPR_SIZES = {"LRU": ["d_model=4", "d_state=4"], "LRUKernel": ["d_model=4", "d_state=4", "channels=1"],
+              "S4D": ["d_model=4", "d_state=4"], "S4DKernel": ["d_model=4", "d_state=4", "channels=1"],
+              "S4Layer": ["d_model=4", "d_state=4"], "S4": ["d_model=4", "d_state=4", "channels=1", "transposed=True"],
+              "HippoSSKernel": ["H=4", "N=4"], "FFTConvS4": ["d_model=4", "channels=1"],
+              "FFTConvLayer": ["d_model=4", "d_state=4"]}
+
+
+@pytest.mark.parametrize("name", sorted(REPR_SIZES))
+def test_repr_shows_the_main_sizes(name):
+    m = build(name)
+    own = m.extra_repr()                 # the module's own line of repr(m), before its children
+    assert own in repr(m)
+    missing = [size for size in REPR_SIZES[name] if size not in own]
+    assert not missing, f"repr({name}) lacks {missing}: {repr(m)}"
+
+
+def test_transposed_linear_repr_shows_its_sizes():
+    from lrnnx_zoo.plugins.s4 import TransposedLinear
+    assert repr(TransposedLinear(3, 5)) == "TransposedLinear(in_features=3, out_features=5, bias=True)"
+    assert repr(TransposedLinear(3, 5, bias=False)) == "TransposedLinear(in_features=3, out_features=5, bias=False)"

@@ -213,7 +213,12 @@ class S4(nn.Module):
         return y, next_state
 
     def default_state(self, *batch_shape: int) -> Tensor:
+        """The zero state: (*batch_shape, H, N/2) complex (the kernel's)."""
         return self.kernel.default_state(*batch_shape)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.h}, d_state={self.n}, l_max={self.L}, channels={self.channels}, "
+                f"bidirectional={self.bidirectional}, transposed={self.transposed}")
 
 
 class S4Layer(LTI_LRNN):
