@@ -69,9 +69,9 @@ class LRNN(nn.Module):
         check_lengths(lengths, x.shape[0], x.shape[1])
 
     def prepare_input(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
-        """:meth:`check_input`, then x with zeros past each sequence's length. A causal layer's
-        valid outputs cannot depend on the padding in exact arithmetic, but an FFT spreads every
-        sample's rounding error (and any NaN or inf) over all outputs, so padding of 1e6 moved
+        """x: (B, L, H), lengths: (B,) or None -> x: (B, L, H) checked (:meth:`check_input`), with
+        zeros past each sequence's length. A causal layer's valid outputs cannot depend on the
+        padding in exact arithmetic, but an FFT spreads every sample's rounding error (and any NaN or inf) over all outputs, so padding of 1e6 moved
         valid outputs by 1e-2 relative before this."""
         x = float32_under_autocast(x)
         self.check_input(x, lengths)

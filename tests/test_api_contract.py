@@ -7,6 +7,7 @@ no word of which argument was wrong.
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import pytest
@@ -140,3 +141,89 @@ def test_transposed_linear_repr_shows_its_sizes():
     from lrnnx_zoo.plugins.s4 import TransposedLinear
     assert repr(TransposedLinear(3, 5)) == "TransposedLinear(in_features=3, out_features=5, bias=True)"
     assert repr(TransposedLinear(3, 5, bias=False)) == "TransposedLinear(in_features=3, out_features=5, bias=False)"
+
+
+# -- signatures DESIGN.md promises ----------------------------------------------------------------
+def _api():
+    import math
+
+    from lrnnx_zoo import convolution, hippo, hookspecs
+    from lrnnx_zoo.plugins.s4 import SSKernelNPLR
+    from lrnnx_zoo.registry import Registry
+    E = inspect.Parameter.empty
+    # (object, the leading parameters DESIGN.md lists as (name, default); E: required).
+    # An implementation may add parameters after these, never rename, reorder or re-default them.
+    return {
+        "LRNN.__init__": (lrnnx_zoo.LRNN.__init__, [("discretization", E)]),
+        "LRNN.forward": (lrnnx_zoo.LRNN.forward, [("x", E), ("integration_timesteps", None), ("lengths", None)]),
+        "LTI_LRNN.step": (lrnnx_zoo.LTI_LRNN.step, [("x", E), ("inference_cache", E)]),
+        "LTI_LRNN.allocate_inference_cache": (lrnnx_zoo.LTI_LRNN.allocate_inference_cache,
+                                              [("batch_size", E), ("max_seqlen", 1), ("dtype", None)]),
+        "fft_conv": (convolution.fft_conv, [("equation", E), ("input", E)]),
+        "opt_ssm_forward": (convolution.opt_ssm_forward, [("x", E), ("K", E), ("B_", E), ("C", E)]),
+        "FFTConvS4": (convolution.FFTConvS4.__init__, [
+            ("d_model", E), ("l_max", None), ("channels", 1), ("swap_channels", False), ("transposed", True),
+            ("dropout", 0.0), ("tie_dropout", False), ("drop_kernel", 0.0), ("kernel_type", None),
+            ("param_config", None), ("kernel", None)]),
+        "FFTConvS4.forward": (convolution.FFTConvS4.forward, [("x", E), ("state", None), ("rate", 1.0)]),
+        "FFTConvS4.step": (convolution.FFTConvS4.step, [("x", E), ("state", E)]),
+        "LRU": (LRU.__init__, [("d_model", E), ("d_state", 64), ("r_min", 0), ("r_max", 1),
+                               ("max_phase", 2 * math.pi)]),
+        "S4": (S4.__init__, [("d_model", E), ("d_state", 64), ("l_max", None), ("channels", 1),
+                             ("bidirectional", False), ("activation", "gelu"), ("postact", None),
+                             ("dropout", 0.0), ("transposed", True)]),
+        "S4.forward": (S4.forward, [("u", E), ("rate", 1.0)]),
+        "SSKernelNPLR.double_length": (SSKernelNPLR.double_length, []),
+        "SSKernelNPLR.register": (SSKernelNPLR.register, [("name", E), ("tensor", E), ("trainable", False),
+                                                          ("lr", None), ("wd", None)]),
+        "transition": (hippo.transition, [("measure", E), ("N", E)]),
+        "bilinear": (hippo.bilinear, [("dt", E), ("A", E), ("B", None)]),
+        "krylov": (hippo.krylov, [("L", E), ("A", E), ("b", E), ("c", None), ("return_power", False)]),
+        "power": (hippo.power, [("L", E), ("A", E), ("v", None)]),
+        "cauchy_conj": (hippo.cauchy_conj, [("v", E), ("z", E), ("w", E)]),
+        "register_layers": (hookspecs.lrnnx_zoo_register_layers, [("registry", E)]),
+        "register_initializers": (hookspecs.lrnnx_zoo_register_initializers, [("registry", E)]),
+        "register_kernel_backends": (hookspecs.lrnnx_zoo_register_kernel_backends, [("registry", E)]),
+        "Registry.add_layer": (Registry.add_layer, [("name", E), ("cls", E)]),
+        "Registry.add_initializer": (Registry.add_initializer, [("layer", E), ("name", E), ("fn", E)]),
+        "Registry.add_backend": (Registry.add_backend, [("kind", E), ("name", E), ("fn", E)]),
+        "list_initializers": (lrnnx_zoo.list_initializers, [("layer", None)]),
+        "list_backends": (lrnnx_zoo.list_backends, [("kind", None)]),
+        "create_layer": (lrnnx_zoo.create_layer, [("name", E), ("d_model", E)]),
+        "list_plugins": (lrnnx_zoo.list_plugins, []),
+        "SequenceModel.allocate_inference_cache": (lrnnx_zoo.SequenceModel.allocate_inference_cache,
+                                                   [("batch_size", E)]),
+        "SequenceModel.step": (lrnnx_zoo.SequenceModel.step, [("x", E), ("cache", E)]),
+        "SequenceModel.save_pretrained": (lrnnx_zoo.SequenceModel.save_pretrained, [("save_directory", E)]),
+        "SequenceModel.push_to_hub": (lrnnx_zoo.SequenceModel.push_to_hub, [("repo_id", E)]),
+        "from_pretrained": (lrnnx_zoo.from_pretrained, [("name_or_path", E), ("revision", None), ("cache_dir", None),
+                                                        ("local_files_only", False), ("token", None)]),
+    }
+
+
+API = _api()
+
+
+@pytest.mark.parametrize("name", sorted(API))
+def test_signature_matches_design(name):
+    fn, want = API[name]
+    params = [p for p in inspect.signature(fn).parameters.values()
+              if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    got = [(p.name, p.default) for p in params[:len(want)]]
+    assert got == want, f"{name}: DESIGN.md promises {want}, the code has {got}"
+
+
+def test_seed_kernel_forward_takes_the_state_first():
+    # DESIGN.md: SSKernelNPLR.forward(state=None, rate=1.0, L=None); the code's order is (L, rate, state)
+    # and reads a seed-order positional call by its types
+    k = HippoSSKernel(4, N=4)
+    s = k.default_state(2)
+    K, K_state = k(s, 1.0, 8)
+    K2, K_state2 = k(L=8, state=s)
+    torch.testing.assert_close(K, K2)
+    torch.testing.assert_close(K_state, K_state2)
+    assert k(state=None, rate=1.0, L=8)[0].shape == (1, 4, 8)
+
+
+def test_hook_markers_use_the_project_name():
+    assert lrnnx_zoo.hookimpl.project_name == lrnnx_zoo.hookspec.project_name == "lrnnx_zoo"
