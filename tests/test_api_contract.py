@@ -227,3 +227,12 @@ def test_seed_kernel_forward_takes_the_state_first():
 
 def test_hook_markers_use_the_project_name():
     assert lrnnx_zoo.hookimpl.project_name == lrnnx_zoo.hookspec.project_name == "lrnnx_zoo"
+
+
+def test_dir_lists_the_public_api_only():
+    # dir(lrnnx_zoo) listed the submodules the package imports for itself (folder_swap, wording,
+    # hub_save, ...) beside the public names, as if they were API
+    public = {n for n in dir(lrnnx_zoo) if not n.startswith("_")}
+    assert public == {n for n in lrnnx_zoo.__all__ if not n.startswith("_")}
+    assert "__version__" in dir(lrnnx_zoo)
+    assert lrnnx_zoo.wording is not None        # still importable, just not advertised
