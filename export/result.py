@@ -38,11 +38,13 @@ class ExportResult:
     warnings: List[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
+        """Every field as plain JSON-ready values, the validation report as its own dict (or None)."""
         d = dataclasses.asdict(self)
         d["validation"] = self.validation.to_dict() if self.validation is not None else None
         return d
 
     def summary(self) -> str:
+        """A few human-readable lines: format, path, sizes, graph size, validation and int8 outcomes."""
         lines = [f"{self.format} step graph: {self.path}",
                  f"  d_input={self.d_input} d_output={self.d_output} state_size={self.state_size}"]
         if self.graph:

@@ -90,6 +90,7 @@ class ValidationReport:
         return bool(self.max_abs_error <= self.tolerance)
 
     def to_dict(self) -> Dict[str, Any]:
+        """Every field as plain JSON-ready values, plus ``passed``."""
         d = dataclasses.asdict(self)
         d["passed"] = self.passed
         return d

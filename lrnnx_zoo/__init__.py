@@ -2,6 +2,13 @@
 
 Importing the package compiles nothing and loads no plugin; the registry discovers plugins on
 first use (``list_layers()``, ``create_layer(...)``).
+
+Start here:
+    create_layer("s4d", d_model=64, d_state=64)    a registered layer: x (B, L, H) -> y (B, L, H)
+    list_layers(), list_plugins()                  what is installed (and any plugin that failed)
+    SequenceModel(ModelConfig(layer=..., ...))     encoder -> residual blocks -> decoder
+    from_pretrained(name_or_path), list_models()   Hub-format checkpoints (config.json + safetensors)
+    lrnnx_zoo.export                               step graphs for ONNX Runtime / TorchScript / torch.export
 """
 
 __version__ = "0.1.0"
@@ -23,3 +30,9 @@ __all__ = [
     "reload_plugins", "unregister_plugin", "convolution", "discretization", "step_forms",
     "CheckpointError", "HubPublishError", "from_pretrained", "list_models",
 ]
+
+
+def __dir__() -> list[str]:
+    """The public names (``__all__``) and the module's dunders: the submodules the package imports
+    for itself (folder_swap, wording, hub_save, ...) stay reachable but are not advertised."""
+    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")})

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
+import numbers
 from abc import abstractmethod
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
@@ -67,9 +69,9 @@ class LRNN(nn.Module):
         check_lengths(lengths, x.shape[0], x.shape[1])
 
     def prepare_input(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
-        """:meth:`check_input`, then x with zeros past each sequence's length. A causal layer's
-        valid outputs cannot depend on the padding in exact arithmetic, but an FFT spreads every
-        sample's rounding error (and any NaN or inf) over all outputs, so padding of 1e6 moved
+        """x: (B, L, H), lengths: (B,) or None -> x: (B, L, H) checked (:meth:`check_input`), with
+        zeros past each sequence's length. A causal layer's valid outputs cannot depend on the
+        padding in exact arithmetic, but an FFT spreads every sample's rounding error (and any NaN or inf) over all outputs, so padding of 1e6 moved
         valid outputs by 1e-2 relative before this."""
         x = float32_under_autocast(x)
         self.check_input(x, lengths)
@@ -162,6 +164,35 @@ def check_sizes(who: str, **sizes: Any) -> None:
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{who} needs {name} to be an integer >= 1, got {value!r}")
+
+
+def check_flags(who: str, **flags: Any) -> None:
+    """Raise a TypeError naming ``who`` unless every flag is a bool. Any other value was read for
+    its truth, so bidirectional="no" (or "False") silently built a non-causal layer."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{who} needs {name} to be a bool (True or False), got {value!r} "
+                            f"({type(value).__name__}); pass {name}=True or {name}=False")
+
+
+def check_reals(who: str, **values: Any) -> None:
+    """Raise a TypeError naming ``who`` unless every value is a real number (not a bool; a 0-dim
+    real tensor counts), a ValueError unless it is finite. A string failed deep in a comparison
+    with no word of which argument, and max_phase or dt_max = inf built a layer of NaN kernels."""
+    for name, value in values.items():
+        if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex():
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{who} needs {name} to be a real number, got {value!r} ({type(value).__name__})")
+        if not math.isfinite(value):
+            raise ValueError(f"{who} needs {name} to be a finite number, got {value!r}")
+
+
+def check_probability(who: str, name: str, p: Any) -> None:
+    """Raise (as :func:`check_reals`) naming ``who`` and ``name`` unless p is a number in [0, 1)."""
+    check_reals(who, **{name: p})
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{who} needs {name} to lie in [0, 1) (a drop probability), got {p!r}")
 
 
 def needs_autograd(module: nn.Module, *inputs: Tensor) -> bool:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -69,6 +69,13 @@ _ARGS = {  # allowed measure_args and their defaults
     "lagt": {"beta": 1.0}, "tlagt": {"beta": 1.0}, "glagt": {"alpha": 0.0, "beta": 0.01},
     "random": {"seed": None}, "diagonal": {"seed": None},
 }
+
+
+def _check_int(name: str, value: Any) -> None:
+    """A TypeError naming ``name`` unless value is an int (not a bool): a float N or rank was taken
+    until torch.zeros refused it, with no word of which argument."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
 
 
 def _check_measure(measure: str, measure_args: dict) -> dict:
@@ -147,6 +154,7 @@ def transition(measure: str, N: int, **measure_args) -> tuple[Tensor, Tensor]:
         TypeError: an argument the measure does not take.
     """
     args = _check_measure(measure, measure_args)
+    _check_int("N", N)
     if N < 1:
         raise ValueError(f"N must be positive, got {N}")
     f64 = torch.float64
@@ -231,6 +239,7 @@ def rank_correction(measure: str, N: int, rank: int = 1, dtype: torch.dtype = to
             glagt with alpha != 0 (its orthonormalisation destroys the NPLR structure).
     """
     args = _check_measure(measure, measure_args)
+    _check_int("rank", rank)
     need = _MIN_RANK[measure]
     if rank < max(need, 0) or rank < 0:
         raise ValueError(f"measure {measure!r} needs rank >= {need} for a normal A + P^T P, "
@@ -343,6 +352,8 @@ def nplr(measure: str, N: int, rank: int = 1, dtype: torch.dtype = torch.float,
 def _nplr(measure: str, N: int, rank: int, dtype: torch.dtype, diagonalize_precision: bool,
           **measure_args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`nplr` on the default device (the caller's choice)."""
+    _check_int("N", N)
+    _check_int("rank", rank)    # before the cache, which takes rank=True for rank=1
     if N % 2:
         raise ValueError(f"nplr keeps one of each conjugate pair and needs an even N, got {N}")
     _check_measure(measure, measure_args)

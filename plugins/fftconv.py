@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_parameter_dtype, check_sizes, current_form,
-                            float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
+from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_parameter_dtype, check_probability,
+                            check_sizes, current_form, float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
                             needs_autograd, ordinary_tensor, weights_and_versions)
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, kernel_taps, reversed_spectrum
 from lrnnx_zoo.registry import get_backend
@@ -129,11 +129,12 @@ class FFTConvS4(nn.Module):
             raise ValueError(f"kernel_type={kernel_type!r} and kernel={kernel!r} disagree; `kernel` is an alias "
                              f"of `kernel_type`: give one of them")
         check_sizes("FFTConvS4", d_model=d_model, channels=channels)
+        check_flags("FFTConvS4", swap_channels=swap_channels, transposed=transposed, tie_dropout=tie_dropout,
+                    bidirectional=bidirectional)
         if l_max is not None:
             check_sizes("FFTConvS4", l_max=l_max)
-        for name, p in (("dropout", dropout), ("drop_kernel", drop_kernel)):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1), got {p}")
+        check_probability("FFTConvS4", "dropout", dropout)
+        check_probability("FFTConvS4", "drop_kernel", drop_kernel)
         self.d_model, self.H, self.L, self.channels = d_model, d_model, l_max, channels
         self.swap_channels, self.transposed, self.bidirectional = swap_channels, transposed, bidirectional
         self.dropout, self.tie_dropout, self.drop_kernel = dropout, tie_dropout, drop_kernel
@@ -361,6 +362,7 @@ class FFTConvLayer(LTI_LRNN):
                  bidirectional: bool = False, l_max: Optional[int] = None, **kernel_args: Any) -> None:
         super().__init__(None)
         check_sizes("fftconv", d_state=d_state)     # FFTConvS4 checks d_model and channels
+        check_flags("fftconv", bidirectional=bidirectional)     # before FFTConvS4 would name itself
         self.d_model, self.d_state, self.bidirectional = d_model, d_state, bidirectional
         self.conv = FFTConvS4(d_model, l_max=l_max, channels=channels, transposed=False, kernel_type=kernel_type,
                               bidirectional=bidirectional, param_config={"d_state": d_state, **kernel_args})

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding, ordinary_tensor, parameter_dtype, right_aligned
+from lrnnx_zoo.base import LTI_LRNN, check_reals, check_sizes, mask_padding, ordinary_tensor, parameter_dtype, right_aligned
 from lrnnx_zoo.modal import channel_final_state, channel_kernel, final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, get_initializer
 from lrnnx_zoo.ssm_kernel import SSMKernel, passed_state_dtype
@@ -66,6 +66,7 @@ class LRU(LTI_LRNN):
                  max_phase: float = 2 * math.pi, init: str = "ring", backend: str = "auto") -> None:
         super().__init__("no_discretization")
         check_sizes("LRU", d_model=d_model, d_state=d_state)
+        check_reals("LRU", r_min=r_min, r_max=r_max, max_phase=max_phase)
         if max_phase <= 0:
             raise ValueError(f"LRU needs max_phase > 0 (eigenvalue phases are drawn from [0, max_phase]), got {max_phase}")
         if not (0.0 <= r_min < r_max <= 1.0):
@@ -174,6 +175,7 @@ class LRUKernel(SSMKernel):
                  backend: str = "auto") -> None:
         super().__init__()
         check_sizes("LRUKernel", d_model=d_model, d_state=d_state, channels=channels)
+        check_reals("LRUKernel", r_min=r_min, r_max=r_max, max_phase=max_phase)
         if max_phase <= 0:
             raise ValueError(f"LRUKernel needs max_phase > 0, got {max_phase}")
         if not (0.0 <= r_min < r_max <= 1.0):
@@ -220,7 +222,11 @@ class LRUKernel(SSMKernel):
         # vdm returns 2 Re(sum v lam^l) (conjugate-pair convention); the LRU reads Re(C x): halve C.
         return channel_kernel(vdm, 0.5 * C * B, torch.exp(log_lam), log_lam, L, self.nu_log.dtype, 0.5 * C, state)
 
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, d_state={self.d_state}, channels={self.channels}, backend={self.backend!r}"
+
     def default_state(self, *batch_shape: int) -> Tensor:
+        """The zero state x_{-1}: (*batch_shape, H, N) complex."""
         return torch.zeros(*batch_shape, self.d_model, self.d_state, dtype=self.state_dtype,
                            device=self.nu_log.device)
 

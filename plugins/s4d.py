@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding, needs_autograd, parameter_dtype
+from lrnnx_zoo.base import LTI_LRNN, check_reals, check_sizes, mask_padding, needs_autograd, parameter_dtype
 from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, swap_time_and_channels
 from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vandermonde_torch
 from lrnnx_zoo.modal import channel_final_state, channel_kernel
@@ -83,6 +83,7 @@ class S4DKernel(SSMKernel):
                  backend: str = "auto") -> None:
         super().__init__()
         check_sizes("S4DKernel", d_model=d_model, d_state=d_state, channels=channels)
+        check_reals("S4DKernel", dt_min=dt_min, dt_max=dt_max)
         if discretization not in ("zoh", "bilinear"):
             raise ValueError(f"S4D supports discretization 'zoh' or 'bilinear', got {discretization!r}")
         if d_state < 2 or d_state % 2:
@@ -137,7 +138,12 @@ class S4DKernel(SSMKernel):
         A_bar, B_bar, C, log_A = self.discretize(rate, dtype=torch.complex128)
         return channel_kernel(vdm, C * B_bar, A_bar, log_A, L, self.log_dt.dtype, C, state)
 
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_state={self.d_state}, channels={self.channels}, init={self.init!r}, "
+                f"discretization={self.discretization!r}, backend={self.backend!r}")
+
     def default_state(self, *batch_shape: int) -> Tensor:
+        """The zero state x_{-1}: (*batch_shape, H, N/2) complex."""
         return torch.zeros(*batch_shape, self.d_model, self.d_state // 2, dtype=self.state_dtype,
                            device=self.log_dt.device)
 
@@ -174,6 +180,7 @@ class S4D(LTI_LRNN):
             raise ValueError(f"S4D supports discretization 'zoh' or 'bilinear', got {discretization!r}")
         super().__init__(discretization)
         check_sizes("S4D", d_model=d_model, d_state=d_state)   # name the layer, not its S4DKernel
+        check_reals("S4D", dt_min=dt_min, dt_max=dt_max)
         self.d_model, self.d_state = d_model, d_state
         self.kernel = S4DKernel(d_model, d_state, 1, init, discretization, dt_min, dt_max, backend)
         self.D = nn.Parameter(torch.randn(d_model))

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hippo
-from lrnnx_zoo.base import check_sizes, needs_autograd, parameter_dtype
+from lrnnx_zoo.base import check_reals, check_sizes, needs_autograd, parameter_dtype
 from lrnnx_zoo.optim import grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, passed_state_dtype
@@ -534,11 +534,13 @@ class HippoSSKernel(SSKernelNPLR):
             raise ValueError(f"HippoSSKernel supports mode='nplr' only, got {mode!r}; for diagonal kernels use the "
                              f"S4D family (create_layer('s4d', ...) or kernel_type='s4d')")
         check_sizes("HippoSSKernel", H=H, N=N, channels=channels)
+        check_sizes(type(self).__name__, rank=rank)     # a float rank failed inside torch.zeros
         if L is not None:
             check_sizes("HippoSSKernel", L=L)
         check_state_pairs(type(self).__name__, "d_state" if isinstance(self, S4Kernel) else "N", N)
+        check_reals(type(self).__name__, dt_min=dt_min, dt_max=dt_max)
         if not 0 < dt_min <= dt_max:
-            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+            raise ValueError(f"{type(self).__name__} needs 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         n_ssm = H if n_ssm is None else n_ssm
         if n_ssm < 1 or H % n_ssm:
             raise ValueError(f"n_ssm must divide H={H}, got {n_ssm}")

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnnx_zoo.base import (LTI_LRNN, check_floating, check_sizes, float32_under_autocast, mask_lengths_of_one_stream,
-                            mask_padding, needs_autograd, ordinary_tensor)
+from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_probability, check_reals, check_sizes,
+                            float32_under_autocast, mask_lengths_of_one_stream, mask_padding, needs_autograd,
+                            ordinary_tensor)
 from lrnnx_zoo.convolution import (blocked_channel_conv, circular_conv, fast_fft_size, kernel_taps,
                                    reversed_spectrum)
 from lrnnx_zoo.ssm_kernel import check_rate, kernel_final_step_state
@@ -89,6 +90,11 @@ class S4(nn.Module):
                  initializer: Optional[str] = None, weight_norm: bool = False, **kernel_args: Any) -> None:
         super().__init__()
         check_sizes("S4", d_model=d_model, d_state=d_state, channels=channels)
+        check_flags("S4", bidirectional=bidirectional, transposed=transposed, tie_dropout=tie_dropout,
+                    weight_norm=weight_norm)
+        check_probability("S4", "dropout", dropout)
+        # the kernel checks its own arguments too, but would name HippoSSKernel, not S4
+        check_reals("S4", **{k: kernel_args[k] for k in ("dt_min", "dt_max") if k in kernel_args})
         check_state_pairs("S4", "d_state", d_state)
         if l_max is not None:
             check_sizes("S4", l_max=l_max)
@@ -207,7 +213,12 @@ class S4(nn.Module):
         return y, next_state
 
     def default_state(self, *batch_shape: int) -> Tensor:
+        """The zero state: (*batch_shape, H, N/2) complex (the kernel's)."""
         return self.kernel.default_state(*batch_shape)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.h}, d_state={self.n}, l_max={self.L}, channels={self.channels}, "
+                f"bidirectional={self.bidirectional}, transposed={self.transposed}")
 
 
 class S4Layer(LTI_LRNN):
@@ -231,6 +242,8 @@ class S4Layer(LTI_LRNN):
                  trainable: Any = None, lr: Any = None, wd: Any = 0.0, measure_args: Optional[Dict[str, Any]] = None,
                  n_ssm: Optional[int] = None) -> None:
         check_sizes("S4Layer", d_model=d_model, d_state=d_state)
+        check_flags("S4Layer", bidirectional=bidirectional)
+        check_reals("S4Layer", dt_min=dt_min, dt_max=dt_max)
         check_state_pairs("S4Layer", "d_state", d_state)
         if l_max is not None:
             check_sizes("S4Layer", l_max=l_max)

@@ -78,7 +78,12 @@ class TransposedLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def extra_repr(self) -> str:
+        d_output, d_input = self.weight.shape
+        return f"in_features={d_input}, out_features={d_output}, bias={self.bias is not None}"
+
     def forward(self, x: Tensor) -> Tensor:
+        """x: (..., d_input, L) -> (..., d_output, L)."""
         # bmm against the broadcast weight: matmul(2-D, 3-D) would copy x to (B*L, d_in) and back
         x3 = x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])      # explicit sizes: L or B may be 0
         W = self.weight.expand(x3.shape[0], -1, -1)
