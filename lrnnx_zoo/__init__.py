@@ -32,7 +32,14 @@ __all__ = [
 ]
 
 
+#: Submodules DESIGN.md and the README name as public API (hippo's HiPPO helpers, the convolution
+#: functions, the step forms' split_poles), listed by dir() once imported.
+_PUBLIC_MODULES = ("convolution", "export", "hippo", "plugins", "step_forms")
+
+
 def __dir__() -> list[str]:
-    """The public names (``__all__``) and the module's dunders: the submodules the package imports
-    for itself (folder_swap, wording, hub_save, ...) stay reachable but are not advertised."""
-    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")})
+    """The public names (``__all__``), the public submodules already imported (``_PUBLIC_MODULES``)
+    and the module's dunders: the submodules the package imports for itself (folder_swap, wording,
+    hub_save, ...) stay reachable but are not advertised."""
+    present = {n for n in _PUBLIC_MODULES if n in globals()}
+    return sorted(set(__all__) | present | {n for n in globals() if n.startswith("__")})
