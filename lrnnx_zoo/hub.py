@@ -611,16 +611,21 @@ def _mismatch(path: Path, parts: List[str]) -> str:
 
 
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")      # a SequenceModel block's state names
+_LAYER_KEY = re.compile(r"blocks\.(\d+)\.layer\.(.+)")      # (block, name inside its layer)
 
 
 def _check_backbone(config: Any, shapes: Dict[str, Tuple[int, ...]], path: Path) -> None:
     """Compare the backbone sizes of ``config`` (a ModelConfig) with the weights file's header
     (``shapes``) before building: a model of a wrong d_model or n_layers was built in full (1.9 GB and
-    5 s for d_model=7800, 50 s for 400 S4D blocks) and only then refused. Blocks are only counted
-    when the file holds some (a block of parameterless modules has no state)."""
-    wrong = [f"{k}: file {shapes[k]} vs config {v}" for k, v in config.backbone_shapes().items()
-             if k in shapes and shapes[k] != v]
-    parts = [f"shapes that disagree with config.json ({config.sizes()}): {'; '.join(wrong)}"] if wrong else []
+    5 s for d_model=7800, 50 s for 400 S4D blocks) and only then refused; one of a wrong d_state spent
+    a minute in S4D's initialisation at d_state=3000 (ModelConfig.layer_shapes). Blocks are only
+    counted when the file holds some (a block of parameterless modules has no state)."""
+    expected = config.backbone_shapes()
+    layer = config.layer_shapes()
+    expected.update({k: layer[m.group(2)] for k, m in zip(shapes, map(_LAYER_KEY.match, shapes))
+                     if m and int(m.group(1)) < config.n_layers and m.group(2) in layer})
+    wrong = [f"{k}: file {shapes[k]} vs config {v}" for k, v in expected.items() if k in shapes and shapes[k] != v]
+    parts = [f"shapes that disagree with config.json ({config.sizes()}): {_few(wrong, '; ')}"] if wrong else []
     blocks = {int(m.group(1)) for m in map(_BLOCK_KEY.match, shapes) if m}
     if blocks and blocks != set(range(config.n_layers)):
         parts.append(f"config.json gives n_layers={config.n_layers}, but the file holds {len(blocks)} blocks "
