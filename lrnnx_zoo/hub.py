@@ -214,16 +214,39 @@ def bounded_hub_requests() -> Iterator[float]:
 
 def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike], local_files_only: bool,
               token: Optional[Union[str, bool]], shipped: List[str]) -> Tuple[Path, Dict[str, Any]]:
+    """Download a Hub checkpoint config.json first: another library's repo (a config.json beside
+    hundreds of MB of model.safetensors) is refused on its config before its weights are fetched.
+    The weights then come from the commit the first download resolved, so a push in between cannot
+    pair one commit's config with another's weights."""
+    from huggingface_hub import constants
+    folder = _fetch(repo_id, revision, [CONFIG_NAME], cache_dir, local_files_only, token, shipped)
+    commit = folder.name if len(folder.name) == 40 else None
+    _check_snapshot(folder, [CONFIG_NAME], repo_id, commit or revision, local_files_only, token)
+    read_config(folder, need_weights=False)
+    if not (local_files_only or constants.HF_HUB_OFFLINE):
+        # offline, that snapshot folder is all the cache has of this commit: nothing more to fetch
+        folder = _fetch(repo_id, commit or revision, [WEIGHTS_NAME, CARD_NAME], cache_dir, local_files_only,
+                        token, shipped)
+    _check_snapshot(folder, [CONFIG_NAME, WEIGHTS_NAME], repo_id, commit or revision, local_files_only, token)
+    source = {"type": "hub", "repo_id": repo_id, "revision": revision or "main", "commit": commit,
+              "path": str(folder)}
+    return folder, source
+
+
+def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: Optional[PathLike],
+           local_files_only: bool, token: Optional[Union[str, bool]], shipped: List[str]) -> Path:
+    """The cache's snapshot folder of ``repo_id`` at ``revision``, with those of ``files`` the repo
+    holds downloaded into it; huggingface_hub's errors become CheckpointErrors that say what to do."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
     try:
         with bounded_hub_requests() as seconds:
-            folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
-                                            local_files_only=local_files_only, allow_patterns=list(CHECKPOINT_FILES),
-                                            library_name=LIBRARY, library_version=__version__,
-                                            etag_timeout=seconds))
+            return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
+                                          local_files_only=local_files_only, allow_patterns=files,
+                                          library_name=LIBRARY, library_version=__version__,
+                                          etag_timeout=seconds))
     except RepositoryNotFoundError as exc:
         raise CheckpointError(
             f"no checkpoint {repo_id!r}: not a local folder, not a shipped model ({_known(repo_id, shipped)}), "
@@ -256,23 +279,27 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
         fix = "set HF_HUB_CACHE to a writable folder" if in_command_line() else ("pass cache_dir= a writable "
                                                                                   "folder, or set HF_HUB_CACHE")
         raise CheckpointError(f"cannot use the Hub cache at {cache} to download {repo_id!r} ({exc}); {fix}") from exc
-    commit = folder.name if len(folder.name) == 40 else None
-    source = {"type": "hub", "repo_id": repo_id, "revision": revision or "main", "commit": commit,
-              "path": str(folder)}
-    if not all((folder / f).is_file() for f in (CONFIG_NAME, WEIGHTS_NAME)):
-        if local_files_only or constants.HF_HUB_OFFLINE:
-            # a snapshot folder from an earlier download of single files: the repo may well hold the rest
-            cached = _listing(folder)
-            missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if f not in cached]
-            why = given("local_files_only", True) if local_files_only else "offline mode (HF_HUB_OFFLINE)"
-            raise CheckpointError(
-                f"the Hub cache holds, of {repo_id!r} at {commit or revision or 'main'}, only "
-                f"{', '.join(cached) or 'nothing'}: {' and '.join(missing)} was not downloaded, and {why} forbids "
-                "downloading it; load it once online to complete the cache")
-        files = _remote_files(repo_id, commit or revision, token)
-        _check_present(f"Hub repo {repo_id!r} at {commit or revision or 'main'}",
-                       files if files is not None else _listing(folder))
-    return folder, source
+
+
+def _check_snapshot(folder: Path, needed: List[str], repo_id: str, revision: Optional[str], local_files_only: bool,
+                    token: Optional[Union[str, bool]]) -> None:
+    """Raise unless the snapshot ``folder`` of ``repo_id`` at ``revision`` holds ``needed``: offline,
+    saying what the cache lacks; online, naming what the repo holds (no config.json, pickled weights)."""
+    from huggingface_hub import constants
+    if all((folder / f).is_file() for f in needed):
+        return
+    where = revision or "main"
+    if local_files_only or constants.HF_HUB_OFFLINE:
+        # a snapshot folder from an earlier download of single files: the repo may well hold the rest
+        cached = _listing(folder)
+        missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if f not in cached]
+        why = given("local_files_only", True) if local_files_only else "offline mode (HF_HUB_OFFLINE)"
+        raise CheckpointError(
+            f"the Hub cache holds, of {repo_id!r} at {where}, only {', '.join(cached) or 'nothing'}: "
+            f"{' and '.join(missing)} was not downloaded, and {why} forbids downloading it; load it once online "
+            "to complete the cache")
+    files = _remote_files(repo_id, revision, token)
+    _check_present(f"Hub repo {repo_id!r} at {where}", files if files is not None else _listing(folder))
 
 
 def _http_status(exc: Any) -> Optional[int]:
@@ -363,8 +390,10 @@ def _check_present(where: str, files: List[str]) -> None:
 
 
 # -- loading -----------------------------------------------------------------------------------
-def read_config(folder: Path) -> Dict[str, Any]:
-    """Parse and check ``folder/config.json`` (presence, JSON, library, format version, kind)."""
+def read_config(folder: Path, need_weights: bool = True) -> Dict[str, Any]:
+    """Parse and check ``folder/config.json`` (presence, JSON, library, format version, kind), and that
+    ``folder`` holds model.safetensors unless ``need_weights`` is False (a Hub download checks the
+    config before it fetches the weights)."""
     files = _listing(folder)
     if CONFIG_NAME not in files:
         _check_present(str(folder), files)  # raises, naming what the folder holds
@@ -378,7 +407,8 @@ def read_config(folder: Path) -> Dict[str, Any]:
             f"with lrnnx_zoo.export (e.g. OnnxStreamer), or load the checkpoint it came from"
             + ((f": {origin}" if in_command_line() else f": from_pretrained({origin!r})") if origin
                else " (see its config.json)"))
-    _check_present(str(folder), files)
+    if need_weights:
+        _check_present(str(folder), files)
     if not isinstance(config, dict) or config.get("library") != LIBRARY:
         raise CheckpointError(f"{path} is not an lrnnx-zoo config ({library_field(config)}, expected "
                               f"{LIBRARY!r})")
@@ -581,16 +611,21 @@ def _mismatch(path: Path, parts: List[str]) -> str:
 
 
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")      # a SequenceModel block's state names
+_LAYER_KEY = re.compile(r"blocks\.(\d+)\.layer\.(.+)")      # (block, name inside its layer)
 
 
 def _check_backbone(config: Any, shapes: Dict[str, Tuple[int, ...]], path: Path) -> None:
     """Compare the backbone sizes of ``config`` (a ModelConfig) with the weights file's header
     (``shapes``) before building: a model of a wrong d_model or n_layers was built in full (1.9 GB and
-    5 s for d_model=7800, 50 s for 400 S4D blocks) and only then refused. Blocks are only counted
-    when the file holds some (a block of parameterless modules has no state)."""
-    wrong = [f"{k}: file {shapes[k]} vs config {v}" for k, v in config.backbone_shapes().items()
-             if k in shapes and shapes[k] != v]
-    parts = [f"shapes that disagree with config.json ({config.sizes()}): {'; '.join(wrong)}"] if wrong else []
+    5 s for d_model=7800, 50 s for 400 S4D blocks) and only then refused; one of a wrong d_state spent
+    a minute in S4D's initialisation at d_state=3000 (ModelConfig.layer_shapes). Blocks are only
+    counted when the file holds some (a block of parameterless modules has no state)."""
+    expected = config.backbone_shapes()
+    layer = config.layer_shapes()
+    expected.update({k: layer[m.group(2)] for k, m in zip(shapes, map(_LAYER_KEY.match, shapes))
+                     if m and int(m.group(1)) < config.n_layers and m.group(2) in layer})
+    wrong = [f"{k}: file {shapes[k]} vs config {v}" for k, v in expected.items() if k in shapes and shapes[k] != v]
+    parts = [f"shapes that disagree with config.json ({config.sizes()}): {_few(wrong, '; ')}"] if wrong else []
     blocks = {int(m.group(1)) for m in map(_BLOCK_KEY.match, shapes) if m}
     if blocks and blocks != set(range(config.n_layers)):
         parts.append(f"config.json gives n_layers={config.n_layers}, but the file holds {len(blocks)} blocks "

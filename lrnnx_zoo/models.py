@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -30,6 +31,9 @@ POOLINGS = (None, "mean", "last")
 # d_model=10**9 would otherwise exhaust memory instead of raising.
 MAX_PARAMETERS = 10**9
 SIZE_KWARGS = ("d_state", "channels", "l_max", "rank")  # integer sizes layers take; l_max may be None
+# d_state values of the stand-in layers ModelConfig.layer_shapes builds: three, so a size that does not
+# follow d_state on a line is seen and left out; small, so their initialisation costs nothing
+PROBE_STATES = (8, 16, 32)
 
 
 @dataclass
@@ -107,6 +111,38 @@ class ModelConfig:
         return {"encoder.weight": (self.d_model, self.d_input), "encoder.bias": (self.d_model,),
                 "decoder.weight": (self.d_output, self.d_model), "decoder.bias": (self.d_output,)}
 
+    def layer_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """{state name inside a block's layer: shape} of the layers' d_state-sized tensors, known without
+        initialising a layer of this d_state (S4's and S4D-LegS's HiPPO initialisation is O(d_state^3):
+        a minute at d_state=3000), so a checkpoint's weights can be compared with it first.
+
+        Layers of the small d_state values PROBE_STATES are built (the other arguments as given), and
+        each shape whose sizes follow d_state on a line through all three is carried over to this
+        d_state; shapes that do not, or not to whole numbers, are left out. Empty when d_state is not
+        past the probes (building is cheap then) or a probe cannot be built."""
+        state = self.layer_kwargs.get("d_state")
+        if not isinstance(state, int) or state <= max(PROBE_STATES):
+            return {}
+        probes = []
+        # the probes must not draw from the RNG a model built next would use, nor warn the caller
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for n in PROBE_STATES:
+                try:
+                    layer = create_layer(self.layer, self.d_model, **{**self.layer_kwargs, "d_state": n})
+                except (TypeError, ValueError, LookupError, RuntimeError):   # building will say what is wrong
+                    return {}
+                probes.append({k: tuple(v.shape) for k, v in layer.state_dict().items()})
+        shapes: Dict[str, Tuple[int, ...]] = {}
+        for name, first in probes[0].items():
+            found = [p.get(name) for p in probes]
+            if any(s is None or len(s) != len(first) for s in found):
+                continue
+            sizes = [_on_line(PROBE_STATES, column, state) for column in zip(*found)]
+            if None not in sizes:
+                shapes[name] = tuple(sizes)
+        return shapes
+
     def _check_budget(self) -> None:
         estimate = self.parameter_estimate()
         if estimate > MAX_PARAMETERS:
@@ -131,6 +167,19 @@ class ModelConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _on_line(xs: Tuple[int, ...], ys: Tuple[int, ...], x: int) -> Optional[int]:
+    """y at ``x`` on the line through the points (xs, ys), when they lie on one and y is a whole
+    number >= 0; else None. Integer arithmetic: no rounding decides a size."""
+    (x0, x1, *rest), (y0, y1, *more) = xs, ys
+    if any((y - y0) * (x1 - x0) != (y1 - y0) * (xi - x0) for xi, y in zip(rest, more)):
+        return None
+    rise = (y1 - y0) * (x - x0)
+    if rise % (x1 - x0):
+        return None
+    y = y0 + rise // (x1 - x0)
+    return y if y >= 0 else None
 
 
 def _python_scalars(value: Any) -> Any:

@@ -101,8 +101,13 @@ def test_a_wrong_input_or_output_width_is_named_by_its_field(saved):
 
 def test_a_config_too_big_to_build_is_a_checkpoint_error(tmp_path):
     # S4D's HiPPO initialisation needs a d_state x d_state matrix (6.5e12 bytes here) although the
-    # parameters fit the budget: the allocator's RuntimeError came out of from_pretrained raw
+    # parameters fit the budget: the allocator's RuntimeError came out of from_pretrained raw. The
+    # file keeps no layer tensors, so no d_state-sized shape can be compared before building (a file
+    # that has them is refused without building: test_a_wrong_d_state_is_refused_before_the_model_is_built)
+    from safetensors.torch import load_file, save_file
     folder = _save(tmp_path / "s4d", layer="s4d")
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".layer." not in k}, folder / "model.safetensors")
     _edit_model(folder, layer_kwargs={"d_state": 900_000})
     with pytest.raises(CheckpointError, match=r"cannot build the model described by .*config.json \(.*"
                                               r"d_state=900000\)"):
@@ -210,3 +215,32 @@ def test_a_mismatch_in_every_block_is_summarised_not_listed_in_full(tmp_path):
                                               r"more") as err:
         from_pretrained(folder)
     assert len(str(err.value)) < 2000, len(str(err.value))
+
+
+# -- a d_state whose initialisation is expensive -------------------------------------------------
+STATE_LAYERS = [("s4d", {}), ("s4d", {"init": "legs"}), ("s4", {}), ("lru", {}), ("fftconv", {})]
+
+
+@pytest.mark.parametrize("layer, extra", STATE_LAYERS, ids=lambda v: v if isinstance(v, str) else "-".join(v.values()))
+def test_a_wrong_d_state_is_refused_before_the_model_is_built(tmp_path, monkeypatch, layer, extra):
+    # config.json saying d_state=3000 beside weights of d_state=4 passed the parameter budget and was
+    # built in full (S4's and S4D-LegS's HiPPO initialisation eigendecomposes a 3000 x 3000 matrix:
+    # 64 s here; d_state=30000 would take hours) before the shapes were compared.
+    from lrnnx_zoo import models
+    folder = _save(tmp_path / "ckpt", layer=layer, layer_kwargs={"d_state": 4, **extra})
+    _edit_model(folder, layer_kwargs={"d_state": 3000, **extra})
+    monkeypatch.setattr(models, "SequenceModel", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(CheckpointError, match=r"model.safetensors does not match the model its config.json "
+                                              r"describes: shapes that disagree with config.json \(.*d_state=3000\): "
+                                              r"blocks.0.layer.\S+: file \(.*\) vs config \(.*\)"):
+        from_pretrained(folder)
+
+
+@pytest.mark.parametrize("layer, extra, d_state", [(layer, extra, n) for layer, extra in STATE_LAYERS for n in (34, 100)]
+                         + [("lru", {}, 33)], ids=str)
+def test_a_large_d_state_that_matches_loads(tmp_path, layer, extra, d_state):
+    # the sizes compared before building are predicted from layers of a small d_state: a checkpoint
+    # whose d_state is past them (an odd number of conjugate pairs, an odd LRU size) must load as before
+    model = SequenceModel(ModelConfig(layer, 3, 2, d_model=4, n_layers=2, layer_kwargs={"d_state": d_state, **extra}))
+    loaded = from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}

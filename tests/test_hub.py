@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 import lrnnx_zoo
 from lrnnx_zoo import CheckpointError, ModelConfig, SequenceModel, from_pretrained, list_models
@@ -162,6 +162,47 @@ def test_hub_download_revisions_offline_and_cache(local_hub, tmp_path):
         from_pretrained("acme/tiny-s4d", revision="nope")
     with pytest.raises(CheckpointError, match="has no such repo"):
         from_pretrained("acme/missing")
+
+
+def _weights_requests(hub_server, repo_id: str) -> list:
+    return [(r.method, r.path) for r in hub_server.requests
+            if r.path.startswith(f"/{repo_id}/") and r.path.endswith("/model.safetensors")]
+
+
+def test_a_foreign_hub_repo_is_refused_before_its_weights_are_downloaded(local_hub, tmp_path):
+    # Another library's repo (a transformers model: config.json + model.safetensors) had its weights
+    # downloaded in full (hundreds of MB on the real Hub) before its config.json was found not to be
+    # an lrnnx-zoo config. Now config.json comes first, and the weights are never asked for.
+    weights = {"embeddings.weight": torch.zeros(1024, 1024)}          # 4 MB stands in for the real size
+    local_hub.commit("acme/bert-like", {"config.json": json.dumps({"model_type": "bert", "hidden_size": 768}),
+                                        "model.safetensors": save(weights), "README.md": "# a BERT"})
+    with pytest.raises(CheckpointError, match=r"config.json is not an lrnnx-zoo config \(no 'library' field, "
+                                              r"expected 'lrnnx-zoo'\)"):
+        from_pretrained("acme/bert-like")
+    assert _weights_requests(local_hub, "acme/bert-like") == []
+    assert not list((tmp_path / "hf-home" / "hub").rglob("model.safetensors"))
+
+
+def test_hub_config_and_weights_come_from_one_commit(local_hub, tmp_path, monkeypatch):
+    # config.json is downloaded before the weights; a push to main in between must not pair the old
+    # commit's config with the new commit's weights: the second download is pinned to the first's commit.
+    import huggingface_hub
+    v1, v2 = tiny("s4d", seed=1), tiny("s4d", seed=2, d_model=16)
+    old = local_hub.commit("acme/moving", _files(v1.save_pretrained(tmp_path / "v1")), message="v1")
+    real, calls = huggingface_hub.snapshot_download, []
+
+    def push_after_first_call(*args, **kwargs):
+        folder = real(*args, **kwargs)
+        calls.append(kwargs.get("revision"))
+        if len(calls) == 1:
+            local_hub.commit("acme/moving", _files(v2.save_pretrained(tmp_path / "v2")), message="v2")
+        return folder
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", push_after_first_call)
+    loaded = from_pretrained("acme/moving")
+    assert calls == [None, old]                           # main, then main's commit as resolved at first
+    assert loaded.checkpoint_info["source"]["commit"] == old
+    assert_same_outputs(v1, loaded)
 
 
 def test_push_to_hub_then_download(local_hub, tmp_path):
