@@ -16,12 +16,14 @@ def rand_c(*shape):
     return torch.randn(*shape, dtype=C128)
 
 
-def run(form, u):
-    s = torch.zeros(u.shape[0], form.state_size)
+def run(form, u, dtype=torch.float32):
+    """Step ``form`` through u: (batch, L, d_input) from a zero state in ``dtype``; y as float64."""
+    s = torch.zeros(u.shape[0], form.state_size, dtype=dtype)
     ys = []
-    for t in range(u.shape[1]):
-        y, s = form(u[:, t].float(), s)
-        ys.append(y)
+    with torch.no_grad():
+        for t in range(u.shape[1]):
+            y, s = form(u[:, t].to(dtype), s)
+            ys.append(y)
     return torch.stack(ys, 1).double()
 
 
@@ -172,12 +174,7 @@ def test_trained_slow_modes_keep_their_poles_over_a_long_stream(name, form_type)
         with step_form_dtype(torch.float64):
             exact = block.layer.step_form()
         u = torch.randn(1, L, form.d_input, dtype=torch.float64) + 1.0
-        s, ys = torch.zeros(1, exact.state_size, dtype=torch.float64), []
-        with torch.no_grad():
-            for t in range(L):
-                y, s = exact(u[:, t], s)
-                ys.append(y)
-            close(run(form, u), torch.stack(ys, 1), rel=3e-6)
+        close(run(form, u), run(exact, u, torch.float64), rel=3e-6)
 
 
 def test_split_poles_false_builds_the_forms_with_poles_rounded_once(tmp_path):
@@ -221,9 +218,4 @@ def test_unfused_diagonal_form_keeps_slow_poles_over_a_long_stream():
     with step_form_dtype(torch.float64):
         exact = DiagonalStepForm(lam, B, C, fuse=False)
     u = torch.randn(1, L, H, dtype=torch.float64) + 1.0
-    s, ys = torch.zeros(1, exact.state_size, dtype=torch.float64), []
-    with torch.no_grad():
-        for t in range(L):
-            y, s = exact(u[:, t], s)
-            ys.append(y)
-        close(run(form, u), torch.stack(ys, 1), rel=5e-6)
+    close(run(form, u), run(exact, u, torch.float64), rel=5e-6)
