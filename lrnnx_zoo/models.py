@@ -150,6 +150,7 @@ class ModelConfig:
                              f"than the {MAX_PARAMETERS:.0e} lrnnx-zoo builds; check these sizes")
 
     def to_dict(self) -> Dict[str, Any]:
+        """The fields as a plain dict (config.json's "model" section; :meth:`from_dict` reads it back)."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -166,6 +167,7 @@ class ModelConfig:
         return cls(**data)
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as indented JSON with sorted keys (stable text for diffs and digests)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
@@ -517,5 +519,6 @@ class SequenceModel(HubMixin, nn.Module):
                             f"model.to({x.dtype}))")
 
     def num_parameters(self) -> int:
+        """The number of parameter elements (trainable or not; buffers excluded)."""
         return sum(p.numel() for p in self.parameters())
 
