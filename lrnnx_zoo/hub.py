@@ -292,7 +292,7 @@ def _check_snapshot(folder: Path, needed: List[str], repo_id: str, revision: Opt
     if local_files_only or constants.HF_HUB_OFFLINE:
         # a snapshot folder from an earlier download of single files: the repo may well hold the rest
         cached = _listing(folder)
-        missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if f not in cached]
+        missing = [f for f in needed if f not in cached]
         why = given("local_files_only", True) if local_files_only else "offline mode (HF_HUB_OFFLINE)"
         raise CheckpointError(
             f"the Hub cache holds, of {repo_id!r} at {where}, only {', '.join(cached) or 'nothing'}: "
@@ -807,9 +807,10 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
         # not (S4D's HiPPO matrix is d_state x d_state)
         raise CheckpointError(f"cannot build the model described by {folder / CONFIG_NAME} "
                               f"({model_config.sizes()}): {exc}{missing_extra_plugins(extras)}") from exc
-    _check_state(model.state_dict(), shapes, folder / WEIGHTS_NAME)
+    state = model.state_dict()
+    _check_state(state, shapes, folder / WEIGHTS_NAME)
     tensors = _read_weights(folder / WEIGHTS_NAME)
-    _check_dtypes(model.state_dict(), tensors, folder / WEIGHTS_NAME)
+    _check_dtypes(state, tensors, folder / WEIGHTS_NAME)
     _check_no_nan(tensors, folder / WEIGHTS_NAME)
     dtype = _weights_dtype(tensors)
     if dtype is not None:
