@@ -356,16 +356,18 @@ def _nplr(measure: str, N: int, rank: int, dtype: torch.dtype, diagonalize_preci
     _check_int("rank", rank)    # before the cache, which takes rank=True for rank=1
     if N % 2:
         raise ValueError(f"nplr keeps one of each conjugate pair and needs an even N, got {N}")
-    _check_measure(measure, measure_args)
+    args = _check_measure(measure, measure_args)
     if measure not in NPLR_MEASURES:
         raise ValueError(f"measure {measure!r} has no normal-plus-low-rank structure; nplr supports "
                          f"{', '.join(NPLR_MEASURES)}")
     work = torch.float64 if diagonalize_precision else dtype
-    key = (measure, N, rank, work, tuple(sorted(_check_measure(measure, measure_args).items())))
+    key = (measure, N, rank, work, tuple(sorted(args.items())))
     try:
-        w, P_half, B_half, V = _nplr_cached(*key)
+        hash(key)
     except TypeError:         # an unhashable measure argument: computed every time
-        w, P_half, B_half, V = _nplr_work(*key[:4], dict(key[4]))
+        w, P_half, B_half, V = _nplr_work(measure, N, rank, work, args)
+    else:
+        w, P_half, B_half, V = _nplr_cached(*key)
     cdt = _complex_of(dtype)
     # copies: the cached factors stay as computed whatever a caller does with its tensors
     return w.to(cdt, copy=True), P_half.to(cdt, copy=True), B_half.to(cdt, copy=True), V.to(cdt, copy=True)

@@ -384,16 +384,11 @@ class SSKernelNPLR(StepModes, SSMKernel):
             if self.length < L:
                 self._extend_length_locked(L)
 
-    @torch.no_grad()
-    def _extend_length(self, L: int) -> None:
+    def _extend_length_locked(self, L: int) -> None:
         """Double the internal length until it covers L, in one transform of C~: the doublings'
         factors I + A^{2^i L0} are powers of one A_bar, built by squaring, so A_bar is discretised
-        once, not once per doubling (64 -> 4096 took six float64 discretisations per layer)."""
-        with self._consistent():
-            if self.length < L:
-                self._extend_length_locked(L)
-
-    def _extend_length_locked(self, L: int) -> None:
+        once, not once per doubling (64 -> 4096 took six float64 discretisations per layer). Called
+        under ``_consistent()`` (:meth:`_cover`)."""
         first = self._length_origin_before_change()
         A_bar, _ = self.dense_system()
         eye = torch.eye(A_bar.shape[-1], dtype=A_bar.dtype, device=A_bar.device)
