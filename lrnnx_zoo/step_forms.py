@@ -108,6 +108,14 @@ def stored_split(t: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
     return hi, (None if hi.dtype == torch.float64 or not _SPLIT_POLES.get() else stored(t - hi.double()))
 
 
+def register_split(module: nn.Module, name: str, rows: Tensor) -> None:
+    """Register ``rows`` (float64) on ``module`` as the buffers ``name`` (hi) and ``name + "_lo"``
+    (:func:`stored_split`; None when nothing is cut off), the pair :func:`rotate` takes."""
+    hi, lo = stored_split(rows)
+    module.register_buffer(name, hi)
+    module.register_buffer(name + "_lo", lo)
+
+
 def rotate(z: Tensor, re: Tensor, im: Tensor, re_lo: Optional[Tensor], im_lo: Optional[Tensor],
            rest: Tensor) -> Tensor:
     """lam * z + rest on the packed [Re z; Im z] z: (batch, 2, ...) (the halves on dim 1), lam as rows
@@ -178,10 +186,8 @@ class DiagonalStepForm(StepForm):
             W = torch.cat([torch.cat([P, P @ R], 1), torch.cat([Q, Q @ R + S], 1)], 0)
             self.register_buffer("W", stored(W))                                   # (2M + H_in, 2M + H_out)
             return
-        for name, rows in (("lam_re", torch.stack([lam.real, lam.real])), ("lam_im", torch.stack([-lam.imag, lam.imag]))):
-            hi, lo = stored_split(rows)                                            # (2, M)
-            self.register_buffer(name, hi)
-            self.register_buffer(name + "_lo", lo)
+        register_split(self, "lam_re", torch.stack([lam.real, lam.real]))           # (2, M)
+        register_split(self, "lam_im", torch.stack([-lam.imag, lam.imag]))
         self.register_buffer("B_pair", stored(Q))
         self.register_buffer("C_pair", stored(R))
         self.register_buffer("D", None if D is None else stored(S))
@@ -250,10 +256,8 @@ class ChannelDiagonalStepForm(StepForm):
         def modes_first(t: Tensor) -> Tensor:                        # (..., H, N) -> (..., N, H)
             return t.transpose(-1, -2)
 
-        for name, rows in (("lam_re", torch.stack([lam.real, lam.real])), ("lam_im", torch.stack([-lam.imag, lam.imag]))):
-            hi, lo = stored_split(modes_first(rows))                                          # (2, N, H)
-            self.register_buffer(name, hi)
-            self.register_buffer(name + "_lo", lo)
+        register_split(self, "lam_re", modes_first(torch.stack([lam.real, lam.real])))   # (2, N, H)
+        register_split(self, "lam_im", modes_first(torch.stack([-lam.imag, lam.imag])))
         self.register_buffer("B_pair", stored(modes_first(torch.stack([B.real, B.imag]))))       # (2, N, H)
         self.register_buffer("C_pair", stored(modes_first(torch.stack([C.real, -C.imag], 1))))   # (Ch, 2, N, H)
         self.register_buffer("D", None if D is None else stored(D))
@@ -386,10 +390,8 @@ class ChannelDPLRStepForm(StepForm):
 
         self.register_buffer("readout", stored(readout.permute(1, 2, 0)))                 # (2r + Ch, 2M, H)
         # d * z on [Re z; Im z]: z * [Re d; Re d] + flip(z) * [-Im d; Im d] (see ChannelDiagonalStepForm)
-        for name, (top, bottom) in (("d_re", (d.real, d.real)), ("d_im", (-d.imag, d.imag))):
-            hi, lo = stored_split(rows(top, bottom))                                      # (2, M, H)
-            self.register_buffer(name, hi)
-            self.register_buffer(name + "_lo", lo)
+        register_split(self, "d_re", rows(d.real, d.real))                                # (2, M, H)
+        register_split(self, "d_im", rows(-d.imag, d.imag))
         U_k = U_mix.transpose(0, 1)                                                       # (2r, H, M)
         self.register_buffer("U", stored(rows(U_k.real, U_k.imag)))                       # (2r, 2, M, H)
         self.register_buffer("b", stored(rows(b_mix.real, b_mix.imag)))                   # (2, M, H)
