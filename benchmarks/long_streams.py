@@ -13,7 +13,6 @@ slowest mode's memory, then levels off (README, "Long streams").
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -23,8 +22,7 @@ import torch
 
 import lrnnx_zoo
 from lrnnx_zoo.export import OnnxStreamer, to_onnx
-
-SHIPPED = ["digits-s4d", "digits-s4", "digits-lru", "digits-fftconv", "forecast-sunspots-s4d"]
+from lrnnx_zoo.export.validate import float64_copy
 
 
 def drift(name: str, lengths: Sequence[int], folder: Path) -> Dict[int, float]:
@@ -32,7 +30,7 @@ def drift(name: str, lengths: Sequence[int], folder: Path) -> Dict[int, float]:
     model = lrnnx_zoo.from_pretrained(name)
     result = to_onnx(model, folder / f"{name}.onnx")
     print(f"{name}: {result.validation}")
-    exact = copy.deepcopy(model).double().eval()
+    exact = float64_copy(model)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, max(lengths), model.config.d_input, generator=g)
     streamed = OnnxStreamer(result.path).run(x.numpy()).astype(np.float64)      # (1, L, d_output)
@@ -51,7 +49,7 @@ def drift(name: str, lengths: Sequence[int], folder: Path) -> Dict[int, float]:
 
 def main(argv: List[str] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--names", nargs="+", default=SHIPPED)
+    ap.add_argument("--names", nargs="+", default=lrnnx_zoo.list_models())
     ap.add_argument("--lengths", nargs="+", type=int, default=[256, 4096, 16384, 65536])
     args = ap.parse_args(argv)
     lengths = sorted(set(args.lengths))

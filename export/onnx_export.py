@@ -33,7 +33,7 @@ from .paths import output_location
 from .provenance import Source, graph_metadata, load_source
 from .quantize import INT8_RELATIVE_TOLERANCE, accuracy_change, check_mode, quantize_int8, stream_all
 from .result import ExportResult
-from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch
+from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch, graph_opset
 from .step_graph import ExportError, StepModule, build_step_module, no_autocast
 from .validate import FLOAT32_TOLERANCE, check_validation_input, default_sequence, validate_stream
 
@@ -169,7 +169,7 @@ def graph_stats(proto: onnx.ModelProto, path: Union[str, Path]) -> Dict[str, Any
     ops = collections.Counter(n.op_type for n in proto.graph.node)
     return {"bytes": os.path.getsize(path), "nodes": len(proto.graph.node),
             "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
-            "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+            "opset": graph_opset(proto),
             "ir_version": proto.ir_version,
             "initializers": len(proto.graph.initializer)}
 

@@ -88,6 +88,11 @@ def _non_finite(x: np.ndarray) -> str:
     return f"{len(bad)} NaN or infinite value(s) as float32, the first at index {tuple(bad[0].tolist())}"
 
 
+def graph_opset(proto: Any) -> Optional[int]:
+    """The default (ai.onnx) domain's opset an ONNX ModelProto imports, or None."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def _unloadable(path: str, ort_version: str, exc: Exception) -> str:
     """Why onnxruntime could not load ``path``: a file that is not ONNX at all (empty, truncated),
     or an ONNX model newer than this onnxruntime (a graph exported at opset 22+ failed on
@@ -101,7 +106,7 @@ def _unloadable(path: str, ort_version: str, exc: Exception) -> str:
         model = None
     if model is None or not model.opset_import or not model.HasField("graph"):   # b"" parses as an empty model
         return f"{path} is not a loadable ONNX model (empty, truncated or not ONNX?): {first}"
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None)
+    opset = graph_opset(model)
     return (f"onnxruntime {ort_version} cannot load {path}, an ONNX model of opset {opset} and IR version "
             f"{model.ir_version}: a newer onnxruntime, or a graph exported at a lower opset "
             f"(to_onnx(..., opset=N), `lrnnx-zoo export --opset N`), may load it. onnxruntime said: {first}")

@@ -86,9 +86,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 def layer_entries() -> List[Dict[str, Any]]:
     """Each registered layer: its name, the plugins registering it, and its initializers with theirs."""
-    from .registry import get_registry
+    from .registry import get_registry, layer_owners
     reg = get_registry()
-    return [{"name": name, "plugins": [e.plugin for e in reg._layers[name]],
+    return [{"name": name, "plugins": layer_owners(name),
              "initializers": [{"name": init, "plugin": e.plugin} for (layer, init), entries
                               in sorted(reg._initializers.items()) if layer == name for e in entries]}
             for name in sorted(reg._layers)]

@@ -124,7 +124,7 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
     p.add_argument("name", metavar="NAME_OR_PATH", help="checkpoint folder, shipped name or Hub repo id")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit id")
     p.add_argument("--local-files-only", action="store_true", help="use the Hub cache only, never download")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_flag(p, "one JSON object")
     p = add_command(sub, "push", "upload a checkpoint to a Hugging Face Hub repo",
                     ["runs/digits org/my-digits --private", "runs/digits org/my-digits --branch dev"],
                     description=PUSH_DESCRIPTION)
