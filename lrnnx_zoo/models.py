@@ -284,9 +284,7 @@ def running_mean_step(mean: Tensor, carry: Tensor, h: Tensor, count: Any) -> Tup
     3e6 steps, 1.2e-3 after 1e7; with the carry 1e-7). A mean, not a sum divided by the count, so
     that a count rounded to float32 (past 2**24) only weights the update by 1 +- 6e-8. The exported
     step graph and SequenceModel.step both run this."""
-    update = (h - mean) / count + carry
-    new = mean + update
-    return new, update - (new - mean)
+    return fast_two_sum(mean, (h - mean) / count + carry)
 
 
 def running_count_step(count: Tensor, carry: Tensor) -> Tuple[Tensor, Tensor]:
@@ -298,9 +296,14 @@ def running_count_step(count: Tensor, carry: Tensor) -> Tuple[Tensor, Tensor]:
     minutes of 16 kHz audio, after which the running mean became an exponential average over the
     last ~1.7e7 steps. With the carry the count stays exact to 2**48 steps; below 2**24 the carry is
     0 and count' is count + 1, as before."""
-    step = 1.0 + carry
-    new = count + step
-    return new, step - (new - count)
+    return fast_two_sum(count, 1.0 + carry)
+
+
+def fast_two_sum(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """(s, e) with s = a + b rounded and e what the rounding cut off (Fast2Sum, exact for |a| >= |b|):
+    the next update adds e back. Plain ops, so the step graphs export it as they are."""
+    s = a + b
+    return s, b - (s - a)
 
 
 def prefill_layer(layer: nn.Module, x: Tensor, lengths: Optional[Tensor]) -> Tuple[Tensor, Dict[str, Any]]:
