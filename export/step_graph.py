@@ -157,7 +157,7 @@ def build_step_module(model: SequenceModel) -> StepModule:
     Args:
         model: the source model; it is copied, never changed.
     Returns:
-        a :class:`StepModule` in eval mode on the CPU.
+        a :class:`StepModule` in eval mode on the CPU, its weights frozen (requires_grad False).
     Raises:
         ExportError: a bidirectional layer, a layer without ``step_form()``, or a pooling that is
             not causal.
@@ -184,7 +184,10 @@ def build_step_module(model: SequenceModel) -> StepModule:
         blocks.append(block)
     step = StepModule(model.encoder, blocks, forms, model.norm, model.decoder, pooling,
                       config.d_input, config.d_model, config.d_output)
-    return step.eval()
+    # Frozen: saved with requires_grad, a loaded .ts / .pt2 returned a state that required grad, and a
+    # stream fed it back without torch.no_grad() (any libtorch loop without a NoGradGuard) chained
+    # every step into one autograd graph (~44 MB per 1000 steps for a shipped forecaster).
+    return step.eval().requires_grad_(False)
 
 
 @torch.no_grad()

@@ -74,14 +74,6 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
     return json.loads(files[METADATA_FILE])
 
 
-def _inference_step(model: torch.nn.Module) -> StepModule:
-    """The step module with its weights frozen: saved with requires_grad, the loaded .ts / .pt2
-    returned a state that required grad, and a stream fed it back without torch.no_grad() (the
-    card's loop, any libtorch loop without a NoGradGuard) chained every step into one autograd
-    graph that held ~44 MB per 1000 steps for a shipped forecaster (1.1 GB after 20,000 steps)."""
-    return build_step_module(model).requires_grad_(False)
-
-
 def _finish(step: StepModule, model: torch.nn.Module, tmp: Path, path: Path, fmt: str, loader: Any,
             metadata: Dict[str, str], validate: bool, x: Optional[Tensor], tolerance: float,
             record: List[str]) -> ExportResult:
@@ -109,7 +101,7 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
     """
     with output_location(path, "path") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
-        step = _inference_step(model)
+        step = build_step_module(model)
         metadata = graph_metadata(step, model, info, {"format": "torchscript", "batch": "dynamic"})
         x = check_validation_input(validation_input, step.d_input)
         record: List[str] = []
@@ -135,7 +127,7 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
     batch = check_batch(batch)
     with output_location(path, "path") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
-        step = _inference_step(model)
+        step = build_step_module(model)
         metadata = graph_metadata(step, model, info, {"format": "torch-export", "batch": str(batch or "dynamic")})
         x = check_validation_input(validation_input, step.d_input, batch)   # before the seconds of tracing
         record: List[str] = []
