@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 
 from lrnnx_zoo.data import FORECAST_TARGETS
 from lrnnx_zoo.hub import loadable_source
+from lrnnx_zoo.hub_card import dataset_name
 
 from .onnx_export import DEFAULT_OPSET, onnxruntime_needed
 from .provenance import source_of
@@ -58,9 +59,15 @@ def _made_with(config: Dict[str, Any]) -> List[str]:
             "or in Python:", ""] + python
 
 
+def _dataset_record(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The checkpoint's dataset record as a dict ({} when it has none, or only a name string)."""
+    data = config.get("dataset")
+    return data if isinstance(data, dict) else {}
+
+
 def _normalisation(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The z-scoring the model's inputs had in training (the dataset record's mean and std), or None."""
-    norm = (config.get("dataset") or {}).get("normalisation")
+    norm = _dataset_record(config).get("normalisation")
     numbers = isinstance(norm, dict) and all(isinstance(norm.get(k), (int, float)) for k in ("mean", "std"))
     return norm if numbers else None
 
@@ -70,7 +77,7 @@ def _forecast_target(config: Dict[str, Any]) -> Optional[str]:
     forecast is input + output), from its data spec (lrnnx_zoo.data.load_forecast_series); else None."""
     if config.get("task") != "time-series-forecasting" or _normalisation(config) is None:
         return None
-    params = ((config.get("dataset") or {}).get("spec") or {}).get("params") or {}
+    params = (_dataset_record(config).get("spec") or {}).get("params") or {}
     target = params.get("target", "next")
     return target if target in FORECAST_TARGETS else None
 
@@ -78,7 +85,7 @@ def _forecast_target(config: Dict[str, Any]) -> Optional[str]:
 def _data_section(config: Dict[str, Any]) -> List[str]:
     """How the training data fed the model and what its outputs mean: a device must prepare its
     inputs the same way (a forecaster streamed raw values instead of z-scores was far off)."""
-    data, task = config.get("dataset") or {}, config.get("task")
+    data, task = _dataset_record(config), config.get("task")
     norm, target = _normalisation(config), _forecast_target(config)
     lines = []
     if data.get("format"):
@@ -96,7 +103,9 @@ def _data_section(config: Dict[str, Any]) -> List[str]:
                      f"its last step")
     if not lines:
         return []
-    return (["## Inputs and outputs", "", f"As in training (data set `{data.get('name')}`):", ""] + lines +
+    name = dataset_name(config.get("dataset"))
+    heading = f"As in training (data set `{name}`):" if name else "As in training:"
+    return (["## Inputs and outputs", "", heading, ""] + lines +
             ["", "The graph's metadata holds the data set's record (`lrnnx_zoo.dataset`, JSON) and the task "
                  "(`lrnnx_zoo.task`), and so does `config.json`.", ""])
 

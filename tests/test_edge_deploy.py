@@ -214,3 +214,13 @@ def test_folder_documents_the_graphs_real_inputs_and_outputs(sunspots_onnx, tmp_
     assert {v[1] for v in real.values()} == {"tensor(float)"}
     card = (sunspots_onnx / "README.md").read_text()
     assert "(x [batch, 1], state [batch, 3072]) -> (y [batch, 1], state_out [batch, 3072])" in card
+
+
+def test_card_data_section_takes_a_dataset_recorded_as_a_name_only():
+    # A checkpoint may record its dataset as a bare name ("my-data"); the card's data section
+    # called .get on it (AttributeError) and would have headed a dict without a name "data set `None`".
+    from lrnnx_zoo.export.card import _data_section
+    lines = _data_section({"dataset": "my-data", "task": "sequence-classification", "d_output": 3})
+    assert "As in training (data set `my-data`):" in lines and any("3 class logits" in x for x in lines)
+    lines = _data_section({"dataset": {"format": "pixels / 16"}, "task": None, "d_output": 3})
+    assert "As in training:" in lines
