@@ -98,7 +98,7 @@ def test_dropout_outside_0_1_is_refused(name, value):
 @pytest.mark.parametrize("value", [1.5, 2.0, True, "1"])
 def test_rank_must_be_an_int(name, value):
     # rank=1.5 failed inside torch.zeros ("zeros() takes 1 positional argument but 2 were given")
-    with pytest.raises((TypeError, ValueError), match=rf"needs rank to be an int"):
+    with pytest.raises((TypeError, ValueError), match=r"needs rank to be an int"):
         build(name, rank=value)
 
 
