@@ -15,18 +15,11 @@ from lrnnx_zoo.training_cli import int_type, positive_int
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """Refuse flags that do not go together, a bad --push-to-hub, --revision or --out, before the
-    model is loaded, in the flags' words (export_folder's own messages name its Python arguments:
-    batch=, out_dir, ...). Raises ValueError or OSError."""
+    """Refuse --revision where the source cannot have one, before the model is loaded (export_folder
+    checks the other flags itself, first; under ``command_line(CLI_FLAGS)`` its messages name them
+    as typed). Raises ValueError."""
     from lrnnx_zoo.hub_cli import check_revision_flag
-    from lrnnx_zoo.wording import command_line
-    from .folder import CLI_FLAGS, check_arguments, check_destination
-
-    with command_line(CLI_FLAGS):
-        out = check_arguments(args.out, args.format, args.quantize, args.opset, args.batch, args.latency_steps,
-                              args.push_to_hub, validation_length=args.validation_length)
     check_revision_flag(args.src, args.revision)
-    check_destination(out, args.format, "--out")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -37,12 +30,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .step_graph import ExportError
     from .validate import ValidationError
 
+    from lrnnx_zoo.wording import command_line
+    from .folder import CLI_FLAGS
+
     try:
-        check_flags(args)
-        done = export_folder(args.src, args.out, format=args.format, quantize=args.quantize,
-                             push_to_hub=args.push_to_hub, batch=args.batch, opset=args.opset,
-                             latency_steps=args.latency_steps, revision=args.revision,
-                             validation_length=args.validation_length)
+        with command_line(CLI_FLAGS):
+            check_flags(args)
+            done = export_folder(args.src, args.out, format=args.format, quantize=args.quantize,
+                                 push_to_hub=args.push_to_hub, batch=args.batch, opset=args.opset,
+                                 latency_steps=args.latency_steps, revision=args.revision,
+                                 validation_length=args.validation_length)
     except ValidationError as exc:   # the flags were fine, the graph is wrong: a failure, as evaluate --check's
         print(f"lrnnx-zoo export: {exc}", file=sys.stderr)
         return 1

@@ -192,9 +192,10 @@ def check_arguments(out_dir: Any, format: str, quantize: Optional[str] = None, o
     return out
 
 
-def check_destination(out: Path, fmt: str, what: str = "out_dir") -> Tuple[Optional[str], Path]:
+def check_destination(out: Path, fmt: str) -> Tuple[Optional[str], Path]:
     """(the earlier export's graph file that the export replaces, the folder it writes): ``out`` must
-    be new, empty of our file names, or an earlier export, and writable. ``what`` names the argument."""
+    be new, empty of our file names, or an earlier export, and writable."""
+    what = name("out_dir")
     replaced = _check_not_overwriting(out, fmt, what)
     return replaced, check_save_target(out, what, refuse_foreign=False)    # _check_not_overwriting decided
 

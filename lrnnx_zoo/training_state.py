@@ -55,9 +55,12 @@ FORMAT = "lrnnx-zoo-training-state"
 FORMAT_VERSION = 1
 KEEP = 2  # snapshots kept: the newest, and one to fall back on should the newest be damaged
 _NAME = re.compile(r"step-(\d+)")
-#: CLI flags that set a recipe field, for telling a user how to make a resumed run match its snapshot
+#: Recipe fields a user can set, for telling them how to make a resumed run match its snapshot: as
+#: `lrnnx-zoo train` flags, or as keywords of lrnnx_zoo.recipes.override from Python
 _FLAGS = {"seed": "--seed", "optim.epochs": "--epochs", "optim.batch_size": "--batch-size",
           "max_steps": "--max-steps"}
+_OVERRIDE_KEYWORDS = {"seed": "seed", "optim.epochs": "epochs", "optim.batch_size": "batch_size",
+                      "max_steps": "max_steps"}
 
 
 class SnapshotError(TrainingSetupError):
@@ -259,11 +262,22 @@ def check_same_run(folder: Path, recorded: Dict[str, Any], current: Dict[str, An
     if not differ:
         return
     shown = "; ".join(f"{k} is {was!r} there, {now!r} in this run" for k, was, now in differ)
-    flags = [f"{_FLAGS[k]} {was}" for k, was, _ in differ if k in _FLAGS and was is not None]
-    fix = f"pass {' '.join(flags)} " if len(flags) == len(differ) else "resume with the same recipe and settings "
+    fix = _matching_settings(differ) or "resume with the same recipe and settings "
     raise SnapshotError(f"the snapshot {folder} belongs to another run: {shown}. A resumed run must be the run "
                         f"that was interrupted: {fix}to continue it, or train into another {wording.name('out_dir')} "
                         "to start anew")
+
+
+def _matching_settings(differ: List[Tuple[str, Any, Any]]) -> Optional[str]:
+    """How to make this run match the snapshot's recorded values, when settings a user can pass
+    cover every difference: the train command's flags (``pass --seed 0 ``), or from Python the
+    recipe copy that has them (``use lrnnx_zoo.recipes.override(recipe, seed=0) ``); else None."""
+    if not all(k in _FLAGS and was is not None for k, was, _ in differ):
+        return None
+    if wording.in_command_line():
+        return f"pass {' '.join(f'{_FLAGS[k]} {was}' for k, was, _ in differ)} "
+    keywords = ", ".join(f"{_OVERRIDE_KEYWORDS[k]}={was!r}" for k, was, _ in differ)
+    return f"train lrnnx_zoo.recipes.override(recipe, {keywords}) "
 
 
 def _differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:

@@ -16,8 +16,9 @@ _FLAGS: ContextVar[Optional[Mapping[str, str]]] = ContextVar("lrnnx_zoo_cli_flag
 
 @contextlib.contextmanager
 def command_line(flags: Mapping[str, str]) -> Iterator[None]:
-    """While inside, messages spell the Python argument ``key`` as the flag ``flags[key]``."""
-    token = _FLAGS.set(dict(flags))
+    """While inside, messages spell the Python argument ``key`` as the flag ``flags[key]``. Nested,
+    the inner map adds to the outer one (a subcommand's own flags beside the CLI's shared ones)."""
+    token = _FLAGS.set({**(_FLAGS.get() or {}), **flags})
     try:
         yield
     finally:

@@ -183,3 +183,25 @@ def test_missing_config_fields_are_said_to_be_missing_not_none(snapshotted, tmp_
     assert main(["evaluate", str(unnamed)]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith(f"{unnamed}: 360 test sequences of 64 steps, ") and "None" not in first, first
+
+
+def test_a_subcommand_flag_map_adds_to_the_cli_one_instead_of_replacing_it():
+    # export's own flags (--format, --batch) were set over the CLI's shared ones, so a message
+    # raised inside it about --revision or --init-from fell back to Python keywords.
+    from lrnnx_zoo.cli import FLAGS
+    from lrnnx_zoo.export.folder import CLI_FLAGS
+    from lrnnx_zoo.wording import command_line, given, name
+    with command_line(FLAGS):
+        with command_line(CLI_FLAGS):
+            assert name("revision") == "--revision" and given("batch", 4) == "--batch 4"
+        assert name("batch") == "batch"
+    assert name("revision") == "revision"
+
+
+def test_export_cli_names_its_out_flag_for_a_folder_it_would_overwrite(tmp_path, capsys):
+    from lrnnx_zoo import cli
+    folder = tmp_path / "ckpt"
+    shutil.copytree(shipped_checkpoints()["digits-lru"], folder)
+    assert cli.main(["export", "digits-lru", "--out", str(folder), "--latency-steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lrnnx-zoo export: --out {folder} holds an lrnnx-zoo checkpoint"), err

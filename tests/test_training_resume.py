@@ -18,6 +18,7 @@ from lrnnx_zoo import training_state as TS
 from lrnnx_zoo.recipes import DataSpec, get_recipe, override
 from lrnnx_zoo.training import ResumeNotExactWarning, TrainingSetupError, train
 from lrnnx_zoo.training_state import SnapshotError
+from lrnnx_zoo.wording import command_line
 
 pytest.importorskip("sklearn")  # the digits ship with scikit-learn
 pytest.importorskip("safetensors")
@@ -113,10 +114,10 @@ def test_snapshots_beside_the_checkpoint_leave_loading_and_evaluation_alone(fini
 def test_a_snapshot_of_another_run_is_refused_naming_what_differs(finished, tmp_path, capsys):
     other = tmp_path / "other"
     with pytest.raises(SnapshotError, match=r"belongs to another run: seed is 0 there, 1 in this run\. .*"
-                                            r"pass --seed 0 to continue it"):
+                                            r"train lrnnx_zoo\.recipes\.override\(recipe, seed=0\) to continue it"):
         train(RECIPE, out_dir=str(other), seed=1, resume=str(finished), progress=False)
     longer = override(RECIPE, epochs=4)
-    with pytest.raises(SnapshotError, match=r"optim\.epochs is 3 there, 4 in this run\. .*pass --epochs 3"):
+    with pytest.raises(SnapshotError, match=r"optim\.epochs is 3 there, 4 in this run\. .*override\(recipe, epochs=3\)"):
         train(longer, out_dir=str(other), resume=str(finished), progress=False)
     wider = dataclasses.replace(RECIPE, model={**RECIPE.model, "d_model": 16})
     with pytest.raises(SnapshotError, match=r"model\.d_model is 8 there, 16 in this run\. .*same recipe"):
@@ -126,6 +127,15 @@ def test_a_snapshot_of_another_run_is_refused_naming_what_differs(finished, tmp_
     assert cli.main(["train", "digits-tiny", "--out", str(other), "--resume", str(finished), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"lrnnx-zoo train: the snapshot {finished / 'training_state'}") and err.count("\n") == 1
+    assert "override(" not in err and "resume with the same recipe" in err, err
+
+
+def test_the_settings_that_match_a_snapshot_are_worded_for_the_caller():
+    differ = [("seed", 0, 1), ("optim.epochs", 3, 4)]
+    assert TS._matching_settings(differ) == "train lrnnx_zoo.recipes.override(recipe, seed=0, epochs=3) "
+    with command_line(cli.FLAGS):
+        assert TS._matching_settings(differ) == "pass --seed 0 --epochs 3 "
+    assert TS._matching_settings(differ + [("model.d_model", 8, 16)]) is None
 
 
 def test_a_damaged_snapshot_is_an_error_that_names_the_older_intact_one(finished, tmp_path, uninterrupted):
