@@ -82,11 +82,13 @@ def list_models(pattern: Optional[str] = None) -> List[str]:
 
 # -- resolving a name to a folder --------------------------------------------------------------
 def resolve_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, cache_dir: Optional[PathLike] = None,
-                       local_files_only: bool = False, token: Optional[Union[str, bool]] = None
-                       ) -> Tuple[Path, Dict[str, Any]]:
+                       local_files_only: bool = False, token: Optional[Union[str, bool]] = None,
+                       need_weights: bool = True) -> Tuple[Path, Dict[str, Any]]:
     """Find a checkpoint folder: a local folder, else a shipped model, else a Hub repo (downloaded).
 
     Returns (folder, source) where source records where it came from (and the resolved commit).
+    With ``need_weights`` False a Hub repo's config.json and card are downloaded, not its weights
+    (what `lrnnx-zoo info` shows needs no more).
     """
     if isinstance(name_or_path, bytes) or not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"from_pretrained expects a shipped name, a folder path or a Hub repo id (str or "
@@ -130,7 +132,7 @@ def resolve_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, c
         # "user/name". Asking the Hub would cost a round trip, or a timeout offline, for the same answer.
         raise CheckpointError(f"no checkpoint {text!r}: it is not an existing folder, not a shipped model "
                               f"({_known(text, shipped)}), and not a Hub repo id (those are 'namespace/name')")
-    return _download(text, revision, cache_dir, local_files_only, token, list(shipped))
+    return _download(text, revision, cache_dir, local_files_only, token, list(shipped), need_weights)
 
 
 def close_names(name: str, shipped: List[str]) -> List[str]:
@@ -213,11 +215,12 @@ def bounded_hub_requests() -> Iterator[float]:
 
 
 def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike], local_files_only: bool,
-              token: Optional[Union[str, bool]], shipped: List[str]) -> Tuple[Path, Dict[str, Any]]:
+              token: Optional[Union[str, bool]], shipped: List[str], need_weights: bool = True
+              ) -> Tuple[Path, Dict[str, Any]]:
     """Download a Hub checkpoint config.json first: another library's repo (a config.json beside
     hundreds of MB of model.safetensors) is refused on its config before its weights are fetched.
-    The weights then come from the commit the first download resolved, so a push in between cannot
-    pair one commit's config with another's weights."""
+    The weights (unless ``need_weights`` is False) and the card then come from the commit the first
+    download resolved, so a push in between cannot pair one commit's config with another's weights."""
     from huggingface_hub import constants
     folder = _fetch(repo_id, revision, [CONFIG_NAME], cache_dir, local_files_only, token, shipped)
     commit = folder.name if len(folder.name) == 40 else None
@@ -225,9 +228,10 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
     read_config(folder, need_weights=False)
     if not (local_files_only or constants.HF_HUB_OFFLINE):
         # offline, that snapshot folder is all the cache has of this commit: nothing more to fetch
-        folder = _fetch(repo_id, commit or revision, [WEIGHTS_NAME, CARD_NAME], cache_dir, local_files_only,
-                        token, shipped)
-    _check_snapshot(folder, [CONFIG_NAME, WEIGHTS_NAME], repo_id, commit or revision, local_files_only, token)
+        rest = [WEIGHTS_NAME, CARD_NAME] if need_weights else [CARD_NAME]
+        folder = _fetch(repo_id, commit or revision, rest, cache_dir, local_files_only, token, shipped)
+    if need_weights:
+        _check_snapshot(folder, [CONFIG_NAME, WEIGHTS_NAME], repo_id, commit or revision, local_files_only, token)
     source = {"type": "hub", "repo_id": repo_id, "revision": revision or "main", "commit": commit,
               "path": str(folder)}
     return folder, source

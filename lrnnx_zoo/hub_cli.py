@@ -60,9 +60,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     try:
         check_revision_flag(args.name, args.revision)
+        # a Hub repo's weights (up to GBs) are not downloaded: the config and the card say it all
         folder, source = resolve_checkpoint(args.name, revision=args.revision,
-                                            local_files_only=args.local_files_only)
-        config = read_config(folder)
+                                            local_files_only=args.local_files_only, need_weights=False)
+        config = read_config(folder, need_weights=source["type"] != "hub")
     except ValueError as exc:                     # CheckpointError is one
         print(f"lrnnx-zoo info: {exc}", file=sys.stderr)
         return 2

@@ -1088,3 +1088,18 @@ def test_export_folder_given_to_a_command_names_its_checkpoint_not_python(tmp_pa
     assert cli_main(["evaluate", str(_fake_export(tmp_path / "exported"))]) != 0
     err = capsys.readouterr().err
     assert "is an export folder" in err and "digits-lru" in err and "from_pretrained" not in err
+
+
+def test_cli_info_on_a_hub_repo_downloads_its_config_and_card_not_its_weights(local_hub, tmp_path, capsys):
+    # `lrnnx-zoo info org/model` downloaded model.safetensors (GBs for a large model) to print a config
+    # and the card's metrics, neither of which needs it.
+    from lrnnx_zoo import cli
+    local_hub.commit("acme/info-s4d", _files(tiny("s4d", seed=1).save_pretrained(tmp_path / "m")), message="v1")
+    local_hub.clear_requests()
+    assert cli.main(["info", "acme/info-s4d", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["config"]["library"] == "lrnnx-zoo" and shown["config"]["source"]["repo_id"] == "acme/info-s4d"
+    assert _weights_requests(local_hub, "acme/info-s4d") == []
+    assert any(r.path.endswith("/README.md") for r in local_hub.requests)      # the card was fetched
+    assert from_pretrained("acme/info-s4d") is not None                        # loading still fetches them
+    assert _weights_requests(local_hub, "acme/info-s4d") != []
