@@ -20,6 +20,8 @@ import opt_einsum
 import torch
 from torch import Tensor
 
+from .shapes import broadcast_shape
+
 
 def fast_fft_size(target: int) -> int:
     """Smallest n >= target whose only prime factors are 2, 3 and 5 (fast for pocketfft/MKL)."""
@@ -99,7 +101,7 @@ def circular_conv(u: Tensor, K: Tensor, n: int, length: int, dim: int = -1) -> T
     if torch.is_grad_enabled() and (u.requires_grad or k_grad):  # complex signals under autograd
         U = U * Kf
     else:  # inference: reuse the input's spectrum, one transform-sized buffer fewer at the peak
-        U = U.mul_(Kf) if U.shape == torch.broadcast_shapes(U.shape, Kf.shape) else U * Kf
+        U = U.mul_(Kf) if U.shape == broadcast_shape(U.shape, Kf.shape) else U * Kf
     del Kf
     return inv(U, n=n, dim=dim).narrow(dim, 0, length)
 
@@ -108,7 +110,7 @@ def _empty_conv(u: Tensor, K: Tensor, length: int, dim: int) -> Tensor:
     """The (empty) result of convolving an empty batch, still attached to K's graph (zero grads)."""
     u_shape, K_shape = list(u.shape), list(K.shape)
     u_shape[dim] = K_shape[dim] = 1                       # time lengths differ (padding, kernel length)
-    shape = list(torch.broadcast_shapes(u_shape, K_shape))
+    shape = list(broadcast_shape(u_shape, K_shape))
     shape[dim] = length
     y = torch.zeros(shape, dtype=torch.promote_types(u.dtype, K.dtype), device=u.device)
     if torch.is_grad_enabled() and (u.requires_grad or K.requires_grad):

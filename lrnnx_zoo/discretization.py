@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .shapes import broadcast_shape
+
 METHODS = ("zoh", "bilinear", "dirac", "async", "no_discretization")
 
 DiscretizeFn = Callable[[Tensor, Optional[Tensor], Tensor], "tuple[Tensor, Optional[Tensor]]"]
@@ -76,7 +78,7 @@ def zoh_dense(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optio
     Bm = None if B is None else (B.unsqueeze(-1) if vec else B)
     M = 0 if Bm is None else Bm.shape[-1]
     dt = _dt_matrix(dt, A)
-    block = A.new_zeros(torch.broadcast_shapes(A.shape[:-2], dt.shape[:-2]) + (N + M, N + M))
+    block = A.new_zeros(broadcast_shape(A.shape[:-2], dt.shape[:-2]) + (N + M, N + M))
     block[..., :N, :N] = A * dt
     if Bm is not None:
         block[..., :N, N:] = Bm * dt

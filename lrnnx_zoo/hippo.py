@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .kernels.cauchy import cauchy_conj  # noqa: F401  (seed API: the S4 helpers' Cauchy kernel lives here too)
+from .shapes import broadcast_shape
 
 __all__ = [
     "cauchy_conj",
@@ -472,7 +473,7 @@ def power(L: int, A: Tensor, v: Optional[Tensor] = None) -> Tensor | tuple[Tenso
     if v is None:
         return result
     if v.shape[-1] == 0:
-        s = torch.zeros(torch.broadcast_shapes(A.shape[:-1], v.shape[:-1]), dtype=v.dtype,
+        s = torch.zeros(broadcast_shape(A.shape[:-1], v.shape[:-1]), dtype=v.dtype,
                         device=v.device)
     else:
         s = v[..., 0]

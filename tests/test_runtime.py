@@ -21,3 +21,37 @@ def test_importing_the_package_does_not_tune_the_allocator():
             "print(rt._applied)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_first_forward_step_and_prefill_import_no_sympy():
+    # torch.broadcast_shapes imports torch._refs and sympy on first use: the shipped forecaster's
+    # first forward took 650 ms (20 ms of it compute). lrnnx_zoo.shapes.broadcast_shape replaces it.
+    code = ("import sys, torch, lrnnx_zoo\n"
+            "m = lrnnx_zoo.from_pretrained('forecast-sunspots-s4d').eval()\n"
+            "x = torch.randn(2, 16, 1)\n"
+            "with torch.no_grad():\n"
+            "    m(x); y, c = m.prefill(x); m.step(x[:, 0], c)\n"
+            "for fam in lrnnx_zoo.list_layers():\n"
+            "    layer = lrnnx_zoo.create_layer(fam, 8, d_state=4)\n"
+            "    layer(torch.randn(2, 16, 8)).sum().backward()\n"
+            "print('sympy' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_broadcast_shape_follows_torch():
+    import itertools
+    import pytest
+    import torch
+    from lrnnx_zoo.shapes import broadcast_shape
+    sizes = [(), (1,), (3,), (2, 1), (1, 3), (2, 3), (4, 1, 3), (0,), (1, 0)]
+    for a, b in itertools.product(sizes, repeat=2):
+        try:
+            want = torch.broadcast_shapes(a, b)
+        except RuntimeError:
+            with pytest.raises(ValueError, match="do not broadcast"):
+                broadcast_shape(a, b)
+        else:
+            assert broadcast_shape(a, b) == want, (a, b)
+    assert broadcast_shape(torch.Size([5, 1]), (7,), ()) == (5, 7) and broadcast_shape() == ()

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..shapes import broadcast_shape
 from .keops_support import keops_available, quiet_keops, require_keops
 
 __all__ = [
@@ -301,7 +302,7 @@ def cauchy_conj_keops(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
 
 
 def _problem_size(v: Tensor, z: Tensor, w: Tensor) -> int:
-    batch = torch.broadcast_shapes(v.shape[:-1], w.shape[:-1])
+    batch = broadcast_shape(v.shape[:-1], w.shape[:-1])
     return math.prod(batch) * v.shape[-1] * z.shape[-1]
 
 

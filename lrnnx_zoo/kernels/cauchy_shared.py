@@ -24,6 +24,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from ..shapes import broadcast_shape
 from .cauchy import _complex_dtype, cauchy_conj_keops, cauchy_conj_torch
 from .keops_support import keops_available
 
@@ -95,7 +96,7 @@ class _SharedBlock(torch.autograd.Function):
 
 
 def _shared_axes(v_shape: torch.Size, w_shape: torch.Size) -> tuple[torch.Size, list[int]]:
-    batch = torch.broadcast_shapes(v_shape[:-1], w_shape[:-1])
+    batch = broadcast_shape(v_shape[:-1], w_shape[:-1])
     w_b = (1,) * (len(batch) - (len(w_shape) - 1)) + tuple(w_shape[:-1])
     return batch, [i for i, (s, ws) in enumerate(zip(batch, w_b)) if ws == 1 and s > 1]
 
@@ -151,7 +152,7 @@ def cauchy_conj_auto(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
     else :func:`cauchy_conj_shared`. ``LRNNX_ZOO_DISABLE_KEOPS=1`` always gives the torch path."""
     threshold = KEOPS_MIN_TERMS.get(v.device.type)
     if threshold is not None:
-        batch = torch.broadcast_shapes(v.shape[:-1], w.shape[:-1])
+        batch = broadcast_shape(v.shape[:-1], w.shape[:-1])
         if math.prod(batch) * v.shape[-1] * z.shape[-1] >= threshold and keops_available(v.device):
             return cauchy_conj_keops(v, z, w)
     return cauchy_conj_shared(v, z, w)

@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..shapes import broadcast_shape
 from .keops_support import keops_available, quiet_keops, require_keops
 
 __all__ = ["vandermonde", "vandermonde_torch", "vandermonde_keops", "BACKENDS", "default_block_size"]
@@ -79,7 +80,7 @@ def _check(v: Tensor, log_lam: Tensor, L: int, fn: str) -> torch.Size:
         raise ValueError(f"{fn}: v and log_lam must share the last (state) dimension N; got "
                          f"v {tuple(v.shape)} and log_lam {tuple(log_lam.shape)}")
     try:
-        return torch.broadcast_shapes(v.shape[:-1], log_lam.shape[:-1])
+        return broadcast_shape(v.shape[:-1], log_lam.shape[:-1])
     except RuntimeError:
         raise ValueError(f"{fn}: batch dims of v {tuple(v.shape)} and log_lam "
                          f"{tuple(log_lam.shape)} do not broadcast") from None
@@ -334,7 +335,7 @@ def _auto_uses_keops(v: Tensor, log_lam: Tensor, L: int) -> bool:
     threshold = _KEOPS_MIN_TERMS.get(v.device.type)
     if threshold is None:
         return False
-    batch = torch.broadcast_shapes(v.shape[:-1], log_lam.shape[:-1])
+    batch = broadcast_shape(v.shape[:-1], log_lam.shape[:-1])
     return math.prod(batch) * v.shape[-1] * L >= threshold and keops_available(v.device)
 
 
