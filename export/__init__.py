@@ -1,15 +1,34 @@
-"""Export of trained models to recurrent step graphs (ONNX Runtime, TorchScript, torch.export)."""
+"""Export of trained models to recurrent step graphs (ONNX Runtime, TorchScript, torch.export).
 
-from .folder import FolderExport, export_folder
-from .onnx_export import to_onnx
-from .result import ExportResult
-from .runtime import OnnxStreamer
-from .step_graph import ExportError, StepModule, build_step_module, state_from_cache
-from .torchscript_export import to_torch_export, to_torchscript
-from .validate import ValidationError, ValidationReport, validate_stream
+The names below load their modules on first use: onnx and the exporters cost a second to import,
+which the command line (it builds its parser from :mod:`.options`) and plain training need not pay.
+"""
 
-__all__ = [
-    "to_onnx", "to_torchscript", "to_torch_export", "OnnxStreamer", "build_step_module", "export_folder",
-    "ExportError", "ExportResult", "FolderExport", "StepModule", "ValidationError", "ValidationReport",
-    "validate_stream", "state_from_cache",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any, List
+
+#: Each public name and the submodule that defines it.
+_HOME = {
+    "to_onnx": "onnx_export", "to_torchscript": "torchscript_export", "to_torch_export": "torchscript_export",
+    "OnnxStreamer": "runtime", "build_step_module": "step_graph", "export_folder": "folder",
+    "ExportError": "step_graph", "ExportResult": "result", "FolderExport": "folder", "StepModule": "step_graph",
+    "ValidationError": "validate", "ValidationReport": "validate", "validate_stream": "validate",
+    "state_from_cache": "step_graph",
+}
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value          # later lookups skip this function
+    return value
+
+
+def __dir__() -> List[str]:
+    """The public names and the module's dunders (not its submodules or this file's helpers)."""
+    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")})

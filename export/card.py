@@ -10,7 +10,8 @@ from lrnnx_zoo.data import FORECAST_TARGETS
 from lrnnx_zoo.hub import loadable_source
 from lrnnx_zoo.hub_card import dataset_name
 
-from .onnx_export import DEFAULT_OPSET, onnxruntime_needed
+from .onnx_export import onnxruntime_needed
+from .options import DEFAULT_OPSET, FOLDER_VALIDATION_LENGTH
 from .provenance import source_of
 
 _TAGS = {"onnx": ["onnx"], "torchscript": ["torchscript"], "torch-export": ["torch-export"]}
@@ -35,8 +36,6 @@ def _made_with(config: Dict[str, Any]) -> List[str]:
     ``out``): the source is something from_pretrained loads (a shipped name, a Hub repo id at its
     commit, a folder path), and every setting that differs from the defaults is spelled out. A
     model not loaded as is (in memory, or fine-tuned since) gets the call only, with a placeholder."""
-    from .folder import FOLDER_VALIDATION_LENGTH     # folder imports this module
-
     src = config.get("source_checkpoint") or {}
     # weights changed since src was loaded (fine-tuned; "source" says so): loading src again makes another model
     loadable = loadable_source(src) if config.get("source") == source_of({"source": src}) else None

@@ -69,9 +69,7 @@ are printed."""
 
 def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:
     """Add ``export`` to the ``lrnnx-zoo`` parser (see lrnnx_zoo.cli)."""
-    from .folder import FOLDER_VALIDATION_LENGTH, FORMATS
-    from .latency import DEFAULT_STEPS
-    from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+    from .options import DEFAULT_OPSET, DEFAULT_STEPS, FOLDER_VALIDATION_LENGTH, FORMATS, MAX_OPSET, MIN_OPSET
 
     from lrnnx_zoo.cli import add_command
     p = add_command(sub, "export", "export a causal model as a validated recurrent step graph",

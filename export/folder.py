@@ -30,8 +30,9 @@ from lrnnx_zoo.hub_save import check_repo_id, check_save_target, publishing, wri
 from lrnnx_zoo.wording import given, in_command_line, name
 
 from .card import build_card
-from .latency import DEFAULT_STEPS, onnx_latency, torch_latency
+from .latency import onnx_latency, torch_latency
 from .onnx_export import to_onnx
+from .options import DEFAULT_STEPS, FOLDER_VALIDATION_LENGTH, FORMATS, GRAPH_FILES
 from .paths import as_path, check_output
 from .provenance import Source, family_of, load_source, source_of
 from .result import ExportResult
@@ -40,15 +41,6 @@ from .step_graph import build_step_module
 from .torchscript_export import load_torch_export, load_torchscript, to_torch_export, to_torchscript
 from .validate import DEFAULT_BATCH, default_sequence
 
-#: Steps an export folder's graph is validated over by default: the length at which the issue asks
-#: for no drift beyond tolerance. The float32 state's rounding error grows with the stream until the
-#: slowest mode's memory 1/(1-|lam|) is filled, then levels off: a shipped digits classifier's graph is 5.3e-6 from
-#: the float64 model after 256 steps, 4.1e-5 after 4096 and 5.4e-5 after 262,144
-#: (README, step-mode error over long streams), so the 256 steps of to_onnx's default would under-state it.
-FOLDER_VALIDATION_LENGTH = 4096
-
-GRAPH_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "torch-export": "model.pt2"}
-FORMATS = tuple(GRAPH_FILES)
 WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = "step_form.safetensors", "config.json", "README.md"
 
 

@@ -9,10 +9,10 @@ from typing import Any, Callable, Dict, Optional, Union
 import numpy as np
 import torch
 
+from .options import DEFAULT_STEPS
 from .runtime import OnnxStreamer
 from .validate import one_torch_thread
 
-DEFAULT_STEPS = 500
 WARMUP_STEPS = 50
 
 

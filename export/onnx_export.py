@@ -29,6 +29,7 @@ import onnx
 import torch
 from torch import Tensor
 
+from .options import DEFAULT_OPSET, MAX_LEGACY_OPSET, MAX_OPSET, MIN_DYNAMO_OPSET, MIN_OPSET
 from .paths import output_location
 from .provenance import Source, graph_metadata, load_source
 from .quantize import INT8_RELATIVE_TOLERANCE, accuracy_change, check_mode, quantize_int8, stream_all
@@ -37,18 +38,11 @@ from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch, graph
 from .step_graph import ExportError, StepModule, build_step_module, no_autocast
 from .validate import FLOAT32_TOLERANCE, check_validation_input, default_sequence, validate_stream
 
-# 20 has a single Gelu op (18 spells it as Erf/Mul/Add): ~15 fewer nodes and ~10% less time per
-# step for 4 blocks (measured). Needs onnxruntime >= 1.17; pass an older opset for older runtimes.
-DEFAULT_OPSET = 20
 #: The oldest onnxruntime that loads and runs the shipped checkpoints' graphs at each opset (written
 #: at the lowest IR version the opset allows), measured with onnxruntime 1.15.1 to 1.32.0; opsets
 #: below 19 ran on all of them. 1.15 is the oldest with wheels for this Python (3.11).
 ONNXRUNTIME_FOR_OPSET = {19: "1.16", 20: "1.17", 21: "1.18", 22: "1.21", 23: "1.23", 24: "1.24", 25: "1.24"}
 OLDEST_ONNXRUNTIME_TESTED = "1.15"
-#: Opsets the pinned exporters and onnxruntime were verified with, end to end: the dynamo exporter
-#: writes 18..25 (at 26+ its Gelu fails onnx.checker); below 18 it silently writes 18, so those go
-#: through the TorchScript-based exporter, which needs 11 for Flip and stops at 23.
-MIN_OPSET, MAX_OPSET, MIN_DYNAMO_OPSET, MAX_LEGACY_OPSET = 11, 25, 18, 23
 EXPORTERS = ("dynamo", "legacy")
 #: Batch a dynamic-batch step module is traced at: not 0 or 1 (torch.export specialises those) and
 #: not the default validation batch (2), so a batch size baked into the trace fails validation.

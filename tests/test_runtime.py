@@ -55,3 +55,16 @@ def test_broadcast_shape_follows_torch():
         else:
             assert broadcast_shape(a, b) == want, (a, b)
     assert broadcast_shape(torch.Size([5, 1]), (7,), ()) == (5, 7) and broadcast_shape() == ()
+
+
+def test_the_command_line_and_training_import_no_onnx():
+    # building the CLI's parser imported onnx through lrnnx_zoo.export (1.3 s of every command,
+    # `lrnnx-zoo models` included); the export names now load on first use.
+    code = ("import sys, lrnnx_zoo.cli, lrnnx_zoo.export as e\n"
+            "lrnnx_zoo.cli.build_parser()\n"
+            "before = [m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules]\n"
+            "from lrnnx_zoo.export import to_onnx, OnnxStreamer\n"
+            "print(before, 'onnx' in sys.modules, callable(to_onnx), set(e.__all__) <= set(dir(e)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[] True True True"

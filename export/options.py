@@ -1,0 +1,25 @@
+"""The export's user-facing options and their defaults, importable without onnx, onnxruntime or
+the exporters: the command line builds its parser from them (importing onnx cost `lrnnx-zoo models`
+and every other command 1.3 s)."""
+
+#: Graph file of each export format.
+GRAPH_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "torch-export": "model.pt2"}
+FORMATS = tuple(GRAPH_FILES)
+
+#: Steps an export folder's graph is validated over by default: the length at which the issue asks
+#: for no drift beyond tolerance. The float32 state's rounding error grows with the stream until the
+#: slowest mode's memory 1/(1-|lam|) is filled, then levels off: a shipped digits classifier's graph is 5.3e-6 from
+#: the float64 model after 256 steps, 4.1e-5 after 4096 and 5.4e-5 after 262,144
+#: (README, step-mode error over long streams), so the 256 steps of to_onnx's default would under-state it.
+FOLDER_VALIDATION_LENGTH = 4096
+
+#: Single steps timed for an export's latency by default.
+DEFAULT_STEPS = 500
+
+# 20 has a single Gelu op (18 spells it as Erf/Mul/Add): ~15 fewer nodes and ~10% less time per
+# step for 4 blocks (measured). Needs onnxruntime >= 1.17; pass an older opset for older runtimes.
+DEFAULT_OPSET = 20
+#: Opsets the pinned exporters and onnxruntime were verified with, end to end: the dynamo exporter
+#: writes 18..25 (at 26+ its Gelu fails onnx.checker); below 18 it silently writes 18, so those go
+#: through the TorchScript-based exporter, which needs 11 for Flip and stops at 23.
+MIN_OPSET, MAX_OPSET, MIN_DYNAMO_OPSET, MAX_LEGACY_OPSET = 11, 25, 18, 23
