@@ -1,7 +1,15 @@
-"""lrnnx_zoo.runtime: the allocator setting is opt-in and safe to repeat."""
+"""lrnnx_zoo.runtime: the allocator setting is opt-in and safe to repeat; what a fresh process
+imports and pays on first use."""
 
 import subprocess
 import sys
+
+
+def _child_output(code: str) -> str:
+    """stdout of ``code`` run in a fresh interpreter (what it imports must not depend on this session)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
 
 
 def test_tune_allocator_applies_on_linux_and_is_idempotent():
@@ -35,9 +43,7 @@ def test_a_first_forward_step_and_prefill_import_no_sympy():
             "    layer = lrnnx_zoo.create_layer(fam, 8, d_state=4)\n"
             "    layer(torch.randn(2, 16, 8)).sum().backward()\n"
             "print('sympy' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert _child_output(code) == "False"
 
 
 def test_broadcast_shape_follows_torch():
@@ -65,6 +71,4 @@ def test_the_command_line_and_training_import_no_onnx():
             "before = [m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules]\n"
             "from lrnnx_zoo.export import to_onnx, OnnxStreamer\n"
             "print(before, 'onnx' in sys.modules, callable(to_onnx), set(e.__all__) <= set(dir(e)))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[] True True True"
+    assert _child_output(code) == "[] True True True"
