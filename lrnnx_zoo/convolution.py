@@ -20,6 +20,8 @@ import opt_einsum
 import torch
 from torch import Tensor
 
+from .base import func_transforms_active
+
 
 def fast_fft_size(target: int) -> int:
     """Smallest n >= target whose only prime factors are 2, 3 and 5 (fast for pocketfft/MKL)."""
@@ -88,15 +90,18 @@ def circular_conv(u: Tensor, K: Tensor, n: int, length: int, dim: int = -1) -> T
     if u.numel() == 0:   # an empty batch: FFT libraries refuse zero-sized transforms
         return _empty_conv(u, K, length, dim)
     cplx = u.is_complex() or K.is_complex()
-    k_grad = K.requires_grad
-    if not cplx and torch.is_grad_enabled() and (u.requires_grad or k_grad):
+    graph = torch.is_grad_enabled() and (u.requires_grad or K.requires_grad)
+    # torch.func transforms take the plain differentiable path below: _RealCausalConv's backward
+    # refuses a graph of itself, which func.grad always asks for, and vmap cannot batch in place.
+    transformed = func_transforms_active()
+    if not cplx and graph and not transformed:
         return _RealCausalConv.apply(u, K, n, length, dim)
     fwd, inv = (torch.fft.fft, torch.fft.ifft) if cplx else (torch.fft.rfft, torch.fft.irfft)
     # The kernel's spectrum first: a caller that passes K without keeping a reference frees K here.
     Kf = fwd(K, n=n, dim=dim)
     del K
     U = fwd(u, n=n, dim=dim)
-    if torch.is_grad_enabled() and (u.requires_grad or k_grad):  # complex signals under autograd
+    if graph or transformed:      # complex signals under autograd, or a torch.func transform
         U = U * Kf
     else:  # inference: reuse the input's spectrum, one transform-sized buffer fewer at the peak
         U = U.mul_(Kf) if U.shape == torch.broadcast_shapes(U.shape, Kf.shape) else U * Kf
@@ -309,9 +314,13 @@ def _swap_last_two(x: Tensor, pad_to: int = 0) -> Tensor:
 
 class _SwapLastTwo(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, pad_to: int) -> Tensor:  # type: ignore[override]
-        ctx.length = x.shape[1]
+    def forward(x: Tensor, pad_to: int) -> Tensor:  # type: ignore[override]
         return _swap_last_two(x, pad_to)
+
+    @staticmethod
+    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
+        # Separate from forward, so that torch.func transforms (grad, jacrev) can run it.
+        ctx.length = inputs[0].shape[1]
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]

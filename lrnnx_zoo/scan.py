@@ -196,11 +196,15 @@ class _DiagonalScan(torch.autograd.Function):
     """Chunked scan whose backward is the reverse scan with conj(lam) (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, lam: Tensor, x: Tensor, s0: Optional[Tensor], reverse: bool, T: int) -> Tensor:
-        out = _scan_impl(lam, x, s0, reverse, T)
+    def forward(lam: Tensor, x: Tensor, s0: Optional[Tensor], reverse: bool, T: int) -> Tensor:  # type: ignore[override]
+        return _scan_impl(lam, x, s0, reverse, T)
+
+    @staticmethod
+    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
+        # Separate from forward, so that torch.func transforms (grad, jacrev) can run the scan.
+        lam, _, s0, reverse, T = inputs
         ctx.save_for_backward(lam, s0, out)
         ctx.reverse, ctx.T = reverse, T
-        return out
 
     @staticmethod
     def backward(ctx, g: Tensor):

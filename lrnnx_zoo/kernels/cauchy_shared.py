@@ -63,9 +63,13 @@ class _SharedBlock(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, ab: Tensor, c: Tensor, d: Tensor, z: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(ab, c, d, z)
+    def forward(ab: Tensor, c: Tensor, d: Tensor, z: Tensor) -> Tensor:  # type: ignore[override]
         return _block(ab, c, d, z)
+
+    @staticmethod
+    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
+        # Separate from forward, so that torch.func transforms (grad, jacrev) can run it.
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]

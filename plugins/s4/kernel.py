@@ -65,9 +65,13 @@ class _LengthGuard(torch.autograd.Function):
     error that says what happened and what to do."""
 
     @staticmethod
-    def forward(ctx, C: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(C)
+    def forward(C: Tensor) -> Tensor:  # type: ignore[override]
         return C.view_as(C)
+
+    @staticmethod
+    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
+        # Separate from forward, so that torch.func transforms (grad, jacrev) can run it.
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
