@@ -326,6 +326,13 @@ class _SwapLastTwo(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         return _swap_last_two(grad[..., :ctx.length].contiguous()), None
 
+    @staticmethod
+    def vmap(info, in_dims, x: Tensor, pad_to: int):  # type: ignore[override]
+        """torch.func.vmap: the vmapped dim joins the batch (x: (V, B, M, N) -> (V*B, M, N))."""
+        x = x.movedim(in_dims[0], 0)
+        out = _SwapLastTwo.apply(x.flatten(0, 1), pad_to)
+        return out.unflatten(0, x.shape[:2]), 0
+
 
 def swap_time_and_channels(x: Tensor, pad_to: int = 0) -> Tensor:
     """(B, L, H) -> (B, H, max(L, pad_to)) contiguous, zero-padded, differentiable (and back, for

@@ -172,6 +172,8 @@ class _Vandermonde(torch.autograd.Function):
     the product differentiably instead.
     """
 
+    generate_vmap_rule = True      # forward and backward are out-of-place ops: torch.func.vmap batches them
+
     @staticmethod
     def forward(v: Tensor, log_lam: Tensor, L: int, conj: bool, T: int, rdt: torch.dtype  # type: ignore[override]
                 ) -> Tuple[Tensor, ...]:
