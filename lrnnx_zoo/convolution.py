@@ -151,7 +151,9 @@ class _RealCausalConv(torch.autograd.Function):
             # training step holds per layer.
             raise RuntimeError("the FFT convolution of lrnnx-zoo's layers has no second derivative: "
                                "backward(create_graph=True) / autograd.grad(..., create_graph=True) through it "
-                               "is not supported (first-order training is)")
+                               "is not supported (first-order training is). For second derivatives (e.g. a "
+                               "gradient penalty) take the first one with torch.func.grad, e.g. "
+                               "torch.func.grad(lambda x: loss(model(x)))(x): its result can be differentiated again")
         Ufc, Kfc = ctx.saved_tensors
         n, dim, u_shape, K_shape = ctx.meta
         G = torch.fft.rfft(g, n=n, dim=dim)

@@ -161,3 +161,20 @@ def test_diagonal_scan_vmap_rule_and_its_gradient(lam_batched, per_row_lam, s0, 
         rl, rx = torch.autograd.grad(torch.view_as_real(ys).square().sum(), (lv, xv))
         torch.testing.assert_close(gl[v], rl, **TOL)
         torch.testing.assert_close(gx[v], rx, **TOL)
+
+
+def test_second_derivatives_through_func_grad():
+    # A gradient penalty through the FFT convolution: autograd.grad(..., create_graph=True) refuses
+    # (its backward keeps spectra without a graph); the error now names torch.func.grad, whose first
+    # derivative differentiates again. Checked against finite differences (gradcheck of the gradient,
+    # float64, eps 1e-6, atol 1e-6: central differences err by ~eps^2 |f'''| + 1e-16 / eps).
+    m = make("s4d")
+    x = torch.randn(1, 5, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no second derivative.*torch.func.grad"):
+        g, = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+        g.sum().backward()
+    first_derivative = grad(lambda x: m(x).square().sum())
+    assert torch.autograd.gradcheck(first_derivative, (x,), eps=1e-6, atol=1e-6)
+    penalty = first_derivative(x).square().sum()
+    grads = torch.autograd.grad(penalty, list(m.parameters()))
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
