@@ -196,10 +196,19 @@ def check_probability(who: str, name: str, p: Any) -> None:
 
 
 def needs_autograd(module: nn.Module, *inputs: Tensor) -> bool:
-    """Whether a forward must build a graph: grad mode on and an input or parameter requiring it.
-    Layers take inference-only fast paths (e.g. blocked_channel_conv) when it is False."""
-    return torch.is_grad_enabled() and (any(t.requires_grad for t in inputs)
-                                        or any(p.requires_grad for p in module.parameters()))
+    """Whether a forward must build a graph: grad mode on and an input or parameter requiring it,
+    or a torch.func transform running (:func:`func_transforms_active`). Layers take inference-only
+    fast paths (e.g. blocked_channel_conv) and kernel caches when it is False."""
+    return func_transforms_active() or torch.is_grad_enabled() and (
+        any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters()))
+
+
+def func_transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running. Its tensors are
+    wrappers: a kernel cache must not keep them past the call, and the in-place inference paths
+    cannot write a batched (vmap) result into a plain buffer ("Batching rule not implemented for
+    aten::equal", "inplace arithmetic ... is not possible"), so the differentiable path runs."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def valid_steps(lengths: Tensor, L: int, device: torch.device) -> Tensor:

@@ -20,6 +20,7 @@ import opt_einsum
 import torch
 from torch import Tensor
 
+from .base import func_transforms_active
 from .shapes import broadcast_shape
 
 
@@ -90,15 +91,18 @@ def circular_conv(u: Tensor, K: Tensor, n: int, length: int, dim: int = -1) -> T
     if u.numel() == 0:   # an empty batch: FFT libraries refuse zero-sized transforms
         return _empty_conv(u, K, length, dim)
     cplx = u.is_complex() or K.is_complex()
-    k_grad = K.requires_grad
-    if not cplx and torch.is_grad_enabled() and (u.requires_grad or k_grad):
+    graph = torch.is_grad_enabled() and (u.requires_grad or K.requires_grad)
+    # torch.func transforms take the plain differentiable path below: _RealCausalConv's backward
+    # refuses a graph of itself, which func.grad always asks for, and vmap cannot batch in place.
+    transformed = func_transforms_active()
+    if not cplx and graph and not transformed:
         return _RealCausalConv.apply(u, K, n, length, dim)
     fwd, inv = (torch.fft.fft, torch.fft.ifft) if cplx else (torch.fft.rfft, torch.fft.irfft)
     # The kernel's spectrum first: a caller that passes K without keeping a reference frees K here.
     Kf = fwd(K, n=n, dim=dim)
     del K
     U = fwd(u, n=n, dim=dim)
-    if torch.is_grad_enabled() and (u.requires_grad or k_grad):  # complex signals under autograd
+    if graph or transformed:      # complex signals under autograd, or a torch.func transform
         U = U * Kf
     else:  # inference: reuse the input's spectrum, one transform-sized buffer fewer at the peak
         U = U.mul_(Kf) if U.shape == broadcast_shape(U.shape, Kf.shape) else U * Kf
@@ -148,7 +152,9 @@ class _RealCausalConv(torch.autograd.Function):
             # training step holds per layer.
             raise RuntimeError("the FFT convolution of lrnnx-zoo's layers has no second derivative: "
                                "backward(create_graph=True) / autograd.grad(..., create_graph=True) through it "
-                               "is not supported (first-order training is)")
+                               "is not supported (first-order training is). For second derivatives (e.g. a "
+                               "gradient penalty) take the first one with torch.func.grad, e.g. "
+                               "torch.func.grad(lambda x: loss(model(x)))(x): its result can be differentiated again")
         Ufc, Kfc = ctx.saved_tensors
         n, dim, u_shape, K_shape = ctx.meta
         G = torch.fft.rfft(g, n=n, dim=dim)
@@ -311,13 +317,24 @@ def _swap_last_two(x: Tensor, pad_to: int = 0) -> Tensor:
 
 class _SwapLastTwo(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, pad_to: int) -> Tensor:  # type: ignore[override]
-        ctx.length = x.shape[1]
+    def forward(x: Tensor, pad_to: int) -> Tensor:  # type: ignore[override]
         return _swap_last_two(x, pad_to)
+
+    @staticmethod
+    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
+        # Separate from forward, so that torch.func transforms (grad, jacrev) can run it.
+        ctx.length = inputs[0].shape[1]
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         return _swap_last_two(grad[..., :ctx.length].contiguous()), None
+
+    @staticmethod
+    def vmap(info, in_dims, x: Tensor, pad_to: int):  # type: ignore[override]
+        """torch.func.vmap: the vmapped dim joins the batch (x: (V, B, M, N) -> (V*B, M, N))."""
+        x = x.movedim(in_dims[0], 0)
+        out = _SwapLastTwo.apply(x.flatten(0, 1), pad_to)
+        return out.unflatten(0, x.shape[:2]), 0
 
 
 def swap_time_and_channels(x: Tensor, pad_to: int = 0) -> Tensor:

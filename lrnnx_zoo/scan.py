@@ -196,11 +196,32 @@ class _DiagonalScan(torch.autograd.Function):
     """Chunked scan whose backward is the reverse scan with conj(lam) (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, lam: Tensor, x: Tensor, s0: Optional[Tensor], reverse: bool, T: int) -> Tensor:
-        out = _scan_impl(lam, x, s0, reverse, T)
+    def forward(lam: Tensor, x: Tensor, s0: Optional[Tensor], reverse: bool, T: int) -> Tensor:  # type: ignore[override]
+        return _scan_impl(lam, x, s0, reverse, T)
+
+    @staticmethod
+    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
+        # Separate from forward, so that torch.func transforms (grad, jacrev) can run the scan.
+        lam, _, s0, reverse, T = inputs
         ctx.save_for_backward(lam, s0, out)
         ctx.reverse, ctx.T = reverse, T
-        return out
+
+    @staticmethod
+    def vmap(info, in_dims, lam: Tensor, x: Tensor, s0: Optional[Tensor], reverse: bool, T: int):  # type: ignore[override]
+        """torch.func.vmap: the vmapped dim V joins the batch, x: (V, B, L, N) -> (V*B, L, N), with
+        lam and s0 given per row ((V*B, N); a lam shared by all rows stays (1, N))."""
+        V = info.batch_size
+        x = x.movedim(in_dims[1], 0) if in_dims[1] is not None else x.expand(V, *x.shape)
+        B = x.shape[1]
+
+        def rows(t: Tensor, dim: Optional[int]) -> Tensor:       # (Bt, N) or (V, Bt, N) -> (V*B, N)
+            t = t.movedim(dim, 0) if dim is not None else t.expand(V, *t.shape)
+            return t.expand(V, B, t.shape[-1]).flatten(0, 1)
+
+        lam = lam if in_dims[0] is None and lam.shape[0] == 1 else rows(lam, in_dims[0])
+        s0 = None if s0 is None else rows(s0, in_dims[2])
+        out = _DiagonalScan.apply(lam, x.flatten(0, 1), s0, reverse, T)
+        return out.unflatten(0, (V, B)), 0
 
     @staticmethod
     def backward(ctx, g: Tensor):

@@ -98,9 +98,7 @@ class _Cauchy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, v: Tensor, z: Tensor, w: Tensor, block: int) -> Tensor:
-        ctx.save_for_backward(v, z, w)
-        ctx.block = block
+    def forward(v: Tensor, z: Tensor, w: Tensor, block: int) -> Tensor:  # type: ignore[override]
         out = v.new_empty(v.shape[0], z.shape[0])
         vrow, wcol = v[:, None, :], w[:, :, None]
         buf = None
@@ -111,6 +109,12 @@ class _Cauchy(torch.autograd.Function):
             torch.sub(z[s:e], wcol, out=buf).reciprocal_()
             out[:, s:e] = torch.bmm(vrow, buf)[:, 0]
         return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
+        # Separate from forward, so that torch.func transforms (grad, jacrev) can run it.
+        v, z, w, ctx.block = inputs
+        ctx.save_for_backward(v, z, w)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -145,9 +149,7 @@ class _CauchyConj(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, w: Tensor, z: Tensor, block: int) -> Tensor:
-        ctx.save_for_backward(a, b, w, z)
-        ctx.block = block
+    def forward(a: Tensor, b: Tensor, w: Tensor, z: Tensor, block: int) -> Tensor:  # type: ignore[override]
         ab = torch.stack([a, b], dim=1).to(w.dtype)  # (Bt, 2, N): one batched matmul per block
         out = w.new_empty(w.shape[0], z.shape[0])
         wcol, wccol = w[:, :, None], w.conj()[:, :, None]
@@ -163,6 +165,11 @@ class _CauchyConj(torch.autograd.Function):
             sa, sb = torch.bmm(ab, q).unbind(1)
             out[:, s:e] = zb * sa - sb
         return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
+        a, b, w, z, ctx.block = inputs
+        ctx.save_for_backward(a, b, w, z)
 
     @staticmethod
     def backward(ctx, g: Tensor):

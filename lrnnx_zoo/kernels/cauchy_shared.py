@@ -24,6 +24,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from ..base import func_transforms_active
 from ..shapes import broadcast_shape
 from .cauchy import _complex_dtype, cauchy_conj_keops, cauchy_conj_torch
 from .keops_support import keops_available
@@ -63,10 +64,16 @@ class _SharedBlock(torch.autograd.Function):
     The backward is made of differentiable ops, so double backward works.
     """
 
+    generate_vmap_rule = True      # its ops batch under torch.func.vmap (in place only on fresh results)
+
     @staticmethod
-    def forward(ctx, ab: Tensor, c: Tensor, d: Tensor, z: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(ab, c, d, z)
+    def forward(ab: Tensor, c: Tensor, d: Tensor, z: Tensor) -> Tensor:  # type: ignore[override]
         return _block(ab, c, d, z)
+
+    @staticmethod
+    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
+        # Separate from forward, so that torch.func transforms (grad, jacrev) can run it.
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
@@ -134,7 +141,8 @@ def cauchy_conj_shared(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int
     z = z.to(cdt)
     if chunk_size is None:
         chunk_size = max(1, _BLOCK_BYTES // max(1, P * N * z.element_size()))
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (ab, c, d, z))
+    # Under a torch.func transform the blocks go through the Function too (vmap cannot batch out=).
+    grad = func_transforms_active() or torch.is_grad_enabled() and any(t.requires_grad for t in (ab, c, d, z))
     if grad:   # the backward rebuilds each block's poles, so memory stays O(block)
         parts = [_SharedBlock.apply(ab, c, d, z[s:s + chunk_size]) for s in range(0, L, chunk_size)]
         out = torch.cat(parts, dim=-1) if parts else ab.new_zeros(P, J, 0)

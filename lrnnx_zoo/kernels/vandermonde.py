@@ -31,7 +31,7 @@ Two backends:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -173,16 +173,26 @@ class _Vandermonde(torch.autograd.Function):
     the product differentiably instead.
     """
 
-    @staticmethod
-    def forward(ctx, v: Tensor, log_lam: Tensor, L: int, conj: bool, T: int, rdt: torch.dtype  # type: ignore[override]
-                ) -> Tensor:
-        factors = _factors(log_lam, T, -(-L // T), rdt)
-        ctx.save_for_backward(v, log_lam, *factors)
-        ctx.meta = (L, conj, T, rdt)
-        return _kernel_from_factors(v, factors, L, conj, rdt)
+    generate_vmap_rule = True      # forward and backward are out-of-place ops: torch.func.vmap batches them
 
     @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    def forward(v: Tensor, log_lam: Tensor, L: int, conj: bool, T: int, rdt: torch.dtype  # type: ignore[override]
+                ) -> Tuple[Tensor, ...]:
+        """K and the factors (Pr, Pi, Qr, Qi) the backward reuses: returned rather than kept on
+        ctx here, as torch.func transforms (grad, jacrev) need of a Function's saved intermediates."""
+        factors = _factors(log_lam, T, -(-L // T), rdt)
+        return (_kernel_from_factors(v, factors, L, conj, rdt), *factors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs: Tuple[Tensor, ...]) -> None:  # type: ignore[override]
+        v, log_lam, L, conj, T, rdt = inputs
+        factors = outputs[1:]
+        ctx.mark_non_differentiable(*factors)
+        ctx.save_for_backward(v, log_lam, *factors)
+        ctx.meta = (L, conj, T, rdt)
+
+    @staticmethod
+    def backward(ctx, g: Tensor, *_: Optional[Tensor]):  # type: ignore[override]
         v, log_lam, Pr, Pi, Qr, Qi = ctx.saved_tensors
         L, conj, T, rdt = ctx.meta
         needs = ctx.needs_input_grad[:2]
@@ -263,7 +273,7 @@ def vandermonde_torch(v: Tensor, log_lam: Tensor, L: int, conj: bool = True,
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"vandermonde_torch: chunk_size must be a positive int, got {chunk_size!r}")
         T = min(chunk_size, L)
-    return _Vandermonde.apply(v, log_lam, L, conj, T, rdt)
+    return _Vandermonde.apply(v, log_lam, L, conj, T, rdt)[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hippo
-from lrnnx_zoo.base import check_reals, check_sizes, needs_autograd, parameter_dtype
+from lrnnx_zoo.base import check_reals, check_sizes, func_transforms_active, needs_autograd, parameter_dtype
 from lrnnx_zoo.optim import grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, passed_state_dtype
@@ -64,10 +64,16 @@ class _LengthGuard(torch.autograd.Function):
     to the new one (``m(x8) + m(x40)``: C's gradient 72% off, log_dt's 25%), silently. It is now an
     error that says what happened and what to do."""
 
+    generate_vmap_rule = True      # an identity: torch.func.vmap batches it as it is
+
     @staticmethod
-    def forward(ctx, C: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(C)
+    def forward(C: Tensor) -> Tensor:  # type: ignore[override]
         return C.view_as(C)
+
+    @staticmethod
+    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
+        # Separate from forward, so that torch.func transforms (grad, jacrev) can run it.
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
@@ -118,6 +124,10 @@ def _solve_tilde(c_tilde: Tensor, A: Tensor, L: int, power_t: Optional[Tensor] =
         F = _identity_minus_power(A, L).transpose(-1, -2)
     else:
         F = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) - power_t
+    if func_transforms_active():
+        # torch's batched backward of solve mismatches broadcast batch dims under vmap of grad
+        # (per-sample gradients failed: "size of tensor a (2) must match ... b (3)"); spell them out
+        F = F.expand(*c_tilde.shape[:-2], *F.shape[-3:])
     return torch.linalg.solve(F, c_tilde.unsqueeze(-1)).squeeze(-1)
 
 
@@ -213,7 +223,14 @@ class SSKernelNPLR(StepModes, SSMKernel):
         and off the CPU, where reading a tensor stalls the device, the Python copy kept in step
         with it (:meth:`_set_length`, loading, unpickling) is used instead."""
         if self.L.device.type == "cpu" and not torch.compiler.is_compiling():
-            return int(self.L)
+            try:
+                return int(self.L)
+            except RuntimeError as exc:   # torch.func.vmap over the buffers: one length per model
+                raise RuntimeError(
+                    "S4 kernel: its internal length buffer 'L' is batched by torch.func.vmap (e.g. the buffers of "
+                    "torch.func.stack_module_state), but the length is one Python int for all models. vmap over the "
+                    "parameters only and pass one model's buffers unbatched: functional_call(model, (params, "
+                    "dict(model.named_buffers())), x) with in_dims=(0, None)") from exc
         return self._length
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:

@@ -1,0 +1,180 @@
+"""Gradients and autograd of the layers beyond ``loss.backward()``: torch.func transforms (grad,
+jacrev, vmap over a batch of parameters or of samples), caches and frozen parameters.
+
+Tolerances. Every comparison here is float64 and sets one way of differentiating (or batching) the
+same layer against another: the same sums in another order (e.g. the plain rfft path against the
+hand-written real-transform backward), so they agree to ~1e-15 relative; 1e-10 leaves room for
+that and still catches any wrong term (a missing or extra contribution is O(1e-2..1)).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
+
+import lrnnx_zoo
+from lrnnx_zoo.scan import diagonal_scan, sequential_scan
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+# (layer name, constructor options): every family and the modes whose paths differ.
+CASES = [("s4d", {}), ("lru", {"backend": "scan"}), ("lru", {"backend": "fft"}), ("s4", {}),
+         ("s4", {"bidirectional": True, "discretization": "zoh"}), ("fftconv", {}),
+         ("fftconv", {"bidirectional": True, "channels": 2})]
+IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw in CASES]
+
+
+def make(name: str, **kw: Any) -> nn.Module:
+    torch.manual_seed(0)
+    m = lrnnx_zoo.create_layer(name, 3, d_state=4, **kw).double()
+    with torch.no_grad():          # S4 sets its C~ for this length once, before parameters are copied
+        m(torch.randn(1, 6, 3, dtype=torch.float64))
+    return m
+
+
+def first(out: Any) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def loss_of(m: nn.Module):
+    buffers = dict(m.named_buffers())
+
+    def loss(params: Dict[str, Tensor], x: Tensor) -> Tensor:
+        return first(functional_call(m, (params, buffers), (x,))).square().sum()
+    return loss
+
+
+def backward_grads(m: nn.Module, x: Tensor) -> Dict[str, Tensor]:
+    m.zero_grad()
+    first(m(x)).square().sum().backward()
+    return {k: p.grad.clone() for k, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=IDS)
+def test_func_grad_equals_backward(name, kw):
+    # torch.func.grad over any layer failed: "In order to use an autograd.Function with functorch
+    # transforms ... it must override the setup_context staticmethod".
+    m = make(name, **kw)
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    ref = backward_grads(m, x)
+    m.eval()
+    with torch.no_grad():          # a cached inference kernel must not stand in for the transform's
+        m(x)
+    got = grad(loss_of(m))({k: p.detach().clone() for k, p in m.named_parameters()}, x)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], **TOL, msg=k)
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=IDS)
+def test_per_sample_gradients_with_vmap_of_grad(name, kw):
+    m = make(name, **kw)
+    x = torch.randn(3, 6, 3, dtype=torch.float64)
+    loss = loss_of(m)
+    params = {k: p.detach().clone() for k, p in m.named_parameters()}
+    got = vmap(grad(lambda p, xi: loss(p, xi[None])), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        ref = backward_grads(m, x[i:i + 1])
+        for k in ref:
+            torch.testing.assert_close(got[k][i], ref[k], **TOL, msg=f"{k}, sample {i}")
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=IDS)
+def test_jacrev_wrt_input(name, kw):
+    m = make(name, **kw)
+    x = torch.randn(1, 5, 3, dtype=torch.float64)
+    got = jacrev(lambda x: first(m(x)))(x)
+    ref = torch.autograd.functional.jacobian(lambda x: first(m(x)), x)
+    torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=IDS)
+@pytest.mark.parametrize("no_grad", [True, False], ids=["no_grad", "grad"])
+def test_vmap_over_an_ensemble_of_models(name, kw, no_grad):
+    # Model ensembling: vmap over stacked parameters failed in every family ("Batching rule not
+    # implemented for aten::equal" in the kernel cache, or "does not have vmap support").
+    models = [make(name, **kw) for _ in range(2)]
+    with torch.no_grad():
+        for i, m in enumerate(models[1:], 1):
+            for p in m.parameters():
+                p.mul_(1 + 0.1 * i)
+    params, _ = stack_module_state(models)
+    buffers = dict(models[0].named_buffers())
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    with torch.set_grad_enabled(not no_grad):
+        y = vmap(lambda p, x: first(functional_call(models[0], (p, buffers), (x,))), in_dims=(0, None))(params, x)
+    with torch.no_grad():
+        for i, m in enumerate(models):
+            torch.testing.assert_close(y[i].detach(), first(m(x)), **TOL)
+
+
+def test_vmap_over_s4_length_buffers_says_what_to_do():
+    # All of S4's buffers stacked by stack_module_state: its internal length is one int for all models.
+    # It failed with "It looks like you're calling .item() on a Tensor", naming nothing of the layer.
+    models = [make("s4") for _ in range(2)]
+    params, buffers = stack_module_state(models)
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"length buffer 'L' is batched.*in_dims=\(0, None\)"):
+        vmap(lambda p, b, x: first(functional_call(models[0], (p, b), (x,))), in_dims=(0, 0, None))(params, buffers, x)
+
+
+@pytest.mark.parametrize("lam_batched", [False, True])
+@pytest.mark.parametrize("per_row_lam", [False, True])
+@pytest.mark.parametrize("s0", ["none", "batched", "shared"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_diagonal_scan_vmap_rule_and_its_gradient(lam_batched, per_row_lam, s0, reverse):
+    # The vmap rule folds the vmapped dim into the batch; compared with a loop of sequential scans,
+    # and its gradient (vmap of grad: the backward is batched by the same rule) with plain autograd.
+    g = torch.Generator().manual_seed(0)
+    V, B, L, N = 3, 2, 7, 4
+
+    def rnd(*shape: int) -> Tensor:
+        return torch.complex(torch.randn(*shape, generator=g, dtype=torch.float64),
+                             torch.randn(*shape, generator=g, dtype=torch.float64))
+    rows = B if per_row_lam else 1
+    lam = 0.9 * rnd(*((V,) if lam_batched else ()), rows, N) / 2 ** 0.5
+    x = rnd(V, B, L, N)
+    h0 = {"none": None, "batched": rnd(V, B, N), "shared": rnd(B, N)}[s0]
+    dims = (0 if lam_batched else None, 0, 0 if s0 == "batched" else None)
+
+    def f(lam: Tensor, x: Tensor, h0: Any) -> Tensor:
+        return torch.view_as_real(diagonal_scan(lam, x, h0, reverse=reverse, chunk_size=2)).square().sum()
+
+    def ref(v: int) -> Tuple[Tensor, Tensor]:
+        def flip(t: Tensor) -> Tensor:
+            return t.flip(1) if reverse else t
+        lv = lam[v] if lam_batched else lam
+        hv = None if h0 is None else (h0[v] if s0 == "batched" else h0)
+        ys = flip(sequential_scan(lv, flip(x[v]), hv))
+        return ys, torch.view_as_real(ys).square().sum()
+    y = vmap(lambda l, x, h: diagonal_scan(l, x, h, reverse=reverse, chunk_size=2), in_dims=dims)(lam, x, h0)
+    gl, gx = vmap(grad(f, argnums=(0, 1)), in_dims=dims)(lam, x, h0)
+    for v in range(V):
+        lv = (lam[v] if lam_batched else lam).clone().requires_grad_(True)
+        xv = x[v].clone().requires_grad_(True)
+        hv = None if h0 is None else (h0[v] if s0 == "batched" else h0)
+        ys = diagonal_scan(lv, xv, hv, reverse=reverse, chunk_size=2)
+        torch.testing.assert_close(y[v], ref(v)[0], **TOL)
+        rl, rx = torch.autograd.grad(torch.view_as_real(ys).square().sum(), (lv, xv))
+        torch.testing.assert_close(gl[v], rl, **TOL)
+        torch.testing.assert_close(gx[v], rx, **TOL)
+
+
+def test_second_derivatives_through_func_grad():
+    # A gradient penalty through the FFT convolution: autograd.grad(..., create_graph=True) refuses
+    # (its backward keeps spectra without a graph); the error now names torch.func.grad, whose first
+    # derivative differentiates again. Checked against finite differences (gradcheck of the gradient,
+    # float64, eps 1e-6, atol 1e-6: central differences err by ~eps^2 |f'''| + 1e-16 / eps).
+    m = make("s4d")
+    x = torch.randn(1, 5, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no second derivative.*torch.func.grad"):
+        g, = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+        g.sum().backward()
+    first_derivative = grad(lambda x: m(x).square().sum())
+    assert torch.autograd.gradcheck(first_derivative, (x,), eps=1e-6, atol=1e-6)
+    penalty = first_derivative(x).square().sum()
+    grads = torch.autograd.grad(penalty, list(m.parameters()))
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
