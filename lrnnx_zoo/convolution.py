@@ -208,23 +208,25 @@ _SCATTER_GROUP = 8
 _GATHER_TILE = 1024
 
 
+def _chunked_copy(dst: Tensor, src: Tensor, dim: int, chunk: int) -> None:
+    """dst.copy_(src) in slices of ``chunk`` along ``dim`` on the CPU, where a strided copy's
+    working set must stay in cache (see :data:`_GATHER_TILE`, :data:`_SCATTER_GROUP`); one copy
+    elsewhere (an accelerator wants few launches)."""
+    size = dst.shape[dim]
+    step = chunk if dst.device.type == "cpu" else size
+    for i in range(0, size, step):
+        dst.narrow(dim, i, min(step, size - i)).copy_(src.narrow(dim, i, min(step, size - i)))
+
+
 def _gather_channels(buf: Tensor, u: Tensor) -> None:
-    """buf[..., :L] = u.transpose(1, 2), u: (B, L, hb) a channel slice of (B, L, H), in time tiles
-    on the CPU (one copy elsewhere: an accelerator wants few launches)."""
-    L = u.shape[1]
-    tile = _GATHER_TILE if u.device.type == "cpu" else L
-    for t0 in range(0, L, tile):
-        t1 = min(t0 + tile, L)
-        buf[..., t0:t1].copy_(u[:, t0:t1].transpose(1, 2))
+    """buf[..., :L] = u.transpose(1, 2), u: (B, L, hb) a channel slice of (B, L, H), in time tiles."""
+    _chunked_copy(buf[..., :u.shape[1]], u.transpose(1, 2), -1, _GATHER_TILE)
 
 
 def _scatter_channels(dst: Tensor, src: Tensor) -> None:
     """dst.copy_(src) for dst: (B, L, C, hb) channels last, src a permuted view of transform rows
-    n apart, in groups of :data:`_SCATTER_GROUP` channels on the CPU (one copy elsewhere)."""
-    hb = dst.shape[-1]
-    group = _SCATTER_GROUP if dst.device.type == "cpu" else hb
-    for c0 in range(0, hb, group):
-        dst[..., c0:c0 + group].copy_(src[..., c0:c0 + group])
+    n apart, in groups of :data:`_SCATTER_GROUP` channels."""
+    _chunked_copy(dst, src, -1, _SCATTER_GROUP)
 
 
 def blocked_channel_conv(u: Tensor, Kf: Tensor, n: int, time_dim: int = 1, skip: Optional[Tensor] = None,
