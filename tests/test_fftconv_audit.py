@@ -50,3 +50,25 @@ def test_step_refuses_a_kernel_state_of_another_shape(kind):
     y_p, _ = m.step(x[..., 0], torch.zeros(B, size))
     y_0, _ = m.step(x[..., 0], m.default_state(B))
     assert rel_err(y_p, y_0) < 1e-6 and y_k.shape == (B, 2 * H)
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+@torch.no_grad()
+def test_windowed_state_passing_error_does_not_promise_chunks_agree(kind):
+    # With l_max < L state passing is refused, and the message advised "chunks of at most l_max
+    # samples": those run the untruncated system, so a stream of chunks left the windowed forward
+    # after l_max samples (0.18 (s4d), 0.095 (lru), 0.014 (s4) relative at l_max=10, L=30).
+    m = make(kind, l_max=10)
+    x = torch.randn(B, H, 30)
+    y = m(x)[0]
+    s, chunks = m.default_state(B), []
+    for c in range(3):
+        y_c, s = m(x[..., 10 * c:10 * (c + 1)], state=s)
+        chunks.append(y_c)
+    chunked = torch.cat(chunks, -1)
+    assert rel_err(chunked[..., :10], y[..., :10]) < 1e-5      # within the window: one system (float32 FFTs)
+    assert rel_err(chunked, y) > 1e-3                           # beyond it: a different one
+    with pytest.raises(ValueError) as info:
+        m(x, state=m.default_state(B))
+    message = str(info.value)
+    assert "l_max=10 < L=30" in message and "untruncated system" in message and "first l_max=10 samples" in message
