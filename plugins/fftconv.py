@@ -405,8 +405,13 @@ class FFTConvLayer(LTI_LRNN):
         return fn()
 
     def compute_kernel(self, L: int, rate: float = 1.0) -> Tensor:
-        """K: (C, H, L), or (2C, H, L) for a bidirectional layer (second half: reverse direction)."""
-        return self.conv.kernel(L=L, rate=rate)[0]
+        """The kernel forward convolves a length-L input with: K: (C, H, L), or (2C, H, L) for a
+        bidirectional layer (second half: reverse direction); with l_max, zero after its window's
+        :func:`~lrnnx_zoo.convolution.kernel_taps` taps (forward never reads those)."""
+        K = self.conv.kernel(L=L, rate=rate)[0]
+        taps = kernel_taps(L, self.conv.L, rate)
+        # the untruncated kernel was returned: its taps past l_max were not the layer's (forward's are 0)
+        return K if taps >= L else F.pad(K[..., :taps], (0, L - taps))
 
     def step_form(self) -> StepForm:
         """SequentialStepForm(kernel step form with D, copy of the channel-mixing Linear)."""

@@ -72,3 +72,26 @@ def test_windowed_state_passing_error_does_not_promise_chunks_agree(kind):
         m(x, state=m.default_state(B))
     message = str(info.value)
     assert "l_max=10 < L=30" in message and "untruncated system" in message and "first l_max=10 samples" in message
+
+
+@pytest.mark.parametrize("kind, rate", [(k, r) for k in KERNELS for r in (1.0, 0.5) if r == 1.0 or k != "lru"])
+@torch.no_grad()
+def test_windowed_layer_compute_kernel_is_its_impulse_response(kind, rate):
+    # FFTConvLayer(l_max=16).compute_kernel(L) returned the untruncated kernel: its taps past the
+    # window (the largest 0.7 of max|K| at l_max=16, L=40) were not what forward convolves with, which are 0.
+    # Impulse response of a one-channel layer (no channel mix) = K + D at lag 0, in float32 (1e-5
+    # relative: one FFT convolution's rounding). The lru kernel has no dt, so rate 1 only.
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("fftconv", H, d_state=N, kernel_type=kind, l_max=16).eval()
+    L, taps = 40, round(16 * rate)
+    impulse = torch.zeros(1, L, H)
+    impulse[:, 0] = 1.0
+    y = layer.conv(impulse, rate=rate)[0][0].T                      # (H, L)
+    K = layer.compute_kernel(L, rate=rate)[0]                       # (H, L)
+    expected = K.clone()
+    expected[:, 0] += layer.conv.D[0]
+    assert K.shape == (H, L) and (K[:, taps:] == 0).all() and K[:, :taps].abs().max() > 0
+    assert rel_err(y, expected) < 1e-5
+    full = lrnnx_zoo.create_layer("fftconv", H, d_state=N, kernel_type=kind).eval()
+    full.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(full.compute_kernel(L, rate=rate)[..., :taps], K[None, :, :taps], rtol=0, atol=0)
