@@ -76,6 +76,20 @@ def unpack_state(form: StepForm, s: Tensor, like: Tensor, kernel: Optional[SSMKe
     return unpack_kernel_state(_without_skip(form), s, like, kernel)
 
 
+def _unknown_arguments(cls: type, args: Dict[str, Any]) -> list:
+    """The names in ``args`` that no ``__init__`` along cls's MRO names, following ``**kwargs`` to
+    the base class (S4Kernel passes them on); all of them if that chain ends in ``**kwargs``.
+    (Every argument given was called rejected: a valid d_state beside a stray 'dropout'.)"""
+    known = set()
+    for klass in cls.__mro__:
+        params = inspect.signature(klass.__init__).parameters.values()
+        known |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params) or klass is object:
+            unknown = sorted(a for a in args if a not in known)
+            return unknown or sorted(args)
+    return sorted(args)
+
+
 def _without_skip(form: StepForm) -> StepForm:
     return form.form if isinstance(form, _SkipStepForm) else form
 
@@ -146,7 +160,7 @@ class FFTConvS4(nn.Module):
             self.kernel: SSMKernel = cls(d_model, channels=channels * (2 if bidirectional else 1), **args)
         except TypeError as exc:
             raise TypeError(f"kernel {self.kernel_type!r} ({cls.__name__}) rejected the arguments "
-                            f"{sorted(args)}: {exc}. It takes {inspect.signature(cls.__init__)}") from exc
+                            f"{_unknown_arguments(cls, args)}: {exc}. It takes {inspect.signature(cls.__init__)}") from exc
         self.D = nn.Parameter(torch.randn(channels, d_model))
         self._step: Optional[StepForm] = None
 

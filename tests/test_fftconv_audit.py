@@ -95,3 +95,14 @@ def test_windowed_layer_compute_kernel_is_its_impulse_response(kind, rate):
     full = lrnnx_zoo.create_layer("fftconv", H, d_state=N, kernel_type=kind).eval()
     full.load_state_dict(layer.state_dict())
     torch.testing.assert_close(full.compute_kernel(L, rate=rate)[..., :taps], K[None, :, :taps], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_kernel_argument_error_names_only_the_rejected_arguments(kind):
+    # create_layer("fftconv", ..., d_state=4, dropout=0.1) said the kernel "rejected the arguments
+    # ['d_state', 'dropout']": every argument given, d_state (valid) included.
+    with pytest.raises(TypeError, match=r"rejected the arguments \['dropout'\]: .*unexpected keyword argument "
+                                        r"'dropout'"):
+        lrnnx_zoo.create_layer("fftconv", H, d_state=N, kernel_type=kind, dropout=0.1)
+    with pytest.raises(TypeError, match=r"rejected the arguments \['not_an_arg'\]"):
+        FFTConvS4(H, kernel_type=kind, param_config={"d_state": N}, not_an_arg=1)
