@@ -106,3 +106,71 @@ def test_kernel_argument_error_names_only_the_rejected_arguments(kind):
         lrnnx_zoo.create_layer("fftconv", H, d_state=N, kernel_type=kind, dropout=0.1)
     with pytest.raises(TypeError, match=r"rejected the arguments \['not_an_arg'\]"):
         FFTConvS4(H, kernel_type=kind, param_config={"d_state": N}, not_an_arg=1)
+
+
+def _one_mode_closed_form(m: FFTConvS4, L: int, rate: float) -> torch.Tensor:
+    """K[c, h, l] from the parameters of a one-mode diagonal kernel, in float64, by hand:
+    s4d: 2 Re(c b_bar lam^l) (a conjugate pair), lam = exp(dt A) (zoh) or (1 + dt A/2) / (1 - dt A/2)
+    (bilinear), dt = exp(log_dt) / rate; lru: Re(c gamma b lam^l)."""
+    k, l = m.kernel, torch.arange(L, dtype=torch.float64)
+    if m.kernel_type == "lru":
+        lam = torch.exp(torch.complex(-torch.exp(k.nu_log), torch.exp(k.theta_log)))
+        b, scale = torch.view_as_complex(k.B) * torch.exp(k.gamma_log), 1.0
+    else:
+        A = torch.complex(-torch.exp(k.A_real_log), k.A_imag)
+        dt = (torch.exp(k.log_dt) / rate).unsqueeze(-1)
+        if k.discretization == "zoh":
+            lam = torch.exp(dt * A)
+            b = (lam - 1) / A * torch.view_as_complex(k.B)
+        else:
+            lam = (1 + dt * A / 2) / (1 - dt * A / 2)
+            b = dt * torch.view_as_complex(k.B) / (1 - dt * A / 2)
+        scale = 2.0
+    c = torch.view_as_complex(k.C)                                       # (C, H, 1)
+    return scale * (c * b * lam ** l.to(torch.complex128)).real          # (C, H, L) by broadcasting the mode
+
+
+@pytest.mark.parametrize("kind, kw, rate", [("s4d", {"discretization": "zoh", "d_state": 2}, 1.0),
+                                            ("s4d", {"discretization": "zoh", "d_state": 2}, 0.3),
+                                            ("s4d", {"discretization": "bilinear", "d_state": 2}, 2.5),
+                                            ("lru", {"d_state": 1}, 1.0)])
+@torch.no_grad()
+def test_one_mode_kernel_is_its_closed_form_at_every_rate(kind, kw, rate):
+    # float64 end to end: 1e-10 relative (rounding of exp/powers over 57 taps is ~1e-14)
+    torch.manual_seed(0)
+    m = FFTConvS4(H, kernel_type=kind, channels=2, **kw).double().eval()
+    L = 57
+    K = m.kernel(L, rate=rate)[0]
+    assert K.shape == (2, H, L) and rel_err(K, _one_mode_closed_form(m, L, rate)) < 1e-10
+
+
+def _convolve_by_hand(u: torch.Tensor, K: torch.Tensor, anti_causal: bool) -> torch.Tensor:
+    """O(L^2) float64 sums: y[b, c, h, t] = sum_{0 <= j < Lk} K[c, h, j] u[b, h, t -+ j]."""
+    Bsz, Hn, L = u.shape
+    y = u.new_zeros(Bsz, K.shape[0], Hn, L)
+    for t in range(L):
+        for j in range(K.shape[-1]):
+            s = t + j if anti_causal else t - j
+            if 0 <= s < L:
+                y[..., t] += K[:, :, j] * u[:, None, :, s]
+    return y
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+@pytest.mark.parametrize("L, l_max, rate", [(1, None, 1.0), (23, None, 1.0), (31, 9, 1.0), (29, 8, 0.5)])
+def test_bidirectional_channels_window_against_sums_by_hand(kind, L, l_max, rate):
+    # y = causal conv with K[:C] + anti-causal conv with K[C:] + D u, the kernels cut to
+    # round(l_max * rate) taps; each output channel c its own kernel. Inference (blocked) and
+    # autograd paths, float64, 1e-10 relative.
+    if kind == "lru":
+        rate = 1.0                                                      # no dt: one rate
+    m = make(kind, channels=2, bidirectional=True, l_max=l_max).double()
+    u = torch.randn(B, H, L, dtype=torch.float64)
+    taps = L if l_max is None else min(L, round(l_max * rate))
+    with torch.no_grad():
+        K = m.kernel(taps, rate=rate)[0]
+        expected = (_convolve_by_hand(u, K[:2], False) + _convolve_by_hand(u, K[2:], True)
+                    + m.D[..., None] * u[:, None]).reshape(B, 2 * H, L)
+        y = m(u, rate=rate)[0]
+    y_grad = m(u.clone().requires_grad_(), rate=rate)[0].detach()
+    assert rel_err(y, expected) < 1e-10 and rel_err(y_grad, expected) < 1e-10
