@@ -76,6 +76,20 @@ def unpack_state(form: StepForm, s: Tensor, like: Tensor, kernel: Optional[SSMKe
     return unpack_kernel_state(_without_skip(form), s, like, kernel)
 
 
+def _unknown_arguments(cls: type, args: Dict[str, Any]) -> list:
+    """The names in ``args`` that no ``__init__`` along cls's MRO names, following ``**kwargs`` to
+    the base class (S4Kernel passes them on); all of them if that chain ends in ``**kwargs``.
+    (Every argument given was called rejected: a valid d_state beside a stray 'dropout'.)"""
+    known = set()
+    for klass in cls.__mro__:
+        params = inspect.signature(klass.__init__).parameters.values()
+        known |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params) or klass is object:
+            unknown = sorted(a for a in args if a not in known)
+            return unknown or sorted(args)
+    return sorted(args)
+
+
 def _without_skip(form: StepForm) -> StepForm:
     return form.form if isinstance(form, _SkipStepForm) else form
 
@@ -102,8 +116,9 @@ class FFTConvS4(nn.Module):
         d_model: H input channels.
         l_max: kernel length. None: a global kernel as long as each input. An int: a kernel of
             that length at rate 1, of the same duration at other rates (round(l_max * rate) taps, as
-            S4's); shorter than the input it is a finite-window convolution (steps and state
-            passing then no longer agree with it past l_max, so state passing refuses it).
+            S4's); shorter than the input it is a finite-window convolution. Steps and state
+            passing run the untruncated system: they agree with it over a stream's first l_max
+            samples only (state passing refuses a longer input; it takes shorter chunks).
         channels: C outputs per input channel; the output has C*H channels.
         swap_channels: flatten the (C, H) output H-major (h*C + c) instead of channel-major (c*H + h).
         transposed: x is (B, H, L) (True) or (B, L, H) (False); y follows the same convention.
@@ -145,7 +160,7 @@ class FFTConvS4(nn.Module):
             self.kernel: SSMKernel = cls(d_model, channels=channels * (2 if bidirectional else 1), **args)
         except TypeError as exc:
             raise TypeError(f"kernel {self.kernel_type!r} ({cls.__name__}) rejected the arguments "
-                            f"{sorted(args)}: {exc}. It takes {inspect.signature(cls.__init__)}") from exc
+                            f"{_unknown_arguments(cls, args)}: {exc}. It takes {inspect.signature(cls.__init__)}") from exc
         self.D = nn.Parameter(torch.randn(channels, d_model))
         self._step: Optional[StepForm] = None
 
@@ -179,13 +194,13 @@ class FFTConvS4(nn.Module):
                 raise ValueError(f"state passing runs the system at rate 1 (forward_state has no rate); "
                                  f"got rate={rate}. Pass state=None to evaluate at another rate")
             if self.L is not None and self.L < L:
+                # Chunks of at most l_max samples pass, but run the untruncated system: beyond l_max
+                # samples of a stream they leave forward's window (1-18% off it at l_max=10, L=30).
                 raise ValueError(f"state passing needs the kernel to cover the input: l_max={self.L} < L={L}. "
-                                 f"Use l_max=None, or chunks of at most l_max samples")
-            expected = (B, *self.kernel.default_state(0).shape[1:])
-            if not isinstance(state, Tensor) or state.shape != expected:   # else a broadcast error in the kernel
-                got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
-                raise ValueError(f"FFTConvS4 expects a state of shape (batch, H, S) = {expected}, as "
-                                 f"default_state({B}) makes it, got {got}")
+                                 f"Use l_max=None to stream; chunks of at most l_max samples follow the "
+                                 f"untruncated system, which agrees with this block's forward over the first "
+                                 f"l_max={self.L} samples of a stream only")
+            self._check_kernel_state(state, B, "FFTConvS4")     # else a broadcast error in the kernel
         Lk = kernel_taps(L, self.L, rate)
         if self._inference_conv(x, state, lengths):
             return self._blocked_forward(x, L, Lk, rate), None
@@ -250,6 +265,18 @@ class FFTConvS4(nn.Module):
         if self.swap_channels:
             y = y.transpose(1, 2)
         return y.reshape(y.shape[0], self.d_output, *y.shape[3:])
+
+    def _check_kernel_state(self, state: Any, batch: int, who: str, packed_size: Optional[int] = None) -> None:
+        """Raise unless ``state`` is a kernel state of shape (batch, H, S), as ``default_state(batch)``
+        makes it (or, given ``packed_size``, say that the step form's real state is accepted too)."""
+        expected = (batch, *self.kernel.default_state(0).shape[1:])
+        if isinstance(state, Tensor) and state.shape == expected:
+            return
+        got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+        packed = "" if packed_size is None else f", or the step form's real state (batch, state_size) = " \
+                                                f"{(batch, packed_size)}"
+        raise ValueError(f"{who} expects a state of shape (batch, H, S) = {expected}, as default_state({batch}) "
+                         f"makes it{packed}, got {got}")
 
     def _check_streamable(self, what: str) -> None:
         if self.bidirectional:
@@ -316,14 +343,19 @@ class FFTConvS4(nn.Module):
             object.__setattr__(self, "_step", form)
             object.__setattr__(self, "_step_weights", weights)
         form = self._step
-        if x.dim() != 2 or x.shape[1] != self.d_model:
-            raise ValueError(f"FFTConvS4.step expects x of shape (batch, d_model={self.d_model}), got {tuple(x.shape)}")
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.d_model:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"FFTConvS4.step expects x of shape (batch, d_model={self.d_model}), got {got}")
         if x.dtype != self.D.dtype:
             # An integer x was cast silently, a float64 x on a float32 form promoted to float32 precision.
             check_floating(x, "FFTConvS4.step", autocast_hint=False)
             raise TypeError(f"FFTConvS4.step: its step form holds {self.D.dtype}, as its parameters, got x of "
                             f"{x.dtype}; convert x (x.to({self.D.dtype})) or the module (.to({x.dtype}))")
-        packed = state.dim() == 2 and not state.is_complex()
+        packed = isinstance(state, Tensor) and state.dim() == 2 and not state.is_complex()
+        if not (packed and state.shape == (x.shape[0], form.state_size)):
+            # A kernel state of another shape but as many entries (H and S swapped, (B, 1, H*S)) was
+            # packed in a scrambled layout and stepped on, 0.36-1.3 off relative, without a word.
+            self._check_kernel_state(state, x.shape[0], "FFTConvS4.step", form.state_size)
         if not packed and not state.is_complex() and self.kernel.default_state(0).is_complex():
             # A real (B, H, S) state (torch.zeros(B, H, S)) of a kernel whose state is complex: its next
             # state has imaginary parts, which unpacking into the real dtype given dropped (steps from
@@ -332,9 +364,6 @@ class FFTConvS4(nn.Module):
         # In the form's precision, the next state in the given one's dtype (passed_state_dtype): a packed
         # float64 state promoted the diagonal forms' arithmetic and failed in the dense form's matmul
         s = state.to(self.D.dtype) if packed else pack_state(form, state, self.kernel)
-        if s.shape != (x.shape[0], form.state_size):
-            raise ValueError(f"FFTConvS4.step expects a state of shape (batch={x.shape[0]}, {form.state_size}) or "
-                             f"the kernel's (batch, H, S); got {tuple(state.shape)}")
         y, s_next = form(x, s)
         if self.swap_channels:
             y = y.reshape(-1, self.channels, self.d_model).transpose(1, 2).reshape(-1, self.d_output)
@@ -390,8 +419,13 @@ class FFTConvLayer(LTI_LRNN):
         return fn()
 
     def compute_kernel(self, L: int, rate: float = 1.0) -> Tensor:
-        """K: (C, H, L), or (2C, H, L) for a bidirectional layer (second half: reverse direction)."""
-        return self.conv.kernel(L=L, rate=rate)[0]
+        """The kernel forward convolves a length-L input with: K: (C, H, L), or (2C, H, L) for a
+        bidirectional layer (second half: reverse direction); with l_max, zero after its window's
+        :func:`~lrnnx_zoo.convolution.kernel_taps` taps (forward never reads those)."""
+        K = self.conv.kernel(L=L, rate=rate)[0]
+        taps = kernel_taps(L, self.conv.L, rate)
+        # the untruncated kernel was returned: its taps past l_max were not the layer's (forward's are 0)
+        return K if taps >= L else F.pad(K[..., :taps], (0, L - taps))
 
     def step_form(self) -> StepForm:
         """SequentialStepForm(kernel step form with D, copy of the channel-mixing Linear)."""
