@@ -67,3 +67,78 @@ def test_deepcopy_is_independent_of_the_original(name, kw):
             p.add_(0.1)
         assert not torch.allclose(m(x), y)
         torch.testing.assert_close(twin(x), y, rtol=0, atol=0)
+
+
+# -- weights replaced under a running stream -----------------------------------------------------
+def _load_assigned(m, other):
+    m.load_state_dict(other.state_dict(), assign=True)
+
+
+def _reassigned(m, other):
+    """Each parameter attribute rebound to a new nn.Parameter (``layer.D = nn.Parameter(...)``)."""
+    for name, p in list(other.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        setattr(m.get_submodule(owner), attr, nn.Parameter(p.detach().clone()))
+
+
+def _data_set(m, other):
+    """``p.data = new`` (the tensor behind the parameter replaced, the Parameter object kept)."""
+    for p, q in zip(m.parameters(), other.parameters()):
+        p.data = q.detach().clone()
+
+
+def _swapped(m, other):
+    for p, q in zip(m.parameters(), other.parameters()):
+        torch.utils.swap_tensors(p, nn.Parameter(q.detach().clone()))
+
+
+REPLACE = {"load_state_dict(assign=True)": _load_assigned, "reassigned": _reassigned,
+           "data_set": _data_set, "swap_tensors": _swapped}
+STREAMING = [(n, kw) for n, kw in LAYERS]
+
+
+@pytest.mark.parametrize("how", list(REPLACE))
+@pytest.mark.parametrize("name,kw", STREAMING, ids=IDS)
+def test_step_refuses_a_cache_of_replaced_weights(name, kw, how):
+    """A stream's cache holds the step form of the weights it was made from. Weights changed in place
+    (an optimiser step, load_state_dict) were refused at the next step; weights *replaced* -- loaded
+    with assign=True (the meta-device idiom), rebound, swapped -- were not, and the stream went on with
+    the old ones silently (outputs O(1) off the new model's)."""
+    m, other = layer(name, kw), layer(name, kw, seed=1)
+    x = torch.randn(2, 4)
+    cache = m.allocate_inference_cache(2)
+    with torch.no_grad():
+        m.step(x, cache)
+        REPLACE[how](m, other)
+        with pytest.raises(RuntimeError, match="weights changed since this cache was made"):
+            m.step(x, cache)
+        # a new cache steps with the new weights
+        y, _ = m.step(x, m.allocate_inference_cache(2))
+        ref, _ = other.step(x, other.allocate_inference_cache(2))
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", ["reassigned", "data_set"])
+@pytest.mark.parametrize("seed_class", ["S4", "FFTConvS4"])
+def test_seed_step_refuses_replaced_weights(seed_class, how):
+    """The seed classes' setup_step() form likewise: replaced weights are refused at the next step,
+    and setup_step() again steps with them."""
+    from lrnnx_zoo.convolution import FFTConvS4
+    from lrnnx_zoo.plugins.s4 import S4
+
+    def make(seed):
+        torch.manual_seed(seed)
+        return (S4(4, d_state=8) if seed_class == "S4" else FFTConvS4(4, kernel_type="s4d", d_state=8)).eval()
+
+    m, other = make(0), make(1)
+    x = torch.randn(2, 4)
+    m.setup_step()
+    with torch.no_grad():
+        m.step(x, m.default_state(2))
+        REPLACE[how](m, other)
+        with pytest.raises(RuntimeError, match="stale"):
+            m.step(x, m.default_state(2))
+        m.setup_step()
+        other.setup_step()
+        torch.testing.assert_close(m.step(x, m.default_state(2))[0], other.step(x, other.default_state(2))[0],
+                                   rtol=0, atol=0)

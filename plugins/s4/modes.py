@@ -123,6 +123,11 @@ class StepModes:
         if self._stepper is None:
             raise RuntimeError("call setup_step(mode) before step(), and again after loading weights "
                                "(load_state_dict); modes: " + ", ".join(STEP_MODES))
+        # first: a cast (.double()) gave the tensors new data, and current_form would rebuild the form in the new dtype
+        built = next(self._stepper.buffers()).dtype
+        if built != self._real_dtype:
+            raise RuntimeError(f"the step form was built in {built} and the kernel now holds {self._real_dtype} "
+                               f"parameters: call setup_step({self._step_mode!r}) again after a dtype change")
         mode, tol, weights = self._stepper_setup
         form, weights = current_form(
             self, self._stepper, weights, lambda: self.step_form(mode, tol=tol), self._real_dtype,
@@ -131,10 +136,6 @@ class StepModes:
             f"default_state(batch)")
         object.__setattr__(self, "_stepper", form)
         object.__setattr__(self, "_stepper_setup", (mode, tol, weights))
-        built = next(self._stepper.buffers()).dtype
-        if built != self._real_dtype:
-            raise RuntimeError(f"the step form was built in {built} and the kernel now holds {self._real_dtype} "
-                               f"parameters: call setup_step({self._step_mode!r}) again after a dtype change")
         who = f"{type(self).__name__}.step"
         H, n = self.d_model, (self.d_state if self._step_mode == "diagonal" else self.d_state // 2)
         if (not isinstance(u, Tensor) or u.dim() != 2 or u.shape[1] != H or not isinstance(state, Tensor)
