@@ -142,3 +142,44 @@ def test_seed_step_refuses_replaced_weights(seed_class, how):
         other.setup_step()
         torch.testing.assert_close(m.step(x, m.default_state(2))[0], other.step(x, other.default_state(2))[0],
                                    rtol=0, atol=0)
+
+
+# -- other weights through the same module -------------------------------------------------------
+@pytest.mark.parametrize("name,kw", LAYERS, ids=IDS)
+def test_functional_call_and_meta_loading_compute_with_the_given_weights(name, kw):
+    """torch.func.functional_call with another model's weights, after the module's own forward
+    filled its kernel cache, gives that model's output (not the cached kernel of the old weights),
+    and leaves the module's own output as it was; a layer built on the meta device, given storage
+    (to_empty) and loaded, computes what the original does."""
+    from torch.func import functional_call
+    m, other = layer(name, kw), layer(name, kw, seed=1)
+    x = torch.randn(2, 16, 4)
+    with torch.no_grad():
+        y, y_other = m(x), other(x)
+        weights = {**dict(other.named_parameters()), **dict(other.named_buffers())}
+        # the same weights through the same code: equal to the last bit
+        torch.testing.assert_close(functional_call(m, weights, (x,)), y_other, rtol=0, atol=0)
+        torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+        with torch.device("meta"):
+            empty = create_layer(name, 4, d_state=8, **kw)
+        empty.to_empty(device="cpu").load_state_dict(m.state_dict())
+        torch.testing.assert_close(empty.eval()(x), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,kw", LAYERS[::2], ids=IDS[::2])
+def test_state_dict_round_trip_reports_keys_as_pytorch_does(name, kw):
+    """No cache in the state_dict, no tensor registered twice, and strict=False reports the missing
+    and unexpected keys (strict=True raises on them)."""
+    m = layer(name, kw)
+    with torch.no_grad():
+        m(torch.randn(1, 8, 4))
+    sd = m.state_dict()
+    names = [n for n, _ in m.named_parameters(remove_duplicate=False)] + \
+        [n for n, _ in m.named_buffers(remove_duplicate=False)]
+    assert sorted(sd) == sorted(names) and len(set(map(id, sd.values()))) == len(sd)
+    first = next(iter(sd))
+    broken = {**{k: v for k, v in sd.items() if k != first}, "bogus": torch.zeros(1)}
+    result = layer(name, kw, seed=1).load_state_dict(broken, strict=False)
+    assert (result.missing_keys, result.unexpected_keys) == ([first], ["bogus"])
+    with pytest.raises(RuntimeError, match=r"(?s)Missing key.*Unexpected key"):
+        layer(name, kw, seed=1).load_state_dict(broken)
