@@ -183,3 +183,17 @@ def test_state_dict_round_trip_reports_keys_as_pytorch_does(name, kw):
     assert (result.missing_keys, result.unexpected_keys) == ([first], ["bogus"])
     with pytest.raises(RuntimeError, match=r"(?s)Missing key.*Unexpected key"):
         layer(name, kw, seed=1).load_state_dict(broken)
+
+
+def test_seed_step_form_edited_then_moved_is_still_stale():
+    """A device move or cast keeps the S4 step form current only if it was current before: weights
+    edited in place and then moved (here a cast to the dtype they have) are still refused."""
+    from lrnnx_zoo.plugins.s4 import S4
+    torch.manual_seed(0)
+    m = S4(4, d_state=8).eval()
+    m.setup_step()
+    with torch.no_grad():
+        m.kernel.log_dt.add_(0.5)
+        m.float()
+        with pytest.raises(RuntimeError, match="stale"):
+            m.step(torch.randn(2, 4), m.default_state(2))

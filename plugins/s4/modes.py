@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from lrnnx_zoo.base import check_floating, current_form, lasting_tensors, weights_and_versions
+from lrnnx_zoo.base import check_floating, current_form, lasting_tensors, unchanged, weights_and_versions
 from lrnnx_zoo.ssm_kernel import passed_state_dtype
 from lrnnx_zoo.step_forms import StepForm, build_dtype, pack_modes, step_form_dtype, unpack_modes
 
@@ -90,11 +90,17 @@ class StepModes:
         """Module._apply (behind .to(), .cuda(), .double(), ...), also taking the step form
         and eigenbasis, kept out of the module tree, to the parameters' new device: left behind,
         the next step() after model.cuda() failed with a device mismatch. Their dtype stays (run
-        setup_step again after a dtype change, to build them in the new precision)."""
+        setup_step again after a dtype change, to build them in the new precision). A move gives the
+        weights new data, not new values: a form current before it stands for them after it too (else
+        step() rebuilt it on the new device and compared it with the moved one, element by element)."""
+        setup = self.__dict__.get("_stepper_setup")
+        current = self._stepper is not None and setup is not None and unchanged(setup[2])
         out = super()._apply(fn, recurse)
         device = self.log_dt.device
         if self._stepper is not None:
             self._stepper.to(device)
+        if current:
+            object.__setattr__(self, "_stepper_setup", (*setup[:2], weights_and_versions(self)))
         if self._basis is not None:
             object.__setattr__(self, "_basis", self._basis.to(device))
         return out
