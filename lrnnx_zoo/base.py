@@ -265,35 +265,52 @@ def version_of(t: Tensor) -> Optional[int]:
     return None if t.is_inference() else t._version
 
 
-def weights_and_versions(module: nn.Module) -> Tuple[Tuple[Tensor, ...], List[Optional[int]]]:
-    """The module's parameters and buffers, and their versions now (:func:`versions`)."""
-    tensors = tuple(module.parameters()) + tuple(module.buffers())
-    return tensors, versions(tensors)
+#: What a step form was built from (:func:`weights_and_versions`): where the module keeps each of its
+#: parameters and buffers (a submodule's ``_parameters`` or ``_buffers`` and the name), the tensor
+#: there, and the tensors' marks (:func:`versions`).
+Weights = Tuple[Tuple[Tuple[Dict[str, Any], str], ...], Tuple[Tensor, ...], List[Tuple[Optional[int], int]]]
 
 
-def versions(tensors: Sequence[Tensor]) -> List[Optional[int]]:
-    """:func:`version_of` of each tensor (a per-step check: 1 us for a layer's six parameters)."""
+def weights_and_versions(module: nn.Module) -> Weights:
+    """The module's parameters and buffers, the slots they sit in, and their marks now (:func:`versions`)."""
+    slots = tuple((owner, name) for sub in module.modules() for owner in (sub._parameters, sub._buffers)
+                  for name, t in owner.items() if t is not None)
+    tensors = tuple(owner[name] for owner, name in slots)
+    return slots, tensors, versions(tensors)
+
+
+def versions(tensors: Sequence[Tensor]) -> List[Tuple[Optional[int], int]]:
+    """(:func:`version_of`, data pointer) of each tensor. The version sees in-place changes, the
+    pointer a tensor's data replaced under the same object (``p.data = t``, ``torch.utils.swap_tensors``).
+    Neither sees an in-place edit through ``p.data`` (it has a version counter of its own)."""
     try:
-        return [t._version for t in tensors]
+        return [(t._version, t.data_ptr()) for t in tensors]
     except RuntimeError:                  # an inference tensor among them
-        return [version_of(t) for t in tensors]
+        return [(version_of(t), t.data_ptr()) for t in tensors]
 
 
-def current_form(module: nn.Module, form: nn.Module, weights: Tuple[Tuple[Tensor, ...], List[Optional[int]]],
-                 build: Callable[[], nn.Module], dtype: torch.dtype, stale: Callable[[], str]
-                 ) -> Tuple[nn.Module, Tuple[Tuple[Tensor, ...], List[Optional[int]]]]:
+def unchanged(weights: Weights) -> bool:
+    """Whether the module that ``weights`` were taken from still holds those tensors, unchanged. A
+    per-step check (3 us for a layer's six parameters). The slots catch tensors replaced by new
+    ones: load_state_dict(assign=True) (the meta-device idiom), ``layer.D = nn.Parameter(...)``."""
+    slots, tensors, marks = weights
+    return all(owner.get(name) is t for (owner, name), t in zip(slots, tensors)) and versions(tensors) == marks
+
+
+def current_form(module: nn.Module, form: nn.Module, weights: Weights, build: Callable[[], nn.Module],
+                 dtype: torch.dtype, stale: Callable[[], str]) -> Tuple[nn.Module, Weights]:
     """The step form to go on with, and the weights' versions it stands for (``weights``, as
     :func:`weights_and_versions` gave them when ``form`` was built from ``module``).
 
-    Unchanged weights: ``form`` and ``weights`` as given (one version read per tensor). Weights
-    changed in place since (trained, loaded, edited) made ``form`` stale, and it stepped on with the
+    Unchanged weights (:func:`unchanged`): ``form`` and ``weights`` as given. Weights changed in place
+    or replaced since (trained, loaded, edited) made ``form`` stale, and it stepped on with the
     old ones, silently: that raises RuntimeError(``stale()``; a callable, so that no message is
     formatted at every step), not rebuilt under a running state (some
     forms, S4's diagonal one, keep it in coordinates that move with the weights). A change the
     system does not see (S4 rewriting its C~ for a longer kernel) rebuilds ``build()`` (in
     ``dtype``, :func:`~lrnnx_zoo.step_forms.step_form_dtype`) equal to rounding (:func:`~lrnnx_zoo.step_forms.same_form`), which is returned with the new versions.
     """
-    if versions(weights[0]) == weights[1]:
+    if unchanged(weights):
         return form, weights
     try:
         with lasting_tensors(), step_form_dtype(dtype):   # not a decorator: 2 us at every step

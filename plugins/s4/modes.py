@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from lrnnx_zoo.base import check_floating, current_form, lasting_tensors, weights_and_versions
+from lrnnx_zoo.base import check_floating, current_form, lasting_tensors, unchanged, weights_and_versions
 from lrnnx_zoo.ssm_kernel import passed_state_dtype
 from lrnnx_zoo.step_forms import StepForm, build_dtype, pack_modes, step_form_dtype, unpack_modes
 
@@ -90,11 +90,17 @@ class StepModes:
         """Module._apply (behind .to(), .cuda(), .double(), ...), also taking the step form
         and eigenbasis, kept out of the module tree, to the parameters' new device: left behind,
         the next step() after model.cuda() failed with a device mismatch. Their dtype stays (run
-        setup_step again after a dtype change, to build them in the new precision)."""
+        setup_step again after a dtype change, to build them in the new precision). A move gives the
+        weights new data, not new values: a form current before it stands for them after it too (else
+        step() rebuilt it on the new device and compared it with the moved one, element by element)."""
+        setup = self.__dict__.get("_stepper_setup")
+        current = self._stepper is not None and setup is not None and unchanged(setup[2])
         out = super()._apply(fn, recurse)
         device = self.log_dt.device
         if self._stepper is not None:
             self._stepper.to(device)
+        if current:
+            object.__setattr__(self, "_stepper_setup", (*setup[:2], weights_and_versions(self)))
         if self._basis is not None:
             object.__setattr__(self, "_basis", self._basis.to(device))
         return out
@@ -123,6 +129,11 @@ class StepModes:
         if self._stepper is None:
             raise RuntimeError("call setup_step(mode) before step(), and again after loading weights "
                                "(load_state_dict); modes: " + ", ".join(STEP_MODES))
+        # first: a cast (.double()) gave the tensors new data, and current_form would rebuild the form in the new dtype
+        built = next(self._stepper.buffers()).dtype
+        if built != self._real_dtype:
+            raise RuntimeError(f"the step form was built in {built} and the kernel now holds {self._real_dtype} "
+                               f"parameters: call setup_step({self._step_mode!r}) again after a dtype change")
         mode, tol, weights = self._stepper_setup
         form, weights = current_form(
             self, self._stepper, weights, lambda: self.step_form(mode, tol=tol), self._real_dtype,
@@ -131,10 +142,6 @@ class StepModes:
             f"default_state(batch)")
         object.__setattr__(self, "_stepper", form)
         object.__setattr__(self, "_stepper_setup", (mode, tol, weights))
-        built = next(self._stepper.buffers()).dtype
-        if built != self._real_dtype:
-            raise RuntimeError(f"the step form was built in {built} and the kernel now holds {self._real_dtype} "
-                               f"parameters: call setup_step({self._step_mode!r}) again after a dtype change")
         who = f"{type(self).__name__}.step"
         H, n = self.d_model, (self.d_state if self._step_mode == "diagonal" else self.d_state // 2)
         if (not isinstance(u, Tensor) or u.dim() != 2 or u.shape[1] != H or not isinstance(state, Tensor)
