@@ -97,6 +97,16 @@ def float32_under_autocast(x: Tensor) -> Tensor:
     return x
 
 
+def without_autocast(device_type: str) -> ContextManager[Any]:
+    """A scope that leaves the caller's ``torch.autocast`` region on ``device_type`` (nothing to
+    leave: a no-op). Step forms are built and stepped in it: under autocast their matrix products
+    ran in bfloat16, which rounded the form's coefficients and, every step, the state (a stream then
+    failed at its second step with "the cache holds torch.bfloat16 state")."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def parameter_dtype() -> torch.dtype:
     """The real dtype a layer makes its parameters in: :func:`torch.get_default_dtype`, as nn.Linear
     does, when it is float32 or float64; else float32 (the layers compute in float32 or float64).
@@ -420,7 +430,7 @@ class LTI_LRNN(LRNN):
                             f"got {dtype!r}")
         ref = reference_tensor(self)
         dtype = dtype or ref.real.dtype          # a complex coefficient's real counterpart
-        with lasting_tensors(), step_form_dtype(dtype):
+        with lasting_tensors(), step_form_dtype(dtype), without_autocast(ref.device.type):
             form = self.step_form().to(device=ref.device, dtype=dtype)
             state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
         return {"step_form": form, "lrnn_state": state, "weights": weights_and_versions(self), "dtype": dtype}
@@ -443,8 +453,9 @@ class LTI_LRNN(LRNN):
             cache = self.allocate_inference_cache(x.shape[0], dtype=y.dtype if y.dtype == torch.float64 else None)
             state = cache["lrnn_state"]
             u = mask_padding(float32_under_autocast(x), lengths).to(state.dtype)
-            final = self.final_step_state(u, None if lengths is None else torch.as_tensor(lengths, device=u.device),
-                                          cache["step_form"])
+            with without_autocast(u.device.type):
+                final = self.final_step_state(u, None if lengths is None else torch.as_tensor(lengths, device=u.device),
+                                              cache["step_form"])
         if final.shape != state.shape:
             raise RuntimeError(f"{type(self).__name__}.final_step_state returned shape {tuple(final.shape)}, expected the "
                                f"step form's state (batch, state_size) = {tuple(state.shape)}")
@@ -475,7 +486,9 @@ class LTI_LRNN(LRNN):
 
         The cache keeps the state's value, not its autograd history (the step form's matrices are
         constants too): y's graph covers this step only, and a long stream needs no ``no_grad()``
-        to run in constant memory."""
+        to run in constant memory. Under ``torch.autocast`` a half-precision x (the previous
+        nn.Linear's output) is stepped in float32, as forward computes (:func:`float32_under_autocast`)."""
+        x = float32_under_autocast(x)
         d = getattr(self, "d_model", None)
         try:                                # the checks stay off the per-step path unless one fails
             state, form = inference_cache["lrnn_state"], inference_cache["step_form"]
@@ -506,23 +519,27 @@ class LTI_LRNN(LRNN):
                             f"{x.device}; convert x (x.to({state.dtype})) or allocate the cache with "
                             f"allocate_inference_cache(batch_size, dtype={x.dtype}) on x's device")
         dtype = inference_cache.get("dtype", state.dtype)     # the step form's
+        recurrence = without_autocast(x.device.type)    # the state in the cache's precision
         if "weights" in inference_cache:
-            form, inference_cache["weights"] = current_form(
-                self, form, inference_cache["weights"],
-                lambda: self.step_form().to(device=state.device, dtype=dtype), dtype,
-                lambda: f"{type(self).__name__}.step: the layer's weights changed since this cache was made (an optimiser "
-                f"step, load_state_dict or an in-place edit), so its step form is stale; make a new cache with "
-                f"allocate_inference_cache(batch_size) (for a SequenceModel: model.allocate_inference_cache) "
-                f"and restart the stream")
+            with recurrence:
+                form, inference_cache["weights"] = current_form(
+                    self, form, inference_cache["weights"],
+                    lambda: self.step_form().to(device=state.device, dtype=dtype), dtype,
+                    lambda: f"{type(self).__name__}.step: the layer's weights changed since this cache was made (an "
+                    f"optimiser step, load_state_dict or an in-place edit), so its step form is stale; make a new cache "
+                    f"with allocate_inference_cache(batch_size) (for a SequenceModel: model.allocate_inference_cache) "
+                    f"and restart the stream")
             inference_cache["step_form"] = form
         if state.dtype != dtype:
             # A state put in the cache in another dtype: stepped in the form's precision and handed back in
             # its own (passed_state_dtype), as every kernel does. The LRU's matmul failed on it ("expected
             # m1 and m2 to have the same dtype"), S4's dense form too, the diagonal forms promoted it.
-            y, next_state = form(x.to(dtype), state.to(dtype))
+            with recurrence:
+                y, next_state = form(x.to(dtype), state.to(dtype))
             y, state = y.to(x.dtype), next_state.to(state.dtype)
         else:
-            y, state = form(x, state)
+            with recurrence:
+                y, state = form(x, state)
         # Values only: a state with autograd history chained each step's graph to the next, so a
         # stream stepped outside no_grad() grew without bound (46 KB a step for a 3-block S4D).
         inference_cache["lrnn_state"] = state.detach() if isinstance(state, Tensor) and state.requires_grad else state

@@ -13,7 +13,10 @@ import torch
 
 def broadcast_shape(*shapes: Sequence[int]) -> torch.Size:
     """The shape that tensors of ``shapes`` broadcast to (NumPy's rule: align the trailing axes;
-    each axis is 1 or the same size). Raises ValueError naming the shapes when they do not broadcast."""
+    each axis is 1 or the same size). Raises ValueError naming the shapes when they do not broadcast.
+    Under torch.compile it is torch's own (sympy is loaded there anyway, and sizes may be symbolic)."""
+    if torch.compiler.is_compiling():
+        return torch.broadcast_shapes(*shapes)
     rank = max((len(s) for s in shapes), default=0)
     out = [1] * rank
     for shape in shapes:

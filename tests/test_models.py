@@ -248,6 +248,30 @@ def test_cpu_autocast_bfloat16_trains(layer):
         model.blocks[0].layer(torch.randn(2, 64, 16).bfloat16())      # outside autocast: refused, with the way out
 
 
+@pytest.mark.parametrize("layer", lrnnx_zoo.list_layers())
+def test_cpu_autocast_streams_as_it_runs_forward(layer):
+    # Inference code run under torch.autocast: forward worked, but a stream failed at its first
+    # layer step ("LRU.step on the CPU computes in float32 or float64, got torch.bfloat16: convert
+    # the input" -- the input was float32; nn.Linear's output was not), and once that passed, the step
+    # forms' matmuls ran in bfloat16 and stored a bfloat16 state. Now the recurrence runs in float32.
+    # Tolerance: the outputs are bfloat16 (8 bits: 4e-3 relative), and forward's projections are too.
+    torch.manual_seed(0)
+    model = SequenceModel(ModelConfig(layer=layer, d_input=3, d_output=4, d_model=16, n_layers=2,
+                                      layer_kwargs={"d_state": 8})).eval()
+    x = torch.randn(2, 48, 3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x).float()
+        cache = model.allocate_inference_cache(2)
+        steps = torch.stack([model.step(x[:, t], cache)[0] for t in range(48)], 1).float()
+        _, prompt = model.prefill(x[:, :24])
+        continued = torch.stack([model.step(x[:, t], prompt)[0] for t in range(24, 48)], 1).float()
+    states = [c["lrnn_state"] for c in cache["layers"] + prompt["layers"] if "lrnn_state" in c]
+    assert states and all(s.dtype == torch.float32 for s in states)
+    scale = float(y.abs().max())
+    assert float((steps - y).abs().max()) < 2e-2 * scale
+    assert float((continued - y[:, 24:]).abs().max()) < 2e-2 * scale
+
+
 def test_half_input_under_autocast_is_what_the_refusal_promises():
     # Outside autocast a bfloat16 input is refused with "or run under torch.autocast('cpu', ...)";
     # a SequenceModel refused it there too (its own dtype check ran before the layers' autocast
