@@ -102,9 +102,11 @@ def without_autocast(device_type: str) -> ContextManager[Any]:
     leave: a no-op). Step forms are built and stepped in it: under autocast their matrix products
     ran in bfloat16, which rounded the form's coefficients and, every step, the state (a stream then
     failed at its second step with "the cache holds torch.bfloat16 state")."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:            # a device type autocast does not know ("meta"): no region to leave
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def parameter_dtype() -> torch.dtype:
