@@ -314,7 +314,8 @@ def resampled_info(original: Any, model: Any, rate: float) -> Dict[str, Any]:
     The original's task and dataset (the data's meaning is unchanged) and source are kept; what
     describes the run that made the original's weights (metrics, command, notes) is not this
     model's, and is dropped. A ``resampled`` record says from what and at which rate:
-    {"rate": total rate, "from": what from_pretrained loads (or None: in memory), "from_metrics"},
+    {"rate": total rate, "from": what from_pretrained loads (None: in memory, or changed since it
+    was loaded), "from_metrics"},
     composed over successive resamplings of unchanged weights (rates multiply). ``weights_digest``
     is the new weights', so a save keeps this record until they change again."""
     from .hub import weights_digest
@@ -325,9 +326,8 @@ def resampled_info(original: Any, model: Any, rate: float) -> Dict[str, Any]:
     if isinstance(earlier, dict):
         record = {**earlier, "rate": earlier["rate"] * rate}
     else:
-        origin = loadable_source(info.get("source"))
-        if origin and changed:
-            origin += " (weights changed since)"
+        # weights changed since they were loaded (fine-tuned): no checkpoint holds them, as in memory
+        origin = None if changed else loadable_source(info.get("source"))
         record = {"rate": rate, "from": origin, "from_metrics": None if changed else info.get("metrics")}
     kept = {k: v for k, v in info.items() if k not in RUN_KEYS and k != "weights_digest"}
     return {**kept, **{k: None for k in RUN_KEYS}, "resampled": record, "weights_digest": weights_digest(model)}
