@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 
 from lrnnx_zoo.data import FORECAST_TARGETS
 from lrnnx_zoo.hub import loadable_source
-from lrnnx_zoo.hub_card import dataset_name
+from lrnnx_zoo.hub_card import dataset_name, resampled_sentence
 
 from .onnx_export import onnxruntime_needed
 from .options import DEFAULT_OPSET, FOLDER_VALIDATION_LENGTH
@@ -38,13 +38,20 @@ def _made_with(config: Dict[str, Any]) -> List[str]:
     model not loaded as is (in memory, or fine-tuned since) gets the call only, with a placeholder."""
     src = config.get("source_checkpoint") or {}
     # weights changed since src was loaded (fine-tuned; "source" says so): loading src again makes another model
-    loadable = loadable_source(src) if config.get("source") == source_of({"source": src}) else None
-    revision = (src.get("commit") or src.get("revision")) if loadable and src.get("repo_id") else None
+    resampled = config.get("resampled")
+    same = config.get("source") == source_of({"source": src, "resampled": resampled})
+    loadable = loadable_source(src) if same else None
+    rate = None
+    if isinstance(resampled, dict):      # SequenceModel.at_rate: remade from what it was resampled from
+        loadable, rate = (resampled.get("from") if same else None), resampled.get("rate")
+    revision = ((src.get("commit") or src.get("revision")) if loadable and loadable == src.get("repo_id")
+                else None)
     opset = config.get("opset") if config["format"] == "onnx" and config.get("opset") != DEFAULT_OPSET else None
     length = (config.get("validation") or {}).get("length")
     length = length if length not in (None, FOLDER_VALIDATION_LENGTH) else None
     settings = [("revision", revision), ("batch", _fixed_batch(config)), ("opset", opset),
-                ("quantize", "int8" if config.get("quantization") else None), ("validation_length", length)]
+                ("quantize", "int8" if config.get("quantization") else None), ("validation_length", length),
+                ("rate", rate)]
     settings = [(k, v) for k, v in settings if v is not None]
     call = [repr(loadable or "<your checkpoint>"), "'out'", f"format={config['format']!r}"]
     call += [f"{k}={v!r}" for k, v in settings]
@@ -181,6 +188,9 @@ def build_card(config: Dict[str, Any]) -> str:
                  "`pool.carry` and `pool.count_carry` hold what rounding cut off their last updates)." if pooling == "mean" else ".")), ""]
     if config.get("task") or config.get("metrics"):
         out += [f"Task: {config.get('task')}. Checkpoint metrics: `{json.dumps(config.get('metrics'))}`.", ""]
+    resampled = resampled_sentence(config.get("resampled"))
+    if resampled:
+        out += [resampled, ""]
     out += ["## How it was made", ""] + _made_with(config)
     if v:
         what = "The float32 graph was validated before int8 quantisation" if q else "Validated before writing"

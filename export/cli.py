@@ -1,5 +1,5 @@
 """CLI: ``lrnnx-zoo export SRC --format onnx|torchscript|torch-export --out DIR [--quantize int8]
-[--push-to-hub REPO] [--batch N] [--opset N]``.
+[--push-to-hub REPO] [--batch N] [--opset N] [--rate R]``.
 
 Writes an export folder (see :mod:`lrnnx_zoo.export.folder`), then prints the validation report
 and the per-step latency (median over ``--latency-steps`` single steps at batch 1, or at the fixed ``--batch``).
@@ -39,7 +39,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             done = export_folder(args.src, args.out, format=args.format, quantize=args.quantize,
                                  push_to_hub=args.push_to_hub, batch=args.batch, opset=args.opset,
                                  latency_steps=args.latency_steps, revision=args.revision,
-                                 validation_length=args.validation_length)
+                                 validation_length=args.validation_length, rate=args.rate)
     except ValidationError as exc:   # the flags were fine, the graph is wrong: a failure, as evaluate --check's
         print(f"lrnnx-zoo export: {exc}", file=sys.stderr)
         return 1
@@ -92,4 +92,8 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
     p.add_argument("--validation-length", type=positive_int, default=FOLDER_VALIDATION_LENGTH, metavar="STEPS",
                    help=f"steps the graph is streamed to validate it against the PyTorch model (default "
                         f"{FOLDER_VALIDATION_LENGTH}: float32 rounding in the state grows with the stream)")
+    p.add_argument("--rate", type=float, default=None, metavar="R",
+                   help="export for inputs sampled at R times the rate of the model's data (2: twice the samples "
+                        "per unit time, e.g. 16 kHz for a model of 8 kHz audio): each layer's continuous-time "
+                        "system runs with step dt / R (SequenceModel.at_rate); layers without a timescale refuse")
     commands["export"] = _cmd_export

@@ -27,6 +27,7 @@ import lrnnx_zoo
 from lrnnx_zoo.hub import EXPORT_KIND, WEIGHTS_NAME, peek_config
 from lrnnx_zoo.folder_swap import replaced_folder
 from lrnnx_zoo.hub_save import check_repo_id, check_save_target, publishing, write_safetensors
+from lrnnx_zoo.ssm_kernel import check_rate
 from lrnnx_zoo.wording import given, in_command_line, name
 
 from .card import build_card
@@ -80,6 +81,7 @@ def _config(model: torch.nn.Module, info: Dict[str, Any], fmt: str, result: Expo
         "source": source_of(info), "source_checkpoint": info.get("source"),
         "family": family_of(model, info), "model": model.config.to_dict(),
         "task": info.get("task"), "dataset": info.get("dataset"), "metrics": info.get("metrics"),
+        **({"resampled": info["resampled"]} if info.get("resampled") else {}),
         "inputs": {"x": [b, result.d_input], "state": [b, result.state_size]},
         "outputs": {"y": [b, result.d_output], "state_out": [b, result.state_size]},
         "state_size": result.state_size, "d_input": result.d_input, "d_output": result.d_output,
@@ -95,7 +97,8 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
                   push_to_hub: Optional[str] = None, batch: Optional[int] = None, opset: Optional[int] = None,
                   validation_input: Optional[torch.Tensor] = None, latency_steps: int = DEFAULT_STEPS,
                   token: Optional[Union[str, bool]] = None, private: bool = False,
-                  revision: Optional[str] = None, validation_length: int = FOLDER_VALIDATION_LENGTH) -> FolderExport:
+                  revision: Optional[str] = None, validation_length: int = FOLDER_VALIDATION_LENGTH,
+                  rate: Optional[float] = None) -> FolderExport:
     """Export ``src`` (model, folder, shipped name or Hub id) into ``out_dir`` and optionally push it.
 
     Args:
@@ -110,12 +113,16 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
             :data:`FOLDER_VALIDATION_LENGTH`); ignored when ``validation_input`` is given.
         latency_steps: steps timed at batch 1 (or the fixed batch) for config.json (0 skips the measurement).
         token, private: for the upload; revision: of a Hub source checkpoint.
+        rate: export the model for inputs sampled at this rate relative to its data (2: twice the
+            samples per unit time): ``model.at_rate(rate)``, recorded in config.json and the card.
     """
     out = check_arguments(out_dir, format, quantize, opset, batch, latency_steps, push_to_hub,
-                          validation_length=validation_length)
+                          validation_length=validation_length, rate=rate)
     replaced, target = check_destination(out, format)
     files = [GRAPH_FILES[format], WEIGHTS_FILE, CONFIG_FILE, CARD_FILE]
     model, info = load_source(src, revision=revision, token=token)
+    if rate is not None:
+        model, info = load_source(model.at_rate(rate))
     if validation_input is None:
         validation_input = default_sequence(model.config.d_input, length=validation_length,
                                             batch=batch or DEFAULT_BATCH)
@@ -147,13 +154,13 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
 #: How the CLI (`lrnnx-zoo export`) spells export_folder's arguments, for its error messages.
 CLI_FLAGS = {"out_dir": "--out", "format": "--format", "quantize": "--quantize", "opset": "--opset",
              "batch": "--batch", "latency_steps": "--latency-steps", "push_to_hub": "--push-to-hub",
-             "validation_length": "--validation-length"}
+             "validation_length": "--validation-length", "rate": "--rate"}
 
 
 def check_arguments(out_dir: Any, format: str, quantize: Optional[str] = None, opset: Optional[int] = None,
                     batch: Optional[int] = None, latency_steps: int = DEFAULT_STEPS,
                     push_to_hub: Optional[str] = None,
-                    validation_length: int = FOLDER_VALIDATION_LENGTH) -> Path:
+                    validation_length: int = FOLDER_VALIDATION_LENGTH, rate: Optional[float] = None) -> Path:
     """Refuse arguments :func:`export_folder` cannot honour before any work, naming them as the
     caller wrote them: Python keywords (``format='onnx'``), or inside
     ``lrnnx_zoo.wording.command_line(CLI_FLAGS)`` the CLI's flags (``--format onnx``; it printed
@@ -169,6 +176,12 @@ def check_arguments(out_dir: Any, format: str, quantize: Optional[str] = None, o
     if isinstance(validation_length, bool) or not isinstance(validation_length, int) or validation_length < 1:
         raise ValueError(f"{name('validation_length')} must be an int >= 1 (steps streamed to validate the graph), "
                          f"got {validation_length!r}")
+    if rate is not None:
+        try:
+            check_rate(rate, name("rate"))
+        except ValueError:
+            raise ValueError(f"{name('rate')} must be a finite number > 0, the inputs' sampling rate relative to the "
+                             f"model's data (2: twice the samples per unit time), got {rate!r}") from None
     if push_to_hub is not None:
         check_repo_id(push_to_hub, name("push_to_hub"))
     try:

@@ -58,6 +58,10 @@ def family_of(model: nn.Module, info: Dict[str, Any]) -> str:
 
 def source_of(info: Dict[str, Any]) -> str:
     """A one-line description of the checkpoint: its repo id and commit, or path."""
+    record = info.get("resampled")
+    if isinstance(record, dict):      # SequenceModel.at_rate: the source's system at another rate
+        rest = source_of({k: v for k, v in info.items() if k != "resampled"})
+        return f"{rest} (resampled at rate {record.get('rate'):g})"
     src = info.get("source")
     if not src:
         return "in-memory model (not loaded from a checkpoint)"

@@ -400,6 +400,26 @@ class LTI_LRNN(LRNN):
             raise ValueError(f"{type(self).__name__} is time-invariant (one step size for every sample): expected "
                              f"integration_timesteps=None, got {got}. Resample the input to a uniform grid")
 
+    @torch.no_grad()
+    def resample_(self, rate: float) -> Dict[str, Any]:
+        """Make this layer, in place, the same continuous-time system sampled at ``rate`` (the
+        input's relative sampling rate: rate 2 has twice the samples per unit time, so the step
+        becomes dt / rate). Returns the constructor arguments that change with it (a window
+        counted in samples), for the model's config; {} when none do.
+
+        Default: hand the rate to the layer's SSM kernel (its ``kernel`` attribute,
+        :meth:`~lrnnx_zoo.ssm_kernel.SSMKernel.resample_`). A layer without one has no timescale
+        the zoo knows of (per-sample poles, no dt): a NotImplementedError names it."""
+        kernel = getattr(self, "kernel", None)
+        if not callable(getattr(kernel, "resample_", None)):
+            raise NotImplementedError(
+                f"{type(self).__name__} has no timescale to resample: expected a layer whose continuous-time "
+                f"system has a step dt (an SSM kernel with log_dt), got one with per-sample (already discrete) "
+                f"poles. Retrain it on data at the new sampling rate, or give {type(self).__name__} a "
+                f"resample_(rate) method")
+        kernel.resample_(rate)
+        return {}
+
     @abstractmethod
     def discretize(self) -> Tuple[Tensor, Any, Tensor]:
         """Return the discrete (A_bar, B_bar, C) of the layer."""

@@ -102,6 +102,21 @@ def build_card(config: Dict[str, Any], name: str, n_parameters: Optional[int] = 
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 
 
+def resampled_sentence(record: Any) -> Optional[str]:
+    """The card's sentence for a ``resampled`` record ({"rate", "from", "from_metrics"}, written by
+    :meth:`~lrnnx_zoo.models.SequenceModel.at_rate`), or None when there is none."""
+    if not isinstance(record, dict):
+        return None
+    origin = f"`{record['from']}`" if record.get("from") else "an in-memory model"
+    metrics = record.get("from_metrics") or {}
+    measured = ""
+    if isinstance(metrics, dict) and metrics:
+        listed = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        measured = f" The metrics of {origin} ({listed}) were measured at its own sampling rate, not this model's."
+    return (f"Resampled from {origin} at rate {record.get('rate'):g}: the same continuous-time system run on inputs "
+            f"with {record.get('rate'):g}x the samples per unit time (its step dt divided by the rate).{measured}")
+
+
 def _body(cfg: Dict[str, Any], name: str, n_parameters: Optional[int]) -> List[str]:
     model, plugin = cfg["model"], cfg.get("plugin") or {}
     size = f", {n_parameters:,} parameters" if n_parameters is not None else ""
@@ -132,6 +147,9 @@ def _body(cfg: Dict[str, Any], name: str, n_parameters: Optional[int]) -> List[s
     lines += ["", "## How it was made", ""]
     command = cfg.get("command")
     lines += ["Reproduce it with:", "", "```bash", command, "```"] if command else ["The command was not recorded."]
+    resampled = resampled_sentence(cfg.get("resampled"))
+    if resampled:
+        lines += ["", "## Sampling rate", "", resampled]
     if cfg.get("notes"):
         lines += ["", "## Notes", "", str(cfg["notes"])]
     lines += ["", "## How to load it", "", "```python", "import lrnnx_zoo", "",

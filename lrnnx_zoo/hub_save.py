@@ -70,8 +70,9 @@ def write_safetensors(tensors: Dict[str, Any], path: Path, metadata: Dict[str, s
 
 def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any = None,
                       metrics: Optional[Dict[str, Any]] = None, command: Optional[str] = None,
-                      notes: Optional[str] = None) -> Dict[str, Any]:
-    """The config.json dict for ``model`` (a SequenceModel) with the given provenance."""
+                      notes: Optional[str] = None, resampled: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The config.json dict for ``model`` (a SequenceModel) with the given provenance; ``resampled``
+    (:func:`resampled_info`'s record) only when set."""
     if command is not None and not isinstance(command, str):  # the card shows it as a shell line
         raise TypeError(f"command must be a str (the shell command that made the model), got {command!r} "
                         f"({type(command).__name__})")
@@ -88,7 +89,8 @@ def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any 
             **({"extra_plugins": extras} if extras else {}),
             "model": model_config_json(model.config), "task": json_ready(task, "task"),
             "dataset": json_ready(dataset, "dataset"), "metrics": json_ready(metrics, "metrics"),
-            "command": json_ready(command, "command"), "notes": json_ready(notes, "notes")}
+            "command": json_ready(command, "command"), "notes": json_ready(notes, "notes"),
+            **({"resampled": json_ready(resampled, "resampled", finite=True)} if resampled else {})}
 
 
 def model_config_json(config: Any) -> Dict[str, Any]:
@@ -299,10 +301,36 @@ def push_checkpoint(model: "SequenceModel", repo_id: str, *, token: Optional[str
                                  commit_message=commit_message, revision=revision, kept=kept)
 
 
-#: config.json's provenance fields, which save_pretrained / push_to_hub write into the card.
-PROVENANCE_KEYS = ("task", "dataset", "metrics", "command", "notes")
+#: config.json's provenance fields, which save_pretrained / push_to_hub write into the card
+#: ("resampled" only for a model made by SequenceModel.at_rate).
+PROVENANCE_KEYS = ("task", "dataset", "metrics", "command", "notes", "resampled")
 #: Those that describe the run that made the weights: stale once the weights change.
 RUN_KEYS = ("metrics", "command", "notes")
+
+
+def resampled_info(original: Any, model: Any, rate: float) -> Dict[str, Any]:
+    """The ``checkpoint_info`` of ``model``, ``original`` resampled at ``rate`` (SequenceModel.at_rate).
+
+    The original's task and dataset (the data's meaning is unchanged) and source are kept; what
+    describes the run that made the original's weights (metrics, command, notes) is not this
+    model's, and is dropped. A ``resampled`` record says from what and at which rate:
+    {"rate": total rate, "from": what from_pretrained loads (None: in memory, or changed since it
+    was loaded), "from_metrics"},
+    composed over successive resamplings of unchanged weights (rates multiply). ``weights_digest``
+    is the new weights', so a save keeps this record until they change again."""
+    from .hub import weights_digest
+
+    info = dict(getattr(original, "checkpoint_info", None) or {})
+    changed = weights_changed(original, info)
+    earlier = info.get("resampled") if not changed else None
+    if isinstance(earlier, dict):
+        record = {**earlier, "rate": earlier["rate"] * rate}
+    else:
+        # weights changed since they were loaded (fine-tuned): no checkpoint holds them, as in memory
+        origin = None if changed else loadable_source(info.get("source"))
+        record = {"rate": rate, "from": origin, "from_metrics": None if changed else info.get("metrics")}
+    kept = {k: v for k, v in info.items() if k not in RUN_KEYS and k != "weights_digest"}
+    return {**kept, **{k: None for k in RUN_KEYS}, "resampled": record, "weights_digest": weights_digest(model)}
 
 
 def stale_note(info: Dict[str, Any], dropped: Any) -> str:

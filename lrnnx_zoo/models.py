@@ -10,6 +10,7 @@ per-time-step except the layers, so the model streams with one state per layer (
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import warnings
@@ -20,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from .base import check_floating, check_lengths, check_stream_batch, float32_under_autocast, mask_padding, valid_steps
-from .hub_save import HubMixin
+from .hub_save import HubMixin, resampled_info
 from .registry import create_layer
+from .ssm_kernel import check_rate
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
 NORMS = ("layer", "batch", "none")
@@ -344,6 +346,35 @@ class SequenceModel(HubMixin, nn.Module):
     @property
     def bidirectional(self) -> bool:
         return any(getattr(b.layer, "bidirectional", False) for b in self.blocks)
+
+    def at_rate(self, rate: float) -> "SequenceModel":
+        """A copy of this model for inputs sampled at ``rate`` relative to the data it was made for
+        (rate 2: twice the samples per unit time, e.g. 16 kHz audio for a model of 8 kHz audio;
+        rate 0.5: half). This model is unchanged.
+
+        Each layer keeps its continuous-time system and samples it with the step dt / rate
+        (:meth:`~lrnnx_zoo.base.LTI_LRNN.resample_`): a layer's kernel at rate 1 is then this
+        model's kernel at ``rate``, and forward, prefill, step, save_pretrained and every export
+        run at that rate with no other change. A window counted in samples (fftconv's l_max) keeps
+        its duration, round(l_max * rate) samples, in the copy's config. Layers without a timescale
+        (LRU: per-sample poles) raise NotImplementedError. rate 1 gives an equal copy.
+
+        Provenance: the copy's ``checkpoint_info`` keeps the task and dataset but not the metrics,
+        command and notes (they are the original's, at its rate); its ``resampled`` record says
+        from what and at which rate, and goes into a saved config.json, card and export.
+        """
+        rate = check_rate(rate, "SequenceModel.at_rate")
+        model = copy.deepcopy(self)
+        if rate == 1.0:
+            return model
+        changes: Dict[str, Any] = {}
+        for block in model.blocks:
+            changes.update(block.layer.resample_(rate))
+        model.config = dataclasses.replace(model.config, layer_kwargs={**model.config.layer_kwargs, **changes})
+        # the weights loaded again: every module drops what it derived from the old ones (step forms)
+        model.load_state_dict(model.state_dict())
+        model.checkpoint_info = resampled_info(self, model, rate)
+        return model
 
     def forward(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, d_input) -> (B, L, d_output), or (B, d_output) with pooling.

@@ -238,6 +238,26 @@ class SSMKernel(nn.Module):
             n0 == n1 and t0.dtype == t1.dtype and t0.device == t1.device and torch.equal(t0.detach(), t1)
             for (n0, t0), (n1, t1) in zip(now, tensors))
 
+    @torch.no_grad()
+    def resample_(self, rate: float) -> None:
+        """Make this kernel, in place, the same continuous-time system sampled at ``rate``: from now
+        on ``forward(L)`` equals the old ``forward(L, rate)``, and the step form and state passing
+        follow. Done on the step itself, log dt <- log dt - log(rate) (dt' = dt / rate), so every
+        evaluation path (kernel, spectrum, step form, state passing) and the saved weights see it.
+
+        A kernel whose parameters are already discrete (one pole per sample, no ``log_dt``) has no
+        timescale: a NotImplementedError says so. Kernels storing something else that depends on dt
+        override this (S4's C~)."""
+        rate = check_rate(rate, f"{type(self).__name__}.resample_")
+        log_dt = getattr(self, "log_dt", None)
+        if not isinstance(log_dt, Tensor):
+            raise NotImplementedError(
+                f"{type(self).__name__} has no timescale to resample: expected a continuous-time kernel with a "
+                f"log_dt parameter, got one whose parameters are already discrete (one pole per sample). "
+                f"Retrain it on data at the new sampling rate, or give {type(self).__name__} a resample_(rate) method")
+        # in float64, rounded once to log_dt's precision
+        log_dt.copy_((log_dt.to(torch.float64) - math.log(rate)).to(log_dt.dtype))
+
     @abstractmethod
     def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """K: (C, H, L) real; K_state: (B, C, H, L) real if ``state`` is given, else None."""

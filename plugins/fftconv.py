@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 from typing import Any, ContextManager, Dict, Optional, Tuple
 
 import torch
@@ -283,6 +284,18 @@ class FFTConvS4(nn.Module):
             raise ValueError(f"{what} is impossible for a bidirectional FFTConvS4: its output at t depends on "
                              f"the future inputs. Use bidirectional=False to stream")
 
+    @torch.no_grad()
+    def resample_(self, rate: float) -> None:
+        """Make this block, in place, its system sampled at ``rate``: the kernel's
+        (:meth:`~lrnnx_zoo.ssm_kernel.SSMKernel.resample_`), and a window l_max of the same duration,
+        :func:`~lrnnx_zoo.convolution.kernel_taps` of it at that rate (round(l_max * rate), at least 1).
+        Then ``forward(x)`` equals the old ``forward(x, rate=rate)``."""
+        rate = check_rate(rate, "FFTConvS4.resample_")
+        self.kernel.resample_(rate)
+        if self.L is not None:
+            self.L = kernel_taps(math.inf, self.L, rate)      # the window's taps, whatever the input's length
+        object.__setattr__(self, "_step", None)       # a step form of the old step
+
     # -- recurrent mode ----------------------------------------------------------------------
     def default_state(self, *batch_shape: int, device: Optional[torch.device] = None) -> Tensor:
         """Zero kernel state (*batch_shape, H, S) for ``forward(x, state)`` and ``step``."""
@@ -410,6 +423,12 @@ class FFTConvLayer(LTI_LRNN):
             w, b = self.mix.weight, self.mix.bias
             y = self.mix(y) if y.dtype == w.dtype else F.linear(y, w.to(y.dtype), b.to(y.dtype))
         return mask_padding(y, lengths)
+
+    def resample_(self, rate: float) -> Dict[str, Any]:
+        """:meth:`FFTConvS4.resample_`; returns the new window {"l_max": ...} when the layer has one
+        (a constructor argument, counted in samples)."""
+        self.conv.resample_(rate)
+        return {} if self.conv.L is None else {"l_max": self.conv.L}
 
     def discretize(self) -> Any:
         """The kernel's discrete system (its own ``discretize``; family-specific tuple)."""

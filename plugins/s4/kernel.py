@@ -487,9 +487,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         w, P, B, Ct, dt = self.continuous()
         Ld, Ct64 = self.length, None
         if rate != 1.0:                           # exact at dt / rate: C~ for (dt / rate, L) from the plain C
-            A_r, _ = self.dense_system(rate)
-            c = dense.output_row(self.output_matrix())
-            Ct64 = dense.output_from_row((c.unsqueeze(-2) @ _identity_minus_power(A_r, L)).squeeze(-2))
+            Ct64 = self.output_tilde(rate, L)
             Ct, Ld = Ct64.to(w.dtype), L
 
         def exact() -> Tuple[Tensor, ...]:        # float64 inputs, formed only if some node needs them
@@ -498,6 +496,31 @@ class SSKernelNPLR(StepModes, SSMKernel):
         K, K_state = bilinear_kernel(w, P, B, Ct, dt / rate, Ld, get_backend("cauchy", self.backend), state, exact,
                                      refine=self.refine_ill_conditioned)
         return K[..., :L], (None if K_state is None else K_state[..., :L])
+
+    def output_tilde(self, rate: float, L: int) -> Tensor:
+        """C~ = (I - A_r^L)^T C for the system at dt / rate (A_r its A_bar) and length L: (C, H, M)
+        complex128, from the plain C (:meth:`output_matrix`), in float64."""
+        A_r, _ = self.dense_system(rate)
+        c = dense.output_row(self.output_matrix())
+        return dense.output_from_row((c.unsqueeze(-2) @ _identity_minus_power(A_r, L)).squeeze(-2))
+
+    @torch.no_grad()
+    def resample_(self, rate: float) -> None:
+        """:meth:`SSMKernel.resample_` (dt <- dt / rate), with C~ rebuilt for the new step: C~ depends on
+        dt through A_bar^L. The internal length becomes round(length * rate) (at least 1), the length
+        of the same duration, as ``forward(L=None, rate)`` has it; C~ for it is :meth:`output_tilde`."""
+        rate = check_rate(rate, f"{type(self).__name__}.resample_")
+        with self._consistent():                  # C~ and the length change together
+            length = self.length
+            if length:
+                length = max(1, round(length * rate))
+                C_tilde = self.output_tilde(rate, length)
+            super().resample_(rate)
+            if length:
+                self.C.copy_(torch.view_as_real(C_tilde).to(self.C.dtype))
+                self._set_length(length)
+            self.__dict__.pop("_length_origin", None)   # new weights: no earlier length to hash
+            object.__setattr__(self, "_stepper", None)   # a step form of the old step
 
     def _zoh(self, L: int, rate: float, state: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         """Dense float64 zoh kernel (module docstring)."""
