@@ -306,7 +306,13 @@ def unchanged(weights: Weights) -> bool:
     per-step check (3 us for a layer's six parameters). The slots catch tensors replaced by new
     ones: load_state_dict(assign=True) (the meta-device idiom), ``layer.D = nn.Parameter(...)``."""
     slots, tensors, marks = weights
-    return all(owner.get(name) is t for (owner, name), t in zip(slots, tensors)) and versions(tensors) == marks
+    if not all(owner.get(name) is t for (owner, name), t in zip(slots, tensors)):
+        return False
+    # The slots only under torch.compile (dynamo guards on what they hold): it cannot compare data
+    # pointers, and reads versions as data-dependent values, so either check broke the graph of every
+    # compiled step and left SequenceModel.step's loop over blocks eager. A compiled step does not see
+    # weights changed in place: make a new cache after changing them, as step's docstring says.
+    return torch.compiler.is_compiling() or versions(tensors) == marks
 
 
 def current_form(module: nn.Module, form: nn.Module, weights: Weights, build: Callable[[], nn.Module],
@@ -565,5 +571,10 @@ class LTI_LRNN(LRNN):
         # Values only: a state with autograd history chained each step's graph to the next, so a
         # stream stepped outside no_grad() grew without bound (46 KB a step for a 3-block S4D).
         inference_cache["lrnn_state"] = state.detach() if isinstance(state, Tensor) and state.requires_grad else state
+        if torch.compiler.is_compiling():
+            # a fresh cache's strides: the LRU's fused form returns a view into a wider row (strides
+            # (16, 1) for a (1, 8) state, which contiguous() leaves), and dynamo, guarding on strides,
+            # retraced the compiled step at its second step
+            inference_cache["lrnn_state"] = inference_cache["lrnn_state"].clone(memory_format=torch.contiguous_format)
         return y, inference_cache
 

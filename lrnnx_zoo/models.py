@@ -399,8 +399,8 @@ class SequenceModel(HubMixin, nn.Module):
         check_stream_batch(x, "SequenceModel.prefill")
         cache = self._model_cache(x.shape[0], layers=[None] * len(self.blocks))     # the layers' come from prefill
         h = self._features(x, lengths, cache["layers"])
-        if lengths is None:       # the step count: one for all, or each sequence's (B, 1)
-            cache["t"] = h.shape[1]
+        if lengths is None:       # the step count, each sequence's (B, 1) (_model_cache)
+            cache["t"] = cache["t"] + h.shape[1]
         else:                     # integers (a float32 count stopped growing at 2**24 steps), a copy:
             cache["t"] = torch.as_tensor(lengths, device=h.device).unsqueeze(-1).to(torch.long, copy=True)
         if self.config.pooling != "mean":     # the running mean only feeds mean pooling's steps
@@ -487,7 +487,11 @@ class SequenceModel(HubMixin, nn.Module):
         if self.bidirectional:
             raise ValueError("a bidirectional model sees the future and cannot run step by step")
         zeros = self.encoder.weight.new_zeros(batch_size, self.config.d_model)
-        return {"layers": layers, "pool_mean": zeros, "pool_carry": zeros.clone(), "t": 0, "model": id(self)}
+        # The count as a (B, 1) long tensor, not a Python int: torch.compile specialised on an int,
+        # so a compiled step retraced at every step (dynamic=False: 8 graphs, then eager from the
+        # recompile limit on; by default a second graph, and a third after a prefill with lengths).
+        steps = torch.zeros(batch_size, 1, dtype=torch.long, device=zeros.device)
+        return {"layers": layers, "pool_mean": zeros, "pool_carry": zeros.clone(), "t": steps, "model": id(self)}
 
     def step(self, x: Tensor, cache: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
         """One time step: x (B, d_input) -> y (B, d_output). ``cache``: from this model's
