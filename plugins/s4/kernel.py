@@ -324,6 +324,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
         """The results this thread's :meth:`sharing_dense_work` shares, or None: outside it, and under
         autograd, where each use computes anew, as the kernel cache does (a result built without a
         graph, e.g. by the step form under no_grad, cut the state passing's gradient to the parameters)."""
+        if torch.compiler.is_compiling():     # Python-side state, as the kernel cache: dynamo broke the graph at get_ident
+            return None
         memo = self.__dict__.get("_dense_memo", {}).get(threading.get_ident())
         return None if memo is None or needs_autograd(self) else memo
 
@@ -336,6 +338,9 @@ class SSKernelNPLR(StepModes, SSMKernel):
         L = 4096). The parameters must not change within (their results are reused); nested: the outer
         one holds. Only work without autograd is shared (a prefill under autograd computes as outside),
         and each thread has its own scope (another thread's prefill of another length has another block)."""
+        if torch.compiler.is_compiling():     # nothing shared in a compiled graph (_shared_work)
+            yield
+            return
         memos = self.__dict__.setdefault("_dense_memo", {})          # thread id -> that thread's results
         me = threading.get_ident()
         if me in memos:
@@ -395,6 +400,14 @@ class SSKernelNPLR(StepModes, SSMKernel):
         check is repeated under the lock: another thread may have extended it meanwhile."""
         if 0 < self.length >= L:
             return
+        self._change_length(L)
+
+    @torch.compiler.disable
+    def _change_length(self, L: int) -> None:
+        """:meth:`_cover`'s change of C~ and the length, run eagerly under torch.compile: it writes a
+        parameter in place and keeps Python-side records (compares of C for the weights digest, a
+        lock), which broke a compiled forward into a dozen graphs at each longer length; now one
+        break, and none once the length covers L (dynamo guards on it)."""
         with self._consistent():
             if self.length == 0:
                 self._init_C_tilde_locked(L)
