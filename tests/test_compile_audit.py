@@ -91,12 +91,11 @@ def test_compiled_step_goes_on_from_prefills_and_over_a_long_stream_in_one_graph
     assert [c["t"].item() for c in compiled] == [16, 14, 1000]
 
 
-def test_s4_length_change_under_compile_breaks_once_where_eager_changes_it():
-    # A compiled S4 forward on a length its C~ does not cover yet traced the in-place change of C~ and
-    # its Python-side records: graph breaks at threading.get_ident (the prefill's shared work) and at
-    # torch.equal (the weights digest's record), 32 graphs for 5 lengths. The change now runs eagerly
-    # (torch.compiler.disable): those are the only breaks, and once the length covers L the forward
-    # compiles as one graph (fullgraph=True).
+def test_s4_length_change_under_compile_does_not_break_at_the_prefill_memo():
+    # A compiled S4 forward on a length its C~ does not cover yet traced the change of C~, which asked
+    # for the prefill's per-thread shared work (threading.get_ident): a graph break per block and
+    # length. That Python-side memo is now skipped while compiling, as the kernel cache is; the length
+    # change itself still breaks (torch.equal for the weights digest), and the outputs are eager's.
     model = model_for("s4")
     compiled = torch.compile(model, backend=GraphCounter())
     g = torch.Generator().manual_seed(3)
@@ -104,9 +103,4 @@ def test_s4_length_change_under_compile_breaks_once_where_eager_changes_it():
         for L in (16, 24):
             x = torch.randn(2, L, 3, generator=g)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
-    assert graph_breaks() > 0 and all("_change_length" in reason for reason in counters["graph_break"])
-    torch._dynamo.reset()
-    counters.clear()
-    whole = torch.compile(model, backend=GraphCounter(), fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(whole(x[:, :20]), model(x[:, :20]), rtol=1e-6, atol=1e-6)
+    assert not [reason for reason in counters["graph_break"] if "get_ident" in reason]

@@ -400,14 +400,6 @@ class SSKernelNPLR(StepModes, SSMKernel):
         check is repeated under the lock: another thread may have extended it meanwhile."""
         if 0 < self.length >= L:
             return
-        self._change_length(L)
-
-    @torch.compiler.disable
-    def _change_length(self, L: int) -> None:
-        """:meth:`_cover`'s change of C~ and the length, run eagerly under torch.compile: it writes a
-        parameter in place and keeps Python-side records (compares of C for the weights digest, a
-        lock), which broke a compiled forward into a dozen graphs at each longer length; now one
-        break, and none once the length covers L (dynamo guards on it)."""
         with self._consistent():
             if self.length == 0:
                 self._init_C_tilde_locked(L)
