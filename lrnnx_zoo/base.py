@@ -97,16 +97,23 @@ def float32_under_autocast(x: Tensor) -> Tensor:
     return x
 
 
+def autocast_active(device_type: str) -> bool:
+    """Whether a ``torch.autocast`` region is open on ``device_type`` (never on one autocast does not
+    know, such as "meta", where torch raises instead)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def without_autocast(device_type: str) -> ContextManager[Any]:
     """A scope that leaves the caller's ``torch.autocast`` region on ``device_type`` (nothing to
     leave: a no-op). Step forms are built and stepped in it: under autocast their matrix products
     ran in bfloat16, which rounded the form's coefficients and, every step, the state (a stream then
     failed at its second step with "the cache holds torch.bfloat16 state")."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except RuntimeError:            # a device type autocast does not know ("meta"): no region to leave
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+    if autocast_active(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def parameter_dtype() -> torch.dtype:
@@ -306,13 +313,19 @@ def unchanged(weights: Weights) -> bool:
     per-step check (3 us for a layer's six parameters). The slots catch tensors replaced by new
     ones: load_state_dict(assign=True) (the meta-device idiom), ``layer.D = nn.Parameter(...)``."""
     slots, tensors, marks = weights
-    if not all(owner.get(name) is t for (owner, name), t in zip(slots, tensors)):
-        return False
     # The slots only under torch.compile (dynamo guards on what they hold): it cannot compare data
     # pointers, and reads versions as data-dependent values, so either check broke the graph of every
     # compiled step and left SequenceModel.step's loop over blocks eager. A compiled step does not see
     # weights changed in place: make a new cache after changing them, as step's docstring says.
-    return torch.compiler.is_compiling() or versions(tensors) == marks
+    if torch.compiler.is_compiling():
+        return all(owner.get(name) is t for (owner, name), t in zip(slots, tensors))
+    try:                        # one loop, no intermediate lists: this runs at every step of every layer
+        for (owner, name), t, (version, pointer) in zip(slots, tensors, marks):
+            if owner.get(name) is not t or t._version != version or t.data_ptr() != pointer:
+                return False
+        return True
+    except RuntimeError:        # an inference tensor among them (no version counter)
+        return all(owner.get(name) is t for (owner, name), t in zip(slots, tensors)) and versions(tensors) == marks
 
 
 def current_form(module: nn.Module, form: nn.Module, weights: Weights, build: Callable[[], nn.Module],
@@ -546,28 +559,11 @@ class LTI_LRNN(LRNN):
             raise TypeError(f"{who}: the cache holds {state.dtype} state on {state.device}, got x of {x.dtype} on "
                             f"{x.device}; convert x (x.to({state.dtype})) or allocate the cache with "
                             f"allocate_inference_cache(batch_size, dtype={x.dtype}) on x's device")
-        dtype = inference_cache.get("dtype", state.dtype)     # the step form's
-        recurrence = without_autocast(x.device.type)    # the state in the cache's precision
-        if "weights" in inference_cache:
-            with recurrence:
-                form, inference_cache["weights"] = current_form(
-                    self, form, inference_cache["weights"],
-                    lambda: self.step_form().to(device=state.device, dtype=dtype), dtype,
-                    lambda: f"{type(self).__name__}.step: the layer's weights changed since this cache was made (an "
-                    f"optimiser step, load_state_dict or an in-place edit), so its step form is stale; make a new cache "
-                    f"with allocate_inference_cache(batch_size) (for a SequenceModel: model.allocate_inference_cache) "
-                    f"and restart the stream")
-            inference_cache["step_form"] = form
-        if state.dtype != dtype:
-            # A state put in the cache in another dtype: stepped in the form's precision and handed back in
-            # its own (passed_state_dtype), as every kernel does. The LRU's matmul failed on it ("expected
-            # m1 and m2 to have the same dtype"), S4's dense form too, the diagonal forms promoted it.
-            with recurrence:
-                y, next_state = form(x.to(dtype), state.to(dtype))
-            y, state = y.to(x.dtype), next_state.to(state.dtype)
-        else:
-            with recurrence:
-                y, state = form(x, state)
+        if autocast_active(x.device.type):    # the form built and stepped in the cache's precision
+            with without_autocast(x.device.type):
+                y, state = self._advance(x, inference_cache, state, form)
+        else:                                 # (no context manager on the common path: 1 us a layer)
+            y, state = self._advance(x, inference_cache, state, form)
         # Values only: a state with autograd history chained each step's graph to the next, so a
         # stream stepped outside no_grad() grew without bound (46 KB a step for a 3-block S4D).
         inference_cache["lrnn_state"] = state.detach() if isinstance(state, Tensor) and state.requires_grad else state
@@ -577,4 +573,25 @@ class LTI_LRNN(LRNN):
             # retraced the compiled step at its second step
             inference_cache["lrnn_state"] = inference_cache["lrnn_state"].clone(memory_format=torch.contiguous_format)
         return y, inference_cache
+
+    def _advance(self, x: Tensor, inference_cache: Dict[str, Any], state: Tensor, form: nn.Module
+                 ) -> Tuple[Tensor, Tensor]:
+        """(y, next state) of :meth:`step`'s checked x and state, with the step form made current."""
+        dtype = inference_cache.get("dtype", state.dtype)     # the step form's
+        if "weights" in inference_cache:
+            form, inference_cache["weights"] = current_form(
+                self, form, inference_cache["weights"],
+                lambda: self.step_form().to(device=state.device, dtype=dtype), dtype,
+                lambda: f"{type(self).__name__}.step: the layer's weights changed since this cache was made (an "
+                f"optimiser step, load_state_dict or an in-place edit), so its step form is stale; make a new cache "
+                f"with allocate_inference_cache(batch_size) (for a SequenceModel: model.allocate_inference_cache) "
+                f"and restart the stream")
+            inference_cache["step_form"] = form
+        if state.dtype != dtype:
+            # A state put in the cache in another dtype: stepped in the form's precision and handed back in
+            # its own (passed_state_dtype), as every kernel does. The LRU's matmul failed on it ("expected
+            # m1 and m2 to have the same dtype"), S4's dense form too, the diagonal forms promoted it.
+            y, next_state = form(x.to(dtype), state.to(dtype))
+            return y.to(x.dtype), next_state.to(state.dtype)
+        return form(x, state)
 
