@@ -44,7 +44,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"lrnnx-zoo export: {exc}", file=sys.stderr)
         return 1
     # OSError: an --out that is a file, or a folder holding files the export would overwrite
-    except (ExportError, CheckpointError, HubPublishError, MissingDependencyError, ValueError, OSError) as exc:
+    # NotImplementedError: --rate for a model with a layer that has no timescale (per-sample poles)
+    except (ExportError, CheckpointError, HubPublishError, MissingDependencyError, ValueError, OSError,
+            NotImplementedError) as exc:
         print(f"lrnnx-zoo export: {exc}", file=sys.stderr)
         return 2
     print(done.result.summary())

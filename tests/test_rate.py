@@ -209,3 +209,12 @@ def test_export_command_refuses_bad_rates(tmp_path, capsys, rate):
     err = capsys.readouterr().err
     assert "--rate must be a finite number > 0" in err and f"got {float(rate)!r}" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_export_command_with_rate_for_a_model_without_timescale_is_a_usage_error(tmp_path, capsys):
+    # `lrnnx-zoo export digits-lru --rate 2` ended in a NotImplementedError traceback
+    from lrnnx_zoo.cli import main
+    assert main(["export", "digits-lru", "--out", str(tmp_path / "o"), "--rate", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lrnnx-zoo export: LRU has no timescale to resample") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
