@@ -26,9 +26,9 @@ KERNELS = sorted(n.split(".", 1)[1] for n in lrnnx_zoo.list_backends("ssm_kernel
 H, N, B = 4, 8, 2
 
 
-def make(kernel_type: str, seed: int = 0, **kw) -> FFTConvS4:
+def make(kernel_type: str, seed: int = 0, d_model: int = H, d_state: int = N, **kw) -> FFTConvS4:
     torch.manual_seed(seed)
-    return FFTConvS4(H, kernel_type=kernel_type, d_state=N, **kw).eval()
+    return FFTConvS4(d_model, kernel_type=kernel_type, d_state=d_state, **kw).eval()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

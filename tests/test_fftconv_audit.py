@@ -13,18 +13,13 @@ import torch
 
 import lrnnx_zoo
 from lrnnx_zoo.plugins.fftconv import FFTConvS4
+from test_fftconv import KERNELS, make as make_block, rel_err
 
-KERNELS = sorted(n.split(".", 1)[1] for n in lrnnx_zoo.list_backends("ssm_kernel"))
 H, N, B = 3, 4, 2
 
 
 def make(kind: str, seed: int = 0, **kw) -> FFTConvS4:
-    torch.manual_seed(seed)
-    return FFTConvS4(H, kernel_type=kind, d_state=N, **kw).eval()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+    return make_block(kind, seed, d_model=H, d_state=N, **kw)
 
 
 @pytest.mark.parametrize("kind", KERNELS)
