@@ -128,6 +128,8 @@ def test_shape_errors_name_expected_and_given():
         vandermonde_torch(v, torch.ones(4, 5, dtype=torch.complex64), 8)
     with pytest.raises(ValueError, match="do not broadcast"):
         vandermonde_torch(v, torch.ones(2, 3, dtype=torch.complex64), 8)
+    with pytest.raises(ValueError, match=r"vandermonde_torch: batch dims of v \(4, 3\) and log_lam \(2, 3\)"):
+        vandermonde_torch(v, torch.ones(2, 3, dtype=torch.complex64), 8)    # its own words, not broadcast_shape's
     with pytest.raises(ValueError, match="non-negative int"):
         vandermonde_torch(v, v, -1)
     with pytest.raises(ValueError, match="chunk_size"):

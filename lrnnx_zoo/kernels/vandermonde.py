@@ -81,7 +81,7 @@ def _check(v: Tensor, log_lam: Tensor, L: int, fn: str) -> torch.Size:
                          f"v {tuple(v.shape)} and log_lam {tuple(log_lam.shape)}")
     try:
         return broadcast_shape(v.shape[:-1], log_lam.shape[:-1])
-    except RuntimeError:
+    except (ValueError, RuntimeError):      # broadcast_shape's, or torch's under torch.compile
         raise ValueError(f"{fn}: batch dims of v {tuple(v.shape)} and log_lam "
                          f"{tuple(log_lam.shape)} do not broadcast") from None
 
