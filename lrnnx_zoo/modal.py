@@ -136,15 +136,20 @@ def final_state(u: Tensor, log_lam: Tensor, B: Tensor, initial_state: Optional[T
     return (x.to(wide) + cexp(L * log_lam.to(torch.complex128)).to(wide) * initial_state.to(wide)).to(out)
 
 
-def channel_final_state(u: Tensor, log_lam: Tensor, B: Tensor, state: Tensor) -> Tensor:
+def channel_final_state(u: Tensor, log_lam: Tensor, B: Tensor, state: Tensor,
+                        precision: Optional[torch.dtype] = None) -> Tensor:
     """The same for H single-input systems, one per channel (S4D's and LRUKernel's state passing):
     x_{L-1}[h] = lam[h]^L x_{-1}[h] + sum_j lam[h]^{L-1-j} B[h] u_j[h].
     u: (Bsz, H, L) real, log_lam, B: (H, M) complex (log_lam best in complex128, see :func:`powers`),
-    state: (Bsz, H, M) complex -> (Bsz, H, M) complex of state's dtype. The block sums S_k
-    (:func:`block_powers`) are one real batched matmul of u's blocks with the inner powers."""
+    state: (Bsz, H, M) -> (Bsz, H, M) in :func:`~lrnnx_zoo.ssm_kernel.passed_state_dtype` (the state's
+    dtype, made complex), computed in the wider of that and ``precision`` (the kernel's complex
+    dtype). The block sums S_k (:func:`block_powers`) are one real batched matmul of u's blocks with
+    the inner powers."""
     H, M = log_lam.shape
     Bsz, L = u.shape[0], u.shape[-1]
-    cx = state.dtype
+    out = passed_state_dtype(state)
+    cx = out if precision is None else torch.promote_types(out, precision)
+    state = state.to(cx)
     c, inner, outer = block_powers(log_lam, L, cx)
     n = outer.shape[0]
     blocks = torch.nn.functional.pad(u, (n * c - L, 0)).reshape(Bsz, H, n, c)
@@ -153,7 +158,7 @@ def channel_final_state(u: Tensor, log_lam: Tensor, B: Tensor, state: Tensor) ->
     S = torch.view_as_complex(S.reshape(H, Bsz, n, M, 2).contiguous())               # (H, Bsz, n, M)
     x = (S * outer.permute(1, 0, 2).unsqueeze(1)).sum(2).transpose(0, 1)             # (Bsz, H, M)
     last = cexp(L * log_lam.to(torch.complex128)).to(cx)                             # lam^L
-    return x * B.to(cx) + last * state
+    return (x * B.to(cx) + last * state).to(out)
 
 
 def channel_kernel(vdm: Callable[..., Tensor], v: Tensor, lam: Tensor, log_lam: Tensor, L: int,

@@ -21,7 +21,7 @@ from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import LTI_LRNN, check_reals, check_sizes, mask_padding, ordinary_tensor, parameter_dtype, right_aligned
 from lrnnx_zoo.modal import channel_final_state, channel_kernel, final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, get_initializer
-from lrnnx_zoo.ssm_kernel import SSMKernel, passed_state_dtype
+from lrnnx_zoo.ssm_kernel import SSMKernel
 from lrnnx_zoo.step_forms import ChannelDiagonalStepForm, DiagonalStepForm
 
 
@@ -235,8 +235,7 @@ class LRUKernel(SSMKernel):
         -> (B, H, N) in :func:`~lrnnx_zoo.ssm_kernel.passed_state_dtype` (computed in the wider of its
         precision and the kernel's)."""
         log_lam, B, _ = self.discretize(torch.complex128)
-        out = passed_state_dtype(state)
-        return channel_final_state(u, log_lam, B, state.to(torch.promote_types(out, self.state_dtype))).to(out)
+        return channel_final_state(u, log_lam, B, state, self.state_dtype)
 
     @torch.no_grad()
     def step_form(self, D: Optional[Tensor] = None) -> ChannelDiagonalStepForm:

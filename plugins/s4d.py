@@ -26,7 +26,7 @@ from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vander
 from lrnnx_zoo.modal import channel_final_state, channel_kernel
 from lrnnx_zoo.discretization import get_discretization
 from lrnnx_zoo.registry import get_backend, get_initializer
-from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, kernel_final_step_state, passed_state_dtype
+from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, kernel_final_step_state
 from lrnnx_zoo.step_forms import ChannelDiagonalStepForm
 
 
@@ -152,8 +152,7 @@ class S4DKernel(SSMKernel):
         -> (B, H, N/2) in :func:`~lrnnx_zoo.ssm_kernel.passed_state_dtype` (computed in the wider of its
         precision and the kernel's)."""
         _, B_bar, _, log_A = self.discretize(dtype=torch.complex128)
-        out = passed_state_dtype(state)
-        return channel_final_state(u, log_A, B_bar, state.to(torch.promote_types(out, self.state_dtype))).to(out)
+        return channel_final_state(u, log_A, B_bar, state, self.state_dtype)
 
     @torch.no_grad()
     def step_form(self, D: Optional[Tensor] = None) -> ChannelDiagonalStepForm:
