@@ -14,28 +14,19 @@ from typing import Callable, Dict
 from lrnnx_zoo.training_cli import int_type, positive_int
 
 
-def check_flags(args: argparse.Namespace) -> None:
-    """Refuse --revision where the source cannot have one, before the model is loaded (export_folder
-    checks the other flags itself, first; under ``command_line(CLI_FLAGS)`` its messages name them
-    as typed). Raises ValueError."""
-    from lrnnx_zoo.hub_cli import check_revision_flag
-    check_revision_flag(args.src, args.revision)
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
     from lrnnx_zoo.hub import CheckpointError
+    from lrnnx_zoo.hub_cli import check_revision_flag
     from lrnnx_zoo.hub_save import HubPublishError
     from lrnnx_zoo.training import MissingDependencyError     # int8 accuracy needs the checkpoint's data
-    from .folder import export_folder
+    from lrnnx_zoo.wording import command_line
+    from .folder import CLI_FLAGS, export_folder
     from .step_graph import ExportError
     from .validate import ValidationError
 
-    from lrnnx_zoo.wording import command_line
-    from .folder import CLI_FLAGS
-
     try:
-        with command_line(CLI_FLAGS):
-            check_flags(args)
+        with command_line(CLI_FLAGS):      # export_folder's own checks name the flags as typed
+            check_revision_flag(args.src, args.revision)      # before the model is loaded
             done = export_folder(args.src, args.out, format=args.format, quantize=args.quantize,
                                  push_to_hub=args.push_to_hub, batch=args.batch, opset=args.opset,
                                  latency_steps=args.latency_steps, revision=args.revision,
