@@ -371,8 +371,6 @@ class SequenceModel(HubMixin, nn.Module):
         for block in model.blocks:
             changes.update(block.layer.resample_(rate))
         model.config = dataclasses.replace(model.config, layer_kwargs={**model.config.layer_kwargs, **changes})
-        # the weights loaded again: every module drops what it derived from the old ones (step forms)
-        model.load_state_dict(model.state_dict())
         model.checkpoint_info = resampled_info(self, model, rate)
         return model
 
