@@ -219,3 +219,25 @@ def test_unfused_diagonal_form_keeps_slow_poles_over_a_long_stream():
         exact = DiagonalStepForm(lam, B, C, fuse=False)
     u = torch.randn(1, L, H, dtype=torch.float64) + 1.0
     close(run(form, u), run(exact, u, torch.float64), rel=5e-6)
+
+
+@pytest.mark.parametrize("layer, reduce_sums_per_block", [("s4d", 0), ("s4", 2)])
+def test_sums_over_modes_export_as_matmuls(tmp_path, layer, reduce_sums_per_block):
+    # ONNX Runtime ran ReduceSum over an axis that is not innermost 4-10x slower than the same sum as
+    # ones(1, n) @ t at batch 1 (step_forms.sum_rows): the per-channel forms' sums over their modes
+    # (S4D's readout, S4's low-rank update) must reach the graph as MatMul. S4's two small sums
+    # (the readouts over 2M rows and over the rank) stay ReduceSum, which ran as fast there.
+    import onnx
+
+    import lrnnx_zoo
+    from lrnnx_zoo.export import to_onnx
+    from lrnnx_zoo.step_forms import sum_rows
+
+    torch.manual_seed(0)
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer=layer, d_input=2, d_output=2, d_model=8,
+                                                          n_layers=2, layer_kwargs={"d_state": 8})).eval()
+    res = to_onnx(model, tmp_path / "m.onnx")            # validated against the eager step inside
+    ops = [n.op_type for n in onnx.load(str(res.path)).graph.node]
+    assert ops.count("ReduceSum") == 2 * reduce_sums_per_block and ops.count("MatMul") >= 2, ops
+    t = torch.randn(3, 4, 5, 6)
+    torch.testing.assert_close(sum_rows(t), t.sum(-2))   # eager torch sums
