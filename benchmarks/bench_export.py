@@ -11,10 +11,14 @@ Columns:
   convolution-mode forward of the whole sequence, and vs ``model.prefill`` (the forward and the
   state after it, to stream on from).
 Torch runs single-threaded like ONNX Runtime (one stream of tiny steps; see validate.one_torch_thread),
-at batch 64 too, so that both columns are one core's throughput.
+at batch 64 too, so that both columns are one core's throughput. The allocator is tuned
+(lrnnx_zoo.runtime.tune_allocator, as the CLI does) unless --default-allocator: glibc's default
+serves the eager step's 2 MB temporaries at batch 64 with fresh mmaps, and their page faults made
+that column vary 8 -> 13-19 ms a step between runs (4-block S4D); ONNX Runtime has its own arena.
 
     python benchmarks/bench_export.py [--steps 500] [--families lru s4d] [--compare-exporters]
     python benchmarks/bench_export.py --smoke     # a 1-block, d_model=16 model: checks that it runs
+    python benchmarks/bench_export.py --default-allocator   # glibc's default malloc (page faults too)
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import lrnnx_zoo
 from lrnnx_zoo.export import OnnxStreamer, to_onnx, to_torch_export, to_torchscript
 from lrnnx_zoo.export.latency import interleaved_steps, onnx_latency
 from lrnnx_zoo.export.validate import one_torch_thread
+from lrnnx_zoo.runtime import tune_allocator
 from lrnnx_zoo.export.torchscript_export import load_torch_export, load_torchscript
 
 
@@ -128,11 +133,14 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--compare-exporters", action="store_true", help="also time the legacy torch.onnx exporter's graph")
     p.add_argument("--smoke", action="store_true", help="a 1-block, d_model=16, d_state=8 model and a 256-step "
                                                         "sequence: checks that it runs")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="do not call lrnnx_zoo.runtime.tune_allocator (eager columns pay page faults)")
     args = p.parse_args(argv)
     if args.steps < 10:       # fewer than one step per round still timed one per round, 10 in all
         p.error(f"--steps must be at least 10 (one per interleaved round), got {args.steps}")
     sizes = SIZES["smoke" if args.smoke else "full"]
     torch.set_num_threads(1)
+    tuned = False if args.default_allocator else tune_allocator()
     families = args.families or lrnnx_zoo.list_layers()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,7 +149,7 @@ def main(argv: List[str] = None) -> None:
     n = sizes["length"]
     print(f"\nper-step latency at batch 1 (median of {args.steps // 10 * 10} steps in 10 interleaved rounds, us), "
           f"{sizes['n_layers']} x d_model={sizes['d_model']}, d_state={sizes['d_state']}; "
-          f"torch {torch.__version__}, 1 thread")
+          f"torch {torch.__version__}, 1 thread, allocator {'tuned' if tuned else 'default'}")
     head = (f"{'family':<10}{'nodes':>6}{'KiB':>7}{'max err':>9}{'ONNX':>8}{'eager':>8}{'TS':>8}{'pt2':>8}"
             f"{'eager/ONNX':>11}{'TS/ONNX':>8}{'ONNX tok/s b64':>15}{'eager tok/s b64':>16}"
             f"{f'{n} stream ms':>15}{f'{n} conv ms':>13}{f'{n} prefill ms':>16}")
