@@ -80,3 +80,22 @@ def test_state_passing_stays_float32_under_autocast():
     assert next_state.dtype == ref_state.dtype
     assert relative(y, ref_y) < 1e-5
     assert float((next_state - ref_state).detach().norm() / ref_state.detach().norm()) < 1e-5
+
+
+@pytest.mark.parametrize("name", [n for n in lrnnx_zoo.list_backends("ssm_kernel")])
+def test_inference_kernel_cached_under_autocast_is_float32(name):
+    # A kernel cached by an evaluation under autocast was the one later float32 evaluations reused:
+    # whatever autocast had done to its generation (S4D's: 2.5e-3 off) stayed in every no_grad
+    # forward after the autocast region, until the weights changed. Cached kernels are computed
+    # with autocast off, so one computed inside the region is the float32 one. The probe here is a
+    # matmul, what any kernel (a third party's too) may contain. Tolerance: float32 rounding.
+    torch.manual_seed(0)
+    kernel = lrnnx_zoo.get_backend("ssm_kernel", name.split(".", 1)[1])(4, 8)
+    a, b = torch.randn(16, 64), torch.randn(64, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        K = kernel.cached_kernel(("probe",), lambda: a @ b)
+    with torch.no_grad():
+        again = kernel.cached_kernel(("probe",), lambda: a @ b)
+    assert again is K                                         # reused, so it must be right
+    assert K.dtype == torch.float32
+    torch.testing.assert_close(K, a @ b, rtol=1e-6, atol=1e-5)
