@@ -99,3 +99,117 @@ def test_inference_kernel_cached_under_autocast_is_float32(name):
     assert again is K                                         # reused, so it must be right
     assert K.dtype == torch.float32
     torch.testing.assert_close(K, a @ b, rtol=1e-6, atol=1e-5)
+
+
+# -- activation checkpointing ------------------------------------------------------------------
+
+def checkpointed_forward(model: SequenceModel, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """model(x) with each block run through torch.utils.checkpoint in ``mode``."""
+    h = model.encoder(x)
+    if mode == "sequential":
+        h = checkpoint_sequential(model.blocks, len(model.blocks), h, use_reentrant=False)
+    else:
+        for block in model.blocks:
+            h = block(h) if mode == "none" else checkpoint(block, h, use_reentrant=(mode == "reentrant"))
+    return model.decoder(model.norm(h))
+
+
+@pytest.mark.parametrize("layer", FAMILIES)
+def test_checkpointed_blocks_give_the_same_gradients(layer):
+    # Recomputing a block in backward (checkpoint, checkpoint_sequential) must see what the first
+    # forward saw: the same kernel (no stale inference cache: the reentrant forward runs under
+    # no_grad, where kernels are cached) and the same dropout masks (preserve_rng_state), over two
+    # optimiser steps. float64: tolerance 1e-10 relative (the reentrant forward's inference path
+    # rounds differently, 1e-14 measured).
+    model = small_model(layer, torch.float64, dropout=0.3)
+    x = torch.randn(2, 32, 3, dtype=torch.float64)
+    models = {mode: copy.deepcopy(model) for mode in ("none", "reentrant", "non_reentrant", "sequential")}
+    optims = {mode: torch.optim.SGD(m.parameters(), lr=0.05) for mode, m in models.items()}
+    for _ in range(2):
+        grads = {}
+        for mode, m in models.items():
+            torch.manual_seed(1)
+            checkpointed_forward(m, x, mode).square().mean().backward()
+            grads[mode] = [p.grad.clone() for p in m.parameters()]
+            optims[mode].step()
+            optims[mode].zero_grad(set_to_none=True)
+        for mode in ("reentrant", "non_reentrant", "sequential"):
+            for g, r in zip(grads[mode], grads["none"]):
+                assert float((g - r).norm()) <= 1e-10 * float(r.norm()), mode
+
+
+# -- evaluation between training steps --------------------------------------------------------
+
+@pytest.mark.parametrize("layer", FAMILIES)
+def test_evaluation_between_steps_sees_every_weight_change(layer):
+    # Kernels cached by no_grad evaluations must not outlive the weights they came from, whichever
+    # way those change in place: accumulated gradients then optimizer.step() (same data_ptr),
+    # clip_grad_norm_, load_state_dict, an EMA (AveragedModel) and copy_ into its parameters, a
+    # cast to float64. Each evaluation is compared with a fresh copy's (no cache). Tolerance: the
+    # same computation, exact.
+    model = small_model(layer)
+    x, target = torch.randn(2, 32, 3), torch.randn(2, 32, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.5))
+
+    def check(m: torch.nn.Module, inp: torch.Tensor) -> None:
+        m.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(m(inp), copy.deepcopy(m)(inp), rtol=0, atol=0)
+        m.train()
+
+    for step in range(3):
+        for _ in range(2):                                    # gradient accumulation
+            torch.nn.functional.mse_loss(model(x), target).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        opt.step()
+        opt.zero_grad(set_to_none=step % 2 == 0)
+        ema.update_parameters(model)
+        check(model, x)
+        check(ema, x)
+    other = small_model(layer)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01)
+        for p, q in zip(ema.module.parameters(), other.parameters()):
+            p.copy_(q)
+    check(ema, x)
+    model.load_state_dict(other.state_dict())
+    check(model, x)
+    check(model.double(), x.double())
+
+
+# -- distributed wrappers --------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer", FAMILIES)
+def test_ddp_world_size_one_accumulates_like_the_plain_model(layer, tmp_path):
+    # DistributedDataParallel (gloo, one process) with no_sync() gradient accumulation and each
+    # block checkpointed: the gradients are the plain model's. Tolerance: float32 rounding of the
+    # gradient bucket's sum (measured 0).
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = small_model(layer)
+    plain = copy.deepcopy(model)
+    x, target = torch.randn(2, 32, 3), torch.randn(2, 32, 2)
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self, inner: SequenceModel) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, inp: torch.Tensor) -> torch.Tensor:
+            return checkpointed_forward(self.inner, inp, "non_reentrant")
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(Checkpointed(model))
+        with ddp.no_sync():
+            torch.nn.functional.mse_loss(ddp(x), target).backward()
+        torch.nn.functional.mse_loss(ddp(x), target).backward()
+    finally:
+        dist.destroy_process_group()
+    for _ in range(2):
+        torch.nn.functional.mse_loss(plain(x), target).backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
