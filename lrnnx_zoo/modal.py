@@ -18,6 +18,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .base import without_autocast
 from .convolution import opt_ssm_forward
 from .scan import diagonal_scan
 from .ssm_kernel import passed_state_dtype
@@ -154,7 +155,8 @@ def channel_final_state(u: Tensor, log_lam: Tensor, B: Tensor, state: Tensor,
     n = outer.shape[0]
     blocks = torch.nn.functional.pad(u, (n * c - L, 0)).reshape(Bsz, H, n, c)
     real = torch.view_as_real(inner).permute(1, 0, 2, 3).reshape(H, c, 2 * M)        # (H, c, 2M)
-    S = blocks.to(real.dtype).permute(1, 0, 2, 3).reshape(H, Bsz * n, c) @ real      # (H, Bsz n, 2M)
+    with without_autocast(u.device.type):       # autocast ran it in bfloat16 (state 1.7e-3 off)
+        S = blocks.to(real.dtype).permute(1, 0, 2, 3).reshape(H, Bsz * n, c) @ real  # (H, Bsz n, 2M)
     S = torch.view_as_complex(S.reshape(H, Bsz, n, M, 2).contiguous())               # (H, Bsz, n, M)
     x = (S * outer.permute(1, 0, 2).unsqueeze(1)).sum(2).transpose(0, 1)             # (Bsz, H, M)
     last = cexp(L * log_lam.to(torch.complex128)).to(cx)                             # lam^L
@@ -170,13 +172,16 @@ def channel_kernel(vdm: Callable[..., Tensor], v: Tensor, lam: Tensor, log_lam: 
 
     v, C: (Ch, H, M), lam, log_lam: (H, M), complex128 (exponents formed in float64, see
     :func:`powers`); state: (Bs, H, M). The Vandermonde products run in the complex dtype of
-    ``real``'s precision, the results are ``real``: K (Ch, H, L) and K_state (Bs, Ch, H, L) or None."""
+    ``real``'s precision, the results are ``real``: K (Ch, H, L) and K_state (Bs, Ch, H, L) or None.
+    Under torch.autocast too: the products are real matmuls, which autocast ran in bfloat16 (a
+    float32 S4D's outputs 2.5e-3 off), where the layers promise a float32 kernel."""
     dtype = torch.promote_types(real, torch.complex64)      # (dtype.to_complex() stops torch.compile)
-    K = vdm(v.to(dtype), log_lam.expand_as(v), L).to(real)
-    if state is None:
-        return K, None
-    vs = (C.unsqueeze(0) * (lam * state).unsqueeze(1)).to(dtype)                 # (Bs, Ch, H, M)
-    return K, vdm(vs, log_lam.expand_as(vs), L).to(real)
+    with without_autocast(v.device.type):
+        K = vdm(v.to(dtype), log_lam.expand_as(v), L).to(real)
+        if state is None:
+            return K, None
+        vs = (C.unsqueeze(0) * (lam * state).unsqueeze(1)).to(dtype)             # (Bs, Ch, H, M)
+        return K, vdm(vs, log_lam.expand_as(vs), L).to(real)
 
 
 def modal_auto(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,

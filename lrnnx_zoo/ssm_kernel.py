@@ -27,7 +27,7 @@ from typing import Any, Callable, ContextManager, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import needs_autograd, right_aligned, version_of as _version
+from .base import needs_autograd, reference_tensor, right_aligned, version_of as _version, without_autocast
 from .step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm, StepForm
 
 
@@ -137,6 +137,9 @@ class SSMKernel(nn.Module):
         Generating a kernel costs H*N*L work whatever the batch, as much as several FFT round
         trips of the input (benchmarks/bench_layers.py), and evaluation calls repeat it unchanged.
         The last two results are kept: a kernel and its spectrum (:meth:`spectrum`), or S4's output matrix.
+        ``compute()`` runs with torch.autocast off: a kernel cached inside an autocast region is reused
+        outside it, and one whose matmuls had run in bfloat16 (S4D's: outputs 2.5e-3 off) stayed in
+        every float32 evaluation after the region until the weights changed.
         """
         if needs_autograd(self) or not self.cache_inference_kernel or torch.compiler.is_compiling():
             return compute()      # a compiled graph cannot hold state across calls: it recomputes
@@ -156,7 +159,8 @@ class SSMKernel(nn.Module):
                 if i != len(cache[1]) - 1:      # most recently used last (a repeated call republishes nothing)
                     self._publish(cache, key, (key, K, version))
                 return K
-        K = compute()
+        with without_autocast(reference_tensor(self).device.type):
+            K = compute()
         self._publish(cache, key, (key, K, _version(K)))
         return K
 

@@ -1,0 +1,215 @@
+"""Training integrations a PyTorch user combines with the layers: activation checkpointing, mixed
+precision (torch.autocast, GradScaler), gradient accumulation with evaluation between steps,
+weight averaging, DistributedDataParallel. Small models throughout (d_model <= 16, L <= 128)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+import lrnnx_zoo
+from lrnnx_zoo import SequenceModel, create_layer
+from lrnnx_zoo.convolution import FFTConvS4
+from lrnnx_zoo.models import ModelConfig
+
+FAMILIES = lrnnx_zoo.list_layers()
+
+#: The layers whose kernel or convolution would contain a real matrix product (the Vandermonde
+#: product, the state passing's block sums): (name, create_layer arguments).
+KERNEL_LAYERS = [("s4d", {"d_state": 8}), ("s4", {"d_state": 8}), ("fftconv", {"d_state": 8}),
+                 ("fftconv", {"d_state": 8, "kernel_type": "lru"})]
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().float() - b.detach()).norm() / b.detach().norm())
+
+
+def small_model(layer: str, dtype: torch.dtype = torch.float32, **config) -> SequenceModel:
+    torch.manual_seed(0)
+    kwargs = {"d_state": 8}
+    return SequenceModel(ModelConfig(layer=layer, d_input=3, d_output=2, d_model=8, n_layers=2,
+                                     layer_kwargs=kwargs, **config)).to(dtype)
+
+
+# -- mixed precision ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, kwargs", KERNEL_LAYERS, ids=lambda v: str(v))
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+def test_kernel_and_convolution_stay_float32_under_autocast(name, kwargs, grad):
+    # The layers promise that under torch.autocast their kernel and convolution compute in float32
+    # (base.float32_under_autocast). The Vandermonde product (S4D's kernel, FFTConv's s4d and lru
+    # kernels) is a real matmul, which autocast ran in bfloat16: a float32 input gave outputs 2.5e-3
+    # (S4D, FFTConv's s4d kernel), 2.0e-3 (its lru kernel) off the float32 ones, gradients 7.5e-3
+    # and 3.3e-3. Tolerance: the same float32 computation, rounding only (measured 0); bfloat16
+    # keeps 8 bits (4e-3 relative per rounding).
+    torch.manual_seed(0)
+    layer = create_layer(name, 8, **kwargs)
+    x = torch.randn(2, 128, 8)
+
+    def run(amp: bool):
+        torch.manual_seed(1)
+        model = copy.deepcopy(layer)
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = model(x)
+        if not grad:
+            return y, []
+        y.float().square().sum().backward()
+        return y.detach(), [p.grad for p in model.parameters()]
+
+    (y, grads), (ref, ref_grads) = run(True), run(False)
+    assert y.dtype == torch.float32
+    assert relative(y, ref) < 1e-5
+    for (n, _), g, r in zip(layer.named_parameters(), grads, ref_grads):
+        assert relative(g, r) < 1e-5, n
+
+
+def test_state_passing_stays_float32_under_autocast():
+    # FFTConvS4's state passing (truncated backpropagation through time over chunks) computes the
+    # zero-input response through the Vandermonde product and the next state through a real matmul
+    # of the input's blocks: both ran in bfloat16 under autocast (y 2.5e-3, next state 1.7e-3 off).
+    # Tolerance as above.
+    torch.manual_seed(0)
+    conv = FFTConvS4(8, transposed=False, d_state=8)
+    x, state = torch.randn(2, 64, 8), torch.randn(2, 8, 4, dtype=torch.complex64)
+    ref_y, ref_state = conv(x, state=state)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, next_state = conv(x, state=state)
+    assert next_state.dtype == ref_state.dtype
+    assert relative(y, ref_y) < 1e-5
+    assert float((next_state - ref_state).detach().norm() / ref_state.detach().norm()) < 1e-5
+
+
+@pytest.mark.parametrize("name", [n for n in lrnnx_zoo.list_backends("ssm_kernel")])
+def test_inference_kernel_cached_under_autocast_is_float32(name):
+    # A kernel cached by an evaluation under autocast was the one later float32 evaluations reused:
+    # whatever autocast had done to its generation (S4D's: 2.5e-3 off) stayed in every no_grad
+    # forward after the autocast region, until the weights changed. Cached kernels are computed
+    # with autocast off, so one computed inside the region is the float32 one. The probe here is a
+    # matmul, what any kernel (a third party's too) may contain. Tolerance: float32 rounding.
+    torch.manual_seed(0)
+    kernel = lrnnx_zoo.get_backend("ssm_kernel", name.split(".", 1)[1])(4, 8)
+    a, b = torch.randn(16, 64), torch.randn(64, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        K = kernel.cached_kernel(("probe",), lambda: a @ b)
+    with torch.no_grad():
+        again = kernel.cached_kernel(("probe",), lambda: a @ b)
+    assert again is K                                         # reused, so it must be right
+    assert K.dtype == torch.float32
+    torch.testing.assert_close(K, a @ b, rtol=1e-6, atol=1e-5)
+
+
+# -- activation checkpointing ------------------------------------------------------------------
+
+def checkpointed_forward(model: SequenceModel, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """model(x) with each block run through torch.utils.checkpoint in ``mode``."""
+    h = model.encoder(x)
+    if mode == "sequential":
+        h = checkpoint_sequential(model.blocks, len(model.blocks), h, use_reentrant=False)
+    else:
+        for block in model.blocks:
+            h = block(h) if mode == "none" else checkpoint(block, h, use_reentrant=(mode == "reentrant"))
+    return model.decoder(model.norm(h))
+
+
+@pytest.mark.parametrize("layer", FAMILIES)
+def test_checkpointed_blocks_give_the_same_gradients(layer):
+    # Recomputing a block in backward (checkpoint, checkpoint_sequential) must see what the first
+    # forward saw: the same kernel (no stale inference cache: the reentrant forward runs under
+    # no_grad, where kernels are cached) and the same dropout masks (preserve_rng_state), over two
+    # optimiser steps. float64: tolerance 1e-10 relative (the reentrant forward's inference path
+    # rounds differently, 1e-14 measured).
+    model = small_model(layer, torch.float64, dropout=0.3)
+    x = torch.randn(2, 32, 3, dtype=torch.float64)
+    models = {mode: copy.deepcopy(model) for mode in ("none", "reentrant", "non_reentrant", "sequential")}
+    optims = {mode: torch.optim.SGD(m.parameters(), lr=0.05) for mode, m in models.items()}
+    for _ in range(2):
+        grads = {}
+        for mode, m in models.items():
+            torch.manual_seed(1)
+            checkpointed_forward(m, x, mode).square().mean().backward()
+            grads[mode] = [p.grad.clone() for p in m.parameters()]
+            optims[mode].step()
+            optims[mode].zero_grad(set_to_none=True)
+        for mode in ("reentrant", "non_reentrant", "sequential"):
+            for g, r in zip(grads[mode], grads["none"]):
+                assert float((g - r).norm()) <= 1e-10 * float(r.norm()), mode
+
+
+# -- evaluation between training steps --------------------------------------------------------
+
+@pytest.mark.parametrize("layer", FAMILIES)
+def test_evaluation_between_steps_sees_every_weight_change(layer):
+    # Kernels cached by no_grad evaluations must not outlive the weights they came from, whichever
+    # way those change in place: accumulated gradients then optimizer.step() (same data_ptr),
+    # clip_grad_norm_, load_state_dict, an EMA (AveragedModel) and copy_ into its parameters, a
+    # cast to float64. Each evaluation is compared with a fresh copy's (no cache). Tolerance: the
+    # same computation, exact.
+    model = small_model(layer)
+    x, target = torch.randn(2, 32, 3), torch.randn(2, 32, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.5))
+
+    def check(m: torch.nn.Module, inp: torch.Tensor) -> None:
+        m.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(m(inp), copy.deepcopy(m)(inp), rtol=0, atol=0)
+        m.train()
+
+    for step in range(3):
+        for _ in range(2):                                    # gradient accumulation
+            torch.nn.functional.mse_loss(model(x), target).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        opt.step()
+        opt.zero_grad(set_to_none=step % 2 == 0)
+        ema.update_parameters(model)
+        check(model, x)
+        check(ema, x)
+    other = small_model(layer)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01)
+        for p, q in zip(ema.module.parameters(), other.parameters()):
+            p.copy_(q)
+    check(ema, x)
+    model.load_state_dict(other.state_dict())
+    check(model, x)
+    check(model.double(), x.double())
+
+
+# -- distributed wrappers --------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer", FAMILIES)
+def test_ddp_world_size_one_accumulates_like_the_plain_model(layer, tmp_path):
+    # DistributedDataParallel (gloo, one process) with no_sync() gradient accumulation and each
+    # block checkpointed: the gradients are the plain model's. Tolerance: float32 rounding of the
+    # gradient bucket's sum (measured 0).
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = small_model(layer)
+    plain = copy.deepcopy(model)
+    x, target = torch.randn(2, 32, 3), torch.randn(2, 32, 2)
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self, inner: SequenceModel) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, inp: torch.Tensor) -> torch.Tensor:
+            return checkpointed_forward(self.inner, inp, "non_reentrant")
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(Checkpointed(model))
+        with ddp.no_sync():
+            torch.nn.functional.mse_loss(ddp(x), target).backward()
+        torch.nn.functional.mse_loss(ddp(x), target).backward()
+    finally:
+        dist.destroy_process_group()
+    for _ in range(2):
+        torch.nn.functional.mse_loss(plain(x), target).backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
