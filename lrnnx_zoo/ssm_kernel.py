@@ -37,7 +37,10 @@ def check_rate(rate: Any, who: str) -> float:
     A 0-dim tensor is taken as its value (a window's tap count rounds l_max * rate, which a tensor
     refused, and a kernel cache keyed on a tensor never hit)."""
     try:
-        ok = not isinstance(rate, bool) and math.isfinite(rate) and rate > 0
+        # Comparisons, not math.isfinite (NaN fails both): under torch.compile(dynamic=True) a float
+        # default argument (rate=1.0) arrives symbolic, and math.isfinite of it broke the graph at
+        # every kernel, so the layers' loop ran eagerly around 6-10 pieces.
+        ok = not isinstance(rate, bool) and 0 < rate < math.inf
     except (TypeError, ValueError, RuntimeError):     # not a number; a tensor of several values
         ok = False
     if not ok:
