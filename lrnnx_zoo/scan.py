@@ -283,7 +283,7 @@ def _scan_blocks(lam_hi: Tensor, x: Tensor, T: int) -> Tensor:
     Padded to C = L // T + 1 chunks (never exactly L: a padding of zero for some lengths and not
     others would pin L % T), each chunk's states local[c, t] = sum_{k<=t} lam^(t-k) x[c, k] from
     zero, the chunk end states scanned with lam^T (the same function, one level up, while C > 1),
-    and the carry entering chunk c added as lam^(t+1) carry[c-1]. Powers in lam_hi's (double)
+    and the carry entering chunk c (the scanned ends up to c - 1) added as lam^(t+1) carry. Powers in lam_hi's (double)
     precision, cast once to x's dtype, as in the eager scan. The work is laid out (B, N, C, T),
     contiguous from the product on, so no reshape depends on strides the compiler had to guess.
     """
@@ -298,8 +298,11 @@ def _scan_blocks(lam_hi: Tensor, x: Tensor, T: int) -> Tensor:
     M = torch.where((lag >= 0)[:, :, None, None], pw[lag.clamp(min=0)], 0)   # (T_k, T_t, Bl, N)
     local = v @ M.to(x.dtype).permute(2, 3, 0, 1)                            # (B, N, C, T_t)
     if C > 1:
-        ends = _scan_blocks(pw[T], local[..., T - 1].transpose(1, 2), T)    # (B, C, N)
-        carry = torch.cat([ends.new_zeros(B, 1, N), ends[:, :-1]], 1)        # entering chunk c
+        # The carry entering chunk c is the scan of the chunk ends shifted by one: scanned as
+        # [0, e_0, .., e_{C-2}] (a size-C slice; a size C - 1 one was a size-1 dim at L < 2T and
+        # pinned that case).
+        ends = local[..., T - 1].transpose(1, 2)                                # (B, C, N)
+        carry = _scan_blocks(pw[T], torch.cat([ends.new_zeros(B, 1, N), ends], 1)[:, :C], T)
         prop = pw[1:].to(x.dtype).permute(1, 2, 0).unsqueeze(2)              # (Bl, N, 1, T): lam^(t+1)
         local = local + prop * carry.transpose(1, 2).unsqueeze(-1)
     return local.reshape(B, N, C * T)[..., :L].transpose(1, 2).contiguous()

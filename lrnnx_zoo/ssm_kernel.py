@@ -203,7 +203,11 @@ class SSMKernel(nn.Module):
         return {k: v for k, v in state.items() if k != "_kernel_cache"}
 
     def _forget(self, T: Tensor) -> None:
-        """Drop cache entries holding T (a kernel superseded by its spectrum)."""
+        """Drop cache entries holding T (a kernel superseded by its spectrum). Nothing while compiling:
+        a compiled graph caches nothing (:meth:`cached_kernel`), and reading the cache that eager
+        calls filled made the graph guard on its entries (a recompile when eager calls changed them)."""
+        if torch.compiler.is_compiling():
+            return
         cache = self.__dict__.get("_kernel_cache")
         if cache is not None:
             for key in [k for k, t, _ in cache[1] if t is T]:
