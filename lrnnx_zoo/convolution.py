@@ -25,10 +25,24 @@ from .shapes import broadcast_shape
 
 
 def fast_fft_size(target: int) -> int:
-    """Smallest n >= target whose only prime factors are 2, 3 and 5 (fast for pocketfft/MKL)."""
-    if torch.compiler.is_compiling():     # traced once per shape; dynamo warns on lru_cache calls
-        return _smallest_5_smooth(target)
+    """Smallest n >= target whose only prime factors are 2, 3 and 5 (fast for pocketfft/MKL);
+    under torch.compile, :func:`compiled_fft_size` instead."""
+    if torch.compiler.is_compiling():
+        return compiled_fft_size(target)
     return _smallest_5_smooth_cached(target)
+
+
+def compiled_fft_size(target: int) -> int:
+    """The transform size in a compiled graph: ``target`` rounded up to a multiple of 8.
+
+    The 5-smooth search compares the length with constants, and dynamo pinned a dynamic length to
+    its value at each comparison, so every new length compiled a new graph (training over lengths
+    64..200: 5 graphs of 15-40 s each). This size is arithmetic in the length, so one graph with a
+    symbolic length serves all of them. For lengths that are multiples of 4 a causal convolution's
+    2L - 1 becomes 2L, 5-smooth when L is; for others the FFT library factors the size's odd part
+    itself (a few times slower at worst). Sizes differ from eager's, results only by rounding.
+    """
+    return -(-target // 8) * 8
 
 
 def _smallest_5_smooth(target: int) -> int:
@@ -211,7 +225,11 @@ _GATHER_TILE = 1024
 def _chunked_copy(dst: Tensor, src: Tensor, dim: int, chunk: int) -> None:
     """dst.copy_(src) in slices of ``chunk`` along ``dim`` on the CPU, where a strided copy's
     working set must stay in cache (see :data:`_GATHER_TILE`, :data:`_SCATTER_GROUP`); one copy
-    elsewhere (an accelerator wants few launches)."""
+    elsewhere (an accelerator wants few launches) and in a compiled graph (the compiler lays out
+    its own copy loops)."""
+    if torch.compiler.is_compiling():    # a loop over a dynamic length pinned it: a graph per length
+        dst.copy_(src)
+        return
     size = dst.shape[dim]
     step = chunk if dst.device.type == "cpu" else size
     for i in range(0, size, step):
@@ -267,7 +285,8 @@ def blocked_channel_conv(u: Tensor, Kf: Tensor, n: int, time_dim: int = 1, skip:
     if skip is not None and skip.shape != (C, H):
         raise ValueError(f"skip must be (C={C}, H={H}), got {tuple(skip.shape)}")
     if block is None:   # caches are the CPU's concern; an accelerator wants few, large launches
-        block = channel_block_size(B * C, n) if u.device.type == "cpu" else H
+        # (and a compiled graph one block: a block size computed from a dynamic n pinned it)
+        block = channel_block_size(B * C, n) if u.device.type == "cpu" and not torch.compiler.is_compiling() else H
     hb = min(block, H)
     dtype = torch.promote_types(u.dtype, Kf.real.dtype)      # a float32 u with a float64 Kf: float64
     y = u.new_empty((B, L, C, H) if time_dim == 1 else (B, C, H, L), dtype=dtype)
@@ -308,6 +327,8 @@ def _swap_last_two(x: Tensor, pad_to: int = 0) -> Tensor:
     Writing straight into a zero-padded buffer also spares the FFT its own padded copy.
     """
     B, M, N = x.shape
+    if torch.compiler.is_compiling():   # the tile loop pinned a dynamic length; the compiler tiles itself
+        return torch.nn.functional.pad(x.transpose(1, 2), (0, max(M, pad_to) - M)).contiguous()
     out = x.new_empty(B, N, max(M, pad_to))
     out[..., M:].zero_()
     for i in range(0, M, _TILE):

@@ -252,6 +252,62 @@ class _DiagonalScan(torch.autograd.Function):
         return grad_lam, (gx if need_x else None), grad_s0, None, None
 
 
+# ----------------------------------------------------------------------------------------------
+# compiled graphs: chunks as matrix products, no loop over time
+# ----------------------------------------------------------------------------------------------
+
+#: Chunk length T of the scan in compiled graphs. A graph holds one level per factor of T in L:
+#: lengths T..T^2-1 share one graph (32..1023), the next level starts at T^2.
+_COMPILED_CHUNK = 32
+
+
+def _compiled_scan(lam: Tensor, x: Tensor, s0: Optional[Tensor], reverse: bool, T: int) -> Tensor:
+    """:func:`diagonal_scan` in a graph torch.compile can trace for a dynamic L: differentiable
+    torch ops (autograd or the compiler derives the backward), out of place, and no Python loop
+    over time. The chunked scan's T in-place steps per level became, in a compiled graph, T
+    copies of the whole buffer each (functionalised views), its chunk length a function of L and
+    its padding a test of T | L pinned L: every length compiled anew (LRU training, 5 lengths:
+    5 graphs of ~40 s). Here each chunk's states are one matrix product with the (T, T) Toeplitz
+    matrix of powers lam^(t-k) (T times the scan's multiply-adds, in one BLAS call per level).
+    lam (Bl, N), x (B, L, N), s0 (B, N) or None -> (B, L, N) in x's dtype."""
+    if reverse:
+        return _compiled_scan(lam, x.flip(1), s0, False, T).flip(1)
+    if s0 is not None:                     # s0 only enters the first step: lam s0 joins x_0
+        x = torch.cat([x[:, :1] + (lam * s0).to(x.dtype).unsqueeze(1), x[:, 1:]], 1)
+    return _scan_blocks(lam.to(_hi(lam.dtype)), x, T)
+
+
+def _scan_blocks(lam_hi: Tensor, x: Tensor, T: int) -> Tensor:
+    """The states of s_t = lam s_{t-1} + x_t, s_{-1} = 0, by chunks of T: (B, L, N) -> (B, L, N).
+
+    Padded to C = L // T + 1 chunks (never exactly L: a padding of zero for some lengths and not
+    others would pin L % T), each chunk's states local[c, t] = sum_{k<=t} lam^(t-k) x[c, k] from
+    zero, the chunk end states scanned with lam^T (the same function, one level up, while C > 1),
+    and the carry entering chunk c (the scanned ends up to c - 1) added as lam^(t+1) carry. Powers in lam_hi's (double)
+    precision, cast once to x's dtype, as in the eager scan. The work is laid out (B, N, C, T),
+    contiguous from the product on, so no reshape depends on strides the compiler had to guess.
+    """
+    B, L, N = x.shape
+    C = L // T + 1
+    # Zeros joined by cat, not F.pad: pad's backward (a negative pad) kept the gradient's strides
+    # in eager and not in the compiler's model of it, and a view of it failed at run time.
+    v = torch.cat([x, x.new_zeros(B, C * T - L, N)], 1).reshape(B, C, T, N).permute(0, 3, 1, 2)  # (B, N, C, T)
+    pw = _powers(lam_hi, T)                                                  # (T+1, Bl, N)
+    t = torch.arange(T, device=x.device)
+    lag = t[None, :] - t[:, None]                                            # [k, t] = t - k
+    M = torch.where((lag >= 0)[:, :, None, None], pw[lag.clamp(min=0)], 0)   # (T_k, T_t, Bl, N)
+    local = v @ M.to(x.dtype).permute(2, 3, 0, 1)                            # (B, N, C, T_t)
+    if C > 1:
+        # The carry entering chunk c is the scan of the chunk ends shifted by one: scanned as
+        # [0, e_0, .., e_{C-2}] (a size-C slice; a size C - 1 one was a size-1 dim at L < 2T and
+        # pinned that case).
+        ends = local[..., T - 1].transpose(1, 2)                                # (B, C, N)
+        carry = _scan_blocks(pw[T], torch.cat([ends.new_zeros(B, 1, N), ends], 1)[:, :C], T)
+        prop = pw[1:].to(x.dtype).permute(1, 2, 0).unsqueeze(2)              # (Bl, N, 1, T): lam^(t+1)
+        local = local + prop * carry.transpose(1, 2).unsqueeze(-1)
+    return local.reshape(B, N, C * T)[..., :L].transpose(1, 2).contiguous()
+
+
 def diagonal_scan(lam: Tensor, x: Tensor, initial_state: Optional[Tensor] = None, *,
                   reverse: bool = False, chunk_size: Optional[int] = None,
                   lam_dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -286,4 +342,6 @@ def diagonal_scan(lam: Tensor, x: Tensor, initial_state: Optional[Tensor] = None
         raise ValueError(f"diagonal_scan: chunk_size must be an int >= 2, got {chunk_size!r}")
     else:
         T = chunk_size
+    if torch.compiler.is_compiling():
+        return _compiled_scan(lam, x, s0, bool(reverse), _COMPILED_CHUNK if chunk_size is None else T)
     return _DiagonalScan.apply(lam, x, s0, bool(reverse), T)

@@ -37,7 +37,10 @@ def check_rate(rate: Any, who: str) -> float:
     A 0-dim tensor is taken as its value (a window's tap count rounds l_max * rate, which a tensor
     refused, and a kernel cache keyed on a tensor never hit)."""
     try:
-        ok = not isinstance(rate, bool) and math.isfinite(rate) and rate > 0
+        # Comparisons, not math.isfinite (NaN fails both): under torch.compile(dynamic=True) a float
+        # default argument (rate=1.0) arrives symbolic, and math.isfinite of it broke the graph at
+        # every kernel, so the layers' loop ran eagerly around 6-10 pieces.
+        ok = not isinstance(rate, bool) and 0 < rate < math.inf
     except (TypeError, ValueError, RuntimeError):     # not a number; a tensor of several values
         ok = False
     if not ok:
@@ -204,7 +207,11 @@ class SSMKernel(nn.Module):
         return {k: v for k, v in state.items() if k != "_kernel_cache"}
 
     def _forget(self, T: Tensor) -> None:
-        """Drop cache entries holding T (a kernel superseded by its spectrum)."""
+        """Drop cache entries holding T (a kernel superseded by its spectrum). Nothing while compiling:
+        a compiled graph caches nothing (:meth:`cached_kernel`), and reading the cache that eager
+        calls filled made the graph guard on its entries (a recompile when eager calls changed them)."""
+        if torch.compiler.is_compiling():
+            return
         cache = self.__dict__.get("_kernel_cache")
         if cache is not None:
             for key in [k for k, t, _ in cache[1] if t is T]:

@@ -104,3 +104,88 @@ def test_s4_length_change_under_compile_does_not_break_at_the_prefill_memo():
             x = torch.randn(2, L, 3, generator=g)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
     assert not [reason for reason in counters["graph_break"] if "get_ident" in reason]
+
+
+# ----------------------------------------------------------------------------------------------
+# training and inference over varying lengths
+# ----------------------------------------------------------------------------------------------
+
+#: Lengths chosen so that a graph pinned to any property of L fails: 64 (the first, static graph),
+#: 96 (the dynamic one), then lengths that are not multiples of 32 or 8 and that change every
+#: block and chunk count.
+LENGTHS = (64, 96, 100, 45)
+
+
+def train_lengths(layer: str, dynamic: Any, lengths=LENGTHS) -> None:
+    """Forward and backward of a compiled model (aot_eager: dynamo's graphs, and AOT autograd's
+    traced backward, run by the eager kernels) at each length, against eager. The compiled graphs
+    take other FFT sizes and the scan as matrix products, so results differ from eager by float32
+    rounding (~1e-6 of their scale, measured); 1e-4 relative is the margin."""
+    model = model_for(layer, n_layers=1).train()
+    compiled = torch.compile(model, backend="aot_eager", dynamic=dynamic)
+    g = torch.Generator().manual_seed(4)
+    for L in lengths:
+        x = torch.randn(2, L, 3, generator=g)
+        model.zero_grad()
+        compiled(x).square().sum().backward()
+        got = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        model(x).square().sum().backward()
+        for a, p in zip(got, model.parameters()):
+            torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-4 * p.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("layer", ["fftconv", "lru", "s4d"])
+def test_training_over_varying_lengths_compiles_twice_by_default(layer):
+    # Every length compiled a new graph (5 lengths: 5 graphs, 15-40 s each with inductor): the FFT
+    # size search, the copy loops, the Vandermonde block length and the scan's chunking each pinned
+    # L. Now the second length gives the graph with L symbolic, and every later length reuses it.
+    train_lengths(layer, None)
+    assert (counters["stats"]["unique_graphs"], graph_breaks()) == (2, 0)
+
+
+@pytest.mark.parametrize("layer", ["fftconv", "lru", "s4d"])
+def test_training_with_dynamic_shapes_compiles_once(layer):
+    # dynamic=True: a float default argument (rate=1.0) is symbolic there, and check_rate's
+    # math.isfinite broke the graph at every kernel; math.pi in the Vandermonde factors failed
+    # inside dynamo (AssertionError: lift_tracked_freevar_to_input).
+    train_lengths(layer, True, LENGTHS[1:3])
+    assert (counters["stats"]["unique_graphs"], graph_breaks()) == (1, 0)
+
+
+@pytest.mark.parametrize("layer", ["fftconv", "lru", "s4d"])
+def test_inference_over_varying_lengths_compiles_twice(layer):
+    # The blocked inference convolution's time tiles (a Python loop over L) pinned the length.
+    model, backend = model_for(layer), GraphCounter()
+    compiled = torch.compile(model, backend=backend)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for L in LENGTHS:
+            x = torch.randn(2, L, 3, generator=g)
+            # other FFT sizes than eager's: float32 rounding apart (see train_lengths)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    assert (backend.graphs, graph_breaks()) == (2, 0)
+
+
+def test_compiled_scan_matches_the_eager_scan_in_both_directions_with_a_state():
+    # The compiled graph's scan (chunks as Toeplitz matrix products, _compiled_scan) against the
+    # eager chunked scan: states and all three gradients, complex64 with a complex128 lam. Lengths
+    # below the compiled chunk (32) are one graph (one chunk, no carries), 32 to 1023 another.
+    # Float32 rounding apart: 1.2e-6 relative at most measured (L up to 1100); 1e-5 is the margin.
+    from lrnnx_zoo.scan import diagonal_scan
+
+    g = torch.Generator().manual_seed(6)
+    lam = torch.polar(torch.rand(4, dtype=torch.float64, generator=g) * 0.2 + 0.8,
+                      torch.rand(4, dtype=torch.float64, generator=g) * 3).requires_grad_()
+
+    def run(scan, x, s0):
+        y = scan(lam, x, s0, reverse=True, lam_dtype=torch.complex128)
+        return (y, *torch.autograd.grad(y.abs().square().sum(), (lam, x, s0)))
+
+    compiled = torch.compile(diagonal_scan, backend="aot_eager", dynamic=True)
+    for L in (5, 9, 32, 45, 70):
+        x = torch.randn(2, L, 4, dtype=torch.complex64, generator=g).requires_grad_()
+        s0 = torch.randn(2, 4, dtype=torch.complex64, generator=g).requires_grad_()
+        for got, want in zip(run(compiled, x, s0), run(diagonal_scan, x, s0)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert (counters["stats"]["unique_graphs"], graph_breaks()) == (2, 0)

@@ -101,11 +101,20 @@ def default_block_size(L: int, rows: int = 1, N: int = 1, itemsize: int = 8) -> 
     T ~ sqrt(L) (power of two) balances the O(N (J + T)) transcendentals of the two factors; the
     matmul costs the same for any T. Measured best on CPU: T=32 at L=1024, 64 at 4096, 256 at
     L=65536.
-    Clamped so that the (rows, 2N, T) factor stays under the 64 MB block budget.
+    Clamped so that the (rows, 2N, T) factor stays under the 64 MB block budget. Under
+    torch.compile a fixed T (:data:`_COMPILED_BLOCK`, same clamp), which need not divide L.
     """
-    T = 1 << max(4, math.ceil(math.log2(max(L, 1)) / 2))
     cap = max(1, _BLOCK_BYTES // max(1, rows * 2 * N * itemsize))
+    if torch.compiler.is_compiling():
+        # log2 of a dynamic L and its comparisons pinned L in the graph: a graph per length
+        return min(_COMPILED_BLOCK, cap)
+    T = 1 << max(4, math.ceil(math.log2(max(L, 1)) / 2))
     return max(1, min(T, cap, max(L, 1)))
+
+
+#: The block length T of compiled graphs: the best one at L = 1024, within 2x of the optimal count
+#: of transcendentals, O(N (L / T + T)), from L = 256 to 4096. One graph then serves every L > T.
+_COMPILED_BLOCK = 32
 
 
 def _powers_re_im(re: Tensor, im: Tensor, steps: Tensor, out_dtype: torch.dtype
@@ -121,7 +130,10 @@ def _powers_re_im(re: Tensor, im: Tensor, steps: Tensor, out_dtype: torch.dtype
     """
     phase = im.unsqueeze(-1) * steps
     if out_dtype != torch.float64:
-        phase = phase - torch.round(phase * (1 / (2 * math.pi))) * (2 * math.pi)
+        # 2 pi as a literal: torch.compile(dynamic=True) read math.pi as a symbolic float, which
+        # dynamo could not carry into this autograd.Function's graph (an internal AssertionError)
+        two_pi = 6.283185307179586
+        phase = phase - torch.round(phase * (1 / two_pi)) * two_pi
     phase = phase.to(out_dtype)
     mag = torch.exp((re.unsqueeze(-1) * steps).to(out_dtype))
     return mag * torch.cos(phase), mag * torch.sin(phase)
@@ -160,6 +172,15 @@ def _kernel_from_factors(v: Tensor, factors: tuple[Tensor, Tensor, Tensor, Tenso
     return K.reshape(*K.shape[:-2], J * T)[..., :L]
 
 
+def _blocks(L: int, T: int) -> int:
+    """J, the blocks of T taps that cover L: ceil(L / T), and under torch.compile L // T + 1, one
+    more when T divides L. In a graph with a dynamic L, a J T equal to L for some lengths and not
+    for others made the slices to L (and the backward's padding) differ in layout, and the graph
+    was pinned to L % T == 0 or not (a recompile when the other kind came); J T > L always is one
+    kind."""
+    return L // T + 1 if torch.compiler.is_compiling() else -(-L // T)
+
+
 class _Vandermonde(torch.autograd.Function):
     """The factorised Vandermonde product with a backward of the same shape (one matmul).
 
@@ -180,7 +201,7 @@ class _Vandermonde(torch.autograd.Function):
                 ) -> Tuple[Tensor, ...]:
         """K and the factors (Pr, Pi, Qr, Qi) the backward reuses: returned rather than kept on
         ctx here, as torch.func transforms (grad, jacrev) need of a Function's saved intermediates."""
-        factors = _factors(log_lam, T, -(-L // T), rdt)
+        factors = _factors(log_lam, T, _blocks(L, T), rdt)
         return (_kernel_from_factors(v, factors, L, conj, rdt), *factors)
 
     @staticmethod
