@@ -128,19 +128,40 @@ def rotate(z: Tensor, re: Tensor, im: Tensor, re_lo: Optional[Tensor], im_lo: Op
     return z * re + flipped * im + rest
 
 
+_onnx_ops = False       # set by onnx_ops(); read on every step, so a plain module global
+
+
+@contextmanager
+def onnx_ops() -> Iterator[None]:
+    """Step forms traced inside write their sums in the ops ONNX Runtime runs fastest
+    (:func:`sum_rows`); ``lrnnx_zoo.export`` traces its ONNX graphs under it.
+
+    A process-wide flag rather than a ContextVar (torch.compile cannot trace ContextVar.get) or
+    ``torch.onnx.is_in_onnx_export()`` (~4 us a call inside a step: 3% of an eager S4D step).
+    Eager steps of other threads during an export take the same ops: equal results, a little slower.
+    """
+    global _onnx_ops
+    previous, _onnx_ops = _onnx_ops, True
+    try:
+        yield
+    finally:
+        _onnx_ops = previous
+
+
 def sum_rows(t: Tensor, rows: int) -> Tensor:
-    """t: (..., rows, W) summed over its rows -> (..., W); in an ONNX export written as the product
-    ones(rows) @ t, the same sum in the op ONNX Runtime runs fastest. ``rows`` is t.shape[-2] as
-    a Python int, so that the TorchScript-based exporter bakes the ones in as a constant instead of
-    computing them from the traced shape (47 more nodes in the shipped forecaster's opset-17 graph).
+    """t: (..., rows, W) summed over its rows -> (..., W); inside :func:`onnx_ops` written as the
+    product ones(rows) @ t, the same sum in the op ONNX Runtime runs fastest. ``rows`` is
+    t.shape[-2] as a Python int, so that the TorchScript-based exporter bakes the ones in as a
+    constant instead of computing them from the traced shape (47 more nodes in the shipped
+    forecaster's opset-17 graph).
 
     Measured at batch 1, one thread: ONNX Runtime's ReduceSum over an axis that is not innermost
     took a slow path: (1, 2, 32, 128) over axes 1, 2: 5.3 us against 1.3 us as this MatMul;
     (1, 2, 2, 32, 128) over axis 1 (two rows): 22 us against 2.2 us. The benchmark's 4-block step
-    graphs (bench_export): S4D 148 -> 135 us, S4 274 -> 200 us. Eager torch is the other way
+    graphs (bench_export): S4D 148 -> 131 us, S4 274 -> 196 us. Eager torch is the other way
     round (its matmul with a row of ones made those steps 10% slower), so it sums.
     """
-    if torch.onnx.is_in_onnx_export():
+    if _onnx_ops:
         return torch.ones(rows, dtype=t.dtype, device=t.device) @ t      # (rows,) @ (..., rows, W): no squeeze
     return t.sum(-2)
 
