@@ -274,25 +274,34 @@ def _compiled_scan(lam: Tensor, x: Tensor, s0: Optional[Tensor], reverse: bool, 
         return _compiled_scan(lam, x.flip(1), s0, False, T).flip(1)
     if s0 is not None:                     # s0 only enters the first step: lam s0 joins x_0
         x = torch.cat([x[:, :1] + (lam * s0).to(x.dtype).unsqueeze(1), x[:, 1:]], 1)
-    return _scan_blocks(lam.to(_hi(lam.dtype)), x, T)
+    return _scan_blocks(torch.log(lam.to(torch.complex128)), x, T, not lam.is_complex())
 
 
-def _scan_blocks(lam_hi: Tensor, x: Tensor, T: int) -> Tensor:
+def _scan_blocks(log_lam: Tensor, x: Tensor, T: int, real: bool) -> Tensor:
     """The states of s_t = lam s_{t-1} + x_t, s_{-1} = 0, by chunks of T: (B, L, N) -> (B, L, N).
 
     Padded to C = L // T + 1 chunks (never exactly L: a padding of zero for some lengths and not
     others would pin L % T), each chunk's states local[c, t] = sum_{k<=t} lam^(t-k) x[c, k] from
     zero, the chunk end states scanned with lam^T (the same function, one level up, while C > 1),
-    and the carry entering chunk c (the scanned ends up to c - 1) added as lam^(t+1) carry. Powers in lam_hi's (double)
-    precision, cast once to x's dtype, as in the eager scan. The work is laid out (B, N, C, T),
-    contiguous from the product on, so no reshape depends on strides the compiler had to guess.
+    and the carry entering chunk c (the scanned ends up to c - 1) added as lam^(t+1) carry. The work
+    is laid out (B, N, C, T), contiguous from the product on, so no reshape depends on strides the
+    compiler had to guess.
+
+    Powers are exp(k log lam) in complex128 (log_lam: (Bl, N); ``real``: lam was real, so are
+    they), cast once to x's dtype. Not a cumulative product: a level up, lam^T's powers reach
+    lam^(T^2), which underflows to 0 for |lam| < 0.5 (an LRU's fast modes), and cumprod's backward
+    then returned NaN (an LRU model's nu and theta gradients after one compiled training step at
+    L=1024); exp's gradient there is 0.
     """
     B, L, N = x.shape
     C = L // T + 1
     # Zeros joined by cat, not F.pad: pad's backward (a negative pad) kept the gradient's strides
     # in eager and not in the compiler's model of it, and a view of it failed at run time.
     v = torch.cat([x, x.new_zeros(B, C * T - L, N)], 1).reshape(B, C, T, N).permute(0, 3, 1, 2)  # (B, N, C, T)
-    pw = _powers(lam_hi, T)                                                  # (T+1, Bl, N)
+    k = torch.arange(1, T + 1, device=x.device, dtype=torch.float64)[:, None, None]
+    pw = torch.exp(k * log_lam)                                              # lam^1..lam^T
+    pw = torch.cat([torch.ones_like(pw[:1]), pw])                            # (T+1, Bl, N); 0 log 0 is NaN
+    pw = pw.real if real else pw
     t = torch.arange(T, device=x.device)
     lag = t[None, :] - t[:, None]                                            # [k, t] = t - k
     M = torch.where((lag >= 0)[:, :, None, None], pw[lag.clamp(min=0)], 0)   # (T_k, T_t, Bl, N)
@@ -302,7 +311,7 @@ def _scan_blocks(lam_hi: Tensor, x: Tensor, T: int) -> Tensor:
         # [0, e_0, .., e_{C-2}] (a size-C slice; a size C - 1 one was a size-1 dim at L < 2T and
         # pinned that case).
         ends = local[..., T - 1].transpose(1, 2)                                # (B, C, N)
-        carry = _scan_blocks(pw[T], torch.cat([ends.new_zeros(B, 1, N), ends], 1)[:, :C], T)
+        carry = _scan_blocks(T * log_lam, torch.cat([ends.new_zeros(B, 1, N), ends], 1)[:, :C], T, real)
         prop = pw[1:].to(x.dtype).permute(1, 2, 0).unsqueeze(2)              # (Bl, N, 1, T): lam^(t+1)
         local = local + prop * carry.transpose(1, 2).unsqueeze(-1)
     return local.reshape(B, N, C * T)[..., :L].transpose(1, 2).contiguous()

@@ -189,3 +189,34 @@ def test_compiled_scan_matches_the_eager_scan_in_both_directions_with_a_state():
         for got, want in zip(run(compiled, x, s0), run(diagonal_scan, x, s0)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert (counters["stats"]["unique_graphs"], graph_breaks()) == (2, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.float64])
+def test_compiled_scan_gradients_stay_finite_where_powers_underflow(dtype):
+    # Past T^2 = 1024 steps the compiled scan's second level takes powers of lam^32 up to lam^1024,
+    # which underflow to 0 for |lam| < 0.5 (an LRU's fast modes): built by cumprod, its backward
+    # gave NaN (a 2-block LRU's nu and theta gradients after one compiled training step at
+    # L=1024, and NaN weights after the optimizer step). The graph's ops run the same eagerly, so
+    # the Toeplitz path is checked without a compile here, against the eager scan, in float64
+    # (1e-10: double rounding over 1100 steps).
+    from lrnnx_zoo.scan import _compiled_scan, diagonal_scan
+
+    g = torch.Generator().manual_seed(7)
+    mag = torch.cat([torch.rand(3, dtype=torch.float64, generator=g) * 0.3 + 0.05,
+                     torch.rand(3, dtype=torch.float64, generator=g) * 0.1 + 0.89])
+    if dtype.is_complex:
+        lam = torch.polar(mag, torch.rand(6, dtype=torch.float64, generator=g) * 3)
+    else:
+        lam = mag * torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 1.0], dtype=torch.float64)  # signs too
+    lam.requires_grad_()
+    x = torch.randn(2, 1100, 6, dtype=dtype, generator=g).requires_grad_()
+
+    def run(scan):
+        y = scan(lam, x)
+        return (y, *torch.autograd.grad(y.abs().square().sum(), (lam, x)))
+
+    got = run(lambda lam, x: _compiled_scan(lam, x, None, False, 32))
+    want = run(lambda lam, x: diagonal_scan(lam, x))
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * b.abs().max().item())
