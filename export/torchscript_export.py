@@ -52,26 +52,29 @@ def load_torchscript(path: Union[str, Path]) -> torch.jit.ScriptModule:
 
 
 def load_torch_export(path: Union[str, Path]) -> torch.nn.Module:
-    """Load a .pt2 step program as a callable module (x_t, state) -> (y_t, state')."""
+    """Load a .pt2 step program as a callable module (x_t, state) -> (y_t, state').
+
+    torch.export.load unpickles the program's weights (falling back to weights_only=False), so a
+    crafted .pt2 can run code: load only files you made or trust; :func:`read_metadata` reads a
+    file's metadata without loading it."""
     return torch.export.load(str(path)).module()
 
 
-def _is_torchscript(path: Union[str, Path]) -> bool:
-    """Whether the archive at path is TorchScript (it has a constants.pkl; a torch.export program does not)."""
-    with zipfile.ZipFile(path) as archive:
-        return any(name.rpartition("/")[2] == "constants.pkl" for name in archive.namelist())
-
-
 def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
-    """The ``lrnnx_zoo.*`` metadata stored in a .ts or .pt2 artifact (whatever its file name)."""
-    files = {METADATA_FILE: ""}
-    if not _is_torchscript(path):
-        torch.export.load(str(path), extra_files=files)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.jit.load(str(path), map_location="cpu", _extra_files=files)
-    return json.loads(files[METADATA_FILE])
+    """The ``lrnnx_zoo.*`` metadata stored in a .ts or .pt2 artifact (whatever its file name).
+
+    Read from the archive's ``extra/lrnnx_zoo.json`` entry (both formats are zip archives that keep
+    extra files there): nothing else in the file is loaded. Loading the artifact to read it ran
+    torch.export.load, which unpickles the weights with weights_only=False (code in a crafted file
+    runs), or torch.jit.load, which compiles the archive's code: metadata of a file from anywhere
+    is now safe to read, and costs no model load.
+    """
+    with zipfile.ZipFile(path) as archive:
+        entries = [n for n in archive.namelist() if n.partition("/")[2] == f"extra/{METADATA_FILE}"]
+        if not entries:
+            raise ValueError(f"{path} holds no extra/{METADATA_FILE}: expected a .ts or .pt2 step graph written by "
+                             f"lrnnx_zoo.export (to_torchscript / to_torch_export)")
+        return json.loads(archive.read(entries[0]))
 
 
 def _finish(step: StepModule, model: torch.nn.Module, tmp: Path, path: Path, fmt: str, loader: Any,

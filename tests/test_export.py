@@ -914,3 +914,23 @@ def test_export_folder_refuses_a_validation_length_it_cannot_stream(tmp_path, va
     with pytest.raises(ValueError, match=r"validation_length must be an int >= 1 \(steps streamed"):
         export_folder(small_model("lru"), tmp_path / "o", format="torchscript", validation_length=value, latency_steps=0)
     assert not (tmp_path / "o").exists()
+
+
+def test_read_metadata_loads_nothing_but_its_entry(tmp_path, monkeypatch):
+    # read_metadata loaded the whole artifact: torch.export.load unpickles a .pt2's weights with
+    # weights_only=False (a crafted file runs code), torch.jit.load compiles a .ts's code. It now
+    # reads the archive's extra/lrnnx_zoo.json entry only, and says what it expected of other files.
+    results = {fmt: fn("digits-lru", tmp_path / f"m.{ext}") for fmt, fn, ext in
+               (("torchscript", to_torchscript, "ts"), ("torch-export", to_torch_export, "pt2"))}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read_metadata loaded the artifact")
+    monkeypatch.setattr(torch.export, "load", refuse)
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    for fmt, res in results.items():
+        assert read_metadata(res.path)["lrnnx_zoo.format"] == fmt
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        z.writestr("archive/data.pkl", b"not metadata")
+    with pytest.raises(ValueError, match="holds no extra/lrnnx_zoo.json.*written by lrnnx_zoo.export"):
+        read_metadata(tmp_path / "other.zip")
