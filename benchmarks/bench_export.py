@@ -35,9 +35,9 @@ import torch
 import lrnnx_zoo
 from lrnnx_zoo.export import OnnxStreamer, to_onnx, to_torch_export, to_torchscript
 from lrnnx_zoo.export.latency import interleaved_steps, onnx_latency
+from lrnnx_zoo.export.torchscript_export import load_torch_export, load_torchscript
 from lrnnx_zoo.export.validate import one_torch_thread
 from lrnnx_zoo.runtime import tune_allocator
-from lrnnx_zoo.export.torchscript_export import load_torch_export, load_torchscript
 
 
 # The model and the whole sequence of each mode; full: the README's table.
