@@ -29,6 +29,7 @@ import onnx
 import torch
 from torch import Tensor
 
+from lrnnx_zoo.chunk_forms import check_chunk
 from lrnnx_zoo.step_forms import onnx_ops
 
 from .options import DEFAULT_OPSET, MAX_LEGACY_OPSET, MAX_OPSET, MIN_DYNAMO_OPSET, MIN_OPSET
@@ -37,6 +38,7 @@ from .provenance import Source, graph_metadata, load_source
 from .quantize import INT8_RELATIVE_TOLERANCE, accuracy_change, check_mode, quantize_int8, stream_all
 from .result import ExportResult
 from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch, graph_opset
+from .chunk_graph import ChunkModule, chunk_metadata, chunked
 from .step_graph import ExportError, StepModule, build_step_module, no_autocast
 from .validate import FLOAT32_TOLERANCE, check_validation_input, default_sequence, validate_stream
 
@@ -88,17 +90,19 @@ def _quiet(record: List[str]) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def sample_inputs(step: StepModule, batch: int) -> Tuple[Tensor, Tensor]:
-    """Example (x_t, state) for tracing; non-zero so no branch can be specialised on zeros."""
+def sample_inputs(step: Union[StepModule, ChunkModule], batch: int) -> Tuple[Tensor, Tensor]:
+    """Example (x_t, state) for tracing (x (batch, chunk, d_input) for a chunk module); non-zero so
+    no branch can be specialised on zeros."""
     g = torch.Generator().manual_seed(0)
     f32 = torch.float32                                  # whatever torch's default dtype is
-    return (torch.randn(batch, step.d_input, generator=g, dtype=f32),
+    steps = (step.chunk,) if isinstance(step, ChunkModule) else ()
+    return (torch.randn((batch,) + steps + (step.d_input,), generator=g, dtype=f32),
             torch.randn(batch, step.state_size, generator=g, dtype=f32))
 
 
-def export_graph(step: StepModule, opset: int = DEFAULT_OPSET, batch: Optional[int] = None,
+def export_graph(step: Union[StepModule, ChunkModule], opset: int = DEFAULT_OPSET, batch: Optional[int] = None,
                  exporter: str = "dynamo", record: Optional[List[str]] = None) -> onnx.ModelProto:
-    """The ONNX graph of a step module (no metadata yet); dynamic batch unless ``batch`` is given."""
+    """The ONNX graph of a step (or chunk) module (no metadata yet); dynamic batch unless ``batch`` is given."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     args = sample_inputs(step, batch or TRACE_BATCH)
@@ -205,7 +209,7 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
             batch: Optional[int] = None, quantize: Optional[str] = None, validate: bool = True,
             validation_input: Optional[Tensor] = None, tolerance: float = FLOAT32_TOLERANCE,
             exporter: str = "dynamo", revision: Optional[str] = None,
-            token: Optional[Union[str, bool]] = None) -> ExportResult:
+            token: Optional[Union[str, bool]] = None, chunk: Optional[int] = None) -> ExportResult:
     """Export a causal model's step graph to ONNX, validated before it is written.
 
     Args:
@@ -221,6 +225,9 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
         tolerance: max abs error for the float32 graph (int8 graphs: see :mod:`~lrnnx_zoo.export.quantize`).
         exporter: "dynamo" (default) or "legacy" (TorchScript-based torch.onnx exporter, opsets 11..23).
         revision, token: passed to ``from_pretrained`` for Hub repo ids.
+        chunk: write a chunk graph of this many steps per call instead, x (batch, chunk, d_input) ->
+            y (batch, chunk, d_output) with the step graph's state (:mod:`~lrnnx_zoo.export.chunk_graph`);
+            validated on a sequence whose length is a multiple of it (the default one is lengthened).
     Returns:
         an :class:`~lrnnx_zoo.export.result.ExportResult`; ``quantization`` holds the int8 report.
     Raises:
@@ -228,6 +235,7 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
     """
     check_mode(quantize)
     batch = check_batch(batch)
+    chunk = None if chunk is None else check_chunk(chunk)
     record: List[str] = []
     opset, exporter = resolve_opset(opset, exporter, record)
     with output_location(path, "path") as path, no_autocast():
@@ -235,8 +243,9 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
         step = build_step_module(model)
         extra: Dict[str, Any] = {"format": "onnx", "opset": str(opset), "batch": str(batch or "dynamic"),
                                  "quantization": quantize or "none"}
-        metadata = graph_metadata(step, model, info, extra)
-        x = check_validation_input(validation_input, step.d_input, batch)    # before the seconds of tracing
+        metadata = graph_metadata(step, model, info, {**extra, **chunk_metadata(chunk)})
+        # before the seconds of tracing
+        step, x = chunked(step, check_validation_input(validation_input, step.d_input, batch), chunk, batch)
         proto = export_graph(step, opset, batch, exporter, record)
         tmp_float, tmp_q = _temp_path(path, "float"), _temp_path(path, "int8")
         try:

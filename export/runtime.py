@@ -169,9 +169,17 @@ class OnnxStreamer:
         if set(INPUT_NAMES) - set(inputs) or set(OUTPUT_NAMES) - outputs:
             raise ValueError(f"{self.path} is not a step graph: expected inputs {INPUT_NAMES} and outputs "
                              f"{OUTPUT_NAMES}, found inputs {sorted(inputs)} and outputs {sorted(outputs)}")
+        # A chunk graph (lrnnx_zoo.export.to_onnx(..., chunk=T)) takes T steps per call: x (batch, T, d_input).
+        chunk = self.metadata.get(META_PREFIX + "chunk")
+        self.chunk: Optional[int] = self._meta_int("chunk") if chunk is not None else None
+        x_rank = 2 if self.chunk is None else 3
+        if len(inputs["x"].shape) != x_rank or (self.chunk is not None and inputs["x"].shape[1] != self.chunk):
+            what = "(batch, d_input)" if self.chunk is None else f"(batch, {self.chunk}, d_input)"
+            raise ValueError(f"{self.path}: input 'x' has shape {inputs['x'].shape}, but the metadata describes a "
+                             f"{'step' if self.chunk is None else 'chunk'} graph taking x {what}; re-export it")
         # Metadata that disagrees with the graph failed at the first step, inside ONNX Runtime.
         for name, key, size in (("x", "d_input", self.d_input), ("state", "state_size", self.state_size)):
-            width = inputs[name].shape[1] if len(inputs[name].shape) == 2 else None
+            width = inputs[name].shape[-1] if len(inputs[name].shape) >= 2 else None
             if isinstance(width, int) and width != size:
                 raise ValueError(f"{self.path}: metadata {META_PREFIX}{key}={size} disagrees with the graph's "
                                  f"input {name!r} of width {width}; re-export it")
@@ -209,10 +217,11 @@ class OnnxStreamer:
         self.batch = batch
         self.steps = 0
         self._fresh = True
-        self._x = np.zeros((batch, self.d_input), np.float32)
+        per_call = () if self.chunk is None else (self.chunk,)        # a chunk graph: T steps per call
+        self._x = np.zeros((batch,) + per_call + (self.d_input,), np.float32)
         # step()'s finiteness check: x . ones is x's sum in one BLAS call (0.35 us at batch 1, x.sum() 1 us)
         self._x_flat, self._ones = self._x.reshape(-1), np.ones(self._x.size, np.float32)
-        self._y = np.zeros((batch, self.d_output), np.float32)
+        self._y = np.zeros((batch,) + per_call + (self.d_output,), np.float32)
         self._s = [np.zeros((batch, self.state_size), np.float32) for _ in range(2)]
         ov = ort.OrtValue.ortvalue_from_numpy   # wraps the numpy memory, no copy
         self._values = [ov(self._x), ov(self._y), ov(self._s[0]), ov(self._s[1])]
@@ -260,6 +269,10 @@ class OnnxStreamer:
 
     def _check_x(self, x: np.ndarray) -> None:
         if x.shape != self._x.shape:
+            if self.chunk is not None:
+                raise ValueError(f"this is a chunk graph of {self.chunk} steps per call: x_t must have shape (batch="
+                                 f"{self.batch}, {self.chunk}, d_input={self.d_input}), got {x.shape}" +
+                                 ("" if x.shape[1:] != self._x.shape[1:] else f"; {self._batch_advice(x.shape[0])}"))
             raise ValueError(f"x_t must have shape (batch={self.batch}, d_input={self.d_input}), got "
                              f"{x.shape}" + ("" if x.ndim != 2 or x.shape[1] != self.d_input
                                              else f"; {self._batch_advice(x.shape[0])}"))
@@ -267,11 +280,12 @@ class OnnxStreamer:
     def _advance(self) -> None:
         self.session.run_with_iobinding(self._bindings[self._cur])
         self._cur ^= 1
-        self.steps += 1
+        self.steps += self.chunk or 1          # time steps, not calls
         self._fresh = False
 
     def step(self, x_t: ArrayLike) -> np.ndarray:
         """One time step: x_t (batch, d_input), numpy or torch -> y_t (batch, d_output) numpy float32.
+        A chunk graph's step is one chunk: x_t (batch, chunk, d_input) -> (batch, chunk, d_output).
 
         A NaN or infinite x_t is refused (ValueError) before the step, so the state stays as it was
         (stepped, it would turn every later output of its sequence NaN): skip or fill in the sample."""
@@ -293,10 +307,16 @@ class OnnxStreamer:
     def run(self, x: ArrayLike) -> np.ndarray:
         """Stream a chunk: x (batch, L, d_input) -> y (batch, L, d_output), continuing from the
         current state. A fresh streamer (no steps and no state set since reset) adopts x's batch size.
-        A chunk holding NaN or inf is refused whole, before any step (see :meth:`step`)."""
+        A chunk holding NaN or inf is refused whole, before any step (see :meth:`step`). A chunk
+        graph takes L a multiple of its ``chunk``."""
         x = _to_numpy(x, "x")
         if x.ndim != 3 or x.shape[2] != self.d_input:
             raise ValueError(f"x must have shape (batch, length, d_input={self.d_input}), got {x.shape}")
+        T = self.chunk or 1
+        if x.shape[1] % T:
+            raise ValueError(f"this is a chunk graph of {T} steps per call: x's length must be a multiple of {T}, got "
+                             f"{x.shape[1]}; stream the last {x.shape[1] % T} steps through a step graph of the same "
+                             f"model (same state layout: step_streamer.state = chunk_streamer.state)")
         if not _fits_float32(x):
             raise ValueError(f"x holds {_non_finite(x)} (sequence, step, feature); nothing was streamed and the "
                              f"state is as it was (fill them in, or stream the steps before them): {_POISON}")
@@ -307,12 +327,19 @@ class OnnxStreamer:
                 raise ValueError(f"x must have shape (batch={self.batch}, length, d_input={self.d_input}), "
                                  f"got {x.shape}; {self._batch_advice(x.shape[0])}")
             out = np.empty((self.batch, x.shape[1], self.d_output), np.float32)
-            for t in range(x.shape[1]):
-                np.copyto(self._x, x[:, t], casting="same_kind")
+            if self.chunk is None:
+                for t in range(x.shape[1]):
+                    np.copyto(self._x, x[:, t], casting="same_kind")
+                    self._advance()
+                    out[:, t] = self._y
+                return out
+            for t in range(0, x.shape[1], T):
+                np.copyto(self._x, x[:, t:t + T], casting="same_kind")
                 self._advance()
-                out[:, t] = self._y
+                out[:, t:t + T] = self._y
             return out
 
     def __repr__(self) -> str:
+        chunk = "" if self.chunk is None else f", chunk={self.chunk}"
         return (f"OnnxStreamer({self.path!r}, d_input={self.d_input}, d_output={self.d_output}, "
-                f"state_size={self.state_size}, batch={self.batch})")
+                f"state_size={self.state_size}, batch={self.batch}{chunk})")

@@ -95,16 +95,22 @@ class StepModule(nn.Module):
             h = h + block.mix(z)
         h = self.norm(h)
         if self.pooling == "mean":
-            p, d = self.pool_offset, self.d_model
-            carry, count_carry = state[:, p:p + d], state[:, p + d:p + d + 1]
-            mean, count = state[:, p + d + 1:p + 2 * d + 1], state[:, p + 2 * d + 1:p + 2 * d + 2]
-            # compensated (Fast2Sum): three ops on (batch, d_model) keep the mean's digits over 1e7 steps,
-            # three on (batch, 1) the count exact past 2**24
-            count, count_carry = running_count_step(count, count_carry)
-            h, carry = running_mean_step(mean, carry, h, count)
-            new_states += [carry, count_carry, h, count]
+            h, pool = self.pool_step(h, state[:, self.pool_offset:])
+            new_states.append(pool)
         y = self.decoder(h)
         return y, torch.cat(new_states, dim=1)
+
+    def pool_step(self, h: Tensor, pool: Tensor) -> Tuple[Tensor, Tensor]:
+        """Mean pooling's step: h (B, d_model), pool (B, 2 d_model + 2) its state -> (the mean so
+        far, the next pool state)."""
+        d = self.d_model
+        carry, count_carry = pool[:, :d], pool[:, d:d + 1]
+        mean, count = pool[:, d + 1:2 * d + 1], pool[:, 2 * d + 1:2 * d + 2]
+        # compensated (Fast2Sum): three ops on (batch, d_model) keep the mean's digits over 1e7 steps,
+        # three on (batch, 1) the count exact past 2**24
+        count, count_carry = running_count_step(count, count_carry)
+        h, carry = running_mean_step(mean, carry, h, count)
+        return h, torch.cat([carry, count_carry, h, count], dim=1)
 
     def zero_state(self, batch: int = 1) -> Tensor:
         """The initial state, (batch, state_size) zeros."""

@@ -22,6 +22,9 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 import torch
 from torch import Tensor
 
+from lrnnx_zoo.chunk_forms import check_chunk
+
+from .chunk_graph import ChunkModule, chunk_metadata, chunked
 from .onnx_export import TRACE_BATCH, _quiet, check_batch, sample_inputs
 from .paths import output_location
 from .provenance import Source, graph_metadata, load_source
@@ -77,13 +80,14 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
         return json.loads(archive.read(entries[0]))
 
 
-def _finish(step: StepModule, model: torch.nn.Module, tmp: Path, path: Path, fmt: str, loader: Any,
-            metadata: Dict[str, str], validate: bool, x: Optional[Tensor], tolerance: float,
+def _finish(step: Union[StepModule, ChunkModule], model: torch.nn.Module, tmp: Path, path: Path, fmt: str,
+            loader: Any, metadata: Dict[str, str], validate: bool, x: Optional[Tensor], tolerance: float,
             record: List[str]) -> ExportResult:
     report = None
     if validate:
         loaded = loader(tmp)
-        report = validate_stream(torch_stream(loaded, step.state_size), model, x, tolerance, fmt)
+        report = validate_stream(torch_stream(loaded, step.state_size, getattr(step, "chunk", None)), model, x,
+                                 tolerance, fmt)
     os.replace(tmp, path)
     return ExportResult(path=str(path), format=fmt, metadata=metadata, state_size=step.state_size,
                         d_input=step.d_input, d_output=step.d_output, state_layout=step.state_layout,
@@ -92,7 +96,8 @@ def _finish(step: StepModule, model: torch.nn.Module, tmp: Path, path: Path, fmt
 
 def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate: bool = True,
                    validation_input: Optional[Tensor] = None, tolerance: float = FLOAT32_TOLERANCE,
-                   revision: Optional[str] = None, token: Optional[Union[str, bool]] = None) -> ExportResult:
+                   revision: Optional[str] = None, token: Optional[Union[str, bool]] = None,
+                   chunk: Optional[int] = None) -> ExportResult:
     """Trace the step module with ``torch.jit.trace`` and save it (.ts), validated before it is written.
 
     TorchScript is deprecated upstream (torch >= 2.11 warns on every ``torch.jit`` call); the
@@ -102,11 +107,13 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
 
     Args: as :func:`~lrnnx_zoo.export.to_onnx` (no opset / quantize / fixed batch).
     """
+    chunk = None if chunk is None else check_chunk(chunk)
     with output_location(path, "path") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
         step = build_step_module(model)
-        metadata = graph_metadata(step, model, info, {"format": "torchscript", "batch": "dynamic"})
-        x = check_validation_input(validation_input, step.d_input)
+        metadata = graph_metadata(step, model, info, {"format": "torchscript", "batch": "dynamic",
+                                                      **chunk_metadata(chunk)})
+        step, x = chunked(step, check_validation_input(validation_input, step.d_input), chunk)
         record: List[str] = []
         with _temp(path) as tmp:
             with _quiet(record), torch.no_grad():
@@ -119,7 +126,7 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
 def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: Optional[int] = None,
                     validate: bool = True, validation_input: Optional[Tensor] = None,
                     tolerance: float = FLOAT32_TOLERANCE, revision: Optional[str] = None,
-                    token: Optional[Union[str, bool]] = None) -> ExportResult:
+                    token: Optional[Union[str, bool]] = None, chunk: Optional[int] = None) -> ExportResult:
     """Export the step module with ``torch.export.export`` and save it (.pt2), validated before it is written.
 
     The batch dimension is dynamic unless ``batch`` is given. Load it with
@@ -128,11 +135,14 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
     Args: as :func:`~lrnnx_zoo.export.to_onnx` (no opset / quantize).
     """
     batch = check_batch(batch)
+    chunk = None if chunk is None else check_chunk(chunk)
     with output_location(path, "path") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
         step = build_step_module(model)
-        metadata = graph_metadata(step, model, info, {"format": "torch-export", "batch": str(batch or "dynamic")})
-        x = check_validation_input(validation_input, step.d_input, batch)   # before the seconds of tracing
+        metadata = graph_metadata(step, model, info, {"format": "torch-export", "batch": str(batch or "dynamic"),
+                                                      **chunk_metadata(chunk)})
+        # before the seconds of tracing
+        step, x = chunked(step, check_validation_input(validation_input, step.d_input, batch), chunk, batch)
         record: List[str] = []
         dims = None
         if batch is None:

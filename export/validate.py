@@ -248,9 +248,11 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def torch_stream(step_module: Callable[[Tensor, Tensor], Any], state_size: int) -> StreamFn:
+def torch_stream(step_module: Callable[[Tensor, Tensor], Any], state_size: int,
+                 chunk: Optional[int] = None) -> StreamFn:
     """A stream function over any callable (x_t, state) -> (y_t, state') of torch tensors
-    (a StepModule, a loaded TorchScript module, a torch.export program's module)."""
+    (a StepModule, a loaded TorchScript module, a torch.export program's module); with ``chunk``,
+    over a chunk module's (x (B, chunk, d), state) -> (y (B, chunk, d'), state') (the length a multiple of it)."""
 
     @torch.no_grad()
     def stream(x: np.ndarray) -> np.ndarray:
@@ -258,9 +260,14 @@ def torch_stream(step_module: Callable[[Tensor, Tensor], Any], state_size: int) 
         state = torch.zeros(xt.shape[0], state_size, dtype=torch.float32)
         ys = []
         with one_torch_thread():
-            for t in range(xt.shape[1]):
-                y, state = step_module(xt[:, t], state)
+            if chunk is None:
+                for t in range(xt.shape[1]):
+                    y, state = step_module(xt[:, t], state)
+                    ys.append(y)
+                return torch.stack(ys, 1).numpy()
+            for t in range(0, xt.shape[1], chunk):
+                y, state = step_module(xt[:, t:t + chunk], state)
                 ys.append(y)
-        return torch.stack(ys, 1).numpy()
+        return torch.cat(ys, 1).numpy()
 
     return stream

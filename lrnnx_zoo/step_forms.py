@@ -301,6 +301,7 @@ class ChannelDiagonalStepForm(StepForm):
         self.register_buffer("D", None if D is None else stored(D))
 
     pack, unpack = staticmethod(pack_modes), staticmethod(unpack_modes)
+    channel_layout = "last"     # per-channel LTI, state (batch, 2N, H): chunk_forms.ChannelChunkForm
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
         x = s.reshape(-1, 2, self.N, self.H)
@@ -348,6 +349,8 @@ class ChannelDenseStepForm(StepForm):
         self.register_buffer("C", stored(C))          # (Ch, H, n)
         self.register_buffer("D", None if D is None else stored(D))
 
+    channel_layout = "first"    # per-channel LTI, state (batch, H, n): chunk_forms.ChannelChunkForm
+
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
         x = s.reshape(-1, self.H, self.n, 1)
         x_next = torch.addcmul(x.squeeze(-1), self.B, u.unsqueeze(-1)) + (self.dA @ x).squeeze(-1)   # (batch, H, n)
@@ -391,6 +394,7 @@ class ChannelDPLRStepForm(StepForm):
     """
 
     pack, unpack = staticmethod(pack_modes), staticmethod(unpack_modes)
+    channel_layout = "last"     # per-channel LTI, state (batch, 2M, H): chunk_forms.ChannelChunkForm
 
     def __init__(self, d0: Tensor, U0: Tensor, G0: Tensor, b: Tensor, d1: Tensor, U1: Tensor, G1: Tensor,
                  C: Tensor, D: Optional[Tensor] = None) -> None:

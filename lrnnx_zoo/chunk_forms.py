@@ -1,0 +1,249 @@
+"""Chunk forms: T steps of a step form at once, for streams that arrive in frames.
+
+A step form (:mod:`lrnnx_zoo.step_forms`) maps (u_t (B, d_in), s) -> (y_t (B, d_out), s'). Its
+chunk form maps (u (B, T, d_in), s) -> (y (B, T, d_out), s_T) with the same packed state, so a
+stream can switch between the two at any chunk boundary. At batch 1 a step graph's time is
+per-node overhead and elementwise passes over the state (README, "Step graphs"); a chunk form
+pays them once per T steps.
+
+For a linear time-invariant system x_t = A x_{t-1} + B u_t, y_t = C x_t + D u_t, unrolling T
+steps from x_{-1} gives (the block form of the recurrence, e.g. the "chunked" evaluation of
+[S4] Sec. 3 / [Mamba-2] Sec. 6, here for one channel's small state):
+
+    y_t     = sum_{j <= t} K_{t-j} u_j + C A^{t+1} x_{-1},      K_0 = C B + D,  K_l = C A^l B
+    x_{T-1} = sum_j A^{T-1-j} B u_j + A^T x_{-1}
+
+i.e. one matrix per channel, [y; x_{T-1}] = [[Toeplitz(K), O], [I, A^T]] [u; x_{-1}], with
+O[t] = C A^{t+1} and I[:, j] = A^{T-1-j} B. Per-channel forms (one input per channel, as in S4D,
+S4 and FFTConv kernels; the form declares ``channel_layout``) become one batched matmul over the
+channels: :class:`ChannelChunkForm`. Its matrices come from the step form itself, probed in
+float64 (its float32 buffers widened, and a pole kept as hi + lo summed back to full precision),
+with the powers of A formed in float64 and rounded once. Any other form runs its step T times
+(:class:`LoopChunkForm`): the same results, without the speed.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .step_forms import SequentialStepForm, StepForm, register_split, rotate, stored
+
+#: ``channel_layout`` values: how a per-channel form packs its state (batch, S) with S = H * n:
+#: "last" as (batch, n, H) (channel last), "first" as (batch, H, n).
+CHANNEL_LAYOUTS = ("last", "first")
+
+
+def check_chunk(T: object) -> int:
+    """T as a positive int (numpy ints too), else a ValueError saying what was expected."""
+    import operator
+    try:
+        value = operator.index(T)
+    except TypeError:
+        value = None
+    if value is None or isinstance(T, bool) or value < 1:
+        raise ValueError(f"chunk must be a positive int (steps per chunk), got {T!r}")
+    return value
+
+
+def _to_channels(s: Tensor, H: int, layout: str) -> Tensor:
+    """A packed state (batch, H * n) -> (H, n, batch)."""
+    batch = s.shape[0]
+    if layout == "last":
+        return s.reshape(batch, -1, H).permute(2, 1, 0)
+    return s.reshape(batch, H, -1).permute(1, 2, 0)
+
+
+def _from_channels(x: Tensor, layout: str) -> Tensor:
+    """(H, n, batch) -> the packed state (batch, H * n)."""
+    H, n, batch = x.shape
+    if layout == "last":
+        return x.permute(2, 1, 0).reshape(batch, n * H)
+    return x.permute(2, 0, 1).reshape(batch, H * n)
+
+
+@torch.no_grad()
+def channel_system(form: nn.Module) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The per-channel system of a per-channel step form, read off the form in float64.
+
+    The form must declare ``channel_layout`` (:data:`CHANNEL_LAYOUTS`) and be linear, time-invariant
+    and separable by channel: input channel h drives only its own n = state_size / H states and
+    outputs y[c, h] (output flattened channel-major, (batch, Ch * H)). One call with n + 1 probes
+    (each state basis vector in every channel at once, and a unit input) gives
+
+        A: (H, n, n), B: (H, n), CA: (Ch, H, n) = C A, K0: (Ch, H) = C B + D,
+
+    since the form returns y = C x' + D u of its new state x' = A x + B u.
+    """
+    layout = getattr(form, "channel_layout", None)
+    if layout not in CHANNEL_LAYOUTS:
+        raise ValueError(f"channel_system needs a step form with channel_layout in {CHANNEL_LAYOUTS}, "
+                         f"got {type(form).__name__} with channel_layout={layout!r}")
+    H, S = int(form.d_input), int(form.state_size)
+    if S % H or form.d_output % H:
+        raise ValueError(f"{type(form).__name__}: state_size={S} and d_output={form.d_output} must be multiples "
+                         f"of d_input={H} for a per-channel form")
+    n, Ch = S // H, form.d_output // H
+    wide = copy.deepcopy(form).double()           # hi + lo pole pairs sum back to the full pole
+    f64 = torch.float64
+    dev = next((t.device for t in wide.buffers()), torch.device("cpu"))
+    basis = torch.eye(n, dtype=f64, device=dev).unsqueeze(-1).expand(n, n, H)        # (probe k, state i, h)
+    s = torch.cat([_from_channels(basis.permute(2, 1, 0), layout),                   # state e_k in every channel
+                   torch.zeros(1, S, dtype=f64, device=dev)])
+    u = torch.cat([torch.zeros(n, H, dtype=f64, device=dev), torch.ones(1, H, dtype=f64, device=dev)])
+    y, s_next = wide(u, s)
+    x = _to_channels(s_next, H, layout)                                                # (H, n, n + 1)
+    A, B = x[:, :, :n], x[:, :, n]
+    y = y.reshape(n + 1, Ch, H)
+    return A, B, y[:n].permute(1, 2, 0), y[n]
+
+
+def rotation_parts(A: Tensor, AT: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """For per-channel A: (H, n, n) acting on [Re x; Im x] as a diagonal complex system (nonzero
+    only at (i, i) and (i, i +- n/2)), A^T's two parts as (H, n) rows: x' = re * x + im * swap(x)
+    with swap exchanging the halves. None when A has any other nonzero entry (then neither has
+    this form). Products of such matrices keep the pattern exactly, so A's zeros decide."""
+    n = A.shape[-1]
+    if n % 2:
+        return None
+    eye = torch.eye(n, dtype=torch.bool, device=A.device)
+    cross = eye.roll(n // 2, dims=1)                          # (i, (i + n/2) mod n)
+    if bool((A[:, ~(eye | cross)] != 0).any()):
+        return None
+    return AT[:, eye], AT[:, cross]
+
+
+class ChannelChunkForm(StepForm):
+    """T steps of a per-channel LTI step form as one batched matmul over channels (module docstring).
+
+    Args:
+        form: a step form with ``channel_layout`` (:func:`channel_system` reads its system).
+        T: steps per chunk.
+    forward(u: (B, T, H), s: (B, S)) -> (y: (B, T, Ch * H), s': (B, S)), the form's state layout.
+    Buffers (float64-built, stored in the build dtype): ``W_out`` (H, Ch * T, T + n) maps
+    [u; x] to the chunk's outputs; ``W_state`` (H, n, T + n) to the next state, or for a diagonal
+    system (:func:`rotation_parts`) ``W_state`` (H, n, T) maps u and A^T applies elementwise.
+    """
+
+    def __init__(self, form: nn.Module, T: int) -> None:
+        super().__init__()
+        T = check_chunk(T)
+        A, B, CA, K0 = channel_system(form)
+        H, n = B.shape
+        Ch = CA.shape[0]
+        self.T, self.H, self.n, self.channels, self.layout = T, H, n, Ch, form.channel_layout
+        self.state_size, self.d_input, self.d_output = int(form.state_size), H, int(form.d_output)
+        powers = [torch.eye(n, dtype=A.dtype, device=A.device).expand(H, n, n)]       # A^0 .. A^T
+        for _ in range(T):
+            powers.append(A @ powers[-1])
+        # x_{T-1}'s input columns A^{T-1-j} B, and the kernel's taps K_l = (C A) A^{l-1} B for l >= 1
+        AkB = torch.stack([p @ B.unsqueeze(-1) for p in powers[:T]], 1).squeeze(-1)   # (H, T, n): A^k B
+        taps = torch.einsum("chn,hkn->chk", CA, AkB[:, :T - 1])                       # (Ch, H, T - 1): K_1..K_{T-1}
+        K = torch.cat([K0.unsqueeze(-1), taps], -1)                                    # (Ch, H, T)
+        lag = torch.arange(T).unsqueeze(1) - torch.arange(T).unsqueeze(0)             # t - j
+        toeplitz = K[..., lag.clamp_min(0)] * (lag >= 0).to(K.dtype)                  # (Ch, H, T, T)
+        free = torch.einsum("chn,thnm->chtm", CA, torch.stack(powers[:T]))            # (Ch, H, T, n): C A^{t+1}
+        top = torch.cat([toeplitz, free], -1).permute(1, 0, 2, 3).reshape(H, Ch * T, T + n)
+        inputs = AkB.flip(1).transpose(1, 2)                                           # (H, n, T)
+        self.register_buffer("W_out", stored(top))              # y from [u; x]: (H, Ch T, T + n)
+        rotation = rotation_parts(A, powers[T])
+        if rotation is None:      # a dense A^T: x_next from [u; x] in one matmul too
+            self.register_buffer("W_state", stored(torch.cat([inputs, powers[T]], -1)))   # (H, n, T + n)
+            self.rotation = False
+        else:
+            # A diagonal system on [Re x; Im x]: A^T is a rotation as well, applied elementwise. As an
+            # (n, n) block it was half of the chunk's matrices, which at batch 1 are read from memory
+            # once per call: per-step time s4d 26 -> ... us (T=32). Kept as hi + lo like the step
+            # forms' poles (stored_split): rounded once, a pole's error returns every chunk.
+            self.register_buffer("W_state", stored(inputs))                                 # (H, n, T)
+            register_split(self, "trans_re", rotation[0].reshape(H, 2, n // 2, 1))        # (H, 2, n/2, 1)
+            register_split(self, "trans_im", rotation[1].reshape(H, 2, n // 2, 1))
+            self.rotation = True
+
+    def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        batch = u.shape[0]
+        x = _to_channels(s, self.H, self.layout)                                       # (H, n, batch)
+        u = u.permute(2, 1, 0)                                                         # (H, T, batch)
+        v = torch.cat([u, x], 1)                                                       # (H, T + n, batch)
+        y = (self.W_out @ v).reshape(self.H, self.channels, self.T, batch).permute(3, 2, 1, 0)
+        if not self.rotation:
+            x_next = self.W_state @ v
+        else:                               # A^T x + inputs, on the halves [Re x; Im x] (step_forms.rotate)
+            pairs = (self.H, 2, self.n // 2, batch)
+            x_next = rotate(x.reshape(pairs), self.trans_re, self.trans_im, self.trans_re_lo, self.trans_im_lo,
+                            (self.W_state @ u).reshape(pairs)).reshape(self.H, self.n, batch)
+        return y.reshape(batch, self.T, self.d_output), _from_channels(x_next, self.layout)
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, " + super().extra_repr()
+
+
+class LoopChunkForm(StepForm):
+    """T steps of any step form, one after another (a form without a closed chunk form)."""
+
+    def __init__(self, form: nn.Module, T: int) -> None:
+        super().__init__()
+        self.T = check_chunk(T)
+        self.form = form
+        self.state_size, self.d_input, self.d_output = int(form.state_size), form.d_input, form.d_output
+
+    def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        ys = []
+        for t in range(self.T):
+            y, s = self.form(u[:, t], s)
+            ys.append(y)
+        return torch.stack(ys, 1), s
+
+
+class PointwiseChunk(nn.Module):
+    """A stateless per-step map (a Linear, an activation) applied to every step of a chunk:
+    (B, T, d) flattened to (B * T, d) so that it sees what it sees in a step."""
+
+    def __init__(self, part: nn.Module) -> None:
+        super().__init__()
+        self.part = part
+
+    def forward(self, u: Tensor) -> Tensor:
+        y = self.part(u.reshape(-1, u.shape[-1]))
+        return y.reshape(u.shape[0], u.shape[1], y.shape[-1])
+
+
+class SequentialChunkForm(StepForm):
+    """The chunk form of a :class:`~lrnnx_zoo.step_forms.SequentialStepForm`: its parts' chunk
+    forms and pointwise maps in order, on the same packed state."""
+
+    def __init__(self, form: SequentialStepForm, T: int) -> None:
+        super().__init__()
+        self.T = check_chunk(T)
+        self.parts = nn.ModuleList(chunk_form(p, T) if isinstance(p, StepForm) else PointwiseChunk(p)
+                                   for p in form.parts)
+        self.offsets: List[Tuple[int, int]] = list(form.offsets)
+        self.state_size, self.d_input, self.d_output = form.state_size, form.d_input, form.d_output
+
+    def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        states = []
+        for p, (off, size) in zip(self.parts, self.offsets):
+            if isinstance(p, StepForm):
+                u, s_p = p(u, s[:, off:off + size])
+                states.append(s_p)
+            else:
+                u = p(u)
+        return u, (torch.cat(states, dim=1) if states else s)
+
+
+def chunk_form(form: nn.Module, T: int, closed: Optional[bool] = None) -> StepForm:
+    """The chunk form of ``form`` for T steps: (u (B, T, d_in), s) -> (y (B, T, d_out), s_T).
+
+    A per-channel LTI form (``channel_layout``) gets :class:`ChannelChunkForm`, a
+    SequentialStepForm its parts' chunk forms, any other form (a third-party one, LRU's dense
+    step) :class:`LoopChunkForm`. ``closed=False`` forces the loop (a reference in tests).
+    """
+    T = check_chunk(T)
+    if isinstance(form, SequentialStepForm):
+        return SequentialChunkForm(form, T) if closed is not False else LoopChunkForm(form, T)
+    if closed is not False and getattr(form, "channel_layout", None) in CHANNEL_LAYOUTS:
+        return ChannelChunkForm(form, T)
+    return LoopChunkForm(form, T)
