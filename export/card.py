@@ -51,7 +51,7 @@ def _made_with(config: Dict[str, Any]) -> List[str]:
     length = length if length not in (None, FOLDER_VALIDATION_LENGTH) else None
     settings = [("revision", revision), ("batch", _fixed_batch(config)), ("opset", opset),
                 ("quantize", "int8" if config.get("quantization") else None), ("validation_length", length),
-                ("rate", rate)]
+                ("rate", rate), ("chunk", config.get("chunk"))]
     settings = [(k, v) for k, v in settings if v is not None]
     call = [repr(loadable or "<your checkpoint>"), "'out'", f"format={config['format']!r}"]
     call += [f"{k}={v!r}" for k, v in settings]
@@ -120,31 +120,46 @@ def _stream_lines(config: Dict[str, Any], lib: str, call: str) -> List[str]:
     """A plain loop over 50 steps from a zero state, in numpy (``lib="np"``) or torch: z-scores its
     inputs and ends with the forecast in the series' units where the model was trained that way,
     and with the class for a classifier. ``meta``: the graph's lrnnx_zoo.* metadata, already read."""
-    b, d_in = _fixed_batch(config) or 1, config["d_input"]
+    b, d_in, chunk = _fixed_batch(config) or 1, config["d_input"], config.get("chunk")
     norm, target = _normalisation(config), _forecast_target(config)
     zeros = (f'np.zeros(({b}, int(meta["lrnnx_zoo.state_size"])), np.float32)' if lib == "np"
              else f'torch.zeros({b}, int(meta["lrnnx_zoo.state_size"]))')
-    randn = f"np.random.randn(50, {b}, {d_in})" if lib == "np" else f"torch.randn(50, {b}, {d_in})"
+    # a chunk graph's call takes (batch, chunk, d_input): loop over chunks instead of steps
+    calls, shape = (50, f"{b}, {d_in}") if not chunk else (max(2, 50 // chunk), f"{b}, {chunk}, {d_in}")
+    what = "50 steps" if not chunk else f"{calls} chunks of {chunk} steps"
+    randn = f"np.random.randn({calls}, {shape})" if lib == "np" else f"torch.randn({calls}, {shape})"
     f32 = ".astype(np.float32)" if lib == "np" else ".float()"
     lines = [f"state = {zeros}  # zeros = initial state"]
     if norm is None:
-        lines += [f"xs = {randn}{f32}  # your inputs: 50 steps, batch {b}", "for x_t in xs:", f"    {call}"]
+        lines += [f"xs = {randn}{f32}  # your inputs: {what}, batch {b}", "for x_t in xs:", f"    {call}"]
     else:
         lines = ['norm = json.loads(meta["lrnnx_zoo.dataset"])["normalisation"]  # the training data\'s mean, std'] + lines
-        lines += [f'values = norm["mean"] + norm["std"] * {randn}  # your series: 50 steps, batch {b}',
+        lines += [f'values = norm["mean"] + norm["std"] * {randn}  # your series: {what}, batch {b}',
                   "for v_t in values:",
                   f'    x_t = ((v_t - norm["mean"]) / norm["std"]){f32}  # normalised as in training', f"    {call}"]
     if target:
         level = "x_t + y_t" if target == "delta" else "y_t"
-        lines.append(f'forecast = ({level}) * norm["std"] + norm["mean"]  # the next value, in the series\' units')
+        lines.append(f'forecast = ({level}) * norm["std"] + norm["mean"]  # the next value'
+                     + ("" if not chunk else " after each step of the last chunk") + ", in the series' units")
     if config.get("task") == "sequence-classification":
-        lines.append("label = y_t.argmax(-1)  # each sequence's class (from the logits so far)")
+        last = "y_t" if not chunk else "y_t[:, -1]"
+        lines.append(f"label = {last}.argmax(-1)  # each sequence's class (from the logits so far)")
     return lines
 
 
 def _run_section(config: Dict[str, Any]) -> List[str]:
     fmt, d_in, b = config["format"], config["d_input"], _fixed_batch(config) or 1   # the snippets' batch
     imports = "import json, " if _normalisation(config) else "import "
+    chunk = config.get("chunk")
+    if chunk:
+        streaming = [f"y = streamer.run(np.zeros(({b}, {4 * chunk}, {d_in}), np.float32))  # ({b}, {4 * chunk}, "
+                     f"{config['d_output']}): 4 chunks of {chunk} steps; state kept inside",
+                     f"# lengths must be multiples of {chunk}: stream the rest through a step graph of the same model",
+                     "# (`lrnnx-zoo export` without --chunk), handing it streamer.state (the same layout)"]
+    else:
+        streaming = [f"y_t = streamer.step(np.zeros(({b}, {d_in}), np.float32))   # ({b}, {config['d_output']}); "
+                     "state kept inside",
+                     f"y = streamer.run(np.zeros(({b}, 100, {d_in}), np.float32)) # 100 steps, continuing"]
     if fmt == "onnx":
         graph = config.get("graph") or {}
         return ([
@@ -153,9 +168,7 @@ def _run_section(config: Dict[str, Any]) -> List[str]:
             f"{graph.get('ir_version')}); for an older one, export again with a lower `--opset`.", "",
             "With lrnnx-zoo's streamer (one thread, IOBinding, no per-step allocation):", "",
             "```python", "import numpy as np", "from lrnnx_zoo.export import OnnxStreamer", "",
-            'streamer = OnnxStreamer("model.onnx")', f"streamer.reset(batch={b})",
-            f"y_t = streamer.step(np.zeros(({b}, {d_in}), np.float32))   # ({b}, {config['d_output']}); state kept inside",
-            f"y = streamer.run(np.zeros(({b}, 100, {d_in}), np.float32)) # a chunk of 100 steps, continuing", "```", "",
+            'streamer = OnnxStreamer("model.onnx")', f"streamer.reset(batch={b})"] + streaming + ["```", "",
             "With numpy and onnxruntime only (no torch, no lrnnx-zoo):", "",
             "```python", f"{imports}numpy as np, onnxruntime as ort", "",
             'sess = ort.InferenceSession("model.onnx")',
@@ -175,12 +188,14 @@ def build_card(config: Dict[str, Any]) -> str:
     """Markdown with YAML front matter for an export folder's config (see folder._config)."""
     fmt, v, lat, q = config["format"], config.get("validation"), config.get("latency"), config.get("quantization")
     pooling = config.get("pooling")
-    bdim = _fixed_batch(config) or "batch"
-    out = [_front_matter(config), f"# {config['family']} step graph ({fmt})", "",
-           f"A recurrent step graph exported by lrnnx-zoo {config['library_version']} from `{config['source']}`: "
-           f"one call advances every layer by one time step,",
-           "", f"    (x [{bdim}, {config['d_input']}], state [{bdim}, {config['state_size']}]) -> "
-               f"(y [{bdim}, {config['d_output']}], state_out [{bdim}, {config['state_size']}])", "",
+    bdim, chunk = _fixed_batch(config) or "batch", config.get("chunk")
+    tdim = f"{chunk}, " if chunk else ""
+    kind, advance = ("chunk", f"{chunk} time steps") if chunk else ("step", "one time step")
+    out = [_front_matter(config), f"# {config['family']} {kind} graph ({fmt})", "",
+           f"A recurrent {kind} graph exported by lrnnx-zoo {config['library_version']} from `{config['source']}`: "
+           f"one call advances every layer by {advance},",
+           "", f"    (x [{bdim}, {tdim}{config['d_input']}], state [{bdim}, {config['state_size']}]) -> "
+               f"(y [{bdim}, {tdim}{config['d_output']}], state_out [{bdim}, {config['state_size']}])", "",
            "Start from a zero state and feed `state_out` back as `state`. "
            + ("Outputs are per step (sequence to sequence)." if pooling is None else
               f"The model is {pooling}-pooled: each step's output is the model's output on the sequence so far"
@@ -202,7 +217,11 @@ def build_card(config: Dict[str, Any]) -> str:
                 f"{q['tolerance']:.3e}, {q['relative_tolerance']:.0%} of the largest output)."
                 + (f" {q['metric']}: float {q['accuracy_float']:.4f}, int8 {q['accuracy_int8']:.4f} "
                    f"({q['accuracy_change']:+.4f})." if q.get("accuracy_float") is not None else ""), ""]
-    if lat:
+    if lat and lat.get("chunk"):
+        out += [f"Latency at batch {lat['batch']}: median {lat['median_us']:.1f} us per chunk of {lat['chunk']} steps, "
+                f"{lat['per_step_us']:.2f} us per step ({lat['runtime']}, {lat['threads']} thread, {lat['steps']} "
+                f"chunks; machine-dependent).", ""]
+    elif lat:
         out += [f"Per-step latency at batch {lat['batch']}: median {lat['median_us']:.1f} us "
                 f"({lat['runtime']}, {lat['threads']} thread, {lat['steps']} steps; machine-dependent).", ""]
     out += _data_section(config) + _run_section(config)

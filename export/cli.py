@@ -1,5 +1,5 @@
 """CLI: ``lrnnx-zoo export SRC --format onnx|torchscript|torch-export --out DIR [--quantize int8]
-[--push-to-hub REPO] [--batch N] [--opset N] [--rate R]``.
+[--push-to-hub REPO] [--batch N] [--opset N] [--rate R] [--chunk T]``.
 
 Writes an export folder (see :mod:`lrnnx_zoo.export.folder`), then prints the validation report
 and the per-step latency (median over ``--latency-steps`` single steps at batch 1, or at the fixed ``--batch``).
@@ -30,7 +30,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             done = export_folder(args.src, args.out, format=args.format, quantize=args.quantize,
                                  push_to_hub=args.push_to_hub, batch=args.batch, opset=args.opset,
                                  latency_steps=args.latency_steps, revision=args.revision,
-                                 validation_length=args.validation_length, rate=args.rate)
+                                 validation_length=args.validation_length, rate=args.rate, chunk=args.chunk)
     except ValidationError as exc:   # the flags were fine, the graph is wrong: a failure, as evaluate --check's
         print(f"lrnnx-zoo export: {exc}", file=sys.stderr)
         return 1
@@ -42,7 +42,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return 2
     print(done.result.summary())
     lat = done.latency
-    if lat:
+    if lat and lat.get("chunk"):
+        print(f"  per-chunk latency: median {lat['median_us']:.1f} us for {lat['chunk']} steps ({lat['per_step_us']:.2f} "
+              f"us per step; p10 {lat['p10_us']:.1f}, p90 {lat['p90_us']:.1f}) at batch {lat['batch']} over "
+              f"{lat['steps']} chunks [{lat['runtime']}]")
+    elif lat:
         print(f"  per-step latency: median {lat['median_us']:.1f} us (p10 {lat['p10_us']:.1f}, "
               f"p90 {lat['p90_us']:.1f}) at batch {lat['batch']} over {lat['steps']} steps [{lat['runtime']}]")
     print(f"wrote {done.folder}: {', '.join(done.files)}")
@@ -89,4 +93,8 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
                    help="export for inputs sampled at R times the rate of the model's data (2: twice the samples "
                         "per unit time, e.g. 16 kHz for a model of 8 kHz audio): each layer's continuous-time "
                         "system runs with step dt / R (SequenceModel.at_rate); layers without a timescale refuse")
+    p.add_argument("--chunk", type=positive_int, default=None, metavar="T",
+                   help="write a chunk graph: T steps per call, x (batch, T, d_input) -> y (batch, T, d_output), "
+                        "with the step graph's state (for input that arrives in frames; per-channel layers run "
+                        "each chunk as one matmul)")
     commands["export"] = _cmd_export

@@ -25,6 +25,7 @@ import torch
 
 import lrnnx_zoo
 from lrnnx_zoo.hub import EXPORT_KIND, WEIGHTS_NAME, peek_config
+from lrnnx_zoo.chunk_forms import check_chunk
 from lrnnx_zoo.folder_swap import replaced_folder
 from lrnnx_zoo.hub_save import check_repo_id, check_save_target, publishing, write_safetensors
 from lrnnx_zoo.ssm_kernel import check_rate
@@ -69,12 +70,16 @@ def _measure(fmt: str, path: Path, result: ExportResult, steps: int, batch: Opti
     if fmt == "onnx":
         return onnx_latency(path, batch=batch or 1, steps=steps)
     loaded = load_torchscript(path) if fmt == "torchscript" else load_torch_export(path)
-    return torch_latency(loaded, result.d_input, result.state_size, batch=batch or 1, steps=steps, runtime=fmt)
+    chunk = result.metadata.get("lrnnx_zoo.chunk")
+    return torch_latency(loaded, result.d_input, result.state_size, batch=batch or 1, steps=steps, runtime=fmt,
+                         chunk=int(chunk) if chunk else None)
 
 
 def _config(model: torch.nn.Module, info: Dict[str, Any], fmt: str, result: ExportResult, opset: Optional[int],
             batch: Optional[int], quantize: Optional[str], latency: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     b = batch or "batch"       # the graph's first dimension: fixed, or named "batch"
+    chunk = result.metadata.get("lrnnx_zoo.chunk")
+    t = [int(chunk)] if chunk else []          # a chunk graph's steps per call
     return {
         "library": "lrnnx-zoo", "library_version": lrnnx_zoo.__version__, "kind": EXPORT_KIND,
         "format": fmt, "file": GRAPH_FILES[fmt], "weights": WEIGHTS_FILE,
@@ -82,8 +87,9 @@ def _config(model: torch.nn.Module, info: Dict[str, Any], fmt: str, result: Expo
         "family": family_of(model, info), "model": model.config.to_dict(),
         "task": info.get("task"), "dataset": info.get("dataset"), "metrics": info.get("metrics"),
         **({"resampled": info["resampled"]} if info.get("resampled") else {}),
-        "inputs": {"x": [b, result.d_input], "state": [b, result.state_size]},
-        "outputs": {"y": [b, result.d_output], "state_out": [b, result.state_size]},
+        "inputs": {"x": [b, *t, result.d_input], "state": [b, result.state_size]},
+        "outputs": {"y": [b, *t, result.d_output], "state_out": [b, result.state_size]},
+        "chunk": int(chunk) if chunk else None,
         "state_size": result.state_size, "d_input": result.d_input, "d_output": result.d_output,
         "state_layout": result.state_layout, "pooling": model.config.pooling,
         "opset": opset if fmt == "onnx" else None, "batch": batch or "dynamic",
@@ -98,7 +104,7 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
                   validation_input: Optional[torch.Tensor] = None, latency_steps: int = DEFAULT_STEPS,
                   token: Optional[Union[str, bool]] = None, private: bool = False,
                   revision: Optional[str] = None, validation_length: int = FOLDER_VALIDATION_LENGTH,
-                  rate: Optional[float] = None) -> FolderExport:
+                  rate: Optional[float] = None, chunk: Optional[int] = None) -> FolderExport:
     """Export ``src`` (model, folder, shipped name or Hub id) into ``out_dir`` and optionally push it.
 
     Args:
@@ -115,29 +121,31 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         token, private: for the upload; revision: of a Hub source checkpoint.
         rate: export the model for inputs sampled at this rate relative to its data (2: twice the
             samples per unit time): ``model.at_rate(rate)``, recorded in config.json and the card.
+        chunk: write a chunk graph of this many steps per call (:mod:`~lrnnx_zoo.export.chunk_graph`);
+            the default validation sequence is lengthened to a multiple of it.
     """
     out = check_arguments(out_dir, format, quantize, opset, batch, latency_steps, push_to_hub,
-                          validation_length=validation_length, rate=rate)
+                          validation_length=validation_length, rate=rate, chunk=chunk)
     replaced, target = check_destination(out, format)
     files = [GRAPH_FILES[format], WEIGHTS_FILE, CONFIG_FILE, CARD_FILE]
     model, info = load_source(src, revision=revision, token=token)
     if rate is not None:
         model, info = load_source(model.at_rate(rate))
     if validation_input is None:
-        validation_input = default_sequence(model.config.d_input, length=validation_length,
-                                            batch=batch or DEFAULT_BATCH)
+        length = validation_length if chunk is None else -(-validation_length // chunk) * chunk
+        validation_input = default_sequence(model.config.d_input, length=length, batch=batch or DEFAULT_BATCH)
     # written into a hidden sibling and swapped in whole: a failed or interrupted export leaves the
     # folder as it was, and an earlier export's graph in another format does not outlive its config
     with replaced_folder(target, keep=lambda entry: entry not in files and entry != replaced) as staging:
         graph_path = staging / GRAPH_FILES[format]
         if format == "onnx":
             result = to_onnx(model, graph_path, opset=opset, batch=batch, quantize=quantize,
-                             validation_input=validation_input)
+                             validation_input=validation_input, chunk=chunk)
             opset = result.graph["opset"]
         elif format == "torchscript":
-            result = to_torchscript(model, graph_path, validation_input=validation_input)
+            result = to_torchscript(model, graph_path, validation_input=validation_input, chunk=chunk)
         else:
-            result = to_torch_export(model, graph_path, batch=batch, validation_input=validation_input)
+            result = to_torch_export(model, graph_path, batch=batch, validation_input=validation_input, chunk=chunk)
         latency = _measure(format, graph_path, result, latency_steps, batch) if latency_steps > 0 else None
 
         step = build_step_module(model)
@@ -154,13 +162,14 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
 #: How the CLI (`lrnnx-zoo export`) spells export_folder's arguments, for its error messages.
 CLI_FLAGS = {"out_dir": "--out", "format": "--format", "quantize": "--quantize", "opset": "--opset",
              "batch": "--batch", "latency_steps": "--latency-steps", "push_to_hub": "--push-to-hub",
-             "validation_length": "--validation-length", "rate": "--rate"}
+             "validation_length": "--validation-length", "rate": "--rate", "chunk": "--chunk"}
 
 
 def check_arguments(out_dir: Any, format: str, quantize: Optional[str] = None, opset: Optional[int] = None,
                     batch: Optional[int] = None, latency_steps: int = DEFAULT_STEPS,
                     push_to_hub: Optional[str] = None,
-                    validation_length: int = FOLDER_VALIDATION_LENGTH, rate: Optional[float] = None) -> Path:
+                    validation_length: int = FOLDER_VALIDATION_LENGTH, rate: Optional[float] = None,
+                    chunk: Optional[int] = None) -> Path:
     """Refuse arguments :func:`export_folder` cannot honour before any work, naming them as the
     caller wrote them: Python keywords (``format='onnx'``), or inside
     ``lrnnx_zoo.wording.command_line(CLI_FLAGS)`` the CLI's flags (``--format onnx``; it printed
@@ -182,6 +191,12 @@ def check_arguments(out_dir: Any, format: str, quantize: Optional[str] = None, o
         except ValueError:
             raise ValueError(f"{name('rate')} must be a finite number > 0, the inputs' sampling rate relative to the "
                              f"model's data (2: twice the samples per unit time), got {rate!r}") from None
+    if chunk is not None:
+        try:
+            check_chunk(chunk)
+        except ValueError:
+            raise ValueError(f"{name('chunk')} must be a positive int (steps per call of a chunk graph), "
+                             f"got {chunk!r}") from None
     if push_to_hub is not None:
         check_repo_id(push_to_hub, name("push_to_hub"))
     try:

@@ -51,29 +51,47 @@ def interleaved_steps(steps_by_name: Dict[str, Callable[[], Any]], steps: int = 
     return {k: float(np.median(v)) * 1e6 for k, v in times.items()}
 
 
+def calls_for(steps: int, chunk: Optional[int]) -> int:
+    """Calls that time ``steps`` time steps of a graph taking ``chunk`` per call (at least 10)."""
+    return steps if not chunk else max(10, steps // chunk)
+
+
+def per_step(out: Dict[str, Any], chunk: Optional[int]) -> Dict[str, Any]:
+    """A latency record of a chunk graph: its median per call (``median_us``, one chunk) with
+    ``chunk`` and ``per_step_us`` (the median over its steps) beside."""
+    if chunk:
+        out.update(chunk=chunk, per_step_us=out["median_us"] / chunk)
+    return out
+
+
 def onnx_latency(path: Union[str, Path], batch: Optional[int] = 1, steps: int = DEFAULT_STEPS,
                  intra_op_threads: int = 1) -> Dict[str, Any]:
-    """Per-step latency of an ONNX step graph through :class:`OnnxStreamer` (random inputs)."""
+    """Per-step latency of an ONNX step graph through :class:`OnnxStreamer` (random inputs); of a
+    chunk graph, per call (one chunk) over about ``steps`` steps, with the per-step figure beside."""
     streamer = OnnxStreamer(path, intra_op_threads=intra_op_threads)
     batch = streamer.fixed_batch or batch or 1
     streamer.reset(batch)
-    x = np.random.default_rng(0).standard_normal((batch, streamer.d_input)).astype(np.float32)
-    out = time_steps(lambda: streamer.step(x), steps)
+    shape = (batch,) + ((streamer.chunk,) if streamer.chunk else ()) + (streamer.d_input,)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    out = time_steps(lambda: streamer.step(x), calls_for(steps, streamer.chunk))
     out.update(runtime="onnxruntime (OnnxStreamer, IOBinding)", batch=batch, threads=intra_op_threads)
-    return out
+    return per_step(out, streamer.chunk)
 
 
 @torch.no_grad()
 def torch_latency(module: Callable[[torch.Tensor, torch.Tensor], Any], d_input: int, state_size: int,
-                  batch: int = 1, steps: int = DEFAULT_STEPS, runtime: str = "torch") -> Dict[str, Any]:
-    """Per-step latency of a torch callable (x_t, state) -> (y_t, state'), single-threaded."""
-    x = torch.randn(batch, d_input, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+                  batch: int = 1, steps: int = DEFAULT_STEPS, runtime: str = "torch",
+                  chunk: Optional[int] = None) -> Dict[str, Any]:
+    """Per-step latency of a torch callable (x_t, state) -> (y_t, state'), single-threaded; of a
+    chunk module (x (batch, chunk, d_input)), per call, with the per-step figure beside."""
+    shape = (batch,) + ((chunk,) if chunk else ()) + (d_input,)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     holder = [torch.zeros(batch, state_size, dtype=torch.float32)]
 
     def one() -> None:
         _, holder[0] = module(x, holder[0])
 
     with one_torch_thread():
-        out = time_steps(one, steps)
+        out = time_steps(one, calls_for(steps, chunk))
     out.update(runtime=runtime, batch=batch, threads=1)
-    return out
+    return per_step(out, chunk)

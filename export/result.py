@@ -45,7 +45,9 @@ class ExportResult:
 
     def summary(self) -> str:
         """A few human-readable lines: format, path, sizes, graph size, validation and int8 outcomes."""
-        lines = [f"{self.format} step graph: {self.path}",
+        chunk = (self.metadata or {}).get("lrnnx_zoo.chunk")
+        kind = f"chunk graph ({chunk} steps per call)" if chunk else "step graph"
+        lines = [f"{self.format} {kind}: {self.path}",
                  f"  d_input={self.d_input} d_output={self.d_output} state_size={self.state_size}"]
         if self.graph:
             ops = self.graph.get("nodes")

@@ -9,6 +9,8 @@ are held to the exporters' own 1e-4 absolute against the float64 forward.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -184,6 +186,10 @@ def test_streamer_refuses_what_a_chunk_graph_cannot_take(tmp_path):
     with pytest.raises(ValueError, match="the validation input's length must be a multiple of 4, got 10"):
         to_onnx(small_model("s4d"), tmp_path / "d.onnx", chunk=4, validation_input=torch.zeros(1, 10, 3))
     assert not (tmp_path / "d.onnx").exists()
+    from lrnnx_zoo.export import export_folder
+    with pytest.raises(ValueError, match=r"chunk must be a positive int \(steps per call of a chunk graph\), got True"):
+        export_folder("forecast-sunspots-s4d", tmp_path / "e", chunk=True)
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("exporter,name", [(to_torchscript, "m.ts"), (to_torch_export, "m.pt2")])
@@ -212,3 +218,39 @@ def test_a_long_stream_of_chunks_stays_within_float32_tolerance(tmp_path):
     res = to_onnx("forecast-sunspots-s4d", tmp_path / "f.onnx", chunk=32,
                   validation_input=torch.randn(1, 4096, 1, generator=torch.Generator().manual_seed(0)))
     assert res.validation.passed and res.validation.max_abs_error < 2e-5
+
+
+# -- export folders, the CLI, and the card's snippets on a device without lrnnx_zoo ------------------
+def test_export_command_writes_a_chunk_folder_and_reports_per_chunk_latency(tmp_path, capsys):
+    from lrnnx_zoo.cli import main
+    out = tmp_path / "f"
+    assert main(["export", "forecast-sunspots-s4d", "--out", str(out), "--chunk", "32", "--latency-steps", "320",
+                 "--validation-length", "100"]) == 0
+    printed = capsys.readouterr().out
+    assert "onnx chunk graph (32 steps per call)" in printed and "per-chunk latency: median" in printed
+    assert "for 32 steps" in printed and "over 10 chunks" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["chunk"] == 32 and config["inputs"]["x"] == ["batch", 32, 1] and config["outputs"]["y"] == ["batch", 32, 1]
+    assert config["validation"]["length"] == 128                       # 100 steps, lengthened to whole chunks
+    assert config["latency"]["chunk"] == 32
+    assert config["latency"]["per_step_us"] == pytest.approx(config["latency"]["median_us"] / 32)
+    card = (out / "README.md").read_text()
+    assert "# s4d chunk graph (onnx)" in card and "(x [batch, 32, 1], state [batch, 3072])" in card
+    assert "--chunk 32" in card                                        # the command that remakes it
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "forecast-sunspots-s4d", "--out", str(tmp_path / "g"), "--chunk", "0"])
+    assert exc.value.code == 2 and not (tmp_path / "g").exists()
+    assert "argument --chunk: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_chunk_card_snippet_gives_the_models_forecast_on_the_device(tmp_path):
+    from test_edge_deploy import FAST, card_snippet, model_forecast, on_device
+    from lrnnx_zoo.export import export_folder
+    folder = tmp_path / "sunspots"
+    export_folder("forecast-sunspots-s4d", folder, format="onnx", chunk=16, **FAST)
+    found = on_device(folder, card_snippet(folder, "onnxruntime as ort"), tmp_path / "out.npz")
+    values = found["values"]                                            # (chunks, batch, 16, 1)
+    assert values.shape == (3, 1, 16, 1)
+    series = values.transpose(0, 2, 1, 3).reshape(48, 1, 1)             # (L, batch, 1) in time order
+    std = lrnnx_zoo.from_pretrained("forecast-sunspots-s4d").checkpoint_info["dataset"]["normalisation"]["std"]
+    np.testing.assert_allclose(found["forecast"][:, -1], model_forecast(series), atol=1e-4 * std)
