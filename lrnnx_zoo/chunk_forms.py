@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .step_forms import SequentialStepForm, StepForm, register_split, rotate, stored
+from .step_forms import DiagonalStepForm, SequentialStepForm, StepForm, register_split, rotate, stored
 
 #: ``channel_layout`` values: how a per-channel form packs its state (batch, S) with S = H * n:
 #: "last" as (batch, n, H) (channel last), "first" as (batch, H, n).
@@ -181,6 +181,63 @@ class ChannelChunkForm(StepForm):
         return f"T={self.T}, " + super().extra_repr()
 
 
+class DiagonalChunkForm(StepForm):
+    """T steps of a :class:`~lrnnx_zoo.step_forms.DiagonalStepForm` (modes shared by all inputs, as
+    in LRU): the input projection for all T steps at once, each mode's recurrence over the chunk
+    as one small matmul, the readout for all T steps at once.
+
+    Per mode m (complex), X_t = lam^{t+1} x_{-1} + sum_{j <= t} lam^{t-j} U_j with U = B u: as reals,
+    [Re X; Im X] = [[Re L, -Im L, Re p, -Im p], [Im L, Re L, Im p, Re p]] [Re U; Im U; Re x; Im x]
+    with L[t, j] = lam^{t-j} (t >= j) and p[t] = lam^{t+1}: ``W`` (M, 2T, 2T + 2). The chunk's last
+    state is X_{T-1}. The unfused form reads y_t = X_t R + u_t D; the fused one y_t = X_{t-1} (P R) +
+    u_t (Q R + S), the blocks of its matrix, read as stored. lam is read as the form holds it (hi + lo
+    unfused, one rounding fused) and its powers formed in float64, rounded once.
+    forward(u: (B, T, H_in), s: (B, 2M)) -> (y: (B, T, H_out), s': (B, 2M)).
+    """
+
+    def __init__(self, form: nn.Module, T: int) -> None:
+        super().__init__()
+        T = check_chunk(T)
+        M = form.M
+        wide = copy.deepcopy(form).double()
+        if form.fused:
+            W = wide.W
+            lam = torch.complex(torch.diagonal(W[:M, :M]), torch.diagonal(W[:M, M:2 * M]))
+            Q, R, S = W[2 * M:, :2 * M], W[:2 * M, 2 * M:], W[2 * M:, 2 * M:]
+        else:
+            re = wide.lam_re[0] + (0 if wide.lam_re_lo is None else wide.lam_re_lo[0])
+            im = wide.lam_im[1] + (0 if wide.lam_im_lo is None else wide.lam_im_lo[1])
+            lam, Q, R, S = torch.complex(re, im), wide.B_pair, wide.C_pair, wide.D
+        self.T, self.M, self.reads_previous = T, M, bool(form.fused)
+        self.state_size, self.d_input, self.d_output = int(form.state_size), form.d_input, form.d_output
+        lam = lam.to(torch.complex128)
+        # lam^0 .. lam^T by products (a pole of 0 has no logarithm), T roundings of float64
+        pw = torch.cat([torch.ones_like(lam).unsqueeze(1), torch.cumprod(lam.unsqueeze(1).expand(M, T), 1)], 1)
+        lag = torch.arange(T).unsqueeze(1) - torch.arange(T).unsqueeze(0)
+        L = pw[:, lag.clamp_min(0)] * (lag >= 0)                                             # (M, T, T)
+        p = pw[:, 1:].unsqueeze(-1)                                                          # (M, T, 1)
+        top = torch.cat([L.real, -L.imag, p.real, -p.imag], -1)
+        bottom = torch.cat([L.imag, L.real, p.imag, p.real], -1)
+        self.register_buffer("W", stored(torch.cat([top, bottom], 1)))                      # (M, 2T, 2T + 2)
+        self.register_buffer("Q", stored(Q))                                                 # (H_in, 2M)
+        self.register_buffer("R", stored(R))                                                 # (2M, H_out)
+        self.register_buffer("S", None if S is None else stored(S))                         # (H_in, H_out)
+
+    def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        batch, T, M = u.shape[0], self.T, self.M
+        U = (u @ self.Q).reshape(batch, T, 2, M).permute(3, 2, 1, 0).reshape(M, 2 * T, batch)
+        x = s.reshape(batch, 2, M).permute(2, 1, 0)                                          # (M, 2, batch)
+        X = (self.W @ torch.cat([U, x], 1)).reshape(M, 2, T, batch).permute(3, 2, 1, 0).reshape(batch, T, 2 * M)
+        read = torch.cat([s.unsqueeze(1), X[:, :-1]], 1) if self.reads_previous else X
+        y = read @ self.R
+        if self.S is not None:
+            y = y + u @ self.S
+        return y, X[:, -1]
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, " + super().extra_repr()
+
+
 class LoopChunkForm(StepForm):
     """T steps of any step form, one after another (a form without a closed chunk form)."""
 
@@ -238,12 +295,18 @@ def chunk_form(form: nn.Module, T: int, closed: Optional[bool] = None) -> StepFo
     """The chunk form of ``form`` for T steps: (u (B, T, d_in), s) -> (y (B, T, d_out), s_T).
 
     A per-channel LTI form (``channel_layout``) gets :class:`ChannelChunkForm`, a
-    SequentialStepForm its parts' chunk forms, any other form (a third-party one, LRU's dense
-    step) :class:`LoopChunkForm`. ``closed=False`` forces the loop (a reference in tests).
+    DiagonalStepForm :class:`DiagonalChunkForm`, a SequentialStepForm its parts' chunk forms, a
+    form with a ``chunk_form(T)`` method what it returns, any other form :class:`LoopChunkForm`
+    (T steps unrolled: the same results). ``closed=False`` forces the loop (a reference in tests).
     """
     T = check_chunk(T)
+    if closed is False:
+        return LoopChunkForm(form, T)
     if isinstance(form, SequentialStepForm):
-        return SequentialChunkForm(form, T) if closed is not False else LoopChunkForm(form, T)
-    if closed is not False and getattr(form, "channel_layout", None) in CHANNEL_LAYOUTS:
+        return SequentialChunkForm(form, T)
+    if isinstance(form, DiagonalStepForm):
+        return DiagonalChunkForm(form, T)
+    if getattr(form, "channel_layout", None) in CHANNEL_LAYOUTS:
         return ChannelChunkForm(form, T)
-    return LoopChunkForm(form, T)
+    own = getattr(form, "chunk_form", None)          # a third-party form's own closed chunk form
+    return own(T) if callable(own) else LoopChunkForm(form, T)

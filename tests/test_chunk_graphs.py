@@ -16,12 +16,12 @@ import pytest
 import torch
 
 import lrnnx_zoo
-from lrnnx_zoo.chunk_forms import (ChannelChunkForm, LoopChunkForm, SequentialChunkForm, channel_system,
-                                   chunk_form, rotation_parts)
+from lrnnx_zoo.chunk_forms import (ChannelChunkForm, DiagonalChunkForm, LoopChunkForm, SequentialChunkForm,
+                                   channel_system, chunk_form, rotation_parts)
 from lrnnx_zoo.export import OnnxStreamer, to_onnx, to_torch_export, to_torchscript
 from lrnnx_zoo.export.chunk_graph import build_chunk_module
 from lrnnx_zoo.export.step_graph import build_step_module
-from lrnnx_zoo.step_forms import step_form_dtype
+from lrnnx_zoo.step_forms import DiagonalStepForm, StepForm, step_form_dtype
 
 FAMILIES = ["fftconv", "lru", "s4", "s4d"]
 REL = 1e-5
@@ -46,6 +46,14 @@ def per_channel_forms():
              "fftconv-lru": float32_form(lrnnx_zoo.create_layer("fftconv", 6, d_state=8, kernel_type="lru")),
              "s4-linear": s4_form("linear"), "s4-dense": s4_form("dense"),
              "s4-diagonal": s4_form("diagonal", measure="fourier")}
+    lru = lrnnx_zoo.create_layer("lru", 6, d_state=8, r_min=0.9, r_max=0.999)
+    forms["lru-fused"] = float32_form(lru)
+    with step_form_dtype(torch.float32):         # the form of blocks too large to fuse, as hi + lo poles
+        lam = torch.exp(lru.log_lambda(torch.complex128))
+        B = torch.complex(lru.B_re, lru.B_im).double() * torch.exp(lru.gamma_log.double()).unsqueeze(-1)
+        forms["lru-unfused"] = DiagonalStepForm(lam, B, torch.complex(lru.C_re, lru.C_im).double(), lru.D.double(),
+                                                fuse=False).float()
+    assert forms["lru-fused"].fused and not forms["lru-unfused"].fused
     return forms
 
 
@@ -77,7 +85,7 @@ def rel(a, b):
 def test_chunk_form_equals_its_steps_over_several_chunks(name, T):
     form = FORMS[name]
     chunk = chunk_form(form, T)
-    assert isinstance(chunk, (ChannelChunkForm, SequentialChunkForm))
+    assert isinstance(chunk, (ChannelChunkForm, DiagonalChunkForm, SequentialChunkForm))
     g = torch.Generator().manual_seed(1)
     u = torch.randn(3, 4 * T, form.d_input, generator=g)
     s0 = 0.3 * torch.randn(3, form.state_size, generator=g)          # a stream already under way
@@ -115,16 +123,30 @@ def test_channel_system_reads_a_diagonal_form_exactly():
     assert rotation_parts(A, A) is not None
 
 
+class _TanhStep(StepForm):
+    """A nonlinear step form (no closed chunk form): s' = tanh(s + u), y = 2 s'."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.state_size = self.d_input = self.d_output = width
+
+    def forward(self, u, s):
+        s = torch.tanh(s + u)
+        return 2 * s, s
+
+
 def test_a_form_without_a_closed_chunk_form_loops_with_the_same_results():
-    torch.manual_seed(0)
-    form = float32_form(lrnnx_zoo.create_layer("lru", 6, d_state=4))
+    form = _TanhStep(6)
     chunk = chunk_form(form, 5)
     assert isinstance(chunk, LoopChunkForm)
-    u, s0 = torch.randn(2, 10, 6), torch.randn(2, form.state_size)
+    u, s0 = torch.randn(2, 10, 6), torch.randn(2, 6)
     y_ref, s_ref = stepped(form, u, s0)
     y, s = chunked(chunk, u, s0)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    form.chunk_form = lambda T: ("its own", T)          # a form may bring its own chunk form
+    assert chunk_form(form, 5) == ("its own", 5)
+    assert isinstance(chunk_form(FORMS["s4d"], 5, closed=False), LoopChunkForm)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.0, True, None, "8"])
