@@ -7,6 +7,8 @@ Columns:
   OnnxStreamer, the model's eager ``SequenceModel.step``, the traced TorchScript step, the
   torch.export (.pt2) step; ratios eager/ONNX and TorchScript/ONNX;
 - tokens/s at batch 64 (ONNX step graph, and eager step; interleaved, both on one thread);
+- chunk graphs (``to_onnx(..., chunk=32)``): us per time step at batch 1, one 32-step call against
+  32 calls of the step graph (interleaved), tokens/s at batch 64, and the 4096-step sequence in chunks;
 - a 4096-step sequence at batch 1: streamed through the ONNX step graph vs the model's
   convolution-mode forward of the whole sequence, and vs ``model.prefill`` (the forward and the
   state after it, to stream on from).
@@ -19,6 +21,7 @@ that column vary 8 -> 13-19 ms a step between runs (4-block S4D); ONNX Runtime h
     python benchmarks/bench_export.py [--steps 500] [--families lru s4d] [--compare-exporters]
     python benchmarks/bench_export.py --smoke     # a 1-block, d_model=16 model: checks that it runs
     python benchmarks/bench_export.py --default-allocator   # glibc's default malloc (page faults too)
+    python benchmarks/bench_export.py --chunk 16           # the chunk graphs' steps per call (default 32)
 """
 
 from __future__ import annotations
@@ -88,8 +91,30 @@ def batch64_throughput(model, onnx_res, steps: int) -> Dict[str, float]:
     return {"onnx_tok_s_b64": 64e6 / t["onnx"], "eager_tok_s_b64": 64e6 / t["eager"]}
 
 
-def bench_family(layer: str, tmp: Path, steps: int, compare: bool, sizes: Dict[str, int] = SIZES["full"]
-                 ) -> Dict[str, float]:
+def chunk_latencies(onnx_res, chunk_res, chunk: int, steps: int) -> Dict[str, float]:
+    """us per time step at batch 1 of the chunk graph (one call: ``chunk`` steps) and of the step
+    graph (``chunk`` calls), interleaved; and tokens/s of the chunk graph at batch 64."""
+    stepper, chunker = OnnxStreamer(onnx_res.path), OnnxStreamer(chunk_res.path)
+    stepper.reset(1)
+    chunker.reset(1)
+    rng = np.random.default_rng(0)
+    x_t = rng.standard_normal((1, 16)).astype(np.float32)
+    x_c = rng.standard_normal((1, chunk, 16)).astype(np.float32)
+
+    def steps_of_a_chunk():
+        for _ in range(chunk):
+            stepper.step(x_t)
+    t = interleaved_steps({"chunk": lambda: chunker.step(x_c), "steps": steps_of_a_chunk},
+                          max(steps // chunk, 20), rounds=10, warmup=3)
+    chunker.reset(64)
+    x64 = rng.standard_normal((64, chunk, 16)).astype(np.float32)
+    t64 = interleaved_steps({"chunk": lambda: chunker.step(x64)}, 20, rounds=5, warmup=3)
+    return {"chunk_us": t["chunk"] / chunk, "chunk_steps_us": t["steps"] / chunk,
+            "chunk_tok_s_b64": 64e6 * chunk / t64["chunk"]}
+
+
+def bench_family(layer: str, tmp: Path, steps: int, compare: bool, sizes: Dict[str, int] = SIZES["full"],
+                 chunk: int = 32) -> Dict[str, float]:
     model = build(layer, sizes["n_layers"], sizes["d_model"], sizes["d_state"])
     r = {}
     onnx_res = to_onnx(model, tmp / f"{layer}.onnx")
@@ -100,14 +125,22 @@ def bench_family(layer: str, tmp: Path, steps: int, compare: bool, sizes: Dict[s
     r["err"] = max(res.validation.max_abs_error for res in (onnx_res, ts_res, pt2_res))
     r.update(batch1_latencies(model, onnx_res, ts_res, pt2_res, steps))
     r.update(batch64_throughput(model, onnx_res, max(steps // 5, 50)))
+    chunk_res = to_onnx(model, tmp / f"{layer}-chunk.onnx", chunk=chunk)
+    r["chunk_kib"], r["chunk_nodes"] = chunk_res.graph["bytes"] / 1024, chunk_res.graph["nodes"]
+    r["chunk_err"] = chunk_res.validation.max_abs_error
+    r.update(chunk_latencies(onnx_res, chunk_res, chunk, steps))
     x = torch.randn(1, sizes["length"], 16)
-    streamer = OnnxStreamer(onnx_res.path)
-    stream_s, conv_s, prefill_s = [], [], []
+    streamer, chunker = OnnxStreamer(onnx_res.path), OnnxStreamer(chunk_res.path)
+    stream_s, chunked_s, conv_s, prefill_s = [], [], [], []
     for _ in range(3):
         streamer.reset(1)
         t0 = time.perf_counter()
         streamer.run(x)
         stream_s.append(time.perf_counter() - t0)
+        chunker.reset(1)
+        t0 = time.perf_counter()
+        chunker.run(x)
+        chunked_s.append(time.perf_counter() - t0)
         with torch.no_grad():
             t0 = time.perf_counter()
             model(x)
@@ -116,6 +149,7 @@ def bench_family(layer: str, tmp: Path, steps: int, compare: bool, sizes: Dict[s
             model.prefill(x)             # forward and the state after it, to stream on from
             prefill_s.append(time.perf_counter() - t0)
     r["stream_ms"] = 1e3 * min(stream_s)
+    r["chunked_ms"] = 1e3 * min(chunked_s)
     r["conv_ms"] = 1e3 * min(conv_s)
     r["prefill_ms"] = 1e3 * min(prefill_s)
     if compare:
@@ -133,6 +167,7 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--compare-exporters", action="store_true", help="also time the legacy torch.onnx exporter's graph")
     p.add_argument("--smoke", action="store_true", help="a 1-block, d_model=16, d_state=8 model and a 256-step "
                                                         "sequence: checks that it runs")
+    p.add_argument("--chunk", type=int, default=32, help="steps per call of the chunk graphs timed beside (default 32)")
     p.add_argument("--default-allocator", action="store_true",
                    help="do not call lrnnx_zoo.runtime.tune_allocator (eager columns pay page faults)")
     args = p.parse_args(argv)
@@ -145,7 +180,7 @@ def main(argv: List[str] = None) -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for layer in families:
-            rows[layer] = bench_family(layer, Path(tmp), args.steps, args.compare_exporters, sizes)
+            rows[layer] = bench_family(layer, Path(tmp), args.steps, args.compare_exporters, sizes, args.chunk)
     n = sizes["length"]
     print(f"\nper-step latency at batch 1 (median of {args.steps // 10 * 10} steps in 10 interleaved rounds, us), "
           f"{sizes['n_layers']} x d_model={sizes['d_model']}, d_state={sizes['d_state']}; "
@@ -159,6 +194,15 @@ def main(argv: List[str] = None) -> None:
               f"{r['ts_us']:>8.1f}{r['pt2_us']:>8.1f}{r['eager_us'] / r['onnx_us']:>10.1f}x"
               f"{r['ts_us'] / r['onnx_us']:>7.1f}x{r['onnx_tok_s_b64']:>15,.0f}{r['eager_tok_s_b64']:>16,.0f}"
               f"{r['stream_ms']:>15.1f}{r['conv_ms']:>13.1f}{r['prefill_ms']:>16.1f}")
+    c = args.chunk
+    print(f"\nchunk graphs (to_onnx(..., chunk={c})): us per time step at batch 1, one call of {c} steps against "
+          f"{c} calls of the step graph, interleaved")
+    print(f"{'family':<10}{'nodes':>6}{'KiB':>7}{'max err':>9}{'chunk':>8}{'steps':>8}{'steps/chunk':>12}"
+          f"{'chunk tok/s b64':>16}{f'{n} chunked ms':>16}{f'{n} stream ms':>15}{f'{n} conv ms':>13}")
+    for layer, r in rows.items():
+        print(f"{layer:<10}{r['chunk_nodes']:>6}{r['chunk_kib']:>7.0f}{r['chunk_err']:>9.1e}{r['chunk_us']:>8.2f}"
+              f"{r['chunk_steps_us']:>8.1f}{r['chunk_steps_us'] / r['chunk_us']:>11.1f}x{r['chunk_tok_s_b64']:>16,.0f}"
+              f"{r['chunked_ms']:>16.1f}{r['stream_ms']:>15.1f}{r['conv_ms']:>13.1f}")
     if args.compare_exporters:
         print("\nexporter comparison (ONNX nodes, us/step at batch 1):")
         for layer, r in rows.items():
