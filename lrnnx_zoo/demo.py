@@ -4,7 +4,9 @@
 2. export it to an ONNX step graph (validated against the PyTorch model before it is written);
 3. stream the whole evaluation set through ONNX Runtime one step at a time from a zero state;
 4. print the parity between the streamed and the PyTorch outputs, both scores, and the
-   per-step latency at batch 1 against the PyTorch model's own eager step.
+   per-step latency at batch 1 against the PyTorch model's own eager step;
+5. export a chunk graph (32 steps per call) and print its parity with the step stream and its
+   latency per step.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def run(name: str, out_dir: Path, steps: int) -> int:
     x = data.x_test.numpy()
     t = time.perf_counter()
     streamed = torch.from_numpy(streamer.run(x))
+    stepped = streamed.numpy()           # every step's output, for the chunk graph's parity
     n_steps = x.shape[0] * x.shape[1]
     print(f"streamed   : {x.shape[0]} sequences x {x.shape[1]} steps through ONNX Runtime "
           f"({time.perf_counter() - t:.1f} s)")
@@ -77,9 +80,33 @@ def run(name: str, out_dir: Path, steps: int) -> int:
         eager_us = time_steps(lambda: model.step(xt, cache), steps)["median_us"]
     print(f"latency    : {onnx_us:.1f} us/step ONNX Runtime vs {eager_us:.1f} us/step eager PyTorch "
           f"at batch 1 ({eager_us / onnx_us:.1f}x)")
-    ok = parity < 1e-4 and handover < 1e-4
+    chunked = _chunk_graph(model, out_dir / f"{name}-chunk{CHUNK}.onnx", x, stepped, onnx_us, steps)
+    ok = parity < 1e-4 and handover < 1e-4 and chunked < 1e-4
     print("result     : " + ("OK" if ok else "PARITY FAILED") + "\n")
     return 0 if ok else 1
+
+
+CHUNK = 32
+
+
+def _chunk_graph(model, path: Path, x, stepped, step_us: float, steps: int) -> float:
+    """Export a chunk graph of CHUNK steps per call, stream the sequences' whole chunks through it
+    and time it at batch 1; returns max |chunk stream - step stream|."""
+    import numpy as np
+    from .export import OnnxStreamer, to_onnx
+    from .export.latency import time_steps
+
+    result = to_onnx(model, path, chunk=CHUNK)
+    streamer = OnnxStreamer(result.path)
+    n = x.shape[1] // CHUNK * CHUNK
+    diff = float(np.abs(streamer.run(x[:, :n]) - stepped[:, :n]).max()) if n else 0.0
+    streamer.reset(1)
+    frame = np.random.default_rng(0).standard_normal((1, CHUNK, x.shape[2])).astype(np.float32)
+    us = time_steps(lambda: streamer.step(frame), max(steps // CHUNK, 20))["median_us"] / CHUNK
+    print(f"chunked    : {us:.2f} us/step through a chunk graph of {CHUNK} steps per call ({step_us / us:.1f}x the "
+          f"step graph; {Path(result.path).stat().st_size / 1024:.0f} KiB); max |chunk - step stream| = {diff:.2e} "
+          f"over {x.shape[0] * n} steps")
+    return diff
 
 
 def _prefill_then_stream(model, graph, x) -> float:
