@@ -267,7 +267,8 @@ class LRUKernel(SSMKernel):
             return self.cached_kernel((L, rate), lambda: self._kernel(vdm, L, rate)[0]), None
         return self._kernel(vdm, L, rate, state)
 
-    def _kernel(self, vdm, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    def _kernel(self, vdm, L: int, rate: float = 1.0,
+                state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """K[c, h, l] = Re(sum_n C gamma B lam^l): (C, H, L), and given ``state`` x_{-1}, its zero-input
         response y_l = Re(sum_n C lam^{l+1} x_{-1}), at sampling rate ``rate``. As for S4D, the exponents
         are formed in float64 (a float32 log lam moved the float32 kernel by 3e-6 relative at L=4096,
