@@ -428,7 +428,8 @@ class LTI_LRNN(LRNN):
 
         Default: hand the rate to the layer's SSM kernel (its ``kernel`` attribute,
         :meth:`~lrnnx_zoo.ssm_kernel.SSMKernel.resample_`). A layer without one has no timescale
-        the zoo knows of (per-sample poles, no dt): a NotImplementedError names it."""
+        the zoo knows of: a NotImplementedError names it. Layers with per-sample poles may override
+        this (the LRU reads them as a zero-order-hold sampling, :meth:`~lrnnx_zoo.plugins.lru.LRU.resample_`)."""
         kernel = getattr(self, "kernel", None)
         if not callable(getattr(kernel, "resample_", None)):
             raise NotImplementedError(

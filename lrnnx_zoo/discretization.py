@@ -9,10 +9,16 @@ Diagonal systems take A as a (complex) tensor of eigenvalues; dense systems take
 - ``dirac`` (input as an impulse at each sample): A_bar = exp(dt A),   B_bar = B
 - ``async`` (event-driven, per-step dt_k; LTV only): A_bar_k = exp(dt_k A), B_bar_k = dt_k B
 - ``no_discretization`` (the parameters are already discrete, as in LRU): A_bar = A, B_bar = B
+
+Resampling already-discrete diagonal systems (:func:`zoh_resample_diag`): a pole lam read as the ZOH
+sampling at step dt of a continuous pole a = log(lam) / dt (the principal logarithm, Im in (-pi, pi]:
+the lowest-frequency system with those samples, as MATLAB's d2c) is sampled again at dt / rate:
+log lam' = log(lam) / rate,  B' = B (lam' - 1) / (lam - 1)  (ZOH above: B_d = (e^{a dt} - 1) / a B_c).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -38,6 +44,42 @@ def zoh_diag(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Option
     zero = A == 0
     ratio = torch.expm1(dtA) / torch.where(zero, torch.ones_like(A), A)
     return A_bar, _scale(B, torch.where(zero, dt * torch.ones_like(dtA), ratio))
+
+
+def principal_log(log_lam: Tensor) -> Tensor:
+    """The principal logarithm of exp(log_lam): Re kept, Im wrapped into (-pi, pi].  log_lam: (...) complex.
+
+    Im - 2 pi ceil((Im - pi) / (2 pi)): one subtraction of a multiple of 2 pi, so an Im already in
+    (-pi, pi] comes back bit for bit (atan2(sin, cos) would round it)."""
+    turns = torch.ceil((log_lam.imag - math.pi) / (2 * math.pi))
+    return torch.complex(log_lam.real, log_lam.imag - 2 * math.pi * turns)
+
+
+def zoh_resample_diag(log_lam: Tensor, B: Optional[Tensor], rate: float) -> tuple[Tensor, Optional[Tensor]]:
+    """A discrete diagonal system read as the ZOH sampling (:func:`zoh_diag`) at step dt of a
+    continuous one, sampled again at dt / ``rate`` (rate samples per old sample).
+
+    With a = principal_log(log lam) / dt (the band-limited continuous pole) and B = (e^{a dt} - 1) / a B_c:
+
+        log lam' = principal_log(log lam) / rate,      B' = B expm1(log lam') / expm1(log lam)
+
+    (dt cancels). expm1 keeps a slow pole's ratio exact: (lam' - 1) / (lam - 1) at |1 - lam| = 1e-6
+    loses ~1e-10 to cancellation in float64. The new phase may be negative (a phase in (pi, 2 pi) is
+    the negative frequency phase - 2 pi) or, for rate < 1, beyond pi: a mode above the new Nyquist
+    frequency, which later samples cannot tell from its principal alias.
+
+    Args:
+        log_lam: (..., N) complex, log of the poles (any branch: only exp(log_lam) is read).
+        B: input matrix broadcastable against log_lam (e.g. (..., H, N) for (N,) poles), or None.
+        rate: a finite number > 0 (callers check it, e.g. with ``check_rate``).
+    Returns:
+        (log lam', B'): log_lam's shape and the broadcast shape, complex128 (computed in float64).
+    """
+    log_lam = principal_log(log_lam.to(torch.complex128))
+    new = log_lam / rate
+    if B is None:
+        return new, None
+    return new, B.to(torch.complex128) * (torch.expm1(new) / torch.expm1(log_lam))
 
 
 def bilinear_diag(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:

@@ -356,8 +356,11 @@ class SequenceModel(HubMixin, nn.Module):
         (:meth:`~lrnnx_zoo.base.LTI_LRNN.resample_`): a layer's kernel at rate 1 is then this
         model's kernel at ``rate``, and forward, prefill, step, save_pretrained and every export
         run at that rate with no other change. A window counted in samples (fftconv's l_max) keeps
-        its duration, round(l_max * rate) samples, in the copy's config. Layers without a timescale
-        (LRU: per-sample poles) raise NotImplementedError. rate 1 gives an equal copy.
+        its duration, round(l_max * rate) samples, in the copy's config. The LRU's per-sample poles
+        are read as the zero-order-hold sampling of a continuous system (principal logarithm) and
+        sampled again (:meth:`~lrnnx_zoo.plugins.lru.LRU.resample_`; at rate < 1 a mode above the new
+        Nyquist frequency folds back). A layer the zoo cannot resample (one without ``resample_`` or an
+        SSM kernel with a timescale) raises NotImplementedError. rate 1 gives an equal copy.
 
         Provenance: the copy's ``checkpoint_info`` keeps the task and dataset but not the metrics,
         command and notes (they are the original's, at its rate); its ``resampled`` record says

@@ -11,7 +11,9 @@ outputs each, and evaluates them three ways that must agree:
 
 ``rate`` is the relative sampling rate: the step becomes dt / rate, so a kernel at rate 0.5
 equals the kernel of the same system with dt doubled (each sample covers twice the time).
-Kernels without a dt (already-discrete parameterisations) accept only rate 1.
+Kernels without a dt (already-discrete parameterisations) read their poles as the zero-order-hold
+sampling of a continuous system (LRUKernel, :func:`~lrnnx_zoo.discretization.zoh_resample_diag`),
+or accept only rate 1.
 
 Families register kernel classes as backends of kind "ssm_kernel", so FFT convolution can wrap
 any of them by name: ``registry.add_backend("ssm_kernel", "s4d", S4DKernel)``.
@@ -257,8 +259,9 @@ class SSMKernel(nn.Module):
         evaluation path (kernel, spectrum, step form, state passing) and the saved weights see it.
 
         A kernel whose parameters are already discrete (one pole per sample, no ``log_dt``) has no
-        timescale: a NotImplementedError says so. Kernels storing something else that depends on dt
-        override this (S4's C~)."""
+        timescale here: a NotImplementedError says so, unless it overrides this (LRUKernel: its poles
+        read as a zero-order-hold sampling). Kernels storing something else that depends on dt
+        override it too (S4's C~)."""
         rate = check_rate(rate, f"{type(self).__name__}.resample_")
         log_dt = getattr(self, "log_dt", None)
         if not isinstance(log_dt, Tensor):

@@ -7,21 +7,29 @@ with the exponential parameterisation lam = exp(-exp(nu_log) + i exp(theta_log))
 the ring initialisation |lam| ~ U[r_min, r_max] in area, arg(lam) ~ U[0, max_phase] (Lemma 3.2),
 and the normalisation gamma = sqrt(1 - |lam|^2) (sec. 3.3). The parameters are already discrete,
 so the discretization is ``no_discretization``.
+
+Another sampling rate (``resample_``, ``LRUKernel.forward(L, rate)``): the poles are read as the
+zero-order-hold sampling at a step dt of the continuous diagonal system with poles log(lam) / dt
+(principal logarithm) and input matrix B_c, and sampled again at dt / rate
+(:func:`~lrnnx_zoo.discretization.zoh_resample_diag`). A new phase below 0 cannot be stored as
+exp(theta_log): as the input is real and the readout Re(C x), the mode (conj lam, conj B, conj C)
+gives the same outputs, and is stored instead (:func:`resampled_modes`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import LTI_LRNN, check_reals, check_sizes, mask_padding, ordinary_tensor, parameter_dtype, right_aligned
+from lrnnx_zoo.discretization import zoh_resample_diag
 from lrnnx_zoo.modal import channel_final_state, channel_kernel, final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, get_initializer
-from lrnnx_zoo.ssm_kernel import SSMKernel
+from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate
 from lrnnx_zoo.step_forms import ChannelDiagonalStepForm, DiagonalStepForm
 
 
@@ -48,6 +56,33 @@ def gamma_log_init(nu_log: Tensor) -> Tensor:
     Clamped at gamma = 1e-6 (|lam| = 1 would give log 0)."""
     nu = torch.exp(nu_log.detach().to(torch.float64))
     return (0.5 * torch.log(-torch.expm1(-2 * nu))).clamp_min(math.log(1e-6)).to(nu_log.dtype)
+
+
+def resampled_modes(nu_log: Tensor, theta_log: Tensor, gamma_log: Tensor, B: Tensor, rate: float
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The stored parameters of LRU modes sampled at ``rate`` (:func:`~lrnnx_zoo.discretization.zoh_resample_diag`
+    of lam = exp(-exp(nu_log) + i exp(theta_log)) and gamma * B), in float64.
+
+    Where the new phase is negative, the conjugate mode is returned (the caller conjugates that mode's C
+    too: with a real input and the readout Re(C x), (conj lam, conj B, conj C) gives the same output), so
+    that theta = exp(theta_log) stays > 0. A zero phase is clamped at 1e-12, as :func:`ring_init` does.
+    gamma_log is kept: B absorbs the change (B' / gamma).
+
+    Args:
+        nu_log, theta_log, gamma_log: (*S) real, e.g. (N,) or (H, N).
+        B: the un-normalised input matrix, complex, broadcastable against (*S) (e.g. (H, N) for (N,) modes).
+        rate: a finite number > 0.
+    Returns:
+        (nu_log', theta_log') (*S) float64, B' complex128 of B's broadcast shape, and ``conjugated``:
+        (*S) bool, the modes stored as their conjugate.
+    """
+    nu_log, theta_log, gamma_log = (t.detach().to(torch.float64) for t in (nu_log, theta_log, gamma_log))
+    gamma = torch.exp(gamma_log)
+    log_lam, B_norm = zoh_resample_diag(torch.complex(-torch.exp(nu_log), torch.exp(theta_log)), B * gamma, rate)
+    conjugated = log_lam.imag < 0
+    log_lam = torch.where(conjugated, log_lam.conj(), log_lam)
+    B_norm = torch.where(conjugated, B_norm.conj(), B_norm)
+    return (torch.log(-log_lam.real), torch.log(log_lam.imag.clamp_min(1e-12)), B_norm / gamma, conjugated)
 
 
 class LRU(LTI_LRNN):
@@ -127,6 +162,26 @@ class LRU(LTI_LRNN):
         _, B, _ = self.discretize()
         return final_state(x, self.log_lambda(torch.complex128), B, initial_state)
 
+    @torch.no_grad()
+    def resample_(self, rate: float) -> Dict[str, Any]:
+        """Make this LRU, in place, the same continuous-time system sampled at ``rate`` (step dt / rate):
+        its poles read as the ZOH sampling of a continuous system (principal logarithm; module docstring),
+        B and, on modes stored conjugated, C transformed in float64 and rounded once to the parameters'
+        dtype (:func:`resampled_modes`). At rate < 1 a mode above the new Nyquist frequency (phase per
+        new sample beyond pi) folds back: resampling at 1 / rate afterwards gives its alias. Returns {}
+        (no constructor argument changes); rate 1 changes nothing."""
+        rate = check_rate(rate, "LRU.resample_")
+        if rate == 1.0:
+            return {}
+        B = torch.complex(self.B_re.detach().double(), self.B_im.detach().double())       # (N, H)
+        nu_log, theta_log, B, conjugated = resampled_modes(self.nu_log, self.theta_log, self.gamma_log, B.T, rate)
+        self.nu_log.copy_(nu_log)
+        self.theta_log.copy_(theta_log)
+        self.B_re.copy_(B.real.T)
+        self.B_im.copy_(B.imag.T)
+        self.C_im.copy_(torch.where(conjugated, -self.C_im, self.C_im))
+        return {}
+
     def _check_initial_state(self, initial_state: Optional[Tensor], batch: int) -> None:
         """Raise unless initial_state is None, (batch, N) or (N,): the fft backend failed in a
         broadcast on other shapes, and read an (N,) state as (N, 1) (wrong outputs when L == N)."""
@@ -166,7 +221,8 @@ class LRUKernel(SSMKernel):
         d_model: H.  d_state: N complex modes per channel (no conjugate halving: y = Re(C x)).
         channels: C outputs per channel.  r_min, r_max, max_phase, init: as for :class:`LRU`.
         backend: Vandermonde backend "torch", "keops" or "auto".
-    The parameters are already discrete: there is no dt, so only ``rate=1`` is accepted.
+    The parameters are already discrete; ``rate`` reads them as the ZOH sampling of a continuous
+    system and samples it at dt / rate, as :meth:`LRU.resample_` (module docstring).
     State for state passing: (B, H, N) complex, the previous step's x.
     """
 
@@ -192,35 +248,50 @@ class LRUKernel(SSMKernel):
         self.C = nn.Parameter(torch.randn(channels, H, N, 2) * math.sqrt(0.5 / N))
         self.gamma_log = nn.Parameter(gamma_log_init(self.nu_log))
 
-    @staticmethod
-    def _check_rate(rate: float) -> None:
-        if rate != 1.0:
-            raise ValueError(f"LRUKernel is parameterised in discrete time (no dt), so it has one sampling "
-                             f"rate: expected rate=1.0, got rate={rate}. Use a kernel with a dt (e.g. 's4d') "
-                             f"to change the rate.")
-
-    def discretize(self, dtype: torch.dtype = torch.complex64) -> Tuple[Tensor, Tensor, Tensor]:
-        """log lam: (H, N), gamma * B: (H, N), C: (C, H, N), all complex (of ``dtype``'s precision)."""
+    def discretize(self, dtype: torch.dtype = torch.complex64, rate: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]:
+        """log lam: (H, N), gamma * B: (H, N), C: (C, H, N), all complex (of ``dtype``'s precision), at
+        sampling rate ``rate`` (:func:`~lrnnx_zoo.discretization.zoh_resample_diag`, in float64; the
+        new phase may be negative, which the complex arithmetic takes as it is)."""
         real = torch.float64 if dtype == torch.complex128 else self.nu_log.dtype
         log_lam = torch.complex(-torch.exp(self.nu_log.to(real)), torch.exp(self.theta_log.to(real)))
         B = torch.view_as_complex(self.B.to(real)) * torch.exp(self.gamma_log.to(real))
+        if rate != 1.0:
+            complex_dtype = log_lam.dtype
+            log_lam, B = (t.to(complex_dtype) for t in zoh_resample_diag(log_lam, B, rate))
         return log_lam, B, torch.view_as_complex(self.C.to(real))
 
     def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        self._check_rate(rate)
+        rate = check_rate(rate, "LRUKernel")
         vdm = get_backend("vandermonde", self.backend)
         if state is None:
-            return self.cached_kernel((L,), lambda: self._kernel(vdm, L)[0]), None
-        return self._kernel(vdm, L, state)
+            return self.cached_kernel((L, rate), lambda: self._kernel(vdm, L, rate)[0]), None
+        return self._kernel(vdm, L, rate, state)
 
-    def _kernel(self, vdm, L: int, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    def _kernel(self, vdm, L: int, rate: float = 1.0,
+                state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """K[c, h, l] = Re(sum_n C gamma B lam^l): (C, H, L), and given ``state`` x_{-1}, its zero-input
-        response y_l = Re(sum_n C lam^{l+1} x_{-1}). As for S4D, the exponents are formed in float64
-        (a float32 log lam moved the float32 kernel by 3e-6 relative at L=4096, against 2e-7) and
-        the Vandermonde product runs in the parameters' precision."""
-        log_lam, B, C = self.discretize(torch.complex128)
+        response y_l = Re(sum_n C lam^{l+1} x_{-1}), at sampling rate ``rate``. As for S4D, the exponents
+        are formed in float64 (a float32 log lam moved the float32 kernel by 3e-6 relative at L=4096,
+        against 2e-7) and the Vandermonde product runs in the parameters' precision."""
+        log_lam, B, C = self.discretize(torch.complex128, rate)
         # vdm returns 2 Re(sum v lam^l) (conjugate-pair convention); the LRU reads Re(C x): halve C.
         return channel_kernel(vdm, 0.5 * C * B, torch.exp(log_lam), log_lam, L, self.nu_log.dtype, 0.5 * C, state)
+
+    @torch.no_grad()
+    def resample_(self, rate: float) -> None:
+        """Make this kernel, in place, the same continuous-time system sampled at ``rate``: ``forward(L)``
+        then equals the old ``forward(L, rate)`` (its state response: from the state conjugated on the
+        modes stored conjugated), and the step form and state passing follow. As :meth:`LRU.resample_`:
+        :func:`resampled_modes` in float64, rounded once to the parameters' dtype; rate 1 changes nothing."""
+        rate = check_rate(rate, "LRUKernel.resample_")
+        if rate == 1.0:
+            return
+        B = torch.view_as_complex(self.B.detach().double().contiguous())                  # (H, N)
+        nu_log, theta_log, B, conjugated = resampled_modes(self.nu_log, self.theta_log, self.gamma_log, B, rate)
+        self.nu_log.copy_(nu_log)
+        self.theta_log.copy_(theta_log)
+        self.B.copy_(torch.view_as_real(B))
+        self.C[..., 1].copy_(torch.where(conjugated, -self.C[..., 1], self.C[..., 1]))
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_state={self.d_state}, channels={self.channels}, backend={self.backend!r}"

@@ -16,6 +16,10 @@ RATES = (0.5, 2.0, 3.0)
 TIMED = [("s4d", {"d_state": 8}), ("s4", {"d_state": 8}), ("s4", {"d_state": 8, "discretization": "zoh"}),
          ("fftconv", {"d_state": 8, "l_max": 8}), ("fftconv", {"d_state": 8, "kernel_type": "s4", "channels": 2})]
 STREAMING = [c for c in TIMED if "l_max" not in c[1]]
+#: LRU's poles read as the ZOH sampling of a continuous system (principal logarithm): tests/test_lru_rate.py
+LRU_CASES = [("lru", {"d_state": 8}), ("fftconv", {"d_state": 8, "kernel_type": "lru"}),
+             ("fftconv", {"d_state": 8, "kernel_type": "lru", "l_max": 8, "channels": 2})]
+LRU_STREAMING = [c for c in LRU_CASES if "l_max" not in c[1]]
 
 
 def _model(layer, kw, dtype=torch.float32, n_layers=2, d_model=4, seed=0):
@@ -28,13 +32,17 @@ def _ids(cases):
     return [f"{layer}-{'-'.join(f'{k}={v}' for k, v in kw.items() if k != 'd_state')}" for layer, kw in cases]
 
 
+KERNEL_CASES = TIMED + [c for c in LRU_CASES if c[0] == "fftconv"]
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 5e-6)])
-@pytest.mark.parametrize("layer,kw", TIMED, ids=_ids(TIMED))
+@pytest.mark.parametrize("layer,kw", KERNEL_CASES, ids=_ids(KERNEL_CASES))
 def test_resampled_kernel_is_the_kernel_at_that_rate(layer, kw, dtype, tol):
     """The at_rate(r) layer's kernel at rate 1 equals the original's kernel at rate r (its own rate
     argument). float64: measured <= 3.4e-15 relative (S4's C~ is rebuilt in float64, the same code as
     the kernel's own rate path), tolerance 1e-12. float32: log_dt - log r is rounded once to float32
-    (half an ulp of |log dt| ~ 5, 2.4e-7 relative in dt), measured <= 8.9e-7, tolerance 5e-6."""
+    (half an ulp of |log dt| ~ 5, 2.4e-7 relative in dt), measured <= 8.9e-7, tolerance 5e-6; the lru
+    kernel's nu_log, theta_log and B rounded once, measured <= 1.3e-7."""
     m = _model(layer, kw, dtype, n_layers=1)
     m(torch.randn(2, 40, 2, dtype=dtype))           # S4: an internal length (C~) to resample
     before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -45,14 +53,16 @@ def test_resampled_kernel_is_the_kernel_at_that_rate(layer, kw, dtype, tol):
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())   # the original is unchanged
 
 
-@pytest.mark.parametrize("layer,kw", TIMED, ids=_ids(TIMED))
+@pytest.mark.parametrize("layer,kw", TIMED + LRU_CASES, ids=_ids(TIMED + LRU_CASES))
 def test_at_rate_and_back_gives_the_original(layer, kw):
     """at_rate(r).at_rate(1/r): log dt shifted there and back (two float32 roundings), S4's C~ rebuilt
-    twice in float64. Measured <= 9e-7 on outputs of size ~1 (float32), tolerance 1e-5."""
+    twice in float64. Measured <= 9e-7 on outputs of size ~1 (float32), tolerance 1e-5. LRU: its
+    parameters transformed there and back, each rounded to float32 (measured <= 1.3e-6); rates
+    >= 1 only, as a mode above the new Nyquist frequency at r < 1 folds back (tests/test_lru_rate.py)."""
     m = _model(layer, kw)
     x = torch.randn(2, 40, 2)
     y = m(x)
-    for r in RATES:
+    for r in RATES if kw.get("kernel_type", layer) != "lru" else [r for r in RATES if r >= 1]:
         back = m.at_rate(r).at_rate(1 / r)
         assert back.config == m.config
         assert (back(x) - y).abs().max().item() < 1e-5
@@ -65,10 +75,11 @@ def test_rate_one_is_an_equal_copy():
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), same.state_dict().values()))
 
 
-@pytest.mark.parametrize("layer,kw", STREAMING, ids=_ids(STREAMING))
+@pytest.mark.parametrize("layer,kw", STREAMING + LRU_STREAMING, ids=_ids(STREAMING + LRU_STREAMING))
 def test_step_prefill_and_forward_agree_at_the_new_rate(layer, kw):
     """Convolution (FFT) and recurrence (step form) of the resampled system: float32, 40 steps,
-    measured <= 1e-6, tolerance 1e-4 (the suite's float32 step-vs-forward bound)."""
+    measured <= 1e-6 (lru and the lru kernel: <= 1.7e-6), tolerance 1e-4 (the suite's float32
+    step-vs-forward bound)."""
     m = _model(layer, kw).at_rate(2.0)
     x = torch.randn(2, 40, 2)
     y = m(x)
@@ -139,14 +150,50 @@ def test_invalid_rates_are_refused(rate):
         m.at_rate(rate)
 
 
-@pytest.mark.parametrize("layer,kw,who", [("lru", {"d_state": 8}, "LRU"),
-                                          ("fftconv", {"d_state": 8, "kernel_type": "lru"}, "LRUKernel")])
-def test_layers_without_a_timescale_refuse(layer, kw, who):
-    m = _model(layer, kw, n_layers=1)
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(NotImplementedError, match=rf"{who} has no timescale to resample.*Retrain it"):
-        m.at_rate(2.0)
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+def test_layers_without_a_timescale_refuse():
+    """A layer the zoo cannot resample (a third-party layer without resample_ nor an SSM kernel; a
+    kernel without log_dt nor its own resample_): NotImplementedError, nothing changed."""
+    from lrnnx_zoo.base import LTI_LRNN
+    from lrnnx_zoo.ssm_kernel import SSMKernel
+
+    class PerSample(LTI_LRNN):
+        def __init__(self):
+            super().__init__("no_discretization")
+            self.lam = torch.nn.Parameter(torch.tensor([0.5]))
+
+        def discretize(self):
+            return self.lam, None, None
+
+        def compute_kernel(self, L):
+            return self.lam ** torch.arange(L)
+
+        def forward(self, x):
+            return x
+
+    class PerSampleKernel(SSMKernel):
+        def __init__(self):
+            super().__init__()
+            self.lam = torch.nn.Parameter(torch.tensor([0.5]))
+
+        forward = default_state = forward_state = step_form = None
+
+    layer = PerSample()
+    with pytest.raises(NotImplementedError, match=r"PerSample has no timescale to resample.*Retrain it"):
+        layer.resample_(2.0)
+    with pytest.raises(NotImplementedError, match=r"PerSampleKernel has no timescale to resample.*Retrain it"):
+        PerSampleKernel().resample_(2.0)
+    assert layer.lam.item() == 0.5
+
+
+@pytest.mark.parametrize("layer,kw", LRU_CASES, ids=_ids(LRU_CASES))
+def test_lru_at_rate_saves_and_reloads(layer, kw, tmp_path):
+    m = _model(layer, kw)
+    fast = m.at_rate(2.0)
+    x = torch.randn(2, 30, 2)
+    assert (fast(x) - m(x)).abs().max().item() > 1e-3          # another system: rate 2 is not rate 1
+    fast.save_pretrained(tmp_path / "ck")
+    assert torch.equal(lrnnx_zoo.from_pretrained(tmp_path / "ck")(x), fast(x))
+    assert fast.checkpoint_info["resampled"]["rate"] == 2.0
 
 
 def test_resampled_checkpoint_drops_its_metrics_and_says_so(tmp_path):
@@ -211,10 +258,16 @@ def test_export_command_refuses_bad_rates(tmp_path, capsys, rate):
     assert not (tmp_path / "o").exists()
 
 
-def test_export_command_with_rate_for_a_model_without_timescale_is_a_usage_error(tmp_path, capsys):
-    # `lrnnx-zoo export digits-lru --rate 2` ended in a NotImplementedError traceback
+def test_export_command_with_rate_for_lru(tmp_path):
+    # `lrnnx-zoo export digits-lru --rate 2` was a usage error (LRU "has no timescale"); its poles now
+    # read as the ZOH sampling of a continuous system, resampled like S4D's
     from lrnnx_zoo.cli import main
-    assert main(["export", "digits-lru", "--out", str(tmp_path / "o"), "--rate", "2"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("lrnnx-zoo export: LRU has no timescale to resample") and err.count("\n") == 1
-    assert not (tmp_path / "o").exists()
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "o"
+    assert main(["export", "digits-lru", "--out", str(out), "--rate", "2", "--latency-steps", "0",
+                 "--validation-length", "64"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["resampled"]["rate"] == 2.0 and cfg["resampled"]["from"] == "digits-lru" and cfg["metrics"] is None
+    assert cfg["source"] == "shipped:digits-lru (resampled at rate 2)"
+    assert cfg["validation"]["max_abs_error"] <= cfg["validation"]["tolerance"]
+    assert "Resampled from `digits-lru` at rate 2" in (out / "README.md").read_text()
