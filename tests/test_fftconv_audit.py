@@ -69,13 +69,13 @@ def test_windowed_state_passing_error_does_not_promise_chunks_agree(kind):
     assert "l_max=10 < L=30" in message and "untruncated system" in message and "first l_max=10 samples" in message
 
 
-@pytest.mark.parametrize("kind, rate", [(k, r) for k in KERNELS for r in (1.0, 0.5) if r == 1.0 or k != "lru"])
+@pytest.mark.parametrize("kind, rate", [(k, r) for k in KERNELS for r in (1.0, 0.5)])
 @torch.no_grad()
 def test_windowed_layer_compute_kernel_is_its_impulse_response(kind, rate):
     # FFTConvLayer(l_max=16).compute_kernel(L) returned the untruncated kernel: its taps past the
     # window (the largest 0.7 of max|K| at l_max=16, L=40) were not what forward convolves with, which are 0.
     # Impulse response of a one-channel layer (no channel mix) = K + D at lag 0, in float32 (1e-5
-    # relative: one FFT convolution's rounding). The lru kernel has no dt, so rate 1 only.
+    # relative: one FFT convolution's rounding).
     torch.manual_seed(0)
     layer = lrnnx_zoo.create_layer("fftconv", H, d_state=N, kernel_type=kind, l_max=16).eval()
     L, taps = 40, round(16 * rate)
@@ -157,8 +157,6 @@ def test_bidirectional_channels_window_against_sums_by_hand(kind, L, l_max, rate
     # y = causal conv with K[:C] + anti-causal conv with K[C:] + D u, the kernels cut to
     # round(l_max * rate) taps; each output channel c its own kernel. Inference (blocked) and
     # autograd paths, float64, 1e-10 relative.
-    if kind == "lru":
-        rate = 1.0                                                      # no dt: one rate
     m = make(kind, channels=2, bidirectional=True, l_max=l_max).double()
     u = torch.randn(B, H, L, dtype=torch.float64)
     taps = L if l_max is None else min(L, round(l_max * rate))

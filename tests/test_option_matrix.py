@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 import random
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -76,11 +77,16 @@ def s4d_system(k: S4DKernel, rate: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]
     return A_bar, B_bar, 2 * C
 
 
-def lru_kernel_system(k: LRUKernel) -> Tuple[Tensor, Tensor, Tensor]:
-    """LRUKernel: lam = exp(-exp(nu_log) + i exp(theta_log)), B_bar = gamma B, y = Re(C h)."""
+def lru_kernel_system(k: LRUKernel, rate: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]:
+    """LRUKernel: lam = exp(-exp(nu_log) + i exp(theta_log)), B_bar = gamma B, y = Re(C h); at a rate,
+    the ZOH sampling of the system with the principal log lam at step 1 / rate:
+    lam' = exp(log lam / rate), B' = B (lam' - 1) / (lam - 1)."""
     p = {n: t.detach().double() for n, t in k.named_parameters()}
-    lam = torch.exp(torch.complex(-torch.exp(p["nu_log"]), torch.exp(p["theta_log"])))
-    return lam, torch.view_as_complex(p["B"]) * torch.exp(p["gamma_log"]), torch.view_as_complex(p["C"])
+    theta = torch.remainder(torch.exp(p["theta_log"]) + math.pi, 2 * math.pi) - math.pi     # principal phase
+    log_lam = torch.complex(-torch.exp(p["nu_log"]), theta)
+    B = torch.view_as_complex(p["B"]) * torch.exp(p["gamma_log"])
+    lam, lam_r = torch.exp(log_lam), torch.exp(log_lam / rate)
+    return lam_r, B * (lam_r - 1) / (lam - 1), torch.view_as_complex(p["C"])
 
 
 def s4_system(k: SSKernelNPLR, rate: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]:
@@ -148,8 +154,7 @@ def system_of(kernel, rate: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]:
     if isinstance(kernel, S4DKernel):
         return s4d_system(kernel, rate)
     if isinstance(kernel, LRUKernel):
-        assert rate == 1.0
-        return lru_kernel_system(kernel)
+        return lru_kernel_system(kernel, rate)
     return s4_system(kernel, rate)
 
 
@@ -242,7 +247,7 @@ FFT_OPTIONS = dict(kind=KINDS, channels=(1, 2, 3), bidirectional=(False, True), 
                    swap=(False, True), L=(1, 2, 7, 13, 64), l_max=(None, 5, 40), batch=(1, 2), rate=(1.0, 0.5, 2.0),
                    lengths=(False, True), grad=(False, True), H=(1, 3), d_state=(1, 2, 3, 4),
                    dtype=(torch.float32, torch.float64), backend=(None, "torch", "keops"), kernel_options=tuple(range(11)))
-FFT_COMBOS = [c for c in option_sample(FFT_OPTIONS, 100, 0) if not (c["kind"] == "lru" and c["rate"] != 1.0)]
+FFT_COMBOS = option_sample(FFT_OPTIONS, 100, 0)
 
 
 @pytest.mark.parametrize("c", FFT_COMBOS, ids=ids(FFT_COMBOS))
@@ -605,7 +610,7 @@ def test_fftconv_layer_matches_the_loop(c):
 # -- gradients ---------------------------------------------------------------------------------
 GRAD_OPTIONS = dict(kind=KINDS, backend=("torch", "keops"), channels=(1, 2), mode=("bidirectional", "state", "rate"),
                     L=(1, 2, 5), kernel_options=(0, 1, 2))
-GRAD_COMBOS = [c for c in option_sample(GRAD_OPTIONS, 10, 8) if not (c["kind"] == "lru" and c["mode"] == "rate")]
+GRAD_COMBOS = option_sample(GRAD_OPTIONS, 10, 8)
 
 
 def gradcheck(f, inputs: Tuple[Tensor, ...]) -> None:

@@ -72,7 +72,7 @@ def test_kernel_cache_under_concurrent_lengths_and_rates(name):
     another thread had just evicted (KeyError) or iterated while another changed it."""
     torch.manual_seed(0)
     k = lrnnx_zoo.get_backend("ssm_kernel", name)(4, 8).eval()     # small: many cache look-ups a second
-    rates = (1.0, 0.5) if name != "lru" else (1.0,)          # lru's kernel has no dt: rate 1 only
+    rates = (1.0, 0.5)
     cases = [(L, r) for L in (24, 32, 40, 48, 64, 100, 128) for r in rates]
     run = lambda c: k(L=c[0], rate=c[1])[0]                   # noqa: E731
     with torch.no_grad():
