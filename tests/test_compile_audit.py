@@ -255,12 +255,33 @@ def test_s4_compiled_past_its_length_keeps_C_tilde_and_matches_eager(discretizat
     assert in_place.blocks[0].layer.kernel.length == 128 and kernel.length == 32
 
 
+@pytest.mark.parametrize("discretization", ["bilinear", "zoh"])
+@pytest.mark.parametrize("l_max, L, extended_to", [(32, 100, 128), (None, 45, 45), (32, 20, 32)])
+def test_s4_kernel_with_C_tilde_kept_equals_the_extended_one(discretization, l_max, L, extended_to):
+    # extend_length_in_place=False (what compiled graphs do): C~ for the covering length is taken on
+    # each call and the stored C and L stay. Past the length (32 -> 128) it is the float64 product eager
+    # applies in place, rounded once as eager stores it: the same float32 kernel (0 measured); from a
+    # cold start (no length: C~ for 64 against eager's 45) and for zoh only rounding apart (3e-7 and
+    # 4e-8 of the largest sample measured); 1e-6 relative is the margin.
+    from lrnnx_zoo.plugins.s4 import HippoSSKernel
+
+    torch.manual_seed(0)
+    extended = HippoSSKernel(8, N=8, L=l_max, discretization=discretization)
+    kept = copy.deepcopy(extended)
+    kept.extend_length_in_place = False
+    stored = kept.C.detach().clone()
+    K, K_kept = extended(L=L)[0], kept(L=L)[0]
+    torch.testing.assert_close(K_kept, K, rtol=0, atol=1e-6 * K.abs().max().item())
+    assert torch.equal(kept.C, stored) and kept.length == int(kept.L) == (l_max or 0)
+    assert extended.length == extended_to
+
+
 def test_s4_compiled_at_another_rate_matches_eager():
     # At rate != 1 the kernel takes C~ for (dt / rate, Ld) from the plain C, which eager does at Ld = L
     # (A_bar^L squared along L's bits: a graph per length compiled); compiled graphs use the next
     # power of two >= L and truncate, so one graph per range (2^(k-1), 2^k]: 64 static, (64, 128]
     # for 96 and 100, (32, 64] for 45. Eager at rate != 1 never rewrites C~: plain eager is the reference.
-    from plugins.s4.layer import S4
+    from lrnnx_zoo.plugins.s4 import S4
 
     torch.manual_seed(0)
     layer = S4(8, d_state=4, transposed=False)
