@@ -8,7 +8,9 @@ as real views (``view_as_real``) because optimisers and safetensors want real te
 kernel of length L is then Algorithm 1 without any matrix power ([S4] Algorithm 1, step 1; the
 paper learns C~ directly). ``L = 0`` means "no length yet": ``C`` is the plain C and the first
 forward converts it. ``double_length`` maps C~_L to C~_2L = (I + A_bar^L)^T C~_L, so the kernel
-(of the same underlying C) stays exact while growing.
+(of the same underlying C) stays exact while growing. Compiled graphs (and kernels with
+``extend_length_in_place = False``) write neither: a longer kernel takes C~ for a covering length on
+each call (:meth:`SSKernelNPLR._tilde_for`).
 
 ``rate`` is the relative sampling rate: the system (A, B, C, dt) is evaluated with dt / rate,
 exactly. At rate 1 the stored C~ is used as is (the fast path); at another rate C is recovered
@@ -495,8 +497,10 @@ class SSKernelNPLR(StepModes, SSMKernel):
 
         Also accepts the seed's argument order ``forward(state=None, rate=1.0, L=None)`` positionally.
         L defaults to the internal length at this rate. At rate 1 a longer L doubles the internal
-        length (C~ updated in place, kernel unchanged) and a shorter one truncates the internal-length
-        kernel; at another rate the kernel is computed for exactly L (module docstring).
+        length (C~ updated in place, kernel unchanged; in a compiled graph, or with
+        :attr:`extend_length_in_place` False, C~ for the doubled length is computed and not stored)
+        and a shorter one truncates the internal-length kernel; at another rate the kernel is
+        computed for exactly L (module docstring; in a compiled graph for the next power of two).
         Without autograd (inference) the last K is reused while L, rate and every parameter's
         content are unchanged: the kernel costs H N L / 4 Cauchy terms whatever the batch size.
         """
