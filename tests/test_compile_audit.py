@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import lrnnx_zoo
 from lrnnx_zoo import ModelConfig, SequenceModel
 
 FAMILIES = ["fftconv", "lru", "s4", "s4d"]
@@ -274,6 +275,23 @@ def test_s4_kernel_with_C_tilde_kept_equals_the_extended_one(discretization, l_m
     torch.testing.assert_close(K_kept, K, rtol=0, atol=1e-6 * K.abs().max().item())
     assert torch.equal(kept.C, stored) and kept.length == int(kept.L) == (l_max or 0)
     assert extended.length == extended_to
+
+
+def test_s4_with_C_tilde_kept_one_graph_over_two_lengths_backpropagates():
+    # m(x8) + m(x40) refuses its backward by default (the second forward rewrote C~; test_s4). With C~
+    # kept, as the length-guard error suggests, it runs, and its gradients are the sum of the two
+    # calls' own (float64: 1e-10, summation order apart).
+    torch.manual_seed(0)
+    layer = keep_lengths(lrnnx_zoo.create_layer("s4", 4, d_state=8, l_max=8).double())
+    x8, x40 = torch.randn(2, 8, 4, dtype=torch.float64), torch.randn(2, 40, 4, dtype=torch.float64)
+    (layer(x8).sum() + layer(x40).sum()).backward()
+    together = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    layer(x8).sum().backward()
+    layer(x40).sum().backward()
+    for a, p in zip(together, layer.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-10 * p.grad.abs().max().item())
+    assert layer.kernel.length == 8
 
 
 def test_s4_compiled_at_another_rate_matches_eager():

@@ -86,7 +86,9 @@ class _LengthGuard(torch.autograd.Function):
                 "S4 kernel: its stored C~ was rewritten between this forward and its backward (a forward on a "
                 "longer sequence than the kernel's internal length extends it, or double_length()), so this "
                 "graph's gradients belong to the old parameterisation. Run the longest sequence first, or set "
-                "the length before training (kernel(L=max_length), or l_max=max_length)") from exc
+                "the length before training (kernel(L=max_length), or l_max=max_length), or set "
+                "extend_length_in_place = False on the kernel (C~ for a longer sequence is then computed on "
+                "each call, not stored)") from exc
         return grad
 
 
