@@ -8,7 +8,9 @@ as real views (``view_as_real``) because optimisers and safetensors want real te
 kernel of length L is then Algorithm 1 without any matrix power ([S4] Algorithm 1, step 1; the
 paper learns C~ directly). ``L = 0`` means "no length yet": ``C`` is the plain C and the first
 forward converts it. ``double_length`` maps C~_L to C~_2L = (I + A_bar^L)^T C~_L, so the kernel
-(of the same underlying C) stays exact while growing.
+(of the same underlying C) stays exact while growing. Compiled graphs (and kernels with
+``extend_length_in_place = False``) write neither: a longer kernel takes C~ for a covering length on
+each call (:meth:`SSKernelNPLR._tilde_for`).
 
 ``rate`` is the relative sampling rate: the system (A, B, C, dt) is evaluated with dt / rate,
 exactly. At rate 1 the stored C~ is used as is (the fast path); at another rate C is recovered
@@ -84,7 +86,9 @@ class _LengthGuard(torch.autograd.Function):
                 "S4 kernel: its stored C~ was rewritten between this forward and its backward (a forward on a "
                 "longer sequence than the kernel's internal length extends it, or double_length()), so this "
                 "graph's gradients belong to the old parameterisation. Run the longest sequence first, or set "
-                "the length before training (kernel(L=max_length), or l_max=max_length)") from exc
+                "the length before training (kernel(L=max_length), or l_max=max_length), or set "
+                "extend_length_in_place = False on the kernel (C~ for a longer sequence is then computed on "
+                "each call, not stored)") from exc
         return grad
 
 
@@ -111,6 +115,24 @@ def check_state_pairs(who: str, name: str, N: int) -> None:
     d_state: the S4 layer, the S4 block, FFTConvS4 with the s4 kernel)."""
     if N % 2:
         raise ValueError(f"{who} {name} counts real states in conjugate pairs: an even number >= 2, got {N}")
+
+
+def _power_of_two_at_least(L: int) -> int:
+    """The smallest power of two >= L (L >= 1). Comparisons only: a symbolic L in a compiled graph
+    is guarded to its range (2^(k-1), 2^k], not pinned."""
+    n = 1
+    while n < L:
+        n *= 2
+    return n
+
+
+def _first_samples(K: Tensor, L: int) -> Tensor:
+    """K[..., :L]. In a compiled graph a copy (index_select): the view's contiguity, which depends on
+    whether L is K's whole length, was guarded on (L != Ld), so the length equal to the internal one
+    compiled a graph of its own."""
+    if torch.compiler.is_compiling():
+        return K.index_select(-1, torch.arange(L, device=K.device))
+    return K[..., :L]
 
 
 def _identity_minus_power(A: Tensor, L: int) -> Tensor:
@@ -153,6 +175,14 @@ class SSKernelNPLR(StepModes, SSMKernel):
     #: add 1.7 ms (LegS) / 6.5 ms (Fourier) to a 34.6 / 34.1 ms generation at H=256, N=64, L=4096
     #: (2-4% of its forward+backward); set False on an instance to keep float32 throughout.
     refine_ill_conditioned: bool = True
+
+    #: A forward on a sequence longer than the stored C~ covers (or the first forward, with no length
+    #: yet) rewrites C~ in place for the covering length (:meth:`_cover`), so later calls need no
+    #: matrix power. False on an instance keeps the stored C and length as they are: a longer kernel
+    #: then takes C~ for its covering length functionally on every call (:meth:`_tilde_for`), and the
+    #: gradients are those of the stored parameters. Compiled graphs always do that (a write to a
+    #: parameter, and its bookkeeping, broke the graph and changed what the next call is guarded on).
+    extend_length_in_place: bool = True
 
     def __init__(self, L: Optional[int], w: Tensor, P: Tensor, B: Tensor, C: Tensor, log_dt: Tensor,
                  trainable: Union[None, bool, Dict[str, bool]] = None, lr: Union[None, float, Dict[str, float]] = None,
@@ -355,9 +385,13 @@ class SSKernelNPLR(StepModes, SSMKernel):
     @torch.no_grad()
     def _transform_C(self, factor: Tensor) -> None:
         """C <- C with c_r^T replaced by c_r^T factor  (factor: (H, N, N) float64)."""
+        self.C.copy_(torch.view_as_real(self._transformed_C(factor)).to(self.C.dtype))
+
+    def _transformed_C(self, factor: Tensor) -> Tensor:
+        """The stored C with each row c_r^T replaced by c_r^T factor: (C, H, M) complex128, differentiable
+        (factor: (H, N, N) float64)."""
         c = dense.output_row(self.continuous(double=True)[3])
-        c = (c.unsqueeze(-2) @ factor).squeeze(-2)
-        self.C.copy_(torch.view_as_real(dense.output_from_row(c)).to(self.C.dtype))
+        return dense.output_from_row((c.unsqueeze(-2) @ factor).squeeze(-2))
 
     @torch.no_grad()
     def _init_C_tilde(self, L: int) -> None:
@@ -412,16 +446,24 @@ class SSKernelNPLR(StepModes, SSMKernel):
         once, not once per doubling (64 -> 4096 took six float64 discretisations per layer). Called
         under ``_consistent()`` (:meth:`_cover`)."""
         first = self._length_origin_before_change()
-        A_bar, _ = self.dense_system()
-        eye = torch.eye(A_bar.shape[-1], dtype=A_bar.dtype, device=A_bar.device)
-        power, factor, length = hippo.power(self.length, A_bar), None, self.length
-        while length < L:
-            step = eye + power                                             # I + A^length
-            factor = step if factor is None else factor @ step
-            power, length = power @ power, 2 * length
+        factor, length = self._doubling_factor(self.dense_system()[0], L)
         self._transform_C(factor)
         self._set_length(length)
         self._length_origin = (*first, self.C.detach().clone(), self.length)
+
+    def _doubling_factor(self, A_bar: Tensor, L: int) -> Tuple[Tensor, int]:
+        """(F, L') with L' = length * 2^k the first doubling of the internal length >= L (> length) and
+        F = prod_{i<k} (I + A_bar^{2^i length}), so that F^T C~_length = C~_L' (I - A^{2L} = (I - A^L)(I + A^L)).
+        A_bar: (H, N, N) float64 -> F (H, N, N)."""
+        eye = torch.eye(A_bar.shape[-1], dtype=A_bar.dtype, device=A_bar.device)
+        power, factor, length = hippo.power(self.length, A_bar), None, self.length
+        while True:
+            step = eye + power                                             # I + A^length
+            factor = step if factor is None else factor @ step
+            length *= 2
+            if length >= L:
+                return factor, length
+            power = power @ power
 
     # -- weights digest ----------------------------------------------------------------------------
     def _length_origin_before_change(self) -> Tuple[Tensor, int]:
@@ -457,8 +499,10 @@ class SSKernelNPLR(StepModes, SSMKernel):
 
         Also accepts the seed's argument order ``forward(state=None, rate=1.0, L=None)`` positionally.
         L defaults to the internal length at this rate. At rate 1 a longer L doubles the internal
-        length (C~ updated in place, kernel unchanged) and a shorter one truncates the internal-length
-        kernel; at another rate the kernel is computed for exactly L (module docstring).
+        length (C~ updated in place, kernel unchanged; in a compiled graph, or with
+        :attr:`extend_length_in_place` False, C~ for the doubled length is computed and not stored)
+        and a shorter one truncates the internal-length kernel; at another rate the kernel is
+        computed for exactly L (module docstring; in a compiled graph for the next power of two).
         Without autograd (inference) the last K is reused while L, rate and every parameter's
         content are unchanged: the kernel costs H N L / 4 Cauchy terms whatever the batch size.
         """
@@ -476,7 +520,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         if L == 0:                                # an empty kernel (an empty input's): no transform to run
             K = self.C.new_zeros(self.channels, self.d_model, 0)
             return K, (None if state is None else K.new_zeros(state.shape[0], *K.shape))
-        if rate == 1.0:                           # C~ must cover L (same for zoh, so C means one thing)
+        if rate == 1.0 and self._writes_length():  # C~ must cover L (same for zoh, so C means one thing)
             self._cover(L)
         if state is not None:
             return self._kernel(L, rate, state)
@@ -490,17 +534,51 @@ class SSKernelNPLR(StepModes, SSMKernel):
         if self.discretization == "zoh":
             return self._zoh(L, rate, state)
         w, P, B, Ct, dt = self.continuous()
-        Ld, Ct64 = self.length, None
-        if rate != 1.0:                           # exact at dt / rate: C~ for (dt / rate, L) from the plain C
-            Ct64 = self.output_tilde(rate, L)
-            Ct, Ld = Ct64.to(w.dtype), L
+        Ld, Ct64 = self._tilde_for(L, rate)
+        if Ct64 is not None:
+            Ct = Ct64.to(w.dtype)
 
         def exact() -> Tuple[Tensor, ...]:        # float64 inputs, formed only if some node needs them
             w64, P64, B64, C64, dt64 = self.continuous(double=True)
             return w64, P64, B64, C64 if Ct64 is None else Ct64, dt64 / rate
         K, K_state = bilinear_kernel(w, P, B, Ct, dt / rate, Ld, get_backend("cauchy", self.backend), state, exact,
                                      refine=self.refine_ill_conditioned)
-        return K[..., :L], (None if K_state is None else K_state[..., :L])
+        return _first_samples(K, L), (None if K_state is None else _first_samples(K_state, L))
+
+    def _writes_length(self) -> bool:
+        """Whether a forward may rewrite C~ and the internal length (:attr:`extend_length_in_place`;
+        never in a compiled graph)."""
+        return self.extend_length_in_place and not torch.compiler.is_compiling()
+
+    def _tilde_for(self, L: int, rate: float) -> Tuple[int, Optional[Tensor]]:
+        """(Ld, C~) for a kernel of L >= 1 samples at ``rate``: Algorithm 1 runs at length Ld >= L (its
+        first L samples are the length-L kernel) with C~ for Ld, complex128 (C, H, M), or None for the
+        stored C~ (Ld = the internal length, which covers L).
+
+        * rate != 1: C~ for (dt / rate, Ld) from the plain C (:meth:`output_tilde`), Ld = L; in a
+          compiled graph Ld = the next power of two (below).
+        * rate 1, stored C~ too short (not extended in place, :attr:`extend_length_in_place`): from the
+          stored C~ by the doubling factor, Ld = the internal length doubled until it covers L (the
+          length eager extends C~ to, and the same float64 product, so the same float32 kernel); with no
+          length yet, (I - A_bar^Ld)^T C with Ld the next power of two >= L.
+
+        Why powers of two in a compiled graph: A_bar^Ld is built by squaring along Ld's bits and
+        Algorithm 1 takes (Ld + 1) // 2 nodes, so Ld is a Python int there, and a graph holds for the
+        lengths whose comparisons with it come out the same: L itself would make one graph per length,
+        a power of two one per range (2^(k-1), 2^k] (a power with a symbolic exponent would need a fixed
+        ~31 squarings every call, several times the kernel's own cost)."""
+        compiling = torch.compiler.is_compiling()
+        if rate != 1.0:                           # exact at dt / rate: C~ for (dt / rate, Ld) from the plain C
+            Ld = _power_of_two_at_least(L) if compiling else L
+            return Ld, self.output_tilde(rate, Ld)
+        if 0 < self.length >= L:
+            return self.length, None
+        A_bar, _ = self.dense_system()
+        if self.length == 0:
+            Ld = _power_of_two_at_least(L)
+            return Ld, self._transformed_C(_identity_minus_power(A_bar, Ld))
+        factor, Ld = self._doubling_factor(A_bar, L)
+        return Ld, self._transformed_C(factor)
 
     def output_tilde(self, rate: float, L: int) -> Tensor:
         """C~ = (I - A_r^L)^T C for the system at dt / rate (A_r its A_bar) and length L: (C, H, M)
@@ -528,15 +606,20 @@ class SSKernelNPLR(StepModes, SSMKernel):
             object.__setattr__(self, "_stepper", None)   # a step form of the old step
 
     def _zoh(self, L: int, rate: float, state: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
-        """Dense float64 zoh kernel (module docstring)."""
+        """Dense float64 zoh kernel (module docstring). In a compiled graph it is computed for the
+        internal length where that covers L (rate 1), else for the next power of two >= L, and
+        truncated to L: Krylov block sizes from L itself made a graph per length (see :meth:`_tilde_for`)."""
         A_bar, b_bar = self.dense_system(rate)
         c = dense.output_row(self.output_matrix())
         dtype = self.log_dt.dtype
-        K = dense.two_level_kernel(A_bar, b_bar, c, L).to(dtype)
+        Lz = L
+        if torch.compiler.is_compiling():
+            Lz = self.length if rate == 1.0 and 0 < self.length >= L else _power_of_two_at_least(L)
+        K = _first_samples(dense.two_level_kernel(A_bar, b_bar, c, Lz), L).to(dtype)
         if state is None:
             return K, None
         x = (A_bar @ dense.to_real(state.to(torch.complex128)).unsqueeze(-1)).squeeze(-1)   # A_bar x_{-1}
-        return K, dense.two_level_kernel(A_bar, x, c, L).to(dtype)
+        return K, _first_samples(dense.two_level_kernel(A_bar, x, c, Lz), L).to(dtype)
 
     def forward_state(self, u: Tensor, state: Tensor) -> Tensor:
         """The state x_{L-1} after u: (B, H, L) from x_{-1} = state (B, H, N/2), exactly (dense float64),
