@@ -211,6 +211,19 @@ def test_bench_export_smoke_prints_the_readme_columns():
     assert float(ratio[:-1]) == pytest.approx(float(eager_us) / float(onnx_us), abs=0.06)   # 1 decimal printed
 
 
+def test_bench_export_smoke_prints_the_chunk_table():
+    header = readme_table("Chunk graph speed")[0]
+    assert header[:4] == ["family", "chunk graph: µs per step", "step graph: µs per step", "step / chunk"]
+    out = run_script("bench_export.py", "--smoke", "--steps", "10", "--families", "lru", "--chunk", "8")
+    assert "chunk graphs (to_onnx(..., chunk=8))" in out
+    head, row = out.split("chunk graphs (to_onnx", 1)[1].splitlines()[1:3]
+    assert head.split() == ["family", "nodes", "KiB", "max", "err", "chunk", "steps", "steps/chunk", "chunk", "tok/s",
+                            "b64", "256", "chunked", "ms", "256", "stream", "ms", "256", "conv", "ms"]
+    family, nodes, _, err, chunk_us, steps_us, ratio, *_ = row.split()
+    assert family == "lru" and int(nodes) > 0 and float(err) < 1e-4
+    assert float(ratio[:-1]) == pytest.approx(float(steps_us) / float(chunk_us), rel=0.06)    # rounded as printed
+
+
 def test_bench_export_refuses_fewer_steps_than_rounds():
     # --steps 5 timed 10 steps (one per round) under a header saying "median of 5 steps"
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_export.py"), "--steps", "5"],
