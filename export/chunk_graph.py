@@ -14,7 +14,7 @@ compensated running mean steps through the chunk, as the step graph does).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from lrnnx_zoo.chunk_forms import chunk_form, check_chunk
 from lrnnx_zoo.models import SequenceModel
 
 from .step_graph import StepModule, build_step_module
-from .validate import DEFAULT_BATCH, DEFAULT_LENGTH, default_sequence
+from .validate import DEFAULT_BATCH, DEFAULT_LENGTH, check_validation_input, default_sequence
 
 
 class ChunkModule(nn.Module):
@@ -98,10 +98,14 @@ def chunk_metadata(T: Optional[int]) -> Dict[str, str]:
     return {} if T is None else {"chunk": str(T)}
 
 
-def chunked(step: StepModule, x: Optional[Tensor], T: Optional[int], batch: Optional[int] = None
+def chunked(step: StepModule, validation_input: Any, T: Optional[int], batch: Optional[int] = None
             ) -> Tuple[Union[StepModule, ChunkModule], Optional[Tensor]]:
-    """What an exporter traces and validates with: (step, x) as they are for T None, else the chunk
-    module of T steps and :func:`chunk_validation_input`."""
+    """What an exporter traces and validates with, from the caller's ``validation_input`` (checked
+    here: :func:`~lrnnx_zoo.export.validate.check_validation_input`): (step, x) for T None, else the
+    chunk module of T steps and :func:`chunk_validation_input`. The default sequence is made here
+    too, at the chunk's length: made for a fixed batch before the chunk was known, its 256 steps
+    were refused as not a multiple of the chunk, as if the caller had passed them."""
     if T is None:
-        return step, x
+        return step, check_validation_input(validation_input, step.d_input, batch)
+    x = None if validation_input is None else check_validation_input(validation_input, step.d_input, batch)
     return ChunkModule(step, T).eval().requires_grad_(False), chunk_validation_input(x, T, step.d_input, batch)

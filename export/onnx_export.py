@@ -40,7 +40,7 @@ from .result import ExportResult
 from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch, graph_opset
 from .chunk_graph import ChunkModule, chunk_metadata, chunked
 from .step_graph import ExportError, StepModule, build_step_module, no_autocast
-from .validate import FLOAT32_TOLERANCE, check_validation_input, default_sequence, validate_stream
+from .validate import FLOAT32_TOLERANCE, default_sequence, validate_stream
 
 #: The oldest onnxruntime that loads and runs the shipped checkpoints' graphs at each opset (written
 #: at the lowest IR version the opset allows), measured with onnxruntime 1.15.1 to 1.32.0; opsets
@@ -245,7 +245,7 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
                                  "quantization": quantize or "none"}
         metadata = graph_metadata(step, model, info, {**extra, **chunk_metadata(chunk)})
         # before the seconds of tracing
-        step, x = chunked(step, check_validation_input(validation_input, step.d_input, batch), chunk, batch)
+        step, x = chunked(step, validation_input, chunk, batch)
         proto = export_graph(step, opset, batch, exporter, record)
         tmp_float, tmp_q = _temp_path(path, "float"), _temp_path(path, "int8")
         try:

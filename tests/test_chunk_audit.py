@@ -70,3 +70,15 @@ def test_a_dense_chunk_of_a_slow_system_drifts_no_more_than_its_step_form(mode, 
     step_err = float((stepped(form, u.float(), s).double() - ref).abs().max() / ref.abs().max())
     chunk_err = float((chunked(chunk, u.float(), s).double() - ref).abs().max() / ref.abs().max())
     assert chunk_err < 3 * step_err, (chunk_err, step_err)
+
+
+# -- exporter options with chunk= ----------------------------------------------------------------
+@pytest.mark.parametrize("exporter,name", [(to_onnx, "m.onnx"), (to_torch_export, "m.pt2")])
+def test_a_fixed_batch_chunk_graph_lengthens_the_default_validation_sequence(exporter, name, tmp_path):
+    # batch=N made the default sequence (256 steps) before the chunk was known, and a chunk that does
+    # not divide 256 was refused as the *user's* validation input not being a multiple of it
+    res = exporter(small_model("s4d"), tmp_path / name, batch=1, chunk=7)
+    assert res.validation.passed and (res.validation.batch, res.validation.length) == (1, 259)
+    assert res.validation.sequence == "default"
+    with pytest.raises(ValueError, match="fixed to batch=1, but the validation input has batch 2"):
+        exporter(small_model("s4d"), tmp_path / ("b" + name), batch=1, chunk=7, validation_input=torch.zeros(2, 14, 3))
