@@ -82,3 +82,81 @@ def test_a_fixed_batch_chunk_graph_lengthens_the_default_validation_sequence(exp
     assert res.validation.sequence == "default"
     with pytest.raises(ValueError, match="fixed to batch=1, but the validation input has batch 2"):
         exporter(small_model("s4d"), tmp_path / ("b" + name), batch=1, chunk=7, validation_input=torch.zeros(2, 14, 3))
+
+
+# -- mean pooling across chunk boundaries ----------------------------------------------------------
+def test_a_mean_pooled_chunk_graph_does_not_unroll_its_running_mean():
+    # The running mean stepped through the chunk one step at a time: ~17 nodes per step (1162 nodes at
+    # T=64, against 70 unpooled), and the dynamo exporter took 19 s at T=64, 261 s at T=300
+    from lrnnx_zoo.export.chunk_graph import build_chunk_module
+    from lrnnx_zoo.export.onnx_export import export_graph
+    model = small_model("s4d", "mean")
+    nodes = {T: len(export_graph(build_chunk_module(model, T), exporter="legacy").graph.node) for T in (4, 32)}
+    assert nodes[4] == nodes[32], nodes
+
+
+@pytest.mark.parametrize("count", [0.0, 1000.0, 2.0 ** 24 - 5, 2.0 ** 30 + 128])
+@torch.no_grad()
+def test_a_chunks_running_mean_and_count_continue_the_step_graphs(count):
+    # a stream already `count` steps long (past 2**24 the float32 count needs its carry): a chunk
+    # advances the count exactly as T steps do, and the mean to float32 rounding of the step graph's
+    from lrnnx_zoo.export.chunk_graph import build_chunk_module
+    from lrnnx_zoo.export.step_graph import build_step_module
+    model = small_model("lru", "mean")
+    step, chunk = build_step_module(model), build_chunk_module(model, 8)
+    g = torch.Generator().manual_seed(0)
+    s = 0.3 * torch.randn(2, step.state_size, generator=g)
+    d, off = step.d_model, step.pool_offset
+    s[:, off:off + d] = 3e-8 * s[:, off + d + 1:off + 2 * d + 1]   # the mean's carry: below its last bit
+    s[:, off + d] = 0.0                                        # the count's carry
+    s[:, off + 2 * d + 1] = count
+    if count == 0.0:
+        s[:, off:] = 0.0
+    x = torch.randn(2, 24, 3, generator=g)
+    y_ref, s_ref = [], s
+    for t in range(24):
+        y, s_ref = step(x[:, t], s_ref)
+        y_ref.append(y)
+    y_ref = torch.stack(y_ref, 1)
+    ys, s_chunk = [], s
+    for t in range(0, 24, 8):
+        y, s_chunk = chunk(x[:, t:t + 8], s_chunk)
+        ys.append(y)
+    y = torch.cat(ys, 1)
+    exact_count = lambda st: st[:, off + 2 * d + 1].double() + st[:, off + d].double()
+    assert torch.equal(exact_count(s_chunk), exact_count(s_ref)) and float(exact_count(s_ref)[0]) == count + 24
+    assert float((y - y_ref).abs().max()) <= 1e-5 * float(y_ref.abs().max())
+    assert float((s_chunk - s_ref).abs().max()) <= 1e-5 * float(s_ref.abs().max())
+
+
+# -- precisions ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("exporter,name", [(to_onnx, "m.onnx"), (to_torch_export, "m.pt2")])
+def test_a_chunk_graph_is_float32_under_a_float64_default_dtype(exporter, name, tmp_path):
+    # chunk forms stored their matrices in torch's default dtype: under float64 the export failed in a
+    # matmul ("expected scalar type torch.float64 but found torch.float32")
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        res = exporter(small_model("s4d", "mean"), tmp_path / name, chunk=8)
+    finally:
+        torch.set_default_dtype(before)
+    assert res.validation.passed
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_float64_and_half_precision_models_export_as_float32_chunk_graphs(dtype, tmp_path):
+    res = to_onnx(small_model("lru", "mean").to(dtype), tmp_path / "m.onnx", chunk=8)
+    assert res.validation.passed
+    assert OnnxStreamer(res.path).run(np.zeros((1, 16, 3), np.float32)).dtype == np.float32
+
+
+def test_split_poles_off_reaches_the_chunk_forms(tmp_path):
+    # a diagonal chunk keeps A^T as hi + lo like the step forms' poles, and drops lo with them
+    import onnx
+    from lrnnx_zoo.step_forms import split_poles
+    with split_poles(False):
+        res = to_onnx(small_model("s4d"), tmp_path / "m.onnx", chunk=8)
+    names = [i.name for i in onnx.load(res.path).graph.initializer]
+    assert res.validation.passed and not [n for n in names if n.endswith("_lo")]
+    names = [i.name for i in onnx.load(to_onnx(small_model("s4d"), tmp_path / "n.onnx", chunk=8).path).graph.initializer]
+    assert [n for n in names if n.endswith("trans_re_lo")]
