@@ -10,6 +10,8 @@ held to the exporters' own 1e-4 absolute against the float64 forward.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +162,20 @@ def test_split_poles_off_reaches_the_chunk_forms(tmp_path):
     assert res.validation.passed and not [n for n in names if n.endswith("_lo")]
     names = [i.name for i in onnx.load(to_onnx(small_model("s4d"), tmp_path / "n.onnx", chunk=8).path).graph.initializer]
     assert [n for n in names if n.endswith("trans_re_lo")]
+
+
+# -- large chunks --------------------------------------------------------------------------------------
+def test_a_chunk_graph_too_large_for_one_onnx_file_is_refused_before_tracing(tmp_path, monkeypatch):
+    # a per-channel chunk's matrices grow as T (T + 2N) per channel: d_model=256, N=64 at T=512 is
+    # 1.3 GB for 4 blocks, and past protobuf's 2 GiB the exporter failed after minutes of work. Checked here with
+    # the limit lowered to this model's step-graph scale
+    from lrnnx_zoo.export import ExportError, onnx_export
+    monkeypatch.setattr(onnx_export, "ONNX_FILE_LIMIT", 200_000)
+    model = small_model("s4d")
+    assert to_onnx(model, tmp_path / "ok.onnx", chunk=8).validation.passed
+    with pytest.raises(ExportError, match=r"a chunk graph of 64 steps per call holds 0\.\d+ MB of weights, more than one "
+                                          r"ONNX file holds \(0\.2 MB\).*chunk=(\d+) fits") as refused:
+        to_onnx(model, tmp_path / "big.onnx", chunk=64)
+    assert not (tmp_path / "big.onnx").exists()
+    fits = int(re.search(r"chunk=(\d+) fits", str(refused.value)).group(1))                # what it advises does fit
+    assert 32 <= fits < 64 and to_onnx(model, tmp_path / "fits.onnx", chunk=fits).validation.passed
