@@ -167,7 +167,7 @@ def test_split_poles_off_reaches_the_chunk_forms(tmp_path):
 # -- large chunks --------------------------------------------------------------------------------------
 def test_a_chunk_graph_too_large_for_one_onnx_file_is_refused_before_tracing(tmp_path, monkeypatch):
     # a per-channel chunk's matrices grow as T (T + 2N) per channel: d_model=256, N=64 at T=512 is
-    # 1.3 GB for 4 blocks, and past protobuf's 2 GiB the exporter failed after minutes of work. Checked here with
+    # 1.3 GB for 4 blocks, and no ONNX file holds more than 2 GiB (protobuf's limit). Checked here with
     # the limit lowered to this model's step-graph scale
     from lrnnx_zoo.export import ExportError, onnx_export
     monkeypatch.setattr(onnx_export, "ONNX_FILE_LIMIT", 200_000)
