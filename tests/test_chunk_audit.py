@@ -10,6 +10,7 @@ held to the exporters' own 1e-4 absolute against the float64 forward.
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -179,3 +180,105 @@ def test_a_chunk_graph_too_large_for_one_onnx_file_is_refused_before_tracing(tmp
     assert not (tmp_path / "big.onnx").exists()
     fits = int(re.search(r"chunk=(\d+) fits", str(refused.value)).group(1))                # what it advises does fit
     assert 32 <= fits < 64 and to_onnx(model, tmp_path / "fits.onnx", chunk=fits).validation.passed
+
+
+# -- state interchange -------------------------------------------------------------------------------
+@pytest.mark.parametrize("layer", ["s4d", "s4", "lru", "fftconv"])
+def test_a_prompt_prefilled_in_torch_continues_in_a_chunk_graph_then_a_step_graph_then_chunks(layer, tmp_path):
+    # prefill -> state_from_cache -> chunk graph -> step graph -> chunk graph equals the model's forward
+    # on the whole sequence (mean-pooled: the running mean and count carry across all of them)
+    from lrnnx_zoo.export import state_from_cache
+    model = small_model(layer, "mean")
+    chunk, step = (OnnxStreamer(to_onnx(model, tmp_path / n, chunk=c).path) for n, c in (("c.onnx", 8), ("s.onnx", None)))
+    x = torch.randn(2, 61, 3, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, cache = model.prefill(x[:, :13])
+        want = copy.deepcopy(model).double()(x.double()).numpy()      # pooled: (batch, d_output)
+    chunk.reset(2)
+    chunk.state = state_from_cache(model, cache)
+    chunk.run(x[:, 13:29])                                   # 2 chunks
+    step.reset(2)
+    step.state = chunk.state
+    step.run(x[:, 29:37])
+    chunk.state = step.state
+    got = chunk.run(x[:, 37:61])[:, -1]                      # 3 chunks
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert chunk.steps == 40 and float(chunk.state[0, -1]) == 61.0     # steps since reset(); pool.count
+
+
+# -- the streamer on a chunk graph ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chunk_graphs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chunks")
+    model = small_model("s4d", "mean")
+    return (model, to_onnx(model, folder / "dyn.onnx", chunk=4).path,
+            to_onnx(model, folder / "fixed.onnx", chunk=4, batch=2).path)
+
+
+def test_the_streamer_refuses_non_finite_chunks_and_keeps_its_state(chunk_graphs):
+    _, path, _ = chunk_graphs
+    s = OnnxStreamer(path)
+    s.reset(2)
+    x = np.random.default_rng(0).standard_normal((2, 8, 3)).astype(np.float32)
+    s.run(x)
+    before, bad = s.state, x[:, :4].copy()
+    bad[1, 2, 0] = np.nan
+    with pytest.raises(ValueError, match=r"x_t holds 1 NaN or infinite value\(s\) as float32, the first at index \(1, 2, 0\); not stepped"):
+        s.step(bad)
+    with pytest.raises(ValueError, match=r"x holds 1 NaN .* the first at index \(1, 6, 0\) \(sequence, step, feature\); nothing was streamed"):
+        s.run(np.concatenate([x[:, :4], bad], 1))
+    big = x[:, :4].astype(np.float64)
+    big[0, 3, 2] = 1e39                                      # finite in float64, inf as float32
+    with pytest.raises(ValueError, match="not stepped"):
+        s.step(big)
+    np.testing.assert_array_equal(s.state, before)
+    assert s.steps == 8
+    with pytest.raises(ValueError, match=r"state holds 2 NaN or infinite value\(s\) as float32, the first at index \(0, 5\); not set"):
+        s.state = np.where(np.arange(s.state_size) == 5, np.nan, before)
+    with pytest.raises(ValueError, match=r"state must have shape \(batch, state_size\)=\(2, \d+\), got \(2, 7\)"):
+        s.state = np.zeros((2, 7))
+
+
+def test_a_fixed_batch_chunk_graph_streams_its_batch_only(chunk_graphs):
+    model, dyn, fixed = chunk_graphs
+    s = OnnxStreamer(fixed)
+    assert (s.fixed_batch, s.batch, s.chunk) == (2, 2, 4)
+    with pytest.raises(ValueError, match=r"exported for batch=2, got reset\(batch=3\); re-export without a fixed batch"):
+        s.reset(3)
+    with pytest.raises(ValueError, match=r"chunk graph of 4 steps per call: x_t must have shape \(batch=2, 4, d_input=3\), "
+                                         r"got \(3, 4, 3\); this graph is exported for batch=2"):
+        s.step(np.zeros((3, 4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"x must have shape \(batch=2, length, d_input=3\), got \(1, 8, 3\); this graph is exported"):
+        s.run(np.zeros((1, 8, 3), np.float32))
+    x = np.random.default_rng(1).standard_normal((2, 8, 3)).astype(np.float32)
+    d = OnnxStreamer(dyn)
+    np.testing.assert_allclose(s.run(x), d.run(x), rtol=0, atol=1e-6)     # a fresh dynamic one adopts batch 2
+    assert d.batch == 2
+    with pytest.raises(ValueError, match=r"x must have shape \(batch=2, length, d_input=3\), got \(3, 4, 3\); call reset\(batch=3\)"):
+        d.run(np.zeros((3, 4, 3), np.float32))                # mid-stream: no adopting
+
+
+def test_threads_sharing_a_chunk_streamer_lose_no_chunk(chunk_graphs):
+    import threading
+    _, path, _ = chunk_graphs
+    s = OnnxStreamer(path)
+    s.reset(1)
+    x = np.ones((1, 4, 3), np.float32)
+    start = threading.Barrier(4)
+
+    def worker():
+        start.wait()
+        for _ in range(25):
+            s.step(x)
+            _ = s.state
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ref = OnnxStreamer(path)
+    ref.reset(1)
+    ref.run(np.ones((1, 400, 3), np.float32))
+    assert s.steps == 400
+    np.testing.assert_allclose(s.state, ref.state, rtol=0, atol=1e-6)
