@@ -282,3 +282,66 @@ def test_threads_sharing_a_chunk_streamer_lose_no_chunk(chunk_graphs):
     ref.run(np.ones((1, 400, 3), np.float32))
     assert s.steps == 400
     np.testing.assert_allclose(s.state, ref.state, rtol=0, atol=1e-6)
+
+
+# -- export folders ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["torchscript", "torch-export"])
+def test_a_torch_chunk_folders_card_snippet_gives_the_models_forecast_on_the_device(fmt, tmp_path):
+    from test_edge_deploy import FAST, card_snippet, model_forecast, on_device
+    from lrnnx_zoo.export import export_folder
+    folder = tmp_path / fmt
+    export_folder("forecast-sunspots-s4d", folder, format=fmt, chunk=16, **FAST)
+    found = on_device(folder, card_snippet(folder, "import json, torch"), tmp_path / "out.npz", torch=True)
+    values = found["values"]                                            # (chunks, batch, 16, 1)
+    assert values.shape == (3, 1, 16, 1)
+    series = values.transpose(0, 2, 1, 3).reshape(48, 1, 1)
+    std = lrnnx_zoo.from_pretrained("forecast-sunspots-s4d").checkpoint_info["dataset"]["normalisation"]["std"]
+    np.testing.assert_allclose(found["forecast"][:, -1], model_forecast(series), atol=1e-4 * std)
+
+
+def test_a_chunk_folder_at_another_rate_pushed_to_the_hub(tmp_path, local_hub):
+    import json
+    from lrnnx_zoo.export import export_folder
+    done = export_folder("forecast-sunspots-s4d", tmp_path / "out", chunk=8, rate=2.0, batch=1, latency_steps=16,
+                         validation_length=100, push_to_hub="me/sunspots-chunk")
+    config = json.loads(local_hub.read_file("me/sunspots-chunk", "config.json"))
+    assert config["chunk"] == 8 and config["resampled"]["rate"] == 2.0 and config["inputs"]["x"] == [1, 8, 1]
+    assert config["validation"]["passed"] and config["validation"]["length"] == 104 and config["latency"]["chunk"] == 8
+    card = local_hub.read_file("me/sunspots-chunk", "README.md").decode()
+    assert "--rate 2.0" in card and "--chunk 8" in card and "--batch 1" in card
+    assert OnnxStreamer(done.result.path).chunk == 8
+
+
+# -- the forms a model's layers choose ---------------------------------------------------------------
+CONFIGS = {"s4 n_ssm=2": ("s4", dict(n_ssm=2)), "s4 rank 2 legt": ("s4", dict(rank=2, measure="legt")),
+           "s4 fourier": ("s4", dict(measure="fourier")), "s4 zoh": ("s4", dict(discretization="zoh")),
+           "s4 slow": ("s4", dict(dt_min=1e-5, dt_max=1e-4)), "fftconv 2 channels": ("fftconv", dict(channels=2)),
+           "fftconv lru kernel": ("fftconv", dict(kernel_type="lru")),
+           "lru unfused": ("lru", dict(d_state=100))}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@torch.no_grad()
+def test_every_form_a_layer_chooses_chunks_like_its_steps(name):
+    from lrnnx_zoo.chunk_forms import LoopChunkForm
+    from lrnnx_zoo.export.chunk_graph import build_chunk_module
+    from lrnnx_zoo.export.step_graph import build_step_module
+    layer, kwargs = CONFIGS[name]
+    model = small_model(layer, "mean", d_model=200 if name == "lru unfused" else 8, **kwargs)
+    step, chunk = build_step_module(model), build_chunk_module(model, 6)
+    assert not any(isinstance(f, LoopChunkForm) for f in chunk.forms)     # every built-in form has a closed one
+    if name == "lru unfused":
+        assert not step.forms[0].fused
+    x = torch.randn(2, 18, 3, generator=torch.Generator().manual_seed(0))
+    s, ys = step.zero_state(2), []
+    for t in range(18):
+        y, s = step(x[:, t], s)
+        ys.append(y)
+    y_ref, s_ref = torch.stack(ys, 1), s
+    s, ys = chunk.zero_state(2), []
+    for t in range(0, 18, 6):
+        y, s = chunk(x[:, t:t + 6], s)
+        ys.append(y)
+    y = torch.cat(ys, 1)
+    assert float((y - y_ref).abs().max()) <= 1e-5 * float(y_ref.abs().max())
+    assert float((s - s_ref).abs().max()) <= 1e-5 * float(s_ref.abs().max())
