@@ -345,3 +345,19 @@ def test_every_form_a_layer_chooses_chunks_like_its_steps(name):
     y = torch.cat(ys, 1)
     assert float((y - y_ref).abs().max()) <= 1e-5 * float(y_ref.abs().max())
     assert float((s - s_ref).abs().max()) <= 1e-5 * float(s_ref.abs().max())
+
+
+# -- int8 ---------------------------------------------------------------------------------------------
+def test_int8_chunk_graphs_keep_their_chunk_forms_float32_and_score_test_sets_of_any_length(tmp_path):
+    # the int8 report streams the checkpoint's test split (128 steps): a chunk of 7 refused it as
+    # "x's length must be a multiple of 7", after the float graph had been validated. Streamed now
+    # with the last chunk padded (zeros, after the steps scored: a causal graph's outputs do not see them)
+    import onnx
+    res = to_onnx("forecast-sunspots-s4d", tmp_path / "q.onnx", chunk=7, quantize="int8")
+    q = res.quantization
+    assert q["metric"].startswith("sunspots-monthly test_mse") and abs(q["accuracy_change"]) < 0.05 * q["accuracy_float"]
+    graph = onnx.load(res.path).graph
+    quantized = {i.name for i in graph.initializer if i.name.endswith("_quantized")}
+    assert quantized and not [n for n in quantized if n.startswith("forms.")]       # the chunk forms stay float32
+    readers = [n for n in graph.node if {i.name for i in graph.initializer if i.name.startswith("forms.")} & set(n.input)]
+    assert readers and all(n.op_type not in ("MatMulInteger", "DynamicQuantizeLinear") for n in readers)
