@@ -105,7 +105,7 @@ def sample_inputs(step: Union[StepModule, ChunkModule], batch: int) -> Tuple[Ten
 def check_graph_size(module: Union[StepModule, ChunkModule]) -> None:
     """Refuse a chunk graph whose weights exceed :data:`ONNX_FILE_LIMIT`, before tracing a
     graph that no file can hold (protobuf messages stop at 2 GiB): its chunk forms' matrices grow as T^2 (a per-channel
-    one T (T + 2N) per channel: 4 S4D blocks of d_model=256, N=64 hold 1.3 GB at T=512)."""
+    one T (T + 2N) per channel: 4 per-channel blocks of d_model=256, N=64 hold 1.3 GB at T=512)."""
     if not isinstance(module, ChunkModule):
         return
     def size(prefix: str) -> int:
