@@ -40,7 +40,7 @@ from .result import ExportResult
 from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch, graph_opset
 from .chunk_graph import ChunkModule, chunk_metadata, chunked
 from .step_graph import ExportError, StepModule, build_step_module, no_autocast
-from .validate import FLOAT32_TOLERANCE, check_validation_input, default_sequence, validate_stream
+from .validate import FLOAT32_TOLERANCE, default_sequence, validate_stream
 
 #: The oldest onnxruntime that loads and runs the shipped checkpoints' graphs at each opset (written
 #: at the lowest IR version the opset allows), measured with onnxruntime 1.15.1 to 1.32.0; opsets
@@ -48,6 +48,8 @@ from .validate import FLOAT32_TOLERANCE, check_validation_input, default_sequenc
 ONNXRUNTIME_FOR_OPSET = {19: "1.16", 20: "1.17", 21: "1.18", 22: "1.21", 23: "1.23", 24: "1.24", 25: "1.24"}
 OLDEST_ONNXRUNTIME_TESTED = "1.15"
 EXPORTERS = ("dynamo", "legacy")
+#: The largest graph to_onnx writes: one self-contained file, a protobuf message of at most 2 GiB.
+ONNX_FILE_LIMIT = 2 ** 31 - 1
 #: Batch a dynamic-batch step module is traced at: not 0 or 1 (torch.export specialises those) and
 #: not the default validation batch (2), so a batch size baked into the trace fails validation.
 TRACE_BATCH = 3
@@ -98,6 +100,26 @@ def sample_inputs(step: Union[StepModule, ChunkModule], batch: int) -> Tuple[Ten
     steps = (step.chunk,) if isinstance(step, ChunkModule) else ()
     return (torch.randn((batch,) + steps + (step.d_input,), generator=g, dtype=f32),
             torch.randn(batch, step.state_size, generator=g, dtype=f32))
+
+
+def check_graph_size(module: Union[StepModule, ChunkModule]) -> None:
+    """Refuse a chunk graph whose weights exceed :data:`ONNX_FILE_LIMIT`, before tracing a
+    graph that no file can hold (protobuf messages stop at 2 GiB): its chunk forms' matrices grow as T^2 (a per-channel
+    one T (T + 2N) per channel: 4 per-channel blocks of d_model=256, N=64 hold 1.3 GB at T=512)."""
+    if not isinstance(module, ChunkModule):
+        return
+    def size(prefix: str) -> int:
+        named = list(module.named_parameters()) + list(module.named_buffers())
+        return sum(t.numel() * t.element_size() for name, t in named if name.startswith(prefix))
+
+    forms, rest = size("forms."), size("") - size("forms.") - size("step.forms.")   # step forms: not in the graph
+    if forms + rest > ONNX_FILE_LIMIT:
+        # the forms' a T^2 + b T shrinks at least in proportion to T: a chunk this long surely fits
+        fits = int(module.chunk * (ONNX_FILE_LIMIT - rest) / forms)
+        advice = f"chunk={fits} fits" if fits >= 1 else "the model alone is too large for one file"
+        raise ExportError(f"a chunk graph of {module.chunk} steps per call holds {(forms + rest) / 1e6:.3g} MB of "
+                          f"weights, more than one ONNX file holds ({ONNX_FILE_LIMIT / 1e6:.3g} MB); its chunk "
+                          f"forms' matrices grow as the chunk squared: {advice}")
 
 
 def export_graph(step: Union[StepModule, ChunkModule], opset: int = DEFAULT_OPSET, batch: Optional[int] = None,
@@ -245,7 +267,8 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
                                  "quantization": quantize or "none"}
         metadata = graph_metadata(step, model, info, {**extra, **chunk_metadata(chunk)})
         # before the seconds of tracing
-        step, x = chunked(step, check_validation_input(validation_input, step.d_input, batch), chunk, batch)
+        step, x = chunked(step, validation_input, chunk, batch)
+        check_graph_size(step)
         proto = export_graph(step, opset, batch, exporter, record)
         tmp_float, tmp_q = _temp_path(path, "float"), _temp_path(path, "int8")
         try:

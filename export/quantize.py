@@ -82,8 +82,12 @@ def without_weight_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
 def stream_all(streamer: OnnxStreamer, x: np.ndarray, batch: Optional[int] = None) -> np.ndarray:
     """Stream every sequence of x (N, L, d_input) from a zero state -> (N, L, d_output), ``batch`` at
     a time (default: all at once); a graph fixed to batch b takes them b at a time, the last group
-    padded with zero sequences."""
+    padded with zero sequences. A chunk graph of T steps per call takes L padded with zero steps to
+    a multiple of T, their outputs dropped (a checkpoint's test split of 128 steps, chunks of 7)."""
     b = streamer.fixed_batch or batch or len(x)
+    T, length = streamer.chunk or 1, x.shape[1]
+    if length % T:      # after the steps kept: a causal graph's outputs there do not see them
+        x = np.concatenate([x, np.zeros((x.shape[0], T - length % T) + x.shape[2:], x.dtype)], 1)
     parts = []
     for i in range(0, len(x), max(b, 1)):
         part = x[i:i + b]
@@ -91,8 +95,8 @@ def stream_all(streamer: OnnxStreamer, x: np.ndarray, batch: Optional[int] = Non
         if short:
             part = np.concatenate([part, np.zeros((short,) + part.shape[1:], part.dtype)])
         streamer.reset(b)
-        parts.append(streamer.run(part)[:b - short])
-    return np.concatenate(parts) if parts else np.zeros((0,) + x.shape[1:-1] + (streamer.d_output,), np.float32)
+        parts.append(streamer.run(part)[:b - short, :length])
+    return np.concatenate(parts) if parts else np.zeros((0, length, streamer.d_output), np.float32)
 
 
 def step_form_nodes(proto: onnx.ModelProto) -> List[str]:

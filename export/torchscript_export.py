@@ -30,7 +30,7 @@ from .paths import output_location
 from .provenance import Source, graph_metadata, load_source
 from .result import ExportResult
 from .step_graph import StepModule, build_step_module, no_autocast
-from .validate import FLOAT32_TOLERANCE, check_validation_input, torch_stream, validate_stream
+from .validate import FLOAT32_TOLERANCE, torch_stream, validate_stream
 
 METADATA_FILE = "lrnnx_zoo.json"
 
@@ -113,7 +113,7 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
         step = build_step_module(model)
         metadata = graph_metadata(step, model, info, {"format": "torchscript", "batch": "dynamic",
                                                       **chunk_metadata(chunk)})
-        step, x = chunked(step, check_validation_input(validation_input, step.d_input), chunk)
+        step, x = chunked(step, validation_input, chunk)
         record: List[str] = []
         with _temp(path) as tmp:
             with _quiet(record), torch.no_grad():
@@ -142,7 +142,7 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
         metadata = graph_metadata(step, model, info, {"format": "torch-export", "batch": str(batch or "dynamic"),
                                                       **chunk_metadata(chunk)})
         # before the seconds of tracing
-        step, x = chunked(step, check_validation_input(validation_input, step.d_input, batch), chunk, batch)
+        step, x = chunked(step, validation_input, chunk, batch)
         record: List[str] = []
         dims = None
         if batch is None:
