@@ -42,7 +42,8 @@ class ChunkModule(nn.Module):
         # store in otherwise: under torch.set_default_dtype(torch.float64) the export failed in a matmul)
         with step_form_dtype(torch.float32):
             self.forms = nn.ModuleList(chunk_form(f, self.chunk, closed) for f in step.forms)
-        self.register_buffer("counts", torch.arange(1, self.chunk + 1, dtype=torch.float32).reshape(1, -1, 1))
+        counts = torch.arange(1, self.chunk + 1, dtype=torch.float32).reshape(1, -1, 1)     # steps into the chunk
+        self.register_buffer("counts", counts if step.pooling == "mean" else None)
         self.state_size, self.state_layout = step.state_size, step.state_layout
         self.d_input, self.d_model, self.d_output, self.pooling = step.d_input, step.d_model, step.d_output, step.pooling
 
