@@ -9,6 +9,7 @@ that and still catches any wrong term (a missing or extra contribution is O(1e-2
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, Tuple
 
 import pytest
@@ -178,3 +179,25 @@ def test_second_derivatives_through_func_grad():
     penalty = first_derivative(x).square().sum()
     grads = torch.autograd.grad(penalty, list(m.parameters()))
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_s4_func_transforms_at_a_new_length_leave_C_tilde_alone():
+    # S4 extends its stored C~ in place for a longer sequence; inside torch.func.grad that write
+    # raised "attempted to call in-place operation ... that would mutate a captured Tensor", so the
+    # README said to run the model once at the longest length first. Inside a transform the kernel
+    # now takes C~ for a covering length without storing it (as compiled graphs and
+    # extend_length_in_place=False do): gradients equal a backward that keeps C~ too, float64, 1e-10.
+    torch.manual_seed(0)
+    m = lrnnx_zoo.create_layer("s4", 3, d_state=8).double()
+    x = torch.randn(2, 40, 3, dtype=torch.float64)
+    C_before, length = m.kernel.C.detach().clone(), m.kernel.length
+    got = grad(loss_of(m))({k: p.detach().clone() for k, p in m.named_parameters()}, x)
+    assert torch.equal(m.kernel.C, C_before) and m.kernel.length == length
+    kept = copy.deepcopy(m)
+    kept.kernel.extend_length_in_place = False
+    ref = backward_grads(kept, x)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-10 * ref[k].abs().max().item(), msg=k)
+    per_sample = vmap(grad(lambda p, xi: loss_of(m)(p, xi[None])), in_dims=(None, 0))(
+        {k: p.detach().clone() for k, p in m.named_parameters()}, torch.randn(3, 50, 3, dtype=torch.float64))
+    assert all(bool(torch.isfinite(g).all()) for g in per_sample.values())
