@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .step_forms import DiagonalStepForm, SequentialStepForm, StepForm, register_split, rotate, stored
+from .step_forms import DiagonalStepForm, SequentialStepForm, StepForm, register_split, rotate, run_parts, stored
 
 #: ``channel_layout`` values: how a per-channel form packs its state (batch, S) with S = H * n:
 #: "last" as (batch, n, H) (channel last), "first" as (batch, H, n).
@@ -286,14 +286,7 @@ class SequentialChunkForm(StepForm):
         self.state_size, self.d_input, self.d_output = form.state_size, form.d_input, form.d_output
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
-        states = []
-        for p, (off, size) in zip(self.parts, self.offsets):
-            if isinstance(p, StepForm):
-                u, s_p = p(u, s[:, off:off + size])
-                states.append(s_p)
-            else:
-                u = p(u)
-        return u, (torch.cat(states, dim=1) if states else s)
+        return run_parts(self.parts, self.offsets, u, s)
 
 
 def chunk_form(form: nn.Module, T: int, closed: Optional[bool] = None) -> StepForm:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator, Optional, Tuple
+from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -481,11 +481,18 @@ class SequentialStepForm(StepForm):
         self.d_output = _width(parts[-1], "d_output", "out_features")
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
-        states = []
-        for p, (off, size) in zip(self.parts, self.offsets):
-            if isinstance(p, StepForm):
-                u, s_p = p(u, s[:, off:off + size])
-                states.append(s_p)
-            else:
-                u = p(u)
-        return u, (torch.cat(states, dim=1) if states else s)
+        return run_parts(self.parts, self.offsets, u, s)
+
+
+def run_parts(parts: Iterable[nn.Module], offsets: Iterable[Tuple[int, int]], u: Tensor, s: Tensor
+              ) -> Tuple[Tensor, Tensor]:
+    """Apply ``parts`` in order to u: a StepForm (or chunk form) on its slice (offset, size) of the
+    packed state s, any other module as a stateless map; returns (output, next packed state)."""
+    states = []
+    for p, (off, size) in zip(parts, offsets):
+        if isinstance(p, StepForm):
+            u, s_p = p(u, s[:, off:off + size])
+            states.append(s_p)
+        else:
+            u = p(u)
+    return u, (torch.cat(states, dim=1) if states else s)
