@@ -59,12 +59,6 @@ def _as_real(t: Tensor) -> Tensor:
     return torch.view_as_real(t.to(torch.promote_types(parameter_dtype(), torch.complex64))).clone()
 
 
-def _functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is running the caller."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)     # private; absent: assume not
-    return bool(active()) if active is not None else False
-
-
 class _LengthGuard(torch.autograd.Function):
     """Identity on the stored C~ that keeps it for the backward, so that autograd checks its version
     there: a forward on a longer sequence rewrites C~ in place for the new internal length (the kernel
@@ -555,7 +549,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         """Whether a forward may rewrite C~ and the internal length (:attr:`extend_length_in_place`;
         never in a compiled graph, nor inside a torch.func transform, which refuses in-place writes to
         captured tensors: ``grad`` at a new length raised "attempted to call in-place operation")."""
-        return self.extend_length_in_place and not torch.compiler.is_compiling() and not _functorch_active()
+        return self.extend_length_in_place and not torch.compiler.is_compiling() and not func_transforms_active()
 
     def _tilde_for(self, L: int, rate: float) -> Tuple[int, Optional[Tensor]]:
         """(Ld, C~) for a kernel of L >= 1 samples at ``rate``: Algorithm 1 runs at length Ld >= L (its
