@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .convolution import lower_toeplitz
 from .step_forms import DiagonalStepForm, SequentialStepForm, StepForm, register_split, rotate, run_parts, stored
 
 #: ``channel_layout`` values: how a per-channel form packs its state (batch, S) with S = H * n:
@@ -142,9 +143,7 @@ class ChannelChunkForm(StepForm):
         # x_{T-1}'s input columns A^{T-1-j} B, and the kernel's taps K_l = (C A) A^{l-1} B for l >= 1
         AkB = torch.stack([p @ B.unsqueeze(-1) for p in powers[:T]], 1).squeeze(-1)   # (H, T, n): A^k B
         taps = torch.einsum("chn,hkn->chk", CA, AkB[:, :T - 1])                       # (Ch, H, T - 1): K_1..K_{T-1}
-        K = torch.cat([K0.unsqueeze(-1), taps], -1)                                    # (Ch, H, T)
-        lag = torch.arange(T).unsqueeze(1) - torch.arange(T).unsqueeze(0)             # t - j
-        toeplitz = K[..., lag.clamp_min(0)] * (lag >= 0).to(K.dtype)                  # (Ch, H, T, T)
+        toeplitz = lower_toeplitz(torch.cat([K0.unsqueeze(-1), taps], -1))            # (Ch, H, T, T)
         free = torch.einsum("chn,thnm->chtm", CA, torch.stack(powers[:T]))            # (Ch, H, T, n): C A^{t+1}
         top = torch.cat([toeplitz, free], -1).permute(1, 0, 2, 3).reshape(H, Ch * T, T + n)
         inputs = AkB.flip(1).transpose(1, 2)                                           # (H, n, T)
@@ -218,8 +217,7 @@ class DiagonalChunkForm(StepForm):
         lam = lam.to(torch.complex128)
         # lam^0 .. lam^T by products (a pole of 0 has no logarithm), T roundings of float64
         pw = torch.cat([torch.ones_like(lam).unsqueeze(1), torch.cumprod(lam.unsqueeze(1).expand(M, T), 1)], 1)
-        lag = torch.arange(T).unsqueeze(1) - torch.arange(T).unsqueeze(0)
-        L = pw[:, lag.clamp_min(0)] * (lag >= 0)                                             # (M, T, T)
+        L = lower_toeplitz(pw[:, :T])                                                        # (M, T, T)
         p = pw[:, 1:].unsqueeze(-1)                                                          # (M, T, 1)
         top = torch.cat([L.real, -L.imag, p.real, -p.imag], -1)
         bottom = torch.cat([L.imag, L.real, p.imag, p.real], -1)

@@ -68,6 +68,15 @@ def conv_size(L: int, Lk: int) -> int:
     return fast_fft_size(L + Lk - 1)
 
 
+def lower_toeplitz(taps: Tensor) -> Tensor:
+    """A causal convolution with ``taps`` as a matrix: taps (..., T) -> (..., T, T) with [t, j] =
+    taps[t - j] for t >= j and 0 above the diagonal (y = M @ u convolves u's T samples)."""
+    T = taps.shape[-1]
+    steps = torch.arange(T, device=taps.device)
+    lag = steps.unsqueeze(1) - steps.unsqueeze(0)                            # t - j
+    return torch.where(lag >= 0, taps[..., lag.clamp(min=0)], torch.zeros((), dtype=taps.dtype, device=taps.device))
+
+
 def kernel_taps(L: int, l_max: Optional[int], rate: float = 1.0) -> int:
     """Taps of a layer's kernel on an L-step input sampled at ``rate``: all L for a global kernel
     (l_max None); else the taps that span l_max steps' duration at rate 1, round(l_max * rate)

@@ -37,6 +37,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .convolution import lower_toeplitz
+
 __all__ = ["diagonal_scan", "sequential_scan", "default_chunk_size"]
 
 
@@ -302,10 +304,8 @@ def _scan_blocks(log_lam: Tensor, x: Tensor, T: int, real: bool) -> Tensor:
     pw = torch.exp(k * log_lam)                                              # lam^1..lam^T
     pw = torch.cat([torch.ones_like(pw[:1]), pw])                            # (T+1, Bl, N); 0 log 0 is NaN
     pw = pw.real if real else pw
-    t = torch.arange(T, device=x.device)
-    lag = t[None, :] - t[:, None]                                            # [k, t] = t - k
-    M = torch.where((lag >= 0)[:, :, None, None], pw[lag.clamp(min=0)], 0)   # (T_k, T_t, Bl, N)
-    local = v @ M.to(x.dtype).permute(2, 3, 0, 1)                            # (B, N, C, T_t)
+    M = lower_toeplitz(pw[:T].movedim(0, -1))                                # (Bl, N, T_t, T_k): lam^(t-k)
+    local = v @ M.to(x.dtype).transpose(-1, -2)                              # (B, N, C, T_t)
     if C > 1:
         # The carry entering chunk c is the scan of the chunk ends shifted by one: scanned as
         # [0, e_0, .., e_{C-2}] (a size-C slice; a size C - 1 one was a size-1 dim at L < 2T and
