@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import operator
 import os
 import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
+
+from lrnnx_zoo.shapes import positive_int
 
 ArrayLike = Any  # numpy array or torch tensor
 
@@ -48,11 +49,8 @@ def check_batch(batch: Any, dynamic: bool = True) -> Optional[int]:
     ValueError that says so."""
     if batch is None and dynamic:
         return None
-    try:
-        value = operator.index(batch)
-    except TypeError:
-        value = None
-    if value is None or isinstance(batch, bool) or value < 1:
+    value = positive_int(batch)
+    if value is None:
         raise ValueError(f"batch must be {'None (dynamic) or ' if dynamic else ''}a positive int, got {batch!r}")
     return value
 
