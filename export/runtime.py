@@ -220,6 +220,10 @@ class OnnxStreamer:
         # step()'s finiteness check: x . ones is x's sum in one BLAS call (0.35 us at batch 1, x.sum() 1 us)
         self._x_flat, self._ones = self._x.reshape(-1), np.ones(self._x.size, np.float32)
         self._y = np.zeros((batch,) + per_call + (self.d_output,), np.float32)
+        # the same buffers as (batch, steps per call, width) views, for run() over either kind of graph
+        steps = self.chunk or 1
+        self._x_steps = self._x.reshape(batch, steps, self.d_input)
+        self._y_steps = self._y.reshape(batch, steps, self.d_output)
         self._s = [np.zeros((batch, self.state_size), np.float32) for _ in range(2)]
         ov = ort.OrtValue.ortvalue_from_numpy   # wraps the numpy memory, no copy
         self._values = [ov(self._x), ov(self._y), ov(self._s[0]), ov(self._s[1])]
@@ -325,16 +329,10 @@ class OnnxStreamer:
                 raise ValueError(f"x must have shape (batch={self.batch}, length, d_input={self.d_input}), "
                                  f"got {x.shape}; {self._batch_advice(x.shape[0])}")
             out = np.empty((self.batch, x.shape[1], self.d_output), np.float32)
-            if self.chunk is None:
-                for t in range(x.shape[1]):
-                    np.copyto(self._x, x[:, t], casting="same_kind")
-                    self._advance()
-                    out[:, t] = self._y
-                return out
             for t in range(0, x.shape[1], T):
-                np.copyto(self._x, x[:, t:t + T], casting="same_kind")
+                np.copyto(self._x_steps, x[:, t:t + T], casting="same_kind")
                 self._advance()
-                out[:, t:t + T] = self._y
+                out[:, t:t + T] = self._y_steps
             return out
 
     def __repr__(self) -> str:
