@@ -132,6 +132,18 @@ def test_s4_length_change_under_compile_does_not_break_at_the_prefill_memo():
 LENGTHS = (64, 96, 100, 45)
 
 
+def assert_same_gradients(module: torch.nn.Module, compiled: Any, eager: Any, x: torch.Tensor) -> None:
+    """The parameter gradients of sum(compiled(x)^2) and sum(eager(x)^2) agree to 1e-4 relative
+    (float32 rounding of other FFT sizes and of the scan as matrix products; see train_lengths)."""
+    module.zero_grad()
+    compiled(x).square().sum().backward()
+    got = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    eager(x).square().sum().backward()
+    for a, p in zip(got, module.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-4 * p.grad.abs().max().item())
+
+
 def train_lengths(layer: str, dynamic: Any, lengths=LENGTHS) -> None:
     """Forward and backward of a compiled model (aot_eager: dynamo's graphs, and AOT autograd's
     traced backward, run by the eager kernels) at each length, against eager. The compiled graphs
@@ -141,14 +153,7 @@ def train_lengths(layer: str, dynamic: Any, lengths=LENGTHS) -> None:
     compiled = torch.compile(model, backend="aot_eager", dynamic=dynamic)
     g = torch.Generator().manual_seed(4)
     for L in lengths:
-        x = torch.randn(2, L, 3, generator=g)
-        model.zero_grad()
-        compiled(x).square().sum().backward()
-        got = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad()
-        model(x).square().sum().backward()
-        for a, p in zip(got, model.parameters()):
-            torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-4 * p.grad.abs().max().item())
+        assert_same_gradients(model, compiled, model, torch.randn(2, L, 3, generator=g))
 
 
 #: Graphs over LENGTHS from a cold start. S4 without an internal length takes C~ for the next power
@@ -306,14 +311,7 @@ def test_s4_compiled_at_another_rate_matches_eager():
     compiled = torch.compile(lambda u: layer(u, rate=0.5)[0], backend="aot_eager")
     g = torch.Generator().manual_seed(9)
     for L in LENGTHS:
-        u = torch.randn(2, L, 8, generator=g)
-        layer.zero_grad()
-        compiled(u).square().sum().backward()
-        got = [p.grad.clone() for p in layer.parameters()]
-        layer.zero_grad()
-        layer(u, rate=0.5)[0].square().sum().backward()
-        for a, p in zip(got, layer.parameters()):
-            torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-4 * p.grad.abs().max().item())
+        assert_same_gradients(layer, compiled, lambda u: layer(u, rate=0.5)[0], torch.randn(2, L, 8, generator=g))
     assert (counters["stats"]["unique_graphs"], graph_breaks()) == (3, 0)
     assert layer.kernel.length == 0
 

@@ -234,19 +234,22 @@ def test_export_of_a_resampled_model_validates(tmp_path):
     assert meta["lrnnx_zoo.source"].endswith("(resampled at rate 2)")
 
 
-def test_export_command_with_rate(tmp_path):
+@pytest.mark.parametrize("name", ["digits-s4d", "digits-lru"])
+def test_export_command_with_rate(tmp_path, name):
+    # digits-lru was a usage error (LRU "has no timescale"); its poles now read as the ZOH sampling of
+    # a continuous system, resampled like S4D's
     from lrnnx_zoo.cli import main
     pytest.importorskip("onnxruntime")
     out = tmp_path / "o"
-    assert main(["export", "digits-s4d", "--out", str(out), "--rate", "2", "--latency-steps", "0",
+    assert main(["export", name, "--out", str(out), "--rate", "2", "--latency-steps", "0",
                  "--validation-length", "64"]) == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["resampled"]["rate"] == 2.0 and cfg["metrics"] is None
-    assert cfg["source"] == "shipped:digits-s4d (resampled at rate 2)"
+    assert cfg["resampled"]["rate"] == 2.0 and cfg["resampled"]["from"] == name and cfg["metrics"] is None
+    assert cfg["source"] == f"shipped:{name} (resampled at rate 2)"
     assert cfg["validation"]["max_abs_error"] <= cfg["validation"]["tolerance"]
     card = (out / "README.md").read_text()
-    assert "Resampled from `digits-s4d` at rate 2" in card
-    assert "lrnnx-zoo export digits-s4d --format onnx --out out --validation-length 64 --rate 2.0" in card
+    assert f"Resampled from `{name}` at rate 2" in card
+    assert f"lrnnx-zoo export {name} --format onnx --out out --validation-length 64 --rate 2.0" in card
 
 
 @pytest.mark.parametrize("rate", ["0", "nan", "-2"])
@@ -256,18 +259,3 @@ def test_export_command_refuses_bad_rates(tmp_path, capsys, rate):
     err = capsys.readouterr().err
     assert "--rate must be a finite number > 0" in err and f"got {float(rate)!r}" in err
     assert not (tmp_path / "o").exists()
-
-
-def test_export_command_with_rate_for_lru(tmp_path):
-    # `lrnnx-zoo export digits-lru --rate 2` was a usage error (LRU "has no timescale"); its poles now
-    # read as the ZOH sampling of a continuous system, resampled like S4D's
-    from lrnnx_zoo.cli import main
-    pytest.importorskip("onnxruntime")
-    out = tmp_path / "o"
-    assert main(["export", "digits-lru", "--out", str(out), "--rate", "2", "--latency-steps", "0",
-                 "--validation-length", "64"]) == 0
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["resampled"]["rate"] == 2.0 and cfg["resampled"]["from"] == "digits-lru" and cfg["metrics"] is None
-    assert cfg["source"] == "shipped:digits-lru (resampled at rate 2)"
-    assert cfg["validation"]["max_abs_error"] <= cfg["validation"]["tolerance"]
-    assert "Resampled from `digits-lru` at rate 2" in (out / "README.md").read_text()
