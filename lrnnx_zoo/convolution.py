@@ -369,6 +369,26 @@ class _SwapLastTwo(torch.autograd.Function):
         return out.unflatten(0, x.shape[:2]), 0
 
 
+def channels_last_conv(x: Tensor, K: Tensor, n: int) -> Tensor:
+    """Convolution of a channels-last signal on a circle of n, for training: y = the first L
+    samples of irfft(rfft(x[:, :, h], n) * rfft(K[h], n)), returned channels-last and contiguous.
+
+    Args:
+        x: (B, L, H) real.  K: (H, Lk) real kernels (lag 0 first).  n: the circle; n >= L + Lk - 1
+            gives the causal convolution (:func:`conv_size`).
+    Returns:
+        y: (B, L, H), contiguous.
+
+    Both layouts change through tiled copies (:func:`swap_time_and_channels`), forward and
+    backward. A transposed (B, L, H) view of the (B, H, L) result instead made the layer's
+    neighbours, and the backward's transform of their gradient, copy with a row-sized stride: a
+    training step (forward + backward) of S4D, GELU and a Linear at (8, 1024, 128) took 49 ms
+    that way and 35 ms this way (one thread, interleaved; the layer alone 22 -> 24 ms).
+    """
+    u = swap_time_and_channels(x, pad_to=n)              # (B, H, n), zeros after L: no padded copy
+    return swap_time_and_channels(circular_conv(u, K, n, x.shape[1]))
+
+
 def swap_time_and_channels(x: Tensor, pad_to: int = 0) -> Tensor:
     """(B, L, H) -> (B, H, max(L, pad_to)) contiguous, zero-padded, differentiable (and back, for
     (B, H, L) inputs): FFTs run fastest along a contiguous last axis, and the layers' interface

@@ -40,7 +40,8 @@ from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_parameter_dtype, check_probability,
                             check_sizes, current_form, float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
                             needs_autograd, ordinary_tensor, weights_and_versions)
-from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, kernel_taps, reversed_spectrum
+from lrnnx_zoo.convolution import (blocked_channel_conv, causal_conv, conv_size, kernel_taps, reversed_spectrum,
+                                   swap_time_and_channels)
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import (SSMKernel, check_rate, kernel_final_step_state, pack_kernel_state,
                                   passed_state_dtype, unpack_kernel_state)
@@ -205,6 +206,8 @@ class FFTConvS4(nn.Module):
         Lk = kernel_taps(L, self.L, rate)
         if self._inference_conv(x, state, lengths):
             return self._blocked_forward(x, L, Lk, rate), None
+        if not self.transposed:     # a contiguous copy in tiles (see convolution.channels_last_conv)
+            u = swap_time_and_channels(x)
         K, K_state = self.kernel(L=Lk, rate=rate, state=state)                 # (C', H, Lk)
         if self.training and self.drop_kernel > 0:
             K = F.dropout(K, self.drop_kernel, training=True)
@@ -222,7 +225,7 @@ class FFTConvS4(nn.Module):
             keep = torch.rand(shape, device=y.device) >= self.dropout
             y = y * keep.to(y.dtype) / (1 - self.dropout)
         next_state = None if state is None else self.kernel.forward_state(u, state)
-        return (y if self.transposed else y.transpose(1, 2)), next_state
+        return (y if self.transposed else swap_time_and_channels(y)), next_state
 
     def _inference_conv(self, x: Tensor, state: Optional[Tensor], lengths: Optional[Tensor]) -> bool:
         """Whether forward can take the blocked inference convolution: no graph, no state, no

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import LTI_LRNN, check_reals, check_sizes, mask_padding, needs_autograd, parameter_dtype
-from lrnnx_zoo.convolution import blocked_channel_conv, causal_conv, conv_size, swap_time_and_channels
+from lrnnx_zoo.convolution import blocked_channel_conv, channels_last_conv, conv_size
 from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vandermonde_torch
 from lrnnx_zoo.modal import channel_final_state, channel_kernel
 from lrnnx_zoo.discretization import get_discretization
@@ -202,9 +202,7 @@ class S4D(LTI_LRNN):
         if not needs_autograd(self, x):
             y = blocked_channel_conv(x, self.kernel.spectrum(L, n), n, skip=self.D.unsqueeze(0))[:, :, 0]
             return mask_padding(y, lengths)
-        u = swap_time_and_channels(x, pad_to=n)                             # (B, H, n), zero after L
-        y = causal_conv(u, self.kernel_with_skip(L), length=L).transpose(1, 2)
-        return mask_padding(y, lengths)
+        return mask_padding(channels_last_conv(x, self.kernel_with_skip(L), n), lengths)
 
     def kernel_with_skip(self, L: int) -> Tensor:
         """K with D added to tap 0: (H, L). D u is the kernel's first tap, so folding it in saves

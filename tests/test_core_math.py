@@ -220,6 +220,22 @@ def test_real_causal_conv_gradient_of_a_padded_signal():
     torch.testing.assert_close(f(x, K), causal_conv(x.transpose(1, 2), K), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("L,Lk,n", [(30, 30, 64), (17, 5, 21), (10, 12, 12)])
+def test_channels_last_conv_against_the_sum_and_its_gradients(L, Lk, n):
+    # y[b, t, h] = sum_s K[h, (t - s) mod n] x[b, s, h]: causal for n >= L + Lk - 1, wrapping on a
+    # full circle (n = Lk = 12, the anti-causal taps of a bidirectional S4); float64 to 1e-10
+    from lrnnx_zoo.convolution import channels_last_conv
+    x = torch.randn(2, L, 3, dtype=D64, requires_grad=True)
+    K = torch.randn(3, Lk, dtype=D64, requires_grad=True)
+    y = channels_last_conv(x, K, n)
+    assert y.shape == (2, L, 3) and y.is_contiguous()
+    taps = torch.cat([K, K.new_zeros(3, n - Lk)], -1)
+    idx = (torch.arange(L)[:, None] - torch.arange(L)[None, :]) % n
+    ref = torch.einsum("hts,bsh->bth", taps[:, idx], x)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda x, K: channels_last_conv(x, K, n), (x, K))
+
+
 def test_circular_conv_gradients_when_the_kernel_wraps():
     from lrnnx_zoo.convolution import circular_conv
     u = torch.randn(2, 3, 10, dtype=D64, requires_grad=True)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_probability, check_reals, check_sizes,
                             float32_under_autocast, mask_lengths_of_one_stream, mask_padding, needs_autograd,
                             ordinary_tensor)
-from lrnnx_zoo.convolution import (blocked_channel_conv, circular_conv, fast_fft_size, kernel_taps,
+from lrnnx_zoo.convolution import (blocked_channel_conv, channels_last_conv, circular_conv, fast_fft_size, kernel_taps,
                                    reversed_spectrum)
 from lrnnx_zoo.ssm_kernel import check_rate, kernel_final_step_state
 from lrnnx_zoo.step_forms import StepForm
@@ -29,18 +29,28 @@ from . import dense
 from .kernel import HippoSSKernel, check_state_pairs
 from .nn import Activation, DropoutNd, LinearActivation
 
-__all__ = ["S4", "S4Layer", "ssm_conv", "ssm_spectrum"]
+__all__ = ["S4", "S4Layer", "ssm_circle", "ssm_conv", "ssm_spectrum"]
 
 
 def ssm_conv(u: Tensor, k: Tensor, bidirectional: bool = False, D: Optional[Tensor] = None) -> Tensor:
     """y = K * u (+ D u):  u (B, H, L), k (C, H, Lk) (2C if bidirectional), D (C, H) -> (B, C, H, L).
 
     Causal part y_t = sum_{j<=t} K0_j u_{t-j}; the anti-causal part (bidirectional) adds
-    sum_j K1_j u_{t+1+j}, placing K1 reversed at the end of an n >= L + Lk circular convolution.
-    D joins the kernel's lag 0 (one FFT pair computes K * u + D u); the transforms are the core's
+    sum_j K1_j u_{t+1+j} (see :func:`ssm_circle`). The transforms are the core's
     :func:`~lrnnx_zoo.convolution.circular_conv`.
     """
-    L, Lk = u.shape[-1], k.shape[-1]
+    k, n = ssm_circle(k, u.shape[-1], bidirectional, D)
+    return circular_conv(u.unsqueeze(1), k, n, u.shape[-1])
+
+
+def ssm_circle(k: Tensor, L: int, bidirectional: bool = False, D: Optional[Tensor] = None) -> Tuple[Tensor, int]:
+    """The kernel of :func:`ssm_conv` laid on its circle: (k' (C, H, <= n), n) for inputs of L steps.
+
+    The anti-causal half K1 (bidirectional) goes reversed at the end of an n >= L + Lk circle, so
+    that one circular convolution adds sum_j K1_j u_{t+1+j}; D joins the kernel's lag 0 (one FFT
+    pair computes K * u + D u).
+    """
+    Lk = k.shape[-1]
     if bidirectional:
         k0, k1 = k.chunk(2, dim=0)
         n = fast_fft_size(L + Lk)
@@ -49,7 +59,7 @@ def ssm_conv(u: Tensor, k: Tensor, bidirectional: bool = False, D: Optional[Tens
         n = fast_fft_size(L + Lk - 1)
     if D is not None:
         k = torch.cat([k[..., :1] + D.unsqueeze(-1), k[..., 1:]], dim=-1)
-    return circular_conv(u.unsqueeze(1), k, n, L)
+    return k, n
 
 
 def ssm_spectrum(kernel: nn.Module, L: int, Lk: int, rate: float = 1.0, bidirectional: bool = False
@@ -274,9 +284,8 @@ class S4Layer(LTI_LRNN):
             Kf, n = ssm_spectrum(self.kernel, x.shape[1], x.shape[1], 1.0, self.bidirectional)
             y = blocked_channel_conv(x, Kf, n, skip=self.D.unsqueeze(0))[:, :, 0]
             return mask_padding(y, lengths)
-        u = x.transpose(1, 2)
-        y = ssm_conv(u, self.compute_kernel(u.shape[-1]), self.bidirectional, self.D.unsqueeze(0))[:, 0]
-        return mask_padding(y.transpose(1, 2), lengths)
+        k, n = ssm_circle(self.compute_kernel(x.shape[1]), x.shape[1], self.bidirectional, self.D.unsqueeze(0))
+        return mask_padding(channels_last_conv(x, k[0], n), lengths)
 
     def step_form(self) -> StepForm:
         if self.bidirectional:
