@@ -21,7 +21,7 @@ from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_probabi
                             float32_under_autocast, mask_lengths_of_one_stream, mask_padding, needs_autograd,
                             ordinary_tensor)
 from lrnnx_zoo.convolution import (blocked_channel_conv, channels_last_conv, circular_conv, fast_fft_size, kernel_taps,
-                                   reversed_spectrum)
+                                   reversed_spectrum, swap_time_and_channels)
 from lrnnx_zoo.ssm_kernel import check_rate, kernel_final_step_state
 from lrnnx_zoo.step_forms import StepForm
 
@@ -188,8 +188,8 @@ class S4(nn.Module):
             CH = self.channels * self.h
             y = y.reshape(u.shape[0], CH, L) if self.transposed else y.reshape(u.shape[0], L, CH)
             return self.output_linear(self.dropout(self.activation(y))), None
-        if not self.transposed:
-            u = u.transpose(-1, -2)
+        if not self.transposed:     # contiguous copies in tiles (see convolution.channels_last_conv)
+            u = swap_time_and_channels(u)
         B, H, L = u.shape
         k, k_state = self.kernel(L=Lk, rate=rate, state=state)
         y = ssm_conv(u, k, self.bidirectional, self.D)                         # (B, C, H, L)
@@ -199,7 +199,7 @@ class S4(nn.Module):
             next_state = self.kernel.forward_state(u, state)
         y = self.dropout(self.activation(y.reshape(B, self.channels * H, L)))
         if not self.transposed:
-            y = y.transpose(-1, -2)
+            y = swap_time_and_channels(y)
         return self.output_linear(y), next_state
 
     def _elementwise_after_conv(self) -> bool:
