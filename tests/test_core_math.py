@@ -171,10 +171,15 @@ def test_fft_conv_errors():
         fft_conv("blh,lh->blh", x, torch.randn(5, 3, 1))
 
 
-@pytest.mark.parametrize("shape,pad", [((2, 300, 7), 0), ((3, 129, 130), 512), ((1, 5, 3), 8)])
-def test_swap_time_and_channels_pads_and_differentiates(shape, pad):
+@pytest.mark.parametrize("shape,pad,narrow", [((2, 300, 7), 0, None), ((3, 129, 130), 512, None), ((1, 5, 3), 8, None),
+                                              ((0, 4, 512), 0, None), ((2, 70, 512), 600, None),
+                                              ((3, 64, 1024), 0, 1000), ((2, 3, 512), 0, 500)])
+def test_swap_time_and_channels_pads_and_differentiates(shape, pad, narrow):
+    # rows 4 KiB apart (512 float64s; a narrowed 1024-wide signal) take the matrix-by-matrix path
     from lrnnx_zoo.convolution import swap_time_and_channels
-    x = torch.randn(*shape, dtype=D64, requires_grad=True)
+    x = torch.randn(*shape, dtype=D64)
+    x = (x if narrow is None else x[..., :narrow]).requires_grad_(True)
+    shape = x.shape
     y = swap_time_and_channels(x, pad_to=pad)
     L = shape[1]
     assert y.shape == (shape[0], shape[2], max(L, pad)) and y.is_contiguous()
