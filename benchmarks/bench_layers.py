@@ -50,8 +50,9 @@ SIZES = {
 
 
 def shape_times(B: int, L: int, H: int, N: int, rounds: int) -> Dict[str, float]:
-    """ms per call: "floor" (rfft+irfft of (B, H, L)), and "<label> fwd" (inference, no autograd)
-    and "<label> fwd+bwd" for every entry of LAYERS, all from one interleaved run."""
+    """ms per call: "floor" (rfft+irfft of (B, H, L)), and "<label> fwd" (inference, no autograd),
+    "<label> fwd+bwd" and "<label> block" (forward+backward of the layer, GELU and a Linear) for
+    every entry of LAYERS, all from one interleaved run."""
     u = torch.randn(B, H, L)
     fns: Dict[str, Callable[[], object]] = {"floor": lambda: torch.fft.irfft(torch.fft.rfft(u), n=L)}
     x = torch.randn(B, L, H)
@@ -67,7 +68,15 @@ def shape_times(B: int, L: int, H: int, N: int, rounds: int) -> Dict[str, float]
         def fwd_bwd(layer=layer):
             layer.zero_grad(set_to_none=True)
             layer(xg).sum().backward()
-        fns[f"{label} fwd"], fns[f"{label} fwd+bwd"] = fwd, fwd_bwd
+
+        # as trained: followed by an activation and a linear layer, which read the layer's output
+        # layout (a transposed view made them copy with a row-sized stride, forward and backward)
+        linear = torch.nn.Linear(H, H)
+
+        def block_fwd_bwd(layer=layer, linear=linear):
+            layer.zero_grad(set_to_none=True)
+            linear(torch.nn.functional.gelu(layer(xg))).sum().backward()
+        fns[f"{label} fwd"], fns[f"{label} fwd+bwd"], fns[f"{label} block"] = fwd, fwd_bwd, block_fwd_bwd
     return interleaved_ms(fns, rounds)
 
 
@@ -121,14 +130,16 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; H={H}, N={N}, float32, CPU; "
           f"allocator {'tuned (lrnnx_zoo.runtime.tune_allocator)' if tuned else 'default'}; "
           f"medians of {rounds} interleaved rounds\n")
-    print(f"{'shape':<14} {'layer':<20} {'fwd ms':>8} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8}")
+    print(f"{'shape':<14} {'layer':<20} {'fwd ms':>8} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8} "
+          f"{'block f+b ms':>13} {'x floor':>8}")
     for B, L in sizes["shapes"]:
         t = shape_times(B, L, H, N, rounds)
         fl = t["floor"]
         print(f"{f'B={B} L={L}':<14} {'rfft+irfft floor':<20} {fl:>8.2f} {1.0:>8.2f}")
         for label, _, _ in LAYERS:
-            f, fb = t[f"{label} fwd"], t[f"{label} fwd+bwd"]
-            print(f"{'':<14} {label:<20} {f:>8.2f} {f / fl:>8.2f} {fb:>11.2f} {fb / fl:>8.2f}")
+            f, fb, blk = t[f"{label} fwd"], t[f"{label} fwd+bwd"], t[f"{label} block"]
+            print(f"{'':<14} {label:<20} {f:>8.2f} {f / fl:>8.2f} {fb:>11.2f} {fb / fl:>8.2f} "
+                  f"{blk:>13.2f} {blk / fl:>8.2f}")
     B, L, H, N = sizes["memory"]
     print(f"\npeak memory of one forward at B={B}, L={L}, H={H}, N={N} "
           f"(rise of peak RSS over the resident set before):")

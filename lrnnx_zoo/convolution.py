@@ -403,7 +403,7 @@ def channels_last_conv(x: Tensor, K: Tensor, n: int) -> Tensor:
     Returns:
         y: (B, L, H), contiguous.
 
-    Both layouts change through tiled copies (:func:`swap_time_and_channels`), forward and
+    Both layouts change through cache-friendly copies (:func:`swap_time_and_channels`), forward and
     backward. A transposed (B, L, H) view of the (B, H, L) result instead made the layer's
     neighbours, and the backward's transform of their gradient, copy with a row-sized stride: a
     training step (forward + backward) of S4D, GELU and a Linear at (8, 1024, 128) took 49 ms

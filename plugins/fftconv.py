@@ -206,7 +206,7 @@ class FFTConvS4(nn.Module):
         Lk = kernel_taps(L, self.L, rate)
         if self._inference_conv(x, state, lengths):
             return self._blocked_forward(x, L, Lk, rate), None
-        if not self.transposed:     # a contiguous copy in tiles (see convolution.channels_last_conv)
+        if not self.transposed:     # contiguous copies, not transposed views (convolution.channels_last_conv)
             u = swap_time_and_channels(x)
         K, K_state = self.kernel(L=Lk, rate=rate, state=state)                 # (C', H, Lk)
         if self.training and self.drop_kernel > 0:

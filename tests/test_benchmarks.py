@@ -181,15 +181,17 @@ def test_bench_layers_smoke_prints_the_readme_table_rows():
     # The README's rows (s4d, lru (scan, default), lru (fft), s4) were printed as s4d/auto, lru/fft,
     # lru/scan and s4/auto, in another order
     header, *readme_rows = readme_table("Layers against the FFT floor")
-    assert header == ["shape", "layer", "forward ms", "× floor", "fwd+bwd ms", "× floor"]
+    assert header == ["shape", "layer", "forward ms", "× floor", "fwd+bwd ms", "× floor", "in a block: fwd+bwd ms",
+                      "× floor"]
     out = run_script("bench_layers.py", "--smoke")
-    assert "shape          layer                  fwd ms  x floor  fwd+bwd ms  x floor" in out
+    assert "shape          layer                  fwd ms  x floor  fwd+bwd ms  x floor  block f+b ms  x floor" in out
     lines = out.split("x floor\n", 1)[1].split("\n\n", 1)[0].splitlines()
     layers = [line[15:35].strip() for line in lines]       # shape (14) and layer (20) columns, then numbers
     assert layers == [row[1] for row in readme_rows[:len(layers)]]
     (floor, _), *timed = [line[35:].split() for line in lines]
-    for fwd, x_floor, fwd_bwd, x_floor_bwd in timed:   # the ratios are of the floor printed above them
+    for fwd, x_floor, fwd_bwd, x_floor_bwd, block, x_floor_block in timed:   # ratios of the floor above them
         assert ratio_of(x_floor, fwd, floor) and ratio_of(x_floor_bwd, fwd_bwd, floor)
+        assert ratio_of(x_floor_block, block, floor)
     memory = out.split("peak memory of one forward at B=1, L=16384, H=16, N=8", 1)[1]
     assert "lru (scan, default)" in memory and "x input" in memory
 

@@ -188,7 +188,7 @@ class S4(nn.Module):
             CH = self.channels * self.h
             y = y.reshape(u.shape[0], CH, L) if self.transposed else y.reshape(u.shape[0], L, CH)
             return self.output_linear(self.dropout(self.activation(y))), None
-        if not self.transposed:     # contiguous copies in tiles (see convolution.channels_last_conv)
+        if not self.transposed:     # contiguous copies, not transposed views (convolution.channels_last_conv)
             u = swap_time_and_channels(u)
         B, H, L = u.shape
         k, k_state = self.kernel(L=Lk, rate=rate, state=state)
