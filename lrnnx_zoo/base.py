@@ -372,7 +372,12 @@ def ordinary_tensor(t: Any) -> Any:
     """t, or a copy of it if t is an inference tensor (made under ``torch.inference_mode()``) and
     inference mode is off now: a state passed back to a layer is a value, but autograd cannot save an
     inference tensor, so state passing under autograd from a state that an inference-mode forward
-    returned failed ("Inference tensors cannot be saved for backward"). Anything else: as given."""
+    returned failed ("Inference tensors cannot be saved for backward"). Anything else: as given.
+
+    While torch.compile traces, a copy whatever t is: dynamo cannot ask ``is_inference()`` (a graph
+    break at every state passing), and without the copy the compiled backward failed as above."""
+    if torch.compiler.is_compiling():
+        return t.clone() if isinstance(t, Tensor) else t
     if isinstance(t, Tensor) and t.is_inference() and not torch.is_inference_mode_enabled():
         return t.clone()
     return t
@@ -385,6 +390,16 @@ def reference_tensor(module: nn.Module) -> Tensor:
     tensors = itertools.chain(module.parameters(), module.buffers())   # every forward asks: no lists
     found = next((t for t in tensors if t.is_floating_point() or t.is_complex()), None)
     return torch.empty(0) if found is None else found
+
+
+@torch.compiler.disable
+def _allocate_untraced(layer: "LTI_LRNN", batch_size: int, dtype: Optional[torch.dtype]) -> Dict[str, Any]:
+    """``layer.allocate_inference_cache(batch_size, dtype=dtype)``, run eagerly under torch.compile:
+    building a step form depends on values (S4's diagonal form's accuracy check picks the form) and
+    makes modules, and traced by dynamo a compiled prefill broke its graph ~18 times per S4 block
+    (eigendecompositions, module construction, the step-form dtype's context variable). Untraced, a
+    prefill breaks once per block, here, and its convolution and state passing compile."""
+    return layer.allocate_inference_cache(batch_size, dtype=dtype)
 
 
 class LTI_LRNN(LRNN):
@@ -492,7 +507,7 @@ class LTI_LRNN(LRNN):
             check_stream_batch(x, f"{type(self).__name__}.prefill")
             # in the precision forward computed in: a float64 prompt to a float32 layer gives a float64
             # y and cache, so that the stream goes on with float64 steps (a float32 cache refused them)
-            cache = self.allocate_inference_cache(x.shape[0], dtype=y.dtype if y.dtype == torch.float64 else None)
+            cache = _allocate_untraced(self, x.shape[0], y.dtype if y.dtype == torch.float64 else None)
             state = cache["lrnn_state"]
             u = mask_padding(float32_under_autocast(x), lengths).to(state.dtype)
             with without_autocast(u.device.type):
