@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import math
 import numbers
+import sys
 from abc import abstractmethod
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
@@ -392,16 +393,6 @@ def reference_tensor(module: nn.Module) -> Tensor:
     return torch.empty(0) if found is None else found
 
 
-@torch.compiler.disable
-def _allocate_untraced(layer: "LTI_LRNN", batch_size: int, dtype: Optional[torch.dtype]) -> Dict[str, Any]:
-    """``layer.allocate_inference_cache(batch_size, dtype=dtype)``, run eagerly under torch.compile:
-    building a step form depends on values (S4's diagonal form's accuracy check picks the form) and
-    makes modules, and traced by dynamo a compiled prefill broke its graph ~18 times per S4 block
-    (eigendecompositions, module construction, the step-form dtype's context variable). Untraced, a
-    prefill breaks once per block, here, and its convolution and state passing compile."""
-    return layer.allocate_inference_cache(batch_size, dtype=dtype)
-
-
 class LTI_LRNN(LRNN):
     """Abstract linear time-invariant layer: x_k = A x_{k-1} + B u_k,  y_k = Re(C x_k) + D u_k.
 
@@ -507,7 +498,14 @@ class LTI_LRNN(LRNN):
             check_stream_batch(x, f"{type(self).__name__}.prefill")
             # in the precision forward computed in: a float64 prompt to a float32 layer gives a float64
             # y and cache, so that the stream goes on with float64 steps (a float32 cache refused them)
-            cache = _allocate_untraced(self, x.shape[0], y.dtype if y.dtype == torch.float64 else None)
+            dtype = y.dtype if y.dtype == torch.float64 else None
+            if torch.compiler.is_compiling() or "torch._dynamo" in sys.modules:
+                # torch.compile in use: the step forms are built untraced (one graph break, not ~18 per
+                # S4 block; also where dynamo runs this frame eagerly, calls from it traced on their own)
+                from lrnnx_zoo.untraced import allocate_inference_cache
+                cache = allocate_inference_cache(self, x.shape[0], dtype)
+            else:
+                cache = self.allocate_inference_cache(x.shape[0], dtype=dtype)
             state = cache["lrnn_state"]
             u = mask_padding(float32_under_autocast(x), lengths).to(state.dtype)
             with without_autocast(u.device.type):
