@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import math
 import numbers
+import sys
 from abc import abstractmethod
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
@@ -372,7 +373,12 @@ def ordinary_tensor(t: Any) -> Any:
     """t, or a copy of it if t is an inference tensor (made under ``torch.inference_mode()``) and
     inference mode is off now: a state passed back to a layer is a value, but autograd cannot save an
     inference tensor, so state passing under autograd from a state that an inference-mode forward
-    returned failed ("Inference tensors cannot be saved for backward"). Anything else: as given."""
+    returned failed ("Inference tensors cannot be saved for backward"). Anything else: as given.
+
+    While torch.compile traces, a copy whatever t is: dynamo cannot ask ``is_inference()`` (a graph
+    break at every state passing), and without the copy the compiled backward failed as above."""
+    if torch.compiler.is_compiling():
+        return t.clone() if isinstance(t, Tensor) else t
     if isinstance(t, Tensor) and t.is_inference() and not torch.is_inference_mode_enabled():
         return t.clone()
     return t
@@ -492,7 +498,14 @@ class LTI_LRNN(LRNN):
             check_stream_batch(x, f"{type(self).__name__}.prefill")
             # in the precision forward computed in: a float64 prompt to a float32 layer gives a float64
             # y and cache, so that the stream goes on with float64 steps (a float32 cache refused them)
-            cache = self.allocate_inference_cache(x.shape[0], dtype=y.dtype if y.dtype == torch.float64 else None)
+            dtype = y.dtype if y.dtype == torch.float64 else None
+            if torch.compiler.is_compiling() or "torch._dynamo" in sys.modules:
+                # torch.compile in use: the step forms are built untraced (one graph break, not ~18 per
+                # S4 block; also where dynamo runs this frame eagerly, calls from it traced on their own)
+                from lrnnx_zoo.untraced import allocate_inference_cache
+                cache = allocate_inference_cache(self, x.shape[0], dtype)
+            else:
+                cache = self.allocate_inference_cache(x.shape[0], dtype=dtype)
             state = cache["lrnn_state"]
             u = mask_padding(float32_under_autocast(x), lengths).to(state.dtype)
             with without_autocast(u.device.type):

@@ -253,9 +253,12 @@ def pack_modes(x: Tensor) -> Tensor:
 
 
 def unpack_modes(s: Tensor, H: int) -> Tensor:
-    """Inverse of :func:`pack_modes`: s: (batch, 2 * N * H) -> x: (batch, H, N) complex of s's precision."""
+    """Inverse of :func:`pack_modes`: s: (batch, 2 * N * H) -> x: (batch, H, N) complex of s's precision.
+    Under torch.compile contiguous: the transposed layout, handed back as a step's next state, failed
+    dynamo's stride guard of the fresh state's graph (a compiled S4 / FFTConvS4 step compiled twice)."""
     x = s.reshape(s.shape[0], 2, -1, H).transpose(2, 3)
-    return torch.complex(x[:, 0], x[:, 1])
+    x = torch.complex(x[:, 0], x[:, 1])
+    return x.contiguous() if torch.compiler.is_compiling() else x
 
 
 class ChannelDiagonalStepForm(StepForm):

@@ -33,7 +33,7 @@ from lrnnx_zoo.discretization import zoh_dense
 __all__ = ["to_real", "from_real", "output_row", "output_from_row", "complex_scaling", "real_matrix",
            "bilinear_nplr", "discretize",
            "two_level_kernel", "block_sizes", "squaring_chain", "krylov_doubling",
-           "advance_state"]
+           "power_of_two_at_least", "power_up_to", "advance_state"]
 
 
 def to_real(x: Tensor) -> Tensor:
@@ -168,12 +168,45 @@ def krylov_doubling(T: int, At: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     return squaring_chain(At, b, 0, T)[1:]
 
 
+def power_of_two_at_least(L: int) -> int:
+    """The smallest power of two >= L (L >= 1). Comparisons only: a symbolic L in a compiled graph
+    is guarded to its range (2^(k-1), 2^k], not pinned."""
+    n = 1
+    while n < L:
+        n *= 2
+    return n
+
+
+def power_up_to(A: Tensor, L: int, bound: int) -> Tensor:
+    """A^L for 0 <= L <= bound (a Python int), A: (..., N, N), without a branch on L.
+
+    The squares A^(2^i) are those of ``bound``'s bits, and each factor is chosen by L's bit i in
+    arithmetic, bit * A^(2^i) + (1 - bit) * I (exactly one of the two), so a symbolic L in a
+    compiled graph is not pinned: hippo.power's ``if`` on each bit guarded L to its value, a graph per
+    length. 2 (bit_length(bound) - 1) products, about twice hippo.power's."""
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    result, square = None, A
+    for i in range(bound.bit_length()):
+        bit = (L // (1 << i)) % 2
+        factor = square * bit + eye * (1 - bit)
+        result = factor if result is None else result @ factor
+        if i + 1 < bound.bit_length():
+            square = square @ square
+    return eye.expand_as(A) if result is None else result
+
+
 def advance_state(A: Tensor, b: Tensor, u: Tensor, x: Tensor, block: Optional[Tuple[Tensor, Tensor]] = None
                   ) -> Tensor:
     """x_{L-1} = A^L x_{-1} + sum_j A^{L-1-j} b u_j   (state passing, exact).
 
     With m = L-1-j = aT + t the sum is a Horner scheme in A^T over ~sqrt L blocks:
     sum_a A^{aT} y_a,  y_a = sum_t (A^t b) u_{L-1-aT-t}.
+
+    In a compiled graph the blocks are those of Lp, the next power of two >= L (u padded with zeros,
+    inputs before u_0, which add nothing), A^L x is computed for a zero x too (no test of values), and
+    A^L is :func:`power_up_to` Lp: nothing pins L, and a graph serves the lengths (Lp/2, Lp], as the
+    kernel's does (SSKernelNPLR._tilde_for); the loop over L's blocks and A^L's bits compiled a
+    graph per length.
 
     Args:
         A: (H, N, N), b: (H, N), u: (B, H, L) real, x: (B, H, N) real.   Returns (B, H, N).
@@ -183,9 +216,11 @@ def advance_state(A: Tensor, b: Tensor, u: Tensor, x: Tensor, block: Optional[Tu
     L = u.shape[-1]
     if L == 0:                      # an empty chunk leaves the state as it is (and has no block to start from)
         return x
-    rows, ATt = block or krylov_doubling(block_sizes(L)[0], A.transpose(-1, -2).contiguous(), b)  # (H, T, N)
+    compiling = torch.compiler.is_compiling()
+    span = power_of_two_at_least(L) if compiling else L
+    rows, ATt = block or krylov_doubling(block_sizes(span)[0], A.transpose(-1, -2).contiguous(), b)  # (H, T, N)
     T = rows.shape[-2]
-    J = -(-L // T)
+    J = -(-span // T)
     rev = torch.nn.functional.pad(u.flip(-1), (0, J * T - L))     # zeros = inputs before u_0
     y = torch.einsum("htn,bhjt->jhbn", rows, rev.reshape(*u.shape[:-1], J, T))   # (J, H, B, N)
     # Horner on row vectors, acc <- acc (A^T)^T + y_a: a batched (1, N) x (N, N) product is ~4x
@@ -194,6 +229,8 @@ def advance_state(A: Tensor, b: Tensor, u: Tensor, x: Tensor, block: Optional[Tu
     for a in range(J - 2, -1, -1):
         acc = torch.baddbmm(y[a], acc, ATt)
     acc = acc.transpose(0, 1)                                     # (B, H, N)
+    if compiling:
+        return acc + (power_up_to(A, L, span) @ x.unsqueeze(-1)).squeeze(-1)
     if not x.is_meta and not bool(x.any()):     # from rest (a prefill): A^L would cost more than the rest
         return acc
     AL = hippo.power(L, A)

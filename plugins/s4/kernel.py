@@ -117,15 +117,6 @@ def check_state_pairs(who: str, name: str, N: int) -> None:
         raise ValueError(f"{who} {name} counts real states in conjugate pairs: an even number >= 2, got {N}")
 
 
-def _power_of_two_at_least(L: int) -> int:
-    """The smallest power of two >= L (L >= 1). Comparisons only: a symbolic L in a compiled graph
-    is guarded to its range (2^(k-1), 2^k], not pinned."""
-    n = 1
-    while n < L:
-        n *= 2
-    return n
-
-
 def _first_samples(K: Tensor, L: int) -> Tensor:
     """K[..., :L]. In a compiled graph a copy (index_select): the view's contiguity, which depends on
     whether L is K's whole length, was guarded on (L != Ld), so the length equal to the internal one
@@ -570,13 +561,13 @@ class SSKernelNPLR(StepModes, SSMKernel):
         ~31 squarings every call, several times the kernel's own cost)."""
         compiling = torch.compiler.is_compiling()
         if rate != 1.0:                           # exact at dt / rate: C~ for (dt / rate, Ld) from the plain C
-            Ld = _power_of_two_at_least(L) if compiling else L
+            Ld = dense.power_of_two_at_least(L) if compiling else L
             return Ld, self.output_tilde(rate, Ld)
         if 0 < self.length >= L:
             return self.length, None
         A_bar, _ = self.dense_system()
         if self.length == 0:
-            Ld = _power_of_two_at_least(L)
+            Ld = dense.power_of_two_at_least(L)
             return Ld, self._transformed_C(_identity_minus_power(A_bar, Ld))
         factor, Ld = self._doubling_factor(A_bar, L)
         return Ld, self._transformed_C(factor)
@@ -615,7 +606,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         dtype = self.log_dt.dtype
         Lz = L
         if torch.compiler.is_compiling():
-            Lz = self.length if rate == 1.0 and 0 < self.length >= L else _power_of_two_at_least(L)
+            Lz = self.length if rate == 1.0 and 0 < self.length >= L else dense.power_of_two_at_least(L)
         K = _first_samples(dense.two_level_kernel(A_bar, b_bar, c, Lz), L).to(dtype)
         if state is None:
             return K, None
@@ -628,7 +619,9 @@ class SSKernelNPLR(StepModes, SSMKernel):
         A_bar, b_bar = self.dense_system()
         block = (self._shared_work() or {}).get("block")
         x = dense.advance_state(A_bar, b_bar, u.double(), dense.to_real(state.to(torch.complex128)), block)
-        return dense.from_real(x).to(passed_state_dtype(state))
+        # contiguous: the Horner scheme's (H, B) layout came back, and a compiled forward, guarding on
+        # the strides of the state it was given (default_state's), compiled again for the next chunk
+        return dense.from_real(x).to(passed_state_dtype(state)).contiguous()
 
     def extra_repr(self) -> str:
         return (f"H={self.d_model}, N={self.d_state}, channels={self.channels}, rank={self.rank}, "
