@@ -9,8 +9,6 @@ tolerances cover float32 rounding.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -18,15 +16,7 @@ from torch._dynamo.utils import counters
 from lrnnx_zoo import ModelConfig, SequenceModel
 from lrnnx_zoo.plugins.fftconv import FFTConvS4
 from lrnnx_zoo.plugins.s4 import S4
-from test_compile_audit import GraphCounter, graph_breaks
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+from test_compile_audit import GraphCounter, fresh_dynamo, graph_breaks  # noqa: F401 (fresh_dynamo: autouse fixture)
 
 
 def streaming_block(block: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
