@@ -36,9 +36,10 @@ def direct(u: torch.Tensor, K: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("time_dim", [1, 2])
 @pytest.mark.parametrize("C,H,block", [(1, 40, None), (2, 40, 16), (3, 7, 16), (1, 33, 1)])
-def test_blocked_conv_matches_the_time_domain_sum(time_dim, C, H, block):
+@pytest.mark.parametrize("B", [1, 3])            # the skip added in time (B=1) or in the spectrum
+def test_blocked_conv_matches_the_time_domain_sum(time_dim, C, H, block, B):
     torch.manual_seed(0)
-    B, L, Lk = 3, 50, 37
+    L, Lk = 50, 37
     u = torch.randn(B, H, L)
     K, D = torch.randn(C, H, Lk) / Lk, torch.randn(C, H)
     n = conv_size(L, Lk)
