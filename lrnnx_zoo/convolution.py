@@ -145,6 +145,13 @@ def _empty_conv(u: Tensor, K: Tensor, length: int, dim: int) -> Tensor:
     return y
 
 
+_NO_SECOND_DERIVATIVE = (
+    "the FFT convolution of lrnnx-zoo's layers has no second derivative: backward(create_graph=True) / "
+    "autograd.grad(..., create_graph=True) through it is not supported (first-order training is). For second "
+    "derivatives (e.g. a gradient penalty) take the first one with torch.func.grad, e.g. "
+    "torch.func.grad(lambda x: loss(model(x)))(x): its result can be differentiated again")
+
+
 class _RealCausalConv(torch.autograd.Function):
     """Real circular convolution of size n with a backward made of real transforms only.
 
@@ -173,11 +180,7 @@ class _RealCausalConv(torch.autograd.Function):
             # The saved spectra are not connected to u and K, so a graph of this backward would
             # give wrong second derivatives; keeping u alive to connect them would double what a
             # training step holds per layer.
-            raise RuntimeError("the FFT convolution of lrnnx-zoo's layers has no second derivative: "
-                               "backward(create_graph=True) / autograd.grad(..., create_graph=True) through it "
-                               "is not supported (first-order training is). For second derivatives (e.g. a "
-                               "gradient penalty) take the first one with torch.func.grad, e.g. "
-                               "torch.func.grad(lambda x: loss(model(x)))(x): its result can be differentiated again")
+            raise RuntimeError(_NO_SECOND_DERIVATIVE)
         Ufc, Kfc = ctx.saved_tensors
         n, dim, u_shape, K_shape = ctx.meta
         G = torch.fft.rfft(g, n=n, dim=dim)
@@ -390,24 +393,137 @@ class _SwapLastTwo(torch.autograd.Function):
         return out.unflatten(0, x.shape[:2]), 0
 
 
-def channels_last_conv(x: Tensor, K: Tensor, n: int) -> Tensor:
+def channels_last_conv(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor] = None) -> Tensor:
     """Convolution of a channels-last signal on a circle of n, for training: y = the first L
-    samples of irfft(rfft(x[:, :, h], n) * rfft(K[h], n)), returned channels-last and contiguous.
+    samples of irfft(rfft(x[:, :, h], n) * rfft(K[h], n)), plus skip[h] * x[:, :, h] if given,
+    returned channels-last and contiguous.
 
     Args:
         x: (B, L, H) real.  K: (H, Lk) real kernels (lag 0 first).  n: the circle; n >= L + Lk - 1
-            gives the causal convolution (:func:`conv_size`).
+            gives the causal convolution (:func:`conv_size`).  skip: (H,) or None.
     Returns:
         y: (B, L, H), contiguous.
 
-    Both layouts change through cache-friendly copies (:func:`swap_time_and_channels`), forward and
-    backward. A transposed (B, L, H) view of the (B, H, L) result instead made the layer's
-    neighbours, and the backward's transform of their gradient, copy with a row-sized stride: a
-    training step (forward + backward) of S4D, GELU and a Linear at (8, 1024, 128) took 49 ms
-    that way and 35 ms this way (one thread, interleaved; the layer alone 22 -> 24 ms).
+    On the CPU, eager, it runs :class:`_BlockedChannelsLastConv`: forward and backward stream
+    blocks of channels through the cache, like :func:`blocked_channel_conv`. Elsewhere (an
+    accelerator, a compiled graph, a torch.func transform, mixed dtypes) both layouts change
+    through cache-friendly copies (:func:`swap_time_and_channels`) around whole-tensor transforms.
+    Either way the output is contiguous: a transposed (B, L, H) view of a (B, H, L) result made
+    the layer's neighbours, and the backward's transform of their gradient, copy with a row-sized
+    stride (a training step of S4D, GELU and a Linear at (8, 1024, 128): 49 ms that way, 35 ms
+    with the copies; one thread, interleaved).
     """
+    if blocked_training_applies(x, K, skip):
+        return _BlockedChannelsLastConv.apply(x, K, n, skip)
     u = swap_time_and_channels(x, pad_to=n)              # (B, H, n), zeros after L: no padded copy
-    return swap_time_and_channels(circular_conv(u, K, n, x.shape[1]))
+    y = circular_conv(u, K, n, x.shape[1])
+    if skip is not None:
+        y = y + skip.unsqueeze(-1) * u[..., :x.shape[1]]
+    return swap_time_and_channels(y)
+
+
+def blocked_training_applies(x: Tensor, K: Tensor, skip: Optional[Tensor] = None) -> bool:
+    """Whether :func:`channels_last_conv` takes the blocked path: eager CPU autograd on real
+    tensors of one dtype with a non-empty batch (the other cases keep the whole-tensor path,
+    which the compiler, torch.func and accelerators handle)."""
+    tensors = (x, K) if skip is None else (x, K, skip)
+    return (all(t.device.type == "cpu" and t.dtype == x.dtype for t in tensors)
+            and x.dtype in (torch.float32, torch.float64) and x.dim() == 3 and K.dim() == 2 and x.numel() > 0
+            and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and not torch.compiler.is_compiling() and not func_transforms_active())
+
+
+class _BlockedChannelsLastConv(torch.autograd.Function):
+    """:func:`channels_last_conv` under autograd, blocked over channels (the equations of
+    :class:`_RealCausalConv`, with the same transforms, products and sums per channel as the
+    whole-tensor path, so the same bits).
+
+    Forward, per block of channels: gather x's block into a zero-padded (B, hb, n) buffer,
+    U = rfft, keep conj(U) for dL/dK, irfft(U * Kf) (+ skip * x), write the first L samples into
+    y (B, L, H). Backward, per block: gather the output gradient g the same way, G = rfft,
+    dL/dK's spectrum sum_b G conj(U) (one (hb, F) slice), dL/dx = irfft(G conj(Kf)) (+ skip * g)
+    written into (B, L, H), dL/dskip = sum_{b,t} g x; then one inverse transform of dL/dK's
+    (H, F) spectrum. The whole-tensor path made each of these a pass over transform-sized tensors
+    (about 34 MB at (8, 1024, 128) in float32, beyond L3), with layout copies before and after.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, K: Tensor, n: int, skip: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+        B, L, H = x.shape
+        Kf = torch.fft.rfft(K, n=n)                                           # (H, F)
+        keep_u = K.requires_grad
+        Uc = x.new_empty(B, H, n // 2 + 1, dtype=Kf.dtype) if keep_u else None
+        y = x.new_empty(B, L, H)
+        blocks = _ChannelBlocks(B, L, H, n, x.dtype, x.device)
+        for h0, w, buf in blocks:
+            blocks.gather(buf, x, h0, w)
+            U = torch.fft.rfft(buf, n=n)                                     # (B, w, F)
+            Y = U * Kf.narrow(0, h0, w)
+            if keep_u:
+                torch.conj_physical(U, out=Uc.narrow(1, h0, w))
+            out = torch.fft.irfft(Y, n=n).narrow(-1, 0, L)
+            if skip is not None:            # (not addcmul_: a fused multiply-add rounds otherwise)
+                out = out.add_(skip.narrow(0, h0, w).unsqueeze(-1) * buf.narrow(-1, 0, L))
+            blocks.scatter(y, out, h0, w)
+        ctx.save_for_backward(Uc, Kf.conj_physical_() if x.requires_grad else None,
+                              x if skip is not None and skip.requires_grad else None,
+                              skip if skip is not None and x.requires_grad else None)
+        ctx.meta = (n, L, K.shape[-1])
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(_NO_SECOND_DERIVATIVE)
+        Uc, Kfc, x, skip = ctx.saved_tensors
+        n, L, Lk = ctx.meta
+        B, _, H = g.shape
+        grad_x = g.new_empty(B, L, H) if Kfc is not None else None
+        spectrum_K = Uc.new_empty(H, n // 2 + 1) if Uc is not None else None
+        grad_skip = g.new_empty(H) if x is not None else None
+        blocks = _ChannelBlocks(B, L, H, n, g.dtype, g.device)
+        x_block = g.new_empty(B, blocks.hb, L) if x is not None else None
+        for h0, w, buf in blocks:
+            blocks.gather(buf, g, h0, w)
+            g_block = buf.narrow(-1, 0, L)
+            if grad_skip is not None:
+                u = x_block if w == blocks.hb else x_block.narrow(1, 0, w)
+                blocks.gather(u, x, h0, w)
+                torch.sum(g_block * u, dim=(0, 2), out=grad_skip.narrow(0, h0, w))
+            G = torch.fft.rfft(buf, n=n)                                     # (B, w, F)
+            if spectrum_K is not None:      # the batch summed before the inverse transform
+                torch.sum(G * Uc.narrow(1, h0, w), dim=0, out=spectrum_K.narrow(0, h0, w))
+            if grad_x is not None:          # G is not needed after this: in place
+                out = torch.fft.irfft(G.mul_(Kfc.narrow(0, h0, w)), n=n).narrow(-1, 0, L)
+                if skip is not None:
+                    out = out.add_(g_block * skip.narrow(0, h0, w).unsqueeze(-1))
+                blocks.scatter(grad_x, out, h0, w)
+        grad_K = torch.fft.irfft(spectrum_K, n=n).narrow(-1, 0, Lk) if spectrum_K is not None else None
+        return grad_x, grad_K, None, grad_skip
+
+
+class _ChannelBlocks:
+    """The blocks of channels of :class:`_BlockedChannelsLastConv`: iterates (h0, w, buffer) with
+    a zero-padded (B, w, n) buffer reused by every block, and moves a block between (B, L, H)
+    tensors and that buffer in cache-sized pieces (:data:`_GATHER_TILE`, :data:`_SCATTER_GROUP`)."""
+
+    def __init__(self, B: int, L: int, H: int, n: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.L, self.H = L, H
+        self.hb = min(H, channel_block_size(B, n))
+        self.buf = torch.zeros(B, self.hb, n, dtype=dtype, device=device)     # zeros after L stay
+
+    def __iter__(self):
+        for h0 in range(0, self.H, self.hb):
+            w = min(self.hb, self.H - h0)
+            yield h0, w, (self.buf if w == self.hb else self.buf.narrow(1, 0, w))
+
+    def gather(self, buf: Tensor, src: Tensor, h0: int, w: int) -> None:
+        """buf[..., :L] = src[:, :, h0:h0 + w] transposed; src: (B, L, H), any strides."""
+        _chunked_copy(buf.narrow(-1, 0, self.L), src.narrow(2, h0, w).transpose(1, 2), -1, _GATHER_TILE)
+
+    def scatter(self, dst: Tensor, out: Tensor, h0: int, w: int) -> None:
+        """dst[:, :, h0:h0 + w] = out[..., :L] transposed; dst: (B, L, H), out: (B, w, n)."""
+        _chunked_copy(dst.narrow(2, h0, w).transpose(1, 2), out.narrow(-1, 0, self.L), 1, _SCATTER_GROUP)
 
 
 def swap_time_and_channels(x: Tensor, pad_to: int = 0) -> Tensor:

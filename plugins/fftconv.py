@@ -40,8 +40,8 @@ from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_parameter_dtype, check_probability,
                             check_sizes, current_form, float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
                             needs_autograd, ordinary_tensor, weights_and_versions)
-from lrnnx_zoo.convolution import (blocked_channel_conv, causal_conv, conv_size, kernel_taps, reversed_spectrum,
-                                   swap_time_and_channels)
+from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, causal_conv, channels_last_conv,
+                                   conv_size, kernel_taps, reversed_spectrum, swap_time_and_channels)
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import (SSMKernel, check_rate, kernel_final_step_state, pack_kernel_state,
                                   passed_state_dtype, unpack_kernel_state)
@@ -206,11 +206,15 @@ class FFTConvS4(nn.Module):
         Lk = kernel_taps(L, self.L, rate)
         if self._inference_conv(x, state, lengths):
             return self._blocked_forward(x, L, Lk, rate), None
-        if not self.transposed:     # contiguous copies, not transposed views (convolution.channels_last_conv)
-            u = swap_time_and_channels(x)
         K, K_state = self.kernel(L=Lk, rate=rate, state=state)                 # (C', H, Lk)
         if self.training and self.drop_kernel > 0:
             K = F.dropout(K, self.drop_kernel, training=True)
+        if self._blocked_training(x, K, state):
+            # channels_last_conv's blocked path makes the same transforms, products and sums per
+            # channel (D u and D's gradient included) as the whole-tensor one below: the same bits
+            return channels_last_conv(x, K[0], conv_size(L, Lk), skip=self.D[0]), None
+        if not self.transposed:     # contiguous copies, not transposed views (convolution.channels_last_conv)
+            u = swap_time_and_channels(x)
         C = self.channels
         y = causal_conv(u.unsqueeze(1), K[:C])                                # (B, C, H, L)
         if self.bidirectional:
@@ -226,6 +230,13 @@ class FFTConvS4(nn.Module):
             y = y * keep.to(y.dtype) / (1 - self.dropout)
         next_state = None if state is None else self.kernel.forward_state(u, state)
         return (y if self.transposed else swap_time_and_channels(y)), next_state
+
+    def _blocked_training(self, x: Tensor, K: Tensor, state: Optional[Tensor]) -> bool:
+        """Whether a training forward can take :func:`~lrnnx_zoo.convolution.channels_last_conv`'s
+        blocked path: (B, L, H) in and out, one causal channel, no state, no output dropout (its
+        mask is drawn in the whole-tensor layout), and a CPU graph it serves (not compiled)."""
+        return (not self.transposed and self.channels == 1 and not self.bidirectional and state is None
+                and not (self.training and self.dropout > 0) and blocked_training_applies(x, K[0], self.D[0]))
 
     def _inference_conv(self, x: Tensor, state: Optional[Tensor], lengths: Optional[Tensor]) -> bool:
         """Whether forward can take the blocked inference convolution: no graph, no state, no

@@ -458,3 +458,29 @@ def test_s4_kernel_states_pack_for_the_form_they_are_stepped_with():
         y_t, state = m.step(x[:, t], state)
         ys.append(y_t)
     assert (torch.stack(ys, 1) - y).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+@pytest.mark.parametrize("drop_kernel", [0.0, 0.3])
+def test_training_through_the_blocked_channels_last_path_gives_the_whole_tensor_bits(kind, drop_kernel, monkeypatch):
+    # A (B, L, H) block with one causal channel trains through convolution.channels_last_conv's
+    # blocked path (D u folded into its blocks). Its output and every gradient, D's included,
+    # must be the whole-tensor path's bit for bit, so that checkpoints trained before it are
+    # reproduced exactly by their cards' commands (kernel dropout draws the same mask).
+    import lrnnx_zoo.plugins.fftconv as fftconv_module
+
+    def run():
+        torch.manual_seed(0)
+        m = FFTConvS4(40, kernel_type=kind, d_state=8, transposed=False, drop_kernel=drop_kernel).train()
+        x = torch.randn(3, 1100, 40, requires_grad=True)
+        torch.manual_seed(1)                 # the same kernel dropout mask on both paths
+        y, _ = m(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2)))
+        return type(y.grad_fn).__name__, [y.detach(), x.grad] + [p.grad for p in m.parameters()]
+
+    name, got = run()
+    assert name == "_BlockedChannelsLastConvBackward"
+    monkeypatch.setattr(fftconv_module, "blocked_training_applies", lambda *args: False)
+    ref_name, want = run()
+    assert ref_name != name
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
