@@ -394,15 +394,16 @@ class _SwapLastTwo(torch.autograd.Function):
 
 
 def channels_last_conv(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor] = None) -> Tensor:
-    """Convolution of a channels-last signal on a circle of n, for training: y = the first L
-    samples of irfft(rfft(x[:, :, h], n) * rfft(K[h], n)), plus skip[h] * x[:, :, h] if given,
-    returned channels-last and contiguous.
+    """Convolution of a channels-last signal with C kernels per channel on a circle of n, for
+    training: y[:, :, c, h] = the first L samples of irfft(rfft(x[:, :, h], n) * rfft(K[c, h], n)),
+    plus skip[c, h] * x[:, :, h] if given, returned channels-last and contiguous.
 
     Args:
-        x: (B, L, H) real.  K: (H, Lk) real kernels (lag 0 first).  n: the circle; n >= L + Lk - 1
-            gives the causal convolution (:func:`conv_size`).  skip: (H,) or None.
+        x: (B, L, H) real.  K: (C, H, Lk) or (H, Lk) real kernels (lag 0 first).  n: the circle;
+            n >= L + Lk - 1 gives the causal convolution (:func:`conv_size`).
+        skip: (C, H), (H,) with a 2-D K, or None.
     Returns:
-        y: (B, L, H), contiguous.
+        y: (B, L, C, H), or (B, L, H) for a 2-D K; contiguous.
 
     On the CPU, eager, it runs :class:`_BlockedChannelsLastConv`: forward and backward stream
     blocks of channels through the cache, like :func:`blocked_channel_conv`. Elsewhere (an
@@ -413,13 +414,21 @@ def channels_last_conv(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor] = No
     stride (a training step of S4D, GELU and a Linear at (8, 1024, 128): 49 ms that way, 35 ms
     with the copies; one thread, interleaved).
     """
-    if blocked_training_applies(x, K, skip):
-        return _BlockedChannelsLastConv.apply(x, K, n, skip)
-    u = swap_time_and_channels(x, pad_to=n)              # (B, H, n), zeros after L: no padded copy
-    y = circular_conv(u, K, n, x.shape[1])
+    single = K.dim() == 2
+    K3 = K.unsqueeze(0) if single else K
+    skip2 = None if skip is None else (skip.unsqueeze(0) if single else skip)
+    if blocked_training_applies(x, K3, skip2):
+        y = _BlockedChannelsLastConv.apply(x, K3, n, skip2)                 # (B, L, C, H)
+        return y.squeeze(2) if single else y
+    L = x.shape[1]
+    u = swap_time_and_channels(x, pad_to=n)                                  # (B, H, n), zeros after L
+    if single:
+        y = circular_conv(u, K, n, L)
+        return swap_time_and_channels(y if skip is None else y + skip.unsqueeze(-1) * u[..., :L])
+    y = circular_conv(u.unsqueeze(1), K, n, L)                               # (B, C, H, L)
     if skip is not None:
-        y = y + skip.unsqueeze(-1) * u[..., :x.shape[1]]
-    return swap_time_and_channels(y)
+        y = y + skip.unsqueeze(-1) * u[:, None, :, :L]
+    return swap_time_and_channels(y.flatten(1, 2)).unflatten(2, K.shape[:2])
 
 
 def blocked_training_applies(x: Tensor, K: Tensor, skip: Optional[Tensor] = None) -> bool:
@@ -428,42 +437,44 @@ def blocked_training_applies(x: Tensor, K: Tensor, skip: Optional[Tensor] = None
     which the compiler, torch.func and accelerators handle)."""
     tensors = (x, K) if skip is None else (x, K, skip)
     return (all(t.device.type == "cpu" and t.dtype == x.dtype for t in tensors)
-            and x.dtype in (torch.float32, torch.float64) and x.dim() == 3 and K.dim() == 2 and x.numel() > 0
-            and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and x.dtype in (torch.float32, torch.float64) and x.dim() == 3 and K.dim() in (2, 3)
+            and x.numel() > 0 and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
             and not torch.compiler.is_compiling() and not func_transforms_active())
 
 
 class _BlockedChannelsLastConv(torch.autograd.Function):
     """:func:`channels_last_conv` under autograd, blocked over channels (the equations of
     :class:`_RealCausalConv`, with the same transforms, products and sums per channel as the
-    whole-tensor path, so the same bits).
+    whole-tensor path, so the same bits). x: (B, L, H), K: (C, H, Lk), skip: (C, H) or None ->
+    y: (B, L, C, H).
 
     Forward, per block of channels: gather x's block into a zero-padded (B, hb, n) buffer,
-    U = rfft, keep conj(U) for dL/dK, irfft(U * Kf) (+ skip * x), write the first L samples into
-    y (B, L, H). Backward, per block: gather the output gradient g the same way, G = rfft,
-    dL/dK's spectrum sum_b G conj(U) (one (hb, F) slice), dL/dx = irfft(G conj(Kf)) (+ skip * g)
-    written into (B, L, H), dL/dskip = sum_{b,t} g x; then one inverse transform of dL/dK's
-    (H, F) spectrum. The whole-tensor path made each of these a pass over transform-sized tensors
-    (about 34 MB at (8, 1024, 128) in float32, beyond L3), with layout copies before and after.
+    U = rfft, keep conj(U) for dL/dK, irfft(U * Kf[c]) (+ skip[c] * x) for each c, write the first
+    L samples into y. Backward, per block: gather the output gradient g the same way, G = rfft,
+    dL/dK's spectrum sum_b G conj(U) (one (C, hb, F) slice), dL/dx = irfft(sum_c G conj(Kf[c]))
+    (+ sum_c skip[c] g[c]), dL/dskip = sum_{b,t} g x; then one inverse transform of dL/dK's
+    spectrum. The whole-tensor path made each of these a pass over transform-sized tensors (about
+    34 MB at (8, 1024, 128) in float32, beyond L3), with layout copies before and after.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, K: Tensor, n: int, skip: Optional[Tensor]) -> Tensor:  # type: ignore[override]
         B, L, H = x.shape
-        Kf = torch.fft.rfft(K, n=n)                                           # (H, F)
+        C = K.shape[0]
+        Kf = torch.fft.rfft(K, n=n)                                           # (C, H, F)
         keep_u = K.requires_grad
         Uc = x.new_empty(B, H, n // 2 + 1, dtype=Kf.dtype) if keep_u else None
-        y = x.new_empty(B, L, H)
-        blocks = _ChannelBlocks(B, L, H, n, x.dtype, x.device)
+        y = x.new_empty(B, L, C, H)
+        blocks = _ChannelBlocks(B, L, H, n, x.dtype, x.device, C)
         for h0, w, buf in blocks:
             blocks.gather(buf, x, h0, w)
             U = torch.fft.rfft(buf, n=n)                                     # (B, w, F)
-            Y = U * Kf.narrow(0, h0, w)
+            Y = U.unsqueeze(1) * Kf.narrow(1, h0, w)                         # (B, C, w, F)
             if keep_u:
                 torch.conj_physical(U, out=Uc.narrow(1, h0, w))
-            out = torch.fft.irfft(Y, n=n).narrow(-1, 0, L)
+            out = torch.fft.irfft(Y, n=n).narrow(-1, 0, L)                   # (B, C, w, L)
             if skip is not None:            # (not addcmul_: a fused multiply-add rounds otherwise)
-                out = out.add_(skip.narrow(0, h0, w).unsqueeze(-1) * buf.narrow(-1, 0, L))
+                out = out.add_(skip.narrow(1, h0, w).unsqueeze(-1) * buf.narrow(-1, 0, L).unsqueeze(1))
             blocks.scatter(y, out, h0, w)
         ctx.save_for_backward(Uc, Kf.conj_physical_() if x.requires_grad else None,
                               x if skip is not None and skip.requires_grad else None,
@@ -477,53 +488,62 @@ class _BlockedChannelsLastConv(torch.autograd.Function):
             raise RuntimeError(_NO_SECOND_DERIVATIVE)
         Uc, Kfc, x, skip = ctx.saved_tensors
         n, L, Lk = ctx.meta
-        B, _, H = g.shape
+        B, _, C, H = g.shape
         grad_x = g.new_empty(B, L, H) if Kfc is not None else None
-        spectrum_K = Uc.new_empty(H, n // 2 + 1) if Uc is not None else None
-        grad_skip = g.new_empty(H) if x is not None else None
-        blocks = _ChannelBlocks(B, L, H, n, g.dtype, g.device)
-        x_block = g.new_empty(B, blocks.hb, L) if x is not None else None
+        spectrum_K = Uc.new_empty(C, H, n // 2 + 1) if Uc is not None else None
+        grad_skip = g.new_empty(C, H) if x is not None else None
+        blocks = _ChannelBlocks(B, L, H, n, g.dtype, g.device, C, stacked=True)
+        x_block = g.new_empty(B, 1, blocks.hb, L) if x is not None else None
         for h0, w, buf in blocks:
-            blocks.gather(buf, g, h0, w)
+            blocks.gather_channels(buf, g, h0, w)                            # (B, C, w, n)
             g_block = buf.narrow(-1, 0, L)
             if grad_skip is not None:
-                u = x_block if w == blocks.hb else x_block.narrow(1, 0, w)
-                blocks.gather(u, x, h0, w)
-                torch.sum(g_block * u, dim=(0, 2), out=grad_skip.narrow(0, h0, w))
-            G = torch.fft.rfft(buf, n=n)                                     # (B, w, F)
+                u = x_block if w == blocks.hb else x_block.narrow(2, 0, w)
+                blocks.gather(u.squeeze(1), x, h0, w)
+                torch.sum(g_block * u, dim=(0, 3), out=grad_skip.narrow(1, h0, w))
+            G = torch.fft.rfft(buf, n=n)                                     # (B, C, w, F)
             if spectrum_K is not None:      # the batch summed before the inverse transform
-                torch.sum(G * Uc.narrow(1, h0, w), dim=0, out=spectrum_K.narrow(0, h0, w))
-            if grad_x is not None:          # G is not needed after this: in place
-                out = torch.fft.irfft(G.mul_(Kfc.narrow(0, h0, w)), n=n).narrow(-1, 0, L)
+                torch.sum(G * Uc.narrow(1, h0, w).unsqueeze(1), dim=0, out=spectrum_K.narrow(1, h0, w))
+            if grad_x is not None:          # G is not needed after this: in place; C summed before it
+                GK = G.mul_(Kfc.narrow(1, h0, w))
+                out = torch.fft.irfft(GK.squeeze(1) if C == 1 else GK.sum(1), n=n).narrow(-1, 0, L)
                 if skip is not None:
-                    out = out.add_(g_block * skip.narrow(0, h0, w).unsqueeze(-1))
-                blocks.scatter(grad_x, out, h0, w)
+                    gs = g_block * skip.narrow(1, h0, w).unsqueeze(-1)
+                    out = out.add_(gs.squeeze(1) if C == 1 else gs.sum(1))
+                blocks.scatter(grad_x.unsqueeze(2), out.unsqueeze(1), h0, w)
         grad_K = torch.fft.irfft(spectrum_K, n=n).narrow(-1, 0, Lk) if spectrum_K is not None else None
         return grad_x, grad_K, None, grad_skip
 
 
 class _ChannelBlocks:
     """The blocks of channels of :class:`_BlockedChannelsLastConv`: iterates (h0, w, buffer) with
-    a zero-padded (B, w, n) buffer reused by every block, and moves a block between (B, L, H)
-    tensors and that buffer in cache-sized pieces (:data:`_GATHER_TILE`, :data:`_SCATTER_GROUP`)."""
+    a zero-padded (B, w, n) (or stacked, (B, C, w, n)) buffer reused by every block, and moves a block between
+    channels-last tensors and that buffer in cache-sized pieces (:data:`_GATHER_TILE`,
+    :data:`_SCATTER_GROUP`)."""
 
-    def __init__(self, B: int, L: int, H: int, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, B: int, L: int, H: int, n: int, dtype: torch.dtype, device: torch.device,
+                 C: int = 1, stacked: bool = False) -> None:
         self.L, self.H = L, H
-        self.hb = min(H, channel_block_size(B, n))
-        self.buf = torch.zeros(B, self.hb, n, dtype=dtype, device=device)     # zeros after L stay
+        self.hb = min(H, channel_block_size(B * C, n))         # the C kernels' transforms stay in cache
+        shape = (B, C, self.hb, n) if stacked else (B, self.hb, n)
+        self.buf = torch.zeros(shape, dtype=dtype, device=device)           # zeros after L stay
 
     def __iter__(self):
         for h0 in range(0, self.H, self.hb):
             w = min(self.hb, self.H - h0)
-            yield h0, w, (self.buf if w == self.hb else self.buf.narrow(1, 0, w))
+            yield h0, w, (self.buf if w == self.hb else self.buf.narrow(-2, 0, w))
 
     def gather(self, buf: Tensor, src: Tensor, h0: int, w: int) -> None:
-        """buf[..., :L] = src[:, :, h0:h0 + w] transposed; src: (B, L, H), any strides."""
+        """buf[..., :L] = src[:, :, h0:h0 + w] transposed; buf: (B, w, n), src: (B, L, H)."""
         _chunked_copy(buf.narrow(-1, 0, self.L), src.narrow(2, h0, w).transpose(1, 2), -1, _GATHER_TILE)
 
+    def gather_channels(self, buf: Tensor, src: Tensor, h0: int, w: int) -> None:
+        """buf[..., :L] = src[:, :, :, h0:h0 + w] as (B, C, w, L); buf: (B, C, w, n), src: (B, L, C, H)."""
+        _chunked_copy(buf.narrow(-1, 0, self.L), src.narrow(3, h0, w).permute(0, 2, 3, 1), -1, _GATHER_TILE)
+
     def scatter(self, dst: Tensor, out: Tensor, h0: int, w: int) -> None:
-        """dst[:, :, h0:h0 + w] = out[..., :L] transposed; dst: (B, L, H), out: (B, w, n)."""
-        _chunked_copy(dst.narrow(2, h0, w).transpose(1, 2), out.narrow(-1, 0, self.L), 1, _SCATTER_GROUP)
+        """dst[:, :, :, h0:h0 + w] = out as (B, L, C, w); dst: (B, L, C, H), out: (B, C, w, L)."""
+        _chunked_copy(dst.narrow(3, h0, w).permute(0, 2, 3, 1), out, 2, _SCATTER_GROUP)
 
 
 def swap_time_and_channels(x: Tensor, pad_to: int = 0) -> Tensor:

@@ -212,7 +212,8 @@ class FFTConvS4(nn.Module):
         if self._blocked_training(x, K, state):
             # channels_last_conv's blocked path makes the same transforms, products and sums per
             # channel (D u and D's gradient included) as the whole-tensor one below: the same bits
-            return channels_last_conv(x, K[0], conv_size(L, Lk), skip=self.D[0]), None
+            y = channels_last_conv(x, K[:self.channels], conv_size(L, Lk), skip=self.D)     # (B, L, C, H)
+            return y.flatten(2), None                                         # channel-major, as _flatten
         if not self.transposed:     # contiguous copies, not transposed views (convolution.channels_last_conv)
             u = swap_time_and_channels(x)
         C = self.channels
@@ -233,10 +234,12 @@ class FFTConvS4(nn.Module):
 
     def _blocked_training(self, x: Tensor, K: Tensor, state: Optional[Tensor]) -> bool:
         """Whether a training forward can take :func:`~lrnnx_zoo.convolution.channels_last_conv`'s
-        blocked path: (B, L, H) in and out, one causal channel, no state, no output dropout (its
-        mask is drawn in the whole-tensor layout), and a CPU graph it serves (not compiled)."""
-        return (not self.transposed and self.channels == 1 and not self.bidirectional and state is None
-                and not (self.training and self.dropout > 0) and blocked_training_applies(x, K[0], self.D[0]))
+        blocked path: (B, L, H) in and (B, L, C*H) out channel-major, causal, no state, no output
+        dropout (its mask is drawn in the whole-tensor layout), and a CPU graph it serves (not
+        compiled)."""
+        return (not self.transposed and not (self.swap_channels and self.channels > 1) and not self.bidirectional
+                and state is None and not (self.training and self.dropout > 0)
+                and blocked_training_applies(x, K, self.D))
 
     def _inference_conv(self, x: Tensor, state: Optional[Tensor], lengths: Optional[Tensor]) -> bool:
         """Whether forward can take the blocked inference convolution: no graph, no state, no

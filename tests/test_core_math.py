@@ -245,14 +245,18 @@ def _whole_tensor_channels_last_conv(x, K, n, skip=None):
     """channels_last_conv's other path: layout copies around whole-tensor transforms."""
     from lrnnx_zoo.convolution import circular_conv, swap_time_and_channels
     u = swap_time_and_channels(x, pad_to=n)
+    if K.dim() == 3:                     # (C, H, Lk) kernels -> (B, L, C, H)
+        u = u.unsqueeze(1)
     y = circular_conv(u, K, n, x.shape[1])
-    return swap_time_and_channels(y if skip is None else y + skip.unsqueeze(-1) * u[..., :x.shape[1]])
+    y = y if skip is None else y + skip.unsqueeze(-1) * u[..., :x.shape[1]]
+    return swap_time_and_channels(y) if K.dim() == 2 else swap_time_and_channels(y.flatten(1, 2)).unflatten(2, K.shape[:2])
 
 
 @pytest.mark.parametrize("grads,with_skip", [("all", False), ("x", False), ("K", False),
                                               ("all", True), ("x", True), ("K", True), ("skip", True)])
 @pytest.mark.parametrize("B,L,H,Lk,n", [(4, 1100, 40, 1100, 2200), (2, 64, 33, 64, 128), (1, 100, 7, 20, 119)])
-def test_channels_last_conv_blocked_training_path_gives_the_whole_tensor_paths_bits(grads, with_skip, B, L, H, Lk, n):
+@pytest.mark.parametrize("C", [None, 2])                 # one (H, Lk) kernel, or C of them per channel
+def test_channels_last_conv_blocked_training_path_gives_the_whole_tensor_paths_bits(grads, with_skip, B, L, H, Lk, n, C):
     # On the CPU under autograd channels_last_conv streams blocks of channels through the cache
     # (_BlockedChannelsLastConv). It makes the same transforms, products and sums per channel as
     # the whole-tensor path, so values and every gradient are equal bit for bit (float32; the
@@ -261,19 +265,22 @@ def test_channels_last_conv_blocked_training_path_gives_the_whole_tensor_paths_b
     import lrnnx_zoo.convolution as cv
     from lrnnx_zoo.convolution import channels_last_conv
     torch.manual_seed(0)
-    x0, K0, s0 = torch.randn(B, L, H), torch.randn(H, Lk) / Lk, torch.randn(H)
-    w = torch.randn(H, L)
+    lead = () if C is None else (C,)
+    x0, K0, s0 = torch.randn(B, L, H), torch.randn(*lead, H, Lk) / Lk, torch.randn(*lead, H)
+    w = torch.randn(*lead, H, L)
 
     def run(conv):
         x = x0.clone().requires_grad_(grads in ("all", "x"))
         K = K0.clone().requires_grad_(grads in ("all", "K"))
         skip = s0.clone().requires_grad_(grads in ("all", "skip")) if with_skip else None
         y = conv(x, K, n, skip)
-        (y.transpose(1, 2) * w).sum().backward()          # dL/dy reaches the layer non-contiguous
+        (y.movedim(1, -1) * w).sum().backward()           # dL/dy reaches the layer non-contiguous
         return y, x.grad, K.grad, None if skip is None else skip.grad
 
     y, *grad = run(channels_last_conv)
-    assert type(y.grad_fn).__name__ == "_BlockedChannelsLastConvBackward" and y.is_contiguous()
+    blocked = y.grad_fn if C else y.grad_fn.next_functions[0][0]          # (B, L, 1, H) squeezed
+    assert type(blocked).__name__ == "_BlockedChannelsLastConvBackward" and y.is_contiguous()
+    assert y.shape == (B, L, *lead, H)
     assert cv.channel_block_size(B, n) < H or L < 1000          # the first shape has several blocks
     ref_y, *ref_grad = run(_whole_tensor_channels_last_conv)
     assert torch.equal(y, ref_y)
@@ -281,16 +288,18 @@ def test_channels_last_conv_blocked_training_path_gives_the_whole_tensor_paths_b
         assert (got is None) == (want is None) and (got is None or torch.equal(got, want))
 
 
-def test_channels_last_conv_with_a_skip_against_the_sum_and_its_gradients():
-    # float64 gradcheck of the blocked path's hand-written backward, skip included (1e-10)
+@pytest.mark.parametrize("C", [None, 2])
+def test_channels_last_conv_with_a_skip_against_the_sum_and_its_gradients(C):
+    # float64 gradcheck of the blocked path's hand-written backward, C kernels and skip included (1e-10)
     from lrnnx_zoo.convolution import channels_last_conv
+    lead = () if C is None else (C,)
     x = torch.randn(2, 17, 3, dtype=D64, requires_grad=True)
-    K = torch.randn(3, 5, dtype=D64, requires_grad=True)
-    skip = torch.randn(3, dtype=D64, requires_grad=True)
+    K = torch.randn(*lead, 3, 5, dtype=D64, requires_grad=True)
+    skip = torch.randn(*lead, 3, dtype=D64, requires_grad=True)
     y = channels_last_conv(x, K, 21, skip)
     idx = torch.arange(17)[:, None] - torch.arange(17)[None, :]
-    taps = torch.where((idx >= 0) & (idx < 5), K[:, idx.clamp(0, 4)], K.new_zeros(()))
-    ref = torch.einsum("hts,bsh->bth", taps, x) + skip * x
+    taps = torch.where((idx >= 0) & (idx < 5), K[..., idx.clamp(0, 4)], K.new_zeros(()))   # (*lead, 3, t, s)
+    ref = torch.einsum("...hts,bsh->bt...h", taps, x) + skip * (x if C is None else x.unsqueeze(2))
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
     assert torch.autograd.gradcheck(lambda x, K, skip: channels_last_conv(x, K, 21, skip), (x, K, skip))
 
@@ -300,7 +309,7 @@ def test_channels_last_conv_blocked_path_refuses_second_derivatives():
     x = torch.randn(2, 9, 3, requires_grad=True)
     K = torch.randn(3, 9, requires_grad=True)
     y = channels_last_conv(x, K, 17)
-    assert type(y.grad_fn).__name__ == "_BlockedChannelsLastConvBackward"
+    assert type(y.grad_fn.next_functions[0][0]).__name__ == "_BlockedChannelsLastConvBackward"
     with pytest.raises(RuntimeError, match="no second derivative.*torch.func.grad"):
         torch.autograd.grad(y.square().sum(), (x, K), create_graph=True)
 
