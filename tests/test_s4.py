@@ -380,10 +380,16 @@ def test_one_grouping_implementation_behind_both_param_group_functions():
 # -- seed-style S4 layer ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("activation", ["gelu", "glu"])
-def test_s4_channels_last_training_equals_transposed_and_gives_contiguous_outputs(activation):
-    # transposed=False trains through tiled copies to and from (B, H, L): a transposed view made
-    # the output Linear copy with a row stride (8 x 1024 x 128, GELU: fwd+bwd 59.6 -> 50.7 ms).
-    # Same weights both ways, float32: the two layouts round identically but for the Linear's sums.
+def test_s4_channels_last_training_equals_transposed_and_gives_contiguous_outputs(activation, monkeypatch):
+    # transposed=False trains through convolution.channels_last_conv's blocked path (a transposed
+    # view made the output Linear copy with a row stride; whole-tensor copies to and from (B, H, L)
+    # were 13% slower). Same weights both ways, float32: the two layouts round identically but for
+    # the Linear's sums and an ulp in the activation.
+    import lrnnx_zoo.convolution as convolution
+    import lrnnx_zoo.plugins.s4.layer as s4_layer
+    blocked = []
+    monkeypatch.setattr(s4_layer, "blocked_training_applies",
+                        lambda *args: blocked.append(convolution.blocked_training_applies(*args)) or blocked[-1])
     torch.manual_seed(0)
     kw = dict(d_state=8, channels=2, activation="gelu", postact=activation if activation == "glu" else None)
     layer, flat = S4(8, **kw), S4(8, transposed=False, **kw)
@@ -400,6 +406,7 @@ def test_s4_channels_last_training_equals_transposed_and_gives_contiguous_output
     torch.testing.assert_close(ut.grad.transpose(1, 2), u.grad, rtol=1e-5, atol=1e-5)
     for (name, p), q in zip(layer.named_parameters(), flat.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert blocked == [True]
 
 
 def test_s4_seed_signature_transposed_channels_glu():
