@@ -517,9 +517,9 @@ class _BlockedChannelsLastConv(torch.autograd.Function):
 
 class _ChannelBlocks:
     """The blocks of channels of :class:`_BlockedChannelsLastConv`: iterates (h0, w, buffer) with
-    a zero-padded (B, w, n) (or stacked, (B, C, w, n)) buffer reused by every block, and moves a block between
-    channels-last tensors and that buffer in cache-sized pieces (:data:`_GATHER_TILE`,
-    :data:`_SCATTER_GROUP`)."""
+    a zero-padded (B, w, n) buffer ((B, C, w, n) if stacked) reused by every block, and moves a
+    block between channels-last tensors and that buffer in cache-sized pieces
+    (:data:`_GATHER_TILE`, :data:`_SCATTER_GROUP`)."""
 
     def __init__(self, B: int, L: int, H: int, n: int, dtype: torch.dtype, device: torch.device,
                  C: int = 1, stacked: bool = False) -> None:
