@@ -40,8 +40,9 @@ from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_parameter_dtype, check_probability,
                             check_sizes, current_form, float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
                             needs_autograd, ordinary_tensor, weights_and_versions)
-from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, causal_conv, channels_last_conv,
-                                   conv_size, kernel_taps, reversed_spectrum, swap_time_and_channels)
+from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, causal_conv, channels_first_conv,
+                                   channels_last_conv, conv_size, kernel_taps, reversed_spectrum,
+                                   swap_time_and_channels)
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import (SSMKernel, check_rate, kernel_final_step_state, pack_kernel_state,
                                   passed_state_dtype, unpack_kernel_state)
@@ -209,14 +210,15 @@ class FFTConvS4(nn.Module):
         K, K_state = self.kernel(L=Lk, rate=rate, state=state)                 # (C', H, Lk)
         if self.training and self.drop_kernel > 0:
             K = F.dropout(K, self.drop_kernel, training=True)
+        C = self.channels
         if self._blocked_training(x, K, state):
-            # channels_last_conv's blocked path makes the same transforms, products and sums per
-            # channel (D u and D's gradient included) as the whole-tensor one below: the same bits
-            y = channels_last_conv(x, K[:self.channels], conv_size(L, Lk), skip=self.D)     # (B, L, C, H)
-            return y.flatten(2), None                                         # channel-major, as _flatten
+            # the convolution's blocked training path makes the same transforms, products and sums
+            # per channel (D u and D's gradient included) as the whole-tensor one below: the same bits
+            if not self.transposed:
+                return channels_last_conv(x, K[:C], conv_size(L, Lk), skip=self.D).flatten(2), None  # channel-major
+            return self._output_dropout(self._flatten(channels_first_conv(x, K[:C], conv_size(L, Lk), skip=self.D))), None
         if not self.transposed:     # contiguous copies, not transposed views (convolution.channels_last_conv)
             u = swap_time_and_channels(x)
-        C = self.channels
         y = causal_conv(u.unsqueeze(1), K[:C])                                # (B, C, H, L)
         if self.bidirectional:
             u_rev = flip_within_lengths(u, lengths).unsqueeze(1)
@@ -224,21 +226,26 @@ class FFTConvS4(nn.Module):
         y = y + self.D.unsqueeze(-1) * u.unsqueeze(1)
         if K_state is not None:
             y = y + K_state
-        y = self._flatten(y)                                                  # (B, C*H, L)
+        y = self._output_dropout(self._flatten(y))                            # (B, C*H, L)
+        next_state = None if state is None else self.kernel.forward_state(u, state)
+        return (y if self.transposed else swap_time_and_channels(y)), next_state
+
+    def _output_dropout(self, y: Tensor) -> Tensor:
+        """Dropout of the (B, C*H, L) output in training, its mask tied along time if tie_dropout."""
         if self.training and self.dropout > 0:
             shape = y.shape[:2] + (1,) if self.tie_dropout else y.shape
             keep = torch.rand(shape, device=y.device) >= self.dropout
             y = y * keep.to(y.dtype) / (1 - self.dropout)
-        next_state = None if state is None else self.kernel.forward_state(u, state)
-        return (y if self.transposed else swap_time_and_channels(y)), next_state
+        return y
 
     def _blocked_training(self, x: Tensor, K: Tensor, state: Optional[Tensor]) -> bool:
-        """Whether a training forward can take :func:`~lrnnx_zoo.convolution.channels_last_conv`'s
-        blocked path: (B, L, H) in and (B, L, C*H) out channel-major, causal, no state, no output
-        dropout (its mask is drawn in the whole-tensor layout), and a CPU graph it serves (not
-        compiled)."""
-        return (not self.transposed and not (self.swap_channels and self.channels > 1) and not self.bidirectional
-                and state is None and not (self.training and self.dropout > 0)
+        """Whether a training forward can take the convolution's blocked path
+        (:func:`~lrnnx_zoo.convolution.channels_first_conv`, or
+        :func:`~lrnnx_zoo.convolution.channels_last_conv` for (B, L, H) in and (B, L, C*H) out
+        channel-major): causal, no state, and a CPU graph it serves (not compiled). Channels-last,
+        no output dropout either: its mask is drawn in the (B, C*H, L) layout."""
+        channels_last_ok = not (self.swap_channels and self.channels > 1) and not (self.training and self.dropout > 0)
+        return ((self.transposed or channels_last_ok) and not self.bidirectional and state is None
                 and blocked_training_applies(x, K, self.D))
 
     def _inference_conv(self, x: Tensor, state: Optional[Tensor], lengths: Optional[Tensor]) -> bool:

@@ -258,7 +258,7 @@ def _whole_tensor_channels_last_conv(x, K, n, skip=None):
 @pytest.mark.parametrize("C", [None, 2])                 # one (H, Lk) kernel, or C of them per channel
 def test_channels_last_conv_blocked_training_path_gives_the_whole_tensor_paths_bits(grads, with_skip, B, L, H, Lk, n, C):
     # On the CPU under autograd channels_last_conv streams blocks of channels through the cache
-    # (_BlockedChannelsLastConv). It makes the same transforms, products and sums per channel as
+    # (_BlockedConv). It makes the same transforms, products and sums per channel as
     # the whole-tensor path, so values and every gradient are equal bit for bit (float32; the
     # first shape has a partial last block and more steps than one gather tile), for a gradient
     # that arrives as a transposed view too.
@@ -279,7 +279,7 @@ def test_channels_last_conv_blocked_training_path_gives_the_whole_tensor_paths_b
 
     y, *grad = run(channels_last_conv)
     blocked = y.grad_fn if C else y.grad_fn.next_functions[0][0]          # (B, L, 1, H) squeezed
-    assert type(blocked).__name__ == "_BlockedChannelsLastConvBackward" and y.is_contiguous()
+    assert type(blocked).__name__ == "_BlockedConvBackward" and y.is_contiguous()
     assert y.shape == (B, L, *lead, H)
     assert cv.channel_block_size(B, n) < H or L < 1000          # the first shape has several blocks
     ref_y, *ref_grad = run(_whole_tensor_channels_last_conv)
@@ -304,12 +304,45 @@ def test_channels_last_conv_with_a_skip_against_the_sum_and_its_gradients(C):
     assert torch.autograd.gradcheck(lambda x, K, skip: channels_last_conv(x, K, 21, skip), (x, K, skip))
 
 
+@pytest.mark.parametrize("C,with_skip", [(None, False), (None, True), (2, True)])
+def test_channels_first_conv_blocked_path_gives_the_whole_tensor_bits_and_its_gradients(C, with_skip):
+    # (B, H, L) signals (seed-style transposed layers) take the same blocked path without layout
+    # copies; equal bit for bit to circular_conv (float32, a partial last block), and gradcheck
+    # of the hand-written backward in float64
+    from lrnnx_zoo.convolution import channels_first_conv, circular_conv
+    torch.manual_seed(0)
+    lead = () if C is None else (C,)
+    B, H, L, n = 4, 40, 1100, 2200
+
+    def run(conv, dtype=torch.float32):
+        u = torch.randn(B, H, L, generator=torch.Generator().manual_seed(1), dtype=dtype).requires_grad_(True)
+        K = (torch.randn(*lead, H, L, generator=torch.Generator().manual_seed(2), dtype=dtype) / L).requires_grad_(True)
+        skip = torch.randn(*lead, H, generator=torch.Generator().manual_seed(3), dtype=dtype).requires_grad_(True)
+        y = conv(u, K, n, skip if with_skip else None)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=dtype))
+        return y, u.grad, K.grad, skip.grad
+
+    def whole(u, K, n, skip):
+        v = u if C is None else u.unsqueeze(1)
+        y = circular_conv(v, K, n, L)
+        return y if skip is None else y + skip.unsqueeze(-1) * v
+
+    got, want = run(channels_first_conv), run(whole)
+    assert type(got[0].grad_fn).__name__ == ("_BlockedConvBackward" if C else "SqueezeBackward1")
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    u = torch.randn(2, 3, 17, dtype=D64, requires_grad=True)
+    K = torch.randn(*lead, 3, 5, dtype=D64, requires_grad=True)
+    skip = torch.randn(*lead, 3, dtype=D64, requires_grad=True) if with_skip else None
+    assert torch.autograd.gradcheck(lambda u, K: channels_first_conv(u, K, 21, skip), (u, K))
+
+
 def test_channels_last_conv_blocked_path_refuses_second_derivatives():
     from lrnnx_zoo.convolution import channels_last_conv
     x = torch.randn(2, 9, 3, requires_grad=True)
     K = torch.randn(3, 9, requires_grad=True)
     y = channels_last_conv(x, K, 17)
-    assert type(y.grad_fn.next_functions[0][0]).__name__ == "_BlockedChannelsLastConvBackward"
+    assert type(y.grad_fn.next_functions[0][0]).__name__ == "_BlockedConvBackward"
     with pytest.raises(RuntimeError, match="no second derivative.*torch.func.grad"):
         torch.autograd.grad(y.square().sum(), (x, K), create_graph=True)
 

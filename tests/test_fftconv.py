@@ -461,37 +461,40 @@ def test_s4_kernel_states_pack_for_the_form_they_are_stepped_with():
 
 
 def _took_the_blocked_path(y: torch.Tensor) -> bool:
-    """Whether y's graph holds convolution._BlockedChannelsLastConv (a few nodes up at most)."""
+    """Whether y's graph holds convolution._BlockedConv (a few nodes up at most)."""
     nodes = [y.grad_fn]
-    for _ in range(4):
-        if any(type(f).__name__ == "_BlockedChannelsLastConvBackward" for f in nodes):
+    for _ in range(8):
+        if any(type(f).__name__ == "_BlockedConvBackward" for f in nodes):
             return True
         nodes = [f for node in nodes if node is not None for f, _ in node.next_functions if f is not None]
     return False
 
 
 @pytest.mark.parametrize("kind", KERNELS)
-@pytest.mark.parametrize("drop_kernel,channels", [(0.0, 1), (0.3, 1), (0.0, 3)])
-def test_training_through_the_blocked_channels_last_path_gives_the_whole_tensor_bits(kind, drop_kernel, channels,
-                                                                                      monkeypatch):
-    # A (B, L, H) block trains through convolution.channels_last_conv's blocked path (its C
-    # kernels per channel and D u folded into its blocks). Its output and every gradient, D's
-    # included, must be the whole-tensor path's bit for bit, so that checkpoints trained before
-    # it are reproduced exactly by their cards' commands (kernel dropout draws the same mask).
+@pytest.mark.parametrize("transposed,options", [
+    (False, {}), (False, {"drop_kernel": 0.3}), (False, {"channels": 3}),
+    (True, {}), (True, {"channels": 2, "swap_channels": True, "dropout": 0.2, "tie_dropout": True})])
+def test_training_through_the_blocked_path_gives_the_whole_tensor_bits(kind, transposed, options, monkeypatch):
+    # A block trains through the convolution's blocked path (channels_last_conv for (B, L, H),
+    # channels_first_conv for (B, H, L); C kernels per channel and D u folded into its blocks).
+    # Its output and every gradient, D's included, must be the whole-tensor path's bit for bit,
+    # so that checkpoints trained before it are reproduced exactly by their cards' commands
+    # (kernel and output dropout draw the same masks).
     import lrnnx_zoo.plugins.fftconv as fftconv_module
+    channels = options.get("channels", 1)
 
     def run():
         torch.manual_seed(0)
-        m = FFTConvS4(40, kernel_type=kind, d_state=8, transposed=False, drop_kernel=drop_kernel,
-                      channels=channels).train()
-        x = torch.randn(3, 1100, 40, requires_grad=True)
-        torch.manual_seed(1)                 # the same kernel dropout mask on both paths
+        m = FFTConvS4(40, kernel_type=kind, d_state=8, transposed=transposed, **options).train()
+        x = torch.randn(3, 40, 1100) if transposed else torch.randn(3, 1100, 40)
+        x.requires_grad_(True)
+        torch.manual_seed(1)                 # the same dropout masks on both paths
         y, _ = m(x)
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2)))
         return _took_the_blocked_path(y), [y.detach(), x.grad] + [p.grad for p in m.parameters()]
 
     blocked, got = run()
-    assert blocked and got[0].shape == (3, 1100, channels * 40)
+    assert blocked and got[0].shape == ((3, channels * 40, 1100) if transposed else (3, 1100, channels * 40))
     monkeypatch.setattr(fftconv_module, "blocked_training_applies", lambda *args: False)
     ref_blocked, want = run()
     assert not ref_blocked

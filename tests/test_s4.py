@@ -383,8 +383,9 @@ def test_one_grouping_implementation_behind_both_param_group_functions():
 def test_s4_channels_last_training_equals_transposed_and_gives_contiguous_outputs(activation, monkeypatch):
     # transposed=False trains through convolution.channels_last_conv's blocked path (a transposed
     # view made the output Linear copy with a row stride; whole-tensor copies to and from (B, H, L)
-    # were 13% slower). Same weights both ways, float32: the two layouts round identically but for
-    # the Linear's sums and an ulp in the activation.
+    # were 13% slower), transposed=True through channels_first_conv's. Same weights both ways,
+    # float32: the two layouts round identically but for the Linear's sums and an ulp in the
+    # activation.
     import lrnnx_zoo.convolution as convolution
     import lrnnx_zoo.plugins.s4.layer as s4_layer
     blocked = []
@@ -406,7 +407,7 @@ def test_s4_channels_last_training_equals_transposed_and_gives_contiguous_output
     torch.testing.assert_close(ut.grad.transpose(1, 2), u.grad, rtol=1e-5, atol=1e-5)
     for (name, p), q in zip(layer.named_parameters(), flat.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
-    assert blocked == [True]
+    assert blocked == [True, True]
 
 
 def test_s4_seed_signature_transposed_channels_glu():

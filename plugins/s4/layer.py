@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_probability, check_reals, check_sizes,
                             float32_under_autocast, mask_lengths_of_one_stream, mask_padding, needs_autograd,
                             ordinary_tensor)
-from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_last_conv, circular_conv,
-                                   fast_fft_size, kernel_taps, reversed_spectrum, swap_time_and_channels)
+from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
+                                   channels_last_conv, circular_conv, fast_fft_size, kernel_taps, reversed_spectrum,
+                                   swap_time_and_channels)
 from lrnnx_zoo.ssm_kernel import check_rate, kernel_final_step_state
 from lrnnx_zoo.step_forms import StepForm
 
@@ -40,6 +41,8 @@ def ssm_conv(u: Tensor, k: Tensor, bidirectional: bool = False, D: Optional[Tens
     :func:`~lrnnx_zoo.convolution.circular_conv`.
     """
     k, n = ssm_circle(k, u.shape[-1], bidirectional, D)
+    if blocked_training_applies(u, k):    # the same bits, streamed through the cache in blocks
+        return channels_first_conv(u, k, n)
     return circular_conv(u.unsqueeze(1), k, n, u.shape[-1])
 
 
