@@ -414,15 +414,12 @@ def channels_last_conv(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor] = No
     stride (a training step of S4D, GELU and a Linear at (8, 1024, 128): 49 ms that way, 35 ms
     with the copies; one thread, interleaved).
     """
-    single = K.dim() == 2
-    K3 = K.unsqueeze(0) if single else K
-    skip2 = None if skip is None else (skip.unsqueeze(0) if single else skip)
-    if blocked_training_applies(x, K3, skip2):
-        y = _BlockedConv.apply(x, K3, n, skip2, True)                      # (B, L, C, H)
-        return y.squeeze(2) if single else y
+    y = _blocked_conv(x, K, n, skip, channels_last=True)
+    if y is not None:
+        return y
     L = x.shape[1]
     u = swap_time_and_channels(x, pad_to=n)                                  # (B, H, n), zeros after L
-    if single:
+    if K.dim() == 2:
         y = circular_conv(u, K, n, L)
         return swap_time_and_channels(y if skip is None else y + skip.unsqueeze(-1) * u[..., :L])
     y = circular_conv(u.unsqueeze(1), K, n, L)                               # (B, C, H, L)
@@ -444,15 +441,24 @@ def channels_first_conv(u: Tensor, K: Tensor, n: int, skip: Optional[Tensor] = N
     (:class:`_BlockedConv`: fwd+bwd of the convolution at (8, 128, 1024) 10.8 -> 8.3 ms, the same
     bits); elsewhere it is :func:`circular_conv` on the whole tensor.
     """
+    y = _blocked_conv(u, K, n, skip, channels_last=False)
+    if y is not None:
+        return y
+    v = u if K.dim() == 2 else u.unsqueeze(1)
+    y = circular_conv(v, K, n, u.shape[-1])
+    return y if skip is None else y + skip.unsqueeze(-1) * v
+
+
+def _blocked_conv(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor], channels_last: bool) -> Optional[Tensor]:
+    """:class:`_BlockedConv`'s result where it applies (:func:`blocked_training_applies`), with
+    the kernel axis dropped for a 2-D K; else None."""
     single = K.dim() == 2
     K3 = K.unsqueeze(0) if single else K
     skip2 = None if skip is None else (skip.unsqueeze(0) if single else skip)
-    if blocked_training_applies(u, K3, skip2):
-        y = _BlockedConv.apply(u, K3, n, skip2, False)                      # (B, C, H, L)
-        return y.squeeze(1) if single else y
-    L = u.shape[-1]
-    y = circular_conv(u if single else u.unsqueeze(1), K, n, L)
-    return y if skip is None else y + skip.unsqueeze(-1) * (u if single else u.unsqueeze(1))
+    if not blocked_training_applies(x, K3, skip2):
+        return None
+    y = _BlockedConv.apply(x, K3, n, skip2, channels_last)                  # (B, L, C, H) or (B, C, H, L)
+    return y.squeeze(2 if channels_last else 1) if single else y
 
 
 def blocked_training_applies(x: Tensor, K: Tensor, skip: Optional[Tensor] = None) -> bool:
