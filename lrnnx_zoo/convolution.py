@@ -455,6 +455,10 @@ def _blocked_conv(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor], channels
     single = K.dim() == 2
     K3 = K.unsqueeze(0) if single else K
     skip2 = None if skip is None else (skip.unsqueeze(0) if single else skip)
+    L = x.shape[1 if channels_last else -1]
+    if n < L:
+        raise ValueError(f"a circle of n={n} samples is shorter than the signal's {L} steps: expected n >= L "
+                         f"(n >= L + Lk - 1, conv_size(L, Lk), for a causal convolution)")
     if not blocked_training_applies(x, K3, skip2):
         return None
     y = _BlockedConv.apply(x, K3, n, skip2, channels_last)                  # (B, L, C, H) or (B, C, H, L)

@@ -337,6 +337,15 @@ def test_channels_first_conv_blocked_path_gives_the_whole_tensor_bits_and_its_gr
     assert torch.autograd.gradcheck(lambda u, K: channels_first_conv(u, K, 21, skip), (u, K))
 
 
+def test_channels_last_and_first_conv_refuse_a_circle_shorter_than_the_signal():
+    # it failed deep in the transform ("start (0) + length (30) exceeds dimension size (20)")
+    from lrnnx_zoo.convolution import channels_first_conv, channels_last_conv
+    x, K = torch.randn(2, 30, 3), torch.randn(3, 10)
+    for conv, signal in ((channels_last_conv, x), (channels_first_conv, x.transpose(1, 2))):
+        with pytest.raises(ValueError, match=r"n=20 samples is shorter than the signal's 30 steps: expected n >= L"):
+            conv(signal, K, 20)
+
+
 def test_channels_last_conv_blocked_path_refuses_second_derivatives():
     from lrnnx_zoo.convolution import channels_last_conv
     x = torch.randn(2, 9, 3, requires_grad=True)
