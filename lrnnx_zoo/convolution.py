@@ -251,6 +251,38 @@ def _chunked_copy(dst: Tensor, src: Tensor, dim: int, chunk: int) -> None:
         dst.narrow(dim, i, w).copy_(src.narrow(dim, i, w))
 
 
+class _ChannelBlocks:
+    """The blocks of channels of :class:`_BlockedConv`: iterates (h0, w, buffer) with a zero-padded
+    (B, w, n) buffer ((B, C, w, n) if stacked) reused by every block, and moves a block between
+    (B, [C,] H, L) views and that buffer. Views of channels-last tensors are strided: they move in
+    cache-sized pieces (:data:`_GATHER_TILE` steps, :data:`_SCATTER_GROUP` channels); contiguous
+    ones in one copy. :func:`blocked_channel_conv` (inference) iterates the same way.
+
+    block: channels per block; default :func:`channel_block_size` for B * C rows, so that the C
+    kernels' transforms of a block stay in cache."""
+
+    def __init__(self, B: int, L: int, H: int, n: int, dtype: torch.dtype, device: torch.device,
+                 C: int = 1, stacked: bool = False, channels_last: bool = True, block: Optional[int] = None) -> None:
+        self.L, self.H = L, H
+        self.hb = min(H, channel_block_size(B * C, n) if block is None else block)
+        shape = (B, C, self.hb, n) if stacked else (B, self.hb, n)
+        self.buf = torch.zeros(shape, dtype=dtype, device=device)           # zeros after L stay
+        self.gather_chunk, self.scatter_chunk = (_GATHER_TILE, _SCATTER_GROUP) if channels_last else (L, H)
+
+    def __iter__(self):
+        for h0 in range(0, self.H, self.hb):
+            w = min(self.hb, self.H - h0)
+            yield h0, w, (self.buf if w == self.hb else self.buf.narrow(-2, 0, w))
+
+    def gather(self, buf: Tensor, src: Tensor, h0: int, w: int) -> None:
+        """buf[..., :L] = src's channels h0:h0 + w; buf: (B, [C,] w, n), src: (B, [C,] H, L)."""
+        _chunked_copy(buf.narrow(-1, 0, self.L), src.narrow(-2, h0, w), -1, self.gather_chunk)
+
+    def scatter(self, dst: Tensor, out: Tensor, h0: int, w: int) -> None:
+        """dst's channels h0:h0 + w = out; dst: (B, C, H, L), out: (B, C, w, L)."""
+        _chunked_copy(dst.narrow(2, h0, w), out, 2, self.scatter_chunk)
+
+
 def blocked_channel_conv(u: Tensor, Kf: Tensor, n: int, time_dim: int = 1, skip: Optional[Tensor] = None,
                          block: Optional[int] = None) -> Tensor:
     """Inference convolution of each channel with its kernels, streamed through the cache in
@@ -291,17 +323,15 @@ def blocked_channel_conv(u: Tensor, Kf: Tensor, n: int, time_dim: int = 1, skip:
     if block is None:   # caches are the CPU's concern; an accelerator wants few, large launches
         # (and a compiled graph one block: a block size computed from a dynamic n pinned it)
         block = channel_block_size(B * C, n) if u.device.type == "cpu" and not torch.compiler.is_compiling() else H
-    hb = min(block, H)
     dtype = torch.promote_types(u.dtype, Kf.real.dtype)      # a float32 u with a float64 Kf: float64
     y = u.new_empty((B, L, C, H) if time_dim == 1 else (B, C, H, L), dtype=dtype)
     if y.numel() == 0:
         return y
-    buf = u.new_zeros(B, hb, n, dtype=dtype)                                   # zeros after L stay
+    blocks = _ChannelBlocks(B, L, H, n, dtype, u.device, C, channels_last=time_dim == 1, block=block)
     # Both layouts as (B, H, L) input and (B, C, H, L) output views, made once, so that a block
     # costs as few eager ops as possible (~3 us each here, ~10 a block, 8-16 blocks a call).
     src = u.transpose(1, 2) if time_dim == 1 else u
     dst = y.permute(0, 2, 3, 1) if time_dim == 1 else y
-    gather, scatter = (_GATHER_TILE, _SCATTER_GROUP) if time_dim == 1 else (L, hb)
     fold_skip = skip is not None and B > 1
     # D u is D delta * u, and delta's spectrum is 1: with B > 1 the skip joins the kernel's spectrum
     # once per call, a (C, H, F) buffer 1/B of the input's spectrum (per block it was two more ops,
@@ -311,16 +341,14 @@ def blocked_channel_conv(u: Tensor, Kf: Tensor, n: int, time_dim: int = 1, skip:
     # (Transforms into preallocated out= buffers, or a channel-leading block layout, measured
     # 10-25% slower at (8, 1024, 128).)
     K0 = Ks.select(0, 0) if C == 1 else None
-    for h0 in range(0, H, hb):
-        w = min(hb, H - h0)
-        b = buf if w == hb else buf.narrow(1, 0, w)
-        _chunked_copy(b.narrow(-1, 0, L), src.narrow(1, h0, w), -1, gather)
+    for h0, w, b in blocks:
+        blocks.gather(b, src, h0, w)
         U = torch.fft.rfft(b, n=n)                                           # (B, hb, F)
         Y = U.mul_(K0.narrow(0, h0, w)).unsqueeze(1) if C == 1 else U.unsqueeze(1) * Ks.narrow(1, h0, w)
         out = torch.fft.irfft(Y, n=n).narrow(-1, 0, L)                       # (B, C, hb, L)
         if skip is not None and not fold_skip:      # + D u while the block's input is in cache
             out.addcmul_(b.narrow(-1, 0, L).unsqueeze(1), skip.narrow(1, h0, w).unsqueeze(-1))
-        _chunked_copy(dst.narrow(2, h0, w), out, 2, scatter)
+        blocks.scatter(dst, out, h0, w)
     return y
 
 
@@ -533,12 +561,14 @@ class _BlockedConv(torch.autograd.Function):
         grad_skip = g.new_empty(C, H) if x is not None else None
         blocks = _ChannelBlocks(B, L, H, n, g.dtype, g.device, C, stacked=True, channels_last=channels_last)
         x_block = g.new_empty(B, 1, blocks.hb, L) if x is not None else None
+        xv = None if x is None else (x.transpose(1, 2) if channels_last else x).unsqueeze(1)   # (B, 1, H, L)
+        gxv = None if grad_x is None else (grad_x.transpose(1, 2) if channels_last else grad_x).unsqueeze(1)
         for h0, w, buf in blocks:
             blocks.gather(buf, gv, h0, w)                                    # (B, C, w, n)
             g_block = buf.narrow(-1, 0, L)
             if grad_skip is not None:
                 u = x_block if w == blocks.hb else x_block.narrow(2, 0, w)
-                blocks.gather(u, x.transpose(1, 2).unsqueeze(1) if channels_last else x.unsqueeze(1), h0, w)
+                blocks.gather(u, xv, h0, w)
                 torch.sum(g_block * u, dim=(0, 3), out=grad_skip.narrow(1, h0, w))
             G = torch.fft.rfft(buf, n=n)                                     # (B, C, w, F)
             if spectrum_K is not None:      # the batch summed before the inverse transform
@@ -549,39 +579,9 @@ class _BlockedConv(torch.autograd.Function):
                 if skip is not None:
                     gs = g_block * skip.narrow(1, h0, w).unsqueeze(-1)
                     out = out.add_(gs.squeeze(1) if C == 1 else gs.sum(1))
-                gxv = grad_x.transpose(1, 2) if channels_last else grad_x   # (B, H, L) view
-                blocks.scatter(gxv.unsqueeze(1), out.unsqueeze(1), h0, w)
+                blocks.scatter(gxv, out.unsqueeze(1), h0, w)
         grad_K = torch.fft.irfft(spectrum_K, n=n).narrow(-1, 0, Lk) if spectrum_K is not None else None
         return grad_x, grad_K, None, grad_skip, None
-
-
-class _ChannelBlocks:
-    """The blocks of channels of :class:`_BlockedConv`: iterates (h0, w, buffer) with a zero-padded
-    (B, w, n) buffer ((B, C, w, n) if stacked) reused by every block, and moves a block between
-    (B, [C,] H, L) views and that buffer. Views of channels-last tensors are strided: they move in
-    cache-sized pieces (:data:`_GATHER_TILE` steps, :data:`_SCATTER_GROUP` channels); contiguous
-    ones in one copy."""
-
-    def __init__(self, B: int, L: int, H: int, n: int, dtype: torch.dtype, device: torch.device,
-                 C: int = 1, stacked: bool = False, channels_last: bool = True) -> None:
-        self.L, self.H = L, H
-        self.hb = min(H, channel_block_size(B * C, n))         # the C kernels' transforms stay in cache
-        shape = (B, C, self.hb, n) if stacked else (B, self.hb, n)
-        self.buf = torch.zeros(shape, dtype=dtype, device=device)           # zeros after L stay
-        self.gather_chunk, self.scatter_chunk = (_GATHER_TILE, _SCATTER_GROUP) if channels_last else (L, H)
-
-    def __iter__(self):
-        for h0 in range(0, self.H, self.hb):
-            w = min(self.hb, self.H - h0)
-            yield h0, w, (self.buf if w == self.hb else self.buf.narrow(-2, 0, w))
-
-    def gather(self, buf: Tensor, src: Tensor, h0: int, w: int) -> None:
-        """buf[..., :L] = src's channels h0:h0 + w; buf: (B, [C,] w, n), src: (B, [C,] H, L)."""
-        _chunked_copy(buf.narrow(-1, 0, self.L), src.narrow(-2, h0, w), -1, self.gather_chunk)
-
-    def scatter(self, dst: Tensor, out: Tensor, h0: int, w: int) -> None:
-        """dst's channels h0:h0 + w = out; dst: (B, C, H, L), out: (B, C, w, L)."""
-        _chunked_copy(dst.narrow(2, h0, w), out, 2, self.scatter_chunk)
 
 
 def swap_time_and_channels(x: Tensor, pad_to: int = 0) -> Tensor:
