@@ -216,6 +216,32 @@ def reversed_spectrum(Kf: Tensor, n: int, delay: int = 0) -> Tensor:
     return torch.polar(torch.ones_like(f), 2 * math.pi * delay * f / n).to(Kf.dtype) * Kf.conj()
 
 
+def two_sided_kernel(causal: Tensor, anticausal: Tensor, n: int, delay: int = 0) -> Tensor:
+    """Both directions of a bidirectional layer as one kernel on a circle of n samples, so that
+    one circular convolution (one transform pair) gives
+
+        y_t = sum_j causal_j u_{t-j} + sum_j anticausal_j u_{t+j+delay}.
+
+    The time-domain twin of :func:`reversed_spectrum`: rfft of the result is
+    rfft(causal, n) + reversed_spectrum(rfft(anticausal, n), n, delay). The anti-causal taps go
+    reversed at the circle's end, anticausal_j at (-j - delay) mod n; with delay 0 its lag 0 adds
+    to the causal one. For L-step signals n >= L + Lk - 1 + delay keeps the two sides' lags apart.
+
+    Args:
+        causal, anticausal: (..., Lk) real, lag 0 first.  n: circle size, >= Lk + delay.
+    Returns:
+        (..., n).
+    """
+    Lk = causal.shape[-1]
+    if anticausal.shape != causal.shape or delay < 0 or n < Lk + delay:
+        raise ValueError(f"two_sided_kernel expects two kernels of one shape and n >= Lk + delay, delay >= 0; got "
+                         f"{tuple(causal.shape)} and {tuple(anticausal.shape)}, n={n}, delay={delay}")
+    pad = (0, n - Lk)
+    # flip(anticausal)[i] = anticausal_{Lk-1-i}; rolled so that anticausal_j lands at n - j - delay
+    back = torch.roll(torch.nn.functional.pad(anticausal.flip(-1), pad), n - delay - Lk + 1, dims=-1)
+    return torch.nn.functional.pad(causal, pad) + back
+
+
 def channel_block_size(rows: int, n: int, budget: int = 1 << 18) -> int:
     """Channels per block of :func:`blocked_channel_conv`, for ``rows`` signals of n samples per
     channel: a multiple of 16 (whole 64-byte cache lines when gathering from and scattering to a

@@ -42,7 +42,7 @@ from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_paramet
                             needs_autograd, ordinary_tensor, weights_and_versions)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, causal_conv, channels_first_conv,
                                    channels_last_conv, conv_size, kernel_taps, reversed_spectrum,
-                                   swap_time_and_channels)
+                                   swap_time_and_channels, two_sided_kernel)
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import (SSMKernel, check_rate, kernel_final_step_state, pack_kernel_state,
                                   passed_state_dtype, unpack_kernel_state)
@@ -211,12 +211,16 @@ class FFTConvS4(nn.Module):
         if self.training and self.drop_kernel > 0:
             K = F.dropout(K, self.drop_kernel, training=True)
         C = self.channels
-        if self._blocked_training(x, K, state):
-            # the convolution's blocked training path makes the same transforms, products and sums
-            # per channel (D u and D's gradient included) as the whole-tensor one below: the same bits
+        if self._blocked_training(x, K, state, lengths):
+            # Causal, the convolution's blocked training path makes the same transforms, products
+            # and sums per channel (D u and D's gradient included) as the whole-tensor one below:
+            # the same bits. Bidirectional, both directions share one transform pair on the circle
+            # (two_sided_kernel, as inference's reversed_spectrum) instead of two convolutions.
+            n = conv_size(L, Lk)
+            k = two_sided_kernel(K[:C], K[C:], n) if self.bidirectional else K[:C]
             if not self.transposed:
-                return channels_last_conv(x, K[:C], conv_size(L, Lk), skip=self.D).flatten(2), None  # channel-major
-            return self._output_dropout(self._flatten(channels_first_conv(x, K[:C], conv_size(L, Lk), skip=self.D))), None
+                return channels_last_conv(x, k, n, skip=self.D).flatten(2), None           # channel-major
+            return self._output_dropout(self._flatten(channels_first_conv(x, k, n, skip=self.D))), None
         if not self.transposed:     # contiguous copies, not transposed views (convolution.channels_last_conv)
             u = swap_time_and_channels(x)
         y = causal_conv(u.unsqueeze(1), K[:C])                                # (B, C, H, L)
@@ -238,15 +242,16 @@ class FFTConvS4(nn.Module):
             y = y * keep.to(y.dtype) / (1 - self.dropout)
         return y
 
-    def _blocked_training(self, x: Tensor, K: Tensor, state: Optional[Tensor]) -> bool:
+    def _blocked_training(self, x: Tensor, K: Tensor, state: Optional[Tensor], lengths: Optional[Tensor]) -> bool:
         """Whether a training forward can take the convolution's blocked path
         (:func:`~lrnnx_zoo.convolution.channels_first_conv`, or
         :func:`~lrnnx_zoo.convolution.channels_last_conv` for (B, L, H) in and (B, L, C*H) out
-        channel-major): causal, no state, and a CPU graph it serves (not compiled). Channels-last,
-        no output dropout either: its mask is drawn in the (B, C*H, L) layout."""
+        channel-major): no state, no per-sequence reversal (a bidirectional block given lengths),
+        and a CPU graph it serves (not compiled). Channels-last, no output dropout either: its
+        mask is drawn in the (B, C*H, L) layout."""
         channels_last_ok = not (self.swap_channels and self.channels > 1) and not (self.training and self.dropout > 0)
-        return ((self.transposed or channels_last_ok) and not self.bidirectional and state is None
-                and blocked_training_applies(x, K, self.D))
+        return ((self.transposed or channels_last_ok) and state is None
+                and not (self.bidirectional and lengths is not None) and blocked_training_applies(x, K, self.D))
 
     def _inference_conv(self, x: Tensor, state: Optional[Tensor], lengths: Optional[Tensor]) -> bool:
         """Whether forward can take the blocked inference convolution: no graph, no state, no

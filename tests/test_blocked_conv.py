@@ -202,3 +202,31 @@ def test_reversed_spectrum_is_the_anticausal_kernel(delay):
         for j in range(min(Lk, L - t - delay)):
             ref[:, t] += K[j] * u[:, t + j + delay]
     assert rel_err(y, ref) < 1e-12
+
+
+@pytest.mark.parametrize("delay", [0, 1, 3])
+def test_two_sided_kernel_is_both_directions(delay):
+    # y_t = sum_j K0_j u_{t-j} + sum_j K1_j u_{t+j+delay} by one circular convolution, against the
+    # float64 time-domain sums; and its spectrum is rfft(K0) + reversed_spectrum(rfft(K1))
+    from lrnnx_zoo.convolution import reversed_spectrum, two_sided_kernel
+    torch.manual_seed(0)
+    L, Lk = 40, 25
+    n = conv_size(L, Lk) + delay
+    u = torch.randn(3, L, dtype=torch.float64)
+    K0, K1 = torch.randn(2, 4, Lk, dtype=torch.float64)
+    k = two_sided_kernel(K0, K1, n, delay)
+    assert k.shape == (4, n)
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n)[:, None] * torch.fft.rfft(k, n=n), n=n)[..., :L]     # (3, 4, L)
+    ref = torch.zeros(3, 4, L, dtype=torch.float64)
+    for t in range(L):
+        for j in range(min(Lk, t + 1)):
+            ref[..., t] += K0[:, j] * u[:, None, t - j]
+        for j in range(min(Lk, L - t - delay)):
+            ref[..., t] += K1[:, j] * u[:, None, t + j + delay]
+    assert rel_err(y, ref) < 1e-12
+    spectrum = torch.fft.rfft(K0, n=n) + reversed_spectrum(torch.fft.rfft(K1, n=n), n, delay)
+    assert rel_err(torch.fft.rfft(k, n=n), spectrum) < 1e-12
+    with pytest.raises(ValueError, match="n >= Lk \\+ delay"):
+        two_sided_kernel(K0, K1, Lk + delay - 1, delay)
+    with pytest.raises(ValueError, match="one shape"):
+        two_sided_kernel(K0, K1[:, :-1], n, delay)

@@ -499,3 +499,49 @@ def test_training_through_the_blocked_path_gives_the_whole_tensor_bits(kind, tra
     ref_blocked, want = run()
     assert not ref_blocked
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+@pytest.mark.parametrize("transposed,options", [
+    (False, {}), (False, {"channels": 2, "l_max": 700}), (True, {"channels": 2, "swap_channels": True})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bidirectional_training_shares_one_transform_pair(kind, transposed, options, dtype, monkeypatch):
+    # A bidirectional block trains through the blocked path with both directions on one circle
+    # (convolution.two_sided_kernel): one transform pair instead of the whole-tensor path's two
+    # convolutions and flips. Not the same bits (the directions' products are summed in the
+    # spectrum, not in time). Relative to each tensor's largest entry: float64 within 1e-11
+    # (measured <= 4e-14); float32 within 2e-6 for the output (measured <= 3e-7) and 5e-5 for the
+    # gradients, sums over the batch and 1100 steps (measured <= 1.2e-5, a kernel parameter's).
+    import lrnnx_zoo.plugins.fftconv as fftconv_module
+    tol = 1e-11 if dtype == torch.float64 else None
+
+    def run():
+        torch.manual_seed(0)
+        m = FFTConvS4(24, kernel_type=kind, d_state=8, transposed=transposed, bidirectional=True,
+                      **options).to(dtype).train()
+        x = torch.randn(3, 24, 1100) if transposed else torch.randn(3, 1100, 24)
+        x = x.to(dtype).requires_grad_(True)
+        y, _ = m(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype))
+        return _took_the_blocked_path(y), [y.detach(), x.grad] + [p.grad for p in m.parameters() if p.grad is not None]
+
+    blocked, got = run()
+    monkeypatch.setattr(fftconv_module, "blocked_training_applies", lambda *args: False)
+    ref_blocked, want = run()
+    assert blocked and not ref_blocked and len(got) == len(want) > 3
+    assert rel_err(got[0], want[0]) < (tol or 2e-6)
+    errs = [rel_err(a, b) for a, b in zip(got[1:], want[1:])]
+    assert max(errs) < (tol or 5e-5), errs
+
+
+def test_bidirectional_training_with_lengths_reverses_each_sequence():
+    # Given lengths, the reverse direction starts at each sequence's own end: that keeps the
+    # whole-tensor path (flips within lengths), whose padded steps the one-circle path would change
+    torch.manual_seed(0)
+    m = FFTConvS4(8, kernel_type="s4d", d_state=8, bidirectional=True).train()     # (B, H, L)
+    x = torch.randn(2, 8, 50, requires_grad=True)
+    y, _ = m(x, lengths=torch.tensor([50, 30]))
+    assert not _took_the_blocked_path(y)
+    alone, _ = m(x[1:, :, :30])
+    assert _took_the_blocked_path(alone)
+    torch.testing.assert_close(y[1, :, :30], alone[0], rtol=1e-5, atol=1e-5)

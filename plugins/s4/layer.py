@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_probability, check_reals, check_sizes,
@@ -22,7 +21,7 @@ from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_probabi
                             ordinary_tensor)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
                                    channels_last_conv, circular_conv, fast_fft_size, kernel_taps, reversed_spectrum,
-                                   swap_time_and_channels)
+                                   swap_time_and_channels, two_sided_kernel)
 from lrnnx_zoo.ssm_kernel import check_rate, kernel_final_step_state
 from lrnnx_zoo.step_forms import StepForm
 
@@ -49,15 +48,15 @@ def ssm_conv(u: Tensor, k: Tensor, bidirectional: bool = False, D: Optional[Tens
 def ssm_circle(k: Tensor, L: int, bidirectional: bool = False, D: Optional[Tensor] = None) -> Tuple[Tensor, int]:
     """The kernel of :func:`ssm_conv` laid on its circle: (k' (C, H, <= n), n) for inputs of L steps.
 
-    The anti-causal half K1 (bidirectional) goes reversed at the end of an n >= L + Lk circle, so
-    that one circular convolution adds sum_j K1_j u_{t+1+j}; D joins the kernel's lag 0 (one FFT
+    The anti-causal half K1 (bidirectional) goes reversed at the end of an n >= L + Lk circle
+    (:func:`~lrnnx_zoo.convolution.two_sided_kernel`, delay 1), so that one circular convolution
+    adds sum_j K1_j u_{t+1+j}; D joins the kernel's lag 0 (one FFT
     pair computes K * u + D u).
     """
     Lk = k.shape[-1]
     if bidirectional:
-        k0, k1 = k.chunk(2, dim=0)
         n = fast_fft_size(L + Lk)
-        k = F.pad(k0, (0, n - Lk)) + F.pad(k1.flip(-1), (n - Lk, 0))
+        k = two_sided_kernel(*k.chunk(2, dim=0), n, delay=1)
     else:
         n = fast_fft_size(L + Lk - 1)
     if D is not None:
