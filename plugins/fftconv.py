@@ -40,8 +40,8 @@ from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_parameter_dtype, check_probability,
                             check_sizes, current_form, float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
                             needs_autograd, ordinary_tensor, weights_and_versions)
-from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, causal_conv, channels_first_conv,
-                                   channels_last_conv, conv_size, kernel_taps, reversed_spectrum,
+from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
+                                   channels_last_conv, circular_conv, conv_size, kernel_taps, reversed_spectrum,
                                    swap_time_and_channels, two_sided_kernel)
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import (SSMKernel, check_rate, kernel_final_step_state, pack_kernel_state,
@@ -180,8 +180,9 @@ class FFTConvS4(nn.Module):
         state: (B, H, S) kernel state x_{-1} (``default_state``), or None. next_state: the state
         after the last sample (``kernel.forward_state``), or None when ``state`` is None.
         rate: relative sampling rate of x (the kernel uses dt / rate); state passing needs rate 1.
-        lengths: (B,) valid lengths; only the reverse direction of a bidirectional block uses them
-            (each sequence is reversed within its length); x past them is read as zeros.
+        lengths: (B,) valid lengths: x past them is read as zeros, so the reverse direction of a
+            bidirectional block starts at each sequence's own end (as if each were reversed
+            within its length); the outputs past them are not masked.
         """
         u = self._to_bhl(x)
         if self.L is not None:          # l_max * rate is rounded below: nan, inf and tensors failed there
@@ -205,28 +206,25 @@ class FFTConvS4(nn.Module):
                                  f"l_max={self.L} samples of a stream only")
             self._check_kernel_state(state, B, "FFTConvS4")     # else a broadcast error in the kernel
         Lk = kernel_taps(L, self.L, rate)
-        if self._inference_conv(x, state, lengths):
+        if self._inference_conv(x, state):
             return self._blocked_forward(x, L, Lk, rate), None
         K, K_state = self.kernel(L=Lk, rate=rate, state=state)                 # (C', H, Lk)
         if self.training and self.drop_kernel > 0:
             K = F.dropout(K, self.drop_kernel, training=True)
-        C = self.channels
-        if self._blocked_training(x, K, state, lengths):
-            # Causal, the convolution's blocked training path makes the same transforms, products
-            # and sums per channel (D u and D's gradient included) as the whole-tensor one below:
-            # the same bits. Bidirectional, both directions share one transform pair on the circle
-            # (two_sided_kernel, as inference's reversed_spectrum) instead of two convolutions.
-            n = conv_size(L, Lk)
-            k = two_sided_kernel(K[:C], K[C:], n) if self.bidirectional else K[:C]
+        C, n = self.channels, conv_size(L, Lk)
+        # Bidirectional, both directions share one transform pair on the circle (two_sided_kernel,
+        # as inference's reversed_spectrum). With lengths, x past them is zero, so the reverse
+        # direction's sum starts at each sequence's own end without flipping each sequence.
+        k = two_sided_kernel(K[:C], K[C:], n) if self.bidirectional else K[:C]
+        if self._blocked_training(x, K, state):
+            # the convolution's blocked training path makes the same transforms, products and sums
+            # per channel (D u and D's gradient included) as the whole-tensor one below: the same bits
             if not self.transposed:
                 return channels_last_conv(x, k, n, skip=self.D).flatten(2), None           # channel-major
             return self._output_dropout(self._flatten(channels_first_conv(x, k, n, skip=self.D))), None
         if not self.transposed:     # contiguous copies, not transposed views (convolution.channels_last_conv)
             u = swap_time_and_channels(x)
-        y = causal_conv(u.unsqueeze(1), K[:C])                                # (B, C, H, L)
-        if self.bidirectional:
-            u_rev = flip_within_lengths(u, lengths).unsqueeze(1)
-            y = y + flip_within_lengths(causal_conv(u_rev, K[C:]), lengths)
+        y = circular_conv(u.unsqueeze(1), k, n, L)                           # (B, C, H, L)
         y = y + self.D.unsqueeze(-1) * u.unsqueeze(1)
         if K_state is not None:
             y = y + K_state
@@ -242,23 +240,19 @@ class FFTConvS4(nn.Module):
             y = y * keep.to(y.dtype) / (1 - self.dropout)
         return y
 
-    def _blocked_training(self, x: Tensor, K: Tensor, state: Optional[Tensor], lengths: Optional[Tensor]) -> bool:
+    def _blocked_training(self, x: Tensor, K: Tensor, state: Optional[Tensor]) -> bool:
         """Whether a training forward can take the convolution's blocked path
         (:func:`~lrnnx_zoo.convolution.channels_first_conv`, or
         :func:`~lrnnx_zoo.convolution.channels_last_conv` for (B, L, H) in and (B, L, C*H) out
-        channel-major): no state, no per-sequence reversal (a bidirectional block given lengths),
-        and a CPU graph it serves (not compiled). Channels-last, no output dropout either: its
-        mask is drawn in the (B, C*H, L) layout."""
+        channel-major): no state, and a CPU graph it serves (not compiled). Channels-last, no
+        output dropout either: its mask is drawn in the (B, C*H, L) layout."""
         channels_last_ok = not (self.swap_channels and self.channels > 1) and not (self.training and self.dropout > 0)
-        return ((self.transposed or channels_last_ok) and state is None
-                and not (self.bidirectional and lengths is not None) and blocked_training_applies(x, K, self.D))
+        return (self.transposed or channels_last_ok) and state is None and blocked_training_applies(x, K, self.D)
 
-    def _inference_conv(self, x: Tensor, state: Optional[Tensor], lengths: Optional[Tensor]) -> bool:
-        """Whether forward can take the blocked inference convolution: no graph, no state, no
-        dropout, and no per-sequence flipping (a bidirectional block given lengths)."""
+    def _inference_conv(self, x: Tensor, state: Optional[Tensor]) -> bool:
+        """Whether forward can take the blocked inference convolution: no graph, no state, no dropout."""
         dropping = self.training and (self.drop_kernel > 0 or self.dropout > 0)
-        return (state is None and not dropping and isinstance(self.kernel, SSMKernel) and not needs_autograd(self, x)
-                and not (self.bidirectional and lengths is not None))
+        return state is None and not dropping and isinstance(self.kernel, SSMKernel) and not needs_autograd(self, x)
 
     def _blocked_forward(self, x: Tensor, L: int, Lk: int, rate: float) -> Tensor:
         """Inference forward through :func:`~lrnnx_zoo.convolution.blocked_channel_conv`.

@@ -116,6 +116,20 @@ def test_fftconv_inference_equals_training_forward(transposed, bidirectional, sw
 
 
 @pytest.mark.parametrize("transposed", [False, True])
+def test_bidirectional_fftconv_with_lengths_takes_the_blocked_inference_path(transposed):
+    # x past the lengths is zero, so one circle serves a padded batch too (no per-sequence flips)
+    torch.manual_seed(0)
+    m = FFTConvS4(20, kernel_type="s4d", d_state=8, channels=2, transposed=transposed, bidirectional=True).eval()
+    x = torch.randn(3, 20, 130) if transposed else torch.randn(3, 130, 20)
+    lengths = torch.tensor([130, 64, 1])
+    fast, slow = _both_paths(m, x, lengths=lengths)
+    assert rel_err(fast, slow) < TOL
+    with torch.no_grad():
+        alone = m(x[1:2, :, :64] if transposed else x[1:2, :64])[0]
+    assert rel_err(fast[1:2, :, :64] if transposed else fast[1:2, :64], alone) < TOL
+
+
+@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_s4_block_inference_equals_training_forward(transposed, bidirectional):
     torch.manual_seed(0)

@@ -473,7 +473,8 @@ def _took_the_blocked_path(y: torch.Tensor) -> bool:
 @pytest.mark.parametrize("kind", KERNELS)
 @pytest.mark.parametrize("transposed,options", [
     (False, {}), (False, {"drop_kernel": 0.3}), (False, {"channels": 3}),
-    (True, {}), (True, {"channels": 2, "swap_channels": True, "dropout": 0.2, "tie_dropout": True})])
+    (True, {}), (True, {"channels": 2, "swap_channels": True, "dropout": 0.2, "tie_dropout": True}),
+    (False, {"bidirectional": True}), (True, {"bidirectional": True, "channels": 2, "l_max": 700})])
 def test_training_through_the_blocked_path_gives_the_whole_tensor_bits(kind, transposed, options, monkeypatch):
     # A block trains through the convolution's blocked path (channels_last_conv for (B, L, H),
     # channels_first_conv for (B, H, L); C kernels per channel and D u folded into its blocks).
@@ -502,46 +503,46 @@ def test_training_through_the_blocked_path_gives_the_whole_tensor_bits(kind, tra
 
 
 @pytest.mark.parametrize("kind", KERNELS)
-@pytest.mark.parametrize("transposed,options", [
-    (False, {}), (False, {"channels": 2, "l_max": 700}), (True, {"channels": 2, "swap_channels": True})])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_bidirectional_training_shares_one_transform_pair(kind, transposed, options, dtype, monkeypatch):
-    # A bidirectional block trains through the blocked path with both directions on one circle
-    # (convolution.two_sided_kernel): one transform pair instead of the whole-tensor path's two
-    # convolutions and flips. Not the same bits (the directions' products are summed in the
-    # spectrum, not in time). Relative to each tensor's largest entry: float64 within 1e-11
-    # (measured <= 4e-14); float32 within 2e-6 for the output (measured <= 3e-7) and 5e-5 for the
-    # gradients, sums over the batch and 1100 steps (measured <= 1.2e-5, a kernel parameter's).
-    import lrnnx_zoo.plugins.fftconv as fftconv_module
-    tol = 1e-11 if dtype == torch.float64 else None
-
-    def run():
-        torch.manual_seed(0)
-        m = FFTConvS4(24, kernel_type=kind, d_state=8, transposed=transposed, bidirectional=True,
-                      **options).to(dtype).train()
-        x = torch.randn(3, 24, 1100) if transposed else torch.randn(3, 1100, 24)
-        x = x.to(dtype).requires_grad_(True)
-        y, _ = m(x)
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype))
-        return _took_the_blocked_path(y), [y.detach(), x.grad] + [p.grad for p in m.parameters() if p.grad is not None]
-
-    blocked, got = run()
-    monkeypatch.setattr(fftconv_module, "blocked_training_applies", lambda *args: False)
-    ref_blocked, want = run()
-    assert blocked and not ref_blocked and len(got) == len(want) > 3
-    assert rel_err(got[0], want[0]) < (tol or 2e-6)
-    errs = [rel_err(a, b) for a, b in zip(got[1:], want[1:])]
-    assert max(errs) < (tol or 5e-5), errs
-
-
-def test_bidirectional_training_with_lengths_reverses_each_sequence():
-    # Given lengths, the reverse direction starts at each sequence's own end: that keeps the
-    # whole-tensor path (flips within lengths), whose padded steps the one-circle path would change
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_bidirectional_block_is_both_directions_within_the_lengths(kind, transposed, dtype, with_lengths):
+    # Both directions run as one circular convolution (convolution.two_sided_kernel) on the input
+    # zeroed past the lengths. Reference, written here: the causal convolution plus the reverse
+    # direction as a causal convolution of each sequence reversed within its length, reversed
+    # back. Valid steps agree, values and every gradient (of a loss on the valid steps), relative
+    # to each tensor's largest entry: float64 within 1e-11; float32 within 2e-6 for the output and
+    # 5e-5 for the gradients (sums over the batch and the steps). Measured: float64 <= 1.5e-14,
+    # float32 <= 2.3e-7 (output) and 7.3e-6 (gradients).
+    from lrnnx_zoo.convolution import causal_conv
     torch.manual_seed(0)
-    m = FFTConvS4(8, kernel_type="s4d", d_state=8, bidirectional=True).train()     # (B, H, L)
-    x = torch.randn(2, 8, 50, requires_grad=True)
-    y, _ = m(x, lengths=torch.tensor([50, 30]))
-    assert not _took_the_blocked_path(y)
-    alone, _ = m(x[1:, :, :30])
-    assert _took_the_blocked_path(alone)
-    torch.testing.assert_close(y[1, :, :30], alone[0], rtol=1e-5, atol=1e-5)
+    m = FFTConvS4(12, kernel_type=kind, d_state=8, channels=2, transposed=transposed,
+                  bidirectional=True, l_max=500).to(dtype).train()
+    B, L = 3, 600
+    lengths = torch.tensor([600, 431, 97]) if with_lengths else None
+    valid = (torch.arange(L) < (torch.tensor([L] * B) if lengths is None else lengths)[:, None]).to(dtype)  # (B, L)
+    x = torch.randn(B, 12, L, dtype=dtype) if transposed else torch.randn(B, L, 12, dtype=dtype)
+    g = torch.randn(B, 2 * 12, L, dtype=dtype, generator=torch.Generator().manual_seed(1)) * valid[:, None]
+    if not transposed:
+        g = g.transpose(1, 2)
+
+    def grads(y):
+        params = [p for p in m.parameters() if p.requires_grad]
+        return [y.detach()] + list(torch.autograd.grad(y, [xr] + params, g, allow_unused=True))
+
+    xr = x.clone().requires_grad_(True)
+    y, _ = m(xr, lengths=lengths)
+    assert _took_the_blocked_path(y)
+    got = grads(y)
+    xr = x.clone().requires_grad_(True)
+    u = (xr if transposed else xr.transpose(1, 2)) * valid[:, None]                        # (B, H, L)
+    K, _ = m.kernel(L=500)                                                                 # (4, H, 500)
+    fwd = causal_conv(u.unsqueeze(1), K[:2])
+    bwd = flip_within_lengths(causal_conv(flip_within_lengths(u, lengths).unsqueeze(1), K[2:]), lengths)
+    ref = ((fwd + bwd + m.D.unsqueeze(-1) * u.unsqueeze(1)).flatten(1, 2)) * valid[:, None]  # (B, C*H, L)
+    ref = ref if transposed else ref.transpose(1, 2)
+    want = grads(ref)
+    mask = valid[:, None] if transposed else valid[:, :, None]
+    assert rel_err(got[0] * mask, want[0]) < (1e-11 if dtype == torch.float64 else 2e-6)
+    errs = [rel_err(a, b) for a, b in zip(got[1:], want[1:]) if b is not None]
+    assert len(errs) > 3 and max(errs) < (1e-11 if dtype == torch.float64 else 5e-5), errs
