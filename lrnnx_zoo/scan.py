@@ -37,7 +37,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .convolution import lower_toeplitz
 
 __all__ = ["diagonal_scan", "sequential_scan", "default_chunk_size"]
 
@@ -194,6 +193,31 @@ def _scan_impl(lam: Tensor, x: Tensor, s0: Optional[Tensor], reverse: bool, T: i
     return buf if Lp == L else buf[:, :L]
 
 
+def _scan_parameter_grads(lam: Tensor, s0: Optional[Tensor], out: Tensor, gx: Tensor, rev: bool,
+                          need_lam: bool, need_s0: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(grad lam, grad s0) of the scan from its states ``out`` and the gradient of each x_t, ``gx``
+    (the adjoint recurrence): sum_t gx_t conj(s_{t-1}) and conj(lam) gx at the step s0 enters."""
+    L = gx.shape[1]
+    first = -1 if rev else 0                     # the step where s0 enters (-1: no symbolic index in a graph)
+    grad_lam = grad_s0 = None
+    if need_lam and L > 0:
+        # sum_t g'_t conj(s_{t-1}); vecdot conjugates its first argument.
+        if rev:
+            grad_lam = torch.linalg.vecdot(out[:, 1:], gx[:, :-1], dim=1)
+        else:
+            grad_lam = torch.linalg.vecdot(out[:, :-1], gx[:, 1:], dim=1)
+        if s0 is not None:
+            grad_lam = grad_lam + s0.conj() * gx[:, first]
+        if lam.shape[0] == 1:
+            grad_lam = grad_lam.sum(0, keepdim=True)
+        grad_lam = grad_lam.to(lam.dtype)        # lam may be held in higher precision than x
+    elif need_lam:
+        grad_lam = torch.zeros_like(lam)
+    if need_s0 and s0 is not None:
+        grad_s0 = (lam.conj() * gx[:, first]).to(s0.dtype) if L > 0 else torch.zeros_like(s0)
+    return grad_lam, grad_s0
+
+
 class _DiagonalScan(torch.autograd.Function):
     """Chunked scan whose backward is the reverse scan with conj(lam) (see module docstring)."""
 
@@ -233,88 +257,49 @@ class _DiagonalScan(torch.autograd.Function):
         # Gradient w.r.t. each x_t: the adjoint recurrence runs the other way with conj(lam).
         # Applied through the Function again so that double backward works too.
         gx = _DiagonalScan.apply(lam.conj(), g, None, not rev, ctx.T)
-        L = g.shape[1]
-        first = L - 1 if rev else 0                  # the step where s0 enters
-        grad_lam = grad_s0 = None
-        if need_lam and L > 0:
-            # sum_t g'_t conj(s_{t-1}); vecdot conjugates its first argument.
-            if rev:
-                grad_lam = torch.linalg.vecdot(out[:, 1:], gx[:, :-1], dim=1)
-            else:
-                grad_lam = torch.linalg.vecdot(out[:, :-1], gx[:, 1:], dim=1)
-            if s0 is not None:
-                grad_lam = grad_lam + s0.conj() * gx[:, first]
-            if lam.shape[0] == 1:
-                grad_lam = grad_lam.sum(0, keepdim=True)
-            grad_lam = grad_lam.to(lam.dtype)        # lam may be held in higher precision than x
-        elif need_lam:
-            grad_lam = torch.zeros_like(lam)
-        if need_s0 and s0 is not None:
-            grad_s0 = (lam.conj() * gx[:, first]).to(s0.dtype) if L > 0 else torch.zeros_like(s0)
+        grad_lam, grad_s0 = _scan_parameter_grads(lam, s0, out, gx, rev, need_lam, need_s0)
         return grad_lam, (gx if need_x else None), grad_s0, None, None
 
 
 # ----------------------------------------------------------------------------------------------
-# compiled graphs: chunks as matrix products, no loop over time
+# compiled graphs: the same chunked scan, as an operator the compiler does not trace into
 # ----------------------------------------------------------------------------------------------
 
-#: Chunk length T of the scan in compiled graphs. A graph holds one level per factor of T in L:
-#: lengths T..T^2-1 share one graph (32..1023), the next level starts at T^2.
-_COMPILED_CHUNK = 32
+@torch.library.custom_op("lrnnx_zoo::chunked_scan", mutates_args=())
+def _chunked_scan_op(lam: Tensor, x: Tensor, s0: Optional[Tensor], reverse: bool, chunk_size: Optional[int]) -> Tensor:
+    """:func:`diagonal_scan` inside torch.compile graphs: the eager chunked scan (its in-place
+    steps and loops run as they do in eager) as one opaque operator with a shape-only fake, so
+    one graph serves every length (L stays symbolic: T is picked from the real L at run time).
+
+    Traced instead, the scan had to become differentiable out-of-place torch ops without a loop
+    over time; the best such form (chunks of 32 steps as Toeplitz matrix products, 32x the
+    multiply-adds) made a compiled LRU training step slower than eager. lam (Bl, N), x (B, L, N),
+    s0 (B, N) or None (one dtype with x) -> (B, L, N) contiguous, x's dtype."""
+    T = default_chunk_size(x.shape[1]) if chunk_size is None else chunk_size
+    return _scan_impl(lam, x, s0, reverse, T).contiguous()      # a fresh tensor, as the fake says
 
 
-def _compiled_scan(lam: Tensor, x: Tensor, s0: Optional[Tensor], reverse: bool, T: int) -> Tensor:
-    """:func:`diagonal_scan` in a graph torch.compile can trace for a dynamic L: differentiable
-    torch ops (autograd or the compiler derives the backward), out of place, and no Python loop
-    over time. The chunked scan's T in-place steps per level became, in a compiled graph, T
-    copies of the whole buffer each (functionalised views), its chunk length a function of L and
-    its padding a test of T | L pinned L: every length compiled anew (LRU training, 5 lengths:
-    5 graphs of ~40 s). Here each chunk's states are one matrix product with the (T, T) Toeplitz
-    matrix of powers lam^(t-k) (T times the scan's multiply-adds, in one BLAS call per level).
-    lam (Bl, N), x (B, L, N), s0 (B, N) or None -> (B, L, N) in x's dtype."""
-    if reverse:
-        return _compiled_scan(lam, x.flip(1), s0, False, T).flip(1)
-    if s0 is not None:                     # s0 only enters the first step: lam s0 joins x_0
-        x = torch.cat([x[:, :1] + (lam * s0).to(x.dtype).unsqueeze(1), x[:, 1:]], 1)
-    return _scan_blocks(torch.log(lam.to(torch.complex128)), x, T, not lam.is_complex())
+@_chunked_scan_op.register_fake
+def _chunked_scan_fake(lam: Tensor, x: Tensor, s0: Optional[Tensor], reverse: bool,
+                       chunk_size: Optional[int]) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _scan_blocks(log_lam: Tensor, x: Tensor, T: int, real: bool) -> Tensor:
-    """The states of s_t = lam s_{t-1} + x_t, s_{-1} = 0, by chunks of T: (B, L, N) -> (B, L, N).
+def _chunked_scan_setup(ctx, inputs, output: Tensor) -> None:
+    lam, _, s0, ctx.reverse, ctx.chunk_size = inputs
+    ctx.save_for_backward(lam, s0, output)
 
-    Padded to C = L // T + 1 chunks (never exactly L: a padding of zero for some lengths and not
-    others would pin L % T), each chunk's states local[c, t] = sum_{k<=t} lam^(t-k) x[c, k] from
-    zero, the chunk end states scanned with lam^T (the same function, one level up, while C > 1),
-    and the carry entering chunk c (the scanned ends up to c - 1) added as lam^(t+1) carry. The work
-    is laid out (B, N, C, T), contiguous from the product on, so no reshape depends on strides the
-    compiler had to guess.
 
-    Powers are exp(k log lam) in complex128 (log_lam: (Bl, N); ``real``: lam was real, so are
-    they), cast once to x's dtype. Not a cumulative product: a level up, lam^T's powers reach
-    lam^(T^2), which underflows to 0 for |lam| < 0.5 (an LRU's fast modes), and cumprod's backward
-    then returned NaN (an LRU model's nu and theta gradients after one compiled training step at
-    L=1024); exp's gradient there is 0.
-    """
-    B, L, N = x.shape
-    C = L // T + 1
-    # Zeros joined by cat, not F.pad: pad's backward (a negative pad) kept the gradient's strides
-    # in eager and not in the compiler's model of it, and a view of it failed at run time.
-    v = torch.cat([x, x.new_zeros(B, C * T - L, N)], 1).reshape(B, C, T, N).permute(0, 3, 1, 2)  # (B, N, C, T)
-    k = torch.arange(1, T + 1, device=x.device, dtype=torch.float64)[:, None, None]
-    pw = torch.exp(k * log_lam)                                              # lam^1..lam^T
-    pw = torch.cat([torch.ones_like(pw[:1]), pw])                            # (T+1, Bl, N); 0 log 0 is NaN
-    pw = pw.real if real else pw
-    M = lower_toeplitz(pw[:T].movedim(0, -1))                                # (Bl, N, T_t, T_k): lam^(t-k)
-    local = v @ M.to(x.dtype).transpose(-1, -2)                              # (B, N, C, T_t)
-    if C > 1:
-        # The carry entering chunk c is the scan of the chunk ends shifted by one: scanned as
-        # [0, e_0, .., e_{C-2}] (a size-C slice; a size C - 1 one was a size-1 dim at L < 2T and
-        # pinned that case).
-        ends = local[..., T - 1].transpose(1, 2)                                # (B, C, N)
-        carry = _scan_blocks(T * log_lam, torch.cat([ends.new_zeros(B, 1, N), ends], 1)[:, :C], T, real)
-        prop = pw[1:].to(x.dtype).permute(1, 2, 0).unsqueeze(2)              # (Bl, N, 1, T): lam^(t+1)
-        local = local + prop * carry.transpose(1, 2).unsqueeze(-1)
-    return local.reshape(B, N, C * T)[..., :L].transpose(1, 2).contiguous()
+def _chunked_scan_backward(ctx, g: Tensor):
+    """:class:`_DiagonalScan`'s backward, through the operator again (double backward works)."""
+    lam, s0, out = ctx.saved_tensors
+    need_lam, need_x, need_s0 = ctx.needs_input_grad[:3]
+    gx = _chunked_scan_op(lam.conj().resolve_conj(), g.contiguous(), None, not ctx.reverse, ctx.chunk_size)
+    grad_lam, grad_s0 = _scan_parameter_grads(lam, s0, out, gx, ctx.reverse, need_lam, need_s0)
+    return grad_lam, (gx if need_x else None), grad_s0, None, None
+
+
+_chunked_scan_op.register_autograd(_chunked_scan_backward, setup_context=_chunked_scan_setup)
 
 
 def diagonal_scan(lam: Tensor, x: Tensor, initial_state: Optional[Tensor] = None, *,
@@ -345,12 +330,9 @@ def diagonal_scan(lam: Tensor, x: Tensor, initial_state: Optional[Tensor] = None
     Differentiable w.r.t. lam, x and initial_state by a custom backward (a reverse scan).
     """
     lam, x, s0 = _prepare(lam, x, initial_state, "diagonal_scan", lam_dtype)
-    if chunk_size is None:
-        T = default_chunk_size(x.shape[1])
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 2:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 2):
         raise ValueError(f"diagonal_scan: chunk_size must be an int >= 2, got {chunk_size!r}")
-    else:
-        T = chunk_size
-    if torch.compiler.is_compiling():
-        return _compiled_scan(lam, x, s0, bool(reverse), _COMPILED_CHUNK if chunk_size is None else T)
+    if torch.compiler.is_compiling():   # T from the real L inside the operator: L stays symbolic here
+        return _chunked_scan_op(lam, x, s0, bool(reverse), chunk_size)
+    T = default_chunk_size(x.shape[1]) if chunk_size is None else chunk_size
     return _DiagonalScan.apply(lam, x, s0, bool(reverse), T)
