@@ -369,3 +369,65 @@ def test_compiled_scan_gradients_stay_finite_where_powers_underflow(dtype):
     want = run(diagonal_scan)
     for a, b in zip(got, want):
         assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+class OpRecorder(GraphCounter):
+    """GraphCounter that also records the operators its graphs call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: List[str] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: List[Any]) -> Callable:
+        self.ops += [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
+        return super().__call__(gm, example_inputs)
+
+
+@pytest.mark.parametrize("layer,operator", [("lru", "lrnnx_zoo.chunked_scan"), ("s4d", "lrnnx_zoo.blocked_conv"),
+                                            ("fftconv", "lrnnx_zoo.blocked_conv"), ("s4", "lrnnx_zoo.blocked_conv")])
+def test_compiled_training_calls_the_eager_kernels_as_operators(layer, operator):
+    # A compiled graph runs LRU's chunked scan and the blocked convolution (S4D, FFTConv, S4) as
+    # single operators (torch.library custom ops), not traced stand-ins that were slower than eager.
+    # Output and every gradient against eager, relative to each tensor's largest entry: 1e-5
+    # (compiled graphs size their FFTs to multiples of 8, eager to 5-smooth numbers, and S4's
+    # float64 refinement of ill-conditioned nodes is skipped in a graph; measured: lru 0, s4d and
+    # fftconv 5.0e-7, s4 1.5e-6).
+    torch.manual_seed(0)
+    m = keep_lengths(lrnnx_zoo.create_layer(layer, 16, d_state=8))     # S4: eager differentiates what a graph does
+    x = torch.randn(2, 75, 16, requires_grad=True)
+    params = [p for p in m.parameters() if p.requires_grad]
+
+    def run(f):
+        y = f(x)
+        return [y.detach(), *torch.autograd.grad((y * torch.linspace(-1, 1, 16)).sum(), [x] + params)]
+
+    recorder = OpRecorder()
+    got = run(torch.compile(m, backend=recorder, fullgraph=True))
+    want = run(m)
+    assert any(operator in op for op in recorder.ops), recorder.ops
+    errs = [float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, want)]
+    assert max(errs) <= 1e-5, errs
+
+
+def test_the_kernel_operators_pass_torch_library_checks():
+    # Schema, fake (meta) implementation, autograd registration and AOT dispatch with dynamic
+    # shapes (torch.library.opcheck), and float64 gradients against finite differences.
+    from lrnnx_zoo.convolution import _blocked_conv_op
+    from lrnnx_zoo.scan import _chunked_scan_op
+
+    torch.manual_seed(0)
+    f64 = torch.float64
+    K = torch.randn(2, 5, 12, dtype=f64, requires_grad=True)
+    D = torch.randn(2, 5, dtype=f64, requires_grad=True)
+    for channels_last in (True, False):
+        x = torch.randn(2, 20, 5, dtype=f64) if channels_last else torch.randn(2, 5, 20, dtype=f64)
+        x.requires_grad_()
+        for skip in (D, None):
+            torch.library.opcheck(_blocked_conv_op, (x, K, 32, skip, channels_last))
+        assert torch.autograd.gradcheck(lambda x, K, D: _blocked_conv_op(x, K, 32, D, channels_last)[0], (x, K, D))
+    lam = torch.polar(torch.rand(4, dtype=f64) * 0.5 + 0.4, torch.rand(4, dtype=f64) * 3).unsqueeze(0).requires_grad_()
+    xs = torch.randn(2, 30, 4, dtype=torch.complex128, requires_grad=True)
+    s0 = torch.randn(2, 4, dtype=torch.complex128, requires_grad=True)
+    for args in ((lam, xs, s0, False, None), (lam, xs, None, True, 8)):
+        torch.library.opcheck(_chunked_scan_op, args)
+    assert torch.autograd.gradcheck(lambda lam, xs, s0: _chunked_scan_op(lam, xs, s0, True, 8), (lam, xs, s0))
