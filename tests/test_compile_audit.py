@@ -384,10 +384,12 @@ class OpRecorder(GraphCounter):
 
 
 @pytest.mark.parametrize("layer,operator", [("lru", "lrnnx_zoo.chunked_scan"), ("s4d", "lrnnx_zoo.blocked_conv"),
-                                            ("fftconv", "lrnnx_zoo.blocked_conv"), ("s4", "lrnnx_zoo.blocked_conv")])
+                                            ("fftconv", "lrnnx_zoo.blocked_conv"), ("s4", "lrnnx_zoo.blocked_conv"),
+                                            ("s4", "lrnnx_zoo.shared_cauchy")])
 def test_compiled_training_calls_the_eager_kernels_as_operators(layer, operator):
-    # A compiled graph runs LRU's chunked scan and the blocked convolution (S4D, FFTConv, S4) as
-    # single operators (torch.library custom ops), not traced stand-ins that were slower than eager.
+    # A compiled graph runs LRU's chunked scan, the blocked convolution (S4D, FFTConv, S4) and S4's
+    # Cauchy sums as single operators (torch.library custom ops), not traced stand-ins that were
+    # slower than eager.
     # Output and every gradient against eager, relative to each tensor's largest entry: 1e-5
     # (compiled graphs size their FFTs to multiples of 8, eager to 5-smooth numbers, and S4's
     # float64 refinement of ill-conditioned nodes is skipped in a graph; measured: lru 0, s4d and
@@ -411,7 +413,8 @@ def test_compiled_training_calls_the_eager_kernels_as_operators(layer, operator)
 
 def test_the_kernel_operators_pass_torch_library_checks():
     # Schema, fake (meta) implementation, autograd registration and AOT dispatch with dynamic
-    # shapes (torch.library.opcheck), and float64 gradients against finite differences.
+    # shapes (torch.library.opcheck), and float64 gradients against finite differences, for the
+    # blocked convolution, the chunked scan and the shared-pole Cauchy sums.
     from lrnnx_zoo.convolution import _blocked_conv_op
     from lrnnx_zoo.scan import _chunked_scan_op
 
@@ -431,3 +434,12 @@ def test_the_kernel_operators_pass_torch_library_checks():
     for args in ((lam, xs, s0, False, None), (lam, xs, None, True, 8)):
         torch.library.opcheck(_chunked_scan_op, args)
     assert torch.autograd.gradcheck(lambda lam, xs, s0: _chunked_scan_op(lam, xs, s0, True, 8), (lam, xs, s0))
+    from lrnnx_zoo.kernels.cauchy_shared import _shared_cauchy_op
+    c128 = torch.complex128
+    w = torch.complex(-torch.rand(3, 5, dtype=f64), torch.randn(3, 5, dtype=f64))
+    ab = torch.randn(3, 4, 5, dtype=f64).to(c128).requires_grad_()                 # real values, complex-typed
+    c = (2 * w.real).unsqueeze(-1).to(c128).requires_grad_()
+    d = w.abs().square().unsqueeze(-1).to(c128).requires_grad_()
+    z = torch.complex(torch.zeros(7, dtype=f64), torch.tan(torch.linspace(0, 1.4, 7, dtype=f64)))
+    torch.library.opcheck(_shared_cauchy_op, (ab, c, d, z, 3))                      # 3 node blocks, the last short
+    assert torch.autograd.gradcheck(lambda ab, c, d: _shared_cauchy_op(ab, c, d, z, 3), (ab, c, d))

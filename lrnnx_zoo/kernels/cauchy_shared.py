@@ -80,26 +80,93 @@ class _SharedBlock(torch.autograd.Function):
         ab, c, d, z = ctx.saved_tensors
         if ctx.needs_input_grad[3]:
             raise RuntimeError("cauchy_conj_shared: gradients with respect to the nodes z are not implemented")
-        fresh = not torch.is_grad_enabled()      # in place unless building a double-backward graph
-        zc = z.conj()
-        # conj(q) built directly from conj(z) (c, d have real values): no conjugate copies for the matmuls
-        qc = _pole_factor(c, d, zc) if fresh else 1 / (d + zc * zc - c * zc)    # (P, N, l)
-        ds = torch.cat([g * zc, -g], dim=1)                                      # (P, 2J, l)
-        grad_ab = grad_c = grad_d = None
-        if ctx.needs_input_grad[0]:
-            grad_ab = ds @ qc.transpose(1, 2)                                   # (P, 2J, N)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # dq = ab^H ds per node before anything is summed over the nodes: its two halves
-            # (z a and b) nearly cancel near the poles, and summing over l first made the float32
-            # log_dt gradient 4x less accurate (2.2e-4 vs 5.5e-5 of float64 at H=128, L=4096).
-            # A lazily conjugated operand took bmm 4x longer: materialise it.
-            dq = ab.transpose(1, 2).conj().resolve_conj().contiguous() @ ds     # (P, N, l)
-            E = dq.mul_(qc.mul_(qc)) if fresh else dq * qc * qc                 # -dD = dq conj(q)^2
-            # Two reductions, not one matmul by [conj(z), 1]: MKL's complex GEMM with two columns
-            # took 3.4x as long (1.87 vs 0.55 ms for a (4096, 256) block, one thread).
-            grad_d = -E.sum(-1, keepdim=True)                                   # complex-typed like c, d
-            grad_c = (E.mul_(zc) if fresh else E * zc).sum(-1, keepdim=True)
-        return grad_ab, grad_c, grad_d, None
+        return (*_block_grads(ab, c, d, z, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]),
+                None)
+
+
+def _block_grads(ab: Tensor, c: Tensor, d: Tensor, z: Tensor, g: Tensor, need_ab: bool, need_cd: bool
+                 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(grad ab, grad c, grad d) of one node block for the output gradient g (P, J, l)
+    (:class:`_SharedBlock`'s equations); in place where no graph of it is being built."""
+    fresh = not torch.is_grad_enabled()      # in place unless building a double-backward graph
+    zc = z.conj()
+    # conj(q) built directly from conj(z) (c, d have real values): no conjugate copies for the matmuls
+    qc = _pole_factor(c, d, zc) if fresh else 1 / (d + zc * zc - c * zc)    # (P, N, l)
+    ds = torch.cat([g * zc, -g], dim=1)                                      # (P, 2J, l)
+    grad_ab = grad_c = grad_d = None
+    if need_ab:
+        grad_ab = ds @ qc.transpose(1, 2)                                   # (P, 2J, N)
+    if need_cd:
+        # dq = ab^H ds per node before anything is summed over the nodes: its two halves
+        # (z a and b) nearly cancel near the poles, and summing over l first made the float32
+        # log_dt gradient 4x less accurate (2.2e-4 vs 5.5e-5 of float64 at H=128, L=4096).
+        # A lazily conjugated operand took bmm 4x longer: materialise it.
+        dq = ab.transpose(1, 2).conj().resolve_conj().contiguous() @ ds     # (P, N, l)
+        E = dq.mul_(qc.mul_(qc)) if fresh else dq * qc * qc                 # -dD = dq conj(q)^2
+        # Two reductions, not one matmul by [conj(z), 1]: MKL's complex GEMM with two columns
+        # took 3.4x as long (1.87 vs 0.55 ms for a (4096, 256) block, one thread).
+        grad_d = -E.sum(-1, keepdim=True)                                   # complex-typed like c, d
+        grad_c = (E.mul_(zc) if fresh else E * zc).sum(-1, keepdim=True)
+    return grad_ab, grad_c, grad_d
+
+
+@torch.library.custom_op("lrnnx_zoo::shared_cauchy", mutates_args=())
+def _shared_cauchy_op(ab: Tensor, c: Tensor, d: Tensor, z: Tensor, chunk_size: int) -> Tensor:
+    """The node blocks of :func:`cauchy_conj_shared` inside torch.compile graphs: one operator the
+    compiler calls without tracing into it, its blocks written in place as in eager (traced, the
+    blocks' functionalised copies and the Python loop over the nodes made S4's compiled kernel
+    fwd+bwd 1.6x slower than eager, and pinned the number of nodes). ab (P, 2J, N), c, d (P, N, 1),
+    z (l,) -> (P, J, l)."""
+    P, L = ab.shape[0], z.shape[0]
+    out = torch.empty(P, ab.shape[1] // 2, L, dtype=ab.dtype, device=ab.device)
+    for s in range(0, L, chunk_size):
+        _block(ab, c, d, z[s:s + chunk_size], out=out[..., s:s + chunk_size])
+    return out
+
+
+@_shared_cauchy_op.register_fake
+def _shared_cauchy_fake(ab: Tensor, c: Tensor, d: Tensor, z: Tensor, chunk_size: int) -> Tensor:
+    return ab.new_empty(ab.shape[0], ab.shape[1] // 2, z.shape[0])
+
+
+@torch.library.custom_op("lrnnx_zoo::shared_cauchy_backward", mutates_args=())
+def _shared_cauchy_backward_op(g: Tensor, ab: Tensor, c: Tensor, d: Tensor, z: Tensor, chunk_size: int,
+                               need_ab: bool, need_cd: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad ab, grad c, grad d) of :func:`_shared_cauchy_op`, summed over its node blocks (zeros
+    where not needed)."""
+    grad_ab, grad_c, grad_d = torch.zeros_like(ab), torch.zeros_like(c), torch.zeros_like(d)
+    for s in range(0, z.shape[0], chunk_size):
+        e = s + chunk_size
+        gab, gc, gd = _block_grads(ab, c, d, z[s:e], g[..., s:e], need_ab, need_cd)
+        if need_ab:
+            grad_ab.add_(gab)
+        if need_cd:
+            grad_c.add_(gc)
+            grad_d.add_(gd)
+    return grad_ab, grad_c, grad_d
+
+
+@_shared_cauchy_backward_op.register_fake
+def _shared_cauchy_backward_fake(g: Tensor, ab: Tensor, c: Tensor, d: Tensor, z: Tensor, chunk_size: int,
+                                 need_ab: bool, need_cd: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(ab), torch.empty_like(c), torch.empty_like(d)
+
+
+def _shared_cauchy_setup(ctx, inputs, output: Tensor) -> None:
+    ab, c, d, z, ctx.chunk_size = inputs
+    ctx.save_for_backward(ab, c, d, z)
+
+
+def _shared_cauchy_grads(ctx, g: Tensor):
+    ab, c, d, z = ctx.saved_tensors
+    need_ab, need_c, need_d, need_z = ctx.needs_input_grad[:4]
+    if need_z:
+        raise RuntimeError("cauchy_conj_shared: gradients with respect to the nodes z are not implemented")
+    gab, gc, gd = _shared_cauchy_backward_op(g.contiguous(), ab, c, d, z, ctx.chunk_size, need_ab, need_c or need_d)
+    return (gab if need_ab else None), (gc if need_c else None), (gd if need_d else None), None, None
+
+
+_shared_cauchy_op.register_autograd(_shared_cauchy_grads, setup_context=_shared_cauchy_setup)
 
 
 def _shared_axes(v_shape: torch.Size, w_shape: torch.Size) -> tuple[torch.Size, list[int]]:
@@ -143,7 +210,9 @@ def cauchy_conj_shared(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int
         chunk_size = max(1, _BLOCK_BYTES // max(1, P * N * z.element_size()))
     # Under a torch.func transform the blocks go through the Function too (vmap cannot batch out=).
     grad = func_transforms_active() or torch.is_grad_enabled() and any(t.requires_grad for t in (ab, c, d, z))
-    if grad:   # the backward rebuilds each block's poles, so memory stays O(block)
+    if torch.compiler.is_compiling() and not func_transforms_active():
+        out = _shared_cauchy_op(ab, c, d, z, chunk_size)
+    elif grad:   # the backward rebuilds each block's poles, so memory stays O(block)
         parts = [_SharedBlock.apply(ab, c, d, z[s:s + chunk_size]) for s in range(0, L, chunk_size)]
         out = torch.cat(parts, dim=-1) if parts else ab.new_zeros(P, J, 0)
     else:      # one output buffer: blocks written in place (a list of parts fragments the heap)
