@@ -443,3 +443,19 @@ def test_the_kernel_operators_pass_torch_library_checks():
     z = torch.complex(torch.zeros(7, dtype=f64), torch.tan(torch.linspace(0, 1.4, 7, dtype=f64)))
     torch.library.opcheck(_shared_cauchy_op, (ab, c, d, z, 3))                      # 3 node blocks, the last short
     assert torch.autograd.gradcheck(lambda ab, c, d: _shared_cauchy_op(ab, c, d, z, 3), (ab, c, d))
+
+
+@pytest.mark.parametrize("layer", ["s4d", "fftconv", "s4"])
+def test_compiled_inference_calls_the_blocked_channel_convolution(layer):
+    # In inference a compiled graph convolves through blocked_channel_conv's blocks as one
+    # operator (lrnnx_zoo::channel_conv). Against eager (which reuses its cached spectrum, the graph
+    # recomputes it): 1e-5 of the largest output (FFT sizes and S4's refinement as above).
+    torch.manual_seed(0)
+    m = keep_lengths(lrnnx_zoo.create_layer(layer, 16, d_state=8).eval())
+    x = torch.randn(2, 75, 16)
+    recorder = OpRecorder()
+    with torch.no_grad():
+        got = torch.compile(m, backend=recorder, fullgraph=True)(x)
+        want = m(x)
+    assert any("lrnnx_zoo.channel_conv" in op for op in recorder.ops), recorder.ops
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
