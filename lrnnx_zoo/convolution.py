@@ -137,11 +137,17 @@ def circular_conv(u: Tensor, K: Tensor, n: int, length: int, dim: int = -1) -> T
     return inv(U, n=n, dim=dim).narrow(dim, 0, length)
 
 
+#: The real dtype of each complex one (dtype.to_real() stops torch.compile's fullgraph tracing).
+_REAL_PART = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
 def _in_precision(t: Tensor, other: Tensor) -> Tensor:
     """t in the wider of t's and other's precisions, real or complex as t is (differentiable; t
     itself when it is already as wide)."""
+    if t.dtype == other.dtype:
+        return t
     wide = torch.promote_types(t.dtype, other.dtype)
-    wide = wide if t.is_complex() or not wide.is_complex else wide.to_real()
+    wide = wide if t.is_complex() else _REAL_PART.get(wide, wide)
     return t if t.dtype == wide else t.to(wide)
 
 

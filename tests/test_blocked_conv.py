@@ -207,6 +207,22 @@ def test_mixed_precision_training_forward_promotes_before_the_transforms(name, k
     assert rel_err(fast, reference) < 1e-12 and rel_err(slow.detach(), reference) < 1e-12
 
 
+def test_circular_conv_promotes_in_one_compiled_graph():
+    # The promotion above traces without a graph break (dtype.to_real() stopped fullgraph tracing),
+    # for a real signal against a complex kernel too: the compiled result is eager's to 1e-12
+    # (float64 transforms of sizes that may differ), and gradients keep their operands' dtypes.
+    from lrnnx_zoo.convolution import circular_conv
+    torch.manual_seed(0)
+    conv = torch.compile(lambda u, K: circular_conv(u, K, 24, 16), backend="aot_eager", fullgraph=True)
+    real = (lambda t: torch.view_as_real(t) if t.is_complex() else t)
+    for K_dtype in (torch.complex128, torch.float64):
+        u, K = torch.randn(2, 16), torch.randn(2, 8, dtype=K_dtype, requires_grad=True)
+        y = conv(u, K)
+        assert y.dtype == K_dtype and rel_err(real(y), real(circular_conv(u, K, 24, 16))) < 1e-12
+        real(y).sum().backward()
+        assert K.grad.dtype == K_dtype
+
+
 @pytest.mark.parametrize("kw", [{"channels": 2}, {"bidirectional": True}], ids=["channels", "bidirectional"])
 def test_mixed_precision_through_the_fftconv_channel_mixing(kw):
     # The Linear mixing fftconv's channels failed on a float64 input to a float32 layer ("mat1 and
