@@ -113,6 +113,10 @@ def circular_conv(u: Tensor, K: Tensor, n: int, length: int, dim: int = -1) -> T
     """
     if u.numel() == 0:   # an empty batch: FFT libraries refuse zero-sized transforms
         return _empty_conv(u, K, length, dim)
+    # Both transforms in the wider precision: a float32 signal against a float64 kernel (a float32
+    # input to a float64 layer, under autograd) was transformed in float32, 4e-8 off the float64
+    # result that inference (blocked_channel_conv) gives.
+    u, K = _in_precision(u, K), _in_precision(K, u)
     cplx = u.is_complex() or K.is_complex()
     graph = torch.is_grad_enabled() and (u.requires_grad or K.requires_grad)
     # torch.func transforms take the plain differentiable path below: _RealCausalConv's backward
@@ -131,6 +135,20 @@ def circular_conv(u: Tensor, K: Tensor, n: int, length: int, dim: int = -1) -> T
         U = U.mul_(Kf) if U.shape == broadcast_shape(U.shape, Kf.shape) else U * Kf
     del Kf
     return inv(U, n=n, dim=dim).narrow(dim, 0, length)
+
+
+#: The real dtype of each complex one (dtype.to_real() stops torch.compile's fullgraph tracing).
+_REAL_PART = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def _in_precision(t: Tensor, other: Tensor) -> Tensor:
+    """t in the wider of t's and other's precisions, real or complex as t is (differentiable; t
+    itself when it is already as wide)."""
+    if t.dtype == other.dtype:
+        return t
+    wide = torch.promote_types(t.dtype, other.dtype)
+    wide = wide if t.is_complex() else _REAL_PART.get(wide, wide)
+    return t if t.dtype == wide else t.to(wide)
 
 
 def _empty_conv(u: Tensor, K: Tensor, length: int, dim: int) -> Tensor:

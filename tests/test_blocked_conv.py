@@ -180,6 +180,49 @@ def test_mixed_precision_promotes_to_the_wider_type():
     assert rel_err(fast, reference) < 1e-12
 
 
+@pytest.mark.parametrize("name,kw", [("s4d", {}), ("s4", {"bidirectional": True}),
+                                     ("fftconv", {"bidirectional": True, "channels": 2}), ("block", {})])
+def test_mixed_precision_training_forward_promotes_before_the_transforms(name, kw):
+    # A float32 input into a float64 layer under autograd (the whole-tensor path: the blocked one
+    # takes one dtype) transformed the input in float32, 2e-8..7e-8 off the float64 input's
+    # output, while inference ran in float64 (1e-16). Both paths must be the float64 input's to
+    # 1e-12 (float64 transforms' rounding), bidirectional blocks on a padded batch included; the
+    # input's gradient keeps the input's dtype.
+    torch.manual_seed(0)
+    if name == "block":
+        layer = FFTConvS4(6, d_state=4, channels=2, bidirectional=True, l_max=30).double()
+        x = torch.randn(3, 6, 40)
+    else:
+        layer = lrnnx_zoo.create_layer(name, 6, d_state=4, **kw).double()
+        x = torch.randn(3, 40, 6)
+    lengths = torch.tensor([40, 17, 1])
+    first = (lambda r: r[0] if isinstance(r, tuple) else r)
+    reference = first(layer(x.double(), lengths=lengths)).detach()
+    with torch.no_grad():
+        fast = first(layer(x, lengths=lengths))
+    xr = x.clone().requires_grad_(True)
+    slow = first(layer(xr, lengths=lengths))
+    slow.sum().backward()
+    assert fast.dtype == slow.dtype == torch.float64 and xr.grad.dtype == torch.float32
+    assert rel_err(fast, reference) < 1e-12 and rel_err(slow.detach(), reference) < 1e-12
+
+
+def test_circular_conv_promotes_in_one_compiled_graph():
+    # The promotion above traces without a graph break (dtype.to_real() stopped fullgraph tracing),
+    # for a real signal against a complex kernel too: the compiled result is eager's to 1e-12
+    # (float64 transforms of sizes that may differ), and gradients keep their operands' dtypes.
+    from lrnnx_zoo.convolution import circular_conv
+    torch.manual_seed(0)
+    conv = torch.compile(lambda u, K: circular_conv(u, K, 24, 16), backend="aot_eager", fullgraph=True)
+    real = (lambda t: torch.view_as_real(t) if t.is_complex() else t)
+    for K_dtype in (torch.complex128, torch.float64):
+        u, K = torch.randn(2, 16), torch.randn(2, 8, dtype=K_dtype, requires_grad=True)
+        y = conv(u, K)
+        assert y.dtype == K_dtype and rel_err(real(y), real(circular_conv(u, K, 24, 16))) < 1e-12
+        real(y).sum().backward()
+        assert K.grad.dtype == K_dtype
+
+
 @pytest.mark.parametrize("kw", [{"channels": 2}, {"bidirectional": True}], ids=["channels", "bidirectional"])
 def test_mixed_precision_through_the_fftconv_channel_mixing(kw):
     # The Linear mixing fftconv's channels failed on a float64 input to a float32 layer ("mat1 and

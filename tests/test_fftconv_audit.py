@@ -13,7 +13,7 @@ import torch
 
 import lrnnx_zoo
 from lrnnx_zoo.plugins.fftconv import FFTConvS4
-from test_fftconv import KERNELS, make as make_block, rel_err
+from test_fftconv import KERNELS, _took_the_blocked_path, make as make_block, rel_err
 
 H, N, B = 3, 4, 2
 
@@ -167,3 +167,45 @@ def test_bidirectional_channels_window_against_sums_by_hand(kind, L, l_max, rate
         y = m(u, rate=rate)[0]
     y_grad = m(u.clone().requires_grad_(), rate=rate)[0].detach()
     assert rel_err(y, expected) < 1e-10 and rel_err(y_grad, expected) < 1e-10
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+@pytest.mark.parametrize("transposed", [True, False])
+def test_bidirectional_padded_batch_against_sums_by_hand_on_every_path(kind, transposed, monkeypatch):
+    # A padded batch (lengths L, 0, 1 and 6) through a bidirectional block with C=3 channels
+    # (swapped when transposed: channels-last swapped outputs skip the blocked path) and a window at rate 0.5 (round(9 * 0.5) = 4 taps), on an odd, not 5-smooth L = 13: the
+    # sums by hand of the input zeroed past the lengths, causal with K[:C] and anti-causal with
+    # K[C:], on the inference path, the blocked training path and the whole-tensor path, float64
+    # to 1e-10 relative (as above). The two training paths give the same bits, gradients
+    # included, and the input's gradient past the lengths is exactly zero.
+    import lrnnx_zoo.plugins.fftconv as fftconv_module
+    C, L, rate = 3, 13, 0.5
+    lengths = torch.tensor([L, 0, 1, 6])
+    m = make(kind, channels=C, swap_channels=transposed, transposed=transposed, bidirectional=True, l_max=9).double()
+    u = torch.randn(4, H, L, dtype=torch.float64)
+    valid = torch.arange(L) < lengths[:, None]                                          # (B, L)
+    with torch.no_grad():
+        K = m.kernel(4, rate=rate)[0]
+        v = u * valid[:, None]
+        want = (_convolve_by_hand(v, K[:C], False) + _convolve_by_hand(v, K[C:], True)
+                + m.D[..., None] * v[:, None])                                          # (B, C, H, L)
+        want = (want.transpose(1, 2) if transposed else want).reshape(4, C * H, L)     # swapped: h * C + c
+    as_given = (lambda t: t) if transposed else (lambda t: t.transpose(1, 2))
+    g = torch.randn(4, C * H, L, dtype=torch.float64)
+    graphs = []
+
+    def train() -> list:
+        x = as_given(u).clone().requires_grad_(True)
+        y = as_given(m(x, rate=rate, lengths=lengths)[0])
+        graphs.append(y)
+        return [y.detach()] + list(torch.autograd.grad(y, [x] + list(m.parameters()), g))
+
+    with torch.no_grad():
+        assert rel_err(as_given(m(as_given(u), rate=rate, lengths=lengths)[0]), want) < 1e-10
+    blocked = train()
+    assert _took_the_blocked_path(graphs[0])
+    monkeypatch.setattr(fftconv_module, "blocked_training_applies", lambda *args: False)
+    whole = train()
+    assert rel_err(blocked[0], want) < 1e-10
+    assert all(torch.equal(a, b) for a, b in zip(blocked, whole))
+    assert torch.all(as_given(blocked[1])[~valid[:, None].expand(-1, H, -1)] == 0)

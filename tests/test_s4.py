@@ -850,3 +850,48 @@ def test_a_graph_built_before_the_internal_length_grew_refuses_its_backward():
     (layer(x40).sum() + layer(x8).sum()).backward()          # longest first: one parameterisation
     layer(x8).sum().backward()                               # a graph per step: nothing pending to go stale
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_bidirectional_padded_batch_against_sums_by_hand_on_every_path(transposed, monkeypatch):
+    # S4 (seed-style, C=2, a window at rate 0.5: round(9 * 0.5) = 4 taps) and the registered layer on
+    # a padded batch (lengths L, 0, 1, 6; odd L = 13): the float64 sums by hand of the input zeroed
+    # past the lengths, y_t = sum_j K0_j u_{t-j} + sum_j K1_j u_{t+1+j} + D u_t, on the inference,
+    # blocked training and whole-tensor paths, to 1e-10 relative (float64 transforms' rounding;
+    # a wrong lag or a missed mask errs at O(1)). The registered layer's padded outputs are 0.
+    import lrnnx_zoo.convolution as convolution_module
+    import lrnnx_zoo.plugins.s4.layer as s4_layer_module
+    C, L, rate = 2, 13, 0.5
+    lengths = torch.tensor([L, 0, 1, 6])
+    valid = torch.arange(L) < lengths[:, None]                                          # (B, L)
+    u = torch.randn(4, 4, L, dtype=torch.float64)
+    v = u * valid[:, None]
+
+    def by_hand(K: torch.Tensor, D: torch.Tensor) -> torch.Tensor:     # K: (2C', H, Lk), D: (C', H)
+        Cn, y = D.shape[0], D[..., None] * v[:, None]                  # (B, C', H, L)
+        for j in range(K.shape[-1]):
+            y[..., j:] += K[:Cn, :, j, None] * v[:, None, :, :L - j]
+            y[..., :L - 1 - j] += K[Cn:, :, j, None] * v[:, None, :, j + 1:]
+        return y
+
+    torch.manual_seed(0)
+    seed = S4(4, d_state=4, channels=C, l_max=9, bidirectional=True, activation=None,
+              transposed=transposed).double()
+    layer = lrnnx_zoo.create_layer("s4", 4, d_state=4, bidirectional=True).double()
+    as_given = (lambda t: t) if transposed else (lambda t: t.transpose(1, 2))
+    with torch.no_grad():
+        conv = by_hand(seed.kernel(L=4, rate=rate)[0], seed.D).reshape(4, C * 4, L)
+        want_seed = seed.output_linear(as_given(conv))
+        want_layer = by_hand(layer.kernel(L=L)[0], layer.D[None])[:, 0].transpose(1, 2) * valid[..., None]
+    runs = {}
+    for path in ("inference", "blocked", "whole"):
+        if path == "whole":
+            for module in (convolution_module, s4_layer_module):
+                monkeypatch.setattr(module, "blocked_training_applies", lambda *args: False)
+        with torch.set_grad_enabled(path != "inference"):
+            x = as_given(u).clone().requires_grad_(path != "inference")
+            runs[path] = (seed(x, rate=rate, lengths=lengths)[0].detach(),
+                          layer(u.transpose(1, 2).clone().requires_grad_(path != "inference"), lengths=lengths).detach())
+    for path, (y_seed, y_layer) in runs.items():
+        assert rel_err(y_seed, want_seed) < 1e-10, path
+        assert rel_err(y_layer, want_layer) < 1e-10 and torch.all(y_layer[~valid] == 0), path
