@@ -231,6 +231,13 @@ def func_transforms_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def vmap_active() -> bool:
+    """Whether a torch.func.vmap runs (alone or around / inside other transforms): value-dependent
+    choices (nonzero, item) cannot be batched there."""
+    stack = torch._C._functorch.get_interpreter_stack() if func_transforms_active() else None
+    return bool(stack) and any(i.key() == torch._C._functorch.TransformType.Vmap for i in stack)
+
+
 def valid_steps(lengths: Tensor, L: int, device: torch.device) -> Tensor:
     """(B, L) bool: True at t < lengths[b], the steps of a padded batch that are not padding."""
     return torch.arange(L, device=device)[None, :] < torch.as_tensor(lengths, device=device)[:, None]

@@ -40,7 +40,10 @@ KEOPS_MIN_TERMS: Dict[str, Optional[int]] = {"cpu": None, "cuda": 0}
 
 def _pole_factor(c: Tensor, d: Tensor, z: Tensor) -> Tensor:
     """q = 1 / ((z - w)(z - conj w)) = 1 / (z^2 - 2Re(w) z + |w|^2):  c = 2 Re w, d = |w|^2
-    (P, N, 1) (real values), z (l,) complex -> (P, N, l), built in one buffer."""
+    (P, N, 1) (real values), z (l,) complex -> (P, N, l), built in one buffer (out of place under
+    torch.func transforms: vmap has no batching rule for addcmul_ and fell back to a slow loop)."""
+    if func_transforms_active():
+        return torch.addcmul(d + z * z, c, z, value=-1).reciprocal()
     return (d + z * z).addcmul_(c, z, value=-1).reciprocal_()
 
 

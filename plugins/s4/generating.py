@@ -36,6 +36,8 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from lrnnx_zoo.base import vmap_active
+
 __all__ = ["bilinear_kernel", "apply_A", "REFINE_AMPLIFICATION"]
 
 Cauchy = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -168,10 +170,12 @@ def _ill_conditioned(corr: Tensor, resolvent: Tensor) -> Optional[Tuple[Tensor, 
     or None.
     corr, resolvent: (H, C, 1 + Bs, K).
 
-    The choice depends on the values, so it is skipped where values are not known: while
-    torch.compile traces (a compiled S4 kernel stays float32 throughout) and on the meta device."""
+    The choice depends on the values, so it is skipped where values are not known or not one per
+    call: while torch.compile traces (a compiled S4 kernel stays float32 throughout), under
+    torch.func.vmap (an ensemble's models would each pick their own nodes: nonzero has no batching
+    rule) and on the meta device."""
     if corr.dtype != torch.complex64 or corr.numel() == 0 or corr.device.type == "meta" \
-            or torch.compiler.is_compiling():
+            or torch.compiler.is_compiling() or vmap_active():
         return None
     with torch.no_grad():
         # per output (c) and column (B, each state): a state's column is 1/dt larger than B's and
