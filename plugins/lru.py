@@ -149,6 +149,8 @@ class LRU(LTI_LRNN):
         x = self.prepare_input(x, lengths, integration_timesteps)
         self._check_initial_state(initial_state, x.shape[0])
         initial_state = ordinary_tensor(initial_state)
+        # the scan / FFT run in u's precision: a float32 input to a float64 layer is promoted first
+        x = x.to(torch.promote_types(x.dtype, self.nu_log.dtype))
         _, B, C = self.discretize()
         run = get_backend("modal", self.backend)
         y = run(x, self.log_lambda(torch.complex128), B, C, initial_state) + self.D * x

@@ -181,13 +181,15 @@ def test_mixed_precision_promotes_to_the_wider_type():
 
 
 @pytest.mark.parametrize("name,kw", [("s4d", {}), ("s4", {"bidirectional": True}),
-                                     ("fftconv", {"bidirectional": True, "channels": 2}), ("block", {})])
+                                     ("fftconv", {"bidirectional": True, "channels": 2}), ("block", {}),
+                                     ("lru", {"backend": "scan"}), ("lru", {"backend": "fft"})])
 def test_mixed_precision_training_forward_promotes_before_the_transforms(name, kw):
     # A float32 input into a float64 layer under autograd (the whole-tensor path: the blocked one
     # takes one dtype) transformed the input in float32, 2e-8..7e-8 off the float64 input's
-    # output, while inference ran in float64 (1e-16). Both paths must be the float64 input's to
-    # 1e-12 (float64 transforms' rounding), bidirectional blocks on a padded batch included; the
-    # input's gradient keeps the input's dtype.
+    # output, while inference ran in float64 (1e-16); LRU ran its scan or FFT in the input's
+    # precision on both (6e-8). Both paths must be the float64 input's to 1e-12 (float64
+    # transforms' rounding), bidirectional blocks on a padded batch included; the input's
+    # gradient keeps the input's dtype.
     torch.manual_seed(0)
     if name == "block":
         layer = FFTConvS4(6, d_state=4, channels=2, bidirectional=True, l_max=30).double()
