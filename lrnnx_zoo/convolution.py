@@ -497,9 +497,10 @@ def channels_last_conv(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor] = No
     Returns:
         y: (B, L, C, H), or (B, L, H) for a 2-D K; contiguous.
 
-    On the CPU, eager, it runs :class:`_BlockedConv`: forward and backward stream
-    blocks of channels through the cache, like :func:`blocked_channel_conv`. Elsewhere (an
-    accelerator, a compiled graph, a torch.func transform, mixed dtypes) both layouts change
+    On the CPU it runs :class:`_BlockedConv` (in a compiled graph the same code as one operator,
+    :func:`_blocked_conv_op`): forward and backward stream blocks of channels through the cache,
+    like :func:`blocked_channel_conv`. Elsewhere (an accelerator, a torch.func transform, mixed
+    dtypes) both layouts change
     through cache-friendly copies (:func:`swap_time_and_channels`) around whole-tensor transforms.
     Either way the output is contiguous: a transposed (B, L, H) view of a (B, H, L) result made
     the layer's neighbours, and the backward's transform of their gradient, copy with a row-sized
@@ -529,9 +530,10 @@ def channels_first_conv(u: Tensor, K: Tensor, n: int, skip: Optional[Tensor] = N
     Returns:
         y: (B, C, H, L), or (B, H, L) for a 2-D K.
 
-    On the CPU, eager, under autograd it streams blocks of channels through the cache
-    (:class:`_BlockedConv`: fwd+bwd of the convolution at (8, 128, 1024) 10.8 -> 8.3 ms, the same
-    bits); elsewhere it is :func:`circular_conv` on the whole tensor.
+    On the CPU under autograd (eager, or as one operator in a compiled graph) it streams blocks of
+    channels through the cache (:class:`_BlockedConv`: fwd+bwd of the convolution at
+    (8, 128, 1024) 10.8 -> 8.3 ms, the same bits); elsewhere it is :func:`circular_conv` on the
+    whole tensor.
     """
     y = _blocked_conv(u, K, n, skip, channels_last=False)
     if y is not None:

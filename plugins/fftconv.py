@@ -244,7 +244,7 @@ class FFTConvS4(nn.Module):
         """Whether a training forward can take the convolution's blocked path
         (:func:`~lrnnx_zoo.convolution.channels_first_conv`, or
         :func:`~lrnnx_zoo.convolution.channels_last_conv` for (B, L, H) in and (B, L, C*H) out
-        channel-major): no state, and a CPU graph it serves (not compiled). Channels-last, no
+        channel-major): no state, and a CPU graph it serves (eager or compiled). Channels-last, no
         output dropout either: its mask is drawn in the (B, C*H, L) layout."""
         channels_last_ok = not (self.swap_channels and self.channels > 1) and not (self.training and self.dropout > 0)
         return (self.transposed or channels_last_ok) and state is None and blocked_training_applies(x, K, self.D)
