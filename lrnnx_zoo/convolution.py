@@ -137,17 +137,11 @@ def circular_conv(u: Tensor, K: Tensor, n: int, length: int, dim: int = -1) -> T
     return inv(U, n=n, dim=dim).narrow(dim, 0, length)
 
 
-#: The real dtype of each complex one (dtype.to_real() stops torch.compile's fullgraph tracing).
-_REAL_PART = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
-
-
 def _in_precision(t: Tensor, other: Tensor) -> Tensor:
     """t in the wider of t's and other's precisions, real or complex as t is (differentiable; t
-    itself when it is already as wide)."""
-    if t.dtype == other.dtype:
-        return t
-    wide = torch.promote_types(t.dtype, other.dtype)
-    wide = wide if t.is_complex() else _REAL_PART.get(wide, wide)
+    itself when it is already as wide). A real t is promoted with other's real dtype (``.real``,
+    which traces in a compiled graph where dtype.to_real() stopped fullgraph tracing)."""
+    wide = torch.promote_types(t.dtype, other.dtype if t.is_complex() else other.real.dtype)
     return t if t.dtype == wide else t.to(wide)
 
 
@@ -283,13 +277,11 @@ def _chunked_copy(dst: Tensor, src: Tensor, dim: int, chunk: int) -> None:
     working set must stay in cache (see :data:`_GATHER_TILE`, :data:`_SCATTER_GROUP`); one copy
     elsewhere (an accelerator wants few launches) and in a compiled graph (the compiler lays out
     its own copy loops)."""
-    if torch.compiler.is_compiling():    # a loop over a dynamic length pinned it: a graph per length
+    # (compiling: a loop over a dynamic length pinned it, a graph per length)
+    if torch.compiler.is_compiling() or dst.device.type != "cpu" or chunk >= dst.shape[dim]:
         dst.copy_(src)
         return
     size = dst.shape[dim]
-    if chunk >= size or dst.device.type != "cpu":
-        dst.copy_(src)
-        return
     for i in range(0, size, chunk):
         w = min(chunk, size - i)
         dst.narrow(dim, i, w).copy_(src.narrow(dim, i, w))
@@ -364,11 +356,12 @@ def blocked_channel_conv(u: Tensor, Kf: Tensor, n: int, time_dim: int = 1, skip:
         raise ValueError(f"Kf must be (C, H={H}, n // 2 + 1={F}) for n={n} >= L={L}; got {tuple(Kf.shape)}")
     if skip is not None and skip.shape != (C, H):
         raise ValueError(f"skip must be (C={C}, H={H}), got {tuple(skip.shape)}")
-    if block is None and torch.compiler.is_compiling() and u.device.type == "cpu":
-        return _channel_conv_op(u, Kf, n, time_dim, skip)     # the eager blocks, as one operator
-    if block is None:   # caches are the CPU's concern; an accelerator wants few, large launches
-        # (and a compiled graph one block: a block size computed from a dynamic n pinned it)
-        block = channel_block_size(B * C, n) if u.device.type == "cpu" and not torch.compiler.is_compiling() else H
+    if block is None and u.device.type == "cpu":
+        if torch.compiler.is_compiling():
+            return _channel_conv_op(u, Kf, n, time_dim, skip)     # the eager blocks, as one operator
+        block = channel_block_size(B * C, n)
+    elif block is None:  # caches are the CPU's concern; an accelerator wants few, large launches
+        block = H
     dtype = torch.promote_types(u.dtype, Kf.real.dtype)      # a float32 u with a float64 Kf: float64
     y = u.new_empty((B, L, C, H) if time_dim == 1 else (B, C, H, L), dtype=dtype)
     if y.numel() == 0:
@@ -667,10 +660,6 @@ def _blocked_backward(g: Tensor, Uc: Optional[Tensor], Kfc: Optional[Tensor], x:
     return grad_x, grad_K, grad_skip
 
 
-def _spectrum_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
-
-
 @torch.library.custom_op("lrnnx_zoo::blocked_conv", mutates_args=())
 def _blocked_conv_op(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor], channels_last: bool
                      ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -680,8 +669,7 @@ def _blocked_conv_op(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor], chann
     convolution had to stay whole-tensor: S4D's layer fwd+bwd minus its kernel took 15.7 ms
     compiled against 8.6 ms eager at (8, 1024, 128), one thread. Returns (y, conj(rfft(x)),
     conj(rfft(K))), the spectra kept for the backward (:func:`_blocked_conv_backward_op`)."""
-    y, Uc, Kfc = _blocked_forward(x, K, n, skip, channels_last, True, True)
-    return y, Uc, Kfc
+    return _blocked_forward(x, K, n, skip, channels_last, True, True)     # type: ignore[return-value]
 
 
 @_blocked_conv_op.register_fake
@@ -690,7 +678,7 @@ def _blocked_conv_fake(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor], cha
     B, L, H = (x.shape[0], x.shape[1], x.shape[2]) if channels_last else (x.shape[0], x.shape[2], x.shape[1])
     C, F = K.shape[0], n // 2 + 1
     y = x.new_empty((B, L, C, H) if channels_last else (B, C, H, L))
-    cdt = _spectrum_dtype(x.dtype)
+    cdt = torch.promote_types(x.dtype, torch.complex64)
     return y, x.new_empty(B, H, F, dtype=cdt), x.new_empty(C, H, F, dtype=cdt)
 
 
@@ -729,9 +717,8 @@ def _blocked_conv_op_grads(ctx, g: Tensor, _g_Uc: Optional[Tensor], _g_Kfc: Opti
     need_x, need_K, _, need_skip = ctx.needs_input_grad[:4]
     n, Lk, channels_last = ctx.meta
     gx, gK, gs = _blocked_conv_backward_op(g, Uc if need_K else None, Kfc if need_x else None,
-                                           x if need_skip and skip is not None else None,
-                                           skip if need_x else None, n, Lk, channels_last)
-    return (gx if need_x else None), (gK if need_K else None), None, (gs if need_skip and skip is not None else None), None
+                                           x if need_skip else None, skip if need_x else None, n, Lk, channels_last)
+    return (gx if need_x else None), (gK if need_K else None), None, (gs if need_skip else None), None
 
 
 _blocked_conv_op.register_autograd(_blocked_conv_op_grads, setup_context=_blocked_conv_op_setup)

@@ -38,11 +38,12 @@ _BLOCK_BYTES = 8 * 2**20
 KEOPS_MIN_TERMS: Dict[str, Optional[int]] = {"cpu": None, "cuda": 0}
 
 
-def _pole_factor(c: Tensor, d: Tensor, z: Tensor) -> Tensor:
+def _pole_factor(c: Tensor, d: Tensor, z: Tensor, in_place: bool = True) -> Tensor:
     """q = 1 / ((z - w)(z - conj w)) = 1 / (z^2 - 2Re(w) z + |w|^2):  c = 2 Re w, d = |w|^2
-    (P, N, 1) (real values), z (l,) complex -> (P, N, l), built in one buffer (out of place under
-    torch.func transforms: vmap has no batching rule for addcmul_ and fell back to a slow loop)."""
-    if func_transforms_active():
+    (P, N, 1) (real values), z (l,) complex -> (P, N, l), built in one buffer ``in_place``. Out of
+    place for a double-backward graph, and under torch.func transforms (vmap has no batching rule
+    for addcmul_ and fell back to a slow loop)."""
+    if not in_place or func_transforms_active():
         return torch.addcmul(d + z * z, c, z, value=-1).reciprocal()
     return (d + z * z).addcmul_(c, z, value=-1).reciprocal_()
 
@@ -94,7 +95,7 @@ def _block_grads(ab: Tensor, c: Tensor, d: Tensor, z: Tensor, g: Tensor, need_ab
     fresh = not torch.is_grad_enabled()      # in place unless building a double-backward graph
     zc = z.conj()
     # conj(q) built directly from conj(z) (c, d have real values): no conjugate copies for the matmuls
-    qc = _pole_factor(c, d, zc) if fresh else 1 / (d + zc * zc - c * zc)    # (P, N, l)
+    qc = _pole_factor(c, d, zc, in_place=fresh)                             # (P, N, l)
     ds = torch.cat([g * zc, -g], dim=1)                                      # (P, 2J, l)
     grad_ab = grad_c = grad_d = None
     if need_ab:
@@ -120,9 +121,14 @@ def _shared_cauchy_op(ab: Tensor, c: Tensor, d: Tensor, z: Tensor, chunk_size: i
     blocks' functionalised copies and the Python loop over the nodes made S4's compiled kernel
     fwd+bwd 1.6x slower than eager, and pinned the number of nodes). ab (P, 2J, N), c, d (P, N, 1),
     z (l,) -> (P, J, l)."""
-    P, L = ab.shape[0], z.shape[0]
-    out = torch.empty(P, ab.shape[1] // 2, L, dtype=ab.dtype, device=ab.device)
-    for s in range(0, L, chunk_size):
+    return _blocks(ab, c, d, z, chunk_size)
+
+
+def _blocks(ab: Tensor, c: Tensor, d: Tensor, z: Tensor, chunk_size: int) -> Tensor:
+    """Every node block of :func:`_block` written into one (P, J, l) output (a list of parts
+    fragments the heap); no autograd."""
+    out = torch.empty(ab.shape[0], ab.shape[1] // 2, z.shape[0], dtype=ab.dtype, device=ab.device)
+    for s in range(0, z.shape[0], chunk_size):
         _block(ab, c, d, z[s:s + chunk_size], out=out[..., s:s + chunk_size])
     return out
 
@@ -218,10 +224,8 @@ def cauchy_conj_shared(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int
     elif grad:   # the backward rebuilds each block's poles, so memory stays O(block)
         parts = [_SharedBlock.apply(ab, c, d, z[s:s + chunk_size]) for s in range(0, L, chunk_size)]
         out = torch.cat(parts, dim=-1) if parts else ab.new_zeros(P, J, 0)
-    else:      # one output buffer: blocks written in place (a list of parts fragments the heap)
-        out = torch.empty(P, J, L, dtype=cdt, device=v.device)
-        for s in range(0, L, chunk_size):
-            _block(ab, c, d, z[s:s + chunk_size], out=out[..., s:s + chunk_size])
+    else:
+        out = _blocks(ab, c, d, z, chunk_size)
     out = out.reshape(*own_shape, *shared_shape, L)
     inverse = [perm.index(i) for i in range(len(perm))]
     return out.permute(inverse)
