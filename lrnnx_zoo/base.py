@@ -117,6 +117,29 @@ def without_autocast(device_type: str) -> ContextManager[Any]:
     return contextlib.nullcontext()
 
 
+#: The dispatch keys that give a view's lazy bits their meaning (a conjugate or negative view, a zero
+#: tensor) and count in-place writes (version counters).
+_VIEW_KEYS = (torch._C.DispatchKey.Conjugate, torch._C.DispatchKey.Negative, torch._C.DispatchKey.ZeroTensor,
+              torch._C.DispatchKey.ADInplaceOrView)
+
+
+def operator_body() -> ContextManager[Any]:
+    """The scope a ``torch.library`` operator's Python body runs its eager code in: ordinary dispatch.
+
+    Called from inside a ``__torch_dispatch__`` mode (AOT autograd's check of custom operators, on a
+    compiled graph's first call; FlopCounterMode, DebugMode), an operator's body runs with every key
+    above the Python one excluded, Conjugate and Negative among them: their fallbacks, which resolve
+    a lazily conjugated or negated view before an operator that does not read those bits, are
+    skipped, and such a view is read as its plain data. S4's kernel generated that way (its conjugate
+    poles are views) was off by 60% of the largest output on the first call of a compiled graph."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    if not any(excluded.has(key) for key in _VIEW_KEYS):
+        return contextlib.nullcontext()
+    for key in _VIEW_KEYS:
+        excluded = excluded.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded)
+
+
 def parameter_dtype() -> torch.dtype:
     """The real dtype a layer makes its parameters in: :func:`torch.get_default_dtype`, as nn.Linear
     does, when it is float32 or float64; else float32 (the layers compute in float32 or float64).

@@ -195,7 +195,9 @@ def test_inference_over_varying_lengths_compiles_twice(layer):
             x = torch.randn(2, L, 3, generator=g)
             # other FFT sizes than eager's: float32 rounding apart (see train_lengths)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
-    assert (backend.graphs, graph_breaks()) == (COLD_START_GRAPHS[layer], 0)
+    # Twice for every family: S4's kernel runs eagerly inside lrnnx_zoo::cached_spectrum, so its
+    # power-of-two lengths (COLD_START_GRAPHS) no longer make graphs; they did, 3, until session 18.
+    assert (backend.graphs, graph_breaks()) == (2, 0)
 
 
 def s4_model(**layer_kwargs: Any) -> SequenceModel:

@@ -41,7 +41,7 @@ from lrnnx_zoo import hippo
 from lrnnx_zoo.base import check_reals, check_sizes, func_transforms_active, needs_autograd, parameter_dtype
 from lrnnx_zoo.optim import grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
-from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, passed_state_dtype
+from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, in_graph_operator, passed_state_dtype
 
 from . import dense
 from .generating import bilinear_kernel
@@ -538,9 +538,11 @@ class SSKernelNPLR(StepModes, SSMKernel):
 
     def _writes_length(self) -> bool:
         """Whether a forward may rewrite C~ and the internal length (:attr:`extend_length_in_place`;
-        never in a compiled graph, nor inside a torch.func transform, which refuses in-place writes to
-        captured tensors: ``grad`` at a new length raised "attempted to call in-place operation")."""
-        return self.extend_length_in_place and not torch.compiler.is_compiling() and not func_transforms_active()
+        never in a compiled graph, nor for one (:func:`~lrnnx_zoo.ssm_kernel.in_graph_operator`), nor inside a
+        torch.func transform, which refuses in-place writes to captured tensors: ``grad`` at a new length
+        raised "attempted to call in-place operation")."""
+        return (self.extend_length_in_place and not torch.compiler.is_compiling() and not func_transforms_active()
+                and not in_graph_operator())
 
     def _tilde_for(self, L: int, rate: float) -> Tuple[int, Optional[Tensor]]:
         """(Ld, C~) for a kernel of L >= 1 samples at ``rate``: Algorithm 1 runs at length Ld >= L (its

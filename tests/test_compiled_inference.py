@@ -1,0 +1,210 @@
+"""Compiled inference graphs reuse the kernel cache through the ``lrnnx_zoo::cached_spectrum`` operator.
+
+The graphs are compiled with ``aot_eager`` (AOT autograd, no code generation: seconds here), which
+runs a graph's first call under a ``__torch_dispatch__`` check of its custom operators, as inductor
+does; that first call is where an operator's body once ran with conjugate views unresolved.
+Tolerances: a compiled graph sizes its FFTs differently from eager at lengths like 75 (multiples of 8
+against 5-smooth numbers), so outputs agree to float32 rounding, 1e-5 of the largest output
+(measured 0 to 5e-7); where eager and the graph use one FFT size they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, List
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lrnnx_zoo
+from lrnnx_zoo.ssm_kernel import SSMKernel, _cached_spectrum_op
+
+LAYERS = [("s4d", {}), ("s4", {}), ("s4", {"bidirectional": True}), ("fftconv", {}),
+          ("fftconv", {"bidirectional": True, "channels": 2}), ("fftconv", {"kernel_type": "lru"}),
+          ("fftconv", {"kernel_type": "s4"})]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def layer_for(name: str, kwargs: dict, H: int = 16) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return lrnnx_zoo.create_layer(name, H, d_state=8, **kwargs).eval()
+
+
+def kernels(module: torch.nn.Module) -> List[SSMKernel]:
+    return [m for m in module.modules() if isinstance(m, SSMKernel)]
+
+
+class KernelCalls:
+    """Counts the kernels' generations (``forward`` calls) while installed."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.count = 0
+        self.handles = [k.register_forward_hook(self._hook) for k in kernels(module)]
+
+    def _hook(self, *args: Any) -> None:
+        self.count += 1
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class GraphCounter:
+    """A torch.compile backend that counts the graphs it is given and runs them as traced."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: List[Any]) -> Callable:
+        self.graphs += 1
+        return gm.forward
+
+
+class Passthrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func: Callable, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return bool((got - want).abs().max() <= 1e-5 * want.abs().max())
+
+
+@pytest.mark.parametrize("name,kwargs", LAYERS, ids=lambda v: str(v))
+def test_compiled_inference_generates_the_kernel_once_and_matches_eager_from_the_first_call(name, kwargs):
+    # Traced, the graph generated the kernel and its spectrum at every call (S4D's compiled forward
+    # 8.5 ms against eager's 6.0 at (8, 1024, 128)). Now the operator runs SSMKernel.spectrum eagerly,
+    # cache included. Its first call runs under AOT's operator check, a dispatch mode, where S4's
+    # conjugate views were read as their plain data: 3.5 off where the output's largest entry was 5.4.
+    layer = layer_for(name, kwargs)
+    compiled = torch.compile(copy.deepcopy(layer), backend="aot_eager")
+    x = torch.randn(2, 75, 16, generator=torch.Generator().manual_seed(1))
+    calls = KernelCalls(compiled)
+    with torch.no_grad():
+        first = compiled(x)
+        generated = calls.count
+        again = compiled(x)
+        want = layer(x)
+    calls.remove()
+    assert generated >= 1 and calls.count == generated        # the second call generated nothing
+    assert close(first, want) and torch.equal(again, first)
+
+
+@pytest.mark.parametrize("name", ["s4d", "s4"])
+def test_compiled_inference_at_eager_fft_size_is_bit_identical(name):
+    # L = 64: the graph's transform size (a multiple of 8) is eager's (5-smooth), so the cached
+    # spectrum, the convolution and everything around it are the same bits.
+    layer = layer_for(name, {})
+    x = torch.randn(2, 64, 16)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(copy.deepcopy(layer), backend="aot_eager")(x), layer(x))
+
+
+def test_a_compiled_graph_sees_weights_changed_in_place():
+    # The operator hands the graph the cache's answer for the weights now (compared by content),
+    # as eager does: an optimiser step or an edit under no_grad is seen at the next call.
+    layer = layer_for("s4d", {})
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(2, 75, 16)
+    with torch.no_grad():
+        before = compiled(x)
+        layer.kernel.log_dt.add_(0.5)
+        after = compiled(x)
+        layer.kernel.cache_inference_kernel = False
+        want = layer(x)
+    assert not close(after, before) and close(after, want)
+
+
+def test_copies_and_layers_of_one_code_share_graphs_and_answer_from_their_own_kernels():
+    # The operator finds its kernel by the tensors the graph passes (the kernel's own storages), not
+    # by a number: an integer attribute made every layer of a model compile its own graph (dynamo
+    # guards on module integers), up to its recompile limit of 8, past which layers ran eagerly.
+    a = layer_for("s4d", {})
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.kernel.log_dt.mul_(0.5)
+    backend = GraphCounter()
+    forward = torch.compile(type(a).forward, backend=backend)     # one code object, as a model's blocks
+    x = torch.randn(2, 75, 16)
+    with torch.no_grad():
+        ya, yb = forward(a, x), forward(b, x)
+        assert close(ya, a(x)) and close(yb, b(x)) and not close(ya, yb)
+    assert backend.graphs == 1
+
+
+def test_a_compiled_s4_graph_does_not_extend_its_stored_length():
+    # Eager inference past C~'s length rewrites C~ in place; a graph never writes parameters (the
+    # operator declares none), so its eager kernel takes C~ for the longer length without storing it.
+    layer = layer_for("s4", {"l_max": 32})
+    eager = copy.deepcopy(layer)
+    kernel = layer.kernel
+    stored = kernel.C.detach().clone()
+    x = torch.randn(2, 100, 16)
+    with torch.no_grad():
+        got = torch.compile(layer, backend="aot_eager")(x)
+        want = eager(x)
+    assert torch.equal(kernel.C, stored) and kernel.length == 32
+    assert eager.kernel.length == 128 and close(got, want)
+
+
+def test_the_operator_body_resolves_conjugate_views_inside_a_dispatch_mode():
+    # Inside a __torch_dispatch__ mode an operator's body runs with the Conjugate and Negative keys
+    # excluded; base.operator_body restores them for the eager kernel it runs.
+    layer = layer_for("s4", {})
+    kernel = layer.kernel
+    args = ([t for _, t in kernel._tensors()], 75, 160, 1.0, kernel.channels, kernel.d_model, kernel.state_dtype)
+    with torch.no_grad():
+        want = kernel.spectrum(75, 160)
+        kernel.cache_inference_kernel = False         # generated inside the mode, not taken from the cache
+        with Passthrough():
+            got = _cached_spectrum_op(*args)
+    assert torch.equal(got, want) and got.data_ptr() != want.data_ptr()
+
+
+def test_the_operator_names_a_kernel_that_does_not_describe_its_spectrum():
+    # The graph's placeholder for the spectrum is (channels, d_model, n // 2 + 1) in the kernel's
+    # state_dtype; a third-party kernel whose attributes say otherwise gets an error naming them.
+    layer = layer_for("s4d", {})
+    compiled = torch.compile(layer, backend="aot_eager")
+    layer.kernel.channels = 3
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"S4DKernel.spectrum gave \(1, 16, 77\) torch.complex64, "
+                                                            r"but a compiled graph expects .* \(3, 16, 77\)"):
+        compiled(torch.randn(2, 75, 16))
+
+
+def test_torch_export_traces_the_kernel_into_a_program_that_stands_alone():
+    # The operator finds its kernel among this process's live kernels; an exported program outlives both.
+    layer = layer_for("s4d", {})
+    x = torch.randn(2, 64, 16)
+    with torch.no_grad():
+        program = torch.export.export(layer, (x,))
+        ops = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+        assert not any("cached_spectrum" in op for op in ops), ops
+        assert close(program.module()(x), layer(x))      # the traced kernel: float32 rounding apart
+
+
+def test_a_graph_whose_weights_no_kernel_holds_says_what_to_do():
+    layer = layer_for("s4d", {})
+    tensors = [t.clone() for _, t in layer.kernel._tensors()]
+    with torch.no_grad(), pytest.raises(RuntimeError, match="no SSM kernel holds the tensors .* cache_inference_kernel"):
+        _cached_spectrum_op(tensors, 75, 160, 1.0, 1, 16, torch.complex64)
+
+
+def test_inductor_freezing_folds_the_spectrum_into_the_graph():
+    # With freezing (weights promised constant) inductor runs the operator at compile time to fold
+    # it, while compiling: the spectrum it asks for must not call the operator again (it recursed
+    # until Python's limit). 1e-5 of the largest output: inductor's own rounding (4.8e-7 measured).
+    import torch._inductor.config as inductor_config
+    torch.manual_seed(0)
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=3, d_output=2, d_model=16, n_layers=1,
+                                                          layer_kwargs={"d_state": 8})).eval()
+    x = torch.randn(2, 64, 3)
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        got = torch.compile(model)(x)
+        assert close(got, model(x))
