@@ -240,10 +240,25 @@ def check_probability(who: str, name: str, p: Any) -> None:
 
 def needs_autograd(module: nn.Module, *inputs: Tensor) -> bool:
     """Whether a forward must build a graph: grad mode on and an input or parameter requiring it,
-    or a torch.func transform running (:func:`func_transforms_active`). Layers take inference-only
+    a torch.func transform running (:func:`func_transforms_active`) or forward-mode AD
+    (:func:`forward_ad_active`). Layers take inference-only
     fast paths (e.g. blocked_channel_conv) and kernel caches when it is False."""
-    return func_transforms_active() or torch.is_grad_enabled() and (
+    return func_transforms_active() or forward_ad_active() or torch.is_grad_enabled() and (
         any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters()))
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD runs: a ``torch.autograd.forward_ad.dual_level`` is open (its dual
+    tensors, tangents on inputs or weights, need not require grad: the layers take their differentiable
+    paths, and no kernel cache keeps a result carrying a tangent), or a torch.func jvp transform
+    (``jvp``, ``jacfwd``). Then the hand-written Functions run as their subclasses with a jvp, which
+    dynamo cannot trace (never true while compiling)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    stack = torch._C._functorch.get_interpreter_stack() if func_transforms_active() else None
+    return bool(stack) and any(i.key() == torch._C._functorch.TransformType.Jvp for i in stack)
 
 
 def func_transforms_active() -> bool:

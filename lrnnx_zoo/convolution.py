@@ -20,7 +20,7 @@ import opt_einsum
 import torch
 from torch import Tensor
 
-from .base import func_transforms_active
+from .base import forward_ad_active, func_transforms_active
 from .shapes import broadcast_shape
 
 
@@ -123,7 +123,7 @@ def circular_conv(u: Tensor, K: Tensor, n: int, length: int, dim: int = -1) -> T
     # refuses a graph of itself, which func.grad always asks for, and vmap cannot batch in place.
     transformed = func_transforms_active()
     if not cplx and graph and not transformed:
-        return _RealCausalConv.apply(u, K, n, length, dim)
+        return (_RealCausalConvJvp if forward_ad_active() else _RealCausalConv).apply(u, K, n, length, dim)
     fwd, inv = (torch.fft.fft, torch.fft.ifft) if cplx else (torch.fft.rfft, torch.fft.irfft)
     # The kernel's spectrum first: a caller that passes K without keeping a reference frees K here.
     Kf = fwd(K, n=n, dim=dim)
@@ -207,6 +207,27 @@ class _RealCausalConv(torch.autograd.Function):
             grad_u = torch.fft.irfft(_sum_spectrum_to(G.mul_(Kfc), u_shape, dim), n=n, dim=dim)
             grad_u = grad_u.narrow(dim, 0, u_shape[dim])
         return grad_u, grad_K, None, None, None
+
+
+class _RealCausalConvJvp(_RealCausalConv):
+    """:class:`_RealCausalConv` with forward-mode AD, used only where it runs
+    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
+    (torch.compile broke the graph at it)."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, K: Tensor, n: int, L: int, dim: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_forward(u, K)      # the forward sees no tangents; its jvp needs the inputs
+        ctx.length = L
+        return _RealCausalConv.forward(ctx, u, K, n, L, dim)
+
+    @staticmethod
+    def jvp(ctx, u_t: Optional[Tensor], K_t: Optional[Tensor], *_: None) -> Tensor:  # type: ignore[override]
+        """Forward-mode AD: the convolution is bilinear, d(u * K) = du * K + u * dK."""
+        u, K = ctx.saved_tensors
+        n, dim, _, _ = ctx.meta
+        Y = sum(torch.fft.rfft(a, n=n, dim=dim) * torch.fft.rfft(b, n=n, dim=dim)
+                for a, b in ((u_t, K), (u, K_t)) if a is not None and b is not None)
+        return torch.fft.irfft(Y, n=n, dim=dim).narrow(dim, 0, ctx.length)
 
 
 def _sum_spectrum_to(X: Tensor, shape: torch.Size, dim: int) -> Tensor:
@@ -463,7 +484,7 @@ class _SwapLastTwo(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
         # Separate from forward, so that torch.func transforms (grad, jacrev) can run it.
-        ctx.length = inputs[0].shape[1]
+        ctx.length, ctx.pad_to = inputs[0].shape[1], inputs[1]
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -474,8 +495,19 @@ class _SwapLastTwo(torch.autograd.Function):
     def vmap(info, in_dims, x: Tensor, pad_to: int):  # type: ignore[override]
         """torch.func.vmap: the vmapped dim joins the batch (x: (V, B, M, N) -> (V*B, M, N))."""
         x = x.movedim(in_dims[0], 0)
-        out = _SwapLastTwo.apply(x.flatten(0, 1), pad_to)
+        out = (_SwapLastTwoJvp if forward_ad_active() else _SwapLastTwo).apply(x.flatten(0, 1), pad_to)
         return out.unflatten(0, x.shape[:2]), 0
+
+
+class _SwapLastTwoJvp(_SwapLastTwo):
+    """:class:`_SwapLastTwo` with forward-mode AD, used only where it runs
+    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
+    (torch.compile broke the graph at it)."""
+
+    @staticmethod
+    def jvp(ctx, x_t: Tensor, _: None) -> Tensor:  # type: ignore[override]
+        """Forward-mode AD (torch.func.jvp, jacfwd, forward_ad): the swap is linear."""
+        return _swap_last_two(x_t, ctx.pad_to)
 
 
 def channels_last_conv(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor] = None) -> Tensor:
@@ -551,7 +583,8 @@ def _blocked_conv(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor], channels
     if torch.compiler.is_compiling():   # the same computation as one operator (_blocked_conv_op)
         y = _blocked_conv_op(x, K3, n, skip2, channels_last)[0]
     else:
-        y = _BlockedConv.apply(x, K3, n, skip2, channels_last)              # (B, L, C, H) or (B, C, H, L)
+        conv = _BlockedConvJvp if forward_ad_active() else _BlockedConv
+        y = conv.apply(x, K3, n, skip2, channels_last)                     # (B, L, C, H) or (B, C, H, L)
     return y.squeeze(2 if channels_last else 1) if single else y
 
 
@@ -598,6 +631,35 @@ class _BlockedConv(torch.autograd.Function):
         n, Lk, channels_last = ctx.meta
         grad_x, grad_K, grad_skip = _blocked_backward(g, *ctx.saved_tensors, n, Lk, channels_last)
         return grad_x, grad_K, None, grad_skip, None
+
+
+class _BlockedConvJvp(_BlockedConv):
+    """:class:`_BlockedConv` with forward-mode AD, used only where it runs
+    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
+    (torch.compile broke the graph at it)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, K: Tensor, n: int, skip: Optional[Tensor],  # type: ignore[override]
+                channels_last: bool) -> Tensor:
+        # the inputs for the jvp, kept here only: else x would live until the backward, an
+        # activation per layer of a training step
+        ctx.save_for_forward(x, K, skip)
+        return _BlockedConv.forward(ctx, x, K, n, skip, channels_last)
+
+    @staticmethod
+    def jvp(ctx, x_t: Optional[Tensor], K_t: Optional[Tensor], _n: None,  # type: ignore[override]
+            skip_t: Optional[Tensor], _c: None) -> Tensor:
+        """Forward-mode AD: y = x * K + skip x is bilinear in x and (K, skip), so dy = (dx * K + skip dx)
+        + (x * dK + dskip x): the forward itself, twice (a missing tangent is zero)."""
+        x, K, skip = ctx.saved_tensors
+        n, _, channels_last = ctx.meta
+        parts = []
+        if x_t is not None:
+            parts.append(_blocked_forward(x_t, K, n, skip, channels_last, False, False)[0])
+        if K_t is not None or skip_t is not None:
+            K_t = torch.zeros_like(K) if K_t is None else K_t
+            parts.append(_blocked_forward(x, K_t, n, skip_t, channels_last, False, False)[0])
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
 
 def _blocked_forward(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor], channels_last: bool, keep_u: bool,
@@ -730,7 +792,7 @@ def swap_time_and_channels(x: Tensor, pad_to: int = 0) -> Tensor:
     is (B, L, H). Pass ``pad_to=fast_fft_size(...)`` and ``length=L`` to :func:`causal_conv`."""
     if x.dim() != 3:
         raise ValueError(f"expected a (B, L, H) or (B, H, L) tensor, got shape {tuple(x.shape)}")
-    return _SwapLastTwo.apply(x, pad_to)
+    return (_SwapLastTwoJvp if forward_ad_active() else _SwapLastTwo).apply(x, pad_to)
 
 
 def fft_conv(equation: str, input: Tensor, *args: Tensor) -> Tensor:

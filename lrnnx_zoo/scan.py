@@ -37,6 +37,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .base import forward_ad_active
+
 
 __all__ = ["diagonal_scan", "sequential_scan", "default_chunk_size"]
 
@@ -246,7 +248,7 @@ class _DiagonalScan(torch.autograd.Function):
 
         lam = lam if in_dims[0] is None and lam.shape[0] == 1 else rows(lam, in_dims[0])
         s0 = None if s0 is None else rows(s0, in_dims[2])
-        out = _DiagonalScan.apply(lam, x.flatten(0, 1), s0, reverse, T)
+        out = _scan_function().apply(lam, x.flatten(0, 1), s0, reverse, T)
         return out.unflatten(0, (V, B)), 0
 
     @staticmethod
@@ -259,6 +261,34 @@ class _DiagonalScan(torch.autograd.Function):
         gx = _DiagonalScan.apply(lam.conj(), g, None, not rev, ctx.T)
         grad_lam, grad_s0 = _scan_parameter_grads(lam, s0, out, gx, rev, need_lam, need_s0)
         return grad_lam, (gx if need_x else None), grad_s0, None, None
+
+
+class _DiagonalScanJvp(_DiagonalScan):
+    """:class:`_DiagonalScan` with forward-mode AD, used only where it runs
+    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
+    (torch.compile broke the graph at it)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
+        _DiagonalScan.setup_context(ctx, inputs, out)
+        ctx.save_for_forward(inputs[0], inputs[2], out)
+
+    @staticmethod
+    def jvp(ctx, lam_t: Optional[Tensor], x_t: Optional[Tensor], s0_t: Optional[Tensor],  # type: ignore[override]
+            *_: None) -> Tensor:
+        """Forward-mode AD: s_t = lam s_{t-1} + x_t differentiates to the same recurrence,
+        ds_t = lam ds_{t-1} + (dlam s_{t-1} + dx_t), from ds0: one more scan."""
+        lam, s0, out = ctx.saved_tensors
+        drive = torch.zeros_like(out) if x_t is None else x_t
+        if lam_t is not None:
+            start = torch.zeros_like(out[:, :1]) if s0 is None else s0.unsqueeze(1).to(out.dtype)
+            prev = torch.cat([out[:, 1:], start], 1) if ctx.reverse else torch.cat([start, out[:, :-1]], 1)
+            drive = drive + (lam_t.unsqueeze(1) * prev).to(out.dtype)
+        return _DiagonalScan.apply(lam, drive, s0_t, ctx.reverse, ctx.T)
+
+
+def _scan_function() -> type:
+    return _DiagonalScanJvp if forward_ad_active() else _DiagonalScan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,4 +365,4 @@ def diagonal_scan(lam: Tensor, x: Tensor, initial_state: Optional[Tensor] = None
     if torch.compiler.is_compiling():   # T from the real L inside the operator: L stays symbolic here
         return _chunked_scan_op(lam, x, s0, bool(reverse), chunk_size)
     T = default_chunk_size(x.shape[1]) if chunk_size is None else chunk_size
-    return _DiagonalScan.apply(lam, x, s0, bool(reverse), T)
+    return _scan_function().apply(lam, x, s0, bool(reverse), T)

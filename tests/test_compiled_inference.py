@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lrnnx_zoo
 from lrnnx_zoo.ssm_kernel import SSMKernel, _cached_spectrum_op
+from test_compile_audit import GraphCounter
 
 LAYERS = [("s4d", {}), ("s4", {}), ("s4", {"bidirectional": True}), ("fftconv", {}),
           ("fftconv", {"bidirectional": True, "channels": 2}), ("fftconv", {"kernel_type": "lru"}),
@@ -54,17 +55,6 @@ class KernelCalls:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-class GraphCounter:
-    """A torch.compile backend that counts the graphs it is given and runs them as traced."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: List[Any]) -> Callable:
-        self.graphs += 1
-        return gm.forward
 
 
 class Passthrough(TorchDispatchMode):

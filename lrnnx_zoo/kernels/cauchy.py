@@ -27,8 +27,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..base import forward_ad_active
 from ..shapes import broadcast_shape
-from .keops_support import keops_available, quiet_keops, require_keops
+from .keops_support import auto_may_use_keops, quiet_keops, require_keops
 
 __all__ = [
     "BACKENDS",
@@ -138,6 +139,33 @@ class _Cauchy(torch.autograd.Function):
         return gv, gz, gw, None
 
 
+class _CauchyJvp(_Cauchy):
+    """:class:`_Cauchy` with forward-mode AD, used only where it runs
+    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
+    (torch.compile broke the graph at it)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
+        _Cauchy.setup_context(ctx, inputs, out)
+        ctx.save_for_forward(*inputs[:3])
+
+    @staticmethod
+    def jvp(ctx, v_t: Optional[Tensor], z_t: Optional[Tensor], w_t: Optional[Tensor], _: None  # type: ignore[override]
+            ) -> Tensor:
+        """Forward-mode AD: d out_l = sum_n (dv_n r + v_n dw_n r^2) - dz_l sum_n v_n r^2, block by block."""
+        v, z, w = ctx.saved_tensors
+        out = v.new_zeros(v.shape[0], z.shape[0])
+        for s, e in _spans(z.shape[0], ctx.block):
+            r = (z[s:e] - w[:, :, None]).reciprocal()                          # (Bt, N, l)
+            if v_t is not None:
+                out[:, s:e] += (v_t[:, None, :] @ r)[:, 0]
+            if w_t is not None:
+                out[:, s:e] += ((v * w_t)[:, None, :] @ (r * r))[:, 0]
+            if z_t is not None:
+                out[:, s:e] -= z_t[s:e] * (v[:, None, :] @ (r * r))[:, 0]
+        return out
+
+
 class _CauchyConj(torch.autograd.Function):
     """out[b, l] = sum_n (a z_l - b) q,  q = 1 / ((z_l - w)(z_l - conj w))   -- identity (*).
 
@@ -211,6 +239,52 @@ class _CauchyConj(torch.autograd.Function):
         return ga, gb, gw, gz, None
 
 
+class _CauchyConjJvp(_CauchyConj):
+    """:class:`_CauchyConj` with forward-mode AD, used only where it runs
+    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
+    (torch.compile broke the graph at it)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
+        _CauchyConj.setup_context(ctx, inputs, out)
+        ctx.save_for_forward(*inputs[:4])
+
+    @staticmethod
+    def jvp(ctx, a_t: Optional[Tensor], b_t: Optional[Tensor], w_t: Optional[Tensor],  # type: ignore[override]
+            z_t: Optional[Tensor], _: None) -> Tensor:
+        """Forward-mode AD of (*): d out_l = sum_n (da z - db + a dz) q - (a z - b) q^2 dD with
+        dD = (2 z - c) dz - dc z + dd, dc = 2 Re dw, dd = 2 Re(conj(w) dw), block by block."""
+        a, b, w, z = ctx.saved_tensors
+        cdt = w.dtype
+        ab = torch.stack([a, b], dim=1).to(cdt)
+        ab_t = None
+        if a_t is not None or b_t is not None:
+            ab_t = torch.stack([torch.zeros_like(a) if a_t is None else a_t,
+                                torch.zeros_like(b) if b_t is None else b_t], dim=1).to(cdt)
+        c = (2 * w.real).to(cdt)[:, :, None]
+        dc = dd = None
+        if w_t is not None:
+            dc = (2 * w_t.real).to(cdt)[:, :, None]
+            dd = (2 * (w.conj() * w_t).real).to(cdt)[:, :, None]
+        out = w.new_zeros(w.shape[0], z.shape[0])
+        for s, e in _spans(z.shape[0], ctx.block):
+            zb = z[s:e]
+            q = ((zb - w[:, :, None]) * (zb - w.conj()[:, :, None])).reciprocal()   # (Bt, N, l)
+            if ab_t is not None:
+                sa, sb = torch.bmm(ab_t, q).unbind(1)
+                out[:, s:e] += zb * sa - sb
+            dD = 0
+            if z_t is not None:
+                dD = (2 * zb - c) * z_t[s:e]
+                out[:, s:e] += z_t[s:e] * (a.to(cdt)[:, None, :] @ q)[:, 0]
+            if dc is not None:
+                dD = dD - dc * zb + dd
+            if z_t is not None or dc is not None:
+                sa, sb = torch.bmm(ab, q * q * dD).unbind(1)
+                out[:, s:e] -= zb * sa - sb
+        return out
+
+
 def cauchy_torch(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int] = None) -> Tensor:
     """Cauchy sum ``out[..., l] = sum_n v[..., n] / (z[l] - w[..., n])`` in PyTorch.
 
@@ -227,7 +301,7 @@ def cauchy_torch(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int] = No
     """
     v2, z2, w2, batch = _prepare(v, z, w, "cauchy_torch")
     block = _block_len(v2.shape[0], v2.shape[1], z2.shape[0], v2.element_size(), chunk_size)
-    out = _Cauchy.apply(v2, z2, w2, block)
+    out = (_CauchyJvp if forward_ad_active() else _Cauchy).apply(v2, z2, w2, block)
     return out.reshape(*batch, z2.shape[0])
 
 
@@ -242,7 +316,7 @@ def cauchy_conj_torch(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int]
     block = _block_len(v2.shape[0], v2.shape[1], z2.shape[0], v2.element_size(), chunk_size)
     a = 2 * v2.real
     b = 2 * (v2 * w2.conj()).real
-    out = _CauchyConj.apply(a, b, w2, z2, block)
+    out = (_CauchyConjJvp if forward_ad_active() else _CauchyConj).apply(a, b, w2, z2, block)
     return out.reshape(*batch, z2.shape[0])
 
 
@@ -326,6 +400,6 @@ def cauchy_conj(v: Tensor, z: Tensor, w: Tensor, backend: str = "auto") -> Tenso
         raise ValueError(f"unknown cauchy backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     if backend == "keops":
         return cauchy_conj_keops(v, z, w)
-    if backend == "auto" and _problem_size(v, z, w) >= KEOPS_AUTO_THRESHOLD and keops_available(v.device):
+    if backend == "auto" and _problem_size(v, z, w) >= KEOPS_AUTO_THRESHOLD and auto_may_use_keops(v.device):
         return cauchy_conj_keops(v, z, w)
     return cauchy_conj_torch(v, z, w)

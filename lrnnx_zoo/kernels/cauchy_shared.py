@@ -24,10 +24,10 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from ..base import func_transforms_active
+from ..base import forward_ad_active, func_transforms_active
 from ..shapes import broadcast_shape
 from .cauchy import _complex_dtype, cauchy_conj_keops, cauchy_conj_torch
-from .keops_support import keops_available
+from .keops_support import auto_may_use_keops
 
 __all__ = ["cauchy_conj_shared", "cauchy_conj_auto", "KEOPS_MIN_TERMS"]
 
@@ -86,6 +86,43 @@ class _SharedBlock(torch.autograd.Function):
             raise RuntimeError("cauchy_conj_shared: gradients with respect to the nodes z are not implemented")
         return (*_block_grads(ab, c, d, z, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]),
                 None)
+
+
+class _SharedBlockJvp(_SharedBlock):
+    """:class:`_SharedBlock` with forward-mode AD, used only where it runs
+    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
+    (torch.compile broke the graph at it)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
+        _SharedBlock.setup_context(ctx, inputs, out)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def jvp(ctx, ab_t: Optional[Tensor], c_t: Optional[Tensor], d_t: Optional[Tensor],  # type: ignore[override]
+            z_t: Optional[Tensor]) -> Tensor:
+        """Forward-mode AD: with D = z^2 - c z + d, q = 1 / D and s = ab q, ds = dab q - ab (q^2 dD),
+        dD = dd - dc z + (2 z - c) dz, and d out = z ds_a - ds_b + dz s_a (torch.func.jvp hands the
+        nodes a zero tangent even where they are constants)."""
+        ab, c, d, z = ctx.saved_tensors
+        J = ab.shape[1] // 2
+        q = _pole_factor(c, d, z, in_place=False)                              # (P, N, l)
+        ds = 0
+        if ab_t is not None:
+            ds = ab_t @ q
+        dD = 0
+        if d_t is not None:
+            dD = d_t
+        if c_t is not None:
+            dD = dD - c_t * z
+        if z_t is not None:
+            dD = dD + (2 * z - c) * z_t
+        if c_t is not None or d_t is not None or z_t is not None:
+            ds = ds - ab @ (q * q * dD)
+        out = z * ds[:, :J] - ds[:, J:]
+        if z_t is not None:
+            out = out + z_t * (ab[:, :J] @ q)
+        return out
 
 
 def _block_grads(ab: Tensor, c: Tensor, d: Tensor, z: Tensor, g: Tensor, need_ab: bool, need_cd: bool
@@ -218,11 +255,13 @@ def cauchy_conj_shared(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int
     if chunk_size is None:
         chunk_size = max(1, _BLOCK_BYTES // max(1, P * N * z.element_size()))
     # Under a torch.func transform the blocks go through the Function too (vmap cannot batch out=).
-    grad = func_transforms_active() or torch.is_grad_enabled() and any(t.requires_grad for t in (ab, c, d, z))
+    grad = (func_transforms_active() or forward_ad_active()
+            or torch.is_grad_enabled() and any(t.requires_grad for t in (ab, c, d, z)))
     if torch.compiler.is_compiling() and not func_transforms_active():
         out = _shared_cauchy_op(ab, c, d, z, chunk_size)
     elif grad:   # the backward rebuilds each block's poles, so memory stays O(block)
-        parts = [_SharedBlock.apply(ab, c, d, z[s:s + chunk_size]) for s in range(0, L, chunk_size)]
+        block = _SharedBlockJvp if forward_ad_active() else _SharedBlock
+        parts = [block.apply(ab, c, d, z[s:s + chunk_size]) for s in range(0, L, chunk_size)]
         out = torch.cat(parts, dim=-1) if parts else ab.new_zeros(P, J, 0)
     else:
         out = _blocks(ab, c, d, z, chunk_size)
@@ -237,6 +276,6 @@ def cauchy_conj_auto(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
     threshold = KEOPS_MIN_TERMS.get(v.device.type)
     if threshold is not None:
         batch = broadcast_shape(v.shape[:-1], w.shape[:-1])
-        if math.prod(batch) * v.shape[-1] * z.shape[-1] >= threshold and keops_available(v.device):
+        if math.prod(batch) * v.shape[-1] * z.shape[-1] >= threshold and auto_may_use_keops(v.device):
             return cauchy_conj_keops(v, z, w)
     return cauchy_conj_shared(v, z, w)

@@ -149,6 +149,14 @@ def keops_available(device: Union[str, "torch.device", None] = "cpu") -> bool:
     return _AVAILABLE[kind]
 
 
+def auto_may_use_keops(device: Union[str, "torch.device", None] = "cpu") -> bool:
+    """Whether an "auto" backend may pick keops: :func:`keops_available`, and no torch.func transform
+    or forward-mode AD running, which pykeops's autograd (an old-style Function without a jvp) cannot
+    join; the torch backends can."""
+    from ..base import forward_ad_active, func_transforms_active
+    return not (func_transforms_active() or forward_ad_active()) and keops_available(device)
+
+
 def keops_unavailable_reason(device: Union[str, "torch.device", None] = "cpu") -> Optional[str]:
     """Why :func:`keops_available` is False for ``device`` (runs the probe if needed); None when it is True."""
     if _disabled_by_env():

@@ -36,8 +36,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..base import forward_ad_active
 from ..shapes import broadcast_shape
-from .keops_support import keops_available, quiet_keops, require_keops
+from .keops_support import auto_may_use_keops, quiet_keops, require_keops
 
 __all__ = ["vandermonde", "vandermonde_torch", "vandermonde_keops", "BACKENDS", "default_block_size"]
 
@@ -255,6 +256,40 @@ class _Vandermonde(torch.autograd.Function):
         return grad_v, grad_log, None, None, None, None
 
 
+class _VandermondeJvp(_Vandermonde):
+    """:class:`_Vandermonde` with forward-mode AD, used only where it runs
+    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
+    (torch.compile broke the graph at it)."""
+
+    @staticmethod
+    def forward(v: Tensor, log_lam: Tensor, L: int, conj: bool, T: int, rdt: torch.dtype  # type: ignore[override]
+                ) -> Tuple[Tensor, ...]:
+        # Outputs that are views of the Function's own intermediates failed an internal assert of
+        # forward-mode AD on their view metadata: copies (K is (H, L), small next to the factors).
+        return tuple(t.clone() if t._is_view() else t for t in _Vandermonde.forward(v, log_lam, L, conj, T, rdt))
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs: Tuple[Tensor, ...]) -> None:  # type: ignore[override]
+        _Vandermonde.setup_context(ctx, inputs, outputs)
+        ctx.save_for_forward(inputs[0], inputs[1], *outputs[1:])
+
+    @staticmethod
+    def jvp(ctx, v_t: Optional[Tensor], log_lam_t: Optional[Tensor], *_: None  # type: ignore[override]
+            ) -> Tuple[Optional[Tensor], ...]:
+        """Forward-mode AD: K_l = sum_n v_n lam_n^l gives dK_l = sum_n dv_n lam_n^l + l sum_n v_n
+        dlog_lam_n lam_n^l, two products with the same factors (l does not depend on n)."""
+        v, log_lam, *factors = ctx.saved_tensors
+        L, conj, T, rdt = ctx.meta
+        dK = None
+        if v_t is not None:
+            dK = _kernel_from_factors(v_t, tuple(factors), L, conj, rdt)
+        if log_lam_t is not None:
+            l = torch.arange(L, dtype=rdt, device=v.device)
+            part = l * _kernel_from_factors(v * log_lam_t, tuple(factors), L, conj, rdt)
+            dK = part if dK is None else dK + part
+        return (dK, None, None, None, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # torch backend
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +329,7 @@ def vandermonde_torch(v: Tensor, log_lam: Tensor, L: int, conj: bool = True,
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"vandermonde_torch: chunk_size must be a positive int, got {chunk_size!r}")
         T = min(chunk_size, L)
-    return _Vandermonde.apply(v, log_lam, L, conj, T, rdt)[0]
+    return (_VandermondeJvp if forward_ad_active() else _Vandermonde).apply(v, log_lam, L, conj, T, rdt)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,7 +402,7 @@ def _auto_uses_keops(v: Tensor, log_lam: Tensor, L: int) -> bool:
     if threshold is None:
         return False
     batch = broadcast_shape(v.shape[:-1], log_lam.shape[:-1])
-    return math.prod(batch) * v.shape[-1] * L >= threshold and keops_available(v.device)
+    return math.prod(batch) * v.shape[-1] * L >= threshold and auto_may_use_keops(v.device)
 
 
 def vandermonde(v: Tensor, log_lam: Tensor, L: int, conj: bool = True, backend: str = "auto") -> Tensor:

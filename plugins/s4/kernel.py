@@ -38,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hippo
-from lrnnx_zoo.base import check_reals, check_sizes, func_transforms_active, needs_autograd, parameter_dtype
+from lrnnx_zoo.base import (check_reals, check_sizes, forward_ad_active, func_transforms_active, needs_autograd,
+                            parameter_dtype)
 from lrnnx_zoo.optim import grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, in_graph_operator, passed_state_dtype
@@ -90,6 +91,18 @@ class _LengthGuard(torch.autograd.Function):
                 "extend_length_in_place = False on the kernel (C~ for a longer sequence is then computed on "
                 "each call, not stored)") from exc
         return grad
+
+
+class _LengthGuardJvp(_LengthGuard):
+    """:class:`_LengthGuard` with forward-mode AD, used only where it runs
+    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
+    (torch.compile broke the graph at it)."""
+
+    @staticmethod
+    def jvp(ctx, C_t: Tensor) -> Tensor:  # type: ignore[override]
+        """Forward-mode AD of the identity (a forward-mode tangent is spent within the forward: no
+        version to check later)."""
+        return C_t.view_as(C_t)
 
 
 class _LengthLock:
@@ -295,7 +308,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
         rep = self.d_model // w.shape[0]
         if rep > 1:
             w, P, B = w.repeat(rep, 1), P.repeat(1, rep, 1), B.repeat(rep, 1)
-        C = _LengthGuard.apply(self.C) if self.C.requires_grad and torch.is_grad_enabled() else self.C
+        guard = _LengthGuardJvp if forward_ad_active() else _LengthGuard
+        C = guard.apply(self.C) if self.C.requires_grad and torch.is_grad_enabled() else self.C
         return w, P, B, cx(C), torch.exp(self.log_dt.to(real))
 
     def dense_system(self, rate: float = 1.0) -> Tuple[Tensor, Tensor]:
@@ -540,9 +554,10 @@ class SSKernelNPLR(StepModes, SSMKernel):
         """Whether a forward may rewrite C~ and the internal length (:attr:`extend_length_in_place`;
         never in a compiled graph, nor for one (:func:`~lrnnx_zoo.ssm_kernel.in_graph_operator`), nor inside a
         torch.func transform, which refuses in-place writes to captured tensors: ``grad`` at a new length
-        raised "attempted to call in-place operation")."""
+        raised "attempted to call in-place operation", nor under forward-mode AD, whose duals would be
+        written)."""
         return (self.extend_length_in_place and not torch.compiler.is_compiling() and not func_transforms_active()
-                and not in_graph_operator())
+                and not forward_ad_active() and not in_graph_operator())
 
     def _tilde_for(self, L: int, rate: float) -> Tuple[int, Optional[Tensor]]:
         """(Ld, C~) for a kernel of L >= 1 samples at ``rate``: Algorithm 1 runs at length Ld >= L (its
