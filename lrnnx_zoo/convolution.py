@@ -210,9 +210,7 @@ class _RealCausalConv(torch.autograd.Function):
 
 
 class _RealCausalConvJvp(_RealCausalConv):
-    """:class:`_RealCausalConv` with forward-mode AD, used only where it runs
-    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
-    (torch.compile broke the graph at it)."""
+    """:class:`_RealCausalConv` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
 
     @staticmethod
     def forward(ctx, u: Tensor, K: Tensor, n: int, L: int, dim: int) -> Tensor:  # type: ignore[override]
@@ -500,9 +498,7 @@ class _SwapLastTwo(torch.autograd.Function):
 
 
 class _SwapLastTwoJvp(_SwapLastTwo):
-    """:class:`_SwapLastTwo` with forward-mode AD, used only where it runs
-    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
-    (torch.compile broke the graph at it)."""
+    """:class:`_SwapLastTwo` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
 
     @staticmethod
     def jvp(ctx, x_t: Tensor, _: None) -> Tensor:  # type: ignore[override]
@@ -634,9 +630,7 @@ class _BlockedConv(torch.autograd.Function):
 
 
 class _BlockedConvJvp(_BlockedConv):
-    """:class:`_BlockedConv` with forward-mode AD, used only where it runs
-    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
-    (torch.compile broke the graph at it)."""
+    """:class:`_BlockedConv` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, K: Tensor, n: int, skip: Optional[Tensor],  # type: ignore[override]

@@ -140,9 +140,7 @@ class _Cauchy(torch.autograd.Function):
 
 
 class _CauchyJvp(_Cauchy):
-    """:class:`_Cauchy` with forward-mode AD, used only where it runs
-    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
-    (torch.compile broke the graph at it)."""
+    """:class:`_Cauchy` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
 
     @staticmethod
     def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
@@ -240,9 +238,7 @@ class _CauchyConj(torch.autograd.Function):
 
 
 class _CauchyConjJvp(_CauchyConj):
-    """:class:`_CauchyConj` with forward-mode AD, used only where it runs
-    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
-    (torch.compile broke the graph at it)."""
+    """:class:`_CauchyConj` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
 
     @staticmethod
     def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]

@@ -89,9 +89,7 @@ class _SharedBlock(torch.autograd.Function):
 
 
 class _SharedBlockJvp(_SharedBlock):
-    """:class:`_SharedBlock` with forward-mode AD, used only where it runs
-    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
-    (torch.compile broke the graph at it)."""
+    """:class:`_SharedBlock` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
 
     @staticmethod
     def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]

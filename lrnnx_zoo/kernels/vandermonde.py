@@ -257,9 +257,7 @@ class _Vandermonde(torch.autograd.Function):
 
 
 class _VandermondeJvp(_Vandermonde):
-    """:class:`_Vandermonde` with forward-mode AD, used only where it runs
-    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
-    (torch.compile broke the graph at it)."""
+    """:class:`_Vandermonde` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
 
     @staticmethod
     def forward(v: Tensor, log_lam: Tensor, L: int, conj: bool, T: int, rdt: torch.dtype  # type: ignore[override]

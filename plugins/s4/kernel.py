@@ -94,9 +94,7 @@ class _LengthGuard(torch.autograd.Function):
 
 
 class _LengthGuardJvp(_LengthGuard):
-    """:class:`_LengthGuard` with forward-mode AD, used only where it runs
-    (:func:`~lrnnx_zoo.base.forward_ad_active`): dynamo cannot trace a Function that defines a jvp
-    (torch.compile broke the graph at it)."""
+    """:class:`_LengthGuard` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
 
     @staticmethod
     def jvp(ctx, C_t: Tensor) -> Tensor:  # type: ignore[override]
