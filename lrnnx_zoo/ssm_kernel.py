@@ -26,7 +26,7 @@ import math
 import threading
 import weakref
 from abc import abstractmethod
-from typing import Any, Callable, ContextManager, Iterator, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -121,6 +121,9 @@ def unpack_kernel_state(form: nn.Module, s: Tensor, like: Tensor, kernel: Option
 #: with a kernel's tensors (an operator takes tensors and numbers, not modules) and finds the kernel
 #: that holds them (:func:`_kernel_holding`).
 _KERNELS: "weakref.WeakSet[SSMKernel]" = weakref.WeakSet()
+#: The kernel last found for each set of storages (their data pointers), checked before use.
+_BY_STORAGE: "Dict[Tuple[int, ...], weakref.ref]" = {}
+_KERNELS_LOCK = threading.Lock()      # a kernel made in one thread while another searches
 _OPERATOR = threading.local()
 
 
@@ -157,7 +160,8 @@ class SSMKernel(nn.Module):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "SSMKernel":
         self = super().__new__(cls)        # copies too: deepcopy and unpickling call __new__
-        _KERNELS.add(self)
+        with _KERNELS_LOCK:
+            _KERNELS.add(self)
         return self
 
     def sharing_dense_work(self, L: int) -> ContextManager[None]:
@@ -334,13 +338,28 @@ class SSMKernel(nn.Module):
 
 
 def _kernel_holding(tensors: List[Tensor]) -> Optional[SSMKernel]:
-    """The live kernel whose parameters and buffers are ``tensors`` (the same storages, in order), or None."""
-    where = [t.data_ptr() for t in tensors]
-    for kernel in list(_KERNELS):
-        own = kernel._tensors()
-        if len(own) == len(where) and all(t.data_ptr() == p for (_, t), p in zip(own, where)):
+    """The live kernel whose parameters and buffers are ``tensors`` (the same storages, in order), or None.
+    Looked up by the storages first: searching every live kernel took 120 us with 48 of them, per layer
+    and call (a compiled 24-layer model's inference 11.4 ms against eager's 8.2 at L=256)."""
+    where = tuple(t.data_ptr() for t in tensors)
+    ref = _BY_STORAGE.get(where)
+    kernel = None if ref is None else ref()
+    if kernel is not None and _holds(kernel, where):
+        return kernel
+    with _KERNELS_LOCK:
+        kernels = list(_KERNELS)
+        if len(_BY_STORAGE) > 2 * len(kernels) + 16:        # forget entries of kernels since freed or moved
+            _BY_STORAGE.clear()
+    for kernel in kernels:
+        if _holds(kernel, where):
+            _BY_STORAGE[where] = weakref.ref(kernel)
             return kernel
     return None
+
+
+def _holds(kernel: SSMKernel, where: Tuple[int, ...]) -> bool:
+    own = kernel._tensors()
+    return len(own) == len(where) and all(t.data_ptr() == p for (_, t), p in zip(own, where))
 
 
 @torch.library.custom_op("lrnnx_zoo::cached_spectrum", mutates_args=())

@@ -198,3 +198,17 @@ def test_inductor_freezing_folds_the_spectrum_into_the_graph():
     with torch.no_grad(), inductor_config.patch(freezing=True):
         got = torch.compile(model)(x)
         assert close(got, model(x))
+
+
+def test_a_graph_finds_its_kernel_after_the_weights_are_replaced():
+    # The operator looks its kernel up by the storages it was last found with; weights loaded with
+    # assign=True are new storages, found again by a search of the live kernels.
+    layer = layer_for("s4d", {})
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(2, 75, 16)
+    other = {k: v * 0.5 if k.endswith("log_dt") else v.clone() for k, v in layer.state_dict().items()}
+    with torch.no_grad():
+        before = compiled(x)
+        layer.load_state_dict(other, assign=True)
+        after = compiled(x)
+        assert close(after, layer(x)) and not close(after, before)
