@@ -415,8 +415,10 @@ def _channel_conv_op(u: Tensor, Kf: Tensor, n: int, time_dim: int, skip: Optiona
     """:func:`blocked_channel_conv` inside torch.compile graphs on the CPU: its blocks as in eager,
     one operator the compiler calls without tracing into it (traced, the convolution ran as one
     whole-tensor block: a compiled S4D layer's inference forward took 11.9 ms against eager's 6.3
-    at (8, 1024, 128), one thread). No autograd: inference only, like the function."""
-    return blocked_channel_conv(u, Kf, n, time_dim, skip)
+    at (8, 1024, 128), one thread). No autograd: inference only, like the function. The block size is
+    passed: torch.compiler.is_compiling() is one flag for the process, set while any thread traces, and
+    this body, run by a graph in another thread meanwhile, called the operator again (a RecursionError)."""
+    return blocked_channel_conv(u, Kf, n, time_dim, skip, block=channel_block_size(u.shape[0] * Kf.shape[0], n))
 
 
 @_channel_conv_op.register_fake

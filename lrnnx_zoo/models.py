@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import check_floating, check_lengths, check_stream_batch, float32_under_autocast, mask_padding, valid_steps
+from .base import (check_floating, check_lengths, check_stream_batch, float32_under_autocast, mask_padding, valid_steps,
+                   values_only)
 from .hub_save import HubMixin, resampled_info
 from .registry import create_layer
 from .ssm_kernel import check_rate
@@ -549,7 +550,7 @@ class SequenceModel(HubMixin, nn.Module):
             # the running mean as the exported step graph keeps it; the cache keeps values only, as
             # the layers keep their states (LTI_LRNN.step)
             h, carry = running_mean_step(cache["pool_mean"], cache["pool_carry"], h, cache["t"])
-            cache["pool_mean"], cache["pool_carry"] = h.detach(), carry.detach()
+            cache["pool_mean"], cache["pool_carry"] = values_only(h), values_only(carry)
         return self.decoder(h), cache
 
     def _check_input_dtype(self, x: Tensor, who: str, autocast_hint: bool = True) -> None:

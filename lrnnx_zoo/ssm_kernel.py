@@ -124,14 +124,23 @@ _KERNELS: "weakref.WeakSet[SSMKernel]" = weakref.WeakSet()
 #: The kernel last found for each set of storages (their data pointers), checked before use.
 _BY_STORAGE: "Dict[Tuple[int, ...], weakref.ref]" = {}
 _KERNELS_LOCK = threading.Lock()      # a kernel made in one thread while another searches
-_OPERATOR = threading.local()
+
+
+class _OperatorFlag(threading.local):
+    """Per thread: whether it runs a kernel for a compiled graph. ``active`` is a class attribute, so
+    every thread has it from the start: an instance attribute appeared at the operator's first run,
+    and dynamo, which had guarded on its absence, compiled every graph again at its second call."""
+    active = False
+
+
+_OPERATOR = _OperatorFlag()
 
 
 def in_graph_operator() -> bool:
     """Whether this thread runs a kernel for a compiled graph (inside ``lrnnx_zoo::cached_spectrum``):
     eager code there, but under a graph's rules, so it writes no parameter or buffer (S4's C~ for a
     longer length is computed and not stored, as in a traced kernel); the operator declares none."""
-    return getattr(_OPERATOR, "active", False)
+    return _OPERATOR.active
 
 
 @contextlib.contextmanager

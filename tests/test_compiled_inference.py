@@ -11,6 +11,7 @@ against 5-smooth numbers), so outputs agree to float32 rounding, 1e-5 of the lar
 from __future__ import annotations
 
 import copy
+import threading
 from typing import Any, Callable, List
 
 import pytest
@@ -212,3 +213,72 @@ def test_a_graph_finds_its_kernel_after_the_weights_are_replaced():
         layer.load_state_dict(other, assign=True)
         after = compiled(x)
         assert close(after, layer(x)) and not close(after, before)
+
+
+@pytest.mark.parametrize("name,kwargs", LAYERS, ids=lambda v: str(v))
+def test_a_compiled_layer_compiles_once(name, kwargs):
+    # The graph's check that it does not run inside the operator read a thread-local flag that the
+    # operator's first run created: dynamo guarded on its absence, and every compiled layer and model
+    # compiled again at its second call (guard failure "not hasattr(_OPERATOR, 'active')").
+    # In a fresh thread: the flag is per thread, and this one's may be left by earlier tests.
+    layer = layer_for(name, kwargs)
+    backend = GraphCounter()
+    compiled = torch.compile(layer, backend=backend)
+    x = torch.randn(2, 75, 16)
+    outputs: List[torch.Tensor] = []
+
+    def serve() -> None:
+        with torch.no_grad():
+            outputs.extend(compiled(x) for _ in range(3))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    thread.join()
+    assert backend.graphs == 1 and len(outputs) == 3
+    assert all(torch.equal(y, outputs[0]) for y in outputs)
+
+
+def test_the_channel_operator_runs_its_blocks_while_another_thread_compiles(monkeypatch):
+    # torch.compiler.is_compiling() reads one flag for the whole process, set while any thread traces a
+    # graph: the operator's eager body, run meanwhile by a graph in another thread, took the compiled
+    # branch of blocked_channel_conv and called the operator again, until a RecursionError.
+    from lrnnx_zoo.convolution import _channel_conv_op, blocked_channel_conv
+    g = torch.Generator().manual_seed(2)
+    u = torch.randn(2, 40, 16, generator=g)
+    Kf = torch.fft.rfft(torch.randn(1, 16, 40, generator=g), n=80)
+    skip = torch.randn(1, 16, generator=g)
+    want = blocked_channel_conv(u, Kf, 80, 1, skip)
+    monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)     # another thread is tracing
+    assert torch.equal(_channel_conv_op(u, Kf, 80, 1, skip), want)
+
+
+@pytest.mark.parametrize("name", ["s4d", "s4", "fftconv"])
+def test_threads_share_one_compiled_model(name):
+    # Two threads, each calling one compiled model (warmed by one call): every thread recompiled at its
+    # second call (above), and a thread compiling while the other ran the channel operator sent that one
+    # into a RecursionError. Each thread's outputs against eager, to float32 rounding.
+    torch.manual_seed(0)
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer=name, d_input=3, d_output=2, d_model=16, n_layers=2,
+                                                          layer_kwargs={"d_state": 8})).eval()
+    compiled = torch.compile(copy.deepcopy(model), backend="aot_eager")
+    xs = [torch.randn(2, 75, 3, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        wants = [model(x) for x in xs]
+        compiled(xs[0])
+    got, errors = {}, []
+
+    def serve(i: int) -> None:
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    got[i] = compiled(xs[i])
+        except Exception as exc:      # reported below, with the thread's error
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(close(got[i], wants[i]) for i in range(2))

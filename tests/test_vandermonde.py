@@ -231,3 +231,14 @@ def test_backward_matches_autograd_of_the_plain_product(gen, conj, case):
     for a, b, x in zip(got, ref, (v, log_lam)):
         assert a.shape == b.shape == x.shape
         assert rel_err(a.to(b.dtype), b) < tol
+
+
+@pytest.mark.parametrize("conj", [True, False])
+def test_vandermonde_second_derivatives(conj):
+    # The backward, differentiated, rebuilds its factors from log_lam (the saved ones are constants to
+    # autograd); gradgradcheck in float64 with its default tolerances, through plain autograd.
+    g = torch.Generator().manual_seed(4)
+    c = lambda *s: torch.complex(torch.randn(*s, generator=g, dtype=torch.float64),
+                                 torch.randn(*s, generator=g, dtype=torch.float64))
+    v, log_lam = c(2, 3).requires_grad_(), (0.1 * c(2, 3) - 0.2).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda v, a: vandermonde_torch(v, a, 11, conj=conj, chunk_size=4), (v, log_lam))

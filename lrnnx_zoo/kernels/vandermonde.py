@@ -191,8 +191,8 @@ class _Vandermonde(torch.autograd.Function):
     and with l = jT + t both sums come from R = [H; t H] P^T (one matmul), then
     S = sum_j Q_j R_j and S' = sum_j Q_j (jT R_j + R'_j). Autograd through the factorisation made
     ~20 elementwise passes over the (..., N, T) and (..., N, J) factors, several in float64, and two
-    matmuls. A backward that itself needs a graph (create_graph, double backward) recomputes
-    the product differentiably instead.
+    matmuls. A backward that is itself differentiated (create_graph, torch.func.hessian) rebuilds
+    the factors from log_lam instead of reading the saved ones, which are constants to autograd.
     """
 
     generate_vmap_rule = True      # forward and backward are out-of-place ops: torch.func.vmap batches them
@@ -218,13 +218,13 @@ class _Vandermonde(torch.autograd.Function):
         v, log_lam, Pr, Pi, Qr, Qi = ctx.saved_tensors
         L, conj, T, rdt = ctx.meta
         needs = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled():        # create_graph: differentiate the plain computation
-            with torch.enable_grad():
-                K = _kernel_from_factors(v, _factors(log_lam, T, Qr.shape[-1], rdt), L, conj, rdt)
-                wrt = [x for x, need in zip((v, log_lam), needs) if need]
-                grads = iter(torch.autograd.grad(K, wrt, g, create_graph=True))
-            return tuple(next(grads) if need else None for need in needs) + (None,) * 4
         N, J = Pr.shape[-2], Qr.shape[-1]
+        if torch.is_grad_enabled() or forward_ad_active():
+            # This backward is itself differentiated (create_graph, torch.func.hessian, jacrev(jacrev)):
+            # the factors, saved as constants, are rebuilt from log_lam so that the formulas below depend
+            # on it. (A call of autograd.grad on the recomputed kernel found no graph under torch.func,
+            # whose tensors here do not require grad: "element 0 of tensors does not require grad".)
+            Pr, Pi, Qr, Qi = _factors(log_lam, T, J, rdt)
         t = torch.arange(T, dtype=rdt, device=g.device)
         # H as (..., J, T) rows; the rows of [H; t H] give R and R' in one matmul against P^T.
         if conj:
