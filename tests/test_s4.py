@@ -767,6 +767,27 @@ def test_internal_length_follows_the_buffer_everywhere():
     assert meta._length == 64
 
 
+def test_functional_call_past_the_length_leaves_the_kernel_as_it_was():
+    # functional_call with the parameters only, on a sequence longer than C~ covers: eager extended C~
+    # in the caller's tensor and wrote the new length into the kernel's own buffer, so the kernel's
+    # own C then went with another length (0.44 off at l_max=8, L=20, found by the session-18 audit).
+    # A call on substituted tensors now takes C~ for a covering length without storing it.
+    from torch.func import functional_call
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("s4", 8, d_state=4, l_max=8).double().eval()
+    fresh = copy.deepcopy(layer)
+    x = torch.randn(1, 20, 8, dtype=torch.float64)
+    params = {k: p.detach().clone() for k, p in layer.named_parameters()}
+    C = params["kernel.C"].clone()
+    with torch.no_grad():
+        got = functional_call(layer, params, (x,))
+        assert layer.kernel.length == 8 and torch.equal(params["kernel.C"], C)
+        want = fresh(x)                                  # eager extends its own C~ (8 -> 32)
+        assert fresh.kernel.length == 32
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * want.abs().max().item())
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-12 * want.abs().max().item())
+
+
 def test_step_after_a_dtype_change_says_to_set_up_again():
     m = S4(8, d_state=8)
     m.setup_step("dense")

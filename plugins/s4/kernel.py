@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Any, ContextManager, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -216,8 +217,21 @@ class SSKernelNPLR(StepModes, SSMKernel):
         # A Python copy of the buffer: reading the tensor is a graph break under torch.compile.
         self._length = 0
         self._length_lock = _LengthLock()
+        self._remember_home()
         if L:
             self._init_C_tilde(int(L))
+
+    def _remember_home(self) -> None:
+        """Note which tensors are this kernel's own C and L: only those are rewritten together
+        (:meth:`_writes_length`)."""
+        self.__dict__["_home"] = (weakref.ref(self._parameters["C"]), weakref.ref(self._buffers["L"]))
+
+    def _at_home(self) -> bool:
+        """Whether C and L are the kernel's own tensors, not ones substituted for a call (torch.func's
+        functional_call with the parameters only: C~ extended in the caller's tensor and the length
+        written into the kernel's own buffer left the kernel's C with another C~'s length, 0.44 off)."""
+        home = self.__dict__.get("_home")
+        return home is not None and home[0]() is self._parameters["C"] and home[1]() is self._buffers["L"]
 
     @staticmethod
     def _per_key(value: Any, default: Any, cast: Any) -> Dict[str, Any]:
@@ -272,6 +286,17 @@ class SSKernelNPLR(StepModes, SSMKernel):
         object.__setattr__(self, "_stepper", None)
         if self.L.device.type != "meta":          # a meta load carries no values
             self._length = int(self.L)            # the buffer was just loaded: keep the Python copy in step
+        self._remember_home()                     # assign=True loads new tensors
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_home", None)                  # weak references to the original's tensors
+        return state
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "SSKernelNPLR":
+        super()._apply(fn, recurse)
+        self._remember_home()                     # .to(device) makes new buffers (and, by option, parameters)
+        return self
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -279,6 +304,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
             self._length = int(self.L) if self.L.device.type != "meta" else 0
         if "_length_lock" not in self.__dict__:   # ... or from before the lock
             self._length_lock = _LengthLock()
+        self._remember_home()                     # a copy's own tensors (__getstate__ leaves the original's out)
 
     def _consistent(self) -> ContextManager[None]:
         """Held while C~ and the internal length change or are read together. One kernel serves
@@ -553,9 +579,9 @@ class SSKernelNPLR(StepModes, SSMKernel):
         never in a compiled graph, nor for one (:func:`~lrnnx_zoo.ssm_kernel.in_graph_operator`), nor inside a
         torch.func transform, which refuses in-place writes to captured tensors: ``grad`` at a new length
         raised "attempted to call in-place operation", nor under forward-mode AD, whose duals would be
-        written)."""
+        written, nor while C or L is not the kernel's own, :meth:`_at_home`)."""
         return (self.extend_length_in_place and not torch.compiler.is_compiling() and not func_transforms_active()
-                and not forward_ad_active() and not in_graph_operator())
+                and not forward_ad_active() and not in_graph_operator() and self._at_home())
 
     def _tilde_for(self, L: int, rate: float) -> Tuple[int, Optional[Tensor]]:
         """(Ld, C~) for a kernel of L >= 1 samples at ``rate``: Algorithm 1 runs at length Ld >= L (its
