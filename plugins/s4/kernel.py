@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-import weakref
 from contextlib import contextmanager
 from typing import Any, ContextManager, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -223,15 +222,15 @@ class SSKernelNPLR(StepModes, SSMKernel):
 
     def _remember_home(self) -> None:
         """Note which tensors are this kernel's own C and L: only those are rewritten together
-        (:meth:`_writes_length`)."""
-        self.__dict__["_home"] = (weakref.ref(self._parameters["C"]), weakref.ref(self._buffers["L"]))
+        (:meth:`_writes_length`). By id, which stays unique while the kernel holds them (a weak
+        reference made torch.utils.swap_tensors, which load_state_dict and .to can use, refuse them)."""
+        self.__dict__["_home"] = (id(self._parameters["C"]), id(self._buffers["L"]))
 
     def _at_home(self) -> bool:
         """Whether C and L are the kernel's own tensors, not ones substituted for a call (torch.func's
         functional_call with the parameters only: C~ extended in the caller's tensor and the length
         written into the kernel's own buffer left the kernel's C with another C~'s length, 0.44 off)."""
-        home = self.__dict__.get("_home")
-        return home is not None and home[0]() is self._parameters["C"] and home[1]() is self._buffers["L"]
+        return self.__dict__.get("_home") == (id(self._parameters["C"]), id(self._buffers["L"]))
 
     @staticmethod
     def _per_key(value: Any, default: Any, cast: Any) -> Dict[str, Any]:
@@ -290,7 +289,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state.pop("_home", None)                  # weak references to the original's tensors
+        state.pop("_home", None)                  # the ids of the original's tensors
         return state
 
     def _apply(self, fn: Any, recurse: bool = True) -> "SSKernelNPLR":
