@@ -381,8 +381,8 @@ def _cached_spectrum_op(tensors: List[Tensor], L: int, n: int, rate: float, C: i
     kernel = _kernel_holding(tensors)
     if kernel is None:
         raise RuntimeError("lrnnx_zoo::cached_spectrum: no SSM kernel holds the tensors this compiled graph passes "
-                           "(weights replaced by copies, e.g. by inductor's freezing); set cache_inference_kernel = "
-                           "False on the kernels before compiling, so that the graph generates them itself")
+                           "(the graph was handed copies of a kernel's weights); set cache_inference_kernel = False on "
+                           "the kernels before compiling, so that the graph generates the kernels itself")
     with operator_body(), _graph_operator():
         Kf = kernel.spectrum(L, n, rate)
     expected = (C, H, n // 2 + 1)
