@@ -20,7 +20,7 @@ import opt_einsum
 import torch
 from torch import Tensor
 
-from .base import forward_ad_active, func_transforms_active
+from .base import apply_function, func_transforms_active, jvp_variant
 from .shapes import broadcast_shape
 
 
@@ -123,7 +123,7 @@ def circular_conv(u: Tensor, K: Tensor, n: int, length: int, dim: int = -1) -> T
     # refuses a graph of itself, which func.grad always asks for, and vmap cannot batch in place.
     transformed = func_transforms_active()
     if not cplx and graph and not transformed:
-        return (_RealCausalConvJvp if forward_ad_active() else _RealCausalConv).apply(u, K, n, length, dim)
+        return apply_function(_RealCausalConv, u, K, n, length, dim)
     fwd, inv = (torch.fft.fft, torch.fft.ifft) if cplx else (torch.fft.rfft, torch.fft.irfft)
     # The kernel's spectrum first: a caller that passes K without keeping a reference frees K here.
     Kf = fwd(K, n=n, dim=dim)
@@ -209,8 +209,9 @@ class _RealCausalConv(torch.autograd.Function):
         return grad_u, grad_K, None, None, None
 
 
+@jvp_variant
 class _RealCausalConvJvp(_RealCausalConv):
-    """:class:`_RealCausalConv` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
+    """:class:`_RealCausalConv` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
 
     @staticmethod
     def forward(ctx, u: Tensor, K: Tensor, n: int, L: int, dim: int) -> Tensor:  # type: ignore[override]
@@ -495,12 +496,13 @@ class _SwapLastTwo(torch.autograd.Function):
     def vmap(info, in_dims, x: Tensor, pad_to: int):  # type: ignore[override]
         """torch.func.vmap: the vmapped dim joins the batch (x: (V, B, M, N) -> (V*B, M, N))."""
         x = x.movedim(in_dims[0], 0)
-        out = (_SwapLastTwoJvp if forward_ad_active() else _SwapLastTwo).apply(x.flatten(0, 1), pad_to)
+        out = apply_function(_SwapLastTwo, x.flatten(0, 1), pad_to)
         return out.unflatten(0, x.shape[:2]), 0
 
 
+@jvp_variant
 class _SwapLastTwoJvp(_SwapLastTwo):
-    """:class:`_SwapLastTwo` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
+    """:class:`_SwapLastTwo` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
 
     @staticmethod
     def jvp(ctx, x_t: Tensor, _: None) -> Tensor:  # type: ignore[override]
@@ -581,8 +583,7 @@ def _blocked_conv(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor], channels
     if torch.compiler.is_compiling():   # the same computation as one operator (_blocked_conv_op)
         y = _blocked_conv_op(x, K3, n, skip2, channels_last)[0]
     else:
-        conv = _BlockedConvJvp if forward_ad_active() else _BlockedConv
-        y = conv.apply(x, K3, n, skip2, channels_last)                     # (B, L, C, H) or (B, C, H, L)
+        y = apply_function(_BlockedConv, x, K3, n, skip2, channels_last)    # (B, L, C, H) or (B, C, H, L)
     return y.squeeze(2 if channels_last else 1) if single else y
 
 
@@ -631,8 +632,9 @@ class _BlockedConv(torch.autograd.Function):
         return grad_x, grad_K, None, grad_skip, None
 
 
+@jvp_variant
 class _BlockedConvJvp(_BlockedConv):
-    """:class:`_BlockedConv` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
+    """:class:`_BlockedConv` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, K: Tensor, n: int, skip: Optional[Tensor],  # type: ignore[override]
@@ -788,7 +790,7 @@ def swap_time_and_channels(x: Tensor, pad_to: int = 0) -> Tensor:
     is (B, L, H). Pass ``pad_to=fast_fft_size(...)`` and ``length=L`` to :func:`causal_conv`."""
     if x.dim() != 3:
         raise ValueError(f"expected a (B, L, H) or (B, H, L) tensor, got shape {tuple(x.shape)}")
-    return (_SwapLastTwoJvp if forward_ad_active() else _SwapLastTwo).apply(x, pad_to)
+    return apply_function(_SwapLastTwo, x, pad_to)
 
 
 def fft_conv(equation: str, input: Tensor, *args: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import forward_ad_active
+from .base import apply_function, jvp_variant
 
 
 __all__ = ["diagonal_scan", "sequential_scan", "default_chunk_size"]
@@ -248,7 +248,7 @@ class _DiagonalScan(torch.autograd.Function):
 
         lam = lam if in_dims[0] is None and lam.shape[0] == 1 else rows(lam, in_dims[0])
         s0 = None if s0 is None else rows(s0, in_dims[2])
-        out = _scan_function().apply(lam, x.flatten(0, 1), s0, reverse, T)
+        out = apply_function(_DiagonalScan, lam, x.flatten(0, 1), s0, reverse, T)
         return out.unflatten(0, (V, B)), 0
 
     @staticmethod
@@ -263,8 +263,9 @@ class _DiagonalScan(torch.autograd.Function):
         return grad_lam, (gx if need_x else None), grad_s0, None, None
 
 
+@jvp_variant
 class _DiagonalScanJvp(_DiagonalScan):
-    """:class:`_DiagonalScan` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
+    """:class:`_DiagonalScan` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
 
     @staticmethod
     def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
@@ -283,10 +284,6 @@ class _DiagonalScanJvp(_DiagonalScan):
             prev = torch.cat([out[:, 1:], start], 1) if ctx.reverse else torch.cat([start, out[:, :-1]], 1)
             drive = drive + (lam_t.unsqueeze(1) * prev).to(out.dtype)
         return _DiagonalScan.apply(lam, drive, s0_t, ctx.reverse, ctx.T)
-
-
-def _scan_function() -> type:
-    return _DiagonalScanJvp if forward_ad_active() else _DiagonalScan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,4 +360,4 @@ def diagonal_scan(lam: Tensor, x: Tensor, initial_state: Optional[Tensor] = None
     if torch.compiler.is_compiling():   # T from the real L inside the operator: L stays symbolic here
         return _chunked_scan_op(lam, x, s0, bool(reverse), chunk_size)
     T = default_chunk_size(x.shape[1]) if chunk_size is None else chunk_size
-    return _scan_function().apply(lam, x, s0, bool(reverse), T)
+    return apply_function(_DiagonalScan, lam, x, s0, bool(reverse), T)

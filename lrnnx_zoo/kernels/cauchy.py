@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..base import forward_ad_active
+from ..base import apply_function, jvp_variant
 from ..shapes import broadcast_shape
 from .keops_support import auto_may_use_keops, quiet_keops, require_keops
 
@@ -139,8 +139,9 @@ class _Cauchy(torch.autograd.Function):
         return gv, gz, gw, None
 
 
+@jvp_variant
 class _CauchyJvp(_Cauchy):
-    """:class:`_Cauchy` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
+    """:class:`_Cauchy` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
 
     @staticmethod
     def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
@@ -237,8 +238,9 @@ class _CauchyConj(torch.autograd.Function):
         return ga, gb, gw, gz, None
 
 
+@jvp_variant
 class _CauchyConjJvp(_CauchyConj):
-    """:class:`_CauchyConj` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
+    """:class:`_CauchyConj` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
 
     @staticmethod
     def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
@@ -297,7 +299,7 @@ def cauchy_torch(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int] = No
     """
     v2, z2, w2, batch = _prepare(v, z, w, "cauchy_torch")
     block = _block_len(v2.shape[0], v2.shape[1], z2.shape[0], v2.element_size(), chunk_size)
-    out = (_CauchyJvp if forward_ad_active() else _Cauchy).apply(v2, z2, w2, block)
+    out = apply_function(_Cauchy, v2, z2, w2, block)
     return out.reshape(*batch, z2.shape[0])
 
 
@@ -312,7 +314,7 @@ def cauchy_conj_torch(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int]
     block = _block_len(v2.shape[0], v2.shape[1], z2.shape[0], v2.element_size(), chunk_size)
     a = 2 * v2.real
     b = 2 * (v2 * w2.conj()).real
-    out = (_CauchyConjJvp if forward_ad_active() else _CauchyConj).apply(a, b, w2, z2, block)
+    out = apply_function(_CauchyConj, a, b, w2, z2, block)
     return out.reshape(*batch, z2.shape[0])
 
 

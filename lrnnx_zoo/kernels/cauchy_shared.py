@@ -24,7 +24,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from ..base import forward_ad_active, func_transforms_active
+from ..base import apply_function, forward_ad_active, func_transforms_active, jvp_variant
 from ..shapes import broadcast_shape
 from .cauchy import _complex_dtype, cauchy_conj_keops, cauchy_conj_torch
 from .keops_support import auto_may_use_keops
@@ -88,8 +88,9 @@ class _SharedBlock(torch.autograd.Function):
                 None)
 
 
+@jvp_variant
 class _SharedBlockJvp(_SharedBlock):
-    """:class:`_SharedBlock` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
+    """:class:`_SharedBlock` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
 
     @staticmethod
     def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
@@ -258,8 +259,7 @@ def cauchy_conj_shared(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int
     if torch.compiler.is_compiling() and not func_transforms_active():
         out = _shared_cauchy_op(ab, c, d, z, chunk_size)
     elif grad:   # the backward rebuilds each block's poles, so memory stays O(block)
-        block = _SharedBlockJvp if forward_ad_active() else _SharedBlock
-        parts = [block.apply(ab, c, d, z[s:s + chunk_size]) for s in range(0, L, chunk_size)]
+        parts = [apply_function(_SharedBlock, ab, c, d, z[s:s + chunk_size]) for s in range(0, L, chunk_size)]
         out = torch.cat(parts, dim=-1) if parts else ab.new_zeros(P, J, 0)
     else:
         out = _blocks(ab, c, d, z, chunk_size)

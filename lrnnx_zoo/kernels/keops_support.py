@@ -153,7 +153,7 @@ def auto_may_use_keops(device: Union[str, "torch.device", None] = "cpu") -> bool
     """Whether an "auto" backend may pick keops: :func:`keops_available`, and no torch.func transform
     or forward-mode AD running, which pykeops's autograd (an old-style Function without a jvp) cannot
     join; the torch backends can."""
-    from ..base import forward_ad_active, func_transforms_active
+    from ..base import forward_ad_active, func_transforms_active   # here: this module does not import torch
     return not (func_transforms_active() or forward_ad_active()) and keops_available(device)
 
 

@@ -36,7 +36,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..base import forward_ad_active
+from ..base import apply_function, forward_ad_active, jvp_variant
 from ..shapes import broadcast_shape
 from .keops_support import auto_may_use_keops, quiet_keops, require_keops
 
@@ -256,8 +256,9 @@ class _Vandermonde(torch.autograd.Function):
         return grad_v, grad_log, None, None, None, None
 
 
+@jvp_variant
 class _VandermondeJvp(_Vandermonde):
-    """:class:`_Vandermonde` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
+    """:class:`_Vandermonde` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
 
     @staticmethod
     def forward(v: Tensor, log_lam: Tensor, L: int, conj: bool, T: int, rdt: torch.dtype  # type: ignore[override]
@@ -327,7 +328,7 @@ def vandermonde_torch(v: Tensor, log_lam: Tensor, L: int, conj: bool = True,
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"vandermonde_torch: chunk_size must be a positive int, got {chunk_size!r}")
         T = min(chunk_size, L)
-    return (_VandermondeJvp if forward_ad_active() else _Vandermonde).apply(v, log_lam, L, conj, T, rdt)[0]
+    return apply_function(_Vandermonde, v, log_lam, L, conj, T, rdt)[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hippo
-from lrnnx_zoo.base import (check_reals, check_sizes, forward_ad_active, func_transforms_active, needs_autograd,
-                            parameter_dtype)
+from lrnnx_zoo.base import (apply_function, check_reals, check_sizes, forward_ad_active, func_transforms_active,
+                            jvp_variant, needs_autograd, parameter_dtype)
 from lrnnx_zoo.optim import grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, in_graph_operator, passed_state_dtype
@@ -93,8 +93,9 @@ class _LengthGuard(torch.autograd.Function):
         return grad
 
 
+@jvp_variant
 class _LengthGuardJvp(_LengthGuard):
-    """:class:`_LengthGuard` with its jvp, for forward-mode AD (see :func:`~lrnnx_zoo.base.forward_ad_active`)."""
+    """:class:`_LengthGuard` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
 
     @staticmethod
     def jvp(ctx, C_t: Tensor) -> Tensor:  # type: ignore[override]
@@ -331,8 +332,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         rep = self.d_model // w.shape[0]
         if rep > 1:
             w, P, B = w.repeat(rep, 1), P.repeat(1, rep, 1), B.repeat(rep, 1)
-        guard = _LengthGuardJvp if forward_ad_active() else _LengthGuard
-        C = guard.apply(self.C) if self.C.requires_grad and torch.is_grad_enabled() else self.C
+        C = apply_function(_LengthGuard, self.C) if self.C.requires_grad and torch.is_grad_enabled() else self.C
         return w, P, B, cx(C), torch.exp(self.log_dt.to(real))
 
     def dense_system(self, rate: float = 1.0) -> Tuple[Tensor, Tensor]:
