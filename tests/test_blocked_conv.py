@@ -51,14 +51,13 @@ def test_blocked_conv_matches_the_time_domain_sum(time_dim, C, H, block, B):
     assert y.shape == ref.shape and rel_err(y, ref) < TOL
 
 
-def test_blocked_conv_copies_in_tiles_and_groups_agree_with_the_sum():
-    """Sequences longer than one gather tile (a partial last tile) and blocks whose channels are
-    scattered in groups, a partial last group and block among them."""
-    from lrnnx_zoo import convolution
-
+def test_blocked_conv_staged_gathers_and_grouped_scatters_agree_with_the_sum():
+    """Blocks gathered through their contiguous stage, a partial last block (11 of 16 channels)
+    reusing the full block's stage, and channels scattered in groups, a partial last group among
+    them."""
     torch.manual_seed(1)
     B, C, H, Lk = 2, 2, 43, 24
-    L = 2 * convolution._GATHER_TILE + 37
+    L = 2085
     u = torch.randn(B, H, L)
     K, D = torch.randn(C, H, Lk) / Lk, torch.randn(C, H)
     n = conv_size(L, Lk)
