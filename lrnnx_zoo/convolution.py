@@ -320,7 +320,8 @@ class _ChannelBlocks:
         self.L, self.H = L, H
         self.hb = min(H, channel_block_size(B * C, n) if block is None else block)
         shape = (B, C, self.hb, n) if stacked else (B, self.hb, n)
-        self.buf = torch.zeros(shape, dtype=dtype, device=device)           # zeros after L stay
+        self.buf = torch.empty(shape, dtype=dtype, device=device)
+        self.buf[..., L:].zero_()       # the padding: zeros that stay (gathers write [..., :L])
         self.channels_last = channels_last
         self.scatter_chunk = _SCATTER_GROUP if channels_last else H
         self._stages: Dict[Tuple[int, ...], Tensor] = {}
