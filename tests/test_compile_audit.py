@@ -439,7 +439,7 @@ def test_the_kernel_operators_pass_torch_library_checks():
     from lrnnx_zoo.kernels.cauchy_shared import _shared_cauchy_op
     c128 = torch.complex128
     w = torch.complex(-torch.rand(3, 5, dtype=f64), torch.randn(3, 5, dtype=f64))
-    ab = torch.randn(3, 4, 5, dtype=f64).to(c128).requires_grad_()                 # real values, complex-typed
+    ab = torch.randn(3, 4, 5, dtype=f64, requires_grad=True)                       # real numerators
     c = (2 * w.real).unsqueeze(-1).to(c128).requires_grad_()
     d = w.abs().square().unsqueeze(-1).to(c128).requires_grad_()
     z = torch.complex(torch.zeros(7, dtype=f64), torch.tan(torch.linspace(0, 1.4, 7, dtype=f64)))

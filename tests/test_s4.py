@@ -584,6 +584,25 @@ def test_shared_cauchy_matches_generic_with_gradients():
     assert torch.autograd.gradgradcheck(f, (v, w))
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.complex64, 2e-6), (torch.complex128, 1e-14)])
+def test_shared_cauchy_block_real_matmul_equals_the_complex_one(dtype, tol):
+    """The block contracts its real numerators with q's (re, im) pairs in one real matmul; the same
+    sums as the complex matmul of complex-typed numerators (tolerance: a few ulps of the sums,
+    which may be added in another order; on this CPU float32 gave the same bits)."""
+    torch.manual_seed(0)
+    P, J, N, l = 16, 4, 32, 257
+    rdt = torch.empty(0, dtype=dtype).real.dtype
+    ab = torch.randn(P, 2 * J, N, dtype=rdt)
+    w = torch.complex(-torch.rand(P, N, 1, dtype=rdt) - 0.01, 3 * torch.randn(P, N, 1, dtype=rdt))
+    c, d = (2 * w.real).to(dtype), w.abs().square().to(dtype)
+    z = torch.complex(torch.zeros(l, dtype=rdt), torch.tan(torch.linspace(0, 1.5, l, dtype=rdt)))
+    s = ab.to(dtype) @ cauchy_shared._pole_factor(c, d, z)
+    want = z * s[:, :J] - s[:, J:]
+    got = cauchy_shared._block(ab, c, d, z)
+    assert got.dtype == dtype and got.shape == (P, J, l)
+    assert float((got - want).abs().max() / want.abs().max()) < tol
+
+
 def test_disable_keops_env(monkeypatch):
     monkeypatch.setenv(keops_support.DISABLE_ENV_VAR, "1")
     monkeypatch.setitem(cauchy_shared.KEOPS_MIN_TERMS, "cpu", 0)          # auto would pick keops at any size
