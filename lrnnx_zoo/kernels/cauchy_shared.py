@@ -24,7 +24,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from ..base import apply_function, forward_ad_active, func_transforms_active, jvp_variant
+from ..base import apply_function, forward_ad_active, func_transforms_active, jvp_variant, without_autocast
 from ..shapes import broadcast_shape
 from .cauchy import _complex_dtype, cauchy_conj_keops, cauchy_conj_torch
 from .keops_support import auto_may_use_keops
@@ -52,8 +52,11 @@ def _real_matmul(a: Tensor, q: Tensor) -> Tensor:
     """a @ q for a real a (..., M, N) and a complex q (..., N, l): one real matmul with q's
     (re, im) pairs as 2l columns, half the multiplications of a complex matmul by a complex-typed
     a, and the same sums (S4's kernel generation at H=128, N/2=32, L=1024: matmuls 1.5x faster;
-    float32 kernels and gradients bit-identical on this CPU) -> (..., M, l) complex."""
-    s = a @ torch.view_as_real(q).flatten(-2)
+    float32 kernels and gradients bit-identical on this CPU) -> (..., M, l) complex. Outside any
+    torch.autocast region: autocast runs real matmuls in bfloat16 (S4's float32 output 1e-2 off),
+    where the layers promise a float32 kernel; complex ones it left alone."""
+    with without_autocast(q.device.type):
+        s = a @ torch.view_as_real(q).flatten(-2)
     return torch.view_as_complex(s.unflatten(-1, (q.shape[-1], 2)))
 
 

@@ -36,7 +36,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..base import apply_function, forward_ad_active, jvp_variant
+from ..base import apply_function, forward_ad_active, jvp_variant, without_autocast
 from ..shapes import broadcast_shape
 from .keops_support import auto_may_use_keops, quiet_keops, require_keops
 
@@ -215,6 +215,14 @@ class _Vandermonde(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor, *_: Optional[Tensor]):  # type: ignore[override]
+        # Outside autocast, where a backward called inside the region would run its real matmuls in
+        # bfloat16 (S4D's float32 log_dt gradient was 1e-2 off); the forward runs outside it too
+        # (modal.channel_kernel).
+        with without_autocast(g.device.type):
+            return _Vandermonde._grads(ctx, g)
+
+    @staticmethod
+    def _grads(ctx, g: Tensor) -> Tuple[Optional[Tensor], ...]:
         v, log_lam, Pr, Pi, Qr, Qi = ctx.saved_tensors
         L, conj, T, rdt = ctx.meta
         needs = ctx.needs_input_grad[:2]
