@@ -150,7 +150,7 @@ def _block_grads(ab: Tensor, c: Tensor, d: Tensor, z: Tensor, g: Tensor, need_ab
         # order, so float32 training lost its bits, and was not faster: 11.27 vs 10.84 ms fwd+bwd.)
         grad_ab = (ds @ qc.transpose(1, 2)).real                            # (P, 2J, N)
     if need_cd:
-        # dq = ab^H ds per node before anything is summed over the nodes: its two halves
+        # dq = ab^T ds per node before anything is summed over the nodes: its two halves
         # (z a and b) nearly cancel near the poles, and summing over l first made the float32
         # log_dt gradient 4x less accurate (2.2e-4 vs 5.5e-5 of float64 at H=128, L=4096).
         dq = _real_matmul(ab.transpose(1, 2), ds)                           # (P, N, l)
