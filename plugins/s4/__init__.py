@@ -1,14 +1,16 @@
 """S4: the structured state-space layer with a normal-plus-low-rank HiPPO kernel
 (Gu, Goel, Ré 2022, "Efficiently Modeling Long Sequences with Structured State Spaces", ICLR).
 
-Registers the layer "s4" (:class:`S4Layer`), the kernel backend ("ssm_kernel", "s4")
+Registers the layer "s4" (:class:`S4Layer`), its initializers (the HiPPO measures legs, legt,
+fourier, lagt, tlagt, glagt: :mod:`.measures`), the kernel backend ("ssm_kernel", "s4")
 (:class:`S4Kernel`) and the Cauchy backends ("cauchy", "torch" | "keops" | "auto") used by
 Algorithm 1. Seed-compatible names: ``S4``, ``SSKernelNPLR``, ``HippoSSKernel``,
 ``LinearActivation``, ``TransposedLinear``, ``Activation``, ``get_initializer``.
 
-Modules: ``kernel`` (parameters, C~, rate, state passing, step modes), ``generating``
-(Algorithm 1), ``dense`` (real-coordinate dense system, zoh, exact state advance), ``step``
-(step forms), ``layer``, ``nn``; the shared-pole Cauchy sums live in lrnnx_zoo.kernels.cauchy_shared.
+Modules: ``kernel`` (parameters, C~, rate, state passing, step modes), ``measures`` (the
+initializers), ``generating`` (Algorithm 1), ``dense`` (real-coordinate dense system, zoh, exact
+state advance), ``step`` (step forms), ``layer``, ``nn``; the shared-pole Cauchy sums live in
+lrnnx_zoo.kernels.cauchy_shared.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from lrnnx_zoo.kernels.cauchy_shared import cauchy_conj_auto, cauchy_conj_shared
 
 from .kernel import HippoSSKernel, S4Kernel, SSKernelNPLR, optimizer_param_groups
 from .layer import S4, S4Layer
+from .measures import NPLR_MEASURES, nplr_initializer
 from .nn import Activation, DropoutNd, LinearActivation, TransposedLinear, get_initializer
 from .step import ChannelDPLRStepForm, DiagonalAccuracyError
 
@@ -31,6 +34,12 @@ __all__ = ["S4", "S4Layer", "SSKernelNPLR", "HippoSSKernel", "S4Kernel", "optimi
 @hookimpl
 def lrnnx_zoo_register_layers(registry) -> None:
     registry.add_layer("s4", S4Layer)
+
+
+@hookimpl
+def lrnnx_zoo_register_initializers(registry) -> None:
+    for measure in NPLR_MEASURES:
+        registry.add_initializer("s4", measure, nplr_initializer(measure))
 
 
 @hookimpl

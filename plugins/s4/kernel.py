@@ -46,6 +46,7 @@ from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, in_graph_operator, passe
 
 from . import dense
 from .generating import bilinear_kernel
+from .measures import measure_factors
 from .modes import StepModes
 
 __all__ = ["SSKernelNPLR", "HippoSSKernel", "S4Kernel", "optimizer_param_groups"]
@@ -669,12 +670,14 @@ class SSKernelNPLR(StepModes, SSMKernel):
 
 
 class HippoSSKernel(SSKernelNPLR):
-    """SSKernelNPLR initialised from a HiPPO measure (w, P, B from ``hippo.nplr``; C ~ CN(0, 1);
+    """SSKernelNPLR initialised from a HiPPO measure (w, P, B from its registered initializer,
+    ``hippo.nplr`` for the built-in ones; C ~ CN(0, 1);
     dt log-uniform in [dt_min, dt_max]).
 
     Args:
         H: channels.  N: state size (even).  L: internal length (None: first forward).
-        measure: legs, legt (rank >= 2), fourier, lagt, tlagt, glagt (alpha = 0).
+        measure: an initializer registered for "s4" (:mod:`.measures`): legs, legt (rank >= 2),
+            fourier, lagt, tlagt, glagt (alpha = 0), or one a plugin adds.
         rank: low-rank size.  channels: outputs per channel.  n_ssm: distinct (w, P, B) copies (default H).
         trainable, lr, wd, discretization, backend: as for :class:`SSKernelNPLR`.
         mode: "nplr" (the only one; diagonal kernels are the S4D family).
@@ -701,7 +704,7 @@ class HippoSSKernel(SSKernelNPLR):
         n_ssm = H if n_ssm is None else n_ssm
         if n_ssm < 1 or H % n_ssm:
             raise ValueError(f"n_ssm must divide H={H}, got {n_ssm}")
-        w, P, B, _ = hippo.nplr(measure, N, rank=rank, dtype=torch.float64, **(measure_args or {}))
+        w, P, B = measure_factors(measure, N, rank, measure_args)
         log_dt = torch.rand(H, dtype=torch.float64) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         C = torch.randn(channels, H, N // 2, dtype=torch.complex64)     # each part N(0, 1/2)
         super().__init__(L, w.expand(n_ssm, -1), P.unsqueeze(1).expand(-1, n_ssm, -1), B.expand(n_ssm, -1), C,
