@@ -78,6 +78,14 @@ def test_unknown_measure_lists_the_registered_ones(layer, kwargs):
         lrnnx_zoo.create_layer(layer, 4, d_state=4, measure="legx", **kwargs)
 
 
+@pytest.mark.parametrize("measure", ["random", "diagonal"])
+def test_hippo_measures_without_nplr_structure_say_why_and_where_to_go(measure):
+    with pytest.raises(ValueError, match=rf"HiPPO measure '{measure}' has no normal-plus-low-rank structure, so S4 "
+                                         r"cannot start from it; S4's measures: fourier, glagt, lagt, legs, legt, "
+                                         r"tlagt. For a diagonal system use the S4D family"):
+        lrnnx_zoo.create_layer("s4", 4, d_state=4, measure=measure)
+
+
 def test_a_plugins_measure_builds_the_layer_and_fftconvs_s4_kernel(tmp_path, monkeypatch):
     H, N, L = 3, 8, 64
     with installed(_measures_dist(tmp_path / "site"), monkeypatch):

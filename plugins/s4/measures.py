@@ -21,12 +21,13 @@ import torch
 from torch import Tensor
 
 from lrnnx_zoo import hippo
-from lrnnx_zoo.registry import get_initializer
+from lrnnx_zoo.registry import get_initializer, list_initializers
 
 __all__ = ["NPLR_MEASURES", "nplr_initializer", "measure_factors"]
 
 #: The HiPPO measures with NPLR structure (``random`` and ``diagonal`` have none: S4D covers them).
 NPLR_MEASURES = ("legs", "legt", "fourier", "lagt", "tlagt", "glagt")
+_WITHOUT_NPLR = ("random", "diagonal")
 
 Initializer = Callable[..., Tuple[Tensor, Tensor, Tensor]]
 
@@ -47,6 +48,11 @@ def measure_factors(measure: str, N: int, rank: int, measure_args: Optional[Dict
     RegistryError listing the registered measures if there is none, and a ValueError that says
     what was expected if it returns something else (a plugin's measure failed deep inside the
     kernel's generation otherwise)."""
+    if measure in _WITHOUT_NPLR and f"s4.{measure}" not in list_initializers("s4"):
+        known = ", ".join(name.split(".", 1)[1] for name in list_initializers("s4"))
+        raise ValueError(f"HiPPO measure {measure!r} has no normal-plus-low-rank structure, so S4 cannot start from "
+                         f"it; S4's measures: {known}. For a diagonal system use the S4D family "
+                         f"(create_layer('s4d', ..., init='random'), or kernel_type='s4d' in fftconv)")
     out = get_initializer("s4", measure)(N, rank=rank, **(measure_args or {}))
     M = N // 2
     want = ((M,), (rank, M), (M,))
