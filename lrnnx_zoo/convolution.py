@@ -692,9 +692,10 @@ def _blocked_forward(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor], chann
     for h0, w, buf in blocks:
         blocks.gather(buf, xv, h0, w)
         U = torch.fft.rfft(buf, n=n)                                     # (B, w, F)
-        Y = U.unsqueeze(1) * Kf.narrow(1, h0, w)                         # (B, C, w, F)
         if keep_u:
             torch.conj_physical(U, out=Uc.narrow(1, h0, w))
+        # One kernel: the product in place, in U's buffer (no new block-sized tensor)
+        Y = U.mul_(Kf[0].narrow(0, h0, w)).unsqueeze(1) if C == 1 else U.unsqueeze(1) * Kf.narrow(1, h0, w)
         out = torch.fft.irfft(Y, n=n).narrow(-1, 0, L)                   # (B, C, w, L)
         if skip is not None:            # (not addcmul_: a fused multiply-add rounds otherwise)
             out = out.add_(skip.narrow(1, h0, w).unsqueeze(-1) * buf.narrow(-1, 0, L).unsqueeze(1))
