@@ -267,12 +267,23 @@ def dual_level_open() -> bool:
 _JVP_VARIANTS: Dict[type, type] = {}
 
 
-def jvp_variant(cls: type) -> type:
+def jvp_variant(cls: Optional[type] = None, *, keep: Optional[Callable[[tuple, Any], tuple]] = None) -> Any:
     """Class decorator: ``cls`` is its base Function with a jvp, which :func:`apply_function` runs under
     forward-mode AD. A separate class because dynamo cannot trace a Function that defines a jvp
-    (torch.compile broke every training graph 12-25 times at them)."""
-    _JVP_VARIANTS[cls.__bases__[0]] = cls
-    return cls
+    (torch.compile broke every training graph 12-25 times at them).
+
+    ``keep(inputs, output)``: the tensors the jvp reads, for a base Function with a separate
+    ``setup_context``; the variant's runs the base's, then ``ctx.save_for_forward`` on them."""
+    def register(variant: type) -> type:
+        base = variant.__bases__[0]
+        if keep is not None:
+            def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+                base.setup_context(ctx, inputs, output)
+                ctx.save_for_forward(*keep(inputs, output))
+            variant.setup_context = staticmethod(setup_context)
+        _JVP_VARIANTS[base] = variant
+        return variant
+    return register if cls is None else register(cls)
 
 
 def apply_function(function: type, *args: Any) -> Any:

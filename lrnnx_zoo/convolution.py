@@ -289,13 +289,18 @@ def channel_block_size(rows: int, n: int, budget: int = 1 << 18) -> int:
 _SCATTER_GROUP = 8
 
 
+def _copies_in_cache_sized_pieces(t: Tensor) -> bool:
+    """Whether strided copies to or from t go in cache-sized pieces: in eager code on the CPU (an
+    accelerator wants few launches, and a compiler lays out its own copy loops; compiling, a loop
+    over a dynamic length pinned it, a graph per length)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _chunked_copy(dst: Tensor, src: Tensor, dim: int, chunk: int) -> None:
     """dst.copy_(src) in slices of ``chunk`` along ``dim`` on the CPU, where a strided copy's
-    working set must stay in cache (see :data:`_SCATTER_GROUP`); one copy
-    elsewhere (an accelerator wants few launches) and in a compiled graph (the compiler lays out
-    its own copy loops)."""
-    # (compiling: a loop over a dynamic length pinned it, a graph per length)
-    if torch.compiler.is_compiling() or dst.device.type != "cpu" or chunk >= dst.shape[dim]:
+    working set must stay in cache (see :data:`_SCATTER_GROUP`); one copy elsewhere
+    (:func:`_copies_in_cache_sized_pieces`)."""
+    if not _copies_in_cache_sized_pieces(dst) or chunk >= dst.shape[dim]:
         dst.copy_(src)
         return
     size = dst.shape[dim]
@@ -340,8 +345,8 @@ class _ChannelBlocks:
         slower (60 -> 44 us a block at B=8, L=1024, 134 -> 70 at B=4, L=4096, 2 threads; 1052 ->
         570 at B=1, L=65536, H=64; tiling the stage in time was slower at every size)."""
         dst, part = buf.narrow(-1, 0, self.L), src.narrow(-2, h0, w)
-        if not self.channels_last or torch.compiler.is_compiling() or dst.device.type != "cpu":
-            dst.copy_(part)     # contiguous rows, an accelerator's one launch, or the compiler's loops
+        if not self.channels_last or not _copies_in_cache_sized_pieces(dst):
+            dst.copy_(part)     # contiguous rows, or one copy (_copies_in_cache_sized_pieces)
             return
         lead = tuple(dst.shape[:-2])
         stage = self._stages.get(lead)

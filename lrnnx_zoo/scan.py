@@ -263,14 +263,9 @@ class _DiagonalScan(torch.autograd.Function):
         return grad_lam, (gx if need_x else None), grad_s0, None, None
 
 
-@jvp_variant
+@jvp_variant(keep=lambda inputs, out: (inputs[0], inputs[2], out))
 class _DiagonalScanJvp(_DiagonalScan):
     """:class:`_DiagonalScan` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
-        _DiagonalScan.setup_context(ctx, inputs, out)
-        ctx.save_for_forward(inputs[0], inputs[2], out)
 
     @staticmethod
     def jvp(ctx, lam_t: Optional[Tensor], x_t: Optional[Tensor], s0_t: Optional[Tensor],  # type: ignore[override]

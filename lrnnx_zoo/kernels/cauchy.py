@@ -139,14 +139,9 @@ class _Cauchy(torch.autograd.Function):
         return gv, gz, gw, None
 
 
-@jvp_variant
+@jvp_variant(keep=lambda inputs, out: inputs[:3])
 class _CauchyJvp(_Cauchy):
     """:class:`_Cauchy` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
-        _Cauchy.setup_context(ctx, inputs, out)
-        ctx.save_for_forward(*inputs[:3])
 
     @staticmethod
     def jvp(ctx, v_t: Optional[Tensor], z_t: Optional[Tensor], w_t: Optional[Tensor], _: None  # type: ignore[override]
@@ -238,14 +233,9 @@ class _CauchyConj(torch.autograd.Function):
         return ga, gb, gw, gz, None
 
 
-@jvp_variant
+@jvp_variant(keep=lambda inputs, out: inputs[:4])
 class _CauchyConjJvp(_CauchyConj):
     """:class:`_CauchyConj` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
-        _CauchyConj.setup_context(ctx, inputs, out)
-        ctx.save_for_forward(*inputs[:4])
 
     @staticmethod
     def jvp(ctx, a_t: Optional[Tensor], b_t: Optional[Tensor], w_t: Optional[Tensor],  # type: ignore[override]

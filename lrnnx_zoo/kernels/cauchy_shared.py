@@ -100,14 +100,9 @@ class _SharedBlock(torch.autograd.Function):
                 None)
 
 
-@jvp_variant
+@jvp_variant(keep=lambda inputs, out: inputs)
 class _SharedBlockJvp(_SharedBlock):
     """:class:`_SharedBlock` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
-        _SharedBlock.setup_context(ctx, inputs, out)
-        ctx.save_for_forward(*inputs)
 
     @staticmethod
     def jvp(ctx, ab_t: Optional[Tensor], c_t: Optional[Tensor], d_t: Optional[Tensor],  # type: ignore[override]

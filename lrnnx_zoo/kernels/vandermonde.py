@@ -264,7 +264,7 @@ class _Vandermonde(torch.autograd.Function):
         return grad_v, grad_log, None, None, None, None
 
 
-@jvp_variant
+@jvp_variant(keep=lambda inputs, outputs: (inputs[0], inputs[1], *outputs[1:]))
 class _VandermondeJvp(_Vandermonde):
     """:class:`_Vandermonde` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
 
@@ -274,11 +274,6 @@ class _VandermondeJvp(_Vandermonde):
         # Outputs that are views of the Function's own intermediates failed an internal assert of
         # forward-mode AD on their view metadata: copies (K is (H, L), small next to the factors).
         return tuple(t.clone() if t._is_view() else t for t in _Vandermonde.forward(v, log_lam, L, conj, T, rdt))
-
-    @staticmethod
-    def setup_context(ctx, inputs, outputs: Tuple[Tensor, ...]) -> None:  # type: ignore[override]
-        _Vandermonde.setup_context(ctx, inputs, outputs)
-        ctx.save_for_forward(inputs[0], inputs[1], *outputs[1:])
 
     @staticmethod
     def jvp(ctx, v_t: Optional[Tensor], log_lam_t: Optional[Tensor], *_: None  # type: ignore[override]
