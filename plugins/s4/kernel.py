@@ -369,15 +369,38 @@ class SSKernelNPLR(StepModes, SSMKernel):
                 return locked()
 
         def locked() -> Tensor:
-            C = self.continuous(double=True)[3]       # C~ and its length from one moment
+            C, length = self._output_source()         # C~ and its length from one moment
+            if length == 0:
+                return C
             A_bar, b_bar = self.dense_system()
             memo, power_t = self._shared_work(), None
             if memo is not None:         # a prefill: one chain of squares for A_bar^L and the state's Krylov block
                 power_t, rows, AT_t = dense.squaring_chain(A_bar.transpose(-1, -2).contiguous(), b_bar,
-                                                           self.length, memo["T"])
+                                                           length, memo["T"])
                 memo["block"] = (rows, AT_t)
-            return dense.output_from_row(_solve_tilde(dense.output_row(C), A_bar, self.length, power_t))
+            return dense.output_from_row(_solve_tilde(dense.output_row(C), A_bar, length, power_t))
         return self.cached_kernel(("output_matrix",), compute)
+
+    def _output_source(self) -> Tuple[Tensor, int]:
+        """(C~ (C, H, M) complex128, its length) that :meth:`output_matrix` recovers the plain C from: the
+        stored C~ and the internal length; or, while C~ has only been re-expressed for longer lengths
+        since it was set (:meth:`_length_origin_before_change`) and no graph is being built, the C~ it
+        was first re-expressed from (the plain C, length 0, for a kernel that started without a length).
+
+        Each re-expression rounds C~ to the parameters' dtype again, and recovering C from C~ is
+        ill-conditioned where poles sit near the unit circle: for the Fourier measure (H=4, N=16) the C
+        recovered after a 64 -> 1024 extension moved 3.1e-5 and the step form 4.9e-5 relative, so a live
+        stream took the rewrite for changed weights and stopped. From the origin, C and the step forms
+        built from it keep their bits across length changes, and the stream carries on."""
+        C = self.continuous(double=True)[3]
+        origin = self.__dict__.get("_length_origin")
+        # only where every re-expression since ran in the current dtype: after .double() the stored C~
+        # is the float64 system, which a float32 origin stands for to float32 rounding only (a float64
+        # step was 7e-9 off)
+        if (origin is None or needs_autograd(self) or origin[5] != self.C.dtype
+                or not self._untouched_since(origin)):
+            return C, self.length
+        return torch.view_as_complex(origin[0].to(C.device, torch.float64).contiguous()), origin[1]
 
     def _shared_work(self) -> Optional[Dict[Any, Any]]:
         """The results this thread's :meth:`sharing_dense_work` shares, or None: outside it, and under
@@ -435,7 +458,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         A_bar, _ = self.dense_system()
         self._transform_C(_identity_minus_power(A_bar, L))
         self._set_length(L)
-        self._length_origin = (*first, self.C.detach().clone(), self.length)
+        self._note_length_change(first)
 
     @torch.no_grad()
     def double_length(self) -> None:
@@ -455,7 +478,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         self._transform_C(2 * torch.eye(A_bar.shape[-1], dtype=A_bar.dtype, device=A_bar.device)
                           - _identity_minus_power(A_bar, self.length))     # I + A^L
         self._set_length(2 * self.length)
-        self._length_origin = (*first, self.C.detach().clone(), self.length)
+        self._note_length_change(first)
 
     @torch.no_grad()
     def _cover(self, L: int) -> None:
@@ -478,7 +501,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         factor, length = self._doubling_factor(self.dense_system()[0], L)
         self._transform_C(factor)
         self._set_length(length)
-        self._length_origin = (*first, self.C.detach().clone(), self.length)
+        self._note_length_change(first)
 
     def _doubling_factor(self, A_bar: Tensor, L: int) -> Tuple[Tensor, int]:
         """(F, L') with L' = length * 2^k the first doubling of the internal length >= L (> length) and
@@ -495,21 +518,43 @@ class SSKernelNPLR(StepModes, SSMKernel):
             power = power @ power
 
     # -- weights digest ----------------------------------------------------------------------------
-    def _length_origin_before_change(self) -> Tuple[Tensor, int]:
+    def _length_origin_before_change(self) -> Tuple[Tensor, int, Optional[torch.dtype]]:
         """(C, L) to remember before a length change: a change of length keeps the system (C~
         re-expressed for the new length), so :meth:`digest_substitutes` hands the weights digest this
-        pair while C and L are still what the change left. Successive changes keep the first pair."""
+        pair while C and L are still what the change left. Successive changes keep the first pair.
+        Third: the dtype the re-expressions from it ran in so far (None: several; a cast such as
+        .double() between two changes keeps the pair for the digest, not for :meth:`_output_source`)."""
         origin = self.__dict__.get("_length_origin")
         if origin is not None and self._untouched_since(origin):
-            return origin[0], origin[1]
-        return self.C.detach().clone(), self.length
+            return origin[0], origin[1], (origin[5] if origin[5] == self.C.dtype else None)
+        return self.C.detach().clone(), self.length, self.C.dtype
 
-    def _untouched_since(self, origin: Tuple[Tensor, int, Tensor, int]) -> bool:
-        C_after, L_after = origin[2], origin[3]
-        if self.C.is_meta or C_after.is_meta:      # no values to compare
+    def _note_length_change(self, first: Tuple[Tensor, int, Optional[torch.dtype]]) -> None:
+        """Remember ``first`` (:meth:`_length_origin_before_change`) with what the change left: C~, the
+        length, the parameters that give C~ its meaning through A_bar (w, P, dt, the discretisation),
+        and the dtype every re-expression from ``first`` ran in (None: several)."""
+        C_first, L_first, dtype = first
+        self._length_origin = (C_first, L_first, self.C.detach().clone(), self.length, self._system_marks(),
+                               dtype if dtype == self.C.dtype else None)
+
+    def _system_marks(self) -> Tuple[Any, ...]:
+        """The discretisation and copies of w, P and log_dt: what A_bar, and so C~ = (I - A_bar^L)^T C, depends on."""
+        return (self.discretization,) + tuple(t.detach().clone() for t in (self.w, self.P, self.log_dt))
+
+    def _untouched_since(self, origin: Tuple[Any, ...]) -> bool:
+        """Whether C~, the length and A_bar's parameters are as the last length change left them: then
+        ``origin``'s first (C, L) is still this system, and A_bar unchanged (an optimiser step on log_dt
+        alone changes the C that a stored C~ stands for)."""
+        C_after, L_after, marks = origin[2], origin[3], origin[4]
+        now = (self.C,) + tuple(t for t in (self.w, self.P, self.log_dt))
+        if any(t.is_meta for t in now) or C_after.is_meta:      # no values to compare
             return False
-        return (self.length == L_after and self.C.shape == C_after.shape and
-                torch.equal(self.C.detach().to(C_after.device, torch.float64), C_after.to(torch.float64)))
+
+        def same(t: Tensor, mark: Tensor) -> bool:     # float64 views: a .double() since keeps the values
+            return t.shape == mark.shape and torch.equal(t.detach().to(mark.device, torch.float64),
+                                                         mark.to(torch.float64))
+        return (self.length == L_after and self.discretization == marks[0] and same(self.C, C_after)
+                and all(same(t, mark) for t, mark in zip(now[1:], marks[1:])))
 
     def digest_substitutes(self) -> Dict[str, Tensor]:
         """{"C", "L"} as they were before this kernel extended its length (running on a longer sequence
