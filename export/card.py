@@ -201,8 +201,10 @@ def build_card(config: Dict[str, Any]) -> str:
               f"The model is {pooling}-pooled: each step's output is the model's output on the sequence so far"
               + (" (the running mean and the step count live in the state: `pool.mean`, `pool.count`, and "
                  "`pool.carry` and `pool.count_carry` hold what rounding cut off their last updates)." if pooling == "mean" else ".")), ""]
-    if config.get("task") or config.get("metrics"):
-        out += [f"Task: {config.get('task')}. Checkpoint metrics: `{json.dumps(config.get('metrics'))}`.", ""]
+    task, metrics = config.get("task"), config.get("metrics")
+    if task or metrics:       # a fine-tuned model keeps its task but not the checkpoint's metrics
+        out += [" ".join(([f"Task: {task}."] if task else [])
+                         + ([f"Checkpoint metrics: `{json.dumps(metrics)}`."] if metrics else [])), ""]
     resampled = resampled_sentence(config.get("resampled"))
     if resampled:
         out += [resampled, ""]

@@ -24,7 +24,7 @@ def as_path(value: Any, what: str) -> Path:
     return Path(value).expanduser()
 
 
-def check_output(path: Path, what: str, folder: bool = False) -> None:
+def check_output(path: Path, what: str, folder: bool = False, example: str = "model.onnx") -> None:
     """Refuse a ``path`` that cannot become the file (or, ``folder=True``, the folder) asked for.
 
     Raises IsADirectoryError / NotADirectoryError naming ``what`` (the argument), the path and what
@@ -32,22 +32,24 @@ def check_output(path: Path, what: str, folder: bool = False) -> None:
     if folder and path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{what} {path} is a file; expected a folder (it is created if missing)")
     if not folder and path.is_dir():
-        raise IsADirectoryError(f"{what} {path} is a folder; expected a file path, e.g. {path / 'model.onnx'}")
+        raise IsADirectoryError(f"{what} {path} is a folder; expected a file path, e.g. {path / example}")
     ancestor = nearest_existing(path if folder else path.parent)
     if not ancestor.is_dir():
         raise NotADirectoryError(f"cannot write {what} {path}: {ancestor} is a file, expected a folder")
 
 
 @contextlib.contextmanager
-def output_location(path: Union[str, Path], what: str, folder: bool = False) -> Iterator[Path]:
+def output_location(path: Union[str, Path], what: str, folder: bool = False, example: str = "model.onnx"
+                    ) -> Iterator[Path]:
     """Check ``path`` (a file, or a folder with ``folder=True``), create its missing folders, yield
     it as a Path, and on an exception remove the folders created here (those still empty).
 
-    ``what`` names the argument in messages (e.g. "path", "out_dir").
+    ``what`` names the argument in messages (e.g. "path", "out_dir"); ``example``, a file name of the
+    format written, completes a folder given for a file ("model.ts" for TorchScript).
     Raises IsADirectoryError / NotADirectoryError naming the path and what was expected.
     """
     path = as_path(path, what)
-    check_output(path, what, folder)
+    check_output(path, what, folder, example)
     ancestor = nearest_existing(path if folder else path.parent)
     created: List[Path] = []
     missing = path if folder else path.parent

@@ -73,8 +73,9 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 def _fits_float32(x: np.ndarray) -> bool:
     """Whether every value of x is finite once cast to float32, without copying x (a NaN fails
-    both comparisons; a float64 beyond float32's range would become inf)."""
-    return not x.size or bool(-_FLOAT32_MAX <= x.min() and x.max() <= _FLOAT32_MAX)
+    both comparisons; a float64 beyond float32's range would become inf). The extremes compare as
+    Python floats: in float16 the bound itself rounds to inf, and an infinite float16 input passed."""
+    return not x.size or bool(-_FLOAT32_MAX <= float(x.min()) and float(x.max()) <= _FLOAT32_MAX)
 
 
 def _non_finite(x: np.ndarray) -> str:
@@ -141,7 +142,7 @@ class OnnxStreamer:
                  providers: Optional[Sequence[str]] = None) -> None:
         import onnxruntime as ort
 
-        self.path = str(path)
+        self.path = os.path.expanduser(os.fspath(path))     # "~/m.onnx", as to_onnx writes it
         self._lock = threading.RLock()
         self._fresh = True          # nothing has set or advanced the state since reset
         if not os.path.isfile(self.path):

@@ -219,9 +219,20 @@ def state_from_cache(model: SequenceModel, cache: Dict[str, Any]) -> Tensor:
             got = sorted(layer_cache) if isinstance(layer_cache, dict) else type(layer_cache).__name__
             raise ExportError(f"blocks.{i}.layer ({name}) keeps its stream in a cache without 'lrnn_state' and "
                               f"'step_form' (got {got}), so its state cannot be placed in a step graph's state")
+        cached = layer_cache["step_form"]
         with step_form_dtype(torch.float32):
-            form = _layer_step_form(block.layer, i, model.config.d_model)
-        if not same_form(form.to(layer_cache["lrnn_state"].device), layer_cache["step_form"]):
+            form = _layer_step_form(block.layer, i, model.config.d_model)     # the graph's
+        dtype = layer_cache["lrnn_state"].dtype
+        if dtype != torch.float32:
+            # A float64 stream's form holds its poles once, the graph's float32 one as hi + lo (other
+            # buffers): compared with the form of the stream's precision, and with the graph's by its
+            # kind and state size, which fix the state's layout.
+            fits = type(form) is type(cached) and form.state_size == getattr(cached, "state_size", None)
+            with step_form_dtype(dtype):
+                form = _layer_step_form(block.layer, i, model.config.d_model)
+        else:
+            fits = True
+        if not fits or not same_form(form.to(layer_cache["lrnn_state"].device), cached):
             raise ExportError(f"blocks.{i}.layer ({name}): the cache's step form is not the one a step graph of the "
                               f"model's current weights holds (weights changed since, or another step form was "
                               f"chosen); prefill again")

@@ -108,7 +108,7 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
     Args: as :func:`~lrnnx_zoo.export.to_onnx` (no opset / quantize / fixed batch).
     """
     chunk = None if chunk is None else check_chunk(chunk)
-    with output_location(path, "path") as path, no_autocast():
+    with output_location(path, "path", example="model.ts") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
         step = build_step_module(model)
         metadata = graph_metadata(step, model, info, {"format": "torchscript", "batch": "dynamic",
@@ -136,7 +136,7 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
     """
     batch = check_batch(batch)
     chunk = None if chunk is None else check_chunk(chunk)
-    with output_location(path, "path") as path, no_autocast():
+    with output_location(path, "path", example="model.pt2") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
         step = build_step_module(model)
         metadata = graph_metadata(step, model, info, {"format": "torch-export", "batch": str(batch or "dynamic"),

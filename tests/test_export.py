@@ -934,3 +934,43 @@ def test_read_metadata_loads_nothing_but_its_entry(tmp_path, monkeypatch):
         z.writestr("archive/data.pkl", b"not metadata")
     with pytest.raises(ValueError, match="holds no extra/lrnnx_zoo.json.*written by lrnnx_zoo.export"):
         read_metadata(tmp_path / "other.zip")
+
+
+@pytest.mark.parametrize("layer", ["s4d", "s4", "fftconv", "lru"])
+def test_a_float64_prefill_hands_its_state_to_the_graph(layer, tmp_path):
+    # A float64 stream's step form keeps each pole once; the graph's float32 one keeps hi + lo, and
+    # state_from_cache took the different buffers for changed weights: "prefill again", every time.
+    from lrnnx_zoo.export import state_from_cache
+    model = small_model(layer).double()
+    streamer = OnnxStreamer(to_onnx(model, tmp_path / "m.onnx").path)
+    x = torch.randn(2, 40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(x)
+        _, cache = model.prefill(x[:, :25])
+    streamer.reset(2)
+    streamer.state = state_from_cache(model, cache)
+    rest = streamer.run(x[:, 25:].float())
+    assert np.abs(rest - full[:, 25:].numpy()).max() < TOL       # the float32 graph's own tolerance
+    model.blocks[0].layer.load_state_dict(small_model(layer, seed=1).double().blocks[0].layer.state_dict())
+    with pytest.raises(ExportError, match=r"blocks.0.layer .* not the one a step graph of the model's current "
+                                          r"weights holds"):
+        state_from_cache(model, cache)                               # other weights are still refused
+
+
+def test_a_folder_given_for_a_file_names_the_formats_file(tmp_path):
+    model = small_model("s4d")
+    for export, name in ((to_onnx, "model.onnx"), (to_torchscript, "model.ts"), (to_torch_export, "model.pt2")):
+        with pytest.raises(IsADirectoryError, match=re.escape(f"expected a file path, e.g. {tmp_path / name}")):
+            export(model, tmp_path)
+
+
+def test_a_fine_tuned_models_card_leaves_the_checkpoint_metrics_out(tmp_path):
+    # The fine-tuned model's metrics are dropped (they described other weights); the card read
+    # "Checkpoint metrics: `null`".
+    model = lrnnx_zoo.from_pretrained("forecast-sunspots-s4d")
+    with torch.no_grad():
+        model.decoder.bias.add_(0.5)
+    result = export_folder(model, tmp_path / "ft", latency_steps=0, validation_length=64)
+    card = (tmp_path / "ft" / "README.md").read_text()
+    assert result.config["metrics"] is None and "null" not in card
+    assert f"Task: {result.config['task']}." in card and "Checkpoint metrics" not in card

@@ -97,6 +97,31 @@ def test_a_non_finite_sample_is_refused_before_it_reaches_the_state(graph):
     assert np.isfinite(s.state).all()
 
 
+def test_an_infinite_float16_sample_or_state_is_refused_too(graph):
+    # In float16 the float32 bound itself rounds to inf, so run() and the state setter took inf <= inf
+    # as in range: the stream's state went non-finite and every later output NaN.
+    s = OnnxStreamer(graph[1])
+    s.run(np.zeros((1, 3, 3), np.float32))
+    before = s.state
+    x = np.zeros((1, 4, 3), np.float16)
+    x[0, 1, 0] = np.inf
+    with pytest.raises(ValueError, match=r"x holds 1 NaN or infinite value\(s\) as float32"):
+        s.run(x)
+    state = np.zeros((1, s.state_size), np.float16)
+    state[0, 0] = -np.inf
+    with pytest.raises(ValueError, match=r"state holds 1 NaN or infinite value\(s\) as float32.*; not set"):
+        s.state = state
+    assert s.steps == 3 and np.array_equal(s.state, before)
+    assert np.isfinite(s.run(np.ones((1, 2, 3), np.float16))).all()      # finite float16 streams as before
+
+
+def test_the_streamer_expands_a_home_path_as_to_onnx_does(graph, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    to_onnx(graph[0], "~/m.onnx")
+    assert (tmp_path / "m.onnx").is_file()
+    assert OnnxStreamer("~/m.onnx").run(np.zeros((1, 2, 3), np.float32)).shape == (1, 2, 4)
+
+
 def test_setting_the_state_while_another_thread_resets_names_the_batch(graph):
     """The setter checked the shape against the batch before taking the lock. A reset(batch) from
     another thread in between made the copy fail with numpy's "could not broadcast input array
