@@ -42,10 +42,27 @@ _HOOKS = ("lrnnx_zoo_register_layers", "lrnnx_zoo_register_initializers",
 PLUGIN_FAILURES = BaseException
 
 
-def _hook_mistake(plugin: Any) -> Optional[str]:
-    """A plugin's hook that pluggy would ignore without a word: a hookimpl-decorated function whose
-    name is not a hook (a typo), or a hook-named function without the decorator."""
+def _hook_mistake(plugin: Any, others: Dict[str, str]) -> Optional[str]:
+    """A plugin's hook that pluggy would ignore without a word, or call other than as written: a
+    hookimpl-decorated function whose name is not a hook (a typo), a hook-named function without
+    the decorator, a class given for an instance, a hook wrapper, or another plugin's hook imported
+    into this one (``others``: module name -> plugin name; ``from lrnnx_zoo.plugins.s4d import *``
+    brought s4d's hooks along, which registered all of s4d's names a second time)."""
     project = hookspecs.PROJECT
+    if isinstance(plugin, type):
+        return (f"is the class {plugin.__name__}, but hooks are called on a module or an instance: point the "
+                f"entry point at a module, or at an instance (plugin = {plugin.__name__}() in its module)")
+    for attr in _HOOKS:
+        fn = getattr(plugin, attr, None)
+        opts = getattr(fn, project + "_impl", None)
+        if isinstance(opts, dict) and (opts.get("wrapper") or opts.get("hookwrapper")):
+            return (f"{attr} is a hook wrapper (wrapper=True / hookwrapper=True); registration hooks are called "
+                    f"once each, with the registry: drop the option and register directly")
+        home = getattr(fn, "__module__", None)
+        if opts is not None and home in others and home != getattr(plugin, "__name__", None):
+            return (f"{attr} is plugin {others[home]!r}'s hook ({home}.{attr}), imported into this one (a star "
+                    f"import?): it would register {others[home]!r}'s names a second time. Import what you "
+                    f"use by name and define this plugin's own hooks")
     for attr in dir(plugin):
         fn = getattr(plugin, attr, None)
         if not callable(fn) or not attr.startswith(project + "_"):
@@ -136,25 +153,29 @@ class Registry:
         from torch import nn
         if not isinstance(cls, type) or not issubclass(cls, nn.Module):
             raise PluginError(f"add_layer({name!r}, ...) needs an nn.Module subclass, got {cls!r}")
-        self._add(self._layers, name, cls, "layers", name)
+        self._add(self._layers, name, cls, "layers", name, (name,))
 
     def add_initializer(self, layer: str, name: str, fn: Callable[..., Any]) -> None:
         """Register initializer ``name`` for ``layer`` (its signature is the layer's to define)."""
-        self._add(self._initializers, (layer, name), fn, "initializers", f"{layer}.{name}")
+        self._add(self._initializers, (layer, name), fn, "initializers", f"{layer}.{name}", (layer, name))
 
     def add_backend(self, kind: str, name: str, fn: Callable[..., Any]) -> None:
         """Register kernel backend ``name`` of ``kind`` ("vandermonde", "cauchy", "modal" or
         "ssm_kernel": the signatures are in :func:`lrnnx_zoo.hookspecs.lrnnx_zoo_register_kernel_backends`)."""
-        self._add(self._backends, (kind, name), fn, "backends", f"{kind}.{name}")
+        self._add(self._backends, (kind, name), fn, "backends", f"{kind}.{name}", (kind, name))
 
-    def _add(self, table: Dict, key: Any, value: Any, what: str, label: str) -> None:
+    def _add(self, table: Dict, key: Any, value: Any, what: str, label: str, parts: Tuple[Any, ...]) -> None:
         if not callable(value):
             raise PluginError(f"{label}: expected a callable, got {value!r}")
-        for part in (key,) if isinstance(key, str) else key:
+        for part in parts:            # each given name, whatever its type (an int one failed iterating it)
             if not isinstance(part, str) or not part or ":" in part:
                 raise PluginError(f"{what} names must be non-empty strings without ':' (reserved for "
                                   f"'<plugin>:<name>' lookups), got {part!r} in {label!r}")
         plugin = self._current.name if self._current else "<direct>"
+        if any(e.plugin == plugin for e in table.get(key, [])):
+            # else a clash with itself: no '<plugin>:<name>' could pick one of the two
+            raise PluginError(f"{what[:-1]} {label!r} is registered twice by plugin {plugin!r}; register each "
+                              f"name once")
         table.setdefault(key, []).append(_Entry(value, plugin))
         if self._current is not None:
             getattr(self._current, what).append(label)
@@ -191,7 +212,7 @@ class Registry:
             raise RegistryError(f"{what} {bare!r} is registered by {', '.join(owners)}, not by a plugin named "
                                 f"{plugin!r}; ask for '{owners[0]}:{bare}' (or {bare!r} while one plugin has it)")
         if not entries:
-            failed = [p.name for p in self.plugins.values() if p.error]
+            failed = [p.name for p in self.plugins.values() if p.error and not p.error.startswith("duplicate")]
             hint = f" Plugins that failed to load: {', '.join(failed)} (see `lrnnx-zoo plugins`)." if failed else ""
             if not _autoload():
                 hint += f" Third-party plugins are not loaded: {DISABLE_AUTOLOAD_ENV} is set."
@@ -234,7 +255,8 @@ class Registry:
         except PLUGIN_FAILURES as exc:  # pluggy validates hook names and signatures here
             info.error = f"{type(exc).__name__}: {exc}{_way_out(info)}"
             return
-        mistake = _hook_mistake(plugin)
+        others = {getattr(p, "__name__", None): n for n, p in pm.list_name_plugin() if n != info.name}
+        mistake = _hook_mistake(plugin, others)
         if mistake:
             info.error = mistake + _way_out(info)
             if plugin is not None and pm.is_registered(plugin):    # unregister(None) fails an assertion
@@ -286,6 +308,8 @@ class Registry:
                     clashes.setdefault(o, []).append(f"{what} {label!r} is also registered by {others}")
         for name, items in clashes.items():
             info = self.plugins.get(name)
+            if info is not None and info.builtin:
+                continue        # it loaded as it always does: the plugin that reuses its names is at fault
             if info is not None and (info.error is None or info.error.startswith("duplicate")):
                 info.error = "duplicate names: " + "; ".join(items) + \
                              ". Uninstall one of the plugins or use '<plugin>:<name>'."

@@ -32,6 +32,10 @@ from lrnnx_zoo.registry import get_backend, get_initializer
 from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate
 from lrnnx_zoo.step_forms import ChannelDiagonalStepForm, DiagonalStepForm
 
+# The layer, its kernel and initializers; not the hooks, which a star import would re-register
+# under the importing plugin's name.
+__all__ = ["LRU", "LRUKernel", "ring_init", "gamma_log_init", "resampled_modes"]
+
 
 def ring_init(d_state: int, r_min: float = 0.0, r_max: float = 1.0, max_phase: float = 2 * math.pi,
               generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:

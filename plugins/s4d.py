@@ -29,6 +29,10 @@ from lrnnx_zoo.registry import get_backend, get_initializer
 from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, kernel_final_step_state
 from lrnnx_zoo.step_forms import ChannelDiagonalStepForm
 
+# The layer, its kernel and initializers; not the hooks, which a star import would re-register
+# under the importing plugin's name.
+__all__ = ["S4D", "S4DKernel", "init_lin", "init_inv", "init_legs", "init_real", "init_random"]
+
 
 # -- initializers: fn(H, N_half) -> (A (H, N_half) complex128, B (H, N_half) complex128) ----------
 def _n(H: int, M: int) -> Tensor:

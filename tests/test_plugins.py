@@ -205,7 +205,8 @@ def test_hook_mistakes_names_and_stale_clashes(tmp_path):
         lambda registry: registry.add_layer("my:layer", torch.nn.Identity))
     with pytest.raises(PluginError, match="without ':'"):
         lrnnx_zoo.register_plugin(colon)
-    # a clash with a built-in name marks both; unregistering the intruder clears it
+    # a clash with a built-in name marks the intruder, not the built-in (which loaded as always);
+    # unregistering the intruder clears it
     intruder = types.ModuleType("intruder")
     intruder.lrnnx_zoo_register_kernel_backends = lrnnx_zoo.hookimpl(
         lambda registry: registry.add_backend("vandermonde", "torch", lambda *a: None))
@@ -213,7 +214,7 @@ def test_hook_mistakes_names_and_stale_clashes(tmp_path):
                                          r"also registered by s4d.*'<plugin>:<name>'"):
         lrnnx_zoo.register_plugin(intruder)
     try:
-        assert not _plugin("s4d").ok
+        assert _plugin("s4d").ok and not _plugin("intruder").ok
     finally:
         lrnnx_zoo.unregister_plugin("intruder")
     assert _plugin("s4d").ok
@@ -601,3 +602,102 @@ def test_a_hand_edited_extra_plugins_entry_is_not_refused(tmp_path, names):
     saved["model"]["layer_kwargs"]["init"] = "lin"                   # buildable: it loads
     (folder / "config.json").write_text(json.dumps(saved))
     assert lrnnx_zoo.from_pretrained(folder) is not None
+
+
+# -- mistakes a plugin author makes (session 20's audit) ------------------------------------------
+
+def _undecorated_module(name, **hooks):
+    module = types.ModuleType(name)
+    for attr, fn in hooks.items():      # as given: decorated, or not, by the test
+        setattr(module, attr, fn)
+    return module
+
+
+def test_a_star_import_of_a_builtin_family_is_refused_and_s4d_keeps_working():
+    # "from lrnnx_zoo.plugins.s4d import *" brought s4d's hooks along: they registered every s4d name
+    # a second time under the new plugin, and create_layer("s4d", 8) became ambiguous for everyone.
+    from lrnnx_zoo.plugins import s4d
+    star = _undecorated_module("tp_star")
+    exec("from lrnnx_zoo.plugins.s4d import *", star.__dict__)
+    assert not hasattr(star, "lrnnx_zoo_register_layers")          # __all__ keeps the hooks home
+    star.lrnnx_zoo_register_layers = s4d.lrnnx_zoo_register_layers  # imported by name: refused, with the why
+    with pytest.raises(lrnnx_zoo.PluginError, match=r"plugin 's4d''s hook \(lrnnx_zoo.plugins.s4d."
+                                                    r"lrnnx_zoo_register_layers\), imported into this one"):
+        lrnnx_zoo.register_plugin(star, "star")
+    assert lrnnx_zoo.create_layer("s4d", 8, d_state=4)(torch.randn(1, 5, 8)).shape == (1, 5, 8)
+
+
+def test_a_name_registered_twice_by_one_plugin_is_refused_when_it_loads():
+    # It clashed with itself: the warning named no other plugin ("also registered by ;") and even the
+    # qualified name 'twice:twice' was ambiguous.
+    from lrnnx_zoo.plugins.s4d import S4D
+
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_layers(registry):
+        registry.add_layer("twice", S4D)
+        registry.add_layer("twice", S4D)
+    with pytest.raises(lrnnx_zoo.PluginError, match="layer 'twice' is registered twice by plugin 'twice'"):
+        lrnnx_zoo.register_plugin(_undecorated_module("tp_twice", lrnnx_zoo_register_layers=lrnnx_zoo_register_layers), "twice")
+    assert "twice" not in lrnnx_zoo.list_layers()
+
+
+@pytest.mark.parametrize("bad", [123, None, ("a", "b")])
+def test_a_name_that_is_no_string_gets_the_names_message(bad):
+    from lrnnx_zoo.plugins.s4d import S4D
+
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_layers(registry):
+        registry.add_layer(bad, S4D)
+    with pytest.raises(lrnnx_zoo.PluginError, match=r"names must be non-empty strings without ':'.*got "
+                                                    + re.escape(repr(bad))):
+        lrnnx_zoo.register_plugin(_undecorated_module("tp_intname", lrnnx_zoo_register_layers=lrnnx_zoo_register_layers),
+                                  "intname")
+
+
+def test_a_plugin_class_and_a_hook_wrapper_are_refused_with_the_fix():
+    from lrnnx_zoo.plugins.s4d import S4D
+
+    class Plugin:
+        @lrnnx_zoo.hookimpl
+        def lrnnx_zoo_register_layers(self, registry):
+            registry.add_layer("klass", S4D)
+    # the class itself: its hook was called with the registry as self ("missing 1 required positional
+    # argument: 'registry'")
+    with pytest.raises(lrnnx_zoo.PluginError, match=r"is the class Plugin, .* at an instance \(plugin = Plugin\(\)"):
+        lrnnx_zoo.register_plugin(Plugin, "klass")
+    info = lrnnx_zoo.register_plugin(Plugin(), "klass")               # an instance works
+    try:
+        assert info.ok and lrnnx_zoo.create_layer("klass", 4, d_state=2)(torch.randn(1, 3, 4)).shape == (1, 3, 4)
+    finally:
+        lrnnx_zoo.unregister_plugin("klass")
+
+    @lrnnx_zoo.hookimpl(wrapper=True)
+    def lrnnx_zoo_register_layers(registry):     # a generator: calling it registered nothing, silently
+        registry.add_layer("wrapped", S4D)
+        return (yield)
+    with pytest.raises(lrnnx_zoo.PluginError, match=r"lrnnx_zoo_register_layers is a hook wrapper"):
+        lrnnx_zoo.register_plugin(_undecorated_module("tp_wrapped", lrnnx_zoo_register_layers=lrnnx_zoo_register_layers),
+                                  "wrapped")
+
+
+def test_a_third_party_reusing_a_builtin_name_is_the_one_reported(tmp_path, monkeypatch):
+    # A plugin registering "s4d" marked the built-in s4d FAILED too (and `plugins --strict` blamed it),
+    # and every unknown-name error listed s4d among the "plugins that failed to load".
+    root = make_distribution(tmp_path / "site", "tp-dupe", {"tp_dupe": GOOD_PLUGIN.replace("{layer_name}", "s4d")},
+                             {"dupe": "tp_dupe"})
+    activate(root, monkeypatch)
+    lrnnx_zoo.reload_plugins()
+    try:
+        assert _plugin("s4d").ok and _plugin("s4d").builtin
+        dupe = _plugin("dupe")
+        assert not dupe.ok and "layer 's4d' is also registered by s4d" in dupe.error
+        with pytest.raises(RegistryError, match="registered by several plugins: s4d, dupe") as err:
+            lrnnx_zoo.create_layer("s4d", 8)
+        assert "'s4d:s4d'" in str(err.value)
+        assert lrnnx_zoo.create_layer("s4d:s4d", 8, d_state=4)(torch.randn(1, 3, 8)).shape == (1, 3, 8)
+        with pytest.raises(RegistryError) as err:
+            lrnnx_zoo.create_layer("lstm", 8)
+        assert "failed to load" not in str(err.value)
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
