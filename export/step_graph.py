@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo.models import SequenceModel, running_count_step, running_mean_step
-from lrnnx_zoo.step_forms import same_form, step_form_dtype
+from lrnnx_zoo.step_forms import StepFormError, check_step_form, same_form, step_form_dtype
 
 #: Poolings a step graph can reproduce causally (None = sequence to sequence).
 CAUSAL_POOLINGS = (None, "mean", "last")
@@ -142,17 +142,10 @@ def _layer_step_form(layer: nn.Module, index: int, d_model: int) -> nn.Module:
             f"to export a step graph. Implement it (see lrnnx_zoo.step_forms).") from exc
     except ValueError as exc:           # a layer saying why it cannot stream as configured
         raise ExportError(f"blocks.{index}.layer ({name}) cannot run step by step: {exc}") from exc
-    size = getattr(form, "state_size", None)
-    if not isinstance(form, nn.Module) or not isinstance(size, int) or size < 0:
-        raise ExportError(
-            f"blocks.{index}.layer ({name}).step_form() must return an nn.Module with an int "
-            f"state_size >= 0; got {type(form).__name__} with state_size={size!r}")
-    for attr in ("d_input", "d_output"):
-        width = getattr(form, attr, d_model)
-        if width != d_model:
-            raise ExportError(
-                f"blocks.{index}.layer ({name}).step_form() has {attr}={width}, but the block "
-                f"width is d_model={d_model}; the step form must map (B, {d_model}) -> (B, {d_model}).")
+    try:
+        check_step_form(form, f"blocks.{index}.layer ({name}).step_form()", d_model)
+    except StepFormError as exc:
+        raise ExportError(str(exc)) from exc.__cause__
     return form
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .discretization import METHODS, get_discretization
-from .step_forms import same_form, step_form_dtype
+from .step_forms import check_step_form, same_form, step_form_dtype
 
 Discretization = Optional[Literal["zoh", "bilinear", "dirac", "async", "no_discretization"]]
 
@@ -571,8 +571,18 @@ class LTI_LRNN(LRNN):
                             f"got {dtype!r}")
         ref = reference_tensor(self)
         dtype = dtype or ref.real.dtype          # a complex coefficient's real counterpart
+        name = type(self).__name__
         with lasting_tensors(), step_form_dtype(dtype), without_autocast(ref.device.type):
-            form = self.step_form().to(device=ref.device, dtype=dtype)
+            try:
+                form = self.step_form()
+            except NotImplementedError as exc:   # the abstract method's: a bare NotImplementedError
+                if str(exc):
+                    raise
+                raise NotImplementedError(
+                    f"{name}.step_form() is not implemented: step mode (allocate_inference_cache, step, prefill) "
+                    f"and export run a layer's step form; implement it (README, 'Writing a plugin')") from exc
+            check_step_form(form, f"{name}.step_form()", getattr(self, "d_model", None))
+            form = form.to(device=ref.device, dtype=dtype)
             state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
         return {"step_form": form, "lrnn_state": state, "weights": weights_and_versions(self), "dtype": dtype}
 

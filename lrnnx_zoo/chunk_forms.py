@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from .convolution import lower_toeplitz
 from .shapes import positive_int
-from .step_forms import DiagonalStepForm, SequentialStepForm, StepForm, register_split, rotate, run_parts, stored
+from .step_forms import (DiagonalStepForm, SequentialStepForm, StepForm, is_step_form, register_split, rotate, run_parts,
+                         stored)
 
 #: ``channel_layout`` values: how a per-channel form packs its state (batch, S) with S = H * n:
 #: "last" as (batch, n, H) (channel last), "first" as (batch, H, n).
@@ -276,7 +277,7 @@ class SequentialChunkForm(StepForm):
     def __init__(self, form: SequentialStepForm, T: int) -> None:
         super().__init__()
         self.T = check_chunk(T)
-        self.parts = nn.ModuleList(chunk_form(p, T) if isinstance(p, StepForm) else PointwiseChunk(p)
+        self.parts = nn.ModuleList(chunk_form(p, T) if is_step_form(p) else PointwiseChunk(p)
                                    for p in form.parts)
         self.offsets: List[Tuple[int, int]] = list(form.offsets)
         self.state_size, self.d_input, self.d_output = form.state_size, form.d_input, form.d_output

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 
 class StepForm(nn.Module):
@@ -76,6 +77,83 @@ def split_poles(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _SPLIT_POLES.reset(token)
+
+
+def is_step_form(part: object) -> bool:
+    """Whether ``part`` is a step form by the contract (an nn.Module with an int ``state_size``),
+    subclass of :class:`StepForm` or not: a plugin's own form need not subclass it, and inside a
+    :class:`SequentialStepForm` one that did not was run as a stateless map."""
+    return isinstance(part, StepForm) or (isinstance(part, nn.Module) and type(getattr(part, "state_size", None)) is int)
+
+
+class _ComplexSpy(TorchFunctionMode):
+    """Notes the first torch function that returns a complex tensor (a step form's trial run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: Optional[str] = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        if self.first is None:
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            if any(isinstance(t, Tensor) and t.is_complex() for t in outs):
+                self.first = getattr(func, "__name__", repr(func))
+        return out
+
+
+class StepFormError(TypeError):
+    """A layer's step_form() returned something that breaks the step form contract."""
+
+
+def check_step_form(form: object, who: str, width: Optional[int] = None) -> None:
+    """Raise StepFormError("{who} must return ...: got ...") unless ``form`` is a step form (the module
+    docstring's contract). ``width``: the layer's d_model, which d_input and d_output (when declared)
+    and the trial step's y must match.
+
+    Beyond the declared sizes, one trial step from zeros at batch 2 runs without autograd: forward must
+    return (y (2, d_output), s_next (2, state_size)) and form no complex tensor. A form returning y alone
+    unpacked at batch 2 into two rows, a state_size its forward disagreed with failed at the second
+    step or deep inside an exporter, and a complex op only in torch.onnx ("No ONNX function found").
+    Costs one step, when a cache or a graph is made.
+    """
+    def refuse(expected: str, cause: Optional[BaseException] = None) -> None:
+        raise StepFormError(f"{who} must return {expected}") from cause
+
+    size = getattr(form, "state_size", None)
+    if not isinstance(form, nn.Module) or type(size) is not int or size < 0:
+        refuse(f"an nn.Module with an int state_size >= 0; got {type(form).__name__} with state_size={size!r}")
+    sizes = {attr: getattr(form, attr, width) for attr in ("d_input", "d_output")}
+    for attr, w in sizes.items():
+        if width is not None and w != width:
+            refuse(f"a form mapping (B, {width}) -> (B, {width}), as the layer does; it has {attr}={w!r}")
+    tensors = [t for t in form.state_dict().values() if isinstance(t, Tensor)]
+    real_only = ("real tensors and plain ops only (ONNX has no complex dtype: carry a complex z as "
+                 "[Re z, Im z], as the forms in lrnnx_zoo.step_forms do)")
+    if any(t.is_complex() for t in tensors):
+        refuse(f"{real_only}; it holds a complex buffer or parameter")
+    d_in = sizes["d_input"]
+    if type(d_in) is not int:          # neither a width nor a d_input: nothing to try it on
+        return
+    ref = next((t for t in tensors if t.is_floating_point()), None)
+    like = {"dtype": build_dtype() if ref is None else ref.dtype, "device": None if ref is None else ref.device}
+    spy = _ComplexSpy()
+    try:
+        with torch.no_grad(), spy:
+            out = form(torch.zeros(2, d_in, **like), torch.zeros(2, size, **like))
+    except Exception as exc:
+        refuse(f"a form whose forward(u, s) runs on zeros u (2, {d_in}) and s (2, state_size={size}); it raised "
+               f"{type(exc).__name__}: {exc}", exc)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)):
+        got = f"{type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list)) else type(out).__name__
+        refuse(f"a form whose forward(u, s) returns (y, s_next), two tensors; it returned a {got}")
+    y, s_next = out
+    d_out = sizes["d_output"] if type(sizes["d_output"]) is int else y.shape[-1]
+    if tuple(y.shape) != (2, d_out) or tuple(s_next.shape) != (2, size):
+        refuse(f"a form whose forward(u (2, {d_in}), s (2, {size})) returns y (2, {d_out}) and s_next (2, {size}) "
+               f"(state_size={size}); it returned y {tuple(y.shape)} and s_next {tuple(s_next.shape)}")
+    if spy.first is not None or y.is_complex() or s_next.is_complex():
+        refuse(f"{real_only}; its forward formed a complex tensor ({spy.first or 'its outputs'})")
 
 
 def same_form(a: nn.Module, b: nn.Module, rtol: float = 1e-6) -> bool:
@@ -455,11 +533,27 @@ class ChannelDPLRStepForm(StepForm):
         return y.reshape(-1, self.d_output), z_next.reshape(-1, self.state_size)
 
 
-def _width(part: nn.Module, *names: str) -> int:
+def _width(part: nn.Module, *names: str, default: Optional[int] = None) -> int:
     for name in names:
         if hasattr(part, name):
             return int(getattr(part, name))
+    if default is not None:
+        return default
     raise ValueError(f"cannot tell the width of {type(part).__name__}: give it a {names[0]!r} attribute")
+
+
+def _chain_widths(parts: Tuple[nn.Module, ...]) -> Tuple[int, int]:
+    """(d_input, d_output) of ``parts`` applied in order. A step form that declares no widths keeps its
+    input's (the contract: u and y (B, H)), so a plugin's bare form may sit anywhere in the chain."""
+    inner = [i for i, p in enumerate(parts) if any(hasattr(p, n) for n in ("d_input", "in_features", "d_output",
+                                                                           "out_features"))]
+    first = _width(parts[0], "d_input", "in_features", default=(
+        _width(parts[inner[0]], "d_input", "in_features", "d_output", "out_features")
+        if inner and all(is_step_form(p) for p in parts[:inner[0]]) else None))
+    last = _width(parts[-1], "d_output", "out_features", default=(
+        _width(parts[inner[-1]], "d_output", "out_features", "d_input", "in_features")
+        if inner and all(is_step_form(p) for p in parts[inner[-1] + 1:]) else None))
+    return first, last
 
 
 class SequentialStepForm(StepForm):
@@ -476,12 +570,11 @@ class SequentialStepForm(StepForm):
         self.offsets = []
         off = 0
         for p in parts:
-            size = int(getattr(p, "state_size", 0)) if isinstance(p, StepForm) else 0
+            size = int(getattr(p, "state_size", 0)) if is_step_form(p) else 0
             self.offsets.append((off, size))
             off += size
         self.state_size = off
-        self.d_input = _width(parts[0], "d_input", "in_features")
-        self.d_output = _width(parts[-1], "d_output", "out_features")
+        self.d_input, self.d_output = _chain_widths(parts)
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
         return run_parts(self.parts, self.offsets, u, s)
@@ -493,7 +586,7 @@ def run_parts(parts: Iterable[nn.Module], offsets: Iterable[Tuple[int, int]], u:
     packed state s, any other module as a stateless map; returns (output, next packed state)."""
     states = []
     for p, (off, size) in zip(parts, offsets):
-        if isinstance(p, StepForm):
+        if is_step_form(p):
             u, s_p = p(u, s[:, off:off + size])
             states.append(s_p)
         else:
