@@ -81,6 +81,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             print(f"    backends:     {', '.join(p.backends)}")
         if p.error:
             print("    error:        " + p.error.strip().splitlines()[0])
+        for note in p.notes:
+            print("    note:         " + note)
     return status
 
 

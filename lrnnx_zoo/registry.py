@@ -33,6 +33,8 @@ _BUILTIN_FALLBACK = {"lru": "lrnnx_zoo.plugins.lru", "s4d": "lrnnx_zoo.plugins.s
                      "s4": "lrnnx_zoo.plugins.s4", "fftconv": "lrnnx_zoo.plugins.fftconv"}
 _HOOKS = ("lrnnx_zoo_register_layers", "lrnnx_zoo_register_initializers",
           "lrnnx_zoo_register_kernel_backends")
+#: The backend kinds the built-in layers look up (registry.get_backend); a plugin may add its own.
+BUILTIN_BACKEND_KINDS = ("vandermonde", "cauchy", "modal", "ssm_kernel")
 
 
 #: What a plugin may raise without taking the process down: anything, SystemExit (a plugin calling
@@ -125,6 +127,9 @@ class PluginInfo:
     initializers: List[str] = field(default_factory=list)
     backends: List[str] = field(default_factory=list)
     error: Optional[str] = None
+    #: What it registered that nothing will look up (an initializer of a layer no plugin has, a backend
+    #: of a kind no layer asks for): loaded, but likely a typo (``lrnnx-zoo plugins`` shows these).
+    notes: List[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -289,6 +294,32 @@ class Registry:
         info = self.plugins[plugin]
         info.layers, info.initializers, info.backends = [], [], []
 
+    def note_unreachable(self) -> None:
+        """Note on each plugin what it registered that nothing looks up: an initializer for a layer
+        no loaded plugin registers, a backend of a kind that is neither a built-in one nor registered
+        by another plugin too. Loaded all the same (its layer may come from a plugin not installed
+        here, its kind may be one its own layers ask for); `lrnnx-zoo plugins` shows the note, since
+        add_initializer("S4D", ...) or add_backend("vandermond", ...) was otherwise silently useless."""
+        kinds_by: Dict[str, set] = {}
+        for (kind, _), entries in self._backends.items():
+            kinds_by.setdefault(kind, set()).update(e.plugin for e in entries)
+        for info in self.plugins.values():
+            info.notes = []
+        for (layer, name), entries in sorted(self._initializers.items()):
+            if layer not in self._layers:
+                for e in entries:
+                    if e.plugin in self.plugins:
+                        self.plugins[e.plugin].notes.append(
+                            f"initializer '{layer}.{name}' is for layer {layer!r}, which no loaded plugin registers "
+                            f"(layers: {', '.join(sorted(self._layers))}): a typo?")
+        for kind, owners in sorted(kinds_by.items()):
+            if kind not in BUILTIN_BACKEND_KINDS and len(owners) == 1:
+                owner = next(iter(owners))
+                if owner in self.plugins:
+                    self.plugins[owner].notes.append(
+                        f"backends of kind {kind!r} are looked up by no built-in layer (kinds: "
+                        f"{', '.join(BUILTIN_BACKEND_KINDS)}): a typo, unless the plugin's own layers ask for it")
+
     def mark_duplicates(self) -> None:
         """Note on every plugin involved in a name clash which names clash and with whom; clashes
         that are gone (a plugin was unregistered) are cleared."""
@@ -367,6 +398,7 @@ def _discover(registry: Registry, pm: pluggy.PluginManager) -> None:
         from . import __version__
         info = PluginInfo(name, module, BUILTIN_DISTRIBUTION, __version__, True)
         registry.load_plugin(plugin, info, pm)
+    registry.note_unreachable()
 
 
 _lock = threading.RLock()
@@ -424,6 +456,9 @@ def register_plugin(plugin: Any, name: Optional[str] = None) -> PluginInfo:
         if _pm.is_registered(plugin):
             _pm.unregister(plugin)
         raise PluginError(f"plugin {name!r} failed: {info.error}")
+    reg.note_unreachable()
+    for note in info.notes:
+        warnings.warn(f"plugin {name!r}: {note}", stacklevel=2)
     if info.error:
         # kept, as for installed plugins, but the bare name is now ambiguous for every caller in
         # this process: the one who registered it hears it here, not at the next create_layer
@@ -444,6 +479,7 @@ def unregister_plugin(name: str) -> None:
     if plugin is not None:
         _pm.unregister(plugin)
     reg.mark_duplicates()       # a clash this plugin was part of is over
+    reg.note_unreachable()      # an initializer of a layer it registered now has no layer
 
 
 def layer_owners(layer: str) -> List[str]:

@@ -701,3 +701,31 @@ def test_a_third_party_reusing_a_builtin_name_is_the_one_reported(tmp_path, monk
     finally:
         monkeypatch.undo()
         lrnnx_zoo.reload_plugins()
+
+
+def test_an_initializer_or_backend_nothing_looks_up_is_noted(capsys):
+    # add_initializer("S4D", ...) and add_backend("vandermond", ...) loaded as ok and were never used.
+    from lrnnx_zoo.plugins.s4d import init_lin
+    from lrnnx_zoo.cli import main
+
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_initializers(registry):
+        registry.add_initializer("S4D", "typo", init_lin)
+
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_kernel_backends(registry):
+        registry.add_backend("vandermond", "fast", lambda *a: None)
+    plugin = _undecorated_module("tp_typos", lrnnx_zoo_register_initializers=lrnnx_zoo_register_initializers,
+                                 lrnnx_zoo_register_kernel_backends=lrnnx_zoo_register_kernel_backends)
+    with pytest.warns(UserWarning) as caught:
+        info = lrnnx_zoo.register_plugin(plugin, "typos")
+    try:
+        notes = [str(w.message) for w in caught]
+        assert any("initializer 'S4D.typo' is for layer 'S4D', which no loaded plugin registers" in n for n in notes)
+        assert any("backends of kind 'vandermond' are looked up by no built-in layer" in n for n in notes)
+        assert info.ok and len(info.notes) == 2                    # loaded: its layer may come from elsewhere
+        main(["plugins"])
+        assert "note:         initializer 'S4D.typo'" in capsys.readouterr().out
+    finally:
+        lrnnx_zoo.unregister_plugin("typos")
+    assert not any(p.notes for p in lrnnx_zoo.list_plugins())      # the built-ins have none
