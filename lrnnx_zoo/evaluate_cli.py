@@ -38,6 +38,16 @@ def compare_metrics(recorded: Dict[str, Any], measured: Dict[str, float], rtol: 
     return rows
 
 
+def card_claims(src: str, revision: Optional[str], local_files_only: bool, recorded: Dict[str, Any]
+                ) -> Dict[str, Any]:
+    """The metrics the model card's model-index claims where they differ from ``recorded`` (the
+    config's): a card edited, or copied from another run, claims what the weights may not do."""
+    from .hub import CARD_NAME, resolve_checkpoint
+    from .hub_card import card_metrics
+    folder, _ = resolve_checkpoint(src, revision=revision, local_files_only=local_files_only, need_weights=False)
+    return {k: v for k, v in card_metrics(folder / CARD_NAME).items() if recorded.get(k) != v}
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .hub import CheckpointError, from_pretrained
     from .hub_cli import check_revision_flag
@@ -48,6 +58,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         model = from_pretrained(args.src, revision=args.revision, local_files_only=args.local_files_only)
         info = model.checkpoint_info
         data = checkpoint_data(info)
+        card = card_claims(args.src, args.revision, args.local_files_only, info.get("metrics") or {})
     except (CheckpointError, TrainingSetupError, MissingDependencyError, ValueError,
             TypeError) as exc:   # TypeError: a recorded spec's value
         print(f"lrnnx-zoo evaluate: {exc}", file=sys.stderr)
@@ -62,6 +73,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         return 2
     seconds = time.perf_counter() - t
     rows = compare_metrics(info.get("metrics") or {}, measured)
+    # the card's own claims where they differ from the config's, as rows of their own
+    rows += [(f"{key} (card)", claim, value, ok) for key, claim, value, ok in compare_metrics(card, measured)
+             if claim is not None]
     mismatched = [key for key, _, _, ok in rows if not ok]
     if args.json:
         print(json.dumps({"source": info.get("source"), "n_test": len(data.x_test), "seconds": seconds,

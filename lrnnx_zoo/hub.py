@@ -18,6 +18,7 @@ any key the file lacks. Here loading is strict and every refusal says what to do
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import fnmatch
 import itertools
@@ -242,8 +243,8 @@ def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: O
     """The cache's snapshot folder of ``repo_id`` at ``revision``, with those of ``files`` the repo
     holds downloaded into it; huggingface_hub's errors become CheckpointErrors that say what to do."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
         with bounded_hub_requests() as seconds:
@@ -251,6 +252,10 @@ def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: O
                                           local_files_only=local_files_only, allow_patterns=files,
                                           library_name=LIBRARY, library_version=__version__,
                                           etag_timeout=seconds))
+    except GatedRepoError as exc:       # a RepositoryNotFoundError too, but the repo is there
+        raise CheckpointError(
+            f"Hub repo {repo_id!r} is gated: its owners grant access on its page at {constants.ENDPOINT}/{repo_id}; "
+            f"once granted, {_token_advice()}") from exc
     except RepositoryNotFoundError as exc:
         raise CheckpointError(
             f"no checkpoint {repo_id!r}: not a local folder, not a shipped model ({_known(repo_id, shipped)}), "
@@ -278,6 +283,10 @@ def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: O
                               "check the name, or your connection / HF_ENDPOINT") from exc
     except HfHubHTTPError as exc:   # huggingface_hub re-raises a 401 as it came
         raise CheckpointError(f"could not download {repo_id!r}: {_refusal(exc, repo_id)}") from exc
+    except HTTPError as exc:        # the transport's own: a connection dropped mid-request or mid-download
+        raise CheckpointError(f"could not download {repo_id!r}: the connection to the Hub at {constants.ENDPOINT} "
+                              f"failed ({type(exc).__name__}: {exc}); nothing was loaded. Try again, or check your "
+                              f"connection / HF_ENDPOINT") from exc
     except OSError as exc:          # the cache cannot be written: a file in its place, no permission
         cache = cache_dir or constants.HF_HUB_CACHE
         fix = "set HF_HUB_CACHE to a writable folder" if in_command_line() else ("pass cache_dir= a writable "
@@ -426,7 +435,9 @@ def read_config(folder: Path, need_weights: bool = True) -> Dict[str, Any]:
     if not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{path} has no 'model' section (the ModelConfig); re-save the checkpoint")
     plugin = config.get("plugin")
-    fields = [("family", "a str", str), ("plugin", "a dict (name, distribution, version)", dict)]
+    fields = [("family", "a str", str), ("plugin", "a dict (name, distribution, version)", dict),
+              ("metrics", "a dict of metric name -> value", dict), ("task", "a str", str),
+              ("command", "a str", str), ("notes", "a str", str)]   # read by evaluate and by a re-save
     fields += [(f"plugin.{k}", "a str or null", str) for k in ("name", "distribution", "version")
                if isinstance(plugin, dict)]      # the registry matches them as text
     for key, expected, allowed in fields:
@@ -797,6 +808,14 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
     for change in [plugin_change(config.get("plugin") or {}, layer)] + extra_plugin_changes(extras):
         if change:
             warnings.warn(f"{where} {change}", PluginVersionWarning, stacklevel=_outside_package())
+    absent = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in config["model"]]
+    if absent:      # save_pretrained writes them all; a missing one would be read as its default
+        defaults = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(ModelConfig)
+                             if f.name in absent and f.default is not dataclasses.MISSING)
+        raise CheckpointError(f"{folder / CONFIG_NAME}: the 'model' section lacks {', '.join(absent)}, which "
+                              f"save_pretrained always writes; read as the defaults ({defaults or 'none'}) they "
+                              f"could build another model than the weights were trained in (pooling, activation "
+                              f"and norm leave the weights' shapes alone). Put them back, or re-save the checkpoint")
     try:
         model_config = ModelConfig.from_dict({**config["model"], "layer": layer})
     except (TypeError, ValueError, LookupError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -80,7 +81,8 @@ def headline_metric(metrics: Optional[Dict[str, Any]]) -> Optional[str]:
     return f"{key}={numeric[key]:.4g}"
 
 
-def build_card(config: Dict[str, Any], name: str, n_parameters: Optional[int] = None) -> Any:
+def build_card(config: Dict[str, Any], name: str, n_parameters: Optional[int] = None, load_as: Optional[str] = None,
+               revision: Optional[str] = None) -> Any:
     """A ``huggingface_hub.ModelCard`` for the checkpoint described by ``config`` (config.json's dict).
 
     ``name`` is what users pass to ``from_pretrained``: a shipped model name or a Hub repo id.
@@ -98,7 +100,7 @@ def build_card(config: Dict[str, Any], name: str, n_parameters: Optional[int] = 
         library_name="lrnnx-zoo", tags=[family, *TAGS] + ([task] if task else []),
         datasets=[data] if data else None, metrics=list(metrics) or None,
         model_name=name if evals else None, eval_results=evals)
-    body = "\n".join(_body(config, name, n_parameters))
+    body = "\n".join(_body(config, name, n_parameters, load_as or name, revision))
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 
 
@@ -117,7 +119,10 @@ def resampled_sentence(record: Any) -> Optional[str]:
             f"with {record.get('rate'):g}x the samples per unit time (its step dt divided by the rate).{measured}")
 
 
-def _body(cfg: Dict[str, Any], name: str, n_parameters: Optional[int]) -> List[str]:
+def _body(cfg: Dict[str, Any], name: str, n_parameters: Optional[int], load_as: str, revision: Optional[str]
+          ) -> List[str]:
+    """The card's text. ``load_as``: what from_pretrained and `lrnnx-zoo export` are given to load it
+    (a Hub id, a shipped name, or a folder's path), at ``revision`` (a branch pushed to) if any."""
     model, plugin = cfg["model"], cfg.get("plugin") or {}
     size = f", {n_parameters:,} parameters" if n_parameters is not None else ""
     lines = [f"# {name}", "",
@@ -152,12 +157,19 @@ def _body(cfg: Dict[str, Any], name: str, n_parameters: Optional[int]) -> List[s
         lines += ["", "## Sampling rate", "", resampled]
     if cfg.get("notes"):
         lines += ["", "## Notes", "", str(cfg["notes"])]
+    # quoted for Python and the shell: a folder's path may hold spaces and quotes
+    rev_py = f", revision={json.dumps(revision)}" if revision else ""
+    rev_sh = f" --revision {shlex.quote(revision)}" if revision else ""
     lines += ["", "## How to load it", "", "```python", "import lrnnx_zoo", "",
-              f'model = lrnnx_zoo.from_pretrained("{name}")  # eval mode, weights checked strictly',
-              "```", "", "## Export", "",
-              "A recurrent step graph (x_t, state) -> (y_t, state') for ONNX Runtime:", "",
-              "```bash", f"lrnnx-zoo export {name} --format onnx --out DIR", "```", "",
-              "## Configuration", "", "```json", json.dumps(model, indent=2, sort_keys=True), "```", ""]
+              f"model = lrnnx_zoo.from_pretrained({json.dumps(load_as, ensure_ascii=False)}{rev_py})"
+              "  # eval mode, weights checked strictly", "```", "", "## Export", ""]
+    if (model.get("layer_kwargs") or {}).get("bidirectional"):
+        lines += ["None: the model is bidirectional (its output at a step depends on later inputs), so it cannot "
+                  "run step by step as a step graph does.", ""]
+    else:
+        lines += ["A recurrent step graph (x_t, state) -> (y_t, state') for ONNX Runtime:", "",
+                  "```bash", f"lrnnx-zoo export {shlex.quote(load_as)}{rev_sh} --format onnx --out DIR", "```", ""]
+    lines += ["## Configuration", "", "```json", json.dumps(model, indent=2, sort_keys=True), "```", ""]
     return lines
 
 

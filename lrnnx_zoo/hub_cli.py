@@ -76,8 +76,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"\nmetrics in the model card ({CARD_NAME}):")
     for key, value in (metrics or {}).items():
         print(f"  {key}: {value}")
-    if not metrics:
-        print("  none recorded")
+    if not metrics:   # the card indexes metrics (model-index) only with a task and a dataset to index them under
+        recorded = scalar_metrics(config.get("metrics"))
+        print("  none in its model-index" + (f" (config.json records {', '.join(f'{k} {v:.6g}' for k, v in recorded.items())}, "
+                                             "which the card shows in its text: the index needs a task and a dataset)"
+                                             if recorded else ""))
     return 0
 
 

@@ -21,7 +21,7 @@ from . import __version__
 from .folder_swap import replaced_folder
 from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
                   CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout, loadable_source,
-                  library_field, peek_config, weights_changed)
+                  library_field, peek_config, shipped_checkpoints, weights_changed)
 from .registry import extra_plugins, get_registry, layer_owners
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
@@ -58,14 +58,32 @@ def _holds_one_number(value: Any) -> bool:
 
 
 def write_safetensors(tensors: Dict[str, Any], path: Path, metadata: Dict[str, str]) -> None:
-    """safetensors.torch.save_file, then the permissions the user's umask grants (as for the other
-    files written beside it): safetensors writes through a private temp file, so mode 0600."""
+    """safetensors.torch.save_file, its header rewritten with sorted keys (:func:`_sort_header`), then
+    the permissions the user's umask grants (as for the other files written beside it): safetensors
+    writes through a private temp file, so mode 0600."""
     import safetensors.torch
 
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    _sort_header(path)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header, in place, with its keys sorted: safetensors writes the
+    metadata from a hash map, in an order that changes from process to process, so the same weights
+    saved twice gave different bytes (and sha256s: every re-push uploaded the weights again). Same
+    length, same entries, same data offsets; left as written if sorting would change the length."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        text = raw.rstrip(b" ")                     # the header is padded with spaces to 8-byte alignment
+        ordered = json.dumps(json.loads(text), separators=(",", ":"), sort_keys=True,
+                             ensure_ascii=False).encode("utf-8")
+        if len(ordered) == len(text) and ordered != text:
+            f.seek(8)
+            f.write(ordered)
 
 
 def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any = None,
@@ -100,7 +118,8 @@ def model_config_json(config: Any) -> Dict[str, Any]:
     return json_ready(config.to_dict(), "ModelConfig", finite=True)
 
 
-def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, Any], name: str) -> None:
+def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, Any], name: str,
+                      load_as: Optional[str] = None, revision: Optional[str] = None) -> None:
     """Write the three files into ``folder`` (a fresh temporary folder; replaced_folder flushes them)."""
     from .hub_card import build_card
 
@@ -109,7 +128,7 @@ def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, An
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     write_safetensors(tensors, folder / WEIGHTS_NAME,
                       {"format": "pt", "library": LIBRARY, "family": config["family"]})
-    card = build_card(config, name, sum(p.numel() for p in model.parameters()))
+    card = build_card(config, name, sum(p.numel() for p in model.parameters()), load_as, revision)
     card.save(folder / CARD_NAME)
 
 
@@ -170,16 +189,29 @@ def nearest_existing(path: Path) -> Path:
 
 
 def save_checkpoint(model: "SequenceModel", save_directory: PathLike, *, name: Optional[str] = None,
-                    **meta: Any) -> Path:
+                    revision: Optional[str] = None, **meta: Any) -> Path:
     """Atomically write ``model`` as a checkpoint folder (see :meth:`HubMixin.save_pretrained`).
+    ``name``: the Hub repo it goes to (the card's title, and what its card loads, at ``revision``);
+    None: a local checkpoint, titled by its folder's name and loaded by its path.
 
     A symlinked ``save_directory`` is saved into its target (the link stays); saving over an existing
     folder keeps its permission bits."""
     target = check_save_target(save_directory)
     config = checkpoint_config(model, **meta)
+    title = name or Path(save_directory).expanduser().name or target.name
     with replaced_folder(target, keep=lambda entry: entry not in CHECKPOINT_FILES) as tmp:
-        _write_checkpoint(model, tmp, config, name or Path(save_directory).expanduser().name or target.name)
+        _write_checkpoint(model, tmp, config, title, name or _load_path(save_directory, target), revision)
     return target
+
+
+def _load_path(save_directory: PathLike, target: Path) -> str:
+    """What a local checkpoint's card gives from_pretrained: the path as the caller gave it, marked as a
+    path ("./NAME") where it is a bare name (the card said from_pretrained("digits-lru") for a run saved
+    to runs/digits-lru, which elsewhere loads the shipped model); a shipped checkpoint, its name."""
+    if shipped_checkpoints().get(target.name) == target:
+        return target.name
+    text = os.fspath(save_directory)
+    return text if os.sep in text or (os.altsep and os.altsep in text) or text.startswith("~") else f"./{text}"
 
 
 class HubPublishError(RuntimeError):
@@ -296,7 +328,7 @@ def push_checkpoint(model: "SequenceModel", repo_id: str, *, token: Optional[str
     meta = model._provenance()
     repo_id = create_repo(repo_id, token=token, private=private, kept=kept)   # its full id, for the card
     with tempfile.TemporaryDirectory(prefix="lrnnx-zoo-push-") as tmp:
-        folder = save_checkpoint(model, Path(tmp) / "checkpoint", name=repo_id, **meta)
+        folder = save_checkpoint(model, Path(tmp) / "checkpoint", name=repo_id, revision=revision, **meta)
         return upload_checkpoint(folder, repo_id, token=token, private=private,
                                  commit_message=commit_message, revision=revision, kept=kept)
 

@@ -37,6 +37,20 @@ def test_a_metric_that_does_not_hold_is_a_mismatch_and_check_fails(tmp_path, cap
     capsys.readouterr()
 
 
+def test_a_card_that_claims_more_than_the_weights_do_fails_the_check(tmp_path, capsys):
+    # --check compared config.json's metrics only: a card edited to claim more passed
+    folder = tmp_path / "card claims"
+    shutil.copytree(shipped_checkpoints()["forecast-sunspots-s4d"], folder)
+    card = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(card.replace("value: 0.2015855946499877", "value: 0.1"))
+    assert cli_main(["evaluate", str(folder), "--check", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)["metrics"]
+    assert report["test_mse"]["match"] and not report["test_mse (card)"]["match"]
+    assert report["test_mse (card)"]["recorded"] == 0.1
+    assert cli_main(["evaluate", "forecast-sunspots-s4d", "--check"]) == 0   # a card agreeing with its config
+    assert "(card)" not in capsys.readouterr().out                              # adds no rows
+
+
 def test_a_checkpoint_without_a_recorded_split_is_refused_with_the_reason(tmp_path, capsys):
     import lrnnx_zoo
     model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=2, d_model=8,

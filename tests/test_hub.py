@@ -90,8 +90,9 @@ def test_config_json_and_model_card_layout(tmp_path):
     assert {"s4d", "state-space-model"} <= set(card.data.tags)
     assert {r.metric_type: r.metric_value for r in card.data.eval_results} == META["metrics"]
     for text in ("## Task", "## Data and split", "n_train = 1437", "## Metrics", "| test_accuracy | 0.9700 |",
-                 META["command"], 'lrnnx_zoo.from_pretrained("digits-s4d")',
-                 "lrnnx-zoo export digits-s4d --format onnx --out DIR", "tiny test model"):
+                 # a local save loads by its path (the bare name is the shipped model's)
+                 META["command"], f'lrnnx_zoo.from_pretrained("{tmp_path / "digits-s4d"}")',
+                 f"lrnnx-zoo export {tmp_path / 'digits-s4d'} --format onnx --out DIR", "tiny test model"):
         assert text in card.text, text
 
 
@@ -1103,3 +1104,150 @@ def test_cli_info_on_a_hub_repo_downloads_its_config_and_card_not_its_weights(lo
     assert any(r.path.endswith("/README.md") for r in local_hub.requests)      # the card was fetched
     assert from_pretrained("acme/info-s4d") is not None                        # loading still fetches them
     assert _weights_requests(local_hub, "acme/info-s4d") != []
+
+
+# -- session 20's audit ----------------------------------------------------------------------------
+
+def _dropping_server():
+    """A local Hub endpoint that reads each request and closes the connection without a word."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn = server.accept()[0]
+            except OSError:           # closed by the test
+                return
+            conn.recv(65536)
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def test_a_hub_that_drops_the_connection_is_a_checkpoint_error(monkeypatch, tmp_path, capsys):
+    # httpx's RemoteProtocolError ("Server disconnected without sending a response") escaped as a traceback
+    from hub_server import configure_client
+    server = _dropping_server()
+    try:
+        configure_client(monkeypatch, f"http://127.0.0.1:{server.getsockname()[1]}", tmp_path / "hf-home")
+        with pytest.raises(CheckpointError, match=r"could not download 'acme/x': the connection to the Hub at "
+                                                  r"http://127\.0\.0\.1:\d+ failed \(.*\); nothing was loaded"):
+            from_pretrained("acme/x")
+        assert cli_main(["evaluate", "acme/x"]) == 2
+        assert "lrnnx-zoo evaluate: could not download 'acme/x'" in capsys.readouterr().err
+    finally:
+        server.close()
+
+
+def test_a_gated_repo_is_not_called_missing(monkeypatch, tmp_path):
+    import http.server
+    import threading
+    from hub_server import configure_client
+
+    class Gated(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b'{"error": "Access to model acme/gated is restricted."}'
+            self.send_response(403)
+            self.send_header("X-Error-Code", "GatedRepo")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gated)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        configure_client(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}", tmp_path / "hf-home")
+        with pytest.raises(CheckpointError, match=r"Hub repo 'acme/gated' is gated: its owners grant access") as err:
+            from_pretrained("acme/gated")
+        assert "no such repo" not in str(err.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("key", ["pooling", "activation", "norm", "post", "dropout", "d_model"])
+def test_a_config_without_a_model_field_is_refused_by_name(tmp_path, key):
+    # read as its default, a missing pooling / activation built another model on the same weights
+    folder = tiny("s4d", pooling="last").save_pretrained(tmp_path / "ck")
+    config = json.loads((folder / "config.json").read_text())
+    del config["model"][key]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"the 'model' section lacks {key}, which save_pretrained always "
+                                              r"writes; read as the defaults"):
+        from_pretrained(folder)
+
+
+@pytest.mark.parametrize("key, value", [("metrics", "great"), ("metrics", [0.98]), ("command", 5), ("task", 3),
+                                        ("notes", ["a"])])
+def test_provenance_fields_of_the_wrong_type_are_refused_at_load(tmp_path, key, value):
+    # loaded, then evaluate crashed ('str' object has no attribute 'get') and a re-save refused it
+    folder = tiny("s4d").save_pretrained(tmp_path / "ck")
+    config = json.loads((folder / "config.json").read_text())
+    config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"'{key}' must be a"):
+        from_pretrained(folder)
+
+
+def test_the_same_weights_save_to_the_same_bytes(tmp_path):
+    # safetensors wrote its metadata in a hash map's order, which changes from process to process
+    import hashlib
+    import subprocess
+    import sys
+    code = ("import sys, torch, lrnnx_zoo; torch.manual_seed(0); "
+            "lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer='s4d', d_input=1, d_output=2, d_model=4, n_layers=1))"
+            ".save_pretrained(sys.argv[1])")
+    digests = set()
+    for i in range(4):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"ck{i}")], check=True)
+        digests.add(hashlib.sha256((tmp_path / f"ck{i}" / "model.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ck0" / "model.safetensors"), "pt") as f:   # still valid, its metadata kept
+        assert f.metadata() == {"format": "pt", "library": "lrnnx-zoo", "family": "s4d"}
+
+
+def test_a_cards_load_and_export_lines_load_this_checkpoint(tmp_path, monkeypatch):
+    # A run saved to runs/digits-lru was loaded as "digits-lru" (the shipped model, from anywhere else);
+    # a folder with spaces broke the export line; a bidirectional model was offered an export.
+    import shlex
+    monkeypatch.chdir(tmp_path)
+    folder = tiny("s4d").save_pretrained("runs/digits-lru")
+    card = (folder / "README.md").read_text()
+    assert 'from_pretrained("runs/digits-lru")' in card and "lrnnx-zoo export runs/digits-lru " in card
+    assert 'from_pretrained("./bare")' in (tiny("s4d").save_pretrained("bare") / "README.md").read_text()
+    spaced = tiny("s4d").save_pretrained(tmp_path / "with space's")
+    card = (spaced / "README.md").read_text()
+    line = next(l for l in card.splitlines() if l.startswith("lrnnx-zoo export "))
+    assert shlex.split(line)[2] == str(tmp_path / "with space's")
+    python = next(l for l in card.splitlines() if "from_pretrained(" in l)
+    assert eval(python.split("from_pretrained(")[1].split(")")[0]) == str(tmp_path / "with space's")
+    bi = tiny("fftconv", layer_kwargs={"d_state": 4, "bidirectional": True}).save_pretrained(tmp_path / "bi")
+    card = (bi / "README.md").read_text()
+    assert "lrnnx-zoo export" not in card and "the model is bidirectional" in card
+
+
+def test_a_card_pushed_to_a_branch_loads_that_branch(local_hub, tmp_path):
+    local_hub.commit("acme/branchy", _files(tiny("s4d").save_pretrained(tmp_path / "main")))
+    tiny("s4d", seed=1).push_to_hub("acme/branchy", revision="dev")
+    assert from_pretrained("acme/branchy", revision="dev").checkpoint_info["family"] == "s4d"
+    folder, _ = hub.resolve_checkpoint("acme/branchy", revision="dev")
+    text = (folder / "README.md").read_text()
+    assert 'from_pretrained("acme/branchy", revision="dev")' in text
+    assert "lrnnx-zoo export acme/branchy --revision dev --format onnx" in text
+
+
+def test_info_points_to_the_configs_metrics_when_the_card_cannot_index_them(tmp_path, capsys):
+    # without a task and a dataset the card shows its metrics as text only, and info said "none recorded"
+    folder = tiny("s4d").save_pretrained(tmp_path / "m", metrics={"val_accuracy": 0.9})
+    assert cli_main(["info", str(folder)]) == 0
+    assert "none in its model-index (config.json records val_accuracy 0.9," in capsys.readouterr().out
