@@ -145,7 +145,8 @@ def check_step_form(form: object, who: str, width: Optional[int] = None) -> None
         refuse(f"a form whose forward(u, s) runs on zeros u (2, {d_in}) and s (2, state_size={size}); it raised "
                f"{type(exc).__name__}: {exc}", exc)
     if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)):
-        got = f"{type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list)) else type(out).__name__
+        got = (f"{type(out).__name__} of {', '.join(type(t).__name__ for t in out) or 'nothing'}"
+               if isinstance(out, (tuple, list)) else type(out).__name__)
         refuse(f"a form whose forward(u, s) returns (y, s_next), two tensors; it returned a {got}")
     y, s_next = out
     d_out = sizes["d_output"] if type(sizes["d_output"]) is int else y.shape[-1]

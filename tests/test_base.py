@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lrnnx_zoo import LTI_LRNN
-from lrnnx_zoo.step_forms import ChannelDenseStepForm
+from lrnnx_zoo.step_forms import ChannelDenseStepForm, StepFormError
 
 
 class FixedDecay(LTI_LRNN):
@@ -67,10 +67,10 @@ def test_default_dtype_without_any_tensor():
     assert cache["lrnn_state"].dtype == torch.get_default_dtype()
 
 
-def test_a_step_form_returning_no_tensor_state_gets_the_caches_message():
+def test_a_step_form_returning_no_tensor_state_is_refused_when_the_cache_is_made():
     # Detaching the stepped state (so a stream keeps no autograd history) read state.requires_grad
-    # of whatever a third-party step form returned: a list failed with AttributeError instead of
-    # the next step's "'lrnn_state' must have shape (batch, state_size=...)".
+    # of whatever a third-party step form returned: a list failed with AttributeError, later the
+    # next step's "'lrnn_state' must have shape"; now the form's trial step says it at once.
     class ListState(torch.nn.Module):
         state_size, d_input, d_output = 3, 3, 3
 
@@ -81,8 +81,6 @@ def test_a_step_form_returning_no_tensor_state_gets_the_caches_message():
         def step_form(self) -> torch.nn.Module:
             return ListState()
 
-    layer = Odd(3)
-    cache = layer.allocate_inference_cache(1)
-    layer.step(torch.zeros(1, 3), cache)
-    with pytest.raises(ValueError, match=r"'lrnn_state' must have shape \(batch, state_size=3\)"):
-        layer.step(torch.zeros(1, 3), cache)
+    with pytest.raises(StepFormError, match=r"Odd.step_form\(\) must return a form whose forward\(u, s\) returns "
+                                            r"\(y, s_next\), two tensors; it returned a tuple of Tensor, list"):
+        Odd(3).allocate_inference_cache(1)

@@ -352,8 +352,13 @@ class SSKernelNPLR(StepModes, SSMKernel):
             return dense.bilinear_nplr(w, P, B, dt / rate)
         return dense.discretize(dense.real_matrix(w, P), dense.to_real(B), dt / rate, self.discretization)
 
-    def output_matrix(self) -> Tensor:
+    def output_matrix(self, from_origin: bool = False) -> Tensor:
         """The plain C (C, H, M) complex128 that C~ stands for: (I - A_bar^L)^T C = C~ (differentiable).
+
+        ``from_origin``: recovered from the C~ the length changes since started from, where that is
+        still this system (:meth:`_output_source`): what the step forms are built from, so that a
+        length change leaves them as they were. Otherwise from the stored C~, as the kernel is (a
+        model and a copy loaded from its state_dict compute the same bits).
 
         In inference it is cached like the kernel (:meth:`~lrnnx_zoo.ssm_kernel.SSMKernel.cached_kernel`,
         for the same parameters and length): A_bar^L costs log2(L) dense float64 squarings (33 ms per
@@ -369,7 +374,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
                 return locked()
 
         def locked() -> Tensor:
-            C, length = self._output_source()         # C~ and its length from one moment
+            # C~ and its length from one moment
+            C, length = self._output_source() if from_origin else (self.continuous(double=True)[3], self.length)
             if length == 0:
                 return C
             A_bar, b_bar = self.dense_system()
@@ -379,7 +385,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
                                                            length, memo["T"])
                 memo["block"] = (rows, AT_t)
             return dense.output_from_row(_solve_tilde(dense.output_row(C), A_bar, length, power_t))
-        return self.cached_kernel(("output_matrix",), compute)
+        return self.cached_kernel(("output_matrix", from_origin), compute)
 
     def _output_source(self) -> Tuple[Tensor, int]:
         """(C~ (C, H, M) complex128, its length) that :meth:`output_matrix` recovers the plain C from: the

@@ -53,7 +53,9 @@ class StepModes:
             raise ValueError(f"step mode must be one of {STEP_MODES + ('auto',)}, got {mode!r}")
         if mode == "linear" and self.discretization != "bilinear":
             raise ValueError("the linear (DPLR) step is the bilinear step; with zoh use mode='dense' or 'diagonal'")
-        C = self.output_matrix()      # a solve with I - A_bar^L: computed once, also when "auto" falls back
+        # a solve with I - A_bar^L: computed once, also when "auto" falls back; from the C~ length changes
+        # started from, so that a longer forward leaves a running stream's form as it was
+        C = self.output_matrix(from_origin=True)
         self._basis, self._built = None, None
         A_bar = b_bar = None
         if mode in ("auto", "diagonal"):
