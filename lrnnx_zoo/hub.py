@@ -437,7 +437,8 @@ def read_config(folder: Path, need_weights: bool = True) -> Dict[str, Any]:
     plugin = config.get("plugin")
     fields = [("family", "a str", str), ("plugin", "a dict (name, distribution, version)", dict),
               ("metrics", "a dict of metric name -> value", dict), ("task", "a str", str),
-              ("command", "a str", str), ("notes", "a str", str)]   # read by evaluate and by a re-save
+              ("command", "a str", str), ("notes", "a str", str),   # read by evaluate and by a re-save
+              (STATE_DIGEST_KEY, "a str", str)]
     fields += [(f"plugin.{k}", "a str or null", str) for k in ("name", "distribution", "version")
                if isinstance(plugin, dict)]      # the registry matches them as text
     for key, expected, allowed in fields:
@@ -733,6 +734,15 @@ def _sha256(data: Any) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+#: config.json's record of the weights file's contents (:func:`state_digest` of its tensors, as saved).
+STATE_DIGEST_KEY = "weights_file_digest"
+
+
+class WeightsDigestWarning(UserWarning):
+    """A checkpoint's weights differ from those its config.json records having saved: the file was
+    damaged, or converted (a float16 copy rounds them), since."""
+
+
 def state_digest(state: Dict[str, Any]) -> str:
     """The digest of a state dict (name -> tensor), as :func:`weights_digest` computes it: names in
     sorted order, each tensor's shape and values in :func:`_digest_form`; hashed with SHA-256 in
@@ -835,6 +845,13 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
     tensors = _read_weights(folder / WEIGHTS_NAME)
     _check_dtypes(state, tensors, folder / WEIGHTS_NAME)
     _check_no_nan(tensors, folder / WEIGHTS_NAME)
+    recorded = config.get(STATE_DIGEST_KEY)
+    if recorded is not None and state_digest(tensors) != recorded:
+        # loaded all the same: a float16 copy is a conversion the loader supports; the user decides
+        warnings.warn(f"{where}: its weights differ from those its config.json records saving ({STATE_DIGEST_KEY} "
+                      f"{recorded}, the file's {state_digest(tensors)}): {WEIGHTS_NAME} was damaged or converted "
+                      f"since, so its recorded metrics may not hold; measure them with `lrnnx-zoo evaluate "
+                      f"{where} --check`, or re-save the model", WeightsDigestWarning, stacklevel=_outside_package())
     dtype = _weights_dtype(tensors)
     if dtype is not None:
         model = model.to(dtype)

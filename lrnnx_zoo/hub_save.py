@@ -21,7 +21,8 @@ from . import __version__
 from .folder_swap import replaced_folder
 from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
                   CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout, loadable_source,
-                  library_field, peek_config, shipped_checkpoints, weights_changed)
+                  STATE_DIGEST_KEY, library_field, peek_config, shipped_checkpoints, state_digest,
+                  weights_changed)
 from .registry import extra_plugins, get_registry, layer_owners
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
@@ -123,9 +124,11 @@ def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, An
     """Write the three files into ``folder`` (a fresh temporary folder; replaced_folder flushes them)."""
     from .hub_card import build_card
 
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     # clone: safetensors refuses tensors that share storage, and the file must not alias live params
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    # the digest of what the file holds: loading checks it (a damaged copy loaded silently)
+    config = {**config, STATE_DIGEST_KEY: state_digest(tensors)}
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     write_safetensors(tensors, folder / WEIGHTS_NAME,
                       {"format": "pt", "library": LIBRARY, "family": config["family"]})
     card = build_card(config, name, sum(p.numel() for p in model.parameters()), load_as, revision)

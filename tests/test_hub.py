@@ -572,7 +572,8 @@ def test_integer_or_bool_weights_are_refused(saved, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_weights_load_cast_up(saved, dtype):
     _rewrite_weights(saved, lambda v: v.to(dtype) if v.is_floating_point() else v)
-    model = from_pretrained(saved)
+    with pytest.warns(hub.WeightsDigestWarning, match="damaged or converted since"):   # rounded: other weights
+        model = from_pretrained(saved)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert torch.equal(model.decoder.bias, tiny("s4d").decoder.bias.to(dtype).float())
 
@@ -1251,3 +1252,23 @@ def test_info_points_to_the_configs_metrics_when_the_card_cannot_index_them(tmp_
     folder = tiny("s4d").save_pretrained(tmp_path / "m", metrics={"val_accuracy": 0.9})
     assert cli_main(["info", str(folder)]) == 0
     assert "none in its model-index (config.json records val_accuracy 0.9," in capsys.readouterr().out
+
+
+def test_a_damaged_weights_file_is_named_at_load(tmp_path):
+    # checkpoints recorded no digest of their weights: a flipped bit loaded silently (outputs 7e-7 off)
+    import warnings
+    folder = tiny("s4d").save_pretrained(tmp_path / "ck")
+    recorded = json.loads((folder / "config.json").read_text())[hub.STATE_DIGEST_KEY]
+    assert recorded == hub.state_digest(load_file(folder / "model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # an intact checkpoint loads without a word
+        from_pretrained(folder)
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-3] ^= 0x01                                          # one bit of the last tensor's data
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.warns(hub.WeightsDigestWarning, match=rf"its weights differ from those its config.json records "
+                                                      rf"saving \(weights_file_digest {recorded}, the file's"):
+        model = from_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # re-saved, it records what it now holds
+        from_pretrained(model.save_pretrained(tmp_path / "again"))
