@@ -20,6 +20,7 @@ import resource
 import subprocess
 import sys
 import time
+from lrnnx_zoo.training_cli import positive_int  # argparse type: 0 was a crash, not a usage error
 
 
 def _rss_mib() -> float:
@@ -81,10 +82,10 @@ def row(mode: str, t: dict, k: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--H", type=int, default=256, help="independent systems (default 256)")
-    ap.add_argument("--N", type=int, default=32, help="poles per system, one per conjugate pair (default 32)")
-    ap.add_argument("--L", type=int, default=16384, help="evaluation nodes (default 16384)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed calls; the best is reported (default 3)")
+    ap.add_argument("--H", type=positive_int, default=256, help="independent systems (default 256)")
+    ap.add_argument("--N", type=positive_int, default=32, help="poles per system, one per conjugate pair (default 32)")
+    ap.add_argument("--L", type=positive_int, default=16384, help="evaluation nodes (default 16384)")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="timed calls; the best is reported (default 3)")
     ap.add_argument("--backward", action="store_true", help="also time forward + backward")
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     ap.add_argument("--threads", type=int, default=None,

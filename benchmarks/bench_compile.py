@@ -24,6 +24,7 @@ import torch
 import lrnnx_zoo
 from lrnnx_zoo.export.latency import interleaved_steps
 from lrnnx_zoo.runtime import tune_allocator
+from lrnnx_zoo.training_cli import positive_int  # argparse type: 0 was a crash, not a usage error
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
@@ -87,10 +88,10 @@ def bench_inference(layer: str, B: int, L: int, rounds: int, backend: Union[str,
 
 def main(argv: List[str] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--B", type=int, default=8, help="batch size (default 8)")
-    ap.add_argument("--L", type=int, default=1024, help="sequence length (default 1024)")
-    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds timed (default 10)")
-    ap.add_argument("--families", nargs="*", default=["fftconv", "lru", "s4", "s4d"],
+    ap.add_argument("--B", type=positive_int, default=8, help="batch size (default 8)")
+    ap.add_argument("--L", type=positive_int, default=1024, help="sequence length (default 1024)")
+    ap.add_argument("--rounds", type=positive_int, default=10, help="interleaved rounds timed (default 10)")
+    ap.add_argument("--families", nargs="*", default=["fftconv", "lru", "s4", "s4d"], choices=lrnnx_zoo.list_layers(),
                     help="layers to compare (default: the four built-in families)")
     ap.add_argument("--backend", default="inductor",
                     help="torch.compile backend (default inductor, which the README's table used; "

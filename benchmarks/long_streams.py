@@ -23,6 +23,7 @@ import torch
 import lrnnx_zoo
 from lrnnx_zoo.export import OnnxStreamer, to_onnx
 from lrnnx_zoo.export.validate import float64_copy
+from lrnnx_zoo.training_cli import positive_int  # argparse type: 0 was a crash, not a usage error
 
 
 def drift(name: str, lengths: Sequence[int], folder: Path) -> Dict[int, float]:
@@ -50,7 +51,7 @@ def drift(name: str, lengths: Sequence[int], folder: Path) -> Dict[int, float]:
 def main(argv: List[str] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--names", nargs="+", default=lrnnx_zoo.list_models())
-    ap.add_argument("--lengths", nargs="+", type=int, default=[256, 4096, 16384, 65536])
+    ap.add_argument("--lengths", nargs="+", type=positive_int, default=[256, 4096, 16384, 65536])
     args = ap.parse_args(argv)
     lengths = sorted(set(args.lengths))
     with tempfile.TemporaryDirectory() as tmp:

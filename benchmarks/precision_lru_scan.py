@@ -26,6 +26,7 @@ import lrnnx_zoo
 from lrnnx_zoo.export.latency import interleaved_steps
 from lrnnx_zoo.modal import modal_scan, project_in, project_out
 from lrnnx_zoo.scan import diagonal_scan
+from lrnnx_zoo.training_cli import positive_int  # argparse type: 0 was a crash, not a usage error
 
 
 def rounded_lam_scan(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
@@ -48,8 +49,8 @@ def rel_err(a: Tensor, b: Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=3, help="layers (seeds 0, 1, ...) whose precision is measured (default 3)")
-    ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds of the speed comparison (default 30)")
+    ap.add_argument("--seeds", type=positive_int, default=3, help="layers (seeds 0, 1, ...) whose precision is measured (default 3)")
+    ap.add_argument("--rounds", type=positive_int, default=30, help="interleaved rounds of the speed comparison (default 30)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("precision, r in [0.999, 0.99999], H=N=16, B=1, L=65536 (max|y32 - y64| / max|y64|):")

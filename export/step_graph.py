@@ -87,6 +87,8 @@ class StepModule(nn.Module):
 
     def forward(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         """One step: x (B, d_input), state (B, state_size) -> y (B, d_output), state' (B, state_size)."""
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):    # the graphs have their own checks
+            self._check_step_input(x, state)
         h = self.encoder(x)
         new_states = []
         for block, form, (off, size) in zip(self.blocks, self.forms, self.slices):
@@ -99,6 +101,17 @@ class StepModule(nn.Module):
             new_states.append(pool)
         y = self.decoder(h)
         return y, torch.cat(new_states, dim=1)
+
+    def _check_step_input(self, x: Tensor, state: Tensor) -> None:
+        """A state of another width was sliced silently (the layers' slices read what fell in them), an
+        x of another width failed in the encoder ("mat1 and mat2 shapes cannot be multiplied")."""
+        for name, t, width in (("x", x, self.d_input), ("state", state, self.state_size)):
+            if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[1] != width:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"StepModule expects {name} of shape (batch, {width}), got {got}")
+        if x.shape[0] != state.shape[0] or x.dtype != state.dtype:
+            raise ValueError(f"StepModule expects x and state of one batch and dtype, got {tuple(x.shape)} "
+                             f"{x.dtype} and {tuple(state.shape)} {state.dtype}")
 
     def pool_step(self, h: Tensor, pool: Tensor) -> Tuple[Tensor, Tensor]:
         """Mean pooling's step: h (B, d_model), pool (B, 2 d_model + 2) its state -> (the mean so

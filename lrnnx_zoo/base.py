@@ -67,6 +67,7 @@ class LRNN(nn.Module):
                 f"got {tuple(x.shape)}")
         check_parameter_dtype(self, type(self).__name__)
         check_floating(x, type(self).__name__)
+        check_device(self, x, type(self).__name__)
         check_lengths(lengths, x.shape[0], x.shape[1])
 
     def prepare_input(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
@@ -166,6 +167,16 @@ def check_floating(x: Tensor, who: str, autocast_hint: bool = True) -> None:
                         f"input (x.float()){way_out}")
 
 
+def check_device(module: nn.Module, x: Tensor, who: str) -> None:
+    """Raise a ValueError naming ``who`` unless x is on the device of the module's parameters: a meta
+    input to a CPU layer failed inside torch ("is not on the expected device meta"), or in one path
+    (a batched matmul) returned uninitialised CPU memory."""
+    ref = reference_tensor(module)
+    if ref.numel() and x.device != ref.device:
+        raise ValueError(f"{who}: the input is on {x.device}, the parameters on {ref.device}; move one to the "
+                         f"other (x.to({str(ref.device)!r}) or module.to({str(x.device)!r}))")
+
+
 def check_parameter_dtype(module: nn.Module, who: str) -> None:
     """Raise a TypeError naming ``who`` if the module holds half-precision parameters on the CPU
     (``.half()``, ``.bfloat16()``): its kernels and recurrences would need half-precision FFTs or
@@ -188,7 +199,9 @@ def check_lengths(lengths: Optional[Tensor], batch: int, length: int) -> None:
         raise TypeError(f"lengths must hold integers (e.g. torch.long), got {lengths.dtype}")
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must have shape (batch,)=({batch},), got {tuple(lengths.shape)}")
-    if bool((lengths < 0).any()) or bool((lengths > length).any()):
+    # values are not checked while torch.compile traces: a data-dependent branch broke the graph
+    # (fullgraph=True failed for every family); the eager call checks them
+    if not torch.compiler.is_compiling() and (bool((lengths < 0).any()) or bool((lengths > length).any())):
         raise ValueError(f"lengths must lie in [0, {length}], got {lengths.tolist()}")
 
 
@@ -572,6 +585,10 @@ class LTI_LRNN(LRNN):
         ref = reference_tensor(self)
         dtype = dtype or ref.real.dtype          # a complex coefficient's real counterpart
         name = type(self).__name__
+        if dtype in HALF_DTYPES and ref.device.type == "cpu":
+            # forward refused half parameters, step ran in them: bfloat16 S4D steps were 0.165 off float32
+            check_parameter_dtype(self, who)
+            raise TypeError(f"{who} on the CPU steps in float32 or float64, got dtype={dtype}")
         with lasting_tensors(), step_form_dtype(dtype), without_autocast(ref.device.type):
             try:
                 form = self.step_form()
@@ -584,7 +601,9 @@ class LTI_LRNN(LRNN):
             check_step_form(form, f"{name}.step_form()", getattr(self, "d_model", None))
             form = form.to(device=ref.device, dtype=dtype)
             state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
-        return {"step_form": form, "lrnn_state": state, "weights": weights_and_versions(self), "dtype": dtype}
+        # "layer": whose cache it is; another layer's stepped silently with that layer's weights
+        return {"step_form": form, "lrnn_state": state, "weights": weights_and_versions(self), "dtype": dtype,
+                "layer": id(self)}
 
     def prefill(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Any]]:
         """Read a prompt in convolution mode and return the cache a stream continues from.
@@ -655,6 +674,11 @@ class LTI_LRNN(LRNN):
             raise ValueError(f"{type(self).__name__}.step needs the cache that {type(self).__name__}."
                              f"allocate_inference_cache(batch_size) returns (keys 'step_form', 'lrnn_state'), "
                              f"got {got}") from None
+        owner = inference_cache.get("layer", id(self))
+        if owner != id(self):
+            raise ValueError(f"{type(self).__name__}.step: this cache was made by another layer (its "
+                             f"allocate_inference_cache or prefill), and stepping it would run that layer's "
+                             f"weights; make one with this layer's allocate_inference_cache(batch_size)")
         if not isinstance(state, Tensor) or state.dim() != 2 or state.shape[1] != form.state_size:
             # A state of the wrong size failed inside the step form ("mat1 and mat2 shapes cannot be
             # multiplied", "shape '[-1, 2, 4, 6]' is invalid").

@@ -843,6 +843,9 @@ def fft_conv(equation: str, input: Tensor, *args: Tensor) -> Tensor:
     if len(subs) != len(operands):
         raise ValueError(f"equation {equation!r} names {len(subs)} operands, got {len(operands)} tensors")
     for s, t in zip(subs, operands):
+        if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()):
+            got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(f"fft_conv: operand {s!r} of {equation!r} must be a real or complex tensor, got {got}")
         if len(s) != t.dim():
             raise ValueError(f"operand {s!r} in {equation!r} has {len(s)} axes, tensor has shape {tuple(t.shape)}")
     if len(subs[0]) < 2:
@@ -850,6 +853,13 @@ def fft_conv(equation: str, input: Tensor, *args: Tensor) -> Tensor:
     t = subs[0][1]
     if t not in out:
         raise ValueError(f"output {out!r} must keep the time axis {t!r}")
+    sizes: Dict[str, Tuple[int, str]] = {}
+    for s, op in zip(subs, operands):          # (opt_einsum's own error named no operand)
+        for letter, size in zip(s, op.shape):
+            seen, where = sizes.setdefault(letter, (size, s))
+            if letter != t and seen != size:    # kernels may be shorter in time than the input
+                raise ValueError(f"fft_conv: axis {letter!r} of {equation!r} is {seen} long in operand {where!r} and "
+                                 f"{size} in operand {s!r}")
     L = input.shape[1]
     timed = [i for i, s in enumerate(subs) if t in s]
     Lk = max(operands[i].shape[subs[i].index(t)] for i in timed)
@@ -857,9 +867,10 @@ def fft_conv(equation: str, input: Tensor, *args: Tensor) -> Tensor:
     real = not any(operands[i].is_complex() for i in range(len(operands)))
     fwd = functools.partial(torch.fft.rfft if real else torch.fft.fft, n=n)
     spectra = [fwd(op, dim=s.index(t)) if t in s else op for s, op in zip(subs, operands)]
-    if not real:
-        ctype = torch.promote_types(torch.complex64, input.dtype)
-        spectra = [x if x.is_complex() else x.to(ctype) for x in spectra]
+    # one complex dtype for all: real projection matrices next to the spectra, a float32 kernel with a
+    # float64 input ("both inputs should have same dtype", "expected ComplexDouble")
+    ctype = torch.promote_types(torch.complex64, functools.reduce(torch.promote_types, (op.dtype for op in operands)))
+    spectra = [x if x.dtype == ctype else x.to(ctype) for x in spectra]
     y = opt_einsum.contract(equation, *spectra, backend="torch", optimize="optimal")
     inv = torch.fft.irfft if real else torch.fft.ifft
     return inv(y, n=n, dim=out.index(t)).narrow(out.index(t), 0, L)

@@ -71,10 +71,16 @@ def zoh_resample_diag(log_lam: Tensor, B: Optional[Tensor], rate: float) -> tupl
     Args:
         log_lam: (..., N) complex, log of the poles (any branch: only exp(log_lam) is read).
         B: input matrix broadcastable against log_lam (e.g. (..., H, N) for (N,) poles), or None.
-        rate: a finite number > 0 (callers check it, e.g. with ``check_rate``).
+        rate: a finite number > 0 (0 and NaN gave non-finite poles, -1 an unstable |lam'| = 5.8).
     Returns:
         (log lam', B'): log_lam's shape and the broadcast shape, complex128 (computed in float64).
     """
+    try:        # as ssm_kernel.check_rate (a compiled graph's rate is symbolic: no isinstance, no isfinite)
+        ok = not isinstance(rate, bool) and 0 < rate < math.inf
+    except (TypeError, ValueError, RuntimeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"zoh_resample_diag needs rate to be a finite number > 0, got {rate!r}")
     log_lam = principal_log(log_lam.to(torch.complex128))
     new = log_lam / rate
     if B is None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any, Optional
 
 import torch
@@ -79,6 +80,19 @@ def _check_int(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
 
 
+def _check_square(who: str, A: Any) -> None:
+    if not isinstance(A, Tensor) or A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        got = tuple(A.shape) if isinstance(A, Tensor) else type(A).__name__
+        raise ValueError(f"{who} needs a square matrix A (..., N, N), got {got}")
+
+
+def _check_real_dtype(dtype: Any) -> None:
+    """A TypeError unless dtype is a real floating torch.dtype: torch.long truncated sqrt(n + 1/2) to
+    integers, and "float32" failed on a missing attribute."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a real floating torch.dtype (torch.float32 or torch.float64), got {dtype!r}")
+
+
 def _check_measure(measure: str, measure_args: dict) -> dict:
     if measure not in _ARGS:
         raise ValueError(f"unknown HiPPO measure {measure!r}; valid measures: {', '.join(MEASURES)}")
@@ -87,7 +101,19 @@ def _check_measure(measure: str, measure_args: dict) -> dict:
         allowed = ", ".join(_ARGS[measure]) or "none"
         raise TypeError(f"measure {measure!r} got unexpected arguments {sorted(unknown)}; "
                         f"allowed: {allowed}")
-    return {**_ARGS[measure], **measure_args}
+    args = {**_ARGS[measure], **measure_args}
+    for name in ("alpha", "beta"):
+        value = args.get(name)
+        if name in args and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                             or not math.isfinite(value)):
+            raise TypeError(f"measure {measure!r} needs {name} to be a finite real number, got {value!r}")
+    # the decay rate of the measure's A (lagt: beta; tlagt / glagt: (1 + beta) / 2) must be > 0: else
+    # an unstable A came back, or S4 failed with a bare "math domain error" taking sqrt(beta / 2)
+    if measure == "lagt" and not args["beta"] > 0:
+        raise ValueError(f"measure 'lagt' needs beta > 0 (A = -beta tril(1) decays at rate beta), got {args['beta']}")
+    if measure in ("tlagt", "glagt") and not args["beta"] > -1:
+        raise ValueError(f"measure {measure!r} needs beta > -1 (its A decays at (1 + beta) / 2), got {args['beta']}")
+    return args
 
 
 def _generator(seed: Optional[int]) -> Optional[torch.Generator]:
@@ -241,6 +267,7 @@ def rank_correction(measure: str, N: int, rank: int = 1, dtype: torch.dtype = to
     """
     args = _check_measure(measure, measure_args)
     _check_int("rank", rank)
+    _check_real_dtype(dtype)
     need = _MIN_RANK[measure]
     if rank < max(need, 0) or rank < 0:
         raise ValueError(f"measure {measure!r} needs rank >= {need} for a normal A + P^T P, "
@@ -344,6 +371,7 @@ def nplr(measure: str, N: int, rank: int = 1, dtype: torch.dtype = torch.float,
     ``torch.device("meta")`` (deferred initialisation, then ``load_state_dict(..., assign=True)``)
     does not have ("Tensor.item() cannot be called on meta tensors" for S4 and S4D-LegS).
     """
+    _check_real_dtype(dtype)
     with torch.device("cpu"):
         w, P, B, V = _nplr(measure, N, rank, dtype, diagonalize_precision, **measure_args)
     device = torch.get_default_device()
@@ -450,8 +478,10 @@ def power(L: int, A: Tensor, v: Optional[Tensor] = None) -> Tensor | tuple[Tenso
         ``sum_l A^l v_l = sum_m (A^2)^m (v_{2m} + A v_{2m+1})``, halving the length each round
         while A is squared - the same squares the power needs.
     """
+    _check_int("L", L)                # 2.5 failed on a slice, True was taken as 1
     if L < 0:
         raise ValueError(f"L must be non-negative, got {L}")
+    _check_square("power", A)
     N = A.shape[-1]
     result: Optional[Tensor] = None
     if v is not None and v.shape[-1] != L:
@@ -499,8 +529,14 @@ def krylov(L: int, A: Tensor, b: Tensor, c: Optional[Tensor] = None,
         ``K: (..., N, L)`` with ``K[..., l] = A^l b``; with ``c``: ``(..., L)`` with entries
         ``c^T A^l b`` (no conjugation); plus ``A^{L-1}: (..., N, N)`` if ``return_power``.
     """
+    _check_int("L", L)
     if L < 0 or (return_power and L < 1):
         raise ValueError(f"L must be >= {1 if return_power else 0}, got {L}")
+    _check_square("krylov", A)
+    if b.shape[-1] != A.shape[-1] or (c is not None and c.shape[-1] != A.shape[-1]):
+        raise ValueError(f"krylov needs b (..., N){' and c (..., N)' if c is not None else ''} for A (..., N, N) "
+                         f"with N={A.shape[-1]}, got b {tuple(b.shape)}"
+                         f"{'' if c is None else f' and c {tuple(c.shape)}'}")
     K = b[..., None]
     cur = A
     while K.shape[-1] < L:

@@ -119,13 +119,18 @@ def model_config_json(config: Any) -> Dict[str, Any]:
     return json_ready(config.to_dict(), "ModelConfig", finite=True)
 
 
+def file_tensors(model: "SequenceModel") -> Dict[str, Any]:
+    """The tensors a checkpoint's weights file holds for ``model``: its state_dict on the CPU, cloned
+    (safetensors refuses tensors that share storage, and the file must not alias live parameters)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
 def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, Any], name: str,
                       load_as: Optional[str] = None, revision: Optional[str] = None) -> None:
     """Write the three files into ``folder`` (a fresh temporary folder; replaced_folder flushes them)."""
     from .hub_card import build_card
 
-    # clone: safetensors refuses tensors that share storage, and the file must not alias live params
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = file_tensors(model)
     # the digest of what the file holds: loading checks it (a damaged copy loaded silently)
     config = {**config, STATE_DIGEST_KEY: state_digest(tensors)}
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -156,6 +161,15 @@ def check_save_target(save_directory: PathLike, what: str = "save_directory", re
         raise CheckpointError(f"{what} {shown} holds {foreign}; saving a checkpoint there would overwrite its "
                               f"{CONFIG_NAME} and {CARD_NAME}. Expected a new folder or an lrnnx-zoo checkpoint "
                               f"folder; save into another folder, e.g. {given / 'checkpoint'}")
+    if refuse_foreign and not (target / CONFIG_NAME).exists():
+        # no checkpoint here: a README.md or model.safetensors is the user's own, which the save replaced
+        # (a project's README.md became the model card, no copy kept)
+        theirs = [f for f in (CARD_NAME, WEIGHTS_NAME) if (target / f).exists()]
+        if theirs:
+            raise CheckpointError(f"{what} {shown} holds {' and '.join(theirs)} but no checkpoint's {CONFIG_NAME}; "
+                                  f"saving a checkpoint there would replace {'them' if len(theirs) > 1 else 'it'}. "
+                                  f"Save into another folder, e.g. {given / 'checkpoint'}, or move "
+                                  f"{'them' if len(theirs) > 1 else 'it'} away first")
     if target.exists() and not os.access(target, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot save into {shown}: the folder is not writable by this user "
                               f"(mode {stat.filemode(target.stat().st_mode)}); make it writable or save elsewhere")

@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import (check_floating, check_lengths, check_stream_batch, float32_under_autocast, mask_padding, valid_steps,
-                   values_only)
+from .base import (check_device, check_floating, check_lengths, check_stream_batch, float32_under_autocast, mask_padding,
+                   valid_steps, values_only)
 from .hub_save import HubMixin, resampled_info
 from .registry import create_layer
 from .ssm_kernel import check_rate
@@ -427,7 +427,8 @@ class SequenceModel(HubMixin, nn.Module):
         check_lengths(lengths, x.shape[0], x.shape[1])
         # Without lengths, a Python test on the shape: a tensor's .item() broke torch.compile's graph.
         steps = None if lengths is None else torch.as_tensor(lengths)
-        empty = x.shape[1] == 0 if steps is None else bool((steps == 0).any())
+        # lengths' values are not read while torch.compile traces (a data-dependent branch breaks the graph)
+        empty = x.shape[1] == 0 if steps is None or torch.compiler.is_compiling() else bool((steps == 0).any())
         if cfg.pooling is not None and x.shape[0] and empty:
             # An empty sequence has no mean or last step: "last" raised an IndexError, "mean" returned
             # NaN (length 0) or the decoder's bias (a length of 0).
@@ -438,8 +439,9 @@ class SequenceModel(HubMixin, nn.Module):
     def _features(self, x: Tensor, lengths: Optional[Tensor], caches: Optional[List[Dict[str, Any]]] = None) -> Tensor:
         """The normalised features before pooling, (B, L, d_model); given ``caches`` (one per block),
         each block prefills and leaves its layer's cache there."""
-        # Padding is zeroed at the door (the layers zero theirs too), so a NaN there reaches nothing.
-        h = mask_padding(self.encoder(x), lengths)
+        # Padding is zeroed at the door (the layers zero theirs too), so a NaN there reaches nothing:
+        # before the encoder too, else its weight's gradient summed 0 * NaN and one step made it NaN
+        h = mask_padding(self.encoder(mask_padding(x, lengths)), lengths)
         for i, block in enumerate(self.blocks):
             if caches is None:
                 h = block(h, lengths)
@@ -555,6 +557,7 @@ class SequenceModel(HubMixin, nn.Module):
 
     def _check_input_dtype(self, x: Tensor, who: str, autocast_hint: bool = True) -> None:
         check_floating(x, who, autocast_hint)
+        check_device(self, x, who)
         if x.dtype != self.encoder.weight.dtype:     # nn.Linear would fail with "mat1 and mat2 ..."
             raise TypeError(f"{who}: the model holds {self.encoder.weight.dtype} parameters, got a {x.dtype} "
                             f"input; convert one to the other (x.to({self.encoder.weight.dtype}) or "

@@ -14,6 +14,8 @@ behind both ``lrnnx_zoo.training.param_groups`` and the S4 plugin's ``optimizer_
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
@@ -26,12 +28,27 @@ MODULE_ATTR = "_optim_records"
 RECORD_KEYS = ("lr", "weight_decay")
 
 
+def check_optim_values(who: str, **values: Any) -> None:
+    """Raise unless every value is None or a finite number >= 0 (a learning rate, a weight decay). The
+    optimisers check only their own defaults, never a group's: lr=-1e-2 trained uphill (the loss
+    1.5 -> 14 in three steps), NaN made the weights NaN and a str failed inside the first step."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{who} needs {name} to be a number >= 0 (or None), got {value!r} "
+                            f"({type(value).__name__})")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{who} needs {name} to be a finite number >= 0 (or None), got {value!r}")
+
+
 def set_optim_record(module: nn.Module, name: str, record: Optional[Dict[str, float]]) -> None:
     """Record (or with an empty/None ``record``, forget) the optimiser settings of ``module``'s own
     parameter ``name``: on the module, and as the parameter's ``_optim`` attribute."""
     unknown = set(record or {}) - set(RECORD_KEYS)
     if unknown:
         raise ValueError(f"an optimiser record holds only {RECORD_KEYS}, got the keys {sorted(unknown)}")
+    check_optim_values(f"the optimiser record of {type(module).__name__}.{name}", **(record or {}))
     records: Dict[str, Dict[str, float]] = module.__dict__.setdefault(MODULE_ATTR, {})
     param = module._parameters.get(name)
     if not record:
@@ -80,5 +97,6 @@ def grouped_parameters(model: nn.Module, default: Callable[[nn.Parameter], Tuple
         lr, weight_decay = default(param)
         record = records.get(id(param), {})
         key = (record.get("lr", lr), record.get("weight_decay", weight_decay))
+        check_optim_values("a parameter group", lr=key[0], weight_decay=key[1])   # a record set by hand too
         groups.setdefault(key, []).append(param)
     return [{"params": ps, "lr": lr, **({} if wd is None else {"weight_decay": wd})} for (lr, wd), ps in groups.items()]

@@ -36,6 +36,15 @@ from .base import (needs_autograd, operator_body, reference_tensor, right_aligne
 from .step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm, StepForm
 
 
+def check_batch_shape(who: str, batch_shape: Tuple[Any, ...]) -> None:
+    """Raise a ValueError naming ``who`` unless every batch size of a default_state is an int >= 0
+    (default_state(2.0) failed inside torch.zeros: "takes 1 positional argument but 3 were given")."""
+    bad = [b for b in batch_shape if isinstance(b, bool) or not isinstance(b, int) or b < 0]
+    if bad:
+        raise ValueError(f"{who}.default_state(*batch_shape) needs batch sizes that are integers >= 0, got "
+                         f"{batch_shape!r}")
+
+
 def check_rate(rate: Any, who: str) -> float:
     """``rate`` as a float; a ValueError naming ``who`` unless it is a finite number > 0. The kernel
     uses dt / rate: rate 0 gave inf or NaN kernels, a negative rate a growing (unstable) one, silently.

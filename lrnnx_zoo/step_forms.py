@@ -323,6 +323,13 @@ class DiagonalStepForm(StepForm):
         return y, s_next
 
 
+def _check_skip(who: str, D: Optional[Tensor], channels: int, H: int) -> None:
+    """A per-channel form's skip D: None or (channels, H). Another shape broadcast silently (a (4, 4) D
+    for 4 channels gave y of (8, 4) at batch 2)."""
+    if D is not None and tuple(D.shape) != (channels, H):
+        raise ValueError(f"{who} expects D of shape (channels={channels}, H={H}) or None, got {tuple(D.shape)}")
+
+
 def pack_modes(x: Tensor) -> Tensor:
     """The channels-last layout of the per-channel modal forms (:class:`ChannelDiagonalStepForm`,
     :class:`ChannelDPLRStepForm`): x: (batch, H, N) complex (or real: zero imaginary parts) ->
@@ -369,6 +376,7 @@ class ChannelDiagonalStepForm(StepForm):
         if B.shape != (H, N) or C.dim() != 3 or C.shape[1:] != (H, N):
             raise ValueError(f"ChannelDiagonalStepForm expects lam, B (H, N) and C (Ch, H, N); got "
                              f"{tuple(lam.shape)}, {tuple(B.shape)}, {tuple(C.shape)}")
+        _check_skip("ChannelDiagonalStepForm", D, C.shape[0], H)
         lam, B, C = (t.to(torch.complex128) for t in (lam, B, C))   # real ones too (.imag needs complex)
         self.H, self.N, self.channels = H, N, C.shape[0]
         self.state_size, self.d_input, self.d_output = 2 * H * N, H, self.channels * H
@@ -419,6 +427,7 @@ class ChannelDenseStepForm(StepForm):
         if B.shape != (H, N) or C.dim() != 3 or C.shape[1:] != (H, N):
             raise ValueError(f"ChannelDenseStepForm expects A (H, N, N), B (H, N), C (Ch, H, N); got "
                              f"{tuple(A.shape)}, {tuple(B.shape)}, {tuple(C.shape)}")
+        _check_skip("ChannelDenseStepForm", D, C.shape[0], H)
         if A.is_complex() or B.is_complex() or C.is_complex():
             A, B, C = A.to(torch.complex128), B.to(torch.complex128), C.to(torch.complex128)
             A = torch.cat([torch.cat([A.real, -A.imag], -1), torch.cat([A.imag, A.real], -1)], -2)
@@ -489,6 +498,7 @@ class ChannelDPLRStepForm(StepForm):
             raise ValueError("ChannelDPLRStepForm expects d0, d1, b (H, M); U0, G0, U1, G1 (H, r, M); "
                              "C (Ch, H, M); got "
                              f"{[tuple(t.shape) for t in (d0, U0, G0, b, d1, U1, G1, C)]}")
+        _check_skip("ChannelDPLRStepForm", D, C.shape[0], H)
         self.H, self.M, self.channels, self.rank = H, M, C.shape[0], 2 * r
         self.state_size, self.d_input, self.d_output = 2 * H * M, H, self.channels * H
         c128 = torch.complex128

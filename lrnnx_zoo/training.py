@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .data import augment_digit_shifts
 from .models import ModelConfig, SequenceModel
-from .optim import grouped_parameters
+from .optim import check_optim_values, grouped_parameters
 from .recipes import DataSpec, OptimSpec, Recipe, check_seed, get_recipe, override
 from .wording import given, name
 
@@ -273,6 +273,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, ssm_lr: Optio
     by a module class marked ``trains_like_network = True`` (S4's ``TransposedLinear``), train like
     the rest of the network.  Pass the result to the optimiser: ``torch.optim.AdamW(param_groups(...))``
     (every group sets its own lr and weight_decay, so the optimiser's own arguments do not apply)."""
+    check_optim_values("param_groups", lr=lr, weight_decay=weight_decay, ssm_lr=ssm_lr)
     layer_params = {id(p) for layer in sequence_layers(model) for p in ssm_parameters(layer)}
     layer_lr = ssm_lr if ssm_lr is not None else lr
 
@@ -829,12 +830,14 @@ def _checkpoint_info(model: SequenceModel, recipe: Recipe, out_dir: Optional[str
                      meta: Dict[str, Any]) -> Dict[str, Any]:
     """What ``from_pretrained`` attaches to a loaded model (config.json's dict plus "source"), for a
     freshly trained one: ``save_pretrained`` / ``push_to_hub`` / export read their card from it."""
-    from .hub import weights_digest
-    from .hub_save import checkpoint_config
+    from .hub import STATE_DIGEST_KEY, state_digest, weights_digest
+    from .hub_save import checkpoint_config, file_tensors
     source: Dict[str, Any] = {"type": "trained", "recipe": recipe.name}
+    saved: Dict[str, Any] = {}
     if out_dir is not None:   # where rank 0 saved it: what from_pretrained(out_dir) would record
         source = {"type": "local", "path": str(Path(out_dir).expanduser().resolve())}
-    return {**checkpoint_config(model, **meta), "source": source, "weights_digest": weights_digest(model)}
+        saved = {STATE_DIGEST_KEY: state_digest(file_tensors(model))}
+    return {**checkpoint_config(model, **meta), **saved, "source": source, "weights_digest": weights_digest(model)}
 
 
 def _device_name(model: nn.Module) -> str:

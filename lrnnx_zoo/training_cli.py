@@ -53,6 +53,13 @@ def checkpoint_every(text: str) -> Any:
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from .recipes import RECIPES, list_recipes
+    if getattr(args, "json", False):
+        from .cli import print_json
+        print_json([{"name": name, "description": RECIPES[name].description, "model": RECIPES[name].model,
+                     "data": RECIPES[name].data.name, "epochs": RECIPES[name].optim.epochs,
+                     "batch_size": RECIPES[name].optim.batch_size, "lr": RECIPES[name].optim.lr}
+                    for name in list_recipes()])
+        return 0
     for name in list_recipes():
         r = RECIPES[name]
         m, o = r.model, r.optim
@@ -160,7 +167,8 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
                    help="start from the weights of this checkpoint (folder, shipped name or Hub repo id) "
                         "instead of random ones; its model must be the recipe's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary line")
-    add_command(sub, "recipes", "list the training recipes", [""])
+    p = add_command(sub, "recipes", "list the training recipes", ["", "--json"])
+    p.add_argument("--json", action="store_true", help="print one JSON list (as the other listings do)")
     commands.update(train=_cmd_train, recipes=_cmd_recipes)
 
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_parameter_dtype, check_probability,
+from lrnnx_zoo.base import (LTI_LRNN, check_device, check_flags, check_floating, check_parameter_dtype, check_probability,
                             check_sizes, current_form, float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
                             needs_autograd, ordinary_tensor, weights_and_versions)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
@@ -185,8 +185,10 @@ class FFTConvS4(nn.Module):
             within its length); the outputs past them are not masked.
         """
         u = self._to_bhl(x)
-        if self.L is not None:          # l_max * rate is rounded below: nan, inf and tensors failed there
-            rate = check_rate(rate, "FFTConvS4")       # (without a window the kernel checks it, in its terms)
+        # always here: l_max * rate is rounded below (nan, inf and tensors failed there), and the
+        # kernel's own check ran only when its cache missed (a warm one took rate=True, and failed on
+        # a tensor of rates with "Boolean value of Tensor ... is ambiguous")
+        rate = check_rate(rate, "FFTConvS4")
         B, H, L = u.shape
         if lengths is not None:               # a float or too large one failed in gather, or was taken as given
             u = mask_lengths_of_one_stream(u, lengths, state, time_dim=2)
@@ -282,6 +284,7 @@ class FFTConvS4(nn.Module):
         x = float32_under_autocast(x)
         check_parameter_dtype(self, "FFTConvS4")
         check_floating(x, "FFTConvS4")
+        check_device(self, x, "FFTConvS4")
         return x if self.transposed else x.transpose(1, 2)
 
     def _flatten(self, y: Tensor) -> Tensor:

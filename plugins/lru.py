@@ -29,7 +29,7 @@ from lrnnx_zoo.base import LTI_LRNN, check_reals, check_sizes, mask_padding, ord
 from lrnnx_zoo.discretization import zoh_resample_diag
 from lrnnx_zoo.modal import channel_final_state, channel_kernel, final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, get_initializer
-from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate
+from lrnnx_zoo.ssm_kernel import SSMKernel, check_batch_shape, check_rate
 from lrnnx_zoo.step_forms import ChannelDiagonalStepForm, DiagonalStepForm
 
 # The layer, its kernel and initializers; not the hooks, which a star import would re-register
@@ -304,6 +304,7 @@ class LRUKernel(SSMKernel):
 
     def default_state(self, *batch_shape: int) -> Tensor:
         """The zero state x_{-1}: (*batch_shape, H, N) complex."""
+        check_batch_shape(type(self).__name__, batch_shape)
         return torch.zeros(*batch_shape, self.d_model, self.d_state, dtype=self.state_dtype,
                            device=self.nu_log.device)
 

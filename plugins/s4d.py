@@ -26,7 +26,7 @@ from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vander
 from lrnnx_zoo.modal import channel_final_state, channel_kernel
 from lrnnx_zoo.discretization import get_discretization
 from lrnnx_zoo.registry import get_backend, get_initializer
-from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, kernel_final_step_state
+from lrnnx_zoo.ssm_kernel import SSMKernel, check_batch_shape, check_rate, kernel_final_step_state
 from lrnnx_zoo.step_forms import ChannelDiagonalStepForm
 
 # The layer, its kernel and initializers; not the hooks, which a star import would re-register
@@ -148,6 +148,7 @@ class S4DKernel(SSMKernel):
 
     def default_state(self, *batch_shape: int) -> Tensor:
         """The zero state x_{-1}: (*batch_shape, H, N/2) complex."""
+        check_batch_shape(type(self).__name__, batch_shape)
         return torch.zeros(*batch_shape, self.d_model, self.d_state // 2, dtype=self.state_dtype,
                            device=self.log_dt.device)
 

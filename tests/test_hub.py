@@ -1249,3 +1249,19 @@ def test_a_damaged_weights_file_is_named_at_load(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")                       # re-saved, it records what it now holds
         from_pretrained(model.save_pretrained(tmp_path / "again"))
+
+
+@pytest.mark.parametrize("theirs", ["README.md", "model.safetensors"])
+def test_a_folder_with_the_users_own_readme_is_not_saved_over(tmp_path, theirs):
+    # train(out_dir=...) and save_pretrained replaced a project's README.md with the model card
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / theirs).write_text("# My project notes\n")
+    (folder / "data.csv").write_text("1,2\n")
+    with pytest.raises(CheckpointError, match=rf"holds {theirs} but no checkpoint's config.json; saving a "
+                                              r"checkpoint there would replace it"):
+        tiny("s4d").save_pretrained(folder)
+    assert (folder / theirs).read_text() == "# My project notes\n" and sorted(p.name for p in folder.iterdir()) == \
+        sorted([theirs, "data.csv"])
+    saved = tiny("s4d").save_pretrained(tmp_path / "ck")          # a checkpoint's own card is replaced, as before
+    tiny("s4d", seed=1).save_pretrained(saved)

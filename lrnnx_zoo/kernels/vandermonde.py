@@ -72,7 +72,7 @@ def _check(v: Tensor, log_lam: Tensor, L: int, fn: str) -> torch.Size:
     if not isinstance(v, Tensor) or not isinstance(log_lam, Tensor):
         raise TypeError(f"{fn}: v and log_lam must be tensors, got {type(v).__name__} and "
                         f"{type(log_lam).__name__}")
-    if isinstance(L, bool) or not isinstance(L, int) or L < 0:
+    if isinstance(L, bool) or not isinstance(L, (int, torch.SymInt)) or L < 0:   # symbolic under torch.export
         raise ValueError(f"{fn}: L must be a non-negative int, got {L!r}")
     if v.dim() == 0 or log_lam.dim() == 0:
         raise ValueError(f"{fn}: expected v and log_lam of shape (..., N), got {tuple(v.shape)} "

@@ -38,9 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hippo
-from lrnnx_zoo.base import (apply_function, check_reals, check_sizes, forward_ad_active, func_transforms_active,
-                            jvp_variant, needs_autograd, parameter_dtype)
-from lrnnx_zoo.optim import grouped_parameters, set_optim_record
+from lrnnx_zoo.base import (apply_function, check_flags, check_reals, check_sizes, forward_ad_active,
+                            func_transforms_active, jvp_variant, needs_autograd, parameter_dtype)
+from lrnnx_zoo.optim import check_optim_values, grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, in_graph_operator, passed_state_dtype
 
@@ -58,7 +58,10 @@ W_REAL_MAX = -1e-4
 def _as_real(t: Tensor) -> Tensor:
     """complex (...) -> real (..., 2) of :func:`~lrnnx_zoo.base.parameter_dtype` (float32 unless the
     default dtype is float64); .double() on the module makes float64 parameters too."""
-    return torch.view_as_real(t.to(torch.promote_types(parameter_dtype(), torch.complex64))).clone()
+    # contiguous: P's (r, S, M) came as a permuted view, and parameters_to_vector or safetensors'
+    # save_file of the state_dict refused the strided parameter
+    return torch.view_as_real(t.to(torch.promote_types(parameter_dtype(), torch.complex64))).clone(
+        memory_format=torch.contiguous_format)
 
 
 class _LengthGuard(torch.autograd.Function):
@@ -207,7 +210,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
                 f"log_dt {tuple(log_dt.shape)}")
         self.d_model, self.d_state, self.channels, self.rank = H, 2 * M, Ch, P.shape[0]
         self.discretization, self.backend = discretization, backend
-        train = self._per_key(trainable, True if trainable is None else bool(trainable), bool)
+        train = self._per_key(trainable, True if trainable is None else trainable, bool)
         lrs, wds = self._per_key(lr, lr, None), self._per_key(wd, wd, None)
         self.C = nn.Parameter(_as_real(C))
         self.register("log_dt", log_dt.to(parameter_dtype()), train["dt"], lrs["dt"], wds["dt"])
@@ -219,20 +222,24 @@ class SSKernelNPLR(StepModes, SSMKernel):
         self._length = 0
         self._length_lock = _LengthLock()
         self._remember_home()
+        if L is not None and (isinstance(L, bool) or not isinstance(L, int) or L < 0):
+            raise ValueError(f"SSKernelNPLR needs L to be an integer >= 0 or None (the kernel length), got {L!r}")
         if L:
-            self._init_C_tilde(int(L))
+            self._init_C_tilde(L)
 
     def _remember_home(self) -> None:
         """Note which tensors are this kernel's own C and L: only those are rewritten together
         (:meth:`_writes_length`). By id, which stays unique while the kernel holds them (a weak
         reference made torch.utils.swap_tensors, which load_state_dict and .to can use, refuse them)."""
-        self.__dict__["_home"] = (id(self._parameters["C"]), id(self._buffers["L"]))
+        self.__dict__["_home"] = (id(self._parameters.get("C")), id(self._buffers.get("L")))
 
     def _at_home(self) -> bool:
         """Whether C and L are the kernel's own tensors, not ones substituted for a call (torch.func's
         functional_call with the parameters only: C~ extended in the caller's tensor and the length
         written into the kernel's own buffer left the kernel's C with another C~'s length, 0.44 off)."""
-        return self.__dict__.get("_home") == (id(self._parameters["C"]), id(self._buffers["L"]))
+        # .get: a parametrization moves C to parametrizations.C.original (a KeyError here); its value is
+        # computed, never the kernel's own to rewrite
+        return self.__dict__.get("_home") == (id(self._parameters.get("C")), id(self._buffers.get("L")))
 
     @staticmethod
     def _per_key(value: Any, default: Any, cast: Any) -> Dict[str, Any]:
@@ -242,8 +249,15 @@ class SSKernelNPLR(StepModes, SSMKernel):
             if unknown:
                 raise ValueError(f"keys must be among {keys}, got {sorted(unknown)}")
             fill = False if cast is bool else None
-            return {k: value.get(k, fill) for k in keys}
-        return {k: default for k in keys}
+            found = {k: value.get(k, fill) for k in keys}
+        else:
+            found = {k: default for k in keys}
+        for key, v in found.items():    # trainable="no" read as True, lr=nan or -1 reached the optimiser
+            if cast is bool:
+                check_flags("SSKernelNPLR", **{f"trainable[{key!r}]": v})
+            else:
+                check_optim_values("SSKernelNPLR", **{f"lr / wd [{key!r}]": v})
+        return found
 
     def register(self, name: str, tensor: Tensor, trainable: bool = False, lr: Optional[float] = None,
                  wd: Optional[float] = None) -> None:
@@ -253,6 +267,10 @@ class SSKernelNPLR(StepModes, SSMKernel):
         and on this module (see :mod:`lrnnx_zoo.optim`: a deepcopy keeps only the latter), read by
         :func:`optimizer_param_groups`. Buffers get no record (nothing to optimise).
         """
+        check_flags(f"{type(self).__name__}.register", trainable=trainable)
+        if name in self._parameters or name in self._buffers:
+            raise ValueError(f"{type(self).__name__}.register: {name!r} is already registered; it would be "
+                             f"replaced silently")
         if trainable:
             self.register_parameter(name, nn.Parameter(tensor))
         else:
@@ -586,6 +604,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
         Without autograd (inference) the last K is reused while L, rate and every parameter's
         content are unchanged: the kernel costs H N L / 4 Cauchy terms whatever the batch size.
         """
+        if isinstance(L, Tensor) and L.dim() == 0 and not (L.is_floating_point() or L.is_complex()):
+            L = int(L)                            # a 0-d integer tensor is a length, not a state
         if isinstance(L, Tensor) or (L is None and isinstance(state, int)):
             L, state = state, L
         rate = check_rate(rate, "SSKernelNPLR")
@@ -593,6 +613,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
             if self.length == 0:
                 raise ValueError("SSKernelNPLR has no internal length yet: call it with L=<kernel length>")
             L = round(self.length * rate)
+        if isinstance(L, bool) or not isinstance(L, (int, torch.SymInt)) or L < 0:    # symbolic in a traced graph
+            raise ValueError(f"SSKernelNPLR needs L to be an integer >= 0 (the kernel length), got {L!r}")
         if state is not None and (state.dim() != 3 or state.shape[1:] != (self.d_model, self.d_state // 2)):
             raise ValueError(f"state must be (batch, H={self.d_model}, N/2={self.d_state // 2}) complex "
                              f"(default_state), "
@@ -600,11 +622,28 @@ class SSKernelNPLR(StepModes, SSMKernel):
         if L == 0:                                # an empty kernel (an empty input's): no transform to run
             K = self.C.new_zeros(self.channels, self.d_model, 0)
             return K, (None if state is None else K.new_zeros(state.shape[0], *K.shape))
-        if rate == 1.0 and self._writes_length():  # C~ must cover L (same for zoh, so C means one thing)
+        before = None
+        if rate == 1.0 and self._writes_length() and not 0 < self.length >= L:
+            # C~ must cover L (same for zoh, so C means one thing); put back if the kernel then fails
+            # (L=2**33 ran out of memory after the extension, and every later call, L=5 too, did the same)
+            before = (self.C.detach().clone(), self.length, self.__dict__.get("_length_origin"))
             self._cover(L)
-        if state is not None:
-            return self._kernel(L, rate, state)
-        return self.cached_kernel((L, rate), lambda: self._kernel(L, rate, None)[0]), None
+        try:
+            if state is not None:
+                return self._kernel(L, rate, state)
+            return self.cached_kernel((L, rate), lambda: self._kernel(L, rate, None)[0]), None
+        except BaseException:
+            if before is not None:
+                self._restore_length(*before)
+            raise
+
+    @torch.no_grad()
+    def _restore_length(self, C: Tensor, length: int, origin: Optional[Tuple[Any, ...]]) -> None:
+        """Put C~, the length and the length origin back as they were before a length change."""
+        with self._consistent():
+            self.C.copy_(C)
+            self._set_length(length)
+            self.__dict__["_length_origin"] = origin
 
     def _kernel(self, L: int, rate: float, state: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         with self._consistent():                  # C~ and its length from one moment
@@ -753,7 +792,8 @@ class HippoSSKernel(SSKernelNPLR):
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"{type(self).__name__} needs 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         n_ssm = H if n_ssm is None else n_ssm
-        if n_ssm < 1 or H % n_ssm:
+        check_sizes("HippoSSKernel", n_ssm=n_ssm)     # 4.0 or True failed inside expand()
+        if H % n_ssm:
             raise ValueError(f"n_ssm must divide H={H}, got {n_ssm}")
         w, P, B = measure_factors(measure, N, rank, measure_args)
         log_dt = torch.rand(H, dtype=torch.float64) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)

@@ -16,7 +16,7 @@ from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_probability, check_reals, check_sizes,
+from lrnnx_zoo.base import (LTI_LRNN, check_device, check_flags, check_floating, check_probability, check_reals, check_sizes,
                             float32_under_autocast, mask_lengths_of_one_stream, mask_padding, needs_autograd,
                             ordinary_tensor)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
@@ -158,6 +158,7 @@ class S4(nn.Module):
             raise ValueError(f"S4(transposed={self.transposed}) expects u of shape {want}, got {got}")
         u = float32_under_autocast(u)
         check_floating(u, "S4")
+        check_device(self, u, "S4")
         rate = check_rate(rate, "S4")
         if u.dtype != self.D.dtype:     # its linear layers, like nn.Linear, take their own dtype only
             raise TypeError(f"S4 has {self.D.dtype} parameters and got a {u.dtype} input: convert one to the "

@@ -14,13 +14,14 @@ of the step form built last by ``step_form`` (the hook FFTConvS4 uses).
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from lrnnx_zoo.base import check_floating, current_form, lasting_tensors, unchanged, weights_and_versions
-from lrnnx_zoo.ssm_kernel import passed_state_dtype
+from lrnnx_zoo.ssm_kernel import check_batch_shape, passed_state_dtype
 from lrnnx_zoo.step_forms import StepForm, build_dtype, pack_modes, step_form_dtype, unpack_modes
 
 from . import dense
@@ -49,6 +50,10 @@ class StepModes:
         diagonal when its predicted float32 error is below ``tol`` (default 5e-5; the prediction
         overestimates the measured error 2-10x), else linear (bilinear) or dense (zoh).
         """
+        # NaN switched the accuracy check off (err > nan is False): a diagonal form 198% off was taken
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0):
+            raise ValueError(f"step_form / setup_step need tol to be a number > 0 (the largest predicted relative "
+                             f"error of a diagonal form; math.inf skips the check) or None, got {tol!r}")
         if mode not in STEP_MODES + ("auto",):
             raise ValueError(f"step mode must be one of {STEP_MODES + ('auto',)}, got {mode!r}")
         if mode == "linear" and self.discretization != "bilinear":
@@ -121,6 +126,7 @@ class StepModes:
     def default_state(self, *batch_shape: int) -> Tensor:
         """Zero state (*batch_shape, H, N/2) complex (NPLR basis, x_{-1}); after
         ``setup_step("diagonal")``: (*batch_shape, H, N) eigen-coordinates."""
+        check_batch_shape(type(self).__name__, batch_shape)
         n = self.d_state if self._step_mode == "diagonal" else self.d_state // 2
         return torch.zeros(*batch_shape, self.d_model, n, dtype=self.state_dtype, device=self.log_dt.device)
 
