@@ -39,3 +39,7 @@ def test_the_forecast_checkpoints_card_command_gives_its_weights_bit_for_bit(tmp
     differ = {k: float((want[k].double() - got[k].double()).abs().max()) for k in want
               if not torch.equal(want[k], got[k])}
     assert not differ, f"retrained weights differ from the shipped ones (max abs per tensor): {differ}"
+    # the same weights save to the same bytes (safetensors' header is written with sorted keys)
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
+    again = json.loads((tmp_path / "again" / "config.json").read_text(encoding="utf-8"))
+    assert again["weights_file_digest"] == config["weights_file_digest"]
