@@ -117,15 +117,19 @@ class OptimSpec:
     grad_clip: Optional[float] = 1.0
 
     def __post_init__(self) -> None:
-        check_real("OptimSpec.lr", self.lr, positive=True)
+        # kept as the Python numbers the checks return: a sweep's np.float64 / np.int64 made the card's
+        # command "not reproducible" (its repr is no Python literal) and the run record unwritable as JSON
+        checked = {"lr": check_real("OptimSpec.lr", self.lr, positive=True),
+                   "weight_decay": check_real("OptimSpec.weight_decay", self.weight_decay, positive=False),
+                   "epochs": check_int("OptimSpec.epochs", self.epochs, 1),
+                   "batch_size": check_int("OptimSpec.batch_size", self.batch_size, 1),
+                   "warmup_steps": check_int("OptimSpec.warmup_steps", self.warmup_steps, 0)}
         if self.ssm_lr is not None:
-            check_real("OptimSpec.ssm_lr (or None)", self.ssm_lr, positive=True)
-        check_real("OptimSpec.weight_decay", self.weight_decay, positive=False)
-        check_int("OptimSpec.epochs", self.epochs, 1)
-        check_int("OptimSpec.batch_size", self.batch_size, 1)
-        check_int("OptimSpec.warmup_steps", self.warmup_steps, 0)
+            checked["ssm_lr"] = check_real("OptimSpec.ssm_lr (or None)", self.ssm_lr, positive=True)
         if self.grad_clip is not None:
-            check_real("OptimSpec.grad_clip (or None)", self.grad_clip, positive=True)
+            checked["grad_clip"] = check_real("OptimSpec.grad_clip (or None)", self.grad_clip, positive=True)
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True)

@@ -286,10 +286,13 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, ssm_lr: Optio
 
 def sequence_layers(model: nn.Module) -> List[nn.Module]:
     """The sequence layers in ``model`` (itself included): each block's ``layer`` (any registered
-    layer) and every :class:`~lrnnx_zoo.base.LRNN`."""
+    layer), every :class:`~lrnnx_zoo.base.LRNN`, and every module whose class says it is one with
+    ``sequence_layer = True`` (the seed-style ``S4`` and ``FFTConvS4``, whose D, A, B, C and dt were
+    decayed at the network's lr)."""
     from .base import LRNN
     from .models import Block
-    return [m.layer if isinstance(m, Block) else m for m in model.modules() if isinstance(m, (Block, LRNN))]
+    return [m.layer if isinstance(m, Block) else m for m in model.modules()
+            if isinstance(m, (Block, LRNN)) or getattr(m, "sequence_layer", False)]
 
 
 def ssm_parameters(layer: nn.Module) -> List[nn.Parameter]:
@@ -565,6 +568,7 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
     TS.check_resume(resume, out_dir)
     init = TS.initial_weights(init_from, recipe)
     data = _load_training_data(recipe)
+    _check_model_fits_data(recipe, data)
     plan = plan_steps(len(data.x_train), recipe.optim, recipe.max_steps)
     dist_info = setup_distributed(device)
     unreached = unreached_epochs(recipe.optim, plan, recipe.max_steps)
@@ -579,7 +583,7 @@ def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[in
         with _deterministic(), _private_rng(dist_info.device):
             model, metrics, seconds, steps = _run(recipe, data, plan, dist_info, progress, start, saver)
         notes = training_notes(recipe, plan, steps, seconds, dist_info.world_size, _device_name(model))
-        notes += start.notes()
+        notes += start.notes(plan.total)
         source = start.init_record["source"] if start.init_record else None
         meta = dict(task=recipe.task, dataset=data.card, metrics=metrics, notes=notes,
                     command=command or reproduce_command(recipe, "DIR" if out_dir is None else str(out_dir), source))
@@ -673,6 +677,34 @@ def _check_shares(optim: OptimSpec, di: DistInfo) -> None:
         rank_slice(optim.batch_size, di.rank, di.world_size)
     except ValueError as exc:
         raise TrainingSetupError(str(exc)) from None
+
+
+def _check_model_fits_data(recipe: Recipe, data: TaskData) -> None:
+    """Raise a TrainingSetupError, before any step, unless the recipe's model takes the data's input and
+    gives the outputs its task scores. A classifier with fewer outputs than classes failed in the
+    first step ("Target 6 is out of bounds"), one without pooling on the target's shape; a forecaster
+    with pooling or another output width trained on a broadcast MSE and failed at evaluation, after
+    the whole run, saving nothing."""
+    m = recipe.model
+    d_in, task = data.x_train.shape[-1], data.task
+    problems = []
+    if m.get("d_input") != d_in:
+        problems.append(f"d_input={m.get('d_input')}, but the data's sequences have {d_in} feature(s) per step")
+    if task == "sequence-classification":
+        classes = int(data.y_train.max()) + 1 if data.y_train.numel() else 0
+        if m.get("pooling") is None:
+            problems.append("pooling=None, but classification needs one output per sequence (pooling 'mean' or 'last')")
+        if m.get("d_output", 0) < classes:
+            problems.append(f"d_output={m.get('d_output')}, but the data has {classes} classes")
+    else:
+        if m.get("pooling") is not None:
+            problems.append(f"pooling={m.get('pooling')!r}, but forecasting needs one output per step (pooling=None)")
+        if m.get("d_output") != data.y_train.shape[-1]:
+            problems.append(f"d_output={m.get('d_output')}, but the forecast targets have {data.y_train.shape[-1]} "
+                            f"value(s) per step")
+    if problems:
+        raise TrainingSetupError(f"recipe {recipe.name!r}'s model does not fit its {task} data: "
+                                 + "; ".join(problems) + ". Fix the recipe's model")
 
 
 def _load_training_data(recipe: Recipe) -> TaskData:

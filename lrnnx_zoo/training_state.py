@@ -335,6 +335,18 @@ def check_resume(resume: Any, out_dir: Any) -> None:
     if isinstance(resume, bytes) or not isinstance(resume, (str, os.PathLike)):
         raise TypeError(f"resume must be a bool or the path of a snapshot (or of the folder holding them), "
                         f"got {resume!r} ({type(resume).__name__})")
+    if out_dir is not None:
+        # another run's snapshot resumed into a folder holding snapshots: the new run wrote its own over
+        # them and pruned beside them, mixing two runs (a later resume=True picked the other run's step)
+        root = Path(snapshot_root(out_dir)).resolve()
+        held = list_snapshots(snapshot_root(out_dir))
+        source = Path(resume).expanduser().resolve()
+        if held and not (source == root or root in source.parents or source == root.parent):
+            raise TrainingSetupError(f"{wording.name('out_dir')} {out_dir} holds training snapshots of a run (the "
+                                     f"newest at step {held[-1][0]}, in {root}), and resuming {resume} there would "
+                                     f"write this run's snapshots among them: pass another "
+                                     f"{wording.name('out_dir')}, or {wording.given('resume', True)} to continue "
+                                     f"the run it holds")
 
 
 def initial_weights(init_from: Any, recipe: Recipe) -> Optional[Tuple[Dict[str, Tensor], Dict[str, Any]]]:
@@ -398,18 +410,22 @@ class RunStart:
         """The steps this run was resumed at, this time included."""
         return list(self.record.get("resumed_at") or []) + ([self.step] if self.snapshot is not None else [])
 
-    def notes(self) -> str:
-        """What the card's notes add: the initial weights, the steps the run was resumed at."""
+    def notes(self, total: Optional[int] = None) -> str:
+        """What the card's notes add: the initial weights, the steps the run was resumed at (``total``: the
+        run's last step; a resume from it trained nothing, and was no interruption)."""
         text = ""
         if self.init_record:
             init = self.init_record
             at = f" at commit {init['commit']}" if init.get("commit") else ""
             text += (f" Fine-tuned: started from the weights of {init['source']}{at} (weights digest "
                      f"{init['weights_digest'][:16]}), not from random ones.")
-        if self.resumed_at:
-            steps = ", ".join(map(str, self.resumed_at))
-            text += f" Interrupted and resumed from its training snapshot{'s' if len(self.resumed_at) > 1 else ''} " \
+        interrupted = [s for s in self.resumed_at if total is None or s < total]
+        if interrupted:
+            steps = ", ".join(map(str, interrupted))
+            text += f" Interrupted and resumed from its training snapshot{'s' if len(interrupted) > 1 else ''} " \
                     f"at step {steps}."
+        if total is not None and total in self.resumed_at:
+            text += f" Reloaded from its training snapshot of the last step ({total}): no step was trained again."
         return text
 
 

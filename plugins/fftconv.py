@@ -137,6 +137,8 @@ class FFTConvS4(nn.Module):
     Shapes: x (B, H, L) -> y (B, C*H, L) if transposed, else (B, L, H) -> (B, L, C*H).
     """
 
+    sequence_layer = True       # training.param_groups: its own parameters at ssm_lr, without decay
+
     def __init__(self, d_model: int, l_max: Optional[int] = None, channels: int = 1,
                  swap_channels: bool = False, transposed: bool = True, dropout: float = 0.0,
                  tie_dropout: bool = False, drop_kernel: float = 0.0, kernel_type: Optional[str] = None,

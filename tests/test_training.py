@@ -614,3 +614,38 @@ def test_train_leaves_the_callers_random_stream_where_it_was():
         draws.append(torch.rand(2))
         train(TINY_1, progress=False)
     assert torch.equal(torch.cat(draws), expected)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"d_output": 5}, r"d_output=5, but the data has 10 classes"),
+    ({"pooling": None}, r"pooling=None, but classification needs one output per sequence"),
+    ({"d_input": 2}, r"d_input=2, but the data's sequences have 1 feature")])
+def test_a_recipe_whose_model_does_not_fit_its_data_is_refused_before_training(change, message, tmp_path):
+    # "Target 6 is out of bounds" in the first step; a forecaster trained on a broadcast MSE and failed at
+    # evaluation, after the whole run, saving nothing
+    recipe = dataclasses.replace(TINY_1, model={**TINY_1.model, **change})
+    with pytest.raises(TrainingSetupError, match=r"model does not fit its sequence-classification data: .*" + message):
+        train(recipe, out_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_numpy_numbers_in_a_recipe_keep_its_command_reproducible():
+    import numpy as np
+    optim = OptimSpec(lr=np.logspace(-3, -1, 3)[0], epochs=np.int64(1), batch_size=np.int64(32))
+    assert type(optim.lr) is float and type(optim.epochs) is int and type(optim.batch_size) is int
+    from lrnnx_zoo.training import reproduce_command
+    command = reproduce_command(dataclasses.replace(TINY_1, optim=optim), "DIR", None)
+    assert "not reproducible" not in command and "np." not in command
+
+
+def test_param_groups_put_the_seed_style_layers_state_space_parameters_at_ssm_lr():
+    # their D, A, B, C and dt trained at the network's lr with weight decay 0.05
+    from lrnnx_zoo.plugins.fftconv import FFTConvS4
+    from lrnnx_zoo.plugins.s4 import S4
+    from lrnnx_zoo.training import param_groups
+    for layer in (S4(8, d_state=8, transposed=False), FFTConvS4(8)):
+        names = {id(p): n for n, p in layer.named_parameters()}
+        for group in param_groups(layer, lr=3e-3, weight_decay=0.05, ssm_lr=1e-3):
+            for p in group["params"]:
+                if not names[id(p)].startswith("output_linear"):
+                    assert group["weight_decay"] == 0.0 and group["lr"] <= 1e-3, (names[id(p)], group["lr"])

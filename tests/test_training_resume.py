@@ -381,3 +381,22 @@ def test_the_command_line_says_where_an_interrupted_run_can_go_on_from(tmp_path,
     _interrupt_at(monkeypatch, 1)
     assert cli.main(["train", "digits-tiny", "--out", str(tmp_path / "none"), "--no-progress"]) == 130
     assert capsys.readouterr().err.endswith(f"(--out {tmp_path / 'none'}: nothing was saved)\n")
+
+
+def test_resuming_another_runs_snapshot_into_a_folder_with_snapshots_is_refused(finished, tmp_path):
+    # it wrote this run's snapshots among the other run's (one replaced, one kept): a later resume=True
+    # in that folder picked the other run's step
+    before = _steps(finished)
+    other = tmp_path / "other" / "training_state" / "step-00000003"
+    with pytest.raises(TrainingSetupError, match=r"holds training snapshots of a run .* and resuming .* there would "
+                                                 r"write this run's snapshots among them"):
+        train(RECIPE, out_dir=str(finished), resume=str(other), progress=False)
+    assert _steps(finished) == before
+
+
+def test_a_resume_from_the_last_steps_snapshot_is_not_called_an_interruption(finished, tmp_path):
+    run = tmp_path / "again"
+    shutil.copytree(finished, run)
+    model, _ = train(RECIPE, out_dir=str(run), resume=True, checkpoint_every=5, progress=False)
+    notes = model.checkpoint_info["notes"]
+    assert "Interrupted" not in notes and "Reloaded from its training snapshot of the last step (15)" in notes

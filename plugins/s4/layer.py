@@ -96,6 +96,8 @@ class S4(nn.Module):
             trainable, lr, wd, discretization, backend, measure_args, n_ssm).
     """
 
+    sequence_layer = True       # training.param_groups: its own parameters at ssm_lr, without decay
+
     def __init__(self, d_model: int, d_state: int = 64, l_max: Optional[int] = None, channels: int = 1,
                  bidirectional: bool = False, activation: Optional[str] = "gelu", postact: Optional[str] = None,
                  dropout: float = 0.0, transposed: bool = True, tie_dropout: bool = False,
