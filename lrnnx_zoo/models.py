@@ -78,6 +78,9 @@ class ModelConfig:
             _check_size(f"ModelConfig.{name}", getattr(self, name))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}")
+        if "d_model" in self.layer_kwargs:     # failed in create_layer: "got multiple values for 'd_model'"
+            raise ValueError(f"ModelConfig.layer_kwargs holds d_model={self.layer_kwargs['d_model']!r}; the layer's "
+                             f"width is the model's: set ModelConfig.d_model instead")
         for key in SIZE_KWARGS:
             value = self.layer_kwargs.get(key)
             if value is not None or (key != "l_max" and key in self.layer_kwargs):
@@ -338,6 +341,8 @@ class SequenceModel(HubMixin, nn.Module):
         super().__init__()
         if isinstance(config, dict):
             config = ModelConfig.from_dict(config)
+        if not isinstance(config, ModelConfig):       # None failed on a missing attribute
+            raise TypeError(f"SequenceModel needs a ModelConfig (or its dict), got {config!r} ({type(config).__name__})")
         self.config = config
         self.encoder = nn.Linear(config.d_input, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
@@ -479,6 +484,8 @@ class SequenceModel(HubMixin, nn.Module):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         ref = self.encoder.weight
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"allocate_inference_cache needs dtype to be a floating torch.dtype or None, got {dtype!r}")
         if dtype is not None and dtype != ref.dtype:
             raise TypeError(f"this model holds {ref.dtype} parameters; a {dtype} cache would mix precisions. "
                             f"Convert the model instead (model.to({dtype}))")

@@ -218,3 +218,13 @@ def test_nan_padding_leaves_the_gradients_finite(layer):
     x[1, 5:] = float("nan")
     model(x, lengths).square().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_model_level_arguments_are_named():
+    with pytest.raises(TypeError, match=r"SequenceModel needs a ModelConfig \(or its dict\), got None"):
+        lrnnx_zoo.SequenceModel(None)
+    with pytest.raises(ValueError, match=r"layer_kwargs holds d_model=16; .* set ModelConfig.d_model instead"):
+        lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=1, layer_kwargs={"d_model": 16})
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=4, n_layers=1))
+    with pytest.raises(TypeError, match=r"needs dtype to be a floating torch.dtype or None, got torch.int64"):
+        model.allocate_inference_cache(2, dtype=torch.long)      # it advised model.to(torch.int64)
