@@ -228,3 +228,20 @@ def test_model_level_arguments_are_named():
     model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=4, n_layers=1))
     with pytest.raises(TypeError, match=r"needs dtype to be a floating torch.dtype or None, got torch.int64"):
         model.allocate_inference_cache(2, dtype=torch.long)      # it advised model.to(torch.int64)
+
+
+def test_tying_an_s4_kernels_C_alone_is_refused_and_whole_kernels_tie():
+    # b read a's C~ (for a's length) with its own length: 0.21 off, silently
+    a, b = lrnnx_zoo.create_layer("s4", 4, d_state=8).eval(), lrnnx_zoo.create_layer("s4", 4, d_state=8).eval()
+    for name in ("C", "log_dt", "w", "P", "B"):
+        setattr(b.kernel, name, getattr(a.kernel, name))
+    x = torch.randn(1, 24, 4)
+    with torch.no_grad():
+        a(x)
+        with pytest.raises(RuntimeError, match=r"its C is another S4 kernel's parameter \(tied weights\), which "
+                                               r"holds C~ for that kernel's length L=24, while this kernel's length "
+                                               r"is L=0"):
+            b(x)
+        c = lrnnx_zoo.create_layer("s4", 4, d_state=8).eval()
+        c.kernel, c.D = a.kernel, a.D                           # whole kernels: one length
+        torch.testing.assert_close(c(x), a(x), rtol=0, atol=0)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Any, ContextManager, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -50,6 +51,18 @@ from .measures import measure_factors
 from .modes import StepModes
 
 __all__ = ["SSKernelNPLR", "HippoSSKernel", "S4Kernel", "optimizer_param_groups"]
+
+#: Live kernels by id, and the attribute of a C parameter naming its kernel's id (:meth:`SSKernelNPLR._check_shared_C`):
+#: an int on the tensor, so that it pickles and torch.utils.swap_tensors accepts it (a weak reference there it refuses).
+_KERNELS: "weakref.WeakValueDictionary[int, SSKernelNPLR]" = weakref.WeakValueDictionary()
+_C_HOME = "_lrnnx_zoo_kernel"
+
+
+def _home_kernel(C: Tensor) -> Optional["SSKernelNPLR"]:
+    """The live kernel whose own C ``C`` is (by the id it records), or None."""
+    home = _KERNELS.get(C.__dict__.get(_C_HOME, -1))
+    return home if home is not None and home._parameters.get("C") is C else None
+
 
 #: Largest real part allowed for w (the normal part's eigenvalues), keeping the system stable.
 W_REAL_MAX = -1e-4
@@ -230,8 +243,28 @@ class SSKernelNPLR(StepModes, SSMKernel):
     def _remember_home(self) -> None:
         """Note which tensors are this kernel's own C and L: only those are rewritten together
         (:meth:`_writes_length`). By id, which stays unique while the kernel holds them (a weak
-        reference made torch.utils.swap_tensors, which load_state_dict and .to can use, refuse them)."""
-        self.__dict__["_home"] = (id(self._parameters.get("C")), id(self._buffers.get("L")))
+        reference made torch.utils.swap_tensors, which load_state_dict and .to can use, refuse them).
+        C itself records its kernel (:meth:`_check_shared_C`), unless another live kernel holding it
+        did first."""
+        C = self._parameters.get("C")
+        self.__dict__["_home"] = (id(C), id(self._buffers.get("L")))
+        _KERNELS[id(self)] = self
+        if C is not None and _home_kernel(C) in (None, self):
+            C.__dict__[_C_HOME] = id(self)
+
+    def _check_shared_C(self) -> None:
+        """Refuse a C that is another kernel's parameter (weight tying by ``b.kernel.C = a.kernel.C``) while
+        the two kernels' lengths differ: C holds C~ for its own kernel's length, and this kernel read it
+        with its own (0.21 off, silently). Tie whole kernels (``b.kernel = a.kernel``) instead, which share
+        the length too. A substituted C of the same length (torch.func.functional_call with another
+        model's parameters and buffers) is fine."""
+        C = self._parameters.get("C")
+        home = None if C is None or torch.compiler.is_compiling() else _home_kernel(C)
+        if home is not None and home is not self and home.length != self.length:
+            raise RuntimeError(f"{type(self).__name__}: its C is another S4 kernel's parameter (tied weights), which "
+                               f"holds C~ for that kernel's length L={home.length}, while this kernel's length is "
+                               f"L={self.length}: C would be read as another system. Tie whole kernels "
+                               f"(b.kernel = a.kernel), which share the length, instead of their C")
 
     def _at_home(self) -> bool:
         """Whether C and L are the kernel's own tensors, not ones substituted for a call (torch.func's
@@ -604,6 +637,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         Without autograd (inference) the last K is reused while L, rate and every parameter's
         content are unchanged: the kernel costs H N L / 4 Cauchy terms whatever the batch size.
         """
+        self._check_shared_C()
         if isinstance(L, Tensor) and L.dim() == 0 and not (L.is_floating_point() or L.is_complex()):
             L = int(L)                            # a 0-d integer tensor is a length, not a state
         if isinstance(L, Tensor) or (L is None and isinstance(state, int)):
