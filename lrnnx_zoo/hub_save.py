@@ -148,6 +148,9 @@ def check_save_target(save_directory: PathLike, what: str = "save_directory", re
     README.md). Saving over an lrnnx-zoo checkpoint is fine: it is replaced atomically. Raises
     CheckpointError or PermissionError naming the folder the caller gave, as the argument ``what``
     (e.g. "out_dir", "--out")."""
+    if not isinstance(save_directory, (str, os.PathLike)):     # pathlib's own TypeError named no argument
+        raise TypeError(f"{what} must be a folder path (str or os.PathLike), got {save_directory!r} "
+                        f"({type(save_directory).__name__})")
     given = Path(save_directory).expanduser().absolute()
     target = given.resolve() if given.is_symlink() else given  # save through the link, keep the link
     shown = str(given) if target == given else f"{given} (a link to {target})"

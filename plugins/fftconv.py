@@ -160,6 +160,9 @@ class FFTConvS4(nn.Module):
         self.dropout, self.tie_dropout, self.drop_kernel = dropout, tie_dropout, drop_kernel
         self.kernel_type = kernel_type or kernel or "s4d"
         cls = get_backend("ssm_kernel", self.kernel_type)   # unknown names list the registered kernels
+        if param_config is not None and not isinstance(param_config, dict):
+            raise TypeError(f"FFTConvS4 needs param_config to be a dict of kernel arguments or None, got "
+                            f"{param_config!r} ({type(param_config).__name__})")
         args = {**(param_config or {}), **kernel_args}
         try:
             self.kernel: SSMKernel = cls(d_model, channels=channels * (2 if bidirectional else 1), **args)

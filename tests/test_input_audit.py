@@ -245,3 +245,15 @@ def test_tying_an_s4_kernels_C_alone_is_refused_and_whole_kernels_tie():
         c = lrnnx_zoo.create_layer("s4", 4, d_state=8).eval()
         c.kernel, c.D = a.kernel, a.D                           # whole kernels: one length
         torch.testing.assert_close(c(x), a(x), rtol=0, atol=0)
+
+
+def test_more_arguments_are_named():
+    from lrnnx_zoo.kernels.cauchy import cauchy_conj
+    with pytest.raises(ValueError, match=r"do not broadcast|must broadcast"):
+        cauchy_conj(torch.randn(3, 4, dtype=torch.cfloat), torch.randn(5, dtype=torch.cfloat),
+                    torch.randn(2, 4, dtype=torch.cfloat))
+    with pytest.raises(TypeError, match=r"param_config to be a dict"):
+        FFTConvS4(4, param_config="x")
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=4, n_layers=1))
+    with pytest.raises(TypeError, match=r"save_directory must be a folder path"):
+        model.save_pretrained(None)

@@ -62,10 +62,18 @@ def _complex_dtype(*ts: Tensor) -> torch.dtype:
 
 def _prepare(v: Tensor, z: Tensor, w: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor, tuple]:
     """Broadcast v, w to a common (..., N), flatten batch dims to (Bt, N); z to (L,)."""
+    if not all(isinstance(t, Tensor) for t in (v, z, w)):
+        raise TypeError(f"{name}: v, z and w must be torch tensors, got "
+                        f"{', '.join(type(t).__name__ for t in (v, z, w))}")
     if z.dim() != 1:
         raise ValueError(f"{name}: z must be 1-D (L,), got shape {tuple(z.shape)}")
-    if v.dim() < 1 or w.dim() < 1:
-        raise ValueError(f"{name}: v and w must have a trailing state dim N")
+    if v.dim() < 1 or w.dim() < 1 or v.shape[-1] == 0:
+        raise ValueError(f"{name}: v and w must have a trailing state dim N >= 1, got {tuple(v.shape)} and "
+                         f"{tuple(w.shape)}")
+    try:
+        torch.broadcast_shapes(v.shape, w.shape)
+    except RuntimeError as exc:       # (a reshape failed with no word of v or w)
+        raise ValueError(f"{name}: v {tuple(v.shape)} and w {tuple(w.shape)} must broadcast to one (..., N)") from exc
     cdt = _complex_dtype(v, z, w)
     v, w = torch.broadcast_tensors(v.to(cdt), w.to(cdt))
     batch = tuple(v.shape[:-1])
