@@ -21,7 +21,7 @@ import torch
 
 from . import from_pretrained, list_models
 from .runtime import tune_allocator
-from .training import checkpoint_data, evaluate, score
+from .training import MissingDependencyError, checkpoint_data, evaluate, score
 from .training_cli import positive_int
 
 DEFAULT = "forecast-sunspots-s4d"
@@ -156,11 +156,13 @@ def main(argv=None) -> int:
 
 def _run_or_report(name: str, out_dir: Path, steps: int) -> int:
     """run(), with the user's mistakes (an unknown name, a checkpoint with no recorded data split,
-    a model that cannot stream) reported in one line: CheckpointError and ExportError are
-    ValueErrors, as is checkpoint_data's refusal. The other checkpoints still run."""
+    a model that cannot stream, the digits without scikit-learn) reported in one line: CheckpointError
+    and ExportError are ValueErrors, as is checkpoint_data's refusal; a missing optional package is a
+    MissingDependencyError, which says what to install (it was a chained traceback). The other
+    checkpoints still run."""
     try:
         return run(name, out_dir, steps)
-    except ValueError as exc:
+    except (ValueError, MissingDependencyError) as exc:
         print(f"error: {name}: {exc}\n", file=sys.stderr)
         return 2
 

@@ -121,3 +121,17 @@ def test_train_batch_larger_than_the_data_names_the_flag(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert err == ("lrnnx-zoo train: --batch-size 5000 exceeds the 1437 training examples: no full batch, "
                    "so no optimiser step; expected a --batch-size <= 1437\n"), err
+
+
+def test_demo_without_an_optional_package_says_what_to_install_in_one_line(monkeypatch, capsys, tmp_path):
+    # `python -m lrnnx_zoo.demo digits-lru` without scikit-learn ended in a chained traceback; the hint
+    # was its last line
+    from lrnnx_zoo import demo, training
+
+    def missing(info):
+        raise training.MissingDependencyError("the digits data set ships with scikit-learn: "
+                                              "pip install 'lrnnx-zoo[data]'")
+    monkeypatch.setattr(demo, "checkpoint_data", missing)
+    assert demo.main(["--out", str(tmp_path / "out"), "digits-lru"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: digits-lru: the digits data set ships with scikit-learn: pip install" in err
