@@ -4,7 +4,6 @@ Tiny sizes; float32 unless stated."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
