@@ -38,14 +38,18 @@ def compare_metrics(recorded: Dict[str, Any], measured: Dict[str, float], rtol: 
     return rows
 
 
-def card_claims(src: str, revision: Optional[str], local_files_only: bool, recorded: Dict[str, Any]
-                ) -> Dict[str, Any]:
-    """The metrics the model card's model-index claims where they differ from ``recorded`` (the
-    config's): a card edited, or copied from another run, claims what the weights may not do."""
-    from .hub import CARD_NAME, resolve_checkpoint
+def card_claims(info: Dict[str, Any]) -> Dict[str, Any]:
+    """The metrics the model card of the loaded checkpoint (``info``: its checkpoint_info, whose source
+    names its folder) claims in its model-index where they differ from its config's: a card edited, or
+    copied from another run, claims what the weights may not do. Read from the folder the weights came
+    from, not resolved again (a Hub branch could have moved on in between)."""
+    from pathlib import Path
+    from .hub import CARD_NAME
     from .hub_card import card_metrics
-    folder, _ = resolve_checkpoint(src, revision=revision, local_files_only=local_files_only, need_weights=False)
-    return {k: v for k, v in card_metrics(folder / CARD_NAME).items() if recorded.get(k) != v}
+    folder = (info.get("source") or {}).get("path")
+    recorded = info.get("metrics") or {}
+    return {} if folder is None else {k: v for k, v in card_metrics(Path(folder) / CARD_NAME).items()
+                                      if recorded.get(k) != v}
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -58,7 +62,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         model = from_pretrained(args.src, revision=args.revision, local_files_only=args.local_files_only)
         info = model.checkpoint_info
         data = checkpoint_data(info)
-        card = card_claims(args.src, args.revision, args.local_files_only, info.get("metrics") or {})
+        card = card_claims(info)
     except (CheckpointError, TrainingSetupError, MissingDependencyError, ValueError,
             TypeError) as exc:   # TypeError: a recorded spec's value
         print(f"lrnnx-zoo evaluate: {exc}", file=sys.stderr)

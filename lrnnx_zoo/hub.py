@@ -845,11 +845,13 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
     tensors = _read_weights(folder / WEIGHTS_NAME)
     _check_dtypes(state, tensors, folder / WEIGHTS_NAME)
     _check_no_nan(tensors, folder / WEIGHTS_NAME)
-    recorded = config.get(STATE_DIGEST_KEY)
-    if recorded is not None and state_digest(tensors) != recorded:
+    # One hash of the weights for both digests: a freshly, strictly loaded model's state is the file's
+    # (the digest form hashes a float16 file like its float32 upcast), with no digest substitutes yet.
+    digest, recorded = state_digest(tensors), config.get(STATE_DIGEST_KEY)
+    if recorded is not None and digest != recorded:
         # loaded all the same: a float16 copy is a conversion the loader supports; the user decides
         warnings.warn(f"{where}: its weights differ from those its config.json records saving ({STATE_DIGEST_KEY} "
-                      f"{recorded}, the file's {state_digest(tensors)}): {WEIGHTS_NAME} was damaged or converted "
+                      f"{recorded}, the file's {digest}): {WEIGHTS_NAME} was damaged or converted "
                       f"since, so its recorded metrics may not hold; measure them with `lrnnx-zoo evaluate "
                       f"{where} --check`, or re-save the model", WeightsDigestWarning, stacklevel=_outside_package())
     dtype = _weights_dtype(tensors)
@@ -858,7 +860,7 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
     model.load_state_dict(tensors, strict=True)
     model.eval()
     model.checkpoint_info = {**config, "source": source or {"type": "local", "path": str(folder.resolve())},
-                             "weights_digest": weights_digest(model)}
+                             "weights_digest": digest}
     return model
 
 

@@ -119,18 +119,13 @@ def model_config_json(config: Any) -> Dict[str, Any]:
     return json_ready(config.to_dict(), "ModelConfig", finite=True)
 
 
-def file_tensors(model: "SequenceModel") -> Dict[str, Any]:
-    """The tensors a checkpoint's weights file holds for ``model``: its state_dict on the CPU, cloned
-    (safetensors refuses tensors that share storage, and the file must not alias live parameters)."""
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-
-
 def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, Any], name: str,
                       load_as: Optional[str] = None, revision: Optional[str] = None) -> None:
     """Write the three files into ``folder`` (a fresh temporary folder; replaced_folder flushes them)."""
     from .hub_card import build_card
 
-    tensors = file_tensors(model)
+    # clone: safetensors refuses tensors that share storage, and the file must not alias live params
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     # the digest of what the file holds: loading checks it (a damaged copy loaded silently)
     config = {**config, STATE_DIGEST_KEY: state_digest(tensors)}
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n", encoding="utf-8")

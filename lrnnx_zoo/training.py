@@ -863,12 +863,12 @@ def _checkpoint_info(model: SequenceModel, recipe: Recipe, out_dir: Optional[str
     """What ``from_pretrained`` attaches to a loaded model (config.json's dict plus "source"), for a
     freshly trained one: ``save_pretrained`` / ``push_to_hub`` / export read their card from it."""
     from .hub import STATE_DIGEST_KEY, state_digest, weights_digest
-    from .hub_save import checkpoint_config, file_tensors
+    from .hub_save import checkpoint_config
     source: Dict[str, Any] = {"type": "trained", "recipe": recipe.name}
     saved: Dict[str, Any] = {}
     if out_dir is not None:   # where rank 0 saved it: what from_pretrained(out_dir) would record
         source = {"type": "local", "path": str(Path(out_dir).expanduser().resolve())}
-        saved = {STATE_DIGEST_KEY: state_digest(file_tensors(model))}
+        saved = {STATE_DIGEST_KEY: state_digest(model.state_dict())}   # what the file holds: hashed, not copied
     return {**checkpoint_config(model, **meta), **saved, "source": source, "weights_digest": weights_digest(model)}
 
 
