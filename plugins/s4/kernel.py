@@ -33,7 +33,7 @@ import math
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Any, ContextManager, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,23 @@ def _home_kernel(C: Tensor) -> Optional["SSKernelNPLR"]:
     """The live kernel whose own C ``C`` is (by the id it records), or None."""
     home = _KERNELS.get(C.__dict__.get(_C_HOME, -1))
     return home if home is not None and home._parameters.get("C") is C else None
+
+
+class _LengthOrigin(NamedTuple):
+    """What a chain of length changes started from and what its last change left (:meth:`SSKernelNPLR._note_length_change`)."""
+
+    C_first: Tensor                   # C (C~ for L_first, or the plain C when L_first is 0) before the first change
+    L_first: int
+    C_after: Tensor                   # C~ and the length the last change left
+    L_after: int
+    marks: Tuple[Any, ...]            # the discretisation and copies of w, P, log_dt: what A_bar depends on
+    dtype: Optional[torch.dtype]      # the dtype every change of the chain ran in (None: several)
+
+
+def _check_length(L: Any, who: str = "SSKernelNPLR") -> None:
+    """An integer >= 0 (symbolic in a traced graph): 2.5, '3' and True failed deep in hippo.power or were taken."""
+    if isinstance(L, bool) or not isinstance(L, (int, torch.SymInt)) or L < 0:
+        raise ValueError(f"{who} needs L to be an integer >= 0 (the kernel length), got {L!r}")
 
 
 #: Largest real part allowed for w (the normal part's eigenvalues), keeping the system stable.
@@ -235,8 +252,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
         self._length = 0
         self._length_lock = _LengthLock()
         self._remember_home()
-        if L is not None and (isinstance(L, bool) or not isinstance(L, int) or L < 0):
-            raise ValueError(f"SSKernelNPLR needs L to be an integer >= 0 or None (the kernel length), got {L!r}")
+        if L is not None:
+            _check_length(L)
         if L:
             self._init_C_tilde(L)
 
@@ -356,6 +373,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
             self._length = int(self.L) if self.L.device.type != "meta" else 0
         if "_length_lock" not in self.__dict__:   # ... or from before the lock
             self._length_lock = _LengthLock()
+        if not isinstance(self.__dict__.get("_length_origin"), (_LengthOrigin, type(None))):
+            del self.__dict__["_length_origin"]   # ... or from before its fields had names (a 4-tuple)
         self._remember_home()                     # a copy's own tensors (__getstate__ leaves the original's out)
 
     def _consistent(self) -> ContextManager[None]:
@@ -449,15 +468,14 @@ class SSKernelNPLR(StepModes, SSMKernel):
         recovered after a 64 -> 1024 extension moved 3.1e-5 and the step form 4.9e-5 relative, so a live
         stream took the rewrite for changed weights and stopped. From the origin, C and the step forms
         built from it keep their bits across length changes, and the stream carries on."""
-        C = self.continuous(double=True)[3]
         origin = self.__dict__.get("_length_origin")
         # only where every re-expression since ran in the current dtype: after .double() the stored C~
         # is the float64 system, which a float32 origin stands for to float32 rounding only (a float64
         # step was 7e-9 off)
-        if (origin is None or needs_autograd(self) or origin[5] != self.C.dtype
+        if (origin is None or needs_autograd(self) or origin.dtype != self.C.dtype
                 or not self._untouched_since(origin)):
-            return C, self.length
-        return torch.view_as_complex(origin[0].to(C.device, torch.float64).contiguous()), origin[1]
+            return self.continuous(double=True)[3], self.length
+        return torch.view_as_complex(origin.C_first.to(self.C.device, torch.float64).contiguous()), origin.L_first
 
     def _shared_work(self) -> Optional[Dict[Any, Any]]:
         """The results this thread's :meth:`sharing_dense_work` shares, or None: outside it, and under
@@ -583,7 +601,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         .double() between two changes keeps the pair for the digest, not for :meth:`_output_source`)."""
         origin = self.__dict__.get("_length_origin")
         if origin is not None and self._untouched_since(origin):
-            return origin[0], origin[1], (origin[5] if origin[5] == self.C.dtype else None)
+            return origin.C_first, origin.L_first, (origin.dtype if origin.dtype == self.C.dtype else None)
         return self.C.detach().clone(), self.length, self.C.dtype
 
     def _note_length_change(self, first: Tuple[Tensor, int, Optional[torch.dtype]]) -> None:
@@ -591,27 +609,26 @@ class SSKernelNPLR(StepModes, SSMKernel):
         length, the parameters that give C~ its meaning through A_bar (w, P, dt, the discretisation),
         and the dtype every re-expression from ``first`` ran in (None: several)."""
         C_first, L_first, dtype = first
-        self._length_origin = (C_first, L_first, self.C.detach().clone(), self.length, self._system_marks(),
-                               dtype if dtype == self.C.dtype else None)
+        self._length_origin = _LengthOrigin(C_first, L_first, self.C.detach().clone(), self.length,
+                                            self._system_marks(), dtype if dtype == self.C.dtype else None)
 
     def _system_marks(self) -> Tuple[Any, ...]:
         """The discretisation and copies of w, P and log_dt: what A_bar, and so C~ = (I - A_bar^L)^T C, depends on."""
         return (self.discretization,) + tuple(t.detach().clone() for t in (self.w, self.P, self.log_dt))
 
-    def _untouched_since(self, origin: Tuple[Any, ...]) -> bool:
+    def _untouched_since(self, origin: _LengthOrigin) -> bool:
         """Whether C~, the length and A_bar's parameters are as the last length change left them: then
         ``origin``'s first (C, L) is still this system, and A_bar unchanged (an optimiser step on log_dt
         alone changes the C that a stored C~ stands for)."""
-        C_after, L_after, marks = origin[2], origin[3], origin[4]
-        now = (self.C,) + tuple(t for t in (self.w, self.P, self.log_dt))
-        if any(t.is_meta for t in now) or C_after.is_meta:      # no values to compare
+        now = (self.C, self.w, self.P, self.log_dt)
+        if any(t.is_meta for t in now) or origin.C_after.is_meta:      # no values to compare
             return False
 
         def same(t: Tensor, mark: Tensor) -> bool:     # float64 views: a .double() since keeps the values
             return t.shape == mark.shape and torch.equal(t.detach().to(mark.device, torch.float64),
                                                          mark.to(torch.float64))
-        return (self.length == L_after and self.discretization == marks[0] and same(self.C, C_after)
-                and all(same(t, mark) for t, mark in zip(now[1:], marks[1:])))
+        return (self.length == origin.L_after and self.discretization == origin.marks[0]
+                and same(self.C, origin.C_after) and all(same(t, mark) for t, mark in zip(now[1:], origin.marks[1:])))
 
     def digest_substitutes(self) -> Dict[str, Tensor]:
         """{"C", "L"} as they were before this kernel extended its length (running on a longer sequence
@@ -621,7 +638,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         origin = self.__dict__.get("_length_origin")
         if origin is None or not self._untouched_since(origin):
             return {}
-        return {"C": origin[0], "L": torch.tensor(origin[1], dtype=torch.long)}
+        return {"C": origin.C_first, "L": torch.tensor(origin.L_first, dtype=torch.long)}
 
     # -- convolution mode --------------------------------------------------------------------------
     def forward(self, L: Optional[int] = None, rate: float = 1.0, state: Optional[Tensor] = None
@@ -647,8 +664,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
             if self.length == 0:
                 raise ValueError("SSKernelNPLR has no internal length yet: call it with L=<kernel length>")
             L = round(self.length * rate)
-        if isinstance(L, bool) or not isinstance(L, (int, torch.SymInt)) or L < 0:    # symbolic in a traced graph
-            raise ValueError(f"SSKernelNPLR needs L to be an integer >= 0 (the kernel length), got {L!r}")
+        _check_length(L)
         if state is not None and (state.dim() != 3 or state.shape[1:] != (self.d_model, self.d_state // 2)):
             raise ValueError(f"state must be (batch, H={self.d_model}, N/2={self.d_state // 2}) complex "
                              f"(default_state), "
@@ -672,7 +688,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
             raise
 
     @torch.no_grad()
-    def _restore_length(self, C: Tensor, length: int, origin: Optional[Tuple[Any, ...]]) -> None:
+    def _restore_length(self, C: Tensor, length: int, origin: Optional[_LengthOrigin]) -> None:
         """Put C~, the length and the length origin back as they were before a length change."""
         with self._consistent():
             self.C.copy_(C)
