@@ -65,9 +65,8 @@ class LRNN(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (batch, length, d_model={d}), "
                 f"got {tuple(x.shape)}")
-        check_parameter_dtype(self, type(self).__name__)
         check_floating(x, type(self).__name__)
-        check_device(self, x, type(self).__name__)
+        check_parameters_for(self, x, type(self).__name__)
         check_lengths(lengths, x.shape[0], x.shape[1])
 
     def prepare_input(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
@@ -167,11 +166,22 @@ def check_floating(x: Tensor, who: str, autocast_hint: bool = True) -> None:
                         f"input (x.float()){way_out}")
 
 
+def check_parameters_for(module: nn.Module, x: Tensor, who: str) -> None:
+    """:func:`check_parameter_dtype` and :func:`check_device` with one look at the parameters (every
+    forward of every layer runs both)."""
+    ref = reference_tensor(module)
+    _check_parameter_dtype(ref, who)
+    _check_device(ref, x, who)
+
+
 def check_device(module: nn.Module, x: Tensor, who: str) -> None:
     """Raise a ValueError naming ``who`` unless x is on the device of the module's parameters: a meta
     input to a CPU layer failed inside torch ("is not on the expected device meta"), or in one path
     (a batched matmul) returned uninitialised CPU memory."""
-    ref = reference_tensor(module)
+    _check_device(reference_tensor(module), x, who)
+
+
+def _check_device(ref: Tensor, x: Tensor, who: str) -> None:
     if ref.numel() and x.device != ref.device:
         raise ValueError(f"{who}: the input is on {x.device}, the parameters on {ref.device}; move one to the "
                          f"other (x.to({str(ref.device)!r}) or module.to({str(x.device)!r}))")
@@ -182,7 +192,10 @@ def check_parameter_dtype(module: nn.Module, who: str) -> None:
     (``.half()``, ``.bfloat16()``): its kernels and recurrences would need half-precision FFTs or
     complex32 arithmetic, and failed deep inside ("Unsupported dtype BFloat16", "exp_vml_cpu not
     implemented for 'ComplexHalf'"). Under torch.autocast, too, parameters stay float32."""
-    ref = reference_tensor(module)
+    _check_parameter_dtype(reference_tensor(module), who)
+
+
+def _check_parameter_dtype(ref: Tensor, who: str) -> None:
     if ref.dtype in HALF_DTYPES and ref.device.type == "cpu":
         raise TypeError(f"{who} on the CPU computes in float32 or float64, but holds {ref.dtype} parameters: "
                         f"convert it (.float()); for half-precision activations keep float32 parameters and run "

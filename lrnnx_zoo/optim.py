@@ -97,6 +97,7 @@ def grouped_parameters(model: nn.Module, default: Callable[[nn.Parameter], Tuple
         lr, weight_decay = default(param)
         record = records.get(id(param), {})
         key = (record.get("lr", lr), record.get("weight_decay", weight_decay))
-        check_optim_values("a parameter group", lr=key[0], weight_decay=key[1])   # a record set by hand too
         groups.setdefault(key, []).append(param)
+    for lr, weight_decay in groups:          # once per group; a record set by hand on a tensor too
+        check_optim_values("a parameter group", lr=lr, weight_decay=weight_decay)
     return [{"params": ps, "lr": lr, **({} if wd is None else {"weight_decay": wd})} for (lr, wd), ps in groups.items()]

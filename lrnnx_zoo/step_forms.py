@@ -121,7 +121,7 @@ def check_step_form(form: object, who: str, width: Optional[int] = None) -> None
         raise StepFormError(f"{who} must return {expected}") from cause
 
     size = getattr(form, "state_size", None)
-    if not isinstance(form, nn.Module) or type(size) is not int or size < 0:
+    if not is_step_form(form) or type(size) is not int or size < 0:
         refuse(f"an nn.Module with an int state_size >= 0; got {type(form).__name__} with state_size={size!r}")
     sizes = {attr: getattr(form, attr, width) for attr in ("d_input", "d_output")}
     for attr, w in sizes.items():
@@ -544,27 +544,20 @@ class ChannelDPLRStepForm(StepForm):
         return y.reshape(-1, self.d_output), z_next.reshape(-1, self.state_size)
 
 
-def _width(part: nn.Module, *names: str, default: Optional[int] = None) -> int:
-    for name in names:
-        if hasattr(part, name):
-            return int(getattr(part, name))
-    if default is not None:
-        return default
-    raise ValueError(f"cannot tell the width of {type(part).__name__}: give it a {names[0]!r} attribute")
+_INPUT_WIDTH, _OUTPUT_WIDTH = ("d_input", "in_features"), ("d_output", "out_features")
 
 
-def _chain_widths(parts: Tuple[nn.Module, ...]) -> Tuple[int, int]:
-    """(d_input, d_output) of ``parts`` applied in order. A step form that declares no widths keeps its
-    input's (the contract: u and y (B, H)), so a plugin's bare form may sit anywhere in the chain."""
-    inner = [i for i, p in enumerate(parts) if any(hasattr(p, n) for n in ("d_input", "in_features", "d_output",
-                                                                           "out_features"))]
-    first = _width(parts[0], "d_input", "in_features", default=(
-        _width(parts[inner[0]], "d_input", "in_features", "d_output", "out_features")
-        if inner and all(is_step_form(p) for p in parts[:inner[0]]) else None))
-    last = _width(parts[-1], "d_output", "out_features", default=(
-        _width(parts[inner[-1]], "d_output", "out_features", "d_input", "in_features")
-        if inner and all(is_step_form(p) for p in parts[inner[-1] + 1:]) else None))
-    return first, last
+def _end_width(parts: Iterable[nn.Module], near: Tuple[str, ...], far: Tuple[str, ...]) -> int:
+    """The width at one end of a chain, ``parts`` walked from that end: the first declared width (its
+    ``near`` names first), reached through step forms that declare none, which keep their input's width
+    (the contract: u and y (B, H)), so a plugin's bare form may sit anywhere in the chain."""
+    for part in parts:
+        for name in near + far:
+            if hasattr(part, name):
+                return int(getattr(part, name))
+        if not is_step_form(part):
+            break
+    raise ValueError(f"cannot tell the width of {type(part).__name__}: give it a {near[0]!r} attribute")
 
 
 class SequentialStepForm(StepForm):
@@ -585,7 +578,8 @@ class SequentialStepForm(StepForm):
             self.offsets.append((off, size))
             off += size
         self.state_size = off
-        self.d_input, self.d_output = _chain_widths(parts)
+        self.d_input = _end_width(parts, _INPUT_WIDTH, _OUTPUT_WIDTH)
+        self.d_output = _end_width(reversed(parts), _OUTPUT_WIDTH, _INPUT_WIDTH)
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
         return run_parts(self.parts, self.offsets, u, s)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import (LTI_LRNN, check_device, check_flags, check_floating, check_parameter_dtype, check_probability,
+from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_parameters_for, check_probability,
                             check_sizes, current_form, float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
                             needs_autograd, ordinary_tensor, weights_and_versions)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
@@ -287,9 +287,8 @@ class FFTConvS4(nn.Module):
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"FFTConvS4(transposed={self.transposed}) expects x of shape {want}, got {got}")
         x = float32_under_autocast(x)
-        check_parameter_dtype(self, "FFTConvS4")
         check_floating(x, "FFTConvS4")
-        check_device(self, x, "FFTConvS4")
+        check_parameters_for(self, x, "FFTConvS4")
         return x if self.transposed else x.transpose(1, 2)
 
     def _flatten(self, y: Tensor) -> Tensor:
