@@ -175,6 +175,14 @@ def test_training_over_varying_lengths_compiles_twice_by_default(layer):
     assert (counters["stats"]["unique_graphs"], graph_breaks()) == (COLD_START_GRAPHS[layer], 0)
 
 
+@pytest.mark.parametrize("layer", ["s4d", "fftconv"])
+def test_short_and_long_lengths_share_the_dynamic_graph(layer):
+    # The Vandermonde kernel's block count was 1 below 32 steps (a size-1 axis, another layout), so
+    # every length under 32 compiled a graph of its own; now one dynamic graph serves them all.
+    train_lengths(layer, None, (64, 96, 20, 5, 3, 1100))
+    assert (counters["stats"]["unique_graphs"], graph_breaks()) == (2, 0)
+
+
 @pytest.mark.parametrize("layer", FAMILIES)
 def test_training_with_dynamic_shapes_compiles_once(layer):
     # dynamic=True: a float default argument (rate=1.0) is symbolic there, and check_rate's

@@ -174,12 +174,13 @@ def _kernel_from_factors(v: Tensor, factors: tuple[Tensor, Tensor, Tensor, Tenso
 
 
 def _blocks(L: int, T: int) -> int:
-    """J, the blocks of T taps that cover L: ceil(L / T), and under torch.compile L // T + 1, one
-    more when T divides L. In a graph with a dynamic L, a J T equal to L for some lengths and not
-    for others made the slices to L (and the backward's padding) differ in layout, and the graph
-    was pinned to L % T == 0 or not (a recompile when the other kind came); J T > L always is one
-    kind."""
-    return L // T + 1 if torch.compiler.is_compiling() else -(-L // T)
+    """J, the blocks of T taps that cover L: ceil(L / T), and under torch.compile L // T + 2. In a
+    graph with a dynamic L, a J T equal to L for some lengths and not for others made the slices to
+    L (and the backward's padding) differ in layout, and the graph was pinned to L % T == 0 or not
+    (a recompile when the other kind came); J T > L always is one kind. J = 1 (L < T) is a size-1
+    axis, another layout again: graphs and torch.export programs were pinned to L >= T; J >= 2
+    always is one kind (one block of T taps more, at L >= T, than needed)."""
+    return L // T + 2 if torch.compiler.is_compiling() else -(-L // T)
 
 
 class _Vandermonde(torch.autograd.Function):
