@@ -257,8 +257,10 @@ class _DiagonalScan(torch.autograd.Function):
         rev = ctx.reverse
         need_lam, need_x, need_s0 = ctx.needs_input_grad[:3]
         # Gradient w.r.t. each x_t: the adjoint recurrence runs the other way with conj(lam).
-        # Applied through the Function again so that double backward works too.
-        gx = _DiagonalScan.apply(lam.conj(), g, None, not rev, ctx.T)
+        # Applied through the Function again so that double backward works too, and through its jvp
+        # variant under forward-mode AD (a Hessian-vector product, jvp of grad: "You must implement
+        # the jvp function" from the plain Function).
+        gx = apply_function(_DiagonalScan, lam.conj(), g, None, not rev, ctx.T)
         grad_lam, grad_s0 = _scan_parameter_grads(lam, s0, out, gx, rev, need_lam, need_s0)
         return grad_lam, (gx if need_x else None), grad_s0, None, None
 
@@ -278,7 +280,7 @@ class _DiagonalScanJvp(_DiagonalScan):
             start = torch.zeros_like(out[:, :1]) if s0 is None else s0.unsqueeze(1).to(out.dtype)
             prev = torch.cat([out[:, 1:], start], 1) if ctx.reverse else torch.cat([start, out[:, :-1]], 1)
             drive = drive + (lam_t.unsqueeze(1) * prev).to(out.dtype)
-        return _DiagonalScan.apply(lam, drive, s0_t, ctx.reverse, ctx.T)
+        return apply_function(_DiagonalScan, lam, drive, s0_t, ctx.reverse, ctx.T)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -168,6 +168,31 @@ def test_hessian_forward_over_reverse_equals_reverse_over_reverse(name):
     assert (forward_over_reverse - reverse_over_reverse).abs().max() <= 1e-12 * reverse_over_reverse.abs().max()
 
 
+@pytest.mark.parametrize("name,kwargs", [("lru", {}), ("lru", {"backend": "fft"}), ("s4d", {}), ("fftconv", {}), ("s4", {})],
+                         ids=lambda v: str(v))
+def test_hessian_vector_product_as_jvp_of_grad(name, kwargs):
+    # jvp(grad(f)) runs forward-mode AD through the backward's Functions; LRU's scan backward called
+    # its Function without the jvp variant ("You must implement the jvp function"). Against
+    # reverse-over-reverse, 1e-10 of the product (measured ~1e-16).
+    layer = layer_for(name, kwargs)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 40, 8, dtype=f64, generator=g)
+    v = torch.randn(x.shape, dtype=f64, generator=g)
+
+    def f(x):
+        return torch.tanh(layer(x)).pow(3).sum()
+
+    _, hv = torch.func.jvp(torch.func.grad(f), (x,), (v,))
+    want = (jacrev(jacrev(f))(x).reshape(x.numel(), -1) @ v.reshape(-1)).reshape(x.shape)
+    assert (hv - want).abs().max() <= 1e-10 * want.abs().max()
+    if name != "lru":       # the FFT convolutions refuse create_graph (their message names torch.func.grad)
+        return
+    with fwAD.dual_level():                     # the same product by dual numbers through create_graph
+        xd = fwAD.make_dual(x.clone().requires_grad_(), v)
+        (gx,) = torch.autograd.grad(f(xd), xd, create_graph=True)
+        assert (fwAD.unpack_dual(gx).tangent - want).abs().max() <= 1e-10 * want.abs().max()
+
+
 def central_difference_check(f, primals) -> None:
     """torch.func.jvp of f at primals against central differences (float64, eps 1e-6), 1e-7 of the
     largest tangent."""
