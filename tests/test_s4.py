@@ -937,6 +937,23 @@ def test_a_graph_built_before_the_internal_length_grew_refuses_its_backward():
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("trained", ["log_dt", "w", "P", "B"])
+def test_with_C_frozen_a_graph_built_before_the_length_grew_refuses_its_backward(trained):
+    # The guard hung on C alone: with C frozen and the dynamics trained, m(x8) + m(x40) gave w's
+    # gradient 24-77% off, P's 12%, log_dt's 2-11%, silently. It rides on the first trained tensor.
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("s4", 4, d_state=8, l_max=8).double()
+    for name, p in layer.kernel.named_parameters():
+        p.requires_grad_(name == trained)
+    x8, x40 = torch.randn(2, 8, 4, dtype=torch.float64), torch.randn(2, 40, 4, dtype=torch.float64)
+    loss = layer(x8).sum() + layer(x40).sum()
+    with pytest.raises(RuntimeError, match=r"C~ was rewritten between this forward and its backward"):
+        loss.backward()
+    layer.zero_grad()
+    (layer(x40).sum() + layer(x8).sum()).backward()          # longest first: one parameterisation
+    assert torch.isfinite(getattr(layer.kernel, trained).grad).all()
+
+
 @pytest.mark.parametrize("transposed", [True, False])
 def test_bidirectional_padded_batch_against_sums_by_hand_on_every_path(transposed, monkeypatch):
     # S4 (seed-style, C=2, a window at rate 0.5: round(9 * 0.5) = 4 taps) and the registered layer on

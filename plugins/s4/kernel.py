@@ -95,17 +95,20 @@ def _as_real(t: Tensor) -> Tensor:
 
 
 class _LengthGuard(torch.autograd.Function):
-    """Identity on the stored C~ that keeps it for the backward, so that autograd checks its version
-    there: a forward on a longer sequence rewrites C~ in place for the new internal length (the kernel
-    stays the same), and a graph built before that gave gradients for the old parameterisation applied
-    to the new one (``m(x8) + m(x40)``: C's gradient 72% off, log_dt's 25%), silently. It is now an
-    error that says what happened and what to do."""
+    """``_LengthGuard.apply(C, t)``: identity on t, a trained kernel tensor, that keeps the stored C~
+    for the backward, so that autograd checks C~'s version there: a forward on a longer sequence
+    rewrites C~ in place for the new internal length (the kernel stays the same), and a graph built
+    before that gave gradients for the old parameterisation applied to the new one (``m(x8) +
+    m(x40)``: C's gradient 72% off, log_dt's 25%), silently. It is now an error that says what
+    happened and what to do. t is C itself when C is trained, else another trained tensor (with C
+    frozen and w, P, log_dt trained, w's gradient was 24-77% off, silently, since the guard hung on C
+    and a frozen C has no backward)."""
 
     generate_vmap_rule = True      # an identity: torch.func.vmap batches it as it is
 
     @staticmethod
-    def forward(C: Tensor) -> Tensor:  # type: ignore[override]
-        return C.view_as(C)
+    def forward(C: Tensor, t: Tensor) -> Tensor:  # type: ignore[override]
+        return t.view_as(t)
 
     @staticmethod
     def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
@@ -113,7 +116,7 @@ class _LengthGuard(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> Tuple[None, Tensor]:  # type: ignore[override]
         try:
             ctx.saved_tensors
         except RuntimeError as exc:       # the version check: C~ changed since this graph was built
@@ -124,7 +127,7 @@ class _LengthGuard(torch.autograd.Function):
                 "the length before training (kernel(L=max_length), or l_max=max_length), or set "
                 "extend_length_in_place = False on the kernel (C~ for a longer sequence is then computed on "
                 "each call, not stored)") from exc
-        return grad
+        return None, grad
 
 
 @jvp_variant
@@ -132,10 +135,10 @@ class _LengthGuardJvp(_LengthGuard):
     """:class:`_LengthGuard` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
 
     @staticmethod
-    def jvp(ctx, C_t: Tensor) -> Tensor:  # type: ignore[override]
+    def jvp(ctx, C_t: Optional[Tensor], t_t: Tensor) -> Tensor:  # type: ignore[override]
         """Forward-mode AD of the identity (a forward-mode tangent is spent within the forward: no
         version to check later)."""
-        return C_t.view_as(C_t)
+        return t_t.view_as(t_t)
 
 
 class _LengthLock:
@@ -398,13 +401,25 @@ class SSKernelNPLR(StepModes, SSMKernel):
         """
         real = torch.float64 if double else self.log_dt.dtype
         cx = lambda t: torch.view_as_complex(t.to(real).contiguous())          # noqa: E731
-        w, P, B = cx(self.w), cx(self.P), cx(self.B)
+        C, w, P, B, log_dt = self._length_guarded()
+        w, P, B = cx(w), cx(P), cx(B)
         w = torch.complex(w.real.clamp(max=W_REAL_MAX), w.imag)
         rep = self.d_model // w.shape[0]
         if rep > 1:
             w, P, B = w.repeat(rep, 1), P.repeat(1, rep, 1), B.repeat(rep, 1)
-        C = apply_function(_LengthGuard, self.C) if self.C.requires_grad and torch.is_grad_enabled() else self.C
-        return w, P, B, cx(C), torch.exp(self.log_dt.to(real))
+        return w, P, B, cx(C), torch.exp(log_dt.to(real))
+
+    def _length_guarded(self) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(C, w, P, B, log_dt) as stored, the first trained one (C first) passed through
+        :class:`_LengthGuard` while autograd records: a graph's backward then checks that C~ was not
+        rewritten since its forward."""
+        tensors = [self.C, self.w, self.P, self.B, self.log_dt]
+        if torch.is_grad_enabled():
+            for i, t in enumerate(tensors):
+                if t.requires_grad:
+                    tensors[i] = apply_function(_LengthGuard, self.C, t)
+                    break
+        return tuple(tensors)  # type: ignore[return-value]
 
     def dense_system(self, rate: float = 1.0) -> Tuple[Tensor, Tensor]:
         """Discretised (A_bar (H, N, N), b_bar (H, N)) in real coordinates, float64, step dt / rate
