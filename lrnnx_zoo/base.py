@@ -13,6 +13,7 @@ import itertools
 import math
 import numbers
 import sys
+import warnings
 from abc import abstractmethod
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
@@ -23,6 +24,12 @@ from .discretization import METHODS, get_discretization
 from .step_forms import check_step_form, same_form, step_form_dtype
 
 Discretization = Optional[Literal["zoh", "bilinear", "dirac", "async", "no_discretization"]]
+
+
+class StepWeightsGradientWarning(UserWarning):
+    """A layer stepped in training mode with autograd on: its weights get no gradient from a step
+    (the step form holds their values), so a loss on streamed outputs would train the layers around it
+    and leave the layer's weights as they are."""
 
 
 class LRNN(nn.Module):
@@ -43,6 +50,11 @@ class LRNN(nn.Module):
 
     def __init__(self, discretization: Discretization) -> None:
         super().__init__()
+        if type(self).__name__ in ("LRNN", "LTI_LRNN") and type(self).__module__ == __name__:
+            # an nn.Module ignores @abstractmethod: the bare class built and failed at its first call
+            raise TypeError(f"{type(self).__name__} is abstract: subclass it and implement forward"
+                            f"{', discretize, compute_kernel and step_form' if type(self).__name__ == 'LTI_LRNN' else ''}, or build a registered "
+                            f"layer with lrnnx_zoo.create_layer(name, d_model)")
         if discretization is not None and discretization not in METHODS:
             raise ValueError(
                 f"unknown discretization {discretization!r}; expected one of {', '.join(METHODS)} or None")
@@ -270,7 +282,10 @@ def needs_autograd(module: nn.Module, *inputs: Tensor) -> bool:
     (:func:`forward_ad_active`). Layers take inference-only
     fast paths (e.g. blocked_channel_conv) and kernel caches when it is False."""
     return func_transforms_active() or forward_ad_active() or torch.is_grad_enabled() and (
-        any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters()))
+        any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters())
+        # a buffer swapped for a tensor requiring grad (functional_call of a frozen S4 kernel's
+        # log_dt) took the inference path, which has no backward
+        or any(b.requires_grad for b in module.buffers()))
 
 
 def forward_ad_active() -> bool:
@@ -726,7 +741,17 @@ class LTI_LRNN(LRNN):
             # (16, 1) for a (1, 8) state, which contiguous() leaves), and dynamo, guarding on strides,
             # retraced the compiled step at its second step
             inference_cache["lrnn_state"] = inference_cache["lrnn_state"].clone(memory_format=torch.contiguous_format)
+        elif y.requires_grad and any(p.requires_grad for p in self.parameters()):
+            y.register_hook(self._warn_weights_get_no_gradient)
         return y, inference_cache
+
+    def _warn_weights_get_no_gradient(self, grad: Tensor) -> None:
+        """A backward through a step's output: the layer's weights get nothing from it (the step form
+        holds their values), silently, while the layers around it train."""
+        warnings.warn(f"{type(self).__name__}.step: a backward through a step's output gives no gradient to the "
+                      f"layer's weights (its step form holds their values), only to its input, so they stay as "
+                      f"they are while the layers around them train; train with forward (the layer's or "
+                      f"SequenceModel's), which differentiates every weight", StepWeightsGradientWarning)
 
     def _advance(self, x: Tensor, inference_cache: Dict[str, Any], state: Tensor, form: nn.Module
                  ) -> Tuple[Tensor, Tensor]:

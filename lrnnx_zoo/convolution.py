@@ -650,7 +650,10 @@ class _BlockedConv(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(_NO_SECOND_DERIVATIVE)
         n, Lk, channels_last = ctx.meta
-        grad_x, grad_K, grad_skip = _blocked_backward(g, *ctx.saved_tensors, n, Lk, channels_last)
+        # a batched backward: torch.func's vmap, or autograd's own (is_grads_batched, vectorize=True)
+        batched = func_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(g)
+        backward = _whole_backward if batched else _blocked_backward
+        grad_x, grad_K, grad_skip = backward(g, *ctx.saved_tensors, n, Lk, channels_last)
         return grad_x, grad_K, None, grad_skip, None
 
 
@@ -740,6 +743,34 @@ def _blocked_backward(g: Tensor, Uc: Optional[Tensor], Kfc: Optional[Tensor], x:
                 out = out.add_(gs.squeeze(1) if C == 1 else gs.sum(1))
             blocks.scatter(gxv, out.unsqueeze(1), h0, w)
     grad_K = torch.fft.irfft(spectrum_K, n=n).narrow(-1, 0, Lk) if spectrum_K is not None else None
+    return grad_x, grad_K, grad_skip
+
+
+def _whole_backward(g: Tensor, Uc: Optional[Tensor], Kfc: Optional[Tensor], x: Optional[Tensor],
+                    skip: Optional[Tensor], n: int, Lk: int, channels_last: bool
+                    ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """:func:`_blocked_backward`'s equations as whole-tensor, out-of-place ops, for a backward run
+    under a torch.func transform: a batched backward (``jacobian(..., vectorize=True)``,
+    ``autograd.grad(..., is_grads_batched=True)``) vmaps it, and vmap cannot write into the blocks'
+    buffers ("vmap: aten::copy_ ... not possible")."""
+    gv = g.permute(0, 2, 3, 1) if channels_last else g                  # (B, C, H, L)
+    L = gv.shape[-1]
+    G = torch.fft.rfft(gv, n=n)                                          # (B, C, H, F)
+    grad_K = None
+    if Uc is not None:
+        grad_K = torch.fft.irfft((G * Uc.unsqueeze(1)).sum(0), n=n)
+        # a slice to the full length is an alias, which the batched backward has no rule for
+        grad_K = grad_K[..., :Lk] if Lk < n else grad_K
+    grad_x = None
+    if Kfc is not None:
+        gx = torch.fft.irfft((G * Kfc).sum(1), n=n)[..., :L]             # (B, H, L)
+        if skip is not None:
+            gx = gx + (gv * skip.unsqueeze(-1)).sum(1)
+        grad_x = gx.transpose(1, 2) if channels_last else gx
+    grad_skip = None
+    if x is not None:
+        xv = (x.transpose(1, 2) if channels_last else x).unsqueeze(1)    # (B, 1, H, L)
+        grad_skip = (gv * xv).sum((0, 3))
     return grad_x, grad_K, grad_skip
 
 

@@ -66,6 +66,14 @@ NPLR_MEASURES = ("legt", "legs", "glagt", "lagt", "tlagt", "fourier")
 _MIN_RANK = {"legs": 1, "legt": 2, "fourier": 1, "lagt": 1, "tlagt": 1, "glagt": 1,
              "random": 0, "diagonal": 0}
 
+def default_rank(measure: str) -> int:
+    """The low-rank correction's rank that S4 kernels take when given none: the measure's minimum for
+    a normal A + P^T P (2 for legt), at least 1, and 1 for a measure HiPPO does not know (a plugin's
+    initializer, checked where it is looked up). ``rank=1`` was the default for every measure, and
+    ``measure="legt"`` failed with it."""
+    return max(1, _MIN_RANK.get(measure, 1)) if isinstance(measure, str) else 1
+
+
 _ARGS = {  # allowed measure_args and their defaults
     "legt": {}, "legs": {}, "fourier": {},
     "lagt": {"beta": 1.0}, "tlagt": {"beta": 1.0}, "glagt": {"alpha": 0.0, "beta": 0.01},

@@ -56,8 +56,9 @@ def _real_matmul(a: Tensor, q: Tensor) -> Tensor:
     torch.autocast region: autocast runs real matmuls in bfloat16 (S4's float32 output 1e-2 off),
     where the layers promise a float32 kernel; complex ones it left alone."""
     with without_autocast(q.device.type):
-        s = a @ torch.view_as_real(q).flatten(-2)
-    return torch.view_as_complex(s.unflatten(-1, (q.shape[-1], 2)))
+        # reshape, not flatten / unflatten: autograd's batched backward (is_grads_batched) has no rule for them
+        s = a @ torch.view_as_real(q).reshape(*q.shape[:-1], 2 * q.shape[-1])
+    return torch.view_as_complex(s.reshape(*s.shape[:-1], q.shape[-1], 2))
 
 
 def _block(ab: Tensor, c: Tensor, d: Tensor, z: Tensor, out: Optional[Tensor] = None) -> Tensor:

@@ -237,10 +237,12 @@ class _Vandermonde(torch.autograd.Function):
         t = torch.arange(T, dtype=rdt, device=g.device)
         # H as (..., J, T) rows; the rows of [H; t H] give R and R' in one matmul against P^T.
         if conj:
-            H = torch.nn.functional.pad(2.0 * g.to(rdt), (0, J * T - L)).unflatten(-1, (J, T))
+            H = torch.nn.functional.pad(2.0 * g.to(rdt), (0, J * T - L))
+            H = H.reshape(*H.shape[:-1], J, T)          # (not unflatten: autograd's batched backward has no rule)
             R = torch.matmul(torch.cat([H, H * t], dim=-2), torch.cat([Pr, Pi], dim=-2).transpose(-1, -2))
         else:                              # complex H: [Hr, Hi] against [[Pr, Pi], [-Pi, Pr]]^T
-            H = torch.nn.functional.pad(g.conj().resolve_conj(), (0, J * T - L)).unflatten(-1, (J, T))
+            H = torch.nn.functional.pad(g.conj().resolve_conj(), (0, J * T - L))
+            H = H.reshape(*H.shape[:-1], J, T)
             H = torch.cat([H.real, H.imag], dim=-1)                                     # (..., J, 2T)
             t2 = torch.cat([t, t])
             P = torch.cat([torch.cat([Pr, -Pi], dim=-1), torch.cat([Pi, Pr], dim=-1)], dim=-2)  # (..., 2N, 2T)

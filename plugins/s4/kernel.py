@@ -839,7 +839,7 @@ class HippoSSKernel(SSKernelNPLR):
         measure_args: extra arguments of the measure (e.g. beta for lagt).
     """
 
-    def __init__(self, H: int, N: int = 64, L: Optional[int] = None, measure: str = "legs", rank: int = 1,
+    def __init__(self, H: int, N: int = 64, L: Optional[int] = None, measure: str = "legs", rank: Optional[int] = None,
                  channels: int = 1, dt_min: float = 0.001, dt_max: float = 0.1,
                  trainable: Union[None, bool, Dict[str, bool]] = None, lr: Union[None, float, Dict[str, float]] = None,
                  mode: str = "nplr", measure_args: Optional[Dict[str, Any]] = None, n_ssm: Optional[int] = None,
@@ -849,6 +849,7 @@ class HippoSSKernel(SSKernelNPLR):
             raise ValueError(f"HippoSSKernel supports mode='nplr' only, got {mode!r}; for diagonal kernels use the "
                              f"S4D family (create_layer('s4d', ...) or kernel_type='s4d')")
         check_sizes("HippoSSKernel", H=H, N=N, channels=channels)
+        rank = hippo.default_rank(measure) if rank is None else rank
         check_sizes(type(self).__name__, rank=rank)     # a float rank failed inside torch.zeros
         if L is not None:
             check_sizes("HippoSSKernel", L=L)

@@ -149,6 +149,8 @@ class S4(nn.Module):
         """u: (B, H, L) if transposed else (B, L, H) -> (y of the same layout, next_state).
 
         next_state is the state after u (B, H, N/2) when ``state`` is given, else None.
+        rate: the input's sampling rate relative to training's; the kernel uses dt / rate (rate 0.5:
+        half as many samples per unit time, dt doubled; the reference S4 code multiplies dt by rate).
         lengths: (B,) valid lengths of a padded batch, or None; u past them is read as zeros, so a
         bidirectional layer's reverse direction starts at each sequence's own end (as FFTConvS4).
         Other keyword arguments are accepted and ignored, as by the seed.
@@ -235,9 +237,10 @@ class S4(nn.Module):
         y = self.output_linear(y.unsqueeze(-1)).squeeze(-1) if self.transposed else self.output_linear(y)
         return y, next_state
 
-    def default_state(self, *batch_shape: int) -> Tensor:
-        """The zero state: (*batch_shape, H, N/2) complex (the kernel's)."""
-        return self.kernel.default_state(*batch_shape)
+    def default_state(self, *batch_shape: int, device: Optional[torch.device] = None) -> Tensor:
+        """The zero state: (*batch_shape, H, N/2) complex (the kernel's), on ``device`` if given."""
+        s = self.kernel.default_state(*batch_shape)
+        return s if device is None else s.to(device)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.h}, d_state={self.n}, l_max={self.L}, channels={self.channels}, "
@@ -248,7 +251,8 @@ class S4Layer(LTI_LRNN):
     """S4 (NPLR HiPPO kernel) as a registered layer: (B, L, H) -> (B, L, H),  y = K * u + D u.
 
     Args:
-        d_model: H.  d_state: N (even).  measure, rank, measure_args: HiPPO initialisation.
+        d_model: H.  d_state: N (even).  measure, rank, measure_args: HiPPO initialisation (rank None:
+            the measure's minimum, 2 for legt, else 1).
         discretization: "bilinear" (Algorithm 1) or "zoh" (dense float64 kernel).
         dt_min, dt_max: initial step range.  l_max: internal kernel length (None: set by the first input).
         bidirectional: add an anti-causal kernel (no step mode).  backend: ("cauchy", name) backend.
@@ -259,7 +263,7 @@ class S4Layer(LTI_LRNN):
 
     a_structure = "dense"
 
-    def __init__(self, d_model: int, d_state: int = 64, measure: str = "legs", rank: int = 1,
+    def __init__(self, d_model: int, d_state: int = 64, measure: str = "legs", rank: Optional[int] = None,
                  discretization: str = "bilinear", dt_min: float = 1e-3, dt_max: float = 1e-1,
                  l_max: Optional[int] = None, bidirectional: bool = False, backend: str = "auto",
                  trainable: Any = None, lr: Any = None, wd: Any = 0.0, measure_args: Optional[Dict[str, Any]] = None,
