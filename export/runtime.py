@@ -186,6 +186,33 @@ class OnnxStreamer:
         self.fixed_batch: Optional[int] = dim0 if isinstance(dim0, int) else None
         self.reset()
 
+    # -- copies --------------------------------------------------------------------------------
+    def copy(self) -> "OnnxStreamer":
+        """An independent stream from the same point: the same session (ONNX Runtime sessions serve
+        several callers), its own buffers holding a copy of the state, batch and step count. For a
+        fork of a stream (e.g. two continuations of one prompt); ``copy.copy`` and ``copy.deepcopy``
+        do the same (a shallow copy shared the state buffers, so stepping one moved the other, and
+        deepcopy failed on the session's lock)."""
+        twin = object.__new__(type(self))
+        with self._lock:
+            twin.__dict__.update({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
+            twin._lock = threading.RLock()
+            twin._bind(self.batch)
+            np.copyto(twin._s[0], self._s[self._cur])
+            twin.steps, twin._fresh = self.steps, self._fresh
+        return twin
+
+    __copy__ = copy
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "OnnxStreamer":
+        return self.copy()
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"an OnnxStreamer holds an ONNX Runtime session, which cannot be pickled; pickle its "
+                        f"path ({self.path!r}) and its state (streamer.state, a numpy array), and make a new "
+                        f"one with OnnxStreamer(path) and streamer.state = state (streamer.copy() forks a "
+                        f"stream in this process)")
+
     def _meta_int(self, key: str) -> int:
         value = self.metadata.get(META_PREFIX + key)
         if value is None:

@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from lrnnx_zoo.base import made_by
 from lrnnx_zoo.models import SequenceModel, running_count_step, running_mean_step
 from lrnnx_zoo.step_forms import StepFormError, check_step_form, same_form, step_form_dtype
 
@@ -215,7 +216,7 @@ def state_from_cache(model: SequenceModel, cache: Dict[str, Any]) -> Tensor:
     Each layer's cached step form is checked against the one the graph is built from (same form
     to float32 rounding), so a state is never read in another layout.
     """
-    if not isinstance(cache, dict) or cache.get("model") != id(model):
+    if not isinstance(cache, dict) or not made_by(model, cache.get("model")):
         raise ExportError("expected a cache of this model (model.prefill(x) or model.allocate_inference_cache(batch)), "
                           "got " + ("one made by another model" if isinstance(cache, dict) else type(cache).__name__))
     parts = []

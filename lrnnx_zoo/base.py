@@ -26,6 +26,29 @@ from .step_forms import check_step_form, same_form, step_form_dtype
 Discretization = Optional[Literal["zoh", "bilinear", "dirac", "async", "no_discretization"]]
 
 
+class CacheOwner:
+    """The mark a streaming cache carries of the module that made it (:func:`cache_owner`). An
+    object, not ``id(module)``: CPython reuses a freed object's id, and a new layer accepted a freed
+    layer's cache and stepped with its weights (2.0-3.9 off, after 4-17 new layers). A deepcopy or
+    pickle of a module and its cache together maps both to one new mark (a copied stream goes on in
+    the copy); a copy of either alone gets a mark of its own, so the other refuses it."""
+
+    __slots__ = ("__weakref__",)
+
+
+def cache_owner(module: nn.Module) -> CacheOwner:
+    """``module``'s :class:`CacheOwner`, made at its first cache."""
+    owner = module.__dict__.get("_cache_owner")
+    if owner is None:
+        owner = module.__dict__["_cache_owner"] = CacheOwner()
+    return owner
+
+
+def made_by(module: nn.Module, mark: Any) -> bool:
+    """Whether ``mark`` (a cache's "layer" or "model" entry) is ``module``'s :func:`cache_owner`."""
+    return mark is not None and mark is module.__dict__.get("_cache_owner")
+
+
 class StepWeightsGradientWarning(UserWarning):
     """A layer stepped in training mode with autograd on: its weights get no gradient from a step
     (the step form holds their values), so a loss on streamed outputs would train the layers around it
@@ -631,7 +654,7 @@ class LTI_LRNN(LRNN):
             state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
         # "layer": whose cache it is; another layer's stepped silently with that layer's weights
         return {"step_form": form, "lrnn_state": state, "weights": weights_and_versions(self), "dtype": dtype,
-                "layer": id(self)}
+                "layer": cache_owner(self)}
 
     def prefill(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Any]]:
         """Read a prompt in convolution mode and return the cache a stream continues from.
@@ -702,11 +725,12 @@ class LTI_LRNN(LRNN):
             raise ValueError(f"{type(self).__name__}.step needs the cache that {type(self).__name__}."
                              f"allocate_inference_cache(batch_size) returns (keys 'step_form', 'lrnn_state'), "
                              f"got {got}") from None
-        owner = inference_cache.get("layer", id(self))
-        if owner != id(self):
+        owner = inference_cache.get("layer")
+        if owner is not None and not made_by(self, owner):
             raise ValueError(f"{type(self).__name__}.step: this cache was made by another layer (its "
-                             f"allocate_inference_cache or prefill), and stepping it would run that layer's "
-                             f"weights; make one with this layer's allocate_inference_cache(batch_size)")
+                             f"allocate_inference_cache or prefill), or copied apart from this one, and stepping "
+                             f"it would run other weights; make one with this layer's allocate_inference_cache("
+                             f"batch_size), or copy a layer and its cache together (copy.deepcopy((layer, cache)))")
         if not isinstance(state, Tensor) or state.dim() != 2 or state.shape[1] != form.state_size:
             # A state of the wrong size failed inside the step form ("mat1 and mat2 shapes cannot be
             # multiplied", "shape '[-1, 2, 4, 6]' is invalid").

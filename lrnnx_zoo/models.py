@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import (check_device, check_floating, check_lengths, check_stream_batch, float32_under_autocast, mask_padding,
-                   valid_steps, values_only)
+from .base import (cache_owner, check_device, check_floating, check_lengths, check_stream_batch,
+                   float32_under_autocast, made_by, mask_padding, valid_steps, values_only)
 from .hub_save import HubMixin, resampled_info
 from .registry import create_layer
 from .ssm_kernel import check_rate
@@ -502,7 +502,7 @@ class SequenceModel(HubMixin, nn.Module):
         # so a compiled step retraced at every step (dynamic=False: 8 graphs, then eager from the
         # recompile limit on; by default a second graph, and a third after a prefill with lengths).
         steps = torch.zeros(batch_size, 1, dtype=torch.long, device=zeros.device)
-        return {"layers": layers, "pool_mean": zeros, "pool_carry": zeros.clone(), "t": steps, "model": id(self)}
+        return {"layers": layers, "pool_mean": zeros, "pool_carry": zeros.clone(), "t": steps, "model": cache_owner(self)}
 
     def step(self, x: Tensor, cache: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
         """One time step: x (B, d_input) -> y (B, d_output). ``cache``: from this model's
@@ -534,9 +534,10 @@ class SequenceModel(HubMixin, nn.Module):
                 f"{', ...' if len(training_norms) > 3 else ''}): training-mode batch norm normalises with the "
                 f"statistics of the whole (batch, length) input, which one step does not see, and would "
                 f"overwrite the running statistics. Call model.eval() to step with the running statistics")
-        if not isinstance(cache, dict) or cache.get("model") != id(self) or len(cache["layers"]) != len(self.blocks):
+        if not isinstance(cache, dict) or not made_by(self, cache.get("model")) or len(cache["layers"]) != len(self.blocks):
             raise ValueError("SequenceModel.step needs a cache from this model's allocate_inference_cache(batch_size); "
-                             "this one was made by another model (or altered)")
+                             "this one was made by another model, copied apart from this one, or altered (copy a "
+                             "model and its cache together: copy.deepcopy((model, cache)))")
         ref = self.encoder.weight
         made = cache["pool_mean"]
         if (made.dtype, made.device) != (ref.dtype, ref.device):

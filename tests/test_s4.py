@@ -668,7 +668,7 @@ def test_disable_keops_env(monkeypatch):
 
 def test_clear_errors():
     with pytest.raises(ValueError, match="legt.*rank >= 2"):
-        HippoSSKernel(2, N=8, measure="legt")
+        HippoSSKernel(2, N=8, measure="legt", rank=1)      # (the default rank is legt's 2)
     with pytest.raises(ValueError, match="even number"):
         HippoSSKernel(2, N=7)
     with pytest.raises(ValueError, match="S4D"):

@@ -107,16 +107,18 @@ class _LengthGuard(torch.autograd.Function):
     generate_vmap_rule = True      # an identity: torch.func.vmap batches it as it is
 
     @staticmethod
-    def forward(C: Tensor, t: Tensor) -> Tensor:  # type: ignore[override]
-        return t.view_as(t)
+    def forward(C: Tensor, t: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+        # t None: C itself (dynamo traces no Function given one tensor twice, a graph break per call)
+        return C.view_as(C) if t is None else t.view_as(t)
 
     @staticmethod
     def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
         # Separate from forward, so that torch.func transforms (grad, jacrev) can run it.
         ctx.save_for_backward(inputs[0])
+        ctx.on_C = inputs[1] is None
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tuple[None, Tensor]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:  # type: ignore[override]
         try:
             ctx.saved_tensors
         except RuntimeError as exc:       # the version check: C~ changed since this graph was built
@@ -127,7 +129,7 @@ class _LengthGuard(torch.autograd.Function):
                 "the length before training (kernel(L=max_length), or l_max=max_length), or set "
                 "extend_length_in_place = False on the kernel (C~ for a longer sequence is then computed on "
                 "each call, not stored)") from exc
-        return None, grad
+        return (grad, None) if ctx.on_C else (None, grad)
 
 
 @jvp_variant
@@ -135,10 +137,11 @@ class _LengthGuardJvp(_LengthGuard):
     """:class:`_LengthGuard` with its jvp (:func:`~lrnnx_zoo.base.jvp_variant`)."""
 
     @staticmethod
-    def jvp(ctx, C_t: Optional[Tensor], t_t: Tensor) -> Tensor:  # type: ignore[override]
+    def jvp(ctx, C_t: Optional[Tensor], t_t: Optional[Tensor]) -> Optional[Tensor]:  # type: ignore[override]
         """Forward-mode AD of the identity (a forward-mode tangent is spent within the forward: no
         version to check later)."""
-        return t_t.view_as(t_t)
+        tangent = C_t if ctx.on_C else t_t
+        return None if tangent is None else tangent.view_as(tangent)
 
 
 class _LengthLock:
@@ -342,27 +345,69 @@ class SSKernelNPLR(StepModes, SSMKernel):
         with it (:meth:`_set_length`, loading, unpickling) is used instead."""
         if self.L.device.type == "cpu" and not torch.compiler.is_compiling():
             try:
-                return int(self.L)
+                n = int(self.L)
             except RuntimeError as exc:   # torch.func.vmap over the buffers: one length per model
                 raise RuntimeError(
                     "S4 kernel: its internal length buffer 'L' is batched by torch.func.vmap (e.g. the buffers of "
                     "torch.func.stack_module_state), but the length is one Python int for all models. vmap over the "
                     "parameters only and pass one model's buffers unbatched: functional_call(model, (params, "
                     "dict(model.named_buffers())), x) with in_dims=(0, None)") from exc
+            if n != self._length and self._at_home():
+                self._check_length_buffer()
+            return n
         return self._length
 
+    def _check_length_buffer(self) -> None:
+        """Raise unless the kernel's own buffer L still says the length its C~ is for (the Python copy,
+        which only the kernel's length changes, loads and unpickling write). Written from outside,
+        C~ for one length was read as another's: DistributedDataParallel broadcasts rank 0's buffers
+        before each forward, and a rank whose inputs had extended C~ further got rank 0's length
+        (0.063 off at lr 0); torch.optim.swa_utils.AveragedModel(use_buffers=True) copies the
+        model's buffers onto averaged weights likewise (0.31 off)."""
+        with self._consistent():      # a length change in another thread writes the buffer, then the copy
+            n = int(self.L)
+            if n == self._length or not self._at_home():
+                return
+        raise RuntimeError(
+            f"S4 kernel: its length buffer L was set to {n} from outside, but its C holds C~ for length "
+            f"{self._length}: the two must change together (a forward on a longer sequence rewrites both). "
+            f"DistributedDataParallel copies rank 0's buffers to every rank before each forward, and "
+            f"AveragedModel(use_buffers=True) copies the model's onto the averaged weights, so processes or "
+            f"models whose inputs extended C~ to different lengths disagree. Give every S4 kernel a length that "
+            f"covers all inputs before wrapping the model (l_max=max_length, or one forward at the longest "
+            f"length), or set extend_length_in_place = False on the kernels (C~ for a longer input is then "
+            f"computed on each call, not stored)")
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self.__dict__.pop("_length_origin", None)  # new weights: no length change to account for
-        # and no step form of the old ones: step() stepped on with them silently; now it asks for setup_step
-        object.__setattr__(self, "_stepper", None)
-        if self.L.device.type != "meta":          # a meta load carries no values
-            self._length = int(self.L)            # the buffer was just loaded: keep the Python copy in step
-        self._remember_home()                     # assign=True loads new tensors
+        with self._consistent():                  # C, L and the Python copy change together
+            super()._load_from_state_dict(*args, **kwargs)
+            self.__dict__.pop("_length_origin", None)  # new weights: no length change to account for
+            # and no step form of the old ones: step() stepped on with them silently; now it asks for setup_step
+            object.__setattr__(self, "_stepper", None)
+            if self.L.device.type != "meta":          # a meta load carries no values
+                self._length = int(self.L)            # the buffer was just loaded: keep the Python copy in step
+            self._remember_home()                     # assign=True loads new tensors
+
+    def _save_to_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        with self._consistent():                  # C~ and L read at one moment (another thread may extend them)
+            super()._save_to_state_dict(*args, **kwargs)
 
     def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state.pop("_home", None)                  # the ids of the original's tensors
+        """For pickling and copy.deepcopy: C and L copied at one moment, under the lock that length
+        changes hold (deepcopy copies the tensors after this returns: a copy taken while another
+        thread extended C~ paired C~ for one length with another, 0.65 off in 3 of 556 copies), and
+        without the original's tensor ids or the dense work of calls in flight in other threads (a
+        copy's own calls took it for theirs, 0.82 off)."""
+        with self._consistent():
+            state = super().__getstate__()
+            state.pop("_home", None)                  # the ids of the original's tensors
+            state.pop("_dense_memo", None)
+            C, L = self._parameters.get("C"), self._buffers.get("L")
+            if C is not None and L is not None:
+                snapshot = nn.Parameter(C.detach().clone(), requires_grad=C.requires_grad)
+                snapshot.__dict__.update(C.__dict__)  # the optimiser record register() left
+                state["_parameters"] = {**self._parameters, "C": snapshot}
+                state["_buffers"] = {**self._buffers, "L": L.clone()}
         return state
 
     def _apply(self, fn: Any, recurse: bool = True) -> "SSKernelNPLR":
@@ -417,7 +462,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         if torch.is_grad_enabled():
             for i, t in enumerate(tensors):
                 if t.requires_grad:
-                    tensors[i] = apply_function(_LengthGuard, self.C, t)
+                    tensors[i] = apply_function(_LengthGuard, self.C, None if i == 0 else t)
                     break
         return tuple(tensors)  # type: ignore[return-value]
 
