@@ -317,8 +317,10 @@ class OnnxStreamer:
         """One time step: x_t (batch, d_input), numpy or torch -> y_t (batch, d_output) numpy float32.
         A chunk graph's step is one chunk: x_t (batch, chunk, d_input) -> (batch, chunk, d_output).
 
-        A NaN or infinite x_t is refused (ValueError) before the step, so the state stays as it was
-        (stepped, it would turn every later output of its sequence NaN): skip or fill in the sample."""
+        A NaN or infinite x_t, or one whose values sum beyond float32's range (about 3.4e38: the
+        encoder's products would overflow too), is refused (ValueError) before the step, so the state
+        stays as it was (stepped, it would turn every later output of its sequence NaN or infinite):
+        skip or fill in the sample."""
         x_t = _to_numpy(x_t, "x_t")
         with self._lock:
             self._check_x(x_t)

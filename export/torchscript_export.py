@@ -17,7 +17,7 @@ import uuid
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -118,9 +118,33 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
         with _temp(path) as tmp:
             with _quiet(record), torch.no_grad():
                 traced = torch.jit.trace(step, sample_inputs(step, TRACE_BATCH), check_trace=False)
+                traced = torch.jit.script(_CheckedStep(traced, step.state_size, step.d_input,
+                                                       getattr(step, "chunk", None) or 0))
                 torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
                 return _finish(step, model, tmp, path, "torchscript", load_torchscript, metadata, validate,
                                x, tolerance, record)
+
+
+class _CheckedStep(torch.nn.Module):
+    """The traced step behind the input checks a trace cannot hold (it records the shapes it saw as
+    constants): a state 85 wide into an 82-wide graph was sliced and stepped, silently, where the
+    .pt2, ONNX Runtime and the eager StepModule refuse it. Scripted, so the checks run in libtorch too."""
+
+    def __init__(self, inner: torch.nn.Module, state_size: int, d_input: int, chunk: int) -> None:
+        super().__init__()
+        self.inner, self.state_size, self.d_input, self.chunk = inner, state_size, d_input, chunk
+
+    def forward(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.chunk > 0:
+            if x.dim() != 3 or x.size(1) != self.chunk or x.size(2) != self.d_input:
+                raise ValueError("x must have shape (batch, {}, {}), got {}".format(self.chunk, self.d_input,
+                                                                                     list(x.shape)))
+        elif x.dim() != 2 or x.size(1) != self.d_input:
+            raise ValueError("x must have shape (batch, {}), got {}".format(self.d_input, list(x.shape)))
+        if state.dim() != 2 or state.size(0) != x.size(0) or state.size(1) != self.state_size:
+            raise ValueError("state must have shape (batch={}, state_size={}), got {}".format(
+                x.size(0), self.state_size, list(state.shape)))
+        return self.inner(x, state)
 
 
 def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: Optional[int] = None,

@@ -97,6 +97,11 @@ def _without_skip(form: StepForm) -> StepForm:
     return form.form if isinstance(form, _SkipStepForm) else form
 
 
+
+#: FFTConvS4._step after its weights were replaced (load_state_dict, resample_): step() refuses the
+#: old stream instead of rebuilding the form under it (None: never set up, step() sets it up).
+_STALE = object()
+
 class _SkipStepForm(StepForm):
     """Adds the skip term D[c, h] u[h] to a kernel step form that has no D of its own."""
 
@@ -324,7 +329,7 @@ class FFTConvS4(nn.Module):
         self.kernel.resample_(rate)
         if self.L is not None:
             self.L = kernel_taps(math.inf, self.L, rate)      # the window's taps, whatever the input's length
-        object.__setattr__(self, "_step", None)       # a step form of the old step
+        object.__setattr__(self, "_step", _STALE if self._step is not None else None)   # the old system's
 
     # -- recurrent mode ----------------------------------------------------------------------
     def default_state(self, *batch_shape: int, device: Optional[torch.device] = None) -> Tensor:
@@ -361,9 +366,10 @@ class FFTConvS4(nn.Module):
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         # New weights: a step form built (by setup_step or a first step) from the old ones kept
-        # stepping with them, silently (off by O(1) after load_state_dict). step() rebuilds it.
+        # stepping with them, silently (off by O(1) after load_state_dict); then a rebuilt one stepped
+        # the old weights' state on with the new (2.5 off, silently). step() now asks for setup_step.
         super()._load_from_state_dict(*args, **kwargs)
-        object.__setattr__(self, "_step", None)
+        object.__setattr__(self, "_step", _STALE if self._step is not None else None)
 
     def step(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         """One time step (no dropout).  x: (B, H) -> y: (B, C*H) (channel order as in forward).
@@ -375,6 +381,10 @@ class FFTConvS4(nn.Module):
         precision whatever the state's. Runs ``setup_step`` on first use.
         """
         self._check_streamable("step mode")
+        if self._step is _STALE:
+            raise RuntimeError("FFTConvS4.step: its weights were replaced since setup_step() (load_state_dict or "
+                               "resample_), so a state from before belongs to another system; call setup_step() "
+                               "again and restart the stream from default_state(batch)")
         if self._step is None:
             self.setup_step()
         else:

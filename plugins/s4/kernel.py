@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 import weakref
 from contextlib import contextmanager
 from typing import Any, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
@@ -56,6 +57,20 @@ __all__ = ["SSKernelNPLR", "HippoSSKernel", "S4Kernel", "optimizer_param_groups"
 #: an int on the tensor, so that it pickles and torch.utils.swap_tensors accepts it (a weak reference there it refuses).
 _KERNELS: "weakref.WeakValueDictionary[int, SSKernelNPLR]" = weakref.WeakValueDictionary()
 _C_HOME = "_lrnnx_zoo_kernel"
+
+
+def _distributed() -> bool:
+    """Whether this process is one of several (torch.distributed initialised, world size > 1)."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class DistributedLengthWarning(RuntimeWarning):
+    """An S4 kernel extended its stored C~ in place in one process of several. Ranks whose batches
+    have different lengths then hold C~ for different lengths: DistributedDataParallel broadcasts rank
+    0's length buffer before each forward (a rank read its C~ with rank 0's length: 0.063 off at lr 0)
+    and averages gradients of parameters that mean different things on each rank (replicas 1.5e-3
+    apart after two steps). Nothing is wrong while every rank sees the same lengths."""
 
 
 def _home_kernel(C: Tensor) -> Optional["SSKernelNPLR"]:
@@ -352,31 +367,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
                     "torch.func.stack_module_state), but the length is one Python int for all models. vmap over the "
                     "parameters only and pass one model's buffers unbatched: functional_call(model, (params, "
                     "dict(model.named_buffers())), x) with in_dims=(0, None)") from exc
-            if n != self._length and self._at_home():
-                self._check_length_buffer()
             return n
         return self._length
-
-    def _check_length_buffer(self) -> None:
-        """Raise unless the kernel's own buffer L still says the length its C~ is for (the Python copy,
-        which only the kernel's length changes, loads and unpickling write). Written from outside,
-        C~ for one length was read as another's: DistributedDataParallel broadcasts rank 0's buffers
-        before each forward, and a rank whose inputs had extended C~ further got rank 0's length
-        (0.063 off at lr 0); torch.optim.swa_utils.AveragedModel(use_buffers=True) copies the
-        model's buffers onto averaged weights likewise (0.31 off)."""
-        with self._consistent():      # a length change in another thread writes the buffer, then the copy
-            n = int(self.L)
-            if n == self._length or not self._at_home():
-                return
-        raise RuntimeError(
-            f"S4 kernel: its length buffer L was set to {n} from outside, but its C holds C~ for length "
-            f"{self._length}: the two must change together (a forward on a longer sequence rewrites both). "
-            f"DistributedDataParallel copies rank 0's buffers to every rank before each forward, and "
-            f"AveragedModel(use_buffers=True) copies the model's onto the averaged weights, so processes or "
-            f"models whose inputs extended C~ to different lengths disagree. Give every S4 kernel a length that "
-            f"covers all inputs before wrapping the model (l_max=max_length, or one forward at the longest "
-            f"length), or set extend_length_in_place = False on the kernels (C~ for a longer input is then "
-            f"computed on each call, not stored)")
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         with self._consistent():                  # C, L and the Python copy change together
@@ -625,6 +617,13 @@ class SSKernelNPLR(StepModes, SSMKernel):
             if self.length == 0:
                 self._init_C_tilde_locked(L)
             if self.length < L:
+                if _distributed():
+                    warnings.warn(f"S4 kernel: extending its stored C~ from length {self.length} to cover {L} in "
+                                  f"this process only; under DistributedDataParallel, processes whose batches "
+                                  f"have other lengths now hold C~ for other lengths, and the model they train "
+                                  f"differs between them. Give the S4 layers l_max=<longest length> (or run one "
+                                  f"forward at it before wrapping the model)", DistributedLengthWarning,
+                                  stacklevel=3)
                 self._extend_length_locked(L)
 
     def _extend_length_locked(self, L: int) -> None:

@@ -230,7 +230,11 @@ class S4(nn.Module):
         self.kernel.setup_step(mode, tol)
 
     def step(self, u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
-        """u: (B, H), state from :meth:`default_state` -> (y (B, H), next_state). Call setup_step first."""
+        """u: (B, H), state from :meth:`default_state` -> (y (B, H), next_state). Call setup_step first.
+
+        The step runs the untruncated system: with ``l_max`` set, ``forward`` convolves with the
+        kernel's first l_max taps, so a stream equals ``forward`` over its first l_max samples and
+        then follows the system past the window (as state passing in chunks does)."""
         y, next_state = self.kernel.step(u, state)                  # (B, C, H)
         y = (y + self.D * u.unsqueeze(1)).reshape(u.shape[0], -1)
         y = self.activation(y)

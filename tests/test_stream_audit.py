@@ -1,0 +1,84 @@
+"""Streams after refused calls and replaced weights (an audit, session 21): each test says what went
+wrong before. Tolerance: step against forward in float32, 1e-5 of the largest output (measured
+3e-7; the recurrence and the FFT round differently)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lrnnx_zoo
+from lrnnx_zoo import ModelConfig, SequenceModel
+from lrnnx_zoo.plugins.fftconv import FFTConvS4
+
+
+@pytest.mark.parametrize("layer", ["s4d", "s4", "lru", "fftconv"])
+def test_a_step_refused_at_a_later_block_leaves_every_block_as_it_was(layer):
+    # Block 1's weights changed mid-stream, so its step raised, but block 0 had already advanced;
+    # with the weights put back, the retried sample stepped block 0 twice: 0.037 off forward after.
+    torch.manual_seed(0)
+    model = SequenceModel(ModelConfig(layer=layer, d_input=2, d_output=3, d_model=4, n_layers=2,
+                                      layer_kwargs={"d_state": 4})).eval()
+    x = torch.randn(2, 12, 2)
+    with torch.no_grad():
+        want = model(x)
+        cache = model.allocate_inference_cache(2)
+        got = [model.step(x[:, t], cache)[0] for t in range(6)]
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        before = [c["lrnn_state"].clone() for c in cache["layers"]]
+        next(model.blocks[1].layer.parameters()).add_(0.5)
+        with pytest.raises(RuntimeError, match="weights changed since this cache was made"):
+            model.step(x[:, 6], cache)
+        assert all(torch.equal(c["lrnn_state"], b) for c, b in zip(cache["layers"], before))
+        model.load_state_dict(saved)             # the same weights again: the stream goes on
+        got += [model.step(x[:, t], cache)[0] for t in range(6, 12)]
+    assert (torch.stack(got, 1) - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "resample_"])
+def test_fftconvs4_asks_for_setup_step_after_its_weights_are_replaced(change):
+    # It rebuilt its step form silently and stepped the old weights' state on with the new ones
+    # (2.5 off the new weights' forward, 5.4 off the old ones').
+    torch.manual_seed(0)
+    block = FFTConvS4(4, d_state=8, transposed=False).eval()
+    other = FFTConvS4(4, d_state=8, transposed=False).eval()
+    with torch.no_grad():
+        state = block.default_state(2)
+        y, state = block.step(torch.randn(2, 4), state)
+        if change == "load_state_dict":
+            block.load_state_dict(other.state_dict())
+        else:
+            block.resample_(2.0)
+        with pytest.raises(RuntimeError, match=r"weights were replaced since setup_step\(\).*call setup_step\(\) "
+                                               r"again and restart the stream"):
+            block.step(torch.randn(2, 4), state)
+        block.setup_step()
+        block.step(torch.randn(2, 4), block.default_state(2))
+
+
+def test_fftconvs4_sets_itself_up_at_its_first_step_and_after_a_device_move():
+    block = FFTConvS4(4, d_state=8, transposed=False).eval()
+    with torch.no_grad():
+        block.step(torch.randn(2, 4), block.default_state(2))
+        block.to("cpu")                          # the same weights: rebuilt silently, as before
+        block.step(torch.randn(2, 4), block.default_state(2))
+
+
+def test_torchscript_step_graph_refuses_a_state_of_the_wrong_width(tmp_path):
+    # The trace baked in the slice positions: an 85-wide state into an 82-wide graph was sliced and
+    # stepped, where the .pt2, ONNX Runtime and the eager StepModule refuse it.
+    from lrnnx_zoo.export import to_torchscript
+    torch.manual_seed(0)
+    model = SequenceModel(ModelConfig(layer="s4d", d_input=2, d_output=3, d_model=4, n_layers=2,
+                                      layer_kwargs={"d_state": 4})).eval()
+    result = to_torchscript(model, tmp_path / "m.ts")
+    graph = torch.jit.load(str(tmp_path / "m.ts"))
+    size = result.state_size if hasattr(result, "state_size") else None
+    x = torch.randn(1, 2)
+    state = torch.zeros(1, graph.state_size)
+    y, nxt = graph(x, state)
+    assert nxt.shape == state.shape and (size is None or size == graph.state_size)
+    for bad_x, bad_state in ((x, torch.zeros(1, graph.state_size + 3)), (torch.randn(1, 3), state),
+                             (x, torch.zeros(2, graph.state_size))):
+        with pytest.raises(Exception, match="must have shape"):
+            graph(bad_x, bad_state)
