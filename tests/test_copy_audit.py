@@ -158,3 +158,16 @@ def test_a_streamer_copy_is_an_independent_fork_and_pickling_says_what_to_do(tmp
     assert np.abs(np.stack(ya, 1) - want_a).max() <= 1e-5 and np.abs(np.stack(yb, 1) - want_b).max() <= 1e-5
     with pytest.raises(TypeError, match=r"cannot be pickled; pickle its path .* \(streamer.copy\(\) forks"):
         pickle.dumps(streamer)
+
+
+def test_a_model_copied_with_its_optimiser_still_shares_its_parameters():
+    # (The S4 kernel's copy goes through deepcopy's memo: a snapshot of C taken for the copy would
+    # leave the optimiser's copy updating another tensor than the model's.)
+    layer = s4(l_max=32)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    twin, twin_opt = copy.deepcopy((layer, opt))
+    assert twin_opt.param_groups[0]["params"][1] is twin.kernel.C
+    twin(torch.randn(2, 32, 4)).square().sum().backward()
+    before = twin.kernel.C.detach().clone()
+    twin_opt.step()
+    assert not torch.equal(twin.kernel.C, before) and torch.equal(layer.kernel.C, layer.kernel.C)
