@@ -264,12 +264,17 @@ def test_state_passing_checks_the_state_shape(kind):
 @pytest.mark.parametrize("kind", KERNELS)
 def test_step_after_load_state_dict_uses_the_new_weights(kind):
     # The step form built by a first step (or setup_step) outlived load_state_dict: the block
-    # stepped on with the old weights (outputs off by O(1)), silently.
+    # stepped on with the old weights (outputs off by O(1)), silently. Then it rebuilt the form
+    # silently, and a stream's old state went on with the new weights (2.5 off): now step asks for
+    # setup_step(), as the seed S4 and the README say, and a new stream runs the new weights.
     m, other = make(kind), make(kind, seed=1)
     x = torch.randn(B, H)
     with torch.no_grad():
         m.step(x, m.default_state(B))
         m.load_state_dict(other.state_dict())
+        with pytest.raises(RuntimeError, match=r"call setup_step\(\) again"):
+            m.step(x, m.default_state(B))
+        m.setup_step()
         torch.testing.assert_close(m.step(x, m.default_state(B))[0], other.step(x, other.default_state(B))[0],
                                    rtol=0, atol=0)                       # the same form from the same weights
 
