@@ -50,9 +50,9 @@ def made_by(module: nn.Module, mark: Any) -> bool:
 
 
 class StepWeightsGradientWarning(UserWarning):
-    """A layer stepped in training mode with autograd on: its weights get no gradient from a step
-    (the step form holds their values), so a loss on streamed outputs would train the layers around it
-    and leave the layer's weights as they are."""
+    """A backward ran through a layer's step output: the layer's weights get no gradient from a step
+    (the step form holds their values), so a loss on streamed outputs trains the layers around it and
+    leaves the layer's weights as they are."""
 
 
 class LRNN(nn.Module):
@@ -73,11 +73,12 @@ class LRNN(nn.Module):
 
     def __init__(self, discretization: Discretization) -> None:
         super().__init__()
-        if type(self).__name__ in ("LRNN", "LTI_LRNN") and type(self).__module__ == __name__:
+        name = type(self).__name__
+        if name in ("LRNN", "LTI_LRNN") and type(self).__module__ == __name__:
             # an nn.Module ignores @abstractmethod: the bare class built and failed at its first call
-            raise TypeError(f"{type(self).__name__} is abstract: subclass it and implement forward"
-                            f"{', discretize, compute_kernel and step_form' if type(self).__name__ == 'LTI_LRNN' else ''}, or build a registered "
-                            f"layer with lrnnx_zoo.create_layer(name, d_model)")
+            more = ", discretize, compute_kernel and step_form" if name == "LTI_LRNN" else ""
+            raise TypeError(f"{name} is abstract: subclass it and implement forward{more}, or build a "
+                            f"registered layer with lrnnx_zoo.create_layer(name, d_model)")
         if discretization is not None and discretization not in METHODS:
             raise ValueError(
                 f"unknown discretization {discretization!r}; expected one of {', '.join(METHODS)} or None")

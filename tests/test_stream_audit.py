@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lrnnx_zoo
 from lrnnx_zoo import ModelConfig, SequenceModel
 from lrnnx_zoo.plugins.fftconv import FFTConvS4
 
