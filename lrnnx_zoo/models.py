@@ -78,6 +78,11 @@ class ModelConfig:
             _check_size(f"ModelConfig.{name}", getattr(self, name))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}")
+        if self.norm == "layer" and self.d_model == 1:
+            # a LayerNorm over one feature maps it to 0 and outputs its bias: the model ignored its input
+            raise ValueError("ModelConfig: norm='layer' with d_model=1 normalises each step's one feature to 0, "
+                             "so every block would see its norm's bias instead of its input; use d_model >= 2, "
+                             "or norm='batch' or 'none'")
         if "d_model" in self.layer_kwargs:     # failed in create_layer: "got multiple values for 'd_model'"
             raise ValueError(f"ModelConfig.layer_kwargs holds d_model={self.layer_kwargs['d_model']!r}; the layer's "
                              f"width is the model's: set ModelConfig.d_model instead")

@@ -80,3 +80,13 @@ def test_a_backward_through_a_step_warns_that_the_weights_get_nothing():
         model.step(torch.randn(2, 1), cache)
         with torch.no_grad():
             model.step(torch.randn(2, 1), cache)
+
+
+def test_a_layer_norm_over_one_feature_is_refused():
+    # LayerNorm(1) outputs its bias whatever its input: a d_model=1 model gave bitwise equal outputs
+    # for unrelated inputs and zero gradients in its sequence layers, silently.
+    with pytest.raises(ValueError, match=r"norm='layer' with d_model=1 .* use d_model >= 2, or norm='batch' or 'none'"):
+        ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=1, n_layers=1)
+    model = SequenceModel(ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=1, n_layers=1, norm="none"))
+    with torch.no_grad():
+        assert not torch.equal(model(torch.randn(1, 8, 1)), model(torch.randn(1, 8, 1)))
