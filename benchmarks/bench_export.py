@@ -212,7 +212,7 @@ def main(argv: List[str] = None) -> None:
                   f"{r['legacy_nodes']} nodes {r['legacy_us']:.1f} us")
     worst = min(r["eager_us"] / r["onnx_us"] for r in rows.values())
     # issue #5's target; README, "Why not more than 3-5x", says why these step graphs reach 3-5x
-    print(f"\ntarget (issue #5) ONNX >= 10x faster than eager step at batch 1: worst ratio {worst:.1f}x "
+    print(f"\ntarget (the export issue's) ONNX >= 10x faster than eager step at batch 1: worst ratio {worst:.1f}x "
           f"-> {'met' if worst >= 10 else 'NOT met (see the README: why not more than 3-5x)'}")
 
 

@@ -16,6 +16,7 @@ _HOME = {
     "ExportError": "step_graph", "ExportResult": "result", "FolderExport": "folder", "StepModule": "step_graph",
     "ValidationError": "validate", "ValidationReport": "validate", "validate_stream": "validate",
     "state_from_cache": "step_graph", "build_chunk_module": "chunk_graph", "ChunkModule": "chunk_graph",
+    "load_torchscript": "torchscript_export", "load_torch_export": "torchscript_export",
 }
 __all__ = list(_HOME)
 

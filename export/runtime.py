@@ -23,7 +23,7 @@ from lrnnx_zoo.shapes import positive_int
 
 ArrayLike = Any  # numpy array or torch tensor
 
-#: Names fixed by the step-graph contract (DESIGN.md, "Step graphs").
+#: Names fixed by the step-graph contract (README, "Export").
 INPUT_NAMES = ("x", "state")
 OUTPUT_NAMES = ("y", "state_out")
 META_PREFIX = "lrnnx_zoo."
@@ -123,7 +123,7 @@ class OnnxStreamer:
     """Run an exported step graph one time step at a time, keeping the state between calls.
 
     Args:
-        path: the .onnx file (with ``lrnnx_zoo.*`` metadata, see DESIGN.md).
+        path: the .onnx file (with ``lrnnx_zoo.*`` metadata, see the README's "Export" section).
         intra_op_threads: ONNX Runtime intra-op threads; 1 is fastest for one stream of steps.
         providers: ONNX Runtime execution providers (default CPU).
 

@@ -32,14 +32,23 @@ __all__ = [
 ]
 
 
-#: Submodules DESIGN.md and the README name as public API (hippo's HiPPO helpers, the convolution
-#: functions, the step forms' split_poles), listed by dir() once imported.
-_PUBLIC_MODULES = ("convolution", "export", "hippo", "plugins", "step_forms")
+#: Submodules the README names as public API (hippo's HiPPO helpers, the convolution functions, the
+#: step forms' split_poles, training.train), listed by dir() and imported on first use.
+_PUBLIC_MODULES = ("convolution", "export", "hippo", "plugins", "step_forms", "training")
+
+
+def __getattr__(name: str):
+    # A public submodule not yet imported, on first use: after ``import lrnnx_zoo`` the README's
+    # ``lrnnx_zoo.export.to_onnx(...)`` and ``lrnnx_zoo.training.train(...)`` raised AttributeError
+    # until imported by name. Not eagerly: export loads onnx (a second), training the data code.
+    if name in _PUBLIC_MODULES:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")     # sets the package attribute too
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    """The public names (``__all__``), the public submodules already imported (``_PUBLIC_MODULES``)
-    and the module's dunders: the submodules the package imports for itself (folder_swap, wording,
+    """The public names (``__all__``), the public submodules (``_PUBLIC_MODULES``, imported on first
+    use) and the module's dunders: the submodules the package imports for itself (folder_swap, wording,
     hub_save, ...) stay reachable but are not advertised."""
-    present = {n for n in _PUBLIC_MODULES if n in globals()}
-    return sorted(set(__all__) | present | {n for n in globals() if n.startswith("__")})
+    return sorted(set(__all__) | set(_PUBLIC_MODULES) | {n for n in globals() if n.startswith("__")})

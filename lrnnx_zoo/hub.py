@@ -266,13 +266,13 @@ def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: O
         raise CheckpointError(f"Hub repo {repo_id!r} has no revision {revision or 'main'!r}; pass a branch, tag or "
                               f"commit id that exists ({main})") from exc
     except LocalEntryNotFoundError as exc:
-        where = (f"{repo_id!r} is not a local folder or a shipped model ({_known(repo_id, shipped)}), and at "
-                 f"revision {revision or 'main'} is not in the Hub cache")   # it may be a typo, not a Hub id
+        where = (f"{repo_id!r} is not a local folder or a shipped model ({_known(repo_id, shipped)}), and as a "
+                 f"Hub id it is not in the Hub cache at revision {revision or 'main'}")   # it may be a typo, not a Hub id
         if local_files_only or constants.HF_HUB_OFFLINE:
             why = given("local_files_only", True) if local_files_only else "offline mode (HF_HUB_OFFLINE)"
             cache = ("set HF_HUB_CACHE to the cache that holds it" if in_command_line()
                      else "pass cache_dir= where it is cached")
-            raise CheckpointError(f"{where} and {why} forbids downloading it; download it once online, or "
+            raise CheckpointError(f"{where}, which {why} forbids downloading; download it once online, or "
                                   f"{cache}") from exc
         if _http_status(exc.__cause__) is not None:     # reached, and it said no (500, 403, ...)
             raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model "

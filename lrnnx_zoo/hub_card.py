@@ -151,7 +151,16 @@ def _body(cfg: Dict[str, Any], name: str, n_parameters: Optional[int], load_as: 
         lines.append("Not recorded.")
     lines += ["", "## How it was made", ""]
     command = cfg.get("command")
-    lines += ["Reproduce it with:", "", "```bash", command, "```"] if command else ["The command was not recorded."]
+    threads = re.search(r"\bCPU \((\d+) threads?\)", str(cfg.get("notes") or ""))
+    if command and threads and not command.lstrip().startswith("#"):
+        # float32 sums split over another number of threads round differently: the command as typed
+        # on a 2-core machine gave other bytes than a 1-thread run's weights
+        lines += ["Reproduce it with (the run's CPU thread count gives the same bytes; other thread counts, "
+                  "torch releases or devices round differently and train to slightly different weights):", "",
+                  "```bash",
+                  f"OMP_NUM_THREADS={threads.group(1)} {command}", "```"]
+    else:
+        lines += ["Reproduce it with:", "", "```bash", command, "```"] if command else ["The command was not recorded."]
     resampled = resampled_sentence(cfg.get("resampled"))
     if resampled:
         lines += ["", "## Sampling rate", "", resampled]

@@ -613,9 +613,25 @@ def unloaded_plugin_remedy(info: Optional["PluginInfo"], distribution: Optional[
         return f"which is loaded, but {info.error.removeprefix('duplicate names: ').strip().splitlines()[0]}"
     if info is not None and info.error:
         return f"which is installed but failed to load: {info.error.strip().splitlines()[0]} (see `lrnnx-zoo plugins`)."
+    if distribution and _installed(distribution):
+        if not _autoload():     # it said "not installed: pip install ..." of an installed plugin
+            return (f"which is installed ({distribution}) but not loaded, since {DISABLE_AUTOLOAD_ENV} is set: "
+                    f"unset it, or register the plugin with lrnnx_zoo.register_plugin.")
+        return (f"which is installed ({distribution}) but not loaded: check its 'lrnnx_zoo' entry point, then "
+                f"restart Python or call lrnnx_zoo.reload_plugins().")
     if distribution:
         return f"which is not installed: pip install {distribution}, then restart Python or call lrnnx_zoo.reload_plugins()."
     return "which is not loaded: install the package that provides it, or register it with lrnnx_zoo.register_plugin."
+
+
+def _installed(distribution: str) -> bool:
+    """Whether a distribution of that name is installed (its metadata is found)."""
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution(distribution)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return True
 
 
 def autoload_note() -> str:

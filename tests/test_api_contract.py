@@ -232,10 +232,10 @@ def test_hook_markers_use_the_project_name():
 def test_dir_lists_the_public_api_only():
     # dir(lrnnx_zoo) listed the submodules the package imports for itself (folder_swap, wording,
     # hub_save, ...) beside the public names, as if they were API
-    import lrnnx_zoo.hippo  # noqa: F401  (a public submodule, DESIGN.md)
     public = {n for n in dir(lrnnx_zoo) if not n.startswith("_")}
-    modules = {n for n in lrnnx_zoo._PUBLIC_MODULES if hasattr(lrnnx_zoo, n)}
-    assert "hippo" in modules and "wording" not in public
+    modules = set(lrnnx_zoo._PUBLIC_MODULES)
+    assert {"hippo", "export", "training"} <= modules and "wording" not in public
     assert public == {n for n in lrnnx_zoo.__all__ if not n.startswith("_")} | modules
+    assert all(getattr(lrnnx_zoo, n).__name__ == f"lrnnx_zoo.{n}" for n in modules)   # imported on first use
     assert "__version__" in dir(lrnnx_zoo)
     assert lrnnx_zoo.wording is not None        # still importable, just not advertised

@@ -105,3 +105,13 @@ def test_main_job_reports_a_users_mistake_without_a_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--steps", "0"])           # the latency median of zero steps is undefined
     assert "--steps: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_card_command_sets_the_thread_count_its_bytes_need(name):
+    # The card's command, typed on a 2-core machine, trained other bytes than the shipped weights
+    # (a 1-thread run's): the card now sets the run's thread count.
+    from lrnnx_zoo.hub import resolve_checkpoint
+    folder, _ = resolve_checkpoint(name)
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert f"OMP_NUM_THREADS=1 lrnnx-zoo train {name} " in card

@@ -90,3 +90,13 @@ def test_a_layer_norm_over_one_feature_is_refused():
     model = SequenceModel(ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=1, n_layers=1, norm="none"))
     with torch.no_grad():
         assert not torch.equal(model(torch.randn(1, 8, 1)), model(torch.randn(1, 8, 1)))
+
+
+def test_an_installed_plugin_left_unloaded_is_not_called_missing(monkeypatch):
+    # With LRNNX_ZOO_DISABLE_PLUGIN_AUTOLOAD=1 a checkpoint of an installed plugin's layer said
+    # "which is not installed: pip install ...".
+    from lrnnx_zoo import registry
+    monkeypatch.setattr(registry, "_autoload", lambda: False)
+    said = registry.unloaded_plugin_remedy(None, "lrnnx-zoo")      # an installed distribution
+    assert said.startswith("which is installed (lrnnx-zoo) but not loaded, since LRNNX_ZOO_DISABLE_PLUGIN_AUTOLOAD")
+    assert registry.unloaded_plugin_remedy(None, "no-such-dist-xyz").startswith("which is not installed: pip install")

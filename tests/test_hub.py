@@ -153,7 +153,7 @@ def test_hub_download_revisions_offline_and_cache(local_hub, tmp_path):
     with local_hub.offline():  # HF_HUB_OFFLINE: served from the cache, no request
         assert_same_outputs(v2, from_pretrained("acme/tiny-s4d"))
         assert_same_outputs(v1, from_pretrained("acme/tiny-s4d", revision=old))
-        with pytest.raises(CheckpointError, match=r"not in the Hub cache and offline mode \(HF_HUB_OFFLINE\)"):
+        with pytest.raises(CheckpointError, match=r"not in the Hub cache at revision main, which offline mode \(HF_HUB_OFFLINE\)"):
             from_pretrained("acme/never-downloaded")
     assert_same_outputs(v2, from_pretrained("acme/tiny-s4d", local_files_only=True))
     assert local_hub.requests == []
