@@ -128,7 +128,8 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
 class _CheckedStep(torch.nn.Module):
     """The traced step behind the input checks a trace cannot hold (it records the shapes it saw as
     constants): a state 85 wide into an 82-wide graph was sliced and stepped, silently, where the
-    .pt2, ONNX Runtime and the eager StepModule refuse it. Scripted, so the checks run in libtorch too."""
+    .pt2, ONNX Runtime and the eager StepModule refuse it. Scripted, so the checks run in libtorch too;
+    from Python a refusal arrives as ``torch.jit.Error`` (a RuntimeError) naming the expected shape."""
 
     def __init__(self, inner: torch.nn.Module, state_size: int, d_input: int, chunk: int) -> None:
         super().__init__()

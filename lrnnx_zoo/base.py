@@ -766,7 +766,7 @@ class LTI_LRNN(LRNN):
             # (16, 1) for a (1, 8) state, which contiguous() leaves), and dynamo, guarding on strides,
             # retraced the compiled step at its second step
             inference_cache["lrnn_state"] = inference_cache["lrnn_state"].clone(memory_format=torch.contiguous_format)
-        elif y.requires_grad and any(p.requires_grad for p in self.parameters()):
+        elif y.requires_grad and not func_transforms_active() and any(p.requires_grad for p in self.parameters()):
             y.register_hook(self._warn_weights_get_no_gradient)
         return y, inference_cache
 
@@ -776,7 +776,8 @@ class LTI_LRNN(LRNN):
         warnings.warn(f"{type(self).__name__}.step: a backward through a step's output gives no gradient to the "
                       f"layer's weights (its step form holds their values), only to its input, so they stay as "
                       f"they are while the layers around them train; train with forward (the layer's or "
-                      f"SequenceModel's), which differentiates every weight", StepWeightsGradientWarning)
+                      f"SequenceModel's), which differentiates every weight (for the input's gradient alone, "
+                      f"nothing is wrong)", StepWeightsGradientWarning)
 
     def _advance(self, x: Tensor, inference_cache: Dict[str, Any], state: Tensor, form: nn.Module
                  ) -> Tuple[Tensor, Tensor]:

@@ -556,16 +556,19 @@ class SequenceModel(HubMixin, nn.Module):
                              f"{self.config.d_input}), the batch size of its cache, got {tuple(x.shape)}; call "
                              f"allocate_inference_cache({x.shape[0]}) for another batch size")
         h = self.encoder(x)
-        # Each block steps a copy of its cache, written back once every block has stepped: a later
-        # block refusing (its weights changed) left the earlier ones advanced, and a retry stepped
-        # them twice (0.037 off forward from then on, silently).
+        # Each block steps a copy of its (dict) cache, written back once every block has stepped: a
+        # later block refusing (its weights changed) left the earlier ones advanced, and a retry stepped
+        # them twice (0.037 off forward from then on, silently). A third-party layer's cache of another
+        # kind is stepped as it is (what its step changes in place is its own).
         stepped = []
         for block, layer_cache in zip(self.blocks, cache["layers"]):
-            z, layer_next = block.layer.step(block.norm(h), dict(layer_cache))
-            stepped.append(layer_next)
+            is_dict = isinstance(layer_cache, dict)
+            z, layer_next = block.layer.step(block.norm(h), dict(layer_cache) if is_dict else layer_cache)
+            stepped.append(layer_next if is_dict and isinstance(layer_next, dict) else None)
             h = h + block.mix(z)
         for layer_cache, layer_next in zip(cache["layers"], stepped):
-            layer_cache.update(layer_next)
+            if layer_next is not None:
+                layer_cache.update(layer_next)
         h = self.norm(h)
         cache["t"] = cache["t"] + 1      # not in place: the count may be a view of the caller's lengths
         if self.config.pooling == "mean":

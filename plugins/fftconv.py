@@ -97,11 +97,6 @@ def _without_skip(form: StepForm) -> StepForm:
     return form.form if isinstance(form, _SkipStepForm) else form
 
 
-
-#: FFTConvS4._step after its weights were replaced (load_state_dict, resample_): step() refuses the
-#: old stream instead of rebuilding the form under it (None: never set up, step() sets it up).
-_STALE = object()
-
 class _SkipStepForm(StepForm):
     """Adds the skip term D[c, h] u[h] to a kernel step form that has no D of its own."""
 
@@ -329,7 +324,7 @@ class FFTConvS4(nn.Module):
         self.kernel.resample_(rate)
         if self.L is not None:
             self.L = kernel_taps(math.inf, self.L, rate)      # the window's taps, whatever the input's length
-        object.__setattr__(self, "_step", _STALE if self._step is not None else None)   # the old system's
+        self._mark_stale()                            # the old system's step form
 
     # -- recurrent mode ----------------------------------------------------------------------
     def default_state(self, *batch_shape: int, device: Optional[torch.device] = None) -> Tensor:
@@ -355,6 +350,15 @@ class FFTConvS4(nn.Module):
         # state_dict (strict loading failed both ways); a device move or cast drops it (_apply).
         object.__setattr__(self, "_step", form)
         object.__setattr__(self, "_step_weights", weights_and_versions(self))
+        object.__setattr__(self, "_step_stale", False)
+
+    def _mark_stale(self) -> None:
+        """New weights (load_state_dict, resample_): a step form in use is dropped, and step() refuses
+        the old stream until setup_step() (it rebuilt the form silently and stepped the old state on with
+        the new weights, 2.5 off). A flag, not a sentinel object: it survives copies and pickles."""
+        if self._step is not None or self.__dict__.get("_step_stale"):
+            object.__setattr__(self, "_step_stale", True)
+        object.__setattr__(self, "_step", None)
 
     def _apply(self, fn, recurse=True):
         # .to(device), .cuda(), .double(), ... move and cast the parameters; the step form, kept
@@ -369,7 +373,7 @@ class FFTConvS4(nn.Module):
         # stepping with them, silently (off by O(1) after load_state_dict); then a rebuilt one stepped
         # the old weights' state on with the new (2.5 off, silently). step() now asks for setup_step.
         super()._load_from_state_dict(*args, **kwargs)
-        object.__setattr__(self, "_step", _STALE if self._step is not None else None)
+        self._mark_stale()
 
     def step(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         """One time step (no dropout).  x: (B, H) -> y: (B, C*H) (channel order as in forward).
@@ -381,7 +385,7 @@ class FFTConvS4(nn.Module):
         precision whatever the state's. Runs ``setup_step`` on first use.
         """
         self._check_streamable("step mode")
-        if self._step is _STALE:
+        if self.__dict__.get("_step_stale"):
             raise RuntimeError("FFTConvS4.step: its weights were replaced since setup_step() (load_state_dict or "
                                "resample_), so a state from before belongs to another system; call setup_step() "
                                "again and restart the stream from default_state(batch)")

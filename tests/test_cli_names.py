@@ -141,7 +141,7 @@ def test_hub_errors_in_the_cli_name_flags_and_environment_variables(local_hub, t
         assert not PYTHON_NAMES.search(err), err
         return err
     err = one_error_line(["info", "acme/never-downloaded", "--local-files-only"], capsys)
-    assert "--local-files-only forbids downloading it; download it once online, or set HF_HUB_CACHE" in err, err
+    assert "which --local-files-only forbids downloading; download it once online, or set HF_HUB_CACHE" in err, err
     err = one_error_line(["info", "acme/secret"], capsys)
     assert "if it is private or gated, log in with `hf auth login` (or set HF_TOKEN)" in err, err
     err = one_error_line(["evaluate", "acme/tiny", "--revision", "nope"], capsys)

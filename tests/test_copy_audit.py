@@ -171,3 +171,12 @@ def test_a_model_copied_with_its_optimiser_still_shares_its_parameters():
     before = twin.kernel.C.detach().clone()
     twin_opt.step()
     assert not torch.equal(twin.kernel.C, before) and torch.equal(layer.kernel.C, layer.kernel.C)
+
+
+def test_an_s4_state_dict_shares_the_live_tensors():
+    # EMA code (timm's ModelEmaV2) copies into state_dict().values(): clones of C and L, made for a
+    # consistent snapshot, left the EMA's C behind (its output 0.15 off the source's).
+    layer = s4(l_max=32)
+    sd = layer.state_dict()
+    assert sd["kernel.C"].data_ptr() == layer.kernel.C.data_ptr()
+    assert sd["kernel.L"].data_ptr() == layer.kernel.L.data_ptr()

@@ -80,3 +80,55 @@ def test_torchscript_step_graph_refuses_a_state_of_the_wrong_width(tmp_path):
                              (x, torch.zeros(2, graph.state_size))):
         with pytest.raises(Exception, match="must have shape"):
             graph(bad_x, bad_state)
+
+
+def test_fftconvs4_refusal_survives_copies_and_casts():
+    # A sentinel object for the stale form became a new object in a deepcopy or pickle (step then
+    # failed with an AttributeError), and .float() / .to() after load_state_dict dropped the refusal.
+    import copy
+    import pickle
+    torch.manual_seed(0)
+    block = FFTConvS4(4, d_state=8, transposed=False).eval()
+    with torch.no_grad():
+        state = block.default_state(2)
+        block.step(torch.randn(2, 4), state)
+        block.load_state_dict(block.state_dict())
+        for twin in (copy.deepcopy(block), pickle.loads(pickle.dumps(block)), block.float()):
+            with pytest.raises(RuntimeError, match=r"call setup_step\(\) again"):
+                twin.step(torch.randn(2, 4), state)
+
+
+def test_a_layer_with_a_cache_of_its_own_kind_still_steps_in_a_sequence_model():
+    # Blocks step copies of dict caches; a third-party layer whose cache is a tensor it updates in
+    # place (and whose step returns it) failed in dict() / update(). Stepped as it is again.
+    from plugin_fixtures import layers_registered
+
+    class Accumulate(torch.nn.Module):
+        """y_t = x_t + (sum of earlier x): its cache a (B, H) tensor updated in place."""
+
+        def __init__(self, d_model: int, **_):
+            super().__init__()
+            self.d_model = d_model
+            self.scale = torch.nn.Parameter(torch.ones(d_model))
+
+        def forward(self, x, lengths=None, **_):
+            return self.scale * (torch.cumsum(x, 1) - x) + x
+
+        def allocate_inference_cache(self, batch_size, max_seqlen=1, dtype=None, **_):
+            return torch.zeros(batch_size, self.d_model)
+
+        def step(self, x, cache, **_):
+            y = self.scale * cache + x
+            cache.add_(x)
+            return y, cache
+
+    with layers_registered("accumulate_test_plugin", accumulate_test=Accumulate):
+        torch.manual_seed(0)
+        model = SequenceModel(ModelConfig(layer="accumulate_test", d_input=2, d_output=3, d_model=4,
+                                          n_layers=2)).eval()
+        x = torch.randn(2, 10, 2)
+        with torch.no_grad():
+            cache = model.allocate_inference_cache(2)
+            got = torch.stack([model.step(x[:, t], cache)[0] for t in range(10)], 1)
+            want = model(x)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()

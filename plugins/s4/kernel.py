@@ -380,16 +380,12 @@ class SSKernelNPLR(StepModes, SSMKernel):
                 self._length = int(self.L)            # the buffer was just loaded: keep the Python copy in step
             self._remember_home()                     # assign=True loads new tensors
 
-    def _save_to_state_dict(self, destination: Dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        """As nn.Module's, with C~ and L copied at one moment under the lock that length changes hold:
-        a state_dict shares its tensors' memory, so one saved while another thread extended C~ held
-        one length's C~ with the other length (0.32 off in 3 of 675 saves)."""
+    def _save_to_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # C~ and L read at one moment. The entries share the tensors' memory, as nn.Module's do (EMA
+        # code copies into them): one saved while another thread extends C~ can still be torn, so to
+        # save a served model, save copy.deepcopy(model), which is taken under the lock (README).
         with self._consistent():
-            super()._save_to_state_dict(destination, prefix, keep_vars)
-            if not keep_vars:
-                for name in ("C", "L"):
-                    if prefix + name in destination:
-                        destination[prefix + name] = destination[prefix + name].clone()
+            super()._save_to_state_dict(*args, **kwargs)
 
     def _own_state(self) -> Dict[str, Any]:
         """The module's state without the original's tensor ids or the dense work of calls in flight
@@ -412,17 +408,12 @@ class SSKernelNPLR(StepModes, SSMKernel):
         return twin
 
     def __getstate__(self) -> dict:
-        """For pickling (torch.save of a whole module): :meth:`_own_state` with C and L cloned under
-        the lock that length changes hold, since the pickler writes their storages after this returns."""
+        """For pickling (torch.save of a whole module, multiprocessing): :meth:`_own_state`. The
+        tensors are the kernel's own (shared-memory workers train them; a snapshot made them private
+        and broke spawning): a pickle written while another thread extends C~ can be torn, so pickle
+        copy.deepcopy(model) of a served model."""
         with self._consistent():
-            state = self._own_state()
-            C, L = self._parameters.get("C"), self._buffers.get("L")
-            if C is not None and L is not None:
-                snapshot = nn.Parameter(C.detach().clone(), requires_grad=C.requires_grad)
-                snapshot.__dict__.update(C.__dict__)  # the optimiser record register() left
-                state["_parameters"] = {**self._parameters, "C": snapshot}
-                state["_buffers"] = {**self._buffers, "L": L.clone()}
-        return state
+            return self._own_state()
 
     def _apply(self, fn: Any, recurse: bool = True) -> "SSKernelNPLR":
         super()._apply(fn, recurse)
