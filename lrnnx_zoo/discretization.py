@@ -46,6 +46,16 @@ def zoh_diag(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Option
     return A_bar, _scale(B, torch.where(zero, dt * torch.ones_like(dtA), ratio))
 
 
+def valid_rate(rate: object) -> bool:
+    """Whether ``rate`` is a finite number > 0 (not a bool). Comparisons, not math.isfinite (NaN fails
+    both): under torch.compile(dynamic=True) a float default argument (rate=1.0) arrives symbolic, and
+    math.isfinite of it broke the graph at every kernel."""
+    try:
+        return not isinstance(rate, bool) and 0 < rate < math.inf      # type: ignore[operator]
+    except (TypeError, ValueError, RuntimeError):     # not a number; a tensor of several values
+        return False
+
+
 def principal_log(log_lam: Tensor) -> Tensor:
     """The principal logarithm of exp(log_lam): Re kept, Im wrapped into (-pi, pi].  log_lam: (...) complex.
 
@@ -75,11 +85,7 @@ def zoh_resample_diag(log_lam: Tensor, B: Optional[Tensor], rate: float) -> tupl
     Returns:
         (log lam', B'): log_lam's shape and the broadcast shape, complex128 (computed in float64).
     """
-    try:        # as ssm_kernel.check_rate (a compiled graph's rate is symbolic: no isinstance, no isfinite)
-        ok = not isinstance(rate, bool) and 0 < rate < math.inf
-    except (TypeError, ValueError, RuntimeError):
-        ok = False
-    if not ok:
+    if not valid_rate(rate):
         raise ValueError(f"zoh_resample_diag needs rate to be a finite number > 0, got {rate!r}")
     log_lam = principal_log(log_lam.to(torch.complex128))
     new = log_lam / rate

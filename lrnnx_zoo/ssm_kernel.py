@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .base import (needs_autograd, operator_body, reference_tensor, right_aligned, version_of as _version,
                    without_autocast)
+from .discretization import valid_rate
 from .step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm, StepForm
 
 
@@ -50,14 +51,7 @@ def check_rate(rate: Any, who: str) -> float:
     uses dt / rate: rate 0 gave inf or NaN kernels, a negative rate a growing (unstable) one, silently.
     A 0-dim tensor is taken as its value (a window's tap count rounds l_max * rate, which a tensor
     refused, and a kernel cache keyed on a tensor never hit)."""
-    try:
-        # Comparisons, not math.isfinite (NaN fails both): under torch.compile(dynamic=True) a float
-        # default argument (rate=1.0) arrives symbolic, and math.isfinite of it broke the graph at
-        # every kernel, so the layers' loop ran eagerly around 6-10 pieces.
-        ok = not isinstance(rate, bool) and 0 < rate < math.inf
-    except (TypeError, ValueError, RuntimeError):     # not a number; a tensor of several values
-        ok = False
-    if not ok:
+    if not valid_rate(rate):
         raise ValueError(f"{who} needs rate, the input's relative sampling rate (the kernel uses dt / rate), to be "
                          f"a finite number > 0, got {rate!r}")
     return float(rate)

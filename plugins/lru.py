@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import LTI_LRNN, check_reals, check_sizes, mask_padding, ordinary_tensor, parameter_dtype, right_aligned
-from lrnnx_zoo.discretization import zoh_resample_diag
+from lrnnx_zoo.discretization import principal_log, zoh_resample_diag
 from lrnnx_zoo.modal import channel_final_state, channel_kernel, final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, get_initializer
 from lrnnx_zoo.ssm_kernel import SSMKernel, check_batch_shape, check_rate
@@ -86,8 +86,7 @@ def resampled_modes(nu_log: Tensor, theta_log: Tensor, gamma_log: Tensor, B: Ten
     # The phase reduced to (-pi, pi]: the same pole, but stored as theta / rate (up to pi / rate, 52-290
     # rad at rate 0.01) its float32 rounding, ~theta * 6e-8 rad a step, built up over a slow mode's
     # memory (1.3e-4 off the resampled system at rate 0.01 with r = 0.999999; 8e-8 reduced).
-    two_pi = 2 * math.pi
-    log_lam = torch.complex(log_lam.real, log_lam.imag - two_pi * torch.round(log_lam.imag / two_pi))
+    log_lam = principal_log(log_lam)
     conjugated = log_lam.imag < 0
     log_lam = torch.where(conjugated, log_lam.conj(), log_lam)
     B_norm = torch.where(conjugated, B_norm.conj(), B_norm)
