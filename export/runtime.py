@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from lrnnx_zoo.shapes import positive_int
+from lrnnx_zoo.shapes import positive_int, stream_rows
 
 ArrayLike = Any  # numpy array or torch tensor
 
@@ -187,18 +187,29 @@ class OnnxStreamer:
         self.reset()
 
     # -- copies --------------------------------------------------------------------------------
-    def copy(self) -> "OnnxStreamer":
+    def copy(self, index: Any = None) -> "OnnxStreamer":
         """An independent stream from the same point: the same session (ONNX Runtime sessions serve
         several callers), its own buffers holding a copy of the state, batch and step count. For a
         fork of a stream (e.g. two continuations of one prompt); ``copy.copy`` and ``copy.deepcopy``
         do the same (a shallow copy shared the state buffers, so stepping one moved the other, and
-        deepcopy failed on the session's lock)."""
+        deepcopy failed on the session's lock).
+
+        index: None (every row), or the rows the copy continues, as for ``SequenceModel.fork_cache``:
+        row numbers (row b of the copy goes on from row index[b]; beams reordered or repeated) or a
+        bool mask of the batch (the rows kept). A graph exported for a fixed batch keeps it."""
         twin = object.__new__(type(self))
         with self._lock:
+            rows = stream_rows(index, self.batch, "OnnxStreamer.copy")
+            batch = self.batch if rows is None else rows.numel()
+            if self.fixed_batch is not None and batch != self.fixed_batch:
+                raise ValueError(f"OnnxStreamer.copy: this graph was exported for batch={self.fixed_batch}, and the "
+                                 f"index selects {batch} rows; select {self.fixed_batch}, or re-export without a "
+                                 f"fixed batch (to_onnx(..., batch=None))")
             twin.__dict__.update({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
             twin._lock = threading.RLock()
-            twin._bind(self.batch)
-            np.copyto(twin._s[0], self._s[self._cur])
+            twin._bind(batch)
+            state = self._s[self._cur]
+            np.copyto(twin._s[0], state if rows is None else state[rows.numpy()])
             twin.steps, twin._fresh = self.steps, self._fresh
         return twin
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .discretization import METHODS, get_discretization
+from .shapes import stream_rows
 from .step_forms import check_step_form, same_form, step_form_dtype
 
 Discretization = Optional[Literal["zoh", "bilinear", "dirac", "async", "no_discretization"]]
@@ -719,26 +720,7 @@ class LTI_LRNN(LRNN):
         nn.Linear's output) is stepped in float32, as forward computes (:func:`float32_under_autocast`)."""
         x = float32_under_autocast(x)
         d = getattr(self, "d_model", None)
-        try:                                # the checks stay off the per-step path unless one fails
-            state, form = inference_cache["lrnn_state"], inference_cache["step_form"]
-        except (KeyError, TypeError, IndexError):
-            got = sorted(inference_cache) if isinstance(inference_cache, dict) else type(inference_cache).__name__
-            raise ValueError(f"{type(self).__name__}.step needs the cache that {type(self).__name__}."
-                             f"allocate_inference_cache(batch_size) returns (keys 'step_form', 'lrnn_state'), "
-                             f"got {got}") from None
-        owner = inference_cache.get("layer")
-        if owner is not None and not made_by(self, owner):
-            raise ValueError(f"{type(self).__name__}.step: this cache was made by another layer (its "
-                             f"allocate_inference_cache or prefill), or copied apart from this one, and stepping "
-                             f"it would run other weights; make one with this layer's allocate_inference_cache("
-                             f"batch_size), or copy a layer and its cache together (copy.deepcopy((layer, cache)))")
-        if not isinstance(state, Tensor) or state.dim() != 2 or state.shape[1] != form.state_size:
-            # A state of the wrong size failed inside the step form ("mat1 and mat2 shapes cannot be
-            # multiplied", "shape '[-1, 2, 4, 6]' is invalid").
-            got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
-            raise ValueError(f"{type(self).__name__}.step: the cache's 'lrnn_state' must have shape (batch, "
-                             f"state_size={form.state_size}), as allocate_inference_cache(batch_size) makes it; "
-                             f"got {got}")
+        state, form = self._stream_of(inference_cache, "step")
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__}.step expects a torch.Tensor of shape (batch={state.shape[0]}, "
                             f"d_model={d}), got {type(x).__name__}")
@@ -769,6 +751,52 @@ class LTI_LRNN(LRNN):
         elif y.requires_grad and not func_transforms_active() and any(p.requires_grad for p in self.parameters()):
             y.register_hook(self._warn_weights_get_no_gradient)
         return y, inference_cache
+
+    def _stream_of(self, inference_cache: Dict[str, Any], what: str) -> Tuple[Tensor, nn.Module]:
+        """(state, step form) of a cache this layer made, checked (the checks stay off the per-step
+        path unless one fails); ``what``: the method asking, for the messages."""
+        who = f"{type(self).__name__}.{what}"
+        try:
+            state, form = inference_cache["lrnn_state"], inference_cache["step_form"]
+        except (KeyError, TypeError, IndexError):
+            got = sorted(inference_cache) if isinstance(inference_cache, dict) else type(inference_cache).__name__
+            raise ValueError(f"{who} needs the cache that {type(self).__name__}.allocate_inference_cache(batch_size) "
+                             f"returns (keys 'step_form', 'lrnn_state'), got {got}") from None
+        owner = inference_cache.get("layer")
+        if owner is not None and not made_by(self, owner):
+            raise ValueError(f"{who}: this cache was made by another layer (its allocate_inference_cache or "
+                             f"prefill), or copied apart from this one, and stepping it would run other weights; make "
+                             f"one with this layer's allocate_inference_cache(batch_size), copy a layer and its cache "
+                             f"together (copy.deepcopy((layer, cache))), or fork a stream with fork_cache(cache)")
+        if not isinstance(state, Tensor) or state.dim() != 2 or state.shape[1] != form.state_size:
+            # A state of the wrong size failed inside the step form ("mat1 and mat2 shapes cannot be
+            # multiplied", "shape '[-1, 2, 4, 6]' is invalid").
+            got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+            raise ValueError(f"{who}: the cache's 'lrnn_state' must have shape (batch, state_size={form.state_size}), "
+                             f"as allocate_inference_cache(batch_size) makes it; got {got}")
+        return state, form
+
+    def fork_cache(self, inference_cache: Dict[str, Any], index: Any = None) -> Dict[str, Any]:
+        """A stream that goes on from ``inference_cache``'s state on its own: stepping the fork
+        leaves the original as it is, and the other way round (beam search, several continuations
+        of one prompt, a checkpoint of a stream to return to).
+
+        index: None (every row), or the rows the fork continues: a 1-D sequence or tensor of row
+        numbers (row b of the fork goes on from row index[b]; rows may repeat, for beams, or be
+        left out), or a 1-D bool mask of the batch (the rows kept, in order).
+        Returns a cache of this layer for len(index) rows (the batch, with index None).
+
+        The state is copied (rows selected) and the rest shared: the step form and the record of
+        the weights it was made from, which :meth:`step` replaces rather than changes, so a
+        change of weights is seen by each stream at its next step as before. (``copy.deepcopy`` of
+        a cache alone copies its owner's mark too, so no layer takes the copy.) A state with
+        autograd history (a prefill's under autograd) keeps it in the fork.
+        """
+        state, _ = self._stream_of(inference_cache, "fork_cache")
+        rows = stream_rows(index, state.shape[0], f"{type(self).__name__}.fork_cache", state.device)
+        fork = dict(inference_cache)
+        fork["lrnn_state"] = state.clone() if rows is None else state.index_select(0, rows)
+        return fork
 
     def _warn_weights_get_no_gradient(self, grad: Tensor) -> None:
         """A backward through a step's output: the layer's weights get nothing from it (the step form

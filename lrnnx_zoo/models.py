@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import (cache_owner, check_device, check_floating, check_lengths, check_stream_batch,
-                   float32_under_autocast, made_by, mask_padding, valid_steps, values_only)
+                   float32_under_autocast, made_by, mask_padding, stream_rows, valid_steps, values_only)
 from .hub_save import HubMixin, resampled_info
 from .registry import create_layer
 from .ssm_kernel import check_rate
@@ -317,6 +317,18 @@ def fast_two_sum(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     return s, b - (s - a)
 
 
+def _cloned(cache: Any) -> Any:
+    """A copy of a stream cache of unknown layout: its tensors cloned (autograd history kept, which
+    copy.deepcopy refuses), dicts, lists and tuples rebuilt, anything else shared."""
+    if isinstance(cache, Tensor):
+        return cache.clone()
+    if isinstance(cache, dict):
+        return {k: _cloned(v) for k, v in cache.items()}
+    if isinstance(cache, (list, tuple)) and type(cache) in (list, tuple):
+        return type(cache)(_cloned(v) for v in cache)
+    return cache
+
+
 def prefill_layer(layer: nn.Module, x: Tensor, lengths: Optional[Tensor]) -> Tuple[Tensor, Dict[str, Any]]:
     """``layer.prefill(x, lengths)`` (every LTI layer has it: one convolution-mode pass and its state
     at the end); for a layer without it, its forward and a cache stepped through x (sequences of
@@ -577,6 +589,42 @@ class SequenceModel(HubMixin, nn.Module):
             h, carry = running_mean_step(cache["pool_mean"], cache["pool_carry"], h, cache["t"])
             cache["pool_mean"], cache["pool_carry"] = values_only(h), values_only(carry)
         return self.decoder(h), cache
+
+    def fork_cache(self, cache: Dict[str, Any], index: Any = None) -> Dict[str, Any]:
+        """A stream that goes on from ``cache`` on its own: stepping the fork leaves ``cache`` as it
+        is, and the other way round (beam search, several continuations of one prefilled prompt).
+
+        index: None (every row), or the rows the fork continues: a 1-D sequence or tensor of row
+        numbers (row b of the fork goes on from row index[b]; rows may repeat or be left out), or a
+        1-D bool mask of the batch (the rows kept). Returns a cache of this model for len(index) rows.
+
+        Each layer forks its own cache (:meth:`~lrnnx_zoo.base.LTI_LRNN.fork_cache`: the state
+        copied, the step form shared), and the pooling state and step counts are copied. A
+        third-party layer without ``fork_cache`` has its cache's tensors cloned and other objects
+        shared (index None; a cache holding other state that steps change gives its layer a
+        ``fork_cache``), or is named (an index: only the layer knows which tensors are per row).
+        """
+        who = "SequenceModel.fork_cache"
+        if not isinstance(cache, dict) or not made_by(self, cache.get("model")) or len(cache["layers"]) != len(self.blocks):
+            raise ValueError(f"{who} needs a cache from this model's allocate_inference_cache(batch_size) or prefill; "
+                             f"this one was made by another model, copied apart from this one, or altered")
+        batch = cache["pool_mean"].shape[0]
+        rows = stream_rows(index, batch, who, cache["pool_mean"].device)
+        layers = []
+        for i, (block, layer_cache) in enumerate(zip(self.blocks, cache["layers"])):
+            fork = getattr(block.layer, "fork_cache", None)
+            if fork is not None:
+                layers.append(fork(layer_cache, index if rows is None else rows))
+            elif rows is None:
+                layers.append(_cloned(layer_cache))
+            else:
+                raise TypeError(f"{who}: block {i}'s {type(block.layer).__name__} has no fork_cache(cache, index), "
+                                f"so which of its cache's tensors hold one row per stream is unknown; fork every "
+                                f"row (index=None), or give the layer a fork_cache")
+        forked = self._model_cache(batch if rows is None else rows.numel(), layers)
+        for key in ("pool_mean", "pool_carry", "t"):
+            forked[key] = cache[key].clone() if rows is None else cache[key].index_select(0, rows)
+        return forked
 
     def _check_input_dtype(self, x: Tensor, who: str, autocast_hint: bool = True) -> None:
         check_floating(x, who, autocast_hint)

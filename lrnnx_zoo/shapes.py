@@ -41,3 +41,34 @@ def positive_int(value: Any) -> Optional[int]:
     except TypeError:
         return None
     return number if number >= 1 and not isinstance(value, bool) else None
+
+
+def stream_rows(index: Any, batch: int, who: str, device: Any = None) -> Optional[torch.Tensor]:
+    """The rows of a batch of ``batch`` streams that a fork continues (``fork_cache`` of the layers
+    and of SequenceModel, ``OnnxStreamer.copy``): None for all of them, else a (B',) long tensor of
+    rows in [0, batch) on ``device``.
+
+    index: None; a 1-D sequence, array or tensor of row numbers in [-batch, batch) (row b of the
+    fork continues row index[b]: rows may repeat, for beams, or be left out); or a 1-D bool mask of
+    length ``batch`` (the rows kept, in order). Anything else is refused naming ``who``."""
+    if index is None:
+        return None
+    if not isinstance(index, torch.Tensor):
+        try:
+            index = torch.as_tensor(index)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{who}: index must be None, a 1-D sequence or tensor of row numbers, or a bool mask of "
+                            f"the batch ({batch} rows), got {type(index).__name__}") from None
+    if index.dim() != 1 or (index.dtype == torch.bool and index.shape[0] != batch):
+        raise ValueError(f"{who}: index must be 1-D (row numbers, or a bool mask of the batch's {batch} rows), got "
+                         f"shape {tuple(index.shape)}" + (" of bools" if index.dtype == torch.bool else ""))
+    if index.dtype == torch.bool:
+        index = index.nonzero().squeeze(1)
+    elif index.numel() and (index.is_floating_point() or index.is_complex()):   # ([] reads as float32)
+        raise TypeError(f"{who}: index must hold integers (row numbers) or bools (a mask), got {index.dtype}")
+    if index.numel() == 0:
+        raise ValueError(f"{who}: index selects no row, and a stream holds at least one (the batch has {batch})")
+    if bool((index < -batch).any()) or bool((index >= batch).any()):
+        raise IndexError(f"{who}: index must hold rows in [-{batch}, {batch}) of the batch of {batch}, got "
+                         f"{index.tolist()}")
+    return index.to(device=device, dtype=torch.long) % batch
