@@ -48,6 +48,24 @@ def no_autocast() -> Iterator[None]:
         yield
 
 
+def packed_layout(forms: List[nn.Module], pooling: Optional[str], d_model: int) -> Tuple[List[List[Any]], int]:
+    """The packed state's layout, ``[[name, offset, size], ...]``, and its width: each layer's step
+    form state in block order, then, with mean pooling, the running mean's rounding carry, the
+    count's carry, the running mean and the step count (a float, so the graph needs no Python int
+    and a streaming runtime keeps it with the rest of the state; models.running_mean_step and
+    running_count_step)."""
+    layout, offset = [], 0
+    for i, form in enumerate(forms):
+        size = int(form.state_size)
+        layout.append([f"blocks.{i}.layer", offset, size])
+        offset += size
+    if pooling == "mean":
+        layout += [["pool.carry", offset, d_model], ["pool.count_carry", offset + d_model, 1],
+                   ["pool.mean", offset + d_model + 1, d_model], ["pool.count", offset + 2 * d_model + 1, 1]]
+        offset += 2 * d_model + 2
+    return layout, offset
+
+
 class StepModule(nn.Module):
     """(x_t, state) -> (y_t, state') for a whole SequenceModel; see the module docstring.
 
@@ -67,24 +85,10 @@ class StepModule(nn.Module):
         self.forms = nn.ModuleList(forms)
         self.pooling = pooling
         self.d_input, self.d_model, self.d_output = d_input, d_model, d_output
-        layout, offset = [], 0
+        self.state_layout, self.state_size = packed_layout(forms, pooling, d_model)
         # Plain Python ints, so tracing bakes the slices in as constants.
-        self.slices: List[Tuple[int, int]] = []
-        for i, form in enumerate(forms):
-            size = int(form.state_size)
-            layout.append([f"blocks.{i}.layer", offset, size])
-            self.slices.append((offset, size))
-            offset += size
-        self.pool_offset = offset
-        if pooling == "mean":
-            # Running mean of the normalised features and the step count (a float, so the graph needs
-            # no Python int and a streaming runtime keeps it with the rest of the state), after their
-            # rounding carries; see models.running_mean_step and running_count_step.
-            layout += [["pool.carry", offset, d_model], ["pool.count_carry", offset + d_model, 1],
-                       ["pool.mean", offset + d_model + 1, d_model], ["pool.count", offset + 2 * d_model + 1, 1]]
-            offset += 2 * d_model + 2
-        self.state_size = offset
-        self.state_layout = layout
+        self.slices: List[Tuple[int, int]] = [(offset, size) for _, offset, size in self.state_layout[:len(forms)]]
+        self.pool_offset = self.state_layout[len(forms)][1] if pooling == "mean" else self.state_size
 
     def forward(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         """One step: x (B, d_input), state (B, state_size) -> y (B, d_output), state' (B, state_size)."""
@@ -214,21 +218,90 @@ def state_from_cache(model: SequenceModel, cache: Dict[str, Any]) -> Tensor:
         streamer.reset(prompt.shape[0]); streamer.state = state_from_cache(model, cache)
 
     Each layer's cached step form is checked against the one the graph is built from (same form
-    to float32 rounding), so a state is never read in another layout.
+    to float32 rounding), so a state is never read in another layout. :func:`cache_from_state`
+    goes the other way.
     """
+    _check_cache_layout(model, cache, "state_from_cache")
+    parts = [layer_cache["lrnn_state"] for layer_cache in cache["layers"]]
+    if model.config.pooling == "mean":
+        mean = cache["pool_mean"]
+        count = torch.as_tensor(cache["t"], device=mean.device).long().expand(mean.shape[0], 1)
+        high = count.float()                                  # the count as the float32 state holds it,
+        parts += [cache["pool_carry"], (count - high.long()).to(mean.dtype),     # and what that rounds off
+                  mean, high.to(mean.dtype)]
+    return torch.cat(parts, 1).float().cpu() if parts else torch.zeros(cache["pool_mean"].shape[0], 0)
+
+
+@torch.no_grad()
+def cache_from_state(model: SequenceModel, state: Any) -> Dict[str, Any]:
+    """A cache of ``model`` whose stream goes on from a step graph's packed state: the inverse of
+    :func:`state_from_cache`. ``state``: (B, state_size), a tensor or numpy array, e.g. an
+    ``OnnxStreamer``'s ``state`` (a stream moved from ONNX Runtime back to PyTorch) or a state saved
+    to resume a stream after a restart::
+
+        saved = state_from_cache(model, cache)                # (B, state_size) float32
+        ...
+        cache = cache_from_state(model, saved); y, cache = model.step(x, cache)
+
+    The layout is the graph's (:func:`packed_layout`), checked against each layer's step form as
+    :func:`state_from_cache` does. The packed state is float32: a float64 model's stream comes
+    back with its state rounded to float32.
+    """
+    if not isinstance(state, Tensor):
+        try:
+            state = torch.as_tensor(state)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"cache_from_state expects a packed state (batch, state_size) as a tensor or array, "
+                            f"got {type(state).__name__}") from None
+    forms = [_graph_form(block.layer, i, model.config.d_model) for i, block in enumerate(model.blocks)]
+    layout, size = packed_layout(forms, model.config.pooling, model.config.d_model)
+    if state.dim() != 2 or state.shape[0] < 1 or state.shape[1] != size or not state.is_floating_point():
+        raise ValueError(f"cache_from_state expects a real packed state of shape (batch >= 1, state_size={size}) "
+                         f"for this model (layout {[name for name, _, _ in layout]}), got {tuple(state.shape)} "
+                         f"{state.dtype}")
+    if not bool(torch.isfinite(state).all()):
+        raise ValueError("cache_from_state: the packed state holds NaN or infinite values; a stream cannot go on "
+                         "from it")
+    cache = model.allocate_inference_cache(state.shape[0])
+    _check_cache_layout(model, cache, "cache_from_state", forms)
+    part = {name: state[:, offset:offset + width] for name, offset, width in layout}
+    for i, layer_cache in enumerate(cache["layers"]):
+        ref = layer_cache["lrnn_state"]
+        layer_cache["lrnn_state"] = part[f"blocks.{i}.layer"].to(device=ref.device, dtype=ref.dtype, copy=True)
+    if model.config.pooling == "mean":
+        ref = cache["pool_mean"]
+        cache["pool_carry"] = part["pool.carry"].to(device=ref.device, dtype=ref.dtype, copy=True)
+        cache["pool_mean"] = part["pool.mean"].to(device=ref.device, dtype=ref.dtype, copy=True)
+        # the count as a float and what rounding to float32 cut off (state_from_cache), both integers
+        count = part["pool.count"].double().round().long() + part["pool.count_carry"].double().round().long()
+        if bool((count < 0).any()):
+            raise ValueError(f"cache_from_state: the packed state's step count is negative ({count.flatten().tolist()})")
+        cache["t"] = count.to(ref.device)
+    return cache
+
+
+def _graph_form(layer: nn.Module, index: int, d_model: int) -> nn.Module:
+    """The float32 step form a step graph holds for blocks.{index}.layer."""
+    with step_form_dtype(torch.float32):
+        return _layer_step_form(layer, index, d_model)
+
+
+def _check_cache_layout(model: SequenceModel, cache: Dict[str, Any], who: str,
+                        forms: Optional[List[nn.Module]] = None) -> None:
+    """Raise an ExportError unless ``cache`` is the model's, each layer's part of it a state and a
+    step form, and each cached step form the one a step graph of the model holds (``forms``, else
+    built), so that the packed state's layout is each layer's state."""
     if not isinstance(cache, dict) or not made_by(model, cache.get("model")):
-        raise ExportError("expected a cache of this model (model.prefill(x) or model.allocate_inference_cache(batch)), "
-                          "got " + ("one made by another model" if isinstance(cache, dict) else type(cache).__name__))
-    parts = []
+        raise ExportError(f"{who}: expected a cache of this model (model.prefill(x) or model.allocate_inference_cache"
+                          f"(batch)), got " + ("one made by another model" if isinstance(cache, dict) else type(cache).__name__))
     for i, (block, layer_cache) in enumerate(zip(model.blocks, cache["layers"])):
         name = type(block.layer).__name__
         if not isinstance(layer_cache, dict) or "lrnn_state" not in layer_cache or "step_form" not in layer_cache:
             got = sorted(layer_cache) if isinstance(layer_cache, dict) else type(layer_cache).__name__
-            raise ExportError(f"blocks.{i}.layer ({name}) keeps its stream in a cache without 'lrnn_state' and "
-                              f"'step_form' (got {got}), so its state cannot be placed in a step graph's state")
+            raise ExportError(f"{who}: blocks.{i}.layer ({name}) keeps its stream in a cache without 'lrnn_state' and "
+                              f"'step_form' (got {got}), so its state has no place in a step graph's state")
         cached = layer_cache["step_form"]
-        with step_form_dtype(torch.float32):
-            form = _layer_step_form(block.layer, i, model.config.d_model)     # the graph's
+        form = forms[i] if forms is not None else _graph_form(block.layer, i, model.config.d_model)
         dtype = layer_cache["lrnn_state"].dtype
         if dtype != torch.float32:
             # A float64 stream's form holds its poles once, the graph's float32 one as hi + lo (other
@@ -240,14 +313,6 @@ def state_from_cache(model: SequenceModel, cache: Dict[str, Any]) -> Tensor:
         else:
             fits = True
         if not fits or not same_form(form.to(layer_cache["lrnn_state"].device), cached):
-            raise ExportError(f"blocks.{i}.layer ({name}): the cache's step form is not the one a step graph of the "
-                              f"model's current weights holds (weights changed since, or another step form was "
+            raise ExportError(f"{who}: blocks.{i}.layer ({name}): the cache's step form is not the one a step graph of "
+                              f"the model's current weights holds (weights changed since, or another step form was "
                               f"chosen); prefill again")
-        parts.append(layer_cache["lrnn_state"])
-    if model.config.pooling == "mean":
-        mean = cache["pool_mean"]
-        count = torch.as_tensor(cache["t"], device=mean.device).long().expand(mean.shape[0], 1)
-        high = count.float()                                  # the count as the float32 state holds it,
-        parts += [cache["pool_carry"], (count - high.long()).to(mean.dtype),     # and what that rounds off
-                  mean, high.to(mean.dtype)]
-    return torch.cat(parts, 1).float().cpu() if parts else torch.zeros(cache["pool_mean"].shape[0], 0)
