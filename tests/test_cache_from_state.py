@@ -8,7 +8,6 @@ model); a stream moved from ONNX Runtime goes on within 1e-5 of max |y| of the P
 (two runtimes' float32 rounding over 20 + 5 steps, ~3e-7 measured).
 """
 
-import numpy as np
 import pytest
 import torch
 
