@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import __version__
-from .registry import (PluginVersionWarning, autoload_note, extra_plugin_changes, get_registry, layer_owners,
-                       missing_extra_plugins, plugin_change, release_of, unloaded_plugin_remedy)
+from .registry import (DISABLE_AUTOLOAD_ENV, PluginVersionWarning, autoload_note, extra_plugin_changes, get_registry,
+                       layer_owners, missing_extra_plugins, plugin_change, release_of, unloaded_plugin_remedy)
 from .wording import given, in_command_line
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
@@ -563,7 +563,7 @@ def _layer_name(config: Dict[str, Any], path: Path) -> str:
         name, dist = plugin.get("name"), plugin.get("distribution")
         source = (f"plugin {name!r} (distribution {release_of(plugin, 'not recorded')})" if name
                   else "a plugin it does not record")
-        msg = (f"{path} needs the layer family {family!r} from {source}, but no installed plugin "
+        msg = (f"{path} needs the layer family {family!r} from {source}, but no loaded plugin "
                f"provides it (layers available: {', '.join(sorted(reg._layers)) or 'none'}).")
         info = reg.plugins.get(name) if name else None
         if dist == LIBRARY and not (info is not None and info.error):
@@ -573,7 +573,7 @@ def _layer_name(config: Dict[str, Any], path: Path) -> str:
                     "newest release, the config names a family lrnnx-zoo does not ship.").replace("  ", " ")
         else:
             msg += f" {f'Plugin {name!r}' if name else 'Its plugin (not recorded)'}, {unloaded_plugin_remedy(info, dist)}"
-        raise CheckpointError(msg + autoload_note())
+        raise CheckpointError(msg + ("" if DISABLE_AUTOLOAD_ENV in msg else autoload_note()))   # said once
     if ":" not in layer and len(owners) > 1 and plugin.get("name") in owners:
         return f"{plugin['name']}:{family}"  # several plugins claim the name: take the recorded one
     return layer

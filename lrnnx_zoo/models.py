@@ -15,7 +15,7 @@ import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -276,12 +276,40 @@ class Block(nn.Module):
         return self.dropout(self.post(self.activation(z)))
 
     def forward(self, h: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
-        return h + self.mix(self.layer(_normalize(self.norm, h, lengths), lengths=lengths))
+        return h + self.mix(layer_output(self.layer, self.layer(_normalize(self.norm, h, lengths), lengths=lengths),
+                                         h, "forward"))
 
     def prefill(self, h: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Any]]:
         """:meth:`forward`, and the layer's cache after h (:func:`prefill_layer`)."""
         z, cache = prefill_layer(self.layer, _normalize(self.norm, h, lengths), lengths)
-        return h + self.mix(z), cache
+        return h + self.mix(layer_output(self.layer, z, h, "prefill")), cache
+
+
+def layer_output(layer: nn.Module, z: Any, h: Tensor, what: str) -> Tensor:
+    """z, the output of ``layer``'s ``what`` on an input shaped like h, checked to be a tensor of
+    h's shape (every layer maps (B, L, d_model) to itself, and a step (B, d_model) to itself). A
+    plugin layer returning (y, state), as the seed's S4 does, failed in the block's activation
+    ("gelu(): argument 'input' must be Tensor, not tuple"), and one returning (B, d_model, L) in
+    the next Linear, or not at all where L == d_model."""
+    if isinstance(z, Tensor) and z.shape == h.shape:
+        return z
+    got = f"a tensor of shape {tuple(z.shape)}" if isinstance(z, Tensor) else f"a {type(z).__name__}"
+    shape = "(batch, length, d_model)" if h.dim() == 3 else "(batch, d_model)"
+    raise TypeError(f"{type(layer).__name__}.{what} must give a tensor of its input's shape {shape} = "
+                    f"{tuple(h.shape)} to SequenceModel, got {got} (a registered layer maps (B, L, H) to (B, L, H); "
+                    f"see the README's 'Writing a plugin')")
+
+
+def stream_method(layer: nn.Module, name: str, index: Optional[int] = None) -> Callable[..., Any]:
+    """``layer``'s streaming method ``name`` (allocate_inference_cache, step), or a TypeError naming
+    the layer (blocks.{index}.layer) and the two ways to give it one (a bare AttributeError before)."""
+    method = getattr(layer, name, None)
+    if not callable(method):
+        where = type(layer).__name__ if index is None else f"blocks.{index}.layer ({type(layer).__name__})"
+        raise TypeError(f"{where} has no {name}(), so the model cannot stream "
+                        f"(step, prefill, export); subclass lrnnx_zoo.LTI_LRNN and give it a step_form(), or give the "
+                        f"layer allocate_inference_cache, step and prefill of its own (README, 'Writing a plugin')")
+    return method
 
 
 def running_mean_step(mean: Tensor, carry: Tensor, h: Tensor, count: Any) -> Tuple[Tensor, Tensor]:
@@ -340,9 +368,10 @@ def prefill_layer(layer: nn.Module, x: Tensor, lengths: Optional[Tensor]) -> Tup
                          f"through x, which needs sequences of one length; got lengths {torch.as_tensor(lengths).tolist()} "
                          f"for length {x.shape[1]}. Prefill each length separately")
     y = layer(x, lengths=lengths)
-    cache = layer.allocate_inference_cache(x.shape[0])
+    cache = stream_method(layer, "allocate_inference_cache")(x.shape[0])
     for t in range(x.shape[1]):
-        layer.step(x[:, t], cache)
+        _, stepped = layer.step(x[:, t], cache)     # what the step returns: a tensor cache is replaced
+        cache = cache if stepped is None else stepped
     return y, cache
 
 
@@ -421,6 +450,9 @@ class SequenceModel(HubMixin, nn.Module):
         """
         x = self._check_sequence(x, lengths)
         check_stream_batch(x, "SequenceModel.prefill")
+        for i, block in enumerate(self.blocks):      # named before the forward runs
+            if not callable(getattr(block.layer, "prefill", None)):
+                stream_method(block.layer, "allocate_inference_cache", i), stream_method(block.layer, "step", i)
         cache = self._model_cache(x.shape[0], layers=[None] * len(self.blocks))     # the layers' come from prefill
         h = self._features(x, lengths, cache["layers"])
         if lengths is None:       # the step count, each sequence's (B, 1) (_model_cache)
@@ -507,7 +539,8 @@ class SequenceModel(HubMixin, nn.Module):
             raise TypeError(f"this model holds {ref.dtype} parameters; a {dtype} cache would mix precisions. "
                             f"Convert the model instead (model.to({dtype}))")
         cache = self._model_cache(batch_size, [])
-        cache["layers"] = [b.layer.allocate_inference_cache(batch_size, dtype=ref.dtype) for b in self.blocks]
+        cache["layers"] = [stream_method(b.layer, "allocate_inference_cache", i)(batch_size, dtype=ref.dtype)
+                           for i, b in enumerate(self.blocks)]
         return cache
 
     def _model_cache(self, batch_size: int, layers: List[Any]) -> Dict[str, Any]:
@@ -572,15 +605,24 @@ class SequenceModel(HubMixin, nn.Module):
         # later block refusing (its weights changed) left the earlier ones advanced, and a retry stepped
         # them twice (0.037 off forward from then on, silently). A third-party layer's cache of another
         # kind is stepped as it is (what its step changes in place is its own).
+        # A cache of another kind (a tensor, say) is replaced by the one its step returns, also
+        # once every block has stepped (that one was dropped: a layer returning its next state
+        # instead of writing it in place streamed 0.54 off forward, silently).
         stepped = []
-        for block, layer_cache in zip(self.blocks, cache["layers"]):
+        for i, (block, layer_cache) in enumerate(zip(self.blocks, cache["layers"])):
             is_dict = isinstance(layer_cache, dict)
-            z, layer_next = block.layer.step(block.norm(h), dict(layer_cache) if is_dict else layer_cache)
-            stepped.append(layer_next if is_dict and isinstance(layer_next, dict) else None)
-            h = h + block.mix(z)
-        for layer_cache, layer_next in zip(cache["layers"], stepped):
-            if layer_next is not None:
+            out = stream_method(block.layer, "step", i)(block.norm(h), dict(layer_cache) if is_dict else layer_cache)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(f"blocks.{i}.layer ({type(block.layer).__name__}).step must return (y, cache), got "
+                                f"{type(out).__name__}")
+            z, layer_next = out
+            stepped.append(layer_next)
+            h = h + block.mix(layer_output(block.layer, z, h, "step"))
+        for i, (layer_cache, layer_next) in enumerate(zip(cache["layers"], stepped)):
+            if isinstance(layer_cache, dict) and isinstance(layer_next, dict):
                 layer_cache.update(layer_next)
+            elif not isinstance(layer_cache, dict) and layer_next is not None:
+                cache["layers"][i] = layer_next
         h = self.norm(h)
         cache["t"] = cache["t"] + 1      # not in place: the count may be a view of the caller's lengths
         if self.config.pooling == "mean":

@@ -14,7 +14,9 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import sys
 import threading
+import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +44,9 @@ BUILTIN_BACKEND_KINDS = ("vandermonde", "cauchy", "modal", "ssm_kernel")
 #: skip() at import) included -- except KeyboardInterrupt, which is re-raised (the user asked to stop,
 #: and a plugin hanging at import must stay interruptible) after undoing what the plugin registered.
 PLUGIN_FAILURES = BaseException
+#: How a hook is written, for the errors about one written otherwise.
+_HOOK_SHAPE = ("a hook is a function decorated with @lrnnx_zoo.hookimpl, named after the hook and taking one "
+               "argument, registry: def lrnnx_zoo_register_layers(registry)")
 
 
 def _hook_mistake(plugin: Any, others: Dict[str, str]) -> Optional[str]:
@@ -222,6 +227,12 @@ class Registry:
             if not _autoload():
                 hint += f" Third-party plugins are not loaded: {DISABLE_AUTOLOAD_ENV} is set."
             raise RegistryError(f"unknown {what} {label!r}; available: {', '.join(known) or 'none'}.{hint}")
+        if len(entries) > 1 and not plugin:
+            # A built-in family keeps its bare names: a third-party plugin reusing one (marked in
+            # `lrnnx-zoo plugins`) made every shipped checkpoint of that family fail to load.
+            builtin = [e for e in entries if getattr(self.plugins.get(e.plugin), "builtin", False)]
+            if len(builtin) == 1:
+                return builtin[0].value
         if len(entries) > 1:
             owners = [e.plugin for e in entries]
             raise RegistryError(
@@ -258,7 +269,10 @@ class Registry:
             del self.plugins[info.name]
             raise
         except PLUGIN_FAILURES as exc:  # pluggy validates hook names and signatures here
-            info.error = f"{type(exc).__name__}: {exc}{_way_out(info)}"
+            # one line (`lrnnx-zoo plugins` prints the first): pluggy's second and third lines held
+            # the offending argument, and none said what the hook must look like
+            said = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            info.error = f"{type(exc).__name__}: {said}; {_HOOK_SHAPE}{_way_out(info)}"
             return
         others = {getattr(p, "__name__", None): n for n, p in pm.list_name_plugin() if n != info.name}
         mistake = _hook_mistake(plugin, others)
@@ -266,6 +280,13 @@ class Registry:
             info.error = mistake + _way_out(info)
             if plugin is not None and pm.is_registered(plugin):    # unregister(None) fails an assertion
                 pm.unregister(plugin)
+            return
+        wrong = [f"{impl.function.__name__}({', '.join(impl.argnames)})" for hook in _HOOKS
+                 for impl in getattr(pm.hook, hook).get_hookimpls()
+                 if impl.plugin_name == info.name and tuple(impl.argnames) != ("registry",)]
+        if wrong:       # a hook without parameters failed when called, as a TypeError and a traceback
+            info.error = f"hook {', '.join(wrong)} takes no registry; {_HOOK_SHAPE}{_way_out(info)}"
+            pm.unregister(plugin)
             return
         self._current = info
         try:
@@ -334,9 +355,13 @@ class Registry:
                 if len(owners) < 2:
                     continue
                 label = key if isinstance(key, str) else ".".join(key)
+                builtin = [o for o in owners if getattr(self.plugins.get(o), "builtin", False)]
                 for o in owners:
                     others = ", ".join(x for x in owners if x != o)
-                    clashes.setdefault(o, []).append(f"{what} {label!r} is also registered by {others}")
+                    bare = label if isinstance(key, str) else key[-1]
+                    keeps = (f" (built in, which keeps the name; this plugin's is '{o}:{bare}')"
+                             if len(builtin) == 1 and o not in builtin else "")
+                    clashes.setdefault(o, []).append(f"{what} {label!r} is also registered by {others}{keeps}")
         for name, items in clashes.items():
             info = self.plugins.get(name)
             if info is not None and info.builtin:
@@ -427,12 +452,43 @@ def reload_plugins() -> Registry:
 
     A plugin module this process has already imported is registered as it was imported: Python
     does not import it again, so a plugin's changed or upgraded code takes effect in a new process
-    (or after ``importlib.reload`` of its module, before this call)."""
+    (or after ``importlib.reload`` of its module, before this call). An editable install
+    (``pip install -e``) since this process started is found too (:func:`_read_new_path_files`)."""
     global _registry
     with _lock:
         _registry = None
+        _read_new_path_files()
         importlib.invalidate_caches()
         return get_registry()
+
+
+#: When this module was imported: .pth files written later are new to this process.
+_STARTED = time.time()
+
+
+def _read_new_path_files() -> None:
+    """Read the .pth files written into site-packages since this process started (as Python read
+    the others at start-up). An editable install puts its source on the path through one, so
+    reload_plugins() after ``pip install -e`` found the plugin's entry point and failed to import
+    it ("No module named ..."), advising to reinstall what was installed. Only new files: an old
+    one's import lines were run at start-up and are not run twice."""
+    import site
+    dirs = list(getattr(site, "getsitepackages", lambda: [])())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    known = {os.path.normcase(os.path.abspath(p)) for p in sys.path if p}
+    for folder in dirs:
+        try:
+            names = sorted(n for n in os.listdir(folder) if n.endswith(".pth"))
+        except OSError:
+            continue
+        for name in names:
+            try:
+                new = os.path.getmtime(os.path.join(folder, name)) >= _STARTED
+            except OSError:
+                continue
+            if new:
+                site.addpackage(folder, name, known)
 
 
 def register_plugin(plugin: Any, name: Optional[str] = None) -> PluginInfo:
@@ -460,9 +516,9 @@ def register_plugin(plugin: Any, name: Optional[str] = None) -> PluginInfo:
     for note in info.notes:
         warnings.warn(f"plugin {name!r}: {note}", stacklevel=2)
     if info.error:
-        # kept, as for installed plugins, but the bare name is now ambiguous for every caller in
-        # this process: the one who registered it hears it here, not at the next create_layer
-        warnings.warn(f"plugin {name!r} registered, with {info.error.removeprefix('duplicate names: ')}",
+        # kept, as for installed plugins, but the bare name is now ambiguous for every caller in this
+        # process (a built-in's stays the built-in's): the one who registered it hears it here
+        warnings.warn(f"plugin {name!r} registered, but its names clash: {info.error.removeprefix('duplicate names: ')}",
                       stacklevel=2)
     return info
 

@@ -85,6 +85,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     recipe = override(recipe, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                       max_steps=args.max_steps)
+    from .registry import PluginError, RegistryError
     from .training import (BatchExceedsDataError, EpochsNotReachedWarning, MissingDependencyError,
                            ResumeNotExactWarning, TrainingDivergedError, TrainingSetupError, train)
     try:
@@ -96,7 +97,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         name = "--batch-size" if args.batch_size is not None else "batch size"   # the recipe's own
         print(f"lrnnx-zoo train: {exc.message(name)}", file=sys.stderr)
         return 2
-    except (TrainingSetupError, MissingDependencyError) as exc:  # found before training started
+    except (TrainingSetupError, MissingDependencyError, RegistryError, PluginError) as exc:  # before training started
+        # (a layer, initializer or backend the plugins do not provide: a 44-line traceback before)
         print(f"lrnnx-zoo train: {exc}", file=sys.stderr)
         return 2
     except TrainingDivergedError as exc:   # the message names the step and what to change

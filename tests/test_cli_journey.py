@@ -114,3 +114,17 @@ def test_export_whose_graph_fails_validation_exits_1_not_2(tmp_path, monkeypatch
     assert main(["export", "digits-lru", "--out", str(tmp_path / "out"), "--latency-steps", "0"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("lrnnx-zoo export: onnxruntime step graph disagrees") and err.count("\n") == 1, err
+
+
+def test_train_names_a_registry_error_in_one_line(monkeypatch, capsys, tmp_path):
+    # A layer, initializer or backend the plugins do not provide (an ambiguous name, found by an
+    # audit) ended `lrnnx-zoo train` with a 44-line traceback; evaluate and export print one line.
+    import lrnnx_zoo.training
+    from lrnnx_zoo.registry import RegistryError
+
+    def unresolved(*args, **kwargs):
+        raise RegistryError("unknown layer 'nope'; available: fftconv, lru, s4, s4d.")
+    monkeypatch.setattr(lrnnx_zoo.training, "train", unresolved)
+    assert main(["train", "digits-tiny", "--out", str(tmp_path / "run")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "lrnnx-zoo train: unknown layer 'nope'; available: fftconv, lru, s4, s4d.\n", captured.err
