@@ -336,10 +336,11 @@ class Registry:
         for kind, owners in sorted(kinds_by.items()):
             if kind not in BUILTIN_BACKEND_KINDS and len(owners) == 1:
                 owner = next(iter(owners))
-                if owner in self.plugins:
+                # a plugin with layers of its own may look its kinds up itself (it warned at every load)
+                if owner in self.plugins and not self.plugins[owner].layers:
                     self.plugins[owner].notes.append(
                         f"backends of kind {kind!r} are looked up by no built-in layer (kinds: "
-                        f"{', '.join(BUILTIN_BACKEND_KINDS)}): a typo, unless the plugin's own layers ask for it")
+                        f"{', '.join(BUILTIN_BACKEND_KINDS)}), and the plugin registers no layer: a typo?")
 
     def mark_duplicates(self) -> None:
         """Note on every plugin involved in a name clash which names clash and with whom; clashes

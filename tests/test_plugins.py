@@ -737,6 +737,20 @@ def test_an_initializer_or_backend_nothing_looks_up_is_noted(capsys):
         lrnnx_zoo.unregister_plugin("typos")
     assert not any(p.notes for p in lrnnx_zoo.list_plugins())      # the built-ins have none
 
+    # A plugin with layers of its own may look up a kind of its own: no note (it warned at every load)
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_layers(registry):
+        registry.add_layer("with_own_kind", torch.nn.Identity)
+    own = _undecorated_module("tp_own_kind", lrnnx_zoo_register_layers=lrnnx_zoo_register_layers,
+                              lrnnx_zoo_register_kernel_backends=lrnnx_zoo_register_kernel_backends)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        info = lrnnx_zoo.register_plugin(own, "own_kind")
+    try:
+        assert info.ok and info.notes == []
+    finally:
+        lrnnx_zoo.unregister_plugin("own_kind")
+
 
 def test_reload_plugins_finds_an_editable_install_made_while_running(tmp_path, monkeypatch):
     # `pip install -e` puts the source folder on the path through a .pth file, which Python reads
