@@ -10,6 +10,8 @@ import types
 from pathlib import Path
 from typing import Dict, Iterator
 
+import torch
+
 import lrnnx_zoo
 from lrnnx_zoo.registry import DISABLE_AUTOLOAD_ENV
 
@@ -139,3 +141,20 @@ def layers_registered(plugin: str, **layers: type) -> Iterator[None]:
         yield
     finally:
         lrnnx_zoo.unregister_plugin(plugin)
+
+
+class LoopRecurrence(torch.nn.Module):
+    """A layer of a third party's own making: h_t = a h_{t-1} + x_t per channel, in a Python loop,
+    so forward and a step of its own run the same float ops. No streaming methods: tests add theirs."""
+
+    def __init__(self, d_model: int, **_):
+        super().__init__()
+        self.d_model = d_model
+        self.a = torch.nn.Parameter(torch.full((d_model,), 0.9))
+
+    def forward(self, x, integration_timesteps=None, lengths=None):
+        h, ys = torch.zeros_like(x[:, 0]), []
+        for t in range(x.shape[1]):
+            h = self.a * h + x[:, t]
+            ys.append(h)
+        return torch.stack(ys, 1)

@@ -19,9 +19,8 @@ import pytest
 import torch
 
 from lrnnx_zoo import ModelConfig, SequenceModel, create_layer
-from lrnnx_zoo.base import LTI_LRNN
 
-from plugin_fixtures import layers_registered
+from plugin_fixtures import LoopRecurrence, layers_registered
 
 FAMILIES = ["lru", "s4d", "s4", "fftconv"]
 D_IN, D_OUT, H = 3, 2, 16
@@ -137,20 +136,8 @@ def test_fork_cache_refuses_what_it_cannot_fork():
     assert cache["layers"][0]["lrnn_state"].shape[0] == 3
 
 
-class _OwnCache(LTI_LRNN):
+class _OwnCache(LoopRecurrence):
     """A third-party layer with its own cache (a list holding a tensor) and no fork_cache."""
-
-    def __init__(self, d_model: int, **_):
-        super().__init__(None)
-        self.d_model = d_model
-        self.a = torch.nn.Parameter(torch.full((d_model,), 0.5))
-
-    def forward(self, x, integration_timesteps=None, lengths=None):
-        h, ys = torch.zeros_like(x[:, 0]), []
-        for t in range(x.shape[1]):
-            h = self.a * h + x[:, t]
-            ys.append(h)
-        return torch.stack(ys, 1)
 
     def allocate_inference_cache(self, batch_size, max_seqlen=1, dtype=None):
         return [torch.zeros(batch_size, self.d_model)]

@@ -10,29 +10,15 @@ Tolerance: exact, the layer's recurrence is the same float32 ops in forward and 
 
 import pytest
 import torch
-from torch import nn
 
 from lrnnx_zoo import ModelConfig, SequenceModel
 
-from plugin_fixtures import layers_registered
+from plugin_fixtures import LoopRecurrence, layers_registered
 
 H = 4
 
 
-class _Recurrence(nn.Module):
-    """h_t = a h_{t-1} + x_t per channel, in a loop: forward and step run the same ops."""
-
-    def __init__(self, d_model: int, **_):
-        super().__init__()
-        self.d_model = d_model
-        self.a = nn.Parameter(torch.full((d_model,), 0.9))
-
-    def forward(self, x, integration_timesteps=None, lengths=None):
-        h, ys = torch.zeros_like(x[:, 0]), []
-        for t in range(x.shape[1]):
-            h = self.a * h + x[:, t]
-            ys.append(h)
-        return torch.stack(ys, 1)
+_Recurrence = LoopRecurrence
 
 
 class _TensorCache(_Recurrence):
@@ -92,6 +78,6 @@ def test_a_layer_without_streaming_methods_is_named():
         model = model_of("plain")
         assert model(torch.randn(2, 5, 1)).shape == (2, 5, 1)          # forward needs none of them
         for call in (lambda: model.allocate_inference_cache(2), lambda: model.prefill(torch.randn(2, 5, 1))):
-            with pytest.raises(TypeError, match=r"_Recurrence\) has no allocate_inference_cache\(\), so the model "
+            with pytest.raises(TypeError, match=r"LoopRecurrence\) has no allocate_inference_cache\(\), so the model "
                                                 r"cannot stream"):
                 call()
