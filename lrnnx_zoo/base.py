@@ -689,7 +689,10 @@ class LTI_LRNN(LRNN):
         if final.shape != state.shape:
             raise RuntimeError(f"{type(self).__name__}.final_step_state returned shape {tuple(final.shape)}, expected the "
                                f"step form's state (batch, state_size) = {tuple(state.shape)}")
-        cache["lrnn_state"] = final.to(state.dtype)
+        # Values only, as step keeps them: the state's graph held the whole prompt's autograd graph for
+        # as long as the cache lived (a prefill outside no_grad: ~50 MB a cache for 8192 steps at
+        # d_model 64, ~120 MB for S4 at 100 steps), and a fork or deepcopy of the cache failed on it.
+        cache["lrnn_state"] = values_only(final.to(state.dtype))
         return y, cache
 
     def prefill_scope(self, L: int) -> ContextManager[Any]:
@@ -789,8 +792,7 @@ class LTI_LRNN(LRNN):
         The state is copied (rows selected) and the rest shared: the step form and the record of
         the weights it was made from, which :meth:`step` replaces rather than changes, so a
         change of weights is seen by each stream at its next step as before. (``copy.deepcopy`` of
-        a cache alone copies its owner's mark too, so no layer takes the copy.) A state with
-        autograd history (a prefill's under autograd) keeps it in the fork.
+        a cache alone copies its owner's mark too, so no layer takes the copy.)
         """
         state, _ = self._stream_of(inference_cache, "fork_cache")
         rows = stream_rows(index, state.shape[0], f"{type(self).__name__}.fork_cache", state.device)

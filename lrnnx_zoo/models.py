@@ -461,8 +461,9 @@ class SequenceModel(HubMixin, nn.Module):
             cache["t"] = torch.as_tensor(lengths, device=h.device).unsqueeze(-1).to(torch.long, copy=True)
         if self.config.pooling != "mean":     # the running mean only feeds mean pooling's steps
             return self._readout(h, lengths), cache
-        cache["pool_mean"] = self._pooled(h, lengths, "mean")    # _check_sequence refused empty sequences
-        return self.decoder(cache["pool_mean"]), cache
+        mean = self._pooled(h, lengths, "mean")    # _check_sequence refused empty sequences
+        cache["pool_mean"] = values_only(mean)     # the cache keeps values (LTI_LRNN.prefill)
+        return self.decoder(mean), cache
 
     def _check_sequence(self, x: Tensor, lengths: Optional[Tensor]) -> Tensor:
         """x checked (and a half input under autocast made float32) for forward and prefill."""

@@ -119,12 +119,12 @@ def test_s4_prefill_builds_its_dense_system_once_and_squares_once(name, kw, monk
 
 @pytest.mark.parametrize("name,kw", [("s4", {}), ("s4", {"discretization": "zoh"}), ("fftconv", {"kernel_type": "s4"})],
                          ids=["bilinear", "zoh", "fftconv-s4"])
-def test_s4_prefill_under_autograd_keeps_the_states_gradient(name, kw, monkeypatch):
-    # The shared dense work was reused whatever the grad mode: A_bar and the Krylov block built without
-    # a graph (by the step form, under no_grad) fed the state passing, so a prefill under autograd
-    # (the README streams without no_grad) gave a state with no gradient to the kernel's parameters
-    # (bilinear always, zoh after a forward under autograd), silently. Under autograd the work is
-    # not shared: the state's gradient is that of the unshared computation.
+def test_s4_prefill_under_autograd_keeps_values_of_the_unshared_computation(name, kw, monkeypatch):
+    # The shared dense work was reused whatever the grad mode (A_bar and the Krylov block built under
+    # no_grad by the step form fed the state passing). The cache keeps values, as step's does: the
+    # prefill's state held the prompt's whole autograd graph while the cache lived (~50 MB a cache
+    # for 8192 steps at d_model 64, found by a soak audit). Under autograd the values are those of
+    # the unshared computation, and nothing of the graph is kept.
     import contextlib
     layer = layer_of(name, **kw)
     kernel = layer.conv.kernel if name == "fftconv" else layer.kernel
@@ -132,15 +132,15 @@ def test_s4_prefill_under_autograd_keeps_the_states_gradient(name, kw, monkeypat
     lengths = torch.tensor([25, 9, 1])
     layer(x)                                           # under autograd: sets the length, caches nothing
 
-    def gradients() -> list:
-        state = layer.prefill(x, lengths)[1]["lrnn_state"]
-        assert state.requires_grad
-        return torch.autograd.grad(state.pow(2).sum(), [kernel.log_dt, x])
+    def state() -> torch.Tensor:
+        y, cache = layer.prefill(x, lengths)
+        assert y.requires_grad and cache["lrnn_state"].grad_fn is None and not cache["lrnn_state"].requires_grad
+        return cache["lrnn_state"]
 
-    shared = gradients()
+    shared = state()
     monkeypatch.setattr(kernel, "sharing_dense_work", lambda L: contextlib.nullcontext())
-    for got, want in zip(shared, gradients()):
-        assert want.abs().max() > 0 and (got - want).abs().max() < 1e-5 * want.abs().max()
+    unshared = state()
+    assert (shared - unshared).abs().max() <= 1e-6 * unshared.abs().max()
 
 
 @torch.no_grad()
