@@ -78,12 +78,20 @@ def _fits_float32(x: np.ndarray) -> bool:
     return not x.size or bool(-_FLOAT32_MAX <= float(x.min()) and float(x.max()) <= _FLOAT32_MAX)
 
 
+def _steps_fit_float32(x: np.ndarray) -> bool:
+    """Whether each step's values, x[b, t, :], have a sum of magnitudes within float32's range, the
+    rule :meth:`OnnxStreamer.step` applies (run() checked each value alone, and streamed a step of
+    three 3e38 values that turned the state infinite and every later output NaN)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.abs(x, dtype=np.float32).sum(axis=-1, dtype=np.float32)).all())
+
+
 def _non_finite(x: np.ndarray) -> str:
     """Where x holds values that are NaN or infinite as float32 (the error path only)."""
     with np.errstate(over="ignore"):
         bad = np.argwhere(~np.isfinite(x.astype(np.float32)))
-    if not len(bad):      # finite values whose sum overflowed float32 (step's check)
-        return "values too large for float32 arithmetic (their sum overflows)"
+    if not len(bad):      # finite values whose magnitudes' sum overflowed float32 (step's check)
+        return "values too large for float32 arithmetic (the sum of one step's magnitudes overflows)"
     return f"{len(bad)} NaN or infinite value(s) as float32, the first at index {tuple(bad[0].tolist())}"
 
 
@@ -258,6 +266,7 @@ class OnnxStreamer:
         self._x = np.zeros((batch,) + per_call + (self.d_input,), np.float32)
         # step()'s finiteness check: x . ones is x's sum in one BLAS call (0.35 us at batch 1, x.sum() 1 us)
         self._x_flat, self._ones = self._x.reshape(-1), np.ones(self._x.size, np.float32)
+        self._x_abs = np.empty_like(self._x_flat)
         self._y = np.zeros((batch,) + per_call + (self.d_output,), np.float32)
         # the same buffers as (batch, steps per call, width) views, for run() over either kind of graph
         steps = self.chunk or 1
@@ -328,7 +337,7 @@ class OnnxStreamer:
         """One time step: x_t (batch, d_input), numpy or torch -> y_t (batch, d_output) numpy float32.
         A chunk graph's step is one chunk: x_t (batch, chunk, d_input) -> (batch, chunk, d_output).
 
-        A NaN or infinite x_t, or one whose values sum beyond float32's range (about 3.4e38: the
+        A NaN or infinite x_t, or one whose magnitudes sum beyond float32's range (about 3.4e38: the
         encoder's products would overflow too), is refused (ValueError) before the step, so the state
         stays as it was (stepped, it would turn every later output of its sequence NaN or infinite):
         skip or fill in the sample."""
@@ -340,8 +349,12 @@ class OnnxStreamer:
             else:   # a float64 beyond float32's range becomes inf, refused below, without numpy's warning
                 with np.errstate(over="ignore"):
                     np.copyto(self._x, x_t, casting="same_kind")
-            # one reduction on the float32 copy (a float64 beyond float32's range is inf by now)
-            if not math.isfinite(self._x_flat.dot(self._ones)):
+            # one reduction on the float32 copy (a float64 beyond float32's range is inf by now): the
+            # sum of magnitudes, since values of both signs cancelled in a plain sum, and 3e38 - 3e38
+            # + 3e38 passed and turned the state NaN; errstate: numpy warned of the overflow it reports
+            with np.errstate(over="ignore", invalid="ignore"):
+                fits = math.isfinite(np.abs(self._x_flat, out=self._x_abs).dot(self._ones))
+            if not fits:
                 raise ValueError(f"x_t holds {_non_finite(self._x)}; not stepped, the state is as it was "
                                  f"(skip or fill in this sample): {_POISON}")
             self._advance()
@@ -350,7 +363,8 @@ class OnnxStreamer:
     def run(self, x: ArrayLike) -> np.ndarray:
         """Stream a chunk: x (batch, L, d_input) -> y (batch, L, d_output), continuing from the
         current state. A fresh streamer (no steps and no state set since reset) adopts x's batch size.
-        A chunk holding NaN or inf is refused whole, before any step (see :meth:`step`). A chunk
+        A chunk holding NaN or inf, or a step that :meth:`step` would refuse, is refused whole, before
+        any step. A chunk
         graph takes L a multiple of its ``chunk``."""
         x = _to_numpy(x, "x")
         if x.ndim != 3 or x.shape[2] != self.d_input:
@@ -360,7 +374,7 @@ class OnnxStreamer:
             raise ValueError(f"this is a chunk graph of {T} steps per call: x's length must be a multiple of {T}, got "
                              f"{x.shape[1]}; stream the last {x.shape[1] % T} steps through a step graph of the same "
                              f"model (same state layout: step_streamer.state = chunk_streamer.state)")
-        if not _fits_float32(x):
+        if not _fits_float32(x) or not _steps_fit_float32(x):     # step's rule, for every step of x
             raise ValueError(f"x holds {_non_finite(x)} (sequence, step, feature); nothing was streamed and the "
                              f"state is as it was (fill them in, or stream the steps before them): {_POISON}")
         with self._lock:

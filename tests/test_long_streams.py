@@ -97,6 +97,24 @@ def test_a_non_finite_sample_is_refused_before_it_reaches_the_state(graph):
     assert np.isfinite(s.state).all()
 
 
+def test_a_step_whose_magnitudes_overflow_is_refused_by_step_and_run(graph):
+    # run() checked each value alone and streamed a step of three 3e38 values (state infinite, every
+    # later output NaN), and step() summed signed values, so 3e38 - 3e38 + 3e38 passed (an audit).
+    s = OnnxStreamer(graph[1])
+    s.run(np.zeros((1, 3, 3), np.float32))
+    before = s.state
+    for sample in ([3e38, 3e38, 3e38], [3e38, -3e38, 3e38], [-3e38, 3e38, 3e38]):
+        x = np.array([[sample]], np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")        # the error alone (numpy warned of the overflow too)
+            with pytest.raises(ValueError, match="values too large for float32 arithmetic"):
+                s.step(x[:, 0])
+            with pytest.raises(ValueError, match="values too large for float32 arithmetic.*nothing was streamed"):
+                s.run(np.concatenate([np.zeros((1, 2, 3), np.float32), x], 1))
+    assert s.steps == 3 and np.array_equal(s.state, before)
+    assert np.isfinite(s.run(np.full((1, 2, 3), 1e30, np.float32))).all()     # large, not too large
+
+
 def test_an_infinite_float16_sample_or_state_is_refused_too(graph):
     # In float16 the float32 bound itself rounds to inf, so run() and the state setter took inf <= inf
     # as in range: the stream's state went non-finite and every later output NaN.
