@@ -692,7 +692,8 @@ class LTI_LRNN(LRNN):
         # Values only, as step keeps them: the state's graph held the whole prompt's autograd graph for
         # as long as the cache lived (a prefill outside no_grad: ~50 MB a cache for 8192 steps at
         # d_model 64, ~120 MB for S4 at 100 steps), and a fork or deepcopy of the cache failed on it.
-        cache["lrnn_state"] = values_only(final.to(state.dtype))
+        final = final.to(state.dtype)      # (no detach without a graph: one more compiled graph for nothing)
+        cache["lrnn_state"] = values_only(final) if final.requires_grad else final
         return y, cache
 
     def prefill_scope(self, L: int) -> ContextManager[Any]:

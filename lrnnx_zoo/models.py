@@ -462,7 +462,7 @@ class SequenceModel(HubMixin, nn.Module):
         if self.config.pooling != "mean":     # the running mean only feeds mean pooling's steps
             return self._readout(h, lengths), cache
         mean = self._pooled(h, lengths, "mean")    # _check_sequence refused empty sequences
-        cache["pool_mean"] = values_only(mean)     # the cache keeps values (LTI_LRNN.prefill)
+        cache["pool_mean"] = values_only(mean) if mean.requires_grad else mean    # values (LTI_LRNN.prefill)
         return self.decoder(mean), cache
 
     def _check_sequence(self, x: Tensor, lengths: Optional[Tensor]) -> Tensor:
