@@ -146,6 +146,45 @@ def in_graph_operator() -> bool:
     return _OPERATOR.active
 
 
+class _KeepFlag(threading.local):
+    """Per thread: whether kernels must leave their stored state as it is (:func:`stored_state_kept`);
+    a class attribute, as :class:`_OperatorFlag`'s."""
+    active = False
+
+
+_KEEP = _KeepFlag()
+
+
+def keeping_stored_state() -> bool:
+    """Whether this thread's kernel calls run inside :func:`stored_state_kept`."""
+    return _KEEP.active
+
+
+@contextlib.contextmanager
+def stored_state_kept() -> Iterator[None]:
+    """Inside: kernels leave what they store as it is (S4 extends no C~ and no length in place for a
+    longer input; it computes C~ for that input on the call). A layer's calls without autograd run
+    inside (:meth:`SSMKernel.spectrum`, :func:`kept_in_inference`): one evaluation or serving request
+    longer than the training length made S4 run Algorithm 1 at that length in every later call (the
+    shipped digits-s4 after one 16384-step evaluation: a 64-step evaluation 21 -> 427 ms, a training
+    step 51 -> 1459 ms, 1.1 GB more at the peak)."""
+    before = _KEEP.active
+    _KEEP.active = True
+    try:
+        yield
+    finally:
+        _KEEP.active = before
+
+
+def kept_in_inference(module: nn.Module, *inputs: Tensor) -> ContextManager[None]:
+    """:func:`stored_state_kept` for a call of ``module`` on ``inputs`` without autograd
+    (:func:`~lrnnx_zoo.base.needs_autograd`), else nothing: training extends as before. Nothing
+    while compiling: a graph writes no stored state anyway, and the flag would be one more guard."""
+    if torch.compiler.is_compiling() or needs_autograd(module, *inputs):
+        return contextlib.nullcontext()
+    return stored_state_kept()
+
+
 @contextlib.contextmanager
 def _graph_operator() -> Iterator[None]:
     before = in_graph_operator()
@@ -259,7 +298,10 @@ class SSMKernel(nn.Module):
             for h0 in range(0, K.shape[1], 16):
                 Kf[:, h0:h0 + 16] = torch.fft.rfft(K[:, h0:h0 + 16], n=n)
             return Kf
-        return self.cached_kernel(("spectrum", L, n, rate), compute)
+        if torch.compiler.is_compiling():      # a graph writes no stored state (and no flag to guard on)
+            return self.cached_kernel(("spectrum", L, n, rate), compute)
+        with stored_state_kept():       # an inference spectrum: see stored_state_kept
+            return self.cached_kernel(("spectrum", L, n, rate), compute)
 
     def __getstate__(self) -> dict:
         """The module's state without the inference kernel cache, for pickling and copy.deepcopy:

@@ -44,8 +44,8 @@ from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applie
                                    channels_last_conv, circular_conv, conv_size, kernel_taps, reversed_spectrum,
                                    swap_time_and_channels, two_sided_kernel)
 from lrnnx_zoo.registry import get_backend
-from lrnnx_zoo.ssm_kernel import (SSMKernel, check_rate, kernel_final_step_state, pack_kernel_state,
-                                  passed_state_dtype, unpack_kernel_state)
+from lrnnx_zoo.ssm_kernel import (SSMKernel, check_rate, kept_in_inference, kernel_final_step_state,
+                                  pack_kernel_state, passed_state_dtype, unpack_kernel_state)
 from lrnnx_zoo.step_forms import SequentialStepForm, StepForm, step_form_dtype, stored
 
 __all__ = ["FFTConvS4", "FFTConvLayer", "pack_state", "unpack_state", "flip_within_lengths"]
@@ -215,7 +215,8 @@ class FFTConvS4(nn.Module):
         Lk = kernel_taps(L, self.L, rate)
         if self._inference_conv(x, state):
             return self._blocked_forward(x, L, Lk, rate), None
-        K, K_state = self.kernel(L=Lk, rate=rate, state=state)                 # (C', H, Lk)
+        with kept_in_inference(self, x):     # a long request leaves a stored length as it was
+            K, K_state = self.kernel(L=Lk, rate=rate, state=state)             # (C', H, Lk)
         if self.training and self.drop_kernel > 0:
             K = F.dropout(K, self.drop_kernel, training=True)
         C, n = self.channels, conv_size(L, Lk)

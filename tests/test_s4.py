@@ -846,8 +846,8 @@ def test_functional_call_past_the_length_leaves_the_kernel_as_it_was():
     with torch.no_grad():
         got = functional_call(layer, params, (x,))
         assert layer.kernel.length == 8 and torch.equal(params["kernel.C"], C)
-        want = fresh(x)                                  # eager extends its own C~ (8 -> 32)
-        assert fresh.kernel.length == 32
+        want = fresh(x)                        # inference computes C~ for 32 on the call, storing nothing
+        assert fresh.kernel.length == 8
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * want.abs().max().item())
         torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-12 * want.abs().max().item())
 
@@ -893,7 +893,9 @@ def test_running_a_checkpoint_on_longer_sequences_keeps_its_metrics(name, tmp_pa
     kernel = next(m for m in model.modules() if isinstance(m, SSKernelNPLR))
     length = kernel.length
     with torch.no_grad():
-        model(torch.randn(1, 9 * length, model.config.d_input))     # three doublings
+        model(torch.randn(1, 9 * length, model.config.d_input))     # inference stores no length
+    assert kernel.length == length
+    model(torch.randn(1, 9 * length, model.config.d_input))         # under autograd: three doublings
     assert kernel.length == 16 * length
     config = lrnnx_zoo.from_pretrained(model.save_pretrained(tmp_path / "longer")).checkpoint_info
     assert config["metrics"] == metrics and "changed" not in (config["notes"] or "")
@@ -997,3 +999,30 @@ def test_bidirectional_padded_batch_against_sums_by_hand_on_every_path(transpose
     for path, (y_seed, y_layer) in runs.items():
         assert rel_err(y_seed, want_seed) < 1e-10, path
         assert rel_err(y_layer, want_layer) < 1e-10 and torch.all(y_layer[~valid] == 0), path
+
+
+@pytest.mark.parametrize("layer", ["s4", "fftconv"])
+def test_a_long_inference_call_leaves_the_stored_length(layer):
+    # One evaluation or serving request longer than the training length doubled S4's stored length in
+    # place, and every later call ran Algorithm 1 at that length: the shipped digits-s4 after one
+    # 16384-step evaluation took 427 ms (21 before) for a 64-step evaluation and 1459 ms (51) for a
+    # training step (found by a soak audit). Inference now computes C~ for the long input on the call.
+    torch.manual_seed(0)
+    kw = {"kernel_type": "s4"} if layer == "fftconv" else {}
+    model = lrnnx_zoo.create_layer(layer, 8, d_state=8, **kw).eval()
+    kernel = next(m for m in model.modules() if isinstance(m, SSKernelNPLR))
+    x = torch.randn(2, 64, 8)
+    model(x)                                                        # training sets the length
+    assert kernel.length == 64
+    with torch.no_grad():
+        short = model(x)
+        C = kernel.C.clone()
+        long_x = torch.randn(2, 1000, 8)
+        y_long = model(long_x)
+        assert kernel.length == 64 and torch.equal(kernel.C, C)     # nothing stored
+        assert torch.equal(model(x), short)                         # the short call as before, bit for bit
+    extended = copy.deepcopy(model)
+    extended(long_x)                                                # under autograd: extends (64 -> 1024)
+    assert next(m for m in extended.modules() if isinstance(m, SSKernelNPLR)).length == 1024
+    with torch.no_grad():
+        torch.testing.assert_close(extended(long_x), y_long, rtol=0, atol=1e-5 * y_long.abs().max().item())

@@ -45,7 +45,7 @@ from lrnnx_zoo.base import (apply_function, check_flags, check_reals, check_size
                             func_transforms_active, jvp_variant, needs_autograd, parameter_dtype)
 from lrnnx_zoo.optim import check_optim_values, grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
-from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, in_graph_operator, passed_state_dtype
+from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, in_graph_operator, keeping_stored_state, passed_state_dtype
 
 from . import dense
 from .generating import bilinear_kernel
@@ -791,9 +791,11 @@ class SSKernelNPLR(StepModes, SSMKernel):
         never in a compiled graph, nor for one (:func:`~lrnnx_zoo.ssm_kernel.in_graph_operator`), nor inside a
         torch.func transform, which refuses in-place writes to captured tensors: ``grad`` at a new length
         raised "attempted to call in-place operation", nor under forward-mode AD, whose duals would be
-        written, nor while C or L is not the kernel's own, :meth:`_at_home`)."""
+        written, nor while C or L is not the kernel's own, :meth:`_at_home`, nor where the calling layer
+        runs without autograd, :func:`~lrnnx_zoo.ssm_kernel.stored_state_kept`)."""
         return (self.extend_length_in_place and not torch.compiler.is_compiling() and not func_transforms_active()
-                and not forward_ad_active() and not in_graph_operator() and self._at_home())
+                and not forward_ad_active() and not in_graph_operator() and self._at_home()
+                and not keeping_stored_state())
 
     def _tilde_for(self, L: int, rate: float) -> Tuple[int, Optional[Tensor]]:
         """(Ld, C~) for a kernel of L >= 1 samples at ``rate``: Algorithm 1 runs at length Ld >= L (its

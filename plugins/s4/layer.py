@@ -22,7 +22,7 @@ from lrnnx_zoo.base import (LTI_LRNN, check_device, check_flags, check_floating,
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
                                    channels_last_conv, circular_conv, fast_fft_size, kernel_taps, reversed_spectrum,
                                    swap_time_and_channels, two_sided_kernel)
-from lrnnx_zoo.ssm_kernel import check_rate, kernel_final_step_state
+from lrnnx_zoo.ssm_kernel import check_rate, kept_in_inference, kernel_final_step_state
 from lrnnx_zoo.step_forms import StepForm
 
 from . import dense
@@ -195,7 +195,8 @@ class S4(nn.Module):
             CH = self.channels * self.h
             y = y.reshape(u.shape[0], CH, L) if self.transposed else y.reshape(u.shape[0], L, CH)
             return self.output_linear(self.dropout(self.activation(y))), None
-        k, k_state = self.kernel(L=Lk, rate=rate, state=state)
+        with kept_in_inference(self, u):     # a long request leaves a stored length as it was
+            k, k_state = self.kernel(L=Lk, rate=rate, state=state)
         if state is None and not self.transposed and self._elementwise_after_conv() and blocked_training_applies(u, k):
             # channels_last_conv's blocked path: the convolution of the whole-tensor path below (the
             # same bits) streamed through the cache, and no layout copies (fwd+bwd at (8, 1024, 128):
