@@ -83,7 +83,7 @@ def _config(model: torch.nn.Module, info: Dict[str, Any], fmt: str, result: Expo
     return {
         "library": "lrnnx-zoo", "library_version": lrnnx_zoo.__version__, "kind": EXPORT_KIND,
         "format": fmt, "file": GRAPH_FILES[fmt], "weights": WEIGHTS_FILE,
-        "source": source_of(info), "source_checkpoint": info.get("source"),
+        "source": source_of(info), "source_checkpoint": _without_local_path(info.get("source")),
         "family": family_of(model, info), "model": model.config.to_dict(),
         "task": info.get("task"), "dataset": info.get("dataset"), "metrics": info.get("metrics"),
         **({"resampled": info["resampled"]} if info.get("resampled") else {}),
@@ -281,3 +281,12 @@ def _check_repo_not_overwriting(api: Any, repo_id: str, kept: str) -> None:
                               f"`lrnnx-zoo export` (an lrnnx-zoo checkpoint, or another model), and the export's "
                               f"{CONFIG_FILE} and {CARD_FILE} would replace it. Push to another repo, e.g. "
                               f"{repo_id + '-export'!r}. {kept_sentence(kept)}")
+
+
+def _without_local_path(source: Any) -> Any:
+    """A checkpoint's source record without the folder path a shipped or Hub checkpoint was read from
+    (the cache or the package's folder on the exporting machine: /home/<user>/..., which the config
+    published the folder with); a local checkpoint keeps its path, what loads it again."""
+    if isinstance(source, dict) and (source.get("name") or source.get("repo_id")) and "path" in source:
+        return {k: v for k, v in source.items() if k != "path"}
+    return source

@@ -57,7 +57,8 @@ def family_of(model: nn.Module, info: Dict[str, Any]) -> str:
 
 
 def source_of(info: Dict[str, Any]) -> str:
-    """A one-line description of the checkpoint: its repo id and commit, or path."""
+    """A one-line description of the checkpoint: its repo id and commit, shipped name, or local folder's
+    name ("local:NAME")."""
     record = info.get("resampled")
     if isinstance(record, dict):      # SequenceModel.at_rate: the source's system at another rate
         rest = source_of({k: v for k, v in info.items() if k != "resampled"})
@@ -74,7 +75,9 @@ def source_of(info: Dict[str, Any]) -> str:
         if src.get("name"):
             return f"shipped:{src['name']}"
         if src.get("path"):
-            return str(src["path"])
+            # the folder's name, not its path: the description travels with the graph to every device
+            # and Hub repo, and named the exporting machine's folders (/home/<user>/...)
+            return f"local:{os.path.basename(os.path.normpath(str(src['path'])))}"
         return json.dumps(src, sort_keys=True)
     return str(src)
 

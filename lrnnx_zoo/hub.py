@@ -341,10 +341,11 @@ def _token_advice() -> str:
 def loadable_source(source: Any) -> Optional[str]:
     """What to pass to from_pretrained to load a recorded source again: the ``source`` dict that
     :func:`resolve_checkpoint` returns (shipped name, Hub repo id, folder path), or its one-line
-    description ("shipped:NAME", "hf://REPO@REV", a path); None for an in-memory model."""
+    description ("shipped:NAME", "hf://REPO@REV", a path); None for an in-memory model and for
+    "local:NAME" (a folder's name without its path, as exported graphs describe a local checkpoint)."""
     if isinstance(source, dict):
         return source.get("name") or source.get("repo_id") or source.get("path")
-    if not isinstance(source, str) or source.startswith("in-memory"):
+    if not isinstance(source, str) or source.startswith(("in-memory", "local:")):   # local: a folder's name only
         return None
     if source.startswith("shipped:"):
         return source[len("shipped:"):]

@@ -320,7 +320,9 @@ def test_int8_reports_accuracy_change(digits_checkpoint, tmp_path):
     assert 0 < q["max_abs_error"] <= q["tolerance"]  # quantised, so not exact, but within 5%
     assert res.graph["ops"].get("MatMulInteger", 0) > 0
     meta = OnnxStreamer(res.path).metadata
-    assert meta["lrnnx_zoo.quantization"] == "int8" and meta["lrnnx_zoo.source"] == str(digits_checkpoint.resolve())
+    # the folder's name, not the exporting machine's path (it travels to every device: an audit)
+    assert meta["lrnnx_zoo.quantization"] == "int8"
+    assert meta["lrnnx_zoo.source"] == f"local:{digits_checkpoint.resolve().name}"
 
 
 def test_int8_without_eval_split_reports_output_error(family, tmp_path):
@@ -658,6 +660,20 @@ def test_dynamic_batch_graph_with_a_baked_batch_is_not_written(tmp_path, opset):
     with pytest.raises((ExportError, ValidationError), match=r"batch"):
         to_onnx(model, tmp_path / "m.onnx", opset=opset)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_folder_does_not_record_the_exporting_machines_paths(tmp_path, digits_checkpoint):
+    # a shipped model's config recorded source_checkpoint.path (the package's folder on the exporting
+    # machine), and every graph's lrnnx_zoo.source a local checkpoint's absolute path (an audit)
+    shipped = export_folder("forecast-sunspots-s4d", tmp_path / "shipped", format="onnx", latency_steps=0)
+    record = json.loads((tmp_path / "shipped" / "config.json").read_text())["source_checkpoint"]
+    assert record["name"] == "forecast-sunspots-s4d" and "path" not in record
+    assert shipped.result.metadata["lrnnx_zoo.source"] == "shipped:forecast-sunspots-s4d"
+    local = export_folder(digits_checkpoint, tmp_path / "local", format="onnx", latency_steps=0)
+    assert local.result.metadata["lrnnx_zoo.source"] == f"local:{digits_checkpoint.resolve().name}"
+    assert str(tmp_path) not in json.dumps(local.result.metadata)
+    record = json.loads((tmp_path / "local" / "config.json").read_text())["source_checkpoint"]
+    assert record["path"] == str(digits_checkpoint.resolve())      # what loads it again, kept locally
 
 
 def test_export_folder_result_names_the_written_graph(tmp_path):
