@@ -82,6 +82,8 @@ def _config(model: torch.nn.Module, info: Dict[str, Any], fmt: str, result: Expo
     t = [int(chunk)] if chunk else []          # a chunk graph's steps per call
     return {
         "library": "lrnnx-zoo", "library_version": lrnnx_zoo.__version__, "kind": EXPORT_KIND,
+        # what a .ts / .pt2 needs to load (the card says it; an .onnx names its onnxruntime instead)
+        **({"torch_version": torch.__version__.split("+")[0]} if fmt != "onnx" else {}),
         "format": fmt, "file": GRAPH_FILES[fmt], "weights": WEIGHTS_FILE,
         "source": source_of(info), "source_checkpoint": _without_local_path(info.get("source")),
         "family": family_of(model, info), "model": model.config.to_dict(),
