@@ -56,7 +56,7 @@ class ChunkModule(nn.Module):
         for block, form, (off, size) in zip(step.blocks, self.forms, step.slices):
             z, s = form(block.norm(h).reshape(batch, T, self.d_model), state[:, off:off + size])
             new_states.append(s)
-            h = h + block.mix(z.reshape(batch * T, -1))
+            h = h + block.mix(z.reshape(batch * T, z.shape[-1]))     # (a -1 failed at batch 0)
         h = step.norm(h)
         if self.pooling == "mean":
             h, pool = self.pool_chunk(h.reshape(batch, T, self.d_model), state[:, step.pool_offset:])

@@ -50,10 +50,10 @@ def check_chunk(T: object) -> int:
 
 def _to_channels(s: Tensor, H: int, layout: str) -> Tensor:
     """A packed state (batch, H * n) -> (H, n, batch)."""
-    batch = s.shape[0]
+    batch, n = s.shape[0], s.shape[1] // H       # n given: a -1 beside a batch of 0 is ambiguous
     if layout == "last":
-        return s.reshape(batch, -1, H).permute(2, 1, 0)
-    return s.reshape(batch, H, -1).permute(1, 2, 0)
+        return s.reshape(batch, n, H).permute(2, 1, 0)
+    return s.reshape(batch, H, n).permute(1, 2, 0)
 
 
 def _from_channels(x: Tensor, layout: str) -> Tensor:

@@ -335,7 +335,7 @@ def pack_modes(x: Tensor) -> Tensor:
     :class:`ChannelDPLRStepForm`): x: (batch, H, N) complex (or real: zero imaginary parts) ->
     s: (batch, 2 * N * H), which viewed as (batch, 2, N, H) is [Re x; Im x] with the channel last."""
     parts = (x.real, x.imag) if x.is_complex() else (x, torch.zeros_like(x))
-    return torch.stack(parts, 1).transpose(2, 3).reshape(x.shape[0], -1)
+    return torch.stack(parts, 1).transpose(2, 3).reshape(x.shape[0], 2 * x.shape[1] * x.shape[2])
 
 
 def unpack_modes(s: Tensor, H: int) -> Tensor:

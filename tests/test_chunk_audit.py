@@ -370,3 +370,16 @@ def test_int8_chunk_graphs_keep_their_chunk_forms_float32_and_score_test_sets_of
     assert quantized and not [n for n in quantized if n.startswith("forms.")]       # the chunk forms stay float32
     readers = [n for n in graph.node if {i.name for i in graph.initializer if i.name.startswith("forms.")} & set(n.input)]
     assert readers and all(n.op_type not in ("MatMulInteger", "DynamicQuantizeLinear") for n in readers)
+
+
+@pytest.mark.parametrize("layer", ["lru", "s4d"])
+def test_torch_chunk_graphs_take_a_batch_of_no_streams(layer, tmp_path):
+    # Every step graph and the ONNX chunk graph return empty outputs for batch 0; the TorchScript and
+    # torch.export chunk graphs raised "cannot reshape tensor of 0 elements into shape [0, -1]" (an audit)
+    from lrnnx_zoo.export import to_torch_export, to_torchscript
+    model = small_model(layer)
+    ts = to_torchscript(model, tmp_path / "m.ts", chunk=4)
+    to_torch_export(model, tmp_path / "m.pt2", chunk=4)
+    for step in (torch.jit.load(str(tmp_path / "m.ts")), torch.export.load(str(tmp_path / "m.pt2")).module()):
+        y, state = step(torch.zeros(0, 4, model.config.d_input), torch.zeros(0, ts.state_size))
+        assert y.shape == (0, 4, model.config.d_output) and state.shape == (0, ts.state_size)
