@@ -605,10 +605,9 @@ class SequenceModel(HubMixin, nn.Module):
         # Each block steps a copy of its (dict) cache, written back once every block has stepped: a
         # later block refusing (its weights changed) left the earlier ones advanced, and a retry stepped
         # them twice (0.037 off forward from then on, silently). A third-party layer's cache of another
-        # kind is stepped as it is (what its step changes in place is its own).
-        # A cache of another kind (a tensor, say) is replaced by the one its step returns, also
-        # once every block has stepped (that one was dropped: a layer returning its next state
-        # instead of writing it in place streamed 0.54 off forward, silently).
+        # kind (a tensor, say) is stepped as it is and replaced by the one its step returns, also once
+        # every block has stepped (that one was dropped: a layer returning its next state instead of
+        # writing it in place streamed 0.54 off forward, silently).
         stepped = []
         for i, (block, layer_cache) in enumerate(zip(self.blocks, cache["layers"])):
             is_dict = isinstance(layer_cache, dict)

@@ -162,7 +162,7 @@ def keeping_stored_state() -> bool:
 
 @contextlib.contextmanager
 def stored_state_kept() -> Iterator[None]:
-    """Inside: kernels leave what they store as it is (S4 extends no C~ and no length in place for a
+    """Inside: kernels leave what they store as it is (S4 extends no stored C~ and length in place for a
     longer input; it computes C~ for that input on the call). A layer's calls without autograd run
     inside (:meth:`SSMKernel.spectrum`, :func:`kept_in_inference`): one evaluation or serving request
     longer than the training length made S4 run Algorithm 1 at that length in every later call (the

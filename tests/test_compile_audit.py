@@ -239,8 +239,9 @@ def test_s4_with_an_internal_length_compiles_twice_over_varying_lengths(given, d
     # graph. zoh's Krylov blocks are sized for that length too (from L itself: a graph per length).
     # Eager here is the default (C~ extended in place), which has nothing to extend below 128.
     model = s4_model(discretization=discretization, **({"l_max": 128} if given == "l_max" else {}))
-    if given == "eager call":           # under autograd: an inference call stores no length
-        model(torch.randn(1, max(LENGTHS), 3))
+    if given == "eager call":
+        with torch.no_grad():
+            model(torch.randn(1, max(LENGTHS), 3))
     kernel = model.blocks[0].layer.kernel
     stored = (kernel.C.detach().clone(), int(kernel.L))
     train_against(torch.compile(model, backend="aot_eager"), model, model, LENGTHS)
@@ -267,7 +268,7 @@ def test_s4_compiled_past_its_length_keeps_C_tilde_and_matches_eager(discretizat
     with torch.no_grad():
         x = torch.randn(2, 100, 3, generator=torch.Generator().manual_seed(8))
         torch.testing.assert_close(compiled(x), in_place(x), rtol=1e-4, atol=1e-5)
-    assert in_place.blocks[0].layer.kernel.length == 32 and kernel.length == 32    # inference stores none
+    assert in_place.blocks[0].layer.kernel.length == 32 and kernel.length == 32    # inference extends none
 
 
 @pytest.mark.parametrize("discretization", ["bilinear", "zoh"])

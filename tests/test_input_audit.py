@@ -234,8 +234,8 @@ def test_tying_an_s4_kernels_C_alone_is_refused_and_whole_kernels_tie():
     for name in ("C", "log_dt", "w", "P", "B"):
         setattr(b.kernel, name, getattr(a.kernel, name))
     x = torch.randn(1, 24, 4)
-    a(x)                                     # under autograd: sets a's length (inference stores none)
     with torch.no_grad():
+        a(x)
         with pytest.raises(RuntimeError, match=r"its C is another S4 kernel's parameter \(tied weights\), which "
                                                r"holds C~ for that kernel's length L=24, while this kernel's length "
                                                r"is L=0"):

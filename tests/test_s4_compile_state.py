@@ -66,8 +66,6 @@ def test_compiled_state_passing_takes_an_inference_mode_state_under_autograd():
     # (the same ops; float32 margin as test_compile_audit's).
     layer = streaming_block("S4").train()
     x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(2))
-    layer(x)        # its length first (README): an inference call no longer sets it, and a compiled
-    # graph never does, so eager's first call would convert C to C~ between the two runs below
     with torch.inference_mode():
         _, state = layer(x, state=layer.default_state(2))
     compiled = torch.compile(lambda u, s: layer(u, state=s), backend="aot_eager")

@@ -791,11 +791,12 @@ class SSKernelNPLR(StepModes, SSMKernel):
         never in a compiled graph, nor for one (:func:`~lrnnx_zoo.ssm_kernel.in_graph_operator`), nor inside a
         torch.func transform, which refuses in-place writes to captured tensors: ``grad`` at a new length
         raised "attempted to call in-place operation", nor under forward-mode AD, whose duals would be
-        written, nor while C or L is not the kernel's own, :meth:`_at_home`, nor where the calling layer
-        runs without autograd, :func:`~lrnnx_zoo.ssm_kernel.stored_state_kept`)."""
+        written, nor while C or L is not the kernel's own, :meth:`_at_home`, nor, once there is a length,
+        where the calling layer runs without autograd, :func:`~lrnnx_zoo.ssm_kernel.stored_state_kept`:
+        the first length is set by any call, as before, so that C holds C~ from then on)."""
         return (self.extend_length_in_place and not torch.compiler.is_compiling() and not func_transforms_active()
                 and not forward_ad_active() and not in_graph_operator() and self._at_home()
-                and not keeping_stored_state())
+                and (self.length == 0 or not keeping_stored_state()))
 
     def _tilde_for(self, L: int, rate: float) -> Tuple[int, Optional[Tensor]]:
         """(Ld, C~) for a kernel of L >= 1 samples at ``rate``: Algorithm 1 runs at length Ld >= L (its
