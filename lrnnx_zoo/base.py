@@ -450,6 +450,16 @@ def version_of(t: Tensor) -> Optional[int]:
 Weights = Tuple[Tuple[Tuple[Dict[str, Any], str], ...], Tuple[Tensor, ...], List[Tuple[Optional[int], int]]]
 
 
+def plain_settings(module: nn.Module) -> Tuple[Tuple[str, Any], ...]:
+    """The plain public attributes (str, int, float, bool, None) of ``module`` and its submodules,
+    ``training`` aside: what a step form may depend on beside the tensors (a kernel's discretization,
+    backend)."""
+    plain = (str, int, float, bool, type(None))
+    return tuple((f"{prefix}.{k}", v) for prefix, sub in module.named_modules()
+                 for k, v in sorted(vars(sub).copy().items())      # a copy: another thread may add one
+                 if not k.startswith("_") and k != "training" and isinstance(v, plain))
+
+
 def weights_and_versions(module: nn.Module) -> Weights:
     """The module's parameters and buffers, the slots they sit in, and their marks now (:func:`versions`)."""
     slots = tuple((owner, name) for sub in module.modules() for owner in (sub._parameters, sub._buffers)
@@ -646,9 +656,10 @@ class LTI_LRNN(LRNN):
         # The form of the last cache, while the weights are those it was built from: caches share it,
         # as forks do (a form is never changed, only replaced). Each cache built its own before: 50
         # streams of a 4-block LRU (d_model 128) held 52 MB of forms for 0.1 MB of states, S4's 76 MB.
+        # Keyed also on the plain settings (discretization, backend, ...), which no tensor version sees.
+        key = (dtype, ref.device, plain_settings(self))
         memo = self.__dict__.get("_form_memo")
-        if (memo is not None and memo[0] == (dtype, ref.device) and not torch.compiler.is_compiling()
-                and unchanged(memo[1])):
+        if memo is not None and memo[0] == key and not torch.compiler.is_compiling() and unchanged(memo[1]):
             form = memo[2]
         else:
             with lasting_tensors(), step_form_dtype(dtype), without_autocast(ref.device.type):
@@ -664,7 +675,7 @@ class LTI_LRNN(LRNN):
                 check_step_form(form, f"{name}.step_form()", getattr(self, "d_model", None))
                 form = form.to(device=ref.device, dtype=dtype)
             if not torch.compiler.is_compiling():
-                self.__dict__["_form_memo"] = ((dtype, ref.device), weights, form)
+                self.__dict__["_form_memo"] = (key, weights, form)
         with lasting_tensors():
             state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
         # "layer": whose cache it is; another layer's stepped silently with that layer's weights

@@ -465,6 +465,9 @@ def reload_plugins() -> Registry:
 
 #: When this module was imported: .pth files written later are new to this process.
 _STARTED = time.time()
+#: Those read since ((folder, name, mtime)): each once, as at start-up (an editable install's
+#: finder appended itself to sys.meta_path again at every reload).
+_READ_PATH_FILES: set = set()
 
 
 def _read_new_path_files() -> None:
@@ -485,10 +488,11 @@ def _read_new_path_files() -> None:
             continue
         for name in names:
             try:
-                new = os.path.getmtime(os.path.join(folder, name)) >= _STARTED
+                mtime = os.path.getmtime(os.path.join(folder, name))
             except OSError:
                 continue
-            if new:
+            if mtime >= _STARTED and (folder, name, mtime) not in _READ_PATH_FILES:
+                _READ_PATH_FILES.add((folder, name, mtime))
                 site.addpackage(folder, name, known)
 
 

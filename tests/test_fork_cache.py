@@ -199,6 +199,7 @@ def test_streams_of_one_set_of_weights_share_their_step_forms(layer):
     import io
     model = model_of(layer)
     with torch.no_grad():
+        model(torch.randn(1, 5, D_IN))        # S4's first call sets its length (its C holds C~ from then on)
         first, second = model.allocate_inference_cache(2), model.allocate_inference_cache(3)
         _, third = model.prefill(torch.randn(1, 5, D_IN))
         for a, b, c in zip(first["layers"], second["layers"], third["layers"]):
@@ -207,6 +208,11 @@ def test_streams_of_one_set_of_weights_share_their_step_forms(layer):
         fresh = model.allocate_inference_cache(2)
     assert fresh["layers"][0]["step_form"] is first["layers"][0]["step_form"]        # block 0 unchanged
     assert fresh["layers"][1]["step_form"] is not first["layers"][1]["step_form"]    # block 1 changed
+    if layer == "s4d":                 # a setting no tensor version sees makes a new form too
+        model.blocks[0].layer.kernel.discretization = "bilinear"
+        with torch.no_grad():
+            bilinear = model.allocate_inference_cache(2)
+        assert bilinear["layers"][0]["step_form"] is not fresh["layers"][0]["step_form"]
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)

@@ -771,6 +771,8 @@ def test_reload_plugins_finds_an_editable_install_made_while_running(tmp_path, m
         lrnnx_zoo.reload_plugins()
         assert _plugin("editable").ok, _plugin("editable").error
         assert "edited" in lrnnx_zoo.list_layers() and str(src) in sys.path
+        lrnnx_zoo.reload_plugins()                     # read once: the path is not added again
+        assert sys.path.count(str(src)) == 1 and _plugin("editable").ok
     finally:
         monkeypatch.undo()
         lrnnx_zoo.reload_plugins()
