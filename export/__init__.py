@@ -15,7 +15,8 @@ _HOME = {
     "OnnxStreamer": "runtime", "build_step_module": "step_graph", "export_folder": "folder",
     "ExportError": "step_graph", "ExportResult": "result", "FolderExport": "folder", "StepModule": "step_graph",
     "ValidationError": "validate", "ValidationReport": "validate", "validate_stream": "validate",
-    "state_from_cache": "step_graph", "cache_from_state": "step_graph", "packed_layout": "step_graph", "build_chunk_module": "chunk_graph", "ChunkModule": "chunk_graph",
+    "state_from_cache": "step_graph", "cache_from_state": "step_graph", "packed_layout": "step_graph",
+    "build_chunk_module": "chunk_graph", "ChunkModule": "chunk_graph",
     "load_torchscript": "torchscript_export", "load_torch_export": "torchscript_export",
 }
 __all__ = list(_HOME)

@@ -112,18 +112,13 @@ def _weight_bytes(module: ChunkModule) -> Tuple[int, int]:
     return forms, size("") - forms - size("step.forms.")
 
 
-def _too_large(T: int, total: float, fits: int) -> ExportError:
-    advice = f"chunk={fits} fits" if fits >= 1 else "the model alone is too large for one file"
-    return ExportError(f"a chunk graph of {T} steps per call holds {total / 1e6:.3g} MB of weights, more than one "
-                       f"ONNX file holds ({ONNX_FILE_LIMIT / 1e6:.3g} MB); its chunk forms' matrices grow as the "
-                       f"chunk squared: {advice}")
-
-
-def check_projected_graph_size(step: StepModule, T: int) -> None:
-    """:func:`check_graph_size` before the chunk module of T steps is built: its forms' weights are
-    a T^2 + b T + c (each chunk form's matrices are at most quadratic in T), found exactly from the
-    modules of 1, 2 and 3 steps. Built first, a chunk no file holds was refused after the build:
-    the forecaster at chunk=3000 after 26 s and 12.5 GB at the peak, at chunk=5000 not in 5 minutes."""
+def check_graph_size(step: StepModule, T: int) -> None:
+    """Refuse a chunk graph of T steps whose weights exceed :data:`ONNX_FILE_LIMIT` (protobuf messages
+    stop at 2 GiB), before its chunk module is built: the chunk forms' matrices grow as T^2 (a
+    per-channel one T (T + 2N) per channel: 4 per-channel blocks of d_model=256, N=64 hold 1.3 GB at
+    T=512), so their weights are a T^2 + b T + c, found exactly from the modules of 1, 2 and 3 steps.
+    Checked on the built module, a chunk no file holds was refused after the build: the forecaster
+    at chunk=3000 after 26 s and 12.5 GB at the peak, at chunk=5000 not in 5 minutes."""
     (s1, rest), (s2, _), (s3, _) = (_weight_bytes(ChunkModule(step, t)) for t in (1, 2, 3))
     a = (s3 - 2 * s2 + s1) / 2
     b = s2 - s1 - 3 * a
@@ -141,20 +136,10 @@ def check_projected_graph_size(step: StepModule, T: int) -> None:
             fits, lo = mid, mid + 1
         else:
             hi = mid - 1
-    raise _too_large(T, total(T), fits)
-
-
-def check_graph_size(module: Union[StepModule, ChunkModule]) -> None:
-    """Refuse a chunk graph whose weights exceed :data:`ONNX_FILE_LIMIT`, before tracing a
-    graph that no file can hold (protobuf messages stop at 2 GiB): its chunk forms' matrices grow as T^2 (a per-channel
-    one T (T + 2N) per channel: 4 per-channel blocks of d_model=256, N=64 hold 1.3 GB at T=512).
-    (:func:`check_projected_graph_size` refuses most before the module is built.)"""
-    if not isinstance(module, ChunkModule):
-        return
-    forms, rest = _weight_bytes(module)
-    if forms + rest > ONNX_FILE_LIMIT:
-        # the forms' a T^2 + b T shrinks at least in proportion to T: a chunk this long surely fits
-        raise _too_large(module.chunk, forms + rest, int(module.chunk * (ONNX_FILE_LIMIT - rest) / forms))
+    advice = f"chunk={fits} fits" if fits >= 1 else "the model alone is too large for one file"
+    raise ExportError(f"a chunk graph of {T} steps per call holds {total(T) / 1e6:.3g} MB of weights, more than "
+                      f"one ONNX file holds ({ONNX_FILE_LIMIT / 1e6:.3g} MB); its chunk forms' matrices grow as the "
+                      f"chunk squared: {advice}")
 
 
 def export_graph(step: Union[StepModule, ChunkModule], opset: int = DEFAULT_OPSET, batch: Optional[int] = None,
@@ -303,9 +288,8 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
         metadata = graph_metadata(step, model, info, {**extra, **chunk_metadata(chunk)})
         # before the seconds of tracing (and the chunk forms' gigabytes)
         if chunk is not None:
-            check_projected_graph_size(step, chunk)
+            check_graph_size(step, chunk)
         step, x = chunked(step, validation_input, chunk, batch)
-        check_graph_size(step)
         proto = export_graph(step, opset, batch, exporter, record)
         tmp_float, tmp_q = _temp_path(path, "float"), _temp_path(path, "int8")
         try:

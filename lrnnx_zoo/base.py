@@ -455,8 +455,10 @@ def plain_settings(module: nn.Module) -> Tuple[Tuple[str, Any], ...]:
     ``training`` aside: what a step form may depend on beside the tensors (a kernel's discretization,
     backend)."""
     plain = (str, int, float, bool, type(None))
+    # a copy of each __dict__: iterating a live one failed when another thread added an attribute
+    # meanwhile (S4's first length change; "dictionary changed size during iteration")
     return tuple((f"{prefix}.{k}", v) for prefix, sub in module.named_modules()
-                 for k, v in sorted(vars(sub).copy().items())      # a copy: another thread may add one
+                 for k, v in sorted(vars(sub).copy().items())
                  if not k.startswith("_") and k != "training" and isinstance(v, plain))
 
 

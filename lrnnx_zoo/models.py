@@ -656,7 +656,7 @@ class SequenceModel(HubMixin, nn.Module):
         for i, (block, layer_cache) in enumerate(zip(self.blocks, cache["layers"])):
             fork = getattr(block.layer, "fork_cache", None)
             if fork is not None:
-                layers.append(fork(layer_cache, index if rows is None else rows))
+                layers.append(fork(layer_cache, rows))
             elif rows is None:
                 layers.append(_cloned(layer_cache))
             else:

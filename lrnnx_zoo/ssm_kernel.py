@@ -31,8 +31,8 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .base import (needs_autograd, operator_body, reference_tensor, right_aligned, version_of as _version,
-                   without_autocast)
+from .base import (needs_autograd, operator_body, plain_settings, reference_tensor, right_aligned,
+                   version_of as _version, without_autocast)
 from .discretization import valid_rate
 from .step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm, StepForm
 
@@ -298,9 +298,7 @@ class SSMKernel(nn.Module):
             for h0 in range(0, K.shape[1], 16):
                 Kf[:, h0:h0 + 16] = torch.fft.rfft(K[:, h0:h0 + 16], n=n)
             return Kf
-        if torch.compiler.is_compiling():      # a graph writes no stored state (and no flag to guard on)
-            return self.cached_kernel(("spectrum", L, n, rate), compute)
-        with stored_state_kept():       # an inference spectrum: see stored_state_kept
+        with kept_in_inference(self):       # an inference spectrum stores no longer length
             return self.cached_kernel(("spectrum", L, n, rate), compute)
 
     def __getstate__(self) -> dict:
@@ -334,10 +332,7 @@ class SSMKernel(nn.Module):
     def _settings(self) -> Tuple[Tuple[str, Any], ...]:
         """Plain public attributes (discretization, backend, ...): a change to any of them
         invalidates the cache like a change of parameters."""
-        # A copy: iterating the live __dict__ failed when another thread added an attribute meanwhile
-        # (S4's first length change; "dictionary changed size during iteration").
-        return tuple(sorted((k, v) for k, v in vars(self).copy().items() if not k.startswith("_") and k != "training"
-                            and isinstance(v, (str, int, float, bool, type(None)))))
+        return plain_settings(self)
 
     def _snapshot(self) -> Tuple[Tuple[Tuple[str, Any], ...], list]:
         """The settings and copies of every parameter and buffer (kilobytes: the kernel they
