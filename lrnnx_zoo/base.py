@@ -789,27 +789,29 @@ class LTI_LRNN(LRNN):
         return y, inference_cache
 
     def _stream_of(self, inference_cache: Dict[str, Any], what: str) -> Tuple[Tensor, nn.Module]:
-        """(state, step form) of a cache this layer made, checked (the checks stay off the per-step
-        path unless one fails); ``what``: the method asking, for the messages."""
-        who = f"{type(self).__name__}.{what}"
+        """(state, step form) of a cache this layer made, checked (on every step: the messages, which
+        name ``what``, the method asking, are built only when a check fails)."""
         try:
             state, form = inference_cache["lrnn_state"], inference_cache["step_form"]
         except (KeyError, TypeError, IndexError):
             got = sorted(inference_cache) if isinstance(inference_cache, dict) else type(inference_cache).__name__
-            raise ValueError(f"{who} needs the cache that {type(self).__name__}.allocate_inference_cache(batch_size) "
-                             f"returns (keys 'step_form', 'lrnn_state'), got {got}") from None
+            raise ValueError(f"{type(self).__name__}.{what} needs the cache that {type(self).__name__}."
+                             f"allocate_inference_cache(batch_size) returns (keys 'step_form', 'lrnn_state'), "
+                             f"got {got}") from None
         owner = inference_cache.get("layer")
         if owner is not None and not made_by(self, owner):
-            raise ValueError(f"{who}: this cache was made by another layer (its allocate_inference_cache or "
-                             f"prefill), or copied apart from this one, and stepping it would run other weights; make "
-                             f"one with this layer's allocate_inference_cache(batch_size), copy a layer and its cache "
-                             f"together (copy.deepcopy((layer, cache))), or fork a stream with fork_cache(cache)")
+            raise ValueError(f"{type(self).__name__}.{what}: this cache was made by another layer (its "
+                             f"allocate_inference_cache or prefill), or copied apart from this one, and stepping it "
+                             f"would run other weights; make one with this layer's allocate_inference_cache("
+                             f"batch_size), copy a layer and its cache together (copy.deepcopy((layer, cache))), or "
+                             f"fork a stream with fork_cache(cache)")
         if not isinstance(state, Tensor) or state.dim() != 2 or state.shape[1] != form.state_size:
             # A state of the wrong size failed inside the step form ("mat1 and mat2 shapes cannot be
             # multiplied", "shape '[-1, 2, 4, 6]' is invalid").
             got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
-            raise ValueError(f"{who}: the cache's 'lrnn_state' must have shape (batch, state_size={form.state_size}), "
-                             f"as allocate_inference_cache(batch_size) makes it; got {got}")
+            raise ValueError(f"{type(self).__name__}.{what}: the cache's 'lrnn_state' must have shape (batch, "
+                             f"state_size={form.state_size}), as allocate_inference_cache(batch_size) makes it; "
+                             f"got {got}")
         return state, form
 
     def fork_cache(self, inference_cache: Dict[str, Any], index: Any = None) -> Dict[str, Any]:

@@ -610,14 +610,15 @@ class SequenceModel(HubMixin, nn.Module):
         # writing it in place streamed 0.54 off forward, silently).
         stepped = []
         for i, (block, layer_cache) in enumerate(zip(self.blocks, cache["layers"])):
+            layer = block.layer                # (one module attribute lookup a block: this runs every step)
             is_dict = isinstance(layer_cache, dict)
-            out = stream_method(block.layer, "step", i)(block.norm(h), dict(layer_cache) if is_dict else layer_cache)
+            out = stream_method(layer, "step", i)(block.norm(h), dict(layer_cache) if is_dict else layer_cache)
             if not (isinstance(out, tuple) and len(out) == 2):
-                raise TypeError(f"blocks.{i}.layer ({type(block.layer).__name__}).step must return (y, cache), got "
+                raise TypeError(f"blocks.{i}.layer ({type(layer).__name__}).step must return (y, cache), got "
                                 f"{type(out).__name__}")
             z, layer_next = out
             stepped.append(layer_next)
-            h = h + block.mix(layer_output(block.layer, z, h, "step"))
+            h = h + block.mix(layer_output(layer, z, h, "step"))
         for i, (layer_cache, layer_next) in enumerate(zip(cache["layers"], stepped)):
             if isinstance(layer_cache, dict) and isinstance(layer_next, dict):
                 layer_cache.update(layer_next)
