@@ -81,7 +81,8 @@ def _fits_float32(x: np.ndarray) -> bool:
 def _steps_fit_float32(x: np.ndarray) -> bool:
     """Whether each step's values, x[b, t, :], have a sum of magnitudes within float32's range, the
     rule :meth:`OnnxStreamer.step` applies (run() checked each value alone, and streamed a step of
-    three 3e38 values that turned the state infinite and every later output NaN)."""
+    three 3e38 values that turned the state infinite and every later output NaN). A NaN, an inf, or
+    a float64 beyond float32's range (inf once cast) fails it too: one pass over x for all of them."""
     with np.errstate(over="ignore", invalid="ignore"):
         return bool(np.isfinite(np.abs(x, dtype=np.float32).sum(axis=-1, dtype=np.float32)).all())
 
@@ -374,7 +375,7 @@ class OnnxStreamer:
             raise ValueError(f"this is a chunk graph of {T} steps per call: x's length must be a multiple of {T}, got "
                              f"{x.shape[1]}; stream the last {x.shape[1] % T} steps through a step graph of the same "
                              f"model (same state layout: step_streamer.state = chunk_streamer.state)")
-        if not _fits_float32(x) or not _steps_fit_float32(x):     # step's rule, for every step of x
+        if not _steps_fit_float32(x):     # step's rule for every step of x (a NaN, inf or too large value fails it)
             raise ValueError(f"x holds {_non_finite(x)} (sequence, step, feature); nothing was streamed and the "
                              f"state is as it was (fill them in, or stream the steps before them): {_POISON}")
         with self._lock:
