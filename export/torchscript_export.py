@@ -27,7 +27,7 @@ from lrnnx_zoo.chunk_forms import check_chunk
 from .chunk_graph import ChunkModule, chunk_metadata, chunked
 from .onnx_export import TRACE_BATCH, _quiet, check_batch, sample_inputs
 from .paths import output_location
-from .provenance import Source, graph_metadata, load_source
+from .provenance import META_PREFIX, Source, graph_metadata, load_source
 from .result import ExportResult
 from .step_graph import StepModule, build_step_module, no_autocast
 from .validate import FLOAT32_TOLERANCE, torch_stream, validate_stream
@@ -55,12 +55,16 @@ def load_torchscript(path: Union[str, Path]) -> torch.jit.ScriptModule:
 
 
 def load_torch_export(path: Union[str, Path]) -> torch.nn.Module:
-    """Load a .pt2 step program as a callable module (x_t, state) -> (y_t, state').
+    """Load a .pt2 step program as a callable module (x_t, state) -> (y_t, state') that checks its
+    inputs (:class:`CheckedProgram`).
 
     torch.export.load unpickles the program's weights (falling back to weights_only=False), so a
     crafted .pt2 can run code: load only files you made or trust; :func:`read_metadata` reads a
-    file's metadata without loading it."""
-    return torch.export.load(str(path)).module()
+    file's metadata without loading it (and runs first here: a .pt2 that lrnnx_zoo did not write
+    is refused before anything in it is unpickled)."""
+    meta = read_metadata(path)
+    sizes = {k: int(meta.get(META_PREFIX + k, 0)) for k in ("state_size", "d_input", "chunk")}
+    return CheckedProgram(torch.export.load(str(path)).module(), **sizes)
 
 
 def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
@@ -125,6 +129,34 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
                                x, tolerance, record)
 
 
+def _dtype_name(t: Tensor) -> str:
+    """t's dtype as Python prints it, also in TorchScript (where a dtype formats as an int)."""
+    for dtype, name in ((torch.float64, "float64"), (torch.float16, "float16"), (torch.bfloat16, "bfloat16"),
+                        (torch.int64, "int64"), (torch.int32, "int32"), (torch.bool, "bool")):
+        if t.dtype == dtype:
+            return name
+    return "float32" if t.dtype == torch.float32 else "not float32"
+
+
+def step_input_problem(x: Tensor, state: Tensor, d_input: int, state_size: int, chunk: int) -> str:
+    """What is wrong with the inputs of a .ts / .pt2 step graph (chunk 0) or chunk graph of
+    ``chunk`` steps, or "" when nothing is: x: (B, d_input) or (B, chunk, d_input), state:
+    (B, state_size), both float32 (a step graph's weights are float32). Scriptable, so a .ts
+    runs the same checks in libtorch."""
+    if chunk > 0:
+        if x.dim() != 3 or x.size(1) != chunk or x.size(2) != d_input:
+            return "x must have shape (batch, {}, {}), got {}".format(chunk, d_input, list(x.shape))
+    elif x.dim() != 2 or x.size(1) != d_input:
+        return "x must have shape (batch, {}), got {}".format(d_input, list(x.shape))
+    if state.dim() != 2 or state.size(0) != x.size(0) or state.size(1) != state_size:
+        return "state must have shape (batch={}, state_size={}), got {}".format(x.size(0), state_size,
+                                                                               list(state.shape))
+    if x.dtype != torch.float32 or state.dtype != torch.float32:
+        return "x and state must be float32 (the graph's weights are), got {} and {}".format(
+            _dtype_name(x), _dtype_name(state))
+    return ""
+
+
 class _CheckedStep(torch.nn.Module):
     """The traced step behind the input checks a trace cannot hold (it records the shapes it saw as
     constants): a state 85 wide into an 82-wide graph was sliced and stepped, silently, where the
@@ -136,16 +168,31 @@ class _CheckedStep(torch.nn.Module):
         self.inner, self.state_size, self.d_input, self.chunk = inner, state_size, d_input, chunk
 
     def forward(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
-        if self.chunk > 0:
-            if x.dim() != 3 or x.size(1) != self.chunk or x.size(2) != self.d_input:
-                raise ValueError("x must have shape (batch, {}, {}), got {}".format(self.chunk, self.d_input,
-                                                                                     list(x.shape)))
-        elif x.dim() != 2 or x.size(1) != self.d_input:
-            raise ValueError("x must have shape (batch, {}), got {}".format(self.d_input, list(x.shape)))
-        if state.dim() != 2 or state.size(0) != x.size(0) or state.size(1) != self.state_size:
-            raise ValueError("state must have shape (batch={}, state_size={}), got {}".format(
-                x.size(0), self.state_size, list(state.shape)))
+        problem = step_input_problem(x, state, self.d_input, self.state_size, self.chunk)
+        if problem != "":
+            raise ValueError(problem)
         return self.inner(x, state)
+
+
+class CheckedProgram(torch.nn.Module):
+    """A loaded .pt2 step program behind :func:`step_input_problem`'s checks, called as
+    ``(x, state)`` positionally or by name. The program alone guards only the sizes it was
+    exported with: an x of another rank failed with "tuple index out of range", a float64 one in
+    its first matmul, and ``x=``, ``state=`` were refused as a keyword mismatch.
+
+    program: the ``torch.export.load(path).module()`` it calls (chunk 0 for a step graph)."""
+
+    def __init__(self, program: torch.nn.Module, state_size: int, d_input: int, chunk: int = 0) -> None:
+        super().__init__()
+        self.program, self.state_size, self.d_input, self.chunk = program, state_size, d_input, chunk
+
+    def forward(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        if not isinstance(x, Tensor) or not isinstance(state, Tensor):
+            raise TypeError(f"x and state must be torch tensors, got {type(x).__name__} and {type(state).__name__}")
+        problem = step_input_problem(x, state, self.d_input, self.state_size, self.chunk)
+        if problem:
+            raise ValueError(problem)
+        return self.program(x, state)
 
 
 def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: Optional[int] = None,
@@ -154,8 +201,8 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
                     token: Optional[Union[str, bool]] = None, chunk: Optional[int] = None) -> ExportResult:
     """Export the step module with ``torch.export.export`` and save it (.pt2), validated before it is written.
 
-    The batch dimension is dynamic unless ``batch`` is given. Load it with
-    ``torch.export.load(path).module()`` (or :func:`load_torch_export`).
+    The batch dimension is dynamic unless ``batch`` is given. Load it with :func:`load_torch_export`
+    (its inputs checked; ``torch.export.load(path).module()`` is the bare program).
 
     Args: as :func:`~lrnnx_zoo.export.to_onnx` (no opset / quantize).
     """

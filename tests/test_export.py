@@ -88,6 +88,42 @@ def test_batch_1_and_8_in_every_runtime(family, batch):
         assert np.abs(torch.stack(ys, 1).numpy() - ref).max() < TOL, fmt
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "torch-export"])
+def test_loaded_torch_graphs_check_their_inputs(family, fmt):
+    # A .pt2 guarded only the sizes it was exported with: an x of another rank failed with
+    # "tuple index out of range", a float64 one in a matmul ("mat1 and mat2 must have the same
+    # dtype"), and x=, state= were refused as a keyword mismatch. Both formats now run one check.
+    _, model, results = family
+    step = (load_torchscript if fmt == "torchscript" else load_torch_export)(results[fmt].path)
+    S = results[fmt].state_size
+    x, s = torch.randn(2, 3), torch.zeros(2, S)
+    error = torch.jit.Error if fmt == "torchscript" else ValueError
+    bad = [((torch.randn(3), s), r"x must have shape \(batch, 3\), got \[3\]"),
+           ((torch.randn(2, 1, 3), s), r"x must have shape \(batch, 3\), got \[2, 1, 3\]"),
+           ((x, torch.zeros(3, S)), rf"state must have shape \(batch=2, state_size={S}\), got \[3, {S}\]"),
+           ((x.double(), s.double()), r"x and state must be float32 \(the graph's weights are\), got float64 and float64"),
+           ((x, s.to(torch.bfloat16)), r"must be float32 .*got float32 and bfloat16")]
+    for args, message in bad:
+        with pytest.raises(error, match=message):
+            step(*args)
+    with torch.no_grad():
+        y, s1 = step(x, s)
+        if fmt == "torch-export":       # by name as well
+            y2, s2 = step(x=x, state=s)
+            assert torch.equal(y, y2) and torch.equal(s1, s2)
+    assert y.shape == (2, 4) and s1.shape == (2, S)
+
+
+def test_a_foreign_pt2_is_refused_before_it_is_unpickled(tmp_path, monkeypatch):
+    # load_torch_export reads the lrnnx_zoo metadata first: a program it did not write (nothing
+    # to check its inputs against) is refused before torch.export.load runs its unpickler.
+    program = torch.export.export(torch.nn.Linear(3, 2), (torch.randn(1, 3),))
+    torch.export.save(program, str(tmp_path / "other.pt2"))
+    monkeypatch.setattr(torch.export, "load", lambda *a, **k: pytest.fail("torch.export.load ran"))
+    with pytest.raises(ValueError, match=r"holds no extra/lrnnx_zoo.json: expected a .ts or .pt2 step graph"):
+        load_torch_export(tmp_path / "other.pt2")
+
+
 def test_4096_steps_do_not_drift(family):
     _, model, results = family
     x = torch.randn(1, 4096, 3, generator=torch.Generator().manual_seed(1))
