@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .discretization import METHODS, get_discretization
 from .shapes import stream_rows
-from .step_forms import check_step_form, same_form, step_form_dtype
+from .step_forms import check_step_form, poles_split, same_form, step_form_dtype
 
 Discretization = Optional[Literal["zoh", "bilinear", "dirac", "async", "no_discretization"]]
 
@@ -658,10 +658,13 @@ class LTI_LRNN(LRNN):
         # The form of the last cache, while the weights are those it was built from: caches share it,
         # as forks do (a form is never changed, only replaced). Each cache built its own before: 50
         # streams of a 4-block LRU (d_model 128) held 52 MB of forms for 0.1 MB of states, S4's 76 MB.
-        # Keyed also on the plain settings (discretization, backend, ...), which no tensor version sees.
-        key = (dtype, ref.device, plain_settings(self))
+        # Keyed also on what no tensor version sees: the plain settings (discretization, backend, ...)
+        # and split_poles (a form made inside split_poles(False) was handed to later default caches:
+        # an S4D stream of 16384 steps 2.9e-5 off float64 instead of 2.3e-6).
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling else (dtype, ref.device, plain_settings(self), poles_split())
         memo = self.__dict__.get("_form_memo")
-        if memo is not None and memo[0] == key and not torch.compiler.is_compiling() and unchanged(memo[1]):
+        if memo is not None and not compiling and memo[0] == key and unchanged(memo[1]):
             form = memo[2]
         else:
             with lasting_tensors(), step_form_dtype(dtype), without_autocast(ref.device.type):
@@ -676,7 +679,7 @@ class LTI_LRNN(LRNN):
                     ) from exc
                 check_step_form(form, f"{name}.step_form()", getattr(self, "d_model", None))
                 form = form.to(device=ref.device, dtype=dtype)
-            if not torch.compiler.is_compiling():
+            if not compiling:
                 self.__dict__["_form_memo"] = (key, weights, form)
         with lasting_tensors():
             state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)

@@ -173,6 +173,12 @@ def build_dtype() -> torch.dtype:
     return _BUILD_DTYPE.get() or torch.get_default_dtype()
 
 
+def poles_split() -> bool:
+    """Whether forms built now split their poles (:func:`split_poles`): part of what a shared form
+    is keyed on, since the setting changes the form but no tensor's version."""
+    return _SPLIT_POLES.get()
+
+
 def stored(t: Tensor) -> Tensor:
     """t as a step form stores it: detached, contiguous, in the build dtype (:func:`step_form_dtype`)."""
     return t.detach().to(build_dtype()).contiguous()
@@ -184,7 +190,7 @@ def stored_split(t: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
     float32 it is off by ~6e-8, which a mode of memory 1 / (1 - |lam|) multiplies into a fixed
     output error over a long stream; hi + lo keeps it to ~1e-15."""
     hi = stored(t)
-    return hi, (None if hi.dtype == torch.float64 or not _SPLIT_POLES.get() else stored(t - hi.double()))
+    return hi, (None if hi.dtype == torch.float64 or not poles_split() else stored(t - hi.double()))
 
 
 def register_split(module: nn.Module, name: str, rows: Tensor) -> None:
