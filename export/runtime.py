@@ -352,9 +352,12 @@ class OnnxStreamer:
                     np.copyto(self._x, x_t, casting="same_kind")
             # one reduction on the float32 copy (a float64 beyond float32's range is inf by now): the
             # sum of magnitudes, since values of both signs cancelled in a plain sum, and 3e38 - 3e38
-            # + 3e38 passed and turned the state NaN; errstate: numpy warned of the overflow it reports
+            # + 3e38 passed and turned the state NaN; errstate: numpy warned of the overflow it reports.
+            # The whole buffer's sum bounds each step's; only when it overflows are the steps summed
+            # one by one, run()'s rule (two sequences of 2e38 each were refused together, streamed alone)
             with np.errstate(over="ignore", invalid="ignore"):
-                fits = math.isfinite(np.abs(self._x_flat, out=self._x_abs).dot(self._ones))
+                fits = (math.isfinite(np.abs(self._x_flat, out=self._x_abs).dot(self._ones))
+                        or _steps_fit_float32(self._x_steps))
             if not fits:
                 raise ValueError(f"x_t holds {_non_finite(self._x)}; not stepped, the state is as it was "
                                  f"(skip or fill in this sample): {_POISON}")

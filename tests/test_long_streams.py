@@ -113,6 +113,14 @@ def test_a_step_whose_magnitudes_overflow_is_refused_by_step_and_run(graph):
                 s.run(np.concatenate([np.zeros((1, 2, 3), np.float32), x], 1))
     assert s.steps == 3 and np.array_equal(s.state, before)
     assert np.isfinite(s.run(np.full((1, 2, 3), 1e30, np.float32))).all()     # large, not too large
+    # The rule is per sequence: step() summed the whole batch, so two sequences of 2e38 each were
+    # refused together that run() streamed, and each alone too (a code review)
+    wide, alone = OnnxStreamer(graph[1]), OnnxStreamer(graph[1])
+    wide.reset(2)
+    x = np.zeros((2, 3), np.float32)
+    x[:, 0] = 2e38
+    y = wide.step(x)
+    assert np.isfinite(y).all() and np.array_equal(y[1:], alone.step(x[1:]))
 
 
 def test_an_infinite_float16_sample_or_state_is_refused_too(graph):
