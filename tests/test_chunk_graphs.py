@@ -220,9 +220,15 @@ def test_torch_formats_export_chunk_modules(exporter, name, tmp_path):
     assert res.validation.passed and res.validation.length == 260 and res.metadata["lrnnx_zoo.chunk"] == "5"
 
 
-def test_a_third_party_layer_exports_as_a_chunk_graph(tmp_path, monkeypatch):
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_third_party_layer_exports_as_a_chunk_graph(tmp_path, monkeypatch, declared):
     from plugin_fixtures import GOOD_PLUGIN, activate, make_distribution
     source = GOOD_PLUGIN.replace("{layer_name}", "tp_chunk")
+    if not declared:    # a bare form (README: d_input, d_output optional) failed with an AttributeError
+        bare = source.replace("class EmaStep(StepForm):", "class EmaStep(nn.Module):").replace(
+            "self.state_size = self.d_input = self.d_output = a.shape[0]", "self.state_size = a.shape[0]")
+        assert bare.count("self.state_size = a.shape[0]") == 1 and "EmaStep(nn.Module)" in bare
+        source = bare
     root = make_distribution(tmp_path / "site", "tp-chunk", {"tp_chunk": source}, {"tp_chunk": "tp_chunk"})
     activate(root, monkeypatch)
     lrnnx_zoo.reload_plugins()
