@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lrnnx_zoo.kernels import cauchy as cauchy_mod
+from lrnnx_zoo.kernels import cauchy_shared
 from lrnnx_zoo.kernels import keops_support
 from lrnnx_zoo.kernels.cauchy import (cauchy_conj, cauchy_conj_keops, cauchy_conj_torch,
                                       cauchy_torch)
@@ -148,8 +149,9 @@ def test_disable_env_forces_torch(monkeypatch, fresh_keops_cache):
     def boom(*args, **kwargs):
         raise AssertionError("auto must not call keops when it is disabled")
 
-    monkeypatch.setattr(cauchy_mod, "KEOPS_AUTO_THRESHOLD", 0)  # any size would pick keops
+    monkeypatch.setitem(cauchy_shared.KEOPS_MIN_TERMS, "cpu", 0)  # any size would pick keops
     monkeypatch.setattr(cauchy_mod, "cauchy_conj_keops", boom)
+    monkeypatch.setattr(cauchy_shared, "cauchy_conj_keops", boom)
     torch.testing.assert_close(cauchy_conj(v, z, w), cauchy_conj_torch(v, z, w))
 
 
@@ -228,14 +230,27 @@ def test_keops_gradcheck(keops):
     assert torch.autograd.gradcheck(cauchy_conj_keops, leaves)
 
 
-def test_auto_uses_keops_for_large_problems(keops, monkeypatch):
+def test_the_seed_auto_follows_the_registry_rule_on_the_cpu(monkeypatch):
+    # Two "auto" rules (a code review): the seed API's cauchy_conj picked keops on the CPU from 2**22
+    # terms (19.5 s on its first call, compiling), the registry's never does (the README's promise).
+    def boom(*args, **kwargs):
+        raise AssertionError("auto chose keops on the CPU")
+    monkeypatch.setattr(cauchy_mod, "cauchy_conj_keops", boom)
+    monkeypatch.setattr(cauchy_shared, "cauchy_conj_keops", boom)
+    v, z, w = _problem(batch=(2, 64), N=64, L=512, dtype=torch.complex64)      # 2**22 terms
+    torch.testing.assert_close(cauchy_conj(v, z, w), cauchy_conj_torch(v, z, w), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_uses_keops_where_the_devices_rule_says(keops, monkeypatch):
     v, z, w = _problem()
     called = []
     real = cauchy_mod.cauchy_conj_keops
-    monkeypatch.setattr(cauchy_mod, "cauchy_conj_keops", lambda *a: called.append(1) or real(*a))
-    monkeypatch.setattr(cauchy_mod, "KEOPS_AUTO_THRESHOLD", 10**12)
+    monkeypatch.setattr(cauchy_shared, "cauchy_conj_keops", lambda *a: called.append(1) or real(*a))
+    cauchy_conj(v, z, w)
+    assert not called  # the CPU's rule: never keops (the shared torch path beat it at every size)
+    monkeypatch.setitem(cauchy_shared.KEOPS_MIN_TERMS, "cpu", 10**12)
     cauchy_conj(v, z, w)
     assert not called  # small -> torch
-    monkeypatch.setattr(cauchy_mod, "KEOPS_AUTO_THRESHOLD", 0)
+    monkeypatch.setitem(cauchy_shared.KEOPS_MIN_TERMS, "cpu", 0)
     cauchy_conj(v, z, w)
     assert called

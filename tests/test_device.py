@@ -220,7 +220,6 @@ def keops_cpu_only(monkeypatch):
     keops_support.reset_keops_cache()
     monkeypatch.setitem(cauchy_shared.KEOPS_MIN_TERMS, "meta", 0)
     monkeypatch.setitem(vandermonde._KEOPS_MIN_TERMS, "meta", 0)
-    monkeypatch.setattr(cauchy, "KEOPS_AUTO_THRESHOLD", 0)
 
     def boom(*args, **kwargs):
         raise AssertionError("auto chose keops on a device where it cannot run")

@@ -21,20 +21,17 @@ Backends:
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..base import apply_function, jvp_variant
-from ..shapes import broadcast_shape
-from .keops_support import auto_may_use_keops, quiet_keops, require_keops
+from .keops_support import quiet_keops, require_keops
 
 __all__ = [
     "BACKENDS",
     "DEFAULT_BLOCK_BYTES",
-    "KEOPS_AUTO_THRESHOLD",
     "cauchy_torch",
     "cauchy_conj_torch",
     "cauchy_conj_keops",
@@ -44,11 +41,6 @@ __all__ = [
 BACKENDS = ("auto", "torch", "keops")
 #: Budget for one materialised (batch, N, block) complex intermediate in the torch backends.
 DEFAULT_BLOCK_BYTES = 4 * 2**20
-#: "auto" switches to keops when batch * N * L reaches this many terms (and keops works). On a
-#: 2-core CPU (one thread) keops was 0.7x-1.3x torch's time below ~2^19 terms and 10-20% faster
-#: above it (forward and backward), using O(output) memory; 2^22 also keeps toy problems clear
-#: of keops' few-second first-use compilation.
-KEOPS_AUTO_THRESHOLD = 2**22
 
 
 def _complex_dtype(*ts: Tensor) -> torch.dtype:
@@ -378,24 +370,22 @@ def cauchy_conj_keops(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _problem_size(v: Tensor, z: Tensor, w: Tensor) -> int:
-    batch = broadcast_shape(v.shape[:-1], w.shape[:-1])
-    return math.prod(batch) * v.shape[-1] * z.shape[-1]
-
-
 def cauchy_conj(v: Tensor, z: Tensor, w: Tensor, backend: str = "auto") -> Tensor:
     """Conjugate-pair Cauchy sum ``sum_n v/(z-w) + conj(v)/(z-conj(w))``: (..., N) x (L,) -> (..., L).
 
     Args:
         backend: ``"torch"``, ``"keops"`` (RuntimeError explaining the fix if pykeops is not
-            usable) or ``"auto"``: keops when it is usable and ``batch * N * L`` is at least
-            :data:`KEOPS_AUTO_THRESHOLD`, torch otherwise (keops' launch overhead dominates
-            small problems).
+            usable) or ``"auto"``: the registered ``cauchy.auto`` rule
+            (:func:`~lrnnx_zoo.kernels.cauchy_shared.cauchy_conj_auto`: keops where it pays off on
+            the tensors' device and is usable, i.e. on CUDA; the shared-pole torch path otherwise).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown cauchy backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     if backend == "keops":
         return cauchy_conj_keops(v, z, w)
-    if backend == "auto" and _problem_size(v, z, w) >= KEOPS_AUTO_THRESHOLD and auto_may_use_keops(v.device):
-        return cauchy_conj_keops(v, z, w)
+    if backend == "auto":
+        # One "auto" rule for the seed API and the registry: this one picked keops on the CPU from
+        # 2**22 terms (19.5 s for its first call's compilation, 775 ms registry-auto's torch path)
+        from .cauchy_shared import cauchy_conj_auto     # imports this module
+        return cauchy_conj_auto(v, z, w)
     return cauchy_conj_torch(v, z, w)
