@@ -132,6 +132,8 @@ class FFTConvS4(nn.Module):
         kernel: alias of ``kernel_type`` (seed compatibility).
         bidirectional: the kernel gets 2*C channels; the second C run over the reversed sequence
             and are added to the first C, so y[t] sees the whole input (non-causal; no streaming).
+            The reverse direction starts at u[t] (sum_{j >= t}); the standalone ``S4`` layer's
+            starts at u[t + 1], as the S4 reference's does.
         **kernel_args: more kernel constructor arguments (override ``param_config``).
 
     Shapes: x (B, H, L) -> y (B, C*H, L) if transposed, else (B, L, H) -> (B, L, C*H).

@@ -86,7 +86,9 @@ class S4(nn.Module):
     Args:
         d_model: H.  d_state: N.  l_max: kernel length (None: the input's length).
         channels: C SSM outputs per channel, mixed back to H by the output linear.
-        bidirectional: add an anti-causal kernel (no streaming).
+        bidirectional: add an anti-causal kernel (no streaming), summed from the next step on,
+            sum_j K1_j u_{t+1+j}, as the S4 reference's standalone layer does; FFTConv's reverse
+            direction starts at u_t (the SSM run backwards), so the two differ by K1_0 u_t.
         activation: after the SSM (default gelu; "glu" halves the C*H outputs).
         postact: activation of the output linear (e.g. "glu").
         dropout / tie_dropout: dropout after the activation, one mask per (batch, channel) if tied.
