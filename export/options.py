@@ -7,10 +7,12 @@ GRAPH_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "torch-export": 
 FORMATS = tuple(GRAPH_FILES)
 
 #: Steps an export folder's graph is validated over by default: the length at which the issue asks
-#: for no drift beyond tolerance. The float32 state's rounding error grows with the stream until the
-#: slowest mode's memory 1/(1-|lam|) is filled, then levels off: a shipped digits classifier's graph is 5.3e-6 from
-#: the float64 model after 256 steps, 4.1e-5 after 4096 and 5.4e-5 after 262,144
-#: (README, step-mode error over long streams), so the 256 steps of to_onnx's default would under-state it.
+#: for no drift beyond tolerance. A float32 state's rounding error can grow with the stream until the
+#: slowest mode's memory 1/(1-|lam|) is filled: with each pole rounded once a shipped digits
+#: classifier's graph was 5.3e-6 from the float64 model after 256 steps and 4.1e-5 after 4096. The
+#: split poles (step_forms.split_poles) keep the shipped graphs at 2.8e-6 - 5.6e-6 at both lengths,
+#: but a graph exported under split_poles(False), or a plugin's form, can still drift, which the 256
+#: steps of to_onnx's default would under-state.
 FOLDER_VALIDATION_LENGTH = 4096
 
 #: Single steps timed for an export's latency by default.

@@ -6,8 +6,9 @@ with lam: (N,) complex, B: (N, H) complex, C: (H_out, N) complex. Two evaluation
 recurrence, registered as kernel backends of kind "modal":
 
 - ``fft``: causal convolution of the projected input B u with the powers lam^l (FFT, O(L log L));
-- ``scan``: the recurrence unrolled by a parallel (log-depth) scan, O(L log L) work, exact for
-  |lam| near 1 over any length, and the one to use when an initial state is given.
+- ``scan``: the recurrence run by the chunked scan of :mod:`lrnnx_zoo.scan` (O(L) work, about
+  three memory passes), exact for |lam| near 1 over any length, and the one to use when an
+  initial state is given.
 """
 
 from __future__ import annotations
@@ -186,9 +187,9 @@ def channel_kernel(vdm: Callable[..., Tensor], v: Tensor, lam: Tensor, log_lam: 
 
 def modal_auto(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
                initial_state: Optional[Tensor] = None) -> Tensor:
-    """The faster mode on CPU: the chunked scan. Measured with benchmarks/bench_layers.py at
-    H=128, N=64: scan 1.6x / 5.8x the rfft floor at (B=8, L=1024) / (B=4, L=4096) against
-    4.4x / 25x for fft, whose complex transforms of the N projected modes cost more than the scan."""
+    """The faster mode on CPU: the chunked scan. The LRU layer with each, benchmarks/bench_layers.py
+    at H=128, N=64 (README's layer table): scan about 4x the rfft floor at (B=8, L=1024) and
+    (B=4, L=4096), fft 7-9x, whose complex transforms of the N projected modes cost more."""
     return modal_scan(u, log_lam, B, C, initial_state)
 
 
