@@ -41,6 +41,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .discretization import bilinear_dense
 from .kernels.cauchy import cauchy_conj  # noqa: F401  (seed API: the S4 helpers' Cauchy kernel lives here too)
 from .shapes import broadcast_shape
 
@@ -455,20 +456,11 @@ def bilinear(dt: Tensor, A: Tensor, B: Optional[Tensor] = None) -> tuple[Tensor,
         B: (..., N) or None.
 
     Returns:
-        dA: (..., N, N) and dB: (..., N) (None if B is None). Uses ``linalg.solve``, which is
-        better conditioned than forming the inverse.
+        dA: (..., N, N) and dB: (..., N) (None if B is None). The seed's argument order for
+        :func:`lrnnx_zoo.discretization.bilinear_dense` (``linalg.solve``, better conditioned
+        than forming the inverse).
     """
-    N = A.shape[-1]
-    dt = torch.as_tensor(dt, dtype=A.real.dtype if A.is_complex() else A.dtype, device=A.device)
-    half = (dt / 2)[..., None, None]
-    eye = torch.eye(N, dtype=A.dtype, device=A.device)
-    back = eye - half * A
-    fwd = eye + half * A
-    dA = torch.linalg.solve(back, fwd)
-    if B is None:
-        return dA, None
-    dB = torch.linalg.solve(back, (dt[..., None] * B)[..., None])[..., 0]
-    return dA, dB
+    return bilinear_dense(A, B, dt)
 
 
 def power(L: int, A: Tensor, v: Optional[Tensor] = None) -> Tensor | tuple[Tensor, Tensor]:
