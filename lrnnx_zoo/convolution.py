@@ -907,6 +907,26 @@ def fft_conv(equation: str, input: Tensor, *args: Tensor) -> Tensor:
     return inv(y, n=n, dim=out.index(t)).narrow(out.index(t), 0, L)
 
 
+def _pair_rows(M: Tensor, dtype: torch.dtype) -> Tensor:
+    """(N, H) complex -> (2N, H) real with rows [Re m_0, Im m_0, Re m_1, ...] (complex-view order):
+    a real matmul's output is then a complex (..., N) view, no copy."""
+    return torch.stack([M.real, M.imag], 1).reshape(2 * M.shape[0], M.shape[1]).to(dtype)
+
+
+def project_in(u: Tensor, B: Tensor) -> Tensor:
+    """B u for real u: (Bsz, L, H) and complex B: (N, H) -> (Bsz, L, N) complex, one real matmul."""
+    Bsz, L, _ = u.shape
+    return torch.view_as_complex((u @ _pair_rows(B, u.dtype).T).view(Bsz, L, B.shape[0], 2))
+
+
+def project_out(x: Tensor, C: Tensor) -> Tensor:
+    """Re(C x) for complex x: (Bsz, L, N) and C: (H_out, N) -> (Bsz, L, H_out) real, one real matmul
+    (Re(C x) = Re C Re x - Im C Im x)."""
+    Bsz, L, N = x.shape
+    Cpair = torch.stack([C.real, -C.imag], -1).reshape(C.shape[0], 2 * N).to(x.real.dtype)
+    return torch.view_as_real(x).reshape(Bsz, L, 2 * N) @ Cpair.T
+
+
 def opt_ssm_forward(x: Tensor, K: Tensor, B_: Tensor, C: Tensor) -> Tensor:
     """Convolution mode of a multi-input multi-output SSM with diagonal state matrix.
 
@@ -935,12 +955,8 @@ def opt_ssm_forward(x: Tensor, K: Tensor, B_: Tensor, C: Tensor) -> Tensor:
         # in x's precision, as the projection below: a complex128 kernel against a float32 x failed in einsum
         full = full.to(x.dtype) if x.is_complex() else full.real.to(x.dtype)
         return fft_conv("blh,lkh->blk", x, full).real
-    # Interleaved [Re, Im] rows make the real matmul's output a complex (B, L, N) view, no copy.
-    Bpair = torch.stack([B_.real, B_.imag], 1).reshape(2 * N, H).to(x.dtype)
-    z = torch.view_as_complex((x @ Bpair.T).view(Bsz, L, N, 2))
-    w = causal_conv(z, K.to(z.dtype), dim=-2)
-    Cpair = torch.stack([C.real, -C.imag], -1).reshape(H_out, 2 * N).to(x.dtype)  # Re(Cw) = Cr wr - Ci wi
-    return torch.view_as_real(w).reshape(Bsz, L, 2 * N) @ Cpair.T
+    z = project_in(x, B_)
+    return project_out(causal_conv(z, K.to(z.dtype), dim=-2), C)
 
 
 def __getattr__(name: str) -> Any:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .base import without_autocast
-from .convolution import opt_ssm_forward
+from .convolution import opt_ssm_forward, project_in, project_out
 from .scan import diagonal_scan
 from .ssm_kernel import passed_state_dtype
 
@@ -46,24 +46,6 @@ def cexp(z: Tensor) -> Tensor:
         return torch.exp(z)
     magnitude = torch.exp(z.real)
     return torch.complex(magnitude * torch.cos(z.imag), magnitude * torch.sin(z.imag))
-
-
-def _pair_rows(M: Tensor, dtype: torch.dtype) -> Tensor:
-    """(N, H) complex -> (2N, H) real with rows [Re m_0, Im m_0, Re m_1, ...] (complex-view order)."""
-    return torch.stack([M.real, M.imag], 1).reshape(2 * M.shape[0], M.shape[1]).to(dtype)
-
-
-def project_in(u: Tensor, B: Tensor) -> Tensor:
-    """B u for real u: (Bsz, L, H) and complex B: (N, H) -> (Bsz, L, N) complex, one real matmul."""
-    Bsz, L, _ = u.shape
-    return torch.view_as_complex((u @ _pair_rows(B, u.dtype).T).view(Bsz, L, B.shape[0], 2))
-
-
-def project_out(x: Tensor, C: Tensor) -> Tensor:
-    """Re(C x) for complex x: (Bsz, L, N) and C: (H_out, N) -> (Bsz, L, H_out) real, one real matmul."""
-    Bsz, L, N = x.shape
-    Cpair = torch.stack([C.real, -C.imag], -1).reshape(C.shape[0], 2 * N).to(x.real.dtype)
-    return torch.view_as_real(x).reshape(Bsz, L, 2 * N) @ Cpair.T
 
 
 def modal_fft(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
