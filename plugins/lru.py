@@ -27,10 +27,10 @@ from torch import Tensor, nn
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import LTI_LRNN, check_reals, check_sizes, mask_padding, ordinary_tensor, parameter_dtype, right_aligned
 from lrnnx_zoo.discretization import principal_log, zoh_resample_diag
-from lrnnx_zoo.modal import channel_final_state, channel_kernel, final_state, modal_auto, modal_fft, modal_scan, powers
+from lrnnx_zoo.modal import ChannelModalKernel, final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, get_initializer
-from lrnnx_zoo.ssm_kernel import SSMKernel, check_batch_shape, check_rate
-from lrnnx_zoo.step_forms import ChannelDiagonalStepForm, DiagonalStepForm
+from lrnnx_zoo.ssm_kernel import check_rate
+from lrnnx_zoo.step_forms import DiagonalStepForm
 
 # The layer, its kernel and initializers; not the hooks, which a star import would re-register
 # under the importing plugin's name.
@@ -218,7 +218,7 @@ class LRU(LTI_LRNN):
         return f"d_model={self.d_model}, d_state={self.d_state}, backend={self.backend!r}"
 
 
-class LRUKernel(SSMKernel):
+class LRUKernel(ChannelModalKernel):
     """H single-input LRUs, one per channel, with ``channels`` outputs each, as an SSM kernel.
 
         x_k[h] = diag(lam[h]) x_{k-1}[h] + gamma[h] * B[h] u_k[h],     y_k[c, h] = Re(C[c, h] . x_k[h])
@@ -270,22 +270,11 @@ class LRUKernel(SSMKernel):
             log_lam, B = (t.to(complex_dtype) for t in zoh_resample_diag(log_lam, B, rate))
         return log_lam, B, torch.view_as_complex(self.C.to(real))
 
-    def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        rate = check_rate(rate, "LRUKernel")
-        vdm = get_backend("vandermonde", self.backend)
-        if state is None:
-            return self.cached_kernel((L, rate), lambda: self._kernel(vdm, L, rate)[0]), None
-        return self._kernel(vdm, L, rate, state)
-
-    def _kernel(self, vdm, L: int, rate: float = 1.0,
-                state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        """K[c, h, l] = Re(sum_n C gamma B lam^l): (C, H, L), and given ``state`` x_{-1}, its zero-input
-        response y_l = Re(sum_n C lam^{l+1} x_{-1}), at sampling rate ``rate``. As for S4D, the exponents
-        are formed in float64 (a float32 log lam moved the float32 kernel by 3e-6 relative at L=4096,
-        against 2e-7) and the Vandermonde product runs in the parameters' precision."""
+    def modes(self, rate: float = 1.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(lam, log lam, gamma * B): (H, N) and C: (C, H, N), complex128, y = Re(C x), at sampling
+        rate ``rate``."""
         log_lam, B, C = self.discretize(torch.complex128, rate)
-        # vdm returns 2 Re(sum v lam^l) (conjugate-pair convention); the LRU reads Re(C x): halve C.
-        return channel_kernel(vdm, 0.5 * C * B, torch.exp(log_lam), log_lam, L, self.nu_log.dtype, 0.5 * C, state)
+        return torch.exp(log_lam), log_lam, B, C
 
     @torch.no_grad()
     def resample_(self, rate: float) -> None:
@@ -305,24 +294,6 @@ class LRUKernel(SSMKernel):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_state={self.d_state}, channels={self.channels}, backend={self.backend!r}"
-
-    def default_state(self, *batch_shape: int) -> Tensor:
-        """The zero state x_{-1}: (*batch_shape, H, N) complex."""
-        check_batch_shape(type(self).__name__, batch_shape)
-        return torch.zeros(*batch_shape, self.d_model, self.d_state, dtype=self.state_dtype,
-                           device=self.nu_log.device)
-
-    def forward_state(self, u: Tensor, state: Tensor) -> Tensor:
-        """x_{L-1} = lam^L x_{-1} + sum_j lam^{L-1-j} gamma B u_j.   u: (B, H, L), state: (B, H, N)
-        -> (B, H, N) in :func:`~lrnnx_zoo.ssm_kernel.passed_state_dtype` (computed in the wider of its
-        precision and the kernel's)."""
-        log_lam, B, _ = self.discretize(torch.complex128)
-        return channel_final_state(u, log_lam, B, state, self.state_dtype)
-
-    @torch.no_grad()
-    def step_form(self, D: Optional[Tensor] = None) -> ChannelDiagonalStepForm:
-        log_lam, B, C = self.discretize(torch.complex128)
-        return ChannelDiagonalStepForm(torch.exp(log_lam), B, C, None if D is None else D.double())
 
 
 @hookimpl

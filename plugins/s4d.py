@@ -23,10 +23,10 @@ from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import LTI_LRNN, check_reals, check_sizes, mask_padding, needs_autograd, parameter_dtype
 from lrnnx_zoo.convolution import blocked_channel_conv, channels_last_conv, conv_size
 from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vandermonde_torch
-from lrnnx_zoo.modal import channel_final_state, channel_kernel
+from lrnnx_zoo.modal import ChannelModalKernel
 from lrnnx_zoo.discretization import get_discretization
 from lrnnx_zoo.registry import get_backend, get_initializer
-from lrnnx_zoo.ssm_kernel import SSMKernel, check_batch_shape, check_rate, kernel_final_step_state
+from lrnnx_zoo.ssm_kernel import kernel_final_step_state
 from lrnnx_zoo.step_forms import ChannelDiagonalStepForm
 
 # The layer, its kernel and initializers; not the hooks, which a star import would re-register
@@ -73,7 +73,7 @@ def init_random(H: int, M: int) -> Tuple[Tensor, Tensor]:
         torch.ones(H, M, dtype=torch.complex128)
 
 
-class S4DKernel(SSMKernel):
+class S4DKernel(ChannelModalKernel):
     """Parameters and kernel of H diagonal systems with ``channels`` outputs each (eq. 5).
 
     Args:
@@ -126,44 +126,15 @@ class S4DKernel(SSMKernel):
         log_A_bar = dt * A if self.discretization == "zoh" else torch.log(A_bar)
         return A_bar, B_bar, C, log_A_bar
 
-    def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        rate = check_rate(rate, "S4DKernel")
-        vdm = get_backend("vandermonde", self.backend)
-        if state is None:
-            return self.cached_kernel((L, rate), lambda: self._kernel(vdm, L, rate)[0]), None
-        return self._kernel(vdm, L, rate, state)
-
-    def _kernel(self, vdm, L: int, rate: float, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        """K = 2 Re(sum_n C B_bar A_bar^l): (C, H, L) through the Vandermonde backend ``vdm`` (eq. 5),
-        and given ``state`` x_{-1}, its zero-input response y_l = 2 Re(sum_n C A_bar^{l+1} x_{-1}).
-        The exponents dt A are formed in float64 (rounding dt A to float32 moved a float32 model's
-        kernel by 9e-6 relative at L=4096, against 2e-7) and the coefficients, so the Vandermonde
-        product, in the parameters' precision."""
+    def modes(self, rate: float = 1.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(A_bar, log A_bar, B_bar): (H, N/2), and 2 C: (C, H, N/2) (the factor 2 restores the
+        conjugate halves: y = 2 Re(C x)), complex128, at sampling rate ``rate`` (eq. 5)."""
         A_bar, B_bar, C, log_A = self.discretize(rate, dtype=torch.complex128)
-        return channel_kernel(vdm, C * B_bar, A_bar, log_A, L, self.log_dt.dtype, C, state)
+        return A_bar, log_A, B_bar, 2 * C
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, channels={self.channels}, init={self.init!r}, "
                 f"discretization={self.discretization!r}, backend={self.backend!r}")
-
-    def default_state(self, *batch_shape: int) -> Tensor:
-        """The zero state x_{-1}: (*batch_shape, H, N/2) complex."""
-        check_batch_shape(type(self).__name__, batch_shape)
-        return torch.zeros(*batch_shape, self.d_model, self.d_state // 2, dtype=self.state_dtype,
-                           device=self.log_dt.device)
-
-    def forward_state(self, u: Tensor, state: Tensor) -> Tensor:
-        """x_{L-1} = A_bar^L x_{-1} + sum_j A_bar^{L-1-j} B_bar u_j.   u: (B, H, L), state: (B, H, N/2)
-        -> (B, H, N/2) in :func:`~lrnnx_zoo.ssm_kernel.passed_state_dtype` (computed in the wider of its
-        precision and the kernel's)."""
-        _, B_bar, _, log_A = self.discretize(dtype=torch.complex128)
-        return channel_final_state(u, log_A, B_bar, state, self.state_dtype)
-
-    @torch.no_grad()
-    def step_form(self, D: Optional[Tensor] = None) -> ChannelDiagonalStepForm:
-        A_bar, B_bar, C, _ = self.discretize(dtype=torch.complex128)
-        # The factor 2 restores the conjugate halves of the state.
-        return ChannelDiagonalStepForm(A_bar, B_bar, 2 * C, None if D is None else D.double())
 
 
 class S4D(LTI_LRNN):
