@@ -93,6 +93,16 @@ def resampled_modes(nu_log: Tensor, theta_log: Tensor, gamma_log: Tensor, B: Ten
     return (torch.log(-log_lam.real), torch.log(log_lam.imag.clamp_min(1e-12)), B_norm / gamma, conjugated)
 
 
+def check_ring(who: str, r_min: float, r_max: float, max_phase: float) -> None:
+    """Refuse a ring initialisation's arguments that draw no eigenvalues: 0 <= r_min < r_max <= 1
+    and max_phase > 0, real numbers (the error names ``who`` and the values given)."""
+    check_reals(who, r_min=r_min, r_max=r_max, max_phase=max_phase)
+    if max_phase <= 0:
+        raise ValueError(f"{who} needs max_phase > 0 (eigenvalue phases are drawn from [0, max_phase]), got {max_phase}")
+    if not (0.0 <= r_min < r_max <= 1.0):
+        raise ValueError(f"{who} needs 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
+
+
 class LRU(LTI_LRNN):
     """Linear Recurrent Unit on (B, L, H) sequences.
 
@@ -109,11 +119,7 @@ class LRU(LTI_LRNN):
                  max_phase: float = 2 * math.pi, init: str = "ring", backend: str = "auto") -> None:
         super().__init__("no_discretization")
         check_sizes("LRU", d_model=d_model, d_state=d_state)
-        check_reals("LRU", r_min=r_min, r_max=r_max, max_phase=max_phase)
-        if max_phase <= 0:
-            raise ValueError(f"LRU needs max_phase > 0 (eigenvalue phases are drawn from [0, max_phase]), got {max_phase}")
-        if not (0.0 <= r_min < r_max <= 1.0):
-            raise ValueError(f"LRU needs 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
+        check_ring("LRU", r_min, r_max, max_phase)
         self.d_model, self.d_state = d_model, d_state
         self.r_min, self.r_max, self.max_phase = r_min, r_max, max_phase
         self.backend = backend
@@ -241,11 +247,7 @@ class LRUKernel(ChannelModalKernel):
                  backend: str = "auto") -> None:
         super().__init__()
         check_sizes("LRUKernel", d_model=d_model, d_state=d_state, channels=channels)
-        check_reals("LRUKernel", r_min=r_min, r_max=r_max, max_phase=max_phase)
-        if max_phase <= 0:
-            raise ValueError(f"LRUKernel needs max_phase > 0, got {max_phase}")
-        if not (0.0 <= r_min < r_max <= 1.0):
-            raise ValueError(f"LRUKernel needs 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
+        check_ring("LRUKernel", r_min, r_max, max_phase)
         self.d_model, self.d_state, self.channels, self.backend = d_model, d_state, channels, backend
         get_backend("vandermonde", backend)  # unknown names fail here, listing the valid ones
         H, N = d_model, d_state
