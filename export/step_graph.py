@@ -229,7 +229,7 @@ def state_from_cache(model: SequenceModel, cache: Dict[str, Any]) -> Tensor:
         high = count.float()                                  # the count as the float32 state holds it,
         parts += [cache["pool_carry"], (count - high.long()).to(mean.dtype),     # and what that rounds off
                   mean, high.to(mean.dtype)]
-    return torch.cat(parts, 1).float().cpu() if parts else torch.zeros(cache["pool_mean"].shape[0], 0)
+    return torch.cat(parts, 1).float().cpu()            # a model has at least one block: parts is not empty
 
 
 @torch.no_grad()

@@ -296,7 +296,8 @@ def chunk_form(form: nn.Module, T: int, closed: Optional[bool] = None) -> StepFo
     A per-channel LTI form (``channel_layout``) gets :class:`ChannelChunkForm`, a
     DiagonalStepForm :class:`DiagonalChunkForm`, a SequentialStepForm its parts' chunk forms, a
     form with a ``chunk_form(T)`` method what it returns, any other form :class:`LoopChunkForm`
-    (T steps unrolled: the same results). ``closed=False`` forces the loop (a reference in tests).
+    (T steps unrolled: the same results). ``closed=False`` forces the loop, e.g. as a reference for
+    a closed form (None and True: the closed form where there is one).
     """
     T = check_chunk(T)
     if closed is False:
