@@ -215,6 +215,8 @@ class LRU(LTI_LRNN):
 
     @torch.no_grad()
     def step_form(self) -> DiagonalStepForm:
+        """One step x' = lam x + gamma B u, y = Re(C x') + D u (eq. 1 and 6) as a form: u (batch, H),
+        state (batch, 2N) packed [Re x; Im x], from the float64 parameters."""
         lam = torch.exp(self.log_lambda(torch.complex128))
         B = torch.complex(self.B_re.double(), self.B_im.double()) * torch.exp(self.gamma_log.double()).unsqueeze(-1)
         C = torch.complex(self.C_re.double(), self.C_im.double())

@@ -187,6 +187,8 @@ class S4D(LTI_LRNN):
         return torch.cat([K[:, :1] + self.D.unsqueeze(-1), K[:, 1:]], dim=-1)
 
     def step_form(self) -> ChannelDiagonalStepForm:
+        """One step x' = A_bar x + B_bar u, y = 2 Re(C x') + D u per channel as a form: u (batch, H),
+        state (batch, 2 * N/2 * H) packed (:class:`~lrnnx_zoo.step_forms.ChannelDiagonalStepForm`)."""
         return self.kernel.step_form(self.D.unsqueeze(0))
 
     def final_step_state(self, u: Tensor, lengths: Optional[Tensor], form: nn.Module) -> Tensor:

@@ -312,6 +312,9 @@ class S4Layer(LTI_LRNN):
         return mask_padding(channels_last_conv(x, k[0], n), lengths)
 
     def step_form(self) -> StepForm:
+        """One step of the discretised NPLR system plus D u as a form, u (batch, H) -> y (batch, H):
+        the kernel's "auto" step (:meth:`~plugins.s4.modes.StepModes.step_form`). A bidirectional
+        layer has none (ValueError)."""
         if self.bidirectional:
             raise ValueError("a bidirectional S4 layer cannot stream (its output depends on future inputs); "
                              "build it with bidirectional=False to export or step it")
