@@ -519,7 +519,8 @@ def current_form(module: nn.Module, form: nn.Module, weights: Weights, build: Ca
         with lasting_tensors(), step_form_dtype(dtype):   # not a decorator: 2 us at every step
             fresh = build()
     except Exception as exc:              # e.g. S4's diagonal form of the new weights too inaccurate
-        raise RuntimeError(stale()) from exc
+        raise RuntimeError(f"{stale()} (the form of the new weights could not be built either: "
+                           f"{type(exc).__name__}: {exc})") from exc
     if not same_form(fresh, form):
         raise RuntimeError(stale())
     return fresh, weights_and_versions(module)
