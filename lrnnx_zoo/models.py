@@ -462,7 +462,11 @@ class SequenceModel(HubMixin, nn.Module):
         if self.config.pooling != "mean":     # the running mean only feeds mean pooling's steps
             return self._readout(h, lengths), cache
         mean = self._pooled(h, lengths, "mean")    # _check_sequence refused empty sequences
-        cache["pool_mean"] = values_only(mean) if mean.requires_grad else mean    # values (LTI_LRNN.prefill)
+        # The running mean in the model's dtype, as step keeps it: under autocast h is half precision,
+        # and a bfloat16 mean made every later step refuse the cache as made for another dtype
+        dtype = self.encoder.weight.dtype
+        kept = mean if h.dtype == dtype else self._pooled(h.to(dtype), lengths, "mean")
+        cache["pool_mean"] = values_only(kept) if kept.requires_grad else kept    # values (LTI_LRNN.prefill)
         return self.decoder(mean), cache
 
     def _check_sequence(self, x: Tensor, lengths: Optional[Tensor]) -> Tensor:

@@ -272,6 +272,25 @@ def test_cpu_autocast_streams_as_it_runs_forward(layer):
     assert float((continued - y[:, 24:]).abs().max()) < 2e-2 * scale
 
 
+@pytest.mark.parametrize("layer", lrnnx_zoo.list_layers())
+def test_a_mean_pooled_prompt_read_under_autocast_streams_on(layer):
+    # prefill under autocast kept the running mean in bfloat16 (the features were), and every later
+    # step refused the cache as "made for torch.bfloat16 ... converted or moved since" (a dtype audit).
+    # The mean is kept in the model's dtype. Tolerance as above (bfloat16 features: 2e-2 of max|y|).
+    torch.manual_seed(0)
+    model = SequenceModel(ModelConfig(layer=layer, d_input=3, d_output=4, d_model=16, n_layers=2, pooling="mean",
+                                      layer_kwargs={"d_state": 8})).eval()
+    x = torch.randn(2, 40, 3)
+    with torch.no_grad():
+        want = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, cache = model.prefill(x[:, :30])
+        assert cache["pool_mean"].dtype == torch.float32
+        for t in range(30, 40):
+            y, cache = model.step(x[:, t], cache)
+    assert float((y - want).abs().max()) < 2e-2 * float(want.abs().max())
+
+
 def test_half_input_under_autocast_is_what_the_refusal_promises():
     # Outside autocast a bfloat16 input is refused with "or run under torch.autocast('cpu', ...)";
     # a SequenceModel refused it there too (its own dtype check ran before the layers' autocast
