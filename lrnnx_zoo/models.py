@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import (cache_owner, check_device, check_floating, check_lengths, check_stream_batch,
+from .base import (_check_parameter_dtype, cache_owner, check_device, check_floating, check_lengths, check_stream_batch,
                    float32_under_autocast, made_by, mask_padding, stream_rows, valid_steps, values_only)
 from .hub_save import HubMixin, resampled_info
 from .registry import create_layer
@@ -674,6 +674,9 @@ class SequenceModel(HubMixin, nn.Module):
         return forked
 
     def _check_input_dtype(self, x: Tensor, who: str, autocast_hint: bool = True) -> None:
+        # the model's own dtype first: a .half() model was told to convert a half input to float32,
+        # then a float32 input to half, in a circle (a dtype audit)
+        _check_parameter_dtype(self.encoder.weight, who)
         check_floating(x, who, autocast_hint)
         check_device(self, x, who)
         if x.dtype != self.encoder.weight.dtype:     # nn.Linear would fail with "mat1 and mat2 ..."

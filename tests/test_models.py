@@ -308,6 +308,20 @@ def test_half_input_under_autocast_is_what_the_refusal_promises():
     assert "autocast" in str(refused.value)
 
 
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_a_half_model_is_told_to_convert_itself(half):
+    # A .half() model checked its input first: a half x was told "convert the input (x.float())", then
+    # that float32 x "x.to(torch.float16) or model.to(torch.float32)", in a circle (a dtype audit)
+    model = model_for("s4d", n_layers=1, d_model=8).eval().to(half)
+    message = rf"SequenceModel.* holds {half} parameters: convert it \(.float\(\)\)"
+    for x in (torch.randn(2, 16, 3).to(half), torch.randn(2, 16, 3)):
+        with pytest.raises(TypeError, match=message):
+            model(x)
+        with pytest.raises(TypeError, match=message):
+            model.prefill(x)
+    model.float()(torch.randn(2, 16, 3))       # as advised
+
+
 @pytest.mark.parametrize("rank, error", [(10**8, ValueError), (0, ValueError), ("2", TypeError)])
 def test_s4_rank_is_checked_before_anything_is_allocated(rank, error):
     # rank is a size like d_state: 10**8 went past the parameter budget and tried to allocate 6.4 GB
