@@ -768,6 +768,7 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo, progress:
     bar = tqdm(total=total, initial=step, desc=recipe.name, disable=not show, dynamic_ncols=True)
     began = time.perf_counter()
     model.train()
+    dtype = model.encoder.weight.dtype
     first_epoch, done_in_it = divmod(step, plan.steps_per_epoch)   # a resumed run skips the batches it took
     for epoch in range(first_epoch, opt_spec.epochs):
         if step >= total:
@@ -779,7 +780,10 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo, progress:
             x, y = data.x_train[idx], data.y_train[idx]
             if data.augment == "shift":
                 x = augment_digit_shifts(x, aug_gen)  # on the global batch, so every rank draws alike
-            x, y = x[mine].to(di.device), y[mine].to(di.device)
+            # in the model's dtype (float64 under torch.set_default_dtype(torch.float64), which the
+            # layers follow; the recipes' data are float32, and the first batch was refused), as evaluate does
+            x = x[mine].to(di.device, dtype)
+            y = y[mine].to(di.device, dtype if y.is_floating_point() else None)
             loss = batch_loss(net, data.task, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
