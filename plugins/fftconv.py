@@ -366,9 +366,23 @@ class FFTConvS4(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to(device), .cuda(), .double(), ... move and cast the parameters; the step form, kept
         # out of the module tree, would keep the old device and dtype (a device-mismatch error at
-        # the next step after model.cuda()). Forget it: step() rebuilds it from the parameters.
+        # the next step after model.cuda()), so it is rebuilt for the moved parameters. Dropped, a
+        # running stream lost its weight check: after a no-op .cpu(), load_state_dict, resample_ and
+        # in-place edits stepped the old state on with the new weights (1.3-2.1 off, silently).
+        running = self._step is not None and not self.__dict__.get("_step_stale")
+        if running:
+            try:        # weights changed since setup_step: the stream belongs to the old system
+                current_form(self, self._step, self._step_weights, self.step_form, self.D.dtype, lambda: "")
+            except RuntimeError:
+                running = False
+                object.__setattr__(self, "_step_stale", True)
         out = super()._apply(fn, recurse)
         object.__setattr__(self, "_step", None)
+        if running:
+            try:
+                self.setup_step()       # the same system, moved: the stream goes on
+            except Exception:           # e.g. a dtype the step forms do not take: step() says so
+                pass
         return out
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -389,9 +403,9 @@ class FFTConvS4(nn.Module):
         """
         self._check_streamable("step mode")
         if self.__dict__.get("_step_stale"):
-            raise RuntimeError("FFTConvS4.step: its weights were replaced since setup_step() (load_state_dict or "
-                               "resample_), so a state from before belongs to another system; call setup_step() "
-                               "again and restart the stream from default_state(batch)")
+            raise RuntimeError("FFTConvS4.step: its weights were replaced since setup_step() (load_state_dict, "
+                               "resample_, or changed before a .to()), so a state from before belongs to another "
+                               "system; call setup_step() again and restart the stream from default_state(batch)")
         if self._step is None:
             self.setup_step()
         else:

@@ -34,8 +34,9 @@ def test_a_step_refused_at_a_later_block_leaves_every_block_as_it_was(layer):
     assert (torch.stack(got, 1) - want).abs().max() <= 1e-5 * want.abs().max()
 
 
-@pytest.mark.parametrize("change", ["load_state_dict", "resample_"])
-def test_fftconvs4_asks_for_setup_step_after_its_weights_are_replaced(change):
+@pytest.mark.parametrize("move", [None, "cpu", "float", "before"])
+@pytest.mark.parametrize("change", ["load_state_dict", "resample_", "in place"])
+def test_fftconvs4_asks_for_setup_step_after_its_weights_are_replaced(change, move):
     # It rebuilt its step form silently and stepped the old weights' state on with the new ones
     # (2.5 off the new weights' forward, 5.4 off the old ones').
     torch.manual_seed(0)
@@ -44,23 +45,41 @@ def test_fftconvs4_asks_for_setup_step_after_its_weights_are_replaced(change):
     with torch.no_grad():
         state = block.default_state(2)
         y, state = block.step(torch.randn(2, 4), state)
+        if move == "before":            # moved mid-stream, then changed (the fuzzing audit's order)
+            block.to("cpu")
         if change == "load_state_dict":
             block.load_state_dict(other.state_dict())
-        else:
+        elif change == "resample_":
             block.resample_(2.0)
-        with pytest.raises(RuntimeError, match=r"weights were replaced since setup_step\(\).*call setup_step\(\) "
-                                               r"again and restart the stream"):
+        else:
+            block.kernel.log_dt.add_(0.1)
+        # a device move or cast in between (a no-op here) dropped the form with its weight check, and
+        # the next step rebuilt it silently: 1.3-2.1 off (a fuzzing audit)
+        if move in ("cpu", "float"):
+            getattr(block, move)()
+        message = "weights changed since setup_step" if change == "in place" and move in (None, "before") else \
+            "weights were replaced since setup_step"
+        with pytest.raises(RuntimeError, match=message + r"\(\).*call setup_step\(\) again and restart the stream"):
             block.step(torch.randn(2, 4), state)
         block.setup_step()
         block.step(torch.randn(2, 4), block.default_state(2))
 
 
 def test_fftconvs4_sets_itself_up_at_its_first_step_and_after_a_device_move():
+    torch.manual_seed(0)
     block = FFTConvS4(4, d_state=8, transposed=False).eval()
+    x = torch.randn(2, 6, 4)
     with torch.no_grad():
-        block.step(torch.randn(2, 4), block.default_state(2))
-        block.to("cpu")                          # the same weights: rebuilt silently, as before
-        block.step(torch.randn(2, 4), block.default_state(2))
+        want = block(x)[0]
+        state = block.default_state(2)
+        ys = []
+        for t in range(6):
+            y, state = block.step(x[:, t], state)
+            ys.append(y)
+            if t == 2:
+                block.to("cpu")                  # the same weights, moved: the stream goes on
+    got = torch.stack(ys, 1)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def test_torchscript_step_graph_refuses_a_state_of_the_wrong_width(tmp_path):
