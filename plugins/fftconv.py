@@ -46,7 +46,7 @@ from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applie
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import (SSMKernel, check_rate, kept_in_inference, kernel_final_step_state,
                                   pack_kernel_state, passed_state_dtype, unpack_kernel_state)
-from lrnnx_zoo.step_forms import SequentialStepForm, StepForm, step_form_dtype, stored
+from lrnnx_zoo.step_forms import SequentialStepForm, StepForm, build_dtype, step_form_dtype, stored
 
 __all__ = ["FFTConvS4", "FFTConvLayer", "pack_state", "unpack_state", "flip_within_lengths"]
 
@@ -520,7 +520,10 @@ class FFTConvLayer(LTI_LRNN):
         core = self.conv.step_form()
         if self.mix is None:
             return core
-        return SequentialStepForm(core, copy.deepcopy(self.mix).requires_grad_(False))
+        # the mix in the build dtype, as the core's matrices (step_form_dtype): in the layer's own, a
+        # float64 cache of a float32 layer (or a float32 graph of a float64 one) failed in its matmul
+        mix = copy.deepcopy(self.mix).requires_grad_(False).to(build_dtype())
+        return SequentialStepForm(core, mix)
 
     def prefill_scope(self, L: int) -> ContextManager[Any]:
         """The kernel's :meth:`~lrnnx_zoo.ssm_kernel.SSMKernel.sharing_dense_work` (S4's A_bar and its

@@ -551,3 +551,31 @@ def test_bidirectional_block_is_both_directions_within_the_lengths(kind, transpo
     assert rel_err(got[0] * mask, want[0]) < (1e-11 if dtype == torch.float64 else 2e-6)
     errs = [rel_err(a, b) for a, b in zip(got[1:], want[1:]) if b is not None]
     assert len(errs) > 3 and max(errs) < (1e-11 if dtype == torch.float64 else 5e-5), errs
+
+
+@pytest.mark.parametrize("kernel", ["s4d", "lru"])
+def test_a_mixing_layer_streams_in_another_dtype_than_its_parameters(kernel):
+    # With channels > 1 the step form held a copy of the channel-mixing Linear in the layer's dtype
+    # beside a core built in the cache's: a float64 cache of a float32 layer (prefill of a float64
+    # prompt, allocate_inference_cache(dtype=float64)) and the float32 graph form of a float64 model
+    # (state_from_cache, cache_from_state) failed in the mix's matmul (a fuzzing audit).
+    # Tolerance: float64 steps against the float32 layer's forward of the float64 input (its kernel is
+    # float32: about 1e-7 apart), 1e-6 of max|y|.
+    from lrnnx_zoo.export import cache_from_state, state_from_cache
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("fftconv", 4, d_state=4, channels=2, kernel_type=kernel).eval()
+    x = torch.randn(2, 12, 4, dtype=torch.float64)
+    with torch.no_grad():
+        want = layer(x)
+        y, cache = layer.prefill(x[:, :6])
+        assert y.dtype == cache["lrnn_state"].dtype == torch.float64
+        steps = [layer.step(x[:, t], cache)[0] for t in range(6, 12)]
+    assert (torch.stack(steps, 1) - want[:, 6:]).abs().max() <= 1e-6 * want.abs().max()
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(
+        layer="fftconv", d_input=2, d_output=3, d_model=4, n_layers=1,
+        layer_kwargs={"d_state": 4, "channels": 2, "kernel_type": kernel})).double().eval()
+    with torch.no_grad():
+        _, cache = model.prefill(torch.randn(2, 5, 2, dtype=torch.float64))
+        state = state_from_cache(model, cache)
+        back = cache_from_state(model, state)
+    assert torch.allclose(back["layers"][0]["lrnn_state"], cache["layers"][0]["lrnn_state"], atol=1e-6)
