@@ -524,7 +524,8 @@ class SequenceModel(HubMixin, nn.Module):
             return mask_padding(h, lengths).sum(1) / lengths.clamp_min(1).unsqueeze(-1).to(h.dtype)
         if lengths is None:
             return h[:, -1]
-        idx = (torch.as_tensor(lengths, device=h.device) - 1).clamp_min(0)
+        # as int64: int8 / int16 indices failed in torch's indexing, and uint8 ones were read as a mask
+        idx = (torch.as_tensor(lengths, device=h.device).long() - 1).clamp_min(0)
         return h[torch.arange(h.shape[0], device=h.device), idx]
 
     # -- streaming ---------------------------------------------------------------------------

@@ -329,3 +329,17 @@ def test_s4_rank_is_checked_before_anything_is_allocated(rank, error):
     message = r"rank=100000000.* parameters, more than" if rank == 10**8 else r"layer_kwargs\['rank'\] must be a positive int"
     with pytest.raises(error, match=message):
         ModelConfig(layer="s4", d_input=3, d_output=2, d_model=8, n_layers=1, layer_kwargs={"d_state": 4, "rank": rank})
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32])
+def test_last_pooling_takes_lengths_of_any_integer_dtype(dtype):
+    # "last" pooling indexed with lengths - 1 as given: int8 / int16 failed in torch's indexing
+    # ("tensors used as indices must be long, int, byte or bool"), uint8 was read as a mask; "mean"
+    # and unpooled models took them (a fuzzing audit)
+    torch.manual_seed(0)
+    model = model_for("s4d", n_layers=1, d_model=8, pooling="last").eval()
+    x = torch.randn(3, 5, 3)
+    want = model(x, torch.tensor([5, 2, 4]))
+    lengths = torch.tensor([5, 2, 4], dtype=dtype)
+    torch.testing.assert_close(model(x, lengths), want, rtol=0, atol=0)
+    torch.testing.assert_close(model.prefill(x, lengths)[0], want, rtol=0, atol=0)
