@@ -1026,3 +1026,17 @@ def test_a_long_inference_call_leaves_the_stored_length(layer):
     assert next(m for m in extended.modules() if isinstance(m, SSKernelNPLR)).length == 1024
     with torch.no_grad():
         torch.testing.assert_close(extended(long_x), y_long, rtol=0, atol=1e-5 * y_long.abs().max().item())
+
+
+def test_state_passing_after_a_diagonal_setup_says_what_default_state_became():
+    # After setup_step("diagonal") default_state gives the step's eigen-coordinates, which state
+    # passing refuses; the refusal told the user to use default_state, the call that made it (a
+    # fuzzing audit). It now says what changed and what to pass.
+    from lrnnx_zoo.plugins.s4 import S4
+    layer = S4(4, d_state=8, transposed=False).double().eval()
+    u = torch.randn(2, 10, 4, dtype=torch.float64)
+    layer.setup_step("diagonal")
+    with pytest.raises(ValueError, match=r"got \(2, 4, 8\); default_state\(\) gives the diagonal step's .* "
+                                         r"pass torch.zeros\(batch, 4, 4, dtype=torch.complex128\)"):
+        layer(u, state=layer.default_state(2))
+    layer(u, state=torch.zeros(2, 4, 4, dtype=torch.complex128))
