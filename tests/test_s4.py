@@ -1040,3 +1040,30 @@ def test_state_passing_after_a_diagonal_setup_says_what_default_state_became():
                                          r"pass torch.zeros\(batch, 4, 4, dtype=torch.complex128\)"):
         layer(u, state=layer.default_state(2))
     layer(u, state=torch.zeros(2, 4, 4, dtype=torch.complex128))
+
+
+def test_auto_step_form_of_a_very_large_zoh_step_is_exact_and_does_not_crash():
+    # zoh at dt ~ 100-300 makes A_bar's entries tiny (1e-149 .. 1e-138). The diagonal form's predicted
+    # error was NaN (poles that round to 0 have no log) and NaN > tol passed it: a float64 Fourier S4
+    # streamed 7.7e10 off its forward; and LAPACK's eig of such a matrix failed to converge or
+    # corrupted the heap, aborting the process (a fuzzing audit). "auto" now takes the dense form
+    # (exact); the eig runs on a power-of-two rescaled copy. Tolerance: float64 step vs forward, 1e-12.
+    import subprocess
+    import sys
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("s4", 2, d_state=8, measure="fourier", discretization="zoh").double().eval()
+    with torch.no_grad():
+        layer.kernel.log_dt.fill_(math.log(128.8))
+        x = torch.randn(1, 40, 2, dtype=torch.float64)
+        want = layer(x)
+        cache = layer.allocate_inference_cache(1)
+        got = torch.stack([layer.step(x[:, t], cache)[0] for t in range(40)], 1)
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+    code = ("import math, torch, lrnnx_zoo\n"
+            "torch.manual_seed(0)\n"
+            "l = lrnnx_zoo.create_layer('s4', 2, d_state=8, measure='legs', discretization='zoh').double().eval()\n"
+            "with torch.no_grad(): l.kernel.log_dt.fill_(math.log(318.9))\n"
+            "for _ in range(5): l.allocate_inference_cache(1)\n"
+            "print('ok')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-500:])

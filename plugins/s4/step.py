@@ -82,7 +82,9 @@ class DiagonalAccuracyError(ValueError):
     def __str__(self) -> str:
         if self.V is None:
             return super().__str__()
-        return (f"the diagonal step mode would be off by ~{self.error:.1e} relative in {self.precision} (tolerance "
+        off = (f"off by ~{self.error:.1e} relative" if math.isfinite(self.error) else
+               "off by an amount it cannot predict (poles that round to zero)")
+        return (f"the diagonal step mode would be {off} in {self.precision} (tolerance "
                 f"{self.tol:.0e}): the "
                 f"eigenvectors of the discretised A are ill-conditioned (cond {float(torch.linalg.cond(self.V).max()):.1e}), "
                 f"as for HiPPO LegS/LegT/LagT matrices beyond N~8, whose modes cancel by many orders of magnitude. "
@@ -114,14 +116,29 @@ def diagonal_form(A_bar: Tensor, b_bar: Tensor, c: Tensor, D: Optional[Tensor] =
         # HiPPO systems (LegS, N=64) fail in every channel: "auto" then spends 1/H of the
         # eigendecompositions (0.3 s per layer at H=128) before it builds the linear form.
         diagonal_form(A_bar[:1], b_bar[:1], c[:, :1], None, tol, check_length, precision)
-    lam, V = torch.linalg.eig(A_bar)                                          # (H, N), (H, N, N)
+    # A channel whose entries are all tiny (zoh at dt ~ 300: 1e-149 .. 1e-138) is scaled by a power of
+    # two first: LAPACK's eig of it corrupted the heap and aborted the process ("double free or
+    # corruption"), or failed to converge. Others are not (a scale changes eig's rounding).
+    top = A_bar.abs().amax((-2, -1), keepdim=True)
+    exponent = torch.frexp(top.clamp_min(1e-300))[1] - 1
+    exponent = torch.where(top < 2.0 ** -64, exponent, torch.zeros_like(exponent))
+    scale = torch.ldexp(torch.ones_like(top), exponent)
+    try:
+        lam, V = torch.linalg.eig(A_bar / scale)                              # (H, N), (H, N, N)
+        lam = lam * scale[..., 0]
+    except RuntimeError as exc:     # LinAlgError: no convergence (a nearly defective A_bar, e.g. zoh at dt ~ 300)
+        if math.isinf(tol):
+            raise
+        raise DiagonalAccuracyError(f"the eigendecomposition of A_bar failed ({exc}); no diagonal form",
+                                    tol=tol, precision=precision) from exc
     b_d = torch.linalg.solve(V, b_bar.to(V.dtype).unsqueeze(-1)).squeeze(-1)   # (H, N)
     c_d = (c.to(V.dtype).unsqueeze(-2) @ V).squeeze(-2)                        # (Ch, H, N)
     form = ChannelDiagonalStepForm(lam, b_d, c_d, None if D is None else D.double())
     if math.isinf(tol):
         return form, float("nan"), V
     err = diagonal_error(A_bar, b_bar, c, lam, b_d, c_d, check_length, precision)
-    if err > tol:
+    if not err <= tol:      # NaN too: poles that round to 0 (zoh, dt ~ 100) have no log, and passed as NaN > tol
+        # was False: a float64 Fourier S4 at dt=200 streamed 7.7e10 off its forward
         raise DiagonalAccuracyError(error=err, tol=tol, V=V, precision=precision)
     return form, err, V
 
