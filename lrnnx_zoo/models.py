@@ -122,6 +122,26 @@ class ModelConfig:
         return {"encoder.weight": (self.d_model, self.d_input), "encoder.bias": (self.d_model,),
                 "decoder.weight": (self.d_output, self.d_model), "decoder.bias": (self.d_output,)}
 
+    def state_names(self) -> Optional[Tuple[List[str], List[str]]]:
+        """The names of the model's state (its state_dict keys), known without building it at its
+        sizes, as (names outside the blocks, names inside each block without its "blocks.i." prefix):
+        a stand-in of one block, d_model and the size arguments clamped small, is built (the names do
+        not follow the sizes). None when the stand-in cannot be built (building the model will say why)."""
+        kw = dict(self.layer_kwargs)
+        for name in SIZE_KWARGS:
+            if isinstance(kw.get(name), int) and not isinstance(kw.get(name), bool):
+                kw[name] = min(kw[name], PROBE_STATES[0])
+        small = dataclasses.replace(self, d_model=min(self.d_model, PROBE_STATES[0]), n_layers=1, layer_kwargs=kw,
+                                    d_input=min(self.d_input, 2), d_output=min(self.d_output, 2))
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                keys = list(SequenceModel(small).state_dict())
+            except (TypeError, ValueError, LookupError, RuntimeError):
+                return None
+        return ([k for k in keys if not k.startswith("blocks.")],
+                [k[len("blocks.0."):] for k in keys if k.startswith("blocks.0.")])
+
     def layer_shapes(self) -> Dict[str, Tuple[int, ...]]:
         """{state name inside a block's layer: shape} of the layers' d_state-sized tensors, known without
         initialising a layer of this d_state (S4's and S4D-LegS's HiPPO initialisation is O(d_state^3):

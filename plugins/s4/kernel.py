@@ -917,6 +917,12 @@ class HippoSSKernel(SSKernelNPLR):
         check_sizes("HippoSSKernel", H=H, N=N, channels=channels)
         rank = hippo.default_rank(measure) if rank is None else rank
         check_sizes(type(self).__name__, rank=rank)     # a float rank failed inside torch.zeros
+        if rank > N:
+            # a low-rank correction P (rank, N/2) of the N/2 complex modes gains nothing past rank N/2 (N
+            # allowed: LegT's rank 2 at N=2), and a config.json's rank=5e6 allocated 2.2 GB before its
+            # weights were compared with it (an audit)
+            raise ValueError(f"{type(self).__name__} needs rank <= d_state = {N} (a low-rank correction of the "
+                             f"N/2 = {N // 2} complex modes), got rank={rank}")
         if L is not None:
             check_sizes("HippoSSKernel", L=L)
         check_state_pairs(type(self).__name__, "d_state" if isinstance(self, S4Kernel) else "N", N)
