@@ -894,7 +894,10 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
     dtype = _weights_dtype(tensors)
     if dtype is not None:
         model = model.to(dtype)
-    model.load_state_dict(tensors, strict=True)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except (ValueError, RuntimeError) as exc:     # a value a layer refuses (S4's stored length of -5)
+        raise CheckpointError(f"{folder / WEIGHTS_NAME} holds weights the model refuses: {exc}") from exc
     model.eval()
     model.checkpoint_info = {**config, "source": source or {"type": "local", "path": str(folder.resolve())},
                              "weights_digest": digest}

@@ -260,3 +260,17 @@ def test_a_large_d_state_that_matches_loads(tmp_path, layer, extra, d_state):
     model = SequenceModel(ModelConfig(layer, 3, 2, d_model=4, n_layers=2, layer_kwargs={"d_state": d_state, **extra}))
     loaded = from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("length", [-5, 10**12])
+def test_an_s4_stored_length_out_of_range_is_a_checkpoint_error(tmp_path, length):
+    # S4's stored length is read from the weights file: -5 and 10**12 loaded, and the first forward
+    # failed in the kernel or in the allocator ("tried to allocate 4000000000000 bytes"; an audit)
+    from safetensors.torch import load_file, save_file
+    folder = _save(tmp_path / "s4", layer="s4", layer_kwargs={"d_state": 4, "l_max": 16})
+    weights = load_file(folder / "model.safetensors")
+    weights["blocks.0.layer.kernel.L"] = torch.tensor(length)
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"holds weights the model refuses: blocks.0.layer.kernel.L \(the "
+                                              rf"kernel's stored length.*must be in \[0, 2147483648\], got {length}"):
+        from_pretrained(folder)

@@ -97,6 +97,9 @@ def _check_length(L: Any, who: str = "SSKernelNPLR") -> None:
         raise ValueError(f"{who} needs L to be an integer >= 0 (the kernel length), got {L!r}")
 
 
+#: Longest stored kernel length a state_dict may give (2**31 steps: no FFT of it fits a machine).
+MAX_LENGTH = 2 ** 31
+
 #: Largest real part allowed for w (the normal part's eigenvalues), keeping the system stable.
 W_REAL_MAX = -1e-4
 
@@ -371,6 +374,13 @@ class SSKernelNPLR(StepModes, SSMKernel):
         return self._length
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        state_dict, prefix = args[0], args[1]
+        L = state_dict.get(prefix + "L")
+        if isinstance(L, Tensor) and L.device.type != "meta" and L.numel() == 1 and not (0 <= int(L) <= MAX_LENGTH):
+            # a weights file's length is read as C~'s: L=-5 or 10**12 loaded, and the first forward
+            # failed in the allocator or in the kernel (an audit of untrusted checkpoints)
+            raise ValueError(f"{prefix}L (the kernel's stored length, which C holds C~ for) must be in "
+                             f"[0, {MAX_LENGTH}], got {int(L)}")
         with self._consistent():                  # C, L and the Python copy change together
             super()._load_from_state_dict(*args, **kwargs)
             self.__dict__.pop("_length_origin", None)  # new weights: no length change to account for
