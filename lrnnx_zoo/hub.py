@@ -193,9 +193,47 @@ def _timeout_filler(seconds: float) -> Callable[[Any], None]:
     return fill
 
 
+#: What a Hub server's commit ids and ETags may hold: huggingface_hub 2.x writes files at cache paths
+#: built from them, so "../../x" placed a server-chosen file outside the cache.
+_SAFE_ID = re.compile(r"[0-9A-Za-z_-]+")
+
+
+def _unsafe_path_values(response: Any) -> List[str]:
+    """The values of a Hub response that huggingface_hub turns into cache paths (commit id and
+    ETag headers; a repo's ``sha`` in an API answer) that are not plain ids: ["name: value", ...]."""
+    bad = []
+    for name in ("x-repo-commit", "etag", "x-linked-etag"):
+        value = response.headers.get(name)
+        if value is not None:
+            plain = value.strip()
+            plain = plain[2:] if plain.startswith("W/") else plain
+            if not _SAFE_ID.fullmatch(plain.strip('"')):
+                bad.append(f"{name}: {value!r}")
+    if "/api/" in str(response.request.url) and "json" in response.headers.get("content-type", ""):
+        response.read()
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        sha = data.get("sha") if isinstance(data, dict) else None
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{40}", sha)):
+            bad.append(f"sha: {sha!r}")
+    return bad
+
+
+def _refuse_unsafe_paths(response: Any) -> None:
+    """A response hook: refuse a Hub answer whose ids would become paths outside the cache."""
+    bad = _unsafe_path_values(response)
+    if bad:
+        raise CheckpointError(f"the Hub at {response.request.url.host} answered ids that are not plain ids "
+                              f"({'; '.join(bad)}); huggingface_hub would write files at paths built from them, "
+                              f"outside its cache. Nothing was loaded; check HF_ENDPOINT (a mirror or proxy)")
+
+
 @contextlib.contextmanager
 def bounded_hub_requests() -> Iterator[float]:
-    """While inside, no huggingface_hub request waits forever.
+    """While inside, no huggingface_hub request waits forever, and no answer's ids become paths
+    outside the cache (:func:`_refuse_unsafe_paths`).
 
     huggingface_hub 2.x sends some requests (``repo_info`` inside ``snapshot_download``, tree
     listings) with ``timeout=None``, so a server that accepts the connection and never answers
@@ -205,14 +243,17 @@ def bounded_hub_requests() -> Iterator[float]:
     from huggingface_hub.utils import get_session
 
     seconds = hub_timeout()
-    hooks = get_session().event_hooks["request"]
+    hooks, answers = get_session().event_hooks["request"], get_session().event_hooks["response"]
     hook = _timeout_filler(seconds)
     hooks.append(hook)
+    answers.append(_refuse_unsafe_paths)
     try:
         yield seconds
     finally:
         if hook in hooks:
             hooks.remove(hook)
+        if _refuse_unsafe_paths in answers:
+            answers.remove(_refuse_unsafe_paths)
 
 
 def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike], local_files_only: bool,

@@ -184,6 +184,36 @@ def test_a_foreign_hub_repo_is_refused_before_its_weights_are_downloaded(local_h
     assert not list((tmp_path / "hf-home" / "hub").rglob("model.safetensors"))
 
 
+@pytest.mark.parametrize("where", ["etag", "sha"])
+def test_ids_that_would_become_paths_outside_the_cache_are_refused(local_hub, tmp_path, monkeypatch, where):
+    # huggingface_hub writes blobs and refs at paths built from the server's ETag and commit id: an
+    # endpoint answering "../../../../ESCAPED" (a mirror, a proxy) had a file of its choosing written
+    # outside the cache, and the model loaded (an audit). Such answers are refused before any write.
+    import hub_server
+    evil = "../../../../ESCAPED"
+    if where == "etag":
+        send = hub_server._Router._send_object
+
+        def evil_send(self, sha256, size, headers):
+            if "config.json" in self.h.path:
+                headers = {**headers, "ETag": f'"{evil}"'}
+                headers.pop("X-Linked-Etag", None)
+            return send(self, sha256, size, headers)
+        monkeypatch.setattr(hub_server._Router, "_send_object", evil_send)
+    else:
+        send_json = hub_server._Handler._send_json
+
+        def evil_json(self, data, *args, **kwargs):
+            if isinstance(data, dict) and "sha" in data and "siblings" in data:
+                data = {**data, "sha": evil}
+            return send_json(self, data, *args, **kwargs)
+        monkeypatch.setattr(hub_server._Handler, "_send_json", evil_json)
+    local_hub.commit("acme/tiny", _files(tiny("s4d").save_pretrained(tmp_path / "m")))
+    with pytest.raises(CheckpointError, match=rf"answered ids that are not plain ids \({where}: .*ESCAPED"):
+        from_pretrained("acme/tiny")
+    assert not [p for p in tmp_path.rglob("ESCAPED*")]
+
+
 def test_hub_config_and_weights_come_from_one_commit(local_hub, tmp_path, monkeypatch):
     # config.json is downloaded before the weights; a push to main in between must not pair the old
     # commit's config with the new commit's weights: the second download is pinned to the first's commit.
