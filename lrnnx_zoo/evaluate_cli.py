@@ -45,11 +45,17 @@ def card_claims(info: Dict[str, Any]) -> Dict[str, Any]:
     from, not resolved again (a Hub branch could have moved on in between)."""
     from pathlib import Path
     from .hub import CARD_NAME
-    from .hub_card import card_metrics
+    from .hub_card import UnreadableCardError, card_metrics
     folder = (info.get("source") or {}).get("path")
     recorded = info.get("metrics") or {}
-    return {} if folder is None else {k: v for k, v in card_metrics(Path(folder) / CARD_NAME).items()
-                                      if recorded.get(k) != v}
+    if folder is None:
+        return {}
+    try:
+        claimed = card_metrics(Path(folder) / CARD_NAME)
+    except UnreadableCardError as exc:        # the weights still evaluate; say what was not compared
+        print(f"lrnnx-zoo evaluate: warning: {exc}; its claims are not compared", file=sys.stderr)
+        return {}
+    return {k: v for k, v in claimed.items() if recorded.get(k) != v}
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -202,5 +202,24 @@ def card_metrics(readme: Path) -> Dict[str, Any]:
 
     if not readme.is_file():
         return {}
-    card = ModelCard.load(readme, ignore_metadata_errors=True)
-    return {r.metric_type: r.metric_value for r in (card.data.eval_results or [])}
+    try:
+        card = ModelCard.load(readme, ignore_metadata_errors=True)
+        return {r.metric_type: r.metric_value for r in (card.data.eval_results or [])}
+    except (ValueError, LookupError, TypeError, AttributeError, RecursionError, yaml_errors()) as exc:
+        # ignore_metadata_errors covers neither YAML syntax, a list as front matter, non-UTF-8 bytes nor
+        # deep nesting: `lrnnx-zoo info` and `evaluate` printed tracebacks for cards from_pretrained loads past
+        raise UnreadableCardError(f"{readme} (the model card) cannot be read: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+class UnreadableCardError(ValueError):
+    """A model card whose metadata cannot be parsed (the checkpoint itself may load fine)."""
+
+
+def yaml_errors() -> type:
+    """PyYAML's base error (huggingface_hub parses cards with it), or a stand-in when it is absent."""
+    try:
+        import yaml
+        return yaml.YAMLError
+    except ImportError:        # pragma: no cover - huggingface_hub depends on it
+        return ValueError

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from .hub import CARD_NAME, CheckpointError, list_models, read_config, resolve_checkpoint, shipped_checkpoints
-from .hub_card import card_metrics, headline_metric, scalar_metrics, task_name
+from .hub_card import UnreadableCardError, card_metrics, headline_metric, scalar_metrics, task_name
 
 
 def check_revision_flag(src: str, revision: Optional[str]) -> None:
@@ -68,12 +68,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"lrnnx-zoo info: {exc}", file=sys.stderr)
         return 2
     config["source"] = source
-    metrics = card_metrics(folder / CARD_NAME)
+    try:
+        metrics, unreadable = card_metrics(folder / CARD_NAME), None
+    except UnreadableCardError as exc:       # the config is still worth showing
+        metrics, unreadable = {}, str(exc)
     if args.json:
-        print(json.dumps({"config": config, "card_metrics": metrics}, indent=2))
+        print(json.dumps({"config": config, "card_metrics": metrics, **({"card_error": unreadable} if unreadable else {})},
+                         indent=2))
         return 0
     print(json.dumps(config, indent=2))
     print(f"\nmetrics in the model card ({CARD_NAME}):")
+    if unreadable:
+        print(f"  none read: {unreadable}")
+        return 0
     for key, value in (metrics or {}).items():
         print(f"  {key}: {value}")
     if not metrics:   # the card indexes metrics (model-index) only with a task and a dataset to index them under

@@ -135,3 +135,20 @@ def test_demo_without_an_optional_package_says_what_to_install_in_one_line(monke
     assert demo.main(["--out", str(tmp_path / "out"), "digits-lru"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "error: digits-lru: the digits data set ships with scikit-learn: pip install" in err
+
+
+@pytest.mark.parametrize("card", ["---\nlicense: [unclosed\n---\n# x\n", "---\n- a\n---\n# x\n",
+                                  b"---\nlicense: \xff\n---\n# x\n", "---\nx: " + "[" * 5000 + "]" * 5000 + "\n---\n"])
+def test_an_unreadable_model_card_is_named_not_a_traceback(card, tmp_path, capsys):
+    # `info` and `evaluate` printed tracebacks (ParserError, RecursionError, UnicodeDecodeError) for cards
+    # of checkpoints from_pretrained loads fine (an audit). info shows the config and names the card;
+    # evaluate measures and warns that the card's claims were not compared.
+    from lrnnx_zoo.evaluate_cli import card_claims
+    folder = tmp_path / "m"
+    lrnnx_zoo.from_pretrained("forecast-sunspots-s4d").save_pretrained(folder)
+    (folder / "README.md").write_bytes(card if isinstance(card, bytes) else card.encode())
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "none read: " in out and "README.md (the model card) cannot be read: " in out, out
+    assert card_claims(lrnnx_zoo.from_pretrained(folder).checkpoint_info) == {}
+    assert "its claims are not compared" in capsys.readouterr().err
