@@ -113,8 +113,10 @@ class ModelConfig:
 
     def sizes(self) -> str:
         """The sizes that set what building costs, for messages: "d_input=1, ..., d_state=64"."""
-        sizes = ", ".join(f"{k}={getattr(self, k)}" for k in ("d_input", "d_output", "d_model", "n_layers"))
-        return sizes + "".join(f", {k}={self.layer_kwargs[k]}" for k in SIZE_KWARGS if self.layer_kwargs.get(k))
+        def short(value: Any) -> str:      # a config.json's 10**400 as 1e+400, not 401 digits
+            return f"1e+{len(str(value)) - 1}" if isinstance(value, int) and abs(value) >= 10 ** 15 else str(value)
+        sizes = ", ".join(f"{k}={short(getattr(self, k))}" for k in ("d_input", "d_output", "d_model", "n_layers"))
+        return sizes + "".join(f", {k}={short(self.layer_kwargs[k])}" for k in SIZE_KWARGS if self.layer_kwargs.get(k))
 
     def backbone_shapes(self) -> Dict[str, Tuple[int, ...]]:
         """{state name: shape} of the encoder and decoder, known without building the model:
@@ -177,7 +179,9 @@ class ModelConfig:
     def _check_budget(self) -> None:
         estimate = self.parameter_estimate()
         if estimate > MAX_PARAMETERS:
-            raise ValueError(f"ModelConfig sizes ({self.sizes()}) describe about {estimate:.2g} parameters, more "
+            # an int past float's range (a config.json's 10**400) cannot be formatted as a float
+            about = f"{estimate:.2g}" if estimate < 1e300 else f"1e+{len(str(estimate)) - 1}"
+            raise ValueError(f"ModelConfig sizes ({self.sizes()}) describe about {about} parameters, more "
                              f"than the {MAX_PARAMETERS:.0e} lrnnx-zoo builds; check these sizes")
 
     def to_dict(self) -> Dict[str, Any]:

@@ -274,3 +274,16 @@ def test_an_s4_stored_length_out_of_range_is_a_checkpoint_error(tmp_path, length
     with pytest.raises(CheckpointError, match=rf"holds weights the model refuses: blocks.0.layer.kernel.L \(the "
                                               rf"kernel's stored length.*must be in \[0, 2147483648\], got {length}"):
         from_pretrained(folder)
+
+
+@pytest.mark.parametrize("field", ["d_model", "n_layers", "d_state"])
+def test_a_size_past_floats_range_is_a_checkpoint_error(tmp_path, field):
+    # JSON integers may have thousands of digits: 10**400 escaped the budget check as a raw
+    # "OverflowError: int too large to convert to float" (an audit); it is refused, shortly written
+    folder = _save(tmp_path / "c")
+    if field == "d_state":
+        _edit_model(folder, layer_kwargs={"d_state": 10**400})
+    else:
+        _edit_model(folder, **{field: 10**400})
+    with pytest.raises(CheckpointError, match=rf"{field}=1e\+400\b.* describe about 1e\+\d+ parameters"):
+        from_pretrained(folder)
