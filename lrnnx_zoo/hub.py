@@ -330,9 +330,23 @@ def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: O
                               f"connection / HF_ENDPOINT") from exc
     except OSError as exc:          # the cache cannot be written: a file in its place, no permission
         cache = cache_dir or constants.HF_HUB_CACHE
+        if _cache_writable(Path(cache)) and not isinstance(exc, (PermissionError, FileExistsError, NotADirectoryError)):
+            # the cache is fine: the download itself failed (a size the server announced and did not
+            # send was blamed on the cache, advising another one)
+            raise CheckpointError(f"could not download {repo_id!r}: {exc}; nothing was loaded. Try again, or check "
+                                  f"HF_ENDPOINT (a mirror or proxy)") from exc
         fix = "set HF_HUB_CACHE to a writable folder" if in_command_line() else ("pass cache_dir= a writable "
                                                                                   "folder, or set HF_HUB_CACHE")
         raise CheckpointError(f"cannot use the Hub cache at {cache} to download {repo_id!r} ({exc}); {fix}") from exc
+
+
+def _cache_writable(cache: Path) -> bool:
+    """Whether files can be made in ``cache`` (or, not made yet, in its nearest existing parent)."""
+    while not cache.exists() and cache.parent != cache:
+        if cache.is_symlink() or cache.parent.is_file():
+            return False
+        cache = cache.parent
+    return cache.is_dir() and os.access(cache, os.W_OK | os.X_OK)
 
 
 def _check_snapshot(folder: Path, needed: List[str], repo_id: str, revision: Optional[str], local_files_only: bool,

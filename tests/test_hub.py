@@ -214,6 +214,24 @@ def test_ids_that_would_become_paths_outside_the_cache_are_refused(local_hub, tm
     assert not [p for p in tmp_path.rglob("ESCAPED*")]
 
 
+def test_a_download_that_fails_its_size_check_is_not_blamed_on_the_cache(local_hub, tmp_path, monkeypatch):
+    # huggingface_hub's consistency check raises an OSError, which was reported as "cannot use the Hub
+    # cache at ...; pass cache_dir= a writable folder", the cache being fine (an audit)
+    import hub_server
+    send = hub_server._Router._send_object
+
+    def short_size(self, sha256, size, headers):
+        if "model.safetensors" in self.h.path:
+            headers = {**headers, "X-Linked-Size": str(size // 2)}
+        return send(self, sha256, size, headers)
+    monkeypatch.setattr(hub_server._Router, "_send_object", short_size)
+    local_hub.commit("acme/tiny", _files(tiny("s4d").save_pretrained(tmp_path / "m")))
+    with pytest.raises(CheckpointError, match=r"could not download 'acme/tiny': .*Consistency check failed.*nothing "
+                                              r"was loaded") as refused:
+        from_pretrained("acme/tiny")
+    assert "cannot use the Hub cache" not in str(refused.value)
+
+
 def test_hub_config_and_weights_come_from_one_commit(local_hub, tmp_path, monkeypatch):
     # config.json is downloaded before the weights; a push to main in between must not pair the old
     # commit's config with the new commit's weights: the second download is pinned to the first's commit.
