@@ -333,7 +333,8 @@ def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: O
         if _cache_writable(Path(cache)) and not isinstance(exc, (PermissionError, FileExistsError, NotADirectoryError)):
             # the cache is fine: the download itself failed (a size the server announced and did not
             # send was blamed on the cache, advising another one)
-            raise CheckpointError(f"could not download {repo_id!r}: {exc}; nothing was loaded. Try again, or check "
+            said = " ".join(str(exc).split())     # huggingface_hub's message spans lines
+            raise CheckpointError(f"could not download {repo_id!r}: {said}; nothing was loaded. Try again, or check "
                                   f"HF_ENDPOINT (a mirror or proxy)") from exc
         fix = "set HF_HUB_CACHE to a writable folder" if in_command_line() else ("pass cache_dir= a writable "
                                                                                   "folder, or set HF_HUB_CACHE")
