@@ -31,7 +31,7 @@ import sys
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import __version__
 from .registry import (DISABLE_AUTOLOAD_ENV, PluginVersionWarning, autoload_note, extra_plugin_changes, get_registry,
@@ -781,13 +781,22 @@ def _check_dtypes(expected: Dict[str, Any], found: Dict[str, Any], path: Path) -
                               "re-save the model with model.save_pretrained(DIR)")
 
 
-def _check_no_nan(found: Dict[str, Any], path: Path) -> None:
+def _check_no_nan(found: Dict[str, Any], path: Path, parameters: Iterable[str] = ()) -> None:
     """Refuse NaN weights (a diverged run, or a file damaged in a way its format cannot see): the model
-    would load and then answer NaN to everything. Infinities pass: a layer may keep a -inf mask."""
-    bad = [k for k in sorted(found) if found[k].is_floating_point() and bool(found[k].isnan().any())]
+    would load and then answer NaN to everything. Infinities too in ``parameters`` (the model's
+    parameter names: an infinite weight answered NaN as well); buffers may keep a -inf mask. And a
+    negative BatchNorm running variance (NaN outputs from its square root)."""
+    params = set(parameters)
+    bad = [k for k in sorted(found) if found[k].is_floating_point()
+           and bool((~found[k].isfinite() if k in params else found[k].isnan()).any())]
     if bad:
-        raise CheckpointError(f"{path} holds NaN weights in {', '.join(bad)}; the run that saved them diverged or "
-                              "the file is damaged. Re-save the model from a good state with model.save_pretrained(DIR)")
+        raise CheckpointError(f"{path} holds NaN{' or infinite' if params & set(bad) else ''} weights in "
+                              f"{_few(bad, ', ')}; the run that saved them diverged or the file is damaged. "
+                              "Re-save the model from a good state with model.save_pretrained(DIR)")
+    negative = [k for k in sorted(found) if k.endswith("running_var") and bool((found[k] < 0).any())]
+    if negative:
+        raise CheckpointError(f"{path} holds negative running variances in {_few(negative, ', ')} (batch norm "
+                              "would answer NaN); the file is damaged. Re-save the model with model.save_pretrained(DIR)")
 
 
 def _weights_dtype(tensors: Dict[str, Any]) -> Optional[Any]:
@@ -937,7 +946,7 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
     _check_state(state, shapes, folder / WEIGHTS_NAME)
     tensors = _read_weights(folder / WEIGHTS_NAME)
     _check_dtypes(state, tensors, folder / WEIGHTS_NAME)
-    _check_no_nan(tensors, folder / WEIGHTS_NAME)
+    _check_no_nan(tensors, folder / WEIGHTS_NAME, dict(model.named_parameters()))
     # One hash of the weights for both digests: a freshly, strictly loaded model's state is the file's
     # (the digest form hashes a float16 file like its float32 upcast), with no digest substitutes yet.
     digest, recorded = state_digest(tensors), config.get(STATE_DIGEST_KEY)

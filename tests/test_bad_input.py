@@ -265,7 +265,7 @@ def test_weights_path_that_is_a_folder_is_named(tmp_path):
         lrnnx_zoo.from_pretrained(tmp_path / "ckpt")
 
 
-def test_nan_weights_are_refused_and_infinities_kept(tmp_path):
+def test_nan_and_infinite_weights_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
     small_model().save_pretrained(tmp_path / "ckpt")
     path = tmp_path / "ckpt" / "model.safetensors"
@@ -273,10 +273,21 @@ def test_nan_weights_are_refused_and_infinities_kept(tmp_path):
     good = {k: v.clone() for k, v in load_file(str(path)).items()}
     bad = dict(good, **{"encoder.weight": good["encoder.weight"].clone().fill_(float("nan"))})
     save_file(bad, str(path))
-    with pytest.raises(lrnnx_zoo.CheckpointError, match=r"holds NaN weights in encoder.weight"):
+    with pytest.raises(lrnnx_zoo.CheckpointError, match=r"holds NaN or infinite weights in encoder.weight"):
         lrnnx_zoo.from_pretrained(tmp_path / "ckpt")
+    # An infinite parameter loaded, and the model answered NaN to everything (an audit); buffers may
+    # still hold infinities (a plugin's -inf mask), and a negative running variance is refused too
     save_file(dict(good, **{"encoder.bias": torch.full_like(good["encoder.bias"], -float("inf"))}), str(path))
-    assert torch.isinf(lrnnx_zoo.from_pretrained(tmp_path / "ckpt").encoder.bias).all()   # loads as saved
+    with pytest.raises(lrnnx_zoo.CheckpointError, match=r"holds NaN or infinite weights in encoder.bias"):
+        lrnnx_zoo.from_pretrained(tmp_path / "ckpt")
+    torch.manual_seed(0)
+    lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=3, d_output=2, d_model=8, n_layers=1, norm="batch",
+                                                  layer_kwargs={"d_state": 4})).save_pretrained(tmp_path / "bn")
+    path = tmp_path / "bn" / "model.safetensors"
+    good = {k: v.clone() for k, v in load_file(str(path)).items()}
+    save_file(dict(good, **{"norm.running_var": -good["norm.running_var"]}), str(path))
+    with pytest.raises(lrnnx_zoo.CheckpointError, match=r"holds negative running variances in norm.running_var"):
+        lrnnx_zoo.from_pretrained(tmp_path / "bn")
 
 
 def test_config_family_that_contradicts_the_layer_is_refused(tmp_path):
