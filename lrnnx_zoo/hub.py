@@ -100,6 +100,10 @@ def resolve_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, c
                         f"({type(revision).__name__})")
     if revision is not None and not revision.strip():
         raise CheckpointError(f"revision={revision!r} is empty; pass a branch, tag or commit id, or None for main")
+    if revision is not None and any(part in (".", "..") for part in revision.split("/")):
+        # a URL path drops dot segments: ".." loaded main and recorded revision '..' (an audit)
+        raise CheckpointError(f"revision={revision!r} has a '.' or '..' segment, which no branch, tag or commit "
+                              f"id has; pass one, or None for main")
     if not str(text).strip():       # Path("") is the working directory: never what an empty name meant
         raise CheckpointError("from_pretrained got an empty name; pass a shipped name (lrnnx-zoo models), "
                               "a checkpoint folder or a Hub repo id")

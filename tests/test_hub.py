@@ -232,6 +232,14 @@ def test_a_download_that_fails_its_size_check_is_not_blamed_on_the_cache(local_h
     assert "cannot use the Hub cache" not in str(refused.value)
 
 
+@pytest.mark.parametrize("revision", ["..", ".", "main/..", "./main"])
+def test_a_revision_with_dot_segments_is_refused(local_hub, tmp_path, revision):
+    # ".." went into the URL, which dropped it: main was loaded and recorded as revision '..' (an audit)
+    local_hub.commit("acme/tiny", _files(tiny("s4d").save_pretrained(tmp_path / "m")))
+    with pytest.raises(CheckpointError, match=r"has a '.' or '..' segment"):
+        from_pretrained("acme/tiny", revision=revision)
+
+
 def test_hub_config_and_weights_come_from_one_commit(local_hub, tmp_path, monkeypatch):
     # config.json is downloaded before the weights; a push to main in between must not pair the old
     # commit's config with the new commit's weights: the second download is pinned to the first's commit.
