@@ -236,8 +236,10 @@ def _refuse_unsafe_paths(response: Any) -> None:
 
 @contextlib.contextmanager
 def bounded_hub_requests() -> Iterator[float]:
-    """While inside, no huggingface_hub request waits forever, and no answer's ids become paths
-    outside the cache (:func:`_refuse_unsafe_paths`).
+    """While inside, no huggingface_hub request waits forever for a silent server (each wait for a
+    connection or the next bytes is bounded; a server that trickles bytes is not cut off, the
+    timeouts being httpx's per-phase ones), and no answer's ids become paths outside the cache
+    (:func:`_refuse_unsafe_paths`).
 
     huggingface_hub 2.x sends some requests (``repo_info`` inside ``snapshot_download``, tree
     listings) with ``timeout=None``, so a server that accepts the connection and never answers
@@ -324,7 +326,7 @@ def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: O
                                   f"({_known(repo_id, shipped)}), and {_refusal(exc.__cause__, repo_id)}") from exc
         raise CheckpointError(f"{repo_id!r} is not a local folder or a shipped model ({_known(repo_id, shipped)}), "
                               f"and the Hub at {constants.ENDPOINT} could not be reached ({exc.__cause__ or exc}; "
-                              f"each request waits at most {hub_timeout():g} s, set by HF_HUB_ETAG_TIMEOUT); "
+                              f"each wait for a connection or an answer is at most {hub_timeout():g} s, set by HF_HUB_ETAG_TIMEOUT); "
                               "check the name, or your connection / HF_ENDPOINT") from exc
     except HfHubHTTPError as exc:   # huggingface_hub re-raises a 401 as it came
         raise CheckpointError(f"could not download {repo_id!r}: {_refusal(exc, repo_id)}") from exc
