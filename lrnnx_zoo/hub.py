@@ -270,19 +270,67 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
     The weights (unless ``need_weights`` is False) and the card then come from the commit the first
     download resolved, so a push in between cannot pair one commit's config with another's weights."""
     from huggingface_hub import constants
+    online = not (local_files_only or constants.HF_HUB_OFFLINE)
+    # The files' sizes first: a 400 MB config.json or card, or weights far larger than the config's
+    # model, were downloaded in full and only then refused (or kept: a card is not read to load)
+    sizes = _repo_file_sizes(repo_id, revision, token) if online else {}
+    _check_size(repo_id, CONFIG_NAME, sizes, MAX_CONFIG_BYTES, "a config")
     folder = _fetch(repo_id, revision, [CONFIG_NAME], cache_dir, local_files_only, token, shipped)
     commit = folder.name if len(folder.name) == 40 else None
     _check_snapshot(folder, [CONFIG_NAME], repo_id, commit or revision, local_files_only, token)
-    read_config(folder, need_weights=False)
-    if not (local_files_only or constants.HF_HUB_OFFLINE):
+    config = read_config(folder, need_weights=False)
+    if online:
         # offline, that snapshot folder is all the cache has of this commit: nothing more to fetch
-        rest = [WEIGHTS_NAME, CARD_NAME] if need_weights else [CARD_NAME]
+        card = [CARD_NAME] if sizes.get(CARD_NAME, 0) <= MAX_CARD_BYTES else []
+        if need_weights:
+            _check_size(repo_id, WEIGHTS_NAME, sizes, _weights_bound(config), "the weights of its config's model")
+        else:       # `lrnnx-zoo info` reads the card: say why it is not fetched
+            _check_size(repo_id, CARD_NAME, sizes, MAX_CARD_BYTES, "a model card")
+        rest = [WEIGHTS_NAME] + card if need_weights else card
         folder = _fetch(repo_id, commit or revision, rest, cache_dir, local_files_only, token, shipped)
     if need_weights:
         _check_snapshot(folder, [CONFIG_NAME, WEIGHTS_NAME], repo_id, commit or revision, local_files_only, token)
     source = {"type": "hub", "repo_id": repo_id, "revision": revision or "main", "commit": commit,
               "path": str(folder)}
     return folder, source
+
+
+#: A model card larger than this is not downloaded (lrnnx-zoo's are a few kB).
+MAX_CARD_BYTES = 16 << 20
+#: Room for a weights file's header beyond its tensors (names, shapes, metadata).
+WEIGHTS_HEADER_BYTES = 100 << 20
+
+
+def _repo_file_sizes(repo_id: str, revision: Optional[str], token: Optional[Union[str, bool]]) -> Dict[str, int]:
+    """{file name: bytes} of a Hub repo at ``revision``, from one metadata request ({} when the server
+    gives no sizes or the request fails: the download that follows says what is wrong)."""
+    from huggingface_hub import HfApi
+    try:
+        with bounded_hub_requests():
+            info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, token=token)
+    except CheckpointError:         # an answer that would write outside the cache
+        raise
+    except Exception:               # noqa: BLE001 - only a pre-check: snapshot_download reports the failure
+        return {}
+    return {f.rfilename: int(f.size) for f in (info.siblings or []) if isinstance(getattr(f, "size", None), int)}
+
+
+def _weights_bound(config: Dict[str, Any]) -> Optional[int]:
+    """The most bytes a weights file of ``config``'s model may hold (float64 values of its upper parameter
+    estimate, and a header), or None when the config cannot say (loading will report why)."""
+    from .models import ModelConfig
+    try:
+        return 8 * ModelConfig.from_dict(config["model"]).parameter_estimate() + WEIGHTS_HEADER_BYTES
+    except (TypeError, ValueError, LookupError, OverflowError):
+        return None
+
+
+def _check_size(repo_id: str, name: str, sizes: Dict[str, int], limit: Optional[int], what: str) -> None:
+    """Refuse to download ``name`` from ``repo_id`` when the Hub says it is larger than ``limit`` bytes."""
+    size = sizes.get(name)
+    if size is not None and limit is not None and size > limit:
+        raise CheckpointError(f"Hub repo {repo_id!r}: {name} is {size / 1e6:.3g} MB, more than {what} holds "
+                              f"({limit / 1e6:.3g} MB at most); it was not downloaded")
 
 
 def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: Optional[PathLike],

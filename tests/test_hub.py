@@ -240,6 +240,31 @@ def test_a_revision_with_dot_segments_is_refused(local_hub, tmp_path, revision):
         from_pretrained("acme/tiny", revision=revision)
 
 
+def test_oversized_hub_files_are_refused_before_they_are_downloaded(local_hub, tmp_path, monkeypatch):
+    # A 400 MB config.json or card, or a 400 MB model.safetensors beside a config of a 5 kB model,
+    # was downloaded in full and only then refused (an audit). The repo's file sizes come first; the
+    # limits are shrunk here to the test's small files.
+    files = _files(tiny("s4d").save_pretrained(tmp_path / "m"))
+    local_hub.commit("acme/tiny", files)
+    monkeypatch.setattr(hub, "MAX_CONFIG_BYTES", len(files["config.json"]) - 1)
+    with pytest.raises(CheckpointError, match=r"'acme/tiny': config.json is .* MB, more than a config holds "
+                                              r".*it was not downloaded"):
+        from_pretrained("acme/tiny")
+    assert not [r for r in local_hub.requests if r.path.endswith("/config.json")]
+    monkeypatch.setattr(hub, "MAX_CONFIG_BYTES", 16 << 20)     # (undo() would undo local_hub's settings too)
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    weights["junk"] = torch.zeros(1 << 18)          # 1 MB the config's model does not have
+    local_hub.commit("acme/padded", {**files, "model.safetensors": save(weights)})
+    monkeypatch.setattr(hub, "WEIGHTS_HEADER_BYTES", 0)
+    with pytest.raises(CheckpointError, match=r"model.safetensors is 1.0\d* MB, more than the weights of its "
+                                              r"config's model holds"):
+        from_pretrained("acme/padded")
+    assert _weights_requests(local_hub, "acme/padded") == []
+    monkeypatch.setattr(hub, "WEIGHTS_HEADER_BYTES", 100 << 20)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['junk'\]"):   # within the bound: as before
+        from_pretrained("acme/padded")
+
+
 def test_hub_config_and_weights_come_from_one_commit(local_hub, tmp_path, monkeypatch):
     # config.json is downloaded before the weights; a push to main in between must not pair the old
     # commit's config with the new commit's weights: the second download is pinned to the first's commit.
