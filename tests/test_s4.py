@@ -1072,6 +1072,7 @@ def test_auto_step_form_of_a_very_large_zoh_step_is_exact_and_does_not_crash():
 def test_a_rank_beyond_d_state_is_refused_before_anything_is_allocated():
     # P (rank, H, N/2) gains nothing past rank N/2; a config.json's rank=5e6 beside a 5 kB weights file
     # allocated 2.2 GB before its shapes were compared (an audit)
-    with pytest.raises(ValueError, match=r"needs rank <= d_state = 4 .*got rank=5000000"):
+    with pytest.raises(ValueError, match=r"needs rank <= max\(d_state, 8\) = 8 .*got rank=5000000"):
         lrnnx_zoo.create_layer("s4", 8, d_state=4, rank=5_000_000)
     assert lrnnx_zoo.create_layer("s4", 8, d_state=2, measure="legt").kernel.rank == 2    # LegT's rank 2 at N=2
+    assert lrnnx_zoo.create_layer("s4", 8, d_state=2, rank=3).kernel.rank == 3

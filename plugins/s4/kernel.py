@@ -97,6 +97,9 @@ def _check_length(L: Any, who: str = "SSKernelNPLR") -> None:
         raise ValueError(f"{who} needs L to be an integer >= 0 (the kernel length), got {L!r}")
 
 
+#: A rank allowed at any d_state (beyond it, rank <= d_state: P adds nothing past rank d_state / 2).
+MAX_SMALL_RANK = 8
+
 #: Longest stored kernel length a state_dict may give (2**31 steps: no FFT of it fits a machine).
 MAX_LENGTH = 2 ** 31
 
@@ -927,12 +930,13 @@ class HippoSSKernel(SSKernelNPLR):
         check_sizes("HippoSSKernel", H=H, N=N, channels=channels)
         rank = hippo.default_rank(measure) if rank is None else rank
         check_sizes(type(self).__name__, rank=rank)     # a float rank failed inside torch.zeros
-        if rank > N:
-            # a low-rank correction P (rank, N/2) of the N/2 complex modes gains nothing past rank N/2 (N
-            # allowed: LegT's rank 2 at N=2), and a config.json's rank=5e6 allocated 2.2 GB before its
-            # weights were compared with it (an audit)
-            raise ValueError(f"{type(self).__name__} needs rank <= d_state = {N} (a low-rank correction of the "
-                             f"N/2 = {N // 2} complex modes), got rank={rank}")
+        if rank > max(N, MAX_SMALL_RANK):
+            # a low-rank correction P (rank, N/2) of the N/2 complex modes gains nothing past rank N/2
+            # (small ranks allowed whatever N: LegT's 2 at N=2, a test matrix's 3), and a config.json's
+            # rank=5e6 allocated 2.2 GB before its weights were compared with it (an audit)
+            raise ValueError(f"{type(self).__name__} needs rank <= max(d_state, {MAX_SMALL_RANK}) = "
+                             f"{max(N, MAX_SMALL_RANK)} (a low-rank correction of the N/2 = {N // 2} complex "
+                             f"modes), got rank={rank}")
         if L is not None:
             check_sizes("HippoSSKernel", L=L)
         check_state_pairs(type(self).__name__, "d_state" if isinstance(self, S4Kernel) else "N", N)
