@@ -132,6 +132,9 @@ def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, An
     write_safetensors(tensors, folder / WEIGHTS_NAME,
                       {"format": "pt", "library": LIBRARY, "family": config["family"]})
     card = build_card(config, name, sum(p.numel() for p in model.parameters()), load_as, revision)
+    # A lone surrogate ("\ud800", valid in JSON, in a loaded config's notes) is no UTF-8: written as
+    # its escape, as config.json writes it, where saving failed with a bare UnicodeEncodeError
+    card.content = card.content.encode("utf-8", "backslashreplace").decode("utf-8")
     card.save(folder / CARD_NAME)
 
 

@@ -287,3 +287,15 @@ def test_a_size_past_floats_range_is_a_checkpoint_error(tmp_path, field):
         _edit_model(folder, **{field: 10**400})
     with pytest.raises(CheckpointError, match=rf"{field}=1e\+400\b.* describe about 1e\+\d+ parameters"):
         from_pretrained(folder)
+
+
+def test_a_loaded_lone_surrogate_is_saved_again(tmp_path):
+    # JSON may hold "\ud800", which is no UTF-8: such a config's notes loaded, and saving the model
+    # failed with a bare UnicodeEncodeError (an audit). The card writes it escaped, as config.json does.
+    folder = _save(tmp_path / "c")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "notes": "trained \ud800"}))
+    model = from_pretrained(folder)
+    model.save_pretrained(tmp_path / "again")
+    assert "\\ud800" in (tmp_path / "again" / "README.md").read_text(encoding="utf-8")
+    assert from_pretrained(tmp_path / "again").checkpoint_info["notes"] == "trained \ud800"
