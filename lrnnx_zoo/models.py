@@ -126,21 +126,28 @@ class ModelConfig:
 
     def state_names(self) -> Optional[Tuple[List[str], List[str]]]:
         """The names of the model's state (its state_dict keys), known without building it at its
-        sizes, as (names outside the blocks, names inside each block without its "blocks.i." prefix):
-        a stand-in of one block, d_model and the size arguments clamped small, is built (the names do
-        not follow the sizes). None when the stand-in cannot be built (building the model will say why)."""
-        kw = dict(self.layer_kwargs)
-        for name in SIZE_KWARGS:
-            if isinstance(kw.get(name), int) and not isinstance(kw.get(name), bool):
-                kw[name] = min(kw[name], PROBE_STATES[0])
-        small = dataclasses.replace(self, d_model=min(self.d_model, PROBE_STATES[0]), n_layers=1, layer_kwargs=kw,
-                                    d_input=min(self.d_input, 2), d_output=min(self.d_output, 2))
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                keys = list(SequenceModel(small).state_dict())
-            except (TypeError, ValueError, LookupError, RuntimeError):
-                return None
+        sizes, as (names outside the blocks, names inside each block without its "blocks.i." prefix),
+        from stand-ins of one block at two small sizes (d_model 4 and 6, d_state likewise, the other
+        size arguments clamped to PROBE_STATES[0]). None when they disagree (a layer whose names follow
+        its sizes, a plugin's perhaps: nothing can be said without building it) or cannot be built
+        (building the model will say why)."""
+        found = []
+        for size in (4, 6):
+            kw = dict(self.layer_kwargs)
+            for name in SIZE_KWARGS:
+                if isinstance(kw.get(name), int) and not isinstance(kw.get(name), bool):
+                    kw[name] = size if name == "d_state" else min(kw[name], PROBE_STATES[0])
+            small = dataclasses.replace(self, d_model=size, n_layers=1, layer_kwargs=kw,
+                                        d_input=min(self.d_input, 2), d_output=min(self.d_output, 2))
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    found.append(list(SequenceModel(small).state_dict()))
+                except (TypeError, ValueError, LookupError, RuntimeError):
+                    return None
+        if found[0] != found[1]:
+            return None
+        keys = found[0]
         return ([k for k in keys if not k.startswith("blocks.")],
                 [k[len("blocks.0."):] for k in keys if k.startswith("blocks.0.")])
 

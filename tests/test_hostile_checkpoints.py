@@ -299,3 +299,34 @@ def test_a_loaded_lone_surrogate_is_saved_again(tmp_path):
     model.save_pretrained(tmp_path / "again")
     assert "\\ud800" in (tmp_path / "again" / "README.md").read_text(encoding="utf-8")
     assert from_pretrained(tmp_path / "again").checkpoint_info["notes"] == "trained \ud800"
+
+
+def test_a_plugin_layer_whose_names_follow_its_sizes_still_loads(tmp_path):
+    # The name check before building (test_a_weights_file_without_the_configs_tensors_...) builds small
+    # stand-ins; a layer whose state names follow d_model (one module per channel) would look as if
+    # names were missing. Stand-ins of two sizes disagree for it, and the check stands aside.
+    import types
+    import lrnnx_zoo
+    from lrnnx_zoo.base import LTI_LRNN
+
+    class PerChannel(LTI_LRNN):
+        def __init__(self, d_model, d_state=1):
+            super().__init__(None)
+            self.d_model = d_model
+            self.gains = torch.nn.ModuleList(torch.nn.Linear(1, 1, bias=False) for _ in range(d_model))
+
+        def forward(self, x, integration_timesteps=None, lengths=None):
+            return torch.cat([g(x[..., i:i + 1]) for i, g in enumerate(self.gains)], -1)
+
+    plugin = types.ModuleType("per_channel_names_plugin")
+    plugin.lrnnx_zoo_register_layers = lrnnx_zoo.hookimpl(lambda registry: registry.add_layer("per_channel_names",
+                                                                                                PerChannel))
+    lrnnx_zoo.register_plugin(plugin, "per-channel-names")
+    try:
+        model = SequenceModel(ModelConfig(layer="per_channel_names", d_input=2, d_output=2, d_model=10, n_layers=2,
+                                          layer_kwargs={"d_state": 1}))
+        model.save_pretrained(tmp_path / "m")
+        loaded = from_pretrained(tmp_path / "m")
+        assert loaded.state_dict().keys() == model.state_dict().keys()
+    finally:
+        lrnnx_zoo.unregister_plugin("per-channel-names")
