@@ -56,7 +56,7 @@ def load_torchscript(path: Union[str, Path]) -> torch.jit.ScriptModule:
 
 def load_torch_export(path: Union[str, Path]) -> torch.nn.Module:
     """Load a .pt2 step program as a callable module (x_t, state) -> (y_t, state') that checks its
-    inputs (:class:`CheckedProgram`).
+    inputs (:class:`CheckedStep`).
 
     torch.export.load unpickles the program's weights (falling back to weights_only=False), so a
     crafted .pt2 can run code: load only files you made or trust; :func:`read_metadata` reads a
@@ -64,7 +64,7 @@ def load_torch_export(path: Union[str, Path]) -> torch.nn.Module:
     is refused before anything in it is unpickled)."""
     meta = read_metadata(path)
     sizes = {k: int(meta.get(META_PREFIX + k, 0)) for k in ("state_size", "d_input", "chunk")}
-    return CheckedProgram(torch.export.load(str(path)).module(), **sizes)
+    return CheckedStep(torch.export.load(str(path)).module(), **sizes)
 
 
 def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
@@ -122,8 +122,8 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
         with _temp(path) as tmp:
             with _quiet(record), torch.no_grad():
                 traced = torch.jit.trace(step, sample_inputs(step, TRACE_BATCH), check_trace=False)
-                traced = torch.jit.script(_CheckedStep(traced, step.state_size, step.d_input,
-                                                       getattr(step, "chunk", None) or 0))
+                traced = torch.jit.script(CheckedStep(traced, step.state_size, step.d_input,
+                                                      getattr(step, "chunk", None) or 0))
                 torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
                 return _finish(step, model, tmp, path, "torchscript", load_torchscript, metadata, validate,
                                x, tolerance, record)
@@ -157,42 +157,34 @@ def step_input_problem(x: Tensor, state: Tensor, d_input: int, state_size: int, 
     return ""
 
 
-class _CheckedStep(torch.nn.Module):
-    """The traced step behind the input checks a trace cannot hold (it records the shapes it saw as
-    constants): a state 85 wide into an 82-wide graph was sliced and stepped, silently, where the
-    .pt2, ONNX Runtime and the eager StepModule refuse it. Scripted, so the checks run in libtorch too;
-    from Python a refusal arrives as ``torch.jit.Error`` (a RuntimeError) naming the expected shape."""
+class CheckedStep(torch.nn.Module):
+    """A step (or chunk) graph behind :func:`step_input_problem`'s checks, called as ``(x, state)``
+    (by name too). Scripted around a traced .ts (a trace records the shapes it saw as constants: a
+    state 85 wide into an 82-wide graph was sliced and stepped, silently), so the checks run in
+    libtorch too and a refusal arrives in Python as ``torch.jit.Error`` (a RuntimeError); around a
+    loaded .pt2 program, which alone guards only the sizes it was exported with (an x of another
+    rank failed with "tuple index out of range", a float64 one in its first matmul, and ``x=``,
+    ``state=`` were refused as a keyword mismatch).
 
-    def __init__(self, inner: torch.nn.Module, state_size: int, d_input: int, chunk: int) -> None:
+    inner: the traced step, or ``torch.export.load(path).module()``; chunk 0 for a step graph."""
+
+    def __init__(self, inner: torch.nn.Module, state_size: int, d_input: int, chunk: int = 0) -> None:
         super().__init__()
         self.inner, self.state_size, self.d_input, self.chunk = inner, state_size, d_input, chunk
 
     def forward(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        if not torch.jit.is_scripting():        # in Python anything may come; a script's inputs are typed
+            _check_tensors(x, state)
         problem = step_input_problem(x, state, self.d_input, self.state_size, self.chunk)
         if problem != "":
             raise ValueError(problem)
         return self.inner(x, state)
 
 
-class CheckedProgram(torch.nn.Module):
-    """A loaded .pt2 step program behind :func:`step_input_problem`'s checks, called as
-    ``(x, state)`` positionally or by name. The program alone guards only the sizes it was
-    exported with: an x of another rank failed with "tuple index out of range", a float64 one in
-    its first matmul, and ``x=``, ``state=`` were refused as a keyword mismatch.
-
-    program: the ``torch.export.load(path).module()`` it calls (chunk 0 for a step graph)."""
-
-    def __init__(self, program: torch.nn.Module, state_size: int, d_input: int, chunk: int = 0) -> None:
-        super().__init__()
-        self.program, self.state_size, self.d_input, self.chunk = program, state_size, d_input, chunk
-
-    def forward(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
-        if not isinstance(x, Tensor) or not isinstance(state, Tensor):
-            raise TypeError(f"x and state must be torch tensors, got {type(x).__name__} and {type(state).__name__}")
-        problem = step_input_problem(x, state, self.d_input, self.state_size, self.chunk)
-        if problem:
-            raise ValueError(problem)
-        return self.program(x, state)
+@torch.jit.unused
+def _check_tensors(x: Any, state: Any) -> None:
+    if not isinstance(x, Tensor) or not isinstance(state, Tensor):
+        raise TypeError(f"x and state must be torch tensors, got {type(x).__name__} and {type(state).__name__}")
 
 
 def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: Optional[int] = None,

@@ -212,9 +212,7 @@ class DiagonalChunkForm(StepForm):
             im = wide.lam_im[1] + (0 if wide.lam_im_lo is None else wide.lam_im_lo[1])
             lam, Q, R, S = torch.complex(re, im), wide.B_pair, wide.C_pair, wide.D
         self.T, self.M, self.reads_previous = T, M, bool(form.fused)
-        # widths as the form declares them: optional for a plugin's own form (README, "Writing a plugin")
-        self.state_size = int(form.state_size)
-        self.d_input, self.d_output = getattr(form, "d_input", None), getattr(form, "d_output", None)
+        self.state_size, self.d_input, self.d_output = int(form.state_size), form.d_input, form.d_output
         lam = lam.to(torch.complex128)
         # lam^0 .. lam^T by products (a pole of 0 has no logarithm), T roundings of float64
         pw = torch.cat([torch.ones_like(lam).unsqueeze(1), torch.cumprod(lam.unsqueeze(1).expand(M, T), 1)], 1)

@@ -200,6 +200,7 @@ def _timeout_filler(seconds: float) -> Callable[[Any], None]:
 #: What a Hub server's commit ids and ETags may hold: huggingface_hub 2.x writes files at cache paths
 #: built from them, so "../../x" placed a server-chosen file outside the cache.
 _SAFE_ID = re.compile(r"[0-9A-Za-z_-]+")
+_COMMIT_ID = re.compile(r"[0-9a-f]{40}")
 
 
 def _unsafe_path_values(response: Any) -> List[str]:
@@ -220,7 +221,7 @@ def _unsafe_path_values(response: Any) -> List[str]:
         except ValueError:
             data = None
         sha = data.get("sha") if isinstance(data, dict) else None
-        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{40}", sha)):
+        if sha is not None and not (isinstance(sha, str) and _COMMIT_ID.fullmatch(sha)):
             bad.append(f"sha: {sha!r}")
     return bad
 
@@ -789,12 +790,8 @@ def _name_mismatch(config: Any, shapes: Dict[str, Tuple[int, ...]], limit: int =
         if len(missing) >= min(limit, total):
             break
         missing += [f"blocks.{i}.{k}" for k in per_block if f"blocks.{i}.{k}" not in shapes]
-    parts = []
-    for what, items, count in (("missing", missing, total), ("unexpected", sorted(unexpected), len(unexpected))):
-        if items:
-            count = max(count, len(items))
-            parts.append(f"{what} keys {items[:limit]}" + (f" ... and {count - limit} more" if count > limit else ""))
-    return parts
+    return ([f"missing keys {_few(missing, limit=limit, total=total)}"] if missing else []) + \
+        ([f"unexpected keys {_few(sorted(unexpected), limit=limit)}"] if unexpected else [])
 
 
 def _check_state(expected: Dict[str, Any], found: Dict[str, Tuple[int, ...]], path: Path) -> None:
@@ -810,12 +807,13 @@ def _check_state(expected: Dict[str, Any], found: Dict[str, Tuple[int, ...]], pa
         raise CheckpointError(_mismatch(path, parts))
 
 
-def _few(items: List[str], sep: Optional[str] = None, limit: int = 8) -> str:
-    """The first ``limit`` of ``items`` and how many more: a size that differs in every block gave
-    one line per tensor of every block (14 800 characters for 40 LRU blocks). Without ``sep`` a list."""
-    shown = items[:limit]
+def _few(items: List[str], sep: Optional[str] = None, limit: int = 8, total: Optional[int] = None) -> str:
+    """The first ``limit`` of ``items`` and how many more (of ``total``, when items lists only the
+    first of them): a size that differs in every block gave one line per tensor of every block
+    (14 800 characters for 40 LRU blocks). Without ``sep`` a list."""
+    shown, total = items[:limit], max(len(items), total or 0)
     text = sep.join(shown) if sep is not None else str(shown)
-    return text + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+    return text + (f" ... and {total - limit} more" if total > limit else "")
 
 
 def _dtype_kind(tensor: Any) -> str:
@@ -1000,7 +998,7 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
     _check_state(state, shapes, folder / WEIGHTS_NAME)
     tensors = _read_weights(folder / WEIGHTS_NAME)
     _check_dtypes(state, tensors, folder / WEIGHTS_NAME)
-    _check_no_nan(tensors, folder / WEIGHTS_NAME, dict(model.named_parameters()))
+    _check_no_nan(tensors, folder / WEIGHTS_NAME, [name for name, _ in model.named_parameters()])
     # One hash of the weights for both digests: a freshly, strictly loaded model's state is the file's
     # (the digest form hashes a float16 file like its float32 upcast), with no digest substitutes yet.
     digest, recorded = state_digest(tensors), config.get(STATE_DIGEST_KEY)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import (_check_parameter_dtype, cache_owner, check_device, check_floating, check_lengths, check_stream_batch,
+from .base import (cache_owner, check_floating, check_lengths, check_parameters_for, check_stream_batch,
                    float32_under_autocast, made_by, mask_padding, stream_rows, valid_steps, values_only)
 from .hub_save import HubMixin, resampled_info
 from .registry import create_layer
@@ -37,6 +37,12 @@ SIZE_KWARGS = ("d_state", "channels", "l_max", "rank")  # integer sizes layers t
 # d_state values of the stand-in layers ModelConfig.layer_shapes builds: three, so a size that does not
 # follow d_state on a line is seen and left out; small, so their initialisation costs nothing
 PROBE_STATES = (8, 16, 32)
+
+
+def _short(value: Any) -> str:
+    """A value for a message, an int of 16 digits or more as its power of ten (a config.json's 10**400
+    as 1e+400: its 401 digits were printed, and formatting it as a float raised OverflowError)."""
+    return f"1e+{len(str(abs(value))) - 1}" if isinstance(value, int) and abs(value) >= 10 ** 15 else str(value)
 
 
 @dataclass
@@ -113,10 +119,8 @@ class ModelConfig:
 
     def sizes(self) -> str:
         """The sizes that set what building costs, for messages: "d_input=1, ..., d_state=64"."""
-        def short(value: Any) -> str:      # a config.json's 10**400 as 1e+400, not 401 digits
-            return f"1e+{len(str(value)) - 1}" if isinstance(value, int) and abs(value) >= 10 ** 15 else str(value)
-        sizes = ", ".join(f"{k}={short(getattr(self, k))}" for k in ("d_input", "d_output", "d_model", "n_layers"))
-        return sizes + "".join(f", {k}={short(self.layer_kwargs[k])}" for k in SIZE_KWARGS if self.layer_kwargs.get(k))
+        sizes = ", ".join(f"{k}={_short(getattr(self, k))}" for k in ("d_input", "d_output", "d_model", "n_layers"))
+        return sizes + "".join(f", {k}={_short(self.layer_kwargs[k])}" for k in SIZE_KWARGS if self.layer_kwargs.get(k))
 
     def backbone_shapes(self) -> Dict[str, Tuple[int, ...]]:
         """{state name: shape} of the encoder and decoder, known without building the model:
@@ -186,8 +190,7 @@ class ModelConfig:
     def _check_budget(self) -> None:
         estimate = self.parameter_estimate()
         if estimate > MAX_PARAMETERS:
-            # an int past float's range (a config.json's 10**400) cannot be formatted as a float
-            about = f"{estimate:.2g}" if estimate < 1e300 else f"1e+{len(str(estimate)) - 1}"
+            about = f"{estimate:.2g}" if estimate < 10 ** 15 else _short(estimate)
             raise ValueError(f"ModelConfig sizes ({self.sizes()}) describe about {about} parameters, more "
                              f"than the {MAX_PARAMETERS:.0e} lrnnx-zoo builds; check these sizes")
 
@@ -707,10 +710,9 @@ class SequenceModel(HubMixin, nn.Module):
 
     def _check_input_dtype(self, x: Tensor, who: str, autocast_hint: bool = True) -> None:
         # the model's own dtype first: a .half() model was told to convert a half input to float32,
-        # then a float32 input to half, in a circle (a dtype audit)
-        _check_parameter_dtype(self.encoder.weight, who)
+        # then a float32 input to half, in a circle (a dtype audit); its device with the same look
+        check_parameters_for(self, x, who)
         check_floating(x, who, autocast_hint)
-        check_device(self, x, who)
         if x.dtype != self.encoder.weight.dtype:     # nn.Linear would fail with "mat1 and mat2 ..."
             raise TypeError(f"{who}: the model holds {self.encoder.weight.dtype} parameters, got a {x.dtype} "
                             f"input; convert one to the other (x.to({self.encoder.weight.dtype}) or "

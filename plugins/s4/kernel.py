@@ -753,11 +753,10 @@ class SSKernelNPLR(StepModes, SSMKernel):
         if state is not None and (state.dim() != 3 or state.shape[1:] != (self.d_model, self.d_state // 2)):
             # after setup_step("diagonal") default_state gives the step's eigen-coordinates, which
             # state passing does not take: the message sent the user back to the call that made it
-            diagonal = "diagonal" if getattr(self, "_step_mode", None) == "diagonal" else None
             hint = (f"; default_state() gives the diagonal step's (batch, H, N) eigen-coordinates since "
                     f"setup_step('diagonal'): pass torch.zeros(batch, {self.d_model}, {self.d_state // 2}, "
-                    f"dtype={self.state_dtype}), or step in another mode (setup_step('linear'))") if diagonal else \
-                " (default_state)"
+                    f"dtype={self.state_dtype}), or step in another mode (setup_step('linear'))"
+                    if getattr(self, "_step_mode", None) == "diagonal" else " (default_state)")
             raise ValueError(f"state must be (batch, H={self.d_model}, N/2={self.d_state // 2}) complex, "
                              f"got {tuple(state.shape)}{hint}")
         if L == 0:                                # an empty kernel (an empty input's): no transform to run
