@@ -214,6 +214,68 @@ def test_ids_that_would_become_paths_outside_the_cache_are_refused(local_hub, tm
     assert not [p for p in tmp_path.rglob("ESCAPED*")]
 
 
+def _trickle(monkeypatch, name: str, head: int, gap: float) -> None:
+    """Make the local Hub send ``name``'s first ``head`` bytes, then one byte every ``gap`` seconds."""
+    import time
+
+    import hub_server
+    send = hub_server._Router._send_object
+
+    def trickle(self, sha256, size, headers):
+        if name not in self.h.path or self.method != "GET":
+            return send(self, sha256, size, headers)
+        self.h._send(200, b"", headers, "application/octet-stream", length=size)
+        data = Path(self.hub._object_path(sha256)).read_bytes()
+        self.h.wfile.write(data[:head])
+        for i in range(head, size):
+            time.sleep(gap)
+            self.h.wfile.write(data[i:i + 1])
+            self.h.wfile.flush()
+    monkeypatch.setattr(hub_server._Router, "_send_object", trickle)
+
+
+def test_a_server_that_trickles_a_file_is_cut_off(local_hub, tmp_path, monkeypatch):
+    # httpx's timeouts bound each wait for the next bytes, so a server sending a byte every few
+    # seconds held from_pretrained for as long as it liked (session 23's hostile-Hub audit).
+    import time
+    from huggingface_hub.utils import get_session
+    local_hub.commit("acme/tiny", _files(tiny("s4d").save_pretrained(tmp_path / "m")))
+    _trickle(monkeypatch, "model.safetensors", head=64, gap=0.1)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    answers_before = list(get_session().event_hooks["response"])
+    start = time.monotonic()
+    with pytest.raises(hub.TrickledDownloadError, match=r"sent 'model.safetensors' at \d+ bytes/s on average over "
+                                                         r"1 s \(\d+ bytes\), below the 16384 bytes/s .* "
+                                                         r"LRNNX_ZOO_HUB_MIN_RATE"):
+        from_pretrained("acme/tiny")
+    assert time.monotonic() - start < 5
+    assert get_session().event_hooks["response"] == answers_before   # the hooks are removed again
+
+
+def test_a_slow_download_above_the_floor_completes(local_hub, tmp_path, monkeypatch):
+    # The floor is an average once the download has run hub_timeout() seconds: a slow start, or a
+    # floor of 0, lets a slow file through.
+    model = tiny("s4d")
+    local_hub.commit("acme/tiny", _files(model.save_pretrained(tmp_path / "m")))
+    size = len((tmp_path / "m" / "config.json").read_bytes())
+    _trickle(monkeypatch, "config.json", head=size - 6, gap=0.25)     # 1.5 s for the last 6 bytes
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    monkeypatch.setenv("LRNNX_ZOO_HUB_MIN_RATE", "0")
+    loaded = from_pretrained("acme/tiny")
+    x = torch.randn(1, 8, model.config.d_input)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_hub_min_rate_reads_the_environment(monkeypatch):
+    monkeypatch.delenv("LRNNX_ZOO_HUB_MIN_RATE", raising=False)
+    assert hub.hub_min_rate() == hub.DEFAULT_HUB_MIN_RATE == 16384
+    monkeypatch.setenv("LRNNX_ZOO_HUB_MIN_RATE", "0")
+    assert hub.hub_min_rate() == 0
+    for bad in ("-1", "nan", "fast"):
+        monkeypatch.setenv("LRNNX_ZOO_HUB_MIN_RATE", bad)
+        assert hub.hub_min_rate() == hub.DEFAULT_HUB_MIN_RATE
+
+
 def test_a_download_that_fails_its_size_check_is_not_blamed_on_the_cache(local_hub, tmp_path, monkeypatch):
     # huggingface_hub's consistency check raises an OSError, which was reported as "cannot use the Hub
     # cache at ...; pass cache_dir= a writable folder", the cache being fine (an audit)
