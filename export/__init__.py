@@ -7,7 +7,18 @@ which the command line (it builds its parser from :mod:`.options`) and plain tra
 from __future__ import annotations
 
 import importlib
-from typing import Any, List
+from typing import TYPE_CHECKING, Any, List
+
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports each on first use
+    from .chunk_graph import ChunkModule, build_chunk_module
+    from .folder import FolderExport, export_folder
+    from .onnx_export import to_onnx
+    from .result import ExportResult
+    from .runtime import OnnxStreamer
+    from .step_graph import (ExportError, StepModule, build_step_module, cache_from_state, packed_layout,
+                             state_from_cache)
+    from .torchscript_export import load_torch_export, load_torchscript, to_torch_export, to_torchscript
+    from .validate import ValidationError, ValidationReport, validate_stream
 
 #: Each public name and the submodule that defines it.
 _HOME = {

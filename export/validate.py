@@ -87,6 +87,7 @@ class ValidationReport:
 
     @property
     def passed(self) -> bool:
+        """Whether the graph's largest difference from the model is within the tolerance."""
         return bool(self.max_abs_error <= self.tolerance)
 
     def to_dict(self) -> Dict[str, Any]:

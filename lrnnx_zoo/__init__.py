@@ -23,6 +23,10 @@ from .hub import CheckpointError, from_pretrained, list_models
 from .hub_save import HubPublishError
 from . import convolution, discretization, step_forms
 
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports each on first use
+    from . import export, hippo, plugins, training
+
 __all__ = [
     "__version__", "hookimpl", "hookspec", "LRNN", "LTI_LRNN", "ModelConfig", "SequenceModel",
     "PluginError", "PluginInfo", "RegistryError", "create_layer", "get_backend", "get_initializer",
@@ -37,7 +41,7 @@ __all__ = [
 _PUBLIC_MODULES = ("convolution", "export", "hippo", "plugins", "step_forms", "training")
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # A public submodule not yet imported, on first use: after ``import lrnnx_zoo`` the README's
     # ``lrnnx_zoo.export.to_onnx(...)`` and ``lrnnx_zoo.training.train(...)`` raised AttributeError
     # until imported by name. Not eagerly: export loads onnx (a second), training the data code.

@@ -611,10 +611,10 @@ class LTI_LRNN(LRNN):
         kernel = getattr(self, "kernel", None)
         if not callable(getattr(kernel, "resample_", None)):
             raise NotImplementedError(
-                f"{type(self).__name__} has no timescale to resample: expected a layer whose continuous-time "
-                f"system has a step dt (an SSM kernel with log_dt), got one with per-sample (already discrete) "
-                f"poles. Retrain it on data at the new sampling rate, or give {type(self).__name__} a "
-                f"resample_(rate) method")
+                f"{type(self).__name__} has no timescale the zoo can resample: LTI_LRNN.resample_ hands the "
+                f"rate to the layer's SSM kernel (a `kernel` attribute with resample_), and this layer has "
+                f"none. A layer keeping its own step dt (log_dt) needs a resample_(rate) method of its own; for "
+                f"per-sample (already discrete) poles, retrain it on data at the new sampling rate")
         kernel.resample_(rate)
         return {}
 
@@ -826,7 +826,8 @@ class LTI_LRNN(LRNN):
         index: None (every row), or the rows the fork continues: a 1-D sequence or tensor of row
         numbers (row b of the fork goes on from row index[b]; rows may repeat, for beams, or be
         left out), or a 1-D bool mask of the batch (the rows kept, in order).
-        Returns a cache of this layer for len(index) rows (the batch, with index None).
+        Returns a cache of this layer with one row per index entry, or per True entry of a mask (the
+        batch, with index None).
 
         The state is copied (rows selected) and the rest shared: the step form and the record of
         the weights it was made from, which :meth:`step` replaces rather than changes, so a

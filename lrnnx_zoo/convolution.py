@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import opt_einsum
 import torch
@@ -22,6 +22,9 @@ from torch import Tensor
 
 from .base import apply_function, func_transforms_active, jvp_variant
 from .shapes import broadcast_shape
+
+if TYPE_CHECKING:  # served by __getattr__ at run time (the plugin imports this module)
+    from lrnnx_zoo.plugins.fftconv import FFTConvS4
 
 
 def fast_fft_size(target: int) -> int:

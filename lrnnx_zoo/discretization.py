@@ -19,7 +19,7 @@ log lam' = log(lam) / rate,  B' = B (lam' - 1) / (lam - 1)  (ZOH above: B_d = (e
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -144,8 +144,8 @@ def zoh_dense(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optio
     return A_bar, (B_bar.squeeze(-1) if vec else B_bar)
 
 
-def bilinear_dense(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """Bilinear transform for dense A: (..., N, N), B: (..., N) or None, dt: (...,)."""
+def bilinear_dense(A: Tensor, B: Optional[Tensor], dt: Union[float, Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """Bilinear transform for dense A: (..., N, N), B: (..., N) or None, dt: a float or (...,)."""
     N = A.shape[-1]
     eye = torch.eye(N, dtype=A.dtype, device=A.device)
     dt = _dt_matrix(dt, A)

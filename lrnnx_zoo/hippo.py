@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union, overload
 
 import torch
 from torch import Tensor
@@ -445,7 +445,7 @@ def _nplr_work(measure: str, N: int, rank: int, work: torch.dtype, measure_args:
 # ---------------------------------------------------------------------------------------------
 
 
-def bilinear(dt: Tensor, A: Tensor, B: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+def bilinear(dt: Union[float, Tensor], A: Tensor, B: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Bilinear (Tustin) discretisation of a dense system ([S4] eq. 3).
 
     ``dA = (I - dt/2 A)^{-1} (I + dt/2 A)``,  ``dB = (I - dt/2 A)^{-1} dt B``.
@@ -461,6 +461,12 @@ def bilinear(dt: Tensor, A: Tensor, B: Optional[Tensor] = None) -> tuple[Tensor,
         than forming the inverse).
     """
     return bilinear_dense(A, B, dt)
+
+
+@overload
+def power(L: int, A: Tensor, v: None = None) -> Tensor: ...
+@overload
+def power(L: int, A: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 def power(L: int, A: Tensor, v: Optional[Tensor] = None) -> Tensor | tuple[Tensor, Tensor]:
@@ -508,6 +514,16 @@ def power(L: int, A: Tensor, v: Optional[Tensor] = None) -> Tensor | tuple[Tenso
     else:
         s = v[..., 0]
     return result, s
+
+
+@overload
+def krylov(L: int, A: Tensor, b: Tensor, c: Optional[Tensor] = None,
+           return_power: Literal[False] = False) -> Tensor: ...
+@overload
+def krylov(L: int, A: Tensor, b: Tensor, c: Optional[Tensor], return_power: Literal[True]) -> tuple[Tensor, Tensor]: ...
+@overload
+def krylov(L: int, A: Tensor, b: Tensor, c: Optional[Tensor] = None, *,
+           return_power: Literal[True]) -> tuple[Tensor, Tensor]: ...
 
 
 def krylov(L: int, A: Tensor, b: Tensor, c: Optional[Tensor] = None,

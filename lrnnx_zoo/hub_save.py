@@ -26,6 +26,8 @@ from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_
 from .registry import extra_plugins, get_registry, layer_owners
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
+    from huggingface_hub import CommitInfo
+
     from .models import SequenceModel
 
 
@@ -285,7 +287,7 @@ def create_repo(repo_id: str, *, token: Optional[str] = None, private: bool = Fa
 
 def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None, private: bool = False,
                       commit_message: Optional[str] = None, revision: Optional[str] = None,
-                      kept: Optional[str] = None) -> Any:
+                      kept: Optional[str] = None) -> CommitInfo:
     """Create ``repo_id`` if needed (and branch ``revision``) and upload the checkpoint files in one commit.
     A failure is a :class:`HubPublishError` ending with ``kept`` (default: where the files are)."""
     from huggingface_hub import HfApi
@@ -412,7 +414,7 @@ class HubMixin:
     def save_pretrained(self, save_directory: PathLike, *, task: Any = None, dataset: Any = None,
                         metrics: Optional[Dict[str, Any]] = None, command: Optional[str] = None,
                         notes: Optional[str] = None, push_to_hub: bool = False,
-                        repo_id: Optional[str] = None) -> Any:
+                        repo_id: Optional[str] = None) -> Union[Path, CommitInfo]:
         """Write config.json, model.safetensors and README.md into ``save_directory``.
 
         Atomic: the files are written into a temporary sibling folder that replaces the old one only
@@ -442,7 +444,7 @@ class HubMixin:
         return upload_checkpoint(folder, repo_id)
 
     def push_to_hub(self, repo_id: str, *, token: Optional[str] = None, private: bool = False,
-                    commit_message: Optional[str] = None, revision: Optional[str] = None) -> Any:
+                    commit_message: Optional[str] = None, revision: Optional[str] = None) -> CommitInfo:
         """Upload this model to the Hub repo ``repo_id`` (created if needed); returns the CommitInfo.
 
         Task, dataset, metrics, command and notes come from ``self.checkpoint_info`` (set by

@@ -200,6 +200,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "ModelConfig":
+        """A config from :meth:`to_dict`'s dict; ValueError naming unknown or missing keys (values
+        are checked as the constructor checks them)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -431,6 +433,7 @@ class SequenceModel(HubMixin, nn.Module):
 
     @property
     def bidirectional(self) -> bool:
+        """Whether any block's layer reads future inputs (such a model cannot step or export)."""
         return any(getattr(b.layer, "bidirectional", False) for b in self.blocks)
 
     def at_rate(self, rate: float) -> "SequenceModel":
@@ -445,8 +448,8 @@ class SequenceModel(HubMixin, nn.Module):
         its duration, round(l_max * rate) samples, in the copy's config. The LRU's per-sample poles
         are read as the zero-order-hold sampling of a continuous system (principal logarithm) and
         sampled again (:meth:`~lrnnx_zoo.plugins.lru.LRU.resample_`; at rate < 1 a mode above the new
-        Nyquist frequency folds back). A layer the zoo cannot resample (one without ``resample_`` or an
-        SSM kernel with a timescale) raises NotImplementedError. rate 1 gives an equal copy.
+        Nyquist frequency folds back). A layer the zoo cannot resample (one with neither a ``resample_`` of
+        its own nor an SSM kernel with a timescale) raises NotImplementedError. rate 1 gives an equal copy.
 
         Provenance: the copy's ``checkpoint_info`` keeps the task and dataset but not the metrics,
         command and notes (they are the original's, at its rate); its ``resampled`` record says
@@ -567,8 +570,9 @@ class SequenceModel(HubMixin, nn.Module):
         """Per-layer caches plus the pooling state (running mean and step count).
 
         The layers' step forms are computed from the parameters now: after the parameters change
-        (an optimiser step, load_state_dict), allocate a new cache. ``dtype``: the model's own
-        (convert the model with ``.double()`` to step in float64).
+        (an optimiser step, load_state_dict), allocate a new cache. ``dtype``: None or the model's own;
+        another raises TypeError, as the encoder and decoder would mix precisions (convert the model
+        with ``.double()`` to step in float64; a single layer's cache may take another dtype).
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -678,7 +682,8 @@ class SequenceModel(HubMixin, nn.Module):
 
         index: None (every row), or the rows the fork continues: a 1-D sequence or tensor of row
         numbers (row b of the fork goes on from row index[b]; rows may repeat or be left out), or a
-        1-D bool mask of the batch (the rows kept). Returns a cache of this model for len(index) rows.
+        1-D bool mask of the batch (the rows kept). Returns a cache of this model with one row per
+        index entry, or per True entry of a mask.
 
         Each layer forks its own cache (:meth:`~lrnnx_zoo.base.LTI_LRNN.fork_cache`: the state
         copied, the step form shared), and the pooling state and step counts are copied. A

@@ -21,11 +21,14 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import pluggy
 
 from . import hookspecs
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ENTRY_POINT_GROUP = "lrnnx_zoo"
 DISABLE_AUTOLOAD_ENV = "LRNNX_ZOO_DISABLE_PLUGIN_AUTOLOAD"
@@ -138,6 +141,7 @@ class PluginInfo:
 
     @property
     def ok(self) -> bool:
+        """Whether the plugin loaded (no ``error``)."""
         return self.error is None
 
 
@@ -752,7 +756,7 @@ def get_backend(kind: str, name: str = "auto") -> Callable[..., Any]:
     return get_registry().get_backend(kind, name)
 
 
-def create_layer(name: str, d_model: int, **kwargs: Any) -> Any:
+def create_layer(name: str, d_model: int, **kwargs: Any) -> nn.Module:
     """Build the registered layer ``name``: ``cls(d_model=d_model, **kwargs)`` (d_state etc. in kwargs).
 
     Every registered layer maps (B, L, d_model) to (B, L, d_model) and has ``step``,

@@ -518,7 +518,7 @@ def _python_command(recipe: Recipe, out_dir: str, init_from: Optional[str] = Non
     return f"python - <<'EOF'\n{code}EOF"
 
 
-def train(recipe: Recipe | str, out_dir: Optional[str] = None, seed: Optional[int] = None,
+def train(recipe: Recipe | str, out_dir: Optional[Union[str, os.PathLike]] = None, seed: Optional[int] = None,
           progress: bool = True, device: Optional[str] = None,
           command: Optional[str] = None, *, checkpoint_every: Union[int, str, None] = None,
           resume: Union[bool, str, os.PathLike] = False,

@@ -176,6 +176,7 @@ class FFTConvS4(nn.Module):
 
     @property
     def d_output(self) -> int:
+        """Width of the output: channels * d_model (flattened c*H + h, or h*C + c with swap_channels)."""
         return self.channels * self.d_model
 
     # -- convolution mode --------------------------------------------------------------------

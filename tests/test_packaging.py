@@ -66,6 +66,8 @@ def test_every_data_file_matches_its_package_data_globs(setuptools_config):
         shipped = {f for pattern in globs.get(package, []) for f in folder.glob(pattern)}
         missing = sorted(str(f.relative_to(ROOT)) for f in data - shipped)
         assert not missing, f"not in the wheel (no package-data glob of {package!r} matches): {missing}"
+    # PEP 561: without the marker a type checker reads every lrnnx_zoo name as Any (an audit)
+    assert (_folder("lrnnx_zoo", package_dir) / "py.typed").is_file()
     names = set(lrnnx_zoo.list_models())
     assert names and all((_folder("lrnnx_zoo.checkpoints", package_dir) / n / "model.safetensors").is_file()
                          for n in names)

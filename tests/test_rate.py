@@ -178,7 +178,7 @@ def test_layers_without_a_timescale_refuse():
         forward = default_state = forward_state = step_form = None
 
     layer = PerSample()
-    with pytest.raises(NotImplementedError, match=r"PerSample has no timescale to resample.*Retrain it"):
+    with pytest.raises(NotImplementedError, match=r"PerSample has no timescale the zoo can resample.*retrain it"):
         layer.resample_(2.0)
     with pytest.raises(NotImplementedError, match=r"PerSampleKernel has no timescale to resample.*Retrain it"):
         PerSampleKernel().resample_(2.0)

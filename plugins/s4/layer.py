@@ -135,10 +135,12 @@ class S4(nn.Module):
 
     @property
     def d_output(self) -> int:
+        """Width of the output: d_model (H)."""
         return self.h
 
     @property
     def d_state(self) -> int:
+        """N, the state size of each channel's system (the layer holds H * N/2 complex states)."""
         return self.n
 
     @property
@@ -227,7 +229,11 @@ class S4(nn.Module):
 
     # -- recurrent mode ------------------------------------------------------------------------
     def setup_step(self, mode: str = "dense", tol: Optional[float] = None) -> None:
-        """Precompute the kernel's step mode ("dense", "linear" or "diagonal") from the current parameters."""
+        """Precompute the kernel's step form from the current parameters
+        (:meth:`~lrnnx_zoo.plugins.s4.modes.StepModes.step_form`): ``mode`` "dense", "linear" (bilinear
+        only), "diagonal" (a DiagonalAccuracyError when its predicted error exceeds ``tol``, default
+        1e-4: LegS systems in float32 usually do) or "auto" (diagonal when accurate enough, else linear
+        or dense)."""
         if self.bidirectional:
             raise ValueError("a bidirectional S4 cannot step: its output depends on future inputs")
         self.kernel.setup_step(mode, tol)
