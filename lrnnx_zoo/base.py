@@ -249,9 +249,10 @@ def check_lengths(lengths: Optional[Tensor], batch: int, length: int) -> None:
         raise TypeError(f"lengths must hold integers (e.g. torch.long), got {lengths.dtype}")
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must have shape (batch,)=({batch},), got {tuple(lengths.shape)}")
-    # values are not checked while torch.compile traces: a data-dependent branch broke the graph
-    # (fullgraph=True failed for every family); the eager call checks them
-    if not torch.compiler.is_compiling() and (bool((lengths < 0).any()) or bool((lengths > length).any())):
+    # values are not checked while torch.compile traces (a data-dependent branch broke the graph:
+    # fullgraph=True failed for every family; the eager call checks them), nor when vmap batches
+    # them (per-sample gradients of a padded batch failed in .item())
+    if values_readable() and (bool((lengths < 0).any()) or bool((lengths > length).any())):
         raise ValueError(f"lengths must lie in [0, {length}], got {lengths.tolist()}")
 
 
@@ -382,6 +383,13 @@ def vmap_active() -> bool:
     """Whether a torch.func.vmap runs (alone or around / inside other transforms): value-dependent
     choices (nonzero, item) cannot be batched there."""
     return _transform_running(torch._C._functorch.TransformType.Vmap)
+
+
+def values_readable() -> bool:
+    """Whether tensors' values may be read in Python (``bool``, ``.item()``, ``.tolist()``) to check
+    them: not while torch.compile traces, nor under a torch.func.vmap (a batched tensor may sit beneath
+    other transforms' wrappers, so whether one is batched is not asked)."""
+    return not (torch.compiler.is_compiling() or vmap_active())
 
 
 def _transform_running(kind: Any) -> bool:

@@ -83,6 +83,31 @@ def test_per_sample_gradients_with_vmap_of_grad(name, kw):
             torch.testing.assert_close(got[k][i], ref[k], **TOL, msg=f"{k}, sample {i}")
 
 
+@pytest.mark.parametrize("layer", ["lru", "s4d", "s4", "fftconv"])
+@pytest.mark.parametrize("pooling", ["mean", "last", None])
+def test_per_sample_gradients_of_a_padded_batch_with_batched_lengths(layer, pooling):
+    # vmap(grad(...)) with lengths batched along with the inputs (per-example gradients of variable-
+    # length sequences, as in DP-SGD) failed in the lengths checks, which read the values (.item()
+    # under vmap; an audit).
+    torch.manual_seed(0)
+    cfg = lrnnx_zoo.ModelConfig(layer=layer, d_input=2, d_output=3, d_model=6, n_layers=2,
+                                layer_kwargs={"d_state": 4}, pooling=pooling)
+    model = lrnnx_zoo.SequenceModel(cfg).double()
+    x, lengths = torch.randn(3, 10, 2, dtype=torch.float64), torch.tensor([10, 7, 3])
+    with torch.no_grad():          # S4's C~ for this length first, as make() does
+        model(x)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+
+    def loss(p, xi, li):
+        return functional_call(model, p, (xi[None], li[None])).square().sum()
+    got = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, lengths)
+    for i in range(3):
+        model.zero_grad()
+        model(x[i:i + 1], lengths[i:i + 1]).square().sum().backward()
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(got[k][i], p.grad, **TOL, msg=f"{k}, sample {i}")
+
+
 @pytest.mark.parametrize("name,kw", CASES, ids=IDS)
 def test_jacrev_wrt_input(name, kw):
     m = make(name, **kw)
