@@ -453,8 +453,8 @@ def version_of(t: Tensor) -> Optional[int]:
 
 
 #: What a step form was built from (:func:`weights_and_versions`): where the module keeps each of its
-#: parameters and buffers (a submodule's ``_parameters`` or ``_buffers`` and the name), the tensor
-#: there, and the tensors' marks (:func:`versions`).
+#: parameters, buffers and public tensor attributes (a submodule's ``_parameters``, ``_buffers`` or
+#: ``__dict__`` and the name), the tensor there, and the tensors' marks (:func:`versions`).
 Weights = Tuple[Tuple[Tuple[Dict[str, Any], str], ...], Tuple[Tensor, ...], List[Tuple[Optional[int], int]]]
 
 
@@ -471,9 +471,16 @@ def plain_settings(module: nn.Module) -> Tuple[Tuple[str, Any], ...]:
 
 
 def weights_and_versions(module: nn.Module) -> Weights:
-    """The module's parameters and buffers, the slots they sit in, and their marks now (:func:`versions`)."""
-    slots = tuple((owner, name) for sub in module.modules() for owner in (sub._parameters, sub._buffers)
-                  for name, t in owner.items() if t is not None)
+    """The module's parameters and buffers, the slots they sit in, and their marks now (:func:`versions`).
+
+    Also its submodules' public tensor attributes: torch.nn.utils.prune and the hook-based
+    weight_norm / spectral_norm keep the weight a layer applies as a plain attribute, recomputed (a
+    new tensor) by a forward pre-hook from parameters the step form never reads; a form built from
+    the old one was kept after forwards had replaced it (S4D streams 2e-2 off forward)."""
+    slots = tuple((owner, name) for sub in module.modules()
+                  for owner in (sub._parameters, sub._buffers, sub.__dict__)
+                  for name, t in list(owner.items())
+                  if t is not None and (owner is not sub.__dict__ or (isinstance(t, Tensor) and not name.startswith("_"))))
     tensors = tuple(owner[name] for owner, name in slots)
     return slots, tensors, versions(tensors)
 
@@ -486,6 +493,14 @@ def versions(tensors: Sequence[Tensor]) -> List[Tuple[Optional[int], int]]:
         return [(t._version, t.data_ptr()) for t in tensors]
     except RuntimeError:                  # an inference tensor among them
         return [(version_of(t), t.data_ptr()) for t in tensors]
+
+
+def contents_equal(tensors: Sequence[Tensor], copies: Sequence[Tensor]) -> bool:
+    """Whether each tensor equals its copy (made with ``t.detach().clone()``) in dtype, device and
+    every value: what no version counter sees (``p.data`` edits, other processes' writes to shared
+    memory). At memory speed; hashing cost 140 us for an S4D kernel's parameters (H=128, N=64)."""
+    return len(tensors) == len(copies) and all(
+        t.dtype == c.dtype and t.device == c.device and torch.equal(t.detach(), c) for t, c in zip(tensors, copies))
 
 
 def unchanged(weights: Weights) -> bool:
@@ -672,8 +687,11 @@ class LTI_LRNN(LRNN):
         # an S4D stream of 16384 steps 2.9e-5 off float64 instead of 2.3e-6).
         compiling = torch.compiler.is_compiling()
         key = None if compiling else (dtype, ref.device, plain_settings(self), poles_split())
+        # And on the contents: an edit through ``p.data`` or by another process (Hogwild on shared
+        # memory) moves no version, and new streams were handed the old weights' form (LRU 0.2 off).
         memo = self.__dict__.get("_form_memo")
-        if memo is not None and not compiling and memo[0] == key and unchanged(memo[1]):
+        if (memo is not None and not compiling and memo[0] == key and unchanged(memo[1])
+                and contents_equal(memo[1][1], memo[3])):
             form = memo[2]
         else:
             with lasting_tensors(), step_form_dtype(dtype), without_autocast(ref.device.type):
@@ -689,7 +707,9 @@ class LTI_LRNN(LRNN):
                 check_step_form(form, f"{name}.step_form()", getattr(self, "d_model", None))
                 form = form.to(device=ref.device, dtype=dtype)
             if not compiling:
-                self.__dict__["_form_memo"] = (key, weights, form)
+                with lasting_tensors():
+                    copies = tuple(t.detach().clone() for t in weights[1])
+                self.__dict__["_form_memo"] = (key, weights, form, copies)
         with lasting_tensors():
             state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
         # "layer": whose cache it is; another layer's stepped silently with that layer's weights

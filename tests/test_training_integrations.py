@@ -232,3 +232,79 @@ def test_ddp_world_size_one_accumulates_like_the_plain_model(layer, tmp_path):
         torch.nn.functional.mse_loss(plain(x), target).backward()
     for p, q in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+
+
+# -- weights changed where no version counter sees it ------------------------------------------
+
+def _stream(model: SequenceModel, x: torch.Tensor) -> torch.Tensor:
+    cache = model.allocate_inference_cache(x.shape[0])
+    ys = []
+    for t in range(x.shape[1]):
+        y, cache = model.step(x[:, t], cache)
+        ys.append(y)
+    return torch.stack(ys, 1)
+
+
+@pytest.mark.parametrize("layer", FAMILIES)
+@pytest.mark.parametrize("how", ["data", "numpy"])
+def test_a_new_stream_follows_weights_edited_without_a_version_change(layer, how):
+    # An edit through p.data (the averaging / clipping idiom) or through a numpy view (as another
+    # process's write to shared memory, Hogwild) moves no version counter: a new stream was handed
+    # the memoised form of the old weights (LRU 0.2 off forward, S4D 1e-2; an audit).
+    model = small_model(layer).eval()
+    x = torch.randn(2, 12, 3)
+    with torch.no_grad():
+        _stream(model, x)                      # the form of the current weights is memoised
+        for p in model.parameters():
+            if how == "data":
+                p.data.mul_(0.5).add_(0.01)
+            else:
+                view = p.detach().numpy()          # complex parameters are edited through .data
+                view *= 0.5
+        ref = model(x)
+        assert relative(_stream(model, x), ref) < 1e-5
+
+
+@pytest.mark.parametrize("layer, param", [("lru", "B_re"), ("s4d", "B"), ("fftconv", "C")])
+def test_a_pruned_ssm_parameter_streams_as_forward_after_a_forward(layer, param):
+    # torch.nn.utils.prune keeps the weight a module applies as a plain attribute, recomputed by a
+    # forward pre-hook: a form built before that forward was memoised against the unchanged
+    # parameters and handed to later streams (S4D 2e-2 off forward; an audit).
+    import torch.nn.utils.prune as prune
+    model = small_model(layer)
+    for block in model.blocks:
+        owner = block.layer if layer == "lru" else block.layer.kernel if layer == "s4d" else block.layer.conv.kernel
+        prune.l1_unstructured(owner, param, amount=0.3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(2, 12, 3)
+    model(x).square().sum().backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        _stream(model, x)                      # before any forward: the hook has not run yet
+        ref = model(x)
+        assert relative(_stream(model, x), ref) < 1e-5
+
+
+@pytest.mark.parametrize("wrap", ["prune", "weight_norm"])
+def test_a_reparametrised_channel_mix_streams(wrap):
+    # fftconv's step form deep-copied its mix, which a pruned (or hook-based weight_norm) Linear
+    # refuses once a forward has computed its weight ("Only Tensors created explicitly by the user").
+    import torch.nn.utils.prune as prune
+    torch.manual_seed(0)
+    layer = create_layer("fftconv", 8, d_state=4, channels=2)
+    if wrap == "prune":
+        prune.l1_unstructured(layer.mix, "weight", amount=0.3)
+    else:
+        torch.nn.utils.weight_norm(layer.mix)
+    layer(torch.randn(2, 16, 8)).sum().backward()
+    layer.eval()
+    x = torch.randn(2, 16, 8)
+    with torch.no_grad():
+        ref = layer(x)
+        cache = layer.allocate_inference_cache(2)
+        ys = []
+        for t in range(16):
+            y, cache = layer.step(x[:, t], cache)
+            ys.append(y)
+    assert relative(torch.stack(ys, 1), ref) < 1e-5
