@@ -297,16 +297,28 @@ def sequence_layers(model: nn.Module) -> List[nn.Module]:
 
 def ssm_parameters(layer: nn.Module) -> List[nn.Parameter]:
     """The parameters of ``layer`` held by its own (non-``torch.nn``) modules: what ``ssm_lr`` and
-    the no-decay rule of :func:`param_groups` apply to."""
-    return [p for module in layer.modules() if not _is_torch_building_block(module)
-            for p in module.parameters(recurse=False)]
+    the no-decay rule of :func:`param_groups` apply to. A parameter under ``torch.nn.utils.parametrize``
+    (its ``original``, kept in a torch.nn ParametrizationList) belongs to the module parametrized: it
+    was decayed at the network's lr (an audit)."""
+    from torch.nn.utils import parametrize
+    found = []
+    for module in layer.modules():
+        if _is_torch_building_block(module):
+            continue
+        found += module.parameters(recurse=False)
+        if parametrize.is_parametrized(module):
+            found += [p for plist in module.parametrizations.values() for p in plist.parameters(recurse=False)]
+    return found
 
 
 def _is_torch_building_block(module: nn.Module) -> bool:
     """An ``nn.Linear``, norm, convolution, ... (or a subclass of one, not any ``nn.Module``), or a
     module whose class says it is one with ``trains_like_network = True``."""
+    # torch.nn.utils.parametrize swaps a parametrized module's class for a subclass it defines: that
+    # class says nothing of what the module is
     return getattr(module, "trains_like_network", False) or any(
-        cls is not nn.Module and cls.__module__.startswith("torch.nn.") for cls in type(module).__mro__)
+        cls is not nn.Module and cls.__module__.startswith("torch.nn.") and cls.__module__ != "torch.nn.utils.parametrize"
+        for cls in type(module).__mro__)
 
 
 def warmup_cosine(warmup: int, total: int):

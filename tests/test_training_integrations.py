@@ -308,3 +308,31 @@ def test_a_reparametrised_channel_mix_streams(wrap):
             y, cache = layer.step(x[:, t], cache)
             ys.append(y)
     assert relative(torch.stack(ys, 1), ref) < 1e-5
+
+
+@pytest.mark.parametrize("layer, owner, name", [("lru", "blocks.0.layer", "B_re"), ("s4d", "blocks.0.layer.kernel", "B"),
+                                                ("s4", "blocks.0.layer", "D"),
+                                                ("fftconv", "blocks.0.layer.conv.kernel", "C")])
+def test_param_groups_keep_a_parametrized_ssm_parameter_in_its_group(layer, owner, name):
+    # torch.nn.utils.parametrize moves the tensor into a torch.nn ParametrizationList and swaps the
+    # module's class for one torch defines: the parameter was trained like a network weight (the
+    # network's lr, decayed if a matrix) instead of at ssm_lr without decay (an audit).
+    import torch.nn.utils.parametrize as parametrize
+    from lrnnx_zoo.training import param_groups
+
+    class Identity(torch.nn.Module):
+        def forward(self, X):
+            return X
+
+    def setting_of(model, param_name):
+        param = model.get_parameter(param_name)
+        [group] = [g for g in param_groups(model, lr=1e-3, weight_decay=0.1, ssm_lr=5e-4)
+                   if any(p is param for p in g["params"])]
+        return group["lr"], group.get("weight_decay")
+    model = small_model(layer)
+    before = setting_of(model, f"{owner}.{name}")
+    parametrize.register_parametrization(model.get_submodule(owner), name, Identity())
+    assert setting_of(model, f"{owner}.parametrizations.{name}.original") == before == (5e-4, 0.0)
+    # a parametrized torch.nn building block still trains like the network
+    parametrize.register_parametrization(model.encoder, "weight", Identity())
+    assert setting_of(model, "encoder.parametrizations.weight.original") == (1e-3, 0.1)
