@@ -186,6 +186,13 @@ class OnnxStreamer:
             raise ValueError(f"{self.path}: input 'x' has shape {inputs['x'].shape}, but the metadata describes a "
                              f"{'step' if self.chunk is None else 'chunk'} graph taking x {what}; re-export it")
         # Metadata that disagrees with the graph failed at the first step, inside ONNX Runtime.
+        # As did a graph taking float16 (onnxconverter_common's float16 conversion, by default):
+        # the streamer feeds float32, as the graph contract says.
+        for name in INPUT_NAMES:
+            if inputs[name].type != "tensor(float)":
+                raise ValueError(f"{self.path}: input {name!r} is {inputs[name].type}, but a step graph takes "
+                                 f"float32 x and state (OnnxStreamer feeds float32); a float16 copy of the graph "
+                                 f"drifts as it streams (README, 'Edge devices'): stream the float32 graph")
         for name, key, size in (("x", "d_input", self.d_input), ("state", "state_size", self.state_size)):
             width = inputs[name].shape[-1] if len(inputs[name].shape) >= 2 else None
             if isinstance(width, int) and width != size:

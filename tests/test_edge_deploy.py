@@ -224,3 +224,20 @@ def test_card_data_section_takes_a_dataset_recorded_as_a_name_only():
     assert "As in training (data set `my-data`):" in lines and any("3 class logits" in x for x in lines)
     lines = _data_section({"dataset": {"format": "pixels / 16"}, "task": None, "d_output": 3})
     assert "As in training:" in lines
+
+
+def test_streamer_refuses_a_graph_taking_float16(sunspots_onnx, tmp_path):
+    # A float16 copy of a graph (onnxconverter_common's default makes its inputs float16) was opened,
+    # then failed at the first step inside ONNX Runtime ("Unexpected input data type"; an audit).
+    # Here the inputs are retyped by hand, each cast back to float32 in front of the graph.
+    graph = onnx.load(sunspots_onnx / "model.onnx")
+    for inp in graph.graph.input:
+        inp.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+        for node in graph.graph.node:
+            node.input[:] = [f"{inp.name}_f32" if i == inp.name else i for i in node.input]
+        graph.graph.node.insert(0, onnx.helper.make_node("Cast", [inp.name], [f"{inp.name}_f32"],
+                                                         to=onnx.TensorProto.FLOAT))
+    onnx.save(graph, tmp_path / "half_inputs.onnx")
+    with pytest.raises(ValueError, match=r"input 'x' is tensor\(float16\), but a step graph takes float32 x and "
+                                         r"state .*float16 copy of the graph drifts"):
+        OnnxStreamer(tmp_path / "half_inputs.onnx")
