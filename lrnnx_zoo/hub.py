@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import difflib
 import fnmatch
-import importlib
 import itertools
 import json
 import math
@@ -236,15 +235,15 @@ def _refuse_unsafe_paths(response: Any) -> None:
                               f"outside its cache. Nothing was loaded; check HF_ENDPOINT (a mirror or proxy)")
 
 
-#: The slowest average a Hub answer's body may arrive at once it has taken longer than
-#: :func:`hub_timeout` (bytes per second; LRNNX_ZOO_HUB_MIN_RATE sets it, 0 for no floor).
+#: The rate a Hub answer's body must keep up after a grace of :func:`hub_timeout` seconds
+#: (:func:`_paced_body`; bytes per second; LRNNX_ZOO_HUB_MIN_RATE sets it, 0 for no floor).
 DEFAULT_HUB_MIN_RATE = 16 * 1024
 HUB_MIN_RATE_ENV = "LRNNX_ZOO_HUB_MIN_RATE"
 
 
 def hub_min_rate() -> float:
-    """Bytes per second a Hub download must average once it has run for :func:`hub_timeout`: the env
-    var LRNNX_ZOO_HUB_MIN_RATE when it is a number >= 0 (0: no floor), else 16 KiB/s."""
+    """Bytes per second a Hub download must keep up after a grace of :func:`hub_timeout` seconds: the
+    env var LRNNX_ZOO_HUB_MIN_RATE when it is a number >= 0 (0: no floor), else 16 KiB/s."""
     try:
         rate = float(os.environ.get(HUB_MIN_RATE_ENV, ""))
     except ValueError:
@@ -253,54 +252,55 @@ def hub_min_rate() -> float:
 
 
 class TrickledDownloadError(CheckpointError):
-    """A Hub server sent a file's bytes slower than :func:`hub_min_rate` on average."""
+    """A Hub server sent a file's bytes slower than :func:`hub_min_rate` (:func:`_paced_body`)."""
 
 
 def _paced_body(grace: float, rate: float) -> Callable[[Any], None]:
-    """A response hook that cuts off a body arriving slower than ``rate`` bytes/s on average once
-    ``grace`` seconds have passed since its headers. httpx's timeouts bound each wait for the next
-    bytes, so a server sending a byte every few seconds held a download for as long as it liked
-    (a 1 kB config.json at one byte per 9 s: 2.5 hours)."""
+    """A response hook that cuts off a body falling behind ``rate`` bytes/s with ``grace`` seconds to
+    spare: after t seconds of reading it must have received ``rate * (t - grace)`` bytes (so an early
+    stall of up to ``grace`` seconds is made up by a link faster than the floor). httpx's timeouts
+    bound each wait for the next bytes, so a server sending a byte every few seconds held a download
+    for as long as it liked (a 1 kB config.json at one byte per 9 s: 2.5 hours). Plain-HTTP bodies
+    only: huggingface_hub fetches Xet-backed files with hf_xet, outside its httpx session."""
     import time
 
-    from huggingface_hub.utils import get_session
+    def paced(inner: Any, url: Any) -> Any:
+        # the stream's own base class (httpx's or httpx2's SyncByteStream, or a custom client's):
+        # httpx refuses to iterate a body that is not one
+        base = next((c for c in type(inner).__mro__ if c.__name__ == "SyncByteStream"), None)
+        if base is None:
+            return inner
 
-    client_package = importlib.import_module(type(get_session()).__module__.split(".")[0])
-    base = client_package.SyncByteStream        # httpx's or httpx2's, whichever the Hub client uses
+        class PacedStream(base):  # type: ignore[misc, valid-type]
+            def __iter__(self) -> Iterator[bytes]:
+                start, received = time.monotonic(), 0
+                for chunk in inner:
+                    received += len(chunk)
+                    elapsed = time.monotonic() - start
+                    if received < rate * (elapsed - grace):
+                        raise TrickledDownloadError(
+                            f"the Hub at {url.host} sent {url.path.rsplit('/', 1)[-1]!r} at {received / elapsed:.0f} "
+                            f"bytes/s over {elapsed:.0f} s ({received} bytes), behind the {rate:g} bytes/s a "
+                            f"download must keep up after {grace:g} s; nothing was loaded. Try again, check "
+                            f"HF_ENDPOINT, or lower {HUB_MIN_RATE_ENV} (bytes/s, 0 for no floor) on a slow connection")
+                    yield chunk
 
-    class PacedStream(base):  # type: ignore[misc, valid-type]
-        def __init__(self, inner: Any, url: Any) -> None:
-            self.inner, self.url = inner, url
-
-        def __iter__(self) -> Iterator[bytes]:
-            start, received = time.monotonic(), 0
-            for chunk in self.inner:
-                received += len(chunk)
-                elapsed = time.monotonic() - start
-                if elapsed > grace and received < rate * elapsed:
-                    raise TrickledDownloadError(
-                        f"the Hub at {self.url.host} sent {self.url.path.rsplit('/', 1)[-1]!r} at "
-                        f"{received / elapsed:.0f} bytes/s on average over {elapsed:.0f} s ({received} bytes), "
-                        f"below the {rate:g} bytes/s a download must keep up once it has run {grace:g} s; "
-                        f"nothing was loaded. Try again, check HF_ENDPOINT, or lower {HUB_MIN_RATE_ENV} "
-                        f"(bytes/s, 0 for no floor) on a slow connection")
-                yield chunk
-
-        def close(self) -> None:
-            self.inner.close()
+            def close(self) -> None:
+                inner.close()
+        return PacedStream()
 
     def pace(response: Any) -> None:
-        if rate > 0 and not response.is_stream_consumed and isinstance(response.stream, base):
-            response.stream = PacedStream(response.stream, response.request.url)
+        if not response.is_stream_consumed:
+            response.stream = paced(response.stream, response.request.url)
     return pace
 
 
 @contextlib.contextmanager
 def bounded_hub_requests() -> Iterator[float]:
     """While inside, no huggingface_hub request waits forever for a silent server (each wait for a
-    connection or the next bytes is bounded), a server that trickles bytes is cut off (a body must
-    average :func:`hub_min_rate` once it has run :func:`hub_timeout`: :func:`_paced_body`), and no
-    answer's ids become paths outside the cache (:func:`_refuse_unsafe_paths`).
+    connection or the next bytes is bounded), a server that trickles bytes over plain HTTP is cut off
+    (a body must keep up :func:`hub_min_rate` after :func:`hub_timeout` seconds: :func:`_paced_body`),
+    and no answer's ids become paths outside the cache (:func:`_refuse_unsafe_paths`).
 
     huggingface_hub 2.x sends some requests (``repo_info`` inside ``snapshot_download``, tree
     listings) with ``timeout=None``, so a server that accepts the connection and never answers
@@ -311,16 +311,17 @@ def bounded_hub_requests() -> Iterator[float]:
 
     seconds = hub_timeout()
     hooks, answers = get_session().event_hooks["request"], get_session().event_hooks["response"]
-    hook, pace = _timeout_filler(seconds), _paced_body(seconds, hub_min_rate())
+    hook, rate = _timeout_filler(seconds), hub_min_rate()
+    pace = _paced_body(seconds, rate) if rate > 0 else None
     hooks.append(hook)
-    answers.extend((pace, _refuse_unsafe_paths))   # paced first: the second reads API answers
+    answers.extend(h for h in (pace, _refuse_unsafe_paths) if h is not None)   # paced first: the second reads API answers
     try:
         yield seconds
     finally:
         if hook in hooks:
             hooks.remove(hook)
         for answer in (pace, _refuse_unsafe_paths):
-            if answer in answers:
+            if answer is not None and answer in answers:
                 answers.remove(answer)
 
 

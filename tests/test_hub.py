@@ -214,8 +214,8 @@ def test_ids_that_would_become_paths_outside_the_cache_are_refused(local_hub, tm
     assert not [p for p in tmp_path.rglob("ESCAPED*")]
 
 
-def _trickle(monkeypatch, name: str, head: int, gap: float) -> None:
-    """Make the local Hub send ``name``'s first ``head`` bytes, then one byte every ``gap`` seconds."""
+def _trickle(monkeypatch, name: str, head: int, gap: float, chunk: int = 1) -> None:
+    """Make the local Hub send ``name``'s first ``head`` bytes, then ``chunk`` bytes every ``gap`` seconds."""
     import time
 
     import hub_server
@@ -227,9 +227,9 @@ def _trickle(monkeypatch, name: str, head: int, gap: float) -> None:
         self.h._send(200, b"", headers, "application/octet-stream", length=size)
         data = Path(self.hub._object_path(sha256)).read_bytes()
         self.h.wfile.write(data[:head])
-        for i in range(head, size):
+        for i in range(head, size, chunk):
             time.sleep(gap)
-            self.h.wfile.write(data[i:i + 1])
+            self.h.wfile.write(data[i:i + chunk])
             self.h.wfile.flush()
     monkeypatch.setattr(hub_server._Router, "_send_object", trickle)
 
@@ -244,17 +244,42 @@ def test_a_server_that_trickles_a_file_is_cut_off(local_hub, tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
     answers_before = list(get_session().event_hooks["response"])
     start = time.monotonic()
-    with pytest.raises(hub.TrickledDownloadError, match=r"sent 'model.safetensors' at \d+ bytes/s on average over "
-                                                         r"1 s \(\d+ bytes\), below the 16384 bytes/s .* "
-                                                         r"LRNNX_ZOO_HUB_MIN_RATE"):
+    with pytest.raises(hub.TrickledDownloadError, match=r"sent 'model.safetensors' at \d+ bytes/s over \d s "
+                                                         r"\(\d+ bytes\), behind the 16384 bytes/s a download must "
+                                                         r"keep up after 1 s.* LRNNX_ZOO_HUB_MIN_RATE"):
         from_pretrained("acme/tiny")
     assert time.monotonic() - start < 5
     assert get_session().event_hooks["response"] == answers_before   # the hooks are removed again
 
 
-def test_a_slow_download_above_the_floor_completes(local_hub, tmp_path, monkeypatch):
-    # The floor is an average once the download has run hub_timeout() seconds: a slow start, or a
-    # floor of 0, lets a slow file through.
+def test_a_slow_download_that_keeps_up_with_the_floor_completes(local_hub, tmp_path, monkeypatch):
+    # Weights of 32-64 KiB at 20 KiB/s after a stall of 0.8 s, with a floor of 16 KiB/s after a 1 s
+    # grace: the download runs 2.4-4 s, keeps up with the floor, and completes. A floor on the average
+    # since the start (the first version) cut it off: 20 KiB/s over 3 s is below 16 KiB/s over 3.8 s.
+    import time
+
+    import hub_server
+    model = tiny("s4d", d_model=48)
+    local_hub.commit("acme/tiny", _files(model.save_pretrained(tmp_path / "m")))
+    size = (tmp_path / "m" / "model.safetensors").stat().st_size
+    assert 32 * 1024 < size < 64 * 1024
+    _trickle(monkeypatch, "model.safetensors", head=0, gap=0.05, chunk=1024)      # 20 KiB/s
+    trickle = hub_server._Router._send_object
+
+    def stall_first(self, sha256, size, headers):
+        if "model.safetensors" in self.h.path and self.method == "GET":
+            time.sleep(0.8)
+        return trickle(self, sha256, size, headers)
+    monkeypatch.setattr(hub_server._Router, "_send_object", stall_first)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    start = time.monotonic()
+    loaded = from_pretrained("acme/tiny")
+    assert time.monotonic() - start > 2.4          # it did run past the grace
+    x = torch.randn(1, 8, model.config.d_input)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_a_floor_of_zero_lets_a_trickle_through(local_hub, tmp_path, monkeypatch):
     model = tiny("s4d")
     local_hub.commit("acme/tiny", _files(model.save_pretrained(tmp_path / "m")))
     size = len((tmp_path / "m" / "config.json").read_bytes())
