@@ -1433,3 +1433,28 @@ def test_a_folder_with_the_users_own_readme_is_not_saved_over(tmp_path, theirs):
         sorted([theirs, "data.csv"])
     saved = tiny("s4d").save_pretrained(tmp_path / "ck")          # a checkpoint's own card is replaced, as before
     tiny("s4d", seed=1).save_pretrained(saved)
+
+
+def test_a_custom_hub_client_loads(local_hub, tmp_path, monkeypatch):
+    # huggingface_hub lets a user plug in their own client class (set_client_factory, e.g. for a
+    # corporate proxy); the trickle guard looked for SyncByteStream in that class's module and
+    # failed every load before any request (review of this session's guard).
+    import types
+
+    import httpx2
+    from huggingface_hub.utils import get_session, set_client_factory
+    corp = types.ModuleType("corpnet")
+    corp.ProxyClient = type("ProxyClient", (httpx2.Client,), {"__module__": "corpnet"})
+    monkeypatch.setitem(__import__("sys").modules, "corpnet", corp)
+    model = tiny("s4d")
+    local_hub.commit("acme/tiny", _files(model.save_pretrained(tmp_path / "m")))
+    from huggingface_hub.utils import _http
+    original = _http._GLOBAL_CLIENT_FACTORY
+    set_client_factory(lambda: corp.ProxyClient(follow_redirects=True))
+    try:
+        assert type(get_session()).__module__ == "corpnet"
+        loaded = from_pretrained("acme/tiny")
+    finally:
+        set_client_factory(original)
+    x = torch.randn(1, 8, model.config.d_input)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
