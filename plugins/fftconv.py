@@ -27,6 +27,7 @@ accepts either and returns the next state in the format it was given (see :func:
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 from typing import Any, ContextManager, Dict, Optional, Tuple
@@ -522,14 +523,12 @@ class FFTConvLayer(LTI_LRNN):
             return core
         # the mix in the build dtype, as the core's matrices (step_form_dtype): in the layer's own, a
         # float64 cache of a float32 layer (or a float32 graph of a float64 one) failed in its matmul
-        # A new Linear holding the weights the mix applies now, not a deepcopy: a mix pruned or under
-        # hook-based weight_norm holds a computed (non-leaf) weight, which deepcopy refuses.
-        weight, bias = self.mix.weight.detach(), self.mix.bias
-        mix = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                        dtype=build_dtype()).requires_grad_(False)
-        mix.weight.copy_(weight)
-        if bias is not None:
-            mix.bias.copy_(bias.detach())
+        # A copy (whatever the mix is: a subclass adding a low-rank term keeps it). A mix pruned or
+        # under hook-based weight_norm holds its weight as a computed (non-leaf) attribute, which
+        # deepcopy refuses: such attributes are copied as plain tensors.
+        computed = {id(t): t.detach().clone() for sub in self.mix.modules() for name, t in vars(sub).items()
+                    if isinstance(t, Tensor) and not name.startswith("_") and t.grad_fn is not None}
+        mix = copy.deepcopy(self.mix, computed).requires_grad_(False).to(build_dtype())
         return SequentialStepForm(core, mix)
 
     def prefill_scope(self, L: int) -> ContextManager[Any]:

@@ -287,17 +287,31 @@ def test_a_pruned_ssm_parameter_streams_as_forward_after_a_forward(layer, param)
         assert relative(_stream(model, x), ref) < 1e-5
 
 
-@pytest.mark.parametrize("wrap", ["prune", "weight_norm"])
+class LowRankLinear(torch.nn.Linear):
+    """A Linear with a trained low-rank update (as LoRA adds): its own forward, beyond its weight."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__(d_in, d_out)
+        self.down, self.up = torch.nn.Linear(d_in, 2, bias=False), torch.nn.Linear(2, d_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.up(self.down(x))
+
+
+@pytest.mark.parametrize("wrap", ["prune", "weight_norm", "low_rank"])
 def test_a_reparametrised_channel_mix_streams(wrap):
     # fftconv's step form deep-copied its mix, which a pruned (or hook-based weight_norm) Linear
-    # refuses once a forward has computed its weight ("Only Tensors created explicitly by the user").
+    # refuses once a forward has computed its weight ("Only Tensors created explicitly by the user");
+    # a first fix built a plain Linear from mix.weight, dropping a subclass's own term (4.9 off).
     import torch.nn.utils.prune as prune
     torch.manual_seed(0)
     layer = create_layer("fftconv", 8, d_state=4, channels=2)
     if wrap == "prune":
         prune.l1_unstructured(layer.mix, "weight", amount=0.3)
-    else:
+    elif wrap == "weight_norm":
         torch.nn.utils.weight_norm(layer.mix)
+    else:
+        layer.mix = LowRankLinear(16, 8)
     layer(torch.randn(2, 16, 8)).sum().backward()
     layer.eval()
     x = torch.randn(2, 16, 8)
