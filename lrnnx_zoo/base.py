@@ -250,10 +250,12 @@ def check_lengths(lengths: Optional[Tensor], batch: int, length: int) -> None:
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must have shape (batch,)=({batch},), got {tuple(lengths.shape)}")
     # values are not checked while torch.compile traces (a data-dependent branch broke the graph:
-    # fullgraph=True failed for every family; the eager call checks them), nor when vmap batches
-    # them (per-sample gradients of a padded batch failed in .item())
-    if values_readable() and (bool((lengths < 0).any()) or bool((lengths > length).any())):
-        raise ValueError(f"lengths must lie in [0, {length}], got {lengths.tolist()}")
+    # fullgraph=True failed for every family; the eager call checks them); under vmap, those of the
+    # whole batch are (.item() of a batched tensor failed per-sample gradients of a padded batch)
+    if not torch.compiler.is_compiling():
+        values = unwrapped(lengths)
+        if bool((values < 0).any()) or bool((values > length).any()):
+            raise ValueError(f"lengths must lie in [0, {length}], got {values.tolist()}")
 
 
 def check_stream_batch(x: Tensor, who: str) -> None:
@@ -385,11 +387,12 @@ def vmap_active() -> bool:
     return _transform_running(torch._C._functorch.TransformType.Vmap)
 
 
-def values_readable() -> bool:
-    """Whether tensors' values may be read in Python (``bool``, ``.item()``, ``.tolist()``) to check
-    them: not while torch.compile traces, nor under a torch.func.vmap (a batched tensor may sit beneath
-    other transforms' wrappers, so whether one is batched is not asked)."""
-    return not (torch.compiler.is_compiling() or vmap_active())
+def unwrapped(t: Tensor) -> Tensor:
+    """``t`` without torch.func's wrappers (vmap's batching, grad's tracking): under vmap, the values
+    of the whole batch, which Python may read (``bool``, ``.tolist()``) to check them."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def _transform_running(kind: Any) -> bool:

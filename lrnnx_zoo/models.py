@@ -21,8 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import (cache_owner, check_floating, check_lengths, check_parameters_for, check_stream_batch,
-                   float32_under_autocast, made_by, mask_padding, stream_rows, valid_steps, values_only,
-                   values_readable)
+                   float32_under_autocast, made_by, mask_padding, stream_rows, unwrapped, valid_steps, values_only)
 from .hub_save import HubMixin, resampled_info
 from .registry import create_layer
 from .ssm_kernel import check_rate
@@ -525,8 +524,10 @@ class SequenceModel(HubMixin, nn.Module):
         # Without lengths, a Python test on the shape: a tensor's .item() broke torch.compile's graph.
         steps = None if lengths is None else torch.as_tensor(lengths)
         # lengths' values are not read while torch.compile traces (a data-dependent branch breaks the
-        # graph) or when vmap batches them
-        empty = x.shape[1] == 0 if steps is None or not values_readable() else bool((steps == 0).any())
+        # graph); under vmap, those of the whole batch are (unwrapped)
+        compiling = torch.compiler.is_compiling()
+        steps = steps if steps is None or compiling else unwrapped(steps)
+        empty = x.shape[1] == 0 if steps is None or compiling else bool((steps == 0).any())
         if cfg.pooling is not None and x.shape[0] and empty:
             # An empty sequence has no mean or last step: "last" raised an IndexError, "mean" returned
             # NaN (length 0) or the decoder's bias (a length of 0).

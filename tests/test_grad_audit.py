@@ -249,3 +249,17 @@ def test_s4_func_transforms_at_a_new_length_leave_C_tilde_alone():
     per_sample = vmap(grad(lambda p, xi: loss_of(m)(p, xi[None])), in_dims=(None, 0))(
         {k: p.detach().clone() for k, p in m.named_parameters()}, torch.randn(3, 50, 3, dtype=torch.float64))
     assert all(bool(torch.isfinite(g).all()) for g in per_sample.values())
+
+
+@pytest.mark.parametrize("pooling, bad", [("mean", 11), ("mean", -1), ("last", 0), ("mean", 0), (None, 15)])
+def test_out_of_range_lengths_are_refused_under_vmap_too(pooling, bad):
+    # The value checks once stood aside under vmap, and a length of 0, -1 or 11 (of 10 steps) gave
+    # finite, wrong outputs there (review); they read the whole batch's values instead.
+    torch.manual_seed(0)
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=2, d_output=3, d_model=6,
+                                                          n_layers=1, layer_kwargs={"d_state": 4}, pooling=pooling))
+    x, lengths = torch.randn(3, 10, 2), torch.tensor([10, bad, 3])
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 10\]|needs at least one valid step"):
+        model(x, lengths)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 10\]|needs at least one valid step"):
+        vmap(lambda xi, li: model(xi[None], li[None]))(x, lengths)
