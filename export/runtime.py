@@ -190,9 +190,9 @@ class OnnxStreamer:
         # the streamer feeds float32, as the graph contract says.
         for name in INPUT_NAMES:
             if inputs[name].type != "tensor(float)":
-                raise ValueError(f"{self.path}: input {name!r} is {inputs[name].type}, but a step graph takes "
-                                 f"float32 x and state (OnnxStreamer feeds float32); a float16 copy of the graph "
-                                 f"drifts as it streams (README, 'Edge devices'): stream the float32 graph")
+                raise ValueError(f"{self.path}: input {name!r} is {inputs[name].type}, but lrnnx-zoo's graphs take "
+                                 f"float32 x and state (tensor(float)), which OnnxStreamer feeds; stream the float32 "
+                                 f"graph as exported (a float16 copy drifts as it streams: README, 'Edge devices')")
         for name, key, size in (("x", "d_input", self.d_input), ("state", "state_size", self.state_size)):
             width = inputs[name].shape[-1] if len(inputs[name].shape) >= 2 else None
             if isinstance(width, int) and width != size:

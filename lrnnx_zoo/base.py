@@ -725,6 +725,12 @@ class LTI_LRNN(LRNN):
         state = super().__getstate__()
         return {k: v for k, v in state.items() if k != "_form_memo"}
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "LTI_LRNN":
+        # The memo's form and weight copies are of the tensors before a move or cast: dropped, not
+        # left holding a copy of every weight on the device a model.cpu() meant to free.
+        self.__dict__.pop("_form_memo", None)
+        return super()._apply(fn, recurse)
+
     def prefill(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Any]]:
         """Read a prompt in convolution mode and return the cache a stream continues from.
 

@@ -524,6 +524,9 @@ def krylov(L: int, A: Tensor, b: Tensor, c: Optional[Tensor], return_power: Lite
 @overload
 def krylov(L: int, A: Tensor, b: Tensor, c: Optional[Tensor] = None, *,
            return_power: Literal[True]) -> tuple[Tensor, Tensor]: ...
+@overload
+def krylov(L: int, A: Tensor, b: Tensor, c: Optional[Tensor] = None,
+           return_power: bool = False) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
 def krylov(L: int, A: Tensor, b: Tensor, c: Optional[Tensor] = None,

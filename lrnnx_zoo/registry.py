@@ -21,14 +21,13 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pluggy
 
-from . import hookspecs
+from torch import nn
 
-if TYPE_CHECKING:
-    from torch import nn
+from . import hookspecs
 
 ENTRY_POINT_GROUP = "lrnnx_zoo"
 DISABLE_AUTOLOAD_ENV = "LRNNX_ZOO_DISABLE_PLUGIN_AUTOLOAD"

@@ -238,6 +238,6 @@ def test_streamer_refuses_a_graph_taking_float16(sunspots_onnx, tmp_path):
         graph.graph.node.insert(0, onnx.helper.make_node("Cast", [inp.name], [f"{inp.name}_f32"],
                                                          to=onnx.TensorProto.FLOAT))
     onnx.save(graph, tmp_path / "half_inputs.onnx")
-    with pytest.raises(ValueError, match=r"input 'x' is tensor\(float16\), but a step graph takes float32 x and "
-                                         r"state .*float16 copy of the graph drifts"):
+    with pytest.raises(ValueError, match=r"input .x. is tensor\(float16\), but lrnnx-zoo.s graphs take float32 x and "
+                                         r"state .*a float16 copy drifts"):
         OnnxStreamer(tmp_path / "half_inputs.onnx")

@@ -255,12 +255,13 @@ def test_a_new_stream_follows_weights_edited_without_a_version_change(layer, how
     model = small_model(layer).eval()
     x = torch.randn(2, 12, 3)
     with torch.no_grad():
+        model(x)                               # S4 stores C~ for this length first (a version change)
         _stream(model, x)                      # the form of the current weights is memoised
         for p in model.parameters():
             if how == "data":
                 p.data.mul_(0.5).add_(0.01)
             else:
-                view = p.detach().numpy()          # complex parameters are edited through .data
+                view = p.detach().numpy()      # shares p's memory, not its version counter
                 view *= 0.5
         ref = model(x)
         assert relative(_stream(model, x), ref) < 1e-5
@@ -345,3 +346,16 @@ def test_param_groups_keep_a_parametrized_ssm_parameter_in_its_group(layer, owne
     # a parametrized torch.nn building block still trains like the network
     parametrize.register_parametrization(model.encoder, "weight", Identity())
     assert setting_of(model, "encoder.parametrizations.weight.original") == (1e-3, 0.1)
+
+
+def test_a_move_or_cast_drops_the_memoised_form_and_its_weight_copies():
+    # The memo held a copy of every weight (and the form) in the old dtype or on the old device after
+    # .double() / .cpu(), until the next cache (review).
+    model = small_model("s4d").eval()
+    model.allocate_inference_cache(1)
+    assert all("_form_memo" in b.layer.__dict__ for b in model.blocks)
+    model.double()
+    assert not any("_form_memo" in b.layer.__dict__ for b in model.blocks)
+    x = torch.randn(2, 12, 3, dtype=torch.float64)
+    with torch.no_grad():     # float64 step and convolution agree to rounding (README: 1e-13)
+        assert (_stream(model, x) - model(x)).abs().max() < 1e-12
