@@ -22,6 +22,7 @@ import torch
 
 from lrnnx_zoo.kernels.keops_support import keops_available, keops_unavailable_reason
 from lrnnx_zoo.kernels.vandermonde import vandermonde_keops, vandermonde_torch
+from lrnnx_zoo.runtime import tune_allocator
 from lrnnx_zoo.scan import diagonal_scan, sequential_scan
 from lrnnx_zoo.training_cli import positive_int  # argparse type: 0 was a crash, not a usage error
 
@@ -136,10 +137,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=positive_int, default=5, help="timed calls; the minimum is reported (default 5)")
     ap.add_argument("--no-keops", action="store_true", help="skip the pykeops columns")
     ap.add_argument("--smoke", action="store_true", help="one tiny problem each: checks that it runs")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="do not call lrnnx_zoo.runtime.tune_allocator (measure page-fault costs too)")
     args = ap.parse_args()
+    # as the other timing benchmarks: glibc's default served the kernels' MB-sized outputs with fresh
+    # mmaps, and their page faults tripled the Vandermonde kernel's time (6.8 against 1.2-2.2 ms)
+    tuned = False if args.default_allocator else tune_allocator()
     sizes = SIZES["smoke" if args.smoke else "full"]
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, allocator {'tuned' if tuned else 'default'}")
     use_keops = not args.no_keops and keops_available()
     if use_keops:
         import pykeops

@@ -202,19 +202,35 @@ def test_bench_layers_smoke_prints_the_readme_table_rows():
     # The README's rows (s4d, lru (scan, default), lru (fft), s4) were printed as s4d/auto, lru/fft,
     # lru/scan and s4/auto, in another order
     header, *readme_rows = readme_table("Layers against the FFT floor")
-    assert header == ["shape", "layer", "forward ms", "× floor", "fwd+bwd ms", "× floor", "in a block: fwd+bwd ms",
-                      "× floor"]
+    assert header == ["shape", "layer", "forward ms", "× floor", "cold: × floor", "kernel generated: × floor",
+                      "fwd+bwd ms", "× floor", "in a block: fwd+bwd ms", "× floor"]
     out = run_script("bench_layers.py", "--smoke")
-    assert "shape          layer                  fwd ms  x floor  fwd+bwd ms  x floor  block f+b ms  x floor" in out
+    assert ("shape          layer                  fwd ms  x floor  cold x  gen x  fwd+bwd ms  x floor  block f+b ms"
+            "  x floor") in out
     lines = out.split("x floor\n", 1)[1].split("\n\n", 1)[0].splitlines()
     layers = [line[15:35].strip() for line in lines]       # shape (14) and layer (20) columns, then numbers
     assert layers == [row[1] for row in readme_rows[:len(layers)]]
-    (floor, _), *timed = [line[35:].split() for line in lines]
-    for fwd, x_floor, fwd_bwd, x_floor_bwd, block, x_floor_block in timed:   # ratios of the floor above them
+    (floor, *_), *timed = [line[35:].split() for line in lines]
+    for fwd, x_floor, cold, generated, fwd_bwd, x_floor_bwd, block, x_floor_block in timed:  # ratios of the floor
         assert ratio_of(x_floor, fwd, floor) and ratio_of(x_floor_bwd, fwd_bwd, floor)
         assert ratio_of(x_floor_block, block, floor)
+        assert float(cold) > 0 and float(generated) > 0
     memory = out.split("peak memory of one forward at B=1, L=16384, H=16, N=8", 1)[1]
     assert "lru (scan, default)" in memory and "x input" in memory
+
+
+def test_bench_layers_times_the_floor_and_the_layers_in_one_cache_state():
+    # The floor was timed first in each round, right after the previous round's heaviest call, and
+    # the layers after lighter ones: every ratio came out about 1.3x low (benchmark audit). Each
+    # timed call now follows an untimed call of itself (warm) or a 64 MB write (cold).
+    bench = load("bench_layers")
+    calls: List[str] = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    bench.interleaved_ms(fns, rounds=2, state="warm")
+    assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 2      # warm-up, then untimed + timed
+    calls.clear()
+    bench.interleaved_ms(fns, rounds=2, state="cold")
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 2                # warm-up, then a flush before each
 
 
 # -- bench_export.py ------------------------------------------------------------------------------
@@ -228,7 +244,7 @@ def test_bench_export_smoke_prints_the_readme_columns():
     head, row = out.split("per-step latency", 1)[1].splitlines()[1:3]
     assert head.split() == ["family", "nodes", "KiB", "max", "err", "ONNX", "eager", "TS", "pt2", "eager/ONNX",
                             "TS/ONNX", "ONNX", "tok/s", "b64", "eager", "tok/s", "b64", "256", "stream", "ms", "256",
-                            "conv", "ms", "256", "prefill", "ms"]
+                            "conv", "ms", "256", "conv", "1st", "ms", "256", "prefill", "ms"]
     family, nodes, _, err, onnx_us, eager_us, _, _, ratio, *_ = row.split()
     assert family == "s4d" and int(nodes) > 0 and float(err) < 1e-4
     assert float(ratio[:-1]) == pytest.approx(float(eager_us) / float(onnx_us), abs=0.06)   # 1 decimal printed
