@@ -92,6 +92,10 @@ class LRNN(nn.Module):
         """x: (B, L, H) -> y: (B, L, H). ``lengths``: (B,) valid lengths of a padded batch."""
         raise NotImplementedError
 
+    def __prepare_scriptable__(self) -> "LRNN":
+        # torch.jit.script calls this first: it failed on the source with "Unknown type annotation: 'str'"
+        raise refuse_torchscript(type(self).__name__)
+
     # -- input checking shared by every layer -------------------------------------------------
     def check_input(self, x: Tensor, lengths: Optional[Tensor] = None) -> None:
         """Raise a ValueError that says what was expected if x is not (B, L, d_model)."""
@@ -102,6 +106,7 @@ class LRNN(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (batch, length, d_model={d}), "
                 f"got {tuple(x.shape)}")
+        check_not_traced(type(self).__name__)
         check_floating(x, type(self).__name__)
         check_parameters_for(self, x, type(self).__name__)
         check_lengths(lengths, x.shape[0], x.shape[1])
@@ -186,6 +191,23 @@ def parameter_dtype() -> torch.dtype:
     float32-rounded A and dt (step and convolution 5e-8 apart instead of 1e-13)."""
     dtype = torch.get_default_dtype()
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def refuse_torchscript(who: str) -> TypeError:
+    """The error for torch.jit.script / torch.jit.trace of ``who``'s convolution mode."""
+    return TypeError(
+        f"torch.jit cannot compile {who}'s convolution mode: its FFT sizes, kernel lengths and blocks are Python "
+        f"ints read from the input's length (a trace would fix them to one length; TorchScript cannot parse the "
+        f"code). For TorchScript, export the recurrent step graph: lrnnx_zoo.export.to_torchscript(model, path) "
+        f"(or `lrnnx-zoo export --format torchscript`); for a whole-sequence program, torch.export.export(model, "
+        f"(x,)) (README, 'torch.compile')")
+
+
+def check_not_traced(who: str) -> None:
+    """Raise :func:`refuse_torchscript`'s error while torch.jit.trace records (also the TorchScript-based
+    torch.onnx exporter): it failed deep inside with "L must be a non-negative int, got tensor(16)"."""
+    if torch.jit.is_tracing():
+        raise refuse_torchscript(who)
 
 
 def check_floating(x: Tensor, who: str, autocast_hint: bool = True) -> None:

@@ -20,7 +20,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import (cache_owner, check_floating, check_lengths, check_parameters_for, check_stream_batch,
+from .base import (cache_owner, check_floating, check_lengths, check_not_traced, check_parameters_for,
+                   check_stream_batch, refuse_torchscript,
                    float32_under_autocast, made_by, mask_padding, stream_rows, unwrapped, valid_steps, values_only)
 from .hub_save import HubMixin, resampled_info
 from .registry import create_layer
@@ -506,8 +507,13 @@ class SequenceModel(HubMixin, nn.Module):
         cache["pool_mean"] = values_only(kept) if kept.requires_grad else kept    # values (LTI_LRNN.prefill)
         return self.decoder(mean), cache
 
+    def __prepare_scriptable__(self) -> "SequenceModel":
+        # torch.jit.script calls this first: it failed on a layer's source with "Unknown type annotation"
+        raise refuse_torchscript("SequenceModel")
+
     def _check_sequence(self, x: Tensor, lengths: Optional[Tensor]) -> Tensor:
         """x checked (and a half input under autocast made float32) for forward and prefill."""
+        check_not_traced("SequenceModel")
         cfg = self.config
         if not isinstance(x, Tensor):
             raise TypeError(f"SequenceModel expects a torch.Tensor of shape (batch, length, d_input={cfg.d_input}), "

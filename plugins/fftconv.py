@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_parameters_for, check_probability,
+from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_not_traced, check_parameters_for, check_probability,
                             check_sizes, current_form, float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
-                            needs_autograd, ordinary_tensor, weights_and_versions)
+                            needs_autograd, ordinary_tensor, refuse_torchscript, weights_and_versions)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
                                    channels_last_conv, circular_conv, conv_size, kernel_taps, reversed_spectrum,
                                    swap_time_and_channels, two_sided_kernel)
@@ -283,6 +283,9 @@ class FFTConvS4(nn.Module):
         y = y.transpose(2, 3) if self.swap_channels else y
         return y.reshape(y.shape[0], L, self.d_output)
 
+    def __prepare_scriptable__(self) -> "FFTConvS4":
+        raise refuse_torchscript("FFTConvS4")
+
     def _to_bhl(self, x: Tensor) -> Tensor:
         ok = isinstance(x, Tensor) and x.dim() == 3 and x.shape[1 if self.transposed else 2] == self.d_model
         if not ok:
@@ -290,6 +293,7 @@ class FFTConvS4(nn.Module):
                 f"(batch, length, d_model={self.d_model})"
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"FFTConvS4(transposed={self.transposed}) expects x of shape {want}, got {got}")
+        check_not_traced("FFTConvS4")
         x = float32_under_autocast(x)
         check_floating(x, "FFTConvS4")
         check_parameters_for(self, x, "FFTConvS4")

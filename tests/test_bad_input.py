@@ -317,3 +317,22 @@ def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch, fmt):
     with pytest.raises(OSError, match="disk full"):
         export(small_model(), tmp_path / "step.graph")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("what", ["model", "layer", "FFTConvS4", "S4"])
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torch_jit_of_the_convolution_mode_says_what_to_use_instead(what, how):
+    # torch.jit.script failed on the source ("Unknown type annotation: 'str'"), torch.jit.trace deep
+    # inside a kernel ("L must be a non-negative int, got tensor(16)"): neither said that TorchScript
+    # takes the step graph (to_torchscript) and torch.export the whole-sequence forward.
+    from lrnnx_zoo.convolution import FFTConvS4
+    from lrnnx_zoo.plugins.s4 import S4
+    torch.manual_seed(0)
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=2, d_output=3, d_model=8,
+                                                          n_layers=1, layer_kwargs={"d_state": 4})).eval()
+    module, x = {"model": (model, torch.randn(1, 16, 2)), "layer": (model.blocks[0].layer, torch.randn(1, 16, 8)),
+                 "FFTConvS4": (FFTConvS4(8, d_state=4), torch.randn(1, 8, 16)),
+                 "S4": (S4(8, d_state=4), torch.randn(1, 8, 16))}[what]
+    with pytest.raises(TypeError, match=r"torch.jit cannot compile \w+'s convolution mode.*"
+                                        r"lrnnx_zoo.export.to_torchscript.*torch.export.export"):
+        torch.jit.script(module) if how == "script" else torch.jit.trace(module, x)

@@ -16,9 +16,9 @@ from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from lrnnx_zoo.base import (LTI_LRNN, check_device, check_flags, check_floating, check_probability, check_reals, check_sizes,
-                            float32_under_autocast, mask_lengths_of_one_stream, mask_padding, needs_autograd,
-                            ordinary_tensor)
+from lrnnx_zoo.base import (LTI_LRNN, check_device, check_flags, check_floating, check_not_traced, check_probability,
+                            check_reals, check_sizes, float32_under_autocast, mask_lengths_of_one_stream, mask_padding,
+                            needs_autograd, ordinary_tensor, refuse_torchscript)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
                                    channels_last_conv, circular_conv, fast_fft_size, kernel_taps, reversed_spectrum,
                                    swap_time_and_channels, two_sided_kernel)
@@ -148,6 +148,9 @@ class S4(nn.Module):
         """Maps a state (..., H, S) to a flat (..., H*S) tensor."""
         return lambda state: state.reshape(*state.shape[:-2], -1)
 
+    def __prepare_scriptable__(self) -> "S4":
+        raise refuse_torchscript("S4")
+
     def forward(self, u: Tensor, rate: float = 1.0, state: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None, **kwargs: Any) -> Tuple[Tensor, Optional[Tensor]]:
         """u: (B, H, L) if transposed else (B, L, H) -> (y of the same layout, next_state).
@@ -164,6 +167,7 @@ class S4(nn.Module):
             want = f"(batch, d_model={self.h}, length)" if self.transposed else f"(batch, length, d_model={self.h})"
             got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
             raise ValueError(f"S4(transposed={self.transposed}) expects u of shape {want}, got {got}")
+        check_not_traced("S4")
         u = float32_under_autocast(u)
         check_floating(u, "S4")
         check_device(self, u, "S4")
