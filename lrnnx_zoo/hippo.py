@@ -55,7 +55,22 @@ __all__ = [
     "bilinear",
     "power",
     "krylov",
+    "LinearActivation",
+    "TransposedLinear",
+    "Activation",
+    "get_initializer",
 ]
+
+#: The S4 helpers DESIGN.md lists beside the HiPPO ones, defined by the S4 plugin
+#: (``lrnnx_zoo.plugins.s4``) and importable from here too, on first use (the core imports no plugin).
+_S4_HELPERS = ("LinearActivation", "TransposedLinear", "Activation", "get_initializer")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _S4_HELPERS:
+        from lrnnx_zoo.plugins.s4 import nn as s4_nn
+        return getattr(s4_nn, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Measures accepted by :func:`transition`.
 MEASURES = ("legt", "legs", "glagt", "lagt", "tlagt", "fourier", "random", "diagonal")

@@ -284,3 +284,15 @@ def test_nplr_is_diagonalised_once_per_measure_and_size(monkeypatch):
     hippo.nplr("fourier", 16, dtype=torch.float64)
     hippo.nplr("legs", 18, dtype=torch.float64)
     assert len(calls) == 4                               # another measure, another size: computed
+
+
+def test_the_s4_helpers_design_lists_beside_hippos_import_from_it():
+    # DESIGN.md lists LinearActivation, TransposedLinear, Activation and get_initializer with the
+    # HiPPO helpers of lrnnx_zoo.hippo; they lived only in the S4 plugin (a typing/docs audit).
+    import lrnnx_zoo.plugins.s4 as s4
+    from lrnnx_zoo import hippo
+    for name in ("LinearActivation", "TransposedLinear", "Activation", "get_initializer"):
+        assert getattr(hippo, name) is getattr(s4, name)
+        assert name in hippo.__all__
+    with pytest.raises(AttributeError, match="has no attribute 'Linear'"):
+        hippo.Linear
