@@ -479,8 +479,29 @@ def version_of(t: Tensor) -> Optional[int]:
 
 #: What a step form was built from (:func:`weights_and_versions`): where the module keeps each of its
 #: parameters, buffers and public tensor attributes (a submodule's ``_parameters``, ``_buffers`` or
-#: ``__dict__`` and the name), the tensor there, and the tensors' marks (:func:`versions`).
-Weights = Tuple[Tuple[Tuple[Dict[str, Any], str], ...], Tuple[Tensor, ...], List[Tuple[Optional[int], int]]]
+#: ``__dict__`` and the name), the tensor there, the tensors' marks (:func:`versions`), copies of
+#: their values (None while torch.compile traces) and, in a one-element list, the count of optimiser
+#: steps (:func:`optimizer_steps`) by which the values were last found equal to the copies.
+Weights = Tuple[Tuple[Tuple[Dict[str, Any], str], ...], Tuple[Tensor, ...], List[Tuple[Optional[int], int]],
+                Optional[Tuple[Tensor, ...]], List[int]]
+
+#: Optimiser steps taken in this process since streaming was first used (a global step hook).
+_OPTIMIZER_STEPS = [0]
+_OPTIMIZER_HOOK: List[Any] = []
+
+
+def optimizer_steps() -> int:
+    """How many torch optimiser steps this process has taken since the first call (which registers a
+    global ``torch.optim`` step hook counting them). torch's fused optimisers (``AdamW(fused=True)``,
+    ...) change the parameters in place without moving their version counters: a running stream
+    stepped on with the old weights after one (1.08 off where outputs reach 1.25)."""
+    if not _OPTIMIZER_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        def count(*_: Any) -> None:
+            _OPTIMIZER_STEPS[0] += 1
+        _OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(count))
+    return _OPTIMIZER_STEPS[0]
 
 
 def plain_settings(module: nn.Module) -> Tuple[Tuple[str, Any], ...]:
@@ -507,7 +528,11 @@ def weights_and_versions(module: nn.Module) -> Weights:
                   for name, t in list(owner.items())
                   if t is not None and (owner is not sub.__dict__ or (isinstance(t, Tensor) and not name.startswith("_"))))
     tensors = tuple(owner[name] for owner, name in slots)
-    return slots, tensors, versions(tensors)
+    if torch.compiler.is_compiling():
+        return slots, tensors, versions(tensors), None, [0]
+    with lasting_tensors():
+        copies = tuple(t.detach().clone() for t in tensors)
+    return slots, tensors, versions(tensors), copies, [optimizer_steps()]
 
 
 def versions(tensors: Sequence[Tensor]) -> List[Tuple[Optional[int], int]]:
@@ -531,8 +556,10 @@ def contents_equal(tensors: Sequence[Tensor], copies: Sequence[Tensor]) -> bool:
 def unchanged(weights: Weights) -> bool:
     """Whether the module that ``weights`` were taken from still holds those tensors, unchanged. A
     per-step check (3 us for a layer's six parameters). The slots catch tensors replaced by new
-    ones: load_state_dict(assign=True) (the meta-device idiom), ``layer.D = nn.Parameter(...)``."""
-    slots, tensors, marks = weights
+    ones: load_state_dict(assign=True) (the meta-device idiom), ``layer.D = nn.Parameter(...)``;
+    after an optimiser step anywhere in the process (:func:`optimizer_steps`), the values are compared
+    with the copies once (a fused optimiser moves no version counter)."""
+    slots, tensors, marks, copies, seen = weights
     # The slots only under torch.compile (dynamo guards on what they hold): it cannot compare data
     # pointers, and reads versions as data-dependent values, so either check broke the graph of every
     # compiled step and left SequenceModel.step's loop over blocks eager. A compiled step does not see
@@ -543,9 +570,14 @@ def unchanged(weights: Weights) -> bool:
         for (owner, name), t, (version, pointer) in zip(slots, tensors, marks):
             if owner.get(name) is not t or t._version != version or t.data_ptr() != pointer:
                 return False
-        return True
     except RuntimeError:        # an inference tensor among them (no version counter)
-        return all(owner.get(name) is t for (owner, name), t in zip(slots, tensors)) and versions(tensors) == marks
+        if not (all(owner.get(name) is t for (owner, name), t in zip(slots, tensors)) and versions(tensors) == marks):
+            return False
+    if copies is not None and seen[0] != _OPTIMIZER_STEPS[0]:
+        if not contents_equal(tensors, copies):
+            return False
+        seen[0] = _OPTIMIZER_STEPS[0]
+    return True
 
 
 def current_form(module: nn.Module, form: nn.Module, weights: Weights, build: Callable[[], nn.Module],
@@ -703,7 +735,6 @@ class LTI_LRNN(LRNN):
             # forward refused half parameters, step ran in them: bfloat16 S4D steps were 0.165 off float32
             check_parameter_dtype(self, who)
             raise TypeError(f"{who} on the CPU steps in float32 or float64, got dtype={dtype}")
-        weights = weights_and_versions(self)
         # The form of the last cache, while the weights are those it was built from: caches share it,
         # as forks do (a form is never changed, only replaced). Each cache built its own before: 50
         # streams of a 4-block LRU (d_model 128) held 52 MB of forms for 0.1 MB of states, S4's 76 MB.
@@ -716,9 +747,10 @@ class LTI_LRNN(LRNN):
         # memory) moves no version, and new streams were handed the old weights' form (LRU 0.2 off).
         memo = self.__dict__.get("_form_memo")
         if (memo is not None and not compiling and memo[0] == key and unchanged(memo[1])
-                and contents_equal(memo[1][1], memo[3])):
-            form = memo[2]
+                and contents_equal(memo[1][1], memo[1][3])):
+            weights, form = memo[1], memo[2]       # the record too: its copies serve every cache of the form
         else:
+            weights = weights_and_versions(self)
             with lasting_tensors(), step_form_dtype(dtype), without_autocast(ref.device.type):
                 try:
                     form = self.step_form()
@@ -732,9 +764,7 @@ class LTI_LRNN(LRNN):
                 check_step_form(form, f"{name}.step_form()", getattr(self, "d_model", None))
                 form = form.to(device=ref.device, dtype=dtype)
             if not compiling:
-                with lasting_tensors():
-                    copies = tuple(t.detach().clone() for t in weights[1])
-                self.__dict__["_form_memo"] = (key, weights, form, copies)
+                self.__dict__["_form_memo"] = (key, weights, form)
         with lasting_tensors():
             state = torch.zeros(batch_size, form.state_size, device=ref.device, dtype=dtype)
         # "layer": whose cache it is; another layer's stepped silently with that layer's weights

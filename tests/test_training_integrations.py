@@ -359,3 +359,27 @@ def test_a_move_or_cast_drops_the_memoised_form_and_its_weight_copies():
     x = torch.randn(2, 12, 3, dtype=torch.float64)
     with torch.no_grad():     # float64 step and convolution agree to rounding (README: 1e-13)
         assert (_stream(model, x) - model(x)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("layer", FAMILIES)
+def test_a_running_stream_refuses_to_go_on_after_a_fused_optimiser_step(layer):
+    # torch's fused optimisers change parameters in place without moving their version counters: an
+    # old cache stepped on with the old weights (1.08 off where outputs reach 1.25; global-modes audit).
+    model = small_model(layer)
+    x = torch.randn(2, 6, 3)
+    with torch.no_grad():
+        model(x)                                   # S4's C~ for this length, before the cache
+        cache = model.eval().allocate_inference_cache(2)
+        _, cache = model.step(x[:, 0], cache)
+    other = torch.nn.Linear(2, 2)                  # another model's optimiser step changes nothing here
+    torch.optim.SGD(other.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        _, cache = model.step(x[:, 1], cache)
+    model.train()
+    model(x).square().sum().backward()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    versions = [p._version for p in model.parameters()]
+    opt.step()
+    assert [p._version for p in model.parameters()] == versions      # what made this case silent
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"weights changed since this cache was made"):
+        model.eval().step(x[:, 2], cache)
