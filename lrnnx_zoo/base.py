@@ -102,6 +102,7 @@ class LRNN(nn.Module):
         d = getattr(self, "d_model", None)
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor of shape (B, L, {d}), got {type(x).__name__}")
+        check_dense(x, type(self).__name__)
         if x.dim() != 3 or (d is not None and x.shape[-1] != d):
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (batch, length, d_model={d}), "
@@ -210,6 +211,17 @@ def check_not_traced(who: str) -> None:
         raise refuse_torchscript(who)
 
 
+def check_dense(x: Tensor, who: str) -> None:
+    """Raise a TypeError naming ``who`` unless x is an ordinary dense (strided) tensor: nested, sparse
+    and masked tensors failed deep inside ("NestedTensorImpl doesn't support sizes", "reshape is not
+    implemented for sparse tensors", ...). Sequences of several lengths go in padded, with lengths."""
+    kind = ("a nested tensor" if x.is_nested else f"a {x.layout} tensor" if x.layout != torch.strided
+            else "a MaskedTensor" if type(x).__name__ == "MaskedTensor" else None)
+    if kind is not None:
+        raise TypeError(f"{who} expects a dense tensor (torch.strided), got {kind}: pad the sequences to one length "
+                        f"(torch.nn.utils.rnn.pad_sequence(..., batch_first=True)) and pass lengths=")
+
+
 def check_floating(x: Tensor, who: str, autocast_hint: bool = True) -> None:
     """Raise a TypeError naming ``who`` if x is not floating point (the layers are real-valued;
     integers would otherwise be cast silently by some paths and fail deep inside others), or is
@@ -261,12 +273,18 @@ def _check_parameter_dtype(ref: Tensor, who: str) -> None:
                         f"under torch.autocast('cpu', dtype={ref.dtype})")
 
 
+def lengths_tensor(lengths: Any) -> Tensor:
+    """``lengths`` as a tensor where it is: a tensor as given, a list on the CPU. (torch.as_tensor
+    moved a CPU tensor to a default device set with torch.set_default_device, away from the data.)"""
+    return lengths if isinstance(lengths, Tensor) else torch.as_tensor(lengths, device="cpu")
+
+
 def check_lengths(lengths: Optional[Tensor], batch: int, length: int) -> None:
     """Raise unless ``lengths`` is None or holds ``batch`` integers in [0, length] (the valid
     lengths of a padded (batch, length, ...) input)."""
     if lengths is None:
         return
-    lengths = torch.as_tensor(lengths)
+    lengths = lengths_tensor(lengths)
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must hold integers (e.g. torch.long), got {lengths.dtype}")
     if lengths.shape != (batch,):

@@ -20,8 +20,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import (cache_owner, check_floating, check_lengths, check_not_traced, check_parameters_for,
-                   check_stream_batch, refuse_torchscript,
+from .base import (cache_owner, check_dense, check_floating, check_lengths, check_not_traced, check_parameters_for,
+                   check_stream_batch, lengths_tensor, refuse_torchscript,
                    float32_under_autocast, made_by, mask_padding, stream_rows, unwrapped, valid_steps, values_only)
 from .hub_save import HubMixin, resampled_info
 from .registry import create_layer
@@ -400,9 +400,9 @@ def prefill_layer(layer: nn.Module, x: Tensor, lengths: Optional[Tensor]) -> Tup
     one length only: a stepped cache holds the state after the whole padded input)."""
     if hasattr(layer, "prefill"):
         return layer.prefill(x, lengths=lengths)
-    if lengths is not None and bool((torch.as_tensor(lengths) != x.shape[1]).any()):
+    if lengths is not None and bool((lengths_tensor(lengths) != x.shape[1]).any()):
         raise ValueError(f"{type(layer).__name__} has no prefill(x, lengths), so its state is found by stepping "
-                         f"through x, which needs sequences of one length; got lengths {torch.as_tensor(lengths).tolist()} "
+                         f"through x, which needs sequences of one length; got lengths {lengths_tensor(lengths).tolist()} "
                          f"for length {x.shape[1]}. Prefill each length separately")
     y = layer(x, lengths=lengths)
     cache = stream_method(layer, "allocate_inference_cache")(x.shape[0])
@@ -518,6 +518,7 @@ class SequenceModel(HubMixin, nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"SequenceModel expects a torch.Tensor of shape (batch, length, d_input={cfg.d_input}), "
                             f"got {type(x).__name__}")
+        check_dense(x, "SequenceModel")
         if x.dim() != 3 or x.shape[-1] != cfg.d_input:
             raise ValueError(f"SequenceModel expects x of shape (batch, length, d_input={cfg.d_input}), "
                              f"got {tuple(x.shape)}")
@@ -528,7 +529,7 @@ class SequenceModel(HubMixin, nn.Module):
         # lengths failed first, in a broadcast ("The size of tensor a (3) must match ...").
         check_lengths(lengths, x.shape[0], x.shape[1])
         # Without lengths, a Python test on the shape: a tensor's .item() broke torch.compile's graph.
-        steps = None if lengths is None else torch.as_tensor(lengths)
+        steps = None if lengths is None else lengths_tensor(lengths)
         # lengths' values are not read while torch.compile traces (a data-dependent branch breaks the
         # graph); under vmap, those of the whole batch are (unwrapped)
         compiling = torch.compiler.is_compiling()

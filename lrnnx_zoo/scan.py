@@ -170,8 +170,9 @@ def _scan_(s: Tensor, lam_hi: Tensor, reverse: bool, T: int) -> None:
     carry = v[:, :, 0 if reverse else T - 1].contiguous()      # (B, C, N)
     _scan_(carry, pw[T], reverse, T)
     # (3) fix-up: add the carry entering each chunk, propagated t+1 (or T-t) steps in.
-    k = torch.arange(T, 0, -1) if reverse else torch.arange(1, T + 1)
-    prop = pw[k.to(pw.device)].to(s.dtype).permute(1, 0, 2).unsqueeze(1)   # (Bl, 1, T, N)
+    # on pw's device: a default device set by the user (torch.set_default_device) is not the data's
+    k = torch.arange(T, 0, -1, device=pw.device) if reverse else torch.arange(1, T + 1, device=pw.device)
+    prop = pw[k].to(s.dtype).permute(1, 0, 2).unsqueeze(1)   # (Bl, 1, T, N)
     if reverse:
         v[:, :-1].addcmul_(prop, carry[:, 1:].unsqueeze(2))
     else:

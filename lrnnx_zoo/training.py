@@ -454,10 +454,12 @@ def checkpoint_data(info: Dict[str, Any]) -> TaskData:
 # -- the loop --------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _deterministic() -> Iterator[None]:
-    """Ask for deterministic kernels (warn instead of fail where an op has none), then restore."""
+    """Ask for deterministic kernels (warn instead of fail where an op has none), then restore. A
+    caller's strict setting (``use_deterministic_algorithms(True)``) is kept: it was relaxed to
+    warnings for the run (global-modes audit)."""
     before = torch.are_deterministic_algorithms_enabled()
     warn_before = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True, warn_only=warn_before or not before)
     try:
         yield
     finally:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import (LTI_LRNN, check_flags, check_floating, check_not_traced, check_parameters_for, check_probability,
+from lrnnx_zoo.base import (LTI_LRNN, check_dense, check_flags, check_floating, check_not_traced, check_parameters_for, check_probability,
                             check_sizes, current_form, float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
                             needs_autograd, ordinary_tensor, refuse_torchscript, weights_and_versions)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
@@ -287,6 +287,8 @@ class FFTConvS4(nn.Module):
         raise refuse_torchscript("FFTConvS4")
 
     def _to_bhl(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor):
+            check_dense(x, "FFTConvS4")
         ok = isinstance(x, Tensor) and x.dim() == 3 and x.shape[1 if self.transposed else 2] == self.d_model
         if not ok:
             want = f"(batch, d_model={self.d_model}, length)" if self.transposed else \

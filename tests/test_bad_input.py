@@ -336,3 +336,41 @@ def test_torch_jit_of_the_convolution_mode_says_what_to_use_instead(what, how):
     with pytest.raises(TypeError, match=r"torch.jit cannot compile \w+'s convolution mode.*"
                                         r"lrnnx_zoo.export.to_torchscript.*torch.export.export"):
         torch.jit.script(module) if how == "script" else torch.jit.trace(module, x)
+
+
+@pytest.mark.parametrize("kind", ["nested", "sparse", "masked"])
+@pytest.mark.parametrize("where", ["model", "layer"])
+def test_non_dense_inputs_are_refused_with_the_padded_alternative(kind, where):
+    # A nested tensor (the natural try for sequences of several lengths), a sparse or a masked one
+    # failed deep inside ("NestedTensorImpl doesn't support sizes", "reshape is not implemented for
+    # sparse tensors", "unsupported operand type(s) for @"; global-modes audit).
+    import warnings
+    torch.manual_seed(0)
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=4, d_output=3, d_model=4,
+                                                          n_layers=1, layer_kwargs={"d_state": 4}))
+    module = model if where == "model" else model.blocks[0].layer
+    dense = torch.randn(2, 6, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # torch's prototype warnings for nested and masked tensors
+        x = {"nested": lambda: torch.nested.nested_tensor([dense[0], dense[1, :3]]),
+             "sparse": lambda: dense.to_sparse(),
+             "masked": lambda: torch.masked.masked_tensor(dense, torch.ones_like(dense, dtype=torch.bool))}[kind]()
+        with pytest.raises(TypeError, match=r"expects a dense tensor \(torch.strided\), got a .* pass lengths="):
+            module(x)
+
+
+def test_a_default_device_other_than_the_datas_leaves_cpu_data_on_the_cpu():
+    # With torch.set_default_device(...) (here "meta", standing in for "cuda"), LRU's scan built an
+    # index on that device and the lengths check moved a CPU lengths tensor there: "Cannot copy out of
+    # meta tensor" (global-modes audit).
+    torch.manual_seed(0)
+    layers = [lrnnx_zoo.create_layer(name, 4, d_state=4) for name in ("lru", "s4d")]
+    x, lengths = torch.randn(2, 80, 4), torch.tensor([80, 50])
+    expected = [layer(x, lengths=lengths) for layer in layers]
+    torch.set_default_device("meta")
+    try:
+        got = [layer(x, lengths=lengths) for layer in layers]
+    finally:
+        torch.set_default_device(None)
+    for g, e in zip(got, expected):
+        assert g.device.type == "cpu" and torch.equal(g, e)

@@ -664,3 +664,21 @@ def test_param_groups_put_the_seed_style_layers_state_space_parameters_at_ssm_lr
             for p in group["params"]:
                 if not names[id(p)].startswith("output_linear"):
                     assert group["weight_decay"] == 0.0 and group["lr"] <= 1e-3, (names[id(p)], group["lr"])
+
+
+@pytest.mark.parametrize("enabled, warn_only", [(False, False), (True, True), (True, False)])
+def test_train_keeps_the_callers_determinism_setting_at_least_as_strict(enabled, warn_only):
+    # train() asked for use_deterministic_algorithms(True, warn_only=True), relaxing a caller's strict
+    # setting to warnings for the run (global-modes audit); the caller's comes back afterwards.
+    from lrnnx_zoo.training import _deterministic
+
+    def setting():
+        return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    try:
+        before = setting()
+        with _deterministic():
+            assert setting() == (True, warn_only or not enabled)       # on, and strict if it was strict
+        assert setting() == before
+    finally:
+        torch.use_deterministic_algorithms(False)

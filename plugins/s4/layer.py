@@ -16,7 +16,7 @@ from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from lrnnx_zoo.base import (LTI_LRNN, check_device, check_flags, check_floating, check_not_traced, check_probability,
+from lrnnx_zoo.base import (LTI_LRNN, check_dense, check_device, check_flags, check_floating, check_not_traced, check_probability,
                             check_reals, check_sizes, float32_under_autocast, mask_lengths_of_one_stream, mask_padding,
                             needs_autograd, ordinary_tensor, refuse_torchscript)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
@@ -163,6 +163,8 @@ class S4(nn.Module):
         Other keyword arguments are accepted and ignored, as by the seed.
         """
         axis = 1 if self.transposed else 2
+        if isinstance(u, Tensor):
+            check_dense(u, "S4")
         if not isinstance(u, Tensor) or u.dim() != 3 or u.shape[axis] != self.h:
             want = f"(batch, d_model={self.h}, length)" if self.transposed else f"(batch, length, d_model={self.h})"
             got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
