@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import (LTI_LRNN, check_dense, check_flags, check_floating, check_not_traced, check_parameters_for, check_probability,
-                            check_sizes, current_form, float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
-                            needs_autograd, ordinary_tensor, refuse_torchscript, weights_and_versions)
+from lrnnx_zoo.base import (LTI_LRNN, check_dense, check_flags, check_floating, check_not_traced, check_parameters_for,
+                            check_probability, check_sizes, current_form, float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
+                            needs_autograd, ordinary_tensor, parameter_dtype, refuse_torchscript, weights_and_versions)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
                                    channels_last_conv, circular_conv, conv_size, kernel_taps, reversed_spectrum,
                                    swap_time_and_channels, two_sided_kernel)
@@ -171,7 +171,7 @@ class FFTConvS4(nn.Module):
         except TypeError as exc:
             raise TypeError(f"kernel {self.kernel_type!r} ({cls.__name__}) rejected the arguments "
                             f"{_unknown_arguments(cls, args)}: {exc}. It takes {inspect.signature(cls.__init__)}") from exc
-        self.D = nn.Parameter(torch.randn(channels, d_model))
+        self.D = nn.Parameter(torch.randn(channels, d_model, dtype=parameter_dtype()))
         self._step: Optional[StepForm] = None
 
     @property
@@ -476,7 +476,8 @@ class FFTConvLayer(LTI_LRNN):
         self.d_model, self.d_state, self.bidirectional = d_model, d_state, bidirectional
         self.conv = FFTConvS4(d_model, l_max=l_max, channels=channels, transposed=False, kernel_type=kernel_type,
                               bidirectional=bidirectional, param_config={"d_state": d_state, **kernel_args})
-        self.mix = nn.Linear(channels * d_model, d_model) if channels > 1 or bidirectional else None
+        self.mix = (nn.Linear(channels * d_model, d_model, dtype=parameter_dtype())
+                    if channels > 1 or bidirectional else None)
 
     def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:

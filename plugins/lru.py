@@ -128,11 +128,11 @@ class LRU(LTI_LRNN):
         self.nu_log = nn.Parameter(nu_log)
         self.theta_log = nn.Parameter(theta_log)
         # Glorot-like scale so that ||B u|| ~ ||u|| before the gamma normalisation.
-        self.B_re = nn.Parameter(torch.randn(d_state, d_model) / math.sqrt(2 * d_model))
-        self.B_im = nn.Parameter(torch.randn(d_state, d_model) / math.sqrt(2 * d_model))
-        self.C_re = nn.Parameter(torch.randn(d_model, d_state) / math.sqrt(d_state))
-        self.C_im = nn.Parameter(torch.randn(d_model, d_state) / math.sqrt(d_state))
-        self.D = nn.Parameter(torch.randn(d_model))
+        self.B_re = nn.Parameter(torch.randn(d_state, d_model, dtype=parameter_dtype()) / math.sqrt(2 * d_model))
+        self.B_im = nn.Parameter(torch.randn(d_state, d_model, dtype=parameter_dtype()) / math.sqrt(2 * d_model))
+        self.C_re = nn.Parameter(torch.randn(d_model, d_state, dtype=parameter_dtype()) / math.sqrt(d_state))
+        self.C_im = nn.Parameter(torch.randn(d_model, d_state, dtype=parameter_dtype()) / math.sqrt(d_state))
+        self.D = nn.Parameter(torch.randn(d_model, dtype=parameter_dtype()))
         self.gamma_log = nn.Parameter(gamma_log_init(nu_log))
 
     def log_lambda(self, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -258,8 +258,8 @@ class LRUKernel(ChannelModalKernel):
         self.nu_log = nn.Parameter(nu_log.reshape(H, N))
         self.theta_log = nn.Parameter(theta_log.reshape(H, N))
         # Single input per system: B ~ CN(0, 1) keeps E|B u|^2 = |u|^2 before gamma.
-        self.B = nn.Parameter(torch.randn(H, N, 2) * math.sqrt(0.5))
-        self.C = nn.Parameter(torch.randn(channels, H, N, 2) * math.sqrt(0.5 / N))
+        self.B = nn.Parameter(torch.randn(H, N, 2, dtype=parameter_dtype()) * math.sqrt(0.5))
+        self.C = nn.Parameter(torch.randn(channels, H, N, 2, dtype=parameter_dtype()) * math.sqrt(0.5 / N))
         self.gamma_log = nn.Parameter(gamma_log_init(self.nu_log))
 
     def discretize(self, dtype: torch.dtype = torch.complex64, rate: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]:

@@ -107,7 +107,7 @@ class S4DKernel(ChannelModalKernel):
         self.A_imag = nn.Parameter(A.imag.to(real))
         self.B = nn.Parameter(torch.view_as_real(B).to(real))
         # C ~ CN(0, 1): each part N(0, 1/2).
-        self.C = nn.Parameter(torch.randn(channels, H, M, 2) * math.sqrt(0.5))
+        self.C = nn.Parameter(torch.randn(channels, H, M, 2, dtype=real) * math.sqrt(0.5))
 
     def continuous(self, dtype: torch.dtype = torch.complex64) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """A, B: (H, N/2) complex;  C: (C, H, N/2) complex;  dt: (H, 1) real."""
@@ -158,7 +158,7 @@ class S4D(LTI_LRNN):
         check_reals("S4D", dt_min=dt_min, dt_max=dt_max)
         self.d_model, self.d_state = d_model, d_state
         self.kernel = S4DKernel(d_model, d_state, 1, init, discretization, dt_min, dt_max, backend)
-        self.D = nn.Parameter(torch.randn(d_model))
+        self.D = nn.Parameter(torch.randn(d_model, dtype=parameter_dtype()))
 
     def discretize(self, dtype: torch.dtype = torch.complex64) -> Tuple[Tensor, Tensor, Tensor]:
         """(A_bar, B_bar): (H, N/2) complex, C: (H, N/2) complex."""

@@ -374,3 +374,22 @@ def test_a_default_device_other_than_the_datas_leaves_cpu_data_on_the_cpu():
         torch.set_default_device(None)
     for g, e in zip(got, expected):
         assert g.device.type == "cpu" and torch.equal(g, e)
+
+
+@pytest.mark.parametrize("name, kw", [("lru", {}), ("s4d", {}), ("s4", {}), ("fftconv", {"channels": 2}),
+                                      ("fftconv", {"kernel_type": "lru"})])
+@pytest.mark.parametrize("default", [torch.float16, torch.bfloat16])
+def test_layers_built_under_a_half_default_dtype_hold_float32_parameters(name, kw, default):
+    # parameter_dtype() says layers make their parameters in float32 when the default dtype is half;
+    # LRU's B, C and D, every D, S4D's C and fftconv's mix followed the default, so an LRU trained in
+    # float16 unnoticed (its first parameter, checked, was float32) or failed in torch.complex
+    # (global-modes audit).
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        torch.manual_seed(0)
+        layer = lrnnx_zoo.create_layer(name, 8, d_state=4, **kw)
+    finally:
+        torch.set_default_dtype(before)
+    assert {p.dtype for p in layer.parameters()} == {torch.float32}
+    assert torch.isfinite(layer(torch.randn(1, 16, 8))).all()

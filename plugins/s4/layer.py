@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lrnnx_zoo.base import (LTI_LRNN, check_dense, check_device, check_flags, check_floating, check_not_traced, check_probability,
                             check_reals, check_sizes, float32_under_autocast, mask_lengths_of_one_stream, mask_padding,
-                            needs_autograd, ordinary_tensor, refuse_torchscript)
+                            needs_autograd, ordinary_tensor, parameter_dtype, refuse_torchscript)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
                                    channels_last_conv, circular_conv, fast_fft_size, kernel_taps, reversed_spectrum,
                                    swap_time_and_channels, two_sided_kernel)
@@ -116,7 +116,7 @@ class S4(nn.Module):
             check_sizes("S4", l_max=l_max)
         self.h, self.n, self.L, self.channels = d_model, d_state, l_max, channels
         self.bidirectional, self.transposed = bidirectional, transposed
-        self.D = nn.Parameter(torch.randn(channels, d_model))
+        self.D = nn.Parameter(torch.randn(channels, d_model, dtype=parameter_dtype()))
         self.kernel = HippoSSKernel(d_model, N=d_state, L=l_max, channels=channels * (2 if bidirectional else 1),
                                     **kernel_args)
         if activation == "glu" and (channels * d_model) % 2:
@@ -301,7 +301,7 @@ class S4Layer(LTI_LRNN):
                                     channels=2 if bidirectional else 1, dt_min=dt_min, dt_max=dt_max,
                                     trainable=trainable, lr=lr, wd=wd, measure_args=measure_args, n_ssm=n_ssm,
                                     discretization=discretization, backend=backend)
-        self.D = nn.Parameter(torch.randn(d_model))
+        self.D = nn.Parameter(torch.randn(d_model, dtype=parameter_dtype()))
 
     def discretize(self) -> Tuple[Tensor, Tensor, Tensor]:
         """(A_bar (H, N, N), B_bar (H, N), C (C, H, N)) in real coordinates, float64 (see plugins.s4.dense)."""
