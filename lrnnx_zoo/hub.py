@@ -902,7 +902,7 @@ def _check_no_nan(found: Dict[str, Any], path: Path, parameters: Iterable[str] =
     negative BatchNorm running variance (NaN outputs from its square root)."""
     params = set(parameters)
     bad = [k for k in sorted(found) if found[k].is_floating_point()
-           and bool((~found[k].isfinite() if k in params else found[k].isnan()).any())]
+           and (not bool(found[k].isfinite().all()) if k in params else bool(found[k].isnan().any()))]
     if bad:
         raise CheckpointError(f"{path} holds NaN{' or infinite' if params & set(bad) else ''} weights in "
                               f"{_few(bad, ', ')}; the run that saved them diverged or the file is damaged. "

@@ -109,13 +109,18 @@ class ModelConfig:
                 raise TypeError(f"ModelConfig.{name} must be {expected}, got {value!r} ({type(value).__name__})")
 
     def parameter_estimate(self) -> int:
-        """A rough upper estimate of the parameter count (block maps, layer state, kernel taps)."""
+        """A rough upper estimate of the parameter count (block maps, layer state, kernel taps): per
+        block 3 d_model^2 for its maps (the GLU's 2 d_model^2, and room for a layer's own d_model^2;
+        4 d_model^2 refused 0.54e9-parameter models as 1.1e9, an audit), fftconv's channel mix, the
+        layer's state matrices and kernel taps."""
         kw = self.layer_kwargs
         state = kw.get("d_state") or 64
         channels = kw.get("channels") or 1
         taps = kw.get("l_max") or 0
         rank = kw.get("rank") or 0      # S4's low-rank correction P: (rank, d_model, d_state / 2) complex
-        per_block = self.d_model * (4 * self.d_model + (4 * channels + rank) * state + channels * taps)
+        mixed = channels * (2 if kw.get("bidirectional") is True else 1)    # fftconv mixes these back to d_model
+        mix = mixed * self.d_model if mixed > 1 else 0
+        per_block = self.d_model * (3 * self.d_model + mix + (4 * channels + rank) * state + channels * taps)
         return self.n_layers * per_block + self.d_model * (self.d_input + self.d_output + 4)
 
     def sizes(self) -> str:
