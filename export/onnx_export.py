@@ -22,12 +22,12 @@ import os
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lrnnx_zoo.chunk_forms import check_chunk
 from lrnnx_zoo.step_forms import onnx_ops
@@ -112,13 +112,43 @@ def _weight_bytes(module: ChunkModule) -> Tuple[int, int]:
     return forms, size("") - forms - size("step.forms.")
 
 
-def check_graph_size(step: StepModule, T: int) -> None:
+def tensor_bytes(module: nn.Module, skip: Iterable[nn.Module] = ()) -> int:
+    """Bytes of ``module``'s parameters and buffers, each tensor once, leaving out those of ``skip``."""
+    left_out = {id(t) for m in skip for t in (*m.parameters(), *m.buffers())}
+    seen = {id(t): t for t in (*module.parameters(), *module.buffers()) if id(t) not in left_out}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def _too_large(what: str, size: float) -> ExportError:
+    return ExportError(f"{what} holds {size / 1e6:.4g} MB of weights, more than one ONNX file holds "
+                       f"({ONNX_FILE_LIMIT / 1e6:.4g} MB: protobuf's limit); export it with to_torchscript or "
+                       f"to_torch_export (`--format torchscript` / `torch-export`), which have no such limit")
+
+
+def check_model_fits(model: nn.Module) -> None:
+    """Refuse a model whose weights outside its sequence layers (encoder, norms, GLUs, decoder: they go
+    into a step graph as they are) already pass :data:`ONNX_FILE_LIMIT`, before its step forms are
+    built (3-4x the layers' weights at the peak) and traced: a 2 GiB graph spent minutes and GBs, then
+    failed with protobuf's "Failed to serialize proto" (a scale audit)."""
+    layers = [block.layer for block in getattr(model, "blocks", ())]
+    outside = tensor_bytes(model, layers)
+    if outside > ONNX_FILE_LIMIT:
+        raise _too_large("the part of the model outside its sequence layers (encoder, norms, GLUs, decoder)", outside)
+
+
+def check_graph_size(step: StepModule, T: Optional[int]) -> None:
     """Refuse a chunk graph of T steps whose weights exceed :data:`ONNX_FILE_LIMIT` (protobuf messages
     stop at 2 GiB), before its chunk module is built: the chunk forms' matrices grow as T^2 (a
     per-channel one T (T + 2N) per channel: 4 per-channel blocks of d_model=256, N=64 hold 1.3 GB at
     T=512), so their weights are a T^2 + b T + c, found exactly from the modules of 1, 2 and 3 steps.
     Checked on the built module, a chunk no file holds was refused after the build: the forecaster
-    at chunk=3000 after 26 s and 12.5 GB at the peak, at chunk=5000 not in 5 minutes."""
+    at chunk=3000 after 26 s and 12.5 GB at the peak, at chunk=5000 not in 5 minutes. ``T`` None: the
+    step graph's own weights (its step forms and the model's other weights), before it is traced."""
+    if T is None:
+        size = tensor_bytes(step)
+        if size > ONNX_FILE_LIMIT:
+            raise _too_large("the step graph of this model", size)
+        return
     (s1, rest), (s2, _), (s3, _) = (_weight_bytes(ChunkModule(step, t)) for t in (1, 2, 3))
     a = (s3 - 2 * s2 + s1) / 2
     b = s2 - s1 - 3 * a
@@ -282,13 +312,13 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
     opset, exporter = resolve_opset(opset, exporter, record)
     with output_location(path, "path") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
+        check_model_fits(model)
         step = build_step_module(model)
         extra: Dict[str, Any] = {"format": "onnx", "opset": str(opset), "batch": str(batch or "dynamic"),
                                  "quantization": quantize or "none"}
         metadata = graph_metadata(step, model, info, {**extra, **chunk_metadata(chunk)})
         # before the seconds of tracing (and the chunk forms' gigabytes)
-        if chunk is not None:
-            check_graph_size(step, chunk)
+        check_graph_size(step, chunk)
         step, x = chunked(step, validation_input, chunk, batch)
         proto = export_graph(step, opset, batch, exporter, record)
         tmp_float, tmp_q = _temp_path(path, "float"), _temp_path(path, "int8")

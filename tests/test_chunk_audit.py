@@ -191,6 +191,29 @@ def test_a_chunk_graph_too_large_for_one_onnx_file_is_refused_before_tracing(tmp
     assert not built
 
 
+def test_a_step_graph_too_large_for_one_onnx_file_is_refused_before_tracing(tmp_path, monkeypatch):
+    # A model near protobuf's 2 GiB was built, traced for minutes and many GB, then failed with "Failed
+    # to serialize proto" (a scale audit). Checked with the limit lowered to this model's scale: the
+    # weights outside the layers before the step forms are built, the step graph's before tracing.
+    from lrnnx_zoo.export import ExportError, onnx_export
+    model = small_model("s4d")
+    step_bytes = onnx_export.tensor_bytes(onnx_export.build_step_module(model))
+    outside = onnx_export.tensor_bytes(model, [block.layer for block in model.blocks])
+    assert outside < step_bytes
+    traced, built = [], []
+    monkeypatch.setattr(onnx_export, "export_graph", lambda *a, **k: traced.append(a) or pytest.fail("traced"))
+    monkeypatch.setattr(onnx_export, "ONNX_FILE_LIMIT", step_bytes - 1)
+    with pytest.raises(ExportError, match=r"the step graph of this model holds 0\.\d+ MB of weights, more than one "
+                                          r"ONNX file holds .*to_torchscript or to_torch_export"):
+        to_onnx(model, tmp_path / "big.onnx")
+    monkeypatch.setattr(onnx_export, "ONNX_FILE_LIMIT", outside - 1)
+    real_build = onnx_export.build_step_module
+    monkeypatch.setattr(onnx_export, "build_step_module", lambda m: built.append(m) or real_build(m))
+    with pytest.raises(ExportError, match=r"the part of the model outside its sequence layers \(encoder, norms, GLUs, decoder\) holds"):
+        to_onnx(model, tmp_path / "big.onnx")
+    assert not traced and not built and not (tmp_path / "big.onnx").exists()
+
+
 # -- state interchange -------------------------------------------------------------------------------
 @pytest.mark.parametrize("layer", ["s4d", "s4", "lru", "fftconv"])
 def test_a_prompt_prefilled_in_torch_continues_in_a_chunk_graph_then_a_step_graph_then_chunks(layer, tmp_path):
