@@ -15,7 +15,7 @@ import numbers
 import sys
 import warnings
 from abc import abstractmethod
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Literal, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -279,11 +279,12 @@ def lengths_tensor(lengths: Any) -> Tensor:
     return lengths if isinstance(lengths, Tensor) else torch.as_tensor(lengths, device="cpu")
 
 
-def check_lengths(lengths: Optional[Tensor], batch: int, length: int) -> None:
+def check_lengths(lengths: Optional[Tensor], batch: int, length: int) -> Optional[Tensor]:
     """Raise unless ``lengths`` is None or holds ``batch`` integers in [0, length] (the valid
-    lengths of a padded (batch, length, ...) input)."""
+    lengths of a padded (batch, length, ...) input). Returns the values it checked (under vmap the
+    whole batch's), or None: no lengths, or torch.compile tracing (values are not read)."""
     if lengths is None:
-        return
+        return None
     lengths = lengths_tensor(lengths)
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must hold integers (e.g. torch.long), got {lengths.dtype}")
@@ -292,10 +293,12 @@ def check_lengths(lengths: Optional[Tensor], batch: int, length: int) -> None:
     # values are not checked while torch.compile traces (a data-dependent branch broke the graph:
     # fullgraph=True failed for every family; the eager call checks them); under vmap, those of the
     # whole batch are (.item() of a batched tensor failed per-sample gradients of a padded batch)
-    if not torch.compiler.is_compiling():
-        values = unwrapped(lengths)
-        if bool((values < 0).any()) or bool((values > length).any()):
-            raise ValueError(f"lengths must lie in [0, {length}], got {values.tolist()}")
+    if torch.compiler.is_compiling():
+        return None
+    values = unwrapped(lengths)
+    if bool((values < 0).any()) or bool((values > length).any()):
+        raise ValueError(f"lengths must lie in [0, {length}], got {values.tolist()}")
+    return values
 
 
 def check_stream_batch(x: Tensor, who: str) -> None:
@@ -495,13 +498,17 @@ def version_of(t: Tensor) -> Optional[int]:
     return None if t.is_inference() else t._version
 
 
-#: What a step form was built from (:func:`weights_and_versions`): where the module keeps each of its
-#: parameters, buffers and public tensor attributes (a submodule's ``_parameters``, ``_buffers`` or
-#: ``__dict__`` and the name), the tensor there, the tensors' marks (:func:`versions`), copies of
-#: their values (None while torch.compile traces) and, in a one-element list, the count of optimiser
-#: steps (:func:`optimizer_steps`) by which the values were last found equal to the copies.
-Weights = Tuple[Tuple[Tuple[Dict[str, Any], str], ...], Tuple[Tensor, ...], List[Tuple[Optional[int], int]],
-                Optional[Tuple[Tensor, ...]], List[int]]
+class Weights(NamedTuple):
+    """What a step form was built from (:func:`weights_and_versions`)."""
+    #: where the module keeps each tensor: a submodule's ``_parameters``, ``_buffers`` or ``__dict__``, and the name
+    slots: Tuple[Tuple[Dict[str, Any], str], ...]
+    tensors: Tuple[Tensor, ...]
+    #: (:func:`version_of`, data pointer) of each (:func:`versions`)
+    marks: List[Tuple[Optional[int], int]]
+    #: copies of their values (None while torch.compile traces)
+    copies: Optional[Tuple[Tensor, ...]]
+    #: in a one-element list, the :func:`optimizer_steps` count at which the values last equalled the copies
+    seen: List[int]
 
 #: Optimiser steps taken in this process since streaming was first used (a global step hook).
 _OPTIMIZER_STEPS = [0]
@@ -541,16 +548,25 @@ def weights_and_versions(module: nn.Module) -> Weights:
     weight_norm / spectral_norm keep the weight a layer applies as a plain attribute, recomputed (a
     new tensor) by a forward pre-hook from parameters the step form never reads; a form built from
     the old one was kept after forwards had replaced it (S4D streams 2e-2 off forward)."""
-    slots = tuple((owner, name) for sub in module.modules()
-                  for owner in (sub._parameters, sub._buffers, sub.__dict__)
-                  for name, t in list(owner.items())
-                  if t is not None and (owner is not sub.__dict__ or (isinstance(t, Tensor) and not name.startswith("_"))))
+    slots = tuple((owner, name) for sub in module.modules() for owner in (sub._parameters, sub._buffers)
+                  for name, t in owner.items() if t is not None)
+    slots += tuple((sub.__dict__, name) for sub, name, _ in tensor_attributes(module))
     tensors = tuple(owner[name] for owner, name in slots)
     if torch.compiler.is_compiling():
-        return slots, tensors, versions(tensors), None, [0]
+        return Weights(slots, tensors, versions(tensors), None, [0])
     with lasting_tensors():
         copies = tuple(t.detach().clone() for t in tensors)
-    return slots, tensors, versions(tensors), copies, [optimizer_steps()]
+    return Weights(slots, tensors, versions(tensors), copies, [optimizer_steps()])
+
+
+def tensor_attributes(module: nn.Module) -> Iterator[Tuple[nn.Module, str, Tensor]]:
+    """(submodule, name, tensor) of each public tensor attribute of ``module`` and its submodules that
+    is neither a parameter nor a buffer: the weight torch.nn.utils.prune and the hook-based
+    weight_norm / spectral_norm compute from their parameters at each forward."""
+    for sub in module.modules():
+        for name, t in list(vars(sub).items()):     # a copy: another thread may add an attribute meanwhile
+            if isinstance(t, Tensor) and not name.startswith("_"):
+                yield sub, name, t
 
 
 def versions(tensors: Sequence[Tensor]) -> List[Tuple[Optional[int], int]]:
@@ -571,12 +587,13 @@ def contents_equal(tensors: Sequence[Tensor], copies: Sequence[Tensor]) -> bool:
         t.dtype == c.dtype and t.device == c.device and torch.equal(t.detach(), c) for t, c in zip(tensors, copies))
 
 
-def unchanged(weights: Weights) -> bool:
+def unchanged(weights: Weights, contents: bool = False) -> bool:
     """Whether the module that ``weights`` were taken from still holds those tensors, unchanged. A
     per-step check (3 us for a layer's six parameters). The slots catch tensors replaced by new
     ones: load_state_dict(assign=True) (the meta-device idiom), ``layer.D = nn.Parameter(...)``;
-    after an optimiser step anywhere in the process (:func:`optimizer_steps`), the values are compared
-    with the copies once (a fused optimiser moves no version counter)."""
+    after an optimiser step anywhere in the process (:func:`optimizer_steps`), or always with
+    ``contents``, the values are compared with the copies (a fused optimiser, a ``p.data`` edit and
+    another process's write move no version counter)."""
     slots, tensors, marks, copies, seen = weights
     # The slots only under torch.compile (dynamo guards on what they hold): it cannot compare data
     # pointers, and reads versions as data-dependent values, so either check broke the graph of every
@@ -591,7 +608,7 @@ def unchanged(weights: Weights) -> bool:
     except RuntimeError:        # an inference tensor among them (no version counter)
         if not (all(owner.get(name) is t for (owner, name), t in zip(slots, tensors)) and versions(tensors) == marks):
             return False
-    if copies is not None and seen[0] != _OPTIMIZER_STEPS[0]:
+    if copies is not None and (contents or seen[0] != _OPTIMIZER_STEPS[0]):
         if not contents_equal(tensors, copies):
             return False
         seen[0] = _OPTIMIZER_STEPS[0]
@@ -764,8 +781,7 @@ class LTI_LRNN(LRNN):
         # And on the contents: an edit through ``p.data`` or by another process (Hogwild on shared
         # memory) moves no version, and new streams were handed the old weights' form (LRU 0.2 off).
         memo = self.__dict__.get("_form_memo")
-        if (memo is not None and not compiling and memo[0] == key and unchanged(memo[1])
-                and contents_equal(memo[1][1], memo[1][3])):
+        if memo is not None and not compiling and memo[0] == key and unchanged(memo[1], contents=True):
             weights, form = memo[1], memo[2]       # the record too: its copies serve every cache of the form
         else:
             weights = weights_and_versions(self)

@@ -28,6 +28,7 @@ import os
 import re
 import stat
 import sys
+import time
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -262,8 +263,6 @@ def _paced_body(grace: float, rate: float) -> Callable[[Any], None]:
     bound each wait for the next bytes, so a server sending a byte every few seconds held a download
     for as long as it liked (a 1 kB config.json at one byte per 9 s: 2.5 hours). Plain-HTTP bodies
     only: huggingface_hub fetches Xet-backed files with hf_xet, outside its httpx session."""
-    import time
-
     def paced(inner: Any, url: Any) -> Any:
         # the stream's own base class (httpx's or httpx2's SyncByteStream, or a custom client's):
         # httpx refuses to iterate a body that is not one

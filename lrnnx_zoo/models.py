@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .base import (cache_owner, check_dense, check_floating, check_lengths, check_not_traced, check_parameters_for,
                    check_stream_batch, lengths_tensor, refuse_torchscript,
-                   float32_under_autocast, made_by, mask_padding, stream_rows, unwrapped, valid_steps, values_only)
+                   float32_under_autocast, made_by, mask_padding, stream_rows, valid_steps, values_only)
 from .hub_save import HubMixin, resampled_info
 from .registry import create_layer
 from .ssm_kernel import check_rate
@@ -531,15 +531,10 @@ class SequenceModel(HubMixin, nn.Module):
             x = float32_under_autocast(x)   # under autocast a half input is fine: the encoder casts it
         self._check_input_dtype(x, "SequenceModel")
         # Checked here, not only in the layers: masking the encoder's output with a wrong number of
-        # lengths failed first, in a broadcast ("The size of tensor a (3) must match ...").
-        check_lengths(lengths, x.shape[0], x.shape[1])
-        # Without lengths, a Python test on the shape: a tensor's .item() broke torch.compile's graph.
-        steps = None if lengths is None else lengths_tensor(lengths)
-        # lengths' values are not read while torch.compile traces (a data-dependent branch breaks the
-        # graph); under vmap, those of the whole batch are (unwrapped)
-        compiling = torch.compiler.is_compiling()
-        steps = steps if steps is None or compiling else unwrapped(steps)
-        empty = x.shape[1] == 0 if steps is None or compiling else bool((steps == 0).any())
+        # lengths failed first, in a broadcast ("The size of tensor a (3) must match ..."). The values
+        # come back (None without lengths, or while torch.compile traces: .item() broke its graph).
+        steps = check_lengths(lengths, x.shape[0], x.shape[1])
+        empty = x.shape[1] == 0 if steps is None else bool((steps == 0).any())
         if cfg.pooling is not None and x.shape[0] and empty:
             # An empty sequence has no mean or last step: "last" raised an IndexError, "mean" returned
             # NaN (length 0) or the decoder's bias (a length of 0).

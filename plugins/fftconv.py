@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import (LTI_LRNN, check_dense, check_flags, check_floating, check_not_traced, check_parameters_for,
                             check_probability, check_sizes, current_form, float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
-                            needs_autograd, ordinary_tensor, parameter_dtype, refuse_torchscript, weights_and_versions)
+                            needs_autograd, ordinary_tensor, parameter_dtype, refuse_torchscript, tensor_attributes,
+                            weights_and_versions)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
                                    channels_last_conv, circular_conv, conv_size, kernel_taps, reversed_spectrum,
                                    swap_time_and_channels, two_sided_kernel)
@@ -528,13 +529,11 @@ class FFTConvLayer(LTI_LRNN):
         core = self.conv.step_form()
         if self.mix is None:
             return core
-        # the mix in the build dtype, as the core's matrices (step_form_dtype): in the layer's own, a
-        # float64 cache of a float32 layer (or a float32 graph of a float64 one) failed in its matmul
-        # A copy (whatever the mix is: a subclass adding a low-rank term keeps it). A mix pruned or
-        # under hook-based weight_norm holds its weight as a computed (non-leaf) attribute, which
-        # deepcopy refuses: such attributes are copied as plain tensors.
-        computed = {id(t): t.detach().clone() for sub in self.mix.modules() for name, t in vars(sub).items()
-                    if isinstance(t, Tensor) and not name.startswith("_") and t.grad_fn is not None}
+        # A copy of the mix (a subclass adding a low-rank term keeps it), in the build dtype as the core's
+        # matrices (in the layer's own, a float64 cache of a float32 layer failed in its matmul). A pruned
+        # or hook-based weight_norm mix holds a computed (non-leaf) weight, which deepcopy refuses: such
+        # attributes are copied as plain tensors.
+        computed = {id(t): t.detach().clone() for _, _, t in tensor_attributes(self.mix) if t.grad_fn is not None}
         mix = copy.deepcopy(self.mix, computed).requires_grad_(False).to(build_dtype())
         return SequentialStepForm(core, mix)
 

@@ -14,6 +14,7 @@ import lrnnx_zoo
 from lrnnx_zoo import SequenceModel, create_layer
 from lrnnx_zoo.convolution import FFTConvS4
 from lrnnx_zoo.models import ModelConfig
+from test_layer_contract import run_steps   # steps a layer or a model over x from a new cache
 
 FAMILIES = lrnnx_zoo.list_layers()
 
@@ -236,16 +237,6 @@ def test_ddp_world_size_one_accumulates_like_the_plain_model(layer, tmp_path):
 
 # -- weights changed where no version counter sees it ------------------------------------------
 
-def _stream(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Step a model or a layer over x: (B, L, d) from a new cache; the outputs (B, L, d_out)."""
-    cache = model.allocate_inference_cache(x.shape[0])
-    ys = []
-    for t in range(x.shape[1]):
-        y, cache = model.step(x[:, t], cache)
-        ys.append(y)
-    return torch.stack(ys, 1)
-
-
 @pytest.mark.parametrize("layer", FAMILIES)
 @pytest.mark.parametrize("how", ["data", "numpy"])
 def test_a_new_stream_follows_weights_edited_without_a_version_change(layer, how):
@@ -256,7 +247,7 @@ def test_a_new_stream_follows_weights_edited_without_a_version_change(layer, how
     x = torch.randn(2, 12, 3)
     with torch.no_grad():
         model(x)                               # S4 stores C~ for this length first (a version change)
-        _stream(model, x)                      # the form of the current weights is memoised
+        run_steps(model, x)                      # the form of the current weights is memoised
         for p in model.parameters():
             if how == "data":
                 p.data.mul_(0.5).add_(0.01)
@@ -264,7 +255,7 @@ def test_a_new_stream_follows_weights_edited_without_a_version_change(layer, how
                 view = p.detach().numpy()      # shares p's memory, not its version counter
                 view *= 0.5
         ref = model(x)
-        assert relative(_stream(model, x), ref) < 1e-5
+        assert relative(run_steps(model, x), ref) < 1e-5
 
 
 @pytest.mark.parametrize("layer, param", [("lru", "B_re"), ("s4d", "B"), ("fftconv", "C")])
@@ -283,9 +274,9 @@ def test_a_pruned_ssm_parameter_streams_as_forward_after_a_forward(layer, param)
     opt.step()
     model.eval()
     with torch.no_grad():
-        _stream(model, x)                      # before any forward: the hook has not run yet
+        run_steps(model, x)                      # before any forward: the hook has not run yet
         ref = model(x)
-        assert relative(_stream(model, x), ref) < 1e-5
+        assert relative(run_steps(model, x), ref) < 1e-5
 
 
 class LowRankLinear(torch.nn.Linear):
@@ -317,7 +308,7 @@ def test_a_reparametrised_channel_mix_streams(wrap):
     layer.eval()
     x = torch.randn(2, 16, 8)
     with torch.no_grad():
-        assert relative(_stream(layer, x), layer(x)) < 1e-5
+        assert relative(run_steps(layer, x), layer(x)) < 1e-5
 
 
 @pytest.mark.parametrize("layer, owner, name", [("lru", "blocks.0.layer", "B_re"), ("s4d", "blocks.0.layer.kernel", "B"),
@@ -358,7 +349,7 @@ def test_a_move_or_cast_drops_the_memoised_form_and_its_weight_copies():
     assert not any("_form_memo" in b.layer.__dict__ for b in model.blocks)
     x = torch.randn(2, 12, 3, dtype=torch.float64)
     with torch.no_grad():     # float64 step and convolution agree to rounding (README: 1e-13)
-        assert (_stream(model, x) - model(x)).abs().max() < 1e-12
+        assert (run_steps(model, x) - model(x)).abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("layer", FAMILIES)
