@@ -297,3 +297,22 @@ def test_long_streams_prints_a_row_per_checkpoint_with_the_drift_growing_then_sm
     # README: 1.0e-6 at 256 steps, 1.1e-5 once its slowest mode's memory is filled; the check the
     # export itself makes (1e-4) bounds both, and an error cannot shrink as the prefix grows
     assert 0 < short <= long < 1e-4
+
+
+# -- bench_prefill.py ------------------------------------------------------------------------------
+
+def test_bench_prefill_smoke_prints_every_family_and_both_s4_paths():
+    out = run_script("bench_prefill.py", "--smoke", "--s4-paths", "--repeat", "1")
+    sizes = load("bench_prefill").SIZES["smoke"]
+    rows = table(out, "family", 18)
+    for family in ("s4", "s4d", "fftconv", "lru"):
+        cells = [r for name, r in rows.items() if name.split()[0] == family]
+        assert len(cells) == len(sizes["d_states"])
+        for first, forward, prefill, stepping, p_over_f, s_over_p in (map(float, c) for c in cells):
+            assert min(first, forward, prefill, stepping) > 0
+            # the ratios are of the unrounded times; the times print to 0.1 ms
+            assert abs(p_over_f - prefill / forward) <= p_over_f * (0.05 / prefill + 0.05 / forward) + 0.01
+    paths = out.split("S4 state after L steps", 1)[1].splitlines()[2:]
+    picked = [line.split() for line in paths if line.strip()]
+    assert len(picked) == len(sizes["d_states"]) * len(sizes["s4_lengths"])
+    assert {row[4] for row in picked} <= {"dense", "dplr"}
