@@ -20,7 +20,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .base import without_autocast
+from .base import forward_ad_active, func_transforms_active, without_autocast
 from .convolution import opt_ssm_forward, project_in, project_out
 from .scan import diagonal_scan
 from .registry import get_backend
@@ -40,8 +40,11 @@ def powers(log_lam: Tensor, L: int, dtype: Optional[torch.dtype] = None) -> Tens
     for the full benefit."""
     dtype = dtype or log_lam.dtype
     log_lam = log_lam.to(torch.complex128)
-    if (log_lam.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
-        # differentiable, and one graph for every L (the doubling loop unrolls along L's bits)
+    if (torch.compiler.is_compiling() or func_transforms_active() or forward_ad_active()
+            or (log_lam.requires_grad and torch.is_grad_enabled())):
+        # differentiable (the doubling writes with out=, which autograd, forward-mode AD and vmap refuse,
+        # also where log_lam is a torch.func wrapper that does not say it requires grad), and one graph
+        # for every L (the doubling loop unrolls along L's bits)
         t = torch.arange(L, device=log_lam.device, dtype=torch.float64).reshape(L, *([1] * log_lam.dim()))
         return cexp(t * log_lam).to(dtype)
     return _powers_by_doubling(log_lam, L).to(dtype)

@@ -214,6 +214,16 @@ def test_dplr_steps_are_the_dense_recurrence(measure, rank, from_rest):
     assert rel_err(got, want) < 1e-12
 
 
+@pytest.mark.parametrize("cheaper", [True, False])
+def test_forward_state_of_an_empty_batch_is_empty(cheaper, monkeypatch):
+    # Both paths; the DPLR steps' reshape(..., -1) had no size to infer from 0 elements.
+    monkeypatch.setattr(s4_plugin.dense, "dplr_state_cheaper", lambda *a: cheaper)
+    k = make_kernel(H=4, N=16)
+    with torch.no_grad():
+        out = k.forward_state(torch.randn(0, 4, 5), torch.zeros(0, 4, 8, dtype=torch.complex64))
+    assert out.shape == (0, 4, 8)
+
+
 @pytest.mark.parametrize("discretization", ["bilinear", "zoh"])
 def test_forward_state_steps_where_squares_cost_more(discretization, monkeypatch):
     # Large N, short inputs: the state passing steps the DPLR form instead of squaring the dense

@@ -205,14 +205,15 @@ def advance_state_dplr(system: Tuple[Tensor, Tensor, Tensor, Tensor, Tensor], u:
     of): :func:`dplr_state_cheaper` chooses."""
     a_re, a_im, g, v, b_bar = system
     Bsz, H, L = u.shape
-    r = x.reshape(Bsz, H, 2, -1)
+    N = x.shape[-1]
+    r = x.reshape(Bsz, H, 2, N // 2)            # (sizes spelled out: an empty batch has no -1 to infer)
     steps = u.permute(2, 0, 1).reshape(L, Bsz, H, 1, 1)             # u_t broadcast over the state
     for t in range(L):
         nxt = torch.addcmul(r * a_re, r.flip(-2), a_im)
         for k in range(g.shape[1]):                                   # the rank-r feedback, r = 1 or 2
             nxt = torch.addcmul(nxt, (r * g[:, k]).sum((-2, -1), keepdim=True), v[:, k], value=-1)
         r = torch.addcmul(nxt, b_bar, steps[t])
-    return r.reshape(Bsz, H, -1)
+    return r.reshape(Bsz, H, N)
 
 
 def dplr_state_cheaper(B: int, H: int, N: int, L: int) -> bool:
