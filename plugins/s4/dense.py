@@ -200,8 +200,8 @@ def advance_state_dplr(system: Tuple[Tensor, Tensor, Tensor, Tensor, Tensor], u:
     A_bar of :func:`bilinear_dplr` (``system``) L times: exact like :func:`advance_state`, at
     O(B H N r L) work and no N x N matrix, but L steps. u: (B, H, L) real, x: (B, H, N) real -> (B, H, N).
 
-    The steps cost ~20 us + 3 ns per entry of the state (H=256, N=256, batch 1: 0.11 ms, against
-    170 ms for each square of the dense (H, N, N) A_bar that :func:`advance_state` takes log2 sqrt(L)
+    The steps cost ~25 us + 4 ns per entry of the state (H=256, N=256, batch 1: 0.13 ms, against
+    ~170 ms for each square of the dense (H, N, N) A_bar that :func:`advance_state` takes log2 sqrt(L)
     of): :func:`dplr_state_cheaper` chooses."""
     a_re, a_im, g, v, b_bar = system
     Bsz, H, L = u.shape
@@ -217,14 +217,15 @@ def advance_state_dplr(system: Tuple[Tensor, Tensor, Tensor, Tensor, Tensor], u:
 
 
 def dplr_state_cheaper(B: int, H: int, N: int, L: int) -> bool:
-    """Whether :func:`advance_state_dplr` is expected to beat :func:`advance_state` (from rest, no
-    block at hand) for an input (B, H, L) and N real state coordinates, by the costs measured here
-    (2 threads, float64): a DPLR step ~20 us + 3 ns per state entry (B H N / 2 complex); the dense
-    path log2(T) + 1 squares of (H, N, N) at ~0.1 ms + 60 ps per multiply-add and J = L / T Horner
-    steps that read (H, N, N) at ~0.8 ns per entry. Dense at H=128, N=64 beyond L ~ 500; DPLR at
-    H=N=256 up to L = 4096 and beyond (173 ms against 1.5 s at L=4096)."""
+    """Whether :func:`advance_state_dplr` is expected to beat :func:`advance_state` (no block at hand)
+    for an input (B, H, L) and N real state coordinates, by the costs measured here (2 threads,
+    float64, benchmarks/bench_prefill.py --s4-paths): a DPLR step ~25 us + 4 ns per state entry
+    (B H N / 2 complex); the dense path log2(T) + 1 squares of (H, N, N) at ~0.1 ms + 60 ps per
+    multiply-add and J = L / T Horner steps that read (H, N, N) at ~0.8 ns per entry. At H=256:
+    dense from L ~ 128 at N=16 and L ~ 1024 at N=64; DPLR at N=256 to L = 4096 and beyond (0.52 s
+    against 1.29 s there, 25 against 678 ms at L=128)."""
     T, J = block_sizes(max(L, 1))
-    dplr = L * (20e-6 + 3e-9 * B * H * N / 2)
+    dplr = L * (25e-6 + 4e-9 * B * H * N / 2)
     dense = (math.log2(T) + 1) * (1e-4 + 6e-11 * H * N ** 3) + J * (2e-5 + 8e-10 * H * N * N * -(-B // 8))
     return dplr < dense
 
