@@ -67,6 +67,18 @@ def test_kernel_and_convolution_stay_float32_under_autocast(name, kwargs, grad):
         assert relative(g, r) < 1e-5, n
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+def test_lru_skip_under_autocast_keeps_the_float32_output(grad):
+    # The LRU's projections are autocast matmuls (bfloat16 products) and D x is float32, so y + D x
+    # comes out float32. The inference forward adds D x in place into the projection's output: into a
+    # bfloat16 one it rounded the sum to bfloat16 and returned that.
+    layer = create_layer("lru", 8, d_state=8)
+    x = torch.randn(2, 32, 8)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32
+
+
 @pytest.mark.parametrize("name, kwargs", KERNEL_LAYERS, ids=lambda v: str(v))
 def test_backward_inside_an_autocast_region_stays_float32(name, kwargs):
     # The same promise when backward runs inside the region too (autocast is then on for the
