@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, check_reals, check_sizes, mask_padding, ordinary_tensor, parameter_dtype, right_aligned
+from lrnnx_zoo.base import (LTI_LRNN, check_reals, check_sizes, forward_ad_active, func_transforms_active, mask_padding,
+                            ordinary_tensor, parameter_dtype, right_aligned)
 from lrnnx_zoo.discretization import principal_log, zoh_resample_diag
 from lrnnx_zoo.modal import ChannelModalKernel, final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, get_initializer
@@ -168,10 +169,13 @@ class LRU(LTI_LRNN):
         _, B, C = self.discretize()
         run = get_backend("modal", self.backend)
         y, skip = run(x, self.log_lambda(torch.complex128), B, C, initial_state), self.D * x
-        # in place into the projection's fresh output: the same bits as y + D x, one (B, L, H) buffer
-        # and pass fewer (an LRU forward at (8, 1024, 128) 0.2 ms faster of ~6.5); not where autocast
-        # made y bfloat16, which y + D x promotes to float32
-        return mask_padding(y.add_(skip) if y.dtype == skip.dtype else y + skip, lengths)
+        # In place into the projection's fresh output: the same bits as y + D x, one (B, L, H) buffer
+        # and pass fewer (an LRU forward at (8, 1024, 128) 0.2 ms faster of ~6.5). Not where y + D x
+        # would be another tensor: a bfloat16 y under autocast (the sum is float32), and under
+        # torch.func, where D alone may be batched (vmap over an ensemble's D: "doesn't match the
+        # broadcast shape")
+        in_place = y.dtype == skip.dtype and not func_transforms_active() and not forward_ad_active()
+        return mask_padding(y.add_(skip) if in_place else y + skip, lengths)
 
     def final_state(self, x: Tensor, initial_state: Optional[Tensor] = None) -> Tensor:
         """The state after the last step of x: (B, L, H) -> (B, N) complex."""

@@ -79,6 +79,17 @@ def test_lru_skip_under_autocast_keeps_the_float32_output(grad):
     assert y.dtype == torch.float32
 
 
+def test_lru_skip_of_an_ensemble_of_skips_under_vmap():
+    # vmap over D alone: D x is batched, the projection's output is not, so the in-place add failed
+    # ("output with shape [2, 32, 8] doesn't match the broadcast shape [3, 2, 32, 8]").
+    layer = create_layer("lru", 8, d_state=8).eval()
+    x, Ds = torch.randn(2, 32, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        y = torch.func.vmap(lambda D: torch.func.functional_call(layer, {"D": D}, (x,)))(Ds)
+        for i in range(3):
+            torch.testing.assert_close(y[i], layer(x) + (Ds[i] - layer.D) * x, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name, kwargs", KERNEL_LAYERS, ids=lambda v: str(v))
 def test_backward_inside_an_autocast_region_stays_float32(name, kwargs):
     # The same promise when backward runs inside the region too (autocast is then on for the
