@@ -22,7 +22,7 @@ import os
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
@@ -39,6 +39,7 @@ from .quantize import INT8_RELATIVE_TOLERANCE, accuracy_change, check_mode, quan
 from .result import ExportResult
 from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch, graph_opset
 from .chunk_graph import ChunkModule, chunk_metadata, chunked
+from .graph_size import check_chunk_in_memory, chunk_graph_bytes, largest_chunk, readable_size, tensor_bytes
 from .step_graph import ExportError, StepModule, build_step_module, no_autocast
 from .validate import FLOAT32_TOLERANCE, default_sequence, validate_stream
 
@@ -102,23 +103,6 @@ def sample_inputs(step: Union[StepModule, ChunkModule], batch: int) -> Tuple[Ten
             torch.randn(batch, step.state_size, generator=g, dtype=f32))
 
 
-def _weight_bytes(module: ChunkModule) -> Tuple[int, int]:
-    """(bytes of the chunk forms' weights, bytes of the graph's other weights; the step module's forms
-    are not in the graph)."""
-    def size(prefix: str) -> int:
-        named = list(module.named_parameters()) + list(module.named_buffers())
-        return sum(t.numel() * t.element_size() for name, t in named if name.startswith(prefix))
-    forms = size("forms.")
-    return forms, size("") - forms - size("step.forms.")
-
-
-def tensor_bytes(module: nn.Module, skip: Iterable[nn.Module] = ()) -> int:
-    """Bytes of ``module``'s parameters and buffers, each tensor once, leaving out those of ``skip``."""
-    left_out = {id(t) for m in skip for t in (*m.parameters(), *m.buffers())}
-    seen = {id(t): t for t in (*module.parameters(), *module.buffers()) if id(t) not in left_out}
-    return sum(t.numel() * t.element_size() for t in seen.values())
-
-
 def _too_large(what: str, size: float) -> ExportError:
     return ExportError(f"{what} holds {size / 1e6:.4g} MB of weights, more than one ONNX file holds "
                        f"({ONNX_FILE_LIMIT / 1e6:.4g} MB: protobuf's limit); export it with to_torchscript or "
@@ -142,34 +126,23 @@ def check_graph_size(step: StepModule, T: Optional[int]) -> None:
     per-channel one T (T + 2N) per channel: 4 per-channel blocks of d_model=256, N=64 hold 1.3 GB at
     T=512), so their weights are a T^2 + b T + c, found exactly from the modules of 1, 2 and 3 steps.
     Checked on the built module, a chunk no file holds was refused after the build: the forecaster
-    at chunk=3000 after 26 s and 12.5 GB at the peak, at chunk=5000 not in 5 minutes. ``T`` None: the
-    step graph's own weights (its step forms and the model's other weights), before it is traced."""
+    at chunk=3000 after 26 s and 12.5 GB at the peak, at chunk=5000 not in 5 minutes. Then the chunk
+    against this machine's memory (:func:`~.graph_size.check_chunk_in_memory`), as for the other
+    formats. ``T`` None: the step graph's own weights (its step forms and the model's other weights),
+    before it is traced."""
     if T is None:
         size = tensor_bytes(step)
         if size > ONNX_FILE_LIMIT:
             raise _too_large("the step graph of this model", size)
         return
-    (s1, rest), (s2, _), (s3, _) = (_weight_bytes(ChunkModule(step, t)) for t in (1, 2, 3))
-    a = (s3 - 2 * s2 + s1) / 2
-    b = s2 - s1 - 3 * a
-    c = s1 - a - b
-
-    def total(t: int) -> float:
-        return a * t * t + b * t + c + rest
-    if total(T) <= ONNX_FILE_LIMIT:
-        return
-    fits = 0
-    lo, hi = 1, T           # the largest chunk that fits (total grows with t)
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if total(mid) <= ONNX_FILE_LIMIT:
-            fits, lo = mid, mid + 1
-        else:
-            hi = mid - 1
-    advice = f"chunk={fits} fits" if fits >= 1 else "the model alone is too large for one file"
-    raise ExportError(f"a chunk graph of {T} steps per call holds {total(T) / 1e6:.3g} MB of weights, more than "
-                      f"one ONNX file holds ({ONNX_FILE_LIMIT / 1e6:.3g} MB); its chunk forms' matrices grow as the "
-                      f"chunk squared: {advice}")
+    total = chunk_graph_bytes(step)
+    if total(T) > ONNX_FILE_LIMIT:
+        fits = largest_chunk(total, ONNX_FILE_LIMIT, T)
+        advice = f"chunk={fits} fits" if fits >= 1 else "the model alone is too large for one file"
+        raise ExportError(f"a chunk graph of {T} steps per call holds {readable_size(total(T))} of weights, more than "
+                          f"one ONNX file holds ({ONNX_FILE_LIMIT / 1e6:.3g} MB); its chunk forms' matrices grow as the "
+                          f"chunk squared: {advice}")
+    check_chunk_in_memory(step, T, total)
 
 
 def export_graph(step: Union[StepModule, ChunkModule], opset: int = DEFAULT_OPSET, batch: Optional[int] = None,

@@ -25,6 +25,7 @@ from torch import Tensor
 from lrnnx_zoo.chunk_forms import check_chunk
 
 from .chunk_graph import ChunkModule, chunk_metadata, chunked
+from .graph_size import check_chunk_in_memory
 from .onnx_export import TRACE_BATCH, _quiet, check_batch, sample_inputs
 from .paths import output_location
 from .provenance import META_PREFIX, Source, graph_metadata, load_source
@@ -115,6 +116,8 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
     with output_location(path, "path", example="model.ts") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
         step = build_step_module(model)
+        if chunk is not None:        # before the chunk forms' gigabytes
+            check_chunk_in_memory(step, chunk)
         metadata = graph_metadata(step, model, info, {"format": "torchscript", "batch": "dynamic",
                                                       **chunk_metadata(chunk)})
         step, x = chunked(step, validation_input, chunk)
@@ -203,6 +206,8 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
     with output_location(path, "path", example="model.pt2") as path, no_autocast():
         model, info = load_source(model_or_checkpoint, revision=revision, token=token)
         step = build_step_module(model)
+        if chunk is not None:        # before the chunk forms' gigabytes
+            check_chunk_in_memory(step, chunk)
         metadata = graph_metadata(step, model, info, {"format": "torch-export", "batch": str(batch or "dynamic"),
                                                       **chunk_metadata(chunk)})
         # before the seconds of tracing

@@ -191,6 +191,29 @@ def test_a_chunk_graph_too_large_for_one_onnx_file_is_refused_before_tracing(tmp
     assert not built
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "torch-export"])
+def test_a_chunk_graph_too_large_for_this_machine_is_refused_before_it_is_built(fmt, tmp_path, monkeypatch):
+    # TorchScript and torch.export have no file limit, and a chunk beyond the machine's memory was built
+    # until the process ran out of it (the forecaster at chunk=10000: 39 GB of weights, ~4x that at the
+    # peak). Checked with the machine's memory made this model's scale: 4 x (chunk graph's weights).
+    from lrnnx_zoo.export import ExportError, graph_size, onnx_export, to_torchscript, torchscript_export
+    model = small_model("s4d")
+    total = graph_size.chunk_graph_bytes(onnx_export.build_step_module(model))
+    monkeypatch.setattr(graph_size, "physical_memory", lambda: int(graph_size.BUILD_PEAK * total(40)))
+    export = {"onnx": to_onnx, "torchscript": to_torchscript, "torch-export": to_torch_export}[fmt]
+    module = onnx_export if fmt == "onnx" else torchscript_export
+    built = []
+    real_chunked = module.chunked
+    monkeypatch.setattr(module, "chunked", lambda *a, **k: built.append(a) or real_chunked(*a, **k))
+    with pytest.raises(ExportError, match=r"a chunk graph of 64 steps per call holds 0\.\d+ MB of weights, and building "
+                                          r"it takes about 4x that, more than this machine's .* chunk=40 fits"):
+        export(model, tmp_path / "big.graph", chunk=64)
+    assert not built and not (tmp_path / "big.graph").exists()
+    assert export(model, tmp_path / "fits.graph", chunk=40).validation.passed
+    monkeypatch.setattr(graph_size, "physical_memory", lambda: None)          # the OS does not say: no check
+    assert export(model, tmp_path / "unknown.graph", chunk=64).validation.passed
+
+
 def test_a_step_graph_too_large_for_one_onnx_file_is_refused_before_tracing(tmp_path, monkeypatch):
     # A model near protobuf's 2 GiB was built, traced for minutes and many GB, then failed with "Failed
     # to serialize proto" (a scale audit). Checked with the limit lowered to this model's scale: the
