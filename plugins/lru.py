@@ -104,6 +104,10 @@ def check_ring(who: str, r_min: float, r_max: float, max_phase: float) -> None:
         raise ValueError(f"{who} needs 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
 
 
+#: The modal backends whose output is a new tensor, which LRU.forward may add its skip into in place.
+_FRESH_OUTPUT_BACKENDS = (modal_auto, modal_fft, modal_scan)
+
+
 class LRU(LTI_LRNN):
     """Linear Recurrent Unit on (B, L, H) sequences.
 
@@ -170,11 +174,13 @@ class LRU(LTI_LRNN):
         run = get_backend("modal", self.backend)
         y, skip = run(x, self.log_lambda(torch.complex128), B, C, initial_state), self.D * x
         # In place into the projection's fresh output: the same bits as y + D x, one (B, L, H) buffer
-        # and pass fewer (an LRU forward at (8, 1024, 128) 0.2 ms faster of ~6.5). Not where y + D x
-        # would be another tensor: a bfloat16 y under autocast (the sum is float32), and under
-        # torch.func, where D alone may be batched (vmap over an ensemble's D: "doesn't match the
-        # broadcast shape")
-        in_place = y.dtype == skip.dtype and not func_transforms_active() and not forward_ad_active()
+        # and pass fewer (an LRU forward at (8, 1024, 128) 0.2 ms faster of ~6.5). Only a built-in
+        # backend's output is known to be fresh (a plugin's may be its cache, or x itself); and not
+        # where y + D x would be another tensor: a bfloat16 y under autocast (the sum is float32), and
+        # under torch.func, where D alone may be batched (vmap over an ensemble's D: "doesn't match
+        # the broadcast shape")
+        in_place = (run in _FRESH_OUTPUT_BACKENDS and y.dtype == skip.dtype and not func_transforms_active()
+                    and not forward_ad_active())
         return mask_padding(y.add_(skip) if in_place else y + skip, lengths)
 
     def final_state(self, x: Tensor, initial_state: Optional[Tensor] = None) -> Tensor:

@@ -79,6 +79,34 @@ def test_lru_skip_under_autocast_keeps_the_float32_output(grad):
     assert y.dtype == torch.float32
 
 
+def test_lru_skip_leaves_a_plugin_backends_output_alone():
+    # A plugin's modal backend may hand back a tensor it keeps (a cache, here); the in-place skip,
+    # taken for the built-in backends' fresh outputs, added D x into it at every call.
+    import types
+    import lrnnx_zoo
+    from lrnnx_zoo.modal import modal_scan
+    kept = {}
+
+    def caching(u, log_lam, B, C, initial_state=None):
+        if "y" not in kept:
+            kept["y"] = modal_scan(u, log_lam, B, C, initial_state)
+        return kept["y"]
+    plugin = types.ModuleType("caching_backend")
+    plugin.lrnnx_zoo_register_kernel_backends = lrnnx_zoo.hookimpl(
+        lambda registry: registry.add_backend("modal", "caching", caching))
+    lrnnx_zoo.register_plugin(plugin, "caching_backend")
+    try:
+        layer = create_layer("lru", 8, d_state=8, backend="caching").eval()
+        x = torch.randn(2, 16, 8)
+        with torch.no_grad():
+            first = layer(x).clone()
+            kept_before = kept["y"].clone()
+            second = layer(x)
+        assert torch.equal(kept["y"], kept_before) and torch.equal(first, second)
+    finally:
+        lrnnx_zoo.unregister_plugin("caching_backend")
+
+
 def test_lru_skip_of_an_ensemble_of_skips_under_vmap():
     # vmap over D alone: D x is batched, the projection's output is not, so the in-place add failed
     # ("output with shape [2, 32, 8] doesn't match the broadcast shape [3, 2, 32, 8]").
