@@ -888,7 +888,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
         return K, _first_samples(dense.two_level_kernel(A_bar, x, c, Lz), L).to(dtype)
 
     def forward_state(self, u: Tensor, state: Tensor) -> Tensor:
-        """The state x_{L-1} after u: (B, H, L) from x_{-1} = state (B, H, N/2), exactly (dense float64),
+        """The state x_{L-1} after u: (B, H, L) from x_{-1} = state (B, H, N/2), exactly (float64: squares
+        of the dense A_bar, or L steps of its diagonal plus low-rank form where cheaper, :meth:`_steps_cheaper`),
         in :func:`~lrnnx_zoo.ssm_kernel.passed_state_dtype` (a real float64 state gave complex64)."""
         block = (self._shared_work() or {}).get("block")
         x0 = dense.to_real(state.to(torch.complex128))
