@@ -33,7 +33,8 @@ from lrnnx_zoo.wording import given, in_command_line, name
 
 from .card import build_card
 from .latency import onnx_latency, torch_latency
-from .onnx_export import to_onnx
+from .graph_size import check_chunk_in_memory
+from .onnx_export import check_graph_size, to_onnx
 from .options import DEFAULT_STEPS, FOLDER_VALIDATION_LENGTH, FORMATS, GRAPH_FILES
 from .paths import as_path, check_output
 from .provenance import Source, family_of, load_source, source_of
@@ -133,6 +134,14 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
     model, info = load_source(src, revision=revision, token=token)
     if rate is not None:
         model, info = load_source(model.at_rate(rate))
+    if chunk is not None:
+        # before the validation sequence, a multiple of the chunk: at chunk=1e12 it asked for 8 TB
+        # ahead of the exporters' own checks (a raw RuntimeError), at 1e8 for 1 GB
+        step = build_step_module(model)
+        if format == "onnx":
+            check_graph_size(step, chunk)            # one file's 2 GiB, then the machine's memory
+        else:
+            check_chunk_in_memory(step, chunk)
     if validation_input is None:
         length = validation_length if chunk is None else -(-validation_length // chunk) * chunk
         validation_input = default_sequence(model.config.d_input, length=length, batch=batch or DEFAULT_BATCH)

@@ -17,9 +17,11 @@ from torch import nn
 from .chunk_graph import ChunkModule
 from .step_graph import ExportError, StepModule
 
-#: Peak resident memory of building and tracing a chunk graph, in multiples of its weights: the
-#: forecaster at chunk=3000 (3.5 GB of weights) peaked at 12.5 GB (session 24).
-BUILD_PEAK = 4
+#: Peak resident memory of building and tracing a chunk graph, in multiples of its weights, with a
+#: margin: building the chunk module alone rose 5.1-5.9x its weights for S4D, S4 and LRU graphs of
+#: 0.26-1 GB (d_model=64, T=300-1000; session 25), the forecaster's whole export at chunk=3000
+#: (3.5 GB of weights) peaked at 12.5 GB (session 24).
+BUILD_PEAK = 8
 
 
 def tensor_bytes(module: nn.Module, skip: Iterable[nn.Module] = ()) -> int:
@@ -40,12 +42,13 @@ def _weight_bytes(module: ChunkModule) -> Tuple[int, int]:
 
 
 def chunk_graph_bytes(step: StepModule) -> Callable[[int], float]:
-    """T -> the bytes of weights a chunk graph of T steps of ``step`` holds (module docstring)."""
-    (s1, rest), (s2, _), (s3, _) = (_weight_bytes(ChunkModule(step, t)) for t in (1, 2, 3))
+    """T -> the bytes of weights a chunk graph of T steps of ``step`` holds (module docstring): the chunk
+    forms' and the rest's together (a mean-pooled model's step counts grow with T too)."""
+    s1, s2, s3 = (sum(_weight_bytes(ChunkModule(step, t))) for t in (1, 2, 3))
     a = (s3 - 2 * s2 + s1) / 2
     b = s2 - s1 - 3 * a
     c = s1 - a - b
-    return lambda t: a * t * t + b * t + c + rest
+    return lambda t: a * t * t + b * t + c
 
 
 def largest_chunk(total: Callable[[int], float], limit: float, T: int) -> int:
@@ -77,7 +80,8 @@ def check_chunk_in_memory(step: StepModule, T: int, total: Optional[Callable[[in
     """Refuse a chunk graph of T steps whose build would need more than this machine's memory
     (:data:`BUILD_PEAK` times its weights), before it is built: at chunk=10000 the forecaster's chunk
     graph holds 39 GB of weights, and a TorchScript or torch.export build ran until the machine ran
-    out of memory. ``total``: :func:`chunk_graph_bytes` of ``step`` if already found."""
+    out of memory. ``total``: :func:`chunk_graph_bytes` of ``step`` if already found. The machine's
+    physical memory, not a container's limit (which os.sysconf does not see)."""
     memory = physical_memory()
     if memory is None:
         return

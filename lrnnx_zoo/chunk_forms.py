@@ -135,25 +135,31 @@ class ChannelChunkForm(StepForm):
         Ch = CA.shape[0]
         self.T, self.H, self.n, self.channels, self.layout = T, H, n, Ch, form.channel_layout
         self.state_size, self.d_input, self.d_output = int(form.state_size), H, int(form.d_output)
-        powers = [torch.eye(n, dtype=A.dtype, device=A.device).expand(H, n, n)]       # A^0 .. A^T
+        # A^k B and C A^{k+1} for k < T from the powers A^k, each dropped once used: keeping all T + 1
+        # (H, n, n) float64 powers (and a stacked copy) made the build peak at 630x the chunk's weights
+        # (S4D d_model=64, N=256, T=48: 4.5 GB for 7.2 MB; a review)
+        power = torch.eye(n, dtype=A.dtype, device=A.device).expand(H, n, n)         # A^k
+        AkB, CAk = [], []
         for _ in range(T):
-            powers.append(A @ powers[-1])
+            AkB.append(power @ B.unsqueeze(-1))
+            CAk.append(torch.einsum("chn,hnm->chm", CA, power))
+            power = A @ power
         # x_{T-1}'s input columns A^{T-1-j} B, and the kernel's taps K_l = (C A) A^{l-1} B for l >= 1
-        AkB = torch.stack([p @ B.unsqueeze(-1) for p in powers[:T]], 1).squeeze(-1)   # (H, T, n): A^k B
+        AkB = torch.stack(AkB, 1).squeeze(-1)                                          # (H, T, n): A^k B
         taps = torch.einsum("chn,hkn->chk", CA, AkB[:, :T - 1])                       # (Ch, H, T - 1): K_1..K_{T-1}
         toeplitz = lower_toeplitz(torch.cat([K0.unsqueeze(-1), taps], -1))            # (Ch, H, T, T)
-        free = torch.einsum("chn,thnm->chtm", CA, torch.stack(powers[:T]))            # (Ch, H, T, n): C A^{t+1}
+        free = torch.stack(CAk, 2)                                                     # (Ch, H, T, n): C A^{t+1}
         top = torch.cat([toeplitz, free], -1).permute(1, 0, 2, 3).reshape(H, Ch * T, T + n)
         inputs = AkB.flip(1).transpose(1, 2)                                           # (H, n, T)
         self.register_buffer("W_out", stored(top))              # y from [u; x]: (H, Ch T, T + n)
-        rotation = rotation_parts(A, powers[T])
+        rotation = rotation_parts(A, power)                                            # power = A^T
         if rotation is None:
             # A dense A^T: x_next = x + [inputs, A^T - I] [u; x] in one matmul too, A^T - I formed
             # before rounding like the dense step form's A - I: a slow system's A^T is close to I and
             # rounded once it lost the digits of A^T - I every chunk (S4 LegS N=64, dt 1e-5, 16384
             # steps: 3.8e-5 of max|y| from float64 at T=1, 4.5e-6 at T=4, the step graph 3.5e-7).
             eye = torch.eye(n, dtype=A.dtype, device=A.device)
-            self.register_buffer("W_state", stored(torch.cat([inputs, powers[T] - eye], -1)))   # (H, n, T + n)
+            self.register_buffer("W_state", stored(torch.cat([inputs, power - eye], -1)))      # (H, n, T + n)
             self.rotation = False
         else:
             # A diagonal system on [Re x; Im x]: A^T is a rotation as well, applied elementwise. As an

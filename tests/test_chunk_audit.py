@@ -194,8 +194,8 @@ def test_a_chunk_graph_too_large_for_one_onnx_file_is_refused_before_tracing(tmp
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "torch-export"])
 def test_a_chunk_graph_too_large_for_this_machine_is_refused_before_it_is_built(fmt, tmp_path, monkeypatch):
     # TorchScript and torch.export have no file limit, and a chunk beyond the machine's memory was built
-    # until the process ran out of it (the forecaster at chunk=10000: 39 GB of weights, ~4x that at the
-    # peak). Checked with the machine's memory made this model's scale: 4 x (chunk graph's weights).
+    # until the process ran out of it (the forecaster at chunk=10000: 39 GB of weights, 5-6x that at the
+    # peak). Checked with the machine's memory made this model's scale: BUILD_PEAK x (chunk graph's weights).
     from lrnnx_zoo.export import ExportError, graph_size, onnx_export, to_torchscript, torchscript_export
     model = small_model("s4d")
     total = graph_size.chunk_graph_bytes(onnx_export.build_step_module(model))
@@ -205,13 +205,36 @@ def test_a_chunk_graph_too_large_for_this_machine_is_refused_before_it_is_built(
     built = []
     real_chunked = module.chunked
     monkeypatch.setattr(module, "chunked", lambda *a, **k: built.append(a) or real_chunked(*a, **k))
-    with pytest.raises(ExportError, match=r"a chunk graph of 64 steps per call holds 0\.\d+ MB of weights, and building "
-                                          r"it takes about 4x that, more than this machine's .* chunk=40 fits"):
+    with pytest.raises(ExportError, match=rf"a chunk graph of 64 steps per call holds 0\.\d+ MB of weights, and building "
+                                          rf"it takes about {graph_size.BUILD_PEAK}x that, more than this machine's .* "
+                                          rf"chunk=40 fits"):
         export(model, tmp_path / "big.graph", chunk=64)
     assert not built and not (tmp_path / "big.graph").exists()
     assert export(model, tmp_path / "fits.graph", chunk=40).validation.passed
     monkeypatch.setattr(graph_size, "physical_memory", lambda: None)          # the OS does not say: no check
     assert export(model, tmp_path / "unknown.graph", chunk=64).validation.passed
+
+
+@pytest.mark.parametrize("layer,pooling", [("s4d", None), ("s4", "mean"), ("lru", "mean"), ("fftconv", "last")])
+def test_the_chunk_graph_size_estimate_is_exact(layer, pooling):
+    # a T^2 + b T + c from the graphs of 1, 2 and 3 steps: the chunk forms' matrices and everything
+    # else (a mean-pooled model's step counts grow with T; they were left out: 4 (T - 1) bytes short)
+    from lrnnx_zoo.export import graph_size, onnx_export
+    from lrnnx_zoo.export.chunk_graph import ChunkModule
+    step = onnx_export.build_step_module(small_model(layer, pooling=pooling))
+    total = graph_size.chunk_graph_bytes(step)
+    for T in (7, 37):
+        assert total(T) == sum(graph_size._weight_bytes(ChunkModule(step, T)))
+
+
+def test_export_folder_checks_the_chunk_before_its_validation_sequence(tmp_path, monkeypatch):
+    # The folder export made a validation sequence of a multiple of the chunk first: at chunk=1e12 it
+    # asked for 8 TB (a raw RuntimeError) before the exporters' own check, at 1e8 for 1 GB.
+    from lrnnx_zoo.export import ExportError, export_folder, folder
+    monkeypatch.setattr(folder, "default_sequence", lambda *a, **k: pytest.fail("sequence made first"))
+    for fmt in ("onnx", "torchscript", "torch-export"):
+        with pytest.raises(ExportError, match=r"a chunk graph of 1000000000000 steps per call holds .*chunk=\d+ fits"):
+            export_folder(small_model("s4d"), tmp_path / fmt, format=fmt, chunk=10 ** 12, latency_steps=0)
 
 
 def test_a_step_graph_too_large_for_one_onnx_file_is_refused_before_tracing(tmp_path, monkeypatch):
