@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrnnx_zoo.modal import block_powers, powers
+from lrnnx_zoo.modal import SQUARED_FACTORS_BELOW, _powers_by_doubling, block_powers, powers
 
 
 def log_poles(*shape: int) -> torch.Tensor:
@@ -22,14 +22,27 @@ def long_double_powers(log_lam: torch.Tensor, L: int) -> np.ndarray:
 
 @pytest.mark.parametrize("L", [0, 1, 2, 3, 37, 1000, 1024])
 def test_powers_by_doubling_match_long_double(L):
-    # Each power is a product of at most log2(L) factors, those below 64 squared (<= 32 ulps at 32),
-    # the others exp of an exact exponent: < ~70 ulps of complex128 (measured 5.4e-15 at L=1000).
-    # exp(l log lam) rounds its exponent: up to 2.3e-13 at L=1024.
+    # Each power is a product of at most log2(L) factors, each an exponential of an exact exponent:
+    # a few ulps of complex128 (measured under 1e-15). exp(l log lam) rounds its exponent: up to
+    # 2.3e-13 at L=1024.
     log_lam = log_poles(64)
     got = powers(log_lam, L, torch.complex128)
     assert got.shape == (L, 64) and got.dtype == torch.complex128
     if L:
-        assert np.abs(got.numpy() - long_double_powers(log_lam, L)).max() < 1.5e-14
+        assert np.abs(got.numpy() - long_double_powers(log_lam, L)).max() < 4e-15
+
+
+@pytest.mark.parametrize("L", [37, 1024, 65536])
+def test_powers_rounded_to_complex64_square_their_small_factors(L):
+    # For a complex64 result the factors below lam^64 are squared, not exponentials (<= 32 ulps of
+    # complex128, measured under 1e-14 at L=1024): nothing of it survives the rounding to complex64.
+    log_lam = log_poles(16)
+    ref = long_double_powers(log_lam, L)
+    squared = _powers_by_doubling(log_lam, L, squared_below=SQUARED_FACTORS_BELOW)
+    assert np.abs(squared.numpy() - ref).max() < 3e-14
+    got = powers(log_lam, L, torch.complex64)
+    assert got.dtype == torch.complex64
+    assert np.abs(got.numpy() - ref.astype(np.complex64)).max() <= 2 ** -24 * 1.01   # one rounding, at most
 
 
 def test_powers_keep_the_shape_and_default_dtype():
@@ -62,7 +75,7 @@ def test_block_powers_give_every_power(L):
     assert n * c >= L and inner.shape == (c, 4, 6) and outer.shape == (n, 4, 6)
     every = (outer.unsqueeze(1) * inner.unsqueeze(0)).reshape(n * c, 4, 6)        # lam^{nc-1-m}, m = k c + i
     ref = torch.from_numpy(long_double_powers(log_lam, n * c).astype(np.complex128)).flip(0)
-    assert (every - ref).abs().max() < 3e-14      # the two factors' ulps (above), and this product's
+    assert (every - ref).abs().max() < 1e-14      # the two factors' few ulps each, and this product's
 
 
 def test_powers_under_torch_func_transforms_and_forward_ad():
