@@ -104,8 +104,10 @@ def check_ring(who: str, r_min: float, r_max: float, max_phase: float) -> None:
         raise ValueError(f"{who} needs 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
 
 
-#: The modal backends whose output is a new tensor, which LRU.forward may add its skip into in place.
-_FRESH_OUTPUT_BACKENDS = (modal_auto, modal_fft, modal_scan)
+#: The modal backends whose output is a new tensor of its own, which LRU.forward may add its skip into
+#: in place. Not fft: its output is a slice of the inverse transform's buffer, and writing into it
+#: reordered the sum behind D's gradient (7.6e-6 off its bits; a review).
+_FRESH_OUTPUT_BACKENDS = (modal_auto, modal_scan)
 
 
 class LRU(LTI_LRNN):
