@@ -18,8 +18,8 @@ from .chunk_graph import ChunkModule
 from .step_graph import ExportError, StepModule
 
 #: Peak resident memory of building and tracing a chunk graph, in multiples of its weights, with a
-#: margin: building the chunk module alone rose 5.1-5.9x its weights for S4D, S4 and LRU graphs of
-#: 0.26-1 GB (d_model=64, T=300-1000; session 25), the forecaster's whole export at chunk=3000
+#: margin: building the chunk module alone rose 5.1-5.9x its weights for per-channel and dense-form
+#: graphs of 0.26-1 GB (d_model=64, T=300-1000; session 25), the forecaster's whole export at chunk=3000
 #: (3.5 GB of weights) peaked at 12.5 GB (session 24).
 BUILD_PEAK = 8
 
