@@ -134,10 +134,10 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
     model, info = load_source(src, revision=revision, token=token)
     if rate is not None:
         model, info = load_source(model.at_rate(rate))
+    step = build_step_module(model)         # for the chunk check here and the weights file below
     if chunk is not None:
         # before the validation sequence, a multiple of the chunk: at chunk=1e12 it asked for 8 TB
         # ahead of the exporters' own checks (a raw RuntimeError), at 1e8 for 1 GB
-        step = build_step_module(model)
         if format == "onnx":
             check_graph_size(step, chunk)            # one file's 2 GiB, then the machine's memory
         else:
@@ -159,7 +159,6 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
             result = to_torch_export(model, graph_path, batch=batch, validation_input=validation_input, chunk=chunk)
         latency = _measure(format, graph_path, result, latency_steps, batch) if latency_steps > 0 else None
 
-        step = build_step_module(model)
         tensors = {k: v.detach().contiguous().clone() for k, v in step.state_dict().items()}
         write_safetensors(tensors, staging / WEIGHTS_FILE, dict(result.metadata))
         config = _config(model, info, format, result, opset, batch, quantize, latency)

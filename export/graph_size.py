@@ -51,7 +51,7 @@ def chunk_graph_bytes(step: StepModule) -> Callable[[int], float]:
     return lambda t: a * t * t + b * t + c
 
 
-def largest_chunk(total: Callable[[int], float], limit: float, T: int) -> int:
+def _largest_chunk(total: Callable[[int], float], limit: float, T: int) -> int:
     """The largest t <= T with total(t) <= limit (total grows with t), 0 if none."""
     fits, lo, hi = 0, 1, T
     while lo <= hi:
@@ -61,6 +61,18 @@ def largest_chunk(total: Callable[[int], float], limit: float, T: int) -> int:
         else:
             hi = mid - 1
     return fits
+
+
+def check_chunk_under(total: Callable[[int], float], T: int, limit: float, over: str, none_fits: str) -> None:
+    """Raise an ExportError unless a chunk graph of T steps (``total``: :func:`chunk_graph_bytes`) holds at
+    most ``limit`` bytes of weights; the message says what the weights are ``over`` and names the
+    largest chunk within the limit, or ``none_fits``."""
+    if total(T) <= limit:
+        return
+    fits = _largest_chunk(total, limit, T)
+    advice = f"chunk={fits} fits" if fits >= 1 else none_fits
+    raise ExportError(f"a chunk graph of {T} steps per call holds {readable_size(total(T))} of weights, {over}; "
+                      f"its chunk forms' matrices grow as the chunk squared: {advice}")
 
 
 def readable_size(n: float) -> str:
@@ -85,11 +97,6 @@ def check_chunk_in_memory(step: StepModule, T: int, total: Optional[Callable[[in
     memory = physical_memory()
     if memory is None:
         return
-    total = total or chunk_graph_bytes(step)
-    if BUILD_PEAK * total(T) <= memory:
-        return
-    fits = largest_chunk(total, memory / BUILD_PEAK, T)
-    advice = f"chunk={fits} fits" if fits >= 1 else "the model alone is too large for it"
-    raise ExportError(f"a chunk graph of {T} steps per call holds {readable_size(total(T))} of weights, and building "
-                      f"it takes about {BUILD_PEAK}x that, more than this machine's {readable_size(memory)} of memory; "
-                      f"its chunk forms' matrices grow as the chunk squared: {advice}")
+    check_chunk_under(total or chunk_graph_bytes(step), T, memory / BUILD_PEAK,
+                      f"and building it takes about {BUILD_PEAK}x that, more than this machine's "
+                      f"{readable_size(memory)} of memory", "the model alone is too large for it")

@@ -39,7 +39,7 @@ from .quantize import INT8_RELATIVE_TOLERANCE, accuracy_change, check_mode, quan
 from .result import ExportResult
 from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch, graph_opset
 from .chunk_graph import ChunkModule, chunk_metadata, chunked
-from .graph_size import check_chunk_in_memory, chunk_graph_bytes, largest_chunk, readable_size, tensor_bytes
+from .graph_size import check_chunk_in_memory, check_chunk_under, chunk_graph_bytes, tensor_bytes
 from .step_graph import ExportError, StepModule, build_step_module, no_autocast
 from .validate import FLOAT32_TOLERANCE, default_sequence, validate_stream
 
@@ -136,12 +136,8 @@ def check_graph_size(step: StepModule, T: Optional[int]) -> None:
             raise _too_large("the step graph of this model", size)
         return
     total = chunk_graph_bytes(step)
-    if total(T) > ONNX_FILE_LIMIT:
-        fits = largest_chunk(total, ONNX_FILE_LIMIT, T)
-        advice = f"chunk={fits} fits" if fits >= 1 else "the model alone is too large for one file"
-        raise ExportError(f"a chunk graph of {T} steps per call holds {readable_size(total(T))} of weights, more than "
-                          f"one ONNX file holds ({ONNX_FILE_LIMIT / 1e6:.3g} MB); its chunk forms' matrices grow as the "
-                          f"chunk squared: {advice}")
+    check_chunk_under(total, T, ONNX_FILE_LIMIT, f"more than one ONNX file holds ({ONNX_FILE_LIMIT / 1e6:.3g} MB)",
+                      "the model alone is too large for one file")
     check_chunk_in_memory(step, T, total)
 
 
