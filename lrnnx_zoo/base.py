@@ -211,10 +211,13 @@ def check_not_traced(who: str) -> None:
         raise refuse_torchscript(who)
 
 
-def check_dense(x: Tensor, who: str) -> None:
+def check_dense(x: Any, who: str) -> None:
     """Raise a TypeError naming ``who`` unless x is an ordinary dense (strided) tensor: nested, sparse
     and masked tensors failed deep inside ("NestedTensorImpl doesn't support sizes", "reshape is not
-    implemented for sparse tensors", ...). Sequences of several lengths go in padded, with lengths."""
+    implemented for sparse tensors", ...). Sequences of several lengths go in padded, with lengths.
+    Anything not a tensor passes, for the caller's shape check to name."""
+    if not isinstance(x, Tensor):
+        return
     kind = ("a nested tensor" if x.is_nested else f"a {x.layout} tensor" if x.layout != torch.strided
             else "a MaskedTensor" if type(x).__name__ == "MaskedTensor" else None)
     if kind is not None:

@@ -288,8 +288,7 @@ class FFTConvS4(nn.Module):
         raise refuse_torchscript("FFTConvS4")
 
     def _to_bhl(self, x: Tensor) -> Tensor:
-        if isinstance(x, Tensor):
-            check_dense(x, "FFTConvS4")
+        check_dense(x, "FFTConvS4")
         ok = isinstance(x, Tensor) and x.dim() == 3 and x.shape[1 if self.transposed else 2] == self.d_model
         if not ok:
             want = f"(batch, d_model={self.d_model}, length)" if self.transposed else \

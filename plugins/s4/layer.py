@@ -163,8 +163,7 @@ class S4(nn.Module):
         Other keyword arguments are accepted and ignored, as by the seed.
         """
         axis = 1 if self.transposed else 2
-        if isinstance(u, Tensor):
-            check_dense(u, "S4")
+        check_dense(u, "S4")
         if not isinstance(u, Tensor) or u.dim() != 3 or u.shape[axis] != self.h:
             want = f"(batch, d_model={self.h}, length)" if self.transposed else f"(batch, length, d_model={self.h})"
             got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
