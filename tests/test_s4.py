@@ -18,6 +18,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lrnnx_zoo
 from lrnnx_zoo import hippo
@@ -212,6 +213,60 @@ def test_dplr_steps_are_the_dense_recurrence(measure, rank, from_rest):
         got = s4_plugin.dense.advance_state_dplr(system, u, x)
         want = s4_plugin.dense.advance_state(A_bar, b_bar, u, x)
     assert rel_err(got, want) < 1e-12
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements any op's output had (an exact, allocator-free memory bound)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_dense_state_passing_forms_nothing_larger_than_its_operands(monkeypatch):
+    # A_bar^L x and A_bar x broadcast (H, N, N) over the batch as a copy (B, H, N, N), and the blocked
+    # Horner scheme formed all its blocks' terms at once, (J, H, B, N): 2.8 GB at B=64, H=64, N=256,
+    # L=4096, and 34 GB asked at B=256, H=N=256. Every op's output now stays within twice the larger of
+    # u and A_bar (u padded to whole blocks); each of the old intermediates was 2.5-8x that here.
+    monkeypatch.setattr(s4_plugin.dense, "dplr_state_cheaper", lambda *a: False)
+    k = make_kernel(H=3, N=32)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        A_bar, b_bar = k.dense_system()
+        u = torch.randn(8, 3, 20, dtype=torch.float64)
+        x = torch.randn(8, 3, 32, dtype=torch.float64)
+        state = torch.randn(8, 3, 16, dtype=torch.complex128)
+        bound = 2 * max(u.numel(), A_bar.numel())
+        for run in (lambda: s4_plugin.dense.advance_state(A_bar, b_bar, u, x),
+                    lambda: k.forward_state(u, state),
+                    lambda: k(L=20, state=state)):
+            with LargestTensor() as seen:
+                run()
+            assert seen.numel <= bound, (seen.numel, bound)
+
+
+def test_diagonal_mode_state_conversion_factorises_each_channel_once():
+    # pack_state solved V x = r with r unsqueezed, which factorised a copy of the (H, N/2, N/2) basis
+    # for every batch row; unpack_state multiplied a broadcast copy. Both round trip, and form nothing
+    # larger than the basis or the eigen-coordinates' state (N complex modes as 2N reals: 4x x's numel).
+    torch.manual_seed(0)
+    s4 = S4(3, d_state=16).double()
+    s4.setup_step("diagonal", tol=math.inf)
+    x = torch.randn(32, 3, 8, dtype=torch.complex128)
+    basis = s4.kernel._basis
+    with LargestTensor() as seen:
+        back = s4.kernel.unpack_state(s4.kernel.pack_state(x))
+    assert seen.numel <= 4 * max(basis.numel(), x.numel()) < 32 * basis.numel()
+    # LegS's eigenbasis has condition number ~3e7 here, so float64 round trips to ~5e-10 (float32
+    # states to ~4e-2, the same before this change); a wrong channel's basis is off by O(1).
+    assert rel_err(back, x) < 1e-8
 
 
 @pytest.mark.parametrize("cheaper", [True, False])

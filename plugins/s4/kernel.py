@@ -884,7 +884,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         K = _first_samples(dense.two_level_kernel(A_bar, b_bar, c, Lz), L).to(dtype)
         if state is None:
             return K, None
-        x = (A_bar @ dense.to_real(state.to(torch.complex128)).unsqueeze(-1)).squeeze(-1)   # A_bar x_{-1}
+        x = dense.per_channel(A_bar, dense.to_real(state.to(torch.complex128)))   # A_bar x_{-1}
         return K, _first_samples(dense.two_level_kernel(A_bar, x, c, Lz), L).to(dtype)
 
     def forward_state(self, u: Tensor, state: Tensor) -> Tensor:

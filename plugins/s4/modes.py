@@ -188,7 +188,7 @@ class StepModes:
         r = dense.to_real(state)                                              # (B, H, N)
         if basis is None:                                                     # dense: [h][Re x, Im x]
             return r.reshape(Bsz, -1).to(self._real_dtype)
-        z = torch.linalg.solve(basis, r.to(basis.dtype).unsqueeze(-1)).squeeze(-1)   # V^{-1} r
+        z = dense.solve_per_channel(basis, r)                                 # V^{-1} r
         return pack_modes(z).to(self._real_dtype)
 
     def unpack_state(self, s: Tensor, form: Optional[StepForm] = None) -> Tensor:
@@ -200,7 +200,7 @@ class StepModes:
         if basis is None:
             return dense.from_real(s.reshape(Bsz, H, N)).to(self.state_dtype)
         z = unpack_modes(s, H).to(basis.dtype)
-        r = (basis @ z.unsqueeze(-1)).squeeze(-1).real
+        r = dense.per_channel(basis, z).real
         return dense.from_real(r).to(self.state_dtype)
 
     @property
