@@ -18,7 +18,6 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lrnnx_zoo
 from lrnnx_zoo import hippo
@@ -32,6 +31,7 @@ from lrnnx_zoo.plugins.s4 import (S4, Activation, ChannelDPLRStepForm, DiagonalA
                                   optimizer_param_groups)
 from lrnnx_zoo.kernels import cauchy_shared
 from lrnnx_zoo.step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm
+from memory_probe import LargestTensor
 
 L = 1024
 MEASURES = [("legs", 1), ("legt", 2), ("fourier", 1), ("lagt", 1), ("tlagt", 1), ("glagt", 1)]
@@ -213,21 +213,6 @@ def test_dplr_steps_are_the_dense_recurrence(measure, rank, from_rest):
         got = s4_plugin.dense.advance_state_dplr(system, u, x)
         want = s4_plugin.dense.advance_state(A_bar, b_bar, u, x)
     assert rel_err(got, want) < 1e-12
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the most elements any op's output had (an exact, allocator-free memory bound)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
 
 
 def test_dense_state_passing_forms_nothing_larger_than_its_operands(monkeypatch):
