@@ -195,6 +195,12 @@ def _graph_operator() -> Iterator[None]:
         _OPERATOR.active = before
 
 
+def _kind(key: Tuple[Any, ...]) -> Any:
+    """The kind of a :meth:`SSMKernel.cached_kernel` key, of which the two most recent are kept: kernels
+    ((L, rate)) and spectra are one kind, a key starting with another string its own."""
+    return key[0] if key and isinstance(key[0], str) and key[0] != "spectrum" else "kernel"
+
+
 class SSMKernel(nn.Module):
     """Abstract per-channel SSM kernel. Constructor convention: ``cls(d_model, d_state, channels=1, **kw)``.
 
@@ -228,7 +234,9 @@ class SSMKernel(nn.Module):
 
         Generating a kernel costs H*N*L work whatever the batch, as much as several FFT round
         trips of the input (benchmarks/bench_layers.py), and evaluation calls repeat it unchanged.
-        The last two results are kept: a kernel and its spectrum (:meth:`spectrum`), or S4's output matrix.
+        The last two results of each kind (:func:`_kind`) are kept: kernels and their spectra
+        (:meth:`spectrum`) are one kind; a key whose first item is another string (S4's output matrix,
+        its dense system) is its own, so that a prefill's dense work does not evict the forward's spectrum.
         ``compute()`` runs with torch.autocast off: a kernel cached inside an autocast region is reused
         outside it, and one whose matmuls had run in bfloat16 (S4D's: outputs 2.5e-3 off) stayed in
         every float32 evaluation after the region until the weights changed.
@@ -266,7 +274,9 @@ class SSMKernel(nn.Module):
             return
         kept = tuple(e for e in now[1] if e[0] != key)
         if entry is not None:
-            kept = kept[-1:] + (entry,)
+            kind = _kind(key)
+            same = tuple(e for e in kept if _kind(e[0]) == kind)
+            kept = tuple(e for e in kept if _kind(e[0]) != kind) + same[-1:] + (entry,)
         self.__dict__["_kernel_cache"] = (now[0], kept)
 
     def spectrum(self, L: int, n: int, rate: float = 1.0) -> Tensor:

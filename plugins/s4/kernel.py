@@ -218,6 +218,11 @@ def _solve_tilde(c_tilde: Tensor, A: Tensor, L: int, power_t: Optional[Tensor] =
     return torch.linalg.solve(F, c_tilde.unsqueeze(-1)).squeeze(-1)
 
 
+#: The largest float64 dense result (A_bar with b_bar, a Krylov block) an S4 kernel keeps in its cache:
+#: 40 MiB, room for d_model=256 with d_state=128 (34 MB). Larger systems compute it at each use.
+DENSE_CACHE_BYTES = 40 << 20
+
+
 class SSKernelNPLR(StepModes, SSMKernel):
     """The kernel K_l = C^T A_bar^l B_bar of H NPLR systems with C output channels each.
 
@@ -486,13 +491,45 @@ class SSKernelNPLR(StepModes, SSMKernel):
 
     def dense_system(self, rate: float = 1.0) -> Tuple[Tensor, Tensor]:
         """Discretised (A_bar (H, N, N), b_bar (H, N)) in real coordinates, float64, step dt / rate
-        (computed once per rate within :meth:`sharing_dense_work`)."""
+        (computed once per rate within :meth:`sharing_dense_work`, and in inference cached like the
+        kernel: a zoh A_bar is H matrix exponentials, 69 ms a layer at H=128, N=64, and every prefill
+        of a length not seen and every step form needs it)."""
         memo = self._shared_work()
-        if memo is None:
-            return self._dense_system(rate)
-        if ("system", rate) not in memo:
-            memo[("system", rate)] = self._dense_system(rate)
-        return memo[("system", rate)]
+        if memo is not None and ("system", rate) in memo:
+            return memo[("system", rate)]
+        if not self._caches_dense_work(self.d_state + 1):
+            system = self._dense_system(rate)
+        else:
+            packed = self.cached_kernel(("dense_system", rate), lambda: self._packed(*self._dense_system(rate)))
+            system = packed[..., :-1, :], packed[..., -1, :]
+        if memo is not None:
+            memo[("system", rate)] = system
+        return system
+
+    def _caches_dense_work(self, rows: int) -> bool:
+        """Whether an (H, rows, N) float64 result of dense work is kept in the kernel cache: in eager
+        inference, up to DENSE_CACHE_BYTES (two of each kind are kept, beside the step forms' own copy)."""
+        return (not needs_autograd(self) and not torch.compiler.is_compiling()
+                and self.d_model * rows * self.d_state * 8 <= DENSE_CACHE_BYTES)
+
+    @staticmethod
+    def _packed(square: Tensor, row: Tensor) -> Tensor:
+        """(H, N, N) and (H, N) as one (H, N + 1, N) tensor, which the kernel cache keeps as one entry."""
+        return torch.cat([square, row.unsqueeze(-2)], -2)
+
+    def _krylov_block(self, A_bar: Tensor, b_bar: Tensor, L: int) -> Tuple[Tensor, Tensor]:
+        """The Krylov rows (H, T, N) and (A_bar^T) transposed (H, N, N) that state passing over L steps
+        uses (:func:`~.dense.advance_state`, T = block_sizes(L)), cached like the dense system in eager
+        inference (log2 T squares of A_bar: 12 ms a layer at H=128, N=64, L=64)."""
+        T = dense.block_sizes(max(L, 1))[0]
+
+        def compute() -> Tuple[Tensor, Tensor]:
+            return dense.krylov_doubling(T, A_bar.transpose(-1, -2).contiguous(), b_bar)
+        if not self._caches_dense_work(self.d_state + T):
+            return compute()
+        packed = self.cached_kernel(("krylov", T), lambda: torch.cat(compute()[::-1], -2))   # (H, N + T, N)
+        N = A_bar.shape[-1]
+        return packed[..., N:, :], packed[..., :N, :]
 
     def _dense_system(self, rate: float) -> Tuple[Tensor, Tensor]:
         w, P, B, _, dt = self.continuous(double=True)
@@ -898,6 +935,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
             x = dense.advance_state_dplr(dense.bilinear_dplr(w, P, B, dt), u.double(), x0)
         else:
             A_bar, b_bar = self.dense_system()
+            if block is None and not torch.compiler.is_compiling():
+                block = self._krylov_block(A_bar, b_bar, u.shape[-1])
             x = dense.advance_state(A_bar, b_bar, u.double(), x0, block)
         # contiguous: the Horner scheme's (H, B) layout came back, and a compiled forward, guarding on
         # the strides of the state it was given (default_state's), compiled again for the next chunk
