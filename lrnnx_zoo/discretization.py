@@ -121,6 +121,43 @@ def _dt_matrix(dt, A: Tensor) -> Tensor:
     return dt.reshape(dt.shape + (1, 1))
 
 
+#: 1 / k! for the degree-12 Taylor polynomial of :func:`matrix_exp`.
+_TAYLOR = [1.0 / math.factorial(k) for k in range(13)]
+
+
+def matrix_exp(X: Tensor) -> Tensor:
+    """exp(X) for X: (..., n, n).
+
+    Under eager autograd by scaling and squaring: Y = X / 2^s with ||Y||_1 <= 1/2 over the batch, the
+    degree-12 Taylor polynomial of exp(Y) (remainder below 3e-14 relative; Paterson-Stockmeyer: the
+    powers Y..Y^4, then Horner in Y^4, 6 products), squared s times. Autograd then differentiates
+    matrix products, where torch's matrix_exp backward exponentiates a 2n x 2n block matrix: at
+    (128, 65, 65) float64 (an S4 zoh layer's discretisation, H=128, N=64) forward 38 -> 31 ms, backward
+    232 -> 51 ms, values and gradients within 3e-14 relative of torch's. Elsewhere (no autograd,
+    torch.func transforms, compiled graphs, non-finite or empty X) torch.linalg.matrix_exp.
+    """
+    from .base import func_transforms_active          # (base imports this module)
+    if (not (X.requires_grad and torch.is_grad_enabled()) or X.numel() == 0
+            or torch.compiler.is_compiling() or func_transforms_active()):
+        return torch.linalg.matrix_exp(X)
+    norm = X.detach().abs().sum(-2).amax().item()                 # the largest 1-norm in the batch
+    if not math.isfinite(norm):
+        return torch.linalg.matrix_exp(X)
+    s = max(0, math.ceil(math.log2(2 * norm))) if norm > 0 else 0
+    Y = X / 2 ** s
+    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device).expand_as(X)
+    powers = [eye, Y]
+    for _ in range(3):
+        powers.append(powers[-1] @ Y)
+    result = _TAYLOR[12] * eye
+    for j in (2, 1, 0):
+        chunk = sum(_TAYLOR[4 * j + i] * powers[i] for i in range(4))
+        result = chunk + powers[4] @ result
+    for _ in range(s):
+        result = result @ result
+    return result
+
+
 def zoh_dense(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     """Zero-order hold for dense A: (..., N, N), B: (..., N) or (..., N, M), dt: (...,).
 
@@ -136,7 +173,7 @@ def zoh_dense(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optio
     block[..., :N, :N] = A * dt
     if Bm is not None:
         block[..., :N, N:] = Bm * dt
-    E = torch.linalg.matrix_exp(block)
+    E = matrix_exp(block)
     A_bar = E[..., :N, :N]
     if Bm is None:
         return A_bar, None
