@@ -134,10 +134,10 @@ def matrix_exp(X: Tensor) -> Tensor:
     matrix products, where torch's matrix_exp backward exponentiates a 2n x 2n block matrix: at
     (128, 65, 65) float64 (an S4 zoh layer's discretisation, H=128, N=64) forward 38 -> 31 ms, backward
     232 -> 51 ms, values and gradients within 3e-14 relative of torch's. Elsewhere (no autograd,
-    torch.func transforms, compiled graphs, non-finite or empty X) torch.linalg.matrix_exp.
+    torch.func transforms, compiled graphs, meta, non-finite or empty X) torch.linalg.matrix_exp.
     """
     from .base import func_transforms_active          # (base imports this module)
-    if (not (X.requires_grad and torch.is_grad_enabled()) or X.numel() == 0
+    if (not (X.requires_grad and torch.is_grad_enabled()) or X.numel() == 0 or X.is_meta
             or torch.compiler.is_compiling() or func_transforms_active()):
         return torch.linalg.matrix_exp(X)
     norm = X.detach().abs().sum(-2).amax().item()                 # the largest 1-norm in the batch
