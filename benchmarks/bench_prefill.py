@@ -1,7 +1,7 @@
 """What reading a prompt costs, per registered family (a benchmark, not a timed test).
 
-Model: 2 blocks, d_model=256, d_state = 16 / 64 / 256, d_input=d_output=16, batch 1; a prompt of
-128 steps (--length). Columns, each the best of --repeat calls under ``torch.no_grad()``, with the
+Model: 2 blocks, d_model=256, d_state = 16 / 64 / 256, d_input=d_output=16, batch 1 (--batch); a
+prompt of 128 steps (--length); S4 bilinear unless --s4-discretization zoh. Columns, each the best of --repeat calls under ``torch.no_grad()``, with the
 step forms already built (the first prefill or ``allocate_inference_cache`` of a model builds them,
 once per weights: the "first cache" column):
 - ``forward``: the convolution-mode forward of the prompt (kernel cached);
@@ -13,6 +13,7 @@ squares of its dense float64 A_bar (plugins/s4/dense.advance_state) and stepping
 low-rank form in float64 (advance_state_dplr), with the one ``dplr_state_cheaper`` picks.
 
     python benchmarks/bench_prefill.py [--families s4 s4d] [--length 128] [--s4-paths]
+    python benchmarks/bench_prefill.py --families s4 --batch 16 --s4-discretization zoh
     python benchmarks/bench_prefill.py --smoke      # d_model=16, d_state 4 / 8, 16 steps: that it runs
 """
 
@@ -44,24 +45,26 @@ def best_ms(f: Callable[[], object], repeat: int) -> float:
     return min(times) * 1e3
 
 
-def build(layer: str, d_model: int, d_state: int) -> lrnnx_zoo.SequenceModel:
+def build(layer: str, d_model: int, d_state: int, s4_discretization: str = "bilinear") -> lrnnx_zoo.SequenceModel:
     torch.manual_seed(0)
+    kwargs = {"d_state": d_state, **({"discretization": s4_discretization} if layer == "s4" else {})}
     cfg = lrnnx_zoo.ModelConfig(layer=layer, d_input=16, d_output=16, d_model=d_model, n_layers=2,
-                                layer_kwargs={"d_state": d_state}, pooling=None)
+                                layer_kwargs=kwargs, pooling=None)
     return lrnnx_zoo.SequenceModel(cfg).eval()
 
 
 @torch.no_grad()
-def bench_model(layer: str, d_model: int, d_state: int, length: int, repeat: int) -> Dict[str, float]:
-    model = build(layer, d_model, d_state)
-    x = torch.randn(1, length, 16)
+def bench_model(layer: str, d_model: int, d_state: int, length: int, repeat: int, batch: int = 1,
+                s4_discretization: str = "bilinear") -> Dict[str, float]:
+    model = build(layer, d_model, d_state, s4_discretization)
+    x = torch.randn(batch, length, 16)
     model(x)                                               # the kernels' lengths are set
     t0 = time.perf_counter()
-    model.allocate_inference_cache(1)                       # builds the step forms, once per weights
+    model.allocate_inference_cache(batch)                   # builds the step forms, once per weights
     first = (time.perf_counter() - t0) * 1e3
 
     def stepping() -> None:
-        cache = model.allocate_inference_cache(1)
+        cache = model.allocate_inference_cache(batch)
         for t in range(length):
             model.step(x[:, t], cache)
     r = {"first_ms": first, "forward_ms": best_ms(lambda: model(x), repeat),
@@ -96,19 +99,21 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--s4-paths", action="store_true", help="also time S4's dense and DPLR state paths per layer")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--batch", type=positive_int, default=1, help="prompts read at once (default 1)")
+    p.add_argument("--s4-discretization", choices=["bilinear", "zoh"], default="bilinear")
     args = p.parse_args(argv)
     sizes = SIZES["smoke" if args.smoke else "full"]
     length = args.length or sizes["length"]
     if args.threads:
         torch.set_num_threads(args.threads)
     tune_allocator()
-    print(f"prompt of {length} steps, batch 1, 2 blocks, d_model={sizes['d_model']}, {torch.get_num_threads()} "
+    print(f"prompt of {length} steps, batch {args.batch}, 2 blocks, s4 {args.s4_discretization}, d_model={sizes['d_model']}, {torch.get_num_threads()} "
           f"threads; ms, best of {args.repeat}")
     print(f"{'family':10s} {'d_state':>7s} {'first cache':>11s} {'forward':>8s} {'prefill':>8s} {'stepping':>9s} "
           f"{'prefill/forward':>15s} {'stepping/prefill':>16s}")
     for layer in args.families:
         for d_state in sizes["d_states"]:
-            r = bench_model(layer, sizes["d_model"], d_state, length, args.repeat)
+            r = bench_model(layer, sizes["d_model"], d_state, length, args.repeat, args.batch, args.s4_discretization)
             print(f"{layer:10s} {d_state:7d} {r['first_ms']:11.1f} {r['forward_ms']:8.1f} {r['prefill_ms']:8.1f} "
                   f"{r['stepping_ms']:9.1f} {r['prefill_ms'] / r['forward_ms']:15.2f} "
                   f"{r['stepping_ms'] / r['prefill_ms']:16.2f}", flush=True)
