@@ -215,7 +215,8 @@ def _solve_tilde(c_tilde: Tensor, A: Tensor, L: int, power_t: Optional[Tensor] =
         # torch's batched backward of solve mismatches broadcast batch dims under vmap of grad
         # (per-sample gradients failed: "size of tensor a (2) must match ... b (3)"); spell them out
         F = F.expand(*c_tilde.shape[:-2], *F.shape[-3:])
-    return torch.linalg.solve(F, c_tilde.unsqueeze(-1)).squeeze(-1)
+        return torch.linalg.solve(F, c_tilde.unsqueeze(-1)).squeeze(-1)
+    return dense.solve_per_channel(F, c_tilde)       # one factorisation per channel, not per output channel
 
 
 #: The largest float64 dense result (A_bar with b_bar, a Krylov block) an S4 kernel keeps in its cache:
@@ -637,7 +638,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         """The stored C with each row c_r^T replaced by c_r^T factor: (C, H, M) complex128, differentiable
         (factor: (H, N, N) float64)."""
         c = dense.output_row(self.continuous(double=True)[3])
-        return dense.output_from_row((c.unsqueeze(-2) @ factor).squeeze(-2))
+        return dense.output_from_row(dense.per_channel(factor.transpose(-1, -2), c))     # c^T factor
 
     @torch.no_grad()
     def _init_C_tilde(self, L: int) -> None:
@@ -892,7 +893,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         complex128, from the plain C (:meth:`output_matrix`), in float64."""
         A_r, _ = self.dense_system(rate)
         c = dense.output_row(self.output_matrix())
-        return dense.output_from_row((c.unsqueeze(-2) @ _identity_minus_power(A_r, L)).squeeze(-2))
+        return dense.output_from_row(dense.per_channel(_identity_minus_power(A_r, L).transpose(-1, -2), c))
 
     @torch.no_grad()
     def resample_(self, rate: float) -> None:
