@@ -243,7 +243,7 @@ def test_output_matrix_of_many_channels_works_channel_by_channel():
     # columns: nothing larger than twice the matrices, and C recovered from C~ to float64 rounding.
     k = make_kernel(H=3, N=16, channels=6, L=64)
     with torch.no_grad(), LargestTensor() as seen:
-        C = k.output_matrix()
+        k.output_matrix()
         k.output_tilde(1.0, 64)
     assert seen.numel <= 2 * 3 * 17 * 16 < 6 * 3 * 16 * 16
     with torch.no_grad():
