@@ -242,3 +242,27 @@ def test_vandermonde_second_derivatives(conj):
                                  torch.randn(*s, generator=g, dtype=torch.float64))
     v, log_lam = c(2, 3).requires_grad_(), (0.1 * c(2, 3) - 0.2).requires_grad_()
     assert torch.autograd.gradgradcheck(lambda v, a: vandermonde_torch(v, a, 11, conj=conj, chunk_size=4), (v, log_lam))
+
+
+# ----------------------------------------------------------------------------------------------
+# many rows sharing one lam: a state's zero-input response (lrnnx_zoo.modal.decayed_response)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("L", [0, 1, 7, 64, 1000])
+@pytest.mark.parametrize("dtype,tol", [(torch.complex128, 1e-12), (torch.complex64, 2e-6)])
+def test_decayed_response_is_the_vandermonde_product_of_each_row(gen, L, dtype, tol):
+    # One (c, H, M) block of powers shared by every row of weights, against the float64 reference per
+    # row. complex128: ~1e-15 measured; complex64 (powers rounded once, float32 products over 2M terms):
+    # ~2e-7; a block off by one power (lam^{kc} vs lam^{kc+1}) is off by O(1 - |lam|), 1e-2 or more.
+    from lrnnx_zoo.modal import decayed_response
+    H, M = 3, 5
+    log_lam = rand_log_lam(H, M, gen=gen, max_decay=0.05)
+    w = torch.complex(torch.randn(4, 2, H, M, generator=gen, dtype=torch.float64),
+                      torch.randn(4, 2, H, M, generator=gen, dtype=torch.float64)).to(dtype)
+    got = decayed_response(w, log_lam, L)
+    assert got.shape == (4, 2, H, L) and got.dtype == w.real.dtype
+    if L:
+        assert rel_err(got, naive(w, log_lam.expand_as(w), L)) < tol
+    with torch.autograd.set_grad_enabled(True):                      # differentiable in w (a state's gradient)
+        w64 = w.to(torch.complex128).requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: decayed_response(t, log_lam, min(L, 9)), (w64[:1, :1],))
