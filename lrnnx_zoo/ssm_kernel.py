@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import (contents_equal, needs_autograd, operator_body, plain_settings, reference_tensor, right_aligned,
-                   version_of as _version, without_autocast)
+                   tensor_attributes, version_of as _version, without_autocast)
 from .discretization import valid_rate
 from .step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm, StepForm
 
@@ -344,17 +344,24 @@ class SSMKernel(nn.Module):
         invalidates the cache like a change of parameters."""
         return plain_settings(self)
 
+    def _watched(self) -> list:
+        """(name, tensor) of what a cached result depends on: every parameter and buffer, and the public
+        tensor attributes (:func:`~lrnnx_zoo.base.tensor_attributes`: the weight torch.nn.utils.prune
+        applies, recomputed by a forward pre-hook; modes kept against its unchanged parameters were
+        built from the weight before the hook ran and handed to later step forms, 4e-3 off forward)."""
+        return self._tensors() + [(f"{i}:{name}", t) for i, (_, name, t) in enumerate(tensor_attributes(self))]
+
     def _snapshot(self) -> Tuple[Tuple[Tuple[str, Any], ...], list]:
-        """The settings and copies of every parameter and buffer (kilobytes: the kernel they
-        generate is larger)."""
-        return self._settings(), [(name, t.detach().clone()) for name, t in self._tensors()]
+        """The settings and copies of every parameter, buffer and tensor attribute (:meth:`_watched`;
+        kilobytes: the kernel they generate is larger)."""
+        return self._settings(), [(name, t.detach().clone()) for name, t in self._watched()]
 
     def _same_contents(self, snapshot: Tuple[Tuple[Tuple[str, Any], ...], list]) -> bool:
         """Settings equal and every parameter and buffer equal to the snapshot's
         (:func:`~lrnnx_zoo.base.contents_equal`; 3% of S4D's forward at B=8, L=1024 where hashing
         would cost 140 us a call)."""
         settings, tensors = snapshot
-        now = self._tensors()
+        now = self._watched()
         return (settings == self._settings() and [n for n, _ in now] == [n for n, _ in tensors]
                 and contents_equal([t for _, t in now], [t for _, t in tensors]))
 
