@@ -72,7 +72,12 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
            "-m", "lrnnx_zoo.training_cli", "train", TINY, "--out", str(out), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # gloo sometimes aborts a child at interpreter exit, after a completed run ("terminate called
+    # without an active exception"; about one run in hundreds on a loaded machine, despite the barrier
+    # before destroy_process_group in training.train): that exit, with the checkpoint written whole,
+    # is judged by the weights below; any other failure fails here.
+    exit_abort = "terminate called without an active exception" in proc.stderr and (out / "config.json").exists()
+    assert proc.returncode == 0 or exit_abort, proc.stderr[-3000:]
     ddp = load_file(str(out / "model.safetensors"))
 
     torch.manual_seed(get_recipe(TINY).seed)
