@@ -20,7 +20,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .base import forward_ad_active, func_transforms_active, needs_autograd, without_autocast
+from .base import forward_ad_active, func_transforms_active, without_autocast
 from .convolution import opt_ssm_forward, project_in, project_out
 from .scan import diagonal_scan
 from .registry import get_backend
@@ -239,11 +239,6 @@ def decayed_response(w: Tensor, log_lam: Tensor, L: int) -> Tensor:
     return 2 * out.permute(1, 0, 2).reshape(*lead, H, L)
 
 
-def _packed_modes(lam: Tensor, log_lam: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    """(lam, log lam, B): (H, M) and C: (C, H, M) as one (3 + C, H, M) tensor (one kernel-cache entry)."""
-    return torch.cat([torch.stack([lam, log_lam, B]), C])
-
-
 class ChannelModalKernel(SSMKernel):
     """What S4D's and LRUKernel's kernels share: H single-input diagonal systems with C outputs each,
 
@@ -294,11 +289,8 @@ class ChannelModalKernel(SSMKernel):
     def kept_modes(self, rate: float = 1.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """:meth:`modes`, in eager inference cached like the kernel (for S4D's zoh at H=256, N=256 they
         are 3.8 ms of exponentials, a quarter of a prefill's state passing, and each prefill and step
-        form asked again). Packed as one (3 + C, H, M) tensor: (lam, log lam, B), then C's rows."""
-        if needs_autograd(self) or torch.compiler.is_compiling() or func_transforms_active() or forward_ad_active():
-            return self.modes(rate)
-        packed = self.cached_kernel(("modes", rate), lambda: _packed_modes(*self.modes(rate)))
-        return packed[0], packed[1], packed[2], packed[3:]
+        form asked again)."""
+        return self.cached_kernel(("modes", rate), lambda: self.modes(rate))
 
     @torch.no_grad()
     def step_form(self, D: Optional[Tensor] = None) -> ChannelDiagonalStepForm:

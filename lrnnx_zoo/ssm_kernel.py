@@ -195,6 +195,11 @@ def _graph_operator() -> Iterator[None]:
         _OPERATOR.active = before
 
 
+def _versions(value: Any) -> Any:
+    """The version counters of a cached tensor, or of each tensor of a cached tuple."""
+    return tuple(_version(t) for t in value) if isinstance(value, tuple) else _version(value)
+
+
 def _kind(key: Tuple[Any, ...]) -> Any:
     """The kind of a :meth:`SSMKernel.cached_kernel` key, of which the two most recent are kept: kernels
     ((L, rate)) and spectra are one kind, a key starting with another string its own."""
@@ -237,7 +242,8 @@ class SSMKernel(nn.Module):
         The last two results of each kind (:func:`_kind`) are kept: kernels and their spectra
         (:meth:`spectrum`) are one kind; a key whose first item is another string (S4's output matrix,
         its dense system) is its own, so that a prefill's dense work does not evict the forward's spectrum.
-        ``compute()`` runs with torch.autocast off: a kernel cached inside an autocast region is reused
+        ``compute()`` returns a tensor or a tuple of tensors (S4's dense system, a kernel's modes), each
+        checked by its own version counter. It runs with torch.autocast off: a kernel cached inside an autocast region is reused
         outside it, and one whose matmuls had run in bfloat16 (S4D's: outputs 2.5e-3 off) stayed in
         every float32 evaluation after the region until the weights changed.
         """
@@ -255,13 +261,13 @@ class SSMKernel(nn.Module):
         # A cached tensor is handed out as is (a copy would cost a kernel's worth of memory at
         # the peak); its version counter tells if a caller has since changed it in place.
         for i, (k, K, version) in enumerate(cache[1]):
-            if k == key and _version(K) == version:
+            if k == key and _versions(K) == version:
                 if i != len(cache[1]) - 1:      # most recently used last (a repeated call republishes nothing)
                     self._publish(cache, key, (key, K, version))
                 return K
         with without_autocast(reference_tensor(self).device.type):
             K = compute()
-        self._publish(cache, key, (key, K, _version(K)))
+        self._publish(cache, key, (key, K, _versions(K)))
         return K
 
     def _publish(self, cache: Tuple[Any, Tuple[Any, ...]], key: Tuple[Any, ...],

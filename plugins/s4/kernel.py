@@ -498,25 +498,19 @@ class SSKernelNPLR(StepModes, SSMKernel):
         memo = self._shared_work()
         if memo is not None and ("system", rate) in memo:
             return memo[("system", rate)]
-        if not self._caches_dense_work(self.d_state + 1):
-            system = self._dense_system(rate)
+        if self._caches_dense_work(self.d_state + 1):
+            system = self.cached_kernel(("dense_system", rate), lambda: self._dense_system(rate))
         else:
-            packed = self.cached_kernel(("dense_system", rate), lambda: self._packed(*self._dense_system(rate)))
-            system = packed[..., :-1, :], packed[..., -1, :]
+            system = self._dense_system(rate)
         if memo is not None:
             memo[("system", rate)] = system
         return system
 
     def _caches_dense_work(self, rows: int) -> bool:
-        """Whether an (H, rows, N) float64 result of dense work is kept in the kernel cache: in eager
-        inference, up to DENSE_CACHE_BYTES (two of each kind are kept, beside the step forms' own copy)."""
-        return (not needs_autograd(self) and not torch.compiler.is_compiling()
-                and self.d_model * rows * self.d_state * 8 <= DENSE_CACHE_BYTES)
-
-    @staticmethod
-    def _packed(square: Tensor, row: Tensor) -> Tensor:
-        """(H, N, N) and (H, N) as one (H, N + 1, N) tensor, which the kernel cache keeps as one entry."""
-        return torch.cat([square, row.unsqueeze(-2)], -2)
+        """Whether an (H, rows, N) float64 result of dense work may go to the kernel cache (which keeps
+        results in eager inference only): up to DENSE_CACHE_BYTES (two of each kind are kept, beside
+        the step forms' own copy)."""
+        return self.d_model * rows * self.d_state * 8 <= DENSE_CACHE_BYTES
 
     def _krylov_block(self, A_bar: Tensor, b_bar: Tensor, L: int) -> Tuple[Tensor, Tensor]:
         """The Krylov rows (H, T, N) and (A_bar^T) transposed (H, N, N) that state passing over L steps
@@ -526,11 +520,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
 
         def compute() -> Tuple[Tensor, Tensor]:
             return dense.krylov_doubling(T, A_bar.transpose(-1, -2).contiguous(), b_bar)
-        if not self._caches_dense_work(self.d_state + T):
-            return compute()
-        packed = self.cached_kernel(("krylov", T), lambda: torch.cat(compute()[::-1], -2))   # (H, N + T, N)
-        N = A_bar.shape[-1]
-        return packed[..., N:, :], packed[..., :N, :]
+        return self.cached_kernel(("krylov", T), compute) if self._caches_dense_work(self.d_state + T) else compute()
 
     def _dense_system(self, rate: float) -> Tuple[Tensor, Tensor]:
         w, P, B, _, dt = self.continuous(double=True)
