@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .discretization import METHODS, get_discretization
-from .shapes import stream_rows
+from .shapes import positive_int, stream_rows
 from .step_forms import check_step_form, poles_split, same_form, step_form_dtype
 
 Discretization = Optional[Literal["zoh", "bilinear", "dirac", "async", "no_discretization"]]
@@ -313,12 +313,19 @@ def check_stream_batch(x: Tensor, who: str) -> None:
                          f"{tuple(x.shape)}; forward(x) takes an empty batch, a stream cache does not")
 
 
-def check_sizes(who: str, **sizes: Any) -> None:
-    """Raise a ValueError naming ``who`` unless every size is an int >= 1 (d_model=0 would build
-    an empty layer, a float or negative size would fail inside torch with no word of which)."""
+def check_sizes(who: str, **sizes: Any) -> Tuple[int, ...]:
+    """The sizes as Python ints, in the order given; a ValueError naming ``who`` unless every size is
+    an integer >= 1 (d_model=0 would build an empty layer, a float or negative size would fail inside
+    torch with no word of which). numpy integers and 0-dim integer tensors count, as torch's own
+    modules take them (``nn.Linear(np.int64(16), 4)``): a sweep's ``np.int64(16)`` was refused as not
+    "an integer >= 1"."""
+    out = []
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        number = positive_int(value)
+        if number is None:
             raise ValueError(f"{who} needs {name} to be an integer >= 1, got {value!r}")
+        out.append(number)
+    return tuple(out)
 
 
 def check_flags(who: str, **flags: Any) -> None:
@@ -762,7 +769,7 @@ class LTI_LRNN(LRNN):
         float64 discretisation once. The device is theirs too.
         """
         who = f"{type(self).__name__}.allocate_inference_cache"
-        check_sizes(who, batch_size=batch_size)
+        batch_size, = check_sizes(who, batch_size=batch_size)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"{who} needs dtype to be a floating torch.dtype (e.g. torch.float32) or None, "
                             f"got {dtype!r}")

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .discretization import bilinear_dense
 from .kernels.cauchy import cauchy_conj  # noqa: F401  (seed API: the S4 helpers' Cauchy kernel lives here too)
-from .shapes import broadcast_shape
+from .shapes import broadcast_shape, integer
 
 __all__ = [
     "cauchy_conj",
@@ -97,11 +97,14 @@ _ARGS = {  # allowed measure_args and their defaults
 }
 
 
-def _check_int(name: str, value: Any) -> None:
-    """A TypeError naming ``name`` unless value is an int (not a bool): a float N or rank was taken
-    until torch.zeros refused it, with no word of which argument."""
-    if isinstance(value, bool) or not isinstance(value, int):
+def _check_int(name: str, value: Any) -> int:
+    """``value`` as a Python int (numpy integers count, :func:`~lrnnx_zoo.shapes.integer`); a TypeError
+    naming ``name`` unless it is an integer (not a bool): a float N or rank was taken until torch.zeros
+    refused it, with no word of which argument."""
+    number = integer(value)
+    if number is None:
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    return number
 
 
 def _check_square(who: str, A: Any) -> None:
@@ -205,7 +208,7 @@ def transition(measure: str, N: int, **measure_args) -> tuple[Tensor, Tensor]:
         TypeError: an argument the measure does not take.
     """
     args = _check_measure(measure, measure_args)
-    _check_int("N", N)
+    N = _check_int("N", N)
     if N < 1:
         raise ValueError(f"N must be positive, got {N}")
     f64 = torch.float64
@@ -290,7 +293,7 @@ def rank_correction(measure: str, N: int, rank: int = 1, dtype: torch.dtype = to
             glagt with alpha != 0 (its orthonormalisation destroys the NPLR structure).
     """
     args = _check_measure(measure, measure_args)
-    _check_int("rank", rank)
+    rank = _check_int("rank", rank)
     _check_real_dtype(dtype)
     need = _MIN_RANK[measure]
     if rank < max(need, 0) or rank < 0:
@@ -405,8 +408,8 @@ def nplr(measure: str, N: int, rank: int = 1, dtype: torch.dtype = torch.float,
 def _nplr(measure: str, N: int, rank: int, dtype: torch.dtype, diagonalize_precision: bool,
           **measure_args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`nplr` on the default device (the caller's choice)."""
-    _check_int("N", N)
-    _check_int("rank", rank)    # before the cache, which takes rank=True for rank=1
+    N = _check_int("N", N)
+    rank = _check_int("rank", rank)    # before the cache, which takes rank=True for rank=1
     if N % 2:
         raise ValueError(f"nplr keeps one of each conjugate pair and needs an even N, got {N}")
     args = _check_measure(measure, measure_args)
@@ -499,7 +502,7 @@ def power(L: int, A: Tensor, v: Optional[Tensor] = None) -> Tensor | tuple[Tenso
         ``sum_l A^l v_l = sum_m (A^2)^m (v_{2m} + A v_{2m+1})``, halving the length each round
         while A is squared - the same squares the power needs.
     """
-    _check_int("L", L)                # 2.5 failed on a slice, True was taken as 1
+    L = _check_int("L", L)            # 2.5 failed on a slice, True was taken as 1
     if L < 0:
         raise ValueError(f"L must be non-negative, got {L}")
     _check_square("power", A)
@@ -563,7 +566,7 @@ def krylov(L: int, A: Tensor, b: Tensor, c: Optional[Tensor] = None,
         ``K: (..., N, L)`` with ``K[..., l] = A^l b``; with ``c``: ``(..., L)`` with entries
         ``c^T A^l b`` (no conjugation); plus ``A^{L-1}: (..., N, N)`` if ``return_power``.
     """
-    _check_int("L", L)
+    L = _check_int("L", L)
     if L < 0 or (return_power and L < 1):
         raise ValueError(f"L must be >= {1 if return_power else 0}, got {L}")
     _check_square("krylov", A)

@@ -275,7 +275,7 @@ class ChannelModalKernel(SSMKernel):
 
     def default_state(self, *batch_shape: int) -> Tensor:
         """The zero state x_{-1}: (*batch_shape, H, M) complex."""
-        check_batch_shape(type(self).__name__, batch_shape)
+        batch_shape = check_batch_shape(type(self).__name__, batch_shape)
         return torch.zeros(*batch_shape, self.C.shape[1], self.C.shape[2], dtype=self.state_dtype,
                            device=self.C.device)
 

@@ -25,6 +25,7 @@ from .base import (cache_owner, check_dense, check_floating, check_lengths, chec
                    float32_under_autocast, made_by, mask_padding, stream_rows, valid_steps, values_only)
 from .hub_save import HubMixin, resampled_info
 from .registry import create_layer
+from .shapes import positive_int
 from .ssm_kernel import check_rate
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
@@ -72,9 +73,11 @@ class ModelConfig:
     pooling: Optional[str] = None
 
     def __post_init__(self) -> None:
+        # numpy and 0-d tensor scalars (a sweep's np.int64(64), np.float32(0.99)) as Python numbers: the
+        # config saves as JSON, and a fresh model gets the values a loaded one gets
+        for name in ("d_input", "d_output", "d_model", "n_layers", "dropout"):
+            setattr(self, name, _python_scalars(getattr(self, name)))
         self._check_types()
-        # numpy and 0-d tensor scalars (a sweep's np.float32(0.99)) as Python numbers: the config saves
-        # as JSON, and a fresh model gets the values a loaded one gets
         self.layer_kwargs = _python_scalars(self.layer_kwargs)
         checks = [("norm", self.norm, NORMS), ("activation", self.activation, tuple(ACTIVATIONS)),
                   ("post", self.post, POSTS), ("pooling", self.pooling, POOLINGS)]
@@ -256,6 +259,7 @@ def _is_real(value: Any) -> bool:
 
 
 def _check_size(name: str, value: Any) -> None:
+    """A TypeError naming ``name`` unless value is an int (not a bool), a ValueError unless it is >= 1."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
     if value < 1:
@@ -584,8 +588,10 @@ class SequenceModel(HubMixin, nn.Module):
         another raises TypeError, as the encoder and decoder would mix precisions (convert the model
         with ``.double()`` to step in float64; a single layer's cache may take another dtype).
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        rows = positive_int(batch_size)
+        if rows is None:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = rows
         ref = self.encoder.weight
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"allocate_inference_cache needs dtype to be a floating torch.dtype or None, got {dtype!r}")

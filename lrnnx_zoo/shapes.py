@@ -33,14 +33,23 @@ def broadcast_shape(*shapes: Sequence[int]) -> torch.Size:
     return torch.Size(out)
 
 
-def positive_int(value: Any) -> Optional[int]:
-    """``value`` as an int if it is a positive integer (Python or numpy; not a bool), else None, for
-    callers that raise their own error naming what the number is (a batch, a chunk's steps)."""
+def integer(value: Any) -> Optional[int]:
+    """``value`` as a Python int if it is an integer: an int, a numpy integer or a 0-dim integer tensor
+    (what a sweep over ``np.arange`` or ``np.random.choice`` hands over); None for anything else, bools
+    (Python, numpy or tensor) and whole floats such as 64.0 included."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool)):
+        return None
     try:
-        number = operator.index(value)
+        return operator.index(value)
     except TypeError:
         return None
-    return number if number >= 1 and not isinstance(value, bool) else None
+
+
+def positive_int(value: Any) -> Optional[int]:
+    """``value`` as a Python int if it is a positive :func:`integer`, else None, for callers that raise
+    their own error naming what the number is (a batch, a chunk's steps, a layer's width)."""
+    number = integer(value)
+    return number if number is not None and number >= 1 else None
 
 
 def stream_rows(index: Any, batch: int, who: str, device: Any = None) -> Optional[torch.Tensor]:

@@ -34,16 +34,19 @@ from torch import Tensor, nn
 from .base import (contents_equal, needs_autograd, operator_body, plain_settings, reference_tensor, right_aligned,
                    tensor_attributes, version_of as _version, without_autocast)
 from .discretization import valid_rate
+from .shapes import integer
 from .step_forms import ChannelDenseStepForm, ChannelDiagonalStepForm, StepForm
 
 
-def check_batch_shape(who: str, batch_shape: Tuple[Any, ...]) -> None:
-    """Raise a ValueError naming ``who`` unless every batch size of a default_state is an int >= 0
-    (default_state(2.0) failed inside torch.zeros: "takes 1 positional argument but 3 were given")."""
-    bad = [b for b in batch_shape if isinstance(b, bool) or not isinstance(b, int) or b < 0]
-    if bad:
+def check_batch_shape(who: str, batch_shape: Tuple[Any, ...]) -> Tuple[int, ...]:
+    """The batch sizes of a default_state as Python ints (numpy integers count, :func:`~lrnnx_zoo.shapes.integer`);
+    a ValueError naming ``who`` unless each is an integer >= 0 (default_state(2.0) failed inside
+    torch.zeros: "takes 1 positional argument but 3 were given")."""
+    sizes = tuple(integer(b) for b in batch_shape)
+    if any(b is None or b < 0 for b in sizes):
         raise ValueError(f"{who}.default_state(*batch_shape) needs batch sizes that are integers >= 0, got "
                          f"{batch_shape!r}")
+    return sizes  # type: ignore[return-value]
 
 
 def check_rate(rate: Any, who: str) -> float:

@@ -151,11 +151,11 @@ class FFTConvS4(nn.Module):
         if kernel_type is not None and kernel is not None and kernel_type != kernel:
             raise ValueError(f"kernel_type={kernel_type!r} and kernel={kernel!r} disagree; `kernel` is an alias "
                              f"of `kernel_type`: give one of them")
-        check_sizes("FFTConvS4", d_model=d_model, channels=channels)
+        d_model, channels = check_sizes("FFTConvS4", d_model=d_model, channels=channels)
         check_flags("FFTConvS4", swap_channels=swap_channels, transposed=transposed, tie_dropout=tie_dropout,
                     bidirectional=bidirectional)
         if l_max is not None:
-            check_sizes("FFTConvS4", l_max=l_max)
+            l_max, = check_sizes("FFTConvS4", l_max=l_max)
         check_probability("FFTConvS4", "dropout", dropout)
         check_probability("FFTConvS4", "drop_kernel", drop_kernel)
         self.d_model, self.H, self.L, self.channels = d_model, d_model, l_max, channels
@@ -471,7 +471,7 @@ class FFTConvLayer(LTI_LRNN):
     def __init__(self, d_model: int, d_state: int = 64, kernel_type: str = "s4d", channels: int = 1,
                  bidirectional: bool = False, l_max: Optional[int] = None, **kernel_args: Any) -> None:
         super().__init__(None)
-        check_sizes("fftconv", d_state=d_state)     # FFTConvS4 checks d_model and channels
+        d_model, d_state = check_sizes("fftconv", d_model=d_model, d_state=d_state)   # FFTConvS4 checks channels
         check_flags("fftconv", bidirectional=bidirectional)     # before FFTConvS4 would name itself
         self.d_model, self.d_state, self.bidirectional = d_model, d_state, bidirectional
         self.conv = FFTConvS4(d_model, l_max=l_max, channels=channels, transposed=False, kernel_type=kernel_type,

@@ -125,7 +125,7 @@ class LRU(LTI_LRNN):
     def __init__(self, d_model: int, d_state: int = 64, r_min: float = 0.0, r_max: float = 1.0,
                  max_phase: float = 2 * math.pi, init: str = "ring", backend: str = "auto") -> None:
         super().__init__("no_discretization")
-        check_sizes("LRU", d_model=d_model, d_state=d_state)
+        d_model, d_state = check_sizes("LRU", d_model=d_model, d_state=d_state)
         check_ring("LRU", r_min, r_max, max_phase)
         self.d_model, self.d_state = d_model, d_state
         self.r_min, self.r_max, self.max_phase = r_min, r_max, max_phase
@@ -263,7 +263,7 @@ class LRUKernel(ChannelModalKernel):
                  r_max: float = 1.0, max_phase: float = 2 * math.pi, init: str = "ring",
                  backend: str = "auto") -> None:
         super().__init__()
-        check_sizes("LRUKernel", d_model=d_model, d_state=d_state, channels=channels)
+        d_model, d_state, channels = check_sizes("LRUKernel", d_model=d_model, d_state=d_state, channels=channels)
         check_ring("LRUKernel", r_min, r_max, max_phase)
         self.d_model, self.d_state, self.channels, self.backend = d_model, d_state, channels, backend
         get_backend("vandermonde", backend)  # unknown names fail here, listing the valid ones

@@ -86,7 +86,7 @@ class S4DKernel(ChannelModalKernel):
                  discretization: str = "zoh", dt_min: float = 1e-3, dt_max: float = 1e-1,
                  backend: str = "auto") -> None:
         super().__init__()
-        check_sizes("S4DKernel", d_model=d_model, d_state=d_state, channels=channels)
+        d_model, d_state, channels = check_sizes("S4DKernel", d_model=d_model, d_state=d_state, channels=channels)
         check_reals("S4DKernel", dt_min=dt_min, dt_max=dt_max)
         if discretization not in ("zoh", "bilinear"):
             raise ValueError(f"S4D supports discretization 'zoh' or 'bilinear', got {discretization!r}")
@@ -154,7 +154,7 @@ class S4D(LTI_LRNN):
         if discretization not in ("zoh", "bilinear"):
             raise ValueError(f"S4D supports discretization 'zoh' or 'bilinear', got {discretization!r}")
         super().__init__(discretization)
-        check_sizes("S4D", d_model=d_model, d_state=d_state)   # name the layer, not its S4DKernel
+        d_model, d_state = check_sizes("S4D", d_model=d_model, d_state=d_state)   # name the layer, not its S4DKernel
         check_reals("S4D", dt_min=dt_min, dt_max=dt_max)
         self.d_model, self.d_state = d_model, d_state
         self.kernel = S4DKernel(d_model, d_state, 1, init, discretization, dt_min, dt_max, backend)

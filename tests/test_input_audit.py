@@ -255,3 +255,60 @@ def test_more_arguments_are_named():
     model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=4, n_layers=1))
     with pytest.raises(TypeError, match=r"save_directory must be a folder path"):
         model.save_pretrained(None)
+
+
+# Session 27: sizes of numpy's and torch's integer types. A sweep's np.int64(16) (np.arange,
+# np.random.choice) was refused by every layer as not "an integer >= 1", and ModelConfig refused it
+# as d_model while taking it inside layer_kwargs; torch's own modules take it.
+NUMPY_SIZES = [lambda n: __import__("numpy").int64(n), lambda n: __import__("numpy").int32(n), torch.tensor]
+
+
+@pytest.mark.parametrize("name", ["s4d", "lru", "s4", "fftconv"])
+@pytest.mark.parametrize("size", NUMPY_SIZES, ids=["np.int64", "np.int32", "tensor"])
+def test_integer_sizes_of_numpy_and_torch_types_build_the_same_layer(name, size):
+    torch.manual_seed(0)
+    plain = lrnnx_zoo.create_layer(name, 6, d_state=4)
+    torch.manual_seed(0)
+    other = lrnnx_zoo.create_layer(name, size(6), d_state=size(4))
+    assert type(other.d_model) is int and type(other.d_state) is int    # kept as Python ints
+    x = torch.randn(2, 9, 6)
+    assert torch.equal(plain(x), other(x))
+    cache = other.allocate_inference_cache(batch_size=size(2))
+    assert other.step(x[:, 0], cache)[0].shape == (2, 6)
+
+
+@pytest.mark.parametrize("bad", [True, 6.0, torch.tensor(6.0), torch.tensor(True), torch.tensor([6]), 0])
+def test_sizes_that_are_not_positive_integers_are_still_refused(bad):
+    import numpy as np
+    for value in (bad, np.bool_(True), np.float64(6.0), np.int64(-1)):
+        with pytest.raises(ValueError, match=r"^S4D needs d_model to be an integer >= 1"):
+            lrnnx_zoo.create_layer("s4d", value)
+
+
+def test_a_model_config_of_numpy_scalars_saves_and_loads(tmp_path):
+    import json
+    import numpy as np
+    config = lrnnx_zoo.ModelConfig(layer="s4d", d_input=np.int64(2), d_output=np.int32(3), d_model=torch.tensor(8),
+                                   n_layers=np.int64(2), dropout=np.float32(0.25), layer_kwargs={"d_state": np.int64(4)})
+    assert [type(getattr(config, k)) for k in ("d_input", "d_output", "d_model", "n_layers", "dropout")] == \
+        [int, int, int, int, float]
+    model = lrnnx_zoo.SequenceModel(config).eval()
+    model.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())["model"]
+    assert (saved["d_model"], saved["n_layers"], saved["layer_kwargs"]) == (8, 2, {"d_state": 4})
+    x = torch.randn(2, 5, 2)
+    assert torch.equal(lrnnx_zoo.from_pretrained(tmp_path / "m").eval()(x), model(x))
+    assert model.allocate_inference_cache(batch_size=np.int64(2)) is not None
+    with pytest.raises(TypeError, match=r"ModelConfig.d_model must be a positive int, got np.float64\(8.0\)"):
+        lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=np.float64(8.0))
+
+
+def test_hippo_and_default_state_take_numpy_integers():
+    import numpy as np
+    assert torch.equal(hippo.transition("legs", np.int64(6))[0], hippo.transition("legs", 6)[0])
+    assert torch.equal(hippo.nplr("legs", np.int32(8))[0], hippo.nplr("legs", 8)[0])
+    A = torch.randn(3, 3)
+    assert torch.equal(hippo.power(np.int64(5), A), hippo.power(5, A))
+    assert S4(4, d_state=4).default_state(np.int64(2)).shape == S4(4, d_state=4).default_state(2).shape
+    with pytest.raises(TypeError, match=r"N must be an int, got True"):
+        hippo.transition("legs", True)

@@ -977,9 +977,9 @@ class HippoSSKernel(SSKernelNPLR):
         if mode != "nplr":
             raise ValueError(f"HippoSSKernel supports mode='nplr' only, got {mode!r}; for diagonal kernels use the "
                              f"S4D family (create_layer('s4d', ...) or kernel_type='s4d')")
-        check_sizes("HippoSSKernel", H=H, N=N, channels=channels)
+        H, N, channels = check_sizes("HippoSSKernel", H=H, N=N, channels=channels)
         rank = hippo.default_rank(measure) if rank is None else rank
-        check_sizes(type(self).__name__, rank=rank)     # a float rank failed inside torch.zeros
+        rank, = check_sizes(type(self).__name__, rank=rank)     # a float rank failed inside torch.zeros
         if rank > max(N, MAX_SMALL_RANK):
             # a low-rank correction P (rank, N/2) of the N/2 complex modes gains nothing past rank N/2
             # (small ranks allowed whatever N: LegT's 2 at N=2, a test matrix's 3), and a config.json's
@@ -988,13 +988,13 @@ class HippoSSKernel(SSKernelNPLR):
                              f"{max(N, MAX_SMALL_RANK)} (a low-rank correction of the N/2 = {N // 2} complex "
                              f"modes), got rank={rank}")
         if L is not None:
-            check_sizes("HippoSSKernel", L=L)
+            L, = check_sizes("HippoSSKernel", L=L)
         check_state_pairs(type(self).__name__, "d_state" if isinstance(self, S4Kernel) else "N", N)
         check_reals(type(self).__name__, dt_min=dt_min, dt_max=dt_max)
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"{type(self).__name__} needs 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         n_ssm = H if n_ssm is None else n_ssm
-        check_sizes("HippoSSKernel", n_ssm=n_ssm)     # 4.0 or True failed inside expand()
+        n_ssm, = check_sizes("HippoSSKernel", n_ssm=n_ssm)     # 4.0 or True failed inside expand()
         if H % n_ssm:
             raise ValueError(f"n_ssm must divide H={H}, got {n_ssm}")
         w, P, B = measure_factors(measure, N, rank, measure_args)

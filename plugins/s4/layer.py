@@ -105,7 +105,7 @@ class S4(nn.Module):
                  dropout: float = 0.0, transposed: bool = True, tie_dropout: bool = False,
                  initializer: Optional[str] = None, weight_norm: bool = False, **kernel_args: Any) -> None:
         super().__init__()
-        check_sizes("S4", d_model=d_model, d_state=d_state, channels=channels)
+        d_model, d_state, channels = check_sizes("S4", d_model=d_model, d_state=d_state, channels=channels)
         check_flags("S4", bidirectional=bidirectional, transposed=transposed, tie_dropout=tie_dropout,
                     weight_norm=weight_norm)
         check_probability("S4", "dropout", dropout)
@@ -113,7 +113,7 @@ class S4(nn.Module):
         check_reals("S4", **{k: kernel_args[k] for k in ("dt_min", "dt_max") if k in kernel_args})
         check_state_pairs("S4", "d_state", d_state)
         if l_max is not None:
-            check_sizes("S4", l_max=l_max)
+            l_max, = check_sizes("S4", l_max=l_max)
         self.h, self.n, self.L, self.channels = d_model, d_state, l_max, channels
         self.bidirectional, self.transposed = bidirectional, transposed
         self.D = nn.Parameter(torch.randn(channels, d_model, dtype=parameter_dtype()))
@@ -286,12 +286,12 @@ class S4Layer(LTI_LRNN):
                  l_max: Optional[int] = None, bidirectional: bool = False, backend: str = "auto",
                  trainable: Any = None, lr: Any = None, wd: Any = 0.0, measure_args: Optional[Dict[str, Any]] = None,
                  n_ssm: Optional[int] = None) -> None:
-        check_sizes("S4Layer", d_model=d_model, d_state=d_state)
+        d_model, d_state = check_sizes("S4Layer", d_model=d_model, d_state=d_state)
         check_flags("S4Layer", bidirectional=bidirectional)
         check_reals("S4Layer", dt_min=dt_min, dt_max=dt_max)
         check_state_pairs("S4Layer", "d_state", d_state)
         if l_max is not None:
-            check_sizes("S4Layer", l_max=l_max)
+            l_max, = check_sizes("S4Layer", l_max=l_max)
         if discretization not in ("bilinear", "zoh"):
             raise ValueError(f"S4 supports discretization 'bilinear' or 'zoh', got {discretization!r}")
         super().__init__(discretization)

@@ -126,7 +126,7 @@ class StepModes:
     def default_state(self, *batch_shape: int) -> Tensor:
         """Zero state (*batch_shape, H, N/2) complex (NPLR basis, x_{-1}); after
         ``setup_step("diagonal")``: (*batch_shape, H, N) eigen-coordinates."""
-        check_batch_shape(type(self).__name__, batch_shape)
+        batch_shape = check_batch_shape(type(self).__name__, batch_shape)
         n = self.d_state if self._step_mode == "diagonal" else self.d_state // 2
         return torch.zeros(*batch_shape, self.d_model, n, dtype=self.state_dtype, device=self.log_dt.device)
 
