@@ -122,8 +122,14 @@ class S4DKernel(ChannelModalKernel):
         A, B, C, dt = self.continuous(dtype)
         dt = dt / rate
         A_bar, B_bar = self.discretize_fn(A, B, dt)
-        # zoh: log A_bar = dt A exactly, without the branch cut of log
-        log_A_bar = dt * A if self.discretization == "zoh" else torch.log(A_bar)
+        # zoh: log A_bar = dt A exactly, without the branch cut of log. Bilinear: a pole at exactly 0
+        # (dt A = -2) has log -inf, and its 0-th power exp(0 * -inf) was NaN in every output: its log is
+        # taken at the smallest normal number instead (powers 1, ~1e-308, 0, ...; the same in float32).
+        if self.discretization == "zoh":
+            log_A_bar = dt * A
+        else:
+            tiny = torch.finfo(A_bar.real.dtype).tiny
+            log_A_bar = torch.log(torch.where(A_bar == 0, torch.full_like(A_bar, tiny), A_bar))
         return A_bar, B_bar, C, log_A_bar
 
     def modes(self, rate: float = 1.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
