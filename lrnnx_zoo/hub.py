@@ -967,7 +967,12 @@ def state_digest(state: Dict[str, Any]) -> str:
     header, pieces = hashlib.sha256(), []
     for name in sorted(state):
         kind, t = _digest_form(state[name])
-        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        flat = t.reshape(-1)
+        if flat.numel() and flat.stride(0) != 1:
+            # one element with another stride counts as contiguous, but view(uint8) refuses it: an S4D
+            # of d_model=1, d_state=2 (A_imag (1, 1), strides (2, 2)) could not be saved or resampled
+            flat = flat.clone(memory_format=torch.contiguous_format)
+        data = memoryview(flat.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
         header.update(f"{name}:{tuple(t.shape)}:{kind}:{len(data)};".encode())
         pieces += [data[i:i + DIGEST_CHUNK] for i in range(0, len(data), DIGEST_CHUNK)]
     workers = min(len(pieces), os.cpu_count() or 1, 8)
