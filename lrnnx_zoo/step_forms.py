@@ -180,8 +180,10 @@ def poles_split() -> bool:
 
 
 def stored(t: Tensor) -> Tensor:
-    """t as a step form stores it: detached, contiguous, in the build dtype (:func:`step_form_dtype`)."""
-    return t.detach().to(build_dtype()).contiguous()
+    """t as a step form stores it: a detached, contiguous copy in the build dtype (:func:`step_form_dtype`).
+    Always a copy: a float64 layer's skip D was stored as the parameter itself, so an in-place edit of
+    D changed every cache's form with it, where a form is a snapshot of the weights it was made from."""
+    return t.detach().to(build_dtype(), memory_format=torch.contiguous_format, copy=True)
 
 
 def stored_split(t: Tensor) -> Tuple[Tensor, Optional[Tensor]]:

@@ -343,3 +343,26 @@ def test_a_one_channel_one_mode_model_saves_loads_and_resamples(layer, kw, tmp_p
     x = torch.randn(2, 9, 1)
     assert torch.equal(lrnnx_zoo.from_pretrained(tmp_path / "m").eval()(x), model(x))
     assert model.at_rate(2.0)(x).shape == (2, 9, 1)
+
+
+# -- a step form is a snapshot ------------------------------------------------------------------------
+# A float64 layer's form stored its skip D as the parameter itself (a cast to float64 of float64 is no
+# copy): an in-place edit of D then changed every cache's form with it, and the running stream's check
+# compared the form with itself and stepped on (a float32 layer's raised, as the README says).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", LAYERS)
+def test_a_step_form_shares_no_storage_with_its_layer_and_an_edit_is_seen(name, dtype):
+    layer = make(name).to(dtype)
+    cache = layer.allocate_inference_cache(batch_size=1)
+    weights = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers()) if t.numel()}
+    form = [t for t in cache["step_form"].buffers() if t is not None and t.numel()]
+    assert form and not weights & {t.untyped_storage().data_ptr() for t in form}
+    x = torch.randn(1, H, dtype=dtype)
+    with torch.no_grad():
+        layer.step(x, cache)
+        skips = [p for n, p in layer.named_parameters() if n.split(".")[-1] == "D"]
+        assert skips
+        for skip in skips:
+            skip.add_(0.5)
+    with pytest.raises(RuntimeError):
+        layer.step(x, cache)
