@@ -104,7 +104,9 @@ class S4DKernel(ChannelModalKernel):
         real = parameter_dtype()
         self.log_dt = nn.Parameter(log_dt.to(real))
         self.A_real_log = nn.Parameter(torch.log(-A.real).to(real))
-        self.A_imag = nn.Parameter(A.imag.to(real))
+        # a copy: in float64, A.imag.to(real) is a strided view holding A's whole complex storage (a
+        # non-contiguous parameter of twice its size; at d_model=1, d_state=2 a (1, 1) of strides (2, 2))
+        self.A_imag = nn.Parameter(A.imag.to(real, copy=True, memory_format=torch.contiguous_format))
         self.B = nn.Parameter(torch.view_as_real(B).to(real))
         # C ~ CN(0, 1): each part N(0, 1/2).
         self.C = nn.Parameter(torch.randn(channels, H, M, 2, dtype=real) * math.sqrt(0.5))

@@ -366,3 +366,19 @@ def test_a_step_form_shares_no_storage_with_its_layer_and_an_edit_is_seen(name, 
             skip.add_(0.5)
     with pytest.raises(RuntimeError):
         layer.step(x, cache)
+
+
+# -- compact parameters ---------------------------------------------------------------------------------
+# Under a float64 default S4D's A_imag was A.imag.to(float64): a strided view holding A's whole complex
+# storage (twice its size, non-contiguous); at d_model=1, d_state=2 it was the (1, 1) of strides (2, 2)
+# that the weights digest refused.
+@pytest.mark.parametrize("width, d_state", [(6, 4), (1, 2)])
+@pytest.mark.parametrize("name", LAYERS)
+def test_every_parameter_and_buffer_is_compact(name, width, d_state, float64_default):
+    for dtype in (torch.float32, torch.float64):
+        torch.set_default_dtype(dtype)
+        layer = lrnnx_zoo.create_layer(name, width, d_state=d_state)
+        for key, t in (*layer.named_parameters(), *layer.named_buffers()):
+            if t is not None and t.numel():
+                assert t.is_contiguous() and t.reshape(-1).stride() == (1,), (key, t.stride())
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), key
