@@ -51,12 +51,22 @@ class ValidationError(AssertionError):
     """An exported graph disagrees with its model beyond the tolerance; carries the report."""
 
     def __init__(self, report: "ValidationReport") -> None:
+        own = report.forward_float32_error
+        if own is not None and own >= 0.5 * report.max_abs_error:
+            # the model's own float32 forward is as far off: the model, not the graph, is ill-conditioned
+            # in float32 on this input (a LayerNorm over two nearly equal features), and the message
+            # blamed step_form() without the figure that said so (an audit)
+            why = (f"The model's own float32 forward is {own:.3e} from float64 too: it is ill-conditioned in "
+                   f"float32 on this input, and the graph computes what the float32 model does. Validate on "
+                   f"the data it will see (validation_input=), or raise tolerance= past {own:.1e}.")
+        else:
+            why = ("If the model is correct, the layer's step_form() and its forward disagree" +
+                   ("" if own is None else f" (the model's float32 forward is {own:.3e} from float64)") + ".")
         super().__init__(
             f"{report.runtime} step graph disagrees with the PyTorch model: max abs error "
             f"{report.max_abs_error:.3e} > tolerance {report.tolerance:.1e} ({report.compared}; "
             f"batch {report.batch}, length {report.length}; per check: "
-            f"{json.dumps({k: float(f'{v:.3e}') for k, v in report.errors.items()})}). "
-            f"Not written. If the model is correct, the layer's step_form() and its forward disagree.")
+            f"{json.dumps({k: float(f'{v:.3e}') for k, v in report.errors.items()})}). Not written. {why}")
         self.report = report
 
 

@@ -1040,3 +1040,18 @@ def test_cards_say_which_torch_loads_a_torch_file_and_that_int8_streams_share_a_
     card = (tmp_path / "q" / "README.md").read_text()
     assert "torch_version" not in q.config and "Saved with torch" not in card
     assert "Streams stepped together in one batch share the activations' int8 scale" in card
+
+
+@pytest.mark.parametrize("own, says", [
+    (1.5e-4, r"model's own float32 forward is 1\.500e-04 from float64 too: it is ill-conditioned"),
+    (1e-7, r"step_form\(\) and its forward disagree \(the model's float32 forward is 1\.000e-07 from float64\)"),
+    (None, r"step_form\(\) and its forward disagree\.$")])
+def test_a_failed_validation_says_whether_the_float32_model_is_as_far_off(own, says):
+    # A 1-block fftconv(lru) model of d_model=2 failed its chunk graph's validation at 1.5e-4 while its
+    # own float32 forward was 1.5e-4 from float64 too (a LayerNorm of two nearly equal features); the
+    # message blamed step_form() and left out that figure (session 27's fuzzer).
+    from lrnnx_zoo.export.validate import ValidationReport
+    report = ValidationReport(runtime="onnxruntime", max_abs_error=1.5e-4, tolerance=1e-4, errors={"all steps": 1.5e-4},
+                              batch=2, length=256, sequence="default", compared="every step",
+                              forward_float32_error=own)
+    assert re.search(says, str(ValidationError(report)))
