@@ -925,10 +925,11 @@ DIGEST_CHUNK = 4 << 20
 
 
 def _digest_form(tensor: Any) -> Tuple[str, Any]:
-    """``tensor`` on the CPU, contiguous, in the form its digest hashes, and that form's name: floating
-    values as float32 when float32 holds every one exactly (so float16, bfloat16, and float64 after a
-    lossless ``.double()``, hash like the float32 original), else float64; complex as (real, imag)
-    pairs of those; integers as int64 (a file's int32 loaded into an int64 buffer is the same value)."""
+    """``tensor`` on the CPU, with unit strides (:func:`_dense`), in the form its digest hashes, and that
+    form's name: floating values as float32 when float32 holds every one exactly (so float16, bfloat16,
+    and float64 after a lossless ``.double()``, hash like the float32 original), else float64; complex as
+    (real, imag) pairs of those; integers as int64 (a file's int32 loaded into an int64 buffer is the
+    same value)."""
     import torch
     t = tensor.detach().to("cpu").resolve_conj().resolve_neg()
     if t.is_complex():
@@ -937,11 +938,20 @@ def _digest_form(tensor: Any) -> Tuple[str, Any]:
         narrow = t.to(torch.float32)
         wide = narrow.to(t.dtype)
         if t.dtype == torch.float64 and not bool(((wide == t) | (wide.isnan() & t.isnan())).all()):
-            return "float64", t.contiguous()
+            return "float64", _dense(t)
         t = narrow
     elif not t.is_floating_point() and t.dtype not in (torch.bool, torch.uint64, torch.int64):
         t = t.to(torch.int64)
-    return str(t.dtype).replace("torch.", ""), t.contiguous()
+    return str(t.dtype).replace("torch.", ""), _dense(t)
+
+
+def _dense(t: Any) -> Any:
+    """t laid out with unit strides, so that its flat view can be read as bytes. ``contiguous()`` is not
+    enough: a one-element axis of another stride counts as contiguous, and view(uint8) refused it (an
+    S4D of d_model=1, d_state=2 held A_imag (1, 1) with strides (2, 2): it could not be saved or resampled)."""
+    import torch
+    t = t.contiguous()
+    return t if t.reshape(-1).stride() in ((1,), ()) else t.clone(memory_format=torch.contiguous_format)
 
 
 def _sha256(data: Any) -> bytes:
@@ -967,12 +977,7 @@ def state_digest(state: Dict[str, Any]) -> str:
     header, pieces = hashlib.sha256(), []
     for name in sorted(state):
         kind, t = _digest_form(state[name])
-        flat = t.reshape(-1)
-        if flat.numel() and flat.stride(0) != 1:
-            # one element with another stride counts as contiguous, but view(uint8) refuses it: an S4D
-            # of d_model=1, d_state=2 (A_imag (1, 1), strides (2, 2)) could not be saved or resampled
-            flat = flat.clone(memory_format=torch.contiguous_format)
-        data = memoryview(flat.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
         header.update(f"{name}:{tuple(t.shape)}:{kind}:{len(data)};".encode())
         pieces += [data[i:i + DIGEST_CHUNK] for i in range(0, len(data), DIGEST_CHUNK)]
     workers = min(len(pieces), os.cpu_count() or 1, 8)

@@ -130,8 +130,7 @@ class S4DKernel(ChannelModalKernel):
         if self.discretization == "zoh":
             log_A_bar = dt * A
         else:
-            tiny = torch.finfo(A_bar.real.dtype).tiny
-            log_A_bar = torch.log(torch.where(A_bar == 0, torch.full_like(A_bar, tiny), A_bar))
+            log_A_bar = torch.log(A_bar.masked_fill(A_bar == 0, torch.finfo(A_bar.real.dtype).tiny))
         return A_bar, B_bar, C, log_A_bar
 
     def modes(self, rate: float = 1.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -22,3 +22,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def float64_default():
+    """torch's default dtype float64 for one test (a layer built in it holds float64 parameters; one
+    built in float32 and cast keeps float32's roundings)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)

@@ -285,14 +285,6 @@ def test_model_builds_on_meta_and_takes_real_weights():
 # eigenvalues and refused the float64 inputs the default makes, and every other family ran its
 # kernel with float32-rounded A and dt (steps and convolution 5e-8 apart, not 1e-13).
 
-@pytest.fixture
-def float64_default():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
-
-
 @pytest.mark.parametrize("name", LAYERS)
 def test_layer_built_under_a_float64_default_is_float64_throughout(name, float64_default):
     layer = make(name)

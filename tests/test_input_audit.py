@@ -4,6 +4,7 @@ Tiny sizes; float32 unless stated."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -260,7 +261,7 @@ def test_more_arguments_are_named():
 # Session 27: sizes of numpy's and torch's integer types. A sweep's np.int64(16) (np.arange,
 # np.random.choice) was refused by every layer as not "an integer >= 1", and ModelConfig refused it
 # as d_model while taking it inside layer_kwargs; torch's own modules take it.
-NUMPY_SIZES = [lambda n: __import__("numpy").int64(n), lambda n: __import__("numpy").int32(n), torch.tensor]
+NUMPY_SIZES = [np.int64, np.int32, torch.tensor]
 
 
 @pytest.mark.parametrize("name", ["s4d", "lru", "s4", "fftconv"])
@@ -279,7 +280,6 @@ def test_integer_sizes_of_numpy_and_torch_types_build_the_same_layer(name, size)
 
 @pytest.mark.parametrize("bad", [True, 6.0, torch.tensor(6.0), torch.tensor(True), torch.tensor([6]), 0])
 def test_sizes_that_are_not_positive_integers_are_still_refused(bad):
-    import numpy as np
     for value in (bad, np.bool_(True), np.float64(6.0), np.int64(-1)):
         with pytest.raises(ValueError, match=r"^S4D needs d_model to be an integer >= 1"):
             lrnnx_zoo.create_layer("s4d", value)
@@ -287,7 +287,6 @@ def test_sizes_that_are_not_positive_integers_are_still_refused(bad):
 
 def test_a_model_config_of_numpy_scalars_saves_and_loads(tmp_path):
     import json
-    import numpy as np
     config = lrnnx_zoo.ModelConfig(layer="s4d", d_input=np.int64(2), d_output=np.int32(3), d_model=torch.tensor(8),
                                    n_layers=np.int64(2), dropout=np.float32(0.25), layer_kwargs={"d_state": np.int64(4)})
     assert [type(getattr(config, k)) for k in ("d_input", "d_output", "d_model", "n_layers", "dropout")] == \
@@ -304,7 +303,6 @@ def test_a_model_config_of_numpy_scalars_saves_and_loads(tmp_path):
 
 
 def test_hippo_and_default_state_take_numpy_integers():
-    import numpy as np
     assert torch.equal(hippo.transition("legs", np.int64(6))[0], hippo.transition("legs", 6)[0])
     assert torch.equal(hippo.nplr("legs", np.int32(8))[0], hippo.nplr("legs", 8)[0])
     A = torch.randn(3, 3)
