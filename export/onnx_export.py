@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo.chunk_forms import check_chunk
+from lrnnx_zoo.shapes import integer
 from lrnnx_zoo.step_forms import onnx_ops
 
 from .options import DEFAULT_OPSET, MAX_LEGACY_OPSET, MAX_OPSET, MIN_DYNAMO_OPSET, MIN_OPSET
@@ -63,9 +64,11 @@ def resolve_opset(opset: Optional[int], exporter: str, record: List[str]) -> Tup
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     if opset is None:
         return DEFAULT_OPSET, exporter
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+    number = integer(opset)     # a numpy integer from a sweep counts, kept as a Python int
+    if number is None or not MIN_OPSET <= number <= MAX_OPSET:
         raise ValueError(f"opset must be an int in [{MIN_OPSET}, {MAX_OPSET}] (verified with this onnx and "
                          f"onnxruntime; default {DEFAULT_OPSET}), got {opset!r}")
+    opset = number
     if exporter == "dynamo" and opset < MIN_DYNAMO_OPSET:
         record.append(f"note: opset {opset} < {MIN_DYNAMO_OPSET}: written by the TorchScript-based exporter "
                       f"(the dynamo exporter starts at opset {MIN_DYNAMO_OPSET})")

@@ -310,3 +310,15 @@ def test_hippo_and_default_state_take_numpy_integers():
     assert S4(4, d_state=4).default_state(np.int64(2)).shape == S4(4, d_state=4).default_state(2).shape
     with pytest.raises(TypeError, match=r"N must be an int, got True"):
         hippo.transition("legs", True)
+
+
+def test_export_opset_takes_numpy_integers_and_refuses_the_rest():
+    # Session 28: the last size that refused np.int64 (a sweep over opsets); kept as a Python int,
+    # since torch.onnx.export and onnx's helpers want one.
+    from lrnnx_zoo.export.onnx_export import resolve_opset
+    from lrnnx_zoo.export.options import MAX_OPSET
+    opset, _ = resolve_opset(np.int64(MAX_OPSET), "dynamo", [])
+    assert opset == MAX_OPSET and type(opset) is int
+    for bad in (True, np.bool_(True), float(MAX_OPSET), np.int64(MAX_OPSET + 1), "18"):
+        with pytest.raises(ValueError, match=r"opset must be an int in \[\d+, \d+\].*got "):
+            resolve_opset(bad, "dynamo", [])
