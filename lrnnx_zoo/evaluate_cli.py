@@ -26,12 +26,14 @@ RTOL, ATOL = 1e-3, 1e-4
 def compare_metrics(recorded: Dict[str, Any], measured: Dict[str, float], rtol: float = RTOL,
                     atol: float = ATOL) -> List[Tuple[str, Optional[float], float, bool]]:
     """Rows (metric, recorded or None, measured, within tolerance) for every measured metric; a
-    metric the checkpoint does not record counts as matching (nothing to contradict)."""
+    metric the checkpoint does not record counts as matching (nothing to contradict) unless the
+    measured value is NaN or infinite: weights whose outputs are NaN (a diverged last step) recorded
+    their NaN loss as null, and passed ``--check``."""
     rows = []
     for key, value in measured.items():
         claim = recorded.get(key)
         if not isinstance(claim, (int, float)) or isinstance(claim, bool):
-            rows.append((key, None, value, True))
+            rows.append((key, None, value, math.isfinite(value)))
             continue
         ok = math.isfinite(value) and abs(value - claim) <= atol + rtol * abs(claim)
         rows.append((key, float(claim), value, ok))
@@ -99,11 +101,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  {'metric':<{width}}  {'recorded':>10}  {'measured':>10}  difference")
         for key, claim, value, ok in rows:
             shown = "-" if claim is None else f"{claim:.6g}"
-            diff = "" if claim is None else f"{value - claim:+.2e}" + ("" if ok else "  MISMATCH")
+            diff = "" if claim is None else f"{value - claim:+.2e}"
+            diff += "" if ok else ("  NOT FINITE" if not math.isfinite(value) else "  MISMATCH")
             print(f"  {key:<{width}}  {shown:>10}  {value:>10.6g}  {diff}")
-        if mismatched:
-            print(f"{len(mismatched)} metric(s) differ from the record by more than {ATOL:g} + {RTOL:g} x |recorded|: "
-                  f"{', '.join(mismatched)}", file=sys.stderr)
+        broken = [key for key, _, value, _ in rows if not math.isfinite(value)]
+        if broken:
+            print(f"{len(broken)} metric(s) measured NaN or infinite (the model's outputs are not finite): "
+                  f"{', '.join(broken)}", file=sys.stderr)
+        if len(mismatched) > len(broken):
+            print(f"{len(mismatched) - len(broken)} metric(s) differ from the record by more than {ATOL:g} + "
+                  f"{RTOL:g} x |recorded|: {', '.join(k for k in mismatched if k not in broken)}", file=sys.stderr)
     return 1 if mismatched and args.check else 0
 
 

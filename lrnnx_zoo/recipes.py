@@ -43,13 +43,22 @@ def check_seed(value: Any, name: str = "seed") -> int:
     return check_int(name, value, 0, SEED_MAX)
 
 
-def check_real(name: str, value: Any, *, positive: bool) -> float:
-    """``value`` if it is a finite real number (not a bool), > 0 when ``positive`` else >= 0."""
+#: The largest learning rate an OptimSpec takes. AdamW's first step moves a weight by lr / (1 - beta1)
+#: = 10 lr, a float32 number: from lr ~ 3.4e37 on its step raised "value cannot be converted to type
+#: float without overflow" (a traceback mid-run, not an error before training starts).
+MAX_LEARNING_RATE = 1e30
+
+
+def check_real(name: str, value: Any, *, positive: bool, at_most: Optional[float] = None) -> float:
+    """``value`` if it is a finite real number (not a bool), > 0 when ``positive`` else >= 0, and
+    ``<= at_most`` if given."""
     expected = "a finite number " + ("> 0" if positive else ">= 0")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {expected}, got {_describe(value)}")
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
+    if at_most is not None and value > at_most:
+        raise ValueError(f"{name} must be {expected} and at most {at_most:g}, got {value!r}")
     return float(value)
 
 
@@ -119,13 +128,14 @@ class OptimSpec:
     def __post_init__(self) -> None:
         # kept as the Python numbers the checks return: a sweep's np.float64 / np.int64 made the card's
         # command "not reproducible" (its repr is no Python literal) and the run record unwritable as JSON
-        checked = {"lr": check_real("OptimSpec.lr", self.lr, positive=True),
+        checked = {"lr": check_real("OptimSpec.lr", self.lr, positive=True, at_most=MAX_LEARNING_RATE),
                    "weight_decay": check_real("OptimSpec.weight_decay", self.weight_decay, positive=False),
                    "epochs": check_int("OptimSpec.epochs", self.epochs, 1),
                    "batch_size": check_int("OptimSpec.batch_size", self.batch_size, 1),
                    "warmup_steps": check_int("OptimSpec.warmup_steps", self.warmup_steps, 0)}
         if self.ssm_lr is not None:
-            checked["ssm_lr"] = check_real("OptimSpec.ssm_lr (or None)", self.ssm_lr, positive=True)
+            checked["ssm_lr"] = check_real("OptimSpec.ssm_lr (or None)", self.ssm_lr, positive=True,
+                                           at_most=MAX_LEARNING_RATE)
         if self.grad_clip is not None:
             checked["grad_clip"] = check_real("OptimSpec.grad_clip (or None)", self.grad_clip, positive=True)
         for name, value in checked.items():

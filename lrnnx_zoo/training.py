@@ -805,7 +805,7 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo, progress:
             norm = nn.utils.clip_grad_norm_(model.parameters(), opt_spec.grad_clip or math.inf)
             if not torch.isfinite(norm):
                 raise TrainingDivergedError(diverged_message(recipe, plan, step, epoch, float(norm), loss.item(),
-                                                             schedule.get_last_lr()))
+                                                             schedule.get_last_lr(), saver))
             optimizer.step()
             schedule.step()
             step += 1
@@ -819,6 +819,9 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo, progress:
     seconds = before + time.perf_counter() - began
     model.eval()
     metrics = evaluate(model, data)
+    broken = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if broken:      # the last update diverged: no gradient after it to catch it; its outputs are NaN
+        raise TrainingDivergedError(last_step_diverged_message(recipe, step, broken, schedule.get_last_lr(), saver))
     if di.is_main and progress:
         print(f"{recipe.name}: {step} steps in {seconds:.0f} s; " +
               ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), file=sys.stderr)
@@ -826,13 +829,37 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo, progress:
 
 
 def diverged_message(recipe: Recipe, plan: StepPlan, step: int, epoch: int, norm: float, loss: float,
-                     rates: List[float]) -> str:
+                     rates: List[float], saver: Optional["Saver"] = None) -> str:
     """Why a run stopped at 0-based ``step`` (in 0-based ``epoch``) with a non-finite gradient norm,
     and what to change; ``rates``: the learning rates of that step, one per parameter group."""
-    o = recipe.optim
     return (f"training diverged at optimiser step {step + 1} of {plan.total} (epoch {epoch + 1}): the gradient norm "
-            f"is {norm} (batch loss {loss:.4g}); stopped before that step would write it into the weights, "
-            f"nothing was saved. This step's learning rate{'s were' if len(set(rates)) > 1 else ' was'} "
+            f"is {norm} (batch loss {loss:.4g}); stopped before that step would write it into the weights; "
+            + _what_is_left(saver) + _rates_advice(recipe, rates, "This step's"))
+
+
+def last_step_diverged_message(recipe: Recipe, steps: int, broken: Dict[str, float], rates: List[float],
+                               saver: Optional["Saver"] = None) -> str:
+    """Why a run whose last optimiser step (``steps`` taken) left weights with non-finite test metrics
+    ``broken`` stopped before saving them."""
+    shown = ", ".join(f"{k}={v}" for k, v in broken.items())
+    return (f"training diverged at its last optimiser step ({steps}): the weights it wrote give {shown} on the "
+            f"test split (outputs NaN or infinite); " + _what_is_left(saver) + _rates_advice(recipe, rates, "The last step's"))
+
+
+def _what_is_left(saver: Optional["Saver"]) -> str:
+    """What a diverged run leaves: nothing, or the snapshots it wrote before, which replay it."""
+    from .training_state import list_snapshots, snapshot_root
+    held = [] if saver is None else list_snapshots(snapshot_root(saver.out_dir))
+    if not held:
+        return "nothing was saved. "
+    return (f"the checkpoint was not written, and the training snapshots in {held[-1][1].parent} (newest: step "
+            f"{held[-1][0]}) stay, but they replay this run bit for bit, so resuming one diverges again: start "
+            f"anew with other settings. ")
+
+
+def _rates_advice(recipe: Recipe, rates: List[float], whose: str) -> str:
+    o = recipe.optim
+    return (f"{whose} learning rate{'s were' if len(set(rates)) > 1 else ' was'} "
             f"{', '.join(f'{r:.3g}' for r in sorted(set(rates)))} "
             f"(lr={o.lr}, ssm_lr={o.ssm_lr}, {o.warmup_steps} warmup steps, grad_clip={o.grad_clip}): "
             f"lower lr / ssm_lr or lengthen the warmup")

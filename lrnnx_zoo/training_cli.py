@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
+import threading
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
 
@@ -89,7 +91,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training import (BatchExceedsDataError, EpochsNotReachedWarning, MissingDependencyError,
                            ResumeNotExactWarning, TrainingDivergedError, TrainingSetupError, train)
     try:
-        with _warnings_as_lines((EpochsNotReachedWarning, ResumeNotExactWarning)):
+        with _warnings_as_lines((EpochsNotReachedWarning, ResumeNotExactWarning)), _sigterm_raises():
             _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress,
                                checkpoint_every=args.checkpoint_every, resume=args.resume or False,
                                init_from=args.init_from)
@@ -110,6 +112,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:   # Ctrl-C: say what is left rather than show a traceback
         print(f"lrnnx-zoo train: interrupted (--out {args.out}: {_kept(args.out)})", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"lrnnx-zoo train: terminated by SIGTERM (--out {args.out}: {_kept(args.out)})", file=sys.stderr)
+        return 128 + signal.SIGTERM
     import os
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics, sort_keys=True))
@@ -123,6 +128,29 @@ def _kept(out: str) -> str:
     if not held:
         return "nothing was saved"
     return f"the newest training snapshot is {held[-1][1]}; add --resume to the same command to continue from it"
+
+
+class Terminated(BaseException):
+    """SIGTERM during ``lrnnx-zoo train`` (a job scheduler's stop, ``kill``): a BaseException, as
+    KeyboardInterrupt is, so that no ``except Exception`` on the way swallows it."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while training, so that a scheduler's stop says, as
+    Ctrl-C does, which snapshot to resume from (it ended the process without a word). Only from the
+    main thread, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -268,6 +268,22 @@ def check_same_run(folder: Path, recorded: Dict[str, Any], current: Dict[str, An
                         "to start anew")
 
 
+def check_same_dtype(folder: Path, tensors: Dict[str, Tensor]) -> None:
+    """Refuse a snapshot whose weights are of another float dtype than the model this run builds (the
+    default dtype's): loading cast them, and the optimiser's moments, without a word (a float64 run
+    resumed in a float32 session went on in float32 and saved a float32 checkpoint)."""
+    kinds = {v.dtype for v in model_state(tensors).values() if v.is_floating_point()}
+    now = torch.get_default_dtype()
+    if not kinds or kinds == {now}:
+        return
+    was = ", ".join(sorted(str(k).replace("torch.", "") for k in kinds))
+    raise SnapshotError(f"the snapshot {folder} holds {was} weights, but this run builds "
+                        f"{str(now).replace('torch.', '')} ones (torch.get_default_dtype()): resuming would cast the "
+                        f"weights and optimiser state and go on in another precision. Continue it under "
+                        f"torch.set_default_dtype(torch.{was.split(', ')[0]}), as it started, or train into another "
+                        f"{wording.name('out_dir')} to start anew")
+
+
 def _matching_settings(differ: List[Tuple[str, Any, Any]]) -> Optional[str]:
     """How to make this run match the snapshot's recorded values, when settings a user can pass
     cover every difference: the train command's flags (``pass --seed 0 ``), or from Python the
@@ -441,6 +457,7 @@ def starting_point(recipe: Recipe, plan: StepPlan, out_dir: Optional[str], resum
         folder = locate(resume, out_dir)
         tensors, record = load(folder)
         check_same_run(folder, record.get("run", {}), run)
+        check_same_dtype(folder, tensors)
         return folder, tensors, record
     folder, tensors, record = picked_on_rank_0(pick, di)
     init_record = same_init(folder, record.get("init_from"), init_record)

@@ -6,6 +6,9 @@ import json
 import shutil
 
 import pytest
+import torch
+
+import lrnnx_zoo
 
 from lrnnx_zoo.cli import main as cli_main
 from lrnnx_zoo.evaluate_cli import compare_metrics
@@ -91,9 +94,33 @@ def test_a_dataset_recorded_as_a_name_or_not_fitting_the_model_is_reported_in_on
 def test_compare_metrics_tolerance_and_unrecorded_metrics():
     rows = compare_metrics({"a": 0.5, "b": 1.0, "flag": True},
                            {"a": 0.5004, "b": 1.0012, "c": 3.0, "flag": 1.0, "nan": float("nan")})
+    # an unrecorded metric counts as matching unless it is NaN or infinite (session 28: a diverged
+    # model's NaN test_loss was recorded as null, and passed --check)
     assert [(k, ok) for k, _, _, ok in rows] == [("a", True), ("b", False), ("c", True), ("flag", True),
-                                                 ("nan", True)]
+                                                 ("nan", False)]
     assert compare_metrics({"a": 0.5}, {"a": float("nan")})[0][3] is False
+    assert compare_metrics({"a": None}, {"a": float("inf")})[0][3] is False
+
+
+def test_a_checkpoint_whose_outputs_are_nan_fails_the_check(tmp_path, capsys):
+    # Finite weights whose outputs overflow to NaN, its config recording the NaN loss as null (what a
+    # diverged last step saved before session 28): `evaluate --check` exited 0.
+    folder = tmp_path / "broken"
+    shutil.copytree(shipped_checkpoints()["digits-s4d"], folder)
+    model = lrnnx_zoo.from_pretrained(folder)
+    with torch.no_grad():
+        model.encoder.weight.fill_(1e30)
+    assert torch.isnan(model(torch.rand(2, 64, 1))).all()
+    info = model.checkpoint_info
+    model.save_pretrained(folder, metrics={"test_accuracy": 0.1, "test_loss": None}, task=info["task"],
+                          dataset=info["dataset"])
+    assert cli_main(["evaluate", str(folder)]) == 0           # reported, not failed, without --check
+    out, err = capsys.readouterr()
+    loss = next(line for line in out.splitlines() if line.split()[0] == "test_loss")
+    assert loss.endswith("NOT FINITE")
+    assert "metric(s) measured NaN or infinite (the model's outputs are not finite): " in err and "test_loss" in err
+    assert cli_main(["evaluate", str(folder), "--check"]) == 1
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize("params, message", [

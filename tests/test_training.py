@@ -237,6 +237,9 @@ def test_registry_recipes_cannot_be_changed_through_copies_or_trained_models():
     ("lr", float("nan"), ValueError, "OptimSpec.lr must be a finite number > 0, got nan"),
     ("lr", float("inf"), ValueError, "OptimSpec.lr must be a finite number > 0, got inf"),
     ("lr", 0.0, ValueError, "OptimSpec.lr must be a finite number > 0, got 0.0"),
+    # AdamW's step overflowed float32 mid-run from lr ~ 3.4e37 (a traceback; session 28)
+    ("lr", 1e39, ValueError, "OptimSpec.lr must be a finite number > 0 and at most 1e+30, got 1e+39"),
+    ("ssm_lr", 1e31, ValueError, "OptimSpec.ssm_lr (or None) must be a finite number > 0 and at most 1e+30, got 1e+31"),
     ("lr", "1e-3", TypeError, "OptimSpec.lr must be a finite number > 0, got '1e-3' (str)"),
     ("ssm_lr", -1e-3, ValueError, "OptimSpec.ssm_lr (or None) must be a finite number > 0, got -0.001"),
     ("weight_decay", -1.0, ValueError, "OptimSpec.weight_decay must be a finite number >= 0, got -1.0"),
@@ -605,6 +608,46 @@ def test_a_run_whose_gradients_turn_nan_stops_at_that_step_and_saves_nothing(mon
     unclipped = dataclasses.replace(wild, optim=dataclasses.replace(wild.optim, grad_clip=None))
     with pytest.raises(TrainingDivergedError, match=r"^training diverged at optimiser step 2 of 8 .*grad_clip=None\)"):
         train(unclipped, progress=False)
+
+
+def test_a_diverged_last_step_is_caught_before_the_checkpoint_is_written(tmp_path, monkeypatch, capsys):
+    # Session 28 (a training fuzzer): the divergence check reads the gradients before each step, so
+    # nothing looked at the weights the last step wrote. With lr=1e6 and max_steps=1 the run saved
+    # weights whose every output is NaN, its test_loss recorded as null, and `lrnnx-zoo train`
+    # exited 0; `evaluate --check` then passed it.
+    from lrnnx_zoo import recipes
+    from lrnnx_zoo.training import TrainingDivergedError
+    tiny = get_recipe(TINY)
+    wild = dataclasses.replace(tiny, name="digits-tiny-wild-last", max_steps=1,
+                               optim=dataclasses.replace(tiny.optim, lr=1e6, warmup_steps=0))
+    out = tmp_path / "ckpt"
+    with pytest.raises(TrainingDivergedError) as err:
+        train(wild, out_dir=str(out), progress=False)
+    message = str(err.value)
+    assert message.startswith("training diverged at its last optimiser step (1): the weights it wrote give test_")
+    assert "=nan" in message and "nothing was saved" in message and message.endswith("lengthen the warmup")
+    assert not out.exists()
+    monkeypatch.setitem(recipes.RECIPES, wild.name, wild)
+    assert cli.main(["train", wild.name, "--out", str(out), "--no-progress"]) == 1
+    assert capsys.readouterr().err.startswith("lrnnx-zoo train: training diverged at its last optimiser step")
+    assert not out.exists()
+
+
+def test_a_diverged_run_says_its_snapshots_stay_and_would_diverge_again(tmp_path):
+    # The message said "nothing was saved" while the step-1 snapshot it wrote (weights that give NaN
+    # at step 2) was kept; resuming it replays the run and diverges at the same step.
+    from lrnnx_zoo.training import TrainingDivergedError
+    tiny = get_recipe(TINY)
+    wild = dataclasses.replace(tiny, optim=dataclasses.replace(tiny.optim, lr=1e6))
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDivergedError) as err:
+        train(wild, out_dir=str(out), progress=False, checkpoint_every=1)
+    message = str(err.value)
+    assert "nothing was saved" not in message
+    assert (f"the checkpoint was not written, and the training snapshots in {out / 'training_state'} (newest: "
+            f"step 1) stay, but they replay this run bit for bit, so resuming one diverges again") in message
+    with pytest.raises(TrainingDivergedError, match=r"^training diverged at optimiser step 2 of 8"):
+        train(wild, out_dir=str(out), progress=False, resume=True)
 
 
 def test_a_global_batch_that_processes_cannot_share_is_a_usage_error(monkeypatch, tmp_path, capsys):

@@ -220,6 +220,19 @@ def test_a_resume_on_another_thread_count_or_torch_warns_that_it_is_not_the_same
         train(RECIPE, out_dir=str(tmp_path / "torch"), resume=str(at_10), progress=False)
 
 
+def test_a_snapshot_of_another_float_dtype_is_refused(finished, tmp_path, float64_default):
+    # Session 28 (a training fuzzer): a float32 run's snapshot resumed under a float64 default (or the
+    # reverse) went on silently in the other precision, its weights and AdamW moments cast, and saved
+    # a checkpoint trained half in each.
+    at_10 = TS.snapshot_folder(TS.snapshot_root(finished), 10)
+    with pytest.raises(SnapshotError, match=rf"^the snapshot {at_10} holds float32 weights, but this run builds "
+                                            r"float64 ones \(torch.get_default_dtype\(\)\): resuming would cast the "
+                                            r"weights and optimiser state and go on in another precision. Continue it "
+                                            r"under torch.set_default_dtype\(torch.float32\), as it started"):
+        train(RECIPE, out_dir=str(tmp_path / "wide"), resume=str(at_10), progress=False)
+    assert not (tmp_path / "wide").exists()
+
+
 def test_snapshot_and_resume_arguments_are_checked_before_training(finished, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(training, "_run", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(TrainingSetupError, match=r"checkpoint_every writes training snapshots into "
@@ -381,6 +394,40 @@ def test_the_command_line_says_where_an_interrupted_run_can_go_on_from(tmp_path,
     _interrupt_at(monkeypatch, 1)
     assert cli.main(["train", "digits-tiny", "--out", str(tmp_path / "none"), "--no-progress"]) == 130
     assert capsys.readouterr().err.endswith(f"(--out {tmp_path / 'none'}: nothing was saved)\n")
+
+
+def test_sigterm_says_where_the_run_can_go_on_from_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    # Session 28: SIGTERM (a job scheduler's stop) ended `lrnnx-zoo train` with exit 143 and no word
+    # of the snapshot to resume from.
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("Python runs signal handlers on the main thread only")
+    real, calls = training.batch_loss, [0]
+
+    def loss(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(training, "batch_loss", loss)
+    out = tmp_path / "run"
+    outside = []
+
+    def callers(*_):        # the caller's handler: it gets the signal where the CLI has none (no kill)
+        outside.append(1)
+    before = signal.signal(signal.SIGTERM, callers)
+    try:
+        code = cli.main(["train", "digits-tiny", "--out", str(out), "--checkpoint-every", "2", "--no-progress"])
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 143 and not outside and after is callers          # the caller's handler put back
+    snapshot = TS.snapshot_folder(TS.snapshot_root(out), 4)
+    assert capsys.readouterr().err == (f"lrnnx-zoo train: terminated by SIGTERM (--out {out}: the newest training "
+                                       f"snapshot is {snapshot}; add --resume to the same command to continue from it)\n")
+    monkeypatch.undo()
+    assert cli.main(["train", "digits-tiny", "--out", str(out), "--resume", "--no-progress"]) == 0
 
 
 def test_resuming_another_runs_snapshot_into_a_folder_with_snapshots_is_refused(finished, tmp_path):
