@@ -179,9 +179,28 @@ def export_graph(step: Union[StepModule, ChunkModule], opset: int = DEFAULT_OPSE
                 f"{fixed} to {TRACE_BATCH}, the batch it was traced at: the step module uses its batch size "
                 f"as a constant (e.g. int(x.shape[0]) in a step form). Make it batch-agnostic, or export "
                 f"a fixed batch (batch=N)")
+    with torch.no_grad(), onnx_ops():
+        traced = dict(zip(INPUT_NAMES + OUTPUT_NAMES, [*args, *step(*args)]))
+    pin_feature_dims(proto, {name: tuple(t.shape) for name, t in traced.items()})
     strip_debug_records(proto)
     proto.ir_version = min(proto.ir_version, lowest_ir_version(proto))
     return proto
+
+
+def pin_feature_dims(proto: onnx.ModelProto, shapes: Dict[str, Tuple[int, ...]]) -> None:
+    """Write every dimension after the batch of the graph's inputs and outputs as the number it is
+    (``shapes``: the traced tensors'), in place. The TorchScript-based exporter left some symbolic:
+    onnxruntime reported a state_out of ['batch', 'Concatstate_out_dim_1'] for about one graph in three
+    (opset 17, or exporter="legacy"), where the contract and config.json say [batch, state_size]."""
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        size = shapes[value.name]
+        if len(dims) != len(size):
+            raise ExportError(f"the exported graph's {value.name} has {len(dims)} dimensions, the traced step "
+                              f"module's {len(size)} ({list(size)})")
+        for dim, n in zip(list(dims)[1:], size[1:]):
+            if not dim.HasField("dim_value") or dim.dim_value != n:
+                dim.dim_value = n          # (dim_value and dim_param are one field: this clears the name)
 
 
 def lowest_ir_version(proto: onnx.ModelProto) -> int:

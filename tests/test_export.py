@@ -468,6 +468,24 @@ def test_opsets_are_honoured_or_refused(tmp_path):
             to_onnx(model, tmp_path / "bad.onnx", opset=bad)
 
 
+@pytest.mark.parametrize("exporter, opset, chunk", [("legacy", 17, None), ("legacy", 20, None), ("dynamo", 20, None),
+                                                    ("legacy", 17, 5)])
+def test_graph_inputs_and_outputs_have_numeric_feature_widths(tmp_path, exporter, opset, chunk):
+    # Session 28 (an export fuzzer): the TorchScript-based exporter left state_out's width symbolic,
+    # ['batch', 'Concatstate_out_dim_1'] in onnxruntime, for this model (and about one graph in three),
+    # where the contract, the card and config.json say [batch, state_size].
+    import onnxruntime as ort
+    torch.manual_seed(0)
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=2, d_output=3, d_model=4, n_layers=1,
+                                                          layer_kwargs={"d_state": 4})).eval()
+    res = to_onnx(model, tmp_path / "m.onnx", opset=opset, exporter=exporter, chunk=chunk)
+    n = int(res.metadata["lrnnx_zoo.state_size"])
+    steps = [] if chunk is None else [chunk]
+    found = {v.name: v.shape for v in ort.InferenceSession(str(res.path)).get_inputs() + ort.InferenceSession(
+        str(res.path)).get_outputs()}
+    assert found == {"x": ["batch", *steps, 2], "state": ["batch", n], "y": ["batch", *steps, 3], "state_out": ["batch", n]}
+
+
 def test_torch_export_batch_arguments_and_fixed_batch_folder(tmp_path):
     model = small_model("lru")
     for bad in (0, -2, True):
