@@ -130,16 +130,27 @@ def modal_scan(u: Tensor, log_lam: Tensor, B: Tensor, C: Tensor,
     return project_out(x, C)
 
 
-def block_powers(log_lam: Tensor, L: int, dtype: torch.dtype) -> Tuple[int, Tensor, Tensor]:
+def block_length(L: int, rows: int = 1) -> int:
+    """The inner length c of a two-level sum over L steps (:func:`block_powers`) for ``rows`` rows of
+    block sums: c = sqrt(rows L), at most L. It makes the rows' block sums S_k (rows x L / c numbers a
+    mode) as many as the c + L / c powers (c ~ sqrt L for one row, the fewest powers). With c = sqrt L
+    at every batch, the block sums of 128 rows were 11x the powers, and writing and weighting them
+    took most of an S4D prefill's state at batch 128 (H=128, N=64, L=1024: 750 against 225 ms, one
+    thread; benchmarks/NOTES.md, session 28)."""
+    return max(1, min(L, math.isqrt(L * max(1, rows))))      # 1 for an empty sequence (L = 0)
+
+
+def block_powers(log_lam: Tensor, L: int, dtype: torch.dtype, rows: int = 1) -> Tuple[int, Tensor, Tensor]:
     """The powers a decayed sum sum_j lam^{L-1-j} v_j needs, in two levels: with L <= n c,
 
         sum_j lam^{L-1-j} v_j = sum_k lam^{c (n-1-k)} S_k,   S_k = sum_{i<c} lam^{c-1-i} v_{kc+i}
 
-    (v zero-padded in front to n c, which adds nothing), so c + n powers per mode (c ~ sqrt L),
-    not L: they are complex128 exponentials (as in :func:`powers`, for their accuracy), and all L
-    of them took 1.4 s per S4D layer at H=128, N=64, L=4096 here, 30x its convolution forward.
+    (v zero-padded in front to n c, which adds nothing), so c + n powers per mode (c from
+    :func:`block_length`: ~ sqrt L for one row), not L: they are complex128 exponentials (as in
+    :func:`powers`, for their accuracy), and all L of them took 1.4 s per S4D layer at H=128, N=64,
+    L=4096 here, 30x its convolution forward.
     log_lam: (..., M) -> (c, inner (c, ..., M) = lam^{c-1-i}, outer (n, ..., M) = lam^{c(n-1-k)})."""
-    c = max(1, math.isqrt(L))
+    c = block_length(L, rows)
     n = -(-L // c)
     flat = log_lam.to(torch.complex128).reshape(-1)
     inner = powers(flat, c, dtype).flip(0).reshape(c, *log_lam.shape)
@@ -179,7 +190,7 @@ def channel_final_state(u: Tensor, log_lam: Tensor, B: Tensor, state: Tensor,
     out = passed_state_dtype(state)
     cx = out if precision is None else torch.promote_types(out, precision)
     state = state.to(cx)
-    c, inner, outer = block_powers(log_lam, L, cx)
+    c, inner, outer = block_powers(log_lam, L, cx, rows=Bsz)
     n = outer.shape[0]
     blocks = torch.nn.functional.pad(u, (n * c - L, 0)).reshape(Bsz, H, n, c)
     # Both operands contiguous (H, rows, cols): with the channel axis strided (a (B, L, H) input's
@@ -222,13 +233,14 @@ def decayed_response(w: Tensor, log_lam: Tensor, L: int) -> Tensor:
     rows of weights sharing one lam = exp(log_lam): w (..., H, M) complex, log_lam (H, M) -> (..., H, L)
     real of w's precision (a state's zero-input response: w = C lam x_{-1}, a row per batch entry).
 
-    The transpose of :func:`channel_final_state`'s sum, in the same two levels, l = k c + i with c ~ sqrt L:
-    the rows w lam^{kc} times the inner powers lam^i, one real batched matmul per channel. A Vandermonde
-    backend, handed the rows as a batch, formed every power lam^l again for each of them: an FFTConv
-    S4D layer's forward from a state at B=32, H=128, N=64, L=1024 spent 247 of its 337 ms there."""
+    The transpose of :func:`channel_final_state`'s sum, in the same two levels, l = k c + i with c from
+    :func:`block_length`: the rows w lam^{kc} times the inner powers lam^i, one real batched matmul
+    per channel. A Vandermonde backend, handed the rows as a batch, formed every power lam^l again for
+    each of them: an FFTConv S4D layer's forward from a state at B=32, H=128, N=64, L=1024 spent 247
+    of its 337 ms there."""
     H, M = log_lam.shape
     lead, rows = w.shape[:-2], math.prod(w.shape[:-2])
-    c = max(1, math.isqrt(L))
+    c = block_length(L, rows)
     n = -(-L // c)
     inner = powers(log_lam, c, w.dtype)                                          # lam^i: (c, H, M)
     outer = powers(c * log_lam.to(torch.complex128), n, w.dtype)                 # lam^(kc): (n, H, M)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from lrnnx_zoo.modal import SQUARED_FACTORS_BELOW, _powers_by_doubling, block_powers, powers
+from lrnnx_zoo.modal import (SQUARED_FACTORS_BELOW, _powers_by_doubling, block_length, block_powers,
+                             channel_final_state, decayed_response, powers)
 
 
 def log_poles(*shape: int) -> torch.Tensor:
@@ -76,6 +77,46 @@ def test_block_powers_give_every_power(L):
     every = (outer.unsqueeze(1) * inner.unsqueeze(0)).reshape(n * c, 4, 6)        # lam^{nc-1-m}, m = k c + i
     ref = torch.from_numpy(long_double_powers(log_lam, n * c).astype(np.complex128)).flip(0)
     assert (every - ref).abs().max() < 1e-14      # the two factors' few ulps each, and this product's
+
+
+@pytest.mark.parametrize("L", [0, 1, 7, 128, 1024, 4096])
+@pytest.mark.parametrize("rows", [1, 3, 16, 128, 10_000])
+def test_block_length_balances_the_block_sums_against_the_powers(L, rows):
+    # Session 28: c = sqrt(rows L): the rows' block sums (rows * n a mode) and the inner powers (c)
+    # come out about as many, within 2x, and never more than c + n powers in all are formed. With
+    # c = sqrt(L) at batch 128 the block sums were 11x the powers.
+    c = block_length(L, rows)
+    n = -(-L // c)
+    assert 1 <= c <= max(L, 1) and n * c >= L
+    if L >= 7 and c < L:
+        assert 0.5 <= rows * n / c <= 2.0
+    assert block_length(L, 1) == max(1, int(L ** 0.5))      # one row: the fewest powers, as before
+
+
+@pytest.mark.parametrize("Bsz", [1, 16, 128])
+@pytest.mark.parametrize("L", [128, 1024])
+def test_batched_final_state_and_decayed_response_stay_float32_accurate(Bsz, L):
+    # Longer inner sums at large batches (c up to L): float32 sums of up to L terms. Measured
+    # 1e-7 - 4e-7 of max |x| against float64 (H=128, M=32 and H=256, M=128, L up to 4096); 2e-6 bounds it.
+    H, M = 8, 6
+    log_lam = log_poles(H, M)
+    g = torch.Generator().manual_seed(1)
+    B = torch.randn(H, M, generator=g, dtype=torch.complex128)
+    u = torch.randn(Bsz, H, L, generator=g, dtype=torch.float64)
+    state = torch.randn(Bsz, H, M, generator=g, dtype=torch.complex128)
+    ref = channel_final_state(u, log_lam, B, state, torch.complex128)
+    t = torch.arange(L, dtype=torch.float64).reshape(L, 1, 1)
+    decays = torch.exp((L - 1 - t) * log_lam)                                    # lam^{L-1-j}: (L, H, M)
+    exact = torch.einsum("bhl,lhm->bhm", u.to(decays.dtype), decays) * B + torch.exp(L * log_lam) * state
+    assert ((ref - exact).abs().max() / exact.abs().max()) < 1e-12
+    got = channel_final_state(u.float(), log_lam, B.to(torch.complex64), state.to(torch.complex64), torch.complex64)
+    assert got.dtype == torch.complex64 and ((got - ref).abs().max() / ref.abs().max()) < 2e-6
+    w = state * B
+    response = decayed_response(w, log_lam, L)                                     # (Bsz, H, L)
+    direct = 2 * (w.unsqueeze(-1) * torch.exp(t.reshape(1, 1, 1, L) * log_lam.unsqueeze(-1))).sum(2).real
+    assert ((response - direct).abs().max() / direct.abs().max()) < 1e-12
+    got = decayed_response(w.to(torch.complex64), log_lam, L)
+    assert ((got - direct).abs().max() / direct.abs().max()) < 2e-6
 
 
 def test_powers_under_torch_func_transforms_and_forward_ad():
