@@ -10,7 +10,9 @@ On Linux the exchange is one ``renameat2(RENAME_EXCHANGE)`` call: at every insta
 either the complete old folder or the complete new one. Elsewhere (or on a file system without
 it) two renames are used, with the old folder renamed back if the second fails; between them the
 path is briefly absent. A mount point, or a folder whose parent is read-only, cannot be swapped:
-its files are replaced one by one instead (see :func:`replaced_folder`).
+its files are replaced one by one instead (see :func:`replaced_folder`). Nor is a folder swapped
+that holds nothing the write replaces, or whose kept entries are many or hold a mount point: a swap
+re-creates the kept entries' whole tree in the new folder (see :func:`_swappable`).
 """
 
 from __future__ import annotations
@@ -154,31 +156,54 @@ def _swap_in(tmp: Path, target: Path, old: Path) -> bool:
     return True
 
 
+#: Written last into a folder updated in place: a crash before it leaves no config.json that
+#: describes files not yet there (a fresh folder then holds no checkpoint, not half of one).
+_LAST = "config.json"
+#: The most entries a swap carries over (hard links, in one walk) before the folder is updated in
+#: place instead: a save into a large folder (a home folder, a project) re-created its whole tree.
+CARRY_LIMIT = 2000
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
 def _update_in_place(staging: Path, written: List[str], target: Path, keep: Callable[[str], bool], tag: str) -> None:
-    """Move the ``written`` entries of ``staging`` into ``target`` one by one (each rename atomic; a
-    copy first where ``staging`` is on another file system), then remove the entries of ``target``
-    that ``keep`` rejects and that were not written. For a folder that cannot be swapped whole."""
-    for name in written:
-        src, dst = staging / name, target / name
-        if dst.is_dir() and not dst.is_symlink():
-            shutil.rmtree(dst)
-        try:
-            os.replace(src, dst)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            part = target / f".{name}.tmp-{tag}"
-            try:
-                if src.is_dir():
+    """Move the ``written`` entries of ``staging`` into ``target`` one by one (each rename atomic),
+    config.json last, then remove the entries of ``target`` that ``keep`` rejects and that were not
+    written. For a folder that is not swapped whole (:func:`_swappable`).
+
+    Where ``staging`` is on another file system (a mount point's sibling), every entry is first
+    copied next to its destination and only then renamed: a full disk fails before any file is
+    replaced (copied and renamed one at a time, an ENOSPC on the weights left the new config.json
+    and card beside the old weights, a checkpoint that no longer loaded)."""
+    order = sorted(written, key=lambda name: name == _LAST)
+    renames = _renames_into(staging, target, tag)
+    moves = []
+    try:
+        for name in order:
+            src = staging / name
+            if not renames:
+                part = target / f".{name}.tmp-{tag}"
+                moves.append((part, name))
+                if src.is_dir() and not src.is_symlink():
                     shutil.copytree(src, part, symlinks=True)
                 else:
                     shutil.copy2(src, part, follow_symlinks=False)
-                os.replace(part, dst)
-            finally:
-                if part.is_dir() and not part.is_symlink():
-                    shutil.rmtree(part, ignore_errors=True)
-                elif os.path.lexists(part):
-                    part.unlink()
+            else:
+                moves.append((src, name))
+        for src, name in moves:
+            dst = target / name
+            if dst.is_dir() and not dst.is_symlink():
+                shutil.rmtree(dst)
+            os.replace(src, dst)
+    finally:
+        for src, _ in moves:
+            if src.parent == target:         # a copy that was not renamed (a failure on the way)
+                _remove(src)
     for entry in list(target.iterdir()):
         if entry.name in written or entry == staging or keep(entry.name):
             continue
@@ -186,6 +211,54 @@ def _update_in_place(staging: Path, written: List[str], target: Path, keep: Call
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+def _renames_into(staging: Path, target: Path, tag: str) -> bool:
+    """Whether an entry of ``staging`` can be renamed into ``target`` (False across file systems and
+    bind mounts, EXDEV), tried with an empty probe file."""
+    probe = staging / f".probe-{tag}"
+    probe.touch()
+    try:
+        os.replace(probe, target / probe.name)
+    except OSError as exc:
+        probe.unlink()
+        if exc.errno != errno.EXDEV:
+            raise
+        return False
+    (target / probe.name).unlink()
+    return True
+
+
+def _swappable(target: Path, written: List[str], keep: Callable[[str], bool]) -> bool:
+    """Whether the existing folder ``target`` is replaced by a swap (its kept entries carried into
+    the new folder) rather than updated in place. Not when it holds nothing the write replaces (none
+    of the ``written`` names, nothing ``keep`` rejects: files are only added, and the user's own are
+    left where they are), nor when the entries to carry hold a mount point (copied onto the parent's
+    disk, and then emptied with the old folder) or more than :data:`CARRY_LIMIT` entries."""
+    kept, replaces = [], False
+    for entry in os.scandir(target):
+        if entry.name in written or not keep(entry.name):
+            replaces = True
+        else:
+            kept.append(entry)
+    if not replaces:
+        return False
+    device, seen = os.lstat(target).st_dev, 0
+    stack = kept
+    while stack:
+        entry = stack.pop()
+        seen += 1
+        if seen > CARRY_LIMIT:
+            return False
+        info = entry.stat(follow_symlinks=False)
+        if info.st_dev != device:
+            return False
+        if entry.is_dir(follow_symlinks=False):
+            try:
+                stack.extend(os.scandir(entry.path))
+            except OSError:                 # unreadable: copytree would fail on it too
+                return False
+    return True
 
 
 def _rmtree(path: Path) -> None:
@@ -244,8 +317,11 @@ def replaced_folder(target: Path, keep: Callable[[str], bool]) -> Iterator[Path]
     A folder that cannot be swapped (a mount point, such as a container's output volume) or whose
     parent cannot take a sibling (read-only, or not the user's) is updated in place instead: the
     block writes into a hidden folder inside it, then each file replaces its old version with one
-    rename. Each file is then whole at every instant, but the folder as a whole is not: a crash
-    between two renames leaves some files new and some old.
+    rename (config.json last), after every file is on the folder's disk. Each file is then whole at
+    every instant, but the folder as a whole is not: a crash between two renames leaves some files
+    new and some old. So is an existing folder that holds nothing the block replaces (the files are
+    only added: a home folder given by mistake is not re-created), or whose kept entries hold a
+    mount point or more than :data:`CARRY_LIMIT` entries (:func:`_swappable`).
     """
     # the folder itself: a symlinked target is written through (swapping the link would replace it by
     # a folder and leave the link behind as a hidden sibling), and "~", "." or ".." name real folders
@@ -277,14 +353,18 @@ def replaced_folder(target: Path, keep: Callable[[str], bool]) -> Iterator[Path]
             _update_in_place(tmp, written, target, keep, tag)
             _sync_dir(target)
         elif not _created(tmp, target):
-            _carry_over(target, tmp, keep)
-            _copy_access(target, tmp)
-            _sync_dir(tmp)                           # the new folder's names before it goes live
-            if _swap_in(tmp, target, old):
-                _sync_dir(target.parent)
-            else:                                    # a mount point: its files are replaced instead
+            if not _swappable(target, written, keep):
                 _update_in_place(tmp, written, target, keep, tag)
                 _sync_dir(target)
+            else:
+                _carry_over(target, tmp, keep)
+                _copy_access(target, tmp)
+                _sync_dir(tmp)                           # the new folder's names before it goes live
+                if _swap_in(tmp, target, old):
+                    _sync_dir(target.parent)
+                else:                                    # a mount point: its files are replaced instead
+                    _update_in_place(tmp, written, target, keep, tag)
+                    _sync_dir(target)
         else:
             _sync_dir(target)
             _sync_dir(target.parent)

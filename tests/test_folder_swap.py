@@ -480,3 +480,92 @@ def test_the_swap_is_flushed_to_disk_after_the_rename(tmp_path, swap_mode, monke
     with replaced_folder(fresh, keep=lambda name: True) as staging:
         (staging / "g").write_text("x")
     assert [p for p, _ in flushed].count(str(tmp_path)) == 2     # a new folder's creation too
+
+
+# Session 28 (a file-handling fuzzer): a save or export into an existing folder re-created the
+# folder's whole tree (hard links, or copies where links failed) and swapped it in. `--out ~`
+# re-linked all of a home folder; a mounted volume inside the folder was copied onto the parent's
+# disk and then emptied with the old folder. Now a folder that holds nothing the write replaces only
+# gains the new files, and one whose kept entries are large or hold a mount point is updated in place.
+
+def _identity(path):
+    st = os.lstat(path)
+    return st.st_ino, st.st_nlink
+
+
+def test_a_folder_without_a_checkpoint_only_gains_the_files(tmp_path, swap_mode):
+    target = tmp_path / "project"
+    (target / "data" / "deep").mkdir(parents=True)
+    for i in range(20):
+        (target / "data" / "deep" / f"{i}.bin").write_bytes(b"x" * 10)
+    (target / ".bashrc").write_text("mine")
+    before = {p: _identity(p) for p in [target, *target.rglob("*")]}
+    small_model().save_pretrained(target)
+    # the folder and every entry of the user's are the same files (not swapped, linked or copied)
+    assert {p: _identity(p) for p in before} == before
+    assert listing(target) == [".bashrc", "README.md", "config.json", "data", "model.safetensors"]
+    assert lrnnx_zoo.from_pretrained(target) is not None and listing(tmp_path) == ["project"]
+
+
+def test_a_checkpoint_beside_a_large_tree_is_updated_in_place(tmp_path, monkeypatch, swap_mode):
+    monkeypatch.setattr(folder_swap, "CARRY_LIMIT", 8)
+    target = tmp_path / "run"
+    small_model(seed=0).save_pretrained(target, metrics={"acc": 0.5})
+    (target / "dataset").mkdir()
+    for i in range(10):
+        (target / "dataset" / f"{i}.csv").write_text("1,2")
+    kept = {p: _identity(p) for p in [target, *(target / "dataset").rglob("*")]}
+    small_model(seed=1).save_pretrained(target, metrics={"acc": 0.75})
+    assert {p: _identity(p) for p in kept} == kept
+    assert lrnnx_zoo.from_pretrained(target).checkpoint_info["metrics"] == {"acc": 0.75}
+    assert listing(target) == ["README.md", "config.json", "dataset", "model.safetensors"]
+    assert listing(tmp_path) == ["run"]
+    monkeypatch.setattr(folder_swap, "CARRY_LIMIT", 2000)         # a small tree: swapped whole, as before
+    small_model(seed=2).save_pretrained(target, metrics={"acc": 0.25})
+    assert _identity(target)[0] != kept[target][0] and (target / "dataset" / "0.csv").read_text() == "1,2"
+
+
+def test_a_mounted_volume_inside_a_checkpoint_folder_is_left_alone(tmp_path):
+    import subprocess
+    target = tmp_path / "run"
+    small_model(seed=0).save_pretrained(target)
+    vol = target / "vol"
+    vol.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(vol)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (vol / "data.txt").write_text("on the volume")
+        small_model(seed=1).save_pretrained(target, metrics={"acc": 0.75})
+        assert os.path.ismount(vol) and (vol / "data.txt").read_text() == "on the volume"
+        assert lrnnx_zoo.from_pretrained(target).checkpoint_info["metrics"] == {"acc": 0.75}
+        assert listing(tmp_path) == ["run"]
+    finally:        # wherever the volume went (an old save moved it under a hidden sibling)
+        with open("/proc/mounts") as mounts:
+            under = [line.split()[1] for line in mounts if line.split()[1].startswith(str(tmp_path))]
+        for path in sorted(under, key=len, reverse=True):
+            subprocess.run(["umount", path], capture_output=True)
+
+
+def test_a_full_disk_while_copying_into_a_mount_point_replaces_nothing(unmovable, tmp_path, monkeypatch):
+    # The files were copied and renamed one at a time: ENOSPC on the weights left the new
+    # config.json and card beside the old weights, a checkpoint that no longer loaded.
+    target = unmovable
+    target.mkdir()
+    small_model(seed=0).save_pretrained(target, metrics={"acc": 0.5})
+    before = {name: (target / name).read_bytes() for name in listing(target)}
+    real_copy = folder_swap.shutil.copy2
+
+    def copy2(src, dst, **kwargs):
+        if os.path.basename(str(src)) == "model.safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_copy(src, dst, **kwargs)
+    monkeypatch.setattr(folder_swap.shutil, "copy2", copy2)
+    try:
+        small_model(seed=1).save_pretrained(target, metrics={"acc": 0.75})
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+        assert {name: (target / name).read_bytes() for name in listing(target)} == before
+    else:                           # EBUSY: the sibling is on the same disk, renamed in, nothing copied
+        assert lrnnx_zoo.from_pretrained(target).checkpoint_info["metrics"] == {"acc": 0.75}
+    assert lrnnx_zoo.from_pretrained(target) is not None and listing(tmp_path) == ["t"]
