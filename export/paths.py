@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, List, Union
 
+from lrnnx_zoo.hub import path_trouble
 from lrnnx_zoo.hub_save import nearest_existing
 
 
@@ -28,7 +29,10 @@ def check_output(path: Path, what: str, folder: bool = False, example: str = "mo
     """Refuse a ``path`` that cannot become the file (or, ``folder=True``, the folder) asked for.
 
     Raises IsADirectoryError / NotADirectoryError naming ``what`` (the argument), the path and what
-    was expected."""
+    was expected; a ValueError for a path that cannot be looked up (too long a name, a symlink loop)."""
+    trouble = path_trouble(path)
+    if trouble:
+        raise ValueError(f"cannot write {what} {path}: the path cannot be looked up, {trouble}")
     if folder and path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{what} {path} is a file; expected a folder (it is created if missing)")
     if not folder and path.is_dir():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
 import fnmatch
 import itertools
 import json
@@ -109,6 +110,11 @@ def resolve_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, c
         raise CheckpointError("from_pretrained got an empty name; pass a shipped name (lrnnx-zoo models), "
                               "a checkpoint folder or a Hub repo id")
     path = Path(text).expanduser()
+    trouble = path_trouble(path)
+    if trouble:
+        shown = text if len(text) <= 80 else f"{text[:60]}...({len(text)} characters)"
+        raise CheckpointError(f"no checkpoint {shown!r}: the path cannot be looked up, {trouble}; pass a "
+                              f"shipped name (lrnnx-zoo models), a checkpoint folder or a Hub repo id")
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise CheckpointError(_pickle_message(str(path)))
@@ -139,6 +145,22 @@ def resolve_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, c
         raise CheckpointError(f"no checkpoint {text!r}: it is not an existing folder, not a shipped model "
                               f"({_known(text, shipped)}), and not a Hub repo id (those are 'namespace/name')")
     return _download(text, revision, cache_dir, local_files_only, token, list(shipped), need_weights)
+
+
+def path_trouble(path: Union[str, os.PathLike]) -> Optional[str]:
+    """Why ``path`` cannot be looked up at all, or None (missing is fine: callers say so themselves).
+    Python's exists() / is_file() raised these as tracebacks (OSError: File name too long) or, for
+    a symlink loop, resolve() a RuntimeError."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return "a name in it is longer than the file system allows (usually 255 bytes a name)"
+        if exc.errno == errno.ELOOP:
+            return "it goes round a loop of symbolic links"
+    except ValueError:                          # an embedded NUL byte
+        return "it holds a NUL character"
+    return None
 
 
 def close_names(name: str, shipped: List[str]) -> List[str]:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Union
 from . import __version__
 from .folder_swap import replaced_folder
 from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
-                  CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout, loadable_source,
+                  MAX_CONFIG_BYTES, CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout, loadable_source, path_trouble,
                   STATE_DIGEST_KEY, library_field, peek_config, shipped_checkpoints, state_digest,
                   weights_changed)
 from .registry import extra_plugins, get_registry, layer_owners
@@ -121,6 +121,20 @@ def model_config_json(config: Any) -> Dict[str, Any]:
     return json_ready(config.to_dict(), "ModelConfig", finite=True)
 
 
+def _check_loadable_size(config: Dict[str, Any], text: str) -> None:
+    """Refuse a config.json larger than from_pretrained reads (:data:`~lrnnx_zoo.hub.MAX_CONFIG_BYTES`),
+    naming its largest fields: a save of a 17 MB ``task`` replaced a good checkpoint with one that
+    its own loader refused."""
+    size = len(text.encode("utf-8"))
+    if size <= MAX_CONFIG_BYTES:
+        return
+    fields = sorted(((len(json.dumps(v)), k) for k, v in config.items()), reverse=True)[:3]
+    raise ValueError(f"this checkpoint's {CONFIG_NAME} would be {size / 1e6:.1f} MB, more than the "
+                     f"{MAX_CONFIG_BYTES / 1e6:.0f} MB from_pretrained reads; its largest fields: "
+                     + ", ".join(f"{k} ({n / 1e6:.1f} MB)" for n, k in fields)
+                     + ". Keep the metadata (task, dataset, metrics, notes) short; nothing was written")
+
+
 def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, Any], name: str,
                       load_as: Optional[str] = None, revision: Optional[str] = None) -> None:
     """Write the three files into ``folder`` (a fresh temporary folder; replaced_folder flushes them)."""
@@ -130,7 +144,9 @@ def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, An
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     # the digest of what the file holds: loading checks it (a damaged copy loaded silently)
     config = {**config, STATE_DIGEST_KEY: state_digest(tensors)}
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    text = json.dumps(config, indent=2, allow_nan=False) + "\n"
+    _check_loadable_size(config, text)
+    (folder / CONFIG_NAME).write_text(text, encoding="utf-8")
     write_safetensors(tensors, folder / WEIGHTS_NAME,
                       {"format": "pt", "library": LIBRARY, "family": config["family"]})
     card = build_card(config, name, sum(p.numel() for p in model.parameters()), load_as, revision)
@@ -152,6 +168,9 @@ def check_save_target(save_directory: PathLike, what: str = "save_directory", re
         raise TypeError(f"{what} must be a folder path (str or os.PathLike), got {save_directory!r} "
                         f"({type(save_directory).__name__})")
     given = Path(save_directory).expanduser().absolute()
+    trouble = path_trouble(given)
+    if trouble:
+        raise CheckpointError(f"cannot save into {what} {given}: the path cannot be looked up, {trouble}")
     target = given.resolve() if given.is_symlink() else given  # save through the link, keep the link
     shown = str(given) if target == given else f"{given} (a link to {target})"
     if target.exists() and not target.is_dir():

@@ -93,7 +93,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         with _warnings_as_lines((EpochsNotReachedWarning, ResumeNotExactWarning)), _sigterm_raises():
             _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress,
-                               checkpoint_every=args.checkpoint_every, resume=args.resume or False,
+                               checkpoint_every=args.checkpoint_every,
+                               resume=False if args.resume is None else args.resume,
                                init_from=args.init_from)
     except BatchExceedsDataError as exc:
         name = "--batch-size" if args.batch_size is not None else "batch size"   # the recipe's own

@@ -351,6 +351,10 @@ def check_resume(resume: Any, out_dir: Any) -> None:
     if isinstance(resume, bytes) or not isinstance(resume, (str, os.PathLike)):
         raise TypeError(f"resume must be a bool or the path of a snapshot (or of the folder holding them), "
                         f"got {resume!r} ({type(resume).__name__})")
+    if not os.fspath(resume).strip():    # `--resume ""` (an unset variable) trained from scratch
+        raise TrainingSetupError(f"{wording.name('resume')} got an empty path; pass a snapshot (or the folder "
+                                 f"holding them), or {wording.given('resume', True)} for the newest in "
+                                 f"{wording.name('out_dir')}")
     if out_dir is not None:
         # another run's snapshot resumed into a folder holding snapshots: the new run wrote its own over
         # them and pruned beside them, mixing two runs (a later resume=True picked the other run's step)

@@ -6,6 +6,7 @@ the message, and the files left on disk (nothing valid overwritten, nothing part
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -393,3 +394,48 @@ def test_layers_built_under_a_half_default_dtype_hold_float32_parameters(name, k
         torch.set_default_dtype(before)
     assert {p.dtype for p in layer.parameters()} == {torch.float32}
     assert torch.isfinite(layer(torch.randn(1, 16, 8))).all()
+
+
+def test_paths_that_cannot_be_looked_up_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    # Session 28 (a file-handling fuzzer): a name over 255 bytes raised "OSError: File name too long"
+    # from Path.is_file() (info, evaluate, train --out), and a symlink loop a RuntimeError from
+    # Path.resolve() (train --out, export --out, save_pretrained) or FileExistsError (to_onnx).
+    from lrnnx_zoo.cli import main as cli_main
+    from lrnnx_zoo.export import to_onnx
+    from lrnnx_zoo.hub import CheckpointError
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loop1", "loop2")
+    os.symlink("loop2", "loop1")
+    long = "a" * 256
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=4, n_layers=1,
+                                                          layer_kwargs={"d_state": 2}))
+    too_long = r"the path cannot be looked up, a name in it is longer than the file system allows"
+    looping = r"the path cannot be looked up, it goes round a loop of symbolic links"
+    with pytest.raises(CheckpointError, match=rf"no checkpoint 'a{{60}}\.\.\.\(256 characters\)': {too_long}"):
+        lrnnx_zoo.from_pretrained(long)
+    with pytest.raises(CheckpointError, match=rf"no checkpoint 'loop1': {looping}"):
+        lrnnx_zoo.from_pretrained("loop1")
+    for target, reason in ((long, too_long), ("loop1", looping)):
+        with pytest.raises(CheckpointError, match=rf"cannot save into save_directory .*: {reason}"):
+            model.save_pretrained(target)
+    with pytest.raises(ValueError, match=rf"cannot write path loop1/m.onnx: {looping}"):
+        to_onnx(model, "loop1/m.onnx")
+    for argv in (["info", long], ["evaluate", long], ["train", "digits-tiny", "--out", "loop1"],
+                 ["train", "digits-tiny", "--out", long], ["export", "digits-s4d", "--out", "loop1"]):
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "the path cannot be looked up" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["loop1", "loop2"]
+
+
+def test_a_save_its_loader_would_refuse_is_refused_and_the_old_folder_kept(tmp_path):
+    # save_pretrained(task="x" * 17 MB) replaced a good checkpoint with one whose config.json
+    # from_pretrained refuses (over its 16 MB bound).
+    folder = tmp_path / "ckpt"
+    model = small_model()
+    model.save_pretrained(folder, task="forecasting")
+    before = snapshot(folder)
+    with pytest.raises(ValueError, match=r"this checkpoint's config.json would be 17\.\d MB, more than the 17 MB "
+                                         r"from_pretrained reads; its largest fields: task \(17\.\d MB\)"):
+        model.save_pretrained(folder, task="x" * (17 << 20))
+    assert snapshot(folder) == before and lrnnx_zoo.from_pretrained(folder).checkpoint_info["task"] == "forecasting"

@@ -100,6 +100,8 @@ def test_compare_metrics_tolerance_and_unrecorded_metrics():
                                                  ("nan", False)]
     assert compare_metrics({"a": 0.5}, {"a": float("nan")})[0][3] is False
     assert compare_metrics({"a": None}, {"a": float("inf")})[0][3] is False
+    for claim in (float("inf"), float("-inf"), float("nan")):          # inf matched everything
+        assert compare_metrics({"a": claim}, {"a": 0.5})[0][3] is False
 
 
 def test_a_checkpoint_whose_outputs_are_nan_fails_the_check(tmp_path, capsys):

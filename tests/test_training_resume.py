@@ -396,6 +396,17 @@ def test_the_command_line_says_where_an_interrupted_run_can_go_on_from(tmp_path,
     assert capsys.readouterr().err.endswith(f"(--out {tmp_path / 'none'}: nothing was saved)\n")
 
 
+def test_an_empty_resume_path_is_refused_not_a_fresh_run(tmp_path, capsys):
+    # `--resume ""` (an unset shell variable) trained from scratch, exit 0: the CLI read "" as no resume
+    with pytest.raises(TrainingSetupError, match=r"^resume got an empty path; pass a snapshot \(or the folder "
+                                                 r"holding them\), or resume=True for the newest in out_dir$"):
+        train(RECIPE, out_dir=str(tmp_path / "a"), resume="", progress=False)
+    assert cli.main(["train", "digits-tiny", "--out", str(tmp_path / "b"), "--resume", "", "--no-progress"]) == 2
+    assert capsys.readouterr().err == ("lrnnx-zoo train: --resume got an empty path; pass a snapshot (or the folder "
+                                       "holding them), or --resume for the newest in --out\n")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_sigterm_says_where_the_run_can_go_on_from_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
     # Session 28: SIGTERM (a job scheduler's stop) ended `lrnnx-zoo train` with exit 143 and no word
     # of the snapshot to resume from.
