@@ -784,6 +784,7 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo, progress:
     model.train()
     dtype = model.encoder.weight.dtype
     first_epoch, done_in_it = divmod(step, plan.steps_per_epoch)   # a resumed run skips the batches it took
+    rates = schedule.get_last_lr()
     for epoch in range(first_epoch, opt_spec.epochs):
         if step >= total:
             break
@@ -806,6 +807,7 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo, progress:
             if not torch.isfinite(norm):
                 raise TrainingDivergedError(diverged_message(recipe, plan, step, epoch, float(norm), loss.item(),
                                                              schedule.get_last_lr(), saver))
+            rates = schedule.get_last_lr()      # this step's (after it, the schedule has moved on)
             optimizer.step()
             schedule.step()
             step += 1
@@ -821,7 +823,7 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo, progress:
     metrics = evaluate(model, data)
     broken = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if broken:      # the last update diverged: no gradient after it to catch it; its outputs are NaN
-        raise TrainingDivergedError(last_step_diverged_message(recipe, step, broken, schedule.get_last_lr(), saver))
+        raise TrainingDivergedError(last_step_diverged_message(recipe, step, broken, rates, saver))
     if di.is_main and progress:
         print(f"{recipe.name}: {step} steps in {seconds:.0f} s; " +
               ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), file=sys.stderr)

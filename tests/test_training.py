@@ -626,6 +626,7 @@ def test_a_diverged_last_step_is_caught_before_the_checkpoint_is_written(tmp_pat
     message = str(err.value)
     assert message.startswith("training diverged at its last optimiser step (1): the weights it wrote give test_")
     assert "=nan" in message and "nothing was saved" in message and message.endswith("lengthen the warmup")
+    assert "The last step's learning rate was 1e+06 (lr=1000000.0" in message     # not the schedule's next one, 0
     assert not out.exists()
     monkeypatch.setitem(recipes.RECIPES, wild.name, wild)
     assert cli.main(["train", wild.name, "--out", str(out), "--no-progress"]) == 1
