@@ -56,6 +56,17 @@ class StepWeightsGradientWarning(UserWarning):
     leaves the layer's weights as they are."""
 
 
+def refuse_keywords(who: str, kwargs: Dict[str, Any], takes: str, hint: str) -> None:
+    """Raise a TypeError naming every keyword in ``kwargs``. The seed's signatures take ``**kw``
+    (``step(x, inference_cache, **kw)``, ``allocate_inference_cache(..., **kwargs)``), which an LTI
+    layer has no use for: they were dropped silently, so ``step(x, cache, rate=0.5)`` stepped at rate
+    1 and ``allocate_inference_cache(2, dtpye=torch.float64)`` made a float32 cache."""
+    if kwargs:
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise TypeError(f"{who} takes {takes}, got {'the keyword' if len(kwargs) == 1 else 'keywords'} {given} "
+                        f"({hint})")
+
+
 class LRNN(nn.Module):
     """Abstract linear recurrent layer on (B, L, H) sequences.
 
@@ -769,7 +780,9 @@ class LTI_LRNN(LRNN):
         float64 discretisation once. The device is theirs too.
         """
         who = f"{type(self).__name__}.allocate_inference_cache"
-        batch_size, = check_sizes(who, batch_size=batch_size)
+        refuse_keywords(who, kwargs, "batch_size, max_seqlen and dtype", "the cache is made on the layer's device: "
+                        "move the layer with .to()")
+        batch_size, max_seqlen = check_sizes(who, batch_size=batch_size, max_seqlen=max_seqlen)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"{who} needs dtype to be a floating torch.dtype (e.g. torch.float32) or None, "
                             f"got {dtype!r}")
@@ -891,6 +904,8 @@ class LTI_LRNN(LRNN):
         constants too): y's graph covers this step only, and a long stream needs no ``no_grad()``
         to run in constant memory. Under ``torch.autocast`` a half-precision x (the previous
         nn.Linear's output) is stepped in float32, as forward computes (:func:`float32_under_autocast`)."""
+        refuse_keywords(f"{type(self).__name__}.step", kwargs, "x and the cache", "a cache steps the system it was "
+                        "made for: for another rate, a new cache of model.at_rate(r) or of a layer built at it")
         x = float32_under_autocast(x)
         d = getattr(self, "d_model", None)
         state, form = self._stream_of(inference_cache, "step")

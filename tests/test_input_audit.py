@@ -322,3 +322,22 @@ def test_export_opset_takes_numpy_integers_and_refuses_the_rest():
     for bad in (True, np.bool_(True), float(MAX_OPSET), np.int64(MAX_OPSET + 1), "18"):
         with pytest.raises(ValueError, match=r"opset must be an int in \[\d+, \d+\].*got "):
             resolve_opset(bad, "dynamo", [])
+
+
+@pytest.mark.parametrize("name", ["lru", "s4d", "s4", "fftconv"])
+def test_step_and_cache_refuse_keywords_they_would_ignore(name):
+    # Session 28 (an API fuzzer): the seed signatures' **kw were dropped silently: step(x, cache,
+    # rate=0.5) stepped at rate 1, allocate_inference_cache(2, dtpye=torch.float64) made a float32
+    # cache, device="meta" one on the CPU, and max_seqlen=-5 passed.
+    layer = lrnnx_zoo.create_layer(name, 4, d_state=4)
+    cache = layer.allocate_inference_cache(2)
+    with pytest.raises(TypeError, match=rf"^{type(layer).__name__}.step takes x and the cache, got the keyword "
+                                        r"rate=0.5 \(a cache steps the system it was made for"):
+        layer.step(torch.randn(2, 4), cache, rate=0.5)
+    with pytest.raises(TypeError, match=r"takes batch_size, max_seqlen and dtype, got keywords dtpye=torch.float64, "
+                                        r"device='meta' \(the cache is made on the layer's device"):
+        layer.allocate_inference_cache(2, dtpye=torch.float64, device="meta")
+    with pytest.raises(ValueError, match=r"needs max_seqlen to be an integer >= 1, got -5"):
+        layer.allocate_inference_cache(2, max_seqlen=-5)
+    y, _ = layer.step(torch.randn(2, 4), layer.allocate_inference_cache(2, 100))    # max_seqlen unused, as before
+    assert y.shape == (2, 4)
