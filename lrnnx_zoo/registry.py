@@ -199,6 +199,10 @@ class Registry:
 
     def get_initializer(self, layer: str, name: str) -> Callable[..., Any]:
         known = sorted(n for (l, n) in self._initializers if l == layer)
+        if not known:       # it said "unknown initializer for 's4dd' 'legs'; available: none"
+            layers = sorted({l for l, _ in self._initializers})
+            raise RegistryError(f"no initializers for layer {layer!r}; layers with initializers: "
+                                f"{', '.join(repr(l) for l in layers) or 'none'}")
         return self._lookup(self._initializers, (layer, name), f"initializer for {layer!r}", known, name)
 
     def get_backend(self, kind: str, name: str = "auto") -> Callable[..., Any]:

@@ -776,3 +776,12 @@ def test_reload_plugins_finds_an_editable_install_made_while_running(tmp_path, m
     finally:
         monkeypatch.undo()
         lrnnx_zoo.reload_plugins()
+
+
+def test_initializers_of_an_unknown_layer_name_the_layers_that_have_some():
+    # Session 28 (an API fuzzer): a misspelt layer said "unknown initializer for 's4dd' 'legs';
+    # available: none", as if s4dd existed without initializers.
+    from lrnnx_zoo.registry import RegistryError
+    with pytest.raises(RegistryError, match=r"^no initializers for layer 's4dd'; layers with initializers: .*'s4d'"):
+        lrnnx_zoo.get_initializer("s4dd", "legs")
+    assert callable(lrnnx_zoo.get_initializer("s4d", "legs"))
