@@ -12,7 +12,7 @@ from lrnnx_zoo.hub_card import dataset_name, resampled_sentence
 
 from .onnx_export import onnxruntime_needed
 from .options import DEFAULT_OPSET, FOLDER_VALIDATION_LENGTH
-from .provenance import source_of
+from .provenance import recorded, source_of
 
 _TAGS = {"onnx": ["onnx"], "torchscript": ["torchscript"], "torch-export": ["torch-export"]}
 
@@ -44,8 +44,11 @@ def _made_with(config: Dict[str, Any]) -> List[str]:
     rate = None
     if isinstance(resampled, dict):      # SequenceModel.at_rate: remade from what it was resampled from
         loadable, rate = (resampled.get("from") if same else None), resampled.get("rate")
-    revision = ((src.get("commit") or src.get("revision")) if loadable and loadable == src.get("repo_id")
-                else None)
+        if not _is_number(rate):         # a record the card cannot spell as a call: the placeholder instead
+            loadable, rate = None, None
+    loadable = loadable if isinstance(loadable, str) else None      # a recorded name may be any JSON
+    revision = ((recorded(src, "commit") or recorded(src, "revision"))
+                if loadable and loadable == recorded(src, "repo_id") else None)
     opset = config.get("opset") if config["format"] == "onnx" and config.get("opset") != DEFAULT_OPSET else None
     length = (config.get("validation") or {}).get("length")
     length = length if length not in (None, FOLDER_VALIDATION_LENGTH) else None
@@ -65,6 +68,11 @@ def _made_with(config: Dict[str, Any]) -> List[str]:
             "or in Python:", ""] + python
 
 
+def _is_number(value: Any) -> bool:
+    """A real number as JSON records one (not a bool, a string or null)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _dataset_record(config: Dict[str, Any]) -> Dict[str, Any]:
     """The checkpoint's dataset record as a dict ({} when it has none, or only a name string)."""
     data = config.get("dataset")
@@ -74,7 +82,7 @@ def _dataset_record(config: Dict[str, Any]) -> Dict[str, Any]:
 def _normalisation(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The z-scoring the model's inputs had in training (the dataset record's mean and std), or None."""
     norm = _dataset_record(config).get("normalisation")
-    numbers = isinstance(norm, dict) and all(isinstance(norm.get(k), (int, float)) for k in ("mean", "std"))
+    numbers = isinstance(norm, dict) and all(_is_number(norm.get(k)) for k in ("mean", "std"))
     return norm if numbers else None
 
 
@@ -83,9 +91,12 @@ def _forecast_target(config: Dict[str, Any]) -> Optional[str]:
     forecast is input + output), from its data spec (lrnnx_zoo.data.load_forecast_series); else None."""
     if config.get("task") != "time-series-forecasting" or _normalisation(config) is None:
         return None
-    params = (_dataset_record(config).get("spec") or {}).get("params") or {}
-    target = params.get("target", "next")
-    return target if target in FORECAST_TARGETS else None
+    # an absent spec or params means the default target; one of another JSON shape (a spec recorded
+    # as a name string) says nothing, and the card leaves the detail out
+    spec = _dataset_record(config).get("spec") or {}
+    params = (recorded(spec, "params") or {}) if isinstance(spec, dict) else None
+    target = params.get("target", "next") if isinstance(params, dict) else None
+    return target if isinstance(target, str) and target in FORECAST_TARGETS else None
 
 
 def _data_section(config: Dict[str, Any]) -> List[str]:
@@ -208,7 +219,9 @@ def build_card(config: Dict[str, Any]) -> str:
     if task or metrics:       # a fine-tuned model keeps its task but not the checkpoint's metrics
         out += [" ".join(([f"Task: {task}."] if task else [])
                          + ([f"Checkpoint metrics: `{json.dumps(metrics)}`."] if metrics else [])), ""]
-    resampled = resampled_sentence(config.get("resampled"))
+    record = config.get("resampled")
+    # hub_card's sentence formats the rate as a number: a record with another one gets no sentence
+    resampled = resampled_sentence(record) if _is_number(recorded(record, "rate")) else None
     if resampled:
         out += [resampled, ""]
     out += ["## How it was made", ""] + _made_with(config)
@@ -218,14 +231,16 @@ def build_card(config: Dict[str, Any]) -> str:
                 f"sequence) from a zero state and compared with the PyTorch model ({v['compared']}): max abs "
                 f"error **{v['max_abs_error']:.2e}** (tolerance {v['tolerance']:.0e}).", ""]
     if q:
-        out += [f"int8 dynamic quantisation: max abs output error {q['max_abs_error']:.3e} (tolerance "
+        over = f" over {q['sequences']} sequences streamed one at a time" if q.get("sequences") else ""
+        out += [f"int8 dynamic quantisation: max abs output error {q['max_abs_error']:.3e}{over} (tolerance "
                 f"{q['tolerance']:.3e}, {q['relative_tolerance']:.0%} of the largest output)."
                 + (f" {q['metric']}: float {q['accuracy_float']:.4f}, int8 {q['accuracy_int8']:.4f} "
                    f"({q['accuracy_change']:+.4f})." if q.get("accuracy_float") is not None else "")
                 + " Streams stepped together in one batch share the activations' int8 scale, so each one's "
                   "outputs depend a little on the others' (measured on the shipped digits graphs: logits up to "
                   "0.16 apart between one sequence alone and 360 together, up to 0.95 beside a sequence 100x "
-                  "larger); stream independent users one per batch, or use the float graph.", ""]
+                  "larger); stream independent users one per batch, or use the float graph."
+                + (f" Note: {q['size_warning']}." if q.get("size_warning") else ""), ""]
     if lat and lat.get("chunk"):
         out += [f"Latency at batch {lat['batch']}: median {lat['median_us']:.1f} us per chunk of {lat['chunk']} steps, "
                 f"{lat['per_step_us']:.2f} us per step ({lat['runtime']}, {lat['threads']} thread, {lat['steps']} "

@@ -42,7 +42,7 @@ from .result import ExportResult
 from .runtime import check_batch
 from .step_graph import build_step_module
 from .torchscript_export import load_torch_export, load_torchscript, to_torch_export, to_torchscript
-from .validate import DEFAULT_BATCH, default_sequence
+from .validate import DEFAULT_BATCH, check_validation_memory, default_sequence
 
 WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = "step_form.safetensors", "config.json", "README.md"
 
@@ -144,6 +144,9 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
             check_chunk_in_memory(step, chunk)
     if validation_input is None:
         length = validation_length if chunk is None else -(-validation_length // chunk) * chunk
+        # before the sequence is allocated: --batch 1000000 died in the allocator
+        check_validation_memory(model.config, batch or DEFAULT_BATCH, length, step.state_size,
+                                f"a shorter {name('validation_length')} (now {validation_length})")
         validation_input = default_sequence(model.config.d_input, length=length, batch=batch or DEFAULT_BATCH)
     # written into a hidden sibling and swapped in whole: a failed or interrupted export leaves the
     # folder as it was, and an earlier export's graph in another format does not outlive its config

@@ -56,13 +56,31 @@ def family_of(model: nn.Module, info: Dict[str, Any]) -> str:
     return str(info.get("family") or layer.rpartition(":")[2] or type(model).__name__)
 
 
+def recorded(value: Any, *keys: str) -> Any:
+    """``value[k1][k2]...`` of a recorded JSON value (a checkpoint's config.json, the exporter's config),
+    or None where a key is missing or a level is not a dict: the record may hold any JSON shape, and a
+    ``"spec": "sunspots"`` in a dataset record crashed the card writer after the graph was validated."""
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def rate_text(rate: Any) -> str:
+    """A recorded resampling rate as the card and the source line print it: ``2`` for 2.0, else its repr
+    (a rate recorded as "2" or null failed the ``:g`` format)."""
+    number = isinstance(rate, (int, float)) and not isinstance(rate, bool)
+    return f"{rate:g}" if number else repr(rate)
+
+
 def source_of(info: Dict[str, Any]) -> str:
     """A one-line description of the checkpoint: its repo id and commit, shipped name, or local folder's
     name ("local:NAME")."""
     record = info.get("resampled")
     if isinstance(record, dict):      # SequenceModel.at_rate: the source's system at another rate
         rest = source_of({k: v for k, v in info.items() if k != "resampled"})
-        return f"{rest} (resampled at rate {record.get('rate'):g})"
+        return f"{rest} (resampled at rate {rate_text(record.get('rate'))})"
     src = info.get("source")
     if not src:
         return "in-memory model (not loaded from a checkpoint)"

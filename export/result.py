@@ -60,4 +60,6 @@ class ExportResult:
             if q.get("accuracy_float") is not None:
                 lines.append(f"  int8: {q['metric']} float {q['accuracy_float']:.4f} -> int8 {q['accuracy_int8']:.4f} "
                              f"(change {q['accuracy_change']:+.4f})")
+            if q.get("size_warning"):
+                lines.append(f"  int8: warning: {q['size_warning']}")
         return "\n".join(lines)

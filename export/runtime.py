@@ -265,33 +265,36 @@ class OnnxStreamer:
             self._bind(batch)
 
     def _bind(self, batch: int) -> None:
+        """Allocate and bind the buffers for ``batch`` sequences, then switch to them: everything is made
+        first, so a failed allocation (reset(10**6): MemoryError) leaves the streamer as it was (it
+        changed the batch and the input buffers first, and then refused every step)."""
         import onnxruntime as ort
 
-        self.batch = batch
-        self.steps = 0
-        self._fresh = True
         per_call = () if self.chunk is None else (self.chunk,)        # a chunk graph: T steps per call
-        self._x = np.zeros((batch,) + per_call + (self.d_input,), np.float32)
+        x = np.zeros((batch,) + per_call + (self.d_input,), np.float32)
         # step()'s finiteness check: x . ones is x's sum in one BLAS call (0.35 us at batch 1, x.sum() 1 us)
-        self._x_flat, self._ones = self._x.reshape(-1), np.ones(self._x.size, np.float32)
-        self._x_abs = np.empty_like(self._x_flat)
-        self._y = np.zeros((batch,) + per_call + (self.d_output,), np.float32)
-        # the same buffers as (batch, steps per call, width) views, for run() over either kind of graph
-        steps = self.chunk or 1
-        self._x_steps = self._x.reshape(batch, steps, self.d_input)
-        self._y_steps = self._y.reshape(batch, steps, self.d_output)
-        self._s = [np.zeros((batch, self.state_size), np.float32) for _ in range(2)]
+        x_flat, ones = x.reshape(-1), np.ones(x.size, np.float32)
+        x_abs = np.empty_like(x_flat)
+        y = np.zeros((batch,) + per_call + (self.d_output,), np.float32)
+        s = [np.zeros((batch, self.state_size), np.float32) for _ in range(2)]
         ov = ort.OrtValue.ortvalue_from_numpy   # wraps the numpy memory, no copy
-        self._values = [ov(self._x), ov(self._y), ov(self._s[0]), ov(self._s[1])]
-        x_v, y_v, s0, s1 = self._values
-        self._bindings = []
+        values = [ov(x), ov(y), ov(s[0]), ov(s[1])]
+        x_v, y_v, s0, s1 = values
+        bindings = []
         for src, dst in ((s0, s1), (s1, s0)):
             b = self.session.io_binding()
             b.bind_ortvalue_input("x", x_v)
             b.bind_ortvalue_input("state", src)
             b.bind_ortvalue_output("y", y_v)
             b.bind_ortvalue_output("state_out", dst)
-            self._bindings.append(b)
+            bindings.append(b)
+        # the same buffers as (batch, steps per call, width) views, for run() over either kind of graph
+        steps = self.chunk or 1
+        self._x, self._x_flat, self._ones, self._x_abs, self._y = x, x_flat, ones, x_abs, y
+        self._x_steps = x.reshape(batch, steps, self.d_input)
+        self._y_steps = y.reshape(batch, steps, self.d_output)
+        self._s, self._values, self._bindings = s, values, bindings
+        self.batch, self.steps, self._fresh = batch, 0, True
         self._cur = 0  # index of the buffer holding the current state
 
     @property

@@ -31,7 +31,7 @@ from .paths import output_location
 from .provenance import META_PREFIX, Source, graph_metadata, load_source
 from .result import ExportResult
 from .step_graph import StepModule, build_step_module, no_autocast
-from .validate import FLOAT32_TOLERANCE, torch_stream, validate_stream
+from .validate import DEFAULT_LENGTH, FLOAT32_TOLERANCE, check_validation_memory, torch_stream, validate_stream
 
 METADATA_FILE = "lrnnx_zoo.json"
 
@@ -65,7 +65,8 @@ def load_torch_export(path: Union[str, Path]) -> torch.nn.Module:
     is refused before anything in it is unpickled)."""
     meta = read_metadata(path)
     sizes = {k: int(meta.get(META_PREFIX + k, 0)) for k in ("state_size", "d_input", "chunk")}
-    return CheckedStep(torch.export.load(str(path)).module(), **sizes)
+    fixed = str(meta.get(META_PREFIX + "batch", "dynamic"))     # "dynamic", or the batch it is fixed to
+    return CheckedStep(torch.export.load(str(path)).module(), **sizes, batch=int(fixed) if fixed.isdigit() else 0)
 
 
 def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
@@ -141,11 +142,11 @@ def _dtype_name(t: Tensor) -> str:
     return "float32" if t.dtype == torch.float32 else "not float32"
 
 
-def step_input_problem(x: Tensor, state: Tensor, d_input: int, state_size: int, chunk: int) -> str:
+def step_input_problem(x: Tensor, state: Tensor, d_input: int, state_size: int, chunk: int, batch: int = 0) -> str:
     """What is wrong with the inputs of a .ts / .pt2 step graph (chunk 0) or chunk graph of
     ``chunk`` steps, or "" when nothing is: x: (B, d_input) or (B, chunk, d_input), state:
-    (B, state_size), both float32 (a step graph's weights are float32). Scriptable, so a .ts
-    runs the same checks in libtorch."""
+    (B, state_size), both float32 (a step graph's weights are float32), B the ``batch`` a program
+    is fixed to (0: any). Scriptable, so a .ts runs the same checks in libtorch."""
     if chunk > 0:
         if x.dim() != 3 or x.size(1) != chunk or x.size(2) != d_input:
             return "x must have shape (batch, {}, {}), got {}".format(chunk, d_input, list(x.shape))
@@ -154,6 +155,10 @@ def step_input_problem(x: Tensor, state: Tensor, d_input: int, state_size: int, 
     if state.dim() != 2 or state.size(0) != x.size(0) or state.size(1) != state_size:
         return "state must have shape (batch={}, state_size={}), got {}".format(x.size(0), state_size,
                                                                                list(state.shape))
+    if batch > 0 and x.size(0) != batch:      # else torch's bare "Guard failed: x.size()[0] == 2"
+        return ("x must have shape (batch={}, ...), got {}; this graph is exported for batch={}; re-export it "
+                "without a fixed batch (to_torch_export(..., batch=None)) to stream {}").format(
+                    batch, list(x.shape), batch, x.size(0))
     if x.dtype != torch.float32 or state.dtype != torch.float32:
         return "x and state must be float32 (the graph's weights are), got {} and {}".format(
             _dtype_name(x), _dtype_name(state))
@@ -169,16 +174,19 @@ class CheckedStep(torch.nn.Module):
     rank failed with "tuple index out of range", a float64 one in its first matmul, and ``x=``,
     ``state=`` were refused as a keyword mismatch).
 
-    inner: the traced step, or ``torch.export.load(path).module()``; chunk 0 for a step graph."""
+    inner: the traced step, or ``torch.export.load(path).module()``; chunk 0 for a step graph;
+    batch: the batch a .pt2 program is fixed to, 0 for any (a traced .ts takes any)."""
 
-    def __init__(self, inner: torch.nn.Module, state_size: int, d_input: int, chunk: int = 0) -> None:
+    def __init__(self, inner: torch.nn.Module, state_size: int, d_input: int, chunk: int = 0,
+                 batch: int = 0) -> None:
         super().__init__()
         self.inner, self.state_size, self.d_input, self.chunk = inner, state_size, d_input, chunk
+        self.batch = batch
 
     def forward(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         if not torch.jit.is_scripting():        # in Python anything may come; a script's inputs are typed
             _check_tensors(x, state)
-        problem = step_input_problem(x, state, self.d_input, self.state_size, self.chunk)
+        problem = step_input_problem(x, state, self.d_input, self.state_size, self.chunk, self.batch)
         if problem != "":
             raise ValueError(problem)
         return self.inner(x, state)
@@ -211,6 +219,10 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
         metadata = graph_metadata(step, model, info, {"format": "torch-export", "batch": str(batch or "dynamic"),
                                                       **chunk_metadata(chunk)})
         # before the seconds of tracing
+        if validation_input is None and batch is not None:       # the default sequence, at the fixed batch
+            check_validation_memory(model.config, batch, DEFAULT_LENGTH if chunk is None else
+                                    -(-DEFAULT_LENGTH // chunk) * chunk, step.state_size,
+                                    "a shorter validation_input")
         step, x = chunked(step, validation_input, chunk, batch)
         record: List[str] = []
         dims = None

@@ -219,10 +219,60 @@ def validate_stream(stream: StreamFn, model: nn.Module, x: Optional[Tensor] = No
     return report
 
 
+#: Peak bytes of a forward per (sequence, step, d_model channel), with a margin: the shipped models' float64
+#: forwards rose 38-62 bytes per one more such value at L=4096 (float32: about half).
+FORWARD_BYTES = 64
+#: The most memory one forward call over validation sequences may take: the sequences go through the
+#: model this many bytes' worth at a time (a forward of 4096 sequences of 4096 steps took 30 GB at once).
+FORWARD_SLICE_BYTES = 2 ** 28
+
+
 def _forward(model: nn.Module, xs: Tensor) -> np.ndarray:
-    """model(xs) on the model's own device and dtype, as float64 numpy."""
+    """model(xs) on the model's own device and dtype, as float64 numpy; a few sequences at a time
+    (each sequence's output is its own, so slicing the batch changes nothing but the peak memory)."""
     ref = reference_tensor(model)
-    return model(xs.to(ref.device, ref.dtype)).double().cpu().numpy()
+    rows = max(1, FORWARD_SLICE_BYTES // (xs.shape[1] * model.config.d_model * FORWARD_BYTES))
+    return np.concatenate([model(xs[i:i + rows].to(ref.device, ref.dtype)).double().cpu().numpy()
+                           for i in range(0, xs.shape[0], rows)])
+
+
+def validation_bytes(config: Any, batch: int, length: int, state_size: int) -> int:
+    """About the memory a validation run of ``batch`` sequences of ``length`` steps holds at its peak
+    (:func:`validate_stream`): per sequence step, the input in float32, its float32 magnitudes (the
+    streamer's finiteness check), its finiteness mask and float64 copies, per input feature; the streamed
+    outputs (float32, gathered, float64), the float32 and float64 forwards' outputs (sliced, then joined) and
+    their difference, per output feature; the states (float32, a few copies); and a slice of each forward
+    (:data:`FORWARD_SLICE_BYTES`). The shipped forecaster's export at batch 4096 and 4096 steps (2.0 GB by
+    this count) peaked at 4.2 GB resident, the process's own ~1 GB included: the check's margin covers it."""
+    forward = min(batch * length * config.d_model * FORWARD_BYTES, FORWARD_SLICE_BYTES)
+    return batch * _sequence_bytes(config, length, state_size) + 2 * forward
+
+
+def _sequence_bytes(config: Any, length: int, state_size: int) -> int:
+    """:func:`validation_bytes`'s share of one sequence, the forward left out."""
+    return length * (24 * config.d_input + 64 * config.d_output) + 16 * state_size
+
+
+def check_validation_memory(config: Any, batch: int, length: int, state_size: int,
+                            length_advice: str) -> None:
+    """Refuse a validation run that would need more than half this machine's memory (the rest is the
+    export's and the system's), before its input is allocated: ``--batch 1000000`` allocated 16 GB of
+    input and died in the allocator ("can't allocate memory") or ran for minutes. ``length_advice``:
+    how the caller shortens the sequences (``validation_length=N`` or a shorter validation_input). The
+    machine's physical memory, as for chunk graphs (:func:`~lrnnx_zoo.export.graph_size.physical_memory`)."""
+    from lrnnx_zoo.wording import given, name
+
+    from .graph_size import physical_memory, readable_size
+
+    memory = physical_memory()
+    need = validation_bytes(config, batch, length, state_size)
+    if memory is None or need <= memory / 2:
+        return
+    fits = int((memory / 2 - 2 * FORWARD_SLICE_BYTES) // _sequence_bytes(config, length, state_size))
+    advice = f"a smaller {name('batch')} (at most {fits} at this length)" if fits >= 1 else "a smaller batch"
+    raise ValueError(f"{given('batch', batch)} needs about {readable_size(need)} ({need:,} bytes) to validate "
+                     f"the graph on {batch} sequences of {length} steps, more than half this machine's "
+                     f"{readable_size(memory)} of memory; pass {advice}, or {length_advice}")
 
 
 def runnable_copy(model: nn.Module) -> nn.Module:

@@ -1073,3 +1073,133 @@ def test_a_failed_validation_says_whether_the_float32_model_is_as_far_off(own, s
                               batch=2, length=256, sequence="default", compared="every step",
                               forward_float32_error=own)
     assert re.search(says, str(ValidationError(report)))
+
+
+def test_export_card_tolerates_any_json_shape_in_the_recorded_dataset(tmp_path, capsys):
+    # A checkpoint recording "dataset": {..., "spec": "sunspots"} (a name string, not a dict) made
+    # `lrnnx-zoo export` crash in the card writer with "'str' object has no attribute 'get'", after
+    # the graph had been validated (a fuzzer); a resampled record with a rate of "2" or null failed
+    # its ":g" format the same way. The card is now written without the detail it cannot read.
+    from lrnnx_zoo.cli import main as cli_main
+    src = Path(lrnnx_zoo.__file__).resolve().parent.parent / "checkpoints" / "forecast-sunspots-s4d"
+    base = json.loads((src / "config.json").read_text())
+    record = base["dataset"]
+    shapes = [{"dataset": {**record, "spec": "sunspots"}}, {"dataset": {**record, "spec": {"params": 5}}},
+              {"dataset": {**record, "spec": {"params": {"target": ["delta"]}}}}, {"dataset": {**record, "spec": None}},
+              {"dataset": {"normalisation": "z", "spec": [1], "format": None}}, {"dataset": ["sunspots", 3]},
+              {"dataset": 7}, {"dataset": None}, {"resampled": {"rate": "2", "from": ["x"]}},
+              {"resampled": {"rate": None}}, {"resampled": "at rate 2"}]
+    for i, change in enumerate(shapes):
+        ckpt = tmp_path / f"ckpt{i}"
+        ckpt.mkdir()
+        for f in src.iterdir():
+            (ckpt / f.name).write_bytes(f.read_bytes())
+        (ckpt / "config.json").write_text(json.dumps({**base, **change}))
+        done = export_folder(ckpt, tmp_path / f"out{i}", latency_steps=0, validation_length=16)
+        card = (tmp_path / f"out{i}" / "README.md").read_text()
+        assert done.result.validation.passed and card.startswith("---"), change
+        if isinstance(change.get("dataset"), dict) and change["dataset"].get("normalisation") == record["normalisation"] \
+                and change["dataset"]["spec"] is not None:
+            # the record's other details stay; only a target its spec does not spell is left out
+            assert "inputs are normalised" in card and "- output: z_{t+1} - z_t (the forecast is input" in card
+    # the fuzzer's command line: exit code 0 and no traceback
+    code = cli_main(["export", str(tmp_path / "ckpt0"), "--out", str(tmp_path / "cli"), "--latency-steps", "0",
+                     "--validation-length", "16"])
+    assert code == 0 and (tmp_path / "cli" / "README.md").is_file(), capsys.readouterr().err
+
+
+def test_a_failed_reset_leaves_the_streamer_as_it_was(tmp_path, monkeypatch):
+    # reset(10**6) failing with MemoryError left the streamer half-rebound: its batch and input
+    # buffers were the new ones, its state buffers the old, and every later step was refused
+    # ("x_t must have shape (batch=1000000, ..."). The allocation here fails on one buffer, as a
+    # huge batch's would; the streamer must go on exactly as a twin that was never reset.
+    path = to_onnx(small_model("lru"), tmp_path / "m.onnx").path
+    x = np.random.default_rng(0).standard_normal((2, 6, 3)).astype(np.float32)
+    s, twin = OnnxStreamer(path), OnnxStreamer(path)
+    for streamer in (s, twin):
+        streamer.reset(2)
+        streamer.run(x[:, :3])
+    with monkeypatch.context() as m:
+        def no_memory(*args, **kwargs):
+            raise MemoryError("Unable to allocate")
+        m.setattr(np, "empty_like", no_memory)
+        with pytest.raises(MemoryError):
+            s.reset(10 ** 6)
+    assert s.batch == 2 and s.steps == twin.steps == 3 and np.array_equal(s.state, twin.state)
+    for t in range(3, 6):                             # exact: the same graph, state and inputs
+        assert np.array_equal(s.step(x[:, t]), twin.step(x[:, t]))
+    assert np.array_equal(s.state, twin.state) and s.run(x).shape == (2, 6, 4)
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_a_fixed_batch_torch_export_program_refuses_another_batch_clearly(tmp_path, chunk):
+    # load_torch_export's wrapper passed a batch of 3 to a program fixed to batch 2, which failed with
+    # torch's bare "AssertionError: Guard failed: x.size()[0] == 2"; the README says it runs the ONNX
+    # streamer's checks, which refuse another batch and say to re-export without a fixed batch.
+    res = to_torch_export(small_model("lru"), tmp_path / "fb.pt2", batch=2, chunk=chunk)
+    p = load_torch_export(res.path)
+    steps = () if chunk is None else (chunk,)
+    advice = (r"this graph is exported for batch=2; re-export it without a fixed batch "
+              r"\(to_torch_export\(\.\.\., batch=None\)\) to stream 3")
+    with pytest.raises(ValueError, match=r"x must have shape \(batch=2, \.\.\.\), got \[3, .*\]; " + advice):
+        p(torch.zeros(3, *steps, 3), torch.zeros(3, res.state_size))
+    with pytest.raises(ValueError, match=advice):
+        p(x=torch.zeros(3, *steps, 3), state=torch.zeros(3, res.state_size))
+    y, state = p(torch.zeros(2, *steps, 3), torch.zeros(2, res.state_size))      # its own batch still runs
+    assert y.shape == (2, *steps, 4) and state.shape == (2, res.state_size)
+    dynamic = load_torch_export(to_torch_export(small_model("lru"), tmp_path / "d.pt2", chunk=chunk).path)
+    assert dynamic(torch.zeros(3, *steps, 3), torch.zeros(3, res.state_size))[0].shape == (3, *steps, 4)
+
+
+def test_a_batch_too_large_to_validate_is_refused_before_it_is_allocated(tmp_path, monkeypatch, capsys):
+    # `lrnnx-zoo export forecast-sunspots-s4d --out o --batch 1000000` allocated its 16 GB validation
+    # input unchecked and died in the allocator ("DefaultCPUAllocator: can't allocate memory") or ran
+    # for minutes. Now refused up front against the machine's memory (here set to 8 GB), naming the
+    # flag, the estimate and what fits; a batch of 4096 at the default length (about 1 GB) still passes.
+    from lrnnx_zoo.cli import main as cli_main
+    from lrnnx_zoo.export import folder, graph_size, validate
+
+    def allocated(*args, **kwargs):
+        raise AssertionError("the validation input was allocated before the check")
+    monkeypatch.setattr(graph_size, "physical_memory", lambda: 8 * 10 ** 9)
+    monkeypatch.setattr(folder, "default_sequence", allocated)
+    with pytest.raises(ValueError, match=r"^batch=1000000 needs about [\d.]+ GB \([\d,]+ bytes\) to validate the "
+                                         r"graph on 1000000 sequences of 4096 steps, more than half this machine's "
+                                         r"8000 MB of memory; pass a smaller batch \(at most \d+ at this length\), "
+                                         r"or a shorter validation_length \(now 4096\)$"):
+        export_folder("forecast-sunspots-s4d", tmp_path / "o", batch=10 ** 6, latency_steps=0)
+    code = cli_main(["export", "forecast-sunspots-s4d", "--out", str(tmp_path / "cli"), "--batch", "1000000"])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(r"--batch 1000000 needs about .*; pass a smaller --batch \(at most (\d+) at "
+                                   r"this length\), or a shorter --validation-length \(now 4096\)$", err.strip()), err
+    fits = int(re.search(r"at most (\d+)", err).group(1))
+    model = lrnnx_zoo.from_pretrained("forecast-sunspots-s4d")
+    state_size = build_step_module(model).state_size
+    validate.check_validation_memory(model.config, fits, 4096, state_size, "")          # the advice holds
+    with pytest.raises(ValueError):
+        validate.check_validation_memory(model.config, fits + 1, 4096, state_size, "")
+    for batch in (1, 64, 4096):
+        validate.check_validation_memory(model.config, batch, 4096, state_size, "")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "cli").exists()
+
+
+def test_int8_is_checked_on_several_sequences_and_says_when_it_is_larger(tmp_path):
+    # The int8 check ran on the validation input alone: this LRU model's int8 graph was 0.068 from the
+    # float64 model there (tolerance 0.0945, 5% of its largest float output) and was written, while on
+    # three fresh N(0,1) inputs of the same shape it was 0.069, 0.119 and 0.144 off (a fuzzer). It is now
+    # held to the tolerance on 6 more independent sequences too, and refused. Its int8 file was larger
+    # than the float one (7,776 vs 6,751 bytes), silently; the result now says so.
+    torch.manual_seed(200017)
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(
+        layer="lru", d_input=3, d_output=5, d_model=5, n_layers=3, post="none",
+        layer_kwargs={"d_state": 4, "r_min": 0.9, "r_max": 0.9999, "max_phase": 1.0})).eval()
+    with pytest.raises(ValidationError, match=r"onnxruntime-int8 .* batch 8, length 256"):
+        to_onnx(model, tmp_path / "q.onnx", quantize="int8", batch=2)
+    assert not (tmp_path / "q.onnx").exists()
+    res = to_onnx(model, tmp_path / "q.onnx", quantize="int8", batch=2, validate=False)
+    q = res.quantization
+    assert q["sequences"] == 8 and q["max_abs_error"] > q["tolerance"]
+    assert q["int8_bytes"] > q["float_bytes"]
+    larger = f"the int8 graph is larger than the float32 one ({q['int8_bytes']:,} vs {q['float_bytes']:,} bytes)"
+    assert any(w.startswith("warning: " + larger) for w in res.warnings)
+    assert larger in res.summary()
