@@ -460,8 +460,16 @@ def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: O
                               f"and the Hub at {constants.ENDPOINT} could not be reached ({exc.__cause__ or exc}; "
                               f"each wait for a connection or an answer is at most {hub_timeout():g} s, set by HF_HUB_ETAG_TIMEOUT); "
                               "check the name, or your connection / HF_ENDPOINT") from exc
+    except CheckpointError:         # our own hooks' (unsafe ids, a trickle): already worded
+        raise
     except HfHubHTTPError as exc:   # huggingface_hub re-raises a 401 as it came
         raise CheckpointError(f"could not download {repo_id!r}: {_refusal(exc, repo_id)}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        # an answer no Hub gives: a captive portal's HTML page (JSONDecodeError), a listing without
+        # "path" (KeyError), a size in the terabytes (huggingface_hub's "install hf_xet" ValueError)
+        raise CheckpointError(f"could not download {repo_id!r}: the server at {constants.ENDPOINT} answered "
+                              f"something a Hub does not send ({unexpected_answer(exc)}); nothing was loaded. "
+                              f"Check HF_ENDPOINT, or a proxy or captive portal between you and the Hub") from exc
     except HTTPError as exc:        # the transport's own: a connection dropped mid-request or mid-download
         raise CheckpointError(f"could not download {repo_id!r}: the connection to the Hub at {constants.ENDPOINT} "
                               f"failed ({type(exc).__name__}: {exc}); nothing was loaded. Try again, or check your "
@@ -477,6 +485,12 @@ def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: O
         fix = "set HF_HUB_CACHE to a writable folder" if in_command_line() else ("pass cache_dir= a writable "
                                                                                   "folder, or set HF_HUB_CACHE")
         raise CheckpointError(f"cannot use the Hub cache at {cache} to download {repo_id!r} ({exc}); {fix}") from exc
+
+
+def unexpected_answer(exc: BaseException) -> str:
+    """An exception from reading a malformed Hub answer, in one short line."""
+    said = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {said[:200]}" if said else type(exc).__name__
 
 
 def _cache_writable(cache: Path) -> bool:

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Union
 from . import __version__
 from .folder_swap import replaced_folder
 from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
-                  MAX_CONFIG_BYTES, CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout, loadable_source, path_trouble,
-                  STATE_DIGEST_KEY, library_field, peek_config, shipped_checkpoints, state_digest,
-                  weights_changed)
+                  MAX_CONFIG_BYTES, CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout,
+                  loadable_source, path_trouble, STATE_DIGEST_KEY, library_field, peek_config, shipped_checkpoints,
+                  state_digest, unexpected_answer, weights_changed)
 from .registry import extra_plugins, get_registry, layer_owners
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
@@ -281,6 +281,11 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
             f"could not {where}: the Hub could not be reached ({type(exc).__name__}: {exc}; each request waits "
             f"at most {hub_timeout():g} s, set by HF_HUB_ETAG_TIMEOUT); check your connection, or HF_ENDPOINT. "
             f"{kept_sentence(kept)}") from exc
+    except (json.JSONDecodeError, KeyError) as exc:
+        # an answer no Hub gives: an HTML page for a commit (a captive portal), a 409 without a body
+        raise HubPublishError(f"could not {where}: the server answered something a Hub does not send "
+                              f"({unexpected_answer(exc)}); check HF_ENDPOINT, or a proxy or captive portal "
+                              f"between you and the Hub. {kept_sentence(kept)}") from exc
 
 
 def check_repo_id(repo_id: Any, what: str = "repo_id") -> None:

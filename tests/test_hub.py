@@ -1458,3 +1458,40 @@ def test_a_custom_hub_client_loads(local_hub, tmp_path, monkeypatch):
         set_client_factory(original)
     x = torch.randn(1, 8, model.config.d_input)
     assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("answer", ["html", "listing"])
+def test_answers_no_hub_gives_are_one_checkpoint_error(local_hub, tmp_path, monkeypatch, capsys, answer):
+    # Session 28 (a Hub fuzzer): a captive portal's HTML page for every API call escaped as
+    # JSONDecodeError ("lrnnx-zoo info: Expecting value: line 1 column 1"), a tree listing without
+    # "path" as KeyError: 'path' (a traceback from `lrnnx-zoo info` and `evaluate`).
+    import hub_server
+    from lrnnx_zoo.cli import main as cli_main
+    local_hub.commit("acme/tiny", _files(tiny("s4d").save_pretrained(tmp_path / "m")))
+    send_json = hub_server._Handler._send_json
+
+    def odd_json(self, data, *args, **kwargs):
+        if answer == "html":
+            return self._send(200, b"<html>Sign in to the network</html>", None, "text/html")
+        if isinstance(data, list):                          # a tree listing
+            data = [{k: v for k, v in entry.items() if k != "path"} for entry in data]
+        return send_json(self, data, *args, **kwargs)
+    monkeypatch.setattr(hub_server._Handler, "_send_json", odd_json)
+    with pytest.raises(CheckpointError, match=r"could not download 'acme/tiny': the server at .* answered something a "
+                                              r"Hub does not send \((JSONDecodeError|KeyError): .*\); nothing was "
+                                              r"loaded. Check HF_ENDPOINT"):
+        from_pretrained("acme/tiny")
+    assert cli_main(["info", "acme/tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "answered something a Hub does not send" in err
+
+
+def test_a_publish_answered_by_a_non_hub_is_a_hub_publish_error(local_hub, tmp_path, monkeypatch):
+    import hub_server
+    from lrnnx_zoo.hub_save import HubPublishError
+
+    def portal(self, *args, **kwargs):
+        return self._send(200, b"<html>Sign in to the network</html>", None, "text/html")
+    monkeypatch.setattr(hub_server._Handler, "_send_json", portal)
+    with pytest.raises(HubPublishError, match=r"the server answered something a Hub does not send \(JSONDecodeError"):
+        tiny("s4d").push_to_hub("acme/published")
