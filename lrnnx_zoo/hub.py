@@ -361,6 +361,7 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
     _check_size(repo_id, CONFIG_NAME, sizes, MAX_CONFIG_BYTES, "a config")
     folder = _fetch(repo_id, revision, [CONFIG_NAME], cache_dir, local_files_only, token, shipped)
     commit = folder.name if len(folder.name) == 40 else None
+    folder = _fetch_whole(folder, [CONFIG_NAME], sizes, repo_id, commit or revision, cache_dir, token, shipped)
     _check_snapshot(folder, [CONFIG_NAME], repo_id, commit or revision, local_files_only, token)
     config = read_config(folder, need_weights=False)
     if online:
@@ -372,6 +373,7 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
             _check_size(repo_id, CARD_NAME, sizes, MAX_CARD_BYTES, "a model card")
         rest = [WEIGHTS_NAME] + card if need_weights else card
         folder = _fetch(repo_id, commit or revision, rest, cache_dir, local_files_only, token, shipped)
+        folder = _fetch_whole(folder, rest, sizes, repo_id, commit or revision, cache_dir, token, shipped)
     if need_weights:
         _check_snapshot(folder, [CONFIG_NAME, WEIGHTS_NAME], repo_id, commit or revision, local_files_only, token)
     source = {"type": "hub", "repo_id": repo_id, "revision": revision or "main", "commit": commit,
@@ -417,8 +419,28 @@ def _check_size(repo_id: str, name: str, sizes: Dict[str, int], limit: Optional[
                               f"({limit / 1e6:.3g} MB at most); it was not downloaded")
 
 
+def _fetch_whole(folder: Path, files: List[str], sizes: Dict[str, int], repo_id: str, revision: Optional[str],
+                 cache_dir: Optional[PathLike], token: Optional[Union[str, bool]], shipped: List[str]) -> Path:
+    """``folder`` once every one of ``files`` in it has the size the repo's listing gives (``sizes``):
+    a file that does not is downloaded again, once. A body cut short with a matching Content-Length
+    passed huggingface_hub's checks and stayed in the cache, so every later load failed on the
+    truncated file, also after the server was fixed."""
+    def short() -> List[str]:
+        return [f for f in files if f in sizes and (folder / f).is_file() and (folder / f).stat().st_size != sizes[f]]
+    if not short():
+        return folder
+    folder = _fetch(repo_id, revision, short(), cache_dir, False, token, shipped, force=True)
+    still = short()
+    if still:
+        got = ", ".join(f"{f}: {(folder / f).stat().st_size:,} bytes, listed as {sizes[f]:,}" for f in still)
+        raise CheckpointError(f"could not download {repo_id!r}: the Hub at its endpoint sent files of other sizes than "
+                              f"its listing gives, twice ({got}); nothing was loaded. Try again, or check HF_ENDPOINT "
+                              f"(a mirror or proxy)")
+    return folder
+
+
 def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: Optional[PathLike],
-           local_files_only: bool, token: Optional[Union[str, bool]], shipped: List[str]) -> Path:
+           local_files_only: bool, token: Optional[Union[str, bool]], shipped: List[str], force: bool = False) -> Path:
     """The cache's snapshot folder of ``repo_id`` at ``revision``, with those of ``files`` the repo
     holds downloaded into it; huggingface_hub's errors become CheckpointErrors that say what to do."""
     from huggingface_hub import constants, snapshot_download
@@ -429,6 +451,7 @@ def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: O
         with bounded_hub_requests() as seconds:
             return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
                                           local_files_only=local_files_only, allow_patterns=files,
+                                          force_download=force,
                                           library_name=LIBRARY, library_version=__version__,
                                           etag_timeout=seconds))
     except GatedRepoError as exc:       # a RepositoryNotFoundError too, but the repo is there
