@@ -137,6 +137,8 @@ class PluginInfo:
     #: What it registered that nothing will look up (an initializer of a layer no plugin has, a backend
     #: of a kind no layer asks for): loaded, but likely a typo (``lrnnx-zoo plugins`` shows these).
     notes: List[str] = field(default_factory=list)
+    #: Why it was loaded under "distribution:name" (an entry point name another distribution has too).
+    renamed: Optional[str] = None
 
     @property
     def ok(self) -> bool:
@@ -332,7 +334,7 @@ class Registry:
         for (kind, _), entries in self._backends.items():
             kinds_by.setdefault(kind, set()).update(e.plugin for e in entries)
         for info in self.plugins.values():
-            info.notes = []
+            info.notes = [info.renamed] if info.renamed else []
         for (layer, name), entries in sorted(self._initializers.items()):
             if layer not in self._layers:
                 for e in entries:
@@ -399,25 +401,29 @@ def _discover(registry: Registry, pm: pluggy.PluginManager) -> None:
         if not builtin and not autoload:
             continue
         info = PluginInfo(ep.name, ep.value, dist_name, getattr(dist, "version", None) if dist else None, builtin)
+        clash = None
         if ep.name in seen:
             if seen[ep.name] == dist_name:          # the same distribution seen twice on sys.path
                 continue
+            # Loaded under its distribution's name: refused, one of two plugins of one name lost its
+            # layers, and which one depended on the order of sys.path
+            clash = (f"entry point name {ep.name!r} of {dist_name or 'an unknown distribution'} is also "
+                     f"{seen[ep.name]}'s, so this plugin is loaded as {dist_name}:{ep.name}; rename the entry point "
+                     f"in [project.entry-points.{ENTRY_POINT_GROUP}] of {dist_name or 'that distribution'} to give it a "
+                     f"name of its own")
             info.name = f"{dist_name}:{ep.name}"
-            registry.plugins[info.name] = info
-            info.error = (f"entry point name {ep.name!r} of {dist_name or 'an unknown distribution'} is already "
-                          f"taken by {seen[ep.name]}; plugin names must be unique: rename the entry point in "
-                          f"[project.entry-points.{ENTRY_POINT_GROUP}] of {dist_name or 'that distribution'}")
-            continue
-        seen[ep.name] = dist_name or "?"
+        else:
+            seen[ep.name] = dist_name or "?"
         try:
             plugin = ep.load()
         except KeyboardInterrupt:
             raise
         except PLUGIN_FAILURES as exc:
-            registry.plugins[ep.name] = info
+            registry.plugins[info.name] = info
             info.error = f"could not import {ep.value!r} from {dist_name or 'an unknown distribution'}: " \
                          f"{type(exc).__name__}: {exc}{_way_out(info, exc)}"
             continue
+        info.renamed = clash
         registry.load_plugin(plugin, info, pm)
     for name, module in _BUILTIN_FALLBACK.items():
         if name in seen:
