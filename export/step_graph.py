@@ -221,6 +221,7 @@ def state_from_cache(model: SequenceModel, cache: Dict[str, Any]) -> Tensor:
     to float32 rounding), so a state is never read in another layout. :func:`cache_from_state`
     goes the other way.
     """
+    _check_model(model, "state_from_cache")
     _check_cache_layout(model, cache, "state_from_cache")
     parts = [layer_cache["lrnn_state"] for layer_cache in cache["layers"]]
     if model.config.pooling == "mean":
@@ -247,6 +248,7 @@ def cache_from_state(model: SequenceModel, state: Any) -> Dict[str, Any]:
     :func:`state_from_cache` does. The packed state is float32: a float64 model's stream comes
     back with its state rounded to float32.
     """
+    _check_model(model, "cache_from_state")
     if not isinstance(state, Tensor):
         try:
             state = torch.as_tensor(state)
@@ -284,6 +286,14 @@ def _graph_form(layer: nn.Module, index: int, d_model: int) -> nn.Module:
     """The float32 step form a step graph holds for blocks.{index}.layer."""
     with step_form_dtype(torch.float32):
         return _layer_step_form(layer, index, d_model)
+
+
+def _check_model(model: Any, who: str) -> None:
+    """A TypeError unless ``model`` is a SequenceModel: a checkpoint's name or a cache given first failed
+    with "'str' object has no attribute '__dict__'", and None as "a cache made by another model"."""
+    if not isinstance(model, SequenceModel):
+        raise TypeError(f"{who} expects the SequenceModel the stream belongs to (load a checkpoint with "
+                        f"lrnnx_zoo.from_pretrained first), got {type(model).__name__}")
 
 
 def _check_cache_layout(model: SequenceModel, cache: Dict[str, Any], who: str,

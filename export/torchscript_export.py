@@ -78,7 +78,12 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
     runs), or torch.jit.load, which compiles the archive's code: metadata of a file from anywhere
     is now safe to read, and costs no model load.
     """
-    with zipfile.ZipFile(path) as archive:
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:      # it escaped as zipfile's own "File is not a zip file"
+        raise ValueError(f"{path} is not a zip archive: expected a .ts or .pt2 step graph written by lrnnx_zoo.export "
+                         f"(to_torchscript / to_torch_export)") from None
+    with archive:
         entries = [n for n in archive.namelist() if n.partition("/")[2] == f"extra/{METADATA_FILE}"]
         if not entries:
             raise ValueError(f"{path} holds no extra/{METADATA_FILE}: expected a .ts or .pt2 step graph written by "

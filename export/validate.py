@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo.base import HALF_DTYPES, reference_tensor
+from lrnnx_zoo.models import ModelConfig
 
 DEFAULT_LENGTH = 256
 DEFAULT_BATCH = 2
@@ -179,6 +180,8 @@ def validate_stream(stream: StreamFn, model: nn.Module, x: Optional[Tensor] = No
     Returns:
         the :class:`ValidationReport`.
     """
+    if not isinstance(getattr(model, "config", None), ModelConfig):     # (stream, x) swapped: 'Tensor' ... 'config'
+        raise TypeError(f"validate_stream expects the source SequenceModel as model, got {type(model).__name__}")
     cfg = model.config
     # A negative or NaN tolerance failed every graph as "disagrees with the PyTorch model".
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < float("inf"):

@@ -1203,3 +1203,26 @@ def test_int8_is_checked_on_several_sequences_and_says_when_it_is_larger(tmp_pat
     larger = f"the int8 graph is larger than the float32 one ({q['int8_bytes']:,} vs {q['float_bytes']:,} bytes)"
     assert any(w.startswith("warning: " + larger) for w in res.warnings)
     assert larger in res.summary()
+
+
+def test_export_helpers_given_the_wrong_kind_of_argument_say_what_they_expect(tmp_path):
+    # Session 28 (an API fuzzer): a checkpoint's name for the model failed with "'str' object has no
+    # attribute '__dict__'", None as "a cache made by another model", a tensor for the model in
+    # validate_stream with "'Tensor' object has no attribute 'config'", and a file that is no archive
+    # with zipfile's "File is not a zip file".
+    from lrnnx_zoo.export import cache_from_state, state_from_cache
+    from lrnnx_zoo.export.validate import validate_stream as check
+    model = small_model("s4d")
+    _, cache = model.prefill(torch.randn(2, 5, 3))
+    for who, call in (("state_from_cache", lambda m: state_from_cache(m, cache)),
+                      ("cache_from_state", lambda m: cache_from_state(m, torch.zeros(2, 4)))):
+        for wrong in ("digits-lru", None):
+            with pytest.raises(TypeError, match=rf"^{who} expects the SequenceModel the stream belongs to .*got "
+                                                rf"{type(wrong).__name__}$"):
+                call(wrong)
+    with pytest.raises(TypeError, match=r"validate_stream expects the source SequenceModel as model, got Tensor"):
+        check(lambda x: x, torch.randn(2, 16, 3))
+    junk = tmp_path / "junk.pt2"
+    junk.write_bytes(b"not an archive")
+    with pytest.raises(ValueError, match=r"junk.pt2 is not a zip archive: expected a .ts or .pt2 step graph"):
+        load_torch_export(junk)
