@@ -183,9 +183,13 @@ class Registry:
         if not callable(value):
             raise PluginError(f"{label}: expected a callable, got {value!r}")
         for part in parts:            # each given name, whatever its type (an int one failed iterating it)
-            if not isinstance(part, str) or not part or ":" in part:
+            # no whitespace or control characters either: ' s4d ' listed like the built-in s4d, and a
+            # newline broke `lrnnx-zoo layers`' one name per line
+            if not isinstance(part, str) or not part or ":" in part or any(c.isspace() or not c.isprintable()
+                                                                           for c in part):
                 raise PluginError(f"{what} names must be non-empty strings without ':' (reserved for "
-                                  f"'<plugin>:<name>' lookups), got {part!r} in {label!r}")
+                                  f"'<plugin>:<name>' lookups), spaces or control characters, got {part!r} in "
+                                  f"{label!r}")
         plugin = self._current.name if self._current else "<direct>"
         if any(e.plugin == plugin for e in table.get(key, [])):
             # else a clash with itself: no '<plugin>:<name>' could pick one of the two

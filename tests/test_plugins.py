@@ -649,8 +649,10 @@ def test_a_name_registered_twice_by_one_plugin_is_refused_when_it_loads():
     assert "twice" not in lrnnx_zoo.list_layers()
 
 
-@pytest.mark.parametrize("bad", [123, None, ("a", "b")])
+@pytest.mark.parametrize("bad", [123, None, ("a", "b"), " s4d ", "bad\nlayer", "tab\tname", "bell\x07"])
 def test_a_name_that_is_no_string_gets_the_names_message(bad):
+    # session 28 (a plugin fuzzer): ' s4d ' was accepted and listed like the built-in s4d, and a name
+    # with a newline broke `lrnnx-zoo layers`' one name per line
     from lrnnx_zoo.plugins.s4d import S4D
 
     @lrnnx_zoo.hookimpl
