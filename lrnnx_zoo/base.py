@@ -339,6 +339,23 @@ def check_sizes(who: str, **sizes: Any) -> Tuple[int, ...]:
     return tuple(out)
 
 
+#: The most elements one tensor a layer's sizes describe may hold (4 GB in float32), checked before
+#: it is built: d_model=1 << 40 or l_max=1 << 40 reached the allocator ("you tried to allocate
+#: 140737488355328 bytes"), and d_model = d_state = 65536 tried 34 GB. ModelConfig has its own budget.
+MAX_TENSOR_ELEMENTS = 10 ** 9
+
+
+def check_size_product(who: str, **sizes: int) -> None:
+    """Raise a ValueError naming ``who`` and the sizes when their product, the element count of one
+    tensor the layer builds (d_model x d_state, l_max x d_model x channels), exceeds
+    :data:`MAX_TENSOR_ELEMENTS`."""
+    count = math.prod(sizes.values())
+    if count > MAX_TENSOR_ELEMENTS:
+        shown = ", ".join(f"{k}={v}" for k, v in sizes.items())
+        raise ValueError(f"{who} sizes {shown} describe a tensor of {count:.3g} elements, more than the "
+                         f"{MAX_TENSOR_ELEMENTS:.0e} a layer builds; check these sizes")
+
+
 def check_flags(who: str, **flags: Any) -> None:
     """Raise a TypeError naming ``who`` unless every flag is a bool. Any other value was read for
     its truth, so bidirectional="no" (or "False") silently built a non-causal layer."""

@@ -38,8 +38,8 @@ from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import (LTI_LRNN, check_dense, check_flags, check_floating, check_not_traced, check_parameters_for,
-                            check_probability, check_sizes, current_form, float32_under_autocast, lasting_tensors, mask_lengths_of_one_stream, mask_padding,
-                            needs_autograd, ordinary_tensor, parameter_dtype, refuse_torchscript, tensor_attributes,
+                            check_probability, check_size_product, check_sizes, current_form, float32_under_autocast,
+                            lasting_tensors, mask_lengths_of_one_stream, mask_padding, needs_autograd, ordinary_tensor, parameter_dtype, refuse_torchscript, tensor_attributes,
                             weights_and_versions)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
                                    channels_last_conv, circular_conv, conv_size, kernel_taps, reversed_spectrum,
@@ -156,6 +156,7 @@ class FFTConvS4(nn.Module):
                     bidirectional=bidirectional)
         if l_max is not None:
             l_max, = check_sizes("FFTConvS4", l_max=l_max)
+            check_size_product("FFTConvS4", l_max=l_max, d_model=d_model, channels=channels)
         check_probability("FFTConvS4", "dropout", dropout)
         check_probability("FFTConvS4", "drop_kernel", drop_kernel)
         self.d_model, self.H, self.L, self.channels = d_model, d_model, l_max, channels
@@ -472,6 +473,7 @@ class FFTConvLayer(LTI_LRNN):
                  bidirectional: bool = False, l_max: Optional[int] = None, **kernel_args: Any) -> None:
         super().__init__(None)
         d_model, d_state = check_sizes("fftconv", d_model=d_model, d_state=d_state)   # FFTConvS4 checks channels
+        check_size_product("fftconv", d_model=d_model, d_state=d_state)
         check_flags("fftconv", bidirectional=bidirectional)     # before FFTConvS4 would name itself
         self.d_model, self.d_state, self.bidirectional = d_model, d_state, bidirectional
         self.conv = FFTConvS4(d_model, l_max=l_max, channels=channels, transposed=False, kernel_type=kernel_type,

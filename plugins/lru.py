@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import (LTI_LRNN, check_reals, check_sizes, forward_ad_active, func_transforms_active, mask_padding,
+from lrnnx_zoo.base import (LTI_LRNN, check_reals, check_size_product, check_sizes, forward_ad_active,
+                            func_transforms_active, mask_padding,
                             ordinary_tensor, parameter_dtype, right_aligned)
 from lrnnx_zoo.discretization import principal_log, zoh_resample_diag
 from lrnnx_zoo.modal import ChannelModalKernel, final_state, modal_auto, modal_fft, modal_scan, powers
@@ -126,6 +127,7 @@ class LRU(LTI_LRNN):
                  max_phase: float = 2 * math.pi, init: str = "ring", backend: str = "auto") -> None:
         super().__init__("no_discretization")
         d_model, d_state = check_sizes("LRU", d_model=d_model, d_state=d_state)
+        check_size_product("LRU", d_model=d_model, d_state=d_state)
         check_ring("LRU", r_min, r_max, max_phase)
         self.d_model, self.d_state = d_model, d_state
         self.r_min, self.r_max, self.max_phase = r_min, r_max, max_phase
@@ -264,6 +266,7 @@ class LRUKernel(ChannelModalKernel):
                  backend: str = "auto") -> None:
         super().__init__()
         d_model, d_state, channels = check_sizes("LRUKernel", d_model=d_model, d_state=d_state, channels=channels)
+        check_size_product("LRUKernel", d_model=d_model, d_state=d_state, channels=channels)
         check_ring("LRUKernel", r_min, r_max, max_phase)
         self.d_model, self.d_state, self.channels, self.backend = d_model, d_state, channels, backend
         get_backend("vandermonde", backend)  # unknown names fail here, listing the valid ones

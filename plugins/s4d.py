@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, check_reals, check_sizes, mask_padding, needs_autograd, parameter_dtype
+from lrnnx_zoo.base import LTI_LRNN, check_reals, check_size_product, check_sizes, mask_padding, needs_autograd, parameter_dtype
 from lrnnx_zoo.convolution import blocked_channel_conv, channels_last_conv, conv_size
 from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vandermonde_torch
 from lrnnx_zoo.modal import ChannelModalKernel
@@ -87,6 +87,7 @@ class S4DKernel(ChannelModalKernel):
                  backend: str = "auto") -> None:
         super().__init__()
         d_model, d_state, channels = check_sizes("S4DKernel", d_model=d_model, d_state=d_state, channels=channels)
+        check_size_product("S4DKernel", d_model=d_model, d_state=d_state, channels=channels)
         check_reals("S4DKernel", dt_min=dt_min, dt_max=dt_max)
         if discretization not in ("zoh", "bilinear"):
             raise ValueError(f"S4D supports discretization 'zoh' or 'bilinear', got {discretization!r}")
@@ -162,6 +163,7 @@ class S4D(LTI_LRNN):
             raise ValueError(f"S4D supports discretization 'zoh' or 'bilinear', got {discretization!r}")
         super().__init__(discretization)
         d_model, d_state = check_sizes("S4D", d_model=d_model, d_state=d_state)   # name the layer, not its S4DKernel
+        check_size_product("S4D", d_model=d_model, d_state=d_state)
         check_reals("S4D", dt_min=dt_min, dt_max=dt_max)
         self.d_model, self.d_state = d_model, d_state
         self.kernel = S4DKernel(d_model, d_state, 1, init, discretization, dt_min, dt_max, backend)

@@ -341,3 +341,18 @@ def test_step_and_cache_refuse_keywords_they_would_ignore(name):
         layer.allocate_inference_cache(2, max_seqlen=-5)
     y, _ = layer.step(torch.randn(2, 4), layer.allocate_inference_cache(2, 100))    # max_seqlen unused, as before
     assert y.shape == (2, 4)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: lrnnx_zoo.create_layer("s4", 4, d_state=8, l_max=1 << 40), r"^S4Layer sizes l_max=1099511627776, d_model=4"),
+    (lambda: lrnnx_zoo.create_layer("s4d", 1 << 16, d_state=1 << 16), r"^S4D sizes d_model=65536, d_state=65536"),
+    (lambda: lrnnx_zoo.create_layer("lru", 1 << 40, d_state=4), r"^LRU sizes d_model=1099511627776, d_state=4"),
+    (lambda: lrnnx_zoo.create_layer("fftconv", 4, d_state=4, l_max=1 << 40), r"^FFTConvS4 sizes l_max=1099511627776"),
+    (lambda: S4(4, d_state=8, l_max=1 << 40), r"^S4 sizes l_max=1099511627776, d_model=4, channels=1"),
+])
+def test_sizes_that_describe_a_tensor_too_large_are_refused_before_building(build, message):
+    # Session 28 (an API fuzzer): built directly (not through ModelConfig's budget), these reached the
+    # allocator ("you tried to allocate 140737488355328 bytes"), or tried 34 GB.
+    with pytest.raises(ValueError, match=message + r".* describe a tensor of [\d.e+]+ elements, more than the 1e\+09 "
+                                               r"a layer builds; check these sizes$"):
+        build()

@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hippo
-from lrnnx_zoo.base import (apply_function, check_flags, check_reals, check_sizes, forward_ad_active,
-                            func_transforms_active, jvp_variant, needs_autograd, parameter_dtype)
+from lrnnx_zoo.base import (apply_function, check_flags, check_reals, check_size_product, check_sizes,
+                            forward_ad_active, func_transforms_active, jvp_variant, needs_autograd, parameter_dtype)
 from lrnnx_zoo.optim import check_optim_values, grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
 from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, in_graph_operator, keeping_stored_state, passed_state_dtype
@@ -978,6 +978,7 @@ class HippoSSKernel(SSKernelNPLR):
             raise ValueError(f"HippoSSKernel supports mode='nplr' only, got {mode!r}; for diagonal kernels use the "
                              f"S4D family (create_layer('s4d', ...) or kernel_type='s4d')")
         H, N, channels = check_sizes("HippoSSKernel", H=H, N=N, channels=channels)
+        check_size_product("HippoSSKernel", H=H, N=N, channels=channels)
         rank = hippo.default_rank(measure) if rank is None else rank
         rank, = check_sizes(type(self).__name__, rank=rank)     # a float rank failed inside torch.zeros
         if rank > max(N, MAX_SMALL_RANK):
@@ -989,6 +990,7 @@ class HippoSSKernel(SSKernelNPLR):
                              f"modes), got rank={rank}")
         if L is not None:
             L, = check_sizes("HippoSSKernel", L=L)
+            check_size_product("HippoSSKernel", L=L, H=H, channels=channels)
         check_state_pairs(type(self).__name__, "d_state" if isinstance(self, S4Kernel) else "N", N)
         check_reals(type(self).__name__, dt_min=dt_min, dt_max=dt_max)
         if not 0 < dt_min <= dt_max:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo.base import (LTI_LRNN, check_dense, check_device, check_flags, check_floating, check_not_traced, check_probability,
-                            check_reals, check_sizes, float32_under_autocast, mask_lengths_of_one_stream, mask_padding,
+                            check_reals, check_size_product, check_sizes, float32_under_autocast, mask_lengths_of_one_stream, mask_padding,
                             needs_autograd, ordinary_tensor, parameter_dtype, refuse_torchscript)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
                                    channels_last_conv, circular_conv, fast_fft_size, kernel_taps, reversed_spectrum,
@@ -106,6 +106,7 @@ class S4(nn.Module):
                  initializer: Optional[str] = None, weight_norm: bool = False, **kernel_args: Any) -> None:
         super().__init__()
         d_model, d_state, channels = check_sizes("S4", d_model=d_model, d_state=d_state, channels=channels)
+        check_size_product("S4", d_model=d_model, d_state=d_state, channels=channels)
         check_flags("S4", bidirectional=bidirectional, transposed=transposed, tie_dropout=tie_dropout,
                     weight_norm=weight_norm)
         check_probability("S4", "dropout", dropout)
@@ -114,6 +115,7 @@ class S4(nn.Module):
         check_state_pairs("S4", "d_state", d_state)
         if l_max is not None:
             l_max, = check_sizes("S4", l_max=l_max)
+            check_size_product("S4", l_max=l_max, d_model=d_model, channels=channels)
         self.h, self.n, self.L, self.channels = d_model, d_state, l_max, channels
         self.bidirectional, self.transposed = bidirectional, transposed
         self.D = nn.Parameter(torch.randn(channels, d_model, dtype=parameter_dtype()))
@@ -287,11 +289,13 @@ class S4Layer(LTI_LRNN):
                  trainable: Any = None, lr: Any = None, wd: Any = 0.0, measure_args: Optional[Dict[str, Any]] = None,
                  n_ssm: Optional[int] = None) -> None:
         d_model, d_state = check_sizes("S4Layer", d_model=d_model, d_state=d_state)
+        check_size_product("S4Layer", d_model=d_model, d_state=d_state)
         check_flags("S4Layer", bidirectional=bidirectional)
         check_reals("S4Layer", dt_min=dt_min, dt_max=dt_max)
         check_state_pairs("S4Layer", "d_state", d_state)
         if l_max is not None:
             l_max, = check_sizes("S4Layer", l_max=l_max)
+            check_size_product("S4Layer", l_max=l_max, d_model=d_model)
         if discretization not in ("bilinear", "zoh"):
             raise ValueError(f"S4 supports discretization 'bilinear' or 'zoh', got {discretization!r}")
         super().__init__(discretization)
