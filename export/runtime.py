@@ -61,8 +61,18 @@ def _to_numpy(x: ArrayLike, what: str) -> np.ndarray:
         if str(x.dtype) == "torch.bfloat16":   # numpy has no bfloat16: .numpy() raised "unsupported ScalarType"
             x = x.float()
         x = x.numpy()
+    if isinstance(x, np.ma.MaskedArray):
+        # step() streamed the values under the mask, run() called them too large for float32
+        if np.ma.getmaskarray(x).any():
+            raise ValueError(f"{what} is a masked array with masked values; the graph has no mask: fill them "
+                             f"(x.filled(0.0)) or stream each sequence's valid steps only")
+        x = x.data
     if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
+        try:
+            x = np.asarray(x)
+        except ValueError as exc:       # a ragged list: numpy's "inhomogeneous shape after 1 dimensions"
+            raise ValueError(f"{what} must be a rectangular array (rows of equal length), got a "
+                             f"{type(x).__name__} numpy cannot make one array of ({exc})") from None
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{what} must hold floats (float32 is used), got dtype {x.dtype}")
     return x

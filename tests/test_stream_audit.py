@@ -151,3 +151,28 @@ def test_a_layer_with_a_cache_of_its_own_kind_still_steps_in_a_sequence_model():
             got = torch.stack([model.step(x[:, t], cache)[0] for t in range(10)], 1)
             want = model(x)
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_the_onnx_streamer_refuses_ragged_lists_and_masked_values_clearly(tmp_path):
+    # Session 28 (a file fuzzer): a ragged list got numpy's own "inhomogeneous shape" message; a masked
+    # array was streamed by step() as the values under its mask and refused by run() as "values too
+    # large for float32".
+    import numpy as np
+
+    from lrnnx_zoo.export import OnnxStreamer, to_onnx
+    torch.manual_seed(0)
+    model = SequenceModel(ModelConfig(layer="s4d", d_input=2, d_output=3, d_model=4, n_layers=1,
+                                      layer_kwargs={"d_state": 4})).eval()
+    streamer = OnnxStreamer(to_onnx(model, tmp_path / "m.onnx").path)
+    streamer.reset(2)
+    with pytest.raises(ValueError, match=r"^x_t must be a rectangular array \(rows of equal length\), got a list"):
+        streamer.step([[1.0, 2.0], [3.0]])
+    masked = np.ma.masked_array(np.ones((2, 5, 2)), mask=np.zeros((2, 5, 2), bool))
+    masked.mask[1, 4, 0] = True
+    with pytest.raises(ValueError, match=r"is a masked array with masked values; the graph has no mask: fill them"):
+        streamer.run(masked)
+    with pytest.raises(ValueError, match=r"^x_t is a masked array with masked values"):
+        streamer.step(masked[:, 4])
+    assert streamer.steps == 0
+    unmasked = np.ma.masked_array(np.ones((2, 5, 2)), mask=False)         # nothing masked: its values stream
+    assert np.array_equal(streamer.run(unmasked), OnnxStreamer(streamer.path).run(np.ones((2, 5, 2))))
