@@ -113,6 +113,25 @@ def _check_square(who: str, A: Any) -> None:
         raise ValueError(f"{who} needs a square matrix A (..., N, N), got {got}")
 
 
+def _check_like_A(who: str, A: Tensor, **tensors: Any) -> None:
+    """A ValueError / TypeError naming ``who`` unless each given tensor is a tensor of A's dtype whose
+    dimension -1 (``b``, ``c``, ``B``) or -2 (``v``: one vector per column) is A's N: mismatches
+    failed in torch as "mat1 and mat2 shapes cannot be multiplied" or "expected m1 and m2 to have the
+    same dtype", and a list as "'list' object has no attribute 'shape'"."""
+    N = A.shape[-1]
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{who} needs {name} to be a torch.Tensor, got {type(t).__name__}")
+        axis = -2 if name == "v" else -1
+        if t.dim() < -axis or t.shape[axis] != N:
+            want = "(..., N, L)" if name == "v" else "(..., N)"
+            raise ValueError(f"{who} needs {name} {want} for A (..., N, N) with N={N}, got {name} {tuple(t.shape)}")
+        if t.dtype != A.dtype:
+            raise TypeError(f"{who} needs {name} of A's dtype {A.dtype}, got {t.dtype}; cast one of them")
+
+
 def _check_real_dtype(dtype: Any) -> None:
     """A TypeError unless dtype is a real floating torch.dtype: torch.long truncated sqrt(n + 1/2) to
     integers, and "float32" failed on a missing attribute."""
@@ -478,6 +497,11 @@ def bilinear(dt: Union[float, Tensor], A: Tensor, B: Optional[Tensor] = None) ->
         :func:`lrnnx_zoo.discretization.bilinear_dense` (``linalg.solve``, better conditioned
         than forming the inverse).
     """
+    _check_square("bilinear", A)
+    _check_like_A("bilinear", A, B=B)
+    if not isinstance(dt, Tensor):
+        if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not (math.isfinite(dt) and dt > 0):
+            raise ValueError(f"bilinear needs dt to be a finite number > 0 (or a tensor of them), got {dt!r}")
     return bilinear_dense(A, B, dt)
 
 
@@ -506,6 +530,7 @@ def power(L: int, A: Tensor, v: Optional[Tensor] = None) -> Tensor | tuple[Tenso
     if L < 0:
         raise ValueError(f"L must be non-negative, got {L}")
     _check_square("power", A)
+    _check_like_A("power", A, v=v)
     N = A.shape[-1]
     result: Optional[Tensor] = None
     if v is not None and v.shape[-1] != L:
@@ -570,10 +595,7 @@ def krylov(L: int, A: Tensor, b: Tensor, c: Optional[Tensor] = None,
     if L < 0 or (return_power and L < 1):
         raise ValueError(f"L must be >= {1 if return_power else 0}, got {L}")
     _check_square("krylov", A)
-    if b.shape[-1] != A.shape[-1] or (c is not None and c.shape[-1] != A.shape[-1]):
-        raise ValueError(f"krylov needs b (..., N){' and c (..., N)' if c is not None else ''} for A (..., N, N) "
-                         f"with N={A.shape[-1]}, got b {tuple(b.shape)}"
-                         f"{'' if c is None else f' and c {tuple(c.shape)}'}")
+    _check_like_A("krylov", A, b=b, c=c)
     K = b[..., None]
     cur = A
     while K.shape[-1] < L:

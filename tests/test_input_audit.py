@@ -356,3 +356,28 @@ def test_sizes_that_describe_a_tensor_too_large_are_refused_before_building(buil
     with pytest.raises(ValueError, match=message + r".* describe a tensor of [\d.e+]+ elements, more than the 1e\+09 "
                                                r"a layer builds; check these sizes$"):
         build()
+
+
+def test_hippo_dense_helpers_name_the_argument_that_does_not_fit_A():
+    # Session 28 (an API fuzzer): these failed inside torch ("mat1 and mat2 shapes cannot be
+    # multiplied", "expected m1 and m2 to have the same dtype", "The size of tensor a (4) must match",
+    # "'list' object has no attribute 'shape'"), and bilinear took dt = -0.1 or NaN.
+    A = torch.randn(4, 4) * 0.1
+    cases = [
+        (lambda: hippo.bilinear(0.1, torch.randn(3, 4)), ValueError, r"bilinear needs a square matrix A"),
+        (lambda: hippo.bilinear(0.1, A, torch.randn(5)), ValueError, r"bilinear needs B \(\.\.\., N\) for A .* N=4, got B \(5,\)"),
+        (lambda: hippo.bilinear(0.1, [[1.0, 0.0], [0.0, 1.0]]), ValueError, r"bilinear needs a square matrix A .* got list"),
+        (lambda: hippo.bilinear(-0.1, A), ValueError, r"bilinear needs dt to be a finite number > 0 .* got -0.1"),
+        (lambda: hippo.bilinear(float("nan"), A), ValueError, r"bilinear needs dt to be a finite number > 0"),
+        (lambda: hippo.bilinear("a", A), ValueError, r"bilinear needs dt to be a finite number > 0 .* got 'a'"),
+        (lambda: hippo.power(4, A, torch.randn(3, 4)), ValueError, r"power needs v \(\.\.\., N, L\) for A .* got v \(3, 4\)"),
+        (lambda: hippo.power(4, A.double(), torch.randn(4, 4)), TypeError, r"power needs v of A's dtype torch.float64, got torch.float32"),
+        (lambda: hippo.krylov(4, A.double(), torch.randn(4)), TypeError, r"krylov needs b of A's dtype torch.float64"),
+        (lambda: hippo.krylov(4, A, torch.randn(4), [1.0] * 4), TypeError, r"krylov needs c to be a torch.Tensor, got list"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    dA, dB = hippo.bilinear(0.1, A, torch.randn(4))                # valid calls unchanged
+    assert dA.shape == (4, 4) and dB.shape == (4,)
+    assert hippo.power(4, A, torch.randn(4, 4))[1].shape == (4,) and hippo.krylov(4, A, torch.randn(4)).shape == (4, 4)
