@@ -381,3 +381,15 @@ def test_hippo_dense_helpers_name_the_argument_that_does_not_fit_A():
     dA, dB = hippo.bilinear(0.1, A, torch.randn(4))                # valid calls unchanged
     assert dA.shape == (4, 4) and dB.shape == (4,)
     assert hippo.power(4, A, torch.randn(4, 4))[1].shape == (4,) and hippo.krylov(4, A, torch.randn(4)).shape == (4, 4)
+
+
+def test_seed_linear_activation_and_activation_check_their_arguments_when_built():
+    # Session 28 (an API fuzzer): LinearActivation(4, 4, activation="rellu") was accepted with
+    # activate=False (refused with it), and Activation("glu", dim="a") failed at its first forward.
+    from lrnnx_zoo.plugins.s4 import Activation, LinearActivation
+    with pytest.raises(ValueError, match=r"unknown activation 'rellu'; valid: None, id, identity, linear, tanh, relu"):
+        LinearActivation(4, 4, activation="rellu")
+    with pytest.raises(TypeError, match=r"Activation needs dim to be an int \(the axis a GLU halves\), got 'a'"):
+        Activation("glu", dim="a")
+    assert LinearActivation(4, 3, activation="glu").out_features == 6            # valid ones as before
+    assert isinstance(LinearActivation(4, 3, activation="gelu", activate=True)[1], torch.nn.GELU)

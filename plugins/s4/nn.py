@@ -21,6 +21,8 @@ ACTIVATIONS = ("id", "identity", "linear", "tanh", "relu", "gelu", "elu", "swish
 
 def Activation(activation: Optional[str] = None, dim: int = -1) -> nn.Module:
     """The activation module named ``activation`` (None: identity). ``glu`` halves ``dim``."""
+    if isinstance(dim, bool) or not isinstance(dim, int):   # dim='a' failed at the first forward
+        raise TypeError(f"Activation needs dim to be an int (the axis a GLU halves), got {dim!r}")
     table = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "swish": nn.SiLU, "silu": nn.SiLU,
              "sigmoid": nn.Sigmoid, "softplus": nn.Softplus}
     if activation in _IDENTITY:
@@ -103,6 +105,8 @@ def LinearActivation(d_input: int, d_output: int, bias: bool = True, zero_bias_i
     ``initializer`` names a :func:`get_initializer` scheme; ``weight_norm`` wraps it in weight
     normalisation. The activation is appended only if ``activate``.
     """
+    if activation not in ("modrelu",):       # a gain get_initializer knows, not a module of Activation's
+        Activation(activation)              # a typo ("rellu") passed where activate=False
     if activation == "glu":
         d_output *= 2
     if transposed:
