@@ -12,7 +12,7 @@ from lrnnx_zoo.hub_card import dataset_name, resampled_sentence
 
 from .onnx_export import onnxruntime_needed
 from .options import DEFAULT_OPSET, FOLDER_VALIDATION_LENGTH
-from .provenance import recorded, source_of
+from .provenance import is_number, recorded, source_of
 
 _TAGS = {"onnx": ["onnx"], "torchscript": ["torchscript"], "torch-export": ["torch-export"]}
 
@@ -44,7 +44,7 @@ def _made_with(config: Dict[str, Any]) -> List[str]:
     rate = None
     if isinstance(resampled, dict):      # SequenceModel.at_rate: remade from what it was resampled from
         loadable, rate = (resampled.get("from") if same else None), resampled.get("rate")
-        if not _is_number(rate):         # a record the card cannot spell as a call: the placeholder instead
+        if not is_number(rate):         # a record the card cannot spell as a call: the placeholder instead
             loadable, rate = None, None
     loadable = loadable if isinstance(loadable, str) else None      # a recorded name may be any JSON
     revision = ((recorded(src, "commit") or recorded(src, "revision"))
@@ -68,11 +68,6 @@ def _made_with(config: Dict[str, Any]) -> List[str]:
             "or in Python:", ""] + python
 
 
-def _is_number(value: Any) -> bool:
-    """A real number as JSON records one (not a bool, a string or null)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _dataset_record(config: Dict[str, Any]) -> Dict[str, Any]:
     """The checkpoint's dataset record as a dict ({} when it has none, or only a name string)."""
     data = config.get("dataset")
@@ -82,7 +77,7 @@ def _dataset_record(config: Dict[str, Any]) -> Dict[str, Any]:
 def _normalisation(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The z-scoring the model's inputs had in training (the dataset record's mean and std), or None."""
     norm = _dataset_record(config).get("normalisation")
-    numbers = isinstance(norm, dict) and all(_is_number(norm.get(k)) for k in ("mean", "std"))
+    numbers = isinstance(norm, dict) and all(is_number(norm.get(k)) for k in ("mean", "std"))
     return norm if numbers else None
 
 
@@ -221,7 +216,7 @@ def build_card(config: Dict[str, Any]) -> str:
                          + ([f"Checkpoint metrics: `{json.dumps(metrics)}`."] if metrics else [])), ""]
     record = config.get("resampled")
     # hub_card's sentence formats the rate as a number: a record with another one gets no sentence
-    resampled = resampled_sentence(record) if _is_number(recorded(record, "rate")) else None
+    resampled = resampled_sentence(record) if is_number(recorded(record, "rate")) else None
     if resampled:
         out += [resampled, ""]
     out += ["## How it was made", ""] + _made_with(config)

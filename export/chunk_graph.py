@@ -24,7 +24,7 @@ from lrnnx_zoo.models import SequenceModel, fast_two_sum
 from lrnnx_zoo.step_forms import step_form_dtype
 
 from .step_graph import StepModule, build_step_module
-from .validate import DEFAULT_BATCH, DEFAULT_LENGTH, check_validation_input, default_sequence
+from .validate import DEFAULT_BATCH, DEFAULT_LENGTH, check_validation_input, check_validation_memory, default_sequence
 
 
 class ChunkModule(nn.Module):
@@ -103,13 +103,17 @@ def build_chunk_module(model: SequenceModel, T: int, closed: Optional[bool] = No
     return ChunkModule(build_step_module(model), T, closed).eval().requires_grad_(False)
 
 
+def padded_length(length: int, T: Optional[int]) -> int:
+    """``length`` steps rounded up to a whole number of chunks of T (unchanged for a step graph, T None)."""
+    return length if T is None else -(-length // T) * T
+
+
 def chunk_validation_input(x: Optional[Tensor], T: int, d_input: int, batch: Optional[int] = None) -> Tensor:
     """The validation input of a chunk graph: ``x`` (checked) when its length is a multiple of T, the
     default sequence lengthened to the next multiple of T for None (validate.default_sequence), else a
     ValueError saying so."""
     if x is None:
-        length = -(-DEFAULT_LENGTH // T) * T
-        return default_sequence(d_input, length=length, batch=batch or DEFAULT_BATCH)
+        return default_sequence(d_input, length=padded_length(DEFAULT_LENGTH, T), batch=batch or DEFAULT_BATCH)
     if x.shape[1] % T:
         raise ValueError(f"a chunk graph of {T} steps per call is validated chunk by chunk: the validation input's "
                          f"length must be a multiple of {T}, got {x.shape[1]}")
@@ -127,7 +131,11 @@ def chunked(step: StepModule, validation_input: Any, T: Optional[int], batch: Op
     here: :func:`~lrnnx_zoo.export.validate.check_validation_input`): (step, x) for T None, else the
     chunk module of T steps and :func:`chunk_validation_input`. The default sequence is made here
     too, at the chunk's length: made for a fixed batch before the chunk was known, its 256 steps
-    were refused as not a multiple of the chunk, as if the caller had passed them."""
+    were refused as not a multiple of the chunk, as if the caller had passed them. Its memory is checked
+    first (:func:`~lrnnx_zoo.export.validate.check_validation_memory`: a fixed batch of 10**6)."""
+    if validation_input is None:
+        check_validation_memory(step, batch or DEFAULT_BATCH, padded_length(DEFAULT_LENGTH, T), step.state_size,
+                                "a validation_input of fewer steps")
     if T is None:
         return step, check_validation_input(validation_input, step.d_input, batch)
     x = None if validation_input is None else check_validation_input(validation_input, step.d_input, batch)

@@ -33,6 +33,7 @@ from lrnnx_zoo.wording import given, in_command_line, name
 
 from .card import build_card
 from .latency import onnx_latency, torch_latency
+from .chunk_graph import padded_length
 from .graph_size import check_chunk_in_memory
 from .onnx_export import check_graph_size, to_onnx
 from .options import DEFAULT_STEPS, FOLDER_VALIDATION_LENGTH, FORMATS, GRAPH_FILES
@@ -143,9 +144,9 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         else:
             check_chunk_in_memory(step, chunk)
     if validation_input is None:
-        length = validation_length if chunk is None else -(-validation_length // chunk) * chunk
+        length = padded_length(validation_length, chunk)
         # before the sequence is allocated: --batch 1000000 died in the allocator
-        check_validation_memory(model.config, batch or DEFAULT_BATCH, length, step.state_size,
+        check_validation_memory(step, batch or DEFAULT_BATCH, length, step.state_size,
                                 f"a shorter {name('validation_length')} (now {validation_length})")
         validation_input = default_sequence(model.config.d_input, length=length, batch=batch or DEFAULT_BATCH)
     # written into a hidden sibling and swapped in whole: a failed or interrupted export leaves the

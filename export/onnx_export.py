@@ -43,8 +43,7 @@ from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch, graph
 from .chunk_graph import ChunkModule, chunk_metadata, chunked
 from .graph_size import check_chunk_in_memory, check_chunk_under, chunk_graph_bytes, tensor_bytes
 from .step_graph import ExportError, StepModule, build_step_module, no_autocast
-from .validate import (DEFAULT_LENGTH, DEFAULT_SEED, FLOAT32_TOLERANCE, check_validation_memory, default_sequence,
-                       validate_stream)
+from .validate import DEFAULT_SEED, FLOAT32_TOLERANCE, default_sequence, validate_stream
 
 #: The oldest onnxruntime that loads and runs the shipped checkpoints' graphs at each opset (written
 #: at the lowest IR version the opset allows), measured with onnxruntime 1.15.1 to 1.32.0; opsets
@@ -98,14 +97,22 @@ def _quiet(record: List[str]) -> Iterator[None]:
             lg.setLevel(level)
 
 
+def feature_shapes(step: Union[StepModule, ChunkModule]) -> Dict[str, Tuple[int, ...]]:
+    """The shape after the batch of each of the graph's inputs and outputs, by name: x (d_input,),
+    y (d_output,) (with (chunk,) in front for a chunk module), state and state_out (state_size,)."""
+    steps = (step.chunk,) if isinstance(step, ChunkModule) else ()
+    return {"x": steps + (step.d_input,), "state": (step.state_size,), "y": steps + (step.d_output,),
+            "state_out": (step.state_size,)}
+
+
 def sample_inputs(step: Union[StepModule, ChunkModule], batch: int) -> Tuple[Tensor, Tensor]:
     """Example (x_t, state) for tracing (x (batch, chunk, d_input) for a chunk module); non-zero so
     no branch can be specialised on zeros."""
     g = torch.Generator().manual_seed(0)
     f32 = torch.float32                                  # whatever torch's default dtype is
-    steps = (step.chunk,) if isinstance(step, ChunkModule) else ()
-    return (torch.randn((batch,) + steps + (step.d_input,), generator=g, dtype=f32),
-            torch.randn(batch, step.state_size, generator=g, dtype=f32))
+    shapes = feature_shapes(step)
+    return (torch.randn((batch,) + shapes["x"], generator=g, dtype=f32),
+            torch.randn((batch,) + shapes["state"], generator=g, dtype=f32))
 
 
 def _too_large(what: str, size: float) -> ExportError:
@@ -181,9 +188,7 @@ def export_graph(step: Union[StepModule, ChunkModule], opset: int = DEFAULT_OPSE
                 f"{fixed} to {TRACE_BATCH}, the batch it was traced at: the step module uses its batch size "
                 f"as a constant (e.g. int(x.shape[0]) in a step form). Make it batch-agnostic, or export "
                 f"a fixed batch (batch=N)")
-    with torch.no_grad(), onnx_ops():
-        traced = dict(zip(INPUT_NAMES + OUTPUT_NAMES, [*args, *step(*args)]))
-    pin_feature_dims(proto, {name: tuple(t.shape) for name, t in traced.items()})
+    pin_feature_dims(proto, feature_shapes(step))
     strip_debug_records(proto)
     proto.ir_version = min(proto.ir_version, lowest_ir_version(proto))
     return proto
@@ -191,16 +196,16 @@ def export_graph(step: Union[StepModule, ChunkModule], opset: int = DEFAULT_OPSE
 
 def pin_feature_dims(proto: onnx.ModelProto, shapes: Dict[str, Tuple[int, ...]]) -> None:
     """Write every dimension after the batch of the graph's inputs and outputs as the number it is
-    (``shapes``: the traced tensors'), in place. The TorchScript-based exporter left some symbolic:
+    (``shapes``: :func:`feature_shapes`, by name), in place. The TorchScript-based exporter left some symbolic:
     onnxruntime reported a state_out of ['batch', 'Concatstate_out_dim_1'] for about one graph in three
     (opset 17, or exporter="legacy"), where the contract and config.json say [batch, state_size]."""
     for value in list(proto.graph.input) + list(proto.graph.output):
         dims = value.type.tensor_type.shape.dim
         size = shapes[value.name]
-        if len(dims) != len(size):
-            raise ExportError(f"the exported graph's {value.name} has {len(dims)} dimensions, the traced step "
-                              f"module's {len(size)} ({list(size)})")
-        for dim, n in zip(list(dims)[1:], size[1:]):
+        if len(dims) != 1 + len(size):
+            raise ExportError(f"the exported graph's {value.name} has {len(dims)} dimensions, expected (batch, "
+                              f"{', '.join(map(str, size))})")
+        for dim, n in zip(list(dims)[1:], size):
             if not dim.HasField("dim_value") or dim.dim_value != n:
                 dim.dim_value = n          # (dim_value and dim_param are one field: this clears the name)
 
@@ -312,10 +317,6 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
         metadata = graph_metadata(step, model, info, {**extra, **chunk_metadata(chunk)})
         # before the seconds of tracing (and the chunk forms' gigabytes)
         check_graph_size(step, chunk)
-        if validation_input is None and batch is not None:       # the default sequence, at the fixed batch
-            check_validation_memory(model.config, batch, DEFAULT_LENGTH if chunk is None else
-                                    -(-DEFAULT_LENGTH // chunk) * chunk, step.state_size,
-                                    "a shorter validation_input")
         step, x = chunked(step, validation_input, chunk, batch)
         proto = export_graph(step, opset, batch, exporter, record)
         tmp_float, tmp_q = _temp_path(path, "float"), _temp_path(path, "int8")

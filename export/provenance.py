@@ -67,11 +67,15 @@ def recorded(value: Any, *keys: str) -> Any:
     return value
 
 
+def is_number(value: Any) -> bool:
+    """A real number as JSON records one (not a bool, a string or null)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def rate_text(rate: Any) -> str:
     """A recorded resampling rate as the card and the source line print it: ``2`` for 2.0, else its repr
     (a rate recorded as "2" or null failed the ``:g`` format)."""
-    number = isinstance(rate, (int, float)) and not isinstance(rate, bool)
-    return f"{rate:g}" if number else repr(rate)
+    return f"{rate:g}" if is_number(rate) else repr(rate)
 
 
 def source_of(info: Dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ from .paths import output_location
 from .provenance import META_PREFIX, Source, graph_metadata, load_source
 from .result import ExportResult
 from .step_graph import StepModule, build_step_module, no_autocast
-from .validate import DEFAULT_LENGTH, FLOAT32_TOLERANCE, check_validation_memory, torch_stream, validate_stream
+from .validate import FLOAT32_TOLERANCE, torch_stream, validate_stream
 
 METADATA_FILE = "lrnnx_zoo.json"
 
@@ -224,10 +224,6 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
         metadata = graph_metadata(step, model, info, {"format": "torch-export", "batch": str(batch or "dynamic"),
                                                       **chunk_metadata(chunk)})
         # before the seconds of tracing
-        if validation_input is None and batch is not None:       # the default sequence, at the fixed batch
-            check_validation_memory(model.config, batch, DEFAULT_LENGTH if chunk is None else
-                                    -(-DEFAULT_LENGTH // chunk) * chunk, step.state_size,
-                                    "a shorter validation_input")
         step, x = chunked(step, validation_input, chunk, batch)
         record: List[str] = []
         dims = None

@@ -240,7 +240,7 @@ def _forward(model: nn.Module, xs: Tensor) -> np.ndarray:
 
 
 def validation_bytes(config: Any, batch: int, length: int, state_size: int) -> int:
-    """About the memory a validation run of ``batch`` sequences of ``length`` steps holds at its peak
+    """(``config``: anything with d_input, d_model and d_output, a ModelConfig or a StepModule.) About the memory a validation run of ``batch`` sequences of ``length`` steps holds at its peak
     (:func:`validate_stream`): per sequence step, the input in float32, its float32 magnitudes (the
     streamer's finiteness check), its finiteness mask and float64 copies, per input feature; the streamed
     outputs (float32, gathered, float64), the float32 and float64 forwards' outputs (sliced, then joined) and

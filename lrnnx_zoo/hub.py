@@ -425,12 +425,13 @@ def _fetch_whole(folder: Path, files: List[str], sizes: Dict[str, int], repo_id:
     a file that does not is downloaded again, once. A body cut short with a matching Content-Length
     passed huggingface_hub's checks and stayed in the cache, so every later load failed on the
     truncated file, also after the server was fixed."""
-    def short() -> List[str]:
+    def short(folder: Path) -> List[str]:
         return [f for f in files if f in sizes and (folder / f).is_file() and (folder / f).stat().st_size != sizes[f]]
-    if not short():
+    again = short(folder)
+    if not again:
         return folder
-    folder = _fetch(repo_id, revision, short(), cache_dir, False, token, shipped, force=True)
-    still = short()
+    folder = _fetch(repo_id, revision, again, cache_dir, False, token, shipped, force=True)
+    still = short(folder)
     if still:
         got = ", ".join(f"{f}: {(folder / f).stat().st_size:,} bytes, listed as {sizes[f]:,}" for f in still)
         raise CheckpointError(f"could not download {repo_id!r}: the Hub at its endpoint sent files of other sizes than "

@@ -804,10 +804,10 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo, progress:
             loss.backward()
             # After DDP's all-reduce the gradients, so their norm and this check, agree on every rank.
             norm = nn.utils.clip_grad_norm_(model.parameters(), opt_spec.grad_clip or math.inf)
+            rates = schedule.get_last_lr()      # this step's (after it, the schedule has moved on)
             if not torch.isfinite(norm):
                 raise TrainingDivergedError(diverged_message(recipe, plan, step, epoch, float(norm), loss.item(),
-                                                             schedule.get_last_lr(), saver))
-            rates = schedule.get_last_lr()      # this step's (after it, the schedule has moved on)
+                                                             rates, saver))
             optimizer.step()
             schedule.step()
             step += 1
