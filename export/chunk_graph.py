@@ -131,10 +131,11 @@ def chunked(step: StepModule, validation_input: Any, T: Optional[int], batch: Op
     here: :func:`~lrnnx_zoo.export.validate.check_validation_input`): (step, x) for T None, else the
     chunk module of T steps and :func:`chunk_validation_input`. The default sequence is made here
     too, at the chunk's length: made for a fixed batch before the chunk was known, its 256 steps
-    were refused as not a multiple of the chunk, as if the caller had passed them. Its memory is checked
-    first (:func:`~lrnnx_zoo.export.validate.check_validation_memory`: a fixed batch of 10**6)."""
-    if validation_input is None:
-        check_validation_memory(step, batch or DEFAULT_BATCH, padded_length(DEFAULT_LENGTH, T), step.state_size,
+    were refused as not a multiple of the chunk, as if the caller had passed them. At a fixed batch its
+    memory is checked first (:func:`~lrnnx_zoo.export.validate.check_validation_memory`: batch=10**6);
+    the dynamic batch's default is DEFAULT_BATCH sequences."""
+    if validation_input is None and batch is not None:
+        check_validation_memory(step, batch, padded_length(DEFAULT_LENGTH, T), step.state_size,
                                 "a validation_input of fewer steps")
     if T is None:
         return step, check_validation_input(validation_input, step.d_input, batch)
