@@ -29,6 +29,7 @@ import os
 import re
 import stat
 import sys
+import threading
 import time
 import warnings
 from importlib import resources
@@ -316,12 +317,103 @@ def _paced_body(grace: float, rate: float) -> Callable[[Any], None]:
     return pace
 
 
+#: How many :func:`hub_timeout` periods an answer's status line and headers may take in all, from the
+#: first wait for the answer: each wait is bounded by the timeout, so a server sending a header byte
+#: every few seconds held a download forever (a per-wait timeout never fires on a trickle).
+HEADER_DEADLINE_PERIODS = 2.0
+
+_header_deadline = threading.local()
+
+
+class _HeaderDeadlineStream:
+    """A network stream whose reads, while this thread's request is waiting for its answer's headers,
+    wait no later than the deadline a request hook set (:func:`_set_header_deadline`)."""
+
+    def __init__(self, inner: Any, timeout_error: type) -> None:
+        self._inner, self._timeout_error = inner, timeout_error
+
+    def read(self, max_bytes: int, timeout: Optional[float] = None) -> bytes:
+        deadline = getattr(_header_deadline, "at", None)
+        if deadline is None:
+            return self._inner.read(max_bytes, timeout)
+        if deadline[0] is None:     # the first wait for the answer: an upload's body is sent by now
+            deadline = _header_deadline.at = (time.monotonic() + deadline[1], deadline[1])
+        late = self._timeout_error(
+            f"its answer's status line and headers were not complete after {deadline[1]:g} s "
+            f"({HEADER_DEADLINE_PERIODS:g} x HF_HUB_ETAG_TIMEOUT): a server or proxy sending them a few bytes at a time")
+        left = deadline[0] - time.monotonic()
+        if left <= 0:
+            raise late
+        try:
+            return self._inner.read(max_bytes, left if timeout is None else min(timeout, left))
+        except self._timeout_error:
+            if time.monotonic() >= deadline[0]:
+                raise late from None
+            raise
+
+    def start_tls(self, *args: Any, **kwargs: Any) -> "_HeaderDeadlineStream":
+        return _HeaderDeadlineStream(self._inner.start_tls(*args, **kwargs), self._timeout_error)
+
+    def __getattr__(self, name: str) -> Any:      # write, close, get_extra_info
+        return getattr(self._inner, name)
+
+
+class _HeaderDeadlineBackend:
+    """A network backend handing out :class:`_HeaderDeadlineStream` s around another backend's."""
+
+    def __init__(self, inner: Any, timeout_error: type) -> None:
+        self.inner, self.timeout_error = inner, timeout_error
+
+    def connect_tcp(self, *args: Any, **kwargs: Any) -> _HeaderDeadlineStream:
+        return _HeaderDeadlineStream(self.inner.connect_tcp(*args, **kwargs), self.timeout_error)
+
+    def connect_unix_socket(self, *args: Any, **kwargs: Any) -> _HeaderDeadlineStream:
+        return _HeaderDeadlineStream(self.inner.connect_unix_socket(*args, **kwargs), self.timeout_error)
+
+    def __getattr__(self, name: str) -> Any:      # sleep
+        return getattr(self.inner, name)
+
+
+def _watch_headers(client: Any) -> bool:
+    """Give every connection pool of an httpx client (its transport and mounted proxies) the header
+    deadline's backend; False where the client is not built that way (a custom client factory), which
+    then keeps the per-wait timeouts only. The wrapper is inert outside :func:`bounded_hub_requests`."""
+    transports = [getattr(client, "_transport", None), *getattr(client, "_mounts", {}).values()]
+    watched = False
+    for pool in (getattr(t, "_pool", None) for t in transports if t is not None):
+        # the read timeout of the pool's own library (httpcore2 under huggingface_hub 2.x), which
+        # the client maps to its timeout error
+        library = sys.modules.get(type(pool).__module__.split(".")[0])
+        timeout_error = getattr(library, "ReadTimeout", None)
+        if not hasattr(pool, "_network_backend") or not isinstance(timeout_error, type):
+            continue
+        if not isinstance(pool._network_backend, _HeaderDeadlineBackend):
+            pool._network_backend = _HeaderDeadlineBackend(pool._network_backend, timeout_error)
+        watched = True
+    return watched
+
+
+def _set_header_deadline(seconds: float) -> Callable[[Any], None]:
+    """A request hook arming this thread's header deadline: ``seconds`` from the first read of the
+    answer (not from the request's start, which an upload's body may take minutes to follow); the
+    response hook :func:`_clear_header_deadline` ends it once the headers are in."""
+    def arm(request: Any) -> None:
+        _header_deadline.at = (None, seconds)
+    return arm
+
+
+def _clear_header_deadline(response: Any = None) -> None:
+    _header_deadline.at = None
+
+
 @contextlib.contextmanager
 def bounded_hub_requests() -> Iterator[float]:
     """While inside, no huggingface_hub request waits forever for a silent server (each wait for a
     connection or the next bytes is bounded), a server that trickles bytes over plain HTTP is cut off
-    (a body must keep up :func:`hub_min_rate` after :func:`hub_timeout` seconds: :func:`_paced_body`),
-    and no answer's ids become paths outside the cache (:func:`_refuse_unsafe_paths`).
+    (an answer's headers must be complete :data:`HEADER_DEADLINE_PERIODS` x :func:`hub_timeout` seconds
+    after the first wait for them, :func:`_watch_headers`; a body must keep up :func:`hub_min_rate` after
+    :func:`hub_timeout` seconds, :func:`_paced_body`), and no answer's ids become paths outside the
+    cache (:func:`_refuse_unsafe_paths`).
 
     huggingface_hub 2.x sends some requests (``repo_info`` inside ``snapshot_download``, tree
     listings) with ``timeout=None``, so a server that accepts the connection and never answers
@@ -330,20 +422,25 @@ def bounded_hub_requests() -> Iterator[float]:
     """
     from huggingface_hub.utils import get_session
 
-    seconds = hub_timeout()
-    hooks, answers = get_session().event_hooks["request"], get_session().event_hooks["response"]
-    hook, rate = _timeout_filler(seconds), hub_min_rate()
+    seconds, session = hub_timeout(), get_session()
+    hooks, answers = session.event_hooks["request"], session.event_hooks["response"]
+    timeouts, rate = _timeout_filler(seconds), hub_min_rate()
+    arm = _set_header_deadline(HEADER_DEADLINE_PERIODS * seconds) if _watch_headers(session) else None
     pace = _paced_body(seconds, rate) if rate > 0 else None
-    hooks.append(hook)
-    answers.extend(h for h in (pace, _refuse_unsafe_paths) if h is not None)   # paced first: the second reads API answers
+    ours = [h for h in (timeouts, arm) if h is not None]
+    ended = [_clear_header_deadline] if arm else []
+    theirs = [h for h in (pace, _refuse_unsafe_paths) if h is not None]   # paced first: the second reads API answers
+    hooks.extend(ours)
+    answers[:0] = ended         # before any hook that reads a body, which the deadline must not cut
+    answers.extend(theirs)
     try:
         yield seconds
     finally:
-        if hook in hooks:
-            hooks.remove(hook)
-        for answer in (pace, _refuse_unsafe_paths):
-            if answer is not None and answer in answers:
-                answers.remove(answer)
+        _clear_header_deadline()
+        for hook_list, added in ((hooks, ours), (answers, ended + theirs)):
+            for hook in added:
+                if hook in hook_list:
+                    hook_list.remove(hook)
 
 
 def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike], local_files_only: bool,

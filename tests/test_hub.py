@@ -291,6 +291,80 @@ def test_a_floor_of_zero_lets_a_trickle_through(local_hub, tmp_path, monkeypatch
     assert torch.equal(loaded.eval()(x), model.eval()(x))
 
 
+def test_a_server_that_trickles_its_headers_is_cut_off(local_hub, tmp_path, monkeypatch):
+    # Each wait for bytes is bounded, so a server sending an answer's status line and headers a byte
+    # every 50 ms (each of several hundred bytes well inside the 1 s timeout) held from_pretrained
+    # for about 20 s per request, and there are several; a slower trickle held it for ever. The headers
+    # must now be complete 2 x HF_HUB_ETAG_TIMEOUT after the client starts waiting for them.
+    import io
+    import time
+
+    import hub_server
+    from huggingface_hub.utils import get_session
+    local_hub.commit("acme/tiny", _files(tiny("s4d").save_pretrained(tmp_path / "m")))
+    send = hub_server._Handler._send
+
+    def trickled_headers(self, *args, **kwargs):
+        real, self.wfile = self.wfile, io.BytesIO()
+        try:
+            send(self, *args, **kwargs)
+            if hasattr(self, "_headers_buffer") and self._headers_buffer:
+                self.flush_headers()
+            answer = self.wfile.getvalue()
+        finally:
+            self.wfile = real
+        end = answer.index(b"\r\n\r\n") + 4
+        try:
+            for i in range(end):
+                real.write(answer[i:i + 1])
+                real.flush()
+                time.sleep(0.05)
+            real.write(answer[end:])
+        except OSError:             # the client gave up: what the test wants
+            pass
+    monkeypatch.setattr(hub_server._Handler, "_send", trickled_headers)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    hooks_before = {k: list(v) for k, v in get_session().event_hooks.items()}
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"status line and headers were not complete after 2 s"):
+        from_pretrained("acme/tiny")
+    assert time.monotonic() - start < 8
+    assert {k: list(v) for k, v in get_session().event_hooks.items()} == hooks_before
+    # the deadline is this thread's, and ends with the call: a plain request afterwards is not cut
+    assert getattr(hub._header_deadline, "at", None) is None
+
+
+def test_the_header_deadline_starts_at_the_first_wait_for_the_answer():
+    # An upload's body may take minutes to send before the answer's headers are awaited: a deadline
+    # counted from the request's start would cut every large push. Fake streams, no server: the
+    # request hook arms the deadline, the first read starts it, the response hook ends it.
+    import time
+
+    class Late(Exception):
+        pass
+
+    class Trickle:
+        def read(self, max_bytes, timeout=None):
+            time.sleep(min(0.2, timeout))
+            if timeout < 0.2:
+                raise Late("timed out")
+            return b"x"
+
+    stream = hub._HeaderDeadlineStream(Trickle(), Late)
+    try:
+        hub._set_header_deadline(0.5)(None)
+        time.sleep(0.6)                     # "uploading": longer than the deadline itself
+        assert stream.read(1, timeout=10) == b"x"
+        with pytest.raises(Late, match=r"not complete after 0.5 s \(2 x HF_HUB_ETAG_TIMEOUT\)"):
+            for _ in range(10):
+                stream.read(1, timeout=10)
+        hub._clear_header_deadline(None)
+        time.sleep(0.05)
+        assert stream.read(1, timeout=10) == b"x"      # a body read: no deadline
+    finally:
+        hub._clear_header_deadline()
+
+
 def test_hub_min_rate_reads_the_environment(monkeypatch):
     monkeypatch.delenv("LRNNX_ZOO_HUB_MIN_RATE", raising=False)
     assert hub.hub_min_rate() == hub.DEFAULT_HUB_MIN_RATE == 16384
