@@ -200,9 +200,12 @@ class _CauchyConj(torch.autograd.Function):
         cdt = w.dtype
         wc = w.conj()
         c = 2 * w.real
-        # Accumulate sum_l conj(g) z^k q and sum_l conj(g) z^k q^2 (k = 0..2) per (b, n).
+        # Accumulate sum_l conj(g) z^k q (k = 0, 1) and sum_l conj(g) z^k (a z - b) q^2 (k = 1, 0) per
+        # (b, n): the latter as ((a z - b) q) q, each factor of a term's size; q^2 alone overflowed
+        # float32 where |D| < 5e-20 (poles within 7e-10 of a node: NaN w gradients where float64 gave 1e20)
         acc_q = torch.zeros(w.shape[0], w.shape[1], 2, dtype=cdt, device=w.device)
-        acc_q2 = torch.zeros(w.shape[0], w.shape[1], 3, dtype=cdt, device=w.device)
+        acc_q2 = torch.zeros(w.shape[0], w.shape[1], 2, dtype=cdt, device=w.device)
+        a_col, b_col = a.to(cdt)[:, :, None], b.to(cdt)[:, :, None]
         gz_parts = []
         if need_z:
             coef = torch.stack([2 * a, a * c + 2 * b, b * c], dim=1).to(cdt)  # (Bt, 3, N)
@@ -210,24 +213,22 @@ class _CauchyConj(torch.autograd.Function):
         for s, e in _spans(z.shape[0], ctx.block):
             zb = z[s:e]
             q = ((zb - w[:, :, None]) * (zb - wc[:, :, None])).reciprocal()
-            q2 = q * q
             gc = g[:, s:e].conj()
             if need_a or need_b:
                 acc_q = acc_q + q @ torch.stack([gc * zb, gc], dim=-1)
             if need_w:
-                acc_q2 = acc_q2 + q2 @ torch.stack([gc * zb * zb, gc * zb, gc], dim=-1)
+                acc_q2 = acc_q2 + ((a_col * zb - b_col) * q * q) @ torch.stack([gc * zb, gc], dim=-1)
             if need_z:
                 t0 = (a_c @ q)[:, 0]
-                t2, t1, t00 = (coef @ q2).unbind(1)
+                t2, t1, t00 = (coef @ (q * q)).unbind(1)
                 dsdz = t0 - (t2 * zb * zb - t1 * zb + t00)
                 gz_parts.append((g[:, s:e] * dsdz.conj()).sum(0))
         ga = acc_q[..., 0].real if need_a else None
         gb = -acc_q[..., 1].real if need_b else None
         gw = None
         if need_w:
-            s_z2, s_z1, s_z0 = acc_q2.unbind(-1)
-            g_c = (a * s_z2.real - b * s_z1.real)
-            g_d = -(a * s_z1.real - b * s_z0.real)
+            g_c, g_d = acc_q2.real.unbind(-1)
+            g_d = -g_d
             gw = (2 * g_c + 2 * w * g_d).to(cdt)
         gz = torch.cat(gz_parts) if need_z else None
         return ga, gb, gw, gz, None
@@ -268,7 +269,7 @@ class _CauchyConjJvp(_CauchyConj):
             if dc is not None:
                 dD = dD - dc * zb + dd
             if z_t is not None or dc is not None:
-                sa, sb = torch.bmm(ab, q * q * dD).unbind(1)
+                sa, sb = torch.bmm(ab, q * dD * q).unbind(1)      # q dD first: q^2 alone overflows float32
                 out[:, s:e] -= zb * sa - sb
         return out
 

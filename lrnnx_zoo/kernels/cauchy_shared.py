@@ -125,7 +125,7 @@ class _SharedBlockJvp(_SharedBlock):
         if z_t is not None:
             dD = dD + (2 * z - c) * z_t
         if c_t is not None or d_t is not None or z_t is not None:
-            ds = ds - _real_matmul(ab, q * q * dD)
+            ds = ds - _real_matmul(ab, q * dD * q)      # q dD first: q^2 alone overflows float32 (_block_grads)
         out = z * ds[:, :J] - ds[:, J:]
         if z_t is not None:
             out = out + z_t * _real_matmul(ab[:, :J], q)
@@ -150,7 +150,10 @@ def _block_grads(ab: Tensor, c: Tensor, d: Tensor, z: Tensor, g: Tensor, need_ab
         # (z a and b) nearly cancel near the poles, and summing over l first made the float32
         # log_dt gradient 4x less accurate (2.2e-4 vs 5.5e-5 of float64 at H=128, L=4096).
         dq = _real_matmul(ab.transpose(1, 2), ds)                           # (P, N, l)
-        E = dq.mul_(qc.mul_(qc)) if fresh else dq * qc * qc                 # -dD = dq conj(q)^2
+        # -dD = dq conj(q)^2, as (dq conj(q)) conj(q): conj(q)^2 alone overflows float32 where |D| < 5e-20
+        # (a pole of S4's clamped Re w = -1e-4 at dt = 1e-6: |w dt / 2|^2 = 2.5e-21 at the node 0 made
+        # the log_dt and w gradients NaN), while dq conj(q)^2 itself is of the gradient's size (1e11 there)
+        E = dq.mul_(qc).mul_(qc) if fresh else dq * qc * qc
         # Two reductions, not one matmul by [conj(z), 1]: MKL's complex GEMM with two columns
         # took 3.4x as long (1.87 vs 0.55 ms for a (4096, 256) block, one thread).
         grad_d = -E.sum(-1, keepdim=True)                                   # complex-typed like c, d

@@ -1,0 +1,82 @@
+"""Extreme but legal hyperparameters, fuzzed against float64 (session numerics4): what the option
+matrix, the random configurations and numerics3 did not reach.
+
+Each test here failed before its fix; tolerances are stated per test."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from lrnnx_zoo.kernels.cauchy import cauchy_conj_torch
+from lrnnx_zoo.kernels.cauchy_shared import cauchy_conj_shared
+from lrnnx_zoo.plugins.s4 import S4Layer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = (torch.view_as_real(t.detach()) if t.is_complex() else t.detach() for t in (a, b))
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300))
+
+
+# -- Cauchy gradients at a pole next to a node -----------------------------------------------------
+def _cauchy_grads(fn, dtype: torch.dtype, scale: float, forward_mode: bool = False) -> torch.Tensor:
+    """d/dw of a weighted conjugate-pair Cauchy sum over S4's nodes i tan(pi k / L), for poles
+    w * scale (the S4 pole w dt / 2): its gradient, or (forward_mode) its jvp along w."""
+    L = 9
+    k = torch.arange((L + 1) // 2, dtype=torch.float64)
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    z = torch.complex(torch.zeros_like(k), torch.tan(math.pi * k / L)).to(cdt)
+    w = (torch.tensor([[-1.0 + 0.0j, -0.5 + 3j]], dtype=torch.complex128) * scale).to(cdt)
+    v = torch.tensor([[0.7 - 0.2j, 0.3 + 1j]], dtype=cdt).expand(2, 2)   # two rows: the shared path
+    g = torch.linspace(-1, 1, z.shape[0], dtype=torch.float64).to(cdt)
+    if forward_mode:
+        import torch.autograd.forward_ad as fwAD
+        with fwAD.dual_level():
+            out = fn(v, z, fwAD.make_dual(w, torch.ones_like(w) * scale))
+            return fwAD.unpack_dual((out * g).real.sum()).tangent
+    w.requires_grad_(True)
+    (fn(v, z, w) * g).real.sum().backward()
+    return w.grad
+
+
+@pytest.mark.parametrize("fn", [cauchy_conj_torch, cauchy_conj_shared], ids=["torch", "shared"])
+@pytest.mark.parametrize("forward_mode", [False, True], ids=["backward", "jvp"])
+def test_cauchy_pole_gradient_does_not_overflow_float32(fn, forward_mode):
+    """A pole 5e-11 from the node 0 (S4's Re w clamped at -1e-4, dt = 1e-6): the pole factor
+    q = 1/|w|^2 = 4e20 is a float32 number, q^2 = 1.6e41 is not, but the gradient (1e20) is. The
+    backward formed q^2 first and gave NaN; float32 must match float64 to 1e-5 (a few float32
+    roundings of a sum of 4 well-conditioned terms)."""
+    ref = _cauchy_grads(fn, torch.float64, 5e-11, forward_mode)
+    got = _cauchy_grads(fn, torch.float32, 5e-11, forward_mode)
+    assert torch.isfinite(torch.view_as_real(got) if got.is_complex() else got).all(), got
+    assert rel(got, ref) < 1e-5
+
+
+def test_s4_float32_gradients_are_finite_at_a_tiny_step():
+    """S4 Fourier (its DC pole w = 0 is clamped to Re w = -1e-4) at dt = 1e-6, bilinear: the float32
+    log_dt and w gradients were NaN (float64: 8.4e-10 and 9.6e-8, matching finite differences), and
+    AdamW then made every weight NaN. Each float32 gradient must be finite and within 2e-2 of
+    float64 relative to that parameter's largest gradient (measured 1.3e-3 for log_dt, 7e-3 for w:
+    these pole gradients are differences of terms 1e20 times larger, conditioning float32 cannot
+    beat), and the loss finite after a few optimiser steps."""
+    torch.manual_seed(145)
+    m = S4Layer(1, d_state=2, measure="fourier", discretization="bilinear", dt_min=1e-6, dt_max=1e-6)
+    m64 = copy.deepcopy(m).double()
+    x = torch.randn(1, 17, 1)
+    weights = torch.linspace(-1, 1, 17).reshape(1, 17, 1)
+    for mod in (m, m64):
+        (mod(x.to(mod.D.dtype)) * weights.to(mod.D.dtype)).sum().backward()
+    for (name, p), p64 in zip(m.named_parameters(), m64.parameters()):
+        assert torch.isfinite(p.grad).all(), name
+        assert rel(p.grad, p64.grad) < 2e-2, name
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        ((m(x) - x.flip(1)) ** 2).mean().backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
