@@ -337,10 +337,17 @@ def layer_output(layer: nn.Module, z: Any, h: Tensor, what: str) -> Tensor:
     plugin layer returning (y, state), as the seed's S4 does, failed in the block's activation
     ("gelu(): argument 'input' must be Tensor, not tuple"), and one returning (B, d_model, L) in
     the next Linear, or not at all where L == d_model."""
-    if isinstance(z, Tensor) and z.shape == h.shape:
+    # The dtype too, outside autocast (where a layer may hand back float32 for a bfloat16 h): a float64
+    # z in a float32 model failed in the block's Linear ("expected m1 and m2 to have the same dtype").
+    if isinstance(z, Tensor) and z.shape == h.shape and (
+            z.dtype == h.dtype or (z.is_floating_point() and torch.is_autocast_enabled(h.device.type))):
         return z
-    got = f"a tensor of shape {tuple(z.shape)}" if isinstance(z, Tensor) else f"a {type(z).__name__}"
     shape = "(batch, length, d_model)" if h.dim() == 3 else "(batch, d_model)"
+    if isinstance(z, Tensor) and z.shape == h.shape:
+        raise TypeError(f"{type(layer).__name__}.{what} must give a tensor of its input's dtype ({h.dtype}) to "
+                        f"SequenceModel, got {z.dtype} (a registered layer computes in its input's dtype; see the "
+                        f"README's 'Writing a plugin')")
+    got = f"a tensor of shape {tuple(z.shape)}" if isinstance(z, Tensor) else f"a {type(z).__name__}"
     raise TypeError(f"{type(layer).__name__}.{what} must give a tensor of its input's shape {shape} = "
                     f"{tuple(h.shape)} to SequenceModel, got {got} (a registered layer maps (B, L, H) to (B, L, H); "
                     f"see the README's 'Writing a plugin')")

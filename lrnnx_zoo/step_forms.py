@@ -112,7 +112,7 @@ def check_step_form(form: object, who: str, width: Optional[int] = None) -> None
     and the trial step's y must match.
 
     Beyond the declared sizes, one trial step from zeros at batch 2 runs without autograd: forward must
-    return (y (2, d_output), s_next (2, state_size)) and form no complex tensor. A form returning y alone
+    return (y (2, d_output), s_next (2, state_size)) in the dtype it was given and form no complex tensor. A form returning y alone
     unpacked at batch 2 into two rows, a state_size its forward disagreed with failed at the second
     step or deep inside an exporter, and a complex op only in torch.onnx ("No ONNX function found").
     Costs one step, when a cache or a graph is made.
@@ -155,6 +155,12 @@ def check_step_form(form: object, who: str, width: Optional[int] = None) -> None
                f"(state_size={size}); it returned y {tuple(y.shape)} and s_next {tuple(s_next.shape)}")
     if spy.first is not None or y.is_complex() or s_next.is_complex():
         refuse(f"{real_only}; its forward formed a complex tensor ({spy.first or 'its outputs'})")
+    if y.dtype != like["dtype"] or s_next.dtype != like["dtype"]:
+        # A y in another dtype (a .double() inside forward, an int) failed in the next block ("mat1 and
+        # mat2 must have the same dtype") or an exporter's shape inference; a state in another one was
+        # blamed on the caller's x at the next step.
+        refuse(f"a form whose forward(u, s) returns y and s_next in the dtype of u and s ({like['dtype']}, its "
+               f"buffers'); it returned y {y.dtype} and s_next {s_next.dtype}")
 
 
 def same_form(a: nn.Module, b: nn.Module, rtol: float = 1e-6) -> bool:
