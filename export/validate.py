@@ -51,16 +51,18 @@ StreamFn = Callable[[np.ndarray], np.ndarray]
 class ValidationError(AssertionError):
     """An exported graph disagrees with its model beyond the tolerance; carries the report."""
 
-    def __init__(self, report: "ValidationReport") -> None:
+    def __init__(self, report: "ValidationReport", why: Optional[str] = None) -> None:
+        """``why``: the likely cause, where the caller knows better than the report (an int8 graph of a
+        float graph that passed: the quantisation, not the step forms)."""
         own = report.forward_float32_error
-        if own is not None and own >= 0.5 * report.max_abs_error:
+        if why is None and own is not None and own >= 0.5 * report.max_abs_error:
             # the model's own float32 forward is as far off: the model, not the graph, is ill-conditioned
             # in float32 on this input (a LayerNorm over two nearly equal features), and the message
             # blamed step_form() without the figure that said so (an audit)
             why = (f"The model's own float32 forward is {own:.3e} from float64 too: it is ill-conditioned in "
                    f"float32 on this input, and the graph computes what the float32 model does. Validate on "
                    f"the data it will see (validation_input=), or raise tolerance= past {own:.1e}.")
-        else:
+        elif why is None:
             why = ("If the model is correct, the layer's step_form() and its forward disagree" +
                    ("" if own is None else f" (the model's float32 forward is {own:.3e} from float64)") + ".")
         super().__init__(

@@ -89,3 +89,16 @@ def test_a_layer_answering_in_another_dtype_is_named():
             with pytest.raises(TypeError, match=r"_Float64Forward.(forward|prefill) must give a tensor of its "
                                                 r"input's dtype \(torch.float32\) to SequenceModel, got torch.float64"):
                 run(torch.randn(2, 5, 3))
+
+
+def test_an_int8_graph_off_by_more_than_its_tolerance_blames_the_quantisation(monkeypatch, tmp_path):
+    # the float graph had just passed, yet the message said "the layer's step_form() and its forward
+    # disagree": a plugin author went looking for a bug in a correct step form
+    from lrnnx_zoo.export import ValidationError, onnx_export
+    monkeypatch.setattr(onnx_export, "INT8_RELATIVE_TOLERANCE", 1e-9)
+    with layers_registered("fuzz_int8", ema_int8=EMA):
+        with pytest.raises(ValidationError, match=r"^onnxruntime-int8 step graph disagrees .* Not written. The float32 "
+                                                  r"graph passed; int8 quantisation of the dense layers") as info:
+            to_onnx(_model("ema_int8"), tmp_path / "q.onnx", quantize="int8")
+    assert "step_form" not in str(info.value)
+    assert not list(tmp_path.iterdir())
