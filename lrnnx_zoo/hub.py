@@ -1189,8 +1189,57 @@ def _outside_package() -> int:
     return level
 
 
+#: How many times :func:`load_checkpoint` reads a folder that changed while it was read (another
+#: process saving into it) before it gives up.
+READ_ATTEMPTS = 4
+
+
+def _folder_version(folder: Path) -> Tuple[Any, ...]:
+    """What changes when a checkpoint folder is saved again: the folder's identity (a save swaps in a
+    new folder) and its config's and weights' identity, size and modification time (an in-place save
+    renames new files in); None for an entry that cannot be read."""
+    def version(path: Path) -> Optional[Tuple[int, ...]]:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return version(folder), version(folder / CONFIG_NAME), version(folder / WEIGHTS_NAME)
+
+
 def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "SequenceModel":
-    """Build the model a checkpoint folder describes and load its weights strictly (eval mode)."""
+    """Build the model a checkpoint folder describes and load its weights strictly (eval mode).
+
+    The config and the weights are read in several passes (config, the weights' header, the weights),
+    so a folder saved again meanwhile (a training run writing its checkpoint while another process
+    loads it) gave the config of one save and the weights of the next: a shape error blaming the
+    file, or, with equal shapes, the new weights under the old config's metrics and a warning that
+    the file was damaged. A read the folder changed under is read again (:data:`READ_ATTEMPTS`)."""
+    def give(notes: List[Tuple[str, type]]) -> None:     # those of the read that counts, once
+        for message, category in notes:
+            warnings.warn(message, category, stacklevel=_outside_package())
+
+    for _ in range(READ_ATTEMPTS):
+        before, notes = _folder_version(folder), []
+        try:
+            model = _load_checkpoint_once(folder, source, notes)
+        except CheckpointError:
+            if _folder_version(folder) != before:
+                continue
+            give(notes)
+            raise
+        if _folder_version(folder) == before:
+            give(notes)
+            return model
+    raise CheckpointError(f"{folder} changed while it was read, {READ_ATTEMPTS} times (another process saving into "
+                          f"it, e.g. a training run's --out?): nothing was loaded. Load it once that process is "
+                          f"done, or copy the folder first")
+
+
+def _load_checkpoint_once(folder: Path, source: Optional[Dict[str, Any]],
+                          notes: List[Tuple[str, type]]) -> "SequenceModel":
+    """One read of :func:`load_checkpoint`: the model; the warnings it has to give are appended to
+    ``notes`` (message, category), given once the read is known to be of one save."""
     from .models import ModelConfig, SequenceModel
 
     config = read_config(folder)
@@ -1199,7 +1248,7 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
     where = loadable_source(source) or str(folder)      # a Hub id, not its cache snapshot's path
     for change in [plugin_change(config.get("plugin") or {}, layer)] + extra_plugin_changes(extras):
         if change:
-            warnings.warn(f"{where} {change}", PluginVersionWarning, stacklevel=_outside_package())
+            notes.append((f"{where} {change}", PluginVersionWarning))
     absent = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in config["model"]]
     if absent:      # save_pretrained writes them all; a missing one would be read as its default
         defaults = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(ModelConfig)
@@ -1232,10 +1281,10 @@ def load_checkpoint(folder: Path, source: Optional[Dict[str, Any]] = None) -> "S
     digest, recorded = state_digest(tensors), config.get(STATE_DIGEST_KEY)
     if recorded is not None and digest != recorded:
         # loaded all the same: a float16 copy is a conversion the loader supports; the user decides
-        warnings.warn(f"{where}: its weights differ from those its config.json records saving ({STATE_DIGEST_KEY} "
-                      f"{recorded}, the file's {digest}): {WEIGHTS_NAME} was damaged or converted "
-                      f"since, so its recorded metrics may not hold; measure them with `lrnnx-zoo evaluate "
-                      f"{where} --check`, or re-save the model", WeightsDigestWarning, stacklevel=_outside_package())
+        notes.append((f"{where}: its weights differ from those its config.json records saving ({STATE_DIGEST_KEY} "
+                          f"{recorded}, the file's {digest}): {WEIGHTS_NAME} was damaged or converted "
+                          f"since, so its recorded metrics may not hold; measure them with `lrnnx-zoo evaluate "
+                          f"{where} --check`, or re-save the model", WeightsDigestWarning))
     dtype = _weights_dtype(tensors)
     if dtype is not None:
         model = model.to(dtype)

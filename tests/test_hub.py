@@ -1599,3 +1599,41 @@ def test_a_download_shorter_than_the_listing_is_fetched_again_once(local_hub, tm
                                                   r"loaded"):
             from_pretrained("acme/tiny")
         assert len(sent) == 2
+
+
+@pytest.mark.parametrize("same_shapes", [True, False])
+def test_a_folder_saved_again_while_it_is_read_is_read_again(tmp_path, monkeypatch, same_shapes):
+    # The loader reads config.json, the weights' header and the weights in turn. A training run
+    # saving into the folder between those reads gave the config of one save and the weights of the
+    # next: a "size mismatch" blaming the file, or (a retrained model, same shapes) the new weights
+    # under the old config's metrics with a warning that the file was damaged (two processes racing
+    # 30 saves and loads: 4 such loads of 60). Now the read is repeated, and only its warnings given.
+    import warnings
+    first = tiny("s4d", seed=0)
+    second = tiny("s4d", seed=1) if same_shapes else tiny("s4d", seed=1, d_model=12)
+    first.save_pretrained(tmp_path / "m", **META)
+    read_weights, saves = hub._read_weights, []
+
+    def save_in_between(path):
+        if not saves:           # the other process's save lands once, between the two reads
+            saves.append(second.save_pretrained(tmp_path / "m", **{**META, "notes": "the second save"}))
+        return read_weights(path)
+    monkeypatch.setattr(hub, "_read_weights", save_in_between)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no WeightsDigestWarning: the read that counts is of one save
+        loaded = from_pretrained(tmp_path / "m")
+    assert saves and loaded.checkpoint_info["notes"] == "the second save"
+    assert_same_outputs(loaded, second)
+
+
+def test_a_folder_that_keeps_changing_while_it_is_read_is_refused(tmp_path, monkeypatch):
+    tiny("s4d", seed=0).save_pretrained(tmp_path / "m", **META)
+    read_weights, seeds = hub._read_weights, iter(range(1, 100))
+
+    def save_every_time(path):
+        tiny("s4d", seed=next(seeds)).save_pretrained(tmp_path / "m", **META)
+        return read_weights(path)
+    monkeypatch.setattr(hub, "_read_weights", save_every_time)
+    with pytest.raises(CheckpointError, match=r"m changed while it was read, 4 times \(another process saving into "
+                                              r"it, e.g. a training run's --out\?\): nothing was loaded"):
+        from_pretrained(tmp_path / "m")
