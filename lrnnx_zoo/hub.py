@@ -454,10 +454,15 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
     online = not (local_files_only or constants.HF_HUB_OFFLINE)
     # The files' sizes first: a 400 MB config.json or card, or weights far larger than the config's
     # model, were downloaded in full and only then refused (or kept: a card is not read to load)
-    sizes = _repo_file_sizes(repo_id, revision, token) if online else {}
+    sizes, listed = _repo_file_sizes(repo_id, revision, token) if online else ({}, None)
     _check_size(repo_id, CONFIG_NAME, sizes, MAX_CONFIG_BYTES, "a config")
     folder = _fetch(repo_id, revision, [CONFIG_NAME], cache_dir, local_files_only, token, shipped)
     commit = folder.name if len(folder.name) == 40 else None
+    if listed and commit and commit != listed:
+        # pushed to since the listing: its sizes are another commit's, and compared with this one's
+        # files they refused them as cut short
+        sizes, _ = _repo_file_sizes(repo_id, commit, token)
+        _check_size(repo_id, CONFIG_NAME, sizes, MAX_CONFIG_BYTES, "a config")
     folder = _fetch_whole(folder, [CONFIG_NAME], sizes, repo_id, commit or revision, cache_dir, token, shipped)
     _check_snapshot(folder, [CONFIG_NAME], repo_id, commit or revision, local_files_only, token)
     config = read_config(folder, need_weights=False)
@@ -484,9 +489,11 @@ MAX_CARD_BYTES = 16 << 20
 WEIGHTS_HEADER_BYTES = 100 << 20
 
 
-def _repo_file_sizes(repo_id: str, revision: Optional[str], token: Optional[Union[str, bool]]) -> Dict[str, int]:
-    """{file name: bytes} of a Hub repo at ``revision``, from one metadata request ({} when the server
-    gives no sizes or the request fails: the download that follows says what is wrong)."""
+def _repo_file_sizes(repo_id: str, revision: Optional[str],
+                     token: Optional[Union[str, bool]]) -> Tuple[Dict[str, int], Optional[str]]:
+    """({file name: bytes}, commit id) of a Hub repo at ``revision``, from one metadata request (({},
+    None) when the server gives no sizes or the request fails: the download that follows says what is
+    wrong; None for a commit id that is not one)."""
     from huggingface_hub import HfApi
     try:
         with bounded_hub_requests():
@@ -494,8 +501,10 @@ def _repo_file_sizes(repo_id: str, revision: Optional[str], token: Optional[Unio
     except CheckpointError:         # an answer that would write outside the cache
         raise
     except Exception:               # noqa: BLE001 - only a pre-check: snapshot_download reports the failure
-        return {}
-    return {f.rfilename: int(f.size) for f in (info.siblings or []) if isinstance(getattr(f, "size", None), int)}
+        return {}, None
+    sha = getattr(info, "sha", None)
+    sizes = {f.rfilename: int(f.size) for f in (info.siblings or []) if isinstance(getattr(f, "size", None), int)}
+    return sizes, (sha if isinstance(sha, str) and _COMMIT_ID.fullmatch(sha) else None)
 
 
 def _weights_bound(config: Dict[str, Any]) -> Optional[int]:

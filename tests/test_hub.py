@@ -1637,3 +1637,21 @@ def test_a_folder_that_keeps_changing_while_it_is_read_is_refused(tmp_path, monk
     with pytest.raises(CheckpointError, match=r"m changed while it was read, 4 times \(another process saving into "
                                               r"it, e.g. a training run's --out\?\): nothing was loaded"):
         from_pretrained(tmp_path / "m")
+
+
+def test_a_push_between_the_listing_and_the_download_is_not_taken_for_a_cut_file(local_hub, tmp_path, monkeypatch):
+    # from_pretrained lists the repo's file sizes, then downloads config.json and the weights from
+    # the commit that download resolved. A push in between compared the new commit's files with the
+    # old commit's sizes: refused as "files of other sizes than its listing gives, twice".
+    local_hub.commit("acme/tiny", _files(tiny("s4d").save_pretrained(tmp_path / "v1")), message="v1")
+    v2 = tiny("s4d", seed=1, d_model=12)
+    fetch, pushed = hub._fetch, []
+
+    def push_first(*args, **kwargs):
+        if not pushed:
+            pushed.append(local_hub.commit("acme/tiny", _files(v2.save_pretrained(tmp_path / "v2")), message="v2"))
+        return fetch(*args, **kwargs)
+    monkeypatch.setattr(hub, "_fetch", push_first)
+    loaded = from_pretrained("acme/tiny")
+    assert_same_outputs(loaded, v2)
+    assert loaded.checkpoint_info["source"]["commit"] == pushed[0]
