@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from .convolution import lower_toeplitz
 from .shapes import positive_int
-from .step_forms import (DiagonalStepForm, SequentialStepForm, StepForm, is_step_form, register_split, rotate, run_parts,
-                         stored)
+from .step_forms import (DiagonalStepForm, SequentialStepForm, StepForm, chosen_build_dtype, is_step_form, register_split,
+                         rotate, run_parts, step_form_dtype, stored)
 
 #: ``channel_layout`` values: how a per-channel form packs its state (batch, S) with S = H * n:
 #: "last" as (batch, n, H) (channel last), "first" as (batch, H, n).
@@ -302,8 +302,29 @@ def chunk_form(form: nn.Module, T: int, closed: Optional[bool] = None) -> StepFo
     form with a ``chunk_form(T)`` method what it returns, any other form :class:`LoopChunkForm`
     (T steps unrolled: the same results). ``closed=False`` forces the loop, e.g. as a reference for
     a closed form (None and True: the closed form where there is one).
+
+    The matrices are stored in the dtype of an enclosing :func:`~lrnnx_zoo.step_forms.step_form_dtype`,
+    else in the form's own (that of its first floating buffer or parameter): a float64 form's chunk
+    form was stored in torch's default float32, and failed on float64 input ("expected scalar type Float").
     """
     T = check_chunk(T)
+    dtype = None if chosen_build_dtype() is not None else _form_dtype(form)
+    if dtype is not None:
+        with step_form_dtype(dtype):
+            return _chunk_form(form, T, closed)
+    return _chunk_form(form, T, closed)
+
+
+def _form_dtype(form: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the form's first floating buffer or parameter, or None (a form holding none)."""
+    for t in list(form.buffers()) + list(form.parameters()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def _chunk_form(form: nn.Module, T: int, closed: Optional[bool]) -> StepForm:
+    """:func:`chunk_form` in the build dtype chosen."""
     if closed is False:
         return LoopChunkForm(form, T)
     if isinstance(form, SequentialStepForm):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -111,11 +111,12 @@ def check_step_form(form: object, who: str, width: Optional[int] = None) -> None
     docstring's contract). ``width``: the layer's d_model, which d_input and d_output (when declared)
     and the trial step's y must match.
 
-    Beyond the declared sizes, one trial step from zeros at batch 2 runs without autograd: forward must
-    return (y (2, d_output), s_next (2, state_size)) in the dtype it was given and form no complex tensor. A form returning y alone
-    unpacked at batch 2 into two rows, a state_size its forward disagreed with failed at the second
-    step or deep inside an exporter, and a complex op only in torch.onnx ("No ONNX function found").
-    Costs one step, when a cache or a graph is made.
+    Beyond the declared sizes, a trial step from zeros at batch 2, then at batch 1, runs without autograd:
+    forward must return (y (B, d_output), s_next (B, state_size)) in the dtype it was given and form no
+    complex tensor. A form returning y alone unpacked at batch 2 into two rows, a state_size its forward
+    disagreed with failed at the second step or deep inside an exporter, and a complex op only in
+    torch.onnx ("No ONNX function found").
+    Costs two steps, when a cache or a graph is made.
     """
     def refuse(expected: str, cause: Optional[BaseException] = None) -> None:
         raise StepFormError(f"{who} must return {expected}") from cause
@@ -137,22 +138,33 @@ def check_step_form(form: object, who: str, width: Optional[int] = None) -> None
         return
     ref = next((t for t in tensors if t.is_floating_point()), None)
     like = {"dtype": build_dtype() if ref is None else ref.dtype, "device": None if ref is None else ref.device}
+    # batch 2 first (a form returning y alone unpacks there into two rows), then batch 1, the usual
+    # stream's: a .squeeze() in a form passed at 2 and failed at batch 1 as the layer's step or
+    # final_step_state, and in the exporters as "Dimension out of range"
+    for batch in (2, 1):
+        _trial_step(form, batch, d_in, size, sizes["d_output"], like, refuse, real_only)
+
+
+def _trial_step(form: nn.Module, batch: int, d_in: int, size: int, d_output: object, like: Dict[str, Any],
+                refuse: Callable[..., None], real_only: str) -> None:
+    """One step of ``form`` from zeros at ``batch`` (:func:`check_step_form`), refused as it says."""
     spy = _ComplexSpy()
     try:
         with torch.no_grad(), spy:
-            out = form(torch.zeros(2, d_in, **like), torch.zeros(2, size, **like))
+            out = form(torch.zeros(batch, d_in, **like), torch.zeros(batch, size, **like))
     except Exception as exc:
-        refuse(f"a form whose forward(u, s) runs on zeros u (2, {d_in}) and s (2, state_size={size}); it raised "
-               f"{type(exc).__name__}: {exc}", exc)
+        refuse(f"a form whose forward(u, s) runs on zeros u ({batch}, {d_in}) and s ({batch}, state_size={size}); "
+               f"it raised {type(exc).__name__}: {exc}", exc)
     if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)):
         got = (f"{type(out).__name__} of {', '.join(type(t).__name__ for t in out) or 'nothing'}"
                if isinstance(out, (tuple, list)) else type(out).__name__)
         refuse(f"a form whose forward(u, s) returns (y, s_next), two tensors; it returned a {got}")
     y, s_next = out
-    d_out = sizes["d_output"] if type(sizes["d_output"]) is int else y.shape[-1]
-    if tuple(y.shape) != (2, d_out) or tuple(s_next.shape) != (2, size):
-        refuse(f"a form whose forward(u (2, {d_in}), s (2, {size})) returns y (2, {d_out}) and s_next (2, {size}) "
-               f"(state_size={size}); it returned y {tuple(y.shape)} and s_next {tuple(s_next.shape)}")
+    d_out = d_output if type(d_output) is int else y.shape[-1]
+    if tuple(y.shape) != (batch, d_out) or tuple(s_next.shape) != (batch, size):
+        refuse(f"a form whose forward(u ({batch}, {d_in}), s ({batch}, {size})) returns y ({batch}, {d_out}) and "
+               f"s_next ({batch}, {size}) (state_size={size}); it returned y {tuple(y.shape)} and s_next "
+               f"{tuple(s_next.shape)}")
     if spy.first is not None or y.is_complex() or s_next.is_complex():
         refuse(f"{real_only}; its forward formed a complex tensor ({spy.first or 'its outputs'})")
     if y.dtype != like["dtype"] or s_next.dtype != like["dtype"]:
@@ -177,6 +189,11 @@ def same_form(a: nn.Module, b: nn.Module, rtol: float = 1e-6) -> bool:
 def build_dtype() -> torch.dtype:
     """The dtype step forms built now store their matrices in (:func:`step_form_dtype`)."""
     return _BUILD_DTYPE.get() or torch.get_default_dtype()
+
+
+def chosen_build_dtype() -> Optional[torch.dtype]:
+    """The dtype of the innermost :func:`step_form_dtype` around this call, or None outside one."""
+    return _BUILD_DTYPE.get()
 
 
 def poles_split() -> bool:

@@ -80,3 +80,32 @@ def test_s4_float32_gradients_are_finite_at_a_tiny_step():
         ((m(x) - x.flip(1)) ** 2).mean().backward()
         opt.step()
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+# -- chunk forms keep a float64 form's precision ---------------------------------------------------
+@pytest.mark.parametrize("name, kwargs", [("lru", dict(r_min=0.99999, r_max=1.0)),
+                                          ("s4d", dict(dt_min=1e-6, dt_max=1e-4)),
+                                          ("s4", dict(dt_min=1.0, dt_max=10.0)),
+                                          ("fftconv", dict(kernel_type="s4", channels=2))])
+def test_chunk_form_of_a_float64_form_runs_in_float64(name, kwargs):
+    """chunk_form(form, T) of a float64 step form (built inside step_form_dtype(float64)) stored its matrices in torch's default float32
+    and failed on a float64 chunk ("expected scalar type Float but found Double"). Chunks of a
+    float64 stream must match the float64 forward to 1e-10 of max|y| (float64 rounding over 60
+    steps, as test_numerics3_float64)."""
+    import lrnnx_zoo
+    from lrnnx_zoo.chunk_forms import chunk_form
+    from lrnnx_zoo.step_forms import step_form_dtype
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer(name, 3, d_state=4, **kwargs).double().eval()
+    x = torch.randn(2, 60, 3, dtype=torch.float64)
+    with torch.no_grad():
+        ref = layer(x)
+        with step_form_dtype(torch.float64):       # (a layer's step_form() is built in the build dtype)
+            form = layer.step_form()
+        chunk = chunk_form(form, 20)               # outside it: the form's dtype
+        s = torch.zeros(2, chunk.state_size, dtype=torch.float64)
+        ys = []
+        for c in range(3):
+            y, s = chunk(x[:, 20 * c:20 * (c + 1)], s)
+            ys.append(y)
+    assert rel(torch.cat(ys, 1), ref) < 1e-10
