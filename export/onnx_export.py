@@ -42,7 +42,7 @@ from .result import ExportResult
 from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch, graph_opset
 from .chunk_graph import ChunkModule, chunk_metadata, chunked
 from .graph_size import check_chunk_in_memory, check_chunk_under, chunk_graph_bytes, tensor_bytes
-from .step_graph import ExportError, StepModule, build_step_module, no_autocast
+from .step_graph import ExportError, StepModule, build_step_module, no_autocast, tracing
 from .validate import DEFAULT_SEED, FLOAT32_TOLERANCE, ValidationError, default_sequence, validate_stream
 
 #: The oldest onnxruntime that loads and runs the shipped checkpoints' graphs at each opset (written
@@ -162,7 +162,7 @@ def export_graph(step: Union[StepModule, ChunkModule], opset: int = DEFAULT_OPSE
     record = record if record is not None else []
     names = dict(input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), opset_version=opset)
     # onnx_ops: the step forms' sums as the ops ONNX Runtime runs fastest (step_forms.sum_rows)
-    with _quiet(record), torch.no_grad(), onnx_ops():
+    with _quiet(record), torch.no_grad(), onnx_ops(), tracing(step, f"torch.onnx.export ({exporter} exporter)"):
         if exporter == "dynamo":
             dims = None
             if batch is None:

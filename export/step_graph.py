@@ -89,6 +89,8 @@ class StepModule(nn.Module):
         # Plain Python ints, so tracing bakes the slices in as constants.
         self.slices: List[Tuple[int, int]] = [(offset, size) for _, offset, size in self.state_layout[:len(forms)]]
         self.pool_offset = self.state_layout[len(forms)][1] if pooling == "mean" else self.state_size
+        #: "blocks.{i}.layer (LayerClass)" per form, for messages (:func:`tracing`)
+        self.form_owners: List[str] = [name for name, _, _ in self.state_layout[:len(forms)]]
 
     def forward(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         """One step: x (B, d_input), state (B, state_size) -> y (B, d_output), state' (B, state_size)."""
@@ -138,6 +140,59 @@ class StepModule(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_input={self.d_input}, d_output={self.d_output}, state_size={self.state_size}, "
                 f"pooling={self.pooling!r}")
+
+
+@contextlib.contextmanager
+def tracing(module: nn.Module, exporter: str) -> Iterator[None]:
+    """Inside: ``exporter`` (torch.onnx.export, torch.jit.trace, torch.export.export) turns ``module``, a
+    step or chunk module, into a graph. Its failure becomes an ExportError naming the layer whose step
+    form it failed in, where one is found, and the root cause in one line: a plugin's form using an op
+    the format has no counterpart for, a tensor's value in Python (.item(), .numpy()) or its batch size
+    as a number came out as pages of exporter traceback naming no layer ("submit a PR to PyTorch")."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as exc:
+        chain, e = [], exc
+        while e is not None and e not in chain:       # the exporters wrap the error that counts
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        root = chain[-1]
+        lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()] or [""]
+        line = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]   # "... were found:" + the one found
+        owner = _failing_form(module, chain)
+        where = f" in {owner}.step_form()'s forward" if owner else ""
+        raise ExportError(
+            f"{exporter} could not export the step graph{where}: {type(root).__name__}: {line}. A step form is "
+            f"exported as the torch ops its forward(u, s) runs: tensor ops the format supports, no tensor's value "
+            f"read into Python (.item(), .numpy(), a branch on a value) and no batch size used as a number "
+            f"(README, 'Writing a plugin')") from exc
+
+
+def _failing_form(module: nn.Module, chain: List[BaseException]) -> Optional[str]:
+    """The owner (``form_owners``) of the step form an exporter failed in: the innermost frame run by
+    a form's module (torch.jit.trace, torch.export), or the FX node being converted (torch.onnx: its
+    ``nn_module_stack``). None when the failure is not inside a form."""
+    step = getattr(module, "step", module)               # a ChunkModule holds its StepModule
+    form_lists = [step.forms] + ([module.forms] if module is not step else [])
+    index = {id(m): i for forms in form_lists for i, form in enumerate(forms) for m in form.modules()}
+    found = None
+    for exc in chain:
+        tb = exc.__traceback__
+        while tb is not None:
+            local = tb.tb_frame.f_locals
+            candidates = [local.get("self")]
+            node = local.get("node")
+            if isinstance(node, torch.fx.Node):
+                for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+                    with contextlib.suppress(AttributeError, TypeError):
+                        candidates.append(module.get_submodule(path))
+            for c in candidates:
+                if id(c) in index:
+                    found = index[id(c)]
+            tb = tb.tb_next
+    return None if found is None else step.form_owners[found]
 
 
 def _layer_step_form(layer: nn.Module, index: int, d_model: int) -> nn.Module:
@@ -191,6 +246,7 @@ def build_step_module(model: SequenceModel) -> StepModule:
                           f"{CAUSAL_POOLINGS}. Re-train or rebuild the model with one of them.")
     model = copy.deepcopy(model).float().cpu().eval()
     forms, blocks = [], []
+    layer_names = [type(block.layer).__name__ for block in model.blocks]
     for i, block in enumerate(model.blocks):
         with step_form_dtype(torch.float32):
             form = _layer_step_form(block.layer, i, config.d_model)
@@ -201,6 +257,7 @@ def build_step_module(model: SequenceModel) -> StepModule:
         blocks.append(block)
     step = StepModule(model.encoder, blocks, forms, model.norm, model.decoder, pooling,
                       config.d_input, config.d_model, config.d_output)
+    step.form_owners = [f"blocks.{i}.layer ({name})" for i, name in enumerate(layer_names)]
     # Frozen: saved with requires_grad, a loaded .ts / .pt2 returned a state that required grad, and a
     # stream fed it back without torch.no_grad() (any libtorch loop without a NoGradGuard) chained
     # every step into one autograd graph (~44 MB per 1000 steps for a shipped forecaster).

@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,8 +31,8 @@ from .onnx_export import TRACE_BATCH, _quiet, check_batch, sample_inputs
 from .paths import output_location
 from .provenance import META_PREFIX, Source, graph_metadata, load_source
 from .result import ExportResult
-from .step_graph import StepModule, build_step_module, no_autocast
-from .validate import FLOAT32_TOLERANCE, torch_stream, validate_stream
+from .step_graph import ExportError, StepModule, build_step_module, no_autocast, tracing
+from .validate import FLOAT32_TOLERANCE, StreamFn, torch_stream, validate_stream
 
 METADATA_FILE = "lrnnx_zoo.json"
 
@@ -97,12 +98,28 @@ def _finish(step: Union[StepModule, ChunkModule], model: torch.nn.Module, tmp: P
     report = None
     if validate:
         loaded = loader(tmp)
-        report = validate_stream(torch_stream(loaded, step.state_size, getattr(step, "chunk", None)), model, x,
-                                 tolerance, fmt)
+        report = validate_stream(_failing_run_named(torch_stream(loaded, step.state_size, getattr(step, "chunk", None)),
+                                                    fmt, record), model, x, tolerance, fmt)
     os.replace(tmp, path)
     return ExportResult(path=str(path), format=fmt, metadata=metadata, state_size=step.state_size,
                         d_input=step.d_input, d_output=step.d_output, state_layout=step.state_layout,
                         validation=report, graph={"bytes": os.path.getsize(path)}, warnings=record)
+
+
+def _failing_run_named(stream: StreamFn, fmt: str, record: List[str]) -> StreamFn:
+    """``stream`` whose failure inside the saved graph is an ExportError with its cause in one line and
+    what tracing warned of: a step form that read a tensor into Python (.numpy()) traced into a constant
+    of the trace's batch, and validation failed as a page of TorchScript interpreter traceback."""
+    def run(x: np.ndarray) -> np.ndarray:
+        try:
+            return stream(x)
+        except RuntimeError as exc:                 # torch.jit.Error too
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+            cause = lines[-1] if "TorchScript" in lines[0] else lines[0]     # the interpreter's own error comes last
+            warned = [w for w in record if w.startswith("TracerWarning")]
+            raise ExportError(f"the {fmt} graph fails on the validation input of shape {x.shape}: {cause}. Not "
+                              f"written." + (f" Tracing warned: {warned[0]}" if warned else "")) from exc
+    return run
 
 
 def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate: bool = True,
@@ -130,10 +147,12 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
         record: List[str] = []
         with _temp(path) as tmp:
             with _quiet(record), torch.no_grad():
-                traced = torch.jit.trace(step, sample_inputs(step, TRACE_BATCH), check_trace=False)
+                with tracing(step, "torch.jit.trace"):
+                    traced = torch.jit.trace(step, sample_inputs(step, TRACE_BATCH), check_trace=False)
                 traced = torch.jit.script(CheckedStep(traced, step.state_size, step.d_input,
                                                       getattr(step, "chunk", None) or 0))
                 torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+            with _quiet(record), torch.no_grad():       # apart, so that validation sees what tracing warned
                 return _finish(step, model, tmp, path, "torchscript", load_torchscript, metadata, validate,
                                x, tolerance, record)
 
@@ -232,7 +251,8 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
             dims = ({0: b}, {0: b})
         with _temp(path, ".pt2") as tmp:
             with _quiet(record), torch.no_grad():
-                program = torch.export.export(step, sample_inputs(step, batch or TRACE_BATCH), dynamic_shapes=dims)
+                with tracing(step, "torch.export.export"):
+                    program = torch.export.export(step, sample_inputs(step, batch or TRACE_BATCH), dynamic_shapes=dims)
                 torch.export.save(program, str(tmp), extra_files={METADATA_FILE: json.dumps(metadata)})
             return _finish(step, model, tmp, path, "torch-export", load_torch_export, metadata, validate,
                            x, tolerance, record)
