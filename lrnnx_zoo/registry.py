@@ -11,6 +11,7 @@ Set ``LRNNX_ZOO_DISABLE_PLUGIN_AUTOLOAD=1`` to load only the built-in families.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import re
@@ -24,7 +25,7 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pluggy
-
+import torch
 from torch import nn
 
 from . import hookspecs
@@ -106,6 +107,36 @@ def _missing_dependency(info: "PluginInfo", exc: Optional[BaseException]) -> Opt
     missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
     own = info.module.partition(":")[0].partition(".")[0]
     return missing if missing and missing.partition(".")[0] != own else None
+
+
+#: Per kind a built-in layer calls: the backend's arguments -> the output shape it must return, and
+#: how the contract reads (the hookspec's). A third party's backend answering otherwise (None, a kernel
+#: of another length) failed inside the layer ("'NoneType' object has no attribute 'to'").
+_BACKEND_OUTPUTS: Dict[str, Tuple[Callable[..., Tuple[int, ...]], str]] = {
+    "vandermonde": (lambda v, log_lam, L, conj=True: (*v.shape[:-1], L),
+                    "fn(v, log_lam, L, conj=True) -> a tensor (..., L) for v (..., N)"),
+    "cauchy": (lambda v, z, w: (*torch.broadcast_shapes(v.shape[:-1], w.shape[:-1]), z.shape[-1]),
+               "fn(v, z, w) -> a tensor (..., L) for v, w (..., N) and z (L,)"),
+    "modal": (lambda u, log_lam, B, C, initial_state=None: (*u.shape[:-1], C.shape[0]),
+              "fn(u, log_lam, B, C, initial_state=None) -> a tensor (B, L, H_out) for u (B, L, H) and C (H_out, N)"),
+}
+
+
+def _checked_backend(fn: Callable[..., Any], kind: str, name: str, plugin: str) -> Callable[..., Any]:
+    """``fn``, a third-party ``kind`` backend, with its output held to the kind's shape (_BACKEND_OUTPUTS):
+    a PluginError naming the backend and its plugin instead of a failure further inside the layer."""
+    shape_of, contract = _BACKEND_OUTPUTS[kind]
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        out = fn(*args, **kwargs)
+        want = tuple(shape_of(*args, **kwargs))
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+            got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise PluginError(f"{kind} backend {name!r} of plugin {plugin!r} must be {contract}, here of shape {want}; "
+                              f"it returned {got}")
+        return out
+    return checked
 
 
 class RegistryError(LookupError):
@@ -220,7 +251,11 @@ class Registry:
         if not known:
             raise RegistryError(f"no backends of kind {kind!r}; kinds available: "
                                 f"{', '.join(sorted({k for k, _ in self._backends})) or 'none'}")
-        return self._lookup(self._backends, (kind, name), f"{kind} backend", known, name)
+        fn = self._lookup(self._backends, (kind, name), f"{kind} backend", known, name)
+        owner = next(e.plugin for entries in self._backends.values() for e in entries if e.value is fn)
+        if kind in _BACKEND_OUTPUTS and not getattr(self.plugins.get(owner), "builtin", False):
+            return _checked_backend(fn, kind, name, owner)
+        return fn
 
     def _lookup(self, table: Dict, key: Any, what: str, known: List[str], label: Any = None) -> Any:
         label = key if label is None else label

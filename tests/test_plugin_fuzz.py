@@ -102,3 +102,104 @@ def test_an_int8_graph_off_by_more_than_its_tolerance_blames_the_quantisation(mo
             to_onnx(_model("ema_int8"), tmp_path / "q.onnx", quantize="int8")
     assert "step_form" not in str(info.value)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_step_form_that_squeezes_the_batch_is_named_at_batch_1(tmp_path):
+    # passed the batch-2 trial, then failed as "L.step must give a tensor of its input's shape", as
+    # "final_step_state returned shape (4,)" or in the exporter as "Dimension out of range"
+    expected = (r"\(?Layer\)?.step_form\(\) must return a form whose forward\(u \(1, 4\), s \(1, 4\)\) returns y \(1, 4\) "
+                r"and s_next \(1, 4\) \(state_size=4\); it returned y \(4,\) and s_next \(4,\)")
+    with layers_registered("fuzz_squeeze", squeezes=_with_form(lambda y, s: (y.squeeze(), s.squeeze()))):
+        model = _model("squeezes")
+        with pytest.raises(StepFormError, match=expected):
+            model.allocate_inference_cache(1)
+        with pytest.raises(ExportError, match=expected):
+            to_onnx(model, tmp_path / "m.onnx", batch=1)
+    assert not list(tmp_path.iterdir())
+
+
+class _SolveForm(_Form):
+    """Right in eager torch, but ONNX has no linear solve."""
+
+    def forward(self, u, s):
+        s = self.a * s + (1 - self.a) * u
+        s = torch.linalg.solve(2 * torch.eye(s.shape[1], dtype=s.dtype), 2 * s.T).T
+        return s, s
+
+
+class _BranchForm(_Form):
+    """A branch on a tensor's value: torch.export cannot follow it."""
+
+    def forward(self, u, s):
+        s = self.a * s + (1 - self.a) * u
+        if s.abs().max() > 1e30:
+            s = s.clamp(-1e30, 1e30)
+        return s, s
+
+
+class _NumpyForm(_Form):
+    """A step through numpy: torch.jit.trace records its result as a constant of the trace's batch."""
+
+    def forward(self, u, s):
+        s = torch.from_numpy(self.a.numpy() * s.detach().numpy()) + (1 - self.a) * u
+        return s, s
+
+
+def _layer_of(form_cls):
+    class Layer(EMA):
+        def step_form(self):
+            return form_cls(torch.sigmoid(self.logit.double()))
+    return Layer
+
+
+@pytest.mark.parametrize("form_cls, export, expected", [
+    (_SolveForm, to_onnx, r"^torch.onnx.export \(dynamo exporter\) could not export the step graph in blocks.1.layer "
+                          r"\(Layer\).step_form\(\)'s forward: DispatchError: No ONNX function found for .*linalg_solve"),
+    (_BranchForm, to_torch_export, r"^torch.export.export could not export the step graph in blocks.1.layer \(Layer\)"
+                                   r".step_form\(\)'s forward: \w+: Could not guard on data-dependent expression"),
+    (_NumpyForm, to_torchscript, r"^the torchscript graph fails on the validation input of shape \(2, 256, 3\): "
+                                 r"RuntimeError: The size of tensor a \(3\) must match .* Not written. Tracing warned: "
+                                 r"TracerWarning: Converting a tensor to a NumPy array"),
+])
+def test_an_exporter_failing_on_a_plugin_step_form_names_the_layer_in_one_line(form_cls, export, expected, tmp_path):
+    # each came out as the exporter's pages of traceback ("submit a PR to PyTorch", "The following operation
+    # failed in the TorchScript interpreter"), naming no layer; here the second block's form is the one
+    with layers_registered("fuzz_export_ops", plain=EMA, odd=_layer_of(form_cls)):
+        model = _model("plain")
+        model.blocks[1].layer = lrnnx_zoo.create_layer("odd", 4)
+        model.eval()
+        y, cache = model.prefill(torch.randn(2, 5, 3))          # eager torch takes the form
+        with pytest.raises(ExportError, match=expected) as info:
+            export(model, tmp_path / "m.out")
+    assert len(str(info.value).splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_third_party_kernel_backend_answering_out_of_contract_is_named():
+    # s4d with a Vandermonde backend returning None failed inside the layer with "'NoneType' object has no
+    # attribute 'to'", one returning a kernel of another length in the FFT convolution
+    from lrnnx_zoo import PluginError, get_backend
+    torch_vdm = get_backend("vandermonde", "torch")
+
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_kernel_backends(registry):
+        registry.add_backend("vandermonde", "fz_none", lambda v, log_lam, L, conj=True: None)
+        registry.add_backend("vandermonde", "fz_short", lambda v, log_lam, L, conj=True: torch_vdm(v, log_lam, L - 1, conj))
+        registry.add_backend("vandermonde", "fz_good", lambda v, log_lam, L, conj=True: torch_vdm(v, log_lam, L, conj))
+    plugin = types.ModuleType("tp_fuzz_backends")
+    plugin.lrnnx_zoo_register_kernel_backends = lrnnx_zoo_register_kernel_backends
+    lrnnx_zoo.register_plugin(plugin, "fuzz_backends")
+    try:
+        x = torch.randn(2, 9, 4)
+        torch.manual_seed(0)
+        want = lrnnx_zoo.create_layer("s4d", 4, d_state=4, backend="torch")(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(lrnnx_zoo.create_layer("s4d", 4, d_state=4, backend="fz_good")(x), want)
+        for name, got in (("fz_none", "NoneType"), ("fz_short", r"a tensor of shape \(1, 4, 8\)")):
+            layer = lrnnx_zoo.create_layer("s4d", 4, d_state=4, backend=name)
+            with pytest.raises(PluginError, match=rf"^vandermonde backend '{name}' of plugin 'fuzz_backends' must be "
+                                                  rf"fn\(v, log_lam, L, conj=True\) -> a tensor \(..., L\) for v "
+                                                  rf"\(..., N\), here of shape \(1, 4, 9\); it returned {got}$"):
+                layer(x)
+    finally:
+        lrnnx_zoo.unregister_plugin("fuzz_backends")
