@@ -226,6 +226,18 @@ def register_split(module: nn.Module, name: str, rows: Tensor) -> None:
     module.register_buffer(name + "_lo", lo)
 
 
+def poles_need_split(lam: Tensor) -> bool:
+    """Whether rounding the poles lam (complex) once to the build dtype errs, for some mode, by more
+    than :data:`SLOW_POLE_ERROR` of its state over its memory: |lam - round(lam)| > SLOW_POLE_ERROR (1 - |lam|).
+    False inside ``split_poles(False)`` (speed chosen) and where the rounding is exact (a float64 build,
+    a pole of exactly 1)."""
+    if not poles_split():
+        return False
+    lam = lam.detach().to(torch.complex128)
+    hi = torch.complex(stored(lam.real).double(), stored(lam.imag).double())
+    return bool(((lam - hi).abs() > SLOW_POLE_ERROR * (1 - lam.abs())).any())
+
+
 def rotate(z: Tensor, re: Tensor, im: Tensor, re_lo: Optional[Tensor], im_lo: Optional[Tensor],
            rest: Tensor) -> Tensor:
     """lam * z + rest on the packed [Re z; Im z] z: (batch, 2, ...) (the halves on dim 1), lam as rows
@@ -284,6 +296,13 @@ def sum_rows(t: Tensor, rows: int) -> Tensor:
 #: 160/96 (123,904): 70.0 vs 74.5 us at batch 1 but 14% slower at batch 64; 96/128: slower at both.
 FUSE_LIMIT = 1 << 16
 
+#: The fused DiagonalStepForm rounds each pole once. A mode of memory 1 / (1 - |lam|) turns that rounding
+#: delta into an error of about |delta| / (1 - |lam|) of its state once a stream fills its memory
+#: (|delta| * t before, t steps in). Where some mode's exceeds this, the default is the unfused form, whose
+#: poles are split (hi + lo): LRU r in [0.99999, 1], 65,536 steps, 1.1e-3 of max|y| from float64 fused
+#: (the same with float64 arithmetic on the float32 W: the pole, not the matmul), 6.7e-6 split.
+SLOW_POLE_ERROR = 1e-3
+
 
 class DiagonalStepForm(StepForm):
     """x' = lam * x + B u,  y = Re(C x') + D u  with a diagonal (complex) lam shared by all inputs.
@@ -293,7 +312,8 @@ class DiagonalStepForm(StepForm):
         B: (M, H_in) complex discrete input matrix.
         C: (H_out, M) complex output matrix (fold any conjugate-pair factor 2 into it).
         D: (H_out,) skip connection (H_in == H_out) or (H_out, H_in), or None.
-        fuse: one matmul per step (below); default when the matrix has at most FUSE_LIMIT entries.
+        fuse: one matmul per step (below); default when the matrix has at most FUSE_LIMIT entries and
+            no pole is too slow for one rounding (:func:`poles_need_split`).
     State layout: [Re x (M), Im x (M)], so state_size = 2M.
 
     In row-vector form s' = s P + u Q and y = s' R + u S, so one matrix gives both outputs:
@@ -309,7 +329,8 @@ class DiagonalStepForm(StepForm):
     (d_model=32, N=32) streams 16,384 steps of biased noise within 5.8e-7 of max|y| from its
     float64 form instead of 1.4e-5. Fused, the matmul's own roundings of the state (its sum over
     2M + H terms) dominate: a lo correction on top only took that case from 1.5e-5 to 1.2e-5, so
-    the fused form keeps one float32 lam inside W.
+    the fused form keeps one float32 lam inside W. Not for poles so close to the unit circle that this
+    one rounding outweighs the rest (:data:`SLOW_POLE_ERROR`): their default is unfused.
     """
 
     def __init__(self, lam: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -329,7 +350,9 @@ class DiagonalStepForm(StepForm):
             S = torch.zeros(self.d_input, self.d_output, dtype=torch.float64, device=B.device)
         else:
             S = torch.diag(D.double()) if D.dim() == 1 else D.double().T
-        self.fused = (2 * M + self.d_input) * (2 * M + self.d_output) <= FUSE_LIMIT if fuse is None else fuse
+        if fuse is None:
+            fuse = (2 * M + self.d_input) * (2 * M + self.d_output) <= FUSE_LIMIT and not poles_need_split(lam)
+        self.fused = fuse
         if self.fused:
             lr, li = torch.diag(lam.real), torch.diag(lam.imag)
             P = torch.cat([torch.cat([lr, li], 1), torch.cat([-li, lr], 1)], 0)  # s @ P = lam * s

@@ -109,3 +109,27 @@ def test_chunk_form_of_a_float64_form_runs_in_float64(name, kwargs):
             y, s = chunk(x[:, 20 * c:20 * (c + 1)], s)
             ys.append(y)
     assert rel(torch.cat(ys, 1), ref) < 1e-10
+
+
+# -- LRU step form: poles next to the unit circle ----------------------------------------------------
+def test_lru_step_form_splits_poles_too_slow_for_one_rounding():
+    """LRU with r in [0.99999, 1] (|lam| within 1e-5 of 1: memories of 1e5 - 2e7 steps): the fused
+    float32 step form rounded each pole once inside its matrix, an error ~6e-8 that grows linearly
+    over the mode's memory (16,384 steps: 2.1e-4 of max|y| from the float64 forward; 65,536: 1.1e-3,
+    the same with float64 arithmetic on the rounded matrix, so the pole, not the matmul). The form
+    now defaults to the unfused one with hi + lo poles there: within 2e-5 (measured 5.1e-6; the
+    README's "Long streams" bound for slow modes). An LRU of ordinary poles keeps the fused form."""
+    from lrnnx_zoo.plugins.lru import LRU
+    torch.manual_seed(0)
+    lru = LRU(2, 4, r_min=0.99999, r_max=1.0).eval()
+    x = torch.randn(1, 16384, 2)
+    with torch.no_grad():
+        ref = copy.deepcopy(lru).double()(x.double())
+        form = lru.step_form()
+        s, ys = torch.zeros(1, form.state_size), []
+        for t in range(x.shape[1]):
+            y, s = form(x[:, t], s)
+            ys.append(y)
+    assert not form.fused
+    assert rel(torch.stack(ys, 1), ref) < 2e-5
+    assert LRU(2, 4, r_min=0.9, r_max=0.999).step_form().fused
