@@ -23,7 +23,7 @@ from lrnnx_zoo.chunk_forms import chunk_form, check_chunk
 from lrnnx_zoo.models import SequenceModel, fast_two_sum
 from lrnnx_zoo.step_forms import step_form_dtype
 
-from .step_graph import StepModule, build_step_module
+from .step_graph import ExportError, StepModule, build_step_module
 from .validate import DEFAULT_BATCH, DEFAULT_LENGTH, check_validation_input, check_validation_memory, default_sequence
 
 
@@ -41,7 +41,8 @@ class ChunkModule(nn.Module):
         # the step module's precision, float32, whatever torch's default dtype (which chunk forms
         # store in otherwise: under torch.set_default_dtype(torch.float64) the export failed in a matmul)
         with step_form_dtype(torch.float32):
-            self.forms = nn.ModuleList(chunk_form(f, self.chunk, closed) for f in step.forms)
+            self.forms = nn.ModuleList(_checked_chunk_form(f, self.chunk, closed, owner, step.d_model)
+                                       for f, owner in zip(step.forms, step.form_owners))
         counts = torch.arange(1, self.chunk + 1, dtype=torch.float32).reshape(1, -1, 1)     # steps into the chunk
         self.register_buffer("counts", counts if step.pooling == "mean" else None)
         self.state_size, self.state_layout = step.state_size, step.state_layout
@@ -92,6 +93,36 @@ class ChunkModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"chunk={self.chunk}, state_size={self.state_size}"
+
+
+def _checked_chunk_form(form: nn.Module, T: int, closed: Optional[bool], owner: str, width: int) -> nn.Module:
+    """``form``'s chunk form for T steps, tried once from zeros at batch 2: an ExportError naming the
+    layer unless it maps (u (B, T, d_in), s (B, state_size)) to (y (B, T, d_out), s_T) in float32. A
+    plugin form's own ``chunk_form(T)`` returning None, a function or y of one step failed as
+    "'NoneType' object has no attribute 'modules'", "is not a Module subclass" or inside the exporter."""
+    who = f"{owner}.step_form().chunk_form({T})"
+    try:
+        chunked_form = chunk_form(form, T, closed)
+    except Exception as exc:
+        raise ExportError(f"{who} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(chunked_form, nn.Module):
+        raise ExportError(f"{who} must return an nn.Module (u (B, {T}, d_input), s (B, state_size)) -> "
+                          f"(y (B, {T}, d_output), s_T); it returned {type(chunked_form).__name__}")
+    d_in, d_out, size = (getattr(form, a, width) for a in ("d_input", "d_output", "state_size"))
+    want = ((2, T, d_out), (2, size))
+    try:
+        out = chunked_form(torch.zeros(2, T, d_in, dtype=torch.float32), torch.zeros(2, size, dtype=torch.float32))
+    except Exception as exc:
+        raise ExportError(f"{who} must return a module that runs on zeros u (2, {T}, {d_in}) and s (2, {size}); it "
+                          f"raised {type(exc).__name__}: {exc}") from exc
+    shapes = (tuple(tuple(t.shape) for t in out) if isinstance(out, (tuple, list)) and len(out) == 2 and
+              all(isinstance(t, Tensor) for t in out) else None)
+    if shapes != want or any(t.dtype != torch.float32 for t in out):
+        got = (f"y {shapes[0]} and s_T {shapes[1]} of {out[0].dtype} and {out[1].dtype}" if shapes is not None
+               else f"a {type(out).__name__}")
+        raise ExportError(f"{who} must return a module whose forward(u (2, {T}, {d_in}), s (2, {size})) returns y "
+                          f"{want[0]} and s_T {want[1]} in float32; it returned {got}")
+    return chunked_form
 
 
 @torch.no_grad()

@@ -203,3 +203,43 @@ def test_a_third_party_kernel_backend_answering_out_of_contract_is_named():
                 layer(x)
     finally:
         lrnnx_zoo.unregister_plugin("fuzz_backends")
+
+
+class _ChunkedForm(_Form):
+    """A form with a chunk_form(T) of its own, returning what ``chunk`` makes of it."""
+
+    chunk = None
+
+    def chunk_form(self, T):
+        return type(self).chunk(self, T)
+
+
+def _one_step_only(form, T):
+    class OneStep(nn.Module):
+        state_size = form.state_size
+
+        def forward(self, u, s):
+            return form(u[:, -1], s)
+    return OneStep()
+
+
+def _raises(form, T):
+    raise RuntimeError(f"no closed form for {T} steps")
+
+
+@pytest.mark.parametrize("chunk, expected", [
+    (lambda form, T: None, r"must return an nn.Module \(u \(B, 1, d_input\), s \(B, state_size\)\) -> \(y \(B, 1, "
+                           r"d_output\), s_T\); it returned NoneType"),
+    (_one_step_only, r"must return a module whose forward\(u \(2, 1, 4\), s \(2, 4\)\) returns y \(2, 1, 4\) and s_T "
+                     r"\(2, 4\) in float32; it returned y \(2, 4\) and s_T \(2, 4\)"),
+    (_raises, r"raised RuntimeError: no closed form for 1 steps"),
+])
+def test_a_plugin_forms_own_chunk_form_out_of_contract_is_named(chunk, expected, tmp_path):
+    # failed as "'NoneType' object has no attribute 'modules'", inside torch.onnx ("shape '[4*s77, 4]' is
+    # invalid"), or as the plugin's bare error
+    form_cls = type("Form", (_ChunkedForm,), {"chunk": chunk})
+    with layers_registered("fuzz_chunk_forms", own_chunks=_layer_of(form_cls)):
+        model = _model("own_chunks")
+        with pytest.raises(ExportError, match=r"^blocks.0.layer \(Layer\).step_form\(\).chunk_form\(1\) " + expected):
+            to_onnx(model, tmp_path / "m.onnx", chunk=4)
+    assert not list(tmp_path.iterdir())
