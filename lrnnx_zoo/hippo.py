@@ -132,6 +132,17 @@ def _check_like_A(who: str, A: Tensor, **tensors: Any) -> None:
             raise TypeError(f"{who} needs {name} of A's dtype {A.dtype}, got {t.dtype}; cast one of them")
 
 
+def _check_elements(who: str, shape: tuple, **given: int) -> None:
+    """A ValueError naming ``who`` and ``given`` when a tensor of ``shape`` it would build holds more
+    than :data:`~lrnnx_zoo.base.MAX_TENSOR_ELEMENTS` elements (the layers' own bound)."""
+    from .base import MAX_TENSOR_ELEMENTS     # (base imports this module's importers)
+    count = math.prod(shape)
+    if count > MAX_TENSOR_ELEMENTS:
+        shown = ", ".join(f"{k}={v}" for k, v in given.items())
+        raise ValueError(f"{who} with {shown} builds a tensor {tuple(shape)} of {count:.3g} elements, more than "
+                         f"the {MAX_TENSOR_ELEMENTS:.0e} this library allows one tensor; check the sizes")
+
+
 def _check_real_dtype(dtype: Any) -> None:
     """A TypeError unless dtype is a real floating torch.dtype: torch.long truncated sqrt(n + 1/2) to
     integers, and "float32" failed on a missing attribute."""
@@ -230,6 +241,7 @@ def transition(measure: str, N: int, **measure_args) -> tuple[Tensor, Tensor]:
     N = _check_int("N", N)
     if N < 1:
         raise ValueError(f"N must be positive, got {N}")
+    _check_elements("transition", (N, N), N=N)      # N=2**20 asked the allocator for 8.8 TB
     f64 = torch.float64
     n = torch.arange(N, dtype=f64)
     row, col = n[:, None], n[None, :]
@@ -596,6 +608,8 @@ def krylov(L: int, A: Tensor, b: Tensor, c: Optional[Tensor] = None,
         raise ValueError(f"L must be >= {1 if return_power else 0}, got {L}")
     _check_square("krylov", A)
     _check_like_A("krylov", A, b=b, c=c)
+    # the doubling's last block holds up to 2L columns: L=2**30 at N=4 ran for minutes toward 32 GB
+    _check_elements("krylov", broadcast_shape(A.shape[:-1], b.shape) + (2 * L,), L=L)
     K = b[..., None]
     cur = A
     while K.shape[-1] < L:

@@ -296,3 +296,16 @@ def test_the_s4_helpers_design_lists_beside_hippos_import_from_it():
         assert name in hippo.__all__
     with pytest.raises(AttributeError, match="has no attribute 'Linear'"):
         hippo.Linear
+
+
+def test_reference_helpers_refuse_sizes_past_the_tensor_bound():
+    # transition(measure, 2**20) asked the allocator for 8.8 TB; krylov(2**30, ...) at N=4 ran for
+    # minutes toward a 32 GB block on a 24 GB machine. Both are refused up front, naming the sizes.
+    with pytest.raises(ValueError, match=r"transition with N=1048576 builds a tensor \(1048576, 1048576\) of "
+                                         r"1.1e\+12 elements, more than the 1e\+09"):
+        hippo.transition("legs", 1 << 20)
+    with pytest.raises(ValueError, match=r"krylov with L=1073741824 builds a tensor \(4, 2147483648\)"):
+        hippo.krylov(1 << 30, 0.5 * torch.eye(4), torch.ones(4))
+    with pytest.raises(ValueError, match=r"krylov with L=4000000 builds a tensor \(300, 4, 8000000\)"):
+        hippo.krylov(4_000_000, 0.5 * torch.eye(4).expand(300, 4, 4), torch.ones(4))
+    assert hippo.krylov(1000, 0.5 * torch.eye(4), torch.ones(4)).shape == (4, 1000)
