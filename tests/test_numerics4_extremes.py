@@ -133,3 +133,16 @@ def test_lru_step_form_splits_poles_too_slow_for_one_rounding():
     assert not form.fused
     assert rel(torch.stack(ys, 1), ref) < 2e-5
     assert LRU(2, 4, r_min=0.9, r_max=0.999).step_form().fused
+
+
+# -- S4 measures whose normal part the stability clamp would change -----------------------------------
+@pytest.mark.parametrize("measure, args", [("tlagt", {"beta": -0.5}), ("glagt", {"alpha": 0.0, "beta": -0.5})])
+def test_s4_refuses_a_measure_its_stability_clamp_would_change(measure, args):
+    """tlagt / glagt accept beta in (-1, 0) (A decays at (1 + beta) / 2 > 0), but their normal part then
+    has Re w = -beta / 2 > 0, which the kernel clamps to -1e-4 at every evaluation: the layer ran another
+    system (the slowest pole of A at -0.435 instead of -0.184, silently). Now a ValueError naming the
+    measure and the fix; beta = 0 and the default arguments still build."""
+    with pytest.raises(ValueError, match=r"stability clamp.*beta >= 0"):
+        S4Layer(2, d_state=8, measure=measure, measure_args=args)
+    S4Layer(2, d_state=8, measure=measure, measure_args={**args, "beta": 0.0})
+    S4Layer(2, d_state=8, measure=measure)

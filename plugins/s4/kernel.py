@@ -1000,11 +1000,29 @@ class HippoSSKernel(SSKernelNPLR):
         if H % n_ssm:
             raise ValueError(f"n_ssm must divide H={H}, got {n_ssm}")
         w, P, B = measure_factors(measure, N, rank, measure_args)
+        check_stable_normal_part(measure, measure_args, w)
         log_dt = torch.rand(H, dtype=torch.float64) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         C = torch.randn(channels, H, N // 2, dtype=torch.complex64)     # each part N(0, 1/2)
         super().__init__(L, w.expand(n_ssm, -1), P.unsqueeze(1).expand(-1, n_ssm, -1), B.expand(n_ssm, -1), C,
                          log_dt, trainable=trainable, lr=lr, wd=wd, discretization=discretization, backend=backend)
         self.measure = measure
+
+
+def check_stable_normal_part(measure: str, measure_args: Optional[Dict[str, Any]], w: Tensor) -> None:
+    """Refuse a measure whose normal part has eigenvalues with Re w > 0 (beyond rounding): the kernel's
+    stability clamp (Re w <= :data:`W_REAL_MAX`) would replace them, and the layer would run another
+    system than the measure's A = V (diag(w) - P^H P) V^H. HiPPO-tlagt and -glagt have Re w = -beta / 2
+    (with P = ones / sqrt(2)): at beta = -0.5 the clamp moved the slowest pole of A from -0.184 to
+    -0.435, silently. (Re w = 0, as LegT's and Fourier's, is the clamp's usual case.)"""
+    if w.device.type == "meta" or w.numel() == 0:
+        return
+    top = float(w.real.max())
+    if top > 1e-9 * max(1.0, float(w.abs().max())):
+        args = f" with measure_args={measure_args}" if measure_args else ""
+        hint = " (tlagt and glagt: Re w = -beta / 2, so beta >= 0)" if measure in ("tlagt", "glagt") else ""
+        raise ValueError(f"S4 measure {measure!r}{args} has a normal part with eigenvalues up to Re w = {top:.3g} > 0, "
+                         f"which the kernel's stability clamp (Re w <= {W_REAL_MAX}) would replace: the layer would "
+                         f"not run this measure's system. Choose arguments whose normal part is stable{hint}")
 
 
 class S4Kernel(HippoSSKernel):
