@@ -455,7 +455,12 @@ def _discover(registry: Registry, pm: pluggy.PluginManager) -> None:
             seen[ep.name] = dist_name or "?"
         try:
             plugin = ep.load()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            # Ctrl-C on a slow or hung import: its traceback shows importlib's frames, not whose
+            if hasattr(exc, "add_note"):        # Python >= 3.11
+                skip = "" if builtin else f"; {DISABLE_AUTOLOAD_ENV}=1 skips third-party plugins"
+                exc.add_note(f"(interrupted while importing the lrnnx_zoo plugin {info.name!r}: {ep.value!r} from "
+                             f"{dist_name or 'an unknown distribution'}{skip})")
             raise
         except PLUGIN_FAILURES as exc:
             registry.plugins[info.name] = info

@@ -347,6 +347,26 @@ def test_entry_points_that_raise_base_exceptions_or_name_no_plugin(tmp_path, mon
         lrnnx_zoo.reload_plugins()
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_ctrl_c_during_a_plugin_import_names_the_plugin(tmp_path, monkeypatch):
+    # Ctrl-C on a slow or hung plugin import propagates (the user asked to stop), but its traceback
+    # showed importlib's frames and no word of which installed plugin was being imported
+    root = tmp_path / "site"
+    make_distribution(root, "tp-slow", {"tp_slow": "raise KeyboardInterrupt\n"}, {"slow": "tp_slow"})
+    activate(root, monkeypatch)
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            lrnnx_zoo.reload_plugins()
+        assert caught.value.__notes__ == [
+            "(interrupted while importing the lrnnx_zoo plugin 'slow': 'tp_slow' from tp-slow; "
+            "LRNNX_ZOO_DISABLE_PLUGIN_AUTOLOAD=1 skips third-party plugins)"]
+    finally:
+        monkeypatch.undo()
+        lrnnx_zoo.reload_plugins()
+    assert {"lru", "s4d"} <= set(lrnnx_zoo.list_layers())
+
+
 # -- a third-party author's journey (plugin audit) -----------------------------------------------
 def _starts(line, cells):
     """The offset in ``line`` of each cell, searched left to right."""
