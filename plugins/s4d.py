@@ -73,6 +73,27 @@ def init_random(H: int, M: int) -> Tuple[Tensor, Tensor]:
         torch.ones(H, M, dtype=torch.complex128)
 
 
+def init_modes(init: str, H: int, M: int) -> Tuple[Tensor, Tensor]:
+    """(A, B) (H, M) complex128 from the initializer ("s4d", init), and a ValueError saying what was
+    expected if it returns something else: a plugin's initializer returning None, (H, 2M) or real
+    tensors failed as "cannot unpack non-iterable NoneType", a size mismatch at the first forward or
+    "imag is not implemented", and one with Re(A) >= 0 gave NaN outputs (log(-Re A) is a parameter)."""
+    out = get_initializer("s4d", init)(H, M)
+    if (not isinstance(out, (tuple, list)) or len(out) != 2 or not all(isinstance(t, Tensor) for t in out)
+            or any(tuple(t.shape) != (H, M) for t in out)):
+        got = (tuple(tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in out)
+               if isinstance(out, (tuple, list)) else type(out).__name__)
+        raise ValueError(f"the s4d initializer {init!r} must return (A, B) tensors of shape ({H}, {M}) each for "
+                         f"d_model={H}, d_state={2 * M} (N/2 modes); got {got}")
+    A, B = (t.detach().to(torch.complex128) for t in out)     # real values are taken as complex ones
+    # (not on the meta device, where a layer is built without data: nothing to check there)
+    if A.device.type != "meta" and not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())
+                                        and bool((A.real < 0).all())):
+        raise ValueError(f"the s4d initializer {init!r} must return finite A and B with Re(A) < 0 (a stable system: "
+                         f"S4D keeps log(-Re A)); got Re(A) up to {A.real.max().item():.3g}")
+    return A, B
+
+
 class S4DKernel(ChannelModalKernel):
     """Parameters and kernel of H diagonal systems with ``channels`` outputs each (eq. 5).
 
@@ -100,7 +121,7 @@ class S4DKernel(ChannelModalKernel):
         self.discretize_fn = get_discretization(discretization)
         get_backend("vandermonde", backend)  # unknown names fail here, listing the valid ones
         H, M = d_model, d_state // 2
-        A, B = get_initializer("s4d", init)(H, M)
+        A, B = init_modes(init, H, M)
         log_dt = torch.rand(H, dtype=torch.float64) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         real = parameter_dtype()
         self.log_dt = nn.Parameter(log_dt.to(real))

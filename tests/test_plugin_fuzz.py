@@ -243,3 +243,30 @@ def test_a_plugin_forms_own_chunk_form_out_of_contract_is_named(chunk, expected,
         with pytest.raises(ExportError, match=r"^blocks.0.layer \(Layer\).step_form\(\).chunk_form\(1\) " + expected):
             to_onnx(model, tmp_path / "m.onnx", chunk=4)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("init, expected", [
+    (lambda H, M: None, r"must return \(A, B\) tensors of shape \(4, 3\) each for d_model=4, d_state=6 \(N/2 modes\); "
+                        r"got NoneType"),
+    (lambda H, M: (-torch.ones(H, 2 * M, dtype=torch.cfloat), torch.ones(H, 2 * M, dtype=torch.cfloat)),
+     r"must return \(A, B\) tensors of shape \(4, 3\) each .*; got \(\(4, 6\), \(4, 6\)\)"),
+    (lambda H, M: (torch.ones(H, M, dtype=torch.cfloat), torch.ones(H, M, dtype=torch.cfloat)),
+     r"must return finite A and B with Re\(A\) < 0 \(a stable system: S4D keeps log\(-Re A\)\); got Re\(A\) up to 1"),
+])
+def test_a_plugin_initializer_for_s4d_out_of_contract_is_named(init, expected):
+    # None failed as "cannot unpack non-iterable NoneType object" (and "S4D takes ..."), (H, N) as a size
+    # mismatch at the first forward, Re(A) >= 0 gave NaN outputs without a word
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_initializers(registry):
+        registry.add_initializer("s4d", "fz_bad", init)
+        registry.add_initializer("s4d", "fz_real", lambda H, M: (-torch.ones(H, M), torch.ones(H, M)))
+    plugin = types.ModuleType("tp_fuzz_inits")
+    plugin.lrnnx_zoo_register_initializers = lrnnx_zoo_register_initializers
+    lrnnx_zoo.register_plugin(plugin, "fuzz_inits")
+    try:
+        assert torch.isfinite(lrnnx_zoo.create_layer("s4d", 4, d_state=6, init="fz_real")(torch.randn(1, 5, 4))).all()
+        for layer, kw in (("s4d", {}), ("fftconv", {"kernel_type": "s4d"})):
+            with pytest.raises(ValueError, match=r"^the s4d initializer 'fz_bad' " + expected):
+                lrnnx_zoo.create_layer(layer, 4, d_state=6, init="fz_bad", **kw)
+    finally:
+        lrnnx_zoo.unregister_plugin("fuzz_inits")
