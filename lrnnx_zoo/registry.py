@@ -22,7 +22,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pluggy
 import torch
@@ -801,6 +801,23 @@ def get_initializer(layer: str, name: str) -> Callable[..., Any]:
     """The initializer ``name`` registered for ``layer`` (RegistryError listing the known ones if
     none); "<plugin>:<name>" picks one that two plugins registered."""
     return get_registry().get_initializer(layer, name)
+
+
+def initial_values(layer: str, name: str, what: str, shapes: Sequence[Tuple[int, ...]], context: str,
+                   *args: Any, **kwargs: Any) -> Tuple[Any, ...]:
+    """The tensors the initializer ``name`` of ``layer`` returns for ``args``, or a ValueError saying what was
+    expected: ``what`` (e.g. "(A, B)") of ``shapes``, for ``context`` (the sizes asked for). A plugin's
+    initializer returning None or other shapes failed as "cannot unpack non-iterable NoneType object" or a
+    size mismatch at the layer's first forward, naming neither the initializer nor what it should give."""
+    out = get_initializer(layer, name)(*args, **kwargs)
+    shapes = [tuple(w) for w in shapes]
+    if (not isinstance(out, (tuple, list)) or len(out) != len(shapes) or not all(isinstance(t, torch.Tensor) for t in out)
+            or [tuple(t.shape) for t in out] != shapes):
+        got = (tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in out)
+               if isinstance(out, (tuple, list)) else type(out).__name__)
+        raise ValueError(f"the {layer} initializer {name!r} must return {what} tensors of shapes "
+                         f"{', '.join(map(str, shapes))} for {context}; got {got}")
+    return tuple(out)
 
 
 def get_backend(kind: str, name: str = "auto") -> Callable[..., Any]:

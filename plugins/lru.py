@@ -30,7 +30,7 @@ from lrnnx_zoo.base import (LTI_LRNN, check_reals, check_size_product, check_siz
                             ordinary_tensor, parameter_dtype, right_aligned)
 from lrnnx_zoo.discretization import principal_log, zoh_resample_diag
 from lrnnx_zoo.modal import ChannelModalKernel, final_state, modal_auto, modal_fft, modal_scan, powers
-from lrnnx_zoo.registry import get_backend, get_initializer
+from lrnnx_zoo.registry import get_backend, initial_values
 from lrnnx_zoo.ssm_kernel import check_rate
 from lrnnx_zoo.step_forms import DiagonalStepForm
 
@@ -133,7 +133,8 @@ class LRU(LTI_LRNN):
         self.r_min, self.r_max, self.max_phase = r_min, r_max, max_phase
         self.backend = backend
         get_backend("modal", backend)  # fail now, with the list of names, not at the first forward
-        nu_log, theta_log = get_initializer("lru", init)(d_state, r_min, r_max, max_phase)
+        nu_log, theta_log = initial_values("lru", init, "(nu_log, theta_log)", [(d_state,)] * 2, f"d_state={d_state}",
+                                           d_state, r_min, r_max, max_phase)
         self.nu_log = nn.Parameter(nu_log)
         self.theta_log = nn.Parameter(theta_log)
         # Glorot-like scale so that ||B u|| ~ ||u|| before the gamma normalisation.
@@ -272,7 +273,8 @@ class LRUKernel(ChannelModalKernel):
         get_backend("vandermonde", backend)  # unknown names fail here, listing the valid ones
         H, N = d_model, d_state
         # One ring draw of H*N eigenvalues: each channel gets its own N.
-        nu_log, theta_log = get_initializer("lru", init)(H * N, r_min, r_max, max_phase)
+        nu_log, theta_log = initial_values("lru", init, "(nu_log, theta_log)", [(H * N,)] * 2,
+                                           f"d_model * d_state={H * N}", H * N, r_min, r_max, max_phase)
         self.nu_log = nn.Parameter(nu_log.reshape(H, N))
         self.theta_log = nn.Parameter(theta_log.reshape(H, N))
         # Single input per system: B ~ CN(0, 1) keeps E|B u|^2 = |u|^2 before gamma.

@@ -25,7 +25,7 @@ from lrnnx_zoo.convolution import blocked_channel_conv, channels_last_conv, conv
 from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vandermonde_torch
 from lrnnx_zoo.modal import ChannelModalKernel
 from lrnnx_zoo.discretization import get_discretization
-from lrnnx_zoo.registry import get_backend, get_initializer
+from lrnnx_zoo.registry import get_backend, initial_values
 from lrnnx_zoo.ssm_kernel import kernel_final_step_state
 from lrnnx_zoo.step_forms import ChannelDiagonalStepForm
 
@@ -75,16 +75,9 @@ def init_random(H: int, M: int) -> Tuple[Tensor, Tensor]:
 
 def init_modes(init: str, H: int, M: int) -> Tuple[Tensor, Tensor]:
     """(A, B) (H, M) complex128 from the initializer ("s4d", init), and a ValueError saying what was
-    expected if it returns something else: a plugin's initializer returning None, (H, 2M) or real
-    tensors failed as "cannot unpack non-iterable NoneType", a size mismatch at the first forward or
-    "imag is not implemented", and one with Re(A) >= 0 gave NaN outputs (log(-Re A) is a parameter)."""
-    out = get_initializer("s4d", init)(H, M)
-    if (not isinstance(out, (tuple, list)) or len(out) != 2 or not all(isinstance(t, Tensor) for t in out)
-            or any(tuple(t.shape) != (H, M) for t in out)):
-        got = (tuple(tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in out)
-               if isinstance(out, (tuple, list)) else type(out).__name__)
-        raise ValueError(f"the s4d initializer {init!r} must return (A, B) tensors of shape ({H}, {M}) each for "
-                         f"d_model={H}, d_state={2 * M} (N/2 modes); got {got}")
+    expected if it returns something else (:func:`~lrnnx_zoo.registry.initial_values`): real tensors
+    failed as "imag is not implemented", and Re(A) >= 0 gave NaN outputs (log(-Re A) is a parameter)."""
+    out = initial_values("s4d", init, "(A, B)", [(H, M), (H, M)], f"d_model={H}, d_state={2 * M}", H, M)
     A, B = (t.detach().to(torch.complex128) for t in out)     # real values are taken as complex ones
     # (not on the meta device, where a layer is built without data: nothing to check there)
     if A.device.type != "meta" and not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())

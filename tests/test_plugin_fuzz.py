@@ -246,10 +246,9 @@ def test_a_plugin_forms_own_chunk_form_out_of_contract_is_named(chunk, expected,
 
 
 @pytest.mark.parametrize("init, expected", [
-    (lambda H, M: None, r"must return \(A, B\) tensors of shape \(4, 3\) each for d_model=4, d_state=6 \(N/2 modes\); "
-                        r"got NoneType"),
+    (lambda H, M: None, r"must return \(A, B\) tensors of shapes \(4, 3\), \(4, 3\) for d_model=4, d_state=6; got NoneType"),
     (lambda H, M: (-torch.ones(H, 2 * M, dtype=torch.cfloat), torch.ones(H, 2 * M, dtype=torch.cfloat)),
-     r"must return \(A, B\) tensors of shape \(4, 3\) each .*; got \(\(4, 6\), \(4, 6\)\)"),
+     r"must return \(A, B\) tensors of shapes \(4, 3\), \(4, 3\) .*; got \(\(4, 6\), \(4, 6\)\)"),
     (lambda H, M: (torch.ones(H, M, dtype=torch.cfloat), torch.ones(H, M, dtype=torch.cfloat)),
      r"must return finite A and B with Re\(A\) < 0 \(a stable system: S4D keeps log\(-Re A\)\); got Re\(A\) up to 1"),
 ])
@@ -270,3 +269,20 @@ def test_a_plugin_initializer_for_s4d_out_of_contract_is_named(init, expected):
                 lrnnx_zoo.create_layer(layer, 4, d_state=6, init="fz_bad", **kw)
     finally:
         lrnnx_zoo.unregister_plugin("fuzz_inits")
+
+
+def test_a_plugin_initializer_for_lru_out_of_contract_is_named():
+    # the same for LRU's ring initializers: "cannot unpack non-iterable NoneType object"
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_initializers(registry):
+        registry.add_initializer("lru", "fz_bad", lambda N, r_min, r_max, max_phase: None)
+    plugin = types.ModuleType("tp_fuzz_lru_inits")
+    plugin.lrnnx_zoo_register_initializers = lrnnx_zoo_register_initializers
+    lrnnx_zoo.register_plugin(plugin, "fuzz_lru_inits")
+    try:
+        for layer, kw, size in (("lru", {}, r"d_state=6"), ("fftconv", {"kernel_type": "lru"}, r"d_model \* d_state=24")):
+            with pytest.raises(ValueError, match=r"^the lru initializer 'fz_bad' must return \(nu_log, theta_log\) "
+                                                 rf"tensors of shapes \(\d+,\), \(\d+,\) for {size}; got NoneType"):
+                lrnnx_zoo.create_layer(layer, 4, d_state=6, init="fz_bad", **kw)
+    finally:
+        lrnnx_zoo.unregister_plugin("fuzz_lru_inits")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lrnnx_zoo import hippo
-from lrnnx_zoo.registry import get_initializer, list_initializers
+from lrnnx_zoo.registry import initial_values, list_initializers
 
 __all__ = ["NPLR_MEASURES", "nplr_initializer", "measure_factors"]
 
@@ -53,15 +53,9 @@ def measure_factors(measure: str, N: int, rank: int, measure_args: Optional[Dict
         raise ValueError(f"HiPPO measure {measure!r} has no normal-plus-low-rank structure, so S4 cannot start from "
                          f"it; S4's measures: {known}. For a diagonal system use the S4D family "
                          f"(create_layer('s4d', ..., init='random'), or kernel_type='s4d' in fftconv)")
-    out = get_initializer("s4", measure)(N, rank=rank, **(measure_args or {}))
     M = N // 2
-    want = ((M,), (rank, M), (M,))
-    if (not isinstance(out, (tuple, list)) or len(out) != 3 or not all(isinstance(t, Tensor) for t in out)
-            or tuple(tuple(t.shape) for t in out) != want):
-        got = (tuple(tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in out)
-               if isinstance(out, (tuple, list)) else type(out).__name__)
-        raise ValueError(f"the s4 initializer {measure!r} must return (w, P, B) tensors of shapes "
-                         f"{want[0]}, {want[1]}, {want[2]} for N={N}, rank={rank}; got {got}")
+    out = initial_values("s4", measure, "(w, P, B)", [(M,), (rank, M), (M,)], f"N={N}, rank={rank}", N, rank=rank,
+                         **(measure_args or {}))
     w, P, B = (t.detach().to(torch.complex128) for t in out)
     # (not on the meta device, where a layer is built without data: nothing to check there)
     if w.device.type != "meta" and not all(bool(torch.isfinite(t).all()) for t in (w, P, B)):
