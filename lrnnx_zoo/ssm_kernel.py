@@ -310,7 +310,7 @@ class SSMKernel(nn.Module):
             if tensors:
                 return _cached_spectrum_op(tensors, L, n, rate, self.channels, self.d_model, self.state_dtype)
         def compute() -> Tensor:
-            K = self(L=L, rate=rate)[0]
+            K = self.checked_forward(L=L, rate=rate)[0]
             self._forget(K)
             Kf = torch.empty(*K.shape[:-1], n // 2 + 1, dtype=torch.promote_types(K.dtype, torch.complex64),
                              device=K.device)
@@ -398,6 +398,25 @@ class SSMKernel(nn.Module):
     @abstractmethod
     def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """K: (C, H, L) real; K_state: (B, C, H, L) real if ``state`` is given, else None."""
+
+    def checked_forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """``self(L=L, rate=rate, state=state)`` held to :meth:`forward`'s shapes: a kernel of a plugin
+        returning L - 1 taps was taken as given (the block's output silently off its step form), and K
+        alone or transposed failed in the convolution ("start (0) + length (4) exceeds dimension size")."""
+        out = self(L=L, rate=rate, state=state)
+        C, H = getattr(self, "channels", None), getattr(self, "d_model", None)
+        want = (C, H, L)
+
+        def fits(t: Any, lead: int) -> bool:
+            return (isinstance(t, Tensor) and t.dim() == 3 + lead and
+                    all(w is None or w == g for w, g in zip(want, t.shape[lead:])))
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and fits(out[0], 0)
+                and (out[1] is None if state is None else fits(out[1], state.dim() - 2))):
+            got = (", ".join(f"{tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__ for t in out)
+                   if isinstance(out, (tuple, list)) else type(out).__name__)
+            raise TypeError(f"{type(self).__name__}.forward(L={L}, rate, state) must return (K (C={C}, H={H}, L={L}) "
+                            f"(its channels, d_model), K_state (batch, C, H, L) given a state, else None); it returned {got}")
+        return out[0], out[1]
 
     @abstractmethod
     def default_state(self, *batch_shape: int) -> Tensor:

@@ -221,7 +221,7 @@ class FFTConvS4(nn.Module):
         if self._inference_conv(x, state):
             return self._blocked_forward(x, L, Lk, rate), None
         with kept_in_inference(self, x):     # a long request leaves a stored length as it was
-            K, K_state = self.kernel(L=Lk, rate=rate, state=state)             # (C', H, Lk)
+            K, K_state = self.kernel.checked_forward(L=Lk, rate=rate, state=state)   # (C', H, Lk)
         if self.training and self.drop_kernel > 0:
             K = F.dropout(K, self.drop_kernel, training=True)
         C, n = self.channels, conv_size(L, Lk)

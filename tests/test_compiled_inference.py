@@ -160,12 +160,14 @@ def test_the_operator_body_resolves_conjugate_views_inside_a_dispatch_mode():
 
 def test_the_operator_names_a_kernel_that_does_not_describe_its_spectrum():
     # The graph's placeholder for the spectrum is (channels, d_model, n // 2 + 1) in the kernel's
-    # state_dtype; a third-party kernel whose attributes say otherwise gets an error naming them.
+    # state_dtype; a third-party kernel whose attributes say otherwise gets an error naming them
+    # (since SSMKernel.checked_forward, as soon as its kernel disagrees with them).
     layer = layer_for("s4d", {})
     compiled = torch.compile(layer, backend="aot_eager")
     layer.kernel.channels = 3
-    with torch.no_grad(), pytest.raises(RuntimeError, match=r"S4DKernel.spectrum gave \(1, 16, 77\) torch.complex64, "
-                                                            r"but a compiled graph expects .* \(3, 16, 77\)"):
+    with torch.no_grad(), pytest.raises(TypeError, match=r"S4DKernel.forward\(L=75, rate, state\) must return \(K \(C=3, "
+                                                         r"H=16, L=75\) \(its channels, d_model\).*; it returned "
+                                                         r"\(1, 16, 75\), NoneType"):
         compiled(torch.randn(2, 75, 16))
 
 

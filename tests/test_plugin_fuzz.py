@@ -286,3 +286,35 @@ def test_a_plugin_initializer_for_lru_out_of_contract_is_named():
                 lrnnx_zoo.create_layer(layer, 4, d_state=6, init="fz_bad", **kw)
     finally:
         lrnnx_zoo.unregister_plugin("fuzz_lru_inits")
+
+
+def test_a_plugin_ssm_kernel_answering_out_of_contract_is_named():
+    # a kernel returning L - 1 taps was taken as given (fftconv's output silently off its own step form);
+    # K alone or (H, C, L) failed in the convolution: "start (0) + length (4) exceeds dimension size (2)"
+    from test_third_party_kernel import DecayKernel
+
+    def variant(name, change):
+        return type(name, (DecayKernel,), {"forward": lambda self, L, rate=1.0, state=None:
+                                           change(*DecayKernel.forward(self, L, rate, state))})
+    kernels = {"fz_short": (variant("Short", lambda K, Ks: (K[..., :-1], Ks)), r"\(2, 4, 8\), NoneType"),
+               "fz_swapped": (variant("Swapped", lambda K, Ks: (K.transpose(0, 1), Ks)), r"\(4, 2, 9\), NoneType"),
+               "fz_k_only": (variant("KOnly", lambda K, Ks: K), r"Tensor")}
+
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_kernel_backends(registry):
+        for name, (cls, _) in kernels.items():
+            registry.add_backend("ssm_kernel", name, cls)
+    plugin = types.ModuleType("tp_fuzz_kernels")
+    plugin.lrnnx_zoo_register_kernel_backends = lrnnx_zoo_register_kernel_backends
+    lrnnx_zoo.register_plugin(plugin, "fuzz_kernels")
+    try:
+        for name, (cls, got) in kernels.items():
+            layer = lrnnx_zoo.create_layer("fftconv", 4, d_state=4, kernel_type=name, channels=2)
+            for grad in (True, False):              # training's kernel and inference's cached spectrum
+                with torch.set_grad_enabled(grad), pytest.raises(
+                        TypeError, match=rf"^{cls.__name__}.forward\(L=9, rate, state\) must return \(K \(C=2, H=4, L=9\) "
+                                         rf"\(its channels, d_model\), K_state \(batch, C, H, L\) given a state, else "
+                                         rf"None\); it returned {got}$"):
+                    layer(torch.randn(2, 9, 4))
+    finally:
+        lrnnx_zoo.unregister_plugin("fuzz_kernels")
