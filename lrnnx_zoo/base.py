@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .discretization import METHODS, get_discretization
 from .shapes import positive_int, stream_rows
-from .step_forms import check_step_form, poles_split, same_form, step_form_dtype
+from .step_forms import check_step_form, poles_split, same_form, step_form_dtype, unshared
 
 Discretization = Optional[Literal["zoh", "bilinear", "dirac", "async", "no_discretization"]]
 
@@ -836,7 +836,7 @@ class LTI_LRNN(LRNN):
                         f"prefill) and export run a layer's step form; implement it (README, 'Writing a plugin')"
                     ) from exc
                 check_step_form(form, f"{name}.step_form()", getattr(self, "d_model", None))
-                form = form.to(device=ref.device, dtype=dtype)
+                form = unshared(form, self).to(device=ref.device, dtype=dtype)
             if not compiling:
                 self.__dict__["_form_memo"] = (key, weights, form)
         with lasting_tensors():
@@ -1021,7 +1021,7 @@ class LTI_LRNN(LRNN):
         if "weights" in inference_cache:
             form, inference_cache["weights"] = current_form(
                 self, form, inference_cache["weights"],
-                lambda: self.step_form().to(device=state.device, dtype=dtype), dtype,
+                lambda: unshared(self.step_form(), self).to(device=state.device, dtype=dtype), dtype,
                 lambda: f"{type(self).__name__}.step: the layer's weights changed since this cache was made (an "
                 f"optimiser step, load_state_dict or an in-place edit), so its step form is stale; make a new cache "
                 f"with allocate_inference_cache(batch_size) (for a SequenceModel: model.allocate_inference_cache) "

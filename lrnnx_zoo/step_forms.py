@@ -175,6 +175,22 @@ def _trial_step(form: nn.Module, batch: int, d_in: int, size: int, d_output: obj
                f"buffers'); it returned y {y.dtype} and s_next {s_next.dtype}")
 
 
+def unshared(form: nn.Module, owner: nn.Module) -> nn.Module:
+    """``form`` (in place) with each parameter or buffer it shares with ``owner``'s (the layer that
+    made it) replaced by a detached copy, kept as a buffer. A plugin's form holding the layer's own
+    Parameter (``self.g = layer.g``) was converted with it by ``form.to(dtype)``: a float64 layer's
+    allocate_inference_cache(dtype=torch.float32) turned the layer's weight float32, and the cache's
+    form followed later weight edits, where a form is a snapshot of the weights it was made from."""
+    theirs = {t.untyped_storage().data_ptr() for t in [*owner.parameters(), *owner.buffers()] if t.numel()}
+    for module in form.modules():
+        for name, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None and t.numel() and t.untyped_storage().data_ptr() in theirs:
+                module._parameters.pop(name, None)
+                module._buffers.pop(name, None)
+                module.register_buffer(name, t.detach().clone())
+    return form
+
+
 def same_form(a: nn.Module, b: nn.Module, rtol: float = 1e-6) -> bool:
     """Whether two step forms are one system to within ``rtol`` of each tensor's largest entry
     (same class, same tensors and shapes): a form rebuilt after a change the system does not see

@@ -318,3 +318,34 @@ def test_a_plugin_ssm_kernel_answering_out_of_contract_is_named():
                     layer(torch.randn(2, 9, 4))
     finally:
         lrnnx_zoo.unregister_plugin("fuzz_kernels")
+
+
+class _SharedGain(lrnnx_zoo.LTI_LRNN):
+    """y = g u, whose step form holds the layer's own Parameter instead of a stored copy."""
+
+    def __init__(self, d_model, d_state=1):
+        super().__init__("no_discretization")
+        self.d_model = d_model
+        self.g = nn.Parameter(torch.full((d_model,), 1.5))
+
+    def forward(self, x, integration_timesteps=None, lengths=None):
+        return self.g * self.prepare_input(x, lengths, integration_timesteps)
+
+    def step_form(self):
+        form = nn.Module()
+        form.g, form.state_size = self.g, 0          # the Parameter itself
+        form.forward = lambda u, s: (form.g * u, s)
+        return form
+
+
+def test_a_step_form_holding_the_layers_parameter_leaves_the_layer_as_it_was():
+    # form.to(dtype) converted the shared Parameter: a float64 layer's float32 cache turned the layer's
+    # weight float32, and its steps' outputs required grad
+    layer = _SharedGain(4).double()
+    cache = layer.allocate_inference_cache(2, dtype=torch.float32)
+    assert layer.g.dtype == torch.float64 and isinstance(layer.g, nn.Parameter)
+    y, cache = layer.step(torch.randn(2, 4), cache)
+    assert y.dtype == torch.float32 and not y.requires_grad
+    with torch.no_grad():
+        layer.g.mul_(2)
+    assert float(cache["step_form"].g[0]) == 1.5                # a snapshot of the weights it was made from
