@@ -155,7 +155,7 @@ def tracing(module: nn.Module, exporter: str) -> Iterator[None]:
         raise
     except Exception as exc:
         chain, e = [], exc
-        while e is not None and e not in chain:       # the exporters wrap the error that counts
+        while e is not None and not any(e is c for c in chain):     # the exporters wrap the error that counts
             chain.append(e)
             e = e.__cause__ or e.__context__
         root = chain[-1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -334,6 +335,17 @@ class Registry:
                  if impl.plugin_name == info.name and tuple(impl.argnames) != ("registry",)]
         if wrong:       # a hook without parameters failed when called, as a TypeError and a traceback
             info.error = f"hook {', '.join(wrong)} takes no registry; {_HOOK_SHAPE}{_way_out(info)}"
+            pm.unregister(plugin)
+            return
+        # A generator (a stray yield) or async hook returns without running its body: the plugin loaded
+        # "ok", having registered nothing, and its layers were just "unknown".
+        deferred = [impl.function.__name__ for hook in _HOOKS for impl in getattr(pm.hook, hook).get_hookimpls()
+                    if impl.plugin_name == info.name and (inspect.isgeneratorfunction(impl.function) or
+                                                          inspect.iscoroutinefunction(impl.function) or
+                                                          inspect.isasyncgenfunction(impl.function))]
+        if deferred:
+            info.error = (f"hook {', '.join(deferred)} is a generator or async function, whose body a call does not run, "
+                          f"so it would register nothing: drop the yield / async; {_HOOK_SHAPE}{_way_out(info)}")
             pm.unregister(plugin)
             return
         self._current = info

@@ -349,3 +349,25 @@ def test_a_step_form_holding_the_layers_parameter_leaves_the_layer_as_it_was():
     with torch.no_grad():
         layer.g.mul_(2)
     assert float(cache["step_form"].g[0]) == 1.5                # a snapshot of the weights it was made from
+
+
+def _generator_hook(registry):
+    registry.add_layer("fz_never", nn.Identity)
+    yield                                               # a stray yield: a call runs none of the body
+
+
+async def _async_hook(registry):
+    registry.add_layer("fz_never", nn.Identity)
+
+
+@pytest.mark.parametrize("hook", [_generator_hook, _async_hook])
+def test_a_generator_or_async_hook_fails_its_plugin_instead_of_registering_nothing(hook):
+    # loaded "ok" having registered nothing (an async one warned 'coroutine ... was never awaited'), and
+    # its layers were then "unknown"
+    plugin = types.ModuleType("tp_fuzz_deferred")
+    plugin.lrnnx_zoo_register_layers = lrnnx_zoo.hookimpl(hook)
+    with pytest.raises(lrnnx_zoo.PluginError, match=r"plugin 'tp_fuzz_deferred' failed: hook _(generator|async)_hook "
+                                                    r"is a generator or async function, whose body a call does not run"):
+        lrnnx_zoo.register_plugin(plugin)
+    assert "fz_never" not in lrnnx_zoo.list_layers()
+    assert "tp_fuzz_deferred" not in [p.name for p in lrnnx_zoo.list_plugins()]
