@@ -477,8 +477,13 @@ class SequenceModel(HubMixin, nn.Module):
         if rate == 1.0:
             return model
         changes: Dict[str, Any] = {}
-        for block in model.blocks:
-            changes.update(block.layer.resample_(rate))
+        for i, block in enumerate(model.blocks):
+            resample = getattr(block.layer, "resample_", None)
+            if not callable(resample):      # a plugin layer of its own making (no LTI_LRNN): an AttributeError
+                raise NotImplementedError(
+                    f"blocks.{i}.layer ({type(block.layer).__name__}) has no resample_(rate), so the model cannot run at "
+                    f"another rate: give the layer one (README, 'Writing a plugin'), or retrain it on data at that rate")
+            changes.update(resample(rate))
         model.config = dataclasses.replace(model.config, layer_kwargs={**model.config.layer_kwargs, **changes})
         model.checkpoint_info = resampled_info(self, model, rate)
         return model

@@ -371,3 +371,13 @@ def test_a_generator_or_async_hook_fails_its_plugin_instead_of_registering_nothi
         lrnnx_zoo.register_plugin(plugin)
     assert "fz_never" not in lrnnx_zoo.list_layers()
     assert "tp_fuzz_deferred" not in [p.name for p in lrnnx_zoo.list_plugins()]
+
+
+def test_at_rate_names_a_plugin_layer_without_resample():
+    # a layer of a plugin's own making (no LTI_LRNN) failed as "'Lengthy' object has no attribute 'resample_'"
+    from plugin_fixtures import LoopRecurrence
+    with layers_registered("fuzz_rate", loop_rate=LoopRecurrence):
+        model = _model("loop_rate")
+        with pytest.raises(NotImplementedError, match=r"^blocks.0.layer \(LoopRecurrence\) has no resample_\(rate\), so "
+                                                      r"the model cannot run at another rate"):
+            model.at_rate(2)
