@@ -146,3 +146,26 @@ def test_s4_refuses_a_measure_its_stability_clamp_would_change(measure, args):
         S4Layer(2, d_state=8, measure=measure, measure_args=args)
     S4Layer(2, d_state=8, measure=measure, measure_args={**args, "beta": 0.0})
     S4Layer(2, d_state=8, measure=measure)
+
+
+def test_lru_chunk_form_carries_split_poles_across_chunks():
+    """The chunk form of that LRU (unfused, hi + lo poles) formed lam^{t+1} in float64 and rounded the
+    carried power lam^T once: its error returned every chunk, 3.8e-5 of max|y| from the float64 forward
+    at 16,384 steps in chunks of 4 (2.1e-4 at 65,536), against the step form's 5e-6. The carried powers
+    are now hi + lo, the lo parts added to the small terms first: 1.6e-6 (65,536 steps: 3.4e-6). Bound
+    1e-5: the step form's own, halved."""
+    from lrnnx_zoo.chunk_forms import chunk_form
+    from lrnnx_zoo.plugins.lru import LRU
+    torch.manual_seed(0)
+    lru = LRU(2, 4, r_min=0.99999, r_max=1.0).eval()
+    x = torch.randn(1, 16384, 2)
+    with torch.no_grad():
+        ref = copy.deepcopy(lru).double()(x.double())
+        form = lru.step_form()
+        chunks, s, ys = chunk_form(form, 4), torch.zeros(1, form.state_size), []
+        for t in range(0, x.shape[1], 4):
+            y, s = chunks(x[:, t:t + 4], s)
+            ys.append(y)
+    assert chunks.W_lo is not None
+    assert rel(torch.cat(ys, 1), ref) < 1e-5
+    assert chunk_form(LRU(2, 4, r_min=0.9, r_max=0.999).step_form(), 4).W_lo is None     # ordinary poles: as before
