@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from lrnnx_zoo.base import HALF_DTYPES, reference_tensor
 from lrnnx_zoo.models import ModelConfig
+from lrnnx_zoo.step_forms import step_form_dtype
 
 DEFAULT_LENGTH = 256
 DEFAULT_BATCH = 2
@@ -220,8 +221,42 @@ def validate_stream(stream: StreamFn, model: nn.Module, x: Optional[Tensor] = No
                               errors=errors, batch=int(B), length=int(L), sequence=sequence, compared=compared,
                               forward_float32_error=own if exact is not None else None)
     if raise_on_failure and not report.passed:
-        raise ValidationError(report)
+        own = report.forward_float32_error
+        # which layer, asked of the float64 copy only (in float32 a correct ill-conditioned layer could be named)
+        culprit = None if exact is None or own >= 0.5 * report.max_abs_error else disagreeing_layer(exact)
+        raise ValidationError(report, why=culprit and f"{culprit}: its step_form() and its forward disagree.")
     return report
+
+
+#: Steps, and relative error, of :func:`disagreeing_layer`'s comparison of each layer's form with its forward.
+LAYER_CHECK_STEPS, LAYER_CHECK_TOLERANCE = 64, 1e-4
+
+
+@torch.no_grad()
+def disagreeing_layer(model: nn.Module) -> Optional[str]:
+    """The first block whose layer's step form, stepped from zeros over a random input, is further than
+    LAYER_CHECK_TOLERANCE (relative) from the layer's own forward, as "blocks.{i}.layer (Class), off by
+    ...", or None. Asked when a graph fails validation: the message said "the layer's step_form() and its
+    forward disagree" without saying which of a model's layers (a plugin's one among built-in ones)."""
+    g = torch.Generator().manual_seed(DEFAULT_SEED)
+    for i, block in enumerate(getattr(model, "blocks", [])):
+        layer = block.layer
+        try:
+            ref = reference_tensor(layer)
+            x = torch.randn(1, LAYER_CHECK_STEPS, model.config.d_model, generator=g, dtype=torch.float64).to(ref)
+            y = layer(x)
+            with step_form_dtype(ref.dtype):
+                form = layer.step_form().to(ref)
+            s, ys = torch.zeros(1, form.state_size).to(ref), []
+            for t in range(LAYER_CHECK_STEPS):
+                y_t, s = form(x[:, t], s)
+                ys.append(y_t)
+            off = float((torch.stack(ys, 1) - y).abs().max() / y.abs().max().clamp_min(1e-30))
+        except Exception:       # a layer this check cannot run (no float64, own streaming methods): not named
+            continue
+        if not off <= LAYER_CHECK_TOLERANCE:
+            return f"blocks.{i}.layer ({type(layer).__name__}), {off:.1e} (relative) off its forward stepped alone"
+    return None
 
 
 #: Peak bytes of a forward per (sequence, step, d_model channel), with a margin: the shipped models' float64

@@ -381,3 +381,28 @@ def test_at_rate_names_a_plugin_layer_without_resample():
         with pytest.raises(NotImplementedError, match=r"^blocks.0.layer \(LoopRecurrence\) has no resample_\(rate\), so "
                                                       r"the model cannot run at another rate"):
             model.at_rate(2)
+
+
+class _MisFormed(EMA):
+    """Its step form runs a^2 where forward runs a: a plugin's bug among built-in layers."""
+
+    def step_form(self):
+        return _ema.EmaStep(torch.sigmoid(self.logit) ** 2)
+
+
+def test_a_failed_validation_names_the_layer_whose_step_form_disagrees(tmp_path):
+    # said "the layer's step_form() and its forward disagree" without saying which of the model's layers
+    from lrnnx_zoo.export import ValidationError
+    from lrnnx_zoo.export.validate import disagreeing_layer
+    for name in ("s4d", "lru", "s4", "fftconv"):          # every built-in layer's form agrees with its forward
+        model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer=name, d_input=3, d_output=2, d_model=4, n_layers=2,
+                                                              layer_kwargs={"d_state": 4}))
+        assert disagreeing_layer(model.double().eval()) is None, name
+    with layers_registered("fuzz_misformed", misformed=_MisFormed):
+        model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=3, d_output=2, d_model=4, n_layers=3,
+                                                              layer_kwargs={"d_state": 4})).eval()
+        model.blocks[1].layer = lrnnx_zoo.create_layer("misformed", 4)
+        with pytest.raises(ValidationError, match=r"Not written. blocks.1.layer \(_MisFormed\), \S+ \(relative\) off its "
+                                                  r"forward stepped alone: its step_form\(\) and its forward disagree.$"):
+            to_onnx(model, tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
