@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lrnnx_zoo.base import made_by
 from lrnnx_zoo.models import SequenceModel, running_count_step, running_mean_step
-from lrnnx_zoo.step_forms import StepFormError, check_step_form, same_form, step_form_dtype
+from lrnnx_zoo.step_forms import StepFormError, check_step_form, same_form, same_kind, step_form_dtype
 
 #: Poolings a step graph can reproduce causally (None = sequence to sequence).
 CAUSAL_POOLINGS = (None, "mean", "last")
@@ -374,7 +374,7 @@ def _check_cache_layout(model: SequenceModel, cache: Dict[str, Any], who: str,
             # A float64 stream's form holds its poles once, the graph's float32 one as hi + lo (other
             # buffers): compared with the form of the stream's precision, and with the graph's by its
             # kind and state size, which fix the state's layout.
-            fits = type(form) is type(cached) and form.state_size == getattr(cached, "state_size", None)
+            fits = same_kind(form, cached) and form.state_size == getattr(cached, "state_size", None)
             with step_form_dtype(dtype):
                 form = _layer_step_form(block.layer, i, model.config.d_model)
         else:

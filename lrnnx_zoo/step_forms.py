@@ -191,12 +191,20 @@ def unshared(form: nn.Module, owner: nn.Module) -> nn.Module:
     return form
 
 
+def same_kind(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two step forms are of one class, by its module and qualified name: a plugin's form class
+    defined inside its step_form() is a new class object at every call, and two forms of one layer's
+    weights were taken for forms of other weights (state_from_cache refused a fresh prefill's cache)."""
+    ta, tb = type(a), type(b)
+    return ta is tb or (ta.__module__, ta.__qualname__) == (tb.__module__, tb.__qualname__)
+
+
 def same_form(a: nn.Module, b: nn.Module, rtol: float = 1e-6) -> bool:
     """Whether two step forms are one system to within ``rtol`` of each tensor's largest entry
     (same class, same tensors and shapes): a form rebuilt after a change the system does not see
     (rounding) is, one from trained or other weights is not."""
     sa, sb = a.state_dict(), b.state_dict()
-    return type(a) is type(b) and sa.keys() == sb.keys() and all(
+    return same_kind(a, b) and sa.keys() == sb.keys() and all(
         sa[k].shape == sb[k].shape and (not sb[k].numel() or
                                         bool((sa[k] - sb[k]).abs().max() <= rtol * sb[k].abs().max()))
         for k in sb)

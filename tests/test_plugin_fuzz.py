@@ -406,3 +406,27 @@ def test_a_failed_validation_names_the_layer_whose_step_form_disagrees(tmp_path)
                                                   r"forward stepped alone: its step_form\(\) and its forward disagree.$"):
             to_onnx(model, tmp_path / "m.onnx")
     assert not list(tmp_path.iterdir())
+
+
+class _InlineFormLayer(EMA):
+    """Its step form's class is defined inside step_form(): a new class object at every call."""
+
+    def step_form(self):
+        class Form(_Form):
+            pass
+        return Form(torch.sigmoid(self.logit.double()))
+
+
+def test_a_form_class_defined_inside_step_form_hands_its_state_over():
+    # two forms of the same weights were taken for forms of other weights (same_form compared the class
+    # objects): state_from_cache and cache_from_state refused a fresh cache, "weights changed since ... prefill again"
+    from lrnnx_zoo.export import cache_from_state, state_from_cache
+    with layers_registered("fuzz_inline_forms", inline_form=_InlineFormLayer):
+        model = _model("inline_form")
+        x = torch.randn(2, 6, 3)
+        with torch.no_grad():
+            y, cache = model.prefill(x[:, :4])
+            state = state_from_cache(model, cache)
+            resumed = cache_from_state(model, state)
+            y_t, _ = model.step(x[:, 4], resumed)
+            torch.testing.assert_close(y_t, model(x[:, :5])[:, 4], rtol=1e-5, atol=1e-6)
