@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Optional, Tuple
 
 import pytest
 import torch
+from torch import Tensor
 
 from lrnnx_zoo.kernels.cauchy import cauchy_conj_torch
 from lrnnx_zoo.kernels.cauchy_shared import cauchy_conj_shared
@@ -120,19 +122,28 @@ def test_lru_step_form_splits_poles_too_slow_for_one_rounding():
     now defaults to the unfused one with hi + lo poles there: within 2e-5 (measured 5.1e-6; the
     README's "Long streams" bound for slow modes). An LRU of ordinary poles keeps the fused form."""
     from lrnnx_zoo.plugins.lru import LRU
+    form, y, ref = _slow_lru_stream(chunk=None)
+    assert not form.fused
+    assert rel(y, ref) < 2e-5
+    assert LRU(2, 4, r_min=0.9, r_max=0.999).step_form().fused
+
+
+def _slow_lru_stream(chunk: Optional[int]) -> Tuple[torch.nn.Module, Tensor, Tensor]:
+    """An LRU with r in [0.99999, 1] streamed over 16,384 steps by its step form (chunk None) or its
+    chunk form of ``chunk`` steps: (the form, its float32 outputs, the float64 forward's)."""
+    from lrnnx_zoo.chunk_forms import chunk_form
+    from lrnnx_zoo.plugins.lru import LRU
     torch.manual_seed(0)
     lru = LRU(2, 4, r_min=0.99999, r_max=1.0).eval()
     x = torch.randn(1, 16384, 2)
     with torch.no_grad():
         ref = copy.deepcopy(lru).double()(x.double())
-        form = lru.step_form()
-        s, ys = torch.zeros(1, form.state_size), []
-        for t in range(x.shape[1]):
-            y, s = form(x[:, t], s)
-            ys.append(y)
-    assert not form.fused
-    assert rel(torch.stack(ys, 1), ref) < 2e-5
-    assert LRU(2, 4, r_min=0.9, r_max=0.999).step_form().fused
+        form = lru.step_form() if chunk is None else chunk_form(lru.step_form(), chunk)
+        s, ys, step = torch.zeros(1, form.state_size), [], chunk or 1
+        for t in range(0, x.shape[1], step):
+            y, s = form(x[:, t] if chunk is None else x[:, t:t + step], s)
+            ys.append(y.unsqueeze(1) if chunk is None else y)
+    return form, torch.cat(ys, 1), ref
 
 
 # -- S4 measures whose normal part the stability clamp would change -----------------------------------
@@ -156,16 +167,7 @@ def test_lru_chunk_form_carries_split_poles_across_chunks():
     1e-5: the step form's own, halved."""
     from lrnnx_zoo.chunk_forms import chunk_form
     from lrnnx_zoo.plugins.lru import LRU
-    torch.manual_seed(0)
-    lru = LRU(2, 4, r_min=0.99999, r_max=1.0).eval()
-    x = torch.randn(1, 16384, 2)
-    with torch.no_grad():
-        ref = copy.deepcopy(lru).double()(x.double())
-        form = lru.step_form()
-        chunks, s, ys = chunk_form(form, 4), torch.zeros(1, form.state_size), []
-        for t in range(0, x.shape[1], 4):
-            y, s = chunks(x[:, t:t + 4], s)
-            ys.append(y)
+    chunks, y, ref = _slow_lru_stream(chunk=4)
     assert chunks.W_lo is not None
-    assert rel(torch.cat(ys, 1), ref) < 1e-5
+    assert rel(y, ref) < 1e-5
     assert chunk_form(LRU(2, 4, r_min=0.9, r_max=0.999).step_form(), 4).W_lo is None     # ordinary poles: as before
