@@ -340,7 +340,8 @@ class _HeaderDeadlineStream:
             deadline = _header_deadline.at = (time.monotonic() + deadline[1], deadline[1])
         late = self._timeout_error(
             f"its answer's status line and headers were not complete after {deadline[1]:g} s "
-            f"({HEADER_DEADLINE_PERIODS:g} x HF_HUB_ETAG_TIMEOUT): a server or proxy sending them a few bytes at a time")
+            f"({HEADER_DEADLINE_PERIODS:g} x HF_HUB_ETAG_TIMEOUT): a server or proxy sending them a few bytes at a "
+            f"time")
         left = deadline[0] - time.monotonic()
         if left <= 0:
             raise late
@@ -959,17 +960,21 @@ def _read_weights(path: Path) -> Dict[str, Any]:
         raise CheckpointError(_unreadable(path, exc)) from exc
 
 
-def _mismatch(path: Path, parts: List[str]) -> str:
-    return (f"{path} does not match the model its config.json describes: " + "; ".join(parts)
-            + ". The weights and the config come from different models; re-save them together with "
-            "model.save_pretrained(DIR)")
+def _mismatch(path: Path, parts: List[str], changed: Optional[str] = None) -> str:
+    """The message for weights that do not fit their config's model; ``changed``: how the plugin that
+    builds its layer changed since the save (:func:`~lrnnx_zoo.registry.plugin_change`), then the
+    likelier cause than a config and weights of two models."""
+    cause = (f"The plugin changed since the save, the likely cause: the checkpoint {changed}" if changed else
+             "The weights and the config come from different models; re-save them together with "
+             "model.save_pretrained(DIR)")
+    return f"{path} does not match the model its config.json describes: " + "; ".join(parts) + f". {cause}"
 
 
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")      # a SequenceModel block's state names
 _LAYER_KEY = re.compile(r"blocks\.(\d+)\.layer\.(.+)")      # (block, name inside its layer)
 
 
-def _check_backbone(config: Any, shapes: Dict[str, Tuple[int, ...]], path: Path) -> None:
+def _check_backbone(config: Any, shapes: Dict[str, Tuple[int, ...]], path: Path, changed: Optional[str] = None) -> None:
     """Compare the backbone sizes of ``config`` (a ModelConfig) with the weights file's header
     (``shapes``) before building: a model of a wrong d_model or n_layers was built in full (1.9 GB and
     5 s for d_model=7800, 50 s for 400 S4D blocks) and only then refused; one of a wrong d_state spent
@@ -990,7 +995,7 @@ def _check_backbone(config: Any, shapes: Dict[str, Tuple[int, ...]], path: Path)
         # config of 14000-wide LRU blocks built 1.5 GB, 20000 S4D blocks 13-31 s, before "missing keys"
         parts = _name_mismatch(config, shapes)
     if parts:
-        raise CheckpointError(_mismatch(path, parts))
+        raise CheckpointError(_mismatch(path, parts, changed))
 
 
 def _name_mismatch(config: Any, shapes: Dict[str, Tuple[int, ...]], limit: int = 8) -> List[str]:
@@ -1021,8 +1026,10 @@ def _name_mismatch(config: Any, shapes: Dict[str, Tuple[int, ...]], limit: int =
         ([f"unexpected keys {_few(sorted(unexpected), limit=limit)}"] if unexpected else [])
 
 
-def _check_state(expected: Dict[str, Any], found: Dict[str, Tuple[int, ...]], path: Path) -> None:
-    """Compare the model's state (``expected``) with the file's {name: shape} (``found``)."""
+def _check_state(expected: Dict[str, Any], found: Dict[str, Tuple[int, ...]], path: Path,
+                 changed: Optional[str] = None) -> None:
+    """Compare the model's state (``expected``) with the file's {name: shape} (``found``); ``changed``
+    as for :func:`_mismatch`."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     shapes = [f"{k}: file {found[k]} vs config {tuple(expected[k].shape)}"
@@ -1031,7 +1038,7 @@ def _check_state(expected: Dict[str, Any], found: Dict[str, Tuple[int, ...]], pa
         parts = [f"missing keys {_few(missing)}"] if missing else []
         parts += [f"unexpected keys {_few(unexpected)}"] if unexpected else []
         parts += [f"shapes that disagree with config.json: {_few(shapes, '; ')}"] if shapes else []
-        raise CheckpointError(_mismatch(path, parts))
+        raise CheckpointError(_mismatch(path, parts, changed))
 
 
 def _few(items: List[str], sep: Optional[str] = None, limit: int = 8, total: Optional[int] = None) -> str:
@@ -1255,9 +1262,11 @@ def _load_checkpoint_once(folder: Path, source: Optional[Dict[str, Any]],
     layer = _layer_name(config, folder / CONFIG_NAME)
     extras = config.get("extra_plugins")     # third-party initializers / backends its layer_kwargs name
     where = loadable_source(source) or str(folder)      # a Hub id, not its cache snapshot's path
-    for change in [plugin_change(config.get("plugin") or {}, layer)] + extra_plugin_changes(extras):
-        if change:
-            notes.append((f"{where} {change}", PluginVersionWarning))
+    changes = [c for c in [plugin_change(config.get("plugin") or {}, layer)] + extra_plugin_changes(extras) if c]
+    notes += [(f"{where} {change}", PluginVersionWarning) for change in changes]
+    # a weights mismatch under another plugin release is more likely the release's doing (a renamed or
+    # reshaped parameter) than a config and weights of two models, which the mismatch said
+    changed = changes[0] if changes else None
     absent = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in config["model"]]
     if absent:      # save_pretrained writes them all; a missing one would be read as its default
         defaults = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(ModelConfig)
@@ -1272,7 +1281,7 @@ def _load_checkpoint_once(folder: Path, source: Optional[Dict[str, Any]],
         raise CheckpointError(f"cannot build the model described by {folder / CONFIG_NAME}: {exc}"
                               f"{missing_extra_plugins(extras)}") from exc
     shapes = _read_header(folder / WEIGHTS_NAME)     # the file's shapes, read before anything is allocated
-    _check_backbone(model_config, shapes, folder / WEIGHTS_NAME)
+    _check_backbone(model_config, shapes, folder / WEIGHTS_NAME, changed)
     try:
         model = SequenceModel(model_config)
     except (TypeError, ValueError, LookupError, RuntimeError, MemoryError) as exc:
@@ -1281,7 +1290,7 @@ def _load_checkpoint_once(folder: Path, source: Optional[Dict[str, Any]],
         raise CheckpointError(f"cannot build the model described by {folder / CONFIG_NAME} "
                               f"({model_config.sizes()}): {exc}{missing_extra_plugins(extras)}") from exc
     state = model.state_dict()
-    _check_state(state, shapes, folder / WEIGHTS_NAME)
+    _check_state(state, shapes, folder / WEIGHTS_NAME, changed)
     tensors = _read_weights(folder / WEIGHTS_NAME)
     _check_dtypes(state, tensors, folder / WEIGHTS_NAME)
     _check_no_nan(tensors, folder / WEIGHTS_NAME, [name for name, _ in model.named_parameters()])
@@ -1291,16 +1300,17 @@ def _load_checkpoint_once(folder: Path, source: Optional[Dict[str, Any]],
     if recorded is not None and digest != recorded:
         # loaded all the same: a float16 copy is a conversion the loader supports; the user decides
         notes.append((f"{where}: its weights differ from those its config.json records saving ({STATE_DIGEST_KEY} "
-                          f"{recorded}, the file's {digest}): {WEIGHTS_NAME} was damaged or converted "
-                          f"since, so its recorded metrics may not hold; measure them with `lrnnx-zoo evaluate "
-                          f"{where} --check`, or re-save the model", WeightsDigestWarning))
+                      f"{recorded}, the file's {digest}): {WEIGHTS_NAME} was damaged or converted "
+                      f"since, so its recorded metrics may not hold; measure them with `lrnnx-zoo evaluate "
+                      f"{where} --check`, or re-save the model", WeightsDigestWarning))
     dtype = _weights_dtype(tensors)
     if dtype is not None:
         model = model.to(dtype)
     try:
         model.load_state_dict(tensors, strict=True)
     except (ValueError, RuntimeError) as exc:     # a value a layer refuses (S4's stored length of -5)
-        raise CheckpointError(f"{folder / WEIGHTS_NAME} holds weights the model refuses: {exc}") from exc
+        why = f". The plugin changed since the save, the likely cause: the checkpoint {changed}" if changed else ""
+        raise CheckpointError(f"{folder / WEIGHTS_NAME} holds weights the model refuses: {exc}{why}") from exc
     model.eval()
     model.checkpoint_info = {**config, "source": source or {"type": "local", "path": str(folder.resolve())},
                              "weights_digest": digest}

@@ -484,6 +484,26 @@ def test_loading_with_another_version_of_the_plugin_warns(tmp_path, monkeypatch)
         assert model(torch.randn(1, 5, 1)).shape == (1, 5, 2)            # a warning, not a refusal
 
 
+def test_weights_a_new_plugin_release_renamed_are_blamed_on_the_release(tmp_path, monkeypatch):
+    # A release renaming the layer's parameter (logit -> log_decay) made the checkpoint unloadable, and
+    # the error said "the weights and the config come from different models; re-save them together",
+    # though the version change was the cause (the warning beside it said so). A plugin fuzzer.
+    with installed(_ema_dist(tmp_path / "v1"), monkeypatch):
+        _save_ema_model(tmp_path / "ck")
+        renamed = tmp_path / "v2"
+        make_distribution(renamed, "tp-good", {"tp_good": GOOD_PLUGIN.replace("{layer_name}", "ema")
+                                               .replace("self.logit", "self.log_decay")}, {"ema": "tp_good"}, "2.0.0")
+        reinstall(monkeypatch, renamed)
+        with pytest.warns(PluginVersionWarning), pytest.raises(lrnnx_zoo.CheckpointError) as caught:
+            lrnnx_zoo.from_pretrained(tmp_path / "ck")
+        message = str(caught.value)
+        assert "missing keys ['blocks.0.layer.log_decay']" in message, message
+        assert re.search(r"The plugin changed since the save, the likely cause: the checkpoint was saved with plugin "
+                         r"'ema' from tp-good 1.0.0, and tp-good 2.0.0 is installed.* pip install tp-good==1.0.0",
+                         message), message
+        assert "different models" not in message
+
+
 def test_a_distribution_name_spelled_another_way_is_the_same_release(tmp_path, monkeypatch):
     # pip reads 'TP_Good' and 'tp-good' as one project (PEP 503), but the recorded distribution was
     # compared as written: the same release re-spelled warned that another plugin now builds the layer.
