@@ -844,11 +844,26 @@ def create_layer(name: str, d_model: int, **kwargs: Any) -> nn.Module:
     Every registered layer maps (B, L, d_model) to (B, L, d_model) and has ``step``,
     ``allocate_inference_cache`` and ``step_form``.
     """
+    import inspect
     cls = get_layer_class(name)
     try:
-        return cls(d_model=d_model, **kwargs)
+        # the arguments against the signature first: a TypeError the constructor itself raises (a
+        # plugin's own check) got the signature as the fix, though the signature was not the problem
+        inspect.signature(cls).bind(d_model=d_model, **kwargs)
     except TypeError as exc:
         raise TypeError(f"create_layer({name!r}, ...): {exc}. {cls.__name__} takes {_signature(cls)}") from exc
+    except ValueError:      # no signature to read (a class implemented in C)
+        pass
+    try:
+        return cls(d_model=d_model, **kwargs)
+    except Exception as exc:
+        owners = layer_owners(name)
+        info = get_registry().plugins.get(owners[0]) if len(owners) == 1 else None
+        if info is not None and not info.builtin and hasattr(exc, "add_note"):     # Python >= 3.11
+            # a plugin's constructor failing deep inside it named neither the layer nor the plugin
+            exc.add_note(f"(raised while building layer {name!r} of the plugin {info.name!r}, "
+                         f"{release_of({'distribution': info.distribution, 'version': info.version})})")
+        raise
 
 
 def _signature(cls: type) -> str:

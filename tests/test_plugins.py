@@ -15,8 +15,8 @@ import torch
 
 import lrnnx_zoo
 from lrnnx_zoo.registry import DISABLE_AUTOLOAD_ENV, PluginVersionWarning, RegistryError
-from plugin_fixtures import (BROKEN_IMPORT, GOOD_PLUGIN, RAISING_HOOK, activate, installed, make_distribution,
-                             reinstall)
+from plugin_fixtures import (BROKEN_IMPORT, GOOD_PLUGIN, RAISING_HOOK, activate, installed, layers_registered,
+                             make_distribution, reinstall)
 
 
 @pytest.fixture
@@ -345,6 +345,34 @@ def test_entry_points_that_raise_base_exceptions_or_name_no_plugin(tmp_path, mon
     finally:
         monkeypatch.undo()
         lrnnx_zoo.reload_plugins()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_a_plugin_constructor_failing_is_named_without_a_wrong_fix():
+    # A TypeError from the plugin's own check got "Picky takes (self, d_model, ...)" appended, as if
+    # the call's arguments were the problem; other errors came out bare, naming no layer or plugin.
+    class Picky(torch.nn.Module):
+        def __init__(self, d_model: int, d_state: int = 4):
+            super().__init__()
+            if d_model % 2:
+                raise TypeError("Picky needs an even d_model")
+            if d_state > 8:
+                raise ValueError("Picky keeps at most 8 states")
+
+    with layers_registered("picky_plugin", picky=Picky):
+        with pytest.raises(TypeError, match=r"^Picky needs an even d_model\n") as caught:
+            lrnnx_zoo.create_layer("picky", 3)
+        assert caught.value.__notes__ == ["(raised while building layer 'picky' of the plugin 'picky_plugin', "
+                                          "registered in code)"]
+        with pytest.raises(ValueError, match=r"^Picky keeps at most 8 states\n") as caught:
+            lrnnx_zoo.create_layer("picky", 4, d_state=9)
+        assert "of the plugin 'picky_plugin'" in caught.value.__notes__[0]
+        with pytest.raises(TypeError, match=r"create_layer\('picky', ...\): got an unexpected keyword argument "
+                                            r"'d_sate'. Picky takes \(self, d_model"):
+            lrnnx_zoo.create_layer("picky", 4, d_sate=9)
+    with pytest.raises(ValueError) as caught:           # a built-in layer's own message, with no note
+        lrnnx_zoo.create_layer("s4d", 4, d_state=3)
+    assert not getattr(caught.value, "__notes__", None)
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
