@@ -149,12 +149,19 @@ def _trial_step(form: nn.Module, batch: int, d_in: int, size: int, d_output: obj
                 refuse: Callable[..., None], real_only: str) -> None:
     """One step of ``form`` from zeros at ``batch`` (:func:`check_step_form`), refused as it says."""
     spy = _ComplexSpy()
+    u, s = torch.zeros(batch, d_in, **like), torch.zeros(batch, size, **like)
     try:
         with torch.no_grad(), spy:
-            out = form(torch.zeros(batch, d_in, **like), torch.zeros(batch, size, **like))
+            out = form(u, s)
     except Exception as exc:
         refuse(f"a form whose forward(u, s) runs on zeros u ({batch}, {d_in}) and s ({batch}, state_size={size}); "
                f"it raised {type(exc).__name__}: {exc}", exc)
+    if u._version or s._version:
+        # an in-place op on the state (s.mul_(a)) passed validation, and the TorchScript and torch.export
+        # graphs then changed the caller's state tensor too (a state kept to branch a stream from)
+        changed = " and ".join(name for name, t in (("u", u), ("s", s)) if t._version)
+        refuse(f"a form whose forward(u, s) leaves u and s as they were (return new tensors); it changed {changed} "
+               f"in place, which exported graphs would do to their caller's tensors")
     if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)):
         got = (f"{type(out).__name__} of {', '.join(type(t).__name__ for t in out) or 'nothing'}"
                if isinstance(out, (tuple, list)) else type(out).__name__)

@@ -430,3 +430,35 @@ def test_a_form_class_defined_inside_step_form_hands_its_state_over():
             resumed = cache_from_state(model, state)
             y_t, _ = model.step(x[:, 4], resumed)
             torch.testing.assert_close(y_t, model(x[:, :5])[:, 4], rtol=1e-5, atol=1e-6)
+
+
+class _InPlaceForm(torch.nn.Module):
+    """An EMA form updating its state argument in place (s.mul_ ... s.add_), returning it."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.register_buffer("a", stored(a))
+        self.state_size = a.shape[0]
+
+    def forward(self, u, s):
+        s.mul_(self.a).add_((1 - self.a) * u)
+        return s.clone(), s
+
+
+def test_a_step_form_changing_its_state_in_place_is_named(tmp_path):
+    # passed validation, and the TorchScript and torch.export graphs then changed the caller's state
+    # tensor as well: a stream branched from a kept state (a beam, a retry) silently ran from another one
+    class Layer(EMA):
+        def step_form(self):
+            return _InPlaceForm(torch.sigmoid(self.logit.double()))
+
+    expected = (r"step_form\(\) must return a form whose forward\(u, s\) leaves u and s as they were \(return new "
+                r"tensors\); it changed s in place")
+    with layers_registered("fuzz_in_place", in_place=Layer):
+        model = _model("in_place")
+        with pytest.raises(StepFormError, match=r"^Layer." + expected):
+            model.allocate_inference_cache(2)
+        for export in (to_onnx, to_torchscript, to_torch_export):
+            with pytest.raises(ExportError, match=r"blocks.0.layer \(Layer\)." + expected):
+                export(model, tmp_path / "m.out")
+    assert not list(tmp_path.iterdir())
