@@ -83,10 +83,14 @@ def resolve_opset(opset: Optional[int], exporter: str, record: List[str]) -> Tup
 @contextlib.contextmanager
 def _quiet(record: List[str]) -> Iterator[None]:
     """Collect upstream warnings (kept in the result) and silence the exporters' chatter."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    chatter = {n: logging.ERROR for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")}
+    # a form the tracer cannot follow (a branch on a value) had these print its whole traced graph and
+    # error lines to stderr, before the one-line ExportError that says what failed (step_graph.tracing)
+    chatter.update({n: logging.CRITICAL for n in ("torch.fx.experimental.symbolic_shapes", "torch._subclasses.fake_tensor")})
+    loggers = [logging.getLogger(n) for n in chatter]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(chatter[lg.name])
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
+import sys
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -148,9 +150,15 @@ def tracing(module: nn.Module, exporter: str) -> Iterator[None]:
     step or chunk module, into a graph. Its failure becomes an ExportError naming the layer whose step
     form it failed in, where one is found, and the root cause in one line: a plugin's form using an op
     the format has no counterpart for, a tensor's value in Python (.item(), .numpy()) or its batch size
-    as a number came out as pages of exporter traceback naming no layer ("submit a PR to PyTorch")."""
+    as a number came out as pages of exporter traceback naming no layer ("submit a PR to PyTorch").
+
+    What the exporter prints to stderr meanwhile is held back: written out when it succeeds, dropped
+    when it fails (torch.export printed the partial graph, ~110 lines for a 2-block model, before the
+    error that says what failed)."""
+    printed = io.StringIO()
     try:
-        yield
+        with contextlib.redirect_stderr(printed):
+            yield
     except ExportError:
         raise
     except Exception as exc:
@@ -168,6 +176,8 @@ def tracing(module: nn.Module, exporter: str) -> Iterator[None]:
             f"exported as the torch ops its forward(u, s) runs: tensor ops the format supports, no tensor's value "
             f"read into Python (.item(), .numpy(), a branch on a value) and no batch size used as a number "
             f"(README, 'Writing a plugin')") from exc
+    if printed.getvalue():
+        sys.stderr.write(printed.getvalue())
 
 
 def _failing_form(module: nn.Module, chain: List[BaseException]) -> Optional[str]:

@@ -161,7 +161,8 @@ def _layer_of(form_cls):
                                  r"RuntimeError: The size of tensor a \(3\) must match .* Not written. Tracing warned: "
                                  r"TracerWarning: Converting a tensor to a NumPy array"),
 ])
-def test_an_exporter_failing_on_a_plugin_step_form_names_the_layer_in_one_line(form_cls, export, expected, tmp_path):
+def test_an_exporter_failing_on_a_plugin_step_form_names_the_layer_in_one_line(form_cls, export, expected, tmp_path,
+                                                                              capfd):
     # each came out as the exporter's pages of traceback ("submit a PR to PyTorch", "The following operation
     # failed in the TorchScript interpreter"), naming no layer; here the second block's form is the one
     with layers_registered("fuzz_export_ops", plain=EMA, odd=_layer_of(form_cls)):
@@ -169,10 +170,14 @@ def test_an_exporter_failing_on_a_plugin_step_form_names_the_layer_in_one_line(f
         model.blocks[1].layer = lrnnx_zoo.create_layer("odd", 4)
         model.eval()
         y, cache = model.prefill(torch.randn(2, 5, 3))          # eager torch takes the form
+        capfd.readouterr()
         with pytest.raises(ExportError, match=expected) as info:
             export(model, tmp_path / "m.out")
     assert len(str(info.value).splitlines()) == 1
     assert not list(tmp_path.iterdir())
+    # and nothing before it: torch.export printed the partial graph (~110 lines) and symbolic_shapes a warning
+    printed = capfd.readouterr().err
+    assert len(printed.splitlines()) <= 1, printed
 
 
 def test_a_third_party_kernel_backend_answering_out_of_contract_is_named():
