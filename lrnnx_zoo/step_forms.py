@@ -188,10 +188,18 @@ def unshared(form: nn.Module, owner: nn.Module) -> nn.Module:
     Parameter (``self.g = layer.g``) was converted with it by ``form.to(dtype)``: a float64 layer's
     allocate_inference_cache(dtype=torch.float32) turned the layer's weight float32, and the cache's
     form followed later weight edits, where a form is a snapshot of the weights it was made from."""
-    theirs = {t.untyped_storage().data_ptr() for t in [*owner.parameters(), *owner.buffers()] if t.numel()}
+    def storage(t: Tensor) -> Optional[int]:
+        try:
+            return t.untyped_storage().data_ptr() if t.numel() and not t.is_meta else None
+        except (NotImplementedError, RuntimeError):     # a torch.func wrapper has no storage to compare
+            return None
+
+    owned = [*owner.parameters(), *owner.buffers()]
+    theirs = {storage(t) for t in owned} - {None}
+    same = {id(t) for t in owned}
     for module in form.modules():
         for name, t in [*module._parameters.items(), *module._buffers.items()]:
-            if t is not None and t.numel() and t.untyped_storage().data_ptr() in theirs:
+            if t is not None and (id(t) in same or storage(t) in theirs):
                 module._parameters.pop(name, None)
                 module._buffers.pop(name, None)
                 module.register_buffer(name, t.detach().clone())
@@ -262,7 +270,7 @@ def poles_need_split(lam: Tensor) -> bool:
     than :data:`SLOW_POLE_ERROR` of its state over its memory: |lam - round(lam)| > SLOW_POLE_ERROR (1 - |lam|).
     False inside ``split_poles(False)`` (speed chosen) and where the rounding is exact (a float64 build,
     a pole of exactly 1)."""
-    if not poles_split():
+    if not poles_split() or lam.is_meta:        # meta: no values to judge, the fused default
         return False
     lam = lam.detach().to(torch.complex128)
     hi = torch.complex(stored(lam.real).double(), stored(lam.imag).double())
