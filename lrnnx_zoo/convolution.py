@@ -930,6 +930,25 @@ def project_out(x: Tensor, C: Tensor) -> Tensor:
     return torch.view_as_real(x).reshape(Bsz, L, 2 * N) @ Cpair.T
 
 
+def _check_diagonal_ssm(x: Tensor, K: Tensor, B_: Tensor, C: Tensor) -> None:
+    """Refuse operands of :func:`opt_ssm_forward`'s diagonal form that are not x (B, L, H), K (Lk, N),
+    B_ (N, H), C (H_out, N). The seed's LTI_LRNN.compute_kernel documents K as (N, L): such a K failed
+    in einsum ("Size of label 'n' for operand 1 (5) does not match previous terms (9)"), naming no argument."""
+    shapes = {name: tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+              for name, t in (("x", x), ("K", K), ("B_", B_), ("C", C))}
+    ok = (all(isinstance(t, Tensor) for t in (x, K, B_, C)) and x.dim() == 3 and K.dim() == 2
+          and B_.dim() == 2 and C.dim() == 2 and B_.shape == (K.shape[1], x.shape[2]) and C.shape[1] == K.shape[1])
+    if ok:
+        return
+    hint = ""
+    if isinstance(K, Tensor) and isinstance(B_, Tensor) and K.dim() == 2 and B_.dim() == 2 \
+            and K.shape[0] == B_.shape[0] != K.shape[1]:
+        hint = f"; K looks like (N, L) = {tuple(K.shape)}: pass K.T (time first)"
+    raise ValueError(f"opt_ssm_forward expects x (B, L, H), K (L, N) (time first, as LRU.compute_kernel returns "
+                     f"it) or a full kernel (L, H_out, H), B_ (N, H) and C (H_out, N); got "
+                     f"{', '.join(f'{k} {v}' for k, v in shapes.items())}{hint}")
+
+
 def opt_ssm_forward(x: Tensor, K: Tensor, B_: Tensor, C: Tensor) -> Tensor:
     """Convolution mode of a multi-input multi-output SSM with diagonal state matrix.
 
@@ -949,6 +968,7 @@ def opt_ssm_forward(x: Tensor, K: Tensor, B_: Tensor, C: Tensor) -> Tensor:
     """
     if K.dim() == 3:
         return fft_conv("blh,lkh->blk", x, K)
+    _check_diagonal_ssm(x, K, B_, C)
     Bsz, L, H = x.shape
     N = K.shape[-1]
     H_out = C.shape[0]

@@ -1,0 +1,26 @@
+"""The seed API pages (DESIGN.md, seeds/) against the code: what a user porting code written against
+lrnnx or the standalone S4 module gets. Each test was a discrepancy an audit found."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lrnnx_zoo.convolution import opt_ssm_forward
+from lrnnx_zoo.plugins.lru import LRU
+
+
+def test_opt_ssm_forward_names_a_kernel_in_the_base_class_layout():
+    # The seed's LTI_LRNN.compute_kernel documents K as (N, L); opt_ssm_forward takes (L, N) (its own
+    # page's layout, README). An (N, L) kernel failed inside einsum: "Size of label 'n' for operand 1
+    # (5) does not match previous terms (9)".
+    torch.manual_seed(0)
+    layer = LRU(3, 5)
+    lam, B, C = layer.discretize()
+    K, _ = layer.compute_kernel(9, lam, B)
+    x = torch.randn(2, 9, 3)
+    with pytest.raises(ValueError, match=r"K looks like \(N, L\) = \(5, 9\): pass K\.T"):
+        opt_ssm_forward(x, K.T, B, C)
+    with pytest.raises(ValueError, match=r"^opt_ssm_forward expects x \(B, L, H\), K \(L, N\).*B_ \(3, 5\)"):
+        opt_ssm_forward(x, K, B.T, C)
+    torch.testing.assert_close(opt_ssm_forward(x, K, B, C), layer(x) - layer.D * x, rtol=1e-5, atol=1e-5)
