@@ -24,3 +24,14 @@ def test_opt_ssm_forward_names_a_kernel_in_the_base_class_layout():
     with pytest.raises(ValueError, match=r"^opt_ssm_forward expects x \(B, L, H\), K \(L, N\).*B_ \(3, 5\)"):
         opt_ssm_forward(x, K, B.T, C)
     torch.testing.assert_close(opt_ssm_forward(x, K, B, C), layer(x) - layer.D * x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_linear_activation_passes_its_keyword_arguments_to_either_linear_class(transposed):
+    # Seed: "**kwargs - Additional keyword arguments passed to the linear layer". With transposed=True
+    # they were dropped: dtype=torch.float64 built float32 weights, and a misspelt keyword passed silently.
+    from lrnnx_zoo.plugins.s4 import LinearActivation
+    lin = LinearActivation(3, 4, transposed=transposed, dtype=torch.float64, device="cpu")
+    assert lin.weight.dtype == lin.bias.dtype == torch.float64
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dtpye'"):
+        LinearActivation(3, 4, transposed=transposed, dtpye=torch.float64)

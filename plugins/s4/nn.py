@@ -70,13 +70,14 @@ class TransposedLinear(nn.Module):
 
     trains_like_network = True      # lr and weight decay of a dense layer, not ssm_lr (training.param_groups)
 
-    def __init__(self, d_input: int, d_output: int, bias: bool = True) -> None:
+    def __init__(self, d_input: int, d_output: int, bias: bool = True, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(d_output, d_input))
+        self.weight = nn.Parameter(torch.empty(d_output, d_input, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if bias:
             bound = 1 / math.sqrt(d_input)
-            self.bias = nn.Parameter(torch.empty(d_output).uniform_(-bound, bound))
+            self.bias = nn.Parameter(torch.empty(d_output, device=device, dtype=dtype).uniform_(-bound, bound))
         else:
             self.register_parameter("bias", None)
 
@@ -103,16 +104,15 @@ def LinearActivation(d_input: int, d_output: int, bias: bool = True, zero_bias_i
 
     With ``activation="glu"`` the linear layer outputs 2 * d_output features for the GLU to halve.
     ``initializer`` names a :func:`get_initializer` scheme; ``weight_norm`` wraps it in weight
-    normalisation. The activation is appended only if ``activate``.
+    normalisation. The activation is appended only if ``activate``. ``kwargs`` go to the linear
+    class (nn.Linear's device, dtype; TransposedLinear takes those two).
     """
     if activation not in ("modrelu",):       # a gain get_initializer knows, not a module of Activation's
         Activation(activation)              # a typo ("rellu") passed where activate=False
     if activation == "glu":
         d_output *= 2
-    if transposed:
-        lin: nn.Module = TransposedLinear(d_input, d_output, bias=bias)
-    else:
-        lin = nn.Linear(d_input, d_output, bias=bias, **kwargs)
+    # kwargs (nn.Linear's device, dtype) go to either class: transposed, they were dropped silently
+    lin: nn.Module = (TransposedLinear if transposed else nn.Linear)(d_input, d_output, bias=bias, **kwargs)
     if initializer is not None:
         get_initializer(initializer, activation)(lin.weight)
     if bias and zero_bias_init:
