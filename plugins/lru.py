@@ -160,6 +160,18 @@ class LRU(LTI_LRNN):
     def compute_kernel(self, L: int, Lambda: Optional[Tensor] = None,
                        B_complex: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Powers lam^l, l < L: (L, N), and the normalised input matrix gamma * B: (N, H)."""
+        N, H = self.d_state, self.d_model
+        # The seed's discretize() documents A as the (N, N) diagonal matrix: passed here, its zeros gave
+        # NaN powers (L, N, N), and a B of another shape came back as given, without a word.
+        if Lambda is not None and (not isinstance(Lambda, Tensor) or Lambda.shape != (N,)):
+            got = tuple(Lambda.shape) if isinstance(Lambda, Tensor) else type(Lambda).__name__
+            square = isinstance(Lambda, Tensor) and Lambda.dim() == 2
+            hint = " (for a diagonal matrix A pass torch.diagonal(A))" if square else ""
+            raise ValueError(f"LRU.compute_kernel needs Lambda of shape (N,) = ({N},), the diagonal discretize() "
+                             f"returns, got {got}{hint}")
+        if B_complex is not None and (not isinstance(B_complex, Tensor) or B_complex.shape != (N, H)):
+            got = tuple(B_complex.shape) if isinstance(B_complex, Tensor) else type(B_complex).__name__
+            raise ValueError(f"LRU.compute_kernel needs B_complex of shape (N, H) = {(N, H)}, got {got}")
         _, B_norm, _ = self.discretize()
         B_out = B_norm if B_complex is None else B_complex
         if Lambda is None:

@@ -35,3 +35,16 @@ def test_linear_activation_passes_its_keyword_arguments_to_either_linear_class(t
     assert lin.weight.dtype == lin.bias.dtype == torch.float64
     with pytest.raises(TypeError, match="unexpected keyword argument 'dtpye'"):
         LinearActivation(3, 4, transposed=transposed, dtpye=torch.float64)
+
+
+def test_lru_compute_kernel_refuses_the_seed_diagonal_matrix_and_misshapen_b():
+    # The seed's LRU.discretize() documents A as the (N, N) diagonal matrix of Lambda; passed to
+    # compute_kernel it gave (L, N, N) powers with NaN off the diagonal, and B.T came back as given.
+    layer = LRU(3, 5)
+    lam, B, _ = layer.discretize()
+    with pytest.raises(ValueError, match=r"Lambda of shape \(N,\) = \(5,\).*got \(5, 5\).*torch\.diagonal\(A\)"):
+        layer.compute_kernel(9, torch.diag(lam), B)
+    with pytest.raises(ValueError, match=r"B_complex of shape \(N, H\) = \(5, 3\), got \(3, 5\)"):
+        layer.compute_kernel(9, lam, B.T)
+    K, B_out = layer.compute_kernel(9, lam, B)
+    assert K.shape == (9, 5) and B_out is B
