@@ -934,12 +934,12 @@ def _check_diagonal_ssm(x: Tensor, K: Tensor, B_: Tensor, C: Tensor) -> None:
     """Refuse operands of :func:`opt_ssm_forward`'s diagonal form that are not x (B, L, H), K (Lk, N),
     B_ (N, H), C (H_out, N). The seed's LTI_LRNN.compute_kernel documents K as (N, L): such a K failed
     in einsum ("Size of label 'n' for operand 1 (5) does not match previous terms (9)"), naming no argument."""
-    shapes = {name: tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-              for name, t in (("x", x), ("K", K), ("B_", B_), ("C", C))}
     ok = (all(isinstance(t, Tensor) for t in (x, K, B_, C)) and x.dim() == 3 and K.dim() == 2
           and B_.dim() == 2 and C.dim() == 2 and B_.shape == (K.shape[1], x.shape[2]) and C.shape[1] == K.shape[1])
     if ok:
         return
+    shapes = {name: tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+              for name, t in (("x", x), ("K", K), ("B_", B_), ("C", C))}
     hint = ""
     if isinstance(K, Tensor) and isinstance(B_, Tensor) and K.dim() == 2 and B_.dim() == 2 \
             and K.shape[0] == B_.shape[0] != K.shape[1]:
