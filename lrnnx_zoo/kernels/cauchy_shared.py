@@ -161,6 +161,46 @@ def _block_grads(ab: Tensor, c: Tensor, d: Tensor, z: Tensor, g: Tensor, need_ab
     return grad_ab, grad_c, grad_d
 
 
+class _SharedBlocks(torch.autograd.Function):
+    """Every node block of :func:`_block` as one Function, for eager autograd: the forward writes
+    the blocks into one output (:func:`_blocks`), and the backward is :class:`_SharedBlock`'s per
+    block, summed as autograd summed one ``_SharedBlock`` per block (last block first: the same
+    bits). One ``_SharedBlock`` per block left each block's (P, J, l) output between the freed
+    pole blocks, and the heap grew by ~5 output blocks' worth per block: S4's training forward at
+    H=64, N=64, L=65536 peaked 650 MB above its start for a 64 MB Cauchy output (200 MB without
+    autograd). Its backward is made of differentiable ops, so double backward works; torch.func
+    transforms and forward-mode AD take the per-block Function (vmap cannot batch ``out=``)."""
+
+    @staticmethod
+    def forward(ab: Tensor, c: Tensor, d: Tensor, z: Tensor, chunk_size: int) -> Tensor:  # type: ignore[override]
+        return _blocks(ab, c, d, z, chunk_size)
+
+    @staticmethod
+    def setup_context(ctx, inputs, out: Tensor) -> None:  # type: ignore[override]
+        ab, c, d, z, ctx.chunk_size = inputs
+        ctx.save_for_backward(ab, c, d, z)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        ab, c, d, z = ctx.saved_tensors
+        if ctx.needs_input_grad[3]:
+            raise RuntimeError("cauchy_conj_shared: gradients with respect to the nodes z are not implemented")
+        need_ab, need_cd = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        total: list = [None, None, None]
+        L = z.shape[0]
+        for s in reversed(range(0, L, ctx.chunk_size)):
+            e = s + ctx.chunk_size
+            # one block takes g whole: a slice of all of it is an alias, which a batched backward
+            # (is_grads_batched) cannot take
+            gs = g if s == 0 and e >= L else g[..., s:e]
+            for i, part in enumerate(_block_grads(ab, c, d, z[s:e], gs, need_ab, need_cd)):
+                if part is not None:
+                    total[i] = part if total[i] is None else total[i] + part
+        grad_ab, grad_c, grad_d = total
+        return (grad_ab if need_ab else None, grad_c if ctx.needs_input_grad[1] else None,
+                grad_d if ctx.needs_input_grad[2] else None, None, None)
+
+
 @torch.library.custom_op("lrnnx_zoo::shared_cauchy", mutates_args=())
 def _shared_cauchy_op(ab: Tensor, c: Tensor, d: Tensor, z: Tensor, chunk_size: int) -> Tensor:
     """The node blocks of :func:`cauchy_conj_shared` inside torch.compile graphs: one operator the
@@ -269,6 +309,8 @@ def cauchy_conj_shared(v: Tensor, z: Tensor, w: Tensor, chunk_size: Optional[int
             or torch.is_grad_enabled() and any(t.requires_grad for t in (ab, c, d, z)))
     if torch.compiler.is_compiling() and not func_transforms_active():
         out = _shared_cauchy_op(ab, c, d, z, chunk_size)
+    elif grad and L and not (func_transforms_active() or forward_ad_active()):
+        out = _SharedBlocks.apply(ab, c, d, z, chunk_size)   # the backward rebuilds each block's poles
     elif grad:   # the backward rebuilds each block's poles, so memory stays O(block)
         parts = [apply_function(_SharedBlock, ab, c, d, z[s:s + chunk_size]) for s in range(0, L, chunk_size)]
         out = torch.cat(parts, dim=-1) if parts else ab.new_zeros(P, J, 0)
