@@ -203,9 +203,25 @@ def _versions(value: Any) -> Any:
     return tuple(_version(t) for t in value) if isinstance(value, tuple) else _version(value)
 
 
+#: The inference kernel cache keeps, per kind (:func:`_kind`), the two most recent entries, and older
+#: ones while the kind's entries hold at most this many bytes (and number at most KERNEL_CACHE_ENTRIES):
+#: with two, evaluation cycling three lengths (a validation set's buckets) regenerated the kernel at
+#: every call (B=4, H=64, N=64, L ~ 1000: S4 zoh 2.2 -> 20 ms a call, S4D 1.9 -> 5.1 ms). Per layer, so
+#: small: a 12-block model keeps at most 192 MB more than the two newest spectra of each block.
+KERNEL_CACHE_BYTES = 16 << 20
+KERNEL_CACHE_ENTRIES = 8
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes of a cached tensor, or of each tensor of a cached tuple."""
+    parts = value if isinstance(value, tuple) else (value,)
+    return sum(t.numel() * t.element_size() for t in parts if isinstance(t, Tensor))
+
+
 def _kind(key: Tuple[Any, ...]) -> Any:
-    """The kind of a :meth:`SSMKernel.cached_kernel` key, of which the two most recent are kept: kernels
-    ((L, rate)) and spectra are one kind, a key starting with another string its own."""
+    """The kind of a :meth:`SSMKernel.cached_kernel` key, of which the most recent are kept
+    (:data:`KERNEL_CACHE_BYTES`): kernels ((L, rate)) and spectra are one kind, a key starting with
+    another string its own."""
     return key[0] if key and isinstance(key[0], str) and key[0] != "spectrum" else "kernel"
 
 
@@ -242,7 +258,8 @@ class SSMKernel(nn.Module):
 
         Generating a kernel costs H*N*L work whatever the batch, as much as several FFT round
         trips of the input (benchmarks/bench_layers.py), and evaluation calls repeat it unchanged.
-        The last two results of each kind (:func:`_kind`) are kept: kernels and their spectra
+        The most recent results of each kind (:func:`_kind`) are kept, two at least and more while they
+        hold at most :data:`KERNEL_CACHE_BYTES`: kernels and their spectra
         (:meth:`spectrum`) are one kind; a key whose first item is another string (S4's output matrix,
         its dense system) is its own, so that a prefill's dense work does not evict the forward's spectrum.
         ``compute()`` returns a tensor or a tuple of tensors (S4's dense system, a kernel's modes), each
@@ -276,16 +293,23 @@ class SSMKernel(nn.Module):
     def _publish(self, cache: Tuple[Any, Tuple[Any, ...]], key: Tuple[Any, ...],
                  entry: Optional[Tuple[Any, Tensor, Optional[int]]]) -> None:
         """Replace ``key``'s entry of the cache now published (``entry`` last; None: drop it), keeping
-        the two most recent, if that cache is still for ``cache``'s snapshot (else the parameters
-        changed meanwhile, and the newer cache stays)."""
+        the most recent of its kind (:data:`KERNEL_CACHE_BYTES`), if that cache is still for ``cache``'s
+        snapshot (else the parameters changed meanwhile, and the newer cache stays)."""
         now = self.__dict__.get("_kernel_cache")
         if now is None or now[0] is not cache[0]:
             return
         kept = tuple(e for e in now[1] if e[0] != key)
         if entry is not None:
             kind = _kind(key)
-            same = tuple(e for e in kept if _kind(e[0]) == kind)
-            kept = tuple(e for e in kept if _kind(e[0]) != kind) + same[-1:] + (entry,)
+            same = [e for e in kept if _kind(e[0]) == kind]          # oldest first
+            chosen, total = [entry], _nbytes(entry[1])
+            for e in reversed(same):            # the newest older ones, while they fit
+                size = _nbytes(e[1])
+                if len(chosen) >= 2 and (len(chosen) >= KERNEL_CACHE_ENTRIES or total + size > KERNEL_CACHE_BYTES):
+                    break
+                chosen.append(e)
+                total += size
+            kept = tuple(e for e in kept if _kind(e[0]) != kind) + tuple(reversed(chosen))
         self.__dict__["_kernel_cache"] = (now[0], kept)
 
     def spectrum(self, L: int, n: int, rate: float = 1.0) -> Tensor:

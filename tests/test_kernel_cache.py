@@ -42,3 +42,33 @@ def test_training_always_recomputes_with_gradients(name):
     assert K.requires_grad
     K.sum().backward()
     assert any(p.grad is not None for p in k.parameters())
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_three_lengths_in_turn_stay_cached_within_the_byte_budget(name, monkeypatch):
+    # Two entries were kept per kind, so evaluation cycling three lengths (a validation set's
+    # buckets) regenerated the kernel at every call (S4 zoh at L ~ 1000: 2.2 -> 20 ms a call). Now
+    # older entries stay while the kind holds at most KERNEL_CACHE_BYTES; past it, the two newest.
+    from lrnnx_zoo import ssm_kernel
+    torch.manual_seed(0)
+    k = lrnnx_zoo.get_backend("ssm_kernel", name)(4, 8)
+    calls = []
+    compute = ssm_kernel.SSMKernel.cached_kernel
+
+    def counting(self, key, make):
+        return compute(self, key, lambda: calls.append(key) or make())
+    monkeypatch.setattr(ssm_kernel.SSMKernel, "cached_kernel", counting)
+    with torch.no_grad():
+        for L in (30, 31, 32, 30):  # (S4 sets its internal length, and so its C~, at the first lengths)
+            k(L)
+        calls.clear()
+        for _ in range(2):
+            for L in (30, 31, 32):
+                k(L)
+    assert calls == []
+    monkeypatch.setattr(ssm_kernel, "KERNEL_CACHE_BYTES", 0)
+    calls.clear()
+    with torch.no_grad():
+        for L in (40, 41, 42, 40):
+            k(L)
+    assert len(calls) == 4                              # over the budget: the two newest only
