@@ -48,3 +48,13 @@ def test_lru_compute_kernel_refuses_the_seed_diagonal_matrix_and_misshapen_b():
         layer.compute_kernel(9, lam, B.T)
     K, B_out = layer.compute_kernel(9, lam, B)
     assert K.shape == (9, 5) and B_out is B
+
+
+def test_s4_names_itself_for_a_keyword_neither_it_nor_its_kernel_takes():
+    # the reference code's S4(..., verbose=True) failed as "HippoSSKernel.__init__() got an unexpected
+    # keyword argument 'verbose'", a class the caller never named
+    from lrnnx_zoo.plugins.s4 import S4
+    with pytest.raises(TypeError, match=r"^S4 got unexpected keyword arguments \['hyper_act', 'verbose'\]: it passes "
+                                        r"extra keywords to its kernel, HippoSSKernel, which takes measure, rank, "):
+        S4(8, verbose=True, hyper_act=None)
+    assert S4(8, measure="legt", rank=2, dt_min=0.01, n_ssm=2).kernel is not None

@@ -11,6 +11,8 @@ convolution, so both directions cost one FFT pair).
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 
 import torch
@@ -118,6 +120,14 @@ class S4(nn.Module):
             check_size_product("S4", l_max=l_max, d_model=d_model, channels=channels)
         self.h, self.n, self.L, self.channels = d_model, d_state, l_max, channels
         self.bidirectional, self.transposed = bidirectional, transposed
+        # a keyword neither S4 nor its kernel takes (the reference code's verbose=, hyper_act=) failed
+        # as "HippoSSKernel.__init__() got an unexpected keyword argument", naming a class the caller never used
+        taken = [k for k in inspect.signature(HippoSSKernel.__init__).parameters if k not in ("self", "H", "N", "L",
+                                                                                                "channels")]
+        unknown = sorted(set(kernel_args) - set(taken))
+        if unknown:
+            raise TypeError(f"S4 got unexpected keyword arguments {unknown}: it passes extra keywords to its "
+                            f"kernel, HippoSSKernel, which takes {', '.join(taken)}")
         self.D = nn.Parameter(torch.randn(channels, d_model, dtype=parameter_dtype()))
         self.kernel = HippoSSKernel(d_model, N=d_state, L=l_max, channels=channels * (2 if bidirectional else 1),
                                     **kernel_args)
