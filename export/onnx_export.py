@@ -86,7 +86,8 @@ def _quiet(record: List[str]) -> Iterator[None]:
     chatter = {n: logging.ERROR for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")}
     # a form the tracer cannot follow (a branch on a value) had these print its whole traced graph and
     # error lines to stderr, before the one-line ExportError that says what failed (step_graph.tracing)
-    chatter.update({n: logging.CRITICAL for n in ("torch.fx.experimental.symbolic_shapes", "torch._subclasses.fake_tensor")})
+    chatter.update(dict.fromkeys(("torch.fx.experimental.symbolic_shapes", "torch._subclasses.fake_tensor"),
+                                 logging.CRITICAL))
     loggers = [logging.getLogger(n) for n in chatter]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

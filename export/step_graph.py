@@ -76,11 +76,12 @@ class StepModule(nn.Module):
         d_input, d_output: widths of x_t and y_t.
         state_layout: ``[[name, offset, size], ...]`` in packing order.
         pooling: the source model's pooling (None, "mean" or "last").
+        form_owners: "blocks.{i}.layer (LayerClass)" per form (``layer_names``: the classes), for messages.
     """
 
     def __init__(self, encoder: nn.Module, blocks: List[nn.Module], forms: List[nn.Module],
                  norm: nn.Module, decoder: nn.Module, pooling: Optional[str], d_input: int,
-                 d_model: int, d_output: int) -> None:
+                 d_model: int, d_output: int, layer_names: Optional[List[str]] = None) -> None:
         super().__init__()
         self.encoder, self.norm, self.decoder = encoder, norm, decoder
         self.blocks = nn.ModuleList(blocks)   # each keeps its norm and mix(); the layer is removed
@@ -91,8 +92,8 @@ class StepModule(nn.Module):
         # Plain Python ints, so tracing bakes the slices in as constants.
         self.slices: List[Tuple[int, int]] = [(offset, size) for _, offset, size in self.state_layout[:len(forms)]]
         self.pool_offset = self.state_layout[len(forms)][1] if pooling == "mean" else self.state_size
-        #: "blocks.{i}.layer (LayerClass)" per form, for messages (:func:`tracing`)
-        self.form_owners: List[str] = [name for name, _, _ in self.state_layout[:len(forms)]]
+        self.form_owners: List[str] = [name if layer_names is None else f"{name} ({layer_names[i]})"
+                                       for i, (name, _, _) in enumerate(self.state_layout[:len(forms)])]
 
     def forward(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         """One step: x (B, d_input), state (B, state_size) -> y (B, d_output), state' (B, state_size)."""
@@ -266,8 +267,7 @@ def build_step_module(model: SequenceModel) -> StepModule:
         del block.layer
         blocks.append(block)
     step = StepModule(model.encoder, blocks, forms, model.norm, model.decoder, pooling,
-                      config.d_input, config.d_model, config.d_output)
-    step.form_owners = [f"blocks.{i}.layer ({name})" for i, name in enumerate(layer_names)]
+                      config.d_input, config.d_model, config.d_output, layer_names)
     # Frozen: saved with requires_grad, a loaded .ts / .pt2 returned a state that required grad, and a
     # stream fed it back without torch.no_grad() (any libtorch loop without a NoGradGuard) chained
     # every step into one autograd graph (~44 MB per 1000 steps for a shipped forecaster).

@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .base import reference_tensor
 from .convolution import lower_toeplitz
 from .shapes import positive_int
 from .step_forms import (DiagonalStepForm, SequentialStepForm, StepForm, chosen_build_dtype, is_step_form,
@@ -342,23 +343,14 @@ def chunk_form(form: nn.Module, T: int, closed: Optional[bool] = None) -> StepFo
     a closed form (None and True: the closed form where there is one).
 
     The matrices are stored in the dtype of an enclosing :func:`~lrnnx_zoo.step_forms.step_form_dtype`,
-    else in the form's own (that of its first floating buffer or parameter): a float64 form's chunk
+    else in the form's own (:func:`~lrnnx_zoo.base.reference_tensor`'s dtype): a float64 form's chunk
     form was stored in torch's default float32, and failed on float64 input ("expected scalar type Float").
     """
     T = check_chunk(T)
-    dtype = None if chosen_build_dtype() is not None else _form_dtype(form)
-    if dtype is not None:
-        with step_form_dtype(dtype):
-            return _chunk_form(form, T, closed)
-    return _chunk_form(form, T, closed)
-
-
-def _form_dtype(form: nn.Module) -> Optional[torch.dtype]:
-    """The dtype of the form's first floating buffer or parameter, or None (a form holding none)."""
-    for t in list(form.buffers()) + list(form.parameters()):
-        if t.is_floating_point():
-            return t.dtype
-    return None
+    if chosen_build_dtype() is not None:
+        return _chunk_form(form, T, closed)
+    with step_form_dtype(reference_tensor(form).dtype):
+        return _chunk_form(form, T, closed)
 
 
 def _chunk_form(form: nn.Module, T: int, closed: Optional[bool]) -> StepForm:

@@ -338,19 +338,21 @@ class _HeaderDeadlineStream:
             return self._inner.read(max_bytes, timeout)
         if deadline[0] is None:     # the first wait for the answer: an upload's body is sent by now
             deadline = _header_deadline.at = (time.monotonic() + deadline[1], deadline[1])
-        late = self._timeout_error(
-            f"its answer's status line and headers were not complete after {deadline[1]:g} s "
-            f"({HEADER_DEADLINE_PERIODS:g} x HF_HUB_ETAG_TIMEOUT): a server or proxy sending them a few bytes at a "
-            f"time")
         left = deadline[0] - time.monotonic()
         if left <= 0:
-            raise late
+            raise self._late(deadline[1])
         try:
             return self._inner.read(max_bytes, left if timeout is None else min(timeout, left))
         except self._timeout_error:
             if time.monotonic() >= deadline[0]:
-                raise late from None
+                raise self._late(deadline[1]) from None
             raise
+
+    def _late(self, seconds: float) -> Exception:
+        return self._timeout_error(
+            f"its answer's status line and headers were not complete after {seconds:g} s "
+            f"({HEADER_DEADLINE_PERIODS:g} x HF_HUB_ETAG_TIMEOUT): a server or proxy sending them a few bytes at a "
+            f"time")
 
     def start_tls(self, *args: Any, **kwargs: Any) -> "_HeaderDeadlineStream":
         return _HeaderDeadlineStream(self._inner.start_tls(*args, **kwargs), self._timeout_error)

@@ -481,8 +481,9 @@ class SequenceModel(HubMixin, nn.Module):
             resample = getattr(block.layer, "resample_", None)
             if not callable(resample):      # a plugin layer of its own making (no LTI_LRNN): an AttributeError
                 raise NotImplementedError(
-                    f"blocks.{i}.layer ({type(block.layer).__name__}) has no resample_(rate), so the model cannot run at "
-                    f"another rate: give the layer one (README, 'Writing a plugin'), or retrain it on data at that rate")
+                    f"blocks.{i}.layer ({type(block.layer).__name__}) has no resample_(rate), so the model cannot "
+                    f"run at another rate: give the layer one (README, 'Writing a plugin'), or retrain it on data "
+                    f"at that rate")
             changes.update(resample(rate))
         model.config = dataclasses.replace(model.config, layer_kwargs={**model.config.layer_kwargs, **changes})
         model.checkpoint_info = resampled_info(self, model, rate)

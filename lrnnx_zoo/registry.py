@@ -344,8 +344,9 @@ class Registry:
                                                           inspect.iscoroutinefunction(impl.function) or
                                                           inspect.isasyncgenfunction(impl.function))]
         if deferred:
-            info.error = (f"hook {', '.join(deferred)} is a generator or async function, whose body a call does not run, "
-                          f"so it would register nothing: drop the yield / async; {_HOOK_SHAPE}{_way_out(info)}")
+            info.error = (f"hook {', '.join(deferred)} is a generator or async function, whose body a call does "
+                          f"not run, so it would register nothing: drop the yield / async; {_HOOK_SHAPE}"
+                          f"{_way_out(info)}")
             pm.unregister(plugin)
             return
         self._current = info
@@ -460,8 +461,8 @@ def _discover(registry: Registry, pm: pluggy.PluginManager) -> None:
             # layers, and which one depended on the order of sys.path
             clash = (f"entry point name {ep.name!r} of {dist_name or 'an unknown distribution'} is also "
                      f"{seen[ep.name]}'s, so this plugin is loaded as {dist_name}:{ep.name}; rename the entry point "
-                     f"in [project.entry-points.{ENTRY_POINT_GROUP}] of {dist_name or 'that distribution'} to give it a "
-                     f"name of its own")
+                     f"in [project.entry-points.{ENTRY_POINT_GROUP}] of {dist_name or 'that distribution'} to "
+                     f"give it a name of its own")
             info.name = f"{dist_name}:{ep.name}"
         else:
             seen[ep.name] = dist_name or "?"
@@ -823,8 +824,8 @@ def initial_values(layer: str, name: str, what: str, shapes: Sequence[Tuple[int,
     size mismatch at the layer's first forward, naming neither the initializer nor what it should give."""
     out = get_initializer(layer, name)(*args, **kwargs)
     shapes = [tuple(w) for w in shapes]
-    if (not isinstance(out, (tuple, list)) or len(out) != len(shapes) or not all(isinstance(t, torch.Tensor) for t in out)
-            or [tuple(t.shape) for t in out] != shapes):
+    tensors = isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out)
+    if not tensors or [tuple(t.shape) for t in out] != shapes:
         got = (tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in out)
                if isinstance(out, (tuple, list)) else type(out).__name__)
         raise ValueError(f"the {layer} initializer {name!r} must return {what} tensors of shapes "
@@ -844,7 +845,6 @@ def create_layer(name: str, d_model: int, **kwargs: Any) -> nn.Module:
     Every registered layer maps (B, L, d_model) to (B, L, d_model) and has ``step``,
     ``allocate_inference_cache`` and ``step_form``.
     """
-    import inspect
     cls = get_layer_class(name)
     try:
         # the arguments against the signature first: a TypeError the constructor itself raises (a
@@ -867,5 +867,4 @@ def create_layer(name: str, d_model: int, **kwargs: Any) -> nn.Module:
 
 
 def _signature(cls: type) -> str:
-    import inspect
     return str(inspect.signature(cls.__init__))

@@ -423,7 +423,8 @@ class SSMKernel(nn.Module):
     def forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """K: (C, H, L) real; K_state: (B, C, H, L) real if ``state`` is given, else None."""
 
-    def checked_forward(self, L: int, rate: float = 1.0, state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    def checked_forward(self, L: int, rate: float = 1.0,
+                        state: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """``self(L=L, rate=rate, state=state)`` held to :meth:`forward`'s shapes: a kernel of a plugin
         returning L - 1 taps was taken as given (the block's output silently off its step form), and K
         alone or transposed failed in the convolution ("start (0) + length (4) exceeds dimension size")."""
@@ -439,7 +440,8 @@ class SSMKernel(nn.Module):
             got = (", ".join(f"{tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__ for t in out)
                    if isinstance(out, (tuple, list)) else type(out).__name__)
             raise TypeError(f"{type(self).__name__}.forward(L={L}, rate, state) must return (K (C={C}, H={H}, L={L}) "
-                            f"(its channels, d_model), K_state (batch, C, H, L) given a state, else None); it returned {got}")
+                            f"(its channels, d_model), K_state (batch, C, H, L) given a state, else None); it "
+                            f"returned {got}")
         return out[0], out[1]
 
     @abstractmethod

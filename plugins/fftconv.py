@@ -39,8 +39,8 @@ from torch import Tensor, nn
 from lrnnx_zoo import hookimpl
 from lrnnx_zoo.base import (LTI_LRNN, check_dense, check_flags, check_floating, check_not_traced, check_parameters_for,
                             check_probability, check_size_product, check_sizes, current_form, float32_under_autocast,
-                            lasting_tensors, mask_lengths_of_one_stream, mask_padding, needs_autograd, ordinary_tensor, parameter_dtype, refuse_torchscript, tensor_attributes,
-                            weights_and_versions)
+                            lasting_tensors, mask_lengths_of_one_stream, mask_padding, needs_autograd, ordinary_tensor,
+                            parameter_dtype, refuse_torchscript, tensor_attributes, weights_and_versions)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
                                    channels_last_conv, circular_conv, conv_size, kernel_taps, reversed_spectrum,
                                    swap_time_and_channels, two_sided_kernel)

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from lrnnx_zoo import hookimpl
-from lrnnx_zoo.base import LTI_LRNN, check_reals, check_size_product, check_sizes, mask_padding, needs_autograd, parameter_dtype
+from lrnnx_zoo.base import (LTI_LRNN, check_reals, check_size_product, check_sizes, mask_padding, needs_autograd,
+                            parameter_dtype)
 from lrnnx_zoo.convolution import blocked_channel_conv, channels_last_conv, conv_size
 from lrnnx_zoo.kernels.vandermonde import vandermonde, vandermonde_keops, vandermonde_torch
 from lrnnx_zoo.modal import ChannelModalKernel
