@@ -81,6 +81,27 @@ def resolve_opset(opset: Optional[int], exporter: str, record: List[str]) -> Tup
 
 
 @contextlib.contextmanager
+def _onnx_log_as_found() -> Iterator[None]:
+    """Leave torch's C++ ONNX log as the caller had it. The legacy exporter switches it on for the rest of
+    the process (its ``setup_onnx_logging`` tests the function ``_jit_is_onnx_log_enabled``, always true,
+    not its result) and, when it fails, prints the whole traced graph through it to stdout, ~100 lines
+    before the one-line ExportError that says what failed (step_graph.tracing). Unless the caller had
+    the log on, what it writes during an export is dropped and it is off again after."""
+    C = torch._C
+    log, is_on, set_on = (getattr(C, n, None) for n in ("_jit_onnx_log", "_jit_is_onnx_log_enabled",
+                                                         "_jit_set_onnx_log_enabled"))
+    if log is None or is_on is None or set_on is None or is_on():
+        yield
+        return
+    C._jit_onnx_log = lambda *args: None
+    try:
+        yield
+    finally:
+        C._jit_onnx_log = log
+        set_on(False)
+
+
+@contextlib.contextmanager
 def _quiet(record: List[str]) -> Iterator[None]:
     """Collect upstream warnings (kept in the result) and silence the exporters' chatter."""
     chatter = {n: logging.ERROR for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")}
@@ -167,7 +188,8 @@ def export_graph(step: Union[StepModule, ChunkModule], opset: int = DEFAULT_OPSE
     record = record if record is not None else []
     names = dict(input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), opset_version=opset)
     # onnx_ops: the step forms' sums as the ops ONNX Runtime runs fastest (step_forms.sum_rows)
-    with _quiet(record), torch.no_grad(), onnx_ops(), tracing(step, f"torch.onnx.export ({exporter} exporter)"):
+    with _quiet(record), _onnx_log_as_found(), torch.no_grad(), onnx_ops(), \
+            tracing(step, f"torch.onnx.export ({exporter} exporter)"):
         if exporter == "dynamo":
             dims = None
             if batch is None:

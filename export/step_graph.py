@@ -196,14 +196,25 @@ def _failing_form(module: nn.Module, chain: List[BaseException]) -> Optional[str
             candidates = [local.get("self")]
             node = local.get("node")
             if isinstance(node, torch.fx.Node):
-                for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-                    with contextlib.suppress(AttributeError, TypeError):
-                        candidates.append(module.get_submodule(path))
+                paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+            elif isinstance(node, torch._C.Node):                  # the legacy exporter's TorchScript node
+                paths = [_scope_path(node.scopeName())]
+            else:
+                paths = []
+            for path in paths:
+                with contextlib.suppress(AttributeError, TypeError):
+                    candidates.append(module.get_submodule(path))
             for c in candidates:
                 if id(c) in index:
                     found = index[id(c)]
             tb = tb.tb_next
     return None if found is None else step.form_owners[found]
+
+
+def _scope_path(scope: str) -> str:
+    """The submodule path of a TorchScript node's scope name: "pkg.StepModule::/pkg.Form::forms.1" ->
+    "forms.1" (each "/"-separated part is "Type::attribute", the attributes from the root down)."""
+    return ".".join(a for a in (part.rpartition("::")[2] for part in scope.split("/")) if a)
 
 
 def _layer_step_form(layer: nn.Module, index: int, d_model: int) -> nn.Module:
