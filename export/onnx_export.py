@@ -42,7 +42,7 @@ from .result import ExportResult
 from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch, graph_opset
 from .chunk_graph import ChunkModule, chunk_metadata, chunked
 from .graph_size import check_chunk_in_memory, check_chunk_under, chunk_graph_bytes, tensor_bytes
-from .step_graph import ExportError, StepModule, build_step_module, no_autocast, tracing
+from .step_graph import ExportError, StepModule, batch_bound_form, build_step_module, no_autocast, tracing
 from .validate import DEFAULT_SEED, FLOAT32_TOLERANCE, ValidationError, default_sequence, validate_stream
 
 #: The oldest onnxruntime that loads and runs the shipped checkpoints' graphs at each opset (written
@@ -210,10 +210,12 @@ def export_graph(step: Union[StepModule, ChunkModule], opset: int = DEFAULT_OPSE
         fixed = [v.name for v in list(proto.graph.input) + list(proto.graph.output)
                  if v.type.tensor_type.shape.dim[0].dim_value]
         if fixed:
+            owner = batch_bound_form(step)
+            who = f"{owner}.step_form()" if owner else "the step module"
             raise ExportError(
                 f"a dynamic batch was asked for (batch=None), but the exported graph fixes the batch of "
-                f"{fixed} to {TRACE_BATCH}, the batch it was traced at: the step module uses its batch size "
-                f"as a constant (e.g. int(x.shape[0]) in a step form). Make it batch-agnostic, or export "
+                f"{fixed} to {TRACE_BATCH}, the batch it was traced at: {who} uses its batch size "
+                f"as a constant (e.g. int(u.shape[0]) in a step form). Make it batch-agnostic, or export "
                 f"a fixed batch (batch=N)")
     pin_feature_dims(proto, feature_shapes(step))
     strip_debug_records(proto)

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import io
 import sys
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -169,8 +170,8 @@ def tracing(module: nn.Module, exporter: str) -> Iterator[None]:
             e = e.__cause__ or e.__context__
         root = chain[-1]
         lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()] or [""]
-        line = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]   # "... were found:" + the one found
-        owner = _failing_form(module, chain)
+        line = (" ".join(lines[:2]) if lines[0].endswith(":") else lines[0]).rstrip(".")   # "... were found:" + the one found
+        owner = _failing_form(module, chain) or batch_bound_form(module)
         where = f" in {owner}.step_form()'s forward" if owner else ""
         raise ExportError(
             f"{exporter} could not export the step graph{where}: {type(root).__name__}: {line}. A step form is "
@@ -209,6 +210,45 @@ def _failing_form(module: nn.Module, chain: List[BaseException]) -> Optional[str
                     found = index[id(c)]
             tb = tb.tb_next
     return None if found is None else step.form_owners[found]
+
+
+def batch_bound_form(module: nn.Module) -> Optional[str]:
+    """The owner (``form_owners``) of the first form of a step or chunk module whose trace does not carry
+    over to another batch, None if none: traced by torch.jit.trace at batch 3 and run at batch 2, it
+    fails or answers other than the form itself. That is a form using its batch size as a number
+    (``int(u.shape[0])``) or a tensor's value in Python: the dynamo exporter then fixed the graph's batch,
+    torch.export raised a constraint violation and a TorchScript graph failed validation, each without
+    naming the layer. A probe for error messages (milliseconds a form), never run on a good export."""
+    step = getattr(module, "step", module)
+    chunk = getattr(module, "chunk", None)
+    form_lists = [(step.forms, ())] + ([(module.forms, (chunk,))] if module is not step else [])
+    for forms, steps in form_lists:
+        for form, owner in zip(forms, step.form_owners):
+            d_in, size = getattr(form, "d_input", step.d_model), int(form.state_size)
+            if _trace_binds_batch(form, [steps + (d_in,), (size,)]):
+                return owner
+    return None
+
+
+def _trace_binds_batch(form: nn.Module, shapes: List[Tuple[int, ...]]) -> bool:
+    """Whether ``form``, traced on inputs of ``shapes`` (after the batch) at batch 3, fails or disagrees with
+    itself at batch 2 (float32 rounding allowed). A form that cannot be traced or run at all is not judged."""
+    g = torch.Generator().manual_seed(0)
+    traced_at, run_at = ([torch.randn(b, *shape, generator=g) for shape in shapes] for b in (3, 2))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")                      # the TracerWarnings the probe is looking for
+        try:
+            traced = torch.jit.trace(form, tuple(traced_at), check_trace=False)
+            want = form(*run_at)
+        except Exception:
+            return False
+        try:
+            got = traced(*run_at)
+        except Exception:
+            return True
+    pairs = list(zip(got, want)) if isinstance(got, (tuple, list)) and isinstance(want, (tuple, list)) else []
+    return not pairs or any(not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.shape != b.shape or
+                            not torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in pairs)
 
 
 def _scope_path(scope: str) -> str:

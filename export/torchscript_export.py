@@ -31,7 +31,7 @@ from .onnx_export import TRACE_BATCH, _quiet, check_batch, sample_inputs
 from .paths import output_location
 from .provenance import META_PREFIX, Source, graph_metadata, load_source
 from .result import ExportResult
-from .step_graph import ExportError, StepModule, build_step_module, no_autocast, tracing
+from .step_graph import ExportError, StepModule, batch_bound_form, build_step_module, no_autocast, tracing
 from .validate import FLOAT32_TOLERANCE, StreamFn, torch_stream, validate_stream
 
 METADATA_FILE = "lrnnx_zoo.json"
@@ -99,17 +99,19 @@ def _finish(step: Union[StepModule, ChunkModule], model: torch.nn.Module, tmp: P
     if validate:
         loaded = loader(tmp)
         report = validate_stream(_failing_run_named(torch_stream(loaded, step.state_size, getattr(step, "chunk", None)),
-                                                    fmt, record), model, x, tolerance, fmt)
+                                                    fmt, record, step), model, x, tolerance, fmt)
     os.replace(tmp, path)
     return ExportResult(path=str(path), format=fmt, metadata=metadata, state_size=step.state_size,
                         d_input=step.d_input, d_output=step.d_output, state_layout=step.state_layout,
                         validation=report, graph={"bytes": os.path.getsize(path)}, warnings=record)
 
 
-def _failing_run_named(stream: StreamFn, fmt: str, record: List[str]) -> StreamFn:
-    """``stream`` whose failure inside the saved graph is an ExportError with its cause in one line and
-    what tracing warned of: a step form that read a tensor into Python (.numpy()) traced into a constant
-    of the trace's batch, and validation failed as a page of TorchScript interpreter traceback."""
+def _failing_run_named(stream: StreamFn, fmt: str, record: List[str], step: torch.nn.Module) -> StreamFn:
+    """``stream`` whose failure inside the saved graph is an ExportError with its cause in one line, the
+    layer whose form does not carry over to another batch (:func:`~.step_graph.batch_bound_form` of
+    ``step``, the step or chunk module saved) and what tracing warned of: a step form that read a
+    tensor into Python (.numpy()) traced into a constant of the trace's batch, and validation failed as
+    a page of TorchScript interpreter traceback."""
     def run(x: np.ndarray) -> np.ndarray:
         try:
             return stream(x)
@@ -117,8 +119,11 @@ def _failing_run_named(stream: StreamFn, fmt: str, record: List[str]) -> StreamF
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
             cause = lines[-1] if "TorchScript" in lines[0] else lines[0]     # the interpreter's own error comes last
             warned = [w for w in record if w.startswith("TracerWarning")]
+            owner = batch_bound_form(step)
+            blame = (f" {owner}.step_form() was traced at batch {TRACE_BATCH} and does not run the same at another "
+                     f"batch: it uses its batch size as a number or reads a tensor's value into Python." if owner else "")
             raise ExportError(f"the {fmt} graph fails on the validation input of shape {x.shape}: {cause}. Not "
-                              f"written." + (f" Tracing warned: {warned[0]}" if warned else "")) from exc
+                              f"written.{blame}" + (f" Tracing warned: {warned[0]}" if warned else "")) from exc
     return run
 
 

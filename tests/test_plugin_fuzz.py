@@ -146,6 +146,15 @@ class _NumpyForm(_Form):
         return s, s
 
 
+class _BatchForm(_Form):
+    """Its batch size as a Python number: every exporter bakes in the batch it traced at."""
+
+    def forward(self, u, s):
+        n = int(u.shape[0])
+        s = self.a * s + (1 - self.a) * u
+        return s.reshape(n, -1), s.reshape(n, -1)
+
+
 def _layer_of(form_cls):
     class Layer(EMA):
         def step_form(self):
@@ -162,8 +171,20 @@ def _layer_of(form_cls):
      r"^torch.onnx.export \(legacy exporter\) could not export the step graph in blocks.1.layer \(Layer\)"
      r".step_form\(\)'s forward: UnsupportedOperatorError: Exporting the operator 'aten::linalg_solve'"),
     (_NumpyForm, to_torchscript, r"^the torchscript graph fails on the validation input of shape \(2, 256, 3\): "
-                                 r"RuntimeError: The size of tensor a \(3\) must match .* Not written. Tracing warned: "
-                                 r"TracerWarning: Converting a tensor to a NumPy array"),
+                                 r"RuntimeError: The size of tensor a \(3\) must match .* Not written. blocks.1.layer "
+                                 r"\(Layer\).step_form\(\) was traced at batch 3 and does not run the same at another "
+                                 r"batch: .* Tracing warned: TracerWarning: Converting a tensor to a NumPy array"),
+    # int(u.shape[0]): the dynamo exporter fixed the graph's batch, torch.export raised a constraint violation,
+    # the TorchScript graph failed validation, none naming the layer
+    (_BatchForm, to_onnx, r"^a dynamic batch was asked for \(batch=None\), but the exported graph fixes the batch of "
+                          r".* to 3, the batch it was traced at: blocks.1.layer \(Layer\).step_form\(\) uses its "
+                          r"batch size as a constant"),
+    (_BatchForm, to_torch_export, r"^torch.export.export could not export the step graph in blocks.1.layer "
+                                  r"\(Layer\).step_form\(\)'s forward: ConstraintViolationError: Constraints violated "
+                                  r"\(batch\)! For more information, run with TORCH_LOGS=\"\+dynamic\". A step form"),
+    (_BatchForm, to_torchscript, r"^the torchscript graph fails on the validation input of shape \(2, 256, 3\): "
+                                 r"RuntimeError: shape '\[3, -1\]' is invalid .* Not written. blocks.1.layer \(Layer\)"
+                                 r".step_form\(\) was traced at batch 3"),
 ])
 def test_an_exporter_failing_on_a_plugin_step_form_names_the_layer_in_one_line(form_cls, export, expected, tmp_path,
                                                                               capfd):
