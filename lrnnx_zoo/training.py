@@ -406,7 +406,12 @@ def evaluate(model: SequenceModel, data: TaskData, batch_size: int = 256) -> Dic
     The model runs in eval mode and is put back in the mode it was in, also when a batch fails.
     The (float32) inputs are given to it in its own dtype: a float64 model (trained in float64, or
     ``.double()``) is evaluated in float64 (it raised a dtype TypeError, also in ``lrnnx-zoo evaluate``).
+    A bidirectional model (``model.bidirectional``) is refused on forecasting data with a ValueError:
+    it reads the input of step t + 1, which is step t's target.
     """
+    if data.task != "sequence-classification" and getattr(model, "bidirectional", False):
+        # it scored as a forecast what it had read: a bidirectional forecaster's test MSE (see FUTURE_INPUTS)
+        raise ValueError(f"{type(model).__name__} has a layer with {FUTURE_INPUTS}")
     was_training = model.training
     model.eval()
     try:
@@ -693,12 +698,18 @@ def _check_shares(optim: OptimSpec, di: DistInfo) -> None:
         raise TrainingSetupError(str(exc)) from None
 
 
+#: Why a forecaster may not read future inputs: the target of step t is the input of step t + 1.
+FUTURE_INPUTS = ("bidirectional=True, but a next-step forecaster may not read future inputs: the target of step t "
+                 "(z_{t+1}) is the input of step t + 1, so its test metrics would not be forecasts")
+
+
 def _check_model_fits_data(recipe: Recipe, data: TaskData) -> None:
     """Raise a TrainingSetupError, before any step, unless the recipe's model takes the data's input and
     gives the outputs its task scores. A classifier with fewer outputs than classes failed in the
     first step ("Target 6 is out of bounds"), one without pooling on the target's shape; a forecaster
     with pooling or another output width trained on a broadcast MSE and failed at evaluation, after
-    the whole run, saving nothing."""
+    the whole run, saving nothing; a bidirectional forecaster (``layer_kwargs`` bidirectional=True) read
+    step t + 1's input, step t's target, and its card reported that as a forecast's test error."""
     m = recipe.model
     d_in, task = data.x_train.shape[-1], data.task
     problems = []
@@ -716,6 +727,8 @@ def _check_model_fits_data(recipe: Recipe, data: TaskData) -> None:
         if m.get("d_output") != data.y_train.shape[-1]:
             problems.append(f"d_output={m.get('d_output')}, but the forecast targets have {data.y_train.shape[-1]} "
                             f"value(s) per step")
+        if (m.get("layer_kwargs") or {}).get("bidirectional"):
+            problems.append(FUTURE_INPUTS)
     if problems:
         raise TrainingSetupError(f"recipe {recipe.name!r}'s model does not fit its {task} data: "
                                  + "; ".join(problems) + ". Fix the recipe's model")
