@@ -927,8 +927,9 @@ def _unreadable(path: Path, exc: BaseException) -> str:
     try:
         with open(path, "rb") as f:
             head = f.read(64)
-    except OSError:
-        head = b""
+    except OSError as err:   # e.g. no read permission, which safetensors reports as "No such file or directory"
+        return (f"{path} cannot be read ({err.strerror or err}); expected a file this user may read: check its "
+                "permissions (and those of the folders above it)")
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":   # torch.save: a zip archive, or a bare pickle
         return (f"{path} is not a safetensors file but pickled weights (torch.save), which can run arbitrary "
                 "code when loaded; it is not loaded. " + _conversion_advice())

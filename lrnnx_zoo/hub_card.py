@@ -205,9 +205,10 @@ def card_metrics(readme: Path) -> Dict[str, Any]:
     try:
         card = ModelCard.load(readme, ignore_metadata_errors=True)
         return {r.metric_type: r.metric_value for r in (card.data.eval_results or [])}
-    except (ValueError, LookupError, TypeError, AttributeError, RecursionError, yaml_errors()) as exc:
+    except (ValueError, LookupError, TypeError, AttributeError, RecursionError, OSError, yaml_errors()) as exc:
         # ignore_metadata_errors covers neither YAML syntax, a list as front matter, non-UTF-8 bytes nor
-        # deep nesting: `lrnnx-zoo info` and `evaluate` printed tracebacks for cards from_pretrained loads past
+        # deep nesting: `lrnnx-zoo info` and `evaluate` printed tracebacks for cards from_pretrained loads past;
+        # OSError: a card this user may not read (from_pretrained never opens it), also a traceback before
         raise UnreadableCardError(f"{readme} (the model card) cannot be read: {type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 

@@ -1,0 +1,68 @@
+"""The library and the ``lrnnx-zoo`` command under the conditions real users run them in: files this
+user may not read, ``python -OO`` (no docstrings), a full disk behind stdout, and so on (an audit).
+
+Conditions a root test process cannot create for real (a file root may not read) are simulated at
+the one call that meets them, with the error the operating system gives there.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import pathlib
+
+import pytest
+
+import lrnnx_zoo
+from lrnnx_zoo import hub
+from lrnnx_zoo.cli import main
+
+
+def _permission_denied_for(monkeypatch: pytest.MonkeyPatch, target: pathlib.Path) -> None:
+    """Opening ``target`` (by ``open`` or ``Path.open``) fails as for a file mode 000 to a non-root user."""
+    real_open, real_path_open = builtins.open, pathlib.Path.open
+
+    def refuse(path: object) -> None:
+        if pathlib.Path(str(path)).resolve() == target.resolve():
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    def fake_open(file, *args, **kwargs):
+        refuse(file)
+        return real_open(file, *args, **kwargs)
+
+    def fake_path_open(self, *args, **kwargs):
+        refuse(self)
+        return real_path_open(self, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(pathlib.Path, "open", fake_path_open)
+
+
+@pytest.fixture
+def copied(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A copy of a shipped checkpoint folder (config.json, model.safetensors, README.md)."""
+    import shutil
+    folder = tmp_path / "ckpt"
+    shutil.copytree(lrnnx_zoo.hub.shipped_checkpoints()["digits-lru"], folder)
+    return folder
+
+
+@pytest.mark.parametrize("command", ["info", "evaluate"])
+def test_a_model_card_this_user_may_not_read_is_named_not_a_traceback(command, copied, monkeypatch, capsys):
+    # `lrnnx-zoo info DIR` and `evaluate DIR` ended in a PermissionError traceback when README.md was
+    # mode 000 (a copied or shared folder): from_pretrained never reads the card, so only these failed.
+    _permission_denied_for(monkeypatch, copied / "README.md")
+    assert main([command, str(copied)]) == 0
+    out, err = capsys.readouterr()
+    said = out if command == "info" else err
+    assert "README.md (the model card) cannot be read: PermissionError" in said, (out, err)
+
+
+def test_weights_this_user_may_not_read_are_not_called_corrupt(copied, monkeypatch):
+    # safetensors reports a weights file without read permission as "No such file or directory", and
+    # from_pretrained said the file was "truncated or corrupt" and advised re-saving it.
+    from safetensors import SafetensorError
+    weights = copied / "model.safetensors"
+    _permission_denied_for(monkeypatch, weights)
+    message = hub._unreadable(weights, SafetensorError("No such file or directory (os error 2)"))
+    assert "corrupt" not in message and "cannot be read (Permission denied)" in message, message
+    assert "permissions" in message
