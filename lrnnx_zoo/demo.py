@@ -1,13 +1,4 @@
-"""The main job: a shipped checkpoint from load to edge.
-
-1. load it (``from_pretrained``) and evaluate it on the split its config records;
-2. export it to an ONNX step graph (validated against the PyTorch model before it is written);
-3. stream the whole evaluation set through ONNX Runtime one step at a time from a zero state;
-4. print the parity between the streamed and the PyTorch outputs, both scores, and the
-   per-step latency at batch 1 against the PyTorch model's own eager step;
-5. export a chunk graph (32 steps per call) and print its parity with the step stream and its
-   latency per step.
-"""
+"""``python -m lrnnx_zoo.demo`` (``bash scripts/demo.sh``): DESCRIPTION below says what it does."""
 
 from __future__ import annotations
 
@@ -25,6 +16,19 @@ from .training import MissingDependencyError, checkpoint_data, evaluate, score
 from .training_cli import positive_int
 
 DEFAULT = "forecast-sunspots-s4d"
+#: What ``--help`` says: a constant, not the module docstring, which ``python -OO`` strips (the help
+#: then had no description).
+DESCRIPTION = """\
+The main job: a shipped checkpoint from load to edge.
+
+1. load it (``from_pretrained``) and evaluate it on the split its config records;
+2. export it to an ONNX step graph (validated against the PyTorch model before it is written);
+3. stream the whole evaluation set through ONNX Runtime one step at a time from a zero state;
+4. print the parity between the streamed and the PyTorch outputs, both scores, and the
+   per-step latency at batch 1 against the PyTorch model's own eager step;
+5. export a chunk graph (32 steps per call) and print its parity with the step stream and its
+   latency per step.
+"""
 
 
 def _fmt(metrics: dict) -> str:
@@ -133,7 +137,7 @@ def _prefill_then_stream(model, graph, x) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="*", default=[DEFAULT],
                     help=f"shipped names, folders or Hub ids (default {DEFAULT}; 'all' for every shipped one)")
     ap.add_argument("--out", type=Path, default=None, help="where to write the .onnx files (default: a temp dir)")

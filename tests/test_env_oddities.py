@@ -66,3 +66,14 @@ def test_weights_this_user_may_not_read_are_not_called_corrupt(copied, monkeypat
     message = hub._unreadable(weights, SafetensorError("No such file or directory (os error 2)"))
     assert "corrupt" not in message and "cannot be read (Permission denied)" in message, message
     assert "permissions" in message
+
+
+def test_demo_help_keeps_its_description_without_docstrings(monkeypatch, capsys):
+    # `python -OO -m lrnnx_zoo.demo --help` (docstrings stripped) printed only the usage and the
+    # options: the description was the module docstring.
+    from lrnnx_zoo import demo
+    monkeypatch.setattr(demo, "__doc__", None)                 # what -OO leaves
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--help"])
+    assert stop.value.code == 0
+    assert "The main job: a shipped checkpoint from load to edge." in capsys.readouterr().out
