@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from .data import augment_digit_shifts
 from .models import ModelConfig, SequenceModel
 from .optim import check_optim_values, grouped_parameters
-from .recipes import DataSpec, OptimSpec, Recipe, check_seed, get_recipe, override
+from .recipes import DataSpec, OptimSpec, Recipe, check_int, check_seed, get_recipe, override
 from .wording import given, name
 
 if TYPE_CHECKING:  # training_state imports this module
@@ -407,8 +407,10 @@ def evaluate(model: SequenceModel, data: TaskData, batch_size: int = 256) -> Dic
     The (float32) inputs are given to it in its own dtype: a float64 model (trained in float64, or
     ``.double()``) is evaluated in float64 (it raised a dtype TypeError, also in ``lrnnx-zoo evaluate``).
     A bidirectional model (``model.bidirectional``) is refused on forecasting data with a ValueError:
-    it reads the input of step t + 1, which is step t's target.
+    it reads the input of step t + 1, which is step t's target. ``batch_size``: an int >= 1 (a negative
+    one returned NaN metrics, 0 failed as "range() arg 3 must not be zero").
     """
+    check_int("evaluate's batch_size", batch_size, 1)
     if data.task != "sequence-classification" and getattr(model, "bidirectional", False):
         # it scored as a forecast what it had read: a bidirectional forecaster's test MSE (see FUTURE_INPUTS)
         raise ValueError(f"{type(model).__name__} has a layer with {FUTURE_INPUTS}")

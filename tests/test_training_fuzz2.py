@@ -48,3 +48,14 @@ def test_evaluate_refuses_a_bidirectional_model_on_forecast_data_and_scores_a_ca
     with pytest.raises(ValueError, match=r"SequenceModel has a layer with bidirectional=True, but a next-step "
                                          r"forecaster may not read future inputs"):
         evaluate(reads_ahead, data)
+
+
+@pytest.mark.parametrize("batch_size, error", [(-5, ValueError), (0, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_evaluate_refuses_a_batch_size_that_is_not_a_positive_int(batch_size, error):
+    # -5 returned {'test_accuracy': nan, 'test_loss': nan} (range(0, n, -5) is empty: 0 / 0); 0 failed as
+    # "range() arg 3 must not be zero"; True ran as a batch of 1
+    data = load_data(get_recipe("digits-tiny").data)
+    torch.manual_seed(0)
+    model = SequenceModel(ModelConfig(**get_recipe("digits-tiny").model))
+    with pytest.raises(error, match=r"evaluate's batch_size must be an int >= 1, got"):
+        evaluate(model, data, batch_size=batch_size)
