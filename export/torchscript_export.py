@@ -17,7 +17,7 @@ import uuid
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -46,6 +46,15 @@ def _temp(path: Path, suffix: Optional[str] = None) -> Iterator[Path]:
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _save_archive(tmp: Path, save: Callable[[BinaryIO], None]) -> None:
+    """Write an archive with ``save(file)`` through an open file: torch.jit.save and torch.export.save
+    given a path name the zip's root folder after that file, here the temporary one
+    (``.model.1f3a9c2e.tmp/...``), so two exports of one model were never byte-identical and an
+    unzipped artifact showed a hidden folder; given a file object they name it ``archive``."""
+    with open(tmp, "wb") as file:
+        save(file)
 
 
 def load_torchscript(path: Union[str, Path]) -> torch.jit.ScriptModule:
@@ -154,9 +163,12 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
             with _quiet(record), torch.no_grad():
                 with tracing(step, "torch.jit.trace"):
                     traced = torch.jit.trace(step, sample_inputs(step, TRACE_BATCH), check_trace=False)
-                traced = torch.jit.script(CheckedStep(traced, step.state_size, step.d_input,
-                                                      getattr(step, "chunk", None) or 0))
-                torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+                # in eval mode, as its traced step is: a new module trains, and a .ts saved so was
+                # refused by torch.jit.freeze ("only implemented for modules in eval mode")
+                checked = CheckedStep(traced, step.state_size, step.d_input, getattr(step, "chunk", None) or 0)
+                traced = torch.jit.script(checked.eval())
+                extra = {METADATA_FILE: json.dumps(metadata)}
+                _save_archive(tmp, lambda file: torch.jit.save(traced, file, _extra_files=extra))
             with _quiet(record), torch.no_grad():       # apart, so that validation sees what tracing warned
                 return _finish(step, model, tmp, path, "torchscript", load_torchscript, metadata, validate,
                                x, tolerance, record)
@@ -258,6 +270,7 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
             with _quiet(record), torch.no_grad():
                 with tracing(step, "torch.export.export"):
                     program = torch.export.export(step, sample_inputs(step, batch or TRACE_BATCH), dynamic_shapes=dims)
-                torch.export.save(program, str(tmp), extra_files={METADATA_FILE: json.dumps(metadata)})
+                extra = {METADATA_FILE: json.dumps(metadata)}
+                _save_archive(tmp, lambda file: torch.export.save(program, file, extra_files=extra))
             return _finish(step, model, tmp, path, "torch-export", load_torch_export, metadata, validate,
                            x, tolerance, record)
