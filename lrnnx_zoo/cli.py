@@ -7,13 +7,14 @@ Each group of subcommands lives next to the code it drives, in a module with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
 import sys
 import textwrap
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 #: What ``lrnnx-zoo --help`` says (the module docstring above is for people reading this file).
 DESCRIPTION = ("Linear RNN and state-space layers (LRU, S4, S4D, FFTConv) as plugins: see what is installed, "
@@ -154,13 +155,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def escaped_output() -> Iterator[None]:
+    """While the command runs, stdout writes a character its encoding lacks (a non-ASCII folder name on
+    an ASCII or cp1252 stdout: ``PYTHONIOENCODING=ascii``, a Windows console redirected to a file) as
+    an escape (``\\xfc``), as Python's stderr always does: it raised UnicodeEncodeError, a traceback
+    after the work was done (export had written its folder). Only a strict stream is changed, and it
+    is restored."""
+    stream = sys.stdout
+    strict = getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure")
+    if strict:
+        stream.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        if strict and not stream.closed:
+            stream.reconfigure(errors="strict")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .runtime import tune_allocator
     tune_allocator()
     from .wording import command_line
     args = build_parser().parse_args(argv)
     try:
-        with command_line(FLAGS):
+        with command_line(FLAGS), escaped_output():
             return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         # Ctrl-C: one line and the shell's status for SIGINT (128 + 2) rather than a traceback

@@ -77,3 +77,19 @@ def test_demo_help_keeps_its_description_without_docstrings(monkeypatch, capsys)
         demo.main(["--help"])
     assert stop.value.code == 0
     assert "The main job: a shipped checkpoint from load to edge." in capsys.readouterr().out
+
+
+def test_a_non_ascii_folder_name_on_an_ascii_stdout_is_escaped_not_a_traceback(copied, tmp_path, monkeypatch):
+    # `PYTHONIOENCODING=ascii lrnnx-zoo evaluate DIR`, DIR named with a u-umlaut or Chinese characters (or
+    # a Windows cp1252 stdout redirected to a file), measured the metrics, then ended in a
+    # UnicodeEncodeError traceback printing the name.
+    import io
+    import sys
+    folder = copied.rename(tmp_path / "\u00fcber \u4e2d\u6587")
+    raw = io.BytesIO()
+    stdout = io.TextIOWrapper(raw, encoding="ascii", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["evaluate", str(folder)]) == 0
+    stdout.flush()
+    assert b"\\xfcber \\u4e2d\\u6587: 360 test sequences" in raw.getvalue(), raw.getvalue()
+    assert stdout.errors == "strict"                       # the caller's stream is given back as it was
