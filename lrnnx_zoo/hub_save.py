@@ -89,14 +89,19 @@ def _sort_header(path: Path) -> None:
             f.write(ordered)
 
 
+def check_command(command: Any) -> None:
+    """Raise a TypeError unless ``command`` is None or a str: the card shows it as a shell line."""
+    if command is not None and not isinstance(command, str):
+        raise TypeError(f"command must be a str (the shell command that made the model), got {command!r} "
+                        f"({type(command).__name__})")
+
+
 def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any = None,
                       metrics: Optional[Dict[str, Any]] = None, command: Optional[str] = None,
                       notes: Optional[str] = None, resampled: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The config.json dict for ``model`` (a SequenceModel) with the given provenance; ``resampled``
     (:func:`resampled_info`'s record) only when set."""
-    if command is not None and not isinstance(command, str):  # the card shows it as a shell line
-        raise TypeError(f"command must be a str (the shell command that made the model), got {command!r} "
-                        f"({type(command).__name__})")
+    check_command(command)
     layer = model.config.layer
     prefix, _, family = layer.rpartition(":")
     owners = layer_owners(layer)

@@ -579,6 +579,8 @@ def train(recipe: Recipe | str, out_dir: Optional[Union[str, os.PathLike]] = Non
     aside), else a TrainingSetupError names what differs.  The card's notes and command record it.
     """
     recipe = _as_recipe(recipe)
+    from .hub_save import check_command
+    check_command(command)      # the card's, written after the run: an int failed there, the run lost
     if seed is not None:
         recipe = dataclasses.replace(recipe, seed=check_seed(seed))
     device = check_device(device)

@@ -59,3 +59,18 @@ def test_evaluate_refuses_a_batch_size_that_is_not_a_positive_int(batch_size, er
     model = SequenceModel(ModelConfig(**get_recipe("digits-tiny").model))
     with pytest.raises(error, match=r"evaluate's batch_size must be an int >= 1, got"):
         evaluate(model, data, batch_size=batch_size)
+
+
+def test_a_command_that_is_not_a_str_is_refused_before_training(tmp_path, monkeypatch):
+    # train(..., command=123) trained the whole run, then failed in save_pretrained ("command must be a
+    # str"), the weights lost; without out_dir the int went into checkpoint_info unchecked
+    import lrnnx_zoo.training as T
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("training started")
+    monkeypatch.setattr(T, "_run", no_run)
+    for out_dir in (tmp_path / "out", None):
+        with pytest.raises(TypeError, match=r"command must be a str \(the shell command that made the model\), "
+                                            r"got 123 \(int\)"):
+            train("digits-tiny", out_dir=out_dir, command=123, progress=False)
+    assert not (tmp_path / "out").exists()
