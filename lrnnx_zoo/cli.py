@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import json
 import os
+import signal
 import sys
 import textwrap
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -177,14 +178,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .runtime import tune_allocator
     tune_allocator()
     from .wording import command_line
+    from .training_cli import Terminated, sigterm_raises
     args = build_parser().parse_args(argv)
     try:
-        with command_line(FLAGS), escaped_output():
+        with command_line(FLAGS), escaped_output(), sigterm_raises():
             return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         # Ctrl-C: one line and the shell's status for SIGINT (128 + 2) rather than a traceback
         print(f"lrnnx-zoo {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        # SIGTERM (`timeout`, a job scheduler, `docker stop`) killed the process outright: an export
+        # left its hidden staging folder (.OUT.tmp-XXXXXXXX) beside --out; now clean-ups run first
+        print(f"lrnnx-zoo {args.command}: terminated by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
         # The reader went away (`lrnnx-zoo info NAME | head`): stop quietly, as other tools do.
         # stdout is pointed at /dev/null because Python's flush at exit would raise again.

@@ -91,7 +91,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training import (BatchExceedsDataError, EpochsNotReachedWarning, MissingDependencyError,
                            ResumeNotExactWarning, TrainingDivergedError, TrainingSetupError, train)
     try:
-        with _warnings_as_lines((EpochsNotReachedWarning, ResumeNotExactWarning)), _sigterm_raises():
+        with _warnings_as_lines((EpochsNotReachedWarning, ResumeNotExactWarning)), sigterm_raises():
             _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress,
                                checkpoint_every=args.checkpoint_every,
                                resume=False if args.resume is None else args.resume,
@@ -137,10 +137,11 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def sigterm_raises() -> Iterator[None]:
     """Turn SIGTERM into :class:`Terminated` while training, so that a scheduler's stop says, as
     Ctrl-C does, which snapshot to resume from (it ended the process without a word). Only from the
-    main thread, where Python runs signal handlers."""
+    main thread, where Python runs signal handlers. ``lrnnx-zoo`` runs every command under it
+    (lrnnx_zoo.cli.main): clean-ups run, and an export leaves no hidden staging folder behind."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -93,3 +93,34 @@ def test_a_non_ascii_folder_name_on_an_ascii_stdout_is_escaped_not_a_traceback(c
     stdout.flush()
     assert b"\\xfcber \\u4e2d\\u6587: 360 test sequences" in raw.getvalue(), raw.getvalue()
     assert stdout.errors == "strict"                       # the caller's stream is given back as it was
+
+
+def test_sigterm_during_export_leaves_no_staging_folder_and_says_so(tmp_path, monkeypatch, capsys):
+    # SIGTERM (`timeout 60 lrnnx-zoo export ...`, a job scheduler, `docker stop`) killed the export
+    # outright, exit 143 and no word, and left its hidden staging folder .OUT.tmp-XXXXXXXX beside
+    # --out each time; only train turned SIGTERM into a clean stop.
+    import os
+    import signal
+    import threading
+    from lrnnx_zoo.export import folder as export_folder_module
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("Python runs signal handlers on the main thread only")
+
+    def half_written(model, path, **kwargs):
+        pathlib.Path(path).write_bytes(b"half a graph")
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the export went on after SIGTERM")
+    monkeypatch.setattr(export_folder_module, "to_onnx", half_written)
+    heard = []
+
+    def callers(*_: object) -> None:       # the caller's own handler (without one, old code killed pytest)
+        heard.append(1)
+    before = signal.signal(signal.SIGTERM, callers)
+    try:
+        code = main(["export", "digits-lru", "--out", str(tmp_path / "out"), "--latency-steps", "0"])
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 143 and not heard and after is callers        # and the caller's handler is put back
+    assert capsys.readouterr().err == "lrnnx-zoo export: terminated by SIGTERM\n"
+    assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
