@@ -11,6 +11,7 @@ loading the *saved file* back and streaming it from a zero state before being mo
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import uuid
@@ -55,6 +56,47 @@ def _save_archive(tmp: Path, save: Callable[[BinaryIO], None]) -> None:
     unzipped artifact showed a hidden folder; given a file object they name it ``archive``."""
     with open(tmp, "wb") as file:
         save(file)
+
+
+#: Records a TorchScript archive's writer adds itself (copied over, they would be written twice).
+_WRITER_RECORDS = (".data/version", ".data/serialization_id", "version")
+
+
+def _save_torchscript(module: torch.jit.ScriptModule, tmp: Path, extra_files: Dict[str, str]) -> None:
+    """Save ``module`` to ``tmp`` as torch.jit.save does, less its debug records.
+
+    torch.jit.save keeps a ``.debug_pkl`` of source ranges beside each class's code: the traced
+    Python frames and scripted functions by their paths on the exporting machine
+    (/work/main/export/step_graph.py, torch's site-packages: /home/<user>/... elsewhere), shipped to
+    every device the graph went to (the ONNX graphs drop theirs: onnx_export.strip_debug_records),
+    and 60% of a small model's archive. The archive is copied record by record without them, at its
+    own format version; a failing op is then reported in the archive's code, not the exporter's."""
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer, _extra_files=extra_files)
+    buffer.seek(0)
+    reader = torch._C.PyTorchFileReader(buffer)
+    version = int(bytes(reader.get_record(".data/version")).decode())
+
+    def copy(file: BinaryIO) -> None:
+        writer = torch._C.PyTorchFileWriter(file)
+        writer.set_min_version(version)
+        for name in reader.get_all_records():
+            if not name.endswith(".debug_pkl") and name not in _WRITER_RECORDS:
+                data = reader.get_record(name)
+                writer.write_record(name, data, len(data))
+        writer.write_end_of_file()
+
+    _save_archive(tmp, copy)
+
+
+def _strip_stack_traces(program: torch.export.ExportedProgram) -> None:
+    """Drop every node's ``stack_trace`` (in place): torch.export.save writes each one into the
+    archive's model.json, the exporting machine's source paths on every device the graph went to
+    (16% of a small model's .pt2). The nodes keep their module paths (``nn_module_stack``)."""
+    for module in program.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                node.meta.pop("stack_trace", None)
 
 
 def load_torchscript(path: Union[str, Path]) -> torch.jit.ScriptModule:
@@ -167,8 +209,7 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
                 # refused by torch.jit.freeze ("only implemented for modules in eval mode")
                 checked = CheckedStep(traced, step.state_size, step.d_input, getattr(step, "chunk", None) or 0)
                 traced = torch.jit.script(checked.eval())
-                extra = {METADATA_FILE: json.dumps(metadata)}
-                _save_archive(tmp, lambda file: torch.jit.save(traced, file, _extra_files=extra))
+                _save_torchscript(traced, tmp, {METADATA_FILE: json.dumps(metadata)})
             with _quiet(record), torch.no_grad():       # apart, so that validation sees what tracing warned
                 return _finish(step, model, tmp, path, "torchscript", load_torchscript, metadata, validate,
                                x, tolerance, record)
@@ -270,6 +311,7 @@ def to_torch_export(model_or_checkpoint: Source, path: Union[str, Path], batch: 
             with _quiet(record), torch.no_grad():
                 with tracing(step, "torch.export.export"):
                     program = torch.export.export(step, sample_inputs(step, batch or TRACE_BATCH), dynamic_shapes=dims)
+                _strip_stack_traces(program)
                 extra = {METADATA_FILE: json.dumps(metadata)}
                 _save_archive(tmp, lambda file: torch.export.save(program, file, extra_files=extra))
             return _finish(step, model, tmp, path, "torch-export", load_torch_export, metadata, validate,

@@ -293,3 +293,17 @@ def test_torch_archives_name_no_temporary_file_and_repeat_byte_for_byte(tmp_path
     if fmt == "torch-export":
         # (a .ts repeats in a fresh process; within one, torch.jit numbers the classes it compiled before)
         assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_torch_archives_hold_no_source_paths_of_the_exporting_machine(torch_artifacts):
+    # torch.jit.save kept a .debug_pkl of source ranges beside each class's code, and torch.export.save
+    # every node's stack trace in model.json: the exporter's and torch's file paths on this machine
+    # (/home/<user>/..., site-packages) went to every device, as the ONNX graphs' did before
+    # onnx_export.strip_debug_records (digits-s4d's .ts: 19 distinct paths, .pt2: 7).
+    folder, _ = torch_artifacts
+    here = [str(Path(lrnnx_zoo.__file__).resolve().parent.parent), str(Path(torch.__file__).resolve().parent)]
+    for file, *_ in TORCH_ARTIFACTS:
+        with zipfile.ZipFile(folder / file) as archive:
+            found = sorted({name.split("/", 1)[1] for name in archive.namelist()
+                            if any(h.encode() in archive.read(name) for h in here)})
+        assert not found, f"{file} names {here} in {found}"
