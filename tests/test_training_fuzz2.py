@@ -74,3 +74,32 @@ def test_a_command_that_is_not_a_str_is_refused_before_training(tmp_path, monkey
                                             r"got 123 \(int\)"):
             train("digits-tiny", out_dir=out_dir, command=123, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_loading_s4s_C_without_its_length_warns():
+    # C holds C~ for the stored length L. A parameters-only state dict (named_parameters(), as some
+    # checkpoint formats keep) of a model that had run at L=40, loaded with strict=False into a fresh
+    # one, silently paired that C~ with the receiver's length: outputs 0.066 off (0.18 when the
+    # receiver had run at L=17); torch only listed kernel.L among the missing keys.
+    from lrnnx_zoo.plugins.s4.kernel import UnpairedLengthWarning
+
+    def s4_model(seed: int) -> SequenceModel:
+        torch.manual_seed(seed)
+        return SequenceModel(ModelConfig(layer="s4", d_input=3, d_output=2, d_model=4, n_layers=1,
+                                         layer_kwargs={"d_state": 4}))
+    trained, fresh = s4_model(0), s4_model(1)
+    x = torch.randn(2, 40, 3)
+    trained(x)                                    # its length: 40
+    params_only = {k: v for k, v in trained.state_dict().items() if k in dict(trained.named_parameters())}
+    with pytest.warns(UnpairedLengthWarning, match=r"blocks\.0\.layer\.kernel\.C is loaded without "
+                                                   r"blocks\.0\.layer\.kernel\.L, but C holds C~ for the stored "
+                                                   r"length L \(now 0\)"):
+        missing = fresh.load_state_dict(params_only, strict=False).missing_keys
+    assert missing == ["blocks.0.layer.kernel.L"]
+    with torch.no_grad():     # what it warns of: a function other than the source's (tolerance: 1e-3, far below)
+        assert (fresh(x) - trained(x)).norm() > 1e-3 * trained(x).norm()
+    import warnings
+    with warnings.catch_warnings():            # C and L together: no warning, the source's function
+        warnings.simplefilter("error", UnpairedLengthWarning)
+        fresh.load_state_dict(trained.state_dict())
+        torch.testing.assert_close(fresh(x), trained(x), rtol=0, atol=0)

@@ -74,6 +74,14 @@ class DistributedLengthWarning(RuntimeWarning):
     apart after two steps). Nothing is wrong while every rank sees the same lengths."""
 
 
+class UnpairedLengthWarning(UserWarning):
+    """``load_state_dict(..., strict=False)`` gave an S4 kernel its ``C`` without its length ``L`` (or
+    ``L`` without ``C``): C holds C~ for the stored length, so the kernel reads the loaded C~ with a
+    length it was not made for (a parameters-only state dict of a model that had run at L=40 loaded
+    into a fresh one: outputs 0.07 off, 0.18 when the receiver had run at L=17), unless both lengths
+    agree (e.g. kernels built with the same ``l_max``)."""
+
+
 def _home_kernel(C: Tensor) -> Optional["SSKernelNPLR"]:
     """The live kernel whose own C ``C`` is (by the id it records), or None."""
     home = _KERNELS.get(C.__dict__.get(_C_HOME, -1))
@@ -390,6 +398,13 @@ class SSKernelNPLR(StepModes, SSMKernel):
             # failed in the allocator or in the kernel (an audit of untrusted checkpoints)
             raise ValueError(f"{prefix}L (the kernel's stored length, which C holds C~ for) must be in "
                              f"[0, {MAX_LENGTH}], got {int(L)}")
+        has_C, has_L = prefix + "C" in state_dict, prefix + "L" in state_dict
+        if has_C != has_L:     # strict=False loads it (torch passes every module strict=True, and checks after)
+            given, kept = ("C", "L") if has_C else ("L", "C")
+            warnings.warn(f"{prefix}{given} is loaded without {prefix}{kept}, but C holds C~ for the stored length "
+                          f"L (now {self.length}): the kernel pairs them, right only if the state dict's source "
+                          f"stored the same length (e.g. both built with the same l_max). Load {prefix}C and "
+                          f"{prefix}L together (model.state_dict() holds both)", UnpairedLengthWarning, stacklevel=3)
         with self._consistent():                  # C, L and the Python copy change together
             super()._load_from_state_dict(*args, **kwargs)
             self.__dict__.pop("_length_origin", None)  # new weights: no length change to account for
