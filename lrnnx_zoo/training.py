@@ -41,7 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from .data import augment_digit_shifts
-from .models import ModelConfig, SequenceModel
+from .base import check_flags
+from .models import ModelConfig, SequenceModel, _python_scalars
 from .optim import check_optim_values, grouped_parameters
 from .recipes import DataSpec, OptimSpec, Recipe, check_int, check_seed, get_recipe, override
 from .wording import given, name
@@ -146,14 +147,41 @@ class DistInfo:
         return self.rank == 0
 
 
+#: What torchrun sets for each process and env:// rendezvous reads besides WORLD_SIZE.
+RENDEZVOUS_ENV = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_int(name: str, default: int) -> int:
+    """The integer environment variable ``name`` that torchrun sets (WORLD_SIZE, RANK, LOCAL_RANK), or
+    ``default`` where it is unset or empty; a TrainingSetupError naming it where it is no integer
+    (``WORLD_SIZE=abc`` was a bare int() ValueError traceback; a bad RANK one after training had run)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise TrainingSetupError(f"environment variable {name} is {text!r}; expected an integer (torchrun sets "
+                                 f"it for each process), or unset it to train in one process") from None
+
+
 def setup_distributed(device: Optional[str] = None) -> DistInfo:
     """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
     import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launcher_int("WORLD_SIZE", 1)
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if world <= 1:
         return DistInfo(device=torch.device(device or ("cuda" if use_cuda else "cpu")))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    missing = [n for n in RENDEZVOUS_ENV if not os.environ.get(n, "").strip()]
+    if missing and not dist.is_initialized():
+        # a WORLD_SIZE left in the environment (a scheduler's, another job's) without torchrun's other
+        # variables: torch's rendezvous failed in a 30-line ValueError traceback
+        raise TrainingSetupError(f"WORLD_SIZE={world} says this is one of {world} processes, but "
+                                 f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set, as torchrun "
+                                 f"sets them: launch it with torchrun (python -m torch.distributed.run), or unset "
+                                 f"WORLD_SIZE to train in one process")
+    launcher_int("RANK", 0)
+    local_rank = launcher_int("LOCAL_RANK", 0)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
@@ -581,6 +609,7 @@ def train(recipe: Recipe | str, out_dir: Optional[Union[str, os.PathLike]] = Non
     recipe = _as_recipe(recipe)
     from .hub_save import check_command
     check_command(command)      # the card's, written after the run: an int failed there, the run lost
+    check_flags("train", progress=progress)     # progress="no" was read for its truth: a bar
     if seed is not None:
         recipe = dataclasses.replace(recipe, seed=check_seed(seed))
     device = check_device(device)
@@ -731,7 +760,8 @@ def _check_model_fits_data(recipe: Recipe, data: TaskData) -> None:
         if m.get("d_output") != data.y_train.shape[-1]:
             problems.append(f"d_output={m.get('d_output')}, but the forecast targets have {data.y_train.shape[-1]} "
                             f"value(s) per step")
-        if (m.get("layer_kwargs") or {}).get("bidirectional"):
+        # as the layer will read it (np.True_ too); a non-bool is the layer's own TypeError
+        if _python_scalars((m.get("layer_kwargs") or {}).get("bidirectional")) is True:
             problems.append(FUTURE_INPUTS)
     if problems:
         raise TrainingSetupError(f"recipe {recipe.name!r}'s model does not fit its {task} data: "

@@ -116,8 +116,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except Terminated:
         print(f"lrnnx-zoo train: terminated by SIGTERM (--out {args.out}: {_kept(args.out)})", file=sys.stderr)
         return 128 + signal.SIGTERM
-    import os
-    if int(os.environ.get("RANK", "0")) == 0:
+    from .training import launcher_int     # train checked both (RANK only under torchrun, where it counts)
+    if launcher_int("WORLD_SIZE", 1) <= 1 or launcher_int("RANK", 0) == 0:
         print(json.dumps(metrics, sort_keys=True))
     return 0
 

@@ -124,3 +124,35 @@ def test_sigterm_during_export_leaves_no_staging_folder_and_says_so(tmp_path, mo
     assert code == 143 and not heard and after is callers        # and the caller's handler is put back
     assert capsys.readouterr().err == "lrnnx-zoo export: terminated by SIGTERM\n"
     assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 says this is one of 2 processes, but RANK, MASTER_ADDR, MASTER_PORT are "
+                          "not set, as torchrun sets them: launch it with torchrun"),
+    ({"WORLD_SIZE": "abc"}, "environment variable WORLD_SIZE is 'abc'; expected an integer"),
+])
+def test_a_stray_or_malformed_world_size_is_one_line_before_training(env, said, tmp_path, monkeypatch, capsys):
+    # WORLD_SIZE left in the environment without torchrun's other variables (a scheduler's, another
+    # job's) made `lrnnx-zoo train` fail in torch's rendezvous with a 30-line ValueError traceback, and
+    # WORLD_SIZE=abc in a bare int() one.
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    assert main(["train", "digits-tiny", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lrnnx-zoo train: {said}") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_a_stray_rank_outside_torchrun_neither_fails_nor_hides_the_metrics(tmp_path, monkeypatch, capsys):
+    # RANK means something only under torchrun (WORLD_SIZE > 1): RANK=x failed with a ValueError
+    # traceback after the run had trained and saved, and RANK=1 hid the metrics line of a one-process run.
+    import lrnnx_zoo.training as training
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(training, "train", lambda recipe, **kwargs: (None, {"test_accuracy": 0.5}))
+    for rank in ("x", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "digits-tiny", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+        assert capsys.readouterr().out == '{"test_accuracy": 0.5}\n'
