@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,12 +22,13 @@ def _forecaster(layer_kwargs: dict) -> dict:
     return dict(FORECAST.model, layer="s4", d_model=4, n_layers=1, layer_kwargs=layer_kwargs)
 
 
-def test_a_bidirectional_forecaster_is_refused_before_training(tmp_path):
+@pytest.mark.parametrize("flag", [True, np.True_], ids=["bool", "numpy"])
+def test_a_bidirectional_forecaster_is_refused_before_training(flag, tmp_path):
     # The target of step t is z_{t+1}, the input of step t + 1: a bidirectional layer reads it. A custom
     # forecast recipe with layer_kwargs bidirectional=True trained and saved a card whose test MSE was
     # read, not forecast: s4, d_model 16, 2 blocks, 15 epochs, test MSE 0.012 against the causal
     # model's 0.205 and the last-value forecast's 0.256.
-    recipe = dataclasses.replace(FORECAST, name="custom", model=_forecaster({"d_state": 4, "bidirectional": True}))
+    recipe = dataclasses.replace(FORECAST, name="custom", model=_forecaster({"d_state": 4, "bidirectional": flag}))
     with pytest.raises(TrainingSetupError, match=r"bidirectional=True, but a next-step forecaster may not read "
                                                  r"future inputs"):
         train(recipe, out_dir=tmp_path / "out", progress=False)
@@ -103,3 +105,11 @@ def test_loading_s4s_C_without_its_length_warns():
         warnings.simplefilter("error", UnpairedLengthWarning)
         fresh.load_state_dict(trained.state_dict())
         torch.testing.assert_close(fresh(x), trained(x), rtol=0, atol=0)
+
+
+def test_a_progress_flag_that_is_not_a_bool_is_refused_before_training(monkeypatch):
+    # progress="no" was read for its truth and showed the bar; the docstring promises a TypeError
+    import lrnnx_zoo.training as T
+    monkeypatch.setattr(T, "_run", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(TypeError, match=r"train needs progress to be a bool \(True or False\), got 'no'"):
+        train("digits-tiny", progress="no")
