@@ -81,7 +81,7 @@ def row(mode: str, t: dict, k: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])  # python -OO: no docstring
     ap.add_argument("--H", type=positive_int, default=256, help="independent systems (default 256)")
     ap.add_argument("--N", type=positive_int, default=32, help="poles per system, one per conjugate pair (default 32)")
     ap.add_argument("--L", type=positive_int, default=16384, help="evaluation nodes (default 16384)")

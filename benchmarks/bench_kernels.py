@@ -133,7 +133,7 @@ def bench_scan(repeats: int, sizes=SIZES["full"]["scan"]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])  # python -OO: no docstring
     ap.add_argument("--repeats", type=positive_int, default=5, help="timed calls; the minimum is reported (default 5)")
     ap.add_argument("--no-keops", action="store_true", help="skip the pykeops columns")
     ap.add_argument("--smoke", action="store_true", help="one tiny problem each: checks that it runs")

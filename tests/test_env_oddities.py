@@ -156,3 +156,20 @@ def test_a_stray_rank_outside_torchrun_neither_fails_nor_hides_the_metrics(tmp_p
         monkeypatch.setenv("RANK", rank)
         assert main(["train", "digits-tiny", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
         assert capsys.readouterr().out == '{"test_accuracy": 0.5}\n'
+
+
+@pytest.mark.parametrize("script", ["bench_cauchy", "bench_kernels"])
+def test_benchmark_help_runs_without_docstrings(script, monkeypatch, capsys):
+    # `python -OO benchmarks/bench_cauchy.py --help` (and bench_kernels) died in an AttributeError:
+    # their description was __doc__.splitlines()[0], and -OO leaves __doc__ None.
+    import importlib.util
+    import sys
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"_oo_{script}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.__doc__ = None                                        # what -OO leaves
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as stop:
+        module.main()
+    assert stop.value.code == 0 and "--repeats" in capsys.readouterr().out
