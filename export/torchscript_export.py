@@ -75,7 +75,9 @@ def _save_torchscript(module: torch.jit.ScriptModule, tmp: Path, extra_files: Di
     torch.jit.save(module, buffer, _extra_files=extra_files)
     buffer.seek(0)
     reader = torch._C.PyTorchFileReader(buffer)
-    version = int(bytes(reader.get_record(".data/version")).decode())
+    # where the writer keeps it: ".data/version" from format 6 on, "version" below (a graph of only
+    # long-standing ops, e.g. no LayerNorm / GELU, gets an old format)
+    version = int(bytes(reader.get_record(".data/version" if reader.has_record(".data/version") else "version")))
 
     def copy(file: BinaryIO) -> None:
         writer = torch._C.PyTorchFileWriter(file)
