@@ -28,6 +28,9 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {}
 FLAGS = {"out_dir": "--out", "init_from": "--init-from", "resume": "--resume", "checkpoint_every": "--checkpoint-every",
          "local_files_only": "--local-files-only", "revision": "--revision", "epochs": "--epochs",
          "max_steps": "--max-steps"}
+#: The arguments (argparse dests) that take a path, expanded with ``~`` as a shell would (a --message
+#: "~ fix" is no path).
+PATH_ARGS = ("name", "src", "out", "init_from", "resume")
 # Modules adding subcommands: add_commands(subparsers, COMMANDS). Missing ones are skipped.
 SUBCOMMAND_MODULES = ("lrnnx_zoo.hub_cli", "lrnnx_zoo.training_cli", "lrnnx_zoo.evaluate_cli", "lrnnx_zoo.export.cli")
 
@@ -174,12 +177,35 @@ def escaped_output() -> Iterator[None]:
             stream.reconfigure(errors="strict")
 
 
+def unexpandable_home(args: argparse.Namespace) -> Optional[str]:
+    """Why an argument that starts with ``~`` cannot be expanded, or None when all can: with HOME unset
+    for a user without a home directory (a container's arbitrary uid), or ``~name`` for no such user,
+    every path function (Path.expanduser) raised RuntimeError, a traceback from deep in a command."""
+    for dest in PATH_ARGS:
+        value = getattr(args, dest, None)
+        if not isinstance(value, str) or not value.startswith("~"):
+            continue
+        head = value.replace(os.sep, "/").split("/", 1)[0]
+        if os.path.expanduser(head) != head:
+            continue
+        if head == "~":
+            return (f"cannot expand ~ in {value!r}: HOME is not set and this user has no home directory; "
+                    "pass the full path, or set HOME")
+        return (f"cannot expand {head} in {value!r}: there is no user {head[1:]!r}; pass the full path "
+                f"(./{value} for a folder of that name)")
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .runtime import tune_allocator
     tune_allocator()
     from .wording import command_line
     from .training_cli import Terminated, sigterm_raises
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unexpandable = unexpandable_home(args)
+    if unexpandable:
+        parser.error(unexpandable)
     try:
         with command_line(FLAGS), escaped_output(), sigterm_raises():
             return COMMANDS[args.command](args)

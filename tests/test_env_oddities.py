@@ -173,3 +173,33 @@ def test_benchmark_help_runs_without_docstrings(script, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         module.main()
     assert stop.value.code == 0 and "--repeats" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["info", "~/runs/m"], "cannot expand ~ in '~/runs/m': HOME is not set and this user has no home directory"),
+    (["export", "digits-lru", "--out", "~/m-onnx"], "cannot expand ~ in '~/m-onnx': HOME is not set"),
+    (["info", "~no-such-user-x/m"], "cannot expand ~no-such-user-x in '~no-such-user-x/m': there is no user "
+                                    "'no-such-user-x'; pass the full path (./~no-such-user-x/m"),
+])
+def test_a_tilde_that_cannot_be_expanded_is_a_usage_error(argv, said, monkeypatch, capsys):
+    # HOME unset for a user without a home directory (a container's arbitrary uid), or ~name for no such
+    # user: every command taking a path ended in "RuntimeError: Could not determine home directory."
+    import pwd
+
+    def no_entry(uid: int) -> None:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"lrnnx-zoo: error: {said}" in err and "Traceback" not in err, err
+
+
+def test_a_tilde_in_an_argument_that_is_no_path_is_left_alone():
+    # only paths are expanded: push --message "~ fixed" names no user
+    from lrnnx_zoo.cli import build_parser, unexpandable_home
+    args = build_parser().parse_args(["push", "digits-lru", "org/m", "--message", "~ fixed"])
+    assert unexpandable_home(args) is None
+    assert "no user" in unexpandable_home(build_parser().parse_args(["push", "~no-such-user-x", "org/m"]))
