@@ -152,10 +152,14 @@ def main(argv=None) -> int:
             ap.error(str(exc))
     tune_allocator()
     names = list_models() if args.checkpoints == ["all"] else args.checkpoints
-    with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or Path(tmp)
-        out.mkdir(parents=True, exist_ok=True)
-        return max(_run_or_report(name, out, args.steps) for name in names)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = args.out or Path(tmp)
+            out.mkdir(parents=True, exist_ok=True)
+            return max(_run_or_report(name, out, args.steps) for name in names)
+    except KeyboardInterrupt:   # Ctrl-C (the demo runs for a while): one line and 128 + SIGINT, as lrnnx-zoo does
+        print("demo: interrupted", file=sys.stderr)
+        return 130
 
 
 def _run_or_report(name: str, out_dir: Path, steps: int) -> int:

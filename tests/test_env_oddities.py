@@ -203,3 +203,18 @@ def test_a_tilde_in_an_argument_that_is_no_path_is_left_alone():
     args = build_parser().parse_args(["push", "digits-lru", "org/m", "--message", "~ fixed"])
     assert unexpandable_home(args) is None
     assert "no user" in unexpandable_home(build_parser().parse_args(["push", "~no-such-user-x", "org/m"]))
+
+
+def test_ctrl_c_during_the_demo_is_one_line_and_status_130(monkeypatch, capsys):
+    # Ctrl-C during `bash scripts/demo.sh` (the README's first command, which runs for a while) printed
+    # a KeyboardInterrupt traceback; lrnnx-zoo's commands say "interrupted" and exit 130.
+    from lrnnx_zoo import demo
+
+    def interrupted(*args: object) -> int:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo, "run", interrupted)
+    try:
+        code = demo.main([])
+    except KeyboardInterrupt:                 # caught here, or pytest would stop the whole session
+        code = "a KeyboardInterrupt traceback"
+    assert code == 130 and capsys.readouterr().err == "demo: interrupted\n"
