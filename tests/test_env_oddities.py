@@ -1,5 +1,6 @@
 """The library and the ``lrnnx-zoo`` command under the conditions real users run them in: files this
-user may not read, ``python -OO`` (no docstrings), a full disk behind stdout, and so on (an audit).
+user may not read, ``python -OO`` (no docstrings), an ASCII stdout, SIGTERM, torchrun's variables
+left in the environment, a ``~`` with no home to expand to, Ctrl-C in the demo (an audit).
 
 Conditions a root test process cannot create for real (a file root may not read) are simulated at
 the one call that meets them, with the error the operating system gives there.
