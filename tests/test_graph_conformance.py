@@ -22,7 +22,7 @@ import sys
 import textwrap
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -101,7 +101,7 @@ def batches(proto: onnx.ModelProto) -> List[int]:
     return [fixed] if fixed else [1, 3]
 
 
-def ort_session(path: Path, level: str = "ORT_ENABLE_ALL", save_to: Path = None) -> ort.InferenceSession:
+def ort_session(path: Path, level: str = "ORT_ENABLE_ALL", save_to: Optional[Path] = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.log_severity_level = 3          # the note that an ALL-level file is machine-specific
