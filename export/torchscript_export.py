@@ -11,7 +11,6 @@ loading the *saved file* back and streaming it from a zero state before being mo
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import uuid
@@ -70,25 +69,29 @@ def _save_torchscript(module: torch.jit.ScriptModule, tmp: Path, extra_files: Di
     (/work/main/export/step_graph.py, torch's site-packages: /home/<user>/... elsewhere), shipped to
     every device the graph went to (the ONNX graphs drop theirs: onnx_export.strip_debug_records),
     and 60% of a small model's archive. The archive is copied record by record without them, at its
-    own format version; a failing op is then reported in the archive's code, not the exporter's."""
-    buffer = io.BytesIO()
-    torch.jit.save(module, buffer, _extra_files=extra_files)
-    buffer.seek(0)
-    reader = torch._C.PyTorchFileReader(buffer)
-    # where the writer keeps it: ".data/version" from format 6 on, "version" below (a graph of only
-    # long-standing ops, e.g. no LayerNorm / GELU, gets an old format)
-    version = int(bytes(reader.get_record(".data/version" if reader.has_record(".data/version") else "version")))
+    own format version; a failing op is then reported in the archive's code, not the exporter's. The
+    first save goes to a file beside ``tmp``, read a record at a time: the archive is never whole in
+    memory (a chunk graph's can be GBs)."""
+    raw = tmp.with_name(tmp.name + ".raw")
+    try:
+        torch.jit.save(module, str(raw), _extra_files=extra_files)
+        reader = torch._C.PyTorchFileReader(str(raw))
+        # where the writer keeps it: ".data/version" from format 6 on, "version" below (a graph of only
+        # long-standing ops, e.g. no LayerNorm / GELU, gets an old format)
+        version = int(bytes(reader.get_record(".data/version" if reader.has_record(".data/version") else "version")))
 
-    def copy(file: BinaryIO) -> None:
-        writer = torch._C.PyTorchFileWriter(file)
-        writer.set_min_version(version)
-        for name in reader.get_all_records():
-            if not name.endswith(".debug_pkl") and name not in _WRITER_RECORDS:
-                data = reader.get_record(name)
-                writer.write_record(name, data, len(data))
-        writer.write_end_of_file()
+        def copy(file: BinaryIO) -> None:
+            writer = torch._C.PyTorchFileWriter(file)
+            writer.set_min_version(version)
+            for name in reader.get_all_records():
+                if not name.endswith(".debug_pkl") and name not in _WRITER_RECORDS:
+                    data = reader.get_record(name)
+                    writer.write_record(name, data, len(data))
+            writer.write_end_of_file()
 
-    _save_archive(tmp, copy)
+        _save_archive(tmp, copy)
+    finally:
+        raw.unlink(missing_ok=True)
 
 
 def _strip_stack_traces(program: torch.export.ExportedProgram) -> None:
