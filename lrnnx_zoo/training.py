@@ -633,6 +633,11 @@ def train(recipe: Recipe | str, out_dir: Optional[Union[str, os.PathLike]] = Non
     from .hub_save import check_command
     check_command(command)      # the card's, written after the run: an int failed there, the run lost
     check_flags("train", progress=progress)     # progress="no" was read for its truth: a bar
+    if torch.get_default_dtype() not in (torch.float32, torch.float64):
+        # the model is built in it: the first step failed, advising .float() and an autocast train refuses
+        raise TrainingSetupError(f"train builds the model in torch's default dtype, {torch.get_default_dtype()}, but the "
+                                 f"layers compute in float32 or float64: call torch.set_default_dtype(torch.float32) "
+                                 f"(or float64) first")
     if seed is not None:
         recipe = dataclasses.replace(recipe, seed=check_seed(seed))
     device = check_device(device)

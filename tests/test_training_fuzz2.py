@@ -142,3 +142,20 @@ def test_train_inside_autocast_is_refused_before_training(monkeypatch):
         with pytest.raises(TrainingSetupError, match=r"called inside torch\.autocast \(enabled for cpu\).*call "
                                                      r"train outside the autocast region"):
             train("digits-tiny", progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_train_under_a_half_precision_default_dtype_is_refused_before_training(dtype, monkeypatch):
+    # the model was built in bfloat16 and the first step failed advising model.float() (a model train
+    # builds itself) and torch.autocast (which train refuses)
+    import lrnnx_zoo.training as T
+    monkeypatch.setattr(T, "_run", lambda *a, **k: pytest.fail("training started"))
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with pytest.raises(TrainingSetupError, match=r"train builds the model in torch's default dtype, "
+                                                     r"torch\.(bfloat16|float16), but the layers compute in "
+                                                     r"float32 or float64"):
+            train("digits-tiny", progress=False)
+    finally:
+        torch.set_default_dtype(before)
