@@ -26,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import inspect
 import itertools
 import math
 import os
@@ -46,6 +47,7 @@ from .base import check_flags
 from .models import ModelConfig, SequenceModel, _python_scalars
 from .optim import check_optim_values, grouped_parameters
 from .recipes import DataSpec, OptimSpec, Recipe, check_int, check_seed, get_recipe, override
+from .registry import get_layer_class
 from .wording import given, name
 
 if TYPE_CHECKING:  # training_state imports this module
@@ -764,6 +766,23 @@ FUTURE_INPUTS = ("bidirectional=True, but a next-step forecaster may not read fu
                  "(z_{t+1}) is the input of step t + 1, so its test metrics would not be forecasts")
 
 
+def _reads_ahead(layer: Any, layer_kwargs: Dict[str, Any]) -> bool:
+    """Whether the recipe's layer will be bidirectional: its ``bidirectional`` keyword as the layer will
+    read it (np.True_ too; a non-bool is the layer's own TypeError), else the layer class's default for
+    it, or its class attribute (a plugin layer bidirectional by default was caught only by evaluate,
+    after the whole run). An unknown layer is left to the model's build, which names it."""
+    if "bidirectional" in layer_kwargs:
+        return _python_scalars(layer_kwargs["bidirectional"]) is True
+    try:
+        cls = get_layer_class(layer)
+        default = inspect.signature(cls).parameters.get("bidirectional")
+    except (KeyError, LookupError, TypeError, ValueError):
+        return False
+    if default is not None and default.default is not inspect.Parameter.empty:
+        return default.default is True
+    return getattr(cls, "bidirectional", False) is True
+
+
 def _check_model_fits_data(recipe: Recipe, data: TaskData) -> None:
     """Raise a TrainingSetupError, before any step, unless the recipe's model takes the data's input and
     gives the outputs its task scores. A classifier with fewer outputs than classes failed in the
@@ -788,8 +807,7 @@ def _check_model_fits_data(recipe: Recipe, data: TaskData) -> None:
         if m.get("d_output") != data.y_train.shape[-1]:
             problems.append(f"d_output={m.get('d_output')}, but the forecast targets have {data.y_train.shape[-1]} "
                             f"value(s) per step")
-        # as the layer will read it (np.True_ too); a non-bool is the layer's own TypeError
-        if _python_scalars((m.get("layer_kwargs") or {}).get("bidirectional")) is True:
+        if _reads_ahead(m.get("layer"), m.get("layer_kwargs") or {}):
             problems.append(FUTURE_INPUTS)
     if problems:
         raise TrainingSetupError(f"recipe {recipe.name!r}'s model does not fit its {task} data: "

@@ -35,6 +35,50 @@ def test_a_bidirectional_forecaster_is_refused_before_training(flag, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+class _ReadsAhead(torch.nn.Module):
+    """A plugin layer bidirectional unless told otherwise: y_t = x_t + x_{t+1}."""
+
+    def __init__(self, d_model: int, bidirectional: bool = True) -> None:
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.scale = torch.nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x, lengths=None):
+        ahead = torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], 1) if self.bidirectional else 0
+        return self.scale * (x + ahead)
+
+
+class _AlwaysAhead(_ReadsAhead):
+    """Bidirectional with no keyword for it: a class attribute."""
+
+    bidirectional = True
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__(d_model, True)
+
+
+@pytest.mark.parametrize("layer, kwargs, refused", [("ahead", {}, True), ("ahead", {"bidirectional": False}, False),
+                                                    ("always_ahead", {}, True)])
+def test_a_plugin_layer_bidirectional_by_default_is_refused_as_a_forecaster(layer, kwargs, refused, tmp_path,
+                                                                           monkeypatch):
+    # the check read only layer_kwargs: a layer whose default is bidirectional trained the whole run, and
+    # only evaluate refused it, after training
+    import lrnnx_zoo.training as T
+    from plugin_fixtures import layers_registered
+    class Started(Exception):
+        pass
+
+    def run(*args, **kwargs):
+        raise Started
+    monkeypatch.setattr(T, "_run", run)
+    recipe = dataclasses.replace(FORECAST, name="custom", model=dict(_forecaster(kwargs), layer=layer))
+    with layers_registered("fuzz_ahead", ahead=_ReadsAhead, always_ahead=_AlwaysAhead):
+        expected = (pytest.raises(TrainingSetupError, match=r"bidirectional=True, but a next-step forecaster may not")
+                    if refused else pytest.raises(Started))
+        with expected:
+            train(recipe, progress=False)
+
+
 def test_evaluate_refuses_a_bidirectional_model_on_forecast_data_and_scores_a_causal_one():
     data = load_data(FORECAST.data)
     torch.manual_seed(0)
