@@ -198,6 +198,28 @@ DEFAULT_HUB_TIMEOUT = 10.0
 TIMEOUT_ENV_VARS = ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")
 
 
+def hub_constants() -> Any:
+    """``huggingface_hub.constants``, which reads HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT with
+    int() when first imported: a CheckpointError naming the variable where one holds no whole number
+    (``HF_HUB_ETAG_TIMEOUT=2.5`` failed every Hub load and push as "invalid literal for int() with base
+    10: '2.5'", naming no variable), not that ValueError."""
+    try:
+        from huggingface_hub import constants
+    except ValueError as exc:
+        bad = []
+        for name in TIMEOUT_ENV_VARS:
+            try:
+                int(os.environ.get(name, "0"))
+            except ValueError:
+                bad.append(f"{name}={os.environ[name]!r}")
+        if not bad:
+            raise
+        raise CheckpointError(f"huggingface_hub cannot start with {', '.join(bad)}: it takes a whole number of "
+                              f"seconds there (e.g. {DEFAULT_HUB_TIMEOUT:g}); set one, or unset it for "
+                              f"{DEFAULT_HUB_TIMEOUT:g}") from exc
+    return constants
+
+
 def hub_timeout() -> float:
     """Seconds one Hub request may wait for the server: the first positive number among the env vars
     HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT (read now, so a changed environment counts), else 10."""
@@ -453,7 +475,7 @@ def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLik
     hundreds of MB of model.safetensors) is refused on its config before its weights are fetched.
     The weights (unless ``need_weights`` is False) and the card then come from the commit the first
     download resolved, so a push in between cannot pair one commit's config with another's weights."""
-    from huggingface_hub import constants
+    constants = hub_constants()
     online = not (local_files_only or constants.HF_HUB_OFFLINE)
     # The files' sizes first: a 400 MB config.json or card, or weights far larger than the config's
     # model, were downloaded in full and only then refused (or kept: a card is not read to load)

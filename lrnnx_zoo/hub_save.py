@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Union
 from . import __version__
 from .folder_swap import replaced_folder
 from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
-                  MAX_CONFIG_BYTES, CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_timeout,
-                  loadable_source, path_trouble, STATE_DIGEST_KEY, library_field, peek_config, shipped_checkpoints,
-                  state_digest, unexpected_answer, weights_changed)
+                  MAX_CONFIG_BYTES, CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_constants,
+                  hub_timeout, loadable_source, path_trouble, STATE_DIGEST_KEY, library_field, peek_config,
+                  shipped_checkpoints, state_digest, unexpected_answer, weights_changed)
 from .registry import extra_plugins, get_registry, layer_owners
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
@@ -268,7 +268,7 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
     :class:`HubPublishError` that names the action, the repo, the endpoint, the cause and its fix
     (huggingface_hub raises bare transport errors, e.g. ``ConnectError: Connection refused``).
     ``kept`` says what the user still has (a saved folder, an export)."""
-    from huggingface_hub import constants
+    constants = hub_constants()
     from huggingface_hub.errors import HfHubHTTPError, HTTPError
 
     where = f"{action} {repo_id!r} on the Hub at {constants.ENDPOINT}"
@@ -295,7 +295,9 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
 
 def check_repo_id(repo_id: Any, what: str = "repo_id") -> None:
     """Raise a ValueError naming ``what`` unless ``repo_id`` can name a Hub repo: checked before a
-    save or an export, not after it, when the upload would fail."""
+    save or an export, not after it, when the upload would fail (huggingface_hub's environment too:
+    see :func:`~lrnnx_zoo.hub.hub_constants`)."""
+    hub_constants()
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     try:
         validate_repo_id(repo_id)
@@ -308,6 +310,7 @@ def create_repo(repo_id: str, *, token: Optional[str] = None, private: bool = Fa
                 kept: str = "nothing was uploaded") -> str:
     """Create ``repo_id`` on the Hub if needed; returns its full id ("name" without a namespace is
     created under the token's user, and that is where files must go and what the card must name)."""
+    hub_constants()                       # a bad HF_HUB_ETAG_TIMEOUT named, not a bare int() error
     from huggingface_hub import HfApi
 
     with publishing("create", repo_id, kept):

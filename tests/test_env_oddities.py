@@ -219,3 +219,20 @@ def test_ctrl_c_during_the_demo_is_one_line_and_status_130(monkeypatch, capsys):
     except KeyboardInterrupt:                 # caught here, or pytest would stop the whole session
         code = "a KeyboardInterrupt traceback"
     assert code == 130 and capsys.readouterr().err == "demo: interrupted\n"
+
+
+@pytest.mark.parametrize("argv", [["info", "org/m"], ["push", "digits-lru", "org/m"]])
+def test_a_timeout_huggingface_hub_cannot_read_is_named(argv, monkeypatch, capsys):
+    # HF_HUB_ETAG_TIMEOUT=2.5 (our own messages name the variable; hub_timeout reads it as a float) made
+    # every Hub load and push fail as "invalid literal for int() with base 10: '2.5'": huggingface_hub
+    # reads it with int() when its constants are first imported, and no variable was named.
+    import sys
+    import huggingface_hub
+    import huggingface_hub.constants  # noqa: F401  (loaded with this environment, to be removed below)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2.5")
+    monkeypatch.delitem(sys.modules, "huggingface_hub.constants")       # imported afresh, as in a new process
+    monkeypatch.delattr(huggingface_hub, "constants")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"lrnnx-zoo {argv[0]}: huggingface_hub cannot start with HF_HUB_ETAG_TIMEOUT='2.5': it takes a "
+                   "whole number of seconds there (e.g. 10); set one, or unset it for 10\n"), err
