@@ -213,11 +213,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Ctrl-C: one line and the shell's status for SIGINT (128 + 2) rather than a traceback
         print(f"lrnnx-zoo {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        # SIGTERM (`timeout`, a job scheduler, `docker stop`) killed the process outright: an export
-        # left its hidden staging folder (.OUT.tmp-XXXXXXXX) beside --out; now clean-ups run first
-        print(f"lrnnx-zoo {args.command}: terminated by SIGTERM", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except Terminated as stop:
+        # SIGTERM (`timeout`, a job scheduler, `docker stop`) or SIGHUP (a closed terminal) killed the
+        # process outright: an export left its hidden staging folder (.OUT.tmp-XXXXXXXX) beside --out;
+        # now clean-ups run first
+        print(f"lrnnx-zoo {args.command}: terminated by {stop.name}", file=sys.stderr)
+        return 128 + stop.signum
     except BrokenPipeError:
         # The reader went away (`lrnnx-zoo info NAME | head`): stop quietly, as other tools do.
         # stdout is pointed at /dev/null because Python's flush at exit would raise again.

@@ -113,9 +113,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:   # Ctrl-C: say what is left rather than show a traceback
         print(f"lrnnx-zoo train: interrupted (--out {args.out}: {_kept(args.out)})", file=sys.stderr)
         return 130
-    except Terminated:
-        print(f"lrnnx-zoo train: terminated by SIGTERM (--out {args.out}: {_kept(args.out)})", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except Terminated as stop:
+        print(f"lrnnx-zoo train: terminated by {stop.name} (--out {args.out}: {_kept(args.out)})", file=sys.stderr)
+        return 128 + stop.signum
     from .training import launcher_int     # train checked both (RANK only under torchrun, where it counts)
     if launcher_int("WORLD_SIZE", 1) <= 1 or launcher_int("RANK", 0) == 0:
         print(json.dumps(metrics, sort_keys=True))
@@ -132,27 +132,49 @@ def _kept(out: str) -> str:
 
 
 class Terminated(BaseException):
-    """SIGTERM during ``lrnnx-zoo train`` (a job scheduler's stop, ``kill``): a BaseException, as
-    KeyboardInterrupt is, so that no ``except Exception`` on the way swallows it."""
+    """SIGTERM (a job scheduler's stop, ``kill``) or SIGHUP (the terminal closed) during an ``lrnnx-zoo``
+    command: a BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way
+    swallows it. ``signum``: the signal; the command exits with status 128 + signum, as the shell
+    reports a process the signal killed."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
+
+    @property
+    def name(self) -> str:
+        """The signal's name, "SIGTERM" or "SIGHUP"."""
+        return signal.Signals(self.signum).name
+
+
+#: The signals :func:`sigterm_raises` turns into :class:`Terminated` (SIGHUP where the platform has it).
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` while training, so that a scheduler's stop says, as
-    Ctrl-C does, which snapshot to resume from (it ended the process without a word). Only from the
-    main thread, where Python runs signal handlers. ``lrnnx-zoo`` runs every command under it
-    (lrnnx_zoo.cli.main): clean-ups run, and an export leaves no hidden staging folder behind."""
+    """Turn SIGTERM and SIGHUP into :class:`Terminated` while a command runs, so that a scheduler's stop
+    or a closed terminal says, as Ctrl-C does, which snapshot to resume from (it ended the process
+    without a word). Only from the main thread, where Python runs signal handlers. ``lrnnx-zoo`` runs
+    every command under it (lrnnx_zoo.cli.main): clean-ups run, and an export leaves no hidden staging
+    folder behind. A signal the caller ignores stays ignored (``nohup lrnnx-zoo train ...`` goes on when
+    its terminal closes)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum: int, frame: Any) -> None:
-        raise Terminated()
-    previous = signal.signal(signal.SIGTERM, stop)
+        raise Terminated(signum)
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            if handler is not signal.SIG_IGN:
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager

@@ -96,10 +96,43 @@ def test_a_non_ascii_folder_name_on_an_ascii_stdout_is_escaped_not_a_traceback(c
     assert stdout.errors == "strict"                       # the caller's stream is given back as it was
 
 
-def test_sigterm_during_export_leaves_no_staging_folder_and_says_so(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_during_export_leaves_no_staging_folder_and_says_so(signame, tmp_path, monkeypatch, capsys):
     # SIGTERM (`timeout 60 lrnnx-zoo export ...`, a job scheduler, `docker stop`) killed the export
     # outright, exit 143 and no word, and left its hidden staging folder .OUT.tmp-XXXXXXXX beside
-    # --out each time; only train turned SIGTERM into a clean stop.
+    # --out each time; only train turned SIGTERM into a clean stop. SIGHUP (the terminal closed) did
+    # the same after SIGTERM was handled.
+    import os
+    import signal
+    import threading
+    from lrnnx_zoo.export import folder as export_folder_module
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("Python runs signal handlers on the main thread only")
+    signum = getattr(signal, signame)
+
+    def half_written(model, path, **kwargs):
+        pathlib.Path(path).write_bytes(b"half a graph")
+        os.kill(os.getpid(), signum)
+        raise AssertionError(f"the export went on after {signame}")
+    monkeypatch.setattr(export_folder_module, "to_onnx", half_written)
+    heard = []
+
+    def callers(*_: object) -> None:       # the caller's own handler (without one, old code killed pytest)
+        heard.append(1)
+    before = signal.signal(signum, callers)
+    try:
+        code = main(["export", "digits-lru", "--out", str(tmp_path / "out"), "--latency-steps", "0"])
+        after = signal.getsignal(signum)
+    finally:
+        signal.signal(signum, before)
+    assert code == 128 + signum and not heard and after is callers        # and the caller's handler is put back
+    assert capsys.readouterr().err == f"lrnnx-zoo export: terminated by {signame}\n"
+    assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
+
+
+def test_a_hangup_the_caller_ignores_stays_ignored(tmp_path, monkeypatch):
+    # `nohup lrnnx-zoo train ...`: SIGHUP is ignored so that the run outlives its terminal; a command must
+    # not turn it back into a stop
     import os
     import signal
     import threading
@@ -107,24 +140,17 @@ def test_sigterm_during_export_leaves_no_staging_folder_and_says_so(tmp_path, mo
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("Python runs signal handlers on the main thread only")
 
-    def half_written(model, path, **kwargs):
-        pathlib.Path(path).write_bytes(b"half a graph")
-        os.kill(os.getpid(), signal.SIGTERM)
-        raise AssertionError("the export went on after SIGTERM")
-    monkeypatch.setattr(export_folder_module, "to_onnx", half_written)
-    heard = []
-
-    def callers(*_: object) -> None:       # the caller's own handler (without one, old code killed pytest)
-        heard.append(1)
-    before = signal.signal(signal.SIGTERM, callers)
+    def hung_up(model, path, **kwargs):
+        os.kill(os.getpid(), signal.SIGHUP)
+        raise RuntimeError("carried on after the ignored hangup")
+    monkeypatch.setattr(export_folder_module, "to_onnx", hung_up)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        code = main(["export", "digits-lru", "--out", str(tmp_path / "out"), "--latency-steps", "0"])
-        after = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(RuntimeError, match="carried on after the ignored hangup"):
+            main(["export", "digits-lru", "--out", str(tmp_path / "out"), "--latency-steps", "0"])
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGTERM, before)
-    assert code == 143 and not heard and after is callers        # and the caller's handler is put back
-    assert capsys.readouterr().err == "lrnnx-zoo export: terminated by SIGTERM\n"
-    assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
+        signal.signal(signal.SIGHUP, before)
 
 
 @pytest.mark.parametrize("env, said", [
