@@ -42,7 +42,8 @@ from .result import ExportResult
 from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch, graph_opset
 from .chunk_graph import ChunkModule, chunk_metadata, chunked
 from .graph_size import check_chunk_in_memory, check_chunk_under, chunk_graph_bytes, tensor_bytes
-from .step_graph import ExportError, StepModule, batch_bound_form, build_step_module, no_autocast, tracing
+from .step_graph import (EXPORT_LOCK, ExportError, StepModule, batch_bound_form, build_step_module, no_autocast,
+                         tracing)
 from .validate import DEFAULT_SEED, FLOAT32_TOLERANCE, ValidationError, default_sequence, validate_stream
 
 #: The oldest onnxruntime that loads and runs the shipped checkpoints' graphs at each opset (written
@@ -103,24 +104,26 @@ def _onnx_log_as_found() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet(record: List[str]) -> Iterator[None]:
-    """Collect upstream warnings (kept in the result) and silence the exporters' chatter."""
+    """Collect upstream warnings (kept in the result) and silence the exporters' chatter; process-wide
+    settings, so other threads' exports wait meanwhile (:data:`~.step_graph.EXPORT_LOCK`)."""
     chatter = {n: logging.ERROR for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")}
     # a form the tracer cannot follow (a branch on a value) had these print its whole traced graph and
     # error lines to stderr, before the one-line ExportError that says what failed (step_graph.tracing)
     chatter.update(dict.fromkeys(("torch.fx.experimental.symbolic_shapes", "torch._subclasses.fake_tensor"),
                                  logging.CRITICAL))
     loggers = [logging.getLogger(n) for n in chatter]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(chatter[lg.name])
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-        record.extend(sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught}))
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    with EXPORT_LOCK:
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(chatter[lg.name])
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                yield
+            record.extend(sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught}))
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 
 def feature_shapes(step: Union[StepModule, ChunkModule]) -> Dict[str, Tuple[int, ...]]:

@@ -30,6 +30,7 @@ import onnx
 import torch
 
 from .runtime import OnnxStreamer
+from .step_graph import EXPORT_LOCK
 
 INT8_RELATIVE_TOLERANCE = 0.05
 #: Standard normal sequences the int8 graph is checked on besides the validation input, each held to the
@@ -53,14 +54,15 @@ def quantize_int8(float_path: Path, out_path: Path, metadata: Dict[str, str],
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # quantize_dynamic logs advice on pre-processing via the root logger
     proto = proto or onnx.load(str(float_path))
-    try:
-        quantize_dynamic(without_weight_shapes(proto), str(out_path), weight_type=QuantType.QInt8,
-                         nodes_to_exclude=step_form_nodes(proto))
-    finally:
-        root.setLevel(level)
+    with EXPORT_LOCK:           # the root logger's level is the process's: see EXPORT_LOCK
+        level = root.level
+        root.setLevel(logging.ERROR)  # quantize_dynamic logs advice on pre-processing via the root logger
+        try:
+            quantize_dynamic(without_weight_shapes(proto), str(out_path), weight_type=QuantType.QInt8,
+                             nodes_to_exclude=step_form_nodes(proto))
+        finally:
+            root.setLevel(level)
     proto = onnx.load(str(out_path))
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata)

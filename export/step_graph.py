@@ -17,6 +17,7 @@ import contextlib
 import copy
 import io
 import sys
+import threading
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -146,6 +147,15 @@ class StepModule(nn.Module):
                 f"pooling={self.pooling!r}")
 
 
+#: Held while an export has process-wide state swapped: sys.stderr (:func:`tracing`), the warnings filters
+#: and hook and the exporters' logger levels (``onnx_export._quiet``), the root logger's level (``quantize``).
+#: Each swap restores what it found on entry, so two threads' exports overlapping without nesting (A in,
+#: B in, A out, B out) restored each other's: sys.stderr stayed A's StringIO (B found it on entry), which
+#: kept every later write of the process and showed none; the filters stayed "always", the loggers muted.
+#: Re-entrant: one export's swaps nest.
+EXPORT_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def tracing(module: nn.Module, exporter: str) -> Iterator[None]:
     """Inside: ``exporter`` (torch.onnx.export, torch.jit.trace, torch.export.export) turns ``module``, a
@@ -156,10 +166,10 @@ def tracing(module: nn.Module, exporter: str) -> Iterator[None]:
 
     What the exporter prints to stderr meanwhile is held back: written out when it succeeds, dropped
     when it fails (torch.export printed the partial graph, ~110 lines for a 2-block model, before the
-    error that says what failed)."""
+    error that says what failed). Other threads' exports wait meanwhile (:data:`EXPORT_LOCK`)."""
     printed = io.StringIO()
     try:
-        with contextlib.redirect_stderr(printed):
+        with EXPORT_LOCK, contextlib.redirect_stderr(printed):
             yield
     except ExportError:
         raise

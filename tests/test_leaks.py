@@ -9,7 +9,11 @@ a fraction of what the defect added, over iteration counts kept small for speed.
 from __future__ import annotations
 
 import gc
+import logging
+import sys
+import threading
 import tracemalloc
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -45,3 +49,39 @@ def test_reading_a_weights_file_again_and_again_keeps_no_memory(tmp_path: Path) 
     save_file({f"w{i}": torch.full((2,), float(i)) for i in range(500)}, str(path))
     assert hub._read_weights(path)["w7"].tolist() == [7.0, 7.0]
     assert traced_growth(lambda: hub._read_weights(path), 20) < 50_000
+
+
+def test_exports_in_two_threads_leave_stderr_warnings_and_loggers_as_they_were() -> None:
+    # An export swaps process-wide state while it traces (sys.stderr held back, the warnings filters and
+    # hook recording, the exporters' loggers muted) and restores what it found on entry. Two server
+    # threads' exports overlapping without nesting (A in, B in, A out, B out) restored each other's:
+    # sys.stderr stayed A's StringIO for good (every later write of the process kept in memory, none
+    # shown), the filters "always", the loggers muted. Now the second export waits for the first.
+    # A holds its export open until B has entered its own (at once, before) or 1 s has passed (B waits).
+    from lrnnx_zoo.export.onnx_export import _quiet
+    from lrnnx_zoo.export.step_graph import tracing
+    stderr, filters = sys.stderr, list(warnings.filters)
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def export(first: bool) -> None:
+        if not first:
+            a_in.wait(10)
+        with _quiet([]), tracing(torch.nn.Linear(1, 1), "test"):
+            if first:
+                a_in.set()
+                b_in.wait(1.0)
+            else:
+                b_in.set()
+                a_out.wait(10)
+        if first:
+            a_out.set()
+
+    threads = [threading.Thread(target=export, args=(first,)) for first in (True, False)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sys.stderr is stderr
+    assert warnings.filters == filters and onnx_log.level == level
