@@ -245,7 +245,7 @@ def _trace_binds_batch(form: nn.Module, shapes: List[Tuple[int, ...]]) -> bool:
     itself at batch 2 (float32 rounding allowed). A form that cannot be traced or run at all is not judged."""
     g = torch.Generator().manual_seed(0)
     traced_at, run_at = ([torch.randn(b, *shape, generator=g) for shape in shapes] for b in (3, 2))
-    with torch.no_grad(), warnings.catch_warnings():
+    with EXPORT_LOCK, torch.no_grad(), warnings.catch_warnings():      # the filters: see EXPORT_LOCK
         warnings.simplefilter("ignore")                      # the TracerWarnings the probe is looking for
         try:
             traced = torch.jit.trace(form, tuple(traced_at), check_trace=False)

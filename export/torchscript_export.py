@@ -31,7 +31,8 @@ from .onnx_export import TRACE_BATCH, _quiet, check_batch, sample_inputs
 from .paths import output_location
 from .provenance import META_PREFIX, Source, graph_metadata, load_source
 from .result import ExportResult
-from .step_graph import ExportError, StepModule, batch_bound_form, build_step_module, no_autocast, tracing
+from .step_graph import (EXPORT_LOCK, ExportError, StepModule, batch_bound_form, build_step_module, no_autocast,
+                         tracing)
 from .validate import FLOAT32_TOLERANCE, StreamFn, torch_stream, validate_stream
 
 METADATA_FILE = "lrnnx_zoo.json"
@@ -105,8 +106,9 @@ def _strip_stack_traces(program: torch.export.ExportedProgram) -> None:
 
 
 def load_torchscript(path: Union[str, Path]) -> torch.jit.ScriptModule:
-    """Load a TorchScript step module (its upstream deprecation warning silenced)."""
-    with warnings.catch_warnings():
+    """Load a TorchScript step module (its upstream deprecation warning silenced; the warnings filters are
+    the process's, so not while an export in another thread has them: :data:`~.step_graph.EXPORT_LOCK`)."""
+    with EXPORT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         return torch.jit.load(str(path), map_location="cpu")

@@ -85,3 +85,41 @@ def test_exports_in_two_threads_leave_stderr_warnings_and_loggers_as_they_were()
         t.join(30)
     assert sys.stderr is stderr
     assert warnings.filters == filters and onnx_log.level == level
+
+
+def test_loading_a_torchscript_graph_beside_an_export_leaves_the_warnings_filters_as_they_were(
+        tmp_path: Path, monkeypatch) -> None:
+    # load_torchscript (export_folder's latency run, a server's own loads) silences torch.jit's deprecation
+    # warning with catch_warnings, which restores the filters and hook it found: entered during another
+    # thread's export and left after it, it put back the export's "always" filters and recording hook,
+    # so every later warning of the process was appended to that export's list and never shown.
+    from lrnnx_zoo.export import torchscript_export
+    from lrnnx_zoo.export.onnx_export import _quiet
+    path = tmp_path / "m.ts"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(1, 1)), str(path))
+    filters, hook = list(warnings.filters), getattr(warnings, "_showwarnmsg_impl", None)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    load = torch.jit.load
+
+    def slow_load(*args, **kwargs):                # holds the load open until the export is over
+        b_in.set()
+        a_out.wait(10)
+        return load(*args, **kwargs)
+    monkeypatch.setattr(torch.jit, "load", slow_load)
+
+    def export() -> None:
+        with _quiet([]):
+            a_in.set()
+            b_in.wait(1.0)                         # the load starts inside the export (before) or waits (now)
+        a_out.set()
+
+    def load_graph() -> None:
+        a_in.wait(10)
+        torchscript_export.load_torchscript(path)
+
+    threads = [threading.Thread(target=export), threading.Thread(target=load_graph)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert warnings.filters == filters and getattr(warnings, "_showwarnmsg_impl", None) is hook
