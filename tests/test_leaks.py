@@ -1,9 +1,10 @@
 """A long-lived server: what repeated loads, exports, streams and failures leave behind.
 
-Each test repeats an operation a server does thousands of times and checks that memory, file
-descriptors, threads or files do not grow with the count. Allocations are counted with tracemalloc
-(Python's own allocator: exact, unlike RSS, which the allocator's caching blurs); the thresholds are
-a fraction of what the defect added, over iteration counts kept small for speed.
+Each test repeats an operation a server does thousands of times, or runs two at once from two
+threads, and checks that memory does not grow with the count and that process-wide state (sys.stderr,
+the warnings filters, logger levels) is as it was. Allocations are counted with tracemalloc (Python's
+own allocator: exact, unlike RSS, which the allocator's caching blurs); the thresholds are a fraction
+of what the defect added, over iteration counts kept small for speed.
 """
 
 from __future__ import annotations
