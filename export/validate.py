@@ -30,6 +30,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
@@ -337,16 +338,54 @@ def float64_copy(model: nn.Module) -> Optional[nn.Module]:
         return None
 
 
+# Serialises one_torch_thread's reads and writes of torch's process default thread count (below).
+_THREAD_COUNT_LOCK = threading.Lock()
+
+
+def _in_fresh_thread(work: Callable[[], int]) -> int:
+    """``work()``'s result, run in a new thread (one whose torch thread count is still unset)."""
+    out: List[int] = []
+    helper = threading.Thread(target=lambda: out.append(work()), name="lrnnx-thread-count", daemon=True)
+    helper.start()
+    helper.join()
+    if not out:
+        raise RuntimeError("reading or setting torch's default thread count in a helper thread "
+                           "failed: expected it to return a count, got nothing")
+    return out[0]
+
+
+def _set_process_default(count: int) -> int:
+    """Set torch's default thread count (the one threads take at their first torch call) to
+    ``count`` without changing the calling thread's own, and return it."""
+    def put() -> int:
+        torch.set_num_threads(count)
+        return count
+    return _in_fresh_thread(put)
+
+
 @contextlib.contextmanager
 def one_torch_thread() -> Iterator[None]:
-    """Run torch single-threaded: a step is microseconds of work, and handing it to a thread pool
-    costs more than it saves (on a loaded machine, ~50x more: measured 17 ms vs 0.35 ms per step)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Run torch single-threaded in the calling thread: a step is microseconds of work, and handing
+    it to a thread pool costs more than it saves (on a loaded machine, ~50x more: measured 17 ms vs
+    0.35 ms per step).
+
+    ``torch.set_num_threads`` sets the calling thread's count and also the process default that every
+    thread takes at its first torch call; only the first is wanted here. So the default is read in a
+    new thread before and put back from one after each change: threads starting meanwhile (a server's
+    new workers) get the process's count, not 1 for good, and leaving does not write this thread's
+    count over a default another thread set meanwhile. Other threads' counts are their own throughout."""
+    with _THREAD_COUNT_LOCK:
+        default = _in_fresh_thread(torch.get_num_threads)
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        _set_process_default(default)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _THREAD_COUNT_LOCK:
+            default = _in_fresh_thread(torch.get_num_threads)   # as it is now: another thread may have set it
+            torch.set_num_threads(before)
+            _set_process_default(default)
 
 
 def torch_stream(step_module: Callable[[Tensor, Tensor], Any], state_size: int,

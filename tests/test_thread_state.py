@@ -1,0 +1,117 @@
+"""Process-wide state that the library's per-call code must leave to its caller's other threads.
+
+A server runs loads, forwards and exports from several threads at once. torch's intra-op thread count
+is per thread, but torch.set_num_threads also sets the process default that each thread takes at its
+first torch call; one_torch_thread (validation streams, latency runs, the demo) must change only its
+own thread's count. The warnings filters and the global random generator are the process's: a load
+(ModelConfig, from_pretrained) must not swap them, since swaps from two threads that do not nest
+restore each other's.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterator, List
+
+import pytest
+import torch
+
+from lrnnx_zoo.export.validate import one_torch_thread
+
+
+def in_new_thread(work: Callable[[], int]) -> int:
+    """What ``work()`` returns in a thread started now (its torch count taken from the process default)."""
+    out: List[int] = []
+    t = threading.Thread(target=lambda: out.append(work()))
+    t.start()
+    t.join(30)
+    return out[0]
+
+
+def process_default() -> int:
+    """The thread count a thread starting now gets."""
+    return in_new_thread(torch.get_num_threads)
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """This thread and the process default at 2 (not 1, so a leaked 1 shows), put back afterwards."""
+    mine, default = torch.get_num_threads(), process_default()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(mine)
+    in_new_thread(lambda: (torch.set_num_threads(default), 0)[1])
+
+
+def test_a_thread_started_during_one_torch_thread_gets_the_process_count(two_threads: None) -> None:
+    # one_torch_thread's set_num_threads(1) also made 1 the process default while it ran: a thread whose
+    # first torch call fell in that window (a server's new worker, a thread pool growing) ran
+    # single-threaded for good (old: 1 inside the window; now: 2, the process's).
+    inside, done = threading.Event(), threading.Event()
+    seen: List[int] = []
+
+    def measure() -> None:
+        with one_torch_thread():
+            seen.append(torch.get_num_threads())
+            inside.set()
+            done.wait(10)
+        seen.append(torch.get_num_threads())
+
+    t = threading.Thread(target=measure)
+    t.start()
+    inside.wait(10)
+    try:
+        during = process_default()
+    finally:
+        done.set()
+        t.join(30)
+    assert seen == [1, 2]                          # the caller's own: 1 inside, its count after
+    assert during == 2 and torch.get_num_threads() == 2
+
+
+def test_one_torch_thread_in_a_worker_keeps_the_count_another_thread_set(two_threads: None) -> None:
+    # A server exports from a worker thread (count 2) after its main thread set 3: leaving
+    # one_torch_thread put the worker's 2 back as the process default (old: threads started after it
+    # got 2; now: 3, as set).
+    ready, go = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        torch.get_num_threads()                    # the worker's count is taken now: 2
+        ready.set()
+        go.wait(10)
+        with one_torch_thread():
+            pass
+
+    t = threading.Thread(target=worker)
+    t.start()
+    ready.wait(10)
+    torch.set_num_threads(3)
+    go.set()
+    t.join(30)
+    assert process_default() == 3 and torch.get_num_threads() == 3
+
+
+def test_overlapping_one_torch_threads_leave_the_process_count_as_it_was(two_threads: None) -> None:
+    # Two threads' runs overlapping without nesting (A in, B in, A out, B out), B's first torch call
+    # inside A's: B read 1 as its count before, and put it back last, as the process default
+    # (old: every thread started afterwards ran single-threaded; now: 2).
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with one_torch_thread():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second() -> None:
+        a_in.wait(10)
+        with one_torch_thread():
+            b_in.set()
+            a_out.wait(10)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert process_default() == 2 and torch.get_num_threads() == 2
