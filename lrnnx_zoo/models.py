@@ -10,12 +10,13 @@ per-time-step except the layers, so the model streams with one state per layer (
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +40,50 @@ SIZE_KWARGS = ("d_state", "channels", "l_max", "rank")  # integer sizes layers t
 # d_state values of the stand-in layers ModelConfig.layer_shapes builds: three, so a size that does not
 # follow d_state on a line is seen and left out; small, so their initialisation costs nothing
 PROBE_STATES = (8, 16, 32)
+
+
+@contextlib.contextmanager
+def ignoring_warnings() -> Iterator[None]:
+    """Ignore the warnings raised inside, for ModelConfig's probes (a plugin's warning about sizes the
+    caller did not ask for), without saving and restoring the process's warnings filters.
+
+    ``warnings.catch_warnings`` puts back the filter list it found on entry: beside another thread's
+    (an export's, a caller's) entered and left in the other order, each put back the other's, and an
+    "ignore everything" could stay for good. Here one filter is put first in the list that is current
+    and that filter alone is taken out of that same list on the way out, whatever else changed meanwhile.
+    While it is there, other threads' warnings are ignored too (as under catch_warnings)."""
+    entry = ("ignore", None, Warning, None, 0)
+    filters = warnings.filters
+    filters.insert(0, entry)
+    _filters_changed()
+    try:
+        yield
+    finally:
+        for i, item in enumerate(filters):
+            if item is entry:
+                del filters[i]
+                break
+        _filters_changed()
+
+
+def _filters_changed() -> None:
+    """Tell the warnings module its filter list changed (so warnings it already cached are looked up again)."""
+    changed = getattr(warnings, "_filters_mutated", None)
+    if changed is not None:
+        changed()
+
+
+def _probe(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` for its names and shapes only: on the meta device (no storage, nothing drawn from
+    torch's global generator, so nothing to fork and put back: a fork put back the state it found
+    over a seed another thread set meanwhile). A layer that cannot be built there (a plugin reading
+    its tensors' values while initialising) is built on the CPU under a fork of the generator."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except (TypeError, ValueError, LookupError, RuntimeError):     # NotImplementedError included
+        with torch.random.fork_rng(devices=[]):
+            return build()
 
 
 def _short(value: Any) -> str:
@@ -152,10 +197,9 @@ class ModelConfig:
                     kw[name] = size if name == "d_state" else min(kw[name], PROBE_STATES[0])
             small = dataclasses.replace(self, d_model=size, n_layers=1, layer_kwargs=kw,
                                         d_input=min(self.d_input, 2), d_output=min(self.d_output, 2))
-            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with ignoring_warnings():
                 try:
-                    found.append(list(SequenceModel(small).state_dict()))
+                    found.append(list(_probe(lambda: SequenceModel(small)).state_dict()))
                 except (TypeError, ValueError, LookupError, RuntimeError):
                     return None
         if found[0] != found[1]:
@@ -178,11 +222,10 @@ class ModelConfig:
             return {}
         probes = []
         # the probes must not draw from the RNG a model built next would use, nor warn the caller
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with ignoring_warnings():
             for n in PROBE_STATES:
                 try:
-                    layer = create_layer(self.layer, self.d_model, **{**self.layer_kwargs, "d_state": n})
+                    layer = _probe(lambda: create_layer(self.layer, self.d_model, **{**self.layer_kwargs, "d_state": n}))
                 except (TypeError, ValueError, LookupError, RuntimeError):   # building will say what is wrong
                     return {}
                 probes.append({k: tuple(v.shape) for k, v in layer.state_dict().items()})

@@ -11,6 +11,7 @@ restore each other's.
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Callable, Iterator, List
 
 import pytest
@@ -115,3 +116,63 @@ def test_overlapping_one_torch_threads_leave_the_process_count_as_it_was(two_thr
     for t in threads:
         t.join(30)
     assert process_default() == 2 and torch.get_num_threads() == 2
+
+
+def probe_held_open(monkeypatch, inside: threading.Event, release: threading.Event) -> None:
+    """Hold ModelConfig's first probe layer build open until ``release`` (``inside`` set meanwhile)."""
+    from lrnnx_zoo import models
+    create = models.create_layer
+
+    def slow_create(*args, **kwargs):
+        if not inside.is_set():
+            inside.set()
+            release.wait(10)
+        return create(*args, **kwargs)
+    monkeypatch.setattr(models, "create_layer", slow_create)
+
+
+def large_state_config():
+    """A config whose d_state is past the probes, so layer_shapes builds them."""
+    from lrnnx_zoo.models import ModelConfig
+    return ModelConfig(layer="s4d", d_input=1, d_output=2, d_model=4, n_layers=1, layer_kwargs={"d_state": 64})
+
+
+def test_a_load_in_another_thread_keeps_a_seed_set_meanwhile(monkeypatch) -> None:
+    # from_pretrained's shape check (ModelConfig.layer_shapes) built its probe layers under
+    # torch.random.fork_rng, which puts back the global generator's state it found: a seed another
+    # thread set while a load ran was undone (old: the draws after it were not seed 0's; now they are).
+    inside, release = threading.Event(), threading.Event()
+    probe_held_open(monkeypatch, inside, release)
+    config = large_state_config()
+    torch.manual_seed(123)
+    load = threading.Thread(target=config.layer_shapes)
+    load.start()
+    inside.wait(10)
+    torch.manual_seed(0)
+    release.set()
+    load.join(30)
+    drawn = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.rand(4))
+
+
+def test_a_load_overlapping_a_warnings_swap_leaves_the_filters_as_they_were(monkeypatch) -> None:
+    # ModelConfig's probes silenced their warnings with catch_warnings, which restores the filters it
+    # found: a load (ignore all) overlapping another thread's catch_warnings without nesting (an export's,
+    # a caller's) had its "ignore" put back by the other's exit, and every later warning of the process
+    # was dropped (old: an 'ignore' filter left first; now: the filters as they were).
+    inside, release = threading.Event(), threading.Event()
+    probe_held_open(monkeypatch, inside, release)
+    config = large_state_config()
+    filters = list(warnings.filters)
+    load = threading.Thread(target=config.layer_shapes)
+    load.start()
+    inside.wait(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        release.set()
+        load.join(30)
+    assert warnings.filters == filters
+    with pytest.warns(UserWarning):
+        warnings.warn("shown", UserWarning)
+
