@@ -22,6 +22,8 @@ whose scales are wrong (errors of the order of the outputs themselves).
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -47,6 +49,21 @@ def check_mode(quantize: Optional[str]) -> None:
         raise ValueError(f"quantize must be None or one of {QUANTIZATION_MODES}, got {quantize!r}")
 
 
+class QuantizerAdviceFilter(logging.Filter):
+    """Drops the records below ERROR that onnxruntime's own code logs from the thread that made this
+    filter (where records carry no thread, from any thread); other records pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a record to drop: below ERROR, logged from onnxruntime's files, in this thread."""
+        ours = record.thread is None or record.thread == self.thread
+        from_onnxruntime = f"{os.sep}onnxruntime{os.sep}" in (record.pathname or "")
+        return not (ours and from_onnxruntime and record.levelno < logging.ERROR)
+
+
 def quantize_int8(float_path: Path, out_path: Path, metadata: Dict[str, str],
                   proto: Optional[onnx.ModelProto] = None) -> None:
     """Write the dynamically int8-quantised graph of ``float_path`` to ``out_path`` with ``metadata``.
@@ -55,14 +72,17 @@ def quantize_int8(float_path: Path, out_path: Path, metadata: Dict[str, str],
 
     root = logging.getLogger()
     proto = proto or onnx.load(str(float_path))
-    with EXPORT_LOCK:           # the root logger's level is the process's: see EXPORT_LOCK
-        level = root.level
-        root.setLevel(logging.ERROR)  # quantize_dynamic logs advice on pre-processing via the root logger
-        try:
+    # quantize_dynamic logs advice on pre-processing via the root logger: a filter drops it, where
+    # setting the root level (every thread's loggers inherit it) muted the whole process meanwhile
+    # and, put back, undid a level another thread set meanwhile
+    quiet = QuantizerAdviceFilter()
+    root.addFilter(quiet)
+    try:
+        with EXPORT_LOCK:       # quantisations take turns, as before (onnxruntime's quantizer is not known to be thread-safe)
             quantize_dynamic(without_weight_shapes(proto), str(out_path), weight_type=QuantType.QInt8,
                              nodes_to_exclude=step_form_nodes(proto))
-        finally:
-            root.setLevel(level)
+    finally:
+        root.removeFilter(quiet)
     proto = onnx.load(str(out_path))
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata)

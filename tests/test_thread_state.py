@@ -10,8 +10,10 @@ restore each other's.
 
 from __future__ import annotations
 
+import logging
 import threading
 import warnings
+from pathlib import Path
 from typing import Callable, Iterator, List
 
 import pytest
@@ -176,3 +178,59 @@ def test_a_load_overlapping_a_warnings_swap_leaves_the_filters_as_they_were(monk
     with pytest.warns(UserWarning):
         warnings.warn("shown", UserWarning)
 
+
+
+def quantize_held_open(monkeypatch, inside: threading.Event, release: threading.Event) -> Callable[[], None]:
+    """A quantize_int8 call (to run in a thread) whose onnxruntime quantize_dynamic logs its advice to
+    the root logger as onnxruntime's does, waits for ``release`` (``inside`` set meanwhile), then fails."""
+    import onnx
+    import onnxruntime.quantization as ortq
+    from onnx import TensorProto, helper
+
+    from lrnnx_zoo.export.quantize import quantize_int8
+    advice = compile("import logging\nlogging.warning('Please consider to run pre-processing')",
+                     ortq.__file__, "exec")     # logged from onnxruntime's file, as its quantizer does
+
+    def slow_quantize(*args, **kwargs):
+        exec(advice, {})
+        inside.set()
+        release.wait(10)
+        raise RuntimeError("stand-in quantizer: nothing written")
+    monkeypatch.setattr(ortq, "quantize_dynamic", slow_quantize)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    proto = helper.make_model(graph)
+
+    def run() -> None:
+        try:
+            quantize_int8(Path("unused.onnx"), Path("unused-int8.onnx"), {}, proto)
+        except RuntimeError:
+            pass
+    return run
+
+
+def test_an_int8_export_leaves_the_root_logger_to_other_threads(monkeypatch, caplog) -> None:
+    # quantize_int8 set the root logger's level to ERROR while onnxruntime quantised and put back the
+    # level it found: meanwhile every other thread's warnings to loggers inheriting root's level were
+    # dropped (old: a server's logger not enabled for WARNING), and a level another thread set
+    # meanwhile was undone (old: root back at WARNING). Now only the quantizer's own records are dropped.
+    inside, release = threading.Event(), threading.Event()
+    run = quantize_held_open(monkeypatch, inside, release)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="lrnnx-test-capture"):    # the handler takes all
+            t = threading.Thread(target=run)
+            t.start()
+            inside.wait(10)
+            server_enabled = logging.getLogger("lrnnx-test-server").isEnabledFor(logging.WARNING)
+            root.setLevel(logging.INFO)
+            release.set()
+            t.join(30)
+        after = root.level
+    finally:
+        root.setLevel(level)
+    assert server_enabled and after == logging.INFO
+    assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]   # the advice stays quiet
