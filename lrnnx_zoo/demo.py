@@ -24,8 +24,9 @@ The main job: a shipped checkpoint from load to edge.
 1. load it (``from_pretrained``) and evaluate it on the split its config records;
 2. export it to an ONNX step graph (validated against the PyTorch model before it is written);
 3. stream the whole evaluation set through ONNX Runtime one step at a time from a zero state;
-4. print the parity between the streamed and the PyTorch outputs, both scores, and the
-   per-step latency at batch 1 against the PyTorch model's own eager step;
+4. print the parity between the streamed and the PyTorch outputs, both scores, a stream
+   continued in ONNX Runtime from a prompt read by ``model.prefill``, and the per-step latency
+   at batch 1 against the PyTorch model's own eager step;
 5. export a chunk graph (32 steps per call) and print its parity with the step stream and its
    latency per step.
 """
@@ -137,7 +138,9 @@ def _prefill_then_stream(model, graph, x) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # prog: argparse's default is the file's name, 'demo.py', which no command runs
+    ap = argparse.ArgumentParser(prog="python -m lrnnx_zoo.demo", description=DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="*", default=[DEFAULT],
                     help=f"shipped names, folders or Hub ids (default {DEFAULT}; 'all' for every shipped one)")
     ap.add_argument("--out", type=Path, default=None, help="where to write the .onnx files (default: a temp dir)")

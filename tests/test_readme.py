@@ -146,3 +146,15 @@ def test_every_package_in_the_source_tree_is_declared():
             if "__pycache__" not in sub:
                 found.add(".".join((package, *sub)))
     assert found - set(setup["packages"]) == set()
+
+
+def test_demo_help_names_a_command_that_runs_it_and_every_line_the_readme_says_it_prints(capsys):
+    # `bash scripts/demo.sh --help` printed 'usage: demo.py ...' (no command runs a demo.py) and its
+    # list of what is printed left out the prefill line that the README's main-job paragraph names.
+    from lrnnx_zoo import demo
+    with pytest.raises(SystemExit):
+        demo.main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m lrnnx_zoo.demo "), out.splitlines()[0]
+    main_job = README.split("The main job:", 1)[1].split("\n\n", 1)[0]
+    assert "model.prefill" in main_job and "model.prefill" in out
