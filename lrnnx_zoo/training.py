@@ -33,6 +33,7 @@ import os
 import pprint
 import shlex
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -490,6 +491,13 @@ def checkpoint_data(info: Dict[str, Any]) -> TaskData:
 
 
 # -- the loop --------------------------------------------------------------------------------------
+#: Held while a run has the process's deterministic-algorithms setting and global random generators
+#: (_deterministic, _private_rng: each puts back what it found). Two runs in two threads of one process
+#: that overlapped without nesting put back each other's: deterministic mode stayed on for good and the
+#: caller's generator was left in a run's seeded stream. Runs in one process take turns.
+TRAIN_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _deterministic() -> Iterator[None]:
     """Ask for deterministic kernels (warn instead of fail where an op has none), then restore. A
@@ -662,7 +670,7 @@ def train(recipe: Recipe | str, out_dir: Optional[Union[str, os.PathLike]] = Non
         if every is None and out_dir is not None:      # resumed: snapshots as the run took them before
             every = start.record.get("checkpoint_every")
         saver = None if every is None else TS.Saver(every, out_dir, start.run, start.init_record, dist_info)
-        with _deterministic(), _private_rng(dist_info.device):
+        with TRAIN_LOCK, _deterministic(), _private_rng(dist_info.device):
             model, metrics, seconds, steps = _run(recipe, data, plan, dist_info, progress, start, saver)
         notes = training_notes(recipe, plan, steps, seconds, dist_info.world_size, _device_name(model))
         notes += start.notes(plan.total)

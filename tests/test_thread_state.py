@@ -234,3 +234,51 @@ def test_an_int8_export_leaves_the_root_logger_to_other_threads(monkeypatch, cap
         root.setLevel(level)
     assert server_enabled and after == logging.INFO
     assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]   # the advice stays quiet
+
+
+def test_two_training_runs_in_two_threads_leave_the_deterministic_mode_and_generator_as_they_were(
+        monkeypatch) -> None:
+    # train() sets torch's deterministic-algorithms mode and forks the global generator for its run (both
+    # process-wide), each putting back what it found: two runs overlapping without nesting (A in, B in,
+    # A out, B out) put back each other's (old: deterministic mode on for good, and the caller's draws
+    # after them from A's seeded stream). Now the second run waits for the first.
+    pytest.importorskip("sklearn")                 # the digits ship with scikit-learn
+    from lrnnx_zoo import training
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    class Stop(Exception):
+        pass
+
+    def held_run(*args, **kwargs):                 # A holds its run open until B is in its own (before) or 1 s
+        torch.manual_seed(99)
+        if not a_in.is_set():
+            a_in.set()
+            b_in.wait(1.0)
+        else:
+            b_in.set()
+            a_out.wait(10)
+        raise Stop
+
+    monkeypatch.setattr(training, "_run", held_run)
+
+    def run(first: bool) -> None:
+        if not first:
+            a_in.wait(10)
+        try:
+            training.train("digits-tiny", progress=False)
+        except Stop:
+            pass
+        if first:
+            a_out.set()
+
+    mode = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    threads = [threading.Thread(target=run, args=(first,)) for first in (True, False)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) == mode
+    assert torch.equal(torch.rand(3), expected)
