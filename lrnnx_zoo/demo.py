@@ -13,7 +13,7 @@ import torch
 from . import from_pretrained, list_models
 from .runtime import tune_allocator
 from .training import MissingDependencyError, checkpoint_data, evaluate, score
-from .training_cli import positive_int
+from .training_cli import Terminated, positive_int, sigterm_raises
 
 DEFAULT = "forecast-sunspots-s4d"
 #: What ``--help`` says: a constant, not the module docstring, which ``python -OO`` strips (the help
@@ -156,13 +156,18 @@ def main(argv=None) -> int:
     tune_allocator()
     names = list_models() if args.checkpoints == ["all"] else args.checkpoints
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        # SIGTERM (`timeout`, a scheduler) or SIGHUP (the terminal closed) killed the demo outright and
+        # left its temporary folder of .onnx files (2-30 MB) in /tmp: now raised, so the folder goes
+        with sigterm_raises(), tempfile.TemporaryDirectory() as tmp:
             out = args.out or Path(tmp)
             out.mkdir(parents=True, exist_ok=True)
             return max(_run_or_report(name, out, args.steps) for name in names)
     except KeyboardInterrupt:   # Ctrl-C (the demo runs for a while): one line and 128 + SIGINT, as lrnnx-zoo does
         print("demo: interrupted", file=sys.stderr)
         return 130
+    except Terminated as stop:  # as lrnnx-zoo's commands: one line and 128 + the signal
+        print(f"demo: terminated by {stop.name}", file=sys.stderr)
+        return 128 + stop.signum
 
 
 def _run_or_report(name: str, out_dir: Path, steps: int) -> int:

@@ -262,3 +262,35 @@ def test_a_timeout_huggingface_hub_cannot_read_is_named(argv, monkeypatch, capsy
     err = capsys.readouterr().err
     assert err == (f"lrnnx-zoo {argv[0]}: huggingface_hub cannot start with HF_HUB_ETAG_TIMEOUT='2.5': it takes a "
                    "whole number of seconds there (e.g. 10); set one, or unset it for 10\n"), err
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_the_demo_stopped_by_a_signal_removes_its_temporary_folder(monkeypatch, capsys, signame):
+    # `timeout 60 bash scripts/demo.sh all` (SIGTERM) or a closed terminal (SIGHUP) killed the demo
+    # outright: no word, and its temporary folder of .onnx files stayed in /tmp.
+    import os
+    import signal
+    import time
+    from lrnnx_zoo import demo
+    folders = []
+
+    def signalled(name: str, out_dir: pathlib.Path, steps: int) -> int:
+        folders.append(out_dir)
+        (out_dir / f"{name}.onnx").write_bytes(b"graph")
+        os.kill(os.getpid(), getattr(signal, signame))
+        time.sleep(5)                         # the handler raises here
+        return 0
+    monkeypatch.setattr(demo, "run", signalled)
+    signum = getattr(signal, signame)
+    caught = []                               # where the demo has no handler (old code), this one runs
+    def ours(*_: object) -> None:             # rather than killing pytest
+        caught.append(signum)
+    previous = signal.signal(signum, ours)
+    try:
+        code = demo.main([])
+        after = signal.getsignal(signum)
+    finally:
+        signal.signal(signum, previous)
+    assert code == 128 + signum and capsys.readouterr().err == f"demo: terminated by {signame}\n"
+    assert folders and not folders[0].exists() and not caught
+    assert after is ours                      # the caller's handler put back
