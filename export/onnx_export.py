@@ -285,20 +285,26 @@ def write_onnx(proto: onnx.ModelProto, path: Union[str, Path], metadata: Dict[st
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def onnx_stream(path: Union[str, Path], batch: Optional[int] = None):
+def onnx_stream(path: Union[str, Path], batch: Optional[int] = None, step: Optional[torch.nn.Module] = None):
     """Stream function for validation: a fresh OnnxStreamer run from a zero state, ``batch``
-    sequences at a time (default: all at once; a fixed-batch graph takes its own batch)."""
+    sequences at a time (default: all at once; a fixed-batch graph takes its own batch). ``step``: the
+    step or chunk module exported, whose batch-bound form (:func:`~.step_graph.batch_bound_form`) a
+    failure names (the opset <= 17 exporter's graph of such a form fails here, naming no layer)."""
     streamer = OnnxStreamer(path)
 
     def stream(x: np.ndarray) -> np.ndarray:
         try:
             return stream_all(streamer, x, batch)
         except RuntimeError as exc:         # ONNX Runtime failing inside the graph
+            owner = batch_bound_form(step) if step is not None else None
+            why = (f"{owner}.step_form() was traced at batch {TRACE_BATCH} and does not run the same at another "
+                   f"batch: it uses its batch size as a number (e.g. int(u.shape[0])) or reads a tensor's value "
+                   f"into Python" if owner else
+                   f"A graph that runs only at the batch it was traced at ({TRACE_BATCH} for a dynamic batch) "
+                   f"uses its batch size as a constant (e.g. int(u.shape[0]) in a step form)")
             raise ExportError(
                 f"the exported graph fails in ONNX Runtime on the validation input of shape {x.shape}: "
-                f"{str(exc).splitlines()[0]} ... Not written. A graph that runs only at the batch it was "
-                f"traced at ({TRACE_BATCH} for a dynamic batch) uses its batch size as a constant (e.g. "
-                f"int(x.shape[0]) in a step form)") from exc
+                f"{str(exc).splitlines()[0]} ... Not written. {why}") from exc
 
     return stream
 
@@ -354,7 +360,8 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
         tmp_float, tmp_q = _temp_path(path, "float"), _temp_path(path, "int8")
         try:
             write_onnx(proto, tmp_float, {**metadata, "lrnnx_zoo.quantization": "none"})
-            report = validate_stream(onnx_stream(tmp_float), model, x, tolerance, "onnxruntime") if validate else None
+            report = (validate_stream(onnx_stream(tmp_float, step=step), model, x, tolerance, "onnxruntime")
+                      if validate else None)
             final, qreport = tmp_float, None
             if quantize == "int8":
                 quantize_int8(tmp_float, tmp_q, metadata, proto)
