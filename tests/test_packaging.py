@@ -162,3 +162,29 @@ def test_int8_export_of_the_digits_without_scikit_learn_says_what_to_install(no_
     err = capsys.readouterr().err
     assert err.startswith("lrnnx-zoo export: ") and "pip install 'lrnnx-zoo[data]'" in err
     assert not (tmp_path / "q").exists()
+
+
+# -- the README's test command ------------------------------------------------------------------
+@pytest.mark.parametrize("args, runs", [
+    (["-k", "export"], "-n auto tests -k export"),                  # ran on one core, pytest's own paths
+    (["--ignore", "export", "-q"], "-n auto tests --ignore export -q"),
+    (["export", "-q"], "export -q"),                                # a path given: that path alone
+    (["-n", "1"], "tests -n 1"),
+])
+def test_the_test_command_tells_an_options_value_from_a_path(tmp_path, args, runs):
+    # scripts/test.sh takes a path argument as what to run (on one core) instead of the whole suite; the
+    # value of -k (a word that named a folder of the repo: -k export, -k plugins) was taken for one
+    import shutil
+    import subprocess
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "test.sh", tmp_path / "scripts" / "test.sh")
+    (tmp_path / "scripts" / "env.sh").write_text("true\n")           # the venv is not made here
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/bin/sh\nshift 2\nprintf "%s " "$@"\n')      # "-m pytest ARGS" -> ARGS
+    python.chmod(0o755)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "tests").mkdir()
+    out = subprocess.run(["bash", "scripts/test.sh", *args], cwd=tmp_path, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == runs
