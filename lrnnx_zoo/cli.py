@@ -12,7 +12,6 @@ import dataclasses
 import importlib
 import json
 import os
-import signal
 import sys
 import textwrap
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence

@@ -74,16 +74,13 @@ def _filters_changed() -> None:
 
 
 def _probe(build: Callable[[], nn.Module]) -> nn.Module:
-    """``build()`` for its names and shapes only: on the meta device (no storage, nothing drawn from
-    torch's global generator, so nothing to fork and put back: a fork put back the state it found
-    over a seed another thread set meanwhile). A layer that cannot be built there (a plugin reading
-    its tensors' values while initialising) is built on the CPU under a fork of the generator."""
-    try:
-        with torch.device("meta"):
-            return build()
-    except (TypeError, ValueError, LookupError, RuntimeError):     # NotImplementedError included
-        with torch.random.fork_rng(devices=[]):
-            return build()
+    """``build()`` for its names and shapes only, under a fork of torch's global generator, so that a
+    model built next draws what it would have without the probe. Not on the meta device, which draws
+    nothing: its first op imports torch's symbolic-shape machinery and sympy, 0.6 s more on a process's
+    first load (tests/test_runtime.py). The fork puts back the generator state it found, so a seed
+    another thread sets while a load probes is undone (README, long-running processes)."""
+    with torch.random.fork_rng(devices=[]):
+        return build()
 
 
 def _short(value: Any) -> str:
