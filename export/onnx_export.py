@@ -42,8 +42,8 @@ from .result import ExportResult
 from .runtime import INPUT_NAMES, OUTPUT_NAMES, OnnxStreamer, check_batch, graph_opset
 from .chunk_graph import ChunkModule, chunk_metadata, chunked
 from .graph_size import check_chunk_in_memory, check_chunk_under, chunk_graph_bytes, tensor_bytes
-from .step_graph import (EXPORT_LOCK, ExportError, StepModule, batch_bound_form, build_step_module, no_autocast,
-                         tracing)
+from .step_graph import (EXPORT_LOCK, TRACE_BATCH, ExportError, StepModule, batch_bound_form, batch_bound_note,
+                         build_step_module, no_autocast, tracing)
 from .validate import DEFAULT_SEED, FLOAT32_TOLERANCE, ValidationError, default_sequence, validate_stream
 
 #: The oldest onnxruntime that loads and runs the shipped checkpoints' graphs at each opset (written
@@ -54,9 +54,6 @@ OLDEST_ONNXRUNTIME_TESTED = "1.15"
 EXPORTERS = ("dynamo", "legacy")
 #: The largest graph to_onnx writes: one self-contained file, a protobuf message of at most 2 GiB.
 ONNX_FILE_LIMIT = 2 ** 31 - 1
-#: Batch a dynamic-batch step module is traced at: not 0 or 1 (torch.export specialises those) and
-#: not the default validation batch (2), so a batch size baked into the trace fails validation.
-TRACE_BATCH = 3
 
 
 def resolve_opset(opset: Optional[int], exporter: str, record: List[str]) -> Tuple[int, str]:
@@ -288,7 +285,7 @@ def write_onnx(proto: onnx.ModelProto, path: Union[str, Path], metadata: Dict[st
 def onnx_stream(path: Union[str, Path], batch: Optional[int] = None, step: Optional[torch.nn.Module] = None):
     """Stream function for validation: a fresh OnnxStreamer run from a zero state, ``batch``
     sequences at a time (default: all at once; a fixed-batch graph takes its own batch). ``step``: the
-    step or chunk module exported, whose batch-bound form (:func:`~.step_graph.batch_bound_form`) a
+    step or chunk module exported, whose batch-bound form (:func:`~.step_graph.batch_bound_note`) a
     failure names (the opset <= 17 exporter's graph of such a form fails here, naming no layer)."""
     streamer = OnnxStreamer(path)
 
@@ -296,12 +293,9 @@ def onnx_stream(path: Union[str, Path], batch: Optional[int] = None, step: Optio
         try:
             return stream_all(streamer, x, batch)
         except RuntimeError as exc:         # ONNX Runtime failing inside the graph
-            owner = batch_bound_form(step) if step is not None else None
-            why = (f"{owner}.step_form() was traced at batch {TRACE_BATCH} and does not run the same at another "
-                   f"batch: it uses its batch size as a number (e.g. int(u.shape[0])) or reads a tensor's value "
-                   f"into Python" if owner else
-                   f"A graph that runs only at the batch it was traced at ({TRACE_BATCH} for a dynamic batch) "
-                   f"uses its batch size as a constant (e.g. int(u.shape[0]) in a step form)")
+            why = (step is not None and batch_bound_note(step)) or (
+                f"A graph that runs only at the batch it was traced at ({TRACE_BATCH} for a dynamic batch) "
+                f"uses its batch size as a constant (e.g. int(u.shape[0]) in a step form)")
             raise ExportError(
                 f"the exported graph fails in ONNX Runtime on the validation input of shape {x.shape}: "
                 f"{str(exc).splitlines()[0]} ... Not written. {why}") from exc

@@ -147,6 +147,11 @@ class StepModule(nn.Module):
                 f"pooling={self.pooling!r}")
 
 
+#: Batch a dynamic-batch step module is traced at: not 0 or 1 (torch.export specialises those) and
+#: not the default validation batch (2), so a batch size baked into the trace fails validation.
+TRACE_BATCH = 3
+
+
 #: Held while an export has process-wide state swapped: sys.stderr (:func:`tracing`), the warnings filters
 #: and hook and the exporters' logger levels (``onnx_export._quiet``), the root logger's level (``quantize``).
 #: Each swap restores what it found on entry, so two threads' exports overlapping without nesting (A in,
@@ -180,7 +185,8 @@ def tracing(module: nn.Module, exporter: str) -> Iterator[None]:
             e = e.__cause__ or e.__context__
         root = chain[-1]
         lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()] or [""]
-        line = (" ".join(lines[:2]) if lines[0].endswith(":") else lines[0]).rstrip(".")   # "... were found:" + the one found
+        # "... were found:" with the one found; its own full stop dropped, as the message adds one
+        line = (" ".join(lines[:2]) if lines[0].endswith(":") else lines[0]).rstrip(".")
         owner = _failing_form(module, chain) or batch_bound_form(module)
         where = f" in {owner}.step_form()'s forward" if owner else ""
         raise ExportError(
@@ -224,7 +230,7 @@ def _failing_form(module: nn.Module, chain: List[BaseException]) -> Optional[str
 
 def batch_bound_form(module: nn.Module) -> Optional[str]:
     """The owner (``form_owners``) of the first form of a step or chunk module whose trace does not carry
-    over to another batch, None if none: traced by torch.jit.trace at batch 3 and run at batch 2, it
+    over to another batch, None if none: traced by torch.jit.trace at TRACE_BATCH and run at batch 2, it
     fails or answers other than the form itself. That is a form using its batch size as a number
     (``int(u.shape[0])``) or a tensor's value in Python: the dynamo exporter then fixed the graph's batch,
     torch.export raised a constraint violation and a TorchScript graph failed validation, each without
@@ -240,11 +246,19 @@ def batch_bound_form(module: nn.Module) -> Optional[str]:
     return None
 
 
+def batch_bound_note(module: nn.Module) -> str:
+    """What a failing graph's message says of :func:`batch_bound_form`'s finding: the layer and why, or ""."""
+    owner = batch_bound_form(module)
+    return (f"{owner}.step_form() was traced at batch {TRACE_BATCH} and does not run the same at another batch: it "
+            f"uses its batch size as a number (e.g. int(u.shape[0])) or reads a tensor's value into Python"
+            if owner else "")
+
+
 def _trace_binds_batch(form: nn.Module, shapes: List[Tuple[int, ...]]) -> bool:
-    """Whether ``form``, traced on inputs of ``shapes`` (after the batch) at batch 3, fails or disagrees with
-    itself at batch 2 (float32 rounding allowed). A form that cannot be traced or run at all is not judged."""
+    """Whether ``form``, traced on inputs of ``shapes`` (after the batch) at TRACE_BATCH, fails or disagrees
+    with itself at batch 2 (float32 rounding allowed). A form that cannot be traced or run at all is not judged."""
     g = torch.Generator().manual_seed(0)
-    traced_at, run_at = ([torch.randn(b, *shape, generator=g) for shape in shapes] for b in (3, 2))
+    traced_at, run_at = ([torch.randn(b, *shape, generator=g) for shape in shapes] for b in (TRACE_BATCH, 2))
     with EXPORT_LOCK, torch.no_grad(), warnings.catch_warnings():      # the filters: see EXPORT_LOCK
         warnings.simplefilter("ignore")                      # the TracerWarnings the probe is looking for
         try:

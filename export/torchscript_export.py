@@ -27,12 +27,12 @@ from lrnnx_zoo.chunk_forms import check_chunk
 
 from .chunk_graph import ChunkModule, chunk_metadata, chunked
 from .graph_size import check_chunk_in_memory
-from .onnx_export import TRACE_BATCH, _quiet, check_batch, sample_inputs
+from .onnx_export import _quiet, check_batch, sample_inputs
 from .paths import output_location
 from .provenance import META_PREFIX, Source, graph_metadata, load_source
 from .result import ExportResult
-from .step_graph import (EXPORT_LOCK, ExportError, StepModule, batch_bound_form, build_step_module, no_autocast,
-                         tracing)
+from .step_graph import (EXPORT_LOCK, TRACE_BATCH, ExportError, StepModule, batch_bound_note, build_step_module,
+                         no_autocast, tracing)
 from .validate import FLOAT32_TOLERANCE, StreamFn, torch_stream, validate_stream
 
 METADATA_FILE = "lrnnx_zoo.json"
@@ -166,7 +166,7 @@ def _finish(step: Union[StepModule, ChunkModule], model: torch.nn.Module, tmp: P
 
 def _failing_run_named(stream: StreamFn, fmt: str, record: List[str], step: torch.nn.Module) -> StreamFn:
     """``stream`` whose failure inside the saved graph is an ExportError with its cause in one line, the
-    layer whose form does not carry over to another batch (:func:`~.step_graph.batch_bound_form` of
+    layer whose form does not carry over to another batch (:func:`~.step_graph.batch_bound_note` of
     ``step``, the step or chunk module saved) and what tracing warned of: a step form that read a
     tensor into Python (.numpy()) traced into a constant of the trace's batch, and validation failed as
     a page of TorchScript interpreter traceback."""
@@ -177,11 +177,10 @@ def _failing_run_named(stream: StreamFn, fmt: str, record: List[str], step: torc
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
             cause = lines[-1] if "TorchScript" in lines[0] else lines[0]     # the interpreter's own error comes last
             warned = [w for w in record if w.startswith("TracerWarning")]
-            owner = batch_bound_form(step)
-            blame = (f" {owner}.step_form() was traced at batch {TRACE_BATCH} and does not run the same at another "
-                     f"batch: it uses its batch size as a number or reads a tensor's value into Python." if owner else "")
+            blame = batch_bound_note(step)
             raise ExportError(f"the {fmt} graph fails on the validation input of shape {x.shape}: {cause}. Not "
-                              f"written.{blame}" + (f" Tracing warned: {warned[0]}" if warned else "")) from exc
+                              f"written." + (f" {blame}." if blame else "") +
+                              (f" Tracing warned: {warned[0]}" if warned else "")) from exc
     return run
 
 

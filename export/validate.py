@@ -342,25 +342,17 @@ def float64_copy(model: nn.Module) -> Optional[nn.Module]:
 _THREAD_COUNT_LOCK = threading.Lock()
 
 
-def _in_fresh_thread(work: Callable[[], int]) -> int:
-    """``work()``'s result, run in a new thread (one whose torch thread count is still unset)."""
-    out: List[int] = []
+def _in_fresh_thread(work: Callable[[], Any]) -> Any:
+    """``work()``'s result, run in a new thread (one whose torch thread count is still unset: there
+    torch.get_num_threads reads the process default and torch.set_num_threads sets it)."""
+    out: List[Any] = []
     helper = threading.Thread(target=lambda: out.append(work()), name="lrnnx-thread-count", daemon=True)
     helper.start()
     helper.join()
     if not out:
-        raise RuntimeError("reading or setting torch's default thread count in a helper thread "
-                           "failed: expected it to return a count, got nothing")
+        raise RuntimeError("reading or setting torch's default thread count in a helper thread failed "
+                           "(its error is printed above)")
     return out[0]
-
-
-def _set_process_default(count: int) -> int:
-    """Set torch's default thread count (the one threads take at their first torch call) to
-    ``count`` without changing the calling thread's own, and return it."""
-    def put() -> int:
-        torch.set_num_threads(count)
-        return count
-    return _in_fresh_thread(put)
 
 
 @contextlib.contextmanager
@@ -378,14 +370,14 @@ def one_torch_thread() -> Iterator[None]:
         default = _in_fresh_thread(torch.get_num_threads)
         before = torch.get_num_threads()
         torch.set_num_threads(1)
-        _set_process_default(default)
+        _in_fresh_thread(lambda: torch.set_num_threads(default))
     try:
         yield
     finally:
         with _THREAD_COUNT_LOCK:
             default = _in_fresh_thread(torch.get_num_threads)   # as it is now: another thread may have set it
             torch.set_num_threads(before)
-            _set_process_default(default)
+            _in_fresh_thread(lambda: torch.set_num_threads(default))
 
 
 def torch_stream(step_module: Callable[[Tensor, Tensor], Any], state_size: int,

@@ -199,14 +199,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .runtime import tune_allocator
     tune_allocator()
     from .wording import command_line
-    from .training_cli import Terminated, sigterm_raises
+    from .training_cli import Terminated, stop_signals_raise
     parser = build_parser()
     args = parser.parse_args(argv)
     unexpandable = unexpandable_home(args)
     if unexpandable:
         parser.error(unexpandable)
     try:
-        with command_line(FLAGS), escaped_output(), sigterm_raises():
+        with command_line(FLAGS), escaped_output(), stop_signals_raise():
             return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         # Ctrl-C: one line and the shell's status for SIGINT (128 + 2) rather than a traceback

@@ -13,7 +13,7 @@ import torch
 from . import from_pretrained, list_models
 from .runtime import tune_allocator
 from .training import MissingDependencyError, checkpoint_data, evaluate, score
-from .training_cli import Terminated, positive_int, sigterm_raises
+from .training_cli import Terminated, positive_int, stop_signals_raise
 
 DEFAULT = "forecast-sunspots-s4d"
 #: What ``--help`` says: a constant, not the module docstring, which ``python -OO`` strips (the help
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     try:
         # SIGTERM (`timeout`, a scheduler) or SIGHUP (the terminal closed) killed the demo outright and
         # left its temporary folder of .onnx files (2-30 MB) in /tmp: now raised, so the folder goes
-        with sigterm_raises(), tempfile.TemporaryDirectory() as tmp:
+        with stop_signals_raise(), tempfile.TemporaryDirectory() as tmp:
             out = args.out or Path(tmp)
             out.mkdir(parents=True, exist_ok=True)
             return max(_run_or_report(name, out, args.steps) for name in names)

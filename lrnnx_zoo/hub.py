@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import errno
 import fnmatch
+import functools
 import itertools
 import json
 import math
@@ -975,19 +976,26 @@ def _read_header(path: Path) -> Dict[str, Tuple[int, ...]]:
         raise CheckpointError(_unreadable(path, exc)) from exc
 
 
+@functools.lru_cache(maxsize=None)
+def _pread_option() -> Dict[str, str]:
+    """safetensors' load_file keyword that picks its pread reader, {} where it has none (before 0.8);
+    read once, not on every load."""
+    import inspect
+
+    from safetensors.torch import load_file
+    return {"backend": "pread"} if "backend" in inspect.signature(load_file).parameters else {}
+
+
 def _read_weights(path: Path) -> Dict[str, Any]:
     """{name: tensor} of the safetensors file ``path``, read with pread(2) where safetensors offers it
     (0.8+): its default mmap reader kept ~56 B of Python memory per tensor and ~12 kB of the process
     per load of a 46-tensor checkpoint (+12 MB RSS per 1000 loads, a server loading models on demand),
     which reading the bytes does not (flat over 4000 loads)."""
-    import inspect
-
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     _check_regular_file(path, "a safetensors file")
-    pread = {"backend": "pread"} if "backend" in inspect.signature(load_file).parameters else {}
     try:
-        return load_file(str(path), **pread)
+        return load_file(str(path), **_pread_option())
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(_unreadable(path, exc)) from exc
 

@@ -73,16 +73,6 @@ def _filters_changed() -> None:
         changed()
 
 
-def _probe(build: Callable[[], nn.Module]) -> nn.Module:
-    """``build()`` for its names and shapes only, under a fork of torch's global generator, so that a
-    model built next draws what it would have without the probe. Not on the meta device, which draws
-    nothing: its first op imports torch's symbolic-shape machinery and sympy, 0.6 s more on a process's
-    first load (tests/test_runtime.py). The fork puts back the generator state it found, so a seed
-    another thread sets while a load probes is undone (README, long-running processes)."""
-    with torch.random.fork_rng(devices=[]):
-        return build()
-
-
 def _short(value: Any) -> str:
     """A value for a message, an int of 16 digits or more as its power of ten (a config.json's 10**400
     as 1e+400: its 401 digits were printed, and formatting it as a float raised OverflowError)."""
@@ -194,9 +184,11 @@ class ModelConfig:
                     kw[name] = size if name == "d_state" else min(kw[name], PROBE_STATES[0])
             small = dataclasses.replace(self, d_model=size, n_layers=1, layer_kwargs=kw,
                                         d_input=min(self.d_input, 2), d_output=min(self.d_output, 2))
-            with ignoring_warnings():
+            # the global generator forked (not the meta device, which draws nothing: its first op imports
+            # torch's symbolic shapes and sympy, 0.6 s more on a process's first load, tests/test_runtime.py)
+            with torch.random.fork_rng(devices=[]), ignoring_warnings():
                 try:
-                    found.append(list(_probe(lambda: SequenceModel(small)).state_dict()))
+                    found.append(list(SequenceModel(small).state_dict()))
                 except (TypeError, ValueError, LookupError, RuntimeError):
                     return None
         if found[0] != found[1]:
@@ -219,10 +211,11 @@ class ModelConfig:
             return {}
         probes = []
         # the probes must not draw from the RNG a model built next would use, nor warn the caller
-        with ignoring_warnings():
+        # (a seed another thread sets meanwhile is undone by the fork: README, long-running processes)
+        with torch.random.fork_rng(devices=[]), ignoring_warnings():
             for n in PROBE_STATES:
                 try:
-                    layer = _probe(lambda: create_layer(self.layer, self.d_model, **{**self.layer_kwargs, "d_state": n}))
+                    layer = create_layer(self.layer, self.d_model, **{**self.layer_kwargs, "d_state": n})
                 except (TypeError, ValueError, LookupError, RuntimeError):   # building will say what is wrong
                     return {}
                 probes.append({k: tuple(v.shape) for k, v in layer.state_dict().items()})

@@ -91,7 +91,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training import (BatchExceedsDataError, EpochsNotReachedWarning, MissingDependencyError,
                            ResumeNotExactWarning, TrainingDivergedError, TrainingSetupError, train)
     try:
-        with _warnings_as_lines((EpochsNotReachedWarning, ResumeNotExactWarning)), sigterm_raises():
+        # SIGTERM / SIGHUP arrive as Terminated: lrnnx_zoo.cli.main runs every command under stop_signals_raise
+        with _warnings_as_lines((EpochsNotReachedWarning, ResumeNotExactWarning)):
             _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress,
                                checkpoint_every=args.checkpoint_every,
                                resume=False if args.resume is None else args.resume,
@@ -147,12 +148,12 @@ class Terminated(BaseException):
         return signal.Signals(self.signum).name
 
 
-#: The signals :func:`sigterm_raises` turns into :class:`Terminated` (SIGHUP where the platform has it).
+#: The signals :func:`stop_signals_raise` turns into :class:`Terminated` (SIGHUP where the platform has it).
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
+def stop_signals_raise() -> Iterator[None]:
     """Turn SIGTERM and SIGHUP into :class:`Terminated` while a command runs, so that a scheduler's stop
     or a closed terminal says, as Ctrl-C does, which snapshot to resume from (it ended the process
     without a word). Only from the main thread, where Python runs signal handlers. ``lrnnx-zoo`` runs

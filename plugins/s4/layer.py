@@ -17,9 +17,10 @@ from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from lrnnx_zoo.base import (LTI_LRNN, check_dense, check_device, check_flags, check_floating, check_not_traced, check_probability,
-                            check_reals, check_size_product, check_sizes, float32_under_autocast,
-                            mask_lengths_of_one_stream, mask_padding, needs_autograd, ordinary_tensor, parameter_dtype, refuse_torchscript)
+from lrnnx_zoo.base import (LTI_LRNN, check_dense, check_device, check_flags, check_floating, check_not_traced,
+                            check_probability, check_reals, check_size_product, check_sizes, float32_under_autocast,
+                            mask_lengths_of_one_stream, mask_padding, needs_autograd, ordinary_tensor, parameter_dtype,
+                            refuse_torchscript)
 from lrnnx_zoo.convolution import (blocked_channel_conv, blocked_training_applies, channels_first_conv,
                                    channels_last_conv, circular_conv, fast_fft_size, kernel_taps, reversed_spectrum,
                                    swap_time_and_channels, two_sided_kernel)
