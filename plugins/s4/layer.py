@@ -287,8 +287,9 @@ class S4Layer(LTI_LRNN):
         dt_min, dt_max: initial step range.  l_max: internal kernel length (None: set by the first input).
         bidirectional: add an anti-causal kernel (no step mode).  backend: ("cauchy", name) backend.
         trainable, lr, wd, n_ssm: see :class:`~plugins.s4.kernel.SSKernelNPLR`.
-    ``step_form()`` picks the diagonal form when its predicted float32 error is below 1e-5, else the
-    exact O(N) linear (DPLR) form (bilinear) or the dense form (zoh).
+    ``step_form()`` picks the diagonal form when its predicted float32 error is below 5e-5 (the "auto"
+    default of :meth:`~plugins.s4.modes.StepModes.step_form`), else the exact O(N) linear (DPLR) form
+    (bilinear) or the dense form (zoh).
     """
 
     a_structure = "dense"
