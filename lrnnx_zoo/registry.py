@@ -569,7 +569,11 @@ def _read_new_path_files() -> None:
 def register_plugin(plugin: Any, name: Optional[str] = None) -> PluginInfo:
     """Register a plugin object or module directly, without an entry point (for scripts and tests).
 
-    Raises PluginError if it fails; the registry is left as it was.
+    Raises PluginError if it fails (an error in its hooks, a name already taken by a plugin, an
+    object already registered); the registry is left as it was. A layer, initializer or backend name
+    that another plugin registered too is not a failure: the plugin is kept, as an installed one
+    would be, the returned info's ``error`` names the clash, a warning says so, and each clashing
+    name is reachable as "<plugin>:<name>" (the bare name stays the built-in's, or is ambiguous).
     """
     reg = get_registry()
     assert _pm is not None
