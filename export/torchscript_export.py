@@ -195,7 +195,9 @@ def to_torchscript(model_or_checkpoint: Source, path: Union[str, Path], validate
     module works for any batch size (the step has no batch-dependent branch; the trace is made
     at batch 3 and validated at the validation input's batch).
 
-    Args: as :func:`~lrnnx_zoo.export.to_onnx` (no opset / quantize / fixed batch).
+    Args: as :func:`~lrnnx_zoo.export.to_onnx` (no opset / quantize / fixed batch): ``validation_input``
+    (B, L, d_input), the artifact's step (x_t (batch, d_input), state (batch, state_size)) ->
+    (y_t (batch, d_output), state').
     """
     chunk = None if chunk is None else check_chunk(chunk)
     with output_location(path, "path", example="model.ts") as path, no_autocast():

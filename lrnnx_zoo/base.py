@@ -735,13 +735,15 @@ class LTI_LRNN(LRNN):
 
     def prepare_input(self, x: Tensor, lengths: Optional[Tensor] = None,
                       integration_timesteps: Optional[Tensor] = None) -> Tensor:
-        """:meth:`LRNN.prepare_input`, refusing ``integration_timesteps`` (:meth:`check_timesteps`)."""
+        """:meth:`LRNN.prepare_input` (x: (B, L, H), lengths: (B,) or None -> x: (B, L, H)), refusing
+        ``integration_timesteps`` (:meth:`check_timesteps`)."""
         x = super().prepare_input(x, lengths)
         self.check_timesteps(integration_timesteps)
         return x
 
     def check_timesteps(self, integration_timesteps: Optional[Tensor]) -> None:
-        """Raise unless ``integration_timesteps`` is None: a time-invariant layer has one step for
+        """Raise a ValueError unless ``integration_timesteps`` (per-step dt, e.g. (B, L), which only
+        time-varying layers take) is None: a time-invariant layer has one step for
         the whole sequence (its kernel), so per-step timesteps cannot be honoured; ignoring them
         gave the outputs of a uniform grid without a word."""
         if integration_timesteps is not None:

@@ -108,7 +108,9 @@ def causal_conv(u: Tensor, K: Tensor, dim: int = -1, length: Optional[int] = Non
 
 
 def circular_conv(u: Tensor, K: Tensor, n: int, length: int, dim: int = -1) -> Tensor:
-    """Circular convolution of size n along ``dim``, truncated to ``length`` steps.
+    """Circular convolution of size n along ``dim``, truncated to ``length`` steps: u (..., L, ...)
+    with time on ``dim`` (L <= n) and K broadcastable to it (Lk <= n taps on ``dim``) -> y of u's
+    broadcast shape with ``length`` steps on ``dim``.
 
     With n >= L + Lk - 1 it is the causal convolution (:func:`causal_conv`); callers that place
     an anti-causal kernel at the end of the circle (bidirectional layers) pick their own n.
@@ -613,7 +615,8 @@ def _blocked_conv(x: Tensor, K: Tensor, n: int, skip: Optional[Tensor], channels
 
 
 def blocked_training_applies(x: Tensor, K: Tensor, skip: Optional[Tensor] = None) -> bool:
-    """Whether :func:`channels_last_conv` and :func:`channels_first_conv` take the blocked path:
+    """Whether :func:`channels_last_conv` and :func:`channels_first_conv` take the blocked path for
+    x: (B, L, H) or (B, H, L), K: (C, H, Lk) or (H, Lk), skip: (C, H), (H,) or None:
     CPU autograd on real tensors of one dtype with a non-empty batch, eager or in a torch.compile
     graph (as one operator there). torch.func transforms and accelerators keep the whole-tensor
     path."""

@@ -101,7 +101,8 @@ def bilinear_diag(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, O
 
 
 def dirac_diag(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """Impulse-input discretization for diagonal A: the state jumps by B u_k at each sample."""
+    """Impulse-input discretization for diagonal A: the state jumps by B u_k at each sample.
+    A: (..., N) complex, B: (..., N) or None, dt broadcastable: A_bar = exp(dt A), B_bar = B."""
     return torch.exp(dt * A), B
 
 
@@ -197,10 +198,15 @@ def bilinear_dense(A: Tensor, B: Optional[Tensor], dt: Union[float, Tensor]) -> 
 
 
 def dirac_dense(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """Impulse-input discretization for dense A: (..., N, N), B: (..., N), (..., N, M) or None,
+    dt: a float or (...,): A_bar = exp(dt A), B_bar = B (returned as given)."""
     return torch.linalg.matrix_exp(A * _dt_matrix(dt, A)), B
 
 
 def async_dense(A: Tensor, B: Optional[Tensor], dt: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """Event-driven discretization for dense A (arXiv:2404.18508): A: (..., N, N), B: (..., N),
+    (..., N, M) or None, dt: (...,), one step per leading index (e.g. A: (L, N, N) and dt: (L,) for
+    L events): A_bar = exp(dt A), B_bar = dt B, both of A's and B's shapes."""
     A_bar, _ = dirac_dense(A, None, dt)
     dt = torch.as_tensor(dt, dtype=A.dtype, device=A.device)
     return A_bar, None if B is None else B * dt.reshape(dt.shape + (1,) * (B.dim() - dt.dim()))

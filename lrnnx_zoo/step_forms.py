@@ -242,7 +242,7 @@ def poles_split() -> bool:
 
 
 def stored(t: Tensor) -> Tensor:
-    """t as a step form stores it: a detached, contiguous copy in the build dtype (:func:`step_form_dtype`).
+    """t (...) as a step form stores it: a detached, contiguous copy (same shape) in the build dtype (:func:`step_form_dtype`).
     Always a copy: a float64 layer's skip D was stored as the parameter itself, so an in-place edit of
     D changed every cache's form with it, where a form is a snapshot of the weights it was made from."""
     return t.detach().to(build_dtype(), memory_format=torch.contiguous_format, copy=True)
@@ -408,6 +408,7 @@ class DiagonalStepForm(StepForm):
         self.register_buffer("D", None if D is None else stored(S))
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        """One step: u (batch, H_in), s (batch, 2M) = [Re x, Im x] -> (y (batch, H_out), s' (batch, 2M))."""
         if self.fused:
             z = torch.cat([s, u], dim=1) @ self.W
             return z[:, self.state_size:], z[:, :self.state_size]
@@ -492,6 +493,8 @@ class ChannelDiagonalStepForm(StepForm):
     channel_layout = "last"     # per-channel LTI, state (batch, 2N, H): chunk_forms.ChannelChunkForm
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        """One step: u (batch, H), s (batch, 2 * N * H) (:func:`pack_modes`' layout) -> (y (batch, Ch * H)
+        channel-major, s' (batch, 2 * N * H))."""
         x = s.reshape(-1, 2, self.N, self.H)
         x = rotate(x, self.lam_re, self.lam_im, self.lam_re_lo, self.lam_im_lo,
                    u.reshape(-1, 1, 1, self.H) * self.B_pair)
@@ -541,6 +544,8 @@ class ChannelDenseStepForm(StepForm):
     channel_layout = "first"    # per-channel LTI, state (batch, H, n): chunk_forms.ChannelChunkForm
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        """One step: u (batch, H), s (batch, H * n) channel by channel -> (y (batch, Ch * H)
+        channel-major, s' (batch, H * n)); n = N (real A) or 2N (complex A)."""
         x = s.reshape(-1, self.H, self.n)
         # (A - I) x as rows, one (batch, n) x (n, n) product per channel: dA @ x.unsqueeze(-1) made torch
         # copy dA for every batch row (H=128, n=64, one thread, eager: 672 -> 149 us a step at batch 1,
@@ -635,6 +640,8 @@ class ChannelDPLRStepForm(StepForm):
         self.register_buffer("D", stored(Du))                                              # (Ch, H)
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        """One step: u (batch, H), s (batch, 2 * M * H) (:func:`pack_modes`' layout) -> (y (batch, Ch * H)
+        channel-major, s' (batch, 2 * M * H))."""
         H, M, k = self.H, self.M, self.rank
         z = s.reshape(-1, 1, 2 * M, H)
         q = (z * self.readout).sum(2)                                     # (batch, 2r + Ch, H)
@@ -684,6 +691,8 @@ class SequentialStepForm(StepForm):
         self.d_output = _end_width(reversed(parts), _OUTPUT_WIDTH, _INPUT_WIDTH)
 
     def forward(self, u: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        """The parts in order: u (batch, d_input), s (batch, state_size) -> (y (batch, d_output),
+        s' (batch, state_size)), each step form advancing its own slice of s (:func:`run_parts`)."""
         return run_parts(self.parts, self.offsets, u, s)
 
 

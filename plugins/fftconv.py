@@ -546,7 +546,8 @@ class FFTConvLayer(LTI_LRNN):
 
     def final_step_state(self, u: Tensor, lengths: Optional[Tensor], form: nn.Module) -> Tensor:
         """The kernel's state passing (one pass over u), packed for the kernel's step form (the
-        first part of ``form`` when a channel mix follows it)."""
+        first part of ``form`` when a channel mix follows it): u: (B, L, H), lengths: (B,) or None ->
+        (B, state_size)."""
         core = form.parts[0] if isinstance(form, SequentialStepForm) else form
         return kernel_final_step_state(self.conv.kernel, _without_skip(core), u, lengths)
 

@@ -121,6 +121,18 @@ class LRU(LTI_LRNN):
         max_phase: phase range of the eigenvalues at initialisation.
         init: registered LRU initializer (default "ring").
         backend: "fft", "scan" or "auto" (kernel backends of kind "modal").
+
+    Example (a sequence, then one step of a stream; the step state is [Re x, Im x], 2 * d_state):
+
+        >>> import torch
+        >>> from lrnnx_zoo.plugins.lru import LRU
+        >>> layer = LRU(d_model=8, d_state=16)
+        >>> layer(torch.randn(2, 100, 8)).shape
+        torch.Size([2, 100, 8])
+        >>> cache = layer.allocate_inference_cache(batch_size=2)
+        >>> y_t, cache = layer.step(torch.randn(2, 8), cache)
+        >>> y_t.shape, cache["lrnn_state"].shape
+        (torch.Size([2, 8]), torch.Size([2, 32]))
     """
 
     def __init__(self, d_model: int, d_state: int = 64, r_min: float = 0.0, r_max: float = 1.0,
@@ -239,7 +251,8 @@ class LRU(LTI_LRNN):
                              f"batch, got {got}")
 
     def final_step_state(self, u: Tensor, lengths: Optional[Tensor], form: nn.Module) -> Tensor:
-        """:meth:`final_state` at each sequence's last valid step, as the step form's [Re x, Im x]."""
+        """:meth:`final_state` at each sequence's last valid step, as the step form's [Re x, Im x]:
+        u: (B, L, H), lengths: (B,) or None -> (B, 2N)."""
         x = self.final_state(right_aligned(u, lengths))
         return torch.cat([x.real, x.imag], -1)
 

@@ -170,6 +170,19 @@ class S4D(LTI_LRNN):
         discretization: "zoh" or "bilinear".
         dt_min, dt_max: range of the learnable step, log-uniform at initialisation.
         backend: Vandermonde backend "torch", "keops" or "auto".
+
+    Example (a sequence, then one step of a stream; the step state holds the N/2 complex modes of
+    each channel as real pairs, N * H numbers):
+
+        >>> import torch
+        >>> from lrnnx_zoo.plugins.s4d import S4D
+        >>> layer = S4D(d_model=8, d_state=16)
+        >>> layer(torch.randn(2, 100, 8)).shape
+        torch.Size([2, 100, 8])
+        >>> cache = layer.allocate_inference_cache(batch_size=2)
+        >>> y_t, cache = layer.step(torch.randn(2, 8), cache)
+        >>> y_t.shape, cache["lrnn_state"].shape
+        (torch.Size([2, 8]), torch.Size([2, 128]))
     """
 
     def __init__(self, d_model: int, d_state: int = 64, init: str = "legs", discretization: str = "zoh",
@@ -216,7 +229,8 @@ class S4D(LTI_LRNN):
         return self.kernel.step_form(self.D.unsqueeze(0))
 
     def final_step_state(self, u: Tensor, lengths: Optional[Tensor], form: nn.Module) -> Tensor:
-        """The kernel's state passing (one pass over u), in the step form's layout."""
+        """The kernel's state passing (one pass over u), in the step form's layout: u: (B, L, H),
+        lengths: (B,) or None -> (B, state_size)."""
         return kernel_final_step_state(self.kernel, form, u, lengths)
 
     def extra_repr(self) -> str:

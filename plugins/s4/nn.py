@@ -134,6 +134,8 @@ class DropoutNd(nn.Module):
         self.p, self.transposed = p, transposed
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: (B, D, L, ...) if ``transposed`` else (B, L, D) -> the same shape, each (b, d) slice
+        zeroed with probability p or scaled by 1 / (1 - p) as a whole; x itself in eval mode or at p = 0."""
         if not self.training or self.p == 0:
             return x
         y = x if self.transposed else x.transpose(-1, -2)              # (B, D, L...)
