@@ -1,7 +1,8 @@
 """lrnnx-zoo: linear recurrent and state-space sequence layers, as plugins, with streaming export.
 
-Importing the package compiles nothing and loads no plugin; the registry discovers plugins on
-first use (``list_layers()``, ``create_layer(...)``).
+Importing the package imports nothing else (not torch): each name below loads its module on first
+use, so ``lrnnx-zoo --version`` and ``--help`` answer without torch. The registry discovers plugins
+on first use too (``list_layers()``, ``create_layer(...)``).
 
 Start here:
     create_layer("s4d", d_model=64, d_state=64)    a registered layer: x (B, L, H) -> y (B, L, H)
@@ -13,19 +14,31 @@ Start here:
 
 __version__ = "0.1.0"
 
-from .hookspecs import hookimpl, hookspec
-from .base import LRNN, LTI_LRNN
-from .registry import (PluginError, PluginInfo, RegistryError, create_layer, get_backend,
-                       get_initializer, list_backends, list_initializers, list_layers, list_plugins,
-                       register_plugin, reload_plugins, unregister_plugin)
-from .models import ModelConfig, SequenceModel
-from .hub import CheckpointError, from_pretrained, list_models
-from .hub_save import HubPublishError
-from . import convolution, discretization, step_forms
-
+import importlib
+import importlib.util
 from typing import TYPE_CHECKING
+
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports each on first use
-    from . import export, hippo, plugins, training
+    from . import convolution, discretization, export, hippo, plugins, step_forms, training
+    from .base import LRNN, LTI_LRNN
+    from .hookspecs import hookimpl, hookspec
+    from .hub import CheckpointError, from_pretrained, list_models
+    from .hub_save import HubPublishError
+    from .models import ModelConfig, SequenceModel
+    from .registry import (PluginError, PluginInfo, RegistryError, create_layer, get_backend,
+                           get_initializer, list_backends, list_initializers, list_layers, list_plugins,
+                           register_plugin, reload_plugins, unregister_plugin)
+
+#: Each public name and the submodule that defines it.
+_HOME = {
+    "hookimpl": "hookspecs", "hookspec": "hookspecs", "LRNN": "base", "LTI_LRNN": "base",
+    "ModelConfig": "models", "SequenceModel": "models", "CheckpointError": "hub", "from_pretrained": "hub",
+    "list_models": "hub", "HubPublishError": "hub_save",
+    **{name: "registry" for name in (
+        "PluginError", "PluginInfo", "RegistryError", "create_layer", "get_backend", "get_initializer",
+        "list_backends", "list_initializers", "list_layers", "list_plugins", "register_plugin",
+        "reload_plugins", "unregister_plugin")},
+}
 
 __all__ = [
     "__version__", "hookimpl", "hookspec", "LRNN", "LTI_LRNN", "ModelConfig", "SequenceModel",
@@ -42,11 +55,16 @@ _PUBLIC_MODULES = ("convolution", "export", "hippo", "plugins", "step_forms", "t
 
 
 def __getattr__(name: str) -> object:
-    # A public submodule not yet imported, on first use: after ``import lrnnx_zoo`` the README's
-    # ``lrnnx_zoo.export.to_onnx(...)`` and ``lrnnx_zoo.training.train(...)`` raised AttributeError
-    # until imported by name. Not eagerly: export loads onnx (a second), training the data code.
-    if name in _PUBLIC_MODULES:
-        import importlib
+    # A public name or submodule on first use. The package imported base, registry, models and hub
+    # (torch, pluggy: 1.3-1.8 s) on `import lrnnx_zoo`, which every `lrnnx-zoo` command paid before
+    # argparse ran, --version and --help included. A submodule the package used to import for
+    # itself (lrnnx_zoo.hub, lrnnx_zoo.wording) still resolves after a bare `import lrnnx_zoo`.
+    home = _HOME.get(name)
+    if home is not None:
+        value = getattr(importlib.import_module(f".{home}", __name__), name)
+        globals()[name] = value          # later lookups skip this function
+        return value
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
         return importlib.import_module(f"{__name__}.{name}")     # sets the package attribute too
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -196,27 +196,34 @@ def unexpandable_home(args: argparse.Namespace) -> Optional[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .runtime import tune_allocator
-    tune_allocator()
-    from .wording import command_line
+    """Run ``lrnnx-zoo`` with ``argv`` (default: sys.argv[1:]); the exit status (argparse's usage
+    errors and --help/--version exit through SystemExit, status 2 or 0)."""
     from .training_cli import Terminated, stop_signals_raise
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    unexpandable = unexpandable_home(args)
-    if unexpandable:
-        parser.error(unexpandable)
+    command = None
     try:
+        # Everything that may import torch (a second or two) is inside this try: a Ctrl-C while it
+        # loads printed a KeyboardInterrupt traceback. The package itself imports nothing (see
+        # lrnnx_zoo/__init__.py), so the parser, --help, --version and usage errors never load torch.
+        from .runtime import tune_allocator
+        tune_allocator()
+        from .wording import command_line
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = args.command
+        unexpandable = unexpandable_home(args)
+        if unexpandable:
+            parser.error(unexpandable)
         with command_line(FLAGS), escaped_output(), stop_signals_raise():
             return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         # Ctrl-C: one line and the shell's status for SIGINT (128 + 2) rather than a traceback
-        print(f"lrnnx-zoo {args.command}: interrupted", file=sys.stderr)
+        print(f"lrnnx-zoo{f' {command}' if command else ''}: interrupted", file=sys.stderr)
         return 130
     except Terminated as stop:
         # SIGTERM (`timeout`, a job scheduler, `docker stop`) or SIGHUP (a closed terminal) killed the
         # process outright: an export left its hidden staging folder (.OUT.tmp-XXXXXXXX) beside --out;
         # now clean-ups run first
-        print(f"lrnnx-zoo {args.command}: terminated by {stop.name}", file=sys.stderr)
+        print(f"lrnnx-zoo {command}: terminated by {stop.name}", file=sys.stderr)
         return 128 + stop.signum
     except BrokenPipeError:
         # The reader went away (`lrnnx-zoo info NAME | head`): stop quietly, as other tools do.

@@ -14,8 +14,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .hub_card import dataset_name
-from .training_cli import positive_int
+from .training_cli import positive_int      # the library itself is imported in the command (see hub_cli)
 
 #: ``--check`` accepts |measured - recorded| <= ATOL + RTOL * |recorded|: float32 sums over a few
 #: hundred sequences move in the 5th-6th digit between thread counts and CPUs, far below one
@@ -95,6 +94,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                           "metrics": {k: {"recorded": c, "measured": m, "match": ok} for k, c, m, ok in rows}},
                          indent=2))
     else:
+        from .hub_card import dataset_name
         name = dataset_name(info.get("dataset"))        # None would print as "(None)"
         print(f"{args.src}: {len(data.x_test)} test sequences of {data.x_test.shape[1]} steps"
               f"{f' ({name})' if name else ''}, {seconds:.1f} s")

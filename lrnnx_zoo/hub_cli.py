@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from .hub import CARD_NAME, CheckpointError, list_models, read_config, resolve_checkpoint, shipped_checkpoints
-from .hub_card import UnreadableCardError, card_metrics, headline_metric, scalar_metrics, task_name
+# The library (lrnnx_zoo.hub, .hub_card: torch and the plugin registry, over a second) is imported in
+# the commands, not here: the parser imports this module for every command, --help included.
 
 
 def check_revision_flag(src: str, revision: Optional[str]) -> None:
@@ -17,6 +17,7 @@ def check_revision_flag(src: str, revision: Optional[str]) -> None:
     in the command line's words: its own message names the Python argument, revision=."""
     if revision is None:
         return
+    from .hub import shipped_checkpoints
     if not revision.strip():
         raise ValueError("--revision is empty; pass a branch, tag or commit id, or leave it out for main")
     local = Path(src).expanduser().is_dir()
@@ -29,6 +30,8 @@ def check_revision_flag(src: str, revision: Optional[str]) -> None:
 def model_entries(pattern: Optional[str] = None) -> List[Dict[str, Any]]:
     """Each shipped checkpoint matching ``pattern``: name, folder, family, task and metrics (None or
     {} where its config records none), or name, folder and the error that makes it unreadable."""
+    from .hub import CheckpointError, list_models, read_config, shipped_checkpoints
+    from .hub_card import scalar_metrics, task_name
     shipped, entries = shipped_checkpoints(), []
     for name in list_models(pattern):
         try:
@@ -43,6 +46,7 @@ def model_entries(pattern: Optional[str] = None) -> List[Dict[str, Any]]:
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from .cli import aligned, print_json         # cli imports this module's add_commands
+    from .hub_card import headline_metric
     entries = model_entries(args.pattern)
     if args.json:
         print_json(entries)
@@ -58,6 +62,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from .hub import CARD_NAME, read_config, resolve_checkpoint
+    from .hub_card import UnreadableCardError, card_metrics, scalar_metrics
     try:
         check_revision_flag(args.name, args.revision)
         # a Hub repo's weights (up to GBs) are not downloaded: the config and the card say it all
