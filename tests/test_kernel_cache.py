@@ -3,6 +3,8 @@ never does. Checked for every registered kernel backend of kind "ssm_kernel"."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -72,3 +74,52 @@ def test_three_lengths_in_turn_stay_cached_within_the_byte_budget(name, monkeypa
         for L in (40, 41, 42, 40):
             k(L)
     assert len(calls) == 4                              # over the budget: the two newest only
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_a_fresh_kernels_second_spectrum_is_a_cache_hit(name):
+    # S4's first call sets its internal length, rewriting C as C~ while the spectrum cache had already
+    # looked at the contents: the result went in under the old contents and the second call (the first
+    # evaluation batch after loading) generated the kernel again (zoh, H=64, N=256: 5 s).
+    torch.manual_seed(0)
+    k = lrnnx_zoo.get_backend("ssm_kernel", name)(4, 8)
+    generated = []
+    forward = k.checked_forward
+    k.checked_forward = lambda *a, **kw: generated.append(kw) or forward(*a, **kw)
+    with torch.no_grad():
+        first = k.spectrum(32, 64).clone()
+        second = k.spectrum(32, 64)
+    assert len(generated) == 1
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["dense-cached", "over-DENSE_CACHE_BYTES"])
+def test_s4_first_call_discretises_once_and_powers_once(cached, monkeypatch):
+    # A zoh kernel's first call discretised A twice (the length change, then the kernel: a matrix
+    # exponential each; the length change rewrote C, which emptied the kernel cache in between) and
+    # formed A_bar^L twice: 12 of its 16 s at H=64, N=256, L=1024, where nothing dense is cached
+    # (d_model * d_state**2 * 8 bytes over DENSE_CACHE_BYTES). Within one call they are now shared,
+    # and the kernel's values are those computed apart.
+    from lrnnx_zoo import discretization, hippo
+    from lrnnx_zoo.plugins.s4 import kernel as s4_kernel
+    if not cached:
+        monkeypatch.setattr(s4_kernel, "DENSE_CACHE_BYTES", 0)
+    torch.manual_seed(0)
+    k = lrnnx_zoo.get_backend("ssm_kernel", "s4")(4, 16, discretization="zoh")
+    twin = copy.deepcopy(k)
+    counts = {"exp": 0, "power": 0}
+    exp, power = discretization.matrix_exp, hippo.power
+
+    def counted(key, f):
+        def wrapped(*a, **kw):
+            counts[key] += 1
+            return f(*a, **kw)
+        return wrapped
+    monkeypatch.setattr(discretization, "matrix_exp", counted("exp", exp))
+    monkeypatch.setattr(hippo, "power", counted("power", power))
+    with torch.no_grad():
+        K = k(100)[0]
+    assert counts == {"exp": 1, "power": 1}
+    # the same kernel computed under autograd, where nothing is shared (float64 work rounded to float32)
+    K_apart = twin(100)[0]
+    torch.testing.assert_close(K, K_apart.detach(), rtol=1e-6, atol=1e-6)

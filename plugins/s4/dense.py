@@ -77,7 +77,7 @@ def output_row(C: Tensor) -> Tensor:
 
 
 def output_from_row(c: Tensor) -> Tensor:
-    """Inverse of :func:`output_row`: c: (..., 2M) real -> C: (..., M) complex."""
+    """Inverse of :func:`output_row`."""
     M = c.shape[-1] // 2
     return torch.complex(c[..., :M], -c[..., M:]) / 2
 
@@ -175,7 +175,8 @@ def block_sizes(L: int) -> Tuple[int, int]:
     return T, -(-L // T)
 
 
-def two_level_kernel(A: Tensor, b: Tensor, c: Tensor, L: int) -> Tensor:
+def two_level_kernel(A: Tensor, b: Tensor, c: Tensor, L: int,
+                     block: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """K[..., l] = c^T A^l b for l < L, in O(N^2 sqrt L + N L) work per channel.
 
     Writing l = jT + t (T ~ sqrt L):  K[jT + t] = ((A^T)^{jT} c) . (A^t b): two Krylov blocks of
@@ -183,11 +184,12 @@ def two_level_kernel(A: Tensor, b: Tensor, c: Tensor, L: int) -> Tensor:
 
     Args:
         A: (H, N, N).  b: (..., H, N) (e.g. (H, N) or (B, H, N)).  c: (C, H, N).
+        block: :func:`krylov_doubling` of A^T and b for T = block_sizes(L), if already computed.
     Returns:
         (..., C, H, L) with b's leading dims first.
     """
     T, J = block_sizes(L)
-    cols, ATt = krylov_doubling(T, A.transpose(-1, -2).contiguous(), b)    # (..., H, T, N), (A^T)^T
+    cols, ATt = block or krylov_doubling(T, A.transpose(-1, -2).contiguous(), b)    # (..., H, T, N), (A^T)^T
     rows = hippo.krylov(J, ATt, c)                                # (C, H, N, J)
     K = torch.einsum("chnj,...htn->...chjt", rows, cols)
     return K.reshape(*K.shape[:-2], J * T)[..., :L]

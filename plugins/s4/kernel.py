@@ -35,7 +35,7 @@ import threading
 import warnings
 import weakref
 from contextlib import contextmanager
-from typing import Any, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +45,8 @@ from lrnnx_zoo.base import (apply_function, check_flags, check_reals, check_size
                             forward_ad_active, func_transforms_active, jvp_variant, needs_autograd, parameter_dtype)
 from lrnnx_zoo.optim import check_optim_values, grouped_parameters, set_optim_record
 from lrnnx_zoo.registry import get_backend
-from lrnnx_zoo.ssm_kernel import SSMKernel, check_rate, in_graph_operator, keeping_stored_state, passed_state_dtype
+from lrnnx_zoo.ssm_kernel import (SSMKernel, check_rate, in_graph_operator, keeping_stored_state, kept_in_inference,
+                                  passed_state_dtype)
 
 from . import dense
 from .generating import bilinear_kernel
@@ -53,6 +54,8 @@ from .measures import measure_factors
 from .modes import StepModes
 
 __all__ = ["SSKernelNPLR", "HippoSSKernel", "S4Kernel", "optimizer_param_groups"]
+
+_T = TypeVar("_T")
 
 #: Live kernels by id, and the attribute of a C parameter naming its kernel's id (:meth:`SSKernelNPLR._check_shared_C`):
 #: an int on the tensor, so that it pickles and torch.utils.swap_tensors accepts it (a weak reference there it refuses).
@@ -511,12 +514,16 @@ class SSKernelNPLR(StepModes, SSMKernel):
         kernel: a zoh A_bar is H matrix exponentials, 69 ms a layer at H=128, N=64, and every prefill
         of a length not seen and every step form needs it)."""
         memo = self._shared_work()
-        if memo is not None and ("system", rate) in memo:
-            return memo[("system", rate)]
-        if self._caches_dense_work(self.d_state + 1):
-            system = self.cached_kernel(("dense_system", rate), lambda: self._dense_system(rate))
-        else:
-            system = self._dense_system(rate)
+
+        def compute() -> Tuple[Tensor, Tensor]:
+            # the shared one where there is one: a first call's length change rewrites C between two
+            # uses, which empties the kernel cache, and the second use caches it again without a
+            # second matrix exponential
+            if memo is not None and ("system", rate) in memo:
+                return memo[("system", rate)]
+            return self._dense_system(rate)
+        system = (self.cached_kernel(("dense_system", rate), compute) if self._caches_dense_work(self.d_state + 1)
+                  else compute())
         if memo is not None:
             memo[("system", rate)] = system
         return system
@@ -526,6 +533,26 @@ class SSKernelNPLR(StepModes, SSMKernel):
         results in eager inference only): up to DENSE_CACHE_BYTES (two of each kind are kept, beside
         the step forms' own copy)."""
         return self.d_model * rows * self.d_state * 8 <= DENSE_CACHE_BYTES
+
+    def _system_power(self, A_bar: Tensor, L: int) -> Tensor:
+        """A_bar^L for this kernel's rate-1 A_bar (:meth:`dense_system`), computed once per L within
+        :meth:`sharing_dense_work` (a first call's length change and :meth:`output_matrix` both need it)."""
+        memo = self._shared_work()
+        if memo is None:
+            return hippo.power(L, A_bar)
+        if ("power", L) not in memo:
+            memo[("power", L)] = hippo.power(L, A_bar)
+        return memo[("power", L)]
+
+    def _system_power(self, A_bar: Tensor, L: int) -> Tensor:
+        """A_bar^L for this kernel's rate-1 A_bar (:meth:`dense_system`), computed once per L within
+        :meth:`sharing_dense_work` (a first call's length change and :meth:`output_matrix` both need it)."""
+        memo = self._shared_work()
+        if memo is None:
+            return hippo.power(L, A_bar)
+        if ("power", L) not in memo:
+            memo[("power", L)] = hippo.power(L, A_bar)
+        return memo[("power", L)]
 
     def _krylov_block(self, A_bar: Tensor, b_bar: Tensor, L: int) -> Tuple[Tensor, Tensor]:
         """The Krylov rows (H, T, N) and (A_bar^T) transposed (H, N, N) that state passing over L steps
@@ -575,9 +602,16 @@ class SSKernelNPLR(StepModes, SSMKernel):
                 return C
             A_bar, b_bar = self.dense_system() if system is None else system
             memo, power_t = self._shared_work(), None
-            if memo is not None:         # a prefill: one chain of squares for A_bar^L and the state's Krylov block
-                power_t, rows, AT_t = dense.squaring_chain(A_bar.transpose(-1, -2).contiguous(), b_bar,
-                                                           length, memo["T"])
+            if memo is not None:
+                # shared work (a prefill, a forward): one chain of squares for A_bar^L and the Krylov
+                # block of the state passing and the zoh kernel, or the block alone if A_bar^L is known
+                At = A_bar.transpose(-1, -2).contiguous()
+                known = memo.get(("power", length))
+                if known is None:
+                    power_t, rows, AT_t = dense.squaring_chain(At, b_bar, length, memo["T"])
+                    memo[("power", length)] = power_t.transpose(-1, -2)
+                else:
+                    power_t, (rows, AT_t) = known.transpose(-1, -2), dense.krylov_doubling(memo["T"], At, b_bar)
                 memo["block"] = (rows, AT_t)
             return dense.output_from_row(_solve_tilde(dense.output_row(C), A_bar, length, power_t))
         return self.cached_kernel(("output_matrix", from_origin), compute)
@@ -656,7 +690,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
             raise RuntimeError(f"C already holds C~ for L={self.length}; use double_length() to extend it")
         first = self._length_origin_before_change()
         A_bar, _ = self.dense_system()
-        self._transform_C(_identity_minus_power(A_bar, L))
+        eye = torch.eye(A_bar.shape[-1], dtype=A_bar.dtype, device=A_bar.device)
+        self._transform_C(eye - self._system_power(A_bar, L))
         self._set_length(L)
         self._note_length_change(first)
 
@@ -809,20 +844,37 @@ class SSKernelNPLR(StepModes, SSMKernel):
         if L == 0:                                # an empty kernel (an empty input's): no transform to run
             K = self.C.new_zeros(self.channels, self.d_model, 0)
             return K, (None if state is None else K.new_zeros(state.shape[0], *K.shape))
-        before = None
-        if rate == 1.0 and self._writes_length() and not 0 < self.length >= L:
-            # C~ must cover L (same for zoh, so C means one thing); put back if the kernel then fails
-            # (L=2**33 ran out of memory after the extension, and every later call, L=5 too, did the same)
-            before = (self.C.detach().clone(), self.length, self.__dict__.get("_length_origin"))
-            self._cover(L)
-        try:
-            if state is not None:
-                return self._kernel(L, rate, state)
-            return self.cached_kernel((L, rate), lambda: self._kernel(L, rate, None)[0]), None
-        except BaseException:
-            if before is not None:
-                self._restore_length(*before)
-            raise
+        if state is not None:
+            return self._covering(L, rate, lambda: self._kernel(L, rate, state))
+        return self._covering(L, rate, lambda: self.cached_kernel((L, rate), lambda: self._kernel(L, rate, None)[0])), None
+
+    def spectrum(self, L: int, n: int, rate: float = 1.0) -> Tensor:
+        """:meth:`SSMKernel.spectrum`, with the internal length set (or extended, under autograd) first:
+        set within, C~ rewritten in the first call changed the contents the cache had just looked at,
+        and the second call generated the kernel again (zoh at H=64, N=256: 5 s)."""
+        with kept_in_inference(self):
+            return self._covering(L, rate, lambda: SSMKernel.spectrum(self, L, n, rate))
+
+    def _covering(self, L: int, rate: float, body: Callable[[], _T]) -> _T:
+        """``body()`` with the internal length covering L where calls may write it (:meth:`_cover`, rate
+        1; the same for zoh, so that C means one thing), C~, the length and its origin put back if the
+        body then fails (L=2**33 ran out of memory after the extension, and every later call, L=5 too,
+        did the same). Without autograd, the length change and the body share one discretisation and
+        one A_bar^L (:meth:`sharing_dense_work`): a zoh kernel's first call took two matrix
+        exponentials and two chains of squares (H=64, N=256: 12 of its 16 s). No scope in a compiled
+        graph (nothing is shared there)."""
+        scope = contextlib.nullcontext() if torch.compiler.is_compiling() else self.sharing_dense_work(L)
+        with scope:
+            before = None
+            if rate == 1.0 and self._writes_length() and not 0 < self.length >= L:
+                before = (self.C.detach().clone(), self.length, self.__dict__.get("_length_origin"))
+                self._cover(L)
+            try:
+                return body()
+            except BaseException:
+                if before is not None:
+                    self._restore_length(*before)
+                raise
 
     @torch.no_grad()
     def _restore_length(self, C: Tensor, length: int, origin: Optional[_LengthOrigin]) -> None:
@@ -928,7 +980,11 @@ class SSKernelNPLR(StepModes, SSMKernel):
         Lz = L
         if torch.compiler.is_compiling():
             Lz = self.length if rate == 1.0 and 0 < self.length >= L else dense.power_of_two_at_least(L)
-        K = _first_samples(dense.two_level_kernel(A_bar, b_bar, c, Lz), L).to(dtype)
+        block = (self._shared_work() or {}).get("block") if rate == 1.0 else None   # output_matrix's
+        if block is not None and block[0].shape[-2] != dense.block_sizes(Lz)[0]:     # for another T
+            block = None
+        K = _first_samples(dense.two_level_kernel(A_bar, b_bar, c, Lz, block), L).to(dtype)
+
         if state is None:
             return K, None
         x = dense.per_channel(A_bar, dense.to_real(state.to(torch.complex128)))   # A_bar x_{-1}
