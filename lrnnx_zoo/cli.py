@@ -214,7 +214,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if unexpandable:
             parser.error(unexpandable)
         with command_line(FLAGS), escaped_output(), stop_signals_raise():
-            return COMMANDS[args.command](args)
+            status = COMMANDS[args.command](args)
+        return status if flush_stdout() else 1
+    except SystemExit:
+        flush_stdout()          # --help or --version into `| head -1`: argparse's status, no message
+        raise
     except KeyboardInterrupt:
         # Ctrl-C: one line and the shell's status for SIGINT (128 + 2) rather than a traceback
         print(f"lrnnx-zoo{f' {command}' if command else ''}: interrupted", file=sys.stderr)
@@ -227,9 +231,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 128 + stop.signum
     except BrokenPipeError:
         # The reader went away (`lrnnx-zoo info NAME | head`): stop quietly, as other tools do.
-        # stdout is pointed at /dev/null because Python's flush at exit would raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        flush_stdout()
         return 1
+
+
+def flush_stdout() -> bool:
+    """Flush stdout; False when its reader has gone (``lrnnx-zoo layers | head -1``), with stdout then
+    pointed at /dev/null. Output to a pipe waits in Python's buffer until the flush at exit, which
+    printed "Exception ignored ... BrokenPipeError" and exited 120 after main had returned (unless
+    PYTHONUNBUFFERED was set): main flushes before it returns instead."""
+    stream = sys.stdout
+    if stream is None:              # pythonw: no console
+        return True
+    try:
+        stream.flush()
+        return True
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())     # the flush at exit then succeeds
+        return False
 
 
 if __name__ == "__main__":

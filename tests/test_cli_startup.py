@@ -1,7 +1,8 @@
-"""``lrnnx-zoo`` before and around its work: what --help, --version and a usage error import, and
-a Ctrl-C at any moment (while torch loads, or while an export writes). Each case runs in a fresh
-process: what a process imported, and its exit status, are the things under test. No wall time
-is asserted (a loaded machine would make that flaky): the check is that torch is not imported."""
+"""``lrnnx-zoo`` before and around its work: what --help, --version and a usage error import, a
+Ctrl-C at any moment (while torch loads, or while an export writes), and a reader that leaves the
+pipe early. Each case runs in a fresh process: what a process imported, and its exit status, are
+the things under test. No wall time is asserted (a loaded machine would make that flaky): the
+check is that torch is not imported."""
 
 from __future__ import annotations
 
@@ -95,6 +96,22 @@ def test_ctrl_c_during_export_leaves_no_folder_and_no_staging_copy(tmp_path: Pat
     done = run_python(prelude + f"import sys\nfrom lrnnx_zoo.cli import main\nsys.exit(main({argv!r}))\n")
     assert (done.returncode, done.stderr) == (130, "lrnnx-zoo export: interrupted\n"), done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "left behind"
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["backends"]])
+def test_a_reader_leaving_the_pipe_early_gets_no_broken_pipe_message(argv: List[str]):
+    # `lrnnx-zoo backends | head -1` (and --help, layers, plugins, export ...): the output waited in
+    # Python's buffer until the flush at exit, after main had returned, which printed "Exception
+    # ignored in: <_io.TextIOWrapper name='<stdout>' ...> BrokenPipeError" and exited 120.
+    # PYTHONUNBUFFERED (set in some CI and dev shells) hid it: each print then raised inside main.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, "-m", "lrnnx_zoo", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()                           # the reader leaves before the first line
+    err = proc.stderr.read().decode()
+    status = proc.wait(timeout=120)
+    assert "BrokenPipeError" not in err and "Exception ignored" not in err, err
+    assert status == (0 if argv[0].startswith("--") else 1), err    # argparse's own status for --help
 
 
 def test_console_script_and_python_dash_m_give_the_same_usage_error():
