@@ -10,15 +10,20 @@ import importlib
 from typing import TYPE_CHECKING, Any, List
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports each on first use
-    from .chunk_graph import ChunkModule, build_chunk_module
-    from .folder import FolderExport, export_folder
-    from .onnx_export import to_onnx
-    from .result import ExportResult
-    from .runtime import OnnxStreamer
-    from .step_graph import (ExportError, StepModule, build_step_module, cache_from_state, packed_layout,
-                             state_from_cache)
-    from .torchscript_export import load_torch_export, load_torchscript, to_torch_export, to_torchscript
-    from .validate import ValidationError, ValidationReport, validate_stream
+    # "name as name": a py.typed package's names re-exported under mypy --strict and pyright (their
+    # __all__ below is computed, which neither reads: every one was "not explicitly exported")
+    from .chunk_graph import ChunkModule as ChunkModule, build_chunk_module as build_chunk_module
+    from .folder import FolderExport as FolderExport, export_folder as export_folder
+    from .onnx_export import to_onnx as to_onnx
+    from .result import ExportResult as ExportResult
+    from .runtime import OnnxStreamer as OnnxStreamer
+    from .step_graph import (ExportError as ExportError, StepModule as StepModule,
+                             build_step_module as build_step_module, cache_from_state as cache_from_state,
+                             packed_layout as packed_layout, state_from_cache as state_from_cache)
+    from .torchscript_export import (load_torch_export as load_torch_export, load_torchscript as load_torchscript,
+                                     to_torch_export as to_torch_export, to_torchscript as to_torchscript)
+    from .validate import (ValidationError as ValidationError, ValidationReport as ValidationReport,
+                           validate_stream as validate_stream)
 
 #: Each public name and the submodule that defines it.
 _HOME = {

@@ -15,7 +15,7 @@ import numbers
 import sys
 import warnings
 from abc import abstractmethod
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Literal, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterator, List, Literal, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +102,10 @@ class LRNN(nn.Module):
                 lengths: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, H) -> y: (B, L, H). ``lengths``: (B,) valid lengths of a padded batch."""
         raise NotImplementedError
+
+    if TYPE_CHECKING:  # nn.Module types its __call__ as (...) -> Any; a layer's gives forward's y
+        def __call__(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
+                     lengths: Optional[Tensor] = None, **kwargs: Any) -> Tensor: ...
 
     def __prepare_scriptable__(self) -> "LRNN":
         # torch.jit.script calls this first: it failed on the source with "Unknown type annotation: 'str'"

@@ -15,7 +15,7 @@ import math
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Literal, Optional, Union, overload
 
 from . import __version__
 from .folder_swap import replaced_folder
@@ -442,6 +442,29 @@ def stale_note(info: Dict[str, Any], dropped: Any) -> str:
 
 class HubMixin:
     """save_pretrained / push_to_hub / from_pretrained for :class:`~lrnnx_zoo.models.SequenceModel`."""
+
+    #: The loaded checkpoint's config.json plus "source" and "weights_digest" (set by from_pretrained,
+    #: ``lrnnx_zoo.training.train`` and ``at_rate``); None for a model built in code.
+    checkpoint_info: Optional[Dict[str, Any]] = None
+
+    # What it returns follows push_to_hub (a checker saw Path | CommitInfo, so `path / "config.json"` failed)
+    @overload
+    def save_pretrained(self, save_directory: PathLike, *, task: Any = None, dataset: Any = None,
+                        metrics: Optional[Dict[str, Any]] = None, command: Optional[str] = None,
+                        notes: Optional[str] = None, push_to_hub: Literal[False] = False,
+                        repo_id: Optional[str] = None) -> Path: ...
+
+    @overload
+    def save_pretrained(self, save_directory: PathLike, *, task: Any = None, dataset: Any = None,
+                        metrics: Optional[Dict[str, Any]] = None, command: Optional[str] = None,
+                        notes: Optional[str] = None, push_to_hub: Literal[True],
+                        repo_id: Optional[str] = None) -> CommitInfo: ...
+
+    @overload
+    def save_pretrained(self, save_directory: PathLike, *, task: Any = None, dataset: Any = None,
+                        metrics: Optional[Dict[str, Any]] = None, command: Optional[str] = None,
+                        notes: Optional[str] = None, push_to_hub: bool = False,
+                        repo_id: Optional[str] = None) -> Union[Path, CommitInfo]: ...
 
     def save_pretrained(self, save_directory: PathLike, *, task: Any = None, dataset: Any = None,
                         metrics: Optional[Dict[str, Any]] = None, command: Optional[str] = None,

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -469,7 +469,7 @@ class SequenceModel(HubMixin, nn.Module):
              running mean, so the last step's output equals forward's pooled output.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: Union[ModelConfig, Dict[str, Any]]) -> None:
         super().__init__()
         if isinstance(config, dict):
             config = ModelConfig.from_dict(config)
@@ -530,6 +530,9 @@ class SequenceModel(HubMixin, nn.Module):
         """
         x = self._check_sequence(x, lengths)
         return self._readout(self._features(x, lengths), lengths)
+
+    if TYPE_CHECKING:  # nn.Module types its __call__ as (...) -> Any; this one gives forward's outputs
+        __call__ = forward
 
     def prefill(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Any]]:
         """Read a prompt in convolution mode and return the cache that :meth:`step` continues from.

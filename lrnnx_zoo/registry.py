@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import hookspecs
+from .interfaces import Layer
 
 ENTRY_POINT_GROUP = "lrnnx_zoo"
 DISABLE_AUTOLOAD_ENV = "LRNNX_ZOO_DISABLE_PLUGIN_AUTOLOAD"
@@ -843,11 +844,12 @@ def get_backend(kind: str, name: str = "auto") -> Callable[..., Any]:
     return get_registry().get_backend(kind, name)
 
 
-def create_layer(name: str, d_model: int, **kwargs: Any) -> nn.Module:
+def create_layer(name: str, d_model: int, **kwargs: Any) -> Layer:
     """Build the registered layer ``name``: ``cls(d_model=d_model, **kwargs)`` (d_state etc. in kwargs).
 
     Every registered layer maps (B, L, d_model) to (B, L, d_model) and has ``step``,
-    ``allocate_inference_cache`` and ``step_form``.
+    ``allocate_inference_cache`` and ``step_form``: the return type, :class:`~lrnnx_zoo.interfaces.Layer`,
+    is ``nn.Module`` at run time and declares them for type checkers.
     """
     cls = get_layer_class(name)
     try:

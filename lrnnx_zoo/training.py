@@ -38,7 +38,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, ParamSpec, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -520,14 +520,18 @@ def _private_rng(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.random.fork_rng(devices=devices)
 
 
-def _training_grad_mode(run: Callable[..., Any]) -> Callable[..., Any]:
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _training_grad_mode(run: Callable[_P, _R]) -> Callable[_P, _R]:
     """``run`` (``train``) with gradients on and inference mode off, whatever the caller's mode, and
     refused under a caller's ``torch.autocast``. Under ``torch.no_grad()`` or ``torch.inference_mode()``
     (an evaluation harness's) the first step failed with "element 0 of tensors does not require grad";
     under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the run trained in bfloat16, silently, to other
     weights than its card's command gives (digits-tiny: test loss 2.412 against 2.394)."""
     @functools.wraps(run)
-    def in_grad_mode(*args: Any, **kwargs: Any) -> Any:
+    def in_grad_mode(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         on = [kind for kind in ("cpu", "cuda") if torch.is_autocast_enabled(kind)]
         if on:
             raise TrainingSetupError(f"train runs a recipe in the precision its card records, but was called inside "

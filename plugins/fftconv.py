@@ -30,7 +30,7 @@ import contextlib
 import copy
 import inspect
 import math
-from typing import Any, ContextManager, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, ContextManager, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -244,6 +244,9 @@ class FFTConvS4(nn.Module):
         y = self._output_dropout(self._flatten(y))                            # (B, C*H, L)
         next_state = None if state is None else self.kernel.forward_state(u, state)
         return (y if self.transposed else swap_time_and_channels(y)), next_state
+
+    if TYPE_CHECKING:  # nn.Module types its __call__ as (...) -> Any; this one gives forward's outputs
+        __call__ = forward
 
     def _output_dropout(self, y: Tensor) -> Tensor:
         """Dropout of the (B, C*H, L) output in training, its mask tied along time if tie_dropout."""

@@ -12,7 +12,7 @@ convolution, so both directions cost one FFT pair).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -238,6 +238,9 @@ class S4(nn.Module):
         if not self.transposed:
             y = swap_time_and_channels(y)
         return self.output_linear(y), next_state
+
+    if TYPE_CHECKING:  # nn.Module types its __call__ as (...) -> Any; this one gives forward's outputs
+        __call__ = forward
 
     def _elementwise_after_conv(self) -> bool:
         """The activation and dropout act elementwise (so on any layout): not a GLU, no tied

@@ -1,0 +1,58 @@
+"""What a user's type checker reads from lrnnx_zoo's hints (the package ships py.typed, so mypy and
+pyright take them as the truth), and run-time behaviour where a hint admits more than the code took.
+
+The mypy check type-checks tests/typing_user_script.py (the README's guides as a user writes them) with
+``mypy --strict`` against this checkout. Its first run builds mypy's cache of torch's hints (~20 s on
+two cores); the cache is kept in the system's temporary folder, keyed by mypy's version, so later runs
+take a few seconds."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import lrnnx_zoo
+
+HERE = Path(__file__).resolve().parent
+
+
+def _package_tree(tmp_path: Path) -> Path:
+    """A folder holding ``lrnnx_zoo`` laid out as a wheel installs it (plugins/ and export/ inside it),
+    made of links to this checkout. An editable install maps them through an import hook that type
+    checkers do not run, so they would not see the package at all."""
+    root = tmp_path / "packages" / "lrnnx_zoo"
+    root.mkdir(parents=True)
+    top = Path(lrnnx_zoo.__file__).resolve().parent
+    for entry in top.iterdir():
+        if entry.name != "__pycache__":
+            (root / entry.name).symlink_to(entry)
+    for sub in ("plugins", "export"):        # [tool.setuptools] package-dir maps both outside lrnnx_zoo/
+        folder = Path(importlib.import_module(f"lrnnx_zoo.{sub}").__file__).resolve().parent
+        if not (root / sub).exists():
+            (root / sub).symlink_to(folder)
+    assert (root / "py.typed").is_file()
+    return root.parent
+
+
+def test_readme_guides_type_check_under_mypy_strict(tmp_path, monkeypatch):
+    api = pytest.importorskip("mypy.api", reason="mypy is not installed (pip install -e '.[test]' brings it)")
+    import mypy.version
+    cache = Path(tempfile.gettempdir()) / f"lrnnx_zoo_mypy_cache_{mypy.version.__version__}_{os.getuid()}"
+    monkeypatch.setenv("MYPYPATH", str(_package_tree(tmp_path)))
+    # silent: lrnnx_zoo's own bodies are checked for the types they export, their errors not reported
+    # (as for an installed package); only the user's script has to be clean
+    out, err, status = api.run([str(HERE / "typing_user_script.py"), "--strict", "--follow-imports=silent",
+                                "--cache-dir", str(cache), "--show-error-codes", "--no-color-output"])
+    assert status == 0, f"mypy --strict on tests/typing_user_script.py:\n{out}{err}"
+
+
+# -- run time against the hints ---------------------------------------------------------------------
+def test_a_model_built_in_code_has_checkpoint_info_none():
+    # the hint says Optional[dict]; such a model raised AttributeError on reading it
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=2, d_model=4,
+                                                          n_layers=1, layer_kwargs={"d_state": 2}))
+    assert model.checkpoint_info is None
