@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from lrnnx_zoo.shapes import positive_int, stream_rows
+from lrnnx_zoo.shapes import integer, positive_int, stream_rows
 
 ArrayLike = Any  # numpy array or torch tensor
 
@@ -30,11 +30,19 @@ META_PREFIX = "lrnnx_zoo."
 
 
 def session_options(intra_op_threads: int = 1) -> "Any":
-    """ONNX Runtime options for tiny per-step graphs: few threads, no spinning, all graph optimisations."""
+    """ONNX Runtime options for tiny per-step graphs: few threads, no spinning, all graph optimisations.
+
+    ``intra_op_threads``: an int >= 0 (numpy ints too; 0 lets ONNX Runtime choose), else a ValueError:
+    2.0 failed inside onnxruntime, where OnnxStreamer reported the .onnx file as unloadable, and True
+    or -1 were taken."""
     import onnxruntime as ort
 
+    threads = integer(intra_op_threads)
+    if threads is None or threads < 0:
+        raise ValueError(f"intra_op_threads must be an int >= 0 (ONNX Runtime's intra-op threads; 1 is fastest for "
+                         f"one stream of steps, 0 lets ONNX Runtime choose), got {intra_op_threads!r}")
     so = ort.SessionOptions()
-    so.intra_op_num_threads = intra_op_threads
+    so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -144,7 +152,7 @@ class OnnxStreamer:
     Args:
         path: the .onnx file (with ``lrnnx_zoo.*`` metadata, see the README's "Export" section).
         intra_op_threads: ONNX Runtime intra-op threads; 1 is fastest for one stream of steps.
-        providers: ONNX Runtime execution providers (default CPU).
+        providers: ONNX Runtime execution providers, a name or a sequence of names (default CPU).
 
     Attributes:
         state_size, d_input, d_output: read from the graph's metadata.
@@ -158,7 +166,7 @@ class OnnxStreamer:
     """
 
     def __init__(self, path: Union[str, Path], intra_op_threads: int = 1,
-                 providers: Optional[Sequence[str]] = None) -> None:
+                 providers: Union[str, Sequence[str], None] = None) -> None:
         import onnxruntime as ort
 
         self.path = os.path.expanduser(os.fspath(path))     # "~/m.onnx", as to_onnx writes it
@@ -167,9 +175,12 @@ class OnnxStreamer:
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"no ONNX step graph at {self.path!r} (expected a .onnx file written by "
                                     f"lrnnx_zoo.export.to_onnx or `lrnnx-zoo export`)")
+        options = session_options(intra_op_threads)     # outside the try: a bad value is not the file's fault
+        # a str is a Sequence[str] to a type checker, and list() of one split it into letters (ONNX Runtime
+        # then printed "Unknown Provider Type: C" and fell back to the CPU)
+        names = [providers] if isinstance(providers, str) else list(providers or ["CPUExecutionProvider"])
         try:
-            self.session = ort.InferenceSession(self.path, session_options(intra_op_threads),
-                                                providers=list(providers or ["CPUExecutionProvider"]))
+            self.session = ort.InferenceSession(self.path, options, providers=names)
         except Exception as exc:      # onnxruntime's InvalidProtobuf / Fail: name the file and the likely cause
             raise ValueError(_unloadable(self.path, ort.__version__, exc)) from exc
         self.metadata: Dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)

@@ -56,3 +56,33 @@ def test_a_model_built_in_code_has_checkpoint_info_none():
     model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=2, d_model=4,
                                                           n_layers=1, layer_kwargs={"d_state": 2}))
     assert model.checkpoint_info is None
+
+
+@pytest.mark.parametrize("threads", [2.0, True, -1, "1"])
+def test_onnx_streamer_refuses_a_thread_count_that_is_not_an_int(tmp_path, threads):
+    # 2.0 failed inside onnxruntime, where the streamer said the .onnx file could not be loaded (naming
+    # its opset and a newer onnxruntime as the fix); True and -1 were taken
+    from lrnnx_zoo.export import OnnxStreamer
+    path = tmp_path / "any.onnx"
+    path.write_bytes(b"never read: the thread count is checked first")
+    with pytest.raises(ValueError, match=r"intra_op_threads must be an int >= 0 .* got " + repr(threads)):
+        OnnxStreamer(path, intra_op_threads=threads)
+
+
+def test_onnx_streamer_takes_one_provider_name_as_a_str(tmp_path, monkeypatch):
+    # Optional[Sequence[str]] admits a str; list() of it asked ONNX Runtime for providers 'C', 'P', 'U', ...
+    import onnxruntime as ort
+    from lrnnx_zoo.export import OnnxStreamer
+    path = tmp_path / "any.onnx"
+    path.write_bytes(b"not loaded: the session is a stand-in")
+    asked = []
+
+    def session(path_: str, options: object, providers: object) -> None:
+        asked.append(providers)
+        raise RuntimeError("stand-in session")
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    for given in ("CPUExecutionProvider", ["CPUExecutionProvider"], ("CPUExecutionProvider",), None):
+        with pytest.raises(ValueError, match="stand-in session"):
+            OnnxStreamer(path, providers=given)
+    assert [list(p) for p in asked] == [["CPUExecutionProvider"]] * 4
