@@ -32,6 +32,7 @@ from lrnnx_zoo.discretization import zoh_dense
 
 __all__ = ["to_real", "from_real", "output_row", "output_from_row", "complex_scaling", "real_matrix",
            "bilinear_nplr", "bilinear_dplr", "discretize", "advance_state_dplr", "dplr_state_cheaper",
+           "rows_times_power_dplr", "dplr_power_cheaper", "power_products",
            "two_level_kernel", "block_sizes", "squaring_chain", "krylov_doubling",
            "power_of_two_at_least", "power_up_to", "advance_state", "per_channel", "solve_per_channel"]
 
@@ -225,6 +226,15 @@ def krylov_doubling(T: int, At: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     return squaring_chain(At, b, 0, T)[1:]
 
 
+def _dplr_step(r: Tensor, a_re: Tensor, a_im: Tensor, g: Tensor, v: Tensor) -> Tensor:
+    """One application of the diagonal plus rank-r map of :func:`bilinear_dplr` to r (..., H, 2, M):
+    r * a_re + flip(r) * a_im - sum_k (g_k . r) v_k."""
+    nxt = torch.addcmul(r * a_re, r.flip(-2), a_im)
+    for k in range(g.shape[1]):                                       # the rank-r feedback, r = 1 or 2
+        nxt = torch.addcmul(nxt, (r * g[:, k]).sum((-2, -1), keepdim=True), v[:, k], value=-1)
+    return nxt
+
+
 def advance_state_dplr(system: Tuple[Tensor, Tensor, Tensor, Tensor, Tensor], u: Tensor, x: Tensor) -> Tensor:
     """x_{L-1} of x_t = A_bar x_{t-1} + b_bar u_t from x_{-1} = x, stepping the diagonal plus low-rank
     A_bar of :func:`bilinear_dplr` (``system``) L times: exact like :func:`advance_state`, at
@@ -239,11 +249,33 @@ def advance_state_dplr(system: Tuple[Tensor, Tensor, Tensor, Tensor, Tensor], u:
     r = x.reshape(Bsz, H, 2, N // 2)            # (sizes spelled out: an empty batch has no -1 to infer)
     steps = u.permute(2, 0, 1).reshape(L, Bsz, H, 1, 1)             # u_t broadcast over the state
     for t in range(L):
-        nxt = torch.addcmul(r * a_re, r.flip(-2), a_im)
-        for k in range(g.shape[1]):                                   # the rank-r feedback, r = 1 or 2
-            nxt = torch.addcmul(nxt, (r * g[:, k]).sum((-2, -1), keepdim=True), v[:, k], value=-1)
-        r = torch.addcmul(nxt, b_bar, steps[t])
+        r = torch.addcmul(_dplr_step(r, a_re, a_im, g, v), b_bar, steps[t])
     return r.reshape(Bsz, H, N)
+
+
+def rows_times_power_dplr(system: Tuple[Tensor, Tensor, Tensor, Tensor, Tensor], c: Tensor, L: int) -> Tensor:
+    """c^T A_bar^L for rows c: (..., H, N) real, A_bar the diagonal plus low-rank map of
+    :func:`bilinear_dplr` (``system``; its b_bar is not used), by L steps of the transposed map, never
+    forming A_bar: O(H N r L) for each row where squaring the dense A_bar costs O(H N^3 log L)
+    (:func:`dplr_power_cheaper` chooses). A_bar^T is the same kind of map: the complex scaling by
+    conj(2d - 1) (a_im negated) and the rank-r part v_k g_k^T transposed (g and v swapped)."""
+    a_re, a_im, g, v, _ = system
+    shape = c.shape
+    r = c.reshape(*shape[:-1], 2, shape[-1] // 2)
+    for _ in range(L):
+        r = _dplr_step(r, a_re, -a_im, v, g)
+    return r.reshape(shape)
+
+
+def _dplr_steps_seconds(rows: int, H: int, N: int, L: int) -> float:
+    """Expected time of L steps of :func:`bilinear_dplr`'s map on rows x H states of N reals (float64,
+    2 threads, benchmarks/bench_prefill.py --s4-paths): ~25 us + 4 ns per complex state entry a step."""
+    return L * (25e-6 + 4e-9 * rows * H * N / 2)
+
+
+def _dense_products_seconds(count: float, H: int, N: int) -> float:
+    """Expected time of ``count`` float64 (H, N, N) x (H, N, N) products: ~0.1 ms + 60 ps per multiply-add."""
+    return count * (1e-4 + 6e-11 * H * N ** 3)
 
 
 def dplr_state_cheaper(B: int, H: int, N: int, L: int) -> bool:
@@ -255,9 +287,23 @@ def dplr_state_cheaper(B: int, H: int, N: int, L: int) -> bool:
     dense from L ~ 128 at N=16 and L ~ 1024 at N=64; DPLR at N=256 to L = 4096 and beyond (0.52 s
     against 1.29 s there, 25 against 678 ms at L=128)."""
     T, J = block_sizes(max(L, 1))
-    dplr = L * (25e-6 + 4e-9 * B * H * N / 2)
-    dense = (math.log2(T) + 1) * (1e-4 + 6e-11 * H * N ** 3) + J * (2e-5 + 8e-10 * H * N * N * -(-B // 8))
-    return dplr < dense
+    dense = _dense_products_seconds(math.log2(T) + 1, H, N) + J * (2e-5 + 8e-10 * H * N * N * -(-B // 8))
+    return _dplr_steps_seconds(B, H, N, L) < dense
+
+
+def dplr_power_cheaper(rows: int, H: int, N: int, steps: int, products: int) -> bool:
+    """Whether ``steps`` steps of the DPLR map for rows x H vectors (:func:`rows_times_power_dplr`) are
+    expected to beat ``products`` dense (H, N, N) float64 products (squares of A_bar towards the same
+    power; :func:`hippo.power` takes floor(log2 L) squares and popcount(L) - 1 products for A^L). The
+    dense path also forms A_bar (H, N, N) first, which this leaves out. At H=128, L=1024: dense up to
+    N ~ 128, DPLR from there (N=512: ~0.2 s against ~10 s)."""
+    return _dplr_steps_seconds(rows, H, N, steps) < _dense_products_seconds(products, H, N)
+
+
+def power_products(L: int) -> int:
+    """The (N, N) products :func:`hippo.power` takes for A^L: floor(log2 L) squares and popcount(L) - 1
+    multiplications."""
+    return max(L.bit_length() - 1, 0) + max(bin(L).count("1") - 1, 0)
 
 
 def power_of_two_at_least(L: int) -> int:

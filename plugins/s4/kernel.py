@@ -669,15 +669,56 @@ class SSKernelNPLR(StepModes, SSMKernel):
             memos.pop(me, None)
 
     @torch.no_grad()
-    def _transform_C(self, factor: Tensor) -> None:
-        """C <- C with c_r^T replaced by c_r^T factor  (factor: (H, N, N) float64)."""
+    def _transform_C(self, factor: Union[Tensor, Callable[[Tensor], Tensor]]) -> None:
+        """C <- C with c_r^T replaced by c_r^T factor  (factor: (H, N, N) float64, or a map of the rows)."""
         self.C.copy_(torch.view_as_real(self._transformed_C(factor)).to(self.C.dtype))
 
-    def _transformed_C(self, factor: Tensor) -> Tensor:
+    def _transformed_C(self, factor: Union[Tensor, Callable[[Tensor], Tensor]]) -> Tensor:
         """The stored C with each row c_r^T replaced by c_r^T factor: (C, H, M) complex128, differentiable
-        (factor: (H, N, N) float64)."""
+        (factor: (H, N, N) float64, or a function of the rows (C, H, N) float64 giving c_r^T factor)."""
         c = dense.output_row(self.continuous(double=True)[3])
+        if callable(factor):
+            return dense.output_from_row(factor(c))
         return dense.output_from_row(dense.per_channel(factor.transpose(-1, -2), c))     # c^T factor
+
+    def _power_by_steps(self, steps: int, products: int) -> bool:
+        """Whether c^T A_bar^k for C~ is cheaper by ``steps`` steps of the bilinear A_bar's diagonal plus
+        low-rank form (:func:`~.dense.rows_times_power_dplr`, O(H N r) a step per row) than by ``products``
+        dense (H, N, N) float64 products (:func:`~.dense.dplr_power_cheaper`): at large N. The first
+        forward at H=128, N=512, L=1024 spent 9.8 s squaring the dense A_bar for C~ (N=256: 1.5 s),
+        where its kernel takes 0.05 s. Not under autograd (L steps would record L graphs), nor in a
+        compiled graph (they would unroll)."""
+        return (self.discretization == "bilinear" and not torch.compiler.is_compiling()
+                and not needs_autograd(self)
+                and dense.dplr_power_cheaper(self.channels, self.d_model, self.d_state, steps, products))
+
+    def _dplr_system(self) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The rate-1 bilinear A_bar as a diagonal plus low-rank map (:func:`~.dense.bilinear_dplr`), float64."""
+        w, P, B, _, dt = self.continuous(double=True)
+        return dense.bilinear_dplr(w, P, B, dt)
+
+    def _doubled_by_steps(self, L: int) -> Tuple[Callable[[Tensor], Tensor], int]:
+        """(map of the rows c~ -> c~^T F, L') for :meth:`_doubling_factor`'s F and L', by steps of the
+        DPLR form: c~ <- c~ + c~^T A_bar^m for m = length, 2 length, ..., L' / 2 (L' - length steps)."""
+        length = self.length
+        while length < L:
+            length *= 2
+        system = self._dplr_system()
+
+        def rows(c: Tensor) -> Tensor:
+            m = self.length
+            while m < length:
+                c = c + dense.rows_times_power_dplr(system, c, m)
+                m *= 2
+            return c
+        return rows, length
+
+    def _doubling_by_steps(self, L: int) -> bool:
+        """:meth:`_power_by_steps` for :meth:`_doubled_by_steps` against :meth:`_doubling_factor`."""
+        length, doublings = self.length, 0
+        while length < L:
+            length, doublings = 2 * length, doublings + 1
+        return self._power_by_steps(length - self.length, dense.power_products(self.length) + 2 * doublings - 1)
 
     @torch.no_grad()
     def _init_C_tilde(self, L: int) -> None:
@@ -689,9 +730,13 @@ class SSKernelNPLR(StepModes, SSMKernel):
         if self.length:
             raise RuntimeError(f"C already holds C~ for L={self.length}; use double_length() to extend it")
         first = self._length_origin_before_change()
-        A_bar, _ = self.dense_system()
-        eye = torch.eye(A_bar.shape[-1], dtype=A_bar.dtype, device=A_bar.device)
-        self._transform_C(eye - self._system_power(A_bar, L))
+        if self._power_by_steps(L, dense.power_products(L)):
+            system = self._dplr_system()
+            self._transform_C(lambda c: c - dense.rows_times_power_dplr(system, c, L))     # c^T (I - A^L)
+        else:
+            A_bar, _ = self.dense_system()
+            eye = torch.eye(A_bar.shape[-1], dtype=A_bar.dtype, device=A_bar.device)
+            self._transform_C(eye - self._system_power(A_bar, L))
         self._set_length(L)
         self._note_length_change(first)
 
@@ -740,7 +785,10 @@ class SSKernelNPLR(StepModes, SSMKernel):
         once, not once per doubling (64 -> 4096 took six float64 discretisations per layer). Called
         under ``_consistent()`` (:meth:`_cover`)."""
         first = self._length_origin_before_change()
-        factor, length = self._doubling_factor(self.dense_system()[0], L)
+        if self._doubling_by_steps(L):
+            factor, length = self._doubled_by_steps(L)
+        else:
+            factor, length = self._doubling_factor(self.dense_system()[0], L)
         self._transform_C(factor)
         self._set_length(length)
         self._note_length_change(first)
@@ -938,11 +986,16 @@ class SSKernelNPLR(StepModes, SSMKernel):
             return Ld, self.output_tilde(rate, Ld)
         if 0 < self.length >= L:
             return self.length, None
-        A_bar, _ = self.dense_system()
         if self.length == 0:
             Ld = dense.power_of_two_at_least(L)
-            return Ld, self._transformed_C(_identity_minus_power(A_bar, Ld))
-        factor, Ld = self._doubling_factor(A_bar, L)
+            if self._power_by_steps(Ld, dense.power_products(Ld)):
+                system = self._dplr_system()
+                return Ld, self._transformed_C(lambda c: c - dense.rows_times_power_dplr(system, c, Ld))
+            return Ld, self._transformed_C(_identity_minus_power(self.dense_system()[0], Ld))
+        if self._doubling_by_steps(L):
+            factor, Ld = self._doubled_by_steps(L)
+        else:
+            factor, Ld = self._doubling_factor(self.dense_system()[0], L)
         return Ld, self._transformed_C(factor)
 
     def output_tilde(self, rate: float, L: int) -> Tensor:
@@ -984,7 +1037,6 @@ class SSKernelNPLR(StepModes, SSMKernel):
         if block is not None and block[0].shape[-2] != dense.block_sizes(Lz)[0]:     # for another T
             block = None
         K = _first_samples(dense.two_level_kernel(A_bar, b_bar, c, Lz, block), L).to(dtype)
-
         if state is None:
             return K, None
         x = dense.per_channel(A_bar, dense.to_real(state.to(torch.complex128)))   # A_bar x_{-1}
