@@ -15,12 +15,19 @@ from lrnnx_zoo.training_cli import int_type, positive_int
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from lrnnx_zoo.wording import command_line
+    from .options import CLI_FLAGS, check_format_options
+    try:        # flags that do not go together, before torch and the exporters load (1.5-6 s)
+        with command_line(CLI_FLAGS):
+            check_format_options(args.format, args.quantize, args.opset, args.batch)
+    except ValueError as exc:
+        print(f"lrnnx-zoo export: {exc}", file=sys.stderr)
+        return 2
     from lrnnx_zoo.hub import CheckpointError
     from lrnnx_zoo.hub_cli import check_revision_flag
     from lrnnx_zoo.hub_save import HubPublishError
     from lrnnx_zoo.training import MissingDependencyError     # int8 accuracy needs the checkpoint's data
-    from lrnnx_zoo.wording import command_line
-    from .folder import CLI_FLAGS, export_folder
+    from .folder import export_folder
     from .step_graph import ExportError
     from .validate import ValidationError
 

@@ -29,14 +29,15 @@ from lrnnx_zoo.chunk_forms import check_chunk
 from lrnnx_zoo.folder_swap import replaced_folder
 from lrnnx_zoo.hub_save import check_repo_id, check_save_target, publishing, write_safetensors
 from lrnnx_zoo.ssm_kernel import check_rate
-from lrnnx_zoo.wording import given, in_command_line, name
+from lrnnx_zoo.wording import in_command_line, name
 
 from .card import build_card
 from .latency import onnx_latency, torch_latency
 from .chunk_graph import padded_length
 from .graph_size import check_chunk_in_memory
 from .onnx_export import check_graph_size, to_onnx
-from .options import DEFAULT_STEPS, FOLDER_VALIDATION_LENGTH, FORMATS, GRAPH_FILES
+from .options import CLI_FLAGS  # noqa: F401  (how the CLI spells export_folder's arguments; here for callers)
+from .options import DEFAULT_STEPS, FOLDER_VALIDATION_LENGTH, GRAPH_FILES, check_format_options
 from .paths import as_path, check_output
 from .provenance import Source, family_of, load_source, source_of
 from .result import ExportResult
@@ -173,12 +174,6 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
     return FolderExport(folder=out, files=files, result=result, latency=latency, config=config, commit=commit)
 
 
-#: How the CLI (`lrnnx-zoo export`) spells export_folder's arguments, for its error messages.
-CLI_FLAGS = {"out_dir": "--out", "format": "--format", "quantize": "--quantize", "opset": "--opset",
-             "batch": "--batch", "latency_steps": "--latency-steps", "push_to_hub": "--push-to-hub",
-             "validation_length": "--validation-length", "rate": "--rate", "chunk": "--chunk"}
-
-
 def check_arguments(out_dir: Any, format: str, quantize: Optional[str] = None, opset: Optional[int] = None,
                     batch: Optional[int] = None, latency_steps: int = DEFAULT_STEPS,
                     push_to_hub: Optional[str] = None,
@@ -188,12 +183,7 @@ def check_arguments(out_dir: Any, format: str, quantize: Optional[str] = None, o
     caller wrote them: Python keywords (``format='onnx'``), or inside
     ``lrnnx_zoo.wording.command_line(CLI_FLAGS)`` the CLI's flags (``--format onnx``; it printed
     "out_dir ... is a file" for ``--out``). Returns out_dir as a Path."""
-    if format not in FORMATS:
-        raise ValueError(f"{name('format')} must be one of {FORMATS}, got {format!r}")
-    for key, value in (("quantize", quantize), ("opset", opset)):
-        if value is not None and format != "onnx":
-            raise ValueError(f"{given(key, value)} applies to ONNX graphs only; drop {name(key)} or use "
-                             f"{given('format', 'onnx')} (got {given('format', format)})")
+    check_format_options(format, quantize, opset, batch)
     if isinstance(latency_steps, bool) or not isinstance(latency_steps, int) or latency_steps < 0:
         raise ValueError(f"{name('latency_steps')} must be an int >= 0 (0 skips the measurement), got {latency_steps!r}")
     if isinstance(validation_length, bool) or not isinstance(validation_length, int) or validation_length < 1:
@@ -218,9 +208,6 @@ def check_arguments(out_dir: Any, format: str, quantize: Optional[str] = None, o
     except ValueError:
         raise ValueError(f"{name('batch')} must be a positive int{'' if in_command_line() else ' or None (dynamic)'}, "
                          f"got {batch!r}") from None
-    if batch is not None and format == "torchscript":
-        raise ValueError(f"a traced TorchScript step accepts any batch; drop {name('batch')} or use "
-                         f"{given('format', 'onnx')} / {given('format', 'torch-export')}")
     out = as_path(out_dir, name("out_dir"))   # what check_save_target writes to: check that folder, not "./~/..."
     check_output(out, name("out_dir"), folder=True)
     return out

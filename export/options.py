@@ -1,6 +1,12 @@
-"""The export's user-facing options and their defaults, importable without onnx, onnxruntime or
-the exporters: the command line builds its parser from them (importing onnx cost `lrnnx-zoo models`
-and every other command 1.3 s)."""
+"""The export's user-facing options and their defaults, importable without torch, onnx, onnxruntime
+or the exporters: the command line builds its parser from them (importing onnx cost `lrnnx-zoo models`
+and every other command 1.3 s), and refuses flags that do not go together before it loads them."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from lrnnx_zoo.wording import given, name
 
 #: Graph file of each export format.
 GRAPH_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "torch-export": "model.pt2"}
@@ -25,3 +31,25 @@ DEFAULT_OPSET = 20
 #: writes 18..25 (at 26+ its Gelu fails onnx.checker); below 18 it silently writes 18, so those go
 #: through the TorchScript-based exporter, which needs 11 for Flip and stops at 23.
 MIN_OPSET, MAX_OPSET, MIN_DYNAMO_OPSET, MAX_LEGACY_OPSET = 11, 25, 18, 23
+
+#: The command line's flag for each of export_folder's arguments (lrnnx_zoo.wording.command_line).
+CLI_FLAGS = {"out_dir": "--out", "format": "--format", "quantize": "--quantize", "opset": "--opset",
+             "batch": "--batch", "latency_steps": "--latency-steps", "push_to_hub": "--push-to-hub",
+             "validation_length": "--validation-length", "rate": "--rate", "chunk": "--chunk"}
+
+
+def check_format_options(format: str, quantize: Optional[str] = None, opset: Optional[int] = None,
+                         batch: Optional[int] = None) -> None:
+    """Refuse a ``format`` that is not one of :data:`FORMATS`, or options it does not take
+    (``quantize`` and ``opset`` are ONNX's; a TorchScript step takes any batch), with a ValueError
+    naming them as the caller wrote them. Needs nothing heavy: ``lrnnx-zoo export`` runs it before
+    torch loads (it answered such a usage error after 1.5-6 s)."""
+    if format not in FORMATS:
+        raise ValueError(f"{name('format')} must be one of {FORMATS}, got {format!r}")
+    for key, value in (("quantize", quantize), ("opset", opset)):
+        if value is not None and format != "onnx":
+            raise ValueError(f"{given(key, value)} applies to ONNX graphs only; drop {name(key)} or use "
+                             f"{given('format', 'onnx')} (got {given('format', format)})")
+    if batch is not None and format == "torchscript":
+        raise ValueError(f"a traced TorchScript step accepts any batch; drop {name('batch')} or use "
+                         f"{given('format', 'onnx')} / {given('format', 'torch-export')}")
