@@ -31,6 +31,7 @@ from lrnnx_zoo.base import (LTI_LRNN, check_reals, check_size_product, check_siz
 from lrnnx_zoo.discretization import principal_log, zoh_resample_diag
 from lrnnx_zoo.modal import ChannelModalKernel, final_state, modal_auto, modal_fft, modal_scan, powers
 from lrnnx_zoo.registry import get_backend, initial_values
+from lrnnx_zoo.shapes import integer
 from lrnnx_zoo.ssm_kernel import check_rate
 from lrnnx_zoo.step_forms import DiagonalStepForm
 
@@ -173,6 +174,10 @@ class LRU(LTI_LRNN):
                        B_complex: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Powers lam^l, l < L: (L, N), and the normalised input matrix gamma * B: (N, H)."""
         N, H = self.d_state, self.d_model
+        steps = integer(L)          # True and 2.0 failed as "reshape() takes 1 positional argument but 2 were given"
+        if steps is None or steps < 0:
+            raise ValueError(f"LRU.compute_kernel needs L to be an integer >= 0 (the kernel length), got {L!r}")
+        L = steps
         # The seed's discretize() documents A as the (N, N) diagonal matrix: passed here, its zeros gave
         # NaN powers (L, N, N), and a B of another shape came back as given, without a word.
         if Lambda is not None and (not isinstance(Lambda, Tensor) or Lambda.shape != (N,)):

@@ -86,3 +86,22 @@ def test_onnx_streamer_takes_one_provider_name_as_a_str(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="stand-in session"):
             OnnxStreamer(path, providers=given)
     assert [list(p) for p in asked] == [["CPUExecutionProvider"]] * 4
+
+
+@pytest.mark.parametrize("L", [True, 2.0, -1, "3"])
+def test_lru_compute_kernel_refuses_a_length_that_is_not_an_int(L):
+    # annotated int; True and 2.0 failed inside torch ("reshape() takes 1 positional argument but 2 were
+    # given"), -1 as "upper bound and lower bound inconsistent with step sign", as the other families' do not
+    from lrnnx_zoo.plugins.lru import LRU
+    with pytest.raises(ValueError, match=r"LRU.compute_kernel needs L to be an integer >= 0 .* got " + repr(L)):
+        LRU(4, 2).compute_kernel(L)
+
+
+def test_lru_compute_kernel_takes_numpy_and_zero_lengths():
+    import numpy as np
+    import torch
+    from lrnnx_zoo.plugins.lru import LRU
+    layer = LRU(4, 2)
+    powers, _ = layer.compute_kernel(np.int64(3))
+    assert powers.shape == (3, 2) and torch.equal(powers, layer.compute_kernel(3)[0])
+    assert layer.compute_kernel(0)[0].shape == (0, 2)
