@@ -198,6 +198,15 @@ def unexpandable_home(args: argparse.Namespace) -> Optional[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``lrnnx-zoo`` with ``argv`` (default: sys.argv[1:]); the exit status (argparse's usage
     errors and --help/--version exit through SystemExit, status 2 or 0)."""
+    return run_commands(build_parser, COMMANDS, argv)
+
+
+def run_commands(build: Callable[[], argparse.ArgumentParser], commands: Dict[str, Callable[[argparse.Namespace], int]],
+                 argv: Optional[List[str]] = None) -> int:
+    """Parse ``argv`` with the parser ``build()`` makes (which fills ``commands``) and run the command
+    it names, as ``lrnnx-zoo`` does: Ctrl-C, SIGTERM and SIGHUP end it with one line and 130 / 143 /
+    129, clean-ups run, output to a closed pipe stops quietly. Also the entry point torchrun launches
+    (:func:`lrnnx_zoo.training_cli.main`), whose workers torchrun stops with SIGTERM."""
     from .training_cli import Terminated, stop_signals_raise
     command = None
     try:
@@ -207,14 +216,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .runtime import tune_allocator
         tune_allocator()
         from .wording import command_line
-        parser = build_parser()
+        parser = build()
         args = parser.parse_args(argv)
         command = args.command
         unexpandable = unexpandable_home(args)
         if unexpandable:
             parser.error(unexpandable)
         with command_line(FLAGS), escaped_output(), stop_signals_raise():
-            status = COMMANDS[args.command](args)
+            status = commands[args.command](args)
         return status if flush_stdout() else 1
     except SystemExit:
         flush_stdout()          # --help or --version into `| head -1`: argparse's status, no message

@@ -228,15 +228,18 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="lrnnx-zoo")
-    sub = parser.add_subparsers(dest="command", required=True)
+    """``train`` and ``recipes`` as ``lrnnx-zoo`` runs them (:func:`lrnnx_zoo.cli.run_commands`), for
+    torchrun, which launches a module: its SIGTERM to the workers when one fails, or a Ctrl-C, killed
+    them without the line naming the snapshot to resume from, and a Ctrl-C while torch loaded printed
+    a traceback."""
+    from .cli import run_commands
     commands: Dict[str, Callable[[argparse.Namespace], int]] = {}
-    add_commands(sub, commands)
-    args = parser.parse_args(argv)
-    from .cli import FLAGS
-    from .wording import command_line
-    with command_line(FLAGS):          # messages in the flags' words, as under `lrnnx-zoo train`
-        return commands[args.command](args)
+
+    def build() -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog="lrnnx-zoo")
+        add_commands(parser.add_subparsers(dest="command", required=True), commands)
+        return parser
+    return run_commands(build, commands, argv)
 
 
 if __name__ == "__main__":

@@ -407,9 +407,13 @@ def test_an_empty_resume_path_is_refused_not_a_fresh_run(tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_sigterm_says_where_the_run_can_go_on_from_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("entry", ["lrnnx-zoo", "training_cli"])
+def test_sigterm_says_where_the_run_can_go_on_from_as_ctrl_c_does(entry, tmp_path, monkeypatch, capsys):
     # Session 28: SIGTERM (a job scheduler's stop) ended `lrnnx-zoo train` with exit 143 and no word
-    # of the snapshot to resume from.
+    # of the snapshot to resume from. Session 31: `python -m lrnnx_zoo.training_cli train`, the module
+    # torchrun launches (and stops with SIGTERM when a worker fails), still died without it.
+    from lrnnx_zoo import training_cli
+    main = cli.main if entry == "lrnnx-zoo" else training_cli.main
     import signal
     import threading
     if threading.current_thread() is not threading.main_thread():
@@ -429,7 +433,7 @@ def test_sigterm_says_where_the_run_can_go_on_from_as_ctrl_c_does(tmp_path, monk
         outside.append(1)
     before = signal.signal(signal.SIGTERM, callers)
     try:
-        code = cli.main(["train", "digits-tiny", "--out", str(out), "--checkpoint-every", "2", "--no-progress"])
+        code = main(["train", "digits-tiny", "--out", str(out), "--checkpoint-every", "2", "--no-progress"])
         after = signal.getsignal(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, before)
@@ -438,7 +442,7 @@ def test_sigterm_says_where_the_run_can_go_on_from_as_ctrl_c_does(tmp_path, monk
     assert capsys.readouterr().err == (f"lrnnx-zoo train: terminated by SIGTERM (--out {out}: the newest training "
                                        f"snapshot is {snapshot}; add --resume to the same command to continue from it)\n")
     monkeypatch.undo()
-    assert cli.main(["train", "digits-tiny", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert main(["train", "digits-tiny", "--out", str(out), "--resume", "--no-progress"]) == 0
 
 
 def test_resuming_another_runs_snapshot_into_a_folder_with_snapshots_is_refused(finished, tmp_path):
