@@ -78,7 +78,7 @@ def output_row(C: Tensor) -> Tensor:
 
 
 def output_from_row(c: Tensor) -> Tensor:
-    """Inverse of :func:`output_row`."""
+    """Inverse of :func:`output_row`: c: (..., 2M) real -> C: (..., M) complex."""
     M = c.shape[-1] // 2
     return torch.complex(c[..., :M], -c[..., M:]) / 2
 

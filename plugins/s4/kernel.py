@@ -544,16 +544,6 @@ class SSKernelNPLR(StepModes, SSMKernel):
             memo[("power", L)] = hippo.power(L, A_bar)
         return memo[("power", L)]
 
-    def _system_power(self, A_bar: Tensor, L: int) -> Tensor:
-        """A_bar^L for this kernel's rate-1 A_bar (:meth:`dense_system`), computed once per L within
-        :meth:`sharing_dense_work` (a first call's length change and :meth:`output_matrix` both need it)."""
-        memo = self._shared_work()
-        if memo is None:
-            return hippo.power(L, A_bar)
-        if ("power", L) not in memo:
-            memo[("power", L)] = hippo.power(L, A_bar)
-        return memo[("power", L)]
-
     def _krylov_block(self, A_bar: Tensor, b_bar: Tensor, L: int) -> Tuple[Tensor, Tensor]:
         """The Krylov rows (H, T, N) and (A_bar^T) transposed (H, N, N) that state passing over L steps
         uses (:func:`~.dense.advance_state`, T = block_sizes(L)), cached like the dense system in eager
