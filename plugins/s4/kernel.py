@@ -703,6 +703,23 @@ class SSKernelNPLR(StepModes, SSMKernel):
             return c
         return rows, length
 
+    def _tilde_factor(self, L: int) -> Union[Tensor, Callable[[Tensor], Tensor]]:
+        """I - A_bar^L for :meth:`_transformed_C`: as a map of the rows, by L steps of the DPLR form, where
+        :meth:`_power_by_steps` expects that cheaper, else the dense (H, N, N) matrix (A_bar^L shared
+        within :meth:`sharing_dense_work`)."""
+        if self._power_by_steps(L, dense.power_products(L)):
+            system = self._dplr_system()
+            return lambda c: c - dense.rows_times_power_dplr(system, c, L)        # c^T (I - A^L)
+        A_bar, _ = self.dense_system()
+        return torch.eye(A_bar.shape[-1], dtype=A_bar.dtype, device=A_bar.device) - self._system_power(A_bar, L)
+
+    def _doubling(self, L: int) -> Tuple[Union[Tensor, Callable[[Tensor], Tensor]], int]:
+        """(F, L'): :meth:`_doubled_by_steps` where :meth:`_doubling_by_steps` expects it cheaper, else
+        :meth:`_doubling_factor`'s dense F."""
+        if self._doubling_by_steps(L):
+            return self._doubled_by_steps(L)
+        return self._doubling_factor(self.dense_system()[0], L)
+
     def _doubling_by_steps(self, L: int) -> bool:
         """:meth:`_power_by_steps` for :meth:`_doubled_by_steps` against :meth:`_doubling_factor`."""
         length, doublings = self.length, 0
@@ -720,13 +737,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         if self.length:
             raise RuntimeError(f"C already holds C~ for L={self.length}; use double_length() to extend it")
         first = self._length_origin_before_change()
-        if self._power_by_steps(L, dense.power_products(L)):
-            system = self._dplr_system()
-            self._transform_C(lambda c: c - dense.rows_times_power_dplr(system, c, L))     # c^T (I - A^L)
-        else:
-            A_bar, _ = self.dense_system()
-            eye = torch.eye(A_bar.shape[-1], dtype=A_bar.dtype, device=A_bar.device)
-            self._transform_C(eye - self._system_power(A_bar, L))
+        self._transform_C(self._tilde_factor(L))
         self._set_length(L)
         self._note_length_change(first)
 
@@ -775,10 +786,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
         once, not once per doubling (64 -> 4096 took six float64 discretisations per layer). Called
         under ``_consistent()`` (:meth:`_cover`)."""
         first = self._length_origin_before_change()
-        if self._doubling_by_steps(L):
-            factor, length = self._doubled_by_steps(L)
-        else:
-            factor, length = self._doubling_factor(self.dense_system()[0], L)
+        factor, length = self._doubling(L)
         self._transform_C(factor)
         self._set_length(length)
         self._note_length_change(first)
@@ -978,14 +986,8 @@ class SSKernelNPLR(StepModes, SSMKernel):
             return self.length, None
         if self.length == 0:
             Ld = dense.power_of_two_at_least(L)
-            if self._power_by_steps(Ld, dense.power_products(Ld)):
-                system = self._dplr_system()
-                return Ld, self._transformed_C(lambda c: c - dense.rows_times_power_dplr(system, c, Ld))
-            return Ld, self._transformed_C(_identity_minus_power(self.dense_system()[0], Ld))
-        if self._doubling_by_steps(L):
-            factor, Ld = self._doubled_by_steps(L)
-        else:
-            factor, Ld = self._doubling_factor(self.dense_system()[0], L)
+            return Ld, self._transformed_C(self._tilde_factor(Ld))
+        factor, Ld = self._doubling(L)
         return Ld, self._transformed_C(factor)
 
     def output_tilde(self, rate: float, L: int) -> Tensor:
