@@ -22,7 +22,7 @@ import os
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
@@ -282,7 +282,8 @@ def write_onnx(proto: onnx.ModelProto, path: Union[str, Path], metadata: Dict[st
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def onnx_stream(path: Union[str, Path], batch: Optional[int] = None, step: Optional[torch.nn.Module] = None):
+def onnx_stream(path: Union[str, Path], batch: Optional[int] = None, step: Optional[torch.nn.Module] = None
+                ) -> Callable[[np.ndarray], np.ndarray]:
     """Stream function for validation: a fresh OnnxStreamer run from a zero state, ``batch``
     sequences at a time (default: all at once; a fixed-batch graph takes its own batch). ``step``: the
     step or chunk module exported, whose batch-bound form (:func:`~.step_graph.batch_bound_note`) a

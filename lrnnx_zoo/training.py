@@ -353,7 +353,7 @@ def _is_torch_building_block(module: nn.Module) -> bool:
         for cls in type(module).__mro__)
 
 
-def warmup_cosine(warmup: int, total: int):
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     """LR multiplier: linear 0 -> 1 over ``warmup`` steps, then cosine 1 -> 0 at ``total``."""
     def factor(step: int) -> float:
         if step < warmup:
