@@ -235,12 +235,41 @@ def get_recipe(name: str) -> Recipe:
                                  f"Run `lrnnx-zoo recipes` to see what each one trains.") from None
 
 
+#: The layer keyword every registered layer takes (the layer contract), so the one a recipe's
+#: layer_kwargs keep when :func:`override` swaps in another layer; the rest are its own family's.
+SHARED_LAYER_KWARGS = ("d_state",)
+
+
 def override(recipe: Recipe, *, seed: Optional[int] = None, epochs: Optional[int] = None,
-             batch_size: Optional[int] = None, max_steps: Optional[int] = None) -> Recipe:
-    """A copy of ``recipe`` with the given fields replaced (None keeps the recipe's value)."""
+             batch_size: Optional[int] = None, max_steps: Optional[int] = None,
+             layer: Optional[str] = None, layer_kwargs: Optional[Mapping[str, Any]] = None) -> Recipe:
+    """A copy of ``recipe`` with the given fields replaced (None keeps the recipe's value).
+
+    ``layer``: train this registered layer (a plugin's, say) in place of the recipe's own. Of the
+    recipe's ``layer_kwargs`` only those every layer takes (``d_state``) carry over: the others belong
+    to the recipe's family (S4D's ``init="legs"``, the LRU's ``r_min``) and would be refused by
+    another. The description says what was swapped, so the model card does not name the old family.
+    ``layer_kwargs``: keyword arguments for the layer, added to (and overriding) those kept.
+    """
     optim = recipe.optim
     if epochs is not None or batch_size is not None:
         optim = dataclasses.replace(optim, epochs=optim.epochs if epochs is None else epochs,
                                     batch_size=optim.batch_size if batch_size is None else batch_size)
+    model, description = recipe.model, recipe.description
+    if layer is not None and not isinstance(layer, str):
+        raise TypeError(f"override(layer=...) takes a registered layer's name (a str), got {_describe(layer)}; "
+                        f"`lrnnx-zoo layers` lists them")
+    if layer_kwargs is not None and not isinstance(layer_kwargs, Mapping):
+        raise TypeError(f"override(layer_kwargs=...) takes a dict of the layer's keyword arguments, "
+                        f"got {_describe(layer_kwargs)}")
+    if layer is not None or layer_kwargs is not None:
+        old_layer, old_kwargs = model.get("layer"), dict(model.get("layer_kwargs") or {})
+        kwargs = old_kwargs
+        if layer is not None and layer != old_layer:
+            kwargs = {k: v for k, v in old_kwargs.items() if k in SHARED_LAYER_KWARGS}
+            description = f"{description}; layer {layer!r} in place of {old_layer!r}"
+        kwargs = {**kwargs, **copy.deepcopy(dict(layer_kwargs or {}))}
+        model = {**model, "layer": old_layer if layer is None else layer, "layer_kwargs": kwargs}
     return dataclasses.replace(recipe, optim=optim, seed=recipe.seed if seed is None else seed,
-                               max_steps=recipe.max_steps if max_steps is None else max_steps)
+                               max_steps=recipe.max_steps if max_steps is None else max_steps,
+                               model=model, description=description)

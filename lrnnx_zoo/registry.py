@@ -844,13 +844,10 @@ def get_backend(kind: str, name: str = "auto") -> Callable[..., Any]:
     return get_registry().get_backend(kind, name)
 
 
-def create_layer(name: str, d_model: int, **kwargs: Any) -> Layer:
-    """Build the registered layer ``name``: ``cls(d_model=d_model, **kwargs)`` (d_state etc. in kwargs).
-
-    Every registered layer maps (B, L, d_model) to (B, L, d_model) and has ``step``,
-    ``allocate_inference_cache`` and ``step_form``: the return type, :class:`~lrnnx_zoo.interfaces.Layer`,
-    is ``nn.Module`` at run time and declares them for type checkers.
-    """
+def check_layer_arguments(name: str, d_model: int, **kwargs: Any) -> type:
+    """The class of the registered layer ``name``, after checking that ``cls(d_model=d_model, **kwargs)``
+    binds to its signature: a TypeError naming the layer and the signature it takes, without building it
+    (what create_layer checks first; training checks a recipe's layer_kwargs so before loading data)."""
     cls = get_layer_class(name)
     try:
         # the arguments against the signature first: a TypeError the constructor itself raises (a
@@ -860,6 +857,17 @@ def create_layer(name: str, d_model: int, **kwargs: Any) -> Layer:
         raise TypeError(f"create_layer({name!r}, ...): {exc}. {cls.__name__} takes {_signature(cls)}") from exc
     except ValueError:      # no signature to read (a class implemented in C)
         pass
+    return cls
+
+
+def create_layer(name: str, d_model: int, **kwargs: Any) -> Layer:
+    """Build the registered layer ``name``: ``cls(d_model=d_model, **kwargs)`` (d_state etc. in kwargs).
+
+    Every registered layer maps (B, L, d_model) to (B, L, d_model) and has ``step``,
+    ``allocate_inference_cache`` and ``step_form``: the return type, :class:`~lrnnx_zoo.interfaces.Layer`,
+    is ``nn.Module`` at run time and declares them for type checkers.
+    """
+    cls = check_layer_arguments(name, d_model, **kwargs)
     try:
         return cls(d_model=d_model, **kwargs)
     except Exception as exc:

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import json
 import math
 import os
 import pprint
@@ -36,6 +37,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, ParamSpec, Tuple, TypeVar, Union
@@ -48,7 +50,7 @@ from .base import check_flags
 from .models import ModelConfig, SequenceModel, _python_scalars
 from .optim import check_optim_values, grouped_parameters
 from .recipes import DataSpec, OptimSpec, Recipe, check_int, check_seed, get_recipe, override
-from .registry import get_layer_class
+from .registry import check_layer_arguments, get_layer_class
 from .wording import given, name
 
 if TYPE_CHECKING:  # training_state imports this module
@@ -548,7 +550,8 @@ def reproduce_command(recipe: Recipe, out_dir: str, init_from: Optional[str] = N
     checkpoint ``init_from``, if given).
 
     The ``lrnnx-zoo train`` line when it is exact: the registered recipe of that name, changed only
-    in what the CLI has flags for (seed, epochs, batch size, max steps), is this recipe (the
+    in what the CLI has flags for (seed, epochs, batch size, max steps, the layer and its keyword
+    arguments), is this recipe (the
     description aside, which does not change the run).  Otherwise (a recipe of another name, another
     learning rate, model or data, or a max_steps the CLI cannot lift) a Python snippet that rebuilds
     the recipe field by field and trains it.
@@ -563,8 +566,23 @@ def _cli_command(recipe: Recipe, out_dir: str, init_from: Optional[str] = None) 
         base = get_recipe(recipe.name)
     except KeyError:                    # UnknownRecipeError: not a registered name
         return None
-    made = override(base, seed=recipe.seed, epochs=recipe.optim.epochs, batch_size=recipe.optim.batch_size,
-                    max_steps=recipe.max_steps)   # max_steps None keeps the registered one: no flag lifts it
+    layer = recipe.model.get("layer")
+    swapped = layer if layer != base.model.get("layer") else None
+    kwargs = dict(recipe.model.get("layer_kwargs") or {})
+    # --layer-kwargs with the whole dict when the flags alone would give other ones: it overrides every key
+    if override(base, layer=swapped).model.get("layer_kwargs") == kwargs:
+        given = None
+    else:
+        given = kwargs
+    try:
+        made = override(base, seed=recipe.seed, epochs=recipe.optim.epochs, batch_size=recipe.optim.batch_size,
+                        max_steps=recipe.max_steps,   # max_steps None keeps the registered one: no flag lifts it
+                        layer=swapped, layer_kwargs=given)
+        as_flag = None if given is None else json.dumps(given, sort_keys=True)
+        if as_flag is not None and json.loads(as_flag) != given:    # a tuple, say: JSON gives it back as a list
+            return None
+    except (TypeError, ValueError):    # a layer name or kwargs the flags cannot carry
+        return None
     if dataclasses.replace(made, description=recipe.description) != recipe:
         return None
     cmd = f"lrnnx-zoo train {shlex.quote(recipe.name)} --out {shlex.quote(out_dir)} --seed {recipe.seed}"
@@ -574,6 +592,10 @@ def _cli_command(recipe: Recipe, out_dir: str, init_from: Optional[str] = None) 
         cmd += f" --batch-size {recipe.optim.batch_size}"
     if recipe.max_steps != base.max_steps:
         cmd += f" --max-steps {recipe.max_steps}"
+    if swapped is not None:
+        cmd += f" --layer {shlex.quote(swapped)}"
+    if as_flag is not None:
+        cmd += f" --layer-kwargs {shlex.quote(as_flag)}"
     if init_from is not None:
         cmd += f" --init-from {shlex.quote(init_from)}"
     return cmd
@@ -657,6 +679,7 @@ def train(recipe: Recipe | str, out_dir: Optional[Union[str, os.PathLike]] = Non
     device = check_device(device)
     _check_out_dir(out_dir)
     _check_model_saves(recipe, out_dir)
+    _check_layer_arguments(recipe)
     from . import training_state as TS
     every = TS.check_checkpoint_every(checkpoint_every, out_dir)
     TS.check_resume(resume, out_dir)
@@ -762,6 +785,23 @@ def _check_model_saves(recipe: Recipe, out_dir: Any) -> None:
     except (TypeError, ValueError) as exc:
         raise TrainingSetupError(f"recipe {recipe.name!r}: its model's config.json could not be written into "
                                  f"out_dir after training: {exc}") from exc
+
+
+def _check_layer_arguments(recipe: Recipe) -> None:
+    """Refuse, before the data loads, layer_kwargs the recipe's layer does not take (a keyword of another
+    family after ``override(layer=...)``, a typo in ``--layer-kwargs``): the build after loading raised a
+    TypeError traceback from inside the model's constructor. An unknown layer is left to the build,
+    which names the ones registered."""
+    m = recipe.model
+    kwargs = m.get("layer_kwargs") or {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        return                                             # ModelConfig's own checks name it
+    try:
+        check_layer_arguments(m.get("layer"), m.get("d_model"), **kwargs)
+    except TypeError as exc:
+        raise TrainingSetupError(f"recipe {recipe.name!r}: {exc}") from exc
+    except (KeyError, LookupError):
+        return
 
 
 def _check_shares(optim: OptimSpec, di: DistInfo) -> None:

@@ -1,5 +1,5 @@
 """``lrnnx-zoo train RECIPE --out DIR [--seed N] [--epochs N] [--checkpoint-every N|epoch] [--resume [PATH]]
-[--init-from SRC] [--no-progress]`` and ``lrnnx-zoo recipes``.
+[--init-from SRC] [--layer NAME] [--layer-kwargs JSON] [--no-progress]`` and ``lrnnx-zoo recipes``.
 
 Also runnable as a module, which is how torchrun launches it:
 ``python -m torch.distributed.run --nproc_per_node=2 -m lrnnx_zoo.training_cli train RECIPE --out DIR``.
@@ -53,6 +53,19 @@ def checkpoint_every(text: str) -> Any:
     return _int_in(text, 1, None, "a positive integer (optimiser steps) or 'epoch'")
 
 
+def json_object(text: str) -> Dict[str, Any]:
+    """argparse type: a JSON object (--layer-kwargs '{"d_state": 32}'), else a usage error saying so."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"d_state\": 32}}', got {text!r} "
+                                         f"({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of keyword arguments such as "
+                                         f"'{{\"d_state\": 32}}', got {text!r}")
+    return value
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from .recipes import RECIPES, list_recipes
     if getattr(args, "json", False):
@@ -86,7 +99,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"lrnnx-zoo train: {exc}", file=sys.stderr)
         return 2
     recipe = override(recipe, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
-                      max_steps=args.max_steps)
+                      max_steps=args.max_steps, layer=args.layer, layer_kwargs=args.layer_kwargs)
     from .registry import PluginError, RegistryError
     from .training import (BatchExceedsDataError, EpochsNotReachedWarning, MissingDependencyError,
                            ResumeNotExactWarning, TrainingDivergedError, TrainingSetupError, train)
@@ -201,7 +214,8 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
     from .cli import add_command
     p = add_command(sub, "train", "train a named recipe and write a checkpoint",
                     ["digits-s4d --out runs/digits", "digits-s4d --out runs/digits --epochs 5 --checkpoint-every epoch",
-                     "digits-s4d --out runs/digits --checkpoint-every epoch --resume"],
+                     "digits-s4d --out runs/digits --checkpoint-every epoch --resume",
+                     "digits-s4d --out runs/mine --layer my_layer --layer-kwargs '{\"d_state\": 32}'"],
                     description="Train a recipe (see `lrnnx-zoo recipes`). Under torchrun the global batch "
                                 "is split evenly across processes.")
     p.add_argument("recipe", help="recipe name, e.g. digits-s4d")
@@ -221,6 +235,12 @@ def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[
     p.add_argument("--init-from", default=None, metavar="SRC",
                    help="start from the weights of this checkpoint (folder, shipped name or Hub repo id) "
                         "instead of random ones; its model must be the recipe's")
+    p.add_argument("--layer", default=None, metavar="NAME",
+                   help="train this registered layer (`lrnnx-zoo layers`, a plugin's too) in place of the recipe's; "
+                        "of the recipe's layer arguments only d_state carries over")
+    p.add_argument("--layer-kwargs", type=json_object, default=None, metavar="JSON",
+                   help="keyword arguments for the layer as a JSON object, e.g. '{\"d_state\": 32}', added to "
+                        "(and overriding) the recipe's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary line")
     p = add_command(sub, "recipes", "list the training recipes", ["", "--json"])
     p.add_argument("--json", action="store_true", help="print one JSON list (as the other listings do)")
