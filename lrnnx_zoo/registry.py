@@ -91,9 +91,34 @@ def _hook_mistake(plugin: Any, others: Dict[str, str]) -> Optional[str]:
     return None
 
 
+def source_checkout(package_dir: str) -> Optional[str]:
+    """The source checkout that the package folder ``package_dir`` (lrnnx_zoo's) sits in, when it is one:
+    a ``pyproject.toml`` and the ``plugins/`` folder beside it, which only an install (editable too)
+    maps to ``lrnnx_zoo.plugins``. Imported from there (the checkout's root on sys.path before the
+    installed package: the current directory of ``python -m pytest`` or ``python -c``), the built-in
+    families cannot be imported. None otherwise."""
+    root = os.path.dirname(os.path.abspath(package_dir))
+    if (os.path.isfile(os.path.join(root, "pyproject.toml")) and os.path.isdir(os.path.join(root, "plugins"))
+            and not os.path.exists(os.path.join(package_dir, "plugins"))):
+        return root
+    return None
+
+
 def _way_out(info: "PluginInfo", exc: Optional[BaseException] = None) -> str:
-    """What a user can do about an installed third-party plugin that failed (appended to its error)."""
-    if info.builtin or not info.distribution:
+    """What a user can do about an installed plugin that failed (appended to its error)."""
+    if info.builtin:
+        missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+        root = source_checkout(os.path.dirname(__file__)) if (missing or "").startswith("lrnnx_zoo.plugins") else None
+        if root is None:
+            return ""
+        # a plugin author running the contract suite with `python -m pytest` in a checkout got every
+        # built-in family missing and "no backends of kind 'vandermonde'" from their own layer
+        return (f" -- lrnnx_zoo was imported from the source checkout {root}, which comes before the installed "
+                f"package on sys.path (the current directory, under `python -m pytest` or `python -c`); its "
+                f"built-in families are the folder plugins/, which only an install maps to lrnnx_zoo.plugins. "
+                f"Run from another directory, run `pytest` (not `python -m pytest`) in the checkout, or install "
+                f"the checkout: pip install -e {root}")
+    if not info.distribution:
         return ""
     dist = info.distribution
     missing = _missing_dependency(info, exc)

@@ -14,6 +14,19 @@ if _TESTS_DIR not in sys.path:
 from hub_server import local_hub  # noqa: E402,F401  (pytest fixture: a LocalHub with huggingface_hub pointed at it)
 
 
+def pytest_configure(config):
+    """Stop before collecting when a built-in family failed to load: every test of it would fail on its
+    own, far from the cause (the contract suite run with `python -m pytest` in a source checkout
+    imports the checkout's lrnnx_zoo, where lrnnx_zoo.plugins does not exist, and a plugin author's
+    layer then failed with "no backends of kind 'vandermonde'")."""
+    import lrnnx_zoo
+    failed = [p for p in lrnnx_zoo.list_plugins() if p.builtin and not p.ok]
+    if failed:
+        raise pytest.UsageError(f"lrnnx-zoo's built-in families {', '.join(p.name for p in failed)} did not load "
+                                f"(lrnnx_zoo from {Path(lrnnx_zoo.__file__).parent}); {failed[0].name}: "
+                                f"{failed[0].error}")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """torch on one thread for a module: per-step work is tiny, and a thread pool on a shared
