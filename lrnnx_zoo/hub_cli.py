@@ -97,6 +97,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_push_hint(args: argparse.Namespace) -> str:
+    """For SRC a local export folder, the command that publishes an export (``push`` publishes
+    checkpoints; the refusal named only OnnxStreamer and from_pretrained as ways on); else ""."""
+    from .hub import EXPORT_KIND, loadable_source
+    try:
+        config = json.loads((Path(args.src) / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(config, dict) or config.get("kind") != EXPORT_KIND:
+        return ""
+    origin = loadable_source(config.get("source_checkpoint") or config.get("source")) or "SRC"
+    return (f". To publish the export itself, export again with --push-to-hub (and the flags it was made "
+            f"with): lrnnx-zoo export {origin} --out {args.src} --format {config.get('format') or 'onnx'} "
+            f"--push-to-hub {args.repo}")
+
+
 def _cmd_push(args: argparse.Namespace) -> int:
     """Publish a checkpoint (what `lrnnx-zoo train --out DIR` wrote, or anything from_pretrained
     loads) as model.push_to_hub does: loaded first, so a damaged folder is refused before any upload."""
@@ -113,7 +129,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
         commit = push_checkpoint(model, args.repo, private=args.private, commit_message=args.message,
                                  revision=args.branch, kept=f"the checkpoint {args.src} is unchanged")
     except (ValueError, HubPublishError) as exc:                 # CheckpointError is a ValueError
-        print(f"lrnnx-zoo push: {exc}", file=sys.stderr)
+        print(f"lrnnx-zoo push: {exc}{_export_push_hint(args)}", file=sys.stderr)
         return 2
     where = args.repo if args.branch in (None, "main") else f"{args.repo}@{args.branch}"
     print(f"pushed {args.src} to {where}: {getattr(commit, 'commit_url', commit)}")
