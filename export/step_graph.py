@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from lrnnx_zoo.base import made_by
+from lrnnx_zoo.base import made_by, reference_tensor
 from lrnnx_zoo.models import SequenceModel, running_count_step, running_mean_step
 from lrnnx_zoo.step_forms import StepFormError, check_step_form, same_form, same_kind, step_form_dtype
 
@@ -350,21 +350,29 @@ def build_step_module(model: SequenceModel) -> StepModule:
 
 
 @torch.no_grad()
-def state_from_cache(model: SequenceModel, cache: Dict[str, Any]) -> Tensor:
+def state_from_cache(model: SequenceModel, cache: Dict[str, Any], graph: Any = None) -> Tensor:
     """The step graph's packed state (B, state_size), float32, of a stream the model ran in torch:
     ``cache`` from ``model.prefill(x)`` (or ``allocate_inference_cache`` and ``step``). Layers'
     states in block order, then mean pooling's rounding carries, running mean and step count
     (the layout of :class:`StepModule`). Read a prompt in one convolution-mode pass and go on in ONNX Runtime::
 
         y, cache = model.prefill(prompt)
-        streamer.reset(prompt.shape[0]); streamer.state = state_from_cache(model, cache)
+        streamer.reset(prompt.shape[0]); streamer.state = state_from_cache(model, cache, graph=streamer)
 
-    Each layer's cached step form is checked against the one the graph is built from (same form
-    to float32 rounding), so a state is never read in another layout. :func:`cache_from_state`
-    goes the other way.
+    Each layer's cached step form is checked against the one this release builds the graph from
+    (same form to float32 rounding). A graph written by another release, or on another machine, may
+    hold its states in another layout under the same names and sizes (a step form diagonalised by
+    an eigendecomposition lives in the eigenbasis LAPACK picked, which a change of 1e-16 in the
+    matrix can move: such graphs of older releases continued 0.3-0.5 off); pass ``graph=`` (an
+    :class:`~.runtime.OnnxStreamer`, a path to the .onnx / .ts / .pt2, or a loaded .ts / .pt2 module)
+    to have the graph itself checked (:func:`check_graph_continues`): it must continue one of the
+    model's streams as the model does, else an :class:`ExportError` says to re-export it.
+    :func:`cache_from_state` goes the other way.
     """
     _check_model(model, "state_from_cache")
     _check_cache_layout(model, cache, "state_from_cache")
+    if graph is not None:
+        check_graph_continues(model, graph, "state_from_cache")
     parts = [layer_cache["lrnn_state"] for layer_cache in cache["layers"]]
     if model.config.pooling == "mean":
         mean = cache["pool_mean"]
@@ -376,7 +384,7 @@ def state_from_cache(model: SequenceModel, cache: Dict[str, Any]) -> Tensor:
 
 
 @torch.no_grad()
-def cache_from_state(model: SequenceModel, state: Any) -> Dict[str, Any]:
+def cache_from_state(model: SequenceModel, state: Any, graph: Any = None) -> Dict[str, Any]:
     """A cache of ``model`` whose stream goes on from a step graph's packed state: the inverse of
     :func:`state_from_cache`. ``state``: (B, state_size), a tensor or numpy array, e.g. an
     ``OnnxStreamer``'s ``state`` (a stream moved from ONNX Runtime back to PyTorch) or a state saved
@@ -387,10 +395,13 @@ def cache_from_state(model: SequenceModel, state: Any) -> Dict[str, Any]:
         cache = cache_from_state(model, saved); y, cache = model.step(x, cache)
 
     The layout is the graph's (:func:`packed_layout`), checked against each layer's step form as
-    :func:`state_from_cache` does. The packed state is float32: a float64 model's stream comes
-    back with its state rounded to float32.
+    :func:`state_from_cache` does; ``graph=`` (the graph the state comes from) checks the graph
+    itself, as there. The packed state is float32: a float64 model's stream comes back with its
+    state rounded to float32.
     """
     _check_model(model, "cache_from_state")
+    if graph is not None:
+        check_graph_continues(model, graph, "cache_from_state")
     if not isinstance(state, Tensor):
         try:
             state = torch.as_tensor(state)
@@ -422,6 +433,117 @@ def cache_from_state(model: SequenceModel, state: Any) -> Dict[str, Any]:
             raise ValueError(f"cache_from_state: the packed state's step count is negative ({count.flatten().tolist()})")
         cache["t"] = count.to(ref.device)
     return cache
+
+
+#: check_graph_continues: how far the graph's outputs and next state may lie from the model's own
+#: step, relative to the larger of 1 and their largest magnitude. Both run in float32 (a float64 model is
+#: rounded once): 1e-7..1e-6 apart over the probe's steps; a graph keeping its states in another layout
+#: was 0.2-0.6 apart. An int8 graph's dense layers are up to 5% off (the export's bound): 0.1 for those.
+GRAPH_CONTINUES_TOLERANCE = 1e-3
+INT8_GRAPH_CONTINUES_TOLERANCE = 0.1
+_PROBE_WARMUP = 8   # model steps that make the probe's state before the compared ones
+_PROBE_STEPS = 16   # steps compared (a chunk graph: whole chunks, at least one); a state in another
+                    # layout drifts further from the model's at each step (an eigenbasis graph of an
+                    # older release: 0.009 after one step, 0.1 after 16)
+
+
+def _graph_runner(graph: Any) -> Tuple[Any, Optional[int], Optional[int], int, Dict[str, str], str]:
+    """(run(x (B, T, d_input), state (B, S)) -> (y, state') as float32 numpy, chunk, fixed batch,
+    state_size, metadata, name) of an OnnxStreamer, a .onnx / .ts / .pt2 path, or a loaded .ts / .pt2
+    module (a module without metadata: a step graph of any batch)."""
+    import os
+
+    import numpy as np
+
+    from .provenance import META_PREFIX
+    from .runtime import OnnxStreamer
+    from .torchscript_export import load_torch_export, load_torchscript, read_metadata
+    meta: Dict[str, str] = {}
+    if isinstance(graph, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(graph))
+        if path.endswith(".onnx"):
+            graph = OnnxStreamer(path)
+        elif path.endswith((".ts", ".pt2")):
+            meta = read_metadata(path)
+            graph = load_torchscript(path) if path.endswith(".ts") else load_torch_export(path)
+        else:
+            raise ValueError(f"graph= expects an OnnxStreamer, a loaded .ts / .pt2 module or the path of a .onnx, "
+                             f".ts or .pt2 step graph, got the path {path!r}")
+    if isinstance(graph, OnnxStreamer):
+        streamer = graph
+
+        def run_onnx(x: Any, state: Any) -> Tuple[Any, Any]:
+            probe = streamer.copy()          # the caller's stream is left as it was
+            probe.reset(x.shape[0])
+            probe.state = state
+            return probe.run(x), probe.state
+
+        return (run_onnx, streamer.chunk, streamer.fixed_batch, streamer.state_size, dict(streamer.metadata),
+                streamer.path)
+    if callable(graph) and isinstance(getattr(graph, "state_size", None), int):
+        module = graph
+        chunk = int(meta.get(META_PREFIX + "chunk", getattr(module, "chunk", 0) or 0)) or None
+        fixed = str(meta.get(META_PREFIX + "batch", getattr(module, "batch", 0) or "dynamic"))
+
+        def run_torch(x: Any, state: Any) -> Tuple[Any, Any]:
+            xt, st = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(state))
+            ys = []
+            for t in range(0, xt.shape[1], chunk or 1):
+                y, st = module(xt[:, t:t + chunk] if chunk else xt[:, t], st)
+                ys.append(y if chunk else y[:, None])
+            return torch.cat(ys, 1).numpy(), st.numpy()
+
+        return (run_torch, chunk, int(fixed) if fixed.isdigit() else None, int(module.state_size), meta,
+                type(module).__name__)
+    raise TypeError(f"graph= expects an OnnxStreamer, a loaded .ts / .pt2 module (load_torchscript / "
+                    f"load_torch_export) or the path of a .onnx, .ts or .pt2 step graph, got {type(graph).__name__}")
+
+
+@torch.no_grad()
+def check_graph_continues(model: SequenceModel, graph: Any, who: str = "check_graph_continues") -> None:
+    """Raise an :class:`ExportError` unless ``graph`` (an OnnxStreamer, a .onnx / .ts / .pt2 path or a
+    loaded .ts / .pt2 module) continues ``model``'s streams: from the packed state of a stream the model
+    ran (8 steps of standard-normal input at the graph's batch, 1 if dynamic) the next 16 steps (a
+    chunk graph: whole chunks) must give the model's outputs and packed state to
+    :data:`GRAPH_CONTINUES_TOLERANCE`. A graph keeping its states in another layout (written by another
+    release or on another machine) or made from other weights fails, so :func:`state_from_cache` and
+    :func:`cache_from_state` never hand a stream to a graph that reads it otherwise."""
+    from .provenance import META_PREFIX
+    from .validate import runnable_copy
+    run, chunk, batch, state_size, meta, name = _graph_runner(graph)
+    made = (f"written by lrnnx-zoo {meta.get(META_PREFIX + 'version', '(unrecorded version)')} from "
+            f"{meta.get(META_PREFIX + 'source', '(unrecorded source)')}")
+    redo = ("re-export the graph from this model (lrnnx_zoo.export.export_folder, or `lrnnx-zoo export`) and use "
+            "that one")
+    ref = runnable_copy(model)
+    forms = [_graph_form(block.layer, i, ref.config.d_model) for i, block in enumerate(ref.blocks)]
+    layout, size = packed_layout(forms, ref.config.pooling, ref.config.d_model)
+    if state_size != size:
+        raise ExportError(f"{who}: the graph {name} ({made}) holds a state of {state_size} numbers, this model's "
+                          f"packed state has {size} ({[n for n, _, _ in layout]}): they are not one layout; {redo}")
+    steps = _PROBE_STEPS if chunk is None else chunk * -(-_PROBE_STEPS // chunk)
+    rows = batch or 1
+    dtype = reference_tensor(ref).dtype
+    xs = torch.randn(rows, _PROBE_WARMUP + steps, ref.config.d_input, generator=torch.Generator().manual_seed(0))
+    cache = ref.allocate_inference_cache(rows)
+    ys = []
+    for t in range(_PROBE_WARMUP + steps):
+        if t == _PROBE_WARMUP:
+            start = state_from_cache(ref, cache)
+        y, cache = ref.step(xs[:, t].to(dtype), cache)
+        ys.append(y)
+    want_y = torch.stack(ys[_PROBE_WARMUP:], 1).float().cpu().numpy()
+    want_state = state_from_cache(ref, cache).numpy()
+    got_y, got_state = run(xs[:, _PROBE_WARMUP:].numpy(), start.numpy())
+    scale = max(1.0, float(abs(want_y).max()), float(abs(want_state).max()))
+    err = max(float(abs(got_y - want_y).max()), float(abs(got_state - want_state).max())) / scale
+    tol = (INT8_GRAPH_CONTINUES_TOLERANCE if meta.get(META_PREFIX + "quantization", "none") != "none"
+           else GRAPH_CONTINUES_TOLERANCE)
+    if not err <= tol:
+        raise ExportError(f"{who}: the graph {name} ({made}) does not continue this model's streams: from the packed "
+                          f"state of one of them its step is {err:.2g} (relative) away from the model's own step, at "
+                          f"most {tol:g} expected, so it reads the state in another layout (a graph exported by "
+                          f"another lrnnx-zoo release or on another machine) or holds other weights; {redo}")
 
 
 def _graph_form(layer: nn.Module, index: int, d_model: int) -> nn.Module:
