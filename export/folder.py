@@ -29,6 +29,7 @@ from lrnnx_zoo.chunk_forms import check_chunk
 from lrnnx_zoo.folder_swap import replaced_folder
 from lrnnx_zoo.hub_save import check_repo_id, check_save_target, publishing, write_safetensors
 from lrnnx_zoo.ssm_kernel import check_rate
+from lrnnx_zoo.utf8 import printable
 from lrnnx_zoo.wording import in_command_line, name
 
 from .card import build_card
@@ -168,7 +169,8 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         write_safetensors(tensors, staging / WEIGHTS_FILE, dict(result.metadata))
         config = _config(model, info, format, result, opset, batch, quantize, latency)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (staging / CARD_FILE).write_text(build_card(config), encoding="utf-8")
+        # (a local source's folder name that is no UTF-8 is written escaped; config.json keeps it as JSON does)
+        (staging / CARD_FILE).write_text(printable(build_card(config)), encoding="utf-8")
     result = dataclasses.replace(result, path=str(out / GRAPH_FILES[format]))   # not the staging copy
     commit = upload_folder(out, push_to_hub, files, token=token, private=private) if push_to_hub else None
     return FolderExport(folder=out, files=files, result=result, latency=latency, config=config, commit=commit)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lrnnx_zoo.chunk_forms import check_chunk
 from lrnnx_zoo.shapes import integer
 from lrnnx_zoo.step_forms import onnx_ops
+from lrnnx_zoo.utf8 import openable
 
 from .options import DEFAULT_OPSET, MAX_LEGACY_OPSET, MAX_OPSET, MIN_DYNAMO_OPSET, MIN_OPSET
 from .paths import output_location
@@ -279,7 +280,8 @@ def write_onnx(proto: onnx.ModelProto, path: Union[str, Path], metadata: Dict[st
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata)
     onnx.save_model(proto, str(path), save_as_external_data=False)
-    onnx.checker.check_model(str(path), full_check=True)
+    with openable(path) as name:                # (the checker's C++ takes UTF-8 paths only)
+        onnx.checker.check_model(name, full_check=True)
 
 
 def onnx_stream(path: Union[str, Path], batch: Optional[int] = None, step: Optional[torch.nn.Module] = None
@@ -360,7 +362,8 @@ def to_onnx(model_or_checkpoint: Source, path: Union[str, Path], opset: Optional
             final, qreport = tmp_float, None
             if quantize == "int8":
                 quantize_int8(tmp_float, tmp_q, metadata, proto)
-                onnx.checker.check_model(str(tmp_q), full_check=True)
+                with openable(tmp_q) as name:
+                    onnx.checker.check_model(name, full_check=True)
                 qreport = _int8_report(model, info, tmp_float, tmp_q, x, validate)
                 if qreport["size_warning"]:
                     record.append(f"warning: {qreport['size_warning']}")

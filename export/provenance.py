@@ -16,6 +16,7 @@ from torch import nn
 import lrnnx_zoo
 from lrnnx_zoo.hub import weights_changed
 from lrnnx_zoo.hub_save import RUN_KEYS
+from lrnnx_zoo.utf8 import printable
 
 from .step_graph import StepModule
 
@@ -99,7 +100,7 @@ def source_of(info: Dict[str, Any]) -> str:
         if src.get("path"):
             # the folder's name, not its path: the description travels with the graph to every device
             # and Hub repo, and named the exporting machine's folders (/home/<user>/...)
-            return f"local:{os.path.basename(os.path.normpath(str(src['path'])))}"
+            return f"local:{printable(os.path.basename(os.path.normpath(str(src['path']))))}"
         return json.dumps(src, sort_keys=True)
     return str(src)
 

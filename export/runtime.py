@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from lrnnx_zoo.shapes import integer, positive_int, stream_rows
+from lrnnx_zoo.utf8 import openable
 
 ArrayLike = Any  # numpy array or torch tensor
 
@@ -180,7 +181,8 @@ class OnnxStreamer:
         # then printed "Unknown Provider Type: C" and fell back to the CPU)
         names = [providers] if isinstance(providers, str) else list(providers or ["CPUExecutionProvider"])
         try:
-            self.session = ort.InferenceSession(self.path, options, providers=names)
+            with openable(self.path) as name:       # (ONNX Runtime opens UTF-8 paths only)
+                self.session = ort.InferenceSession(name, options, providers=names)
         except Exception as exc:      # onnxruntime's InvalidProtobuf / Fail: name the file and the likely cause
             raise ValueError(_unloadable(self.path, ort.__version__, exc)) from exc
         self.metadata: Dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lrnnx_zoo.chunk_forms import check_chunk
+from lrnnx_zoo.utf8 import is_utf8, openable
 
 from .chunk_graph import ChunkModule, chunk_metadata, chunked
 from .graph_size import check_chunk_in_memory
@@ -75,8 +76,10 @@ def _save_torchscript(module: torch.jit.ScriptModule, tmp: Path, extra_files: Di
     memory (a chunk graph's can be GBs)."""
     raw = tmp.with_name(tmp.name + ".raw")
     try:
-        torch.jit.save(module, str(raw), _extra_files=extra_files)
-        reader = torch._C.PyTorchFileReader(str(raw))
+        with open(raw, "wb") as out:           # torch's C++ opens UTF-8 paths only (utf8.openable)
+            torch.jit.save(module, out, _extra_files=extra_files)
+        with openable(raw) as name:
+            reader = torch._C.PyTorchFileReader(name)
         # where the writer keeps it: ".data/version" from format 6 on, "version" below (a graph of only
         # long-standing ops, e.g. no LayerNorm / GELU, gets an old format)
         version = int(bytes(reader.get_record(".data/version" if reader.has_record(".data/version") else "version")))
@@ -111,7 +114,8 @@ def load_torchscript(path: Union[str, Path]) -> torch.jit.ScriptModule:
     with EXPORT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.load(str(path), map_location="cpu")
+        with openable(path) as name:
+            return torch.jit.load(name, map_location="cpu")
 
 
 def load_torch_export(path: Union[str, Path]) -> torch.nn.Module:
@@ -125,7 +129,12 @@ def load_torch_export(path: Union[str, Path]) -> torch.nn.Module:
     meta = read_metadata(path)
     sizes = {k: int(meta.get(META_PREFIX + k, 0)) for k in ("state_size", "d_input", "chunk")}
     fixed = str(meta.get(META_PREFIX + "batch", "dynamic"))     # "dynamic", or the batch it is fixed to
-    return CheckedStep(torch.export.load(str(path)).module(), **sizes, batch=int(fixed) if fixed.isdigit() else 0)
+    if is_utf8(str(path)):
+        program = torch.export.load(str(path))
+    else:                                   # torch's C++ opens UTF-8 paths only, and warns at a /dev/fd path
+        with open(path, "rb") as f:
+            program = torch.export.load(f)
+    return CheckedStep(program.module(), **sizes, batch=int(fixed) if fixed.isdigit() else 0)
 
 
 def read_metadata(path: Union[str, Path]) -> Dict[str, str]:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List,
 from . import __version__
 from .registry import (DISABLE_AUTOLOAD_ENV, PluginVersionWarning, autoload_note, extra_plugin_changes, get_registry,
                        layer_owners, missing_extra_plugins, plugin_change, release_of, unloaded_plugin_remedy)
+from .utf8 import openable
 from .wording import given, in_command_line
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
@@ -970,7 +971,8 @@ def _read_header(path: Path) -> Dict[str, Tuple[int, ...]]:
     from safetensors import SafetensorError, safe_open
     _check_regular_file(path, "a safetensors file")  # a folder was "truncated or corrupt (No such device ...)"
     try:
-        with safe_open(str(path), framework="pt") as f:
+        # (a path that is no UTF-8 was refused, and reported as a truncated or corrupt file)
+        with openable(path) as name, safe_open(name, framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(_unreadable(path, exc)) from exc
@@ -995,7 +997,8 @@ def _read_weights(path: Path) -> Dict[str, Any]:
     from safetensors.torch import load_file
     _check_regular_file(path, "a safetensors file")
     try:
-        return load_file(str(path), **_pread_option())
+        with openable(path) as name:
+            return load_file(name, **_pread_option())
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(_unreadable(path, exc)) from exc
 

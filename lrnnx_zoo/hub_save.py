@@ -24,6 +24,7 @@ from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_
                   hub_timeout, loadable_source, path_trouble, STATE_DIGEST_KEY, library_field, peek_config,
                   shipped_checkpoints, state_digest, unexpected_answer, weights_changed)
 from .registry import extra_plugins, get_registry, layer_owners
+from .utf8 import printable
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
     from huggingface_hub import CommitInfo
@@ -157,7 +158,7 @@ def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, An
     card = build_card(config, name, sum(p.numel() for p in model.parameters()), load_as, revision)
     # A lone surrogate ("\ud800", valid in JSON, in a loaded config's notes) is no UTF-8: written as
     # its escape, as config.json writes it, where saving failed with a bare UnicodeEncodeError
-    card.content = card.content.encode("utf-8", "backslashreplace").decode("utf-8")
+    card.content = printable(card.content)
     card.save(folder / CARD_NAME)
 
 

@@ -294,3 +294,49 @@ def test_the_demo_stopped_by_a_signal_removes_its_temporary_folder(monkeypatch, 
     assert code == 128 + signum and capsys.readouterr().err == f"demo: terminated by {signame}\n"
     assert folders and not folders[0].exists() and not caught
     assert after is ours                      # the caller's handler put back
+
+
+@pytest.fixture
+def latin1_folder(tmp_path):
+    """A folder whose name is no UTF-8 (Latin-1 bytes, as from an old archive): Python holds those bytes
+    as lone surrogates. Skipped where the file system refuses such a name (macOS, Windows)."""
+    import os
+    folder = pathlib.Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/mod\xe8le"))
+    try:
+        folder.mkdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    return folder
+
+
+def test_a_folder_named_in_another_encoding_saves_loads_and_exports(latin1_folder):
+    # Session 31: save_pretrained into such a folder worked and from_pretrained then reported its
+    # weights as "truncated or corrupt" (safetensors refused the path as not UTF-8); loaded, its ONNX
+    # export failed writing the source into the graph's metadata, the TorchScript and torch.export ones
+    # failed in torch's archive readers, and an export folder's card could not be written.
+    import numpy as np
+    import torch
+
+    from lrnnx_zoo.export import OnnxStreamer, export_folder, to_onnx, to_torch_export, to_torchscript
+    from lrnnx_zoo.export.torchscript_export import load_torch_export, load_torchscript
+    torch.manual_seed(0)
+    cfg = lrnnx_zoo.ModelConfig(layer="s4d", d_input=2, d_output=2, d_model=8, n_layers=1,
+                                layer_kwargs={"d_state": 4}, pooling=None)
+    model = lrnnx_zoo.SequenceModel(cfg).eval()
+    model.save_pretrained(latin1_folder)
+    loaded = lrnnx_zoo.from_pretrained(latin1_folder)
+    x = torch.randn(1, 16, 2)
+    with torch.no_grad():
+        want = model(x)
+        assert torch.equal(loaded(x), want)
+    result = to_onnx(loaded, latin1_folder / "model.onnx")
+    assert result.metadata["lrnnx_zoo.source"] == "local:mod\\xe8le"       # the byte, escaped
+    streamer = OnnxStreamer(latin1_folder / "model.onnx")
+    got = streamer.run(x.numpy())
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)            # float32 stream vs forward
+    for export, load in ((to_torchscript, load_torchscript), (to_torch_export, load_torch_export)):
+        path = latin1_folder / f"step.{export.__name__}"
+        export(loaded, path)
+        assert load(path) is not None
+    out = export_folder(latin1_folder, latin1_folder / "exported", latency_steps=0)
+    assert "local:mod\\xe8le" in (out.folder / "README.md").read_text(encoding="utf-8")
