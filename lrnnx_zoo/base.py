@@ -219,9 +219,24 @@ def refuse_torchscript(who: str) -> TypeError:
         f"(x,)) (README, 'torch.compile')")
 
 
+def refuse_onnx(who: str) -> TypeError:
+    """The error for torch.onnx.export of ``who``'s convolution mode."""
+    return TypeError(
+        f"torch.onnx.export cannot convert {who}'s convolution mode: it computes with FFTs and complex numbers, "
+        f"which ONNX graphs do not have (and FFTs ran ~15x slower in ONNX Runtime than in torch). Export the "
+        f"recurrent step graph instead, (x_t, state) -> (y_t, state'), validated against this model: "
+        f"lrnnx_zoo.export.to_onnx(model, path) (or `lrnnx-zoo export SRC --out DIR`); "
+        f"lrnnx_zoo.export.OnnxStreamer(path).run(x) streams a whole sequence through it")
+
+
 def check_not_traced(who: str) -> None:
-    """Raise :func:`refuse_torchscript`'s error while torch.jit.trace records (also the TorchScript-based
-    torch.onnx exporter): it failed deep inside with "L must be a non-negative int, got tensor(16)"."""
+    """Raise :func:`refuse_onnx`'s error inside torch.onnx.export (the dynamo exporter failed after
+    tracing, in a 12-line ConversionError about FFT ops naming no way out), and
+    :func:`refuse_torchscript`'s while torch.jit.trace records: it failed deep inside with "L must be a
+    non-negative int, got tensor(16)"."""
+    onnx = sys.modules.get("torch.onnx")        # not imported, not exporting (and not worth importing)
+    if onnx is not None and onnx.is_in_onnx_export():
+        raise refuse_onnx(who)
     if torch.jit.is_tracing():
         raise refuse_torchscript(who)
 

@@ -342,6 +342,23 @@ def test_torch_jit_of_the_convolution_mode_says_what_to_use_instead(what, how):
         torch.jit.script(module) if how == "script" else torch.jit.trace(module, x)
 
 
+@pytest.mark.parametrize("what", ["model", "layer"])
+def test_torch_onnx_export_of_the_convolution_mode_points_to_the_step_graph(what, tmp_path):
+    # torch.onnx.export(model, dynamo=False) (the TorchScript-based exporter, opsets <= 17) was told that
+    # "torch.jit cannot compile" the model and to use to_torchscript: not what an ONNX user needs.
+    # (The dynamo exporter retries in strict mode, where the check cannot see the export, and fails
+    # converting the FFTs: torch's own ConversionError.)
+    import warnings
+    torch.manual_seed(0)
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=2, d_output=3, d_model=8,
+                                                          n_layers=1, layer_kwargs={"d_state": 4})).eval()
+    module, x = (model, torch.randn(1, 16, 2)) if what == "model" else (model.blocks[0].layer, torch.randn(1, 16, 8))
+    with warnings.catch_warnings(), pytest.raises(TypeError, match=r"torch.onnx.export cannot convert \w+'s "
+                                                                   r"convolution mode.*lrnnx_zoo.export.to_onnx"):
+        warnings.simplefilter("ignore")             # the legacy exporter's deprecation warning
+        torch.onnx.export(module, (x,), str(tmp_path / "m.onnx"), dynamo=False, opset_version=17)
+
+
 @pytest.mark.parametrize("kind", ["nested", "sparse", "masked"])
 @pytest.mark.parametrize("where", ["model", "layer"])
 def test_non_dense_inputs_are_refused_with_the_padded_alternative(kind, where):
