@@ -483,8 +483,11 @@ def checkpoint_data(info: Dict[str, Any]) -> TaskData:
     if spec is None and dataset.get("name") == "digits" and {"seed", "n_test"} <= set(split):
         spec = {"name": "digits", "params": {"seed": split["seed"], "n_test": split["n_test"]}}  # older records
     if not isinstance(spec, dict) or "name" not in spec:
-        raise ValueError("this checkpoint records no data spec (dataset.spec) to rebuild its evaluation split from; "
-                         "checkpoints written by `lrnnx-zoo train` have one")
+        # (checkpoints of the first releases' train wrote none: "written by train have one" misled there)
+        raise ValueError("this checkpoint records no data spec (dataset.spec) to rebuild its evaluation split from: "
+                         "checkpoints that `lrnnx-zoo train` writes now have one, while save_pretrained's and those "
+                         "of the first releases do not. Evaluate it on its data in Python: "
+                         "lrnnx_zoo.training.evaluate(model, data) with data a lrnnx_zoo.training.TaskData")
     try:
         return load_data(DataSpec(spec["name"], spec.get("params", {})))
     except ImportError as exc:      # e.g. the digits need scikit-learn, an extra a plain install lacks
