@@ -15,7 +15,7 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -139,6 +139,65 @@ def _unloadable(path: str, ort_version: str, exc: Exception) -> str:
             f"(to_onnx(..., opset=N), `lrnnx-zoo export --opset N`), may load it. onnxruntime said: {first}")
 
 
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of ``graph`` that may keep its bytes in an external file: initializers,
+    sparse initializers, and tensors held by node attributes (Constant's value), subgraphs (If, Loop,
+    Scan bodies) included."""
+    for tensor in graph.initializer:
+        yield tensor
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _attribute_tensors(node)
+
+
+def _attribute_tensors(node: Any) -> Iterator[Any]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors):
+            yield from (sparse.values, sparse.indices)
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            yield from _tensors(sub)
+
+
+def check_external_data(path: str) -> None:
+    """Refuse an ONNX file whose tensors name external data outside its own folder, before ONNX Runtime
+    opens them: a graph may keep a tensor's bytes in another file (``location``, relative to the .onnx),
+    and ONNX Runtime before 1.24 read ``../../etc/passwd`` or ``/home/me/.ssh/id_rsa`` into an initializer
+    from wherever the graph said (a downloaded graph's outputs, or its size errors, then carry the file),
+    and waited forever on a FIFO. lrnnx-zoo's own graphs are self-contained (no external data); a graph
+    whose external files are regular files inside its folder (links resolved) still loads."""
+    import onnx
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:       # not ONNX at all: ONNX Runtime says so, and _unloadable explains it
+        return
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    graphs = [model.graph] + [onnx.helper.make_graph(list(f.node), f.name, [], []) for f in model.functions]
+    for graph in graphs:
+        for tensor in _tensors(graph):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            target = os.path.realpath(os.path.join(folder, location))
+            if not location or os.path.isabs(location) or os.path.commonpath([folder, target]) != folder:
+                where = f"{target}, outside the folder {folder}" if location else "nowhere (no location)"
+                raise ValueError(
+                    f"{path}: tensor {tensor.name!r} keeps its data in the external file {location!r}, which is "
+                    f"{where}; refused before ONNX Runtime reads it (a crafted graph reads any file this user may "
+                    f"read this way). Expected a self-contained .onnx, as lrnnx_zoo.export.to_onnx and `lrnnx-zoo "
+                    f"export` write, or external files inside the graph's folder: re-export the graph from its "
+                    f"checkpoint, and do not run graphs from sources you do not trust")
+            if not os.path.isfile(target):
+                raise ValueError(
+                    f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, which is "
+                    f"{'missing' if not os.path.lexists(target) else 'not a regular file (a FIFO, device or folder)'}; "
+                    f"expected a regular file beside the graph. Copy the graph with its data files, or re-export it")
+
+
 #: One NaN or inf in the state reaches every later output, until reset(): refused inputs say so.
 _POISON = "a NaN or inf in the state would reach every later output of its sequence until reset()"
 
@@ -180,6 +239,7 @@ class OnnxStreamer:
         # a str is a Sequence[str] to a type checker, and list() of one split it into letters (ONNX Runtime
         # then printed "Unknown Provider Type: C" and fell back to the CPU)
         names = [providers] if isinstance(providers, str) else list(providers or ["CPUExecutionProvider"])
+        check_external_data(self.path)
         try:
             with openable(self.path) as name:       # (ONNX Runtime opens UTF-8 paths only)
                 self.session = ort.InferenceSession(name, options, providers=names)

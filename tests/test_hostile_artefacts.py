@@ -1,0 +1,75 @@
+"""Export artefacts from strangers (a Hub repo, a shared folder): what loading them may read or run.
+
+ONNX graphs are data that ONNX Runtime interprets, so OnnxStreamer is the loader for graphs from
+anywhere, and it must not let a graph read files outside its folder. .ts and .pt2 archives hold
+code (TorchScript) and pickles that torch.export.load unpickles: they are documented as such.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+
+def _graph(path, location):
+    """A minimal step graph (y = x @ W, state passed through) whose W lives in the file ``location``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((4, 2), np.float32), "W")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("length", "32")):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", k]) for n, k in (("x", 4), ("state", 3))]
+    out = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", k]) for n, k in (("y", 2), ("state_out", 3))]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Identity", ["state"], ["state_out"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", io, out, [w]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in {"state_size": "3", "d_input": "4", "d_output": "2", "state_layout": "[]"}.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = "lrnnx_zoo." + key, value
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("how", ["parent", "absolute", "link"])
+def test_onnx_external_data_outside_the_graphs_folder_is_refused_before_onnx_runtime_reads_it(tmp_path, monkeypatch,
+                                                                                             how):
+    # A graph may name a file for a tensor's bytes. ONNX Runtime before 1.24 (pyproject admits 1.18) read
+    # '../secret' or '/abs/secret' into the initializer, so the graph's outputs carried the file; 1.32
+    # refuses it itself, which OnnxStreamer reported as "a newer onnxruntime ... may load it".
+    import onnxruntime
+
+    from lrnnx_zoo.export import OnnxStreamer
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"SECRET" * 8)
+    folder = tmp_path / "download"
+    folder.mkdir()
+    location = {"parent": "../secret.bin", "absolute": str(secret), "link": "weights.bin"}[how]
+    if how == "link":
+        (folder / "weights.bin").symlink_to(secret)
+    graph = _graph(folder / "model.onnx", location)
+    monkeypatch.setattr(onnxruntime, "InferenceSession",
+                        lambda *a, **k: pytest.fail("ONNX Runtime was given a graph reading outside its folder"))
+    with pytest.raises(ValueError, match=r"tensor 'W' keeps its data in the external file .*outside the folder "
+                                         r".*refused before ONNX Runtime reads it") as err:
+        OnnxStreamer(graph)
+    assert str(secret) in str(err.value)
+
+
+def test_onnx_external_data_that_is_no_regular_file_is_refused(tmp_path):
+    from lrnnx_zoo.export import OnnxStreamer
+    os.mkfifo(tmp_path / "w.bin")
+    with pytest.raises(ValueError, match=r"keeps its data in 'w.bin', which is not a regular file"):
+        OnnxStreamer(_graph(tmp_path / "model.onnx", "w.bin"))
+
+
+def test_onnx_external_data_beside_the_graph_still_streams(tmp_path):
+    from lrnnx_zoo.export import OnnxStreamer
+    (tmp_path / "w.bin").write_bytes(np.arange(8, dtype=np.float32).tobytes())
+    streamer = OnnxStreamer(_graph(tmp_path / "model.onnx", "w.bin"))
+    np.testing.assert_allclose(streamer.step(np.ones((1, 4), np.float32)), [[12.0, 16.0]])
