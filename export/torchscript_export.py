@@ -110,7 +110,10 @@ def _strip_stack_traces(program: torch.export.ExportedProgram) -> None:
 
 def load_torchscript(path: Union[str, Path]) -> torch.jit.ScriptModule:
     """Load a TorchScript step module (its upstream deprecation warning silenced; the warnings filters are
-    the process's, so not while an export in another thread has them: :data:`~.step_graph.EXPORT_LOCK`)."""
+    the process's, so not while an export in another thread has them: :data:`~.step_graph.EXPORT_LOCK`).
+
+    A .ts is code: torch.jit.load compiles and runs the TorchScript source the archive carries, so load
+    only files you made or trust, and stream graphs from elsewhere as ONNX (:class:`~.runtime.OnnxStreamer`)."""
     with EXPORT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
@@ -122,10 +125,13 @@ def load_torch_export(path: Union[str, Path]) -> torch.nn.Module:
     """Load a .pt2 step program as a callable module (x_t, state) -> (y_t, state') that checks its
     inputs (:class:`CheckedStep`).
 
-    torch.export.load unpickles the program's weights (falling back to weights_only=False), so a
-    crafted .pt2 can run code: load only files you made or trust; :func:`read_metadata` reads a
-    file's metadata without loading it (and runs first here: a .pt2 that lrnnx_zoo did not write
-    is refused before anything in it is unpickled)."""
+    A .pt2 is code, not data: torch.export.load unpickles parts of the archive with weights_only=False
+    (its sample inputs after a weights_only attempt fails, pickled weights and constants) and evaluates
+    the graph's symbolic shapes with sympy, so a crafted .pt2 runs what it likes. Load only files you
+    made or trust; stream graphs from elsewhere as ONNX (:class:`~.runtime.OnnxStreamer`).
+    :func:`read_metadata` runs first here and reads a file's metadata without loading it, so a .pt2
+    without lrnnx_zoo's metadata is refused before anything in it is unpickled; that is no safety
+    check (anyone can add the metadata)."""
     meta = read_metadata(path)
     sizes = {k: int(meta.get(META_PREFIX + k, 0)) for k in ("state_size", "d_input", "chunk")}
     fixed = str(meta.get(META_PREFIX + "batch", "dynamic"))     # "dynamic", or the batch it is fixed to
@@ -135,6 +141,10 @@ def load_torch_export(path: Union[str, Path]) -> torch.nn.Module:
         with open(path, "rb") as f:
             program = torch.export.load(f)
     return CheckedStep(program.module(), **sizes, batch=int(fixed) if fixed.isdigit() else 0)
+
+
+#: What :func:`read_metadata` reads of an archive's metadata entry at most (it holds some hundred bytes).
+MAX_METADATA_BYTES = 1 << 20
 
 
 def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
@@ -156,7 +166,22 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
         if not entries:
             raise ValueError(f"{path} holds no extra/{METADATA_FILE}: expected a .ts or .pt2 step graph written by "
                              f"lrnnx_zoo.export (to_torchscript / to_torch_export)")
-        return json.loads(archive.read(entries[0]))
+        with archive.open(entries[0]) as entry:     # read no further than a metadata file can be
+            raw = entry.read(MAX_METADATA_BYTES + 1)
+    if len(raw) > MAX_METADATA_BYTES:
+        # a 2 MB archive whose entry inflates to 2 GiB grew the process by 4.3 GB before failing in json
+        raise ValueError(f"{path}: its extra/{METADATA_FILE} holds over {MAX_METADATA_BYTES // 1024} KiB (lrnnx_zoo "
+                         f"writes about 1 KiB); not read further. Expected a .ts or .pt2 step graph written by "
+                         f"lrnnx_zoo.export (to_torchscript / to_torch_export): re-export it from its checkpoint")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as exc:      # ValueError: UnicodeDecodeError and JSONDecodeError
+        raise ValueError(f"{path}: its extra/{METADATA_FILE} is not JSON ({exc}); expected the metadata "
+                         f"lrnnx_zoo.export writes: re-export it from its checkpoint") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its extra/{METADATA_FILE} holds a JSON {type(meta).__name__}, expected an object "
+                         f"of lrnnx_zoo.* keys: re-export it from its checkpoint")
+    return meta
 
 
 def _finish(step: Union[StepModule, ChunkModule], model: torch.nn.Module, tmp: Path, path: Path, fmt: str,

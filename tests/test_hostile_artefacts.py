@@ -73,3 +73,39 @@ def test_onnx_external_data_beside_the_graph_still_streams(tmp_path):
     (tmp_path / "w.bin").write_bytes(np.arange(8, dtype=np.float32).tobytes())
     streamer = OnnxStreamer(_graph(tmp_path / "model.onnx", "w.bin"))
     np.testing.assert_allclose(streamer.step(np.ones((1, 4), np.float32)), [[12.0, 16.0]])
+
+
+def test_a_metadata_entry_that_inflates_without_bound_is_not_read_whole(tmp_path):
+    # read_metadata is the way to look at a .ts/.pt2 from anywhere without loading it; it read the
+    # entry whole: a 2 MB archive whose extra/lrnnx_zoo.json inflates to 2 GiB grew the process by
+    # 4.3 GB over 23 s, then failed with a bare JSONDecodeError (an audit). Here 64 MiB from 64 kB.
+    import tracemalloc
+    import zipfile
+
+    from lrnnx_zoo.export.torchscript_export import MAX_METADATA_BYTES, read_metadata
+    path = tmp_path / "bomb.pt2"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("archive/extra/lrnnx_zoo.json", "w") as entry:
+            for _ in range(64):
+                entry.write(b" " * (1 << 20))
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"extra/lrnnx_zoo.json holds over 1024 KiB .*not read further"):
+            read_metadata(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MAX_METADATA_BYTES, peak
+
+
+@pytest.mark.parametrize("body, said", [(b"[1, 2]", "holds a JSON list"), (b"\xff{", "is not JSON")])
+def test_metadata_that_is_no_json_object_is_named(tmp_path, body, said):
+    import zipfile
+
+    from lrnnx_zoo.export.torchscript_export import read_metadata
+    path = tmp_path / "odd.ts"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/extra/lrnnx_zoo.json", body)
+    with pytest.raises(ValueError, match=rf"odd.ts: its extra/lrnnx_zoo.json {said}"):
+        read_metadata(path)
