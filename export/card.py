@@ -187,7 +187,12 @@ def _run_section(config: Dict[str, Any]) -> List[str]:
     saved = config.get("torch_version")
     needs = ([f"Saved with torch {saved}: load it with that release or a newer one (a newer torch reads "
               f"older programs; an older one may not read this).", ""] if saved else [])
-    return (["## Run it", ""] + needs + ["With torch only (no lrnnx-zoo):", "", "```python", "import json, torch", "",
+    loads = ("torch.jit.load compiles and runs the TorchScript code inside the file" if fmt != "torch-export" else
+             "torch.export.load unpickles parts of the file with `weights_only=False`")
+    trust = [f"**Loading this file runs code it carries** ({loads}): load it only from a source you trust, as "
+             "you would install a Python package from it. For a graph from anyone else, use this model's ONNX "
+             "export (`--format onnx`), which ONNX Runtime runs as data.", ""]
+    return (["## Run it", ""] + needs + trust + ["With torch only (no lrnnx-zoo):", "", "```python", "import json, torch", "",
              'files = {"lrnnx_zoo.json": ""}  # filled in by the loader', f"step = {loader}",
              'meta = json.loads(files["lrnnx_zoo.json"])  # lrnnx_zoo.* keys, strings']
             + _stream_lines(config, "torch", "y_t, state = step(x_t, state)") + ["```", ""])

@@ -109,3 +109,47 @@ def test_metadata_that_is_no_json_object_is_named(tmp_path, body, said):
         archive.writestr("archive/extra/lrnnx_zoo.json", body)
     with pytest.raises(ValueError, match=rf"odd.ts: its extra/lrnnx_zoo.json {said}"):
         read_metadata(path)
+
+
+@pytest.mark.parametrize("fmt, loader", [("torch-export", "torch.export.load unpickles"),
+                                         ("torchscript", "torch.jit.load compiles and runs")])
+def test_a_torch_export_card_says_loading_the_file_runs_its_code(fmt, loader):
+    # The card's snippet told readers to call torch.export.load / torch.jit.load on the folder's file
+    # with no word that either runs code from it (an audit made a .pt2 whose load wrote a file).
+    from lrnnx_zoo.export.card import _run_section
+    text = "\n".join(_run_section({"format": fmt, "d_input": 3, "d_output": 2, "state_size": 8,
+                                   "torch_version": "2.13.0"}))
+    assert "Loading this file runs code it carries" in text and loader in text
+    assert text.index("runs code it carries") < text.index("```python")      # said before the snippet
+    assert "ONNX export (`--format onnx`)" in text
+
+
+def test_load_torch_export_runs_code_from_the_archive_as_documented(tmp_path):
+    # Why the cards and docstrings warn: torch.export.load (which load_torch_export calls) unpickles
+    # the sample inputs with weights_only=False once weights_only fails, so a crafted entry runs code
+    # (here it only creates a file). If a torch release stops that, this fails: revisit the warnings.
+    import pickle
+    import zipfile
+
+    import torch
+
+    from lrnnx_zoo import ModelConfig, SequenceModel
+    from lrnnx_zoo.export import load_torch_export, to_torch_export
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.manual_seed(0)
+    model = SequenceModel(ModelConfig("lru", 3, 2, d_model=4, n_layers=1, layer_kwargs={"d_state": 2}))
+    made = to_torch_export(model, tmp_path / "m.pt2", validate=False).path
+    with zipfile.ZipFile(made) as src, zipfile.ZipFile(tmp_path / "crafted.pt2", "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, pickle.dumps(Payload()) if info.filename.endswith("sample_inputs/model.pt")
+                         else src.read(info))
+    try:
+        load_torch_export(tmp_path / "crafted.pt2")
+    except Exception:
+        pass
+    assert marker.exists(), f"torch {torch.__version__} no longer unpickles a .pt2's sample inputs this way"
