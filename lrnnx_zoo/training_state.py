@@ -182,8 +182,9 @@ def read_snapshot(folder: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
             raise SnapshotError(f"the snapshot {folder} is damaged: {path.name} is missing")
     try:
         record = json.loads(state_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SnapshotError(f"the snapshot {folder} is damaged: {STATE_NAME} is not readable JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:     # RecursionError: nested too deeply
+        raise SnapshotError(f"the snapshot {folder} is damaged: {STATE_NAME} is not readable JSON "
+                            f"({exc or type(exc).__name__})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise SnapshotError(f"{folder} is not an lrnnx-zoo training snapshot: its {STATE_NAME} has no "
                             f"\"format\": {FORMAT!r}")

@@ -153,3 +153,15 @@ def test_load_torch_export_runs_code_from_the_archive_as_documented(tmp_path):
     except Exception:
         pass
     assert marker.exists(), f"torch {torch.__version__} no longer unpickles a .pt2's sample inputs this way"
+
+
+def test_a_snapshot_state_nested_too_deeply_is_a_snapshot_error(tmp_path):
+    # resume reads JSON and safetensors only (no pickle); a state.json of 100 000 nested lists escaped
+    # as a bare RecursionError from json (an audit) instead of naming the damaged snapshot
+    from lrnnx_zoo.training_state import STATE_NAME, TENSORS_NAME, SnapshotError, read_snapshot
+    folder = tmp_path / "step-00000001"
+    folder.mkdir()
+    (folder / STATE_NAME).write_text("[" * 100_000 + "]" * 100_000)
+    (folder / TENSORS_NAME).write_bytes(b"")
+    with pytest.raises(SnapshotError, match=rf"step-00000001 is damaged: {STATE_NAME} is not readable JSON"):
+        read_snapshot(folder)
