@@ -36,7 +36,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..base import apply_function, forward_ad_active, jvp_variant, without_autocast
+from ..base import apply_function, forward_ad_active, func_transforms_active, jvp_variant, without_autocast
 from ..shapes import broadcast_shape
 from .keops_support import auto_may_use_keops, quiet_keops, require_keops
 
@@ -44,8 +44,13 @@ __all__ = ["vandermonde", "vandermonde_torch", "vandermonde_keops", "BACKENDS", 
 
 BACKENDS = ("auto", "torch", "keops")
 
-# Cap on the largest factor block (..., N, T) of one call, in bytes (64 MB).
+# What the factors of one block of rows may hold at the peak of an inference call, in bytes (64 MB):
+# :func:`_rows_per_block`.
 _BLOCK_BYTES = 64 * 2**20
+#: Peak bytes of an inference call per factor value (row, mode, one of the T + J columns), in units of
+#: the result's real itemsize: measured 20.5-22.4 B in float32 and 41-44 B in float64 (rows 2048-4096,
+#: N 64-128, L 256-4096), the factors, their float64 exponents and the matmul's stacked operands; 6 with a margin.
+_PEAK_ITEMS_PER_VALUE = 6
 
 # "auto" picks keops when batch * N * L is at least this many terms on that device type; None
 # means never. Measured on a 2-core Xeon CPU (benchmarks/bench_kernels.py): the torch path is
@@ -101,16 +106,19 @@ def default_block_size(L: int, rows: int = 1, N: int = 1, itemsize: int = 8) -> 
 
     T ~ sqrt(L) (power of two) balances the O(N (J + T)) transcendentals of the two factors; the
     matmul costs the same for any T. Measured best on CPU: T=32 at L=1024, 64 at 4096, 256 at
-    L=65536.
-    Clamped so that the (rows, 2N, T) factor stays under the 64 MB block budget. Under
-    torch.compile a fixed T (:data:`_COMPILED_BLOCK`, same clamp), which need not divide L.
+    L=65536. Under torch.compile a fixed T (:data:`_COMPILED_BLOCK`), which need not divide L.
+
+    ``rows``, ``N`` and ``itemsize`` do not change T: the factors hold rows * N * (T + J) values, least
+    at T ~ sqrt(L), so T was once clamped to keep the (rows, 2N, T) one under 64 MB, which only moved
+    the values into the (rows, 2N, J) one: at rows=16384, N=128, L=256 T went from 16 to 4 and J from 16
+    to 64, 3.7 GB and 11.4 s instead of 1.3 GB and 5.1 s. An inference call bounds its memory by rows
+    instead (:func:`_rows_per_block`). Kept in the signature for callers that pass them.
     """
-    cap = max(1, _BLOCK_BYTES // max(1, rows * 2 * N * itemsize))
     if torch.compiler.is_compiling():
         # log2 of a dynamic L and its comparisons pinned L in the graph: a graph per length
-        return min(_COMPILED_BLOCK, cap)
+        return _COMPILED_BLOCK
     T = 1 << max(4, math.ceil(math.log2(max(L, 1)) / 2))
-    return max(1, min(T, cap, max(L, 1)))
+    return max(1, min(T, max(L, 1)))
 
 
 #: The block length T of compiled graphs: the best one at L = 1024, within 2x of the optimal count
@@ -334,7 +342,41 @@ def vandermonde_torch(v: Tensor, log_lam: Tensor, L: int, conj: bool = True,
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"vandermonde_torch: chunk_size must be a positive int, got {chunk_size!r}")
         T = min(chunk_size, L)
+    block = _rows_per_block(v, log_lam, L, T, rdt)
+    if block < rows:
+        return _by_row_blocks(v, log_lam, L, conj, T, rdt, block)
     return apply_function(_Vandermonde, v, log_lam, L, conj, T, rdt)[0]
+
+
+def _rows_per_block(v: Tensor, log_lam: Tensor, L: int, T: int, rdt: torch.dtype) -> int:
+    """Rows (batch entries) of v and log_lam (..., N) an inference call takes at a time, so that a block's
+    factors and temporaries stay under :data:`_BLOCK_BYTES`; every row where the call is differentiated
+    (the factors are saved for the backward whole), runs under a torch.func transform or torch.compile,
+    or v and log_lam have different batch shapes (one broadcast over the other)."""
+    rows = max(1, math.prod(log_lam.shape[:-1]))
+    if (torch.compiler.is_compiling() or func_transforms_active() or forward_ad_active()
+            or (torch.is_grad_enabled() and (v.requires_grad or log_lam.requires_grad))
+            or v.shape[:-1] != log_lam.shape[:-1]):
+        return rows
+    per_row = v.shape[-1] * (T + _blocks(L, T)) * _PEAK_ITEMS_PER_VALUE * (torch.finfo(rdt).bits // 8)
+    return max(1, min(rows, _BLOCK_BYTES // per_row))
+
+
+def _by_row_blocks(v: Tensor, log_lam: Tensor, L: int, conj: bool, T: int, rdt: torch.dtype,
+                   block: int) -> Tensor:
+    """:class:`_Vandermonde`'s forward ``block`` rows at a time (v and log_lam (..., N) of one batch shape
+    -> (..., L)): each row's kernel is its own, so only the peak memory changes. Whole, the factors of
+    FFTConv's 64 channels of d_model=256, N=256 (16384 rows) took 3.7 GB for a 16 MB kernel."""
+    N = v.shape[-1]
+    v2, a2 = v.reshape(-1, N), log_lam.reshape(-1, N)
+    out: Optional[Tensor] = None
+    for r0 in range(0, v2.shape[0], block):
+        part = _Vandermonde.forward(v2[r0:r0 + block], a2[r0:r0 + block], L, conj, T, rdt)[0]
+        if out is None:
+            out = torch.empty((v2.shape[0], L), dtype=part.dtype, device=part.device)
+        out[r0:r0 + block] = part
+    assert out is not None
+    return out.reshape(*v.shape[:-1], L)
 
 
 # ----------------------------------------------------------------------------------------------
