@@ -4,12 +4,14 @@ so plugin discovery runs through importlib.metadata exactly as for a pip-install
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import sys
 import textwrap
 import types
 from pathlib import Path
 from typing import Dict, Iterator
 
+import pytest
 import torch
 
 import lrnnx_zoo
@@ -158,3 +160,26 @@ class LoopRecurrence(torch.nn.Module):
             h = self.a * h + x[:, t]
             ys.append(h)
         return torch.stack(ys, 1)
+
+
+#: The README's plugin guide example, a module file that tests load without installing it.
+EMA_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ema_plugin" / "lrnnx_ema.py"
+
+
+@contextlib.contextmanager
+def example_ema_plugin(module_name: str) -> Iterator[types.ModuleType]:
+    """The example module (:data:`EMA_EXAMPLE`) loaded as ``module_name`` and registered as plugin "ema"
+    over the built-in families only (third-party autoloading off) while inside; gone after."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    lrnnx_zoo.reload_plugins()
+    try:
+        spec = importlib.util.spec_from_file_location(module_name, EMA_EXAMPLE)
+        module = importlib.util.module_from_spec(spec)
+        mp.setitem(sys.modules, spec.name, module)
+        spec.loader.exec_module(module)
+        lrnnx_zoo.register_plugin(module, name="ema")
+        yield module
+    finally:
+        mp.undo()
+        lrnnx_zoo.reload_plugins()

@@ -8,7 +8,6 @@ another "ema" plugin cannot interfere; discovery through entry points is tested 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -21,6 +20,7 @@ import torch
 
 import lrnnx_zoo
 from lrnnx_zoo.registry import DISABLE_AUTOLOAD_ENV
+from plugin_fixtures import example_ema_plugin
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "ema_plugin"
@@ -30,17 +30,8 @@ MODULE = EXAMPLE / "lrnnx_ema.py"
 @pytest.fixture(scope="module")
 def ema():
     """The example module, registered as plugin "ema" over the built-in families only."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv(DISABLE_AUTOLOAD_ENV, "1")
-    lrnnx_zoo.reload_plugins()
-    spec = importlib.util.spec_from_file_location("lrnnx_ema_example", MODULE)
-    module = importlib.util.module_from_spec(spec)
-    mp.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    lrnnx_zoo.register_plugin(module, name="ema")
-    yield module
-    mp.undo()
-    lrnnx_zoo.reload_plugins()
+    with example_ema_plugin("lrnnx_ema_example") as module:
+        yield module
 
 
 def test_pyproject_entry_point_names_the_module():

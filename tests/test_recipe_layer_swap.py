@@ -11,35 +11,20 @@ code with third-party autoloading off, as in test_example_plugin.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
-import sys
-from pathlib import Path
 
 import pytest
 
 import lrnnx_zoo
 from lrnnx_zoo.recipes import get_recipe, override
-from lrnnx_zoo.registry import DISABLE_AUTOLOAD_ENV
-
-ROOT = Path(__file__).resolve().parents[1]
-MODULE = ROOT / "examples" / "ema_plugin" / "lrnnx_ema.py"
+from plugin_fixtures import example_ema_plugin
 
 
 @pytest.fixture(scope="module")
 def ema():
-    mp = pytest.MonkeyPatch()
-    mp.setenv(DISABLE_AUTOLOAD_ENV, "1")
-    lrnnx_zoo.reload_plugins()
-    spec = importlib.util.spec_from_file_location("lrnnx_ema_swap_test", MODULE)
-    module = importlib.util.module_from_spec(spec)
-    mp.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    lrnnx_zoo.register_plugin(module, name="ema")
-    yield module
-    mp.undo()
-    lrnnx_zoo.reload_plugins()
+    with example_ema_plugin("lrnnx_ema_swap_test") as module:
+        yield module
 
 
 def test_override_swaps_the_layer_keeping_only_the_shared_keywords():
