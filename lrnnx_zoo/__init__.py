@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 import importlib
 import importlib.util
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports each on first use
@@ -74,3 +75,10 @@ def __dir__() -> list[str]:
     use) and the module's dunders: the submodules the package imports for itself (folder_swap, wording,
     hub_save, ...) stay reachable but are not advertised."""
     return sorted(set(__all__) | set(_PUBLIC_MODULES) | {n for n in globals() if n.startswith("__")})
+
+
+# torch already loaded (`import torch` first): register the library's torch.library operators, as
+# `import lrnnx_zoo` did while it imported torch itself, so that torch.export.load of a program
+# exported from a model finds them (lrnnx_zoo.operators). Without torch, nothing: the CLI starts fast.
+if "torch" in sys.modules:
+    importlib.import_module(f"{__name__}.operators")
