@@ -176,6 +176,9 @@ def check_external_data(path: str) -> None:
     except Exception:       # not ONNX at all: ONNX Runtime says so, and _unloadable explains it
         return
     folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    # and the folder of the file the graph's path links to: Hugging Face's cache links a snapshot's
+    # model.onnx and model.onnx.data to ../../blobs/<hash>, siblings there (refused as a link out)
+    homes = {folder, os.path.dirname(os.path.realpath(path))}
     graphs = [model.graph] + [onnx.helper.make_graph(list(f.node), f.name, [], []) for f in model.functions]
     for graph in graphs:
         for tensor in _tensors(graph):
@@ -183,7 +186,8 @@ def check_external_data(path: str) -> None:
                 continue
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
             target = os.path.realpath(os.path.join(folder, location))
-            if not location or os.path.isabs(location) or os.path.commonpath([folder, target]) != folder:
+            if (not location or os.path.isabs(location)
+                    or all(os.path.commonpath([home, target]) != home for home in homes)):
                 where = f"{target}, outside the folder {folder}" if location else "nowhere (no location)"
                 raise ValueError(
                     f"{path}: tensor {tensor.name!r} keeps its data in the external file {location!r}, which is "
