@@ -3,15 +3,20 @@ pyright take them as the truth), and run-time behaviour where a hint admits more
 
 The mypy check type-checks tests/typing_user_script.py (the README's guides as a user writes them) with
 ``mypy --strict`` against this checkout. Its first run builds mypy's cache of torch's hints (~20 s on
-two cores); the cache is kept in the system's temporary folder, keyed by mypy's version, so later runs
-take a few seconds."""
+two cores); the cache is kept in the system's temporary folder, keyed by mypy's version and the user, so
+later runs take a few seconds. Runs that share it (two checkouts' suites on one machine) take turns
+under a lock: mypy keeps it in SQLite, and a run that met another one's write failed with "database is
+locked" (python/mypy#21136)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import stat
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -38,15 +43,39 @@ def _package_tree(tmp_path: Path) -> Path:
     return root.parent
 
 
+@contextlib.contextmanager
+def _mypy_cache(tmp_path: Path, version: str) -> Iterator[Path]:
+    """The shared cache folder, held under an exclusive lock for the run. A folder of that name this
+    user does not own (or a link) is not used: this run then builds its own cache in ``tmp_path``."""
+    cache = Path(tempfile.gettempdir()) / f"lrnnx_zoo_mypy_cache_{version}_{os.getuid()}"
+    try:
+        cache.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(cache)
+        shared = stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+    except OSError:
+        shared = False
+    if not shared:
+        yield tmp_path / "mypy_cache"
+        return
+    try:
+        import fcntl
+    except ImportError:                      # no flock (Windows): a cache of this run's own
+        yield tmp_path / "mypy_cache"
+        return
+    with open(cache / "lrnnx_zoo_tests.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)       # waits for another run's mypy; released on close
+        yield cache
+
+
 def test_readme_guides_type_check_under_mypy_strict(tmp_path, monkeypatch):
     api = pytest.importorskip("mypy.api", reason="mypy is not installed (pip install -e '.[test]' brings it)")
     import mypy.version
-    cache = Path(tempfile.gettempdir()) / f"lrnnx_zoo_mypy_cache_{mypy.version.__version__}_{os.getuid()}"
     monkeypatch.setenv("MYPYPATH", str(_package_tree(tmp_path)))
     # silent: lrnnx_zoo's own bodies are checked for the types they export, their errors not reported
     # (as for an installed package); only the user's script has to be clean
-    out, err, status = api.run([str(HERE / "typing_user_script.py"), "--strict", "--follow-imports=silent",
-                                "--cache-dir", str(cache), "--show-error-codes", "--no-color-output"])
+    with _mypy_cache(tmp_path, mypy.version.__version__) as cache:
+        out, err, status = api.run([str(HERE / "typing_user_script.py"), "--strict", "--follow-imports=silent",
+                                    "--cache-dir", str(cache), "--show-error-codes", "--no-color-output"])
     assert status == 0, f"mypy --strict on tests/typing_user_script.py:\n{out}{err}"
 
 
