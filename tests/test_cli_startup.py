@@ -109,11 +109,16 @@ def test_a_reader_leaving_the_pipe_early_gets_no_broken_pipe_message(argv: List[
     # ignored in: <_io.TextIOWrapper name='<stdout>' ...> BrokenPipeError" and exited 120.
     # PYTHONUNBUFFERED (set in some CI and dev shells) hid it: each print then raised inside main.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    proc = subprocess.Popen([sys.executable, "-m", "lrnnx_zoo", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
-    proc.stdout.close()                           # the reader leaves before the first line
-    err = proc.stderr.read().decode()
-    status = proc.wait(timeout=120)
+    # the reader has left before the first line: the pipe's read end is closed before the process
+    # starts (closing it after the start raced the process, which could have written into the pipe)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "lrnnx_zoo", *argv], stdout=write_end,
+                              stderr=subprocess.PIPE, env=env, timeout=120)
+    finally:
+        os.close(write_end)
+    err, status = done.stderr.decode(), done.returncode
     assert "BrokenPipeError" not in err and "Exception ignored" not in err, err
     assert status == (0 if argv[0].startswith("--") else 1), err    # argparse's own status for --help
 
