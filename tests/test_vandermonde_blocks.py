@@ -62,7 +62,9 @@ def test_inference_factors_stay_within_the_block_budget(monkeypatch):
         blocked = fresh(x)
     assert len(sizes) > 1, sizes
     assert max(sizes) <= budget, f"factor bytes per call {sizes}, budget {budget}"
-    assert torch.equal(blocked, whole)
+    # the rows' own arithmetic, grouped otherwise: equal here bit for bit; a BLAS may block a matmul
+    # of fewer rows differently, so float32 rounding (1e-6 relative) is what is asserted
+    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-6)
 
 
 def test_differentiated_calls_stay_whole(monkeypatch):
@@ -85,7 +87,7 @@ def test_differentiated_calls_stay_whole(monkeypatch):
             blocked = V.vandermonde_torch(v, log_lam, 300, conj=conj)
         assert len(calls) == 40
         assert blocked.shape == K.shape == (3, 40, 300) and blocked.dtype == K.dtype
-        assert torch.equal(blocked, K.detach())
+        torch.testing.assert_close(blocked, K.detach(), rtol=1e-6, atol=1e-6)   # (bit for bit here; see above)
 
 
 def test_many_rows_peak_memory_in_a_subprocess():
