@@ -23,6 +23,7 @@ import pytest
 import lrnnx_zoo
 
 HERE = Path(__file__).resolve().parent
+EMA_EXAMPLE = HERE.parent / "examples" / "ema_plugin" / "lrnnx_ema.py"
 
 
 def _package_tree(tmp_path: Path) -> Path:
@@ -74,9 +75,11 @@ def test_readme_guides_type_check_under_mypy_strict(tmp_path, monkeypatch):
     # silent: lrnnx_zoo's own bodies are checked for the types they export, their errors not reported
     # (as for an installed package); only the user's script has to be clean
     with _mypy_cache(tmp_path, mypy.version.__version__) as cache:
-        out, err, status = api.run([str(HERE / "typing_user_script.py"), "--strict", "--follow-imports=silent",
+        # with the README's plugin module, which the script imports and a strict user copies
+        out, err, status = api.run([str(HERE / "typing_user_script.py"), str(EMA_EXAMPLE), "--strict",
+                                    "--follow-imports=silent",
                                     "--cache-dir", str(cache), "--show-error-codes", "--no-color-output"])
-    assert status == 0, f"mypy --strict on tests/typing_user_script.py:\n{out}{err}"
+    assert status == 0, f"mypy --strict on tests/typing_user_script.py and {EMA_EXAMPLE.name}:\n{out}{err}"
 
 
 # -- run time against the hints ---------------------------------------------------------------------

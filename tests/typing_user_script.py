@@ -14,15 +14,11 @@ import torch
 from torch import Tensor, nn
 
 import lrnnx_zoo
-from lrnnx_zoo import SequenceModel, hookimpl
-from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding
-from lrnnx_zoo.convolution import causal_conv
+from lrnnx_zoo import SequenceModel
 from lrnnx_zoo.export import ExportResult, OnnxStreamer, ValidationReport, to_onnx, to_torch_export, to_torchscript
 from lrnnx_zoo.plugins.fftconv import FFTConvS4
 from lrnnx_zoo.plugins.lru import LRU
 from lrnnx_zoo.plugins.s4 import S4
-from lrnnx_zoo.registry import Registry
-from lrnnx_zoo.step_forms import ChannelDenseStepForm
 from lrnnx_zoo.training import param_groups, train
 
 if sys.version_info >= (3, 11):
@@ -79,44 +75,8 @@ for_libtorch: Tuple[ExportResult, ExportResult] = (to_torchscript(model, "m.ts")
 
 
 # -- Writing a plugin -----------------------------------------------------------------------------------
-def flat_init(d_model: int, decay: float = 0.9) -> Tensor:
-    return torch.full((d_model,), decay).logit()
+# the README's plugin module itself (examples/ema_plugin/lrnnx_ema.py, checked with this script)
+import lrnnx_ema  # noqa: E402
 
-
-class EMA(LTI_LRNN):
-    def __init__(self, d_model: int, d_state: int = 1, init: str = "flat") -> None:
-        super().__init__(discretization="no_discretization")
-        check_sizes("EMA", d_model=d_model, d_state=d_state)
-        self.d_model = d_model
-        self.logit = nn.Parameter(lrnnx_zoo.get_initializer("ema", init)(d_model))
-
-    def discretize(self, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        a = torch.sigmoid(self.logit.to(dtype or self.logit.dtype))
-        return a, 1 - a, torch.ones_like(a)
-
-    def compute_kernel(self, L: int) -> Tensor:
-        a, b, c = self.discretize()
-        return c * b * a ** torch.arange(L, dtype=a.dtype, device=a.device)[:, None]
-
-    def forward(self, x: Tensor, integration_timesteps: Optional[Tensor] = None,
-                lengths: Optional[Tensor] = None) -> Tensor:
-        x = self.prepare_input(x, lengths, integration_timesteps)
-        return mask_padding(causal_conv(x, self.compute_kernel(x.shape[1]), dim=-2), lengths)
-
-    def step_form(self) -> ChannelDenseStepForm:
-        a, b, c = self.discretize(torch.float64)
-        return ChannelDenseStepForm(a[:, None, None], b[:, None], c[None, :, None])
-
-
-@hookimpl
-def lrnnx_zoo_register_layers(registry: Registry) -> None:
-    registry.add_layer("ema", EMA)
-
-
-@hookimpl
-def lrnnx_zoo_register_initializers(registry: Registry) -> None:
-    registry.add_initializer("ema", "flat", flat_init)
-
-
-plugin: lrnnx_zoo.PluginInfo = lrnnx_zoo.register_plugin(sys.modules[__name__], name="ema")
+plugin: lrnnx_zoo.PluginInfo = lrnnx_zoo.register_plugin(lrnnx_ema, name="ema")
 ema_step: Tuple[Tensor, Dict[str, Any]] = lrnnx_zoo.create_layer("ema", 16).step(torch.zeros(1, 16), {})

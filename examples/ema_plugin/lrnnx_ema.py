@@ -14,6 +14,7 @@ from torch import Tensor, nn
 import lrnnx_zoo
 from lrnnx_zoo.base import LTI_LRNN, check_sizes, mask_padding
 from lrnnx_zoo.convolution import causal_conv
+from lrnnx_zoo.registry import Registry
 from lrnnx_zoo.step_forms import ChannelDenseStepForm
 
 
@@ -68,10 +69,10 @@ class EMA(LTI_LRNN):
 
 
 @lrnnx_zoo.hookimpl
-def lrnnx_zoo_register_layers(registry) -> None:
+def lrnnx_zoo_register_layers(registry: Registry) -> None:
     registry.add_layer("ema", EMA)
 
 
 @lrnnx_zoo.hookimpl
-def lrnnx_zoo_register_initializers(registry) -> None:
+def lrnnx_zoo_register_initializers(registry: Registry) -> None:
     registry.add_initializer("ema", "flat", flat_init)
