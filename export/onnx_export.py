@@ -20,9 +20,8 @@ import contextlib
 import logging
 import os
 import uuid
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 from lrnnx_zoo.chunk_forms import check_chunk
 from lrnnx_zoo.shapes import integer
 from lrnnx_zoo.step_forms import onnx_ops
+from lrnnx_zoo.thread_warnings import this_threads_warnings
 from lrnnx_zoo.utf8 import openable
 
 from .options import DEFAULT_OPSET, MAX_LEGACY_OPSET, MAX_OPSET, MIN_DYNAMO_OPSET, MIN_OPSET
@@ -102,8 +102,11 @@ def _onnx_log_as_found() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet(record: List[str]) -> Iterator[None]:
-    """Collect upstream warnings (kept in the result) and silence the exporters' chatter; process-wide
-    settings, so other threads' exports wait meanwhile (:data:`~.step_graph.EXPORT_LOCK`)."""
+    """Collect the calling thread's upstream warnings (kept in the result, not shown) and silence the
+    exporters' chatter. The warnings are caught in this thread only (:func:`this_threads_warnings`):
+    ``catch_warnings`` here took every other thread's warnings into the export's list (none shown) and
+    on exit undid filters set meanwhile. The logger levels are process-wide, so other threads' exports
+    wait meanwhile (:data:`~.step_graph.EXPORT_LOCK`)."""
     chatter = {n: logging.ERROR for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")}
     # a form the tracer cannot follow (a branch on a value) had these print its whole traced graph and
     # error lines to stderr, before the one-line ExportError that says what failed (step_graph.tracing)
@@ -114,11 +117,12 @@ def _quiet(record: List[str]) -> Iterator[None]:
         levels = [lg.level for lg in loggers]
         for lg in loggers:
             lg.setLevel(chatter[lg.name])
+        caught: Set[str] = set()
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            with this_threads_warnings(lambda category, text: caught.add(
+                    f"{category.__name__}: {(text.splitlines() or [''])[0]}")):
                 yield
-            record.extend(sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught}))
+            record.extend(sorted(caught))
         finally:
             for lg, level in zip(loggers, levels):
                 lg.setLevel(level)

@@ -18,7 +18,6 @@ import copy
 import io
 import sys
 import threading
-import warnings
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from lrnnx_zoo.base import made_by, reference_tensor
 from lrnnx_zoo.models import SequenceModel, running_count_step, running_mean_step
 from lrnnx_zoo.step_forms import StepFormError, check_step_form, same_form, same_kind, step_form_dtype
+from lrnnx_zoo.thread_warnings import this_threads_warnings
 
 #: Poolings a step graph can reproduce causally (None = sequence to sequence).
 CAUSAL_POOLINGS = (None, "mean", "last")
@@ -152,8 +152,9 @@ class StepModule(nn.Module):
 TRACE_BATCH = 3
 
 
-#: Held while an export has process-wide state swapped: sys.stderr (:func:`tracing`), the warnings filters
-#: and hook and the exporters' logger levels (``onnx_export._quiet``), the root logger's level (``quantize``).
+#: Held while an export has process-wide state swapped: sys.stderr (:func:`tracing`) and the exporters'
+#: logger levels (``onnx_export._quiet``; its warnings are caught in the exporting thread only), and while
+#: onnxruntime quantises (``quantize``).
 #: Each swap restores what it found on entry, so two threads' exports overlapping without nesting (A in,
 #: B in, A out, B out) restored each other's: sys.stderr stayed A's StringIO (B found it on entry), which
 #: kept every later write of the process and showed none; the filters stayed "always", the loggers muted.
@@ -259,8 +260,8 @@ def _trace_binds_batch(form: nn.Module, shapes: List[Tuple[int, ...]]) -> bool:
     with itself at batch 2 (float32 rounding allowed). A form that cannot be traced or run at all is not judged."""
     g = torch.Generator().manual_seed(0)
     traced_at, run_at = ([torch.randn(b, *shape, generator=g) for shape in shapes] for b in (TRACE_BATCH, 2))
-    with EXPORT_LOCK, torch.no_grad(), warnings.catch_warnings():      # the filters: see EXPORT_LOCK
-        warnings.simplefilter("ignore")                      # the TracerWarnings the probe is looking for
+    # the TracerWarnings the probe is looking for, dropped in this thread only
+    with EXPORT_LOCK, torch.no_grad(), this_threads_warnings():
         try:
             traced = torch.jit.trace(form, tuple(traced_at), check_trace=False)
             want = form(*run_at)

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import uuid
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lrnnx_zoo.chunk_forms import check_chunk
+from lrnnx_zoo.thread_warnings import this_threads_warnings
 from lrnnx_zoo.utf8 import is_utf8, openable
 
 from .chunk_graph import ChunkModule, chunk_metadata, chunked
@@ -32,7 +32,7 @@ from .onnx_export import _quiet, check_batch, sample_inputs
 from .paths import output_location
 from .provenance import META_PREFIX, Source, graph_metadata, load_source
 from .result import ExportResult
-from .step_graph import (EXPORT_LOCK, TRACE_BATCH, ExportError, StepModule, batch_bound_note, build_step_module,
+from .step_graph import (TRACE_BATCH, ExportError, StepModule, batch_bound_note, build_step_module,
                          no_autocast, tracing)
 from .validate import FLOAT32_TOLERANCE, StreamFn, torch_stream, validate_stream
 
@@ -109,14 +109,12 @@ def _strip_stack_traces(program: torch.export.ExportedProgram) -> None:
 
 
 def load_torchscript(path: Union[str, Path]) -> torch.jit.ScriptModule:
-    """Load a TorchScript step module (its upstream deprecation warning silenced; the warnings filters are
-    the process's, so not while an export in another thread has them: :data:`~.step_graph.EXPORT_LOCK`).
+    """Load a TorchScript step module (its upstream deprecation warnings silenced in the calling thread
+    only: :func:`~lrnnx_zoo.thread_warnings.this_threads_warnings`).
 
     A .ts is code: torch.jit.load compiles and runs the TorchScript source the archive carries, so load
     only files you made or trust, and stream graphs from elsewhere as ONNX (:class:`~.runtime.OnnxStreamer`)."""
-    with EXPORT_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
+    with this_threads_warnings(None, DeprecationWarning), this_threads_warnings(None, FutureWarning):
         with openable(path) as name:
             return torch.jit.load(name, map_location="cpu")
 

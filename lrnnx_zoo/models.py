@@ -14,9 +14,8 @@ import contextlib
 import copy
 import dataclasses
 import json
-import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +27,7 @@ from .hub_save import HubMixin, resampled_info
 from .registry import create_layer
 from .shapes import positive_int
 from .ssm_kernel import check_rate
+from .thread_warnings import this_threads_warnings
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
 NORMS = ("layer", "batch", "none")
@@ -42,35 +42,12 @@ SIZE_KWARGS = ("d_state", "channels", "l_max", "rank")  # integer sizes layers t
 PROBE_STATES = (8, 16, 32)
 
 
-@contextlib.contextmanager
-def ignoring_warnings() -> Iterator[None]:
-    """Ignore the warnings raised inside, for ModelConfig's probes (a plugin's warning about sizes the
-    caller did not ask for), without saving and restoring the process's warnings filters.
-
-    ``warnings.catch_warnings`` puts back the filter list it found on entry: beside another thread's
-    (an export's, a caller's) entered and left in the other order, each put back the other's, and an
-    "ignore everything" could stay for good. Here one filter is put first in the list that is current
-    and that filter alone is taken out of that same list on the way out, whatever else changed meanwhile.
-    While it is there, other threads' warnings are ignored too (as under catch_warnings)."""
-    entry = ("ignore", None, Warning, None, 0)
-    filters = warnings.filters
-    filters.insert(0, entry)
-    _filters_changed()
-    try:
-        yield
-    finally:
-        for i, item in enumerate(filters):
-            if item is entry:
-                del filters[i]
-                break
-        _filters_changed()
-
-
-def _filters_changed() -> None:
-    """Tell the warnings module its filter list changed (so warnings it already cached are looked up again)."""
-    changed = getattr(warnings, "_filters_mutated", None)
-    if changed is not None:
-        changed()
+def ignoring_warnings() -> contextlib.AbstractContextManager[None]:
+    """Ignore the warnings the calling thread raises inside, for ModelConfig's probes (a plugin's warning
+    about sizes the caller did not ask for), without touching the process's warnings filters as
+    ``warnings.catch_warnings`` would (:func:`~lrnnx_zoo.thread_warnings.this_threads_warnings`):
+    other threads' warnings are filtered and shown as usual meanwhile (they were ignored too)."""
+    return this_threads_warnings()
 
 
 def _short(value: Any) -> str:

@@ -13,8 +13,9 @@ import json
 import signal
 import sys
 import threading
-import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
+
+from .thread_warnings import this_threads_warnings
 
 
 def _int_in(text: str, minimum: int, maximum: Optional[int], expected: str) -> int:
@@ -191,22 +192,12 @@ def stop_signals_raise() -> Iterator[None]:
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
-@contextlib.contextmanager
-def _warnings_as_lines(category: Union[Type[Warning], Tuple[Type[Warning], ...]]) -> Iterator[None]:
-    """Show warnings of ``category`` as one ``lrnnx-zoo train: warning: ...`` line each (not Python's
-    file:line form), every time; other warnings as usual."""
-    with warnings.catch_warnings():                       # restores showwarning and the filters
-        for cat in category if isinstance(category, tuple) else (category,):
-            warnings.simplefilter("always", cat)
-        show = warnings.showwarning
-
-        def show_line(message: Any, cat: Type[Warning], *args: Any, **kwargs: Any) -> None:
-            if issubclass(cat, category):
-                print(f"lrnnx-zoo train: warning: {message}", file=sys.stderr)
-            else:
-                show(message, cat, *args, **kwargs)
-        warnings.showwarning = show_line
-        yield
+def _warnings_as_lines(category: Union[Type[Warning], Tuple[Type[Warning], ...]]) -> contextlib.AbstractContextManager[None]:
+    """Show the calling thread's warnings of ``category`` as one ``lrnnx-zoo train: warning: ...`` line
+    each (not Python's file:line form), every time; other warnings, and other threads', as usual (the
+    process's filters and ``showwarning`` are left alone: :mod:`lrnnx_zoo.thread_warnings`)."""
+    return this_threads_warnings(lambda cat, text: print(f"lrnnx-zoo train: warning: {text}", file=sys.stderr),
+                                 category)
 
 
 def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:

@@ -1,0 +1,96 @@
+"""Catch the warnings of the calling thread only, leaving the process's filters and hooks to everyone else.
+
+``warnings.catch_warnings`` replaces the process's filter list and ``showwarning`` while it is open and
+puts back what it found on exit. In a library called from a threaded application that is wrong twice:
+meanwhile every other thread's warnings go through the swapped filters (an export's "record everything"
+took a server thread's warnings into the export's result and never showed them), and on exit a filter
+another thread added meanwhile is undone (two swaps that do not nest restore each other's).
+
+:func:`this_threads_warnings` puts one entry at the front of the filter list that is current and takes
+that entry alone out again, whatever else changed meanwhile. The entry matches only in the thread that
+made it: the warnings module calls its message pattern's ``match(text)`` and then ``issubclass(category,
+entry_category)`` (both in C and in the pure-Python module, message first), so one object in both slots
+sees the text and then the category of each warning and answers False in every other thread, whose
+warnings go on to the filters after it as if it were not there. Its action is "ignore": a caught warning
+is handed to the caller's function and not shown. The filter list's version is bumped on entry and exit
+(as ``warnings.simplefilter`` does), so no warning is skipped as "already shown" by a registry
+(``__warningregistry__``) written under another filter list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from typing import Callable, Iterator, Optional, Tuple, Type, Union
+
+#: Called with (category, message text) for each caught warning.
+WarningHandler = Callable[[Type[Warning], str], None]
+#: A warning category, or a tuple of them (as ``issubclass`` takes).
+Categories = Union[Type[Warning], Tuple[Type[Warning], ...]]
+
+
+class _ThreadGate:
+    """A filter entry's message pattern and category at once: matches ``category`` in its own thread only."""
+
+    def __init__(self, category: Categories, handler: Optional[WarningHandler]) -> None:
+        self.thread = threading.get_ident()
+        self.category, self.handler = category, handler
+        self.active = True
+        self.text: Optional[str] = None
+
+    def match(self, text: str) -> bool:
+        """The message slot (called first): keeps the text for the category check in this thread."""
+        if not self.active or threading.get_ident() != self.thread:
+            return False
+        self.text = text
+        return True
+
+    def __subclasscheck__(self, category: type) -> bool:
+        """The category slot: True (the warning is caught and handled) for a ``category`` warning of this
+        thread whose text :meth:`match` saw; False otherwise (it goes on to the next filter)."""
+        if not self.active or threading.get_ident() != self.thread or self.text is None:
+            return False
+        text, self.text = self.text, None
+        if not issubclass(category, self.category):
+            return False
+        if self.handler is not None:
+            self.handler(category, text)
+        return True
+
+    def __repr__(self) -> str:
+        kinds = self.category if isinstance(self.category, tuple) else (self.category,)
+        return f"<warnings of {', '.join(k.__name__ for k in kinds)} in thread {self.thread} (lrnnx_zoo)>"
+
+
+def _filters_changed() -> None:
+    """Tell the warnings module its filter list changed (so warnings it already cached are looked up again)."""
+    changed = getattr(warnings, "_filters_mutated", None)
+    if changed is not None:
+        changed()
+
+
+@contextlib.contextmanager
+def this_threads_warnings(handler: Optional[WarningHandler] = None,
+                          category: Categories = Warning) -> Iterator[None]:
+    """Inside, each warning of ``category`` the calling thread raises goes to ``handler(category, text)``
+    (dropped when ``handler`` is None) and is not shown; other threads' warnings, and this thread's of
+    other categories, are filtered and shown as usual. Nests (the innermost catches first). A filter put
+    in front of it meanwhile (``warnings.simplefilter("error")`` in any thread) takes precedence, as a
+    newer filter does. Inside another thread's ``catch_warnings`` that is left first, this thread's
+    warnings are filtered as usual from then on (that exit puts back a list without the entry)."""
+    gate = _ThreadGate(category, handler)
+    entry = ("ignore", gate, gate, None, 0)
+    filters = warnings.filters
+    filters.insert(0, entry)
+    _filters_changed()
+    try:
+        yield
+    finally:
+        gate.active = False          # inert where a copy of the list (another catch_warnings') still holds it
+        for current in {id(filters): filters, id(warnings.filters): warnings.filters}.values():
+            for i, item in enumerate(current):
+                if item is entry:
+                    del current[i]
+                    break
+        _filters_changed()

@@ -1,0 +1,180 @@
+"""Process-wide state the library must leave to the application around it (a threaded server, a notebook).
+
+What the library silences or records for itself (an export's upstream warnings, ModelConfig's probes,
+torch.jit's deprecation warnings on load, the train command's warning lines) is the calling thread's
+only: ``warnings.catch_warnings`` swapped the process's filters and showwarning, so another thread's
+warnings went into an export's result (never shown) or were ignored while it ran, and a filter set
+meanwhile was undone on exit.
+
+Each threaded test holds the library's context open in a worker with events (no sleeps, no timing):
+the main thread acts only while the worker is known to be inside.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable, ContextManager, List, Tuple
+
+import pytest
+import torch
+
+from lrnnx_zoo.thread_warnings import this_threads_warnings
+
+
+class Held:
+    """Run ``work(hold)`` in a worker thread, whose ``hold()`` (called inside the library's context) waits
+    until the ``with`` block is left: the block runs while the worker is known to be inside."""
+
+    def __init__(self, work: Callable[[Callable[[], None]], object]) -> None:
+        self.entered, self.go = threading.Event(), threading.Event()
+        self.errors: List[BaseException] = []
+
+        def hold() -> None:
+            self.entered.set()
+            self.go.wait(30)
+
+        def run() -> None:
+            try:
+                work(hold)
+            except BaseException as exc:    # noqa: BLE001 -- reported by the test
+                self.errors.append(exc)
+            finally:
+                self.entered.set()
+        self.thread = threading.Thread(target=run)
+
+    def __enter__(self) -> "Held":
+        self.thread.start()
+        assert self.entered.wait(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.go.set()
+        self.thread.join(30)
+        assert not self.errors
+
+
+def inside(context: Callable[[], ContextManager[object]]) -> Callable[[Callable[[], None]], None]:
+    """Work for :class:`Held`: hold inside ``context()``."""
+    def work(hold: Callable[[], None]) -> None:
+        with context():
+            hold()
+    return work
+
+
+@pytest.fixture
+def shown(monkeypatch) -> List[Tuple[str, str]]:
+    """The warnings the process shows (category name, text), every time; filters put back afterwards."""
+    seen: List[Tuple[str, str]] = []
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    monkeypatch.setattr(warnings, "showwarning", lambda message, category, *a, **k: seen.append(
+        (category.__name__, str(message))))
+    warnings.simplefilter("always")
+    yield seen
+    warnings._filters_mutated()
+
+
+def held_work(name: str, monkeypatch, tmp_path: Path) -> Callable[[Callable[[], None]], None]:
+    """What the worker runs for each of the library's own warning catches, held open inside it."""
+    from lrnnx_zoo.export.onnx_export import _quiet
+    from lrnnx_zoo.models import ignoring_warnings
+    from lrnnx_zoo.training_cli import _warnings_as_lines
+    if name == "torchscript load":              # held inside torch.jit.load, under load_torchscript's catch
+        from lrnnx_zoo.export.torchscript_export import load_torchscript
+        path = tmp_path / "m.ts"
+        path.write_bytes(b"")
+        hold_here: List[Callable[[], None]] = []
+        monkeypatch.setattr(torch.jit, "load", lambda *a, **k: hold_here[0]())
+        return lambda hold: (hold_here.append(hold), load_torchscript(path))[1]
+    return inside({"export": lambda: _quiet([]), "model probes": ignoring_warnings,
+                   "train command": lambda: _warnings_as_lines(UserWarning)}[name])
+
+
+CATCHES = ["export", "model probes", "train command", "torchscript load"]
+
+
+@pytest.mark.parametrize("name", CATCHES)
+def test_another_threads_warnings_are_shown_while_the_library_catches_its_own(name: str, shown, monkeypatch,
+                                                                              tmp_path: Path) -> None:
+    # Old: under the worker's catch_warnings the main thread's warnings went into the export's record
+    # (shown: []), were ignored (probes), printed as train lines through the command's showwarning, or
+    # (torchscript load) its DeprecationWarning ignored.
+    with Held(held_work(name, monkeypatch, tmp_path)):
+        warnings.warn("from the server thread", UserWarning)
+        warnings.warn("deprecated in the server thread", DeprecationWarning)
+    assert shown == [("UserWarning", "from the server thread"),
+                     ("DeprecationWarning", "deprecated in the server thread")]
+
+
+@pytest.mark.parametrize("name", CATCHES)
+def test_a_filter_another_thread_sets_meanwhile_stays(name: str, shown, monkeypatch, tmp_path: Path) -> None:
+    # Old: leaving catch_warnings put back the list it had copied on entry, without the server's filter.
+    entry = ("error", None, RuntimeWarning, None, 0)
+    with Held(held_work(name, monkeypatch, tmp_path)):
+        warnings.filters.insert(0, entry)
+        warnings._filters_mutated()
+    assert warnings.filters[0] == entry
+    with pytest.raises(RuntimeWarning):
+        warnings.warn("now an error", RuntimeWarning)
+
+
+def test_an_export_records_its_own_warnings_every_time_and_shows_none(shown) -> None:
+    # The export's record keeps what it had (category: first line), also for a warning the process has
+    # already shown once under a "default" filter (its registry entry is not taken as "already shown").
+    from lrnnx_zoo.export.onnx_export import _quiet
+    warnings.simplefilter("default")
+
+    def upstream() -> None:
+        warnings.warn("traced a branch\nsecond line", UserWarning)
+    upstream()
+    records: List[List[str]] = [[], []]
+    for record in records:
+        with _quiet(record):
+            upstream()
+            warnings.warn("", FutureWarning)            # an empty message is recorded, not an IndexError
+    assert records[0] == records[1] == ["FutureWarning: ", "UserWarning: traced a branch"]
+    assert shown == [("UserWarning", "traced a branch\nsecond line")]
+
+
+def test_nested_catches_take_the_innermost_first_and_leave_no_entry_behind(shown) -> None:
+    outer: List[str] = []
+    filters = list(warnings.filters)
+    with this_threads_warnings(lambda c, t: outer.append(t)):
+        with pytest.raises(KeyboardInterrupt):
+            with this_threads_warnings(None, DeprecationWarning):
+                warnings.warn("dropped", DeprecationWarning)
+                warnings.warn("to the outer", UserWarning)
+                raise KeyboardInterrupt                    # an interrupted call takes its entry out too
+        warnings.warn("outer again", DeprecationWarning)
+    warnings.warn("shown", UserWarning)
+    assert outer == ["to the outer", "outer again"] and shown == [("UserWarning", "shown")]
+    assert warnings.filters == filters
+
+
+def test_an_entry_put_back_by_another_thread_is_inert(shown) -> None:
+    # A server thread snapshots the filter list while an export runs (the export's entry in it) and puts
+    # the snapshot back after the export has left: the entry is back in the list and must no longer catch
+    # the exporting thread's warnings (they are shown).
+    entered, snapped, left, restored = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+    caught: List[str] = []
+
+    def export() -> None:
+        with this_threads_warnings(lambda c, t: caught.append(t)):
+            entered.set()
+            snapped.wait(30)
+        left.set()
+        restored.wait(30)
+        warnings.warn("after the export", UserWarning)       # the same thread, its entry back in the list
+
+    t = threading.Thread(target=export)
+    t.start()
+    assert entered.wait(30)
+    snapshot = list(warnings.filters)
+    snapped.set()
+    assert left.wait(30)
+    warnings.filters[:] = snapshot
+    warnings._filters_mutated()
+    restored.set()
+    t.join(30)
+    assert caught == [] and shown == [("UserWarning", "after the export")]
