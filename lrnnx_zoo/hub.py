@@ -1299,6 +1299,8 @@ def _load_checkpoint_once(folder: Path, source: Optional[Dict[str, Any]],
                           notes: List[Tuple[str, type]]) -> "SequenceModel":
     """One read of :func:`load_checkpoint`: the model; the warnings it has to give are appended to
     ``notes`` (message, category), given once the read is known to be of one save."""
+    import torch
+
     from .models import ModelConfig, SequenceModel
 
     config = read_config(folder)
@@ -1326,7 +1328,11 @@ def _load_checkpoint_once(folder: Path, source: Optional[Dict[str, Any]],
     shapes = _read_header(folder / WEIGHTS_NAME)     # the file's shapes, read before anything is allocated
     _check_backbone(model_config, shapes, folder / WEIGHTS_NAME, changed)
     try:
-        model = SequenceModel(model_config)
+        # built from a fork of torch's global generator: its random initial weights are all replaced by
+        # the file's, and drawing them moved the caller's stream (torch.manual_seed(0); from_pretrained(...);
+        # torch.randn(...) drew other numbers for each architecture loaded in between)
+        with torch.random.fork_rng(devices=[]):
+            model = SequenceModel(model_config)
     except (TypeError, ValueError, LookupError, RuntimeError, MemoryError) as exc:
         # RuntimeError: the allocator's, for sizes within the parameter budget whose initialisation is
         # not (S4D's HiPPO matrix is d_state x d_state)

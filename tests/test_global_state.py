@@ -4,7 +4,7 @@ What the library silences or records for itself (an export's upstream warnings, 
 torch.jit's deprecation warnings on load, the train command's warning lines) is the calling thread's
 only: ``warnings.catch_warnings`` swapped the process's filters and showwarning, so another thread's
 warnings went into an export's result (never shown) or were ignored while it ran, and a filter set
-meanwhile was undone on exit.
+meanwhile was undone on exit. A load does not move the caller's random stream.
 
 Each threaded test holds the library's context open in a worker with events (no sleeps, no timing):
 the main thread acts only while the worker is known to be inside.
@@ -178,3 +178,15 @@ def test_an_entry_put_back_by_another_thread_is_inert(shown) -> None:
     restored.set()
     t.join(30)
     assert caught == [] and shown == [("UserWarning", "after the export")]
+
+
+def test_from_pretrained_leaves_the_callers_random_stream(tmp_path: Path) -> None:
+    # Old: building the model drew its (then replaced) initial weights from the global generator, so
+    # torch.randn after a load gave other numbers than without it.
+    from lrnnx_zoo import ModelConfig, SequenceModel, from_pretrained
+    SequenceModel(ModelConfig(layer="s4d", d_input=1, d_output=2, d_model=4, n_layers=1)).save_pretrained(tmp_path)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    from_pretrained(tmp_path)
+    assert torch.equal(torch.rand(4), expected)
