@@ -4,7 +4,8 @@ What the library silences or records for itself (an export's upstream warnings, 
 torch.jit's deprecation warnings on load, the train command's warning lines) is the calling thread's
 only: ``warnings.catch_warnings`` swapped the process's filters and showwarning, so another thread's
 warnings went into an export's result (never shown) or were ignored while it ran, and a filter set
-meanwhile was undone on exit. A load does not move the caller's random stream.
+meanwhile was undone on exit. A load does not move the caller's random stream, and an int8 export does
+not leave onnxruntime's implicit root handler behind.
 
 Each threaded test holds the library's context open in a worker with events (no sleeps, no timing):
 the main thread acts only while the worker is known to be inside.
@@ -12,6 +13,7 @@ the main thread acts only while the worker is known to be inside.
 
 from __future__ import annotations
 
+import logging
 import threading
 import warnings
 from pathlib import Path
@@ -190,3 +192,32 @@ def test_from_pretrained_leaves_the_callers_random_stream(tmp_path: Path) -> Non
     torch.manual_seed(123)
     from_pretrained(tmp_path)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_an_int8_quantisation_leaves_no_implicit_root_handler(monkeypatch) -> None:
+    # onnxruntime's quantizer logs through logging.warning / logging.info, which give a root logger without
+    # handlers logging.basicConfig()'s stderr handler, for good: an application's own basicConfig(level=...,
+    # format=...) afterwards did nothing. Old: that handler was left; now taken off, while a handler the
+    # application added meanwhile (with its own format) stays.
+    import onnxruntime.quantization as ortq
+    from onnx import TensorProto, helper
+
+    from lrnnx_zoo.export.quantize import quantize_int8
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])          # as in a process that configured no logging
+    mine = logging.StreamHandler()
+    mine.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    advice = compile("import logging\nlogging.info('Please consider to run pre-processing')", ortq.__file__, "exec")
+
+    def stand_in(*args, **kwargs):
+        exec(advice, {})                                 # from onnxruntime's file, as its quantizer logs
+        assert len(root.handlers) == 1                   # basicConfig's, added by the module-level call
+        root.addHandler(mine)
+        raise RuntimeError("stand-in quantizer: nothing written")
+    monkeypatch.setattr(ortq, "quantize_dynamic", stand_in)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    with pytest.raises(RuntimeError, match="stand-in"):
+        quantize_int8(Path("unused.onnx"), Path("unused-int8.onnx"), {}, helper.make_model(graph))
+    assert root.handlers == [mine]
