@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -261,8 +262,12 @@ def upload_folder(folder: Path, repo_id: str, files: List[str], token: Optional[
         raise FileNotFoundError(f"cannot upload {folder}: missing {missing}; run export_folder first")
     api = HfApi(token=token)  # endpoint from HF_ENDPOINT
     kept = f"the export is complete in {folder}"
-    with publishing("upload to", repo_id, f"{kept}; push it again with huggingface_hub's upload_folder or "
-                    f"`hf upload {repo_id} {folder}`"):
+    # the export's files only: `hf upload REPO DIR` took everything in DIR (the user's own files beside
+    # the export, a .env, files that links there point to)
+    include = " ".join(f"--include {shlex.quote(f)}" for f in files)
+    with publishing("upload to", repo_id, f"{kept}; push it again with huggingface_hub's upload_folder("
+                    f"allow_patterns={files!r}) or `hf upload {shlex.quote(repo_id)} {shlex.quote(os.fspath(folder))} . "
+                    f"{include}`"):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         _check_repo_not_overwriting(api, repo_id, kept)
         # a graph of another format from an earlier push would no longer match config.json

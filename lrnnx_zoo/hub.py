@@ -855,10 +855,13 @@ def library_field(config: Any) -> str:
 def peek_config(path: Path) -> Optional[Dict[str, Any]]:
     """``path`` (a config.json) as a dict, or None when it is missing, unreadable or not a JSON
     object: for deciding what a folder holds before writing over it, where :func:`read_config`'s
-    errors would be the wrong answer."""
+    errors would be the wrong answer. One larger than :data:`MAX_CONFIG_BYTES` (no config from_pretrained
+    reads) is not read into memory: it is None, as unreadable."""
     if not Path(path).is_file():     # a FIFO would be waited on, /dev/zero read forever
         return None
     try:
+        if Path(path).stat().st_size > MAX_CONFIG_BYTES:    # a 3 GB (sparse) file was read whole
+            return None
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None

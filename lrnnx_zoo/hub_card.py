@@ -197,11 +197,17 @@ def _describe(dataset: Any) -> List[str]:
 
 
 def card_metrics(readme: Path) -> Dict[str, Any]:
-    """The metrics recorded in a model card's ``model-index`` (empty if none or no card)."""
+    """The metrics recorded in a model card's ``model-index`` (empty if none or no card); a card larger
+    than :data:`~lrnnx_zoo.hub.MAX_CARD_BYTES` (what a Hub download fetches) is not read."""
     from huggingface_hub import ModelCard
 
+    from .hub import MAX_CARD_BYTES
     if not readme.is_file():
         return {}
+    size = readme.stat().st_size
+    if size > MAX_CARD_BYTES:      # `lrnnx-zoo info` read a 3 GB (sparse) card whole
+        raise UnreadableCardError(f"{readme} (the model card) is {size / 1e6:.0f} MB, expected at most "
+                                  f"{MAX_CARD_BYTES / 1e6:.0f} MB (a few kB as lrnnx-zoo writes it); it is not read")
     try:
         card = ModelCard.load(readme, ignore_metadata_errors=True)
         return {r.metric_type: r.metric_value for r in (card.data.eval_results or [])}

@@ -100,12 +100,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _export_push_hint(args: argparse.Namespace) -> str:
     """For SRC a local export folder, the command that publishes an export (``push`` publishes
     checkpoints; the refusal named only OnnxStreamer and from_pretrained as ways on); else ""."""
-    from .hub import EXPORT_KIND, loadable_source
-    try:
-        config = json.loads((Path(args.src) / "config.json").read_text())
-    except (OSError, ValueError):
-        return ""
-    if not isinstance(config, dict) or config.get("kind") != EXPORT_KIND:
+    from .hub import CONFIG_NAME, EXPORT_KIND, loadable_source, peek_config
+    # peek_config: a FIFO named config.json hung the refused push here, a 3 GB one was read whole
+    config = peek_config(Path(args.src) / CONFIG_NAME)
+    if config is None or config.get("kind") != EXPORT_KIND:
         return ""
     origin = loadable_source(config.get("source_checkpoint") or config.get("source")) or "SRC"
     return (f". To publish the export itself, export again with --push-to-hub (and the flags it was made "

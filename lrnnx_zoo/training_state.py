@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import __version__, wording
-from .folder_swap import replaced_folder
+from .folder_swap import _remove, replaced_folder
 from .hub_save import write_safetensors
 from .models import ModelConfig, SequenceModel
 from .recipes import Recipe
@@ -55,6 +54,8 @@ FORMAT = "lrnnx-zoo-training-state"
 FORMAT_VERSION = 1
 KEEP = 2  # snapshots kept: the newest, and one to fall back on should the newest be damaged
 _NAME = re.compile(r"step-(\d+)")
+#: state.json holds counters, the recipe and the optimiser's groups: a few kB. A larger one is not read.
+MAX_RECORD_BYTES = 16 << 20
 #: Recipe fields a user can set, for telling them how to make a resumed run match its snapshot: as
 #: `lrnnx-zoo train` flags, or as keywords of lrnnx_zoo.recipes.override from Python
 _FLAGS = {"seed": "--seed", "optim.epochs": "--epochs", "optim.batch_size": "--batch-size",
@@ -137,6 +138,10 @@ def rng_state(tensors: Dict[str, Tensor], kind: str, rank: int) -> Optional[Tens
 def write_snapshot(root: Path, step: int, tensors: Dict[str, Tensor], record: Dict[str, Any]) -> Path:
     """Write snapshot ``step`` under ``root`` atomically, then drop all but the newest :data:`KEEP`."""
     folder = snapshot_folder(root, step)
+    if folder.is_symlink():
+        # the entry is replaced, not the folder a link there points to: replaced_folder writes through a
+        # link, and a planted step-N link to ~/Documents had that folder replaced by the snapshot
+        folder.unlink()
     with replaced_folder(folder, keep=lambda entry: False) as tmp:
         write_safetensors(tensors, tmp / TENSORS_NAME, {"format": FORMAT})
         record = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
@@ -154,9 +159,9 @@ def prune(root: Path, keep: int) -> None:
     for _, folder in list_snapshots(root)[:-keep]:
         doomed = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
         folder.rename(doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        _remove(doomed)                   # a link is unlinked (rmtree refused it, and it stayed), never followed
     for leftover in root.glob(".step-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+        _remove(leftover)
 
 
 def _sha256(path: Path) -> str:
@@ -168,9 +173,11 @@ def _sha256(path: Path) -> str:
 
 
 # -- reading ------------------------------------------------------------------------------------
-def read_snapshot(folder: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+def read_snapshot(folder: Path, max_bytes: Optional[int] = None) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     """(tensors, record) of the snapshot in ``folder``; a SnapshotError saying what is wrong with a
-    damaged one (a missing or truncated file, unreadable JSON, tensors whose sha256 differs)."""
+    damaged one (a missing or truncated file, unreadable JSON, tensors whose sha256 differs).
+    Neither file is read when larger than it can be: state.json than :data:`MAX_RECORD_BYTES`, the
+    tensors than ``max_bytes`` (:func:`snapshot_bound` of the run's model; None: unbounded)."""
     import safetensors.torch
 
     state_file, tensors_file = folder / STATE_NAME, folder / TENSORS_NAME
@@ -180,6 +187,13 @@ def read_snapshot(folder: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     for path in (state_file, tensors_file):
         if not path.is_file():
             raise SnapshotError(f"the snapshot {folder} is damaged: {path.name} is missing")
+    # both were read whole: a 3 GB (sparse) state.json exhausted the memory before any check
+    for path, limit, usual in ((state_file, MAX_RECORD_BYTES, "lrnnx-zoo writes a few kB"),
+                               (tensors_file, max_bytes, "this run's model's weights and AdamW state")):
+        size = path.stat().st_size
+        if limit is not None and size > limit:
+            raise SnapshotError(f"the snapshot {folder} is damaged: {path.name} is {size / 1e6:.1f} MB, expected at "
+                                f"most {limit / 1e6:.1f} MB ({usual}); it is not read")
     try:
         record = json.loads(state_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:     # RecursionError: nested too deeply
@@ -224,16 +238,24 @@ def locate(resume: Union[bool, str, Path], out_dir: Optional[Union[str, Path]]) 
     return found[-1][1]
 
 
-def load(folder: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+def snapshot_bound(recipe: Recipe, world_size: int = 1) -> int:
+    """The most bytes a snapshot's tensors of ``recipe``'s model may take, known before it is built: the
+    weights and AdamW's two moments are 24 bytes per parameter in float64; 64 per parameter of
+    :meth:`ModelConfig.parameter_estimate` leaves room for buffers and layers it undercounts (the
+    shipped recipes' float32 snapshots are 1/5 of it), plus 64 MiB per process for the generators."""
+    return 64 * ModelConfig(**recipe.model).parameter_estimate() + (64 << 20) * max(world_size, 1)
+
+
+def load(folder: Path, max_bytes: Optional[int] = None) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     """:func:`read_snapshot`, and for a damaged snapshot an error that names the newest older one
     that is intact, if there is one, and how to resume from it."""
     try:
-        return read_snapshot(folder)
+        return read_snapshot(folder, max_bytes)
     except SnapshotError as exc:
         older = [p for step, p in reversed(list_snapshots(folder.parent)) if p.name < folder.name]
         for candidate in older:
             try:
-                read_snapshot(candidate)
+                read_snapshot(candidate, max_bytes)
             except SnapshotError:
                 continue
             raise SnapshotError(f"{exc}. The older snapshot {candidate} is intact: resume from it with "
@@ -460,7 +482,7 @@ def starting_point(recipe: Recipe, plan: StepPlan, out_dir: Optional[str], resum
 
     def pick() -> Tuple[Path, Dict[str, Tensor], Dict[str, Any]]:
         folder = locate(resume, out_dir)
-        tensors, record = load(folder)
+        tensors, record = load(folder, snapshot_bound(recipe, di.world_size))
         check_same_run(folder, record.get("run", {}), run)
         check_same_dtype(folder, tensors)
         return folder, tensors, record
