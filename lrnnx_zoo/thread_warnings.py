@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from typing import Callable, Iterator, Optional, Tuple, Type, Union
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Type, Union, cast
 
 #: Called with (category, message text) for each caught warning.
 WarningHandler = Callable[[Type[Warning], str], None]
@@ -81,14 +81,15 @@ def this_threads_warnings(handler: Optional[WarningHandler] = None,
     warnings are filtered as usual from then on (that exit puts back a list without the entry)."""
     gate = _ThreadGate(category, handler)
     entry = ("ignore", gate, gate, None, 0)
-    filters = warnings.filters
+    # typeshed types the list's entries as patterns and classes; the entry holds the gate in both slots
+    filters = cast(List[Any], warnings.filters)
     filters.insert(0, entry)
     _filters_changed()
     try:
         yield
     finally:
         gate.active = False          # inert where a copy of the list (another catch_warnings') still holds it
-        for current in {id(filters): filters, id(warnings.filters): warnings.filters}.values():
+        for current in {id(filters): filters, id(warnings.filters): cast(List[Any], warnings.filters)}.values():
             for i, item in enumerate(current):
                 if item is entry:
                     del current[i]
