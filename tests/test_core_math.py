@@ -123,6 +123,18 @@ def test_causal_conv_matches_direct_sum(L, Lk):
                                direct_causal_conv(u, K), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("dim", [-1, -2])
+def test_causal_conv_returns_a_contiguous_tensor(dim, grad):
+    # The README's plugin example convolves (B, L, H) along dim=-2 and returned the transform's view,
+    # in a transposed layout: its layer failed the contract kit's contiguous check, and the
+    # layers after it ran on a row-strided tensor.
+    u = torch.randn(3, 50, 16, requires_grad=grad)
+    K = torch.randn(50, 16) if dim == -2 else torch.randn(16, 50)
+    y = causal_conv(u if dim == -2 else u.transpose(1, 2), K, dim=dim)
+    assert y.is_contiguous(), f"strides {y.stride()} for shape {tuple(y.shape)}"
+
+
 def test_fft_conv_full_kernel_and_diagonal_ssm():
     torch.manual_seed(0)
     B, L, H, N = 2, 20, 3, 4
