@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import sys
 import threading
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from lrnnx_zoo.base import made_by, reference_tensor
 from lrnnx_zoo.models import SequenceModel, running_count_step, running_mean_step
 from lrnnx_zoo.step_forms import StepFormError, check_step_form, same_form, same_kind, step_form_dtype
+from lrnnx_zoo.thread_streams import this_threads_stderr
 from lrnnx_zoo.thread_warnings import this_threads_warnings
 
 #: Poolings a step graph can reproduce causally (None = sequence to sequence).
@@ -172,10 +172,11 @@ def tracing(module: nn.Module, exporter: str) -> Iterator[None]:
 
     What the exporter prints to stderr meanwhile is held back: written out when it succeeds, dropped
     when it fails (torch.export printed the partial graph, ~110 lines for a 2-block model, before the
-    error that says what failed). Other threads' exports wait meanwhile (:data:`EXPORT_LOCK`)."""
-    printed = io.StringIO()
+    error that says what failed). Only this thread's output is held back (:func:`this_threads_stderr`;
+    contextlib.redirect_stderr also held back, and on failure dropped, what other threads printed).
+    Other threads' exports wait meanwhile (:data:`EXPORT_LOCK`)."""
     try:
-        with EXPORT_LOCK, contextlib.redirect_stderr(printed):
+        with EXPORT_LOCK, this_threads_stderr() as printed:
             yield
     except ExportError:
         raise

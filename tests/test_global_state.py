@@ -221,3 +221,62 @@ def test_an_int8_quantisation_leaves_no_implicit_root_handler(monkeypatch) -> No
     with pytest.raises(RuntimeError, match="stand-in"):
         quantize_int8(Path("unused.onnx"), Path("unused-int8.onnx"), {}, helper.make_model(graph))
     assert root.handlers == [mine]
+
+
+def _step_module() -> torch.nn.Module:
+    import lrnnx_zoo
+    from lrnnx_zoo.export import build_step_module
+    return build_step_module(lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="lru", d_input=1, d_output=1,
+                                                                          d_model=4, n_layers=1)))
+
+
+def _failing_trace(hold: Callable[[], None]) -> None:
+    """Work for :class:`Held`: an export that prints to stderr, holds, then fails (its printout dropped)."""
+    import sys
+
+    from lrnnx_zoo.export.step_graph import ExportError, tracing
+    with pytest.raises(ExportError):
+        with tracing(_step_module(), "test"):
+            print("exporter noise", file=sys.stderr)
+            hold()
+            raise RuntimeError("the exporter failed")
+
+
+def test_another_threads_stderr_is_written_while_an_export_holds_back_its_own(capsys) -> None:
+    # tracing() held back the exporter's printout with contextlib.redirect_stderr, which swapped sys.stderr
+    # for the whole process: a server thread's line printed meanwhile went into the export's buffer, and
+    # was dropped with it when the export failed
+    import sys
+    stderr = sys.stderr
+    with Held(_failing_trace):
+        print("server line", file=sys.stderr)
+    assert capsys.readouterr().err == "server line\n"       # shown, and the export's own noise not
+    assert sys.stderr is stderr
+
+
+def test_a_stderr_redirection_made_by_another_thread_during_an_export_stays() -> None:
+    # leaving redirect_stderr put back the stream it had found on entry, undoing another thread's
+    # contextlib.redirect_stderr entered meanwhile: that thread's later prints went to the terminal
+    import io
+    import sys
+    stderr, theirs = sys.stderr, io.StringIO()
+    try:
+        with Held(_failing_trace):
+            sys.stderr = theirs
+        assert sys.stderr is theirs
+        print("after", file=sys.stderr)
+        assert theirs.getvalue() == "after\n"
+    finally:
+        sys.stderr = stderr
+
+
+def test_an_export_that_succeeds_writes_its_held_back_printout_once(capsys) -> None:
+    import sys
+
+    from lrnnx_zoo.export.step_graph import tracing
+    stderr = sys.stderr
+    with tracing(_step_module(), "test"):
+        print("exporter noise", file=sys.stderr)
+        assert capsys.readouterr().err == ""             # held back while the export runs
+    assert capsys.readouterr().err == "exporter noise\n"
+    assert sys.stderr is stderr
