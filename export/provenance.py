@@ -87,6 +87,13 @@ def source_of(info: Dict[str, Any]) -> str:
         rest = source_of({k: v for k, v in info.items() if k != "resampled"})
         return f"{rest} (resampled at rate {rate_text(record.get('rate'))})"
     src = info.get("source")
+    base = info.get("base_model")
+    if not src and isinstance(base, dict) and isinstance(base.get("changes"), dict):
+        # SequenceModel.reconfigure: in memory, its backbone from a checkpoint (a saved one has a source)
+        changed = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in base["changes"].items()
+                            if isinstance(v, list) and len(v) == 2)
+        origin = base.get("from") if isinstance(base.get("from"), str) else "an in-memory model"
+        return f"in-memory model adapted from {origin} ({changed})"
     if not src:
         return "in-memory model (not loaded from a checkpoint)"
     if info.get("weights_changed"):

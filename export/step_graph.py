@@ -332,6 +332,14 @@ def build_step_module(model: SequenceModel) -> StepModule:
     if pooling not in CAUSAL_POOLINGS:
         raise ExportError(f"pooling {pooling!r} is not causal; a step graph supports pooling in "
                           f"{CAUSAL_POOLINGS}. Re-train or rebuild the model with one of them.")
+    mismatches = getattr(model, "config_mismatches", None)
+    found = mismatches() if callable(mismatches) else []
+    if found:
+        # the graph's sizes and metadata come from the config: a decoder replaced by hand failed in
+        # ONNX's shape inference ("Inferred shape and existing shape differ"), after the trace
+        raise ExportError(f"the model's modules disagree with model.config, which the graph's sizes and metadata "
+                          f"are read from: {'; '.join(found)}. Change a head with model.reconfigure(d_output=...) "
+                          f"(or d_input=...), which keeps the config in step")
     model = copy.deepcopy(model).float().cpu().eval()
     forms, blocks = [], []
     layer_names = [type(block.layer).__name__ for block in model.blocks]

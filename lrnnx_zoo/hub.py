@@ -1370,13 +1370,35 @@ def _load_checkpoint_once(folder: Path, source: Optional[Dict[str, Any]],
 
 
 def from_pretrained(name_or_path: PathLike, revision: Optional[str] = None, cache_dir: Optional[PathLike] = None,
-                    local_files_only: bool = False, token: Optional[Union[str, bool]] = None) -> "SequenceModel":
+                    local_files_only: bool = False, token: Optional[Union[str, bool]] = None,
+                    **changes: Any) -> "SequenceModel":
     """Load a :class:`~lrnnx_zoo.models.SequenceModel` from a folder, a shipped name or a Hub repo id.
 
     Looked up in that order; Hub repos download through huggingface_hub (its cache, ``revision``,
     ``local_files_only``, ``token``, ``HF_HUB_OFFLINE``). The model is returned in eval mode with
     ``model.checkpoint_info`` = the parsed config.json plus ``"source"`` (path, or repo id and commit)
     and ``"weights_digest"`` (:func:`weights_digest` of the loaded weights).
+
+    ``changes`` (any of ``d_input``, ``d_output``, ``pooling``, ``dropout``) adapt the loaded model to
+    another task, for fine-tuning: the checkpoint is loaded strictly as it is, then
+    :meth:`~lrnnx_zoo.models.SequenceModel.reconfigure` replaces the encoder / decoder whose size
+    changes by a freshly initialised one, and a
+    :class:`~lrnnx_zoo.models.ReinitializedWeightsWarning` names the tensors not loaded from the
+    checkpoint. A change of any other field (d_model, n_layers, ...) is refused before anything is
+    read: those weights cannot fill another backbone.
     """
+    if changes:
+        from .models import check_adaptation
+        check_adaptation(changes, "from_pretrained")
     folder, source = resolve_checkpoint(name_or_path, revision, cache_dir, local_files_only, token)
-    return load_checkpoint(folder, source)
+    model = load_checkpoint(folder, source)
+    if changes:
+        from .models import ReinitializedWeightsWarning
+        was = {k: getattr(model.config, k) for k in changes}
+        fresh = model.reconfigure(**changes)
+        if fresh:
+            shown = ", ".join(f"{k} {was[k]!r} -> {v!r}" for k, v in changes.items() if was[k] != v)
+            warnings.warn(f"{loadable_source(source) or folder}: {', '.join(fresh)} were not loaded from the "
+                          f"checkpoint but initialised afresh ({shown}); train the model before using it",
+                          ReinitializedWeightsWarning, stacklevel=_outside_package())
+    return model

@@ -119,6 +119,25 @@ def resampled_sentence(record: Any) -> Optional[str]:
             f"with {record.get('rate'):g}x the samples per unit time (its step dt divided by the rate).{measured}")
 
 
+def base_model_sentence(record: Any) -> Optional[str]:
+    """The card's sentence for a ``base_model`` record ({"from", "from_metrics", "changes",
+    "reinitialized"}, written by :meth:`~lrnnx_zoo.models.SequenceModel.reconfigure`), or None."""
+    if not isinstance(record, dict):
+        return None
+    origin = f"`{record['from']}`" if record.get("from") else "an in-memory model"
+    changes = record.get("changes") or {}
+    changed = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" if isinstance(v, list) and len(v) == 2 else f"{k} {v!r}"
+                        for k, v in changes.items())
+    fresh = record.get("reinitialized") or []
+    text = f"Adapted from {origin}" + (f" ({changed})" if changed else "") + ": its backbone's weights were loaded"
+    text += (f"; {', '.join(f'`{n}`' for n in fresh)} were initialised afresh, not loaded." if fresh else ".")
+    metrics = record.get("from_metrics") or {}
+    if isinstance(metrics, dict) and metrics:
+        listed = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        text += f" The metrics of {origin} ({listed}) are that model's, on its own task, not this one's."
+    return text
+
+
 def _body(cfg: Dict[str, Any], name: str, n_parameters: Optional[int], load_as: str, revision: Optional[str]
           ) -> List[str]:
     """The card's text. ``load_as``: what from_pretrained and `lrnnx-zoo export` are given to load it
@@ -164,6 +183,9 @@ def _body(cfg: Dict[str, Any], name: str, n_parameters: Optional[int], load_as: 
     resampled = resampled_sentence(cfg.get("resampled"))
     if resampled:
         lines += ["", "## Sampling rate", "", resampled]
+    base = base_model_sentence(cfg.get("base_model"))
+    if base:
+        lines += ["", "## Base model", "", base]
     if cfg.get("notes"):
         lines += ["", "## Notes", "", str(cfg["notes"])]
     # quoted for Python and the shell: a folder's path may hold spaces and quotes

@@ -15,7 +15,7 @@ import math
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Literal, Optional, Union, overload
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Literal, Optional, Union, overload
 
 from . import __version__
 from .folder_swap import replaced_folder
@@ -99,9 +99,10 @@ def check_command(command: Any) -> None:
 
 def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any = None,
                       metrics: Optional[Dict[str, Any]] = None, command: Optional[str] = None,
-                      notes: Optional[str] = None, resampled: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                      notes: Optional[str] = None, resampled: Optional[Dict[str, Any]] = None,
+                      base_model: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The config.json dict for ``model`` (a SequenceModel) with the given provenance; ``resampled``
-    (:func:`resampled_info`'s record) only when set."""
+    (:func:`resampled_info`'s record) and ``base_model`` (:func:`adapted_info`'s) only when set."""
     check_command(command)
     layer = model.config.layer
     prefix, _, family = layer.rpartition(":")
@@ -117,7 +118,8 @@ def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any 
             "model": model_config_json(model.config), "task": json_ready(task, "task"),
             "dataset": json_ready(dataset, "dataset"), "metrics": json_ready(metrics, "metrics"),
             "command": json_ready(command, "command"), "notes": json_ready(notes, "notes"),
-            **({"resampled": json_ready(resampled, "resampled", finite=True)} if resampled else {})}
+            **({"resampled": json_ready(resampled, "resampled", finite=True)} if resampled else {}),
+            **({"base_model": json_ready(base_model, "base_model")} if base_model else {})}
 
 
 def model_config_json(config: Any) -> Dict[str, Any]:
@@ -241,12 +243,42 @@ def save_checkpoint(model: "SequenceModel", save_directory: PathLike, *, name: O
 
     A symlinked ``save_directory`` is saved into its target (the link stays); saving over an existing
     folder keeps its permission bits."""
+    check_config_matches(model)
     target = check_save_target(save_directory)
     config = checkpoint_config(model, **meta)
     title = name or Path(save_directory).expanduser().name or target.name
     with replaced_folder(target, keep=lambda entry: entry not in CHECKPOINT_FILES) as tmp:
         _write_checkpoint(model, tmp, config, title, name or _load_path(save_directory, target), revision)
     return target
+
+
+def check_config_matches(model: "SequenceModel") -> None:
+    """Refuse, before anything is written or uploaded, a model whose modules disagree with its config
+    (:meth:`~lrnnx_zoo.models.SequenceModel.config_mismatches`): config.json records the config, so
+    the checkpoint would not load (a decoder replaced by hand: "decoder.weight file (5, 64) vs config
+    (10, 64)"), or would load as another model (a dropout or activation changed by hand)."""
+    found = model.config_mismatches()
+    if not found:
+        return
+    cfg, fix = model.config, {}
+    # the fields a module set by hand implies, for the message: a Linear into / out of d_model
+    for name, field, inner, outer in (("encoder", "d_input", "out_features", "in_features"),
+                                      ("decoder", "d_output", "in_features", "out_features")):
+        module = getattr(model, name, None)
+        size = getattr(module, outer, None)
+        if getattr(module, inner, None) == cfg.d_model and size != getattr(cfg, field):
+            fix[field] = size
+    rates = {b.dropout.p for b in model.blocks if hasattr(getattr(b, "dropout", None), "p")}
+    if len(rates) == 1 and rates != {cfg.dropout}:
+        fix["dropout"] = rates.pop()
+    shown = ", ".join(f"{k}={v!r}" for k, v in fix.items()) or "d_output=..."
+    raise CheckpointError(
+        f"cannot save this model: its modules disagree with model.config, which config.json records and "
+        f"from_pretrained rebuilds, so the checkpoint would not load as this model: {'; '.join(found)}. Nothing "
+        f"was written. Change a head with model.reconfigure({shown}) (or load with "
+        f"lrnnx_zoo.from_pretrained(NAME, {shown})), which replaces the modules and the config together"
+        + (f"; to keep the modules you set, update the config: model.config = dataclasses.replace(model.config, "
+           f"{shown})" if fix else ""))
 
 
 def _load_path(save_directory: PathLike, target: Path) -> str:
@@ -378,6 +410,7 @@ def push_checkpoint(model: "SequenceModel", repo_id: str, *, token: Optional[str
     """:meth:`HubMixin.push_to_hub`, with ``kept`` (what the user still has when it fails) given by
     the caller: `lrnnx-zoo push` has no model in memory to speak of, but the checkpoint it loaded."""
     import tempfile
+    check_config_matches(model)      # before the repo is created
     meta = model._provenance()
     repo_id = create_repo(repo_id, token=token, private=private, kept=kept)   # its full id, for the card
     with tempfile.TemporaryDirectory(prefix="lrnnx-zoo-push-") as tmp:
@@ -387,8 +420,9 @@ def push_checkpoint(model: "SequenceModel", repo_id: str, *, token: Optional[str
 
 
 #: config.json's provenance fields, which save_pretrained / push_to_hub write into the card
-#: ("resampled" only for a model made by SequenceModel.at_rate).
-PROVENANCE_KEYS = ("task", "dataset", "metrics", "command", "notes", "resampled")
+#: ("resampled" only for a model made by SequenceModel.at_rate, "base_model" for one adapted by
+#: SequenceModel.reconfigure).
+PROVENANCE_KEYS = ("task", "dataset", "metrics", "command", "notes", "resampled", "base_model")
 #: Those that describe the run that made the weights: stale once the weights change.
 RUN_KEYS = ("metrics", "command", "notes")
 
@@ -416,6 +450,39 @@ def resampled_info(original: Any, model: Any, rate: float) -> Dict[str, Any]:
         record = {"rate": rate, "from": origin, "from_metrics": None if changed else info.get("metrics")}
     kept = {k: v for k, v in info.items() if k not in RUN_KEYS and k != "weights_digest"}
     return {**kept, **{k: None for k in RUN_KEYS}, "resampled": record, "weights_digest": weights_digest(model)}
+
+
+def adapted_info(model: Any, changes: Dict[str, Any], fresh: List[str], stale: bool) -> Dict[str, Any]:
+    """The ``checkpoint_info`` of ``model`` after :meth:`~lrnnx_zoo.models.SequenceModel.reconfigure`
+    changed ``changes`` ({field: [old, new]}) and initialised the tensors ``fresh`` afresh; ``stale``:
+    its weights had changed since ``checkpoint_info`` was recorded (fine-tuned before), so no
+    checkpoint holds its backbone.
+
+    The run that made the weights measured another model (another head or pooling), so its metrics,
+    command and notes are dropped; after a change of d_input or d_output its task and dataset too
+    (``lrnnx-zoo evaluate`` would rebuild the old task's data). A ``base_model`` record says where
+    the backbone came from: {"from": what from_pretrained loads (None: in memory, or changed since
+    it was loaded), "from_metrics", "changes", "reinitialized"}; successive changes fold into one
+    record. ``weights_digest`` is the new weights', so the record stays until they change again; no
+    ``source``, as no checkpoint holds the adapted model until it is saved."""
+    from .hub import weights_digest
+
+    info = dict(getattr(model, "checkpoint_info", None) or {})
+    earlier = info.get("base_model")
+    record: Dict[str, Any]
+    if isinstance(earlier, dict):
+        before = dict(earlier.get("changes") or {})
+        merged = {k: [before.get(k, v)[0], v[1]] for k, v in changes.items()}
+        record = {**earlier, "changes": {**before, **merged},
+                  "reinitialized": sorted(set(earlier.get("reinitialized") or []) | set(fresh))}
+    else:
+        origin = None if stale else loadable_source(info.get("source"))
+        record = {"from": origin, "from_metrics": info.get("metrics") if origin else None,
+                  "changes": changes, "reinitialized": fresh}
+    dropped = set(RUN_KEYS) | ({"task", "dataset"} if {"d_input", "d_output"} & set(record["changes"]) else set())
+    kept = {k: v for k, v in info.items() if k not in dropped and k not in ("weights_digest", "source")}
+    # no "source": no checkpoint holds this model (an export names it in memory, adapted from the record's)
+    return {**kept, **{k: None for k in dropped}, "base_model": record, "weights_digest": weights_digest(model)}
 
 
 def stale_note(info: Dict[str, Any], dropped: Any) -> str:
@@ -485,6 +552,7 @@ class HubMixin:
         ``lrnnx_zoo.training.train``), so re-saving a trained or loaded model keeps its card; pass
         an empty value (``metrics={}``, ``command=""``) to leave one out.
         """
+        check_config_matches(self)      # before a Hub repo is created, too
         meta = self._provenance(task=task, dataset=dataset, metrics=metrics, command=command, notes=notes)
         if not push_to_hub:
             return save_checkpoint(self, save_directory, name=repo_id, **meta)
@@ -539,6 +607,6 @@ class HubMixin:
     @classmethod
     def from_pretrained(cls, name_or_path: PathLike, revision: Optional[str] = None,
                         cache_dir: Optional[PathLike] = None, local_files_only: bool = False,
-                        token: Optional[Union[str, bool]] = None) -> "SequenceModel":
+                        token: Optional[Union[str, bool]] = None, **changes: Any) -> "SequenceModel":
         """Same as :func:`lrnnx_zoo.from_pretrained`."""
-        return from_pretrained(name_or_path, revision, cache_dir, local_files_only, token)
+        return from_pretrained(name_or_path, revision, cache_dir, local_files_only, token, **changes)

@@ -40,6 +40,35 @@ SIZE_KWARGS = ("d_state", "channels", "l_max", "rank")  # integer sizes layers t
 # d_state values of the stand-in layers ModelConfig.layer_shapes builds: three, so a size that does not
 # follow d_state on a line is seen and left out; small, so their initialisation costs nothing
 PROBE_STATES = (8, 16, 32)
+#: The ModelConfig fields a trained model can change without touching its backbone's weights
+#: (:meth:`SequenceModel.reconfigure`, ``from_pretrained(..., d_output=5)``): the encoder's input
+#: width, the decoder's output width, the pooling (no weights) and the blocks' dropout (no weights).
+ADAPTABLE = ("d_input", "d_output", "pooling", "dropout")
+
+
+class ReinitializedWeightsWarning(UserWarning):
+    """Some of a checkpoint's tensors were not loaded: the head its new sizes replace starts from a
+    fresh initialisation (``from_pretrained(..., d_output=5)``, ``train(..., init_from=...)``) and
+    needs training."""
+
+
+def check_adaptation(changes: Dict[str, Any], who: str = "SequenceModel.reconfigure") -> None:
+    """Refuse, before anything is loaded or built, a change of a field outside :data:`ADAPTABLE`:
+    the backbone's weights (d_model, n_layers, the layer and its arguments, norm, activation, post)
+    cannot fill another backbone, and loading part of them would leave a model half pretrained
+    and half random. A TypeError for a name no ModelConfig field has."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(k for k in changes if k not in fields)
+    if unknown:
+        raise TypeError(f"{who} got unexpected keyword argument(s) {unknown}; it changes the ModelConfig fields "
+                        f"{list(ADAPTABLE)}")
+    backbone = sorted(k for k in changes if k not in ADAPTABLE)
+    if backbone:
+        raise ValueError(f"{who} cannot change {', '.join(backbone)}: {'it shapes' if len(backbone) == 1 else 'they shape'} "
+                         f"the backbone whose weights a checkpoint holds, so no weights would fit (nothing was loaded "
+                         f"or changed). "
+                         f"Only {', '.join(ADAPTABLE)} can change on a trained model; for another backbone build "
+                         f"SequenceModel(ModelConfig(...)) and train it")
 
 
 def ignoring_warnings() -> contextlib.AbstractContextManager[None]:
@@ -54,6 +83,11 @@ def _short(value: Any) -> str:
     """A value for a message, an int of 16 digits or more as its power of ten (a config.json's 10**400
     as 1e+400: its 401 digits were printed, and formatting it as a float raised OverflowError)."""
     return f"1e+{len(str(abs(value))) - 1}" if isinstance(value, int) and abs(value) >= 10 ** 15 else str(value)
+
+
+def _listed(names: List[str], limit: int = 8) -> str:
+    """The first ``limit`` names and how many more, for messages (a config may have thousands of blocks)."""
+    return ", ".join(names[:limit]) + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
 @dataclass
@@ -498,6 +532,109 @@ class SequenceModel(HubMixin, nn.Module):
         model.config = dataclasses.replace(model.config, layer_kwargs={**model.config.layer_kwargs, **changes})
         model.checkpoint_info = resampled_info(self, model, rate)
         return model
+
+    def reconfigure(self, **changes: Any) -> List[str]:
+        """Adapt this model, in place, to a task of another input width, output width, pooling or
+        dropout, keeping the backbone's (pretrained) weights: the supported way to fine-tune a loaded
+        checkpoint on another task, with ``model.config`` kept in step (what config.json records and
+        ``from_pretrained`` rebuilds; :meth:`save_pretrained` refuses a model whose modules disagree).
+
+        Keywords (any of :data:`ADAPTABLE`): ``d_output`` (a new decoder, nn.Linear(d_model, d_output),
+        initialised afresh from torch's global generator), ``d_input`` (a new encoder likewise),
+        ``pooling`` (None, "mean" or "last"; no weights) and ``dropout`` (every block's; no weights).
+        A value equal to the current one changes nothing. Other fields raise a ValueError before
+        anything changes (:func:`check_adaptation`).
+
+        Returns the state names that were initialised afresh (e.g. ["decoder.weight", "decoder.bias"]).
+        ``checkpoint_info`` follows: the metrics, command and notes of the run that made the weights
+        no longer describe a model of another head or pooling and are left out; after a change of
+        d_input or d_output so are its task and dataset (another task's data); a ``base_model``
+        record says where the backbone came from and what changed, and goes into a saved config.json
+        and card. A dropout change alone keeps everything (the eval-mode model is the same)."""
+        check_adaptation(changes)
+        from .hub_save import adapted_info, weights_changed
+        # before the head changes: whether the backbone still is the recorded checkpoint's
+        stale = bool(set(changes) - {"dropout"}) and weights_changed(self, self.checkpoint_info or {})
+        new = dataclasses.replace(self.config, **changes)      # values checked as ModelConfig checks them
+        old = self.config
+        changed = {k: [getattr(old, k), getattr(new, k)] for k in ADAPTABLE if getattr(old, k) != getattr(new, k)}
+        ref = self.encoder.weight
+        fresh: List[str] = []
+        for name, size_changed, make in (
+                ("encoder", new.d_input != old.d_input, lambda: nn.Linear(new.d_input, new.d_model)),
+                ("decoder", new.d_output != old.d_output, lambda: nn.Linear(new.d_model, new.d_output))):
+            if size_changed:
+                setattr(self, name, make().to(device=ref.device, dtype=ref.dtype))
+                fresh += [f"{name}.{k}" for k in getattr(self, name).state_dict()]
+        for block in self.blocks:
+            block.dropout.p = new.dropout
+        self.config = new
+        if set(changed) - {"dropout"}:
+            self.checkpoint_info = adapted_info(self, changed, fresh, stale)
+        return fresh
+
+    def config_mismatches(self) -> List[str]:
+        """How this model's modules disagree with ``self.config`` (what a saved config.json records and
+        ``from_pretrained`` rebuilds), one phrase each; [] when they agree. A module replaced by hand
+        (``model.decoder = nn.Linear(64, 5)``) without changing the config is the usual cause:
+        :meth:`reconfigure` changes both together."""
+        cfg, found = self.config, []
+        for name, want in (("encoder", (cfg.d_input, cfg.d_model)), ("decoder", (cfg.d_model, cfg.d_output))):
+            module = getattr(self, name, None)
+            if type(module) is not nn.Linear:
+                found.append(f"{name} is a {type(module).__name__}, the config's model has nn.Linear{want}")
+            elif (module.in_features, module.out_features) != want:
+                found.append(f"{name} is Linear({module.in_features} -> {module.out_features}), the config's "
+                             f"model has Linear({want[0]} -> {want[1]}) (d_input={cfg.d_input}, "
+                             f"d_model={cfg.d_model}, d_output={cfg.d_output})")
+        if len(self.blocks) != cfg.n_layers:
+            found.append(f"{len(self.blocks)} blocks, config n_layers={cfg.n_layers}")
+        rates = sorted({b.dropout.p for b in self.blocks if isinstance(b.dropout, nn.Dropout)} - {cfg.dropout})
+        if rates:
+            found.append(f"blocks with dropout {', '.join(map(str, rates))}, config dropout={cfg.dropout}")
+        kinds = {type(b.activation) for b in self.blocks} - {ACTIVATIONS[cfg.activation]}
+        if kinds:
+            found.append(f"blocks with activation {', '.join(sorted(k.__name__ for k in kinds))}, config "
+                         f"activation={cfg.activation!r}")
+        if not found:       # the names a model of the config holds, from small stand-ins (ModelConfig.state_names)
+            try:
+                names = cfg.state_names()
+            except (TypeError, ValueError):     # a config edited by hand past its checks: its users say what
+                names = None
+            if names is not None:
+                top, per_block = names
+                want = set(top) | {f"blocks.{i}.{k}" for i in range(cfg.n_layers) for k in per_block}
+                have = set(self.state_dict())
+                if have != want:
+                    extra, missing = sorted(have - want), sorted(want - have)
+                    found.append("state names differ from the config's model ("
+                                 + "; ".join(([f"not in it: {_listed(extra)}"] if extra else [])
+                                             + ([f"missing: {_listed(missing)}"] if missing else [])) + ")")
+        return found
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, checked first: torch copies every tensor that fits before it
+        raises about the others (missing or unexpected keys under ``strict``, a shape that differs),
+        which left a model with more blocks or another d_model half loaded after the error. Here
+        such a state dict raises the same RuntimeError before anything is copied."""
+        hooked = any(m._load_state_dict_pre_hooks for m in self.modules())     # they may rename keys
+        if not hooked and hasattr(state_dict, "keys"):
+            own = self.state_dict()
+            given = set(state_dict.keys())
+            wrong = [f"{k}: given {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}"
+                     for k in sorted(given & set(own))
+                     if isinstance(state_dict[k], Tensor) and state_dict[k].shape != own[k].shape]
+            missing, unexpected = (sorted(set(own) - given), sorted(given - set(own))) if strict else ([], [])
+            if wrong or missing or unexpected:
+                parts = ([f"missing keys {_listed(missing)}"] if missing else []) + \
+                        ([f"unexpected keys {_listed(unexpected)}"] if unexpected else []) + \
+                        ([f"shapes that differ: {'; '.join(wrong[:8])}" + (f" ... and {len(wrong) - 8} more"
+                                                                          if len(wrong) > 8 else "")] if wrong else [])
+                raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__} ({self.config.sizes()}): "
+                                   + "; ".join(parts) + ". Nothing was loaded. A model of another backbone cannot take "
+                                   "these weights; for another head use model.reconfigure(d_output=...) on the "
+                                   "model they came from")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, d_input) -> (B, L, d_output), or (B, d_output) with pooling.

@@ -910,7 +910,9 @@ def _run(recipe: Recipe, data: TaskData, plan: StepPlan, di: DistInfo, progress:
     if start.snapshot is not None:
         model.load_state_dict(model_state(start.tensors))
     elif start.weights is not None:
-        model.load_state_dict(start.weights)
+        # init_from's weights over the seeded model: a head of another size than the checkpoint's is
+        # left out of them (training_state.initial_weights) and keeps the seed's initialisation
+        model.load_state_dict({**model.state_dict(), **start.weights})
     net: nn.Module = model
     if di.rank > 0:  # distinct dropout masks per rank; rank 0 keeps the single-process stream
         torch.manual_seed(recipe.seed + 1_000_003 * di.rank)

@@ -101,12 +101,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     recipe = override(recipe, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                       max_steps=args.max_steps, layer=args.layer, layer_kwargs=args.layer_kwargs)
+    from .models import ReinitializedWeightsWarning
     from .registry import PluginError, RegistryError
     from .training import (BatchExceedsDataError, EpochsNotReachedWarning, MissingDependencyError,
                            ResumeNotExactWarning, TrainingDivergedError, TrainingSetupError, train)
     try:
         # SIGTERM / SIGHUP arrive as Terminated: lrnnx_zoo.cli.main runs every command under stop_signals_raise
-        with _warnings_as_lines((EpochsNotReachedWarning, ResumeNotExactWarning)):
+        with _warnings_as_lines((EpochsNotReachedWarning, ResumeNotExactWarning, ReinitializedWeightsWarning)):
             _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress,
                                checkpoint_every=args.checkpoint_every,
                                resume=False if args.resume is None else args.resume,

@@ -42,7 +42,7 @@ from torch import Tensor
 from . import __version__, wording
 from .folder_swap import _remove, replaced_folder
 from .hub_save import write_safetensors
-from .models import ModelConfig, SequenceModel
+from .models import ADAPTABLE, ModelConfig, ReinitializedWeightsWarning, SequenceModel
 from .recipes import Recipe
 from .training import (DistInfo, ResumeNotExactWarning, StepPlan, TrainingSetupError, _plural,
                        on_rank_0)
@@ -394,13 +394,16 @@ def check_resume(resume: Any, out_dir: Any) -> None:
 
 def initial_weights(init_from: Any, recipe: Recipe) -> Optional[Tuple[Dict[str, Tensor], Dict[str, Any]]]:
     """(state dict, record of where it came from) of ``init_from``'s checkpoint, after checking its
-    model is the recipe's (dropout aside, which is the recipe's to choose); None without init_from."""
+    backbone is the recipe model's; None without init_from. Dropout and pooling are the recipe's to
+    choose; where the recipe's d_input or d_output differs (another task), the encoder / decoder
+    tensors are left out of the state dict (the run keeps the recipe's seeded initialisation for
+    them), the record's "reinitialized" names them and a ReinitializedWeightsWarning says so."""
     if init_from is None:
         return None
     if isinstance(init_from, bytes) or not isinstance(init_from, (str, os.PathLike)):
         raise TypeError(f"init_from must be a checkpoint folder, shipped name or Hub repo id (str or os.PathLike), "
                         f"got {init_from!r} ({type(init_from).__name__})")
-    from .hub import CheckpointError, from_pretrained, loadable_source
+    from .hub import CheckpointError, _outside_package, from_pretrained, loadable_source
     try:
         with torch.random.fork_rng(devices=[]):          # building the model draws; the caller's stream stays
             source = from_pretrained(init_from)
@@ -411,7 +414,18 @@ def initial_weights(init_from: Any, recipe: Recipe) -> Optional[Tuple[Dict[str, 
     where = info["source"]
     record = {"source": loadable_source(where) or os.fspath(init_from), "commit": where.get("commit"),
               "weights_digest": info["weights_digest"]}
-    return source.state_dict(), record
+    state = source.state_dict()
+    # the head the recipe's task needs, where it has another size than the checkpoint's
+    want = ModelConfig(**recipe.model).backbone_shapes()
+    fresh = sorted(k for k, shape in want.items() if tuple(state[k].shape) != shape)
+    if fresh:
+        record["reinitialized"] = fresh
+        sizes = ", ".join(f"{k} {getattr(source.config, k)} -> {recipe.model[k]}" for k in ("d_input", "d_output")
+                          if getattr(source.config, k) != recipe.model[k])
+        warnings.warn(f"{wording.given('init_from', os.fspath(init_from))}: {', '.join(fresh)} are not loaded but "
+                      f"initialised from the recipe's seed ({sizes}, recipe {recipe.name!r}); the backbone's weights "
+                      f"are loaded", ReinitializedWeightsWarning, stacklevel=_outside_package())
+    return {k: v for k, v in state.items() if k not in fresh}, record
 
 
 def check_same_model(given: str, config: ModelConfig, recipe: Recipe) -> None:
@@ -419,7 +433,8 @@ def check_same_model(given: str, config: ModelConfig, recipe: Recipe) -> None:
 
     def architecture(c: ModelConfig) -> Dict[str, Any]:
         fields = c.to_dict()
-        fields.pop("dropout")
+        for name in ADAPTABLE:      # the head's sizes, pooling and dropout: the recipe's task decides them
+            fields.pop(name)
         fields["layer"] = fields["layer"].rpartition(":")[2]      # "plugin:family" names the family too
         return flatten(fields)
     want, got = architecture(ModelConfig(**recipe.model)), architecture(config)
@@ -429,8 +444,9 @@ def check_same_model(given: str, config: ModelConfig, recipe: Recipe) -> None:
                           for k in differ)
         raise TrainingSetupError(f"{wording.given('init_from', given)} holds another model than recipe "
                                  f"{recipe.name!r} trains: "
-                                 f"{shown}. Expected a checkpoint of the recipe's model (its dropout may differ): "
-                                 "start from a checkpoint trained with this recipe, or use a recipe with that model")
+                                 f"{shown}. Expected a checkpoint of the recipe's backbone (its {', '.join(ADAPTABLE)} "
+                                 "may differ: a head of another size starts afresh): start from a checkpoint of "
+                                 "that backbone, or use a recipe with that model")
 
 
 @dataclass
@@ -462,6 +478,9 @@ class RunStart:
             at = f" at commit {init['commit']}" if init.get("commit") else ""
             text += (f" Fine-tuned: started from the weights of {init['source']}{at} (weights digest "
                      f"{init['weights_digest'][:16]}), not from random ones.")
+            if init.get("reinitialized"):       # a head of another size than the checkpoint's
+                text += (f" Its {', '.join(init['reinitialized'])} did not fit this model and started from the "
+                         f"seed's initialisation instead.")
         interrupted = [s for s in self.resumed_at if total is None or s < total]
         if interrupted:
             steps = ", ".join(map(str, interrupted))

@@ -61,7 +61,7 @@ def test_export_snippet_runs(tmp_path, monkeypatch):
 def test_zoo_snippet_runs_against_a_local_hub(local_hub, tmp_path, monkeypatch):
     # Its five lines had no test: a renamed argument (revision=, task=, dataset=, metrics=) or
     # method would have left a README that fails at the first line a user copies.
-    (code,) = code_blocks("The zoo: checkpoints, loading, training", "python")
+    (code,) = [b for b in code_blocks("The zoo: checkpoints, loading, training", "python") if "push_to_hub" in b]
     monkeypatch.chdir(tmp_path)
     shipped = lrnnx_zoo.from_pretrained("digits-lru")
     shipped.save_pretrained("path/to/folder")                      # the snippet's local folder
