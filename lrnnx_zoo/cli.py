@@ -197,8 +197,19 @@ def unexpandable_home(args: argparse.Namespace) -> Optional[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``lrnnx-zoo`` with ``argv`` (default: sys.argv[1:]); the exit status (argparse's usage
-    errors and --help/--version exit through SystemExit, status 2 or 0)."""
+    errors and --help/--version exit through SystemExit, status 2 or 0). Called in-process it leaves
+    the C allocator as the application set it (:func:`console_main` is the command's own process)."""
     return run_commands(build_parser, COMMANDS, argv)
+
+
+def console_main() -> int:
+    """The ``lrnnx-zoo`` command and ``python -m lrnnx_zoo``: :func:`main` in a process of its own, with
+    :func:`~lrnnx_zoo.runtime.tune_allocator` applied first. That is process-wide and for good (freed
+    memory is kept for reuse, never returned), so :func:`main` called from an application's process no
+    longer applies it (it did, until then)."""
+    from .runtime import tune_allocator      # ctypes only: nothing slow before the command's own try
+    tune_allocator()
+    return main()
 
 
 def run_commands(build: Callable[[], argparse.ArgumentParser], commands: Dict[str, Callable[[argparse.Namespace], int]],
@@ -213,8 +224,6 @@ def run_commands(build: Callable[[], argparse.ArgumentParser], commands: Dict[st
         # Everything that may import torch (a second or two) is inside this try: a Ctrl-C while it
         # loads printed a KeyboardInterrupt traceback. The package itself imports nothing (see
         # lrnnx_zoo/__init__.py), so the parser, --help, --version and usage errors never load torch.
-        from .runtime import tune_allocator
-        tune_allocator()
         from .wording import command_line
         parser = build()
         args = parser.parse_args(argv)

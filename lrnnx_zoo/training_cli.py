@@ -254,5 +254,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_commands(build, commands, argv)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":       # torchrun's workers: processes of their own, as the lrnnx-zoo command
+    from .runtime import tune_allocator
+    tune_allocator()
     sys.exit(main())

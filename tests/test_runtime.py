@@ -31,6 +31,24 @@ def test_importing_the_package_does_not_tune_the_allocator():
     assert out.strip() == "False"
 
 
+def test_the_cli_called_in_process_leaves_the_allocator_and_its_own_process_tunes_it():
+    # lrnnx_zoo.cli.main tuned the allocator for good (freed memory never returned) in an application
+    # that called it in-process; the command and `python -m lrnnx_zoo`, processes of their own, still do
+    code = ("import lrnnx_zoo.cli, lrnnx_zoo.runtime as rt\n"
+            "status = lrnnx_zoo.cli.main(['layers'])\n"
+            "print(status, rt._applied)")
+    assert _child_output(code).splitlines()[-1] == "0 False"
+    if sys.platform.startswith("linux"):
+        code = ("import sys, lrnnx_zoo.cli, lrnnx_zoo.runtime as rt\n"
+                "sys.argv = ['lrnnx-zoo', 'recipes']\n"
+                "status = lrnnx_zoo.cli.console_main()\n"
+                "print(status, rt._applied)")
+        assert _child_output(code).splitlines()[-1] == "0 True"
+        from importlib.metadata import entry_points
+        scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+        assert scripts["lrnnx-zoo"] == "lrnnx_zoo.cli:console_main"
+
+
 def test_a_first_forward_step_and_prefill_import_no_sympy():
     # torch.broadcast_shapes imports torch._refs and sympy on first use: the shipped forecaster's
     # first forward took 650 ms (20 ms of it compute). lrnnx_zoo.shapes.broadcast_shape replaces it.
