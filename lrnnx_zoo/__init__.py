@@ -20,7 +20,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports each on first use
-    from . import convolution, discretization, export, hippo, plugins, step_forms, training
+    from . import convolution, discretization, export, hippo, plugins, step_forms, testing, training
     from .base import LRNN, LTI_LRNN
     from .hookspecs import hookimpl, hookspec
     from .hub import CheckpointError, from_pretrained, list_models
@@ -51,8 +51,8 @@ __all__ = [
 
 
 #: Submodules the README names as public API (hippo's HiPPO helpers, the convolution functions, the
-#: step forms' split_poles, training.train), listed by dir() and imported on first use.
-_PUBLIC_MODULES = ("convolution", "export", "hippo", "plugins", "step_forms", "training")
+#: step forms' split_poles, training.train, testing's contract kit), listed by dir() and imported on first use.
+_PUBLIC_MODULES = ("convolution", "export", "hippo", "plugins", "step_forms", "testing", "training")
 
 
 def __getattr__(name: str) -> object:

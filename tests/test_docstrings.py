@@ -35,7 +35,7 @@ PUBLIC_MODULES = [
     "lrnnx_zoo.plugins.fftconv", "lrnnx_zoo.plugins.s4", "lrnnx_zoo.plugins.s4.layer",
     "lrnnx_zoo.plugins.s4.kernel", "lrnnx_zoo.plugins.s4.step", "lrnnx_zoo.plugins.s4.dense",
     "lrnnx_zoo.plugins.s4.generating", "lrnnx_zoo.plugins.s4.measures", "lrnnx_zoo.plugins.s4.modes",
-    "lrnnx_zoo.plugins.s4.nn",
+    "lrnnx_zoo.plugins.s4.nn", "lrnnx_zoo.testing",
 ]
 
 #: A shape as the docstrings write one: "(B, L, H)", "(batch, 2 * N * H)", "(..., N)", "(N,)".

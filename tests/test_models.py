@@ -22,8 +22,10 @@ def stream(model, x):
     return torch.stack([model.step(x[:, t], cache)[0] for t in range(x.shape[1])], 1)
 
 
+# The default norm and post ("layer", "glu") at these sizes is the contract kit's sequence_model check
+# (lrnnx_zoo.testing), which tests/test_layer_contract.py runs over every registered layer.
 @pytest.mark.parametrize("layer", lrnnx_zoo.list_layers())
-@pytest.mark.parametrize("norm,post", [("layer", "glu"), ("batch", "linear"), ("none", "none")])
+@pytest.mark.parametrize("norm,post", [("batch", "linear"), ("none", "none")])
 def test_step_reproduces_forward(layer, norm, post):
     model = model_for(layer, norm=norm, post=post)
     x = torch.randn(2, 200, 3)

@@ -75,8 +75,10 @@ def test_readme_guides_type_check_under_mypy_strict(tmp_path, monkeypatch):
     # silent: lrnnx_zoo's own bodies are checked for the types they export, their errors not reported
     # (as for an installed package); only the user's script has to be clean
     with _mypy_cache(tmp_path, mypy.version.__version__) as cache:
-        # with the README's plugin module, which the script imports and a strict user copies
-        out, err, status = api.run([str(HERE / "typing_user_script.py"), str(EMA_EXAMPLE), "--strict",
+        # with the README's plugin module, which the script imports and a strict user copies, and the
+        # plugin's test of the contract kit (parametrize_with_checks must be a typed decorator)
+        out, err, status = api.run([str(HERE / "typing_user_script.py"), str(EMA_EXAMPLE),
+                                    str(EMA_EXAMPLE.with_name("test_lrnnx_ema.py")), "--strict",
                                     "--follow-imports=silent",
                                     "--cache-dir", str(cache), "--show-error-codes", "--no-color-output"])
     assert status == 0, f"mypy --strict on tests/typing_user_script.py and {EMA_EXAMPLE.name}:\n{out}{err}"
