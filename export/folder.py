@@ -44,7 +44,7 @@ from .paths import as_path, check_output
 from .provenance import Source, family_of, load_source, source_of
 from .result import ExportResult
 from .runtime import check_batch
-from .step_graph import build_step_module
+from .step_graph import build_step_module, reusing_step_module
 from .torchscript_export import load_torch_export, load_torchscript, to_torch_export, to_torchscript
 from .validate import DEFAULT_BATCH, check_validation_memory, default_sequence
 
@@ -154,7 +154,8 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         validation_input = default_sequence(model.config.d_input, length=length, batch=batch or DEFAULT_BATCH)
     # written into a hidden sibling and swapped in whole: a failed or interrupted export leaves the
     # folder as it was, and an earlier export's graph in another format does not outlive its config
-    with replaced_folder(target, keep=lambda entry: entry not in files and entry != replaced) as staging:
+    with replaced_folder(target, keep=lambda entry: entry not in files and entry != replaced) as staging, \
+            reusing_step_module(model, step):          # the exporter's own build would be this one again
         graph_path = staging / GRAPH_FILES[format]
         if format == "onnx":
             result = to_onnx(model, graph_path, opset=opset, batch=batch, quantize=quantize,

@@ -14,6 +14,7 @@ takes part only through ``step_form()`` and its ``bidirectional`` flag.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import sys
 import threading
@@ -310,6 +311,25 @@ def _layer_step_form(layer: nn.Module, index: int, d_model: int) -> nn.Module:
     return form
 
 
+#: (model, its step module) that :func:`build_step_module` hands back for that very model object in
+#: this context (thread) only, within :func:`reusing_step_module`.
+_REUSED: contextvars.ContextVar[Optional[Tuple[nn.Module, "StepModule"]]] = contextvars.ContextVar(
+    "lrnnx_zoo_reused_step_module", default=None)
+
+
+@contextlib.contextmanager
+def reusing_step_module(model: nn.Module, step: "StepModule") -> Iterator[None]:
+    """Inside, in this thread, :func:`build_step_module` of this ``model`` object returns ``step``, built from
+    it already, without building it again: an export folder builds the step module for its checks and
+    weights file, then calls an exporter that builds it too (a second 0.9-4.6 s for digits-s4, whose
+    forms each diagonalise and check their system). The model must not change meanwhile."""
+    token = _REUSED.set((model, step))
+    try:
+        yield
+    finally:
+        _REUSED.reset(token)
+
+
 @torch.no_grad()
 def build_step_module(model: SequenceModel) -> StepModule:
     """Build the float32 step module of a causal SequenceModel (eval mode; dropout is identity).
@@ -322,6 +342,9 @@ def build_step_module(model: SequenceModel) -> StepModule:
         ExportError: a bidirectional layer, a layer without ``step_form()``, or a pooling that is
             not causal.
     """
+    reused = _REUSED.get()
+    if reused is not None and reused[0] is model:
+        return reused[1]
     config = getattr(model, "config", None)
     needed = ("encoder", "blocks", "norm", "decoder", "config")
     missing = [a for a in needed if not hasattr(model, a)]
