@@ -42,7 +42,8 @@ def _load_in_fresh_process(prelude: str, paths: Dict[str, Path]) -> Dict[str, st
             "        found[family] = traceback.format_exc()[-3000:]\n"
             "    imported = sorted(m for m in set(sys.modules) - before if m.split('.')[0] == 'lrnnx_zoo')\n"
             "    if imported:\n"
-            "        found[family] = 'loading it imported ' + ', '.join(imported) + ': not as after the prelude alone'\n"
+            "        found[family] = ('its load imported ' + ', '.join(imported) + ': a later program '\n"
+            "                         'would not see what the prelude registered alone')\n"
             "print(json.dumps(found))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
