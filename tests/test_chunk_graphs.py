@@ -183,7 +183,9 @@ def test_onnx_chunk_graph_streams_like_the_step_graph_and_hands_its_state_over(l
     model = small_model(layer, "mean")
     res = to_onnx(model, tmp_path / "chunk.onnx", chunk=8)
     assert res.validation.passed and res.validation.length == 256 and res.metadata["lrnnx_zoo.chunk"] == "8"
-    step_res = to_onnx(model, tmp_path / "step.onnx")
+    # the step graph from the TorchScript-based exporter (opset 17, ~0.1 s against dynamo's ~2): the state
+    # layout is the step module's, whichever exporter wrote the graph
+    step_res = to_onnx(model, tmp_path / "step.onnx", opset=17)
     chunks, steps = OnnxStreamer(res.path), OnnxStreamer(step_res.path)
     assert chunks.chunk == 8 and steps.chunk is None and "chunk=8" in repr(chunks)
     x = np.random.default_rng(0).standard_normal((2, 35, 3)).astype(np.float32)
