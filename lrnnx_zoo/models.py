@@ -573,11 +573,13 @@ class SequenceModel(HubMixin, nn.Module):
             self.checkpoint_info = adapted_info(self, changed, fresh, stale)
         return fresh
 
-    def config_mismatches(self) -> List[str]:
+    def config_mismatches(self, sizes_only: bool = False) -> List[str]:
         """How this model's modules disagree with ``self.config`` (what a saved config.json records and
         ``from_pretrained`` rebuilds), one phrase each; [] when they agree. A module replaced by hand
         (``model.decoder = nn.Linear(64, 5)``) without changing the config is the usual cause:
-        :meth:`reconfigure` changes both together."""
+        :meth:`reconfigure` changes both together. ``sizes_only``: the encoder's, the decoder's and the
+        block count alone, what a step graph's sizes are read from (an exporter streams the blocks it
+        finds, a layer swapped into one by hand included)."""
         cfg, found = self.config, []
         for name, want in (("encoder", (cfg.d_input, cfg.d_model)), ("decoder", (cfg.d_model, cfg.d_output))):
             module = getattr(self, name, None)
@@ -589,6 +591,8 @@ class SequenceModel(HubMixin, nn.Module):
                              f"d_model={cfg.d_model}, d_output={cfg.d_output})")
         if len(self.blocks) != cfg.n_layers:
             found.append(f"{len(self.blocks)} blocks, config n_layers={cfg.n_layers}")
+        if sizes_only:
+            return found
         rates = sorted({b.dropout.p for b in self.blocks if isinstance(b.dropout, nn.Dropout)} - {cfg.dropout})
         if rates:
             found.append(f"blocks with dropout {', '.join(map(str, rates))}, config dropout={cfg.dropout}")

@@ -14,7 +14,7 @@ import lrnnx_zoo
 from lrnnx_zoo import SequenceModel, create_layer
 from lrnnx_zoo.convolution import FFTConvS4
 from lrnnx_zoo.models import ModelConfig
-from test_layer_contract import run_steps   # steps a layer or a model over x from a new cache
+from lrnnx_zoo.testing import run_steps   # steps a layer or a model over x from a new cache
 
 FAMILIES = lrnnx_zoo.list_layers()
 
