@@ -18,7 +18,15 @@ def pytest_configure(config):
     """Stop before collecting when a built-in family failed to load: every test of it would fail on its
     own, far from the cause (the contract suite run with `python -m pytest` in a source checkout
     imports the checkout's lrnnx_zoo, where lrnnx_zoo.plugins does not exist, and a plugin author's
-    layer then failed with "no backends of kind 'vandermonde'")."""
+    layer then failed with "no backends of kind 'vandermonde'").
+
+    A pytest-xdist worker gives torch its share of the cores: each of the 2 workers on this 2-core
+    machine ran torch's 2-thread pools, 4 threads on 2 cores, whose hand-offs spun against each other
+    (the contract, models, diagonal-family and S4 files: 32.6 s -> 13.9 s with one thread a worker)."""
+    import os
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if os.environ.get("PYTEST_XDIST_WORKER") and workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     import lrnnx_zoo
     failed = [p for p in lrnnx_zoo.list_plugins() if p.builtin and not p.ok]
     if failed:
