@@ -24,26 +24,65 @@ _LOCK = threading.Lock()
 
 class _ThreadRouter(io.TextIOBase):
     """A text stream that sends each thread's writes to that thread's buffer, if it holds one, else on to
-    ``target``; everything else (encoding, fileno, isatty, ...) is the target's."""
+    ``target``; everything else (encoding, fileno, isatty, buffer, ...) is the target's. ``target`` None
+    (``sys.stderr`` is None under pythonw): what the other threads write is dropped, as it was lost before."""
 
-    def __init__(self, target: TextIO) -> None:
+    def __init__(self, target: Optional[TextIO]) -> None:
         super().__init__()
         self.target = target
         self.buffers: Dict[int, io.StringIO] = {}
 
     def write(self, text: str) -> int:
         held = self.buffers.get(threading.get_ident())
-        return (held if held is not None else self.target).write(text)
+        if held is not None:
+            return held.write(text)
+        # None: a shown warning or a traceback in another thread raised AttributeError ('NoneType' ... 'write')
+        return len(text) if self.target is None else self.target.write(text)
 
     def flush(self) -> None:
-        if threading.get_ident() not in self.buffers:
+        if threading.get_ident() not in self.buffers and self.target is not None:
             self.target.flush()
 
     def writable(self) -> bool:
         return True
 
-    def __getattr__(self, name: str) -> Any:     # encoding, errors, fileno, isatty, buffer: the target's
-        return getattr(self.target, name)
+    # io.TextIOBase defines these itself (None, UnsupportedOperation, False), so __getattr__ never saw them:
+    # another thread's subprocess.run(..., stderr=sys.stderr) failed on fileno() during an export. (The
+    # setters: typeshed has the attributes writable; on a stream they are not, as on the router's base.)
+    @property
+    def encoding(self) -> Any:
+        return getattr(self.target, "encoding", None)
+
+    @encoding.setter
+    def encoding(self, value: Any) -> None:
+        raise AttributeError("the router's encoding is its stream's")
+
+    @property
+    def errors(self) -> Any:
+        return getattr(self.target, "errors", None)
+
+    @errors.setter
+    def errors(self, value: Any) -> None:
+        raise AttributeError("the router's errors is its stream's")
+
+    @property
+    def newlines(self) -> Any:
+        return getattr(self.target, "newlines", None)
+
+    @newlines.setter
+    def newlines(self, value: Any) -> None:
+        raise AttributeError("the router's newlines is its stream's")
+
+    def fileno(self) -> int:
+        if self.target is None:
+            raise io.UnsupportedOperation("fileno: sys.stderr was None when lrnnx_zoo held back a thread's output")
+        return self.target.fileno()
+
+    def isatty(self) -> bool:
+        return self.target is not None and self.target.isatty()
+
+    def __getattr__(self, name: str) -> Any:     # buffer, mode, name, reconfigure, ...: the target's
+        return getattr(self.__dict__.get("target"), name)
 
 
 def _router() -> _ThreadRouter:

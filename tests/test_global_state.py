@@ -280,3 +280,45 @@ def test_an_export_that_succeeds_writes_its_held_back_printout_once(capsys) -> N
         assert capsys.readouterr().err == ""             # held back while the export runs
     assert capsys.readouterr().err == "exporter noise\n"
     assert sys.stderr is stderr
+
+
+def test_another_thread_sees_the_stderr_it_had_while_an_export_holds_back_its_own(monkeypatch, tmp_path: Path) -> None:
+    # The router in front of sys.stderr is an io.TextIOBase, which answers encoding, fileno and isatty
+    # itself (None, UnsupportedOperation, False): another thread's subprocess.run(..., stderr=sys.stderr)
+    # failed during an export, and a stream's encoding read None.
+    import sys
+
+    from lrnnx_zoo.thread_streams import this_threads_stderr
+    with open(tmp_path / "stderr.txt", "w", encoding="latin-1") as real:
+        monkeypatch.setattr(sys, "stderr", real)
+        with Held(inside(this_threads_stderr)):
+            assert sys.stderr is not real                       # the router is in front
+            seen = (sys.stderr.encoding, sys.stderr.errors, sys.stderr.fileno(), sys.stderr.isatty())
+            print("server line", file=sys.stderr)
+        assert seen == (real.encoding, real.errors, real.fileno(), real.isatty())
+        assert sys.stderr is real
+    assert (tmp_path / "stderr.txt").read_text(encoding="latin-1") == "server line\n"
+
+
+def test_another_threads_writes_are_lost_quietly_without_a_stderr(monkeypatch) -> None:
+    # Under pythonw sys.stderr is None and the standard library drops what it would show there (warnings,
+    # thread tracebacks: "if sys.stderr is None: return"); with the router in front of None, another
+    # thread's write raised AttributeError ('NoneType' object has no attribute 'write'), a shown warning too.
+    import sys
+
+    from lrnnx_zoo.thread_streams import this_threads_stderr
+    monkeypatch.setattr(sys, "stderr", None)
+    held: List[str] = []
+
+    def work(hold: Callable[[], None]) -> None:
+        with this_threads_stderr() as printed:
+            print("exporter noise", file=sys.stderr)
+            hold()
+        held.append(printed.getvalue())
+    with Held(work):
+        stream = sys.stderr
+        assert stream is not None                               # the router: what is written goes nowhere
+        assert stream.write("server line\n") == len("server line\n")
+        stream.flush()
+        assert not stream.isatty()
+    assert held == ["exporter noise\n"] and sys.stderr is None
