@@ -14,7 +14,9 @@ sees the text and then the category of each warning and answers False in every o
 warnings go on to the filters after it as if it were not there. Its action is "ignore": a caught warning
 is handed to the caller's function and not shown. The filter list's version is bumped on entry and exit
 (as ``warnings.simplefilter`` does), so no warning is skipped as "already shown" by a registry
-(``__warningregistry__``) written under another filter list.
+(``__warningregistry__``) written under another filter list. Where the warnings module has a lock (Python
+3.14's has ``_lock`` and ``_filters_mutated_lock_held``, no ``_filters_mutated``) the list is edited and
+the version bumped under it, as the module's own filter functions do.
 """
 
 from __future__ import annotations
@@ -63,11 +65,22 @@ class _ThreadGate:
         return f"<warnings of {', '.join(k.__name__ for k in kinds)} in thread {self.thread} (lrnnx_zoo)>"
 
 
-def _filters_changed() -> None:
-    """Tell the warnings module its filter list changed (so warnings it already cached are looked up again)."""
-    changed = getattr(warnings, "_filters_mutated", None)
-    if changed is not None:
-        changed()
+def _edit_filters(edit: Callable[[], None]) -> None:
+    """Run ``edit`` (a change of the filter list) and tell the warnings module the list changed, so the
+    warnings its registries already record as shown are looked up again. Python 3.14's module bumps the
+    version only through ``_filters_mutated_lock_held``, under its ``_lock`` (the list is edited under
+    it too); without them (3.10-3.12) ``_filters_mutated`` bumps it. Found by neither, only the edit."""
+    lock = getattr(warnings, "_lock", None)
+    bump_held = getattr(warnings, "_filters_mutated_lock_held", None)
+    if lock is not None and bump_held is not None:
+        with lock:
+            edit()
+            bump_held()
+        return
+    edit()
+    bump = getattr(warnings, "_filters_mutated", None)
+    if bump is not None:
+        bump()
 
 
 @contextlib.contextmanager
@@ -83,15 +96,16 @@ def this_threads_warnings(handler: Optional[WarningHandler] = None,
     entry = ("ignore", gate, gate, None, 0)
     # typeshed types the list's entries as patterns and classes; the entry holds the gate in both slots
     filters = cast(List[Any], warnings.filters)
-    filters.insert(0, entry)
-    _filters_changed()
+    _edit_filters(lambda: filters.insert(0, entry))
     try:
         yield
     finally:
         gate.active = False          # inert where a copy of the list (another catch_warnings') still holds it
-        for current in {id(filters): filters, id(warnings.filters): cast(List[Any], warnings.filters)}.values():
-            for i, item in enumerate(current):
-                if item is entry:
-                    del current[i]
-                    break
-        _filters_changed()
+
+        def take_out() -> None:
+            for current in {id(filters): filters, id(warnings.filters): cast(List[Any], warnings.filters)}.values():
+                for i, item in enumerate(current):
+                    if item is entry:
+                        del current[i]
+                        break
+        _edit_filters(take_out)

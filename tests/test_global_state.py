@@ -322,3 +322,48 @@ def test_another_threads_writes_are_lost_quietly_without_a_stderr(monkeypatch) -
         stream.flush()
         assert not stream.isatty()
     assert held == ["exporter noise\n"] and sys.stderr is None
+
+
+class _FlagLock:
+    """A stand-in for Python 3.14's ``warnings._lock``: says whether it is held."""
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def __enter__(self) -> "_FlagLock":
+        self.held = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.held = False
+
+
+def test_a_warning_already_shown_is_caught_where_the_module_bumps_its_version_only_under_its_lock(monkeypatch) -> None:
+    # Python 3.14's warnings module has _filters_mutated_lock_held (to be called under warnings._lock) and no
+    # _filters_mutated: the entry went in without a version bump, so a warning its registry recorded as
+    # shown ("default") was skipped before the filters were read, and the handler never saw it.
+    import _warnings
+    lock, bumps = _FlagLock(), []
+
+    def bump_held() -> None:
+        assert lock.held, "the version was bumped outside warnings._lock"
+        bumps.append(1)
+        _warnings._filters_mutated()
+    seen: List[str] = []
+    caught: List[str] = []
+
+    def upstream() -> None:
+        warnings.warn("the same warning from the same line", UserWarning)
+    monkeypatch.setattr(warnings, "filters", [("default", None, Warning, None, 0)])
+    monkeypatch.setattr(warnings, "showwarning", lambda message, category, *a, **k: seen.append(str(message)))
+    _warnings._filters_mutated()
+    with monkeypatch.context() as py314:           # only here: catch_warnings (pytest's too) needs the old bump
+        py314.delattr(warnings, "_filters_mutated")
+        py314.setattr(warnings, "_lock", lock, raising=False)
+        py314.setattr(warnings, "_filters_mutated_lock_held", bump_held, raising=False)
+        upstream()                                                 # shown, and recorded as shown
+        with this_threads_warnings(lambda c, t: caught.append(t)):
+            upstream()
+        upstream()                                                 # the list changed again: shown again
+    assert caught == ["the same warning from the same line"] and len(bumps) == 2
+    assert seen == ["the same warning from the same line"] * 2
