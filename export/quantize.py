@@ -77,14 +77,16 @@ def quantize_int8(float_path: Path, out_path: Path, metadata: Dict[str, str],
     # and, put back, undid a level another thread set meanwhile
     quiet = QuantizerAdviceFilter()
     root.addFilter(quiet)
-    had_handlers = bool(root.handlers)
+    had_handlers, level = bool(root.handlers), root.level
     try:
         with EXPORT_LOCK:       # quantisations take turns, as before (onnxruntime's quantizer is not known to be thread-safe)
             quantize_dynamic(without_weight_shapes(proto), str(out_path), weight_type=QuantType.QInt8,
                              nodes_to_exclude=step_form_nodes(proto))
     finally:
         root.removeFilter(quiet)
-        if not had_handlers:
+        # a root level set meanwhile: an application's basicConfig(level=...), whose handler looks like
+        # the implicit one (basicConfig sets the level on the root, not on its handler)
+        if not had_handlers and root.level == level:
             _drop_implicit_handler(root)
     proto = onnx.load(str(out_path))
     del proto.metadata_props[:]
@@ -98,9 +100,10 @@ def _drop_implicit_handler(root: logging.Logger) -> None:
     left there, an application's own ``logging.basicConfig(level=..., format=...)`` afterwards did nothing
     (it configures only a root without handlers) and every record of the process reaching the root was
     printed in logging's default format. Called only where the root had no handler before the quantizer
-    ran, and only a handler of basicConfig's defaults is taken off (a plain StreamHandler, default format,
-    no level): one an application configured with a format, a file or a level meanwhile stays (a bare
-    ``basicConfig()`` in another thread during the quantisation is indistinguishable and goes too)."""
+    ran and its level is still the one it had then, and only a handler of basicConfig's defaults is taken
+    off (a plain StreamHandler, default format, no level): one an application configured with a format, a
+    file or a root level meanwhile stays (a bare ``basicConfig()`` in another thread during the
+    quantisation is indistinguishable and goes too)."""
     for handler in list(root.handlers):
         fmt = getattr(handler.formatter, "_fmt", None)
         if type(handler) is logging.StreamHandler and fmt == logging.BASIC_FORMAT and handler.level == logging.NOTSET:

@@ -223,6 +223,32 @@ def test_an_int8_quantisation_leaves_no_implicit_root_handler(monkeypatch) -> No
     assert root.handlers == [mine]
 
 
+def test_an_applications_basic_config_made_during_an_int8_quantisation_stays(monkeypatch) -> None:
+    # basicConfig(level=INFO) in another thread while the quantizer runs gives the root a handler exactly
+    # like logging's implicit one (the level goes on the root): it was taken off as the quantizer's, and
+    # the application's records were no longer printed. The root's level, changed meanwhile, tells them apart.
+    import onnxruntime.quantization as ortq
+    from onnx import TensorProto, helper
+
+    from lrnnx_zoo.export.quantize import quantize_int8
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])          # as in a process that configured no logging yet
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    advice = compile("import logging\nlogging.info('Please consider to run pre-processing')", ortq.__file__, "exec")
+
+    def stand_in(*args, **kwargs):
+        logging.basicConfig(level=logging.INFO)           # the application, meanwhile
+        exec(advice, {})                                  # the quantizer's advice: the root has a handler now
+        raise RuntimeError("stand-in quantizer: nothing written")
+    monkeypatch.setattr(ortq, "quantize_dynamic", stand_in)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    with pytest.raises(RuntimeError, match="stand-in"):
+        quantize_int8(Path("unused.onnx"), Path("unused-int8.onnx"), {}, helper.make_model(graph))
+    assert len(root.handlers) == 1 and root.level == logging.INFO
+
+
 def _step_module() -> torch.nn.Module:
     import lrnnx_zoo
     from lrnnx_zoo.export import build_step_module
