@@ -489,7 +489,10 @@ CHECKS: Dict[str, _Check] = {
 
 
 def _subject(name: str, d_model: int, d_state: int, layer_kwargs: Dict[str, Any]) -> _Subject:
-    probe = lrnnx_zoo.create_layer(name, d_model, d_state=d_state, **layer_kwargs)
+    # the probe's initialisation draws from a fork: layer_checks (parametrize_with_checks at collection,
+    # check_layer) leaves the caller's random stream as it was, as the checks themselves do
+    with torch.random.fork_rng(devices=[]):
+        probe = lrnnx_zoo.create_layer(name, d_model, d_state=d_state, **layer_kwargs)
     return _Subject(name, d_model, d_state, dict(layer_kwargs), streaming=not getattr(probe, "bidirectional", False),
                     time_invariant=isinstance(probe, LTI_LRNN))
 

@@ -132,6 +132,14 @@ def test_checks_leave_the_random_state_as_it_was(broken):
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
+def test_listing_the_checks_leaves_the_random_state_as_it_was():
+    # layer_checks builds a probe of the layer (is it bidirectional, time-invariant?): the LRU's random
+    # initialisation drew from the caller's stream, at a plugin suite's collection or in check_layer
+    before = torch.random.get_rng_state()
+    layer_checks("lru", H, N, onnx=False)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_onnx_is_optional_and_bidirectional_layers_skip_streaming_checks():
     names = {c.name for c in layer_checks("s4", H, N)}
     assert names == set(CHECKS) and "onnx" not in {c.name for c in layer_checks("s4", H, N, onnx=False)}
