@@ -365,10 +365,20 @@ def _half_parameters(s: _Subject) -> None:
         layer.float()(x)                                   # the way out the message gives
 
 
+def _coefficients(layer: nn.Module) -> List[Tensor]:
+    """The layer's real or complex floating-point parameters, then such buffers (fixed coefficients)."""
+    return [t for t in [*layer.parameters(), *layer.buffers()] if t.is_floating_point() or t.is_complex()]
+
+
 def _stale_cache(s: _Subject) -> None:
     # Training while streaming, or loading weights into a streaming layer: the cache's step form
-    # kept the old weights and stepped on with them, silently.
-    for change in ("optimizer step", "load_state_dict", "in-place edit"):
+    # kept the old weights and stepped on with them, silently. A layer of fixed coefficients (buffers
+    # only, as the gradients check allows) has no optimiser step, but can be loaded into or edited.
+    probe = s.make()
+    if not _coefficients(probe):                    # nothing a change could reach
+        return
+    trainable = any(True for _ in probe.parameters())
+    for change in ("optimizer step", "load_state_dict", "in-place edit")[0 if trainable else 1:]:
         layer = s.make()
         x = torch.randn(2, 8, s.d_model)
         cache = layer.allocate_inference_cache(2)
@@ -381,11 +391,11 @@ def _stale_cache(s: _Subject) -> None:
         elif change == "load_state_dict":
             other = s.make()
             with torch.no_grad():
-                next(other.parameters()).mul_(0.5)
+                _coefficients(other)[0].mul_(0.5)
             layer.load_state_dict(other.state_dict())
         else:
             with torch.no_grad():
-                next(layer.parameters()).mul_(0.5)
+                _coefficients(layer)[0].mul_(0.5)
         with torch.no_grad():
             _raises(RuntimeError, "weights changed since this cache was made.*allocate_inference_cache",
                     lambda: layer.step(x[:, 1], cache), f"a step on a cache made before an {change}")

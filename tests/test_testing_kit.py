@@ -55,8 +55,16 @@ def broken() -> Iterator[Dict[str, type]]:
             def forward(self, x, integration_timesteps=None, lengths=None):
                 return super().forward(x, integration_timesteps, lengths) * self.gain
 
+        class FixedDecay(ema.EMA):           # not broken: fixed coefficients, a buffer and no parameters
+            def __init__(self, d_model, d_state=1, init="flat"):
+                super().__init__(d_model, d_state, init)
+                logit = self.logit.detach().clone()
+                del self.logit
+                self.register_buffer("logit", logit)
+
         layers = {"kit_wrong_shape": WrongShape, "kit_non_causal": NonCausal, "kit_step_disagrees": StepDisagrees,
-                  "kit_ignores_lengths": IgnoresLengths, "kit_plain_coefficient": PlainCoefficient}
+                  "kit_ignores_lengths": IgnoresLengths, "kit_plain_coefficient": PlainCoefficient,
+                  "kit_fixed_decay": FixedDecay}
         with layers_registered("broken_kit", **layers):
             yield layers
 
@@ -138,6 +146,14 @@ def test_listing_the_checks_leaves_the_random_state_as_it_was():
     before = torch.random.get_rng_state()
     layer_checks("lru", H, N, onnx=False)
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_a_layer_of_fixed_coefficients_passes_the_stale_cache_check(broken):
+    # the gradients check allows a layer without parameters; the stale-cache check built an optimiser over
+    # none ("optimizer got an empty parameter list") and edited next(parameters()) (StopIteration)
+    assert not list(lrnnx_zoo.create_layer("kit_fixed_decay", H, d_state=N).parameters())
+    _check("kit_fixed_decay", "stale_cache")()
+    _check("kit_fixed_decay", "gradients")()
 
 
 def test_onnx_is_optional_and_bidirectional_layers_skip_streaming_checks():
