@@ -15,7 +15,7 @@ import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -85,9 +85,31 @@ def _short(value: Any) -> str:
     return f"1e+{len(str(abs(value))) - 1}" if isinstance(value, int) and abs(value) >= 10 ** 15 else str(value)
 
 
-def _listed(names: List[str], limit: int = 8) -> str:
+def _listed(names: List[str], limit: int = 8, sep: str = ", ") -> str:
     """The first ``limit`` names and how many more, for messages (a config may have thousands of blocks)."""
-    return ", ".join(names[:limit]) + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
+    return sep.join(names[:limit]) + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _fits(given: Any, own: Tensor) -> bool:
+    """Whether torch's load_state_dict takes ``given`` for the model's ``own`` tensor without a size error:
+    the same shape, a (1,) tensor for a 0-d one (torch's compatibility with 0.3), anything for a lazy
+    parameter not yet initialised, and anything not a tensor (torch's own error says what it got)."""
+    if not isinstance(given, Tensor) or nn.parameter.is_lazy(own):
+        return True
+    return given.shape == own.shape or (own.dim() == 0 and tuple(given.shape) == (1,))
+
+
+def _filled_by_torch(model: nn.Module, metadata: Optional[Dict[str, Any]]) -> Set[str]:
+    """The state names torch's load_state_dict fills in itself when missing: the ``num_batches_tracked``
+    of each batch norm that tracks running statistics, where the state dict's ``_metadata`` gives that
+    module no version >= 2 (none at all for a plain dict, as from safetensors)."""
+    filled: Set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            version = (metadata or {}).get(name, {}).get("version")
+            if version is None or version < 2:
+                filled.add(f"{name}.num_batches_tracked" if name else "num_batches_tracked")
+    return filled
 
 
 @dataclass
@@ -620,20 +642,25 @@ class SequenceModel(HubMixin, nn.Module):
         """``nn.Module.load_state_dict``, checked first: torch copies every tensor that fits before it
         raises about the others (missing or unexpected keys under ``strict``, a shape that differs),
         which left a model with more blocks or another d_model half loaded after the error. Here
-        such a state dict raises the same RuntimeError before anything is copied."""
+        such a state dict raises the same RuntimeError before anything is copied.
+
+        What torch itself accepts is let through to it: a batch norm's ``num_batches_tracked`` missing
+        from a state dict of before its version 2 (no ``_metadata``, or an older one), a (1,) tensor for
+        a 0-d one, an uninitialised (lazy) parameter. With a load pre-hook (it may rename keys) nothing is
+        checked first; with a load post-hook (it may forgive missing or unexpected keys) only the shapes."""
         hooked = any(m._load_state_dict_pre_hooks for m in self.modules())     # they may rename keys
         if not hooked and hasattr(state_dict, "keys"):
             own = self.state_dict()
             given = set(state_dict.keys())
             wrong = [f"{k}: given {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}"
-                     for k in sorted(given & set(own))
-                     if isinstance(state_dict[k], Tensor) and state_dict[k].shape != own[k].shape]
-            missing, unexpected = (sorted(set(own) - given), sorted(given - set(own))) if strict else ([], [])
+                     for k in sorted(given & set(own)) if not _fits(state_dict[k], own[k])]
+            forgiving = not strict or any(m._load_state_dict_post_hooks for m in self.modules())
+            filled = _filled_by_torch(self, getattr(state_dict, "_metadata", None))
+            missing, unexpected = ([], []) if forgiving else (sorted(set(own) - given - filled), sorted(given - set(own)))
             if wrong or missing or unexpected:
                 parts = ([f"missing keys {_listed(missing)}"] if missing else []) + \
                         ([f"unexpected keys {_listed(unexpected)}"] if unexpected else []) + \
-                        ([f"shapes that differ: {'; '.join(wrong[:8])}" + (f" ... and {len(wrong) - 8} more"
-                                                                          if len(wrong) > 8 else "")] if wrong else [])
+                        ([f"shapes that differ: {_listed(wrong, sep='; ')}"] if wrong else [])
                 raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__} ({self.config.sizes()}): "
                                    + "; ".join(parts) + ". Nothing was loaded. A model of another backbone cannot take "
                                    "these weights; for another head use model.reconfigure(d_output=...) on the "

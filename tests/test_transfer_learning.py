@@ -125,6 +125,33 @@ def test_load_state_dict_into_a_model_of_another_backbone_loads_nothing(source):
     assert result.missing_keys and torch.equal(two.blocks[0].layer.kernel.C, small.blocks[0].layer.kernel.C)
 
 
+def test_load_state_dict_lets_through_what_torch_itself_accepts():
+    # The check before the copy refused state dicts torch loads: a batch norm's num_batches_tracked missing
+    # from one without version metadata (a plain dict, as safetensors gives; torch fills it in), keys a
+    # load post-hook forgives, and a (1,) tensor for a 0-d one. Each still raises where torch raises.
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(**{**TINY, "norm": "batch"}))
+    full = model.state_dict()
+    tracked = [k for k in full if k.endswith("num_batches_tracked")]
+    assert tracked
+    model.load_state_dict({k: v for k, v in full.items() if k not in tracked})          # torch fills them in
+    with pytest.raises(RuntimeError, match=r"missing keys .*num_batches_tracked.*Nothing was loaded"):
+        versioned = full.copy()
+        versioned._metadata = full._metadata                   # what state_dict() records: batch norm version 2
+        for k in tracked:
+            del versioned[k]
+        model.load_state_dict(versioned)
+    handle = model.register_load_state_dict_post_hook(lambda module, keys: keys.missing_keys.clear())
+    model.load_state_dict({k: v for k, v in full.items() if k != "decoder.bias"})
+    handle.remove()
+    with pytest.raises(RuntimeError, match=r"missing keys decoder\.bias\. Nothing was loaded"):
+        model.load_state_dict({k: v for k, v in full.items() if k != "decoder.bias"})
+    model.scale = torch.nn.Parameter(torch.tensor(1.0))
+    model.load_state_dict({**model.state_dict(), "scale": torch.tensor([2.0])})
+    assert model.scale.item() == 2.0
+    with pytest.raises(RuntimeError, match=r"shapes that differ: scale: given \(2,\), model \(\)\. Nothing was loaded"):
+        model.load_state_dict({**model.state_dict(), "scale": torch.tensor([2.0, 3.0])})
+
+
 def test_dropout_for_fine_tuning_is_a_config_change_and_a_hand_set_one_is_refused(source, tmp_path):
     model = lrnnx_zoo.from_pretrained(source)
     assert model.reconfigure(dropout=0.3) == []
