@@ -22,6 +22,17 @@ from typing import Any, Dict, Iterator, Optional, TextIO
 _LOCK = threading.Lock()
 
 
+def _wrapped(name: str) -> Any:
+    """A read-only attribute of :class:`_ThreadRouter` that is its wrapped stream's ``name`` (None without
+    one), where io.TextIOBase has one of its own."""
+    def get(router: "_ThreadRouter") -> Any:
+        return getattr(router.target, name, None)
+
+    def refuse(router: "_ThreadRouter", value: Any) -> None:
+        raise AttributeError(f"the router's {name} is its stream's")
+    return property(get, refuse)
+
+
 class _ThreadRouter(io.TextIOBase):
     """A text stream that sends each thread's writes to that thread's buffer, if it holds one, else on to
     ``target``; everything else (encoding, fileno, isatty, buffer, ...) is the target's. ``target`` None
@@ -47,31 +58,10 @@ class _ThreadRouter(io.TextIOBase):
         return True
 
     # io.TextIOBase defines these itself (None, UnsupportedOperation, False), so __getattr__ never saw them:
-    # another thread's subprocess.run(..., stderr=sys.stderr) failed on fileno() during an export. (The
-    # setters: typeshed has the attributes writable; on a stream they are not, as on the router's base.)
-    @property
-    def encoding(self) -> Any:
-        return getattr(self.target, "encoding", None)
-
-    @encoding.setter
-    def encoding(self, value: Any) -> None:
-        raise AttributeError("the router's encoding is its stream's")
-
-    @property
-    def errors(self) -> Any:
-        return getattr(self.target, "errors", None)
-
-    @errors.setter
-    def errors(self, value: Any) -> None:
-        raise AttributeError("the router's errors is its stream's")
-
-    @property
-    def newlines(self) -> Any:
-        return getattr(self.target, "newlines", None)
-
-    @newlines.setter
-    def newlines(self, value: Any) -> None:
-        raise AttributeError("the router's newlines is its stream's")
+    # another thread's subprocess.run(..., stderr=sys.stderr) failed on fileno() during an export
+    encoding = _wrapped("encoding")
+    errors = _wrapped("errors")
+    newlines = _wrapped("newlines")
 
     def fileno(self) -> int:
         if self.target is None:

@@ -194,25 +194,22 @@ def test_from_pretrained_leaves_the_callers_random_stream(tmp_path: Path) -> Non
     assert torch.equal(torch.rand(4), expected)
 
 
-def test_an_int8_quantisation_leaves_no_implicit_root_handler(monkeypatch) -> None:
-    # onnxruntime's quantizer logs through logging.warning / logging.info, which give a root logger without
-    # handlers logging.basicConfig()'s stderr handler, for good: an application's own basicConfig(level=...,
-    # format=...) afterwards did nothing. Old: that handler was left; now taken off, while a handler the
-    # application added meanwhile (with its own format) stays.
+def _quantize_with_stand_in(monkeypatch, quantizer: Callable[[Callable[[], None]], None]) -> logging.Logger:
+    """quantize_int8 with onnxruntime's quantize_dynamic replaced by ``quantizer(advise)`` (then a failure:
+    nothing written), where ``advise()`` logs the quantizer's advice from onnxruntime's file with a
+    module-level call, as its quantizer does. The root logger starts as in a process that configured no
+    logging; it is returned afterwards."""
     import onnxruntime.quantization as ortq
     from onnx import TensorProto, helper
 
     from lrnnx_zoo.export.quantize import quantize_int8
     root = logging.getLogger()
-    monkeypatch.setattr(root, "handlers", [])          # as in a process that configured no logging
-    mine = logging.StreamHandler()
-    mine.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", logging.WARNING)
     advice = compile("import logging\nlogging.info('Please consider to run pre-processing')", ortq.__file__, "exec")
 
     def stand_in(*args, **kwargs):
-        exec(advice, {})                                 # from onnxruntime's file, as its quantizer logs
-        assert len(root.handlers) == 1                   # basicConfig's, added by the module-level call
-        root.addHandler(mine)
+        quantizer(lambda: exec(advice, {}))
         raise RuntimeError("stand-in quantizer: nothing written")
     monkeypatch.setattr(ortq, "quantize_dynamic", stand_in)
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
@@ -220,32 +217,32 @@ def test_an_int8_quantisation_leaves_no_implicit_root_handler(monkeypatch) -> No
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     with pytest.raises(RuntimeError, match="stand-in"):
         quantize_int8(Path("unused.onnx"), Path("unused-int8.onnx"), {}, helper.make_model(graph))
-    assert root.handlers == [mine]
+    return root
+
+
+def test_an_int8_quantisation_leaves_no_implicit_root_handler(monkeypatch) -> None:
+    # onnxruntime's quantizer logs through logging.warning / logging.info, which give a root logger without
+    # handlers logging.basicConfig()'s stderr handler, for good: an application's own basicConfig(level=...,
+    # format=...) afterwards did nothing. Old: that handler was left; now taken off, while a handler the
+    # application added meanwhile (with its own format) stays.
+    mine = logging.StreamHandler()
+    mine.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+
+    def quantizer(advise: Callable[[], None]) -> None:
+        advise()
+        assert len(logging.getLogger().handlers) == 1      # basicConfig's, added by the module-level call
+        logging.getLogger().addHandler(mine)
+    assert _quantize_with_stand_in(monkeypatch, quantizer).handlers == [mine]
 
 
 def test_an_applications_basic_config_made_during_an_int8_quantisation_stays(monkeypatch) -> None:
     # basicConfig(level=INFO) in another thread while the quantizer runs gives the root a handler exactly
     # like logging's implicit one (the level goes on the root): it was taken off as the quantizer's, and
     # the application's records were no longer printed. The root's level, changed meanwhile, tells them apart.
-    import onnxruntime.quantization as ortq
-    from onnx import TensorProto, helper
-
-    from lrnnx_zoo.export.quantize import quantize_int8
-    root = logging.getLogger()
-    monkeypatch.setattr(root, "handlers", [])          # as in a process that configured no logging yet
-    monkeypatch.setattr(root, "level", logging.WARNING)
-    advice = compile("import logging\nlogging.info('Please consider to run pre-processing')", ortq.__file__, "exec")
-
-    def stand_in(*args, **kwargs):
+    def quantizer(advise: Callable[[], None]) -> None:
         logging.basicConfig(level=logging.INFO)           # the application, meanwhile
-        exec(advice, {})                                  # the quantizer's advice: the root has a handler now
-        raise RuntimeError("stand-in quantizer: nothing written")
-    monkeypatch.setattr(ortq, "quantize_dynamic", stand_in)
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    with pytest.raises(RuntimeError, match="stand-in"):
-        quantize_int8(Path("unused.onnx"), Path("unused-int8.onnx"), {}, helper.make_model(graph))
+        advise()                                          # the root has a handler now: no implicit one
+    root = _quantize_with_stand_in(monkeypatch, quantizer)
     assert len(root.handlers) == 1 and root.level == logging.INFO
 
 
