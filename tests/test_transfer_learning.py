@@ -218,6 +218,21 @@ def test_export_refuses_a_hand_replaced_head_and_writes_a_reconfigured_one(sourc
     assert meta["lrnnx_zoo.source"] == f"in-memory model adapted from {source} (d_output 10 -> 3, pooling 'mean' -> None)"
 
 
+def test_an_encoder_under_weight_norm_exports_but_is_not_saved_as_a_plain_linear(tmp_path):
+    # The exporters read only the sizes from the config; the check made for a head replaced by hand refused
+    # a ParametrizedLinear of the right sizes ("encoder is a ParametrizedLinear"), which streams as it runs.
+    pytest.importorskip("onnxruntime")
+    from lrnnx_zoo.export import to_onnx
+    torch.manual_seed(0)
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(**{**TINY, "pooling": None})).eval()
+    torch.nn.utils.parametrizations.weight_norm(model.encoder)
+    result = to_onnx(model, tmp_path / "m.onnx", validation_input=torch.randn(1, 16, 1), opset=17)
+    assert result.validation.passed               # streamed against forward within to_onnx's tolerance
+    # a checkpoint rebuilds an nn.Linear with other state names: saving it is still refused
+    with pytest.raises(CheckpointError, match=r"encoder is a ParametrizedLinear.*Nothing was written"):
+        model.save_pretrained(tmp_path / "ckpt")
+
+
 def test_a_reconfigured_model_does_not_claim_its_base_models_task_data_or_metrics(source, tmp_path, capsys):
     # evaluate re-measures the metrics of the data a checkpoint records: a 5-class model saved with
     # the base model's 10-class digits and accuracy would be evaluated (and carded) as that task
