@@ -269,5 +269,5 @@ def flush_stdout() -> bool:
         return False
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":      # python -m lrnnx_zoo.cli: a process of its own, as the command
+    sys.exit(console_main())

@@ -44,6 +44,13 @@ def test_the_cli_called_in_process_leaves_the_allocator_and_its_own_process_tune
                 "status = lrnnx_zoo.cli.console_main()\n"
                 "print(status, rt._applied)")
         assert _child_output(code).splitlines()[-1] == "0 True"
+        code = ("import runpy, sys, lrnnx_zoo.runtime as rt\n"        # python -m lrnnx_zoo.cli recipes
+                "sys.argv = ['lrnnx_zoo.cli', 'recipes']\n"
+                "try:\n"
+                "    runpy.run_module('lrnnx_zoo.cli', run_name='__main__', alter_sys=True)\n"
+                "except SystemExit as exc:\n"
+                "    print(exc.code, rt._applied)")
+        assert _child_output(code).splitlines()[-1] == "0 True"
         from importlib.metadata import entry_points
         scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
         assert scripts["lrnnx-zoo"] == "lrnnx_zoo.cli:console_main"
