@@ -481,8 +481,12 @@ def adapted_info(model: Any, changes: Dict[str, Any], fresh: List[str], stale: b
                   "changes": changes, "reinitialized": fresh}
     dropped = set(RUN_KEYS) | ({"task", "dataset"} if {"d_input", "d_output"} & set(record["changes"]) else set())
     kept = {k: v for k, v in info.items() if k not in dropped and k not in ("weights_digest", "source")}
-    # no "source": no checkpoint holds this model (an export names it in memory, adapted from the record's)
-    return {**kept, **{k: None for k in dropped}, "base_model": record, "weights_digest": weights_digest(model)}
+    # no "source": no checkpoint holds this model (an export names it in memory, adapted from the record's).
+    # A model on the meta device (built there, to be materialised and loaded later) has no values to
+    # fingerprint: weights_digest raised after the modules and config had changed, leaving it half adapted
+    meta = any(t.is_meta for t in model.state_dict().values())
+    return {**kept, **{k: None for k in dropped}, "base_model": record,
+            "weights_digest": None if meta else weights_digest(model)}
 
 
 def stale_note(info: Dict[str, Any], dropped: Any) -> str:

@@ -233,6 +233,17 @@ def test_an_encoder_under_weight_norm_exports_but_is_not_saved_as_a_plain_linear
         model.save_pretrained(tmp_path / "ckpt")
 
 
+def test_a_model_on_the_meta_device_is_reconfigured_whole():
+    # built on the meta device to be materialised later: reconfigure replaced the decoder and the config,
+    # then failed fingerprinting the weights ("Cannot copy out of meta tensor"), leaving checkpoint_info behind
+    with torch.device("meta"):
+        model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(**TINY))
+    assert model.reconfigure(d_output=3) == ["decoder.weight", "decoder.bias"]
+    assert model.decoder.weight.is_meta and model.decoder.out_features == 3 and model.config.d_output == 3
+    assert model.checkpoint_info["base_model"]["changes"] == {"d_output": [10, 3]}
+    assert model.checkpoint_info["weights_digest"] is None and model.config_mismatches() == []
+
+
 def test_a_reconfigured_model_does_not_claim_its_base_models_task_data_or_metrics(source, tmp_path, capsys):
     # evaluate re-measures the metrics of the data a checkpoint records: a 5-class model saved with
     # the base model's 10-class digits and accuracy would be evaluated (and carded) as that task
