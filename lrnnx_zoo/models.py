@@ -607,7 +607,7 @@ class SequenceModel(HubMixin, nn.Module):
             module = getattr(self, name, None)
             # for the sizes any Linear will do: one under weight_norm (a ParametrizedLinear) exports and
             # streams as it runs; a checkpoint rebuilds a plain nn.Linear, so a save wants that type
-            if not (isinstance(module, nn.Linear) if sizes_only else type(module) is nn.Linear):
+            if not isinstance(module, nn.Linear) or not (sizes_only or type(module) is nn.Linear):
                 found.append(f"{name} is a {type(module).__name__}, the config's model has nn.Linear{want}")
             elif (module.in_features, module.out_features) != want:
                 found.append(f"{name} is Linear({module.in_features} -> {module.out_features}), the config's "
