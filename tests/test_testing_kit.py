@@ -8,10 +8,12 @@ breaks runs, except where check_layer's report of several failures is the point.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pickle
 import sys
-from typing import Dict, Iterator
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List
 
 import pytest
 import torch
@@ -182,3 +184,28 @@ def test_importing_the_kit_needs_no_pytest(monkeypatch):
     assert fresh is not kit and callable(fresh.check_layer)
     with pytest.raises(ImportError):
         fresh.parametrize_with_checks("lru")                  # the one function that needs pytest
+    # Here the modules the kit imports are this process's, imported already: one importing pytest at its
+    # top would go unseen, where the fresh interpreter this replaced saw it. So no module of the installed
+    # package imports pytest when it is imported (a function's or a TYPE_CHECKING import aside).
+    roots = {Path(importlib.import_module(f"lrnnx_zoo.{sub}").__file__).parent for sub in ("plugins", "export")}
+    found = [f"{path.name}:{line}" for root in roots | {Path(lrnnx_zoo.__file__).parent}
+             for path in sorted(root.rglob("*.py")) for line in _pytest_imports_on_import(path)]
+    assert found == [], f"modules importing pytest when imported: {found}"
+
+
+def _pytest_imports_on_import(path: Path) -> List[int]:
+    """Line numbers of the imports of pytest (or _pytest) that run when ``path`` is imported: at module
+    level or in a class body, not in a function nor under ``if TYPE_CHECKING:``."""
+    def runs(nodes: Iterable[ast.AST]) -> Iterator[int]:
+        for node in nodes:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+                yield from runs(node.orelse)
+                continue
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] in ("pytest", "_pytest") for n in names):
+                yield node.lineno
+            yield from runs(ast.iter_child_nodes(node))
+    return list(runs(ast.parse(path.read_text(encoding="utf-8")).body))
