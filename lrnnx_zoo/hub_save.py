@@ -242,8 +242,9 @@ def save_checkpoint(model: "SequenceModel", save_directory: PathLike, *, name: O
     None: a local checkpoint, titled by its folder's name and loaded by its path.
 
     A symlinked ``save_directory`` is saved into its target (the link stays); saving over an existing
-    folder keeps its permission bits."""
-    check_config_matches(model)
+    folder keeps its permission bits. Its callers (:meth:`HubMixin.save_pretrained`, :func:`push_checkpoint`)
+    have refused a model whose modules disagree with its config (:func:`check_config_matches`) before
+    creating a Hub repo; a check here ran it a second time per save."""
     target = check_save_target(save_directory)
     config = checkpoint_config(model, **meta)
     title = name or Path(save_directory).expanduser().name or target.name
