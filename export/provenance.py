@@ -15,6 +15,7 @@ from torch import nn
 
 import lrnnx_zoo
 from lrnnx_zoo.hub import weights_changed
+from lrnnx_zoo.hub_card import changes_text
 from lrnnx_zoo.hub_save import RUN_KEYS
 from lrnnx_zoo.utf8 import printable
 
@@ -90,8 +91,7 @@ def source_of(info: Dict[str, Any]) -> str:
     base = info.get("base_model")
     if not src and isinstance(base, dict) and isinstance(base.get("changes"), dict):
         # SequenceModel.reconfigure: in memory, its backbone from a checkpoint (a saved one has a source)
-        changed = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in base["changes"].items()
-                            if isinstance(v, list) and len(v) == 2)
+        changed = changes_text(base["changes"])
         origin = base.get("from") if isinstance(base.get("from"), str) else "an in-memory model"
         return f"in-memory model adapted from {origin} ({changed})"
     if not src:

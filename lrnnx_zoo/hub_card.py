@@ -119,15 +119,23 @@ def resampled_sentence(record: Any) -> Optional[str]:
             f"with {record.get('rate'):g}x the samples per unit time (its step dt divided by the rate).{measured}")
 
 
+def changes_text(changes: Any) -> str:
+    """A ``base_model`` record's {field: [old, new]} as "d_output 10 -> 5, pooling 'mean' -> None" (an
+    entry that is no [old, new] pair, edited by hand, as "field value"); "" for none. The card's and an
+    export's source line (:func:`~lrnnx_zoo.export.provenance.source_of`) word it alike."""
+    if not isinstance(changes, dict):
+        return ""
+    return ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" if isinstance(v, list) and len(v) == 2 else f"{k} {v!r}"
+                     for k, v in changes.items())
+
+
 def base_model_sentence(record: Any) -> Optional[str]:
     """The card's sentence for a ``base_model`` record ({"from", "from_metrics", "changes",
     "reinitialized"}, written by :meth:`~lrnnx_zoo.models.SequenceModel.reconfigure`), or None."""
     if not isinstance(record, dict):
         return None
     origin = f"`{record['from']}`" if record.get("from") else "an in-memory model"
-    changes = record.get("changes") or {}
-    changed = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" if isinstance(v, list) and len(v) == 2 else f"{k} {v!r}"
-                        for k, v in changes.items())
+    changed = changes_text(record.get("changes"))
     fresh = record.get("reinitialized") or []
     text = f"Adapted from {origin}" + (f" ({changed})" if changed else "") + ": its backbone's weights were loaded"
     text += (f"; {', '.join(f'`{n}`' for n in fresh)} were initialised afresh, not loaded." if fresh else ".")
