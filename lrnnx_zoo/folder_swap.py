@@ -164,7 +164,9 @@ _LAST = "config.json"
 CARRY_LIMIT = 2000
 
 
-def _remove(path: Path) -> None:
+def remove_entry(path: Path) -> None:
+    """Remove ``path``: a folder with its contents, a file, or a link itself (never what it points to);
+    nothing if it is gone."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
@@ -203,7 +205,7 @@ def _update_in_place(staging: Path, written: List[str], target: Path, keep: Call
     finally:
         for src, _ in moves:
             if src.parent == target:         # a copy that was not renamed (a failure on the way)
-                _remove(src)
+                remove_entry(src)
     for entry in list(target.iterdir()):
         if entry.name in written or entry == staging or keep(entry.name):
             continue

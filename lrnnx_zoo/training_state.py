@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import __version__, wording
-from .folder_swap import _remove, replaced_folder
+from .folder_swap import remove_entry, replaced_folder
 from .hub_save import write_safetensors
 from .models import ADAPTABLE, ModelConfig, ReinitializedWeightsWarning, SequenceModel
 from .recipes import Recipe
@@ -159,9 +159,9 @@ def prune(root: Path, keep: int) -> None:
     for _, folder in list_snapshots(root)[:-keep]:
         doomed = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
         folder.rename(doomed)
-        _remove(doomed)                   # a link is unlinked (rmtree refused it, and it stayed), never followed
+        remove_entry(doomed)                 # a link is unlinked (rmtree refused it, and it stayed), never followed
     for leftover in root.glob(".step-*"):
-        _remove(leftover)
+        remove_entry(leftover)
 
 
 def _sha256(path: Path) -> str:
