@@ -282,10 +282,14 @@ def _check_repo_not_overwriting(api: Any, repo_id: str, kept: str) -> None:
     """Refuse to push into a repo whose config.json is not an earlier export's (an lrnnx-zoo checkpoint,
     another library's model): the upload replaced its config.json and README.md, and the checkpoint
     in it no longer loaded. The Hub mirror of :func:`_check_not_overwriting`."""
-    from lrnnx_zoo.hub_save import HubPublishError, kept_sentence, repo_config_file
+    from lrnnx_zoo.hub_save import HubPublishError, OversizedRepoConfig, kept_sentence, repo_config_file
 
-    local = repo_config_file(api, repo_id)
-    if local is not None and _export_config(local) is None:
+    try:
+        local = repo_config_file(api, repo_id)
+        foreign = local is not None and _export_config(local) is None
+    except OversizedRepoConfig:     # far larger than any export's config.json
+        foreign = True
+    if foreign:
         raise HubPublishError(f"refusing to upload to {repo_id!r}: its {CONFIG_FILE} does not come from "
                               f"`lrnnx-zoo export` (an lrnnx-zoo checkpoint, or another model), and the export's "
                               f"{CONFIG_FILE} and {CARD_FILE} would replace it. Push to another repo, e.g. "

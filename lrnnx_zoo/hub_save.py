@@ -370,19 +370,30 @@ def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None
                                  commit_message=message, revision=revision)
 
 
+class OversizedRepoConfig(Exception):
+    """A repo's config.json larger than any lrnnx-zoo config (:data:`~lrnnx_zoo.hub.MAX_CONFIG_BYTES`):
+    :func:`repo_config_file` does not download it. Its message says what the repo holds, in words."""
+
+
 def repo_config_file(api: Any, repo_id: str, revision: Optional[str] = None) -> Optional[Path]:
     """The local copy of ``repo_id``'s config.json (at ``revision``; a branch not made yet starts
     from main, so main's), or None when it has none: what a push checks before it replaces a repo's
-    config.json and card."""
+    config.json and card. One the listing says is larger than
+    :data:`~lrnnx_zoo.hub.MAX_CONFIG_BYTES` raises :class:`OversizedRepoConfig` instead of being downloaded
+    (a push into a repo with a 3 GB config.json fetched it all, to refuse it afterwards)."""
     from huggingface_hub.errors import RevisionNotFoundError
     try:
-        files = api.list_repo_files(repo_id, revision=revision)
+        entries = list(api.list_repo_tree(repo_id, revision=revision))     # the root: config.json's size
     except RevisionNotFoundError:
         if revision in (None, "main"):
             raise
         return repo_config_file(api, repo_id, None)     # create_branch will start it from main
-    if CONFIG_NAME not in files:
+    config = next((e for e in entries if getattr(e, "path", None) == CONFIG_NAME), None)
+    if config is None or not hasattr(config, "size"):  # none, or a folder of that name
         return None
+    if isinstance(config.size, int) and config.size > MAX_CONFIG_BYTES:
+        raise OversizedRepoConfig(f"a {CONFIG_NAME} of {config.size / 1e6:.0f} MB (an lrnnx-zoo one is a few kB; "
+                                  "it was not downloaded)")
     return Path(api.hf_hub_download(repo_id, CONFIG_NAME, revision=revision))
 
 
@@ -395,8 +406,11 @@ def _check_repo_holds_no_other_model(api: Any, repo_id: str, revision: Optional[
     """Refuse to upload a checkpoint over a repo (at ``revision``) whose config.json is an export's or
     another library's: the upload replaced its config.json and card and left its other files (a step
     graph, another model's weights) beside them. The Hub mirror of :func:`check_save_target`."""
-    config = repo_config_file(api, repo_id, revision)
-    foreign = None if config is None else _foreign_config(config)
+    try:
+        config = repo_config_file(api, repo_id, revision)
+        foreign = None if config is None else _foreign_config(config)
+    except OversizedRepoConfig as exc:
+        foreign = str(exc)
     if foreign:
         where = repo_id if revision in (None, "main") else f"{repo_id}@{revision}"
         raise HubPublishError(f"refusing to upload a checkpoint to {where!r}: it holds {foreign}, and the "

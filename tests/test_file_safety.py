@@ -204,3 +204,31 @@ def test_pushes_from_a_folder_with_stray_and_linked_files_upload_only_new_checkp
         assert sorted(files) == [".gitattributes", "README.md", "config.json", "model.safetensors"]
         assert not any(b"SECRET" in local_hub.read_file(repo, f) for f in files)
     assert secret.read_text() == "SECRET" and not (folder / "README.md").is_symlink()
+
+
+def test_a_push_into_a_repo_with_an_oversized_config_refuses_it_without_downloading_it(tmp_path, local_hub,
+                                                                                        monkeypatch):
+    # The pre-push check downloaded the repo's config.json whole to see whose it was: a repo whose
+    # config.json is 3 GB was fetched in full before the refusal. The listing's size now decides.
+    from huggingface_hub import HfApi
+    from lrnnx_zoo import hub_save
+    from lrnnx_zoo.export import export_folder
+    from lrnnx_zoo.hub_save import HubPublishError
+
+    monkeypatch.setattr(hub_save, "MAX_CONFIG_BYTES", 1000)       # stands for 16 MB: a 2 kB file is "huge"
+    HfApi().create_repo("acme/huge")
+    HfApi().upload_file(path_or_fileobj=b'{"library": "lrnnx-zoo", "pad": "' + b"x" * 2000 + b'"}',
+                        path_in_repo="config.json", repo_id="acme/huge")
+    before = len(local_hub.requests)
+    model = tiny()
+    with pytest.raises(HubPublishError, match=r"refusing to upload a checkpoint to 'acme/huge': it holds a "
+                                              r"config.json of 0 MB \(an lrnnx-zoo one is a few kB; it was not "
+                                              r"downloaded\).*model in memory is unchanged"):
+        model.push_to_hub("acme/huge")
+    with pytest.raises(HubPublishError, match=r"refusing to upload to 'acme/huge': its config.json does not come "
+                                              r"from `lrnnx-zoo export`"):
+        export_folder(model, tmp_path / "exp", format="torchscript", latency_steps=0, validation_length=8,
+                      push_to_hub="acme/huge")
+    fetched = [r.path for r in local_hub.requests[before:] if r.path.endswith("/config.json")]
+    assert fetched == []                                          # neither check downloaded it
+    assert sorted(local_hub.list_files("acme/huge")) == [".gitattributes", "config.json"]   # nothing uploaded
