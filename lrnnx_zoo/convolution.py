@@ -290,6 +290,11 @@ def channel_block_size(rows: int, n: int, budget: int = 1 << 18) -> int:
     return 16 * max(1, budget // max(1, rows * n * 16))
 
 
+#: The most floats a (B, C, H, n) transform buffer holds for :class:`_ChannelBlocks` to move it as
+#: one block with one copy each way (B=1, H=128: up to L=256).
+_ONE_BLOCK = 1 << 16
+
+
 #: Channels per copy when scattering a block's transforms back to (B, L, C, H). The transform's
 #: rows lie n floats apart, a multiple of 4 KiB, so they share one L1 set: 16 of them evict each
 #: other in the 8-way L1 of this CPU, 8 stay. At B=4, L=4096, 16 channels: 346 -> 163 us a block
@@ -336,7 +341,11 @@ class _ChannelBlocks:
         self.buf = torch.empty(shape, dtype=dtype, device=device)
         self.buf[..., L:].zero_()       # the padding: zeros that stay (gathers write [..., :L])
         self.channels_last = channels_last
-        self.scatter_chunk = _SCATTER_GROUP if channels_last else H
+        # One block holds every channel only when the whole input is small (its padded buffer within
+        # about 1 MiB): there the staged gather and grouped scatter, which keep a large block's strided
+        # copies in cache, cost more eager ops than they save (see _ONE_BLOCK).
+        self.one_block = self.hb >= H and B * C * H * n <= _ONE_BLOCK
+        self.scatter_chunk = _SCATTER_GROUP if channels_last and not self.one_block else H
         self._stages: Dict[Tuple[int, ...], Tensor] = {}
 
     def __iter__(self):
@@ -353,7 +362,7 @@ class _ChannelBlocks:
         slower (60 -> 44 us a block at B=8, L=1024, 134 -> 70 at B=4, L=4096, 2 threads; 1052 ->
         570 at B=1, L=65536, H=64; tiling the stage in time was slower at every size)."""
         dst, part = buf.narrow(-1, 0, self.L), src.narrow(-2, h0, w)
-        if not self.channels_last or not _copies_in_cache_sized_pieces(dst):
+        if not self.channels_last or self.one_block or not _copies_in_cache_sized_pieces(dst):
             dst.copy_(part)     # contiguous rows, or one copy (_copies_in_cache_sized_pieces)
             return
         lead = tuple(dst.shape[:-2])
