@@ -341,9 +341,9 @@ class _ChannelBlocks:
         self.buf = torch.empty(shape, dtype=dtype, device=device)
         self.buf[..., L:].zero_()       # the padding: zeros that stay (gathers write [..., :L])
         self.channels_last = channels_last
-        # One block holds every channel only when the whole input is small (its padded buffer within
-        # about 1 MiB): there the staged gather and grouped scatter, which keep a large block's strided
-        # copies in cache, cost more eager ops than they save (see _ONE_BLOCK).
+        # A small input (at most _ONE_BLOCK floats padded) is one block, where the staged gather and
+        # grouped scatter, which keep a large block's strided copies in cache, cost more eager ops
+        # than they save.
         self.one_block = self.hb >= H and B * C * H * n <= _ONE_BLOCK
         self.scatter_chunk = _SCATTER_GROUP if channels_last and not self.one_block else H
         self._stages: Dict[Tuple[int, ...], Tensor] = {}
