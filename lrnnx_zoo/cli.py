@@ -64,11 +64,15 @@ def print_json(value: Any) -> None:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from .registry import list_plugins
+    from .registry import list_plugins, misplaced_entry_points
     plugins = list_plugins()
     status = 1 if args.strict and any(p.error for p in plugins) else 0
+    # a distribution whose entry point is in a mistyped group is listed nowhere else
+    misplaced = ["note: " + m for m in misplaced_entry_points()]
     if args.json:
         print_json([{**dataclasses.asdict(p), "ok": p.ok} for p in plugins])
+        for line in misplaced:
+            print(line, file=sys.stderr)
         return status
     rows = [("PLUGIN", "STATUS", "DISTRIBUTION", "VERSION", "MODULE")] + [
         (p.name, "ok" if p.ok else "FAILED", "built-in" if p.builtin else (p.distribution or "registered in code"),
@@ -87,6 +91,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             print("    error:        " + p.error.strip().splitlines()[0])
         for note in p.notes:
             print("    note:         " + note)
+    for line in misplaced:
+        print(line)
     return status
 
 

@@ -301,6 +301,8 @@ class Registry:
             hint = f" Plugins that failed to load: {', '.join(failed)} (see `lrnnx-zoo plugins`)." if failed else ""
             if not _autoload():
                 hint += f" Third-party plugins are not loaded: {DISABLE_AUTOLOAD_ENV} is set."
+            else:           # a plugin declared in a mistyped group is installed, and was never looked at
+                hint += "".join(" " + m for m in misplaced_entry_points())
             raise RegistryError(f"unknown {what} {label!r}; available: {', '.join(known) or 'none'}.{hint}")
         if len(entries) > 1 and not plugin:
             # A built-in family keeps its bare names: a third-party plugin reusing one (marked in
@@ -461,6 +463,37 @@ class Registry:
 
 def _autoload() -> bool:
     return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes")
+
+
+def misplaced_entry_points(distribution: Optional[str] = None) -> List[str]:
+    """One sentence per installed entry point declared in a group that looks like ours but is not
+    (``lrnnx_zoo.plugins``, ``lrnnx-zoo``, ``lrnx_zoo``: a typo in ``[project.entry-points.<group>]``),
+    optionally only those of ``distribution``. Discovery reads only :data:`ENTRY_POINT_GROUP`, so such a
+    plugin was simply absent: its layers were "unknown" and ``lrnnx-zoo plugins`` did not list it.
+    Read on demand (an error, the CLI's listing), never at start-up."""
+    import difflib
+    want = _canonical(distribution) if distribution else None
+    found = []
+    try:
+        groups = entry_points()
+        names = sorted(g for g in groups.groups if g != ENTRY_POINT_GROUP)
+    except Exception:       # a broken metadata file elsewhere must not hide the error this adds to
+        return []
+    squeeze = lambda g: re.sub(r"[^a-z0-9]", "", g.lower())      # noqa: E731
+    near = set(difflib.get_close_matches(ENTRY_POINT_GROUP, names, n=len(names), cutoff=0.8))
+    for group in names:
+        if not (squeeze(group).startswith(squeeze(ENTRY_POINT_GROUP)) or group in near):
+            continue
+        for ep in groups.select(group=group):
+            dist = getattr(ep, "dist", None)
+            dist_name = getattr(dist, "name", None) or "an unknown distribution"
+            if want is not None and _canonical(dist_name) != want:
+                continue
+            found.append(f"{dist_name} declares the entry point {ep.name} = {ep.value!r} in the group {group!r}, "
+                         f"which lrnnx-zoo does not read: plugins are found in the group {ENTRY_POINT_GROUP!r} "
+                         f"([project.entry-points.{ENTRY_POINT_GROUP}] in its pyproject.toml); fix the group, "
+                         f"then reinstall {dist_name}.")
+    return found
 
 
 def _discover(registry: Registry, pm: pluggy.PluginManager) -> None:
@@ -778,6 +811,9 @@ def unloaded_plugin_remedy(info: Optional["PluginInfo"], distribution: Optional[
         if not _autoload():     # it said "not installed: pip install ..." of an installed plugin
             return (f"which is installed ({distribution}) but not loaded, since {DISABLE_AUTOLOAD_ENV} is set: "
                     f"unset it, or register the plugin with lrnnx_zoo.register_plugin.")
+        misplaced = misplaced_entry_points(distribution)
+        if misplaced:
+            return f"which is installed but not loaded: {' '.join(misplaced)}"
         return (f"which is installed ({distribution}) but not loaded: check its 'lrnnx_zoo' entry point, then "
                 f"restart Python or call lrnnx_zoo.reload_plugins().")
     if distribution:

@@ -1,0 +1,56 @@
+"""A plugin author's first mistakes, each of which must end in an error that says what was expected,
+what was found and what to do (found by walking the README's "Writing a plugin" guide as a stranger,
+with real pip installs of a plugin distribution; here the distributions are built on sys.path)."""
+
+from __future__ import annotations
+
+import pytest
+
+import lrnnx_zoo
+from lrnnx_zoo.cli import main
+from lrnnx_zoo.registry import RegistryError
+from plugin_fixtures import GOOD_PLUGIN, installed, make_distribution
+
+
+def _wrong_group(root, group: str):
+    """A good plugin whose pyproject.toml named the entry point group ``group`` instead of lrnnx_zoo."""
+    make_distribution(root, "tp-wronggroup", {"tp_wronggroup": GOOD_PLUGIN.replace("{layer_name}", "wg_ema")},
+                      {"wg": "tp_wronggroup"})
+    eps = next(root.glob("*.dist-info")) / "entry_points.txt"
+    eps.write_text(eps.read_text().replace("[lrnnx_zoo]", f"[{group}]"))
+    return root
+
+
+@pytest.mark.parametrize("group", ["lrnnx_zoo.plugins", "lrnx_zoo"])
+def test_an_entry_point_in_a_mistyped_group_is_named(tmp_path, monkeypatch, capsys, group):
+    # It was ignored without a word: "unknown layer 'wg_ema'; available: fftconv, lru, s4, s4d.", and
+    # `lrnnx-zoo plugins` did not list the installed distribution at all.
+    with installed(_wrong_group(tmp_path / "site", group), monkeypatch):
+        with pytest.raises(RegistryError) as err:
+            lrnnx_zoo.create_layer("wg_ema", 4)
+        msg = str(err.value)
+        assert (f"tp-wronggroup declares the entry point wg = 'tp_wronggroup' in the group {group!r}" in msg
+                and "found in the group 'lrnnx_zoo' ([project.entry-points.lrnnx_zoo]" in msg
+                and "reinstall tp-wronggroup" in msg), msg
+        assert main(["plugins"]) == 0
+        out = capsys.readouterr().out
+        assert f"note: tp-wronggroup declares the entry point wg = 'tp_wronggroup' in the group {group!r}" in out, out
+        assert main(["plugins", "--json"]) == 0          # the JSON on stdout stays a document
+        captured = capsys.readouterr()
+        assert "tp-wronggroup" not in captured.out and "tp-wronggroup" in captured.err
+
+
+def test_a_checkpoint_of_a_plugin_in_a_mistyped_group_names_the_group(tmp_path, monkeypatch):
+    # "which is installed (tp-wronggroup) but not loaded: check its 'lrnnx_zoo' entry point" left the
+    # author to find which part of it was wrong
+    from lrnnx_zoo.registry import unloaded_plugin_remedy
+    with installed(_wrong_group(tmp_path / "site", "lrnnx-zoo"), monkeypatch):
+        said = unloaded_plugin_remedy(None, "tp-wronggroup")
+    assert "in the group 'lrnnx-zoo', which lrnnx-zoo does not read" in said, said
+
+
+def test_unrelated_groups_are_not_suspects(tmp_path, monkeypatch):
+    with installed(_wrong_group(tmp_path / "site", "console_scripts"), monkeypatch):
+        with pytest.raises(RegistryError) as err:
+            lrnnx_zoo.create_layer("wg_ema", 4)
+    assert "declares the entry point" not in str(err.value)
