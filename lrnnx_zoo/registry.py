@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import os
 import re
@@ -126,6 +127,27 @@ def _way_out(info: "PluginInfo", exc: Optional[BaseException] = None) -> str:
            f"it, or the extra of {dist} that brings it), or uninstall {dist}" if missing
            else f"to fix it, update or reinstall {dist}, or uninstall it")   # reinstalling brings no optional one
     return f" -- {fix} (pip uninstall {dist}); {DISABLE_AUTOLOAD_ENV}=1 loads only the built-in families"
+
+
+def _raised_at(exc: BaseException, module: str) -> str:
+    """Where in the plugin's own files ``exc`` was raised: " (raised at FILE:LINE, in FUNC)" for the
+    innermost frame under the plugin's top-level package (``module``, the entry point's value), or ""
+    (none there: a SyntaxError names its line itself). A failed import or hook said only "NameError:
+    name 'x' is not defined" or a PluginError of ``registry.add_layer``; `lrnnx-zoo plugins` prints one
+    line, and the plugin's author had to import the module by hand to find which of theirs raised."""
+    top = module.partition(":")[0].partition(".")[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except Exception:           # a name that is no module (register_plugin of an object), a broken parent
+        return ""
+    roots = list(getattr(spec, "submodule_search_locations", None) or []) or \
+        ([spec.origin] if spec is not None and spec.origin else [])
+    roots = [os.path.abspath(r) for r in roots]
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        path = os.path.abspath(frame.filename)
+        if any(path == r or path.startswith(os.path.join(r, "")) for r in roots):
+            return f" (raised at {frame.filename}:{frame.lineno}, in {frame.name})"
+    return ""
 
 
 def _missing_dependency(info: "PluginInfo", exc: Optional[BaseException]) -> Optional[str]:
@@ -389,7 +411,8 @@ class Registry:
             pm.unregister(plugin)
             raise
         except PLUGIN_FAILURES as exc:
-            info.error = f"{type(exc).__name__} in a hook: {exc}{_way_out(info, exc)}\n{traceback.format_exc(limit=-3)}"
+            info.error = (f"{type(exc).__name__} in a hook: {exc}{_raised_at(exc, info.module)}{_way_out(info, exc)}"
+                          f"\n{traceback.format_exc(limit=-3)}")
             self._forget(info.name)
         finally:
             self._current = None
@@ -537,7 +560,8 @@ def _discover(registry: Registry, pm: pluggy.PluginManager) -> None:
         except PLUGIN_FAILURES as exc:
             registry.plugins[info.name] = info
             info.error = f"could not import {ep.value!r} from {dist_name or 'an unknown distribution'}: " \
-                         f"{type(exc).__name__}: {exc}{_way_out(info, exc)}"
+                         f"{type(exc).__name__}: {exc}{_raised_at(exc, ep.value)}{_way_out(info, exc)}\n" \
+                         f"{traceback.format_exc(limit=-3)}"
             continue
         info.renamed = clash
         registry.load_plugin(plugin, info, pm)

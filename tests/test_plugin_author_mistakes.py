@@ -54,3 +54,43 @@ def test_unrelated_groups_are_not_suspects(tmp_path, monkeypatch):
         with pytest.raises(RegistryError) as err:
             lrnnx_zoo.create_layer("wg_ema", 4)
     assert "declares the entry point" not in str(err.value)
+
+
+IMPORT_NAME_ERROR = '''
+import lrnnx_zoo
+
+
+def defaults():
+    return undefined_name          # a NameError while the module is imported
+
+
+DEFAULTS = defaults()
+'''
+
+HOOK_BAD_NAME = '''
+import torch
+import lrnnx_zoo
+
+
+@lrnnx_zoo.hookimpl
+def lrnnx_zoo_register_layers(registry):
+    registry.add_layer("my layer", torch.nn.Identity)     # a space: refused inside registry.add_layer
+'''
+
+
+@pytest.mark.parametrize("source, line, function, said", [
+    (IMPORT_NAME_ERROR, 6, "defaults", "could not import 'tp_whereerr' from tp-whereerr: NameError: name 'undefined_name'"),
+    (HOOK_BAD_NAME, 8, "lrnnx_zoo_register_layers", "PluginError in a hook: layers names must be non-empty strings"),
+])
+def test_a_failing_plugin_names_the_line_of_its_own_that_raised(tmp_path, monkeypatch, source, line, function, said):
+    # `lrnnx-zoo plugins` prints an error's first line, which said "NameError: name 'undefined_name' is
+    # not defined" (no traceback was kept for a failed import) or the PluginError add_layer raised,
+    # naming no file: the author imported the module by hand to find which line of theirs it was.
+    root = make_distribution(tmp_path / "site", "tp-whereerr", {"tp_whereerr": source}, {"whereerr": "tp_whereerr"})
+    with installed(root, monkeypatch):
+        info = {p.name: p for p in lrnnx_zoo.list_plugins()}["whereerr"]
+    first = info.error.splitlines()[0]
+    assert first.startswith(said), first
+    assert f"(raised at {root / 'tp_whereerr.py'}:{line}, in {function})" in first, first
+    assert "pip uninstall tp-whereerr" in first, first          # the way out stays on the same line
+    assert "Traceback" in info.error and "tp_whereerr.py" in info.error     # the frames, for --json
