@@ -939,10 +939,22 @@ def check_layer_arguments(name: str, d_model: int, **kwargs: Any) -> type:
         # plugin's own check) got the signature as the fix, though the signature was not the problem
         inspect.signature(cls).bind(d_model=d_model, **kwargs)
     except TypeError as exc:
-        raise TypeError(f"create_layer({name!r}, ...): {exc}. {cls.__name__} takes {_signature(cls)}") from exc
+        fix = ""
+        if "d_state" in kwargs and not _accepts(cls, "d_state"):
+            # a plugin layer of the author's own (d_model only) failed every recipe and the contract kit
+            fix = (f"; every registered layer takes d_state (layers are built as create_layer(name, d_model, "
+                   f"d_state=N): recipes, layer_kwargs and lrnnx_zoo.testing pass it): add d_state to "
+                   f"{cls.__name__}.__init__ and check it with lrnnx_zoo.base.check_sizes, even if unused")
+        raise TypeError(f"create_layer({name!r}, ...): {exc}. {cls.__name__} takes {_signature(cls)}{fix}") from exc
     except ValueError:      # no signature to read (a class implemented in C)
         pass
     return cls
+
+
+def _accepts(cls: type, argument: str) -> bool:
+    """Whether ``cls(...)`` takes the keyword ``argument`` (by name or through **kwargs)."""
+    params = inspect.signature(cls).parameters.values()
+    return any(p.name == argument or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def create_layer(name: str, d_model: int, **kwargs: Any) -> Layer:

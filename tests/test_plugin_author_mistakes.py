@@ -5,11 +5,12 @@ with real pip installs of a plugin distribution; here the distributions are buil
 from __future__ import annotations
 
 import pytest
+import torch
 
 import lrnnx_zoo
 from lrnnx_zoo.cli import main
 from lrnnx_zoo.registry import RegistryError
-from plugin_fixtures import GOOD_PLUGIN, installed, make_distribution
+from plugin_fixtures import GOOD_PLUGIN, installed, layers_registered, make_distribution
 
 
 def _wrong_group(root, group: str):
@@ -94,3 +95,26 @@ def test_a_failing_plugin_names_the_line_of_its_own_that_raised(tmp_path, monkey
     assert f"(raised at {root / 'tp_whereerr.py'}:{line}, in {function})" in first, first
     assert "pip uninstall tp-whereerr" in first, first          # the way out stays on the same line
     assert "Traceback" in info.error and "tp_whereerr.py" in info.error     # the frames, for --json
+
+
+class _NoStateSize(torch.nn.Module):
+    """A layer of an author's own that takes d_model only."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.d_model = d_model
+
+
+def test_a_layer_without_d_state_is_told_the_contract():
+    # "create_layer('nods', ...): got an unexpected keyword argument 'd_state'. _NoStateSize takes
+    # (self, d_model)" from every recipe (`lrnnx-zoo train ... --layer nods`) and from every check of the
+    # contract kit, which said what was passed but not that every registered layer must take it.
+    with layers_registered("tp_nods", nods=_NoStateSize):
+        with pytest.raises(TypeError) as err:
+            lrnnx_zoo.create_layer("nods", 4, d_state=8)
+        msg = str(err.value)
+        assert "unexpected keyword argument 'd_state'. _NoStateSize takes (self, d_model" in msg, msg
+        assert "every registered layer takes d_state" in msg and "add d_state to _NoStateSize.__init__" in msg, msg
+        with pytest.raises(TypeError) as err:                   # another argument: no word about d_state
+            lrnnx_zoo.create_layer("nods", 4, decay=0.5)
+        assert "every registered layer" not in str(err.value)
