@@ -65,6 +65,12 @@ def _hook_mistake(plugin: Any, others: Dict[str, str]) -> Optional[str]:
     if isinstance(plugin, type):
         return (f"is the class {plugin.__name__}, but hooks are called on a module or an instance: point the "
                 f"entry point at a module, or at an instance (plugin = {plugin.__name__}() in its module)")
+    if inspect.isfunction(plugin) and plugin.__module__:
+        # `name = "pkg.mod:lrnnx_zoo_register_layers"`, as console_scripts are written: "implements none
+        # of the hooks ... got <function lrnnx_zoo_register_layers>" did not say what to point it at
+        return (f"is the function {plugin.__module__}.{plugin.__name__}, but a plugin is the module (or object) "
+                f"that holds the hooks, not a hook: point the entry point at {plugin.__module__!r} "
+                f"(`{ENTRY_POINT_GROUP}` entry point: <plugin> = \"{plugin.__module__}\")")
     for attr in _HOOKS:
         fn = getattr(plugin, attr, None)
         opts = getattr(fn, project + "_impl", None)

@@ -118,3 +118,16 @@ def test_a_layer_without_d_state_is_told_the_contract():
         with pytest.raises(TypeError) as err:                   # another argument: no word about d_state
             lrnnx_zoo.create_layer("nods", 4, decay=0.5)
         assert "every registered layer" not in str(err.value)
+
+
+def test_an_entry_point_naming_a_hook_function_says_to_name_its_module(tmp_path, monkeypatch):
+    # `ema = "tp_fnpoint:lrnnx_zoo_register_layers"` (as console_scripts are written) said "implements
+    # none of the hooks ...: got <function lrnnx_zoo_register_layers at 0x...> (function)"
+    root = make_distribution(tmp_path / "site", "tp-fnpoint", {"tp_fnpoint": GOOD_PLUGIN.replace("{layer_name}", "fn_ema")},
+                             {"fnpoint": "tp_fnpoint:lrnnx_zoo_register_layers"})
+    with installed(root, monkeypatch):
+        info = {p.name: p for p in lrnnx_zoo.list_plugins()}["fnpoint"]
+    first = info.error.splitlines()[0]
+    assert first.startswith("is the function tp_fnpoint.lrnnx_zoo_register_layers, but a plugin is the module (or "
+                            "object) that holds the hooks"), first
+    assert "point the entry point at 'tp_fnpoint'" in first and "pip uninstall tp-fnpoint" in first, first
