@@ -573,16 +573,74 @@ def _fetch_whole(folder: Path, files: List[str], sizes: Dict[str, int], repo_id:
     return folder
 
 
+_in_caller = threading.local()
+_in_caller_lock = threading.Lock()
+#: The name snapshot_download's module calls its pooled map by: huggingface_hub 2.x's own, 1.x's tqdm's.
+_POOLED_MAPS = ("hf_thread_map", "thread_map")
+
+
+def _map_in_caller(pooled: Callable[..., List[Any]]) -> Callable[..., List[Any]]:
+    """``pooled`` (the thread-pool map snapshot_download fetches its files with), mapping in the calling
+    thread, one item after another, while this thread is inside :func:`downloads_in_this_thread`, and in
+    the pool otherwise (another library's downloads, another thread's)."""
+    @functools.wraps(pooled)
+    def mapped(fn: Callable[[Any], Any], iterable: Iterable[Any], *args: Any, max_workers: Optional[int] = None,
+               tqdm_class: Any = None, **bar_kwargs: Any) -> List[Any]:
+        if not getattr(_in_caller, "active", False):
+            return pooled(fn, iterable, *args, max_workers=max_workers, tqdm_class=tqdm_class, **bar_kwargs)
+        from huggingface_hub.utils import tqdm as hub_tqdm
+        items = list(iterable)
+        results = []
+        with (tqdm_class or hub_tqdm)(total=len(items), **bar_kwargs) as bar:    # "Fetching N files", as before
+            for item in items:
+                results.append(fn(item))
+                bar.update(1)
+        return results
+    mapped.in_caller = True     # type: ignore[attr-defined]
+    return mapped
+
+
+@contextlib.contextmanager
+def downloads_in_this_thread() -> Iterator[bool]:
+    """While inside, ``snapshot_download`` called from this thread fetches its files in this thread,
+    one after another; True when it does (False: a huggingface_hub without the map it wraps).
+
+    It fetches them with a pool of threads, whose shutdown waits for the file in flight: a Ctrl-C (or
+    the CLI's SIGTERM) during a download returned only once that file had arrived (a 47.5 kB
+    model.safetensors at 2 kB/s: 23 s after the Ctrl-C; hundreds of MB on a slow link: minutes). In
+    the calling thread the KeyboardInterrupt ends the read at once, and huggingface_hub 2.x deletes
+    the file it was writing (``<etag>.<random>.incomplete``, never taken for the blob): the next call
+    downloads it again. A checkpoint is config.json, the card and one weights file, fetched by two or
+    three calls of a file or two each: a pool gains nothing here. Other threads' calls (another
+    library's downloads) keep the pool."""
+    from huggingface_hub import _snapshot_download as snapshot_module
+    wrapped = False
+    with _in_caller_lock:       # wrapped once, for good: restoring it could undo another thread's wrapping
+        for name in _POOLED_MAPS:
+            pooled = getattr(snapshot_module, name, None)
+            if callable(pooled):
+                if not getattr(pooled, "in_caller", False):
+                    setattr(snapshot_module, name, _map_in_caller(pooled))
+                wrapped = True
+    before = getattr(_in_caller, "active", False)
+    _in_caller.active = True
+    try:
+        yield wrapped
+    finally:
+        _in_caller.active = before
+
+
 def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: Optional[PathLike],
            local_files_only: bool, token: Optional[Union[str, bool]], shipped: List[str], force: bool = False) -> Path:
     """The cache's snapshot folder of ``repo_id`` at ``revision``, with those of ``files`` the repo
-    holds downloaded into it; huggingface_hub's errors become CheckpointErrors that say what to do."""
+    holds downloaded into it, in this thread (:func:`downloads_in_this_thread`: a Ctrl-C stops it at
+    once); huggingface_hub's errors become CheckpointErrors that say what to do."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
-        with bounded_hub_requests() as seconds:
+        with bounded_hub_requests() as seconds, downloads_in_this_thread():
             return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
                                           local_files_only=local_files_only, allow_patterns=files,
                                           force_download=force,

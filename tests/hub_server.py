@@ -57,6 +57,9 @@ Usage::
     with LocalHub() as hub, client_environment(hub, tmp_dir):   # without pytest fixtures
         ...
 
+Slow links: :meth:`LocalHub.throttle` sends chosen files' bodies at a set rate (ranges too), for tests of
+what happens while a large download is in flight (an interrupt, a retry).
+
 Boundedness: every connection has a socket timeout, request bodies are capped
 (``max_body_bytes``), the request log is a bounded deque, the server never answers with codes the
 client retries in a loop (429/5xx/"conflicting operation" 409) except for genuine server bugs (500,
@@ -119,6 +122,7 @@ _HEX_PREFIX = re.compile(r"^[0-9a-f]{7,39}$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _LFS_VERSION = "https://git-lfs.github.com/spec/v1"
 _INTERNAL = ".local-hub"  # URL namespace of LFS transfer endpoints (repo namespaces cannot start with ".")
+_THROTTLE_TICK = 0.05  # seconds between the chunks of a throttled body (LocalHub.throttle)
 
 
 def _now_iso() -> str:
@@ -749,15 +753,22 @@ class _Router:
         h._send(status, b"", headers, "application/octet-stream", length=length)
         if self.method == "HEAD" or length == 0:
             return
+        rate = self.hub._throttle_rate(self.segs[-1] if self.segs else "")
+        # throttled: a chunk per tick, so that a client going away (or stop()) ends the body within a tick
+        size_of_chunk = 1 << 20 if rate is None else max(1, int(rate * _THROTTLE_TICK))
         with open(self.hub._object_path(sha256), "rb") as f:
             f.seek(start)
             remaining = length
             while remaining > 0:
-                chunk = f.read(min(remaining, 1 << 20))
+                chunk = f.read(min(remaining, size_of_chunk))
                 if not chunk:
                     break
                 h.wfile.write(chunk)
                 remaining -= len(chunk)
+                if rate is not None:
+                    h.wfile.flush()
+                    self.hub.throttled_sending.set()
+                    time.sleep(_THROTTLE_TICK)
 
     # -- LFS -------------------------------------------------------------------------------
 
@@ -924,6 +935,9 @@ class LocalHub:
         self._counter = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._throttles: dict[str, float] = {}
+        self.throttled_sending = threading.Event()
+        """Set once the first bytes of a throttled body are sent (:meth:`throttle`)."""
         (self.root / "objects").mkdir(parents=True, exist_ok=True)
         self._load()
 
@@ -996,6 +1010,22 @@ class LocalHub:
     def offline(self, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
         """Same as the module-level :func:`offline` (``with local_hub.offline(): ...``)."""
         return offline(enabled)
+
+    def throttle(self, pattern: str, bytes_per_second: float | None) -> None:
+        """Send the bodies of files whose base name matches ``pattern`` (fnmatch) at about
+        ``bytes_per_second``, a chunk every 50 ms (``Range`` requests too); None sends them at full speed
+        again. :attr:`throttled_sending` is set once such a body's first bytes are out. A slow link for
+        tests of what happens while a large download is in flight (an interrupt, a retry)."""
+        if bytes_per_second is None:
+            self._throttles.pop(pattern, None)
+        elif not bytes_per_second > 0:
+            raise ValueError(f"bytes_per_second must be > 0 (or None for full speed), not {bytes_per_second!r}")
+        else:
+            self._throttles[pattern] = float(bytes_per_second)
+
+    def _throttle_rate(self, name: str) -> float | None:
+        rates = [rate for pattern, rate in list(self._throttles.items()) if fnmatch.fnmatchcase(name, pattern)]
+        return min(rates) if rates else None
 
     # -- seeding / inspection API ------------------------------------------------------------
 

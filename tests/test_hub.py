@@ -10,6 +10,7 @@ import inspect
 import json
 import re
 from pathlib import Path
+from typing import Any, Callable, Tuple
 
 import pytest
 import torch
@@ -877,6 +878,7 @@ def test_save_refuses_to_overwrite_an_export_or_another_librarys_folder(tmp_path
 _READ_ONLY_SAVES = """
 import os, sys, torch
 from pathlib import Path
+from typing import Any, Callable, Tuple
 from lrnnx_zoo import ModelConfig, SequenceModel
 root = Path(sys.argv[1])
 model = SequenceModel(ModelConfig(layer="s4d", d_input=1, d_output=2, d_model=4, n_layers=1, layer_kwargs={"d_state": 2}))
@@ -1655,3 +1657,69 @@ def test_a_push_between_the_listing_and_the_download_is_not_taken_for_a_cut_file
     loaded = from_pretrained("acme/tiny")
     assert_same_outputs(loaded, v2)
     assert loaded.checkpoint_info["source"]["commit"] == pushed[0]
+
+
+
+def _interrupted_while_sending(hub_server, call: Callable[[], Any]) -> Tuple[Any, float]:
+    """Run ``call`` with a SIGINT (a Ctrl-C) sent to this thread once ``hub_server`` has sent the first
+    bytes of a throttled body: (what it returned, or the KeyboardInterrupt it raised; seconds it took
+    from the SIGINT to return)."""
+    import signal
+    import threading
+    import time
+    this, sent = threading.get_ident(), []
+
+    def interrupt():
+        if hub_server.throttled_sending.wait(30):
+            sent.append(time.monotonic())
+            signal.pthread_kill(this, signal.SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)     # even where pytest's runs ignore it
+    watcher = threading.Thread(target=interrupt, daemon=True)
+    try:
+        watcher.start()
+        try:
+            result = call()
+        except KeyboardInterrupt as exc:
+            result = exc
+        returned = time.monotonic()
+        watcher.join(timeout=30)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sent, "the throttled file was never asked for"
+    return result, returned - sent[0]
+
+
+def test_ctrl_c_during_a_download_stops_it_at_once_and_a_retry_loads(local_hub, tmp_path, monkeypatch):
+    # snapshot_download fetched the files in a pool of threads, whose shutdown waits for the file in
+    # flight: a Ctrl-C while the weights arrived returned once they had all arrived (here 47.5 kB at
+    # 2 kB/s: 23 s after the Ctrl-C). Now the download runs in the calling thread and stops at once,
+    # leaves no file in the cache, and the next call downloads the weights again.
+    model = tiny("s4d", d_model=48)
+    local_hub.commit("acme/tiny", _files(model.save_pretrained(tmp_path / "m")))
+    size = (tmp_path / "m" / "model.safetensors").stat().st_size
+    local_hub.throttle("model.safetensors", 2048)
+    assert size / 2048 > 20                         # the whole file would take 20 s or more
+    monkeypatch.setenv("LRNNX_ZOO_HUB_MIN_RATE", "0")
+    raised, seconds = _interrupted_while_sending(local_hub, lambda: from_pretrained("acme/tiny"))
+    assert isinstance(raised, KeyboardInterrupt), raised
+    assert seconds < 3, f"from_pretrained returned {seconds:.1f} s after the Ctrl-C"
+    cache = tmp_path / "hf-home" / "hub"
+    left = [p.name for p in cache.rglob("*") if p.is_file() and p.stat().st_size >= size or "incomplete" in p.name]
+    assert left == [], left                         # no weights, whole or in part, under any name
+    with local_hub.offline(), pytest.raises(CheckpointError, match=r"model.safetensors was not downloaded"):
+        from_pretrained("acme/tiny")
+    local_hub.throttle("model.safetensors", None)
+    loaded = from_pretrained("acme/tiny")
+    assert_same_outputs(loaded, model)
+
+
+def test_ctrl_c_during_a_cli_download_exits_130_with_one_line(local_hub, tmp_path, monkeypatch, capsys):
+    local_hub.commit("acme/tiny", _files(tiny("s4d", d_model=48).save_pretrained(tmp_path / "m")))
+    local_hub.throttle("model.safetensors", 2048)
+    monkeypatch.setenv("LRNNX_ZOO_HUB_MIN_RATE", "0")
+    status, seconds = _interrupted_while_sending(
+        local_hub, lambda: cli_main(["export", "acme/tiny", "--out", str(tmp_path / "out")]))
+    assert seconds < 3, f"the command returned {seconds:.1f} s after the Ctrl-C"
+    err = capsys.readouterr().err
+    assert (status, err.splitlines()[-1]) == (130, "lrnnx-zoo export: interrupted") and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

@@ -120,6 +120,26 @@ def test_resolve_headers_range_and_no_xet(local_hub):
     assert exc.value.headers["X-Repo-Commit"] == new
 
 
+
+def test_throttled_bodies_arrive_at_the_set_rate_ranges_too(local_hub):
+    import time
+    local_hub.commit(REPO, {"model.safetensors": bytes(range(256)) * 8, "config.json": b"{}"})    # 2048 bytes
+    local_hub.throttle("*.safetensors", 8192)           # 0.25 s for the file, in chunks of 409 bytes
+    url = f"{local_hub.url}/{REPO}/resolve/main/model.safetensors"
+    start = time.monotonic()
+    with urllib.request.urlopen(url) as r:
+        assert r.read() == bytes(range(256)) * 8
+    assert time.monotonic() - start >= 0.2 and local_hub.throttled_sending.is_set()
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Range": "bytes=2000-"})) as r:
+        assert r.status == 206 and r.read() == (bytes(range(256)) * 8)[2000:]
+    with pytest.raises(ValueError, match="bytes_per_second must be > 0"):
+        local_hub.throttle("*.safetensors", 0)
+    local_hub.throttle("*.safetensors", None)
+    local_hub.throttled_sending.clear()
+    with urllib.request.urlopen(url) as r, urllib.request.urlopen(f"{local_hub.url}/{REPO}/resolve/main/config.json") as c:
+        assert len(r.read()) == 2048 and c.read() == b"{}"
+    assert not local_hub.throttled_sending.is_set()
+
 def test_snapshot_download_at_branch_and_old_commit(local_hub):
     old, new = _seed(local_hub)
     folder = Path(snapshot_download(REPO))
