@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 import lrnnx_zoo
 from lrnnx_zoo.base import LTI_LRNN, tensor_attributes
-from lrnnx_zoo.step_forms import check_step_form
+from lrnnx_zoo.step_forms import check_step_form, step_form_dtype
 
 if TYPE_CHECKING:                     # pytest only where parametrize_with_checks is called
     from pytest import MarkDecorator
@@ -201,7 +201,7 @@ def _step_matches_forward(dtype: torch.dtype, L: int, tol: float) -> Callable[[_
                 _fail(f"step outputs in the layer's {dtype}", str(y_step.dtype))
             if rel_err(y_step, y_conv) >= tol:
                 _fail(f"step-by-step outputs equal to forward's within {tol:g} of max|y| (L={L}, {dtype})",
-                      f"{rel_err(y_step, y_conv):.3g}")
+                      f"{rel_err(y_step, y_conv):.3g}{_form_precision(layer, dtype)}")
             if not hasattr(layer, "prefill"):          # optional: a prompt is stepped through without it
                 return
             # a prompt read by prefill, then streamed on: the last 16 steps from its cache
@@ -212,6 +212,25 @@ def _step_matches_forward(dtype: torch.dtype, L: int, tol: float) -> Callable[[_
                       f"{tol:g} of max|y| ({dtype})", f"{rel_err(y_pre, y_conv[:, :L - 16]):.3g} (prefill) and "
                       f"{rel_err(y_on, y_conv[:, L - 16:]):.3g} (the steps after it)")
     return check
+
+
+def _form_precision(layer: Any, dtype: torch.dtype) -> str:
+    """Why a layer's steps may miss its forward in ``dtype``: the floating-point tensors its step form,
+    built as a cache of that dtype builds it, holds in a narrower dtype ("" when none). A form of a
+    plugin's own that stored ``a.float()`` stepped a float64 layer 1e-8 off (float32 coefficients,
+    promoted to float64 by the input), which the check reported as a bare number."""
+    with step_form_dtype(dtype):
+        form = layer.step_form()
+    if not isinstance(form, nn.Module):
+        return ""
+    named = [*form.named_parameters(), *form.named_buffers(),
+             *((f"{name} (a plain attribute)", t) for _, name, t in tensor_attributes(form))]
+    narrow = [f"{n} {t.dtype}" for n, t in named
+              if (t.is_floating_point() or t.is_complex()) and torch.finfo(t.dtype).bits < torch.finfo(dtype).bits]
+    if not narrow:
+        return ""
+    return (f"; its step form, built for a {dtype} cache, holds {', '.join(narrow)}: store each matrix with "
+            f"lrnnx_zoo.step_forms.stored(t) (the dtype the cache asks for) rather than in a fixed dtype")
 
 
 def _causality(s: _Subject) -> None:

@@ -131,3 +131,27 @@ def test_an_entry_point_naming_a_hook_function_says_to_name_its_module(tmp_path,
     assert first.startswith("is the function tp_fnpoint.lrnnx_zoo_register_layers, but a plugin is the module (or "
                             "object) that holds the hooks"), first
     assert "point the entry point at 'tp_fnpoint'" in first and "pip uninstall tp-fnpoint" in first, first
+
+
+def test_a_float32_step_form_in_a_float64_layer_is_named_by_the_kit():
+    # A form that stored its matrices as float32 (`.float()`, not lrnnx_zoo.step_forms.stored) steps a
+    # float64 layer about 1e-8 off its forward (the input promotes the products to float64): the kit
+    # said "expected step-by-step outputs equal to forward's within 1e-10 ...; got 1.17e-08", no more.
+    from lrnnx_zoo.testing import ContractError, layer_checks
+    from plugin_fixtures import example_ema_plugin
+
+    with example_ema_plugin("tp_f32form_ema") as ema:
+        class Float32Form(ema.EMA):
+            def step_form(self):
+                return super().step_form().float()
+
+        with layers_registered("tp_f32form", f32form=Float32Form):
+            check = {c.name: c for c in layer_checks("f32form", onnx=False)}["step_float64"]
+            with pytest.raises(ContractError) as err:
+                check()
+            msg = str(err.value)
+            assert "within 1e-10 of max|y| (L=256, torch.float64)" in msg, msg
+            assert ("its step form, built for a torch.float64 cache, holds dA torch.float32, B torch.float32, "
+                    "C torch.float32: store each matrix with lrnnx_zoo.step_forms.stored(t)") in msg, msg
+        # the example's own form (lrnnx_zoo.step_forms.stored) passes the same check
+        {c.name: c for c in layer_checks("ema", onnx=False)}["step_float64"]()
