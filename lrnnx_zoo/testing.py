@@ -28,12 +28,13 @@ modes agree to ~1e-13 (FFT rounding eps * log L), where float32 forms would leav
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NoReturn, Optional, Sequence, Tuple, Type, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
@@ -358,8 +359,10 @@ def _bad_input(s: _Subject) -> None:
         layer(x, integration_timesteps=None)
     if s.streaming:
         cache = layer.allocate_inference_cache(2)
-        _raises(ValueError, rf"\(batch=2, d_model={H}\)", lambda: layer.step(torch.randn(3, H), cache),
-                "a step with x_t (3, H) on a cache of batch 2")
+        with _own_stream_hint(layer, f"refuse an x_t of another batch or width with a ValueError naming the "
+                                     f"shape it expects, (batch=2, d_model={H})"):
+            _raises(ValueError, rf"\(batch=2, d_model={H}\)", lambda: layer.step(torch.randn(3, H), cache),
+                    "a step with x_t (3, H) on a cache of batch 2")
 
 
 def _bad_sizes(s: _Subject) -> None:
@@ -382,6 +385,21 @@ def _half_parameters(s: _Subject) -> None:
             _raises(TypeError, rf"holds {dtype} parameters", lambda: layer(x.to(dtype)),
                     f"a layer of {dtype} parameters under autocast")
         layer.float()(x)                                   # the way out the message gives
+
+
+@contextlib.contextmanager
+def _own_stream_hint(layer: Any, must: str) -> Iterator[None]:
+    """A failed check of a step that is the layer's own (not ``LTI_LRNN``'s) says how to pass it: what
+    its step ``must`` do, or subclass LTI_LRNN, whose streaming, derived from ``step_form()``, does it
+    for any step form. A plugin with a step of its own was held to messages the README did not state."""
+    try:
+        yield
+    except AssertionError as exc:
+        if isinstance(layer, LTI_LRNN):
+            raise
+        raise AssertionError(f"{exc}. {type(layer).__name__}.step is the layer's own: subclass lrnnx_zoo.LTI_LRNN, "
+                             f"whose allocate_inference_cache / step / prefill come from step_form() and do this for "
+                             f"any step form (input-dependent gates too), or make the step {must}") from exc
 
 
 def _coefficients(layer: nn.Module) -> List[Tensor]:
@@ -415,7 +433,10 @@ def _stale_cache(s: _Subject) -> None:
         else:
             with torch.no_grad():
                 _coefficients(layer)[0].mul_(0.5)
-        with torch.no_grad():
+        with torch.no_grad(), _own_stream_hint(layer, (
+                "keep lrnnx_zoo.base.weights_and_versions(self) in the cache it makes and, unless "
+                "lrnnx_zoo.base.unchanged(those) at a step, raise a RuntimeError saying the layer's weights "
+                "changed since this cache was made: call allocate_inference_cache again")):
             _raises(RuntimeError, "weights changed since this cache was made.*allocate_inference_cache",
                     lambda: layer.step(x[:, 1], cache), f"a step on a cache made before an {change}")
             # a new cache steps with the new weights: the convolution's outputs

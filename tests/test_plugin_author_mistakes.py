@@ -155,3 +155,73 @@ def test_a_float32_step_form_in_a_float64_layer_is_named_by_the_kit():
                     "C torch.float32: store each matrix with lrnnx_zoo.step_forms.stored(t)") in msg, msg
         # the example's own form (lrnnx_zoo.step_forms.stored) passes the same check
         {c.name: c for c in layer_checks("ema", onnx=False)}["step_float64"]()
+
+
+class _OwnStep(lrnnx_zoo.LRNN):
+    """h_t = a h_{t-1} + x_t per channel, with streaming methods of its own that check nothing."""
+
+    def __init__(self, d_model: int, d_state: int = 1):
+        super().__init__(None)
+        self.d_model = d_model
+        self.a = torch.nn.Parameter(torch.full((d_model,), 0.9))
+
+    def forward(self, x, integration_timesteps=None, lengths=None):
+        from lrnnx_zoo.base import mask_padding
+        x = self.prepare_input(x, lengths)
+        h, ys = x.new_zeros(x.shape[0], self.d_model), []
+        for t in range(x.shape[1]):
+            h = self.a * h + x[:, t]
+            ys.append(h)
+        return mask_padding(torch.stack(ys, 1) if ys else torch.zeros_like(x), lengths)
+
+    def allocate_inference_cache(self, batch_size, max_seqlen=1, dtype=None):
+        return {"h": torch.zeros(batch_size, self.d_model, dtype=dtype or self.a.dtype)}
+
+    def step(self, x, cache):
+        cache["h"] = self.a * cache["h"] + x
+        return cache["h"], cache
+
+
+@pytest.mark.parametrize("check, must", [
+    ("bad_input", "make the step refuse an x_t of another batch or width with a ValueError naming the shape it "
+                  "expects, (batch=2, d_model=16)"),
+    ("stale_cache", "make the step keep lrnnx_zoo.base.weights_and_versions(self) in the cache it makes"),
+])
+def test_a_step_of_the_layers_own_is_told_how_to_pass_the_kit(check, must):
+    # The kit held a step of a plugin's own to "expected a step on a cache made before an optimizer
+    # step to raise RuntimeError matching 'weights changed since this cache was made.*allocate_inference_cache';
+    # got no error", which the README's list of streaming methods did not state, nor how to do it.
+    from lrnnx_zoo.testing import ContractError, layer_checks
+    with layers_registered("tp_ownstep", ownstep=_OwnStep):
+        run = {c.name: c for c in layer_checks("ownstep", onnx=False)}[check]
+        with pytest.raises(ContractError) as err:
+            run()
+    msg = str(err.value)
+    assert "_OwnStep.step is the layer's own: subclass lrnnx_zoo.LTI_LRNN, whose allocate_inference_cache" in msg, msg
+    assert must in msg, msg
+
+
+class _OwnStepDoneRight(_OwnStep):
+    """_OwnStep with the two refusals done as the kit's hint and the README say."""
+
+    def allocate_inference_cache(self, batch_size, max_seqlen=1, dtype=None):
+        from lrnnx_zoo.base import weights_and_versions
+        return {**super().allocate_inference_cache(batch_size, max_seqlen, dtype), "weights": weights_and_versions(self)}
+
+    def step(self, x, cache):
+        from lrnnx_zoo.base import unchanged
+        if not unchanged(cache["weights"]):
+            raise RuntimeError("_OwnStepDoneRight.step: the layer's weights changed since this cache was made: call "
+                               "allocate_inference_cache again")
+        if x.shape != cache["h"].shape:
+            raise ValueError(f"expected x of shape (batch={cache['h'].shape[0]}, d_model={self.d_model}), "
+                             f"got {tuple(x.shape)}")
+        return super().step(x, cache)
+
+
+def test_the_readme_recipe_for_a_step_of_ones_own_passes_those_checks():
+    from lrnnx_zoo.testing import layer_checks
+    with layers_registered("tp_ownstep_right", ownstep_right=_OwnStepDoneRight):
+        for check in layer_checks("ownstep_right", onnx=False):
+            if check.name in ("bad_input", "stale_cache"):
+                check()
