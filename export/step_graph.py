@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from lrnnx_zoo.base import made_by, reference_tensor
+from lrnnx_zoo.base import Weights, made_by, reference_tensor, restated_only
 from lrnnx_zoo.models import SequenceModel, running_count_step, running_mean_step
 from lrnnx_zoo.step_forms import StepFormError, check_step_form, same_form, same_kind, step_form_dtype
 from lrnnx_zoo.thread_streams import this_threads_stderr
@@ -586,6 +586,18 @@ def _graph_form(layer: nn.Module, index: int, d_model: int) -> nn.Module:
         return _layer_step_form(layer, index, d_model)
 
 
+def _kept_through_restatement(layer: nn.Module, layer_cache: Dict[str, Any], form: nn.Module) -> bool:
+    """Whether the cache's step form is one its stream kept while the layer re-expressed its weights
+    for the same system (:func:`~lrnnx_zoo.base.restated_only`: a kernel's stored output matrix
+    rewritten for a longer kernel): it rounds otherwise than ``form``, the graph's, built from the
+    rewritten weights (5e-5 relative, where same_form allows 1e-6), in the same state layout (its
+    kind, size and tensors)."""
+    cached, weights = layer_cache["step_form"], layer_cache.get("weights")
+    return (isinstance(weights, Weights) and same_kind(form, cached)
+            and form.state_size == getattr(cached, "state_size", None)
+            and form.state_dict().keys() == cached.state_dict().keys() and restated_only(layer, weights))
+
+
 def _check_model(model: Any, who: str) -> None:
     """A TypeError unless ``model`` is a SequenceModel: a checkpoint's name or a cache given first failed
     with "'str' object has no attribute '__dict__'", and None as "a cache made by another model"."""
@@ -620,7 +632,8 @@ def _check_cache_layout(model: SequenceModel, cache: Dict[str, Any], who: str,
                 form = _layer_step_form(block.layer, i, model.config.d_model)
         else:
             fits = True
-        if not fits or not same_form(form.to(layer_cache["lrnn_state"].device), cached):
+        form = form.to(layer_cache["lrnn_state"].device)
+        if not fits or not (same_form(form, cached) or _kept_through_restatement(block.layer, layer_cache, form)):
             raise ExportError(f"{who}: blocks.{i}.layer ({name}): the cache's step form is not the one a step graph of "
                               f"the model's current weights holds (weights changed since, or another step form was "
                               f"chosen); prefill again")

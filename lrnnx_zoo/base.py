@@ -682,11 +682,15 @@ def current_form(module: nn.Module, form: nn.Module, weights: Weights, build: Ca
     old ones, silently: that raises RuntimeError(``stale()``; a callable, so that no message is
     formatted at every step), not rebuilt under a running state (some
     forms, S4's diagonal one, keep it in coordinates that move with the weights). A change the
-    system does not see (S4 rewriting its C~ for a longer kernel) rebuilds ``build()`` (in
-    ``dtype``, :func:`~lrnnx_zoo.step_forms.step_form_dtype`) equal to rounding (:func:`~lrnnx_zoo.step_forms.same_form`), which is returned with the new versions.
+    system does not see keeps ``form`` where a submodule says so (:func:`restated_only`: S4 rewriting
+    its C~ for a longer kernel), else rebuilds ``build()`` (in ``dtype``,
+    :func:`~lrnnx_zoo.step_forms.step_form_dtype`) equal to rounding (:func:`~lrnnx_zoo.step_forms.same_form`);
+    either is returned with the new versions.
     """
     if unchanged(weights):
         return form, weights
+    if restated_only(module, weights):
+        return form, weights_and_versions(module)
     try:
         with lasting_tensors(), step_form_dtype(dtype):   # not a decorator: 2 us at every step
             fresh = build()
@@ -696,6 +700,27 @@ def current_form(module: nn.Module, form: nn.Module, weights: Weights, build: Ca
     if not same_form(fresh, form):
         raise RuntimeError(stale())
     return fresh, weights_and_versions(module)
+
+
+def restated_only(module: nn.Module, weights: Weights) -> bool:
+    """Whether ``module`` is still the system ``weights`` (:func:`weights_and_versions`) were taken
+    from, every change since made by a submodule that re-expressed its own tensors for the same
+    system: one with a ``restated_since(before)`` method (``before``: name -> copy of its own
+    parameters and buffers then) that says so (S4 rewrites its stored C~ for a longer kernel). Every
+    other tensor must be the one taken, with the same values. Not while torch.compile traces (no copies)."""
+    slots, tensors, _, copies, _ = weights
+    if copies is None:
+        return False
+    restating = {id(owner): sub for sub in module.modules() if callable(getattr(sub, "restated_since", None))
+                 for owner in (sub._parameters, sub._buffers)}
+    befores: Dict[int, Tuple[nn.Module, Dict[str, Tensor]]] = {}
+    for (owner, name), t, copy in zip(slots, tensors, copies):
+        sub = restating.get(id(owner))
+        if sub is not None:
+            befores.setdefault(id(sub), (sub, {}))[1][name] = copy
+        elif owner.get(name) is not t or not contents_equal((t,), (copy,)):
+            return False
+    return bool(befores) and all(sub.restated_since(before) for sub, before in befores.values())
 
 
 @contextlib.contextmanager

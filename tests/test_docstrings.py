@@ -297,7 +297,7 @@ def test_s4_layer_picks_the_diagonal_form_below_the_documented_error(measure, d_
     layer = S4Layer(1, d_state, measure=measure, dt_min=dt, dt_max=dt)
     kernel = layer.kernel
     A_bar, b_bar = kernel.dense_system()
-    _, predicted, _ = diagonal_form(A_bar, b_bar, dense.output_row(kernel.output_matrix(from_origin=True)),
+    _, predicted, _ = diagonal_form(A_bar, b_bar, dense.output_row(kernel.output_matrix()),
                                     None, tol=1e30, precision=torch.float32)
     chosen_diagonal = type(layer.step_form()).__name__ == "ChannelDiagonalStepForm"
     assert chosen_diagonal == (predicted < threshold), (predicted, threshold, type(layer.step_form()).__name__)

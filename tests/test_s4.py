@@ -324,8 +324,6 @@ def test_output_matrix_is_cached_for_the_same_parameters_only():
         C3 = k.output_matrix()
     assert C2 is not C1 and rel_err(C2, C1) > 1e-3 and torch.equal(C2, C2_fresh)
     assert C3 is not C2 and rel_err(C3, C2) < 1e-5
-    with torch.no_grad():   # for step forms: from the C~ the extension started from, the same bits
-        assert torch.equal(k.output_matrix(from_origin=True), C2)
     C_grad = k.output_matrix()                               # under autograd: computed, with a graph
     assert C_grad.requires_grad and rel_err(C_grad, C3) < 1e-12
 
@@ -335,8 +333,8 @@ def test_output_matrix_is_cached_for_the_same_parameters_only():
 def test_streams_carry_on_across_length_changes_for_every_measure(measure, rank, disc):
     # A longer forward re-expresses C~ for the new length and rounds it to float32 again. The plain C
     # recovered from it moved 3.1e-5 for Fourier (its poles sit near the unit circle), the rebuilt
-    # step form 4.9e-5, and every live stream was refused as if the weights had changed. The plain C
-    # now comes from the C~ the extensions started from: the same bits, and the streams go on.
+    # step form 4.9e-5, and every live stream was refused as if the weights had changed. A stream
+    # now keeps its form while the kernel is the system it was built from (restated_since).
     H, Bs = 4, 2
     torch.manual_seed(0)
     layer = lrnnx_zoo.create_layer("s4", H, d_state=16, measure=measure, rank=rank, discretization=disc).eval()
@@ -361,15 +359,84 @@ def test_streams_carry_on_across_length_changes_for_every_measure(measure, rank,
     assert torch.isfinite(y1).all()
 
 
-def test_output_matrix_follows_a_changed_step_after_a_length_change():
-    # The C~ a length change started from stands for the plain C only under the same A_bar: after an
-    # edit of log_dt the stored C~ (at the new dt) is the system, as before any length change.
-    k = make_kernel(H=3, N=16, L=128)
+def test_a_changed_step_after_a_length_change_stops_the_stream():
+    # A length change keeps the system only under the same A_bar: after an edit of log_dt the stored
+    # C~ stands for another C, and a stream whose form a length change kept is stale.
+    k = make_kernel(H=3, N=16, L=128, measure="fourier")
+    u = torch.randn(2, 3)
     with torch.no_grad():
-        k(L=512)                                                # re-expressed: 128 -> 512
-        k.log_dt.add_(0.3)
-        C_new = k.output_matrix(from_origin=True)
-        assert torch.equal(C_new, k.output_matrix())             # the stored C~ and its length
+        k.setup_step("dense")
+        state = k.step(u, k.default_state(2))[1]
+        k(L=512)                                                # re-expressed: 128 -> 512, the form kept
+        state = k.step(u, state)[1]
+        k.log_dt.add_(1e-3)
+        with pytest.raises(RuntimeError, match="weights changed since setup_step"):
+            k.step(u, state)
+
+
+@pytest.mark.parametrize("disc", ["bilinear", "zoh"])
+def test_a_reloaded_model_streams_as_the_model_it_was_saved_from(disc, tmp_path):
+    # A forward rewrites the stored C for its length (C~); the state_dict holds that C~. The step
+    # forms took C from the C they started from, a loaded copy from the stored C~: its streams were
+    # 1.2e-7 to 1.7e-7 (of max|y|) off the model's, its prefill too. Both now recover C from the
+    # stored C~, in the same operations: tolerance 0 (bit for bit).
+    torch.manual_seed(0)
+    config = lrnnx_zoo.ModelConfig(layer="s4", d_input=3, d_output=4, d_model=8, n_layers=2,
+                                   layer_kwargs={"d_state": 16, "measure": "fourier", "discretization": disc})
+    model = lrnnx_zoo.SequenceModel(config).eval()
+    x = torch.randn(2, 30, 3)
+    with torch.no_grad():
+        model(torch.randn(2, 64, 3))                            # C -> C~ for 64
+        loaded = lrnnx_zoo.from_pretrained(model.save_pretrained(tmp_path / "s4")).eval()
+        streams = []
+        for m in (model, loaded):
+            cache = m.allocate_inference_cache(2)
+            steps = torch.stack([m.step(x[:, t], cache)[0] for t in range(20)], 1)
+            y, prefilled = m.prefill(x[:, :20])
+            streams.append((steps, y, m.step(x[:, 20], prefilled)[0]))
+    for mine, theirs in zip(*streams):
+        assert torch.equal(mine, theirs), rel_err(mine, theirs)
+
+
+def test_a_stream_made_after_a_length_change_keeps_its_form_across_the_next():
+    # A stream made from C~ for 64 goes on, bit for bit, after a longer forward re-expresses C~ for
+    # 1024 (Fourier: a form rebuilt from it is 4.9e-5 off, and the stream was refused): as the stream
+    # of a copy that never ran longer. Tolerance 0.
+    torch.manual_seed(0)
+    layer = lrnnx_zoo.create_layer("s4", 4, d_state=16, measure="fourier").eval()
+    x = torch.randn(2, 30, 4)
+    with torch.no_grad():
+        layer(torch.randn(2, 64, 4))
+        twin = copy.deepcopy(layer)
+        caches = [m.allocate_inference_cache(2) for m in (layer, twin)]
+        ys = [[m.step(x[:, t], c)[0] for t in range(10)] for m, c in zip((layer, twin), caches)]
+    layer(torch.randn(2, 1024, 4))          # C~ for 64 -> C~ for 1024 (a training forward; inference keeps C~)
+    assert layer.kernel.length == 1024 and twin.kernel.length == 64
+    with torch.no_grad():
+        for m, c, y in zip((layer, twin), caches, ys):
+            y += [m.step(x[:, t], c)[0] for t in range(10, 30)]
+    assert torch.equal(torch.stack(ys[0], 1), torch.stack(ys[1], 1))
+
+
+def test_a_stream_kept_across_a_length_change_moves_to_a_step_graph():
+    # state_from_cache checks the cache's form against the graph's, built from the rewritten C~:
+    # Fourier's kept form rounds 5e-5 otherwise, and the stream was refused as if the weights had
+    # changed. The state layout is the same: accepted. A changed step still refuses it.
+    from lrnnx_zoo.export import ExportError, state_from_cache
+    torch.manual_seed(0)
+    config = lrnnx_zoo.ModelConfig(layer="s4", d_input=3, d_output=4, d_model=4, n_layers=1,
+                                   layer_kwargs={"d_state": 16, "measure": "fourier"})
+    model = lrnnx_zoo.SequenceModel(config).eval()
+    with torch.no_grad():
+        model(torch.randn(2, 64, 3))
+        _, cache = model.prefill(torch.randn(2, 20, 3))
+    model(torch.randn(2, 1024, 3))          # a training forward: C~ for 64 -> C~ for 1024
+    with torch.no_grad():
+        model.step(torch.randn(2, 3), cache)
+        assert torch.equal(state_from_cache(model, cache), cache["layers"][0]["lrnn_state"])
+        model.blocks[0].layer.kernel.log_dt.add_(1e-3)
+        with pytest.raises(ExportError, match="not the one a step graph"):
+            state_from_cache(model, cache)
 
 
 

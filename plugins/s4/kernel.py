@@ -99,7 +99,16 @@ class _LengthOrigin(NamedTuple):
     C_after: Tensor                   # C~ and the length the last change left
     L_after: int
     marks: Tuple[Any, ...]            # the discretisation and copies of w, P, log_dt: what A_bar depends on
-    dtype: Optional[torch.dtype]      # the dtype every change of the chain ran in (None: several)
+    stops: Tuple[Tuple[Tensor, int], ...] = ()   # (C~, length) each earlier change of the chain left
+
+    def points(self) -> Tuple[Tuple[Tensor, int], ...]:
+        """Every (C, L) of the chain: one system, re-expressed for each length (:meth:`SSKernelNPLR.restated_since`)."""
+        return ((self.C_first, self.L_first),) + self.stops + ((self.C_after, self.L_after),)
+
+
+def _same_values(t: Tensor, mark: Tensor) -> bool:
+    """Whether ``t`` holds ``mark``'s values (compared as float64 views: a .double() since keeps them)."""
+    return t.shape == mark.shape and torch.equal(t.detach().to(mark.device, torch.float64), mark.to(torch.float64))
 
 
 def _check_length(L: Any, who: str = "SSKernelNPLR") -> None:
@@ -463,8 +472,10 @@ class SSKernelNPLR(StepModes, SSMKernel):
             self._length = int(self.L) if self.L.device.type != "meta" else 0
         if "_length_lock" not in self.__dict__:   # ... or from before the lock
             self._length_lock = _LengthLock()
-        if not isinstance(self.__dict__.get("_length_origin"), (_LengthOrigin, type(None))):
-            del self.__dict__["_length_origin"]   # ... or from before its fields had names (a 4-tuple)
+        origin = self.__dict__.get("_length_origin")
+        if origin is not None and not (isinstance(origin, _LengthOrigin) and isinstance(origin.stops, tuple)):
+            # ... or from before its fields had names (a 4-tuple), or with a dtype where the stops are now
+            del self.__dict__["_length_origin"]
         self._remember_home()                     # a copy's own tensors (__getstate__ leaves the original's out)
 
     def _consistent(self) -> ContextManager[None]:
@@ -560,17 +571,15 @@ class SSKernelNPLR(StepModes, SSMKernel):
             return dense.bilinear_nplr(w, P, B, dt / rate)
         return dense.discretize(dense.real_matrix(w, P), dense.to_real(B), dt / rate, self.discretization)
 
-    def output_matrix(self, from_origin: bool = False, system: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-        """The plain C (C, H, M) complex128 that C~ stands for: (I - A_bar^L)^T C = C~ (differentiable).
+    def output_matrix(self, system: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """The plain C (C, H, M) complex128 that C~ stands for: (I - A_bar^L)^T C = C~ (differentiable),
+        from the stored C~ and its length, which is all a copy loaded from the state_dict has: the
+        step forms built from it are the loaded copy's, bit for bit (:meth:`restated_since` keeps a
+        running stream's form when a longer forward re-expresses C~).
 
         ``system``: this kernel's :meth:`dense_system` at rate 1, where the caller has it: under autograd
         nothing is shared, and a zoh kernel discretised twice (two matrix exponentials of (H, N, N) and
         their backward, 1.0 of a training step's 2.1 s at H=128, N=64, B=8, L=1024).
-
-        ``from_origin``: recovered from the C~ the length changes since started from, where that is
-        still this system (:meth:`_output_source`): what the step forms are built from, so that a
-        length change leaves them as they were. Otherwise from the stored C~, as the kernel is (a
-        model and a copy loaded from its state_dict compute the same bits).
 
         In inference it is cached like the kernel (:meth:`~lrnnx_zoo.ssm_kernel.SSMKernel.cached_kernel`,
         for the same parameters and length): A_bar^L costs log2(L) dense float64 squarings (33 ms per
@@ -587,7 +596,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
 
         def locked() -> Tensor:
             # C~ and its length from one moment
-            C, length = self._output_source() if from_origin else (self.continuous(double=True)[3], self.length)
+            C, length = self.continuous(double=True)[3], self.length
             if length == 0:
                 return C
             A_bar, b_bar = self.dense_system() if system is None else system
@@ -604,27 +613,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
                     power_t, (rows, AT_t) = known.transpose(-1, -2), dense.krylov_doubling(memo["T"], At, b_bar)
                 memo["block"] = (rows, AT_t)
             return dense.output_from_row(_solve_tilde(dense.output_row(C), A_bar, length, power_t))
-        return self.cached_kernel(("output_matrix", from_origin), compute)
-
-    def _output_source(self) -> Tuple[Tensor, int]:
-        """(C~ (C, H, M) complex128, its length) that :meth:`output_matrix` recovers the plain C from: the
-        stored C~ and the internal length; or, while C~ has only been re-expressed for longer lengths
-        since it was set (:meth:`_length_origin_before_change`) and no graph is being built, the C~ it
-        was first re-expressed from (the plain C, length 0, for a kernel that started without a length).
-
-        Each re-expression rounds C~ to the parameters' dtype again, and recovering C from C~ is
-        ill-conditioned where poles sit near the unit circle: for the Fourier measure (H=4, N=16) the C
-        recovered after a 64 -> 1024 extension moved 3.1e-5 and the step form 4.9e-5 relative, so a live
-        stream took the rewrite for changed weights and stopped. From the origin, C and the step forms
-        built from it keep their bits across length changes, and the stream carries on."""
-        origin = self.__dict__.get("_length_origin")
-        # only where every re-expression since ran in the current dtype: after .double() the stored C~
-        # is the float64 system, which a float32 origin stands for to float32 rounding only (a float64
-        # step was 7e-9 off)
-        if (origin is None or needs_autograd(self) or origin.dtype != self.C.dtype
-                or not self._untouched_since(origin)):
-            return self.continuous(double=True)[3], self.length
-        return torch.view_as_complex(origin.C_first.to(self.C.device, torch.float64).contiguous()), origin.L_first
+        return self.cached_kernel(("output_matrix",), compute)
 
     def _shared_work(self) -> Optional[Dict[Any, Any]]:
         """The results this thread's :meth:`sharing_dense_work` shares, or None: outside it, and under
@@ -806,24 +795,22 @@ class SSKernelNPLR(StepModes, SSMKernel):
             power = power @ power
 
     # -- weights digest ----------------------------------------------------------------------------
-    def _length_origin_before_change(self) -> Tuple[Tensor, int, Optional[torch.dtype]]:
+    def _length_origin_before_change(self) -> Tuple[Tensor, int, Tuple[Tuple[Tensor, int], ...]]:
         """(C, L) to remember before a length change: a change of length keeps the system (C~
         re-expressed for the new length), so :meth:`digest_substitutes` hands the weights digest this
         pair while C and L are still what the change left. Successive changes keep the first pair.
-        Third: the dtype the re-expressions from it ran in so far (None: several; a cast such as
-        .double() between two changes keeps the pair for the digest, not for :meth:`_output_source`)."""
+        Third: the (C~, L) the chain's changes have left so far, for :meth:`restated_since`."""
         origin = self.__dict__.get("_length_origin")
         if origin is not None and self._untouched_since(origin):
-            return origin.C_first, origin.L_first, (origin.dtype if origin.dtype == self.C.dtype else None)
-        return self.C.detach().clone(), self.length, self.C.dtype
+            return origin.C_first, origin.L_first, origin.stops + ((origin.C_after, origin.L_after),)
+        return self.C.detach().clone(), self.length, ()
 
-    def _note_length_change(self, first: Tuple[Tensor, int, Optional[torch.dtype]]) -> None:
+    def _note_length_change(self, first: Tuple[Tensor, int, Tuple[Tuple[Tensor, int], ...]]) -> None:
         """Remember ``first`` (:meth:`_length_origin_before_change`) with what the change left: C~, the
-        length, the parameters that give C~ its meaning through A_bar (w, P, dt, the discretisation),
-        and the dtype every re-expression from ``first`` ran in (None: several)."""
-        C_first, L_first, dtype = first
+        length, and the parameters that give C~ its meaning through A_bar (w, P, dt, the discretisation)."""
+        C_first, L_first, stops = first
         self._length_origin = _LengthOrigin(C_first, L_first, self.C.detach().clone(), self.length,
-                                            self._system_marks(), dtype if dtype == self.C.dtype else None)
+                                            self._system_marks(), stops)
 
     def _system_marks(self) -> Tuple[Any, ...]:
         """The discretisation and copies of w, P and log_dt: what A_bar, and so C~ = (I - A_bar^L)^T C, depends on."""
@@ -836,12 +823,29 @@ class SSKernelNPLR(StepModes, SSMKernel):
         now = (self.C, self.w, self.P, self.log_dt)
         if any(t.is_meta for t in now) or origin.C_after.is_meta:      # no values to compare
             return False
-
-        def same(t: Tensor, mark: Tensor) -> bool:     # float64 views: a .double() since keeps the values
-            return t.shape == mark.shape and torch.equal(t.detach().to(mark.device, torch.float64),
-                                                         mark.to(torch.float64))
         return (self.length == origin.L_after and self.discretization == origin.marks[0]
-                and same(self.C, origin.C_after) and all(same(t, mark) for t, mark in zip(now[1:], origin.marks[1:])))
+                and _same_values(self.C, origin.C_after)
+                and all(_same_values(t, mark) for t, mark in zip(now[1:], origin.marks[1:])))
+
+    def restated_since(self, before: Dict[str, Tensor]) -> bool:
+        """Whether this kernel is still the system it was when its own tensors were ``before`` (name
+        -> copy, as :func:`~lrnnx_zoo.base.weights_and_versions` took them for a step form), its C~
+        only re-expressed for longer lengths since: (C, L) then is a point of the current chain of
+        length changes, and every other tensor holds the same values. A running stream then keeps
+        its form, bit for bit (:func:`~lrnnx_zoo.base.current_form`): a form rebuilt from the
+        re-expressed C~ rounds differently (Fourier, H=4, N=16, 64 -> 1024: C moved 3.1e-5, the form
+        4.9e-5 relative), and the stream was refused as if the weights had changed."""
+        with self._consistent():                  # C~, its length and the chain from one moment
+            origin = self.__dict__.get("_length_origin")
+            now = {k: t for k, t in {**self._parameters, **self._buffers}.items() if t is not None}
+            if (origin is None or set(before) != set(now) or not {"C", "L"} <= set(now)   # C parametrized: not its own
+                    or not self._untouched_since(origin)):
+                return False
+            if not all(_same_values(now[k], t) for k, t in before.items() if k not in ("C", "L")):
+                return False
+            C, L = before["C"], before["L"]
+            return not L.is_meta and any(int(L) == length and _same_values(C, point)
+                                         for point, length in origin.points())
 
     def digest_substitutes(self) -> Dict[str, Tensor]:
         """{"C", "L"} as they were before this kernel extended its length (running on a longer sequence

@@ -2,7 +2,7 @@
 
 A mixin for :class:`~plugins.s4.kernel.SSKernelNPLR`, which provides ``dense_system()``,
 ``output_matrix()``, ``continuous()``, ``discretization``, ``d_model``, ``d_state``, ``channels``.
-All modes run the system at rate 1 with the plain C (recovered from C~ in float64).
+All modes run the system at rate 1 with the plain C (recovered from the stored C~ in float64).
 
 States:
 - the kernel state (``default_state``) is x in the NPLR basis, (B, H, N/2) complex: what state
@@ -58,9 +58,9 @@ class StepModes:
             raise ValueError(f"step mode must be one of {STEP_MODES + ('auto',)}, got {mode!r}")
         if mode == "linear" and self.discretization != "bilinear":
             raise ValueError("the linear (DPLR) step is the bilinear step; with zoh use mode='dense' or 'diagonal'")
-        # a solve with I - A_bar^L: computed once, also when "auto" falls back; from the C~ length changes
-        # started from, so that a longer forward leaves a running stream's form as it was
-        C = self.output_matrix(from_origin=True)
+        # a solve with I - A_bar^L: computed once, also when "auto" falls back; from the stored C~, as a
+        # copy loaded from the state_dict has it (a running stream keeps its form: restated_since)
+        C = self.output_matrix()
         self._basis, self._built = None, None
         A_bar = b_bar = None
         if mode in ("auto", "diagonal"):
