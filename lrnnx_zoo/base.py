@@ -456,8 +456,21 @@ def jvp_variant(cls: Optional[type] = None, *, keep: Optional[Callable[[tuple, A
 
 
 def apply_function(function: type, *args: Any) -> Any:
-    """``function.apply(*args)``, through its :func:`jvp_variant` while :func:`forward_ad_active`."""
-    return (_JVP_VARIANTS.get(function, function) if forward_ad_active() else function).apply(*args)
+    """``function.apply(*args)``, through its :func:`jvp_variant` while :func:`forward_ad_active`.
+
+    Where autograd would record nothing (grad mode off, or no tensor argument requiring grad; no
+    torch.func transform; not while torch.compile traces), a Function with a separate
+    ``setup_context`` (a forward without ctx) runs its forward directly: the same computation,
+    without Function.apply's per-call cost, which binds the arguments through inspect.signature
+    (diagonal_scan at (1, 64, 64) complex64, one thread: 200 -> 145 us)."""
+    if forward_ad_active():
+        return _JVP_VARIANTS.get(function, function).apply(*args)
+    # is_compiling first: dynamo cannot trace the comparison of the two setup_context functions
+    if (not torch.compiler.is_compiling() and not func_transforms_active()
+            and function.setup_context is not torch.autograd.Function.setup_context
+            and not (torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args))):
+        return function.forward(*args)
+    return function.apply(*args)
 
 
 def values_only(t: Tensor) -> Tensor:

@@ -138,6 +138,18 @@ def _powers(lam_hi: Tensor, T: int) -> Tensor:
     return torch.cumprod(steps, 0)
 
 
+def _steps_(rows: tuple[Tensor, ...], lam: Tensor, reverse: bool) -> None:
+    """The plain recurrence in place over views of successive steps: rows[t] += lam * rows[t-1]
+    (rows[t+1] when ``reverse``). The views come from one unbind: indexing each step (s[:, t])
+    cost two select calls a step, a third of a short scan's time (L=64: 139 -> 97 us)."""
+    if reverse:
+        for t in range(len(rows) - 2, -1, -1):
+            rows[t].addcmul_(lam, rows[t + 1])
+    else:
+        for t in range(1, len(rows)):
+            rows[t].addcmul_(lam, rows[t - 1])
+
+
 def _scan_(s: Tensor, lam_hi: Tensor, reverse: bool, T: int) -> None:
     """Scan s in place along dim 1: s holds x on entry and the states on exit.
 
@@ -147,9 +159,7 @@ def _scan_(s: Tensor, lam_hi: Tensor, reverse: bool, T: int) -> None:
     B, L, N = s.shape
     lam = lam_hi.to(s.dtype)
     if L <= T:
-        steps = range(L - 2, -1, -1) if reverse else range(1, L)
-        for t in steps:
-            s[:, t].addcmul_(lam, s[:, t + 1 if reverse else t - 1])
+        _steps_(s.unbind(1), lam, reverse)
         return
     C = -(-L // T)
     if L % T:
@@ -162,17 +172,14 @@ def _scan_(s: Tensor, lam_hi: Tensor, reverse: bool, T: int) -> None:
     v = s.view(B, C, T, N)
     lam_c = lam.unsqueeze(1)                                   # (Bl, 1, N) against (B, C, N)
     # (1) every chunk at once, T steps.
-    steps = range(T - 2, -1, -1) if reverse else range(1, T)
-    for t in steps:
-        v[:, :, t].addcmul_(lam_c, v[:, :, t + 1 if reverse else t - 1])
+    _steps_(v.unbind(2), lam_c, reverse)
     # (2) chunk carries: the end state of each chunk, scanned with lam^T.
     pw = _powers(lam_hi, T)                                    # (T+1, Bl, N) double
     carry = v[:, :, 0 if reverse else T - 1].contiguous()      # (B, C, N)
     _scan_(carry, pw[T], reverse, T)
     # (3) fix-up: add the carry entering each chunk, propagated t+1 (or T-t) steps in.
-    # on pw's device: a default device set by the user (torch.set_default_device) is not the data's
-    k = torch.arange(T, 0, -1, device=pw.device) if reverse else torch.arange(1, T + 1, device=pw.device)
-    prop = pw[k].to(s.dtype).permute(1, 0, 2).unsqueeze(1)   # (Bl, 1, T, N)
+    # lam^1 .. lam^T (lam^T .. lam^1 reversed) as a slice: no index tensor to build and gather with
+    prop = (pw[1:].flip(0) if reverse else pw[1:]).to(s.dtype).permute(1, 0, 2).unsqueeze(1)   # (Bl, 1, T, N)
     if reverse:
         v[:, :-1].addcmul_(prop, carry[:, 1:].unsqueeze(2))
     else:

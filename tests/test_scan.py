@@ -266,3 +266,60 @@ def test_shape_errors_name_expected_and_given():
         diagonal_scan(torch.ones(4, dtype=torch.int64), torch.ones(2, 3, 4, dtype=torch.int64))
     with pytest.raises(TypeError, match="floating or complex"):
         diagonal_scan(torch.ones(4), torch.ones(2, 3, 4, dtype=torch.int64), lam_dtype=torch.float64)
+
+
+def _aten_op_counts(fn):
+    """The aten ops ``fn()`` dispatches, counted by name."""
+    import collections
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as mode:
+        fn()
+    return mode.count
+
+
+def test_a_short_scan_takes_its_steps_without_indexing_each_one():
+    """At (1, 64, 64) (T=16: 15 in-chunk steps, 3 carry steps) each step indexed two states (38
+    selects) and the carry fix-up gathered lam^1..lam^T with an index tensor: most of a short scan's
+    per-call cost (LRU forward (1, 64, 128), one thread: 513 -> 387 us with the next test's change)."""
+    torch.manual_seed(0)
+    lam = torch.exp(torch.complex(-torch.rand(64, dtype=torch.float64), torch.rand(64, dtype=torch.float64)))
+    z = torch.randn(1, 64, 64, dtype=torch.complex64)
+    with torch.no_grad():
+        count = _aten_op_counts(lambda: diagonal_scan(lam, z, lam_dtype=torch.complex128))
+    assert count["aten.addcmul_.default"] == 19
+    assert count["aten.select.int"] <= 2 and count["aten.index.Tensor"] == 0 and count["aten.arange.start"] == 0
+
+
+def test_a_scan_without_a_graph_to_record_skips_function_apply(monkeypatch):
+    """Function.apply binds its arguments through inspect.signature on every call (55 of 200 us of a
+    (1, 64, 64) scan): where autograd records nothing, the forward runs directly, to the same bits;
+    with an input requiring grad the Function still runs (and its backward)."""
+    import lrnnx_zoo.scan as scan
+
+    torch.manual_seed(0)
+    lam = torch.exp(torch.complex(-torch.rand(64, dtype=torch.float64), torch.rand(64, dtype=torch.float64)))
+    z = torch.randn(3, 100, 64, dtype=torch.complex64)
+    s0 = torch.randn(3, 64, dtype=torch.complex64)
+    lam2, z2, s02 = scan._prepare(lam, z, s0, "test", torch.complex128)
+    for reverse in (False, True):
+        through_apply = scan._DiagonalScan.apply(lam2, z2, s02, reverse, 16)
+        calls = []
+        real_apply = scan._DiagonalScan.apply
+        monkeypatch.setattr(scan._DiagonalScan, "apply", lambda *a: calls.append(1) or real_apply(*a))
+        with torch.no_grad():
+            direct = diagonal_scan(lam, z, s0, reverse=reverse, chunk_size=16, lam_dtype=torch.complex128)
+        assert calls == [] and torch.equal(direct, through_apply)
+        x = z.clone().requires_grad_()
+        out = diagonal_scan(lam, x, s0, reverse=reverse, chunk_size=16, lam_dtype=torch.complex128)
+        assert calls == [1] and out.grad_fn is not None and torch.equal(out.detach(), through_apply)
+        monkeypatch.undo()
