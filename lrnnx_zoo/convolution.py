@@ -941,8 +941,11 @@ def project_out(x: Tensor, C: Tensor) -> Tensor:
     """Re(C x) for complex x: (Bsz, L, N) and C: (H_out, N) -> (Bsz, L, H_out) real, one real matmul
     (Re(C x) = Re C Re x - Im C Im x)."""
     Bsz, L, N = x.shape
-    Cpair = torch.stack([C.real, -C.imag], -1).reshape(C.shape[0], 2 * N).to(x.real.dtype)
-    return torch.view_as_real(x).reshape(Bsz, L, 2 * N) @ Cpair.T
+    xr = torch.view_as_real(x)
+    # [Re c, -Im c] pairs as conj(C) seen as real: one op where stacking the two strided halves took
+    # 25 of 57 us of a (1, 64, 128) projection (one thread)
+    Cpair = torch.view_as_real(C.conj_physical()).reshape(C.shape[0], 2 * N).to(xr.dtype)
+    return xr.reshape(Bsz, L, 2 * N) @ Cpair.T
 
 
 def _check_diagonal_ssm(x: Tensor, K: Tensor, B_: Tensor, C: Tensor) -> None:

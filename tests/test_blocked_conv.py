@@ -317,3 +317,30 @@ def test_two_sided_kernel_is_both_directions(delay):
         two_sided_kernel(K0, K1, Lk + delay - 1, delay)
     with pytest.raises(ValueError, match="one shape"):
         two_sided_kernel(K0, K1[:, :-1], n, delay)
+
+
+def test_project_out_pairs_c_without_stacking_its_halves():
+    """project_out's real matrix [Re C, -Im C] (pairs per mode) was a stack of C.real and -C.imag,
+    strided halves (25 of 57 us of a (1, 64, 64) -> 128 projection, one thread): it is conj(C) seen
+    as real. Same bits as Re(C x) by the stacked pairs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from lrnnx_zoo.convolution import project_out
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 8, dtype=torch.complex64)
+    C = torch.randn(5, 8, dtype=torch.complex64)
+    C[0, 0], C[1, 1], C[2, 2] = complex(-0.0, 0.0), complex(1.0, -0.0), complex(0.0, -0.0)
+    with Ops() as mode:
+        y = project_out(x, C)
+    assert not any("cat" in name or "stack" in name for name in mode.names), mode.names
+    pairs = torch.stack([C.real, -C.imag], -1).reshape(5, 16)
+    assert torch.equal(y, torch.view_as_real(x).reshape(3, 10, 16) @ pairs.T)
