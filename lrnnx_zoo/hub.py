@@ -575,14 +575,18 @@ def _fetch_whole(folder: Path, files: List[str], sizes: Dict[str, int], repo_id:
 
 _in_caller = threading.local()
 _in_caller_lock = threading.Lock()
-#: The name snapshot_download's module calls its pooled map by: huggingface_hub 2.x's own, 1.x's tqdm's.
-_POOLED_MAPS = ("hf_thread_map", "thread_map")
+#: Where huggingface_hub finds the pooled map it transfers files with, and the names it calls it by
+#: (2.x's own, 1.x's tqdm's): snapshot_download's module imports it; 2.x's LFS upload
+#: (_commit_api._upload_lfs_files) imports it from utils when called, 1.x's from tqdm with the module.
+_POOLED_MAPS = (("huggingface_hub._snapshot_download", ("hf_thread_map", "thread_map")),
+                ("huggingface_hub._commit_api", ("hf_thread_map", "thread_map")),
+                ("huggingface_hub.utils", ("hf_thread_map",)))
 
 
 def _map_in_caller(pooled: Callable[..., List[Any]]) -> Callable[..., List[Any]]:
-    """``pooled`` (the thread-pool map snapshot_download fetches its files with), mapping in the calling
-    thread, one item after another, while this thread is inside :func:`downloads_in_this_thread`, and in
-    the pool otherwise (another library's downloads, another thread's)."""
+    """``pooled`` (a thread-pool map huggingface_hub transfers files with), mapping in the calling
+    thread, one item after another, while this thread is inside :func:`transfers_in_this_thread`, and in
+    the pool otherwise (another library's transfers, another thread's)."""
     @functools.wraps(pooled)
     def mapped(fn: Callable[[Any], Any], iterable: Iterable[Any], *args: Any, max_workers: Optional[int] = None,
                tqdm_class: Any = None, **bar_kwargs: Any) -> List[Any]:
@@ -591,7 +595,7 @@ def _map_in_caller(pooled: Callable[..., List[Any]]) -> Callable[..., List[Any]]
         from huggingface_hub.utils import tqdm as hub_tqdm
         items = list(iterable)
         results = []
-        with (tqdm_class or hub_tqdm)(total=len(items), **bar_kwargs) as bar:    # "Fetching N files", as before
+        with (tqdm_class or hub_tqdm)(total=len(items), **bar_kwargs) as bar:    # "Fetching N files", "Upload N LFS files", as before
             for item in items:
                 results.append(fn(item))
                 bar.update(1)
@@ -601,27 +605,35 @@ def _map_in_caller(pooled: Callable[..., List[Any]]) -> Callable[..., List[Any]]
 
 
 @contextlib.contextmanager
-def downloads_in_this_thread() -> Iterator[bool]:
-    """While inside, ``snapshot_download`` called from this thread fetches its files in this thread,
-    one after another; True when it does (False: a huggingface_hub without the map it wraps).
+def transfers_in_this_thread() -> Iterator[bool]:
+    """While inside, ``snapshot_download`` and an upload's LFS files (``upload_folder``,
+    ``create_commit``) called from this thread move their files in this thread, one after another;
+    True when both do (False: a huggingface_hub without the maps it wraps).
 
-    It fetches them with a pool of threads, whose shutdown waits for the file in flight: a Ctrl-C (or
-    the CLI's SIGTERM) during a download returned only once that file had arrived (a 47.5 kB
-    model.safetensors at 2 kB/s: 23 s after the Ctrl-C; hundreds of MB on a slow link: minutes). In
-    the calling thread the KeyboardInterrupt ends the read at once, and huggingface_hub 2.x deletes
-    the file it was writing (``<etag>.<random>.incomplete``, never taken for the blob): the next call
-    downloads it again. A checkpoint is config.json, the card and one weights file, fetched by two or
-    three calls of a file or two each: a pool gains nothing here. Other threads' calls (another
-    library's downloads) keep the pool."""
-    from huggingface_hub import _snapshot_download as snapshot_module
-    wrapped = False
+    huggingface_hub moves them with a pool of threads, whose shutdown waits for the file in flight: a
+    Ctrl-C (or the CLI's SIGTERM) returned only once that file had arrived or failed (a 47.5 kB
+    model.safetensors downloaded at 2 kB/s: 23 s after the Ctrl-C; an export's two graph and weights
+    files uploaded at 2 kB/s: 83 s, the workers retrying on; hundreds of MB on a slow link: minutes).
+    In the calling thread the KeyboardInterrupt ends the transfer at once. A download's file in
+    progress is deleted by huggingface_hub 2.x (``<etag>.<random>.incomplete``, never taken for the
+    blob) and downloaded again by the next call; an upload stops before its commit, which is what
+    publishes files, so the repo is left as it was and the next push uploads them again. A
+    checkpoint holds one weights file (uploaded in the caller already), an export two, which now go one
+    after the other: as fast where the link's total rate is the limit, up to twice as long where each
+    connection has its own (two 2 MB files at 4 MB/s a connection: 0.82 s -> 1.37 s). Other threads'
+    calls (another library's) keep the pool."""
+    import importlib
+    found = set()
     with _in_caller_lock:       # wrapped once, for good: restoring it could undo another thread's wrapping
-        for name in _POOLED_MAPS:
-            pooled = getattr(snapshot_module, name, None)
-            if callable(pooled):
-                if not getattr(pooled, "in_caller", False):
-                    setattr(snapshot_module, name, _map_in_caller(pooled))
-                wrapped = True
+        for module_name, names in _POOLED_MAPS:
+            module = importlib.import_module(module_name)
+            for name in names:
+                pooled = getattr(module, name, None)
+                if callable(pooled):
+                    if not getattr(pooled, "in_caller", False):
+                        setattr(module, name, _map_in_caller(pooled))
+                    found.add(module_name)
+    wrapped = "huggingface_hub._snapshot_download" in found and len(found) > 1
     before = getattr(_in_caller, "active", False)
     _in_caller.active = True
     try:
@@ -630,17 +642,21 @@ def downloads_in_this_thread() -> Iterator[bool]:
         _in_caller.active = before
 
 
+#: The name :func:`transfers_in_this_thread` had when it covered downloads only.
+downloads_in_this_thread = transfers_in_this_thread
+
+
 def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: Optional[PathLike],
            local_files_only: bool, token: Optional[Union[str, bool]], shipped: List[str], force: bool = False) -> Path:
     """The cache's snapshot folder of ``repo_id`` at ``revision``, with those of ``files`` the repo
-    holds downloaded into it, in this thread (:func:`downloads_in_this_thread`: a Ctrl-C stops it at
+    holds downloaded into it, in this thread (:func:`transfers_in_this_thread`: a Ctrl-C stops it at
     once); huggingface_hub's errors become CheckpointErrors that say what to do."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
-        with bounded_hub_requests() as seconds, downloads_in_this_thread():
+        with bounded_hub_requests() as seconds, transfers_in_this_thread():
             return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
                                           local_files_only=local_files_only, allow_patterns=files,
                                           force_download=force,

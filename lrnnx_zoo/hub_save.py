@@ -22,7 +22,7 @@ from .folder_swap import replaced_folder
 from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
                   MAX_CONFIG_BYTES, CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_constants,
                   hub_timeout, loadable_source, path_trouble, STATE_DIGEST_KEY, library_field, peek_config,
-                  shipped_checkpoints, state_digest, unexpected_answer, weights_changed)
+                  shipped_checkpoints, state_digest, transfers_in_this_thread, unexpected_answer, weights_changed)
 from .registry import extra_plugins, get_registry, layer_owners
 from .utf8 import printable
 
@@ -298,7 +298,8 @@ class HubPublishError(RuntimeError):
 
 @contextlib.contextmanager
 def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") -> Iterator[None]:
-    """Run Hub writes with bounded request timeouts, and turn their failures into one
+    """Run Hub writes with bounded request timeouts, their files uploaded in this thread (a Ctrl-C stops
+    an upload at once: :func:`~lrnnx_zoo.hub.transfers_in_this_thread`), and turn their failures into one
     :class:`HubPublishError` that names the action, the repo, the endpoint, the cause and its fix
     (huggingface_hub raises bare transport errors, e.g. ``ConnectError: Connection refused``).
     ``kept`` says what the user still has (a saved folder, an export)."""
@@ -307,7 +308,7 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
 
     where = f"{action} {repo_id!r} on the Hub at {constants.ENDPOINT}"
     try:
-        with bounded_hub_requests():
+        with bounded_hub_requests(), transfers_in_this_thread():
             yield
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)

@@ -57,8 +57,9 @@ Usage::
     with LocalHub() as hub, client_environment(hub, tmp_dir):   # without pytest fixtures
         ...
 
-Slow links: :meth:`LocalHub.throttle` sends chosen files' bodies at a set rate (ranges too), for tests of
-what happens while a large download is in flight (an interrupt, a retry).
+Slow links: :meth:`LocalHub.throttle` sends chosen files' bodies at a set rate (ranges too), and
+:meth:`LocalHub.throttle_uploads` receives LFS uploads at one, for tests of what happens while a large
+download or upload is in flight (an interrupt, a retry).
 
 Boundedness: every connection has a socket timeout, request bodies are capped
 (``max_body_bytes``), the request log is a bounded deque, the server never answers with codes the
@@ -276,7 +277,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     # -- body / responses ------------------------------------------------------------------
 
-    def _read_body(self) -> bytes:
+    def _read(self, size: int, rate: float | None) -> bytes:
+        """``size`` bytes of the body; at ``rate`` bytes/s, a chunk per tick (:meth:`LocalHub.throttle_uploads`)."""
+        if rate is None:
+            return self.rfile.read(size)
+        chunks, remaining = [], size
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, max(1, int(rate * _THROTTLE_TICK))))
+            if not chunk:       # the client went away
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+            self.server.hub.throttled_receiving.set()
+            time.sleep(_THROTTLE_TICK)
+        return b"".join(chunks)
+
+    def _read_body(self, rate: float | None = None) -> bytes:
         limit = self.server.hub.max_body_bytes
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             chunks = []
@@ -294,14 +310,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if total > limit:
                     self.close_connection = True
                     raise HubError(413, f"Request body larger than {limit} bytes")
-                chunks.append(self.rfile.read(size))
+                chunks.append(self._read(size, rate))
                 self.rfile.readline(1024)  # CRLF after the chunk
             return b"".join(chunks)
         length = int(self.headers.get("Content-Length") or 0)
         if length > limit:
             self.close_connection = True
             raise HubError(413, f"Request body larger than {limit} bytes")
-        return self.rfile.read(length) if length else b""
+        return self._read(length, rate) if length else b""
 
     def _send(self, status: int, body: bytes = b"", headers: Mapping[str, str] | None = None,
               content_type: str = "application/json; charset=utf-8", length: int | None = None) -> None:
@@ -351,7 +367,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         hub._record(record)
         self._record = record
         try:
-            body = self._read_body()
+            # an LFS upload's PUT (its URL names an object, no file) at throttle_uploads' rate
+            lfs_put = self.command == "PUT" and segments[:2] == [_INTERNAL, "lfs"]
+            body = self._read_body(hub._upload_rate if lfs_put else None)
             record.body_size = len(body)
             _Router(hub, self, segments, record.query, body, token).route()
         except HubError as error:
@@ -938,6 +956,9 @@ class LocalHub:
         self._throttles: dict[str, float] = {}
         self.throttled_sending = threading.Event()
         """Set once the first bytes of a throttled body are sent (:meth:`throttle`)."""
+        self._upload_rate: float | None = None
+        self.throttled_receiving = threading.Event()
+        """Set once the first bytes of a throttled LFS upload are received (:meth:`throttle_uploads`)."""
         (self.root / "objects").mkdir(parents=True, exist_ok=True)
         self._load()
 
@@ -1022,6 +1043,15 @@ class LocalHub:
             raise ValueError(f"bytes_per_second must be > 0 (or None for full speed), not {bytes_per_second!r}")
         else:
             self._throttles[pattern] = float(bytes_per_second)
+
+    def throttle_uploads(self, bytes_per_second: float | None) -> None:
+        """Receive the bodies of LFS uploads (a pushed model.safetensors, model.onnx: whatever the
+        preupload endpoint calls "lfs"; their URLs name objects, not files) at about ``bytes_per_second``,
+        a chunk every 50 ms; None receives them at full speed again. :attr:`throttled_receiving` is set
+        once such a body's first bytes are in. A slow uplink, for tests of an interrupted push."""
+        if bytes_per_second is not None and not bytes_per_second > 0:
+            raise ValueError(f"bytes_per_second must be > 0 (or None for full speed), not {bytes_per_second!r}")
+        self._upload_rate = None if bytes_per_second is None else float(bytes_per_second)
 
     def _throttle_rate(self, name: str) -> float | None:
         rates = [rate for pattern, rate in list(self._throttles.items()) if fnmatch.fnmatchcase(name, pattern)]

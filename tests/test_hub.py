@@ -10,7 +10,7 @@ import inspect
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, List, Tuple
 
 import pytest
 import torch
@@ -1660,17 +1660,18 @@ def test_a_push_between_the_listing_and_the_download_is_not_taken_for_a_cut_file
 
 
 
-def _interrupted_while_sending(hub_server, call: Callable[[], Any]) -> Tuple[Any, float]:
+def _interrupted_while_sending(hub_server, call: Callable[[], Any], started: Any = None) -> Tuple[Any, float]:
     """Run ``call`` with a SIGINT (a Ctrl-C) sent to this thread once ``hub_server`` has sent the first
-    bytes of a throttled body: (what it returned, or the KeyboardInterrupt it raised; seconds it took
-    from the SIGINT to return)."""
+    bytes of a throttled body (or ``started`` is set: ``hub_server.throttled_receiving`` for an upload):
+    (what it returned, or the KeyboardInterrupt it raised; seconds it took from the SIGINT to return)."""
     import signal
     import threading
     import time
     this, sent = threading.get_ident(), []
+    started = hub_server.throttled_sending if started is None else started
 
     def interrupt():
-        if hub_server.throttled_sending.wait(30):
+        if started.wait(30):
             sent.append(time.monotonic())
             signal.pthread_kill(this, signal.SIGINT)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)     # even where pytest's runs ignore it
@@ -1723,3 +1724,51 @@ def test_ctrl_c_during_a_cli_download_exits_130_with_one_line(local_hub, tmp_pat
     err = capsys.readouterr().err
     assert (status, err.splitlines()[-1]) == (130, "lrnnx-zoo export: interrupted") and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def _export_to_push(local_hub, out: Path) -> List[str]:
+    """A TorchScript export of a 48-wide model in ``out`` (1 s), whose two files of 52 and 79 kB the local
+    Hub takes as LFS files (a graph of Hub size is one, whatever its name): its file names."""
+    from lrnnx_zoo.export import export_folder
+    local_hub.lfs_patterns += ("*.ts",)
+    return export_folder(tiny("s4d", d_model=48), out, format="torchscript", latency_steps=0).files
+
+
+def test_ctrl_c_during_an_export_push_stops_it_at_once_commits_nothing_and_a_retry_pushes(local_hub, tmp_path,
+                                                                                          monkeypatch):
+    # upload_folder uploaded two or more LFS files (a graph and its weights) with a pool of threads,
+    # whose shutdown waited for the files in flight: a Ctrl-C while they went out at 2 kB/s returned
+    # 83 s later (the workers retrying on timeouts). Now they go out in the calling thread, which
+    # stops at once, before the commit: the repo holds none of them, and the folder is as it was.
+    from lrnnx_zoo.export.folder import upload_folder
+    out = tmp_path / "out"
+    files = _export_to_push(local_hub, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    local_hub.throttle_uploads(2048)                # each of the two would take 25 s or more
+    monkeypatch.setenv("LRNNX_ZOO_HUB_MIN_RATE", "0")
+    raised, seconds = _interrupted_while_sending(local_hub, lambda: upload_folder(out, "acme/exp", files),
+                                                 local_hub.throttled_receiving)
+    assert isinstance(raised, KeyboardInterrupt), raised
+    assert seconds < 3, f"the push returned {seconds:.1f} s after the Ctrl-C"
+    assert local_hub.list_files("acme/exp") == [".gitattributes"]      # created, nothing committed into it
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    local_hub.throttle_uploads(None)
+    upload_folder(out, "acme/exp", files)
+    assert {f: local_hub.read_file("acme/exp", f) for f in files} == {f: before[f] for f in files}
+
+
+def test_ctrl_c_during_a_cli_export_push_exits_130_with_one_line(local_hub, tmp_path, monkeypatch, capsys):
+    source, out = tmp_path / "m", tmp_path / "out"
+    tiny("s4d", d_model=48).save_pretrained(source)
+    files = _export_to_push(local_hub, out)         # what the command below writes, to compare with
+    local_hub.throttle_uploads(2048)
+    monkeypatch.setenv("LRNNX_ZOO_HUB_MIN_RATE", "0")
+    status, seconds = _interrupted_while_sending(local_hub, lambda: cli_main(
+        ["export", str(source), "--out", str(out), "--format", "torchscript", "--latency-steps", "0",
+         "--push-to-hub", "acme/exp"]), local_hub.throttled_receiving)
+    assert seconds < 3, f"the command returned {seconds:.1f} s after the Ctrl-C"
+    err = capsys.readouterr().err
+    assert status == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == "lrnnx-zoo export: interrupted", err
+    assert local_hub.list_files("acme/exp") == [".gitattributes"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)         # the export itself is complete

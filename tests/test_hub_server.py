@@ -140,6 +140,26 @@ def test_throttled_bodies_arrive_at_the_set_rate_ranges_too(local_hub):
         assert len(r.read()) == 2048 and c.read() == b"{}"
     assert not local_hub.throttled_sending.is_set()
 
+def test_throttled_uploads_are_received_at_the_set_rate(local_hub):
+    import hashlib
+    import time
+    body = bytes(range(256)) * 8                        # 2048 bytes
+    url = f"{local_hub.url}/.local-hub/lfs/{hashlib.sha256(body).hexdigest()}"
+    local_hub.throttle_uploads(8192)                    # 0.25 s for the body, in chunks of 409 bytes
+    start = time.monotonic()
+    with pytest.raises(urllib.error.HTTPError) as refused:     # no LFS batch asked for it: read, then refused
+        urllib.request.urlopen(urllib.request.Request(url, data=body, method="PUT"))
+    assert refused.value.code == 403 and time.monotonic() - start >= 0.2 and local_hub.throttled_receiving.is_set()
+    with pytest.raises(ValueError, match="bytes_per_second must be > 0"):
+        local_hub.throttle_uploads(-1)
+    local_hub.throttle_uploads(None)
+    local_hub.throttled_receiving.clear()
+    local_hub.throttle("*", 8192)                       # downloads' throttle: not uploads'
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(urllib.request.Request(url, data=body, method="PUT"))
+    assert not local_hub.throttled_receiving.is_set()
+
+
 def test_snapshot_download_at_branch_and_old_commit(local_hub):
     old, new = _seed(local_hub)
     folder = Path(snapshot_download(REPO))
