@@ -243,9 +243,11 @@ def run_commands(build: Callable[[], argparse.ArgumentParser], commands: Dict[st
     except SystemExit:
         flush_stdout()          # --help or --version into `| head -1`: argparse's status, no message
         raise
-    except KeyboardInterrupt:
-        # Ctrl-C: one line and the shell's status for SIGINT (128 + 2) rather than a traceback
-        print(f"lrnnx-zoo{f' {command}' if command else ''}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        # Ctrl-C: one line and the shell's status for SIGINT (128 + 2) rather than a traceback; after
+        # the word, what the command had left done (a push: whether anything was committed)
+        said = f": {stop}" if str(stop) else ""
+        print(f"lrnnx-zoo{f' {command}' if command else ''}: interrupted{said}", file=sys.stderr)
         return 130
     except Terminated as stop:
         # SIGTERM (`timeout`, a job scheduler, `docker stop`) or SIGHUP (a closed terminal) killed the

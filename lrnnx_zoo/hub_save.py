@@ -13,9 +13,10 @@ import contextlib
 import json
 import math
 import os
+import re
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Literal, Optional, Union, overload
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Literal, Optional, Union, overload
 
 from . import __version__
 from .folder_swap import replaced_folder
@@ -296,20 +297,42 @@ class HubPublishError(RuntimeError):
     """Creating a Hub repo or uploading to it failed; the message says why and what was kept."""
 
 
+#: The path of huggingface_hub's commit request (``POST {endpoint}/api/models/{ns}/{name}/commit/{rev}``):
+#: the one request that publishes a push's files; those before it upload them out of sight.
+_COMMIT_PATH = re.compile(r"/api/(?:models|datasets|spaces)/[^/]+/[^/]+/commit/")
+
+
 @contextlib.contextmanager
 def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") -> Iterator[None]:
     """Run Hub writes with bounded request timeouts, their files uploaded in this thread (a Ctrl-C stops
     an upload at once: :func:`~lrnnx_zoo.hub.transfers_in_this_thread`), and turn their failures into one
     :class:`HubPublishError` that names the action, the repo, the endpoint, the cause and its fix
     (huggingface_hub raises bare transport errors, e.g. ``ConnectError: Connection refused``).
-    ``kept`` says what the user still has (a saved folder, an export)."""
+    ``kept`` says what the user still has (a saved folder, an export). A KeyboardInterrupt goes on,
+    saying whether anything was committed: nothing, unless the commit's request had been sent."""
     constants = hub_constants()
     from huggingface_hub.errors import HfHubHTTPError, HTTPError
+    from huggingface_hub.utils import get_session
 
     where = f"{action} {repo_id!r} on the Hub at {constants.ENDPOINT}"
+    committing = []
+
+    def note_commit(request: Any) -> None:
+        if request.method == "POST" and _COMMIT_PATH.search(request.url.path):
+            committing.append(request.url.path)
+    requests = get_session().event_hooks["request"]
+    requests.append(note_commit)
+    bars = _open_bars()
     try:
         with bounded_hub_requests(), transfers_in_this_thread():
             yield
+    except KeyboardInterrupt as stop:
+        _close_bars(_open_bars() - bars)
+        # the CLI prints it after "interrupted"; a script's traceback ends with it
+        done = (f"the commit to {repo_id!r} was under way, and may have been made: see the repo's history"
+                if committing else f"nothing was committed to {repo_id!r}")
+        stop.args = (f"{done}; {kept}",)
+        raise
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -326,6 +349,24 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
         raise HubPublishError(f"could not {where}: the server answered something a Hub does not send "
                               f"({unexpected_answer(exc)}); check HF_ENDPOINT, or a proxy or captive portal "
                               f"between you and the Hub. {kept_sentence(kept)}") from exc
+    finally:
+        if note_commit in requests:
+            requests.remove(note_commit)
+
+
+def _open_bars() -> set:
+    """The progress bars (tqdm's, huggingface_hub's among them) open now."""
+    from tqdm import tqdm
+    return set(getattr(tqdm, "_instances", ()))
+
+
+def _close_bars(bars: Iterable[Any]) -> None:
+    """Close ``bars`` (those an interrupted upload left open), as they close when done. huggingface_hub
+    closes its bar of the file in flight (``tqdm_stream_file``) only when the upload ends well: after a
+    Ctrl-C, what was said next ("lrnnx-zoo push: interrupted: nothing was committed ...") went on the
+    bar's line, and at exit the bar printed itself again."""
+    for bar in bars:
+        bar.close()
 
 
 def check_repo_id(repo_id: Any, what: str = "repo_id") -> None:

@@ -1726,6 +1726,12 @@ def test_ctrl_c_during_a_cli_download_exits_130_with_one_line(local_hub, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def _last_line(err: str) -> str:
+    """The last line a terminal shows of ``err``: progress bars end their lines with a carriage return,
+    and one below another goes back up with ESC [A."""
+    return [line for line in err.replace("\x1b[A", "").splitlines() if line.strip()][-1]
+
+
 def _export_to_push(local_hub, out: Path) -> List[str]:
     """A TorchScript export of a 48-wide model in ``out`` (1 s), whose two files of 52 and 79 kB the local
     Hub takes as LFS files (a graph of Hub size is one, whatever its name): its file names."""
@@ -1769,6 +1775,58 @@ def test_ctrl_c_during_a_cli_export_push_exits_130_with_one_line(local_hub, tmp_
     assert seconds < 3, f"the command returned {seconds:.1f} s after the Ctrl-C"
     err = capsys.readouterr().err
     assert status == 130 and "Traceback" not in err, err
-    assert err.splitlines()[-1] == "lrnnx-zoo export: interrupted", err
+    assert _last_line(err) == (f"lrnnx-zoo export: interrupted: nothing was committed to 'acme/exp'; the export "
+                                    f"is complete in {out}; push it again with huggingface_hub's upload_folder("
+                                    f"allow_patterns={files!r}) or `hf upload acme/exp {out} . "
+                                    + " ".join(f"--include {f}" for f in files) + "`"), err
     assert local_hub.list_files("acme/exp") == [".gitattributes"]
     assert sorted(p.name for p in out.iterdir()) == sorted(files)         # the export itself is complete
+
+
+def test_ctrl_c_during_a_push_stops_it_at_once_and_says_nothing_was_committed(local_hub, tmp_path, monkeypatch,
+                                                                               capsys):
+    # A checkpoint's one LFS file (model.safetensors) was uploaded in the calling thread already: this
+    # guards that, and the interrupt now says what the repo holds (the CLI's line said "interrupted").
+    model = tiny("s4d", d_model=48)
+    folder = model.save_pretrained(tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    local_hub.throttle_uploads(2048)                # 47.5 kB: 23 s
+    monkeypatch.setenv("LRNNX_ZOO_HUB_MIN_RATE", "0")
+    raised, seconds = _interrupted_while_sending(local_hub, lambda: model.push_to_hub("acme/tiny"),
+                                                 local_hub.throttled_receiving)
+    assert isinstance(raised, KeyboardInterrupt) and seconds < 3, (raised, seconds)
+    assert str(raised) == ("nothing was committed to 'acme/tiny'; the model in memory is unchanged "
+                           "(save_pretrained(DIR) keeps a local copy)")
+    assert local_hub.list_files("acme/tiny") == [".gitattributes"]
+    local_hub.throttled_receiving.clear()
+    status, seconds = _interrupted_while_sending(local_hub, lambda: cli_main(["push", str(folder), "acme/tiny"]),
+                                                 local_hub.throttled_receiving)
+    err = capsys.readouterr().err
+    assert (status, seconds < 3, "Traceback" in err) == (130, True, False), (status, seconds, err)
+    assert _last_line(err) == ("lrnnx-zoo push: interrupted: nothing was committed to 'acme/tiny'; "
+                                    f"the checkpoint {folder} is unchanged"), err
+    assert local_hub.list_files("acme/tiny") == [".gitattributes"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    local_hub.throttle_uploads(None)
+    model.push_to_hub("acme/tiny")
+    assert_same_outputs(from_pretrained("acme/tiny"), model)
+
+
+def test_ctrl_c_while_the_commit_is_under_way_says_it_may_have_been_made(local_hub, tmp_path):
+    # The commit's request is what publishes: interrupted while it was out (here: as its answer came
+    # back, the commit made), "nothing was committed" would be wrong.
+    from huggingface_hub.utils import get_session
+
+    def interrupt_at_the_commit(response):
+        if response.request.method == "POST" and response.request.url.path.endswith("/commit/main"):
+            raise KeyboardInterrupt
+    answers = get_session().event_hooks["response"]
+    answers.append(interrupt_at_the_commit)
+    try:
+        with pytest.raises(KeyboardInterrupt) as raised:
+            tiny().push_to_hub("acme/tiny")
+    finally:
+        answers.remove(interrupt_at_the_commit)
+    assert str(raised.value).startswith("the commit to 'acme/tiny' was under way, and may have been made: see the "
+                                        "repo's history; the model in memory is unchanged"), raised.value
+    assert "model.safetensors" in local_hub.list_files("acme/tiny")       # here it was made
