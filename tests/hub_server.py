@@ -781,11 +781,14 @@ class _Router:
                 chunk = f.read(min(remaining, size_of_chunk))
                 if not chunk:
                     break
+                if rate is not None:
+                    # set before the bytes go out: set after, a client could read a short body whole and
+                    # clear the event before this thread set it (a flaky test_hub_server check)
+                    self.hub.throttled_sending.set()
                 h.wfile.write(chunk)
                 remaining -= len(chunk)
                 if rate is not None:
                     h.wfile.flush()
-                    self.hub.throttled_sending.set()
                     time.sleep(_THROTTLE_TICK)
 
     # -- LFS -------------------------------------------------------------------------------
