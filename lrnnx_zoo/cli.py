@@ -252,8 +252,9 @@ def run_commands(build: Callable[[], argparse.ArgumentParser], commands: Dict[st
     except Terminated as stop:
         # SIGTERM (`timeout`, a job scheduler, `docker stop`) or SIGHUP (a closed terminal) killed the
         # process outright: an export left its hidden staging folder (.OUT.tmp-XXXXXXXX) beside --out;
-        # now clean-ups run first
-        print(f"lrnnx-zoo {command}: terminated by {stop.name}", file=sys.stderr)
+        # now clean-ups run first. After the signal, what was left done, as after "interrupted"
+        said = f": {stop}" if str(stop) else ""
+        print(f"lrnnx-zoo {command}: terminated by {stop.name}{said}", file=sys.stderr)
         return 128 + stop.signum
     except BrokenPipeError:
         # The reader went away (`lrnnx-zoo info NAME | head`): stop quietly, as other tools do.

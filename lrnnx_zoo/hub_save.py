@@ -309,10 +309,13 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
     :class:`HubPublishError` that names the action, the repo, the endpoint, the cause and its fix
     (huggingface_hub raises bare transport errors, e.g. ``ConnectError: Connection refused``).
     ``kept`` says what the user still has (a saved folder, an export). A KeyboardInterrupt goes on,
-    saying whether anything was committed: nothing, unless the commit's request had been sent."""
+    saying whether anything was committed: nothing, unless the commit's request had been sent; so
+    does the CLI's :class:`~lrnnx_zoo.training_cli.Terminated` (SIGTERM, SIGHUP)."""
     constants = hub_constants()
     from huggingface_hub.errors import HfHubHTTPError, HTTPError
     from huggingface_hub.utils import get_session
+
+    from .training_cli import Terminated
 
     where = f"{action} {repo_id!r} on the Hub at {constants.ENDPOINT}"
     committing = []
@@ -326,9 +329,9 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
     try:
         with bounded_hub_requests(), transfers_in_this_thread():
             yield
-    except KeyboardInterrupt as stop:
+    except (KeyboardInterrupt, Terminated) as stop:
         _close_bars(_open_bars() - bars)
-        # the CLI prints it after "interrupted"; a script's traceback ends with it
+        # the CLI prints it after "interrupted" or "terminated by SIGTERM"; a script's traceback ends with it
         done = (f"the commit to {repo_id!r} was under way, and may have been made: see the repo's history"
                 if committing else f"nothing was committed to {repo_id!r}")
         stop.args = (f"{done}; {kept}",)

@@ -151,16 +151,28 @@ class Terminated(BaseException):
     """SIGTERM (a job scheduler's stop, ``kill``) or SIGHUP (the terminal closed) during an ``lrnnx-zoo``
     command: a BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way
     swallows it. ``signum``: the signal; the command exits with status 128 + signum, as the shell
-    reports a process the signal killed."""
+    reports a process the signal killed. Its message, empty at first as a KeyboardInterrupt's, is what
+    the command had left done where one says so (a push: whether anything was committed)."""
 
     def __init__(self, signum: int = signal.SIGTERM) -> None:
-        super().__init__(signum)
+        super().__init__()
         self.signum = int(signum)
+
+    def __reduce__(self) -> Any:
+        # rebuilt from the signal, not from the message (args), which __init__ would take for one
+        return _terminated, (self.signum, self.args)
 
     @property
     def name(self) -> str:
         """The signal's name, "SIGTERM" or "SIGHUP"."""
         return signal.Signals(self.signum).name
+
+
+def _terminated(signum: int, args: Tuple[Any, ...]) -> Terminated:
+    """A :class:`Terminated` for ``signum`` with message ``args`` (unpickling)."""
+    stop = Terminated(signum)
+    stop.args = args
+    return stop
 
 
 #: The signals :func:`stop_signals_raise` turns into :class:`Terminated` (SIGHUP where the platform has it).

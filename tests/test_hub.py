@@ -1660,10 +1660,12 @@ def test_a_push_between_the_listing_and_the_download_is_not_taken_for_a_cut_file
 
 
 
-def _interrupted_while_sending(hub_server, call: Callable[[], Any], started: Any = None) -> Tuple[Any, float]:
+def _interrupted_while_sending(hub_server, call: Callable[[], Any], started: Any = None,
+                               signum: int = 2) -> Tuple[Any, float]:
     """Run ``call`` with a SIGINT (a Ctrl-C) sent to this thread once ``hub_server`` has sent the first
     bytes of a throttled body (or ``started`` is set: ``hub_server.throttled_receiving`` for an upload):
-    (what it returned, or the KeyboardInterrupt it raised; seconds it took from the SIGINT to return)."""
+    (what it returned, or the KeyboardInterrupt it raised; seconds it took from the SIGINT to return).
+    ``signum``: another signal to send (SIGTERM, SIGHUP: only to a call that handles it, lrnnx-zoo's main)."""
     import signal
     import threading
     import time
@@ -1673,7 +1675,7 @@ def _interrupted_while_sending(hub_server, call: Callable[[], Any], started: Any
     def interrupt():
         if started.wait(30):
             sent.append(time.monotonic())
-            signal.pthread_kill(this, signal.SIGINT)
+            signal.pthread_kill(this, signum)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)     # even where pytest's runs ignore it
     watcher = threading.Thread(target=interrupt, daemon=True)
     try:
@@ -1810,6 +1812,26 @@ def test_ctrl_c_during_a_push_stops_it_at_once_and_says_nothing_was_committed(lo
     local_hub.throttle_uploads(None)
     model.push_to_hub("acme/tiny")
     assert_same_outputs(from_pretrained("acme/tiny"), model)
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_push_terminated_by_a_signal_says_nothing_was_committed(local_hub, tmp_path, monkeypatch, capsys, name):
+    # `timeout`, a scheduler's stop or a closed terminal during a push ended with "lrnnx-zoo push:
+    # terminated by SIGTERM" alone, where a Ctrl-C said whether anything was committed.
+    import signal
+    if not hasattr(signal, name):
+        pytest.skip(f"no {name} on this platform")
+    signum = getattr(signal, name)
+    folder = tiny("s4d", d_model=48).save_pretrained(tmp_path / "m")
+    local_hub.throttle_uploads(2048)                # 47.5 kB: 23 s
+    monkeypatch.setenv("LRNNX_ZOO_HUB_MIN_RATE", "0")
+    status, seconds = _interrupted_while_sending(local_hub, lambda: cli_main(["push", str(folder), "acme/tiny"]),
+                                                 local_hub.throttled_receiving, signum)
+    err = capsys.readouterr().err
+    assert (status, seconds < 3, "Traceback" in err) == (128 + signum, True, False), (status, seconds, err)
+    assert _last_line(err) == (f"lrnnx-zoo push: terminated by {name}: nothing was committed to 'acme/tiny'; "
+                               f"the checkpoint {folder} is unchanged"), err
+    assert local_hub.list_files("acme/tiny") == [".gitattributes"]
 
 
 def test_ctrl_c_while_the_commit_is_under_way_says_it_may_have_been_made(local_hub, tmp_path):
