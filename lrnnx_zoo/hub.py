@@ -588,14 +588,18 @@ def _map_in_caller(pooled: Callable[..., List[Any]]) -> Callable[..., List[Any]]
     thread, one item after another, while this thread is inside :func:`transfers_in_this_thread`, and in
     the pool otherwise (another library's transfers, another thread's)."""
     @functools.wraps(pooled)
-    def mapped(fn: Callable[[Any], Any], iterable: Iterable[Any], *args: Any, max_workers: Optional[int] = None,
-               tqdm_class: Any = None, **bar_kwargs: Any) -> List[Any]:
+    def mapped(fn: Callable[[Any], Any], iterable: Iterable[Any], *args: Any, **kwargs: Any) -> List[Any]:
         if not getattr(_in_caller, "active", False):
-            return pooled(fn, iterable, *args, max_workers=max_workers, tqdm_class=tqdm_class, **bar_kwargs)
+            # the caller's arguments as given: tqdm's thread_map (1.x) takes an omitted tqdm_class for
+            # its own bar, an explicit None for a class to call
+            return pooled(fn, iterable, *args, **kwargs)
         from huggingface_hub.utils import tqdm as hub_tqdm
+        kwargs.pop("max_workers", None)
+        bar_class = kwargs.pop("tqdm_class", None) or hub_tqdm
         items = list(iterable)
+        kwargs.setdefault("total", len(items))
         results = []
-        with (tqdm_class or hub_tqdm)(total=len(items), **bar_kwargs) as bar:    # "Fetching N files", "Upload N LFS files", as before
+        with bar_class(**kwargs) as bar:    # "Fetching N files", "Upload N LFS files", as before
             for item in items:
                 results.append(fn(item))
                 bar.update(1)
@@ -626,7 +630,10 @@ def transfers_in_this_thread() -> Iterator[bool]:
     found = set()
     with _in_caller_lock:       # wrapped once, for good: restoring it could undo another thread's wrapping
         for module_name, names in _POOLED_MAPS:
-            module = importlib.import_module(module_name)
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:     # a huggingface_hub laid out otherwise: its transfers keep the pool
+                continue
             for name in names:
                 pooled = getattr(module, name, None)
                 if callable(pooled):

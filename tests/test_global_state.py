@@ -390,3 +390,40 @@ def test_a_warning_already_shown_is_caught_where_the_module_bumps_its_version_on
         upstream()                                                 # the list changed again: shown again
     assert caught == ["the same warning from the same line"] and len(bumps) == 2
     assert seen == ["the same warning from the same line"] * 2
+
+
+def test_the_wrapped_transfer_map_passes_other_callers_arguments_as_given() -> None:
+    # hub.transfers_in_this_thread wraps huggingface_hub's pooled map for good, for every thread: outside
+    # its context a call went on to the pool with max_workers=None and tqdm_class=None added where the
+    # caller gave neither, and tqdm's thread_map (huggingface_hub 1.x's) then took None for its bar class
+    # (AttributeError: 'NoneType' object has no attribute 'get_lock'); inside, a caller's total= reached
+    # the bar twice (TypeError).
+    from tqdm.contrib.concurrent import thread_map
+
+    from lrnnx_zoo import hub
+    mapped = hub._map_in_caller(thread_map)
+    ran_in: List[int] = []
+
+    def double(x: int) -> int:
+        ran_in.append(threading.get_ident())
+        return 2 * x
+    assert mapped(double, [1, 2, 3], disable=True) == [2, 4, 6]
+    assert threading.get_ident() not in ran_in                     # outside the context: the pool's threads
+    ran_in.clear()
+    with hub.transfers_in_this_thread():
+        assert mapped(double, [1, 2, 3], total=3, max_workers=2, disable=True) == [2, 4, 6]
+    assert ran_in == [threading.get_ident()] * 3                   # inside: this thread, one after another
+
+
+def test_a_huggingface_hub_laid_out_otherwise_keeps_its_pool_and_still_transfers(monkeypatch) -> None:
+    # A module named in hub._POOLED_MAPS that this huggingface_hub lacks failed every download and push
+    # with ModuleNotFoundError; it is now passed over (the maps found are wrapped), and with none of
+    # them found the transfers keep the pool: the context says False.
+    from lrnnx_zoo import hub
+    missing = ("huggingface_hub._no_such_module", ("hf_thread_map",))
+    monkeypatch.setattr(hub, "_POOLED_MAPS", hub._POOLED_MAPS + (missing,))
+    with hub.transfers_in_this_thread() as wrapped:
+        assert wrapped
+    monkeypatch.setattr(hub, "_POOLED_MAPS", (missing,))
+    with hub.transfers_in_this_thread() as wrapped:
+        assert wrapped is False
