@@ -1660,6 +1660,15 @@ def test_a_push_between_the_listing_and_the_download_is_not_taken_for_a_cut_file
 
 
 
+def _skip_unless_transfers_run_in_this_thread() -> None:
+    """Skip where this huggingface_hub moves files in a pool that :func:`lrnnx_zoo.hub.transfers_in_this_thread`
+    cannot reach (another layout of its modules): there a Ctrl-C waits for the file in flight, as before."""
+    from lrnnx_zoo.hub import transfers_in_this_thread
+    with transfers_in_this_thread() as wrapped:
+        if not wrapped:
+            pytest.skip("this huggingface_hub's pooled transfer map is not where lrnnx_zoo.hub wraps it")
+
+
 def _interrupted_while_sending(hub_server, call: Callable[[], Any], started: Any = None,
                                signum: int = 2) -> Tuple[Any, float]:
     """Run ``call`` with a SIGINT (a Ctrl-C) sent to this thread once ``hub_server`` has sent the first
@@ -1693,6 +1702,7 @@ def _interrupted_while_sending(hub_server, call: Callable[[], Any], started: Any
 
 
 def test_ctrl_c_during_a_download_stops_it_at_once_and_a_retry_loads(local_hub, tmp_path, monkeypatch):
+    _skip_unless_transfers_run_in_this_thread()
     # snapshot_download fetched the files in a pool of threads, whose shutdown waits for the file in
     # flight: a Ctrl-C while the weights arrived returned once they had all arrived (here 47.5 kB at
     # 2 kB/s: 23 s after the Ctrl-C). Now the download runs in the calling thread and stops at once,
@@ -1717,6 +1727,7 @@ def test_ctrl_c_during_a_download_stops_it_at_once_and_a_retry_loads(local_hub, 
 
 
 def test_ctrl_c_during_a_cli_download_exits_130_with_one_line(local_hub, tmp_path, monkeypatch, capsys):
+    _skip_unless_transfers_run_in_this_thread()
     local_hub.commit("acme/tiny", _files(tiny("s4d", d_model=48).save_pretrained(tmp_path / "m")))
     local_hub.throttle("model.safetensors", 2048)
     monkeypatch.setenv("LRNNX_ZOO_HUB_MIN_RATE", "0")
@@ -1744,6 +1755,7 @@ def _export_to_push(local_hub, out: Path) -> List[str]:
 
 def test_ctrl_c_during_an_export_push_stops_it_at_once_commits_nothing_and_a_retry_pushes(local_hub, tmp_path,
                                                                                           monkeypatch):
+    _skip_unless_transfers_run_in_this_thread()
     # upload_folder uploaded two or more LFS files (a graph and its weights) with a pool of threads,
     # whose shutdown waited for the files in flight: a Ctrl-C while they went out at 2 kB/s returned
     # 83 s later (the workers retrying on timeouts). Now they go out in the calling thread, which
@@ -1766,6 +1778,7 @@ def test_ctrl_c_during_an_export_push_stops_it_at_once_commits_nothing_and_a_ret
 
 
 def test_ctrl_c_during_a_cli_export_push_exits_130_with_one_line(local_hub, tmp_path, monkeypatch, capsys):
+    _skip_unless_transfers_run_in_this_thread()
     source, out = tmp_path / "m", tmp_path / "out"
     tiny("s4d", d_model=48).save_pretrained(source)
     files = _export_to_push(local_hub, out)         # what the command below writes, to compare with
