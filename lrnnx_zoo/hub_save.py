@@ -15,6 +15,7 @@ import math
 import os
 import re
 import stat
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Literal, Optional, Union, overload
 
@@ -319,11 +320,15 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
 
     where = f"{action} {repo_id!r} on the Hub at {constants.ENDPOINT}"
     committing = []
+    # the client is the process's, shared by every thread: another thread's commit is not this push's
+    this_thread = threading.get_ident()
 
     def note_commit(request: Any) -> None:
-        if request.method == "POST" and _COMMIT_PATH.search(request.url.path):
+        if (request.method == "POST" and threading.get_ident() == this_thread
+                and _COMMIT_PATH.search(request.url.path)):
             committing.append(request.url.path)
-    requests = get_session().event_hooks["request"]
+    session = get_session()
+    requests = session.event_hooks["request"]
     requests.append(note_commit)
     bars = _open_bars()
     try:
@@ -332,8 +337,13 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
     except (KeyboardInterrupt, Terminated) as stop:
         _close_bars(_open_bars() - bars)
         # the CLI prints it after "interrupted" or "terminated by SIGTERM"; a script's traceback ends with it
-        done = (f"the commit to {repo_id!r} was under way, and may have been made: see the repo's history"
-                if committing else f"nothing was committed to {repo_id!r}")
+        if committing:
+            done = f"the commit to {repo_id!r} was under way, and may have been made: see the repo's history"
+        elif get_session() is not session:      # replaced meanwhile (on an SSL error): its requests went unseen
+            done = (f"whether anything was committed to {repo_id!r} is not known (huggingface_hub renewed its "
+                    f"connection meanwhile): see the repo's history")
+        else:
+            done = f"nothing was committed to {repo_id!r}"
         stop.args = (f"{done}; {kept}",)
         raise
     except HfHubHTTPError as exc:

@@ -1865,3 +1865,36 @@ def test_ctrl_c_while_the_commit_is_under_way_says_it_may_have_been_made(local_h
     assert str(raised.value).startswith("the commit to 'acme/tiny' was under way, and may have been made: see the "
                                         "repo's history; the model in memory is unchanged"), raised.value
     assert "model.safetensors" in local_hub.list_files("acme/tiny")       # here it was made
+
+
+def test_an_interrupted_push_does_not_take_another_threads_commit_for_its_own(local_hub, tmp_path):
+    # huggingface_hub's client is the process's: the note of the commit's request heard every
+    # thread's, and a push interrupted before its own commit said "may have been made" when another
+    # thread had committed elsewhere meanwhile.
+    import threading
+    from huggingface_hub import HfApi
+    from lrnnx_zoo.hub_save import publishing
+    HfApi().create_repo("acme/other")
+    with pytest.raises(KeyboardInterrupt) as raised, publishing("upload to", "acme/tiny"):
+        other = threading.Thread(target=lambda: HfApi().upload_file(path_or_fileobj=b"x", path_in_repo="x.txt",
+                                                                    repo_id="acme/other"))
+        other.start()
+        other.join(30)
+        assert "x.txt" in local_hub.list_files("acme/other")          # that commit was made, meanwhile
+        raise KeyboardInterrupt
+    assert str(raised.value) == "nothing was committed to 'acme/tiny'; nothing was uploaded", raised.value
+
+
+def test_an_interrupted_push_whose_client_was_renewed_does_not_say_nothing_was_committed(local_hub, tmp_path):
+    # huggingface_hub closes its client on an SSL error and makes a new one, which the note of the
+    # commit's request was not on: a commit made through it was reported as "nothing was committed".
+    import huggingface_hub
+    from huggingface_hub import HfApi
+    from lrnnx_zoo.hub_save import publishing
+    HfApi().create_repo("acme/tiny")
+    with pytest.raises(KeyboardInterrupt) as raised, publishing("upload to", "acme/tiny"):
+        huggingface_hub.close_session()                                # as after an SSLError
+        HfApi().upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="acme/tiny")
+        raise KeyboardInterrupt
+    assert "x.txt" in local_hub.list_files("acme/tiny")                # it was committed
+    assert str(raised.value).startswith("whether anything was committed to 'acme/tiny' is not known"), raised.value
