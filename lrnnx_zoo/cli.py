@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import textwrap
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Type
 
 #: What ``lrnnx-zoo --help`` says (the module docstring above is for people reading this file).
 DESCRIPTION = ("Linear RNN and state-space layers (LRU, S4, S4D, FFTConv) as plugins: see what is installed, "
@@ -222,8 +222,10 @@ def run_commands(build: Callable[[], argparse.ArgumentParser], commands: Dict[st
                  argv: Optional[List[str]] = None) -> int:
     """Parse ``argv`` with the parser ``build()`` makes (which fills ``commands``) and run the command
     it names, as ``lrnnx-zoo`` does: Ctrl-C, SIGTERM and SIGHUP end it with one line and 130 / 143 /
-    129, clean-ups run, output to a closed pipe stops quietly. Also the entry point torchrun launches
+    129, clean-ups run, output to a closed pipe stops quietly, a warning the filters let through is one
+    line (:func:`warning_line`). Also the entry point torchrun launches
     (:func:`lrnnx_zoo.training_cli.main`), whose workers torchrun stops with SIGTERM."""
+    from .thread_warnings import this_threads_display
     from .training_cli import Terminated, stop_signals_raise
     command = None
     try:
@@ -237,7 +239,7 @@ def run_commands(build: Callable[[], argparse.ArgumentParser], commands: Dict[st
         unexpandable = unexpandable_home(args)
         if unexpandable:
             parser.error(unexpandable)
-        with command_line(FLAGS), escaped_output(), stop_signals_raise():
+        with command_line(FLAGS), escaped_output(), stop_signals_raise(), this_threads_display(warning_line(command)):
             status = commands[args.command](args)
         return status if flush_stdout() else 1
     except SystemExit:
@@ -260,6 +262,21 @@ def run_commands(build: Callable[[], argparse.ArgumentParser], commands: Dict[st
         # The reader went away (`lrnnx-zoo info NAME | head`): stop quietly, as other tools do.
         flush_stdout()
         return 1
+
+
+def warning_line(command: str) -> Callable[[Type[Warning], str], None]:
+    """How a command shows a warning (see :func:`~lrnnx_zoo.thread_warnings.this_threads_display`): one
+    ``lrnnx-zoo COMMAND: warning: TEXT`` line on stderr, as the command's other messages, where Python
+    shows ``/path/to/lrnnx-zoo:8: PluginVersionWarning: TEXT`` and the script's line
+    ``sys.exit(console_main())``, which tell a user nothing. Lost, as Python's, where stderr is gone."""
+    def show(category: Type[Warning], text: str) -> None:
+        if sys.stderr is None:          # pythonw: print would write it to stdout instead
+            return
+        try:
+            print(f"lrnnx-zoo {command}: warning: {text}", file=sys.stderr)
+        except OSError:
+            pass
+    return show
 
 
 def flush_stdout() -> bool:

@@ -17,6 +17,10 @@ is handed to the caller's function and not shown. The filter list's version is b
 (``__warningregistry__``) written under another filter list. Where the warnings module has a lock (Python
 3.14's has ``_lock`` and ``_filters_mutated_lock_held``, no ``_filters_mutated``) the list is edited and
 the version bumped under it, as the module's own filter functions do.
+
+:func:`this_threads_display` changes how the calling thread's warnings look (``lrnnx-zoo``'s one line
+each), not which are shown: that stays the filters' say. It replaces ``warnings.showwarning``, the hook
+Python documents for that, passing other threads' warnings on to the hook it found.
 """
 
 from __future__ import annotations
@@ -109,3 +113,52 @@ def this_threads_warnings(handler: Optional[WarningHandler] = None,
                         del current[i]
                         break
         _edit_filters(take_out)
+
+
+class _ThreadDisplay:
+    """A ``warnings.showwarning``: the warnings of one thread to ``show(category, text)``, others' (and all
+    once it is no longer active) to the ``showwarning`` it replaced."""
+
+    def __init__(self, show: WarningHandler, previous: Callable[..., Any]) -> None:
+        self.thread = threading.get_ident()
+        self.show, self.previous = show, previous
+        self.active = True
+
+    def __call__(self, message: Union[Warning, str], category: Type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: Optional[str] = None) -> None:
+        if self.active and threading.get_ident() == self.thread:
+            self.show(category, str(message))
+        else:
+            self.previous(message, category, filename, lineno, file, line)
+
+    def __repr__(self) -> str:
+        return f"<warnings shown by {self.show!r} in thread {self.thread} (lrnnx_zoo)>"
+
+
+@contextlib.contextmanager
+def this_threads_display(show: WarningHandler) -> Iterator[None]:
+    """Inside, each warning of the calling thread that the filters let through is shown by ``show(category,
+    text)`` instead of Python's ``file:line: Category: text`` and the source line below it. Whether a
+    warning is shown, and how often, stays the filters' say (``-W error`` raises it, ``-W ignore`` drops
+    it, the default shows it once per place it is raised from), as it is for other threads, whose warnings
+    go on to the ``warnings.showwarning`` found on entry. That hook (the one Python documents for
+    replacing the display) is this one's while open; on exit the one found is put back if this is still
+    in place, else this one only stops showing (another hook set meanwhile stays). Warnings shown before
+    entry (by an earlier command in this process) are shown again, as in a process of their own."""
+    display = _ThreadDisplay(show, _live(warnings.showwarning))
+    # the version bump makes each "already shown" record of the warnings' registries stale
+    _edit_filters(lambda: setattr(warnings, "showwarning", display))
+    try:
+        yield
+    finally:
+        display.active = False
+        if warnings.showwarning is display:
+            warnings.showwarning = _live(display.previous)
+
+
+def _live(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook`` without the displays in front of it that have stopped showing (two threads' displays left
+    in another order than they were opened: the first left stays in the chain of the second)."""
+    while isinstance(hook, _ThreadDisplay) and not hook.active:
+        hook = hook.previous
+    return hook

@@ -13,9 +13,7 @@ import json
 import signal
 import sys
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
-
-from .thread_warnings import this_threads_warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 
 def _int_in(text: str, minimum: int, maximum: Optional[int], expected: str) -> int:
@@ -101,17 +99,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     recipe = override(recipe, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                       max_steps=args.max_steps, layer=args.layer, layer_kwargs=args.layer_kwargs)
-    from .models import ReinitializedWeightsWarning
     from .registry import PluginError, RegistryError
-    from .training import (BatchExceedsDataError, EpochsNotReachedWarning, MissingDependencyError,
-                           ResumeNotExactWarning, TrainingDivergedError, TrainingSetupError, train)
+    from .training import (BatchExceedsDataError, MissingDependencyError, TrainingDivergedError, TrainingSetupError,
+                           train)
     try:
         # SIGTERM / SIGHUP arrive as Terminated: lrnnx_zoo.cli.main runs every command under stop_signals_raise
-        with _warnings_as_lines((EpochsNotReachedWarning, ResumeNotExactWarning, ReinitializedWeightsWarning)):
-            _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress,
-                               checkpoint_every=args.checkpoint_every,
-                               resume=False if args.resume is None else args.resume,
-                               init_from=args.init_from)
+        # its warnings (EpochsNotReachedWarning, ResumeNotExactWarning, ...): a line each, as run_commands shows them
+        _, metrics = train(recipe, out_dir=args.out, progress=not args.no_progress,
+                           checkpoint_every=args.checkpoint_every,
+                           resume=False if args.resume is None else args.resume,
+                           init_from=args.init_from)
     except BatchExceedsDataError as exc:
         name = "--batch-size" if args.batch_size is not None else "batch size"   # the recipe's own
         print(f"lrnnx-zoo train: {exc.message(name)}", file=sys.stderr)
@@ -203,14 +200,6 @@ def stop_signals_raise() -> Iterator[None]:
         for s, handler in previous.items():
             if handler is not signal.SIG_IGN:
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-
-
-def _warnings_as_lines(category: Union[Type[Warning], Tuple[Type[Warning], ...]]) -> contextlib.AbstractContextManager[None]:
-    """Show the calling thread's warnings of ``category`` as one ``lrnnx-zoo train: warning: ...`` line
-    each (not Python's file:line form), every time; other warnings, and other threads', as usual (the
-    process's filters and ``showwarning`` are left alone: :mod:`lrnnx_zoo.thread_warnings`)."""
-    return this_threads_warnings(lambda cat, text: print(f"lrnnx-zoo train: warning: {text}", file=sys.stderr),
-                                 category)
 
 
 def add_commands(sub: argparse._SubParsersAction, commands: Dict[str, Callable[[argparse.Namespace], int]]) -> None:

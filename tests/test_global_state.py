@@ -1,7 +1,7 @@
 """Process-wide state the library must leave to the application around it (a threaded server, a notebook).
 
 What the library silences or records for itself (an export's upstream warnings, ModelConfig's probes,
-torch.jit's deprecation warnings on load, the train command's warning lines) is the calling thread's
+torch.jit's deprecation warnings on load, a command's warning lines) is the calling thread's
 only: ``warnings.catch_warnings`` swapped the process's filters and showwarning, so another thread's
 warnings went into an export's result (never shown) or were ignored while it ran, and a filter set
 meanwhile was undone on exit. A load does not move the caller's random stream, and an int8 export does
@@ -81,7 +81,8 @@ def held_work(name: str, monkeypatch, tmp_path: Path) -> Callable[[Callable[[], 
     """What the worker runs for each of the library's own warning catches, held open inside it."""
     from lrnnx_zoo.export.onnx_export import _quiet
     from lrnnx_zoo.models import ignoring_warnings
-    from lrnnx_zoo.training_cli import _warnings_as_lines
+    from lrnnx_zoo.cli import warning_line
+    from lrnnx_zoo.thread_warnings import this_threads_display
     if name == "torchscript load":              # held inside torch.jit.load, under load_torchscript's catch
         from lrnnx_zoo.export.torchscript_export import load_torchscript
         path = tmp_path / "m.ts"
@@ -90,10 +91,10 @@ def held_work(name: str, monkeypatch, tmp_path: Path) -> Callable[[Callable[[], 
         monkeypatch.setattr(torch.jit, "load", lambda *a, **k: hold_here[0]())
         return lambda hold: (hold_here.append(hold), load_torchscript(path))[1]
     return inside({"export": lambda: _quiet([]), "model probes": ignoring_warnings,
-                   "train command": lambda: _warnings_as_lines(UserWarning)}[name])
+                   "command": lambda: this_threads_display(warning_line("train"))}[name])
 
 
-CATCHES = ["export", "model probes", "train command", "torchscript load"]
+CATCHES = ["export", "model probes", "command", "torchscript load"]
 
 
 @pytest.mark.parametrize("name", CATCHES)
