@@ -649,10 +649,6 @@ def transfers_in_this_thread() -> Iterator[bool]:
         _in_caller.active = before
 
 
-#: The name :func:`transfers_in_this_thread` had when it covered downloads only.
-downloads_in_this_thread = transfers_in_this_thread
-
-
 def _fetch(repo_id: str, revision: Optional[str], files: List[str], cache_dir: Optional[PathLike],
            local_files_only: bool, token: Optional[Union[str, bool]], shipped: List[str], force: bool = False) -> Path:
     """The cache's snapshot folder of ``repo_id`` at ``revision``, with those of ``files`` the repo
