@@ -45,4 +45,8 @@ def lrnnx_zoo_register_kernel_backends(registry: "Registry") -> None:
       B (N, H), C (H_out, N) -> Re(C x_t): (B, L, H_out);
     - ``"ssm_kernel"``: an :class:`~lrnnx_zoo.ssm_kernel.SSMKernel` subclass, used by
       ``FFTConvS4(kernel_type=name)`` and the ``fftconv`` layer.
+
+    Outputs are in the inputs' precision (vandermonde: real if conj, else v's complex dtype; cauchy:
+    complex; modal: u's dtype) and differentiable: a third party's backend answering otherwise, or
+    detached while its inputs require grad, is a PluginError naming it at the call.
     """

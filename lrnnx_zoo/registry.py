@@ -164,32 +164,56 @@ def _missing_dependency(info: "PluginInfo", exc: Optional[BaseException]) -> Opt
     return missing if missing and missing.partition(".")[0] != own else None
 
 
-#: Per kind a built-in layer calls: the backend's arguments -> the output shape it must return, and
-#: how the contract reads (the hookspec's). A third party's backend answering otherwise (None, a kernel
-#: of another length) failed inside the layer ("'NoneType' object has no attribute 'to'").
-_BACKEND_OUTPUTS: Dict[str, Tuple[Callable[..., Tuple[int, ...]], str]] = {
-    "vandermonde": (lambda v, log_lam, L, conj=True: (*v.shape[:-1], L),
-                    "fn(v, log_lam, L, conj=True) -> a tensor (..., L) for v (..., N)"),
-    "cauchy": (lambda v, z, w: (*torch.broadcast_shapes(v.shape[:-1], w.shape[:-1]), z.shape[-1]),
-               "fn(v, z, w) -> a tensor (..., L) for v, w (..., N) and z (L,)"),
-    "modal": (lambda u, log_lam, B, C, initial_state=None: (*u.shape[:-1], C.shape[0]),
-              "fn(u, log_lam, B, C, initial_state=None) -> a tensor (B, L, H_out) for u (B, L, H) and C (H_out, N)"),
+#: The real dtype of a complex one's precision (a "vandermonde" backend's 2 Re output).
+_REAL_OF = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+#: Per kind a built-in layer calls: the backend's arguments -> the output's shape and dtype (those of the
+#: built-in backends), and how the contract reads (the hookspec's). A third party's backend answering
+#: otherwise failed inside the layer (None: "'NoneType' object has no attribute 'to'"), or not at all: a
+#: complex kernel where 2 Re was due was cast to its real part (half the kernel), float16 lost precision.
+_BACKEND_OUTPUTS: Dict[str, Tuple[Callable[..., Tuple[Tuple[int, ...], torch.dtype]], str]] = {
+    "vandermonde": (lambda v, log_lam, L, conj=True: ((*v.shape[:-1], L), _REAL_OF.get(v.dtype, v.dtype) if conj
+                                                      else v.dtype),
+                    "fn(v, log_lam, L, conj=True) -> a tensor (..., L) for v (..., N): 2 Re(...), real of v's "
+                    "precision, if conj, else complex of v's dtype"),
+    "cauchy": (lambda v, z, w: ((*torch.broadcast_shapes(v.shape[:-1], w.shape[:-1]), z.shape[-1]),
+                                torch.promote_types(torch.promote_types(v.dtype, z.dtype), w.dtype)),
+               "fn(v, z, w) -> a complex tensor (..., L) of the inputs' dtype for v, w (..., N) and z (L,)"),
+    "modal": (lambda u, log_lam, B, C, initial_state=None: ((*u.shape[:-1], C.shape[0]), u.dtype),
+              "fn(u, log_lam, B, C, initial_state=None) -> a real tensor (B, L, H_out) of u's dtype for u (B, L, H) "
+              "and C (H_out, N)"),
 }
 
 
 def _checked_backend(fn: Callable[..., Any], kind: str, name: str, plugin: str) -> Callable[..., Any]:
-    """``fn``, a third-party ``kind`` backend, with its output held to the kind's shape (_BACKEND_OUTPUTS):
-    a PluginError naming the backend and its plugin instead of a failure further inside the layer."""
-    shape_of, contract = _BACKEND_OUTPUTS[kind]
+    """``fn``, a third-party ``kind`` backend, held to the kind's contract (_BACKEND_OUTPUTS) at each call:
+    a PluginError naming the backend and its plugin for an output of another shape or dtype, or one cut
+    off from autograd while its inputs require grad; an exception it raises gets a note naming them."""
+    expected, contract = _BACKEND_OUTPUTS[kind]
+    who = f"{kind} backend {name!r} of plugin {plugin!r}"
 
     @functools.wraps(fn)
     def checked(*args: Any, **kwargs: Any) -> Any:
-        out = fn(*args, **kwargs)
-        want = tuple(shape_of(*args, **kwargs))
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
-            got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-            raise PluginError(f"{kind} backend {name!r} of plugin {plugin!r} must be {contract}, here of shape {want}; "
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as exc:
+            if hasattr(exc, "add_note"):        # Python >= 3.11; the exception itself goes on unchanged
+                # a backend's own bug (a wrong signature, a failing op) named neither it nor its plugin
+                exc.add_note(f"(raised by the {who}, which must be {contract})")
+            raise
+        shape, dtype = expected(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+            got = (f"a {out.dtype} tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor)
+                   else type(out).__name__)
+            raise PluginError(f"{who} must be {contract}, here a {dtype} tensor of shape {tuple(shape)}; "
                               f"it returned {got}")
+        if (torch.is_grad_enabled() and not out.requires_grad
+                and any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))):
+            # a detached (or numpy-made) kernel trained nothing: the layer's parameters got no gradient
+            raise PluginError(f"{who} returned a tensor cut off from autograd: its inputs require grad and its "
+                              f"output does not (detached, or computed outside torch: numpy, .item(), .tolist()), "
+                              f"so the layer's parameters would get no gradient; compute it with differentiable "
+                              f"torch ops, or a torch.autograd.Function with a backward")
         return out
     return checked
 
@@ -331,6 +355,14 @@ class Registry:
                 hint += f" Third-party plugins are not loaded: {DISABLE_AUTOLOAD_ENV} is set."
             else:           # a plugin declared in a mistyped group is installed, and was never looked at
                 hint += "".join(" " + m for m in misplaced_entry_points())
+            if isinstance(key, tuple):
+                # add_backend("vandermond", "fast", fn) or add_initializer("S4D", ...): the name is there, under a
+                # kind no built-in layer asks for or a layer no plugin has (note_unreachable noted it at load)
+                hint += "".join(f" {bare!r} is registered as '{'.'.join(other)}' by plugin {e.plugin!r}: a typo in "
+                                f"its {'kind' if table is self._backends else 'layer'} there?"
+                                for other, found in sorted(table.items()) if other[-1] == bare and other != key
+                                and other[0] not in (BUILTIN_BACKEND_KINDS if table is self._backends else self._layers)
+                                for e in found)
             raise RegistryError(f"unknown {what} {label!r}; available: {', '.join(known) or 'none'}.{hint}")
         if len(entries) > 1 and not plugin:
             # A built-in family keeps its bare names: a third-party plugin reusing one (marked in
@@ -918,7 +950,18 @@ def initial_values(layer: str, name: str, what: str, shapes: Sequence[Tuple[int,
     expected: ``what`` (e.g. "(A, B)") of ``shapes``, for ``context`` (the sizes asked for). A plugin's
     initializer returning None or other shapes failed as "cannot unpack non-iterable NoneType object" or a
     size mismatch at the layer's first forward, naming neither the initializer nor what it should give."""
-    out = get_initializer(layer, name)(*args, **kwargs)
+    fn = get_initializer(layer, name)
+    owner = next((e.plugin for entries in get_registry()._initializers.values() for e in entries if e.value is fn), None)
+    try:
+        out = fn(*args, **kwargs)
+    except Exception as exc:
+        if hasattr(exc, "add_note"):        # Python >= 3.11; the exception itself goes on unchanged
+            # a plugin's initializer of another signature failed as "<lambda>() takes 1 positional argument
+            # but 2 were given", naming neither it, its plugin nor the call it must take
+            call = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+            exc.add_note(f"(raised by the {layer} initializer {name!r} of plugin {owner!r}, called as fn({call}) for "
+                         f"{context}; it must return {what} tensors of shapes {', '.join(map(str, shapes))})")
+        raise
     shapes = [tuple(w) for w in shapes]
     tensors = isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out)
     if not tensors or [tuple(t.shape) for t in out] != shapes:

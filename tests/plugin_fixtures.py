@@ -9,7 +9,7 @@ import sys
 import textwrap
 import types
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Callable, Dict, Iterator, Sequence, Tuple
 
 import pytest
 import torch
@@ -141,6 +141,32 @@ def layers_registered(plugin: str, **layers: type) -> Iterator[None]:
     lrnnx_zoo.register_plugin(module, name=plugin)
     try:
         yield
+    finally:
+        lrnnx_zoo.unregister_plugin(plugin)
+
+
+@contextlib.contextmanager
+def hooks_registered(plugin: str, initializers: Sequence[Tuple[str, str, Callable]] = (),
+                     backends: Sequence[Tuple[str, str, Callable]] = ()) -> Iterator[lrnnx_zoo.PluginInfo]:
+    """Inside: a plugin ``plugin`` registered in code that adds the (layer, name, fn) ``initializers`` and
+    the (kind, name, fn) ``backends`` to the loaded families, as a third-party package adding no layer
+    would; yields its PluginInfo and unregisters it after."""
+    module = types.SimpleNamespace()
+
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_initializers(registry):
+        for layer, name, fn in initializers:
+            registry.add_initializer(layer, name, fn)
+
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_kernel_backends(registry):
+        for kind, name, fn in backends:
+            registry.add_backend(kind, name, fn)
+    module.lrnnx_zoo_register_initializers = lrnnx_zoo_register_initializers
+    module.lrnnx_zoo_register_kernel_backends = lrnnx_zoo_register_kernel_backends
+    info = lrnnx_zoo.register_plugin(module, name=plugin)
+    try:
+        yield info
     finally:
         lrnnx_zoo.unregister_plugin(plugin)
 
