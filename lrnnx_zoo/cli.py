@@ -129,13 +129,16 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     except RegistryError as exc:
         print(f"lrnnx-zoo backends: {exc}", file=sys.stderr)
         return 2
+    reg = get_registry()
+    owners = {b: [e.plugin for e in reg._backends[tuple(b.split(".", 1))]] for b in backends}
     if args.json:
-        table = get_registry()._backends
-        print_json([{"kind": kind, "name": name, "plugins": [e.plugin for e in table[(kind, name)]]}
-                    for kind, name in (b.split(".", 1) for b in backends)])
+        print_json([{"kind": b.split(".", 1)[0], "name": b.split(".", 1)[1], "plugins": owners[b]} for b in backends])
         return 0
     for b in backends:
-        print(b)
+        # who registered it, where a third party did (as `layers` names their initializers): a plugin's
+        # backend, or one clashing with a built-in's name, read as the built-in families' own
+        builtin = all(getattr(reg.plugins.get(o), "builtin", False) for o in owners[b])
+        print(b if builtin else f"{b} ({', '.join(owners[b])})")
     return 0
 
 

@@ -130,3 +130,16 @@ def test_a_name_registered_under_a_mistyped_kind_or_layer_is_pointed_at():
     with pytest.raises(RegistryError) as caught:
         lrnnx_zoo.create_layer("lru", 4, d_state=4, backend="keops")
     assert "typo" not in str(caught.value)
+
+
+def test_the_backends_listing_names_who_registered_a_third_partys_backend(capsys):
+    # `lrnnx-zoo backends` listed a plugin's backends, and a clash with a built-in's name, as if the
+    # built-in families had them (`lrnnx-zoo layers` names a plugin's initializers)
+    from lrnnx_zoo.cli import main
+    with pytest.warns(UserWarning, match="clash"):
+        with hooks_registered("tp_list", backends=[("vandermonde", "fast", _vandermonde),
+                                                   ("vandermonde", "torch", _vandermonde)]):
+            assert main(["backends", "vandermonde"]) == 0
+            listed = capsys.readouterr().out.splitlines()
+    assert listed == ["vandermonde.auto", "vandermonde.fast (tp_list)", "vandermonde.keops",
+                      "vandermonde.torch (s4d, tp_list)"]
