@@ -28,7 +28,8 @@ import lrnnx_zoo
 from lrnnx_zoo.hub import EXPORT_KIND, WEIGHTS_NAME, peek_config
 from lrnnx_zoo.chunk_forms import check_chunk
 from lrnnx_zoo.folder_swap import replaced_folder
-from lrnnx_zoo.hub_save import check_repo_id, check_save_target, publishing, write_safetensors
+from lrnnx_zoo.hub_save import (check_repo_id, check_save_target, created_repo, publishing,
+                               undoing_a_new_repo, write_safetensors)
 from lrnnx_zoo.ssm_kernel import check_rate
 from lrnnx_zoo.utf8 import printable
 from lrnnx_zoo.wording import in_command_line, name
@@ -266,10 +267,12 @@ def upload_folder(folder: Path, repo_id: str, files: List[str], token: Optional[
     # the export's files only: `hf upload REPO DIR` took everything in DIR (the user's own files beside
     # the export, a .env, files that links there point to)
     include = " ".join(f"--include {shlex.quote(f)}" for f in files)
-    with publishing("upload to", repo_id, f"{kept}; push it again with huggingface_hub's upload_folder("
-                    f"allow_patterns={files!r}) or `hf upload {shlex.quote(repo_id)} {shlex.quote(os.fspath(folder))} . "
-                    f"{include}`"):
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    # a repo this call created is deleted again if the push fails or is stopped before its commit
+    with undoing_a_new_repo(token), publishing(
+            "upload to", repo_id, f"{kept}; push it again with huggingface_hub's upload_folder("
+            f"allow_patterns={files!r}) or `hf upload {shlex.quote(repo_id)} {shlex.quote(os.fspath(folder))} . "
+            f"{include}`"):
+        repo_id = created_repo(api, repo_id, private)
         _check_repo_not_overwriting(api, repo_id, kept)
         # a graph of another format from an earlier push would no longer match config.json
         stale = [g for g in GRAPH_FILES.values() if g not in files]

@@ -10,12 +10,15 @@ folder swapped in only when complete), ``upload_checkpoint`` and the :class:`Hub
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import json
 import math
 import os
 import re
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Literal, Optional, Union, overload
 
@@ -311,7 +314,9 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
     (huggingface_hub raises bare transport errors, e.g. ``ConnectError: Connection refused``).
     ``kept`` says what the user still has (a saved folder, an export). A KeyboardInterrupt goes on,
     saying whether anything was committed: nothing, unless the commit's request had been sent; so
-    does the CLI's :class:`~lrnnx_zoo.training_cli.Terminated` (SIGTERM, SIGHUP)."""
+    does the CLI's :class:`~lrnnx_zoo.training_cli.Terminated` (SIGTERM, SIGHUP). Inside
+    :func:`undoing_a_new_repo` the note is kept for it too: a repo the push created is deleted again
+    only while nothing of the push may have been committed."""
     constants = hub_constants()
     from huggingface_hub.errors import HfHubHTTPError, HTTPError
     from huggingface_hub.utils import get_session
@@ -365,6 +370,9 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
     finally:
         if note_commit in requests:
             requests.remove(note_commit)
+        push = _PUSH.get()
+        if push is not None and (committing or get_session() is not session):
+            push.maybe_committed = True     # sent, or maybe sent through a renewed client: never undone
 
 
 def _open_bars() -> set:
@@ -403,26 +411,178 @@ def create_repo(repo_id: str, *, token: Optional[str] = None, private: bool = Fa
     from huggingface_hub import HfApi
 
     with publishing("create", repo_id, kept):
-        return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id  # endpoint: HF_ENDPOINT
+        return created_repo(HfApi(token=token), repo_id, private)  # endpoint: HF_ENDPOINT
+
+
+def created_repo(api: Any, repo_id: str, private: bool = False) -> str:
+    """``api.create_repo(repo_id, exist_ok=True)``'s full id. Inside :func:`undoing_a_new_repo` it notes
+    whether this request made the repo (the Hub answered its creation with 200, not with 409 for one
+    that existed), which exist_ok's answer does not say."""
+    from huggingface_hub.utils import get_session
+
+    this_thread, answers = threading.get_ident(), []
+
+    def note_creation(response: Any) -> None:
+        request = response.request
+        if (request.method == "POST" and threading.get_ident() == this_thread
+                and request.url.path.endswith("/api/repos/create")):
+            answers.append(response.status_code)
+    hooks = get_session().event_hooks["response"]
+    hooks.append(note_creation)
+    try:
+        full_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    finally:
+        if note_creation in hooks:
+            hooks.remove(note_creation)
+    push = _PUSH.get()
+    if push is not None and answers and 200 <= answers[-1] < 300:
+        push.created = full_id
+    return full_id
+
+
+#: Seconds the deletion of a failed push's new repo may take in all (its three requests), so that a
+#: Ctrl-C still returns promptly; a second Ctrl-C ends it sooner.
+UNDO_SECONDS = 3.0
+
+
+@dataclasses.dataclass
+class _Push:
+    """What :func:`undoing_a_new_repo` learns of the push it wraps."""
+    token: Any
+    created: Optional[str] = None       # the full id of the repo this push created
+    maybe_committed: bool = False       # a commit's request went out (or may have, unseen)
+
+
+_PUSH: contextvars.ContextVar[Optional[_Push]] = contextvars.ContextVar("lrnnx_zoo_push", default=None)
+
+
+@contextlib.contextmanager
+def undoing_a_new_repo(token: Any = None) -> Iterator[None]:
+    """Around a whole push (create the repo, save, upload): if it fails or is stopped (Ctrl-C, the CLI's
+    SIGTERM / SIGHUP) after creating its repo, one that did not exist before, and before any commit of
+    its own could have been made, delete that repo again while it holds only its creation's commit
+    (the Hub's .gitattributes): a stray empty repo, public unless private=True, was left behind. The
+    error goes on, saying what became of the repo (:func:`_delete_new_repo`). A repo that existed
+    before is never deleted, nor a branch the push made in one. Nested uses belong to the outermost."""
+    if _PUSH.get() is not None:
+        yield
+        return
+    push = _Push(token)
+    reset = _PUSH.set(push)
+    try:
+        yield
+    except BaseException as exc:
+        if push.created is not None and not push.maybe_committed and not isinstance(exc, GeneratorExit):
+            _say_also(exc, _delete_new_repo(push.created, token))
+        raise
+    finally:
+        _PUSH.reset(reset)
+
+
+def _delete_new_repo(repo_id: str, token: Any) -> str:
+    """Delete ``repo_id``, which this push created and committed nothing to, if its history is still
+    its creation's one commit, with every branch on it and no tag or pull request (so that another
+    process's push meanwhile is never deleted), within :data:`UNDO_SECONDS`. Returns what became of
+    it, as a clause for the push's error."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .training_cli import Terminated
+
+    api = HfApi(token=token)
+    deleting = False
+    try:
+        with _within(UNDO_SECONDS):
+            history = api.list_repo_commits(repo_id)
+            refs = api.list_repo_refs(repo_id, include_pull_requests=True)
+            root = history[0].commit_id if len(history) == 1 else None
+            if (root is None or refs.tags or refs.pull_requests
+                    or any(b.target_commit != root for b in refs.branches)):
+                return (f"the repo {repo_id!r} this push created was kept: it holds commits or refs this push "
+                        "did not make")
+            deleting = True
+            api.delete_repo(repo_id)
+    except (KeyboardInterrupt, Terminated):
+        why = "deleting it was interrupted"
+    except HfHubHTTPError as exc:
+        deleting = False        # the Hub answered, refusing: not deleted
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        why = f"deleting it failed: HTTP {status}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    except Exception as exc:    # unreachable, the time bound
+        why = f"deleting it failed: {type(exc).__name__}: {exc}"
+    else:
+        return f"the empty repo {repo_id!r} this push created was deleted"
+    fate = "may have been left" if deleting else "was left"
+    return (f"the repo {repo_id!r} this push created, empty but for the Hub's .gitattributes, {fate} ({why}); "
+            f"if it is still empty, delete it with `{_delete_command(repo_id)}`")
+
+
+def _delete_command(repo_id: str) -> str:
+    """The installed huggingface_hub CLI's command that deletes ``repo_id``: `hf repos delete` (2.x);
+    `hf repo delete` (1.x, which has no `hf repos`)."""
+    import importlib.util
+    group = "repos" if importlib.util.find_spec("huggingface_hub.cli.repos") is not None else "repo"
+    return f"hf {group} delete {repo_id}"
+
+
+@contextlib.contextmanager
+def _within(seconds: float) -> Iterator[None]:
+    """While inside, this thread's huggingface_hub requests end ``seconds`` from now: each waits at
+    most the time left, and one sent later raises TimeoutError."""
+    from huggingface_hub.utils import get_session
+
+    end, this_thread = time.monotonic() + seconds, threading.get_ident()
+
+    def cap(request: Any) -> None:
+        if threading.get_ident() != this_thread:
+            return
+        left = end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"it took more than {seconds:g} s")
+        limits = dict(request.extensions.get("timeout") or {})
+        request.extensions["timeout"] = {k: left if limits.get(k) is None else min(limits[k], left)
+                                         for k in ("connect", "read", "write", "pool")}
+    hooks = get_session().event_hooks["request"]
+    hooks.append(cap)
+    try:
+        yield
+    finally:
+        if cap in hooks:
+            hooks.remove(cap)
+
+
+def _say_also(exc: BaseException, clause: str) -> None:
+    """Add ``clause`` to ``exc``'s message: to a push's interrupt as a clause of its own (the CLI prints
+    it after "interrupted"), to a HubPublishError as its last sentence; to any other error as a note."""
+    from .training_cli import Terminated
+
+    if isinstance(exc, (KeyboardInterrupt, Terminated)):
+        exc.args = ("; ".join(a for a in (str(exc), clause) if a),)
+    elif isinstance(exc, HubPublishError) and len(exc.args) == 1:
+        exc.args = (f"{exc} {kept_sentence(clause)}",)
+    else:
+        exc.add_note(kept_sentence(clause))
 
 
 def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None, private: bool = False,
                       commit_message: Optional[str] = None, revision: Optional[str] = None,
                       kept: Optional[str] = None) -> CommitInfo:
     """Create ``repo_id`` if needed (and branch ``revision``) and upload the checkpoint files in one commit.
-    A failure is a :class:`HubPublishError` ending with ``kept`` (default: where the files are)."""
+    A failure is a :class:`HubPublishError` ending with ``kept`` (default: where the files are); a repo it
+    created is deleted again when nothing was committed (:func:`undoing_a_new_repo`)."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     kept = kept or f"the checkpoint files are in {folder}"
-    repo_id = create_repo(repo_id, token=token, private=private, kept=kept)
     message = commit_message or f"Upload lrnnx-zoo {__version__} checkpoint"
-    with publishing("upload to", repo_id, kept):
-        _check_repo_holds_no_other_model(api, repo_id, revision, kept)    # before a new branch is made
-        if revision not in (None, "main"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=list(CHECKPOINT_FILES),
-                                 commit_message=message, revision=revision)
+    with undoing_a_new_repo(token):
+        repo_id = create_repo(repo_id, token=token, private=private, kept=kept)
+        with publishing("upload to", repo_id, kept):
+            _check_repo_holds_no_other_model(api, repo_id, revision, kept)    # before a new branch is made
+            if revision not in (None, "main"):
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=list(CHECKPOINT_FILES),
+                                     commit_message=message, revision=revision)
 
 
 class OversizedRepoConfig(Exception):
@@ -482,11 +642,12 @@ def push_checkpoint(model: "SequenceModel", repo_id: str, *, token: Optional[str
     import tempfile
     check_config_matches(model)      # before the repo is created
     meta = model._provenance()
-    repo_id = create_repo(repo_id, token=token, private=private, kept=kept)   # its full id, for the card
-    with tempfile.TemporaryDirectory(prefix="lrnnx-zoo-push-") as tmp:
-        folder = save_checkpoint(model, Path(tmp) / "checkpoint", name=repo_id, revision=revision, **meta)
-        return upload_checkpoint(folder, repo_id, token=token, private=private,
-                                 commit_message=commit_message, revision=revision, kept=kept)
+    with undoing_a_new_repo(token):
+        repo_id = create_repo(repo_id, token=token, private=private, kept=kept)   # its full id, for the card
+        with tempfile.TemporaryDirectory(prefix="lrnnx-zoo-push-") as tmp:
+            folder = save_checkpoint(model, Path(tmp) / "checkpoint", name=repo_id, revision=revision, **meta)
+            return upload_checkpoint(folder, repo_id, token=token, private=private,
+                                     commit_message=commit_message, revision=revision, kept=kept)
 
 
 #: config.json's provenance fields, which save_pretrained / push_to_hub write into the card
@@ -633,13 +794,14 @@ class HubMixin:
         local = Path(save_directory).expanduser().absolute()
         check_repo_id(repo_id or local.name, "repo_id" if repo_id else "repo_id (the folder's name, as none was given)")
         repo_id = repo_id or local.name
-        try:                # the card names the repo the files land in: its full id, from the Hub
-            repo_id = create_repo(repo_id, kept=f"the checkpoint was saved to {local}")
-        except HubPublishError:
-            save_checkpoint(self, save_directory, name=repo_id, **meta)     # the local half still happens
-            raise
-        folder = save_checkpoint(self, save_directory, name=repo_id, **meta)
-        return upload_checkpoint(folder, repo_id)
+        with undoing_a_new_repo():
+            try:                # the card names the repo the files land in: its full id, from the Hub
+                repo_id = create_repo(repo_id, kept=f"the checkpoint was saved to {local}")
+            except HubPublishError:
+                save_checkpoint(self, save_directory, name=repo_id, **meta)     # the local half still happens
+                raise
+            folder = save_checkpoint(self, save_directory, name=repo_id, **meta)
+            return upload_checkpoint(folder, repo_id)
 
     def push_to_hub(self, repo_id: str, *, token: Optional[str] = None, private: bool = False,
                     commit_message: Optional[str] = None, revision: Optional[str] = None) -> CommitInfo:

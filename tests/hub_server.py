@@ -286,9 +286,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             chunk = self.rfile.read(min(remaining, max(1, int(rate * _THROTTLE_TICK))))
             if not chunk:       # the client went away
                 break
+            if not chunks:      # once a body: one cut off still drains its buffered bytes after a clear()
+                self.server.hub.throttled_receiving.set()
             chunks.append(chunk)
             remaining -= len(chunk)
-            self.server.hub.throttled_receiving.set()
             time.sleep(_THROTTLE_TICK)
         return b"".join(chunks)
 
@@ -1156,6 +1157,10 @@ class LocalHub:
         """Commit id of ``revision`` (branch, tag, full or abbreviated commit id)."""
         with self._lock:
             return self._resolve(self._get_repo(repo_type, repo_id), revision)
+
+    def has_repo(self, repo_id: str, *, repo_type: str = "model") -> bool:
+        with self._lock:
+            return (repo_type, repo_id) in self._repos
 
     def list_files(self, repo_id: str, revision: str = "main", *, repo_type: str = "model") -> list[str]:
         with self._lock:

@@ -1079,6 +1079,70 @@ def test_an_invalid_repo_id_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "my model").exists() and not (tmp_path / "ok").exists()
 
 
+def _failing_upload(monkeypatch, before=lambda: None):
+    """Make HfApi.upload_folder (each push's commit) run ``before`` and then fail as an unreachable Hub."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HTTPError
+
+    def fail(self, **kwargs):
+        before()
+        raise HTTPError("Connection refused")
+    monkeypatch.setattr(HfApi, "upload_folder", fail)
+
+
+def test_a_failed_first_push_deletes_the_repo_it_created_and_says_so(local_hub, monkeypatch):
+    # The push created 'acme/new' and then failed before its commit: the empty repo (public) stayed.
+    from lrnnx_zoo.hub_save import HubPublishError
+    _failing_upload(monkeypatch)
+    with pytest.raises(HubPublishError) as raised:
+        tiny("s4d").push_to_hub("acme/new")
+    assert str(raised.value).startswith("could not upload to 'acme/new'") and "Connection refused" in str(raised.value)
+    assert str(raised.value).endswith("unchanged (save_pretrained(DIR) keeps a local copy). The empty repo "
+                                      "'acme/new' this push created was deleted."), raised.value
+    assert not local_hub.has_repo("acme/new")
+
+
+def test_a_failed_push_leaves_a_repo_that_existed_before(local_hub, monkeypatch):
+    from huggingface_hub import HfApi
+    from lrnnx_zoo.hub_save import HubPublishError
+    HfApi().create_repo("acme/old")                 # empty too, but not this push's
+    _failing_upload(monkeypatch)
+    with pytest.raises(HubPublishError) as raised:
+        tiny("s4d").push_to_hub("acme/old")
+    assert "repo" not in str(raised.value).split("Connection refused")[-1], raised.value
+    assert local_hub.list_files("acme/old") == [".gitattributes"]
+
+
+def test_a_failed_first_push_keeps_its_repo_once_another_commit_is_in_it(local_hub, monkeypatch):
+    # Another process pushed into the new repo meanwhile: its commit must never be deleted.
+    from lrnnx_zoo.hub_save import HubPublishError
+    _failing_upload(monkeypatch, lambda: local_hub.commit("acme/new", {"theirs.txt": "x"}))
+    with pytest.raises(HubPublishError) as raised:
+        tiny("s4d").push_to_hub("acme/new")
+    assert str(raised.value).endswith("The repo 'acme/new' this push created was kept: it holds commits or refs "
+                                      "this push did not make."), raised.value
+    assert "theirs.txt" in local_hub.list_files("acme/new")
+
+
+def test_a_failed_first_push_whose_repo_cannot_be_deleted_says_how_to(local_hub, monkeypatch):
+    import importlib.util
+    import hub_server
+    from lrnnx_zoo.hub_save import HubPublishError
+
+    def refuse(self):
+        raise hub_server.HubError(403, "deleting repos needs a token with the delete scope")
+    monkeypatch.setattr(hub_server._Router, "_delete_repo", refuse)
+    _failing_upload(monkeypatch)
+    with pytest.raises(HubPublishError) as raised:
+        tiny("s4d").push_to_hub("acme/new")
+    group = "repos" if importlib.util.find_spec("huggingface_hub.cli.repos") else "repo"     # 2.x / 1.x
+    assert ("The repo 'acme/new' this push created, empty but for the Hub's .gitattributes, was left (deleting "
+            "it failed: HTTP 403: ") in str(raised.value), raised.value
+    assert str(raised.value).endswith(f"if it is still empty, delete it with `hf {group} delete acme/new`."), raised.value
+    assert "Connection refused" in str(raised.value)                  # the push's own error stays first
+    assert local_hub.list_files("acme/new") == [".gitattributes"]
+
+
 def test_publishing_with_a_rejected_token_says_how_to_log_in(local_hub):
     from lrnnx_zoo.hub_save import HubPublishError
     local_hub.required_token = "the-right-one"
@@ -1779,7 +1843,8 @@ def test_ctrl_c_during_an_export_push_stops_it_at_once_commits_nothing_and_a_ret
                                                  local_hub.throttled_receiving)
     assert isinstance(raised, KeyboardInterrupt), raised
     assert seconds < 3, f"the push returned {seconds:.1f} s after the Ctrl-C"
-    assert local_hub.list_files("acme/exp") == [".gitattributes"]      # created, nothing committed into it
+    assert str(raised).endswith("; the empty repo 'acme/exp' this push created was deleted"), raised
+    assert not local_hub.has_repo("acme/exp")      # created, nothing committed into it: deleted again
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     local_hub.throttle_uploads(None)
     upload_folder(out, "acme/exp", files)
@@ -1802,8 +1867,9 @@ def test_ctrl_c_during_a_cli_export_push_exits_130_with_one_line(local_hub, tmp_
     assert _last_line(err) == (f"lrnnx-zoo export: interrupted: nothing was committed to 'acme/exp'; the export "
                                     f"is complete in {out}; push it again with huggingface_hub's upload_folder("
                                     f"allow_patterns={files!r}) or `hf upload acme/exp {out} . "
-                                    + " ".join(f"--include {f}" for f in files) + "`"), err
-    assert local_hub.list_files("acme/exp") == [".gitattributes"]
+                                    + " ".join(f"--include {f}" for f in files)
+                                    + "`; the empty repo 'acme/exp' this push created was deleted"), err
+    assert not local_hub.has_repo("acme/exp")
     assert sorted(p.name for p in out.iterdir()) == sorted(files)         # the export itself is complete
 
 
@@ -1820,16 +1886,18 @@ def test_ctrl_c_during_a_push_stops_it_at_once_and_says_nothing_was_committed(lo
                                                  local_hub.throttled_receiving)
     assert isinstance(raised, KeyboardInterrupt) and seconds < 3, (raised, seconds)
     assert str(raised) == ("nothing was committed to 'acme/tiny'; the model in memory is unchanged "
-                           "(save_pretrained(DIR) keeps a local copy)")
-    assert local_hub.list_files("acme/tiny") == [".gitattributes"]
+                           "(save_pretrained(DIR) keeps a local copy); the empty repo 'acme/tiny' this push "
+                           "created was deleted")
+    assert not local_hub.has_repo("acme/tiny")
     local_hub.throttled_receiving.clear()
     status, seconds = _interrupted_while_sending(local_hub, lambda: cli_main(["push", str(folder), "acme/tiny"]),
                                                  local_hub.throttled_receiving)
     err = capsys.readouterr().err
     assert (status, seconds < 3, "Traceback" in err) == (130, True, False), (status, seconds, err)
     assert _last_line(err) == ("lrnnx-zoo push: interrupted: nothing was committed to 'acme/tiny'; "
-                                    f"the checkpoint {folder} is unchanged"), err
-    assert local_hub.list_files("acme/tiny") == [".gitattributes"]
+                                    f"the checkpoint {folder} is unchanged; the empty repo 'acme/tiny' this "
+                                    "push created was deleted"), err
+    assert not local_hub.has_repo("acme/tiny")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     local_hub.throttle_uploads(None)
     model.push_to_hub("acme/tiny")
@@ -1852,8 +1920,9 @@ def test_a_push_terminated_by_a_signal_says_nothing_was_committed(local_hub, tmp
     err = capsys.readouterr().err
     assert (status, seconds < 3, "Traceback" in err) == (128 + signum, True, False), (status, seconds, err)
     assert _last_line(err) == (f"lrnnx-zoo push: terminated by {name}: nothing was committed to 'acme/tiny'; "
-                               f"the checkpoint {folder} is unchanged"), err
-    assert local_hub.list_files("acme/tiny") == [".gitattributes"]
+                               f"the checkpoint {folder} is unchanged; the empty repo 'acme/tiny' this push "
+                               "created was deleted"), err
+    assert not local_hub.has_repo("acme/tiny")
 
 
 def test_ctrl_c_while_the_commit_is_under_way_says_it_may_have_been_made(local_hub, tmp_path):
