@@ -440,7 +440,7 @@ def created_repo(api: Any, repo_id: str, private: bool = False) -> str:
     return full_id
 
 
-#: Seconds the deletion of a failed push's new repo may take in all (its three requests), so that a
+#: Seconds the deletion of a failed push's new repo may take in all (its four requests), so that a
 #: Ctrl-C still returns promptly; a second Ctrl-C ends it sooner.
 UNDO_SECONDS = 3.0
 
@@ -481,8 +481,8 @@ def undoing_a_new_repo(token: Any = None) -> Iterator[None]:
 
 def _delete_new_repo(repo_id: str, token: Any) -> str:
     """Delete ``repo_id``, which this push created and committed nothing to, if its history is still
-    its creation's one commit, with every branch on it and no tag or pull request (so that another
-    process's push meanwhile is never deleted), within :data:`UNDO_SECONDS`. Returns what became of
+    its creation's one commit (no file but .gitattributes), with every branch on it and no tag or pull
+    request (so that another process's push meanwhile is never deleted), within :data:`UNDO_SECONDS`. Returns what became of
     it, as a clause for the push's error."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
@@ -496,10 +496,13 @@ def _delete_new_repo(repo_id: str, token: Any) -> str:
             history = api.list_repo_commits(repo_id)
             refs = api.list_repo_refs(repo_id, include_pull_requests=True)
             root = history[0].commit_id if len(history) == 1 else None
+            # the one commit must be the creation's too: a squashed repo (super_squash_history) has one
+            # commit holding its files, and a proxy answering 200 to the create of it made it look new
             if (root is None or refs.tags or refs.pull_requests
-                    or any(b.target_commit != root for b in refs.branches)):
-                return (f"the repo {repo_id!r} this push created was kept: it holds commits or refs this push "
-                        "did not make")
+                    or any(b.target_commit != root for b in refs.branches)
+                    or set(api.list_repo_files(repo_id, revision=root)) - {".gitattributes"}):
+                return (f"the repo {repo_id!r} this push created was kept: it holds commits, files or refs this "
+                        "push did not make")
             deleting = True
             api.delete_repo(repo_id)
     except (KeyboardInterrupt, Terminated):

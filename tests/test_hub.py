@@ -1119,9 +1119,33 @@ def test_a_failed_first_push_keeps_its_repo_once_another_commit_is_in_it(local_h
     _failing_upload(monkeypatch, lambda: local_hub.commit("acme/new", {"theirs.txt": "x"}))
     with pytest.raises(HubPublishError) as raised:
         tiny("s4d").push_to_hub("acme/new")
-    assert str(raised.value).endswith("The repo 'acme/new' this push created was kept: it holds commits or refs "
-                                      "this push did not make."), raised.value
+    assert str(raised.value).endswith("The repo 'acme/new' this push created was kept: it holds commits, files or "
+                                      "refs this push did not make."), raised.value
     assert "theirs.txt" in local_hub.list_files("acme/new")
+
+
+def test_a_failed_push_never_deletes_a_one_commit_repo_holding_files(local_hub, monkeypatch):
+    # A proxy or mirror answering 200 to the create of a repo that exists (no 409) made it look created;
+    # a squashed repo (super_squash_history) has one commit with every branch on it, as a new one does.
+    import hub_server
+    from lrnnx_zoo.hub_save import HubPublishError
+    head = local_hub.commit("acme/squashed", {"model.safetensors": "weights"})
+    with local_hub._lock:
+        local_hub._repos[("model", "acme/squashed")].commits[head].parents.clear()    # its history: one commit
+    answer_created = hub_server._Router._create_repo
+
+    def create_answering_200(self):
+        try:
+            answer_created(self)
+        except hub_server.HubError:
+            self.h._send_json({"url": f"{self.hub.url}/acme/squashed", "name": "acme/squashed", "id": "acme/squashed"})
+    monkeypatch.setattr(hub_server._Router, "_create_repo", create_answering_200)
+    _failing_upload(monkeypatch)
+    with pytest.raises(HubPublishError) as raised:
+        tiny("s4d").push_to_hub("acme/squashed")
+    assert "model.safetensors" in local_hub.list_files("acme/squashed"), raised.value
+    assert str(raised.value).endswith("The repo 'acme/squashed' this push created was kept: it holds commits, "
+                                      "files or refs this push did not make."), raised.value
 
 
 def test_a_failed_first_push_whose_repo_cannot_be_deleted_says_how_to(local_hub, monkeypatch):
