@@ -185,6 +185,21 @@ _BACKEND_OUTPUTS: Dict[str, Tuple[Callable[..., Tuple[Tuple[int, ...], torch.dty
 }
 
 
+def _autocast_dtype(out: torch.Tensor, due: torch.dtype) -> bool:
+    """Whether ``out``, a real tensor where ``due`` was due, is in autocast's dtype while autocast is on
+    for its device: the built-in modal backend's matmuls give bfloat16 under CPU autocast too."""
+    kind = out.device.type
+    return (due.is_floating_point and torch.is_autocast_enabled(kind)
+            and out.dtype == torch.get_autocast_dtype(kind))
+
+
+def _functorch_wrapped(out: torch.Tensor) -> bool:
+    """Whether ``out`` is a torch.func transform's wrapper (vmap's batched tensor), whose requires_grad
+    does not say whether gradients flow through it."""
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(wrapped is not None and wrapped(out))
+
+
 def _checked_backend(fn: Callable[..., Any], kind: str, name: str, plugin: str) -> Callable[..., Any]:
     """``fn``, a third-party ``kind`` backend, held to the kind's contract (_BACKEND_OUTPUTS) at each call:
     a PluginError naming the backend and its plugin for an output of another shape or dtype, or one cut
@@ -202,12 +217,14 @@ def _checked_backend(fn: Callable[..., Any], kind: str, name: str, plugin: str) 
                 exc.add_note(f"(raised by the {who}, which must be {contract})")
             raise
         shape, dtype = expected(*args, **kwargs)
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or (
+                out.dtype != dtype and not _autocast_dtype(out, dtype)):
             got = (f"a {out.dtype} tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor)
                    else type(out).__name__)
             raise PluginError(f"{who} must be {contract}, here a {dtype} tensor of shape {tuple(shape)}; "
                               f"it returned {got}")
-        if (torch.is_grad_enabled() and not out.requires_grad
+        # under torch.func's vmap a batched output reads requires_grad=False though gradients flow through it
+        if (torch.is_grad_enabled() and not out.requires_grad and not _functorch_wrapped(out)
                 and any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))):
             # a detached (or numpy-made) kernel trained nothing: the layer's parameters got no gradient
             raise PluginError(f"{who} returned a tensor cut off from autograd: its inputs require grad and its "

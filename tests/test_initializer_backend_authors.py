@@ -143,3 +143,25 @@ def test_the_backends_listing_names_who_registered_a_third_partys_backend(capsys
             listed = capsys.readouterr().out.splitlines()
     assert listed == ["vandermonde.auto", "vandermonde.fast (tp_list)", "vandermonde.keops",
                       "vandermonde.torch (s4d, tp_list)"]
+
+
+def test_a_backend_keeping_the_contract_runs_under_autocast_and_vmap():
+    # A pass-through of the built-in modal backend was refused: under CPU autocast its matmuls answer in
+    # bfloat16 (as the built-in's do), and under torch.func.vmap a batched output reads requires_grad=False.
+    builtin = get_backend("modal", "scan")
+    with hooks_registered("tp_modal", backends=[("modal", "mine", lambda *a, **k: builtin(*a, **k))]):
+        torch.manual_seed(0)
+        layer = lrnnx_zoo.create_layer("lru", 4, d_state=4, backend="mine")
+        x = torch.randn(2, 9, 4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).shape == x.shape
+        out = torch.func.vmap(lambda xi: layer(xi[None])[0])(x)
+        out.sum().backward()
+        assert all(p.grad is not None for p in layer.parameters())
+        with torch.no_grad():   # the same function as without vmap; 1e-5: float32 summation order may differ
+            torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
+    half = lambda *a, **k: builtin(*a, **k).half()      # noqa: E731: float16 is not autocast's dtype here
+    with hooks_registered("tp_half", backends=[("modal", "half", half)]):
+        layer = lrnnx_zoo.create_layer("lru", 4, d_state=4, backend="half")
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(PluginError, match="returned a torch.float16"):
+            layer(x)
