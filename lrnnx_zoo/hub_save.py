@@ -556,14 +556,15 @@ def _within(seconds: float) -> Iterator[None]:
 
 def _say_also(exc: BaseException, clause: str) -> None:
     """Add ``clause`` to ``exc``'s message: to a push's interrupt as a clause of its own (the CLI prints
-    it after "interrupted"), to a HubPublishError as its last sentence; to any other error as a note."""
+    it after "interrupted"), to a HubPublishError as its last sentence; to any other error as a note
+    (Python >= 3.11; 3.10's exceptions have no notes, and the error goes on without it)."""
     from .training_cli import Terminated
 
     if isinstance(exc, (KeyboardInterrupt, Terminated)):
         exc.args = ("; ".join(a for a in (str(exc), clause) if a),)
     elif isinstance(exc, HubPublishError) and len(exc.args) == 1:
         exc.args = (f"{exc} {kept_sentence(clause)}",)
-    else:
+    elif hasattr(exc, "add_note"):      # an AttributeError here would replace the push's own error
         exc.add_note(kept_sentence(clause))
 
 

@@ -1148,6 +1148,24 @@ def test_a_failed_push_never_deletes_a_one_commit_repo_holding_files(local_hub, 
                                       "files or refs this push did not make."), raised.value
 
 
+def test_a_failed_first_push_keeps_its_own_error_where_exceptions_have_no_notes(local_hub, monkeypatch):
+    # Python 3.10 (requires-python >= 3.10) has no add_note: the clause on the deleted repo raised
+    # AttributeError from the clean-up, in place of the push's own error.
+    class NoteLess(RuntimeError):
+        def __getattribute__(self, name):
+            if name == "add_note":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+    from huggingface_hub import HfApi
+
+    def fail(self, **kwargs):
+        raise NoteLess("the disk is full")
+    monkeypatch.setattr(HfApi, "upload_folder", fail)
+    with pytest.raises(NoteLess, match="^the disk is full$"):
+        tiny("s4d").push_to_hub("acme/new")
+    assert not local_hub.has_repo("acme/new")
+
+
 def test_a_failed_first_push_whose_repo_cannot_be_deleted_says_how_to(local_hub, monkeypatch):
     import importlib.util
     import hub_server
