@@ -123,3 +123,114 @@ def test_s4_first_call_discretises_once_and_powers_once(cached, monkeypatch):
     # the same kernel computed under autograd, where nothing is shared (float64 work rounded to float32)
     K_apart = twin(100)[0]
     torch.testing.assert_close(K, K_apart.detach(), rtol=1e-6, atol=1e-6)
+
+
+def _probe_calls(k):
+    """A cached_kernel lookup under key ("probe",) and the list its computations are logged in."""
+    made = []
+
+    def lookup():
+        return k.cached_kernel(("probe",), lambda: made.append(1) or torch.ones(3))
+    return lookup, made
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_a_hit_gathers_nothing_again_and_compares_without_torch_ops(name, monkeypatch):
+    # Each hit gathered the watched tensors and the settings again (named_parameters, every submodule's
+    # __dict__ walked and sorted) and compared each tensor with two aten ops (detach, equal): 45 of an
+    # S4D kernel's (H=128, N=64) ~208 us forward at (1, 64, 128). While the layout is unchanged a hit
+    # now compares the contents only, in numpy on CPU.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from lrnnx_zoo import ssm_kernel
+    torch.manual_seed(0)
+    k = lrnnx_zoo.get_backend("ssm_kernel", name)(4, 8)
+    lookup, made = _probe_calls(k)
+    gathered = []
+    for method in ("_watched", "_settings"):
+        original = getattr(ssm_kernel.SSMKernel, method)
+        monkeypatch.setattr(ssm_kernel.SSMKernel, method,
+                            lambda self, _f=original, _m=method: gathered.append(_m) or _f(self))
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+    with torch.no_grad():
+        first = lookup()
+        gathered.clear()
+        with Ops() as counted:
+            for _ in range(3):
+                assert lookup() is first
+    assert made == [1]
+    assert gathered == []
+    assert counted.ops == []
+
+
+@pytest.mark.parametrize("compared", ["as-bytes", "elementwise"])
+@pytest.mark.parametrize("name", KERNELS)
+def test_a_hit_still_sees_new_and_changed_settings_attributes_and_parameters(name, compared, monkeypatch):
+    from lrnnx_zoo import ssm_kernel
+    if compared == "elementwise":
+        monkeypatch.setattr(ssm_kernel, "PROBE_BYTES_COPIED", 0)
+    torch.manual_seed(0)
+    k = lrnnx_zoo.get_backend("ssm_kernel", name)(4, 8)
+    lookup, made = _probe_calls(k)
+    # The hit path trusts the snapshot's watched tensors and settings while the layout (every submodule's
+    # attributes, parameters, buffers, submodules, by identity) is unchanged: each change here must still
+    # invalidate, and each equal replacement keep the result.
+    p_name, p = next(iter(k.named_parameters()))
+    with torch.no_grad():
+        lookup()
+
+        def recomputes(change):
+            """How many computations ``change()`` then a lookup took (0 or 1)."""
+            before = len(made)
+            change()
+            lookup()
+            after = len(made)
+            lookup()                              # and the new result is then a hit
+            assert len(made) == after
+            return after - before
+        assert recomputes(lambda: None) == 0
+        assert recomputes(lambda: setattr(k, "scale", 0.5)) == 1           # a new setting
+        assert recomputes(lambda: setattr(k, "scale", 0.25)) == 1          # a changed one
+        assert recomputes(lambda: setattr(k, "scale", 1 / 4)) == 0         # an equal one
+        k.extra = torch.nn.Module()
+        assert recomputes(lambda: setattr(k.extra, "mode", "a")) == 1      # a submodule's setting
+        assert recomputes(lambda: setattr(k.extra, "mode", "b")) == 1
+        assert recomputes(lambda: setattr(k, "applied", torch.ones(5))) == 1   # a tensor attribute (prune's)
+        assert recomputes(lambda: setattr(k, "applied", torch.ones(5))) == 0   # replaced by an equal one
+        assert recomputes(lambda: k.applied.mul_(2)) == 1
+        assert recomputes(lambda: setattr(k, p_name, torch.nn.Parameter(p.detach().clone()))) == 0
+        q = getattr(k, p_name)
+        assert recomputes(lambda: setattr(k, p_name, torch.nn.Parameter(q.detach() + 1))) == 1
+        q = getattr(k, p_name)
+        assert recomputes(lambda: setattr(q, "data", q.detach().clone())) == 0     # p.data replaced, equal
+        assert recomputes(lambda: setattr(q, "data", q.detach() * 2 + 1)) == 1
+        assert recomputes(lambda: q.data.add_(1)) == 1                   # in place, no version counter moved
+        assert recomputes(lambda: setattr(q, "data", q.detach().unsqueeze(0))) == 1   # the same bytes, reshaped
+        assert recomputes(lambda: k.register_buffer("extra_buffer", torch.zeros(2))) == 1
+        assert recomputes(lambda: k.get_buffer("extra_buffer").fill_(1)) == 1
+        assert recomputes(lambda: delattr(k, "extra_buffer")) == 1
+
+
+def test_a_kernel_whose_settings_read_elsewhere_is_compared_by_value_at_every_call():
+    # A hit trusts its layout only for the _settings / _watched defined by SSMKernel: an override may read
+    # what no attribute of the kernel holds.
+    mode = ["a"]
+
+    class Moded(lrnnx_zoo.get_backend("ssm_kernel", "s4d")):
+        def _settings(self):
+            return super()._settings() + (("mode", mode[0]),)
+    torch.manual_seed(0)
+    lookup, made = _probe_calls(Moded(4, 8))
+    with torch.no_grad():
+        lookup()
+        lookup()
+        mode[0] = "b"
+        lookup()
+    assert len(made) == 2
