@@ -271,12 +271,16 @@ def warning_line(command: str) -> Callable[[Type[Warning], str], None]:
     """How a command shows a warning (see :func:`~lrnnx_zoo.thread_warnings.this_threads_display`): one
     ``lrnnx-zoo COMMAND: warning: TEXT`` line on stderr, as the command's other messages, where Python
     shows ``/path/to/lrnnx-zoo:8: PluginVersionWarning: TEXT`` and the script's line
-    ``sys.exit(console_main())``, which tell a user nothing. Lost, as Python's, where stderr is gone."""
+    ``sys.exit(console_main())``, which tell a user nothing. Lost, as Python's, where stderr is gone.
+    Open progress bars (a push's upload, train's) are cleared first and drawn again below the line."""
     def show(category: Type[Warning], text: str) -> None:
         if sys.stderr is None:          # pythonw: print would write it to stdout instead
             return
+        from tqdm import tqdm
         try:
-            print(f"lrnnx-zoo {command}: warning: {text}", file=sys.stderr)
+            # on a bar's line it read "model.safetensors: 40%|####  | ...lrnnx-zoo push: warning: TEXT"
+            with tqdm.external_write_mode(file=sys.stderr):
+                print(f"lrnnx-zoo {command}: warning: {text}", file=sys.stderr)
         except OSError:
             pass
     return show

@@ -159,3 +159,24 @@ def test_the_command_in_its_own_process_shows_one_line_and_keeps_the_json_clean(
     assert done.returncode == 0, done.stderr
     assert done.stderr == ("" if flags else f"lrnnx-zoo layers: warning: {NOTE}\n"), done.stderr
     assert "wema" in [layer["name"] for layer in json.loads(done.stdout)]
+
+
+def test_a_warning_while_a_progress_bar_is_open_is_a_line_of_its_own(capsys):
+    # A warning during a push's upload (or train's epochs) was written onto the open bar's line:
+    # "model.safetensors:  30%|###       | 3/10 [...]lrnnx-zoo push: warning: TEXT".
+    from tqdm import tqdm
+    from lrnnx_zoo.cli import warning_line
+    from lrnnx_zoo.thread_warnings import this_threads_display
+
+    bar = tqdm(total=10, desc="model.safetensors", file=sys.stderr, mininterval=0)
+    try:
+        bar.update(3)
+        with warnings.catch_warnings(), this_threads_display(warning_line("push")):
+            warnings.simplefilter("always")
+            warnings.warn("the Hub is slow today")
+    finally:
+        bar.close()
+    err = capsys.readouterr().err
+    said = [line for line in err.split("\n") if "warning:" in line]
+    # what a terminal shows of that line: the text after its last carriage return
+    assert [line.split("\r")[-1] for line in said] == ["lrnnx-zoo push: warning: the Hub is slow today"], err
