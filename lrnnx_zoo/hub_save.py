@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import datetime
+import email.utils
 import json
 import math
 import os
@@ -417,7 +419,7 @@ def create_repo(repo_id: str, *, token: Optional[str] = None, private: bool = Fa
 def created_repo(api: Any, repo_id: str, private: bool = False) -> str:
     """``api.create_repo(repo_id, exist_ok=True)``'s full id. Inside :func:`undoing_a_new_repo` it notes
     whether this request made the repo (the Hub answered its creation with 200, not with 409 for one
-    that existed), which exist_ok's answer does not say."""
+    that existed), which exist_ok's answer does not say, and the Hub's time of that answer (its Date)."""
     from huggingface_hub.utils import get_session
 
     this_thread, answers = threading.get_ident(), []
@@ -426,7 +428,7 @@ def created_repo(api: Any, repo_id: str, private: bool = False) -> str:
         request = response.request
         if (request.method == "POST" and threading.get_ident() == this_thread
                 and request.url.path.endswith("/api/repos/create")):
-            answers.append(response.status_code)
+            answers.append((response.status_code, response.headers.get("date")))
     hooks = get_session().event_hooks["response"]
     hooks.append(note_creation)
     try:
@@ -435,9 +437,22 @@ def created_repo(api: Any, repo_id: str, private: bool = False) -> str:
         if note_creation in hooks:
             hooks.remove(note_creation)
     push = _PUSH.get()
-    if push is not None and answers and 200 <= answers[-1] < 300:
-        push.created = full_id
+    if push is not None and answers and 200 <= answers[-1][0] < 300:
+        push.created, push.created_when = full_id, _http_date(answers[-1][1])
     return full_id
+
+
+def _http_date(text: Optional[str]) -> Optional[datetime.datetime]:
+    """An HTTP Date header's time (UTC), or None where it is missing or not a date."""
+    try:
+        return email.utils.parsedate_to_datetime(text) if text else None
+    except (TypeError, ValueError):
+        return None
+
+
+#: Seconds by which a new repo's first commit may come before the Hub's answer to its creation (the
+#: answer's Date has whole seconds; a slow create): an older first commit is another's repo.
+CREATION_SLACK = 60.0
 
 
 #: Seconds the deletion of a failed push's new repo may take in all (its four requests), so that a
@@ -450,6 +465,7 @@ class _Push:
     """What :func:`undoing_a_new_repo` learns of the push it wraps."""
     token: Any
     created: Optional[str] = None       # the full id of the repo this push created
+    created_when: Optional[datetime.datetime] = None   # the Hub's Date on the answer that created it
     maybe_committed: bool = False       # a commit's request went out (or may have, unseen)
 
 
@@ -473,16 +489,17 @@ def undoing_a_new_repo(token: Any = None) -> Iterator[None]:
         yield
     except BaseException as exc:
         if push.created is not None and not push.maybe_committed and not isinstance(exc, GeneratorExit):
-            _say_also(exc, _delete_new_repo(push.created, token))
+            _say_also(exc, _delete_new_repo(push.created, token, push.created_when))
         raise
     finally:
         _PUSH.reset(reset)
 
 
-def _delete_new_repo(repo_id: str, token: Any) -> str:
+def _delete_new_repo(repo_id: str, token: Any, created_when: Optional[datetime.datetime]) -> str:
     """Delete ``repo_id``, which this push created and committed nothing to, if its history is still
-    its creation's one commit (no file but .gitattributes), with every branch on it and no tag or pull
-    request (so that another process's push meanwhile is never deleted), within :data:`UNDO_SECONDS`. Returns what became of
+    its creation's one commit (no file but .gitattributes, made at ``created_when``, the Hub's time of
+    the answer that created it, within :data:`CREATION_SLACK`), with every branch on it and no tag or
+    pull request (so that another process's push meanwhile is never deleted), within :data:`UNDO_SECONDS`. Returns what became of
     it, as a clause for the push's error."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
@@ -496,9 +513,12 @@ def _delete_new_repo(repo_id: str, token: Any) -> str:
             history = api.list_repo_commits(repo_id)
             refs = api.list_repo_refs(repo_id, include_pull_requests=True)
             root = history[0].commit_id if len(history) == 1 else None
-            # the one commit must be the creation's too: a squashed repo (super_squash_history) has one
-            # commit holding its files, and a proxy answering 200 to the create of it made it look new
-            if (root is None or refs.tags or refs.pull_requests
+            # the one commit must be the creation's too, made then and holding no file: a proxy or mirror
+            # answering 200 to the create of an existing repo made it look new, and a squashed one
+            # (super_squash_history) has one commit, holding its files
+            made_then = (root is not None and created_when is not None and history[0].created_at
+                         >= created_when - datetime.timedelta(seconds=CREATION_SLACK))
+            if (not made_then or refs.tags or refs.pull_requests
                     or any(b.target_commit != root for b in refs.branches)
                     or set(api.list_repo_files(repo_id, revision=root)) - {".gitattributes"}):
                 return (f"the repo {repo_id!r} this push created was kept: it holds commits, files or refs this "

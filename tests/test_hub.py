@@ -1166,6 +1166,29 @@ def test_a_failed_first_push_keeps_its_own_error_where_exceptions_have_no_notes(
     assert not local_hub.has_repo("acme/new")
 
 
+def test_a_failed_push_never_deletes_an_older_empty_repo_whose_create_was_answered_200(local_hub, monkeypatch):
+    # A proxy answering 200 to the create of a repo made an hour ago (empty, but with its settings,
+    # collaborators, discussions) made it look created by this push, which then deleted it.
+    import hub_server
+    from lrnnx_zoo.hub_save import HubPublishError
+    root = local_hub.create_repo("acme/older", gitattributes=True)
+    with local_hub._lock:
+        local_hub._repos[("model", "acme/older")].commits[root].date = "2026-01-01T00:00:00.000Z"
+    answer_created = hub_server._Router._create_repo
+
+    def create_answering_200(self):
+        try:
+            answer_created(self)
+        except hub_server.HubError:
+            self.h._send_json({"url": f"{self.hub.url}/acme/older", "name": "acme/older", "id": "acme/older"})
+    monkeypatch.setattr(hub_server._Router, "_create_repo", create_answering_200)
+    _failing_upload(monkeypatch)
+    with pytest.raises(HubPublishError) as raised:
+        tiny("s4d").push_to_hub("acme/older")
+    assert local_hub.has_repo("acme/older"), raised.value
+    assert str(raised.value).endswith("this push did not make."), raised.value
+
+
 def test_a_failed_first_push_whose_repo_cannot_be_deleted_says_how_to(local_hub, monkeypatch):
     import importlib.util
     import hub_server
