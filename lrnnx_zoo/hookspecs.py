@@ -47,6 +47,7 @@ def lrnnx_zoo_register_kernel_backends(registry: "Registry") -> None:
       ``FFTConvS4(kernel_type=name)`` and the ``fftconv`` layer.
 
     Outputs are in the inputs' precision (vandermonde: real if conj, else v's complex dtype; cauchy:
-    complex; modal: u's dtype, or autocast's while it is on) and differentiable: a third party's backend answering otherwise, or
-    detached while its inputs require grad, is a PluginError naming it at the call.
+    complex; modal: u's dtype, or autocast's while it is on) and differentiable: a third party's
+    backend answering otherwise, or detached while its inputs require grad, is a PluginError naming
+    it at the call.
     """

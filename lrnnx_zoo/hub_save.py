@@ -499,8 +499,8 @@ def _delete_new_repo(repo_id: str, token: Any, created_when: Optional[datetime.d
     """Delete ``repo_id``, which this push created and committed nothing to, if its history is still
     its creation's one commit (no file but .gitattributes, made at ``created_when``, the Hub's time of
     the answer that created it, within :data:`CREATION_SLACK`), with every branch on it and no tag or
-    pull request (so that another process's push meanwhile is never deleted), within :data:`UNDO_SECONDS`. Returns what became of
-    it, as a clause for the push's error."""
+    pull request (so that another process's push meanwhile is never deleted), within
+    :data:`UNDO_SECONDS`. Returns what became of it, as a clause for the push's error."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
