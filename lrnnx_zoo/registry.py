@@ -193,11 +193,11 @@ def _autocast_dtype(out: torch.Tensor, due: torch.dtype) -> bool:
             and out.dtype == torch.get_autocast_dtype(kind))
 
 
-def _functorch_wrapped(out: torch.Tensor) -> bool:
-    """Whether ``out`` is a torch.func transform's wrapper (vmap's batched tensor), whose requires_grad
-    does not say whether gradients flow through it."""
-    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return bool(wrapped is not None and wrapped(out))
+def _batched(out: torch.Tensor) -> bool:
+    """Whether ``out`` is torch.func.vmap's batched tensor, whose requires_grad does not say whether
+    gradients flow through it (torch.func.grad's wrapper's does: a detached output there is refused)."""
+    batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+    return bool(batched is not None and batched(out))
 
 
 def _checked_backend(fn: Callable[..., Any], kind: str, name: str, plugin: str) -> Callable[..., Any]:
@@ -224,7 +224,7 @@ def _checked_backend(fn: Callable[..., Any], kind: str, name: str, plugin: str) 
             raise PluginError(f"{who} must be {contract}, here a {dtype} tensor of shape {tuple(shape)}; "
                               f"it returned {got}")
         # under torch.func's vmap a batched output reads requires_grad=False though gradients flow through it
-        if (torch.is_grad_enabled() and not out.requires_grad and not _functorch_wrapped(out)
+        if (torch.is_grad_enabled() and not out.requires_grad and not _batched(out)
                 and any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))):
             # a detached (or numpy-made) kernel trained nothing: the layer's parameters got no gradient
             raise PluginError(f"{who} returned a tensor cut off from autograd: its inputs require grad and its "

@@ -57,6 +57,9 @@ def test_a_backend_cut_off_from_autograd_is_refused_in_training_only():
             layer(x)
         with torch.no_grad():           # inference needs no gradient: such a backend is fine there
             assert layer(x).shape == x.shape
+        params = {k: p.detach() for k, p in layer.named_parameters()}
+        with pytest.raises(PluginError, match="cut off from autograd"):     # so under torch.func.grad
+            torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).sum())(params)
 
 
 @pytest.mark.parametrize("layer, kwargs, kind, dtype", [
