@@ -378,7 +378,8 @@ class Registry:
                 hint += "".join(f" {bare!r} is registered as '{'.'.join(other)}' by plugin {e.plugin!r}: a typo in "
                                 f"its {'kind' if table is self._backends else 'layer'} there?"
                                 for other, found in sorted(table.items()) if other[-1] == bare and other != key
-                                and other[0] not in (BUILTIN_BACKEND_KINDS if table is self._backends else self._layers)
+                                and (self._unreachable_kind(other[0]) if table is self._backends
+                                     else other[0] not in self._layers)
                                 for e in found)
             raise RegistryError(f"unknown {what} {label!r}; available: {', '.join(known) or 'none'}.{hint}")
         if len(entries) > 1 and not plugin:
@@ -488,9 +489,6 @@ class Registry:
         by another plugin too. Loaded all the same (its layer may come from a plugin not installed
         here, its kind may be one its own layers ask for); `lrnnx-zoo plugins` shows the note, since
         add_initializer("S4D", ...) or add_backend("vandermond", ...) was otherwise silently useless."""
-        kinds_by: Dict[str, set] = {}
-        for (kind, _), entries in self._backends.items():
-            kinds_by.setdefault(kind, set()).update(e.plugin for e in entries)
         for info in self.plugins.values():
             info.notes = [info.renamed] if info.renamed else []
         for (layer, name), entries in sorted(self._initializers.items()):
@@ -500,14 +498,23 @@ class Registry:
                         self.plugins[e.plugin].notes.append(
                             f"initializer '{layer}.{name}' is for layer {layer!r}, which no loaded plugin registers "
                             f"(layers: {', '.join(sorted(self._layers))}): a typo?")
-        for kind, owners in sorted(kinds_by.items()):
-            if kind not in BUILTIN_BACKEND_KINDS and len(owners) == 1:
-                owner = next(iter(owners))
-                # a plugin with layers of its own may look its kinds up itself (it warned at every load)
-                if owner in self.plugins and not self.plugins[owner].layers:
+        for kind in sorted({k for k, _ in self._backends}):
+            if self._unreachable_kind(kind):
+                owner = next(e.plugin for (k, _), entries in self._backends.items() if k == kind for e in entries)
+                if owner in self.plugins:
                     self.plugins[owner].notes.append(
                         f"backends of kind {kind!r} are looked up by no built-in layer (kinds: "
                         f"{', '.join(BUILTIN_BACKEND_KINDS)}), and the plugin registers no layer: a typo?")
+
+    def _unreachable_kind(self, kind: str) -> bool:
+        """Whether no layer looks backends of ``kind`` up: not a built-in kind, and registered by one
+        plugin alone, which registers no layer (a plugin with layers of its own may look its kinds up
+        itself: it warned at every load)."""
+        owners = {e.plugin for (k, _), entries in self._backends.items() if k == kind for e in entries}
+        if kind in BUILTIN_BACKEND_KINDS or len(owners) != 1:
+            return False
+        info = self.plugins.get(next(iter(owners)))
+        return info is None or not info.layers
 
     def mark_duplicates(self) -> None:
         """Note on every plugin involved in a name clash which names clash and with whom; clashes

@@ -168,3 +168,31 @@ def test_a_backend_keeping_the_contract_runs_under_autocast_and_vmap():
         layer = lrnnx_zoo.create_layer("lru", 4, d_state=4, backend="half")
         with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(PluginError, match="returned a torch.float16"):
             layer(x)
+
+
+def test_a_kind_a_plugins_own_layer_looks_up_is_not_called_a_typo():
+    # A plugin with a layer of its own registered ("selective_scan", "triton") for it; asking s4d for a
+    # "triton" vandermonde backend said "a typo in its kind there?" of a kind its layer does look up
+    # (`lrnnx-zoo plugins` rightly noted nothing).
+    import types
+    from plugin_fixtures import LoopRecurrence
+    module = types.SimpleNamespace()
+
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_layers(registry):
+        registry.add_layer("looped", LoopRecurrence)
+
+    @lrnnx_zoo.hookimpl
+    def lrnnx_zoo_register_kernel_backends(registry):
+        registry.add_backend("selective_scan", "triton", lambda u: u)
+    module.lrnnx_zoo_register_layers = lrnnx_zoo_register_layers
+    module.lrnnx_zoo_register_kernel_backends = lrnnx_zoo_register_kernel_backends
+    info = lrnnx_zoo.register_plugin(module, name="tp_own_kind")
+    try:
+        assert info.notes == []
+        with pytest.raises(RegistryError) as raised:
+            get_backend("vandermonde", "triton")
+        assert str(raised.value).startswith("unknown vandermonde backend 'triton'; available: "), raised.value
+        assert "typo" not in str(raised.value), raised.value
+    finally:
+        lrnnx_zoo.unregister_plugin("tp_own_kind")
