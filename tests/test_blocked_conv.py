@@ -18,6 +18,7 @@ import lrnnx_zoo
 from lrnnx_zoo.convolution import blocked_channel_conv, channel_block_size, conv_size
 from lrnnx_zoo.plugins.fftconv import FFTConvS4
 from lrnnx_zoo.plugins.s4.layer import S4
+from aten_log import AtenLog
 
 TOL = 2e-6
 
@@ -69,29 +70,19 @@ def test_a_small_input_moves_as_one_block_with_one_copy_each_way(monkeypatch):
     """At short lengths the staged gather and the scatter in groups of 8 channels were 18 copies
     for a (1, 64, 128) input, most of a layer's forward there (S4D: 205 -> 114 us a convolution,
     one thread); one block moves with one copy in and one out, to the same bits."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     import lrnnx_zoo.convolution as conv
-
-    class Copies(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += func is torch.ops.aten.copy_.default
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     x, K, D = torch.randn(1, 64, 128), torch.randn(1, 128, 64) / 64, torch.randn(1, 128)
     n = conv_size(64, 64)
     Kf = torch.fft.rfft(K, n=n)
-    with Copies() as mode:
+    with AtenLog() as log:
         y = blocked_channel_conv(x, Kf, n, skip=D)
-    assert mode.count == 2
+    assert log.counts()["aten.copy_.default"] == 2
     monkeypatch.setattr(conv, "_ONE_BLOCK", 0)          # the staged, grouped moves of large blocks
-    with Copies() as mode:
+    with AtenLog() as log:
         staged = blocked_channel_conv(x, Kf, n, skip=D)
-    assert mode.count > 2 and torch.equal(y, staged)
+    assert log.counts()["aten.copy_.default"] > 2 and torch.equal(y, staged)
 
 
 def test_block_size_is_whole_cache_lines_and_bounded():
@@ -323,24 +314,14 @@ def test_project_out_pairs_c_without_stacking_its_halves():
     """project_out's real matrix [Re C, -Im C] (pairs per mode) was a stack of C.real and -C.imag,
     strided halves (25 of 57 us of a (1, 64, 64) -> 128 projection, one thread): it is conj(C) seen
     as real. Same bits as Re(C x) by the stacked pairs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     from lrnnx_zoo.convolution import project_out
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     x = torch.randn(3, 10, 8, dtype=torch.complex64)
     C = torch.randn(5, 8, dtype=torch.complex64)
     C[0, 0], C[1, 1], C[2, 2] = complex(-0.0, 0.0), complex(1.0, -0.0), complex(0.0, -0.0)
-    with Ops() as mode:
+    with AtenLog() as log:
         y = project_out(x, C)
-    assert not any("cat" in name or "stack" in name for name in mode.names), mode.names
+    assert not any("cat" in name or "stack" in name for name in log.names), log.names
     pairs = torch.stack([C.real, -C.imag], -1).reshape(5, 16)
     assert torch.equal(y, torch.view_as_real(x).reshape(3, 10, 16) @ pairs.T)

@@ -250,25 +250,16 @@ def test_an_lru_forward_forms_lam_once_in_complex128():
     (five ops, 13 us of a (1, 64, 128) forward on one thread) for nothing: the modes run on log lam
     in complex128. The output is discretize()'s B and C through the scan, to the bit."""
     import collections
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from aten_log import AtenLog
     from lrnnx_zoo.modal import modal_scan
     from lrnnx_zoo.plugins.lru import LRU
 
-    class Exps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.dtypes = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten.exp.default:
-                self.dtypes[args[0].dtype] += 1
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     layer, x = LRU(d_model=16, d_state=8, backend="scan").eval(), torch.randn(3, 20, 16)
-    with torch.no_grad(), Exps() as mode:
+    with torch.no_grad(), AtenLog() as log:
         y = layer(x)
-    assert mode.dtypes[torch.complex64] == 0 and mode.dtypes[torch.complex128] == 1
+    exps = collections.Counter(dtype for op, dtype in log.calls if op is torch.ops.aten.exp.default)
+    assert exps[torch.complex64] == 0 and exps[torch.complex128] == 1
     with torch.no_grad():
         _, B, C = layer.discretize()
         assert torch.equal(y, modal_scan(x, layer.log_lambda(torch.complex128), B, C) + layer.D * x)

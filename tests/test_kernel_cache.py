@@ -140,7 +140,7 @@ def test_a_hit_gathers_nothing_again_and_compares_without_torch_ops(name, monkey
     # __dict__ walked and sorted) and compared each tensor with two aten ops (detach, equal): 45 of an
     # S4D kernel's (H=128, N=64) ~208 us forward at (1, 64, 128). While the layout is unchanged a hit
     # now compares the contents only, in numpy on CPU.
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from aten_log import AtenLog
     from lrnnx_zoo import ssm_kernel
     torch.manual_seed(0)
     k = lrnnx_zoo.get_backend("ssm_kernel", name)(4, 8)
@@ -151,23 +151,15 @@ def test_a_hit_gathers_nothing_again_and_compares_without_torch_ops(name, monkey
         monkeypatch.setattr(ssm_kernel.SSMKernel, method,
                             lambda self, _f=original, _m=method: gathered.append(_m) or _f(self))
 
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
     with torch.no_grad():
         first = lookup()
         gathered.clear()
-        with Ops() as counted:
+        with AtenLog() as counted:
             for _ in range(3):
                 assert lookup() is first
     assert made == [1]
     assert gathered == []
-    assert counted.ops == []
+    assert counted.names == []
 
 
 @pytest.mark.parametrize("compared", ["as-bytes", "elementwise"])

@@ -270,21 +270,10 @@ def test_shape_errors_name_expected_and_given():
 
 def _aten_op_counts(fn):
     """The aten ops ``fn()`` dispatches, counted by name."""
-    import collections
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
-    with Ops() as mode:
+    from aten_log import AtenLog
+    with AtenLog() as log:
         fn()
-    return mode.count
+    return log.counts()
 
 
 def test_a_short_scan_takes_its_steps_without_indexing_each_one():
