@@ -434,6 +434,27 @@ def _clear_header_deadline(response: Any = None) -> None:
 
 
 @contextlib.contextmanager
+def this_threads_hook(kind: str, hook: Callable[[Any], None]) -> Iterator[Any]:
+    """While inside, ``hook`` sees the calling thread's huggingface_hub requests (``kind`` "request") or
+    answers ("response"), and no other thread's: the client is the process's, shared by every thread
+    (another thread's commit is not this push's). Yields the session it is on; removed on exit."""
+    from huggingface_hub.utils import get_session
+
+    session, this_thread = get_session(), threading.get_ident()
+
+    def own(event: Any) -> None:
+        if threading.get_ident() == this_thread:
+            hook(event)
+    hooks = session.event_hooks[kind]
+    hooks.append(own)
+    try:
+        yield session
+    finally:
+        if own in hooks:
+            hooks.remove(own)
+
+
+@contextlib.contextmanager
 def bounded_hub_requests() -> Iterator[float]:
     """While inside, no huggingface_hub request waits forever for a silent server (each wait for a
     connection or the next bytes is bounded), a server that trickles bytes over plain HTTP is cut off

@@ -19,7 +19,6 @@ import math
 import os
 import re
 import stat
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Literal, Optional, Union, overload
@@ -29,7 +28,8 @@ from .folder_swap import replaced_folder
 from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_VERSION, LIBRARY, WEIGHTS_NAME,
                   MAX_CONFIG_BYTES, CheckpointError, PathLike, bounded_hub_requests, from_pretrained, hub_constants,
                   hub_timeout, loadable_source, path_trouble, STATE_DIGEST_KEY, library_field, peek_config,
-                  shipped_checkpoints, state_digest, transfers_in_this_thread, unexpected_answer, weights_changed)
+                  shipped_checkpoints, state_digest, this_threads_hook, transfers_in_this_thread, unexpected_answer,
+                  weights_changed)
 from .registry import extra_plugins, get_registry, layer_owners
 from .utf8 import printable
 
@@ -327,54 +327,47 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
 
     where = f"{action} {repo_id!r} on the Hub at {constants.ENDPOINT}"
     committing = []
-    # the client is the process's, shared by every thread: another thread's commit is not this push's
-    this_thread = threading.get_ident()
 
     def note_commit(request: Any) -> None:
-        if (request.method == "POST" and threading.get_ident() == this_thread
-                and _COMMIT_PATH.search(request.url.path)):
+        if request.method == "POST" and _COMMIT_PATH.search(request.url.path):
             committing.append(request.url.path)
-    session = get_session()
-    requests = session.event_hooks["request"]
-    requests.append(note_commit)
     bars = _open_bars()
-    try:
-        with bounded_hub_requests(), transfers_in_this_thread():
-            yield
-    except (KeyboardInterrupt, Terminated) as stop:
-        _close_bars(_open_bars() - bars)
-        # the CLI prints it after "interrupted" or "terminated by SIGTERM"; a script's traceback ends with it
-        if committing:
-            done = f"the commit to {repo_id!r} was under way, and may have been made: see the repo's history"
-        elif get_session() is not session:      # replaced meanwhile (on an SSL error): its requests went unseen
-            done = (f"whether anything was committed to {repo_id!r} is not known (huggingface_hub renewed its "
-                    f"connection meanwhile): see the repo's history")
-        else:
-            done = f"nothing was committed to {repo_id!r}"
-        stop.args = (f"{done}; {kept}",)
-        raise
-    except HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        fix = ("log in (`hf auth login`) or pass token= with write access to that namespace"
-               if status in (401, 403) else "the Hub's message says why")
-        raise HubPublishError(f"could not {where}: HTTP {status}: {reason}; {fix}. {kept_sentence(kept)}") from exc
-    except HTTPError as exc:  # transport: refused, unresolvable host, timed out
-        raise HubPublishError(
-            f"could not {where}: the Hub could not be reached ({type(exc).__name__}: {exc}; each request waits "
-            f"at most {hub_timeout():g} s, set by HF_HUB_ETAG_TIMEOUT); check your connection, or HF_ENDPOINT. "
-            f"{kept_sentence(kept)}") from exc
-    except (json.JSONDecodeError, KeyError) as exc:
-        # an answer no Hub gives: an HTML page for a commit (a captive portal), a 409 without a body
-        raise HubPublishError(f"could not {where}: the server answered something a Hub does not send "
-                              f"({unexpected_answer(exc)}); check HF_ENDPOINT, or a proxy or captive portal "
-                              f"between you and the Hub. {kept_sentence(kept)}") from exc
-    finally:
-        if note_commit in requests:
-            requests.remove(note_commit)
-        push = _PUSH.get()
-        if push is not None and (committing or get_session() is not session):
-            push.maybe_committed = True     # sent, or maybe sent through a renewed client: never undone
+    with this_threads_hook("request", note_commit) as session:
+        try:
+            with bounded_hub_requests(), transfers_in_this_thread():
+                yield
+        except (KeyboardInterrupt, Terminated) as stop:
+            _close_bars(_open_bars() - bars)
+            # the CLI prints it after "interrupted" or "terminated by SIGTERM"; a script's traceback ends with it
+            if committing:
+                done = f"the commit to {repo_id!r} was under way, and may have been made: see the repo's history"
+            elif get_session() is not session:      # replaced meanwhile (on an SSL error): its requests went unseen
+                done = (f"whether anything was committed to {repo_id!r} is not known (huggingface_hub renewed its "
+                        f"connection meanwhile): see the repo's history")
+            else:
+                done = f"nothing was committed to {repo_id!r}"
+            stop.args = (f"{done}; {kept}",)
+            raise
+        except HfHubHTTPError as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            fix = ("log in (`hf auth login`) or pass token= with write access to that namespace"
+                   if status in (401, 403) else "the Hub's message says why")
+            raise HubPublishError(f"could not {where}: HTTP {status}: {reason}; {fix}. {kept_sentence(kept)}") from exc
+        except HTTPError as exc:  # transport: refused, unresolvable host, timed out
+            raise HubPublishError(
+                f"could not {where}: the Hub could not be reached ({type(exc).__name__}: {exc}; each request waits "
+                f"at most {hub_timeout():g} s, set by HF_HUB_ETAG_TIMEOUT); check your connection, or HF_ENDPOINT. "
+                f"{kept_sentence(kept)}") from exc
+        except (json.JSONDecodeError, KeyError) as exc:
+            # an answer no Hub gives: an HTML page for a commit (a captive portal), a 409 without a body
+            raise HubPublishError(f"could not {where}: the server answered something a Hub does not send "
+                                  f"({unexpected_answer(exc)}); check HF_ENDPOINT, or a proxy or captive portal "
+                                  f"between you and the Hub. {kept_sentence(kept)}") from exc
+        finally:
+            push = _PUSH.get()
+            if push is not None and (committing or get_session() is not session):
+                push.maybe_committed = True     # sent, or maybe sent through a renewed client: never undone
 
 
 def _open_bars() -> set:
@@ -420,22 +413,14 @@ def created_repo(api: Any, repo_id: str, private: bool = False) -> str:
     """``api.create_repo(repo_id, exist_ok=True)``'s full id. Inside :func:`undoing_a_new_repo` it notes
     whether this request made the repo (the Hub answered its creation with 200, not with 409 for one
     that existed), which exist_ok's answer does not say, and the Hub's time of that answer (its Date)."""
-    from huggingface_hub.utils import get_session
-
-    this_thread, answers = threading.get_ident(), []
+    answers = []
 
     def note_creation(response: Any) -> None:
         request = response.request
-        if (request.method == "POST" and threading.get_ident() == this_thread
-                and request.url.path.endswith("/api/repos/create")):
+        if request.method == "POST" and request.url.path.endswith("/api/repos/create"):
             answers.append((response.status_code, response.headers.get("date")))
-    hooks = get_session().event_hooks["response"]
-    hooks.append(note_creation)
-    try:
+    with this_threads_hook("response", note_creation):
         full_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    finally:
-        if note_creation in hooks:
-            hooks.remove(note_creation)
     push = _PUSH.get()
     if push is not None and answers and 200 <= answers[-1][0] < 300:
         push.created, push.created_when = full_id, _http_date(answers[-1][1])
@@ -552,26 +537,17 @@ def _delete_command(repo_id: str) -> str:
 def _within(seconds: float) -> Iterator[None]:
     """While inside, this thread's huggingface_hub requests end ``seconds`` from now: each waits at
     most the time left, and one sent later raises TimeoutError."""
-    from huggingface_hub.utils import get_session
-
-    end, this_thread = time.monotonic() + seconds, threading.get_ident()
+    end = time.monotonic() + seconds
 
     def cap(request: Any) -> None:
-        if threading.get_ident() != this_thread:
-            return
         left = end - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"it took more than {seconds:g} s")
         limits = dict(request.extensions.get("timeout") or {})
         request.extensions["timeout"] = {k: left if limits.get(k) is None else min(limits[k], left)
                                          for k in ("connect", "read", "write", "pool")}
-    hooks = get_session().event_hooks["request"]
-    hooks.append(cap)
-    try:
+    with this_threads_hook("request", cap):
         yield
-    finally:
-        if cap in hooks:
-            hooks.remove(cap)
 
 
 def _say_also(exc: BaseException, clause: str) -> None:
