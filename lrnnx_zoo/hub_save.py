@@ -32,6 +32,7 @@ from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_
                   weights_changed)
 from .registry import extra_plugins, get_registry, layer_owners
 from .utf8 import printable
+from .wording import add_note
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
     from huggingface_hub import CommitInfo
@@ -560,8 +561,8 @@ def _say_also(exc: BaseException, clause: str) -> None:
         exc.args = ("; ".join(a for a in (str(exc), clause) if a),)
     elif isinstance(exc, HubPublishError) and len(exc.args) == 1:
         exc.args = (f"{exc} {kept_sentence(clause)}",)
-    elif hasattr(exc, "add_note"):      # an AttributeError here would replace the push's own error
-        exc.add_note(kept_sentence(clause))
+    else:
+        add_note(exc, kept_sentence(clause))
 
 
 def upload_checkpoint(folder: Path, repo_id: str, *, token: Optional[str] = None, private: bool = False,

@@ -32,6 +32,7 @@ from torch import nn
 
 from . import hookspecs
 from .interfaces import Layer
+from .wording import add_note
 
 ENTRY_POINT_GROUP = "lrnnx_zoo"
 DISABLE_AUTOLOAD_ENV = "LRNNX_ZOO_DISABLE_PLUGIN_AUTOLOAD"
@@ -212,9 +213,8 @@ def _checked_backend(fn: Callable[..., Any], kind: str, name: str, plugin: str) 
         try:
             out = fn(*args, **kwargs)
         except Exception as exc:
-            if hasattr(exc, "add_note"):        # Python >= 3.11; the exception itself goes on unchanged
-                # a backend's own bug (a wrong signature, a failing op) named neither it nor its plugin
-                exc.add_note(f"(raised by the {who}, which must be {contract})")
+            # a backend's own bug (a wrong signature, a failing op) named neither it nor its plugin
+            add_note(exc, f"(raised by the {who}, which must be {contract})")
             raise
         shape, dtype = expected(*args, **kwargs)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or (
@@ -614,10 +614,9 @@ def _discover(registry: Registry, pm: pluggy.PluginManager) -> None:
             plugin = ep.load()
         except KeyboardInterrupt as exc:
             # Ctrl-C on a slow or hung import: its traceback shows importlib's frames, not whose
-            if hasattr(exc, "add_note"):        # Python >= 3.11
-                skip = "" if builtin else f"; {DISABLE_AUTOLOAD_ENV}=1 skips third-party plugins"
-                exc.add_note(f"(interrupted while importing the lrnnx_zoo plugin {info.name!r}: {ep.value!r} from "
-                             f"{dist_name or 'an unknown distribution'}{skip})")
+            skip = "" if builtin else f"; {DISABLE_AUTOLOAD_ENV}=1 skips third-party plugins"
+            add_note(exc, f"(interrupted while importing the lrnnx_zoo plugin {info.name!r}: {ep.value!r} from "
+                          f"{dist_name or 'an unknown distribution'}{skip})")
             raise
         except PLUGIN_FAILURES as exc:
             registry.plugins[info.name] = info
@@ -975,16 +974,16 @@ def initial_values(layer: str, name: str, what: str, shapes: Sequence[Tuple[int,
     initializer returning None or other shapes failed as "cannot unpack non-iterable NoneType object" or a
     size mismatch at the layer's first forward, naming neither the initializer nor what it should give."""
     fn = get_initializer(layer, name)
-    owner = next((e.plugin for entries in get_registry()._initializers.values() for e in entries if e.value is fn), None)
     try:
         out = fn(*args, **kwargs)
     except Exception as exc:
-        if hasattr(exc, "add_note"):        # Python >= 3.11; the exception itself goes on unchanged
-            # a plugin's initializer of another signature failed as "<lambda>() takes 1 positional argument
-            # but 2 were given", naming neither it, its plugin nor the call it must take
-            call = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
-            exc.add_note(f"(raised by the {layer} initializer {name!r} of plugin {owner!r}, called as fn({call}) for "
-                         f"{context}; it must return {what} tensors of shapes {', '.join(map(str, shapes))})")
+        # a plugin's initializer of another signature failed as "<lambda>() takes 1 positional argument
+        # but 2 were given", naming neither it, its plugin nor the call it must take (looked up only then)
+        owner = next((e.plugin for entries in get_registry()._initializers.values() for e in entries
+                      if e.value is fn), None)
+        call = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+        add_note(exc, f"(raised by the {layer} initializer {name!r} of plugin {owner!r}, called as fn({call}) for "
+                      f"{context}; it must return {what} tensors of shapes {', '.join(map(str, shapes))})")
         raise
     shapes = [tuple(w) for w in shapes]
     tensors = isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out)
@@ -1043,10 +1042,10 @@ def create_layer(name: str, d_model: int, **kwargs: Any) -> Layer:
     except Exception as exc:
         owners = layer_owners(name)
         info = get_registry().plugins.get(owners[0]) if len(owners) == 1 else None
-        if info is not None and not info.builtin and hasattr(exc, "add_note"):     # Python >= 3.11
+        if info is not None and not info.builtin:
             # a plugin's constructor failing deep inside it named neither the layer nor the plugin
-            exc.add_note(f"(raised while building layer {name!r} of the plugin {info.name!r}, "
-                         f"{release_of({'distribution': info.distribution, 'version': info.version})})")
+            add_note(exc, f"(raised while building layer {name!r} of the plugin {info.name!r}, "
+                          f"{release_of({'distribution': info.distribution, 'version': info.version})})")
         raise
 
 

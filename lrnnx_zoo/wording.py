@@ -42,3 +42,11 @@ def given(key: str, value: Any) -> str:
     if flag is None:
         return f"{key}={value!r}"
     return flag if value is True else f"{flag} {value}"
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)`` where exceptions take notes (Python >= 3.11): the exception goes on
+    unchanged, with a line saying whose code raised it. On 3.10 it goes on without the note (an
+    AttributeError here would replace the error it was to explain)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
