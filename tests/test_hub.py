@@ -1124,22 +1124,28 @@ def test_a_failed_first_push_keeps_its_repo_once_another_commit_is_in_it(local_h
     assert "theirs.txt" in local_hub.list_files("acme/new")
 
 
-def test_a_failed_push_never_deletes_a_one_commit_repo_holding_files(local_hub, monkeypatch):
-    # A proxy or mirror answering 200 to the create of a repo that exists (no 409) made it look created;
-    # a squashed repo (super_squash_history) has one commit with every branch on it, as a new one does.
+def _create_answered_200(monkeypatch, repo: str) -> None:
+    """The local Hub answers the create of ``repo`` with 200 even where it exists (no 409), as a proxy
+    or mirror may."""
     import hub_server
-    from lrnnx_zoo.hub_save import HubPublishError
-    head = local_hub.commit("acme/squashed", {"model.safetensors": "weights"})
-    with local_hub._lock:
-        local_hub._repos[("model", "acme/squashed")].commits[head].parents.clear()    # its history: one commit
     answer_created = hub_server._Router._create_repo
 
     def create_answering_200(self):
         try:
             answer_created(self)
         except hub_server.HubError:
-            self.h._send_json({"url": f"{self.hub.url}/acme/squashed", "name": "acme/squashed", "id": "acme/squashed"})
+            self.h._send_json({"url": f"{self.hub.url}/{repo}", "name": repo, "id": repo})
     monkeypatch.setattr(hub_server._Router, "_create_repo", create_answering_200)
+
+
+def test_a_failed_push_never_deletes_a_one_commit_repo_holding_files(local_hub, monkeypatch):
+    # A proxy or mirror answering 200 to the create of a repo that exists (no 409) made it look created;
+    # a squashed repo (super_squash_history) has one commit with every branch on it, as a new one does.
+    from lrnnx_zoo.hub_save import HubPublishError
+    head = local_hub.commit("acme/squashed", {"model.safetensors": "weights"})
+    with local_hub._lock:
+        local_hub._repos[("model", "acme/squashed")].commits[head].parents.clear()    # its history: one commit
+    _create_answered_200(monkeypatch, "acme/squashed")
     _failing_upload(monkeypatch)
     with pytest.raises(HubPublishError) as raised:
         tiny("s4d").push_to_hub("acme/squashed")
@@ -1169,19 +1175,11 @@ def test_a_failed_first_push_keeps_its_own_error_where_exceptions_have_no_notes(
 def test_a_failed_push_never_deletes_an_older_empty_repo_whose_create_was_answered_200(local_hub, monkeypatch):
     # A proxy answering 200 to the create of a repo made an hour ago (empty, but with its settings,
     # collaborators, discussions) made it look created by this push, which then deleted it.
-    import hub_server
     from lrnnx_zoo.hub_save import HubPublishError
     root = local_hub.create_repo("acme/older", gitattributes=True)
     with local_hub._lock:
         local_hub._repos[("model", "acme/older")].commits[root].date = "2026-01-01T00:00:00.000Z"
-    answer_created = hub_server._Router._create_repo
-
-    def create_answering_200(self):
-        try:
-            answer_created(self)
-        except hub_server.HubError:
-            self.h._send_json({"url": f"{self.hub.url}/acme/older", "name": "acme/older", "id": "acme/older"})
-    monkeypatch.setattr(hub_server._Router, "_create_repo", create_answering_200)
+    _create_answered_200(monkeypatch, "acme/older")
     _failing_upload(monkeypatch)
     with pytest.raises(HubPublishError) as raised:
         tiny("s4d").push_to_hub("acme/older")
