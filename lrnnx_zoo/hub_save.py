@@ -14,14 +14,17 @@ import contextvars
 import dataclasses
 import datetime
 import email.utils
+import functools
 import json
 import math
 import os
 import re
 import stat
+import threading
 import time
+import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Literal, Optional, Union, overload
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Union, overload
 
 from . import __version__
 from .folder_swap import replaced_folder
@@ -332,13 +335,12 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
     def note_commit(request: Any) -> None:
         if request.method == "POST" and _COMMIT_PATH.search(request.url.path):
             committing.append(request.url.path)
-    bars = _open_bars()
-    with this_threads_hook("request", note_commit) as session:
+    with this_threads_hook("request", note_commit) as session, bars_this_thread_opens() as bars:
         try:
             with bounded_hub_requests(), transfers_in_this_thread():
                 yield
         except (KeyboardInterrupt, Terminated) as stop:
-            _close_bars(_open_bars() - bars)
+            _close_bars(bars)
             # the CLI prints it after "interrupted" or "terminated by SIGTERM"; a script's traceback ends with it
             if committing:
                 done = f"the commit to {repo_id!r} was under way, and may have been made: see the repo's history"
@@ -371,18 +373,51 @@ def publishing(action: str, repo_id: str, kept: str = "nothing was uploaded") ->
                 push.maybe_committed = True     # sent, or maybe sent through a renewed client: never undone
 
 
-def _open_bars() -> set:
-    """The progress bars (tqdm's, huggingface_hub's among them) open now."""
+_bars_lock = threading.Lock()
+_recording_bars = threading.local()
+
+
+@contextlib.contextmanager
+def bars_this_thread_opens() -> Iterator["weakref.WeakSet[Any]"]:
+    """While inside, the progress bars (tqdm's, huggingface_hub's among them) that the calling thread
+    opens are added to the set it yields; bars other threads open meanwhile are not (an application's
+    own bar, another push's). tqdm keeps one process-wide set of open bars, which says nothing of who
+    opened them: its ``__new__`` is wrapped once, for good (restoring it could undo another thread's
+    wrapping), to note each new bar in the sets of its thread's open contexts."""
     from tqdm import tqdm
-    return set(getattr(tqdm, "_instances", ()))
+    with _bars_lock:
+        if not getattr(tqdm.__new__, "notes_thread", False):
+            tqdm.__new__ = staticmethod(_noting_thread(tqdm.__new__))
+    opened: "weakref.WeakSet[Any]" = weakref.WeakSet()     # a bar dropped by its owner is no longer ours to close
+    sets = getattr(_recording_bars, "sets", None)
+    if sets is None:
+        sets = _recording_bars.sets = []
+    sets.append(opened)
+    try:
+        yield opened
+    finally:
+        sets.remove(opened)
+
+
+def _noting_thread(new: Callable[..., Any]) -> Callable[..., Any]:
+    """tqdm's ``__new__`` (``new``), adding each bar it makes to the sets of
+    :func:`bars_this_thread_opens` open in the calling thread."""
+    @functools.wraps(new)
+    def noted(cls: type, *args: Any, **kwargs: Any) -> Any:
+        bar = new(cls, *args, **kwargs)
+        for opened in getattr(_recording_bars, "sets", ()):
+            opened.add(bar)
+        return bar
+    noted.notes_thread = True   # type: ignore[attr-defined]
+    return noted
 
 
 def _close_bars(bars: Iterable[Any]) -> None:
-    """Close ``bars`` (those an interrupted upload left open), as they close when done. huggingface_hub
-    closes its bar of the file in flight (``tqdm_stream_file``) only when the upload ends well: after a
-    Ctrl-C, what was said next ("lrnnx-zoo push: interrupted: nothing was committed ...") went on the
-    bar's line, and at exit the bar printed itself again."""
-    for bar in bars:
+    """Close ``bars`` (those an interrupted upload opened; a bar closed already is left as it is), as
+    they close when done. huggingface_hub closes its bar of the file in flight (``tqdm_stream_file``)
+    only when the upload ends well: after a Ctrl-C, what was said next ("lrnnx-zoo push: interrupted:
+    nothing was committed ...") went on the bar's line, and at exit the bar printed itself again."""
+    for bar in list(bars):
         bar.close()
 
 

@@ -2026,6 +2026,63 @@ def test_an_interrupted_push_does_not_take_another_threads_commit_for_its_own(lo
     assert str(raised.value) == "nothing was committed to 'acme/tiny'; nothing was uploaded", raised.value
 
 
+def _open_bar() -> Any:
+    """A tqdm bar drawn (disable=False: the test's stderr is no terminal) into a buffer of its own."""
+    import io
+    from tqdm import tqdm
+    return tqdm(total=10, desc="theirs", file=io.StringIO(), disable=False, mininterval=0)
+
+
+def test_an_interrupted_push_leaves_another_threads_progress_bar_open(local_hub, tmp_path, monkeypatch):
+    # An interrupted push closed every bar opened while it ran (huggingface_hub leaves its bar of the
+    # file in flight open): also one an application's other thread had opened meanwhile, whose next
+    # updates then drew nothing.
+    import threading
+    folder = tiny("s4d", d_model=48).save_pretrained(tmp_path / "m")
+    local_hub.throttle_uploads(2048)                # 47.5 kB: 23 s
+    monkeypatch.setenv("LRNNX_ZOO_HUB_MIN_RATE", "0")
+    theirs, opened = [], threading.Event()
+
+    def open_during_the_push():
+        if local_hub.throttled_receiving.wait(30):
+            theirs.append(_open_bar())
+            opened.set()
+    other = threading.Thread(target=open_during_the_push, daemon=True)
+    other.start()
+    try:
+        status, _ = _interrupted_while_sending(local_hub, lambda: cli_main(["push", str(folder), "acme/tiny"]),
+                                               opened)
+        other.join(30)
+        assert status == 130 and theirs, (status, theirs)
+        bar = theirs[0]
+        assert not bar.disable, "the push closed another thread's progress bar"
+        bar.update(4)                               # still drawn: its line now says 4 of 10
+        assert bar.fp.getvalue().split("\r")[-1].startswith("theirs:  40%"), bar.fp.getvalue()
+    finally:
+        for bar in theirs:
+            bar.close()
+
+
+def test_an_interrupted_push_closes_the_bars_its_thread_opened(local_hub):
+    # ... while the bars the push's own thread opened (huggingface_hub's of the file in flight) are
+    # closed, so that what is said next goes on a line of its own (a bar opened in another thread while
+    # it ran, another push's, is left open).
+    import threading
+    from lrnnx_zoo.hub_save import publishing
+    before, theirs = _open_bar(), []
+    try:
+        with pytest.raises(KeyboardInterrupt), publishing("upload to", "acme/tiny"):
+            ours = _open_bar()
+            other = threading.Thread(target=lambda: theirs.append(_open_bar()))
+            other.start()
+            other.join(30)
+            raise KeyboardInterrupt
+        assert (ours.disable, theirs[0].disable, before.disable) == (True, False, False)
+    finally:
+        for bar in [before, *theirs]:
+            bar.close()
+
+
 def test_an_interrupted_push_whose_client_was_renewed_does_not_say_nothing_was_committed(local_hub, tmp_path):
     # huggingface_hub closes its client on an SSL error and makes a new one, which the note of the
     # commit's request was not on: a commit made through it was reported as "nothing was committed".
