@@ -136,6 +136,18 @@ def _way_out(info: "PluginInfo", exc: Optional[BaseException] = None) -> str:
     return f" -- {fix} (pip uninstall {dist}); {DISABLE_AUTOLOAD_ENV}=1 loads only the built-in families"
 
 
+def _failure(exc: BaseException, module: str, info: "PluginInfo", in_hook: bool = False) -> str:
+    """``exc`` as a plugin's error says it, "TYPE: MESSAGE" ("TYPE in a hook: MESSAGE"), with where in
+    the plugin's files (``module``) it was raised and the way out (:func:`_way_out`) at the end of the
+    message's first line, then the message's other lines as raised. Appended to a multi-line message
+    they came after its last line, far from the plugin's name, where `lrnnx-zoo plugins` (an error's
+    first line) did not show them."""
+    lines = str(exc).splitlines(keepends=True) or [""]
+    first = (lines[0].splitlines() or [""])[0]
+    said = f"{type(exc).__name__}{' in a hook' if in_hook else ''}: {first}"
+    return f"{said}{_raised_at(exc, module)}{_way_out(info, exc)}{lines[0][len(first):]}{''.join(lines[1:])}"
+
+
 def _raised_at(exc: BaseException, module: str) -> str:
     """Where in the plugin's own files ``exc`` was raised: " (raised at FILE:LINE, in FUNC)" for the
     innermost frame under the plugin's top-level package (``module``, the entry point's value), or ""
@@ -467,7 +479,7 @@ class Registry:
             pm.unregister(plugin)
             raise
         except PLUGIN_FAILURES as exc:
-            info.error = (f"{type(exc).__name__} in a hook: {exc}{_raised_at(exc, info.module)}{_way_out(info, exc)}"
+            info.error = (f"{_failure(exc, info.module, info, in_hook=True)}"
                           f"\n{traceback.format_exc(limit=-3)}")
             self._forget(info.name)
         finally:
@@ -621,8 +633,7 @@ def _discover(registry: Registry, pm: pluggy.PluginManager) -> None:
         except PLUGIN_FAILURES as exc:
             registry.plugins[info.name] = info
             info.error = f"could not import {ep.value!r} from {dist_name or 'an unknown distribution'}: " \
-                         f"{type(exc).__name__}: {exc}{_raised_at(exc, ep.value)}{_way_out(info, exc)}\n" \
-                         f"{traceback.format_exc(limit=-3)}"
+                         f"{_failure(exc, ep.value, info)}\n{traceback.format_exc(limit=-3)}"
             continue
         info.renamed = clash
         registry.load_plugin(plugin, info, pm)

@@ -97,6 +97,48 @@ def test_a_failing_plugin_names_the_line_of_its_own_that_raised(tmp_path, monkey
     assert "Traceback" in info.error and "tp_whereerr.py" in info.error     # the frames, for --json
 
 
+IMPORT_MULTILINE_ERROR = '''
+import lrnnx_zoo
+
+
+def check():
+    raise ValueError("bad settings in tp_lines.toml:\\n  width: expected an int, got 'wide'\\n  depth: missing")
+
+
+check()
+'''
+
+HOOK_MULTILINE_ERROR = '''
+import lrnnx_zoo
+
+
+@lrnnx_zoo.hookimpl
+def lrnnx_zoo_register_layers(registry):
+    raise RuntimeError("bad settings in tp_lines.toml:\\n  width: expected an int, got 'wide'\\n  depth: missing")
+'''
+
+
+@pytest.mark.parametrize("source, line, function, said", [
+    (IMPORT_MULTILINE_ERROR, 6, "check", "could not import 'tp_lines' from tp-lines: ValueError: bad settings"),
+    (HOOK_MULTILINE_ERROR, 7, "lrnnx_zoo_register_layers", "RuntimeError in a hook: bad settings"),
+])
+def test_a_multi_line_plugin_error_names_its_line_on_the_first_line(tmp_path, monkeypatch, capsys, source, line,
+                                                                      function, said):
+    # The place and the way out were appended to the message's last line ("  depth: missing (raised at
+    # ...) -- to fix it ..."), which `lrnnx-zoo plugins` (an error's first line) does not show.
+    root = make_distribution(tmp_path / "site", "tp-lines", {"tp_lines": source}, {"lines": "tp_lines"})
+    with installed(root, monkeypatch):
+        info = {p.name: p for p in lrnnx_zoo.list_plugins()}["lines"]
+        assert main(["plugins"]) == 0
+    lines = info.error.splitlines()
+    where = f"(raised at {root / 'tp_lines.py'}:{line}, in {function})"
+    assert lines[0].startswith(f"{said} in tp_lines.toml: {where} -- "), lines[0]
+    assert "pip uninstall tp-lines" in lines[0], lines[0]
+    assert lines[1:3] == ["  width: expected an int, got 'wide'", "  depth: missing"], lines   # every line, as raised
+    assert info.error.count("(raised at ") == 1 and "Traceback" in lines[3], info.error
+    assert f"error:        {lines[0]}\n" in capsys.readouterr().out
+
+
 class _NoStateSize(torch.nn.Module):
     """A layer of an author's own that takes d_model only."""
 
