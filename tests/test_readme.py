@@ -1,12 +1,14 @@
-"""README.md's usage, zoo and export snippets run as written, its `lrnnx-zoo` command lines parse, and
-the `lrnnx_zoo.*` names its prose gives exist.
+"""README.md's usage, zoo and export snippets run as written; the `lrnnx-zoo` command lines of README.md and
+of every docs/*.md page parse, and the `lrnnx_zoo.*` names their prose gives exist.
 
 (The plugin guide's module is checked verbatim in test_example_plugin, the training snippet in
-test_training_journey, the demo in test_checkpoints.)
+test_training_journey, the demo in test_checkpoints; test_readme_references checks the rest of what the
+pages state, and their links.)
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib
 import re
@@ -20,7 +22,19 @@ import lrnnx_zoo
 from lrnnx_zoo.cli import build_parser
 from lrnnx_zoo.registry import DISABLE_AUTOLOAD_ENV
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def user_docs() -> dict:
+    """The user documentation, README.md and every docs/*.md page: path relative to the root -> text.
+
+    Detail moved from README.md into docs/ stays under every check that reads this."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8") for p in pages}
+
+
+DOCS = user_docs()
 
 
 def code_blocks(section: str, lang: str) -> list:
@@ -84,19 +98,29 @@ PLACEHOLDERS = {"KIND": "cauchy", "PATTERN": "s4d", "NAME": "digits-lru", "RECIP
                 "...": ""}
 
 
-def test_command_lines_parse():
-    commands = re.findall(r"`(lrnnx-zoo [^`]*)`", README)
-    commands += [line for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+def command_lines(text: str) -> list:
+    """The `lrnnx-zoo ...` command lines of a page: inline spans and lines of ```bash blocks."""
+    commands = re.findall(r"`(lrnnx-zoo [^`]*)`", text)
+    commands += [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
                  for line in block.splitlines() if line.startswith("lrnnx-zoo ")]
-    commands = [c for c in commands if c != "lrnnx-zoo train"]          # a mention, not a command line
-    assert len(commands) >= 10
+    return commands
+
+
+def test_command_lines_parse():
     parser = build_parser()
-    for command in commands:
-        words = [PLACEHOLDERS.get(w, w) for w in shlex.split(command.replace("[", "").replace("]", ""))[1:]]
-        try:
-            parser.parse_args([w for w in words if w])
-        except SystemExit:
-            pytest.fail(f"README's command does not parse: {command}")
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    found = 0
+    for page, text in DOCS.items():
+        for command in command_lines(text):
+            found += 1
+            if re.fullmatch(r"lrnnx-zoo [\w-]+", command) and command.split()[1] in sub.choices:
+                continue              # a command named (`lrnnx-zoo train` runs recipes), not a command line
+            words = [PLACEHOLDERS.get(w, w) for w in shlex.split(command.replace("[", "").replace("]", ""))[1:]]
+            try:
+                parser.parse_args([w for w in words if w])
+            except SystemExit:
+                pytest.fail(f"{page}'s command does not parse: {command}")
+    assert found >= 10
 
 
 # `lrnnx_zoo.<key>` spans that name an exported graph's metadata keys (and its `lrnnx_zoo.json`
@@ -105,15 +129,15 @@ METADATA_NAMES = {"state_size", "state_layout", "d_input", "d_output", "family",
                   "task", "dataset", "chunk", "json"}
 
 
-def test_every_api_name_the_readme_spells_out_exists():
+def test_every_api_name_the_docs_spell_out_exist():
     # The snippets above run, but the prose names ~60 more objects by their dotted path
     # (lrnnx_zoo.export.torchscript_export.read_metadata, lrnnx_zoo.step_forms.split_poles, ...);
-    # a rename or move would leave a README that sends users to an AttributeError.
-    names = {name for span in re.findall(r"`([^`]*)`", README)
+    # a rename or move would leave a README or docs/ page that sends users to an AttributeError.
+    names = {(name, page) for page, text in DOCS.items() for span in re.findall(r"`([^`]*)`", text)
              for name in re.findall(r"(?<![\w.:])lrnnx_zoo(?:\.\w+)+", span)}
-    assert len(names) >= 40
+    assert len({name for name, _ in names}) >= 40
     missing = []
-    for name in sorted(names):
+    for name, page in sorted(names):
         parts = name.split(".")
         if len(parts) == 2 and parts[1] in METADATA_NAMES:
             continue
@@ -127,8 +151,8 @@ def test_every_api_name_the_readme_spells_out_exists():
             for attr in parts[i:]:
                 obj = getattr(obj, attr)
         except AttributeError:
-            missing.append(name)
-    assert missing == [], f"README names objects that do not exist: {missing}"
+            missing.append(f"{page}: {name}")
+    assert missing == [], f"the docs name objects that do not exist: {missing}"
 
 
 def test_every_package_in_the_source_tree_is_declared():

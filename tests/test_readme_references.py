@@ -1,7 +1,8 @@
-"""Every concrete reference README.md makes, checked against the code by introspection: the files and
-folders it names exist, the flags it shows belong to the command or script it shows them with, the
-environment variables it names are read, the shipped checkpoints' metrics are the recorded ones, the
-defaults and limits its prose states are the code's constants, and its methods and keywords exist.
+"""Every concrete reference the user documentation (README.md and every docs/*.md page) makes, checked
+against the code by introspection: the files and folders it names exist, the flags it shows belong to
+the command or script it shows them with, the environment variables it names are read, the shipped
+checkpoints' metrics are the recorded ones, the defaults and limits its prose states are the code's
+constants, its methods and keywords exist, and its relative links lead to a file and heading that exist.
 
 (test_readme.py runs the snippets, parses the `lrnnx-zoo` command lines and resolves the
 `lrnnx_zoo.`-qualified names; this file covers what those leave out. All of it is static: ~2 s.)
@@ -21,11 +22,15 @@ import pytest
 
 import lrnnx_zoo
 from lrnnx_zoo.cli import build_parser
+from test_readme import user_docs
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
-PROSE = re.sub(r"```.*?```", "", README, flags=re.S)              # the text outside code blocks
-SPANS = [" ".join(s.split()) for s in re.findall(r"`([^`]+)`", PROSE)]   # inline code, one line each
+DOCS = user_docs()                                                 # README.md and docs/*.md: page -> text
+README = DOCS["README.md"]
+#: each page's text outside code blocks
+PROSE = {page: re.sub(r"```.*?```", "", text, flags=re.S) for page, text in DOCS.items()}
+#: (page, inline code span on one line) for every span of every page
+SPANS = [(page, " ".join(s.split())) for page, prose in PROSE.items() for s in re.findall(r"`([^`]+)`", prose)]
 PACKAGE_DIRS = [ROOT / d for d in ("lrnnx_zoo", "plugins", "export")]
 
 
@@ -40,24 +45,25 @@ def package_source() -> str:
 
 
 # -- files and folders --------------------------------------------------------------------------
-def test_every_repository_path_the_readme_names_exists():
+def test_every_repository_path_the_docs_name_exists():
     # A renamed test or benchmark left the README sending users to a file that is not there.
-    paths = set(re.findall(r"(?<![\w/.-])((?:tests|benchmarks|scripts|examples|lrnnx_zoo|checkpoints|plugins)"
-                           r"/[\w./-]*\w/?)", README))
-    assert len(paths) >= 25
-    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    paths = {(page, path) for page, text in DOCS.items() for path in re.findall(
+        r"(?<![\w/.-])((?:tests|benchmarks|scripts|examples|lrnnx_zoo|checkpoints|plugins)/[\w./-]*\w/?)", text)}
+    assert len({path for _, path in paths}) >= 25
+    missing = sorted(f"{page}: {path}" for page, path in paths if not (ROOT / path).exists())
     # bare script and test file names (`bench_export.py`, ...) live in benchmarks/ and tests/
-    for name in set(re.findall(r"(?<![\w/])((?:bench|test)_\w+\.py)\b", README)):
-        folder = ROOT / ("benchmarks" if name.startswith("bench_") else "tests")
-        if not (folder / name).is_file():
-            missing.append(name)
-    assert missing == [], f"README names files that do not exist: {missing}"
+    for page, text in DOCS.items():
+        for name in set(re.findall(r"(?<![\w/])((?:bench|test)_\w+\.py)\b", text)):
+            folder = ROOT / ("benchmarks" if name.startswith("bench_") else "tests")
+            if not (folder / name).is_file():
+                missing.append(f"{page}: {name}")
+    assert missing == [], f"the docs name files that do not exist: {missing}"
 
 
-def test_every_test_function_the_readme_names_exists():
-    names = {s for s in SPANS if re.fullmatch(r"test_\w+", s)}
+def test_every_test_function_the_docs_name_exists():
+    names = {(page, s) for page, s in SPANS if re.fullmatch(r"test_\w+", s)}
     source = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("test_*.py"))
-    assert names and [n for n in sorted(names) if f"def {n}(" not in source] == []
+    assert names and [f"{page}: {n}" for page, n in sorted(names) if f"def {n}(" not in source] == []
 
 
 # -- command lines ------------------------------------------------------------------------------
@@ -86,7 +92,7 @@ def _minimal_args(name: str, sub: argparse.ArgumentParser) -> list:
     return words
 
 
-def test_every_flag_the_readme_names_is_an_option_of_a_command_or_script_and_takes_the_value_shown():
+def test_every_flag_the_docs_name_is_an_option_of_a_command_or_script_and_takes_the_value_shown():
     # Flags in prose (`--checkpoint-every epoch`, `--resume PATH`, `--batch 1`, `--opset 16`, `--branch`)
     # have no command around them for test_readme's parse: each must be an option of some
     # `lrnnx-zoo` subcommand that accepts the value shown, or of a benchmark script.
@@ -97,7 +103,7 @@ def test_every_flag_the_readme_names_is_an_option_of_a_command_or_script_and_tak
     pytest_flags = {"-n", "-x", "-q", "-k"}
     wrong = []
     checked = 0
-    for span in SPANS:
+    for page, span in SPANS:
         if not span.startswith("-"):
             continue
         words = span.split()
@@ -112,23 +118,24 @@ def test_every_flag_the_readme_names_is_an_option_of_a_command_or_script_and_tak
             argv = [{"PATH": "somewhere", "N": "5"}.get(w, w) for w in words]
             ok = any(_accepts(parser, _minimal_args(n, s) + argv) for n, s in owners)
         if not ok:
-            wrong.append(span)
+            wrong.append(f"{page}: {span}")
     assert checked >= 15
-    assert wrong == [], f"README shows flags no subcommand or benchmark takes as shown: {wrong}"
+    assert wrong == [], f"the docs show flags no subcommand or benchmark takes as shown: {wrong}"
 
 
-def test_every_benchmark_command_the_readme_shows_uses_that_scripts_options():
-    commands = re.findall(r"(?:python|\.venv/bin/python) (benchmarks/\w+\.py)((?: --?[\w-]+(?: [^\s`-][^\s`]*)*)*)", PROSE)
+def test_every_benchmark_command_the_docs_show_uses_that_scripts_options():
+    commands = [(page, *c) for page, prose in PROSE.items() for c in re.findall(
+        r"(?:python|\.venv/bin/python) (benchmarks/\w+\.py)((?: --?[\w-]+(?: [^\s`-][^\s`]*)*)*)", prose)]
     assert len(commands) >= 8
     wrong = []
-    for script, args in commands:
+    for page, script, args in commands:
         source = (ROOT / script).read_text(encoding="utf-8")
         declared = set(re.findall(r"add_argument\(\s*[\"'](--[\w-]+)", source)) | {"--help"}
-        wrong += [f"{script} {flag}" for flag in re.findall(r"--[\w-]+", args) if flag not in declared]
+        wrong += [f"{page}: {script} {flag}" for flag in re.findall(r"--[\w-]+", args) if flag not in declared]
     # "--batch 16 --s4-discretization zoh" is bench_prefill's, named in the sentence after its command
     prefill = (ROOT / "benchmarks/bench_prefill.py").read_text(encoding="utf-8")
     assert all(f'"{flag}"' in prefill for flag in ("--batch", "--s4-discretization", "--s4-paths"))
-    assert wrong == [], f"README shows benchmark options the scripts do not declare: {wrong}"
+    assert wrong == [], f"the docs show benchmark options the scripts do not declare: {wrong}"
 
 
 def test_every_example_in_the_subcommands_help_parses():
@@ -147,16 +154,16 @@ def test_every_example_in_the_subcommands_help_parses():
 
 
 # -- environment --------------------------------------------------------------------------------
-def test_every_environment_variable_the_readme_names_is_read():
-    # LRNNX_* must be read by this package; HF_* by it or by huggingface_hub (whose behaviour the README
-    # describes, e.g. HF_HUB_DISABLE_XET).
+def test_every_environment_variable_the_docs_name_is_read():
+    # LRNNX_* must be read by this package; HF_* by it or by huggingface_hub (whose behaviour the docs
+    # describe, e.g. HF_HUB_DISABLE_XET).
     import huggingface_hub.constants as hf
-    names = set(re.findall(r"\b((?:HF|LRNNX)_[A-Z0-9_]+)\b", README))
-    assert {"HF_HUB_ETAG_TIMEOUT", "LRNNX_ZOO_HUB_MIN_RATE", "LRNNX_ZOO_DISABLE_PLUGIN_AUTOLOAD"} <= names
+    names = {(page, n) for page, text in DOCS.items() for n in re.findall(r"\b((?:HF|LRNNX)_[A-Z0-9_]+)\b", text)}
+    assert {"HF_HUB_ETAG_TIMEOUT", "LRNNX_ZOO_HUB_MIN_RATE", "LRNNX_ZOO_DISABLE_PLUGIN_AUTOLOAD"} <= {n for _, n in names}
     source, hf_source = package_source(), Path(hf.__file__).read_text(encoding="utf-8")
-    unread = [n for n in sorted(names)
+    unread = [f"{page}: {n}" for page, n in sorted(names)
               if f'"{n}"' not in source and not (n.startswith("HF_") and f'"{n}"' in hf_source)]
-    assert unread == [], f"README names environment variables nothing reads: {unread}"
+    assert unread == [], f"the docs name environment variables nothing reads: {unread}"
 
 
 # -- the zoo ------------------------------------------------------------------------------------
@@ -220,15 +227,17 @@ WORDS = {"two": "2", "twice": "2"}
 
 
 @pytest.mark.parametrize("what, pattern, expected", [pytest.param(*c, id=c[0]) for c in _claims()])
-def test_a_default_the_readme_states_is_the_codes(what, pattern, expected):
-    # Numbers are compared as numbers after parsing the README's spelling ("1e-4", "2,000", "two"),
-    # version strings as strings: a stated default is either the constant or wrong.
-    found = re.search(pattern, " ".join(README.split()))
-    assert found, f"README no longer states the {what} as {pattern!r}: update the README or this claim"
-    for stated, code in zip(found.groups(), expected, strict=True):
-        stated = WORDS.get(stated, stated).replace(",", "")
-        same = stated == code if isinstance(code, str) else float(stated) == float(code)
-        assert same, f"README states the {what} as {stated}, the code has {code}"
+def test_a_default_the_docs_state_is_the_codes(what, pattern, expected):
+    # Numbers are compared as numbers after parsing the docs' spelling ("1e-4", "2,000", "two"),
+    # version strings as strings: a stated default is either the constant or wrong, on whichever page
+    # (README.md or docs/*.md) states it, and wherever it is stated again.
+    found = [(page, m) for page, text in DOCS.items() for m in re.finditer(pattern, " ".join(text.split()))]
+    assert found, f"no page states the {what} as {pattern!r} any more: update the docs or this claim"
+    for page, match in found:
+        for stated, code in zip(match.groups(), expected, strict=True):
+            stated = WORDS.get(stated, stated).replace(",", "")
+            same = stated == code if isinstance(code, str) else float(stated) == float(code)
+            assert same, f"{page} states the {what} as {stated}, the code has {code}"
 
 
 def test_every_statement_of_how_many_kernels_a_layer_keeps_gives_the_caches_bounds():
@@ -236,18 +245,18 @@ def test_every_statement_of_how_many_kernels_a_layer_keeps_gives_the_caches_boun
     # growth to the two newest plus older ones within KERNEL_CACHE_BYTES and KERNEL_CACHE_ENTRIES:
     # a layer evaluated at ten lengths holds eight spectra.
     from lrnnx_zoo import ssm_kernel
-    text = " ".join(README.split())
-    statements = [m.start() for m in re.finditer(r"two (?:latest|newest) (?:kernels|\(L, rate\))", text)]
+    statements = [(page, " ".join(text.split())) for page, text in DOCS.items()]
+    statements = [(page, text[m.start():m.start() + 300]) for page, text in statements
+                  for m in re.finditer(r"two (?:latest|newest) (?:kernels|\(L, rate\))", text)]
     assert statements
-    for at in statements:
-        sentence = text[at:at + 300]
-        assert f"{ssm_kernel.KERNEL_CACHE_BYTES >> 20} MiB" in sentence, sentence
-        assert f"at most {ssm_kernel.KERNEL_CACHE_ENTRIES}" in sentence, sentence
+    for page, sentence in statements:
+        assert f"{ssm_kernel.KERNEL_CACHE_BYTES >> 20} MiB" in sentence, (page, sentence)
+        assert f"at most {ssm_kernel.KERNEL_CACHE_ENTRIES}" in sentence, (page, sentence)
 
 
-def test_the_exit_statuses_the_readme_states_are_the_signals_conventions():
+def test_the_exit_statuses_the_docs_state_are_the_signals_conventions():
     # "exit 130, 143 or 129" for Ctrl-C, SIGTERM and SIGHUP, in that order, wherever it is stated
-    stated = re.findall(r"exit (\d+), (\d+),? (?:or|and) (\d+)", " ".join(README.split()))
+    stated = [s for text in DOCS.values() for s in re.findall(r"exit (\d+), (\d+),? (?:or|and) (\d+)", " ".join(text.split()))]
     assert len(stated) >= 2
     expected = tuple(str(128 + s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
     assert all(s == expected for s in stated)
@@ -267,33 +276,34 @@ def _objects():
             "create_layer": lrnnx_zoo.create_layer}
 
 
-def test_every_method_and_attribute_the_readme_names_on_a_library_class_exists():
+def test_every_method_and_attribute_the_docs_name_on_a_library_class_exists():
     # `SequenceModel.fork_cache`, `OnnxStreamer.copy(index=None)`, `step_forms.SLOW_POLE_ERROR`,
     # `LTI_LRNN.resample_`: test_readme resolves only names spelt from `lrnnx_zoo.`.
-    objects, s4_kernel = _objects(), lrnnx_zoo.create_layer("s4", 4, d_state=4).kernel
+    # `kernel.*` is an S4 layer's kernel (`kernel.extend_length_in_place`, `kernel.refine_ill_conditioned`)
+    objects = {**_objects(), "kernel": lrnnx_zoo.create_layer("s4", 4, d_state=4).kernel}
     missing, checked = [], 0
-    for span in SPANS:
+    for page, span in SPANS:
         for head, rest in re.findall(r"(?<![\w.])([A-Za-z_]\w*)((?:\.\w+)+)", span):
             if head not in objects or rest in (".safetensors", ".py"):
                 continue
-            obj = s4_kernel if head == "kernel" else objects[head]
+            obj = objects[head]
             checked += 1
             for attr in rest[1:].split("."):
                 fields = getattr(obj, "__dataclass_fields__", {})
                 if not hasattr(obj, attr) and attr not in fields:
-                    missing.append(head + rest)
+                    missing.append(f"{page}: {head + rest}")
                     break
                 obj = getattr(obj, attr, None)
-    assert checked >= 20 and missing == [], f"README names members that do not exist: {missing}"
+    assert checked >= 20 and missing == [], f"the docs name members that do not exist: {missing}"
 
 
-def test_every_keyword_the_readme_passes_to_a_library_callable_is_one_it_takes():
+def test_every_keyword_the_docs_pass_to_a_library_callable_is_one_it_takes():
     # `train(..., checkpoint_every=500)`, `export_folder(..., rate=2)`, `to_onnx(model, path, chunk=32)`,
     # `OnnxStreamer.copy(index=None)`; a default shown as `kw=None` must be the signature's default.
     objects = _objects()
     objects.update({"lrnnx_zoo": lrnnx_zoo})
     wrong, checked = [], 0
-    for span in SPANS:
+    for page, span in SPANS:
         for name, args in re.findall(r"([A-Za-z_][\w.]*)\(([^()]*)\)", span):
             head, *rest = name.split(".")
             obj = objects.get(head)
@@ -309,7 +319,47 @@ def test_every_keyword_the_readme_passes_to_a_library_callable_is_one_it_takes()
             for kw, value in re.findall(r"(?<![\w.])(\w+)=([^,)]*)", args):
                 checked += 1
                 if kw not in params and not open_kw:
-                    wrong.append(f"{name}({kw}=)")
+                    wrong.append(f"{page}: {name}({kw}=)")
                 elif value.strip() == "None" and kw in params and params[kw].default is not None:
-                    wrong.append(f"{name}({kw}=None): default {params[kw].default!r}")
-    assert checked >= 10 and wrong == [], f"README passes keywords the callables do not take: {wrong}"
+                    wrong.append(f"{page}: {name}({kw}=None): default {params[kw].default!r}")
+    assert checked >= 10 and wrong == [], f"the docs pass keywords the callables do not take: {wrong}"
+
+
+# -- links between README.md and docs/ -----------------------------------------------------------
+def heading_anchors(text: str) -> set:
+    """The #anchors a renderer gives the page's headings (GitHub's rule: lower case, punctuation but
+    hyphens dropped, spaces to hyphens; a repeated heading gets -1, -2, ...)."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", re.sub(r"```.*?```", "", text, flags=re.S), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_every_relative_link_leads_to_a_file_and_heading_that_exist():
+    # README.md was split into docs/ pages that link to each other by section: a renamed heading or
+    # moved page would leave a link to nothing.
+    broken, checked = [], 0
+    for page, prose in PROSE.items():
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z][\w+.-]*:", target):                     # https:, mailto: ...
+                continue
+            checked += 1
+            path, _, anchor = target.partition("#")
+            file = (ROOT / page).parent / path if path else ROOT / page
+            if not file.resolve().exists():
+                broken.append(f"{page}: {target} (no such file)")
+            elif anchor and anchor not in heading_anchors(file.read_text(encoding="utf-8")):
+                broken.append(f"{page}: {target} (no heading #{anchor} in {path or page})")
+    assert checked >= 40
+    assert broken == [], f"links that lead nowhere: {broken}"
+
+
+def test_every_docs_page_is_linked_from_the_readme_and_opens_with_a_title_and_summary():
+    linked = {(ROOT / p).resolve() for p in re.findall(r"\]\((docs/[\w.-]+\.md)(?:#[^)]*)?\)", README)}
+    pages = sorted((ROOT / "docs").glob("*.md"))
+    assert pages and [p.name for p in pages if p.resolve() not in linked] == []
+    for page in pages:
+        title, blank, summary = page.read_text(encoding="utf-8").split("\n", 3)[:3]
+        assert title.startswith("# ") and blank == "" and summary and not summary.startswith(("#", "-")), page.name
