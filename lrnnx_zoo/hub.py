@@ -1406,7 +1406,7 @@ def _load_checkpoint_once(folder: Path, source: Optional[Dict[str, Any]],
 
     config = read_config(folder)
     layer = _layer_name(config, folder / CONFIG_NAME)
-    extras = config.get("extra_plugins")     # third-party initializers / backends its layer_kwargs name
+    extras = config.get("extra_plugins")     # third-party initializers / backends its layers resolved
     where = loadable_source(source) or str(folder)      # a Hub id, not its cache snapshot's path
     changes = [c for c in [plugin_change(config.get("plugin") or {}, layer)] + extra_plugin_changes(extras) if c]
     notes += [(f"{where} {change}", PluginVersionWarning) for change in changes]

@@ -120,7 +120,7 @@ def checkpoint_config(model: "SequenceModel", *, task: Any = None, dataset: Any 
     owners = layer_owners(layer)
     name = owners[0] if owners else (prefix or None)
     info = get_registry().plugins.get(name) if name else None
-    extras = extra_plugins(layer, model.config.layer_kwargs)   # loading needs them too; the key only when used
+    extras = extra_plugins(layer, model)   # loading needs them too; the key only when used
     return {"format_version": FORMAT_VERSION, "library": LIBRARY, "library_version": __version__,
             "family": family,
             "plugin": {"name": name, "distribution": info.distribution if info else None,

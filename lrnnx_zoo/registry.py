@@ -11,6 +11,7 @@ Set ``LRNNX_ZOO_DISABLE_PLUGIN_AUTOLOAD=1`` to load only the built-in families.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib
 import importlib.util
@@ -291,6 +292,16 @@ class _Entry:
     plugin: str
 
 
+#: Where :func:`create_layer` leaves, on each layer it builds, what its construction looked up in the
+#: registry: a tuple of ("kind.name" or "layer.name", plugin) of each backend and initializer resolved
+#: (:func:`extra_plugins` records the third-party ones a checkpoint needs).
+RESOLVED_ATTR = "_lrnnx_zoo_resolved"
+
+#: The list the lookups of the create_layer call under way note their entries in (None outside one).
+_RESOLVING: contextvars.ContextVar[Optional[List[Tuple[str, str]]]] = \
+    contextvars.ContextVar("lrnnx_zoo_resolving", default=None)
+
+
 class Registry:
     """Name tables filled by plugins. Plugins call ``add_*`` inside their hooks."""
 
@@ -399,12 +410,15 @@ class Registry:
             # `lrnnx-zoo plugins`) made every shipped checkpoint of that family fail to load.
             builtin = [e for e in entries if getattr(self.plugins.get(e.plugin), "builtin", False)]
             if len(builtin) == 1:
-                return builtin[0].value
+                entries = builtin
         if len(entries) > 1:
             owners = [e.plugin for e in entries]
             raise RegistryError(
                 f"{what} {label!r} is registered by several plugins: {', '.join(owners)}. Uninstall all but one, "
                 f"or ask for it as '<plugin>:{bare}', e.g. '{owners[0]}:{bare}'.")
+        resolving = _RESOLVING.get()
+        if resolving is not None and isinstance(key, tuple):    # an initializer or a backend a layer being built uses
+            resolving.append((".".join(key), entries[0].plugin))
         return entries[0].value
 
     def names(self, table: str, **filters: Optional[str]) -> List[str]:
@@ -821,45 +835,25 @@ def _release_change(record: Dict[str, Any], info: Optional[PluginInfo], what: st
     return None
 
 
-def _strings(value: Any) -> List[str]:
-    """The str values in ``value`` (a layer's keyword arguments), nested dicts and lists included."""
-    if isinstance(value, str):
-        return [value]
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
-    return [text for item in items for text in _strings(item)]
-
-
-def extra_plugins(layer: str, layer_kwargs: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The third-party plugins, other than the one providing ``layer``, whose initializers (of that
-    layer, or of the family whose kernel it builds) or kernel backends a string in ``layer_kwargs``
-    names (``init="slowlin"``, ``backend="other:fast"``), as a checkpoint records them: [{name,
-    distribution, version, names: ["s4d.slowlin", ...]}]. Building the layer needs them, so loading
-    it does too."""
+def extra_plugins(layer: str, model: nn.Module) -> List[Dict[str, Any]]:
+    """The third-party plugins, other than the one providing ``layer``, whose initializers or kernel
+    backends the layers in ``model`` resolved when :func:`create_layer` built them (``init="slowlin"``,
+    ``backend="other:fast"``; those of another family whose kernel a layer builds included), as a
+    checkpoint records them: [{name, distribution, version, names: ["s4d.slowlin", ...]}]. Building
+    the layer needs them, so loading it does too. What was looked up, not the strings among the
+    layer's keyword arguments: those were matched against every plugin's names, and a free-text value
+    that happened to equal one (``label="fast"``) recorded an unrelated plugin. A name a layer looks up
+    only later, in forward, is not seen here."""
     reg = get_registry()
-    family, own = layer.rpartition(":")[2], set(layer_owners(layer))
-    kinds = sorted({k for k, _ in reg._backends})
+    own = set(layer_owners(layer))
     found: Dict[str, set] = {}
-    for text in _strings(layer_kwargs):
-        plugin, _, bare = text.rpartition(":")
-        keys = [(reg._initializers, key) for key in _initializer_keys(reg, family, bare)]
-        keys += [(reg._backends, (kind, bare)) for kind in kinds]
-        for table, key in keys:
-            for entry in table.get(key, []):
-                info = reg.plugins.get(entry.plugin)
-                if info is not None and not info.builtin and entry.plugin not in own and plugin in ("", entry.plugin):
-                    found.setdefault(entry.plugin, set()).add(".".join(key))
+    for module in model.modules():
+        for label, plugin in module.__dict__.get(RESOLVED_ATTR, ()):
+            info = reg.plugins.get(plugin)
+            if info is not None and not info.builtin and plugin not in own:
+                found.setdefault(plugin, set()).add(label)
     return [{"name": name, "distribution": reg.plugins[name].distribution, "version": reg.plugins[name].version,
              "names": sorted(names)} for name, names in sorted(found.items())]
-
-
-def _initializer_keys(reg: Registry, family: str, name: str) -> List[Tuple[str, str]]:
-    """The initializer table keys ``name`` may mean in a ``family`` layer's keyword arguments: its
-    own (family, name) when registered, else (layer, name) of any layer, since a layer may build
-    another family's kernel, which takes that family's initializers (fftconv's default s4d kernel
-    with ``init="slowlin"`` calls get_initializer("s4d", "slowlin"))."""
-    if (family, name) in reg._initializers:
-        return [(family, name)]
-    return [key for key in list(reg._initializers) if key[1] == name]   # list(): one snapshot of the keys
 
 
 def _records(value: Any) -> List[Dict[str, Any]]:
@@ -1048,8 +1042,10 @@ def create_layer(name: str, d_model: int, **kwargs: Any) -> Layer:
     is ``nn.Module`` at run time and declares them for type checkers.
     """
     cls = check_layer_arguments(name, d_model, **kwargs)
+    resolved: List[Tuple[str, str]] = []
+    outer, token = _RESOLVING.get(), _RESOLVING.set(resolved)
     try:
-        return cls(d_model=d_model, **kwargs)
+        layer = cls(d_model=d_model, **kwargs)
     except Exception as exc:
         owners = layer_owners(name)
         info = get_registry().plugins.get(owners[0]) if len(owners) == 1 else None
@@ -1058,6 +1054,13 @@ def create_layer(name: str, d_model: int, **kwargs: Any) -> Layer:
             add_note(exc, f"(raised while building layer {name!r} of the plugin {info.name!r}, "
                           f"{release_of({'distribution': info.distribution, 'version': info.version})})")
         raise
+    finally:
+        _RESOLVING.reset(token)
+    if outer is not None:       # a layer built inside another one's constructor: that one uses it too
+        outer.extend(resolved)
+    # in __dict__, as a plain value: a deepcopy (at_rate) keeps it, state_dict does not see it
+    layer.__dict__[RESOLVED_ATTR] = tuple(dict.fromkeys(resolved))
+    return layer
 
 
 def _signature(cls: type) -> str:

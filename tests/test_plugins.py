@@ -616,6 +616,34 @@ def test_a_checkpoint_names_the_plugin_of_an_initializer_its_kernel_takes(tmp_pa
             lrnnx_zoo.from_pretrained(tmp_path / "ck")
 
 
+#: GOOD_PLUGIN's layer as 'tagged', taking a free-text ``label`` (kept, used for nothing the registry
+#: provides) and a Vandermonde ``backend`` it looks up, as a layer of a plugin's own finds one.
+TAGGED_PLUGIN = GOOD_PLUGIN.replace("{layer_name}", "tagged").replace(
+    'def __init__(self, d_model, d_state=1, decay=0.9):\n        super().__init__("no_discretization")',
+    'def __init__(self, d_model, d_state=1, decay=0.9, label="", backend="auto"):\n'
+    '        super().__init__("no_discretization")\n'
+    '        self.label, self.vandermonde = label, lrnnx_zoo.get_backend("vandermonde", backend)')
+
+
+def test_a_checkpoint_records_only_the_plugins_whose_names_its_layer_resolved(tmp_path, monkeypatch):
+    # Every string among the layer's keyword arguments was matched against every plugin's backends and
+    # initializers: a free-text label="slowlin" (or "chunked") recorded tp-extras, whose s4d initializer
+    # and Vandermonde backend this model never used (its card said it needs them, and a new tp-extras
+    # release warned on every load).
+    from lrnnx_zoo.hub_save import checkpoint_config
+    root = make_distribution(tmp_path / "site", "tp-tagged", {"tp_tagged": TAGGED_PLUGIN}, {"tagged": "tp_tagged"})
+    _extras_dist(root)
+    with installed(root, monkeypatch):
+        for label in ("slowlin", "chunked", "extras:chunked"):
+            model = lrnnx_zoo.SequenceModel(_small_config("tagged", label=label))
+            assert "extra_plugins" not in checkpoint_config(model), label
+        used = lrnnx_zoo.SequenceModel(_small_config("tagged", label="slowlin", backend="chunked"))
+        recorded = [{"name": "extras", "distribution": "tp-extras", "version": "1.0.0",
+                     "names": ["vandermonde.chunked"]}]
+        assert checkpoint_config(used)["extra_plugins"] == recorded
+        assert checkpoint_config(used.at_rate(1.0))["extra_plugins"] == recorded      # a copy keeps it
+
+
 def test_loading_with_an_extra_now_from_another_plugin_warns(tmp_path, monkeypatch):
     # The layer's plugin was compared with whoever provides the layer now (a fork warns), but an
     # extra plugin only with a plugin of its recorded name: tp-extras uninstalled and a fork
