@@ -215,9 +215,9 @@ def main(argv: List[str] = None) -> None:
             print(f"  {layer:<10} dynamo {r['nodes']} nodes {r['onnx_us']:.1f} us | legacy "
                   f"{r['legacy_nodes']} nodes {r['legacy_us']:.1f} us")
     worst = min(r["eager_us"] / r["onnx_us"] for r in rows.values())
-    # issue #5's target; the README's "Why not 10x" says why these step graphs reach 4-8x
+    # issue #5's target; docs/performance.md ("Step graphs": why not 10x) says why these step graphs reach 4-8x
     print(f"\ntarget (the export issue's) ONNX >= 10x faster than eager step at batch 1: worst ratio {worst:.1f}x "
-          f"-> {'met' if worst >= 10 else 'NOT met (see the README: why not 10x)'}")
+          f"-> {'met' if worst >= 10 else 'NOT met (see docs/performance.md: why not 10x)'}")
 
 
 if __name__ == "__main__":

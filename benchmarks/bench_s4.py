@@ -132,7 +132,7 @@ def run(**kw) -> dict:
 
 
 # The sizes of each mode: kernel generation (H, N, [(L, repeats)]), layer forward (H, N, [(B, L)]),
-# training step (B, L, H, N). The full sizes are those the README quotes.
+# training step (B, L, H, N). The full sizes are those docs/performance.md quotes.
 SIZES = {
     "full": {"kernel": (256, 64, [(16384, 3), (65536, 1)]), "forward": (128, 64, [(8, 1024), (4, 4096)]),
              "train": (4, 4096, 128, 64)},

@@ -5,7 +5,7 @@ standard-normal sequence (seed 0) through ONNX Runtime from a zero state. At eac
 L, the error is max |streamed - float64 forward| over what the model emits for those L steps:
 a mean-pooled classifier's logits after step L (its pooled output of the prefix), a per-step model's
 outputs at every step up to L. A stable float32 system's error grows until the stream outlasts its
-slowest mode's memory, then levels off (README, "Long streams").
+slowest mode's memory, then levels off (docs/semantics.md, "Long streams").
 
     python benchmarks/long_streams.py [--names digits-s4d ...] [--lengths 256 4096 16384 65536]
 """

@@ -2,7 +2,7 @@
 
 Every exporter accepts a SequenceModel or anything ``lrnnx_zoo.from_pretrained`` loads (a local
 checkpoint folder, a shipped checkpoint name, a Hub repo id), and records in the artifact which
-checkpoint it was made from, in the keys the README's "Export" section lists (``lrnnx_zoo.*``).
+checkpoint it was made from, in the keys docs/export.md lists (``lrnnx_zoo.*``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ class ExportResult:
         path: the written file.
         format: "onnx", "torchscript" or "torch-export".
         metadata: the ``lrnnx_zoo.*`` strings stored in the artifact.
-        state_size, d_input, d_output, state_layout: the step contract (the README's "Export" section).
+        state_size, d_input, d_output, state_layout: the step contract (docs/export.md, "The step graph").
         validation: the float32 check of the written artifact (None if validate=False); for an
             int8 graph, of the float32 graph it was quantised from (its own check: ``quantization``).
         quantization: for int8 ONNX graphs: tolerance, output error, and the accuracy change on

@@ -24,7 +24,7 @@ from lrnnx_zoo.utf8 import openable
 
 ArrayLike = Any  # numpy array or torch tensor
 
-#: Names fixed by the step-graph contract (README, "Export").
+#: Names fixed by the step-graph contract (docs/export.md, "The step graph").
 INPUT_NAMES = ("x", "state")
 OUTPUT_NAMES = ("y", "state_out")
 META_PREFIX = "lrnnx_zoo."
@@ -214,7 +214,7 @@ class OnnxStreamer:
     """Run an exported step graph one time step at a time, keeping the state between calls.
 
     Args:
-        path: the .onnx file (with ``lrnnx_zoo.*`` metadata, see the README's "Export" section).
+        path: the .onnx file (with ``lrnnx_zoo.*`` metadata, see docs/export.md).
         intra_op_threads: ONNX Runtime intra-op threads; 1 is fastest for one stream of steps.
         providers: ONNX Runtime execution providers, a name or a sequence of names (default CPU).
 
@@ -279,7 +279,7 @@ class OnnxStreamer:
             if inputs[name].type != "tensor(float)":
                 raise ValueError(f"{self.path}: input {name!r} is {inputs[name].type}, but lrnnx-zoo's graphs take "
                                  f"float32 x and state (tensor(float)), which OnnxStreamer feeds; stream the float32 "
-                                 f"graph as exported (a float16 copy drifts as it streams: README, 'Edge devices')")
+                                 f"graph as exported (a float16 copy drifts as it streams: docs/export.md, 'Edge devices')")
         for name, key, size in (("x", "d_input", self.d_input), ("state", "state_size", self.state_size)):
             width = inputs[name].shape[-1] if len(inputs[name].shape) >= 2 else None
             if isinstance(width, int) and width != size:

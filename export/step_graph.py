@@ -196,7 +196,7 @@ def tracing(module: nn.Module, exporter: str) -> Iterator[None]:
             f"{exporter} could not export the step graph{where}: {type(root).__name__}: {line}. A step form is "
             f"exported as the torch ops its forward(u, s) runs: tensor ops the format supports, no tensor's value "
             f"read into Python (.item(), .numpy(), a branch on a value) and no batch size used as a number "
-            f"(README, 'Writing a plugin')") from exc
+            f"(docs/plugins.md, 'The layer contract')") from exc
     if printed.getvalue():
         sys.stderr.write(printed.getvalue())
 

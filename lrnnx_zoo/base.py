@@ -216,7 +216,7 @@ def refuse_torchscript(who: str) -> TypeError:
         f"ints read from the input's length (a trace would fix them to one length; TorchScript cannot parse the "
         f"code). For TorchScript, export the recurrent step graph: lrnnx_zoo.export.to_torchscript(model, path) "
         f"(or `lrnnx-zoo export --format torchscript`); for a whole-sequence program, torch.export.export(model, "
-        f"(x,)) (README, 'torch.compile')")
+        f"(x,)) (docs/semantics.md, 'torch.compile')")
 
 
 def refuse_onnx(who: str) -> TypeError:
@@ -892,7 +892,7 @@ class LTI_LRNN(LRNN):
                         raise
                     raise NotImplementedError(
                         f"{name}.step_form() is not implemented: step mode (allocate_inference_cache, step, "
-                        f"prefill) and export run a layer's step form; implement it (README, 'Writing a plugin')"
+                        f"prefill) and export run a layer's step form; implement it (docs/plugins.md, 'The layer contract')"
                     ) from exc
                 check_step_form(form, f"{name}.step_form()", getattr(self, "d_model", None))
                 form = unshared(form, self).to(device=ref.device, dtype=dtype)

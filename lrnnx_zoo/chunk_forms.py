@@ -3,7 +3,7 @@
 A step form (:mod:`lrnnx_zoo.step_forms`) maps (u_t (B, d_in), s) -> (y_t (B, d_out), s'). Its
 chunk form maps (u (B, T, d_in), s) -> (y (B, T, d_out), s_T) with the same packed state, so a
 stream can switch between the two at any chunk boundary. At batch 1 a step graph's time is
-per-node overhead and elementwise passes over the state (README, "Step graphs"); a chunk form
+per-node overhead and elementwise passes over the state (docs/performance.md, "Step graphs"); a chunk form
 pays them once per T steps.
 
 For a linear time-invariant system x_t = A x_{t-1} + B u_t, y_t = C x_t + D u_t, unrolling T
@@ -292,7 +292,7 @@ class LoopChunkForm(StepForm):
         super().__init__()
         self.T = check_chunk(T)
         self.form = form
-        # widths as the form declares them: optional for a plugin's own form (README, "Writing a plugin")
+        # widths as the form declares them: optional for a plugin's own form (docs/plugins.md, "The layer contract")
         self.state_size = int(form.state_size)
         self.d_input, self.d_output = getattr(form, "d_input", None), getattr(form, "d_output", None)
 

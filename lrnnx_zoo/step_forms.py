@@ -64,7 +64,7 @@ def split_poles(enabled: bool) -> Iterator[None]:
 
     The split costs the per-channel forms four more elementwise passes per step (in ONNX Runtime
     at batch 1: S4D 118 -> 146 us, S4 244 -> 273 us per 4-block step; at batch 64 up to 35% fewer
-    steps/s) and keeps long streams 10-80x closer to the float64 model (README, "Long streams").
+    steps/s) and keeps long streams 10-80x closer to the float64 model (docs/semantics.md, "Long streams").
     ``with split_poles(False): to_onnx(model, path)`` trades that accuracy back for speed; the
     export's validation then reports the larger error. It applies to the forms built inside it: a
     layer's eager step cache keeps the form it was allocated with, and ``state_from_cache`` hands a

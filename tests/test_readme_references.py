@@ -363,3 +363,29 @@ def test_every_docs_page_is_linked_from_the_readme_and_opens_with_a_title_and_su
     for page in pages:
         title, blank, summary = page.read_text(encoding="utf-8").split("\n", 3)[:3]
         assert title.startswith("# ") and blank == "" and summary and not summary.startswith(("#", "-")), page.name
+
+
+def test_every_pointer_from_the_code_to_a_docs_section_finds_it():
+    # Error messages, docstrings and benchmark output point users at a section ("(README, 'Long
+    # streams')"); when README.md was split into docs/, such a pointer must name the page the section
+    # now lives on and a heading that page has.
+    headings = {page: [h.strip().lower() for h in re.findall(r"^#{1,6} +(.+)$", re.sub(r"```.*?```", "", text, flags=re.S),
+                                                           flags=re.M)] for page, text in DOCS.items()}
+    sources = [p for d in (*PACKAGE_DIRS, ROOT / "benchmarks", ROOT / "scripts") for p in sorted(d.rglob("*"))
+               if p.suffix in (".py", ".sh")]
+    wrong, checked = [], 0
+    for source in sources:
+        text = source.read_text(encoding="utf-8")
+        where = source.relative_to(ROOT)
+        for page in re.findall(r"\b(docs/[\w-]+\.md)", text):
+            checked += 1
+            if page not in DOCS:
+                wrong.append(f"{where}: {page} (no such page)")
+        pointers = re.findall(r"\b(docs/[\w-]+\.md),? \(?[\"']([^\"']+)[\"']", text)
+        pointers += [("README.md", s) for s in re.findall(r"\bREADME(?:'s)?,? [\"']([^\"']+)[\"']", text)]
+        for page, section in pointers:
+            checked += 1
+            if page in DOCS and not any(h.startswith(section.lower()) for h in headings[page]):
+                wrong.append(f"{where}: {page}, {section!r} (no such heading)")
+    assert checked >= 10
+    assert wrong == [], f"pointers to sections that do not exist: {wrong}"

@@ -429,7 +429,7 @@ class SSKernelNPLR(StepModes, SSMKernel):
     def _save_to_state_dict(self, *args: Any, **kwargs: Any) -> None:
         # C~ and L read at one moment. The entries share the tensors' memory, as nn.Module's do (EMA
         # code copies into them): one saved while another thread extends C~ can still be torn, so to
-        # save a served model, save copy.deepcopy(model), which is taken under the lock (README).
+        # save a served model, save copy.deepcopy(model), which is taken under the lock (docs/semantics.md, "Threads").
         with self._consistent():
             super()._save_to_state_dict(*args, **kwargs)
 
