@@ -284,7 +284,7 @@ def test_precision_lru_scan_smoke_shows_the_complex128_scan_closer_to_float64():
     out = run_script("precision_lru_scan.py", "--seeds", "1", "--rounds", "1")
     line = next(line for line in out.splitlines() if line.strip().startswith("seed 0:"))
     rounded, kept = (float(word) for word in line.split() if "e-" in word)
-    # README: 2.0e-5 - 2.6e-5 with lam rounded to complex64, under 1e-6 kept in complex128
+    # docs/semantics.md: 2.0e-5 - 2.6e-5 with lam rounded to complex64, under 1e-6 kept in complex128
     assert kept < 1e-6 < 1e-5 < rounded
     assert "ratio complex128 / complex64" in out
 
@@ -294,7 +294,7 @@ def test_long_streams_prints_a_row_per_checkpoint_with_the_drift_growing_then_sm
     assert "| checkpoint | L=8 | L=1,024 |" in out
     row = next(line for line in out.splitlines() if line.startswith("| forecast-sunspots-s4d |"))
     short, long = (float(cell) for cell in row.strip("|").split("|")[1:])
-    # README: 1.0e-6 at 256 steps, 1.1e-5 once its slowest mode's memory is filled; the check the
+    # docs/semantics.md: 1.0e-6 at 256 steps, 1.1e-5 once its slowest mode's memory is filled; the check the
     # export itself makes (1e-4) bounds both, and an error cannot shrink as the prefix grows
     assert 0 < short <= long < 1e-4
 

@@ -234,7 +234,7 @@ def train_against(compiled: Callable, eager: torch.nn.Module, model: torch.nn.Mo
 @pytest.mark.parametrize("given", ["l_max", "eager call"])
 def test_s4_with_an_internal_length_compiles_twice_over_varying_lengths(given, discretization):
     # With C~ for a length covering the inputs (l_max, or one eager call at the longest length, the
-    # README's advice) every shorter length takes the stored C~ and the first L samples of its kernel,
+    # advice in docs/semantics.md) every shorter length takes the stored C~ and the first L samples of its kernel,
     # as eager does: one graph with L symbolic after the static first, no break, no matrix power in the
     # graph. zoh's Krylov blocks are sized for that length too (from L itself: a graph per length).
     # Eager here is the default (C~ extended in place), which has nothing to extend below 128.

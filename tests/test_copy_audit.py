@@ -78,7 +78,7 @@ def test_an_in_place_extension_in_one_process_of_several_warns(monkeypatch):
 
 def test_averaged_model_of_an_s4_given_its_length_averages_exactly():
     # With the length given (l_max), C~ never changes: the EMA of a model at lr 0 is the model.
-    # (Without it, AveragedModel averages C~ of different lengths: README, "S4's stored length".)
+    # (Without it, AveragedModel averages C~ of different lengths: docs/semantics.md, "S4's stored length".)
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     layer = s4(l_max=256)
     for use_buffers in (False, True):

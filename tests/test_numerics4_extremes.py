@@ -120,7 +120,7 @@ def test_lru_step_form_splits_poles_too_slow_for_one_rounding():
     over the mode's memory (16,384 steps: 2.1e-4 of max|y| from the float64 forward; 65,536: 1.1e-3,
     the same with float64 arithmetic on the rounded matrix, so the pole, not the matmul). The form
     now defaults to the unfused one with hi + lo poles there: within 2e-5 (measured 5.1e-6; the
-    README's "Long streams" bound for slow modes). An LRU of ordinary poles keeps the fused form."""
+    "Long streams" bound for slow modes in docs/semantics.md). An LRU of ordinary poles keeps the fused form."""
     from lrnnx_zoo.plugins.lru import LRU
     form, y, ref = _slow_lru_stream(chunk=None)
     assert not form.fused

@@ -419,7 +419,7 @@ def test_a_move_or_cast_drops_the_memoised_form_and_its_weight_copies():
     model.double()
     assert not any("_form_memo" in b.layer.__dict__ for b in model.blocks)
     x = torch.randn(2, 12, 3, dtype=torch.float64)
-    with torch.no_grad():     # float64 step and convolution agree to rounding (README: 1e-13)
+    with torch.no_grad():     # float64 step and convolution agree to rounding (docs/semantics.md: 1e-13)
         assert (run_steps(model, x) - model(x)).abs().max() < 1e-12
 
 
