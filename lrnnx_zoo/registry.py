@@ -416,9 +416,12 @@ class Registry:
             raise RegistryError(
                 f"{what} {label!r} is registered by several plugins: {', '.join(owners)}. Uninstall all but one, "
                 f"or ask for it as '<plugin>:{bare}', e.g. '{owners[0]}:{bare}'.")
-        resolving = _RESOLVING.get()
-        if resolving is not None and isinstance(key, tuple):    # an initializer or a backend a layer being built uses
-            resolving.append((".".join(key), entries[0].plugin))
+        # An initializer or a backend a layer being built uses. Never while compiling: no layer is built
+        # then, and dynamo cannot trace ContextVar.get (a lookup in forward broke every compiled graph).
+        if isinstance(key, tuple) and not torch.compiler.is_compiling():
+            resolving = _RESOLVING.get()
+            if resolving is not None:
+                resolving.append((".".join(key), entries[0].plugin))
         return entries[0].value
 
     def names(self, table: str, **filters: Optional[str]) -> List[str]:
