@@ -190,3 +190,42 @@ def test_the_test_command_tells_an_options_value_from_a_path(tmp_path, args, run
     out = subprocess.run(["bash", "scripts/test.sh", *args], cwd=tmp_path, capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == runs
+
+
+# -- what the source distribution holds ---------------------------------------------------------
+def test_the_sdist_holds_every_file_the_readme_and_docs_link_to(tmp_path):
+    # README.md was split into docs/ pages and links to examples/ and scripts/: an sdist without them
+    # (setuptools takes only the packages, README and tests unless MANIFEST.in says more) sent its
+    # reader to pages that were not there.
+    import os
+    import shutil
+    import tarfile
+    build_meta = pytest.importorskip("setuptools.build_meta")
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info",
+                                                                "build", "dist", ".pytest_cache", "out"))
+    out = tmp_path / "dist"
+    cwd = Path.cwd()
+    try:
+        os.chdir(source)       # build_meta builds the project in the working directory
+        name = build_meta.build_sdist(str(out))
+    finally:
+        os.chdir(cwd)
+    with tarfile.open(out / name) as sdist:
+        held = {Path(*Path(member).parts[1:]).as_posix() for member in sdist.getnames()}
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing = set()
+    for page in pages:
+        prose = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", prose):
+            if re.match(r"[a-z][\w+.-]*:", target):                     # https:, mailto: ...
+                continue
+            path = (page.parent / target).resolve().relative_to(ROOT).as_posix()
+            if not any(h == path or h.startswith(path.rstrip("/") + "/") for h in held):
+                missing.add(f"{page.relative_to(ROOT)} -> {target}")
+    for needed in ("docs/semantics.md", "examples/ema_plugin/pyproject.toml", "scripts/demo.sh", "scripts/test.sh",
+                   "benchmarks/bench_layers.py"):
+        if needed not in held:
+            missing.add(needed)
+    assert not [h for h in held if "__pycache__" in h or h.endswith(".pyc")]
+    assert sorted(missing) == [], f"the sdist lacks what README.md / docs/ link to: {sorted(missing)}"
