@@ -23,6 +23,7 @@ import errno
 import os
 import shutil
 import stat
+import sys
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
@@ -39,6 +40,11 @@ _UNWRITABLE_PARENT = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _renameat2() -> Optional[Callable[..., int]]:
+    """libc's renameat2, or None where there is none. Looked up on Linux only, the one system that has
+    it: on Windows ``ctypes.CDLL(None)`` (no handle on a C library there) raised TypeError, which failed
+    the import of this module and with it every save and export."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):
@@ -114,11 +120,15 @@ def _sync_dir(path: Path) -> None:
 def _sync_files(folder: Path) -> None:
     """Flush every file the block wrote into ``folder`` (and the names of its subfolders' entries)
     before any of them goes live, so callers need not fsync what they write."""
+    # Windows flushes a file only through a handle that may write (FlushFileBuffers needs write access:
+    # os.fsync of one opened "rb" is EBADF, which failed every save and export there); POSIX through
+    # any, so a file the block made read-only is still flushed
+    mode = "r+b" if sys.platform == "win32" else "rb"
     for root, _, files in os.walk(folder):
         for name in files:
             path = os.path.join(root, name)
             if not os.path.islink(path):
-                with open(path, "rb") as fh:
+                with open(path, mode) as fh:
                     os.fsync(fh.fileno())
         if root != os.fspath(folder):
             _sync_dir(Path(root))
