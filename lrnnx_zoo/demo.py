@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import from_pretrained, list_models
+from .cli import escaped_output
 from .runtime import tune_allocator
 from .training import MissingDependencyError, checkpoint_data, evaluate, score
 from .training_cli import Terminated, positive_int, stop_signals_raise
@@ -157,8 +158,11 @@ def main(argv=None) -> int:
     names = list_models() if args.checkpoints == ["all"] else args.checkpoints
     try:
         # SIGTERM (`timeout`, a scheduler) or SIGHUP (the terminal closed) killed the demo outright and
-        # left its temporary folder of .onnx files (2-30 MB) in /tmp: now raised, so the folder goes
-        with stop_signals_raise(), tempfile.TemporaryDirectory() as tmp:
+        # left its temporary folder of .onnx files (2-30 MB) in /tmp: now raised, so the folder goes.
+        # escaped_output: a path with a character stdout's encoding lacks (a Windows user folder "Łukasz"
+        # under a cp1252 stdout redirected to a file) failed the print with UnicodeEncodeError, a
+        # ValueError, which _run_or_report then showed as the checkpoint's error, and the demo did not run
+        with escaped_output(), stop_signals_raise(), tempfile.TemporaryDirectory() as tmp:
             out = args.out or Path(tmp)
             out.mkdir(parents=True, exist_ok=True)
             return max(_run_or_report(name, out, args.steps) for name in names)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import os
 import sys
 import types
@@ -82,3 +83,19 @@ def test_a_training_snapshot_is_written_on_windows(windows_fsync, tmp_path):
     read, record = read_snapshot(folder)
     assert torch.equal(read["w"], tensors["w"]) and record["step"] == 7
 
+
+def test_the_demo_escapes_a_name_a_cp1252_stdout_cannot_print(monkeypatch, capsys):
+    # A Windows stdout redirected to a file is cp1252, strict: printing a checkpoint path under a user
+    # folder such as "Łukasz" raised UnicodeEncodeError, a ValueError the demo reported as the
+    # checkpoint's own error ("'charmap' codec can't encode ..."), and the checkpoint never ran
+    from lrnnx_zoo import demo
+
+    raw = io.BytesIO()
+    stdout = io.TextIOWrapper(raw, encoding="cp1252", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(demo, "tune_allocator", lambda: False)     # the process-wide malloc setting
+    assert demo.main(["./\u0141ukasz-missing"]) == 2
+    stdout.flush()
+    err = capsys.readouterr().err
+    assert "codec" not in err and "no checkpoint" in err
+    assert raw.getvalue().decode("cp1252") == "== ./\\u0141ukasz-missing\n"
