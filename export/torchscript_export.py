@@ -78,22 +78,25 @@ def _save_torchscript(module: torch.jit.ScriptModule, tmp: Path, extra_files: Di
     try:
         with open(raw, "wb") as out:           # torch's C++ opens UTF-8 paths only (utf8.openable)
             torch.jit.save(module, out, _extra_files=extra_files)
-        with openable(raw) as name:
-            reader = torch._C.PyTorchFileReader(name)
-        # where the writer keeps it: ".data/version" from format 6 on, "version" below (a graph of only
-        # long-standing ops, e.g. no LayerNorm / GELU, gets an old format)
-        version = int(bytes(reader.get_record(".data/version" if reader.has_record(".data/version") else "version")))
+        # Read through a file object that is closed on leaving the block: a reader given the path kept
+        # the file open until the reader was freed, after the unlink below, and Windows deletes no file
+        # that is open (PermissionError, WinError 32: every TorchScript export failed there)
+        with open(raw, "rb") as source:
+            reader = torch._C.PyTorchFileReader(source)
+            # where the writer keeps it: ".data/version" from format 6 on, "version" below (a graph of
+            # only long-standing ops, e.g. no LayerNorm / GELU, gets an old format)
+            version = int(bytes(reader.get_record(".data/version" if reader.has_record(".data/version") else "version")))
 
-        def copy(file: BinaryIO) -> None:
-            writer = torch._C.PyTorchFileWriter(file)
-            writer.set_min_version(version)
-            for name in reader.get_all_records():
-                if not name.endswith(".debug_pkl") and name not in _WRITER_RECORDS:
-                    data = reader.get_record(name)
-                    writer.write_record(name, data, len(data))
-            writer.write_end_of_file()
+            def copy(file: BinaryIO) -> None:
+                writer = torch._C.PyTorchFileWriter(file)
+                writer.set_min_version(version)
+                for name in reader.get_all_records():
+                    if not name.endswith(".debug_pkl") and name not in _WRITER_RECORDS:
+                        data = reader.get_record(name)
+                        writer.write_record(name, data, len(data))
+                writer.write_end_of_file()
 
-        _save_archive(tmp, copy)
+            _save_archive(tmp, copy)
     finally:
         raw.unlink(missing_ok=True)
 

@@ -99,3 +99,50 @@ def test_the_demo_escapes_a_name_a_cp1252_stdout_cannot_print(monkeypatch, capsy
     err = capsys.readouterr().err
     assert "codec" not in err and "no checkpoint" in err
     assert raw.getvalue().decode("cp1252") == "== ./\\u0141ukasz-missing\n"
+
+
+def _open_here(path) -> bool:
+    """Whether this process has ``path`` (or a file under it) open, read from /proc/self/fd."""
+    target = os.path.realpath(path)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if held == target or held.startswith(target + os.sep):
+            return True
+    return False
+
+
+@pytest.fixture
+def windows_open_files(monkeypatch):
+    """Windows' rule for open files: one that is open (or a folder holding one) cannot be deleted,
+    renamed or replaced (PermissionError, WinError 32); Linux allows all three."""
+    for name, paths in (("unlink", 1), ("remove", 1), ("rmdir", 1), ("rename", 2), ("replace", 2)):
+        real = getattr(os, name)
+
+        def refusing(*args, _real=real, _paths=paths, **kwargs):
+            for path in args[:_paths]:
+                if _open_here(path):
+                    raise PermissionError(errno.EACCES, "[WinError 32] The process cannot access the file "
+                                          "because it is being used by another process", os.fspath(path))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, refusing)
+
+
+def test_a_torchscript_export_deletes_its_scratch_file_after_closing_it(windows_open_files, tmp_path):
+    # _save_torchscript re-reads torch.jit.save's archive through a reader that held it open until the
+    # reader was freed, after the unlink of the scratch file: on Windows that unlink failed, and so
+    # did every TorchScript export
+    from lrnnx_zoo.export import to_torchscript
+    from lrnnx_zoo.export.torchscript_export import load_torchscript
+
+    model = small_model()
+    result = to_torchscript(model, tmp_path / "m.ts", validate=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ts"]
+    graph = load_torchscript(result.path)
+    x, state = torch.randn(2, 3), torch.zeros(2, result.state_size)
+    y, _ = graph(x, state)
+    with torch.no_grad():       # a one-step sequence from the zero state; float32, other op order: 1e-5
+        torch.testing.assert_close(y, model(x[:, None]).reshape(2, 2), rtol=0, atol=1e-5)
