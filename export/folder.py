@@ -171,9 +171,10 @@ def export_folder(src: Source, out_dir: Union[str, Path], format: str = "onnx", 
         tensors = {k: v.detach().contiguous().clone() for k, v in step.state_dict().items()}
         write_safetensors(tensors, staging / WEIGHTS_FILE, dict(result.metadata))
         config = _config(model, info, format, result, opset, batch, quantize, latency)
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        # "\n" on every platform, as a checkpoint's files (hub_save._write_checkpoint)
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8", newline="\n")
         # (a local source's folder name that is no UTF-8 is written escaped; config.json keeps it as JSON does)
-        (staging / CARD_FILE).write_text(printable(build_card(config)), encoding="utf-8")
+        (staging / CARD_FILE).write_text(printable(build_card(config)), encoding="utf-8", newline="\n")
     result = dataclasses.replace(result, path=str(out / GRAPH_FILES[format]))   # not the staging copy
     commit = upload_folder(out, push_to_hub, files, token=token, private=private) if push_to_hub else None
     return FolderExport(folder=out, files=files, result=result, latency=latency, config=config, commit=commit)

@@ -165,7 +165,9 @@ def _write_checkpoint(model: "SequenceModel", folder: Path, config: Dict[str, An
     config = {**config, STATE_DIGEST_KEY: state_digest(tensors)}
     text = json.dumps(config, indent=2, allow_nan=False) + "\n"
     _check_loadable_size(config, text)
-    (folder / CONFIG_NAME).write_text(text, encoding="utf-8")
+    # newline="\n": text mode on Windows wrote "\r\n", so the same model saved there and elsewhere gave two
+    # config.json files (a re-push uploaded it again; the card, written by huggingface_hub, kept "\n")
+    (folder / CONFIG_NAME).write_text(text, encoding="utf-8", newline="\n")
     write_safetensors(tensors, folder / WEIGHTS_NAME,
                       {"format": "pt", "library": LIBRARY, "family": config["family"]})
     card = build_card(config, name, sum(p.numel() for p in model.parameters()), load_as, revision)

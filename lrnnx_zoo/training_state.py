@@ -147,7 +147,8 @@ def write_snapshot(root: Path, step: int, tensors: Dict[str, Tensor], record: Di
         record = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
                   "torch_version": torch.__version__, "step": step, **record,
                   "sha256": _sha256(tmp / TENSORS_NAME)}
-        (tmp / STATE_NAME).write_text(json.dumps(record, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        (tmp / STATE_NAME).write_text(json.dumps(record, indent=1, allow_nan=False) + "\n", encoding="utf-8",
+                                      newline="\n")
     prune(root, KEEP)
     return folder
 

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import io
 import os
+import pathlib
 import sys
 import types
 
@@ -146,3 +147,34 @@ def test_a_torchscript_export_deletes_its_scratch_file_after_closing_it(windows_
     y, _ = graph(x, state)
     with torch.no_grad():       # a one-step sequence from the zero state; float32, other op order: 1e-5
         torch.testing.assert_close(y, model(x[:, None]).reshape(2, 2), rtol=0, atol=1e-5)
+
+
+@pytest.fixture
+def windows_text_mode(monkeypatch):
+    """Path.write_text as on Windows: with newline=None (the default) each "\\n" is written as
+    os.linesep there, "\\r\\n"; a newline given is kept."""
+    real = pathlib.Path.write_text
+
+    def write_text(self, data, encoding=None, errors=None, newline=None):
+        if newline is None:
+            data, newline = data.replace("\n", "\r\n"), ""
+        return real(self, data, encoding=encoding, errors=errors, newline=newline)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+
+
+def test_text_files_are_written_with_the_same_bytes_on_windows(windows_text_mode, tmp_path):
+    # config.json, an export's config.json and card, and a snapshot's record were written in text
+    # mode: "\r\n" on Windows, so one model saved there and on Linux gave different files (and a
+    # re-push uploaded them again), beside a model card huggingface_hub writes with "\n"
+    from lrnnx_zoo.export import export_folder
+
+    model = small_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    export_folder(model, tmp_path / "onnx", latency_steps=20, validation_length=16)
+    snapshot = write_snapshot(tmp_path / "run", 1, {"w": torch.ones(2)}, {})
+    written = [tmp_path / "ckpt" / "config.json", tmp_path / "ckpt" / "README.md",
+               tmp_path / "onnx" / "config.json", tmp_path / "onnx" / "README.md", *snapshot.glob("*.json")]
+    assert len(written) == 5
+    crlf = [p.relative_to(tmp_path).as_posix() for p in written if b"\r\n" in p.read_bytes()]
+    assert not crlf, f"written with \\r\\n: {crlf}"
