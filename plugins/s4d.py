@@ -221,7 +221,9 @@ class S4D(LTI_LRNN):
         """K with D added to tap 0: (H, L). D u is the kernel's first tap, so folding it in saves
         a pass over the input and a buffer of its size."""
         K = self.compute_kernel(L)
-        return torch.cat([K[:, :1] + self.D.unsqueeze(-1), K[:, 1:]], dim=-1)
+        # D padded to K's length rather than cat(K[:, :1] + D, K[:, 1:]): the slice's L - 1 taps have a
+        # layout of their own at L = 2, which bound torch.export programs of a dynamic length to L != 2.
+        return K + nn.functional.pad(self.D.unsqueeze(-1), (0, K.shape[-1] - 1))
 
     def step_form(self) -> ChannelDiagonalStepForm:
         """One step x' = A_bar x + B_bar u, y = 2 Re(C x') + D u per channel as a form: u (batch, H),

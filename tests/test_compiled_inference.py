@@ -201,6 +201,23 @@ def test_torch_export_with_a_dynamic_length_serves_short_and_long_inputs(name, k
             assert close(got, want), (L, (got - want).abs().max())
 
 
+@pytest.mark.parametrize("name,kwargs", [("s4d", {}), ("fftconv", {}), ("lru", {}), ("s4", {"l_max": 256})],
+                         ids=lambda v: str(v))
+def test_torch_export_outside_no_grad_with_a_dynamic_length_serves_two_steps(name, kwargs):
+    # docs/semantics.md: a plain torch.export.export(model, ...) with a dynamic length serves every length
+    # from 2. Outside no_grad the layers take their training path, where S4D folded D into tap 0 as
+    # cat(K[:, :1] + D, K[:, 1:]): the slice's size-1 layout at L = 2 put a guard L != 2 into the program
+    # ("Guard failed: -1 + x.size()[1] != 1") while its range constraint still claimed [2, oo).
+    layer = layer_for(name, kwargs)
+    program = torch.export.export(layer, (torch.randn(2, 64, 16),), dynamic_shapes=({1: torch.export.Dim.AUTO},))
+    assert [r.lower for r in program.range_constraints.values()] == [2], program.range_constraints
+    for L in (2, 3):
+        x = torch.randn(2, L, 16)
+        with torch.no_grad():
+            got, want = program.module()(x), layer(x)
+        assert close(got, want), (L, (got - want).abs().max())
+
+
 def test_a_graph_whose_weights_no_kernel_holds_says_what_to_do():
     layer = layer_for("s4d", {})
     tensors = [t.clone() for _, t in layer.kernel._tensors()]

@@ -62,7 +62,9 @@ def ssm_circle(k: Tensor, L: int, bidirectional: bool = False, D: Optional[Tenso
     else:
         n = fast_fft_size(L + Lk - 1)
     if D is not None:
-        k = torch.cat([k[..., :1] + D.unsqueeze(-1), k[..., 1:]], dim=-1)
+        # padded rather than cat(k[..., :1] + D, k[..., 1:]): a slice of one tap (L = 2) has a layout of its
+        # own, which bound torch.export programs of a dynamic length to L != 2
+        k = k + nn.functional.pad(D.unsqueeze(-1), (0, k.shape[-1] - 1))
     return k, n
 
 
