@@ -1,5 +1,6 @@
-"""README.md's usage, zoo and export snippets run as written; the `lrnnx-zoo` command lines of README.md and
-of every docs/*.md page parse, and the `lrnnx_zoo.*` names their prose gives exist.
+"""README.md's usage, zoo and export snippets and every python block of the docs/*.md pages run as written;
+the `lrnnx-zoo` command lines of README.md and of every docs/*.md page parse, and the `lrnnx_zoo.*` names
+their prose gives exist.
 
 (The plugin guide's module is checked verbatim in test_example_plugin, the training snippet in
 test_training_journey, the demo in test_checkpoints; test_readme_references checks the rest of what the
@@ -37,9 +38,9 @@ def user_docs() -> dict:
 DOCS = user_docs()
 
 
-def code_blocks(section: str, lang: str) -> list:
-    """The ```lang blocks of the README section headed ``## {section}``."""
-    text = README.split(f"\n## {section}", 1)[1].split("\n## ", 1)[0]
+def code_blocks(section: str, lang: str, page: str = "README.md") -> list:
+    """The ```lang blocks of the section headed ``## {section}`` of ``page`` (README.md or docs/*.md)."""
+    text = DOCS[page].split(f"\n## {section}", 1)[1].split("\n## ", 1)[0]
     return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
 
 
@@ -90,6 +91,39 @@ def test_zoo_snippet_runs_against_a_local_hub(local_hub, tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), {"lrnnx_zoo": lrnnx_zoo})
     assert lrnnx_zoo.from_pretrained("my-model").config == shipped.config
     assert "model.safetensors" in local_hub.list_files("org/my-model")
+
+
+#: Every python block of the docs/ pages, (page, section) -> the test below that runs it as written. The
+#: README's are run above and in test_training_journey, test_transfer_learning and test_example_plugin.
+DOCS_SNIPPETS = {("docs/plugins.md", "Checking your layer"): "test_plugin_guides_contract_test_runs"}
+
+
+def test_every_python_block_of_the_docs_pages_is_run():
+    # docs/*.md had one python block, the plugin guide's contract test, and no test ran it: a renamed
+    # parametrize_with_checks argument or LayerCheck call would have broken it unseen.
+    found = {(page, section) for page, text in DOCS.items() if page.startswith("docs/")
+             for section in re.findall(r"(?m)^## (.+)$", text) if code_blocks(section, "python", page)}
+    assert found == set(DOCS_SNIPPETS), "a docs/ python block without a test that runs it (or a stale entry)"
+    assert all(callable(globals().get(test)) for test in DOCS_SNIPPETS.values())
+
+
+def test_plugin_guides_contract_test_runs():
+    from plugin_fixtures import example_ema_plugin
+    from lrnnx_zoo.testing import CHECKS, parametrize_with_checks
+    (code,) = code_blocks("Checking your layer", "python", "docs/plugins.md")
+    with example_ema_plugin("lrnnx_ema_docs"):
+        names: dict = {}
+        exec(compile(code, "docs/plugins.md", "exec"), names)
+        (mark,) = names["test_lrnnx_zoo_contract"].pytestmark
+        cases = mark.args[1]
+        assert mark.args[0] == "check" and [p.id for p in cases] == [f"ema-{name}" for name in CHECKS]
+        # its comment's other arguments are parametrize_with_checks's, their values its defaults
+        others = re.search(r"# also (.*) and your layer's kwargs", code).group(1)
+        spelled = eval(f"parametrize_with_checks('ema', {others}, init='flat')")
+        assert [p.id for p in spelled.args[1]] == [p.id for p in cases]
+        for case in cases:          # the two slowest (5 s) run in test_example_plugin, on the same module
+            if case.values[0].name not in ("sequence_model", "onnx"):
+                names["test_lrnnx_zoo_contract"](*case.values)
 
 
 # Values for the README's placeholders, so that every command line it shows can be parsed.
