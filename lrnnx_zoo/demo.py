@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -37,6 +38,16 @@ def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
+def _file_stem(name: str) -> str:
+    """The stem of a checkpoint's .onnx files in --out: a folder's own name, a Hub id's "org--name".
+    The name itself was joined to --out, so a folder given as an absolute path or through ".." wrote
+    its graphs next to the checkpoint, outside --out, and a Hub id into a subfolder of it."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path.resolve().name or "checkpoint"
+    return re.sub(r"[\\/:]+", "--", name.strip("\\/")) or "checkpoint"
+
+
 def run(name: str, out_dir: Path, steps: int) -> int:
     from .export import OnnxStreamer, to_onnx
     from .export.latency import time_steps
@@ -54,7 +65,8 @@ def run(name: str, out_dir: Path, steps: int) -> int:
     print(f"evaluated  : {_fmt(pytorch)}  ({len(data.x_test)} test sequences, {time.perf_counter() - t:.1f} s)")
 
     t = time.perf_counter()
-    result = to_onnx(model, out_dir / f"{name}.onnx")
+    stem = _file_stem(name)
+    result = to_onnx(model, out_dir / f"{stem}.onnx")
     print(f"exported   : {result.path} ({Path(result.path).stat().st_size / 1024:.0f} KiB, "
           f"state_size={result.state_size}, {time.perf_counter() - t:.1f} s)")
     print(f"validated  : {result.validation}")
@@ -88,7 +100,7 @@ def run(name: str, out_dir: Path, steps: int) -> int:
         eager_us = time_steps(lambda: model.step(xt, cache), steps)["median_us"]
     print(f"latency    : {onnx_us:.1f} us/step ONNX Runtime vs {eager_us:.1f} us/step eager PyTorch "
           f"at batch 1 ({eager_us / onnx_us:.1f}x)")
-    chunked = _chunk_graph(model, out_dir / f"{name}-chunk{CHUNK}.onnx", x, stepped, onnx_us, steps)
+    chunked = _chunk_graph(model, out_dir / f"{stem}-chunk{CHUNK}.onnx", x, stepped, onnx_us, steps)
     ok = parity < 1e-4 and handover < 1e-4 and chunked < 1e-4
     print("result     : " + ("OK" if ok else "PARITY FAILED") + "\n")
     return 0 if ok else 1

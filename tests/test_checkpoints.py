@@ -90,6 +90,20 @@ def test_main_job_runs_end_to_end(capsys):
     assert "parity" in out and "us/step ONNX Runtime" in out and "result     : OK" in out
 
 
+def test_main_job_writes_its_graphs_into_out_whatever_path_names_the_checkpoint(tmp_path, capsys):
+    # The name was joined to --out: a folder given by an absolute path (or through "..") put its
+    # .onnx files next to the checkpoint, outside --out, where nothing removed them.
+    import shutil
+    from lrnnx_zoo.demo import main
+    from lrnnx_zoo.hub import resolve_checkpoint
+    shutil.copytree(resolve_checkpoint("forecast-sunspots-s4d")[0], tmp_path / "ckpts" / "sun")
+    (tmp_path / "ckpts" / "sub").mkdir()
+    name, out = str(tmp_path / "ckpts" / "sub" / ".." / "sun"), tmp_path / "out"
+    assert main([name, "--out", str(out), "--steps", "1"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["sun-chunk32.onnx", "sun.onnx"]
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["sub", "sun"]
+
+
 def test_main_job_reports_a_users_mistake_without_a_traceback(tmp_path, capsys):
     # A mistyped path, or a checkpoint of the user's own that records no evaluation split, used to
     # end the demo in a traceback; it is an error line naming the checkpoint, and the others still run.
