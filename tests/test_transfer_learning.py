@@ -286,8 +286,11 @@ def test_the_readmes_fine_tuning_snippet_runs(tmp_path, monkeypatch):
     from test_readme import code_blocks
     (code,) = [b for b in code_blocks("The zoo: checkpoints, loading, training", "python") if "d_output=5" in b]
     monkeypatch.chdir(tmp_path)
+    names = {"lrnnx_zoo": lrnnx_zoo, "torch": torch, "param_groups": param_groups}
     with pytest.warns(ReinitializedWeightsWarning):
-        exec(compile(code, "README.md", "exec"), {"lrnnx_zoo": lrnnx_zoo, "torch": torch, "param_groups": param_groups})
+        exec(compile(code, "README.md", "exec"), names)
+    # from_pretrained gives an eval-mode model: trained as the snippet left it, its dropout=0.2 did nothing
+    assert names["model"].training and names["model"].blocks[0].dropout.training
     saved = lrnnx_zoo.from_pretrained(tmp_path / "my-5-class")
     assert (saved.config.d_output, saved.config.dropout) == (5, 0.2)
     assert saved.checkpoint_info["base_model"]["from"] == "digits-s4d"
