@@ -548,19 +548,25 @@ def _training_grad_mode(run: Callable[_P, _R]) -> Callable[_P, _R]:
     return in_grad_mode
 
 
-def reproduce_command(recipe: Recipe, out_dir: str, init_from: Optional[str] = None) -> str:
-    """A shell command that reproduces a run of ``recipe``, writing to ``out_dir`` (starting from the
-    checkpoint ``init_from``, if given).
+def reproduce_command(recipe: Recipe, out_dir: str, init_from: Optional[str] = None, processes: int = 1) -> str:
+    """A shell command that reproduces a run of ``recipe`` in ``processes`` processes, writing to
+    ``out_dir`` (starting from the checkpoint ``init_from``, if given).
 
     The ``lrnnx-zoo train`` line when it is exact: the registered recipe of that name, changed only
     in what the CLI has flags for (seed, epochs, batch size, max steps, the layer and its keyword
     arguments), is this recipe (the
     description aside, which does not change the run).  Otherwise (a recipe of another name, another
     learning rate, model or data, or a max_steps the CLI cannot lift) a Python snippet that rebuilds
-    the recipe field by field and trains it.
+    the recipe field by field and trains it.  The line of a run in several processes launches them
+    with torchrun (``python -m lrnnx_zoo``: torchrun runs a module, not the ``lrnnx-zoo`` script), since
+    one process sums the batch in another order and trains other last bits.
     """
     cli = _cli_command(recipe, out_dir, init_from)
-    return cli if cli is not None else _python_command(recipe, out_dir, init_from)
+    if cli is None:
+        return _python_command(recipe, out_dir, init_from)
+    if processes > 1:
+        cli = f"torchrun --nproc_per_node={processes} -m lrnnx_zoo{cli[len('lrnnx-zoo'):]}"
+    return cli
 
 
 def _cli_command(recipe: Recipe, out_dir: str, init_from: Optional[str] = None) -> Optional[str]:
@@ -706,7 +712,8 @@ def train(recipe: Recipe | str, out_dir: Optional[Union[str, os.PathLike]] = Non
         notes += start.notes(plan.total)
         source = start.init_record["source"] if start.init_record else None
         meta = dict(task=recipe.task, dataset=data.card, metrics=metrics, notes=notes,
-                    command=command or reproduce_command(recipe, "DIR" if out_dir is None else str(out_dir), source))
+                    command=command or reproduce_command(recipe, "DIR" if out_dir is None else str(out_dir), source,
+                                                         dist_info.world_size))
         _save(model, out_dir, meta, dist_info)
         model.checkpoint_info = _checkpoint_info(model, recipe, out_dir, meta)
         if dist_info.owns_group:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -69,7 +70,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-           "-m", "lrnnx_zoo.training_cli", "train", TINY, "--out", str(out), "--no-progress"]
+           "-m", "lrnnx_zoo", "train", TINY, "--out", str(out), "--no-progress"]   # as docs/checkpoints.md says
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path))
     # gloo sometimes aborts a child at interpreter exit, after a completed run ("terminate called
@@ -79,6 +80,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     exit_abort = "terminate called without an active exception" in proc.stderr and (out / "config.json").exists()
     assert proc.returncode == 0 or exit_abort, proc.stderr[-3000:]
     ddp = load_file(str(out / "model.safetensors"))
+    # the card's command is the torchrun line (the one-process line trained other bits: byte 1309 differed)
+    command = json.loads((out / "config.json").read_text())["command"]
+    assert command == f"torchrun --nproc_per_node=2 -m lrnnx_zoo train {TINY} --out {out} --seed 0", command
 
     torch.manual_seed(get_recipe(TINY).seed)
     from lrnnx_zoo import ModelConfig, SequenceModel
@@ -490,6 +494,9 @@ def test_reproduce_command_is_the_cli_line_only_when_the_cli_can_express_the_rec
     from lrnnx_zoo.training import reproduce_command
     tiny = get_recipe(TINY)
     assert reproduce_command(tiny, "out") == "lrnnx-zoo train digits-tiny --out out --seed 0"
+    # A run of 2 processes: its card gave the one-process line, whose weights differ in their last bits.
+    assert (reproduce_command(tiny, "out", processes=2) ==
+            "torchrun --nproc_per_node=2 -m lrnnx_zoo train digits-tiny --out out --seed 0")
     assert (reproduce_command(override(tiny, seed=3, epochs=2, batch_size=16, max_steps=20), "my dir") ==
             "lrnnx-zoo train digits-tiny --out 'my dir' --seed 3 --epochs 2 --batch-size 16 --max-steps 20")
     assert reproduce_command(dataclasses.replace(tiny, description="renamed"), "out").startswith("lrnnx-zoo train")
