@@ -142,8 +142,13 @@ def _failure(exc: BaseException, module: str, info: "PluginInfo", in_hook: bool 
     the plugin's files (``module``) it was raised and the way out (:func:`_way_out`) at the end of the
     message's first line, then the message's other lines as raised. Appended to a multi-line message
     they came after its last line, far from the plugin's name, where `lrnnx-zoo plugins` (an error's
-    first line) did not show them."""
-    lines = str(exc).splitlines(keepends=True) or [""]
+    first line) did not show them. A message that cannot be read (its ``__str__`` raises) reads as in
+    Python's own tracebacks, "<exception str() failed>": raised here, it stopped every other plugin."""
+    try:
+        text = str(exc)
+    except Exception:       # noqa: BLE001 - any error of the plugin's __str__ is the plugin's
+        text = "<exception str() failed>"
+    lines = text.splitlines(keepends=True) or [""]
     first = (lines[0].splitlines() or [""])[0]
     said = f"{type(exc).__name__}{' in a hook' if in_hook else ''}: {first}"
     return f"{said}{_raised_at(exc, module)}{_way_out(info, exc)}{lines[0][len(first):]}{''.join(lines[1:])}"

@@ -139,6 +139,40 @@ def test_a_multi_line_plugin_error_names_its_line_on_the_first_line(tmp_path, mo
     assert f"error:        {lines[0]}\n" in capsys.readouterr().out
 
 
+UNPRINTABLE_ERROR = '''
+import lrnnx_zoo
+
+
+class SettingsError(Exception):
+    def __str__(self):
+        return self.args[0].decode("ascii")      # a bytes message it cannot decode
+
+
+@lrnnx_zoo.hookimpl
+def lrnnx_zoo_register_layers(registry):
+    raise SettingsError(b"bad width \\xff")
+'''
+
+
+@pytest.mark.parametrize("hook", [False, True], ids=["import", "hook"])
+def test_a_plugin_error_whose_message_cannot_be_read_does_not_stop_the_others(tmp_path, monkeypatch, hook):
+    # The error's text is read to describe the failure; an exception whose __str__ raises escaped
+    # discovery (UnicodeDecodeError from the registry's first use): no layer could be built, the
+    # built-in ones and the good plugin's neither, against "one broken plugin must not stop the rest".
+    source = UNPRINTABLE_ERROR if hook else UNPRINTABLE_ERROR.replace("@lrnnx_zoo.hookimpl\n", "").replace(
+        "def lrnnx_zoo_register_layers(registry):", "def check():") + "\n\ncheck()\n"
+    root = make_distribution(tmp_path / "site", "tp-unprintable", {"tp_unprintable": source},
+                             {"unprintable": "tp_unprintable"})
+    make_distribution(root, "tp-good", {"tp_good": GOOD_PLUGIN.replace("{layer_name}", "good_layer")}, {"good": "tp_good"})
+    with installed(root, monkeypatch):
+        assert {"s4d", "good_layer"} <= set(lrnnx_zoo.list_layers())
+        info = {p.name: p for p in lrnnx_zoo.list_plugins()}["unprintable"]
+        assert main(["plugins"]) == 0
+    first = info.error.splitlines()[0]
+    assert "SettingsError" in first and "<exception str() failed>" in first, first
+    assert "(raised at " in first and "pip uninstall tp-unprintable" in first, first
+
+
 class _NoStateSize(torch.nn.Module):
     """A layer of an author's own that takes d_model only."""
 
