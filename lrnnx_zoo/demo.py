@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 
@@ -42,13 +43,40 @@ def _file_stem(name: str) -> str:
     """The stem of a checkpoint's .onnx files in --out: a folder's own name, a Hub id's "org--name".
     The name itself was joined to --out, so a folder given as an absolute path or through ".." wrote
     its graphs next to the checkpoint, outside --out, and a Hub id into a subfolder of it."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path.resolve().name or "checkpoint"
+    try:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return path.resolve().name or "checkpoint"
+    except (OSError, RuntimeError):     # an unreadable folder, "~user" of no user: loading it says what is wrong
+        pass
     return re.sub(r"[\\/:]+", "--", name.strip("\\/")) or "checkpoint"
 
 
-def run(name: str, out_dir: Path, steps: int) -> int:
+def _file_stems(names: List[str]) -> List[str]:
+    """:func:`_file_stem` of each of ``names``, one of its own each: a later name whose graphs would take
+    an earlier one's file names (runs/exp1/final and runs/exp2/final, both "final"; a case apart only,
+    which is one name on Windows and macOS) gets "-2", "-3", ... ("final-2")."""
+    taken: set = set()
+    stems = []
+    for name in names:
+        base = stem = _file_stem(name)
+        n = 1
+        while {f.casefold() for f in _graph_files(stem)} & taken:
+            n += 1
+            stem = f"{base}-{n}"
+        taken |= {f.casefold() for f in _graph_files(stem)}
+        stems.append(stem)
+    return stems
+
+
+def _graph_files(stem: str) -> List[str]:
+    """The names of the files :func:`run` writes into --out for a checkpoint of file stem ``stem``."""
+    return [f"{stem}.onnx", f"{stem}-chunk{CHUNK}.onnx"]
+
+
+def run(name: str, out_dir: Path, steps: int, stem: Optional[str] = None) -> int:
+    """Load checkpoint ``name``, evaluate it, export its step and chunk graphs into ``out_dir`` as
+    ``stem``.onnx and ``stem``-chunk32.onnx (default :func:`_file_stem` of the name) and check them."""
     from .export import OnnxStreamer, to_onnx
     from .export.latency import time_steps
     from .export.validate import one_torch_thread
@@ -65,8 +93,9 @@ def run(name: str, out_dir: Path, steps: int) -> int:
     print(f"evaluated  : {_fmt(pytorch)}  ({len(data.x_test)} test sequences, {time.perf_counter() - t:.1f} s)")
 
     t = time.perf_counter()
-    stem = _file_stem(name)
-    result = to_onnx(model, out_dir / f"{stem}.onnx")
+    stem = stem or _file_stem(name)
+    graph, chunk_graph = _graph_files(stem)
+    result = to_onnx(model, out_dir / graph)
     print(f"exported   : {result.path} ({Path(result.path).stat().st_size / 1024:.0f} KiB, "
           f"state_size={result.state_size}, {time.perf_counter() - t:.1f} s)")
     print(f"validated  : {result.validation}")
@@ -100,7 +129,7 @@ def run(name: str, out_dir: Path, steps: int) -> int:
         eager_us = time_steps(lambda: model.step(xt, cache), steps)["median_us"]
     print(f"latency    : {onnx_us:.1f} us/step ONNX Runtime vs {eager_us:.1f} us/step eager PyTorch "
           f"at batch 1 ({eager_us / onnx_us:.1f}x)")
-    chunked = _chunk_graph(model, out_dir / f"{stem}-chunk{CHUNK}.onnx", x, stepped, onnx_us, steps)
+    chunked = _chunk_graph(model, out_dir / chunk_graph, x, stepped, onnx_us, steps)
     ok = parity < 1e-4 and handover < 1e-4 and chunked < 1e-4
     print("result     : " + ("OK" if ok else "PARITY FAILED") + "\n")
     return 0 if ok else 1
@@ -177,7 +206,7 @@ def main(argv=None) -> int:
         with escaped_output(), stop_signals_raise(), tempfile.TemporaryDirectory() as tmp:
             out = args.out or Path(tmp)
             out.mkdir(parents=True, exist_ok=True)
-            return max(_run_or_report(name, out, args.steps) for name in names)
+            return max(_run_or_report(name, out, args.steps, stem) for name, stem in zip(names, _file_stems(names)))
     except KeyboardInterrupt:   # Ctrl-C (the demo runs for a while): one line and 128 + SIGINT, as lrnnx-zoo does
         print("demo: interrupted", file=sys.stderr)
         return 130
@@ -186,14 +215,14 @@ def main(argv=None) -> int:
         return 128 + stop.signum
 
 
-def _run_or_report(name: str, out_dir: Path, steps: int) -> int:
+def _run_or_report(name: str, out_dir: Path, steps: int, stem: Optional[str] = None) -> int:
     """run(), with the user's mistakes (an unknown name, a checkpoint with no recorded data split,
     a model that cannot stream, the digits without scikit-learn) reported in one line: CheckpointError
     and ExportError are ValueErrors, as is checkpoint_data's refusal; a missing optional package is a
     MissingDependencyError, which says what to install (it was a chained traceback). The other
     checkpoints still run."""
     try:
-        return run(name, out_dir, steps)
+        return run(name, out_dir, steps, stem)
     except (ValueError, MissingDependencyError) as exc:
         print(f"error: {name}: {exc}\n", file=sys.stderr)
         return 2

@@ -104,6 +104,28 @@ def test_main_job_writes_its_graphs_into_out_whatever_path_names_the_checkpoint(
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["sub", "sun"]
 
 
+def test_main_job_gives_two_checkpoints_of_one_folder_name_graphs_of_their_own(tmp_path, monkeypatch, capsys):
+    # Each checkpoint's graphs are named after its folder's own name: runs/exp1/final and runs/exp2/final
+    # both wrote out/final.onnx, the second over the first (whose "exported" line then named the other
+    # model's graph); the relative names kept them apart before (out/exp1/final.onnx).
+    import shutil
+    from lrnnx_zoo import demo, export
+    from lrnnx_zoo.hub import resolve_checkpoint
+    for run in ("exp1", "exp2"):
+        shutil.copytree(resolve_checkpoint("forecast-sunspots-s4d")[0], tmp_path / "runs" / run / "final")
+    written = []
+
+    def to_onnx(model, path, **kwargs):     # where the graph goes; the rest of the demo is not needed
+        written.append(path)
+        raise ValueError("stopped after naming the graph")
+    monkeypatch.setattr(export, "to_onnx", to_onnx)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert demo.main(["runs/exp1/final", "runs/exp2/final", "--out", str(out), "--steps", "1"]) == 2
+    assert capsys.readouterr().err.count("stopped after naming the graph") == 2
+    assert len(set(written)) == 2 and all(path.parent == out for path in written), written
+
+
 def test_main_job_reports_a_users_mistake_without_a_traceback(tmp_path, capsys):
     # A mistyped path, or a checkpoint of the user's own that records no evaluation split, used to
     # end the demo in a traceback; it is an error line naming the checkpoint, and the others still run.
