@@ -15,6 +15,7 @@ from typing import Any, Iterator, List, Union
 
 from lrnnx_zoo.hub import path_trouble
 from lrnnx_zoo.hub_save import nearest_existing
+from lrnnx_zoo.utf8 import expand_home
 
 
 def as_path(value: Any, what: str) -> Path:
@@ -22,7 +23,7 @@ def as_path(value: Any, what: str) -> Path:
     (the argument) otherwise: Path(None) said only "expected str, bytes or os.PathLike object"."""
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{what} must be a str or os.PathLike, got {value!r} ({type(value).__name__})")
-    return Path(value).expanduser()
+    return expand_home(value)
 
 
 def check_output(path: Path, what: str, folder: bool = False, example: str = "model.onnx") -> None:

@@ -186,21 +186,15 @@ def escaped_output() -> Iterator[None]:
 
 
 def unexpandable_home(args: argparse.Namespace) -> Optional[str]:
-    """Why an argument that starts with ``~`` cannot be expanded, or None when all can: with HOME unset
-    for a user without a home directory (a container's arbitrary uid), or ``~name`` for no such user,
-    every path function (Path.expanduser) raised RuntimeError, a traceback from deep in a command."""
+    """Why an argument that starts with ``~`` cannot be expanded, or None when all can
+    (:func:`lrnnx_zoo.utf8.home_trouble`): every path function raised RuntimeError, a traceback from
+    deep in a command."""
+    from .utf8 import home_trouble
     for dest in PATH_ARGS:
         value = getattr(args, dest, None)
-        if not isinstance(value, str) or not value.startswith("~"):
-            continue
-        head = value.replace(os.sep, "/").split("/", 1)[0]
-        if os.path.expanduser(head) != head:
-            continue
-        if head == "~":
-            return (f"cannot expand ~ in {value!r}: HOME is not set and this user has no home directory; "
-                    "pass the full path, or set HOME")
-        return (f"cannot expand {head} in {value!r}: there is no user {head[1:]!r}; pass the full path "
-                f"(./{value} for a folder of that name)")
+        trouble = home_trouble(value) if isinstance(value, str) else None
+        if trouble:
+            return trouble
     return None
 
 

@@ -28,6 +28,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
+from .utf8 import expand_home
+
 __all__ = ["replaced_folder", "exchange_paths"]
 
 _AT_FDCWD = -100
@@ -337,7 +339,7 @@ def replaced_folder(target: Path, keep: Callable[[str], bool]) -> Iterator[Path]
     """
     # the folder itself: a symlinked target is written through (swapping the link would replace it by
     # a folder and leave the link behind as a hidden sibling), and "~", "." or ".." name real folders
-    target = Path(os.path.realpath(Path(target).expanduser()))
+    target = Path(os.path.realpath(expand_home(target)))
     created: List[Path] = []
     parent = target.parent
     while not parent.exists() and parent != parent.parent:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List,
 from . import __version__
 from .registry import (DISABLE_AUTOLOAD_ENV, PluginVersionWarning, autoload_note, extra_plugin_changes, get_registry,
                        layer_owners, missing_extra_plugins, plugin_change, release_of, unloaded_plugin_remedy)
-from .utf8 import openable
+from .utf8 import home_trouble, openable
 from .wording import given, in_command_line
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
@@ -112,6 +112,9 @@ def resolve_checkpoint(name_or_path: PathLike, revision: Optional[str] = None, c
     if not str(text).strip():       # Path("") is the working directory: never what an empty name meant
         raise CheckpointError("from_pretrained got an empty name; pass a shipped name (lrnnx-zoo models), "
                               "a checkpoint folder or a Hub repo id")
+    home = home_trouble(text)
+    if home:        # no shipped name or Hub repo id starts with "~"
+        raise CheckpointError(f"no checkpoint {text!r}: {home}")
     path = Path(text).expanduser()
     trouble = path_trouble(path)
     if trouble:

@@ -34,7 +34,7 @@ from .hub import (CARD_NAME, CHECKPOINT_FILES, CONFIG_NAME, EXPORT_KIND, FORMAT_
                   shipped_checkpoints, state_digest, this_threads_hook, transfers_in_this_thread, unexpected_answer,
                   weights_changed)
 from .registry import extra_plugins, get_registry, layer_owners
-from .utf8 import printable
+from .utf8 import home_trouble, printable
 from .wording import add_note
 
 if TYPE_CHECKING:  # models.py imports this module for HubMixin
@@ -188,6 +188,9 @@ def check_save_target(save_directory: PathLike, what: str = "save_directory", re
     if not isinstance(save_directory, (str, os.PathLike)):     # pathlib's own TypeError named no argument
         raise TypeError(f"{what} must be a folder path (str or os.PathLike), got {save_directory!r} "
                         f"({type(save_directory).__name__})")
+    home = home_trouble(save_directory)
+    if home:
+        raise CheckpointError(f"cannot save into {what}: {home}")
     given = Path(save_directory).expanduser().absolute()
     trouble = path_trouble(given)
     if trouble:

@@ -1,4 +1,5 @@
-"""Paths and text that are not UTF-8, for the readers and formats that take UTF-8 only.
+"""Paths and text that are not UTF-8, for the readers and formats that take UTF-8 only; and paths
+whose leading ``~`` cannot be expanded.
 
 On Linux a file name is bytes; Python holds the bytes that are no UTF-8 (a folder named in Latin-1,
 copied from an old archive or another machine) as lone surrogates ("\\udcff"). safetensors, torch's
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 
 def is_utf8(text: str) -> bool:
@@ -48,3 +49,29 @@ def openable(path: Union[str, Path]) -> Iterator[str]:
         yield f"/dev/fd/{fd}"
     finally:
         os.close(fd)
+
+
+def home_trouble(path: Union[str, "os.PathLike[str]"]) -> Optional[str]:
+    """Why the leading ``~`` of ``path`` cannot be expanded, or None (no ``~``, or it expands). With
+    HOME unset for a user without a home directory (a container's arbitrary uid), or ``~name`` for no
+    such user, Path.expanduser raised a bare RuntimeError ("Could not determine home directory")."""
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text.startswith("~"):
+        return None
+    head = text.replace(os.altsep or os.sep, os.sep).split(os.sep, 1)[0]
+    if os.path.expanduser(head) != head:
+        return None
+    if head == "~":
+        return (f"cannot expand ~ in {text!r}: HOME is not set and this user has no home directory; "
+                "pass the full path, or set HOME")
+    return (f"cannot expand {head} in {text!r}: there is no user {head[1:]!r}; pass the full path "
+            f"(./{text} for a folder of that name)")
+
+
+def expand_home(path: Union[str, "os.PathLike[str]"]) -> Path:
+    """``Path(path).expanduser()``, or a ValueError saying why its ``~`` cannot be expanded
+    (:func:`home_trouble`)."""
+    trouble = home_trouble(path)
+    if trouble:
+        raise ValueError(trouble)
+    return Path(path).expanduser()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import errno
 import pathlib
+import re
 
 import pytest
 
@@ -224,6 +225,34 @@ def test_a_tilde_that_cannot_be_expanded_is_a_usage_error(argv, said, monkeypatc
     assert f"lrnnx-zoo: error: {said}" in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("call", ["from_pretrained", "save_pretrained", "to_onnx"])
+@pytest.mark.parametrize("home", ["unset", "no such user"])
+def test_a_tilde_the_python_api_cannot_expand_says_why(call, home, tmp_path, monkeypatch):
+    # The command line said why; from Python, from_pretrained, save_pretrained and to_onnx raised
+    # "RuntimeError: Could not determine home directory." from deep inside pathlib.
+    import pwd
+
+    import lrnnx_zoo
+    from lrnnx_zoo.export import to_onnx
+    model = lrnnx_zoo.SequenceModel(lrnnx_zoo.ModelConfig(layer="s4d", d_input=1, d_output=1, d_model=4, n_layers=1,
+                                                          layer_kwargs={"d_state": 2}))
+    if home == "unset":
+        def no_entry(uid: int) -> None:
+            raise KeyError(f"getpwuid(): uid not found: {uid}")
+        monkeypatch.delenv("HOME", raising=False)
+        monkeypatch.setattr(pwd, "getpwuid", no_entry)
+        path, said = "~/runs/m", "cannot expand ~ in '~/runs/m': HOME is not set and this user has no home directory"
+    else:
+        path, said = "~no-such-user-x/m", "cannot expand ~no-such-user-x in '~no-such-user-x/m': there is no user"
+    run = {"from_pretrained": lambda: lrnnx_zoo.from_pretrained(path),
+           "save_pretrained": lambda: model.save_pretrained(path),
+           "to_onnx": lambda: to_onnx(model, path)}[call]
+    with pytest.raises(ValueError, match=re.escape(said)) as raised:
+        run()
+    if call == "from_pretrained":
+        assert isinstance(raised.value, lrnnx_zoo.CheckpointError)
+
+
 def test_a_tilde_in_an_argument_that_is_no_path_is_left_alone():
     # only paths are expanded: push --message "~ fixed" names no user
     from lrnnx_zoo.cli import build_parser, unexpandable_home
@@ -274,7 +303,7 @@ def test_the_demo_stopped_by_a_signal_removes_its_temporary_folder(monkeypatch, 
     from lrnnx_zoo import demo
     folders = []
 
-    def signalled(name: str, out_dir: pathlib.Path, steps: int) -> int:
+    def signalled(name: str, out_dir: pathlib.Path, steps: int, stem: object = None) -> int:
         folders.append(out_dir)
         (out_dir / f"{name}.onnx").write_bytes(b"graph")
         os.kill(os.getpid(), getattr(signal, signame))
