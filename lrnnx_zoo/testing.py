@@ -565,15 +565,20 @@ def layer_checks(name: str, d_model: int = 16, d_state: int = 8, *, onnx: bool =
             if (subject.streaming or not c.streaming) and (onnx or check != "onnx")]
 
 
-def check_layer(name: str, d_model: int = 16, d_state: int = 8, *, onnx: bool = True, **layer_kwargs: Any) -> None:
+def check_layer(name: str, d_model: int = 16, d_state: int = 8, *, onnx: bool = True,
+                **layer_kwargs: Any) -> List[str]:
     """Run every contract check (:func:`layer_checks`) on the registered layer ``name``.
 
+    Returns:
+        the names of the checks, all passed (run from a shell or a notebook, a passing layer used to
+        show nothing at all, which read as if nothing had run).
     Raises:
         ContractError (an AssertionError): ``layer``, ``check`` and what was expected vs what came
             back; with several checks failed, one error listing each (``failures``).
     """
-    failures = []
+    failures, names = [], []
     for check in layer_checks(name, d_model, d_state, onnx=onnx, **layer_kwargs):
+        names.append(check.name)
         try:
             check()
         except ContractError as exc:
@@ -583,6 +588,7 @@ def check_layer(name: str, d_model: int = 16, d_state: int = 8, *, onnx: bool = 
     if failures:
         raise ContractError(name, ", ".join(f.check for f in failures),
                             "".join(f"\n- {f.check}: {f.detail}" for f in failures), failures)
+    return names
 
 
 def parametrize_with_checks(names: Union[str, Iterable[str]], d_model: int = 16, d_state: int = 8, *,

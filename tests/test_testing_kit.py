@@ -106,6 +106,14 @@ def test_the_example_layer_passes_the_checks_the_broken_ones_fail(broken):
         _check("ema", check)()
 
 
+def test_check_layer_returns_the_checks_a_passing_layer_passed(broken):
+    # It returned None: `python -c "...; check_layer('ema')"` or a notebook cell showed nothing for a
+    # layer that passed, as for one that was never checked.
+    from lrnnx_zoo.testing import layer_checks
+    names = check_layer("ema", H, N, onnx=False)
+    assert names == [c.name for c in layer_checks("ema", H, N, onnx=False)] and len(names) >= 15
+
+
 def test_check_layer_runs_every_check_and_reports_each_failure(broken):
     # IgnoresLengths breaks three checks (its lengths never reach prepare_input, which refuses bad
     # ones): each is named, with its own message
