@@ -485,8 +485,9 @@ def checkpoint_data(info: Dict[str, Any]) -> TaskData:
     if not isinstance(spec, dict) or "name" not in spec:
         # (checkpoints of the first releases' train wrote none: "written by train have one" misled there)
         raise ValueError("this checkpoint records no data spec (dataset.spec) to rebuild its evaluation split from: "
-                         "checkpoints that `lrnnx-zoo train` writes now have one, while save_pretrained's and those "
-                         "of the first releases do not. Evaluate it on its data in Python: "
+                         "checkpoints that `lrnnx-zoo train` writes have one (older ones may not), while "
+                         "save_pretrained records one only from a dataset= dict holding it, as train's do. "
+                         "Evaluate it on its data in Python: "
                          "lrnnx_zoo.training.evaluate(model, data) with data a lrnnx_zoo.training.TaskData")
     try:
         return load_data(DataSpec(spec["name"], spec.get("params", {})))

@@ -62,7 +62,7 @@ def test_a_checkpoint_without_a_recorded_split_is_refused_with_the_reason(tmp_pa
     assert cli_main(["evaluate", str(tmp_path / "untrained")]) == 2
     err = capsys.readouterr().err
     # (it said "checkpoints written by `lrnnx-zoo train` have one", false for the first releases' train)
-    assert "records no data spec" in err and "save_pretrained's and those of the first releases do not" in err
+    assert "records no data spec" in err and "save_pretrained records one only from a dataset= dict holding it" in err
     assert "lrnnx_zoo.training.evaluate(model, data)" in err
     with pytest.raises(SystemExit) as exited:                  # argparse: usage error, status 2
         cli_main(["evaluate", "digits-s4d", "--batch-size", "0"])
