@@ -289,13 +289,18 @@ def check_config_matches(model: "SequenceModel") -> None:
     if len(rates) == 1 and rates != {cfg.dropout}:
         fix["dropout"] = rates.pop()
     shown = ", ".join(f"{k}={v!r}" for k, v in fix.items()) or "d_output=..."
+    if fix or any(f.startswith(("encoder", "decoder")) for f in found):
+        way_out = (f"Change a head with model.reconfigure({shown}) (or load with lrnnx_zoo.from_pretrained(NAME, "
+                   f"{shown})), which replaces the modules and the config together"
+                   + (f"; to keep the modules you set, update the config: model.config = "
+                      f"dataclasses.replace(model.config, {shown})" if fix else ""))
+    else:   # a layer, activation or block count set by hand, which no reconfigure changes (it said d_output=...)
+        way_out = ("Build the model from a config that names them (ModelConfig's layer, layer_kwargs, activation, "
+                   "dropout, n_layers), load these weights into it with load_state_dict, and save that one")
     raise CheckpointError(
         f"cannot save this model: its modules disagree with model.config, which config.json records and "
         f"from_pretrained rebuilds, so the checkpoint would not load as this model: {'; '.join(found)}. Nothing "
-        f"was written. Change a head with model.reconfigure({shown}) (or load with "
-        f"lrnnx_zoo.from_pretrained(NAME, {shown})), which replaces the modules and the config together"
-        + (f"; to keep the modules you set, update the config: model.config = dataclasses.replace(model.config, "
-           f"{shown})" if fix else ""))
+        f"was written. {way_out}")
 
 
 def _load_path(save_directory: PathLike, target: Path) -> str:
