@@ -17,6 +17,7 @@ from .cli import escaped_output
 from .runtime import tune_allocator
 from .training import MissingDependencyError, checkpoint_data, evaluate, score
 from .training_cli import Terminated, positive_int, stop_signals_raise
+from .utf8 import expand_home
 
 DEFAULT = "forecast-sunspots-s4d"
 #: What ``--help`` says: a constant, not the module docstring, which ``python -OO`` strips (the help
@@ -44,10 +45,10 @@ def _file_stem(name: str) -> str:
     The name itself was joined to --out, so a folder given as an absolute path or through ".." wrote
     its graphs next to the checkpoint, outside --out, and a Hub id into a subfolder of it."""
     try:
-        path = Path(name).expanduser()
+        path = expand_home(name)
         if path.is_dir():
             return path.resolve().name or "checkpoint"
-    except (OSError, RuntimeError):     # an unreadable folder, "~user" of no user: loading it says what is wrong
+    except (OSError, ValueError):       # an unreadable folder, "~user" of no user: loading it says what is wrong
         pass
     return re.sub(r"[\\/:]+", "--", name.strip("\\/")) or "checkpoint"
 
@@ -60,11 +61,12 @@ def _file_stems(names: List[str]) -> List[str]:
     stems = []
     for name in names:
         base = stem = _file_stem(name)
-        n = 1
-        while {f.casefold() for f in _graph_files(stem)} & taken:
+        files, n = {f.casefold() for f in _graph_files(stem)}, 1
+        while files & taken:
             n += 1
             stem = f"{base}-{n}"
-        taken |= {f.casefold() for f in _graph_files(stem)}
+            files = {f.casefold() for f in _graph_files(stem)}
+        taken |= files
         stems.append(stem)
     return stems
 
